@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs, from Debian's archive, every package nbd-csi needs to build and test.
+# Idempotent and quiet when nothing is missing; `apt-get update` runs only when a package is.
+#   scripts/deps.sh [build|test|all]     (default: all)
+set -euo pipefail
+what=${1:-all}
+
+BUILD_PKGS=(
+  build-essential cmake ninja-build pkg-config git
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libspdlog-dev libfmt-dev liburing-dev libboost-dev libboost-system-dev libgtest-dev libgmock-dev
+  libcli11-dev nlohmann-json3-dev libnl-genl-3-dev libblkid-dev libssl-dev
+)
+# Independent NBD clients and peers used by the tests and benchmarks, plus the tools that make
+# the XFS / ext4 test pools and the fuzzer's compiler.
+TEST_PKGS=(
+  libnbd-bin python3-libnbd nbdkit qemu-utils fio nbd-client
+  xfsprogs e2fsprogs btrfs-progs util-linux fuse3 clang libclang-rt-dev
+  python3 procps psmisc jq
+)
+
+case $what in
+  build) pkgs=("${BUILD_PKGS[@]}") ;;
+  test|all) pkgs=("${BUILD_PKGS[@]}" "${TEST_PKGS[@]}") ;;
+  *) echo "usage: $0 [build|test|all]" >&2; exit 2 ;;
+esac
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+SUDO=
+[ "$(id -u)" = 0 ] || SUDO=sudo
+echo "deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q >&2
+$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
