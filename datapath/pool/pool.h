@@ -33,6 +33,11 @@
 namespace nbdcsi::datapath {
 
 inline constexpr size_t kMaxVolumeNameLen = 128;
+// Volume sizes must be a multiple of this (the CSI layer rounds requests up): it keeps every
+// volume usable with O_DIRECT on 4Kn disks and matches the NBD block size we advertise.
+inline constexpr uint64_t kVolumeSizeAlignment = 4096;
+// Upper bound for QosLimits::burst_ms: a minute of the rate is already a very deep bucket.
+inline constexpr uint32_t kMaxBurstMs = 60000;
 
 // Names: 1..128 bytes of [A-Za-z0-9._-], not starting with '.' or '-'. This rules out '/',
 // "..", NUL and anything a shell or a file system would treat specially. The message says why.
@@ -67,6 +72,10 @@ struct PoolInfo {
   // Orphans found and removed when the pool was opened (data files without metadata,
   // stale temp files), so an operator can see what a crash left behind.
   std::vector<std::string> cleaned_orphans;
+  // Volumes whose metadata exists but that could not be loaded ("NAME: reason"): unreadable or
+  // invalid metadata, or a missing data file. They are left on disk untouched (nothing is
+  // deleted automatically), block their name for Create, and Delete removes them.
+  std::vector<std::string> broken_volumes;
   std::string fs_type;           // "xfs", "ext4", "btrfs", ...
 };
 
@@ -101,8 +110,10 @@ class Pool {
   static StatusOr<std::unique_ptr<Pool>> Open(const PoolOptions& opts);
   ~Pool();
 
-  // EEXIST if a volume of that name exists with a different size; idempotent (returns the
-  // existing volume) when it exists with the same size and read_only flag.
+  // EEXIST if a volume of that name exists with a different size, read_only flag or QoS
+  // limits (CSI: parameters must be compatible); idempotent (returns the existing volume)
+  // when all of them match. EINVAL for a bad name, a size that is 0 or not a multiple of
+  // kVolumeSizeAlignment, or bad QoS limits.
   // ENOSPC if provisioned + size would exceed capacity * overcommit.
   StatusOr<VolumeInfo> Create(const std::string& name, uint64_t size, const QosLimits& qos,
                               bool read_only = false);
@@ -111,6 +122,7 @@ class Pool {
   // Grows a volume (connected clients keep working; a reconnect sees the new size).
   // EINVAL for a shrink; same size is a no-op; ENOSPC past the overcommit limit.
   StatusOr<VolumeInfo> Resize(const std::string& name, uint64_t new_size);
+  // Persists the limits, then applies them live. EINVAL if burst_ms > kMaxBurstMs.
   Status SetQos(const std::string& name, const QosLimits& qos);
   StatusOr<VolumeInfo> Inspect(const std::string& name);
   std::vector<VolumeInfo> List();
