@@ -1,1 +1,146 @@
-int main() { return 1; }
+// nbd-datapathd: the per-node engine. Owns the pool, serves its volumes over NBD, and exposes the
+// management API that nbdctl and the CSI controller use.
+#include <pthread.h>
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <chrono>
+#include <filesystem>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+#include <grpcpp/server.h>
+#include <spdlog/spdlog.h>
+
+#include "common/endpoint.h"
+#include "common/quantity.h"
+#include "datapath/api/service.h"
+#include "datapath/engine/frontend.h"
+#include "datapath/pool/pool.h"
+
+using namespace nbdcsi;
+using namespace nbdcsi::datapath;
+
+namespace {
+
+// Unix sockets live in directories that may not exist yet (/run/nbd-csi on a fresh node).
+Status EnsureSocketDir(const Endpoint& ep) {
+  if (ep.kind != Endpoint::Kind::kUnix) return Status::Ok();
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(ep.path).parent_path(), ec);
+  if (ec) return Error(ec.value(), "cannot create the directory of {}: {}", ep.path, ec.message());
+  return Status::Ok();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"nbd-datapathd: serves a pool of thin local-disk volumes over NBD"};
+  std::string pool_dir;
+  std::string api = "unix:///run/nbd-csi/datapath.sock";
+  std::vector<std::string> listens;
+  unsigned workers = std::max(1u, std::thread::hardware_concurrency());
+  double overcommit = 1.0;
+  std::string capacity;
+  std::string log_level = "info";
+  app.add_option("--pool", pool_dir, "Pool directory (volumes are sparse files in it)")->required();
+  app.add_option("--api", api, "Management API endpoint (unix:///path; socket mode 0600)")
+      ->capture_default_str();
+  app.add_option("--nbd-listen", listens,
+                 "NBD listener, repeatable: unix:///path (default unix:///run/nbd-csi/nbd.sock) "
+                 "or tcp://HOST:PORT (off unless given)");
+  app.add_option("--workers", workers, "io_uring worker threads")
+      ->check(CLI::Range(1u, 64u))
+      ->capture_default_str();
+  app.add_option("--overcommit", overcommit,
+                 "Provisioned bytes may reach capacity times this ratio")
+      ->check(CLI::Range(0.01, 1000.0))
+      ->capture_default_str();
+  app.add_option("--capacity", capacity, "Pool capacity (e.g. 100Gi); default: the file system's size");
+  app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  if (listens.empty()) listens.push_back("unix:///run/nbd-csi/nbd.sock");
+
+  spdlog::set_level(spdlog::level::from_str(log_level));
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
+
+  // Signals are taken synchronously by main; every thread created below inherits the mask.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  PoolOptions popts;
+  popts.dir = pool_dir;
+  popts.overcommit_ratio = overcommit;
+  if (!capacity.empty()) {
+    auto q = ParseQuantity(capacity);
+    if (!q.ok()) {
+      spdlog::critical("--capacity: {}", q.status().message());
+      return 2;
+    }
+    popts.capacity_bytes = *q;
+  }
+  std::vector<Endpoint> nbd_eps;
+  for (const auto& l : listens) {
+    auto ep = ParseEndpoint(l);
+    if (!ep.ok()) {
+      spdlog::critical("--nbd-listen {}: {}", l, ep.status().message());
+      return 2;
+    }
+    nbd_eps.push_back(*ep);
+  }
+  auto api_ep = ParseEndpoint(api);
+  if (!api_ep.ok()) {
+    spdlog::critical("--api {}: {}", api, api_ep.status().message());
+    return 2;
+  }
+
+  auto pool = Pool::Open(popts);
+  if (!pool.ok()) {
+    spdlog::critical("cannot open pool: {}", pool.status().message());
+    return 1;
+  }
+  PoolInfo info = (*pool)->Info();
+  spdlog::info("pool {}: {} volumes, {} file system, capacity {} bytes, overcommit {}", info.dir,
+               info.volumes, info.fs_type, info.capacity, info.overcommit_ratio);
+  for (const auto& o : info.cleaned_orphans) spdlog::warn("pool: cleaned orphan {}", o);
+
+  NbdFrontend frontend(**pool, FrontendOptions{workers});
+  for (const auto& ep : nbd_eps) {
+    Status st = EnsureSocketDir(ep);
+    if (st.ok()) st = frontend.Listen(ep);
+    if (!st.ok()) {
+      spdlog::critical("{}", st.message());
+      return 1;
+    }
+  }
+  if (Status st = frontend.Start(); !st.ok()) {
+    spdlog::critical("cannot start the NBD workers: {}", st.message());
+    return 1;
+  }
+  if (Status st = EnsureSocketDir(*api_ep); !st.ok()) {
+    spdlog::critical("{}", st.message());
+    return 1;
+  }
+  auto server = StartApiServer(**pool, api);
+  if (!server.ok()) {
+    spdlog::critical("cannot start the management API on {}: {}", api, server.status().message());
+    return 1;
+  }
+  spdlog::info("nbd-datapathd ready: api {}, {} NBD listener(s), {} workers", api, nbd_eps.size(),
+               workers);
+
+  int sig = 0;
+  sigwait(&sigs, &sig);
+  spdlog::info("signal {}: shutting down", sig);
+  (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  frontend.Stop();
+  if (api_ep->kind == Endpoint::Kind::kUnix) unlink(api_ep->path.c_str());
+  spdlog::info("stopped");
+  return 0;
+}

@@ -1,0 +1,248 @@
+#include <utility>  // before Asio: GCC 12 needs std::exchange visible for asio/awaitable.hpp
+
+#include "datapath/engine/frontend.h"
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include <boost/asio.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+#include <spdlog/spdlog.h>
+
+#include "datapath/engine/worker.h"
+#include "datapath/nbd/codec.h"
+#include "datapath/nbd/negotiate.h"
+
+namespace nbdcsi::datapath {
+namespace {
+
+namespace asio = boost::asio;
+using asio::use_awaitable;
+using UnixProto = asio::local::stream_protocol;
+
+// What the negotiation sees of the pool: names, sizes, read-only flags.
+class PoolCatalog final : public nbd::ExportCatalog {
+ public:
+  explicit PoolCatalog(Pool& pool) : pool_(pool) {}
+  std::optional<nbd::ExportInfo> Lookup(std::string_view name) override {
+    auto v = pool_.Acquire(std::string(name));
+    if (!v) return std::nullopt;
+    return nbd::ExportInfo{v->name(), v->size(), v->read_only(), "nbd-csi volume"};
+  }
+  std::vector<std::string> List() override { return pool_.Names(); }
+
+ private:
+  Pool& pool_;
+};
+
+}  // namespace
+
+struct NbdFrontend::Impl {
+  Pool& pool;
+  FrontendOptions opts;
+  PoolCatalog catalog;
+  asio::io_context io{1};
+  std::vector<std::unique_ptr<Worker>> workers;
+  std::atomic<unsigned> next_worker{0};
+  std::vector<std::unique_ptr<UnixProto::acceptor>> unix_acceptors;
+  std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_acceptors;
+  std::vector<std::string> unix_paths;
+  std::thread thread;
+  bool started = false;
+
+  Impl(Pool& p, FrontendOptions o) : pool(p), opts(o), catalog(p) {}
+
+  template <typename Acceptor>
+  asio::awaitable<void> AcceptLoop(Acceptor& acceptor) {
+    for (;;) {
+      bool backoff = false;
+      try {
+        auto sock = co_await acceptor.async_accept(use_awaitable);
+        if constexpr (std::is_same_v<Acceptor, asio::ip::tcp::acceptor>) {
+          sock.set_option(asio::ip::tcp::no_delay(true));  // small replies must not wait for Nagle
+        }
+        asio::co_spawn(io, Handshake(std::move(sock)), asio::detached);
+      } catch (const boost::system::system_error& e) {
+        if (e.code() == asio::error::operation_aborted || !acceptor.is_open()) co_return;
+        spdlog::warn("nbd: accept failed: {}", e.code().message());
+        backoff = true;
+      }
+      if (backoff) {
+        // EMFILE and friends: back off instead of spinning, keep serving.
+        asio::steady_timer t(io, std::chrono::milliseconds(100));
+        co_await t.async_wait(use_awaitable);
+      }
+    }
+  }
+
+  template <typename Socket>
+  asio::awaitable<void> Handshake(Socket sock) {
+    auto s = std::make_shared<Socket>(std::move(sock));
+    asio::steady_timer deadline(io, std::chrono::seconds(opts.handshake_timeout_sec));
+    deadline.async_wait([s](const boost::system::error_code& ec) {
+      if (!ec) {
+        spdlog::info("nbd: handshake timed out, closing");
+        boost::system::error_code ignored;
+        s->close(ignored);
+      }
+    });
+    try {
+      nbd::Negotiator neg(catalog);
+      std::vector<uint8_t> out;
+      neg.Greeting(out);
+      co_await asio::async_write(*s, asio::buffer(out), use_awaitable);
+      out.clear();
+
+      uint8_t flags[4];
+      co_await asio::async_read(*s, asio::buffer(flags), use_awaitable);
+      if (!neg.OnClientFlags(nbd::LoadBE32(flags))) {
+        spdlog::info("nbd: client flags {:#x} refused, closing", nbd::LoadBE32(flags));
+        co_return;
+      }
+      std::vector<uint8_t> payload;
+      for (;;) {
+        uint8_t hdr[16];
+        co_await asio::async_read(*s, asio::buffer(hdr), use_awaitable);
+        auto oh = neg.OnOptionHeader(hdr);
+        bool drained = false;
+        payload.clear();
+        switch (oh.action) {
+          case nbd::Negotiator::HeaderAction::kClose:
+            spdlog::info("nbd: malformed option header (option {}, length {}), closing",
+                         oh.option, oh.length);
+            co_return;
+          case nbd::Negotiator::HeaderAction::kReadPayload:
+            payload.resize(oh.length);
+            co_await asio::async_read(*s, asio::buffer(payload), use_awaitable);
+            break;
+          case nbd::Negotiator::HeaderAction::kDrainThenReply: {
+            std::array<uint8_t, 64 * 1024> sink;
+            for (uint64_t left = oh.length; left;) {
+              size_t n = std::min<uint64_t>(left, sink.size());
+              co_await asio::async_read(*s, asio::buffer(sink.data(), n), use_awaitable);
+              left -= n;
+            }
+            drained = true;
+            break;
+          }
+        }
+        auto step = neg.OnOption(oh.option, payload, drained, out);
+        if (!out.empty()) {
+          co_await asio::async_write(*s, asio::buffer(out), use_awaitable);
+          out.clear();
+        }
+        if (step == nbd::Negotiator::Step::kClose) co_return;
+        if (step == nbd::Negotiator::Step::kTransmission) break;
+      }
+      deadline.cancel();
+      const nbd::Negotiated& r = neg.result();
+      std::shared_ptr<Volume> vol = pool.Acquire(r.export_info.name);
+      if (!vol) {
+        spdlog::info("nbd: volume {} was deleted during the handshake", r.export_info.name);
+        co_return;
+      }
+      // Counted before the hand-off so that a concurrent delete sees the connection.
+      vol->stats().ConnectionOpened();
+      int fd = s->release();
+      // The worker's ring waits for readiness itself; a blocking socket keeps short sends and
+      // receives from surfacing as EAGAIN completions.
+      fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+      unsigned w = next_worker.fetch_add(1, std::memory_order_relaxed) % workers.size();
+      spdlog::debug("nbd: connection to volume {} (size {}) on worker {}", vol->name(),
+                    r.export_info.size, w);
+      workers[w]->Adopt(fd, std::move(vol), r);
+    } catch (const boost::system::system_error& e) {
+      // EOF or reset mid-handshake: the client left; nothing to clean beyond the socket.
+      spdlog::debug("nbd: handshake ended: {}", e.code().message());
+    }
+    deadline.cancel();
+  }
+};
+
+NbdFrontend::NbdFrontend(Pool& pool, FrontendOptions opts)
+    : impl_(std::make_unique<Impl>(pool, opts)) {}
+
+NbdFrontend::~NbdFrontend() { Stop(); }
+
+Status NbdFrontend::Listen(const Endpoint& ep) {
+  Impl& m = *impl_;
+  try {
+    if (ep.kind == Endpoint::Kind::kUnix) {
+      Status st = RemoveStaleUnixSocket(ep.path);
+      if (!st.ok()) return st;
+      auto a = std::make_unique<UnixProto::acceptor>(m.io);
+      a->open();
+      // Bind under a tight umask so the socket is never reachable with wider permissions.
+      mode_t old = umask(0077);
+      boost::system::error_code ec;
+      a->bind(UnixProto::endpoint(ep.path), ec);
+      umask(old);
+      if (ec) return Error(ec.value(), "cannot listen on {}: {}", ep.ToString(), ec.message());
+      chmod(ep.path.c_str(), 0600);
+      a->listen(asio::socket_base::max_listen_connections);
+      m.unix_paths.push_back(ep.path);
+      m.unix_acceptors.push_back(std::move(a));
+    } else {
+      asio::ip::tcp::resolver res(m.io);
+      auto results = res.resolve(ep.host, std::to_string(ep.port));
+      auto a = std::make_unique<asio::ip::tcp::acceptor>(m.io);
+      auto endpoint = results.begin()->endpoint();
+      a->open(endpoint.protocol());
+      a->set_option(asio::socket_base::reuse_address(true));
+      a->bind(endpoint);
+      a->listen(asio::socket_base::max_listen_connections);
+      m.tcp_acceptors.push_back(std::move(a));
+    }
+  } catch (const boost::system::system_error& e) {
+    return Error(e.code().value(), "cannot listen on {}: {}", ep.ToString(), e.code().message());
+  }
+  spdlog::info("nbd: listening on {}", ep.ToString());
+  return Status::Ok();
+}
+
+Status NbdFrontend::Start() {
+  Impl& m = *impl_;
+  for (unsigned i = 0; i < std::max(1u, m.opts.workers); ++i) {
+    auto w = std::make_unique<Worker>(static_cast<int>(i));
+    Status st = w->Start();
+    if (!st.ok()) return st;
+    m.workers.push_back(std::move(w));
+  }
+  for (auto& a : m.unix_acceptors) asio::co_spawn(m.io, m.AcceptLoop(*a), asio::detached);
+  for (auto& a : m.tcp_acceptors) asio::co_spawn(m.io, m.AcceptLoop(*a), asio::detached);
+  m.thread = std::thread([&m] {
+    pthread_setname_np(pthread_self(), "nbd-accept");
+    m.io.run();
+  });
+  m.started = true;
+  return Status::Ok();
+}
+
+void NbdFrontend::Stop() {
+  Impl& m = *impl_;
+  if (m.started) {
+    asio::post(m.io, [&m] {
+      boost::system::error_code ignored;
+      for (auto& a : m.unix_acceptors) a->close(ignored);
+      for (auto& a : m.tcp_acceptors) a->close(ignored);
+    });
+    m.io.stop();
+    if (m.thread.joinable()) m.thread.join();
+    m.started = false;
+  }
+  for (auto& w : m.workers) w->Stop();
+  m.workers.clear();
+  m.unix_acceptors.clear();
+  m.tcp_acceptors.clear();
+  for (const auto& p : m.unix_paths) unlink(p.c_str());
+  m.unix_paths.clear();
+}
+
+}  // namespace nbdcsi::datapath

@@ -1,0 +1,53 @@
+// The transmission phase of NBD connections, driven by io_uring.
+//
+// Each Worker is one thread with one ring. A connection lives on exactly one worker for its whole
+// life after the handshake, so its state is touched by a single thread and needs no locks; the
+// connections of one export can sit on different workers and run in parallel (CAN_MULTI_CONN).
+//
+// Every request moves through named states (see Slot::State in worker.cpp):
+//   header parsed -> [payload received] -> [throttled] -> executing -> reply queued -> sent -> free
+// Requests are pipelined: many slots per connection are in flight at once, replies go out in
+// completion order (NBD allows that) and several replies are gathered into one sendmsg.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "common/status.h"
+#include "datapath/nbd/negotiate.h"
+#include "datapath/pool/pool.h"
+
+namespace nbdcsi::datapath {
+
+struct WorkerOptions {
+  unsigned ring_entries = 256;
+};
+
+class Worker {
+ public:
+  explicit Worker(int index, WorkerOptions opts = {});
+  ~Worker();
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  Status Start();
+  // Closes every connection (in-flight I/O completes first) and joins the thread.
+  void Stop();
+
+  // Hands over a socket whose handshake has finished. Thread-safe; takes ownership of `fd`.
+  void Adopt(int fd, std::shared_ptr<Volume> volume, const nbd::Negotiated& negotiated);
+
+  // Connections currently served by this worker.
+  size_t connections() const { return live_.load(std::memory_order_relaxed); }
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+  std::atomic<size_t> live_{0};
+};
+
+}  // namespace nbdcsi::datapath
