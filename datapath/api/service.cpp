@@ -1,0 +1,394 @@
+#include "datapath/api/service.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <set>
+
+#include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
+#include "common/grpc_status.h"
+#include "datapath/api/datapath.grpc.pb.h"
+
+namespace nbdcsi::datapath {
+
+namespace v1 = ::nbdcsi::datapath::v1;
+
+namespace {
+
+constexpr uint64_t kGiB = uint64_t{1} << 30;
+constexpr uint64_t kMaxVolumeSize = static_cast<uint64_t>(std::numeric_limits<off_t>::max());
+
+QosLimits FromProto(const v1::QosLimits& p) {
+  QosLimits q;
+  q.max_iops = p.max_iops();
+  q.max_read_iops = p.max_read_iops();
+  q.max_write_iops = p.max_write_iops();
+  q.max_bps = p.max_bps();
+  q.max_read_bps = p.max_read_bps();
+  q.max_write_bps = p.max_write_bps();
+  q.iops_per_gib = p.iops_per_gib();
+  q.bps_per_gib = p.bps_per_gib();
+  q.burst_ms = p.burst_ms();
+  return q;
+}
+
+void ToProto(const QosLimits& q, v1::QosLimits* p) {
+  p->set_max_iops(q.max_iops);
+  p->set_max_read_iops(q.max_read_iops);
+  p->set_max_write_iops(q.max_write_iops);
+  p->set_max_bps(q.max_bps);
+  p->set_max_read_bps(q.max_read_bps);
+  p->set_max_write_bps(q.max_write_bps);
+  p->set_iops_per_gib(q.iops_per_gib);
+  p->set_bps_per_gib(q.bps_per_gib);
+  p->set_burst_ms(q.burst_ms);
+}
+
+QosLimits ApplyPatch(QosLimits q, const v1::QosPatch& p) {
+  if (p.has_max_iops()) q.max_iops = p.max_iops();
+  if (p.has_max_read_iops()) q.max_read_iops = p.max_read_iops();
+  if (p.has_max_write_iops()) q.max_write_iops = p.max_write_iops();
+  if (p.has_max_bps()) q.max_bps = p.max_bps();
+  if (p.has_max_read_bps()) q.max_read_bps = p.max_read_bps();
+  if (p.has_max_write_bps()) q.max_write_bps = p.max_write_bps();
+  if (p.has_iops_per_gib()) q.iops_per_gib = p.iops_per_gib();
+  if (p.has_bps_per_gib()) q.bps_per_gib = p.bps_per_gib();
+  if (p.has_burst_ms()) q.burst_ms = p.burst_ms();
+  return q;
+}
+
+Status ValidateSize(const std::string& name, uint64_t size) {
+  if (size == 0) return Error(EINVAL, "volume \"{}\": size must be greater than 0", name);
+  if (size % kVolumeSizeAlignment != 0) {
+    return Error(EINVAL, "volume \"{}\": size {} is not a multiple of {} bytes", name, size,
+                 kVolumeSizeAlignment);
+  }
+  if (size > kMaxVolumeSize) {
+    return Error(EINVAL, "volume \"{}\": size {} is larger than the maximum file size {}", name,
+                 size, kMaxVolumeSize);
+  }
+  return Status::Ok();
+}
+
+// Rejects limits the throttle could not represent for a volume of `size` bytes, so a typo
+// surfaces as INVALID_ARGUMENT here instead of a silently wrapped rate in the datapath.
+Status ValidateQos(const std::string& name, const QosLimits& q, uint64_t size) {
+  if (q.burst_ms > kMaxBurstMs) {
+    return Error(EINVAL, "volume \"{}\": burst_ms {} is above the maximum {}", name, q.burst_ms,
+                 kMaxBurstMs);
+  }
+  uint64_t gib = size / kGiB + (size % kGiB ? 1 : 0);
+  uint64_t out;
+  if (__builtin_mul_overflow(q.iops_per_gib, gib, &out) ||
+      __builtin_mul_overflow(q.bps_per_gib, gib, &out)) {
+    return Error(EINVAL, "volume \"{}\": per-GiB QoS limit times {} GiB overflows", name, gib);
+  }
+  return Status::Ok();
+}
+
+grpc::Status Fail(const char* rpc, const Status& s) {
+  // The full message goes to the log and to the caller; the code is the lossy part.
+  spdlog::warn("api {}: {} (errno {}: {})", rpc, s.message(), s.code(), std::strerror(s.code()));
+  return ToGrpc(s);
+}
+
+}  // namespace
+
+// Handlers validate every argument before the pool sees it and map errors through ToGrpc.
+// Mutating calls hold a per-name in-flight mark: a second concurrent call on the same volume gets
+// ABORTED (EALREADY) instead of racing, and read-modify-write (QoS patches) is atomic with respect
+// to other API calls.
+class DatapathService final : public v1::Datapath::Service {
+ public:
+  explicit DatapathService(Pool& pool) : pool_(pool) {}
+
+  grpc::Status CreateVolume(grpc::ServerContext*, const v1::CreateVolumeRequest* req,
+                            v1::CreateVolumeResponse* resp) override {
+    const std::string& name = req->name();
+    if (auto s = ValidateVolumeName(name); !s.ok()) return Fail("CreateVolume", s);
+    if (auto s = ValidateSize(name, req->size_bytes()); !s.ok()) return Fail("CreateVolume", s);
+    QosLimits qos = FromProto(req->qos());
+    if (auto s = ValidateQos(name, qos, req->size_bytes()); !s.ok()) {
+      return Fail("CreateVolume", s);
+    }
+    InFlight guard(*this, name);
+    if (!guard.ok()) return Fail("CreateVolume", guard.status());
+    auto r = pool_.Create(name, req->size_bytes(), qos, req->read_only());
+    if (!r.ok()) return Fail("CreateVolume", r.status());
+    spdlog::info("api CreateVolume: volume \"{}\" size {}{}", name, r->size,
+                 r->read_only ? " read-only" : "");
+    Fill(*r, resp->mutable_volume());
+    return grpc::Status::OK;
+  }
+
+  grpc::Status DeleteVolume(grpc::ServerContext*, const v1::DeleteVolumeRequest* req,
+                            v1::DeleteVolumeResponse*) override {
+    const std::string& name = req->name();
+    if (auto s = ValidateVolumeName(name); !s.ok()) return Fail("DeleteVolume", s);
+    InFlight guard(*this, name);
+    if (!guard.ok()) return Fail("DeleteVolume", guard.status());
+    if (auto s = pool_.Delete(name); !s.ok()) return Fail("DeleteVolume", s);
+    spdlog::info("api DeleteVolume: volume \"{}\" deleted", name);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status ResizeVolume(grpc::ServerContext*, const v1::ResizeVolumeRequest* req,
+                            v1::ResizeVolumeResponse* resp) override {
+    const std::string& name = req->name();
+    if (auto s = ValidateVolumeName(name); !s.ok()) return Fail("ResizeVolume", s);
+    if (auto s = ValidateSize(name, req->size_bytes()); !s.ok()) return Fail("ResizeVolume", s);
+    InFlight guard(*this, name);
+    if (!guard.ok()) return Fail("ResizeVolume", guard.status());
+    auto cur = pool_.Inspect(name);
+    if (!cur.ok()) return Fail("ResizeVolume", cur.status());
+    if (auto s = ValidateQos(name, cur->qos, req->size_bytes()); !s.ok()) {
+      return Fail("ResizeVolume", s);
+    }
+    auto r = pool_.Resize(name, req->size_bytes());
+    if (!r.ok()) return Fail("ResizeVolume", r.status());
+    if (cur->size != r->size) {
+      spdlog::info("api ResizeVolume: volume \"{}\" {} -> {} bytes", name, cur->size, r->size);
+    }
+    Fill(*r, resp->mutable_volume());
+    return grpc::Status::OK;
+  }
+
+  grpc::Status ListVolumes(grpc::ServerContext*, const v1::ListVolumesRequest*,
+                           v1::ListVolumesResponse* resp) override {
+    auto vols = pool_.List();
+    std::sort(vols.begin(), vols.end(),
+              [](const VolumeInfo& a, const VolumeInfo& b) { return a.name < b.name; });
+    for (const auto& v : vols) Fill(v, resp->add_volumes());
+    return grpc::Status::OK;
+  }
+
+  grpc::Status GetVolume(grpc::ServerContext*, const v1::GetVolumeRequest* req,
+                         v1::GetVolumeResponse* resp) override {
+    if (auto s = ValidateVolumeName(req->name()); !s.ok()) return Fail("GetVolume", s);
+    auto r = pool_.Inspect(req->name());
+    if (!r.ok()) return Fail("GetVolume", r.status());
+    Fill(*r, resp->mutable_volume());
+    return grpc::Status::OK;
+  }
+
+  grpc::Status SetQos(grpc::ServerContext*, const v1::SetQosRequest* req,
+                      v1::SetQosResponse* resp) override {
+    const std::string& name = req->name();
+    if (auto s = ValidateVolumeName(name); !s.ok()) return Fail("SetQos", s);
+    if (req->change_case() == v1::SetQosRequest::CHANGE_NOT_SET) {
+      return Fail("SetQos", Error(EINVAL, "volume \"{}\": SetQos needs either replace or patch",
+                                  name));
+    }
+    InFlight guard(*this, name);
+    if (!guard.ok()) return Fail("SetQos", guard.status());
+    auto cur = pool_.Inspect(name);
+    if (!cur.ok()) return Fail("SetQos", cur.status());
+    QosLimits next = req->has_replace() ? FromProto(req->replace())
+                                        : ApplyPatch(cur->qos, req->patch());
+    if (auto s = ValidateQos(name, next, cur->size); !s.ok()) return Fail("SetQos", s);
+    if (auto s = pool_.SetQos(name, next); !s.ok()) return Fail("SetQos", s);
+    auto r = pool_.Inspect(name);
+    if (!r.ok()) return Fail("SetQos", r.status());
+    spdlog::info("api SetQos: volume \"{}\" limits changed", name);
+    Fill(*r, resp->mutable_volume());
+    return grpc::Status::OK;
+  }
+
+  grpc::Status GetVolumeStats(grpc::ServerContext*, const v1::GetVolumeStatsRequest* req,
+                              v1::GetVolumeStatsResponse* resp) override {
+    const std::string& name = req->name();
+    if (auto s = ValidateVolumeName(name); !s.ok()) return Fail("GetVolumeStats", s);
+    auto vol = pool_.Acquire(name);
+    if (!vol) return Fail("GetVolumeStats", Error(ENOENT, "volume \"{}\" not found", name));
+    VolumeStatsSnapshot snap = vol->stats().Snapshot();
+    vol.reset();
+    resp->set_name(name);
+    resp->set_sampled_unix_ns(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                  std::chrono::system_clock::now().time_since_epoch())
+                                  .count());
+    auto* st = resp->mutable_stats();
+    auto counters = [&](OpKind k, v1::OpCounters* c) {
+      c->set_ops(snap.ops[static_cast<int>(k)]);
+      c->set_errors(snap.errors[static_cast<int>(k)]);
+    };
+    counters(OpKind::kRead, st->mutable_read());
+    st->mutable_read()->set_bytes(snap.bytes_read);
+    counters(OpKind::kWrite, st->mutable_write());
+    st->mutable_write()->set_bytes(snap.bytes_written);
+    counters(OpKind::kFlush, st->mutable_flush());
+    counters(OpKind::kTrim, st->mutable_trim());
+    counters(OpKind::kWriteZeroes, st->mutable_write_zeroes());
+    counters(OpKind::kBlockStatus, st->mutable_block_status());
+    auto histogram = [](const std::array<uint64_t, kLatencyBuckets>& h,
+                        v1::LatencyHistogram* out) {
+      for (int i = 0; i < kLatencyBuckets; ++i) {
+        auto* b = out->add_buckets();
+        b->set_upper_bound_us(i + 1 == kLatencyBuckets ? std::numeric_limits<uint64_t>::max()
+                                                       : uint64_t{1} << i);
+        b->set_count(h[i]);
+      }
+    };
+    histogram(snap.read_latency_us, st->mutable_read_latency());
+    histogram(snap.write_latency_us, st->mutable_write_latency());
+    st->set_throttled_ns(snap.throttled_ns);
+    st->set_throttled_ops(snap.throttled_ops);
+    st->set_open_connections(snap.connections);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status GetPoolInfo(grpc::ServerContext*, const v1::GetPoolInfoRequest*,
+                           v1::GetPoolInfoResponse* resp) override {
+    PoolInfo info = pool_.Info();
+    resp->set_dir(info.dir);
+    resp->set_capacity_bytes(info.capacity);
+    resp->set_free_bytes(info.free);
+    resp->set_provisioned_bytes(info.provisioned);
+    resp->set_allocated_bytes(info.allocated);
+    resp->set_overcommit_ratio(info.overcommit_ratio);
+    long double limit = static_cast<long double>(info.capacity) * info.overcommit_ratio;
+    long double room = limit - static_cast<long double>(info.provisioned);
+    uint64_t provisionable = 0;
+    if (room >= static_cast<long double>(std::numeric_limits<uint64_t>::max())) {
+      provisionable = std::numeric_limits<uint64_t>::max();
+    } else if (room > 0) {
+      provisionable = static_cast<uint64_t>(room);
+    }
+    resp->set_provisionable_bytes(provisionable);
+    resp->set_volumes(info.volumes);
+    for (const auto& o : info.cleaned_orphans) resp->add_cleaned_orphans(o);
+    resp->set_fs_type(info.fs_type);
+    return grpc::Status::OK;
+  }
+
+ private:
+  class InFlight {
+   public:
+    InFlight(DatapathService& svc, const std::string& name) : svc_(svc), name_(name) {
+      std::lock_guard lock(svc_.mu_);
+      ok_ = svc_.busy_.insert(name_).second;
+    }
+    ~InFlight() {
+      if (!ok_) return;
+      std::lock_guard lock(svc_.mu_);
+      svc_.busy_.erase(name_);
+    }
+    bool ok() const { return ok_; }
+    Status status() const {
+      return Error(EALREADY, "volume \"{}\": another operation on it is in progress; retry",
+                   name_);
+    }
+
+   private:
+    DatapathService& svc_;
+    std::string name_;
+    bool ok_ = false;
+  };
+
+  void Fill(const VolumeInfo& info, v1::Volume* out) {
+    out->set_name(info.name);
+    out->set_size_bytes(info.size);
+    out->set_allocated_bytes(info.allocated);
+    out->set_created_unix_ns(info.created_unix_ns);
+    out->set_read_only(info.read_only);
+    ToProto(info.qos, out->mutable_qos());
+    EffectiveQos eff = Resolve(info.qos, info.size);
+    auto* e = out->mutable_effective_qos();
+    e->set_iops(eff.iops);
+    e->set_read_iops(eff.read_iops);
+    e->set_write_iops(eff.write_iops);
+    e->set_bps(eff.bps);
+    e->set_read_bps(eff.read_bps);
+    e->set_write_bps(eff.write_bps);
+    e->set_burst_ms(eff.burst_ms);
+    out->set_data_path(info.path);
+    if (auto vol = pool_.Acquire(info.name)) {
+      out->set_open_connections(vol->stats().connections());
+    }
+  }
+
+  Pool& pool_;
+  std::mutex mu_;
+  std::set<std::string> busy_;
+};
+
+ApiServer::~ApiServer() {
+  Shutdown();
+  Wait();
+}
+
+void ApiServer::Shutdown(std::chrono::system_clock::time_point deadline) {
+  if (shut_down_ || !server_) return;
+  shut_down_ = true;
+  server_->Shutdown(deadline);
+}
+
+void ApiServer::Wait() {
+  if (server_) server_->Wait();
+}
+
+StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, const std::string& endpoint) {
+  auto ep = ParseEndpoint(endpoint);
+  if (!ep.ok()) return ep.status();
+  std::unique_ptr<ApiServer> api(new ApiServer());
+  api->endpoint_ = *ep;
+  api->service_ = std::make_unique<DatapathService>(pool);
+
+  if (ep->kind == Endpoint::Kind::kUnix) {
+    size_t slash = ep->path.rfind('/');
+    std::string dir = slash == 0 ? std::string("/") : ep->path.substr(0, slash);
+    struct stat st{};
+    if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+      return Error(ENOENT, "cannot listen on {}: directory {} does not exist", ep->ToString(),
+                   dir);
+    }
+    if (auto s = RemoveStaleUnixSocket(ep->path); !s.ok()) {
+      return Error(s.code(), "cannot listen on {}: {}", ep->ToString(), s.message());
+    }
+  } else {
+    spdlog::warn("management API on {} is plaintext TCP without authentication: tests only",
+                 ep->ToString());
+  }
+
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(ep->GrpcTarget(), grpc::InsecureServerCredentials(), &api->port_);
+  builder.RegisterService(api->service_.get());
+  {
+    // The socket must never be reachable with a wider mode, not even between bind() and a
+    // chmod(). umask is process-wide, so this only narrows the mode of files other threads create
+    // at the same moment; the mutex keeps concurrent starts from restoring each other's umask.
+    static std::mutex umask_mu;
+    std::lock_guard lock(umask_mu);
+    mode_t old = umask(0177);
+    api->server_ = builder.BuildAndStart();
+    umask(old);
+  }
+  if (!api->server_ || api->port_ == 0) {
+    api->server_.reset();
+    return Error(EADDRNOTAVAIL, "cannot listen on {}: gRPC could not bind it (see its log)",
+                 ep->ToString());
+  }
+
+  if (ep->kind == Endpoint::Kind::kUnix) {
+    // Belt and braces: verify the mode instead of trusting gRPC's socket setup.
+    struct stat st{};
+    if (chmod(ep->path.c_str(), 0600) != 0 || stat(ep->path.c_str(), &st) != 0) {
+      int err = errno;
+      return Error(err, "cannot secure {}: {}", ep->path, std::strerror(err));
+    }
+    if (!S_ISSOCK(st.st_mode) || (st.st_mode & 07777) != 0600) {
+      return Error(EPERM, "{} has mode {:o}, expected a socket with mode 600", ep->path,
+                   st.st_mode & 07777);
+    }
+  }
+  spdlog::info("management API listening on {}", ep->ToString());
+  return api;
+}
+
+}  // namespace nbdcsi::datapath
