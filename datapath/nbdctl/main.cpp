@@ -1,0 +1,303 @@
+// nbdctl: the operator CLI of nbd-datapathd's management API. See README.md for commands,
+// exit codes and the JSON keys.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <optional>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <grpcpp/grpcpp.h>
+
+#include "common/endpoint.h"
+#include "common/quantity.h"
+#include "datapath/api/datapath.grpc.pb.h"
+#include "datapath/nbdctl/render.h"
+
+namespace nbdcsi::nbdctl {
+namespace {
+
+constexpr int kExitServer = 1;
+constexpr int kExitUsage = 2;
+constexpr const char* kDefaultApi = "unix:///run/nbd-csi/datapath.sock";
+
+// Thrown for bad arguments that CLI11 cannot check itself (quantities, combinations).
+struct UsageError {
+  std::string message;
+};
+
+struct QosFlags {
+  std::optional<std::string> max_iops, max_read_iops, max_write_iops, max_bps, max_read_bps,
+      max_write_bps, iops_per_gib, bps_per_gib;
+  std::optional<uint32_t> burst_ms;
+
+  void Add(CLI::App* cmd) {
+    cmd->add_option("--max-iops", max_iops, "Total IOPS limit (0: none)");
+    cmd->add_option("--max-read-iops", max_read_iops, "Read IOPS limit");
+    cmd->add_option("--max-write-iops", max_write_iops, "Write IOPS limit");
+    cmd->add_option("--max-bps", max_bps, "Total bytes/s limit, a quantity (100Mi)");
+    cmd->add_option("--max-read-bps", max_read_bps, "Read bytes/s limit");
+    cmd->add_option("--max-write-bps", max_write_bps, "Write bytes/s limit");
+    cmd->add_option("--iops-per-gib", iops_per_gib, "IOPS per GiB of size (when no --max-iops)");
+    cmd->add_option("--bps-per-gib", bps_per_gib, "Bytes/s per GiB of size (when no --max-bps)");
+    cmd->add_option("--burst-ms", burst_ms, "Burst depth in ms of the rate (0: default 100)");
+  }
+  bool any() const {
+    return max_iops || max_read_iops || max_write_iops || max_bps || max_read_bps ||
+           max_write_bps || iops_per_gib || bps_per_gib || burst_ms;
+  }
+  // Calls set(value) for every given flag, after parsing it as a quantity.
+  template <typename Msg>
+  void Apply(Msg* m) const {
+    auto q = [](const char* flag, const std::optional<std::string>& v) -> std::optional<uint64_t> {
+      if (!v) return std::nullopt;
+      auto r = ParseQuantity(*v);
+      if (!r.ok()) throw UsageError{fmt::format("{}: {}", flag, r.status().message())};
+      return *r;
+    };
+    if (auto v = q("--max-iops", max_iops)) m->set_max_iops(*v);
+    if (auto v = q("--max-read-iops", max_read_iops)) m->set_max_read_iops(*v);
+    if (auto v = q("--max-write-iops", max_write_iops)) m->set_max_write_iops(*v);
+    if (auto v = q("--max-bps", max_bps)) m->set_max_bps(*v);
+    if (auto v = q("--max-read-bps", max_read_bps)) m->set_max_read_bps(*v);
+    if (auto v = q("--max-write-bps", max_write_bps)) m->set_max_write_bps(*v);
+    if (auto v = q("--iops-per-gib", iops_per_gib)) m->set_iops_per_gib(*v);
+    if (auto v = q("--bps-per-gib", bps_per_gib)) m->set_bps_per_gib(*v);
+    if (burst_ms) m->set_burst_ms(*burst_ms);
+  }
+};
+
+uint64_t ParseSizeFlag(const std::string& flag, const std::string& value) {
+  auto r = ParseQuantity(value);
+  if (!r.ok()) throw UsageError{fmt::format("{}: {}", flag, r.status().message())};
+  if (*r == 0) throw UsageError{fmt::format("{}: size must be greater than 0", flag)};
+  return *r;
+}
+
+std::string CodeName(grpc::StatusCode c) {
+  switch (c) {
+    case grpc::StatusCode::INVALID_ARGUMENT: return "invalid argument";
+    case grpc::StatusCode::NOT_FOUND: return "not found";
+    case grpc::StatusCode::ALREADY_EXISTS: return "already exists";
+    case grpc::StatusCode::FAILED_PRECONDITION: return "failed precondition";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "out of space";
+    case grpc::StatusCode::ABORTED: return "busy, retry";
+    case grpc::StatusCode::PERMISSION_DENIED: return "permission denied";
+    case grpc::StatusCode::OUT_OF_RANGE: return "out of range";
+    case grpc::StatusCode::UNIMPLEMENTED: return "not supported by this nbd-datapathd";
+    default: return fmt::format("gRPC code {}", static_cast<int>(c));
+  }
+}
+
+class Cli {
+ public:
+  int Run(int argc, char** argv);
+
+ private:
+  void Connect();
+  std::unique_ptr<grpc::ClientContext> Ctx() const;
+  // Prints the error for a failed call on `what` ("create volume \"x\"") and returns the exit code.
+  int Fail(const std::string& what, const grpc::Status& s) const;
+  void Print(const nlohmann::json& j, const std::string& text) const {
+    if (output_ == "json") std::cout << j.dump(2) << "\n";
+    else std::cout << text;
+  }
+
+  std::string api_;
+  std::string output_ = "table";
+  double timeout_s_ = 30;
+  Endpoint ep_;
+  std::unique_ptr<v1::Datapath::Stub> stub_;
+};
+
+void Cli::Connect() {
+  auto ep = ParseEndpoint(api_);
+  if (!ep.ok()) throw UsageError{"--api: " + ep.status().message()};
+  ep_ = *ep;
+  grpc::ChannelArguments args;
+  // Fail fast with a clear message instead of gRPC's reconnect back-off when the daemon is down.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  stub_ = v1::Datapath::NewStub(
+      grpc::CreateCustomChannel(ep_.GrpcTarget(), grpc::InsecureChannelCredentials(), args));
+}
+
+std::unique_ptr<grpc::ClientContext> Cli::Ctx() const {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(std::chrono::system_clock::now() +
+                    std::chrono::milliseconds(static_cast<int64_t>(timeout_s_ * 1000)));
+  return ctx;
+}
+
+int Cli::Fail(const std::string& what, const grpc::Status& s) const {
+  if (s.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    std::string hint = s.error_message();
+    if (ep_.kind == Endpoint::Kind::kUnix) {
+      struct stat st{};
+      if (stat(ep_.path.c_str(), &st) != 0) {
+        hint = fmt::format("socket {} does not exist", ep_.path);
+      } else if (access(ep_.path.c_str(), R_OK | W_OK) != 0) {
+        hint = fmt::format("no permission on socket {} (mode {:o}): run as its owner or root",
+                           ep_.path, st.st_mode & 07777);
+      }
+    }
+    std::cerr << fmt::format("nbdctl: cannot reach nbd-datapathd at {}: is it running? ({})\n",
+                             ep_.ToString(), hint);
+  } else if (s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+    std::cerr << fmt::format("nbdctl: {}: nbd-datapathd at {} did not answer within {}s "
+                             "(--timeout)\n",
+                             what, ep_.ToString(), timeout_s_);
+  } else {
+    std::cerr << fmt::format("nbdctl: cannot {}: {} ({})\n", what, s.error_message(),
+                             CodeName(s.error_code()));
+  }
+  return kExitServer;
+}
+
+int Cli::Run(int argc, char** argv) {
+  CLI::App app{"nbdctl: manage the volumes of nbd-datapathd"};
+  app.require_subcommand(1);
+  const char* env_api = std::getenv("NBDCTL_API");
+  api_ = env_api && *env_api ? env_api : kDefaultApi;
+  app.add_option("--api", api_,
+                 "Management API endpoint (default: $NBDCTL_API, else " + std::string(kDefaultApi) +
+                     ")");
+  app.add_option("-o,--output", output_, "Output format")
+      ->check(CLI::IsMember({"table", "json"}));
+  app.add_option("--timeout", timeout_s_, "Seconds to wait for the daemon")
+      ->check(CLI::Range(0.001, 86400.0));
+
+  std::string name, size;
+  QosFlags qos;
+  bool read_only = false, clear = false;
+
+  auto* volume = app.add_subcommand("volume", "Create, inspect and change volumes");
+  volume->require_subcommand(1);
+  auto* create = volume->add_subcommand("create", "Create a volume (idempotent)");
+  create->add_option("NAME", name, "Volume name")->required();
+  create->add_option("--size", size, "Size, a quantity (1Gi, 500M, 1e9)")->required();
+  qos.Add(create);
+  create->add_flag("--read-only", read_only, "Export the volume read-only");
+  auto* list = volume->add_subcommand("list", "List volumes")->alias("ls");
+  auto* inspect = volume->add_subcommand("inspect", "Show one volume");
+  inspect->add_option("NAME", name, "Volume name")->required();
+  auto* resize = volume->add_subcommand("resize", "Grow a volume");
+  resize->add_option("NAME", name, "Volume name")->required();
+  resize->add_option("--size", size, "New size, a quantity")->required();
+  auto* del = volume->add_subcommand("delete", "Delete a volume and its data")->alias("rm");
+  del->add_option("NAME", name, "Volume name")->required();
+  auto* qoscmd = volume->add_subcommand(
+      "qos", "Change QoS limits live: given flags change, the others are kept; --clear first "
+             "removes every limit");
+  qoscmd->add_option("NAME", name, "Volume name")->required();
+  qos.Add(qoscmd);
+  qoscmd->add_flag("--clear", clear, "Remove all limits (then apply any flags given)");
+
+  auto* stats = app.add_subcommand("stats", "I/O counters and latency of a volume");
+  stats->add_option("NAME", name, "Volume name")->required();
+  auto* pool = app.add_subcommand("pool", "The pool");
+  pool->require_subcommand(1);
+  auto* pool_info = pool->add_subcommand("info", "Capacity, usage and state of the pool");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "nbdctl: " << e.what() << "\n(run with --help for usage)\n";
+    return kExitUsage;
+  }
+
+  try {
+    Connect();
+    if (create->parsed()) {
+      v1::CreateVolumeRequest req;
+      req.set_name(name);
+      req.set_size_bytes(ParseSizeFlag("--size", size));
+      qos.Apply(req.mutable_qos());
+      req.set_read_only(read_only);
+      v1::CreateVolumeResponse resp;
+      auto s = stub_->CreateVolume(Ctx().get(), req, &resp);
+      if (!s.ok()) return Fail(fmt::format("create volume \"{}\"", name), s);
+      Print(VolumeJson(resp.volume()), VolumeDetails(resp.volume()));
+    } else if (list->parsed()) {
+      v1::ListVolumesResponse resp;
+      auto s = stub_->ListVolumes(Ctx().get(), {}, &resp);
+      if (!s.ok()) return Fail("list volumes", s);
+      nlohmann::json vols = nlohmann::json::array();
+      for (const auto& v : resp.volumes()) vols.push_back(VolumeJson(v));
+      Print({{"volumes", vols}}, VolumeListTable(resp));
+    } else if (inspect->parsed()) {
+      v1::GetVolumeRequest req;
+      req.set_name(name);
+      v1::GetVolumeResponse resp;
+      auto s = stub_->GetVolume(Ctx().get(), req, &resp);
+      if (!s.ok()) return Fail(fmt::format("inspect volume \"{}\"", name), s);
+      Print(VolumeJson(resp.volume()), VolumeDetails(resp.volume()));
+    } else if (resize->parsed()) {
+      v1::ResizeVolumeRequest req;
+      req.set_name(name);
+      req.set_size_bytes(ParseSizeFlag("--size", size));
+      v1::ResizeVolumeResponse resp;
+      auto s = stub_->ResizeVolume(Ctx().get(), req, &resp);
+      if (!s.ok()) return Fail(fmt::format("resize volume \"{}\"", name), s);
+      Print(VolumeJson(resp.volume()), VolumeDetails(resp.volume()));
+    } else if (del->parsed()) {
+      v1::DeleteVolumeRequest req;
+      req.set_name(name);
+      v1::DeleteVolumeResponse resp;
+      auto s = stub_->DeleteVolume(Ctx().get(), req, &resp);
+      if (!s.ok()) return Fail(fmt::format("delete volume \"{}\"", name), s);
+      Print({{"deleted", name}}, fmt::format("volume \"{}\" deleted\n", name));
+    } else if (qoscmd->parsed()) {
+      if (!clear && !qos.any()) {
+        throw UsageError{"volume qos: nothing to change: give limit flags and/or --clear"};
+      }
+      v1::SetQosRequest req;
+      req.set_name(name);
+      // --clear replaces the whole set (with just the given flags); otherwise the server merges
+      // the given flags into the current limits atomically.
+      if (clear) qos.Apply(req.mutable_replace());
+      else qos.Apply(req.mutable_patch());
+      v1::SetQosResponse resp;
+      auto s = stub_->SetQos(Ctx().get(), req, &resp);
+      if (!s.ok()) return Fail(fmt::format("set QoS of volume \"{}\"", name), s);
+      Print(VolumeJson(resp.volume()), VolumeDetails(resp.volume()));
+    } else if (stats->parsed()) {
+      v1::GetVolumeStatsRequest req;
+      req.set_name(name);
+      v1::GetVolumeStatsResponse resp;
+      auto s = stub_->GetVolumeStats(Ctx().get(), req, &resp);
+      if (!s.ok()) return Fail(fmt::format("get stats of volume \"{}\"", name), s);
+      Print(StatsJson(resp), StatsText(resp));
+    } else if (pool_info->parsed()) {
+      v1::GetPoolInfoResponse resp;
+      auto s = stub_->GetPoolInfo(Ctx().get(), {}, &resp);
+      if (!s.ok()) return Fail("get pool info", s);
+      Print(PoolJson(resp), PoolText(resp));
+    }
+  } catch (const UsageError& e) {
+    std::cerr << "nbdctl: " << e.message << "\n";
+    return kExitUsage;
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace nbdcsi::nbdctl
+
+int main(int argc, char** argv) {
+  // Not a server: gRPC's own chatter would only repeat what our error messages say.
+  setenv("GRPC_VERBOSITY", "NONE", 0);
+  try {
+    return nbdcsi::nbdctl::Cli().Run(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "nbdctl: internal error: " << e.what() << "\n";
+    return 1;
+  }
+}

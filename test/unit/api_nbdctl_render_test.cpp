@@ -1,0 +1,105 @@
+// nbdctl's output layer: percentiles from the histogram, table alignment, stable JSON keys.
+#include "datapath/nbdctl/render.h"
+
+#include <limits>
+
+#include <gtest/gtest.h>
+
+namespace nbdcsi::nbdctl {
+namespace {
+
+v1::LatencyHistogram Hist(std::initializer_list<std::pair<int, uint64_t>> counts) {
+  v1::LatencyHistogram h;
+  for (int i = 0; i < 24; ++i) {
+    auto* b = h.add_buckets();
+    b->set_upper_bound_us(i == 23 ? std::numeric_limits<uint64_t>::max() : 1ull << i);
+  }
+  for (auto [i, c] : counts) h.mutable_buckets(i)->set_count(c);
+  return h;
+}
+
+TEST(Percentile, NearestRank) {
+  EXPECT_FALSE(PercentileBucket(Hist({}), 0.5).has_value()) << "no samples";
+  auto h = Hist({{3, 50}, {5, 40}, {10, 9}, {12, 1}});  // 100 samples
+  EXPECT_EQ(PercentileBucket(h, 0.50), 3u);
+  EXPECT_EQ(PercentileBucket(h, 0.51), 5u);
+  EXPECT_EQ(PercentileBucket(h, 0.90), 5u);
+  EXPECT_EQ(PercentileBucket(h, 0.99), 10u);
+  EXPECT_EQ(PercentileBucket(h, 1.0), 12u);
+  EXPECT_EQ(BucketLatencyUs(h, 3), 8u);
+  EXPECT_EQ(BucketLatencyText(h, 3), "<8us");
+  EXPECT_EQ(BucketLatencyText(h, 10), "<1.02ms");
+  auto slow = Hist({{23, 1}});
+  EXPECT_EQ(PercentileBucket(slow, 0.5), 23u);
+  EXPECT_EQ(BucketLatencyUs(slow, 23), 1ull << 22) << "open-ended: its lower bound";
+  EXPECT_EQ(BucketLatencyText(slow, 23), ">=4.19s");
+}
+
+TEST(Table, AlignsColumnsUnderHeader) {
+  Table t{{"NAME", "SIZE"}, {{"a", "1Gi"}, {"longer-name", "512Mi"}}};
+  EXPECT_EQ(t.Render(),
+            "NAME         SIZE\n"
+            "a            1Gi\n"
+            "longer-name  512Mi\n");
+  EXPECT_EQ(RenderKeyValues({{"Name", "x"}, {"Allocated", "0 B"}}),
+            "Name:       x\n"
+            "Allocated:  0 B\n");
+}
+
+TEST(Json, VolumeKeysAreStable) {
+  v1::Volume v;
+  v.set_name("data");
+  v.set_size_bytes(1ull << 30);
+  v.set_created_unix_ns(1'700'000'000'000'000'000);
+  v.mutable_qos()->set_max_iops(100);
+  v.mutable_effective_qos()->set_iops(100);
+  auto j = VolumeJson(v);
+  EXPECT_EQ(j["name"], "data");
+  EXPECT_EQ(j["size"], "1Gi");
+  EXPECT_EQ(j["size_bytes"], 1ull << 30);
+  EXPECT_EQ(j["created"], "2023-11-14T22:13:20Z");
+  EXPECT_EQ(j["qos"]["max_iops"], 100);
+  EXPECT_EQ(j["effective_qos"]["iops"], 100);
+  for (const char* k : {"allocated_bytes", "created_unix_ns", "read_only", "open_connections",
+                        "data_path"}) {
+    EXPECT_TRUE(j.contains(k)) << k;
+  }
+  for (const char* k : {"max_iops", "max_read_iops", "max_write_iops", "max_bps", "max_read_bps",
+                        "max_write_bps", "iops_per_gib", "bps_per_gib", "burst_ms"}) {
+    EXPECT_TRUE(j["qos"].contains(k)) << k;
+  }
+}
+
+TEST(Json, StatsHavePercentilesAndBuckets) {
+  v1::GetVolumeStatsResponse s;
+  s.set_name("v");
+  *s.mutable_stats()->mutable_read_latency() = Hist({{4, 10}});
+  *s.mutable_stats()->mutable_write_latency() = Hist({});
+  s.mutable_stats()->mutable_read()->set_ops(10);
+  auto j = StatsJson(s);
+  EXPECT_EQ(j["ops"]["read"]["ops"], 10);
+  EXPECT_EQ(j["latency"]["read"]["p50_us"], 16);
+  EXPECT_EQ(j["latency"]["read"]["samples"], 10);
+  EXPECT_TRUE(j["latency"]["write"]["p99_us"].is_null());
+  ASSERT_EQ(j["latency"]["read"]["buckets"].size(), 24u);
+  EXPECT_EQ(j["latency"]["read"]["buckets"][0]["lt_us"], 1);
+  EXPECT_TRUE(j["latency"]["read"]["buckets"][23]["lt_us"].is_null());
+  auto text = StatsText(s);
+  EXPECT_NE(text.find("<16us"), std::string::npos) << text;
+}
+
+TEST(Text, PoolShowsOrphans) {
+  v1::GetPoolInfoResponse p;
+  p.set_capacity_bytes(100ull << 30);
+  p.set_provisioned_bytes(50ull << 30);
+  p.set_overcommit_ratio(1.5);
+  p.add_cleaned_orphans("volumes/x.img");
+  auto t = PoolText(p);
+  EXPECT_NE(t.find("50 GiB (50.0% of capacity)"), std::string::npos) << t;
+  EXPECT_NE(t.find("1.5x"), std::string::npos) << t;
+  EXPECT_NE(t.find("volumes/x.img"), std::string::npos) << t;
+  EXPECT_EQ(PoolJson(p)["cleaned_orphans"][0], "volumes/x.img");
+}
+
+}  // namespace
+}  // namespace nbdcsi::nbdctl
