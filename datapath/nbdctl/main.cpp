@@ -159,7 +159,6 @@ int Cli::Fail(const std::string& what, const grpc::Status& s) const {
 
 int Cli::Run(int argc, char** argv) {
   CLI::App app{"nbdctl: manage the volumes of nbd-datapathd"};
-  app.require_subcommand(1);
   const char* env_api = std::getenv("NBDCTL_API");
   api_ = env_api && *env_api ? env_api : kDefaultApi;
   app.add_option("--api", api_,
@@ -175,7 +174,6 @@ int Cli::Run(int argc, char** argv) {
   bool read_only = false, clear = false;
 
   auto* volume = app.add_subcommand("volume", "Create, inspect and change volumes");
-  volume->require_subcommand(1);
   auto* create = volume->add_subcommand("create", "Create a volume (idempotent)");
   create->add_option("NAME", name, "Volume name")->required();
   create->add_option("--size", size, "Size, a quantity (1Gi, 500M, 1e9)")->required();
@@ -199,7 +197,6 @@ int Cli::Run(int argc, char** argv) {
   auto* stats = app.add_subcommand("stats", "I/O counters and latency of a volume");
   stats->add_option("NAME", name, "Volume name")->required();
   auto* pool = app.add_subcommand("pool", "The pool");
-  pool->require_subcommand(1);
   auto* pool_info = pool->add_subcommand("info", "Capacity, usage and state of the pool");
 
   try {
@@ -214,6 +211,16 @@ int Cli::Run(int argc, char** argv) {
   }
 
   try {
+    if (app.get_subcommands().empty()) {
+      throw UsageError{"a command is required: volume, stats, pool (see --help)"};
+    }
+    if (volume->parsed() && volume->get_subcommands().empty()) {
+      throw UsageError{"volume: a subcommand is required: create, list, inspect, resize, "
+                       "delete, qos"};
+    }
+    if (pool->parsed() && pool->get_subcommands().empty()) {
+      throw UsageError{"pool: a subcommand is required: info"};
+    }
     Connect();
     if (create->parsed()) {
       v1::CreateVolumeRequest req;

@@ -1,0 +1,4 @@
+# nbdctl against a real nbd-datapathd (starts its own daemon in a temp dir; a few seconds).
+nbdcsi_add_test(NAME integration.nbdctl_cli
+  COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/nbdctl_cli.sh
+  TIMEOUT 120 LABELS integration)
