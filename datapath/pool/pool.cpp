@@ -324,10 +324,10 @@ struct Pool::Impl {
     uint64_t reserved_ = 0;
   };
 
-  uint64_t Capacity() const {
+  StatusOr<uint64_t> Capacity() const {
     if (opts.capacity_bytes) return opts.capacity_bytes;
     struct statvfs vfs{};
-    if (statvfs(opts.dir.c_str(), &vfs) != 0) return 0;
+    if (statvfs(opts.dir.c_str(), &vfs) != 0) return Sys(errno, "statvfs " + opts.dir);
     return static_cast<uint64_t>(vfs.f_blocks) * vfs.f_frsize;
   }
 
@@ -573,7 +573,9 @@ StatusOr<VolumeInfo> Pool::Create(const std::string& name, uint64_t size, const 
   if (Status s = ValidateQos(qos); !s.ok()) return s;
   Impl& I = *impl_;
   Impl::NameGuard guard(I, name);
-  uint64_t capacity = I.Capacity();
+  auto capacity_or = I.Capacity();
+  if (!capacity_or.ok()) return capacity_or.status();
+  uint64_t capacity = *capacity_or;
   {
     std::lock_guard lock(I.mu);
     if (auto b = I.broken.find(name); b != I.broken.end()) {
@@ -689,7 +691,9 @@ StatusOr<VolumeInfo> Pool::Resize(const std::string& name, uint64_t new_size) {
   if (Status s = ValidateSize(new_size); !s.ok()) return s;
   Impl& I = *impl_;
   Impl::NameGuard guard(I, name);
-  uint64_t capacity = I.Capacity();
+  auto capacity_or = I.Capacity();
+  if (!capacity_or.ok()) return capacity_or.status();
+  uint64_t capacity = *capacity_or;
   Meta old_meta;
   std::shared_ptr<Volume> vol;
   {

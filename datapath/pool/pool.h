@@ -14,6 +14,12 @@
 //   delete:  metadata removed + dir fsynced (the volume is gone), then the data file.
 //   resize:  data file grown + fsynced, then metadata committed. On open, a data file whose
 //            size differs from its metadata is truncated back to the committed size.
+// Metadata that cannot be loaded (invalid JSON, unknown version, missing data file) marks the
+// volume broken: it is reported in PoolInfo::broken_volumes, nothing of it is deleted, its name
+// stays taken until an explicit Delete. Only files the pool itself leaves behind (temp files,
+// data files with no metadata at all) are removed automatically.
+// Sizes must be multiples of kVolumeSizeAlignment; per-GiB QoS keys use the size rounded up to
+// whole GiB (see qos.h Resolve).
 // Fault points (common/fault.h) sit between the steps so a test can _exit at each one.
 #pragma once
 

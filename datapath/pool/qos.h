@@ -35,7 +35,9 @@ struct QosLimits {
   bool operator==(const QosLimits&) const = default;
 };
 
-// Effective limits for a volume of a given size (per-GiB keys resolved).
+// Effective limits for a volume of a given size (per-GiB keys resolved against the size rounded
+// up to whole GiB, at least 1 GiB, so a set per-GiB key never resolves to 0 = unlimited;
+// products saturate at UINT64_MAX).
 struct EffectiveQos {
   uint64_t iops = 0, read_iops = 0, write_iops = 0;
   uint64_t bps = 0, read_bps = 0, write_bps = 0;
