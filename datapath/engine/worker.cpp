@@ -83,6 +83,7 @@ struct Slot {
     kRecvPayload,  // WRITE header parsed, payload arriving
     kDraining,     // rejected WRITE: payload being discarded, error reply follows
     kThrottled,    // waiting for QoS tokens
+    kParked,       // modifying request held by the volume's WriteGate (snapshot in progress)
     kExec,         // an SQE is in the ring
     kReplyQueued,  // reply built, waiting for the socket
     kSending,      // part of the sendmsg in flight
@@ -94,6 +95,7 @@ struct Slot {
   State state = State::kFree;
   Step step = Step::kMain;
   bool use_direct = false;
+  bool gate_held = false;  // counted in the volume's WriteGate: End() when the I/O finishes
   Connection* conn = nullptr;
   proto::RequestHeader h{};
   AlignedBuffer buf;
@@ -189,6 +191,21 @@ struct Worker::Impl {
   std::vector<Incoming> incoming;
   std::vector<Connection*> conns;
   std::vector<Slot*> throttled;
+  std::vector<Slot*> parked;
+  // Told by a volume's WriteGate when parked writes may go; wakes this worker's ring.
+  // It owns the eventfd: a gate may still hold a reference to it for a moment after the
+  // worker is gone, and then writes into a still-open descriptor nobody reads.
+  struct Waiter final : GateWaiter {
+    int efd;
+    explicit Waiter(int fd) : efd(fd) {}
+    ~Waiter() override { close(efd); }
+    void GateOpened() override {
+      uint64_t one = 1;
+      if (write(efd, &one, sizeof one) < 0) {  // eventfd writes only fail on overflow
+      }
+    }
+  };
+  std::shared_ptr<Waiter> waiter;
   AlignedBuffer zeros;
 
   Impl(Worker* s, int i, WorkerOptions o) : self(s), index(i), opts(o) {}
@@ -266,6 +283,11 @@ struct Worker::Impl {
       batch.swap(incoming);
     }
     for (auto& in : batch) AddConnection(std::move(in));
+    if (!parked.empty()) {
+      std::vector<Slot*> retry;
+      retry.swap(parked);
+      for (Slot* s : retry) Execute(s);
+    }
     if (stopping.load(std::memory_order_acquire)) {
       for (Connection* c : std::vector<Connection*>(conns)) Abort(c, "daemon shutting down");
       return false;
@@ -305,6 +327,9 @@ struct Worker::Impl {
                                [c](Slot* s) { return s->conn == c; });
       for (auto j = it; j != throttled.end(); ++j) ReleaseSlot(*j);
       throttled.erase(it, throttled.end());
+      auto pit = std::remove_if(parked.begin(), parked.end(), [c](Slot* s) { return s->conn == c; });
+      for (auto j = pit; j != parked.end(); ++j) ReleaseSlot(*j);
+      parked.erase(pit, parked.end());
     }
     MaybeFree(c);
   }
@@ -334,6 +359,7 @@ struct Worker::Impl {
     s->hdr_len = 0;
     s->data_len = 0;
     s->throttled_since = 0;
+    s->gate_held = false;
     s->start_ns = MonotonicNowNs();
     ++c->busy_slots;
     return s;
@@ -539,6 +565,16 @@ struct Worker::Impl {
     Connection* c = s->conn;
     Volume& v = *c->vol;
     const proto::RequestHeader& h = s->h;
+    bool modifies = h.type == proto::kCmdWrite || h.type == proto::kCmdTrim ||
+                    h.type == proto::kCmdWriteZeroes;
+    if (modifies && !s->gate_held) {
+      if (!v.gate().TryBegin(h.offset, h.length, waiter)) {
+        s->state = Slot::State::kParked;
+        parked.push_back(s);
+        return;
+      }
+      s->gate_held = true;
+    }
     s->state = Slot::State::kExec;
     int fd = s->use_direct ? v.direct_fd() : v.buffered_fd();
     io_uring_sqe* sqe = nullptr;
@@ -616,6 +652,7 @@ struct Worker::Impl {
     Connection* c = s->conn;
     --c->pending;
     if (c->dead) {
+      EndWrite(s);
       ReleaseSlot(s);
       return MaybeFree(c);
     }
@@ -689,7 +726,16 @@ struct Worker::Impl {
   }
 
   // ---- replies ------------------------------------------------------------------------------
+  // The modifying I/O is finished (successfully or not): a snapshot waiting to drain may go.
+  void EndWrite(Slot* s) {
+    if (s->gate_held) {
+      s->conn->vol->gate().End();
+      s->gate_held = false;
+    }
+  }
+
   void Complete(Slot* s) {
+    EndWrite(s);
     const proto::RequestHeader& h = s->h;
     bool structured = s->conn->params.structured_replies;
     if (h.type == proto::kCmdRead) {
@@ -713,6 +759,7 @@ struct Worker::Impl {
   }
 
   void ReplyError(Slot* s, uint32_t nbd_error) {
+    EndWrite(s);
     s->nbd_error = nbd_error;
     s->hdr_len = static_cast<uint32_t>(proto::EncodeDoneReply(
         s->hdr.data(), s->conn->params.structured_replies, s->h.cookie, nbd_error));
@@ -808,13 +855,14 @@ Worker::Worker(int index, WorkerOptions opts) : impl_(std::make_unique<Impl>(thi
 Worker::~Worker() {
   Stop();
   if (impl_->ring_ok) io_uring_queue_exit(&impl_->ring);
-  if (impl_->efd >= 0) close(impl_->efd);
+  if (!impl_->waiter && impl_->efd >= 0) close(impl_->efd);  // else the Waiter closes it
 }
 
 Status Worker::Start() {
   Impl& m = *impl_;
   m.efd = eventfd(0, EFD_CLOEXEC);
   if (m.efd < 0) return Error(errno, "eventfd: {}", strerror(errno));
+  m.waiter = std::make_shared<Impl::Waiter>(m.efd);
   // The ring is created by the worker thread itself: with SINGLE_ISSUER the kernel binds the
   // ring to the task that creates it, and only that task may submit.
   std::promise<Status> ready;

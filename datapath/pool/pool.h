@@ -35,6 +35,7 @@
 #include "common/status.h"
 #include "datapath/pool/qos.h"
 #include "datapath/pool/stats.h"
+#include "datapath/pool/write_gate.h"
 
 namespace nbdcsi::datapath {
 
@@ -95,6 +96,8 @@ class Volume {
   int direct_fd() const { return direct_fd_; }
   int buffered_fd() const { return buffered_fd_; }
   Throttle& throttle() { return throttle_; }
+  // Modifying requests pass through here so snapshots and clones can pause them.
+  WriteGate& gate() { return gate_; }
   VolumeStats& stats() { return stats_; }
   ~Volume();
 
@@ -107,6 +110,7 @@ class Volume {
   int buffered_fd_ = -1;
   Throttle throttle_;
   VolumeStats stats_;
+  WriteGate gate_;
 };
 
 class Pool {

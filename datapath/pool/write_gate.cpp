@@ -1,0 +1,85 @@
+#include "datapath/pool/write_gate.h"
+
+#include <algorithm>
+
+namespace nbdcsi::datapath {
+
+bool WriteGate::TryBegin(uint64_t offset, uint64_t length,
+                         const std::shared_ptr<GateWaiter>& waiter) {
+  // Dekker-style handshake with CloseAndDrain: both sides use seq_cst, so either the closer
+  // sees our increment (and waits for End) or we see closed_ (and back off).
+  inflight_.fetch_add(1, std::memory_order_seq_cst);
+  if (!closed_.load(std::memory_order_seq_cst) &&
+      !has_preserver_.load(std::memory_order_seq_cst)) {
+    return true;
+  }
+  std::unique_lock lk(mu_);
+  bool go = !closed_.load(std::memory_order_seq_cst);
+  if (go && preserver_ && length > 0) {
+    uint64_t cs = preserver_->chunk_size();
+    uint64_t first = offset / cs, last = (offset + length - 1) / cs;
+    for (uint64_t c = first; c <= last; ++c) {
+      if (!preserver_->Preserved(c)) {
+        preserver_->Prioritize(first, last);
+        go = false;
+        break;
+      }
+    }
+  }
+  if (go) return true;
+  bool known = std::any_of(waiters_.begin(), waiters_.end(), [&](const auto& w) {
+    return !w.owner_before(waiter) && !waiter.owner_before(w);
+  });
+  if (!known) waiters_.push_back(waiter);
+  if (inflight_.fetch_sub(1, std::memory_order_seq_cst) == 1 && closed_.load()) {
+    drained_.notify_all();
+  }
+  return false;
+}
+
+void WriteGate::End() {
+  if (inflight_.fetch_sub(1, std::memory_order_seq_cst) == 1 &&
+      closed_.load(std::memory_order_seq_cst)) {
+    std::lock_guard lk(mu_);
+    drained_.notify_all();
+  }
+}
+
+void WriteGate::CloseAndDrain() {
+  std::unique_lock lk(mu_);
+  closed_.store(true, std::memory_order_seq_cst);
+  drained_.wait(lk, [this] { return inflight_.load(std::memory_order_seq_cst) == 0; });
+}
+
+void WriteGate::Open() {
+  std::lock_guard lk(mu_);
+  closed_.store(false, std::memory_order_seq_cst);
+  WakeAllLocked();
+}
+
+void WriteGate::SetPreserver(std::shared_ptr<Preserver> p) {
+  std::lock_guard lk(mu_);
+  preserver_ = std::move(p);
+  has_preserver_.store(preserver_ != nullptr, std::memory_order_seq_cst);
+}
+
+void WriteGate::ClearPreserver() {
+  std::lock_guard lk(mu_);
+  preserver_.reset();
+  has_preserver_.store(false, std::memory_order_seq_cst);
+  WakeAllLocked();
+}
+
+void WriteGate::NotifyPreserved() {
+  std::lock_guard lk(mu_);
+  WakeAllLocked();
+}
+
+void WriteGate::WakeAllLocked() {
+  for (const auto& w : waiters_) {
+    if (auto alive = w.lock()) alive->GateOpened();
+  }
+  waiters_.clear();
+}
+
+}  // namespace nbdcsi::datapath
