@@ -41,7 +41,7 @@ written=$(jq '[.jobs[].write.io_bytes] | add' "$W/fio.json")
 verified=$(jq '[.jobs[].read.io_bytes] | add' "$W/fio.json")
 [ "$verified" -ge $((128 << 20)) ] || die "fio verified only $verified bytes (want 128 MiB)"
 if is_datapathd; then
-  nbdctl stats f -o json >"$W/stats.json" 2>/dev/null && step "stats: $(jq -c . "$W/stats.json" | head -c 300)"
+  nbdctl -o json stats f >"$W/stats.json" 2>/dev/null && step "stats: $(jq -c . "$W/stats.json" | head -c 300)"
 fi
 daemon_alive || die "daemon died"
 daemon_stop
