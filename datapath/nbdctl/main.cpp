@@ -89,6 +89,8 @@ std::string CodeName(grpc::StatusCode c) {
     case grpc::StatusCode::PERMISSION_DENIED: return "permission denied";
     case grpc::StatusCode::OUT_OF_RANGE: return "out of range";
     case grpc::StatusCode::UNIMPLEMENTED: return "not supported by this nbd-datapathd";
+    case grpc::StatusCode::INTERNAL: return "internal error";
+    case grpc::StatusCode::DATA_LOSS: return "data loss";
     default: return fmt::format("gRPC code {}", static_cast<int>(c));
   }
 }
@@ -168,6 +170,12 @@ int Cli::Run(int argc, char** argv) {
       ->check(CLI::IsMember({"table", "json"}));
   app.add_option("--timeout", timeout_s_, "Seconds to wait for the daemon")
       ->check(CLI::Range(0.001, 86400.0));
+
+  // Global options also after the command (`nbdctl volume list -o json`), as in kubectl and
+  // pxctl. Subcommands inherit this setting, so it must be set before they are added; a
+  // subcommand that defines an option of the same name would shadow the global one.
+  app.fallthrough();
+  app.footer("Global options (--api, -o/--output, --timeout) go before or after the command.");
 
   std::string name, size;
   QosFlags qos;

@@ -47,6 +47,10 @@ expect_fail 2 "output" nbdctl -o yaml volume list
 expect_fail 2 "--api" "$BIN/nbdctl" --api unix://relative volume list
 expect_fail 2 "volume" nbdctl volume
 expect_fail 2 "bogus" nbdctl bogus
+# Global options are accepted after the command too; bad values there are still usage errors.
+expect_fail 2 "output" "$BIN/nbdctl" volume list -o yaml --api "unix://$API_SOCK"
+expect_fail 2 "--api" "$BIN/nbdctl" volume list --api unix://relative
+expect_fail 2 "--timeout" "$BIN/nbdctl" pool info --timeout 0 --api "unix://$API_SOCK"
 "$BIN/nbdctl" --help | grep -q "volume" || die "--help lacks the volume command"
 NBDCTL_API="unix://$API_SOCK" "$BIN/nbdctl" pool info >/dev/null || die "NBDCTL_API not honoured"
 
@@ -75,6 +79,23 @@ grep -qE '^beta +1536Mi .* yes ' "$W/t" || die "list row beta: $(cat "$W/t")"
 awk 'NR==1 { c = index($0, "SIZE") } NR>1 && substr($0, c-2, 2) != "  " { exit 1 }' "$W/t" ||
   die "list not aligned"
 nbdctl -o json volume list | jqx '(.volumes | map(.name)) == ["alpha", "beta"]'
+
+step "global options after the command (kubectl/pxctl style) and before it"
+A="unix://$API_SOCK"
+"$BIN/nbdctl" volume list -o json --api "$A" | jqx '(.volumes | map(.name)) == ["alpha", "beta"]'
+"$BIN/nbdctl" --api "$A" -o json volume list | jqx '(.volumes | map(.name)) == ["alpha", "beta"]'
+"$BIN/nbdctl" --api "$A" volume ls --output json | jqx '.volumes | length == 2'
+"$BIN/nbdctl" -o json volume inspect alpha --api "$A" | jqx '.name == "alpha"'
+"$BIN/nbdctl" volume create gamma --size 1Gi --api "$A" >"$W/t"
+grep -qE '^Name: +gamma$' "$W/t" || die "create with --api after: $(cat "$W/t")"
+"$BIN/nbdctl" volume create gamma --size 1Gi -o json --api "$A" --timeout 5 | jqx '.name == "gamma"'
+"$BIN/nbdctl" stats gamma -o json --api "$A" | jqx '.name == "gamma" and has("ops")'
+"$BIN/nbdctl" pool info --api "$A" -o json | jqx '.volumes == 3'
+# The option after the command must actually take effect, not just parse: a wrong --api there
+# must override the environment and fail to connect.
+NBDCTL_API="$A" expect_fail 1 "cannot reach nbd-datapathd at unix://$W/nope.sock" \
+  "$BIN/nbdctl" volume list --api "unix://$W/nope.sock"
+"$BIN/nbdctl" volume delete gamma --api "$A" -o json | jqx '.deleted == "gamma"'
 
 step "volume inspect"
 nbdctl volume inspect alpha | grep -qE '^Burst: +200ms$' || die "inspect burst"
@@ -134,6 +155,30 @@ jqx '.capacity_bytes > 0 and (.fs_type | length > 0) and (.cleaned_orphans | typ
 jqx 'has("free_bytes") and has("allocated_bytes") and has("overcommit_ratio") and has("provisionable_bytes")' <"$W/j"
 jqx ".dir == \"$W/pool\"" <"$W/j"
 nbdctl pool info | grep -qE '^Volumes: +2$' || die "pool table"
+
+step "broken volume: reported by pool info, named in errors, deletable"
+nbdctl volume create vbad --size 1Mi >/dev/null
+daemon_stop
+printf '{not json' >"$W/pool/volumes/vbad.json"
+daemon_start
+grep -qF "pool: broken volume vbad: $W/pool/volumes/vbad.json" "$W/datapathd.log" ||
+  die "daemon did not warn about the broken volume at startup"
+nbdctl -o json pool info >"$W/j"
+jqx '(.broken_volumes | length) == 1 and (.broken_volumes[0] | startswith("vbad: "))' <"$W/j"
+jqx '.volumes == 2' <"$W/j"
+nbdctl pool info >"$W/t"
+grep -qE '^Broken volumes: +1 ' "$W/t" || die "pool table lacks the broken count: $(cat "$W/t")"
+grep -qE "^  vbad: $W/pool/volumes/vbad.json" "$W/t" || die "pool table lacks vbad: $(cat "$W/t")"
+nbdctl volume list | grep -q '^vbad ' && die "a broken volume must not be listed as usable"
+expect_fail 1 'cannot inspect volume "vbad": volume vbad is broken' nbdctl volume inspect vbad
+expect_fail 1 "(internal error)" nbdctl volume inspect vbad
+expect_fail 1 "is broken" nbdctl stats vbad
+expect_fail 1 "is broken" nbdctl volume resize vbad --size 2Mi
+[ -f "$W/pool/volumes/vbad.json" ] && [ -f "$W/pool/volumes/vbad.img" ] ||
+  die "failed calls on a broken volume removed its files"
+nbdctl volume delete vbad | grep -qF 'volume "vbad" deleted' || die "delete broken volume"
+nbdctl -o json pool info | jqx '.broken_volumes == []'
+nbdctl pool info | grep -qE '^Broken volumes: +none$' || die "pool table after delete"
 
 step "volume delete"
 nbdctl volume delete beta | grep -qF 'volume "beta" deleted' || die "delete table"
