@@ -109,6 +109,8 @@ int main(int argc, char** argv) {
   spdlog::info("pool {}: {} volumes, {} file system, capacity {} bytes, overcommit {}", info.dir,
                info.volumes, info.fs_type, info.capacity, info.overcommit_ratio);
   for (const auto& o : info.cleaned_orphans) spdlog::warn("pool: cleaned orphan {}", o);
+  for (const auto& b : info.broken_volumes)
+    spdlog::warn("pool: broken volume {}: left in place, see nbdctl pool info", b);
 
   NbdFrontend frontend(**pool, FrontendOptions{workers});
   for (const auto& ep : nbd_eps) {

@@ -206,7 +206,14 @@ class DatapathService final : public v1::Datapath::Service {
     const std::string& name = req->name();
     if (auto s = ValidateVolumeName(name); !s.ok()) return Fail("GetVolumeStats", s);
     auto vol = pool_.Acquire(name);
-    if (!vol) return Fail("GetVolumeStats", Error(ENOENT, "volume \"{}\" not found", name));
+    if (!vol) {
+      // Acquire cannot tell a missing volume from a broken one; Inspect can, and a broken
+      // volume must not be reported as "not found" (the operator would recreate it and fail).
+      auto r = pool_.Inspect(name);
+      if (!r.ok()) return Fail("GetVolumeStats", r.status());
+      vol = pool_.Acquire(name);  // created between the two calls
+      if (!vol) return Fail("GetVolumeStats", Error(ENOENT, "volume \"{}\" not found", name));
+    }
     VolumeStatsSnapshot snap = vol->stats().Snapshot();
     vol.reset();
     resp->set_name(name);
@@ -263,6 +270,7 @@ class DatapathService final : public v1::Datapath::Service {
     resp->set_provisionable_bytes(provisionable);
     resp->set_volumes(info.volumes);
     for (const auto& o : info.cleaned_orphans) resp->add_cleaned_orphans(o);
+    for (const auto& b : info.broken_volumes) resp->add_broken_volumes(b);
     resp->set_fs_type(info.fs_type);
     return grpc::Status::OK;
   }

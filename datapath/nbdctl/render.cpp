@@ -182,6 +182,8 @@ nlohmann::json StatsJson(const v1::GetVolumeStatsResponse& s) {
 nlohmann::json PoolJson(const v1::GetPoolInfoResponse& p) {
   json orphans = json::array();
   for (const auto& o : p.cleaned_orphans()) orphans.push_back(o);
+  json broken = json::array();
+  for (const auto& b : p.broken_volumes()) broken.push_back(b);
   return {{"dir", p.dir()},
           {"fs_type", p.fs_type()},
           {"capacity_bytes", p.capacity_bytes()},
@@ -191,7 +193,8 @@ nlohmann::json PoolJson(const v1::GetPoolInfoResponse& p) {
           {"provisionable_bytes", p.provisionable_bytes()},
           {"overcommit_ratio", p.overcommit_ratio()},
           {"volumes", p.volumes()},
-          {"cleaned_orphans", std::move(orphans)}};
+          {"cleaned_orphans", std::move(orphans)},
+          {"broken_volumes", std::move(broken)}};
 }
 
 std::string VolumeListTable(const v1::ListVolumesResponse& list) {
@@ -277,7 +280,14 @@ std::string PoolText(const v1::GetPoolInfoResponse& p) {
   if (p.cleaned_orphans_size() > 0) {
     orphans = fmt::format("{}", fmt::join(p.cleaned_orphans(), ", "));
   }
-  return RenderKeyValues({
+  // Broken volumes get one line each below their count: each names a path and a reason, which
+  // would be unreadable joined on one line.
+  std::string broken = "none";
+  if (p.broken_volumes_size() > 0) {
+    broken = fmt::format("{} (files kept; `nbdctl volume delete NAME` removes them)",
+                         p.broken_volumes_size());
+  }
+  std::string out = RenderKeyValues({
       {"Directory", p.dir()},
       {"File system", p.fs_type().empty() ? "-" : p.fs_type()},
       {"Capacity", FormatHuman(p.capacity_bytes())},
@@ -289,7 +299,10 @@ std::string PoolText(const v1::GetPoolInfoResponse& p) {
       {"Provisionable", FormatHuman(p.provisionable_bytes())},
       {"Volumes", std::to_string(p.volumes())},
       {"Cleaned orphans", orphans},
+      {"Broken volumes", broken},
   });
+  for (const auto& b : p.broken_volumes()) out += "  " + b + "\n";
+  return out;
 }
 
 }  // namespace nbdcsi::nbdctl

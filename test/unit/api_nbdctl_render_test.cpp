@@ -101,5 +101,21 @@ TEST(Text, PoolShowsOrphans) {
   EXPECT_EQ(PoolJson(p)["cleaned_orphans"][0], "volumes/x.img");
 }
 
+TEST(Text, PoolShowsBrokenVolumesOnePerLine) {
+  v1::GetPoolInfoResponse p;
+  EXPECT_NE(PoolText(p).find("Broken volumes:   none\n"), std::string::npos) << PoolText(p);
+  EXPECT_TRUE(PoolJson(p)["broken_volumes"].is_array());
+  EXPECT_TRUE(PoolJson(p)["broken_volumes"].empty());
+  p.add_broken_volumes("a: /p/volumes/a.json: invalid JSON");
+  p.add_broken_volumes("b: data file /p/volumes/b.img is missing");
+  auto t = PoolText(p);
+  EXPECT_NE(t.find("Broken volumes:   2 (files kept"), std::string::npos) << t;
+  EXPECT_NE(t.find("\n  a: /p/volumes/a.json: invalid JSON\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("\n  b: data file /p/volumes/b.img is missing\n"), std::string::npos) << t;
+  auto j = PoolJson(p)["broken_volumes"];
+  ASSERT_EQ(j.size(), 2u);
+  EXPECT_EQ(j[1], "b: data file /p/volumes/b.img is missing");
+}
+
 }  // namespace
 }  // namespace nbdcsi::nbdctl

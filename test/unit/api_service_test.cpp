@@ -29,6 +29,13 @@ class ApiTest : public ::testing::Test {
     char tmpl[] = "/tmp/api_test.XXXXXX";
     ASSERT_NE(mkdtemp(tmpl), nullptr);
     dir_ = tmpl;
+    OpenPoolAndServe();
+  }
+  // (Re)opens the pool from disk and serves it, as a daemon restart does.
+  void OpenPoolAndServe() {
+    stub_.reset();
+    server_.reset();
+    pool_.reset();
     PoolOptions opts;
     opts.dir = dir_ + "/pool";
     opts.capacity_bytes = 10 * kGiB;  // deterministic, independent of the host's /tmp
@@ -403,6 +410,72 @@ TEST_F(ApiTest, ConcurrentCreatesOfOneNameAllSucceedOrRetry) {
   v1::ListVolumesResponse list;
   ASSERT_TRUE(stub_->ListVolumes(Ctx().get(), {}, &list).ok());
   EXPECT_EQ(list.volumes_size(), 1);
+}
+
+TEST_F(ApiTest, BrokenVolumeIsReportedAndItsErrorsNameIt) {
+  ASSERT_TRUE(Create("good", 4 * kMiB).ok());
+  ASSERT_TRUE(Create("bad", 4 * kMiB).ok());
+  // Corrupt bad's metadata the way a failing disk or a careless edit would, then restart.
+  const std::string meta = dir_ + "/pool/volumes/bad.json";
+  ASSERT_TRUE(fs::exists(meta));
+  {
+    FILE* f = fopen(meta.c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    fputs("{not json", f);
+    fclose(f);
+  }
+  OpenPoolAndServe();
+
+  v1::GetPoolInfoResponse info;
+  ASSERT_TRUE(stub_->GetPoolInfo(Ctx().get(), {}, &info).ok());
+  ASSERT_EQ(info.broken_volumes_size(), 1);
+  EXPECT_EQ(info.broken_volumes(0).rfind("bad: ", 0), 0u) << info.broken_volumes(0);
+  EXPECT_NE(info.broken_volumes(0).find(meta), std::string::npos) << info.broken_volumes(0);
+  EXPECT_EQ(info.volumes(), 1u);
+  EXPECT_EQ(info.provisioned_bytes(), 4 * kMiB);
+
+  v1::ListVolumesResponse list;
+  ASSERT_TRUE(stub_->ListVolumes(Ctx().get(), {}, &list).ok());
+  ASSERT_EQ(list.volumes_size(), 1);
+  EXPECT_EQ(list.volumes(0).name(), "good");
+  EXPECT_TRUE(Get("good").ok());
+
+  // Every call on the broken volume fails with INTERNAL and the pool's own message, unchanged,
+  // so the operator sees which volume and why (never a misleading "not found").
+  auto want = pool_->Inspect("bad");
+  ASSERT_FALSE(want.ok());
+  ASSERT_EQ(want.status().code(), EIO);
+  const std::string& msg = want.status().message();
+  EXPECT_NE(msg.find("bad"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("broken"), std::string::npos) << msg;
+  auto expect_broken = [&](const grpc::Status& st, const char* rpc) {
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INTERNAL) << rpc << ": " << st.error_message();
+    EXPECT_EQ(st.error_message(), msg) << rpc;
+  };
+  expect_broken(Get("bad"), "GetVolume");
+  expect_broken(Resize("bad", 8 * kMiB), "ResizeVolume");
+  v1::SetQosRequest qreq;
+  qreq.set_name("bad");
+  qreq.mutable_patch()->set_max_iops(10);
+  expect_broken(SetQos(qreq), "SetQos");
+  v1::GetVolumeStatsRequest sreq;
+  sreq.set_name("bad");
+  v1::GetVolumeStatsResponse sresp;
+  expect_broken(stub_->GetVolumeStats(Ctx().get(), sreq, &sresp), "GetVolumeStats");
+  // The name stays taken: creating it again must not silently shadow the broken files.
+  auto c = Create("bad", 4 * kMiB);
+  EXPECT_EQ(c.error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  EXPECT_NE(c.error_message().find("broken"), std::string::npos) << c.error_message();
+  EXPECT_TRUE(fs::exists(meta)) << "a failed call must not remove the broken volume's files";
+  EXPECT_TRUE(fs::exists(dir_ + "/pool/volumes/bad.img"));
+
+  // Delete is the way out; afterwards the name is free and the pool reports nothing broken.
+  ASSERT_TRUE(Delete("bad").ok());
+  EXPECT_FALSE(fs::exists(meta));
+  ASSERT_TRUE(stub_->GetPoolInfo(Ctx().get(), {}, &info).ok());
+  EXPECT_EQ(info.broken_volumes_size(), 0);
+  EXPECT_EQ(Get("bad").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_TRUE(Create("bad", 4 * kMiB).ok());
 }
 
 TEST(ApiServerTcp, ListensOnTcpForTests) {
