@@ -24,6 +24,31 @@ const std::vector<std::string> kKnownPoints = {
     "resize.meta_renamed",
     "qos.meta_tmp",
     "qos.meta_renamed",
+    // Snapshots, reflink path.
+    "snapshot.cloned",        // FICLONE into the temp file done, writes resumed; not renamed
+    "snapshot.data",          // NAME.img renamed into place; no metadata yet
+    "snapshot.meta_tmp",
+    "snapshot.meta_renamed",
+    // Snapshots, copy path.
+    "snapshot.copy_data",     // NAME.img created and sized; no metadata yet
+    "snapshot.copy_started",  // metadata "copying" committed, copy-before-write job running
+    "snapshot.copy_done",     // data copied and fsynced; metadata still "copying"
+    "snapshot.delete_meta",   // metadata unlinked and directory fsynced; data file still there
+    // Restores from a snapshot and clones of a live volume, same steps as snapshots.
+    "restore.cloned",
+    "restore.data",
+    "restore.meta_tmp",
+    "restore.meta_renamed",
+    "restore.copy_data",
+    "restore.copy_started",
+    "restore.copy_done",
+    "clone.cloned",
+    "clone.data",
+    "clone.meta_tmp",
+    "clone.meta_renamed",
+    "clone.copy_data",
+    "clone.copy_started",
+    "clone.copy_done",
 };
 
 // The armed name is cached per process, not just once: crash tests fork() a child and setenv()

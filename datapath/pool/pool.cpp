@@ -2,7 +2,9 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <linux/fs.h>
 #include <sys/file.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
@@ -10,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
@@ -20,6 +23,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/fault.h"
+#include "datapath/pool/copy_job.h"
 
 namespace nbdcsi::datapath {
 
@@ -35,7 +39,23 @@ struct Meta {
   int64_t created_unix_ns = 0;
   bool read_only = false;
   QosLimits qos;
+  std::string source;  // "", "snapshot/NAME" or "volume/NAME"
+  std::string state = "ready";  // "ready" | "copying" | "failed"
+  std::string error;   // why a background fill failed
 };
+
+// What snapshots/NAME.json holds.
+struct SnapMeta {
+  std::string name;
+  std::string source_volume;
+  uint64_t size = 0;
+  int64_t created_unix_ns = 0;
+  std::string method;  // "reflink" | "copy"
+  std::string state;   // "ready" | "copying" | "failed"
+  std::string error;
+};
+
+bool ValidState(const std::string& s) { return s == "ready" || s == "copying" || s == "failed"; }
 
 Status Sys(int err, const std::string& what) {
   return Status(err, fmt::format("{}: {}", what, std::strerror(err)));
@@ -137,7 +157,22 @@ std::string MetaToText(const Meta& m) {
                       {"size", m.size},
                       {"created_unix_ns", m.created_unix_ns},
                       {"read_only", m.read_only},
-                      {"qos", QosToJson(m.qos)}};
+                      {"qos", QosToJson(m.qos)},
+                      {"source", m.source},
+                      {"state", m.state}};
+  if (!m.error.empty()) j["error"] = m.error;
+  return j.dump(2) + "\n";
+}
+
+std::string SnapMetaToText(const SnapMeta& m) {
+  nlohmann::json j = {{"version", kMetaVersion},
+                      {"name", m.name},
+                      {"source_volume", m.source_volume},
+                      {"size", m.size},
+                      {"created_unix_ns", m.created_unix_ns},
+                      {"method", m.method},
+                      {"state", m.state}};
+  if (!m.error.empty()) j["error"] = m.error;
   return j.dump(2) + "\n";
 }
 
@@ -215,6 +250,58 @@ StatusOr<Meta> ParseMeta(const std::string& text, const std::string& expected_na
     if (burst > kMaxBurstMs) return Error(EINVAL, "metadata qos.burst_ms {} is too large", burst);
     m.qos.burst_ms = static_cast<uint32_t>(burst);
   }
+  // Absent in metadata written before snapshots existed: a blank, ready volume.
+  if (const auto* src = field("source")) {
+    if (!src->is_string()) return Error(EINVAL, "metadata \"source\" is not a string");
+    m.source = src->get<std::string>();
+  }
+  if (const auto* st = field("state")) {
+    if (!st->is_string() || !ValidState(st->get<std::string>()))
+      return Error(EINVAL, "metadata \"state\" must be \"ready\", \"copying\" or \"failed\"");
+    m.state = st->get<std::string>();
+  }
+  if (const auto* e = field("error"); e && e->is_string()) m.error = e->get<std::string>();
+  return m;
+}
+
+StatusOr<SnapMeta> ParseSnapMeta(const std::string& text, const std::string& expected_name) {
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return Error(EINVAL, "metadata is not valid JSON");
+  if (!j.is_object()) return Error(EINVAL, "metadata is not a JSON object");
+  auto str = [&](const char* key, std::string& out) -> Status {
+    auto it = j.find(key);
+    if (it == j.end() || !it->is_string()) return Error(EINVAL, "metadata has no string \"{}\"", key);
+    out = it->get<std::string>();
+    return Status::Ok();
+  };
+  auto version = j.find("version");
+  if (version == j.end() || !version->is_number_integer())
+    return Error(EINVAL, "metadata has no integer \"version\"");
+  if (version->get<int64_t>() != kMetaVersion) {
+    return Error(EINVAL, "metadata version {} is not supported (this build reads version {})",
+                 version->dump(), kMetaVersion);
+  }
+  SnapMeta m;
+  for (Status s : {str("name", m.name), str("source_volume", m.source_volume),
+                   str("method", m.method), str("state", m.state)}) {
+    if (!s.ok()) return s;
+  }
+  if (m.name != expected_name) {
+    return Error(EINVAL, "metadata names snapshot \"{}\" but the file is for \"{}\"", m.name,
+                 expected_name);
+  }
+  if (m.method != "reflink" && m.method != "copy")
+    return Error(EINVAL, "metadata \"method\" must be \"reflink\" or \"copy\"");
+  if (!ValidState(m.state))
+    return Error(EINVAL, "metadata \"state\" must be \"ready\", \"copying\" or \"failed\"");
+  auto size = j.find("size");
+  if (size == j.end() || !size->is_number_unsigned())
+    return Error(EINVAL, "metadata has no unsigned \"size\"");
+  m.size = size->get<uint64_t>();
+  if (Status s = ValidateSize(m.size); !s.ok()) return Error(EINVAL, "metadata: {}", s.message());
+  if (auto c = j.find("created_unix_ns"); c != j.end() && c->is_number_integer())
+    m.created_unix_ns = c->get<int64_t>();
+  if (auto e = j.find("error"); e != j.end() && e->is_string()) m.error = e->get<std::string>();
   return m;
 }
 
@@ -232,34 +319,73 @@ std::string FsTypeName(int64_t type) {
   }
 }
 
+// Holds a volume's writes paused; always reopens, also on every error path.
+class GatePause {
+ public:
+  explicit GatePause(WriteGate& gate) : gate_(gate) {
+    gate_.CloseAndDrain();
+    closed_ns_ = RealtimeNs();
+    t0_ = std::chrono::steady_clock::now();
+  }
+  ~GatePause() { Open(); }
+  // Reopens (once) and returns how long writes were paused, in milliseconds.
+  double Open() {
+    if (!open_) {
+      gate_.Open();
+      open_ = true;
+      ms_ = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0_).count();
+    }
+    return ms_;
+  }
+  // The instant the snapshot holds: every write acknowledged before it is in, none after.
+  int64_t closed_ns() const { return closed_ns_; }
+  GatePause(const GatePause&) = delete;
+  GatePause& operator=(const GatePause&) = delete;
+
+ private:
+  WriteGate& gate_;
+  int64_t closed_ns_ = 0;
+  std::chrono::steady_clock::time_point t0_;
+  bool open_ = false;
+  double ms_ = 0;
+};
+
+double MsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
 bool EndsWith(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 }  // namespace
 
-Status ValidateVolumeName(const std::string& name) {
-  if (name.empty()) return Error(EINVAL, "volume name must not be empty");
+namespace {
+Status ValidateName(const char* kind, const std::string& name) {
+  if (name.empty()) return Error(EINVAL, "{} name must not be empty", kind);
   if (name.size() > kMaxVolumeNameLen) {
-    return Error(EINVAL, "volume name is {} bytes, the limit is {}", name.size(), kMaxVolumeNameLen);
+    return Error(EINVAL, "{} name is {} bytes, the limit is {}", kind, name.size(), kMaxVolumeNameLen);
   }
-  if (name.find('\0') != std::string::npos) return Error(EINVAL, "volume name contains NUL");
-  if (name.find('/') != std::string::npos) return Error(EINVAL, "volume name must not contain '/'");
-  if (name[0] == '.') return Error(EINVAL, "volume name \"{}\" must not start with '.'", name);
-  if (name[0] == '-') return Error(EINVAL, "volume name \"{}\" must not start with '-'", name);
+  if (name.find('\0') != std::string::npos) return Error(EINVAL, "{} name contains NUL", kind);
+  if (name.find('/') != std::string::npos) return Error(EINVAL, "{} name must not contain '/'", kind);
+  if (name[0] == '.') return Error(EINVAL, "{} name \"{}\" must not start with '.'", kind, name);
+  if (name[0] == '-') return Error(EINVAL, "{} name \"{}\" must not start with '-'", kind, name);
   for (unsigned char c : name) {
     bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
               c == '.' || c == '_' || c == '-';
     if (!ok) {
       if (c >= 0x21 && c < 0x7f) {
-        return Error(EINVAL, "volume name \"{}\" contains invalid character '{}' (allowed: A-Z a-z 0-9 . _ -)",
-                     name, static_cast<char>(c));
+        return Error(EINVAL, "{} name \"{}\" contains invalid character '{}' (allowed: A-Z a-z 0-9 . _ -)",
+                     kind, name, static_cast<char>(c));
       }
-      return Error(EINVAL, "volume name contains invalid byte 0x{:02x} (allowed: A-Z a-z 0-9 . _ -)", c);
+      return Error(EINVAL, "{} name contains invalid byte 0x{:02x} (allowed: A-Z a-z 0-9 . _ -)", kind, c);
     }
   }
   return Status::Ok();
 }
+}  // namespace
+
+Status ValidateVolumeName(const std::string& name) { return ValidateName("volume", name); }
 
 Volume::~Volume() {
   if (direct_fd_ >= 0 && direct_fd_ != buffered_fd_) close(direct_fd_);
@@ -272,10 +398,25 @@ struct Pool::Impl {
     Meta meta;
   };
 
+  // A background copy filling a snapshot or a volume (file systems without reflink).
+  struct CopyRec {
+    uint64_t id = 0;
+    std::string target;  // "snapshot/NAME" or "volume/NAME"
+    std::string source;  // "volume/NAME" or "snapshot/NAME"
+    std::shared_ptr<CopyJob> job;
+    std::shared_ptr<Volume> src_vol;  // keeps the live source's descriptor open
+    int src_fd = -1;                  // owned when src_vol is null (a snapshot's data file)
+    int dst_fd = -1;                  // owned when the target is a snapshot
+    int64_t point_in_time_ns = 0;
+  };
+
   PoolOptions opts;
   std::string vol_dir;
+  std::string snap_dir;
   int lock_fd = -1;
+  bool reflink = false;
   std::vector<std::string> cleaned_orphans;
+  std::vector<std::string> abandoned;
 
   // Guards everything below. Held only for map lookups and bookkeeping, never across disk I/O:
   // a name being worked on is marked busy instead, so slow fsyncs on one volume do not stall
@@ -286,27 +427,66 @@ struct Pool::Impl {
   std::map<std::string, std::string> broken;  // name -> why it could not be loaded
   std::set<std::string> busy;
   uint64_t reserved = 0;  // capacity promised to creates/resizes in flight
+  std::map<std::string, SnapMeta> snaps;
+  std::map<std::string, std::string> broken_snaps;
+  std::map<std::string, std::shared_ptr<CopyRec>> copies;  // by target
+  // Jobs whose on_done has run. Dropped from another thread than the job's own, so that a
+  // job is never destroyed (and joined) from inside its own callback.
+  std::vector<std::shared_ptr<CopyJob>> finished_jobs;
+  uint64_t next_copy_id = 1;
 
   ~Impl() {
+    // A cancelled copy leaves its metadata at "copying"; the next open deals with it exactly as
+    // with a crash (abandon a snapshot/clone, restart a restore). Waiting for a copy of a
+    // whole volume to finish would hold up a daemon restart for minutes.
+    std::vector<std::shared_ptr<CopyJob>> jobs;
+    {
+      std::lock_guard lock(mu);
+      for (auto& [t, rec] : copies)
+        if (rec->job) jobs.push_back(rec->job);
+    }
+    for (auto& j : jobs) j->Cancel();
+    for (auto& j : jobs) j->Wait();
+    jobs.clear();
+    ReapJobs();
     if (lock_fd >= 0) close(lock_fd);
+  }
+
+  void ReapJobs() {
+    std::vector<std::shared_ptr<CopyJob>> done;
+    {
+      std::lock_guard lock(mu);
+      done.swap(finished_jobs);
+    }
   }
 
   std::string DataPath(const std::string& n) const { return vol_dir + "/" + n + ".img"; }
   std::string MetaPath(const std::string& n) const { return vol_dir + "/" + n + ".json"; }
   std::string TmpPath(const std::string& n) const { return vol_dir + "/." + n + ".json.tmp"; }
+  std::string DataTmpPath(const std::string& n) const { return vol_dir + "/." + n + ".img.tmp"; }
+  std::string SnapDataPath(const std::string& n) const { return snap_dir + "/" + n + ".img"; }
+  std::string SnapMetaPath(const std::string& n) const { return snap_dir + "/" + n + ".json"; }
+  std::string SnapTmpPath(const std::string& n) const { return snap_dir + "/." + n + ".json.tmp"; }
+  std::string SnapDataTmpPath(const std::string& n) const { return snap_dir + "/." + n + ".img.tmp"; }
 
-  // Serialises operations on one name (the second caller waits its turn) without holding `mu`
-  // during the operation.
+  // Serialises operations on names (the second caller waits its turn) without holding `mu`
+  // during the operation. Volumes are keyed by their name, snapshots by "snapshot/NAME" ('/'
+  // is not a valid name character, so the two cannot collide). Several names are taken all at
+  // once, never one after the other, so two operations naming the same pair in opposite roles
+  // (snapshot S of V, restore V from S) cannot deadlock.
   class NameGuard {
    public:
-    NameGuard(Impl& impl, const std::string& name) : impl_(impl), name_(name) {
+    NameGuard(Impl& impl, const std::string& name) : NameGuard(impl, std::vector<std::string>{name}) {}
+    NameGuard(Impl& impl, std::vector<std::string> names) : impl_(impl), names_(std::move(names)) {
       std::unique_lock lock(impl_.mu);
-      impl_.idle.wait(lock, [&] { return !impl_.busy.count(name_); });
-      impl_.busy.insert(name_);
+      impl_.idle.wait(lock, [&] {
+        return std::none_of(names_.begin(), names_.end(), [&](const auto& n) { return impl_.busy.count(n) > 0; });
+      });
+      for (const auto& n : names_) impl_.busy.insert(n);
     }
     ~NameGuard() {
       std::lock_guard lock(impl_.mu);
-      impl_.busy.erase(name_);
+      for (const auto& n : names_) impl_.busy.erase(n);
       impl_.reserved -= reserved_;
       impl_.idle.notify_all();
     }
@@ -320,7 +500,7 @@ struct Pool::Impl {
 
    private:
     Impl& impl_;
-    std::string name_;
+    std::vector<std::string> names_;
     uint64_t reserved_ = 0;
   };
 
@@ -354,11 +534,19 @@ struct Pool::Impl {
   // `renamed` tells a failing caller whether NAME.json may already hold the new content.
   // Empty fault names are for restores, which have no crash step of their own.
   Status WriteMeta(const Meta& m, const char* fault_tmp, const char* fault_renamed, bool* renamed) {
+    return WriteJson(vol_dir, m.name, MetaToText(m), fault_tmp, fault_renamed, renamed);
+  }
+  Status WriteSnapMeta(const SnapMeta& m, const char* fault_tmp, const char* fault_renamed,
+                       bool* renamed) {
+    return WriteJson(snap_dir, m.name, SnapMetaToText(m), fault_tmp, fault_renamed, renamed);
+  }
+  Status WriteJson(const std::string& dir, const std::string& name, const std::string& text,
+                   const char* fault_tmp, const char* fault_renamed, bool* renamed) {
     *renamed = false;
-    const std::string tmp = TmpPath(m.name), final_path = MetaPath(m.name);
+    const std::string tmp = dir + "/." + name + ".json.tmp", final_path = dir + "/" + name + ".json";
     int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0) return Sys(errno, "create " + tmp);
-    Status s = WriteAll(fd, MetaToText(m), tmp);
+    Status s = WriteAll(fd, text, tmp);
     if (s.ok() && fsync(fd) != 0) s = Sys(errno, "fsync " + tmp);
     if (close(fd) != 0 && s.ok()) s = Sys(errno, "close " + tmp);
     if (!s.ok()) {
@@ -373,7 +561,7 @@ struct Pool::Impl {
     }
     *renamed = true;
     if (*fault_renamed) FaultPoint(fault_renamed);
-    return FsyncDir(vol_dir);
+    return FsyncDir(dir);
   }
 
   // Opens the data file of a committed volume. ENOENT is returned as is so Load can tell a
@@ -412,19 +600,59 @@ struct Pool::Impl {
     info.read_only = e.meta.read_only;
     info.qos = e.meta.qos;
     info.path = DataPath(e.meta.name);
+    info.source = e.meta.source;
+    info.ready = e.meta.state == "ready";
     struct stat st{};
     if (fstat(e.vol->buffered_fd(), &st) == 0) info.allocated = static_cast<uint64_t>(st.st_blocks) * 512;
+    if (auto c = copies.find("volume/" + e.meta.name); c != copies.end() && c->second->job) {
+      info.copy_done = c->second->job->copied_bytes();
+      info.copy_total = c->second->job->total_bytes();
+    }
     return info;
   }
 
-  void NoteOrphan(const std::string& file, const char* why) {
-    std::string path = vol_dir + "/" + file;
+  SnapshotInfo MakeSnapInfo(const SnapMeta& m) const {
+    SnapshotInfo info;
+    info.name = m.name;
+    info.source_volume = m.source_volume;
+    info.size = m.size;
+    info.created_unix_ns = m.created_unix_ns;
+    info.method = m.method;
+    info.ready = m.state == "ready";
+    info.error = m.error;
+    info.path = SnapDataPath(m.name);
+    struct stat st{};
+    if (stat(info.path.c_str(), &st) == 0) info.allocated = static_cast<uint64_t>(st.st_blocks) * 512;
+    if (auto c = copies.find("snapshot/" + m.name); c != copies.end()) {
+      if (c->second->job) {
+        info.copy_done = c->second->job->copied_bytes();
+        info.copy_total = c->second->job->total_bytes();
+      }
+      if (c->second->point_in_time_ns) info.created_unix_ns = c->second->point_in_time_ns;
+    }
+    if (info.ready) info.copy_done = info.copy_total = 0;
+    return info;
+  }
+
+  // "NN%" of the copy filling `target`, for messages.
+  std::string ProgressLocked(const CopyRec& r) const {
+    if (!r.job || r.job->total_bytes() == 0) return "0%";
+    return fmt::format("{}%", r.job->copied_bytes() * 100 / r.job->total_bytes());
+  }
+  const CopyRec* CopyFromLocked(const std::string& source) const {
+    for (const auto& [t, r] : copies)
+      if (r->source == source) return r.get();
+    return nullptr;
+  }
+
+  void NoteOrphan(const std::string& file, const char* why, const std::string& sub = "volumes") {
+    std::string path = opts.dir + "/" + sub + "/" + file;
     if (unlink(path.c_str()) != 0 && errno != ENOENT) {
       spdlog::error("pool {}: cannot remove {} ({}): {}", opts.dir, path, why, std::strerror(errno));
       return;
     }
     spdlog::warn("pool {}: removed {} ({}), left by an interrupted operation", opts.dir, path, why);
-    cleaned_orphans.push_back("volumes/" + file);
+    cleaned_orphans.push_back(sub + "/" + file);
   }
 
   Status Load() {
@@ -529,6 +757,282 @@ struct Pool::Impl {
     }
     if (Status s = FsyncDir(vol_dir); !s.ok()) spdlog::error("pool {}: rollback: {}", opts.dir, s.message());
   }
+
+  // Best-effort removal of files a failed snapshot/restore/clone made (ENOENT is fine: the
+  // list covers every step). Whatever stays is an orphan for the next open.
+  void UndoFiles(const std::string& dir, const std::vector<std::string>& paths) {
+    for (const auto& p : paths) {
+      if (unlink(p.c_str()) != 0 && errno != ENOENT) {
+        spdlog::error("pool {}: rollback could not remove {}: {} (removed as an orphan on the "
+                      "next start)", opts.dir, p, std::strerror(errno));
+      }
+    }
+    if (Status s = FsyncDir(dir); !s.ok()) spdlog::error("pool {}: rollback: {}", opts.dir, s.message());
+  }
+
+  Status LoadSnapshots() {
+    DIR* d = opendir(snap_dir.c_str());
+    if (!d) return Sys(errno, "open directory " + snap_dir);
+    std::set<std::string> json, img, tmp;
+    errno = 0;
+    while (dirent* ent = readdir(d)) {
+      std::string f = ent->d_name;
+      if (f == "." || f == "..") continue;
+      if (ent->d_type != DT_REG && ent->d_type != DT_UNKNOWN) continue;
+      if (EndsWith(f, ".tmp")) tmp.insert(f);
+      else if (EndsWith(f, ".json")) json.insert(f.substr(0, f.size() - 5));
+      else if (EndsWith(f, ".img")) img.insert(f.substr(0, f.size() - 4));
+      else spdlog::warn("pool {}: ignoring unexpected file {}/{}", opts.dir, snap_dir, f);
+    }
+    int err = errno;
+    closedir(d);
+    if (err) return Sys(err, "read directory " + snap_dir);
+    bool removed = false;
+    for (const auto& f : tmp) {
+      NoteOrphan(f, "snapshot temp file", "snapshots");
+      removed = true;
+    }
+    for (const auto& name : json) {
+      const std::string meta_path = SnapMetaPath(name);
+      if (Status s = ValidateName("snapshot", name); !s.ok()) {
+        MarkSnapBroken(name, meta_path + ": " + s.message());
+        continue;
+      }
+      auto text = ReadSmallFile(meta_path);
+      if (!text.ok()) {
+        if (text.status().code() == EACCES || text.status().code() == EISDIR ||
+            text.status().code() == EFBIG) {
+          MarkSnapBroken(name, text.status().message());
+          continue;
+        }
+        return text.status();
+      }
+      auto meta = ParseSnapMeta(*text, name);
+      if (!meta.ok()) {
+        MarkSnapBroken(name, meta_path + ": " + meta.status().message());
+        continue;
+      }
+      if (meta->state == "copying") {
+        // The copy-before-write that made it point-in-time died with the process; the
+        // source has moved on, so what was copied so far is not any instant of it.
+        if (Status s = RemoveAbandoned(snap_dir, name, "snapshot/" + name); !s.ok()) return s;
+        continue;
+      }
+      if (!img.count(name)) {
+        MarkSnapBroken(name, "data file " + SnapDataPath(name) + " is missing");
+        continue;
+      }
+      snaps.emplace(name, std::move(*meta));
+    }
+    for (const auto& name : img) {
+      if (!json.count(name)) {
+        NoteOrphan(name + ".img", "snapshot data file without metadata", "snapshots");
+        removed = true;
+      }
+    }
+    if (removed) return FsyncDir(snap_dir);
+    return Status::Ok();
+  }
+
+  void MarkSnapBroken(const std::string& name, const std::string& why) {
+    spdlog::error("pool {}: snapshot {} is broken and was not loaded: {}; its files are kept, "
+                  "delete the snapshot to remove them",
+                  opts.dir, name, why);
+    broken_snaps[name] = why;
+  }
+
+  // Removes a copy target whose point in time was lost: metadata first (the commit point),
+  // then the data.
+  Status RemoveAbandoned(const std::string& dir, const std::string& name, const std::string& label) {
+    const std::string meta = dir + "/" + name + ".json", data = dir + "/" + name + ".img";
+    if (unlink(meta.c_str()) != 0 && errno != ENOENT) return Sys(errno, "unlink " + meta);
+    if (Status s = FsyncDir(dir); !s.ok()) return s;
+    if (unlink(data.c_str()) != 0 && errno != ENOENT) return Sys(errno, "unlink " + data);
+    if (Status s = FsyncDir(dir); !s.ok()) return s;
+    spdlog::warn("pool {}: removed {}: its background copy was interrupted, so its point in time "
+                 "is lost; take it again", opts.dir, label);
+    abandoned.push_back(label);
+    return Status::Ok();
+  }
+
+  // Volumes still "copying" after a restart: a restore restarts from scratch (its snapshot is
+  // immutable, so the result is still exactly the snapshot); a clone of a live volume cannot be
+  // finished and is removed.
+  Status RecoverCopies() {
+    std::vector<std::string> names;
+    for (const auto& [n, e] : vols)
+      if (e.meta.state == "copying") names.push_back(n);
+    for (const auto& n : names) {
+      auto vit = vols.find(n);
+      const Meta m = vit->second.meta;
+      std::string snap = m.source.rfind("snapshot/", 0) == 0 ? m.source.substr(9) : "";
+      auto sit = snaps.find(snap);
+      if (snap.empty() || sit == snaps.end() || sit->second.state != "ready") {
+        vols.erase(vit);
+        if (Status s = RemoveAbandoned(vol_dir, n, "volume/" + n); !s.ok()) return s;
+        continue;
+      }
+      std::shared_ptr<Volume> vol = vit->second.vol;
+      int fd = vol->buffered_fd();
+      // Truncating to 0 first drops what the first attempt copied: holes in the snapshot must
+      // read as zeros, and the copy skips them.
+      if (ftruncate(fd, 0) != 0 || ftruncate(fd, static_cast<off_t>(m.size)) != 0 || fsync(fd) != 0)
+        return Sys(errno, "reset " + DataPath(n) + " to restart its copy");
+      int src = open(SnapDataPath(snap).c_str(), O_RDONLY | O_CLOEXEC);
+      if (src < 0) return Sys(errno, "open " + SnapDataPath(snap));
+      spdlog::warn("pool {}: volume {} was being restored from snapshot {} when the daemon "
+                   "stopped; restarting the copy from the beginning", opts.dir, n, snap);
+      auto rec = std::make_shared<CopyRec>();
+      rec->target = "volume/" + n;
+      rec->source = "snapshot/" + snap;
+      std::lock_guard lock(mu);
+      StartCopyLocked(rec, src, /*own_src=*/true, fd, /*own_dst=*/false, sit->second.size, nullptr);
+    }
+    return Status::Ok();
+  }
+
+  bool ProbeReflink() {
+    if (opts.disable_reflink) return false;
+    const std::string a = snap_dir + "/.reflink-probe-src.tmp", b = snap_dir + "/.reflink-probe-dst.tmp";
+    int fa = open(a.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int fb = fa < 0 ? -1 : open(b.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    bool ok = false;
+    int err = errno;
+    // A real block, not an empty file: some file systems accept FICLONE of nothing.
+    if (fb >= 0 && WriteAll(fa, std::string(4096, 'r'), a).ok()) {
+      ok = ioctl(fb, FICLONE, fa) == 0;
+      err = errno;
+    }
+    if (fa >= 0) close(fa);
+    if (fb >= 0) close(fb);
+    unlink(a.c_str());
+    unlink(b.c_str());
+    if (!ok) {
+      spdlog::info("pool {}: no reflink support ({}): snapshots and clones use background copies",
+                   opts.dir, std::strerror(err));
+    }
+    return ok;
+  }
+
+  // Registers and starts a background copy; a live source's gate must be held closed by the
+  // caller. `mu` is held so the record is in place before on_done can look for it.
+  void StartCopyLocked(const std::shared_ptr<CopyRec>& rec, int src_fd, bool own_src, int dst_fd,
+                       bool own_dst, uint64_t length, WriteGate* gate) {
+    rec->id = next_copy_id++;
+    rec->src_fd = own_src ? src_fd : -1;
+    rec->dst_fd = own_dst ? dst_fd : -1;
+    CopyJob::Options o;
+    o.src_fd = src_fd;
+    o.dst_fd = dst_fd;
+    o.length = length;
+    o.gate = gate;
+    o.on_done = [this, target = rec->target, id = rec->id](const Status& st) {
+      CopyDone(target, id, st);
+    };
+    copies[rec->target] = rec;
+    rec->job = CopyJob::Start(std::move(o));
+  }
+
+  // on_done of every copy, on the job's thread. The data is fsynced by the job; committing
+  // "ready" is the step that makes it usable. A cancelled copy changes nothing on disk: whoever
+  // cancelled it (delete, shutdown) decides what happens to it.
+  void CopyDone(const std::string& target, uint64_t id, const Status& st) {
+    std::shared_ptr<CopyRec> rec;
+    {
+      std::lock_guard lock(mu);
+      auto it = copies.find(target);
+      if (it == copies.end() || it->second->id != id) return;
+      rec = it->second;
+    }
+    const bool is_snap = target.rfind("snapshot/", 0) == 0;
+    const bool from_snap = rec->source.rfind("snapshot/", 0) == 0;
+    const std::string name = target.substr(target.find('/') + 1);
+    if (st.code() != ECANCELED) {
+      if (st.ok()) FaultPoint(is_snap ? "snapshot.copy_done" : from_snap ? "restore.copy_done" : "clone.copy_done");
+      if (is_snap) CommitSnapCopy(name, *rec, st);
+      else CommitVolumeCopy(name, *rec, st);
+    }
+    std::lock_guard lock(mu);
+    if (rec->src_fd >= 0) close(rec->src_fd);
+    if (rec->dst_fd >= 0) close(rec->dst_fd);
+    rec->src_fd = rec->dst_fd = -1;
+    copies.erase(target);
+    if (rec->job) finished_jobs.push_back(std::move(rec->job));
+    rec->src_vol.reset();
+  }
+
+  // A failed copy gives its space back but keeps its metadata, so the failure and its reason
+  // stay visible until the object is deleted.
+  void ReleaseSpace(int fd, uint64_t size) {
+    if (ftruncate(fd, 0) != 0 || ftruncate(fd, static_cast<off_t>(size)) != 0 || fsync(fd) != 0)
+      spdlog::error("pool {}: cannot release the space of a failed copy: {}", opts.dir, std::strerror(errno));
+  }
+
+  void CommitSnapCopy(const std::string& name, const CopyRec& rec, const Status& st) {
+    SnapMeta m;
+    {
+      std::lock_guard lock(mu);
+      auto it = snaps.find(name);
+      if (it == snaps.end()) return;
+      m = it->second;
+    }
+    m.created_unix_ns = rec.point_in_time_ns;
+    if (st.ok()) {
+      m.state = "ready";
+    } else {
+      if (ftruncate(rec.dst_fd, 0) != 0 || fsync(rec.dst_fd) != 0)
+        spdlog::error("pool {}: cannot release the space of failed snapshot {}: {}", opts.dir, name, std::strerror(errno));
+      m.state = "failed";
+      m.error = st.message();
+    }
+    bool renamed = false;
+    if (Status s = WriteSnapMeta(m, "", "", &renamed); !s.ok() && !renamed) {
+      spdlog::error("pool {}: snapshot {}: cannot commit state {}: {}", opts.dir, name, m.state, s.message());
+      m.state = "failed";
+      m.error = "commit failed: " + s.message();
+    }
+    if (m.state == "ready") {
+      spdlog::info("pool {}: snapshot {} of volume {} is ready (background copy of {})", opts.dir,
+                   name, m.source_volume, Bytes(m.size));
+    } else {
+      spdlog::error("pool {}: snapshot {} of volume {} failed: {}", opts.dir, name, m.source_volume, m.error);
+    }
+    std::lock_guard lock(mu);
+    if (auto it = snaps.find(name); it != snaps.end()) it->second = m;
+  }
+
+  void CommitVolumeCopy(const std::string& name, const CopyRec& rec, const Status& st) {
+    Meta m;
+    std::shared_ptr<Volume> vol;
+    {
+      std::lock_guard lock(mu);
+      auto it = vols.find(name);
+      if (it == vols.end()) return;
+      m = it->second.meta;
+      vol = it->second.vol;
+    }
+    if (st.ok()) {
+      m.state = "ready";
+      m.error.clear();
+    } else {
+      ReleaseSpace(vol->buffered_fd(), m.size);
+      m.state = "failed";
+      m.error = st.message();
+    }
+    bool renamed = false;
+    if (Status s = WriteMeta(m, "", "", &renamed); !s.ok() && !renamed) {
+      spdlog::error("pool {}: volume {}: cannot commit state {}: {}", opts.dir, name, m.state, s.message());
+      m.state = "failed";
+      m.error = "commit failed: " + s.message();
+    }
+    if (m.state == "ready") {
+      spdlog::info("pool {}: volume {} is ready (background copy from {})", opts.dir, name, rec.source);
+    } else {
+      spdlog::error("pool {}: volume {} (copy from {}) failed: {}", opts.dir, name, rec.source, m.error);
+    }
+    std::lock_guard lock(mu);
+    if (auto it = vols.find(name); it != vols.end()) it->second.meta = m;
+  }
 };
 
 StatusOr<std::unique_ptr<Pool>> Pool::Open(const PoolOptions& opts) {
@@ -541,7 +1045,9 @@ StatusOr<std::unique_ptr<Pool>> Pool::Open(const PoolOptions& opts) {
   while (impl->opts.dir.size() > 1 && impl->opts.dir.back() == '/') impl->opts.dir.pop_back();
   const std::string& dir = impl->opts.dir;
   impl->vol_dir = dir + "/volumes";
+  impl->snap_dir = dir + "/snapshots";
   if (Status s = MkdirP(impl->vol_dir); !s.ok()) return s;
+  if (Status s = MkdirP(impl->snap_dir); !s.ok()) return s;
 
   const std::string lock_path = dir + "/.pool.lock";
   bool created = access(lock_path.c_str(), F_OK) != 0;
@@ -557,8 +1063,15 @@ StatusOr<std::unique_ptr<Pool>> Pool::Open(const PoolOptions& opts) {
     if (Status s = FsyncDir(dir); !s.ok()) return s;
   }
   if (Status s = impl->Load(); !s.ok()) return s;
-  spdlog::info("pool {}: opened with {} volumes ({} orphans removed, {} broken)", dir,
-               impl->vols.size(), impl->cleaned_orphans.size(), impl->broken.size());
+  if (Status s = impl->LoadSnapshots(); !s.ok()) return s;
+  // After the orphan sweep, so its temp files are never mistaken for a crash's leftovers.
+  impl->reflink = impl->ProbeReflink();
+  if (Status s = impl->RecoverCopies(); !s.ok()) return s;
+  spdlog::info("pool {}: opened with {} volumes and {} snapshots ({} orphans removed, {} broken, "
+               "{} interrupted copies abandoned, reflink {})",
+               dir, impl->vols.size(), impl->snaps.size(), impl->cleaned_orphans.size(),
+               impl->broken.size() + impl->broken_snaps.size(), impl->abandoned.size(),
+               impl->reflink ? "yes" : "no");
   std::unique_ptr<Pool> pool(new Pool());
   pool->impl_ = std::move(impl);
   return pool;
@@ -584,6 +1097,10 @@ StatusOr<VolumeInfo> Pool::Create(const std::string& name, uint64_t size, const 
     }
     if (auto it = I.vols.find(name); it != I.vols.end()) {
       const Meta& m = it->second.meta;
+      if (!m.source.empty()) {
+        return Error(EEXIST, "volume {} already exists with content from {} (requested a blank volume)",
+                     name, m.source);
+      }
       if (m.size != size) {
         return Error(EEXIST, "volume {} already exists with size {} (requested {})", name, m.size, size);
       }
@@ -644,9 +1161,24 @@ StatusOr<VolumeInfo> Pool::Create(const std::string& name, uint64_t size, const 
 Status Pool::Delete(const std::string& name) {
   if (Status s = ValidateVolumeName(name); !s.ok()) return s;
   Impl& I = *impl_;
+  I.ReapJobs();
   Impl::NameGuard guard(I, name);
   Impl::Entry entry;
   bool was_broken = false;
+  std::shared_ptr<CopyJob> filling;
+  {
+    std::lock_guard lock(I.mu);
+    if (const auto* c = I.CopyFromLocked("volume/" + name)) {
+      return Error(EBUSY, "volume {} is the source of a running copy to {} ({}); delete that or "
+                   "wait for it", name, c->target, I.ProgressLocked(*c));
+    }
+    if (auto c = I.copies.find("volume/" + name); c != I.copies.end()) filling = c->second->job;
+  }
+  if (filling) {
+    // A restore or clone still filling it: nothing of value is lost by stopping it.
+    filling->Cancel();
+    filling->Wait();
+  }
   {
     std::lock_guard lock(I.mu);
     auto it = I.vols.find(name);
@@ -700,6 +1232,12 @@ StatusOr<VolumeInfo> Pool::Resize(const std::string& name, uint64_t new_size) {
     std::lock_guard lock(I.mu);
     auto it = I.vols.find(name);
     if (it == I.vols.end()) return Error(ENOENT, "volume {} not found", name);
+    if (auto c = I.copies.find("volume/" + name); c != I.copies.end())
+      return Error(EAGAIN, "volume {} is being filled from {} ({}); resize it when that is done",
+                   name, c->second->source, I.ProgressLocked(*c->second));
+    if (const auto* c = I.CopyFromLocked("volume/" + name))
+      return Error(EAGAIN, "a copy from volume {} to {} is running ({}); resize it when that is done",
+                   name, c->target, I.ProgressLocked(*c));
     old_meta = it->second.meta;
     vol = it->second.vol;
     if (new_size < old_meta.size) {
@@ -761,6 +1299,10 @@ Status Pool::SetQos(const std::string& name, const QosLimits& qos) {
     std::lock_guard lock(I.mu);
     auto it = I.vols.find(name);
     if (it == I.vols.end()) return Error(ENOENT, "volume {} not found", name);
+    // Its metadata is rewritten when the copy ends; two writers would lose one update.
+    if (auto c = I.copies.find("volume/" + name); c != I.copies.end())
+      return Error(EAGAIN, "volume {} is being filled from {} ({}); change its QoS when that is done",
+                   name, c->second->source, I.ProgressLocked(*c->second));
     old_meta = it->second.meta;
   }
   if (old_meta.qos == qos) return Status::Ok();
@@ -821,15 +1363,488 @@ PoolInfo Pool::Info() {
     info.allocated += v.allocated;
   }
   info.volumes = I.vols.size();
+  for (const auto& [n, m] : I.snaps) info.allocated += I.MakeSnapInfo(m).allocated;
+  info.snapshots = I.snaps.size();
+  info.reflink = I.reflink;
+  info.abandoned_copies = I.abandoned;
   info.cleaned_orphans = I.cleaned_orphans;
   for (const auto& [n, why] : I.broken) info.broken_volumes.push_back(n + ": " + why);
+  for (const auto& [n, why] : I.broken_snaps) info.broken_volumes.push_back("snapshot/" + n + ": " + why);
   return info;
+}
+
+namespace {
+std::string NotReadyReason(const std::string& state, const std::string& error) {
+  if (state == "failed") return "its background copy failed: " + error;
+  return "its background copy is still running";
+}
+}  // namespace
+
+StatusOr<SnapshotInfo> Pool::CreateSnapshot(const std::string& name, const std::string& volume) {
+  if (Status s = ValidateName("snapshot", name); !s.ok()) return s;
+  if (Status s = ValidateVolumeName(volume); !s.ok()) return s;
+  Impl& I = *impl_;
+  I.ReapJobs();
+  Impl::NameGuard guard(I, std::vector<std::string>{"snapshot/" + name, volume});
+  std::shared_ptr<Volume> vol;
+  uint64_t size = 0;
+  {
+    std::lock_guard lock(I.mu);
+    if (auto b = I.broken_snaps.find(name); b != I.broken_snaps.end()) {
+      return Error(EEXIST, "snapshot {} exists on disk but is broken ({}); delete it first", name,
+                   b->second);
+    }
+    if (auto it = I.snaps.find(name); it != I.snaps.end()) {
+      if (it->second.source_volume != volume) {
+        return Error(EEXIST, "snapshot {} already exists with source volume {}, not {}", name,
+                     it->second.source_volume, volume);
+      }
+      return I.MakeSnapInfo(it->second);
+    }
+    auto it = I.vols.find(volume);
+    if (it == I.vols.end()) {
+      if (auto b = I.broken.find(volume); b != I.broken.end())
+        return Error(EIO, "volume {} is broken: {}", volume, b->second);
+      return Error(ENOENT, "volume {} not found", volume);
+    }
+    if (it->second.meta.state != "ready") {
+      return Error(EAGAIN, "volume {} is not ready: {}", volume,
+                   NotReadyReason(it->second.meta.state, it->second.meta.error));
+    }
+    if (const auto* c = I.CopyFromLocked("volume/" + volume))
+      return Error(EAGAIN, "a copy from volume {} is running ({})", volume, I.ProgressLocked(*c));
+    vol = it->second.vol;
+    size = it->second.meta.size;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string data = I.SnapDataPath(name), tmp = I.SnapDataTmpPath(name);
+
+  if (I.reflink) {
+    int fd = open(tmp.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) return Sys(errno, "create snapshot " + name + ": " + tmp);
+    auto fail = [&](Status s) -> Status {
+      spdlog::error("pool {}: snapshot {} of volume {} failed, rolling back: {}", I.opts.dir, name,
+                    volume, s.message());
+      if (fd >= 0) close(fd);
+      I.UndoFiles(I.snap_dir, {I.SnapMetaPath(name), I.SnapTmpPath(name), data, tmp});
+      return s;
+    };
+    Status st = Status::Ok();
+    int64_t at = 0;
+    double pause_ms = 0;
+    {
+      GatePause pause(vol->gate());
+      at = pause.closed_ns();
+      // The workers' O_DIRECT writes are already on the device, but buffered (unaligned) ones
+      // may still be in the page cache; FICLONE shares what the file maps, so flush first.
+      if (fdatasync(vol->buffered_fd()) != 0) {
+        st = Sys(errno, "fdatasync volume " + volume);
+      } else if (ioctl(fd, FICLONE, vol->buffered_fd()) != 0) {
+        st = Sys(errno, "FICLONE volume " + volume + " into " + tmp);
+      }
+      pause_ms = pause.Open();
+    }
+    if (!st.ok()) return fail(st);
+    FaultPoint("snapshot.cloned");
+    if (fsync(fd) != 0) return fail(Sys(errno, "fsync " + tmp));
+    close(fd);
+    fd = -1;
+    if (rename(tmp.c_str(), data.c_str()) != 0) return fail(Sys(errno, "rename " + tmp + " to " + data));
+    if (Status s = FsyncDir(I.snap_dir); !s.ok()) return fail(s);
+    FaultPoint("snapshot.data");
+    SnapMeta m{name, volume, size, at, "reflink", "ready", ""};
+    bool renamed = false;
+    if (Status s = I.WriteSnapMeta(m, "snapshot.meta_tmp", "snapshot.meta_renamed", &renamed); !s.ok())
+      return fail(s);
+    spdlog::info("pool {}: snapshot {} of volume {} ({}) by reflink: writes paused {:.2f} ms, "
+                 "total {:.2f} ms",
+                 I.opts.dir, name, volume, Bytes(size), pause_ms, MsSince(t0));
+    std::lock_guard lock(I.mu);
+    auto [it, inserted] = I.snaps.emplace(name, m);
+    return I.MakeSnapInfo(it->second);
+  }
+
+  // Copy: the copy may have to hold every allocated byte of the source, and a copy that runs
+  // out of space midway only wastes time, so refuse it up front.
+  struct stat st{};
+  if (fstat(vol->buffered_fd(), &st) != 0) return Sys(errno, "fstat volume " + volume);
+  const uint64_t need = static_cast<uint64_t>(st.st_blocks) * 512;
+  struct statvfs vfs{};
+  if (statvfs(I.opts.dir.c_str(), &vfs) != 0) return Sys(errno, "statvfs " + I.opts.dir);
+  const uint64_t free_bytes = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+  if (free_bytes < need) {
+    return Error(ENOSPC, "pool {} has {} free, but a copy snapshot of volume {} needs up to {} "
+                 "(the volume's allocated bytes)",
+                 I.opts.dir, Bytes(free_bytes), volume, Bytes(need));
+  }
+  int fd = open(data.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) return Sys(errno, "create snapshot " + name + ": " + data);
+  auto fail = [&](Status s) -> Status {
+    spdlog::error("pool {}: snapshot {} of volume {} failed, rolling back: {}", I.opts.dir, name,
+                  volume, s.message());
+    if (fd >= 0) close(fd);
+    {
+      std::lock_guard lock(I.mu);
+      I.snaps.erase(name);
+    }
+    I.UndoFiles(I.snap_dir, {I.SnapMetaPath(name), I.SnapTmpPath(name), data});
+    return s;
+  };
+  if (ftruncate(fd, static_cast<off_t>(size)) != 0) return fail(Sys(errno, "size " + data));
+  if (fsync(fd) != 0) return fail(Sys(errno, "fsync " + data));
+  if (Status s = FsyncDir(I.snap_dir); !s.ok()) return fail(s);
+  FaultPoint("snapshot.copy_data");
+  SnapMeta m{name, volume, size, RealtimeNs(), "copy", "copying", ""};
+  bool renamed = false;
+  if (Status s = I.WriteSnapMeta(m, "", "", &renamed); !s.ok()) return fail(s);
+  {
+    std::lock_guard lock(I.mu);
+    I.snaps.emplace(name, m);
+  }
+  auto rec = std::make_shared<Impl::CopyRec>();
+  rec->target = "snapshot/" + name;
+  rec->source = "volume/" + volume;
+  rec->src_vol = vol;
+  double pause_ms = 0;
+  {
+    GatePause pause(vol->gate());
+    rec->point_in_time_ns = pause.closed_ns();
+    if (fdatasync(vol->buffered_fd()) != 0) {
+      Status s = Sys(errno, "fdatasync volume " + volume);
+      pause.Open();
+      return fail(s);
+    }
+    {
+      std::lock_guard lock(I.mu);
+      I.StartCopyLocked(rec, vol->buffered_fd(), /*own_src=*/false, fd, /*own_dst=*/true, size,
+                        &vol->gate());
+    }
+    fd = -1;  // the copy closes it
+    pause_ms = pause.Open();
+  }
+  FaultPoint("snapshot.copy_started");
+  spdlog::info("pool {}: snapshot {} of volume {} ({}) by background copy: writes paused {:.2f} ms, "
+               "setup {:.2f} ms",
+               I.opts.dir, name, volume, Bytes(size), pause_ms, MsSince(t0));
+  std::lock_guard lock(I.mu);
+  return I.MakeSnapInfo(I.snaps.at(name));
+}
+
+Status Pool::DeleteSnapshot(const std::string& name) {
+  if (Status s = ValidateName("snapshot", name); !s.ok()) return s;
+  Impl& I = *impl_;
+  I.ReapJobs();
+  Impl::NameGuard guard(I, "snapshot/" + name);
+  std::shared_ptr<CopyJob> job;
+  {
+    std::lock_guard lock(I.mu);
+    if (!I.snaps.count(name) && !I.broken_snaps.count(name))
+      return Error(ENOENT, "snapshot {} not found", name);
+    if (const auto* c = I.CopyFromLocked("snapshot/" + name)) {
+      return Error(EBUSY, "snapshot {} is the source of a running restore to {} ({})", name,
+                   c->target, I.ProgressLocked(*c));
+    }
+    if (auto c = I.copies.find("snapshot/" + name); c != I.copies.end()) job = c->second->job;
+  }
+  if (job) {
+    job->Cancel();
+    job->Wait();
+  }
+  const std::string meta = I.SnapMetaPath(name), data = I.SnapDataPath(name);
+  if (unlink(meta.c_str()) != 0 && errno != ENOENT)
+    return Sys(errno, "delete snapshot " + name + ": unlink " + meta);
+  {
+    std::lock_guard lock(I.mu);
+    I.snaps.erase(name);
+    I.broken_snaps.erase(name);
+  }
+  // From here the snapshot is gone; the data file is an orphan if we stop now.
+  Status result = FsyncDir(I.snap_dir);
+  FaultPoint("snapshot.delete_meta");
+  if (unlink(data.c_str()) != 0 && errno != ENOENT && result.ok()) {
+    result = Sys(errno, "delete snapshot " + name + ": unlink " + data +
+                            " (it will be removed as an orphan on the next start)");
+  }
+  if (Status s = FsyncDir(I.snap_dir); !s.ok() && result.ok()) result = s;
+  if (result.ok()) spdlog::info("pool {}: deleted snapshot {}", I.opts.dir, name);
+  return result;
+}
+
+std::vector<SnapshotInfo> Pool::ListSnapshots(const std::string& volume) {
+  std::lock_guard lock(impl_->mu);
+  std::vector<SnapshotInfo> out;
+  for (const auto& [n, m] : impl_->snaps)
+    if (volume.empty() || m.source_volume == volume) out.push_back(impl_->MakeSnapInfo(m));
+  return out;
+}
+
+StatusOr<SnapshotInfo> Pool::InspectSnapshot(const std::string& name) {
+  std::lock_guard lock(impl_->mu);
+  auto it = impl_->snaps.find(name);
+  if (it == impl_->snaps.end()) {
+    if (auto b = impl_->broken_snaps.find(name); b != impl_->broken_snaps.end())
+      return Error(EIO, "snapshot {} is broken: {}", name, b->second);
+    return Error(ENOENT, "snapshot {} not found", name);
+  }
+  return impl_->MakeSnapInfo(it->second);
+}
+
+struct Pool::FillSource {
+  const char* op;       // "restore" | "clone": prefix of the fault points and messages
+  std::string label;    // "snapshot/NAME" | "volume/NAME", recorded as the volume's source
+  int fd = -1;
+  bool own_fd = false;  // close it when done (a snapshot's data file)
+  uint64_t length = 0;  // bytes of content
+  std::shared_ptr<Volume> live;  // the live source to pause, or null for a snapshot
+};
+
+// Caller holds the name guards and has reserved capacity for `size`.
+StatusOr<VolumeInfo> Pool::FillNewVolume(const std::string& name, uint64_t size,
+                                         const QosLimits& qos, bool read_only,
+                                         const FillSource& src) {
+  Impl& I = *impl_;
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string op = src.op;
+  auto point = [&](const char* step) { FaultPoint((op + "." + step).c_str()); };
+  bool src_owned_here = src.own_fd;
+  auto close_src = [&] {
+    if (src_owned_here) close(src.fd);
+    src_owned_here = false;
+  };
+  Meta m;
+  m.name = name;
+  m.size = size;
+  m.created_unix_ns = RealtimeNs();
+  m.read_only = read_only;
+  m.qos = qos;
+  m.source = src.label;
+  m.state = I.reflink ? "ready" : "copying";
+  const std::string data = I.DataPath(name), tmp = I.DataTmpPath(name);
+  const std::string& first = I.reflink ? tmp : data;
+  int fd = open(first.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    Status s = Sys(errno, op + " volume " + name + ": create " + first);
+    close_src();
+    return s;
+  }
+  auto fail = [&](Status s) -> Status {
+    spdlog::error("pool {}: {} of volume {} from {} failed, rolling back: {}", I.opts.dir, op,
+                  name, src.label, s.message());
+    if (fd >= 0) close(fd);
+    close_src();
+    I.UndoFiles(I.vol_dir, {I.MetaPath(name), I.TmpPath(name), data, tmp});
+    return s;
+  };
+  double pause_ms = -1;
+  if (I.reflink) {
+    Status st = Status::Ok();
+    {
+      std::optional<GatePause> pause;
+      if (src.live) pause.emplace(src.live->gate());
+      if (src.live && fdatasync(src.fd) != 0) {
+        st = Sys(errno, "fdatasync " + src.label);
+      } else if (ioctl(fd, FICLONE, src.fd) != 0) {
+        st = Sys(errno, "FICLONE " + src.label + " into " + tmp);
+      }
+      if (pause) pause_ms = pause->Open();
+    }
+    close_src();
+    if (!st.ok()) return fail(st);
+    // Growing after the clone: the new tail is a hole, which reads as zeros.
+    if (ftruncate(fd, static_cast<off_t>(size)) != 0) return fail(Sys(errno, "size " + tmp));
+    if (fsync(fd) != 0) return fail(Sys(errno, "fsync " + tmp));
+    point("cloned");
+    if (rename(tmp.c_str(), data.c_str()) != 0) return fail(Sys(errno, "rename " + tmp + " to " + data));
+    if (Status s = FsyncDir(I.vol_dir); !s.ok()) return fail(s);
+    point("data");
+  } else {
+    if (ftruncate(fd, static_cast<off_t>(size)) != 0) return fail(Sys(errno, "size " + data));
+    if (fsync(fd) != 0) return fail(Sys(errno, "fsync " + data));
+    if (Status s = FsyncDir(I.vol_dir); !s.ok()) return fail(s);
+    point("copy_data");
+  }
+  auto vol = I.OpenVolume(m, fd);
+  fd = -1;
+  if (!vol.ok()) return fail(vol.status());
+  bool renamed = false;
+  const std::string ft = op + ".meta_tmp", fr = op + ".meta_renamed";
+  Status ws = I.reflink ? I.WriteMeta(m, ft.c_str(), fr.c_str(), &renamed) : I.WriteMeta(m, "", "", &renamed);
+  if (!ws.ok()) {
+    vol->reset();
+    return fail(ws);
+  }
+  if (I.reflink) {
+    spdlog::info("pool {}: {} volume {} ({}) from {} by reflink{}, total {:.2f} ms", I.opts.dir, op,
+                 name, Bytes(size), src.label,
+                 pause_ms >= 0 ? fmt::format(": writes paused {:.2f} ms", pause_ms) : "", MsSince(t0));
+    std::lock_guard lock(I.mu);
+    auto [it, inserted] = I.vols.emplace(name, Impl::Entry{std::move(*vol), m});
+    return I.MakeInfo(it->second);
+  }
+  std::shared_ptr<Volume> v = std::move(*vol);
+  {
+    std::lock_guard lock(I.mu);
+    I.vols.emplace(name, Impl::Entry{v, m});
+  }
+  auto rec = std::make_shared<Impl::CopyRec>();
+  rec->target = "volume/" + name;
+  rec->source = src.label;
+  rec->src_vol = src.live;
+  {
+    std::optional<GatePause> pause;
+    if (src.live) {
+      pause.emplace(src.live->gate());
+      rec->point_in_time_ns = pause->closed_ns();
+      if (fdatasync(src.fd) != 0) {
+        Status s = Sys(errno, "fdatasync " + src.label);
+        pause->Open();
+        {
+          std::lock_guard lock(I.mu);
+          I.vols.erase(name);
+        }
+        v.reset();
+        return fail(s);
+      }
+    }
+    {
+      std::lock_guard lock(I.mu);
+      I.StartCopyLocked(rec, src.fd, src_owned_here, v->buffered_fd(), /*own_dst=*/false,
+                        src.length, src.live ? &src.live->gate() : nullptr);
+    }
+    src_owned_here = false;  // the copy closes it
+    if (pause) pause_ms = pause->Open();
+  }
+  point("copy_started");
+  spdlog::info("pool {}: {} volume {} ({}) from {} by background copy{}, setup {:.2f} ms",
+               I.opts.dir, op, name, Bytes(size), src.label,
+               pause_ms >= 0 ? fmt::format(": writes paused {:.2f} ms", pause_ms) : "", MsSince(t0));
+  std::lock_guard lock(I.mu);
+  return I.MakeInfo(I.vols.at(name));
+}
+
+StatusOr<VolumeInfo> Pool::CreateVolumeFromSnapshot(const std::string& name,
+                                                    const std::string& snapshot, uint64_t size,
+                                                    const QosLimits& qos, bool read_only) {
+  if (Status s = ValidateVolumeName(name); !s.ok()) return s;
+  if (Status s = ValidateName("snapshot", snapshot); !s.ok()) return s;
+  if (size != 0) {
+    if (Status s = ValidateSize(size); !s.ok()) return s;
+  }
+  if (Status s = ValidateQos(qos); !s.ok()) return s;
+  Impl& I = *impl_;
+  I.ReapJobs();
+  Impl::NameGuard guard(I, std::vector<std::string>{name, "snapshot/" + snapshot});
+  auto capacity_or = I.Capacity();
+  if (!capacity_or.ok()) return capacity_or.status();
+  const std::string label = "snapshot/" + snapshot;
+  uint64_t length = 0;
+  {
+    std::lock_guard lock(I.mu);
+    if (auto b = I.broken.find(name); b != I.broken.end()) {
+      return Error(EEXIST, "volume {} exists on disk but is broken ({}); delete it first", name,
+                   b->second);
+    }
+    auto sit = I.snaps.find(snapshot);
+    if (auto it = I.vols.find(name); it != I.vols.end()) {
+      // Checked before the snapshot, which may be gone by the time the call is retried.
+      const Meta& m = it->second.meta;
+      uint64_t want = size ? size : sit != I.snaps.end() ? sit->second.size : m.size;
+      if (m.source != label || m.size != want || m.read_only != read_only || !(m.qos == qos)) {
+        return Error(EEXIST, "volume {} already exists with other parameters (source \"{}\", size "
+                     "{}, read_only={}; requested {}, size {}, read_only={})",
+                     name, m.source, m.size, m.read_only, label, want, read_only);
+      }
+      return I.MakeInfo(it->second);
+    }
+    if (sit == I.snaps.end()) {
+      if (auto b = I.broken_snaps.find(snapshot); b != I.broken_snaps.end())
+        return Error(EIO, "snapshot {} is broken: {}", snapshot, b->second);
+      return Error(ENOENT, "snapshot {} not found", snapshot);
+    }
+    length = sit->second.size;
+    if (size == 0) size = length;
+    if (size < length) {
+      return Error(EINVAL, "volume {} of {} bytes is smaller than snapshot {} ({} bytes)", name,
+                   size, snapshot, length);
+    }
+    if (sit->second.state != "ready") {
+      return Error(EAGAIN, "snapshot {} is not ready: {}", snapshot,
+                   NotReadyReason(sit->second.state, sit->second.error));
+    }
+    if (Status s = I.CheckCapacityLocked(name, size, *capacity_or); !s.ok()) return s;
+    guard.ReserveLocked(size);
+  }
+  const std::string spath = I.SnapDataPath(snapshot);
+  int sfd = open(spath.c_str(), O_RDONLY | O_CLOEXEC);
+  if (sfd < 0) return Sys(errno, "open snapshot " + snapshot + ": " + spath);
+  FillSource src{"restore", label, sfd, true, length, nullptr};
+  return FillNewVolume(name, size, qos, read_only, src);
+}
+
+StatusOr<VolumeInfo> Pool::CloneVolume(const std::string& name, const std::string& source,
+                                       uint64_t size, const QosLimits& qos, bool read_only) {
+  if (Status s = ValidateVolumeName(name); !s.ok()) return s;
+  if (Status s = ValidateVolumeName(source); !s.ok()) return s;
+  if (size != 0) {
+    if (Status s = ValidateSize(size); !s.ok()) return s;
+  }
+  if (Status s = ValidateQos(qos); !s.ok()) return s;
+  if (name == source) return Error(EINVAL, "cannot clone volume {} onto itself", name);
+  Impl& I = *impl_;
+  I.ReapJobs();
+  Impl::NameGuard guard(I, std::vector<std::string>{name, source});
+  auto capacity_or = I.Capacity();
+  if (!capacity_or.ok()) return capacity_or.status();
+  const std::string label = "volume/" + source;
+  std::shared_ptr<Volume> src_vol;
+  uint64_t length = 0;
+  {
+    std::lock_guard lock(I.mu);
+    if (auto b = I.broken.find(name); b != I.broken.end()) {
+      return Error(EEXIST, "volume {} exists on disk but is broken ({}); delete it first", name,
+                   b->second);
+    }
+    auto sit = I.vols.find(source);
+    if (auto it = I.vols.find(name); it != I.vols.end()) {
+      const Meta& m = it->second.meta;
+      uint64_t want = size ? size : sit != I.vols.end() ? sit->second.meta.size : m.size;
+      if (m.source != label || m.size != want || m.read_only != read_only || !(m.qos == qos)) {
+        return Error(EEXIST, "volume {} already exists with other parameters (source \"{}\", size "
+                     "{}, read_only={}; requested {}, size {}, read_only={})",
+                     name, m.source, m.size, m.read_only, label, want, read_only);
+      }
+      return I.MakeInfo(it->second);
+    }
+    if (sit == I.vols.end()) {
+      if (auto b = I.broken.find(source); b != I.broken.end())
+        return Error(EIO, "volume {} is broken: {}", source, b->second);
+      return Error(ENOENT, "volume {} not found", source);
+    }
+    if (sit->second.meta.state != "ready") {
+      return Error(EAGAIN, "volume {} is not ready: {}", source,
+                   NotReadyReason(sit->second.meta.state, sit->second.meta.error));
+    }
+    if (const auto* c = I.CopyFromLocked(label))
+      return Error(EAGAIN, "a copy from volume {} is running ({})", source, I.ProgressLocked(*c));
+    length = sit->second.meta.size;
+    if (size == 0) size = length;
+    if (size < length) {
+      return Error(EINVAL, "volume {} of {} bytes is smaller than its source {} ({} bytes)", name,
+                   size, source, length);
+    }
+    if (Status s = I.CheckCapacityLocked(name, size, *capacity_or); !s.ok()) return s;
+    guard.ReserveLocked(size);
+    src_vol = sit->second.vol;
+  }
+  FillSource src{"clone", label, src_vol->buffered_fd(), false, length, src_vol};
+  return FillNewVolume(name, size, qos, read_only, src);
 }
 
 std::shared_ptr<Volume> Pool::Acquire(const std::string& name) {
   std::lock_guard lock(impl_->mu);
   auto it = impl_->vols.find(name);
-  return it == impl_->vols.end() ? nullptr : it->second.vol;
+  if (it == impl_->vols.end() || it->second.meta.state != "ready") return nullptr;
+  return it->second.vol;
 }
 
 std::vector<std::string> Pool::Names() {

@@ -20,6 +20,36 @@
 // data files with no metadata at all) are removed automatically.
 // Sizes must be multiples of kVolumeSizeAlignment; per-GiB QoS keys use the size rounded up to
 // whole GiB (see qos.h Resolve).
+//
+// Snapshots, restores and clones:
+//   DIR/snapshots/NAME.img + NAME.json   a snapshot: same name rules, same version field and
+//                                        same commit rule as volumes, separate namespace.
+//   DIR/snapshots/.NAME.img.tmp, .NAME.json.tmp, DIR/volumes/.NAME.img.tmp  temp files.
+// Point in time: the source volume's WriteGate is closed and drained (new writes park in their
+// workers, in-flight ones finish), its data is fdatasync'ed, then the copy is set up and the
+// gate reopens. created_unix_ns is the instant the gate closed. Only that volume pauses.
+// Two methods, chosen once at open by probing FICLONE between two temp files in DIR/snapshots
+// (PoolInfo::reflink):
+//   reflink (XFS reflink=1, btrfs): FICLONE into a temp file under the pause (O(extents)),
+//            then fsync, rename to NAME.img, fsync dir, commit NAME.json ("ready").
+//   copy (ext4 ...): NAME.img is created sized and NAME.json committed with state "copying"
+//            first (visible, ready=false, with progress); under the pause a CopyJob
+//            (copy_job.h) is installed as the source's copy-before-write preserver; when it has
+//            copied and fsynced everything, NAME.json is committed "ready" (or "failed" with
+//            the error, data truncated to release its space). One copy per source at a time.
+//   Restores (CreateVolumeFromSnapshot) and clones (CloneVolume) write a volume the same way;
+//   its metadata records "source" and a "state"; a volume that is not "ready" is not exported
+//   (Acquire returns nullptr).
+// Crash recovery at open: temp files and data files without metadata are orphans, as for
+// volumes. A snapshot or clone still "copying" lost its point in time (its copy-before-write
+// died with the process): it is removed and listed in PoolInfo::abandoned_copies. A restore
+// still "copying" restarts from scratch (a snapshot never changes) and stays not ready until
+// done. Closing the pool cancels running copies, which the next open treats the same way.
+// Deleting a snapshot: its own copy is cancelled, metadata removed (commit point), then data.
+// While a copy runs: the source volume cannot be deleted (EBUSY) or resized (EAGAIN), the
+// target volume cannot be resized or have its QoS changed (EAGAIN), the source snapshot cannot
+// be deleted (EBUSY). Snapshot allocated bytes count reflinked extents again (st_blocks), so
+// PoolInfo::allocated overstates use on reflink pools.
 // Fault points (common/fault.h) sit between the steps so a test can _exit at each one.
 #pragma once
 
@@ -56,6 +86,9 @@ struct PoolOptions {
   double overcommit_ratio = 1.0;
   // Capacity override in bytes (0: the pool file system's size from statvfs).
   uint64_t capacity_bytes = 0;
+  // Never use FICLONE even where the file system supports it: snapshots, restores and clones
+  // take the background-copy path (tests; or a file system whose reflink is known to be bad).
+  bool disable_reflink = false;
 };
 
 struct VolumeInfo {
@@ -66,6 +99,28 @@ struct VolumeInfo {
   bool read_only = false;
   QosLimits qos;
   std::string path;              // data file path
+  // Content source: "" (blank), "snapshot/NAME" (restore) or "volume/NAME" (clone).
+  std::string source;
+  // False while a background copy fills it (restore/clone without reflink): such a volume is
+  // not exported over NBD (Acquire returns nullptr) until the copy is done.
+  bool ready = true;
+  uint64_t copy_done = 0, copy_total = 0;  // progress of that copy, bytes
+};
+
+// Snapshots live in DIR/snapshots/NAME.img + NAME.json, with the same crash-safety rules and
+// name rules as volumes (a separate namespace). They are independent files: deleting the
+// source volume keeps them.
+struct SnapshotInfo {
+  std::string name;
+  std::string source_volume;     // the volume it was taken from (may no longer exist)
+  uint64_t size = 0;             // the source's size at the snapshot instant
+  uint64_t allocated = 0;
+  int64_t created_unix_ns = 0;   // the point in time the snapshot holds
+  std::string method;            // "reflink" (FICLONE, O(metadata)) or "copy" (background copy)
+  bool ready = false;            // false while a "copy" snapshot is still being filled
+  uint64_t copy_done = 0, copy_total = 0;
+  std::string error;             // set when a background copy failed (state "failed")
+  std::string path;
 };
 
 struct PoolInfo {
@@ -84,6 +139,11 @@ struct PoolInfo {
   // deleted automatically), block their name for Create, and Delete removes them.
   std::vector<std::string> broken_volumes;
   std::string fs_type;           // "xfs", "ext4", "btrfs", ...
+  bool reflink = false;          // FICLONE works on this pool (probed at open)
+  uint64_t snapshots = 0;
+  // Snapshots/clones whose background copy was interrupted by a crash: their point in time is
+  // lost, so they were removed at open and are listed here.
+  std::vector<std::string> abandoned_copies;
 };
 
 // A live volume, shared by the pool and every NBD connection serving it.
@@ -138,6 +198,30 @@ class Pool {
   std::vector<VolumeInfo> List();
   PoolInfo Info();
 
+  // ---- snapshots, restores, clones (see the design in copy_job.h and pool.cpp) ----
+  // Point-in-time snapshot of a live volume: its writes are paused (WriteGate), in-flight
+  // writes drain and are made durable (fdatasync), the data is cloned (FICLONE where the pool
+  // file system supports reflink; otherwise a CopyJob installed as copy-before-write
+  // preserver), writes resume. Other volumes never pause.
+  // Idempotent by name: same name + same source returns the existing snapshot; same name and
+  // another source is EEXIST naming both. ENOENT: unknown volume. ENOSPC: not enough room for
+  // a copy. EAGAIN: another copy from this volume is still running (retry later).
+  StatusOr<SnapshotInfo> CreateSnapshot(const std::string& name, const std::string& volume);
+  // ENOENT if missing; EBUSY while a restore is copying from it.
+  Status DeleteSnapshot(const std::string& name);
+  // All snapshots, or those taken from `volume` when it is not empty.
+  std::vector<SnapshotInfo> ListSnapshots(const std::string& volume = "");
+  StatusOr<SnapshotInfo> InspectSnapshot(const std::string& name);
+  // New volume holding the snapshot's data. size 0 = the snapshot's size; larger grows it;
+  // smaller is EINVAL. Idempotent like Create (same source and size returns it; otherwise
+  // EEXIST). ENOENT: unknown snapshot; EAGAIN: snapshot not ready yet.
+  StatusOr<VolumeInfo> CreateVolumeFromSnapshot(const std::string& name,
+                                                const std::string& snapshot, uint64_t size,
+                                                const QosLimits& qos, bool read_only = false);
+  // New volume holding a point-in-time copy of a live volume (same pause rules as snapshots).
+  StatusOr<VolumeInfo> CloneVolume(const std::string& name, const std::string& source,
+                                   uint64_t size, const QosLimits& qos, bool read_only = false);
+
   // For NBD sessions: the live volume, or nullptr.
   std::shared_ptr<Volume> Acquire(const std::string& name);
   std::vector<std::string> Names();
@@ -145,6 +229,10 @@ class Pool {
  private:
   Pool() = default;
   struct Impl;
+  // Restores and clones differ only in where the data comes from (see pool.cpp).
+  struct FillSource;
+  StatusOr<VolumeInfo> FillNewVolume(const std::string& name, uint64_t size, const QosLimits& qos,
+                                     bool read_only, const FillSource& src);
   std::unique_ptr<Impl> impl_;
 };
 
