@@ -1,8 +1,13 @@
 // Crash safety: for every fault point compiled in, a forked child runs the operation with
 // NBDCSI_FAULT set and dies there (_exit, as kill -9 would), then the parent reopens the pool
 // and checks that it holds the state before or after the operation, never something between.
+#include <fcntl.h>
+#include <sys/mount.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <chrono>
+#include <thread>
 
 #include <cstdlib>
 #include <filesystem>
@@ -36,8 +41,39 @@ enum class Outcome { kOld, kNew, kEither };
 struct Scenario {
   std::function<void(Pool&)> setup;   // runs in the parent before the crash
   std::function<Status(Pool&)> op;    // runs in the child, which dies inside it
-  Observed before, after;             // states of volume "v"
+  Observed before, after;             // states of volume "v" (or snapshot "s")
+  bool snapshot_target = false;       // the operation makes or removes snapshot "s"
+  bool needs_reflink = false;         // the point is on the FICLONE path: run on XFS
+  bool copy_path = false;             // the point is on the background-copy path
+  bool has_src = false;               // volume "src" (content 'S') exists throughout
+  bool keeps_snapshot = false;        // snapshot "s" exists throughout (restores)
 };
+
+constexpr char kSrcByte = 'S';
+
+// Volume "src" with data in two places, so a copy has something to get wrong.
+void MakeSrc(Pool& p) {
+  auto v = p.Create("src", 4 * kMiB, {});
+  ASSERT_TRUE(v.ok()) << v.status().message();
+  int fd = open(v->path.c_str(), O_WRONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  std::string data(64 * 1024, kSrcByte);
+  ASSERT_EQ(pwrite(fd, data.data(), data.size(), 0), static_cast<ssize_t>(data.size()));
+  ASSERT_EQ(pwrite(fd, data.data(), data.size(), 3 * kMiB), static_cast<ssize_t>(data.size()));
+  close(fd);
+}
+
+// Snapshots and clones made by a background copy are ready a moment after the call.
+void WaitReady(Pool& p) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto v = p.Inspect("v");
+    auto s = p.InspectSnapshot("s");
+    if ((!v.ok() || v->ready) && (!s.ok() || s->ready)) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ADD_FAILURE() << "copy did not finish";
+}
 
 QosLimits NewQos() {
   QosLimits q;
@@ -71,10 +107,70 @@ std::optional<Scenario> ScenarioFor(const std::string& point) {
     s.op = [](Pool& p) { return p.SetQos("v", NewQos()); };
     s.before = {true, kMiB, {}};
     s.after = {true, kMiB, NewQos()};
+  } else if (prefix == "snapshot") {
+    s.snapshot_target = true;
+    s.has_src = true;
+    s.copy_path = point.find(".copy_") != std::string::npos;
+    if (point == "snapshot.delete_meta") {
+      s.setup = [](Pool& p) {
+        MakeSrc(p);
+        ASSERT_TRUE(p.CreateSnapshot("s", "src").ok());
+        WaitReady(p);
+      };
+      s.op = [](Pool& p) { return p.DeleteSnapshot("s"); };
+      s.before = {true, 4 * kMiB, {}};
+      s.after = {};
+    } else {
+      s.needs_reflink = !s.copy_path;
+      s.setup = [](Pool& p) { MakeSrc(p); };
+      s.op = [](Pool& p) { return p.CreateSnapshot("s", "src").status(); };
+      s.before = {};
+      s.after = {true, 4 * kMiB, {}};
+    }
+  } else if (prefix == "restore" || prefix == "clone") {
+    s.has_src = true;
+    s.copy_path = point.find(".copy_") != std::string::npos;
+    s.needs_reflink = !s.copy_path;
+    if (prefix == "restore") {
+      s.keeps_snapshot = true;
+      s.setup = [](Pool& p) {
+        MakeSrc(p);
+        ASSERT_TRUE(p.CreateSnapshot("s", "src").ok());
+        WaitReady(p);
+      };
+      s.op = [](Pool& p) { return p.CreateVolumeFromSnapshot("v", "s", 8 * kMiB, NewQos()).status(); };
+    } else {
+      s.setup = [](Pool& p) { MakeSrc(p); };
+      s.op = [](Pool& p) { return p.CloneVolume("v", "src", 8 * kMiB, NewQos()).status(); };
+    }
+    s.before = {};
+    s.after = {true, 8 * kMiB, NewQos()};
   } else {
     return std::nullopt;
   }
   return s;
+}
+
+// An XFS file system with reflink for the FICLONE-path points, mounted once per process.
+std::string XfsMount() {
+  static std::string mnt = [] {
+    char tmpl[] = "/tmp/pool_crash_xfs.XXXXXX";
+    if (!mkdtemp(tmpl)) return std::string();
+    std::string root = tmpl, img = root + "/xfs.img", dir = root + "/mnt";
+    std::string cmd = "mkdir -p " + dir + " && truncate -s 512M " + img + " && mkfs.xfs -q -f -m reflink=1 " +
+                      img + " >/dev/null 2>&1 && mount -o loop " + img + " " + dir + " 2>/dev/null";
+    if (std::system(cmd.c_str()) != 0) {
+      fs::remove_all(root);
+      return std::string();
+    }
+    static std::string cleanup_root = root;
+    std::atexit([] {
+      umount2((cleanup_root + "/mnt").c_str(), MNT_DETACH);
+      fs::remove_all(cleanup_root);
+    });
+    return dir;
+  }();
+  return mnt;
 }
 
 // Exact expectations where the ordering makes the outcome certain. The process dies without
@@ -82,6 +178,7 @@ std::optional<Scenario> ScenarioFor(const std::string& point) {
 struct Expectation {
   Outcome outcome;
   std::set<std::string> orphans;
+  std::vector<std::string> abandoned = {};
 };
 const std::map<std::string, Expectation>& Expected() {
   static const std::map<std::string, Expectation> m = {
@@ -94,6 +191,30 @@ const std::map<std::string, Expectation>& Expected() {
       {"resize.meta_renamed", {Outcome::kNew, {}}},
       {"qos.meta_tmp", {Outcome::kOld, {"volumes/.v.json.tmp"}}},
       {"qos.meta_renamed", {Outcome::kNew, {}}},
+      {"snapshot.cloned", {Outcome::kOld, {"snapshots/.s.img.tmp"}}},
+      {"snapshot.data", {Outcome::kOld, {"snapshots/s.img"}}},
+      {"snapshot.meta_tmp", {Outcome::kOld, {"snapshots/s.img", "snapshots/.s.json.tmp"}}},
+      {"snapshot.meta_renamed", {Outcome::kNew, {}}},
+      {"snapshot.copy_data", {Outcome::kOld, {"snapshots/s.img"}}},
+      // A copy snapshot cut short lost its point in time: gone, and reported.
+      {"snapshot.copy_started", {Outcome::kOld, {}, {"snapshot/s"}}},
+      {"snapshot.copy_done", {Outcome::kOld, {}, {"snapshot/s"}}},
+      {"snapshot.delete_meta", {Outcome::kNew, {"snapshots/s.img"}}},
+      {"restore.cloned", {Outcome::kOld, {"volumes/.v.img.tmp"}}},
+      {"restore.data", {Outcome::kOld, {"volumes/v.img"}}},
+      {"restore.meta_tmp", {Outcome::kOld, {"volumes/v.img", "volumes/.v.json.tmp"}}},
+      {"restore.meta_renamed", {Outcome::kNew, {}}},
+      {"restore.copy_data", {Outcome::kOld, {"volumes/v.img"}}},
+      // A restore's source never changes: the copy restarts and completes.
+      {"restore.copy_started", {Outcome::kNew, {}}},
+      {"restore.copy_done", {Outcome::kNew, {}}},
+      {"clone.cloned", {Outcome::kOld, {"volumes/.v.img.tmp"}}},
+      {"clone.data", {Outcome::kOld, {"volumes/v.img"}}},
+      {"clone.meta_tmp", {Outcome::kOld, {"volumes/v.img", "volumes/.v.json.tmp"}}},
+      {"clone.meta_renamed", {Outcome::kNew, {}}},
+      {"clone.copy_data", {Outcome::kOld, {"volumes/v.img"}}},
+      {"clone.copy_started", {Outcome::kOld, {}, {"volume/v"}}},
+      {"clone.copy_done", {Outcome::kOld, {}, {"volume/v"}}},
   };
   return m;
 }
@@ -106,7 +227,10 @@ class PoolCrashTest : public ::testing::TestWithParam<std::string> {
     root_ = tmpl;
     opts_.dir = root_ + "/pool";
   }
-  void TearDown() override { fs::remove_all(root_); }
+  void TearDown() override {
+    fs::remove_all(root_);
+    if (!root_on_xfs_.empty()) fs::remove_all(root_on_xfs_);
+  }
 
   std::unique_ptr<Pool> Open() {
     auto p = Pool::Open(opts_);
@@ -114,7 +238,29 @@ class PoolCrashTest : public ::testing::TestWithParam<std::string> {
     return p.ok() ? std::move(p.value()) : nullptr;
   }
 
-  Observed Observe(Pool& pool) {
+  // Reads 64 KiB at `off` of a data file and checks it is all `c`.
+  static void ExpectContent(const std::string& path, uint64_t off, char c) {
+    int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    ASSERT_GE(fd, 0) << path;
+    std::string buf(64 * 1024, '\0');
+    ASSERT_EQ(pread(fd, buf.data(), buf.size(), static_cast<off_t>(off)), static_cast<ssize_t>(buf.size()));
+    close(fd);
+    EXPECT_EQ(buf, std::string(buf.size(), c)) << path << " @" << off;
+  }
+
+  Observed Observe(Pool& pool, const Scenario& sc) {
+    WaitReady(pool);
+    if (sc.snapshot_target) {
+      auto snap = pool.InspectSnapshot("s");
+      if (!snap.ok()) {
+        EXPECT_EQ(snap.status().code(), ENOENT) << snap.status().message();
+        return {};
+      }
+      EXPECT_TRUE(snap->ready) << snap->error;
+      EXPECT_EQ(fs::file_size(snap->path), snap->size);
+      ExpectContent(snap->path, 3 * kMiB, kSrcByte);
+      return {true, snap->size, {}};
+    }
     auto info = pool.Inspect("v");
     if (!info.ok()) {
       EXPECT_EQ(info.status().code(), ENOENT) << info.status().message();
@@ -122,12 +268,24 @@ class PoolCrashTest : public ::testing::TestWithParam<std::string> {
     }
     // The data file must agree with the committed size, and the live volume with both.
     EXPECT_EQ(fs::file_size(opts_.dir + "/volumes/v.img"), info->size);
-    EXPECT_EQ(pool.Acquire("v")->size(), info->size);
-    EXPECT_EQ(pool.Acquire("v")->throttle().limits(), info->qos);
+    EXPECT_TRUE(info->ready);
+    auto live = pool.Acquire("v");
+    if (!live) {
+      ADD_FAILURE() << "volume v is not exported";
+      return {};
+    }
+    EXPECT_EQ(live->size(), info->size);
+    EXPECT_EQ(live->throttle().limits(), info->qos);
+    if (sc.has_src) {
+      ExpectContent(info->path, 0, kSrcByte);
+      ExpectContent(info->path, 3 * kMiB, kSrcByte);
+      ExpectContent(info->path, 6 * kMiB, '\0');  // grown past the source: zeros
+    }
     return {true, info->size, info->qos};
   }
 
   std::string root_;
+  std::string root_on_xfs_;
   PoolOptions opts_;
 };
 
@@ -136,9 +294,19 @@ TEST_P(PoolCrashTest, CrashLeavesOldOrNewState) {
   auto scenario = ScenarioFor(point);
   ASSERT_TRUE(scenario) << "no crash scenario for fault point " << point
                         << ": add one to pool_crash_test.cpp";
+  if (scenario->needs_reflink) {
+    std::string mnt = XfsMount();
+    if (mnt.empty()) GTEST_SKIP() << "the FICLONE path needs an XFS loop mount (root and loop devices)";
+    root_on_xfs_ = mnt + "/" + fs::path(root_).filename().string();
+    opts_.dir = root_on_xfs_ + "/pool";
+  }
+  opts_.disable_reflink = scenario->copy_path;
   {
     auto pool = Open();
     ASSERT_TRUE(pool);
+    if (scenario->needs_reflink) {
+      ASSERT_TRUE(pool->Info().reflink) << "XFS without reflink?";
+    }
     // A bystander volume must survive every crash untouched.
     ASSERT_TRUE(pool->Create("bystander", kMiB, {}).ok());
     scenario->setup(*pool);
@@ -153,6 +321,13 @@ TEST_P(PoolCrashTest, CrashLeavesOldOrNewState) {
     auto p = Pool::Open(opts_);
     if (!p.ok()) _exit(2);
     Status s = scenario->op(*p.value());
+    // Points inside a background copy fire on the copy's thread: give it time to get there.
+    for (int i = 0; s.ok() && i < 2000; ++i) {
+      auto v = p.value()->Inspect("v");
+      auto snap = p.value()->InspectSnapshot("s");
+      if ((!v.ok() || v->ready) && (!snap.ok() || snap->ready)) break;
+      usleep(5000);
+    }
     _exit(s.ok() ? 0 : 3);  // reaching here means the point never fired
   }
   int status = 0;
@@ -163,7 +338,7 @@ TEST_P(PoolCrashTest, CrashLeavesOldOrNewState) {
 
   auto pool = Open();
   ASSERT_TRUE(pool);
-  Observed got = Observe(*pool);
+  Observed got = Observe(*pool, *scenario);
   bool is_old = got == scenario->before, is_new = got == scenario->after;
   EXPECT_TRUE(is_old || is_new) << "half-done state after crash at " << point << ": present="
                                 << got.present << " size=" << got.size;
@@ -176,6 +351,9 @@ TEST_P(PoolCrashTest, CrashLeavesOldOrNewState) {
       EXPECT_TRUE(is_new) << point;
     }
     EXPECT_EQ(orphans, e->second.orphans) << point;
+    EXPECT_EQ(info.abandoned_copies, e->second.abandoned) << point;
+  } else {
+    ADD_FAILURE() << "no expected outcome for fault point " << point;
   }
   EXPECT_TRUE(info.broken_volumes.empty());
 
@@ -183,20 +361,25 @@ TEST_P(PoolCrashTest, CrashLeavesOldOrNewState) {
   std::set<std::string> files;
   for (const auto& ent : fs::directory_iterator(opts_.dir + "/volumes")) files.insert(ent.path().filename());
   std::set<std::string> want = {"bystander.img", "bystander.json"};
-  if (got.present) want.insert({"v.img", "v.json"});
+  if (got.present && !scenario->snapshot_target) want.insert({"v.img", "v.json"});
+  if (scenario->has_src) want.insert({"src.img", "src.json"});
   EXPECT_EQ(files, want);
+  std::set<std::string> snap_files, want_snaps;
+  for (const auto& ent : fs::directory_iterator(opts_.dir + "/snapshots")) snap_files.insert(ent.path().filename());
+  if ((got.present && scenario->snapshot_target) || scenario->keeps_snapshot) want_snaps = {"s.img", "s.json"};
+  EXPECT_EQ(snap_files, want_snaps);
   auto by = pool->Inspect("bystander");
   ASSERT_TRUE(by.ok());
   EXPECT_EQ(by->size, kMiB);
 
   // The pool stays fully usable: the interrupted operation can simply be retried.
   Status retry = scenario->op(*pool);
-  if (point.rfind("delete.", 0) == 0 && is_new) {
+  if ((point.rfind("delete.", 0) == 0 || point == "snapshot.delete_meta") && is_new) {
     EXPECT_EQ(retry.code(), ENOENT);
   } else {
     EXPECT_TRUE(retry.ok()) << retry.message();
   }
-  EXPECT_EQ(Observe(*pool), scenario->after);
+  EXPECT_EQ(Observe(*pool, *scenario), scenario->after);
 }
 
 INSTANTIATE_TEST_SUITE_P(EveryFaultPoint, PoolCrashTest, ::testing::ValuesIn(KnownFaultPoints()),
