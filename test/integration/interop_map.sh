@@ -44,5 +44,26 @@ assert h.pread(1 << 20, 8 << 20) == b"\xa5" * (1 << 20)
 assert h.pread(2 << 20, 9 << 20) == bytes(2 << 20)
 assert h.pread(1 << 20, 11 << 20) == b"\xa5" * (1 << 20)
 ' || die "read-back around the trimmed range failed"
+
+step "WRITE_ZEROES with NO_HOLE, plain and FAST_ZERO read back as zeroes, neighbours intact"
+nbdsh -u "$uri" -c '
+import errno
+h.pwrite(b"\x5a" * (4 << 20), 20 << 20)
+h.zero(1 << 20, 20 << 20, nbd.CMD_FLAG_NO_HOLE)
+h.zero(1 << 20, 21 << 20)
+try:
+    # libnbd refuses the flag client-side unless the server advertised it.
+    h.zero(1 << 20, 22 << 20, nbd.CMD_FLAG_FAST_ZERO if h.can_fast_zero() else 0)
+except nbd.Error as e:
+    # FAST_ZERO may be refused, but only with ENOTSUP (the client then falls back).
+    assert e.errnum == errno.ENOTSUP, e
+h.flush()
+assert h.pread(3 << 20, 20 << 20) == bytes(3 << 20)
+assert h.pread(1 << 20, 23 << 20) == b"\x5a" * (1 << 20)
+' || die "write-zeroes checks failed"
+# No map check for the NO_HOLE range: a server that zeroes with FALLOC_FL_ZERO_RANGE keeps the
+# blocks allocated but as unwritten extents, which SEEK_DATA on ext4/XFS reports as a hole.
+[ "$(extent_types $((23 << 20)) $((1 << 20)))" = 0 ] || die "data after the zeroed range: $(nbdinfo --map "$uri")"
+check_tiling
 daemon_alive || die "daemon died"
 daemon_stop
