@@ -8,6 +8,9 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <functional>
+#include <future>
+#include <map>
 #include <chrono>
 #include <thread>
 #include <vector>
@@ -48,14 +51,19 @@ struct NbdFrontend::Impl {
   Pool& pool;
   FrontendOptions opts;
   PoolCatalog catalog;
-  asio::io_context io{1};
   std::vector<std::unique_ptr<Worker>> workers;
   std::atomic<unsigned> next_worker{0};
   std::vector<std::unique_ptr<UnixProto::acceptor>> unix_acceptors;
   std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_acceptors;
   std::vector<std::string> unix_paths;
+  std::map<uint64_t, std::function<void()>> handshakes;  // io thread only
+  uint64_t next_handshake = 0;
   std::thread thread;
+  std::future<void> loop_done;
   bool started = false;
+  // Declared last, so destroyed first: coroutine frames it still owns reference the members
+  // above when they unwind.
+  asio::io_context io{1};
 
   Impl(Pool& p, FrontendOptions o) : pool(p), opts(o), catalog(p) {}
 
@@ -85,7 +93,32 @@ struct NbdFrontend::Impl {
   template <typename Socket>
   asio::awaitable<void> Handshake(Socket sock) {
     auto s = std::make_shared<Socket>(std::move(sock));
+    std::shared_ptr<Volume> vol;
+    bool counted = false;
     asio::steady_timer deadline(io, std::chrono::seconds(opts.handshake_timeout_sec));
+    // Stop() closes every socket still in the handshake (only this thread touches the map).
+    const uint64_t id = next_handshake++;
+    handshakes.emplace(id, [s] {
+      boost::system::error_code ignored;
+      s->close(ignored);
+    });
+    // Every way out of this coroutine (co_return, exception, hand-off) runs this: the client
+    // must see the socket closed at once, not when the last copy of `s` happens to go.
+    struct Exit {
+      Impl& m;
+      uint64_t id;
+      std::shared_ptr<Socket> s;
+      std::shared_ptr<Volume>& vol;
+      bool& counted;
+      asio::steady_timer& deadline;
+      ~Exit() {
+        if (counted) vol->stats().ConnectionClosed();
+        deadline.cancel();
+        m.handshakes.erase(id);
+        boost::system::error_code ignored;
+        if (s->is_open()) s->close(ignored);
+      }
+    } exit_guard{*this, id, s, vol, counted, deadline};
     deadline.async_wait([s](const boost::system::error_code& ec) {
       if (!ec) {
         spdlog::info("nbd: handshake timed out, closing");
@@ -134,6 +167,18 @@ struct NbdFrontend::Impl {
           }
         }
         auto step = neg.OnOption(oh.option, payload, drained, out);
+        if (step == nbd::Negotiator::Step::kTransmission) {
+          // Count the connection before the client learns the export is ready, so a delete
+          // racing with this handshake either fails with EBUSY or makes Acquire fail here.
+          vol = pool.Acquire(neg.result().export_info.name);
+          if (!vol) {
+            spdlog::info("nbd: volume {} went away during the handshake",
+                         neg.result().export_info.name);
+            co_return;
+          }
+          vol->stats().ConnectionOpened();
+          counted = true;
+        }
         if (!out.empty()) {
           co_await asio::async_write(*s, asio::buffer(out), use_awaitable);
           out.clear();
@@ -143,13 +188,7 @@ struct NbdFrontend::Impl {
       }
       deadline.cancel();
       const nbd::Negotiated& r = neg.result();
-      std::shared_ptr<Volume> vol = pool.Acquire(r.export_info.name);
-      if (!vol) {
-        spdlog::info("nbd: volume {} was deleted during the handshake", r.export_info.name);
-        co_return;
-      }
-      // Counted before the hand-off so that a concurrent delete sees the connection.
-      vol->stats().ConnectionOpened();
+      counted = false;  // the worker owns the count from here
       int fd = s->release();
       // The worker's ring waits for readiness itself; a blocking socket keeps short sends and
       // receives from surfacing as EAGAIN completions.
@@ -162,7 +201,6 @@ struct NbdFrontend::Impl {
       // EOF or reset mid-handshake: the client left; nothing to clean beyond the socket.
       spdlog::debug("nbd: handshake ended: {}", e.code().message());
     }
-    deadline.cancel();
   }
 };
 
@@ -217,9 +255,12 @@ Status NbdFrontend::Start() {
   }
   for (auto& a : m.unix_acceptors) asio::co_spawn(m.io, m.AcceptLoop(*a), asio::detached);
   for (auto& a : m.tcp_acceptors) asio::co_spawn(m.io, m.AcceptLoop(*a), asio::detached);
-  m.thread = std::thread([&m] {
+  std::promise<void> done;
+  m.loop_done = done.get_future();
+  m.thread = std::thread([&m, done = std::move(done)]() mutable {
     pthread_setname_np(pthread_self(), "nbd-accept");
     m.io.run();
+    done.set_value();
   });
   m.started = true;
   return Status::Ok();
@@ -228,12 +269,19 @@ Status NbdFrontend::Start() {
 void NbdFrontend::Stop() {
   Impl& m = *impl_;
   if (m.started) {
+    // Everything is closed from the io thread itself: handshakes in progress see their socket
+    // closed (their clients get EOF), their coroutines unwind normally, and the loop runs out of
+    // work. If something still lingers after two seconds, the loop is stopped outright.
     asio::post(m.io, [&m] {
       boost::system::error_code ignored;
       for (auto& a : m.unix_acceptors) a->close(ignored);
       for (auto& a : m.tcp_acceptors) a->close(ignored);
+      for (auto& [id, close] : m.handshakes) close();
     });
-    m.io.stop();
+    if (m.loop_done.wait_for(std::chrono::seconds(2)) != std::future_status::ready) {
+      spdlog::warn("nbd: front door did not wind down in 2 s; stopping it");
+      m.io.stop();
+    }
     if (m.thread.joinable()) m.thread.join();
     m.started = false;
   }

@@ -384,8 +384,10 @@ struct Worker::Impl {
   }
 
   // Parses whatever the receive buffer holds, then asks for more. Runs after every recv.
+  // May free `c` (bad framing, or a stopped connection gone idle): callers must not use it after.
   void PumpRecv(Connection* c) {
-    if (c->recv_inflight || c->reading_stopped || c->dead) return;
+    if (c->recv_inflight) return;
+    if (c->reading_stopped || c->dead) return MaybeFree(c);
     for (;;) {
       size_t avail = c->rend - c->rpos;
       uint8_t* p = c->rbuf.get() + c->rpos;
@@ -844,7 +846,7 @@ struct Worker::Impl {
     FlushSends(c);
     if (c->recv_blocked) {  // slots came free: read the requests we stopped at
       c->recv_blocked = false;
-      PumpRecv(c);
+      return PumpRecv(c);  // may free c; otherwise it leaves work pending or frees when idle
     }
     MaybeFree(c);
   }

@@ -604,8 +604,11 @@ TEST_F(EngineTest, FuaFlushTrimZeroesAndBlockStatus) {
     uint64_t total = 0;
     for (const auto& e : r.extents) {
       EXPECT_GT(e.length, 0u);
-      // MapExtents only ever reports data (0) or a hole that reads as zeroes.
-      EXPECT_TRUE(e.flags == 0 || e.flags == (nbd::kStateHole | nbd::kStateZero)) << e.flags;
+      // MapExtents reports data (0), a hole that reads as zeroes (HOLE|ZERO), or allocated
+      // space that reads as zeroes (ZERO: an unwritten extent); never HOLE without ZERO.
+      EXPECT_TRUE(e.flags == 0 || e.flags == (nbd::kStateHole | nbd::kStateZero) ||
+                  e.flags == nbd::kStateZero)
+          << e.flags;
       total += e.length;
     }
     EXPECT_LE(total, len);
@@ -652,15 +655,17 @@ TEST_F(EngineTest, FuaFlushTrimZeroesAndBlockStatus) {
   EXPECT_LT(allocated(), before);
   EXPECT_EQ(c->Read(kMiB + 64 * kKiB, 64 * kKiB), Bytes(64 * kKiB, 0));
 
-  // WRITE_ZEROES with NO_HOLE must keep the space allocated. How SEEK_DATA sees the result is
-  // the file system's business (ext4 and xfs keep unwritten extents, which SEEK_DATA reports as
-  // holes once nothing is cached; a write-zeroes fallback reports data), so only the allocation
-  // and the content are checked.
+  // WRITE_ZEROES with NO_HOLE must keep the space allocated, and BLOCK_STATUS must not call
+  // it a hole: ext4 and xfs keep unwritten extents (reported as ZERO, found with FIEMAP); a
+  // write-zeroes fallback leaves data (0).
   before = allocated();
   EXPECT_EQ(c->Call(nbd::kCmdWriteZeroes, nbd::kCmdFlagNoHole | nbd::kCmdFlagFua,
                     kMiB + 128 * kKiB, 64 * kKiB).error, 0u);
   EXPECT_GE(allocated(), before);
-  status(kMiB + 128 * kKiB, 64 * kKiB);
+  e = status(kMiB + 128 * kKiB, 64 * kKiB);
+  ASSERT_EQ(e.size(), 1u);
+  EXPECT_EQ(e[0].length, 64 * kKiB);
+  EXPECT_EQ(e[0].flags & nbd::kStateHole, 0u) << "NO_HOLE zeroing reported as a hole";
   EXPECT_EQ(c->Read(kMiB + 128 * kKiB, 64 * kKiB), Bytes(64 * kKiB, 0));
 
   // FAST_ZERO: either done quickly (punching is fast here) or refused with ENOTSUP, never slow.
