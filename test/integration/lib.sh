@@ -70,9 +70,6 @@ _lib_cleanup() {
   local rc=$? i pid
   trap - EXIT INT TERM
   set +e
-  for ((i = ${#LIB_EXIT_HOOKS[@]} - 1; i >= 0; i--)); do
-    eval "${LIB_EXIT_HOOKS[$i]}" >/dev/null 2>&1
-  done
   for pid in "${LIB_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
   # Give servers a moment to exit cleanly, then stop waiting: a hung child must not hang CTest.
   for _ in $(seq 30); do
@@ -83,6 +80,10 @@ _lib_cleanup() {
   done
   for pid in "${LIB_PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; done
   wait 2>/dev/null
+  # Hooks (unmounts) run once nothing of ours holds files open under them.
+  for ((i = ${#LIB_EXIT_HOOKS[@]} - 1; i >= 0; i--)); do
+    eval "${LIB_EXIT_HOOKS[$i]}" >/dev/null 2>&1
+  done
   if [ -n "$W" ] && [ -d "$W" ]; then
     if [ "${NBDCSI_KEEP:-0}" = 1 ] || { [ $rc != 0 ] && [ $rc != 77 ] && [ "${NBDCSI_KEEP:-0}" = onfail ]; }; then
       echo "work dir kept: $W" >&2
@@ -123,7 +124,7 @@ bg() {
 # wait_for SECONDS CMD...: poll until CMD succeeds; 1 if it never did.
 wait_for() {
   local deadline=$(( $(date +%s) + $1 )); shift
-  until "$@" 2>/dev/null; do
+  until "$@" >/dev/null 2>&1; do
     [ "$(date +%s)" -lt "$deadline" ] || return 1
     sleep 0.05
   done
