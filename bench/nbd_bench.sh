@@ -16,7 +16,6 @@ NBDCSI_SERVER=datapathd
 # The data must live on the disk being measured, not on a tmpfs /tmp.
 NBDCSI_WORKDIR_BASE=${BENCH_DIR:-/var/tmp}
 lib_init
-SIZE=$((1 << 30))
 
 step "1 GiB preallocated, written file (reads must hit real data, not holes)"
 file=$W/peer.raw

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by every integration test and benchmark: a private work dir, a server to test, volumes,
 # NBD URIs, timed steps, and a trap that leaves nothing behind (children, mounts, files).
 #
