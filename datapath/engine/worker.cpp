@@ -192,6 +192,7 @@ struct Worker::Impl {
   std::vector<Connection*> conns;
   std::vector<Slot*> throttled;
   std::vector<Slot*> parked;
+  std::vector<Slot*> scratch;  // reused by RunThrottled and the parked retry
   // Told by a volume's WriteGate when parked writes may go; wakes this worker's ring.
   // It owns the eventfd: a gate may still hold a reference to it for a moment after the
   // worker is gone, and then writes into a still-open descriptor nobody reads.
@@ -284,9 +285,9 @@ struct Worker::Impl {
     }
     for (auto& in : batch) AddConnection(std::move(in));
     if (!parked.empty()) {
-      std::vector<Slot*> retry;
-      retry.swap(parked);
-      for (Slot* s : retry) Execute(s);
+      scratch.swap(parked);  // Execute may park some again
+      for (Slot* s : scratch) Execute(s);
+      scratch.clear();
     }
     if (stopping.load(std::memory_order_acquire)) {
       for (Connection* c : std::vector<Connection*>(conns)) Abort(c, "daemon shutting down");
@@ -554,12 +555,12 @@ struct Worker::Impl {
   void RunThrottled() {
     if (throttled.empty()) return;
     uint64_t now = MonotonicNowNs();
-    std::vector<Slot*> due;
     auto it = std::stable_partition(throttled.begin(), throttled.end(),
                                     [now](Slot* s) { return s->due_ns > now; });
-    due.assign(it, throttled.end());
+    scratch.assign(it, throttled.end());  // reused: no allocation per pass
     throttled.erase(it, throttled.end());
-    for (Slot* s : due) Admit(s);
+    for (Slot* s : scratch) Admit(s);
+    scratch.clear();
   }
 
   // ---- executing ----------------------------------------------------------------------------
