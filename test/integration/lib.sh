@@ -187,6 +187,20 @@ daemon_stop() {
   step "nbd-datapathd stopped cleanly"
 }
 
+# daemon_reap [SECONDS]: wait (bounded, default 15 s) for a daemon that is expected to exit on
+# its own (fault injection, kill -9) and set DAEMON_RC to its exit status. Call it in the main
+# shell, never inside $(...): a subshell cannot wait for its parent's children.
+daemon_reap() {
+  local deadline=$(( $(date +%s) + ${1:-15} ))
+  while kill -0 "$DAEMON_PID" 2>/dev/null; do
+    [ "$(date +%s)" -lt "$deadline" ] || die "nbd-datapathd (pid $DAEMON_PID) did not exit within ${1:-15} s"
+    sleep 0.05
+  done
+  DAEMON_RC=0
+  wait "$DAEMON_PID" || DAEMON_RC=$?
+  DAEMON_PID=
+}
+
 daemon_alive() {
   is_datapathd || return 0
   kill -0 "$DAEMON_PID" 2>/dev/null
