@@ -9,7 +9,7 @@ lib_init
 pool=$W/tiny
 mkdir -p "$pool"
 mount -t tmpfs -o size=64M,mode=0700 nbdcsi-fulldisk "$pool" 2>/dev/null || skip "cannot mount a tmpfs (not privileged)"
-on_exit "umount -l '$pool'"
+on_exit "umount '$pool' || umount -l '$pool'"
 daemon_start "$pool" -- --overcommit 32
 vol_create big 1Gi
 
