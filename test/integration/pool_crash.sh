@@ -14,14 +14,6 @@ REQS=$W/requests      # "name size" per request sent, acknowledged or not
 
 start() { daemon_start "$POOL"; }
 
-# Wait for a daemon that is expected to die; prints its exit status.
-reap() {
-  local rc=0
-  wait "$DAEMON_PID" 2>/dev/null || rc=$?
-  DAEMON_PID=
-  echo "$rc"
-}
-
 # Restart and check the pool against what was asked and what was acknowledged.
 check_pool() {
   start
@@ -73,7 +65,8 @@ for point in create.data create.meta_tmp create.meta_renamed resize.data resize.
     resize.*) echo "base$i $((2 * GI))" >>"$REQS"
               nbdctl volume resize "base$i" --size 2Gi >/dev/null 2>&1 && die "resize survived fault $point" ;;
   esac
-  rc=$(reap)
+  daemon_reap
+  rc=$DAEMON_RC
   [ "$rc" = 86 ] || die "daemon exited $rc at fault point $point (want 86)"
   check_pool
   case $point in
@@ -103,7 +96,7 @@ for round in 1 2 3 4 5; do
   client=$!
   sleep "0.$(printf '%02d' $((RANDOM % 30 + 5)))"
   kill -KILL "$DAEMON_PID"
-  reap >/dev/null
+  daemon_reap
   wait "$client" && interrupted=$((interrupted + 1))
   check_pool
   daemon_stop
