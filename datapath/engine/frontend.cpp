@@ -5,13 +5,16 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <functional>
 #include <future>
 #include <map>
 #include <chrono>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -264,6 +267,43 @@ Status NbdFrontend::Start() {
   });
   m.started = true;
   return Status::Ok();
+}
+
+StatusOr<std::vector<int>> NbdFrontend::ServeSocketPairs(const std::string& volume, unsigned n) {
+  Impl& m = *impl_;
+  if (m.workers.empty()) return Error(EINVAL, "the NBD workers are not running");
+  if (n == 0) return Error(EINVAL, "at least one connection is needed");
+  std::vector<int> clients;
+  std::vector<int> servers;
+  auto close_all = [&] {
+    for (int fd : clients) close(fd);
+    for (int fd : servers) close(fd);
+  };
+  for (unsigned i = 0; i < n; ++i) {
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+      int err = errno;
+      close_all();
+      return Error(err, "socketpair for volume {}: {}", volume, std::strerror(err));
+    }
+    clients.push_back(sv[0]);
+    servers.push_back(sv[1]);
+  }
+  auto vol = m.pool.Acquire(volume);
+  if (!vol) {
+    close_all();
+    return Error(ENOENT, "volume {} is not exported (missing, or still being copied)", volume);
+  }
+  nbd::Negotiated neg;
+  neg.export_info = nbd::ExportInfo{vol->name(), vol->size(), vol->read_only(), "nbd-csi volume"};
+  neg.transmission_flags = nbd::TransmissionFlags(vol->read_only(), false);
+  for (int fd : servers) {
+    vol->stats().ConnectionOpened();  // the worker owns the count from here, as after a handshake
+    unsigned w = m.next_worker.fetch_add(1, std::memory_order_relaxed) % m.workers.size();
+    m.workers[w]->Adopt(fd, vol, neg);
+  }
+  spdlog::debug("nbd: volume {} served over {} socketpair(s)", volume, n);
+  return clients;
 }
 
 void NbdFrontend::Stop() {

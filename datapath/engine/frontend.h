@@ -8,6 +8,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/endpoint.h"
 #include "common/status.h"
@@ -32,6 +33,12 @@ class NbdFrontend {
   // Stops accepting, drops handshakes in progress, closes every connection after its in-flight
   // I/O completes, and removes the Unix socket files.
   void Stop();
+
+  // Serves `volume` over `n` fresh socketpairs, for the kernel NBD driver: the server ends go to
+  // the workers straight into the transmission phase, as the kernel never negotiates (so no
+  // structured replies and no meta contexts: simple replies only). Returns the client ends,
+  // close-on-exec, owned by the caller. ENOENT if the volume is not exported; call after Start.
+  StatusOr<std::vector<int>> ServeSocketPairs(const std::string& volume, unsigned n);
 
  private:
   struct Impl;

@@ -1,0 +1,439 @@
+#include "datapath/engine/attachments.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "datapath/engine/frontend.h"
+#include "datapath/nbd/negotiate.h"
+#include "datapath/pool/pool.h"
+
+namespace nbdcsi::datapath {
+namespace {
+
+constexpr const char* kRecordSuffix = ".json";
+constexpr const char* kTempSuffix = ".json.tmp";
+
+bool EndsWith(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+Status Sys(int err, const std::string& what) {
+  return Error(err, "{}: {}", what, std::strerror(err));
+}
+
+Status FsyncDir(const std::string& dir) {
+  int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return Sys(errno, "open directory " + dir + " for fsync");
+  int rc = fsync(fd);
+  int err = errno;
+  close(fd);
+  if (rc != 0) return Sys(err, "fsync directory " + dir);
+  return Status::Ok();
+}
+
+// Replaces dir/name with `content` so that after a crash the file is either the old or the new
+// content, never a torn mix, and the rename itself is durable.
+Status WriteFileDurably(const std::string& dir, const std::string& name, const std::string& content) {
+  const std::string path = dir + "/" + name;
+  const std::string tmp = path + ".tmp";
+  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return Sys(errno, "create " + tmp);
+  Status s;
+  for (size_t off = 0; s.ok() && off < content.size();) {
+    ssize_t n = write(fd, content.data() + off, content.size() - off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) s = Sys(errno, "write " + tmp);
+    else off += static_cast<size_t>(n);
+  }
+  if (s.ok() && fsync(fd) != 0) s = Sys(errno, "fsync " + tmp);
+  if (close(fd) != 0 && s.ok()) s = Sys(errno, "close " + tmp);
+  if (s.ok() && rename(tmp.c_str(), path.c_str()) != 0) s = Sys(errno, "rename " + tmp);
+  if (!s.ok()) {
+    unlink(tmp.c_str());
+    return s;
+  }
+  return FsyncDir(dir);
+}
+
+void CloseAll(std::vector<int>& fds) {
+  for (int fd : fds) close(fd);
+  fds.clear();
+}
+
+std::string NewCookie(const std::string& volume) {
+  // The random part tells this attachment apart from any earlier one of the same volume (another
+  // daemon, or a device left over from a lost record), so sysfs can never match the wrong one.
+  std::random_device rd;
+  uint64_t nonce = (static_cast<uint64_t>(rd()) << 32) | rd();
+  return fmt::format("nbd-csi:{}:{:016x}", volume, nonce);
+}
+
+class FrontendExportServer final : public ExportServer {
+ public:
+  FrontendExportServer(Pool& pool, NbdFrontend& frontend) : pool_(pool), frontend_(frontend) {}
+  StatusOr<ServedExport> Serve(const std::string& volume, unsigned connections) override {
+    auto vol = pool_.Acquire(volume);
+    if (!vol) return Error(ENOENT, "volume {} not found (or not ready)", volume);
+    ServedExport out;
+    out.size_bytes = vol->size();
+    out.read_only = vol->read_only();
+    auto fds = frontend_.ServeSocketPairs(volume, connections);
+    if (!fds.ok()) return fds.status();
+    out.client_fds = std::move(*fds);
+    return out;
+  }
+
+ private:
+  Pool& pool_;
+  NbdFrontend& frontend_;
+};
+
+}  // namespace
+
+std::string AttachmentRecord::ToJson() const {
+  nlohmann::json j = {{"volume", volume},           {"index", index},
+                      {"cookie", cookie},           {"connections", connections},
+                      {"size_bytes", size_bytes},   {"read_only", read_only}};
+  return j.dump(2) + "\n";
+}
+
+StatusOr<AttachmentRecord> AttachmentRecord::FromJson(const std::string& text) {
+  AttachmentRecord r;
+  try {
+    auto j = nlohmann::json::parse(text);
+    r.volume = j.at("volume").get<std::string>();
+    r.index = j.at("index").get<int>();
+    r.cookie = j.at("cookie").get<std::string>();
+    r.connections = j.at("connections").get<unsigned>();
+    r.size_bytes = j.value("size_bytes", uint64_t{0});
+    r.read_only = j.value("read_only", false);
+  } catch (const nlohmann::json::exception& e) {
+    return Error(EINVAL, "malformed attachment record: {}", e.what());
+  }
+  if (r.volume.empty() || r.cookie.empty() || r.index < -1 || r.connections == 0 ||
+      r.connections > AttachmentManager::kMaxConnections) {
+    return Error(EINVAL, "attachment record has invalid fields (volume '{}', index {}, {} conns)",
+                 r.volume, r.index, r.connections);
+  }
+  return r;
+}
+
+std::unique_ptr<ExportServer> MakeFrontendExportServer(Pool& pool, NbdFrontend& frontend) {
+  return std::make_unique<FrontendExportServer>(pool, frontend);
+}
+
+class AttachmentManager::Claim {
+ public:
+  Claim(AttachmentManager& m, const std::string& volume) : m_(m), volume_(volume) {
+    std::lock_guard lk(m_.mu_);
+    held_ = m_.busy_.insert(volume).second;
+  }
+  ~Claim() {
+    if (!held_) return;
+    std::lock_guard lk(m_.mu_);
+    m_.busy_.erase(volume_);
+  }
+  bool held() const { return held_; }
+
+ private:
+  AttachmentManager& m_;
+  std::string volume_;
+  bool held_ = false;
+};
+
+AttachmentManager::AttachmentManager(std::string dir, KernelNbdInterface& kernel,
+                                     ExportServer& server, AttachOptions opts)
+    : dir_(std::move(dir)), kernel_(kernel), server_(server), opts_(opts) {
+  while (dir_.size() > 1 && dir_.back() == '/') dir_.pop_back();
+}
+
+unsigned AttachmentManager::DefaultConnections() const {
+  if (opts_.default_connections) return std::min(opts_.default_connections, kMaxConnections);
+  return std::clamp(std::thread::hardware_concurrency(), 1u, 4u);
+}
+
+std::string AttachmentManager::RecordPath(const std::string& volume) const {
+  return dir_ + "/" + volume + kRecordSuffix;
+}
+
+Status AttachmentManager::Init() {
+  struct stat st;
+  if (stat(dir_.c_str(), &st) == 0) {
+    if (!S_ISDIR(st.st_mode)) return Error(ENOTDIR, "{} exists and is not a directory", dir_);
+    return Status::Ok();
+  }
+  if (errno != ENOENT) return Sys(errno, "stat " + dir_);
+  if (mkdir(dir_.c_str(), 0700) != 0 && errno != EEXIST) return Sys(errno, "mkdir " + dir_);
+  std::string parent = dir_.substr(0, dir_.find_last_of('/'));
+  return FsyncDir(parent.empty() ? "/" : parent);
+}
+
+Status AttachmentManager::WriteRecord(const AttachmentRecord& r) {
+  return WriteFileDurably(dir_, r.volume + kRecordSuffix, r.ToJson());
+}
+
+Status AttachmentManager::RemoveRecord(const std::string& volume) {
+  std::string path = RecordPath(volume);
+  if (unlink(path.c_str()) != 0 && errno != ENOENT) return Sys(errno, "remove " + path);
+  return FsyncDir(dir_);
+}
+
+int AttachmentManager::LiveIndex(const AttachmentRecord& r) {
+  if (r.index >= 0) return kernel_.Backend(r.index) == r.cookie ? r.index : -1;
+  return kernel_.FindByBackend(r.cookie);
+}
+
+RecoverReport AttachmentManager::Recover() {
+  RecoverReport rep;
+  DIR* d = opendir(dir_.c_str());
+  if (!d) {
+    rep.failed.push_back(fmt::format("{}: cannot open: {}", dir_, std::strerror(errno)));
+    return rep;
+  }
+  std::vector<std::string> files;
+  while (dirent* e = readdir(d)) {
+    std::string f = e->d_name;
+    if (f == "." || f == "..") continue;
+    if (EndsWith(f, kTempSuffix)) {
+      // A write that never reached its rename: the record it was replacing (if any) is intact.
+      std::string p = dir_ + "/" + f;
+      if (unlink(p.c_str()) == 0) spdlog::warn("attach: removed interrupted record write {}", p);
+      continue;
+    }
+    if (EndsWith(f, kRecordSuffix)) files.push_back(f);
+  }
+  closedir(d);
+  std::sort(files.begin(), files.end());
+
+  const Status available = kernel_.Available();
+  for (const auto& f : files) {
+    const std::string path = dir_ + "/" + f;
+    std::string text;
+    {
+      int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) {
+        rep.failed.push_back(fmt::format("{}: cannot open: {}", path, std::strerror(errno)));
+        continue;
+      }
+      char buf[4096];
+      ssize_t n;
+      while ((n = read(fd, buf, sizeof buf)) > 0) text.append(buf, static_cast<size_t>(n));
+      close(fd);
+    }
+    auto rec = AttachmentRecord::FromJson(text);
+    std::string stem = f.substr(0, f.size() - std::strlen(kRecordSuffix));
+    if (!rec.ok() || rec->volume != stem) {
+      // Never delete what we cannot read: an operator decides.
+      std::string why = rec.ok() ? fmt::format("names volume '{}'", rec->volume)
+                                 : rec.status().message();
+      spdlog::error("attach: record {} left in place: {}", path, why);
+      rep.failed.push_back(fmt::format("{}: {}", stem, why));
+      continue;
+    }
+    AttachmentRecord r = std::move(*rec);
+    if (!available.ok()) {
+      // Without the driver we cannot tell a gone device from an invisible one: keep the record.
+      spdlog::error("attach: cannot recover {} ({}): {}", r.volume, r.device(), available.message());
+      rep.failed.push_back(fmt::format("{}: {}", r.volume, available.message()));
+      continue;
+    }
+    int live = LiveIndex(r);
+    if (live < 0) {
+      std::string why = r.index < 0 ? "CONNECT never completed and no device has its cookie"
+                                    : fmt::format("{} is gone or bound to another backend ('{}')",
+                                                  r.device(), kernel_.Backend(r.index));
+      if (Status s = RemoveRecord(r.volume); !s.ok()) {
+        spdlog::error("attach: {}: {}; and the record could not be removed: {}", r.volume, why,
+                      s.message());
+        rep.failed.push_back(fmt::format("{}: {}", r.volume, s.message()));
+        continue;
+      }
+      spdlog::warn("attach: dropped the record of {}: {}", r.volume, why);
+      rep.dropped.push_back(fmt::format("{}: {}", r.volume, why));
+      continue;
+    }
+    if (r.index != live) {
+      r.index = live;
+      if (Status s = WriteRecord(r); !s.ok()) {
+        spdlog::error("attach: {}: cannot complete its record: {}", r.volume, s.message());
+      }
+    }
+    auto served = server_.Serve(r.volume, r.connections);
+    if (!served.ok()) {
+      spdlog::error("attach: cannot serve {} for {}: {}", r.volume, r.device(),
+                    served.status().message());
+      rep.failed.push_back(fmt::format("{}: {}", r.volume, served.status().message()));
+      std::lock_guard lk(mu_);
+      records_[r.volume] = r;
+      continue;
+    }
+    Status s = kernel_.Reconfigure(r.index, served->client_fds, opts_.dead_conn_timeout_s);
+    CloseAll(served->client_fds);
+    if (!s.ok() && s.code() == ENOSPC) {
+      // The kernel only says ENOSPC when a socket finds no dead slot to fill, i.e. every
+      // connection of the device is live already: nothing is waiting on us.
+      spdlog::warn("attach: {} had live connections already; extra sockets were refused",
+                   r.device());
+      s = Status::Ok();
+    }
+    if (!s.ok()) {
+      spdlog::error("attach: RECONFIGURE of {} for {} failed: {}", r.device(), r.volume,
+                    s.message());
+      rep.failed.push_back(fmt::format("{}: {}", r.volume, s.message()));
+    } else {
+      spdlog::info("attach: reconnected {} to volume {} over {} connection(s)", r.device(),
+                   r.volume, r.connections);
+      rep.reconnected.push_back(fmt::format("{} -> {}", r.volume, r.device()));
+    }
+    std::lock_guard lk(mu_);
+    records_[r.volume] = r;
+  }
+  return rep;
+}
+
+StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
+                                                     unsigned connections) {
+  if (connections > kMaxConnections) {
+    return Error(EINVAL, "{} connections requested; at most {}", connections, kMaxConnections);
+  }
+  if (connections == 0) connections = DefaultConnections();
+  Claim claim(*this, volume);
+  if (!claim.held()) {
+    return Error(EALREADY, "another attach or detach of volume {} is in progress", volume);
+  }
+  std::optional<AttachmentRecord> existing = Get(volume);
+  if (existing) {
+    if (existing->index >= 0 && LiveIndex(*existing) == existing->index) {
+      if (existing->connections != connections) {
+        spdlog::info("attach: {} is already attached as {} with {} connection(s); keeping it",
+                     volume, existing->device(), existing->connections);
+      }
+      return *existing;
+    }
+    spdlog::warn("attach: the record of {} names {}, which is no longer ours; attaching anew",
+                 volume, existing->device());
+    if (Status s = RemoveRecord(volume); !s.ok()) return s;
+    std::lock_guard lk(mu_);
+    records_.erase(volume);
+  }
+  if (Status s = kernel_.Available(); !s.ok()) return s;
+
+  auto served = server_.Serve(volume, connections);
+  if (!served.ok()) return served.status();
+
+  AttachmentRecord r;
+  r.volume = volume;
+  r.cookie = NewCookie(volume);
+  r.connections = connections;
+  r.size_bytes = served->size_bytes;
+  r.read_only = served->read_only;
+  if (Status s = WriteRecord(r); !s.ok()) {
+    CloseAll(served->client_fds);  // the workers see EOF and drop the connections
+    return s;
+  }
+
+  KernelConnectParams p;
+  p.size_bytes = served->size_bytes;
+  p.server_flags = nbd::TransmissionFlags(served->read_only, false);
+  p.dead_conn_timeout_s = opts_.dead_conn_timeout_s;
+  p.io_timeout_s = opts_.io_timeout_s;
+  p.backend_identifier = r.cookie;
+  auto index = kernel_.Connect(served->client_fds, p);
+  CloseAll(served->client_fds);
+  if (!index.ok()) {
+    if (Status s = RemoveRecord(volume); !s.ok()) {
+      spdlog::error("attach: {}: cannot remove the pending record: {}", volume, s.message());
+    }
+    return index.status();
+  }
+  r.index = *index;
+  if (Status s = WriteRecord(r); !s.ok()) {
+    // A device we could not record durably would be lost at the next restart: undo it. The
+    // pending record (index -1, same cookie) still finds the device if this undo fails too.
+    spdlog::error("attach: {}: cannot record {}: {}; disconnecting it", volume, r.device(),
+                  s.message());
+    if (Status d = kernel_.Disconnect(r.index); !d.ok()) {
+      spdlog::error("attach: disconnect of {} failed: {}", r.device(), d.message());
+    } else if (Status rm = RemoveRecord(volume); !rm.ok()) {
+      spdlog::error("attach: {}: {}", volume, rm.message());
+    }
+    return s;
+  }
+  if (opts_.max_sectors_kb) {
+    auto kb = kernel_.SetMaxSectorsKb(r.index, opts_.max_sectors_kb);
+    if (!kb.ok()) {
+      spdlog::warn("attach: {}: max_sectors_kb stays at the default: {}", r.device(),
+                   kb.status().message());
+    }
+  }
+  {
+    std::lock_guard lk(mu_);
+    records_[volume] = r;
+  }
+  spdlog::info("attach: volume {} attached as {} ({} bytes, {} connection(s), cookie {})", volume,
+               r.device(), r.size_bytes, r.connections, r.cookie);
+  return r;
+}
+
+Status AttachmentManager::Detach(const std::string& volume) {
+  Claim claim(*this, volume);
+  if (!claim.held()) {
+    return Error(EALREADY, "another attach or detach of volume {} is in progress", volume);
+  }
+  std::optional<AttachmentRecord> r = Get(volume);
+  if (!r) return Status::Ok();
+  auto forget = [&]() -> Status {
+    if (Status s = RemoveRecord(volume); !s.ok()) return s;
+    std::lock_guard lk(mu_);
+    records_.erase(volume);
+    return Status::Ok();
+  };
+  if (r->index < 0 || LiveIndex(*r) != r->index) {
+    spdlog::info("attach: detach {}: {} is no longer ours; forgetting the record", volume,
+                 r->device());
+    return forget();
+  }
+  if (Status s = kernel_.CheckNotInUse(r->index); !s.ok()) {
+    return Error(s.code(), "cannot detach volume {}: {}", volume, s.message());
+  }
+  if (Status s = kernel_.Disconnect(r->index); !s.ok()) return s;
+  // DISCONNECT returns once the request is queued; the device is torn down when the sockets
+  // close. Until then the record must stay, or a restart in between would lose track of it.
+  auto deadline = std::chrono::steady_clock::now() + opts_.detach_wait;
+  while (kernel_.Connected(r->index)) {
+    if (std::chrono::steady_clock::now() >= deadline) {
+      return Error(ETIMEDOUT, "{} is still connected {} ms after DISCONNECT; retry later",
+                   r->device(), opts_.detach_wait.count());
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (Status s = forget(); !s.ok()) return s;
+  spdlog::info("attach: volume {} detached from {}", volume, r->device());
+  return Status::Ok();
+}
+
+std::vector<AttachmentRecord> AttachmentManager::List() const {
+  std::lock_guard lk(mu_);
+  std::vector<AttachmentRecord> out;
+  for (const auto& [name, r] : records_) out.push_back(r);
+  return out;
+}
+
+std::optional<AttachmentRecord> AttachmentManager::Get(const std::string& volume) const {
+  std::lock_guard lk(mu_);
+  auto it = records_.find(volume);
+  if (it == records_.end()) return std::nullopt;
+  return it->second;
+}
+
+}  // namespace nbdcsi::datapath
