@@ -1,0 +1,462 @@
+// AttachmentManager against a fake kernel (no nbd.ko needed) and a fake export server that hands
+// out real socketpair ends, so descriptor ownership is checked too: every fd the manager gets must
+// be closed by it, and the fake kernel records what it was given.
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "datapath/engine/attachments.h"
+#include "datapath/engine/kernel_nbd.h"
+#include "datapath/nbd/negotiate.h"
+
+namespace nbdcsi::datapath {
+namespace {
+
+namespace fs = std::filesystem;
+
+bool FdOpen(int fd) { return fcntl(fd, F_GETFD) != -1; }
+
+// A kernel with nbd devices as a map index -> backend cookie.
+class FakeKernel final : public KernelNbdInterface {
+ public:
+  Status available = Status::Ok();
+  Status connect_error = Status::Ok();
+  Status reconfigure_error = Status::Ok();
+  Status in_use = Status::Ok();
+  int connected_polls_before_gone = 0;  // how many Connected() calls still say true after DISC
+  std::map<int, std::string> devices;
+  std::map<int, unsigned> max_sectors;
+  std::vector<KernelConnectParams> connects;
+  std::vector<std::pair<int, size_t>> reconfigures;  // index, number of sockets
+  std::vector<int> disconnects;
+  std::vector<int> fds_seen;  // every socket passed in, to check the manager closes them
+  // Connect blocks until released when set (for the concurrency test).
+  bool block_connect = false;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool connect_entered = false, connect_release = false;
+
+  Status Available() override { return available; }
+  StatusOr<int> Connect(const std::vector<int>& fds, const KernelConnectParams& p) override {
+    if (block_connect) {
+      std::unique_lock lk(mu);
+      connect_entered = true;
+      cv.notify_all();
+      cv.wait(lk, [&] { return connect_release; });
+    }
+    for (int fd : fds) EXPECT_TRUE(FdOpen(fd));
+    fds_seen.insert(fds_seen.end(), fds.begin(), fds.end());
+    connects.push_back(p);
+    if (!connect_error.ok()) return connect_error;
+    int index = 0;
+    while (devices.count(index)) ++index;
+    devices[index] = p.backend_identifier;
+    return index;
+  }
+  Status Reconfigure(int index, const std::vector<int>& fds, uint64_t) override {
+    for (int fd : fds) EXPECT_TRUE(FdOpen(fd));
+    fds_seen.insert(fds_seen.end(), fds.begin(), fds.end());
+    reconfigures.emplace_back(index, fds.size());
+    return reconfigure_error;
+  }
+  Status Disconnect(int index) override {
+    disconnects.push_back(index);
+    pending_gone_[index] = connected_polls_before_gone;
+    return Status::Ok();
+  }
+  std::string Backend(int index) override {
+    auto it = devices.find(index);
+    return it == devices.end() ? "" : it->second;
+  }
+  int FindByBackend(const std::string& cookie) override {
+    for (const auto& [i, c] : devices)
+      if (c == cookie) return i;
+    return -1;
+  }
+  bool Connected(int index) override {
+    auto it = pending_gone_.find(index);
+    if (it != pending_gone_.end()) {
+      if (it->second-- > 0) return true;
+      devices.erase(index);
+      pending_gone_.erase(it);
+    }
+    return devices.count(index) > 0;
+  }
+  Status CheckNotInUse(int) override { return in_use; }
+  StatusOr<unsigned> SetMaxSectorsKb(int index, unsigned kb) override {
+    max_sectors[index] = kb;
+    return kb;
+  }
+
+ private:
+  std::map<int, int> pending_gone_;
+};
+
+class FakeServer final : public ExportServer {
+ public:
+  std::map<std::string, std::pair<uint64_t, bool>> volumes;  // size, read-only
+  std::vector<int> server_ends;
+  std::vector<std::pair<std::string, unsigned>> calls;
+
+  ~FakeServer() override {
+    for (int fd : server_ends) close(fd);
+  }
+  StatusOr<ServedExport> Serve(const std::string& volume, unsigned n) override {
+    calls.emplace_back(volume, n);
+    auto it = volumes.find(volume);
+    if (it == volumes.end()) return Error(ENOENT, "volume {} not found", volume);
+    ServedExport e;
+    e.size_bytes = it->second.first;
+    e.read_only = it->second.second;
+    for (unsigned i = 0; i < n; ++i) {
+      int sv[2];
+      EXPECT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+      e.client_fds.push_back(sv[0]);
+      server_ends.push_back(sv[1]);
+    }
+    return e;
+  }
+  // A server end whose peer was closed reads EOF at once.
+  size_t ClosedPeers() const {
+    size_t n = 0;
+    for (int fd : server_ends) {
+      char c;
+      if (recv(fd, &c, 1, MSG_DONTWAIT) == 0) ++n;
+    }
+    return n;
+  }
+};
+
+class AttachManagerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const char* base = std::getenv("TMPDIR");
+    std::string tmpl = std::string(base ? base : "/tmp") + "/attach_manager_test.XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
+    root_ = tmpl;
+    dir_ = root_ + "/attachments";
+    server_.volumes["vol-a"] = {64 << 20, false};
+    server_.volumes["vol-b"] = {128 << 20, true};
+    opts_.default_connections = 2;
+    opts_.detach_wait = std::chrono::milliseconds(500);
+  }
+  void TearDown() override { fs::remove_all(root_); }
+
+  std::unique_ptr<AttachmentManager> NewManager() {
+    auto m = std::make_unique<AttachmentManager>(dir_, kernel_, server_, opts_);
+    Status s = m->Init();
+    EXPECT_TRUE(s.ok()) << s.message();
+    return m;
+  }
+  std::string ReadFile(const std::string& p) {
+    std::ifstream in(p);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  }
+  void WriteFile(const std::string& p, const std::string& content) {
+    std::ofstream(p) << content;
+  }
+  // Descriptor numbers get reused, so check the other side: every server end sees its peer gone.
+  void ExpectAllClientFdsClosed() {
+    EXPECT_EQ(server_.ClosedPeers(), server_.server_ends.size());
+  }
+
+  std::string root_, dir_;
+  FakeKernel kernel_;
+  FakeServer server_;
+  AttachOptions opts_;
+};
+
+TEST_F(AttachManagerTest, AttachWritesDurableRecordAndPassesKernelParameters) {
+  auto m = NewManager();
+  auto r = m->Attach("vol-a", 3);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(r->index, 0);
+  EXPECT_EQ(r->device(), "/dev/nbd0");
+  EXPECT_EQ(r->connections, 3u);
+  EXPECT_EQ(r->cookie.rfind("nbd-csi:vol-a:", 0), 0u) << r->cookie;
+
+  ASSERT_EQ(kernel_.connects.size(), 1u);
+  const KernelConnectParams& p = kernel_.connects[0];
+  EXPECT_EQ(p.size_bytes, 64u << 20);
+  EXPECT_EQ(p.block_size, 4096u);
+  EXPECT_EQ(p.server_flags, nbd::TransmissionFlags(false, false));
+  EXPECT_EQ(p.backend_identifier, r->cookie);
+  EXPECT_EQ(p.dead_conn_timeout_s, opts_.dead_conn_timeout_s);
+  EXPECT_GT(p.io_timeout_s, 0u);
+  EXPECT_EQ(kernel_.fds_seen.size(), 3u);
+  EXPECT_EQ(kernel_.max_sectors[0], opts_.max_sectors_kb);
+  ExpectAllClientFdsClosed();
+
+  auto rec = AttachmentRecord::FromJson(ReadFile(dir_ + "/vol-a.json"));
+  ASSERT_TRUE(rec.ok()) << rec.status().message();
+  EXPECT_EQ(rec->index, 0);
+  EXPECT_EQ(rec->cookie, r->cookie);
+  EXPECT_EQ(rec->connections, 3u);
+  EXPECT_FALSE(fs::exists(dir_ + "/vol-a.json.tmp"));
+  struct stat st;
+  ASSERT_EQ(stat(dir_.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0700u);
+}
+
+TEST_F(AttachManagerTest, ReadOnlyVolumeGetsReadOnlyFlags) {
+  auto m = NewManager();
+  ASSERT_TRUE(m->Attach("vol-b").ok());
+  EXPECT_EQ(kernel_.connects.at(0).server_flags, nbd::TransmissionFlags(true, false));
+  EXPECT_EQ(kernel_.connects.at(0).size_bytes, 128u << 20);
+  EXPECT_EQ(kernel_.fds_seen.size(), 2u);  // the default from the options
+}
+
+TEST_F(AttachManagerTest, AttachIsIdempotentWhileTheDeviceIsOurs) {
+  auto m = NewManager();
+  auto a = m->Attach("vol-a");
+  ASSERT_TRUE(a.ok());
+  auto b = m->Attach("vol-a", 4);
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(b->index, a->index);
+  EXPECT_EQ(b->cookie, a->cookie);
+  EXPECT_EQ(kernel_.connects.size(), 1u);
+  EXPECT_EQ(server_.calls.size(), 1u);
+
+  // The device went away behind our back (dead-connection timeout, or someone detached it):
+  // a new Attach makes a new device instead of returning a stale path.
+  kernel_.devices.clear();
+  auto c = m->Attach("vol-a");
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  EXPECT_NE(c->cookie, a->cookie);
+  EXPECT_EQ(kernel_.connects.size(), 2u);
+}
+
+TEST_F(AttachManagerTest, BadRequestsAreRefusedWithoutSideEffects) {
+  auto m = NewManager();
+  auto r = m->Attach("vol-a", AttachmentManager::kMaxConnections + 1);
+  EXPECT_EQ(r.status().code(), EINVAL);
+  r = m->Attach("missing");
+  EXPECT_EQ(r.status().code(), ENOENT);
+  kernel_.available = Error(ENODEV, "kernel NBD unavailable: the nbd module is not loaded");
+  r = m->Attach("vol-a");
+  EXPECT_EQ(r.status().code(), ENODEV);
+  EXPECT_NE(r.status().message().find("nbd module is not loaded"), std::string::npos);
+  EXPECT_TRUE(kernel_.connects.empty());
+  EXPECT_TRUE(fs::is_empty(dir_));
+  EXPECT_TRUE(m->List().empty());
+}
+
+TEST_F(AttachManagerTest, FailedConnectLeavesNoRecordAndClosesSockets) {
+  auto m = NewManager();
+  kernel_.connect_error = Error(EBUSY, "nbd netlink CONNECT: the kernel refused: busy");
+  auto r = m->Attach("vol-a", 2);
+  EXPECT_EQ(r.status().code(), EBUSY);
+  EXPECT_TRUE(fs::is_empty(dir_));
+  EXPECT_TRUE(m->List().empty());
+  ExpectAllClientFdsClosed();
+}
+
+TEST_F(AttachManagerTest, RecoverReconfiguresLiveDevicesAndDropsGoneOnes) {
+  std::string cookie_a, cookie_b;
+  {
+    auto m = NewManager();
+    auto a = m->Attach("vol-a", 3);
+    auto b = m->Attach("vol-b", 1);
+    ASSERT_TRUE(a.ok() && b.ok());
+    cookie_a = a->cookie;
+    EXPECT_EQ(b->index, 1);
+  }
+  // The daemon died; the kernel kept nbd0 waiting for us but nbd1 timed out and was reused by
+  // someone else.
+  kernel_.devices[1] = "someone-else";
+  auto m = NewManager();
+  RecoverReport rep = m->Recover();
+  EXPECT_EQ(rep.reconnected.size(), 1u);
+  EXPECT_EQ(rep.dropped.size(), 1u);
+  EXPECT_TRUE(rep.failed.empty());
+  ASSERT_EQ(kernel_.reconfigures.size(), 1u);
+  EXPECT_EQ(kernel_.reconfigures[0], std::make_pair(0, size_t{3}));
+  EXPECT_TRUE(fs::exists(dir_ + "/vol-a.json"));
+  EXPECT_FALSE(fs::exists(dir_ + "/vol-b.json"));
+  ASSERT_EQ(m->List().size(), 1u);
+  EXPECT_EQ(m->Get("vol-a")->cookie, cookie_a);
+  ExpectAllClientFdsClosed();
+  // And the reconnected attachment is idempotent like any other.
+  auto again = m->Attach("vol-a");
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->index, 0);
+  EXPECT_EQ(kernel_.connects.size(), 2u);
+}
+
+TEST_F(AttachManagerTest, RecoverFindsADeviceWhoseConnectWasNotRecordedYet) {
+  // A crash between CONNECT and the second record write leaves index -1 with the cookie.
+  auto m0 = NewManager();
+  kernel_.devices[5] = "nbd-csi:vol-a:00000000000000aa";
+  AttachmentRecord r;
+  r.volume = "vol-a";
+  r.index = -1;
+  r.cookie = "nbd-csi:vol-a:00000000000000aa";
+  r.connections = 2;
+  WriteFile(dir_ + "/vol-a.json", r.ToJson());
+  // ...and one whose CONNECT never happened at all.
+  r.volume = "vol-b";
+  r.cookie = "nbd-csi:vol-b:00000000000000bb";
+  WriteFile(dir_ + "/vol-b.json", r.ToJson());
+  WriteFile(dir_ + "/vol-c.json.tmp", "{ torn");
+
+  auto m = NewManager();
+  RecoverReport rep = m->Recover();
+  EXPECT_EQ(rep.reconnected.size(), 1u);
+  EXPECT_EQ(rep.dropped.size(), 1u);
+  ASSERT_EQ(kernel_.reconfigures.size(), 1u);
+  EXPECT_EQ(kernel_.reconfigures[0].first, 5);
+  auto rec = AttachmentRecord::FromJson(ReadFile(dir_ + "/vol-a.json"));
+  ASSERT_TRUE(rec.ok());
+  EXPECT_EQ(rec->index, 5);
+  EXPECT_FALSE(fs::exists(dir_ + "/vol-b.json"));
+  EXPECT_FALSE(fs::exists(dir_ + "/vol-c.json.tmp"));
+}
+
+TEST_F(AttachManagerTest, RecoverKeepsWhatItCannotJudge) {
+  auto m0 = NewManager();
+  ASSERT_TRUE(m0->Attach("vol-a").ok());
+  WriteFile(dir_ + "/junk.json", "not json");
+  AttachmentRecord other;
+  other.volume = "vol-x";  // file name and content disagree
+  other.index = 3;
+  other.cookie = "c";
+  other.connections = 1;
+  WriteFile(dir_ + "/vol-y.json", other.ToJson());
+
+  // No nbd module right now: nothing can be told apart, so nothing is dropped.
+  kernel_.available = Error(ENODEV, "no nbd");
+  auto m = NewManager();
+  RecoverReport rep = m->Recover();
+  EXPECT_TRUE(rep.reconnected.empty());
+  EXPECT_TRUE(rep.dropped.empty());
+  EXPECT_EQ(rep.failed.size(), 3u);
+  EXPECT_TRUE(fs::exists(dir_ + "/vol-a.json"));
+  EXPECT_TRUE(fs::exists(dir_ + "/junk.json"));
+  EXPECT_TRUE(fs::exists(dir_ + "/vol-y.json"));
+  EXPECT_TRUE(kernel_.reconfigures.empty());
+}
+
+TEST_F(AttachManagerTest, RecoverReportsAFailedReconfigureAndKeepsTheRecord) {
+  {
+    auto m = NewManager();
+    ASSERT_TRUE(m->Attach("vol-a").ok());
+  }
+  kernel_.reconfigure_error = Error(EINVAL, "nbd netlink RECONFIGURE: the kernel refused");
+  auto m = NewManager();
+  RecoverReport rep = m->Recover();
+  EXPECT_EQ(rep.failed.size(), 1u);
+  EXPECT_TRUE(fs::exists(dir_ + "/vol-a.json"));
+  EXPECT_TRUE(m->Get("vol-a").has_value());
+  ExpectAllClientFdsClosed();
+
+  // ENOSPC means every slot is live already: not a failure.
+  kernel_.reconfigure_error = Error(ENOSPC, "no dead slot");
+  auto m2 = NewManager();
+  rep = m2->Recover();
+  EXPECT_TRUE(rep.failed.empty());
+  EXPECT_EQ(rep.reconnected.size(), 1u);
+}
+
+TEST_F(AttachManagerTest, DetachWaitsForTheDeviceThenRemovesTheRecord) {
+  auto m = NewManager();
+  ASSERT_TRUE(m->Attach("vol-a").ok());
+  kernel_.connected_polls_before_gone = 3;
+  Status s = m->Detach("vol-a");
+  ASSERT_TRUE(s.ok()) << s.message();
+  EXPECT_EQ(kernel_.disconnects, std::vector<int>{0});
+  EXPECT_FALSE(fs::exists(dir_ + "/vol-a.json"));
+  EXPECT_FALSE(m->Get("vol-a").has_value());
+  // Idempotent.
+  EXPECT_TRUE(m->Detach("vol-a").ok());
+  EXPECT_EQ(kernel_.disconnects.size(), 1u);
+}
+
+TEST_F(AttachManagerTest, DetachRefusesAMountedDeviceAndKeepsTheRecordOnTimeout) {
+  auto m = NewManager();
+  ASSERT_TRUE(m->Attach("vol-a").ok());
+  kernel_.in_use = Error(EBUSY, "/dev/nbd0 is in use");
+  EXPECT_EQ(m->Detach("vol-a").code(), EBUSY);
+  EXPECT_TRUE(kernel_.disconnects.empty());
+  EXPECT_TRUE(fs::exists(dir_ + "/vol-a.json"));
+
+  kernel_.in_use = Status::Ok();
+  kernel_.connected_polls_before_gone = 1 << 30;  // never lets go
+  EXPECT_EQ(m->Detach("vol-a").code(), ETIMEDOUT);
+  EXPECT_TRUE(fs::exists(dir_ + "/vol-a.json"));
+  EXPECT_TRUE(m->Get("vol-a").has_value());
+}
+
+TEST_F(AttachManagerTest, DetachOfADeviceNoLongerOursOnlyForgetsIt) {
+  auto m = NewManager();
+  ASSERT_TRUE(m->Attach("vol-a").ok());
+  kernel_.devices[0] = "someone-else";
+  EXPECT_TRUE(m->Detach("vol-a").ok());
+  EXPECT_TRUE(kernel_.disconnects.empty());
+  EXPECT_FALSE(fs::exists(dir_ + "/vol-a.json"));
+}
+
+TEST_F(AttachManagerTest, ConcurrentCallsOnOneVolumeAreAborted) {
+  auto m = NewManager();
+  kernel_.block_connect = true;
+  std::thread t([&] { EXPECT_TRUE(m->Attach("vol-a").ok()); });
+  {
+    std::unique_lock lk(kernel_.mu);
+    kernel_.cv.wait(lk, [&] { return kernel_.connect_entered; });
+  }
+  EXPECT_EQ(m->Attach("vol-a").status().code(), EALREADY);
+  EXPECT_EQ(m->Detach("vol-a").code(), EALREADY);
+  {
+    std::lock_guard lk(kernel_.mu);
+    kernel_.connect_release = true;
+  }
+  kernel_.cv.notify_all();
+  t.join();
+  EXPECT_TRUE(m->Get("vol-a").has_value());
+}
+
+TEST(AttachmentRecordTest, JsonRoundTripAndValidation) {
+  AttachmentRecord r;
+  r.volume = "v";
+  r.index = 7;
+  r.cookie = "nbd-csi:v:1";
+  r.connections = 4;
+  r.size_bytes = 1 << 30;
+  r.read_only = true;
+  auto back = AttachmentRecord::FromJson(r.ToJson());
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back->volume, "v");
+  EXPECT_EQ(back->index, 7);
+  EXPECT_EQ(back->cookie, r.cookie);
+  EXPECT_EQ(back->connections, 4u);
+  EXPECT_EQ(back->size_bytes, 1u << 30);
+  EXPECT_TRUE(back->read_only);
+
+  for (const char* bad : {"", "{}", "[1]", R"({"volume":"v","index":0,"cookie":"c"})",
+                          R"({"volume":"v","index":0,"cookie":"c","connections":0})",
+                          R"({"volume":"v","index":0,"cookie":"c","connections":17})",
+                          R"({"volume":"v","index":-2,"cookie":"c","connections":1})",
+                          R"({"volume":"","index":0,"cookie":"c","connections":1})",
+                          R"({"volume":"v","index":"0","cookie":"c","connections":1})"}) {
+    EXPECT_EQ(AttachmentRecord::FromJson(bad).status().code(), EINVAL) << bad;
+  }
+}
+
+}  // namespace
+}  // namespace nbdcsi::datapath
