@@ -15,7 +15,9 @@
 #include "common/endpoint.h"
 #include "common/quantity.h"
 #include "datapath/api/service.h"
+#include "datapath/engine/attachments.h"
 #include "datapath/engine/frontend.h"
+#include "datapath/engine/kernel_nbd.h"
 #include "datapath/pool/pool.h"
 
 using namespace nbdcsi;
@@ -43,6 +45,7 @@ int main(int argc, char** argv) {
   double overcommit = 1.0;
   std::string capacity;
   std::string log_level = "info";
+  AttachOptions aopts;
   app.add_option("--pool", pool_dir, "Pool directory (volumes are sparse files in it)")->required();
   app.add_option("--api", api, "Management API endpoint (unix:///path; socket mode 0600)")
       ->capture_default_str();
@@ -59,6 +62,20 @@ int main(int argc, char** argv) {
   app.add_option("--capacity", capacity, "Pool capacity (e.g. 100Gi); default: the file system's size");
   app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
+      ->capture_default_str();
+  app.add_option("--attach-connections", aopts.default_connections,
+                 "Sockets per kernel NBD attachment when the caller does not say (0: min(nproc, 4))")
+      ->check(CLI::Range(0u, AttachmentManager::kMaxConnections))
+      ->capture_default_str();
+  app.add_option("--attach-dead-conn-timeout", aopts.dead_conn_timeout_s,
+                 "Seconds the kernel keeps an attached device, queueing I/O, while this daemon is "
+                 "down; a restart must reconnect within it")
+      ->check(CLI::Range(uint64_t{1}, uint64_t{86400}))
+      ->capture_default_str();
+  app.add_option("--attach-io-timeout", aopts.io_timeout_s,
+                 "Kernel NBD request timeout in seconds: requests in flight when this daemon died "
+                 "are requeued after it; live requests slower than this get their socket dropped")
+      ->check(CLI::Range(uint64_t{1}, uint64_t{3600}))
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (listens.empty()) listens.push_back("unix:///run/nbd-csi/nbd.sock");
@@ -125,6 +142,24 @@ int main(int argc, char** argv) {
     spdlog::critical("cannot start the NBD workers: {}", st.message());
     return 1;
   }
+  // After the workers run (reconnecting means serving at once) and before the API, so no attach or
+  // detach can race with the reconnects. Devices the kernel still holds for us get fresh sockets
+  // here, within their dead-connection timeout.
+  auto kernel_nbd = MakeLinuxKernelNbd();
+  auto exports = MakeFrontendExportServer(**pool, frontend);
+  AttachmentManager attachments(info.dir + "/attachments", *kernel_nbd, *exports, aopts);
+  if (Status st = attachments.Init(); !st.ok()) {
+    spdlog::critical("attachments: {}", st.message());
+    return 1;
+  }
+  {
+    RecoverReport rep = attachments.Recover();
+    if (Status k = kernel_nbd->Available(); !k.ok()) spdlog::warn("attach: {}", k.message());
+    spdlog::info("attach: {} device(s) reconnected, {} record(s) dropped, {} failed",
+                 rep.reconnected.size(), rep.dropped.size(), rep.failed.size());
+    for (const auto& f : rep.failed) spdlog::error("attach: not recovered: {}", f);
+  }
+
   if (Status st = EnsureSocketDir(*api_ep); !st.ok()) {
     spdlog::critical("{}", st.message());
     return 1;
@@ -141,6 +176,13 @@ int main(int argc, char** argv) {
   sigwait(&sigs, &sig);
   spdlog::info("signal {}: shutting down", sig);
   (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  // Attached devices are left attached on purpose: the kernel queues their I/O for the
+  // dead-connection timeout, and the next start reconnects them (an upgrade or restart must not
+  // fail I/O). Detaching is an explicit API call.
+  if (size_t n = attachments.List().size()) {
+    spdlog::info("attach: {} device(s) stay attached; restart within {} s to reconnect them", n,
+                 aopts.dead_conn_timeout_s);
+  }
   frontend.Stop();
   if (api_ep->kind == Endpoint::Kind::kUnix) unlink(api_ep->path.c_str());
   spdlog::info("stopped");
