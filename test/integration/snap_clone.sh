@@ -19,7 +19,7 @@ SIZE=$((64 * MI))
 IMG=$W/image.raw
 # Data, holes and a zeroed-but-written region, so sparse copies and FICLONE of holes both count.
 truncate -s $SIZE "$IMG"
-for off in 0 5 17 40 63; do
+for off in 0 5 17 40 60; do
   head -c $((3 * MI)) /dev/urandom | dd of="$IMG" bs=1M seek=$off conv=notrunc status=none
 done
 dd if=/dev/zero of="$IMG" bs=1M seek=30 count=2 conv=notrunc status=none
