@@ -9,6 +9,8 @@
 #include <limits>
 #include <mutex>
 #include <set>
+#include <string_view>
+#include <utility>
 
 #include <grpcpp/grpcpp.h>
 #include <spdlog/spdlog.h>
@@ -93,6 +95,17 @@ Status ValidateQos(const std::string& name, const QosLimits& q, uint64_t size) {
   return Status::Ok();
 }
 
+// Snapshots follow the volume name rules (pool.h) in their own namespace; only the noun in the
+// message differs, so an operator is told which of the two names was wrong.
+Status ValidateSnapshotName(const std::string& name) {
+  Status s = ValidateVolumeName(name);
+  if (s.ok()) return s;
+  std::string msg = s.message();
+  constexpr std::string_view kNoun = "volume name";
+  if (msg.compare(0, kNoun.size(), kNoun) == 0) msg.replace(0, kNoun.size(), "snapshot name");
+  return Error(s.code(), "{}", msg);
+}
+
 grpc::Status Fail(const char* rpc, const Status& s) {
   // The full message goes to the log and to the caller; the code is the lossy part.
   spdlog::warn("api {}: {} (errno {}: {})", rpc, s.message(), s.code(), std::strerror(s.code()));
@@ -113,17 +126,63 @@ class DatapathService final : public v1::Datapath::Service {
                             v1::CreateVolumeResponse* resp) override {
     const std::string& name = req->name();
     if (auto s = ValidateVolumeName(name); !s.ok()) return Fail("CreateVolume", s);
-    if (auto s = ValidateSize(name, req->size_bytes()); !s.ok()) return Fail("CreateVolume", s);
-    QosLimits qos = FromProto(req->qos());
-    if (auto s = ValidateQos(name, qos, req->size_bytes()); !s.ok()) {
-      return Fail("CreateVolume", s);
+    using Kind = v1::VolumeContentSource::KindCase;
+    const Kind kind = req->has_source() ? req->source().kind_case() : Kind::KIND_NOT_SET;
+    if (req->has_source() && kind == Kind::KIND_NOT_SET) {
+      return Fail("CreateVolume", Error(EINVAL, "volume \"{}\": the content source names neither "
+                                        "a snapshot nor a volume", name));
     }
-    InFlight guard(*this, name);
+    if (kind == Kind::kSnapshot) {
+      if (auto s = ValidateSnapshotName(req->source().snapshot()); !s.ok()) {
+        return Fail("CreateVolume", Error(s.code(), "volume \"{}\": source {}", name, s.message()));
+      }
+    } else if (kind == Kind::kVolume) {
+      if (auto s = ValidateVolumeName(req->source().volume()); !s.ok()) {
+        return Fail("CreateVolume", Error(s.code(), "volume \"{}\": source {}", name, s.message()));
+      }
+      if (req->source().volume() == name) {
+        return Fail("CreateVolume", Error(EINVAL, "volume \"{}\": cannot be cloned onto itself",
+                                          name));
+      }
+    }
+    // With a source, 0 means "the source's size"; any other size follows the blank-volume rules.
+    if (kind == Kind::KIND_NOT_SET || req->size_bytes() != 0) {
+      if (auto s = ValidateSize(name, req->size_bytes()); !s.ok()) return Fail("CreateVolume", s);
+    }
+    QosLimits qos = FromProto(req->qos());
+    InFlight guard(*this, Key::kVolume, name);
     if (!guard.ok()) return Fail("CreateVolume", guard.status());
-    auto r = pool_.Create(name, req->size_bytes(), qos, req->read_only());
+    // Per-GiB limits are checked against the size the volume will have, which for "size 0"
+    // is the source's: look it up (an unknown source fails here with the pool's NOT_FOUND).
+    uint64_t qos_size = req->size_bytes();
+    if (qos_size == 0 && kind == Kind::kSnapshot) {
+      auto src = pool_.InspectSnapshot(req->source().snapshot());
+      if (!src.ok()) return Fail("CreateVolume", src.status());
+      qos_size = src->size;
+    } else if (qos_size == 0 && kind == Kind::kVolume) {
+      auto src = pool_.Inspect(req->source().volume());
+      if (!src.ok()) return Fail("CreateVolume", src.status());
+      qos_size = src->size;
+    }
+    if (auto s = ValidateQos(name, qos, qos_size); !s.ok()) return Fail("CreateVolume", s);
+    StatusOr<VolumeInfo> r = Error(EINVAL, "unreachable");
+    switch (kind) {
+      case Kind::kSnapshot:
+        r = pool_.CreateVolumeFromSnapshot(name, req->source().snapshot(), req->size_bytes(), qos,
+                                           req->read_only());
+        break;
+      case Kind::kVolume:
+        r = pool_.CloneVolume(name, req->source().volume(), req->size_bytes(), qos,
+                              req->read_only());
+        break;
+      case Kind::KIND_NOT_SET:
+        r = pool_.Create(name, req->size_bytes(), qos, req->read_only());
+        break;
+    }
     if (!r.ok()) return Fail("CreateVolume", r.status());
-    spdlog::info("api CreateVolume: volume \"{}\" size {}{}", name, r->size,
-                 r->read_only ? " read-only" : "");
+    spdlog::info("api CreateVolume: volume \"{}\" size {}{}{}{}", name, r->size,
+                 r->read_only ? " read-only" : "", r->source.empty() ? "" : " from " + r->source,
+                 r->ready ? "" : " (copying)");
     Fill(*r, resp->mutable_volume());
     return grpc::Status::OK;
   }
@@ -132,7 +191,7 @@ class DatapathService final : public v1::Datapath::Service {
                             v1::DeleteVolumeResponse*) override {
     const std::string& name = req->name();
     if (auto s = ValidateVolumeName(name); !s.ok()) return Fail("DeleteVolume", s);
-    InFlight guard(*this, name);
+    InFlight guard(*this, Key::kVolume, name);
     if (!guard.ok()) return Fail("DeleteVolume", guard.status());
     if (auto s = pool_.Delete(name); !s.ok()) return Fail("DeleteVolume", s);
     spdlog::info("api DeleteVolume: volume \"{}\" deleted", name);
@@ -144,7 +203,7 @@ class DatapathService final : public v1::Datapath::Service {
     const std::string& name = req->name();
     if (auto s = ValidateVolumeName(name); !s.ok()) return Fail("ResizeVolume", s);
     if (auto s = ValidateSize(name, req->size_bytes()); !s.ok()) return Fail("ResizeVolume", s);
-    InFlight guard(*this, name);
+    InFlight guard(*this, Key::kVolume, name);
     if (!guard.ok()) return Fail("ResizeVolume", guard.status());
     auto cur = pool_.Inspect(name);
     if (!cur.ok()) return Fail("ResizeVolume", cur.status());
@@ -186,7 +245,7 @@ class DatapathService final : public v1::Datapath::Service {
       return Fail("SetQos", Error(EINVAL, "volume \"{}\": SetQos needs either replace or patch",
                                   name));
     }
-    InFlight guard(*this, name);
+    InFlight guard(*this, Key::kVolume, name);
     if (!guard.ok()) return Fail("SetQos", guard.status());
     auto cur = pool_.Inspect(name);
     if (!cur.ok()) return Fail("SetQos", cur.status());
@@ -272,29 +331,92 @@ class DatapathService final : public v1::Datapath::Service {
     for (const auto& o : info.cleaned_orphans) resp->add_cleaned_orphans(o);
     for (const auto& b : info.broken_volumes) resp->add_broken_volumes(b);
     resp->set_fs_type(info.fs_type);
+    resp->set_reflink(info.reflink);
+    resp->set_snapshots(info.snapshots);
+    for (const auto& a : info.abandoned_copies) resp->add_abandoned_copies(a);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status CreateSnapshot(grpc::ServerContext*, const v1::CreateSnapshotRequest* req,
+                              v1::CreateSnapshotResponse* resp) override {
+    const std::string& name = req->name();
+    if (auto s = ValidateSnapshotName(name); !s.ok()) return Fail("CreateSnapshot", s);
+    if (auto s = ValidateVolumeName(req->source_volume()); !s.ok()) {
+      return Fail("CreateSnapshot",
+                  Error(s.code(), "snapshot \"{}\": source {}", name, s.message()));
+    }
+    // Only the snapshot's name is held: a volume's own calls (resize, QoS, other snapshots of
+    // it) are ordered by the pool, which answers UNAVAILABLE while a copy from it runs.
+    InFlight guard(*this, Key::kSnapshot, name);
+    if (!guard.ok()) return Fail("CreateSnapshot", guard.status());
+    auto r = pool_.CreateSnapshot(name, req->source_volume());
+    if (!r.ok()) return Fail("CreateSnapshot", r.status());
+    spdlog::info("api CreateSnapshot: snapshot \"{}\" of volume \"{}\" ({}{})", name,
+                 r->source_volume, r->method, r->ready ? "" : ", copying");
+    Fill(*r, resp->mutable_snapshot());
+    return grpc::Status::OK;
+  }
+
+  grpc::Status DeleteSnapshot(grpc::ServerContext*, const v1::DeleteSnapshotRequest* req,
+                              v1::DeleteSnapshotResponse*) override {
+    const std::string& name = req->name();
+    if (auto s = ValidateSnapshotName(name); !s.ok()) return Fail("DeleteSnapshot", s);
+    InFlight guard(*this, Key::kSnapshot, name);
+    if (!guard.ok()) return Fail("DeleteSnapshot", guard.status());
+    if (auto s = pool_.DeleteSnapshot(name); !s.ok()) return Fail("DeleteSnapshot", s);
+    spdlog::info("api DeleteSnapshot: snapshot \"{}\" deleted", name);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status ListSnapshots(grpc::ServerContext*, const v1::ListSnapshotsRequest* req,
+                             v1::ListSnapshotsResponse* resp) override {
+    if (!req->source_volume().empty()) {
+      if (auto s = ValidateVolumeName(req->source_volume()); !s.ok()) {
+        return Fail("ListSnapshots", Error(s.code(), "filter: {}", s.message()));
+      }
+    }
+    auto snaps = pool_.ListSnapshots(req->source_volume());
+    std::sort(snaps.begin(), snaps.end(),
+              [](const SnapshotInfo& a, const SnapshotInfo& b) { return a.name < b.name; });
+    for (const auto& s : snaps) Fill(s, resp->add_snapshots());
+    return grpc::Status::OK;
+  }
+
+  grpc::Status GetSnapshot(grpc::ServerContext*, const v1::GetSnapshotRequest* req,
+                           v1::GetSnapshotResponse* resp) override {
+    if (auto s = ValidateSnapshotName(req->name()); !s.ok()) return Fail("GetSnapshot", s);
+    auto r = pool_.InspectSnapshot(req->name());
+    if (!r.ok()) return Fail("GetSnapshot", r.status());
+    Fill(*r, resp->mutable_snapshot());
     return grpc::Status::OK;
   }
 
  private:
+  // Volumes and snapshots are separate namespaces, so their in-flight marks are too: creating
+  // snapshot "a" of volume "a" must not look like a second call on volume "a".
+  enum class Key { kVolume, kSnapshot };
+
   class InFlight {
    public:
-    InFlight(DatapathService& svc, const std::string& name) : svc_(svc), name_(name) {
+    InFlight(DatapathService& svc, Key kind, const std::string& name)
+        : svc_(svc), kind_(kind), name_(name) {
       std::lock_guard lock(svc_.mu_);
-      ok_ = svc_.busy_.insert(name_).second;
+      ok_ = svc_.busy_.insert({kind_, name_}).second;
     }
     ~InFlight() {
       if (!ok_) return;
       std::lock_guard lock(svc_.mu_);
-      svc_.busy_.erase(name_);
+      svc_.busy_.erase({kind_, name_});
     }
     bool ok() const { return ok_; }
     Status status() const {
-      return Error(EALREADY, "volume \"{}\": another operation on it is in progress; retry",
-                   name_);
+      return Error(EALREADY, "{} \"{}\": another operation on it is in progress; retry",
+                   kind_ == Key::kVolume ? "volume" : "snapshot", name_);
     }
 
    private:
     DatapathService& svc_;
+    Key kind_;
     std::string name_;
     bool ok_ = false;
   };
@@ -316,14 +438,32 @@ class DatapathService final : public v1::Datapath::Service {
     e->set_write_bps(eff.write_bps);
     e->set_burst_ms(eff.burst_ms);
     out->set_data_path(info.path);
+    out->set_source(info.source);
+    out->set_ready(info.ready);
+    out->set_copy_done_bytes(info.copy_done);
+    out->set_copy_total_bytes(info.copy_total);
     if (auto vol = pool_.Acquire(info.name)) {
       out->set_open_connections(vol->stats().connections());
     }
   }
 
+  static void Fill(const SnapshotInfo& info, v1::Snapshot* out) {
+    out->set_name(info.name);
+    out->set_source_volume(info.source_volume);
+    out->set_size_bytes(info.size);
+    out->set_allocated_bytes(info.allocated);
+    out->set_created_unix_ns(info.created_unix_ns);
+    out->set_method(info.method);
+    out->set_ready(info.ready);
+    out->set_copy_done_bytes(info.copy_done);
+    out->set_copy_total_bytes(info.copy_total);
+    out->set_error(info.error);
+    out->set_data_path(info.path);
+  }
+
   Pool& pool_;
   std::mutex mu_;
-  std::set<std::string> busy_;
+  std::set<std::pair<Key, std::string>> busy_;
 };
 
 ApiServer::~ApiServer() {
