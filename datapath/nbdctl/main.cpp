@@ -9,6 +9,7 @@
 #include <iostream>
 #include <optional>
 #include <string>
+#include <thread>
 
 #include <CLI/CLI.hpp>
 #include <grpcpp/grpcpp.h>
@@ -86,6 +87,7 @@ std::string CodeName(grpc::StatusCode c) {
     case grpc::StatusCode::FAILED_PRECONDITION: return "failed precondition";
     case grpc::StatusCode::RESOURCE_EXHAUSTED: return "out of space";
     case grpc::StatusCode::ABORTED: return "busy, retry";
+    case grpc::StatusCode::UNAVAILABLE: return "not ready yet, retry later";
     case grpc::StatusCode::PERMISSION_DENIED: return "permission denied";
     case grpc::StatusCode::OUT_OF_RANGE: return "out of range";
     case grpc::StatusCode::UNIMPLEMENTED: return "not supported by this nbd-datapathd";
@@ -102,6 +104,14 @@ class Cli {
  private:
   void Connect();
   std::unique_ptr<grpc::ClientContext> Ctx() const;
+  // Until `deadline`: a call must not outlive a --wait's overall bound.
+  std::unique_ptr<grpc::ClientContext> Ctx(std::chrono::system_clock::time_point deadline) const;
+  // --wait: polls until the volume / snapshot is ready, its copy failed, or --timeout (counted
+  // from the create call) runs out. Returns the exit code and leaves the last state in *out.
+  int WaitVolume(const std::string& name, std::chrono::system_clock::time_point deadline,
+                 v1::Volume* out);
+  int WaitSnapshot(const std::string& name, std::chrono::system_clock::time_point deadline,
+                   v1::Snapshot* out);
   // Prints the error for a failed call on `what` ("create volume \"x\"") and returns the exit code.
   int Fail(const std::string& what, const grpc::Status& s) const;
   void Print(const nlohmann::json& j, const std::string& text) const {
@@ -113,8 +123,11 @@ class Cli {
   std::string output_ = "table";
   double timeout_s_ = 30;
   Endpoint ep_;
+  std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Datapath::Stub> stub_;
 };
+
+constexpr auto kPollInterval = std::chrono::milliseconds(100);
 
 void Cli::Connect() {
   auto ep = ParseEndpoint(api_);
@@ -123,8 +136,8 @@ void Cli::Connect() {
   grpc::ChannelArguments args;
   // Fail fast with a clear message instead of gRPC's reconnect back-off when the daemon is down.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-  stub_ = v1::Datapath::NewStub(
-      grpc::CreateCustomChannel(ep_.GrpcTarget(), grpc::InsecureChannelCredentials(), args));
+  channel_ = grpc::CreateCustomChannel(ep_.GrpcTarget(), grpc::InsecureChannelCredentials(), args);
+  stub_ = v1::Datapath::NewStub(channel_);
 }
 
 std::unique_ptr<grpc::ClientContext> Cli::Ctx() const {
@@ -134,8 +147,61 @@ std::unique_ptr<grpc::ClientContext> Cli::Ctx() const {
   return ctx;
 }
 
+std::unique_ptr<grpc::ClientContext> Cli::Ctx(std::chrono::system_clock::time_point deadline) const {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(deadline);
+  return ctx;
+}
+
+int Cli::WaitVolume(const std::string& name, std::chrono::system_clock::time_point deadline,
+                    v1::Volume* out) {
+  while (!out->ready()) {
+    if (std::chrono::system_clock::now() + kPollInterval >= deadline) {
+      std::cerr << fmt::format("nbdctl: volume \"{}\" is not ready after {}s (--timeout): {} of "
+                               "{} bytes copied; the copy continues in the daemon\n",
+                               name, timeout_s_, out->copy_done_bytes(), out->copy_total_bytes());
+      return kExitServer;
+    }
+    std::this_thread::sleep_for(kPollInterval);
+    v1::GetVolumeRequest req;
+    req.set_name(name);
+    v1::GetVolumeResponse resp;
+    auto s = stub_->GetVolume(Ctx(deadline).get(), req, &resp);
+    if (!s.ok()) return Fail(fmt::format("wait for volume \"{}\"", name), s);
+    *out = resp.volume();
+  }
+  return 0;
+}
+
+int Cli::WaitSnapshot(const std::string& name, std::chrono::system_clock::time_point deadline,
+                      v1::Snapshot* out) {
+  while (!out->ready()) {
+    if (!out->error().empty()) {
+      std::cerr << fmt::format("nbdctl: snapshot \"{}\" failed: {}\n", name, out->error());
+      return kExitServer;
+    }
+    if (std::chrono::system_clock::now() + kPollInterval >= deadline) {
+      std::cerr << fmt::format("nbdctl: snapshot \"{}\" is not ready after {}s (--timeout): {} "
+                               "of {} bytes copied; the copy continues in the daemon\n",
+                               name, timeout_s_, out->copy_done_bytes(), out->copy_total_bytes());
+      return kExitServer;
+    }
+    std::this_thread::sleep_for(kPollInterval);
+    v1::GetSnapshotRequest req;
+    req.set_name(name);
+    v1::GetSnapshotResponse resp;
+    auto s = stub_->GetSnapshot(Ctx(deadline).get(), req, &resp);
+    if (!s.ok()) return Fail(fmt::format("wait for snapshot \"{}\"", name), s);
+    *out = resp.snapshot();
+  }
+  return 0;
+}
+
 int Cli::Fail(const std::string& what, const grpc::Status& s) const {
-  if (s.error_code() == grpc::StatusCode::UNAVAILABLE) {
+  // UNAVAILABLE is both gRPC's "no connection" and the daemon's "a copy must finish first";
+  // a channel that is connected after the call means the daemon itself answered.
+  bool reached = channel_ && channel_->GetState(false) == GRPC_CHANNEL_READY;
+  if (s.error_code() == grpc::StatusCode::UNAVAILABLE && !reached) {
     std::string hint = s.error_message();
     if (ep_.kind == Endpoint::Kind::kUnix) {
       struct stat st{};
@@ -160,7 +226,7 @@ int Cli::Fail(const std::string& what, const grpc::Status& s) const {
 }
 
 int Cli::Run(int argc, char** argv) {
-  CLI::App app{"nbdctl: manage the volumes of nbd-datapathd"};
+  CLI::App app{"nbdctl: manage the volumes and snapshots of nbd-datapathd"};
   const char* env_api = std::getenv("NBDCTL_API");
   api_ = env_api && *env_api ? env_api : kDefaultApi;
   app.add_option("--api", api_,
@@ -177,16 +243,26 @@ int Cli::Run(int argc, char** argv) {
   app.fallthrough();
   app.footer("Global options (--api, -o/--output, --timeout) go before or after the command.");
 
-  std::string name, size;
+  std::string name, size, from_snapshot, from_volume, snap_volume;
   QosFlags qos;
-  bool read_only = false, clear = false;
+  bool read_only = false, clear = false, wait = false;
 
   auto* volume = app.add_subcommand("volume", "Create, inspect and change volumes");
   auto* create = volume->add_subcommand("create", "Create a volume (idempotent)");
   create->add_option("NAME", name, "Volume name")->required();
-  create->add_option("--size", size, "Size, a quantity (1Gi, 500M, 1e9)")->required();
+  create->add_option("--size", size,
+                     "Size, a quantity (1Gi, 500M, 1e9); with a source: optional, default the "
+                     "source's size");
+  auto* from_snap_opt = create->add_option("--from-snapshot", from_snapshot,
+                                           "Restore: the new volume holds this snapshot's data");
+  auto* from_vol_opt = create->add_option(
+      "--from-volume", from_volume, "Clone: the new volume holds this volume's data as of now");
+  from_snap_opt->excludes(from_vol_opt);
   qos.Add(create);
   create->add_flag("--read-only", read_only, "Export the volume read-only");
+  create->add_flag("--wait", wait,
+                   "Return only once the volume is ready (a background copy may fill it); "
+                   "--timeout bounds the wait");
   auto* list = volume->add_subcommand("list", "List volumes")->alias("ls");
   auto* inspect = volume->add_subcommand("inspect", "Show one volume");
   inspect->add_option("NAME", name, "Volume name")->required();
@@ -201,6 +277,21 @@ int Cli::Run(int argc, char** argv) {
   qoscmd->add_option("NAME", name, "Volume name")->required();
   qos.Add(qoscmd);
   qoscmd->add_flag("--clear", clear, "Remove all limits (then apply any flags given)");
+
+  auto* snapshot = app.add_subcommand("snapshot", "Point-in-time snapshots of volumes");
+  auto* snap_create = snapshot->add_subcommand("create", "Snapshot a volume (idempotent)");
+  snap_create->add_option("SNAPSHOT", name, "Snapshot name")->required();
+  snap_create->add_option("--volume", snap_volume, "The volume to snapshot")->required();
+  snap_create->add_flag("--wait", wait,
+                        "Return only once the snapshot is ready (a background copy may fill "
+                        "it); --timeout bounds the wait");
+  auto* snap_list = snapshot->add_subcommand("list", "List snapshots")->alias("ls");
+  snap_list->add_option("--volume", snap_volume, "Only snapshots of this volume");
+  auto* snap_inspect = snapshot->add_subcommand("inspect", "Show one snapshot");
+  snap_inspect->add_option("SNAPSHOT", name, "Snapshot name")->required();
+  auto* snap_del = snapshot->add_subcommand("delete", "Delete a snapshot and its data")
+                       ->alias("rm");
+  snap_del->add_option("SNAPSHOT", name, "Snapshot name")->required();
 
   auto* stats = app.add_subcommand("stats", "I/O counters and latency of a volume");
   stats->add_option("NAME", name, "Volume name")->required();
@@ -220,7 +311,10 @@ int Cli::Run(int argc, char** argv) {
 
   try {
     if (app.get_subcommands().empty()) {
-      throw UsageError{"a command is required: volume, stats, pool (see --help)"};
+      throw UsageError{"a command is required: volume, snapshot, stats, pool (see --help)"};
+    }
+    if (snapshot->parsed() && snapshot->get_subcommands().empty()) {
+      throw UsageError{"snapshot: a subcommand is required: create, list, inspect, delete"};
     }
     if (volume->parsed() && volume->get_subcommands().empty()) {
       throw UsageError{"volume: a subcommand is required: create, list, inspect, resize, "
@@ -229,17 +323,66 @@ int Cli::Run(int argc, char** argv) {
     if (pool->parsed() && pool->get_subcommands().empty()) {
       throw UsageError{"pool: a subcommand is required: info"};
     }
+    const bool has_source = from_snap_opt->count() > 0 || from_vol_opt->count() > 0;
+    if (create->parsed() && !has_source && size.empty()) {
+      throw UsageError{"volume create: --size is required (unless --from-snapshot or "
+                       "--from-volume gives a source)"};
+    }
+    // The whole --wait (create call plus polling) is bounded by one --timeout.
+    const auto deadline = std::chrono::system_clock::now() +
+                          std::chrono::milliseconds(static_cast<int64_t>(timeout_s_ * 1000));
     Connect();
     if (create->parsed()) {
       v1::CreateVolumeRequest req;
       req.set_name(name);
-      req.set_size_bytes(ParseSizeFlag("--size", size));
+      if (!size.empty()) req.set_size_bytes(ParseSizeFlag("--size", size));
+      if (from_snap_opt->count()) req.mutable_source()->set_snapshot(from_snapshot);
+      if (from_vol_opt->count()) req.mutable_source()->set_volume(from_volume);
       qos.Apply(req.mutable_qos());
       req.set_read_only(read_only);
       v1::CreateVolumeResponse resp;
-      auto s = stub_->CreateVolume(Ctx().get(), req, &resp);
+      auto s = stub_->CreateVolume(Ctx(deadline).get(), req, &resp);
       if (!s.ok()) return Fail(fmt::format("create volume \"{}\"", name), s);
-      Print(VolumeJson(resp.volume()), VolumeDetails(resp.volume()));
+      v1::Volume v = resp.volume();
+      if (wait) {
+        if (int rc = WaitVolume(name, deadline, &v); rc != 0) return rc;
+      }
+      Print(VolumeJson(v), VolumeDetails(v));
+    } else if (snap_create->parsed()) {
+      v1::CreateSnapshotRequest req;
+      req.set_name(name);
+      req.set_source_volume(snap_volume);
+      v1::CreateSnapshotResponse resp;
+      auto s = stub_->CreateSnapshot(Ctx(deadline).get(), req, &resp);
+      if (!s.ok()) return Fail(fmt::format("create snapshot \"{}\"", name), s);
+      v1::Snapshot snap = resp.snapshot();
+      if (wait) {
+        if (int rc = WaitSnapshot(name, deadline, &snap); rc != 0) return rc;
+      }
+      Print(SnapshotJson(snap), SnapshotDetails(snap));
+    } else if (snap_list->parsed()) {
+      v1::ListSnapshotsRequest req;
+      req.set_source_volume(snap_volume);
+      v1::ListSnapshotsResponse resp;
+      auto s = stub_->ListSnapshots(Ctx().get(), req, &resp);
+      if (!s.ok()) return Fail("list snapshots", s);
+      nlohmann::json snaps = nlohmann::json::array();
+      for (const auto& sn : resp.snapshots()) snaps.push_back(SnapshotJson(sn));
+      Print({{"snapshots", snaps}}, SnapshotListTable(resp));
+    } else if (snap_inspect->parsed()) {
+      v1::GetSnapshotRequest req;
+      req.set_name(name);
+      v1::GetSnapshotResponse resp;
+      auto s = stub_->GetSnapshot(Ctx().get(), req, &resp);
+      if (!s.ok()) return Fail(fmt::format("inspect snapshot \"{}\"", name), s);
+      Print(SnapshotJson(resp.snapshot()), SnapshotDetails(resp.snapshot()));
+    } else if (snap_del->parsed()) {
+      v1::DeleteSnapshotRequest req;
+      req.set_name(name);
+      v1::DeleteSnapshotResponse resp;
+      auto s = stub_->DeleteSnapshot(Ctx().get(), req, &resp);
+      if (!s.ok()) return Fail(fmt::format("delete snapshot \"{}\"", name), s);
+      Print({{"deleted", name}}, fmt::format("snapshot \"{}\" deleted\n", name));
     } else if (list->parsed()) {
       v1::ListVolumesResponse resp;
       auto s = stub_->ListVolumes(Ctx().get(), {}, &resp);

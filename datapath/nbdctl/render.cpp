@@ -71,6 +71,14 @@ json HistogramJson(const v1::LatencyHistogram& h) {
   return j;
 }
 
+// For detail views: the ready column plus the bytes behind a percentage.
+std::string CopyState(bool ready, uint64_t done, uint64_t total, const std::string& error) {
+  std::string r = ReadyText(ready, done, total, error);
+  if (!error.empty()) return r + ": " + error;
+  if (ready || total == 0) return r;
+  return fmt::format("no, copying {} ({} of {})", r, FormatHuman(done), FormatHuman(total));
+}
+
 json CountersJson(const v1::OpCounters& c) {
   return {{"ops", c.ops()}, {"errors", c.errors()}, {"bytes", c.bytes()}};
 }
@@ -157,6 +165,10 @@ nlohmann::json VolumeJson(const v1::Volume& v) {
           {"read_only", v.read_only()},
           {"open_connections", v.open_connections()},
           {"data_path", v.data_path()},
+          {"source", v.source()},
+          {"ready", v.ready()},
+          {"copy_done_bytes", v.copy_done_bytes()},
+          {"copy_total_bytes", v.copy_total_bytes()},
           {"qos", QosJson(v.qos())},
           {"effective_qos", EffectiveJson(v.effective_qos())}};
 }
@@ -184,6 +196,8 @@ nlohmann::json PoolJson(const v1::GetPoolInfoResponse& p) {
   for (const auto& o : p.cleaned_orphans()) orphans.push_back(o);
   json broken = json::array();
   for (const auto& b : p.broken_volumes()) broken.push_back(b);
+  json abandoned = json::array();
+  for (const auto& a : p.abandoned_copies()) abandoned.push_back(a);
   return {{"dir", p.dir()},
           {"fs_type", p.fs_type()},
           {"capacity_bytes", p.capacity_bytes()},
@@ -194,16 +208,48 @@ nlohmann::json PoolJson(const v1::GetPoolInfoResponse& p) {
           {"overcommit_ratio", p.overcommit_ratio()},
           {"volumes", p.volumes()},
           {"cleaned_orphans", std::move(orphans)},
-          {"broken_volumes", std::move(broken)}};
+          {"broken_volumes", std::move(broken)},
+          {"reflink", p.reflink()},
+          {"snapshots", p.snapshots()},
+          {"abandoned_copies", std::move(abandoned)}};
+}
+
+nlohmann::json SnapshotJson(const v1::Snapshot& s) {
+  return {{"name", s.name()},
+          {"source_volume", s.source_volume()},
+          {"size_bytes", s.size_bytes()},
+          {"size", FormatQuantity(s.size_bytes())},
+          {"allocated_bytes", s.allocated_bytes()},
+          {"created", FormatTime(s.created_unix_ns())},
+          {"created_unix_ns", s.created_unix_ns()},
+          {"method", s.method()},
+          {"ready", s.ready()},
+          {"copy_done_bytes", s.copy_done_bytes()},
+          {"copy_total_bytes", s.copy_total_bytes()},
+          {"error", s.error()},
+          {"data_path", s.data_path()}};
+}
+
+std::string ReadyText(bool ready, uint64_t done, uint64_t total, const std::string& error) {
+  if (!error.empty()) return "failed";
+  if (ready) return "yes";
+  if (total == 0) return "no";
+  // Floor, capped below 100: a copy that has moved every byte still has to fsync and commit.
+  uint64_t pct = static_cast<uint64_t>(static_cast<long double>(std::min(done, total)) * 100 /
+                                       static_cast<long double>(total));
+  return fmt::format("{}%", std::min<uint64_t>(pct, 99));
 }
 
 std::string VolumeListTable(const v1::ListVolumesResponse& list) {
-  Table t{{"NAME", "SIZE", "ALLOCATED", "RO", "CONNS", "IOPS", "BPS", "CREATED"}, {}};
+  Table t{{"NAME", "SIZE", "ALLOCATED", "RO", "CONNS", "IOPS", "BPS", "READY", "SOURCE",
+           "CREATED"},
+          {}};
   for (const auto& v : list.volumes()) {
     t.rows.push_back({v.name(), FormatQuantity(v.size_bytes()), FormatHuman(v.allocated_bytes()),
                       v.read_only() ? "yes" : "no", std::to_string(v.open_connections()),
                       Limit(v.effective_qos().iops()), Rate(v.effective_qos().bps()),
-                      FormatTime(v.created_unix_ns())});
+                      ReadyText(v.ready(), v.copy_done_bytes(), v.copy_total_bytes()),
+                      v.source().empty() ? "-" : v.source(), FormatTime(v.created_unix_ns())});
   }
   return t.Render();
 }
@@ -217,6 +263,8 @@ std::string VolumeDetails(const v1::Volume& v) {
       {"Allocated", fmt::format("{} ({} bytes)", FormatHuman(v.allocated_bytes()),
                                 v.allocated_bytes())},
       {"Read-only", v.read_only() ? "yes" : "no"},
+      {"Source", v.source().empty() ? "-" : v.source()},
+      {"Ready", CopyState(v.ready(), v.copy_done_bytes(), v.copy_total_bytes(), "")},
       {"Connections", std::to_string(v.open_connections())},
       {"Created", FormatTime(v.created_unix_ns())},
       {"Data file", v.data_path().empty() ? "-" : v.data_path()},
@@ -287,6 +335,11 @@ std::string PoolText(const v1::GetPoolInfoResponse& p) {
     broken = fmt::format("{} (files kept; `nbdctl volume delete NAME` removes them)",
                          p.broken_volumes_size());
   }
+  std::string abandoned = "none";
+  if (p.abandoned_copies_size() > 0) {
+    abandoned = fmt::format("{} (interrupted by a crash, removed)",
+                            fmt::join(p.abandoned_copies(), ", "));
+  }
   std::string out = RenderKeyValues({
       {"Directory", p.dir()},
       {"File system", p.fs_type().empty() ? "-" : p.fs_type()},
@@ -297,12 +350,41 @@ std::string PoolText(const v1::GetPoolInfoResponse& p) {
       {"Allocated", FormatHuman(p.allocated_bytes())},
       {"Overcommit", fmt::format("{:g}x", p.overcommit_ratio())},
       {"Provisionable", FormatHuman(p.provisionable_bytes())},
+      {"Reflink", p.reflink() ? "yes (snapshots and clones are instant)"
+                              : "no (snapshots and clones copy in the background)"},
       {"Volumes", std::to_string(p.volumes())},
+      {"Snapshots", std::to_string(p.snapshots())},
+      {"Abandoned copies", abandoned},
       {"Cleaned orphans", orphans},
       {"Broken volumes", broken},
   });
   for (const auto& b : p.broken_volumes()) out += "  " + b + "\n";
   return out;
+}
+
+std::string SnapshotListTable(const v1::ListSnapshotsResponse& list) {
+  Table t{{"NAME", "VOLUME", "SIZE", "ALLOCATED", "METHOD", "READY", "CREATED"}, {}};
+  for (const auto& s : list.snapshots()) {
+    t.rows.push_back({s.name(), s.source_volume(), FormatQuantity(s.size_bytes()),
+                      FormatHuman(s.allocated_bytes()), s.method().empty() ? "-" : s.method(),
+                      ReadyText(s.ready(), s.copy_done_bytes(), s.copy_total_bytes(), s.error()),
+                      FormatTime(s.created_unix_ns())});
+  }
+  return t.Render();
+}
+
+std::string SnapshotDetails(const v1::Snapshot& s) {
+  return RenderKeyValues({
+      {"Name", s.name()},
+      {"Source volume", s.source_volume()},
+      {"Size", fmt::format("{} ({} bytes)", FormatQuantity(s.size_bytes()), s.size_bytes())},
+      {"Allocated", fmt::format("{} ({} bytes)", FormatHuman(s.allocated_bytes()),
+                                s.allocated_bytes())},
+      {"Method", s.method().empty() ? "-" : s.method()},
+      {"Ready", CopyState(s.ready(), s.copy_done_bytes(), s.copy_total_bytes(), s.error())},
+      {"Created", FormatTime(s.created_unix_ns())},
+      {"Data file", s.data_path().empty() ? "-" : s.data_path()},
+  });
 }
 
 }  // namespace nbdcsi::nbdctl

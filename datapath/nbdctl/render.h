@@ -41,10 +41,17 @@ std::string FormatTime(int64_t unix_ns);
 nlohmann::json VolumeJson(const v1::Volume& v);
 nlohmann::json StatsJson(const v1::GetVolumeStatsResponse& s);
 nlohmann::json PoolJson(const v1::GetPoolInfoResponse& p);
+nlohmann::json SnapshotJson(const v1::Snapshot& s);
+
+// Readiness of a volume or snapshot filled by a background copy: "yes", "37%" while copying
+// (floor, so 100% only once ready), "failed" when the copy failed, "no" without progress yet.
+std::string ReadyText(bool ready, uint64_t done, uint64_t total, const std::string& error = "");
 
 std::string VolumeListTable(const v1::ListVolumesResponse& list);
 std::string VolumeDetails(const v1::Volume& v);
 std::string StatsText(const v1::GetVolumeStatsResponse& s);
 std::string PoolText(const v1::GetPoolInfoResponse& p);
+std::string SnapshotListTable(const v1::ListSnapshotsResponse& list);
+std::string SnapshotDetails(const v1::Snapshot& s);
 
 }  // namespace nbdcsi::nbdctl
