@@ -71,7 +71,7 @@ expect_fail 1 "multiple of 4096" nbdctl volume create odd --size 1000
 
 step "volume list"
 nbdctl volume list >"$W/t"
-head -1 "$W/t" | grep -qE '^NAME +SIZE +ALLOCATED +RO +CONNS +IOPS +BPS +CREATED$' ||
+head -1 "$W/t" | grep -qE '^NAME +SIZE +ALLOCATED +RO +CONNS +IOPS +BPS +READY +SOURCE +CREATED$' ||
   die "list header: $(head -1 "$W/t")"
 grep -qE '^alpha +1Gi .* no +0 +500 ' "$W/t" || die "list row alpha: $(cat "$W/t")"
 grep -qE '^beta +1536Mi .* yes ' "$W/t" || die "list row beta: $(cat "$W/t")"

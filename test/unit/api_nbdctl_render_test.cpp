@@ -103,18 +103,78 @@ TEST(Text, PoolShowsOrphans) {
 
 TEST(Text, PoolShowsBrokenVolumesOnePerLine) {
   v1::GetPoolInfoResponse p;
-  EXPECT_NE(PoolText(p).find("Broken volumes:   none\n"), std::string::npos) << PoolText(p);
+  EXPECT_NE(PoolText(p).find("Broken volumes:    none\n"), std::string::npos) << PoolText(p);
   EXPECT_TRUE(PoolJson(p)["broken_volumes"].is_array());
   EXPECT_TRUE(PoolJson(p)["broken_volumes"].empty());
   p.add_broken_volumes("a: /p/volumes/a.json: invalid JSON");
   p.add_broken_volumes("b: data file /p/volumes/b.img is missing");
   auto t = PoolText(p);
-  EXPECT_NE(t.find("Broken volumes:   2 (files kept"), std::string::npos) << t;
+  EXPECT_NE(t.find("Broken volumes:    2 (files kept"), std::string::npos) << t;
   EXPECT_NE(t.find("\n  a: /p/volumes/a.json: invalid JSON\n"), std::string::npos) << t;
   EXPECT_NE(t.find("\n  b: data file /p/volumes/b.img is missing\n"), std::string::npos) << t;
   auto j = PoolJson(p)["broken_volumes"];
   ASSERT_EQ(j.size(), 2u);
   EXPECT_EQ(j[1], "b: data file /p/volumes/b.img is missing");
+}
+
+}  // namespace
+}  // namespace nbdcsi::nbdctl
+
+namespace nbdcsi::nbdctl {
+namespace {
+
+TEST(Ready, TextForEveryState) {
+  EXPECT_EQ(ReadyText(true, 0, 0), "yes");
+  EXPECT_EQ(ReadyText(false, 0, 0), "no");
+  EXPECT_EQ(ReadyText(false, 37, 100), "37%");
+  // Every byte copied is not "ready": the copy still has to fsync and commit.
+  EXPECT_EQ(ReadyText(false, 100, 100), "99%");
+  EXPECT_EQ(ReadyText(false, 1, 3), "33%");
+  EXPECT_EQ(ReadyText(false, 5, 100, "ENOSPC"), "failed");
+}
+
+TEST(Snapshot, JsonKeysAndTables) {
+  v1::ListSnapshotsResponse list;
+  auto* s = list.add_snapshots();
+  s->set_name("snap-1");
+  s->set_source_volume("vol");
+  s->set_size_bytes(1ull << 30);
+  s->set_method("copy");
+  s->set_copy_done_bytes(1ull << 29);
+  s->set_copy_total_bytes(1ull << 30);
+  auto j = SnapshotJson(*s);
+  for (const char* k : {"name", "source_volume", "size_bytes", "size", "allocated_bytes", "created",
+                        "created_unix_ns", "method", "ready", "copy_done_bytes",
+                        "copy_total_bytes", "error", "data_path"}) {
+    EXPECT_TRUE(j.contains(k)) << k;
+  }
+  EXPECT_EQ(j["size"], "1Gi");
+  EXPECT_EQ(j["ready"], false);
+  std::string t = SnapshotListTable(list);
+  EXPECT_EQ(t.substr(0, t.find('\n')), "NAME    VOLUME  SIZE  ALLOCATED  METHOD  READY  CREATED");
+  EXPECT_NE(t.find("snap-1  vol     1Gi"), std::string::npos) << t;
+  EXPECT_NE(t.find("copy    50%"), std::string::npos) << t;
+  EXPECT_NE(SnapshotDetails(*s).find("no, copying 50%"), std::string::npos) << SnapshotDetails(*s);
+  s->set_error("disk full");
+  EXPECT_NE(SnapshotDetails(*s).find("failed: disk full"), std::string::npos);
+
+  v1::Volume v;
+  v.set_name("r");
+  v.set_source("snapshot/snap-1");
+  v.set_ready(true);
+  auto vj = VolumeJson(v);
+  EXPECT_EQ(vj["source"], "snapshot/snap-1");
+  EXPECT_EQ(vj["ready"], true);
+  EXPECT_TRUE(vj.contains("copy_done_bytes") && vj.contains("copy_total_bytes"));
+  v1::GetPoolInfoResponse p;
+  p.set_reflink(true);
+  p.set_snapshots(2);
+  p.add_abandoned_copies("s9");
+  auto pj = PoolJson(p);
+  EXPECT_EQ(pj["reflink"], true);
+  EXPECT_EQ(pj["snapshots"], 2);
+  EXPECT_EQ(pj["abandoned_copies"], nlohmann::json::array({"s9"}));
+  EXPECT_NE(PoolText(p).find("s9 (interrupted by a crash, removed)"), std::string::npos);
 }
 
 }  // namespace

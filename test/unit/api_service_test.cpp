@@ -5,11 +5,13 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <limits>
 #include <thread>
+#include <vector>
 
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
@@ -103,6 +105,91 @@ class ApiTest : public ::testing::Test {
     auto s = stub_->SetQos(Ctx().get(), req, &resp);
     if (out) *out = resp.volume();
     return s;
+  }
+
+  grpc::Status Snap(const std::string& name, const std::string& volume,
+                    v1::Snapshot* out = nullptr) {
+    v1::CreateSnapshotRequest req;
+    req.set_name(name);
+    req.set_source_volume(volume);
+    v1::CreateSnapshotResponse resp;
+    auto s = stub_->CreateSnapshot(Ctx().get(), req, &resp);
+    if (out) *out = resp.snapshot();
+    return s;
+  }
+  grpc::Status GetSnap(const std::string& name, v1::Snapshot* out = nullptr) {
+    v1::GetSnapshotRequest req;
+    req.set_name(name);
+    v1::GetSnapshotResponse resp;
+    auto s = stub_->GetSnapshot(Ctx().get(), req, &resp);
+    if (out) *out = resp.snapshot();
+    return s;
+  }
+  grpc::Status DeleteSnap(const std::string& name) {
+    v1::DeleteSnapshotRequest req;
+    req.set_name(name);
+    v1::DeleteSnapshotResponse resp;
+    return stub_->DeleteSnapshot(Ctx().get(), req, &resp);
+  }
+  std::vector<std::string> ListSnaps(const std::string& volume = "") {
+    v1::ListSnapshotsRequest req;
+    req.set_source_volume(volume);
+    v1::ListSnapshotsResponse resp;
+    auto s = stub_->ListSnapshots(Ctx().get(), req, &resp);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    std::vector<std::string> names;
+    for (const auto& sn : resp.snapshots()) names.push_back(sn.name());
+    return names;
+  }
+  // source: "snapshot/NAME", "volume/NAME" or "" (blank).
+  grpc::Status CreateFrom(const std::string& name, const std::string& source, uint64_t size,
+                          v1::Volume* out = nullptr, v1::QosLimits qos = {}) {
+    v1::CreateVolumeRequest req;
+    req.set_name(name);
+    req.set_size_bytes(size);
+    *req.mutable_qos() = qos;
+    if (source.rfind("snapshot/", 0) == 0) req.mutable_source()->set_snapshot(source.substr(9));
+    if (source.rfind("volume/", 0) == 0) req.mutable_source()->set_volume(source.substr(7));
+    v1::CreateVolumeResponse resp;
+    auto s = stub_->CreateVolume(Ctx().get(), req, &resp);
+    if (out) *out = resp.volume();
+    return s;
+  }
+  // Polls until ready (a background copy may fill it); the last state.
+  v1::Snapshot WaitSnap(const std::string& name) {
+    v1::Snapshot s;
+    for (int i = 0; i < 1000; ++i) {
+      EXPECT_TRUE(GetSnap(name, &s).ok());
+      if (s.ready() || !s.error().empty()) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return s;
+  }
+  v1::Volume WaitVol(const std::string& name) {
+    v1::Volume v;
+    for (int i = 0; i < 1000; ++i) {
+      EXPECT_TRUE(Get(name, &v).ok());
+      if (v.ready()) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return v;
+  }
+  void WriteAt(const std::string& path, uint64_t off, const std::string& data) {
+    int fd = open(path.c_str(), O_WRONLY | O_CLOEXEC);
+    ASSERT_GE(fd, 0) << path;
+    ASSERT_EQ(pwrite(fd, data.data(), data.size(), static_cast<off_t>(off)),
+              static_cast<ssize_t>(data.size()));
+    ASSERT_EQ(fsync(fd), 0);
+    close(fd);
+  }
+  std::string ReadAt(const std::string& path, uint64_t off, size_t len) {
+    std::string out(len, '\0');
+    int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    EXPECT_GE(fd, 0) << path;
+    if (fd < 0) return {};
+    EXPECT_EQ(pread(fd, out.data(), len, static_cast<off_t>(off)), static_cast<ssize_t>(len));
+    close(fd);
+    return out;
   }
 
   std::string dir_, sock_;
@@ -504,6 +591,275 @@ TEST(ApiServerTcp, ListensOnTcpForTests) {
   server.reset();
   pool->reset();
   fs::remove_all(dir);
+}
+
+// ---- snapshots, restores, clones ----
+
+TEST_F(ApiTest, SnapshotCreateGetListDelete) {
+  v1::Volume v;
+  ASSERT_TRUE(Create("v", 4 * kMiB, &v).ok());
+  WriteAt(v.data_path(), 0, std::string(4096, 'A'));
+  v1::Snapshot s;
+  auto st = Snap("s", "v", &s);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(s.name(), "s");
+  EXPECT_EQ(s.source_volume(), "v");
+  EXPECT_EQ(s.size_bytes(), 4 * kMiB);
+  EXPECT_GT(s.created_unix_ns(), 0);
+  EXPECT_TRUE(s.method() == "reflink" || s.method() == "copy") << s.method();
+  EXPECT_FALSE(s.data_path().empty());
+  s = WaitSnap("s");
+  ASSERT_TRUE(s.ready()) << s.error();
+  EXPECT_TRUE(s.error().empty());
+  EXPECT_EQ(ReadAt(s.data_path(), 0, 4096), std::string(4096, 'A'));
+
+  // Idempotent: the same point in time comes back, not a new one.
+  v1::Snapshot again;
+  ASSERT_TRUE(Snap("s", "v", &again).ok());
+  EXPECT_EQ(again.created_unix_ns(), s.created_unix_ns());
+
+  ASSERT_TRUE(Create("w", 4 * kMiB).ok());
+  ASSERT_TRUE(Snap("t", "w").ok());
+  WaitSnap("t");
+  EXPECT_EQ(ListSnaps(), (std::vector<std::string>{"s", "t"}));
+  EXPECT_EQ(ListSnaps("v"), (std::vector<std::string>{"s"}));
+  EXPECT_TRUE(ListSnaps("nobody").empty());
+
+  v1::GetPoolInfoResponse info;
+  ASSERT_TRUE(stub_->GetPoolInfo(Ctx().get(), {}, &info).ok());
+  EXPECT_EQ(info.snapshots(), 2u);
+  EXPECT_EQ(info.reflink(), s.method() == "reflink");
+  EXPECT_EQ(info.abandoned_copies_size(), 0);
+  EXPECT_EQ(info.volumes(), 2u) << "snapshots are not volumes";
+
+  ASSERT_TRUE(DeleteSnap("s").ok());
+  EXPECT_EQ(DeleteSnap("s").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(GetSnap("s").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_FALSE(fs::exists(s.data_path()));
+  EXPECT_EQ(ListSnaps(), (std::vector<std::string>{"t"}));
+  // The volume is untouched by its snapshot's deletion.
+  EXPECT_EQ(ReadAt(v.data_path(), 0, 4096), std::string(4096, 'A'));
+}
+
+TEST_F(ApiTest, SnapshotErrorsMapToGrpcCodes) {
+  ASSERT_TRUE(Create("a", 4 * kMiB).ok());
+  ASSERT_TRUE(Create("b", 4 * kMiB).ok());
+  ASSERT_TRUE(Snap("s", "a").ok());
+  WaitSnap("s");
+  auto other = Snap("s", "b");
+  EXPECT_EQ(other.error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  EXPECT_NE(other.error_message().find("source volume a, not b"), std::string::npos)
+      << other.error_message();
+  EXPECT_EQ(Snap("t", "ghost").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(GetSnap("ghost").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(DeleteSnap("ghost").error_code(), grpc::StatusCode::NOT_FOUND);
+
+  // Bad arguments never reach the pool, and the message says which name was wrong.
+  for (const std::string& bad : std::vector<std::string>{"", "../x", ".hidden", "-x", "a/b", std::string(129, 'n')}) {
+    auto c = Snap(bad, "a");
+    EXPECT_EQ(c.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+    EXPECT_NE(c.error_message().find("snapshot name"), std::string::npos) << c.error_message();
+    EXPECT_EQ(GetSnap(bad).error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+    EXPECT_EQ(DeleteSnap(bad).error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+    auto src = Snap("ok", bad);
+    EXPECT_EQ(src.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+    EXPECT_NE(src.error_message().find("source volume name"), std::string::npos)
+        << src.error_message();
+  }
+  v1::ListSnapshotsRequest req;
+  req.set_source_volume("../x");
+  v1::ListSnapshotsResponse resp;
+  EXPECT_EQ(stub_->ListSnapshots(Ctx().get(), req, &resp).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(ListSnaps(), (std::vector<std::string>{"s"})) << "a failed call left something";
+  for (const auto& e : fs::directory_iterator(dir_ + "/pool/snapshots")) {
+    EXPECT_NE(e.path().filename().string()[0], '.') << e.path();
+  }
+}
+
+TEST_F(ApiTest, SnapshotAndVolumeNamesAreSeparateNamespaces) {
+  ASSERT_TRUE(Create("a", 4 * kMiB).ok());
+  ASSERT_TRUE(Snap("a", "a").ok());
+  WaitSnap("a");
+  v1::Volume v;
+  ASSERT_TRUE(Get("a", &v).ok());
+  EXPECT_TRUE(v.source().empty());
+  ASSERT_TRUE(DeleteSnap("a").ok());
+  EXPECT_TRUE(Get("a").ok()) << "deleting snapshot a must not touch volume a";
+
+  // The in-flight marks are separate too: many concurrent snapshots named like the volume, each
+  // racing a GetVolume and a SetQos on the volume, never see ABORTED for the volume's sake.
+  std::atomic<int> ok{0}, aborted{0}, other{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&] {
+      auto st = Snap("a", "a");
+      if (st.ok()) ++ok;
+      else if (st.error_code() == grpc::StatusCode::ABORTED) {
+        ++aborted;
+        EXPECT_NE(st.error_message().find("snapshot \"a\""), std::string::npos)
+            << st.error_message();
+      } else if (st.error_code() != grpc::StatusCode::UNAVAILABLE) {
+        ++other;
+        ADD_FAILURE() << st.error_message();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_GE(ok.load(), 1);
+  EXPECT_EQ(other.load(), 0);
+}
+
+TEST_F(ApiTest, RestoreFromSnapshotHoldsThePointInTime) {
+  v1::Volume v;
+  ASSERT_TRUE(Create("v", 8 * kMiB, &v).ok());
+  WriteAt(v.data_path(), kMiB, std::string(8192, 'A'));
+  ASSERT_TRUE(Snap("s", "v").ok());
+  ASSERT_TRUE(WaitSnap("s").ready());
+  WriteAt(v.data_path(), kMiB, std::string(8192, 'B'));
+
+  v1::QosLimits qos;
+  qos.set_max_iops(300);
+  v1::Volume r;
+  auto st = CreateFrom("r", "snapshot/s", 0, &r, qos);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(r.size_bytes(), 8 * kMiB) << "size 0 means the snapshot's size";
+  EXPECT_EQ(r.source(), "snapshot/s");
+  EXPECT_EQ(r.qos().max_iops(), 300u);
+  if (!r.ready()) { EXPECT_EQ(r.copy_total_bytes(), 8 * kMiB); }
+  r = WaitVol("r");
+  ASSERT_TRUE(r.ready());
+  EXPECT_EQ(ReadAt(r.data_path(), kMiB, 8192), std::string(8192, 'A'));
+  EXPECT_EQ(ReadAt(v.data_path(), kMiB, 8192), std::string(8192, 'B'));
+
+  // Idempotent with size 0 or the same explicit size; other parameters are ALREADY_EXISTS.
+  EXPECT_TRUE(CreateFrom("r", "snapshot/s", 0, nullptr, qos).ok());
+  EXPECT_TRUE(CreateFrom("r", "snapshot/s", 8 * kMiB, nullptr, qos).ok());
+  EXPECT_EQ(CreateFrom("r", "snapshot/s", 16 * kMiB, nullptr, qos).error_code(),
+            grpc::StatusCode::ALREADY_EXISTS);
+  EXPECT_EQ(CreateFrom("r", "volume/v", 0, nullptr, qos).error_code(),
+            grpc::StatusCode::ALREADY_EXISTS);
+  EXPECT_EQ(CreateFrom("r", "", 8 * kMiB, nullptr, qos).error_code(),
+            grpc::StatusCode::ALREADY_EXISTS);
+
+  // Larger is fine, smaller is not; unknown source is NOT_FOUND; nothing half-made stays.
+  v1::Volume big;
+  ASSERT_TRUE(CreateFrom("big", "snapshot/s", 16 * kMiB, &big).ok());
+  EXPECT_EQ(big.size_bytes(), 16 * kMiB);
+  auto small = CreateFrom("small", "snapshot/s", 4 * kMiB);
+  EXPECT_EQ(small.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(small.error_message().find("smaller than snapshot s"), std::string::npos);
+  EXPECT_EQ(CreateFrom("x", "snapshot/ghost", 0).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(CreateFrom("x", "snapshot/ghost", 8 * kMiB).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Get("small").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Get("x").error_code(), grpc::StatusCode::NOT_FOUND);
+  WaitVol("big");
+
+  // ListVolumes and a reopened pool keep the source.
+  OpenPoolAndServe();
+  v1::ListVolumesResponse list;
+  ASSERT_TRUE(stub_->ListVolumes(Ctx().get(), {}, &list).ok());
+  ASSERT_EQ(list.volumes_size(), 3);
+  EXPECT_EQ(list.volumes(0).name(), "big");
+  EXPECT_EQ(list.volumes(0).source(), "snapshot/s");
+  EXPECT_EQ(list.volumes(1).source(), "snapshot/s");
+  EXPECT_EQ(list.volumes(2).source(), "");
+  for (const auto& vol : list.volumes()) EXPECT_TRUE(vol.ready()) << vol.name();
+}
+
+TEST_F(ApiTest, CloneOfALiveVolume) {
+  v1::Volume v;
+  ASSERT_TRUE(Create("v", 8 * kMiB, &v).ok());
+  WriteAt(v.data_path(), 0, std::string(4096, 'C'));
+  v1::Volume c;
+  auto st = CreateFrom("c", "volume/v", 0, &c);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(c.source(), "volume/v");
+  EXPECT_EQ(c.size_bytes(), 8 * kMiB);
+  c = WaitVol("c");
+  ASSERT_TRUE(c.ready());
+  EXPECT_EQ(ReadAt(c.data_path(), 0, 4096), std::string(4096, 'C'));
+  EXPECT_TRUE(CreateFrom("c", "volume/v", 0).ok()) << "idempotent";
+  EXPECT_EQ(CreateFrom("c", "volume/v", 12 * kMiB).error_code(),
+            grpc::StatusCode::ALREADY_EXISTS);
+  EXPECT_EQ(CreateFrom("c2", "volume/ghost", 0).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(CreateFrom("c3", "volume/v", 4 * kMiB).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  auto self = CreateFrom("v", "volume/v", 0);
+  EXPECT_EQ(self.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(self.error_message().find("onto itself"), std::string::npos) << self.error_message();
+}
+
+TEST_F(ApiTest, CreateWithSourceValidatesArguments) {
+  ASSERT_TRUE(Create("v", 4 * kMiB).ok());
+  ASSERT_TRUE(Snap("s", "v").ok());
+  WaitSnap("s");
+  // A source message that names neither kind.
+  v1::CreateVolumeRequest req;
+  req.set_name("r");
+  req.mutable_source();
+  v1::CreateVolumeResponse resp;
+  auto st = stub_->CreateVolume(Ctx().get(), req, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("neither"), std::string::npos) << st.error_message();
+  // Both kinds at once cannot be sent: the oneof keeps only the last one set.
+  req.mutable_source()->set_snapshot("s");
+  req.mutable_source()->set_volume("v");
+  EXPECT_EQ(req.source().kind_case(), v1::VolumeContentSource::kVolume);
+
+  for (const std::string bad : {"", "../x", ".x"}) {
+    auto a = CreateFrom("r", "snapshot/" + bad, 0);
+    EXPECT_EQ(a.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+    EXPECT_NE(a.error_message().find("source snapshot name"), std::string::npos)
+        << a.error_message();
+    auto b = CreateFrom("r", "volume/" + bad, 0);
+    EXPECT_EQ(b.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+    EXPECT_NE(b.error_message().find("source volume name"), std::string::npos)
+        << b.error_message();
+  }
+  EXPECT_EQ(CreateFrom("../r", "snapshot/s", 0).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(CreateFrom("r", "snapshot/s", 1000).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // Without a source, size 0 is still an error.
+  EXPECT_EQ(CreateFrom("r", "", 0).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // Per-GiB limits are checked against the source's size when size is 0: times 3 GiB this
+  // overflows, times 0 bytes it would not.
+  ASSERT_TRUE(Create("big", 3 * kGiB).ok());
+  v1::QosLimits huge;
+  huge.set_bps_per_gib(std::numeric_limits<uint64_t>::max() / 2);
+  auto q = CreateFrom("r", "volume/big", 0, nullptr, huge);
+  EXPECT_EQ(q.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(q.error_message().find("3 GiB overflows"), std::string::npos) << q.error_message();
+  v1::QosLimits burst;
+  burst.set_burst_ms(kMaxBurstMs + 1);
+  EXPECT_EQ(CreateFrom("r", "volume/v", 0, nullptr, burst).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Get("r").error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(ApiTest, RunningCopyIsUnavailableThenSucceeds) {
+  // A background copy of real data takes a moment on the copy path; while it runs, a second
+  // snapshot of the volume and a restore from the unfinished snapshot are UNAVAILABLE (retry).
+  v1::Volume v;
+  ASSERT_TRUE(Create("v", 128 * kMiB, &v).ok());
+  WriteAt(v.data_path(), 0, std::string(128 * kMiB, 'D'));
+  v1::Snapshot s;
+  ASSERT_TRUE(Snap("s", "v", &s).ok());
+  if (s.ready()) GTEST_SKIP() << "snapshot method " << s.method() << " is ready at once";
+  auto again = Snap("s2", "v");
+  auto restore = CreateFrom("r", "snapshot/s", 0);
+  v1::Snapshot now;
+  ASSERT_TRUE(GetSnap("s", &now).ok());
+  if (now.ready()) GTEST_SKIP() << "the copy finished before the calls could race it";
+  EXPECT_EQ(again.error_code(), grpc::StatusCode::UNAVAILABLE) << again.error_message();
+  EXPECT_EQ(restore.error_code(), grpc::StatusCode::UNAVAILABLE) << restore.error_message();
+  EXPECT_LE(now.copy_done_bytes(), now.copy_total_bytes());
+  EXPECT_EQ(now.copy_total_bytes(), 128 * kMiB);
+  ASSERT_TRUE(WaitSnap("s").ready());
+  EXPECT_TRUE(Snap("s2", "v").ok());
+  EXPECT_TRUE(CreateFrom("r", "snapshot/s", 0).ok());
+  WaitVol("r");
+  WaitSnap("s2");
 }
 
 }  // namespace
