@@ -5,11 +5,11 @@
 set(_snap_it ${CMAKE_CURRENT_LIST_DIR})
 foreach(fs xfs ext4)
   # Stamped writes from 2 connections x QD 8 across `snapshot create`; the restored snapshot
-  # must be point-in-time, the live volume must hold every newest write. Timing-sensitive
-  # (the writer must keep requests in flight during the pause), so it runs alone.
+  # must be point-in-time, the live volume must hold every newest write. The check leans
+  # towards accepting on timing slack, so a loaded machine makes it weaker, never flaky.
   nbdcsi_add_test(NAME integration.snap_pit_${fs}
     COMMAND bash ${_snap_it}/snap_pit.sh ${fs}
-    TIMEOUT 120 LABELS integration snapshot SERIAL)
+    TIMEOUT 120 LABELS integration snapshot)
   # nbdcopy'd image -> snapshot -> restores (same size, larger) and a clone, compared with
   # qemu-img; writes to clones/restores stay there; a snapshot outlives its source.
   nbdcsi_add_test(NAME integration.snap_clone_${fs}
