@@ -277,15 +277,11 @@ RecoverReport AttachmentManager::Recover() {
       records_[r.volume] = r;
       continue;
     }
-    Status s = kernel_.Reconfigure(r.index, served->client_fds, opts_.dead_conn_timeout_s);
+    Status s = kernel_.Reconfigure(r.index, served->client_fds, opts_.dead_conn_timeout_s,
+                                   r.cookie);
     CloseAll(served->client_fds);
-    if (!s.ok() && s.code() == ENOSPC) {
-      // The kernel only says ENOSPC when a socket finds no dead slot to fill, i.e. every
-      // connection of the device is live already: nothing is waiting on us.
-      spdlog::warn("attach: {} had live connections already; extra sockets were refused",
-                   r.device());
-      s = Status::Ok();
-    }
+    // Sockets beyond the device's dead slots are dropped by the kernel without an error (it
+    // turns ENOSPC into success); their server ends just see EOF.
     if (!s.ok()) {
       spdlog::error("attach: RECONFIGURE of {} for {} failed: {}", r.device(), r.volume,
                     s.message());

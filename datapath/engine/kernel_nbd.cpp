@@ -195,8 +195,8 @@ class LinuxKernelNbd final : public KernelNbdInterface {
     return ex->index;
   }
 
-  Status Reconfigure(int index, const std::vector<int>& fds,
-                     uint64_t dead_conn_timeout_s) override {
+  Status Reconfigure(int index, const std::vector<int>& fds, uint64_t dead_conn_timeout_s,
+                     const std::string& cookie) override {
     auto f = OpenFamily();
     if (!f.ok()) return f.status();
     auto msg = NewMessage(*f, NBD_CMD_RECONFIGURE);
@@ -204,6 +204,7 @@ class LinuxKernelNbd final : public KernelNbdInterface {
     Builder b{msg->get()};
     b.U32(NBD_ATTR_INDEX, static_cast<uint32_t>(index));
     b.U64(NBD_ATTR_DEAD_CONN_TIMEOUT, dead_conn_timeout_s);
+    if (!cookie.empty()) b.Str(NBD_ATTR_BACKEND_IDENTIFIER, cookie);
     b.Sockets(fds);
     if (b.failed) return Error(EMSGSIZE, "nbd netlink RECONFIGURE: message too large");
     auto ex = Send(*f, std::move(*msg), "RECONFIGURE");

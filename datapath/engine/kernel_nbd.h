@@ -49,8 +49,11 @@ class KernelNbdInterface {
   // sockets; the caller closes its descriptors afterwards either way.
   virtual StatusOr<int> Connect(const std::vector<int>& client_fds,
                                 const KernelConnectParams& p) = 0;
+  // `cookie` must be the device's backend identifier: the kernel refuses a RECONFIGURE of a
+  // device that has one without it ("must specify backend") or with another one, which makes
+  // handing our sockets to someone else's device impossible.
   virtual Status Reconfigure(int index, const std::vector<int>& client_fds,
-                             uint64_t dead_conn_timeout_s) = 0;
+                             uint64_t dead_conn_timeout_s, const std::string& cookie) = 0;
   virtual Status Disconnect(int index) = 0;
   // /sys/block/nbdN/backend, or "" when the device does not exist or is not connected.
   virtual std::string Backend(int index) = 0;
