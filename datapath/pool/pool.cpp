@@ -23,6 +23,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/fault.h"
+#include "common/fs_util.h"
 #include "datapath/pool/copy_job.h"
 
 namespace nbdcsi::datapath {
@@ -72,75 +73,13 @@ int64_t RealtimeNs() {
   return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
 }
 
-Status FsyncDir(const std::string& dir) {
-  int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return Sys(errno, "open directory " + dir + " for fsync");
-  int rc = fsync(fd);
-  int err = errno;
-  close(fd);
-  if (rc != 0) return Sys(err, "fsync directory " + dir);
-  return Status::Ok();
-}
-
-std::string Parent(const std::string& path) {
-  auto pos = path.find_last_of('/');
-  if (pos == std::string::npos) return ".";
-  if (pos == 0) return "/";
-  return path.substr(0, pos);
-}
-
-// mkdir -p that makes each directory it creates durable by fsyncing its parent.
-Status MkdirP(const std::string& path) {
-  if (path.empty()) return Error(EINVAL, "empty directory path");
-  struct stat st{};
-  if (stat(path.c_str(), &st) == 0) {
-    if (!S_ISDIR(st.st_mode)) return Error(ENOTDIR, "{} exists and is not a directory", path);
-    return Status::Ok();
-  }
-  if (errno != ENOENT) return Sys(errno, "stat " + path);
-  std::string parent = Parent(path);
-  if (parent != path) {
-    if (Status s = MkdirP(parent); !s.ok()) return s;
-  }
-  if (mkdir(path.c_str(), 0700) != 0 && errno != EEXIST) return Sys(errno, "mkdir " + path);
-  return FsyncDir(parent);
-}
-
-Status WriteAll(int fd, const std::string& data, const std::string& path) {
-  size_t off = 0;
-  while (off < data.size()) {
-    ssize_t n = write(fd, data.data() + off, data.size() - off);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Sys(errno, "write " + path);
-    }
-    off += static_cast<size_t>(n);
-  }
-  return Status::Ok();
-}
-
-StatusOr<std::string> ReadSmallFile(const std::string& path) {
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Sys(errno, "open " + path);
-  std::string out;
-  char buf[8192];
-  for (;;) {
-    ssize_t n = read(fd, buf, sizeof buf);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      int err = errno;
-      close(fd);
-      return Sys(err, "read " + path);
-    }
-    if (n == 0) break;
-    out.append(buf, static_cast<size_t>(n));
-    if (out.size() > (1u << 20)) {
-      close(fd);
-      return Error(EFBIG, "{} is larger than 1 MiB: not volume metadata", path);
-    }
-  }
-  close(fd);
-  return out;
+// Metadata files are a few hundred bytes; anything this large is not what the pool wrote.
+StatusOr<std::string> ReadMetaFile(const std::string& path) {
+  constexpr size_t kMaxMeta = size_t{1} << 20;
+  auto text = ReadSmallFile(path, kMaxMeta);
+  if (!text.ok() && text.status().code() == EFBIG)
+    return Error(EFBIG, "{} is larger than 1 MiB: not volume metadata", path);
+  return text;
 }
 
 nlohmann::json QosToJson(const QosLimits& q) {
@@ -462,12 +401,13 @@ struct Pool::Impl {
 
   std::string DataPath(const std::string& n) const { return vol_dir + "/" + n + ".img"; }
   std::string MetaPath(const std::string& n) const { return vol_dir + "/" + n + ".json"; }
-  std::string TmpPath(const std::string& n) const { return vol_dir + "/." + n + ".json.tmp"; }
-  std::string DataTmpPath(const std::string& n) const { return vol_dir + "/." + n + ".img.tmp"; }
+  // WriteMeta's temp file (the same naming for every temp file, so Load sweeps them all).
+  std::string TmpPath(const std::string& n) const { return AtomicTempPath(vol_dir, n + ".json"); }
+  std::string DataTmpPath(const std::string& n) const { return AtomicTempPath(vol_dir, n + ".img"); }
   std::string SnapDataPath(const std::string& n) const { return snap_dir + "/" + n + ".img"; }
   std::string SnapMetaPath(const std::string& n) const { return snap_dir + "/" + n + ".json"; }
-  std::string SnapTmpPath(const std::string& n) const { return snap_dir + "/." + n + ".json.tmp"; }
-  std::string SnapDataTmpPath(const std::string& n) const { return snap_dir + "/." + n + ".img.tmp"; }
+  std::string SnapTmpPath(const std::string& n) const { return AtomicTempPath(snap_dir, n + ".json"); }
+  std::string SnapDataTmpPath(const std::string& n) const { return AtomicTempPath(snap_dir, n + ".img"); }
 
   // Serialises operations on names (the second caller waits its turn) without holding `mu`
   // during the operation. Volumes are keyed by their name, snapshots by "snapshot/NAME" ('/'
@@ -534,34 +474,12 @@ struct Pool::Impl {
   // `renamed` tells a failing caller whether NAME.json may already hold the new content.
   // Empty fault names are for restores, which have no crash step of their own.
   Status WriteMeta(const Meta& m, const char* fault_tmp, const char* fault_renamed, bool* renamed) {
-    return WriteJson(vol_dir, m.name, MetaToText(m), fault_tmp, fault_renamed, renamed);
+    return WriteFileAtomic(vol_dir, m.name + ".json", MetaToText(m), fault_tmp, fault_renamed, renamed);
   }
   Status WriteSnapMeta(const SnapMeta& m, const char* fault_tmp, const char* fault_renamed,
                        bool* renamed) {
-    return WriteJson(snap_dir, m.name, SnapMetaToText(m), fault_tmp, fault_renamed, renamed);
-  }
-  Status WriteJson(const std::string& dir, const std::string& name, const std::string& text,
-                   const char* fault_tmp, const char* fault_renamed, bool* renamed) {
-    *renamed = false;
-    const std::string tmp = dir + "/." + name + ".json.tmp", final_path = dir + "/" + name + ".json";
-    int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0) return Sys(errno, "create " + tmp);
-    Status s = WriteAll(fd, text, tmp);
-    if (s.ok() && fsync(fd) != 0) s = Sys(errno, "fsync " + tmp);
-    if (close(fd) != 0 && s.ok()) s = Sys(errno, "close " + tmp);
-    if (!s.ok()) {
-      unlink(tmp.c_str());
-      return s;
-    }
-    if (*fault_tmp) FaultPoint(fault_tmp);
-    if (rename(tmp.c_str(), final_path.c_str()) != 0) {
-      s = Sys(errno, "rename " + tmp + " to " + final_path);
-      unlink(tmp.c_str());
-      return s;
-    }
-    *renamed = true;
-    if (*fault_renamed) FaultPoint(fault_renamed);
-    return FsyncDir(dir);
+    return WriteFileAtomic(snap_dir, m.name + ".json", SnapMetaToText(m), fault_tmp, fault_renamed,
+                           renamed);
   }
 
   // Opens the data file of a committed volume. ENOENT is returned as is so Load can tell a
@@ -684,7 +602,7 @@ struct Pool::Impl {
         MarkBroken(name, meta_path + ": " + s.message());
         continue;
       }
-      auto text = ReadSmallFile(meta_path);
+      auto text = ReadMetaFile(meta_path);
       if (!text.ok()) {
         if (text.status().code() == EACCES || text.status().code() == EISDIR ||
             text.status().code() == EFBIG) {
@@ -798,7 +716,7 @@ struct Pool::Impl {
         MarkSnapBroken(name, meta_path + ": " + s.message());
         continue;
       }
-      auto text = ReadSmallFile(meta_path);
+      auto text = ReadMetaFile(meta_path);
       if (!text.ok()) {
         if (text.status().code() == EACCES || text.status().code() == EISDIR ||
             text.status().code() == EFBIG) {
