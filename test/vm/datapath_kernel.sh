@@ -88,10 +88,10 @@ detach() {
   fail "$vol still has $conns open connection(s) 10 s after nbd-client -d $dev"
 }
 
-# write_tree DIR: a 24 MiB file plus 300 small files of varied sizes, and their hashes in $D/sums.
+# write_tree DIR: a 16 MiB file plus 300 small files of varied sizes, and their hashes in $D/sums.
 write_tree() {
   local dir=$1 i
-  dd if=/dev/urandom of="$dir/big" bs=1M count=24 status=none
+  dd if=/dev/urandom of="$dir/big" bs=1M count=16 status=none
   mkdir -p "$dir/small"
   for i in $(seq 300); do head -c $(( (i * 7919) % 65536 + 1 )) /dev/urandom >"$dir/small/f$i"; done
   (cd "$dir" && find . -type f | sort | xargs sha256sum) >"$D/sums"
@@ -131,7 +131,7 @@ for fs in ext4 xfs; do
   mount -t "$fs" /dev/nbd0 /mnt/t
   write_tree /mnt/t
   sync
-  step "$fs: mounted, 24 MiB + 300 small files written and synced"
+  step "$fs: mounted, 16 MiB + 300 small files written and synced"
   umount /mnt/t
   case $fs in
     ext4) e2fsck -fn /dev/nbd0 >"$D/fsck.log" 2>&1 || { cat "$D/fsck.log"; fail "e2fsck -fn found problems"; } ;;
@@ -165,9 +165,10 @@ grep -E '^ +(WRITE|READ):' "$D/fio.log" | sed 's/^ */  /'
 step "raw: fio verify passed"
 
 # TRIM 8 MiB at 16 MiB. The daemon punches a hole: the range must read as zeros (O_DIRECT, so the
-# kernel asks the daemon), and the 56 MiB around it must be exactly what fio left there.
+# kernel asks the daemon), and the MiB on each side must be exactly what fio left there (a hole that
+# overshoots, or a misaligned one, shows at the edges; reading all 56 MiB costs 30 s under TCG).
 rsum() { dd if=/dev/nbd1 bs=1M skip="$1" count="$2" iflag=direct status=none | sha256sum | cut -d' ' -f1; }
-before_lo=$(rsum 0 16) before_hi=$(rsum 24 40)
+before_lo=$(rsum 15 1) before_hi=$(rsum 24 1)
 trims0=$(nbdctl -o json stats raw | jq '.ops.trim.ops')
 alloc0=$(jqv raw .allocated_bytes)
 blkdiscard -o $((16 * MI)) -l $((8 * MI)) /dev/nbd1 || fail "blkdiscard on nbd1"
@@ -179,7 +180,7 @@ terrs=$(jq '.ops.trim.errors' "$D/stats.json")
 [ "$terrs" = 0 ] || fail "nbdctl stats shows $terrs TRIM errors"
 zero=$(head -c $((8 * MI)) /dev/zero | sha256sum | cut -d' ' -f1)
 [ "$(rsum 16 8)" = "$zero" ] || fail "the discarded range does not read back as zeros"
-{ [ "$(rsum 0 16)" = "$before_lo" ] && [ "$(rsum 24 40)" = "$before_hi" ]; } ||
+{ [ "$(rsum 15 1)" = "$before_lo" ] && [ "$(rsum 24 1)" = "$before_hi" ]; } ||
   fail "blkdiscard of [16M, 24M) changed data outside that range"
 alloc1=$(jqv raw .allocated_bytes)
 [ $((alloc0 - alloc1)) -ge $((8 * MI)) ] ||
