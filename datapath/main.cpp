@@ -14,6 +14,7 @@
 
 #include "common/endpoint.h"
 #include "common/quantity.h"
+#include "datapath/api/attach_service.h"
 #include "datapath/api/service.h"
 #include "datapath/engine/attachments.h"
 #include "datapath/engine/frontend.h"
@@ -164,7 +165,8 @@ int main(int argc, char** argv) {
     spdlog::critical("{}", st.message());
     return 1;
   }
-  auto server = StartApiServer(**pool, api);
+  auto attach_service = MakeAttachmentService(attachments);
+  auto server = StartApiServer(**pool, api, {attach_service.get()});
   if (!server.ok()) {
     spdlog::critical("cannot start the management API on {}: {}", api, server.status().message());
     return 1;

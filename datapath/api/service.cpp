@@ -481,7 +481,8 @@ void ApiServer::Wait() {
   if (server_) server_->Wait();
 }
 
-StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, const std::string& endpoint) {
+StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, const std::string& endpoint,
+                                                    std::vector<grpc::Service*> extra) {
   auto ep = ParseEndpoint(endpoint);
   if (!ep.ok()) return ep.status();
   std::unique_ptr<ApiServer> api(new ApiServer());
@@ -507,6 +508,7 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, const std::strin
   grpc::ServerBuilder builder;
   builder.AddListeningPort(ep->GrpcTarget(), grpc::InsecureServerCredentials(), &api->port_);
   builder.RegisterService(api->service_.get());
+  for (grpc::Service* s : extra) builder.RegisterService(s);
   {
     // The socket must never be reachable with a wider mode, not even between bind() and a
     // chmod(). umask is process-wide, so this only narrows the mode of files other threads create

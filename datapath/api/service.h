@@ -4,6 +4,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <grpcpp/server.h>
 
@@ -36,7 +37,8 @@ class ApiServer {
   grpc::Server* grpc_server() { return server_.get(); }
 
  private:
-  friend StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool&, const std::string&);
+  friend StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool&, const std::string&,
+                                                              std::vector<grpc::Service*>);
   ApiServer() = default;
   Endpoint endpoint_;
   int port_ = 0;
@@ -49,7 +51,9 @@ class ApiServer {
 //  - "unix:///path": a stale socket file is removed first (a live one is EADDRINUSE); the socket
 //    is created with mode 0600 and verified with stat() before this returns.
 //  - "tcp://host:port": plaintext, for tests only until mTLS lands (a warning is logged).
-// The pool must outlive the returned server.
-StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, const std::string& endpoint);
+// The pool must outlive the returned server. `extra` services (e.g. Attachments) are registered
+// on the same server; they must outlive it too.
+StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, const std::string& endpoint,
+                                                    std::vector<grpc::Service*> extra = {});
 
 }  // namespace nbdcsi::datapath
