@@ -16,7 +16,9 @@
 
 #include "common/endpoint.h"
 #include "common/quantity.h"
+#include "datapath/api/attach.grpc.pb.h"
 #include "datapath/api/datapath.grpc.pb.h"
+#include "datapath/nbdctl/attach_cmds.h"
 #include "datapath/nbdctl/render.h"
 
 namespace nbdcsi::nbdctl {
@@ -125,6 +127,7 @@ class Cli {
   Endpoint ep_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Datapath::Stub> stub_;
+  std::unique_ptr<v1::Attachments::Stub> attach_stub_;
 };
 
 constexpr auto kPollInterval = std::chrono::milliseconds(100);
@@ -138,6 +141,7 @@ void Cli::Connect() {
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   channel_ = grpc::CreateCustomChannel(ep_.GrpcTarget(), grpc::InsecureChannelCredentials(), args);
   stub_ = v1::Datapath::NewStub(channel_);
+  attach_stub_ = v1::Attachments::NewStub(channel_);
 }
 
 std::unique_ptr<grpc::ClientContext> Cli::Ctx() const {
@@ -298,6 +302,19 @@ int Cli::Run(int argc, char** argv) {
   auto* pool = app.add_subcommand("pool", "The pool");
   auto* pool_info = pool->add_subcommand("info", "Capacity, usage and state of the pool");
 
+  unsigned connections = 0;
+  auto* attach = app.add_subcommand("attach", "Attach a volume as a kernel block device /dev/nbdN "
+                                              "(idempotent); prints the device");
+  attach->add_option("NAME", name, "Volume name")->required();
+  attach->add_option("--connections", connections,
+                     "Sockets between the kernel and the daemon (default: the daemon's, "
+                     "min(nproc, 4))")
+      ->check(CLI::Range(1u, 16u));
+  auto* detach = app.add_subcommand("detach", "Detach a volume's kernel device (idempotent; "
+                                              "refused while it is mounted)");
+  detach->add_option("NAME", name, "Volume name")->required();
+  auto* attachments = app.add_subcommand("attachments", "List kernel NBD attachments");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -311,7 +328,8 @@ int Cli::Run(int argc, char** argv) {
 
   try {
     if (app.get_subcommands().empty()) {
-      throw UsageError{"a command is required: volume, snapshot, stats, pool (see --help)"};
+      throw UsageError{"a command is required: volume, snapshot, stats, pool, attach, detach, "
+                       "attachments (see --help)"};
     }
     if (snapshot->parsed() && snapshot->get_subcommands().empty()) {
       throw UsageError{"snapshot: a subcommand is required: create, list, inspect, delete"};
@@ -383,6 +401,28 @@ int Cli::Run(int argc, char** argv) {
       auto s = stub_->DeleteSnapshot(Ctx().get(), req, &resp);
       if (!s.ok()) return Fail(fmt::format("delete snapshot \"{}\"", name), s);
       Print({{"deleted", name}}, fmt::format("snapshot \"{}\" deleted\n", name));
+    } else if (attach->parsed()) {
+      v1::AttachVolumeRequest req;
+      req.set_volume(name);
+      req.set_connections(connections);
+      v1::AttachVolumeResponse resp;
+      auto s = attach_stub_->AttachVolume(Ctx().get(), req, &resp);
+      if (!s.ok()) return Fail(fmt::format("attach volume \"{}\"", name), s);
+      Print(AttachmentJson(resp.attachment()), AttachmentDetails(resp.attachment()));
+    } else if (detach->parsed()) {
+      v1::DetachVolumeRequest req;
+      req.set_volume(name);
+      v1::DetachVolumeResponse resp;
+      auto s = attach_stub_->DetachVolume(Ctx().get(), req, &resp);
+      if (!s.ok()) return Fail(fmt::format("detach volume \"{}\"", name), s);
+      Print({{"detached", name}}, fmt::format("volume \"{}\" detached\n", name));
+    } else if (attachments->parsed()) {
+      v1::ListAttachmentsResponse resp;
+      auto s = attach_stub_->ListAttachments(Ctx().get(), {}, &resp);
+      if (!s.ok()) return Fail("list attachments", s);
+      nlohmann::json all = nlohmann::json::array();
+      for (const auto& a : resp.attachments()) all.push_back(AttachmentJson(a));
+      Print({{"attachments", all}}, AttachmentListTable(resp));
     } else if (list->parsed()) {
       v1::ListVolumesResponse resp;
       auto s = stub_->ListVolumes(Ctx().get(), {}, &resp);
