@@ -1,0 +1,11 @@
+# Kernel NBD attachment by nbd-datapathd itself (generic netlink over socketpairs) and its restart
+# resilience: kill -9 of the daemon twice under fio with verify on a mounted ext4, each restart
+# reconnecting the device with NBD_CMD_RECONFIGURE; no I/O error may reach the file system. Runs in
+# the project's VM (test/vm/nbd-kernel-vm, see vm.cmake for when it skips). SERIAL: the VM uses
+# both cores.
+nbdcsi_add_test(NAME vm.attach_restart
+  COMMAND ${CMAKE_CURRENT_LIST_DIR}/nbd-kernel-vm --timeout 540 --mem 1536
+    --file $<TARGET_FILE:nbd-datapathd>:/opt/bin/
+    --file $<TARGET_FILE:nbdctl>:/opt/bin/
+    ${CMAKE_CURRENT_LIST_DIR}/attach_restart.sh
+  TIMEOUT 600 LABELS vm attach SERIAL)
