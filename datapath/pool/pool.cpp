@@ -573,9 +573,25 @@ struct Pool::Impl {
     cleaned_orphans.push_back(sub + "/" + file);
   }
 
-  Status Load() {
-    DIR* d = opendir(vol_dir.c_str());
-    if (!d) return Sys(errno, "open directory " + vol_dir);
+  // What differs between loading volumes and loading snapshots; the rest is LoadDir.
+  struct LoadKind {
+    const char* kind;  // "volume" | "snapshot": name rules and messages
+    const std::string& dir;
+    const char* sub;      // "volumes" | "snapshots": orphan labels
+    const char* tmp_why;  // how a temp file is described when it is removed
+    const char* img_why;  // how a data file without metadata is described
+    std::map<std::string, std::string>& broken;
+  };
+
+  // Scans one object directory: temp files and data files without metadata are orphans and
+  // removed; every NAME.json is name-checked, read and parsed, and a failure there marks NAME
+  // broken. What happens to a parsed object is up to `accept(name, meta, has_data)`, which
+  // returns an error only for failures that must stop the open.
+  template <typename M, typename Accept>
+  Status LoadDir(const LoadKind& k, StatusOr<M> (*parse)(const std::string&, const std::string&),
+                 Accept accept) {
+    DIR* d = opendir(k.dir.c_str());
+    if (!d) return Sys(errno, "open directory " + k.dir);
     std::set<std::string> json, img, tmp;
     errno = 0;
     while (dirent* ent = readdir(d)) {
@@ -585,69 +601,95 @@ struct Pool::Impl {
       if (EndsWith(f, ".tmp")) tmp.insert(f);
       else if (EndsWith(f, ".json")) json.insert(f.substr(0, f.size() - 5));
       else if (EndsWith(f, ".img")) img.insert(f.substr(0, f.size() - 4));
-      else spdlog::warn("pool {}: ignoring unexpected file {}/{}", opts.dir, vol_dir, f);
+      else spdlog::warn("pool {}: ignoring unexpected file {}/{}", opts.dir, k.dir, f);
     }
     int err = errno;
     closedir(d);
-    if (err) return Sys(err, "read directory " + vol_dir);
+    if (err) return Sys(err, "read directory " + k.dir);
 
     bool removed = false;
     for (const auto& f : tmp) {
-      NoteOrphan(f, "metadata temp file");
+      NoteOrphan(f, k.tmp_why, k.sub);
       removed = true;
     }
     for (const auto& name : json) {
-      std::string meta_path = MetaPath(name);
-      if (Status s = ValidateVolumeName(name); !s.ok()) {
-        MarkBroken(name, meta_path + ": " + s.message());
+      const std::string meta_path = k.dir + "/" + name + ".json";
+      if (Status s = ValidateName(k.kind, name); !s.ok()) {
+        MarkBroken(k, name, meta_path + ": " + s.message());
         continue;
       }
       auto text = ReadMetaFile(meta_path);
       if (!text.ok()) {
         if (text.status().code() == EACCES || text.status().code() == EISDIR ||
             text.status().code() == EFBIG) {
-          MarkBroken(name, text.status().message());
+          MarkBroken(k, name, text.status().message());
           continue;
         }
         return text.status();
       }
-      auto meta = ParseMeta(*text, name);
+      auto meta = parse(*text, name);
       if (!meta.ok()) {
-        MarkBroken(name, meta_path + ": " + meta.status().message());
+        MarkBroken(k, name, meta_path + ": " + meta.status().message());
         continue;
       }
-      if (!img.count(name)) {
-        MarkBroken(name, "data file " + DataPath(name) + " is missing");
-        continue;
-      }
-      auto vol = OpenVolume(*meta);
-      if (!vol.ok()) {
-        if (vol.status().code() == ENOENT || vol.status().code() == EACCES) {
-          MarkBroken(name, vol.status().message());
-          continue;
-        }
-        return vol.status();
-      }
-      if (Status s = Reconcile(**vol, meta->size); !s.ok()) return s;
-      vols.emplace(name, Entry{std::move(*vol), std::move(*meta)});
+      if (Status s = accept(name, std::move(*meta), img.count(name) > 0); !s.ok()) return s;
     }
     for (const auto& name : img) {
       if (!json.count(name)) {
-        NoteOrphan(name + ".img", "data file without metadata");
+        NoteOrphan(name + ".img", k.img_why, k.sub);
         removed = true;
       }
     }
-    if (removed) {
-      if (Status s = FsyncDir(vol_dir); !s.ok()) return s;
-    }
+    if (removed) return FsyncDir(k.dir);
     return Status::Ok();
   }
 
-  void MarkBroken(const std::string& name, const std::string& why) {
-    spdlog::error("pool {}: volume {} is broken and was not loaded: {}; its files are kept, "
-                  "delete the volume to remove them",
-                  opts.dir, name, why);
-    broken[name] = why;
+  void MarkBroken(const LoadKind& k, const std::string& name, const std::string& why) {
+    spdlog::error("pool {}: {} {} is broken and was not loaded: {}; its files are kept, "
+                  "delete the {} to remove them",
+                  opts.dir, k.kind, name, why, k.kind);
+    k.broken[name] = why;
+  }
+
+  Status Load() {
+    const LoadKind k{"volume", vol_dir, "volumes", "metadata temp file", "data file without metadata",
+                     broken};
+    return LoadDir<Meta>(k, ParseMeta, [&](const std::string& name, Meta meta, bool has_data) {
+      if (!has_data) {
+        MarkBroken(k, name, "data file " + DataPath(name) + " is missing");
+        return Status::Ok();
+      }
+      auto vol = OpenVolume(meta);
+      if (!vol.ok()) {
+        if (vol.status().code() == ENOENT || vol.status().code() == EACCES) {
+          MarkBroken(k, name, vol.status().message());
+          return Status::Ok();
+        }
+        return vol.status();
+      }
+      if (Status s = Reconcile(**vol, meta.size); !s.ok()) return s;
+      vols.emplace(name, Entry{std::move(*vol), std::move(meta)});
+      return Status::Ok();
+    });
+  }
+
+  Status LoadSnapshots() {
+    const LoadKind k{"snapshot", snap_dir, "snapshots", "snapshot temp file",
+                     "snapshot data file without metadata", broken_snaps};
+    return LoadDir<SnapMeta>(k, ParseSnapMeta, [&](const std::string& name, SnapMeta meta,
+                                                   bool has_data) {
+      if (meta.state == "copying") {
+        // The copy-before-write that made it point-in-time died with the process; the
+        // source has moved on, so what was copied so far is not any instant of it.
+        return RemoveAbandoned(snap_dir, name, "snapshot/" + name);
+      }
+      if (!has_data) {
+        MarkBroken(k, name, "data file " + SnapDataPath(name) + " is missing");
+        return Status::Ok();
+      }
+      snaps.emplace(name, std::move(meta));
+      return Status::Ok();
+    });
   }
 
   // A data file longer than its metadata is a resize that never committed: roll it back.
@@ -686,77 +728,6 @@ struct Pool::Impl {
       }
     }
     if (Status s = FsyncDir(dir); !s.ok()) spdlog::error("pool {}: rollback: {}", opts.dir, s.message());
-  }
-
-  Status LoadSnapshots() {
-    DIR* d = opendir(snap_dir.c_str());
-    if (!d) return Sys(errno, "open directory " + snap_dir);
-    std::set<std::string> json, img, tmp;
-    errno = 0;
-    while (dirent* ent = readdir(d)) {
-      std::string f = ent->d_name;
-      if (f == "." || f == "..") continue;
-      if (ent->d_type != DT_REG && ent->d_type != DT_UNKNOWN) continue;
-      if (EndsWith(f, ".tmp")) tmp.insert(f);
-      else if (EndsWith(f, ".json")) json.insert(f.substr(0, f.size() - 5));
-      else if (EndsWith(f, ".img")) img.insert(f.substr(0, f.size() - 4));
-      else spdlog::warn("pool {}: ignoring unexpected file {}/{}", opts.dir, snap_dir, f);
-    }
-    int err = errno;
-    closedir(d);
-    if (err) return Sys(err, "read directory " + snap_dir);
-    bool removed = false;
-    for (const auto& f : tmp) {
-      NoteOrphan(f, "snapshot temp file", "snapshots");
-      removed = true;
-    }
-    for (const auto& name : json) {
-      const std::string meta_path = SnapMetaPath(name);
-      if (Status s = ValidateName("snapshot", name); !s.ok()) {
-        MarkSnapBroken(name, meta_path + ": " + s.message());
-        continue;
-      }
-      auto text = ReadMetaFile(meta_path);
-      if (!text.ok()) {
-        if (text.status().code() == EACCES || text.status().code() == EISDIR ||
-            text.status().code() == EFBIG) {
-          MarkSnapBroken(name, text.status().message());
-          continue;
-        }
-        return text.status();
-      }
-      auto meta = ParseSnapMeta(*text, name);
-      if (!meta.ok()) {
-        MarkSnapBroken(name, meta_path + ": " + meta.status().message());
-        continue;
-      }
-      if (meta->state == "copying") {
-        // The copy-before-write that made it point-in-time died with the process; the
-        // source has moved on, so what was copied so far is not any instant of it.
-        if (Status s = RemoveAbandoned(snap_dir, name, "snapshot/" + name); !s.ok()) return s;
-        continue;
-      }
-      if (!img.count(name)) {
-        MarkSnapBroken(name, "data file " + SnapDataPath(name) + " is missing");
-        continue;
-      }
-      snaps.emplace(name, std::move(*meta));
-    }
-    for (const auto& name : img) {
-      if (!json.count(name)) {
-        NoteOrphan(name + ".img", "snapshot data file without metadata", "snapshots");
-        removed = true;
-      }
-    }
-    if (removed) return FsyncDir(snap_dir);
-    return Status::Ok();
-  }
-
-  void MarkSnapBroken(const std::string& name, const std::string& why) {
-    spdlog::error("pool {}: snapshot {} is broken and was not loaded: {}; its files are kept, "
-                  "delete the snapshot to remove them",
-                  opts.dir, name, why);
-    broken_snaps[name] = why;
   }
 
   // Removes a copy target whose point in time was lost: metadata first (the commit point),
