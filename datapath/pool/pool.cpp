@@ -293,6 +293,14 @@ double MsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// Sizes a newly created data file (the new space is a hole) and makes it and its directory
+// entry durable.
+Status SizeDurably(int fd, uint64_t size, const std::string& path, const std::string& dir) {
+  if (ftruncate(fd, static_cast<off_t>(size)) != 0) return Sys(errno, "size " + path);
+  if (fsync(fd) != 0) return Sys(errno, "fsync " + path);
+  return FsyncDir(dir);
+}
+
 bool EndsWith(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
@@ -480,6 +488,54 @@ struct Pool::Impl {
                        bool* renamed) {
     return WriteFileAtomic(snap_dir, m.name + ".json", SnapMetaToText(m), fault_tmp, fault_renamed,
                            renamed);
+  }
+
+  // Commits new volume metadata; if it failed after the rename (only the directory fsync is
+  // missing), puts the old metadata back so the caller's rollback leaves what it started with.
+  Status CommitMetaOrRestore(const Meta& m, const Meta& old_meta, const char* fault_tmp,
+                             const char* fault_renamed) {
+    bool renamed = false;
+    Status s = WriteMeta(m, fault_tmp, fault_renamed, &renamed);
+    if (!s.ok() && renamed) {
+      bool again = false;
+      if (Status r = WriteMeta(old_meta, "", "", &again); !r.ok())
+        spdlog::error("pool {}: cannot restore metadata of {}: {}", opts.dir, m.name, r.message());
+    }
+    return s;
+  }
+
+  // Lookup failures for a volume or snapshot name: a name whose metadata could not be loaded
+  // is taken (EEXIST for a create, EIO for a use), otherwise it is ENOENT.
+  static Status BrokenTaken(const char* kind, const std::map<std::string, std::string>& broken,
+                            const std::string& name) {
+    if (auto b = broken.find(name); b != broken.end()) {
+      return Error(EEXIST, "{} {} exists on disk but is broken ({}); delete it first", kind, name,
+                   b->second);
+    }
+    return Status::Ok();
+  }
+  static Status NotFound(const char* kind, const std::map<std::string, std::string>& broken,
+                         const std::string& name) {
+    if (auto b = broken.find(name); b != broken.end())
+      return Error(EIO, "{} {} is broken: {}", kind, name, b->second);
+    return Error(ENOENT, "{} {} not found", kind, name);
+  }
+
+  // Second half of deleting a volume or snapshot whose metadata (the commit point) is already
+  // unlinked: make that durable, then remove the data file. Stopping in between leaves an
+  // orphan that the next open removes.
+  Status RemoveDataAfterMeta(const char* kind, const std::string& dir, const std::string& name,
+                             const std::string& data, const char* fault) {
+    Status result = FsyncDir(dir);
+    FaultPoint(fault);
+    if (unlink(data.c_str()) != 0 && errno != ENOENT && result.ok()) {
+      const int err = errno;
+      result = Sys(err, fmt::format("delete {} {}: unlink {} (it will be removed as an orphan on "
+                                    "the next start)", kind, name, data));
+    }
+    if (Status s = FsyncDir(dir); !s.ok() && result.ok()) result = s;
+    if (result.ok()) spdlog::info("pool {}: deleted {} {}", opts.dir, kind, name);
+    return result;
   }
 
   // Opens the data file of a committed volume. ENOENT is returned as is so Load can tell a
@@ -980,10 +1036,7 @@ StatusOr<VolumeInfo> Pool::Create(const std::string& name, uint64_t size, const 
   uint64_t capacity = *capacity_or;
   {
     std::lock_guard lock(I.mu);
-    if (auto b = I.broken.find(name); b != I.broken.end()) {
-      return Error(EEXIST, "volume {} exists on disk but is broken ({}); delete it first", name,
-                   b->second);
-    }
+    if (Status s = Impl::BrokenTaken("volume", I.broken, name); !s.ok()) return s;
     if (auto it = I.vols.find(name); it != I.vols.end()) {
       const Meta& m = it->second.meta;
       if (!m.source.empty()) {
@@ -1021,9 +1074,7 @@ StatusOr<VolumeInfo> Pool::Create(const std::string& name, uint64_t size, const 
     I.UndoCreate(name);
     return s;
   };
-  if (ftruncate(fd, static_cast<off_t>(size)) != 0) return fail(Sys(errno, "size " + data));
-  if (fsync(fd) != 0) return fail(Sys(errno, "fsync " + data));
-  if (Status s = FsyncDir(I.vol_dir); !s.ok()) return fail(s);
+  if (Status s = SizeDurably(fd, size, data, I.vol_dir); !s.ok()) return fail(s);
   FaultPoint("create.data");
 
   Meta m;
@@ -1094,17 +1145,7 @@ Status Pool::Delete(const std::string& name) {
     std::lock_guard lock(I.mu);
     I.broken.erase(name);
   }
-  // From here the volume is gone; the data file is an orphan if we stop now.
-  Status result = FsyncDir(I.vol_dir);
-  FaultPoint("delete.meta");
-  const std::string data = I.DataPath(name);
-  if (unlink(data.c_str()) != 0 && errno != ENOENT && result.ok()) {
-    result = Sys(errno, "delete volume " + name + ": unlink " + data +
-                            " (it will be removed as an orphan on the next start)");
-  }
-  if (Status s = FsyncDir(I.vol_dir); !s.ok() && result.ok()) result = s;
-  if (result.ok()) spdlog::info("pool {}: deleted volume {}", I.opts.dir, name);
-  return result;
+  return I.RemoveDataAfterMeta("volume", I.vol_dir, name, I.DataPath(name), "delete.meta");
 }
 
 StatusOr<VolumeInfo> Pool::Resize(const std::string& name, uint64_t new_size) {
@@ -1159,13 +1200,8 @@ StatusOr<VolumeInfo> Pool::Resize(const std::string& name, uint64_t new_size) {
   FaultPoint("resize.data");
   Meta m = old_meta;
   m.size = new_size;
-  bool renamed = false;
-  if (Status s = I.WriteMeta(m, "resize.meta_tmp", "resize.meta_renamed", &renamed); !s.ok()) {
-    if (renamed) {
-      bool again = false;
-      if (Status r = I.WriteMeta(old_meta, "", "", &again); !r.ok())
-        spdlog::error("pool {}: cannot restore metadata of {}: {}", I.opts.dir, name, r.message());
-    }
+  if (Status s = I.CommitMetaOrRestore(m, old_meta, "resize.meta_tmp", "resize.meta_renamed");
+      !s.ok()) {
     undo_data();
     return Error(s.code(), "resize volume {}: {}", name, s.message());
   }
@@ -1197,13 +1233,7 @@ Status Pool::SetQos(const std::string& name, const QosLimits& qos) {
   if (old_meta.qos == qos) return Status::Ok();
   Meta m = old_meta;
   m.qos = qos;
-  bool renamed = false;
-  if (Status s = I.WriteMeta(m, "qos.meta_tmp", "qos.meta_renamed", &renamed); !s.ok()) {
-    if (renamed) {
-      bool again = false;
-      if (Status r = I.WriteMeta(old_meta, "", "", &again); !r.ok())
-        spdlog::error("pool {}: cannot restore metadata of {}: {}", I.opts.dir, name, r.message());
-    }
+  if (Status s = I.CommitMetaOrRestore(m, old_meta, "qos.meta_tmp", "qos.meta_renamed"); !s.ok()) {
     return Error(s.code(), "set QoS of volume {}: {}", name, s.message());
   }
   std::lock_guard lock(I.mu);
@@ -1216,11 +1246,7 @@ Status Pool::SetQos(const std::string& name, const QosLimits& qos) {
 StatusOr<VolumeInfo> Pool::Inspect(const std::string& name) {
   std::lock_guard lock(impl_->mu);
   auto it = impl_->vols.find(name);
-  if (it == impl_->vols.end()) {
-    if (auto b = impl_->broken.find(name); b != impl_->broken.end())
-      return Error(EIO, "volume {} is broken: {}", name, b->second);
-    return Error(ENOENT, "volume {} not found", name);
-  }
+  if (it == impl_->vols.end()) return Impl::NotFound("volume", impl_->broken, name);
   return impl_->MakeInfo(it->second);
 }
 
@@ -1279,10 +1305,7 @@ StatusOr<SnapshotInfo> Pool::CreateSnapshot(const std::string& name, const std::
   uint64_t size = 0;
   {
     std::lock_guard lock(I.mu);
-    if (auto b = I.broken_snaps.find(name); b != I.broken_snaps.end()) {
-      return Error(EEXIST, "snapshot {} exists on disk but is broken ({}); delete it first", name,
-                   b->second);
-    }
+    if (Status s = Impl::BrokenTaken("snapshot", I.broken_snaps, name); !s.ok()) return s;
     if (auto it = I.snaps.find(name); it != I.snaps.end()) {
       if (it->second.source_volume != volume) {
         return Error(EEXIST, "snapshot {} already exists with source volume {}, not {}", name,
@@ -1291,11 +1314,7 @@ StatusOr<SnapshotInfo> Pool::CreateSnapshot(const std::string& name, const std::
       return I.MakeSnapInfo(it->second);
     }
     auto it = I.vols.find(volume);
-    if (it == I.vols.end()) {
-      if (auto b = I.broken.find(volume); b != I.broken.end())
-        return Error(EIO, "volume {} is broken: {}", volume, b->second);
-      return Error(ENOENT, "volume {} not found", volume);
-    }
+    if (it == I.vols.end()) return Impl::NotFound("volume", I.broken, volume);
     if (it->second.meta.state != "ready") {
       return Error(EAGAIN, "volume {} is not ready: {}", volume,
                    NotReadyReason(it->second.meta.state, it->second.meta.error));
@@ -1379,9 +1398,7 @@ StatusOr<SnapshotInfo> Pool::CreateSnapshot(const std::string& name, const std::
     I.UndoFiles(I.snap_dir, {I.SnapMetaPath(name), I.SnapTmpPath(name), data});
     return s;
   };
-  if (ftruncate(fd, static_cast<off_t>(size)) != 0) return fail(Sys(errno, "size " + data));
-  if (fsync(fd) != 0) return fail(Sys(errno, "fsync " + data));
-  if (Status s = FsyncDir(I.snap_dir); !s.ok()) return fail(s);
+  if (Status s = SizeDurably(fd, size, data, I.snap_dir); !s.ok()) return fail(s);
   FaultPoint("snapshot.copy_data");
   SnapMeta m{name, volume, size, RealtimeNs(), "copy", "copying", ""};
   bool renamed = false;
@@ -1447,16 +1464,7 @@ Status Pool::DeleteSnapshot(const std::string& name) {
     I.snaps.erase(name);
     I.broken_snaps.erase(name);
   }
-  // From here the snapshot is gone; the data file is an orphan if we stop now.
-  Status result = FsyncDir(I.snap_dir);
-  FaultPoint("snapshot.delete_meta");
-  if (unlink(data.c_str()) != 0 && errno != ENOENT && result.ok()) {
-    result = Sys(errno, "delete snapshot " + name + ": unlink " + data +
-                            " (it will be removed as an orphan on the next start)");
-  }
-  if (Status s = FsyncDir(I.snap_dir); !s.ok() && result.ok()) result = s;
-  if (result.ok()) spdlog::info("pool {}: deleted snapshot {}", I.opts.dir, name);
-  return result;
+  return I.RemoveDataAfterMeta("snapshot", I.snap_dir, name, data, "snapshot.delete_meta");
 }
 
 std::vector<SnapshotInfo> Pool::ListSnapshots(const std::string& volume) {
@@ -1470,11 +1478,7 @@ std::vector<SnapshotInfo> Pool::ListSnapshots(const std::string& volume) {
 StatusOr<SnapshotInfo> Pool::InspectSnapshot(const std::string& name) {
   std::lock_guard lock(impl_->mu);
   auto it = impl_->snaps.find(name);
-  if (it == impl_->snaps.end()) {
-    if (auto b = impl_->broken_snaps.find(name); b != impl_->broken_snaps.end())
-      return Error(EIO, "snapshot {} is broken: {}", name, b->second);
-    return Error(ENOENT, "snapshot {} not found", name);
-  }
+  if (it == impl_->snaps.end()) return Impl::NotFound("snapshot", impl_->broken_snaps, name);
   return impl_->MakeSnapInfo(it->second);
 }
 
@@ -1547,9 +1551,7 @@ StatusOr<VolumeInfo> Pool::FillNewVolume(const std::string& name, uint64_t size,
     if (Status s = FsyncDir(I.vol_dir); !s.ok()) return fail(s);
     point("data");
   } else {
-    if (ftruncate(fd, static_cast<off_t>(size)) != 0) return fail(Sys(errno, "size " + data));
-    if (fsync(fd) != 0) return fail(Sys(errno, "fsync " + data));
-    if (Status s = FsyncDir(I.vol_dir); !s.ok()) return fail(s);
+    if (Status s = SizeDurably(fd, size, data, I.vol_dir); !s.ok()) return fail(s);
     point("copy_data");
   }
   auto vol = I.OpenVolume(m, fd);
@@ -1629,10 +1631,7 @@ StatusOr<VolumeInfo> Pool::CreateVolumeFromSnapshot(const std::string& name,
   uint64_t length = 0;
   {
     std::lock_guard lock(I.mu);
-    if (auto b = I.broken.find(name); b != I.broken.end()) {
-      return Error(EEXIST, "volume {} exists on disk but is broken ({}); delete it first", name,
-                   b->second);
-    }
+    if (Status s = Impl::BrokenTaken("volume", I.broken, name); !s.ok()) return s;
     auto sit = I.snaps.find(snapshot);
     if (auto it = I.vols.find(name); it != I.vols.end()) {
       // Checked before the snapshot, which may be gone by the time the call is retried.
@@ -1645,11 +1644,7 @@ StatusOr<VolumeInfo> Pool::CreateVolumeFromSnapshot(const std::string& name,
       }
       return I.MakeInfo(it->second);
     }
-    if (sit == I.snaps.end()) {
-      if (auto b = I.broken_snaps.find(snapshot); b != I.broken_snaps.end())
-        return Error(EIO, "snapshot {} is broken: {}", snapshot, b->second);
-      return Error(ENOENT, "snapshot {} not found", snapshot);
-    }
+    if (sit == I.snaps.end()) return Impl::NotFound("snapshot", I.broken_snaps, snapshot);
     length = sit->second.size;
     if (size == 0) size = length;
     if (size < length) {
@@ -1689,10 +1684,7 @@ StatusOr<VolumeInfo> Pool::CloneVolume(const std::string& name, const std::strin
   uint64_t length = 0;
   {
     std::lock_guard lock(I.mu);
-    if (auto b = I.broken.find(name); b != I.broken.end()) {
-      return Error(EEXIST, "volume {} exists on disk but is broken ({}); delete it first", name,
-                   b->second);
-    }
+    if (Status s = Impl::BrokenTaken("volume", I.broken, name); !s.ok()) return s;
     auto sit = I.vols.find(source);
     if (auto it = I.vols.find(name); it != I.vols.end()) {
       const Meta& m = it->second.meta;
@@ -1704,11 +1696,7 @@ StatusOr<VolumeInfo> Pool::CloneVolume(const std::string& name, const std::strin
       }
       return I.MakeInfo(it->second);
     }
-    if (sit == I.vols.end()) {
-      if (auto b = I.broken.find(source); b != I.broken.end())
-        return Error(EIO, "volume {} is broken: {}", source, b->second);
-      return Error(ENOENT, "volume {} not found", source);
-    }
+    if (sit == I.vols.end()) return Impl::NotFound("volume", I.broken, source);
     if (sit->second.meta.state != "ready") {
       return Error(EAGAIN, "volume {} is not ready: {}", source,
                    NotReadyReason(sit->second.meta.state, sit->second.meta.error));
