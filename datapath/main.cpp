@@ -160,6 +160,12 @@ int main(int argc, char** argv) {
                  rep.reconnected.size(), rep.dropped.size(), rep.failed.size());
     for (const auto& f : rep.failed) spdlog::error("attach: not recovered: {}", f);
   }
+  if (kernel_nbd->Available().ok()) {
+    Status st = kernel_nbd->WatchLinkDead([&attachments](int index) {
+      (void)attachments.OnLinkDead(index);  // logs its own outcome
+    });
+    if (!st.ok()) spdlog::warn("attach: connections the kernel drops stay dropped: {}", st.message());
+  }
 
   if (Status st = EnsureSocketDir(*api_ep); !st.ok()) {
     spdlog::critical("{}", st.message());
@@ -181,6 +187,8 @@ int main(int argc, char** argv) {
   // Attached devices are left attached on purpose: the kernel queues their I/O for the
   // dead-connection timeout, and the next start reconnects them (an upgrade or restart must not
   // fail I/O). Detaching is an explicit API call.
+  // Before the sockets close: our own shutdown must not look like links to repair.
+  kernel_nbd->StopWatching();
   if (size_t n = attachments.List().size()) {
     spdlog::info("attach: {} device(s) stay attached; restart within {} s to reconnect them", n,
                  aopts.dead_conn_timeout_s);

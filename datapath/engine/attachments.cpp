@@ -418,6 +418,35 @@ Status AttachmentManager::Detach(const std::string& volume) {
   return Status::Ok();
 }
 
+Status AttachmentManager::OnLinkDead(int index) {
+  std::optional<AttachmentRecord> r;
+  {
+    std::lock_guard lk(mu_);
+    for (const auto& [name, rec] : records_) {
+      if (rec.index == index) r = rec;
+    }
+  }
+  if (!r) return Status::Ok();
+  Claim claim(*this, r->volume);
+  if (!claim.held() || LiveIndex(*r) != index || !kernel_.Connected(index)) return Status::Ok();
+  auto served = server_.Serve(r->volume, r->connections);
+  if (!served.ok()) {
+    spdlog::error("attach: {} lost a connection and {} cannot be served: {}", r->device(),
+                  r->volume, served.status().message());
+    return served.status();
+  }
+  // All sockets, not just one: the kernel fills every dead slot and drops the rest.
+  Status s = kernel_.Reconfigure(index, served->client_fds, opts_.dead_conn_timeout_s, r->cookie);
+  CloseAll(served->client_fds);
+  if (!s.ok()) {
+    spdlog::error("attach: {} lost a connection; RECONFIGURE failed: {}", r->device(), s.message());
+    return s;
+  }
+  spdlog::warn("attach: the kernel dropped a connection of {} (volume {}): reconnected", r->device(),
+               r->volume);
+  return Status::Ok();
+}
+
 std::vector<AttachmentRecord> AttachmentManager::List() const {
   std::lock_guard lk(mu_);
   std::vector<AttachmentRecord> out;

@@ -92,6 +92,11 @@ class AttachmentManager {
   // mounted; ETIMEDOUT if the kernel does not let go in time (the record stays, so retry).
   Status Detach(const std::string& volume);
 
+  // The kernel dropped a socket of device `index` while we are alive (KernelNbdInterface::
+  // WatchLinkDead): serve fresh sockets and RECONFIGURE, unless the device is not ours or an
+  // Attach/Detach of its volume is running (that call decides the device's fate).
+  Status OnLinkDead(int index);
+
   std::vector<AttachmentRecord> List() const;
   std::optional<AttachmentRecord> Get(const std::string& volume) const;
   unsigned DefaultConnections() const;

@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <linux/nbd-netlink.h>
 #include <netlink/genl/ctrl.h>
 #include <netlink/genl/genl.h>
@@ -9,13 +10,16 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <thread>
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 namespace nbdcsi::datapath {
 namespace {
@@ -167,8 +171,12 @@ std::string ReadSysfs(int index, const char* leaf) {
   return s;
 }
 
+int AcceptAnySeq(nl_msg*, void*) { return NL_OK; }  // multicast events carry no sequence
+
 class LinuxKernelNbd final : public KernelNbdInterface {
  public:
+  ~LinuxKernelNbd() override { StopWatching(); }
+
   Status Available() override {
     auto f = OpenFamily();
     return f.ok() ? Status::Ok() : f.status();
@@ -283,6 +291,75 @@ class LinuxKernelNbd final : public KernelNbdInterface {
     }
     return want;
   }
+
+  Status WatchLinkDead(std::function<void(int)> on_dead) override {
+    if (watcher_.joinable()) return Error(EALREADY, "nbd netlink: already watching LINK_DEAD");
+    auto f = OpenFamily();
+    if (!f.ok()) return f.status();
+    int grp = genl_ctrl_resolve_grp(f->sock.get(), NBD_GENL_FAMILY_NAME, NBD_GENL_MCAST_GROUP_NAME);
+    if (grp < 0) {
+      return Error(ENOENT, "nbd netlink: no multicast group {}: {}", NBD_GENL_MCAST_GROUP_NAME,
+                   nl_geterror(grp));
+    }
+    if (int r = nl_socket_add_membership(f->sock.get(), grp); r < 0) {
+      return Error(NlToErrno(r), "nbd netlink: cannot join {}: {}", NBD_GENL_MCAST_GROUP_NAME,
+                   nl_geterror(r));
+    }
+    if (int r = nl_socket_set_nonblocking(f->sock.get()); r < 0) {
+      return Error(NlToErrno(r), "nbd netlink: {}", nl_geterror(r));
+    }
+    on_dead_ = std::move(on_dead);
+    watch_ = std::move(*f);
+    stop_ = false;
+    watcher_ = std::thread([this] { WatchLoop(); });
+    return Status::Ok();
+  }
+
+  void StopWatching() override {
+    stop_ = true;
+    if (watcher_.joinable()) watcher_.join();
+    watch_.sock.reset();
+  }
+
+ private:
+  static int OnEvent(nl_msg* msg, void* arg) {
+    auto* self = static_cast<LinuxKernelNbd*>(arg);
+    if (genlmsg_hdr(nlmsg_hdr(msg))->cmd != NBD_CMD_LINK_DEAD) return NL_OK;
+    nlattr* attrs[NBD_ATTR_MAX + 1] = {};
+    if (genlmsg_parse(nlmsg_hdr(msg), 0, attrs, NBD_ATTR_MAX, nullptr) == 0 &&
+        attrs[NBD_ATTR_INDEX]) {
+      self->on_dead_(static_cast<int>(nla_get_u32(attrs[NBD_ATTR_INDEX])));
+    }
+    return NL_OK;
+  }
+
+  void WatchLoop() {
+    pthread_setname_np(pthread_self(), "nbd-linkdead");
+    NlCb cb(nl_cb_alloc(NL_CB_DEFAULT));
+    if (!cb) {
+      spdlog::error("nbd netlink: cannot allocate callbacks; LINK_DEAD events are not watched");
+      return;
+    }
+    nl_cb_set(cb.get(), NL_CB_VALID, NL_CB_CUSTOM, OnEvent, this);
+    nl_cb_set(cb.get(), NL_CB_SEQ_CHECK, NL_CB_CUSTOM, AcceptAnySeq, nullptr);
+    const int fd = nl_socket_get_fd(watch_.sock.get());
+    // A short poll keeps StopWatching prompt without a wake-up pipe.
+    while (!stop_) {
+      pollfd p{fd, POLLIN, 0};
+      if (poll(&p, 1, 200) > 0) {
+        int r = nl_recvmsgs(watch_.sock.get(), cb.get());
+        if (r < 0 && r != -NLE_AGAIN) {
+          // ENOBUFS (events overflowed the socket) loses events; the next one still arrives.
+          spdlog::warn("nbd netlink: reading LINK_DEAD events: {}", nl_geterror(r));
+        }
+      }
+    }
+  }
+
+  Family watch_;
+  std::function<void(int)> on_dead_;
+  std::atomic<bool> stop_{false};
+  std::thread watcher_;
 };
 
 }  // namespace

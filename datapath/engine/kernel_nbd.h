@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -66,6 +67,14 @@ class KernelNbdInterface {
   // Raises the request size limit (the kernel's default is 64 KiB per request), clamped to the
   // hardware limit the driver advertises. Returns the value in effect.
   virtual StatusOr<unsigned> SetMaxSectorsKb(int index, unsigned kb) = 0;
+
+  // The kernel declares a socket dead on its own too: when a request outlives the io timeout it
+  // shuts that socket down (nbd_xmit_timeout) even though this daemon is alive, e.g. behind a
+  // slow QoS queue. It then multicasts NBD_CMD_LINK_DEAD; watching it lets us hand over a fresh
+  // socket at once instead of leaving the device to its dead-connection timeout. `on_dead` runs
+  // on a watcher thread with the device index. One watcher at a time; StopWatching joins it.
+  virtual Status WatchLinkDead(std::function<void(int index)> on_dead) = 0;
+  virtual void StopWatching() = 0;
 };
 
 // The real thing: libnl-genl + sysfs.

@@ -9,3 +9,7 @@ nbdcsi_add_gtest(attach_socketpair_test ${CMAKE_CURRENT_LIST_DIR}/attach_socketp
                  nbd_engine nbd_pool nbd_codec nbdcsi_common)
 set_property(TEST unit.attach_socketpair_test APPEND PROPERTY LABELS attach)
 set_property(TEST unit.attach_socketpair_test PROPERTY TIMEOUT 30)
+nbdcsi_add_gtest(attach_kernel_test ${CMAKE_CURRENT_LIST_DIR}/attach_kernel_test.cpp nbd_engine
+                 nbdcsi_common)
+set_property(TEST unit.attach_kernel_test APPEND PROPERTY LABELS attach)
+set_property(TEST unit.attach_kernel_test PROPERTY TIMEOUT 30)

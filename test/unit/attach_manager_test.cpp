@@ -105,6 +105,12 @@ class FakeKernel final : public KernelNbdInterface {
     max_sectors[index] = kb;
     return kb;
   }
+  Status WatchLinkDead(std::function<void(int)> cb) override {
+    on_dead = std::move(cb);
+    return Status::Ok();
+  }
+  void StopWatching() override { on_dead = nullptr; }
+  std::function<void(int)> on_dead;
 
  private:
   std::map<int, int> pending_gone_;
@@ -425,6 +431,26 @@ TEST_F(AttachManagerTest, ConcurrentCallsOnOneVolumeAreAborted) {
   kernel_.cv.notify_all();
   t.join();
   EXPECT_TRUE(m->Get("vol-a").has_value());
+}
+
+TEST_F(AttachManagerTest, LinkDeadOfOurDeviceIsRepairedOthersAreIgnored) {
+  auto m = NewManager();
+  auto a = m->Attach("vol-a", 2);
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE(m->OnLinkDead(a->index).ok());
+  ASSERT_EQ(kernel_.reconfigures.size(), 1u);
+  EXPECT_EQ(kernel_.reconfigures[0], std::make_pair(a->index, size_t{2}));
+  ExpectAllClientFdsClosed();
+
+  EXPECT_TRUE(m->OnLinkDead(7).ok());  // not ours
+  kernel_.devices[a->index] = "someone-else";
+  EXPECT_TRUE(m->OnLinkDead(a->index).ok());  // no longer ours
+  EXPECT_EQ(kernel_.reconfigures.size(), 1u);
+
+  kernel_.devices[a->index] = a->cookie;
+  server_.volumes.erase("vol-a");  // cannot be served: the error is reported, nothing else
+  EXPECT_EQ(m->OnLinkDead(a->index).code(), ENOENT);
+  EXPECT_EQ(kernel_.reconfigures.size(), 1u);
 }
 
 TEST(AttachmentRecordTest, JsonRoundTripAndValidation) {

@@ -67,7 +67,8 @@ crash_restart() {
 mkdir -p "$D" "$MNT"
 dmesg -c >/dev/null
 daemon_start
-step "nbd-datapathd up"
+grep -q "connections the kernel drops stay dropped" "$LOG" && fail "the LINK_DEAD watcher did not start"
+step "nbd-datapathd up (LINK_DEAD watcher running)"
 
 nbdctl volume create v1 --size 1Gi >/dev/null
 out=$(nbdctl attach v1 --connections 2) || fail "nbdctl attach v1: $out"
