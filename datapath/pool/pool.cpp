@@ -585,6 +585,20 @@ struct Pool::Impl {
     return info;
   }
 
+  // A restore or clone retried onto an existing volume: the same call returns it (CSI
+  // idempotency), anything else is EEXIST. `want` is the size the request resolves to.
+  StatusOr<VolumeInfo> ExistingFillTargetLocked(const Entry& e, const std::string& label,
+                                                uint64_t want, const QosLimits& qos,
+                                                bool read_only) const {
+    const Meta& m = e.meta;
+    if (m.source != label || m.size != want || m.read_only != read_only || !(m.qos == qos)) {
+      return Error(EEXIST, "volume {} already exists with other parameters (source \"{}\", size "
+                   "{}, read_only={}; requested {}, size {}, read_only={})",
+                   m.name, m.source, m.size, m.read_only, label, want, read_only);
+    }
+    return MakeInfo(e);
+  }
+
   SnapshotInfo MakeSnapInfo(const SnapMeta& m) const {
     SnapshotInfo info;
     info.name = m.name;
@@ -1635,14 +1649,8 @@ StatusOr<VolumeInfo> Pool::CreateVolumeFromSnapshot(const std::string& name,
     auto sit = I.snaps.find(snapshot);
     if (auto it = I.vols.find(name); it != I.vols.end()) {
       // Checked before the snapshot, which may be gone by the time the call is retried.
-      const Meta& m = it->second.meta;
-      uint64_t want = size ? size : sit != I.snaps.end() ? sit->second.size : m.size;
-      if (m.source != label || m.size != want || m.read_only != read_only || !(m.qos == qos)) {
-        return Error(EEXIST, "volume {} already exists with other parameters (source \"{}\", size "
-                     "{}, read_only={}; requested {}, size {}, read_only={})",
-                     name, m.source, m.size, m.read_only, label, want, read_only);
-      }
-      return I.MakeInfo(it->second);
+      uint64_t want = size ? size : sit != I.snaps.end() ? sit->second.size : it->second.meta.size;
+      return I.ExistingFillTargetLocked(it->second, label, want, qos, read_only);
     }
     if (sit == I.snaps.end()) return Impl::NotFound("snapshot", I.broken_snaps, snapshot);
     length = sit->second.size;
@@ -1687,14 +1695,8 @@ StatusOr<VolumeInfo> Pool::CloneVolume(const std::string& name, const std::strin
     if (Status s = Impl::BrokenTaken("volume", I.broken, name); !s.ok()) return s;
     auto sit = I.vols.find(source);
     if (auto it = I.vols.find(name); it != I.vols.end()) {
-      const Meta& m = it->second.meta;
-      uint64_t want = size ? size : sit != I.vols.end() ? sit->second.meta.size : m.size;
-      if (m.source != label || m.size != want || m.read_only != read_only || !(m.qos == qos)) {
-        return Error(EEXIST, "volume {} already exists with other parameters (source \"{}\", size "
-                     "{}, read_only={}; requested {}, size {}, read_only={})",
-                     name, m.source, m.size, m.read_only, label, want, read_only);
-      }
-      return I.MakeInfo(it->second);
+      uint64_t want = size ? size : sit != I.vols.end() ? sit->second.meta.size : it->second.meta.size;
+      return I.ExistingFillTargetLocked(it->second, label, want, qos, read_only);
     }
     if (sit == I.vols.end()) return Impl::NotFound("volume", I.broken, source);
     if (sit->second.meta.state != "ready") {
