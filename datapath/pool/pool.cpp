@@ -484,10 +484,24 @@ struct Pool::Impl {
   Status WriteMeta(const Meta& m, const char* fault_tmp, const char* fault_renamed, bool* renamed) {
     return WriteFileAtomic(vol_dir, m.name + ".json", MetaToText(m), fault_tmp, fault_renamed, renamed);
   }
-  Status WriteSnapMeta(const SnapMeta& m, const char* fault_tmp, const char* fault_renamed,
-                       bool* renamed) {
+  Status WriteMeta(const SnapMeta& m, const char* fault_tmp, const char* fault_renamed,
+                   bool* renamed) {
     return WriteFileAtomic(snap_dir, m.name + ".json", SnapMetaToText(m), fault_tmp, fault_renamed,
                            renamed);
+  }
+
+  // Commits the end state of a background copy. If that write fails before its rename, disk
+  // still says "copying" (the next open abandons or restarts it); until then it reads as
+  // failed, with the reason.
+  template <typename M>
+  void CommitCopyState(const char* kind, const std::string& name, M& m) {
+    bool renamed = false;
+    if (Status s = WriteMeta(m, "", "", &renamed); !s.ok() && !renamed) {
+      spdlog::error("pool {}: {} {}: cannot commit state {}: {}", opts.dir, kind, name, m.state,
+                    s.message());
+      m.state = "failed";
+      m.error = "commit failed: " + s.message();
+    }
   }
 
   // Commits new volume metadata; if it failed after the rename (only the directory fsync is
@@ -944,12 +958,7 @@ struct Pool::Impl {
       m.state = "failed";
       m.error = st.message();
     }
-    bool renamed = false;
-    if (Status s = WriteSnapMeta(m, "", "", &renamed); !s.ok() && !renamed) {
-      spdlog::error("pool {}: snapshot {}: cannot commit state {}: {}", opts.dir, name, m.state, s.message());
-      m.state = "failed";
-      m.error = "commit failed: " + s.message();
-    }
+    CommitCopyState("snapshot", name, m);
     if (m.state == "ready") {
       spdlog::info("pool {}: snapshot {} of volume {} is ready (background copy of {})", opts.dir,
                    name, m.source_volume, Bytes(m.size));
@@ -978,12 +987,7 @@ struct Pool::Impl {
       m.state = "failed";
       m.error = st.message();
     }
-    bool renamed = false;
-    if (Status s = WriteMeta(m, "", "", &renamed); !s.ok() && !renamed) {
-      spdlog::error("pool {}: volume {}: cannot commit state {}: {}", opts.dir, name, m.state, s.message());
-      m.state = "failed";
-      m.error = "commit failed: " + s.message();
-    }
+    CommitCopyState("volume", name, m);
     if (m.state == "ready") {
       spdlog::info("pool {}: volume {} is ready (background copy from {})", opts.dir, name, rec.source);
     } else {
@@ -1376,7 +1380,7 @@ StatusOr<SnapshotInfo> Pool::CreateSnapshot(const std::string& name, const std::
     FaultPoint("snapshot.data");
     SnapMeta m{name, volume, size, at, "reflink", "ready", ""};
     bool renamed = false;
-    if (Status s = I.WriteSnapMeta(m, "snapshot.meta_tmp", "snapshot.meta_renamed", &renamed); !s.ok())
+    if (Status s = I.WriteMeta(m, "snapshot.meta_tmp", "snapshot.meta_renamed", &renamed); !s.ok())
       return fail(s);
     spdlog::info("pool {}: snapshot {} of volume {} ({}) by reflink: writes paused {:.2f} ms, "
                  "total {:.2f} ms",
@@ -1416,7 +1420,7 @@ StatusOr<SnapshotInfo> Pool::CreateSnapshot(const std::string& name, const std::
   FaultPoint("snapshot.copy_data");
   SnapMeta m{name, volume, size, RealtimeNs(), "copy", "copying", ""};
   bool renamed = false;
-  if (Status s = I.WriteSnapMeta(m, "", "", &renamed); !s.ok()) return fail(s);
+  if (Status s = I.WriteMeta(m, "", "", &renamed); !s.ok()) return fail(s);
   {
     std::lock_guard lock(I.mu);
     I.snaps.emplace(name, m);
