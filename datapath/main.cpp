@@ -160,6 +160,12 @@ int main(int argc, char** argv) {
                  rep.reconnected.size(), rep.dropped.size(), rep.failed.size());
     for (const auto& f : rep.failed) spdlog::error("attach: not recovered: {}", f);
   }
+  // Declared after the manager, so on every early return the watcher thread (which calls into
+  // the manager) is joined before the manager goes away.
+  struct StopWatching {
+    KernelNbdInterface& k;
+    ~StopWatching() { k.StopWatching(); }
+  } stop_watching{*kernel_nbd};
   if (kernel_nbd->Available().ok()) {
     Status st = kernel_nbd->WatchLinkDead([&attachments](int index) {
       (void)attachments.OnLinkDead(index);  // logs its own outcome

@@ -10,6 +10,8 @@
 #   - while fio runs: kill -9 the daemon, restart it on the same pool: it must RECONFIGURE the device
 #     (its log says so, the kernel says "reconnected socket"); later once more
 #   - fio ends with no error and a clean verify; no I/O error in the kernel log; e2fsck clean
+#   - a live daemon behind a tight QoS limit: reads outlive the io timeout, the kernel drops the
+#     sockets (LINK_DEAD), the daemon reconnects them without a restart; the reads succeed
 #   - umount, nbdctl detach: device size 0, no record left, the volume can be deleted
 set -euo pipefail
 export PATH=/opt/bin:$PATH
@@ -119,6 +121,25 @@ step "kernel log: reconnects, no I/O errors"
 umount "$MNT"
 e2fsck -fn "$DEV" >/tmp/att/fsck.log 2>&1 || { cat /tmp/att/fsck.log; fail "e2fsck after the restarts"; }
 step "umount, e2fsck clean"
+
+# A live daemon whose requests outlive the kernel's io timeout (a tight QoS limit): the kernel
+# shuts those sockets down itself and multicasts LINK_DEAD; the daemon must hand over fresh
+# sockets at once, or the device would sit on its dead-connection timeout and then fail I/O.
+# Reads only: a request the kernel gave up on may still run in the daemon once, harmless for reads.
+nbdctl volume qos v1 --max-iops 4 >/dev/null || fail "nbdctl volume qos"
+n_dead=$(grep -c 'the kernel dropped a connection' "$LOG" || true)
+rc=0
+fio --name=slow --filename="$DEV" --rw=randread --bs=4k --ioengine=libaio --iodepth=32 --direct=1 \
+  --size=64M --number_ios=48 --output=/tmp/att/fio-slow.log || rc=$?
+nbdctl volume qos v1 --clear >/dev/null || fail "nbdctl volume qos --clear"
+[ "$rc" = 0 ] || { cat /tmp/att/fio-slow.log; fail "fio reads behind QoS exited $rc"; }
+grep -qE 'err= *0' /tmp/att/fio-slow.log || { cat /tmp/att/fio-slow.log; fail "fio reads behind QoS had errors"; }
+[ "$(grep -c 'the kernel dropped a connection' "$LOG" || true)" -gt "$n_dead" ] ||
+  fail "no LINK_DEAD repair logged (the reads did not outlive the ${IO_TIMEOUT}s io timeout?)"
+grep 'the kernel dropped a connection' "$LOG" | tail -n 2
+dmesg | grep nbd | tail -n 8
+dmesg | grep -qE 'I/O error|Buffer I/O error|blk_update_request' && fail "I/O errors after LINK_DEAD"
+step "io timeout under QoS: kernel dropped sockets, daemon reconnected them live, reads ok"
 
 nbdctl detach v1 || fail "nbdctl detach v1"
 [ "$(cat /sys/block/$N/size)" = 0 ] || fail "$DEV size is $(cat /sys/block/$N/size) after detach"
