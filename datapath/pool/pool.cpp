@@ -289,6 +289,28 @@ class GatePause {
   double ms_ = 0;
 };
 
+// FICLONE of a whole source file into dst_fd at one instant. A live source (gate not null) has
+// its writes paused and its data flushed first: the workers' O_DIRECT writes are already on the
+// device, but buffered (unaligned) ones may still be in the page cache, and FICLONE shares what
+// the file maps. `what` names the source in messages. When it paused, *closed_ns is the instant
+// the copy holds and *pause_ms how long writes waited; the gate is open again on return.
+Status CloneWhole(int dst_fd, const std::string& dst_path, int src_fd, const std::string& what,
+                  WriteGate* gate, int64_t* closed_ns, double* pause_ms) {
+  std::optional<GatePause> pause;
+  if (gate) {
+    pause.emplace(*gate);
+    if (closed_ns) *closed_ns = pause->closed_ns();
+  }
+  Status st = Status::Ok();
+  if (gate && fdatasync(src_fd) != 0) {
+    st = Sys(errno, "fdatasync " + what);
+  } else if (ioctl(dst_fd, FICLONE, src_fd) != 0) {
+    st = Sys(errno, "FICLONE " + what + " into " + dst_path);
+  }
+  if (pause) *pause_ms = pause->Open();
+  return st;
+}
+
 double MsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -1355,22 +1377,12 @@ StatusOr<SnapshotInfo> Pool::CreateSnapshot(const std::string& name, const std::
       I.UndoFiles(I.snap_dir, {I.SnapMetaPath(name), I.SnapTmpPath(name), data, tmp});
       return s;
     };
-    Status st = Status::Ok();
     int64_t at = 0;
     double pause_ms = 0;
-    {
-      GatePause pause(vol->gate());
-      at = pause.closed_ns();
-      // The workers' O_DIRECT writes are already on the device, but buffered (unaligned) ones
-      // may still be in the page cache; FICLONE shares what the file maps, so flush first.
-      if (fdatasync(vol->buffered_fd()) != 0) {
-        st = Sys(errno, "fdatasync volume " + volume);
-      } else if (ioctl(fd, FICLONE, vol->buffered_fd()) != 0) {
-        st = Sys(errno, "FICLONE volume " + volume + " into " + tmp);
-      }
-      pause_ms = pause.Open();
-    }
-    if (!st.ok()) return fail(st);
+    if (Status st = CloneWhole(fd, tmp, vol->buffered_fd(), "volume " + volume, &vol->gate(), &at,
+                               &pause_ms);
+        !st.ok())
+      return fail(st);
     FaultPoint("snapshot.cloned");
     if (fsync(fd) != 0) return fail(Sys(errno, "fsync " + tmp));
     close(fd);
@@ -1548,17 +1560,8 @@ StatusOr<VolumeInfo> Pool::FillNewVolume(const std::string& name, uint64_t size,
   };
   double pause_ms = -1;
   if (I.reflink) {
-    Status st = Status::Ok();
-    {
-      std::optional<GatePause> pause;
-      if (src.live) pause.emplace(src.live->gate());
-      if (src.live && fdatasync(src.fd) != 0) {
-        st = Sys(errno, "fdatasync " + src.label);
-      } else if (ioctl(fd, FICLONE, src.fd) != 0) {
-        st = Sys(errno, "FICLONE " + src.label + " into " + tmp);
-      }
-      if (pause) pause_ms = pause->Open();
-    }
+    Status st = CloneWhole(fd, tmp, src.fd, src.label, src.live ? &src.live->gate() : nullptr,
+                           /*closed_ns=*/nullptr, &pause_ms);
     close_src();
     if (!st.ok()) return fail(st);
     // Growing after the clone: the new tail is a hole, which reads as zeros.
