@@ -8,7 +8,8 @@
 #     raised above 64; attach again is idempotent (same device)
 #   - mkfs.ext4 + mount, then fio randwrite O_DIRECT iodepth 8 with crc32c verify on a file
 #   - while fio runs: kill -9 the daemon, restart it on the same pool: it must RECONFIGURE the device
-#     (its log says so, the kernel says "reconnected socket"); later once more
+#     (its log says so, the kernel says "reconnected socket"); then a graceful SIGTERM restart (exit
+#     0, device still attached), then kill -9 once more
 #   - fio ends with no error and a clean verify; no I/O error in the kernel log; e2fsck clean
 #   - a live daemon behind a tight QoS limit: reads outlive the io timeout, the kernel drops the
 #     sockets (LINK_DEAD), the daemon reconnects them without a restart; the reads succeed
@@ -44,21 +45,26 @@ daemon_start() {
     --overcommit 8 --attach-io-timeout "$IO_TIMEOUT" --attach-dead-conn-timeout 120 \
     --log-level info >>"$LOG" 2>&1 &
   DPID=$!
-  local i
-  for i in $(seq 300); do
+  for _ in $(seq 300); do
     [ -S "$API" ] && return 0
     kill -0 "$DPID" 2>/dev/null || fail "nbd-datapathd exited during startup"
     sleep 0.1
   done
   fail "nbd-datapathd did not create $API in 30 s"
 }
-# kill -9 and restart; the new daemon must reconnect the device before it serves the API.
+# crash_restart WHAT [SIGNAL]: stop the daemon (kill -9 by default) and start it again; the new
+# one must reconnect the device before it serves the API. With TERM the daemon must exit 0 and
+# leave the device attached (its shutdown must not detach, nor "repair" its own closing sockets).
 crash_restart() {
-  local n_before
+  local n_before sig=${2:-KILL} rc=0
   n_before=$(grep -c 'attach: reconnected /dev/nbd' "$LOG" || true)
-  kill -9 "$DPID"
-  wait "$DPID" 2>/dev/null || true
-  step "$1: nbd-datapathd killed (-9) under fio"
+  kill -"$sig" "$DPID"
+  wait "$DPID" 2>/dev/null || rc=$?
+  if [ "$sig" = TERM ]; then
+    [ "$rc" = 0 ] || fail "$1: nbd-datapathd exited $rc on SIGTERM"
+    [ "$(cat /sys/block/$N/backend 2>/dev/null)" = "$COOKIE" ] || fail "$1: SIGTERM detached $DEV"
+  fi
+  step "$1: nbd-datapathd stopped (SIG$sig) under fio"
   daemon_start
   [ "$(grep -c 'attach: reconnected /dev/nbd' "$LOG" || true)" -gt "$n_before" ] ||
     fail "$1: the restarted daemon did not reconnect the device"
@@ -101,7 +107,10 @@ step "fio started (randwrite 32M, 4k, iodepth 8, O_DIRECT, crc32c verify)"
 sleep 6
 kill -0 "$FIOPID" 2>/dev/null || fail "fio ended before the first kill: the run is too short to test anything"
 crash_restart "kill 1"
-sleep 8
+sleep 5
+kill -0 "$FIOPID" 2>/dev/null || echo "note: fio finished before the graceful restart"
+crash_restart "term" TERM
+sleep 5
 kill -0 "$FIOPID" 2>/dev/null || echo "note: fio finished before the second kill"
 crash_restart "kill 2"
 rc=0
