@@ -928,6 +928,28 @@ struct Pool::Impl {
     rec->job = CopyJob::Start(std::move(o));
   }
 
+  // Starts a background copy at one instant. A live source (rec->src_vol) has its writes paused
+  // and flushed, the copy is installed as its copy-before-write preserver, and writes resume;
+  // rec->point_in_time_ns is the instant. `what` names the source in messages. On an error
+  // nothing was started and the caller still owns both descriptors.
+  Status StartCopyAtInstant(const std::shared_ptr<CopyRec>& rec, const std::string& what,
+                            int src_fd, bool own_src, int dst_fd, bool own_dst, uint64_t length,
+                            double* pause_ms) {
+    WriteGate* gate = rec->src_vol ? &rec->src_vol->gate() : nullptr;
+    std::optional<GatePause> pause;
+    if (gate) {
+      pause.emplace(*gate);
+      rec->point_in_time_ns = pause->closed_ns();
+      if (fdatasync(src_fd) != 0) return Sys(errno, "fdatasync " + what);
+    }
+    {
+      std::lock_guard lock(mu);
+      StartCopyLocked(rec, src_fd, own_src, dst_fd, own_dst, length, gate);
+    }
+    if (pause) *pause_ms = pause->Open();
+    return Status::Ok();
+  }
+
   // on_done of every copy, on the job's thread. The data is fsynced by the job; committing
   // "ready" is the step that makes it usable. A cancelled copy changes nothing on disk: whoever
   // cancelled it (delete, shutdown) decides what happens to it.
@@ -1442,22 +1464,11 @@ StatusOr<SnapshotInfo> Pool::CreateSnapshot(const std::string& name, const std::
   rec->source = "volume/" + volume;
   rec->src_vol = vol;
   double pause_ms = 0;
-  {
-    GatePause pause(vol->gate());
-    rec->point_in_time_ns = pause.closed_ns();
-    if (fdatasync(vol->buffered_fd()) != 0) {
-      Status s = Sys(errno, "fdatasync volume " + volume);
-      pause.Open();
-      return fail(s);
-    }
-    {
-      std::lock_guard lock(I.mu);
-      I.StartCopyLocked(rec, vol->buffered_fd(), /*own_src=*/false, fd, /*own_dst=*/true, size,
-                        &vol->gate());
-    }
-    fd = -1;  // the copy closes it
-    pause_ms = pause.Open();
-  }
+  if (Status s = I.StartCopyAtInstant(rec, "volume " + volume, vol->buffered_fd(), /*own_src=*/false,
+                                      fd, /*own_dst=*/true, size, &pause_ms);
+      !s.ok())
+    return fail(s);
+  fd = -1;  // the copy closes it
   FaultPoint("snapshot.copy_started");
   spdlog::info("pool {}: snapshot {} of volume {} ({}) by background copy: writes paused {:.2f} ms, "
                "setup {:.2f} ms",
@@ -1602,30 +1613,17 @@ StatusOr<VolumeInfo> Pool::FillNewVolume(const std::string& name, uint64_t size,
   rec->target = "volume/" + name;
   rec->source = src.label;
   rec->src_vol = src.live;
-  {
-    std::optional<GatePause> pause;
-    if (src.live) {
-      pause.emplace(src.live->gate());
-      rec->point_in_time_ns = pause->closed_ns();
-      if (fdatasync(src.fd) != 0) {
-        Status s = Sys(errno, "fdatasync " + src.label);
-        pause->Open();
-        {
-          std::lock_guard lock(I.mu);
-          I.vols.erase(name);
-        }
-        v.reset();
-        return fail(s);
-      }
-    }
+  if (Status s = I.StartCopyAtInstant(rec, src.label, src.fd, src_owned_here, v->buffered_fd(),
+                                      /*own_dst=*/false, src.length, &pause_ms);
+      !s.ok()) {
     {
       std::lock_guard lock(I.mu);
-      I.StartCopyLocked(rec, src.fd, src_owned_here, v->buffered_fd(), /*own_dst=*/false,
-                        src.length, src.live ? &src.live->gate() : nullptr);
+      I.vols.erase(name);
     }
-    src_owned_here = false;  // the copy closes it
-    if (pause) pause_ms = pause->Open();
+    v.reset();
+    return fail(s);
   }
+  src_owned_here = false;  // the copy closes it
   point("copy_started");
   spdlog::info("pool {}: {} volume {} ({}) from {} by background copy{}, setup {:.2f} ms",
                I.opts.dir, op, name, Bytes(size), src.label,
