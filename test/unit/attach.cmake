@@ -13,3 +13,7 @@ nbdcsi_add_gtest(attach_kernel_test ${CMAKE_CURRENT_LIST_DIR}/attach_kernel_test
                  nbdcsi_common)
 set_property(TEST unit.attach_kernel_test APPEND PROPERTY LABELS attach)
 set_property(TEST unit.attach_kernel_test PROPERTY TIMEOUT 30)
+nbdcsi_add_gtest(attach_service_test ${CMAKE_CURRENT_LIST_DIR}/attach_service_test.cpp
+                 nbd_attach_api nbd_api nbd_engine nbd_pool nbdcsi_common)
+set_property(TEST unit.attach_service_test APPEND PROPERTY LABELS attach)
+set_property(TEST unit.attach_service_test PROPERTY TIMEOUT 30)
