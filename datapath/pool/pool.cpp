@@ -135,21 +135,40 @@ Status ValidateQos(const QosLimits& q) {
   return Status::Ok();
 }
 
-StatusOr<Meta> ParseMeta(const std::string& text, const std::string& expected_name) {
+// The checks every metadata file starts with (volumes and snapshots share kMetaVersion): a JSON
+// object of a version this build reads.
+StatusOr<nlohmann::json> ParseVersionedObject(const std::string& text) {
   nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return Error(EINVAL, "metadata is not valid JSON");
   if (!j.is_object()) return Error(EINVAL, "metadata is not a JSON object");
-  auto field = [&](const char* key) -> const nlohmann::json* {
-    auto it = j.find(key);
-    return it == j.end() ? nullptr : &*it;
-  };
-  const auto* version = field("version");
-  if (!version || !version->is_number_integer())
+  auto version = j.find("version");
+  if (version == j.end() || !version->is_number_integer())
     return Error(EINVAL, "metadata has no integer \"version\"");
   if (version->get<int64_t>() != kMetaVersion) {
     return Error(EINVAL, "metadata version {} is not supported (this build reads version {})",
                  version->dump(), kMetaVersion);
   }
+  return j;
+}
+
+// "size", which must be a valid volume size (a snapshot's is its source's).
+StatusOr<uint64_t> ParseSizeField(const nlohmann::json& j) {
+  auto size = j.find("size");
+  if (size == j.end() || !size->is_number_unsigned())
+    return Error(EINVAL, "metadata has no unsigned \"size\"");
+  const uint64_t n = size->get<uint64_t>();
+  if (Status s = ValidateSize(n); !s.ok()) return Error(EINVAL, "metadata: {}", s.message());
+  return n;
+}
+
+StatusOr<Meta> ParseMeta(const std::string& text, const std::string& expected_name) {
+  auto parsed = ParseVersionedObject(text);
+  if (!parsed.ok()) return parsed.status();
+  const nlohmann::json& j = *parsed;
+  auto field = [&](const char* key) -> const nlohmann::json* {
+    auto it = j.find(key);
+    return it == j.end() ? nullptr : &*it;
+  };
   Meta m;
   const auto* name = field("name");
   if (!name || !name->is_string()) return Error(EINVAL, "metadata has no string \"name\"");
@@ -158,10 +177,9 @@ StatusOr<Meta> ParseMeta(const std::string& text, const std::string& expected_na
     return Error(EINVAL, "metadata names volume \"{}\" but the file is for \"{}\"", m.name,
                  expected_name);
   }
-  const auto* size = field("size");
-  if (!size || !size->is_number_unsigned()) return Error(EINVAL, "metadata has no unsigned \"size\"");
-  m.size = size->get<uint64_t>();
-  if (Status s = ValidateSize(m.size); !s.ok()) return Error(EINVAL, "metadata: {}", s.message());
+  auto size = ParseSizeField(j);
+  if (!size.ok()) return size.status();
+  m.size = *size;
   if (const auto* c = field("created_unix_ns"); c && c->is_number_integer())
     m.created_unix_ns = c->get<int64_t>();
   if (const auto* ro = field("read_only")) {
@@ -204,22 +222,15 @@ StatusOr<Meta> ParseMeta(const std::string& text, const std::string& expected_na
 }
 
 StatusOr<SnapMeta> ParseSnapMeta(const std::string& text, const std::string& expected_name) {
-  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return Error(EINVAL, "metadata is not valid JSON");
-  if (!j.is_object()) return Error(EINVAL, "metadata is not a JSON object");
+  auto parsed = ParseVersionedObject(text);
+  if (!parsed.ok()) return parsed.status();
+  const nlohmann::json& j = *parsed;
   auto str = [&](const char* key, std::string& out) -> Status {
     auto it = j.find(key);
     if (it == j.end() || !it->is_string()) return Error(EINVAL, "metadata has no string \"{}\"", key);
     out = it->get<std::string>();
     return Status::Ok();
   };
-  auto version = j.find("version");
-  if (version == j.end() || !version->is_number_integer())
-    return Error(EINVAL, "metadata has no integer \"version\"");
-  if (version->get<int64_t>() != kMetaVersion) {
-    return Error(EINVAL, "metadata version {} is not supported (this build reads version {})",
-                 version->dump(), kMetaVersion);
-  }
   SnapMeta m;
   for (Status s : {str("name", m.name), str("source_volume", m.source_volume),
                    str("method", m.method), str("state", m.state)}) {
@@ -233,11 +244,9 @@ StatusOr<SnapMeta> ParseSnapMeta(const std::string& text, const std::string& exp
     return Error(EINVAL, "metadata \"method\" must be \"reflink\" or \"copy\"");
   if (!ValidState(m.state))
     return Error(EINVAL, "metadata \"state\" must be \"ready\", \"copying\" or \"failed\"");
-  auto size = j.find("size");
-  if (size == j.end() || !size->is_number_unsigned())
-    return Error(EINVAL, "metadata has no unsigned \"size\"");
-  m.size = size->get<uint64_t>();
-  if (Status s = ValidateSize(m.size); !s.ok()) return Error(EINVAL, "metadata: {}", s.message());
+  auto size = ParseSizeField(j);
+  if (!size.ok()) return size.status();
+  m.size = *size;
   if (auto c = j.find("created_unix_ns"); c != j.end() && c->is_number_integer())
     m.created_unix_ns = c->get<int64_t>();
   if (auto e = j.find("error"); e != j.end() && e->is_string()) m.error = e->get<std::string>();
