@@ -14,6 +14,7 @@ grpc::StatusCode ErrnoToGrpcCode(int err) {
     case ENOSPC:
     case EDQUOT: return grpc::StatusCode::RESOURCE_EXHAUSTED;
     case EBUSY:
+    case ENODEV:  // e.g. kernel NBD unavailable: fixable on the node, not by retrying
     case EROFS:
     case ENOTEMPTY: return grpc::StatusCode::FAILED_PRECONDITION;
     case EAGAIN:

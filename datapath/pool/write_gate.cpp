@@ -10,7 +10,8 @@ bool WriteGate::TryBegin(uint64_t offset, uint64_t length,
   // sees our increment (and waits for End) or we see closed_ (and back off).
   inflight_.fetch_add(1, std::memory_order_seq_cst);
   if (!closed_.load(std::memory_order_seq_cst) &&
-      !has_preserver_.load(std::memory_order_seq_cst)) {
+      !has_preserver_.load(std::memory_order_seq_cst) &&
+      !has_tracker_.load(std::memory_order_seq_cst)) {
     return true;
   }
   std::unique_lock lk(mu_);
@@ -26,7 +27,10 @@ bool WriteGate::TryBegin(uint64_t offset, uint64_t length,
       }
     }
   }
-  if (go) return true;
+  if (go) {
+    if (tracker_) tracker_->Mark(offset, length);
+    return true;
+  }
   bool known = std::any_of(waiters_.begin(), waiters_.end(), [&](const auto& w) {
     return !w.owner_before(waiter) && !waiter.owner_before(w);
   });
@@ -73,6 +77,42 @@ void WriteGate::ClearPreserver() {
 void WriteGate::NotifyPreserved() {
   std::lock_guard lk(mu_);
   WakeAllLocked();
+}
+
+void WriteGate::SetTracker(std::shared_ptr<DirtyTracker> t) {
+  std::lock_guard lk(mu_);
+  tracker_ = std::move(t);
+  has_tracker_.store(tracker_ != nullptr, std::memory_order_seq_cst);
+}
+
+void WriteGate::ClearTracker() { SetTracker(nullptr); }
+
+void DirtyTracker::Mark(uint64_t offset, uint64_t length) {
+  if (!length) return;
+  std::lock_guard lk(mu_);
+  for (uint64_t c = offset / chunk_; c <= (offset + length - 1) / chunk_; ++c) chunks_.push_back(c);
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> DirtyTracker::Ranges(uint64_t limit) const {
+  std::vector<uint64_t> c;
+  {
+    std::lock_guard lk(mu_);
+    c = chunks_;
+  }
+  std::sort(c.begin(), c.end());
+  c.erase(std::unique(c.begin(), c.end()), c.end());
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  for (uint64_t idx : c) {
+    uint64_t start = idx * chunk_;
+    if (start >= limit) break;
+    uint64_t end = std::min(start + chunk_, limit);
+    if (!out.empty() && out.back().first + out.back().second == start) {
+      out.back().second += end - start;
+    } else {
+      out.emplace_back(start, end - start);
+    }
+  }
+  return out;
 }
 
 void WriteGate::WakeAllLocked() {

@@ -14,7 +14,7 @@
 //     without reflink): a write touching a chunk the preserver has not copied yet waits until
 //     it has. The preserver is asked to copy those chunks first, so the wait is one chunk copy.
 //
-// The fast path (gate open, no preserver) is two atomic operations and no lock.
+// The fast path (gate open, no preserver, no tracker) is a few atomic operations and no lock.
 #pragma once
 
 #include <atomic>
@@ -45,6 +45,22 @@ class Preserver {
   virtual void Prioritize(uint64_t first, uint64_t last) = 0;
 };
 
+// Records which chunks of a volume modifying requests touched while it is installed, so that a
+// clone taken while writes flow can be fixed up under a short pause (pool.cpp CloneWhole).
+class DirtyTracker {
+ public:
+  explicit DirtyTracker(uint64_t chunk_size) : chunk_(chunk_size) {}
+  void Mark(uint64_t offset, uint64_t length);
+  // The marked chunks as merged byte ranges [offset, offset + length), clipped to `limit`.
+  std::vector<std::pair<uint64_t, uint64_t>> Ranges(uint64_t limit) const;
+  uint64_t chunk_size() const { return chunk_; }
+
+ private:
+  uint64_t chunk_;
+  mutable std::mutex mu_;
+  std::vector<uint64_t> chunks_;  // marked chunk indexes, unsorted, may repeat
+};
+
 class WriteGate {
  public:
   // --- worker side -------------------------------------------------------------------------
@@ -65,6 +81,10 @@ class WriteGate {
   void ClearPreserver();
   // The preserver finished some chunks: wake parked writers so they re-check.
   void NotifyPreserved();
+  // Every modifying request admitted while a tracker is installed marks its range in it.
+  // Install it with the gate closed and drained, so no write escapes it.
+  void SetTracker(std::shared_ptr<DirtyTracker> t);
+  void ClearTracker();
 
   // Includes, for an instant, attempts that are about to be refused.
   uint64_t in_flight() const { return inflight_.load(std::memory_order_acquire); }
@@ -76,9 +96,11 @@ class WriteGate {
   std::atomic<uint64_t> inflight_{0};
   std::atomic<bool> closed_{false};
   std::atomic<bool> has_preserver_{false};
+  std::atomic<bool> has_tracker_{false};
   std::mutex mu_;
   std::condition_variable drained_;
   std::shared_ptr<Preserver> preserver_;  // guarded by mu_
+  std::shared_ptr<DirtyTracker> tracker_; // guarded by mu_
   std::vector<std::weak_ptr<GateWaiter>> waiters_;  // guarded by mu_; deduplicated
 };
 

@@ -133,3 +133,38 @@ TEST(WriteGate, ConcurrentWritersNeverOverlapAClosedWindow) {
 
 }  // namespace
 }  // namespace nbdcsi::datapath
+
+namespace nbdcsi::datapath {
+namespace {
+
+TEST(WriteGate, TrackerMarksAdmittedWritesOnly) {
+  WriteGate g;
+  auto w = std::make_shared<CountingWaiter>();
+  auto t = std::make_shared<DirtyTracker>(1 << 20);
+  ASSERT_TRUE(g.TryBegin(0, 4096, w));  // before the tracker: not marked
+  g.End();
+  g.CloseAndDrain();
+  g.SetTracker(t);
+  g.Open();
+  ASSERT_TRUE(g.TryBegin((3 << 20) + 5, 10, w));          // chunk 3
+  g.End();
+  ASSERT_TRUE(g.TryBegin((5 << 20) - 1, 2, w));           // chunks 4 and 5
+  g.End();
+  ASSERT_TRUE(g.TryBegin(uint64_t{9} << 20, 1 << 20, w));  // chunk 9
+  g.End();
+  g.CloseAndDrain();
+  EXPECT_FALSE(g.TryBegin(uint64_t{20} << 20, 1, w)) << "closed: refused, not marked";
+  g.ClearTracker();
+  g.Open();
+  ASSERT_TRUE(g.TryBegin(uint64_t{30} << 20, 1, w));  // after: not marked
+  g.End();
+  using R = std::vector<std::pair<uint64_t, uint64_t>>;
+  EXPECT_EQ(t->Ranges(uint64_t{64} << 20),
+            (R{{uint64_t{3} << 20, uint64_t{3} << 20}, {uint64_t{9} << 20, uint64_t{1} << 20}}));
+  // Clipped to the file size: chunk 9 ends at the limit.
+  EXPECT_EQ(t->Ranges((uint64_t{9} << 20) + 4096),
+            (R{{uint64_t{3} << 20, uint64_t{3} << 20}, {uint64_t{9} << 20, 4096}}));
+}
+
+}  // namespace
+}  // namespace nbdcsi::datapath
