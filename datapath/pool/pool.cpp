@@ -327,13 +327,13 @@ Status CloneWhole(int dst_fd, const std::string& dst_path, int src_fd, const std
   // runs: one FICLONE of a fragmented volume (10k+ extents) stalls its I/O for most of a second.
   // So the clone is taken while writes flow and fixed up under a short pause:
   //  1. a DirtyTracker is installed on the gate (the pause of one drain);
-  //  2. the file is cloned in segments (FICLONERANGE), each keeping writers out only for its own
-  //     extents; every write admitted meanwhile marks its chunks in the tracker;
+  //  2. the file is cloned in 16 MiB segments (FICLONERANGE), each keeping writers out only for its
+  //     own extents; every write admitted meanwhile marks its chunks in the tracker;
   //  3. fdatasync outside the pause, so the one inside has little left to flush;
   //  4. pause: drain, fdatasync, clone again only the chunks written since step 1, reopen.
   // A chunk nobody wrote since step 1 still holds, at step 4's instant, what step 2 cloned; a
   // written chunk is cloned again inside the pause. The result is the source at step 4's instant.
-  constexpr uint64_t kSegment = uint64_t{256} << 20;
+  constexpr uint64_t kSegment = uint64_t{16} << 20;
   constexpr uint64_t kChunk = uint64_t{1} << 20;
   struct stat st_src {};
   if (fstat(src_fd, &st_src) != 0) return Sys(errno, "stat " + what);
