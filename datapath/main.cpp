@@ -44,6 +44,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> listens;
   unsigned workers = std::max(1u, std::thread::hardware_concurrency());
   double overcommit = 1.0;
+  bool no_reflink = false;
   std::string capacity;
   std::string log_level = "info";
   AttachOptions aopts;
@@ -56,6 +57,9 @@ int main(int argc, char** argv) {
   app.add_option("--workers", workers, "io_uring worker threads")
       ->check(CLI::Range(1u, 64u))
       ->capture_default_str();
+  app.add_flag("--no-reflink", no_reflink,
+               "Never use reflink: snapshots, restores and clones use background copies even "
+               "where the file system could share extents (for tests and comparisons)");
   app.add_option("--overcommit", overcommit,
                  "Provisioned bytes may reach capacity times this ratio")
       ->check(CLI::Range(0.01, 1000.0))
@@ -95,6 +99,7 @@ int main(int argc, char** argv) {
   PoolOptions popts;
   popts.dir = pool_dir;
   popts.overcommit_ratio = overcommit;
+  popts.disable_reflink = no_reflink;
   if (!capacity.empty()) {
     auto q = ParseQuantity(capacity);
     if (!q.ok()) {

@@ -95,17 +95,6 @@ Status ValidateQos(const std::string& name, const QosLimits& q, uint64_t size) {
   return Status::Ok();
 }
 
-// Snapshots follow the volume name rules (pool.h) in their own namespace; only the noun in the
-// message differs, so an operator is told which of the two names was wrong.
-Status ValidateSnapshotName(const std::string& name) {
-  Status s = ValidateVolumeName(name);
-  if (s.ok()) return s;
-  std::string msg = s.message();
-  constexpr std::string_view kNoun = "volume name";
-  if (msg.compare(0, kNoun.size(), kNoun) == 0) msg.replace(0, kNoun.size(), "snapshot name");
-  return Error(s.code(), "{}", msg);
-}
-
 grpc::Status Fail(const char* rpc, const Status& s) {
   // The full message goes to the log and to the caller; the code is the lossy part.
   spdlog::warn("api {}: {} (errno {}: {})", rpc, s.message(), s.code(), std::strerror(s.code()));

@@ -411,6 +411,7 @@ Status ValidateName(const char* kind, const std::string& name) {
 }  // namespace
 
 Status ValidateVolumeName(const std::string& name) { return ValidateName("volume", name); }
+Status ValidateSnapshotName(const std::string& name) { return ValidateName("snapshot", name); }
 
 Volume::~Volume() {
   if (direct_fd_ >= 0 && direct_fd_ != buffered_fd_) close(direct_fd_);

@@ -79,6 +79,8 @@ inline constexpr uint32_t kMaxBurstMs = 60000;
 // Names: 1..128 bytes of [A-Za-z0-9._-], not starting with '.' or '-'. This rules out '/',
 // "..", NUL and anything a shell or a file system would treat specially. The message says why.
 Status ValidateVolumeName(const std::string& name);
+// The same rules for snapshot names (a separate namespace); messages say "snapshot name".
+Status ValidateSnapshotName(const std::string& name);
 
 struct PoolOptions {
   std::string dir;

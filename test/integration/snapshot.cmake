@@ -21,3 +21,9 @@ foreach(fs xfs ext4)
     COMMAND bash ${_snap_it}/snap_crash.sh ${fs}
     TIMEOUT 180 LABELS integration snapshot)
 endforeach()
+# The copy path (copy-before-write) on a file system that could reflink: the daemon's
+# --no-reflink must be honoured (pool info says reflink false, the snapshot method is "copy").
+nbdcsi_add_test(NAME integration.snap_pit_xfs_noreflink
+  COMMAND bash ${_snap_it}/snap_pit.sh xfs
+  ENV SNAP_NO_REFLINK=1
+  TIMEOUT 120 LABELS integration snapshot)
