@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include "common/fs_util.h"
 #include "datapath/engine/frontend.h"
 #include "datapath/nbd/negotiate.h"
 #include "datapath/pool/pool.h"
@@ -29,40 +30,6 @@ bool EndsWith(const std::string& s, const std::string& suffix) {
 
 Status Sys(int err, const std::string& what) {
   return Error(err, "{}: {}", what, std::strerror(err));
-}
-
-Status FsyncDir(const std::string& dir) {
-  int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return Sys(errno, "open directory " + dir + " for fsync");
-  int rc = fsync(fd);
-  int err = errno;
-  close(fd);
-  if (rc != 0) return Sys(err, "fsync directory " + dir);
-  return Status::Ok();
-}
-
-// Replaces dir/name with `content` so that after a crash the file is either the old or the new
-// content, never a torn mix, and the rename itself is durable.
-Status WriteFileDurably(const std::string& dir, const std::string& name, const std::string& content) {
-  const std::string path = dir + "/" + name;
-  const std::string tmp = path + ".tmp";
-  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return Sys(errno, "create " + tmp);
-  Status s;
-  for (size_t off = 0; s.ok() && off < content.size();) {
-    ssize_t n = write(fd, content.data() + off, content.size() - off);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) s = Sys(errno, "write " + tmp);
-    else off += static_cast<size_t>(n);
-  }
-  if (s.ok() && fsync(fd) != 0) s = Sys(errno, "fsync " + tmp);
-  if (close(fd) != 0 && s.ok()) s = Sys(errno, "close " + tmp);
-  if (s.ok() && rename(tmp.c_str(), path.c_str()) != 0) s = Sys(errno, "rename " + tmp);
-  if (!s.ok()) {
-    unlink(tmp.c_str());
-    return s;
-  }
-  return FsyncDir(dir);
 }
 
 void CloseAll(std::vector<int>& fds) {
@@ -179,7 +146,7 @@ Status AttachmentManager::Init() {
 }
 
 Status AttachmentManager::WriteRecord(const AttachmentRecord& r) {
-  return WriteFileDurably(dir_, r.volume + kRecordSuffix, r.ToJson());
+  return WriteFileAtomic(dir_, r.volume + kRecordSuffix, r.ToJson());
 }
 
 Status AttachmentManager::RemoveRecord(const std::string& volume) {
@@ -218,18 +185,12 @@ RecoverReport AttachmentManager::Recover() {
   const Status available = kernel_.Available();
   for (const auto& f : files) {
     const std::string path = dir_ + "/" + f;
-    std::string text;
-    {
-      int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-      if (fd < 0) {
-        rep.failed.push_back(fmt::format("{}: cannot open: {}", path, std::strerror(errno)));
-        continue;
-      }
-      char buf[4096];
-      ssize_t n;
-      while ((n = read(fd, buf, sizeof buf)) > 0) text.append(buf, static_cast<size_t>(n));
-      close(fd);
+    auto read = ReadSmallFile(path);
+    if (!read.ok()) {
+      rep.failed.push_back(read.status().message());
+      continue;
     }
+    const std::string& text = *read;
     auto rec = AttachmentRecord::FromJson(text);
     std::string stem = f.substr(0, f.size() - std::strlen(kRecordSuffix));
     if (!rec.ok() || rec->volume != stem) {

@@ -20,6 +20,8 @@
 
 #include <gtest/gtest.h>
 
+#include "common/fs_util.h"
+
 #include "datapath/engine/attachments.h"
 #include "datapath/engine/kernel_nbd.h"
 #include "datapath/nbd/negotiate.h"
@@ -218,7 +220,7 @@ TEST_F(AttachManagerTest, AttachWritesDurableRecordAndPassesKernelParameters) {
   EXPECT_EQ(rec->index, 0);
   EXPECT_EQ(rec->cookie, r->cookie);
   EXPECT_EQ(rec->connections, 3u);
-  EXPECT_FALSE(fs::exists(dir_ + "/vol-a.json.tmp"));
+  EXPECT_FALSE(fs::exists(AtomicTempPath(dir_, "vol-a.json")));
   struct stat st;
   ASSERT_EQ(stat(dir_.c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0700u);
@@ -323,7 +325,7 @@ TEST_F(AttachManagerTest, RecoverFindsADeviceWhoseConnectWasNotRecordedYet) {
   r.volume = "vol-b";
   r.cookie = "nbd-csi:vol-b:00000000000000bb";
   WriteFile(dir_ + "/vol-b.json", r.ToJson());
-  WriteFile(dir_ + "/vol-c.json.tmp", "{ torn");
+  WriteFile(AtomicTempPath(dir_, "vol-c.json"), "{ torn");
 
   auto m = NewManager();
   RecoverReport rep = m->Recover();
@@ -335,7 +337,7 @@ TEST_F(AttachManagerTest, RecoverFindsADeviceWhoseConnectWasNotRecordedYet) {
   ASSERT_TRUE(rec.ok());
   EXPECT_EQ(rec->index, 5);
   EXPECT_FALSE(fs::exists(dir_ + "/vol-b.json"));
-  EXPECT_FALSE(fs::exists(dir_ + "/vol-c.json.tmp"));
+  EXPECT_FALSE(fs::exists(AtomicTempPath(dir_, "vol-c.json")));
 }
 
 TEST_F(AttachManagerTest, RecoverKeepsWhatItCannotJudge) {
