@@ -27,3 +27,26 @@ function(nbdcsi_add_gtest name source)
   set_target_properties(${name} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/test-bin)
   nbdcsi_add_test(NAME unit.${name} COMMAND ${name} TIMEOUT 120 LABELS unit)
 endfunction()
+
+# Compiles PROTO (a path relative to the source root, e.g. datapath/api/datapath.proto) with
+# protoc + grpc_cpp_plugin into ${CMAKE_BINARY_DIR}/gen and appends the generated .cc files to
+# the list variable OUT_SRCS. Include ${CMAKE_BINARY_DIR}/gen to use the headers.
+function(nbdcsi_grpc_proto PROTO OUT_SRCS)
+  set(gen_dir ${CMAKE_BINARY_DIR}/gen)
+  string(REGEX REPLACE "\\.proto$" "" base ${gen_dir}/${PROTO})
+  get_filename_component(name ${PROTO} NAME)
+  set(srcs ${base}.pb.cc ${base}.grpc.pb.cc)
+  add_custom_command(
+    OUTPUT ${srcs} ${base}.pb.h ${base}.grpc.pb.h
+    COMMAND ${CMAKE_COMMAND} -E make_directory ${gen_dir}
+    COMMAND protobuf::protoc
+      --proto_path=${CMAKE_SOURCE_DIR}
+      --cpp_out=${gen_dir}
+      --grpc_out=${gen_dir}
+      --plugin=protoc-gen-grpc=$<TARGET_FILE:gRPC::grpc_cpp_plugin>
+      ${CMAKE_SOURCE_DIR}/${PROTO}
+    DEPENDS ${CMAKE_SOURCE_DIR}/${PROTO} protobuf::protoc gRPC::grpc_cpp_plugin
+    COMMENT "Generating ${name} C++ and gRPC code"
+    VERBATIM)
+  set(${OUT_SRCS} ${${OUT_SRCS}} ${srcs} PARENT_SCOPE)
+endfunction()
