@@ -30,8 +30,11 @@
 // gate reopens. created_unix_ns is the instant the gate closed. Only that volume pauses.
 // Two methods, chosen once at open by probing FICLONE between two temp files in DIR/snapshots
 // (PoolInfo::reflink):
-//   reflink (XFS reflink=1, btrfs): FICLONE into a temp file under the pause (O(extents)),
-//            then fsync, rename to NAME.img, fsync dir, commit NAME.json ("ready").
+//   reflink (XFS reflink=1, btrfs): a live source is cloned into a temp file in 16 MiB
+//            FICLONERANGE segments while its writes flow (a DirtyTracker on the gate records
+//            them), then under the pause only the chunks written meanwhile are cloned again
+//            (pool.cpp CloneWhole); an immutable source is one FICLONE. Then fsync, rename to
+//            NAME.img, fsync dir, commit NAME.json ("ready").
 //   copy (ext4 ...): NAME.img is created sized and NAME.json committed with state "copying"
 //            first (visible, ready=false, with progress); under the pause a CopyJob
 //            (copy_job.h) is installed as the source's copy-before-write preserver; when it has
