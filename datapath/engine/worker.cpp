@@ -117,7 +117,6 @@ struct Connection {
   std::shared_ptr<Volume> vol;
   proto::TransmissionParams params{};
   uint32_t ctx_id = 0;
-  std::string peer;
 
   Op recv_op{SqeKind::kRecv, this};
   Op send_op{SqeKind::kSend, this};

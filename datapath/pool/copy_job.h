@@ -14,7 +14,6 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -83,7 +82,6 @@ class CopyJob final : public Preserver, public std::enable_shared_from_this<Copy
   std::atomic<bool> cancel_{false};
   std::atomic<bool> finished_{false};
   std::mutex mu_;
-  std::condition_variable cv_;
   std::deque<uint64_t> urgent_;  // guarded by mu_: chunks writers wait for
   std::vector<bool> queued_;     // guarded by mu_: chunk is in urgent_ (no duplicates)
   // Job thread only.
