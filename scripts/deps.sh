@@ -9,7 +9,7 @@ BUILD_PKGS=(
   build-essential cmake ninja-build pkg-config git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libspdlog-dev libfmt-dev liburing-dev libboost-dev libboost-system-dev libgtest-dev libgmock-dev
-  libcli11-dev nlohmann-json3-dev libnl-genl-3-dev libblkid-dev libssl-dev
+  libcli11-dev nlohmann-json3-dev libnl-genl-3-dev libblkid-dev libmount-dev libssl-dev
 )
 # Independent NBD clients and peers used by the tests and benchmarks, plus the tools that make
 # the XFS / ext4 test pools and the fuzzer's compiler.

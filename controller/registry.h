@@ -1,0 +1,75 @@
+// The controller's soft registry of node datapaths, fed by Registry.Heartbeat
+// (datapath/api/registry.proto). Nothing is persisted: a restarted controller knows every live
+// node again after one heartbeat interval.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <grpcpp/channel.h>
+#include <grpcpp/security/credentials.h>
+
+#include "common/status.h"
+#include "datapath/api/datapath.grpc.pb.h"
+#include "datapath/api/registry.grpc.pb.h"
+
+namespace nbdcsi::controller {
+
+struct NodeInfo {
+  std::string node_id;
+  std::string api_address;  // host:port
+  uint64_t capacity_bytes = 0;
+  uint64_t free_bytes = 0;
+  uint64_t provisionable_bytes = 0;
+  uint64_t provisioned_bytes = 0;
+  uint64_t volumes = 0;
+  bool reflink = false;
+  uint32_t nbd_devices = 0;
+  std::chrono::steady_clock::time_point last_seen;
+};
+
+class NodeRegistry {
+ public:
+  // `creds` is used for every channel to a datapath (mTLS, or insecure for loopback tests).
+  // A node not heard from within `ttl` is treated as absent (List() skips it, Get() is nullopt).
+  NodeRegistry(std::shared_ptr<grpc::ChannelCredentials> creds, std::chrono::milliseconds ttl,
+               std::chrono::milliseconds heartbeat_interval);
+
+  // Records a heartbeat; EINVAL on a bad node id ([a-z0-9.-], 1-253, as Kubernetes node names)
+  // or address. A changed address drops the cached channel.
+  Status Heartbeat(const nbdcsi::datapath::v1::HeartbeatRequest& req);
+
+  std::optional<NodeInfo> Get(const std::string& node_id) const;
+  std::vector<NodeInfo> List() const;  // live nodes, sorted by node id
+
+  // A stub for the node's Datapath API over a cached channel; ENODEV (-> UNAVAILABLE) when the
+  // node is not registered (or expired).
+  StatusOr<std::shared_ptr<nbdcsi::datapath::v1::Datapath::Stub>> Datapath(
+      const std::string& node_id);
+
+  // Replaces the channel credentials factory for tests that connect to fixed stubs. (Optional.)
+  std::chrono::milliseconds heartbeat_interval() const { return interval_; }
+
+ private:
+  std::shared_ptr<grpc::ChannelCredentials> creds_;
+  std::chrono::milliseconds ttl_;
+  std::chrono::milliseconds interval_;
+  mutable std::mutex mu_;
+  struct Entry {
+    NodeInfo info;
+    std::shared_ptr<grpc::Channel> channel;
+    std::shared_ptr<nbdcsi::datapath::v1::Datapath::Stub> stub;
+  };
+  std::map<std::string, Entry> nodes_;  // guarded by mu_
+};
+
+// The Registry gRPC service over a NodeRegistry (which must outlive it).
+std::unique_ptr<nbdcsi::datapath::v1::Registry::Service> MakeRegistryService(NodeRegistry& reg);
+
+}  // namespace nbdcsi::controller

@@ -1,0 +1,25 @@
+// Request logging for the CSI services: every call gets a request id and is logged once on the
+// way in (method + request, secrets redacted) and once on the way out (code, message, duration).
+// Fields marked with the (csi.v1.csi_secret) option are never printed, at any depth, including
+// map values; the keys of a secrets map are not printed either.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <google/protobuf/message.h>
+#include <grpcpp/support/server_interceptor.h>
+
+namespace nbdcsi::csi {
+
+// The text form of `msg` on one line, with every csi_secret field replaced by "***stripped***".
+std::string RedactedText(const google::protobuf::Message& msg);
+
+// The id of the call the current thread is serving ("" outside a call): handlers put it in
+// their own log lines so one call's lines can be found together.
+const std::string& CurrentRequestId();
+
+std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
+MakeLoggingInterceptorFactory();
+
+}  // namespace nbdcsi::csi

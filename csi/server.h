@@ -1,0 +1,57 @@
+// gRPC server plumbing shared by nbd-csi-controller and nbd-csi-node: one listening endpoint,
+// the logging interceptor on every call, and a graceful stop on SIGINT/SIGTERM.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/server.h>
+
+#include "common/endpoint.h"
+#include "common/status.h"
+
+namespace nbdcsi::csi {
+
+// Call first thing in main(), before any thread exists: SIGINT and SIGTERM are blocked in every
+// thread and taken synchronously by WaitForTerminationSignal(); SIGPIPE is ignored.
+void BlockTerminationSignals();
+// Blocks until SIGINT or SIGTERM arrives; returns the signal number.
+int WaitForTerminationSignal();
+
+struct CsiServerOptions {
+  // "unix:///path" (what kubelet and the sidecars use: a stale socket file is removed first, a
+  // live one is EADDRINUSE, the parent directory is created) or "tcp://host:port".
+  std::string endpoint;
+  // Registered in order; not owned, they must outlive the server.
+  std::vector<grpc::Service*> services;
+  // Unix socket mode. kubelet and the sidecars run as root: 0600 keeps everyone else out.
+  unsigned socket_mode = 0600;
+};
+
+class CsiServer {
+ public:
+  ~CsiServer();  // Shutdown() + Wait()
+  CsiServer(const CsiServer&) = delete;
+  CsiServer& operator=(const CsiServer&) = delete;
+
+  // In-flight calls may finish until `grace` runs out, then are cancelled. Idempotent. Removes
+  // the unix socket file.
+  void Shutdown(std::chrono::milliseconds grace = std::chrono::seconds(5));
+  void Wait();
+  const Endpoint& endpoint() const { return endpoint_; }
+  int port() const { return port_; }  // tcp endpoints: the bound port (useful with port 0)
+
+ private:
+  friend StatusOr<std::unique_ptr<CsiServer>> StartCsiServer(const CsiServerOptions&);
+  CsiServer() = default;
+  Endpoint endpoint_;
+  int port_ = 0;
+  std::unique_ptr<grpc::Server> server_;
+  bool shut_down_ = false;
+};
+
+StatusOr<std::unique_ptr<CsiServer>> StartCsiServer(const CsiServerOptions& opts);
+
+}  // namespace nbdcsi::csi
