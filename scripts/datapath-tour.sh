@@ -1,33 +1,31 @@
 #!/usr/bin/env bash
-# The README's first command: installs what is missing, builds, and runs the main job.
+# A tour of the datapath alone, without CSI (scripts/quickstart.sh is the whole driver): installs
+# what is missing, builds, and runs nbd-datapathd on a local pool: a volume with QoS, real NBD
+# clients writing and verifying data, live QoS change, stats, resize, and a clean teardown.
 #
-# Until the CSI controller and node land, the main job is a tour of the datapath on this machine:
-# nbd-datapathd on a local pool, a volume with QoS, real NBD clients writing and verifying data,
-# live QoS change, stats, resize, and a clean teardown.
-#
-#   scripts/quickstart.sh [--pool DIR] [--keep]
-#     --pool DIR   pool directory (default ./.nbd-csi/pool)
+#   scripts/datapath-tour.sh [--pool DIR] [--keep]
+#     --pool DIR   pool directory (default ./.nbd-csi/tour-pool)
 #     --keep       leave nbd-datapathd running at the end and print how to use and stop it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-POOL=$ROOT/.nbd-csi/pool
+POOL=$ROOT/.nbd-csi/tour-pool
 KEEP=0
 while [ $# -gt 0 ]; do
   case $1 in
     --pool) POOL=$(realpath -m "$2"); shift 2 ;;
     --keep) KEEP=1; shift ;;
     -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "quickstart: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    *) echo "datapath-tour: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
-RUN=$ROOT/.nbd-csi/run
+RUN=$ROOT/.nbd-csi/tour-run
 LOG=$RUN/nbd-datapathd.log
 API=unix://$RUN/datapath.sock
 NBD=$RUN/nbd.sock
 BIN=$ROOT/build/bin
-VOL=quickstart-vol
+VOL=tour-vol
 STEP=0
 TOTAL=9
 T0=$(date +%s.%N)
@@ -49,8 +47,8 @@ done_step() {
 }
 fail() {
   echo >&2
-  echo "quickstart: FAILED at step $STEP ($STEP_NAME): $*" >&2
-  echo "quickstart: daemon log: $LOG" >&2
+  echo "datapath-tour: FAILED at step $STEP ($STEP_NAME): $*" >&2
+  echo "datapath-tour: daemon log: $LOG" >&2
   exit 1
 }
 cleanup() {
@@ -64,7 +62,7 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'fail "command failed (exit $?): $BASH_COMMAND"' ERR
-trap 'echo; echo "quickstart: interrupted"; exit 130' INT TERM
+trap 'echo; echo "datapath-tour: interrupted"; exit 130' INT TERM
 
 nbdctl() { "$BIN/nbdctl" --api "$API" "$@"; }
 uri() { echo "nbd+unix:///$1?socket=$NBD"; }
@@ -163,4 +161,4 @@ fi
 
 printf '\nSummary (%.1fs total)\n' "$(awk -v a="$T0" -v b="$(now)" 'BEGIN { print b - a }')"
 printf '%s\n' "${SUMMARY[@]}"
-echo "quickstart: OK"
+echo "datapath-tour: OK"
