@@ -1,0 +1,133 @@
+#include "csi/ids.h"
+
+#include <openssl/evp.h>
+
+#include <array>
+
+#include <fmt/format.h>
+
+namespace nbdcsi::csi {
+namespace {
+
+bool IsLowerAlnum(char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); }
+
+// Messages quote user input; control bytes would garble a log line, so they are escaped.
+std::string Quote(std::string_view s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c < 0x20 || c == 0x7f) {
+      out += fmt::format("\\x{:02x}", c);
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out + "\"";
+}
+
+template <typename Ref>
+StatusOr<Ref> ParseId(std::string_view id, std::string_view prefix, std::string_view kind) {
+  const std::string what = fmt::format("{} id {}", kind, Quote(id));
+  if (id.empty()) return Error(EINVAL, "{} id must not be empty", kind);
+  if (id.substr(0, prefix.size()) != prefix) {
+    return Error(EINVAL, "{} is not an nbd.csi.io {} id (expected \"{}<node>:<name>\")", what,
+                 kind, prefix);
+  }
+  std::string_view rest = id.substr(prefix.size());
+  size_t colon = rest.find(':');
+  if (colon == std::string_view::npos) {
+    return Error(EINVAL, "{}: missing ':' between node and name (expected \"{}<node>:<name>\")",
+                 what, prefix);
+  }
+  std::string_view node = rest.substr(0, colon);
+  std::string_view name = rest.substr(colon + 1);
+  if (Status s = ValidateNodeId(node); !s.ok()) {
+    return Error(EINVAL, "{}: {}", what, s.message());
+  }
+  if (Status s = ValidatePoolName(kind, name); !s.ok()) {
+    return Error(EINVAL, "{}: {}", what, s.message());
+  }
+  return Ref{std::string(node), std::string(name)};
+}
+
+StatusOr<std::string> FormatId(std::string_view prefix, std::string_view kind,
+                               std::string_view node_id, std::string_view pool_name) {
+  if (Status s = ValidateNodeId(node_id); !s.ok()) return s;
+  if (Status s = ValidatePoolName(kind, pool_name); !s.ok()) return s;
+  return fmt::format("{}{}:{}", prefix, node_id, pool_name);
+}
+
+}  // namespace
+
+Status ValidateNodeId(std::string_view node_id) {
+  if (node_id.empty()) return Error(EINVAL, "node id must not be empty");
+  if (node_id.size() > kMaxNodeIdLen) {
+    return Error(EINVAL, "node id is {} bytes, the limit is {}", node_id.size(), kMaxNodeIdLen);
+  }
+  for (char c : node_id) {
+    if (!IsLowerAlnum(c) && c != '.' && c != '-') {
+      return Error(EINVAL,
+                   "node id {} contains {} (a Kubernetes node name: lower-case a-z, 0-9, '.', "
+                   "'-')",
+                   Quote(node_id), Quote(std::string_view(&c, 1)));
+    }
+  }
+  if (!IsLowerAlnum(node_id.front()) || !IsLowerAlnum(node_id.back())) {
+    return Error(EINVAL, "node id {} must start and end with a lower-case letter or digit",
+                 Quote(node_id));
+  }
+  return Status::Ok();
+}
+
+Status ValidatePoolName(std::string_view kind, std::string_view name) {
+  if (name.empty()) return Error(EINVAL, "{} name must not be empty", kind);
+  if (name.size() > kMaxPoolNameLen) {
+    return Error(EINVAL, "{} name is {} bytes, the limit is {}", kind, name.size(),
+                 kMaxPoolNameLen);
+  }
+  if (name.front() == '.' || name.front() == '-') {
+    return Error(EINVAL, "{} name {} must not start with '{}'", kind, Quote(name), name.front());
+  }
+  for (char c : name) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_' || c == '-';
+    if (!ok) {
+      return Error(EINVAL, "{} name {} contains {} (allowed: A-Z a-z 0-9 . _ -)", kind,
+                   Quote(name), Quote(std::string_view(&c, 1)));
+    }
+  }
+  return Status::Ok();
+}
+
+StatusOr<std::string> FormatVolumeId(std::string_view node_id, std::string_view pool_name) {
+  return FormatId("v1:", "volume", node_id, pool_name);
+}
+StatusOr<std::string> FormatSnapshotId(std::string_view node_id, std::string_view pool_name) {
+  return FormatId("s1:", "snapshot", node_id, pool_name);
+}
+
+StatusOr<VolumeRef> ParseVolumeId(std::string_view id) {
+  return ParseId<VolumeRef>(id, "v1:", "volume");
+}
+StatusOr<SnapshotRef> ParseSnapshotId(std::string_view id) {
+  return ParseId<SnapshotRef>(id, "s1:", "snapshot");
+}
+
+StatusOr<std::string> PoolNameForCsiName(std::string_view csi_name) {
+  if (csi_name.empty()) return Error(EINVAL, "name must not be empty");
+  if (ValidatePoolName("volume", csi_name).ok()) return std::string(csi_name);
+  std::array<unsigned char, EVP_MAX_MD_SIZE> md{};
+  unsigned int md_len = 0;
+  if (EVP_Digest(csi_name.data(), csi_name.size(), md.data(), &md_len, EVP_sha256(), nullptr) !=
+          1 ||
+      md_len < 16) {
+    return Error(EIO, "SHA-256 of name {} failed (OpenSSL)", Quote(csi_name));
+  }
+  std::string out = "h-";
+  for (unsigned i = 0; i < 16; ++i) out += fmt::format("{:02x}", md[i]);
+  return out;
+}
+
+}  // namespace nbdcsi::csi

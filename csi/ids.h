@@ -1,0 +1,59 @@
+// CSI volume and snapshot ids, and the pool names behind them.
+//
+//   volume id   = "v1:<node-id>:<pool-volume-name>"
+//   snapshot id = "s1:<node-id>:<pool-snapshot-name>"
+//
+// The id alone says which node's pool holds the object, so the stateless controller can route
+// every call without a lookup table. The "v1"/"s1" prefix versions the format: a later layout
+// gets a new prefix and old ids keep parsing.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <string_view>
+
+#include "common/status.h"
+
+namespace nbdcsi::csi {
+
+// Pool names made here stay this short so that ids stay well under CSI's 128-byte string limit
+// for the node names seen in practice (the pool itself allows 128).
+inline constexpr size_t kMaxPoolNameLen = 64;
+// Kubernetes node names are DNS subdomains.
+inline constexpr size_t kMaxNodeIdLen = 253;
+
+struct VolumeRef {
+  std::string node_id;
+  std::string pool_name;
+  bool operator==(const VolumeRef&) const = default;
+};
+struct SnapshotRef {
+  std::string node_id;
+  std::string pool_name;
+  bool operator==(const SnapshotRef&) const = default;
+};
+
+// A Kubernetes node name: 1..253 bytes of [a-z0-9.-], starting and ending with [a-z0-9].
+// EINVAL names the id and the rule broken.
+Status ValidateNodeId(std::string_view node_id);
+// The pool's name rules (A-Z a-z 0-9 . _ -, not starting with '.' or '-'), at most
+// kMaxPoolNameLen bytes. `kind` ("volume", "snapshot") starts the message.
+Status ValidatePoolName(std::string_view kind, std::string_view name);
+
+// Both parts must be valid (callers format ids only from validated parts; an invalid part here
+// is a bug, and the id would not parse back): EINVAL then.
+StatusOr<std::string> FormatVolumeId(std::string_view node_id, std::string_view pool_name);
+StatusOr<std::string> FormatSnapshotId(std::string_view node_id, std::string_view pool_name);
+
+// EINVAL with a message that quotes the id and says why it is not one of ours.
+StatusOr<VolumeRef> ParseVolumeId(std::string_view id);
+StatusOr<SnapshotRef> ParseSnapshotId(std::string_view id);
+
+// The pool name for a CSI CreateVolume / CreateSnapshot name: the name itself when it is a valid
+// pool name of at most kMaxPoolNameLen bytes ("pvc-<uuid>", "snapshot-<uuid>"), otherwise
+// "h-" + the first 32 hex digits of SHA-256(name). Deterministic, which is what makes
+// CreateVolume idempotent: a retry finds the volume under the same name. EINVAL for an empty
+// name.
+StatusOr<std::string> PoolNameForCsiName(std::string_view csi_name);
+
+}  // namespace nbdcsi::csi
