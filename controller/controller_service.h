@@ -1,0 +1,76 @@
+// The CSI Controller service of nbd-csi-controller.
+//
+// Two layers, as TopoLVM does it: ControllerImpl does the work and takes no locks of its own (it
+// is stateless: the truth about volumes lives in the node pools, reached through the
+// NodeRegistry's Datapath stubs); the gRPC service returned by MakeControllerService is a thin
+// decorator that takes a per-id in-flight guard (csi/locks.h) and answers a second concurrent
+// call on the same volume, snapshot or CSI name with ABORTED, as the CSI spec asks.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <grpcpp/support/status.h>
+
+#include "controller/registry.h"
+#include "csi/csi.grpc.pb.h"
+
+namespace nbdcsi::controller {
+
+struct ControllerOptions {
+  // Deadline of each call to a node's datapath. A node that does not answer within it makes the
+  // CSI call UNAVAILABLE (or DEADLINE_EXCEEDED), so the sidecar retries.
+  std::chrono::milliseconds datapath_timeout = std::chrono::seconds(30);
+  // CreateVolume without a capacity_range (or with required_bytes 0 and no limit).
+  uint64_t default_volume_bytes = uint64_t{1} << 30;
+};
+
+// Sizes are rounded up to this: the datapath exports whole 4 KiB blocks (O_DIRECT friendly and
+// what every file system the node formats uses).
+inline constexpr uint64_t kVolumeSizeAlignment = 4096;
+
+class ControllerImpl {
+ public:
+  ControllerImpl(NodeRegistry& registry, ControllerOptions opts);
+
+  ::grpc::Status CreateVolume(const ::csi::v1::CreateVolumeRequest& req,
+                              ::csi::v1::CreateVolumeResponse* resp);
+  ::grpc::Status DeleteVolume(const ::csi::v1::DeleteVolumeRequest& req);
+  ::grpc::Status ValidateVolumeCapabilities(const ::csi::v1::ValidateVolumeCapabilitiesRequest& req,
+                                            ::csi::v1::ValidateVolumeCapabilitiesResponse* resp);
+  ::grpc::Status ListVolumes(const ::csi::v1::ListVolumesRequest& req,
+                             ::csi::v1::ListVolumesResponse* resp);
+  ::grpc::Status GetCapacity(const ::csi::v1::GetCapacityRequest& req,
+                             ::csi::v1::GetCapacityResponse* resp);
+  ::grpc::Status GetCapabilities(::csi::v1::ControllerGetCapabilitiesResponse* resp);
+  ::grpc::Status CreateSnapshot(const ::csi::v1::CreateSnapshotRequest& req,
+                                ::csi::v1::CreateSnapshotResponse* resp);
+  ::grpc::Status DeleteSnapshot(const ::csi::v1::DeleteSnapshotRequest& req);
+  ::grpc::Status ListSnapshots(const ::csi::v1::ListSnapshotsRequest& req,
+                               ::csi::v1::ListSnapshotsResponse* resp);
+  ::grpc::Status ExpandVolume(const ::csi::v1::ControllerExpandVolumeRequest& req,
+                              ::csi::v1::ControllerExpandVolumeResponse* resp);
+  ::grpc::Status GetVolume(const ::csi::v1::ControllerGetVolumeRequest& req,
+                           ::csi::v1::ControllerGetVolumeResponse* resp);
+  ::grpc::Status ModifyVolume(const ::csi::v1::ControllerModifyVolumeRequest& req);
+
+ private:
+  NodeRegistry& registry_;
+  ControllerOptions opts_;
+};
+
+// The gRPC Controller service: per-id ABORTED guards around a ControllerImpl over `registry`
+// (which must outlive it). ControllerPublishVolume/UnpublishVolume are UNIMPLEMENTED (the
+// PUBLISH_UNPUBLISH_VOLUME capability is not advertised: the node attaches its own volumes).
+std::unique_ptr<::csi::v1::Controller::Service> MakeControllerService(NodeRegistry& registry,
+                                                                      ControllerOptions opts = {});
+
+// Pagination tokens of ListVolumes/ListSnapshots: an opaque encoding of the last id returned.
+// Exposed for the unit tests; nullopt when `token` was not made by EncodePageToken.
+std::string EncodePageToken(const std::string& last_id);
+std::optional<std::string> DecodePageToken(const std::string& token);
+
+}  // namespace nbdcsi::controller
