@@ -1,0 +1,80 @@
+// nbd-csi-node: the CSI Identity and Node services kubelet talks to, on one node, in front of
+// that node's nbd-datapathd. It keeps no state of its own: every call reads the mount table and
+// the datapath's attachments, so a restart touches no I/O and needs no recovery.
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <spdlog/spdlog.h>
+
+#include "common/endpoint.h"
+#include "csi/driver.h"
+#include "csi/identity.h"
+#include "csi/ids.h"
+#include "csi/server.h"
+#include "node/datapath_client.h"
+#include "node/node_service.h"
+#include "node/os.h"
+
+int main(int argc, char** argv) {
+  using nbdcsi::Status;
+  namespace csi = nbdcsi::csi;
+  namespace node = nbdcsi::node;
+  csi::BlockTerminationSignals();
+
+  CLI::App app{"nbd-csi-node: the CSI Node service (stage, publish, expand, stats) over the "
+               "local nbd-datapathd"};
+  std::string csi_endpoint = "unix:///csi/csi.sock";
+  std::string node_id;
+  std::string datapath = "unix:///run/nbd-csi/datapath.sock";
+  unsigned max_volumes = 0;
+  std::string log_level = "info";
+  app.add_option("--csi-endpoint", csi_endpoint, "where kubelet connects: unix:///path")
+      ->capture_default_str();
+  app.add_option("--node-id", node_id, "this node's Kubernetes name (spec.nodeName)")->required();
+  app.add_option("--datapath", datapath, "the local nbd-datapathd API socket: unix:///path")
+      ->capture_default_str();
+  app.add_option("--max-volumes", max_volumes,
+                 "volumes per node reported to the scheduler; 0: the number of /dev/nbd* devices "
+                 "(64 without nbd.ko)")
+      ->capture_default_str();
+  app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  spdlog::set_level(spdlog::level::from_str(log_level));
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
+
+  if (Status s = csi::ValidateNodeId(node_id); !s.ok()) {
+    spdlog::error("--node-id: {}", s.message());
+    return 2;
+  }
+  auto dp_endpoint = nbdcsi::ParseEndpoint(datapath);
+  if (!dp_endpoint.ok()) {
+    spdlog::error("--datapath: {}", dp_endpoint.status().message());
+    return 2;
+  }
+
+  auto os = node::MakeLinuxOs();
+  auto dp = node::MakeGrpcDatapathClient(dp_endpoint->GrpcTarget());
+  auto node_service = node::MakeLockedNodeService(
+      node::MakeNodeService({.node_id = node_id, .max_volumes = max_volumes}, *os, *dp));
+  csi::IdentityOptions identity_opts;
+  identity_opts.controller_service = false;
+  // Ready once the datapath answers: before that no stage or publish could work.
+  identity_opts.ready = [&dp]() -> Status { return dp->GetPoolInfo().status(); };
+  auto identity = csi::MakeIdentityService(std::move(identity_opts));
+
+  auto server = csi::StartCsiServer({.endpoint = csi_endpoint,
+                                     .services = {identity.get(), node_service.get()}});
+  if (!server.ok()) {
+    spdlog::error("CSI endpoint {}: {}", csi_endpoint, server.status().message());
+    return 1;
+  }
+  spdlog::info("nbd-csi-node {} for node {} serving {} (datapath {})", csi::DriverVersion(),
+               node_id, csi_endpoint, datapath);
+  int sig = csi::WaitForTerminationSignal();
+  spdlog::info("signal {}: stopping", sig);
+  (*server)->Shutdown();
+  (*server)->Wait();
+  return 0;
+}

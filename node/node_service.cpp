@@ -1,0 +1,536 @@
+#include "node/node_service.h"
+
+#include <climits>
+#include <optional>
+#include <vector>
+
+#include <spdlog/spdlog.h>
+
+#include "common/grpc_status.h"
+#include "csi/driver.h"
+#include "csi/ids.h"
+#include "csi/locks.h"
+#include "csi/logging.h"
+
+namespace nbdcsi::node {
+
+namespace v1 = ::csi::v1;
+using AccessMode = v1::VolumeCapability::AccessMode;
+
+Status ValidateNodePath(const std::string& what, const std::string& path) {
+  if (path.empty()) return Error(EINVAL, "{} is missing", what);
+  if (path.size() >= PATH_MAX) return Error(EINVAL, "{} is {} bytes long (limit {})", what, path.size(), PATH_MAX - 1);
+  if (path.find('\0') != std::string::npos) return Error(EINVAL, "{} contains a NUL byte", what);
+  if (path[0] != '/') return Error(EINVAL, "{} \"{}\" is not an absolute path", what, path);
+  if (path == "/") return Error(EINVAL, "{} must not be \"/\"", what);
+  if (path.back() == '/') return Error(EINVAL, "{} \"{}\" ends with '/'", what, path);
+  size_t pos = 1;
+  while (pos <= path.size()) {
+    size_t slash = path.find('/', pos);
+    if (slash == std::string::npos) slash = path.size();
+    std::string part = path.substr(pos, slash - pos);
+    if (part.empty() || part == "." || part == "..") {
+      return Error(EINVAL, "{} \"{}\" is not a clean path (\"{}\" component)", what, path, part);
+    }
+    pos = slash + 1;
+  }
+  return Status::Ok();
+}
+
+namespace {
+
+// What a VolumeCapability asks for, checked.
+struct Capability {
+  bool block = false;
+  std::string fstype;              // mount volumes: "ext4" or "xfs"
+  std::vector<std::string> flags;  // mount volumes: the mount_flags
+  bool reader_only = false;        // the access mode allows no writes
+};
+
+StatusOr<Capability> ParseCapability(const v1::VolumeCapability& cap) {
+  Capability c;
+  switch (cap.access_mode().mode()) {
+    case AccessMode::SINGLE_NODE_WRITER:
+    case AccessMode::SINGLE_NODE_SINGLE_WRITER:
+    case AccessMode::SINGLE_NODE_MULTI_WRITER:
+      break;
+    case AccessMode::SINGLE_NODE_READER_ONLY:
+      c.reader_only = true;
+      break;
+    case AccessMode::UNKNOWN:
+      return Error(EINVAL, "volume_capability.access_mode is missing");
+    default:
+      return Error(EINVAL, "access mode {} is not supported: volumes live on one node's disk",
+                   AccessMode::Mode_Name(cap.access_mode().mode()));
+  }
+  if (cap.has_block()) {
+    c.block = true;
+    return c;
+  }
+  if (!cap.has_mount()) return Error(EINVAL, "volume_capability has neither block nor mount");
+  c.fstype = cap.mount().fs_type().empty() ? "ext4" : cap.mount().fs_type();
+  if (c.fstype != "ext4" && c.fstype != "xfs") {
+    return Error(EINVAL, "fsType \"{}\" is not supported (ext4 or xfs)", cap.mount().fs_type());
+  }
+  for (const auto& f : cap.mount().mount_flags()) {
+    if (f.empty() || f.find_first_of(std::string(" \t\n\0", 4)) != std::string::npos) {
+      return Error(EINVAL, "mount flag \"{}\" is empty or contains white space", f);
+    }
+    c.flags.push_back(f);
+  }
+  return c;
+}
+
+// OS failures are the node's problem, not the caller's argument: INTERNAL, whatever errno the
+// syscall gave (an ENOENT from mkdir is not "volume not found").
+Status OsError(const Status& s) { return Status(EIO, s.message()); }
+
+class NodeService final : public v1::Node::Service {
+ public:
+  NodeService(NodeOptions opts, NodeOs& os, DatapathClient& dp)
+      : opts_(std::move(opts)), os_(os), dp_(dp) {}
+
+  grpc::Status NodeStageVolume(grpc::ServerContext*, const v1::NodeStageVolumeRequest* req,
+                               v1::NodeStageVolumeResponse*) override {
+    return Reply("NodeStageVolume", req->volume_id(), Stage(*req));
+  }
+  grpc::Status NodeUnstageVolume(grpc::ServerContext*, const v1::NodeUnstageVolumeRequest* req,
+                                 v1::NodeUnstageVolumeResponse*) override {
+    return Reply("NodeUnstageVolume", req->volume_id(), Unstage(*req));
+  }
+  grpc::Status NodePublishVolume(grpc::ServerContext*, const v1::NodePublishVolumeRequest* req,
+                                 v1::NodePublishVolumeResponse*) override {
+    return Reply("NodePublishVolume", req->volume_id(), Publish(*req));
+  }
+  grpc::Status NodeUnpublishVolume(grpc::ServerContext*,
+                                   const v1::NodeUnpublishVolumeRequest* req,
+                                   v1::NodeUnpublishVolumeResponse*) override {
+    return Reply("NodeUnpublishVolume", req->volume_id(), Unpublish(*req));
+  }
+  grpc::Status NodeExpandVolume(grpc::ServerContext*, const v1::NodeExpandVolumeRequest* req,
+                                v1::NodeExpandVolumeResponse* resp) override {
+    return Reply("NodeExpandVolume", req->volume_id(), Expand(*req, resp));
+  }
+  grpc::Status NodeGetVolumeStats(grpc::ServerContext*, const v1::NodeGetVolumeStatsRequest* req,
+                                  v1::NodeGetVolumeStatsResponse* resp) override {
+    return Reply("NodeGetVolumeStats", req->volume_id(), Stats(*req, resp));
+  }
+
+  grpc::Status NodeGetCapabilities(grpc::ServerContext*, const v1::NodeGetCapabilitiesRequest*,
+                                   v1::NodeGetCapabilitiesResponse* resp) override {
+    for (auto t : {v1::NodeServiceCapability::RPC::STAGE_UNSTAGE_VOLUME,
+                   v1::NodeServiceCapability::RPC::EXPAND_VOLUME,
+                   v1::NodeServiceCapability::RPC::GET_VOLUME_STATS,
+                   v1::NodeServiceCapability::RPC::VOLUME_CONDITION,
+                   v1::NodeServiceCapability::RPC::SINGLE_NODE_MULTI_WRITER}) {
+      resp->add_capabilities()->mutable_rpc()->set_type(t);
+    }
+    return grpc::Status::OK;
+  }
+
+  grpc::Status NodeGetInfo(grpc::ServerContext*, const v1::NodeGetInfoRequest*,
+                           v1::NodeGetInfoResponse* resp) override {
+    resp->set_node_id(opts_.node_id);
+    unsigned max = opts_.max_volumes;
+    if (max == 0) max = os_.CountDevices("nbd");
+    if (max == 0) max = kFuseMaxVolumes;
+    resp->set_max_volumes_per_node(max);
+    (*resp->mutable_accessible_topology()->mutable_segments())[csi::kTopologyKey] = opts_.node_id;
+    return grpc::Status::OK;
+  }
+
+ private:
+  grpc::Status Reply(const char* method, const std::string& volume_id, const Status& s) {
+    if (!s.ok()) {
+      spdlog::warn("[{}] {} {}: {}", csi::CurrentRequestId(), method, volume_id, s.message());
+    }
+    return ToGrpc(s);
+  }
+
+  // The pool volume behind `id` when it lives on this node; ENOENT otherwise.
+  StatusOr<std::string> LocalVolume(const std::string& id) {
+    if (id.empty()) return Error(EINVAL, "volume_id is missing");
+    auto ref = csi::ParseVolumeId(id);
+    if (!ref.ok()) return Status(ENOENT, ref.status().message());
+    if (ref->node_id != opts_.node_id) {
+      return Error(ENOENT, "volume {} lives on node {}, this is node {}", id, ref->node_id,
+                   opts_.node_id);
+    }
+    return ref->pool_name;
+  }
+
+  // Two device paths name the same device (a symlink, or another node for the same device).
+  bool SameDevice(const std::string& a, const std::string& b) {
+    if (a == b) return true;
+    auto sa = os_.Stat(a);
+    auto sb = os_.Stat(b);
+    return sa.ok() && sb.ok() && sa->kind == PathKind::kBlockDevice &&
+           sb->kind == PathKind::kBlockDevice && sa->rdev == sb->rdev;
+  }
+
+  // Unmounts whatever is stacked at `path` (a retried call from an older plugin may have
+  // mounted twice). OK when nothing is mounted.
+  Status UnmountAll(const std::string& path) {
+    for (int i = 0; i < 16; ++i) {
+      auto m = os_.GetMount(path);
+      if (!m.ok()) return OsError(m.status());
+      if (!m->has_value()) return Status::Ok();
+      spdlog::info("[{}] unmount {} ({} from {})", csi::CurrentRequestId(), path, (*m)->fstype,
+                   (*m)->source);
+      if (Status s = os_.Unmount(path); !s.ok()) return OsError(s);
+    }
+    return Error(EIO, "{} is still mounted after 16 unmounts", path);
+  }
+
+  Status Stage(const v1::NodeStageVolumeRequest& req) {
+    auto volume = LocalVolume(req.volume_id());
+    if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
+    if (Status s = ValidateNodePath("staging_target_path", req.staging_target_path()); !s.ok()) {
+      return s;
+    }
+    if (!req.has_volume_capability()) return Error(EINVAL, "volume_capability is missing");
+    auto cap = ParseCapability(req.volume_capability());
+    if (!cap.ok()) return cap.status();
+    if (!volume.ok()) return volume.status();
+    const std::string& staging = req.staging_target_path();
+
+    if (cap->block) {
+      // Block volumes are attached only; publish binds the device node itself.
+      auto att = dp_.Attach(*volume);
+      if (!att.ok()) return att.status();
+      spdlog::info("[{}] staged block volume {} as {} ({})", csi::CurrentRequestId(), *volume,
+                   att->device(), att->mode());
+      return Status::Ok();
+    }
+
+    auto mounted = os_.GetMount(staging);
+    if (!mounted.ok()) return OsError(mounted.status());
+    auto att = dp_.Attach(*volume);
+    if (!att.ok()) return att.status();
+    const std::string& device = att->device();
+    if (mounted->has_value()) {
+      const MountInfo& m = **mounted;
+      if (!SameDevice(m.source, device)) {
+        return Error(EEXIST, "staging path {} already has {} mounted, not volume {} ({})", staging,
+                     m.source, *volume, device);
+      }
+      if (m.fstype != cap->fstype) {
+        return Error(EEXIST, "volume {} is staged at {} as {}, not {}", *volume, staging, m.fstype,
+                     cap->fstype);
+      }
+      return Status::Ok();  // done by an earlier call
+    }
+
+    if (Status s = os_.MakeDir(staging); !s.ok()) return OsError(s);
+    auto content = os_.Probe(device);
+    if (!content.ok()) return OsError(content.status());
+    switch (content->kind) {
+      case DeviceContent::Kind::kBlank:
+        if (cap->reader_only) {
+          return Error(EBUSY, "volume {} is blank and the access mode is read-only: there is no "
+                       "file system to mount", *volume);
+        }
+        spdlog::info("[{}] volume {} ({}) is blank: mkfs {}", csi::CurrentRequestId(), *volume,
+                     device, cap->fstype);
+        if (Status s = os_.MakeFs(device, cap->fstype); !s.ok()) return OsError(s);
+        break;
+      case DeviceContent::Kind::kFilesystem:
+        if (content->type != cap->fstype) {
+          return Error(EBUSY, "volume {} holds a {} file system, not the requested {}: not "
+                       "reformatting it", *volume, content->type, cap->fstype);
+        }
+        break;
+      case DeviceContent::Kind::kOther:
+        return Error(EBUSY, "volume {} ({}) holds \"{}\" data, not a {} file system: refusing to "
+                     "format a device that is not blank", *volume, device, content->type,
+                     cap->fstype);
+    }
+    std::vector<std::string> options = cap->flags;
+    if (cap->reader_only) options.push_back("ro");
+    // A clone or restore carries its source's XFS UUID; without nouuid the second of the two
+    // could not be mounted on the same node.
+    if (cap->fstype == "xfs") options.push_back("nouuid");
+    if (Status s = os_.Mount(device, staging, cap->fstype, options); !s.ok()) return OsError(s);
+    spdlog::info("[{}] staged volume {} ({}, {}) at {}", csi::CurrentRequestId(), *volume, device,
+                 att->mode(), staging);
+    return Status::Ok();
+  }
+
+  Status Unstage(const v1::NodeUnstageVolumeRequest& req) {
+    if (req.volume_id().empty()) return Error(EINVAL, "volume_id is missing");
+    if (Status s = ValidateNodePath("staging_target_path", req.staging_target_path()); !s.ok()) {
+      return s;
+    }
+    if (Status s = UnmountAll(req.staging_target_path()); !s.ok()) return s;
+    auto volume = LocalVolume(req.volume_id());
+    if (!volume.ok()) {
+      spdlog::info("[{}] unstage {}: {}; nothing to detach", csi::CurrentRequestId(),
+                   req.volume_id(), volume.status().message());
+      return Status::Ok();
+    }
+    // The datapath refuses (FAILED_PRECONDITION) while the device is still mounted somewhere,
+    // e.g. a publish that was never unpublished: kubelet retries after fixing that.
+    return dp_.Detach(*volume);
+  }
+
+  Status Publish(const v1::NodePublishVolumeRequest& req) {
+    auto volume = LocalVolume(req.volume_id());
+    if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
+    if (Status s = ValidateNodePath("target_path", req.target_path()); !s.ok()) return s;
+    if (!req.has_volume_capability()) return Error(EINVAL, "volume_capability is missing");
+    auto cap = ParseCapability(req.volume_capability());
+    if (!cap.ok()) return cap.status();
+    if (req.staging_target_path().empty()) {
+      return Error(EBUSY, "staging_target_path is missing (this plugin stages volumes first)");
+    }
+    if (Status s = ValidateNodePath("staging_target_path", req.staging_target_path()); !s.ok()) {
+      return s;
+    }
+    if (req.staging_target_path() == req.target_path()) {
+      return Error(EINVAL, "target_path and staging_target_path are both {}", req.target_path());
+    }
+    if (!volume.ok()) return volume.status();
+    const std::string& target = req.target_path();
+    bool ro = req.readonly() || cap->reader_only;
+
+    // What the target must show: the staged file system, or the attached device node.
+    std::string source;
+    if (cap->block) {
+      auto list = dp_.ListAttachments();
+      if (!list.ok()) return list.status();
+      for (const auto& a : *list) {
+        if (a.volume() == *volume) source = a.device();
+      }
+      if (source.empty()) {
+        return Error(EBUSY, "volume {} is not attached on this node: stage it first", *volume);
+      }
+    } else {
+      auto staged = os_.GetMount(req.staging_target_path());
+      if (!staged.ok()) return OsError(staged.status());
+      if (!staged->has_value()) {
+        return Error(EBUSY, "volume {} is not staged: nothing is mounted at {}", *volume,
+                     req.staging_target_path());
+      }
+      source = (*staged)->source;
+    }
+
+    auto mounted = os_.GetMount(target);
+    if (!mounted.ok()) return OsError(mounted.status());
+    if (mounted->has_value()) {
+      const MountInfo& m = **mounted;
+      // A bound device node shows devtmpfs as its source: compare the node the path opens.
+      bool same = cap->block ? SameDevice(target, source) : SameDevice(m.source, source);
+      if (!same) {
+        return Error(EEXIST, "target path {} already has {} mounted, not volume {}", target,
+                     m.source, *volume);
+      }
+      if (m.vfs_read_only != ro) {
+        return Error(EEXIST, "volume {} is already published at {} {}", *volume, target,
+                     m.vfs_read_only ? "read-only" : "read-write");
+      }
+      return Status::Ok();
+    }
+
+    Status made = cap->block ? os_.MakeFile(target) : os_.MakeDir(target);
+    if (!made.ok()) return OsError(made);
+    std::vector<std::string> options = {"bind"};
+    if (ro) options.push_back("ro");
+    const std::string& from = cap->block ? source : req.staging_target_path();
+    if (Status s = os_.Mount(from, target, "", options); !s.ok()) return OsError(s);
+    spdlog::info("[{}] published volume {} at {}{}", csi::CurrentRequestId(), *volume, target,
+                 ro ? " read-only" : "");
+    return Status::Ok();
+  }
+
+  Status Unpublish(const v1::NodeUnpublishVolumeRequest& req) {
+    if (req.volume_id().empty()) return Error(EINVAL, "volume_id is missing");
+    if (Status s = ValidateNodePath("target_path", req.target_path()); !s.ok()) return s;
+    if (Status s = UnmountAll(req.target_path()); !s.ok()) return s;
+    if (Status s = os_.RemovePath(req.target_path()); !s.ok()) return OsError(s);
+    return Status::Ok();
+  }
+
+  Status Expand(const v1::NodeExpandVolumeRequest& req, v1::NodeExpandVolumeResponse* resp) {
+    auto volume = LocalVolume(req.volume_id());
+    if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
+    if (Status s = ValidateNodePath("volume_path", req.volume_path()); !s.ok()) return s;
+    std::optional<Capability> cap;
+    if (req.has_volume_capability()) {
+      auto c = ParseCapability(req.volume_capability());
+      if (!c.ok()) return c.status();
+      cap = *c;
+    }
+    if (req.capacity_range().required_bytes() < 0 || req.capacity_range().limit_bytes() < 0) {
+      return Error(EINVAL, "capacity_range has a negative size");
+    }
+    if (!volume.ok()) return volume.status();
+    const std::string& path = req.volume_path();
+    auto info = os_.Stat(path);
+    if (!info.ok()) return OsError(info.status());
+    if (info->kind == PathKind::kMissing) return Error(ENOENT, "volume_path {} does not exist", path);
+    bool block = (cap && cap->block) || info->kind == PathKind::kBlockDevice;
+
+    auto att = dp_.ResizeAttachment(*volume);
+    if (!att.ok()) return att.status();
+    auto size = os_.DeviceSize(att->device());
+    if (!size.ok()) return OsError(size.status());
+    uint64_t required = static_cast<uint64_t>(req.capacity_range().required_bytes());
+    if (*size < required) {
+      return Error(ERANGE, "volume {} is {} bytes on the device, less than the required {}: "
+                   "expand the volume first (ControllerExpandVolume)", *volume, *size, required);
+    }
+    if (!block) {
+      auto m = os_.GetMount(path);
+      if (!m.ok()) return OsError(m.status());
+      if (!m->has_value()) return Error(ENOENT, "nothing is mounted at volume_path {}", path);
+      if (!SameDevice((*m)->source, att->device())) {
+        return Error(EBUSY, "{} has {} mounted, not volume {} ({})", path, (*m)->source, *volume,
+                     att->device());
+      }
+      if ((*m)->super_read_only) {
+        return Error(EBUSY, "the file system of volume {} at {} is read-only: cannot grow it",
+                     *volume, path);
+      }
+      if (Status s = os_.GrowFs(att->device(), path, (*m)->fstype); !s.ok()) return OsError(s);
+    }
+    spdlog::info("[{}] expanded volume {} to {} bytes", csi::CurrentRequestId(), *volume, *size);
+    resp->set_capacity_bytes(static_cast<int64_t>(*size));
+    return Status::Ok();
+  }
+
+  Status Stats(const v1::NodeGetVolumeStatsRequest& req, v1::NodeGetVolumeStatsResponse* resp) {
+    auto volume = LocalVolume(req.volume_id());
+    if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
+    if (Status s = ValidateNodePath("volume_path", req.volume_path()); !s.ok()) return s;
+    if (!volume.ok()) return volume.status();
+    const std::string& path = req.volume_path();
+    auto info = os_.Stat(path);
+    if (!info.ok()) return OsError(info.status());
+    if (info->kind == PathKind::kMissing) return Error(ENOENT, "volume_path {} does not exist", path);
+
+    std::vector<std::string> problems;
+    if (info->kind == PathKind::kBlockDevice) {
+      auto size = os_.DeviceSize(path);
+      if (!size.ok()) return OsError(size.status());
+      auto* u = resp->add_usage();
+      u->set_unit(v1::VolumeUsage::BYTES);
+      u->set_total(static_cast<int64_t>(*size));
+    } else {
+      auto m = os_.GetMount(path);
+      if (!m.ok()) return OsError(m.status());
+      if (!m->has_value()) return Error(ENOENT, "volume {} is not mounted at {}", *volume, path);
+      auto fs = os_.StatFs(path);
+      if (!fs.ok()) return OsError(fs.status());
+      auto* b = resp->add_usage();
+      b->set_unit(v1::VolumeUsage::BYTES);
+      b->set_total(static_cast<int64_t>(fs->total_bytes));
+      b->set_available(static_cast<int64_t>(fs->available_bytes));
+      b->set_used(static_cast<int64_t>(fs->used_bytes));
+      auto* i = resp->add_usage();
+      i->set_unit(v1::VolumeUsage::INODES);
+      i->set_total(static_cast<int64_t>(fs->total_inodes));
+      i->set_available(static_cast<int64_t>(fs->available_inodes));
+      i->set_used(static_cast<int64_t>(fs->used_inodes));
+      // The mount still says rw but the file system went read-only under it: ext4
+      // errors=remount-ro or an XFS shutdown after I/O errors.
+      if ((*m)->super_read_only && !(*m)->vfs_read_only) {
+        problems.push_back("the file system turned read-only (I/O errors?)");
+      }
+    }
+    AddDatapathHealth(*volume, problems);
+    auto* cond = resp->mutable_volume_condition();
+    cond->set_abnormal(!problems.empty());
+    std::string msg;
+    for (const auto& p : problems) msg += (msg.empty() ? "" : "; ") + p;
+    cond->set_message(problems.empty() ? "ok" : msg);
+    return Status::Ok();
+  }
+
+  // Health as the datapath sees it. A datapath that does not answer is itself a problem of the
+  // volume (its I/O goes nowhere), not a failure of the stats call.
+  void AddDatapathHealth(const std::string& volume, std::vector<std::string>& problems) {
+    auto list = dp_.ListAttachments();
+    if (!list.ok()) {
+      problems.push_back("datapath unreachable: " + list.status().message());
+      return;
+    }
+    const dpv1::Attachment* att = nullptr;
+    for (const auto& a : *list) {
+      if (a.volume() == volume) att = &a;
+    }
+    if (att == nullptr) {
+      problems.push_back("not attached on this node");
+    } else if (!att->link_ok()) {
+      problems.push_back(fmt::format("link between {} and the datapath is down: {}", att->device(),
+                                     att->link_error().empty() ? "no reason given" : att->link_error()));
+    }
+    auto stats = dp_.GetVolumeStats(volume);
+    if (!stats.ok()) {
+      problems.push_back("datapath stats: " + stats.status().message());
+      return;
+    }
+    // The counters are since the datapath started: any error means the backing file failed a
+    // request the pod made, which the pod saw as EIO.
+    if (stats->read().errors() > 0 || stats->write().errors() > 0 || stats->flush().errors() > 0) {
+      problems.push_back(fmt::format("datapath reported I/O errors (read {}, write {}, flush {})",
+                                     stats->read().errors(), stats->write().errors(),
+                                     stats->flush().errors()));
+    }
+  }
+
+  NodeOptions opts_;
+  NodeOs& os_;
+  DatapathClient& dp_;
+};
+
+class LockedNodeService final : public v1::Node::Service {
+ public:
+  explicit LockedNodeService(std::unique_ptr<v1::Node::Service> inner) : inner_(std::move(inner)) {}
+
+#define NBDCSI_LOCKED(Method, Req, Resp)                                                    \
+  grpc::Status Method(grpc::ServerContext* ctx, const v1::Req* req, v1::Resp* resp) override { \
+    if (req->volume_id().empty()) return inner_->Method(ctx, req, resp);                     \
+    auto guard = inflight_.TryAcquire(req->volume_id());                                     \
+    if (!guard) {                                                                            \
+      spdlog::info("[{}] " #Method " {}: another call on this volume is in progress",        \
+                   csi::CurrentRequestId(), req->volume_id());                               \
+      return grpc::Status(grpc::StatusCode::ABORTED,                                         \
+                          "an operation on volume " + req->volume_id() + " is in progress"); \
+    }                                                                                        \
+    return inner_->Method(ctx, req, resp);                                                   \
+  }
+  NBDCSI_LOCKED(NodeStageVolume, NodeStageVolumeRequest, NodeStageVolumeResponse)
+  NBDCSI_LOCKED(NodeUnstageVolume, NodeUnstageVolumeRequest, NodeUnstageVolumeResponse)
+  NBDCSI_LOCKED(NodePublishVolume, NodePublishVolumeRequest, NodePublishVolumeResponse)
+  NBDCSI_LOCKED(NodeUnpublishVolume, NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse)
+  NBDCSI_LOCKED(NodeExpandVolume, NodeExpandVolumeRequest, NodeExpandVolumeResponse)
+  NBDCSI_LOCKED(NodeGetVolumeStats, NodeGetVolumeStatsRequest, NodeGetVolumeStatsResponse)
+#undef NBDCSI_LOCKED
+
+  grpc::Status NodeGetCapabilities(grpc::ServerContext* ctx,
+                                   const v1::NodeGetCapabilitiesRequest* req,
+                                   v1::NodeGetCapabilitiesResponse* resp) override {
+    return inner_->NodeGetCapabilities(ctx, req, resp);
+  }
+  grpc::Status NodeGetInfo(grpc::ServerContext* ctx, const v1::NodeGetInfoRequest* req,
+                           v1::NodeGetInfoResponse* resp) override {
+    return inner_->NodeGetInfo(ctx, req, resp);
+  }
+
+ private:
+  std::unique_ptr<v1::Node::Service> inner_;
+  csi::InFlight inflight_;
+};
+
+}  // namespace
+
+std::unique_ptr<v1::Node::Service> MakeNodeService(NodeOptions opts, NodeOs& os,
+                                                   DatapathClient& datapath) {
+  return std::make_unique<NodeService>(std::move(opts), os, datapath);
+}
+
+std::unique_ptr<v1::Node::Service> MakeLockedNodeService(std::unique_ptr<v1::Node::Service> inner) {
+  return std::make_unique<LockedNodeService>(std::move(inner));
+}
+
+}  // namespace nbdcsi::node

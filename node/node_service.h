@@ -1,0 +1,65 @@
+// The CSI Node service: what kubelet calls to put a volume into a pod.
+//
+//   NodeStageVolume    attach through the local datapath; mount volumes: format a blank device
+//                      (ext4 or xfs), mount it at the staging path
+//   NodePublishVolume  bind the staging mount (or, for block volumes, the device node) onto the
+//                      pod's target path, read-only when asked
+//   NodeUnpublish/NodeUnstage  undo that; success means nothing is left mounted or attached
+//   NodeExpandVolume   tell the device its new size, grow the file system online
+//   NodeGetVolumeStats bytes/inodes and a VolumeCondition
+//
+// Every call checks the real state first (mount table, attachments) and succeeds when the work
+// is already done: kubelet retries everything. All OS effects go through NodeOs, all datapath
+// calls through DatapathClient.
+//
+// Error choices where the CSI spec leaves room:
+// - A volume id that does not parse, or that names another node, is NOT_FOUND for the calls
+//   that need the volume (stage, publish, expand, stats): no volume of this node has that id.
+//   Unstage and unpublish still clean their path (it is kubelet's) and then succeed: there is
+//   nothing of that id attached here.
+// - Bad paths (relative, "/", "..", "." or empty components) and unsupported capabilities
+//   (MULTI_NODE_* access modes, a file system other than ext4/xfs) are INVALID_ARGUMENT.
+// - Stage on a device that holds something other than the requested file system (another file
+//   system, a partition table, an unknown signature) is FAILED_PRECONDITION: it is never
+//   formatted. A staging or target path that already has something else mounted is
+//   ALREADY_EXISTS.
+// - Publish before stage (nothing mounted at the staging path, or the volume not attached) and
+//   a missing staging_target_path are FAILED_PRECONDITION.
+// - OS failures (mount, mkfs, resize tools) are INTERNAL with the tool's message; datapath
+//   errors keep the datapath's code.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "csi/csi.grpc.pb.h"
+#include "node/datapath_client.h"
+#include "node/os.h"
+
+namespace nbdcsi::node {
+
+struct NodeOptions {
+  std::string node_id;  // a valid Kubernetes node name (csi/ids.h ValidateNodeId)
+  // NodeGetInfo max_volumes_per_node. 0: the number of /dev/nbd* devices, or kFuseMaxVolumes
+  // when there are none (the nbdfuse + loop fallback, whose loop devices are made on demand).
+  unsigned max_volumes = 0;
+};
+
+inline constexpr unsigned kFuseMaxVolumes = 64;
+
+// The service without locking: callers must not run two calls on one volume at once.
+// `os` and `datapath` must outlive it.
+std::unique_ptr<::csi::v1::Node::Service> MakeNodeService(NodeOptions opts, NodeOs& os,
+                                                          DatapathClient& datapath);
+
+// The decorator kubelet talks to: one call per volume id at a time, a second concurrent call on
+// the same id gets ABORTED (CSI spec) instead of waiting or racing. Calls without a volume id go
+// straight through (the inner service rejects them).
+std::unique_ptr<::csi::v1::Node::Service> MakeLockedNodeService(
+    std::unique_ptr<::csi::v1::Node::Service> inner);
+
+// The path rules for staging and target paths: absolute, not "/", no empty, "." or ".."
+// components, no trailing '/', shorter than PATH_MAX. EINVAL names `what` and the rule.
+Status ValidateNodePath(const std::string& what, const std::string& path);
+
+}  // namespace nbdcsi::node
