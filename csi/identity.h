@@ -15,7 +15,7 @@ struct IdentityOptions {
   bool controller_service = true;
   // Probe: OK = ready; an error Status = not ready, reported as ready=false with the reason
   // logged (the CSI spec reserves gRPC errors for "unhealthy, restart me"). Null: always ready.
-  std::function<Status()> ready;
+  std::function<Status()> ready = {};
 };
 
 // GetPluginInfo: kDriverName + DriverVersion(). GetPluginCapabilities: CONTROLLER_SERVICE (if

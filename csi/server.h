@@ -23,9 +23,9 @@ int WaitForTerminationSignal();
 struct CsiServerOptions {
   // "unix:///path" (what kubelet and the sidecars use: a stale socket file is removed first, a
   // live one is EADDRINUSE, the parent directory is created) or "tcp://host:port".
-  std::string endpoint;
+  std::string endpoint = {};
   // Registered in order; not owned, they must outlive the server.
-  std::vector<grpc::Service*> services;
+  std::vector<grpc::Service*> services = {};
   // Unix socket mode. kubelet and the sidecars run as root: 0600 keeps everyone else out.
   unsigned socket_mode = 0600;
 };
@@ -41,7 +41,7 @@ class CsiServer {
   void Shutdown(std::chrono::milliseconds grace = std::chrono::seconds(5));
   void Wait();
   const Endpoint& endpoint() const { return endpoint_; }
-  int port() const { return port_; }  // tcp endpoints: the bound port (useful with port 0)
+  int port() const { return port_; }  // tcp endpoints: the bound port
 
  private:
   friend StatusOr<std::unique_ptr<CsiServer>> StartCsiServer(const CsiServerOptions&);

@@ -1,0 +1,128 @@
+#include "csi/params.h"
+
+#include <gtest/gtest.h>
+
+namespace nbdcsi::csi {
+namespace {
+
+TEST(CsiParams, EmptyIsEmpty) {
+  auto r = ParseQosParameters({});
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(r->empty());
+}
+
+TEST(CsiParams, KeysInTableOrder) {
+  EXPECT_EQ(QosParameterKeys(),
+            (std::vector<std::string>{"maxIops", "maxReadIops", "maxWriteIops", "maxBps",
+                                      "maxReadBps", "maxWriteBps", "iopsPerGiB", "bpsPerGiB",
+                                      "burstMs"}));
+}
+
+struct Good {
+  const char* key;
+  const char* value;
+  QosParameters want;
+};
+
+TEST(CsiParams, EveryKey) {
+  auto q = [](auto member, auto v) {
+    QosParameters p;
+    p.*member = v;
+    return p;
+  };
+  const std::vector<Good> cases = {
+      {"maxIops", "1000", q(&QosParameters::max_iops, 1000ull)},
+      {"maxReadIops", "0", q(&QosParameters::max_read_iops, 0ull)},
+      {"maxWriteIops", "18446744073709551615",
+       q(&QosParameters::max_write_iops, 18446744073709551615ull)},
+      {"maxBps", "100Mi", q(&QosParameters::max_bps, 100ull << 20)},
+      {"maxBps", "1G", q(&QosParameters::max_bps, 1000000000ull)},
+      {"maxReadBps", "4096", q(&QosParameters::max_read_bps, 4096ull)},
+      {"maxWriteBps", "1.5Gi", q(&QosParameters::max_write_bps, 3ull << 29)},
+      {"iopsPerGiB", "10", q(&QosParameters::iops_per_gib, 10ull)},
+      {"bpsPerGiB", "1Mi", q(&QosParameters::bps_per_gib, 1ull << 20)},
+      {"burstMs", "250", q(&QosParameters::burst_ms, 250u)},
+      {"burstMs", "4294967295", q(&QosParameters::burst_ms, 4294967295u)},
+  };
+  for (const auto& c : cases) {
+    auto r = ParseQosParameters({{c.key, c.value}});
+    ASSERT_TRUE(r.ok()) << c.key << "=" << c.value << ": " << r.status().message();
+    EXPECT_EQ(*r, c.want) << c.key << "=" << c.value;
+    EXPECT_FALSE(r->empty());
+  }
+}
+
+TEST(CsiParams, AllTogether) {
+  auto r = ParseQosParameters({{"maxIops", "5000"},
+                               {"maxBps", "200Mi"},
+                               {"burstMs", "100"},
+                               {"csi.storage.k8s.io/pvc/name", "data"},
+                               {"csi.storage.k8s.io/fstype", "xfs"}});
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(r->max_iops, 5000u);
+  EXPECT_EQ(r->max_bps, 200ull << 20);
+  EXPECT_EQ(r->burst_ms, 100u);
+  EXPECT_FALSE(r->max_read_iops.has_value());
+  EXPECT_FALSE(r->iops_per_gib.has_value());
+}
+
+TEST(CsiParams, ProvisionerPrefixSkipped) {
+  auto r = ParseQosParameters({{"csi.storage.k8s.io/provisioner-secret-name", "x"},
+                               {"csi.storage.k8s.io/whatever", "not a number"}});
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_TRUE(r->empty());
+}
+
+TEST(CsiParams, UnknownKeyListsKnownKeys) {
+  // Keys are case-sensitive, as in Kubernetes: a near miss is an error, never ignored.
+  for (const char* key : {"maxIOPS", "fsType", "csi.storage.k8s.io", "", "other.io/maxIops"}) {
+    auto r = ParseQosParameters({{key, "1"}});
+    ASSERT_FALSE(r.ok()) << key;
+    EXPECT_EQ(r.status().code(), EINVAL);
+    EXPECT_EQ(r.status().message(),
+              std::string("unknown parameter \"") + key +
+                  "\"; known: maxIops, maxReadIops, maxWriteIops, maxBps, maxReadBps, "
+                  "maxWriteBps, iopsPerGiB, bpsPerGiB, burstMs");
+  }
+}
+
+struct Bad {
+  const char* key;
+  const char* value;
+  int code;
+};
+
+TEST(CsiParams, BadValues) {
+  const std::vector<Bad> cases = {
+      {"maxIops", "", EINVAL},
+      {"maxIops", "fast", EINVAL},
+      {"maxIops", "-1", EINVAL},
+      {"maxIops", "+5", EINVAL},
+      {"maxIops", " 5", EINVAL},
+      {"maxIops", "10k", EINVAL},  // IOPS take plain integers, not quantities
+      {"maxIops", "1.5", EINVAL},
+      {"maxIops", "18446744073709551616", ERANGE},
+      {"iopsPerGiB", "99999999999999999999999", ERANGE},
+      {"burstMs", "4294967296", ERANGE},
+      {"burstMs", "1s", EINVAL},
+      {"maxBps", "fast", EINVAL},
+      {"maxBps", "-1Mi", EINVAL},
+      {"maxBps", "0.5", EINVAL},  // not a whole number of bytes
+      {"maxBps", "100MB", EINVAL},
+      {"maxReadBps", "16Ei", ERANGE},
+      {"bpsPerGiB", "1Qi", EINVAL},
+  };
+  for (const auto& c : cases) {
+    auto r = ParseQosParameters({{c.key, c.value}});
+    ASSERT_FALSE(r.ok()) << c.key << "=\"" << c.value << "\" accepted";
+    EXPECT_EQ(r.status().code(), c.code) << c.key << "=" << c.value << ": "
+                                         << r.status().message();
+    const std::string prefix =
+        std::string("parameter ") + c.key + ": bad value \"" + c.value + "\": ";
+    EXPECT_EQ(r.status().message().substr(0, prefix.size()), prefix) << r.status().message();
+    EXPECT_GT(r.status().message().size(), prefix.size()) << "no reason given";
+  }
+}
+
+}  // namespace
+}  // namespace nbdcsi::csi

@@ -1,0 +1,231 @@
+// StartCsiServer (sockets: stale, live, mode, tcp) and the Identity service over a real socket.
+#include "csi/server.h"
+
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <netinet/in.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include "csi/csi.grpc.pb.h"
+#include "csi/driver.h"
+#include "csi/identity.h"
+
+namespace nbdcsi::csi {
+namespace {
+
+namespace v1 = ::csi::v1;
+
+class CsiServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/csi-srv-XXXXXX";
+    dir_ = mkdtemp(tmpl);
+    sock_ = dir_ + "/sub/dir/csi.sock";  // parent directories do not exist yet
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  std::unique_ptr<v1::Identity::Stub> Connect(const std::string& target) {
+    return v1::Identity::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  }
+
+  // A socket file bound by a process that is gone (we close it without unlinking).
+  void MakeStaleSocket(const std::string& path) {
+    std::filesystem::create_directories(std::filesystem::path(path).parent_path());
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    ASSERT_GE(fd, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+    ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0) << strerror(errno);
+    close(fd);
+  }
+
+  std::string dir_, sock_;
+};
+
+TEST_F(CsiServerTest, IdentityOverUnixSocket) {
+  bool ready = false;
+  auto identity = MakeIdentityService({.controller_service = true, .ready = [&]() -> Status {
+                                         if (ready) return Status::Ok();
+                                         return Error(EAGAIN, "no datapath registered yet");
+                                       }});
+  auto srv = StartCsiServer({.endpoint = "unix://" + sock_, .services = {identity.get()}});
+  ASSERT_TRUE(srv.ok()) << srv.status().message();
+  auto stub = Connect("unix:" + sock_);
+
+  {
+    grpc::ClientContext ctx;
+    v1::GetPluginInfoResponse resp;
+    ASSERT_TRUE(stub->GetPluginInfo(&ctx, {}, &resp).ok());
+    EXPECT_EQ(resp.name(), "nbd.csi.io");
+    EXPECT_EQ(resp.vendor_version(), DriverVersion());
+    EXPECT_EQ(resp.vendor_version().substr(0, 5), "0.1.0");
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::GetPluginCapabilitiesResponse resp;
+    ASSERT_TRUE(stub->GetPluginCapabilities(&ctx, {}, &resp).ok());
+    ASSERT_EQ(resp.capabilities_size(), 3);
+    EXPECT_EQ(resp.capabilities(0).service().type(),
+              v1::PluginCapability::Service::CONTROLLER_SERVICE);
+    EXPECT_EQ(resp.capabilities(1).service().type(),
+              v1::PluginCapability::Service::VOLUME_ACCESSIBILITY_CONSTRAINTS);
+    EXPECT_EQ(resp.capabilities(2).volume_expansion().type(),
+              v1::PluginCapability::VolumeExpansion::ONLINE);
+  }
+  for (bool want : {false, true}) {
+    ready = want;
+    grpc::ClientContext ctx;
+    v1::ProbeResponse resp;
+    ASSERT_TRUE(stub->Probe(&ctx, {}, &resp).ok()) << "not ready is an answer, not an error";
+    ASSERT_TRUE(resp.has_ready());
+    EXPECT_EQ(resp.ready().value(), want);
+  }
+  // A service that is not registered answers UNIMPLEMENTED.
+  auto node = v1::Node::NewStub(grpc::CreateChannel("unix:" + sock_,
+                                                    grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  v1::NodeGetInfoResponse info;
+  EXPECT_EQ(node->NodeGetInfo(&ctx, {}, &info).error_code(), grpc::StatusCode::UNIMPLEMENTED);
+
+  (*srv)->Shutdown();
+  (*srv)->Wait();
+  EXPECT_FALSE(std::filesystem::exists(sock_)) << "Shutdown removes the socket file";
+}
+
+TEST_F(CsiServerTest, NodeIdentityHasNoControllerService) {
+  auto identity = MakeIdentityService({.controller_service = false});
+  auto srv = StartCsiServer({.endpoint = "unix://" + sock_, .services = {identity.get()}});
+  ASSERT_TRUE(srv.ok()) << srv.status().message();
+  grpc::ClientContext ctx;
+  v1::GetPluginCapabilitiesResponse resp;
+  ASSERT_TRUE(Connect("unix:" + sock_)->GetPluginCapabilities(&ctx, {}, &resp).ok());
+  for (const auto& c : resp.capabilities()) {
+    EXPECT_NE(c.service().type(), v1::PluginCapability::Service::CONTROLLER_SERVICE);
+  }
+  grpc::ClientContext ctx2;
+  v1::ProbeResponse probe;
+  ASSERT_TRUE(Connect("unix:" + sock_)->Probe(&ctx2, {}, &probe).ok());
+  EXPECT_TRUE(probe.ready().value()) << "no ready function: always ready";
+}
+
+TEST_F(CsiServerTest, SocketMode0600) {
+  auto identity = MakeIdentityService({});
+  auto srv = StartCsiServer({.endpoint = "unix://" + sock_, .services = {identity.get()}});
+  ASSERT_TRUE(srv.ok()) << srv.status().message();
+  struct stat st{};
+  ASSERT_EQ(stat(sock_.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISSOCK(st.st_mode));
+  EXPECT_EQ(st.st_mode & 07777, 0600u);
+}
+
+TEST_F(CsiServerTest, OtherSocketMode) {
+  auto identity = MakeIdentityService({});
+  auto srv = StartCsiServer(
+      {.endpoint = "unix://" + sock_, .services = {identity.get()}, .socket_mode = 0660});
+  ASSERT_TRUE(srv.ok()) << srv.status().message();
+  struct stat st{};
+  ASSERT_EQ(stat(sock_.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0660u);
+  auto bad = StartCsiServer({.endpoint = "unix://" + dir_ + "/x.sock",
+                             .services = {identity.get()},
+                             .socket_mode = 010600});
+  EXPECT_EQ(bad.status().code(), EINVAL);
+}
+
+TEST_F(CsiServerTest, StaleSocketIsReplaced) {
+  MakeStaleSocket(sock_);
+  ASSERT_TRUE(std::filesystem::is_socket(sock_));
+  auto identity = MakeIdentityService({});
+  auto srv = StartCsiServer({.endpoint = "unix://" + sock_, .services = {identity.get()}});
+  ASSERT_TRUE(srv.ok()) << srv.status().message();
+  grpc::ClientContext ctx;
+  v1::GetPluginInfoResponse resp;
+  EXPECT_TRUE(Connect("unix:" + sock_)->GetPluginInfo(&ctx, {}, &resp).ok());
+}
+
+TEST_F(CsiServerTest, LiveSocketIsInUse) {
+  auto identity = MakeIdentityService({});
+  auto first = StartCsiServer({.endpoint = "unix://" + sock_, .services = {identity.get()}});
+  ASSERT_TRUE(first.ok()) << first.status().message();
+  auto identity2 = MakeIdentityService({});
+  auto second = StartCsiServer({.endpoint = "unix://" + sock_, .services = {identity2.get()}});
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), EADDRINUSE) << second.status().message();
+  // The running server is untouched.
+  grpc::ClientContext ctx;
+  v1::GetPluginInfoResponse resp;
+  EXPECT_TRUE(Connect("unix:" + sock_)->GetPluginInfo(&ctx, {}, &resp).ok());
+}
+
+TEST_F(CsiServerTest, NotASocketIsLeftAlone) {
+  std::filesystem::create_directories(std::filesystem::path(sock_).parent_path());
+  { FILE* f = fopen(sock_.c_str(), "w"); ASSERT_TRUE(f); fputs("data", f); fclose(f); }
+  auto identity = MakeIdentityService({});
+  auto srv = StartCsiServer({.endpoint = "unix://" + sock_, .services = {identity.get()}});
+  ASSERT_FALSE(srv.ok());
+  EXPECT_EQ(srv.status().code(), EEXIST) << srv.status().message();
+  EXPECT_TRUE(std::filesystem::is_regular_file(sock_));
+}
+
+TEST_F(CsiServerTest, BadEndpoint) {
+  for (const char* e : {"", "/tmp/x.sock", "unix://relative", "http://x:1"}) {
+    auto srv = StartCsiServer({.endpoint = e});
+    ASSERT_FALSE(srv.ok()) << e;
+    EXPECT_EQ(srv.status().code(), EINVAL) << e;
+  }
+}
+
+// A port the kernel just handed out and that nobody holds now (endpoints refuse port 0).
+int FreeTcpPort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    close(fd);
+    return -1;
+  }
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+TEST_F(CsiServerTest, TcpEndpoint) {
+  const int port = FreeTcpPort();
+  ASSERT_GT(port, 0);
+  auto identity = MakeIdentityService({});
+  auto srv = StartCsiServer({.endpoint = "tcp://127.0.0.1:" + std::to_string(port),
+                             .services = {identity.get()}});
+  ASSERT_TRUE(srv.ok()) << srv.status().message();
+  EXPECT_EQ((*srv)->port(), port);
+  grpc::ClientContext ctx;
+  v1::GetPluginInfoResponse resp;
+  EXPECT_TRUE(Connect("127.0.0.1:" + std::to_string((*srv)->port()))
+                  ->GetPluginInfo(&ctx, {}, &resp)
+                  .ok());
+}
+
+TEST_F(CsiServerTest, ShutdownIsIdempotent) {
+  auto identity = MakeIdentityService({});
+  auto srv = StartCsiServer({.endpoint = "unix://" + sock_, .services = {identity.get()}});
+  ASSERT_TRUE(srv.ok());
+  (*srv)->Shutdown(std::chrono::milliseconds(100));
+  (*srv)->Shutdown();
+  (*srv)->Wait();
+  srv->reset();  // the destructor shuts down again
+  // The path is free for the next start.
+  auto again = StartCsiServer({.endpoint = "unix://" + sock_, .services = {identity.get()}});
+  EXPECT_TRUE(again.ok()) << again.status().message();
+}
+
+}  // namespace
+}  // namespace nbdcsi::csi
