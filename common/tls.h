@@ -20,14 +20,18 @@ struct TlsFiles {
   std::string ca;    // PEM CA bundle that the peer's certificate must chain to
   bool insecure = false;  // plaintext; all three files must then be empty
 
-  // EINVAL unless either all three files are given (and readable) or insecure is set alone.
+  // EINVAL unless either all three files are named or insecure is set alone; the message names
+  // the missing or conflicting flags. Does not open the files (the Make* functions do).
   Status Validate() const;
 };
 
 // Server side: requires and verifies a client certificate. Files are read now (ENOENT/EACCES
-// with the path named).
+// with the flag and path named; EINVAL when a file holds no PEM block of the expected kind).
+// With insecure set: plaintext credentials.
 StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(const TlsFiles& tls);
-// Client side: presents our certificate and verifies the server's against the CA.
+// Client side: presents our certificate and verifies the server's against the CA; the server's
+// certificate must carry the host of the dialled address as a DNS or IP SAN. With insecure set:
+// plaintext credentials.
 StatusOr<std::shared_ptr<grpc::ChannelCredentials>> MakeChannelCredentials(const TlsFiles& tls);
 
 }  // namespace nbdcsi

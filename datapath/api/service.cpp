@@ -107,9 +107,18 @@ grpc::Status Fail(const char* rpc, const Status& s) {
 // Mutating calls hold a per-name in-flight mark: a second concurrent call on the same volume gets
 // ABORTED (EALREADY) instead of racing, and read-modify-write (QoS patches) is atomic with respect
 // to other API calls.
+// The per-name in-flight marks (see DatapathService). Shared by the service objects of one
+// ApiServer: a name busy over the unix socket is busy over TCP too.
+struct InFlightSet {
+  enum class Key { kVolume, kSnapshot };
+  std::mutex mu;
+  std::set<std::pair<Key, std::string>> busy;  // guarded by mu
+};
+
 class DatapathService final : public v1::Datapath::Service {
  public:
-  explicit DatapathService(Pool& pool) : pool_(pool) {}
+  DatapathService(Pool& pool, std::shared_ptr<InFlightSet> in_flight)
+      : pool_(pool), in_flight_(std::move(in_flight)) {}
 
   grpc::Status CreateVolume(grpc::ServerContext*, const v1::CreateVolumeRequest* req,
                             v1::CreateVolumeResponse* resp) override {
@@ -307,15 +316,7 @@ class DatapathService final : public v1::Datapath::Service {
     resp->set_provisioned_bytes(info.provisioned);
     resp->set_allocated_bytes(info.allocated);
     resp->set_overcommit_ratio(info.overcommit_ratio);
-    long double limit = static_cast<long double>(info.capacity) * info.overcommit_ratio;
-    long double room = limit - static_cast<long double>(info.provisioned);
-    uint64_t provisionable = 0;
-    if (room >= static_cast<long double>(std::numeric_limits<uint64_t>::max())) {
-      provisionable = std::numeric_limits<uint64_t>::max();
-    } else if (room > 0) {
-      provisionable = static_cast<uint64_t>(room);
-    }
-    resp->set_provisionable_bytes(provisionable);
+    resp->set_provisionable_bytes(ProvisionableBytes(info));
     resp->set_volumes(info.volumes);
     for (const auto& o : info.cleaned_orphans) resp->add_cleaned_orphans(o);
     for (const auto& b : info.broken_volumes) resp->add_broken_volumes(b);
@@ -383,19 +384,19 @@ class DatapathService final : public v1::Datapath::Service {
  private:
   // Volumes and snapshots are separate namespaces, so their in-flight marks are too: creating
   // snapshot "a" of volume "a" must not look like a second call on volume "a".
-  enum class Key { kVolume, kSnapshot };
+  using Key = InFlightSet::Key;
 
   class InFlight {
    public:
     InFlight(DatapathService& svc, Key kind, const std::string& name)
         : svc_(svc), kind_(kind), name_(name) {
-      std::lock_guard lock(svc_.mu_);
-      ok_ = svc_.busy_.insert({kind_, name_}).second;
+      std::lock_guard lock(svc_.in_flight_->mu);
+      ok_ = svc_.in_flight_->busy.insert({kind_, name_}).second;
     }
     ~InFlight() {
       if (!ok_) return;
-      std::lock_guard lock(svc_.mu_);
-      svc_.busy_.erase({kind_, name_});
+      std::lock_guard lock(svc_.in_flight_->mu);
+      svc_.in_flight_->busy.erase({kind_, name_});
     }
     bool ok() const { return ok_; }
     Status status() const {
@@ -451,9 +452,17 @@ class DatapathService final : public v1::Datapath::Service {
   }
 
   Pool& pool_;
-  std::mutex mu_;
-  std::set<std::pair<Key, std::string>> busy_;
+  std::shared_ptr<InFlightSet> in_flight_;
 };
+
+uint64_t ProvisionableBytes(const PoolInfo& info) {
+  long double limit = static_cast<long double>(info.capacity) * info.overcommit_ratio;
+  long double room = limit - static_cast<long double>(info.provisioned);
+  if (room >= static_cast<long double>(std::numeric_limits<uint64_t>::max())) {
+    return std::numeric_limits<uint64_t>::max();
+  }
+  return room > 0 ? static_cast<uint64_t>(room) : 0;
+}
 
 ApiServer::~ApiServer() {
   Shutdown();
@@ -461,73 +470,140 @@ ApiServer::~ApiServer() {
 }
 
 void ApiServer::Shutdown(std::chrono::system_clock::time_point deadline) {
-  if (shut_down_ || !server_) return;
+  if (shut_down_) return;
   shut_down_ = true;
-  server_->Shutdown(deadline);
+  if (remote_) remote_->Shutdown(deadline);
+  if (local_) local_->Shutdown(deadline);
 }
 
 void ApiServer::Wait() {
-  if (server_) server_->Wait();
+  if (remote_) remote_->Wait();
+  if (local_) local_->Wait();
 }
 
-StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, const std::string& endpoint,
-                                                    std::vector<grpc::Service*> extra) {
-  auto ep = ParseEndpoint(endpoint);
-  if (!ep.ok()) return ep.status();
-  std::unique_ptr<ApiServer> api(new ApiServer());
-  api->endpoint_ = *ep;
-  api->service_ = std::make_unique<DatapathService>(pool);
+namespace {
 
-  if (ep->kind == Endpoint::Kind::kUnix) {
-    size_t slash = ep->path.rfind('/');
-    std::string dir = slash == 0 ? std::string("/") : ep->path.substr(0, slash);
-    struct stat st{};
-    if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
-      return Error(ENOENT, "cannot listen on {}: directory {} does not exist", ep->ToString(),
-                   dir);
-    }
-    if (auto s = RemoveStaleUnixSocket(ep->path); !s.ok()) {
-      return Error(s.code(), "cannot listen on {}: {}", ep->ToString(), s.message());
-    }
-  } else {
-    spdlog::warn("management API on {} is plaintext TCP without authentication: tests only",
-                 ep->ToString());
+// Checks a unix listener's directory and clears a stale socket left by a dead process.
+Status PrepareUnix(const Endpoint& ep) {
+  size_t slash = ep.path.rfind('/');
+  std::string dir = slash == 0 ? std::string("/") : ep.path.substr(0, slash);
+  struct stat st{};
+  if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return Error(ENOENT, "cannot listen on {}: directory {} does not exist", ep.ToString(), dir);
   }
+  if (auto s = RemoveStaleUnixSocket(ep.path); !s.ok()) {
+    return Error(s.code(), "cannot listen on {}: {}", ep.ToString(), s.message());
+  }
+  return Status::Ok();
+}
 
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort(ep->GrpcTarget(), grpc::InsecureServerCredentials(), &api->port_);
-  builder.RegisterService(api->service_.get());
-  for (grpc::Service* s : extra) builder.RegisterService(s);
-  {
+// Belt and braces: verify the mode instead of trusting gRPC's socket setup.
+Status VerifyUnixMode(const Endpoint& ep) {
+  struct stat st{};
+  if (chmod(ep.path.c_str(), 0600) != 0 || stat(ep.path.c_str(), &st) != 0) {
+    int err = errno;
+    return Error(err, "cannot secure {}: {}", ep.path, std::strerror(err));
+  }
+  if (!S_ISSOCK(st.st_mode) || (st.st_mode & 07777) != 0600) {
+    return Error(EPERM, "{} has mode {:o}, expected a socket with mode 600", ep.path,
+                 st.st_mode & 07777);
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiListen> listens,
+                                                    std::vector<grpc::Service*> extra) {
+  if (listens.empty()) return Error(EINVAL, "management API: no listener given");
+  std::unique_ptr<ApiServer> api(new ApiServer());
+  api->in_flight_ = std::make_shared<InFlightSet>();
+  api->local_service_ = std::make_unique<DatapathService>(pool, api->in_flight_);
+  api->remote_service_ = std::make_unique<DatapathService>(pool, api->in_flight_);
+  // Every listener is checked before anything binds, so a bad one costs nothing.
+  for (const ApiListen& l : listens) {
+    auto ep = ParseEndpoint(l.endpoint);
+    if (!ep.ok()) return ep.status();
+    if (ep->kind == Endpoint::Kind::kUnix) {
+      if (l.creds) {
+        return Error(EINVAL, "{}: unix sockets take no TLS credentials (mode 0600 guards them)",
+                     ep->ToString());
+      }
+      if (auto s = PrepareUnix(*ep); !s.ok()) return s;
+    } else if (!l.creds && !l.insecure) {
+      return Error(EINVAL, "refusing plaintext TCP for the management API on {}: give TLS "
+                           "credentials, or set insecure for a trusted loopback test",
+                   ep->ToString());
+    } else if (!l.creds) {
+      spdlog::warn("management API on {} is plaintext TCP without authentication: tests only",
+                   ep->ToString());
+    }
+    api->endpoints_.push_back(*ep);
+  }
+  api->ports_.assign(listens.size(), 0);
+
+  grpc::ServerBuilder local, remote;
+  bool any_local = false, any_remote = false;
+  for (size_t i = 0; i < listens.size(); ++i) {
+    const Endpoint& ep = api->endpoints_[i];
+    if (ep.kind == Endpoint::Kind::kUnix) {
+      local.AddListeningPort(ep.GrpcTarget(), grpc::InsecureServerCredentials(), &api->ports_[i]);
+      any_local = true;
+    } else {
+      remote.AddListeningPort(ep.GrpcTarget(),
+                              listens[i].creds ? listens[i].creds
+                                               : grpc::InsecureServerCredentials(),
+                              &api->ports_[i]);
+      any_remote = true;
+    }
+  }
+  if (any_remote) {
+    remote.RegisterService(api->remote_service_.get());
+    api->remote_ = remote.BuildAndStart();
+  }
+  if (any_local) {
+    local.RegisterService(api->local_service_.get());
+    for (grpc::Service* s : extra) local.RegisterService(s);
     // The socket must never be reachable with a wider mode, not even between bind() and a
     // chmod(). umask is process-wide, so this only narrows the mode of files other threads create
     // at the same moment; the mutex keeps concurrent starts from restoring each other's umask.
     static std::mutex umask_mu;
     std::lock_guard lock(umask_mu);
     mode_t old = umask(0177);
-    api->server_ = builder.BuildAndStart();
+    api->local_ = local.BuildAndStart();
     umask(old);
   }
-  if (!api->server_ || api->port_ == 0) {
-    api->server_.reset();
-    return Error(EADDRNOTAVAIL, "cannot listen on {}: gRPC could not bind it (see its log)",
-                 ep->ToString());
-  }
-
-  if (ep->kind == Endpoint::Kind::kUnix) {
-    // Belt and braces: verify the mode instead of trusting gRPC's socket setup.
-    struct stat st{};
-    if (chmod(ep->path.c_str(), 0600) != 0 || stat(ep->path.c_str(), &st) != 0) {
-      int err = errno;
-      return Error(err, "cannot secure {}: {}", ep->path, std::strerror(err));
-    }
-    if (!S_ISSOCK(st.st_mode) || (st.st_mode & 07777) != 0600) {
-      return Error(EPERM, "{} has mode {:o}, expected a socket with mode 600", ep->path,
-                   st.st_mode & 07777);
+  for (size_t i = 0; i < listens.size(); ++i) {
+    const Endpoint& ep = api->endpoints_[i];
+    bool built = ep.kind == Endpoint::Kind::kUnix ? api->local_ != nullptr
+                                                  : api->remote_ != nullptr;
+    if (!built || api->ports_[i] == 0) {
+      // The destructor stops whichever server did start.
+      return Error(EADDRNOTAVAIL, "cannot listen on {}: gRPC could not bind it (see its log)",
+                   ep.ToString());
     }
   }
-  spdlog::info("management API listening on {}", ep->ToString());
+  for (const Endpoint& ep : api->endpoints_) {
+    if (ep.kind == Endpoint::Kind::kUnix) {
+      if (auto s = VerifyUnixMode(ep); !s.ok()) return s;
+    }
+  }
+  for (size_t i = 0; i < listens.size(); ++i) {
+    const Endpoint& ep = api->endpoints_[i];
+    spdlog::info("management API listening on {}{}", ep.ToString(),
+                 ep.kind == Endpoint::Kind::kUnix ? ""
+                 : listens[i].creds               ? " (mutual TLS, Datapath service only)"
+                                                  : " (plaintext, Datapath service only)");
+  }
   return api;
+}
+
+StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, const std::string& endpoint,
+                                                    std::vector<grpc::Service*> extra) {
+  std::vector<ApiListen> listens(1);
+  listens[0].endpoint = endpoint;
+  listens[0].insecure = true;
+  return StartApiServer(pool, std::move(listens), std::move(extra));
 }
 
 }  // namespace nbdcsi::datapath

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server.h>
 
 #include "common/endpoint.h"
@@ -15,6 +16,21 @@
 namespace nbdcsi::datapath {
 
 class DatapathService;
+struct InFlightSet;
+
+// How many more bytes may be provisioned: capacity x overcommit ratio minus what is provisioned,
+// 0 when overcommitted already, saturating at UINT64_MAX. GetPoolInfo and the heartbeat report it.
+uint64_t ProvisionableBytes(const PoolInfo& info);
+
+// One listening address of the API server.
+struct ApiListen {
+  std::string endpoint;  // "unix:///path" or "tcp://host:port"
+  // TCP: the transport security, normally MakeServerCredentials (mutual TLS). Null means
+  // plaintext, which is refused (EINVAL) unless `insecure` is set. Unix: must be null; the
+  // socket's 0600 mode is the access control.
+  std::shared_ptr<grpc::ServerCredentials> creds;
+  bool insecure = false;
+};
 
 // A running API server. It owns the service object as well as the grpc::Server, because gRPC
 // does not take ownership of registered services and the service must outlive the server.
@@ -31,28 +47,47 @@ class ApiServer {
   void Shutdown() { Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1)); }
   void Wait();
 
-  const Endpoint& endpoint() const { return endpoint_; }
-  // For tcp endpoints: the bound port.
-  int port() const { return port_; }
-  grpc::Server* grpc_server() { return server_.get(); }
+  // The first listener (what the single-endpoint StartApiServer was given).
+  const Endpoint& endpoint() const { return endpoints_.front(); }
+  // For a tcp first listener: the bound port.
+  int port() const { return ports_.front(); }
+  // Every listener in the order given, and its bound port (unix: 1, as gRPC reports).
+  const std::vector<Endpoint>& endpoints() const { return endpoints_; }
+  const std::vector<int>& ports() const { return ports_; }
+  // The server holding the unix listeners (null when there are none).
+  grpc::Server* grpc_server() { return local_.get(); }
 
  private:
-  friend StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool&, const std::string&,
-                                                              std::vector<grpc::Service*>);
+  friend StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool&, std::vector<ApiListen>,
+                                                             std::vector<grpc::Service*>);
   ApiServer() = default;
-  Endpoint endpoint_;
-  int port_ = 0;
-  std::unique_ptr<DatapathService> service_;
-  std::unique_ptr<grpc::Server> server_;
+  std::vector<Endpoint> endpoints_;
+  std::vector<int> ports_;
+  std::shared_ptr<InFlightSet> in_flight_;
+  // gRPC serves every registered service on every port of a server, so local and remote
+  // listeners are two servers: the remote one carries the Datapath service only (attaching kernel
+  // devices is the node plugin's business, over the unix socket). Both service objects share one
+  // in-flight set, so a call over TCP and one over the socket still exclude each other.
+  std::unique_ptr<DatapathService> local_service_;
+  std::unique_ptr<DatapathService> remote_service_;
+  std::unique_ptr<grpc::Server> local_;
+  std::unique_ptr<grpc::Server> remote_;
   bool shut_down_ = false;
 };
 
-// Starts the gRPC management API on `endpoint`:
-//  - "unix:///path": a stale socket file is removed first (a live one is EADDRINUSE); the socket
-//    is created with mode 0600 and verified with stat() before this returns.
-//  - "tcp://host:port": plaintext, for tests only until mTLS lands (a warning is logged).
-// The pool must outlive the returned server. `extra` services (e.g. Attachments) are registered
-// on the same server; they must outlive it too.
+// Starts the gRPC management API on every listener (at least one):
+//  - unix:///path: a stale socket file is removed first (a live one is EADDRINUSE); the socket
+//    is created with mode 0600 and verified with stat() before this returns. Serves the Datapath
+//    service and the `extra` services (e.g. Attachments).
+//  - tcp://host:port: serves the Datapath service only, with `creds` (or plaintext when
+//    `insecure`, with a warning logged).
+// Nothing is left listening when any listener fails. The pool must outlive the returned server;
+// so must the `extra` services.
+StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiListen> listens,
+                                                    std::vector<grpc::Service*> extra = {});
+
+// One listener, as before TCP had TLS: a unix socket, or a plaintext tcp://host:port for tests
+// (insecure implied; a warning is logged).
 StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, const std::string& endpoint,
                                                     std::vector<grpc::Service*> extra = {});
 

@@ -1,0 +1,43 @@
+#include "common/node_id.h"
+
+#include <string>
+
+#include "common/endpoint.h"
+
+namespace nbdcsi {
+namespace {
+
+bool LowerAlnum(char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); }
+
+}  // namespace
+
+Status ValidateNodeId(std::string_view id) {
+  if (id.empty()) return Error(EINVAL, "node id is empty");
+  if (id.size() > 253) {
+    return Error(EINVAL, "node id \"{}...\" is {} characters; at most 253 are allowed",
+                 id.substr(0, 32), id.size());
+  }
+  for (char c : id) {
+    if (!LowerAlnum(c) && c != '-' && c != '.') {
+      return Error(EINVAL, "node id \"{}\": character '{}' is not allowed (a Kubernetes node name "
+                           "uses a-z, 0-9, '-' and '.')", id, c);
+    }
+  }
+  if (!LowerAlnum(id.front()) || !LowerAlnum(id.back())) {
+    return Error(EINVAL, "node id \"{}\" must start and end with a letter or digit", id);
+  }
+  return Status::Ok();
+}
+
+Status ValidateHostPort(std::string_view addr) {
+  if (addr.find("://") != std::string_view::npos) {
+    return Error(EINVAL, "address \"{}\": write host:port without a scheme", addr);
+  }
+  // The endpoint parser already knows host names, IPv6 brackets and port ranges.
+  auto ep = ParseEndpoint("tcp://" + std::string(addr));
+  if (!ep.ok()) return Error(EINVAL, "address \"{}\": expected host:port ({})", addr,
+                             ep.status().message());
+  return Status::Ok();
+}
+
+}  // namespace nbdcsi

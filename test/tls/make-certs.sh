@@ -1,0 +1,70 @@
+#!/bin/bash
+# Test certificates for the controller <-> datapath mutual TLS, made with the openssl CLI.
+#
+#   make-certs.sh DIR
+#
+# DIR/ca.{crt,key}          the CA both ends trust
+# DIR/server.{crt,key}      signed by ca (e.g. the datapath's)
+# DIR/client.{crt,key}      signed by ca (e.g. the controller's)
+#                           Both: SAN DNS:localhost, IP:127.0.0.1; EKU serverAuth and clientAuth,
+#                           since each daemon uses its one certificate in both roles.
+# DIR/other/...             the same five files from a second, unrelated CA: "wrong certificate"
+#                           tests present these and must be refused
+#
+# EC P-256 keys (fast), 0600 key files, 30-day validity. Idempotent: a complete set is left
+# as is; a partial one (an interrupted run) is made again from scratch.
+set -euo pipefail
+
+if [[ $# -ne 1 || -z "$1" ]]; then
+  echo "usage: $0 DIR" >&2
+  exit 2
+fi
+dir=$1
+command -v openssl >/dev/null || { echo "$0: openssl not found" >&2; exit 1; }
+
+files=(ca.crt ca.key server.crt server.key client.crt client.key)
+
+complete() {
+  local d=$1 f
+  for f in "${files[@]}"; do [[ -s $d/$f ]] || return 1; done
+}
+
+key() {  # key PATH: a fresh P-256 key, never readable by others, not even briefly
+  (umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null)
+  chmod 0600 "$1"
+}
+
+# leaf D NAME CN EXT: D/NAME.{key,crt} signed by D/ca
+leaf() {
+  local d=$1 name=$2 cn=$3 ext=$4
+  key "$d/$name.key"
+  openssl req -new -key "$d/$name.key" -subj "/CN=$cn" -out "$d/$name.csr" 2>/dev/null
+  printf '%s\n' "$ext" >"$d/$name.ext"
+  openssl x509 -req -in "$d/$name.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 30 -sha256 -extfile "$d/$name.ext" -out "$d/$name.crt" 2>/dev/null
+  rm -f "$d/$name.csr" "$d/$name.ext"
+}
+
+make_set() {  # make_set D LABEL
+  local d=$1 label=$2
+  complete "$d" && return 0
+  mkdir -p "$d"
+  rm -f "$d"/ca.* "$d"/server.* "$d"/client.*
+  key "$d/ca.key"
+  openssl req -new -x509 -key "$d/ca.key" -subj "/CN=nbd-csi test CA $label" -days 30 -sha256 \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -out "$d/ca.crt" 2>/dev/null
+  # Each daemon presents one certificate in both roles (the datapath serves its API and dials
+  # the controller; the controller serves the Registry and dials datapaths), so both leaves are
+  # good for serverAuth and clientAuth and carry the loopback SANs.
+  local ext
+  ext=$(printf '%s\n' 'basicConstraints=CA:FALSE' 'keyUsage=critical,digitalSignature' \
+    'extendedKeyUsage=serverAuth,clientAuth' 'subjectAltName=DNS:localhost,IP:127.0.0.1')
+  leaf "$d" server "nbd-csi test server $label" "$ext"
+  leaf "$d" client "nbd-csi test client $label" "$ext"
+  rm -f "$d/ca.srl"
+  openssl verify -CAfile "$d/ca.crt" "$d/server.crt" "$d/client.crt" >/dev/null
+}
+
+make_set "$dir" main
+make_set "$dir/other" other

@@ -1,0 +1,318 @@
+// TLS credentials (common/tls.h), node ids (common/node_id.h), and the API server's TCP listener
+// with mutual TLS: the good certificate gets in, a certificate from another CA, no certificate
+// and plaintext do not, and the TCP side serves the Datapath service only.
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include <gtest/gtest.h>
+#include <grpcpp/grpcpp.h>
+
+#include "common/node_id.h"
+#include "common/tls.h"
+#include "datapath/api/attach.grpc.pb.h"
+#include "datapath/api/datapath.grpc.pb.h"
+#include "datapath/api/service.h"
+
+namespace fs = std::filesystem;
+using namespace nbdcsi;
+using namespace nbdcsi::datapath;
+namespace v1 = ::nbdcsi::datapath::v1;
+
+namespace {
+
+std::string MakeTempDir(const char* tag) {
+  std::string t = std::string("/tmp/") + tag + ".XXXXXX";
+  if (!mkdtemp(t.data())) return "";
+  return t;
+}
+
+// Runs test/tls/make-certs.sh into dir.
+bool MakeCerts(const std::string& dir) {
+  const char* src = getenv("NBDCSI_SRC");
+  std::string script = std::string(src ? src : ".") + "/test/tls/make-certs.sh";
+  std::string cmd = script + " " + dir + " >" + dir + ".log 2>&1";
+  return system(cmd.c_str()) == 0;
+}
+
+TlsFiles Files(const std::string& dir, const std::string& who) {
+  return TlsFiles{dir + "/" + who + ".crt", dir + "/" + who + ".key", dir + "/ca.crt", false};
+}
+
+void WriteFile(const std::string& path, const std::string& data) {
+  std::ofstream(path) << data;
+}
+
+}  // namespace
+
+TEST(NodeId, AcceptsKubernetesNodeNames) {
+  for (const char* id : {"a", "0", "node-1", "node-1.example.com", "ip-10-0-0-1.ec2.internal"}) {
+    EXPECT_TRUE(ValidateNodeId(id).ok()) << id;
+  }
+  EXPECT_TRUE(ValidateNodeId(std::string(253, 'a')).ok());
+}
+
+TEST(NodeId, RefusesOthersWithTheReason) {
+  struct Case {
+    std::string id;
+    const char* why;
+  } cases[] = {
+      {"", "empty"},
+      {std::string(254, 'a'), "at most 253"},
+      {"Node1", "'N' is not allowed"},
+      {"node_1", "'_' is not allowed"},
+      {"node 1", "' ' is not allowed"},
+      {"node/1", "'/' is not allowed"},
+      {"-node", "start and end"},
+      {"node.", "start and end"},
+  };
+  for (const auto& c : cases) {
+    Status s = ValidateNodeId(c.id);
+    EXPECT_EQ(s.code(), EINVAL) << c.id;
+    EXPECT_NE(s.message().find(c.why), std::string::npos) << c.id << ": " << s.message();
+  }
+}
+
+TEST(HostPort, ParsesLikeAGrpcTarget) {
+  for (const char* a : {"127.0.0.1:9820", "localhost:1", "[::1]:9820", "node-1.svc:65535"}) {
+    EXPECT_TRUE(ValidateHostPort(a).ok()) << a;
+  }
+  for (const char* a : {"", "host", "host:", ":80", "host:0", "host:65536", "tcp://host:80",
+                        "::1:80", "bad host:80"}) {
+    Status s = ValidateHostPort(a);
+    EXPECT_EQ(s.code(), EINVAL) << a;
+    EXPECT_NE(s.message().find(std::string("\"") + a + "\""), std::string::npos) << s.message();
+  }
+}
+
+TEST(TlsFiles, ValidateNamesWhatIsMissingOrConflicting) {
+  EXPECT_TRUE((TlsFiles{"c", "k", "a", false}).Validate().ok());
+  EXPECT_TRUE((TlsFiles{"", "", "", true}).Validate().ok());
+  Status none = TlsFiles{}.Validate();
+  EXPECT_EQ(none.code(), EINVAL);
+  EXPECT_NE(none.message().find("--insecure"), std::string::npos) << none.message();
+  Status part = TlsFiles{"c", "", "", false}.Validate();
+  EXPECT_EQ(part.code(), EINVAL);
+  EXPECT_NE(part.message().find("missing --tls-key, --tls-ca"), std::string::npos)
+      << part.message();
+  Status both = TlsFiles{"c", "k", "a", true}.Validate();
+  EXPECT_EQ(both.code(), EINVAL);
+  EXPECT_NE(both.message().find("cannot be combined"), std::string::npos) << both.message();
+}
+
+class TlsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = MakeTempDir("tls_test");
+    ASSERT_FALSE(dir_.empty());
+    certs_ = dir_ + "/certs";
+    ASSERT_TRUE(MakeCerts(certs_)) << "make-certs.sh failed, see " << certs_ << ".log";
+  }
+  void TearDown() override {
+    if (!dir_.empty()) fs::remove_all(dir_);
+    fs::remove(certs_ + ".log");
+  }
+  std::string dir_, certs_;
+};
+
+TEST_F(TlsTest, CertScriptIsIdempotentAndKeepsKeysPrivate) {
+  auto mtime = fs::last_write_time(certs_ + "/server.crt");
+  ASSERT_TRUE(MakeCerts(certs_));
+  EXPECT_EQ(fs::last_write_time(certs_ + "/server.crt"), mtime) << "a complete set was redone";
+  for (const char* k : {"/ca.key", "/server.key", "/client.key", "/other/client.key"}) {
+    struct stat st{};
+    ASSERT_EQ(stat((certs_ + k).c_str(), &st), 0) << k;
+    EXPECT_EQ(st.st_mode & 0777, 0600u) << k;
+  }
+  // A partial set (an interrupted run) is made again.
+  fs::remove(certs_ + "/other/server.key");
+  ASSERT_TRUE(MakeCerts(certs_));
+  EXPECT_TRUE(fs::exists(certs_ + "/other/server.key"));
+}
+
+TEST_F(TlsTest, CredentialErrorsNameTheFlagAndPath) {
+  TlsFiles t = Files(certs_, "server");
+  t.key = dir_ + "/missing.key";
+  auto s = MakeServerCredentials(t);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), ENOENT);
+  EXPECT_NE(s.status().message().find("--tls-key"), std::string::npos) << s.status().message();
+  EXPECT_NE(s.status().message().find("missing.key"), std::string::npos) << s.status().message();
+
+  // Key and certificate swapped: caught before gRPC sees them.
+  t = Files(certs_, "server");
+  std::swap(t.cert, t.key);
+  auto c = MakeChannelCredentials(t);
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), EINVAL);
+  EXPECT_NE(c.status().message().find("--tls-cert"), std::string::npos) << c.status().message();
+
+  WriteFile(dir_ + "/junk.pem", "not a certificate\n");
+  t = Files(certs_, "server");
+  t.ca = dir_ + "/junk.pem";
+  auto j = MakeServerCredentials(t);
+  ASSERT_FALSE(j.ok());
+  EXPECT_EQ(j.status().code(), EINVAL);
+  EXPECT_NE(j.status().message().find("--tls-ca"), std::string::npos) << j.status().message();
+  EXPECT_NE(j.status().message().find("not a PEM file"), std::string::npos);
+
+  EXPECT_EQ(MakeServerCredentials(TlsFiles{}).status().code(), EINVAL);
+  EXPECT_TRUE(MakeServerCredentials(TlsFiles{"", "", "", true}).ok());
+  EXPECT_TRUE(MakeChannelCredentials(Files(certs_, "client")).ok());
+}
+
+// Counts ListAttachments calls, to tell where the extra services are served.
+class FakeAttachments final : public v1::Attachments::Service {
+ public:
+  grpc::Status ListAttachments(grpc::ServerContext*, const v1::ListAttachmentsRequest*,
+                               v1::ListAttachmentsResponse*) override {
+    return grpc::Status::OK;
+  }
+};
+
+class ApiTlsTest : public TlsTest {
+ protected:
+  void SetUp() override {
+    TlsTest::SetUp();
+    if (HasFatalFailure()) return;
+    PoolOptions opts;
+    opts.dir = dir_ + "/pool";
+    opts.capacity_bytes = uint64_t{1} << 30;
+    auto pool = Pool::Open(opts);
+    ASSERT_TRUE(pool.ok()) << pool.status().message();
+    pool_ = std::move(*pool);
+    sock_ = dir_ + "/api.sock";
+  }
+  void TearDown() override {
+    server_.reset();
+    pool_.reset();
+    TlsTest::TearDown();
+  }
+
+  // unix + mTLS tcp on a free port (retried on a port race).
+  void Start() {
+    auto creds = MakeServerCredentials(Files(certs_, "server"));
+    ASSERT_TRUE(creds.ok()) << creds.status().message();
+    for (int port = 43000 + getpid() % 1000, tries = 0; tries < 20 && !server_; ++port, ++tries) {
+      std::vector<ApiListen> l(2);
+      l[0].endpoint = "unix://" + sock_;
+      l[1].endpoint = "tcp://127.0.0.1:" + std::to_string(port);
+      l[1].creds = *creds;
+      auto s = StartApiServer(*pool_, l, {&attach_});
+      if (s.ok()) server_ = std::move(*s);
+    }
+    ASSERT_NE(server_, nullptr);
+    ASSERT_EQ(server_->ports().size(), 2u);
+    target_ = "127.0.0.1:" + std::to_string(server_->ports()[1]);
+  }
+
+  static std::unique_ptr<grpc::ClientContext> Ctx() {
+    auto ctx = std::make_unique<grpc::ClientContext>();
+    ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    return ctx;
+  }
+
+  grpc::Status PoolInfo(const std::shared_ptr<grpc::ChannelCredentials>& creds,
+                        const std::string& target) {
+    auto stub = v1::Datapath::NewStub(grpc::CreateChannel(target, creds));
+    v1::GetPoolInfoResponse info;
+    return stub->GetPoolInfo(Ctx().get(), {}, &info);
+  }
+
+  std::shared_ptr<grpc::ChannelCredentials> Client(const std::string& dir, const char* who) {
+    auto c = MakeChannelCredentials(Files(dir, who));
+    EXPECT_TRUE(c.ok()) << c.status().message();
+    return c.ok() ? *c : nullptr;
+  }
+
+  std::unique_ptr<Pool> pool_;
+  std::unique_ptr<ApiServer> server_;
+  FakeAttachments attach_;
+  std::string sock_, target_;
+};
+
+TEST_F(ApiTlsTest, GoodClientCertificateIsServed) {
+  ASSERT_NO_FATAL_FAILURE(Start());
+  grpc::Status st = PoolInfo(Client(certs_, "client"), target_);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  // By name too: the server certificate carries DNS:localhost.
+  st = PoolInfo(Client(certs_, "client"), "localhost:" + std::to_string(server_->ports()[1]));
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  // The unix socket still works, without TLS.
+  EXPECT_TRUE(PoolInfo(grpc::InsecureChannelCredentials(), "unix://" + sock_).ok());
+  struct stat sst{};
+  ASSERT_EQ(stat(sock_.c_str(), &sst), 0);
+  EXPECT_EQ(sst.st_mode & 07777, 0600u);
+}
+
+TEST_F(ApiTlsTest, OtherCaPlaintextAndNoCertificateAreRefused) {
+  ASSERT_NO_FATAL_FAILURE(Start());
+  // A client certificate from another CA: the server refuses the handshake.
+  grpc::Status other = PoolInfo(Client(certs_ + "/other", "client"), target_);
+  EXPECT_EQ(other.error_code(), grpc::StatusCode::UNAVAILABLE) << other.error_message();
+  // A client that trusts our CA but presents no certificate.
+  grpc::SslCredentialsOptions anon;
+  std::ifstream ca(certs_ + "/ca.crt");
+  anon.pem_root_certs.assign(std::istreambuf_iterator<char>(ca), {});
+  grpc::Status nocert = PoolInfo(grpc::SslCredentials(anon), target_);
+  EXPECT_EQ(nocert.error_code(), grpc::StatusCode::UNAVAILABLE) << nocert.error_message();
+  // The client refuses a server whose certificate another CA signed (its own CA is "other").
+  TlsFiles mixed = Files(certs_, "client");
+  mixed.ca = certs_ + "/other/ca.crt";
+  auto mixed_creds = MakeChannelCredentials(mixed);
+  ASSERT_TRUE(mixed_creds.ok());
+  grpc::Status untrusted = PoolInfo(*mixed_creds, target_);
+  EXPECT_EQ(untrusted.error_code(), grpc::StatusCode::UNAVAILABLE) << untrusted.error_message();
+  // Plaintext against the TLS port.
+  grpc::Status plain = PoolInfo(grpc::InsecureChannelCredentials(), target_);
+  EXPECT_EQ(plain.error_code(), grpc::StatusCode::UNAVAILABLE) << plain.error_message();
+  // And the good one still works after all that.
+  EXPECT_TRUE(PoolInfo(Client(certs_, "client"), target_).ok());
+}
+
+TEST_F(ApiTlsTest, TcpServesTheDatapathServiceOnly) {
+  ASSERT_NO_FATAL_FAILURE(Start());
+  v1::ListAttachmentsResponse resp;
+  auto local = v1::Attachments::NewStub(
+      grpc::CreateChannel("unix://" + sock_, grpc::InsecureChannelCredentials()));
+  EXPECT_TRUE(local->ListAttachments(Ctx().get(), {}, &resp).ok());
+  auto remote = v1::Attachments::NewStub(grpc::CreateChannel(target_, Client(certs_, "client")));
+  EXPECT_EQ(remote->ListAttachments(Ctx().get(), {}, &resp).error_code(),
+            grpc::StatusCode::UNIMPLEMENTED);
+}
+
+TEST_F(ApiTlsTest, ListenerRulesAreCheckedBeforeAnythingBinds) {
+  std::vector<ApiListen> l(2);
+  l[0].endpoint = "unix://" + sock_;
+  l[1].endpoint = "tcp://127.0.0.1:43999";
+  auto plain = StartApiServer(*pool_, l);
+  ASSERT_FALSE(plain.ok());
+  EXPECT_EQ(plain.status().code(), EINVAL);
+  EXPECT_NE(plain.status().message().find("plaintext"), std::string::npos);
+  EXPECT_FALSE(fs::exists(sock_)) << "the unix socket was bound although the TCP one was refused";
+
+  std::vector<ApiListen> u(1);
+  u[0].endpoint = "unix://" + sock_;
+  auto creds = MakeServerCredentials(Files(certs_, "server"));
+  ASSERT_TRUE(creds.ok());
+  u[0].creds = *creds;
+  EXPECT_EQ(StartApiServer(*pool_, u).status().code(), EINVAL);
+  EXPECT_EQ(StartApiServer(*pool_, std::vector<ApiListen>{}).status().code(), EINVAL);
+
+  // Plaintext TCP when asked for explicitly (loopback tests).
+  std::unique_ptr<ApiServer> server;
+  for (int port = 44000 + getpid() % 1000, tries = 0; tries < 20 && !server; ++port, ++tries) {
+    std::vector<ApiListen> i(1);
+    i[0].endpoint = "tcp://127.0.0.1:" + std::to_string(port);
+    i[0].insecure = true;
+    auto s = StartApiServer(*pool_, i);
+    if (s.ok()) server = std::move(*s);
+  }
+  ASSERT_NE(server, nullptr);
+  EXPECT_TRUE(PoolInfo(grpc::InsecureChannelCredentials(),
+                       "127.0.0.1:" + std::to_string(server->port())).ok());
+}
