@@ -1,0 +1,134 @@
+// nbd-csi-controller: the CSI Controller (and Identity) service on --csi-endpoint, and the
+// Registry service on --registry-listen where every node's nbd-datapathd heartbeats. Stateless:
+// the registry is rebuilt from heartbeats after a restart, volume truth stays in the pools.
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <grpcpp/server.h>
+#include <grpcpp/server_builder.h>
+#include <spdlog/spdlog.h>
+
+#include "common/tls.h"
+#include "controller/controller_service.h"
+#include "controller/registry.h"
+#include "csi/driver.h"
+#include "csi/identity.h"
+#include "csi/server.h"
+
+using namespace nbdcsi;
+namespace ncsi = nbdcsi::csi;
+
+int main(int argc, char** argv) {
+  ncsi::BlockTerminationSignals();
+
+  CLI::App app{"nbd-csi-controller: the CSI Controller service of the nbd.csi.io driver"};
+  std::string csi_endpoint = "unix:///csi/csi.sock";
+  std::string registry_listen;
+  TlsFiles tls;
+  uint32_t heartbeat_interval_ms = 2000;
+  uint32_t heartbeat_ttl_ms = 0;
+  uint32_t datapath_timeout_ms = 30000;
+  std::string log_level = "info";
+  app.add_option("--csi-endpoint", csi_endpoint, "CSI endpoint (unix:///path or tcp://host:port)")
+      ->capture_default_str();
+  app.add_option("--registry-listen", registry_listen,
+                 "host:port where node datapaths register and heartbeat (mutual TLS)")
+      ->required();
+  app.add_option("--tls-cert", tls.cert, "PEM certificate of this controller");
+  app.add_option("--tls-key", tls.key, "PEM private key of --tls-cert");
+  app.add_option("--tls-ca", tls.ca, "PEM CA bundle that datapath certificates must chain to");
+  app.add_flag("--insecure", tls.insecure,
+               "Plaintext gRPC to and from the datapaths (loopback tests only)");
+  app.add_option("--heartbeat-interval", heartbeat_interval_ms,
+                 "How often datapaths are told to heartbeat, in ms")
+      ->check(CLI::Range(100u, 600000u))
+      ->capture_default_str();
+  app.add_option("--heartbeat-ttl", heartbeat_ttl_ms,
+                 "A node silent this long (ms) is treated as absent; default 3x the interval");
+  app.add_option("--datapath-timeout", datapath_timeout_ms,
+                 "Deadline of each call to a node's datapath, in ms")
+      ->check(CLI::Range(100u, 600000u))
+      ->capture_default_str();
+  app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  spdlog::set_level(spdlog::level::from_str(log_level));
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
+  if (heartbeat_ttl_ms == 0) heartbeat_ttl_ms = 3 * heartbeat_interval_ms;
+  if (heartbeat_ttl_ms <= heartbeat_interval_ms) {
+    spdlog::critical("--heartbeat-ttl {} ms must exceed --heartbeat-interval {} ms",
+                     heartbeat_ttl_ms, heartbeat_interval_ms);
+    return 2;
+  }
+  if (Status s = tls.Validate(); !s.ok()) {
+    spdlog::critical("{}", s.message());
+    return 2;
+  }
+  auto server_creds = MakeServerCredentials(tls);
+  if (!server_creds.ok()) {
+    spdlog::critical("registry listener credentials: {}", server_creds.status().message());
+    return 2;
+  }
+  auto channel_creds = MakeChannelCredentials(tls);
+  if (!channel_creds.ok()) {
+    spdlog::critical("datapath channel credentials: {}", channel_creds.status().message());
+    return 2;
+  }
+  if (tls.insecure) {
+    spdlog::warn("--insecure: datapath traffic is plaintext; use only on loopback for tests");
+  }
+
+  controller::NodeRegistry registry(*channel_creds,
+                                    std::chrono::milliseconds(heartbeat_ttl_ms),
+                                    std::chrono::milliseconds(heartbeat_interval_ms));
+  auto registry_service = controller::MakeRegistryService(registry);
+  grpc::ServerBuilder rb;
+  int registry_port = 0;
+  rb.AddListeningPort(registry_listen, *server_creds, &registry_port);
+  rb.RegisterService(registry_service.get());
+  std::unique_ptr<grpc::Server> registry_server = rb.BuildAndStart();
+  if (!registry_server || registry_port == 0) {
+    spdlog::critical("cannot listen for datapath registrations on {}", registry_listen);
+    return 1;
+  }
+
+  // Ready once datapaths can register. A controller that knows no node yet still serves
+  // (CreateVolume answers UNAVAILABLE until a node heartbeats), so it is not held back on that.
+  std::atomic<bool> registry_up{true};
+  ncsi::IdentityOptions iopts;
+  iopts.controller_service = true;
+  iopts.ready = [&registry_up]() -> Status {
+    if (!registry_up.load()) return Error(EAGAIN, "the registry listener is not running");
+    return Status::Ok();
+  };
+  auto identity = ncsi::MakeIdentityService(iopts);
+  controller::ControllerOptions copts;
+  copts.datapath_timeout = std::chrono::milliseconds(datapath_timeout_ms);
+  auto controller_service = controller::MakeControllerService(registry, copts);
+
+  ncsi::CsiServerOptions sopts;
+  sopts.endpoint = csi_endpoint;
+  sopts.services = {identity.get(), controller_service.get()};
+  auto csi_server = ncsi::StartCsiServer(sopts);
+  if (!csi_server.ok()) {
+    spdlog::critical("cannot serve CSI on {}: {}", csi_endpoint, csi_server.status().message());
+    registry_server->Shutdown();
+    return 1;
+  }
+  spdlog::info("nbd-csi-controller {} ready: CSI on {}, registry on {} (port {}, {}), heartbeat "
+               "every {} ms, ttl {} ms",
+               ncsi::DriverVersion(), csi_endpoint, registry_listen, registry_port,
+               tls.insecure ? "plaintext" : "mutual TLS", heartbeat_interval_ms, heartbeat_ttl_ms);
+
+  int sig = ncsi::WaitForTerminationSignal();
+  spdlog::info("signal {}: shutting down", sig);
+  registry_up = false;
+  (*csi_server)->Shutdown();
+  registry_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  registry_server->Wait();
+  return 0;
+}
