@@ -1,0 +1,724 @@
+#!/usr/bin/env python3
+"""Checks rendered nbd-csi manifests against the binaries and against each other.
+
+What a YAML linter cannot see, and what breaks a cluster in ways that only show at run time:
+  - every argument given to our binaries is a flag the built binary accepts, every flag it
+    marks REQUIRED is given, and every $(VAR) in an argument is defined in the container's env;
+  - the CSI socket is the same file for the driver and each sidecar in a pod (paths resolved
+    through volumeMounts to the volume, so a typo in a mount path is caught too); the node
+    plugin's socket is where node-driver-registrar tells the kubelet to dial; the node plugin
+    dials the datapath's API socket on the same host path;
+  - the driver name is nbd.csi.io everywhere it appears;
+  - StorageClass and VolumeAttributesClass parameter keys are known QoS keys;
+  - the datapath runs in its own DaemonSet, never inside the node plugin pod;
+  - ports, probes, the controller Service and the datapath's --controller agree;
+  - generated TLS secrets chain to their CA and carry the names the peers dial;
+  - examples refer only to classes the chart creates and objects the examples create.
+
+Usage: check_manifests.py --bin-dir DIR --src SRC [--examples DIR] [--expect-secrets]
+                          [--self-test] RENDERED.yaml...
+Exit 0: all good; 1: problems (listed); 77: PyYAML is missing (skipped) unless CI=true.
+"""
+import argparse
+import base64
+import copy
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+try:
+    import yaml
+except ImportError:  # Debian: python3-yaml
+    print("check_manifests: PyYAML (python3-yaml) is not installed", file=sys.stderr)
+    sys.exit(1 if os.environ.get("CI") == "true" else 77)
+
+DRIVER = "nbd.csi.io"
+# csi/params.h QosParameterKeys(); the header's comment is compared below so the two move together.
+QOS_KEYS = ["maxIops", "maxReadIops", "maxWriteIops", "maxBps", "maxReadBps", "maxWriteBps",
+            "iopsPerGiB", "bpsPerGiB", "burstMs"]
+RESERVED_PREFIX = "csi.storage.k8s.io/"
+OUR_BINARIES = ("nbd-csi-controller", "nbd-csi-node", "nbd-datapathd")
+PROVISIONER_ARGS = ["--feature-gates", "--strict-topology", "--immediate-topology=false",
+                    "--enable-capacity", "--capacity-ownerref-level=2", "--extra-create-metadata",
+                    "--leader-election", "--default-fstype=ext4"]
+WORKLOADS = ("Deployment", "DaemonSet", "StatefulSet")
+
+
+class Checker:
+    def __init__(self, bin_dir, src):
+        self.bin_dir = bin_dir
+        self.src = src
+        self.errors = []
+        self._help = {}
+
+    def err(self, where, msg):
+        self.errors.append(f"{where}: {msg}")
+
+    # ---- binaries -------------------------------------------------------------------------
+    def flags_of(self, binary):
+        """(accepted flags, required flags) parsed from `binary --help` (CLI11's layout)."""
+        if binary in self._help:
+            return self._help[binary]
+        path = os.path.join(self.bin_dir, binary)
+        if not os.access(path, os.X_OK):
+            self._help[binary] = None
+            return None
+        out = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            raise RuntimeError(f"{path} --help exited {out.returncode}: {out.stderr.strip()}")
+        accepted, required = set(), set()
+        # Option lines start with two spaces then the names ("-h,--help", "--pool TEXT REQUIRED");
+        # wrapped description lines are indented further and start with a letter.
+        for line in out.stdout.splitlines():
+            m = re.match(r"^ {2}((?:-\w,)?--[\w][\w-]*(?:,-\w)?)(.*)$", line)
+            if not m:
+                continue
+            names = [n for n in m.group(1).split(",") if n.startswith("--")]
+            accepted.update(names)
+            # CLI11 puts REQUIRED between the type and the description.
+            head = re.split(r"\s{2,}", m.group(2).strip(), maxsplit=1)[0]
+            if re.search(r"\bREQUIRED\b", head):
+                required.update(names)
+        if not accepted:
+            raise RuntimeError(f"{path} --help listed no options:\n{out.stdout}")
+        self._help[binary] = (accepted, required)
+        return self._help[binary]
+
+    def check_params_header(self):
+        hdr = os.path.join(self.src, "csi", "params.h")
+        try:
+            text = open(hdr, encoding="utf-8").read()
+        except OSError:
+            return
+        m = re.search(r"accepted keys in table order:\s*((?:\S+\s+(?://\s*)?)+?\S+)\.", text)
+        if not m:
+            return  # the comment was reworded; QOS_KEYS stays the reference
+        keys = re.sub(r"//", " ", m.group(1)).split()
+        if keys != QOS_KEYS:
+            self.err("csi/params.h", f"QoS keys {keys} differ from the checker's {QOS_KEYS}")
+
+
+def pods_of(docs):
+    """(where, workload doc, pod spec) for each workload."""
+    for d in docs:
+        if d.get("kind") in WORKLOADS:
+            where = f"{d['kind']}/{d['metadata']['name']}"
+            yield where, d, d["spec"]["template"]["spec"]
+
+
+def arg_value(args, flag):
+    """Value of --flag=V or --flag V in args; None when absent."""
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a[len(flag) + 1:]
+    return None
+
+
+def has_flag(args, flag):
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def binary_of(container):
+    cmd = container.get("command") or []
+    return os.path.basename(cmd[0]) if cmd else None
+
+
+def strip_unix(endpoint):
+    if endpoint is None:
+        return None
+    if endpoint.startswith("unix://"):
+        return endpoint[len("unix://"):]
+    return endpoint
+
+
+def resolve(pod, container, path):
+    """Where a path inside a container really is: ('host', abs path) through a hostPath volume,
+    ('emptyDir:NAME', rel) through an emptyDir, or ('container', path) when no mount covers it."""
+    if path is None:
+        return None
+    best = None
+    for m in container.get("volumeMounts", []):
+        mp = m["mountPath"].rstrip("/") or "/"
+        if path == mp or path.startswith(mp + "/") or mp == "/":
+            if best is None or len(mp) > len(best["mountPath"].rstrip("/")):
+                best = m
+    if best is None:
+        return ("container", path)
+    rel = path[len(best["mountPath"].rstrip("/")):].lstrip("/")
+    vol = next((v for v in pod.get("volumes", []) if v["name"] == best["name"]), None)
+    if vol is None:
+        return ("missing-volume:" + best["name"], rel)
+    if "hostPath" in vol:
+        return ("host", os.path.normpath(os.path.join(vol["hostPath"]["path"], rel)))
+    if "emptyDir" in vol:
+        return ("emptyDir:" + vol["name"], rel)
+    return ("volume:" + vol["name"], rel)
+
+
+def container_port(container, port):
+    """A probe's port (number or name) as a number."""
+    if isinstance(port, int):
+        return port
+    for p in container.get("ports", []):
+        if p.get("name") == port:
+            return p["containerPort"]
+    return None
+
+
+def port_of(value):
+    """Port in ':9809', '0.0.0.0:9811', '9808'."""
+    if value is None:
+        return None
+    m = re.search(r"(\d+)$", value)
+    return int(m.group(1)) if m else None
+
+
+def check(ck, docs, expect_secrets, quiet=False):
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d.get("kind"), []).append(d)
+
+    # ---- CSIDriver ------------------------------------------------------------------------
+    drivers = by_kind.get("CSIDriver", [])
+    if len(drivers) != 1:
+        ck.err("CSIDriver", f"expected exactly one, found {len(drivers)}")
+    for d in drivers:
+        if d["metadata"]["name"] != DRIVER:
+            ck.err("CSIDriver", f"name {d['metadata']['name']!r}, want {DRIVER}")
+        want = {"attachRequired": False, "podInfoOnMount": False, "storageCapacity": True,
+                "fsGroupPolicy": "File", "requiresRepublish": False,
+                "volumeLifecycleModes": ["Persistent"]}
+        for k, v in want.items():
+            if d["spec"].get(k) != v:
+                ck.err("CSIDriver", f"spec.{k} = {d['spec'].get(k)!r}, want {v!r}")
+
+    # ---- classes --------------------------------------------------------------------------
+    for sc in by_kind.get("StorageClass", []):
+        where = f"StorageClass/{sc['metadata']['name']}"
+        if sc.get("provisioner") != DRIVER:
+            ck.err(where, f"provisioner {sc.get('provisioner')!r}, want {DRIVER}")
+        if sc.get("volumeBindingMode") != "WaitForFirstConsumer":
+            ck.err(where, "volumeBindingMode must be WaitForFirstConsumer (volumes are node-local)")
+        for k, v in (sc.get("parameters") or {}).items():
+            if k.startswith(RESERVED_PREFIX):
+                if k == RESERVED_PREFIX + "fstype" and v not in ("ext4", "xfs"):
+                    ck.err(where, f"fstype {v!r}: the node plugin formats ext4 or xfs")
+                continue
+            if k not in QOS_KEYS:
+                ck.err(where, f"unknown parameter {k!r}; known: {', '.join(QOS_KEYS)}")
+            if not isinstance(v, str):
+                ck.err(where, f"parameter {k} must be a string, got {v!r}")
+    for vsc in by_kind.get("VolumeSnapshotClass", []):
+        if vsc.get("driver") != DRIVER:
+            ck.err(f"VolumeSnapshotClass/{vsc['metadata']['name']}",
+                   f"driver {vsc.get('driver')!r}, want {DRIVER}")
+    for vac in by_kind.get("VolumeAttributesClass", []):
+        where = f"VolumeAttributesClass/{vac['metadata']['name']}"
+        if vac.get("driverName") != DRIVER:
+            ck.err(where, f"driverName {vac.get('driverName')!r}, want {DRIVER}")
+        if not vac.get("parameters"):
+            ck.err(where, "no parameters: ControllerModifyVolume would have nothing to change")
+        for k in (vac.get("parameters") or {}):
+            if k not in QOS_KEYS:
+                ck.err(where, f"unknown parameter {k!r}; known: {', '.join(QOS_KEYS)}")
+
+    # ---- our containers: flags ------------------------------------------------------------
+    found = {}
+    for where, wl, pod in pods_of(docs):
+        for c in pod.get("containers", []) + pod.get("initContainers", []):
+            b = binary_of(c)
+            if b is None or b not in OUR_BINARIES:
+                continue
+            found.setdefault(b, []).append((where, wl, pod, c))
+            cw = f"{where} container {c['name']} ({b})"
+            if c.get("image", "").startswith("registry.k8s.io/"):
+                ck.err(cw, "runs our binary from a sidecar image")
+            flags = ck.flags_of(b)
+            args = c.get("args", [])
+            if flags is None:
+                ck.err(cw, f"{os.path.join(ck.bin_dir, b)} is not built: cannot check its flags")
+            else:
+                accepted, required = flags
+                for a in args:
+                    if not a.startswith("--"):
+                        continue
+                    name = a.split("=", 1)[0]
+                    if name not in accepted:
+                        ck.err(cw, f"argument {a!r}: {b} has no flag {name} "
+                                   f"(it has {' '.join(sorted(accepted))})")
+                for r in sorted(required):
+                    if not has_flag(args, r):
+                        ck.err(cw, f"required flag {r} is not given")
+            env = {e["name"] for e in c.get("env", [])}
+            for a in args:
+                for var in re.findall(r"\$\((\w+)\)", a):
+                    if var not in env:
+                        ck.err(cw, f"argument {a!r} uses $({var}), which env does not define")
+    for b in OUR_BINARIES:
+        if b not in found:
+            ck.err("workloads", f"no container runs {b}")
+        elif len(found[b]) != 1:
+            ck.err("workloads", f"{b} runs in {len(found[b])} containers: "
+                                f"{', '.join(w for w, *_ in found[b])}")
+    if any(b not in found or len(found[b]) != 1 for b in OUR_BINARIES):
+        return
+
+    ctl_where, ctl_wl, ctl_pod, ctl = found["nbd-csi-controller"][0]
+    node_where, node_wl, node_pod, node = found["nbd-csi-node"][0]
+    dp_where, dp_wl, dp_pod, dp = found["nbd-datapathd"][0]
+
+    # ---- the datapath is its own DaemonSet ------------------------------------------------
+    if dp_wl is node_wl:
+        ck.err(node_where, "nbd-datapathd runs inside the node plugin pod: restarting the plugin "
+                           "would kill the I/O of every attached volume (DESIGN.md)")
+    if dp_wl is ctl_wl:
+        ck.err(ctl_where, "nbd-datapathd runs inside the controller pod")
+    if dp_wl["kind"] != "DaemonSet" or node_wl["kind"] != "DaemonSet":
+        ck.err("workloads", "the node plugin and the datapath must each be a DaemonSet")
+    if [binary_of(c) for c in dp_pod["containers"]] != ["nbd-datapathd"]:
+        ck.err(dp_where, "the datapath pod must hold nbd-datapathd alone, so that nothing else "
+                         "restarts it")
+    if ctl_wl["kind"] != "Deployment":
+        ck.err(ctl_where, "the controller must be a Deployment")
+    if dp_wl["spec"].get("updateStrategy", {}).get("type") not in ("OnDelete", "RollingUpdate"):
+        ck.err(dp_where, "updateStrategy.type must be set (OnDelete by default)")
+    if not dp_pod.get("hostNetwork"):
+        ck.err(dp_where, "hostNetwork must be true: --advertise is the node's IP")
+    elif dp_pod.get("dnsPolicy") != "ClusterFirstWithHostNet":
+        ck.err(dp_where, "dnsPolicy must be ClusterFirstWithHostNet to resolve the controller "
+                         "Service from the host network")
+    for where, c in ((dp_where, dp), (node_where, node)):
+        if not (c.get("securityContext") or {}).get("privileged"):
+            ck.err(where, f"container {c['name']} must be privileged")
+
+    # ---- sockets --------------------------------------------------------------------------
+    def sidecars(pod, image_part):
+        return [c for c in pod["containers"] if image_part in c.get("image", "")]
+
+    ctl_sock = resolve(ctl_pod, ctl, strip_unix(arg_value(ctl["args"], "--csi-endpoint")))
+    if ctl_sock is None or ctl_sock[0] == "container":
+        ck.err(ctl_where, f"--csi-endpoint {ctl_sock} is not on a volume the sidecars can share")
+    for image in ("csi-provisioner", "csi-snapshotter", "csi-resizer", "livenessprobe"):
+        cs = sidecars(ctl_pod, image)
+        if len(cs) != 1:
+            ck.err(ctl_where, f"expected one {image} sidecar, found {len(cs)}")
+        for c in cs:
+            got = resolve(ctl_pod, c, strip_unix(arg_value(c.get("args", []), "--csi-address")))
+            if got != ctl_sock:
+                ck.err(ctl_where, f"{c['name']} dials {got}, the driver listens on {ctl_sock}")
+
+    node_sock = resolve(node_pod, node, strip_unix(arg_value(node["args"], "--csi-endpoint")))
+    if node_sock is None or node_sock[0] != "host":
+        ck.err(node_where, f"--csi-endpoint {node_sock} is not on a hostPath the kubelet can reach")
+    regs = sidecars(node_pod, "csi-node-driver-registrar")
+    if len(regs) != 1:
+        ck.err(node_where, f"expected one node-driver-registrar, found {len(regs)}")
+    for r in regs:
+        rargs = r.get("args", [])
+        got = resolve(node_pod, r, strip_unix(arg_value(rargs, "--csi-address")))
+        if got != node_sock:
+            ck.err(node_where, f"registrar dials {got}, the node plugin listens on {node_sock}")
+        kreg = arg_value(rargs, "--kubelet-registration-path")
+        if node_sock and ("host", kreg) != node_sock:
+            ck.err(node_where, f"--kubelet-registration-path {kreg} is not the node plugin's "
+                               f"socket on the host {node_sock}")
+        if kreg and f"/plugins/{DRIVER}/" not in kreg:
+            ck.err(node_where, f"--kubelet-registration-path {kreg} is not under plugins/{DRIVER}/")
+        regdir = resolve(node_pod, r, "/registration")
+        if not (regdir and regdir[0] == "host" and regdir[1].endswith("/plugins_registry")):
+            ck.err(node_where, f"registrar's /registration is {regdir}, not the kubelet's "
+                               "plugins_registry")
+    for c in sidecars(node_pod, "livenessprobe"):
+        got = resolve(node_pod, c, strip_unix(arg_value(c.get("args", []), "--csi-address")))
+        if got != node_sock:
+            ck.err(node_where, f"{c['name']} dials {got}, the node plugin listens on {node_sock}")
+
+    dp_api = resolve(dp_pod, dp, strip_unix(arg_value(dp["args"], "--api")))
+    node_dp = resolve(node_pod, node, strip_unix(arg_value(node["args"], "--datapath")))
+    if dp_api is None or dp_api[0] != "host":
+        ck.err(dp_where, f"--api {dp_api} is not on a hostPath the node plugin can share")
+    if node_dp != dp_api:
+        ck.err(node_where, f"--datapath is {node_dp} on the host, the datapath's --api is {dp_api}")
+
+    kubelet = [m for m in node.get("volumeMounts", []) if m["mountPath"].endswith("/kubelet")]
+    if not kubelet or kubelet[0].get("mountPropagation") != "Bidirectional":
+        ck.err(node_where, "the kubelet directory must be mounted with Bidirectional propagation")
+    for where, pod, c in ((node_where, node_pod, node), (dp_where, dp_pod, dp)):
+        if resolve(pod, c, "/dev/nbd0") != ("host", "/dev/nbd0"):
+            ck.err(where, f"{c['name']} does not see the host's /dev")
+    for path in ("/sys/block", "/lib/modules"):
+        if resolve(dp_pod, dp, path) != ("host", path):
+            ck.err(dp_where, f"the datapath does not see the host's {path}")
+    pool = resolve(dp_pod, dp, arg_value(dp["args"], "--pool"))
+    if not pool or pool[0] != "host":
+        ck.err(dp_where, f"--pool {pool} is not a host directory: volumes would die with the pod")
+
+    # ---- node identity, probes, ports -----------------------------------------------------
+    for where, c, fieldpath in ((node_where, node, "spec.nodeName"),
+                                (dp_where, dp, "spec.nodeName")):
+        nid = arg_value(c["args"], "--node-id") or ""
+        m = re.fullmatch(r"\$\((\w+)\)", nid)
+        src = None
+        if m:
+            for e in c.get("env", []):
+                if e["name"] == m.group(1):
+                    src = ((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+        if src != fieldpath:
+            ck.err(where, f"--node-id={nid} must come from {fieldpath} (the topology key's value)")
+    adv = arg_value(dp["args"], "--advertise") or ""
+    m = re.fullmatch(r"\$\((\w+)\):(\d+)", adv)
+    if not m:
+        ck.err(dp_where, f"--advertise={adv!r} must be $(HOST_IP):PORT")
+    else:
+        env = {e["name"]: e for e in dp.get("env", [])}
+        fp = ((env.get(m.group(1), {}).get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+        if fp != "status.hostIP":
+            ck.err(dp_where, f"$({m.group(1)}) in --advertise must come from status.hostIP")
+        listen = arg_value(dp["args"], "--api-tcp-listen")
+        if listen and port_of(listen) != int(m.group(2)):
+            ck.err(dp_where, "--api-tcp-listen and --advertise use different ports")
+
+    for where, pod in ((ctl_where, ctl_pod), (node_where, node_pod)):
+        main = ctl if pod is ctl_pod else node
+        lps = sidecars(pod, "livenessprobe")
+        probe = (main.get("livenessProbe") or {}).get("httpGet")
+        if not lps or not probe:
+            ck.err(where, f"{main['name']} needs a livenessProbe served by the livenessprobe sidecar")
+            continue
+        want = port_of(arg_value(lps[0].get("args", []), "--health-port"))
+        if container_port(main, probe.get("port")) != want:
+            ck.err(where, f"{main['name']} probes port {probe.get('port')}, livenessprobe serves "
+                          f"--health-port {want}")
+    for r in regs:
+        probe = (r.get("livenessProbe") or {}).get("httpGet")
+        if probe and container_port(r, probe.get("port")) != port_of(
+                arg_value(r.get("args", []), "--http-endpoint")):
+            ck.err(node_where, "registrar's livenessProbe port is not its --http-endpoint")
+
+    services = by_kind.get("Service", [])
+    ctl_labels = ctl_wl["spec"]["template"]["metadata"]["labels"]
+    reg_port = port_of(arg_value(ctl["args"], "--registry-listen"))
+    controller = arg_value(dp["args"], "--controller") or ""
+    cm = re.fullmatch(r"([a-z0-9.-]+):(\d+)", controller)
+    if not cm:
+        ck.err(dp_where, f"--controller={controller!r} is not HOST:PORT")
+    else:
+        host, port = cm.group(1), int(cm.group(2))
+        svc = next((s for s in services
+                    if host in (s["metadata"]["name"],
+                                f"{s['metadata']['name']}.{s['metadata'].get('namespace')}",
+                                f"{s['metadata']['name']}.{s['metadata'].get('namespace')}.svc")),
+                   None)
+        if svc is None:
+            ck.err(dp_where, f"--controller host {host} is no Service in the manifests")
+        else:
+            sel = svc["spec"].get("selector") or {}
+            if not sel or any(ctl_labels.get(k) != v for k, v in sel.items()):
+                ck.err(f"Service/{svc['metadata']['name']}", "does not select the controller pods")
+            sp = next((p for p in svc["spec"]["ports"] if p["port"] == port), None)
+            if sp is None:
+                ck.err(f"Service/{svc['metadata']['name']}", f"has no port {port} (--controller)")
+            elif container_port(ctl, sp.get("targetPort", sp["port"])) != reg_port:
+                ck.err(f"Service/{svc['metadata']['name']}",
+                       f"targets {sp.get('targetPort')}, the registry listens on {reg_port}")
+    hb_dp = arg_value(dp["args"], "--heartbeat-interval")
+    hb_ctl = arg_value(ctl["args"], "--heartbeat-interval")
+    if hb_dp != hb_ctl:
+        ck.err(dp_where, f"--heartbeat-interval {hb_dp} differs from the controller's {hb_ctl}")
+
+    # ---- sidecar arguments ----------------------------------------------------------------
+    for c in sidecars(ctl_pod, "csi-provisioner"):
+        for a in PROVISIONER_ARGS:
+            if not (has_flag(c["args"], a) if "=" not in a else a in c["args"]):
+                ck.err(ctl_where, f"csi-provisioner lacks {a}")
+        gates = arg_value(c["args"], "--feature-gates") or ""
+        if "Topology=true" not in gates.split(","):
+            ck.err(ctl_where, "csi-provisioner needs --feature-gates=Topology=true")
+        envs = {e["name"] for e in c.get("env", [])}
+        if not {"NAMESPACE", "POD_NAME"} <= envs:
+            ck.err(ctl_where, "csi-provisioner with --enable-capacity needs NAMESPACE and POD_NAME")
+    for c in sidecars(ctl_pod, "csi-resizer"):
+        if "--handle-volume-inuse-error=false" not in c["args"]:
+            ck.err(ctl_where, "csi-resizer lacks --handle-volume-inuse-error=false")
+    for image in ("csi-provisioner", "csi-snapshotter", "csi-resizer"):
+        for c in sidecars(ctl_pod, image):
+            if "--leader-election" not in c["args"]:
+                ck.err(ctl_where, f"{image} lacks --leader-election (two replicas)")
+    if by_kind.get("VolumeAttributesClass"):
+        for image in ("csi-provisioner", "csi-resizer"):
+            for c in sidecars(ctl_pod, image):
+                if "VolumeAttributesClass=true" not in (arg_value(c["args"], "--feature-gates") or ""):
+                    ck.err(ctl_where, f"{image} needs the VolumeAttributesClass feature gate when "
+                                      "VolumeAttributesClasses are deployed")
+
+    # ---- RBAC -----------------------------------------------------------------------------
+    sa = ctl_pod.get("serviceAccountName")
+    ns = ctl_wl["metadata"].get("namespace")
+    granted = {}  # (apiGroup, resource) -> verbs
+    roles = {(r["kind"], r["metadata"]["name"]): r
+             for r in by_kind.get("ClusterRole", []) + by_kind.get("Role", [])}
+    for b in by_kind.get("ClusterRoleBinding", []) + by_kind.get("RoleBinding", []):
+        if not any(s.get("kind") == "ServiceAccount" and s.get("name") == sa and
+                   s.get("namespace") == ns for s in b.get("subjects", [])):
+            continue
+        role = roles.get((b["roleRef"]["kind"], b["roleRef"]["name"]))
+        if role is None:
+            ck.err(f"{b['kind']}/{b['metadata']['name']}", f"refers to missing {b['roleRef']}")
+            continue
+        for rule in role.get("rules", []):
+            for g in rule.get("apiGroups", []):
+                for res in rule.get("resources", []):
+                    granted.setdefault((g, res), set()).update(rule.get("verbs", []))
+    needs = [
+        ("", "persistentvolumes", {"create", "delete", "patch", "watch"}),
+        ("", "persistentvolumeclaims", {"get", "watch", "update"}),
+        ("storage.k8s.io", "csistoragecapacities", {"create", "update", "delete", "watch"}),
+        ("storage.k8s.io", "csinodes", {"get", "list", "watch"}),
+        ("", "nodes", {"get", "list", "watch"}),
+        ("coordination.k8s.io", "leases", {"get", "create", "update"}),
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents", {"create", "update", "delete"}),
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents/status", {"update", "patch"}),
+        ("snapshot.storage.k8s.io", "volumesnapshotclasses", {"get", "list", "watch"}),
+        ("", "persistentvolumeclaims/status", {"patch"}),
+        ("storage.k8s.io", "volumeattributesclasses", {"get", "list", "watch"}),
+        ("apps", "replicasets", {"get"}),
+        ("", "pods", {"get"}),
+    ]
+    for g, res, verbs in needs:
+        missing = verbs - granted.get((g, res), set())
+        if missing:
+            ck.err(f"RBAC for {sa}", f"{g or 'core'}/{res} lacks {', '.join(sorted(missing))}")
+
+    # ---- TLS ------------------------------------------------------------------------------
+    secrets = {s["metadata"]["name"]: s for s in by_kind.get("Secret", [])}
+
+    def secret_of(pod, c):
+        for m in c.get("volumeMounts", []):
+            vol = next((v for v in pod.get("volumes", []) if v["name"] == m["name"]), {})
+            if "secret" in vol:
+                return vol["secret"]["secretName"], m["mountPath"]
+        return None, None
+
+    for where, pod, c in ((ctl_where, ctl_pod, ctl), (dp_where, dp_pod, dp)):
+        name, mount = secret_of(pod, c)
+        if name is None:
+            ck.err(where, "no TLS secret mounted")
+            continue
+        for flag, key in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key"), ("--tls-ca", "ca.crt")):
+            if arg_value(c["args"], flag) != f"{mount}/{key}":
+                ck.err(where, f"{flag} is {arg_value(c['args'], flag)}, want {mount}/{key}")
+        if has_flag(c["args"], "--insecure"):
+            ck.err(where, "--insecure in a deployment")
+        if expect_secrets and name not in secrets:
+            ck.err(where, f"secret {name} is not rendered")
+    if expect_secrets:
+        ctl_secret = secrets.get(secret_of(ctl_pod, ctl)[0])
+        dp_secret = secrets.get(secret_of(dp_pod, dp)[0])
+        host = cm.group(1) if cm else None
+        if ctl_secret and dp_secret and host:
+            check_certs(ck, ctl_secret, dp_secret, host)
+
+
+def check_certs(ck, ctl_secret, dp_secret, controller_host):
+    """The generated certificates: same CA, each chains to it, the controller's carries the name
+    the datapaths dial, the datapath's carries a DNS name, both allow client and server auth."""
+    with tempfile.TemporaryDirectory() as tmp:
+        def write(secret, key):
+            p = os.path.join(tmp, f"{secret['metadata']['name']}-{key}")
+            with open(p, "wb") as f:
+                f.write(base64.b64decode(secret["data"][key]))
+            return p
+
+        for s in (ctl_secret, dp_secret):
+            if set(s.get("data", {})) != {"ca.crt", "tls.crt", "tls.key"}:
+                ck.err(f"Secret/{s['metadata']['name']}", "must hold exactly ca.crt, tls.crt, tls.key")
+                return
+        if ctl_secret["data"]["ca.crt"] != dp_secret["data"]["ca.crt"]:
+            ck.err("TLS", "the controller and datapath secrets carry different CAs")
+        for s, want_name in ((ctl_secret, controller_host), (dp_secret, None)):
+            where = f"Secret/{s['metadata']['name']}"
+            ca, crt, key = write(s, "ca.crt"), write(s, "tls.crt"), write(s, "tls.key")
+            v = subprocess.run(["openssl", "verify", "-CAfile", ca, crt], capture_output=True, text=True)
+            if v.returncode != 0:
+                ck.err(where, f"tls.crt does not chain to ca.crt: {v.stdout}{v.stderr}")
+            text = subprocess.run(["openssl", "x509", "-in", crt, "-noout", "-text"],
+                                  capture_output=True, text=True).stdout
+            if "TLS Web Server Authentication" not in text or "TLS Web Client Authentication" not in text:
+                ck.err(where, "tls.crt must allow both server and client authentication (mTLS both ways)")
+            sans = re.findall(r"DNS:([^,\s]+)", text)
+            if want_name and want_name not in sans:
+                ck.err(where, f"tls.crt names {sans}, not {want_name} (what datapaths dial)")
+            if not sans:
+                ck.err(where, "tls.crt has no DNS subjectAltName")
+            pub_crt = subprocess.run(["openssl", "x509", "-in", crt, "-noout", "-pubkey"],
+                                     capture_output=True, text=True).stdout
+            pub_key = subprocess.run(["openssl", "pkey", "-in", key, "-pubout"],
+                                     capture_output=True, text=True).stdout
+            if not pub_crt or pub_crt != pub_key:
+                ck.err(where, "tls.key does not match tls.crt")
+
+
+def check_examples(ck, docs, examples_dir):
+    classes = {d["metadata"]["name"] for d in docs if d.get("kind") == "StorageClass"}
+    snap_classes = {d["metadata"]["name"] for d in docs if d.get("kind") == "VolumeSnapshotClass"}
+    vacs = {d["metadata"]["name"] for d in docs if d.get("kind") == "VolumeAttributesClass"}
+    ex = []
+    files = sorted(f for f in os.listdir(examples_dir) if f.endswith(".yaml"))
+    if not files:
+        ck.err(examples_dir, "no examples")
+    for f in files:
+        with open(os.path.join(examples_dir, f), encoding="utf-8") as fh:
+            for d in yaml.safe_load_all(fh):
+                if d:
+                    ex.append((f, d))
+    pvcs = {d["metadata"]["name"]: d for _, d in ex if d["kind"] == "PersistentVolumeClaim"}
+    snaps = {d["metadata"]["name"] for _, d in ex if d["kind"] == "VolumeSnapshot"}
+    for f, d in ex:
+        where = f"examples/{f} {d['kind']}/{d['metadata']['name']}"
+        spec = d.get("spec", {})
+        if d["kind"] == "PersistentVolumeClaim":
+            if spec.get("storageClassName") not in classes:
+                ck.err(where, f"storageClassName {spec.get('storageClassName')!r} is not in the chart "
+                              f"({', '.join(sorted(classes))})")
+            vac = spec.get("volumeAttributesClassName")
+            if vac is not None and vac not in vacs:
+                ck.err(where, f"volumeAttributesClassName {vac!r} is not in the chart")
+            ds = spec.get("dataSource")
+            if ds:
+                if ds.get("kind") == "VolumeSnapshot" and ds.get("name") not in snaps:
+                    ck.err(where, f"restores from {ds.get('name')!r}, which no example creates")
+                if ds.get("kind") == "PersistentVolumeClaim":
+                    src = pvcs.get(ds.get("name"))
+                    if src is None:
+                        ck.err(where, f"clones {ds.get('name')!r}, which no example creates")
+                    elif src["spec"].get("storageClassName") != spec.get("storageClassName"):
+                        ck.err(where, "a clone must use its source's StorageClass")
+        elif d["kind"] == "VolumeSnapshot":
+            if spec.get("volumeSnapshotClassName") not in snap_classes:
+                ck.err(where, f"volumeSnapshotClassName {spec.get('volumeSnapshotClassName')!r} "
+                              "is not in the chart")
+            if spec.get("source", {}).get("persistentVolumeClaimName") not in pvcs:
+                ck.err(where, "snapshots a PVC that no example creates")
+        elif d["kind"] == "Pod":
+            for v in spec.get("volumes", []):
+                claim = (v.get("persistentVolumeClaim") or {}).get("claimName")
+                if claim is None:
+                    continue
+                if claim not in pvcs:
+                    ck.err(where, f"mounts claim {claim!r}, which no example creates")
+                    continue
+                block = pvcs[claim]["spec"].get("volumeMode") == "Block"
+                uses = ("volumeDevices" if block else "volumeMounts")
+                if not any(x["name"] == v["name"] for c in spec["containers"] for x in c.get(uses, [])):
+                    ck.err(where, f"claim {claim} ({'Block' if block else 'Filesystem'}) "
+                                  f"must be used through {uses}")
+
+
+def self_test(ck_factory, docs, expect_secrets):
+    """Each mutation breaks one property; the checker must report it. A checker that passes
+    everything would pass the real manifests too, so this is what makes the check worth running."""
+    def find(ds, binary):
+        for _, _, pod in pods_of(ds):
+            for c in pod["containers"]:
+                if binary_of(c) == binary:
+                    return pod, c
+        raise KeyError(binary)
+
+    def set_arg(c, flag, value):
+        c["args"] = [a for a in c["args"] if not a.startswith(flag + "=")] + [f"{flag}={value}"]
+
+    def move_datapath_into_node(ds):
+        _, dp = find(ds, "nbd-datapathd")
+        pod, _ = find(ds, "nbd-csi-node")
+        pod["containers"].append(copy.deepcopy(dp))
+
+    def sc_param(ds):
+        sc = next(d for d in ds if d.get("kind") == "StorageClass")
+        sc.setdefault("parameters", {})["maxIOPS"] = "10"
+
+    def reg_path(ds):
+        pod, _ = find(ds, "nbd-csi-node")
+        reg = next(c for c in pod["containers"] if "registrar" in c["image"])
+        set_arg(reg, "--kubelet-registration-path", "/var/lib/kubelet/plugins/other.csi.io/csi.sock")
+
+    def mount_typo(ds):
+        pod, c = find(ds, "nbd-csi-controller")
+        prov = next(x for x in pod["containers"] if "csi-provisioner" in x["image"])
+        prov["volumeMounts"][0]["mountPath"] = "/csi-socket"
+
+    def missing_env(ds):
+        _, c = find(ds, "nbd-datapathd")
+        c["env"] = [e for e in c["env"] if e["name"] != "HOST_IP"]
+
+    def drop_required(ds):
+        _, c = find(ds, "nbd-datapathd")
+        c["args"] = [a for a in c["args"] if not a.startswith("--pool")]
+
+    mutations = {
+        "unknown controller flag": lambda ds: find(ds, "nbd-csi-controller")[1]["args"].append("--no-such-flag=1"),
+        "node dials another datapath socket": lambda ds: set_arg(find(ds, "nbd-csi-node")[1], "--datapath", "unix:///run/other/datapath.sock"),
+        "datapath inside the node plugin pod": move_datapath_into_node,
+        "unknown StorageClass parameter": sc_param,
+        "driver name": lambda ds: next(d for d in ds if d.get("kind") == "CSIDriver")["metadata"].update(name="nbd.csi.example"),
+        "registration path": reg_path,
+        "sidecar mount typo": mount_typo,
+        "undefined $(VAR)": missing_env,
+        "required flag dropped": drop_required,
+        "node plugin socket off the host": lambda ds: set_arg(find(ds, "nbd-csi-node")[1], "--csi-endpoint", "unix:///tmp/csi.sock"),
+    }
+    failures = []
+    for name, mutate in mutations.items():
+        ds = copy.deepcopy(docs)
+        mutate(ds)
+        ck = ck_factory()
+        check(ck, ds, expect_secrets)
+        if not ck.errors:
+            failures.append(name)
+        else:
+            print(f"self-test: {name}: caught ({ck.errors[0]})")
+    return failures
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin-dir", required=True)
+    ap.add_argument("--src", required=True)
+    ap.add_argument("--examples")
+    ap.add_argument("--expect-secrets", action="store_true",
+                    help="the rendering holds the generated TLS secrets: verify the certificates")
+    ap.add_argument("--self-test", action="store_true",
+                    help="also check that deliberately broken copies are rejected")
+    ap.add_argument("files", nargs="+")
+    a = ap.parse_args()
+
+    docs = []
+    for f in a.files:
+        with open(f, encoding="utf-8") as fh:
+            docs.extend(d for d in yaml.safe_load_all(fh) if d)
+    ck = Checker(a.bin_dir, a.src)
+    ck.check_params_header()
+    check(ck, docs, a.expect_secrets)
+    if a.examples:
+        check_examples(ck, docs, a.examples)
+    status = 0
+    if ck.errors:
+        print(f"check_manifests: {len(ck.errors)} problem(s) in {' '.join(a.files)}:")
+        for e in ck.errors:
+            print(f"  {e}")
+        status = 1
+    else:
+        print(f"check_manifests: {len(docs)} objects in {' '.join(a.files)}: all checks passed")
+    if a.self_test and status == 0:
+        failures = self_test(lambda: Checker(a.bin_dir, a.src), docs, a.expect_secrets)
+        if failures:
+            print(f"self-test: not caught: {', '.join(failures)}")
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

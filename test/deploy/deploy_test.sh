@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The deploy tests (ctest -L deploy): the Helm chart, manifests/ and examples/.
+#   deploy_test.sh lint|template|drift|check|version
+# Needs helm (scripts/get-helm.sh fetches it once); without it the test is skipped (77),
+# unless CI=true, where a missing helm is a failure.
+set -euo pipefail
+src=${NBDCSI_SRC:?NBDCSI_SRC is set by CTest}
+bin=${NBDCSI_BIN:?NBDCSI_BIN is set by CTest}
+chart=$src/charts/nbd-csi
+what=${1:?usage: deploy_test.sh lint|template|drift|check|version}
+
+skip_or_fail() {
+  if [ "${CI:-}" = true ]; then echo "FAIL: $*" >&2; exit 1; fi
+  echo "SKIP: $*" >&2
+  exit 77
+}
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+if [ "$what" != version ]; then
+  helm=$("$src/scripts/get-helm.sh" 2>"$tmp/get-helm.err") ||
+    skip_or_fail "no helm: $(cat "$tmp/get-helm.err")"
+fi
+
+# Value sets every rendering test goes through: the defaults, and each optional branch.
+value_sets() {
+  echo "defaults|"
+  echo "existing-secrets|--set tls.existingSecret.controller=a --set tls.existingSecret.datapath=b"
+  echo "cert-manager|--set tls.certManager.enabled=true"
+  echo "cert-manager-issuer|--set tls.certManager.enabled=true --set tls.certManager.issuerRef.name=ca --set tls.certManager.issuerRef.kind=ClusterIssuer"
+  echo "vac|--set volumeAttributesClasses.enabled=true"
+  echo "rolling-datapath|--set datapath.updateStrategy.type=RollingUpdate --set datapath.capacity=100Gi"
+}
+
+case $what in
+  lint)
+    while IFS='|' read -r name args; do
+      # shellcheck disable=SC2086
+      "$helm" lint --strict "$chart" $args >"$tmp/lint.out" 2>&1 || {
+        cat "$tmp/lint.out" >&2; echo "FAIL: helm lint ($name)" >&2; exit 1; }
+      grep -q '0 chart(s) failed' "$tmp/lint.out" || { cat "$tmp/lint.out" >&2; exit 1; }
+      echo "ok: helm lint --strict ($name)"
+    done < <(value_sets) ;;
+
+  template)
+    while IFS='|' read -r name args; do
+      # shellcheck disable=SC2086
+      "$helm" template t "$chart" -n ns $args >"$tmp/out.yaml" 2>"$tmp/err" || {
+        cat "$tmp/err" >&2; echo "FAIL: helm template ($name)" >&2; exit 1; }
+      # Every document parses and names itself; CSIDriver and the three workloads are there.
+      python3 - "$tmp/out.yaml" "$name" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+kinds = {}
+for d in docs:
+    assert d.get("apiVersion") and d.get("kind") and d.get("metadata", {}).get("name"), d
+    kinds.setdefault(d["kind"], []).append(d["metadata"]["name"])
+for k, n in (("CSIDriver", 1), ("Deployment", 1), ("DaemonSet", 2)):
+    assert len(kinds.get(k, [])) == n, f"{sys.argv[2]}: {k}: {kinds.get(k)}"
+name = sys.argv[2]
+if name == "defaults":
+    assert len(kinds.get("Secret", [])) == 2, kinds
+if name == "existing-secrets":
+    assert "Secret" not in kinds and "Certificate" not in kinds, kinds
+if name.startswith("cert-manager"):
+    assert len(kinds.get("Certificate", [])) == (3 if name == "cert-manager" else 2), kinds
+    assert "Secret" not in kinds, kinds
+if name == "vac":
+    assert len(kinds.get("VolumeAttributesClass", [])) == 2, kinds
+print(f"ok: helm template ({name}): {len(docs)} objects")
+PY
+    done < <(value_sets)
+    # Values that would deploy something broken are refused with a message naming the value.
+    refuse() {  # expected-message args...
+      local want=$1; shift
+      if "$helm" template t "$chart" "$@" >/dev/null 2>"$tmp/err"; then
+        echo "FAIL: helm template $* succeeded; it should refuse" >&2; exit 1
+      fi
+      grep -q -- "$want" "$tmp/err" || {
+        echo "FAIL: helm template $*: error lacks '$want':" >&2; cat "$tmp/err" >&2; exit 1; }
+      echo "ok: refused $* ($want)"
+    }
+    refuse "set both controller and datapath" --set tls.existingSecret.controller=x
+    refuse "not both" --set tls.existingSecret.controller=x --set tls.existingSecret.datapath=y \
+      --set tls.certManager.enabled=true
+    refuse 'unknown parameter "maxIOPS"' --set 'storageClasses[0].name=x' \
+      --set 'storageClasses[0].parameters.maxIOPS=5'
+    refuse 'volumeAttributesClasses nbd-csi-silver: unknown parameter "iops"' \
+      --set volumeAttributesClasses.enabled=true \
+      --set 'volumeAttributesClasses.classes[0].name=nbd-csi-silver' \
+      --set 'volumeAttributesClasses.classes[0].parameters.iops=1'
+    refuse "must stay nbd.csi.io" --set driverName=other.csi.io
+    refuse "OnDelete or RollingUpdate" --set datapath.updateStrategy.type=Recreate ;;
+
+  drift)
+    "$src/scripts/render-manifests.sh" --check
+    echo "ok: manifests/nbd-csi.yaml matches the chart" ;;
+
+  check)
+    # Helm's own default rendering (generated certificates included), then the committed plain
+    # manifests with the examples, then the optional VolumeAttributesClasses with vac-modify.yaml.
+    "$helm" template nbd-csi "$chart" -n nbd-csi >"$tmp/default.yaml"
+    python3 "$src/test/deploy/check_manifests.py" --bin-dir "$bin" --src "$src" \
+      --expect-secrets --self-test "$tmp/default.yaml"
+    "$helm" template nbd-csi "$chart" -n nbd-csi --set volumeAttributesClasses.enabled=true \
+      >"$tmp/vac.yaml"
+    python3 "$src/test/deploy/check_manifests.py" --bin-dir "$bin" --src "$src" \
+      --expect-secrets --examples "$src/examples" "$tmp/vac.yaml"
+    # The plain manifests plus the secrets manifests/gen-tls-secrets.sh makes for them.
+    "$src/manifests/gen-tls-secrets.sh" >"$tmp/secrets.yaml"
+    python3 "$src/test/deploy/check_manifests.py" --bin-dir "$bin" --src "$src" \
+      --expect-secrets "$src/manifests/nbd-csi.yaml" "$tmp/secrets.yaml" ;;
+
+  version)
+    # Chart.yaml's appVersion is the project version (the image tag defaults to it).
+    want=${NBDCSI_PROJECT_VERSION:-$(sed -n 's/^project(nbd-csi VERSION \([0-9.]*\).*/\1/p' "$src/CMakeLists.txt")}
+    got=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$chart/Chart.yaml")
+    [ -n "$want" ] || { echo "FAIL: no project version (CMakeLists.txt)" >&2; exit 1; }
+    [ "$want" = "$got" ] || {
+      echo "FAIL: Chart.yaml appVersion $got, project version $want" >&2; exit 1; }
+    echo "ok: appVersion $got" ;;
+
+  *) echo "usage: $0 lint|template|drift|check|version" >&2; exit 2 ;;
+esac
