@@ -1,0 +1,633 @@
+// The CSI Node service against the fake OS and the fake datapath: every RPC's first call,
+// idempotent retry, bad arguments, and the state it leaves behind.
+#include <sys/sysmacros.h>
+
+#include <chrono>
+#include <future>
+#include <thread>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "csi/driver.h"
+#include "node/node_service.h"
+#include "test/unit/node_fakes.h"
+
+namespace nbdcsi::node {
+namespace {
+
+namespace v1 = ::csi::v1;
+using testing::FakeDatapath;
+using testing::FakeOs;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using AccessMode = v1::VolumeCapability::AccessMode;
+
+constexpr char kNode[] = "node-a";
+constexpr char kVol[] = "v1:node-a:pvc-1";
+constexpr char kStaging[] = "/var/lib/kubelet/plugins/kubernetes.io/csi/nbd.csi.io/abc/globalmount";
+constexpr char kTarget[] = "/var/lib/kubelet/pods/uid/volumes/kubernetes.io~csi/pvc-1/mount";
+constexpr char kDevice[] = "/dev/loop3";
+constexpr uint64_t kGiB = uint64_t{1} << 30;
+
+v1::VolumeCapability MountCap(const std::string& fs = "", AccessMode::Mode mode =
+                                                              AccessMode::SINGLE_NODE_WRITER) {
+  v1::VolumeCapability c;
+  c.mutable_mount()->set_fs_type(fs);
+  c.mutable_access_mode()->set_mode(mode);
+  return c;
+}
+
+v1::VolumeCapability BlockCap(AccessMode::Mode mode = AccessMode::SINGLE_NODE_WRITER) {
+  v1::VolumeCapability c;
+  c.mutable_block();
+  c.mutable_access_mode()->set_mode(mode);
+  return c;
+}
+
+class NodeServiceTest : public ::testing::Test {
+ protected:
+  NodeServiceTest() : dp_(os_) {
+    dp_.AddVolume("pvc-1", kGiB, kDevice, makedev(7, 3));
+    dp_.AddVolume("pvc-2", kGiB, "/dev/loop4", makedev(7, 4));
+    // kubelet creates the staging directory and the target's parent.
+    os_.paths[kStaging] = PathKind::kDirectory;
+    svc_ = MakeLockedNodeService(MakeNodeService({.node_id = kNode}, os_, dp_));
+  }
+
+  grpc::Status Stage(const v1::VolumeCapability& cap, const std::string& id = kVol,
+                     const std::string& staging = kStaging) {
+    v1::NodeStageVolumeRequest req;
+    req.set_volume_id(id);
+    req.set_staging_target_path(staging);
+    *req.mutable_volume_capability() = cap;
+    v1::NodeStageVolumeResponse resp;
+    return svc_->NodeStageVolume(nullptr, &req, &resp);
+  }
+  grpc::Status Unstage(const std::string& id = kVol, const std::string& staging = kStaging) {
+    v1::NodeUnstageVolumeRequest req;
+    req.set_volume_id(id);
+    req.set_staging_target_path(staging);
+    v1::NodeUnstageVolumeResponse resp;
+    return svc_->NodeUnstageVolume(nullptr, &req, &resp);
+  }
+  grpc::Status Publish(const v1::VolumeCapability& cap, bool readonly = false,
+                       const std::string& target = kTarget, const std::string& id = kVol,
+                       const std::string& staging = kStaging) {
+    v1::NodePublishVolumeRequest req;
+    req.set_volume_id(id);
+    req.set_staging_target_path(staging);
+    req.set_target_path(target);
+    req.set_readonly(readonly);
+    *req.mutable_volume_capability() = cap;
+    v1::NodePublishVolumeResponse resp;
+    return svc_->NodePublishVolume(nullptr, &req, &resp);
+  }
+  grpc::Status Unpublish(const std::string& id = kVol, const std::string& target = kTarget) {
+    v1::NodeUnpublishVolumeRequest req;
+    req.set_volume_id(id);
+    req.set_target_path(target);
+    v1::NodeUnpublishVolumeResponse resp;
+    return svc_->NodeUnpublishVolume(nullptr, &req, &resp);
+  }
+  grpc::Status Expand(const std::string& path, int64_t required, v1::NodeExpandVolumeResponse* resp,
+                      const std::string& id = kVol) {
+    v1::NodeExpandVolumeRequest req;
+    req.set_volume_id(id);
+    req.set_volume_path(path);
+    req.mutable_capacity_range()->set_required_bytes(required);
+    return svc_->NodeExpandVolume(nullptr, &req, resp);
+  }
+  grpc::Status Stats(const std::string& path, v1::NodeGetVolumeStatsResponse* resp,
+                     const std::string& id = kVol) {
+    v1::NodeGetVolumeStatsRequest req;
+    req.set_volume_id(id);
+    req.set_volume_path(path);
+    return svc_->NodeGetVolumeStats(nullptr, &req, resp);
+  }
+
+  FakeOs os_;
+  FakeDatapath dp_;
+  std::unique_ptr<v1::Node::Service> svc_;
+};
+
+// ---- NodeGetInfo / NodeGetCapabilities ----
+
+TEST_F(NodeServiceTest, GetInfoReportsNodeTopologyAndMaxVolumes) {
+  struct Case {
+    unsigned flag, nbd_devices;
+    int64_t want;
+  } cases[] = {{10, 16, 10}, {0, 16, 16}, {0, 0, kFuseMaxVolumes}};
+  for (const auto& c : cases) {
+    os_.nbd_devices = c.nbd_devices;
+    auto svc = MakeNodeService({.node_id = kNode, .max_volumes = c.flag}, os_, dp_);
+    v1::NodeGetInfoRequest req;
+    v1::NodeGetInfoResponse resp;
+    ASSERT_TRUE(svc->NodeGetInfo(nullptr, &req, &resp).ok());
+    EXPECT_EQ(resp.node_id(), kNode);
+    EXPECT_EQ(resp.max_volumes_per_node(), c.want) << "flag " << c.flag << " nbd " << c.nbd_devices;
+    ASSERT_EQ(resp.accessible_topology().segments().size(), 1u);
+    EXPECT_EQ(resp.accessible_topology().segments().at(csi::kTopologyKey), kNode);
+  }
+}
+
+TEST_F(NodeServiceTest, Capabilities) {
+  v1::NodeGetCapabilitiesRequest req;
+  v1::NodeGetCapabilitiesResponse resp;
+  ASSERT_TRUE(svc_->NodeGetCapabilities(nullptr, &req, &resp).ok());
+  std::vector<int> types;
+  for (const auto& c : resp.capabilities()) types.push_back(c.rpc().type());
+  using R = v1::NodeServiceCapability::RPC;
+  EXPECT_THAT(types, ElementsAre(R::STAGE_UNSTAGE_VOLUME, R::EXPAND_VOLUME, R::GET_VOLUME_STATS,
+                                 R::VOLUME_CONDITION, R::SINGLE_NODE_MULTI_WRITER));
+}
+
+// ---- NodeStageVolume ----
+
+TEST_F(NodeServiceTest, StageFormatsBlankDeviceOnceAndMounts) {
+  ASSERT_TRUE(Stage(MountCap()).ok());
+  EXPECT_EQ(os_.Count("mkfs"), 1);
+  EXPECT_EQ(os_.Count("mkfs /dev/loop3 ext4"), 1);  // default fsType
+  ASSERT_NE(os_.Top(kStaging), nullptr);
+  EXPECT_EQ(os_.Top(kStaging)->source, kDevice);
+  EXPECT_EQ(os_.Top(kStaging)->fstype, "ext4");
+
+  // kubelet's retry: already staged, nothing is done again.
+  ASSERT_TRUE(Stage(MountCap("ext4")).ok());
+  EXPECT_EQ(os_.Count("mkfs"), 1);
+  EXPECT_EQ(os_.Count("mount"), 1);
+  EXPECT_EQ(os_.mounts.size(), 1u);
+}
+
+TEST_F(NodeServiceTest, StageMountsFormattedDeviceWithoutMkfs) {
+  // An unstaged, formatted volume (a second stage after unstage, or a restore) keeps its data.
+  os_.devices[kDevice].content = {DeviceContent::Kind::kFilesystem, "xfs"};
+  v1::VolumeCapability cap = MountCap("xfs");
+  cap.mutable_mount()->add_mount_flags("noatime");
+  ASSERT_TRUE(Stage(cap).ok());
+  EXPECT_EQ(os_.Count("mkfs"), 0);
+  EXPECT_THAT(os_.calls, ::testing::Contains(std::string("mount /dev/loop3 ") + kStaging +
+                                             " xfs noatime,nouuid"));
+}
+
+TEST_F(NodeServiceTest, StageReaderOnlyMountsReadOnly) {
+  os_.devices[kDevice].content = {DeviceContent::Kind::kFilesystem, "ext4"};
+  ASSERT_TRUE(Stage(MountCap("ext4", AccessMode::SINGLE_NODE_READER_ONLY)).ok());
+  ASSERT_NE(os_.Top(kStaging), nullptr);
+  EXPECT_TRUE(os_.Top(kStaging)->vfs_read_only);
+}
+
+TEST_F(NodeServiceTest, StageNeverFormatsANonBlankDevice) {
+  struct Case {
+    const char* name;
+    DeviceContent content;
+    AccessMode::Mode mode;
+  } cases[] = {
+      {"other fs", {DeviceContent::Kind::kFilesystem, "xfs"}, AccessMode::SINGLE_NODE_WRITER},
+      {"partition table", {DeviceContent::Kind::kOther, "dos"}, AccessMode::SINGLE_NODE_WRITER},
+      {"lvm member", {DeviceContent::Kind::kOther, "LVM2_member"}, AccessMode::SINGLE_NODE_WRITER},
+      {"blank but read-only", {}, AccessMode::SINGLE_NODE_READER_ONLY},
+  };
+  for (const auto& c : cases) {
+    os_.devices[kDevice].content = c.content;
+    os_.calls.clear();
+    grpc::Status st = Stage(MountCap("ext4", c.mode));
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << c.name;
+    EXPECT_EQ(os_.Count("mkfs"), 0) << c.name;
+    EXPECT_EQ(os_.Count("mount"), 0) << c.name;
+  }
+}
+
+TEST_F(NodeServiceTest, StageAfterMkfsFailureRetriesCleanly) {
+  os_.fail_next["mkfs"] = Error(EIO, "mkfs.ext4 /dev/loop3: exit status 1: boom");
+  grpc::Status st = Stage(MountCap());
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INTERNAL);
+  EXPECT_THAT(st.error_message(), HasSubstr("boom"));
+  EXPECT_EQ(os_.mounts.size(), 0u);
+  ASSERT_TRUE(Stage(MountCap()).ok());
+  EXPECT_EQ(os_.Count("mkfs"), 2);  // the failed one and the retry
+}
+
+TEST_F(NodeServiceTest, StageOverSomethingElseIsAlreadyExists) {
+  // Another volume's device is mounted at this staging path.
+  ASSERT_TRUE(Stage(MountCap(), "v1:node-a:pvc-2").ok());
+  EXPECT_EQ(Stage(MountCap()).error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  // Same device, other file system type than now asked for.
+  ASSERT_TRUE(Unstage("v1:node-a:pvc-2").ok());
+  ASSERT_TRUE(Stage(MountCap("ext4")).ok());
+  EXPECT_EQ(Stage(MountCap("xfs")).error_code(), grpc::StatusCode::ALREADY_EXISTS);
+}
+
+TEST_F(NodeServiceTest, StageBlockAttachesOnly) {
+  ASSERT_TRUE(Stage(BlockCap()).ok());
+  ASSERT_TRUE(Stage(BlockCap()).ok());
+  EXPECT_TRUE(dp_.volumes["pvc-1"].attached);
+  EXPECT_EQ(os_.Count("mkfs"), 0);
+  EXPECT_EQ(os_.Count("mount"), 0);
+}
+
+TEST_F(NodeServiceTest, StageBadArguments) {
+  v1::VolumeCapability no_access_type;
+  no_access_type.mutable_access_mode()->set_mode(AccessMode::SINGLE_NODE_WRITER);
+  v1::VolumeCapability no_mode;
+  no_mode.mutable_mount();
+  struct Case {
+    const char* name;
+    std::string id, staging;
+    std::optional<v1::VolumeCapability> cap;
+    grpc::StatusCode want;
+  } cases[] = {
+      {"no volume id", "", kStaging, MountCap(), grpc::StatusCode::INVALID_ARGUMENT},
+      {"no staging path", kVol, "", MountCap(), grpc::StatusCode::INVALID_ARGUMENT},
+      {"relative staging path", kVol, "var/lib/x", MountCap(), grpc::StatusCode::INVALID_ARGUMENT},
+      {"root staging path", kVol, "/", MountCap(), grpc::StatusCode::INVALID_ARGUMENT},
+      {"dotdot staging path", kVol, "/var/../etc", MountCap(), grpc::StatusCode::INVALID_ARGUMENT},
+      {"no capability", kVol, kStaging, std::nullopt, grpc::StatusCode::INVALID_ARGUMENT},
+      {"no access type", kVol, kStaging, no_access_type, grpc::StatusCode::INVALID_ARGUMENT},
+      {"no access mode", kVol, kStaging, no_mode, grpc::StatusCode::INVALID_ARGUMENT},
+      {"btrfs", kVol, kStaging, MountCap("btrfs"), grpc::StatusCode::INVALID_ARGUMENT},
+      {"multi node", kVol, kStaging, MountCap("", AccessMode::MULTI_NODE_MULTI_WRITER),
+       grpc::StatusCode::INVALID_ARGUMENT},
+      {"malformed id", "pvc-1", kStaging, MountCap(), grpc::StatusCode::NOT_FOUND},
+      {"other node", "v1:node-b:pvc-1", kStaging, MountCap(), grpc::StatusCode::NOT_FOUND},
+      {"no such volume", "v1:node-a:pvc-9", kStaging, MountCap(), grpc::StatusCode::NOT_FOUND},
+  };
+  for (const auto& c : cases) {
+    v1::NodeStageVolumeRequest req;
+    req.set_volume_id(c.id);
+    req.set_staging_target_path(c.staging);
+    if (c.cap) *req.mutable_volume_capability() = *c.cap;
+    v1::NodeStageVolumeResponse resp;
+    grpc::Status st = svc_->NodeStageVolume(nullptr, &req, &resp);
+    EXPECT_EQ(st.error_code(), c.want) << c.name << ": " << st.error_message();
+    EXPECT_FALSE(st.error_message().empty()) << c.name;
+  }
+  EXPECT_EQ(os_.mounts.size(), 0u);
+  EXPECT_EQ(os_.Count("mkfs"), 0);
+}
+
+// ---- NodePublishVolume / NodeUnpublishVolume ----
+
+TEST_F(NodeServiceTest, PublishBindsStagingOntoTarget) {
+  ASSERT_TRUE(Stage(MountCap()).ok());
+  ASSERT_TRUE(Publish(MountCap()).ok());
+  const MountInfo* m = os_.Top(kTarget);
+  ASSERT_NE(m, nullptr);
+  EXPECT_EQ(m->source, kDevice);
+  EXPECT_FALSE(m->vfs_read_only);
+  EXPECT_EQ(os_.paths[kTarget], PathKind::kDirectory);  // the plugin creates the target
+  ASSERT_TRUE(Publish(MountCap()).ok());                // retry
+  EXPECT_EQ(os_.mounts.size(), 2u);
+  // The same target read-only now: incompatible with what is there.
+  EXPECT_EQ(Publish(MountCap(), true).error_code(), grpc::StatusCode::ALREADY_EXISTS);
+}
+
+TEST_F(NodeServiceTest, PublishReadOnly) {
+  ASSERT_TRUE(Stage(MountCap()).ok());
+  struct Case {
+    const char* target;
+    bool readonly;
+    AccessMode::Mode mode;
+  } cases[] = {{"/t/ro-flag/mount", true, AccessMode::SINGLE_NODE_WRITER},
+               {"/t/ro-mode/mount", false, AccessMode::SINGLE_NODE_READER_ONLY}};
+  for (const auto& c : cases) {
+    ASSERT_TRUE(Publish(MountCap("", c.mode), c.readonly, c.target).ok()) << c.target;
+    ASSERT_NE(os_.Top(c.target), nullptr);
+    EXPECT_TRUE(os_.Top(c.target)->vfs_read_only) << c.target;
+    ASSERT_TRUE(Publish(MountCap("", c.mode), c.readonly, c.target).ok()) << c.target;
+    EXPECT_EQ(Publish(MountCap(), false, c.target).error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  }
+}
+
+TEST_F(NodeServiceTest, PublishBeforeStageIsFailedPrecondition) {
+  EXPECT_EQ(Publish(MountCap()).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(Publish(BlockCap()).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(Publish(MountCap(), false, kTarget, kVol, "").error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(os_.Count("mount"), 0);
+}
+
+TEST_F(NodeServiceTest, PublishOverAnotherVolumeIsAlreadyExists) {
+  ASSERT_TRUE(Stage(MountCap()).ok());
+  ASSERT_TRUE(Stage(MountCap(), "v1:node-a:pvc-2", "/stage/2").ok());
+  ASSERT_TRUE(Publish(MountCap(), false, kTarget, "v1:node-a:pvc-2", "/stage/2").ok());
+  EXPECT_EQ(Publish(MountCap()).error_code(), grpc::StatusCode::ALREADY_EXISTS);
+}
+
+TEST_F(NodeServiceTest, PublishBlockBindsDeviceNodeOntoFile) {
+  const std::string target = "/var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-1/uid";
+  ASSERT_TRUE(Stage(BlockCap()).ok());
+  ASSERT_TRUE(Publish(BlockCap(), false, target).ok());
+  EXPECT_EQ(os_.paths[target], PathKind::kFile);
+  EXPECT_EQ(os_.bound_devices[target], kDevice);
+  ASSERT_TRUE(Publish(BlockCap(), false, target).ok());
+  EXPECT_EQ(os_.Count("mount"), 1);
+  ASSERT_TRUE(Unpublish(kVol, target).ok());
+  EXPECT_EQ(os_.paths.count(target), 0u);
+  EXPECT_TRUE(os_.bound_devices.empty());
+  ASSERT_TRUE(Unstage().ok());
+  EXPECT_FALSE(dp_.volumes["pvc-1"].attached);
+}
+
+TEST_F(NodeServiceTest, PublishBadArguments) {
+  ASSERT_TRUE(Stage(MountCap()).ok());
+  struct Case {
+    const char* name;
+    std::string id, target, staging;
+    grpc::StatusCode want;
+  } cases[] = {
+      {"no volume id", "", kTarget, kStaging, grpc::StatusCode::INVALID_ARGUMENT},
+      {"no target", kVol, "", kStaging, grpc::StatusCode::INVALID_ARGUMENT},
+      {"relative target", kVol, "pods/x", kStaging, grpc::StatusCode::INVALID_ARGUMENT},
+      {"root target", kVol, "/", kStaging, grpc::StatusCode::INVALID_ARGUMENT},
+      {"trailing slash", kVol, "/pods/x/", kStaging, grpc::StatusCode::INVALID_ARGUMENT},
+      {"double slash", kVol, "/pods//x", kStaging, grpc::StatusCode::INVALID_ARGUMENT},
+      {"dot", kVol, "/pods/./x", kStaging, grpc::StatusCode::INVALID_ARGUMENT},
+      {"target is staging", kVol, kStaging, kStaging, grpc::StatusCode::INVALID_ARGUMENT},
+      {"relative staging", kVol, kTarget, "stage", grpc::StatusCode::INVALID_ARGUMENT},
+      {"other node", "v1:node-b:pvc-1", kTarget, kStaging, grpc::StatusCode::NOT_FOUND},
+  };
+  for (const auto& c : cases) {
+    grpc::Status st = Publish(MountCap(), false, c.target, c.id, c.staging);
+    EXPECT_EQ(st.error_code(), c.want) << c.name << ": " << st.error_message();
+  }
+  v1::NodePublishVolumeRequest req;  // no capability
+  req.set_volume_id(kVol);
+  req.set_target_path(kTarget);
+  req.set_staging_target_path(kStaging);
+  v1::NodePublishVolumeResponse resp;
+  EXPECT_EQ(svc_->NodePublishVolume(nullptr, &req, &resp).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(os_.Top(kTarget), nullptr);
+}
+
+TEST_F(NodeServiceTest, UnpublishIsIdempotentAndRemovesTarget) {
+  ASSERT_TRUE(Stage(MountCap()).ok());
+  ASSERT_TRUE(Publish(MountCap()).ok());
+  ASSERT_TRUE(Unpublish().ok());
+  EXPECT_EQ(os_.Top(kTarget), nullptr);
+  EXPECT_EQ(os_.paths.count(kTarget), 0u);
+  ASSERT_TRUE(Unpublish().ok());  // retry: nothing mounted, nothing there
+  EXPECT_EQ(os_.Count("umount"), 1);
+  // A never-published target, and one whose volume id is not ours: still fine.
+  EXPECT_TRUE(Unpublish(kVol, "/never/published").ok());
+  EXPECT_TRUE(Unpublish("v1:node-b:pvc-1", kTarget).ok());
+  EXPECT_EQ(Unpublish("", kTarget).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Unpublish(kVol, "").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Unpublish(kVol, "/").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(NodeServiceTest, UnpublishUnmountFailureIsReported) {
+  ASSERT_TRUE(Stage(MountCap()).ok());
+  ASSERT_TRUE(Publish(MountCap()).ok());
+  os_.fail_next["umount"] = Error(EBUSY, "unmount {}: device or resource busy", kTarget);
+  EXPECT_EQ(Unpublish().error_code(), grpc::StatusCode::INTERNAL);
+  EXPECT_NE(os_.Top(kTarget), nullptr);  // still there: the target was not removed under it
+  EXPECT_EQ(os_.paths.count(kTarget), 1u);
+  ASSERT_TRUE(Unpublish().ok());
+}
+
+// ---- NodeUnstageVolume ----
+
+TEST_F(NodeServiceTest, UnstageUnmountsAndDetaches) {
+  ASSERT_TRUE(Stage(MountCap()).ok());
+  ASSERT_TRUE(Unstage().ok());
+  EXPECT_TRUE(os_.mounts.empty());
+  EXPECT_FALSE(dp_.volumes["pvc-1"].attached);
+  ASSERT_TRUE(Unstage().ok());  // retry
+  EXPECT_EQ(os_.Count("umount"), 1);
+}
+
+TEST_F(NodeServiceTest, UnstageWhenAlreadyUnmountedStillDetaches) {
+  ASSERT_TRUE(Stage(MountCap()).ok());
+  ASSERT_TRUE(os_.Unmount(kStaging).ok());  // e.g. a node reboot lost the mount
+  ASSERT_TRUE(dp_.volumes["pvc-1"].attached);
+  ASSERT_TRUE(Unstage().ok());
+  EXPECT_FALSE(dp_.volumes["pvc-1"].attached);
+}
+
+TEST_F(NodeServiceTest, UnstageWhilePublishedFailsAndKeepsTheAttachment) {
+  ASSERT_TRUE(Stage(MountCap()).ok());
+  ASSERT_TRUE(Publish(MountCap()).ok());
+  EXPECT_EQ(Unstage().error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_TRUE(dp_.volumes["pvc-1"].attached);
+  ASSERT_TRUE(Unpublish().ok());
+  ASSERT_TRUE(Unstage().ok());
+  EXPECT_FALSE(dp_.volumes["pvc-1"].attached);
+}
+
+TEST_F(NodeServiceTest, UnstageArguments) {
+  EXPECT_EQ(Unstage("", kStaging).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Unstage(kVol, "").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Unstage(kVol, "relative").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  dp_.calls.clear();
+  EXPECT_TRUE(Unstage("v1:node-b:pvc-1").ok());  // not ours: nothing attached here
+  EXPECT_TRUE(Unstage("garbage").ok());
+  EXPECT_TRUE(dp_.calls.empty());
+}
+
+// ---- NodeExpandVolume ----
+
+TEST_F(NodeServiceTest, ExpandGrowsDeviceThenFileSystem) {
+  ASSERT_TRUE(Stage(MountCap("xfs")).ok());
+  ASSERT_TRUE(Publish(MountCap("xfs")).ok());
+  dp_.volumes["pvc-1"].size = 2 * kGiB;  // ControllerExpandVolume grew the pool volume
+  v1::NodeExpandVolumeResponse resp;
+  ASSERT_TRUE(Expand(kTarget, 2 * kGiB, &resp).ok());
+  EXPECT_EQ(resp.capacity_bytes(), int64_t(2 * kGiB));
+  EXPECT_EQ(os_.Count("grow /dev/loop3 " + std::string(kTarget) + " xfs"), 1);
+  ASSERT_TRUE(Expand(kTarget, 2 * kGiB, &resp).ok());  // retry
+  EXPECT_EQ(resp.capacity_bytes(), int64_t(2 * kGiB));
+  EXPECT_THAT(dp_.calls, ::testing::Contains("resize pvc-1"));
+}
+
+TEST_F(NodeServiceTest, ExpandBlockOnlyResizesTheDevice) {
+  const std::string target = "/dev-publish/pvc-1";
+  ASSERT_TRUE(Stage(BlockCap()).ok());
+  ASSERT_TRUE(Publish(BlockCap(), false, target).ok());
+  dp_.volumes["pvc-1"].size = 3 * kGiB;
+  v1::NodeExpandVolumeResponse resp;
+  ASSERT_TRUE(Expand(target, 0, &resp).ok());
+  EXPECT_EQ(resp.capacity_bytes(), int64_t(3 * kGiB));
+  EXPECT_EQ(os_.Count("grow"), 0);
+}
+
+TEST_F(NodeServiceTest, ExpandErrors) {
+  v1::NodeExpandVolumeResponse resp;
+  EXPECT_EQ(Expand(kTarget, 0, &resp, "").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Expand("", 0, &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Expand(kTarget, -1, &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Expand(kTarget, 0, &resp).error_code(), grpc::StatusCode::NOT_FOUND);  // no path
+  EXPECT_EQ(Expand(kTarget, 0, &resp, "v1:node-b:pvc-1").error_code(), grpc::StatusCode::NOT_FOUND);
+  ASSERT_TRUE(Stage(MountCap()).ok());
+  ASSERT_TRUE(Publish(MountCap()).ok());
+  // The controller did not grow the volume: the device cannot satisfy the request.
+  EXPECT_EQ(Expand(kTarget, 2 * kGiB, &resp).error_code(), grpc::StatusCode::OUT_OF_RANGE);
+  EXPECT_EQ(os_.Count("grow"), 0);
+  os_.fail_next["grow"] = Error(EIO, "resize2fs /dev/loop3: exit status 1: bad");
+  EXPECT_EQ(Expand(kTarget, kGiB, &resp).error_code(), grpc::StatusCode::INTERNAL);
+  ASSERT_TRUE(Unpublish().ok());
+  ASSERT_TRUE(Unstage().ok());
+  os_.paths[kTarget] = PathKind::kDirectory;
+  EXPECT_EQ(Expand(kTarget, 0, &resp).error_code(), grpc::StatusCode::NOT_FOUND);  // not attached
+}
+
+// ---- NodeGetVolumeStats ----
+
+TEST_F(NodeServiceTest, StatsOfMountVolume) {
+  ASSERT_TRUE(Stage(MountCap()).ok());
+  ASSERT_TRUE(Publish(MountCap()).ok());
+  os_.fs_stats = {.total_bytes = 1000, .available_bytes = 600, .used_bytes = 400,
+                  .total_inodes = 100, .available_inodes = 90, .used_inodes = 10};
+  v1::NodeGetVolumeStatsResponse resp;
+  ASSERT_TRUE(Stats(kTarget, &resp).ok());
+  ASSERT_EQ(resp.usage_size(), 2);
+  EXPECT_EQ(resp.usage(0).unit(), v1::VolumeUsage::BYTES);
+  EXPECT_EQ(resp.usage(0).total(), 1000);
+  EXPECT_EQ(resp.usage(0).available(), 600);
+  EXPECT_EQ(resp.usage(0).used(), 400);
+  EXPECT_EQ(resp.usage(1).unit(), v1::VolumeUsage::INODES);
+  EXPECT_EQ(resp.usage(1).total(), 100);
+  EXPECT_EQ(resp.usage(1).available(), 90);
+  EXPECT_EQ(resp.usage(1).used(), 10);
+  EXPECT_FALSE(resp.volume_condition().abnormal()) << resp.volume_condition().message();
+}
+
+TEST_F(NodeServiceTest, StatsOfBlockVolume) {
+  const std::string target = "/dev-publish/pvc-1";
+  ASSERT_TRUE(Stage(BlockCap()).ok());
+  ASSERT_TRUE(Publish(BlockCap(), false, target).ok());
+  v1::NodeGetVolumeStatsResponse resp;
+  ASSERT_TRUE(Stats(target, &resp).ok());
+  ASSERT_EQ(resp.usage_size(), 1);
+  EXPECT_EQ(resp.usage(0).unit(), v1::VolumeUsage::BYTES);
+  EXPECT_EQ(resp.usage(0).total(), int64_t(kGiB));
+  EXPECT_FALSE(resp.volume_condition().abnormal());
+}
+
+TEST_F(NodeServiceTest, StatsVolumeCondition) {
+  // Each case gets its own volume, staged and published, then broken one way.
+  struct Case {
+    const char* name;
+    std::function<void(FakeDatapath::Vol&, const std::string& device)> break_it;
+    const char* want;  // "" = normal
+  } cases[] = {
+      {"healthy", [](FakeDatapath::Vol&, const std::string&) {}, ""},
+      {"link down", [](FakeDatapath::Vol& v, const std::string&) { v.link_ok = false; },
+       "nbdfuse exited"},
+      {"read errors", [](FakeDatapath::Vol& v, const std::string&) { v.read_errors = 3; },
+       "read 3"},
+      {"write errors", [](FakeDatapath::Vol& v, const std::string&) { v.write_errors = 1; },
+       "write 1"},
+      {"fs went read-only",
+       [this](FakeDatapath::Vol&, const std::string& device) {
+         for (auto& m : os_.mounts) m.super_read_only = m.super_read_only || m.source == device;
+       },
+       "read-only"},
+      {"datapath down", [this](FakeDatapath::Vol&, const std::string&) { dp_.unreachable = true; },
+       "unreachable"},
+      {"detached under us", [](FakeDatapath::Vol& v, const std::string&) { v.attached = false; },
+       "not attached"},
+  };
+  int i = 0;
+  for (const auto& c : cases) {
+    ++i;
+    std::string name = "cond-" + std::to_string(i);
+    std::string id = "v1:node-a:" + name, device = "/dev/loop" + std::to_string(10 + i);
+    std::string staging = "/stage/" + name, target = "/pods/" + name + "/mount";
+    dp_.AddVolume(name, kGiB, device, makedev(7, 10 + i));
+    ASSERT_TRUE(Stage(MountCap(), id, staging).ok()) << c.name;
+    ASSERT_TRUE(Publish(MountCap(), false, target, id, staging).ok()) << c.name;
+    c.break_it(dp_.volumes[name], device);
+    v1::NodeGetVolumeStatsResponse resp;
+    ASSERT_TRUE(Stats(target, &resp, id).ok()) << c.name;
+    EXPECT_EQ(resp.volume_condition().abnormal(), std::string(c.want) != "") << c.name;
+    EXPECT_THAT(resp.volume_condition().message(), HasSubstr(c.want)) << c.name;
+    dp_.unreachable = false;
+  }
+}
+
+TEST_F(NodeServiceTest, StatsReadOnlyPublishIsNormal) {
+  // A read-only bind of a read-write file system is what was asked for, not a failure.
+  ASSERT_TRUE(Stage(MountCap()).ok());
+  ASSERT_TRUE(Publish(MountCap(), true).ok());
+  v1::NodeGetVolumeStatsResponse resp;
+  ASSERT_TRUE(Stats(kTarget, &resp).ok());
+  EXPECT_FALSE(resp.volume_condition().abnormal()) << resp.volume_condition().message();
+}
+
+TEST_F(NodeServiceTest, StatsErrors) {
+  v1::NodeGetVolumeStatsResponse resp;
+  EXPECT_EQ(Stats(kTarget, &resp, "").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Stats("", &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Stats(kTarget, &resp).error_code(), grpc::StatusCode::NOT_FOUND);  // no such path
+  os_.paths[kTarget] = PathKind::kDirectory;
+  EXPECT_EQ(Stats(kTarget, &resp).error_code(), grpc::StatusCode::NOT_FOUND);  // nothing mounted
+  ASSERT_TRUE(Stage(MountCap()).ok());
+  EXPECT_EQ(Stats(kStaging, &resp, "v1:node-b:pvc-1").error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+// ---- the whole sequence, and concurrency ----
+
+TEST_F(NodeServiceTest, FullSequenceLeavesNothingBehind) {
+  ASSERT_TRUE(Stage(MountCap("xfs")).ok());
+  ASSERT_TRUE(Publish(MountCap("xfs")).ok());
+  ASSERT_TRUE(Publish(MountCap("xfs"), true, "/pods/2/mount").ok());
+  ASSERT_TRUE(Unpublish().ok());
+  ASSERT_TRUE(Unpublish(kVol, "/pods/2/mount").ok());
+  ASSERT_TRUE(Unstage().ok());
+  EXPECT_TRUE(os_.mounts.empty());
+  EXPECT_FALSE(dp_.volumes["pvc-1"].attached);
+  // Staged again later: the file system is kept, not reformatted.
+  ASSERT_TRUE(Stage(MountCap("xfs")).ok());
+  EXPECT_EQ(os_.Count("mkfs"), 1);
+}
+
+TEST_F(NodeServiceTest, ConcurrentCallOnSameVolumeIsAborted) {
+  std::promise<void> entered, release;
+  std::shared_future<void> release_f = release.get_future().share();
+  bool first = true;
+  dp_.on_attach = [&](const std::string& v) {
+    if (v == "pvc-1" && first) {
+      first = false;
+      entered.set_value();
+      release_f.wait();
+    }
+  };
+  auto slow = std::async(std::launch::async, [&] { return Stage(MountCap()); });
+  entered.get_future().wait();
+  // Same volume, any RPC: ABORTED at once, without touching anything.
+  size_t calls_before = os_.calls.size();
+  EXPECT_EQ(Stage(MountCap()).error_code(), grpc::StatusCode::ABORTED);
+  EXPECT_EQ(Unstage().error_code(), grpc::StatusCode::ABORTED);
+  EXPECT_EQ(Publish(MountCap()).error_code(), grpc::StatusCode::ABORTED);
+  v1::NodeGetVolumeStatsResponse sresp;
+  EXPECT_EQ(Stats(kTarget, &sresp).error_code(), grpc::StatusCode::ABORTED);
+  EXPECT_EQ(os_.calls.size(), calls_before);
+  // Another volume is not held up.
+  EXPECT_TRUE(Stage(BlockCap(), "v1:node-a:pvc-2", "/stage/2").ok());
+  release.set_value();
+  ASSERT_TRUE(slow.get().ok());
+  // Released: the next call goes through.
+  EXPECT_TRUE(Stage(MountCap()).ok());
+  EXPECT_EQ(os_.Count("mkfs"), 1);
+}
+
+// ---- path rules ----
+
+TEST(NodePathTest, ValidateNodePath) {
+  for (const char* ok : {"/a", "/var/lib/kubelet/pods/x/volumes/kubernetes.io~csi/p/mount",
+                         "/a/b.c/..d/e..", "/with space/x"}) {
+    EXPECT_TRUE(ValidateNodePath("p", ok).ok()) << ok;
+  }
+  for (const char* bad : {"", "/", "a", "./a", "/a/", "/a//b", "/a/./b", "/a/../b", "/..", "/."}) {
+    Status s = ValidateNodePath("target_path", bad);
+    EXPECT_EQ(s.code(), EINVAL) << bad;
+    EXPECT_THAT(s.message(), HasSubstr("target_path")) << bad;
+  }
+  EXPECT_EQ(ValidateNodePath("p", "/" + std::string(5000, 'a')).code(), EINVAL);
+  EXPECT_EQ(ValidateNodePath("p", std::string("/a\0b", 4)).code(), EINVAL);
+}
+
+}  // namespace
+}  // namespace nbdcsi::node
