@@ -44,6 +44,33 @@ PROVISIONER_ARGS = ["--feature-gates", "--strict-topology", "--immediate-topolog
                     "--enable-capacity", "--capacity-ownerref-level=2", "--extra-create-metadata",
                     "--leader-election", "--default-fstype=ext4"]
 WORKLOADS = ("Deployment", "DaemonSet", "StatefulSet")
+# The sidecars' flags (from each project's README for the pinned major versions), so that a
+# misspelt flag, which the sidecar would refuse at start, fails here instead. Matched by image.
+_COMMON = {"--csi-address", "--kubeconfig", "--timeout", "--http-endpoint", "--metrics-path",
+           "--metrics-address", "--v", "--kube-api-qps", "--kube-api-burst"}
+_ELECTION = {"--leader-election", "--leader-election-namespace",
+             "--leader-election-lease-duration", "--leader-election-renew-deadline",
+             "--leader-election-retry-period"}
+SIDECAR_FLAGS = {
+    "csi-provisioner": _COMMON | _ELECTION | {
+        "--volume-name-prefix", "--volume-name-uuid-length", "--retry-interval-start",
+        "--retry-interval-max", "--worker-threads", "--cloning-protection-threads",
+        "--strict-topology", "--immediate-topology", "--extra-create-metadata",
+        "--default-fstype", "--feature-gates", "--enable-capacity", "--capacity-ownerref-level",
+        "--capacity-poll-interval", "--capacity-for-immediate-binding", "--capacity-threads",
+        "--node-deployment", "--controller-publish-readonly", "--prevent-volume-mode-conversion"},
+    "csi-snapshotter": _COMMON | _ELECTION | {
+        "--snapshot-name-prefix", "--snapshot-name-uuid-length", "--extra-create-metadata",
+        "--worker-threads", "--retry-interval-start", "--retry-interval-max", "--feature-gates"},
+    "csi-resizer": _COMMON | _ELECTION | {
+        "--workers", "--retry-interval-start", "--retry-interval-max",
+        "--handle-volume-inuse-error", "--feature-gates"},
+    "csi-node-driver-registrar": {"--csi-address", "--kubelet-registration-path",
+                                  "--plugin-registration-path", "--http-endpoint", "--timeout",
+                                  "--health-port", "--v"},
+    "livenessprobe": {"--csi-address", "--health-port", "--http-endpoint", "--probe-timeout",
+                      "--metrics-address", "--metrics-path", "--v"},
+}
 
 
 class Checker:
@@ -225,6 +252,18 @@ def check(ck, docs, expect_secrets, quiet=False):
         for k in (vac.get("parameters") or {}):
             if k not in QOS_KEYS:
                 ck.err(where, f"unknown parameter {k!r}; known: {', '.join(QOS_KEYS)}")
+
+    # ---- sidecar flags --------------------------------------------------------------------
+    for where, _, pod in pods_of(docs):
+        for c in pod.get("containers", []):
+            image = c.get("image", "")
+            name = next((k for k in SIDECAR_FLAGS if f"/{k}:" in image), None)
+            if name is None:
+                continue
+            for a in c.get("args", []):
+                flag = a.split("=", 1)[0]
+                if a.startswith("--") and flag not in SIDECAR_FLAGS[name]:
+                    ck.err(f"{where} container {c['name']}", f"{name} has no flag {flag}")
 
     # ---- our containers: flags ------------------------------------------------------------
     found = {}
@@ -668,6 +707,7 @@ def self_test(ck_factory, docs, expect_secrets):
         "sidecar mount typo": mount_typo,
         "undefined $(VAR)": missing_env,
         "required flag dropped": drop_required,
+        "sidecar flag typo": lambda ds: next(c for _, _, p in pods_of(ds) for c in p["containers"] if "csi-resizer" in c.get("image", ""))["args"].append("--leader-electon"),
         "node plugin socket off the host": lambda ds: set_arg(find(ds, "nbd-csi-node")[1], "--csi-endpoint", "unix:///tmp/csi.sock"),
     }
     failures = []
