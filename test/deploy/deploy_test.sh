@@ -23,6 +23,11 @@ if [ "$what" != version ]; then
     skip_or_fail "no helm: $(cat "$tmp/get-helm.err")"
 fi
 
+case $what in
+  template|check)
+    python3 -c 'import yaml' 2>/dev/null || skip_or_fail "python3 has no yaml module (apt-get install python3-yaml)" ;;
+esac
+
 # Value sets every rendering test goes through: the defaults, and each optional branch.
 value_sets() {
   echo "defaults|"
