@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -31,45 +32,57 @@ struct NodeInfo {
   uint64_t volumes = 0;
   bool reflink = false;
   uint32_t nbd_devices = 0;
+  std::string version;
+  int64_t started_unix_ns = 0;  // the datapath's start time; a change means it restarted
+  std::chrono::steady_clock::time_point first_seen;  // of this registration (reset on expiry)
   std::chrono::steady_clock::time_point last_seen;
 };
 
 class NodeRegistry {
  public:
+  using Clock = std::function<std::chrono::steady_clock::time_point()>;
+
   // `creds` is used for every channel to a datapath (mTLS, or insecure for loopback tests).
-  // A node not heard from within `ttl` is treated as absent (List() skips it, Get() is nullopt).
+  // A node not heard from within `ttl` is treated as absent (List() skips it, Get() is nullopt,
+  // Datapath() is ENODEV) and its channel is dropped. `heartbeat_interval` is what the Registry
+  // service tells datapaths; ttl should be a few intervals. `clock` is for tests.
   NodeRegistry(std::shared_ptr<grpc::ChannelCredentials> creds, std::chrono::milliseconds ttl,
-               std::chrono::milliseconds heartbeat_interval);
+               std::chrono::milliseconds heartbeat_interval,
+               Clock clock = std::chrono::steady_clock::now);
 
   // Records a heartbeat; EINVAL on a bad node id ([a-z0-9.-], 1-253, as Kubernetes node names)
-  // or address. A changed address drops the cached channel.
+  // or address (host:port). A changed address drops the cached channel.
   Status Heartbeat(const nbdcsi::datapath::v1::HeartbeatRequest& req);
 
   std::optional<NodeInfo> Get(const std::string& node_id) const;
   std::vector<NodeInfo> List() const;  // live nodes, sorted by node id
 
-  // A stub for the node's Datapath API over a cached channel; ENODEV (-> UNAVAILABLE) when the
-  // node is not registered (or expired).
+  // A stub for the node's Datapath API over a cached channel (one per node and address);
+  // ENODEV (-> UNAVAILABLE) when the node is not registered (or expired).
   StatusOr<std::shared_ptr<nbdcsi::datapath::v1::Datapath::Stub>> Datapath(
       const std::string& node_id);
 
-  // Replaces the channel credentials factory for tests that connect to fixed stubs. (Optional.)
   std::chrono::milliseconds heartbeat_interval() const { return interval_; }
+  std::chrono::milliseconds ttl() const { return ttl_; }
 
  private:
+  struct Entry {
+    NodeInfo info;
+    std::shared_ptr<grpc::Channel> channel;  // created on first Datapath() use
+    std::shared_ptr<nbdcsi::datapath::v1::Datapath::Stub> stub;
+  };
+  bool Live(const Entry& e, std::chrono::steady_clock::time_point now) const;
+
   std::shared_ptr<grpc::ChannelCredentials> creds_;
   std::chrono::milliseconds ttl_;
   std::chrono::milliseconds interval_;
+  Clock clock_;
   mutable std::mutex mu_;
-  struct Entry {
-    NodeInfo info;
-    std::shared_ptr<grpc::Channel> channel;
-    std::shared_ptr<nbdcsi::datapath::v1::Datapath::Stub> stub;
-  };
   std::map<std::string, Entry> nodes_;  // guarded by mu_
 };
 
-// The Registry gRPC service over a NodeRegistry (which must outlive it).
+// The Registry gRPC service over a NodeRegistry (which must outlive it): INVALID_ARGUMENT for a
+// bad heartbeat (logged), otherwise OK with the registry's heartbeat interval.
 std::unique_ptr<nbdcsi::datapath::v1::Registry::Service> MakeRegistryService(NodeRegistry& reg);
 
 }  // namespace nbdcsi::controller

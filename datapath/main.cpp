@@ -13,8 +13,11 @@
 #include <spdlog/spdlog.h>
 
 #include "common/endpoint.h"
+#include "common/node_id.h"
 #include "common/quantity.h"
+#include "common/tls.h"
 #include "datapath/api/attach_service.h"
+#include "datapath/api/heartbeat.h"
 #include "datapath/api/service.h"
 #include "datapath/engine/attachments.h"
 #include "datapath/engine/frontend.h"
@@ -35,6 +38,57 @@ Status EnsureSocketDir(const Endpoint& ep) {
   return Status::Ok();
 }
 
+// What the cluster flags (--node-id ... --heartbeat-interval) resolve to.
+struct ClusterConfig {
+  std::string node_id;
+  std::string advertise;   // host:port
+  std::string tcp_listen;  // host:port; empty: no TCP API
+  std::string controller;  // host:port; empty: no heartbeat
+  TlsFiles tls;
+  std::chrono::milliseconds heartbeat_interval{2000};
+};
+
+// Checks the flag combinations before anything is opened, so a misconfigured DaemonSet fails at
+// once with the flag to fix (exit 2) rather than running unregistered.
+Status ValidateCluster(ClusterConfig& c) {
+  if (!c.node_id.empty()) {
+    if (Status s = ValidateNodeId(c.node_id); !s.ok()) {
+      return Error(EINVAL, "--node-id: {}", s.message());
+    }
+  }
+  if (!c.controller.empty()) {
+    if (c.node_id.empty() || c.advertise.empty()) {
+      return Error(EINVAL, "--controller needs --node-id (this node's Kubernetes name) and "
+                           "--advertise (host:port where the controller reaches this datapath)");
+    }
+    if (Status s = ValidateHostPort(c.controller); !s.ok()) {
+      return Error(EINVAL, "--controller: {}", s.message());
+    }
+  }
+  if (!c.advertise.empty()) {
+    if (Status s = ValidateHostPort(c.advertise); !s.ok()) {
+      return Error(EINVAL, "--advertise: {}", s.message());
+    }
+    if (c.tcp_listen.empty()) c.tcp_listen = c.advertise;
+  }
+  if (!c.tcp_listen.empty()) {
+    if (Status s = ValidateHostPort(c.tcp_listen); !s.ok()) {
+      return Error(EINVAL, "--api-tcp-listen: {}", s.message());
+    }
+  }
+  const bool any_tls = !c.tls.cert.empty() || !c.tls.key.empty() || !c.tls.ca.empty();
+  if (!c.tcp_listen.empty() || !c.controller.empty() || any_tls || c.tls.insecure) {
+    if (Status s = c.tls.Validate(); !s.ok()) {
+      const char* who = !c.tcp_listen.empty()
+                            ? "the TCP Datapath API (--advertise/--api-tcp-listen)"
+                        : !c.controller.empty() ? "--controller"
+                                                : "TLS";
+      return Error(EINVAL, "{}: {}", who, s.message());
+    }
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -48,6 +102,8 @@ int main(int argc, char** argv) {
   std::string capacity;
   std::string log_level = "info";
   AttachOptions aopts;
+  ClusterConfig cluster;
+  int64_t heartbeat_ms = 2000;
   app.add_option("--pool", pool_dir, "Pool directory (volumes are sparse files in it)")->required();
   app.add_option("--api", api, "Management API endpoint (unix:///path; socket mode 0600)")
       ->capture_default_str();
@@ -82,8 +138,29 @@ int main(int argc, char** argv) {
                  "are requeued after it; live requests slower than this get their socket dropped")
       ->check(CLI::Range(uint64_t{1}, uint64_t{3600}))
       ->capture_default_str();
+  app.add_option("--node-id", cluster.node_id,
+                 "This node's Kubernetes name; the controller places volumes by it");
+  app.add_option("--advertise", cluster.advertise,
+                 "HOST:PORT where the controller reaches the Datapath API over TCP (mutual TLS); "
+                 "also where it listens unless --api-tcp-listen says otherwise");
+  app.add_option("--api-tcp-listen", cluster.tcp_listen,
+                 "HOST:PORT to listen on for the TCP Datapath API (e.g. 0.0.0.0:9820)");
+  app.add_option("--controller", cluster.controller,
+                 "HOST:PORT of nbd-csi-controller's Registry: heartbeat to it (needs --node-id "
+                 "and --advertise); without it the datapath runs alone");
+  app.add_option("--tls-cert", cluster.tls.cert, "PEM certificate (chain) of this datapath");
+  app.add_option("--tls-key", cluster.tls.key, "PEM private key of --tls-cert");
+  app.add_option("--tls-ca", cluster.tls.ca,
+                 "PEM CA bundle the controller's certificate must chain to");
+  app.add_flag("--insecure", cluster.tls.insecure,
+               "Plaintext TCP API and heartbeats, no authentication (loopback tests only)");
+  app.add_option("--heartbeat-interval", heartbeat_ms, "Milliseconds between heartbeats")
+      ->check(CLI::Range(int64_t{100}, int64_t{600000}))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (listens.empty()) listens.push_back("unix:///run/nbd-csi/nbd.sock");
+  cluster.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
+  const auto started = std::chrono::system_clock::now();
 
   spdlog::set_level(spdlog::level::from_str(log_level));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
@@ -121,6 +198,42 @@ int main(int argc, char** argv) {
   if (!api_ep.ok()) {
     spdlog::critical("--api {}: {}", api, api_ep.status().message());
     return 2;
+  }
+  if (api_ep->kind != Endpoint::Kind::kUnix) {
+    spdlog::critical("--api {}: must be a unix socket; the TCP API is --advertise / "
+                     "--api-tcp-listen, with TLS", api);
+    return 2;
+  }
+  if (Status st = ValidateCluster(cluster); !st.ok()) {
+    spdlog::critical("{}", st.message());
+    return 2;
+  }
+  // Read the TLS files now: an unreadable key is a configuration error, reported before the pool
+  // is opened.
+  std::vector<ApiListen> api_listens(1);
+  api_listens[0].endpoint = api;
+  std::shared_ptr<grpc::ChannelCredentials> channel_creds;
+  if (!cluster.tcp_listen.empty()) {
+    ApiListen tcp;
+    tcp.endpoint = "tcp://" + cluster.tcp_listen;
+    tcp.insecure = cluster.tls.insecure;
+    if (!cluster.tls.insecure) {
+      auto creds = MakeServerCredentials(cluster.tls);
+      if (!creds.ok()) {
+        spdlog::critical("TCP Datapath API: {}", creds.status().message());
+        return 2;
+      }
+      tcp.creds = *creds;
+    }
+    api_listens.push_back(std::move(tcp));
+  }
+  if (!cluster.controller.empty()) {
+    auto creds = MakeChannelCredentials(cluster.tls);
+    if (!creds.ok()) {
+      spdlog::critical("--controller: {}", creds.status().message());
+      return 2;
+    }
+    channel_creds = *creds;
   }
 
   auto pool = Pool::Open(popts);
@@ -183,17 +296,41 @@ int main(int argc, char** argv) {
     return 1;
   }
   auto attach_service = MakeAttachmentService(attachments);
-  auto server = StartApiServer(**pool, api, {attach_service.get()});
+  auto server = StartApiServer(**pool, api_listens, {attach_service.get()});
   if (!server.ok()) {
-    spdlog::critical("cannot start the management API on {}: {}", api, server.status().message());
+    spdlog::critical("cannot start the management API: {}", server.status().message());
     return 1;
   }
-  spdlog::info("nbd-datapathd ready: api {}, {} NBD listener(s), {} workers", api, nbd_eps.size(),
+  // Only once the API serves: the controller may call it as soon as it hears from us.
+  std::unique_ptr<HeartbeatSender> heartbeat;
+  if (!cluster.controller.empty()) {
+    HeartbeatOptions hopts;
+    hopts.node_id = cluster.node_id;
+    hopts.advertise = cluster.advertise;
+    hopts.controller = cluster.controller;
+    hopts.creds = channel_creds;
+    hopts.interval = cluster.heartbeat_interval;
+    hopts.version = NBDCSI_VERSION;
+    hopts.started_unix_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                started.time_since_epoch()).count();
+    heartbeat = std::make_unique<HeartbeatSender>(**pool, std::move(hopts));
+    if (Status st = heartbeat->Start(); !st.ok()) {
+      spdlog::critical("heartbeat: {}", st.message());
+      return 1;
+    }
+  }
+  spdlog::info("nbd-datapathd {} ready: api {}{}{}, {} NBD listener(s), {} workers",
+               NBDCSI_VERSION, api,
+               cluster.tcp_listen.empty() ? "" : " and tcp://" + cluster.tcp_listen,
+               cluster.node_id.empty() ? "" : ", node " + cluster.node_id, nbd_eps.size(),
                workers);
 
   int sig = 0;
   sigwait(&sigs, &sig);
   spdlog::info("signal {}: shutting down", sig);
+  // No more heartbeats first: the controller then expires this node instead of sending calls to
+  // an API that is going away.
+  if (heartbeat) heartbeat->Stop();
   (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   // Attached devices are left attached on purpose: the kernel queues their I/O for the
   // dead-connection timeout, and the next start reconnects them (an upgrade or restart must not

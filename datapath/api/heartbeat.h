@@ -1,0 +1,85 @@
+// The datapath's side of the node registry: a thread that tells nbd-csi-controller, over
+// Registry.Heartbeat (registry.proto), that this node's datapath is alive, where its Datapath API
+// listens, and how much room its pool has. The controller keeps only soft state, so every
+// heartbeat carries everything it needs, and a restarted controller knows the node again at the
+// next one.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include <grpcpp/channel.h>
+#include <grpcpp/client_context.h>
+#include <grpcpp/security/credentials.h>
+
+#include "common/status.h"
+#include "datapath/api/registry.grpc.pb.h"
+#include "datapath/pool/pool.h"
+
+namespace nbdcsi::datapath {
+
+struct HeartbeatOptions {
+  std::string node_id;     // Kubernetes node name (common/node_id.h rules)
+  std::string advertise;   // host:port of our TCP Datapath API, as the controller should dial it
+  std::string controller;  // host:port of the controller's Registry service
+  std::shared_ptr<grpc::ChannelCredentials> creds;  // mutual TLS, or insecure for tests
+  std::chrono::milliseconds interval{2000};
+  std::string version;
+  int64_t started_unix_ns = 0;  // tells the controller when this datapath restarted
+  std::string dev_dir = "/dev";  // where /dev/nbdN devices are counted
+};
+
+// The whole /dev/nbdN devices (block devices named nbd<digits>; partitions are not counted)
+// under dev_dir. 0 when there are none or the directory cannot be read.
+uint32_t CountNbdDevices(const std::string& dev_dir = "/dev");
+
+// One heartbeat for the pool state `info`.
+nbdcsi::datapath::v1::HeartbeatRequest MakeHeartbeatRequest(const HeartbeatOptions& opts,
+                                                            const PoolInfo& info,
+                                                            uint32_t nbd_devices);
+
+class HeartbeatSender {
+ public:
+  // The pool must outlive the sender.
+  HeartbeatSender(Pool& pool, HeartbeatOptions opts);
+  ~HeartbeatSender();  // Stop()
+  HeartbeatSender(const HeartbeatSender&) = delete;
+  HeartbeatSender& operator=(const HeartbeatSender&) = delete;
+
+  // Checks the options (EINVAL naming the bad one) and starts the thread, which sends at once and
+  // then every interval (or the controller's shorter one). A failed call is retried at the next
+  // interval, never sooner. Logs the first success, then only changes (lost / regained).
+  Status Start();
+  // Wakes the thread, cancels a call in flight and joins. Idempotent.
+  void Stop();
+
+  struct Counters {
+    uint64_t ok = 0;
+    uint64_t failed = 0;
+    bool connected = false;  // the last call succeeded
+  };
+  Counters counters() const;
+
+ private:
+  void Run();
+  // One Heartbeat call; returns the interval the controller asked for (0: none).
+  Status SendOnce(std::chrono::milliseconds* asked);
+
+  Pool& pool_;
+  HeartbeatOptions opts_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<nbdcsi::datapath::v1::Registry::Stub> stub_;
+  std::thread thread_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;                        // guarded by mu_
+  grpc::ClientContext* in_flight_ = nullptr;  // guarded by mu_; cancelled by Stop()
+  Counters counters_;                        // guarded by mu_
+};
+
+}  // namespace nbdcsi::datapath

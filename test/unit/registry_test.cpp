@@ -1,0 +1,639 @@
+// The node registry end to end. NodeRegistry logic runs on a fake clock (expiry, address changes,
+// bad heartbeats). Then real nbd-datapathd processes (NBDCSI_BIN) heartbeat over mutual TLS to an
+// in-test Registry server the way nbd-csi-controller runs it: the numbers arrive, the controller's
+// Datapath channel works with the right certificate and nothing else does, a restarted registry
+// hears from the node again within one interval, and bad flag combinations exit 2 with a message.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/sysmacros.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <grpcpp/grpcpp.h>
+
+#include "common/tls.h"
+#include "controller/registry.h"
+#include "datapath/api/heartbeat.h"
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using namespace nbdcsi;
+using nbdcsi::controller::NodeInfo;
+using nbdcsi::controller::NodeRegistry;
+namespace v1 = ::nbdcsi::datapath::v1;
+using std::chrono::milliseconds;
+using std::chrono::steady_clock;
+
+namespace {
+
+constexpr uint64_t kMiB = uint64_t{1} << 20;
+constexpr uint64_t kGiB = uint64_t{1} << 30;
+
+v1::HeartbeatRequest Beat(const std::string& id, const std::string& addr, uint64_t free = 0) {
+  v1::HeartbeatRequest r;
+  r.set_node_id(id);
+  r.set_api_address(addr);
+  r.set_capacity_bytes(10 * kGiB);
+  r.set_free_bytes(free);
+  r.set_provisionable_bytes(7 * kGiB);
+  r.set_provisioned_bytes(3 * kGiB);
+  r.set_volumes(3);
+  r.set_reflink(true);
+  r.set_version("0.1.0");
+  r.set_started_unix_ns(42);
+  r.set_nbd_devices(16);
+  return r;
+}
+
+struct FakeClock {
+  steady_clock::time_point now = steady_clock::time_point{} + 1000h;
+};
+
+NodeRegistry MakeRegistry(FakeClock& clock) {
+  return NodeRegistry(grpc::InsecureChannelCredentials(), 3000ms, 1000ms,
+                      [&clock] { return clock.now; });
+}
+
+}  // namespace
+
+TEST(NodeRegistry, HeartbeatRegistersWithEveryField) {
+  FakeClock clock;
+  NodeRegistry reg = MakeRegistry(clock);
+  EXPECT_FALSE(reg.Get("node-b").has_value());
+  ASSERT_TRUE(reg.Heartbeat(Beat("node-b", "10.0.0.2:9820", 5 * kGiB)).ok());
+  ASSERT_TRUE(reg.Heartbeat(Beat("node-a", "10.0.0.1:9820", 6 * kGiB)).ok());
+  auto b = reg.Get("node-b");
+  ASSERT_TRUE(b.has_value());
+  EXPECT_EQ(b->node_id, "node-b");
+  EXPECT_EQ(b->api_address, "10.0.0.2:9820");
+  EXPECT_EQ(b->capacity_bytes, 10 * kGiB);
+  EXPECT_EQ(b->free_bytes, 5 * kGiB);
+  EXPECT_EQ(b->provisionable_bytes, 7 * kGiB);
+  EXPECT_EQ(b->provisioned_bytes, 3 * kGiB);
+  EXPECT_EQ(b->volumes, 3u);
+  EXPECT_TRUE(b->reflink);
+  EXPECT_EQ(b->nbd_devices, 16u);
+  EXPECT_EQ(b->version, "0.1.0");
+  EXPECT_EQ(b->started_unix_ns, 42);
+  EXPECT_EQ(b->last_seen, clock.now);
+  auto list = reg.List();
+  ASSERT_EQ(list.size(), 2u);
+  EXPECT_EQ(list[0].node_id, "node-a");  // sorted
+  EXPECT_EQ(list[1].node_id, "node-b");
+  // A later heartbeat replaces the numbers.
+  clock.now += 1000ms;
+  ASSERT_TRUE(reg.Heartbeat(Beat("node-b", "10.0.0.2:9820", 4 * kGiB)).ok());
+  EXPECT_EQ(reg.Get("node-b")->free_bytes, 4 * kGiB);
+  EXPECT_EQ(reg.Get("node-b")->last_seen, clock.now);
+  EXPECT_EQ(reg.Get("node-b")->first_seen, clock.now - 1000ms);
+}
+
+TEST(NodeRegistry, ExpiresAfterTtlAndComesBackWithTheNextHeartbeat) {
+  FakeClock clock;
+  NodeRegistry reg = MakeRegistry(clock);
+  ASSERT_TRUE(reg.Heartbeat(Beat("node-a", "127.0.0.1:9820")).ok());
+  clock.now += 3000ms;  // exactly the ttl: still live
+  EXPECT_TRUE(reg.Get("node-a").has_value());
+  EXPECT_TRUE(reg.Datapath("node-a").ok());
+  clock.now += 1ms;
+  EXPECT_FALSE(reg.Get("node-a").has_value());
+  EXPECT_TRUE(reg.List().empty());
+  auto dp = reg.Datapath("node-a");
+  ASSERT_FALSE(dp.ok());
+  EXPECT_EQ(dp.status().code(), ENODEV);
+  EXPECT_NE(dp.status().message().find("node-a"), std::string::npos) << dp.status().message();
+  ASSERT_TRUE(reg.Heartbeat(Beat("node-a", "127.0.0.1:9820")).ok());
+  EXPECT_TRUE(reg.Get("node-a").has_value());
+  EXPECT_EQ(reg.Get("node-a")->first_seen, clock.now);  // a new registration
+  EXPECT_TRUE(reg.Datapath("node-a").ok());
+}
+
+TEST(NodeRegistry, ChannelIsCachedPerAddressAndDroppedWhenItChanges) {
+  FakeClock clock;
+  NodeRegistry reg = MakeRegistry(clock);
+  EXPECT_EQ(reg.Datapath("nobody").status().code(), ENODEV);
+  ASSERT_TRUE(reg.Heartbeat(Beat("node-a", "127.0.0.1:9820")).ok());
+  auto first = reg.Datapath("node-a");
+  ASSERT_TRUE(first.ok());
+  ASSERT_TRUE(reg.Heartbeat(Beat("node-a", "127.0.0.1:9820")).ok());
+  auto same = reg.Datapath("node-a");
+  ASSERT_TRUE(same.ok());
+  EXPECT_EQ(first->get(), same->get()) << "same address: the stub must be reused";
+  ASSERT_TRUE(reg.Heartbeat(Beat("node-a", "127.0.0.1:9821")).ok());
+  EXPECT_EQ(reg.Get("node-a")->api_address, "127.0.0.1:9821");
+  auto moved = reg.Datapath("node-a");
+  ASSERT_TRUE(moved.ok());
+  EXPECT_NE(first->get(), moved->get()) << "a new address needs a new channel";
+}
+
+TEST(NodeRegistry, BadHeartbeatsAreRefusedAndChangeNothing) {
+  FakeClock clock;
+  NodeRegistry reg = MakeRegistry(clock);
+  ASSERT_TRUE(reg.Heartbeat(Beat("node-a", "127.0.0.1:9820")).ok());
+  for (const char* id : {"", "Node-A", "node_a", "-node", "node-", "a/b"}) {
+    Status s = reg.Heartbeat(Beat(id, "127.0.0.1:9820"));
+    EXPECT_EQ(s.code(), EINVAL) << id;
+    EXPECT_NE(s.message().find("node id"), std::string::npos) << s.message();
+  }
+  EXPECT_EQ(reg.Heartbeat(Beat(std::string(254, 'a'), "127.0.0.1:1")).code(), EINVAL);
+  for (const char* addr : {"", "127.0.0.1", "127.0.0.1:0", "tcp://127.0.0.1:9820", "::1:9820",
+                           "host name:1"}) {
+    Status s = reg.Heartbeat(Beat("node-a", addr));
+    EXPECT_EQ(s.code(), EINVAL) << addr;
+    EXPECT_NE(s.message().find("node-a"), std::string::npos) << s.message();
+  }
+  ASSERT_EQ(reg.List().size(), 1u);
+  EXPECT_EQ(reg.Get("node-a")->api_address, "127.0.0.1:9820");
+}
+
+TEST(NodeRegistry, ServiceMapsErrorsAndAnnouncesTheInterval) {
+  FakeClock clock;
+  NodeRegistry reg = MakeRegistry(clock);
+  auto svc = controller::MakeRegistryService(reg);
+  grpc::ServerBuilder b;
+  b.RegisterService(svc.get());
+  auto server = b.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  auto stub = v1::Registry::NewStub(server->InProcessChannel({}));
+  v1::HeartbeatResponse resp;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(stub->Heartbeat(&ctx, Beat("node-a", "[::1]:9820"), &resp).ok());
+    EXPECT_EQ(resp.interval_ms(), 1000u);
+  }
+  {
+    grpc::ClientContext ctx;
+    grpc::Status st = stub->Heartbeat(&ctx, Beat("NODE", "[::1]:9820"), &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(st.error_message().find("NODE"), std::string::npos) << st.error_message();
+  }
+  EXPECT_EQ(reg.List().size(), 1u);
+  server->Shutdown();
+}
+
+TEST(Heartbeat, RequestCarriesThePoolNumbers) {
+  datapath::HeartbeatOptions o;
+  o.node_id = "n1";
+  o.advertise = "10.1.1.1:9820";
+  o.version = "9.9";
+  o.started_unix_ns = 77;
+  datapath::PoolInfo info;
+  info.capacity = 10 * kGiB;
+  info.overcommit_ratio = 2.0;
+  info.provisioned = 15 * kGiB;
+  info.free = 9 * kGiB;
+  info.volumes = 4;
+  info.reflink = true;
+  v1::HeartbeatRequest r = datapath::MakeHeartbeatRequest(o, info, 3);
+  EXPECT_EQ(r.node_id(), "n1");
+  EXPECT_EQ(r.api_address(), "10.1.1.1:9820");
+  EXPECT_EQ(r.capacity_bytes(), 10 * kGiB);
+  EXPECT_EQ(r.free_bytes(), 9 * kGiB);
+  EXPECT_EQ(r.provisioned_bytes(), 15 * kGiB);
+  EXPECT_EQ(r.provisionable_bytes(), 5 * kGiB);  // 10 GiB x 2 - 15 GiB
+  EXPECT_EQ(r.volumes(), 4u);
+  EXPECT_TRUE(r.reflink());
+  EXPECT_EQ(r.version(), "9.9");
+  EXPECT_EQ(r.started_unix_ns(), 77);
+  EXPECT_EQ(r.nbd_devices(), 3u);
+  info.provisioned = 30 * kGiB;  // overcommitted beyond the ratio: nothing left, no wrap
+  EXPECT_EQ(datapath::MakeHeartbeatRequest(o, info, 0).provisionable_bytes(), 0u);
+}
+
+TEST(Heartbeat, CountsWholeNbdBlockDevicesOnly) {
+  // Block device nodes need CAP_MKNOD; a fake /dev holds other file types, which must not count.
+  std::string dir = "/tmp/hb_dev.XXXXXX";
+  ASSERT_NE(mkdtemp(dir.data()), nullptr);
+  EXPECT_EQ(datapath::CountNbdDevices(dir), 0u);
+  std::ofstream(dir + "/nbd0") << "";  // a regular file named like a device
+  EXPECT_EQ(datapath::CountNbdDevices(dir), 0u);
+  bool can_mknod = mknod((dir + "/nbd1").c_str(), S_IFBLK | 0600, makedev(43, 32)) == 0;
+  if (can_mknod) {
+    ASSERT_EQ(mknod((dir + "/nbd12").c_str(), S_IFBLK | 0600, makedev(43, 384)), 0);
+    ASSERT_EQ(mknod((dir + "/nbd1p1").c_str(), S_IFBLK | 0600, makedev(43, 33)), 0);
+    ASSERT_EQ(mknod((dir + "/nbdx").c_str(), S_IFBLK | 0600, makedev(43, 64)), 0);
+    ASSERT_EQ(mknod((dir + "/loop0").c_str(), S_IFBLK | 0600, makedev(7, 0)), 0);
+    EXPECT_EQ(datapath::CountNbdDevices(dir), 2u);
+  }
+  EXPECT_EQ(datapath::CountNbdDevices(dir + "/missing"), 0u);
+  fs::remove_all(dir);
+}
+
+// ---- real nbd-datapathd processes ----
+
+namespace {
+
+std::string Bin() {
+  const char* b = getenv("NBDCSI_BIN");
+  return std::string(b ? b : "bin") + "/nbd-datapathd";
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// A TCP port nobody listens on right now (the kernel's pick). Another process could take it before
+// the daemon binds; the tests then fail loudly rather than hang.
+int FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  int port = 0;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
+    port = ntohs(a.sin_port);
+  }
+  close(fd);
+  return port;
+}
+
+class Daemon {
+ public:
+  ~Daemon() { Kill(); }
+
+  bool Start(const std::vector<std::string>& args, const std::string& log) {
+    log_ = log;
+    pid_ = fork();
+    if (pid_ < 0) return false;
+    if (pid_ == 0) {
+      int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+      if (fd >= 0) {
+        dup2(fd, 1);
+        dup2(fd, 2);
+      }
+      std::vector<char*> argv;
+      std::string bin = Bin();
+      argv.push_back(bin.data());
+      for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+      argv.push_back(nullptr);
+      execv(bin.c_str(), argv.data());
+      _exit(127);
+    }
+    return true;
+  }
+
+  // The exit code, or -1 when it is still running after `timeout`.
+  int WaitExit(milliseconds timeout) {
+    auto end = steady_clock::now() + timeout;
+    while (pid_ > 0) {
+      int st = 0;
+      pid_t r = waitpid(pid_, &st, WNOHANG);
+      if (r == pid_) {
+        pid_ = -1;
+        return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+      }
+      if (steady_clock::now() > end) return -1;
+      std::this_thread::sleep_for(10ms);
+    }
+    return -1;
+  }
+
+  int Stop() {
+    if (pid_ > 0) kill(pid_, SIGTERM);
+    int rc = WaitExit(10s);
+    Kill();
+    return rc;
+  }
+
+  void Kill() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+
+  std::string Log() const { return ReadAll(log_); }
+  bool Running() const { return pid_ > 0 && kill(pid_, 0) == 0; }
+
+ private:
+  pid_t pid_ = -1;
+  std::string log_;
+};
+
+// The Registry as nbd-csi-controller serves it, plus a record of every heartbeat for the test.
+class RecordingRegistry final : public v1::Registry::Service {
+ public:
+  explicit RecordingRegistry(NodeRegistry& reg) : inner_(controller::MakeRegistryService(reg)) {}
+
+  grpc::Status Heartbeat(grpc::ServerContext* ctx, const v1::HeartbeatRequest* req,
+                         v1::HeartbeatResponse* resp) override {
+    grpc::Status st = inner_->Heartbeat(ctx, req, resp);
+    std::lock_guard lock(mu_);
+    beats_.push_back({steady_clock::now(), *req});
+    cv_.notify_all();
+    return st;
+  }
+
+  // The first heartbeat recorded after index `after` that satisfies `pred`, within `timeout`.
+  template <typename Pred>
+  std::optional<std::pair<steady_clock::time_point, v1::HeartbeatRequest>> WaitFor(
+      size_t after, milliseconds timeout, Pred pred) {
+    std::unique_lock lock(mu_);
+    auto end = steady_clock::now() + timeout;
+    size_t seen = after;
+    while (true) {
+      for (; seen < beats_.size(); ++seen) {
+        if (pred(beats_[seen].second)) return beats_[seen];
+      }
+      if (cv_.wait_until(lock, end) == std::cv_status::timeout && seen == beats_.size()) {
+        return std::nullopt;
+      }
+    }
+  }
+
+  size_t count() {
+    std::lock_guard lock(mu_);
+    return beats_.size();
+  }
+
+ private:
+  std::unique_ptr<v1::Registry::Service> inner_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::pair<steady_clock::time_point, v1::HeartbeatRequest>> beats_;
+};
+
+// A "controller": NodeRegistry + Registry server on a fixed port with the given credentials.
+struct Controller {
+  Controller(std::shared_ptr<grpc::ServerCredentials> server_creds,
+             std::shared_ptr<grpc::ChannelCredentials> channel_creds, milliseconds interval,
+             int port)
+      : reg(std::move(channel_creds), 3 * interval, interval), svc(reg) {
+    grpc::ServerBuilder b;
+    b.AddListeningPort("127.0.0.1:" + std::to_string(port), std::move(server_creds), &bound);
+    b.RegisterService(&svc);
+    server = b.BuildAndStart();
+  }
+  ~Controller() {
+    if (server) server->Shutdown(std::chrono::system_clock::now() + 1s);
+  }
+  NodeRegistry reg;
+  RecordingRegistry svc;
+  int bound = 0;
+  std::unique_ptr<grpc::Server> server;
+};
+
+std::unique_ptr<grpc::ClientContext> Ctx() {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(std::chrono::system_clock::now() + 5s);
+  return ctx;
+}
+
+class DatapathdTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!fs::exists(Bin())) GTEST_SKIP() << Bin() << " is not built";
+    dir_ = "/tmp/registry_test.XXXXXX";
+    ASSERT_NE(mkdtemp(dir_.data()), nullptr);
+    certs_ = dir_ + "/certs";
+    const char* src = getenv("NBDCSI_SRC");
+    std::string cmd = std::string(src ? src : ".") + "/test/tls/make-certs.sh " + certs_ +
+                      " >" + dir_ + "/certs.log 2>&1";
+    ASSERT_EQ(system(cmd.c_str()), 0) << ReadAll(dir_ + "/certs.log");
+  }
+  void TearDown() override {
+    if (!dir_.empty()) fs::remove_all(dir_);
+  }
+
+  TlsFiles Files(const std::string& who, const std::string& sub = "") const {
+    std::string d = certs_ + sub;
+    return TlsFiles{d + "/" + who + ".crt", d + "/" + who + ".key", d + "/ca.crt", false};
+  }
+  std::shared_ptr<grpc::ChannelCredentials> Client(const std::string& who,
+                                                   const std::string& sub = "") const {
+    auto c = MakeChannelCredentials(Files(who, sub));
+    EXPECT_TRUE(c.ok()) << c.status().message();
+    return c.ok() ? *c : nullptr;
+  }
+  std::shared_ptr<grpc::ServerCredentials> Server(const std::string& who) const {
+    auto c = MakeServerCredentials(Files(who));
+    EXPECT_TRUE(c.ok()) << c.status().message();
+    return c.ok() ? *c : nullptr;
+  }
+
+  // The datapath's own flags; `extra` adds the cluster ones.
+  std::vector<std::string> Args(const std::vector<std::string>& extra) const {
+    std::vector<std::string> a = {"--pool", dir_ + "/pool", "--capacity", "1Gi",
+                                  "--nbd-listen", "unix://" + dir_ + "/nbd.sock",
+                                  "--workers", "1"};
+    if (std::find(extra.begin(), extra.end(), "--api") == extra.end()) {
+      a.insert(a.end(), {"--api", "unix://" + dir_ + "/api.sock"});
+    }
+    a.insert(a.end(), extra.begin(), extra.end());
+    return a;
+  }
+  std::vector<std::string> TlsArgs(const std::string& who, const std::string& sub = "") const {
+    TlsFiles t = Files(who, sub);
+    return {"--tls-cert", t.cert, "--tls-key", t.key, "--tls-ca", t.ca};
+  }
+
+  // Runs the daemon expecting a configuration error: exit 2 and `message` in its output.
+  void ExpectUsageError(const std::vector<std::string>& extra, const std::string& message) {
+    Daemon d;
+    ASSERT_TRUE(d.Start(Args(extra), dir_ + "/usage.log"));
+    int rc = d.WaitExit(10s);
+    std::string log = d.Log();
+    EXPECT_EQ(rc, 2) << log;
+    EXPECT_NE(log.find(message), std::string::npos) << "expected \"" << message << "\" in:\n"
+                                                    << log;
+    EXPECT_FALSE(fs::exists(dir_ + "/pool")) << "the pool was opened despite bad flags";
+  }
+
+  bool WaitForSocket(milliseconds timeout) const {
+    auto end = steady_clock::now() + timeout;
+    while (steady_clock::now() < end) {
+      if (fs::exists(dir_ + "/api.sock")) return true;
+      std::this_thread::sleep_for(10ms);
+    }
+    return false;
+  }
+
+  std::string dir_, certs_;
+};
+
+}  // namespace
+
+TEST_F(DatapathdTest, ClusterFlagsAreValidatedBeforeAnythingStarts) {
+  const std::string adv = "127.0.0.1:" + std::to_string(FreePort());
+  ExpectUsageError({"--advertise", adv}, "no TLS files");
+  ExpectUsageError({"--api-tcp-listen", adv}, "no TLS files");
+  ExpectUsageError({"--controller", "127.0.0.1:1", "--advertise", adv, "--insecure"},
+                   "--controller needs --node-id");
+  ExpectUsageError({"--controller", "127.0.0.1:1", "--node-id", "n1", "--insecure"},
+                   "--controller needs --node-id");
+  ExpectUsageError({"--node-id", "Bad_Node"}, "--node-id: node id \"Bad_Node\"");
+  ExpectUsageError({"--advertise", "127.0.0.1"}, "--advertise: address \"127.0.0.1\"");
+  ExpectUsageError({"--advertise", adv, "--insecure", "--tls-cert", Files("server").cert},
+                   "cannot be combined");
+  ExpectUsageError({"--advertise", adv, "--tls-cert", Files("server").cert},
+                   "missing --tls-key, --tls-ca");
+  ExpectUsageError({"--advertise", adv, "--tls-cert", dir_ + "/nope.crt", "--tls-key",
+                    Files("server").key, "--tls-ca", Files("server").ca},
+                   "--tls-cert: ");
+  ExpectUsageError({"--api", "tcp://" + adv}, "must be a unix socket");
+}
+
+TEST_F(DatapathdTest, HeartbeatsOverMutualTlsAndTheControllerReachesTheApi) {
+  constexpr milliseconds kInterval = 400ms;
+  // The controller presents client.crt both as the Registry server and as the Datapath client;
+  // the datapath presents server.crt both ways.
+  const int reg_port = FreePort();
+  auto ctl = std::make_unique<Controller>(Server("client"), Client("client"), kInterval, reg_port);
+  ASSERT_NE(ctl->server, nullptr);
+  const std::string adv = "127.0.0.1:" + std::to_string(FreePort());
+  const int64_t before_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                std::chrono::system_clock::now().time_since_epoch()).count();
+  Daemon d;
+  std::vector<std::string> extra = {"--node-id", "node-a", "--advertise", adv,
+                                    "--controller", "127.0.0.1:" + std::to_string(reg_port),
+                                    "--heartbeat-interval", "400"};
+  auto tls = TlsArgs("server");
+  extra.insert(extra.end(), tls.begin(), tls.end());
+  ASSERT_TRUE(d.Start(Args(extra), dir_ + "/d.log"));
+  ASSERT_TRUE(WaitForSocket(10s)) << d.Log();
+
+  // The first heartbeat within two intervals of the API being up (plus scheduling slack).
+  auto first = ctl->svc.WaitFor(0, 2 * kInterval + 500ms, [](auto&) { return true; });
+  ASSERT_TRUE(first.has_value()) << d.Log();
+  const v1::HeartbeatRequest& hb = first->second;
+  EXPECT_EQ(hb.node_id(), "node-a");
+  EXPECT_EQ(hb.api_address(), adv);
+  EXPECT_EQ(hb.capacity_bytes(), kGiB);
+  EXPECT_EQ(hb.provisioned_bytes(), 0u);
+  EXPECT_EQ(hb.provisionable_bytes(), kGiB);
+  EXPECT_EQ(hb.volumes(), 0u);
+  EXPECT_GT(hb.free_bytes(), 0u);
+  EXPECT_FALSE(hb.version().empty());
+  EXPECT_GE(hb.started_unix_ns(), before_ns);
+  EXPECT_EQ(hb.nbd_devices(), datapath::CountNbdDevices("/dev"));
+  ASSERT_TRUE(ctl->reg.Get("node-a").has_value());
+
+  // The controller's way in: NodeRegistry::Datapath over mutual TLS.
+  auto stub = ctl->reg.Datapath("node-a");
+  ASSERT_TRUE(stub.ok()) << stub.status().message();
+  v1::CreateVolumeRequest cr;
+  cr.set_name("vol1");
+  cr.set_size_bytes(64 * kMiB);
+  v1::CreateVolumeResponse cresp;
+  grpc::Status st = (*stub)->CreateVolume(Ctx().get(), cr, &cresp);
+  ASSERT_TRUE(st.ok()) << st.error_message() << "\n" << d.Log();
+  // The next heartbeats carry the new numbers.
+  size_t n = ctl->svc.count();
+  auto after = ctl->svc.WaitFor(n, 2 * kInterval + 500ms,
+                                [](const v1::HeartbeatRequest& r) { return r.volumes() == 1; });
+  ASSERT_TRUE(after.has_value());
+  EXPECT_EQ(after->second.provisioned_bytes(), 64 * kMiB);
+  EXPECT_EQ(after->second.provisionable_bytes(), kGiB - 64 * kMiB);
+  EXPECT_EQ(after->second.started_unix_ns(), hb.started_unix_ns());
+
+  // Anyone else is refused: a certificate from another CA, and plaintext.
+  v1::GetPoolInfoResponse info;
+  auto other = v1::Datapath::NewStub(grpc::CreateChannel(adv, Client("client", "/other")));
+  EXPECT_EQ(other->GetPoolInfo(Ctx().get(), {}, &info).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  auto plain = v1::Datapath::NewStub(grpc::CreateChannel(adv, grpc::InsecureChannelCredentials()));
+  EXPECT_EQ(plain->GetPoolInfo(Ctx().get(), {}, &info).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  auto good = v1::Datapath::NewStub(grpc::CreateChannel(adv, Client("client")));
+  ASSERT_TRUE(good->GetPoolInfo(Ctx().get(), {}, &info).ok());
+  EXPECT_EQ(info.volumes(), 1u);
+
+  // Controller restart: the registry goes away for a few intervals, then a new one (empty, as
+  // after a real restart) listens on the same port. It knows the node again within one interval.
+  ctl.reset();
+  std::this_thread::sleep_for(3 * kInterval);
+  ctl = std::make_unique<Controller>(Server("client"), Client("client"), kInterval, reg_port);
+  ASSERT_NE(ctl->server, nullptr) << "could not listen on port " << reg_port << " again";
+  const auto restarted = steady_clock::now();
+  auto again = ctl->svc.WaitFor(0, 3 * kInterval, [](auto&) { return true; });
+  ASSERT_TRUE(again.has_value()) << d.Log();
+  EXPECT_LE(again->first - restarted, kInterval + 300ms)
+      << "took " << std::chrono::duration_cast<milliseconds>(again->first - restarted).count()
+      << " ms";
+  EXPECT_EQ(again->second.volumes(), 1u);
+  EXPECT_TRUE(ctl->reg.Get("node-a").has_value());
+  // The datapath logs the recovery once the reply is back: the next heartbeat proves it was.
+  EXPECT_TRUE(ctl->svc.WaitFor(ctl->svc.count(), 3 * kInterval, [](auto&) { return true; }));
+
+  EXPECT_EQ(d.Stop(), 0);
+  std::string log = d.Log();
+  EXPECT_NE(log.find("registered with the controller"), std::string::npos) << log;
+  EXPECT_NE(log.find("lost the controller"), std::string::npos) << log;
+  EXPECT_NE(log.find("reachable again"), std::string::npos) << log;
+}
+
+TEST_F(DatapathdTest, ControllerWithAnotherCaNeverHearsFromTheNode) {
+  constexpr milliseconds kInterval = 200ms;
+  const int reg_port = FreePort();
+  // The controller's certificate is from "other": the datapath must refuse to talk to it.
+  TlsFiles other = Files("client", "/other");
+  auto creds = MakeServerCredentials(other);
+  ASSERT_TRUE(creds.ok());
+  Controller ctl(*creds, Client("client", "/other"), kInterval, reg_port);
+  ASSERT_NE(ctl.server, nullptr);
+  Daemon d;
+  std::vector<std::string> extra = {"--node-id", "node-a",
+                                    "--advertise", "127.0.0.1:" + std::to_string(FreePort()),
+                                    "--controller", "127.0.0.1:" + std::to_string(reg_port),
+                                    "--heartbeat-interval", "200"};
+  auto tls = TlsArgs("server");
+  extra.insert(extra.end(), tls.begin(), tls.end());
+  ASSERT_TRUE(d.Start(Args(extra), dir_ + "/d.log"));
+  ASSERT_TRUE(WaitForSocket(10s)) << d.Log();
+  std::this_thread::sleep_for(5 * kInterval);
+  EXPECT_EQ(ctl.svc.count(), 0u);
+  EXPECT_TRUE(ctl.reg.List().empty());
+  EXPECT_TRUE(d.Running());
+  EXPECT_EQ(d.Stop(), 0);
+  std::string log = d.Log();
+  EXPECT_NE(log.find("cannot reach the controller"), std::string::npos) << log;
+  EXPECT_NE(log.find("TLS handshake"), std::string::npos) << log;
+  EXPECT_EQ(log.find("registered with the controller"), std::string::npos) << log;
+}
+
+TEST_F(DatapathdTest, InsecureLoopbackModeForTests) {
+  constexpr milliseconds kInterval = 200ms;
+  const int reg_port = FreePort();
+  Controller ctl(grpc::InsecureServerCredentials(), grpc::InsecureChannelCredentials(), kInterval,
+                 reg_port);
+  ASSERT_NE(ctl.server, nullptr);
+  const std::string adv = "127.0.0.1:" + std::to_string(FreePort());
+  Daemon d;
+  ASSERT_TRUE(d.Start(Args({"--node-id", "node-b", "--advertise", adv, "--controller",
+                            "127.0.0.1:" + std::to_string(reg_port), "--insecure",
+                            "--heartbeat-interval", "200"}),
+                      dir_ + "/d.log"));
+  ASSERT_TRUE(WaitForSocket(10s)) << d.Log();
+  ASSERT_TRUE(ctl.svc.WaitFor(0, 2 * kInterval + 500ms, [](auto&) { return true; }).has_value())
+      << d.Log();
+  auto stub = ctl.reg.Datapath("node-b");
+  ASSERT_TRUE(stub.ok());
+  v1::GetPoolInfoResponse info;
+  grpc::Status st = (*stub)->GetPoolInfo(Ctx().get(), {}, &info);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(info.capacity_bytes(), kGiB);
+  EXPECT_EQ(d.Stop(), 0);
+  EXPECT_NE(d.Log().find("plaintext"), std::string::npos);
+}
