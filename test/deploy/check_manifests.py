@@ -73,6 +73,98 @@ SIDECAR_FLAGS = {
 }
 
 
+# Field names of the pod-template objects the chart writes (Kubernetes API, core/v1 and apps/v1).
+# The API server rejects or, worse, silently drops an unknown field ("mountPropogation" would
+# leave the kubelet mount private); helm lint does not look. Values that users pass through
+# whole (resources, affinity, tolerations, nodeSelector) are not descended into.
+SCHEMA = {
+    "workload": {"apiVersion", "kind", "metadata", "spec"},
+    "workloadSpec": {"replicas", "selector", "template", "updateStrategy", "strategy",
+                     "minReadySeconds", "revisionHistoryLimit", "progressDeadlineSeconds"},
+    "template": {"metadata", "spec"},
+    "podSpec": {"serviceAccountName", "automountServiceAccountToken", "priorityClassName",
+                "imagePullSecrets", "nodeSelector", "tolerations", "affinity", "containers",
+                "initContainers", "volumes", "hostNetwork", "hostPID", "hostIPC", "dnsPolicy",
+                "terminationGracePeriodSeconds", "securityContext", "restartPolicy",
+                "topologySpreadConstraints", "enableServiceLinks"},
+    "container": {"name", "image", "imagePullPolicy", "command", "args", "env", "envFrom",
+                  "ports", "livenessProbe", "readinessProbe", "startupProbe", "volumeMounts",
+                  "volumeDevices", "securityContext", "resources", "workingDir", "lifecycle",
+                  "terminationMessagePolicy"},
+    "volumeMount": {"name", "mountPath", "readOnly", "mountPropagation", "subPath",
+                    "recursiveReadOnly"},
+    "volume": {"name", "hostPath", "emptyDir", "secret", "configMap", "projected"},
+    "hostPath": {"path", "type"},
+    "secretVolume": {"secretName", "defaultMode", "items", "optional"},
+    "port": {"name", "containerPort", "hostPort", "protocol", "hostIP"},
+    "probe": {"httpGet", "exec", "tcpSocket", "grpc", "initialDelaySeconds", "timeoutSeconds",
+              "periodSeconds", "failureThreshold", "successThreshold"},
+    "httpGet": {"path", "port", "host", "scheme", "httpHeaders"},
+    "env": {"name", "value", "valueFrom"},
+    "valueFrom": {"fieldRef", "secretKeyRef", "configMapKeyRef", "resourceFieldRef"},
+    "fieldRef": {"fieldPath", "apiVersion"},
+    "securityContext": {"privileged", "allowPrivilegeEscalation", "readOnlyRootFilesystem",
+                        "capabilities", "runAsUser", "runAsGroup", "runAsNonRoot",
+                        "seccompProfile", "seLinuxOptions"},
+}
+HOSTPATH_TYPES = {"", "DirectoryOrCreate", "Directory", "FileOrCreate", "File", "Socket",
+                  "CharDevice", "BlockDevice"}
+
+
+def check_fields(ck, where, obj, kind):
+    if not isinstance(obj, dict):
+        ck.err(where, f"{kind} is not a mapping")
+        return
+    for k in obj:
+        if k not in SCHEMA[kind]:
+            ck.err(where, f"unknown field {k!r} in {kind}")
+
+
+def check_workload_fields(ck, where, d):
+    check_fields(ck, where, d, "workload")
+    check_fields(ck, where, d["spec"], "workloadSpec")
+    check_fields(ck, where, d["spec"]["template"], "template")
+    pod = d["spec"]["template"]["spec"]
+    check_fields(ck, where, pod, "podSpec")
+    for c in pod.get("containers", []) + pod.get("initContainers", []):
+        cw = f"{where} container {c.get('name')}"
+        check_fields(ck, cw, c, "container")
+        for m in c.get("volumeMounts", []):
+            check_fields(ck, cw, m, "volumeMount")
+            if m.get("mountPropagation") not in (None, "None", "HostToContainer", "Bidirectional"):
+                ck.err(cw, f"mountPropagation {m['mountPropagation']!r}")
+            if not any(v["name"] == m["name"] for v in pod.get("volumes", [])):
+                ck.err(cw, f"mounts volume {m['name']!r}, which the pod does not define")
+        for p in c.get("ports", []):
+            check_fields(ck, cw, p, "port")
+        for pr in ("livenessProbe", "readinessProbe", "startupProbe"):
+            if pr in c:
+                check_fields(ck, cw, c[pr], "probe")
+                if "httpGet" in c[pr]:
+                    check_fields(ck, cw, c[pr]["httpGet"], "httpGet")
+        for e in c.get("env", []):
+            check_fields(ck, cw, e, "env")
+            if "valueFrom" in e:
+                check_fields(ck, cw, e["valueFrom"], "valueFrom")
+                if "fieldRef" in e["valueFrom"]:
+                    check_fields(ck, cw, e["valueFrom"]["fieldRef"], "fieldRef")
+        if "securityContext" in c:
+            check_fields(ck, cw, c["securityContext"], "securityContext")
+    names = [v.get("name") for v in pod.get("volumes", [])]
+    if len(names) != len(set(names)):
+        ck.err(where, f"duplicate volume names {names}")
+    for v in pod.get("volumes", []):
+        check_fields(ck, where, v, "volume")
+        if "hostPath" in v:
+            check_fields(ck, where, v["hostPath"], "hostPath")
+            if v["hostPath"].get("type", "") not in HOSTPATH_TYPES:
+                ck.err(where, f"hostPath type {v['hostPath'].get('type')!r}")
+            if not str(v["hostPath"].get("path", "")).startswith("/"):
+                ck.err(where, f"hostPath {v['hostPath'].get('path')!r} is not absolute")
+        if "secret" in v:
+            check_fields(ck, where, v["secret"], "secretVolume")
+
+
 class Checker:
     def __init__(self, bin_dir, src):
         self.bin_dir = bin_dir
@@ -112,6 +204,23 @@ class Checker:
             raise RuntimeError(f"{path} --help listed no options:\n{out.stdout}")
         self._help[binary] = (accepted, required)
         return self._help[binary]
+
+    def values_accepted(self, binary, args, env):
+        """Runs `binary ARGS --help`: CLI11 converts and range-checks each value while parsing,
+        before it acts on --help, so exit 0 means every value is acceptable, and nothing
+        starts. $(VAR) references are replaced by a value of the kind the downward API gives."""
+        sample = {"spec.nodeName": "node-1.example", "status.hostIP": "192.0.2.10",
+                  "metadata.namespace": "nbd-csi", "metadata.name": "pod-0"}
+        subst = {}
+        for e in env:
+            fp = ((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+            subst[e["name"]] = e.get("value", sample.get(fp, "x"))
+        real = [re.sub(r"\$\((\w+)\)", lambda m: subst.get(m.group(1), m.group(0)), a) for a in args]
+        out = subprocess.run([os.path.join(self.bin_dir, binary)] + real + ["--help"],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            return (out.stderr or out.stdout).strip().splitlines()[0:2]
+        return None
 
     def check_params_header(self):
         hdr = os.path.join(self.src, "csi", "params.h")
@@ -253,6 +362,10 @@ def check(ck, docs, expect_secrets, quiet=False):
             if k not in QOS_KEYS:
                 ck.err(where, f"unknown parameter {k!r}; known: {', '.join(QOS_KEYS)}")
 
+    # ---- field names ----------------------------------------------------------------------
+    for where, wl, _ in pods_of(docs):
+        check_workload_fields(ck, where, wl)
+
     # ---- sidecar flags --------------------------------------------------------------------
     for where, _, pod in pods_of(docs):
         for c in pod.get("containers", []):
@@ -292,6 +405,9 @@ def check(ck, docs, expect_secrets, quiet=False):
                 for r in sorted(required):
                     if not has_flag(args, r):
                         ck.err(cw, f"required flag {r} is not given")
+                bad = ck.values_accepted(b, args, c.get("env", []))
+                if bad:
+                    ck.err(cw, f"{b} refuses these arguments: {' / '.join(bad)}")
             env = {e["name"] for e in c.get("env", [])}
             for a in args:
                 for var in re.findall(r"\$\((\w+)\)", a):
@@ -707,6 +823,8 @@ def self_test(ck_factory, docs, expect_secrets):
         "sidecar mount typo": mount_typo,
         "undefined $(VAR)": missing_env,
         "required flag dropped": drop_required,
+        "misspelt field": lambda ds: find(ds, "nbd-csi-node")[1]["volumeMounts"][1].update(mountPropogation="Bidirectional"),
+        "value out of range": lambda ds: set_arg(find(ds, "nbd-datapathd")[1], "--attach-dead-conn-timeout", "999999"),
         "sidecar flag typo": lambda ds: next(c for _, _, p in pods_of(ds) for c in p["containers"] if "csi-resizer" in c.get("image", ""))["args"].append("--leader-electon"),
         "node plugin socket off the host": lambda ds: set_arg(find(ds, "nbd-csi-node")[1], "--csi-endpoint", "unix:///tmp/csi.sock"),
     }

@@ -103,16 +103,21 @@ PY
     echo "ok: manifests/nbd-csi.yaml matches the chart" ;;
 
   check)
-    # Helm's own default rendering (generated certificates included), then the committed plain
-    # manifests with the examples, then the optional VolumeAttributesClasses with vac-modify.yaml.
-    "$helm" template nbd-csi "$chart" -n nbd-csi >"$tmp/default.yaml"
-    python3 "$src/test/deploy/check_manifests.py" --bin-dir "$bin" --src "$src" \
-      --expect-secrets --self-test "$tmp/default.yaml"
-    "$helm" template nbd-csi "$chart" -n nbd-csi --set volumeAttributesClasses.enabled=true \
-      >"$tmp/vac.yaml"
-    python3 "$src/test/deploy/check_manifests.py" --bin-dir "$bin" --src "$src" \
-      --expect-secrets --examples "$src/examples" "$tmp/vac.yaml"
-    # The plain manifests plus the secrets manifests/gen-tls-secrets.sh makes for them.
+    # Every value set's rendering; the defaults carry generated certificates (verified) and get
+    # the self-test; the VolumeAttributesClass one is where the examples are checked, since
+    # vac-modify.yaml needs those classes. Then the committed plain manifests, with the secrets
+    # manifests/gen-tls-secrets.sh makes for them.
+    while IFS='|' read -r name args; do
+      extra=()
+      case $name in
+        defaults) extra=(--expect-secrets --self-test) ;;
+        vac) extra=(--expect-secrets --examples "$src/examples") ;;
+      esac
+      # shellcheck disable=SC2086
+      "$helm" template nbd-csi "$chart" -n nbd-csi $args >"$tmp/$name.yaml"
+      python3 "$src/test/deploy/check_manifests.py" --bin-dir "$bin" --src "$src" \
+        "${extra[@]}" "$tmp/$name.yaml" || { echo "FAIL: check_manifests ($name)" >&2; exit 1; }
+    done < <(value_sets)
     "$src/manifests/gen-tls-secrets.sh" >"$tmp/secrets.yaml"
     python3 "$src/test/deploy/check_manifests.py" --bin-dir "$bin" --src "$src" \
       --expect-secrets "$src/manifests/nbd-csi.yaml" "$tmp/secrets.yaml" ;;
