@@ -19,6 +19,7 @@
 #include "datapath/api/attach.grpc.pb.h"
 #include "datapath/api/datapath.grpc.pb.h"
 #include "datapath/nbdctl/attach_cmds.h"
+#include "datapath/nbdctl/csi_cmds.h"
 #include "datapath/nbdctl/render.h"
 
 namespace nbdcsi::nbdctl {
@@ -314,6 +315,7 @@ int Cli::Run(int argc, char** argv) {
                                               "refused while it is mounted)");
   detach->add_option("NAME", name, "Volume name")->required();
   auto* attachments = app.add_subcommand("attachments", "List kernel NBD attachments");
+  CsiCommands csi_cmds(&app, &output_, &timeout_s_);
 
   try {
     app.parse(argc, argv);
@@ -325,11 +327,12 @@ int Cli::Run(int argc, char** argv) {
     std::cerr << "nbdctl: " << e.what() << "\n(run with --help for usage)\n";
     return kExitUsage;
   }
+  if (csi_cmds.parsed()) return csi_cmds.Run();
 
   try {
     if (app.get_subcommands().empty()) {
       throw UsageError{"a command is required: volume, snapshot, stats, pool, attach, detach, "
-                       "attachments (see --help)"};
+                       "attachments, csi (see --help)"};
     }
     if (snapshot->parsed() && snapshot->get_subcommands().empty()) {
       throw UsageError{"snapshot: a subcommand is required: create, list, inspect, delete"};
