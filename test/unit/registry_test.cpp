@@ -236,6 +236,111 @@ TEST(Heartbeat, CountsWholeNbdBlockDevicesOnly) {
   fs::remove_all(dir);
 }
 
+// ---- HeartbeatSender in process ----
+
+class SenderTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = "/tmp/hb_sender.XXXXXX";
+    ASSERT_NE(mkdtemp(dir_.data()), nullptr);
+    datapath::PoolOptions opts;
+    opts.dir = dir_ + "/pool";
+    opts.capacity_bytes = kGiB;
+    auto pool = datapath::Pool::Open(opts);
+    ASSERT_TRUE(pool.ok()) << pool.status().message();
+    pool_ = std::move(*pool);
+  }
+  void TearDown() override {
+    pool_.reset();
+    if (!dir_.empty()) fs::remove_all(dir_);
+  }
+  datapath::HeartbeatOptions Options(const std::string& controller, milliseconds interval) {
+    datapath::HeartbeatOptions o;
+    o.node_id = "node-s";
+    o.advertise = "127.0.0.1:9820";
+    o.controller = controller;
+    o.creds = grpc::InsecureChannelCredentials();
+    o.interval = interval;
+    return o;
+  }
+  std::string dir_;
+  std::unique_ptr<datapath::Pool> pool_;
+};
+
+TEST_F(SenderTest, RefusesBadOptions) {
+  struct Case {
+    datapath::HeartbeatOptions o;
+    const char* why;
+  };
+  std::vector<Case> cases;
+  cases.push_back({Options("127.0.0.1:1", 1000ms), ""});
+  cases.back().o.node_id = "Node";
+  cases.back().why = "node id";
+  cases.push_back({Options("127.0.0.1", 1000ms), "controller address"});
+  cases.push_back({Options("127.0.0.1:1", 1000ms), "advertised address"});
+  cases.back().o.advertise = "x";
+  cases.push_back({Options("127.0.0.1:1", 10ms), "below the minimum"});
+  cases.push_back({Options("127.0.0.1:1", 1000ms), "credentials"});
+  cases.back().o.creds = nullptr;
+  for (auto& c : cases) {
+    datapath::HeartbeatSender sender(*pool_, c.o);
+    Status s = sender.Start();
+    EXPECT_EQ(s.code(), EINVAL) << c.why;
+    EXPECT_NE(s.message().find(c.why), std::string::npos) << s.message();
+  }
+}
+
+TEST_F(SenderTest, StopsPromptlyWhileACallHangs) {
+  // A listener that never accepts: TCP connects (the kernel's backlog) and then nothing answers,
+  // like a controller that hangs. Stop() must not wait out the 10 s interval or the call.
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  ASSERT_EQ(listen(fd, 16), 0);
+  ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  datapath::HeartbeatSender sender(
+      *pool_, Options("127.0.0.1:" + std::to_string(ntohs(a.sin_port)), 10000ms));
+  ASSERT_TRUE(sender.Start().ok());
+  std::this_thread::sleep_for(300ms);
+  auto t0 = steady_clock::now();
+  sender.Stop();
+  EXPECT_LT(steady_clock::now() - t0, 1000ms);
+  EXPECT_EQ(sender.counters().ok, 0u);
+  EXPECT_FALSE(sender.counters().connected);
+  sender.Stop();  // idempotent
+  close(fd);
+}
+
+TEST_F(SenderTest, FollowsAShorterIntervalFromTheControllerAndStopsBetweenCalls) {
+  // The registry asks for 150 ms; the sender was told 5 s.
+  NodeRegistry reg(grpc::InsecureChannelCredentials(), 1000ms, 150ms);
+  auto svc = controller::MakeRegistryService(reg);
+  grpc::ServerBuilder b;
+  int port = 0;
+  b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  b.RegisterService(svc.get());
+  auto server = b.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  datapath::HeartbeatSender sender(*pool_, Options("127.0.0.1:" + std::to_string(port), 5000ms));
+  ASSERT_TRUE(sender.Start().ok());
+  std::this_thread::sleep_for(1000ms);
+  auto c = sender.counters();
+  // 1 + 1000/150 calls if the short interval is followed; 1 if not.
+  EXPECT_GE(c.ok, 4u);
+  EXPECT_LE(c.ok, 9u);
+  EXPECT_TRUE(c.connected);
+  auto node = reg.Get("node-s");
+  ASSERT_TRUE(node.has_value());
+  EXPECT_EQ(node->capacity_bytes, kGiB);
+  auto t0 = steady_clock::now();
+  sender.Stop();  // between calls: wakes the wait
+  EXPECT_LT(steady_clock::now() - t0, 500ms);
+  server->Shutdown();
+}
+
 // ---- real nbd-datapathd processes ----
 
 namespace {
