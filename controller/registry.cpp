@@ -4,6 +4,7 @@
 #include <utility>
 
 #include <grpcpp/create_channel.h>
+#include <grpcpp/support/channel_arguments.h>
 #include <spdlog/spdlog.h>
 
 #include "common/grpc_status.h"
@@ -103,11 +104,22 @@ StatusOr<std::shared_ptr<v1::Datapath::Stub>> NodeRegistry::Datapath(const std::
                  ago.count(), ttl_.count());
   }
   if (!e.stub) {
-    // The address's host is what TLS checks the datapath's certificate SANs against.
-    e.channel = grpc::CreateChannel(e.info.api_address, creds_);
+    // TLS checks the datapath's certificate SANs against the address's host, or the override.
+    grpc::ChannelArguments args;
+    if (!tls_server_name_.empty()) args.SetSslTargetNameOverride(tls_server_name_);
+    e.channel = grpc::CreateCustomChannel(e.info.api_address, creds_, args);
     e.stub = v1::Datapath::NewStub(e.channel);
   }
   return e.stub;
+}
+
+void NodeRegistry::SetTlsServerName(std::string name) {
+  std::lock_guard lock(mu_);
+  tls_server_name_ = std::move(name);
+  for (auto& [id, e] : nodes_) {  // channels made with the old name
+    e.channel.reset();
+    e.stub.reset();
+  }
 }
 
 namespace {

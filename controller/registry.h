@@ -62,6 +62,12 @@ class NodeRegistry {
   StatusOr<std::shared_ptr<nbdcsi::datapath::v1::Datapath::Stub>> Datapath(
       const std::string& node_id);
 
+  // The name the datapaths' certificates must carry (a DNS SAN), instead of the host of each
+  // advertised address. Lets every datapath share one certificate (e.g. SAN
+  // "nbd-datapath.nbd-csi.svc") while advertising its own node IP. Empty (the default): the
+  // address's host is checked. Call before the first Datapath().
+  void SetTlsServerName(std::string name);
+
   std::chrono::milliseconds heartbeat_interval() const { return interval_; }
   std::chrono::milliseconds ttl() const { return ttl_; }
 
@@ -78,6 +84,7 @@ class NodeRegistry {
   std::chrono::milliseconds interval_;
   Clock clock_;
   mutable std::mutex mu_;
+  std::string tls_server_name_;         // guarded by mu_
   std::map<std::string, Entry> nodes_;  // guarded by mu_
 };
 

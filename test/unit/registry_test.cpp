@@ -664,6 +664,19 @@ TEST_F(DatapathdTest, HeartbeatsOverMutualTlsAndTheControllerReachesTheApi) {
   auto good = v1::Datapath::NewStub(grpc::CreateChannel(adv, Client("client")));
   ASSERT_TRUE(good->GetPoolInfo(Ctx().get(), {}, &info).ok());
   EXPECT_EQ(info.volumes(), 1u);
+  // A shared certificate name instead of the address's host: the name must be in the SANs.
+  NodeRegistry named(Client("client"), 10s, kInterval);
+  ASSERT_TRUE(named.Heartbeat(hb).ok());
+  named.SetTlsServerName("datapath.invalid");
+  auto wrong = named.Datapath("node-a");
+  ASSERT_TRUE(wrong.ok());
+  EXPECT_EQ((*wrong)->GetPoolInfo(Ctx().get(), {}, &info).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  named.SetTlsServerName("localhost");
+  auto right = named.Datapath("node-a");
+  ASSERT_TRUE(right.ok());
+  grpc::Status named_st = (*right)->GetPoolInfo(Ctx().get(), {}, &info);
+  EXPECT_TRUE(named_st.ok()) << named_st.error_message();
 
   // Controller restart: the registry goes away for a few intervals, then a new one (empty, as
   // after a real restart) listens on the same port. It knows the node again within one interval.
