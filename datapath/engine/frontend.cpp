@@ -33,13 +33,26 @@ namespace asio = boost::asio;
 using asio::use_awaitable;
 using UnixProto = asio::local::stream_protocol;
 
+bool IsGrowable(std::string_view name) {
+  return name.size() > kGrowableSuffix.size() && name.ends_with(kGrowableSuffix);
+}
+std::string_view BaseName(std::string_view name) {
+  return IsGrowable(name) ? name.substr(0, name.size() - kGrowableSuffix.size()) : name;
+}
+
 // What the negotiation sees of the pool: names, sizes, read-only flags.
 class PoolCatalog final : public nbd::ExportCatalog {
  public:
   explicit PoolCatalog(Pool& pool) : pool_(pool) {}
   std::optional<nbd::ExportInfo> Lookup(std::string_view name) override {
-    auto v = pool_.Acquire(std::string(name));
+    // The canonical name keeps the suffix so the hand-off below knows the connection's mode.
+    const bool growable = IsGrowable(name);
+    auto v = pool_.Acquire(std::string(BaseName(name)));
     if (!v) return std::nullopt;
+    if (growable) {
+      return nbd::ExportInfo{v->name() + std::string(kGrowableSuffix), kGrowableWindow,
+                             v->read_only(), "nbd-csi volume (growable window)"};
+    }
     return nbd::ExportInfo{v->name(), v->size(), v->read_only(), "nbd-csi volume"};
   }
   std::vector<std::string> List() override { return pool_.Names(); }
@@ -173,7 +186,7 @@ struct NbdFrontend::Impl {
         if (step == nbd::Negotiator::Step::kTransmission) {
           // Count the connection before the client learns the export is ready, so a delete
           // racing with this handshake either fails with EBUSY or makes Acquire fail here.
-          vol = pool.Acquire(neg.result().export_info.name);
+          vol = pool.Acquire(std::string(BaseName(neg.result().export_info.name)));
           if (!vol) {
             spdlog::info("nbd: volume {} went away during the handshake",
                          neg.result().export_info.name);
@@ -199,7 +212,9 @@ struct NbdFrontend::Impl {
       unsigned w = next_worker.fetch_add(1, std::memory_order_relaxed) % workers.size();
       spdlog::debug("nbd: connection to volume {} (size {}) on worker {}", vol->name(),
                     r.export_info.size, w);
-      workers[w]->Adopt(fd, std::move(vol), r);
+      workers[w]->Adopt(fd, std::move(vol), r,
+                        IsGrowable(r.export_info.name) ? SizeMode::kWindow
+                                                       : SizeMode::kNegotiated);
     } catch (const boost::system::system_error& e) {
       // EOF or reset mid-handshake: the client left; nothing to clean beyond the socket.
       spdlog::debug("nbd: handshake ended: {}", e.code().message());
@@ -300,10 +315,14 @@ StatusOr<std::vector<int>> NbdFrontend::ServeSocketPairs(const std::string& volu
   for (int fd : servers) {
     vol->stats().ConnectionOpened();  // the worker owns the count from here, as after a handshake
     unsigned w = m.next_worker.fetch_add(1, std::memory_order_relaxed) % m.workers.size();
-    m.workers[w]->Adopt(fd, vol, neg);
+    m.workers[w]->Adopt(fd, vol, neg, SizeMode::kLive);
   }
   spdlog::debug("nbd: volume {} served over {} socketpair(s)", volume, n);
   return clients;
+}
+
+std::string NbdFrontend::UnixSocketPath() const {
+  return impl_->unix_paths.empty() ? std::string() : impl_->unix_paths.front();
 }
 
 void NbdFrontend::Stop() {

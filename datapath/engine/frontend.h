@@ -6,8 +6,10 @@
 // off by a timer and never delays the data path.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/endpoint.h"
@@ -15,6 +17,15 @@
 #include "datapath/pool/pool.h"
 
 namespace nbdcsi::datapath {
+
+// An export name of VOLUME + this suffix opens VOLUME as a growable export: the handshake
+// advertises kGrowableWindow bytes instead of the volume's size, and the connection runs in
+// SizeMode::kWindow (reads past the volume's end are zeroes, writes there fail with ENOSPC).
+// It is for clients that learn the size once and can never be told a new one (nbdfuse under a
+// fuse attachment, which a loop device then limits to the volume's real size). '@' is not
+// allowed in pool names (ValidateVolumeName), so the name cannot collide with a volume.
+inline constexpr std::string_view kGrowableSuffix = "@grow";
+inline constexpr uint64_t kGrowableWindow = uint64_t{1} << 50;  // 1 PiB
 
 struct FrontendOptions {
   unsigned workers = 2;
@@ -38,7 +49,13 @@ class NbdFrontend {
   // the workers straight into the transmission phase, as the kernel never negotiates (so no
   // structured replies and no meta contexts: simple replies only). Returns the client ends,
   // close-on-exec, owned by the caller. ENOENT if the volume is not exported; call after Start.
+  // Their size follows the volume's (SizeMode::kLive), so a device resized with
+  // NBD_CMD_RECONFIGURE can use its new end at once.
   StatusOr<std::vector<int>> ServeSocketPairs(const std::string& volume, unsigned n);
+
+  // The first Unix socket this front door listens on (as given to Listen), or "" when it has
+  // none: where a local NBD client such as nbdfuse connects.
+  std::string UnixSocketPath() const;
 
  private:
   struct Impl;

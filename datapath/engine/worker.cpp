@@ -116,6 +116,7 @@ struct Connection {
   int fd = -1;
   std::shared_ptr<Volume> vol;
   proto::TransmissionParams params{};
+  SizeMode size_mode = SizeMode::kNegotiated;
   uint32_t ctx_id = 0;
 
   Op recv_op{SqeKind::kRecv, this};
@@ -173,6 +174,7 @@ struct Worker::Impl {
     int fd;
     std::shared_ptr<Volume> vol;
     nbd::Negotiated neg;
+    SizeMode size_mode;
   };
 
   Worker* self;
@@ -306,6 +308,7 @@ struct Worker::Impl {
     c->params.structured_replies = in.neg.structured_replies;
     c->params.base_allocation = in.neg.base_allocation;
     c->ctx_id = in.neg.base_allocation_id;
+    c->size_mode = in.size_mode;
     conns.push_back(c);
     self->live_.fetch_add(1, std::memory_order_relaxed);
     if (stopping.load(std::memory_order_acquire)) {
@@ -313,6 +316,22 @@ struct Worker::Impl {
       return;
     }
     PumpRecv(c);
+  }
+
+  // CheckRequest against the size this connection's mode says (see SizeMode).
+  static proto::RequestCheck CheckSized(Connection* c, const proto::RequestHeader& h) {
+    if (c->size_mode == SizeMode::kLive) c->params.export_size = c->vol->size();
+    proto::RequestCheck chk = proto::CheckRequest(h, c->params);
+    if (chk.nbd_error || c->size_mode != SizeMode::kWindow) return chk;
+    // Inside the window: only reads may go past the volume's end (the file reads as zeroes
+    // there). The subtraction form cannot wrap, as in CheckRequest.
+    const uint64_t size = c->vol->size();
+    const bool past = h.offset > size || h.length > size - h.offset;
+    if (!past || h.type == proto::kCmdRead || h.type == proto::kCmdFlush) return chk;
+    const bool writes = h.type == proto::kCmdWrite || h.type == proto::kCmdWriteZeroes ||
+                        h.type == proto::kCmdTrim;
+    chk.nbd_error = writes ? proto::kErrNoSpc : proto::kErrInval;
+    return chk;
   }
 
   void Abort(Connection* c, const char* why) {
@@ -431,7 +450,7 @@ struct Worker::Impl {
         MaybeFree(c);
         return;
       }
-      proto::RequestCheck chk = proto::CheckRequest(h, c->params);
+      proto::RequestCheck chk = CheckSized(c, h);
       Slot* s = TakeSlot(c, h);
       if (chk.nbd_error) {
         spdlog::debug("nbd: volume {}: rejected request type {} flags {:#x} offset {} length {}: "
@@ -905,12 +924,13 @@ void Worker::Stop() {
   m.thread.join();
 }
 
-void Worker::Adopt(int fd, std::shared_ptr<Volume> volume, const nbd::Negotiated& negotiated) {
+void Worker::Adopt(int fd, std::shared_ptr<Volume> volume, const nbd::Negotiated& negotiated,
+                   SizeMode size_mode) {
   Impl& m = *impl_;
   {
     std::lock_guard lk(m.mu);
     if (!m.exited) {
-      m.incoming.push_back(Impl::Incoming{fd, std::move(volume), negotiated});
+      m.incoming.push_back(Impl::Incoming{fd, std::move(volume), negotiated, size_mode});
       volume = nullptr;
     }
   }

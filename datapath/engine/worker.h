@@ -26,6 +26,20 @@ struct WorkerOptions {
   unsigned ring_entries = 256;
 };
 
+// Which size a connection's requests are checked against.
+enum class SizeMode {
+  // The size the client was told at the handshake (a volume grown later needs a new connection).
+  kNegotiated,
+  // The volume's size at each request: for the kernel's socketpairs, whose device learns a new
+  // size through NBD_CMD_RECONFIGURE while the connections stay up.
+  kLive,
+  // The client was told a larger "window" (the negotiated size) than the volume has, because it
+  // can never learn a new size (nbdfuse): reads past the volume's current end return zeroes,
+  // and anything that writes past it fails with ENOSPC. The loop device on top limits itself to
+  // the volume's size, so those are only read-ahead and bugs. See frontend.h kGrowableSuffix.
+  kWindow,
+};
+
 class Worker {
  public:
   explicit Worker(int index, WorkerOptions opts = {});
@@ -38,7 +52,8 @@ class Worker {
   void Stop();
 
   // Hands over a socket whose handshake has finished. Thread-safe; takes ownership of `fd`.
-  void Adopt(int fd, std::shared_ptr<Volume> volume, const nbd::Negotiated& negotiated);
+  void Adopt(int fd, std::shared_ptr<Volume> volume, const nbd::Negotiated& negotiated,
+             SizeMode size_mode = SizeMode::kNegotiated);
 
   // Connections currently served by this worker.
   size_t connections() const { return live_.load(std::memory_order_relaxed); }
