@@ -15,6 +15,7 @@
 
 #include "common/fs_util.h"
 #include "datapath/engine/frontend.h"
+#include "datapath/engine/fuse_attach.h"
 #include "datapath/nbd/negotiate.h"
 #include "datapath/pool/pool.h"
 
@@ -47,7 +48,18 @@ std::string NewCookie(const std::string& volume) {
 
 class FrontendExportServer final : public ExportServer {
  public:
-  FrontendExportServer(Pool& pool, NbdFrontend& frontend) : pool_(pool), frontend_(frontend) {}
+  // The socket path is read once: the front door is listening by now, and Stop() clears it.
+  FrontendExportServer(Pool& pool, NbdFrontend& frontend)
+      : pool_(pool), frontend_(frontend), socket_(frontend.UnixSocketPath()) {}
+  StatusOr<ServedExport> Describe(const std::string& volume) override {
+    auto vol = pool_.Acquire(volume);
+    if (!vol) return Error(ENOENT, "volume {} not found (or not ready)", volume);
+    ServedExport out;
+    out.size_bytes = vol->size();
+    out.read_only = vol->read_only();
+    return out;
+  }
+  std::string UnixSocketPath() const override { return socket_; }
   StatusOr<ServedExport> Serve(const std::string& volume, unsigned connections) override {
     auto vol = pool_.Acquire(volume);
     if (!vol) return Error(ENOENT, "volume {} not found (or not ready)", volume);
@@ -63,14 +75,25 @@ class FrontendExportServer final : public ExportServer {
  private:
   Pool& pool_;
   NbdFrontend& frontend_;
+  std::string socket_;
 };
 
 }  // namespace
 
+std::string AttachmentRecord::device() const {
+  if (index < 0) return std::string();
+  return fuse() ? LoopDevicePath(index) : NbdDevicePath(index);
+}
+
 std::string AttachmentRecord::ToJson() const {
-  nlohmann::json j = {{"volume", volume},           {"index", index},
-                      {"cookie", cookie},           {"connections", connections},
-                      {"size_bytes", size_bytes},   {"read_only", read_only}};
+  nlohmann::json j = {{"volume", volume},           {"mode", mode},
+                      {"index", index},             {"cookie", cookie},
+                      {"connections", connections}, {"size_bytes", size_bytes},
+                      {"read_only", read_only}};
+  if (fuse()) {
+    j["fuse_pid"] = fuse_pid;
+    j["fuse_mount"] = fuse_mount;
+  }
   return j.dump(2) + "\n";
 }
 
@@ -84,8 +107,20 @@ StatusOr<AttachmentRecord> AttachmentRecord::FromJson(const std::string& text) {
     r.connections = j.at("connections").get<unsigned>();
     r.size_bytes = j.value("size_bytes", uint64_t{0});
     r.read_only = j.value("read_only", false);
+    r.mode = j.value("mode", std::string(kModeKernel));  // records before fuse had no mode
+    if (r.fuse()) {
+      r.fuse_pid = j.at("fuse_pid").get<int>();
+      r.fuse_mount = j.at("fuse_mount").get<std::string>();
+    }
   } catch (const nlohmann::json::exception& e) {
     return Error(EINVAL, "malformed attachment record: {}", e.what());
+  }
+  if (r.mode != kModeKernel && r.mode != kModeFuse) {
+    return Error(EINVAL, "attachment record has an unknown mode '{}'", r.mode);
+  }
+  if (r.fuse() && (r.fuse_mount.empty() || r.fuse_mount[0] != '/' || r.fuse_pid < -1)) {
+    return Error(EINVAL, "fuse attachment record has invalid fields (mount '{}', pid {})",
+                 r.fuse_mount, r.fuse_pid);
   }
   if (r.volume.empty() || r.cookie.empty() || r.index < -1 || r.connections == 0 ||
       r.connections > AttachmentManager::kMaxConnections) {
@@ -120,8 +155,30 @@ class AttachmentManager::Claim {
 
 AttachmentManager::AttachmentManager(std::string dir, KernelNbdInterface& kernel,
                                      ExportServer& server, AttachOptions opts)
-    : dir_(std::move(dir)), kernel_(kernel), server_(server), opts_(opts) {
+    : dir_(std::move(dir)), kernel_(kernel), server_(server), opts_(std::move(opts)) {
   while (dir_.size() > 1 && dir_.back() == '/') dir_.pop_back();
+}
+
+AttachmentManager::AttachmentManager(std::string dir, KernelNbdInterface& kernel,
+                                     FuseLoopInterface& fuse, ExportServer& server,
+                                     AttachOptions opts)
+    : AttachmentManager(std::move(dir), kernel, server, std::move(opts)) {
+  fuse_ = &fuse;
+}
+
+AttachmentManager::~AttachmentManager() = default;
+
+FuseLoopInterface& AttachmentManager::Fuse() {
+  std::lock_guard lk(mu_);
+  if (!fuse_) {
+    own_fuse_ = MakeLinuxFuseLoop();
+    fuse_ = own_fuse_.get();
+  }
+  return *fuse_;
+}
+
+std::string AttachmentManager::FuseMount(const std::string& volume) const {
+  return dir_ + "/fuse/" + volume;
 }
 
 unsigned AttachmentManager::DefaultConnections() const {
@@ -202,6 +259,10 @@ RecoverReport AttachmentManager::Recover() {
       continue;
     }
     AttachmentRecord r = std::move(*rec);
+    if (r.fuse()) {
+      RecoverFuse(std::move(r), rep);
+      continue;
+    }
     if (!available.ok()) {
       // Without the driver we cannot tell a gone device from an invisible one: keep the record.
       spdlog::error("attach: cannot recover {} ({}): {}", r.volume, r.device(), available.message());
@@ -236,6 +297,8 @@ RecoverReport AttachmentManager::Recover() {
       rep.failed.push_back(fmt::format("{}: {}", r.volume, served.status().message()));
       std::lock_guard lk(mu_);
       records_[r.volume] = r;
+      link_errors_[r.volume] = "cannot serve the volume after the datapath restart: " +
+                               served.status().message();
       continue;
     }
     Status s = kernel_.Reconfigure(r.index, served->client_fds, opts_.dead_conn_timeout_s,
@@ -247,6 +310,8 @@ RecoverReport AttachmentManager::Recover() {
       spdlog::error("attach: RECONFIGURE of {} for {} failed: {}", r.device(), r.volume,
                     s.message());
       rep.failed.push_back(fmt::format("{}: {}", r.volume, s.message()));
+      std::lock_guard lk(mu_);
+      link_errors_[r.volume] = "reconnecting after the datapath restart failed: " + s.message();
     } else {
       spdlog::info("attach: reconnected {} to volume {} over {} connection(s)", r.device(),
                    r.volume, r.connections);
@@ -266,25 +331,69 @@ StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
   if (connections == 0) connections = DefaultConnections();
   Claim claim(*this, volume);
   if (!claim.held()) {
-    return Error(EALREADY, "another attach or detach of volume {} is in progress", volume);
+    return Error(EALREADY, "another attach, detach or resize of volume {} is in progress", volume);
   }
-  std::optional<AttachmentRecord> existing = Get(volume);
+  std::optional<AttachmentRecord> existing = Find(volume);
+  if (existing && existing->fuse()) {
+    AttachmentRecord cur = WithLink(*existing);
+    if (cur.link_ok) return cur;
+    // Broken (nbdfuse died, or a restart cut its connection): replace it, unless a file system
+    // still sits on it; pulling the device from under a mount would lose its dirty data.
+    if (cur.index >= 0 && Fuse().LoopBound(cur.index, cur.fuse_mount)) {
+      if (Status s = Fuse().CheckNotInUse(cur.index); !s.ok()) {
+        return Error(EBUSY, "volume {}: its fuse attachment {} is broken ({}) and still in use: "
+                     "unmount it, then detach and attach again", volume, cur.device(),
+                     cur.link_error);
+      }
+    }
+    spdlog::warn("attach: volume {}: replacing its broken fuse attachment {} ({})", volume,
+                 cur.device(), cur.link_error);
+    if (Status s = DetachFuse(cur); !s.ok()) return s;
+    existing.reset();
+  }
   if (existing) {
     if (existing->index >= 0 && LiveIndex(*existing) == existing->index) {
       if (existing->connections != connections) {
         spdlog::info("attach: {} is already attached as {} with {} connection(s); keeping it",
                      volume, existing->device(), existing->connections);
       }
-      return *existing;
+      return WithLink(*existing);
     }
     spdlog::warn("attach: the record of {} names {}, which is no longer ours; attaching anew",
                  volume, existing->device());
     if (Status s = RemoveRecord(volume); !s.ok()) return s;
     std::lock_guard lk(mu_);
     records_.erase(volume);
+    link_errors_.erase(volume);
   }
-  if (Status s = kernel_.Available(); !s.ok()) return s;
+  Status kernel = kernel_.Available();
+  if (kernel.ok()) return AttachKernel(volume, connections);
+  if (!opts_.fuse_fallback) return kernel;
+  if (Status f = Fuse().Available(); !f.ok()) {
+    return Error(ENODEV, "{}; and {}", kernel.message(), f.message());
+  }
+  std::string socket = opts_.nbd_socket.empty() ? server_.UnixSocketPath() : opts_.nbd_socket;
+  if (socket.empty()) {
+    return Error(ENODEV, "{}; and the nbdfuse fallback needs a Unix NBD listener "
+                 "(--nbd-listen unix://PATH)", kernel.message());
+  }
+  bool first = false;
+  {
+    std::lock_guard lk(mu_);
+    first = !fallback_logged_;
+    fallback_logged_ = true;
+  }
+  if (first) {
+    std::string why = kernel.message();
+    if (why.rfind("kernel NBD unavailable: ", 0) == 0) why.erase(0, 24);
+    spdlog::warn("attach: kernel NBD unavailable ({}): using nbdfuse + loop, slower, does not "
+                 "survive a datapath restart", why);
+  }
+  return AttachFuse(volume, connections, socket);
+}
 
+StatusOr<AttachmentRecord> AttachmentManager::AttachKernel(const std::string& volume,
+                                                           unsigned connections) {
   auto served = server_.Serve(volume, connections);
   if (!served.ok()) return served.status();
 
@@ -336,6 +445,7 @@ StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
   {
     std::lock_guard lk(mu_);
     records_[volume] = r;
+    link_errors_.erase(volume);
   }
   spdlog::info("attach: volume {} attached as {} ({} bytes, {} connection(s), cookie {})", volume,
                r.device(), r.size_bytes, r.connections, r.cookie);
@@ -347,12 +457,14 @@ Status AttachmentManager::Detach(const std::string& volume) {
   if (!claim.held()) {
     return Error(EALREADY, "another attach or detach of volume {} is in progress", volume);
   }
-  std::optional<AttachmentRecord> r = Get(volume);
+  std::optional<AttachmentRecord> r = Find(volume);
   if (!r) return Status::Ok();
+  if (r->fuse()) return DetachFuse(*r);
   auto forget = [&]() -> Status {
     if (Status s = RemoveRecord(volume); !s.ok()) return s;
     std::lock_guard lk(mu_);
     records_.erase(volume);
+    link_errors_.erase(volume);
     return Status::Ok();
   };
   if (r->index < 0 || LiveIndex(*r) != r->index) {
@@ -384,7 +496,7 @@ Status AttachmentManager::OnLinkDead(int index) {
   {
     std::lock_guard lk(mu_);
     for (const auto& [name, rec] : records_) {
-      if (rec.index == index) r = rec;
+      if (!rec.fuse() && rec.index == index) r = rec;
     }
   }
   if (!r) return Status::Ok();
@@ -394,6 +506,9 @@ Status AttachmentManager::OnLinkDead(int index) {
   if (!served.ok()) {
     spdlog::error("attach: {} lost a connection and {} cannot be served: {}", r->device(),
                   r->volume, served.status().message());
+    std::lock_guard lk(mu_);
+    link_errors_[r->volume] = "the kernel dropped a connection and the volume cannot be served: " +
+                              served.status().message();
     return served.status();
   }
   // All sockets, not just one: the kernel fills every dead slot and drops the rest.
@@ -401,25 +516,242 @@ Status AttachmentManager::OnLinkDead(int index) {
   CloseAll(served->client_fds);
   if (!s.ok()) {
     spdlog::error("attach: {} lost a connection; RECONFIGURE failed: {}", r->device(), s.message());
+    std::lock_guard lk(mu_);
+    link_errors_[r->volume] = "the kernel dropped a connection and RECONFIGURE failed: " +
+                              s.message();
     return s;
   }
   spdlog::warn("attach: the kernel dropped a connection of {} (volume {}): reconnected", r->device(),
                r->volume);
+  std::lock_guard lk(mu_);
+  link_errors_.erase(r->volume);
   return Status::Ok();
 }
 
 std::vector<AttachmentRecord> AttachmentManager::List() const {
-  std::lock_guard lk(mu_);
   std::vector<AttachmentRecord> out;
-  for (const auto& [name, r] : records_) out.push_back(r);
+  {
+    std::lock_guard lk(mu_);
+    for (const auto& [name, r] : records_) out.push_back(r);
+  }
+  for (auto& r : out) r = WithLink(std::move(r));
   return out;
 }
 
 std::optional<AttachmentRecord> AttachmentManager::Get(const std::string& volume) const {
+  auto r = Find(volume);
+  if (!r) return std::nullopt;
+  return WithLink(std::move(*r));
+}
+
+std::optional<AttachmentRecord> AttachmentManager::Find(const std::string& volume) const {
   std::lock_guard lk(mu_);
   auto it = records_.find(volume);
   if (it == records_.end()) return std::nullopt;
   return it->second;
+}
+
+AttachmentRecord AttachmentManager::WithLink(AttachmentRecord r) const {
+  r.link_ok = false;
+  r.link_error.clear();
+  if (r.index < 0) {
+    r.link_error = r.fuse() ? "the fuse attachment never completed (no loop device)"
+                            : "CONNECT was never confirmed";
+    return r;
+  }
+  std::string recorded;
+  bool live_here = false;
+  FuseLoopInterface* fuse = nullptr;
+  {
+    std::lock_guard lk(mu_);
+    if (auto it = link_errors_.find(r.volume); it != link_errors_.end()) recorded = it->second;
+    live_here = fuse_live_.count(r.volume) > 0;
+    fuse = fuse_;
+  }
+  if (r.fuse()) {
+    if (!live_here || !fuse) {
+      r.link_error = "nbdfuse lost its NBD connection when the datapath restarted (fuse "
+                     "attachments do not survive a restart): unmount, detach and attach again";
+      return r;
+    }
+    r.link_error = fuse->LinkProblem(r.index, r.fuse_pid, r.fuse_mount);
+  } else if (kernel_.Backend(r.index) != r.cookie) {
+    r.link_error = fmt::format("{} is gone or bound to another backend", r.device());
+  } else if (!kernel_.Connected(r.index)) {
+    r.link_error = fmt::format("{} is not connected", r.device());
+  } else {
+    r.link_error = recorded;
+  }
+  r.link_ok = r.link_error.empty();
+  return r;
+}
+
+void AttachmentManager::RecoverFuse(AttachmentRecord r, RecoverReport& rep) {
+  if (r.index < 0) {
+    // Interrupted before the loop device was recorded: nobody was told of a device, so the
+    // pieces (nbdfuse, mount, maybe an unrecorded loop device) are only cleaned up.
+    Status s = Fuse().Detach(r.fuse_mount, r.fuse_pid);
+    if (s.ok()) s = RemoveRecord(r.volume);
+    if (s.ok()) {
+      spdlog::warn("attach: dropped the unfinished fuse attachment of {}", r.volume);
+      rep.dropped.push_back(fmt::format("{}: the fuse attachment never completed", r.volume));
+      return;
+    }
+    spdlog::error("attach: cannot clean up the unfinished fuse attachment of {}: {}", r.volume,
+                  s.message());
+    rep.failed.push_back(fmt::format("{}: {}", r.volume, s.message()));
+  } else {
+    // The device may still carry a mounted file system: keep it for the caller to unmount and
+    // detach; until then it reports link_ok=false.
+    spdlog::error("attach: {} (volume {}) is a fuse attachment: nbdfuse lost its NBD connection "
+                  "with the previous datapath and cannot reconnect; unmount and detach it",
+                  r.device(), r.volume);
+    rep.failed.push_back(fmt::format("{}: fuse attachment {} cannot be reconnected after a "
+                                     "restart; unmount and detach it", r.volume, r.device()));
+  }
+  std::lock_guard lk(mu_);
+  records_[r.volume] = r;
+}
+
+StatusOr<AttachmentRecord> AttachmentManager::AttachFuse(const std::string& volume,
+                                                         unsigned connections,
+                                                         const std::string& socket) {
+  auto desc = server_.Describe(volume);
+  if (!desc.ok()) return desc.status();
+  if (desc->size_bytes > kGrowableWindow) {
+    return Error(EFBIG, "volume {} is {} bytes; the fuse attach path handles at most {}", volume,
+                 desc->size_bytes, kGrowableWindow);
+  }
+  const std::string fuse_dir = dir_ + "/fuse";
+  if (mkdir(fuse_dir.c_str(), 0700) == 0) {
+    if (Status s = FsyncDir(dir_); !s.ok()) return s;
+  } else if (errno != EEXIST) {
+    return Sys(errno, "mkdir " + fuse_dir);
+  }
+  AttachmentRecord r;
+  r.volume = volume;
+  r.mode = kModeFuse;
+  r.cookie = NewCookie(volume);
+  r.connections = connections;
+  r.size_bytes = desc->size_bytes;
+  r.read_only = desc->read_only;
+  r.fuse_mount = FuseMount(volume);
+  if (Status s = WriteRecord(r); !s.ok()) return s;
+
+  FuseAttachParams p;
+  p.volume = volume;
+  p.uri = FuseExportUri(volume + std::string(kGrowableSuffix), socket);
+  p.mount_dir = r.fuse_mount;
+  p.log_path = fuse_dir + "/" + volume + ".log";
+  p.size_bytes = r.size_bytes;
+  p.window_bytes = kGrowableWindow;
+  p.connections = connections;
+  p.read_only = r.read_only;
+  auto att = Fuse().Attach(p, [&](int pid) {
+    r.fuse_pid = pid;
+    // Best effort: without the pid a cleanup still finds nbdfuse by its command line.
+    if (Status s = WriteRecord(r); !s.ok()) {
+      spdlog::error("attach: {}: cannot record nbdfuse's pid: {}", volume, s.message());
+    }
+  });
+  if (!att.ok()) {
+    if (Status s = RemoveRecord(volume); !s.ok()) {
+      spdlog::error("attach: {}: cannot remove the pending record: {}", volume, s.message());
+    }
+    return att.status();
+  }
+  r.fuse_pid = att->pid;
+  r.index = att->loop_index;
+  if (Status s = WriteRecord(r); !s.ok()) {
+    spdlog::error("attach: {}: cannot record {}: {}; undoing it", volume, r.device(), s.message());
+    if (Status d = Fuse().Detach(r.fuse_mount, r.fuse_pid); !d.ok()) {
+      spdlog::error("attach: undoing the fuse attachment of {} failed: {}", volume, d.message());
+    } else if (Status rm = RemoveRecord(volume); !rm.ok()) {
+      spdlog::error("attach: {}: {}", volume, rm.message());
+    }
+    return s;
+  }
+  {
+    std::lock_guard lk(mu_);
+    records_[volume] = r;
+    fuse_live_.insert(volume);
+    link_errors_.erase(volume);
+  }
+  spdlog::info("attach: volume {} attached as {} through nbdfuse (pid {}, {} bytes, {} "
+               "connection(s))", volume, r.device(), r.fuse_pid, r.size_bytes, r.connections);
+  return WithLink(r);
+}
+
+Status AttachmentManager::DetachFuse(const AttachmentRecord& r) {
+  if (r.index >= 0 && Fuse().LoopBound(r.index, r.fuse_mount)) {
+    if (Status s = Fuse().CheckNotInUse(r.index); !s.ok()) {
+      return Error(s.code(), "cannot detach volume {}: {}", r.volume, s.message());
+    }
+  }
+  if (Status s = Fuse().Detach(r.fuse_mount, r.fuse_pid); !s.ok()) {
+    return Error(s.code(), "cannot detach volume {} ({}): {}", r.volume, r.device(), s.message());
+  }
+  if (Status s = RemoveRecord(r.volume); !s.ok()) return s;
+  {
+    std::lock_guard lk(mu_);
+    records_.erase(r.volume);
+    fuse_live_.erase(r.volume);
+    link_errors_.erase(r.volume);
+  }
+  std::string log = dir_ + "/fuse/" + r.volume + ".log";
+  unlink(log.c_str());
+  spdlog::info("attach: volume {} detached from {} (nbdfuse stopped)", r.volume, r.device());
+  return Status::Ok();
+}
+
+StatusOr<AttachmentRecord> AttachmentManager::Resize(const std::string& volume) {
+  Claim claim(*this, volume);
+  if (!claim.held()) {
+    return Error(EALREADY, "another attach, detach or resize of volume {} is in progress", volume);
+  }
+  std::optional<AttachmentRecord> found = Find(volume);
+  if (!found) return Error(ENOENT, "volume {} is not attached", volume);
+  AttachmentRecord r = WithLink(*found);
+  if (!r.link_ok) {
+    return Error(ENODEV, "volume {}: cannot resize {}: its link is down: {}", volume, r.device(),
+                 r.link_error);
+  }
+  auto desc = server_.Describe(volume);
+  if (!desc.ok()) return desc.status();
+  const uint64_t size = desc->size_bytes;
+  if (size < r.size_bytes) {
+    return Error(EINVAL, "volume {} is {} bytes, smaller than its device ({} bytes); devices only "
+                 "grow", volume, size, r.size_bytes);
+  }
+  uint64_t now = 0;
+  if (r.fuse()) {
+    if (size > kGrowableWindow) {
+      return Error(EFBIG, "volume {}: {} bytes is beyond what its fuse attachment can grow to ({})",
+                   volume, size, kGrowableWindow);
+    }
+    if (Status s = Fuse().Resize(r.index, size); !s.ok()) return s;
+    now = Fuse().SizeBytes(r.index);
+  } else {
+    if (Status s = kernel_.Resize(r.index, size, r.cookie); !s.ok()) return s;
+    now = kernel_.SizeBytes(r.index);
+  }
+  if (now != size) {
+    return Error(EOPNOTSUPP, "volume {}: {} took the new size {} but reports {} bytes: this kernel "
+                 "does not resize the device online", volume, r.device(), size, now);
+  }
+  if (size != r.size_bytes) {
+    AttachmentRecord updated = *found;
+    updated.size_bytes = size;
+    if (Status s = WriteRecord(updated); !s.ok()) return s;
+    {
+      std::lock_guard lk(mu_);
+      records_[volume] = updated;
+    }
+    spdlog::info("attach: {} (volume {}) resized from {} to {} bytes", r.device(), volume,
+                 r.size_bytes, size);
+    r.size_bytes = size;
+  }
+  return r;
 }
 
 }  // namespace nbdcsi::datapath

@@ -1,12 +1,21 @@
-// Kernel NBD attachments of pool volumes (/dev/nbdN served by this process over socketpairs), and
-// their durable records, which let a restarted nbd-datapathd hand fresh sockets to devices the
-// kernel kept alive for it (NBD_CMD_RECONFIGURE within the dead-connection timeout).
+// Attachments of pool volumes as local block devices, and their durable records. Two modes:
+//
+//   "kernel"  /dev/nbdN served by this process over socketpairs. The records let a restarted
+//             nbd-datapathd hand fresh sockets to devices the kernel kept alive for it
+//             (NBD_CMD_RECONFIGURE within the dead-connection timeout).
+//   "fuse"    /dev/loopN over a file that libnbd's nbdfuse serves from this daemon's Unix NBD
+//             socket (fuse_attach.h). Chosen automatically, per attach, only when the kernel has
+//             no NBD driver; slower, and it does not survive a datapath restart: a recovered
+//             fuse record is reported with link_ok=false until it is detached (which still
+//             cleans everything up: loop device, mount, nbdfuse).
 //
 // Records live in POOL/attachments/NAME.json (the pool's orphan sweep only looks at volumes/ and
 // snapshots/, and the pool lock keeps a second daemon away from them). A record is written, with
 // index -1, BEFORE the kernel is asked to CONNECT, and completed after: a crash in between leaves
 // a record whose cookie Recover() can still find in /sys/block/nbd*/backend, so no device is ever
-// attached without a record that names it.
+// attached without a record that names it. A fuse record is likewise written before nbdfuse
+// starts (with the mount point every later cleanup starts from), again with nbdfuse's pid, and
+// completed with the loop index.
 #pragma once
 
 #include <chrono>
@@ -20,6 +29,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "datapath/engine/fuse_attach.h"
 #include "datapath/engine/kernel_nbd.h"
 
 namespace nbdcsi::datapath {
@@ -27,15 +37,29 @@ namespace nbdcsi::datapath {
 class NbdFrontend;
 class Pool;
 
+inline constexpr const char* kModeKernel = "kernel";
+inline constexpr const char* kModeFuse = "fuse";
+
 struct AttachmentRecord {
   std::string volume;
-  int index = -1;  // -1: CONNECT was not confirmed yet
-  std::string cookie;  // the device's NBD_ATTR_BACKEND_IDENTIFIER
-  unsigned connections = 0;
-  uint64_t size_bytes = 0;
+  std::string mode = kModeKernel;  // kModeKernel or kModeFuse
+  // kernel: N of /dev/nbdN; fuse: N of /dev/loopN. -1: not confirmed yet.
+  int index = -1;
+  // kernel: the device's NBD_ATTR_BACKEND_IDENTIFIER; fuse: the same form, for telling
+  // attachments apart in listings.
+  std::string cookie;
+  unsigned connections = 0;  // kernel: sockets; fuse: nbdfuse's multi-conn connections
+  uint64_t size_bytes = 0;   // what the device was last told
   bool read_only = false;
+  int fuse_pid = -1;        // fuse: nbdfuse's pid (-1: not started yet)
+  std::string fuse_mount;   // fuse: nbdfuse's mount point
 
-  std::string device() const { return index >= 0 ? NbdDevicePath(index) : std::string(); }
+  // Not persisted: the link's state when the record was handed out (List, Get, Attach).
+  bool link_ok = true;
+  std::string link_error;
+
+  bool fuse() const { return mode == kModeFuse; }
+  std::string device() const;
   std::string ToJson() const;
   static StatusOr<AttachmentRecord> FromJson(const std::string& text);
 };
@@ -52,6 +76,10 @@ class ExportServer {
  public:
   virtual ~ExportServer() = default;
   virtual StatusOr<ServedExport> Serve(const std::string& volume, unsigned connections) = 0;
+  // The volume's current size and read-only flag, with no sockets. ENOENT if not exported.
+  virtual StatusOr<ServedExport> Describe(const std::string& volume) = 0;
+  // The daemon's Unix NBD socket, where nbdfuse connects; "" when there is none.
+  virtual std::string UnixSocketPath() const { return ""; }
 };
 
 // ExportServer over the real engine (NbdFrontend::ServeSocketPairs) and pool.
@@ -63,6 +91,10 @@ struct AttachOptions {
   uint64_t io_timeout_s = 30;  // see KernelConnectParams::io_timeout_s
   unsigned max_sectors_kb = 1024;
   std::chrono::milliseconds detach_wait{10000};
+  // Attach through nbdfuse + a loop device when the kernel has no NBD driver.
+  bool fuse_fallback = true;
+  // The Unix NBD socket nbdfuse connects to; "" = ExportServer::UnixSocketPath().
+  std::string nbd_socket;
 };
 
 struct RecoverReport {
@@ -75,33 +107,56 @@ class AttachmentManager {
  public:
   static constexpr unsigned kMaxConnections = 16;
 
-  // `dir` is the records directory (POOL/attachments); Init() creates it.
+  // `dir` is the records directory (POOL/attachments); Init() creates it. The fuse fallback
+  // uses the real nbdfuse + loop implementation (MakeLinuxFuseLoop), created when first needed.
   AttachmentManager(std::string dir, KernelNbdInterface& kernel, ExportServer& server,
                     AttachOptions opts = {});
+  // With an explicit fuse implementation (tests).
+  AttachmentManager(std::string dir, KernelNbdInterface& kernel, FuseLoopInterface& fuse,
+                    ExportServer& server, AttachOptions opts = {});
+  ~AttachmentManager();
 
   Status Init();
   // Reconnects every recorded device that the kernel still holds for us; drops the records of
   // devices that are gone or now belong to someone else. Call once, before serving the API.
   RecoverReport Recover();
 
-  // Idempotent: an attachment that is still live (same cookie in sysfs) is returned as is.
-  // connections 0 = the default; more than kMaxConnections is EINVAL. ENODEV when the kernel has
-  // no nbd module. EALREADY while another Attach/Detach of the same volume runs.
+  // Idempotent: an attachment that is still live (same cookie in sysfs; for fuse: nbdfuse runs
+  // and the loop device is still bound) is returned as is. connections 0 = the default; more
+  // than kMaxConnections is EINVAL. The mode is kernel when the kernel has the nbd driver, else
+  // fuse (logged once as the slower path); ENODEV when neither works. A broken fuse attachment
+  // (after a restart) is replaced, unless it is still mounted: EBUSY. EALREADY while another
+  // Attach/Detach/Resize of the same volume runs.
   StatusOr<AttachmentRecord> Attach(const std::string& volume, unsigned connections = 0);
   // Idempotent: detaching a volume that is not attached succeeds. EBUSY while the device is
   // mounted; ETIMEDOUT if the kernel does not let go in time (the record stays, so retry).
   Status Detach(const std::string& volume);
+  // Tells the attached device the volume's current size (after Pool::Resize grew it), online:
+  // kernel: RECONFIGURE with the new size; fuse: the loop device's limit. Idempotent. ENOENT
+  // when not attached; ENODEV when the link is down; EOPNOTSUPP when the kernel takes the new
+  // size but the device does not change (checked against sysfs).
+  StatusOr<AttachmentRecord> Resize(const std::string& volume);
 
   // The kernel dropped a socket of device `index` while we are alive (KernelNbdInterface::
   // WatchLinkDead): serve fresh sockets and RECONFIGURE, unless the device is not ours or an
   // Attach/Detach of its volume is running (that call decides the device's fate).
   Status OnLinkDead(int index);
 
+  // With link_ok/link_error filled in.
   std::vector<AttachmentRecord> List() const;
   std::optional<AttachmentRecord> Get(const std::string& volume) const;
   unsigned DefaultConnections() const;
 
  private:
+  std::optional<AttachmentRecord> Find(const std::string& volume) const;
+  AttachmentRecord WithLink(AttachmentRecord r) const;
+  FuseLoopInterface& Fuse();
+  StatusOr<AttachmentRecord> AttachKernel(const std::string& volume, unsigned connections);
+  StatusOr<AttachmentRecord> AttachFuse(const std::string& volume, unsigned connections,
+                                        const std::string& socket);
+  Status DetachFuse(const AttachmentRecord& r);
+  void RecoverFuse(AttachmentRecord r, RecoverReport& rep);
+  std::string FuseMount(const std::string& volume) const;
   // A per-volume claim so concurrent calls on one volume get EALREADY instead of racing.
   class Claim;
   Status WriteRecord(const AttachmentRecord& r);
@@ -112,11 +167,18 @@ class AttachmentManager {
 
   std::string dir_;
   KernelNbdInterface& kernel_;
+  std::unique_ptr<FuseLoopInterface> own_fuse_;  // guarded by mu_ until created
+  FuseLoopInterface* fuse_ = nullptr;            // guarded by mu_ until created
   ExportServer& server_;
   AttachOptions opts_;
   mutable std::mutex mu_;
   std::map<std::string, AttachmentRecord> records_;  // guarded by mu_
   std::set<std::string> busy_;                       // guarded by mu_
+  // Fuse attachments made by this process: the others (recovered) lost their NBD connection.
+  std::set<std::string> fuse_live_;  // guarded by mu_
+  // Why a kernel attachment's link is down (a failed RECONFIGURE), until it is repaired.
+  std::map<std::string, std::string> link_errors_;  // guarded by mu_
+  bool fallback_logged_ = false;                    // guarded by mu_
 };
 
 }  // namespace nbdcsi::datapath

@@ -219,6 +219,28 @@ class LinuxKernelNbd final : public KernelNbdInterface {
     return ex.ok() ? Status::Ok() : ex.status();
   }
 
+  Status Resize(int index, uint64_t size_bytes, const std::string& cookie) override {
+    auto f = OpenFamily();
+    if (!f.ok()) return f.status();
+    auto msg = NewMessage(*f, NBD_CMD_RECONFIGURE);
+    if (!msg.ok()) return msg.status();
+    Builder b{msg->get()};
+    b.U32(NBD_ATTR_INDEX, static_cast<uint32_t>(index));
+    b.U64(NBD_ATTR_SIZE_BYTES, size_bytes);
+    if (!cookie.empty()) b.Str(NBD_ATTR_BACKEND_IDENTIFIER, cookie);
+    if (b.failed) return Error(EMSGSIZE, "nbd netlink RECONFIGURE: message too large");
+    auto ex = Send(*f, std::move(*msg), "RECONFIGURE (size)");
+    return ex.ok() ? Status::Ok() : ex.status();
+  }
+
+  uint64_t SizeBytes(int index) override {
+    try {
+      return std::stoull(ReadSysfs(index, "size")) * 512;
+    } catch (const std::exception&) {
+      return 0;
+    }
+  }
+
   Status Disconnect(int index) override {
     auto f = OpenFamily();
     if (!f.ok()) return f.status();

@@ -56,6 +56,13 @@ class KernelNbdInterface {
   virtual Status Reconfigure(int index, const std::vector<int>& client_fds,
                              uint64_t dead_conn_timeout_s, const std::string& cookie) = 0;
   virtual Status Disconnect(int index) = 0;
+  // Tells a connected device its export's new size: RECONFIGURE with NBD_ATTR_SIZE_BYTES (and
+  // the cookie, for the reason above) and no sockets. A kernel that ignores the attribute still
+  // answers success, so the caller checks SizeBytes afterwards (test/vm/attach_resize.sh shows
+  // what Debian's kernel does).
+  virtual Status Resize(int index, uint64_t size_bytes, const std::string& cookie) = 0;
+  // The device's size in bytes from /sys/block/nbdN/size (512-byte sectors), 0 if unreadable.
+  virtual uint64_t SizeBytes(int index) = 0;
   // /sys/block/nbdN/backend, or "" when the device does not exist or is not connected.
   virtual std::string Backend(int index) = 0;
   // The index of the connected device whose backend is `cookie`, or -1.
