@@ -25,6 +25,9 @@ void Fill(const AttachmentRecord& r, v1::Attachment* out) {
   out->set_cookie(r.cookie);
   out->set_size(r.size_bytes);
   out->set_read_only(r.read_only);
+  out->set_mode(r.mode);
+  out->set_link_ok(r.link_ok);
+  out->set_link_error(r.link_error);
 }
 
 class AttachmentService final : public v1::Attachments::Service {
@@ -41,8 +44,8 @@ class AttachmentService final : public v1::Attachments::Service {
     }
     auto r = m_.Attach(req->volume(), req->connections());
     if (!r.ok()) return Fail("AttachVolume", r.status());
-    spdlog::info("api AttachVolume: volume \"{}\" on {} ({} connection(s))", r->volume,
-                 r->device(), r->connections);
+    spdlog::info("api AttachVolume: volume \"{}\" on {} ({}, {} connection(s))", r->volume,
+                 r->device(), r->mode, r->connections);
     Fill(*r, resp->mutable_attachment());
     return grpc::Status::OK;
   }
@@ -58,6 +61,17 @@ class AttachmentService final : public v1::Attachments::Service {
   grpc::Status ListAttachments(grpc::ServerContext*, const v1::ListAttachmentsRequest*,
                                v1::ListAttachmentsResponse* resp) override {
     for (const auto& r : m_.List()) Fill(r, resp->add_attachments());  // List() is sorted
+    return grpc::Status::OK;
+  }
+
+  grpc::Status ResizeAttachment(grpc::ServerContext*, const v1::ResizeAttachmentRequest* req,
+                                v1::ResizeAttachmentResponse* resp) override {
+    if (Status s = ValidateVolumeName(req->volume()); !s.ok()) return Fail("ResizeAttachment", s);
+    auto r = m_.Resize(req->volume());
+    if (!r.ok()) return Fail("ResizeAttachment", r.status());
+    spdlog::info("api ResizeAttachment: volume \"{}\" on {} is {} bytes", r->volume, r->device(),
+                 r->size_bytes);
+    Fill(*r, resp->mutable_attachment());
     return grpc::Status::OK;
   }
 
