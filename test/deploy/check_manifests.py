@@ -165,12 +165,15 @@ def check_workload_fields(ck, where, d):
             check_fields(ck, where, v["secret"], "secretVolume")
 
 
+_HELP_CACHE = {}
+
+
 class Checker:
     def __init__(self, bin_dir, src):
         self.bin_dir = bin_dir
         self.src = src
         self.errors = []
-        self._help = {}
+        self._help = _HELP_CACHE  # `--help` of each binary, read once per process
 
     def err(self, where, msg):
         self.errors.append(f"{where}: {msg}")
