@@ -100,7 +100,9 @@ pids+=($!)
 "$bin/nbd-csi-node" "${node_args[@]}" >"$root/node.log" 2>&1 &
 pids+=($!)
 
-csi() { "$bin/nbdctl" csi --timeout 5 --endpoint "$@"; }
+# Generous for single calls (a loaded CI machine); short for the polls, which retry anyway.
+csi() { "$bin/nbdctl" csi --timeout 20 --endpoint "$@"; }
+poll() { "$bin/nbdctl" csi --timeout 3 --endpoint "$@"; }
 alive() {
   local p
   for p in "${pids[@]}"; do
@@ -122,8 +124,8 @@ until_ok() {
   done
 }
 
-until_ok 20 "controller Probe" csi "$ctl_ep" identity probe
-until_ok 20 "node Probe" csi "$node_ep" identity probe
+until_ok 30 "controller Probe" poll "$ctl_ep" identity probe
+until_ok 30 "node Probe" poll "$node_ep" identity probe
 csi "$ctl_ep" identity info | tee "$root/info.out"
 grep -q 'nbd.csi.io' "$root/info.out" || { echo "FAIL: plugin name is not nbd.csi.io" >&2; exit 1; }
 csi "$node_ep" node info | tee "$root/node-info.out"
@@ -134,7 +136,7 @@ echo "ok: both CSI endpoints answer where the sidecars and the kubelet dial"
 
 # The node is known to the controller once its datapath has heartbeated over mutual TLS.
 registered() {
-  csi "$ctl_ep" -o json controller capacity --topology topology.nbd.csi.io/node=node-1 >"$root/cap.json" &&
+  poll "$ctl_ep" -o json controller capacity --topology topology.nbd.csi.io/node=node-1 >"$root/cap.json" &&
     python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); c=d.get("available_capacity", d.get("availableCapacity", 0)); sys.exit(0 if int(c) > 0 else 1)' "$root/cap.json"
 }
 until_ok 30 "the datapath registering with the controller (heartbeat over mTLS)" registered
