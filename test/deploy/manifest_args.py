@@ -8,6 +8,7 @@ Also creates the directories a kubelet would (hostPath DirectoryOrCreate/Directo
 
   manifest_args.py MANIFEST.yaml BINARY ROOT [VAR=VALUE...]
   manifest_args.py --storageclass NAME MANIFEST.yaml      (its parameters, KEY=VALUE per line)
+  manifest_args.py --vac NAME MANIFEST.yaml               (a VolumeAttributesClass's parameters)
   manifest_args.py --secrets SECRETS.yaml ROOT            (writes ROOT/secret/<name>/<key>)
 """
 import base64
@@ -60,13 +61,14 @@ def args_for(docs, binary, root, subst):
 
 
 def main(argv):
-    if argv[1] == "--storageclass":
+    if argv[1] in ("--storageclass", "--vac"):
+        kind = "StorageClass" if argv[1] == "--storageclass" else "VolumeAttributesClass"
         for d in load(argv[3]):
-            if d.get("kind") == "StorageClass" and d["metadata"]["name"] == argv[2]:
+            if d.get("kind") == kind and d["metadata"]["name"] == argv[2]:
                 for k, v in (d.get("parameters") or {}).items():
                     print(f"{k}={v}")
                 return 0
-        raise SystemExit(f"manifest_args: no StorageClass {argv[2]}")
+        raise SystemExit(f"manifest_args: no {kind} {argv[2]}")
     if argv[1] == "--secrets":
         for d in load(argv[2]):
             if d.get("kind") != "Secret":

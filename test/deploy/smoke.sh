@@ -4,7 +4,8 @@
 # written works: the TLS secrets from manifests/gen-tls-secrets.sh are accepted by both ends,
 # the datapath finds the controller by its Service name and registers, the node plugin reaches
 # the datapath through the shared socket directory, and a volume with the QoS StorageClass's
-# parameters is created, seen in the pool and deleted.
+# parameters is created with those limits, moved through the chart's VolumeAttributesClasses
+# (helm mode) with ControllerModifyVolume, and deleted.
 #
 # Kubernetes stand-ins: a private network and mount namespace (unshare) whose /etc/hosts maps
 # the controller Service name and the datapath certificate's name to 127.0.0.1; HOST_IP (the
@@ -67,7 +68,8 @@ if [ "$mode" = plain ]; then
   "$src/manifests/gen-tls-secrets.sh" >"$root/secrets.yaml"
 else
   manifest=$root/helm.yaml
-  "$SMOKE_HELM" template nbd-csi "$src/charts/nbd-csi" --namespace nbd-csi >"$manifest"
+  "$SMOKE_HELM" template nbd-csi "$src/charts/nbd-csi" --namespace nbd-csi \
+    --set volumeAttributesClasses.enabled=true >"$manifest"
   cp "$manifest" "$root/secrets.yaml"
 fi
 margs() { python3 "$src/test/deploy/manifest_args.py" "$manifest" "$1" "$root" \
@@ -151,9 +153,10 @@ grep -q 'v1:node-1:pvc-deploy-smoke' "$root/create.out" ||
   { echo "FAIL: CreateVolume did not return v1:node-1:pvc-deploy-smoke" >&2; exit 1; }
 "$bin/nbdctl" --api "$dp_api" volume list | tee "$root/list.out"
 grep -q 'pvc-deploy-smoke' "$root/list.out" || { echo "FAIL: the volume is not in the pool" >&2; exit 1; }
-# The StorageClass's QoS parameters reached the datapath as limits on the volume.
+# qos_is WHAT --param K=V...: the volume's limits in the pool are the given parameters.
+qos_is() {
 "$bin/nbdctl" --api "$dp_api" -o json volume list >"$root/list.json"
-python3 - "$root/list.json" "$src" "${params[@]}" <<'PY'
+python3 - "$root/list.json" "$@" <<'PY'
 import json, re, sys
 doc = json.load(open(sys.argv[1]))
 vols = doc.get("volumes", doc) if isinstance(doc, dict) else doc
@@ -176,10 +179,23 @@ for kv in args[1::2]:
     if got != want:
         sys.exit(f"FAIL: {k}={v}: the volume's qos.{field} is {got}, want {want}")
     checked += 1
-assert checked > 0, "the QoS class has no QoS parameters"
-print(f"ok: {checked} QoS parameters of nbd-csi-qos are the volume's limits")
+assert checked > 0, f"{sys.argv[2]} has no QoS parameters"
+print(f"ok: the {checked} QoS parameters of {sys.argv[2]} are the volume's limits")
 PY
+}
+qos_is nbd-csi-qos "${params[@]}"
 echo "ok: CreateVolume with the nbd-csi-qos parameters made the volume in node-1's pool"
+if [ "$mode" = helm ]; then
+  # A PVC moved to another VolumeAttributesClass: the resizer sends its parameters as
+  # ControllerModifyVolume's mutable_parameters.
+  for vac in nbd-csi-silver nbd-csi-gold; do
+    vparams=()
+    while IFS= read -r kv; do vparams+=(--param "$kv"); done < <(
+      python3 "$src/test/deploy/manifest_args.py" --vac "$vac" "$manifest")
+    csi "$ctl_ep" controller modify v1:node-1:pvc-deploy-smoke "${vparams[@]}"
+    qos_is "$vac" "${vparams[@]}"
+  done
+fi
 csi "$ctl_ep" controller delete-volume v1:node-1:pvc-deploy-smoke
 "$bin/nbdctl" --api "$dp_api" volume list >"$root/list.out"
 if grep -q 'pvc-deploy-smoke' "$root/list.out"; then
