@@ -5,7 +5,8 @@
 # the datapath finds the controller by its Service name and registers, the node plugin reaches
 # the datapath through the shared socket directory, and a volume with the QoS StorageClass's
 # parameters is created with those limits, moved through the chart's VolumeAttributesClasses
-# (helm mode) with ControllerModifyVolume, and deleted.
+# (helm mode) with ControllerModifyVolume, staged and published by the node plugin at the
+# kubelet's paths (the datapath attaches it: kernel NBD, or the FUSE fallback), and deleted.
 #
 # Kubernetes stand-ins: a private network and mount namespace (unshare) whose /etc/hosts maps
 # the controller Service name and the datapath certificate's name to 127.0.0.1; HOST_IP (the
@@ -45,8 +46,16 @@ mode=$2
 
 root=$(mktemp -d /tmp/nbdcsi-smoke.XXXXXX)
 pids=()
+staged=0
 cleanup() {
   local rc=$?
+  # A failure between stage and unstage: give the devices back before the daemons go.
+  if [ "$staged" = 1 ]; then
+    "$bin/nbdctl" csi --timeout 10 --endpoint "$node_ep" node unpublish v1:node-1:pvc-deploy-smoke \
+      --target-path "$tgt" >/dev/null 2>&1 || true
+    "$bin/nbdctl" csi --timeout 10 --endpoint "$node_ep" node unstage v1:node-1:pvc-deploy-smoke \
+      --staging-path "$stg" >/dev/null 2>&1 || true
+  fi
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   if [ $rc -ne 0 ]; then
@@ -196,6 +205,33 @@ if [ "$mode" = helm ]; then
     qos_is "$vac" "${vparams[@]}"
   done
 fi
+# What the kubelet does next, at the paths it uses under kubeletDir: the node plugin asks the
+# datapath (through the shared socket directory) to attach the volume, formats it, mounts it,
+# and bind-mounts it for the pod.
+kubelet=$root/var/lib/kubelet
+stg=$kubelet/plugins/kubernetes.io/csi/nbd.csi.io/0123abcd/globalmount
+tgt=$kubelet/pods/0000-1111/volumes/kubernetes.io~csi/pvc-deploy-smoke/mount
+mkdir -p "$stg"
+if [ -e /dev/nbd0 ] || { [ -c /dev/fuse ] && [ -e /dev/loop-control ] && command -v nbdfuse >/dev/null; }; then
+staged=1
+csi "$node_ep" node stage v1:node-1:pvc-deploy-smoke --staging-path "$stg" --fs-type ext4
+csi "$node_ep" node publish v1:node-1:pvc-deploy-smoke --staging-path "$stg" --target-path "$tgt" \
+  --fs-type ext4
+findmnt -n -o FSTYPE --target "$tgt" | grep -qx ext4 ||
+  { echo "FAIL: no ext4 mounted at the pod's target path" >&2; findmnt -R "$kubelet" >&2; exit 1; }
+echo "written by the pod" >"$tgt/data"
+sync -f "$tgt/data"
+csi "$node_ep" node unpublish v1:node-1:pvc-deploy-smoke --target-path "$tgt"
+csi "$node_ep" node unstage v1:node-1:pvc-deploy-smoke --staging-path "$stg"
+staged=0
+if findmnt -R -n "$kubelet" | grep -q .; then
+  echo "FAIL: mounts left under the kubelet directory:" >&2; findmnt -R "$kubelet" >&2; exit 1
+fi
+echo "ok: NodeStage/NodePublish through the datapath socket, a file written, then torn down"
+else
+  echo "note: no /dev/nbd0 and no FUSE + loop + nbdfuse here: NodeStage/NodePublish not exercised"
+fi
+
 csi "$ctl_ep" controller delete-volume v1:node-1:pvc-deploy-smoke
 "$bin/nbdctl" --api "$dp_api" volume list >"$root/list.out"
 if grep -q 'pvc-deploy-smoke' "$root/list.out"; then
