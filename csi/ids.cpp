@@ -6,10 +6,10 @@
 
 #include <fmt/format.h>
 
+#include "common/node_id.h"
+
 namespace nbdcsi::csi {
 namespace {
-
-bool IsLowerAlnum(char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); }
 
 // Messages quote user input; control bytes would garble a log line, so they are escaped.
 std::string Quote(std::string_view s) {
@@ -61,25 +61,8 @@ StatusOr<std::string> FormatId(std::string_view prefix, std::string_view kind,
 
 }  // namespace
 
-Status ValidateNodeId(std::string_view node_id) {
-  if (node_id.empty()) return Error(EINVAL, "node id must not be empty");
-  if (node_id.size() > kMaxNodeIdLen) {
-    return Error(EINVAL, "node id is {} bytes, the limit is {}", node_id.size(), kMaxNodeIdLen);
-  }
-  for (char c : node_id) {
-    if (!IsLowerAlnum(c) && c != '.' && c != '-') {
-      return Error(EINVAL,
-                   "node id {} contains {} (a Kubernetes node name: lower-case a-z, 0-9, '.', "
-                   "'-')",
-                   Quote(node_id), Quote(std::string_view(&c, 1)));
-    }
-  }
-  if (!IsLowerAlnum(node_id.front()) || !IsLowerAlnum(node_id.back())) {
-    return Error(EINVAL, "node id {} must start and end with a lower-case letter or digit",
-                 Quote(node_id));
-  }
-  return Status::Ok();
-}
+// One rule for node ids across the project: the datapath registers under the same check.
+Status ValidateNodeId(std::string_view node_id) { return ::nbdcsi::ValidateNodeId(node_id); }
 
 Status ValidatePoolName(std::string_view kind, std::string_view name) {
   if (name.empty()) return Error(EINVAL, "{} name must not be empty", kind);

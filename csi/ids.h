@@ -34,7 +34,8 @@ struct SnapshotRef {
 };
 
 // A Kubernetes node name: 1..253 bytes of [a-z0-9.-], starting and ending with [a-z0-9].
-// EINVAL names the id and the rule broken.
+// EINVAL names the id and the rule broken. The same check as common/node_id.h (the datapath
+// registers under it), so every registered node makes parseable ids.
 Status ValidateNodeId(std::string_view node_id);
 // The pool's name rules (A-Z a-z 0-9 . _ -, not starting with '.' or '-'), at most
 // kMaxPoolNameLen bytes. `kind` ("volume", "snapshot") starts the message.
