@@ -40,4 +40,14 @@ Status ValidateHostPort(std::string_view addr) {
   return Status::Ok();
 }
 
+Status ValidateDialAddress(std::string_view addr) {
+  if (Status s = ValidateHostPort(addr); !s.ok()) return s;
+  auto ep = ParseEndpoint("tcp://" + std::string(addr));
+  if (ep->host == "0.0.0.0" || ep->host == "::" || ep->host == "0:0:0:0:0:0:0:0") {
+    return Error(EINVAL, "address \"{}\": {} is a wildcard for listening, not an address a peer "
+                         "can dial", addr, ep->host);
+  }
+  return Status::Ok();
+}
+
 }  // namespace nbdcsi

@@ -18,4 +18,8 @@ Status ValidateNodeId(std::string_view id);
 // IPv6 literal, and a port 1-65535. EINVAL naming the address and what is wrong.
 Status ValidateHostPort(std::string_view addr);
 
+// ValidateHostPort plus: the host is not a wildcard (0.0.0.0, ::), which a listener may use but a
+// peer cannot dial. For advertised and dialled addresses.
+Status ValidateDialAddress(std::string_view addr);
+
 }  // namespace nbdcsi

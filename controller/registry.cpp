@@ -27,7 +27,7 @@ bool NodeRegistry::Live(const Entry& e, steady_clock::time_point now) const {
 
 Status NodeRegistry::Heartbeat(const v1::HeartbeatRequest& req) {
   if (Status s = ValidateNodeId(req.node_id()); !s.ok()) return s;
-  if (Status s = ValidateHostPort(req.api_address()); !s.ok()) {
+  if (Status s = ValidateDialAddress(req.api_address()); !s.ok()) {
     return Error(EINVAL, "node {}: api {}", req.node_id(), s.message());
   }
   const auto now = clock_();

@@ -61,12 +61,12 @@ Status ValidateCluster(ClusterConfig& c) {
       return Error(EINVAL, "--controller needs --node-id (this node's Kubernetes name) and "
                            "--advertise (host:port where the controller reaches this datapath)");
     }
-    if (Status s = ValidateHostPort(c.controller); !s.ok()) {
+    if (Status s = ValidateDialAddress(c.controller); !s.ok()) {
       return Error(EINVAL, "--controller: {}", s.message());
     }
   }
   if (!c.advertise.empty()) {
-    if (Status s = ValidateHostPort(c.advertise); !s.ok()) {
+    if (Status s = ValidateDialAddress(c.advertise); !s.ok()) {
       return Error(EINVAL, "--advertise: {}", s.message());
     }
     if (c.tcp_listen.empty()) c.tcp_listen = c.advertise;

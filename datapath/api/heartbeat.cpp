@@ -73,10 +73,10 @@ HeartbeatSender::~HeartbeatSender() { Stop(); }
 Status HeartbeatSender::Start() {
   if (thread_.joinable()) return Error(EALREADY, "heartbeat: already started");
   if (Status s = ValidateNodeId(opts_.node_id); !s.ok()) return s;
-  if (Status s = ValidateHostPort(opts_.advertise); !s.ok()) {
+  if (Status s = ValidateDialAddress(opts_.advertise); !s.ok()) {
     return Error(EINVAL, "advertised {}", s.message());
   }
-  if (Status s = ValidateHostPort(opts_.controller); !s.ok()) {
+  if (Status s = ValidateDialAddress(opts_.controller); !s.ok()) {
     return Error(EINVAL, "controller {}", s.message());
   }
   if (!opts_.creds) return Error(EINVAL, "heartbeat: no channel credentials");

@@ -154,7 +154,7 @@ TEST(NodeRegistry, BadHeartbeatsAreRefusedAndChangeNothing) {
   }
   EXPECT_EQ(reg.Heartbeat(Beat(std::string(254, 'a'), "127.0.0.1:1")).code(), EINVAL);
   for (const char* addr : {"", "127.0.0.1", "127.0.0.1:0", "tcp://127.0.0.1:9820", "::1:9820",
-                           "host name:1"}) {
+                           "host name:1", "0.0.0.0:9820"}) {
     Status s = reg.Heartbeat(Beat("node-a", addr));
     EXPECT_EQ(s.code(), EINVAL) << addr;
     EXPECT_NE(s.message().find("node-a"), std::string::npos) << s.message();
@@ -590,6 +590,7 @@ TEST_F(DatapathdTest, ClusterFlagsAreValidatedBeforeAnythingStarts) {
                    "--controller needs --node-id");
   ExpectUsageError({"--node-id", "Bad_Node"}, "--node-id: node id \"Bad_Node\"");
   ExpectUsageError({"--advertise", "127.0.0.1"}, "--advertise: address \"127.0.0.1\"");
+  ExpectUsageError({"--advertise", "0.0.0.0:9820", "--insecure"}, "wildcard");
   ExpectUsageError({"--advertise", adv, "--insecure", "--tls-cert", Files("server").cert},
                    "cannot be combined");
   ExpectUsageError({"--advertise", adv, "--tls-cert", Files("server").cert},

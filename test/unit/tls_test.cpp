@@ -89,6 +89,17 @@ TEST(HostPort, ParsesLikeAGrpcTarget) {
   }
 }
 
+TEST(HostPort, DialAddressesAreNotWildcards) {
+  EXPECT_TRUE(ValidateHostPort("0.0.0.0:9820").ok());  // fine to listen on
+  for (const char* a : {"0.0.0.0:9820", "[::]:9820"}) {
+    Status s = ValidateDialAddress(a);
+    EXPECT_EQ(s.code(), EINVAL) << a;
+    EXPECT_NE(s.message().find("wildcard"), std::string::npos) << s.message();
+  }
+  EXPECT_TRUE(ValidateDialAddress("10.0.0.1:9820").ok());
+  EXPECT_EQ(ValidateDialAddress("host").code(), EINVAL);
+}
+
 TEST(TlsFiles, ValidateNamesWhatIsMissingOrConflicting) {
   EXPECT_TRUE((TlsFiles{"c", "k", "a", false}).Validate().ok());
   EXPECT_TRUE((TlsFiles{"", "", "", true}).Validate().ok());
