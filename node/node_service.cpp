@@ -45,6 +45,7 @@ struct Capability {
   std::string fstype;              // mount volumes: "ext4" or "xfs"
   std::vector<std::string> flags;  // mount volumes: the mount_flags
   bool reader_only = false;        // the access mode allows no writes
+  bool ro_stage = false;           // mount volumes: staged read-only (reader_only or an "ro" flag)
 };
 
 StatusOr<Capability> ParseCapability(const v1::VolumeCapability& cap) {
@@ -77,8 +78,16 @@ StatusOr<Capability> ParseCapability(const v1::VolumeCapability& cap) {
       return Error(EINVAL, "mount flag \"{}\" is empty or contains white space", f);
     }
     c.flags.push_back(f);
+    c.ro_stage = c.ro_stage || HasMountOption(f, "ro");
   }
+  c.ro_stage = c.ro_stage || c.reader_only;
   return c;
+}
+
+std::string Join(const std::vector<std::string>& v) {
+  std::string out;
+  for (const auto& x : v) out += (out.empty() ? "" : ",") + x;
+  return out;
 }
 
 // OS failures are the node's problem, not the caller's argument: INTERNAL, whatever errno the
@@ -218,6 +227,11 @@ class NodeService final : public v1::Node::Service {
         return Error(EEXIST, "volume {} is staged at {} as {}, not {}", *volume, staging, m.fstype,
                      cap->fstype);
       }
+      if (m.vfs_read_only != cap->ro_stage) {
+        return Error(EEXIST, "volume {} is staged at {} {}, now asked {}", *volume, staging,
+                     m.vfs_read_only ? "read-only" : "read-write",
+                     cap->ro_stage ? "read-only" : "read-write");
+      }
       return Status::Ok();  // done by an earlier call
     }
 
@@ -246,7 +260,7 @@ class NodeService final : public v1::Node::Service {
                      cap->fstype);
     }
     std::vector<std::string> options = cap->flags;
-    if (cap->reader_only) options.push_back("ro");
+    if (cap->reader_only && !HasMountOption(Join(options), "ro")) options.push_back("ro");
     // A clone or restore carries its source's XFS UUID; without nouuid the second of the two
     // could not be mounted on the same node.
     if (cap->fstype == "xfs") options.push_back("nouuid");
@@ -333,6 +347,9 @@ class NodeService final : public v1::Node::Service {
 
     Status made = cap->block ? os_.MakeFile(target) : os_.MakeDir(target);
     if (!made.ok()) return OsError(made);
+    // For a block volume the read-only bind is advisory: the kernel lets a device node on a
+    // read-only mount be opened for writing. What enforces it is the container's device
+    // permission ("r"), which kubelet sets from the same readonly flag.
     std::vector<std::string> options = {"bind"};
     if (ro) options.push_back("ro");
     const std::string& from = cap->block ? source : req.staging_target_path();

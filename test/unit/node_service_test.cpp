@@ -175,6 +175,20 @@ TEST_F(NodeServiceTest, StageReaderOnlyMountsReadOnly) {
   ASSERT_TRUE(Stage(MountCap("ext4", AccessMode::SINGLE_NODE_READER_ONLY)).ok());
   ASSERT_NE(os_.Top(kStaging), nullptr);
   EXPECT_TRUE(os_.Top(kStaging)->vfs_read_only);
+  ASSERT_TRUE(Stage(MountCap("ext4", AccessMode::SINGLE_NODE_READER_ONLY)).ok());
+  // Staged read-only, now asked read-write: not what is mounted there.
+  EXPECT_EQ(Stage(MountCap("ext4")).error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  EXPECT_EQ(os_.Count("mount"), 1);
+}
+
+TEST_F(NodeServiceTest, StageWithRoMountFlagIsIdempotent) {
+  os_.devices[kDevice].content = {DeviceContent::Kind::kFilesystem, "ext4"};
+  v1::VolumeCapability cap = MountCap("ext4");
+  cap.mutable_mount()->add_mount_flags("ro");
+  ASSERT_TRUE(Stage(cap).ok());
+  ASSERT_TRUE(Stage(cap).ok());
+  EXPECT_TRUE(os_.Top(kStaging)->vfs_read_only);
+  EXPECT_EQ(os_.Count("mount /dev/loop3 " + std::string(kStaging) + " ext4 ro"), 1);
 }
 
 TEST_F(NodeServiceTest, StageNeverFormatsANonBlankDevice) {
