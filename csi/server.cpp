@@ -65,8 +65,8 @@ void CsiServer::Shutdown(std::chrono::milliseconds grace) {
   shut_down_ = true;
   server_->Shutdown(std::chrono::system_clock::now() + grace);
   if (endpoint_.kind == Endpoint::Kind::kUnix) {
-    // Only our own socket: after Shutdown nothing listens on it, and a leftover file would make
-    // the next start take the stale-socket path for no reason.
+    // gRPC 1.51 unlinks the path itself when the listener closes; this covers versions that do
+    // not, so the next start does not have to take the stale-socket path.
     struct stat st{};
     if (lstat(endpoint_.path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
       unlink(endpoint_.path.c_str());

@@ -3,12 +3,14 @@
 
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <netinet/in.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
+#include <thread>
 
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
@@ -225,6 +227,96 @@ TEST_F(CsiServerTest, ShutdownIsIdempotent) {
   // The path is free for the next start.
   auto again = StartCsiServer({.endpoint = "unix://" + sock_, .services = {identity.get()}});
   EXPECT_TRUE(again.ok()) << again.status().message();
+}
+
+// Answers CreateVolume after `delay`, or as soon as the call is cancelled.
+class SlowController final : public v1::Controller::Service {
+ public:
+  explicit SlowController(std::chrono::milliseconds delay) : delay_(delay) {}
+  grpc::Status CreateVolume(grpc::ServerContext* ctx, const v1::CreateVolumeRequest* req,
+                            v1::CreateVolumeResponse* resp) override {
+    started.store(true);
+    const auto end = std::chrono::steady_clock::now() + delay_;
+    while (std::chrono::steady_clock::now() < end) {
+      if (ctx->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    resp->mutable_volume()->set_volume_id("v1:n:" + req->name());
+    return grpc::Status::OK;
+  }
+  std::atomic<bool> started{false};
+
+ private:
+  std::chrono::milliseconds delay_;
+};
+
+struct CallResult {
+  grpc::Status status;
+  std::string volume_id;
+};
+
+CallResult CallCreate(const std::string& target) {
+  auto stub = v1::Controller::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  v1::CreateVolumeRequest req;
+  req.set_name("slow");
+  v1::CreateVolumeResponse resp;
+  CallResult r;
+  r.status = stub->CreateVolume(&ctx, req, &resp);
+  r.volume_id = resp.volume().volume_id();
+  return r;
+}
+
+TEST_F(CsiServerTest, ShutdownLetsInFlightCallsFinishWithinGrace) {
+  SlowController slow(std::chrono::milliseconds(300));
+  auto srv = StartCsiServer({.endpoint = "unix://" + sock_, .services = {&slow}});
+  ASSERT_TRUE(srv.ok());
+  CallResult result;
+  std::thread caller([&] { result = CallCreate("unix:" + sock_); });
+  while (!slow.started.load()) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  (*srv)->Shutdown(std::chrono::seconds(10));
+  (*srv)->Wait();
+  caller.join();
+  EXPECT_TRUE(result.status.ok()) << result.status.error_message();
+  EXPECT_EQ(result.volume_id, "v1:n:slow");
+}
+
+TEST_F(CsiServerTest, ShutdownCancelsCallsAfterGrace) {
+  SlowController slow(std::chrono::seconds(15));
+  auto srv = StartCsiServer({.endpoint = "unix://" + sock_, .services = {&slow}});
+  ASSERT_TRUE(srv.ok());
+  CallResult result;
+  std::thread caller([&] { result = CallCreate("unix:" + sock_); });
+  while (!slow.started.load()) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  const auto t0 = std::chrono::steady_clock::now();
+  (*srv)->Shutdown(std::chrono::milliseconds(100));
+  (*srv)->Wait();
+  caller.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+  EXPECT_FALSE(result.status.ok());
+}
+
+TEST(CsiSignals, TerminationSignalIsTakenSynchronously) {
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    BlockTerminationSignals();
+    // A thread started afterwards inherits the mask: the signal can only end up in sigwait.
+    std::thread t([] { kill(getpid(), SIGTERM); });
+    t.join();
+    const int sig = WaitForTerminationSignal();
+    // SIGPIPE is ignored: writing to a closed pipe is EPIPE, not death.
+    int fds[2];
+    if (pipe(fds) != 0) _exit(100);
+    close(fds[0]);
+    if (write(fds[1], "x", 1) != -1 || errno != EPIPE) _exit(101);
+    _exit(sig);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), SIGTERM);
 }
 
 }  // namespace
