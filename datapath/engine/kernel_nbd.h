@@ -57,9 +57,10 @@ class KernelNbdInterface {
                              uint64_t dead_conn_timeout_s, const std::string& cookie) = 0;
   virtual Status Disconnect(int index) = 0;
   // Tells a connected device its export's new size: RECONFIGURE with NBD_ATTR_SIZE_BYTES (and
-  // the cookie, for the reason above) and no sockets. A kernel that ignores the attribute still
-  // answers success, so the caller checks SizeBytes afterwards (test/vm/attach_resize.sh shows
-  // what Debian's kernel does).
+  // the cookie, for the reason above) and no sockets. Debian 12's 6.1 kernel applies it at once
+  // ("nbd0: detected capacity change", /sys/block/nbdN/size follows) while the device stays
+  // mounted: test/vm/attach_resize.sh. A kernel that ignored the attribute would still answer
+  // success, so the caller checks SizeBytes afterwards.
   virtual Status Resize(int index, uint64_t size_bytes, const std::string& cookie) = 0;
   // The device's size in bytes from /sys/block/nbdN/size (512-byte sectors), 0 if unreadable.
   virtual uint64_t SizeBytes(int index) = 0;
