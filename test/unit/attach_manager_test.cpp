@@ -16,13 +16,17 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "common/fs_util.h"
 
 #include "datapath/engine/attachments.h"
+#include "datapath/engine/frontend.h"
+#include "datapath/engine/fuse_attach.h"
 #include "datapath/engine/kernel_nbd.h"
 #include "datapath/nbd/negotiate.h"
 
@@ -107,6 +111,15 @@ class FakeKernel final : public KernelNbdInterface {
     max_sectors[index] = kb;
     return kb;
   }
+  std::vector<std::tuple<int, uint64_t, std::string>> resizes;
+  std::map<int, uint64_t> sizes;  // what sysfs would show after a resize
+  Status Resize(int index, uint64_t size, const std::string& cookie) override {
+    if (Backend(index) != cookie) return Error(EINVAL, "backend image doesn't match");
+    resizes.emplace_back(index, size, cookie);
+    sizes[index] = size;
+    return Status::Ok();
+  }
+  uint64_t SizeBytes(int index) override { return sizes.count(index) ? sizes[index] : 0; }
   Status WatchLinkDead(std::function<void(int)> cb) override {
     on_dead = std::move(cb);
     return Status::Ok();
@@ -126,6 +139,16 @@ class FakeServer final : public ExportServer {
 
   ~FakeServer() override {
     for (int fd : server_ends) close(fd);
+  }
+  std::string socket = "/run/test/nbd.sock";
+  std::string UnixSocketPath() const override { return socket; }
+  StatusOr<ServedExport> Describe(const std::string& volume) override {
+    auto it = volumes.find(volume);
+    if (it == volumes.end()) return Error(ENOENT, "volume {} not found", volume);
+    ServedExport e;
+    e.size_bytes = it->second.first;
+    e.read_only = it->second.second;
+    return e;
   }
   StatusOr<ServedExport> Serve(const std::string& volume, unsigned n) override {
     calls.emplace_back(volume, n);
@@ -153,6 +176,56 @@ class FakeServer final : public ExportServer {
   }
 };
 
+// nbdfuse + loop devices as a map loop index -> mount dir. Unavailable unless a test says so.
+class FakeFuse final : public FuseLoopInterface {
+ public:
+  Status available = Error(ENODEV, "the nbdfuse + loop attach path is unavailable: missing nbdfuse");
+  Status attach_error = Status::Ok();
+  Status in_use = Status::Ok();
+  std::string link_problem;
+  std::map<int, std::string> loops;
+  std::map<int, uint64_t> sizes;
+  std::vector<FuseAttachParams> attaches;
+  std::vector<std::pair<std::string, int>> detaches;
+  std::function<void()> after_started;  // runs inside Attach, after on_started
+  int next_pid = 1000;
+
+  Status Available() override { return available; }
+  StatusOr<FuseAttachment> Attach(const FuseAttachParams& p,
+                                  const std::function<void(int)>& on_started) override {
+    attaches.push_back(p);
+    int pid = next_pid++;
+    on_started(pid);
+    if (after_started) after_started();
+    if (!attach_error.ok()) return attach_error;
+    int index = 0;
+    while (loops.count(index)) ++index;
+    loops[index] = p.mount_dir;
+    sizes[index] = p.size_bytes;
+    return FuseAttachment{index, pid};
+  }
+  bool LoopBound(int index, const std::string& dir) override {
+    return loops.count(index) && loops[index] == dir;
+  }
+  Status CheckNotInUse(int) override { return in_use; }
+  Status Detach(const std::string& dir, int pid) override {
+    detaches.emplace_back(dir, pid);
+    for (auto it = loops.begin(); it != loops.end();) {
+      it = it->second == dir ? loops.erase(it) : std::next(it);
+    }
+    return Status::Ok();
+  }
+  Status Resize(int index, uint64_t size) override {
+    sizes[index] = size;
+    return Status::Ok();
+  }
+  uint64_t SizeBytes(int index) override { return sizes.count(index) ? sizes[index] : 0; }
+  std::string LinkProblem(int index, int, const std::string& dir) override {
+    if (!LoopBound(index, dir)) return "loop not bound";
+    return link_problem;
+  }
+};
+
 class AttachManagerTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -169,7 +242,7 @@ class AttachManagerTest : public ::testing::Test {
   void TearDown() override { fs::remove_all(root_); }
 
   std::unique_ptr<AttachmentManager> NewManager() {
-    auto m = std::make_unique<AttachmentManager>(dir_, kernel_, server_, opts_);
+    auto m = std::make_unique<AttachmentManager>(dir_, kernel_, fuse_, server_, opts_);
     Status s = m->Init();
     EXPECT_TRUE(s.ok()) << s.message();
     return m;
@@ -190,6 +263,7 @@ class AttachManagerTest : public ::testing::Test {
 
   std::string root_, dir_;
   FakeKernel kernel_;
+  FakeFuse fuse_;
   FakeServer server_;
   AttachOptions opts_;
 };
@@ -480,6 +554,268 @@ TEST(AttachmentRecordTest, JsonRoundTripAndValidation) {
                           R"({"volume":"v","index":"0","cookie":"c","connections":1})"}) {
     EXPECT_EQ(AttachmentRecord::FromJson(bad).status().code(), EINVAL) << bad;
   }
+}
+
+// ---- Mode choice and the fuse fallback ----
+
+TEST_F(AttachManagerTest, KernelModeWhenTheKernelHasNbdEvenIfFuseWorks) {
+  fuse_.available = Status::Ok();
+  auto m = NewManager();
+  auto r = m->Attach("vol-a");
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(r->mode, kModeKernel);
+  EXPECT_EQ(r->device(), "/dev/nbd0");
+  EXPECT_TRUE(r->link_ok);
+  EXPECT_TRUE(fuse_.attaches.empty());
+  auto j = nlohmann::json::parse(ReadFile(dir_ + "/vol-a.json"));
+  EXPECT_EQ(j.at("mode"), "kernel");
+  EXPECT_FALSE(j.contains("fuse_mount"));
+}
+
+TEST_F(AttachManagerTest, FuseModeWhenTheKernelHasNoNbd) {
+  kernel_.available = Error(ENODEV, "kernel NBD unavailable: the nbd module is not loaded");
+  fuse_.available = Status::Ok();
+  server_.socket = "/run/nbd csi/nbd.sock";  // escaped in the URI
+  auto m = NewManager();
+  auto r = m->Attach("vol-a", 3);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(r->mode, kModeFuse);
+  EXPECT_EQ(r->device(), "/dev/loop0");
+  EXPECT_EQ(r->fuse_pid, 1000);
+  EXPECT_EQ(r->fuse_mount, dir_ + "/fuse/vol-a");
+  EXPECT_EQ(r->size_bytes, uint64_t{64} << 20);
+  EXPECT_TRUE(r->link_ok) << r->link_error;
+  EXPECT_TRUE(kernel_.connects.empty());
+  EXPECT_TRUE(server_.calls.empty());  // nbdfuse connects by itself: no socketpairs
+  ASSERT_EQ(fuse_.attaches.size(), 1u);
+  const FuseAttachParams& p = fuse_.attaches[0];
+  EXPECT_EQ(p.uri, "nbd+unix:///vol-a@grow?socket=/run/nbd%20csi/nbd.sock");
+  EXPECT_EQ(p.window_bytes, kGrowableWindow);
+  EXPECT_EQ(p.size_bytes, uint64_t{64} << 20);
+  EXPECT_EQ(p.connections, 3u);
+  EXPECT_EQ(p.mount_dir, dir_ + "/fuse/vol-a");
+  EXPECT_EQ(p.log_path, dir_ + "/fuse/vol-a.log");
+  EXPECT_TRUE(fs::is_directory(dir_ + "/fuse"));
+
+  auto j = nlohmann::json::parse(ReadFile(dir_ + "/vol-a.json"));
+  EXPECT_EQ(j.at("mode"), "fuse");
+  EXPECT_EQ(j.at("index"), 0);
+  EXPECT_EQ(j.at("fuse_pid"), 1000);
+  EXPECT_EQ(j.at("fuse_mount"), dir_ + "/fuse/vol-a");
+  auto parsed = AttachmentRecord::FromJson(ReadFile(dir_ + "/vol-a.json"));
+  ASSERT_TRUE(parsed.ok()) << parsed.status().message();
+  EXPECT_EQ(parsed->device(), "/dev/loop0");
+
+  // Idempotent while healthy; the same device comes back.
+  auto again = m->Attach("vol-a");
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->device(), "/dev/loop0");
+  EXPECT_EQ(fuse_.attaches.size(), 1u);
+
+  auto list = m->List();
+  ASSERT_EQ(list.size(), 1u);
+  EXPECT_EQ(list[0].mode, kModeFuse);
+  EXPECT_TRUE(list[0].link_ok);
+  fuse_.link_problem = "nbdfuse (pid 1000) exited (exit status 1)";
+  list = m->List();
+  EXPECT_FALSE(list[0].link_ok);
+  EXPECT_EQ(list[0].link_error, fuse_.link_problem);
+}
+
+TEST_F(AttachManagerTest, NeitherPathGivesENODEVNamingBoth) {
+  kernel_.available = Error(ENODEV, "kernel NBD unavailable: the nbd module is not loaded");
+  auto m = NewManager();
+  auto r = m->Attach("vol-a");
+  EXPECT_EQ(r.status().code(), ENODEV);
+  EXPECT_NE(r.status().message().find("nbd module is not loaded"), std::string::npos);
+  EXPECT_NE(r.status().message().find("missing nbdfuse"), std::string::npos);
+  EXPECT_TRUE(fuse_.attaches.empty());
+  EXPECT_TRUE(fs::is_empty(dir_));
+
+  // Fuse works, but the daemon has no Unix NBD socket for nbdfuse to connect to.
+  fuse_.available = Status::Ok();
+  server_.socket.clear();
+  r = m->Attach("vol-a");
+  EXPECT_EQ(r.status().code(), ENODEV);
+  EXPECT_NE(r.status().message().find("--nbd-listen"), std::string::npos) << r.status().message();
+  // ... unless the options name one.
+  opts_.nbd_socket = "/run/other.sock";
+  auto m2 = NewManager();
+  r = m2->Attach("vol-a");
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_NE(fuse_.attaches.back().uri.find("socket=/run/other.sock"), std::string::npos);
+}
+
+TEST_F(AttachManagerTest, FuseFallbackCanBeTurnedOff) {
+  kernel_.available = Error(ENODEV, "kernel NBD unavailable: the nbd module is not loaded");
+  fuse_.available = Status::Ok();
+  opts_.fuse_fallback = false;
+  auto m = NewManager();
+  auto r = m->Attach("vol-a");
+  EXPECT_EQ(r.status().code(), ENODEV);
+  EXPECT_TRUE(fuse_.attaches.empty());
+}
+
+TEST_F(AttachManagerTest, FuseRecordHoldsThePidBeforeTheLoopDeviceExists) {
+  kernel_.available = Error(ENODEV, "no nbd");
+  fuse_.available = Status::Ok();
+  auto m = NewManager();
+  std::string at_start;
+  fuse_.after_started = [&] { at_start = ReadFile(dir_ + "/vol-a.json"); };
+  ASSERT_TRUE(m->Attach("vol-a").ok());
+  auto j = nlohmann::json::parse(at_start);
+  EXPECT_EQ(j.at("index"), -1);
+  EXPECT_EQ(j.at("fuse_pid"), 1000);
+  EXPECT_EQ(j.at("fuse_mount"), dir_ + "/fuse/vol-a");
+}
+
+TEST_F(AttachManagerTest, FailedFuseAttachLeavesNoRecord) {
+  kernel_.available = Error(ENODEV, "no nbd");
+  fuse_.available = Status::Ok();
+  fuse_.attach_error = Error(ETIMEDOUT, "nbdfuse did not present the file");
+  auto m = NewManager();
+  auto r = m->Attach("vol-a");
+  EXPECT_EQ(r.status().code(), ETIMEDOUT);
+  EXPECT_FALSE(fs::exists(dir_ + "/vol-a.json"));
+  EXPECT_TRUE(m->List().empty());
+  EXPECT_EQ(m->Attach("missing").status().code(), ENOENT);
+}
+
+TEST_F(AttachManagerTest, FuseDetachIsRefusedWhileMountedThenCleansUp) {
+  kernel_.available = Error(ENODEV, "no nbd");
+  fuse_.available = Status::Ok();
+  auto m = NewManager();
+  ASSERT_TRUE(m->Attach("vol-a").ok());
+  fuse_.in_use = Error(EBUSY, "/dev/loop0 is in use (mounted or held open exclusively)");
+  Status s = m->Detach("vol-a");
+  EXPECT_EQ(s.code(), EBUSY);
+  EXPECT_NE(s.message().find("vol-a"), std::string::npos);
+  EXPECT_TRUE(fuse_.detaches.empty());
+  EXPECT_TRUE(fs::exists(dir_ + "/vol-a.json"));
+
+  fuse_.in_use = Status::Ok();
+  ASSERT_TRUE(m->Detach("vol-a").ok());
+  ASSERT_EQ(fuse_.detaches.size(), 1u);
+  EXPECT_EQ(fuse_.detaches[0], std::make_pair(dir_ + "/fuse/vol-a", 1000));
+  EXPECT_FALSE(fs::exists(dir_ + "/vol-a.json"));
+  EXPECT_TRUE(fuse_.loops.empty());
+  EXPECT_TRUE(m->List().empty());
+  EXPECT_TRUE(m->Detach("vol-a").ok());  // idempotent
+  EXPECT_EQ(fuse_.detaches.size(), 1u);
+}
+
+TEST_F(AttachManagerTest, FuseAttachmentAfterARestartIsReportedDownAndCleanedUpByDetach) {
+  kernel_.available = Error(ENODEV, "no nbd");
+  fuse_.available = Status::Ok();
+  {
+    auto m = NewManager();
+    ASSERT_TRUE(m->Attach("vol-a").ok());
+  }
+  auto m = NewManager();  // the restarted daemon
+  RecoverReport rep = m->Recover();
+  ASSERT_EQ(rep.failed.size(), 1u);
+  EXPECT_NE(rep.failed[0].find("cannot be reconnected"), std::string::npos) << rep.failed[0];
+  EXPECT_TRUE(fuse_.detaches.empty());  // it may still be mounted: nothing is torn down
+  auto list = m->List();
+  ASSERT_EQ(list.size(), 1u);
+  EXPECT_EQ(list[0].device(), "/dev/loop0");
+  EXPECT_FALSE(list[0].link_ok);
+  EXPECT_NE(list[0].link_error.find("restart"), std::string::npos) << list[0].link_error;
+  EXPECT_EQ(m->Resize("vol-a").status().code(), ENODEV);
+
+  // Attach over it: refused while mounted (its data would be cut off), replaced once it is not.
+  fuse_.in_use = Error(EBUSY, "mounted");
+  auto r = m->Attach("vol-a");
+  EXPECT_EQ(r.status().code(), EBUSY);
+  EXPECT_NE(r.status().message().find("unmount"), std::string::npos);
+  fuse_.in_use = Status::Ok();
+  r = m->Attach("vol-a");
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_TRUE(r->link_ok);
+  EXPECT_EQ(fuse_.detaches.size(), 1u);
+  EXPECT_EQ(fuse_.attaches.size(), 2u);
+
+  // Restart again; this time detach: everything is cleaned up and the record goes.
+  m = NewManager();
+  m->Recover();
+  ASSERT_TRUE(m->Detach("vol-a").ok());
+  EXPECT_EQ(fuse_.detaches.size(), 2u);
+  EXPECT_FALSE(fs::exists(dir_ + "/vol-a.json"));
+}
+
+TEST_F(AttachManagerTest, RecoverCleansUpAnUnfinishedFuseAttachment) {
+  AttachmentRecord r;
+  r.volume = "vol-a";
+  r.mode = kModeFuse;
+  r.cookie = "nbd-csi:vol-a:0";
+  r.connections = 2;
+  r.fuse_pid = 4242;
+  r.fuse_mount = dir_ + "/fuse/vol-a";
+  fs::create_directories(dir_);
+  WriteFile(dir_ + "/vol-a.json", r.ToJson());
+  auto m = NewManager();
+  RecoverReport rep = m->Recover();
+  ASSERT_EQ(rep.dropped.size(), 1u);
+  ASSERT_EQ(fuse_.detaches.size(), 1u);
+  EXPECT_EQ(fuse_.detaches[0], std::make_pair(dir_ + "/fuse/vol-a", 4242));
+  EXPECT_FALSE(fs::exists(dir_ + "/vol-a.json"));
+  EXPECT_TRUE(m->List().empty());
+}
+
+TEST_F(AttachManagerTest, BadFuseRecordsAreKept) {
+  fs::create_directories(dir_);
+  WriteFile(dir_ + "/vol-a.json",
+            R"({"volume":"vol-a","mode":"fuse","index":0,"cookie":"c","connections":1,)"
+            R"("fuse_pid":7,"fuse_mount":"relative/dir"})");
+  WriteFile(dir_ + "/vol-b.json",
+            R"({"volume":"vol-b","mode":"ublk","index":0,"cookie":"c","connections":1})");
+  auto m = NewManager();
+  RecoverReport rep = m->Recover();
+  EXPECT_EQ(rep.failed.size(), 2u);
+  EXPECT_TRUE(fs::exists(dir_ + "/vol-a.json"));
+  EXPECT_TRUE(fs::exists(dir_ + "/vol-b.json"));
+  EXPECT_TRUE(fuse_.detaches.empty());
+}
+
+// ---- Resize ----
+
+TEST_F(AttachManagerTest, ResizeTellsTheDeviceAndRecordsTheNewSize) {
+  auto m = NewManager();
+  EXPECT_EQ(m->Resize("vol-a").status().code(), ENOENT);
+  ASSERT_TRUE(m->Attach("vol-a").ok());
+  server_.volumes["vol-a"].first = 96 << 20;
+  auto r = m->Resize("vol-a");
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(r->size_bytes, uint64_t{96} << 20);
+  ASSERT_EQ(kernel_.resizes.size(), 1u);
+  EXPECT_EQ(std::get<0>(kernel_.resizes[0]), 0);
+  EXPECT_EQ(std::get<1>(kernel_.resizes[0]), uint64_t{96} << 20);
+  EXPECT_EQ(std::get<2>(kernel_.resizes[0]), kernel_.devices[0]);  // the cookie goes along
+  auto j = nlohmann::json::parse(ReadFile(dir_ + "/vol-a.json"));
+  EXPECT_EQ(j.at("size_bytes"), uint64_t{96} << 20);
+  EXPECT_TRUE(m->Resize("vol-a").ok());  // idempotent
+
+  server_.volumes["vol-a"].first = 32 << 20;  // not something a pool does, but refused
+  EXPECT_EQ(m->Resize("vol-a").status().code(), EINVAL);
+}
+
+TEST_F(AttachManagerTest, FuseResizeRaisesTheLoopLimit) {
+  kernel_.available = Error(ENODEV, "no nbd");
+  fuse_.available = Status::Ok();
+  auto m = NewManager();
+  ASSERT_TRUE(m->Attach("vol-a").ok());
+  server_.volumes["vol-a"].first = 200 << 20;
+  auto r = m->Resize("vol-a");
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(r->size_bytes, uint64_t{200} << 20);
+  EXPECT_EQ(fuse_.sizes[0], uint64_t{200} << 20);
+  EXPECT_TRUE(kernel_.resizes.empty());
+  auto j = nlohmann::json::parse(ReadFile(dir_ + "/vol-a.json"));
+  EXPECT_EQ(j.at("size_bytes"), uint64_t{200} << 20);
+  EXPECT_EQ(m->Get("vol-a")->size_bytes, uint64_t{200} << 20);
+
+  server_.volumes["vol-a"].first = kGrowableWindow + 4096;
+  EXPECT_EQ(m->Resize("vol-a").status().code(), EFBIG);
 }
 
 }  // namespace

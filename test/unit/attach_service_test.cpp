@@ -2,10 +2,12 @@
 // serving the socketpairs, the API server on a unix socket with both services, and a fake kernel
 // that holds the client ends the way nbd.ko would (dup on CONNECT, close on DISCONNECT). So the
 // volume's open connections, and the EBUSY of deleting an attached volume, are the real ones.
+#include <endian.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <thread>
@@ -44,11 +46,21 @@ class HoldingKernel final : public KernelNbdInterface {
     auto& d = devices[index];
     d.first = p.backend_identifier;
     for (int fd : fds) d.second.push_back(dup(fd));
+    sizes[index] = p.size_bytes;
     return index;
   }
   Status Reconfigure(int, const std::vector<int>&, uint64_t, const std::string&) override {
     return Status::Ok();
   }
+  // A kernel that honours RECONFIGURE with a size (sizes[index] is what sysfs would show).
+  std::map<int, uint64_t> sizes;
+  bool ignore_resize = false;  // accepts the size without applying it
+  Status Resize(int index, uint64_t size, const std::string& cookie) override {
+    if (Backend(index) != cookie) return Error(EINVAL, "backend image doesn't match");
+    if (!ignore_resize) sizes[index] = size;
+    return Status::Ok();
+  }
+  uint64_t SizeBytes(int index) override { return sizes.count(index) ? sizes[index] : 0; }
   Status Disconnect(int index) override {
     auto it = devices.find(index);
     if (it == devices.end()) return Error(EINVAL, "no device {}", index);
@@ -91,6 +103,7 @@ class AttachServiceTest : public ::testing::Test {
     AttachOptions ao;
     ao.default_connections = 2;
     ao.detach_wait = std::chrono::milliseconds(2000);
+    ao.fuse_fallback = false;  // the fuse path has its own tests (attach_manager_test, attach_fuse)
     manager_ = std::make_unique<AttachmentManager>(dir_ + "/pool/attachments", kernel_, *exports_,
                                                    ao);
     ASSERT_TRUE(manager_->Init().ok());
@@ -215,6 +228,97 @@ TEST_F(AttachServiceTest, BadRequestsGetClearErrors) {
   EXPECT_NE(s.error_message().find("the nbd module is not loaded"), std::string::npos);
   EXPECT_TRUE(kernel_.devices.empty());
   EXPECT_EQ(OpenConnections("v"), 0u);
+}
+
+// One NBD request on a socket the kernel would hold (transmission phase, simple replies): the
+// reply's error, or -1 if the exchange broke.
+int NbdRequest(int fd, uint16_t type, uint64_t offset, uint32_t length) {
+  uint8_t req[28];
+  auto put16 = [&](int at, uint16_t v) { v = htobe16(v); std::memcpy(req + at, &v, 2); };
+  auto put32 = [&](int at, uint32_t v) { v = htobe32(v); std::memcpy(req + at, &v, 4); };
+  auto put64 = [&](int at, uint64_t v) { v = htobe64(v); std::memcpy(req + at, &v, 8); };
+  put32(0, 0x25609513);
+  put16(4, 0);
+  put16(6, type);
+  put64(8, 0x1234);
+  put64(16, offset);
+  put32(24, length);
+  std::vector<uint8_t> payload(type == 1 ? length : 0, 0xab);
+  if (send(fd, req, sizeof req, MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof req)) return -1;
+  if (!payload.empty() &&
+      send(fd, payload.data(), payload.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(length)) {
+    return -1;
+  }
+  uint8_t rep[16];
+  if (recv(fd, rep, sizeof rep, MSG_WAITALL) != static_cast<ssize_t>(sizeof rep)) return -1;
+  uint32_t err;
+  std::memcpy(&err, rep + 4, 4);
+  err = be32toh(err);
+  if (err == 0 && type == 0) {  // READ data follows a successful simple reply
+    std::vector<uint8_t> data(length);
+    if (recv(fd, data.data(), length, MSG_WAITALL) != static_cast<ssize_t>(length)) return -1;
+  }
+  return static_cast<int>(err);
+}
+
+TEST_F(AttachServiceTest, ResizeAttachmentGrowsTheLiveDevice) {
+  v1::Attachment a;
+  ASSERT_TRUE(Attach("v", 1, &a).ok());
+  EXPECT_EQ(a.mode(), "kernel");
+  EXPECT_TRUE(a.link_ok());
+  EXPECT_EQ(a.link_error(), "");
+  const int fd = kernel_.devices.at(0).second.at(0);
+  // Past the end: refused (a write there is ENOSPC in NBD terms).
+  EXPECT_EQ(NbdRequest(fd, 1, 16 * kMiB, 4096), 28);
+
+  v1::ResizeVolumeRequest rv;
+  rv.set_name("v");
+  rv.set_size_bytes(32 * kMiB);
+  v1::ResizeVolumeResponse rvr;
+  auto s = datapath_->ResizeVolume(Ctx().get(), rv, &rvr);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  // The engine follows the volume's size on the kernel's sockets, before the kernel is told:
+  // the new region is usable through the connections the device already has.
+  EXPECT_EQ(NbdRequest(fd, 1, 16 * kMiB, 4096), 0);
+  EXPECT_EQ(NbdRequest(fd, 0, 32 * kMiB - 4096, 4096), 0);
+  EXPECT_EQ(NbdRequest(fd, 0, 32 * kMiB, 4096), 22);
+
+  v1::ResizeAttachmentRequest rq;
+  rq.set_volume("v");
+  v1::ResizeAttachmentResponse rr;
+  s = attach_->ResizeAttachment(Ctx().get(), rq, &rr);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(rr.attachment().size(), 32 * kMiB);
+  EXPECT_EQ(kernel_.sizes.at(0), 32 * kMiB);
+  s = attach_->ResizeAttachment(Ctx().get(), rq, &rr);  // idempotent
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(rr.attachment().size(), 32 * kMiB);
+  v1::ListAttachmentsResponse list;
+  ASSERT_TRUE(attach_->ListAttachments(Ctx().get(), {}, &list).ok());
+  ASSERT_EQ(list.attachments_size(), 1);
+  EXPECT_EQ(list.attachments(0).size(), 32 * kMiB);
+  EXPECT_EQ(list.attachments(0).mode(), "kernel");
+  EXPECT_TRUE(list.attachments(0).link_ok());
+
+  // A kernel that takes the size but does not apply it is caught, not reported as done.
+  ASSERT_TRUE(datapath_->ResizeVolume(Ctx().get(), [] {
+    v1::ResizeVolumeRequest r;
+    r.set_name("v");
+    r.set_size_bytes(48 * kMiB);
+    return r;
+  }(), &rvr).ok());
+  kernel_.ignore_resize = true;
+  s = attach_->ResizeAttachment(Ctx().get(), rq, &rr);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED) << s.error_message();
+  kernel_.ignore_resize = false;
+
+  ASSERT_TRUE(Detach("v").ok());
+  rq.set_volume("v");
+  EXPECT_EQ(attach_->ResizeAttachment(Ctx().get(), rq, &rr).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  rq.set_volume("bad/name");
+  EXPECT_EQ(attach_->ResizeAttachment(Ctx().get(), rq, &rr).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
 }
 
 }  // namespace
