@@ -9,3 +9,12 @@ nbdcsi_add_test(NAME vm.attach_restart
     --file $<TARGET_FILE:nbdctl>:/opt/bin/
     ${CMAKE_CURRENT_LIST_DIR}/attach_restart.sh
   TIMEOUT 600 LABELS vm attach SERIAL)
+# Online resize of a kernel NBD attachment with ext4 mounted: volume resize, ResizeAttachment
+# (RECONFIGURE with NBD_ATTR_SIZE_BYTES; /sys/block/nbdN/size must follow), resize2fs, df.
+nbdcsi_add_test(NAME vm.attach_resize
+  COMMAND ${CMAKE_CURRENT_LIST_DIR}/nbd-kernel-vm --timeout 300 --mem 1280
+    --file $<TARGET_FILE:nbd-datapathd>:/opt/bin/
+    --file $<TARGET_FILE:nbdctl>:/opt/bin/
+    --file $<TARGET_FILE:attach-api-client>:/opt/bin/
+    ${CMAKE_CURRENT_LIST_DIR}/attach_resize.sh
+  TIMEOUT 360 LABELS vm attach SERIAL)
