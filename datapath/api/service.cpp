@@ -558,10 +558,20 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiL
     }
   }
   if (any_remote) {
+    // gRPC sets SO_REUSEPORT by default: a second datapath on the same port would then share
+    // the connections with us instead of failing to start.
+    remote.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     remote.RegisterService(api->remote_service_.get());
     api->remote_ = remote.BuildAndStart();
   }
-  if (any_local) {
+  // TCP first: when it cannot bind, no unix socket has been created for nothing.
+  bool remote_failed = any_remote && !api->remote_;
+  for (size_t i = 0; i < listens.size(); ++i) {
+    if (api->endpoints_[i].kind == Endpoint::Kind::kTcp && api->ports_[i] == 0) {
+      remote_failed = true;
+    }
+  }
+  if (any_local && !remote_failed) {
     local.RegisterService(api->local_service_.get());
     for (grpc::Service* s : extra) local.RegisterService(s);
     // The socket must never be reachable with a wider mode, not even between bind() and a
@@ -575,8 +585,9 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiL
   }
   for (size_t i = 0; i < listens.size(); ++i) {
     const Endpoint& ep = api->endpoints_[i];
-    bool built = ep.kind == Endpoint::Kind::kUnix ? api->local_ != nullptr
-                                                  : api->remote_ != nullptr;
+    const bool is_unix = ep.kind == Endpoint::Kind::kUnix;
+    if (is_unix && remote_failed) continue;  // never tried; the TCP listener is the one to name
+    const bool built = is_unix ? api->local_ != nullptr : api->remote_ != nullptr;
     if (!built || api->ports_[i] == 0) {
       // The destructor stops whichever server did start.
       return Error(EADDRNOTAVAIL, "cannot listen on {}: gRPC could not bind it (see its log)",

@@ -285,6 +285,24 @@ TEST_F(ApiTlsTest, OtherCaPlaintextAndNoCertificateAreRefused) {
   EXPECT_TRUE(PoolInfo(Client(certs_, "client"), target_).ok());
 }
 
+TEST_F(ApiTlsTest, ABusyTcpPortFailsTheStartAndLeavesNoSocket) {
+  ASSERT_NO_FATAL_FAILURE(Start());
+  auto creds = MakeServerCredentials(Files(certs_, "server"));
+  ASSERT_TRUE(creds.ok());
+  std::string sock2 = dir_ + "/api2.sock";
+  std::vector<ApiListen> l(2);
+  l[0].endpoint = "unix://" + sock2;
+  l[1].endpoint = "tcp://" + target_;  // already served by the first server
+  l[1].creds = *creds;
+  auto second = StartApiServer(*pool_, l);
+  ASSERT_FALSE(second.ok()) << "two servers share " << target_ << " (SO_REUSEPORT)";
+  EXPECT_EQ(second.status().code(), EADDRNOTAVAIL);
+  EXPECT_NE(second.status().message().find(target_), std::string::npos);
+  EXPECT_FALSE(fs::exists(sock2));
+  // The first one is untouched.
+  EXPECT_TRUE(PoolInfo(Client(certs_, "client"), target_).ok());
+}
+
 TEST_F(ApiTlsTest, TcpServesTheDatapathServiceOnly) {
   ASSERT_NO_FATAL_FAILURE(Start());
   v1::ListAttachmentsResponse resp;
