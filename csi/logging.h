@@ -19,6 +19,11 @@ std::string RedactedText(const google::protobuf::Message& msg);
 // their own log lines so one call's lines can be found together.
 const std::string& CurrentRequestId();
 
+// Lines: "[r-000123] /csi.v1.Controller/CreateVolume <- {name: \"pvc-1\", ...}" when the request
+// arrives, then "[r-000123] -> OK 3.2 ms" or "[r-000123] -> NOT_FOUND: <message> (3.2 ms)". Info
+// level, except the calls kubelet and the sidecars poll (Probe, GetPluginInfo, the three
+// Get*Capabilities, NodeGetInfo, NodeGetVolumeStats, GetCapacity, ControllerGetVolume): debug
+// unless they fail. StartCsiServer installs it on every server.
 std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
 MakeLoggingInterceptorFactory();
 
