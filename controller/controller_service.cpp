@@ -495,8 +495,9 @@ Status ControllerImpl::CreateVolume(const v1::CreateVolumeRequest& req,
     order = {*pinned};
   }
 
+  // A restore or clone without a size gets its source's size, not the blank default.
   auto size = SizeFor(req.has_capacity_range() ? &req.capacity_range() : nullptr,
-                      opts_.default_volume_bytes, source_size);
+                      source_size ? source_size : opts_.default_volume_bytes, source_size);
   if (!size.ok()) return Err(ToGrpc(size.status()).error_code(), size.status().message());
   const v1::CapacityRange* range = req.has_capacity_range() ? &req.capacity_range() : nullptr;
 

@@ -128,7 +128,10 @@ int main(int argc, char** argv) {
   spdlog::info("signal {}: shutting down", sig);
   registry_up = false;
   (*csi_server)->Shutdown();
+  (*csi_server)->Wait();
+  spdlog::debug("CSI server stopped");
   registry_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   registry_server->Wait();
+  spdlog::info("stopped");
   return 0;
 }
