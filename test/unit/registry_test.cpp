@@ -508,15 +508,28 @@ std::unique_ptr<grpc::ClientContext> Ctx() {
 
 class DatapathdTest : public ::testing::Test {
  protected:
+  // One certificate set for the suite: the tests only read it.
+  static void SetUpTestSuite() {
+    cert_root_ = "/tmp/registry_certs.XXXXXX";
+    if (!mkdtemp(cert_root_.data())) {
+      cert_root_.clear();
+      return;
+    }
+    const char* src = getenv("NBDCSI_SRC");
+    std::string cmd = std::string(src ? src : ".") + "/test/tls/make-certs.sh " + cert_root_ +
+                      "/c >" + cert_root_ + "/certs.log 2>&1";
+    certs_ok_ = system(cmd.c_str()) == 0;
+  }
+  static void TearDownTestSuite() {
+    if (!cert_root_.empty()) fs::remove_all(cert_root_);
+  }
+
   void SetUp() override {
     if (!fs::exists(Bin())) GTEST_SKIP() << Bin() << " is not built";
+    ASSERT_TRUE(certs_ok_) << ReadAll(cert_root_ + "/certs.log");
+    certs_ = cert_root_ + "/c";
     dir_ = "/tmp/registry_test.XXXXXX";
     ASSERT_NE(mkdtemp(dir_.data()), nullptr);
-    certs_ = dir_ + "/certs";
-    const char* src = getenv("NBDCSI_SRC");
-    std::string cmd = std::string(src ? src : ".") + "/test/tls/make-certs.sh " + certs_ +
-                      " >" + dir_ + "/certs.log 2>&1";
-    ASSERT_EQ(system(cmd.c_str()), 0) << ReadAll(dir_ + "/certs.log");
   }
   void TearDown() override {
     if (!dir_.empty()) fs::remove_all(dir_);
@@ -575,6 +588,8 @@ class DatapathdTest : public ::testing::Test {
     return false;
   }
 
+  static inline std::string cert_root_;
+  static inline bool certs_ok_ = false;
   std::string dir_, certs_;
 };
 

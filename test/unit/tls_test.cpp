@@ -39,6 +39,23 @@ bool MakeCerts(const std::string& dir) {
   return system(cmd.c_str()) == 0;
 }
 
+// One certificate set for the whole binary (each run of the script costs a few hundred ms);
+// removed at exit. Tests that modify certificates make their own.
+struct SharedCertDir {
+  std::string dir;
+  bool ok = false;
+  SharedCertDir() : dir(MakeTempDir("tls_certs")) { ok = !dir.empty() && MakeCerts(dir + "/c"); }
+  ~SharedCertDir() {
+    if (!dir.empty()) fs::remove_all(dir);
+    fs::remove(dir + "/c.log");
+  }
+};
+
+const SharedCertDir& SharedCerts() {
+  static SharedCertDir d;
+  return d;
+}
+
 TlsFiles Files(const std::string& dir, const std::string& who) {
   return TlsFiles{dir + "/" + who + ".crt", dir + "/" + who + ".key", dir + "/ca.crt", false};
 }
@@ -120,17 +137,19 @@ class TlsTest : public ::testing::Test {
   void SetUp() override {
     dir_ = MakeTempDir("tls_test");
     ASSERT_FALSE(dir_.empty());
-    certs_ = dir_ + "/certs";
-    ASSERT_TRUE(MakeCerts(certs_)) << "make-certs.sh failed, see " << certs_ << ".log";
+    ASSERT_TRUE(SharedCerts().ok) << "make-certs.sh failed, see " << SharedCerts().dir
+                                  << "/c.log";
+    certs_ = SharedCerts().dir + "/c";
   }
   void TearDown() override {
     if (!dir_.empty()) fs::remove_all(dir_);
-    fs::remove(certs_ + ".log");
   }
   std::string dir_, certs_;
 };
 
 TEST_F(TlsTest, CertScriptIsIdempotentAndKeepsKeysPrivate) {
+  certs_ = dir_ + "/own";  // this test rewrites files
+  ASSERT_TRUE(MakeCerts(certs_));
   auto mtime = fs::last_write_time(certs_ + "/server.crt");
   ASSERT_TRUE(MakeCerts(certs_));
   EXPECT_EQ(fs::last_write_time(certs_ + "/server.crt"), mtime) << "a complete set was redone";
@@ -143,6 +162,7 @@ TEST_F(TlsTest, CertScriptIsIdempotentAndKeepsKeysPrivate) {
   fs::remove(certs_ + "/other/server.key");
   ASSERT_TRUE(MakeCerts(certs_));
   EXPECT_TRUE(fs::exists(certs_ + "/other/server.key"));
+  fs::remove(certs_ + ".log");
 }
 
 TEST_F(TlsTest, CredentialErrorsNameTheFlagAndPath) {
