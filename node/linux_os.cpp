@@ -273,6 +273,13 @@ class LinuxOs final : public NodeOs {
     return f;
   }
 
+  Status CheckOpenable(const std::string& path) override {
+    int fd = open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return Error(errno, "open {}: {}", path, strerror(errno));
+    close(fd);
+    return Status::Ok();
+  }
+
   StatusOr<uint64_t> DeviceSize(const std::string& device) override {
     int fd = open(device.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return Error(errno, "open {}: {}", device, strerror(errno));

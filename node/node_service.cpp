@@ -261,6 +261,11 @@ class NodeService final : public v1::Node::Service {
     }
     std::vector<std::string> options = cap->flags;
     if (cap->reader_only && !HasMountOption(Join(options), "ro")) options.push_back("ro");
+    // ext4's built-in default is to carry on after metadata errors; stop writing instead, which
+    // NodeGetVolumeStats then reports as an abnormal volume. The user's own errors= wins.
+    if (cap->fstype == "ext4" && Join(options).find("errors=") == std::string::npos) {
+      options.push_back("errors=remount-ro");
+    }
     // A clone or restore carries its source's XFS UUID; without nouuid the second of the two
     // could not be mounted on the same node.
     if (cap->fstype == "xfs") options.push_back("nouuid");
@@ -421,12 +426,16 @@ class NodeService final : public v1::Node::Service {
     if (Status s = ValidateNodePath("volume_path", req.volume_path()); !s.ok()) return s;
     if (!volume.ok()) return volume.status();
     const std::string& path = req.volume_path();
-    auto info = os_.Stat(path);
-    if (!info.ok()) return OsError(info.status());
-    if (info->kind == PathKind::kMissing) return Error(ENOENT, "volume_path {} does not exist", path);
-
     std::vector<std::string> problems;
-    if (info->kind == PathKind::kBlockDevice) {
+    // A file system that shut itself down fails even stat(2) of its root with EIO: that is the
+    // volume's condition to report, not a failure of this call.
+    auto info = os_.Stat(path);
+    if (info.ok() && info->kind == PathKind::kMissing) {
+      return Error(ENOENT, "volume_path {} does not exist", path);
+    }
+    if (!info.ok()) problems.push_back("the file system fails I/O (shut down?): " + info.status().message());
+
+    if (info.ok() && info->kind == PathKind::kBlockDevice) {
       auto size = os_.DeviceSize(path);
       if (!size.ok()) return OsError(size.status());
       auto* u = resp->add_usage();
@@ -435,23 +444,34 @@ class NodeService final : public v1::Node::Service {
     } else {
       auto m = os_.GetMount(path);
       if (!m.ok()) return OsError(m.status());
-      if (!m->has_value()) return Error(ENOENT, "volume {} is not mounted at {}", *volume, path);
+      if (!m->has_value()) {
+        if (!info.ok()) return OsError(info.status());
+        return Error(ENOENT, "volume {} is not mounted at {}", *volume, path);
+      }
       auto fs = os_.StatFs(path);
-      if (!fs.ok()) return OsError(fs.status());
-      auto* b = resp->add_usage();
-      b->set_unit(v1::VolumeUsage::BYTES);
-      b->set_total(static_cast<int64_t>(fs->total_bytes));
-      b->set_available(static_cast<int64_t>(fs->available_bytes));
-      b->set_used(static_cast<int64_t>(fs->used_bytes));
-      auto* i = resp->add_usage();
-      i->set_unit(v1::VolumeUsage::INODES);
-      i->set_total(static_cast<int64_t>(fs->total_inodes));
-      i->set_available(static_cast<int64_t>(fs->available_inodes));
-      i->set_used(static_cast<int64_t>(fs->used_inodes));
+      if (fs.ok()) {
+        auto* b = resp->add_usage();
+        b->set_unit(v1::VolumeUsage::BYTES);
+        b->set_total(static_cast<int64_t>(fs->total_bytes));
+        b->set_available(static_cast<int64_t>(fs->available_bytes));
+        b->set_used(static_cast<int64_t>(fs->used_bytes));
+        auto* i = resp->add_usage();
+        i->set_unit(v1::VolumeUsage::INODES);
+        i->set_total(static_cast<int64_t>(fs->total_inodes));
+        i->set_available(static_cast<int64_t>(fs->available_inodes));
+        i->set_used(static_cast<int64_t>(fs->used_inodes));
+      } else if (info.ok()) {
+        return OsError(fs.status());
+      }
       // The mount still says rw but the file system went read-only under it: ext4
-      // errors=remount-ro or an XFS shutdown after I/O errors.
+      // errors=remount-ro after a metadata error.
       if ((*m)->super_read_only && !(*m)->vfs_read_only) {
         problems.push_back("the file system turned read-only (I/O errors?)");
+      }
+      if (info.ok()) {
+        if (Status s = os_.CheckOpenable(path); !s.ok()) {
+          problems.push_back("the file system fails I/O (shut down?): " + s.message());
+        }
       }
     }
     AddDatapathHealth(*volume, problems);

@@ -81,6 +81,9 @@ class NodeOs {
                         const std::string& fstype) = 0;
 
   virtual StatusOr<FsStats> StatFs(const std::string& path) = 0;
+  // Opens the directory at `path`: a file system that shut itself down after I/O errors (XFS
+  // shutdown, ext4 forced shutdown) fails this with EIO while statvfs still answers.
+  virtual Status CheckOpenable(const std::string& path) = 0;
   // BLKGETSIZE64 on the device (or on a device node bound onto a file).
   virtual StatusOr<uint64_t> DeviceSize(const std::string& device) = 0;
   // lstat(2) apart from the mount point itself being followed; kMissing for ENOENT.

@@ -624,6 +624,29 @@ TEST_F(NodeFuseTest, BlockVolume) {
   ExpectNothingLeft(v);
 }
 
+// A file system that shut itself down is an abnormal volume, and still unpublishes, unstages
+// and detaches cleanly.
+TEST_F(NodeFuseTest, ShutDownFileSystemIsAbnormal) {
+  Vol v = MakeVol("shut", "320Mi");
+  auto cap = MountCap("xfs");
+  ASSERT_OK(Stage(v, cap));
+  ASSERT_OK(Publish(v, cap, false, v.target));
+  ASSERT_EQ(WriteDurable(v.target + "/f", "data"), 0);
+  v1::NodeGetVolumeStatsResponse sresp;
+  ASSERT_OK(Stats(v, v.target, &sresp));
+  EXPECT_FALSE(sresp.volume_condition().abnormal()) << sresp.volume_condition().message();
+  int rc;
+  std::string out = Shell("xfs_io -x -c shutdown " + v.target, &rc);
+  ASSERT_EQ(rc, 0) << out;
+  ASSERT_OK(Stats(v, v.target, &sresp));
+  EXPECT_TRUE(sresp.volume_condition().abnormal());
+  EXPECT_NE(sresp.volume_condition().message().find("shut down"), std::string::npos)
+      << sresp.volume_condition().message();
+  ASSERT_OK(Unpublish(v, v.target));
+  ASSERT_OK(Unstage(v));
+  ExpectNothingLeft(v);
+}
+
 TEST_F(NodeFuseTest, ErrorsThroughTheRealServer) {
   Vol missing{"nope", std::string("v1:") + kNodeId + ":nope", W + "/kubelet/nope/globalmount",
               W + "/kubelet/nope/mount"};
@@ -677,7 +700,7 @@ bool Prerequisites(std::string* why) {
       return false;
     }
   }
-  for (const char* tool : {"nbdfuse", "mkfs.ext4", "mkfs.xfs", "resize2fs", "xfs_growfs", "dd"}) {
+  for (const char* tool : {"nbdfuse", "mkfs.ext4", "mkfs.xfs", "resize2fs", "xfs_growfs", "xfs_io", "dd"}) {
     int rc;
     Shell(std::string("PATH=/usr/sbin:/sbin:/usr/bin:/bin:$PATH command -v ") + tool, &rc);
     if (rc != 0) {

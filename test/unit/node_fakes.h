@@ -137,6 +137,12 @@ class FakeOs : public NodeOs {
 
   StatusOr<FsStats> StatFs(const std::string& path) override { return fs_stats; }
 
+  std::map<std::string, Status> unopenable;  // path -> what CheckOpenable says
+  Status CheckOpenable(const std::string& path) override {
+    auto it = unopenable.find(path);
+    return it == unopenable.end() ? Status::Ok() : it->second;
+  }
+
   StatusOr<uint64_t> DeviceSize(const std::string& device) override {
     std::string dev = bound_devices.count(device) ? bound_devices[device] : device;
     auto d = devices.find(dev);
@@ -144,7 +150,9 @@ class FakeOs : public NodeOs {
     return d->second.size;
   }
 
+  std::map<std::string, Status> unstatable;  // path -> what Stat says
   StatusOr<PathInfo> Stat(const std::string& path) override {
+    if (auto it = unstatable.find(path); it != unstatable.end()) return it->second;
     PathInfo info;
     std::string dev = bound_devices.count(path) ? bound_devices[path] : path;
     if (auto d = devices.find(dev); d != devices.end()) {

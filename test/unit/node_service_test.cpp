@@ -8,6 +8,7 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <spdlog/spdlog.h>
 
 #include "csi/driver.h"
 #include "node/node_service.h"
@@ -48,6 +49,7 @@ v1::VolumeCapability BlockCap(AccessMode::Mode mode = AccessMode::SINGLE_NODE_WR
 class NodeServiceTest : public ::testing::Test {
  protected:
   NodeServiceTest() : dp_(os_) {
+    spdlog::set_level(spdlog::level::warn);  // the warnings say why a call failed
     dp_.AddVolume("pvc-1", kGiB, kDevice, makedev(7, 3));
     dp_.AddVolume("pvc-2", kGiB, "/dev/loop4", makedev(7, 4));
     // kubelet creates the staging directory and the target's parent.
@@ -152,6 +154,9 @@ TEST_F(NodeServiceTest, StageFormatsBlankDeviceOnceAndMounts) {
   EXPECT_EQ(os_.Top(kStaging)->source, kDevice);
   EXPECT_EQ(os_.Top(kStaging)->fstype, "ext4");
 
+  // ext4 stops writing after a metadata error instead of carrying on (its built-in default).
+  EXPECT_EQ(os_.Count("mount /dev/loop3 " + std::string(kStaging) + " ext4 errors=remount-ro"), 1);
+
   // kubelet's retry: already staged, nothing is done again.
   ASSERT_TRUE(Stage(MountCap("ext4")).ok());
   EXPECT_EQ(os_.Count("mkfs"), 1);
@@ -168,6 +173,13 @@ TEST_F(NodeServiceTest, StageMountsFormattedDeviceWithoutMkfs) {
   EXPECT_EQ(os_.Count("mkfs"), 0);
   EXPECT_THAT(os_.calls, ::testing::Contains(std::string("mount /dev/loop3 ") + kStaging +
                                              " xfs noatime,nouuid"));
+}
+
+TEST_F(NodeServiceTest, StageKeepsTheUsersErrorsBehaviour) {
+  v1::VolumeCapability cap = MountCap("ext4");
+  cap.mutable_mount()->add_mount_flags("errors=continue");
+  ASSERT_TRUE(Stage(cap).ok());
+  EXPECT_EQ(os_.Count("mount /dev/loop3 " + std::string(kStaging) + " ext4 errors=continue"), 1);
 }
 
 TEST_F(NodeServiceTest, StageReaderOnlyMountsReadOnly) {
@@ -188,7 +200,7 @@ TEST_F(NodeServiceTest, StageWithRoMountFlagIsIdempotent) {
   ASSERT_TRUE(Stage(cap).ok());
   ASSERT_TRUE(Stage(cap).ok());
   EXPECT_TRUE(os_.Top(kStaging)->vfs_read_only);
-  EXPECT_EQ(os_.Count("mount /dev/loop3 " + std::string(kStaging) + " ext4 ro"), 1);
+  EXPECT_EQ(os_.Count("mount /dev/loop3 " + std::string(kStaging) + " ext4 ro,errors=remount-ro"), 1);
 }
 
 TEST_F(NodeServiceTest, StageNeverFormatsANonBlankDevice) {
@@ -540,6 +552,20 @@ TEST_F(NodeServiceTest, StatsVolumeCondition) {
        "read-only"},
       {"datapath down", [this](FakeDatapath::Vol&, const std::string&) { dp_.unreachable = true; },
        "unreachable"},
+      {"fs shut down",
+       [this](FakeDatapath::Vol&, const std::string& device) {
+         for (auto& m : os_.mounts) {
+           if (m.source == device) os_.unopenable[m.target] = Error(EIO, "open {}: I/O error", m.target);
+         }
+       },
+       "shut down"},
+      {"fs shut down, root unstatable",
+       [this](FakeDatapath::Vol&, const std::string& device) {
+         for (auto& m : os_.mounts) {
+           if (m.source == device) os_.unstatable[m.target] = Error(EIO, "stat {}: I/O error", m.target);
+         }
+       },
+       "stat"},
       {"detached under us", [](FakeDatapath::Vol& v, const std::string&) { v.attached = false; },
        "not attached"},
   };
