@@ -50,7 +50,7 @@ expect_full_run() {  # expect_full_run LABEL
   grep -Eq "Change QoS .* [0-9]+ -> [0-9]+ IOPS" "$log" || die "$1: the summary has no QoS change"
   grep -Eq "^\[[0-9]+/[0-9]+\]" "$log" || die "$1: no step counter in the output"
   assert_clean "$1"
-  step "$1: $(grep -E 'IOPS$|MiB$|checksums match' "$log" | sed 's/  */ /g' | tr '\n' ';')"
+  step "$1: $(grep -E '^[0-9]+ .*(IOPS|MiB|checksums match)$' "$log" | sed 's/  */ /g' | tr '\n' ';')"
 }
 
 wait_for_line() {  # wait_for_line LOG REGEX SECONDS PID
@@ -69,7 +69,10 @@ case $mode in
     ;;
   interrupt)
     step "run 1: SIGINT while volumes are staged and mounted"
-    NBDCSI_BIN=$NBDCSI_BIN setsid "$QS" --no-build >"$W/int.log" 2>&1 &
+    # Background jobs of a non-interactive shell start with SIGINT ignored, and bash cannot trap a
+    # signal ignored at entry: python restores the default disposition, as a terminal's Ctrl-C
+    # would find it, then execs the quickstart.
+    NBDCSI_BIN=$NBDCSI_BIN setsid "$PY" -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])' "$QS" --no-build >"$W/int.log" 2>&1 &
     qs=$!
     wait_for_line "$W/int.log" '^\[5/' 120 $qs || { cat "$W/int.log" >&2; die "run 1 never reached step 5"; }
     kill -INT -- -$qs
