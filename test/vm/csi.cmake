@@ -1,0 +1,11 @@
+# The CSI node plugin on a real kernel NBD driver: the kubelet sequence (ext4, xfs, block, online
+# expansion, read-only publish, idempotent retries) and restarts of nbd-datapathd and nbd-csi-node
+# under fio with verify. Runs in the project's VM (test/vm/nbd-kernel-vm; see vm.cmake for when it
+# skips). SERIAL: the VM uses both cores.
+nbdcsi_add_test(NAME vm.csi_node_kernel
+  COMMAND ${CMAKE_CURRENT_LIST_DIR}/nbd-kernel-vm --timeout 540 --mem 1536
+    --file $<TARGET_FILE:nbd-datapathd>:/opt/bin/
+    --file $<TARGET_FILE:nbdctl>:/opt/bin/
+    --file $<TARGET_FILE:nbd-csi-node>:/opt/bin/
+    ${CMAKE_CURRENT_LIST_DIR}/csi_node_kernel.sh
+  TIMEOUT 600 LABELS vm csi SERIAL)
