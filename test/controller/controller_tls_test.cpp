@@ -36,7 +36,7 @@ class TlsTest : public ::testing::Test {
     delete certs_;
   }
   void SetUp() override {
-    if (!made_) GTEST_SKIP() << "make-certs.sh failed (openssl missing?)";
+    ASSERT_TRUE(made_) << "test/tls/make-certs.sh failed (openssl missing? NBDCSI_SRC unset?)";
   }
   static std::string Ca1() { return *certs_; }
   static std::string Ca2() { return *certs_ + "/other"; }
