@@ -1,13 +1,15 @@
 // The kubelet sequence against a real nbd-datapathd and a real nbd-csi-node on this machine's
-// kernel, through the datapath's nbdfuse + loop fallback (no nbd.ko here): real mkfs, mounts,
-// binds, online growth and block devices, driven over the CSI gRPC socket as kubelet would.
+// kernel, through the datapath's nbdfuse + loop fallback (no nbd.ko here; with nbd.ko loaded the
+// same test runs over kernel NBD): real mkfs, mounts, binds, online growth and block devices,
+// driven over the CSI gRPC socket as kubelet would.
 //
 // Checked independently of the code under test: mounts from /proc/self/mountinfo, loop devices
 // from /sys/block/loop*/loop/backing_file, nbdfuse processes from /proc/*/cmdline, sizes from
 // statvfs(2) and BLKGETSIZE64.
 //
-// Needs root, /dev/fuse, /dev/loop-control, nbdfuse, mkfs.ext4, mkfs.xfs: exits 77 (skipped)
-// when one is missing, unless CI=true (then a missing prerequisite is a failure).
+// Needs root, mkfs.ext4, mkfs.xfs (and without nbd.ko /dev/fuse, /dev/loop-control, nbdfuse):
+// exits 77 (skipped) when one is missing, unless CI=true (then a missing prerequisite is a
+// failure).
 #include <fcntl.h>
 #include <linux/capability.h>
 #include <linux/fs.h>
@@ -270,6 +272,9 @@ int WriteDurable(const std::string& path, const std::string& data) {
   return rc;
 }
 
+// The attach mode the datapath picks here: kernel NBD when nbd.ko is loaded, else the fallback.
+std::string ExpectedMode() { return access("/dev/nbd0", F_OK) == 0 ? "kernel" : "fuse"; }
+
 bool HaveCapability(int cap) {
   std::istringstream in(ReadText("/proc/self/status"));
   std::string line;
@@ -472,7 +477,7 @@ TEST_P(NodeFuseFsTest, KubeletSequence) {
   ASSERT_OK(Stage(v, cap));
   auto atts = Attachments(v.name);
   ASSERT_EQ(atts.size(), 1u);
-  EXPECT_EQ(atts[0].mode(), "fuse");
+  EXPECT_EQ(atts[0].mode(), ExpectedMode());
   const std::string device = atts[0].device();
   auto ms = Mounts();
   const KMount* staged = MountAt(ms, v.staging);
@@ -694,24 +699,23 @@ bool Prerequisites(std::string* why) {
     *why = "needs root";
     return false;
   }
-  for (const char* p : {"/dev/fuse", "/dev/loop-control"}) {
-    if (access(p, R_OK | W_OK) != 0) {
-      *why = std::string("needs ") + p;
-      return false;
+  std::vector<std::string> tools = {"mkfs.ext4", "mkfs.xfs", "resize2fs", "xfs_growfs", "xfs_io", "dd"};
+  if (ExpectedMode() == "fuse") {
+    tools.push_back("nbdfuse");
+    for (const char* p : {"/dev/fuse", "/dev/loop-control"}) {
+      if (access(p, R_OK | W_OK) != 0) {
+        *why = std::string("needs ") + p + " (no nbd.ko here: the nbdfuse + loop fallback)";
+        return false;
+      }
     }
   }
-  for (const char* tool : {"nbdfuse", "mkfs.ext4", "mkfs.xfs", "resize2fs", "xfs_growfs", "xfs_io", "dd"}) {
+  for (const auto& tool : tools) {
     int rc;
-    Shell(std::string("PATH=/usr/sbin:/sbin:/usr/bin:/bin:$PATH command -v ") + tool, &rc);
+    Shell("PATH=/usr/sbin:/sbin:/usr/bin:/bin:$PATH command -v " + tool, &rc);
     if (rc != 0) {
-      *why = std::string("needs ") + tool;
+      *why = "needs " + tool;
       return false;
     }
-  }
-  if (access("/dev/nbd0", F_OK) == 0) {
-    // With nbd.ko loaded the datapath attaches through the kernel: the VM tests cover that.
-    *why = "kernel NBD is available here: this test is for the nbdfuse fallback";
-    return false;
   }
   return true;
 }
