@@ -189,7 +189,16 @@ class LinuxFuseLoop final : public FuseLoopInterface {
     }
     const std::string dir = CanonicalDir(p.mount_dir);
     const std::string file = FuseDeviceFile(dir);
-    if (IsMountPoint(dir)) return Error(EEXIST, "{} is already mounted", dir);
+    if (IsMountPoint(dir) || !LoopsBackedBy(file).empty()) {
+      // Leftovers of this volume's earlier attachment (the directory is private to it, under the
+      // pool) that no record names any more: clear them rather than fail forever.
+      spdlog::warn("attach: {}: clearing a leftover nbdfuse mount at {}", p.volume, dir);
+      if (Status s = Detach(dir, -1); !s.ok()) {
+        return Error(s.code(), "{} holds a leftover attachment that cannot be cleared: {}", dir,
+                     s.message());
+      }
+      if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) return Sys(errno, "mkdir " + dir);
+    }
 
     auto pid = Spawn(p, file);
     if (!pid.ok()) return pid.status();
