@@ -10,10 +10,12 @@
 
 namespace nbdcsi::nbdctl {
 
-// JSON keys: volume, device, connections, cookie, size_bytes, read_only.
+// JSON keys: volume, device, mode, connections, cookie, size_bytes, read_only, link_ok,
+// link_error.
 nlohmann::json AttachmentJson(const ::nbdcsi::datapath::v1::Attachment& a);
 // What `nbdctl attach` prints (the device first).
 std::string AttachmentDetails(const ::nbdcsi::datapath::v1::Attachment& a);
+// Columns VOLUME DEVICE MODE CONNS SIZE RO BACKEND LINK; LINK is "ok" or "down: <why>".
 std::string AttachmentListTable(const ::nbdcsi::datapath::v1::ListAttachmentsResponse& list);
 
 }  // namespace nbdcsi::nbdctl
