@@ -11,3 +11,7 @@ nbdcsi_add_test(NAME integration.attach_fuse
   COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/attach_fuse.sh
   TIMEOUT 180 LABELS integration attach SERIAL
   ENV ATTACH_API_CLIENT=$<TARGET_FILE:attach-api-client>)
+# The growable export (NAME@grow) nbdfuse connects to, through libnbd: no root needed.
+nbdcsi_add_test(NAME integration.attach_growable
+  COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/attach_growable.sh
+  TIMEOUT 60 LABELS integration attach)
