@@ -77,7 +77,7 @@ step "attach f1 -> $DEV (fuse, direct I/O $(cat /sys/block/${DEV#/dev/}/loop/dio
 
 json attach f1 >"$W/a2.json"
 [ "$(field device <"$W/a2.json")" = "$DEV" ] || die "attach again gave $(field device <"$W/a2.json"), want $DEV"
-[ "$(pgrep -fc "nbdfuse .*fuse/f1/disk")" = 1 ] || die "attach again started another nbdfuse"
+[ "$(pgrep -fc "nbdfuse .*$W/pool/attachments/fuse/f1/disk")" = 1 ] || die "attach again started another nbdfuse"
 nbdctl attachments >"$W/list.txt"
 grep -qE "^VOLUME +DEVICE +MODE +CONNS +SIZE +RO +BACKEND +LINK" "$W/list.txt" || die "table header: $(head -1 "$W/list.txt")"
 grep -qE "^f1 +$DEV +fuse .* ok$" "$W/list.txt" || die "attachments table: $(cat "$W/list.txt")"
