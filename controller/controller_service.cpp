@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <set>
 #include <utility>
 #include <vector>
@@ -392,8 +393,31 @@ std::optional<std::string> DecodePageToken(const std::string& token) {
 
 // ---- ControllerImpl ----
 
+class ControllerImpl::PlacementLedger {
+ public:
+  // What `n` has taken since the heartbeat that `n` carries (a newer heartbeat resets it).
+  uint64_t Pending(const NodeInfo& n) {
+    std::lock_guard lock(mu_);
+    auto it = placed_.find(n.node_id);
+    if (it == placed_.end() || it->second.first != n.last_seen) return 0;
+    return it->second.second;
+  }
+  void Add(const NodeInfo& n, uint64_t bytes) {
+    std::lock_guard lock(mu_);
+    auto& e = placed_[n.node_id];
+    if (e.first != n.last_seen) e = {n.last_seen, 0};
+    e.second += bytes;
+  }
+
+ private:
+  std::mutex mu_;
+  std::map<std::string, std::pair<std::chrono::steady_clock::time_point, uint64_t>> placed_;
+};
+
 ControllerImpl::ControllerImpl(NodeRegistry& registry, ControllerOptions opts)
-    : registry_(registry), opts_(opts) {}
+    : registry_(registry), opts_(opts), ledger_(std::make_unique<PlacementLedger>()) {}
+
+ControllerImpl::~ControllerImpl() = default;
 
 Status ControllerImpl::CreateVolume(const v1::CreateVolumeRequest& req,
                                     v1::CreateVolumeResponse* resp) {
@@ -438,11 +462,15 @@ Status ControllerImpl::CreateVolume(const v1::CreateVolumeRequest& req,
   auto is_allowed = [&](const std::string& n) { return any_node || allowed.count(n) > 0; };
   std::vector<NodeInfo> live = nodes.List();
   if (any_node) {
-    std::vector<NodeInfo> by_room = live;
-    std::stable_sort(by_room.begin(), by_room.end(), [](const NodeInfo& a, const NodeInfo& b) {
-      return a.provisionable_bytes > b.provisionable_bytes;
-    });
-    for (const auto& n : by_room) order.push_back(n.node_id);
+    std::vector<std::pair<uint64_t, std::string>> by_room;
+    for (const auto& n : live) {
+      uint64_t pending = ledger_->Pending(n);
+      by_room.emplace_back(n.provisionable_bytes > pending ? n.provisionable_bytes - pending : 0,
+                           n.node_id);
+    }
+    std::stable_sort(by_room.begin(), by_room.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first; });
+    for (const auto& n : by_room) order.push_back(n.second);
   }
   {
     std::set<std::string> seen;
@@ -565,6 +593,7 @@ Status ControllerImpl::CreateVolume(const v1::CreateVolumeRequest& req,
       continue;
     }
     if (!s.ok()) return s;
+    ledger_->Add(*info, *size);
     FillVolume(node, cresp.volume(), resp->mutable_volume());
     if (req.has_volume_content_source()) {
       *resp->mutable_volume()->mutable_content_source() = req.volume_content_source();

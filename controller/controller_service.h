@@ -35,6 +35,7 @@ inline constexpr uint64_t kVolumeSizeAlignment = 4096;
 class ControllerImpl {
  public:
   ControllerImpl(NodeRegistry& registry, ControllerOptions opts);
+  ~ControllerImpl();
 
   ::grpc::Status CreateVolume(const ::csi::v1::CreateVolumeRequest& req,
                               ::csi::v1::CreateVolumeResponse* resp);
@@ -60,6 +61,11 @@ class ControllerImpl {
  private:
   NodeRegistry& registry_;
   ControllerOptions opts_;
+  // Bytes placed on each node since its last heartbeat: a burst of CreateVolume calls between
+  // two heartbeats spreads over the nodes instead of piling onto the one that looked roomiest.
+  // Soft state with its own small mutex (placement hints only; the datapath checks capacity).
+  class PlacementLedger;
+  std::unique_ptr<PlacementLedger> ledger_;
 };
 
 // The gRPC Controller service: per-id ABORTED guards around a ControllerImpl over `registry`
