@@ -72,6 +72,7 @@ assert_detached() {  # assert_detached NAME DEV
   findmnt -rn -S "$2" >/dev/null && fail "$2 is still mounted"
   return 0
 }
+df_bytes() { df -P -k "$1" | awk 'NR == 2 { print $2 * 1024 }'; }  # busybox df: no --output
 sum_dir() { (cd "$1" && find . -type f -name 'f*' | sort | xargs sha256sum | sha256sum | cut -d' ' -f1); }
 
 mkdir -p "$D"
@@ -97,7 +98,7 @@ fs_sequence() {
   [ "$(findmnt -n -o FSTYPE "$stg")" = "$fs" ] || fail "$fs: staging is not a $fs mount"
   twice csi publish "$id" --staging-path "$stg" --target-path "$tgt"
   mkdir -p "$tgt/data"
-  for i in 1 2 3; do head -c 4M /dev/urandom >"$tgt/data/f$i"; done
+  for i in 1 2 3; do head -c $((4 << 20)) /dev/urandom >"$tgt/data/f$i"; done
   sync
   local sum; sum=$(sum_dir "$tgt/data")
   step "$fs: staged on $dev, published, 12 MiB written"
@@ -105,10 +106,10 @@ fs_sequence() {
   # Online expansion: the volume grows in the datapath (what ControllerExpandVolume does), then
   # NodeExpandVolume grows the device and the mounted file system.
   local before after
-  before=$(df -B1 --output=size "$tgt" | tail -1 | tr -d ' ')
+  before=$(df_bytes "$tgt")
   nbdctl volume resize "$name" --size 2Gi >/dev/null
   twice csi expand "$id" --volume-path "$tgt" --size 2Gi
-  after=$(df -B1 --output=size "$tgt" | tail -1 | tr -d ' ')
+  after=$(df_bytes "$tgt")
   [ "$after" -gt $((before + (900 << 20))) ] || fail "$fs: df did not grow: $before -> $after"
   [ "$(blockdev --getsize64 "$dev")" = $((2 << 30)) ] || fail "$fs: $dev is $(blockdev --getsize64 "$dev") bytes"
   [ "$(sum_dir "$tgt/data")" = "$sum" ] || fail "$fs: data changed across the expansion"
@@ -146,9 +147,10 @@ twice csi stage "$BID" --staging-path "$BSTG" --block
 BDEV=$(attached_device vol-blk)
 twice csi publish "$BID" --staging-path "$BSTG" --target-path "$BTGT" --block
 [ -b "$BTGT" ] || fail "block: $BTGT is not a block device node"
-head -c 16M /dev/urandom >/tmp/csi/blk.bin
+head -c $((16 << 20)) /dev/urandom >/tmp/csi/blk.bin
 dd if=/tmp/csi/blk.bin of="$BTGT" bs=1M oflag=direct status=none
-cmp <(dd if="$BDEV" bs=1M count=16 iflag=direct status=none) /tmp/csi/blk.bin || fail "block: data differs"
+dd if="$BDEV" of=/tmp/csi/blk.back bs=1M count=16 iflag=direct status=none  # no /dev/fd in the VM
+cmp /tmp/csi/blk.back /tmp/csi/blk.bin || fail "block: data differs"
 nbdctl volume resize vol-blk --size 512Mi >/dev/null
 twice csi expand "$BID" --volume-path "$BTGT" --size 512Mi --block
 [ "$(blockdev --getsize64 "$BTGT")" = $((512 << 20)) ] || fail "block: size after expand $(blockdev --getsize64 "$BTGT")"
