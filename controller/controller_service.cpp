@@ -360,6 +360,11 @@ std::string DpSourceOf(const dp::VolumeContentSource& s) {
 
 }  // namespace
 
+StatusOr<uint64_t> VolumeSizeFor(const v1::CapacityRange* range, uint64_t dflt,
+                                 uint64_t min_size) {
+  return SizeFor(range, dflt, min_size);
+}
+
 // ---- tokens ----
 
 std::string EncodePageToken(const std::string& last_id) {
@@ -482,52 +487,45 @@ Status ControllerImpl::CreateVolume(const v1::CreateVolumeRequest& req,
   }
 
   // The content source pins the node: restores and clones are local (reflink or local copy).
+  // Parsed here; its size is asked for after the idempotency check, so a retry still finds a
+  // restored volume whose snapshot was deleted meanwhile.
   dp::VolumeContentSource dsrc;
-  uint64_t source_size = 0;
-  std::optional<std::string> pinned;
+  std::optional<Ref> src_ref;
   if (req.has_volume_content_source()) {
     const auto& cs = req.volume_content_source();
     std::string why;
     if (cs.has_snapshot()) {
-      auto ref = ParseSnapshot(cs.snapshot().snapshot_id(), &why);
-      if (!ref) {
+      src_ref = ParseSnapshot(cs.snapshot().snapshot_id(), &why);
+      if (!src_ref) {
         return Err(StatusCode::NOT_FOUND, "source snapshot \"{}\" does not exist: {}",
                    cs.snapshot().snapshot_id(), why);
       }
-      dp::Snapshot snap;
-      if (Status s = GetDpSnapshot(nodes, *ref, &snap); !s.ok()) return s;
-      dsrc.set_snapshot(ref->name);
-      source_size = snap.size_bytes();
-      pinned = ref->node;
+      dsrc.set_snapshot(src_ref->name);
     } else if (cs.has_volume()) {
-      auto ref = ParseVolume(cs.volume().volume_id(), &why);
-      if (!ref) {
+      src_ref = ParseVolume(cs.volume().volume_id(), &why);
+      if (!src_ref) {
         return Err(StatusCode::NOT_FOUND, "source volume \"{}\" does not exist: {}",
                    cs.volume().volume_id(), why);
       }
-      dp::Volume vol;
-      if (Status s = GetDpVolume(nodes, *ref, &vol); !s.ok()) return s;
-      dsrc.set_volume(ref->name);
-      source_size = vol.size_bytes();
-      pinned = ref->node;
+      dsrc.set_volume(src_ref->name);
     } else {
       return Err(StatusCode::INVALID_ARGUMENT, "volume_content_source names neither a snapshot "
                                                "nor a volume");
     }
-    if (!is_allowed(*pinned)) {
+    if (!is_allowed(src_ref->node)) {
       return Err(StatusCode::INVALID_ARGUMENT,
                  "the content source lives on node {}, which accessibility_requirements exclude; "
                  "restoring or cloning to another node is not supported",
-                 *pinned);
+                 src_ref->node);
     }
-    order = {*pinned};
+    order = {src_ref->node};
   }
-
-  // A restore or clone without a size gets its source's size, not the blank default.
-  auto size = SizeFor(req.has_capacity_range() ? &req.capacity_range() : nullptr,
-                      source_size ? source_size : opts_.default_volume_bytes, source_size);
-  if (!size.ok()) return Err(ToGrpc(size.status()).error_code(), size.status().message());
   const v1::CapacityRange* range = req.has_capacity_range() ? &req.capacity_range() : nullptr;
+  if (range && (range->required_bytes() < 0 || range->limit_bytes() < 0 ||
+                (range->limit_bytes() > 0 && range->limit_bytes() < range->required_bytes()))) {
+    auto bad = SizeFor(range, opts_.default_volume_bytes, 0);  // for its message
+    return Err(StatusCode::INVALID_ARGUMENT, bad.status().message());
+  }
 
   // Idempotency by name: the pool name is a pure function of the CSI name, so asking every live
   // node finds an earlier attempt wherever it landed. A node that cannot answer could hold it:
@@ -546,7 +544,7 @@ Status ControllerImpl::CreateVolume(const v1::CreateVolumeRequest& req,
                  "volume \"{}\" exists on node {} with {} bytes, outside the requested range",
                  req.name(), n.node_id, have);
     }
-    if (existing.source() != DpSourceOf(dsrc)) {
+    if (existing.source() != DpSourceOf(dsrc) || (src_ref && src_ref->node != n.node_id)) {
       return Err(StatusCode::ALREADY_EXISTS,
                  "volume \"{}\" exists on node {} with content source \"{}\", not \"{}\"",
                  req.name(), n.node_id, existing.source(), DpSourceOf(dsrc));
@@ -564,6 +562,20 @@ Status ControllerImpl::CreateVolume(const v1::CreateVolumeRequest& req,
     FillVolume(n.node_id, existing, resp->mutable_volume());
     return Status::OK;
   }
+
+  uint64_t source_size = 0;
+  if (src_ref && dsrc.has_snapshot()) {
+    dp::Snapshot snap;
+    if (Status s = GetDpSnapshot(nodes, *src_ref, &snap); !s.ok()) return s;
+    source_size = snap.size_bytes();
+  } else if (src_ref) {
+    dp::Volume vol;
+    if (Status s = GetDpVolume(nodes, *src_ref, &vol); !s.ok()) return s;
+    source_size = vol.size_bytes();
+  }
+  // A restore or clone without a size gets its source's size, not the blank default.
+  auto size = SizeFor(range, source_size ? source_size : opts_.default_volume_bytes, source_size);
+  if (!size.ok()) return Err(ToGrpc(size.status()).error_code(), size.status().message());
 
   // Placement: the first candidate that is registered and has room. The datapath checks again
   // (the heartbeat's figure may be a few seconds old): ENOSPC there moves on to the next one.

@@ -15,6 +15,7 @@
 
 #include <grpcpp/support/status.h>
 
+#include "common/status.h"
 #include "controller/registry.h"
 #include "csi/csi.grpc.pb.h"
 
@@ -73,6 +74,13 @@ class ControllerImpl {
 // PUBLISH_UNPUBLISH_VOLUME capability is not advertised: the node attaches its own volumes).
 std::unique_ptr<::csi::v1::Controller::Service> MakeControllerService(NodeRegistry& registry,
                                                                       ControllerOptions opts = {});
+
+// The size CreateVolume provisions for `range` (null: none given): required_bytes rounded up to
+// kVolumeSizeAlignment, or `dflt` when nothing is required, never below `min_size` (a content
+// source's size), within limit_bytes (rounding down to it when only the default overshoots).
+// EINVAL: negative bytes or limit < required; ERANGE (OUT_OF_RANGE): no aligned size fits.
+StatusOr<uint64_t> VolumeSizeFor(const ::csi::v1::CapacityRange* range, uint64_t dflt,
+                                 uint64_t min_size);
 
 // Pagination tokens of ListVolumes/ListSnapshots: an opaque encoding of the last id returned.
 // Exposed for the unit tests; nullopt when `token` was not made by EncodePageToken.

@@ -19,6 +19,12 @@ if(TARGET nbd-csi-controller AND TARGET nbd-datapathd AND TARGET nbdctl)
   endforeach()
 endif()
 
+# The controller's pure pieces (sizes, page tokens): a plain unit test.
+if(TARGET nbdcsi_controller)
+  nbdcsi_add_gtest(controller_unit_test ${CMAKE_SOURCE_DIR}/test/controller/controller_unit_test.cpp
+                   nbdcsi_controller)
+endif()
+
 # bench/csi_bench.sh's client (not a test): CreateVolume/CreateSnapshot latency and throughput.
 if(TARGET nbdcsi_csi_proto)
   add_executable(csi_bench ${CMAKE_SOURCE_DIR}/bench/csi_bench.cpp)
