@@ -46,6 +46,16 @@ std::string NewCookie(const std::string& volume) {
   return fmt::format("nbd-csi:{}:{:016x}", volume, nonce);
 }
 
+// The fuse attachment's identity on its loop device (lo_file_name holds at most 63 bytes): the
+// cookie's random part, so it cannot match another attachment, of this volume or any other.
+std::string LoopTag(const std::string& cookie) {
+  return "nbd-csi:" + cookie.substr(cookie.find_last_of(':') + 1);
+}
+
+FuseRef RefOf(const AttachmentRecord& r) {
+  return FuseRef{r.fuse_mount, r.fuse_pid, r.index, LoopTag(r.cookie)};
+}
+
 class FrontendExportServer final : public ExportServer {
  public:
   // The socket path is read once: the front door is listening by now, and Stop() clears it.
@@ -339,7 +349,7 @@ StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
     if (cur.link_ok) return cur;
     // Broken (nbdfuse died, or a restart cut its connection): replace it, unless a file system
     // still sits on it; pulling the device from under a mount would lose its dirty data.
-    if (cur.index >= 0 && Fuse().LoopBound(cur.index, cur.fuse_mount)) {
+    if (cur.index >= 0 && Fuse().LoopBound(RefOf(cur))) {
       if (Status s = Fuse().CheckNotInUse(cur.index); !s.ok()) {
         return Error(EBUSY, "volume {}: its fuse attachment {} is broken ({}) and still in use: "
                      "unmount it, then detach and attach again", volume, cur.device(),
@@ -574,7 +584,7 @@ AttachmentRecord AttachmentManager::WithLink(AttachmentRecord r) const {
                      "attachments do not survive a restart): unmount, detach and attach again";
       return r;
     }
-    r.link_error = fuse->LinkProblem(r.index, r.fuse_pid, r.fuse_mount);
+    r.link_error = fuse->LinkProblem(RefOf(r));
   } else if (kernel_.Backend(r.index) != r.cookie) {
     r.link_error = fmt::format("{} is gone or bound to another backend", r.device());
   } else if (!kernel_.Connected(r.index)) {
@@ -590,7 +600,7 @@ void AttachmentManager::RecoverFuse(AttachmentRecord r, RecoverReport& rep) {
   if (r.index < 0) {
     // Interrupted before the loop device was recorded: nobody was told of a device, so the
     // pieces (nbdfuse, mount, maybe an unrecorded loop device) are only cleaned up.
-    Status s = Fuse().Detach(r.fuse_mount, r.fuse_pid);
+    Status s = Fuse().Detach(RefOf(r));
     if (s.ok()) s = RemoveRecord(r.volume);
     if (s.ok()) {
       spdlog::warn("attach: dropped the unfinished fuse attachment of {}", r.volume);
@@ -647,6 +657,7 @@ StatusOr<AttachmentRecord> AttachmentManager::AttachFuse(const std::string& volu
   p.window_bytes = kGrowableWindow;
   p.connections = connections;
   p.read_only = r.read_only;
+  p.loop_tag = LoopTag(r.cookie);
   auto att = Fuse().Attach(p, [&](int pid) {
     r.fuse_pid = pid;
     // Best effort: without the pid a cleanup still finds nbdfuse by its command line.
@@ -664,7 +675,7 @@ StatusOr<AttachmentRecord> AttachmentManager::AttachFuse(const std::string& volu
   r.index = att->loop_index;
   if (Status s = WriteRecord(r); !s.ok()) {
     spdlog::error("attach: {}: cannot record {}: {}; undoing it", volume, r.device(), s.message());
-    if (Status d = Fuse().Detach(r.fuse_mount, r.fuse_pid); !d.ok()) {
+    if (Status d = Fuse().Detach(RefOf(r)); !d.ok()) {
       spdlog::error("attach: undoing the fuse attachment of {} failed: {}", volume, d.message());
     } else if (Status rm = RemoveRecord(volume); !rm.ok()) {
       spdlog::error("attach: {}: {}", volume, rm.message());
@@ -683,12 +694,12 @@ StatusOr<AttachmentRecord> AttachmentManager::AttachFuse(const std::string& volu
 }
 
 Status AttachmentManager::DetachFuse(const AttachmentRecord& r) {
-  if (r.index >= 0 && Fuse().LoopBound(r.index, r.fuse_mount)) {
+  if (r.index >= 0 && Fuse().LoopBound(RefOf(r))) {
     if (Status s = Fuse().CheckNotInUse(r.index); !s.ok()) {
       return Error(s.code(), "cannot detach volume {}: {}", r.volume, s.message());
     }
   }
-  if (Status s = Fuse().Detach(r.fuse_mount, r.fuse_pid); !s.ok()) {
+  if (Status s = Fuse().Detach(RefOf(r)); !s.ok()) {
     return Error(s.code(), "cannot detach volume {} ({}): {}", r.volume, r.device(), s.message());
   }
   if (Status s = RemoveRecord(r.volume); !s.ok()) return s;

@@ -75,6 +75,18 @@ std::string BackingFile(int loop_index) {
   return s;
 }
 
+// The loop device's lo_file_name (our tag), "" when it is unbound or unreadable.
+std::string LoopTagOf(int loop_index) {
+  int fd = open(LoopDevicePath(loop_index).c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) return "";
+  loop_info64 info{};
+  int r = ioctl(fd, LOOP_GET_STATUS64, &info);
+  close(fd);
+  if (r != 0) return "";
+  info.lo_file_name[LO_NAME_SIZE - 1] = 0;
+  return reinterpret_cast<const char*>(info.lo_file_name);
+}
+
 std::vector<int> LoopsBackedBy(const std::string& file) {
   std::vector<int> out;
   DIR* d = opendir("/sys/block");
@@ -193,7 +205,7 @@ class LinuxFuseLoop final : public FuseLoopInterface {
       // Leftovers of this volume's earlier attachment (the directory is private to it, under the
       // pool) that no record names any more: clear them rather than fail forever.
       spdlog::warn("attach: {}: clearing a leftover nbdfuse mount at {}", p.volume, dir);
-      if (Status s = Detach(dir, -1); !s.ok()) {
+      if (Status s = Detach(FuseRef{dir, -1, -1, ""}); !s.ok()) {
         return Error(s.code(), "{} holds a leftover attachment that cannot be cleared: {}", dir,
                      s.message());
       }
@@ -206,7 +218,7 @@ class LinuxFuseLoop final : public FuseLoopInterface {
     FuseAttachment out;
     out.pid = *pid;
     auto fail = [&](Status s) -> Status {
-      if (Status d = Detach(dir, out.pid); !d.ok()) {
+      if (Status d = Detach(FuseRef{dir, out.pid, out.loop_index, p.loop_tag}); !d.ok()) {
         spdlog::error("attach: {}: cleaning up after a failed fuse attach: {}", p.volume,
                       d.message());
       }
@@ -239,8 +251,10 @@ class LinuxFuseLoop final : public FuseLoopInterface {
     return out;
   }
 
-  bool LoopBound(int loop_index, const std::string& mount_dir) override {
-    return loop_index >= 0 && BackingFile(loop_index) == FuseDeviceFile(CanonicalDir(mount_dir));
+  bool LoopBound(const FuseRef& ref) override {
+    if (ref.loop_index < 0) return false;
+    if (!ref.loop_tag.empty()) return LoopTagOf(ref.loop_index) == ref.loop_tag;
+    return BackingFile(ref.loop_index) == FuseDeviceFile(CanonicalDir(ref.mount_dir));
   }
 
   Status CheckNotInUse(int loop_index) override {
@@ -255,11 +269,22 @@ class LinuxFuseLoop final : public FuseLoopInterface {
     return Status::Ok();
   }
 
-  Status Detach(const std::string& mount_dir, int pid) override {
-    const std::string dir = CanonicalDir(mount_dir);
+  Status Detach(const FuseRef& ref) override {
+    const std::string dir = CanonicalDir(ref.mount_dir);
     const std::string file = FuseDeviceFile(dir);
+    const int pid = ref.pid;
     // 1. Loop devices first: they hold the FUSE file open, which keeps the mount busy.
-    for (int index : LoopsBackedBy(file)) {
+    std::vector<int> loops = LoopsBackedBy(file);
+    if (LoopBound(ref) &&
+        std::find(loops.begin(), loops.end(), ref.loop_index) == loops.end()) {
+      loops.push_back(ref.loop_index);
+    }
+    auto ours = [&](int index) {
+      return BackingFile(index) == file ||
+             (index == ref.loop_index && !ref.loop_tag.empty() &&
+              LoopTagOf(index) == ref.loop_tag);
+    };
+    for (int index : loops) {
       std::string dev = LoopDevicePath(index);
       int fd = open(dev.c_str(), O_RDONLY | O_CLOEXEC);
       if (fd < 0) return Sys(errno, "open " + dev);
@@ -269,7 +294,7 @@ class LinuxFuseLoop final : public FuseLoopInterface {
       if (r != 0 && err != ENXIO) return Sys(err, "LOOP_CLR_FD " + dev);
       // With another opener (udev's probe) the kernel only marks the device for autoclear.
       auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-      while (BackingFile(index) == file) {
+      while (ours(index)) {
         if (std::chrono::steady_clock::now() >= deadline) {
           return Error(EBUSY, "{} still holds {} 5 s after LOOP_CLR_FD; retry", dev, file);
         }
@@ -347,11 +372,12 @@ class LinuxFuseLoop final : public FuseLoopInterface {
     }
   }
 
-  std::string LinkProblem(int loop_index, int pid, const std::string& mount_dir) override {
-    const std::string file = FuseDeviceFile(CanonicalDir(mount_dir));
-    if (loop_index < 0) return "the loop device was never bound";
-    if (BackingFile(loop_index) != file) {
-      return fmt::format("{} is no longer bound to {}", LoopDevicePath(loop_index), file);
+  std::string LinkProblem(const FuseRef& ref) override {
+    const std::string file = FuseDeviceFile(CanonicalDir(ref.mount_dir));
+    const int pid = ref.pid;
+    if (ref.loop_index < 0) return "the loop device was never bound";
+    if (!LoopBound(ref)) {
+      return fmt::format("{} is no longer this attachment's", LoopDevicePath(ref.loop_index));
     }
     if (pid <= 0) return "nbdfuse's pid is unknown";
     int st = 0;
@@ -438,8 +464,9 @@ class LinuxFuseLoop final : public FuseLoopInterface {
       // No LO_FLAGS_AUTOCLEAR: the device must outlive this daemon (a crash must not pull the
       // device from under a mounted file system), and Detach clears it explicitly.
       cfg.info.lo_flags = (direct ? LO_FLAGS_DIRECT_IO : 0) | (p.read_only ? LO_FLAGS_READ_ONLY : 0);
+      const std::string& name = p.loop_tag.empty() ? file : p.loop_tag;
       std::snprintf(reinterpret_cast<char*>(cfg.info.lo_file_name), LO_NAME_SIZE, "%s",
-                    file.c_str());
+                    name.c_str());
       int r = ioctl(fd, LOOP_CONFIGURE, &cfg);
       int err = errno;
       close(fd);

@@ -32,12 +32,24 @@ struct FuseAttachParams {
   uint64_t window_bytes = 0;  // the size nbdfuse's file must show once it is ready
   unsigned connections = 1;   // nbdfuse -C (multi-conn)
   bool read_only = false;
+  // Stored as the loop device's lo_file_name (at most 63 bytes): the attachment's identity on
+  // the device. Unlike the backing file's path it survives the FUSE mount going away (a
+  // restarted container has a new mount namespace, and the path then reads as "/disk").
+  std::string loop_tag;
   std::chrono::milliseconds start_timeout{15000};
 };
 
 struct FuseAttachment {
   int loop_index = -1;
   int pid = -1;  // nbdfuse
+};
+
+// What names an attachment for the calls below (any part may be unknown after a crash: -1/"").
+struct FuseRef {
+  std::string mount_dir;
+  int pid = -1;
+  int loop_index = -1;
+  std::string loop_tag;
 };
 
 class FuseLoopInterface {
@@ -54,22 +66,23 @@ class FuseLoopInterface {
   // else can fail. On failure everything started is undone.
   virtual StatusOr<FuseAttachment> Attach(const FuseAttachParams& p,
                                           const std::function<void(int pid)>& on_started) = 0;
-  // Whether loop device `loop_index` is still bound to the mount's file (and not, after the
-  // attachment was torn down behind our back, to someone else's).
-  virtual bool LoopBound(int loop_index, const std::string& mount_dir) = 0;
+  // Whether the loop device is still this attachment's (its tag, or without one its backing
+  // path), and not, after the attachment was torn down behind our back, someone else's.
+  virtual bool LoopBound(const FuseRef& ref) = 0;
   // EBUSY while the loop device is held exclusively (a mounted file system).
   virtual Status CheckNotInUse(int loop_index) = 0;
-  // Undoes an attachment in whatever state a crash left it: detaches every loop device backed
-  // by the mount's file, unmounts it (nbdfuse then exits), and makes sure process `pid` (when it
-  // is still nbdfuse on that mount) is gone and reaped. Idempotent. `pid` <= 0: unknown.
-  virtual Status Detach(const std::string& mount_dir, int pid) = 0;
+  // Undoes an attachment in whatever state a crash left it: detaches the recorded loop device
+  // (when LoopBound) and every other loop device backed by the mount's file, unmounts it
+  // (nbdfuse then exits), and makes sure process `pid` (when it is still nbdfuse on that mount)
+  // is gone and reaped. Idempotent.
+  virtual Status Detach(const FuseRef& ref) = 0;
   // Raises the loop device's size limit to `size_bytes` and makes the block layer see it.
   virtual Status Resize(int loop_index, uint64_t size_bytes) = 0;
   // The loop device's size in bytes (sysfs), 0 if unreadable.
   virtual uint64_t SizeBytes(int loop_index) = 0;
-  // "" when the attachment is healthy: the loop device is bound to the mount's file and nbdfuse
+  // "" when the attachment is healthy: the loop device is still its own (LoopBound) and nbdfuse
   // runs. Otherwise why not (an nbdfuse that exited is reaped here).
-  virtual std::string LinkProblem(int loop_index, int pid, const std::string& mount_dir) = 0;
+  virtual std::string LinkProblem(const FuseRef& ref) = 0;
 };
 
 // The real thing: posix_spawn(nbdfuse), fusermount3, /dev/loop-control ioctls, sysfs.

@@ -12,7 +12,8 @@
 #     writes there
 #   - detach leaves no loop device, no mount and no nbdfuse process (nor a zombie)
 #   - kill -9 of the daemon with a mounted fuse attachment: the restarted daemon lists it with
-#     link down, refuses to attach over it while mounted, and detach cleans everything up
+#     link down, refuses to attach over it while mounted, and detach cleans everything up; also
+#     when the FUSE mount went away with the daemon (a container restart)
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -204,5 +205,21 @@ umount "$MNT/f"
 nbdctl detach f1 >/dev/null || die "final detach"
 assert_clean f1
 step "detach after the restart cleaned up; a fresh attach works and the data is intact"
+
+# A restarted container: the daemon dies and its mount namespace, with the FUSE mount, goes away
+# (here: a lazy unmount); the loop device's backing path then no longer names our file, so only
+# the tag in its lo_file_name still identifies it.
+json attach f1 >"$W/a5.json" || die "attach f1 (5th)"
+DEV=$(field device <"$W/a5.json")
+kill -9 "$DAEMON_PID"
+daemon_reap
+umount -l "$W/pool/attachments/fuse/f1"
+daemon_start
+nbdctl attachments | grep -qE "^f1 +$DEV +fuse .* down: " || die "table after the mount vanished: $(nbdctl attachments)"
+nbdctl detach f1 >/dev/null || die "detach f1 after its FUSE mount vanished"
+[ -z "$(cat "/sys/block/${DEV#/dev/}/loop/backing_file" 2>/dev/null)" ] ||
+  die "$DEV is still bound after the detach: $(cat "/sys/block/${DEV#/dev/}/loop/backing_file")"
+assert_clean f1
+step "restart that took the FUSE mount along: the loop device is still found (by its tag) and freed"
 daemon_stop
 echo PASS

@@ -176,17 +176,18 @@ class FakeServer final : public ExportServer {
   }
 };
 
-// nbdfuse + loop devices as a map loop index -> mount dir. Unavailable unless a test says so.
+// nbdfuse + loop devices as a map loop index -> loop tag. Unavailable unless a test says so.
 class FakeFuse final : public FuseLoopInterface {
  public:
   Status available = Error(ENODEV, "the nbdfuse + loop attach path is unavailable: missing nbdfuse");
   Status attach_error = Status::Ok();
   Status in_use = Status::Ok();
   std::string link_problem;
-  std::map<int, std::string> loops;
+  std::map<int, std::string> loops;  // index -> the tag it was bound with
   std::map<int, uint64_t> sizes;
   std::vector<FuseAttachParams> attaches;
-  std::vector<std::pair<std::string, int>> detaches;
+  std::vector<std::pair<std::string, int>> detaches;  // mount dir, pid
+  std::vector<FuseRef> detach_refs;
   std::function<void()> after_started;  // runs inside Attach, after on_started
   int next_pid = 1000;
 
@@ -200,18 +201,19 @@ class FakeFuse final : public FuseLoopInterface {
     if (!attach_error.ok()) return attach_error;
     int index = 0;
     while (loops.count(index)) ++index;
-    loops[index] = p.mount_dir;
+    loops[index] = p.loop_tag;
     sizes[index] = p.size_bytes;
     return FuseAttachment{index, pid};
   }
-  bool LoopBound(int index, const std::string& dir) override {
-    return loops.count(index) && loops[index] == dir;
+  bool LoopBound(const FuseRef& ref) override {
+    return loops.count(ref.loop_index) && loops[ref.loop_index] == ref.loop_tag;
   }
   Status CheckNotInUse(int) override { return in_use; }
-  Status Detach(const std::string& dir, int pid) override {
-    detaches.emplace_back(dir, pid);
+  Status Detach(const FuseRef& ref) override {
+    detaches.emplace_back(ref.mount_dir, ref.pid);
+    detach_refs.push_back(ref);
     for (auto it = loops.begin(); it != loops.end();) {
-      it = it->second == dir ? loops.erase(it) : std::next(it);
+      it = it->second == ref.loop_tag ? loops.erase(it) : std::next(it);
     }
     return Status::Ok();
   }
@@ -220,8 +222,8 @@ class FakeFuse final : public FuseLoopInterface {
     return Status::Ok();
   }
   uint64_t SizeBytes(int index) override { return sizes.count(index) ? sizes[index] : 0; }
-  std::string LinkProblem(int index, int, const std::string& dir) override {
-    if (!LoopBound(index, dir)) return "loop not bound";
+  std::string LinkProblem(const FuseRef& ref) override {
+    if (!LoopBound(ref)) return "loop not bound";
     return link_problem;
   }
 };
@@ -595,6 +597,9 @@ TEST_F(AttachManagerTest, FuseModeWhenTheKernelHasNoNbd) {
   EXPECT_EQ(p.connections, 3u);
   EXPECT_EQ(p.mount_dir, dir_ + "/fuse/vol-a");
   EXPECT_EQ(p.log_path, dir_ + "/fuse/vol-a.log");
+  // The loop device's identity: the cookie's random part, short enough for lo_file_name.
+  EXPECT_EQ(p.loop_tag, "nbd-csi:" + r->cookie.substr(r->cookie.find_last_of(':') + 1));
+  EXPECT_LE(p.loop_tag.size(), 63u);
   EXPECT_TRUE(fs::is_directory(dir_ + "/fuse"));
 
   auto j = nlohmann::json::parse(ReadFile(dir_ + "/vol-a.json"));
@@ -697,6 +702,8 @@ TEST_F(AttachManagerTest, FuseDetachIsRefusedWhileMountedThenCleansUp) {
   ASSERT_TRUE(m->Detach("vol-a").ok());
   ASSERT_EQ(fuse_.detaches.size(), 1u);
   EXPECT_EQ(fuse_.detaches[0], std::make_pair(dir_ + "/fuse/vol-a", 1000));
+  EXPECT_EQ(fuse_.detach_refs[0].loop_index, 0);
+  EXPECT_EQ(fuse_.detach_refs[0].loop_tag, fuse_.attaches[0].loop_tag);
   EXPECT_FALSE(fs::exists(dir_ + "/vol-a.json"));
   EXPECT_TRUE(fuse_.loops.empty());
   EXPECT_TRUE(m->List().empty());
@@ -740,6 +747,26 @@ TEST_F(AttachManagerTest, FuseAttachmentAfterARestartIsReportedDownAndCleanedUpB
   m->Recover();
   ASSERT_TRUE(m->Detach("vol-a").ok());
   EXPECT_EQ(fuse_.detaches.size(), 2u);
+  EXPECT_FALSE(fs::exists(dir_ + "/vol-a.json"));
+}
+
+TEST_F(AttachManagerTest, ALoopDeviceReusedBySomeoneElseIsNeitherCheckedNorCleared) {
+  kernel_.available = Error(ENODEV, "no nbd");
+  fuse_.available = Status::Ok();
+  {
+    auto m = NewManager();
+    ASSERT_TRUE(m->Attach("vol-a").ok());
+  }
+  // While we were down, /dev/loop0 was freed and taken (and mounted) by something else.
+  fuse_.loops[0] = "someone-else";
+  fuse_.in_use = Error(EBUSY, "/dev/loop0 is in use");
+  auto m = NewManager();
+  m->Recover();
+  auto list = m->List();
+  ASSERT_EQ(list.size(), 1u);
+  EXPECT_FALSE(list[0].link_ok);
+  ASSERT_TRUE(m->Detach("vol-a").ok());  // its busy device is not ours: no EBUSY
+  EXPECT_EQ(fuse_.loops.at(0), "someone-else");
   EXPECT_FALSE(fs::exists(dir_ + "/vol-a.json"));
 }
 
