@@ -686,6 +686,16 @@ TEST_F(ControllerTest, SnapshotRestoreClone) {
   EXPECT_EQ(DeleteSnapshot("").error_code(), StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(DeleteSnapshot("s1:node-z:x").error_code(), StatusCode::UNAVAILABLE);
   EXPECT_EQ(ReadPattern(dir, "node-b", PoolName(restored.volume_id())), "A");
+  // A retry of the restore after its snapshot is gone still finds the volume it made.
+  cresp.Clear();
+  s = C().CreateVolume(Ctx().get(), rreq, &cresp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(cresp.volume().volume_id(), restored.volume_id());
+  EXPECT_EQ(cresp.volume().content_source().snapshot().snapshot_id(), snap.snapshot_id());
+  // A new restore from it is NOT_FOUND.
+  auto gone = VolumeRequest("restore-gone", 4 * kMiB);
+  gone.mutable_volume_content_source()->mutable_snapshot()->set_snapshot_id(snap.snapshot_id());
+  EXPECT_EQ(Create(gone, &cresp).error_code(), StatusCode::NOT_FOUND);
 }
 
 // ---- Expand ----
