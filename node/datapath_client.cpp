@@ -78,7 +78,8 @@ class GrpcDatapathClient final : public DatapathClient {
     dpv1::ListAttachmentsRequest req;
     dpv1::ListAttachmentsResponse resp;
     auto ctx = Context(timeout_);
-    if (Status s = Check("ListAttachments", "", attachments_->ListAttachments(ctx.get(), req, &resp));
+    if (Status s =
+            Check("ListAttachments", "", attachments_->ListAttachments(ctx.get(), req, &resp));
         !s.ok()) {
       return s;
     }
@@ -90,7 +91,8 @@ class GrpcDatapathClient final : public DatapathClient {
     req.set_name(volume);
     dpv1::GetVolumeResponse resp;
     auto ctx = Context(timeout_);
-    if (Status s = Check("GetVolume", volume, datapath_->GetVolume(ctx.get(), req, &resp)); !s.ok()) {
+    if (Status s = Check("GetVolume", volume, datapath_->GetVolume(ctx.get(), req, &resp));
+        !s.ok()) {
       return s;
     }
     return resp.volume();
@@ -101,7 +103,8 @@ class GrpcDatapathClient final : public DatapathClient {
     req.set_name(volume);
     dpv1::GetVolumeStatsResponse resp;
     auto ctx = Context(timeout_);
-    if (Status s = Check("GetVolumeStats", volume, datapath_->GetVolumeStats(ctx.get(), req, &resp));
+    if (Status s =
+            Check("GetVolumeStats", volume, datapath_->GetVolumeStats(ctx.get(), req, &resp));
         !s.ok()) {
       return s;
     }
@@ -112,7 +115,8 @@ class GrpcDatapathClient final : public DatapathClient {
     dpv1::GetPoolInfoRequest req;
     dpv1::GetPoolInfoResponse resp;
     auto ctx = Context(timeout_);
-    if (Status s = Check("GetPoolInfo", "", datapath_->GetPoolInfo(ctx.get(), req, &resp)); !s.ok()) {
+    if (Status s = Check("GetPoolInfo", "", datapath_->GetPoolInfo(ctx.get(), req, &resp));
+        !s.ok()) {
       return s;
     }
     return resp;

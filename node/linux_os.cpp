@@ -149,7 +149,8 @@ class LinuxOs final : public NodeOs {
     if (!tb) return Error(ENOMEM, "mount table: out of memory");
     int rc = mnt_table_parse_file(tb.get(), "/proc/self/mountinfo");
     if (rc != 0) {
-      return Error(rc < 0 ? -rc : EIO, "parse /proc/self/mountinfo: {}", strerror(rc < 0 ? -rc : EIO));
+      return Error(rc < 0 ? -rc : EIO, "parse /proc/self/mountinfo: {}",
+                   strerror(rc < 0 ? -rc : EIO));
     }
     std::string target = Canonical(path);
     // Backward: the last entry for a path is the mount on top, the one a lookup of it sees.
@@ -261,7 +262,9 @@ class LinuxOs final : public NodeOs {
 
   StatusOr<FsStats> StatFs(const std::string& path) override {
     struct statvfs s {};
-    if (statvfs(path.c_str(), &s) != 0) return Error(errno, "statvfs {}: {}", path, strerror(errno));
+    if (statvfs(path.c_str(), &s) != 0) {
+      return Error(errno, "statvfs {}: {}", path, strerror(errno));
+    }
     FsStats f;
     uint64_t bs = s.f_frsize ? s.f_frsize : s.f_bsize;
     f.total_bytes = uint64_t(s.f_blocks) * bs;
@@ -312,7 +315,9 @@ class LinuxOs final : public NodeOs {
   }
 
   Status MakeDir(const std::string& path) override {
-    if (path.empty() || path[0] != '/') return Error(EINVAL, "mkdir {}: not an absolute path", path);
+    if (path.empty() || path[0] != '/') {
+      return Error(EINVAL, "mkdir {}: not an absolute path", path);
+    }
     size_t pos = 1;
     while (pos <= path.size()) {
       size_t slash = path.find('/', pos);
@@ -325,7 +330,9 @@ class LinuxOs final : public NodeOs {
     }
     struct stat st {};
     if (stat(path.c_str(), &st) != 0) return Error(errno, "stat {}: {}", path, strerror(errno));
-    if (!S_ISDIR(st.st_mode)) return Error(ENOTDIR, "mkdir {}: exists and is not a directory", path);
+    if (!S_ISDIR(st.st_mode)) {
+      return Error(ENOTDIR, "mkdir {}: exists and is not a directory", path);
+    }
     return Status::Ok();
   }
 
@@ -339,7 +346,9 @@ class LinuxOs final : public NodeOs {
     if (fd < 0) {
       // A block device node bound onto the file opens as that device: still "exists".
       struct stat st {};
-      if (errno != ENOENT && stat(path.c_str(), &st) == 0 && !S_ISDIR(st.st_mode)) return Status::Ok();
+      if (errno != ENOENT && stat(path.c_str(), &st) == 0 && !S_ISDIR(st.st_mode)) {
+        return Status::Ok();
+      }
       return Error(errno, "create {}: {}", path, strerror(errno));
     }
     close(fd);
@@ -365,7 +374,9 @@ class LinuxOs final : public NodeOs {
       std::string name = e->d_name;
       if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0) continue;
       bool digits = true;
-      for (size_t i = prefix.size(); i < name.size(); ++i) digits = digits && isdigit(static_cast<unsigned char>(name[i]));
+      for (size_t i = prefix.size(); i < name.size(); ++i) {
+        digits = digits && isdigit(static_cast<unsigned char>(name[i]));
+      }
       if (digits) ++n;
     }
     closedir(d);

@@ -21,8 +21,9 @@ int main(int argc, char** argv) {
   namespace node = nbdcsi::node;
   csi::BlockTerminationSignals();
 
-  CLI::App app{"nbd-csi-node: the CSI Node service (stage, publish, expand, stats) over the "
-               "local nbd-datapathd"};
+  CLI::App app{
+      "nbd-csi-node: the CSI Node service (stage, publish, expand, stats) over the "
+      "local nbd-datapathd"};
   std::string csi_endpoint = "unix:///csi/csi.sock";
   std::string node_id;
   std::string datapath = "unix:///run/nbd-csi/datapath.sock";
@@ -64,8 +65,8 @@ int main(int argc, char** argv) {
   identity_opts.ready = [&dp]() -> Status { return dp->GetPoolInfo().status(); };
   auto identity = csi::MakeIdentityService(std::move(identity_opts));
 
-  auto server = csi::StartCsiServer({.endpoint = csi_endpoint,
-                                     .services = {identity.get(), node_service.get()}});
+  auto server = csi::StartCsiServer(
+      {.endpoint = csi_endpoint, .services = {identity.get(), node_service.get()}});
   if (!server.ok()) {
     spdlog::error("CSI endpoint {}: {}", csi_endpoint, server.status().message());
     return 1;

@@ -19,7 +19,9 @@ using AccessMode = v1::VolumeCapability::AccessMode;
 
 Status ValidateNodePath(const std::string& what, const std::string& path) {
   if (path.empty()) return Error(EINVAL, "{} is missing", what);
-  if (path.size() >= PATH_MAX) return Error(EINVAL, "{} is {} bytes long (limit {})", what, path.size(), PATH_MAX - 1);
+  if (path.size() >= PATH_MAX) {
+    return Error(EINVAL, "{} is {} bytes long (limit {})", what, path.size(), PATH_MAX - 1);
+  }
   if (path.find('\0') != std::string::npos) return Error(EINVAL, "{} contains a NUL byte", what);
   if (path[0] != '/') return Error(EINVAL, "{} \"{}\" is not an absolute path", what, path);
   if (path == "/") return Error(EINVAL, "{} must not be \"/\"", what);
@@ -53,13 +55,9 @@ StatusOr<Capability> ParseCapability(const v1::VolumeCapability& cap) {
   switch (cap.access_mode().mode()) {
     case AccessMode::SINGLE_NODE_WRITER:
     case AccessMode::SINGLE_NODE_SINGLE_WRITER:
-    case AccessMode::SINGLE_NODE_MULTI_WRITER:
-      break;
-    case AccessMode::SINGLE_NODE_READER_ONLY:
-      c.reader_only = true;
-      break;
-    case AccessMode::UNKNOWN:
-      return Error(EINVAL, "volume_capability.access_mode is missing");
+    case AccessMode::SINGLE_NODE_MULTI_WRITER: break;
+    case AccessMode::SINGLE_NODE_READER_ONLY: c.reader_only = true; break;
+    case AccessMode::UNKNOWN: return Error(EINVAL, "volume_capability.access_mode is missing");
     default:
       return Error(EINVAL, "access mode {} is not supported: volumes live on one node's disk",
                    AccessMode::Mode_Name(cap.access_mode().mode()));
@@ -111,8 +109,7 @@ class NodeService final : public v1::Node::Service {
                                  v1::NodePublishVolumeResponse*) override {
     return Reply("NodePublishVolume", req->volume_id(), Publish(*req));
   }
-  grpc::Status NodeUnpublishVolume(grpc::ServerContext*,
-                                   const v1::NodeUnpublishVolumeRequest* req,
+  grpc::Status NodeUnpublishVolume(grpc::ServerContext*, const v1::NodeUnpublishVolumeRequest* req,
                                    v1::NodeUnpublishVolumeResponse*) override {
     return Reply("NodeUnpublishVolume", req->volume_id(), Unpublish(*req));
   }
@@ -241,8 +238,10 @@ class NodeService final : public v1::Node::Service {
     switch (content->kind) {
       case DeviceContent::Kind::kBlank:
         if (cap->reader_only) {
-          return Error(EBUSY, "volume {} is blank and the access mode is read-only: there is no "
-                       "file system to mount", *volume);
+          return Error(EBUSY,
+                       "volume {} is blank and the access mode is read-only: there is no "
+                       "file system to mount",
+                       *volume);
         }
         spdlog::info("[{}] volume {} ({}) is blank: mkfs {}", csi::CurrentRequestId(), *volume,
                      device, cap->fstype);
@@ -250,14 +249,17 @@ class NodeService final : public v1::Node::Service {
         break;
       case DeviceContent::Kind::kFilesystem:
         if (content->type != cap->fstype) {
-          return Error(EBUSY, "volume {} holds a {} file system, not the requested {}: not "
-                       "reformatting it", *volume, content->type, cap->fstype);
+          return Error(EBUSY,
+                       "volume {} holds a {} file system, not the requested {}: not "
+                       "reformatting it",
+                       *volume, content->type, cap->fstype);
         }
         break;
       case DeviceContent::Kind::kOther:
-        return Error(EBUSY, "volume {} ({}) holds \"{}\" data, not a {} file system: refusing to "
-                     "format a device that is not blank", *volume, device, content->type,
-                     cap->fstype);
+        return Error(EBUSY,
+                     "volume {} ({}) holds \"{}\" data, not a {} file system: refusing to "
+                     "format a device that is not blank",
+                     *volume, device, content->type, cap->fstype);
     }
     std::vector<std::string> options = cap->flags;
     if (cap->reader_only && !HasMountOption(Join(options), "ro")) options.push_back("ro");
@@ -389,7 +391,9 @@ class NodeService final : public v1::Node::Service {
     const std::string& path = req.volume_path();
     auto info = os_.Stat(path);
     if (!info.ok()) return OsError(info.status());
-    if (info->kind == PathKind::kMissing) return Error(ENOENT, "volume_path {} does not exist", path);
+    if (info->kind == PathKind::kMissing) {
+      return Error(ENOENT, "volume_path {} does not exist", path);
+    }
     bool block = (cap && cap->block) || info->kind == PathKind::kBlockDevice;
 
     auto att = dp_.ResizeAttachment(*volume);
@@ -398,8 +402,10 @@ class NodeService final : public v1::Node::Service {
     if (!size.ok()) return OsError(size.status());
     uint64_t required = static_cast<uint64_t>(req.capacity_range().required_bytes());
     if (*size < required) {
-      return Error(ERANGE, "volume {} is {} bytes on the device, less than the required {}: "
-                   "expand the volume first (ControllerExpandVolume)", *volume, *size, required);
+      return Error(ERANGE,
+                   "volume {} is {} bytes on the device, less than the required {}: "
+                   "expand the volume first (ControllerExpandVolume)",
+                   *volume, *size, required);
     }
     if (!block) {
       auto m = os_.GetMount(path);
@@ -433,7 +439,9 @@ class NodeService final : public v1::Node::Service {
     if (info.ok() && info->kind == PathKind::kMissing) {
       return Error(ENOENT, "volume_path {} does not exist", path);
     }
-    if (!info.ok()) problems.push_back("the file system fails I/O (shut down?): " + info.status().message());
+    if (!info.ok()) {
+      problems.push_back("the file system fails I/O (shut down?): " + info.status().message());
+    }
 
     if (info.ok() && info->kind == PathKind::kBlockDevice) {
       auto size = os_.DeviceSize(path);
@@ -498,8 +506,9 @@ class NodeService final : public v1::Node::Service {
     if (att == nullptr) {
       problems.push_back("not attached on this node");
     } else if (!att->link_ok()) {
-      problems.push_back(fmt::format("link between {} and the datapath is down: {}", att->device(),
-                                     att->link_error().empty() ? "no reason given" : att->link_error()));
+      problems.push_back(
+          fmt::format("link between {} and the datapath is down: {}", att->device(),
+                      att->link_error().empty() ? "no reason given" : att->link_error()));
     }
     auto stats = dp_.GetVolumeStats(volume);
     if (!stats.ok()) {
@@ -524,17 +533,17 @@ class LockedNodeService final : public v1::Node::Service {
  public:
   explicit LockedNodeService(std::unique_ptr<v1::Node::Service> inner) : inner_(std::move(inner)) {}
 
-#define NBDCSI_LOCKED(Method, Req, Resp)                                                    \
+#define NBDCSI_LOCKED(Method, Req, Resp)                                                       \
   grpc::Status Method(grpc::ServerContext* ctx, const v1::Req* req, v1::Resp* resp) override { \
-    if (req->volume_id().empty()) return inner_->Method(ctx, req, resp);                     \
-    auto guard = inflight_.TryAcquire(req->volume_id());                                     \
-    if (!guard) {                                                                            \
-      spdlog::info("[{}] " #Method " {}: another call on this volume is in progress",        \
-                   csi::CurrentRequestId(), req->volume_id());                               \
-      return grpc::Status(grpc::StatusCode::ABORTED,                                         \
-                          "an operation on volume " + req->volume_id() + " is in progress"); \
-    }                                                                                        \
-    return inner_->Method(ctx, req, resp);                                                   \
+    if (req->volume_id().empty()) return inner_->Method(ctx, req, resp);                       \
+    auto guard = inflight_.TryAcquire(req->volume_id());                                       \
+    if (!guard) {                                                                              \
+      spdlog::info("[{}] " #Method " {}: another call on this volume is in progress",          \
+                   csi::CurrentRequestId(), req->volume_id());                                 \
+      return grpc::Status(grpc::StatusCode::ABORTED,                                           \
+                          "an operation on volume " + req->volume_id() + " is in progress");   \
+    }                                                                                          \
+    return inner_->Method(ctx, req, resp);                                                     \
   }
   NBDCSI_LOCKED(NodeStageVolume, NodeStageVolumeRequest, NodeStageVolumeResponse)
   NBDCSI_LOCKED(NodeUnstageVolume, NodeUnstageVolumeRequest, NodeUnstageVolumeResponse)

@@ -53,8 +53,8 @@ using AccessMode = v1::VolumeCapability::AccessMode;
 constexpr char kNodeId[] = "it-node";
 constexpr uint64_t kMiB = uint64_t{1} << 20;
 
-std::string W;            // the work dir: pool, sockets, kubelet paths, logs
-std::string g_bin;        // NBDCSI_BIN
+std::string W;      // the work dir: pool, sockets, kubelet paths, logs
+std::string g_bin;  // NBDCSI_BIN
 std::string g_setup_error;
 pid_t g_datapathd = -1, g_node = -1;
 std::shared_ptr<grpc::Channel> g_csi, g_dp;
@@ -138,10 +138,10 @@ std::string Nbdctl(const std::string& args, int* rc) {
 
 bool StartNode(std::string* err) {
   fs::remove(W + "/csi.sock");
-  g_node = Spawn({g_bin + "/nbd-csi-node", "--csi-endpoint", "unix://" + W + "/csi.sock",
-                  "--node-id", kNodeId, "--datapath", "unix://" + W + "/api.sock",
-                  "--log-level", "debug"},
-                 W + "/node.log");
+  g_node =
+      Spawn({g_bin + "/nbd-csi-node", "--csi-endpoint", "unix://" + W + "/csi.sock", "--node-id",
+             kNodeId, "--datapath", "unix://" + W + "/api.sock", "--log-level", "debug"},
+            W + "/node.log");
   if (g_node < 0) {
     *err = "cannot start nbd-csi-node";
     return false;
@@ -307,8 +307,8 @@ std::unique_ptr<grpc::ClientContext> Ctx(int seconds = 120) {
   return c;
 }
 
-v1::VolumeCapability MountCap(const std::string& fstype, AccessMode::Mode mode =
-                                                             AccessMode::SINGLE_NODE_WRITER) {
+v1::VolumeCapability MountCap(const std::string& fstype,
+                              AccessMode::Mode mode = AccessMode::SINGLE_NODE_WRITER) {
   v1::VolumeCapability c;
   c.mutable_mount()->set_fs_type(fstype);
   c.mutable_access_mode()->set_mode(mode);
@@ -404,17 +404,15 @@ std::vector<dpv1::Attachment> Attachments(const std::string& volume = "") {
   return out;
 }
 
-#define EXPECT_OK(expr)                                        \
-  do {                                                         \
-    grpc::Status st_ = (expr);                                 \
-    EXPECT_TRUE(st_.ok()) << #expr << ": " << st_.error_code() \
-                          << " " << st_.error_message();       \
+#define EXPECT_OK(expr)                                                                       \
+  do {                                                                                        \
+    grpc::Status st_ = (expr);                                                                \
+    EXPECT_TRUE(st_.ok()) << #expr << ": " << st_.error_code() << " " << st_.error_message(); \
   } while (0)
-#define ASSERT_OK(expr)                                        \
-  do {                                                         \
-    grpc::Status st_ = (expr);                                 \
-    ASSERT_TRUE(st_.ok()) << #expr << ": " << st_.error_code() \
-                          << " " << st_.error_message();       \
+#define ASSERT_OK(expr)                                                                       \
+  do {                                                                                        \
+    grpc::Status st_ = (expr);                                                                \
+    ASSERT_TRUE(st_.ok()) << #expr << ": " << st_.error_code() << " " << st_.error_message(); \
   } while (0)
 
 // After unstage: nothing of the volume is left on the node.
@@ -434,11 +432,13 @@ class NodeFuseTest : public ::testing::Test {
  protected:
   void SetUp() override {
     ASSERT_TRUE(g_setup_error.empty()) << g_setup_error;
-    ASSERT_TRUE(g_node > 0 && kill(g_node, 0) == 0) << "nbd-csi-node died: " << Tail(W + "/node.log");
+    ASSERT_TRUE(g_node > 0 && kill(g_node, 0) == 0)
+        << "nbd-csi-node died: " << Tail(W + "/node.log");
   }
   void TearDown() override {
     if (HasFailure()) {
-      std::cerr << "---- node.log ----\n" << Tail(W + "/node.log") << "\n---- datapathd.log ----\n"
+      std::cerr << "---- node.log ----\n"
+                << Tail(W + "/node.log") << "\n---- datapathd.log ----\n"
                 << Tail(W + "/datapathd.log") << "\n";
     }
   }
@@ -484,14 +484,18 @@ TEST_P(NodeFuseFsTest, KubeletSequence) {
   ASSERT_NE(staged, nullptr);
   EXPECT_EQ(staged->source, device);
   EXPECT_EQ(staged->fstype, fstype);
-  EXPECT_EQ(std::count_if(ms.begin(), ms.end(), [&](const KMount& m) { return m.target == v.staging; }), 1);
+  EXPECT_EQ(
+      std::count_if(ms.begin(), ms.end(), [&](const KMount& m) { return m.target == v.staging; }),
+      1);
 
   ASSERT_OK(Publish(v, cap, false, v.target));
   ASSERT_OK(Publish(v, cap, false, v.target));
   ms = Mounts();
   ASSERT_NE(MountAt(ms, v.target), nullptr);
   EXPECT_EQ(MountAt(ms, v.target)->source, device);
-  EXPECT_EQ(std::count_if(ms.begin(), ms.end(), [&](const KMount& m) { return m.target == v.target; }), 1);
+  EXPECT_EQ(
+      std::count_if(ms.begin(), ms.end(), [&](const KMount& m) { return m.target == v.target; }),
+      1);
 
   const std::string data = Random(4 * kMiB, 42);
   ASSERT_EQ(WriteDurable(v.target + "/data", data), 0);
@@ -517,7 +521,8 @@ TEST_P(NodeFuseFsTest, KubeletSequence) {
   // file system while it is mounted.
   uint64_t before = FsTotal(v.target);
   int rc;
-  std::string out = Nbdctl("volume resize " + v.name + " --size " + std::to_string(2 * size / kMiB) + "Mi", &rc);
+  std::string out =
+      Nbdctl("volume resize " + v.name + " --size " + std::to_string(2 * size / kMiB) + "Mi", &rc);
   ASSERT_EQ(rc, 0) << out;
   v1::NodeExpandVolumeResponse eresp;
   uint64_t after = before;
@@ -526,7 +531,8 @@ TEST_P(NodeFuseFsTest, KubeletSequence) {
     // privileged node plugin pod has it). The failure must say so, and harm nothing.
     grpc::Status st = Expand(v, v.target, 2 * size, &eresp);
     EXPECT_EQ(st.error_code(), grpc::StatusCode::INTERNAL);
-    EXPECT_NE(st.error_message().find("Permission denied"), std::string::npos) << st.error_message();
+    EXPECT_NE(st.error_message().find("Permission denied"), std::string::npos)
+        << st.error_message();
     EXPECT_EQ(BlockSize(device), 2 * size) << "the device grew even so";
     std::cerr << "NOTE: no CAP_SYS_RESOURCE: ext4 online growth checked for its error only\n";
   } else {
@@ -599,7 +605,8 @@ TEST_F(NodeFuseTest, BlockVolume) {
   int rc;
   std::string pattern = W + "/pattern";
   ASSERT_EQ(WriteDurable(pattern, data), 0);
-  std::string out = Shell("dd if=" + pattern + " of=" + target + " bs=1M seek=3 oflag=direct conv=fsync", &rc);
+  std::string out =
+      Shell("dd if=" + pattern + " of=" + target + " bs=1M seek=3 oflag=direct conv=fsync", &rc);
   ASSERT_EQ(rc, 0) << out;
   int fd = open(atts[0].device().c_str(), O_RDONLY | O_CLOEXEC);
   ASSERT_GE(fd, 0);
@@ -699,7 +706,8 @@ bool Prerequisites(std::string* why) {
     *why = "needs root";
     return false;
   }
-  std::vector<std::string> tools = {"mkfs.ext4", "mkfs.xfs", "resize2fs", "xfs_growfs", "xfs_io", "dd"};
+  std::vector<std::string> tools = {"mkfs.ext4",  "mkfs.xfs", "resize2fs",
+                                    "xfs_growfs", "xfs_io",   "dd"};
   if (ExpectedMode() == "fuse") {
     tools.push_back("nbdfuse");
     for (const char* p : {"/dev/fuse", "/dev/loop-control"}) {
@@ -743,10 +751,10 @@ int main(int argc, char** argv) {
   }
   W = tmpl;
   fs::create_directories(W + "/pool");
-  g_datapathd = Spawn({g_bin + "/nbd-datapathd", "--pool", W + "/pool", "--api",
-                       "unix://" + W + "/api.sock", "--nbd-listen", "unix://" + W + "/nbd.sock",
-                       "--log-level", "debug"},
-                      W + "/datapathd.log");
+  g_datapathd =
+      Spawn({g_bin + "/nbd-datapathd", "--pool", W + "/pool", "--api", "unix://" + W + "/api.sock",
+             "--nbd-listen", "unix://" + W + "/nbd.sock", "--log-level", "debug"},
+            W + "/datapathd.log");
   std::string err;
   if (g_datapathd < 0) {
     g_setup_error = "cannot start " + g_bin + "/nbd-datapathd";

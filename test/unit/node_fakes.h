@@ -41,8 +41,7 @@ class FakeOs : public NodeOs {
     return n;
   }
 
-  void AddDevice(const std::string& dev, uint64_t size, dev_t rdev,
-                 DeviceContent content = {}) {
+  void AddDevice(const std::string& dev, uint64_t size, dev_t rdev, DeviceContent content = {}) {
     devices[dev] = FakeDevice{content, size, rdev};
   }
 
@@ -64,7 +63,9 @@ class FakeOs : public NodeOs {
     for (const auto& o : options) opts += (opts.empty() ? "" : ",") + o;
     calls.push_back("mount " + source + " " + target + " " + fstype + " " + opts);
     if (Status s = Injected("mount"); !s.ok()) return s;
-    if (!paths.count(target)) return Error(ENOENT, "mount on {}: no such file or directory", target);
+    if (!paths.count(target)) {
+      return Error(ENOENT, "mount on {}: no such file or directory", target);
+    }
     bool ro = HasMountOption(opts, "ro");
     MountInfo m;
     m.target = target;
@@ -79,7 +80,9 @@ class FakeOs : public NodeOs {
         bound_devices[target] = source;
       } else {
         const MountInfo* from = Top(source);
-        if (from == nullptr) return Error(EINVAL, "bind of {}: fake supports mount points only", source);
+        if (from == nullptr) {
+          return Error(EINVAL, "bind of {}: fake supports mount points only", source);
+        }
         m.source = from->source;
         m.fstype = from->fstype;
         m.super_options = from->super_options;
@@ -262,7 +265,9 @@ class FakeDatapath : public DatapathClient {
     std::lock_guard lock(mu_);
     calls.push_back("resize " + volume);
     auto it = volumes.find(volume);
-    if (it == volumes.end() || !it->second.attached) return Error(ENOENT, "{} is not attached", volume);
+    if (it == volumes.end() || !it->second.attached) {
+      return Error(ENOENT, "{} is not attached", volume);
+    }
     os_.devices[it->second.device].size = it->second.size;
     return Att(volume, it->second);
   }

@@ -18,9 +18,9 @@ namespace nbdcsi::node {
 namespace {
 
 namespace v1 = ::csi::v1;
+using ::testing::ElementsAre;
 using testing::FakeDatapath;
 using testing::FakeOs;
-using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using AccessMode = v1::VolumeCapability::AccessMode;
 
@@ -31,8 +31,8 @@ constexpr char kTarget[] = "/var/lib/kubelet/pods/uid/volumes/kubernetes.io~csi/
 constexpr char kDevice[] = "/dev/loop3";
 constexpr uint64_t kGiB = uint64_t{1} << 30;
 
-v1::VolumeCapability MountCap(const std::string& fs = "", AccessMode::Mode mode =
-                                                              AccessMode::SINGLE_NODE_WRITER) {
+v1::VolumeCapability MountCap(const std::string& fs = "",
+                              AccessMode::Mode mode = AccessMode::SINGLE_NODE_WRITER) {
   v1::VolumeCapability c;
   c.mutable_mount()->set_fs_type(fs);
   c.mutable_access_mode()->set_mode(mode);
@@ -200,7 +200,8 @@ TEST_F(NodeServiceTest, StageWithRoMountFlagIsIdempotent) {
   ASSERT_TRUE(Stage(cap).ok());
   ASSERT_TRUE(Stage(cap).ok());
   EXPECT_TRUE(os_.Top(kStaging)->vfs_read_only);
-  EXPECT_EQ(os_.Count("mount /dev/loop3 " + std::string(kStaging) + " ext4 ro,errors=remount-ro"), 1);
+  EXPECT_EQ(os_.Count("mount /dev/loop3 " + std::string(kStaging) + " ext4 ro,errors=remount-ro"),
+            1);
 }
 
 TEST_F(NodeServiceTest, StageNeverFormatsANonBlankDevice) {
@@ -341,7 +342,8 @@ TEST_F(NodeServiceTest, PublishOverAnotherVolumeIsAlreadyExists) {
 }
 
 TEST_F(NodeServiceTest, PublishBlockBindsDeviceNodeOntoFile) {
-  const std::string target = "/var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-1/uid";
+  const std::string target =
+      "/var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-1/uid";
   ASSERT_TRUE(Stage(BlockCap()).ok());
   ASSERT_TRUE(Publish(BlockCap(), false, target).ok());
   EXPECT_EQ(os_.paths[target], PathKind::kFile);
@@ -503,8 +505,12 @@ TEST_F(NodeServiceTest, ExpandErrors) {
 TEST_F(NodeServiceTest, StatsOfMountVolume) {
   ASSERT_TRUE(Stage(MountCap()).ok());
   ASSERT_TRUE(Publish(MountCap()).ok());
-  os_.fs_stats = {.total_bytes = 1000, .available_bytes = 600, .used_bytes = 400,
-                  .total_inodes = 100, .available_inodes = 90, .used_inodes = 10};
+  os_.fs_stats = {.total_bytes = 1000,
+                  .available_bytes = 600,
+                  .used_bytes = 400,
+                  .total_inodes = 100,
+                  .available_inodes = 90,
+                  .used_inodes = 10};
   v1::NodeGetVolumeStatsResponse resp;
   ASSERT_TRUE(Stats(kTarget, &resp).ok());
   ASSERT_EQ(resp.usage_size(), 2);
@@ -555,14 +561,18 @@ TEST_F(NodeServiceTest, StatsVolumeCondition) {
       {"fs shut down",
        [this](FakeDatapath::Vol&, const std::string& device) {
          for (auto& m : os_.mounts) {
-           if (m.source == device) os_.unopenable[m.target] = Error(EIO, "open {}: I/O error", m.target);
+           if (m.source == device) {
+             os_.unopenable[m.target] = Error(EIO, "open {}: I/O error", m.target);
+           }
          }
        },
        "shut down"},
       {"fs shut down, root unstatable",
        [this](FakeDatapath::Vol&, const std::string& device) {
          for (auto& m : os_.mounts) {
-           if (m.source == device) os_.unstatable[m.target] = Error(EIO, "stat {}: I/O error", m.target);
+           if (m.source == device) {
+             os_.unstatable[m.target] = Error(EIO, "stat {}: I/O error", m.target);
+           }
          }
        },
        "stat"},
