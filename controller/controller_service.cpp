@@ -857,10 +857,11 @@ Status ControllerImpl::ListSnapshots(const v1::ListSnapshotsRequest& req,
     if (ref && (!src || src->node == ref->node)) {
       dp::Snapshot ds;
       Status s = GetDpSnapshot(nodes, *ref, &ds);
+      // A node that cannot answer is UNAVAILABLE, not an empty list: the snapshotter would
+      // take "no entry" for a snapshot that is gone.
       if (s.ok() && (!src || ds.source_volume() == src->name)) {
         add(ref->node, ds);
-      } else if (!s.ok() && s.error_code() != StatusCode::NOT_FOUND &&
-                 s.error_code() != StatusCode::UNAVAILABLE) {
+      } else if (!s.ok() && s.error_code() != StatusCode::NOT_FOUND) {
         return s;
       }
     }
@@ -879,6 +880,7 @@ Status ControllerImpl::ListSnapshots(const v1::ListSnapshotsRequest& req,
         return st.ListSnapshots(c, lreq, &lresp);
       });
       if (!s.ok()) {
+        if (src) return s;  // the one node asked about: an error, not "no snapshots"
         spdlog::warn("[{}] ListSnapshots skips node {}: {}", csi::CurrentRequestId(), node,
                      s.error_message());
         continue;
