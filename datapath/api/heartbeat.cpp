@@ -1,6 +1,9 @@
 #include "datapath/api/heartbeat.h"
 
+#include <arpa/inet.h>
 #include <dirent.h>
+#include <netdb.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -25,6 +28,20 @@ namespace {
 // Shorter intervals would only load the controller; a heartbeat is not a health probe.
 constexpr milliseconds kMinInterval{100};
 
+// "host:port" or "[v6]:port" (already validated) -> host without brackets, port.
+std::pair<std::string, std::string> SplitHostPort(const std::string& addr) {
+  size_t colon = addr.rfind(':');
+  std::string host = addr.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  return {host, addr.substr(colon + 1)};
+}
+
+bool IsIpLiteral(const std::string& host) {
+  in6_addr a6{};
+  in_addr a4{};
+  return inet_pton(AF_INET, host.c_str(), &a4) == 1 || inet_pton(AF_INET6, host.c_str(), &a6) == 1;
+}
+
 bool IsWholeNbdName(const char* name) {
   if (std::strncmp(name, "nbd", 3) != 0 || name[3] == '\0') return false;
   for (const char* p = name + 3; *p; ++p) {
@@ -46,6 +63,30 @@ uint32_t CountNbdDevices(const std::string& dev_dir) {
   }
   closedir(d);
   return n;
+}
+
+StatusOr<std::vector<std::string>> ResolveController(const std::string& controller) {
+  auto [host, port] = SplitHostPort(controller);
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &res);
+  if (rc != 0) return Error(EHOSTUNREACH, "cannot resolve {}: {}", host, gai_strerror(rc));
+  std::set<std::string> out;
+  for (addrinfo* ai = res; ai; ai = ai->ai_next) {
+    char buf[INET6_ADDRSTRLEN] = {};
+    if (ai->ai_family == AF_INET) {
+      inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(ai->ai_addr)->sin_addr, buf, sizeof(buf));
+      out.insert(fmt::format("{}:{}", buf, port));
+    } else if (ai->ai_family == AF_INET6) {
+      inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(ai->ai_addr)->sin6_addr, buf, sizeof(buf));
+      out.insert(fmt::format("[{}]:{}", buf, port));
+    }
+  }
+  freeaddrinfo(res);
+  if (out.empty()) return Error(EHOSTUNREACH, "{} resolves to no address", host);
+  return std::vector<std::string>(out.begin(), out.end());
 }
 
 v1::HeartbeatRequest MakeHeartbeatRequest(const HeartbeatOptions& opts, const PoolInfo& info,
@@ -84,17 +125,8 @@ Status HeartbeatSender::Start() {
     return Error(EINVAL, "heartbeat interval {} ms is below the minimum {} ms",
                  opts_.interval.count(), kMinInterval.count());
   }
-  // gRPC's reconnect backoff grows to two minutes by default; capped at the interval, a
-  // restarted controller is dialled again by the next heartbeat. The controller's Registry is
-  // this channel's only user, so these settings affect nothing else.
-  grpc::ChannelArguments args;
-  const int ms = static_cast<int>(std::min<int64_t>(opts_.interval.count(), 1 << 30));
-  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, std::min(ms, 1000));
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, std::min(ms, 1000));
-  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, ms);
-  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  channel_ = grpc::CreateCustomChannel(opts_.controller, opts_.creds, args);
-  stub_ = v1::Registry::NewStub(channel_);
+  controller_host_ = SplitHostPort(opts_.controller).first;
+  if (!opts_.resolve) opts_.resolve = ResolveController;
   {
     std::lock_guard lock(mu_);
     stop_ = false;
@@ -107,7 +139,7 @@ void HeartbeatSender::Stop() {
   {
     std::lock_guard lock(mu_);
     stop_ = true;
-    if (in_flight_) in_flight_->TryCancel();
+    for (grpc::ClientContext* ctx : in_flight_) ctx->TryCancel();
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
@@ -118,9 +150,56 @@ HeartbeatSender::Counters HeartbeatSender::counters() const {
   return counters_;
 }
 
-Status HeartbeatSender::SendOnce(milliseconds* asked) {
-  v1::HeartbeatRequest req =
-      MakeHeartbeatRequest(opts_, pool_.Info(), CountNbdDevices(opts_.dev_dir));
+std::unique_ptr<HeartbeatSender::Target> HeartbeatSender::MakeTarget(
+    const std::string& address) const {
+  // gRPC's reconnect backoff grows to two minutes by default; capped at the interval, a
+  // restarted controller is dialled again by the next heartbeat. The controller's Registry is
+  // this channel's only user, so these settings affect nothing else.
+  grpc::ChannelArguments args;
+  const int ms = static_cast<int>(std::min<int64_t>(opts_.interval.count(), 1 << 30));
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, std::min(ms, 1000));
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, std::min(ms, 1000));
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, ms);
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  // Dialling a replica by its IP, the certificate is still checked against the name the operator
+  // gave (the Service's DNS name is what the controller's certificate carries).
+  if (!IsIpLiteral(controller_host_)) {
+    args.SetString(GRPC_SSL_TARGET_NAME_OVERRIDE_ARG, controller_host_);
+  }
+  auto t = std::make_unique<Target>();
+  t->address = address;
+  t->channel = grpc::CreateCustomChannel(address, opts_.creds, args);
+  t->stub = v1::Registry::NewStub(t->channel);
+  return t;
+}
+
+void HeartbeatSender::SyncTargets() {
+  auto addrs = opts_.resolve(opts_.controller);
+  if (!addrs.ok() || addrs->empty()) {
+    std::string why = addrs.ok() ? "no address" : addrs.status().message();
+    if (why != resolve_error_) {
+      spdlog::warn("heartbeat: {}; keeping the {} controller address(es) known", why,
+                   targets_.size());
+    }
+    resolve_error_ = why;
+    return;
+  }
+  resolve_error_.clear();
+  std::set<std::string> want(addrs->begin(), addrs->end());
+  for (auto it = targets_.begin(); it != targets_.end();) {
+    if (want.count(it->first)) {
+      ++it;
+    } else {
+      spdlog::info("heartbeat: controller address {} is gone from {}", it->first, opts_.controller);
+      it = targets_.erase(it);
+    }
+  }
+  for (const auto& a : want) {
+    if (!targets_.count(a)) targets_.emplace(a, MakeTarget(a));
+  }
+}
+
+Status HeartbeatSender::SendOnce(Target& t, const v1::HeartbeatRequest& req, milliseconds* asked) {
   v1::HeartbeatResponse resp;
   grpc::ClientContext ctx;
   // Waiting for the channel to connect (within the deadline) rather than failing fast: a call made
@@ -131,67 +210,85 @@ Status HeartbeatSender::SendOnce(milliseconds* asked) {
   {
     std::lock_guard lock(mu_);
     if (stop_) return Error(ECANCELED, "stopping");
-    in_flight_ = &ctx;
+    in_flight_.insert(&ctx);
   }
-  grpc::Status st = stub_->Heartbeat(&ctx, req, &resp);
+  grpc::Status st = t.stub->Heartbeat(&ctx, req, &resp);
   {
     std::lock_guard lock(mu_);
-    in_flight_ = nullptr;
+    in_flight_.erase(&ctx);
   }
   if (!st.ok()) {
     // Waiting for a connection hides why it never came; the channel state tells the two cases
     // apart well enough to point the operator at the likely cause.
     const char* hint = "";
     if (st.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED &&
-        channel_->GetState(false) == GRPC_CHANNEL_TRANSIENT_FAILURE) {
+        t.channel->GetState(false) == GRPC_CHANNEL_TRANSIENT_FAILURE) {
       hint = ": cannot connect (controller down or unreachable, or the TLS handshake failed: "
              "check --tls-ca against the controller's certificate and its SANs)";
     }
-    return Error(EIO, "Registry.Heartbeat to {}: {} (code {}){}", opts_.controller,
-                 st.error_message(), static_cast<int>(st.error_code()), hint);
+    return Error(EIO, "Registry.Heartbeat to {}: {} (code {}){}", t.address, st.error_message(),
+                 static_cast<int>(st.error_code()), hint);
   }
   *asked = milliseconds(resp.interval_ms());
   return Status::Ok();
 }
 
 void HeartbeatSender::Run() {
-  bool ever_ok = false;
-  bool ok_state = false;
-  bool first = true;
   milliseconds interval = opts_.interval;
   std::unique_lock lock(mu_);
   while (!stop_) {
     lock.unlock();
     const auto started = std::chrono::steady_clock::now();
-    milliseconds asked{0};
-    Status s = SendOnce(&asked);
+    SyncTargets();
+    const v1::HeartbeatRequest req =
+        MakeHeartbeatRequest(opts_, pool_.Info(), CountNbdDevices(opts_.dev_dir));
+    // In parallel: a replica that hangs must not delay the others' heartbeats.
+    std::vector<Target*> targets;
+    for (auto& [addr, t] : targets_) targets.push_back(t.get());
+    std::vector<Status> results(targets.size(), Status::Ok());
+    std::vector<milliseconds> asked(targets.size(), milliseconds(0));
+    {
+      std::vector<std::thread> calls;
+      for (size_t i = 1; i < targets.size(); ++i) {
+        calls.emplace_back([&, i] { results[i] = SendOnce(*targets[i], req, &asked[i]); });
+      }
+      if (!targets.empty()) results[0] = SendOnce(*targets[0], req, &asked[0]);
+      for (auto& c : calls) c.join();
+    }
     lock.lock();
     if (stop_) break;
-    if (s.ok()) {
-      ++counters_.ok;
-      counters_.connected = true;
-      if (!ever_ok) {
-        spdlog::info("heartbeat: registered with the controller at {} as node {} (api {})",
-                     opts_.controller, opts_.node_id, opts_.advertise);
-      } else if (!ok_state) {
-        spdlog::info("heartbeat: controller at {} reachable again", opts_.controller);
+    bool all_ok = !targets.empty();
+    milliseconds want = opts_.interval;
+    for (size_t i = 0; i < targets.size(); ++i) {
+      Target& t = *targets[i];
+      const Status& s = results[i];
+      if (s.ok()) {
+        ++counters_.ok;
+        if (!t.ever_ok) {
+          spdlog::info("heartbeat: registered with the controller at {} ({}) as node {} (api {})",
+                       t.address, opts_.controller, opts_.node_id, opts_.advertise);
+        } else if (!t.ok_state) {
+          spdlog::info("heartbeat: controller at {} reachable again", t.address);
+        }
+        t.ever_ok = t.ok_state = true;
+        // The controller expires nodes by its own clock; when it wants heartbeats more often than
+        // we were told, it wins. It never makes us slower than our flag.
+        if (asked[i].count() > 0) want = std::min(want, std::max(asked[i], kMinInterval));
+      } else {
+        ++counters_.failed;
+        all_ok = false;
+        if (t.first) {
+          spdlog::warn("heartbeat: cannot reach the controller yet: {}", s.message());
+        } else if (t.ok_state) {
+          spdlog::warn("heartbeat: lost the controller: {}", s.message());
+        }
+        t.ok_state = false;
       }
-      ever_ok = ok_state = true;
-      // The controller expires nodes by its own clock; when it wants heartbeats more often than
-      // we were told, it wins. It never makes us slower than our flag.
-      milliseconds want = asked.count() > 0 ? std::max(asked, kMinInterval) : opts_.interval;
-      interval = std::min(want, opts_.interval);
-    } else {
-      ++counters_.failed;
-      counters_.connected = false;
-      if (first) {
-        spdlog::warn("heartbeat: cannot reach the controller yet: {}", s.message());
-      } else if (ok_state) {
-        spdlog::warn("heartbeat: lost the controller: {}", s.message());
-      }
-      ok_state = false;
+      t.first = false;
     }
-    first = false;
+    counters_.connected = all_ok;
+    counters_.controllers = targets.size();
+    interval = want;
     cv_.wait_until(lock, started + interval, [this] { return stop_; });
   }
 }

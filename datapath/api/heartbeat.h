@@ -3,15 +3,23 @@
 // listens, and how much room its pool has. The controller keeps only soft state, so every
 // heartbeat carries everything it needs, and a restarted controller knows the node again at the
 // next one.
+//
+// Every controller replica keeps its own registry, so a heartbeat goes to every address the
+// controller's name resolves to (a headless Service gives one per replica), re-resolved each
+// interval: replicas that come and go are followed without a datapath restart.
 #pragma once
 
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <grpcpp/channel.h>
 #include <grpcpp/client_context.h>
@@ -32,7 +40,14 @@ struct HeartbeatOptions {
   std::string version;
   int64_t started_unix_ns = 0;  // tells the controller when this datapath restarted
   std::string dev_dir = "/dev";  // where /dev/nbdN devices are counted
+  // The addresses ("ip:port", "[v6]:port") to heartbeat for `controller`; null: getaddrinfo
+  // (ResolveController). Tests inject their own.
+  std::function<StatusOr<std::vector<std::string>>(const std::string&)> resolve;
 };
+
+// Every address of host:port (IPv4 and IPv6, deduplicated, sorted); an IP literal gives itself.
+// EHOSTUNREACH (with the resolver's message) when the name does not resolve.
+StatusOr<std::vector<std::string>> ResolveController(const std::string& controller);
 
 // The whole /dev/nbdN devices (block devices named nbd<digits>; partitions are not counted)
 // under dev_dir. 0 when there are none or the directory cannot be read.
@@ -61,25 +76,40 @@ class HeartbeatSender {
   struct Counters {
     uint64_t ok = 0;
     uint64_t failed = 0;
-    bool connected = false;  // the last call succeeded
+    bool connected = false;  // every controller address answered the last round
+    size_t controllers = 0;  // addresses heartbeated in the last round
   };
   Counters counters() const;
 
  private:
+  // One controller address and its channel. Only the Run() thread touches these.
+  struct Target {
+    std::string address;
+    std::shared_ptr<grpc::Channel> channel;
+    std::unique_ptr<nbdcsi::datapath::v1::Registry::Stub> stub;
+    bool ever_ok = false;
+    bool ok_state = false;
+    bool first = true;
+  };
   void Run();
+  // Re-resolves the controller and adds/drops targets; keeps the old set when resolving fails.
+  void SyncTargets();
+  std::unique_ptr<Target> MakeTarget(const std::string& address) const;
   // One Heartbeat call; returns the interval the controller asked for (0: none).
-  Status SendOnce(std::chrono::milliseconds* asked);
+  Status SendOnce(Target& t, const nbdcsi::datapath::v1::HeartbeatRequest& req,
+                  std::chrono::milliseconds* asked);
 
   Pool& pool_;
   HeartbeatOptions opts_;
-  std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<nbdcsi::datapath::v1::Registry::Stub> stub_;
+  std::string controller_host_;  // the name TLS verifies, whatever address is dialled
+  std::map<std::string, std::unique_ptr<Target>> targets_;  // Run() thread only
+  std::string resolve_error_;                               // Run() thread only
   std::thread thread_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  bool stop_ = false;                        // guarded by mu_
-  grpc::ClientContext* in_flight_ = nullptr;  // guarded by mu_; cancelled by Stop()
-  Counters counters_;                        // guarded by mu_
+  bool stop_ = false;                          // guarded by mu_
+  std::set<grpc::ClientContext*> in_flight_;   // guarded by mu_; cancelled by Stop()
+  Counters counters_;                          // guarded by mu_
 };
 
 }  // namespace nbdcsi::datapath

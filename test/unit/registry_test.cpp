@@ -341,6 +341,81 @@ TEST_F(SenderTest, FollowsAShorterIntervalFromTheControllerAndStopsBetweenCalls)
   server->Shutdown();
 }
 
+TEST(Heartbeat, ResolvesEveryAddressOfTheController) {
+  auto v4 = datapath::ResolveController("127.0.0.1:9811");
+  ASSERT_TRUE(v4.ok()) << v4.status().message();
+  EXPECT_EQ(*v4, std::vector<std::string>{"127.0.0.1:9811"});
+  auto v6 = datapath::ResolveController("[::1]:9811");
+  ASSERT_TRUE(v6.ok()) << v6.status().message();
+  EXPECT_EQ(*v6, std::vector<std::string>{"[::1]:9811"});
+  auto name = datapath::ResolveController("localhost:9811");
+  ASSERT_TRUE(name.ok()) << name.status().message();
+  EXPECT_NE(std::find(name->begin(), name->end(), "127.0.0.1:9811"), name->end());
+  auto bad = datapath::ResolveController("no-such-host.invalid:9811");
+  EXPECT_EQ(bad.status().code(), EHOSTUNREACH);
+  EXPECT_NE(bad.status().message().find("no-such-host.invalid"), std::string::npos);
+}
+
+TEST_F(SenderTest, HeartbeatsEveryControllerReplicaAndFollowsTheNameAsItChanges) {
+  // Two controller replicas, each with its own soft registry, behind one name.
+  struct Replica {
+    std::unique_ptr<NodeRegistry> reg;
+    std::unique_ptr<datapath::v1::Registry::Service> svc;
+    std::unique_ptr<grpc::Server> server;
+    int port = 0;
+  };
+  std::vector<Replica> reps(2);
+  for (auto& r : reps) {
+    r.reg = std::make_unique<NodeRegistry>(grpc::InsecureChannelCredentials(), 5000ms, 150ms);
+    r.svc = controller::MakeRegistryService(*r.reg);
+    grpc::ServerBuilder b;
+    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &r.port);
+    b.RegisterService(r.svc.get());
+    r.server = b.BuildAndStart();
+    ASSERT_NE(r.server, nullptr);
+  }
+  std::mutex mu;
+  std::vector<std::string> answer = {"127.0.0.1:" + std::to_string(reps[0].port),
+                                     "127.0.0.1:" + std::to_string(reps[1].port)};
+  std::string asked_for;
+  auto opts = Options("controller.nbd-csi.svc:9811", 200ms);
+  opts.resolve = [&](const std::string& c) -> StatusOr<std::vector<std::string>> {
+    std::lock_guard lock(mu);
+    asked_for = c;
+    if (answer.empty()) return Error(EHOSTUNREACH, "cannot resolve controller.nbd-csi.svc");
+    return answer;
+  };
+  datapath::HeartbeatSender sender(*pool_, opts);
+  ASSERT_TRUE(sender.Start().ok());
+  std::this_thread::sleep_for(600ms);
+  EXPECT_TRUE(reps[0].reg->Get("node-s").has_value());
+  EXPECT_TRUE(reps[1].reg->Get("node-s").has_value());
+  EXPECT_EQ(sender.counters().controllers, 2u);
+  EXPECT_TRUE(sender.counters().connected);
+  {
+    std::lock_guard lock(mu);
+    EXPECT_EQ(asked_for, "controller.nbd-csi.svc:9811");
+  }
+  // Replica 0 leaves the name: it stops hearing from the node, replica 1 keeps hearing.
+  {
+    std::lock_guard lock(mu);
+    answer = {"127.0.0.1:" + std::to_string(reps[1].port)};
+  }
+  std::this_thread::sleep_for(400ms);
+  EXPECT_EQ(sender.counters().controllers, 1u);
+  uint64_t ok_before = sender.counters().ok;
+  // A failing resolver keeps the last known addresses rather than going silent.
+  {
+    std::lock_guard lock(mu);
+    answer.clear();
+  }
+  std::this_thread::sleep_for(500ms);
+  EXPECT_GT(sender.counters().ok, ok_before);
+  EXPECT_EQ(sender.counters().controllers, 1u);
+  sender.Stop();
+  for (auto& r : reps) r.server->Shutdown();
+}
+
 // ---- real nbd-datapathd processes ----
 
 namespace {
