@@ -9,6 +9,7 @@
 #include <vector>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <google/protobuf/util/message_differencer.h>
 #include <grpcpp/client_context.h>
 #include <spdlog/spdlog.h>
@@ -579,15 +580,17 @@ Status ControllerImpl::CreateVolume(const v1::CreateVolumeRequest& req,
 
   // Placement: the first candidate that is registered and has room. The datapath checks again
   // (the heartbeat's figure may be a few seconds old): ENOSPC there moves on to the next one.
-  bool missing = false, full = false;
+  bool missing = false;
+  std::vector<std::string> why_not;  // per node, for the error an operator reads
   for (const auto& node : order) {
     auto info = nodes.Get(node);
     if (!info) {
       missing = true;
+      why_not.push_back(node + ": not registered");
       continue;
     }
     if (info->provisionable_bytes < *size) {
-      full = true;
+      why_not.push_back(fmt::format("{}: {} bytes provisionable", node, info->provisionable_bytes));
       continue;
     }
     dp::CreateVolumeRequest creq;
@@ -600,7 +603,7 @@ Status ControllerImpl::CreateVolume(const v1::CreateVolumeRequest& req,
       return stub.CreateVolume(c, creq, &cresp);
     });
     if (s.error_code() == StatusCode::RESOURCE_EXHAUSTED) {
-      full = true;
+      why_not.push_back(s.error_message());
       spdlog::info("[{}] {}; trying the next node", csi::CurrentRequestId(), s.error_message());
       continue;
     }
@@ -614,14 +617,17 @@ Status ControllerImpl::CreateVolume(const v1::CreateVolumeRequest& req,
                  resp->volume().volume_id(), *size, node);
     return Status::OK;
   }
+  // An allowed node that has not registered (yet) may come with room: retry rather than fail.
   if (missing || order.empty()) {
     return Err(StatusCode::UNAVAILABLE,
-               "no allowed node is registered with room for {} bytes{} (retry once the node's "
-               "datapath heartbeats)",
-               *size, order.empty() ? " (no node registered yet)" : "");
+               "no registered node can take {} bytes now ({}); retry once the node's datapath "
+               "heartbeats",
+               *size,
+               order.empty() ? "no node registered yet"
+                             : fmt::format("{}", fmt::join(why_not, "; ")));
   }
-  (void)full;
-  return Err(StatusCode::RESOURCE_EXHAUSTED, "no allowed node has room for {} bytes", *size);
+  return Err(StatusCode::RESOURCE_EXHAUSTED, "no allowed node has room for {} bytes ({})", *size,
+             fmt::join(why_not, "; "));
 }
 
 Status ControllerImpl::DeleteVolume(const v1::DeleteVolumeRequest& req) {
