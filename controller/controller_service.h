@@ -5,6 +5,33 @@
 // NodeRegistry's Datapath stubs); the gRPC service returned by MakeControllerService is a thin
 // decorator that takes a per-id in-flight guard (csi/locks.h) and answers a second concurrent
 // call on the same volume, snapshot or CSI name with ABORTED, as the CSI spec asks.
+//
+// Decisions where the spec leaves room (tested in test/controller/):
+// - Ids are validated before use (csi/ids.h). A malformed id names nothing of ours: DeleteVolume
+//   and DeleteSnapshot succeed, lookups are NOT_FOUND, ListSnapshots filters return nothing.
+//   A well-formed id on a node that is not registered is UNAVAILABLE (the sidecar retries; the
+//   node may be restarting), never "done" or "not found".
+// - CreateVolume: default 1 GiB (a restore/clone: its source's size), sizes rounded up to 4 KiB,
+//   OUT_OF_RANGE when no aligned size fits the range. Placement: preferred in order, then
+//   requisite in order; with no requirement, any node, most room first (room = the last
+//   heartbeat's provisionable bytes minus what this controller placed there since). A content
+//   source pins the node; a source outside the allowed topology is INVALID_ARGUMENT. Idempotency
+//   asks every live node for the pool name (one GetVolume per node); a node that cannot answer
+//   fails the call (UNAVAILABLE) rather than risk a second copy. No room anywhere allowed:
+//   RESOURCE_EXHAUSTED, unless an allowed node is not registered: UNAVAILABLE.
+// - GetCapacity: with a topology segment, that node's provisionable bytes (0 when unknown);
+//   without, the largest single node's (a volume never spans nodes, so a sum would promise room
+//   no CreateVolume can use). maximum_volume_size = available_capacity.
+// - ControllerGetVolume: a volume whose node is gone or cannot serve it is returned with an
+//   abnormal condition carrying the cause (the health monitor's signal); an unfilled
+//   restore/clone is abnormal until its copy ends.
+// - ListVolumes/ListSnapshots: all live nodes, sorted by id; the token is an opaque encoding of
+//   the last id returned (stable across deletions); a foreign token is ABORTED. A node that does
+//   not answer is skipped from a full listing (logged) but fails a listing filtered to it.
+// - ControllerExpandVolume: grow only (a smaller request is already satisfied);
+//   node_expansion_required for mount and block alike (the NBD device size is node state).
+// - ControllerModifyVolume: mutable_parameters are a QoS patch (a key set to 0 removes that
+//   limit); other keys keep their values.
 #pragma once
 
 #include <chrono>
