@@ -8,6 +8,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <map>
 #include <set>
 #include <thread>
 
@@ -337,6 +338,18 @@ TEST_F(ControllerTest, ResourceExhaustedAndSpillOver) {
   EXPECT_EQ(NodeOf(MustCreate(pref)), "node-b");
   WaitHeartbeats();
   EXPECT_LT(Capacity("node-a"), 512 * kMiB);
+}
+
+TEST_F(ControllerTest, UnboundBurstSpreadsAcrossNodes) {
+  WaitHeartbeats();  // both pools empty again, as the registry sees them
+  // Six volumes well within one heartbeat: placement must not pile them on the node that looked
+  // roomiest at the last heartbeat.
+  std::map<std::string, int> per_node;
+  for (int i = 0; i < 6; ++i) {
+    per_node[NodeOf(MustCreate(VolumeRequest("burst-" + std::to_string(i), 64 * kMiB)))]++;
+  }
+  EXPECT_GE(per_node["node-a"], 2);
+  EXPECT_GE(per_node["node-b"], 2);
 }
 
 // ---- DeleteVolume ----
