@@ -5,6 +5,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -297,6 +298,21 @@ class Nodes {
   const ControllerOptions& opts_;
 };
 
+// Runs fn(node) for every node at once and returns the results in the nodes' order: lookups
+// that must ask every node (idempotency by name) cost one round trip, not one per node. The
+// first node is asked on the calling thread.
+template <typename T, typename F>
+std::vector<T> FanOut(const std::vector<NodeInfo>& live, F fn) {
+  std::vector<T> out(live.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 1; i < live.size(); ++i) {
+    threads.emplace_back([&out, &live, &fn, i] { out[i] = fn(live[i]); });
+  }
+  if (!live.empty()) out[0] = fn(live[0]);
+  for (auto& t : threads) t.join();
+  return out;
+}
+
 Status GetDpVolume(Nodes& nodes, const Ref& ref, dp::Volume* out) {
   dp::GetVolumeRequest req;
   req.set_name(ref.name);
@@ -531,9 +547,19 @@ Status ControllerImpl::CreateVolume(const v1::CreateVolumeRequest& req,
   // Idempotency by name: the pool name is a pure function of the CSI name, so asking every live
   // node finds an earlier attempt wherever it landed. A node that cannot answer could hold it:
   // fail (retryable) rather than risk a second copy elsewhere.
-  for (const auto& n : live) {
-    dp::Volume existing;
-    Status s = GetDpVolume(nodes, Ref{n.node_id, pool_name}, &existing);
+  struct Lookup {
+    Status st;
+    dp::Volume vol;
+  };
+  auto lookups = FanOut<Lookup>(live, [&](const NodeInfo& n) {
+    Lookup l;
+    l.st = GetDpVolume(nodes, Ref{n.node_id, pool_name}, &l.vol);
+    return l;
+  });
+  for (size_t i = 0; i < live.size(); ++i) {
+    const NodeInfo& n = live[i];
+    const Status& s = lookups[i].st;
+    const dp::Volume& existing = lookups[i].vol;
     if (s.error_code() == StatusCode::NOT_FOUND) continue;
     if (!s.ok()) return s;
     uint64_t have = existing.size_bytes();
@@ -790,9 +816,20 @@ Status ControllerImpl::CreateSnapshot(const v1::CreateSnapshotRequest& req,
   }
   const std::string snap_name = *snap_name_or;
   // Snapshot names are unique across the cluster: look on every live node, as CreateVolume does.
-  for (const auto& n : nodes.List()) {
-    dp::Snapshot existing;
-    Status s = GetDpSnapshot(nodes, Ref{n.node_id, snap_name}, &existing);
+  std::vector<NodeInfo> live = nodes.List();
+  struct Lookup {
+    Status st;
+    dp::Snapshot snap;
+  };
+  auto lookups = FanOut<Lookup>(live, [&](const NodeInfo& n) {
+    Lookup l;
+    l.st = GetDpSnapshot(nodes, Ref{n.node_id, snap_name}, &l.snap);
+    return l;
+  });
+  for (size_t i = 0; i < live.size(); ++i) {
+    const NodeInfo& n = live[i];
+    const Status& s = lookups[i].st;
+    const dp::Snapshot& existing = lookups[i].snap;
     if (s.error_code() == StatusCode::NOT_FOUND) continue;
     if (!s.ok()) return s;
     if (n.node_id != src->node || existing.source_volume() != src->name) {

@@ -16,7 +16,7 @@
 //   requisite in order; with no requirement, any node, most room first (room = the last
 //   heartbeat's provisionable bytes minus what this controller placed there since). A content
 //   source pins the node; a source outside the allowed topology is INVALID_ARGUMENT. Idempotency
-//   asks every live node for the pool name (one GetVolume per node); a node that cannot answer
+//   asks every live node for the pool name (in parallel); a node that cannot answer
 //   fails the call (UNAVAILABLE) rather than risk a second copy. No room anywhere allowed:
 //   RESOURCE_EXHAUSTED, unless an allowed node is not registered: UNAVAILABLE.
 // - GetCapacity: with a topology segment, that node's provisionable bytes (0 when unknown);
