@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
   uint32_t heartbeat_ttl_ms = 0;
   uint32_t datapath_timeout_ms = 30000;
   std::string log_level = "info";
+  std::string datapath_server_name;
   app.add_option("--csi-endpoint", csi_endpoint, "CSI endpoint (unix:///path or tcp://host:port)")
       ->capture_default_str();
   app.add_option("--registry-listen", registry_listen,
@@ -40,6 +41,9 @@ int main(int argc, char** argv) {
   app.add_option("--tls-cert", tls.cert, "PEM certificate of this controller");
   app.add_option("--tls-key", tls.key, "PEM private key of --tls-cert");
   app.add_option("--tls-ca", tls.ca, "PEM CA bundle that datapath certificates must chain to");
+  app.add_option("--datapath-server-name", datapath_server_name,
+                 "Verify every datapath's certificate against this name instead of the address "
+                 "it is dialled at (one shared datapath certificate for all nodes)");
   app.add_flag("--insecure", tls.insecure,
                "Plaintext gRPC to and from the datapaths (loopback tests only)");
   app.add_option("--heartbeat-interval", heartbeat_interval_ms,
@@ -85,8 +89,17 @@ int main(int argc, char** argv) {
   controller::NodeRegistry registry(*channel_creds,
                                     std::chrono::milliseconds(heartbeat_ttl_ms),
                                     std::chrono::milliseconds(heartbeat_interval_ms));
+  if (!datapath_server_name.empty()) {
+    if (tls.insecure) {
+      spdlog::critical("--datapath-server-name has no meaning with --insecure");
+      return 2;
+    }
+    registry.SetTlsServerName(datapath_server_name);
+  }
   auto registry_service = controller::MakeRegistryService(registry);
   grpc::ServerBuilder rb;
+  // A second controller on the same host port must fail to bind, not share the connections.
+  rb.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   int registry_port = 0;
   rb.AddListeningPort(registry_listen, *server_creds, &registry_port);
   rb.RegisterService(registry_service.get());

@@ -58,7 +58,8 @@ class NodeRegistry {
   std::vector<NodeInfo> List() const;  // live nodes, sorted by node id
 
   // A stub for the node's Datapath API over a cached channel (one per node and address);
-  // ENODEV (-> UNAVAILABLE) when the node is not registered (or expired).
+  // ENODEV when the node is not registered (or expired); the controller answers UNAVAILABLE for
+  // it, so the sidecar retries.
   StatusOr<std::shared_ptr<nbdcsi::datapath::v1::Datapath::Stub>> Datapath(
       const std::string& node_id);
 

@@ -178,6 +178,7 @@ std::string Cluster::StartController() {
                                    "--log-level",
                                    "debug"};
   for (auto& f : TlsFlags(opts_.tls.controller)) argv.push_back(f);
+  for (auto& a : opts_.controller_args) argv.push_back(a);
   if (!controller_proc_->Start(argv, dir_ + "/controller.log")) return "cannot start the controller";
   controller_stub_.reset();
   identity_stub_.reset();

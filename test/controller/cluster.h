@@ -51,6 +51,7 @@ struct ClusterOptions {
   int heartbeat_ms = 200;
   TlsDirs tls;
   bool wait_registered = true;  // Start() waits until every node is usable
+  std::vector<std::string> controller_args;  // appended to nbd-csi-controller's command line
 };
 
 class Cluster {

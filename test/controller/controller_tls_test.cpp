@@ -112,6 +112,35 @@ TEST_F(TlsTest, PlaintextControllerIsRefusedByTlsDatapath) {
   EXPECT_EQ(CreateOnNodeA(c, "tls-plain2").error_code(), StatusCode::UNAVAILABLE);
 }
 
+// One certificate shared by every datapath cannot list every node's IP: the controller then checks
+// a fixed name (--datapath-server-name) while dialling the advertised address. The test
+// certificates carry DNS:localhost and IP:127.0.0.1, and datapaths advertise 127.0.0.1.
+TEST_F(TlsTest, DatapathServerNameIsWhatTheControllerVerifies) {
+  {
+    ClusterOptions o;
+    o.nodes = {"node-a"};
+    o.tls = {Ca1(), Ca1()};
+    o.controller_args = {"--datapath-server-name", "localhost"};
+    Cluster c(o);
+    ASSERT_EQ(c.Start(), "");
+    grpc::Status s = CreateOnNodeA(c, "tls-name-good");
+    EXPECT_TRUE(s.ok()) << s.error_message() << c.LogTail("controller");
+  }
+  {
+    ClusterOptions o;
+    o.nodes = {"node-a"};
+    o.tls = {Ca1(), Ca1()};
+    o.controller_args = {"--datapath-server-name", "not-the-datapath.example"};
+    Cluster c(o);
+    // Heartbeats (datapath -> controller) are unaffected: the node registers ...
+    ASSERT_EQ(c.Start(), "");
+    AssertAlive(c);
+    // ... but the controller's calls to it fail the name check.
+    grpc::Status s = CreateOnNodeA(c, "tls-name-bad");
+    EXPECT_EQ(s.error_code(), StatusCode::UNAVAILABLE) << s.error_message();
+  }
+}
+
 TEST_F(TlsTest, ControllerRefusesIncompleteTlsFlags) {
   // Neither certificates nor --insecure: the controller must not start in plaintext.
   Process p;
