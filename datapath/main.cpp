@@ -337,9 +337,15 @@ int main(int argc, char** argv) {
   // fail I/O). Detaching is an explicit API call.
   // Before the sockets close: our own shutdown must not look like links to repair.
   kernel_nbd->StopWatching();
-  if (size_t n = attachments.List().size()) {
-    spdlog::info("attach: {} device(s) stay attached; restart within {} s to reconnect them", n,
-                 aopts.dead_conn_timeout_s);
+  size_t kernel_n = 0, fuse_n = 0;
+  for (const auto& a : attachments.List()) (a.fuse() ? fuse_n : kernel_n)++;
+  if (kernel_n) {
+    spdlog::info("attach: {} kernel device(s) stay attached; restart within {} s to reconnect them",
+                 kernel_n, aopts.dead_conn_timeout_s);
+  }
+  if (fuse_n) {
+    spdlog::warn("attach: {} fuse attachment(s) lose their link now (nbdfuse cannot reconnect): "
+                 "unmount and detach them after the restart", fuse_n);
   }
   frontend.Stop();
   if (api_ep->kind == Endpoint::Kind::kUnix) unlink(api_ep->path.c_str());
