@@ -1,3 +1,4 @@
+#include "common/grpc_status.h"
 #include "csi/logging.h"
 
 #include <atomic>
@@ -143,29 +144,6 @@ bool IsQuietMethod(std::string_view method) {
   return false;
 }
 
-std::string CodeText(grpc::StatusCode c) {
-  switch (c) {
-    case grpc::StatusCode::OK: return "OK";
-    case grpc::StatusCode::CANCELLED: return "CANCELLED";
-    case grpc::StatusCode::UNKNOWN: return "UNKNOWN";
-    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
-    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
-    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
-    case grpc::StatusCode::ALREADY_EXISTS: return "ALREADY_EXISTS";
-    case grpc::StatusCode::PERMISSION_DENIED: return "PERMISSION_DENIED";
-    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
-    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
-    case grpc::StatusCode::ABORTED: return "ABORTED";
-    case grpc::StatusCode::OUT_OF_RANGE: return "OUT_OF_RANGE";
-    case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
-    case grpc::StatusCode::INTERNAL: return "INTERNAL";
-    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
-    case grpc::StatusCode::DATA_LOSS: return "DATA_LOSS";
-    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
-    default: return fmt::format("CODE_{}", static_cast<int>(c));
-  }
-}
-
 std::string NextRequestId() {
   static std::atomic<uint64_t> next{1};
   return fmt::format("r-{:06d}", next.fetch_add(1, std::memory_order_relaxed));
@@ -199,7 +177,7 @@ class LoggingInterceptor final : public grpc::experimental::Interceptor {
       if (s.ok()) {
         spdlog::log(level, "[{}] -> OK {:.1f} ms", id_, ms);
       } else {
-        spdlog::log(level, "[{}] -> {}: {} ({:.1f} ms)", id_, CodeText(s.error_code()),
+        spdlog::log(level, "[{}] -> {}: {} ({:.1f} ms)", id_, GrpcCodeName(s.error_code()),
                     s.error_message(), ms);
       }
       t_request_id.clear();

@@ -9,26 +9,6 @@
 
 namespace nbdcsi::node {
 
-int GrpcCodeToErrno(grpc::StatusCode code) {
-  switch (code) {
-    case grpc::StatusCode::OK: return 0;
-    case grpc::StatusCode::NOT_FOUND: return ENOENT;
-    case grpc::StatusCode::ALREADY_EXISTS: return EEXIST;
-    case grpc::StatusCode::INVALID_ARGUMENT: return EINVAL;
-    case grpc::StatusCode::RESOURCE_EXHAUSTED: return ENOSPC;
-    case grpc::StatusCode::FAILED_PRECONDITION: return EBUSY;
-    case grpc::StatusCode::UNAVAILABLE: return EAGAIN;
-    case grpc::StatusCode::PERMISSION_DENIED:
-    case grpc::StatusCode::UNAUTHENTICATED: return EACCES;
-    case grpc::StatusCode::OUT_OF_RANGE: return ERANGE;
-    case grpc::StatusCode::UNIMPLEMENTED: return ENOTSUP;
-    case grpc::StatusCode::CANCELLED: return ECANCELED;
-    case grpc::StatusCode::DEADLINE_EXCEEDED: return ETIMEDOUT;
-    case grpc::StatusCode::ABORTED: return EALREADY;
-    default: return EIO;
-  }
-}
-
 namespace {
 
 class GrpcDatapathClient final : public DatapathClient {

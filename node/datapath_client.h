@@ -14,6 +14,7 @@
 
 #include <grpcpp/support/status.h>
 
+#include "common/grpc_status.h"
 #include "common/status.h"
 #include "datapath/api/attach.pb.h"
 #include "datapath/api/datapath.pb.h"
@@ -43,9 +44,5 @@ class DatapathClient {
 std::unique_ptr<DatapathClient> MakeGrpcDatapathClient(
     const std::string& target, std::chrono::milliseconds timeout = std::chrono::seconds(10),
     std::chrono::milliseconds slow_timeout = std::chrono::seconds(60));
-
-// The inverse of ErrnoToGrpcCode for the codes it produces, so a code survives a round trip
-// through Status.
-int GrpcCodeToErrno(grpc::StatusCode code);
 
 }  // namespace nbdcsi::node

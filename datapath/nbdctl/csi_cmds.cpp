@@ -1,3 +1,4 @@
+#include "common/grpc_status.h"
 #include "datapath/nbdctl/csi_cmds.h"
 
 #include <sys/stat.h>
@@ -81,28 +82,6 @@ int64_t ParseSize(const std::string& flag, const std::string& value) {
     throw UsageError{fmt::format("{}: {} is larger than CSI's int64 byte counts", flag, value)};
   }
   return static_cast<int64_t>(*r);
-}
-
-std::string CodeName(grpc::StatusCode c) {
-  switch (c) {
-    case grpc::StatusCode::CANCELLED: return "CANCELLED";
-    case grpc::StatusCode::UNKNOWN: return "UNKNOWN";
-    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
-    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
-    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
-    case grpc::StatusCode::ALREADY_EXISTS: return "ALREADY_EXISTS";
-    case grpc::StatusCode::PERMISSION_DENIED: return "PERMISSION_DENIED";
-    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
-    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
-    case grpc::StatusCode::ABORTED: return "ABORTED";
-    case grpc::StatusCode::OUT_OF_RANGE: return "OUT_OF_RANGE";
-    case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
-    case grpc::StatusCode::INTERNAL: return "INTERNAL";
-    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
-    case grpc::StatusCode::DATA_LOSS: return "DATA_LOSS";
-    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
-    default: return fmt::format("CODE_{}", static_cast<int>(c));
-  }
 }
 
 std::string Size(int64_t bytes) {
@@ -402,7 +381,7 @@ int CsiCommands::Impl::Fail(const std::string& what, const grpc::Status& s) cons
                              "{}s (--timeout)\n",
                              what, ep.ToString(), timeout_s);
   } else {
-    std::cerr << fmt::format("nbdctl: cannot {}: {}: {}\n", what, CodeName(s.error_code()),
+    std::cerr << fmt::format("nbdctl: cannot {}: {}: {}\n", what, GrpcCodeName(s.error_code()),
                              s.error_message());
   }
   return kExitServer;
