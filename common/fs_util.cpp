@@ -118,4 +118,15 @@ Status WriteFileAtomic(const std::string& dir, const std::string& name, const st
   return FsyncDir(dir);
 }
 
+Status CheckBlockDeviceNotInUse(const std::string& dev) {
+  int fd = open(dev.c_str(), O_RDONLY | O_EXCL | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
+    if (errno == EBUSY) return Error(EBUSY, "{} is in use (mounted or held open exclusively)", dev);
+    if (errno == ENOENT || errno == ENXIO) return Status::Ok();
+    return Error(errno, "cannot open {}: {}", dev, std::strerror(errno));
+  }
+  close(fd);
+  return Status::Ok();
+}
+
 }  // namespace nbdcsi

@@ -42,4 +42,9 @@ Status WriteFileAtomic(const std::string& dir, const std::string& name, const st
                        const char* fault_tmp = "", const char* fault_renamed = "",
                        bool* renamed = nullptr);
 
+// A block device that nothing holds exclusively: O_EXCL on a block device fails with EBUSY while a
+// mounted file system (or another exclusive opener) holds it, which is exactly when a detach
+// would turn into I/O errors. A device that does not exist is not in use. EBUSY names `dev`.
+Status CheckBlockDeviceNotInUse(const std::string& dev);
+
 }  // namespace nbdcsi

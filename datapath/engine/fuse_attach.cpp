@@ -24,6 +24,8 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "common/fs_util.h"
+
 extern char** environ;
 
 namespace nbdcsi::datapath {
@@ -258,15 +260,7 @@ class LinuxFuseLoop final : public FuseLoopInterface {
   }
 
   Status CheckNotInUse(int loop_index) override {
-    std::string dev = LoopDevicePath(loop_index);
-    int fd = open(dev.c_str(), O_RDONLY | O_EXCL | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) {
-      if (errno == EBUSY) return Error(EBUSY, "{} is in use (mounted or held open exclusively)", dev);
-      if (errno == ENOENT || errno == ENXIO) return Status::Ok();
-      return Error(errno, "cannot open {}: {}", dev, std::strerror(errno));
-    }
-    close(fd);
-    return Status::Ok();
+    return CheckBlockDeviceNotInUse(LoopDevicePath(loop_index));
   }
 
   Status Detach(const FuseRef& ref) override {

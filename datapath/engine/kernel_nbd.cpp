@@ -21,6 +21,8 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "common/fs_util.h"
+
 namespace nbdcsi::datapath {
 namespace {
 
@@ -278,19 +280,7 @@ class LinuxKernelNbd final : public KernelNbdInterface {
     return !size.empty() && size != "0";
   }
 
-  Status CheckNotInUse(int index) override {
-    std::string dev = NbdDevicePath(index);
-    // O_EXCL on a block device fails with EBUSY while a file system (or another exclusive
-    // opener) holds it; that is exactly "mounted", which a disconnect would turn into I/O errors.
-    int fd = open(dev.c_str(), O_RDONLY | O_EXCL | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) {
-      if (errno == EBUSY) return Error(EBUSY, "{} is in use (mounted or held open exclusively)", dev);
-      if (errno == ENOENT || errno == ENXIO) return Status::Ok();
-      return Error(errno, "cannot open {}: {}", dev, std::strerror(errno));
-    }
-    close(fd);
-    return Status::Ok();
-  }
+  Status CheckNotInUse(int index) override { return CheckBlockDeviceNotInUse(NbdDevicePath(index)); }
 
   StatusOr<unsigned> SetMaxSectorsKb(int index, unsigned kb) override {
     unsigned hw = 0;
