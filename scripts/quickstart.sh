@@ -5,9 +5,11 @@
 # sidecars' calls are made through the real CSI gRPC API with `nbdctl csi`).
 #
 #   scripts/quickstart.sh [--pool DIR] [--keep] [--no-build]
+#   scripts/quickstart.sh --stop
 #     --pool DIR    pool directory (default ./.nbd-csi/pool)
-#     --keep        leave the daemons and the mounted volume running at the end, and print how to
+#     --keep        leave the daemons and the mounted volumes running at the end, and print how to
 #                   poke them and how to stop them
+#     --stop        stop what a --keep run left running (unmount, detach, stop the daemons)
 #     --no-build    use the binaries already in build/bin (or $NBDCSI_BIN); for the test suite
 #
 # State lives in ./.nbd-csi (or $NBDCSI_QS_DIR): run/ (sockets, pids, logs), tls/, mnt/. Every run
@@ -19,12 +21,14 @@ STATE=${NBDCSI_QS_DIR:-$ROOT/.nbd-csi}
 POOL=$STATE/pool
 KEEP=0
 BUILD=1
+STOP=0
 while [ $# -gt 0 ]; do
   case $1 in
     --pool) POOL=$(realpath -m "$2"); shift 2 ;;
     --keep) KEEP=1; shift ;;
     --no-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --stop) STOP=1; shift ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "quickstart: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -148,8 +152,20 @@ on_exit() {
     [ $rc = 0 ] || echo "quickstart: cleaning up (unpublish, unstage, stop daemons)" >&2
     teardown_volumes
   fi
-  # Devices still attached (a daemon died before the node could unstage): detach them through the
-  # datapath while it runs, then stop everything and clear what is left.
+  release_all
+  exit $rc
+}
+
+# What is left when the node plugin could not unpublish/unstage (it died, or --stop after --keep):
+# unmount below $MNT, detach every device through the datapath while it runs (the fallback's
+# nbdfuse and loop devices go with it), stop the daemons, clear whatever is still there.
+release_all() {
+  local m v
+  if [ -d "$MNT" ]; then
+    for m in $(findmnt -rn -o TARGET | grep -F -- "$MNT/" | sort -r || true); do
+      umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+    done
+  fi
   if [ -S "$DP_SOCK" ]; then
     for v in $(nbdctl -o json attachments 2>/dev/null | jq -r '.attachments[].volume' 2>/dev/null); do
       nbdctl detach "$v" >/dev/null 2>&1 || true
@@ -157,8 +173,13 @@ on_exit() {
   fi
   stop_daemons
   clear_leftovers
-  exit $rc
 }
+if [ $STOP = 1 ]; then
+  if [ -z "$(daemon_pids)" ]; then echo "quickstart: nothing is running from $STATE"; fi
+  release_all
+  echo "quickstart: stopped; nothing is left mounted, attached or running from $STATE"
+  exit 0
+fi
 trap on_exit EXIT
 trap 'fail "command failed (exit $?): $BASH_COMMAND"' ERR
 trap 'echo; echo "quickstart: interrupted at step $STEP ($STEP_NAME)" >&2; exit 130' INT TERM
@@ -375,8 +396,10 @@ if [ $KEEP = 1 ]; then
   echo "  CSI:         $BIN/nbdctl csi --endpoint unix://$CTRL_SOCK controller list-volumes"
   echo "               $BIN/nbdctl csi --endpoint unix://$NODE_SOCK node stats $VOL1 --volume-path $T1"
   echo "  logs:        $RUN/{datapath,controller,node}.log"
-  echo "  stop:        ./scripts/quickstart.sh --no-build runs clean-up first; or unmount $MNT/*,"
-  echo "               then kill \$(cat $RUN/*.pid)"
+  STOP_CMD="./scripts/quickstart.sh --stop"
+  [ -z "${NBDCSI_QS_DIR:-}" ] || STOP_CMD="NBDCSI_QS_DIR=$STATE $STOP_CMD"
+  [ "$POOL" = "$STATE/pool" ] || STOP_CMD="$STOP_CMD --pool $POOL"
+  echo "  stop:        $STOP_CMD"
 else
   step "Tear down: unpublish, unstage, delete all, stop the daemons"
   for entry in "${VOLUMES[@]}"; do

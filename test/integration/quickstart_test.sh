@@ -66,6 +66,13 @@ case $mode in
   full)
     step "full quickstart run"
     expect_full_run run1
+    step "--keep: daemons and mounts stay up; --stop takes them down"
+    NBDCSI_BIN=$NBDCSI_BIN "$QS" --no-build --keep >"$W/keep.log" 2>&1 || { tail -n 30 "$W/keep.log" >&2; die "--keep run failed"; }
+    grep -q "stop: .*quickstart.sh --stop" "$W/keep.log" || die "--keep does not say how to stop"
+    findmnt -rn -o TARGET | grep -qF -- "$NBDCSI_QS_DIR/mnt/pods/vol1/volume" || die "--keep left no mounted volume"
+    [ -n "$(pgrep -f -- "$NBDCSI_QS_DIR/run/node.sock")" ] || die "--keep left no node plugin running"
+    NBDCSI_BIN=$NBDCSI_BIN "$QS" --stop >"$W/stop.log" 2>&1 || { cat "$W/stop.log" >&2; die "--stop failed"; }
+    assert_clean "after --stop"
     ;;
   interrupt)
     step "run 1: SIGINT while volumes are staged and mounted"
