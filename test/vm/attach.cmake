@@ -5,6 +5,7 @@
 # both cores.
 nbdcsi_add_test(NAME vm.attach_restart
   COMMAND ${CMAKE_CURRENT_LIST_DIR}/nbd-kernel-vm --timeout 540 --mem 1536
+    --file ${CMAKE_CURRENT_LIST_DIR}/lib.sh:/opt/lib/nbdcsi-vm.sh
     --file $<TARGET_FILE:nbd-datapathd>:/opt/bin/
     --file $<TARGET_FILE:nbdctl>:/opt/bin/
     ${CMAKE_CURRENT_LIST_DIR}/attach_restart.sh
@@ -13,6 +14,7 @@ nbdcsi_add_test(NAME vm.attach_restart
 # (RECONFIGURE with NBD_ATTR_SIZE_BYTES; /sys/block/nbdN/size must follow), resize2fs, df.
 nbdcsi_add_test(NAME vm.attach_resize
   COMMAND ${CMAKE_CURRENT_LIST_DIR}/nbd-kernel-vm --timeout 300 --mem 1280
+    --file ${CMAKE_CURRENT_LIST_DIR}/lib.sh:/opt/lib/nbdcsi-vm.sh
     --file $<TARGET_FILE:nbd-datapathd>:/opt/bin/
     --file $<TARGET_FILE:nbdctl>:/opt/bin/
     --file $<TARGET_FILE:attach-api-client>:/opt/bin/

@@ -7,16 +7,7 @@
 #     /sys/block/nbdN/size must follow while the file system stays mounted
 #   - resize2fs online, df shows the new size, the file is intact, the new space is usable
 #   - umount, e2fsck clean, detach
-set -euo pipefail
-export PATH=/opt/bin:$PATH
-
-T0=$(cut -d' ' -f1 /proc/uptime) TSTEP=$T0
-now() { cut -d' ' -f1 /proc/uptime; }
-step() {
-  local t; t=$(now)
-  awk -v a="$T0" -v b="$TSTEP" -v t="$t" -v m="$*" 'BEGIN { printf "[+%6.2fs, prev %5.2fs] %s\n", t - a, t - b, m }'
-  TSTEP=$t
-}
+. /opt/lib/nbdcsi-vm.sh
 D=/tmp/rsz POOL=/tmp/rsz/pool API=/tmp/rsz/api.sock SOCK=/tmp/rsz/nbd.sock LOG=/tmp/rsz/datapathd.log
 MNT=/mnt/rsz
 fail() {

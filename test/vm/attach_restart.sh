@@ -14,16 +14,7 @@
 #   - a live daemon behind a tight QoS limit: reads outlive the io timeout, the kernel drops the
 #     sockets (LINK_DEAD), the daemon reconnects them without a restart; the reads succeed
 #   - umount, nbdctl detach: device size 0, no record left, the volume can be deleted
-set -euo pipefail
-export PATH=/opt/bin:$PATH
-
-T0=$(cut -d' ' -f1 /proc/uptime) TSTEP=$T0
-now() { cut -d' ' -f1 /proc/uptime; }
-step() {
-  local t; t=$(now)
-  awk -v a="$T0" -v b="$TSTEP" -v t="$t" -v m="$*" 'BEGIN { printf "[+%6.2fs, prev %5.2fs] %s\n", t - a, t - b, m }'
-  TSTEP=$t
-}
+. /opt/lib/nbdcsi-vm.sh
 
 D=/tmp/att POOL=/tmp/att/pool API=/tmp/att/api.sock SOCK=/tmp/att/nbd.sock LOG=/tmp/att/datapathd.log
 MNT=/mnt/att FIOLOG=/tmp/att/fio.log

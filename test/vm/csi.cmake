@@ -4,6 +4,7 @@
 # skips). SERIAL: the VM uses both cores.
 nbdcsi_add_test(NAME vm.csi_node_kernel
   COMMAND ${CMAKE_CURRENT_LIST_DIR}/nbd-kernel-vm --timeout 540 --mem 1536
+    --file ${CMAKE_CURRENT_LIST_DIR}/lib.sh:/opt/lib/nbdcsi-vm.sh
     --file $<TARGET_FILE:nbd-datapathd>:/opt/bin/
     --file $<TARGET_FILE:nbdctl>:/opt/bin/
     --file $<TARGET_FILE:nbd-csi-node>:/opt/bin/

@@ -12,16 +12,7 @@
 #      restarted, then nbd-csi-node is killed -9 and restarted: fio finishes with no error and a
 #      clean verify, the kernel log shows the reconnect and no I/O error, and the restarted node
 #      plugin serves the staged volume (idempotent stage, stats, condition normal)
-set -euo pipefail
-export PATH=/opt/bin:$PATH
-
-T0=$(cut -d' ' -f1 /proc/uptime) TSTEP=$T0
-now() { cut -d' ' -f1 /proc/uptime; }
-step() {
-  local t; t=$(now)
-  awk -v a="$T0" -v b="$TSTEP" -v t="$t" -v m="$*" 'BEGIN { printf "[+%6.2fs, prev %5.2fs] %s\n", t - a, t - b, m }'
-  TSTEP=$t
-}
+. /opt/lib/nbdcsi-vm.sh
 
 D=/tmp/csi POOL=/tmp/csi/pool API=/tmp/csi/api.sock SOCK=/tmp/csi/nbd.sock CSI=/tmp/csi/node.sock
 DLOG=/tmp/csi/datapathd.log NLOG=/tmp/csi/node.log FIOLOG=/tmp/csi/fio.log

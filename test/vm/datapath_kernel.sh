@@ -16,16 +16,7 @@
 #   - every detach (nbd-client -d) leaves the volume with 0 open connections
 #   - the daemon stops cleanly on SIGTERM (exit 0)
 #   - the kernel log has no I/O errors and no NBD protocol complaints
-set -euo pipefail
-export PATH=/opt/bin:$PATH
-
-T0=$(cut -d' ' -f1 /proc/uptime) TSTEP=$T0
-now() { cut -d' ' -f1 /proc/uptime; }
-step() {
-  local t; t=$(now)
-  awk -v a="$T0" -v b="$TSTEP" -v t="$t" -v m="$*" 'BEGIN { printf "[+%6.2fs, prev %5.2fs] %s\n", t - a, t - b, m }'
-  TSTEP=$t
-}
+. /opt/lib/nbdcsi-vm.sh
 
 D=/tmp/dp POOL=/tmp/dp/pool API=/tmp/dp/api.sock SOCK=/tmp/dp/nbd.sock LOG=/tmp/dp/datapathd.log
 DPID=

@@ -11,6 +11,7 @@ set(_vm ${CMAKE_CURRENT_LIST_DIR})
 
 nbdcsi_add_test(NAME vm.datapath_kernel
   COMMAND ${_vm}/nbd-kernel-vm --timeout 540 --mem 1536
+    --file ${CMAKE_CURRENT_LIST_DIR}/lib.sh:/opt/lib/nbdcsi-vm.sh
     --file $<TARGET_FILE:nbd-datapathd>:/opt/bin/
     --file $<TARGET_FILE:nbdctl>:/opt/bin/
     ${_vm}/datapath_kernel.sh
