@@ -314,6 +314,10 @@ int Cli::Run(int argc, char** argv) {
   auto* detach = app.add_subcommand("detach", "Detach a volume's kernel device (idempotent; "
                                               "refused while it is mounted)");
   detach->add_option("NAME", name, "Volume name")->required();
+  auto* resize_attachment = app.add_subcommand(
+      "resize-attachment", "Tell an attached device the volume's current size, after `volume "
+                           "resize` (online; grow the file system on it afterwards)");
+  resize_attachment->add_option("NAME", name, "Volume name")->required();
   auto* attachments = app.add_subcommand("attachments", "List kernel NBD attachments");
   CsiCommands csi_cmds(&app, &output_, &timeout_s_);
 
@@ -332,7 +336,7 @@ int Cli::Run(int argc, char** argv) {
   try {
     if (app.get_subcommands().empty()) {
       throw UsageError{"a command is required: volume, snapshot, stats, pool, attach, detach, "
-                       "attachments, csi (see --help)"};
+                       "resize-attachment, attachments, csi (see --help)"};
     }
     if (snapshot->parsed() && snapshot->get_subcommands().empty()) {
       throw UsageError{"snapshot: a subcommand is required: create, list, inspect, delete"};
@@ -419,6 +423,13 @@ int Cli::Run(int argc, char** argv) {
       auto s = attach_stub_->DetachVolume(Ctx().get(), req, &resp);
       if (!s.ok()) return Fail(fmt::format("detach volume \"{}\"", name), s);
       Print({{"detached", name}}, fmt::format("volume \"{}\" detached\n", name));
+    } else if (resize_attachment->parsed()) {
+      v1::ResizeAttachmentRequest req;
+      req.set_volume(name);
+      v1::ResizeAttachmentResponse resp;
+      auto s = attach_stub_->ResizeAttachment(Ctx().get(), req, &resp);
+      if (!s.ok()) return Fail(fmt::format("resize the attachment of volume \"{}\"", name), s);
+      Print(AttachmentJson(resp.attachment()), AttachmentDetails(resp.attachment()));
     } else if (attachments->parsed()) {
       v1::ListAttachmentsResponse resp;
       auto s = attach_stub_->ListAttachments(Ctx().get(), {}, &resp);

@@ -27,8 +27,6 @@ skip_or_fail() {
 for t in nbdfuse losetup mkfs.ext4 e2fsck resize2fs mkfs.xfs xfs_growfs nbdsh blockdev; do
   command -v "$t" >/dev/null 2>&1 || skip_or_fail "needs $t"
 done
-CLIENT=${ATTACH_API_CLIENT:-$NBDCSI_BIN/../test-bin/attach-api-client}
-[ -x "$CLIENT" ] || die "no attach-api-client at $CLIENT (build target attach-api-client)"
 
 lib_init
 MNT=$W/mnt
@@ -49,7 +47,8 @@ cleanup_fuse() {
 on_exit cleanup_fuse
 
 daemon_start
-client() { "$CLIENT" "unix://$API_SOCK" "$@"; }
+# ResizeAttachment through nbdctl; prints the attachment's new size in bytes.
+resize_attachment() { nbdctl -o json resize-attachment "$1" | jq -r .size_bytes; }
 json() { nbdctl -o json "$@"; }
 field() { $PY -c 'import json,sys; d=json.load(sys.stdin); print(d[sys.argv[1]] if not isinstance(d[sys.argv[1]], bool) else str(d[sys.argv[1]]).lower())' "$1"; }
 # No loop device, mount or nbdfuse of volume $1 may be left.
@@ -96,10 +95,10 @@ step "ext4 on $DEV: written and verified; detach refused while mounted"
 
 # Online grow of the ext4 device: the volume, then the attachment, with the file system mounted.
 nbdctl volume resize f1 --size 96Mi >/dev/null || die "volume resize f1"
-out=$(client resize f1) || die "ResizeAttachment f1 failed: $out"
-[ "$(echo "$out" | awk '{print $4}')" = $((96 << 20)) ] || die "ResizeAttachment f1: $out"
+out=$(resize_attachment f1) || die "ResizeAttachment f1 failed: $out"
+[ "$out" = $((96 << 20)) ] || die "ResizeAttachment f1 says size $out"
 [ "$(blockdev --getsize64 "$DEV")" = $((96 << 20)) ] || die "$DEV is $(blockdev --getsize64 "$DEV") bytes after resize, want 96 MiB"
-out=$(client resize f1) || die "ResizeAttachment f1 (again) failed: $out"
+out=$(resize_attachment f1) || die "ResizeAttachment f1 (again) failed: $out"
 if grep -q cap_sys_resource <(capsh --decode="$(awk '/CapEff/ {print $2}' /proc/self/status)" 2>/dev/null); then
   resize2fs "$DEV" >"$W/resize2fs.log" 2>&1 || die "online resize2fs: $(cat "$W/resize2fs.log")"
   umount "$MNT/f"
@@ -128,7 +127,7 @@ cp "$W/data" "$MNT/g/data"
 sync
 before=$(df -BM --output=size "$MNT/g" | tail -1 | tr -dc 0-9)
 nbdctl volume resize g1 --size 512Mi >/dev/null || die "volume resize g1"
-client resize g1 >/dev/null || die "ResizeAttachment g1"
+resize_attachment g1 >/dev/null || die "ResizeAttachment g1"
 [ "$(blockdev --getsize64 "$GDEV")" = $((512 << 20)) ] || die "$GDEV did not grow"
 xfs_growfs "$MNT/g" >"$W/growfs.log" 2>&1 || die "xfs_growfs: $(cat "$W/growfs.log")"
 after=$(df -BM --output=size "$MNT/g" | tail -1 | tr -dc 0-9)

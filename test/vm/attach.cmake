@@ -17,6 +17,5 @@ nbdcsi_add_test(NAME vm.attach_resize
     --file ${CMAKE_CURRENT_LIST_DIR}/lib.sh:/opt/lib/nbdcsi-vm.sh
     --file $<TARGET_FILE:nbd-datapathd>:/opt/bin/
     --file $<TARGET_FILE:nbdctl>:/opt/bin/
-    --file $<TARGET_FILE:attach-api-client>:/opt/bin/
     ${CMAKE_CURRENT_LIST_DIR}/attach_resize.sh
   TIMEOUT 360 LABELS vm attach SERIAL)

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Online resize of a kernel NBD attachment under a mounted file system. Runs INSIDE the VM
-# (test/vm/nbd-kernel-vm ships nbd-datapathd, nbdctl and attach-api-client to /opt/bin):
+# (test/vm/nbd-kernel-vm ships nbd-datapathd and nbdctl to /opt/bin):
 #
 #   - attach (kernel mode: /dev/nbdN), mkfs.ext4, mount, write a file
 #   - nbdctl volume resize, then ResizeAttachment: NBD_CMD_RECONFIGURE with NBD_ATTR_SIZE_BYTES;
@@ -42,7 +42,7 @@ before=$(df -Pm "$MNT" | awk 'NR == 2 {print $2}')
 step "ext4 on $DEV (256 MiB) mounted, 4 MiB written; df ${before} MiB"
 
 nbdctl volume resize r1 --size 512Mi >/dev/null || fail "volume resize"
-out=$(attach-api-client "unix://$API" resize r1 2>&1) || {
+out=$(nbdctl resize-attachment r1 2>&1) || {
   echo "sysfs size after the refused resize: $(cat /sys/block/$N/size) sectors"
   fail "ResizeAttachment: $out"
 }
