@@ -16,7 +16,7 @@ BUILD_PKGS=(
 TEST_PKGS=(
   libnbd-bin python3-libnbd nbdkit qemu-utils fio nbd-client
   xfsprogs e2fsprogs btrfs-progs util-linux fuse3 clang libclang-rt-dev
-  python3 python3-yaml procps psmisc jq unzip
+  python3 python3-yaml procps psmisc jq unzip openssl
   # test/vm/nbd-kernel-vm (real kernel NBD in QEMU): it would apt-get these itself, but inside the
   # test's 600 s CTest limit; the kernel package's postinst alone can take minutes.
   qemu-system-x86 linux-image-amd64 busybox-static cpio zstd xz-utils kmod
