@@ -101,13 +101,18 @@ stop_daemons() {
 # Unmounts everything below $MNT (deepest first), detaches every loop device whose backing file
 # lives under the state or pool directory, and stops nbdfuse processes serving this pool. Kernel
 # NBD devices are detached through the datapath before it stops (see teardown_volumes).
+# Unmounts everything below $MNT, deepest first (pod binds before their staging mounts).
+unmount_pod_paths() {
+  local m
+  [ -d "$MNT" ] || return 0
+  for m in $(findmnt -rn -o TARGET | grep -F -- "$MNT/" | sort -r || true); do
+    umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+  done
+}
+
 clear_leftovers() {
   local m dev back pid
-  if [ -d "$MNT" ]; then
-    { findmnt -rn -o TARGET | grep -F -- "$MNT/" || true; } | sort -r | while read -r m; do
-      umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
-    done
-  fi
+  unmount_pod_paths
   for m in $(findmnt -rn -o TARGET | grep -F -- "$POOL/" | sort -r || true); do
     losetup -j "$m" -n -O NAME 2>/dev/null | while read -r dev; do losetup -d "$dev" 2>/dev/null || true; done
   done
@@ -160,12 +165,8 @@ on_exit() {
 # unmount below $MNT, detach every device through the datapath while it runs (the fallback's
 # nbdfuse and loop devices go with it), stop the daemons, clear whatever is still there.
 release_all() {
-  local m v
-  if [ -d "$MNT" ]; then
-    for m in $(findmnt -rn -o TARGET | grep -F -- "$MNT/" | sort -r || true); do
-      umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
-    done
-  fi
+  local v
+  unmount_pod_paths
   if [ -S "$DP_SOCK" ]; then
     for v in $(nbdctl -o json attachments 2>/dev/null | jq -r '.attachments[].volume' 2>/dev/null); do
       nbdctl detach "$v" >/dev/null 2>&1 || true
