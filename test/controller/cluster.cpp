@@ -20,6 +20,7 @@
 #include <grpcpp/support/channel_arguments.h>
 
 #include "csi/driver.h"
+#include "test/support/free_port.h"
 
 namespace nbdcsi::test {
 
@@ -109,28 +110,13 @@ std::string Cluster::Src(const std::string& rel) {
   return std::string(s ? s : ".") + "/" + rel;
 }
 
-int Cluster::FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return 0;
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  int port = 0;
-  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
-      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
-    port = ntohs(a.sin_port);
-  }
-  close(fd);
-  return port;
-}
 
 Cluster::Cluster(ClusterOptions opts) : opts_(std::move(opts)) {
   std::string tmpl = (fs::temp_directory_path() / "nbdcsi-ctrl-XXXXXX").string();
   if (mkdtemp(tmpl.data())) dir_ = tmpl;
-  registry_port_ = FreePort();
+  registry_port_ = FreeLoopbackPort();
   for (size_t i = 0; i < opts_.nodes.size(); ++i) {
-    api_ports_.push_back(FreePort());
+    api_ports_.push_back(FreeLoopbackPort());
     datapath_procs_.push_back(std::make_unique<Process>());
     datapath_stubs_.push_back(nullptr);
   }

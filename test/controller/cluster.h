@@ -88,7 +88,6 @@ class Cluster {
 
   static std::string Bin(const std::string& name);  // $NBDCSI_BIN/name
   static std::string Src(const std::string& rel);   // $NBDCSI_SRC/rel
-  static int FreePort();
 
  private:
   ClusterOptions opts_;

@@ -29,6 +29,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "common/tls.h"
+#include "test/support/free_port.h"
 #include "controller/registry.h"
 #include "datapath/api/heartbeat.h"
 
@@ -432,22 +433,6 @@ std::string ReadAll(const std::string& path) {
   return ss.str();
 }
 
-// A TCP port nobody listens on right now (the kernel's pick). Another process could take it before
-// the daemon binds; the tests then fail loudly rather than hang.
-int FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  int port = 0;
-  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
-      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
-    port = ntohs(a.sin_port);
-  }
-  close(fd);
-  return port;
-}
 
 class Daemon {
  public:
@@ -671,7 +656,7 @@ class DatapathdTest : public ::testing::Test {
 }  // namespace
 
 TEST_F(DatapathdTest, ClusterFlagsAreValidatedBeforeAnythingStarts) {
-  const std::string adv = "127.0.0.1:" + std::to_string(FreePort());
+  const std::string adv = "127.0.0.1:" + std::to_string(test::FreeLoopbackPort());
   ExpectUsageError({"--advertise", adv}, "no TLS files");
   ExpectUsageError({"--api-tcp-listen", adv}, "no TLS files");
   ExpectUsageError({"--controller", "127.0.0.1:1", "--advertise", adv, "--insecure"},
@@ -695,10 +680,10 @@ TEST_F(DatapathdTest, HeartbeatsOverMutualTlsAndTheControllerReachesTheApi) {
   constexpr milliseconds kInterval = 400ms;
   // The controller presents client.crt both as the Registry server and as the Datapath client;
   // the datapath presents server.crt both ways.
-  const int reg_port = FreePort();
+  const int reg_port = test::FreeLoopbackPort();
   auto ctl = std::make_unique<Controller>(Server("client"), Client("client"), kInterval, reg_port);
   ASSERT_NE(ctl->server, nullptr);
-  const std::string adv = "127.0.0.1:" + std::to_string(FreePort());
+  const std::string adv = "127.0.0.1:" + std::to_string(test::FreeLoopbackPort());
   const int64_t before_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
                                 std::chrono::system_clock::now().time_since_epoch()).count();
   Daemon d;
@@ -795,7 +780,7 @@ TEST_F(DatapathdTest, HeartbeatsOverMutualTlsAndTheControllerReachesTheApi) {
 
 TEST_F(DatapathdTest, ControllerWithAnotherCaNeverHearsFromTheNode) {
   constexpr milliseconds kInterval = 200ms;
-  const int reg_port = FreePort();
+  const int reg_port = test::FreeLoopbackPort();
   // The controller's certificate is from "other": the datapath must refuse to talk to it.
   TlsFiles other = Files("client", "/other");
   auto creds = MakeServerCredentials(other);
@@ -803,8 +788,9 @@ TEST_F(DatapathdTest, ControllerWithAnotherCaNeverHearsFromTheNode) {
   Controller ctl(*creds, Client("client", "/other"), kInterval, reg_port);
   ASSERT_NE(ctl.server, nullptr);
   Daemon d;
+  const std::string adv = "127.0.0.1:" + std::to_string(test::FreeLoopbackPort());
   std::vector<std::string> extra = {"--node-id", "node-a",
-                                    "--advertise", "127.0.0.1:" + std::to_string(FreePort()),
+                                    "--advertise", adv,
                                     "--controller", "127.0.0.1:" + std::to_string(reg_port),
                                     "--heartbeat-interval", "200"};
   auto tls = TlsArgs("server");
@@ -824,11 +810,11 @@ TEST_F(DatapathdTest, ControllerWithAnotherCaNeverHearsFromTheNode) {
 
 TEST_F(DatapathdTest, InsecureLoopbackModeForTests) {
   constexpr milliseconds kInterval = 200ms;
-  const int reg_port = FreePort();
+  const int reg_port = test::FreeLoopbackPort();
   Controller ctl(grpc::InsecureServerCredentials(), grpc::InsecureChannelCredentials(), kInterval,
                  reg_port);
   ASSERT_NE(ctl.server, nullptr);
-  const std::string adv = "127.0.0.1:" + std::to_string(FreePort());
+  const std::string adv = "127.0.0.1:" + std::to_string(test::FreeLoopbackPort());
   Daemon d;
   ASSERT_TRUE(d.Start(Args({"--node-id", "node-b", "--advertise", adv, "--controller",
                             "127.0.0.1:" + std::to_string(reg_port), "--insecure",
