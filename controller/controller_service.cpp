@@ -16,9 +16,9 @@
 #include <spdlog/spdlog.h>
 
 #include "common/grpc_status.h"
+#include "common/name_locks.h"
 #include "csi/driver.h"
 #include "csi/ids.h"
-#include "csi/locks.h"
 #include "csi/logging.h"
 #include "csi/params.h"
 
@@ -1115,7 +1115,7 @@ class ControllerService final : public v1::Controller::Service {
   }
 
   ControllerImpl impl_;
-  csi::InFlight inflight_;
+  NameLocks inflight_;
 };
 
 }  // namespace

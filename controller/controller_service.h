@@ -3,7 +3,7 @@
 // Two layers, as TopoLVM does it: ControllerImpl does the work and takes no locks of its own (it
 // is stateless: the truth about volumes lives in the node pools, reached through the
 // NodeRegistry's Datapath stubs); the gRPC service returned by MakeControllerService is a thin
-// decorator that takes a per-id in-flight guard (csi/locks.h) and answers a second concurrent
+// decorator that takes a per-id in-flight guard (common/name_locks.h) and answers a second concurrent
 // call on the same volume, snapshot or CSI name with ABORTED, as the CSI spec asks.
 //
 // Decisions where the spec leaves room (tested in test/controller/):
@@ -43,6 +43,7 @@
 #include <grpcpp/support/status.h>
 
 #include "common/status.h"
+#include "common/volume_rules.h"
 #include "controller/registry.h"
 #include "csi/csi.grpc.pb.h"
 
@@ -56,9 +57,6 @@ struct ControllerOptions {
   uint64_t default_volume_bytes = uint64_t{1} << 30;
 };
 
-// Sizes are rounded up to this: the datapath exports whole 4 KiB blocks (O_DIRECT friendly and
-// what every file system the node formats uses).
-inline constexpr uint64_t kVolumeSizeAlignment = 4096;
 
 class ControllerImpl {
  public:

@@ -7,9 +7,9 @@
 #include <spdlog/spdlog.h>
 
 #include "common/grpc_status.h"
+#include "common/name_locks.h"
 #include "csi/driver.h"
 #include "csi/ids.h"
-#include "csi/locks.h"
 #include "csi/logging.h"
 
 namespace nbdcsi::node {
@@ -565,7 +565,7 @@ class LockedNodeService final : public v1::Node::Service {
 
  private:
   std::unique_ptr<v1::Node::Service> inner_;
-  csi::InFlight inflight_;
+  NameLocks inflight_;
 };
 
 }  // namespace

@@ -66,6 +66,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "common/volume_rules.h"
 #include "datapath/pool/qos.h"
 #include "datapath/pool/stats.h"
 #include "datapath/pool/write_gate.h"
@@ -73,9 +74,7 @@
 namespace nbdcsi::datapath {
 
 inline constexpr size_t kMaxVolumeNameLen = 128;
-// Volume sizes must be a multiple of this (the CSI layer rounds requests up): it keeps every
-// volume usable with O_DIRECT on 4Kn disks and matches the NBD block size we advertise.
-inline constexpr uint64_t kVolumeSizeAlignment = 4096;
+using nbdcsi::kVolumeSizeAlignment;  // common/volume_rules.h
 // Upper bound for QosLimits::burst_ms: a minute of the rate is already a very deep bucket.
 inline constexpr uint32_t kMaxBurstMs = 60000;
 
