@@ -96,6 +96,7 @@ struct Slot {
   uint8_t index = 0;
   bool use_direct = false;
   bool gate_held = false;  // counted in the volume's WriteGate: End() when the I/O finishes
+  bool orphan = false;     // its connection was aborted while it ran (WriteGate::Orphan)
   // Minted when the slot is taken, 0 while it is free: the identity of this request in every
   // Tag, so a completion or queue entry of an earlier request in this slot never matches.
   uint32_t gen = 0;
@@ -498,6 +499,12 @@ struct Worker::Impl {
     // cannot be called back and completes normally; one still queued is cancelled (-ECANCELED).
     for (Slot& s : c->slots) {
       if (s.state != SlotState::kExec) continue;
+      if (s.gate_held) {
+        // The client may resend this write on another connection and then write the same
+        // blocks again; this stale copy must not land after that. The volume's writes wait.
+        s.orphan = true;
+        c->vol->gate().Orphan();
+      }
       io_uring_sqe* sqe = GetSqe();
       io_uring_prep_cancel64(sqe, SlotTag(&s), 0);
       io_uring_sqe_set_data64(sqe, Tag{TagKind::kCancel}.Encode());
@@ -554,6 +561,7 @@ struct Worker::Impl {
     s->data_len = 0;
     s->throttled_since = 0;
     s->gate_held = false;
+    s->orphan = false;
     s->start_ns = MonotonicNowNs();
     ++c->busy_slots;
     return s;
@@ -972,6 +980,10 @@ struct Worker::Impl {
   // ---- replies ------------------------------------------------------------------------------
   // The modifying I/O is finished (successfully or not): a snapshot waiting to drain may go.
   void EndWrite(Slot* s) {
+    if (s->orphan) {
+      s->conn->vol->gate().EndOrphan();
+      s->orphan = false;
+    }
     if (s->gate_held) {
       s->conn->vol->gate().End();
       s->gate_held = false;
