@@ -325,6 +325,12 @@ std::string NbdFrontend::UnixSocketPath() const {
   return impl_->unix_paths.empty() ? std::string() : impl_->unix_paths.front();
 }
 
+EngineCounters NbdFrontend::counters() const {
+  EngineCounters sum;
+  for (const auto& w : impl_->workers) sum += w->counters();
+  return sum;
+}
+
 void NbdFrontend::Stop() {
   Impl& m = *impl_;
   if (m.started) {

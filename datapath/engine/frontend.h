@@ -14,6 +14,7 @@
 
 #include "common/endpoint.h"
 #include "common/status.h"
+#include "datapath/engine/worker.h"
 #include "datapath/pool/pool.h"
 
 namespace nbdcsi::datapath {
@@ -56,6 +57,9 @@ class NbdFrontend {
   // The first Unix socket this front door listens on (as given to Listen), or "" when it has
   // none: where a local NBD client such as nbdfuse connects.
   std::string UnixSocketPath() const;
+
+  // The workers' request life-cycle counters, summed (worker.h EngineCounters).
+  EngineCounters counters() const;
 
  private:
   struct Impl;

@@ -88,7 +88,9 @@ void Throttle::SetLimits(const QosLimits& limits, uint64_t volume_size_bytes, ui
   bps_.Configure(e.bps, e.burst_ms, now_ns);
   read_bps_.Configure(e.read_bps, e.burst_ms, now_ns);
   write_bps_.Configure(e.write_bps, e.burst_ms, now_ns);
-  unlimited_ = !e.iops && !e.read_iops && !e.write_iops && !e.bps && !e.read_bps && !e.write_bps;
+  unlimited_.store(!e.iops && !e.read_iops && !e.write_iops && !e.bps && !e.read_bps && !e.write_bps,
+                   std::memory_order_release);
+  generation_.fetch_add(1, std::memory_order_acq_rel);
 }
 
 QosLimits Throttle::limits() const {
@@ -101,15 +103,10 @@ EffectiveQos Throttle::effective() const {
   return eff_;
 }
 
-bool Throttle::unlimited() const {
-  std::lock_guard lock(mu_);
-  return unlimited_;
-}
-
 uint64_t Throttle::Admit(Dir dir, uint64_t bytes, uint64_t now_ns) {
   if (dir == Dir::kOther) return 0;
   std::lock_guard lock(mu_);
-  if (unlimited_) return 0;
+  if (unlimited_.load(std::memory_order_relaxed)) return 0;
   TokenBucket& dir_iops = dir == Dir::kRead ? read_iops_ : write_iops_;
   TokenBucket& dir_bps = dir == Dir::kRead ? read_bps_ : write_bps_;
   // Ask every bucket before charging any, so a request that has to wait is not charged twice.

@@ -7,6 +7,7 @@
 // keeps the bucket balances (clamped to the new capacity), so a change never grants a burst.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -74,7 +75,11 @@ class Throttle {
   void SetLimits(const QosLimits& limits, uint64_t volume_size_bytes, uint64_t now_ns);
   QosLimits limits() const;
   EffectiveQos effective() const;
-  bool unlimited() const;
+  // Lock-free: asked for every request.
+  bool unlimited() const { return unlimited_.load(std::memory_order_acquire); }
+  // Changes with every SetLimits: a worker holding requests that wait for tokens re-asks at once
+  // when the limits change (a raised or removed limit must not keep them waiting for the old one).
+  uint64_t generation() const { return generation_.load(std::memory_order_acquire); }
 
   // Asks to run one request of `bytes` bytes. Returns 0 and charges the buckets when it may run
   // now; otherwise returns how many nanoseconds to wait before asking again, charging nothing.
@@ -87,7 +92,8 @@ class Throttle {
   mutable std::mutex mu_;
   QosLimits limits_;
   EffectiveQos eff_;
-  bool unlimited_ = true;
+  std::atomic<bool> unlimited_{true};
+  std::atomic<uint64_t> generation_{0};
   TokenBucket iops_, read_iops_, write_iops_, bps_, read_bps_, write_bps_;
 };
 
