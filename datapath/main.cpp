@@ -117,8 +117,9 @@ Status ValidateNbdTls(const std::vector<Endpoint>& eps, const NbdTlsFiles& f, bo
                          "network", tcp);
   }
   std::string missing;
-  for (auto [flag, value] : {std::pair{"--nbd-tls-cert", &f.cert},
-                             std::pair{"--nbd-tls-key", &f.key}, std::pair{"--nbd-tls-ca", &f.ca}}) {
+  for (auto [flag, value] :
+       {std::pair{"--nbd-tls-cert", &f.cert}, std::pair{"--nbd-tls-key", &f.key},
+        std::pair{"--nbd-tls-ca", &f.ca}}) {
     if (value->empty()) missing += missing.empty() ? flag : std::string(", ") + flag;
   }
   if (!missing.empty()) {

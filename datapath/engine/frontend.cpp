@@ -147,7 +147,7 @@ struct NbdFrontend::Impl {
   std::vector<std::unique_ptr<Worker>> workers;
   std::atomic<unsigned> next_worker{0};
   std::vector<std::unique_ptr<TlsTerminator>> terminators;  // only with TLS on a TCP listener
-  unsigned next_terminator = 0;                              // io thread only
+  unsigned next_terminator = 0;                             // io thread only
   std::vector<std::unique_ptr<UnixProto::acceptor>> unix_acceptors;
   std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_acceptors;
   std::vector<std::string> unix_paths;
@@ -442,6 +442,7 @@ Status NbdFrontend::Start() {
   m.loop_done = done.get_future();
   m.thread = std::thread([&m, done = std::move(done)]() mutable {
     pthread_setname_np(pthread_self(), "nbd-accept");
+    BlockSigpipe();  // the TLS handshakes run here
     m.io.run();
     done.set_value();
   });

@@ -1,15 +1,17 @@
 #include "datapath/engine/nbd_tls.h"
 
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <pthread.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
-
-#include <openssl/err.h>
-#include <openssl/pem.h>
-#include <openssl/ssl.h>
-#include <openssl/x509.h>
 
 #include <algorithm>
 #include <atomic>
@@ -19,8 +21,6 @@
 #include <thread>
 #include <unordered_map>
 #include <vector>
-
-#include <spdlog/spdlog.h>
 
 #include "common/fs_util.h"
 
@@ -78,8 +78,8 @@ StatusOr<std::vector<X509Ptr>> ParseCerts(const char* flag, const std::string& p
     certs.push_back(std::move(x));
   }
   const unsigned long e = ERR_peek_last_error();
-  const bool clean_end = e == 0 || (ERR_GET_LIB(e) == ERR_LIB_PEM &&
-                                    ERR_GET_REASON(e) == PEM_R_NO_START_LINE);
+  const bool clean_end =
+      e == 0 || (ERR_GET_LIB(e) == ERR_LIB_PEM && ERR_GET_REASON(e) == PEM_R_NO_START_LINE);
   if (!clean_end) {
     return Error(EINVAL, "{} {}: unreadable certificate ({})", flag, path,
                  OpenSslReason("corrupt PEM"));
@@ -118,14 +118,14 @@ struct Built {
 // its validity period, the CA bundle must hold at least one certificate.
 StatusOr<Built> Build(const NbdTlsFiles& f) {
   auto cert_pem = ReadSmallFile(f.cert, kMaxPemBytes);
-  if (!cert_pem.ok()) return Error(cert_pem.status().code(), "--nbd-tls-cert: {}",
-                                   cert_pem.status().message());
+  if (!cert_pem.ok())
+    return Error(cert_pem.status().code(), "--nbd-tls-cert: {}", cert_pem.status().message());
   auto key_pem = ReadSmallFile(f.key, kMaxPemBytes);
-  if (!key_pem.ok()) return Error(key_pem.status().code(), "--nbd-tls-key: {}",
-                                  key_pem.status().message());
+  if (!key_pem.ok())
+    return Error(key_pem.status().code(), "--nbd-tls-key: {}", key_pem.status().message());
   auto ca_pem = ReadSmallFile(f.ca, kMaxPemBytes);
-  if (!ca_pem.ok()) return Error(ca_pem.status().code(), "--nbd-tls-ca: {}",
-                                 ca_pem.status().message());
+  if (!ca_pem.ok())
+    return Error(ca_pem.status().code(), "--nbd-tls-ca: {}", ca_pem.status().message());
 
   auto chain = ParseCerts("--nbd-tls-cert", f.cert, *cert_pem);
   if (!chain.ok()) return chain.status();
@@ -196,10 +196,10 @@ StatusOr<Built> Build(const NbdTlsFiles& f) {
     }
   }
   ERR_clear_error();
-  std::string summary = fmt::format("{} (valid until {}), clients verified against {} CA "
-                                    "certificate(s) from {}",
-                                    Subject(leaf), Asn1Time(X509_get0_notAfter(leaf)),
-                                    cas->size(), f.ca);
+  std::string summary = fmt::format(
+      "{} (valid until {}), clients verified against {} CA "
+      "certificate(s) from {}",
+      Subject(leaf), Asn1Time(X509_get0_notAfter(leaf)), cas->size(), f.ca);
   return Built{std::move(ctx), std::move(summary)};
 }
 
@@ -226,13 +226,19 @@ TlsIo FromSsl(SSL* ssl, int r) {
   const long v = SSL_get_verify_result(ssl);
   std::string why = OpenSslReason("TLS failure");
   if (v != X509_V_OK) {
-    why = fmt::format("client certificate refused: {} ({})",
-                      X509_verify_cert_error_string(v), why);
+    why = fmt::format("client certificate refused: {} ({})", X509_verify_cert_error_string(v), why);
   }
   return {TlsIo::Kind::kError, 0, std::move(why)};
 }
 
 }  // namespace
+
+void BlockSigpipe() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+}
 
 // ---- TlsSession ----
 
@@ -327,9 +333,9 @@ NbdTlsContext::~NbdTlsContext() {
 }
 
 StatusOr<std::unique_ptr<NbdTlsContext>> NbdTlsContext::Load(const NbdTlsFiles& files) {
-  for (auto [flag, path] : {std::pair{"--nbd-tls-cert", &files.cert},
-                            std::pair{"--nbd-tls-key", &files.key},
-                            std::pair{"--nbd-tls-ca", &files.ca}}) {
+  for (auto [flag, path] :
+       {std::pair{"--nbd-tls-cert", &files.cert}, std::pair{"--nbd-tls-key", &files.key},
+        std::pair{"--nbd-tls-ca", &files.ca}}) {
     if (path->empty()) return Error(EINVAL, "{} is empty", flag);
   }
   std::unique_ptr<NbdTlsContext> c(new NbdTlsContext(files));
@@ -351,9 +357,10 @@ bool NbdTlsContext::ReloadIfChanged() {
   auto built = Build(files_);
   if (!built.ok()) {
     if (!std::equal(now, now + kFiles, failed_.get())) {
-      spdlog::warn("nbd tls: the certificate files changed but do not load: {}; new handshakes "
-                   "keep the current certificate {} (retrying while the files differ)",
-                   built.status().message(), summary_);
+      spdlog::warn(
+          "nbd tls: the certificate files changed but do not load: {}; new handshakes "
+          "keep the current certificate {} (retrying while the files differ)",
+          built.status().message(), summary_);
       std::copy(now, now + kFiles, failed_.get());
     }
     return false;
@@ -441,8 +448,8 @@ struct TlsTerminator::Impl {
   int wake = -1;
   std::thread thread;
   std::mutex mu;
-  std::vector<std::unique_ptr<Pipe>> incoming;  // guarded by mu
-  bool stopping = false;                        // guarded by mu
+  std::vector<std::unique_ptr<Pipe>> incoming;     // guarded by mu
+  bool stopping = false;                           // guarded by mu
   std::chrono::steady_clock::time_point deadline;  // guarded by mu
   std::atomic<size_t> live{0};
   // Thread only:
@@ -652,6 +659,7 @@ Status TlsTerminator::Start() {
     return Error(errno, "nbd tls: epoll_ctl: {}", std::strerror(errno));
   }
   m.thread = std::thread([&m] {
+    BlockSigpipe();
     const std::string name = "nbd-tls-" + std::to_string(m.index);
     pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
     m.Loop();
@@ -708,8 +716,6 @@ void TlsTerminator::Stop(std::chrono::milliseconds grace) {
   m.wake = m.ep = -1;
 }
 
-size_t TlsTerminator::connections() const {
-  return impl_->live.load(std::memory_order_relaxed);
-}
+size_t TlsTerminator::connections() const { return impl_->live.load(std::memory_order_relaxed); }
 
 }  // namespace nbdcsi::datapath

@@ -117,6 +117,11 @@ class NbdTlsContext {
   std::unique_ptr<FileId[]> failed_;  // identities of the last set that failed (log once)
 };
 
+// OpenSSL writes to its socket with write(), not send(MSG_NOSIGNAL): a peer that has gone
+// raises SIGPIPE. Every thread that runs TLS I/O calls this first, so that it gets EPIPE instead
+// of dying whatever the process's SIGPIPE disposition (a blocked, pending SIGPIPE is harmless).
+void BlockSigpipe();
+
 // Carries the transmission phase of TLS connections: per connection, decrypted bytes from the
 // network go to the worker's socketpair end, the worker's replies go back encrypted. One thread
 // with an epoll set; a connection ends when either side is done and what that side sent has

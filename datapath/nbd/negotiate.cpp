@@ -138,7 +138,9 @@ Negotiator::Step Negotiator::OnOption(uint32_t option, std::span<const uint8_t> 
     state_ = State::kDone;
     return Step::kClose;
   }
-  if (tls_policy_ == TlsPolicy::kRequired && !tls_active_) return BeforeTls(option, payload, drained, out);
+  if (tls_policy_ == TlsPolicy::kRequired && !tls_active_) {
+    return BeforeTls(option, payload, drained, out);
+  }
 
   if (drained) {
     switch (option) {

@@ -62,7 +62,8 @@ qemu-io "${QEMU_TLS[@]}" --image-opts "$QEMU_IMG" -c 'write -P 0xa5 64M 1M' \
   -c 'read -P 0xa5 64M 1M' -c 'flush' -c 'write -z 65M 64k' -c 'read -P 0 65M 64k' \
   >"$W/qemu-io.out" 2>&1 || { cat "$W/qemu-io.out" >&2; die "qemu-io over TLS failed"; }
 grep -q "Pattern verification failed" "$W/qemu-io.out" && die "qemu-io: $(cat "$W/qemu-io.out")"
-grep -c "^read " "$W/qemu-io.out" | grep -qx 2 || die "qemu-io did not read twice: $(cat "$W/qemu-io.out")"
+grep -c "^read " "$W/qemu-io.out" | grep -qx 2 ||
+  die "qemu-io did not read twice: $(cat "$W/qemu-io.out")"
 nbdcopy "$(nbd_uri disk)" "$W/unix.raw" || die "nbdcopy out over the Unix socket failed"
 got=$(dd if="$W/unix.raw" bs=1M skip=64 count=1 status=none | tr -d '\245' | wc -c)
 [ "$got" = 0 ] || die "qemu-io's pattern is not on the volume"

@@ -39,8 +39,8 @@ refused_start "expired on" "${tcp[@]}" --nbd-tls-cert "$CERTS/client-expired.crt
 refused_start "--nbd-tls-ca" "${tcp[@]}" --nbd-tls-cert "$CERTS/server.crt" \
   --nbd-tls-key "$CERTS/server.key" --nbd-tls-ca "$W/nonexistent.pem"
 head -c 300 "$CERTS/server.crt" >"$W/truncated.crt"
-refused_start "unreadable certificate (bad end line)" "${tcp[@]}" --nbd-tls-cert "$W/truncated.crt" \
-  --nbd-tls-key "$CERTS/server.key" --nbd-tls-ca "$CERTS/ca.crt"
+refused_start "unreadable certificate (bad end line)" "${tcp[@]}" \
+  --nbd-tls-cert "$W/truncated.crt" --nbd-tls-key "$CERTS/server.key" --nbd-tls-ca "$CERTS/ca.crt"
 refused_start "no readable PEM private key" "${tcp[@]}" --nbd-tls-cert "$CERTS/server.crt" \
   --nbd-tls-key "$CERTS/server.crt" --nbd-tls-ca "$CERTS/ca.crt"
 

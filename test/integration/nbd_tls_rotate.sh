@@ -40,10 +40,12 @@ random_file "$W/src.raw" $((32 << 20))
 nbdcopy "$W/src.raw" "$(nbd_uri disk)" || die "filling the volume failed"
 
 loaded() { grep -c "nbd tls: new certificate in force" "$W/datapathd.log" || true; }
-refused() { grep -c "nbd tls: the certificate files changed but do not load" "$W/datapathd.log" || true; }
+refused() {
+  grep -c "nbd tls: the certificate files changed but do not load" "$W/datapathd.log" || true
+}
 server_refusals() {
-  grep -cE "TLS handshake with .* failed: (peer did not return a certificate|client certificate refused)" \
-    "$W/datapathd.log" || true
+  local why="peer did not return a certificate|client certificate refused"
+  grep -cE "TLS handshake with .* failed: ($why)" "$W/datapathd.log" || true
 }
 progress() { cat "$W/progress" 2>/dev/null || echo 0; }
 # wait_count SECONDS FUNC N: FUNC's count reaches N.
