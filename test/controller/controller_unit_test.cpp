@@ -5,7 +5,9 @@
 
 #include <gtest/gtest.h>
 
-#include "controller/controller_service.h"
+#include "common/volume_rules.h"
+#include "controller/csi_request.h"
+#include "controller/paging.h"
 
 namespace nbdcsi::controller {
 namespace {
