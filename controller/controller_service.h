@@ -8,8 +8,8 @@
 // ControllerImpl speaks errno (controller/csi_status.h); the decorator turns it into the CSI gRPC
 // code once, on the way out.
 //
-// Decisions where the spec leaves room (each tested in-process in
-// test/controller/controller_unit_test.cpp, and end to end in controller_acceptance_test.cpp):
+// Decisions where the spec leaves room (each tested in-process, one test per decision, in
+// test/controller/controller_decisions_test.cpp, and end to end in controller_acceptance_test.cpp):
 // - Ids are validated before use (csi/ids.h). A malformed id names nothing of ours: DeleteVolume
 //   and DeleteSnapshot succeed, lookups are NOT_FOUND, ListSnapshots filters return nothing.
 //   A well-formed id on a node that is not registered is UNAVAILABLE (the sidecar retries; the
