@@ -11,22 +11,23 @@ namespace nbdcsi::controller {
 namespace v1 = ::csi::v1;
 namespace dp = ::nbdcsi::datapath::v1;
 
+namespace {
+
+std::string IdOrEmpty(const StatusOr<std::string>& id, const char* kind, const std::string& node,
+                      const std::string& name) {
+  if (id.ok()) return id.value();
+  spdlog::error("{} id for node {} {} {}: {}", kind, node, kind, name, id.status().message());
+  return "";
+}
+
+}  // namespace
+
 std::string VolumeIdOf(const std::string& node, const std::string& name) {
-  auto id = csi::FormatVolumeId(node, name);
-  if (!id.ok()) {
-    spdlog::error("volume id for node {} volume {}: {}", node, name, id.status().message());
-    return "";
-  }
-  return *id;
+  return IdOrEmpty(csi::FormatVolumeId(node, name), "volume", node, name);
 }
 
 std::string SnapshotIdOf(const std::string& node, const std::string& name) {
-  auto id = csi::FormatSnapshotId(node, name);
-  if (!id.ok()) {
-    spdlog::error("snapshot id for node {} snapshot {}: {}", node, name, id.status().message());
-    return "";
-  }
-  return *id;
+  return IdOrEmpty(csi::FormatSnapshotId(node, name), "snapshot", node, name);
 }
 
 void SetTopology(const std::string& node, v1::Volume* vol) {

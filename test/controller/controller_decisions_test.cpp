@@ -15,6 +15,7 @@
 #include "controller/csi_status.h"
 #include "test/controller/csi_requests.h"
 #include "test/controller/fake_datapath.h"
+#include "test/controller/gate.h"
 
 namespace nbdcsi::controller {
 namespace {
@@ -22,6 +23,7 @@ namespace {
 namespace v1 = ::csi::v1;
 using grpc::StatusCode;
 using nbdcsi::test::BlockCap;
+using nbdcsi::test::Gate;
 using nbdcsi::test::NodeOf;
 using nbdcsi::test::NodeTopology;
 using nbdcsi::test::VolumeRequest;
@@ -69,32 +71,6 @@ class Rendezvous {
   std::mutex mu_;
   std::condition_variable cv_;
   int arrived_ = 0, missed_ = 0;
-};
-
-// Parks the calls of one method until Release(): a call in flight, held inside the controller.
-class Gate {
- public:
-  void Enter() {
-    std::unique_lock lock(mu_);
-    ++parked_;
-    cv_.notify_all();
-    cv_.wait(lock, [&] { return open_; });
-  }
-  bool WaitParked() {
-    std::unique_lock lock(mu_);
-    return cv_.wait_for(lock, std::chrono::seconds(10), [&] { return parked_ > 0; });
-  }
-  void Release() {
-    std::lock_guard lock(mu_);
-    open_ = true;
-    cv_.notify_all();
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  int parked_ = 0;
-  bool open_ = false;
 };
 
 class Decisions : public ::testing::Test {
@@ -656,19 +632,20 @@ TEST_F(Decisions, ASecondCallOnTheSameIdWhileOneIsInFlightIsAborted) {
   Node("node-a").PutVolume(PoolVolume("busy", kMiB));
   Node("node-a").PutVolume(PoolVolume("free", kMiB));
   Gate gate;
+  gate.Close();
   Node("node-a").SetHook([&gate](const std::string& method) {
-    if (method == "ResizeVolume") gate.Enter();
+    if (method == "ResizeVolume") gate.Pass();
   });
   grpc::Status first;
   std::thread t([&] {
     v1::ControllerExpandVolumeResponse resp;
     first = Expand("v1:node-a:busy", static_cast<int64_t>(2 * kMiB), &resp);
   });
-  ASSERT_TRUE(gate.WaitParked());
+  ASSERT_TRUE(gate.WaitForCaller());
   grpc::Status second = DeleteVolume("v1:node-a:busy");
   grpc::Status third = Modify("v1:node-a:busy", {{"maxIops", "5"}});
   grpc::Status other = DeleteVolume("v1:node-a:free");  // another id is not held up
-  gate.Release();
+  gate.Open();
   t.join();
   EXPECT_EQ(second.error_code(), StatusCode::ABORTED) << second.error_message();
   EXPECT_NE(second.error_message().find("already in progress"), std::string::npos);

@@ -1,8 +1,7 @@
 // Pieces of the controller on their own: CreateVolume's size rules and the pagination tokens
 // (table-driven), and the gRPC NodeDatapath against an in-process Datapath server (codes to errno,
 // deadline, unreachable node). The decisions built on them: controller_decisions_test.cpp.
-#include <condition_variable>
-#include <mutex>
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -15,6 +14,7 @@
 #include "controller/node_datapath.h"
 #include "controller/paging.h"
 #include "datapath/api/datapath.grpc.pb.h"
+#include "test/controller/gate.h"
 #include "test/support/free_port.h"
 
 namespace nbdcsi::controller {
@@ -91,15 +91,14 @@ TEST(PageToken, RoundTripsAndRejectsForeignTokens) {
 // ---- the gRPC NodeDatapath ----
 
 // A Datapath server that answers GetVolume and ListVolumes with `code` (and a message naming the
-// volume), or parks GetVolume until released.
+// volume); GetVolume waits while `gate` is closed.
 class ScriptedDatapath final : public dpv1::Datapath::Service {
  public:
   grpc::Status GetVolume(grpc::ServerContext*, const dpv1::GetVolumeRequest* req,
                          dpv1::GetVolumeResponse* resp) override {
-    std::unique_lock lock(mu_);
-    cv_.wait(lock, [&] { return !park_; });
-    if (code_ != grpc::StatusCode::OK) {
-      return grpc::Status(code_, "the pool says no about " + req->name());
+    gate.Pass();
+    if (grpc::StatusCode c = code_.load(); c != grpc::StatusCode::OK) {
+      return grpc::Status(c, "the pool says no about " + req->name());
     }
     resp->mutable_volume()->set_name(req->name());
     resp->mutable_volume()->set_size_bytes(8192);
@@ -107,26 +106,18 @@ class ScriptedDatapath final : public dpv1::Datapath::Service {
   }
   grpc::Status ListVolumes(grpc::ServerContext*, const dpv1::ListVolumesRequest*,
                            dpv1::ListVolumesResponse* resp) override {
-    std::lock_guard lock(mu_);
-    if (code_ != grpc::StatusCode::OK) return grpc::Status(code_, "the pool says no");
+    if (grpc::StatusCode c = code_.load(); c != grpc::StatusCode::OK) {
+      return grpc::Status(c, "the pool says no");
+    }
     for (const char* n : {"a", "b"}) resp->add_volumes()->set_name(n);
     return grpc::Status::OK;
   }
-  void Answer(grpc::StatusCode code) {
-    std::lock_guard lock(mu_);
-    code_ = code;
-  }
-  void Park(bool on) {
-    std::lock_guard lock(mu_);
-    park_ = on;
-    cv_.notify_all();
-  }
+  void Answer(grpc::StatusCode c) { code_ = c; }
+
+  test::Gate gate;
 
  private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  grpc::StatusCode code_ = grpc::StatusCode::OK;
-  bool park_ = false;
+  std::atomic<grpc::StatusCode> code_{grpc::StatusCode::OK};
 };
 
 class GrpcNodeDatapathTest : public ::testing::Test {
@@ -140,7 +131,7 @@ class GrpcNodeDatapathTest : public ::testing::Test {
     ASSERT_GT(port_, 0);
   }
   void TearDown() override {
-    service_.Park(false);
+    service_.gate.Open();
     if (server_) server_->Shutdown();
   }
   // The client as the registry gets it: through the factory, by address.
@@ -189,7 +180,7 @@ TEST_F(GrpcNodeDatapathTest, EachDatapathCodeBecomesItsErrnoOnceWithTheNodeAndCa
 }
 
 TEST_F(GrpcNodeDatapathTest, ANodeThatDoesNotAnswerWithinTheDeadlineIsETIMEDOUT) {
-  service_.Park(true);
+  service_.gate.Close();
   auto v = Client(std::chrono::milliseconds(200))->GetVolume("pvc-1");
   ASSERT_FALSE(v.ok());
   EXPECT_EQ(v.status().code(), ETIMEDOUT) << v.status().message();

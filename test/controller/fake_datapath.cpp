@@ -16,6 +16,20 @@ std::string SourceText(const dpv1::VolumeContentSource& s) {
   return "";
 }
 
+// The entry `name` of a volume or snapshot map, or ENOENT naming its `kind`.
+template <typename M>
+StatusOr<typename M::mapped_type> Find(const M& m, const char* kind, const std::string& name) {
+  auto it = m.find(name);
+  if (it == m.end()) return Error(ENOENT, "{} {} does not exist", kind, name);
+  return it->second;
+}
+
+template <typename M>
+Status Erase(M& m, const char* kind, const std::string& name) {
+  if (m.erase(name) == 0) return Error(ENOENT, "{} {} does not exist", kind, name);
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status FakeDatapath::Enter(const std::string& method, const std::string& what) {
@@ -37,9 +51,9 @@ Status FakeDatapath::Enter(const std::string& method, const std::string& what) {
 
 std::optional<dpv1::Volume> FakeDatapath::Volume(const std::string& name) const {
   std::lock_guard lock(mu_);
-  auto it = volumes_.find(name);
-  if (it == volumes_.end()) return std::nullopt;
-  return it->second;
+  auto v = Find(volumes_, "volume", name);
+  if (!v.ok()) return std::nullopt;
+  return *v;
 }
 
 size_t FakeDatapath::VolumeCount() const {
@@ -112,8 +126,7 @@ StatusOr<dpv1::Volume> FakeDatapath::CreateVolume(const dpv1::CreateVolumeReques
 Status FakeDatapath::DeleteVolume(const std::string& name) {
   if (Status s = Enter("DeleteVolume", name); !s.ok()) return s;
   std::lock_guard lock(mu_);
-  if (volumes_.erase(name) == 0) return Error(ENOENT, "volume {} does not exist", name);
-  return Status::Ok();
+  return Erase(volumes_, "volume", name);
 }
 
 StatusOr<dpv1::Volume> FakeDatapath::ResizeVolume(const std::string& name, uint64_t size_bytes) {
@@ -132,9 +145,7 @@ StatusOr<dpv1::Volume> FakeDatapath::ResizeVolume(const std::string& name, uint6
 StatusOr<dpv1::Volume> FakeDatapath::GetVolume(const std::string& name) {
   if (Status s = Enter("GetVolume", name); !s.ok()) return s;
   std::lock_guard lock(mu_);
-  auto it = volumes_.find(name);
-  if (it == volumes_.end()) return Error(ENOENT, "volume {} does not exist", name);
-  return it->second;
+  return Find(volumes_, "volume", name);
 }
 
 StatusOr<std::vector<dpv1::Volume>> FakeDatapath::ListVolumes() {
@@ -188,16 +199,13 @@ StatusOr<dpv1::Snapshot> FakeDatapath::CreateSnapshot(const std::string& name,
 Status FakeDatapath::DeleteSnapshot(const std::string& name) {
   if (Status s = Enter("DeleteSnapshot", name); !s.ok()) return s;
   std::lock_guard lock(mu_);
-  if (snapshots_.erase(name) == 0) return Error(ENOENT, "snapshot {} does not exist", name);
-  return Status::Ok();
+  return Erase(snapshots_, "snapshot", name);
 }
 
 StatusOr<dpv1::Snapshot> FakeDatapath::GetSnapshot(const std::string& name) {
   if (Status s = Enter("GetSnapshot", name); !s.ok()) return s;
   std::lock_guard lock(mu_);
-  auto it = snapshots_.find(name);
-  if (it == snapshots_.end()) return Error(ENOENT, "snapshot {} does not exist", name);
-  return it->second;
+  return Find(snapshots_, "snapshot", name);
 }
 
 StatusOr<std::vector<dpv1::Snapshot>> FakeDatapath::ListSnapshots(const std::string& source) {
