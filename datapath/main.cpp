@@ -19,9 +19,9 @@
 #include "datapath/api/attach_service.h"
 #include "datapath/api/heartbeat.h"
 #include "datapath/api/service.h"
-#include "datapath/engine/attachments.h"
+#include "datapath/attach/attachments.h"
 #include "datapath/engine/frontend.h"
-#include "datapath/engine/kernel_nbd.h"
+#include "datapath/attach/kernel_nbd.h"
 #include "datapath/pool/pool.h"
 
 using namespace nbdcsi;

@@ -1,4 +1,4 @@
-#include "datapath/engine/kernel_nbd.h"
+#include "datapath/attach/kernel_nbd.h"
 
 #include <dirent.h>
 #include <fcntl.h>

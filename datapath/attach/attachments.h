@@ -29,8 +29,8 @@
 #include <vector>
 
 #include "common/status.h"
-#include "datapath/engine/fuse_attach.h"
-#include "datapath/engine/kernel_nbd.h"
+#include "datapath/attach/fuse_attach.h"
+#include "datapath/attach/kernel_nbd.h"
 
 namespace nbdcsi::datapath {
 

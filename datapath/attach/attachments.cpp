@@ -1,4 +1,4 @@
-#include "datapath/engine/attachments.h"
+#include "datapath/attach/attachments.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -15,7 +15,7 @@
 
 #include "common/fs_util.h"
 #include "datapath/engine/frontend.h"
-#include "datapath/engine/fuse_attach.h"
+#include "datapath/attach/fuse_attach.h"
 #include "datapath/nbd/negotiate.h"
 #include "datapath/pool/pool.h"
 
