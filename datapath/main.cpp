@@ -20,8 +20,8 @@
 #include "datapath/api/heartbeat.h"
 #include "datapath/api/service.h"
 #include "datapath/attach/attachments.h"
-#include "datapath/engine/frontend.h"
 #include "datapath/attach/kernel_nbd.h"
+#include "datapath/engine/frontend.h"
 #include "datapath/pool/pool.h"
 
 using namespace nbdcsi;

@@ -25,9 +25,9 @@
 #include "common/fs_util.h"
 
 #include "datapath/attach/attachments.h"
-#include "datapath/engine/frontend.h"
 #include "datapath/attach/fuse_attach.h"
 #include "datapath/attach/kernel_nbd.h"
+#include "datapath/engine/frontend.h"
 #include "datapath/nbd/negotiate.h"
 
 namespace nbdcsi::datapath {
