@@ -12,15 +12,16 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <thread>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "common/block_devices.h"
 #include "common/fs_util.h"
 
 namespace nbdcsi::datapath {
@@ -262,11 +263,9 @@ class LinuxKernelNbd final : public KernelNbdInterface {
     if (!d) return -1;
     int found = -1;
     while (dirent* e = readdir(d)) {
-      int index = -1;
-      char tail = 0;
-      if (std::sscanf(e->d_name, "nbd%d%c", &index, &tail) != 1 || index < 0) continue;
-      if (Backend(index) == cookie) {
-        found = index;
+      std::optional<int> index = WholeDeviceIndex(e->d_name, "nbd");
+      if (index && Backend(*index) == cookie) {
+        found = *index;
         break;
       }
     }

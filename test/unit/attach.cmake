@@ -22,3 +22,7 @@ set_property(TEST unit.attach_service_test PROPERTY TIMEOUT 30)
 nbdcsi_add_gtest(attach_render_test ${CMAKE_CURRENT_LIST_DIR}/attach_render_test.cpp nbdctl_render)
 set_property(TEST unit.attach_render_test APPEND PROPERTY LABELS attach)
 set_property(TEST unit.attach_render_test PROPERTY TIMEOUT 30)
+# The one rule for /dev/nbdN (and /dev/loopN) names and their count (common/block_devices.h).
+nbdcsi_add_gtest(block_devices_test ${CMAKE_CURRENT_LIST_DIR}/block_devices_test.cpp
+                 nbdcsi_common)
+set_property(TEST unit.block_devices_test APPEND PROPERTY LABELS attach)
