@@ -1,5 +1,5 @@
 #include "common/grpc_status.h"
-#include "datapath/nbdctl/csi_cmds.h"
+#include "tools/nbdctl/csi_cmds.h"
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -18,7 +18,7 @@
 #include "common/endpoint.h"
 #include "common/quantity.h"
 #include "csi/csi.grpc.pb.h"
-#include "datapath/nbdctl/render.h"
+#include "tools/nbdctl/render.h"
 
 namespace nbdcsi::nbdctl {
 namespace {

@@ -18,9 +18,9 @@
 #include "common/quantity.h"
 #include "datapath/api/attach.grpc.pb.h"
 #include "datapath/api/datapath.grpc.pb.h"
-#include "datapath/nbdctl/attach_cmds.h"
-#include "datapath/nbdctl/csi_cmds.h"
-#include "datapath/nbdctl/render.h"
+#include "tools/nbdctl/attach_cmds.h"
+#include "tools/nbdctl/csi_cmds.h"
+#include "tools/nbdctl/render.h"
 
 namespace nbdcsi::nbdctl {
 namespace {
