@@ -1,4 +1,4 @@
-#include "tools/nbdctl/attach_cmds.h"
+#include "tools/nbdctl/attach_render.h"
 
 #include <fmt/format.h>
 
