@@ -1,10 +1,10 @@
 // nbdctl's command table (tools/nbdctl/command_tree.h): the command line picks exactly one entry,
 // and a group named without a subcommand is a usage error that lists its subcommands in --help
 // order.
-#include <gtest/gtest.h>
-
 #include <string>
 #include <vector>
+
+#include <gtest/gtest.h>
 
 #include "tools/nbdctl/command_tree.h"
 #include "tools/nbdctl/connection.h"

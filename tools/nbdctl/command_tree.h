@@ -3,11 +3,12 @@
 // Adding a command touches one place, and no dispatcher grows an if-chain.
 #pragma once
 
-#include <CLI/CLI.hpp>
 #include <functional>
 #include <map>
 #include <string>
 #include <vector>
+
+#include <CLI/CLI.hpp>
 
 namespace nbdcsi::nbdctl {
 

@@ -1,10 +1,11 @@
 #include "tools/nbdctl/connection.h"
 
-#include <fmt/format.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <iostream>
+
+#include <fmt/format.h>
 
 #include "common/grpc_status.h"
 
@@ -78,7 +79,7 @@ std::unique_ptr<grpc::ClientContext> Connection::Ctx(
 
 std::string Connection::UnreachableHint(const grpc::Status& s) const {
   if (ep_.kind != Endpoint::Kind::kUnix) return s.error_message();
-  struct stat st {};
+  struct stat st{};
   if (stat(ep_.path.c_str(), &st) != 0) return fmt::format("socket {} does not exist", ep_.path);
   if (access(ep_.path.c_str(), R_OK | W_OK) != 0) {
     return fmt::format("no permission on socket {} (mode {:o}): run as its owner or root", ep_.path,

@@ -3,12 +3,12 @@
 // failed call becomes a message on stderr and exit code 1.
 #pragma once
 
-#include <grpcpp/grpcpp.h>
-
 #include <chrono>
 #include <memory>
-#include <nlohmann/json.hpp>
 #include <string>
+
+#include <grpcpp/grpcpp.h>
+#include <nlohmann/json.hpp>
 
 #include "common/endpoint.h"
 

@@ -1,13 +1,13 @@
 #include "tools/nbdctl/csi_cmds.h"
 
-#include <fmt/format.h>
-#include <grpcpp/grpcpp.h>
-
-#include <CLI/CLI.hpp>
 #include <cctype>
 #include <cstdlib>
 #include <map>
 #include <vector>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <grpcpp/grpcpp.h>
 
 #include "common/quantity.h"
 #include "csi/csi.grpc.pb.h"

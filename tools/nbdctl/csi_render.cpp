@@ -1,9 +1,9 @@
 #include "tools/nbdctl/csi_render.h"
 
-#include <fmt/format.h>
-
 #include <cctype>
 #include <map>
+
+#include <fmt/format.h>
 
 #include "common/quantity.h"
 #include "tools/nbdctl/render.h"

@@ -3,9 +3,10 @@
 // render.h for the datapath's, so they need no plugin to be checked.
 #pragma once
 
-#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "csi/csi.pb.h"
 

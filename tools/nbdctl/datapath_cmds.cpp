@@ -1,12 +1,12 @@
 #include "tools/nbdctl/datapath_cmds.h"
 
-#include <fmt/format.h>
-
 #include <chrono>
 #include <cstdlib>
 #include <iostream>
 #include <optional>
 #include <thread>
+
+#include <fmt/format.h>
 
 #include "common/quantity.h"
 #include "datapath/api/attach.grpc.pb.h"

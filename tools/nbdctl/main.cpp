@@ -1,10 +1,11 @@
 // nbdctl: the operator CLI of nbd-datapathd's management API, and a CSI client (`nbdctl csi`).
 // See README.md for commands, exit codes and the JSON keys. The commands themselves are entries
 // of a CommandTree (datapath_cmds.cpp, csi_cmds.cpp); main only parses and runs the chosen one.
-#include <CLI/CLI.hpp>
 #include <cstdlib>
 #include <iostream>
 #include <string>
+
+#include <CLI/CLI.hpp>
 
 #include "tools/nbdctl/command_tree.h"
 #include "tools/nbdctl/connection.h"
