@@ -18,6 +18,13 @@ std::string Children(const CLI::App& app) {
 
 }  // namespace
 
+Flags Positional(const char* name, std::string* value, const char* help, Flags more) {
+  return [name, value, help, more = std::move(more)](CLI::App& c) {
+    c.add_option(name, *value, help)->required();
+    if (more) more(c);
+  };
+}
+
 CLI::App& CommandTree::AddTo(const std::vector<std::string>& path, const std::string& help) {
   CLI::App* parent = &root_;
   for (size_t i = 0; i + 1 < path.size(); ++i) parent = parent->get_subcommand(path[i]);

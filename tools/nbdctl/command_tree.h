@@ -12,13 +12,27 @@
 
 namespace nbdcsi::nbdctl {
 
+// Adds a subcommand's options, flags and aliases.
+using Flags = std::function<void(CLI::App&)>;
+
 // A subcommand that does something.
 struct Command {
   std::vector<std::string> path;  // {"volume", "create"}
   std::string help;
-  std::function<void(CLI::App&)> flags;  // its options, flags and aliases (may be empty)
-  std::function<int()> run;              // the exit code; throws UsageError for bad arguments
+  Flags flags;               // may be empty
+  std::function<int()> run;  // the exit code; throws UsageError for bad arguments
 };
+
+// A Command that runs obj->fn().
+template <typename T>
+Command Bound(std::vector<std::string> path, std::string help, Flags flags, T* obj,
+              int (T::*fn)()) {
+  return Command{std::move(path), std::move(help), std::move(flags),
+                 [obj, fn] { return (obj->*fn)(); }};
+}
+
+// The required positional argument `name` ("NAME", "VOLUME_ID") into *value, then `more`.
+Flags Positional(const char* name, std::string* value, const char* help, Flags more = nullptr);
 
 // A subcommand that only holds others. Given without one of them it is a usage error:
 // "<label>: a subcommand is required: <its subcommands>".
@@ -26,7 +40,7 @@ struct Group {
   std::vector<std::string> path;
   std::string help;
   std::string label;
-  std::function<void(CLI::App&)> flags;  // options of the group itself (may be empty)
+  Flags flags;  // options of the group itself (may be empty)
 };
 
 class CommandTree {

@@ -18,7 +18,6 @@ namespace {
 
 namespace csi = ::csi::v1;
 using nlohmann::json;
-using Flags = std::function<void(CLI::App&)>;
 
 constexpr double kDefaultTimeoutS = 60;
 
@@ -133,15 +132,11 @@ struct CsiCommands::Impl {
   void RegisterNode(CommandTree& tree);
   Command Cmd(std::vector<std::string> path, std::string help, Flags flags, int (Impl::*fn)()) {
     path.insert(path.begin(), "csi");
-    return Command{std::move(path), std::move(help), std::move(flags),
-                   [this, fn] { return (this->*fn)(); }};
+    return Bound(std::move(path), std::move(help), std::move(flags), this, fn);
   }
   // The positional VOLUME_ID (or SNAPSHOT_ID) most commands take, then `more`.
   Flags WithId(const char* what, const char* help, Flags more = nullptr) {
-    return [this, what, help, more](CLI::App& c) {
-      c.add_option(what, id, help)->required();
-      if (more) more(c);
-    };
+    return Positional(what, &id, help, std::move(more));
   }
 };
 

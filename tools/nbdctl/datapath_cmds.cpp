@@ -131,19 +131,12 @@ struct DatapathCommands::Impl {
   void RegisterVolume(CommandTree& tree);
   void RegisterSnapshot(CommandTree& tree);
   void RegisterOthers(CommandTree& tree);
-  // A command running `fn`.
-  Command Cmd(std::vector<std::string> path, std::string help, std::function<void(CLI::App&)> flags,
-              int (Impl::*fn)()) {
-    return Command{std::move(path), std::move(help), std::move(flags),
-                   [this, fn] { return (this->*fn)(); }};
+  Command Cmd(std::vector<std::string> path, std::string help, Flags flags, int (Impl::*fn)()) {
+    return Bound(std::move(path), std::move(help), std::move(flags), this, fn);
   }
   // The positional NAME (or SNAPSHOT) every per-object command takes.
-  std::function<void(CLI::App&)> Named(const char* what, const char* help,
-                                       std::function<void(CLI::App&)> more = nullptr) {
-    return [this, what, help, more](CLI::App& c) {
-      c.add_option(what, name, help)->required();
-      if (more) more(c);
-    };
+  Flags Named(const char* what, const char* help, Flags more = nullptr) {
+    return Positional(what, &name, help, std::move(more));
   }
 };
 
