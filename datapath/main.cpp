@@ -19,9 +19,9 @@
 #include "datapath/api/attach_service.h"
 #include "datapath/api/heartbeat.h"
 #include "datapath/api/service.h"
-#include "datapath/engine/attachments.h"
+#include "datapath/attach/attachments.h"
+#include "datapath/attach/runtime.h"
 #include "datapath/engine/frontend.h"
-#include "datapath/engine/kernel_nbd.h"
 #include "datapath/engine/nbd_tls.h"
 #include "datapath/pool/pool.h"
 
@@ -327,41 +327,17 @@ int main(int argc, char** argv) {
     spdlog::critical("cannot start the NBD workers: {}", st.message());
     return 1;
   }
-  // After the workers run (reconnecting means serving at once) and before the API, so no attach or
-  // detach can race with the reconnects. Devices the kernel still holds for us get fresh sockets
-  // here, within their dead-connection timeout.
-  auto kernel_nbd = MakeLinuxKernelNbd();
-  auto exports = MakeFrontendExportServer(**pool, frontend);
-  AttachmentManager attachments(info.dir + "/attachments", *kernel_nbd, *exports, aopts);
-  if (Status st = attachments.Init(); !st.ok()) {
-    spdlog::critical("attachments: {}", st.message());
+  auto attach = AttachRuntime::Start(**pool, frontend, info.dir + "/attachments", aopts);
+  if (!attach.ok()) {
+    spdlog::critical("attachments: {}", attach.status().message());
     return 1;
-  }
-  {
-    RecoverReport rep = attachments.Recover();
-    if (Status k = kernel_nbd->Available(); !k.ok()) spdlog::warn("attach: {}", k.message());
-    spdlog::info("attach: {} device(s) reconnected, {} record(s) dropped, {} failed",
-                 rep.reconnected.size(), rep.dropped.size(), rep.failed.size());
-    for (const auto& f : rep.failed) spdlog::error("attach: not recovered: {}", f);
-  }
-  // Declared after the manager, so on every early return the watcher thread (which calls into
-  // the manager) is joined before the manager goes away.
-  struct StopWatching {
-    KernelNbdInterface& k;
-    ~StopWatching() { k.StopWatching(); }
-  } stop_watching{*kernel_nbd};
-  if (kernel_nbd->Available().ok()) {
-    Status st = kernel_nbd->WatchLinkDead([&attachments](int index) {
-      (void)attachments.OnLinkDead(index);  // logs its own outcome
-    });
-    if (!st.ok()) spdlog::warn("attach: connections the kernel drops stay dropped: {}", st.message());
   }
 
   if (Status st = EnsureSocketDir(*api_ep); !st.ok()) {
     spdlog::critical("{}", st.message());
     return 1;
   }
-  auto attach_service = MakeAttachmentService(attachments);
+  auto attach_service = MakeAttachmentService((*attach)->manager());
   auto server = StartApiServer(**pool, api_listens, {attach_service.get()});
   if (!server.ok()) {
     spdlog::critical("cannot start the management API: {}", server.status().message());
@@ -398,21 +374,8 @@ int main(int argc, char** argv) {
   // an API that is going away.
   if (heartbeat) heartbeat->Stop();
   (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  // Attached devices are left attached on purpose: the kernel queues their I/O for the
-  // dead-connection timeout, and the next start reconnects them (an upgrade or restart must not
-  // fail I/O). Detaching is an explicit API call.
-  // Before the sockets close: our own shutdown must not look like links to repair.
-  kernel_nbd->StopWatching();
-  size_t kernel_n = 0, fuse_n = 0;
-  for (const auto& a : attachments.List()) (a.fuse() ? fuse_n : kernel_n)++;
-  if (kernel_n) {
-    spdlog::info("attach: {} kernel device(s) stay attached; restart within {} s to reconnect them",
-                 kernel_n, aopts.dead_conn_timeout_s);
-  }
-  if (fuse_n) {
-    spdlog::warn("attach: {} fuse attachment(s) lose their link now (nbdfuse cannot reconnect): "
-                 "unmount and detach them after the restart", fuse_n);
-  }
+  // Before the sockets close; attached devices stay attached (AttachRuntime::Stop says why).
+  (*attach)->Stop();
   frontend.Stop();
   if (api_ep->kind == Endpoint::Kind::kUnix) unlink(api_ep->path.c_str());
   spdlog::info("stopped");

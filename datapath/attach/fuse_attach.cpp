@@ -1,4 +1,4 @@
-#include "datapath/engine/fuse_attach.h"
+#include "datapath/attach/fuse_attach.h"
 
 #include <dirent.h>
 #include <fcntl.h>

@@ -1,7 +1,5 @@
-#include "datapath/engine/attachments.h"
+#include "datapath/attach/attachments.h"
 
-#include <dirent.h>
-#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -10,24 +8,14 @@
 #include <random>
 #include <thread>
 
-#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
 #include "common/fs_util.h"
 #include "datapath/engine/frontend.h"
-#include "datapath/engine/fuse_attach.h"
 #include "datapath/nbd/negotiate.h"
-#include "datapath/pool/pool.h"
 
 namespace nbdcsi::datapath {
 namespace {
-
-constexpr const char* kRecordSuffix = ".json";
-constexpr const char* kTempSuffix = ".json.tmp";
-
-bool EndsWith(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 Status Sys(int err, const std::string& what) {
   return Error(err, "{}: {}", what, std::strerror(err));
@@ -56,129 +44,11 @@ FuseRef RefOf(const AttachmentRecord& r) {
   return FuseRef{r.fuse_mount, r.fuse_pid, r.index, LoopTag(r.cookie)};
 }
 
-class FrontendExportServer final : public ExportServer {
- public:
-  // The socket path is read once: the front door is listening by now, and Stop() clears it.
-  FrontendExportServer(Pool& pool, NbdFrontend& frontend)
-      : pool_(pool), frontend_(frontend), socket_(frontend.UnixSocketPath()) {}
-  StatusOr<ServedExport> Describe(const std::string& volume) override {
-    auto vol = pool_.Acquire(volume);
-    if (!vol) return Unavailable(volume);
-    ServedExport out;
-    out.size_bytes = vol->size();
-    out.read_only = vol->read_only();
-    return out;
-  }
-  std::string UnixSocketPath() const override { return socket_; }
-
-  // Why a volume cannot be exported: unknown (ENOENT), or a restore/clone whose background copy
-  // still runs (EAGAIN -> UNAVAILABLE, so kubelet's NodeStage retries until it is filled).
-  Status Unavailable(const std::string& volume) {
-    auto info = pool_.Inspect(volume);
-    if (info.ok() && !info->ready) {
-      return Error(EAGAIN, "volume {} is not ready: its content is still being copied ({} of {} bytes)",
-                   volume, info->copy_done, info->copy_total);
-    }
-    return Error(ENOENT, "volume {} not found", volume);
-  }
-  StatusOr<ServedExport> Serve(const std::string& volume, unsigned connections) override {
-    auto vol = pool_.Acquire(volume);
-    if (!vol) return Unavailable(volume);
-    ServedExport out;
-    out.size_bytes = vol->size();
-    out.read_only = vol->read_only();
-    auto fds = frontend_.ServeSocketPairs(volume, connections);
-    if (!fds.ok()) return fds.status();
-    out.client_fds = std::move(*fds);
-    return out;
-  }
-
- private:
-  Pool& pool_;
-  NbdFrontend& frontend_;
-  std::string socket_;
-};
-
 }  // namespace
-
-std::string AttachmentRecord::device() const {
-  if (index < 0) return std::string();
-  return fuse() ? LoopDevicePath(index) : NbdDevicePath(index);
-}
-
-std::string AttachmentRecord::ToJson() const {
-  nlohmann::json j = {{"volume", volume},           {"mode", mode},
-                      {"index", index},             {"cookie", cookie},
-                      {"connections", connections}, {"size_bytes", size_bytes},
-                      {"read_only", read_only}};
-  if (fuse()) {
-    j["fuse_pid"] = fuse_pid;
-    j["fuse_mount"] = fuse_mount;
-  }
-  return j.dump(2) + "\n";
-}
-
-StatusOr<AttachmentRecord> AttachmentRecord::FromJson(const std::string& text) {
-  AttachmentRecord r;
-  try {
-    auto j = nlohmann::json::parse(text);
-    r.volume = j.at("volume").get<std::string>();
-    r.index = j.at("index").get<int>();
-    r.cookie = j.at("cookie").get<std::string>();
-    r.connections = j.at("connections").get<unsigned>();
-    r.size_bytes = j.value("size_bytes", uint64_t{0});
-    r.read_only = j.value("read_only", false);
-    r.mode = j.value("mode", std::string(kModeKernel));  // records before fuse had no mode
-    if (r.fuse()) {
-      r.fuse_pid = j.at("fuse_pid").get<int>();
-      r.fuse_mount = j.at("fuse_mount").get<std::string>();
-    }
-  } catch (const nlohmann::json::exception& e) {
-    return Error(EINVAL, "malformed attachment record: {}", e.what());
-  }
-  if (r.mode != kModeKernel && r.mode != kModeFuse) {
-    return Error(EINVAL, "attachment record has an unknown mode '{}'", r.mode);
-  }
-  if (r.fuse() && (r.fuse_mount.empty() || r.fuse_mount[0] != '/' || r.fuse_pid < -1)) {
-    return Error(EINVAL, "fuse attachment record has invalid fields (mount '{}', pid {})",
-                 r.fuse_mount, r.fuse_pid);
-  }
-  if (r.volume.empty() || r.cookie.empty() || r.index < -1 || r.connections == 0 ||
-      r.connections > AttachmentManager::kMaxConnections) {
-    return Error(EINVAL, "attachment record has invalid fields (volume '{}', index {}, {} conns)",
-                 r.volume, r.index, r.connections);
-  }
-  return r;
-}
-
-std::unique_ptr<ExportServer> MakeFrontendExportServer(Pool& pool, NbdFrontend& frontend) {
-  return std::make_unique<FrontendExportServer>(pool, frontend);
-}
-
-class AttachmentManager::Claim {
- public:
-  Claim(AttachmentManager& m, const std::string& volume) : m_(m), volume_(volume) {
-    std::lock_guard lk(m_.mu_);
-    held_ = m_.busy_.insert(volume).second;
-  }
-  ~Claim() {
-    if (!held_) return;
-    std::lock_guard lk(m_.mu_);
-    m_.busy_.erase(volume_);
-  }
-  bool held() const { return held_; }
-
- private:
-  AttachmentManager& m_;
-  std::string volume_;
-  bool held_ = false;
-};
 
 AttachmentManager::AttachmentManager(std::string dir, KernelNbdInterface& kernel,
                                      ExportServer& server, AttachOptions opts)
-    : dir_(std::move(dir)), kernel_(kernel), server_(server), opts_(std::move(opts)) {
-  while (dir_.size() > 1 && dir_.back() == '/') dir_.pop_back();
-}
+    : store_(std::move(dir)), kernel_(kernel), server_(server), opts_(std::move(opts)) {}
 
 AttachmentManager::AttachmentManager(std::string dir, KernelNbdInterface& kernel,
                                      FuseLoopInterface& fuse, ExportServer& server,
@@ -199,38 +69,14 @@ FuseLoopInterface& AttachmentManager::Fuse() {
 }
 
 std::string AttachmentManager::FuseMount(const std::string& volume) const {
-  return dir_ + "/fuse/" + volume;
+  return store_.dir() + "/fuse/" + volume;
 }
+
+Status AttachmentManager::Init() { return store_.Init(); }
 
 unsigned AttachmentManager::DefaultConnections() const {
   if (opts_.default_connections) return std::min(opts_.default_connections, kMaxConnections);
   return std::clamp(std::thread::hardware_concurrency(), 1u, 4u);
-}
-
-std::string AttachmentManager::RecordPath(const std::string& volume) const {
-  return dir_ + "/" + volume + kRecordSuffix;
-}
-
-Status AttachmentManager::Init() {
-  struct stat st;
-  if (stat(dir_.c_str(), &st) == 0) {
-    if (!S_ISDIR(st.st_mode)) return Error(ENOTDIR, "{} exists and is not a directory", dir_);
-    return Status::Ok();
-  }
-  if (errno != ENOENT) return Sys(errno, "stat " + dir_);
-  if (mkdir(dir_.c_str(), 0700) != 0 && errno != EEXIST) return Sys(errno, "mkdir " + dir_);
-  std::string parent = dir_.substr(0, dir_.find_last_of('/'));
-  return FsyncDir(parent.empty() ? "/" : parent);
-}
-
-Status AttachmentManager::WriteRecord(const AttachmentRecord& r) {
-  return WriteFileAtomic(dir_, r.volume + kRecordSuffix, r.ToJson());
-}
-
-Status AttachmentManager::RemoveRecord(const std::string& volume) {
-  std::string path = RecordPath(volume);
-  if (unlink(path.c_str()) != 0 && errno != ENOENT) return Sys(errno, "remove " + path);
-  return FsyncDir(dir_);
 }
 
 int AttachmentManager::LiveIndex(const AttachmentRecord& r) {
@@ -240,108 +86,89 @@ int AttachmentManager::LiveIndex(const AttachmentRecord& r) {
 
 RecoverReport AttachmentManager::Recover() {
   RecoverReport rep;
-  DIR* d = opendir(dir_.c_str());
-  if (!d) {
-    rep.failed.push_back(fmt::format("{}: cannot open: {}", dir_, std::strerror(errno)));
+  auto loaded = store_.Load();
+  if (!loaded.ok()) {
+    rep.failed.push_back(loaded.status().message());
     return rep;
   }
-  std::vector<std::string> files;
-  while (dirent* e = readdir(d)) {
-    std::string f = e->d_name;
-    if (f == "." || f == "..") continue;
-    if (EndsWith(f, kTempSuffix)) {
-      // A write that never reached its rename: the record it was replacing (if any) is intact.
-      std::string p = dir_ + "/" + f;
-      if (unlink(p.c_str()) == 0) spdlog::warn("attach: removed interrupted record write {}", p);
-      continue;
-    }
-    if (EndsWith(f, kRecordSuffix)) files.push_back(f);
-  }
-  closedir(d);
-  std::sort(files.begin(), files.end());
-
   const Status available = kernel_.Available();
-  for (const auto& f : files) {
-    const std::string path = dir_ + "/" + f;
-    auto read = ReadSmallFile(path);
-    if (!read.ok()) {
-      rep.failed.push_back(read.status().message());
+  for (auto& l : *loaded) {
+    if (l.unreadable) {
+      rep.failed.push_back(l.record.status().message());
       continue;
     }
-    const std::string& text = *read;
-    auto rec = AttachmentRecord::FromJson(text);
-    std::string stem = f.substr(0, f.size() - std::strlen(kRecordSuffix));
-    if (!rec.ok() || rec->volume != stem) {
+    if (!l.record.ok()) {
       // Never delete what we cannot read: an operator decides.
-      std::string why = rec.ok() ? fmt::format("names volume '{}'", rec->volume)
-                                 : rec.status().message();
-      spdlog::error("attach: record {} left in place: {}", path, why);
-      rep.failed.push_back(fmt::format("{}: {}", stem, why));
+      spdlog::error("attach: record {} left in place: {}", l.path, l.record.status().message());
+      rep.failed.push_back(fmt::format("{}: {}", l.stem, l.record.status().message()));
       continue;
     }
-    AttachmentRecord r = std::move(*rec);
-    if (r.fuse()) {
-      RecoverFuse(std::move(r), rep);
-      continue;
-    }
-    if (!available.ok()) {
-      // Without the driver we cannot tell a gone device from an invisible one: keep the record.
-      spdlog::error("attach: cannot recover {} ({}): {}", r.volume, r.device(), available.message());
-      rep.failed.push_back(fmt::format("{}: {}", r.volume, available.message()));
-      continue;
-    }
-    int live = LiveIndex(r);
-    if (live < 0) {
-      std::string why = r.index < 0 ? "CONNECT never completed and no device has its cookie"
-                                    : fmt::format("{} is gone or bound to another backend ('{}')",
-                                                  r.device(), kernel_.Backend(r.index));
-      if (Status s = RemoveRecord(r.volume); !s.ok()) {
-        spdlog::error("attach: {}: {}; and the record could not be removed: {}", r.volume, why,
-                      s.message());
-        rep.failed.push_back(fmt::format("{}: {}", r.volume, s.message()));
-        continue;
-      }
-      spdlog::warn("attach: dropped the record of {}: {}", r.volume, why);
-      rep.dropped.push_back(fmt::format("{}: {}", r.volume, why));
-      continue;
-    }
-    if (r.index != live) {
-      r.index = live;
-      if (Status s = WriteRecord(r); !s.ok()) {
-        spdlog::error("attach: {}: cannot complete its record: {}", r.volume, s.message());
-      }
-    }
-    auto served = server_.Serve(r.volume, r.connections);
-    if (!served.ok()) {
-      spdlog::error("attach: cannot serve {} for {}: {}", r.volume, r.device(),
-                    served.status().message());
-      rep.failed.push_back(fmt::format("{}: {}", r.volume, served.status().message()));
-      std::lock_guard lk(mu_);
-      records_[r.volume] = r;
-      link_errors_[r.volume] = "cannot serve the volume after the datapath restart: " +
-                               served.status().message();
-      continue;
-    }
-    Status s = kernel_.Reconfigure(r.index, served->client_fds, opts_.dead_conn_timeout_s,
-                                   r.cookie);
-    CloseAll(served->client_fds);
-    // Sockets beyond the device's dead slots are dropped by the kernel without an error (it
-    // turns ENOSPC into success); their server ends just see EOF.
-    if (!s.ok()) {
-      spdlog::error("attach: RECONFIGURE of {} for {} failed: {}", r.device(), r.volume,
-                    s.message());
-      rep.failed.push_back(fmt::format("{}: {}", r.volume, s.message()));
-      std::lock_guard lk(mu_);
-      link_errors_[r.volume] = "reconnecting after the datapath restart failed: " + s.message();
+    if (l.record->fuse()) {
+      RecoverFuse(std::move(*l.record), rep);
     } else {
-      spdlog::info("attach: reconnected {} to volume {} over {} connection(s)", r.device(),
-                   r.volume, r.connections);
-      rep.reconnected.push_back(fmt::format("{} -> {}", r.volume, r.device()));
+      RecoverKernel(std::move(*l.record), available, rep);
     }
-    std::lock_guard lk(mu_);
-    records_[r.volume] = r;
   }
   return rep;
+}
+
+void AttachmentManager::RecoverKernel(AttachmentRecord r, const Status& available,
+                                      RecoverReport& rep) {
+  if (!available.ok()) {
+    // Without the driver we cannot tell a gone device from an invisible one: keep the record.
+    spdlog::error("attach: cannot recover {} ({}): {}", r.volume, r.device(), available.message());
+    rep.failed.push_back(fmt::format("{}: {}", r.volume, available.message()));
+    return;
+  }
+  int live = LiveIndex(r);
+  if (live < 0) {
+    std::string why = r.index < 0 ? "CONNECT never completed and no device has its cookie"
+                                  : fmt::format("{} is gone or bound to another backend ('{}')",
+                                                r.device(), kernel_.Backend(r.index));
+    if (Status s = RemoveRecord(r.volume); !s.ok()) {
+      spdlog::error("attach: {}: {}; and the record could not be removed: {}", r.volume, why,
+                    s.message());
+      rep.failed.push_back(fmt::format("{}: {}", r.volume, s.message()));
+      return;
+    }
+    spdlog::warn("attach: dropped the record of {}: {}", r.volume, why);
+    rep.dropped.push_back(fmt::format("{}: {}", r.volume, why));
+    return;
+  }
+  if (r.index != live) {
+    r.index = live;
+    if (Status s = WriteRecord(r); !s.ok()) {
+      spdlog::error("attach: {}: cannot complete its record: {}", r.volume, s.message());
+    }
+  }
+  auto served = server_.Serve(r.volume, r.connections);
+  if (!served.ok()) {
+    spdlog::error("attach: cannot serve {} for {}: {}", r.volume, r.device(),
+                  served.status().message());
+    rep.failed.push_back(fmt::format("{}: {}", r.volume, served.status().message()));
+    std::lock_guard lk(mu_);
+    records_[r.volume] = r;
+    link_errors_[r.volume] = "cannot serve the volume after the datapath restart: " +
+                             served.status().message();
+    return;
+  }
+  Status s = kernel_.Reconfigure(r.index, served->client_fds, opts_.dead_conn_timeout_s, r.cookie);
+  CloseAll(served->client_fds);
+  // Sockets beyond the device's dead slots are dropped by the kernel without an error (it turns
+  // ENOSPC into success); their server ends just see EOF.
+  if (!s.ok()) {
+    spdlog::error("attach: RECONFIGURE of {} for {} failed: {}", r.device(), r.volume,
+                  s.message());
+    rep.failed.push_back(fmt::format("{}: {}", r.volume, s.message()));
+    std::lock_guard lk(mu_);
+    link_errors_[r.volume] = "reconnecting after the datapath restart failed: " + s.message();
+  } else {
+    spdlog::info("attach: reconnected {} to volume {} over {} connection(s)", r.device(), r.volume,
+                 r.connections);
+    rep.reconnected.push_back(fmt::format("{} -> {}", r.volume, r.device()));
+  }
+  std::lock_guard lk(mu_);
+  records_[r.volume] = r;
 }
 
 StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
@@ -350,8 +177,8 @@ StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
     return Error(EINVAL, "{} connections requested; at most {}", connections, kMaxConnections);
   }
   if (connections == 0) connections = DefaultConnections();
-  Claim claim(*this, volume);
-  if (!claim.held()) {
+  auto claim = busy_.TryAcquire(volume);
+  if (!claim) {
     return Error(EALREADY, "another attach, detach or resize of volume {} is in progress", volume);
   }
   std::optional<AttachmentRecord> existing = Find(volume);
@@ -474,8 +301,8 @@ StatusOr<AttachmentRecord> AttachmentManager::AttachKernel(const std::string& vo
 }
 
 Status AttachmentManager::Detach(const std::string& volume) {
-  Claim claim(*this, volume);
-  if (!claim.held()) {
+  auto claim = busy_.TryAcquire(volume);
+  if (!claim) {
     return Error(EALREADY, "another attach or detach of volume {} is in progress", volume);
   }
   std::optional<AttachmentRecord> r = Find(volume);
@@ -521,8 +348,8 @@ Status AttachmentManager::OnLinkDead(int index) {
     }
   }
   if (!r) return Status::Ok();
-  Claim claim(*this, r->volume);
-  if (!claim.held() || LiveIndex(*r) != index || !kernel_.Connected(index)) return Status::Ok();
+  auto claim = busy_.TryAcquire(r->volume);
+  if (!claim || LiveIndex(*r) != index || !kernel_.Connected(index)) return Status::Ok();
   auto served = server_.Serve(r->volume, r->connections);
   if (!served.ok()) {
     spdlog::error("attach: {} lost a connection and {} cannot be served: {}", r->device(),
@@ -643,9 +470,9 @@ StatusOr<AttachmentRecord> AttachmentManager::AttachFuse(const std::string& volu
     return Error(EFBIG, "volume {} is {} bytes; the fuse attach path handles at most {}", volume,
                  desc->size_bytes, kGrowableWindow);
   }
-  const std::string fuse_dir = dir_ + "/fuse";
+  const std::string fuse_dir = store_.dir() + "/fuse";
   if (mkdir(fuse_dir.c_str(), 0700) == 0) {
-    if (Status s = FsyncDir(dir_); !s.ok()) return s;
+    if (Status s = FsyncDir(store_.dir()); !s.ok()) return s;
   } else if (errno != EEXIST) {
     return Sys(errno, "mkdir " + fuse_dir);
   }
@@ -720,15 +547,15 @@ Status AttachmentManager::DetachFuse(const AttachmentRecord& r) {
     fuse_live_.erase(r.volume);
     link_errors_.erase(r.volume);
   }
-  std::string log = dir_ + "/fuse/" + r.volume + ".log";
+  std::string log = store_.dir() + "/fuse/" + r.volume + ".log";
   unlink(log.c_str());
   spdlog::info("attach: volume {} detached from {} (nbdfuse stopped)", r.volume, r.device());
   return Status::Ok();
 }
 
 StatusOr<AttachmentRecord> AttachmentManager::Resize(const std::string& volume) {
-  Claim claim(*this, volume);
-  if (!claim.held()) {
+  auto claim = busy_.TryAcquire(volume);
+  if (!claim) {
     return Error(EALREADY, "another attach, detach or resize of volume {} is in progress", volume);
   }
   std::optional<AttachmentRecord> found = Find(volume);

@@ -9,11 +9,10 @@
 //             fuse record is reported with link_ok=false until it is detached (which still
 //             cleans everything up: loop device, mount, nbdfuse).
 //
-// Records live in POOL/attachments/NAME.json (the pool's orphan sweep only looks at volumes/ and
-// snapshots/, and the pool lock keeps a second daemon away from them). A record is written, with
-// index -1, BEFORE the kernel is asked to CONNECT, and completed after: a crash in between leaves
-// a record whose cookie Recover() can still find in /sys/block/nbd*/backend, so no device is ever
-// attached without a record that names it. A fuse record is likewise written before nbdfuse
+// Records live in POOL/attachments/NAME.json (record.h). A record is written, with index -1,
+// BEFORE the kernel is asked to CONNECT, and completed after: a crash in between leaves a record
+// whose cookie Recover() can still find in /sys/block/nbd*/backend, so no device is ever attached
+// without a record that names it. A fuse record is likewise written before nbdfuse
 // starts (with the mount point every later cleanup starts from), again with nbdfuse's pid, and
 // completed with the loop index.
 #pragma once
@@ -28,62 +27,14 @@
 #include <string>
 #include <vector>
 
+#include "common/name_locks.h"
 #include "common/status.h"
-#include "datapath/engine/fuse_attach.h"
-#include "datapath/engine/kernel_nbd.h"
+#include "datapath/attach/export_server.h"
+#include "datapath/attach/fuse_attach.h"
+#include "datapath/attach/kernel_nbd.h"
+#include "datapath/attach/record.h"
 
 namespace nbdcsi::datapath {
-
-class NbdFrontend;
-class Pool;
-
-inline constexpr const char* kModeKernel = "kernel";
-inline constexpr const char* kModeFuse = "fuse";
-
-struct AttachmentRecord {
-  std::string volume;
-  std::string mode = kModeKernel;  // kModeKernel or kModeFuse
-  // kernel: N of /dev/nbdN; fuse: N of /dev/loopN. -1: not confirmed yet.
-  int index = -1;
-  // kernel: the device's NBD_ATTR_BACKEND_IDENTIFIER; fuse: the same form, for telling
-  // attachments apart in listings.
-  std::string cookie;
-  unsigned connections = 0;  // kernel: sockets; fuse: nbdfuse's multi-conn connections
-  uint64_t size_bytes = 0;   // what the device was last told
-  bool read_only = false;
-  int fuse_pid = -1;        // fuse: nbdfuse's pid (-1: not started yet)
-  std::string fuse_mount;   // fuse: nbdfuse's mount point
-
-  // Not persisted: the link's state when the record was handed out (List, Get, Attach).
-  bool link_ok = true;
-  std::string link_error;
-
-  bool fuse() const { return mode == kModeFuse; }
-  std::string device() const;
-  std::string ToJson() const;
-  static StatusOr<AttachmentRecord> FromJson(const std::string& text);
-};
-
-// The export side of an attachment: sockets already in the transmission phase, plus what the
-// kernel must be told about the export.
-struct ServedExport {
-  std::vector<int> client_fds;  // owned by the receiver
-  uint64_t size_bytes = 0;
-  bool read_only = false;
-};
-
-class ExportServer {
- public:
-  virtual ~ExportServer() = default;
-  virtual StatusOr<ServedExport> Serve(const std::string& volume, unsigned connections) = 0;
-  // The volume's current size and read-only flag, with no sockets. ENOENT if not exported.
-  virtual StatusOr<ServedExport> Describe(const std::string& volume) = 0;
-  // The daemon's Unix NBD socket, where nbdfuse connects; "" when there is none.
-  virtual std::string UnixSocketPath() const { return ""; }
-};
-
-// ExportServer over the real engine (NbdFrontend::ServeSocketPairs) and pool.
-std::unique_ptr<ExportServer> MakeFrontendExportServer(Pool& pool, NbdFrontend& frontend);
 
 struct AttachOptions {
   unsigned default_connections = 0;  // 0: min(nproc, 4)
@@ -105,7 +56,7 @@ struct RecoverReport {
 
 class AttachmentManager {
  public:
-  static constexpr unsigned kMaxConnections = 16;
+  static constexpr unsigned kMaxConnections = kMaxAttachConnections;
 
   // `dir` is the records directory (POOL/attachments); Init() creates it. The fuse fallback
   // uses the real nbdfuse + loop implementation (MakeLinuxFuseLoop), created when first needed.
@@ -156,16 +107,14 @@ class AttachmentManager {
                                         const std::string& socket);
   Status DetachFuse(const AttachmentRecord& r);
   void RecoverFuse(AttachmentRecord r, RecoverReport& rep);
+  void RecoverKernel(AttachmentRecord r, const Status& available, RecoverReport& rep);
   std::string FuseMount(const std::string& volume) const;
-  // A per-volume claim so concurrent calls on one volume get EALREADY instead of racing.
-  class Claim;
-  Status WriteRecord(const AttachmentRecord& r);
-  Status RemoveRecord(const std::string& volume);
-  std::string RecordPath(const std::string& volume) const;
+  Status WriteRecord(const AttachmentRecord& r) { return store_.Write(r); }
+  Status RemoveRecord(const std::string& volume) { return store_.Remove(volume); }
   // The kernel's current device for a record: its index if the cookie still matches, else -1.
   int LiveIndex(const AttachmentRecord& r);
 
-  std::string dir_;
+  RecordStore store_;
   KernelNbdInterface& kernel_;
   std::unique_ptr<FuseLoopInterface> own_fuse_;  // guarded by mu_ until created
   FuseLoopInterface* fuse_ = nullptr;            // guarded by mu_ until created
@@ -173,7 +122,9 @@ class AttachmentManager {
   AttachOptions opts_;
   mutable std::mutex mu_;
   std::map<std::string, AttachmentRecord> records_;  // guarded by mu_
-  std::set<std::string> busy_;                       // guarded by mu_
+  // One Attach/Detach/Resize/link repair per volume at a time: a second one gets EALREADY
+  // instead of racing (TryAcquire, never a wait).
+  NameLocks busy_;
   // Fuse attachments made by this process: the others (recovered) lost their NBD connection.
   std::set<std::string> fuse_live_;  // guarded by mu_
   // Why a kernel attachment's link is down (a failed RECONFIGURE), until it is repaired.

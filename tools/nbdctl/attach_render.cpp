@@ -1,8 +1,8 @@
-#include "datapath/nbdctl/attach_cmds.h"
+#include "tools/nbdctl/attach_render.h"
 
 #include <fmt/format.h>
 
-#include "datapath/nbdctl/render.h"
+#include "tools/nbdctl/render.h"
 
 namespace nbdcsi::nbdctl {
 

@@ -1,4 +1,4 @@
-#include "datapath/nbdctl/render.h"
+#include "tools/nbdctl/render.h"
 
 #include <time.h>
 

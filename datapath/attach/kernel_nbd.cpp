@@ -1,4 +1,4 @@
-#include "datapath/engine/kernel_nbd.h"
+#include "datapath/attach/kernel_nbd.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -12,15 +12,16 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <thread>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "common/block_devices.h"
 #include "common/fs_util.h"
 
 namespace nbdcsi::datapath {
@@ -166,6 +167,20 @@ StatusOr<Exchange> Send(Family& f, NlMsg msg, const char* what) {
   return ex;
 }
 
+// One request: a fresh family socket, command `cmd` with the attributes `fill` adds, and the
+// kernel's answer. `what` names it in errors; the overflow message names the bare command.
+StatusOr<Exchange> Request(uint8_t cmd, const char* cmd_name, const char* what,
+                           const std::function<void(Builder&)>& fill) {
+  auto f = OpenFamily();
+  if (!f.ok()) return f.status();
+  auto msg = NewMessage(*f, cmd);
+  if (!msg.ok()) return msg.status();
+  Builder b{msg->get()};
+  fill(b);
+  if (b.failed) return Error(EMSGSIZE, "nbd netlink {}: message too large", cmd_name);
+  return Send(*f, std::move(*msg), what);
+}
+
 std::string ReadSysfs(int index, const char* leaf) {
   std::ifstream in(fmt::format("/sys/block/nbd{}/{}", index, leaf));
   std::string s;
@@ -185,21 +200,16 @@ class LinuxKernelNbd final : public KernelNbdInterface {
   }
 
   StatusOr<int> Connect(const std::vector<int>& fds, const KernelConnectParams& p) override {
-    auto f = OpenFamily();
-    if (!f.ok()) return f.status();
-    auto msg = NewMessage(*f, NBD_CMD_CONNECT);
-    if (!msg.ok()) return msg.status();
-    Builder b{msg->get()};
-    if (p.index >= 0) b.U32(NBD_ATTR_INDEX, static_cast<uint32_t>(p.index));
-    b.U64(NBD_ATTR_SIZE_BYTES, p.size_bytes);
-    b.U64(NBD_ATTR_BLOCK_SIZE_BYTES, p.block_size);
-    b.U64(NBD_ATTR_SERVER_FLAGS, p.server_flags);
-    b.U64(NBD_ATTR_TIMEOUT, p.io_timeout_s);
-    b.U64(NBD_ATTR_DEAD_CONN_TIMEOUT, p.dead_conn_timeout_s);
-    if (!p.backend_identifier.empty()) b.Str(NBD_ATTR_BACKEND_IDENTIFIER, p.backend_identifier);
-    b.Sockets(fds);
-    if (b.failed) return Error(EMSGSIZE, "nbd netlink CONNECT: message too large");
-    auto ex = Send(*f, std::move(*msg), "CONNECT");
+    auto ex = Request(NBD_CMD_CONNECT, "CONNECT", "CONNECT", [&](Builder& b) {
+      if (p.index >= 0) b.U32(NBD_ATTR_INDEX, static_cast<uint32_t>(p.index));
+      b.U64(NBD_ATTR_SIZE_BYTES, p.size_bytes);
+      b.U64(NBD_ATTR_BLOCK_SIZE_BYTES, p.block_size);
+      b.U64(NBD_ATTR_SERVER_FLAGS, p.server_flags);
+      b.U64(NBD_ATTR_TIMEOUT, p.io_timeout_s);
+      b.U64(NBD_ATTR_DEAD_CONN_TIMEOUT, p.dead_conn_timeout_s);
+      if (!p.backend_identifier.empty()) b.Str(NBD_ATTR_BACKEND_IDENTIFIER, p.backend_identifier);
+      b.Sockets(fds);
+    });
     if (!ex.ok()) return ex.status();
     if (ex->index < 0) return Error(EIO, "nbd netlink CONNECT: the kernel returned no index");
     return ex->index;
@@ -207,31 +217,21 @@ class LinuxKernelNbd final : public KernelNbdInterface {
 
   Status Reconfigure(int index, const std::vector<int>& fds, uint64_t dead_conn_timeout_s,
                      const std::string& cookie) override {
-    auto f = OpenFamily();
-    if (!f.ok()) return f.status();
-    auto msg = NewMessage(*f, NBD_CMD_RECONFIGURE);
-    if (!msg.ok()) return msg.status();
-    Builder b{msg->get()};
-    b.U32(NBD_ATTR_INDEX, static_cast<uint32_t>(index));
-    b.U64(NBD_ATTR_DEAD_CONN_TIMEOUT, dead_conn_timeout_s);
-    if (!cookie.empty()) b.Str(NBD_ATTR_BACKEND_IDENTIFIER, cookie);
-    b.Sockets(fds);
-    if (b.failed) return Error(EMSGSIZE, "nbd netlink RECONFIGURE: message too large");
-    auto ex = Send(*f, std::move(*msg), "RECONFIGURE");
+    auto ex = Request(NBD_CMD_RECONFIGURE, "RECONFIGURE", "RECONFIGURE", [&](Builder& b) {
+      b.U32(NBD_ATTR_INDEX, static_cast<uint32_t>(index));
+      b.U64(NBD_ATTR_DEAD_CONN_TIMEOUT, dead_conn_timeout_s);
+      if (!cookie.empty()) b.Str(NBD_ATTR_BACKEND_IDENTIFIER, cookie);
+      b.Sockets(fds);
+    });
     return ex.ok() ? Status::Ok() : ex.status();
   }
 
   Status Resize(int index, uint64_t size_bytes, const std::string& cookie) override {
-    auto f = OpenFamily();
-    if (!f.ok()) return f.status();
-    auto msg = NewMessage(*f, NBD_CMD_RECONFIGURE);
-    if (!msg.ok()) return msg.status();
-    Builder b{msg->get()};
-    b.U32(NBD_ATTR_INDEX, static_cast<uint32_t>(index));
-    b.U64(NBD_ATTR_SIZE_BYTES, size_bytes);
-    if (!cookie.empty()) b.Str(NBD_ATTR_BACKEND_IDENTIFIER, cookie);
-    if (b.failed) return Error(EMSGSIZE, "nbd netlink RECONFIGURE: message too large");
-    auto ex = Send(*f, std::move(*msg), "RECONFIGURE (size)");
+    auto ex = Request(NBD_CMD_RECONFIGURE, "RECONFIGURE", "RECONFIGURE (size)", [&](Builder& b) {
+      b.U32(NBD_ATTR_INDEX, static_cast<uint32_t>(index));
+      b.U64(NBD_ATTR_SIZE_BYTES, size_bytes);
+      if (!cookie.empty()) b.Str(NBD_ATTR_BACKEND_IDENTIFIER, cookie);
+    });
     return ex.ok() ? Status::Ok() : ex.status();
   }
 
@@ -244,14 +244,9 @@ class LinuxKernelNbd final : public KernelNbdInterface {
   }
 
   Status Disconnect(int index) override {
-    auto f = OpenFamily();
-    if (!f.ok()) return f.status();
-    auto msg = NewMessage(*f, NBD_CMD_DISCONNECT);
-    if (!msg.ok()) return msg.status();
-    Builder b{msg->get()};
-    b.U32(NBD_ATTR_INDEX, static_cast<uint32_t>(index));
-    if (b.failed) return Error(EMSGSIZE, "nbd netlink DISCONNECT: message too large");
-    auto ex = Send(*f, std::move(*msg), "DISCONNECT");
+    auto ex = Request(NBD_CMD_DISCONNECT, "DISCONNECT", "DISCONNECT", [&](Builder& b) {
+      b.U32(NBD_ATTR_INDEX, static_cast<uint32_t>(index));
+    });
     return ex.ok() ? Status::Ok() : ex.status();
   }
 
@@ -262,11 +257,9 @@ class LinuxKernelNbd final : public KernelNbdInterface {
     if (!d) return -1;
     int found = -1;
     while (dirent* e = readdir(d)) {
-      int index = -1;
-      char tail = 0;
-      if (std::sscanf(e->d_name, "nbd%d%c", &index, &tail) != 1 || index < 0) continue;
-      if (Backend(index) == cookie) {
-        found = index;
+      std::optional<int> index = WholeDeviceIndex(e->d_name, "nbd");
+      if (index && Backend(*index) == cookie) {
+        found = *index;
         break;
       }
     }
