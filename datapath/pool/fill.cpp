@@ -5,6 +5,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <utility>
+
 #include <spdlog/spdlog.h>
 
 #include "common/fault.h"
@@ -62,19 +64,15 @@ StatusOr<Pool::Impl::FillSource> Pool::Impl::ResolveSourceLocked(const CreateSpe
     src.snapshot = from;  // its data file is opened outside `mu`
     return src;
   }
-  auto vit = vols.find(from);
-  if (vit == vols.end()) return NotFound("volume", broken, from);
-  const VolumeMeta& vm = vit->second.meta;
-  if (vm.state != "ready") {
-    return Error(EAGAIN, "volume {} is not ready: {}", from, NotReadyReason(vm.state, vm.error));
+  auto live = LiveSourceLocked(from);
+  if (!live.ok()) return live.status();
+  const Entry& e = **live;
+  if (Status s = ResolveSize(spec.name, e.meta.size, "its source " + from, size); !s.ok()) {
+    return s;
   }
-  if (const auto* c = CopyFromLocked(src.label)) {
-    return Error(EAGAIN, "a copy from volume {} is running ({})", from, ProgressLocked(*c));
-  }
-  if (Status s = ResolveSize(spec.name, vm.size, "its source " + from, size); !s.ok()) return s;
   src.op = "clone";
-  src.length = vm.size;
-  src.live = vit->second.vol;
+  src.length = e.meta.size;
+  src.live = e.vol;
   src.fd = src.live->buffered_fd();
   return src;
 }
@@ -139,12 +137,9 @@ StatusOr<VolumeInfo> Pool::Impl::FillNewVolume(const CreateSpec& spec, uint64_t 
   const std::string& first = reflink ? tmp : data;
   int fd = open(first.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (fd < 0) return Sys(errno, op + " volume " + name + ": create " + first);
-  auto fail = [&](Status s) -> Status {
-    spdlog::error("pool {}: {} of volume {} from {} failed, rolling back: {}", opts.dir, op,
-                  name, src.label, s.message());
-    if (fd >= 0) close(fd);
-    UndoFiles(vol_dir, {MetaPath(name), TmpPath(name), data, tmp});
-    return s;
+  auto fail = [&](Status s) {
+    return RollBackVolume(op + " of volume " + name + " from " + src.label, name,
+                          std::exchange(fd, -1), s);
   };
   double pause_ms = -1;
   if (reflink) {

@@ -211,6 +211,8 @@ struct Pool::Impl {
   StatusOr<std::shared_ptr<Volume>> OpenVolume(const VolumeMeta& m, int buffered_fd = -1);
   StatusOr<VolumeInfo> InsertVolume(std::shared_ptr<Volume> vol, const VolumeMeta& m);
   VolumeInfo MakeInfo(const Entry& e) const;
+  Status RollBackVolume(const std::string& what, const std::string& name, int fd,
+                        const Status& s);
   Status StopCopiesOf(const char* kind, const std::string& name);
   Status CheckNotFillingLocked(const std::string& name, const char* what) const;
   Status GrowData(Volume& vol, uint64_t old_size, uint64_t new_size);
@@ -234,7 +236,10 @@ struct Pool::Impl {
   };
   StatusOr<SnapshotPlan> PlanSnapshotLocked(const std::string& name,
                                             const std::string& volume) const;
+  StatusOr<const Entry*> LiveSourceLocked(const std::string& volume) const;
   SnapshotInfo MakeSnapInfo(const SnapshotMeta& m) const;
+  Status RollBackSnapshot(const std::string& name, const std::string& volume, int fd,
+                          const Status& s);
   StatusOr<SnapshotInfo> SnapshotByReflink(const std::string& name, const std::string& volume,
                                            const std::shared_ptr<Volume>& vol, uint64_t size);
   StatusOr<SnapshotInfo> SnapshotByCopy(const std::string& name, const std::string& volume,

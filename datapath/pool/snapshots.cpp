@@ -5,6 +5,8 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <utility>
+
 #include <spdlog/spdlog.h>
 
 #include "common/fault.h"
@@ -37,6 +39,22 @@ SnapshotInfo Pool::Impl::MakeSnapInfo(const SnapshotMeta& m) const {
   return info;
 }
 
+// A live volume that a snapshot or a clone may copy now: it exists (ENOENT, or EIO when broken),
+// is ready (EAGAIN while a restore or clone still fills it) and no other copy reads it (EAGAIN:
+// one copy per source at a time).
+StatusOr<const Pool::Impl::Entry*> Pool::Impl::LiveSourceLocked(const std::string& volume) const {
+  auto it = vols.find(volume);
+  if (it == vols.end()) return NotFound("volume", broken, volume);
+  const VolumeMeta& vm = it->second.meta;
+  if (vm.state != "ready") {
+    return Error(EAGAIN, "volume {} is not ready: {}", volume, NotReadyReason(vm.state, vm.error));
+  }
+  if (const auto* c = CopyFromLocked(VolKey(volume))) {
+    return Error(EAGAIN, "a copy from volume {} is running ({})", volume, ProgressLocked(*c));
+  }
+  return &it->second;
+}
+
 // The decisions of CreateSnapshot, under the name guard: an existing snapshot (idempotent retry
 // or EEXIST), else the source volume and its size at this moment.
 StatusOr<Pool::Impl::SnapshotPlan> Pool::Impl::PlanSnapshotLocked(const std::string& name,
@@ -51,17 +69,10 @@ StatusOr<Pool::Impl::SnapshotPlan> Pool::Impl::PlanSnapshotLocked(const std::str
     plan.existing = MakeSnapInfo(it->second);
     return plan;
   }
-  auto it = vols.find(volume);
-  if (it == vols.end()) return NotFound("volume", broken, volume);
-  const VolumeMeta& vm = it->second.meta;
-  if (vm.state != "ready") {
-    return Error(EAGAIN, "volume {} is not ready: {}", volume, NotReadyReason(vm.state, vm.error));
-  }
-  if (const auto* c = CopyFromLocked(VolKey(volume))) {
-    return Error(EAGAIN, "a copy from volume {} is running ({})", volume, ProgressLocked(*c));
-  }
-  plan.vol = it->second.vol;
-  plan.size = vm.size;
+  auto live = LiveSourceLocked(volume);
+  if (!live.ok()) return live.status();
+  plan.vol = (*live)->vol;
+  plan.size = (*live)->meta.size;
   return plan;
 }
 
@@ -84,6 +95,23 @@ StatusOr<SnapshotInfo> Pool::CreateSnapshot(const std::string& name, const std::
   return I.SnapshotByCopy(name, volume, plan->vol, plan->size);
 }
 
+// Undoes a snapshot that failed after its first file was made: closes `fd` (if >= 0),
+// unpublishes it (the copy path publishes before the copy starts) and removes every file either
+// path may have made. Returns `s`.
+Status Pool::Impl::RollBackSnapshot(const std::string& name, const std::string& volume, int fd,
+                                    const Status& s) {
+  spdlog::error("pool {}: snapshot {} of volume {} failed, rolling back: {}", opts.dir, name,
+                volume, s.message());
+  if (fd >= 0) close(fd);
+  {
+    std::lock_guard lock(mu);
+    snaps.erase(name);  // never an older one: the name guard and the plan exclude that
+  }
+  UndoFiles(snap_dir,
+            {SnapMetaPath(name), SnapTmpPath(name), SnapDataPath(name), SnapDataTmpPath(name)});
+  return s;
+}
+
 // Reflink: clone the live volume into a temp file at one instant, fsync, rename to NAME.img,
 // fsync the directory, commit NAME.json "ready".
 StatusOr<SnapshotInfo> Pool::Impl::SnapshotByReflink(const std::string& name,
@@ -94,13 +122,7 @@ StatusOr<SnapshotInfo> Pool::Impl::SnapshotByReflink(const std::string& name,
   const std::string data = SnapDataPath(name), tmp = SnapDataTmpPath(name);
   int fd = open(tmp.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (fd < 0) return Sys(errno, "create snapshot " + name + ": " + tmp);
-  auto fail = [&](Status s) -> Status {
-    spdlog::error("pool {}: snapshot {} of volume {} failed, rolling back: {}", opts.dir, name,
-                  volume, s.message());
-    if (fd >= 0) close(fd);
-    UndoFiles(snap_dir, {SnapMetaPath(name), SnapTmpPath(name), data, tmp});
-    return s;
-  };
+  auto fail = [&](Status s) { return RollBackSnapshot(name, volume, std::exchange(fd, -1), s); };
   int64_t at = 0;
   double pause_ms = 0;
   if (Status s = CloneWhole(fd, tmp, vol->buffered_fd(), "volume " + volume, &vol->gate(), &at,
@@ -159,17 +181,7 @@ StatusOr<SnapshotInfo> Pool::Impl::SnapshotByCopy(const std::string& name,
   const std::string data = SnapDataPath(name);
   int fd = open(data.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (fd < 0) return Sys(errno, "create snapshot " + name + ": " + data);
-  auto fail = [&](Status s) -> Status {
-    spdlog::error("pool {}: snapshot {} of volume {} failed, rolling back: {}", opts.dir, name,
-                  volume, s.message());
-    if (fd >= 0) close(fd);
-    {
-      std::lock_guard lock(mu);
-      snaps.erase(name);
-    }
-    UndoFiles(snap_dir, {SnapMetaPath(name), SnapTmpPath(name), data});
-    return s;
-  };
+  auto fail = [&](Status s) { return RollBackSnapshot(name, volume, std::exchange(fd, -1), s); };
   if (Status s = SizeDurably(fd, size, data, snap_dir); !s.ok()) return fail(s);
   FaultPoint("snapshot.copy_data");
   const SnapshotMeta m{name, volume, size, RealtimeNs(), "copy", "copying", ""};

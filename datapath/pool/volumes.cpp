@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <utility>
 
 #include <spdlog/spdlog.h>
 
@@ -202,6 +203,16 @@ StatusOr<VolumeInfo> Pool::Create(const CreateSpec& spec) {
   return I.FillNewVolume(spec, plan->size, std::move(plan->src));
 }
 
+// Undoes a create, restore or clone that failed after its first file was made (`what` says which,
+// for the log): closes `fd` (if >= 0) and removes every file any of them may have made. Returns s.
+Status Pool::Impl::RollBackVolume(const std::string& what, const std::string& name, int fd,
+                                  const Status& s) {
+  spdlog::error("pool {}: {} failed, rolling back: {}", opts.dir, what, s.message());
+  if (fd >= 0) close(fd);
+  UndoFiles(vol_dir, {MetaPath(name), TmpPath(name), DataPath(name), DataTmpPath(name)});
+  return s;
+}
+
 // A blank volume: data file created, sized and fsynced, then metadata committed. Caller holds
 // the name guard and has reserved the capacity.
 StatusOr<VolumeInfo> Pool::Impl::CreateBlank(const CreateSpec& spec) {
@@ -216,12 +227,8 @@ StatusOr<VolumeInfo> Pool::Impl::CreateBlank(const CreateSpec& spec) {
     }
     return Sys(errno, "create volume " + name + ": " + data);
   }
-  auto fail = [&](Status s) -> Status {
-    spdlog::error("pool {}: create volume {} failed, rolling back: {}", opts.dir, name,
-                  s.message());
-    if (fd >= 0) close(fd);
-    UndoFiles(vol_dir, {MetaPath(name), TmpPath(name), data});
-    return s;
+  auto fail = [&](Status s) {
+    return RollBackVolume("create of volume " + name, name, std::exchange(fd, -1), s);
   };
   if (Status s = SizeDurably(fd, spec.size, data, vol_dir); !s.ok()) return fail(s);
   FaultPoint("create.data");

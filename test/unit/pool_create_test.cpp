@@ -109,6 +109,29 @@ class PoolCreateTest : public ::testing::Test {
     return {};
   }
 
+  // Runs `first` until the pool holds it at `step`, then `second` beside it, and checks that
+  // `second` does not finish while `first` holds its names (if it did not wait, it has ample time
+  // to finish during the pause); then lets `first` go. Returns both results.
+  template <typename First, typename Second>
+  auto HoldAndRace(const char* step, First first, Second second) {
+    gate_ = std::make_unique<StepGate>(step);
+    std::promise<decltype(first())> a;
+    std::promise<decltype(second())> b;
+    std::atomic<bool> second_done{false};
+    std::thread ta([&] { a.set_value(first()); });
+    gate_->WaitReached();
+    std::thread tb([&] {
+      b.set_value(second());
+      second_done = true;
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    EXPECT_FALSE(second_done) << "the second call did not wait for the first one at " << step;
+    gate_->Release();
+    ta.join();
+    tb.join();
+    return std::make_pair(a.get_future().get(), b.get_future().get());
+  }
+
   std::string root_;
   PoolOptions opts_;
   std::unique_ptr<Pool> pool_;
@@ -203,23 +226,9 @@ TEST_F(PoolCreateTest, RestoreAndCloneAreIdempotentIncludingTheSource) {
 // A restore that has decided (source found, size resolved, capacity reserved) holds the
 // snapshot's name: a concurrent delete of that snapshot waits, and the restore gets the data.
 TEST_F(PoolCreateTest, DeleteOfTheSnapshotWaitsForARestoreInProgress) {
-  gate_ = std::make_unique<StepGate>("create.resolved");
-  std::promise<StatusOr<VolumeInfo>> restored;
-  std::thread restore([&] { restored.set_value(pool_->Create(CreateSpec::Restore("r", "s"))); });
-  gate_->WaitReached();
-  std::atomic<bool> deleted{false};
-  Status del;
-  std::thread remover([&] {
-    del = pool_->DeleteSnapshot("s");
-    deleted = true;
-  });
-  // If the delete did not wait for the name, it has ample time to finish here.
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  EXPECT_FALSE(deleted) << "the snapshot was deleted under a restore that had resolved it";
-  gate_->Release();
-  restore.join();
-  remover.join();
-  auto r = restored.get_future().get();
+  auto [r, del] = HoldAndRace(
+      "create.resolved", [&] { return pool_->Create(CreateSpec::Restore("r", "s")); },
+      [&] { return pool_->DeleteSnapshot("s"); });
   ASSERT_TRUE(r.ok()) << r.status().message();
   // Once the restore has its data (reflink) or its copy finished, the snapshot may go; while the
   // copy still runs, the delete is refused, never the restore.
@@ -233,22 +242,10 @@ TEST_F(PoolCreateTest, DeleteOfTheSnapshotWaitsForARestoreInProgress) {
 // The other order: a delete that holds the snapshot's name finishes first, and the restore
 // then finds no snapshot (ENOENT) and leaves nothing behind.
 TEST_F(PoolCreateTest, RestoreAfterAConcurrentDeleteFindsNothing) {
-  gate_ = std::make_unique<StepGate>("delete_snapshot.guarded");
-  std::promise<Status> deleted;
-  std::thread remover([&] { deleted.set_value(pool_->DeleteSnapshot("s")); });
-  gate_->WaitReached();
-  std::atomic<bool> restored{false};
-  StatusOr<VolumeInfo> r = Status();
-  std::thread restore([&] {
-    r = pool_->Create(CreateSpec::Restore("r", "s"));
-    restored = true;
-  });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  EXPECT_FALSE(restored) << "the restore did not wait for the delete holding the snapshot's name";
-  gate_->Release();
-  remover.join();
-  restore.join();
-  EXPECT_TRUE(deleted.get_future().get().ok());
+  auto [del, r] = HoldAndRace(
+      "delete_snapshot.guarded", [&] { return pool_->DeleteSnapshot("s"); },
+      [&] { return pool_->Create(CreateSpec::Restore("r", "s")); });
+  EXPECT_TRUE(del.ok()) << del.message();
   EXPECT_EQ(r.status().code(), ENOENT) << r.status().message();
   EXPECT_THAT(r.status().message(), HasSubstr("snapshot s not found"));
   EXPECT_EQ(pool_->Inspect("r").status().code(), ENOENT);
@@ -258,22 +255,9 @@ TEST_F(PoolCreateTest, RestoreAfterAConcurrentDeleteFindsNothing) {
 
 // The same for a clone and the deletion of its source volume.
 TEST_F(PoolCreateTest, DeleteOfTheSourceVolumeWaitsForACloneInProgress) {
-  gate_ = std::make_unique<StepGate>("create.resolved");
-  std::promise<StatusOr<VolumeInfo>> cloned;
-  std::thread clone([&] { cloned.set_value(pool_->Create(CreateSpec::Clone("c", "v"))); });
-  gate_->WaitReached();
-  std::atomic<bool> deleted{false};
-  Status del;
-  std::thread remover([&] {
-    del = pool_->Delete("v");
-    deleted = true;
-  });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  EXPECT_FALSE(deleted) << "the volume was deleted under a clone that had resolved it";
-  gate_->Release();
-  clone.join();
-  remover.join();
-  auto c = cloned.get_future().get();
+  auto [c, del] = HoldAndRace(
+      "create.resolved", [&] { return pool_->Create(CreateSpec::Clone("c", "v")); },
+      [&] { return pool_->Delete("v"); });
   ASSERT_TRUE(c.ok()) << c.status().message();
   EXPECT_THAT(del.code(), AnyOf(0, EBUSY)) << del.message();
   EXPECT_EQ(ReadAt(WaitVolume("c").path, 0, 4), "BBBB");

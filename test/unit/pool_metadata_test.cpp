@@ -190,21 +190,20 @@ TEST(PoolMetadata, CorruptSnapshotRecordsAreClearErrors) {
 
 // A crash can leave any prefix of a file that was never fsynced. Every prefix that ends before
 // the closing brace must be refused; only the last one (the text without its newline) is whole.
+template <typename Parse>
+void ExpectEveryTruncationRefused(const std::string& text, const char* name, Parse parse) {
+  for (size_t len = 0; len < text.rfind('}') + 1; ++len) {
+    auto m = parse(std::string_view(text).substr(0, len), name);
+    ASSERT_FALSE(m.ok()) << name << ": prefix of " << len << " bytes accepted";
+    EXPECT_EQ(m.status().code(), EINVAL);
+    EXPECT_THAT(m.status().message(), StartsWith("metadata")) << len;
+  }
+  EXPECT_TRUE(parse(std::string_view(text).substr(0, text.size() - 1), name).ok());
+}
+
 TEST(PoolMetadata, EveryTruncationIsRefused) {
-  const std::string vol = ToJson(SampleVolume()), snap = ToJson(SampleSnapshot());
-  for (size_t len = 0; len < vol.rfind('}') + 1; ++len) {
-    auto m = ParseVolumeMetadata(std::string_view(vol).substr(0, len), "pvc-1");
-    ASSERT_FALSE(m.ok()) << "volume prefix of " << len << " bytes accepted";
-    EXPECT_EQ(m.status().code(), EINVAL);
-    EXPECT_THAT(m.status().message(), StartsWith("metadata")) << len;
-  }
-  for (size_t len = 0; len < snap.rfind('}') + 1; ++len) {
-    auto m = ParseSnapshotMetadata(std::string_view(snap).substr(0, len), "snap-1");
-    ASSERT_FALSE(m.ok()) << "snapshot prefix of " << len << " bytes accepted";
-    EXPECT_EQ(m.status().code(), EINVAL);
-    EXPECT_THAT(m.status().message(), StartsWith("metadata")) << len;
-  }
-  EXPECT_TRUE(ParseVolumeMetadata(std::string_view(vol).substr(0, vol.size() - 1), "pvc-1").ok());
+  ExpectEveryTruncationRefused(ToJson(SampleVolume()), "pvc-1", ParseVolumeMetadata);
+  ExpectEveryTruncationRefused(ToJson(SampleSnapshot()), "snap-1", ParseSnapshotMetadata);
 }
 
 // Every byte of a valid record replaced by bytes a bad sector or a stray write leaves: the
