@@ -393,16 +393,10 @@ Status VerifyUnixMode(const Endpoint& ep) {
   return Status::Ok();
 }
 
-}  // namespace
-
-StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiListen> listens,
-                                                    std::vector<grpc::Service*> extra) {
+// Every listener is checked before anything binds, so a bad one costs nothing.
+StatusOr<std::vector<Endpoint>> CheckListeners(const std::vector<ApiListen>& listens) {
   if (listens.empty()) return Error(EINVAL, "management API: no listener given");
-  std::unique_ptr<ApiServer> api(new ApiServer());
-  api->in_flight_ = std::make_shared<NameLocks>();
-  api->local_service_ = std::make_unique<DatapathService>(pool, api->in_flight_);
-  api->remote_service_ = std::make_unique<DatapathService>(pool, api->in_flight_);
-  // Every listener is checked before anything binds, so a bad one costs nothing.
+  std::vector<Endpoint> out;
   for (const ApiListen& l : listens) {
     auto ep = ParseEndpoint(l.endpoint);
     if (!ep.ok()) return ep.status();
@@ -420,22 +414,27 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiL
       spdlog::warn("management API on {} is plaintext TCP without authentication: tests only",
                    ep->ToString());
     }
-    api->endpoints_.push_back(*ep);
+    out.push_back(*ep);
   }
-  api->ports_.assign(listens.size(), 0);
+  return out;
+}
 
+}  // namespace
+
+// TCP first: when it cannot bind, no unix socket is created for nothing. Returns whether the
+// TCP side failed.
+bool ApiServer::BuildAndStart(const std::vector<ApiListen>& listens,
+                              const std::vector<grpc::Service*>& extra) {
   grpc::ServerBuilder local, remote;
   bool any_local = false, any_remote = false;
   for (size_t i = 0; i < listens.size(); ++i) {
-    const Endpoint& ep = api->endpoints_[i];
+    const Endpoint& ep = endpoints_[i];
     if (ep.kind == Endpoint::Kind::kUnix) {
-      local.AddListeningPort(ep.GrpcTarget(), grpc::InsecureServerCredentials(), &api->ports_[i]);
+      local.AddListeningPort(ep.GrpcTarget(), grpc::InsecureServerCredentials(), &ports_[i]);
       any_local = true;
     } else {
-      remote.AddListeningPort(ep.GrpcTarget(),
-                              listens[i].creds ? listens[i].creds
-                                               : grpc::InsecureServerCredentials(),
-                              &api->ports_[i]);
+      auto creds = listens[i].creds ? listens[i].creds : grpc::InsecureServerCredentials();
+      remote.AddListeningPort(ep.GrpcTarget(), creds, &ports_[i]);
       any_remote = true;
     }
   }
@@ -443,18 +442,15 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiL
     // gRPC sets SO_REUSEPORT by default: a second datapath on the same port would then share
     // the connections with us instead of failing to start.
     remote.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-    remote.RegisterService(api->remote_service_.get());
-    api->remote_ = remote.BuildAndStart();
+    remote.RegisterService(remote_service_.get());
+    remote_ = remote.BuildAndStart();
   }
-  // TCP first: when it cannot bind, no unix socket has been created for nothing.
-  bool remote_failed = any_remote && !api->remote_;
+  bool remote_failed = any_remote && !remote_;
   for (size_t i = 0; i < listens.size(); ++i) {
-    if (api->endpoints_[i].kind == Endpoint::Kind::kTcp && api->ports_[i] == 0) {
-      remote_failed = true;
-    }
+    if (endpoints_[i].kind == Endpoint::Kind::kTcp && ports_[i] == 0) remote_failed = true;
   }
   if (any_local && !remote_failed) {
-    local.RegisterService(api->local_service_.get());
+    local.RegisterService(local_service_.get());
     for (grpc::Service* s : extra) local.RegisterService(s);
     // The socket must never be reachable with a wider mode, not even between bind() and a
     // chmod(). umask is process-wide, so this only narrows the mode of files other threads create
@@ -462,25 +458,45 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiL
     static std::mutex umask_mu;
     std::lock_guard lock(umask_mu);
     mode_t old = umask(0177);
-    api->local_ = local.BuildAndStart();
+    local_ = local.BuildAndStart();
     umask(old);
   }
-  for (size_t i = 0; i < listens.size(); ++i) {
-    const Endpoint& ep = api->endpoints_[i];
+  return remote_failed;
+}
+
+// Every listener is bound (the destructor stops whichever server did start otherwise), and
+// every unix socket has mode 0600.
+Status ApiServer::CheckListening(bool remote_failed) const {
+  for (size_t i = 0; i < endpoints_.size(); ++i) {
+    const Endpoint& ep = endpoints_[i];
     const bool is_unix = ep.kind == Endpoint::Kind::kUnix;
     if (is_unix && remote_failed) continue;  // never tried; the TCP listener is the one to name
-    const bool built = is_unix ? api->local_ != nullptr : api->remote_ != nullptr;
-    if (!built || api->ports_[i] == 0) {
-      // The destructor stops whichever server did start.
+    const bool built = is_unix ? local_ != nullptr : remote_ != nullptr;
+    if (!built || ports_[i] == 0) {
       return Error(EADDRNOTAVAIL, "cannot listen on {}: gRPC could not bind it (see its log)",
                    ep.ToString());
     }
   }
-  for (const Endpoint& ep : api->endpoints_) {
+  for (const Endpoint& ep : endpoints_) {
     if (ep.kind == Endpoint::Kind::kUnix) {
       if (auto s = VerifyUnixMode(ep); !s.ok()) return s;
     }
   }
+  return Status::Ok();
+}
+
+StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiListen> listens,
+                                                    std::vector<grpc::Service*> extra) {
+  auto endpoints = CheckListeners(listens);
+  if (!endpoints.ok()) return endpoints.status();
+  std::unique_ptr<ApiServer> api(new ApiServer());
+  api->in_flight_ = std::make_shared<NameLocks>();
+  api->local_service_ = std::make_unique<DatapathService>(pool, api->in_flight_);
+  api->remote_service_ = std::make_unique<DatapathService>(pool, api->in_flight_);
+  api->endpoints_ = std::move(*endpoints);
+  api->ports_.assign(listens.size(), 0);
+  const bool remote_failed = api->BuildAndStart(listens, extra);
+  if (Status s = api->CheckListening(remote_failed); !s.ok()) return s;
   for (size_t i = 0; i < listens.size(); ++i) {
     const Endpoint& ep = api->endpoints_[i];
     spdlog::info("management API listening on {}{}", ep.ToString(),

@@ -57,6 +57,9 @@ class ApiServer {
   friend StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool&, std::vector<ApiListen>,
                                                              std::vector<grpc::Service*>);
   ApiServer() = default;
+  bool BuildAndStart(const std::vector<ApiListen>& listens,
+                     const std::vector<grpc::Service*>& extra);
+  Status CheckListening(bool remote_failed) const;
   std::vector<Endpoint> endpoints_;
   std::vector<int> ports_;
   // Names with a mutating call in flight ("volume/NAME", "snapshot/NAME"; see service.cpp).
