@@ -1,6 +1,5 @@
 // Capacity policy: how much may be provisioned (capacity x overcommit), what a create or resize
 // may add, and what the pool reports about itself (Pool::Info, PoolInfo::provisionable).
-#include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
 

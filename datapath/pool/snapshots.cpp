@@ -84,11 +84,10 @@ StatusOr<SnapshotInfo> Pool::CreateSnapshot(const std::string& name, const std::
   Impl& I = *impl_;
   I.ReapJobs();
   Impl::NameGuard guard(I, {SnapKey(name), VolKey(volume)});
-  StatusOr<Impl::SnapshotPlan> plan = Status();
-  {
+  auto plan = [&] {
     std::lock_guard lock(I.mu);
-    plan = I.PlanSnapshotLocked(name, volume);
-  }
+    return I.PlanSnapshotLocked(name, volume);
+  }();
   if (!plan.ok()) return plan.status();
   if (plan->existing) return *plan->existing;
   if (I.reflink) return I.SnapshotByReflink(name, volume, plan->vol, plan->size);

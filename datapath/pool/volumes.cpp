@@ -67,11 +67,10 @@ Status SameAsExisting(const VolumeMeta& m, const CreateSpec& spec, const std::st
   return Status::Ok();
 }
 
-// The names a create works on: its own, and its source's.
+// The names a create works on: its own, and its source's (whose label is its guard key).
 std::vector<std::string> CreateKeys(const CreateSpec& spec) {
   std::vector<std::string> keys{VolKey(spec.name)};
-  if (spec.source.kind == VolumeSource::Kind::kSnapshot) keys.push_back(SnapKey(spec.source.name));
-  if (spec.source.kind == VolumeSource::Kind::kVolume) keys.push_back(VolKey(spec.source.name));
+  if (spec.source.kind != VolumeSource::Kind::kBlank) keys.push_back(spec.source.Label());
   return keys;
 }
 
@@ -191,11 +190,10 @@ StatusOr<VolumeInfo> Pool::Create(const CreateSpec& spec) {
   Impl::NameGuard guard(I, CreateKeys(spec));
   auto capacity = I.Capacity();
   if (!capacity.ok()) return capacity.status();
-  StatusOr<Impl::CreatePlan> plan = Status();
-  {
+  auto plan = [&] {
     std::lock_guard lock(I.mu);
-    plan = I.PlanCreateLocked(spec, *capacity, guard);
-  }
+    return I.PlanCreateLocked(spec, *capacity, guard);
+  }();
   if (!plan.ok()) return plan.status();
   I.Step("create.resolved");
   if (plan->existing) return *plan->existing;
