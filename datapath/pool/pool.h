@@ -34,7 +34,9 @@
 // stays taken until an explicit Delete. Only files the pool itself leaves behind (temp files,
 // data files with no metadata at all) are removed automatically.
 // Sizes must be multiples of kVolumeSizeAlignment; per-GiB QoS keys use the size rounded up to
-// whole GiB (see qos.h Resolve). The errno of every rule is listed in rules.h.
+// whole GiB (see qos.h Resolve). The errno of every rule is listed in rules.h: each is EINVAL,
+// including a size above the largest file size (never EFBIG, which the API once answered with a
+// different gRPC code than the pool's own check).
 //
 // Snapshots, restores and clones:
 //   DIR/snapshots/NAME.img + NAME.json   a snapshot: same name rules, same version field and

@@ -38,7 +38,8 @@ Status SizeDurably(int fd, uint64_t size, const std::string& path, const std::st
 Status CloneWhole(int dst_fd, const std::string& dst_path, int src_fd, const std::string& what,
                   WriteGate* gate, int64_t* closed_ns, double* pause_ms);
 
-// The keys of the pool's name guard: volumes and snapshots are separate namespaces.
+// The keys of the pool's name guard (volumes and snapshots are separate namespaces), which are
+// also the labels a copy and a volume's "source" use for them.
 inline std::string VolKey(const std::string& name) { return "volume/" + name; }
 inline std::string SnapKey(const std::string& name) { return "snapshot/" + name; }
 
