@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <fstream>
 #include <optional>
@@ -145,7 +146,9 @@ class PointCheck {
     PoolOptions opts;
     opts.dir = dir;
     opts.overcommit_ratio = overcommit;
+    const auto t0 = std::chrono::steady_clock::now();
     auto pool = Pool::Open(opts);
+    r_.open_secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (!pool.ok()) {
       Fail("the pool does not open: {}", pool.status().message());
       return Finish("");
@@ -272,6 +275,12 @@ class PointCheck {
   // there or a later one with seq <= hi; a block no such write touched reads as zeros.
   void CheckStamped(const std::string& path, uint64_t size, uint64_t lo, uint64_t hi,
                     const std::string& what) {
+    const auto t0 = std::chrono::steady_clock::now();
+    struct Timer {
+      const std::chrono::steady_clock::time_point t0;
+      double& out;
+      ~Timer() { out += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); }
+    } timer{t0, r_.read_secs};
     int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
       Fail("{}: cannot open {}: {}", what, path, std::strerror(errno));

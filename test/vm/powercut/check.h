@@ -57,6 +57,8 @@ struct PointResult {
   uint64_t blocks_verified = 0;  // blocks that had to hold an acknowledged write, and did or not
   int tolerated = 0;             // broken/abandoned leftovers of the one op in flight
   std::vector<std::string> orphans;  // files the pool's open swept (allowed at any point)
+  double open_secs = 0;          // Pool::Open and its recovery
+  double read_secs = 0;          // reading and verifying volume and snapshot data
   std::string summary;           // one line
 };
 
