@@ -85,6 +85,8 @@ Status Journals::Load(const std::string& writer_journal, const std::string& ops_
 
 namespace {
 
+const uint8_t kZeroBlock[kBlockSize] = {};
+
 struct SnapModel {
   std::string vol;
   uint64_t size = 0;
@@ -297,21 +299,26 @@ class PointCheck {
     int bad = 0;
     for (uint64_t off = 0; off < size && bad < 5; off += kChunk) {
       const uint64_t len = std::min(kChunk, size - off);
-      // Holes read as zeros: no read when the chunk holds no data at all.
+      // A chunk with no data at all reads as zeros: only the blocks that must hold a write can
+      // be wrong there (scanning 64 MiB of zeros byte by byte costs seconds under TCG).
       const off_t data = lseek(fd, static_cast<off_t>(off), SEEK_DATA);
-      if (data >= 0 && static_cast<uint64_t>(data) < off + len) {
-        for (uint64_t done = 0; done < len;) {
-          ssize_t n = pread(fd, buf.data() + done, len - done, static_cast<off_t>(off + done));
-          if (n <= 0) {
-            Fail("{}: read at byte {} of {}: {}", what, off + done, path,
-                 n < 0 ? std::strerror(errno) : "unexpected end of file");
-            close(fd);
-            return;
-          }
-          done += static_cast<uint64_t>(n);
+      if (data < 0 || static_cast<uint64_t>(data) >= off + len) {
+        const uint64_t end = (off + len) / kBlockSize;
+        for (auto it = j_.by_block.lower_bound(off / kBlockSize);
+             it != j_.by_block.end() && it->first < end && bad < 5; ++it) {
+          if (!CheckBlock(kZeroBlock, it->first, lo, hi, what)) ++bad;
         }
-      } else {
-        std::fill(buf.begin(), buf.begin() + static_cast<ptrdiff_t>(len), 0);
+        continue;
+      }
+      for (uint64_t done = 0; done < len;) {
+        ssize_t n = pread(fd, buf.data() + done, len - done, static_cast<off_t>(off + done));
+        if (n <= 0) {
+          Fail("{}: read at byte {} of {}: {}", what, off + done, path,
+               n < 0 ? std::strerror(errno) : "unexpected end of file");
+          close(fd);
+          return;
+        }
+        done += static_cast<uint64_t>(n);
       }
       for (uint64_t b = 0; b < len / kBlockSize && bad < 5; ++b) {
         if (!CheckBlock(buf.data() + b * kBlockSize, off / kBlockSize + b, lo, hi, what)) ++bad;

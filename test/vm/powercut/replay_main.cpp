@@ -14,7 +14,7 @@
 //
 //   powercut-replay --log LOG --fs xfs|ext4 --journal FILE --ops FILE --volume NAME
 //       --from-mark MARK --worker IMAGE:BASEDEV:COWDEV:MOUNTPOINT... [--max-points N]
-//       [--stop-on-failure] [--overcommit R]
+//       [--stop-on-failure] [--overcommit R] [--chunk-sectors N]
 // IMAGE is a regular file of the pool file system's size; BASEDEV a loop device reading it;
 // COWDEV a scratch block device; MOUNTPOINT an empty directory.
 //
@@ -73,6 +73,7 @@ struct Shared {
   const Journals* journals = nullptr;
   std::string log, fs, volume;
   double overcommit = 8;
+  unsigned chunk_sectors = 32;
   bool stop_on_failure = false;
   int failure_limit = 3;
   std::vector<Todo> todo;
@@ -168,12 +169,11 @@ class Worker {
     if (!sectors.ok()) return sectors.status();
     table_.length = *sectors;
     table_.type = "snapshot";
-    // Non-persistent ("N"): the COW device is scratch, reused by every point. 128 KiB chunks:
-    // dm-snapshot splits every bio at chunk boundaries, and 4 KiB pieces through the loop device
-    // made reading a file 20 times slower under TCG; the copies on write (journal recovery, the
-    // pool's open) stay a few MiB.
-    table_.params = fmt::format("{}:{} {}:{} N 256", major(*base), minor(*base), major(*cow),
-                                minor(*cow));
+    // Non-persistent ("N"): the COW device is scratch, reused by every point. The chunk size
+    // trades the bio splitting of reads (dm-snapshot splits at chunk boundaries) against the
+    // copies on write (journal recovery, the pool's open).
+    table_.params = fmt::format("{}:{} {}:{} N {}", major(*base), minor(*base), major(*cow),
+                                minor(*cow), sh_.chunk_sectors);
     dm_name_ = fmt::format("pc-chk{}", id_);
     node_ = spec_.mnt + ".dev";
     return Status::Ok();
@@ -321,6 +321,9 @@ int main(int argc, char** argv) {
   app.add_option("--max-points", max_points, "Check at most this many points (0: all)");
   app.add_flag("--stop-on-failure", sh.stop_on_failure, "Stop at the first failing point");
   app.add_option("--overcommit", sh.overcommit, "Overcommit ratio the daemon ran with");
+  app.add_option("--chunk-sectors", sh.chunk_sectors, "dm-snapshot chunk size in 512-byte sectors")
+      ->check(CLI::IsMember({8u, 16u, 32u, 64u, 128u, 256u, 512u}))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::err);  // the pool's own info lines, hundreds of times
 

@@ -54,10 +54,8 @@ inline StampKind ReadStamp(const uint8_t* buf, StampFields* out) {
     *out = StampFields{head[1], head[2], head[3]};
     return StampKind::kValid;
   }
-  for (size_t i = 0; i < kBlockSize; ++i) {
-    if (buf[i] != 0) return StampKind::kCorrupt;
-  }
-  return StampKind::kZero;
+  static const uint8_t kZeros[kBlockSize] = {};
+  return std::memcmp(buf, kZeros, kBlockSize) == 0 ? StampKind::kZero : StampKind::kCorrupt;
 }
 
 }  // namespace nbdcsi::powercut
