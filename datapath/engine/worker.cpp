@@ -17,6 +17,7 @@
 #include <spdlog/spdlog.h>
 
 #include "datapath/engine/extents.h"
+#include "datapath/engine/request_state.h"
 #include "datapath/nbd/codec.h"
 #include "datapath/nbd/proto.h"
 
@@ -24,9 +25,14 @@ namespace nbdcsi::datapath {
 namespace {
 
 namespace proto = nbd;
+using engine::ConnLife;
+using engine::SlotState;
+using engine::Tag;
+using engine::TagKind;
 
 constexpr size_t kRecvBufSize = 256 * 1024;
 constexpr int kSlotsPerConn = 64;
+static_assert(kSlotsPerConn <= 256, "a slot index must fit the 8 bits of a Tag");
 constexpr size_t kIovMax = 64;  // two iovecs (header, data) per reply
 // Slot buffers grow to the largest request seen and are reused, so steady-state requests never
 // allocate. Buffers above this size (rare huge requests) are given back after the reply.
@@ -41,14 +47,18 @@ constexpr uint32_t kDirectAlign = 512;
 constexpr uint32_t kDirectRecvMin = 16 * 1024;
 constexpr size_t kMaxExtents = 1024;
 constexpr size_t kZeroChunk = size_t{1} << 20;
+// Requests waiting for QoS tokens are looked at again at least this often, so a limit raised or
+// removed live (ControllerModifyVolume) frees them within this time.
+constexpr uint64_t kThrottleRecheckNs = 100'000'000;
 
-enum class SqeKind : uint8_t { kWake, kRecv, kSend, kIo };
-
-// What every SQE carries in user_data: which handler gets its completion, and for whom.
-struct Op {
-  SqeKind kind;
-  void* owner;
-};
+// Checked builds (Debug, sanitizers: NBDCSI_STRICT_CHECKS) stop at the first broken invariant of
+// the request life cycle, with the state that broke it; release builds count it (the counters
+// reach `nbdctl`, tests and logs) and carry on with the safe choice at each site.
+#ifdef NBDCSI_STRICT_CHECKS
+constexpr bool kStrict = true;
+#else
+constexpr bool kStrict = false;
+#endif
 
 struct AlignedBuffer {
   uint8_t* data = nullptr;
@@ -74,28 +84,22 @@ struct AlignedBuffer {
 
 struct Connection;
 
-// One request's whole life. The states name where the slot is, so every list it can be on is
-// explicit: the free list, a connection's receive path, the worker's throttle queue, the ring,
-// the connection's send queue, or an in-flight sendmsg.
+// One request's whole life (request_state.h has the states and the allowed moves). The state says
+// which list the slot is on: the connection's free list, its receive path, the worker's throttle
+// queue or parked list, the ring, the connection's send queue, or an in-flight sendmsg.
 struct Slot {
-  enum class State : uint8_t {
-    kFree,
-    kRecvPayload,  // WRITE header parsed, payload arriving
-    kDraining,     // rejected WRITE: payload being discarded, error reply follows
-    kThrottled,    // waiting for QoS tokens
-    kParked,       // modifying request held by the volume's WriteGate (snapshot in progress)
-    kExec,         // an SQE is in the ring
-    kReplyQueued,  // reply built, waiting for the socket
-    kSending,      // part of the sendmsg in flight
-  };
   // Steps of multi-step commands.
   enum class Step : uint8_t { kMain, kZeroRange, kZeroWrite, kFuaSync };
 
-  Op op{SqeKind::kIo, this};
-  State state = State::kFree;
+  SlotState state = SlotState::kFree;
   Step step = Step::kMain;
+  uint8_t index = 0;
   bool use_direct = false;
   bool gate_held = false;  // counted in the volume's WriteGate: End() when the I/O finishes
+  bool orphan = false;     // its connection was aborted while it ran (WriteGate::Orphan)
+  // Minted when the slot is taken, 0 while it is free: the identity of this request in every
+  // Tag, so a completion or queue entry of an earlier request in this slot never matches.
+  uint32_t gen = 0;
   Connection* conn = nullptr;
   proto::RequestHeader h{};
   AlignedBuffer buf;
@@ -105,6 +109,7 @@ struct Slot {
   uint64_t start_ns = 0;
   uint64_t throttled_since = 0;
   uint64_t due_ns = 0;
+  uint64_t throttle_gen = 0;  // the volume's Throttle::generation() when it started waiting
   std::array<uint8_t, std::max(proto::kMaxDoneReplyLen, proto::kMaxReadReplyHeaderLen)> hdr{};
   uint32_t hdr_len = 0;
   uint32_t data_len = 0;  // reply bytes after hdr, taken from buf (READ data, BLOCK_STATUS chunk)
@@ -112,15 +117,15 @@ struct Slot {
 };
 
 struct Connection {
-  Worker::Impl* w = nullptr;
+  uint32_t id = 0;   // index in the worker's connection table
+  uint32_t gen = 0;  // identity of this connection in its recv/send Tags
+  ConnLife life = ConnLife::kOpen;
   int fd = -1;
   std::shared_ptr<Volume> vol;
   proto::TransmissionParams params{};
   SizeMode size_mode = SizeMode::kNegotiated;
   uint32_t ctx_id = 0;
 
-  Op recv_op{SqeKind::kRecv, this};
-  Op send_op{SqeKind::kSend, this};
   std::unique_ptr<uint8_t[]> rbuf{new uint8_t[kRecvBufSize]};
   size_t rpos = 0, rend = 0;
   bool recv_inflight = false;
@@ -129,9 +134,7 @@ struct Connection {
   Slot* cur_write = nullptr;  // slot whose WRITE payload is arriving
   Slot* drain_slot = nullptr;
   uint64_t drain_left = 0;
-  bool reading_stopped = false;   // DISC, or framing broken: no more requests are read
-  bool dead = false;              // socket unusable: nothing more is sent
-  int pending = 0;                // SQEs in flight that point into this connection
+  int sqes = 0;  // SQEs in flight that name this connection: recv, send, requests' I/O
   int busy_slots = 0;
   uint64_t inflight_bytes = 0;
 
@@ -149,6 +152,7 @@ struct Connection {
   Connection() {
     for (int i = kSlotsPerConn - 1; i >= 0; --i) {
       slots[i].conn = this;
+      slots[i].index = static_cast<uint8_t>(i);
       slots[i].next = free_list;
       free_list = &slots[i];
     }
@@ -165,6 +169,10 @@ datapath::OpKind StatKind(uint16_t type) {
     case proto::kCmdBlockStatus: return datapath::OpKind::kBlockStatus;
     default: return datapath::OpKind::kCount;
   }
+}
+
+bool Modifies(uint16_t type) {
+  return type == proto::kCmdWrite || type == proto::kCmdTrim || type == proto::kCmdWriteZeroes;
 }
 
 }  // namespace
@@ -184,16 +192,23 @@ struct Worker::Impl {
   bool ring_ok = false;
   int efd = -1;
   uint64_t efd_val = 0;
-  Op wake_op{SqeKind::kWake, nullptr};
   std::thread thread;
   std::atomic<bool> stopping{false};
   std::mutex mu;
   bool exited = false;  // guarded by mu
   std::vector<Incoming> incoming;
-  std::vector<Connection*> conns;
-  std::vector<Slot*> throttled;
-  std::vector<Slot*> parked;
-  std::vector<Slot*> scratch;  // reused by RunThrottled and the parked retry
+  // Live connections by id; an id is reused only with a new generation (Tag).
+  std::vector<std::unique_ptr<Connection>> table;
+  std::vector<uint32_t> free_ids;
+  size_t live = 0;
+  uint32_t last_gen = 0;
+  // Requests waiting for QoS tokens and modifying requests held by a WriteGate, as encoded Tags
+  // (kIo): a connection that goes away takes its entries out (Abort), and an entry that no longer
+  // names a live request would be dropped, never run.
+  std::vector<uint64_t> throttled;
+  std::vector<uint64_t> parked;
+  std::vector<uint64_t> scratch;  // reused by RunThrottled and the parked retry
+  uint64_t violations_logged = 0;
   // Told by a volume's WriteGate when parked writes may go; wakes this worker's ring.
   // It owns the eventfd: a gate may still hold a reference to it for a moment after the
   // worker is gone, and then writes into a still-open descriptor nobody reads.
@@ -212,6 +227,74 @@ struct Worker::Impl {
 
   Impl(Worker* s, int i, WorkerOptions o) : self(s), index(i), opts(o) {}
 
+  // ---- invariants ---------------------------------------------------------------------------
+  // Every broken rule of the request life cycle comes through here. Returns `ok` so call sites
+  // read `if (!Check(...)) <safe choice>`.
+  template <typename... Args>
+  bool Check(bool ok, fmt::format_string<Args...> what, Args&&... args) {
+    if (ok) return true;
+    std::string msg = fmt::format(what, std::forward<Args>(args)...);
+    if constexpr (kStrict) {
+      spdlog::critical("worker {}: engine invariant violated: {}", index, msg);
+      std::abort();
+    }
+    self->violations_.fetch_add(1, std::memory_order_relaxed);
+    // Logged in full at first, then sampled, so a storm cannot flood the log.
+    if (violations_logged < 20 || violations_logged % 10000 == 0)
+      spdlog::error("worker {}: engine invariant violated: {}", index, msg);
+    ++violations_logged;
+    return false;
+  }
+
+  void Move(Slot* s, SlotState to) {
+    Check(engine::SlotTransitionAllowed(s->state, to), "request {:#x} in slot {}: {} -> {}",
+          s->h.cookie, s->index, engine::SlotStateName(s->state), engine::SlotStateName(to));
+    s->state = to;
+  }
+
+  void SetLife(Connection* c, ConnLife to) {
+    Check(engine::ConnTransitionAllowed(c->life, to), "connection {}: {} -> {}", c->id,
+          engine::ConnLifeName(c->life), engine::ConnLifeName(to));
+    c->life = to;
+  }
+
+  uint32_t NextGen() {
+    if (++last_gen == 0) ++last_gen;  // 0 means "free slot"
+    return last_gen;
+  }
+
+  // ---- tags -----------------------------------------------------------------------------------
+  static uint64_t SlotTag(const Slot* s, TagKind kind = TagKind::kIo) {
+    return Tag{kind, s->index, s->conn->id, s->gen}.Encode();
+  }
+  static uint64_t ConnTag(const Connection* c, TagKind kind) {
+    return Tag{kind, 0, c->id, c->gen}.Encode();
+  }
+  Connection* FindConn(uint32_t id) {
+    return id < table.size() ? table[id].get() : nullptr;
+  }
+  // The request a Tag names, or nullptr (counted) when it is gone: its connection was freed or
+  // its slot has moved on to another request.
+  Slot* ResolveSlot(const Tag& t) {
+    Connection* c = FindConn(t.conn);
+    if (c && t.slot < kSlotsPerConn && c->slots[t.slot].gen == t.gen && t.gen != 0)
+      return &c->slots[t.slot];
+    return Stale(t);
+  }
+  Connection* ResolveConn(const Tag& t) {
+    Connection* c = FindConn(t.conn);
+    if (c && c->gen == t.gen) return c;
+    return Stale(t);
+  }
+  std::nullptr_t Stale(const Tag& t) {
+    self->stale_.fetch_add(1, std::memory_order_relaxed);
+    // By construction nothing stale exists: a connection is freed only after its SQEs have
+    // completed and its queue entries are removed. Seeing one is a bug, but a harmless one now.
+    Check(false, "dropped a stale {} for connection {} slot {} generation {}",
+          t.kind == TagKind::kIo ? "request" : "socket operation", t.conn, t.slot, t.gen);
+    return nullptr;
+  }
+
   // ---- ring plumbing ----------------------------------------------------------------------
   io_uring_sqe* GetSqe() {
     io_uring_sqe* sqe = io_uring_get_sqe(&ring);
@@ -227,7 +310,20 @@ struct Worker::Impl {
   void ArmWake() {
     io_uring_sqe* sqe = GetSqe();
     io_uring_prep_read(sqe, efd, &efd_val, sizeof efd_val, 0);
-    io_uring_sqe_set_data(sqe, &wake_op);
+    io_uring_sqe_set_data64(sqe, Tag{TagKind::kWake}.Encode());
+  }
+
+  // How long the ring may sleep: until the earliest throttled request is due, and never longer
+  // than kThrottleRecheckNs while any waits (limits may change). -1: no timeout.
+  int64_t ThrottleWaitNs() {
+    if (throttled.empty()) return -1;
+    uint64_t now = MonotonicNowNs();
+    uint64_t wait = kThrottleRecheckNs;
+    for (uint64_t v : throttled) {
+      Slot* s = ResolveSlot(Tag::Decode(v));
+      if (s) wait = std::min(wait, s->due_ns > now ? s->due_ns - now : 0);
+    }
+    return static_cast<int64_t>(wait);
   }
 
   void Run() {
@@ -236,11 +332,8 @@ struct Worker::Impl {
     for (;;) {
       io_uring_cqe* cqe = nullptr;
       int r;
-      if (!throttled.empty()) {
-        uint64_t now = MonotonicNowNs();
-        uint64_t due = UINT64_MAX;
-        for (Slot* s : throttled) due = std::min(due, s->due_ns);
-        uint64_t wait = due > now ? due - now : 0;
+      int64_t wait = ThrottleWaitNs();
+      if (wait >= 0) {
         __kernel_timespec ts{static_cast<long long>(wait / 1000000000),
                              static_cast<long long>(wait % 1000000000)};
         r = io_uring_submit_and_wait_timeout(&ring, &cqe, 1, &ts, nullptr);
@@ -255,18 +348,12 @@ struct Worker::Impl {
       unsigned seen = 0;
       io_uring_for_each_cqe(&ring, head, cqe) {
         ++seen;
-        auto* op = static_cast<Op*>(io_uring_cqe_get_data(cqe));
-        int res = cqe->res;
-        switch (op->kind) {
-          case SqeKind::kWake: wake_armed = OnWake(res); break;
-          case SqeKind::kRecv: OnRecv(static_cast<Connection*>(op->owner), res); break;
-          case SqeKind::kSend: OnSend(static_cast<Connection*>(op->owner), res); break;
-          case SqeKind::kIo: OnIo(static_cast<Slot*>(op->owner), res); break;
-        }
+        if (!Dispatch(Tag::Decode(io_uring_cqe_get_data64(cqe)), cqe->res)) wake_armed = false;
       }
       io_uring_cq_advance(&ring, seen);
       RunThrottled();
-      if (stopping.load(std::memory_order_acquire) && conns.empty() && !wake_armed) break;
+      PublishGauges();
+      if (stopping.load(std::memory_order_acquire) && live == 0 && !wake_armed) break;
     }
     std::lock_guard lk(mu);
     exited = true;
@@ -275,6 +362,32 @@ struct Worker::Impl {
       in.vol->stats().ConnectionClosed();
     }
     incoming.clear();
+  }
+
+  // One completion to its handler. Returns false only when the wake-up read was not re-armed.
+  bool Dispatch(const Tag& t, int res) {
+    switch (t.kind) {
+      case TagKind::kWake:
+        return OnWake(res);
+      case TagKind::kCancel:
+        return true;  // the outcome shows on the cancelled SQE's own completion
+      case TagKind::kRecv:
+        if (Connection* c = ResolveConn(t)) OnRecv(c, res);
+        return true;
+      case TagKind::kSend:
+        if (Connection* c = ResolveConn(t)) OnSend(c, res);
+        return true;
+      case TagKind::kIo:
+        if (Slot* s = ResolveSlot(t)) OnIo(s, res);
+        return true;
+    }
+    Check(false, "completion with unknown kind {}", static_cast<int>(t.kind));
+    return true;
+  }
+
+  void PublishGauges() {
+    self->throttled_.store(throttled.size(), std::memory_order_relaxed);
+    self->parked_.store(parked.size(), std::memory_order_relaxed);
   }
 
   // ---- new connections and shutdown -------------------------------------------------------
@@ -287,11 +400,16 @@ struct Worker::Impl {
     for (auto& in : batch) AddConnection(std::move(in));
     if (!parked.empty()) {
       scratch.swap(parked);  // Execute may park some again
-      for (Slot* s : scratch) Execute(s);
+      for (uint64_t v : scratch) {
+        if (Slot* s = ResolveSlot(Tag::Decode(v))) Execute(s);
+      }
       scratch.clear();
     }
     if (stopping.load(std::memory_order_acquire)) {
-      for (Connection* c : std::vector<Connection*>(conns)) Abort(c, "daemon shutting down");
+      std::vector<Connection*> all;
+      for (auto& c : table)
+        if (c) all.push_back(c.get());
+      for (Connection* c : all) Abort(c, "daemon shutting down");
       return false;
     }
     ArmWake();
@@ -299,8 +417,24 @@ struct Worker::Impl {
   }
 
   void AddConnection(Incoming in) {
-    auto* c = new Connection();
-    c->w = this;
+    uint32_t id;
+    if (!free_ids.empty()) {
+      id = free_ids.back();
+      free_ids.pop_back();
+    } else if (table.size() < Tag::kMaxConnId) {
+      id = static_cast<uint32_t>(table.size());
+      table.emplace_back();
+    } else {
+      spdlog::error("worker {}: {} connections already, refusing one for volume {}", index,
+                    table.size(), in.vol->name());
+      close(in.fd);
+      in.vol->stats().ConnectionClosed();
+      return;
+    }
+    table[id] = std::make_unique<Connection>();
+    Connection* c = table[id].get();
+    c->id = id;
+    c->gen = NextGen();
     c->fd = in.fd;
     c->vol = std::move(in.vol);
     c->params.export_size = in.neg.export_info.size;
@@ -309,7 +443,7 @@ struct Worker::Impl {
     c->params.base_allocation = in.neg.base_allocation;
     c->ctx_id = in.neg.base_allocation_id;
     c->size_mode = in.size_mode;
-    conns.push_back(c);
+    ++live;
     self->live_.fetch_add(1, std::memory_order_relaxed);
     if (stopping.load(std::memory_order_acquire)) {
       Abort(c, "daemon shutting down");
@@ -334,43 +468,91 @@ struct Worker::Impl {
     return chk;
   }
 
+  // The connection is finished with: nothing more is read or sent. Requests that hold no SQE
+  // are dropped now; SQEs in flight are cancelled where io_uring can, and the connection is
+  // freed when the last completion is in (MaybeFree). May free `c`.
   void Abort(Connection* c, const char* why) {
-    if (!c->dead) {
+    if (c->life != ConnLife::kAborted) {
       spdlog::debug("nbd: closing connection to volume {}: {}", c->vol->name(), why);
-      c->dead = true;
-      c->reading_stopped = true;
-      // Wakes a pending recv/send with an error so that every SQE of this connection completes.
+      SetLife(c, ConnLife::kAborted);
+      // Wakes a pending recv/send with an error so that every socket SQE completes.
       shutdown(c->fd, SHUT_RDWR);
-      // Requests waiting for QoS tokens hold no SQE: drop them now.
-      auto it = std::remove_if(throttled.begin(), throttled.end(),
-                               [c](Slot* s) { return s->conn == c; });
-      for (auto j = it; j != throttled.end(); ++j) ReleaseSlot(*j);
-      throttled.erase(it, throttled.end());
-      auto pit = std::remove_if(parked.begin(), parked.end(), [c](Slot* s) { return s->conn == c; });
-      for (auto j = pit; j != parked.end(); ++j) ReleaseSlot(*j);
-      parked.erase(pit, parked.end());
+      CancelInFlight(c);
+      DropQueued(c);
     }
     MaybeFree(c);
   }
 
-  void MaybeFree(Connection* c) {
-    if (c->pending > 0) return;
-    bool idle = c->busy_slots == 0 && !c->send_inflight;
-    if (!c->dead && !(c->reading_stopped && idle)) return;
-    close(c->fd);
-    c->vol->stats().ConnectionClosed();
-    conns.erase(std::find(conns.begin(), conns.end(), c));
-    self->live_.fetch_sub(1, std::memory_order_relaxed);
-    delete c;
+  void CancelInFlight(Connection* c) {
+    if (c->recv_inflight || c->send_inflight) {
+      io_uring_sqe* sqe = GetSqe();
+      io_uring_prep_cancel64(sqe, ConnTag(c, c->recv_inflight ? TagKind::kRecv : TagKind::kSend),
+                             IORING_ASYNC_CANCEL_ALL);
+      io_uring_sqe_set_data64(sqe, Tag{TagKind::kCancel}.Encode());
+      if (c->recv_inflight && c->send_inflight) {
+        sqe = GetSqe();
+        io_uring_prep_cancel64(sqe, ConnTag(c, TagKind::kSend), IORING_ASYNC_CANCEL_ALL);
+        io_uring_sqe_set_data64(sqe, Tag{TagKind::kCancel}.Encode());
+      }
+    }
+    // Request I/O on the volume's files: a read or write already running in the block layer
+    // cannot be called back and completes normally; one still queued is cancelled (-ECANCELED).
+    for (Slot& s : c->slots) {
+      if (s.state != SlotState::kExec) continue;
+      if (s.gate_held) {
+        // The client may resend this write on another connection and then write the same
+        // blocks again; this stale copy must not land after that. The volume's writes wait.
+        s.orphan = true;
+        c->vol->gate().Orphan();
+      }
+      io_uring_sqe* sqe = GetSqe();
+      io_uring_prep_cancel64(sqe, SlotTag(&s), 0);
+      io_uring_sqe_set_data64(sqe, Tag{TagKind::kCancel}.Encode());
+      self->cancels_.fetch_add(1, std::memory_order_relaxed);
+    }
   }
 
-  // ---- receiving requests -----------------------------------------------------------------
+  // Releases every request of `c` that holds no SQE (queued for tokens, parked, payload half
+  // received, reply not yet sent) and takes its entries out of the worker's lists.
+  void DropQueued(Connection* c) {
+    const uint32_t id = c->id;
+    auto mine = [id](uint64_t v) { return Tag::Decode(v).conn == id; };
+    std::erase_if(throttled, mine);
+    std::erase_if(parked, mine);
+    c->cur_write = nullptr;
+    c->drain_slot = nullptr;
+    c->drain_left = 0;
+    c->sendq_head = c->sendq_tail = nullptr;
+    for (Slot& s : c->slots) {
+      if (s.state == SlotState::kFree || engine::SlotHoldsSqe(s.state)) continue;
+      Check(!s.gate_held, "request {:#x} holds the write gate in state {}", s.h.cookie,
+            engine::SlotStateName(s.state));
+      ReleaseSlot(&s, /*abort=*/true);
+    }
+  }
+
+  void MaybeFree(Connection* c) {
+    if (c->sqes > 0 || c->life == ConnLife::kOpen) return;
+    if (c->life == ConnLife::kClosing && (c->busy_slots > 0 || c->send_inflight)) return;
+    Check(c->busy_slots == 0 && c->sqes == 0, "freeing connection {} with {} busy slots", c->id,
+          c->busy_slots);
+    close(c->fd);
+    c->vol->stats().ConnectionClosed();
+    const uint32_t id = c->id;
+    table[id].reset();  // c is gone from here on
+    free_ids.push_back(id);
+    --live;
+    self->live_.fetch_sub(1, std::memory_order_relaxed);
+  }
+
+  // ---- slots --------------------------------------------------------------------------------
   Slot* TakeSlot(Connection* c, const proto::RequestHeader& h) {
     Slot* s = c->free_list;
     c->free_list = s->next;
     s->next = nullptr;
+    Move(s, SlotState::kNew);
+    s->gen = NextGen();
     s->h = h;
-    s->state = Slot::State::kExec;
     s->step = Slot::Step::kMain;
     s->done = 0;
     s->charged = 0;
@@ -379,19 +561,31 @@ struct Worker::Impl {
     s->data_len = 0;
     s->throttled_since = 0;
     s->gate_held = false;
+    s->orphan = false;
     s->start_ns = MonotonicNowNs();
     ++c->busy_slots;
     return s;
   }
 
-  void ReleaseSlot(Slot* s) {
+  // Back to the free list: after its reply was sent, or because its connection was aborted.
+  void ReleaseSlot(Slot* s, bool abort = false) {
     Connection* c = s->conn;
+    // A slot released twice would sit on the free list twice and serve two requests at once.
+    if (!Check(s->state != SlotState::kFree, "second release of slot {} (request {:#x})",
+               s->index, s->h.cookie))
+      return;
+    Check(abort ? engine::SlotMayAbortTo(s->state)
+                : engine::SlotTransitionAllowed(s->state, SlotState::kFree),
+          "release of request {:#x} in state {}{}", s->h.cookie, engine::SlotStateName(s->state),
+          abort ? " (abort)" : "");
     if (s->buf.cap > kKeepBuffer) s->buf.Release();
     c->inflight_bytes -= s->charged;
     s->charged = 0;
-    s->state = Slot::State::kFree;
+    s->state = SlotState::kFree;
+    s->gen = 0;
     s->next = c->free_list;
     c->free_list = s;
+    Check(c->busy_slots > 0, "connection {}: busy slot count underflow", c->id);
     --c->busy_slots;
   }
 
@@ -402,11 +596,12 @@ struct Worker::Impl {
     return true;
   }
 
+  // ---- receiving requests -----------------------------------------------------------------
   // Parses whatever the receive buffer holds, then asks for more. Runs after every recv.
-  // May free `c` (bad framing, or a stopped connection gone idle): callers must not use it after.
+  // May free `c` (bad framing, or a closing connection gone idle): callers must not use it after.
   void PumpRecv(Connection* c) {
     if (c->recv_inflight) return;
-    if (c->reading_stopped || c->dead) return MaybeFree(c);
+    if (c->life != ConnLife::kOpen) return MaybeFree(c);
     for (;;) {
       size_t avail = c->rend - c->rpos;
       uint8_t* p = c->rbuf.get() + c->rpos;
@@ -440,60 +635,69 @@ struct Worker::Impl {
       proto::RequestHeader h;
       if (!proto::ParseRequestHeader(p, &h)) {
         spdlog::warn("nbd: volume {}: bad request magic, closing the connection", c->vol->name());
-        Abort(c, "bad request magic");
-        return;
+        return Abort(c, "bad request magic");
       }
       c->rpos += proto::kRequestHeaderLen;
       if (h.type == proto::kCmdDisc) {
         // No reply; finish what is in flight, then close (the spec's soft disconnect).
-        c->reading_stopped = true;
-        MaybeFree(c);
-        return;
+        SetLife(c, ConnLife::kClosing);
+        return MaybeFree(c);
       }
-      proto::RequestCheck chk = CheckSized(c, h);
-      Slot* s = TakeSlot(c, h);
-      if (chk.nbd_error) {
-        spdlog::debug("nbd: volume {}: rejected request type {} flags {:#x} offset {} length {}: "
-                      "NBD error {}", c->vol->name(), h.type, h.flags, h.offset, h.length,
-                      chk.nbd_error);
-        s->nbd_error = chk.nbd_error;
-        if (chk.fatal) {
-          spdlog::warn("nbd: volume {}: request type {} length {} cannot be resynchronised, "
-                       "closing after the error reply", c->vol->name(), h.type, h.length);
-          c->reading_stopped = true;
-          ReplyError(s, chk.nbd_error);
-          return;
-        }
-        if (chk.drain) {
-          s->state = Slot::State::kDraining;
-          c->drain_slot = s;
-          c->drain_left = chk.drain;
-          continue;
-        }
-        ReplyError(s, chk.nbd_error);
-        continue;
-      }
-      if (h.type == proto::kCmdWrite) {
-        if (!Charge(c, s, h.length)) {
-          s->nbd_error = proto::kErrNoMem;
-          s->state = Slot::State::kDraining;
-          c->drain_slot = s;
-          c->drain_left = h.length;
-          continue;
-        }
-        s->state = Slot::State::kRecvPayload;
-        c->cur_write = s;
-        continue;
-      }
-      if (h.type == proto::kCmdRead && !Charge(c, s, h.length)) {
-        ReplyError(s, proto::kErrNoMem);
-        continue;
-      }
-      Admit(s);
-      if (c->dead) return;
+      if (!Receive(c, h)) return;
     }
-    if (c->reading_stopped || c->dead) return;
+    SubmitRecv(c);
+  }
 
+  // Takes a slot for the request `h` and starts it on its way. False when the connection stops
+  // reading here (an error it cannot resynchronise after).
+  bool Receive(Connection* c, const proto::RequestHeader& h) {
+    proto::RequestCheck chk = CheckSized(c, h);
+    Slot* s = TakeSlot(c, h);
+    if (chk.nbd_error) {
+      spdlog::debug("nbd: volume {}: rejected request type {} flags {:#x} offset {} length {}: "
+                    "NBD error {}", c->vol->name(), h.type, h.flags, h.offset, h.length,
+                    chk.nbd_error);
+      if (chk.fatal) {
+        spdlog::warn("nbd: volume {}: request type {} length {} cannot be resynchronised, "
+                     "closing after the error reply", c->vol->name(), h.type, h.length);
+        SetLife(c, ConnLife::kClosing);
+        ReplyError(s, chk.nbd_error);
+        return false;
+      }
+      if (chk.drain) {
+        StartDrain(c, s, chk.nbd_error, chk.drain);
+        return true;
+      }
+      ReplyError(s, chk.nbd_error);
+      return true;
+    }
+    if (h.type == proto::kCmdWrite) {
+      if (!Charge(c, s, h.length)) {
+        StartDrain(c, s, proto::kErrNoMem, h.length);
+        return true;
+      }
+      Move(s, SlotState::kRecvPayload);
+      c->cur_write = s;
+      return true;
+    }
+    if (h.type == proto::kCmdRead && !Charge(c, s, h.length)) {
+      ReplyError(s, proto::kErrNoMem);
+      return true;
+    }
+    Admit(s);
+    return true;
+  }
+
+  // A WRITE refused before its payload: the payload is read and discarded, then the error goes
+  // out, so the stream stays in sync (only broken framing ends a connection).
+  void StartDrain(Connection* c, Slot* s, uint32_t nbd_error, uint64_t bytes) {
+    s->nbd_error = nbd_error;
+    Move(s, SlotState::kDraining);
+    c->drain_slot = s;
+    c->drain_left = bytes;
+  }
+
+  void SubmitRecv(Connection* c) {
     io_uring_sqe* sqe = GetSqe();
     Slot* cw = c->cur_write;
     if (cw && c->rpos == c->rend && cw->h.length - cw->done >= kDirectRecvMin) {
@@ -510,21 +714,20 @@ struct Worker::Impl {
       io_uring_prep_recv(sqe, c->fd, c->rbuf.get() + c->rend, kRecvBufSize - c->rend, 0);
       c->recv_direct = false;
     }
-    io_uring_sqe_set_data(sqe, &c->recv_op);
+    io_uring_sqe_set_data64(sqe, ConnTag(c, TagKind::kRecv));
     c->recv_inflight = true;
-    ++c->pending;
+    ++c->sqes;
   }
 
   void OnRecv(Connection* c, int res) {
-    --c->pending;
+    --c->sqes;
     c->recv_inflight = false;
-    if (c->dead) return MaybeFree(c);
+    if (c->life == ConnLife::kAborted) return MaybeFree(c);
     if (res == -EAGAIN || res == -EINTR) return PumpRecv(c);
     if (res <= 0) {
       // The client went away (possibly mid-request). Nobody is left to read replies; whatever
       // is executing completes and is dropped.
-      Abort(c, res == 0 ? "client closed the connection" : strerror(-res));
-      return;
+      return Abort(c, res == 0 ? "client closed the connection" : strerror(-res));
     }
     if (c->recv_direct) {
       Slot* s = c->cur_write;
@@ -533,7 +736,6 @@ struct Worker::Impl {
         c->cur_write = nullptr;
         s->done = 0;
         Admit(s);
-        if (c->dead) return;
       }
     } else {
       c->rend += static_cast<size_t>(res);
@@ -551,12 +753,14 @@ struct Worker::Impl {
                                                               : Throttle::Dir::kOther;
       if (dir != Throttle::Dir::kOther) {
         uint64_t now = MonotonicNowNs();
+        uint64_t gen = t.generation();
         uint64_t wait = t.Admit(dir, s->h.length, now);
         if (wait) {
           if (!s->throttled_since) s->throttled_since = now;
           s->due_ns = now + wait;
-          s->state = Slot::State::kThrottled;
-          throttled.push_back(s);
+          s->throttle_gen = gen;
+          Move(s, SlotState::kThrottled);
+          throttled.push_back(SlotTag(s));
           return;
         }
         if (s->throttled_since) {
@@ -570,14 +774,24 @@ struct Worker::Impl {
     Execute(s);
   }
 
+  // Asks again for every waiting request that is due, or whose volume's limits changed.
   void RunThrottled() {
     if (throttled.empty()) return;
     uint64_t now = MonotonicNowNs();
-    auto it = std::stable_partition(throttled.begin(), throttled.end(),
-                                    [now](Slot* s) { return s->due_ns > now; });
-    scratch.assign(it, throttled.end());  // reused: no allocation per pass
-    throttled.erase(it, throttled.end());
-    for (Slot* s : scratch) Admit(s);
+    size_t keep = 0;
+    for (uint64_t v : throttled) {
+      Slot* s = ResolveSlot(Tag::Decode(v));
+      if (!s) continue;
+      if (s->due_ns > now && s->throttle_gen == s->conn->vol->throttle().generation()) {
+        throttled[keep++] = v;  // stable: requests keep their order
+      } else {
+        scratch.push_back(v);
+      }
+    }
+    throttled.resize(keep);
+    for (uint64_t v : scratch) {
+      if (Slot* s = ResolveSlot(Tag::Decode(v))) Admit(s);
+    }
     scratch.clear();
   }
 
@@ -586,95 +800,112 @@ struct Worker::Impl {
     Connection* c = s->conn;
     Volume& v = *c->vol;
     const proto::RequestHeader& h = s->h;
-    bool modifies = h.type == proto::kCmdWrite || h.type == proto::kCmdTrim ||
-                    h.type == proto::kCmdWriteZeroes;
-    if (modifies && !s->gate_held) {
+    if (Modifies(h.type) && !s->gate_held) {
       if (!v.gate().TryBegin(h.offset, h.length, waiter)) {
-        s->state = Slot::State::kParked;
-        parked.push_back(s);
+        Move(s, SlotState::kParked);
+        parked.push_back(SlotTag(s));
         return;
       }
       s->gate_held = true;
     }
-    s->state = Slot::State::kExec;
+    Move(s, SlotState::kExec);
+    if (h.type == proto::kCmdBlockStatus) return BlockStatus(s);
+    io_uring_sqe* sqe = PrepareIo(s);
+    if (!sqe) return Fail(s, EINVAL);  // CheckRequest lets only the commands handled through
+    io_uring_sqe_set_data64(sqe, SlotTag(s));
+    ++c->sqes;
+  }
+
+  // The SQE for the slot's current step, or nullptr for a command the engine does not run.
+  io_uring_sqe* PrepareIo(Slot* s) {
+    Volume& v = *s->conn->vol;
+    const proto::RequestHeader& h = s->h;
     int fd = s->use_direct ? v.direct_fd() : v.buffered_fd();
     io_uring_sqe* sqe = nullptr;
     switch (h.type) {
       case proto::kCmdRead:
         sqe = GetSqe();
         io_uring_prep_read(sqe, fd, s->buf.data + s->done, h.length - s->done, h.offset + s->done);
-        break;
+        return sqe;
       case proto::kCmdWrite:
         sqe = GetSqe();
         io_uring_prep_write(sqe, fd, s->buf.data + s->done, h.length - s->done, h.offset + s->done);
         // FUA: this write alone is durable before we reply (RWF_DSYNC, the per-I/O O_DSYNC).
         if (h.flags & proto::kCmdFlagFua) sqe->rw_flags = RWF_DSYNC;
-        break;
+        return sqe;
       case proto::kCmdFlush:
         // fdatasync semantics: everything written before (through any connection, any fd of
         // this file, page cache included) is on stable storage when we reply.
         sqe = GetSqe();
         io_uring_prep_fsync(sqe, v.buffered_fd(), IORING_FSYNC_DATASYNC);
-        break;
+        return sqe;
       case proto::kCmdTrim:
-      case proto::kCmdWriteZeroes: {
+      case proto::kCmdWriteZeroes:
         sqe = GetSqe();
-        switch (s->step) {
-          case Slot::Step::kMain: {
-            bool punch = h.type == proto::kCmdTrim || !(h.flags & proto::kCmdFlagNoHole);
-            int mode = FALLOC_FL_KEEP_SIZE | (punch ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE);
-            io_uring_prep_fallocate(sqe, v.buffered_fd(), mode, h.offset, h.length);
-            break;
-          }
-          case Slot::Step::kZeroRange:
-            io_uring_prep_fallocate(sqe, v.buffered_fd(), FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE,
-                                    h.offset, h.length);
-            break;
-          case Slot::Step::kZeroWrite: {
-            if (!zeros.data) {
-              zeros.Reserve(kZeroChunk);
-              std::memset(zeros.data, 0, kZeroChunk);
-            }
-            uint64_t n = std::min<uint64_t>(h.length - s->done, kZeroChunk);
-            io_uring_prep_write(sqe, v.buffered_fd(), zeros.data, static_cast<unsigned>(n),
-                                h.offset + s->done);
-            break;
-          }
-          case Slot::Step::kFuaSync:
-            io_uring_prep_fsync(sqe, v.buffered_fd(), IORING_FSYNC_DATASYNC);
-            break;
-        }
+        PrepareSpaceOp(s, sqe);
+        return sqe;
+      default:
+        return nullptr;
+    }
+  }
+
+  void PrepareSpaceOp(Slot* s, io_uring_sqe* sqe) {
+    const int fd = s->conn->vol->buffered_fd();
+    const proto::RequestHeader& h = s->h;
+    switch (s->step) {
+      case Slot::Step::kMain: {
+        bool punch = h.type == proto::kCmdTrim || !(h.flags & proto::kCmdFlagNoHole);
+        int mode = FALLOC_FL_KEEP_SIZE | (punch ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE);
+        io_uring_prep_fallocate(sqe, fd, mode, h.offset, h.length);
         break;
       }
-      case proto::kCmdBlockStatus: {
-        // lseek(SEEK_DATA/SEEK_HOLE) has no io_uring opcode; it only reads file system metadata
-        // that is almost always cached, so it runs inline.
-        std::array<proto::Extent, kMaxExtents> ext;
-        bool req_one = h.flags & proto::kCmdFlagReqOne;
-        int n = MapExtents(v.buffered_fd(), h.offset, h.length, ext.data(), ext.size(), req_one);
-        if (n <= 0) return Fail(s, n < 0 ? -n : EIO);
-        size_t cap = 64 + kMaxExtents * 8;
-        if (!s->buf.Reserve(cap)) return Fail(s, ENOMEM);
-        size_t len = proto::EncodeBlockStatusReply(s->buf.data, cap, h.cookie, c->ctx_id,
-                                                   ext.data(), static_cast<size_t>(n));
-        if (!len) return Fail(s, EIO);
-        s->hdr_len = 0;
-        s->data_len = static_cast<uint32_t>(len);
-        return QueueReply(s);
+      case Slot::Step::kZeroRange:
+        io_uring_prep_fallocate(sqe, fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE, h.offset,
+                                h.length);
+        break;
+      case Slot::Step::kZeroWrite: {
+        if (!zeros.data) {
+          zeros.Reserve(kZeroChunk);
+          std::memset(zeros.data, 0, kZeroChunk);
+        }
+        uint64_t n = std::min<uint64_t>(h.length - s->done, kZeroChunk);
+        io_uring_prep_write(sqe, fd, zeros.data, static_cast<unsigned>(n), h.offset + s->done);
+        break;
       }
-      default:
-        return Fail(s, EINVAL);  // CheckRequest lets only the commands above through
+      case Slot::Step::kFuaSync:
+        io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
+        break;
     }
-    io_uring_sqe_set_data(sqe, &s->op);
-    ++c->pending;
+  }
+
+  // lseek(SEEK_DATA/SEEK_HOLE) has no io_uring opcode; it only reads file system metadata that
+  // is almost always cached, so BLOCK_STATUS runs inline.
+  void BlockStatus(Slot* s) {
+    const proto::RequestHeader& h = s->h;
+    std::array<proto::Extent, kMaxExtents> ext;
+    bool req_one = h.flags & proto::kCmdFlagReqOne;
+    int n = MapExtents(s->conn->vol->buffered_fd(), h.offset, h.length, ext.data(), ext.size(),
+                       req_one);
+    if (n <= 0) return Fail(s, n < 0 ? -n : EIO);
+    size_t cap = 64 + kMaxExtents * 8;
+    if (!s->buf.Reserve(cap)) return Fail(s, ENOMEM);
+    size_t len = proto::EncodeBlockStatusReply(s->buf.data, cap, h.cookie, s->conn->ctx_id,
+                                               ext.data(), static_cast<size_t>(n));
+    if (!len) return Fail(s, EIO);
+    s->hdr_len = 0;
+    s->data_len = static_cast<uint32_t>(len);
+    QueueReply(s);
   }
 
   void OnIo(Slot* s, int res) {
     Connection* c = s->conn;
-    --c->pending;
-    if (c->dead) {
+    --c->sqes;
+    if (!Check(s->state == SlotState::kExec, "I/O completion for request {:#x} in state {}",
+               s->h.cookie, engine::SlotStateName(s->state)))
+      return MaybeFree(c);
+    if (c->life == ConnLife::kAborted) {
       EndWrite(s);
-      ReleaseSlot(s);
+      ReleaseSlot(s, /*abort=*/true);
       return MaybeFree(c);
     }
     if (res == -EAGAIN || res == -EINTR) return Execute(s);
@@ -749,6 +980,10 @@ struct Worker::Impl {
   // ---- replies ------------------------------------------------------------------------------
   // The modifying I/O is finished (successfully or not): a snapshot waiting to drain may go.
   void EndWrite(Slot* s) {
+    if (s->orphan) {
+      s->conn->vol->gate().EndOrphan();
+      s->orphan = false;
+    }
     if (s->gate_held) {
       s->conn->vol->gate().End();
       s->gate_held = false;
@@ -795,7 +1030,7 @@ struct Worker::Impl {
       uint64_t bytes = s->nbd_error ? 0 : s->h.length;
       c->vol->stats().RecordOp(kind, bytes, MonotonicNowNs() - s->start_ns, s->nbd_error != 0);
     }
-    s->state = Slot::State::kReplyQueued;
+    Move(s, SlotState::kReplyQueued);
     s->next = nullptr;
     if (c->sendq_tail) {
       c->sendq_tail->next = s;
@@ -808,7 +1043,7 @@ struct Worker::Impl {
 
   // Gathers every queued reply (up to kIovMax iovecs) into one sendmsg.
   void FlushSends(Connection* c) {
-    if (c->dead || c->send_inflight) return;
+    if (c->life == ConnLife::kAborted || c->send_inflight) return;
     size_t n = 0;
     c->nsending = 0;
     while (c->sendq_head && n + 2 <= kIovMax && c->nsending < c->sending.size()) {
@@ -817,7 +1052,7 @@ struct Worker::Impl {
       if (!c->sendq_head) c->sendq_tail = nullptr;
       if (s->hdr_len) c->iov[n++] = iovec{s->hdr.data(), s->hdr_len};
       if (s->data_len) c->iov[n++] = iovec{s->buf.data, s->data_len};
-      s->state = Slot::State::kSending;
+      Move(s, SlotState::kSending);
       c->sending[c->nsending++] = s;
     }
     if (!c->nsending) return;
@@ -832,18 +1067,23 @@ struct Worker::Impl {
     c->msg.msg_iovlen = c->iov_cnt - c->iov_idx;
     io_uring_sqe* sqe = GetSqe();
     io_uring_prep_sendmsg(sqe, c->fd, &c->msg, MSG_NOSIGNAL);
-    io_uring_sqe_set_data(sqe, &c->send_op);
+    io_uring_sqe_set_data64(sqe, ConnTag(c, TagKind::kSend));
     c->send_inflight = true;
-    ++c->pending;
+    ++c->sqes;
+  }
+
+  void ReleaseSending(Connection* c) {
+    for (size_t i = 0; i < c->nsending; ++i) ReleaseSlot(c->sending[i]);
+    c->nsending = 0;
   }
 
   void OnSend(Connection* c, int res) {
-    --c->pending;
+    --c->sqes;
     c->send_inflight = false;
-    if (!c->dead && (res == -EAGAIN || res == -EINTR)) return SubmitSend(c);
-    if (c->dead || res < 0) {
-      for (size_t i = 0; i < c->nsending; ++i) ReleaseSlot(c->sending[i]);
-      c->nsending = 0;
+    if (c->life != ConnLife::kAborted && (res == -EAGAIN || res == -EINTR)) return SubmitSend(c);
+    // 0 bytes for a non-empty message means the socket cannot take more: as good as an error.
+    if (c->life == ConnLife::kAborted || res <= 0) {
+      ReleaseSending(c);
       return Abort(c, res < 0 ? strerror(-res) : "connection closed");
     }
     // A partial send: step over what went out and send the rest.
@@ -860,8 +1100,7 @@ struct Worker::Impl {
       }
     }
     if (c->iov_idx < c->iov_cnt) return SubmitSend(c);
-    for (size_t i = 0; i < c->nsending; ++i) ReleaseSlot(c->sending[i]);
-    c->nsending = 0;
+    ReleaseSending(c);
     FlushSends(c);
     if (c->recv_blocked) {  // slots came free: read the requests we stopped at
       c->recv_blocked = false;
@@ -872,6 +1111,16 @@ struct Worker::Impl {
 };
 
 Worker::Worker(int index, WorkerOptions opts) : impl_(std::make_unique<Impl>(this, index, opts)) {}
+
+EngineCounters Worker::counters() const {
+  EngineCounters c;
+  c.stale_dropped = stale_.load(std::memory_order_relaxed);
+  c.invariant_violations = violations_.load(std::memory_order_relaxed);
+  c.cancels = cancels_.load(std::memory_order_relaxed);
+  c.throttled = throttled_.load(std::memory_order_relaxed);
+  c.parked = parked_.load(std::memory_order_relaxed);
+  return c;
+}
 
 Worker::~Worker() {
   Stop();
@@ -922,6 +1171,10 @@ void Worker::Stop() {
   uint64_t one = 1;
   if (write(m.efd, &one, sizeof one) < 0) spdlog::warn("worker {}: eventfd write failed", m.index);
   m.thread.join();
+  EngineCounters c = counters();
+  if (c.stale_dropped || c.invariant_violations)
+    spdlog::error("worker {}: {} stale completions dropped, {} engine invariant violations", m.index,
+                  c.stale_dropped, c.invariant_violations);
 }
 
 void Worker::Adopt(int fd, std::shared_ptr<Volume> volume, const nbd::Negotiated& negotiated,

@@ -4,10 +4,14 @@
 // life after the handshake, so its state is touched by a single thread and needs no locks; the
 // connections of one export can sit on different workers and run in parallel (CAN_MULTI_CONN).
 //
-// Every request moves through named states (see Slot::State in worker.cpp):
-//   header parsed -> [payload received] -> [throttled] -> executing -> reply queued -> sent -> free
+// Every request moves through named, checked states (request_state.h):
+//   free -> new -> [payload received] -> [throttled] -> [parked] -> executing -> reply queued
+//        -> sending -> free
 // Requests are pipelined: many slots per connection are in flight at once, replies go out in
 // completion order (NBD allows that) and several replies are gathered into one sendmsg.
+// Every SQE names its request by (connection id, slot, generation), never by pointer, and a
+// connection is freed only after its last SQE completed: a late completion cannot reach a
+// connection or request that reuses the memory.
 #pragma once
 
 #include <atomic>
@@ -21,6 +25,25 @@
 #include "datapath/pool/pool.h"
 
 namespace nbdcsi::datapath {
+
+// What a worker has seen of the request life cycle. The first two must stay 0: they count
+// completions or queue entries that named a request that was gone (dropped, never delivered) and
+// broken state-machine rules (in checked builds the first one aborts instead).
+struct EngineCounters {
+  uint64_t stale_dropped = 0;
+  uint64_t invariant_violations = 0;
+  uint64_t cancels = 0;    // in-flight I/O of aborted connections asked to cancel
+  uint64_t throttled = 0;  // requests waiting for QoS tokens now
+  uint64_t parked = 0;     // modifying requests held by a volume's WriteGate now
+  EngineCounters& operator+=(const EngineCounters& o) {
+    stale_dropped += o.stale_dropped;
+    invariant_violations += o.invariant_violations;
+    cancels += o.cancels;
+    throttled += o.throttled;
+    parked += o.parked;
+    return *this;
+  }
+};
 
 struct WorkerOptions {
   unsigned ring_entries = 256;
@@ -57,12 +80,15 @@ class Worker {
 
   // Connections currently served by this worker.
   size_t connections() const { return live_.load(std::memory_order_relaxed); }
+  EngineCounters counters() const;
 
   struct Impl;
 
  private:
   std::unique_ptr<Impl> impl_;
   std::atomic<size_t> live_{0};
+  // Written by the worker thread only; read by counters() from anywhere.
+  std::atomic<uint64_t> stale_{0}, violations_{0}, cancels_{0}, throttled_{0}, parked_{0};
 };
 
 }  // namespace nbdcsi::datapath

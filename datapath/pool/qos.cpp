@@ -36,6 +36,33 @@ EffectiveQos Resolve(const QosLimits& limits, uint64_t volume_size_bytes) {
   return e;
 }
 
+QosPatch QosPatch::All(const QosLimits& q) {
+  QosPatch p;
+  p.max_iops = q.max_iops;
+  p.max_read_iops = q.max_read_iops;
+  p.max_write_iops = q.max_write_iops;
+  p.max_bps = q.max_bps;
+  p.max_read_bps = q.max_read_bps;
+  p.max_write_bps = q.max_write_bps;
+  p.iops_per_gib = q.iops_per_gib;
+  p.bps_per_gib = q.bps_per_gib;
+  p.burst_ms = q.burst_ms;
+  return p;
+}
+
+QosLimits QosPatch::ApplyTo(QosLimits q) const {
+  q.max_iops = max_iops.value_or(q.max_iops);
+  q.max_read_iops = max_read_iops.value_or(q.max_read_iops);
+  q.max_write_iops = max_write_iops.value_or(q.max_write_iops);
+  q.max_bps = max_bps.value_or(q.max_bps);
+  q.max_read_bps = max_read_bps.value_or(q.max_read_bps);
+  q.max_write_bps = max_write_bps.value_or(q.max_write_bps);
+  q.iops_per_gib = iops_per_gib.value_or(q.iops_per_gib);
+  q.bps_per_gib = bps_per_gib.value_or(q.bps_per_gib);
+  q.burst_ms = burst_ms.value_or(q.burst_ms);
+  return q;
+}
+
 void TokenBucket::Configure(uint64_t rate_per_sec, uint32_t burst_ms, uint64_t now_ns) {
   bool was_limited = rate_ != 0;
   // Settle the old rate up to now first, so the change applies from this instant only.
@@ -88,7 +115,9 @@ void Throttle::SetLimits(const QosLimits& limits, uint64_t volume_size_bytes, ui
   bps_.Configure(e.bps, e.burst_ms, now_ns);
   read_bps_.Configure(e.read_bps, e.burst_ms, now_ns);
   write_bps_.Configure(e.write_bps, e.burst_ms, now_ns);
-  unlimited_ = !e.iops && !e.read_iops && !e.write_iops && !e.bps && !e.read_bps && !e.write_bps;
+  unlimited_.store(!e.iops && !e.read_iops && !e.write_iops && !e.bps && !e.read_bps && !e.write_bps,
+                   std::memory_order_release);
+  generation_.fetch_add(1, std::memory_order_acq_rel);
 }
 
 QosLimits Throttle::limits() const {
@@ -101,15 +130,10 @@ EffectiveQos Throttle::effective() const {
   return eff_;
 }
 
-bool Throttle::unlimited() const {
-  std::lock_guard lock(mu_);
-  return unlimited_;
-}
-
 uint64_t Throttle::Admit(Dir dir, uint64_t bytes, uint64_t now_ns) {
   if (dir == Dir::kOther) return 0;
   std::lock_guard lock(mu_);
-  if (unlimited_) return 0;
+  if (unlimited_.load(std::memory_order_relaxed)) return 0;
   TokenBucket& dir_iops = dir == Dir::kRead ? read_iops_ : write_iops_;
   TokenBucket& dir_bps = dir == Dir::kRead ? read_bps_ : write_bps_;
   // Ask every bucket before charging any, so a request that has to wait is not charged twice.

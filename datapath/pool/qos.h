@@ -7,8 +7,10 @@
 // keeps the bucket balances (clamped to the new capacity), so a change never grants a burst.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <string>
 
 namespace nbdcsi::datapath {
@@ -33,6 +35,19 @@ struct QosLimits {
            !max_write_bps && !iops_per_gib && !bps_per_gib;
   }
   bool operator==(const QosLimits&) const = default;
+};
+
+// A change of some limits: each field that is set replaces that limit (0 removes it), the others
+// are kept. All() sets every field, which replaces the whole set. The pool applies a patch to the
+// limits it holds under the volume's guard, so two patches of one volume never lose each other.
+struct QosPatch {
+  std::optional<uint64_t> max_iops, max_read_iops, max_write_iops;
+  std::optional<uint64_t> max_bps, max_read_bps, max_write_bps;
+  std::optional<uint64_t> iops_per_gib, bps_per_gib;
+  std::optional<uint32_t> burst_ms;
+
+  static QosPatch All(const QosLimits& q);
+  QosLimits ApplyTo(QosLimits q) const;
 };
 
 // Effective limits for a volume of a given size (per-GiB keys resolved against the size rounded
@@ -74,7 +89,11 @@ class Throttle {
   void SetLimits(const QosLimits& limits, uint64_t volume_size_bytes, uint64_t now_ns);
   QosLimits limits() const;
   EffectiveQos effective() const;
-  bool unlimited() const;
+  // Lock-free: asked for every request.
+  bool unlimited() const { return unlimited_.load(std::memory_order_acquire); }
+  // Changes with every SetLimits: a worker holding requests that wait for tokens re-asks at once
+  // when the limits change (a raised or removed limit must not keep them waiting for the old one).
+  uint64_t generation() const { return generation_.load(std::memory_order_acquire); }
 
   // Asks to run one request of `bytes` bytes. Returns 0 and charges the buckets when it may run
   // now; otherwise returns how many nanoseconds to wait before asking again, charging nothing.
@@ -87,7 +106,8 @@ class Throttle {
   mutable std::mutex mu_;
   QosLimits limits_;
   EffectiveQos eff_;
-  bool unlimited_ = true;
+  std::atomic<bool> unlimited_{true};
+  std::atomic<uint64_t> generation_{0};
   TokenBucket iops_, read_iops_, write_iops_, bps_, read_bps_, write_bps_;
 };
 

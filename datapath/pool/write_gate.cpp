@@ -11,11 +11,12 @@ bool WriteGate::TryBegin(uint64_t offset, uint64_t length,
   inflight_.fetch_add(1, std::memory_order_seq_cst);
   if (!closed_.load(std::memory_order_seq_cst) &&
       !has_preserver_.load(std::memory_order_seq_cst) &&
-      !has_tracker_.load(std::memory_order_seq_cst)) {
+      !has_tracker_.load(std::memory_order_seq_cst) &&
+      !orphans_.load(std::memory_order_seq_cst)) {
     return true;
   }
   std::unique_lock lk(mu_);
-  bool go = !closed_.load(std::memory_order_seq_cst);
+  bool go = !closed_.load(std::memory_order_seq_cst) && !orphans_.load(std::memory_order_seq_cst);
   if (go && preserver_ && length > 0) {
     uint64_t cs = preserver_->chunk_size();
     uint64_t first = offset / cs, last = (offset + length - 1) / cs;
@@ -46,6 +47,17 @@ void WriteGate::End() {
       closed_.load(std::memory_order_seq_cst)) {
     std::lock_guard lk(mu_);
     drained_.notify_all();
+  }
+}
+
+void WriteGate::Orphan() { orphans_.fetch_add(1, std::memory_order_seq_cst); }
+
+void WriteGate::EndOrphan() {
+  // The waker takes mu_ so that a TryBegin that saw the orphan and is about to register its
+  // waiter cannot miss this wake-up.
+  if (orphans_.fetch_sub(1, std::memory_order_seq_cst) == 1) {
+    std::lock_guard lk(mu_);
+    WakeAllLocked();
   }
 }
 

@@ -6,13 +6,15 @@
 // worker thread, so other volumes on that worker carry on - and retried after the gate calls
 // the worker's GateWaiter::GateOpened.
 //
-// Two reasons to refuse:
+// Three reasons to refuse:
 //  1. The gate is closed (CloseAndDrain): a point-in-time operation is running. CloseAndDrain
 //     returns once no modifying request is in flight; the caller makes the data durable, takes
 //     its snapshot, then calls Open.
 //  2. A copy-before-write preserver is installed (the background-copy snapshot on file systems
 //     without reflink): a write touching a chunk the preserver has not copied yet waits until
 //     it has. The preserver is asked to copy those chunks first, so the wait is one chunk copy.
+//  3. A write of an aborted connection is still running (Orphan below): a newer write must not
+//     be overtaken by it.
 //
 // The fast path (gate open, no preserver, no tracker) is a few atomic operations and no lock.
 #pragma once
@@ -46,7 +48,7 @@ class Preserver {
 };
 
 // Records which chunks of a volume modifying requests touched while it is installed, so that a
-// clone taken while writes flow can be fixed up under a short pause (pool.cpp CloneWhole).
+// clone taken while writes flow can be fixed up under a short pause (copy.cpp CloneWhole).
 class DirtyTracker {
  public:
   explicit DirtyTracker(uint64_t chunk_size) : chunk_(chunk_size) {}
@@ -69,6 +71,13 @@ class WriteGate {
   // The gate keeps only a weak reference: a waiter that is gone is simply skipped.
   bool TryBegin(uint64_t offset, uint64_t length, const std::shared_ptr<GateWaiter>& waiter);
   void End();
+  // The modifying request that called TryBegin belonged to a connection that was aborted while
+  // it ran: its client has given up on it and may already have resent it on another connection
+  // (the kernel requeues a timed-out request on a live socket). Until it lands, a newer write
+  // to the same blocks could be overtaken by this stale one, so new modifying requests park
+  // while any orphan is in flight. EndOrphan (before End) lifts that and wakes them.
+  void Orphan();
+  void EndOrphan();
 
   // --- operation side (may block; one operation at a time per volume) ------------------------
   // New modifying requests park; returns when none is in flight.
@@ -97,6 +106,7 @@ class WriteGate {
   std::atomic<bool> closed_{false};
   std::atomic<bool> has_preserver_{false};
   std::atomic<bool> has_tracker_{false};
+  std::atomic<uint64_t> orphans_{0};
   std::mutex mu_;
   std::condition_variable drained_;
   std::shared_ptr<Preserver> preserver_;  // guarded by mu_

@@ -8,3 +8,7 @@ set_property(TEST unit.engine_test PROPERTY TIMEOUT 60)
 if(NBDCSI_SANITIZE)
   set_property(TEST unit.engine_test APPEND PROPERTY LABELS asan)
 endif()
+
+# The request and connection life cycles of the workers as tables, and the SQE identity (Tag).
+nbdcsi_add_gtest(request_state_test ${CMAKE_CURRENT_LIST_DIR}/request_state_test.cpp nbd_engine)
+set_property(TEST unit.request_state_test APPEND PROPERTY LABELS engine)

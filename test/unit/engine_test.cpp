@@ -329,6 +329,13 @@ class EngineTest : public ::testing::Test {
     sock_ = root_ + "/nbd.sock";
   }
   void TearDown() override {
+    if (frontend_) {
+      // Whatever a test did, the request life cycle must not have broken a rule or seen a
+      // completion for a request that was gone (worker.h EngineCounters).
+      EngineCounters ec = frontend_->counters();
+      EXPECT_EQ(ec.stale_dropped, 0u);
+      EXPECT_EQ(ec.invariant_violations, 0u);
+    }
     frontend_.reset();
     pool_.reset();
     fs::remove_all(root_);
@@ -848,6 +855,123 @@ TEST_F(EngineTest, ClientClosesWithRequestsInFlightAndMidPayload) {
   ExpectConnectionsDrainTo("v", 0);
   Status st = pool_->Delete("v");
   EXPECT_TRUE(st.ok()) << st.message();
+}
+
+// ---- one connection's abort must not touch another's queued requests ---------------------------
+//
+// Regression for the engine's slot bug (issue 12): the worker keeps one list of parked requests
+// (held by a closed WriteGate) and one of throttled requests (waiting for QoS tokens) for all of
+// its connections. When a connection was aborted, its entries were taken out with remove_if and
+// the elements left past the new end were released, but remove_if leaves unspecified elements
+// there, not the removed ones: with entries [c1, c2, c1], c2's request was released while still
+// queued. Its slot then served a new request of c2 and, when the queue ran, was executed a second
+// time: a reply with another request's cookie and a lost write (and, in the field, a busy-slot
+// count below zero that kept a detached volume "in use"). These tests build that exact order,
+// deterministically: a probe request that is never held (a READ behind the gate, a FLUSH behind
+// the throttle) is answered only after the request before it on the same connection was queued.
+
+// Waits until the workers report `want` requests held by a gate or throttle (published after each
+// loop of the ring, so shortly after the probe's reply went out).
+void ExpectQueued(NbdFrontend& f, uint64_t EngineCounters::*which, uint64_t want) {
+  auto until = Clock::now() + std::chrono::seconds(5);
+  while ((f.counters().*which) != want && Clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_EQ(f.counters().*which, want);
+}
+
+TEST_F(EngineTest, AbortOfOneConnectionLeavesAnothersParkedWritesAlone) {
+  CreateVolume("v", 16 * kMiB);
+  StartFrontend(1);  // one worker: both connections share its parked list
+  auto c1 = Connect("v");
+  auto c2 = Connect("v");
+  ASSERT_NE(c1, nullptr);
+  ASSERT_NE(c2, nullptr);
+  auto vol = pool_->Acquire("v");
+  vol->gate().CloseAndDrain();
+
+  std::map<uint64_t, uint32_t> rl1, rl2;
+  Reply r;
+  // Parked: c1 write (cookie 1), c2 write (3), c1 write (5), each confirmed by a READ probe.
+  auto park = [&](Client& c, std::map<uint64_t, uint32_t>& rl, uint64_t wcookie, uint64_t off,
+                  uint32_t seed) {
+    Bytes b = Request(nbd::kCmdWrite, 0, wcookie, off, 4096, Pattern(4096, seed));
+    Append(b, Request(nbd::kCmdRead, 0, wcookie + 1, 8 * kMiB, 4096));
+    rl[wcookie + 1] = 4096;
+    c.Send(b);
+    ASSERT_TRUE(c.ReadReply(&r, rl));
+    EXPECT_EQ(r.cookie, wcookie + 1) << "only the probe can be answered while the gate is closed";
+  };
+  park(*c1, rl1, 1, 0, 11);
+  park(*c2, rl2, 3, 64 * kKiB, 12);
+  park(*c1, rl1, 5, 128 * kKiB, 13);
+  ExpectQueued(*frontend_, &EngineCounters::parked, 3);
+
+  c1.reset();  // the client vanishes with two writes parked
+  ExpectConnectionsDrainTo("v", 1);
+  ExpectQueued(*frontend_, &EngineCounters::parked, 1);
+
+  // A new request on c2 takes a free slot; it must not be the one its parked write still holds.
+  rl2[7] = 4096;
+  c2->Send(Request(nbd::kCmdRead, 0, 7, kMiB, 4096));
+  ASSERT_TRUE(c2->ReadReply(&r, rl2));
+  EXPECT_EQ(r.cookie, 7u);
+
+  vol->gate().Open();
+  ASSERT_TRUE(c2->ReadReply(&r, rl2)) << "c2's parked write was never answered";
+  EXPECT_EQ(r.cookie, 3u) << "a reply for another request (or a second one for the read)";
+  EXPECT_EQ(r.error, 0u);
+  // Answered exactly once, and the data is there: a stray reply would break this call's cookie.
+  EXPECT_EQ(c2->Read(64 * kKiB, 4096), Pattern(4096, 12));
+  EXPECT_EQ(c2->Read(0, 4096), Bytes(4096, 0)) << "c1's write ran after its client was gone";
+  ExpectQueued(*frontend_, &EngineCounters::parked, 0);
+}
+
+TEST_F(EngineTest, AbortOfOneConnectionLeavesAnothersThrottledReadsAlone) {
+  // 1 byte/s of reads: the first 4 KiB read goes into debt, every later one waits for an hour,
+  // until the limit is removed live.
+  QosLimits q;
+  q.max_read_bps = 1;
+  CreateVolume("v", 16 * kMiB, q);
+  StartFrontend(1);
+  auto c1 = Connect("v");
+  auto c2 = Connect("v");
+  ASSERT_NE(c1, nullptr);
+  ASSERT_NE(c2, nullptr);
+  c2->Write(kMiB, Pattern(4096, 21));
+  std::map<uint64_t, uint32_t> rl1, rl2;
+  Reply r;
+  rl1[1] = 4096;
+  c1->Send(Request(nbd::kCmdRead, 0, 1, 0, 4096));  // spends the bucket
+  ASSERT_TRUE(c1->ReadReply(&r, rl1));
+  EXPECT_EQ(r.cookie, 1u);
+  auto hold = [&](Client& c, std::map<uint64_t, uint32_t>& rl, uint64_t cookie, uint64_t off) {
+    Bytes b = Request(nbd::kCmdRead, 0, cookie, off, 4096);
+    Append(b, Request(nbd::kCmdFlush, 0, cookie + 1, 0, 0));  // FLUSH is never throttled
+    rl[cookie] = 4096;
+    c.Send(b);
+    ASSERT_TRUE(c.ReadReply(&r, rl));
+    EXPECT_EQ(r.cookie, cookie + 1);
+  };
+  hold(*c1, rl1, 2, 0);
+  hold(*c2, rl2, 4, kMiB);
+  hold(*c1, rl1, 6, 0);
+  ExpectQueued(*frontend_, &EngineCounters::throttled, 3);
+
+  c1.reset();
+  ExpectConnectionsDrainTo("v", 1);
+  ExpectQueued(*frontend_, &EngineCounters::throttled, 1);
+  c2->Send(Request(nbd::kCmdFlush, 0, 8, 0, 0));
+  ASSERT_TRUE(c2->ReadReply(&r, rl2));
+  EXPECT_EQ(r.cookie, 8u);
+
+  // Removing the limit live lets the waiting read go at once (not after its hour).
+  ASSERT_TRUE(pool_->SetQos("v", QosLimits{}).ok());
+  ASSERT_TRUE(c2->ReadReply(&r, rl2)) << "c2's throttled read was never answered";
+  EXPECT_EQ(r.cookie, 4u);
+  EXPECT_EQ(r.error, 0u);
+  EXPECT_EQ(r.data, Pattern(4096, 21));
+  EXPECT_EQ(c2->Call(nbd::kCmdFlush, 0, 0, 0).error, 0u);
+  ExpectQueued(*frontend_, &EngineCounters::throttled, 0);
 }
 
 // ---- QoS ----------------------------------------------------------------------------------

@@ -166,5 +166,36 @@ TEST(WriteGate, TrackerMarksAdmittedWritesOnly) {
             (R{{uint64_t{3} << 20, uint64_t{3} << 20}, {uint64_t{9} << 20, 4096}}));
 }
 
+// A write of an aborted connection that is still running holds every new write of the volume
+// back until it lands, so a resent-and-rewritten block cannot be overwritten by the stale copy.
+TEST(WriteGate, OrphanedWriteHoldsNewWritesUntilItLands) {
+  WriteGate g;
+  auto w = std::make_shared<CountingWaiter>();
+  ASSERT_TRUE(g.TryBegin(0, 4096, w));  // the write whose connection goes away
+  g.Orphan();
+  EXPECT_FALSE(g.TryBegin(0, 4096, w)) << "a newer write went ahead of the orphan";
+  EXPECT_FALSE(g.TryBegin(1 << 20, 4096, w)) << "any range waits: the fence is per volume";
+  EXPECT_EQ(g.in_flight(), 1u) << "refused attempts must not stay counted";
+  EXPECT_EQ(w->wakes, 0);
+  g.EndOrphan();
+  g.End();
+  EXPECT_EQ(w->wakes, 1) << "the parked writer must be told to retry";
+  EXPECT_TRUE(g.TryBegin(0, 4096, w));
+  g.End();
+  // Two orphans: the fence lifts only after the last.
+  ASSERT_TRUE(g.TryBegin(0, 4096, w));
+  ASSERT_TRUE(g.TryBegin(8192, 4096, w));
+  g.Orphan();
+  g.Orphan();
+  g.EndOrphan();
+  g.End();
+  EXPECT_FALSE(g.TryBegin(0, 4096, w));
+  g.EndOrphan();
+  g.End();
+  EXPECT_TRUE(g.TryBegin(0, 4096, w));
+  g.End();
+  EXPECT_EQ(g.in_flight(), 0u);
+}
+
 }  // namespace
 }  // namespace nbdcsi::datapath
