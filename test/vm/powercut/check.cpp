@@ -244,7 +244,12 @@ class PointCheck {
 
   void CheckSnapshots(Pool& pool) {
     std::set<std::string> seen;
-    for (const datapath::SnapshotInfo& s : pool.ListSnapshots()) {
+    auto snaps = pool.ListSnapshots();
+    if (!snaps.ok()) {
+      Fail("listing snapshots: {}", snaps.status().message());
+      return;
+    }
+    for (const datapath::SnapshotInfo& s : *snaps) {
       seen.insert(s.name);
       SnapModel m;
       if (auto it = snaps_.find(s.name); it != snaps_.end()) {
