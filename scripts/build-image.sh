@@ -104,7 +104,7 @@ finish() {
   rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb \
     "$root"/var/cache/debconf/*-old "$root"/var/lib/dpkg/*-old "$root"/etc/passwd- \
     "$root"/etc/group- "$root"/etc/shadow- "$root"/etc/gshadow- "$root"/var/log/apt/* \
-    "$root"/var/log/dpkg.log "$root"/var/log/alternatives.log
+    "$root"/var/log/dpkg.log "$root"/var/log/alternatives.log "$root"/var/cache/ldconfig/aux-cache
 }
 
 # The host's own apt sources when they describe this suite: the image gets the same package

@@ -79,7 +79,11 @@ cleanup() {
   fi
   if [ -n "$snapctl_pid" ]; then kill "$snapctl_pid" 2>/dev/null; rm -f "$K8S_TOP/run/pids/e2e-snapshot-controller.pid"; fi
   if [ -n "$started_cluster" ] && [ "${E2E_KEEP:-}" != 1 ]; then
-    WIPE=1 "$k8s/stop-cluster.sh" >"$work/stop-cluster.log" 2>&1 || echo "e2e: stop-cluster.sh failed (see $work/stop-cluster.log)"
+    if WIPE=1 "$k8s/stop-cluster.sh" >"$work/stop-cluster.log" 2>&1; then
+      rm -f "$marker"
+    else
+      echo "e2e: stop-cluster.sh failed (see $work/stop-cluster.log)"
+    fi
   fi
   [ $rc -eq 0 ] || echo "e2e: logs and state in $work"
   exit $rc
@@ -90,18 +94,21 @@ trap 'exit 130' INT TERM
 if [ $mode = bundled ]; then
   log "bundled cluster: $k8s (setup.sh, start-cluster.sh)"
   "$k8s/setup.sh" >"$work/setup.log" 2>&1 || { tail -20 "$work/setup.log"; die "setup.sh failed"; }
+  # A cluster this test started is stopped at the end, also when an earlier run was killed
+  # before it could stop it (the marker says so); one started by someone else is left running.
   apiserver_pid=$K8S_TOP/run/pids/kube-apiserver.pid
-  if ! { [ -f "$apiserver_pid" ] && kill -0 "$(cat "$apiserver_pid")" 2>/dev/null; }; then
+  marker=$K8S_TOP/run/started-by-nbd-csi-e2e
+  if ! { [ -f "$apiserver_pid" ] && kill -0 "$(cat "$apiserver_pid")" 2>/dev/null; } || [ -f "$marker" ]; then
     started_cluster=1
   fi
   t0=$SECONDS
   "$k8s/start-cluster.sh" >"$work/start-cluster.log" 2>&1 ||
     { tail -20 "$work/start-cluster.log"; die "start-cluster.sh failed"; }
+  [ -n "$started_cluster" ] && touch "$marker"
   export KUBECONFIG=$K8S_TOP/run/admin.kubeconfig
   log "cluster up in $((SECONDS - t0)) s${started_cluster:+ (started by this test, stopped at the end)}"
 fi
 command -v kubectl >/dev/null || die "no kubectl on PATH"
-k() { kubectl "$@"; }
 kubectl version --short >"$work/version.txt" 2>/dev/null || kubectl version >"$work/version.txt"
 server_version=$(kubectl get --raw /version | python3 -c 'import json,sys; print(json.load(sys.stdin)["gitVersion"])')
 log "Kubernetes $server_version"
@@ -281,6 +288,15 @@ install_chart() {
   if kubectl get csidriver "$DRIVER" >/dev/null 2>&1; then
     fail "CSIDriver $DRIVER exists already: another nbd-csi install is on this cluster; the test needs a cluster without one"
   fi
+  if [ $mode = bundled ]; then
+    # A run that failed before its clean-up left its volumes in the pool directory on this host.
+    local pool
+    pool=$(python3 -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["datapath"]["poolDir"])' "$here/values-walk.yaml")
+    if [ -d "$pool" ]; then
+      echo "removing $(find "$pool" -type f | wc -l) files an earlier run left in $pool"
+      rm -rf "$pool"
+    fi
+  fi
   kubectl create namespace "$NS" >/dev/null
   # The node plugin and the datapath are privileged: the namespace must allow it (Pod Security).
   kubectl label namespace "$NS" pod-security.kubernetes.io/enforce=privileged >/dev/null
@@ -392,15 +408,12 @@ pool_volume() {
   [ -n "$pv" ] || fail "claim $1 is not bound"
   kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle}' | awk -F: '{print $NF}'
 }
-datapath_pod() {  # node
-  kubectl -n "$NS" get pods -l app.kubernetes.io/component=datapath --field-selector "spec.nodeName=$1" -o jsonpath='{.items[0].metadata.name}'
-}
-node_pod() {  # node
-  kubectl -n "$NS" get pods -l app.kubernetes.io/component=node --field-selector "spec.nodeName=$1" -o jsonpath='{.items[0].metadata.name}'
+component_pod() {  # component (datapath, node) node
+  kubectl -n "$NS" get pods -l "app.kubernetes.io/component=$1" --field-selector "spec.nodeName=$2" -o jsonpath='{.items[0].metadata.name}'
 }
 nbdctl() {  # node args...: nbdctl in that node's datapath pod
   local node=$1; shift
-  kubectl -n "$NS" exec "$(datapath_pod "$node")" -c nbd-datapathd -- nbdctl -o json "$@"
+  kubectl -n "$NS" exec "$(component_pod datapath "$node")" -c nbd-datapathd -- nbdctl -o json "$@"
 }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
@@ -472,14 +485,19 @@ EOF
   result "ok (ready, source then overwritten)"
 }
 
+# A claim made from SOURCE (kind/name) and a pod on it; prints the sha256 of its /data/blob.
+sum_of_copy() {  # claim pod source
+  pvc "$1" nbd-csi-qos 1Gi Filesystem "$3"
+  pod "$2" "$1" fs 'true'
+  ready "$2"
+  x "$2" 'sha256sum /data/blob | cut -d" " -f1'
+}
+
 walk_restore() {
   [ -n "$(get snapshots 2>/dev/null)" ] || { result "NOT EXERCISED: no snapshot CRDs"; return 0; }
   get sum2 >/dev/null
-  pvc restored nbd-csi-qos 1Gi Filesystem VolumeSnapshot/snap
-  pod reader restored fs 'true'
-  ready reader
   local sum
-  sum=$(x reader 'sha256sum /data/blob | cut -d" " -f1')
+  sum=$(sum_of_copy restored reader VolumeSnapshot/snap)
   echo "restored: sha256 ${sum:0:16}... (at the snapshot: $(get sum1 | cut -c1-16)..., source now: $(get sum2 | cut -c1-16)...)"
   [ "$sum" = "$(get sum1)" ] || fail "the restored volume does not hold the snapshot's data"
   x reader 'sha256sum -c /data/blob.sha256 >/dev/null'
@@ -489,11 +507,8 @@ walk_restore() {
 walk_clone() {
   local sum_src
   sum_src=$(x writer 'sync && sha256sum /data/blob | cut -d" " -f1')
-  pvc cloned nbd-csi-qos 1Gi Filesystem PersistentVolumeClaim/data
-  pod cloner cloned fs 'true'
-  ready cloner
   local sum
-  sum=$(x cloner 'sha256sum /data/blob | cut -d" " -f1')
+  sum=$(sum_of_copy cloned cloner PersistentVolumeClaim/data)
   echo "clone of data: sha256 ${sum:0:16}... (source ${sum_src:0:16}...)"
   [ "$sum" = "$sum_src" ] || fail "the clone does not hold the source's data"
   result "ok (same data as the source)"
@@ -587,22 +602,29 @@ print(f"fio ran from {runs[0][0] - lo:+d} s to {runs[-1][1] - lo:+d} s around th
 sys.exit(0 if ok else 1)' "$2" "$3" || fail "fio did not run throughout the restart"
 }
 
-walk_node_restart() {
+# Deletes the COMPONENT (node or datapath) pod of the node while a pod writes with fio verify;
+# the DaemonSet's new pod must be Ready and fio must have run throughout with zero errors.
+restart_under_fio() {  # component fio-pod claim
   local node old new t_del t_ready
   node=$(get node)
-  start_fio fiopod fio 300
+  start_fio "$2" "$3" 300
   sleep 5
-  old=$(node_pod "$node")
+  old=$(component_pod "$1" "$node")
   t_del=$(date +%s)
   kubectl -n "$NS" delete pod "$old" --wait=true >/dev/null
-  poll "a new node plugin pod on $node" 60 sh -c "p=\$(kubectl -n $NS get pods -l app.kubernetes.io/component=node --field-selector spec.nodeName=$node -o jsonpath='{.items[0].metadata.name}'); [ -n \"\$p\" ] && [ \"\$p\" != $old ]"
-  new=$(node_pod "$node")
-  kubectl -n "$NS" wait --for=condition=Ready "pod/$new" --timeout=120s >/dev/null || fail "node plugin $new not Ready"
+  poll "a new $1 pod on $node" 90 sh -c "p=\$(kubectl -n $NS get pods -l app.kubernetes.io/component=$1 --field-selector spec.nodeName=$node -o jsonpath='{.items[0].metadata.name}'); [ -n \"\$p\" ] && [ \"\$p\" != $old ]"
+  new=$(component_pod "$1" "$node")
+  kubectl -n "$NS" wait --for=condition=Ready "pod/$new" --timeout=120s >/dev/null || fail "$1 pod $new not Ready"
   t_ready=$(date +%s)
-  echo "node plugin $old deleted while fio ran; $new Ready $((t_ready - t_del)) s later"
-  finish_fio fiopod "$t_del" "$t_ready"
-  # The new plugin knows the mounted volume (it rebuilds its view from the mount table).
-  x fiopod 'df /data >/dev/null && ls /data >/dev/null'
+  echo "$1 pod $old deleted while fio ran; $new Ready $((t_ready - t_del)) s later"
+  finish_fio "$2" "$t_del" "$t_ready"
+  # The volume is still mounted and usable (the node plugin rebuilds its view from the mount
+  # table; the datapath reconnects the kernel device).
+  x "$2" 'df /data >/dev/null && ls /data >/dev/null'
+}
+
+walk_node_restart() {
+  restart_under_fio node fiopod fio
   result "ok (fio verify: zero errors across the restart)"
 }
 
@@ -613,18 +635,7 @@ walk_datapath_restart() {
   if [ "$mode" != kernel ]; then
     not_applicable "volumes attach through the nbdfuse fallback here (no nbd.ko), which cannot reconnect after a datapath restart; runs where the kernel has nbd.ko"
   fi
-  local old new t_del t_ready
-  start_fio fiopod2 fio2 300
-  sleep 5
-  old=$(datapath_pod "$node")
-  t_del=$(date +%s)
-  kubectl -n "$NS" delete pod "$old" --wait=true >/dev/null
-  poll "a new datapath pod on $node" 90 sh -c "p=\$(kubectl -n $NS get pods -l app.kubernetes.io/component=datapath --field-selector spec.nodeName=$node -o jsonpath='{.items[0].metadata.name}'); [ -n \"\$p\" ] && [ \"\$p\" != $old ]"
-  new=$(datapath_pod "$node")
-  kubectl -n "$NS" wait --for=condition=Ready "pod/$new" --timeout=120s >/dev/null || fail "datapath $new not Ready"
-  t_ready=$(date +%s)
-  echo "datapath $old deleted while fio ran; $new Ready $((t_ready - t_del)) s later"
-  finish_fio fiopod2 "$t_del" "$t_ready"
+  restart_under_fio datapath fiopod2 fio2
   result "ok (fio verify: zero errors across the datapath restart)"
 }
 
@@ -648,7 +659,7 @@ walk_capacity() {
 # plugin sees it: mounts, staging and publish directories, pods' volume directories.
 no_leftovers() {  # node kubelet-dir
   local out
-  out=$(kubectl -n "$NS" exec "$(node_pod "$1")" -c nbd-csi-node -- sh -c "
+  out=$(kubectl -n "$NS" exec "$(component_pod node "$1")" -c nbd-csi-node -- sh -c "
     awk '\$5 ~ \"^$2/\" && \$5 ~ /kubernetes.io[~\\/]csi/ {print \"mount \" \$5}' /proc/self/mountinfo
     find $2/plugins/kubernetes.io/csi $2/pods -name 'pvc-*' 2>/dev/null | sed 's/^/dir /'
     true")
@@ -677,7 +688,7 @@ walk_teardown() {
   echo "pool of $node: $n_vol volumes, $n_snap snapshots, $n_att attachments"
   [ "$n_vol$n_snap$n_att" = 000 ] || fail "left in the pool: $n_vol volumes, $n_snap snapshots, $n_att attachments"
   # The kubelet removes a pod's volume directories asynchronously after the pod is gone.
-  kdir=$(kubectl -n "$NS" get pod "$(node_pod "$node")" -o jsonpath='{.spec.volumes[?(@.name=="kubelet-dir")].hostPath.path}')
+  kdir=$(kubectl -n "$NS" get pod "$(component_pod node "$node")" -o jsonpath='{.spec.volumes[?(@.name=="kubelet-dir")].hostPath.path}')
   poll "the kubelet's CSI mounts and directories on $node cleaned" 90 no_leftovers "$node" "$kdir" ||
     fail "left in the kubelet's directories on $node: $(no_leftovers "$node" "$kdir" | tr '\n' ' ' | cut -c1-300)"
   echo "no CSI mounts or directories left under $kdir"
