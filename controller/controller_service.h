@@ -1,12 +1,15 @@
 // The CSI Controller service of nbd-csi-controller.
 //
 // Two layers, as TopoLVM does it: ControllerImpl does the work and takes no locks of its own (it
-// is stateless: the truth about volumes lives in the node pools, reached through the
-// NodeRegistry's Datapath stubs); the gRPC service returned by MakeControllerService is a thin
-// decorator that takes a per-id in-flight guard (common/name_locks.h) and answers a second concurrent
-// call on the same volume, snapshot or CSI name with ABORTED, as the CSI spec asks.
+// is stateless: the truth about volumes lives in the node pools, reached through the NodeDatapath
+// clients the NodeRegistry hands out); the gRPC service returned by MakeControllerService is a
+// thin decorator that takes a per-id in-flight guard (common/name_locks.h) and answers a second
+// concurrent call on the same volume, snapshot or CSI name with ABORTED, as the CSI spec asks.
+// ControllerImpl speaks errno (controller/csi_status.h); the decorator turns it into the CSI gRPC
+// code once, on the way out.
 //
-// Decisions where the spec leaves room (tested in test/controller/):
+// Decisions where the spec leaves room (each tested in-process, one test per decision, in
+// test/controller/controller_decisions_test.cpp, and end to end in controller_acceptance_test.cpp):
 // - Ids are validated before use (csi/ids.h). A malformed id names nothing of ours: DeleteVolume
 //   and DeleteSnapshot succeed, lookups are NOT_FOUND, ListSnapshots filters return nothing.
 //   A well-formed id on a node that is not registered is UNAVAILABLE (the sidecar retries; the
@@ -34,82 +37,60 @@
 //   limit); other keys keep their values.
 #pragma once
 
-#include <chrono>
 #include <cstdint>
 #include <memory>
-#include <optional>
-#include <string>
-
-#include <grpcpp/support/status.h>
 
 #include "common/status.h"
-#include "common/volume_rules.h"
+#include "controller/nodes.h"
+#include "controller/placement.h"
 #include "controller/registry.h"
 #include "csi/csi.grpc.pb.h"
 
 namespace nbdcsi::controller {
 
 struct ControllerOptions {
-  // Deadline of each call to a node's datapath. A node that does not answer within it makes the
-  // CSI call UNAVAILABLE (or DEADLINE_EXCEEDED), so the sidecar retries.
-  std::chrono::milliseconds datapath_timeout = std::chrono::seconds(30);
   // CreateVolume without a capacity_range (or with required_bytes 0 and no limit).
   uint64_t default_volume_bytes = uint64_t{1} << 30;
+  // (The deadline of each call to a datapath is GrpcDatapathOptions::timeout.)
 };
 
-
+// One method per CSI Controller RPC (where each lives: docs/design.md, "controller/").
 class ControllerImpl {
  public:
   ControllerImpl(NodeRegistry& registry, ControllerOptions opts);
-  ~ControllerImpl();
 
-  ::grpc::Status CreateVolume(const ::csi::v1::CreateVolumeRequest& req,
-                              ::csi::v1::CreateVolumeResponse* resp);
-  ::grpc::Status DeleteVolume(const ::csi::v1::DeleteVolumeRequest& req);
-  ::grpc::Status ValidateVolumeCapabilities(const ::csi::v1::ValidateVolumeCapabilitiesRequest& req,
-                                            ::csi::v1::ValidateVolumeCapabilitiesResponse* resp);
-  ::grpc::Status ListVolumes(const ::csi::v1::ListVolumesRequest& req,
-                             ::csi::v1::ListVolumesResponse* resp);
-  ::grpc::Status GetCapacity(const ::csi::v1::GetCapacityRequest& req,
-                             ::csi::v1::GetCapacityResponse* resp);
-  ::grpc::Status GetCapabilities(::csi::v1::ControllerGetCapabilitiesResponse* resp);
-  ::grpc::Status CreateSnapshot(const ::csi::v1::CreateSnapshotRequest& req,
-                                ::csi::v1::CreateSnapshotResponse* resp);
-  ::grpc::Status DeleteSnapshot(const ::csi::v1::DeleteSnapshotRequest& req);
-  ::grpc::Status ListSnapshots(const ::csi::v1::ListSnapshotsRequest& req,
-                               ::csi::v1::ListSnapshotsResponse* resp);
-  ::grpc::Status ExpandVolume(const ::csi::v1::ControllerExpandVolumeRequest& req,
-                              ::csi::v1::ControllerExpandVolumeResponse* resp);
-  ::grpc::Status GetVolume(const ::csi::v1::ControllerGetVolumeRequest& req,
-                           ::csi::v1::ControllerGetVolumeResponse* resp);
-  ::grpc::Status ModifyVolume(const ::csi::v1::ControllerModifyVolumeRequest& req);
+  Status CreateVolume(const ::csi::v1::CreateVolumeRequest& req,
+                      ::csi::v1::CreateVolumeResponse* resp);
+  Status DeleteVolume(const ::csi::v1::DeleteVolumeRequest& req);
+  Status ValidateVolumeCapabilities(const ::csi::v1::ValidateVolumeCapabilitiesRequest& req,
+                                    ::csi::v1::ValidateVolumeCapabilitiesResponse* resp);
+  Status ListVolumes(const ::csi::v1::ListVolumesRequest& req,
+                     ::csi::v1::ListVolumesResponse* resp);
+  Status GetCapacity(const ::csi::v1::GetCapacityRequest& req,
+                     ::csi::v1::GetCapacityResponse* resp);
+  Status GetCapabilities(::csi::v1::ControllerGetCapabilitiesResponse* resp);
+  Status CreateSnapshot(const ::csi::v1::CreateSnapshotRequest& req,
+                        ::csi::v1::CreateSnapshotResponse* resp);
+  Status DeleteSnapshot(const ::csi::v1::DeleteSnapshotRequest& req);
+  Status ListSnapshots(const ::csi::v1::ListSnapshotsRequest& req,
+                       ::csi::v1::ListSnapshotsResponse* resp);
+  Status ExpandVolume(const ::csi::v1::ControllerExpandVolumeRequest& req,
+                      ::csi::v1::ControllerExpandVolumeResponse* resp);
+  Status GetVolume(const ::csi::v1::ControllerGetVolumeRequest& req,
+                   ::csi::v1::ControllerGetVolumeResponse* resp);
+  Status ModifyVolume(const ::csi::v1::ControllerModifyVolumeRequest& req);
 
  private:
-  NodeRegistry& registry_;
+  Nodes nodes_;
   ControllerOptions opts_;
-  // Bytes placed on each node since its last heartbeat: a burst of CreateVolume calls between
-  // two heartbeats spreads over the nodes instead of piling onto the one that looked roomiest.
-  // Soft state with its own small mutex (placement hints only; the datapath checks capacity).
-  class PlacementLedger;
-  std::unique_ptr<PlacementLedger> ledger_;
+  PlacementLedger ledger_;
 };
 
 // The gRPC Controller service: per-id ABORTED guards around a ControllerImpl over `registry`
-// (which must outlive it). ControllerPublishVolume/UnpublishVolume are UNIMPLEMENTED (the
-// PUBLISH_UNPUBLISH_VOLUME capability is not advertised: the node attaches its own volumes).
+// (which must outlive it), and the errno -> CSI code mapping (ToCsiStatus). ControllerPublishVolume
+// and ControllerUnpublishVolume are UNIMPLEMENTED (the PUBLISH_UNPUBLISH_VOLUME capability is not
+// advertised: the node attaches its own volumes).
 std::unique_ptr<::csi::v1::Controller::Service> MakeControllerService(NodeRegistry& registry,
                                                                       ControllerOptions opts = {});
-
-// The size CreateVolume provisions for `range` (null: none given): required_bytes rounded up to
-// kVolumeSizeAlignment, or `dflt` when nothing is required, never below `min_size` (a content
-// source's size), within limit_bytes (rounding down to it when only the default overshoots).
-// EINVAL: negative bytes or limit < required; ERANGE (OUT_OF_RANGE): no aligned size fits.
-StatusOr<uint64_t> VolumeSizeFor(const ::csi::v1::CapacityRange* range, uint64_t dflt,
-                                 uint64_t min_size);
-
-// Pagination tokens of ListVolumes/ListSnapshots: an opaque encoding of the last id returned.
-// Exposed for the unit tests; nullopt when `token` was not made by EncodePageToken.
-std::string EncodePageToken(const std::string& last_id);
-std::optional<std::string> DecodePageToken(const std::string& token);
 
 }  // namespace nbdcsi::controller

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include <CLI/CLI.hpp>
 #include <grpcpp/server.h>
@@ -13,6 +14,7 @@
 
 #include "common/tls.h"
 #include "controller/controller_service.h"
+#include "controller/node_datapath.h"
 #include "controller/registry.h"
 #include "csi/driver.h"
 #include "csi/identity.h"
@@ -21,10 +23,9 @@
 using namespace nbdcsi;
 namespace ncsi = nbdcsi::csi;
 
-int main(int argc, char** argv) {
-  ncsi::BlockTerminationSignals();
+namespace {
 
-  CLI::App app{"nbd-csi-controller: the CSI Controller service of the nbd.csi.io driver"};
+struct Flags {
   std::string csi_endpoint = "unix:///csi/csi.sock";
   std::string registry_listen;
   TlsFiles tls;
@@ -33,82 +34,75 @@ int main(int argc, char** argv) {
   uint32_t datapath_timeout_ms = 30000;
   std::string log_level = "info";
   std::string datapath_server_name;
-  app.add_option("--csi-endpoint", csi_endpoint, "CSI endpoint (unix:///path or tcp://host:port)")
+};
+
+void AddFlags(CLI::App& app, Flags& f) {
+  app.add_option("--csi-endpoint", f.csi_endpoint, "CSI endpoint (unix:///path or tcp://host:port)")
       ->capture_default_str();
-  app.add_option("--registry-listen", registry_listen,
+  app.add_option("--registry-listen", f.registry_listen,
                  "host:port where node datapaths register and heartbeat (mutual TLS)")
       ->required();
-  app.add_option("--tls-cert", tls.cert, "PEM certificate of this controller");
-  app.add_option("--tls-key", tls.key, "PEM private key of --tls-cert");
-  app.add_option("--tls-ca", tls.ca, "PEM CA bundle that datapath certificates must chain to");
-  app.add_option("--datapath-server-name", datapath_server_name,
+  app.add_option("--tls-cert", f.tls.cert, "PEM certificate of this controller");
+  app.add_option("--tls-key", f.tls.key, "PEM private key of --tls-cert");
+  app.add_option("--tls-ca", f.tls.ca, "PEM CA bundle that datapath certificates must chain to");
+  app.add_option("--datapath-server-name", f.datapath_server_name,
                  "Verify every datapath's certificate against this name instead of the address "
                  "it is dialled at (one shared datapath certificate for all nodes)");
-  app.add_flag("--insecure", tls.insecure,
+  app.add_flag("--insecure", f.tls.insecure,
                "Plaintext gRPC to and from the datapaths (loopback tests only)");
-  app.add_option("--heartbeat-interval", heartbeat_interval_ms,
+  app.add_option("--heartbeat-interval", f.heartbeat_interval_ms,
                  "How often datapaths are told to heartbeat, in ms")
       ->check(CLI::Range(100u, 600000u))
       ->capture_default_str();
-  app.add_option("--heartbeat-ttl", heartbeat_ttl_ms,
+  app.add_option("--heartbeat-ttl", f.heartbeat_ttl_ms,
                  "A node silent this long (ms) is treated as absent; default 3x the interval");
-  app.add_option("--datapath-timeout", datapath_timeout_ms,
+  app.add_option("--datapath-timeout", f.datapath_timeout_ms,
                  "Deadline of each call to a node's datapath, in ms")
       ->check(CLI::Range(100u, 600000u))
       ->capture_default_str();
-  app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
+  app.add_option("--log-level", f.log_level, "trace, debug, info, warn or error")
       ->capture_default_str();
-  CLI11_PARSE(app, argc, argv);
+}
 
-  spdlog::set_level(spdlog::level::from_str(log_level));
-  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
-  if (heartbeat_ttl_ms == 0) heartbeat_ttl_ms = 3 * heartbeat_interval_ms;
-  if (heartbeat_ttl_ms <= heartbeat_interval_ms) {
+// What the parser cannot check alone; false (logged) when the flags do not make sense together.
+bool CheckFlags(Flags& f) {
+  if (f.heartbeat_ttl_ms == 0) f.heartbeat_ttl_ms = 3 * f.heartbeat_interval_ms;
+  if (f.heartbeat_ttl_ms <= f.heartbeat_interval_ms) {
     spdlog::critical("--heartbeat-ttl {} ms must exceed --heartbeat-interval {} ms",
-                     heartbeat_ttl_ms, heartbeat_interval_ms);
-    return 2;
+                     f.heartbeat_ttl_ms, f.heartbeat_interval_ms);
+    return false;
   }
-  if (Status s = tls.Validate(); !s.ok()) {
+  if (Status s = f.tls.Validate(); !s.ok()) {
     spdlog::critical("{}", s.message());
-    return 2;
+    return false;
   }
-  auto server_creds = MakeServerCredentials(tls);
-  if (!server_creds.ok()) {
-    spdlog::critical("registry listener credentials: {}", server_creds.status().message());
-    return 2;
+  if (!f.datapath_server_name.empty() && f.tls.insecure) {
+    spdlog::critical("--datapath-server-name has no meaning with --insecure");
+    return false;
   }
-  auto channel_creds = MakeChannelCredentials(tls);
-  if (!channel_creds.ok()) {
-    spdlog::critical("datapath channel credentials: {}", channel_creds.status().message());
-    return 2;
-  }
-  if (tls.insecure) {
-    spdlog::warn("--insecure: datapath traffic is plaintext; use only on loopback for tests");
-  }
+  return true;
+}
 
-  controller::NodeRegistry registry(*channel_creds,
-                                    std::chrono::milliseconds(heartbeat_ttl_ms),
-                                    std::chrono::milliseconds(heartbeat_interval_ms));
-  if (!datapath_server_name.empty()) {
-    if (tls.insecure) {
-      spdlog::critical("--datapath-server-name has no meaning with --insecure");
-      return 2;
-    }
-    registry.SetTlsServerName(datapath_server_name);
-  }
-  auto registry_service = controller::MakeRegistryService(registry);
+// The Registry service on --registry-listen; null (logged) when it cannot listen.
+std::unique_ptr<grpc::Server> StartRegistryServer(const Flags& f,
+                                                  std::shared_ptr<grpc::ServerCredentials> creds,
+                                                  grpc::Service* service, int* port) {
   grpc::ServerBuilder rb;
   // A second controller on the same host port must fail to bind, not share the connections.
   rb.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  int registry_port = 0;
-  rb.AddListeningPort(registry_listen, *server_creds, &registry_port);
-  rb.RegisterService(registry_service.get());
-  std::unique_ptr<grpc::Server> registry_server = rb.BuildAndStart();
-  if (!registry_server || registry_port == 0) {
-    spdlog::critical("cannot listen for datapath registrations on {}", registry_listen);
-    return 1;
+  rb.AddListeningPort(f.registry_listen, std::move(creds), port);
+  rb.RegisterService(service);
+  std::unique_ptr<grpc::Server> server = rb.BuildAndStart();
+  if (!server || *port == 0) {
+    spdlog::critical("cannot listen for datapath registrations on {}", f.registry_listen);
+    return nullptr;
   }
+  return server;
+}
 
+// Serves CSI (Identity + Controller) over `registry` until a termination signal.
+int ServeCsi(const Flags& f, controller::NodeRegistry& registry, grpc::Server& registry_server,
+             int registry_port) {
   // Ready once datapaths can register. A controller that knows no node yet still serves
   // (CreateVolume answers UNAVAILABLE until a node heartbeats), so it is not held back on that.
   std::atomic<bool> registry_up{true};
@@ -119,23 +113,22 @@ int main(int argc, char** argv) {
     return Status::Ok();
   };
   auto identity = ncsi::MakeIdentityService(iopts);
-  controller::ControllerOptions copts;
-  copts.datapath_timeout = std::chrono::milliseconds(datapath_timeout_ms);
-  auto controller_service = controller::MakeControllerService(registry, copts);
+  auto controller_service = controller::MakeControllerService(registry);
 
   ncsi::CsiServerOptions sopts;
-  sopts.endpoint = csi_endpoint;
+  sopts.endpoint = f.csi_endpoint;
   sopts.services = {identity.get(), controller_service.get()};
   auto csi_server = ncsi::StartCsiServer(sopts);
   if (!csi_server.ok()) {
-    spdlog::critical("cannot serve CSI on {}: {}", csi_endpoint, csi_server.status().message());
-    registry_server->Shutdown();
+    spdlog::critical("cannot serve CSI on {}: {}", f.csi_endpoint, csi_server.status().message());
+    registry_server.Shutdown();
     return 1;
   }
   spdlog::info("nbd-csi-controller {} ready: CSI on {}, registry on {} (port {}, {}), heartbeat "
                "every {} ms, ttl {} ms",
-               ncsi::DriverVersion(), csi_endpoint, registry_listen, registry_port,
-               tls.insecure ? "plaintext" : "mutual TLS", heartbeat_interval_ms, heartbeat_ttl_ms);
+               ncsi::DriverVersion(), f.csi_endpoint, f.registry_listen, registry_port,
+               f.tls.insecure ? "plaintext" : "mutual TLS", f.heartbeat_interval_ms,
+               f.heartbeat_ttl_ms);
 
   int sig = ncsi::WaitForTerminationSignal();
   spdlog::info("signal {}: shutting down", sig);
@@ -143,8 +136,50 @@ int main(int argc, char** argv) {
   (*csi_server)->Shutdown();
   (*csi_server)->Wait();
   spdlog::debug("CSI server stopped");
-  registry_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  registry_server->Wait();
+  registry_server.Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  registry_server.Wait();
   spdlog::info("stopped");
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  ncsi::BlockTerminationSignals();
+
+  CLI::App app{"nbd-csi-controller: the CSI Controller service of the nbd.csi.io driver"};
+  Flags f;
+  AddFlags(app, f);
+  CLI11_PARSE(app, argc, argv);
+
+  spdlog::set_level(spdlog::level::from_str(f.log_level));
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
+  if (!CheckFlags(f)) return 2;
+  auto server_creds = MakeServerCredentials(f.tls);
+  if (!server_creds.ok()) {
+    spdlog::critical("registry listener credentials: {}", server_creds.status().message());
+    return 2;
+  }
+  auto channel_creds = MakeChannelCredentials(f.tls);
+  if (!channel_creds.ok()) {
+    spdlog::critical("datapath channel credentials: {}", channel_creds.status().message());
+    return 2;
+  }
+  if (f.tls.insecure) {
+    spdlog::warn("--insecure: datapath traffic is plaintext; use only on loopback for tests");
+  }
+
+  controller::GrpcDatapathOptions dopts;
+  dopts.creds = *channel_creds;
+  dopts.tls_server_name = f.datapath_server_name;
+  dopts.timeout = std::chrono::milliseconds(f.datapath_timeout_ms);
+  controller::NodeRegistry registry(controller::MakeGrpcDatapathFactory(std::move(dopts)),
+                                    std::chrono::milliseconds(f.heartbeat_ttl_ms),
+                                    std::chrono::milliseconds(f.heartbeat_interval_ms));
+  auto registry_service = controller::MakeRegistryService(registry);
+  int registry_port = 0;
+  auto registry_server =
+      StartRegistryServer(f, *server_creds, registry_service.get(), &registry_port);
+  if (!registry_server) return 1;
+  return ServeCsi(f, registry, *registry_server, registry_port);
 }

@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <utility>
 
-#include <grpcpp/create_channel.h>
-#include <grpcpp/support/channel_arguments.h>
 #include <spdlog/spdlog.h>
 
 #include "common/grpc_status.h"
@@ -15,10 +13,9 @@ namespace nbdcsi::controller {
 namespace v1 = ::nbdcsi::datapath::v1;
 using std::chrono::steady_clock;
 
-NodeRegistry::NodeRegistry(std::shared_ptr<grpc::ChannelCredentials> creds,
-                           std::chrono::milliseconds ttl,
+NodeRegistry::NodeRegistry(NodeDatapathFactory datapaths, std::chrono::milliseconds ttl,
                            std::chrono::milliseconds heartbeat_interval, Clock clock)
-    : creds_(std::move(creds)), ttl_(ttl), interval_(heartbeat_interval),
+    : datapaths_(std::move(datapaths)), ttl_(ttl), interval_(heartbeat_interval),
       clock_(std::move(clock)) {}
 
 bool NodeRegistry::Live(const Entry& e, steady_clock::time_point now) const {
@@ -49,9 +46,8 @@ Status NodeRegistry::Heartbeat(const v1::HeartbeatRequest& req) {
       spdlog::info("registry: node {} moved its API from {} to {}", req.node_id(), n.api_address,
                    req.api_address());
     }
-    // Calls in flight on the old channel keep their reference and finish or fail on their own.
-    e.channel.reset();
-    e.stub.reset();
+    // Calls in flight on the old client keep their reference and finish or fail on their own.
+    e.datapath.reset();
   }
   n.node_id = req.node_id();
   n.api_address = req.api_address();
@@ -86,7 +82,7 @@ std::vector<NodeInfo> NodeRegistry::List() const {
   return out;
 }
 
-StatusOr<std::shared_ptr<v1::Datapath::Stub>> NodeRegistry::Datapath(const std::string& node_id) {
+StatusOr<std::shared_ptr<NodeDatapath>> NodeRegistry::Datapath(const std::string& node_id) {
   const auto now = clock_();
   std::lock_guard lock(mu_);
   auto it = nodes_.find(node_id);
@@ -103,23 +99,8 @@ StatusOr<std::shared_ptr<v1::Datapath::Stub>> NodeRegistry::Datapath(const std::
     return Error(ENODEV, "node {}: datapath not heard from for {} ms (ttl {} ms)", node_id,
                  ago.count(), ttl_.count());
   }
-  if (!e.stub) {
-    // TLS checks the datapath's certificate SANs against the address's host, or the override.
-    grpc::ChannelArguments args;
-    if (!tls_server_name_.empty()) args.SetSslTargetNameOverride(tls_server_name_);
-    e.channel = grpc::CreateCustomChannel(e.info.api_address, creds_, args);
-    e.stub = v1::Datapath::NewStub(e.channel);
-  }
-  return e.stub;
-}
-
-void NodeRegistry::SetTlsServerName(std::string name) {
-  std::lock_guard lock(mu_);
-  tls_server_name_ = std::move(name);
-  for (auto& [id, e] : nodes_) {  // channels made with the old name
-    e.channel.reset();
-    e.stub.reset();
-  }
+  if (!e.datapath) e.datapath = datapaths_(node_id, e.info.api_address);
+  return e.datapath;
 }
 
 namespace {

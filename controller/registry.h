@@ -13,11 +13,8 @@
 #include <string>
 #include <vector>
 
-#include <grpcpp/channel.h>
-#include <grpcpp/security/credentials.h>
-
 #include "common/status.h"
-#include "datapath/api/datapath.grpc.pb.h"
+#include "controller/node_datapath.h"
 #include "datapath/api/registry.grpc.pb.h"
 
 namespace nbdcsi::controller {
@@ -42,32 +39,25 @@ class NodeRegistry {
  public:
   using Clock = std::function<std::chrono::steady_clock::time_point()>;
 
-  // `creds` is used for every channel to a datapath (mTLS, or insecure for loopback tests).
-  // A node not heard from within `ttl` is treated as absent (List() skips it, Get() is nullopt,
-  // Datapath() is ENODEV) and its channel is dropped. `heartbeat_interval` is what the Registry
-  // service tells datapaths; ttl should be a few intervals. `clock` is for tests.
-  NodeRegistry(std::shared_ptr<grpc::ChannelCredentials> creds, std::chrono::milliseconds ttl,
+  // `datapaths` makes the client of each registered node (MakeGrpcDatapathFactory; fakes in
+  // tests). A node not heard from within `ttl` is treated as absent (List() skips it, Get() is
+  // nullopt, Datapath() is ENODEV) and its client is dropped. `heartbeat_interval` is what the
+  // Registry service tells datapaths; ttl should be a few intervals. `clock` is for tests.
+  NodeRegistry(NodeDatapathFactory datapaths, std::chrono::milliseconds ttl,
                std::chrono::milliseconds heartbeat_interval,
                Clock clock = std::chrono::steady_clock::now);
 
   // Records a heartbeat; EINVAL on a bad node id ([a-z0-9.-], 1-253, as Kubernetes node names)
-  // or address (host:port). A changed address drops the cached channel.
+  // or address (host:port). A changed address drops the cached client.
   Status Heartbeat(const nbdcsi::datapath::v1::HeartbeatRequest& req);
 
   std::optional<NodeInfo> Get(const std::string& node_id) const;
   std::vector<NodeInfo> List() const;  // live nodes, sorted by node id
 
-  // A stub for the node's Datapath API over a cached channel (one per node and address);
+  // The client of the node's datapath, made on first use and cached per node and address;
   // ENODEV when the node is not registered (or expired); the controller answers UNAVAILABLE for
   // it, so the sidecar retries.
-  StatusOr<std::shared_ptr<nbdcsi::datapath::v1::Datapath::Stub>> Datapath(
-      const std::string& node_id);
-
-  // The name the datapaths' certificates must carry (a DNS SAN), instead of the host of each
-  // advertised address. Lets every datapath share one certificate (e.g. SAN
-  // "nbd-datapath.nbd-csi.svc") while advertising its own node IP. Empty (the default): the
-  // address's host is checked. Call before the first Datapath().
-  void SetTlsServerName(std::string name);
+  StatusOr<std::shared_ptr<NodeDatapath>> Datapath(const std::string& node_id);
 
   std::chrono::milliseconds heartbeat_interval() const { return interval_; }
   std::chrono::milliseconds ttl() const { return ttl_; }
@@ -75,17 +65,15 @@ class NodeRegistry {
  private:
   struct Entry {
     NodeInfo info;
-    std::shared_ptr<grpc::Channel> channel;  // created on first Datapath() use
-    std::shared_ptr<nbdcsi::datapath::v1::Datapath::Stub> stub;
+    std::shared_ptr<NodeDatapath> datapath;  // made on first Datapath() use
   };
   bool Live(const Entry& e, std::chrono::steady_clock::time_point now) const;
 
-  std::shared_ptr<grpc::ChannelCredentials> creds_;
+  NodeDatapathFactory datapaths_;
   std::chrono::milliseconds ttl_;
   std::chrono::milliseconds interval_;
   Clock clock_;
   mutable std::mutex mu_;
-  std::string tls_server_name_;         // guarded by mu_
   std::map<std::string, Entry> nodes_;  // guarded by mu_
 };
 

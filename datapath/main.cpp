@@ -19,9 +19,10 @@
 #include "datapath/api/attach_service.h"
 #include "datapath/api/heartbeat.h"
 #include "datapath/api/service.h"
-#include "datapath/engine/attachments.h"
+#include "datapath/attach/attachments.h"
+#include "datapath/attach/runtime.h"
 #include "datapath/engine/frontend.h"
-#include "datapath/engine/kernel_nbd.h"
+#include "datapath/engine/nbd_tls.h"
 #include "datapath/pool/pool.h"
 
 using namespace nbdcsi;
@@ -89,6 +90,45 @@ Status ValidateCluster(ClusterConfig& c) {
   return Status::Ok();
 }
 
+// NBD over TCP is TLS with client certificates unless the operator explicitly asks for
+// plaintext; TLS flags without a TCP listener would be a silent no-op, so they are refused too.
+Status ValidateNbdTls(const std::vector<Endpoint>& eps, const NbdTlsFiles& f, bool insecure) {
+  std::string tcp;
+  for (const auto& ep : eps) {
+    if (ep.kind != Endpoint::Kind::kUnix && tcp.empty()) tcp = ep.ToString();
+  }
+  const bool any = !f.cert.empty() || !f.key.empty() || !f.ca.empty();
+  if (insecure && any) {
+    return Error(EINVAL, "--insecure-nbd-tcp cannot be combined with --nbd-tls-cert, "
+                         "--nbd-tls-key or --nbd-tls-ca");
+  }
+  if (tcp.empty()) {
+    if (any || insecure) {
+      return Error(EINVAL, "{} applies to a tcp:// --nbd-listen, and none is given",
+                   insecure ? "--insecure-nbd-tcp" : "--nbd-tls-cert/--nbd-tls-key/--nbd-tls-ca");
+    }
+    return Status::Ok();
+  }
+  if (insecure) return Status::Ok();
+  if (!any) {
+    return Error(EINVAL, "--nbd-listen {}: NBD over TCP requires TLS: give --nbd-tls-cert, "
+                         "--nbd-tls-key and --nbd-tls-ca (clients must present a certificate "
+                         "signed by that CA), or --insecure-nbd-tcp for plaintext on a trusted "
+                         "network", tcp);
+  }
+  std::string missing;
+  for (auto [flag, value] :
+       {std::pair{"--nbd-tls-cert", &f.cert}, std::pair{"--nbd-tls-key", &f.key},
+        std::pair{"--nbd-tls-ca", &f.ca}}) {
+    if (value->empty()) missing += missing.empty() ? flag : std::string(", ") + flag;
+  }
+  if (!missing.empty()) {
+    return Error(EINVAL, "incomplete NBD TLS configuration: missing {} (all of --nbd-tls-cert, "
+                         "--nbd-tls-key and --nbd-tls-ca are needed)", missing);
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -104,12 +144,23 @@ int main(int argc, char** argv) {
   AttachOptions aopts;
   ClusterConfig cluster;
   int64_t heartbeat_ms = 2000;
+  NbdTlsFiles nbd_tls;
+  bool insecure_nbd_tcp = false;
   app.add_option("--pool", pool_dir, "Pool directory (volumes are sparse files in it)")->required();
   app.add_option("--api", api, "Management API endpoint (unix:///path; socket mode 0600)")
       ->capture_default_str();
   app.add_option("--nbd-listen", listens,
                  "NBD listener, repeatable: unix:///path (default unix:///run/nbd-csi/nbd.sock) "
                  "or tcp://HOST:PORT (off unless given)");
+  app.add_option("--nbd-tls-cert", nbd_tls.cert,
+                 "PEM certificate (chain) of the tcp:// NBD listeners; the three --nbd-tls files "
+                 "are reloaded for new connections when they change on disk");
+  app.add_option("--nbd-tls-key", nbd_tls.key, "PEM private key of --nbd-tls-cert");
+  app.add_option("--nbd-tls-ca", nbd_tls.ca,
+                 "PEM CA bundle that NBD clients' certificates must chain to (mutual TLS, "
+                 "required on tcp:// listeners)");
+  app.add_flag("--insecure-nbd-tcp", insecure_nbd_tcp,
+               "Plaintext NBD on tcp:// listeners, no authentication (trusted networks only)");
   app.add_option("--workers", workers, "io_uring worker threads")
       ->check(CLI::Range(1u, 64u))
       ->capture_default_str();
@@ -208,6 +259,21 @@ int main(int argc, char** argv) {
     spdlog::critical("{}", st.message());
     return 2;
   }
+  if (Status st = ValidateNbdTls(nbd_eps, nbd_tls, insecure_nbd_tcp); !st.ok()) {
+    spdlog::critical("{}", st.message());
+    return 2;
+  }
+  FrontendOptions fopts;
+  fopts.workers = workers;
+  fopts.insecure_tcp = insecure_nbd_tcp;
+  if (!nbd_tls.cert.empty()) {
+    auto ctx = NbdTlsContext::Load(nbd_tls);
+    if (!ctx.ok()) {
+      spdlog::critical("NBD TLS: {}", ctx.status().message());
+      return 2;
+    }
+    fopts.tls = std::move(ctx.value());
+  }
   // Read the TLS files now: an unreadable key is a configuration error, reported before the pool
   // is opened.
   std::vector<ApiListen> api_listens(1);
@@ -248,7 +314,7 @@ int main(int argc, char** argv) {
   for (const auto& b : info.broken_volumes)
     spdlog::warn("pool: broken volume {}: left in place, see nbdctl pool info", b);
 
-  NbdFrontend frontend(**pool, FrontendOptions{workers});
+  NbdFrontend frontend(**pool, fopts);
   for (const auto& ep : nbd_eps) {
     Status st = EnsureSocketDir(ep);
     if (st.ok()) st = frontend.Listen(ep);
@@ -261,41 +327,17 @@ int main(int argc, char** argv) {
     spdlog::critical("cannot start the NBD workers: {}", st.message());
     return 1;
   }
-  // After the workers run (reconnecting means serving at once) and before the API, so no attach or
-  // detach can race with the reconnects. Devices the kernel still holds for us get fresh sockets
-  // here, within their dead-connection timeout.
-  auto kernel_nbd = MakeLinuxKernelNbd();
-  auto exports = MakeFrontendExportServer(**pool, frontend);
-  AttachmentManager attachments(info.dir + "/attachments", *kernel_nbd, *exports, aopts);
-  if (Status st = attachments.Init(); !st.ok()) {
-    spdlog::critical("attachments: {}", st.message());
+  auto attach = AttachRuntime::Start(**pool, frontend, info.dir + "/attachments", aopts);
+  if (!attach.ok()) {
+    spdlog::critical("attachments: {}", attach.status().message());
     return 1;
-  }
-  {
-    RecoverReport rep = attachments.Recover();
-    if (Status k = kernel_nbd->Available(); !k.ok()) spdlog::warn("attach: {}", k.message());
-    spdlog::info("attach: {} device(s) reconnected, {} record(s) dropped, {} failed",
-                 rep.reconnected.size(), rep.dropped.size(), rep.failed.size());
-    for (const auto& f : rep.failed) spdlog::error("attach: not recovered: {}", f);
-  }
-  // Declared after the manager, so on every early return the watcher thread (which calls into
-  // the manager) is joined before the manager goes away.
-  struct StopWatching {
-    KernelNbdInterface& k;
-    ~StopWatching() { k.StopWatching(); }
-  } stop_watching{*kernel_nbd};
-  if (kernel_nbd->Available().ok()) {
-    Status st = kernel_nbd->WatchLinkDead([&attachments](int index) {
-      (void)attachments.OnLinkDead(index);  // logs its own outcome
-    });
-    if (!st.ok()) spdlog::warn("attach: connections the kernel drops stay dropped: {}", st.message());
   }
 
   if (Status st = EnsureSocketDir(*api_ep); !st.ok()) {
     spdlog::critical("{}", st.message());
     return 1;
   }
-  auto attach_service = MakeAttachmentService(attachments);
+  auto attach_service = MakeAttachmentService((*attach)->manager());
   auto server = StartApiServer(**pool, api_listens, {attach_service.get()});
   if (!server.ok()) {
     spdlog::critical("cannot start the management API: {}", server.status().message());
@@ -332,21 +374,8 @@ int main(int argc, char** argv) {
   // an API that is going away.
   if (heartbeat) heartbeat->Stop();
   (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  // Attached devices are left attached on purpose: the kernel queues their I/O for the
-  // dead-connection timeout, and the next start reconnects them (an upgrade or restart must not
-  // fail I/O). Detaching is an explicit API call.
-  // Before the sockets close: our own shutdown must not look like links to repair.
-  kernel_nbd->StopWatching();
-  size_t kernel_n = 0, fuse_n = 0;
-  for (const auto& a : attachments.List()) (a.fuse() ? fuse_n : kernel_n)++;
-  if (kernel_n) {
-    spdlog::info("attach: {} kernel device(s) stay attached; restart within {} s to reconnect them",
-                 kernel_n, aopts.dead_conn_timeout_s);
-  }
-  if (fuse_n) {
-    spdlog::warn("attach: {} fuse attachment(s) lose their link now (nbdfuse cannot reconnect): "
-                 "unmount and detach them after the restart", fuse_n);
-  }
+  // Before the sockets close; attached devices stay attached (AttachRuntime::Stop says why).
+  (*attach)->Stop();
   frontend.Stop();
   if (api_ep->kind == Endpoint::Kind::kUnix) unlink(api_ep->path.c_str());
   spdlog::info("stopped");

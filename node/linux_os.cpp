@@ -2,7 +2,6 @@
 // file system specific options are split into flags and data the way mount(8) does), libblkid
 // for probing, and the e2fsprogs / xfsprogs tools run with posix_spawn.
 #include <blkid/blkid.h>
-#include <dirent.h>
 #include <fcntl.h>
 #include <libmount/libmount.h>
 #include <linux/fs.h>
@@ -14,7 +13,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <cctype>
 #include <cerrno>
 #include <climits>
 #include <cstdlib>
@@ -25,6 +23,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/block_devices.h"
 #include "node/os.h"
 
 extern char** environ;
@@ -367,20 +366,7 @@ class LinuxOs final : public NodeOs {
   }
 
   unsigned CountDevices(const std::string& prefix) override {
-    DIR* d = opendir("/dev");
-    if (d == nullptr) return 0;
-    unsigned n = 0;
-    while (dirent* e = readdir(d)) {
-      std::string name = e->d_name;
-      if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0) continue;
-      bool digits = true;
-      for (size_t i = prefix.size(); i < name.size(); ++i) {
-        digits = digits && isdigit(static_cast<unsigned char>(name[i]));
-      }
-      if (digits) ++n;
-    }
-    closedir(d);
-    return n;
+    return CountBlockDevices("/dev", prefix);
   }
 };
 

@@ -97,7 +97,8 @@ class NodeOs {
   // Removes an empty directory or a file. OK when already gone.
   virtual Status RemovePath(const std::string& path) = 0;
 
-  // How many /dev/<prefix>N nodes exist (NodeGetInfo counts "nbd").
+  // How many block devices /dev/<prefix>N exist (common/block_devices.h; NodeGetInfo counts
+  // "nbd").
   virtual unsigned CountDevices(const std::string& prefix) = 0;
 };
 

@@ -6,7 +6,7 @@
 
 #include <grpcpp/impl/codegen/service_type.h>
 
-#include "datapath/engine/attachments.h"
+#include "datapath/attach/attachments.h"
 
 namespace nbdcsi::datapath {
 

@@ -12,9 +12,11 @@
 #include <atomic>
 #include <functional>
 #include <future>
-#include <map>
 #include <chrono>
 #include <cstring>
+#include <map>
+#include <optional>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -22,6 +24,7 @@
 #include <boost/asio/local/stream_protocol.hpp>
 #include <spdlog/spdlog.h>
 
+#include "datapath/engine/nbd_tls.h"
 #include "datapath/engine/worker.h"
 #include "datapath/nbd/codec.h"
 #include "datapath/nbd/negotiate.h"
@@ -32,6 +35,80 @@ namespace {
 namespace asio = boost::asio;
 using asio::use_awaitable;
 using UnixProto = asio::local::stream_protocol;
+using Tcp = asio::ip::tcp;
+
+template <typename Socket>
+constexpr bool kIsTcp = std::is_same_v<Socket, Tcp::socket>;
+
+// A TLS handshake or a read/write inside TLS failed; what() says why (for the log).
+class TlsFailure : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Repeats a non-blocking OpenSSL step, waiting for the socket as OpenSSL asks, until it is
+// done. Throws like asio does for a closed peer (eof) or a closed socket (operation_aborted,
+// from the handshake timer or Stop), and TlsFailure for a TLS error.
+template <typename Op>
+asio::awaitable<size_t> TlsStep(Tcp::socket& s, Op op) {
+  for (;;) {
+    const TlsIo r = op();
+    switch (r.kind) {
+      case TlsIo::Kind::kDone:
+        co_return r.bytes;
+      case TlsIo::Kind::kWantRead:
+        co_await s.async_wait(Tcp::socket::wait_read, use_awaitable);
+        break;
+      case TlsIo::Kind::kWantWrite:
+        co_await s.async_wait(Tcp::socket::wait_write, use_awaitable);
+        break;
+      case TlsIo::Kind::kClosed:
+        throw boost::system::system_error(asio::error::eof);
+      case TlsIo::Kind::kError:
+        throw TlsFailure(r.error);
+    }
+  }
+}
+
+// The handshake's reads and writes: on the socket, or through TLS once STARTTLS is done.
+template <typename Socket>
+asio::awaitable<void> ReadFull(Socket& s, TlsSession* tls, uint8_t* p, size_t n) {
+  if constexpr (kIsTcp<Socket>) {
+    if (tls) {
+      for (size_t got = 0; got < n;) {
+        got += co_await TlsStep(s, [&] { return tls->Read({p + got, n - got}); });
+      }
+      co_return;
+    }
+  }
+  co_await asio::async_read(s, asio::buffer(p, n), use_awaitable);
+}
+
+template <typename Socket>
+asio::awaitable<void> WriteFull(Socket& s, TlsSession* tls, const std::vector<uint8_t>& out) {
+  if constexpr (kIsTcp<Socket>) {
+    if (tls) {
+      for (size_t put = 0; put < out.size();) {
+        put += co_await TlsStep(
+            s, [&] { return tls->Write({out.data() + put, out.size() - put}); });
+      }
+      co_return;
+    }
+  }
+  co_await asio::async_write(s, asio::buffer(out), use_awaitable);
+}
+
+template <typename Socket>
+std::string PeerName(const Socket& s) {
+  if constexpr (kIsTcp<Socket>) {
+    boost::system::error_code ec;
+    auto ep = s.remote_endpoint(ec);
+    if (!ec) return ep.address().to_string() + ":" + std::to_string(ep.port());
+    return "a TCP client";
+  } else {
+    return "a Unix socket client";
+  }
+}
 
 bool IsGrowable(std::string_view name) {
   return name.size() > kGrowableSuffix.size() && name.ends_with(kGrowableSuffix);
@@ -69,6 +146,8 @@ struct NbdFrontend::Impl {
   PoolCatalog catalog;
   std::vector<std::unique_ptr<Worker>> workers;
   std::atomic<unsigned> next_worker{0};
+  std::vector<std::unique_ptr<TlsTerminator>> terminators;  // only with TLS on a TCP listener
+  unsigned next_terminator = 0;                             // io thread only
   std::vector<std::unique_ptr<UnixProto::acceptor>> unix_acceptors;
   std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_acceptors;
   std::vector<std::string> unix_paths;
@@ -77,9 +156,11 @@ struct NbdFrontend::Impl {
   std::thread thread;
   std::future<void> loop_done;
   bool started = false;
+  bool stopping = false;  // io thread only
   // Declared last, so destroyed first: coroutine frames it still owns reference the members
   // above when they unwind.
   asio::io_context io{1};
+  asio::steady_timer reload_timer{io};
 
   Impl(Pool& p, FrontendOptions o) : pool(p), opts(o), catalog(p) {}
 
@@ -89,10 +170,12 @@ struct NbdFrontend::Impl {
       bool backoff = false;
       try {
         auto sock = co_await acceptor.async_accept(use_awaitable);
-        if constexpr (std::is_same_v<Acceptor, asio::ip::tcp::acceptor>) {
-          sock.set_option(asio::ip::tcp::no_delay(true));  // small replies must not wait for Nagle
+        nbd::TlsPolicy policy = nbd::TlsPolicy::kNone;
+        if constexpr (std::is_same_v<Acceptor, Tcp::acceptor>) {
+          sock.set_option(Tcp::no_delay(true));  // small replies must not wait for Nagle
+          if (opts.tls) policy = nbd::TlsPolicy::kRequired;
         }
-        asio::co_spawn(io, Handshake(std::move(sock)), asio::detached);
+        asio::co_spawn(io, Handshake(std::move(sock), policy), asio::detached);
       } catch (const boost::system::system_error& e) {
         if (e.code() == asio::error::operation_aborted || !acceptor.is_open()) co_return;
         spdlog::warn("nbd: accept failed: {}", e.code().message());
@@ -106,9 +189,22 @@ struct NbdFrontend::Impl {
     }
   }
 
+  // Checks the TLS files for a renewal every tls_reload_interval, on this thread, which is the
+  // only one that makes sessions from the context.
+  asio::awaitable<void> ReloadLoop() {
+    for (;;) {
+      reload_timer.expires_after(opts.tls_reload_interval);
+      boost::system::error_code ec;
+      co_await reload_timer.async_wait(asio::redirect_error(use_awaitable, ec));
+      if (ec || stopping) co_return;
+      opts.tls->ReloadIfChanged();
+    }
+  }
+
   template <typename Socket>
-  asio::awaitable<void> Handshake(Socket sock) {
+  asio::awaitable<void> Handshake(Socket sock, nbd::TlsPolicy policy) {
     auto s = std::make_shared<Socket>(std::move(sock));
+    const std::string peer = PeerName(*s);
     std::shared_ptr<Volume> vol;
     bool counted = false;
     asio::steady_timer deadline(io, std::chrono::seconds(opts.handshake_timeout_sec));
@@ -142,8 +238,12 @@ struct NbdFrontend::Impl {
         s->close(ignored);
       }
     });
+    // Set once STARTTLS is done; from then on every byte goes through it. Declared outside the
+    // try so the catch can tell a failed handshake from a failure inside TLS.
+    std::optional<TlsSession> tls;
+    bool tls_up = false;
     try {
-      nbd::Negotiator neg(catalog);
+      nbd::Negotiator neg(catalog, policy);
       std::vector<uint8_t> out;
       neg.Greeting(out);
       co_await asio::async_write(*s, asio::buffer(out), use_awaitable);
@@ -158,7 +258,8 @@ struct NbdFrontend::Impl {
       std::vector<uint8_t> payload;
       for (;;) {
         uint8_t hdr[16];
-        co_await asio::async_read(*s, asio::buffer(hdr), use_awaitable);
+        TlsSession* t = tls ? &*tls : nullptr;
+        co_await ReadFull(*s, t, hdr, sizeof hdr);
         auto oh = neg.OnOptionHeader(hdr);
         bool drained = false;
         payload.clear();
@@ -169,13 +270,13 @@ struct NbdFrontend::Impl {
             co_return;
           case nbd::Negotiator::HeaderAction::kReadPayload:
             payload.resize(oh.length);
-            co_await asio::async_read(*s, asio::buffer(payload), use_awaitable);
+            co_await ReadFull(*s, t, payload.data(), payload.size());
             break;
           case nbd::Negotiator::HeaderAction::kDrainThenReply: {
             std::array<uint8_t, 64 * 1024> sink;
             for (uint64_t left = oh.length; left;) {
               size_t n = std::min<uint64_t>(left, sink.size());
-              co_await asio::async_read(*s, asio::buffer(sink.data(), n), use_awaitable);
+              co_await ReadFull(*s, t, sink.data(), n);
               left -= n;
             }
             drained = true;
@@ -196,16 +297,54 @@ struct NbdFrontend::Impl {
           counted = true;
         }
         if (!out.empty()) {
-          co_await asio::async_write(*s, asio::buffer(out), use_awaitable);
+          co_await WriteFull(*s, t, out);  // STARTTLS's ACK still goes in plaintext
           out.clear();
         }
         if (step == nbd::Negotiator::Step::kClose) co_return;
         if (step == nbd::Negotiator::Step::kTransmission) break;
+        if (step == nbd::Negotiator::Step::kStartTls) {
+          if constexpr (kIsTcp<Socket>) {
+            auto session = opts.tls->NewSession(s->native_handle());
+            if (!session.ok()) {
+              spdlog::error("nbd: TLS for {}: {}", peer, session.status().message());
+              co_return;
+            }
+            s->native_non_blocking(true);
+            tls.emplace(std::move(*session));
+            co_await TlsStep(*s, [&] { return tls->Accept(); });
+            neg.OnTlsEstablished();
+            tls_up = true;
+            spdlog::debug("nbd: TLS with {}: {}", peer, tls->Describe());
+          } else {
+            co_return;  // Unix listeners never require TLS, so never accept STARTTLS
+          }
+        }
+      }
+      const nbd::Negotiated& r = neg.result();
+      // A TLS connection reaches its worker through a socketpair; a terminator thread carries
+      // the bytes between the pair's other end and the TLS session.
+      int fd = -1;
+      int terminator_end = -1;
+      if (tls) {
+        int sv[2];
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+          spdlog::error("nbd: socketpair for the TLS connection of {}: {}", peer,
+                        std::strerror(errno));
+          co_return;
+        }
+        terminator_end = sv[0];
+        fd = sv[1];
+        fcntl(terminator_end, F_SETFL, fcntl(terminator_end, F_GETFL) | O_NONBLOCK);
       }
       deadline.cancel();
-      const nbd::Negotiated& r = neg.result();
       counted = false;  // the worker owns the count from here
-      int fd = s->release();
+      if (tls) {
+        const int net = s->release();
+        const unsigned t = next_terminator++ % terminators.size();
+        terminators[t]->Add(std::move(*tls), net, terminator_end, peer);
+      } else {
+        fd = s->release();
+      }
       // The worker's ring waits for readiness itself; a blocking socket keeps short sends and
       // receives from surfacing as EAGAIN completions.
       fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
@@ -217,7 +356,11 @@ struct NbdFrontend::Impl {
                                                        : SizeMode::kNegotiated);
     } catch (const boost::system::system_error& e) {
       // EOF or reset mid-handshake: the client left; nothing to clean beyond the socket.
-      spdlog::debug("nbd: handshake ended: {}", e.code().message());
+      spdlog::debug("nbd: handshake with {} ended: {}", peer, e.code().message());
+    } catch (const TlsFailure& e) {
+      // Refused certificates land here: the operator needs to see who and why.
+      spdlog::info("nbd: {} with {} failed: {}", tls_up ? "TLS session" : "TLS handshake", peer,
+                   e.what());
     }
   }
 };
@@ -246,6 +389,11 @@ Status NbdFrontend::Listen(const Endpoint& ep) {
       m.unix_paths.push_back(ep.path);
       m.unix_acceptors.push_back(std::move(a));
     } else {
+      if (!m.opts.tls && !m.opts.insecure_tcp) {
+        return Error(EINVAL, "NBD over TCP ({}) needs TLS: give --nbd-tls-cert, --nbd-tls-key "
+                             "and --nbd-tls-ca (or --insecure-nbd-tcp for plaintext on a "
+                             "trusted network)", ep.ToString());
+      }
       asio::ip::tcp::resolver res(m.io);
       auto results = res.resolve(ep.host, std::to_string(ep.port));
       auto a = std::make_unique<asio::ip::tcp::acceptor>(m.io);
@@ -259,7 +407,15 @@ Status NbdFrontend::Listen(const Endpoint& ep) {
   } catch (const boost::system::system_error& e) {
     return Error(e.code().value(), "cannot listen on {}: {}", ep.ToString(), e.code().message());
   }
-  spdlog::info("nbd: listening on {}", ep.ToString());
+  if (ep.kind == Endpoint::Kind::kUnix) {
+    spdlog::info("nbd: listening on {}", ep.ToString());
+  } else if (m.opts.tls) {
+    spdlog::info("nbd: listening on {} with TLS required (client certificates verified); "
+                 "certificate {}", ep.ToString(), m.opts.tls->summary());
+  } else {
+    spdlog::warn("nbd: listening on {} WITHOUT TLS (--insecure-nbd-tcp): whoever reaches this "
+                 "port can read and write every volume", ep.ToString());
+  }
   return Status::Ok();
 }
 
@@ -271,12 +427,22 @@ Status NbdFrontend::Start() {
     if (!st.ok()) return st;
     m.workers.push_back(std::move(w));
   }
+  if (m.opts.tls && !m.tcp_acceptors.empty()) {
+    for (unsigned i = 0; i < std::max(1u, m.opts.workers); ++i) {
+      auto t = std::make_unique<TlsTerminator>(static_cast<int>(i));
+      Status st = t->Start();
+      if (!st.ok()) return st;
+      m.terminators.push_back(std::move(t));
+    }
+    asio::co_spawn(m.io, m.ReloadLoop(), asio::detached);
+  }
   for (auto& a : m.unix_acceptors) asio::co_spawn(m.io, m.AcceptLoop(*a), asio::detached);
   for (auto& a : m.tcp_acceptors) asio::co_spawn(m.io, m.AcceptLoop(*a), asio::detached);
   std::promise<void> done;
   m.loop_done = done.get_future();
   m.thread = std::thread([&m, done = std::move(done)]() mutable {
     pthread_setname_np(pthread_self(), "nbd-accept");
+    BlockSigpipe();  // the TLS handshakes run here
     m.io.run();
     done.set_value();
   });
@@ -338,6 +504,8 @@ void NbdFrontend::Stop() {
     // closed (their clients get EOF), their coroutines unwind normally, and the loop runs out of
     // work. If something still lingers after two seconds, the loop is stopped outright.
     asio::post(m.io, [&m] {
+      m.stopping = true;
+      m.reload_timer.cancel();
       boost::system::error_code ignored;
       for (auto& a : m.unix_acceptors) a->close(ignored);
       for (auto& a : m.tcp_acceptors) a->close(ignored);
@@ -352,6 +520,10 @@ void NbdFrontend::Stop() {
   }
   for (auto& w : m.workers) w->Stop();
   m.workers.clear();
+  // After the workers: their closing ends are what lets each TLS connection finish (the last
+  // replies are encrypted and sent, then close_notify).
+  for (auto& t : m.terminators) t->Stop(std::chrono::seconds(2));
+  m.terminators.clear();
   m.unix_acceptors.clear();
   m.tcp_acceptors.clear();
   for (const auto& p : m.unix_paths) unlink(p.c_str());

@@ -6,6 +6,7 @@
 // off by a timer and never delays the data path.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -28,9 +29,19 @@ namespace nbdcsi::datapath {
 inline constexpr std::string_view kGrowableSuffix = "@grow";
 inline constexpr uint64_t kGrowableWindow = uint64_t{1} << 50;  // 1 PiB
 
+class NbdTlsContext;
+
 struct FrontendOptions {
   unsigned workers = 2;
   unsigned handshake_timeout_sec = 30;
+  // TCP listeners require TLS with this material (the spec's FORCEDTLS mode: STARTTLS before
+  // anything else, client certificates verified against its CA); their transmission phase runs
+  // through TLS terminator threads. Without it, a TCP listener is refused unless insecure_tcp
+  // asks for plaintext. Unix sockets are always plaintext (local, mode 0600).
+  std::shared_ptr<NbdTlsContext> tls{};
+  bool insecure_tcp = false;
+  // How often the TLS files are looked at for a renewal (cert-manager rewrites them in place).
+  std::chrono::milliseconds tls_reload_interval{2000};
 };
 
 class NbdFrontend {
@@ -39,11 +50,13 @@ class NbdFrontend {
   ~NbdFrontend();
 
   // Binds a listener (call before Start). Unix sockets get mode 0600, a stale socket file is
-  // replaced, and a live one is refused. TCP listeners are only opened when asked for.
+  // replaced, and a live one is refused. TCP listeners are only opened when asked for, and only
+  // with FrontendOptions::tls or insecure_tcp (EINVAL otherwise).
   Status Listen(const Endpoint& endpoint);
   Status Start();
   // Stops accepting, drops handshakes in progress, closes every connection after its in-flight
-  // I/O completes, and removes the Unix socket files.
+  // I/O completes (a TLS connection also gets its last replies encrypted and sent, for up to
+  // two seconds), and removes the Unix socket files.
   void Stop();
 
   // Serves `volume` over `n` fresh socketpairs, for the kernel NBD driver: the server ends go to

@@ -95,7 +95,8 @@ uint16_t TransmissionFlags(bool read_only, bool structured_replies) {
   return f;
 }
 
-Negotiator::Negotiator(ExportCatalog& catalog) : catalog_(catalog) {}
+Negotiator::Negotiator(ExportCatalog& catalog, TlsPolicy tls)
+    : catalog_(catalog), tls_policy_(tls) {}
 
 void Negotiator::Greeting(std::vector<uint8_t>& out) {
   Put64(out, kNbdMagic);
@@ -119,7 +120,8 @@ Negotiator::OptionHeader Negotiator::OnOptionHeader(const uint8_t* in) {
   if (LoadBE64(in) != kIHaveOpt) {
     h.action = HeaderAction::kClose;
   } else if (h.length > kMaxOptionLen) {
-    const bool drainable = h.length <= kMaxDrainOptionLen && h.option != kOptExportName;
+    const bool drainable = h.length <= kMaxDrainOptionLen && h.option != kOptExportName &&
+                           !(tls_policy_ == TlsPolicy::kRequired && !tls_active_);
     h.action = drainable ? HeaderAction::kDrainThenReply : HeaderAction::kClose;
   }
   return h;
@@ -127,10 +129,17 @@ Negotiator::OptionHeader Negotiator::OnOptionHeader(const uint8_t* in) {
 
 Negotiator::Step Negotiator::OnOption(uint32_t option, std::span<const uint8_t> payload,
                                       bool drained, std::vector<uint8_t>& out) {
-  if (state_ != State::kOptions) return Step::kClose;
+  if (state_ != State::kOptions) {
+    // Out of sequence (e.g. plaintext right behind STARTTLS): the connection is over for good.
+    state_ = State::kDone;
+    return Step::kClose;
+  }
   if (++options_seen_ > kMaxOptionsPerConnection) {
     state_ = State::kDone;
     return Step::kClose;
+  }
+  if (tls_policy_ == TlsPolicy::kRequired && !tls_active_) {
+    return BeforeTls(option, payload, drained, out);
   }
 
   if (drained) {
@@ -180,10 +189,12 @@ Negotiator::Step Negotiator::OnOption(uint32_t option, std::span<const uint8_t> 
       return Step::kContinue;
     }
     case kOptStartTls:
-      // The NBD listener is a 0600 Unix socket (TCP off by default), so there is no TLS on
-      // it yet: NOTLS mode, where the spec wants ERR_POLICY (or ERR_INVALID for data).
+      // Here TLS is either running already (a second STARTTLS is ERR_INVALID in the spec) or
+      // not offered on this listener (NOTLS mode: ERR_POLICY).
       if (!payload.empty()) {
         Err(out, option, kRepErrInvalid, "STARTTLS takes no data");
+      } else if (tls_active_) {
+        Err(out, option, kRepErrInvalid, "TLS is already running");
       } else {
         Err(out, option, kRepErrPolicy, "TLS is not available on this listener");
       }
@@ -207,6 +218,42 @@ Negotiator::Step Negotiator::OnOption(uint32_t option, std::span<const uint8_t> 
       Err(out, option, kRepErrUnsup, "option not supported");
       return Step::kContinue;
   }
+}
+
+Negotiator::Step Negotiator::BeforeTls(uint32_t option, std::span<const uint8_t> payload,
+                                       bool drained, std::vector<uint8_t>& out) {
+  if (drained) {  // OnOptionHeader never asks for a drain before TLS
+    state_ = State::kDone;
+    return Step::kClose;
+  }
+  switch (option) {
+    case kOptStartTls:
+      if (!payload.empty()) {
+        Err(out, option, kRepErrInvalid, "STARTTLS takes no data");
+        return Step::kContinue;
+      }
+      Ack(out, option);
+      state_ = State::kTlsPending;
+      return Step::kStartTls;
+    case kOptAbort:  // saying goodbye reveals nothing
+      Ack(out, option);
+      state_ = State::kDone;
+      return Step::kClose;
+    case kOptExportName:  // it has no error reply: the only refusal is to hang up
+      state_ = State::kDone;
+      return Step::kClose;
+    default:
+      // Even LIST and INFO would tell an unauthenticated peer which volumes exist.
+      Err(out, option, kRepErrTlsReqd, "TLS is required: send STARTTLS first");
+      return Step::kContinue;
+  }
+}
+
+bool Negotiator::OnTlsEstablished() {
+  if (state_ != State::kTlsPending) return false;
+  tls_active_ = true;
+  state_ = State::kOptions;
+  return true;
 }
 
 Negotiator::Step Negotiator::InfoOrGo(uint32_t option, std::span<const uint8_t> payload,

@@ -12,7 +12,15 @@
 //     kDrainThenReply: discard `length` bytes, OnOption(option, {}, true, out)
 //     kClose:          close
 //   OnOption -> send `out`; kContinue: loop; kTransmission: result() is valid, start the
-//   transmission phase; kClose: close (after sending `out`, which may hold a final reply).
+//   transmission phase; kClose: close (after sending `out`, which may hold a final reply);
+//   kStartTls: send `out` (the ACK) in plaintext, run the server side of a TLS handshake on
+//   the same socket, call OnTlsEstablished, and loop with every later byte inside TLS.
+//
+// TLS follows the spec's STARTTLS rules (proto.md, "TLS support"). With TlsPolicy::kNone (the
+// spec's NOTLS mode) STARTTLS is refused with ERR_POLICY. With kRequired (FORCEDTLS) nothing
+// but STARTTLS and ABORT is served before TLS: other options get ERR_TLS_REQD, EXPORT_NAME
+// (which has no error reply) closes, and an oversize option closes instead of being drained,
+// so an unauthenticated peer cannot make us read more than one small option at a time.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +50,8 @@ class ExportCatalog {
   virtual std::vector<std::string> List() = 0;
 };
 
+enum class TlsPolicy { kNone, kRequired };
+
 struct Negotiated {  // valid once Step::kTransmission is returned
   ExportInfo export_info;
   bool structured_replies = false;
@@ -62,7 +72,7 @@ uint16_t TransmissionFlags(bool read_only, bool structured_replies);
 
 class Negotiator {
  public:
-  explicit Negotiator(ExportCatalog& catalog);
+  explicit Negotiator(ExportCatalog& catalog, TlsPolicy tls = TlsPolicy::kNone);
 
   // 18 bytes: NBDMAGIC, IHAVEOPT, handshake flags (FIXED_NEWSTYLE | NO_ZEROES).
   void Greeting(std::vector<uint8_t>& out);
@@ -79,31 +89,44 @@ class Negotiator {
   };
   // Parses the 16-byte option header. Bad magic -> kClose. length > kMaxOptionLen ->
   // kDrainThenReply if <= kMaxDrainOptionLen, else kClose; EXPORT_NAME cannot carry an error
-  // reply, so an oversize one is always kClose.
+  // reply, so an oversize one is always kClose, and so is any oversize option while TLS is
+  // required but not yet running.
   OptionHeader OnOptionHeader(const uint8_t* in);
 
-  enum class Step { kContinue, kTransmission, kClose };
+  enum class Step { kContinue, kTransmission, kStartTls, kClose };
   // Handles one option whose payload has been read fully; appends reply bytes to `out`.
   // For a drained oversize option pass an empty payload and drained=true: ERR_TOO_BIG.
   // kTransmission after a successful GO or EXPORT_NAME: `out` then ends with what must be
   // sent before transmission (for EXPORT_NAME: size + flags, then 124 zero bytes unless the
   // client set NO_ZEROES). kClose after ABORT (its ACK is in `out`), for EXPORT_NAME of an
   // unknown export (no reply, per spec), past kMaxOptionsPerConnection options, or when
-  // called out of sequence.
+  // called out of sequence (including between kStartTls and OnTlsEstablished). kStartTls
+  // after a STARTTLS the server accepts (`out` holds its ACK).
   Step OnOption(uint32_t option, std::span<const uint8_t> payload, bool drained,
                 std::vector<uint8_t>& out);
+
+  // The TLS handshake that kStartTls asked for has succeeded: options resume, inside TLS.
+  // No plaintext state carries over, because none exists: before TLS every option but
+  // STARTTLS and ABORT is refused, so bytes a man in the middle injected before the handshake
+  // cannot shape the session. false (and no change) unless kStartTls was the last step.
+  bool OnTlsEstablished();
+  bool tls_active() const { return tls_active_; }
 
   const Negotiated& result() const { return result_; }
 
  private:
-  enum class State { kWantFlags, kOptions, kDone };
+  enum class State { kWantFlags, kOptions, kTlsPending, kDone };
 
+  Step BeforeTls(uint32_t option, std::span<const uint8_t> payload, bool drained,
+                 std::vector<uint8_t>& out);
   Step InfoOrGo(uint32_t option, std::span<const uint8_t> payload, std::vector<uint8_t>& out);
   void MetaContext(uint32_t option, std::span<const uint8_t> payload, std::vector<uint8_t>& out);
   void Finish(const ExportInfo& info);
 
   ExportCatalog& catalog_;
+  const TlsPolicy tls_policy_;
   State state_ = State::kWantFlags;
+  bool tls_active_ = false;
   bool no_zeroes_ = false;
   bool structured_ = false;
   uint32_t options_seen_ = 0;

@@ -16,6 +16,7 @@
 
 #include "csi/csi.grpc.pb.h"
 #include "datapath/api/datapath.grpc.pb.h"
+#include "test/controller/csi_requests.h"
 
 namespace nbdcsi::test {
 
@@ -102,17 +103,6 @@ class Cluster {
   std::vector<std::unique_ptr<nbdcsi::datapath::v1::Datapath::Stub>> datapath_stubs_;
 };
 
-// Helpers shared by the suites.
-::csi::v1::VolumeCapability MountCap(
-    ::csi::v1::VolumeCapability::AccessMode::Mode mode =
-        ::csi::v1::VolumeCapability::AccessMode::SINGLE_NODE_WRITER,
-    const std::string& fs = "ext4");
-::csi::v1::VolumeCapability BlockCap(
-    ::csi::v1::VolumeCapability::AccessMode::Mode mode =
-        ::csi::v1::VolumeCapability::AccessMode::SINGLE_NODE_WRITER);
-::csi::v1::CreateVolumeRequest VolumeRequest(const std::string& name, int64_t bytes);
-::csi::v1::Topology NodeTopology(const std::string& node);
-std::string NodeOf(const ::csi::v1::Volume& v);  // from accessible_topology, "" if none
 // A context with a 20 s deadline.
 std::unique_ptr<grpc::ClientContext> Ctx();
 

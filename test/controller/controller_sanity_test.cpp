@@ -137,6 +137,18 @@ class Sanity : public ::testing::Test {
     auto vol = MustCreateVolume(vr);
     return MustCreateSnapshot(MakeCreateSnapshotReq(snap_name, vol.volume().volume_id()));
   }
+  // Three snapshots of three new volumes; the middle one is what a filtered listing must find.
+  v1::CreateSnapshotResponse TargetBetweenTwoUnrelatedSnapshots(const std::string& tag) {
+    v1::CreateSnapshotResponse target;
+    for (const std::string& which : {"unrelated-" + tag + "-1", "target-" + tag,
+                                    "unrelated-" + tag + "-2"}) {
+      auto snap = MustCreateSnapshotFromVolumeRequest(
+          MakeCreateVolumeReq(UniqueString("listSnapshots-volume-" + which)),
+          UniqueString("listSnapshots-snapshot-" + which));
+      if (which == "target-" + tag) target = snap;
+    }
+    return target;
+  }
   static void VerifySnapshotInfo(const v1::Snapshot& s) {
     EXPECT_FALSE(s.snapshot_id().empty());
     EXPECT_FALSE(s.source_volume_id().empty());
@@ -492,15 +504,7 @@ TEST_F(Sanity, ListSnapshots_ShouldReturnAppropriateValuesNoOptionalValuesAdded)
 }
 
 TEST_F(Sanity, ListSnapshots_ShouldReturnSnapshotsThatMatchTheSpecifiedSnapshotId) {
-  MustCreateSnapshotFromVolumeRequest(
-      MakeCreateVolumeReq(UniqueString("listSnapshots-volume-unrelated-s-1")),
-      UniqueString("listSnapshots-snapshot-unrelated-s-1"));
-  auto target = MustCreateSnapshotFromVolumeRequest(
-      MakeCreateVolumeReq(UniqueString("listSnapshots-volume-target-s")),
-      UniqueString("listSnapshots-snapshot-target-s"));
-  MustCreateSnapshotFromVolumeRequest(
-      MakeCreateVolumeReq(UniqueString("listSnapshots-volume-unrelated-s-2")),
-      UniqueString("listSnapshots-snapshot-unrelated-s-2"));
+  auto target = TargetBetweenTwoUnrelatedSnapshots("s");
   v1::ListSnapshotsRequest q;
   q.set_snapshot_id(target.snapshot().snapshot_id());
   v1::ListSnapshotsResponse r;
@@ -519,15 +523,7 @@ TEST_F(Sanity, ListSnapshots_ShouldReturnEmptyWhenTheSpecifiedSnapshotIdDoesNotE
 }
 
 TEST_F(Sanity, ListSnapshots_ShouldReturnSnapshotsThatMatchTheSpecifiedSourceVolumeId) {
-  MustCreateSnapshotFromVolumeRequest(
-      MakeCreateVolumeReq(UniqueString("listSnapshots-volume-unrelated-v-1")),
-      UniqueString("listSnapshots-snapshot-unrelated-v-1"));
-  auto target = MustCreateSnapshotFromVolumeRequest(
-      MakeCreateVolumeReq(UniqueString("listSnapshots-volume-target-v")),
-      UniqueString("listSnapshots-snapshot-target-v"));
-  MustCreateSnapshotFromVolumeRequest(
-      MakeCreateVolumeReq(UniqueString("listSnapshots-volume-unrelated-v-2")),
-      UniqueString("listSnapshots-snapshot-unrelated-v-2"));
+  auto target = TargetBetweenTwoUnrelatedSnapshots("v");
   v1::ListSnapshotsRequest q;
   q.set_source_volume_id(target.snapshot().source_volume_id());
   v1::ListSnapshotsResponse r;

@@ -55,6 +55,19 @@ class TlsTest : public ::testing::Test {
     EXPECT_EQ(kill(c.datapath_pid(0), 0), 0) << c.LogTail("node-a");
   }
 
+  // One end speaks plaintext: the node never registers, and a volume bound to it is UNAVAILABLE.
+  static void ExpectPlaintextRefused(const TlsDirs& tls, const std::string& volume) {
+    ClusterOptions o;
+    o.nodes = {"node-a"};
+    o.tls = tls;
+    o.wait_registered = false;
+    Cluster c(o);
+    ASSERT_EQ(c.Start(), "");
+    EXPECT_FALSE(c.WaitRegistered("node-a", 2s));
+    AssertAlive(c);
+    EXPECT_EQ(CreateOnNodeA(c, volume).error_code(), StatusCode::UNAVAILABLE);
+  }
+
   static std::string* certs_;
   static bool made_;
 };
@@ -89,27 +102,11 @@ TEST_F(TlsTest, DatapathWithOtherCaIsNeverUsable) {
 }
 
 TEST_F(TlsTest, PlaintextDatapathIsRefusedByTlsController) {
-  ClusterOptions o;
-  o.nodes = {"node-a"};
-  o.tls = {Ca1(), ""};
-  o.wait_registered = false;
-  Cluster c(o);
-  ASSERT_EQ(c.Start(), "");
-  EXPECT_FALSE(c.WaitRegistered("node-a", 2s));
-  AssertAlive(c);
-  EXPECT_EQ(CreateOnNodeA(c, "tls-plain").error_code(), StatusCode::UNAVAILABLE);
+  ExpectPlaintextRefused({Ca1(), ""}, "tls-plain");
 }
 
 TEST_F(TlsTest, PlaintextControllerIsRefusedByTlsDatapath) {
-  ClusterOptions o;
-  o.nodes = {"node-a"};
-  o.tls = {"", Ca1()};
-  o.wait_registered = false;
-  Cluster c(o);
-  ASSERT_EQ(c.Start(), "");
-  EXPECT_FALSE(c.WaitRegistered("node-a", 2s));
-  AssertAlive(c);
-  EXPECT_EQ(CreateOnNodeA(c, "tls-plain2").error_code(), StatusCode::UNAVAILABLE);
+  ExpectPlaintextRefused({"", Ca1()}, "tls-plain2");
 }
 
 // One certificate shared by every datapath cannot list every node's IP: the controller then checks

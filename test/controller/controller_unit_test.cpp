@@ -1,11 +1,21 @@
-// Pure pieces of the controller, table-driven: CreateVolume's size rules and the pagination
-// tokens (everything else runs against real daemons in controller_acceptance_test).
+// Pieces of the controller on their own: CreateVolume's size rules and the pagination tokens
+// (table-driven), and the gRPC NodeDatapath against an in-process Datapath server (codes to errno,
+// deadline, unreachable node). The decisions built on them: controller_decisions_test.cpp.
+#include <atomic>
 #include <string>
 #include <vector>
 
+#include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
-#include "controller/controller_service.h"
+#include "common/grpc_status.h"
+#include "common/volume_rules.h"
+#include "controller/csi_request.h"
+#include "controller/node_datapath.h"
+#include "controller/paging.h"
+#include "datapath/api/datapath.grpc.pb.h"
+#include "test/controller/gate.h"
+#include "test/support/free_port.h"
 
 namespace nbdcsi::controller {
 namespace {
@@ -76,6 +86,113 @@ TEST(PageToken, RoundTripsAndRejectsForeignTokens) {
   }
   // Ordering of tokens follows the ids (the controller compares decoded ids, not tokens).
   EXPECT_EQ(*DecodePageToken(EncodePageToken("a")), "a");
+}
+
+// ---- the gRPC NodeDatapath ----
+
+// A Datapath server that answers GetVolume and ListVolumes with `code` (and a message naming the
+// volume); GetVolume waits while `gate` is closed.
+class ScriptedDatapath final : public dpv1::Datapath::Service {
+ public:
+  grpc::Status GetVolume(grpc::ServerContext*, const dpv1::GetVolumeRequest* req,
+                         dpv1::GetVolumeResponse* resp) override {
+    gate.Pass();
+    if (grpc::StatusCode c = code_.load(); c != grpc::StatusCode::OK) {
+      return grpc::Status(c, "the pool says no about " + req->name());
+    }
+    resp->mutable_volume()->set_name(req->name());
+    resp->mutable_volume()->set_size_bytes(8192);
+    return grpc::Status::OK;
+  }
+  grpc::Status ListVolumes(grpc::ServerContext*, const dpv1::ListVolumesRequest*,
+                           dpv1::ListVolumesResponse* resp) override {
+    if (grpc::StatusCode c = code_.load(); c != grpc::StatusCode::OK) {
+      return grpc::Status(c, "the pool says no");
+    }
+    for (const char* n : {"a", "b"}) resp->add_volumes()->set_name(n);
+    return grpc::Status::OK;
+  }
+  void Answer(grpc::StatusCode c) { code_ = c; }
+
+  test::Gate gate;
+
+ private:
+  std::atomic<grpc::StatusCode> code_{grpc::StatusCode::OK};
+};
+
+class GrpcNodeDatapathTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    grpc::ServerBuilder b;
+    b.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
+    b.RegisterService(&service_);
+    server_ = b.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+    ASSERT_GT(port_, 0);
+  }
+  void TearDown() override {
+    service_.gate.Open();
+    if (server_) server_->Shutdown();
+  }
+  // The client as the registry gets it: through the factory, by address.
+  std::shared_ptr<NodeDatapath> Client(std::chrono::milliseconds timeout, int port = 0) {
+    GrpcDatapathOptions o;
+    o.creds = grpc::InsecureChannelCredentials();
+    o.timeout = timeout;
+    return MakeGrpcDatapathFactory(o)("node-x", "127.0.0.1:" + std::to_string(port ? port : port_));
+  }
+
+  ScriptedDatapath service_;
+  int port_ = 0;
+  std::unique_ptr<grpc::Server> server_;
+};
+
+TEST_F(GrpcNodeDatapathTest, AnswersArriveAsValues) {
+  auto dp = Client(std::chrono::seconds(10));
+  auto v = dp->GetVolume("pvc-1");
+  ASSERT_TRUE(v.ok()) << v.status().message();
+  EXPECT_EQ(v->name(), "pvc-1");
+  EXPECT_EQ(v->size_bytes(), 8192u);
+  auto all = dp->ListVolumes();
+  ASSERT_TRUE(all.ok()) << all.status().message();
+  ASSERT_EQ(all->size(), 2u);
+  EXPECT_EQ((*all)[1].name(), "b");
+}
+
+TEST_F(GrpcNodeDatapathTest, EachDatapathCodeBecomesItsErrnoOnceWithTheNodeAndCallNamed) {
+  auto dp = Client(std::chrono::seconds(10));
+  for (auto code : {grpc::StatusCode::NOT_FOUND, grpc::StatusCode::ALREADY_EXISTS,
+                    grpc::StatusCode::INVALID_ARGUMENT, grpc::StatusCode::RESOURCE_EXHAUSTED,
+                    grpc::StatusCode::FAILED_PRECONDITION, grpc::StatusCode::ABORTED,
+                    grpc::StatusCode::UNAVAILABLE, grpc::StatusCode::OUT_OF_RANGE,
+                    grpc::StatusCode::INTERNAL, grpc::StatusCode::PERMISSION_DENIED}) {
+    SCOPED_TRACE(GrpcCodeName(code));
+    service_.Answer(code);
+    auto v = dp->GetVolume("pvc-1");
+    ASSERT_FALSE(v.ok());
+    EXPECT_EQ(v.status().code(), GrpcCodeToErrno(code));
+    // Back at the CSI edge it is the same code again: nothing is lost on the way through.
+    EXPECT_EQ(ErrnoToGrpcCode(v.status().code()), code);
+    EXPECT_EQ(v.status().message(), "node node-x: GetVolume: the pool says no about pvc-1");
+  }
+  EXPECT_EQ(dp->ListVolumes().status().code(),
+            GrpcCodeToErrno(grpc::StatusCode::PERMISSION_DENIED));
+}
+
+TEST_F(GrpcNodeDatapathTest, ANodeThatDoesNotAnswerWithinTheDeadlineIsETIMEDOUT) {
+  service_.gate.Close();
+  auto v = Client(std::chrono::milliseconds(200))->GetVolume("pvc-1");
+  ASSERT_FALSE(v.ok());
+  EXPECT_EQ(v.status().code(), ETIMEDOUT) << v.status().message();
+  EXPECT_NE(v.status().message().find("node node-x: GetVolume"), std::string::npos);
+}
+
+TEST_F(GrpcNodeDatapathTest, ANodeNobodyListensForIsEAGAIN) {
+  const int closed = test::FreeLoopbackPort();
+  ASSERT_GT(closed, 0);
+  auto v = Client(std::chrono::seconds(10), closed)->GetVolume("pvc-1");
+  ASSERT_FALSE(v.ok());
+  EXPECT_EQ(v.status().code(), EAGAIN) << v.status().message();
 }
 
 }  // namespace

@@ -63,6 +63,19 @@ SEEDS = {
     + req(READ, 0xFFFFFFFFFFFFF000, 8192) + req(WRITE, 0, (64 << 20) + 1),
     "oversize_option": flags(3) + opt(OPT_GO, length=70000) + b"\0" * 64
     + opt(OPT_GO, info("disk0")) + req(READ, 0, 1),
+    # Meant for the TLS-required pass: refused options, a bad STARTTLS, the real one, then a
+    # full session inside TLS, including a second STARTTLS (invalid once TLS runs). In the
+    # no-TLS pass the same bytes show STARTTLS refused by policy.
+    "starttls_then_go": flags(3) + opt(OPT_LIST) + opt(OPT_GO, info("disk0"))
+    + opt(OPT_STRUCTURED_REPLY) + opt(OPT_STARTTLS, b"x") + opt(OPT_STARTTLS)
+    + opt(OPT_STARTTLS) + opt(OPT_STRUCTURED_REPLY)
+    + opt(OPT_SET_META, meta("disk0", ["base:allocation"])) + opt(OPT_GO, info("disk0", (1,)))
+    + req(BLOCK_STATUS, 0, 4096, 0, 7) + b"\x01" + struct.pack(">II", 4096, 0) + req(READ, 0, 512)
+    + req(DISC),
+    "starttls_export_name": flags(1) + opt(OPT_STARTTLS) + opt(OPT_EXPORT_NAME, b"ro")
+    + req(READ, 0, 8),
+    "export_name_before_tls": flags(3) + opt(OPT_EXPORT_NAME, b"disk0") + req(READ, 0, 1),
+    "oversize_before_tls": flags(3) + opt(OPT_LIST, length=70000) + b"\0" * 64,
     "malformed_meta": flags(3) + opt(OPT_STRUCTURED_REPLY)
     + opt(OPT_SET_META, struct.pack(">I", 5) + b"disk0" + struct.pack(">II", 9, 50) + b"base:")
     + opt(OPT_GO, struct.pack(">I", 99) + b"disk0"),

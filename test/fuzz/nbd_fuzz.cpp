@@ -10,6 +10,11 @@
 //   after GO/EXPORT_NAME: 28-byte requests, each followed by its WRITE payload; after a
 //            valid BLOCK_STATUS, one byte (extent count) and 8 bytes per extent to encode.
 //
+// Every input is negotiated twice: as on the Unix socket (no TLS: STARTTLS is refused) and as
+// on the TCP listener (TLS required: only STARTTLS and ABORT are served until the fuzzer,
+// standing in for the handshake, calls OnTlsEstablished after kStartTls). The same bytes then
+// reach the option handlers in both modes.
+//
 // Built and run by run_fuzz.sh with clang++ -fsanitize=fuzzer,address,undefined. It uses
 // only the standard library and datapath/nbd so it builds without the rest of the tree.
 #include <cstdio>
@@ -100,9 +105,10 @@ uint32_t CheckOptionReplies(const std::vector<uint8_t>& out, size_t end, uint32_
 }
 
 // Returns the negotiated params, or nullopt if the connection ends during the option phase.
-std::optional<nbd::TransmissionParams> Negotiate(Input& in) {
+std::optional<nbd::TransmissionParams> Negotiate(Input& in, nbd::TlsPolicy policy) {
   Catalog catalog;
-  nbd::Negotiator neg(catalog);
+  nbd::Negotiator neg(catalog, policy);
+  const bool tls_required = policy == nbd::TlsPolicy::kRequired;
   std::vector<uint8_t> out;
   neg.Greeting(out);
   FUZZ_CHECK(out.size() == nbd::kGreetingLen);
@@ -118,10 +124,13 @@ std::optional<nbd::TransmissionParams> Negotiate(Input& in) {
   for (;;) {
     if (!in.Take(nbd::kOptionHeaderLen, &b)) return std::nullopt;
     const auto h = neg.OnOptionHeader(b);
+    const bool before_tls = tls_required && !neg.tls_active();
     if (h.action == nbd::Negotiator::HeaderAction::kClose) {
       FUZZ_CHECK(nbd::LoadBE64(b) != nbd::kIHaveOpt || h.length > nbd::kMaxOptionLen);
       return std::nullopt;
     }
+    // An unauthenticated peer never makes us drain a long option.
+    if (before_tls) FUZZ_CHECK(h.action == nbd::Negotiator::HeaderAction::kReadPayload);
     std::span<const uint8_t> payload;
     const bool drained = h.action == nbd::Negotiator::HeaderAction::kDrainThenReply;
     if (drained) {
@@ -134,10 +143,35 @@ std::optional<nbd::TransmissionParams> Negotiate(Input& in) {
     }
     out.clear();
     const auto step = neg.OnOption(h.option, payload, drained, out);
+    if (before_tls && step == nbd::Negotiator::Step::kContinue) {
+      // Exactly one refusal, which says nothing about the exports.
+      FUZZ_CHECK(out.size() >= nbd::kOptionReplyHeaderLen &&
+                 nbd::LoadBE32(&out[16]) == out.size() - nbd::kOptionReplyHeaderLen);
+      const uint32_t type = CheckOptionReplies(out, out.size(), h.option);
+      FUZZ_CHECK(type == (h.option == nbd::kOptStartTls ? nbd::kRepErrInvalid
+                                                        : nbd::kRepErrTlsReqd));
+      continue;
+    }
+    if (step == nbd::Negotiator::Step::kStartTls) {
+      FUZZ_CHECK(before_tls && h.option == nbd::kOptStartTls && payload.empty());
+      FUZZ_CHECK(out.size() == nbd::kOptionReplyHeaderLen);
+      FUZZ_CHECK(CheckOptionReplies(out, out.size(), h.option) == nbd::kRepAck);
+      // Here the frontend runs the TLS handshake; the rest of the input is what the client
+      // sends inside TLS.
+      FUZZ_CHECK(!neg.tls_active());
+      FUZZ_CHECK(neg.OnTlsEstablished());
+      FUZZ_CHECK(neg.tls_active() && !neg.OnTlsEstablished());
+      continue;
+    }
     if (step == nbd::Negotiator::Step::kContinue) {
       const uint32_t last = CheckOptionReplies(out, out.size(), h.option);
       FUZZ_CHECK(last != 0);  // every option gets a final reply
       FUZZ_CHECK(last == nbd::kRepAck || (last & nbd::kRepFlagError));
+      if (h.option == nbd::kOptStartTls && !drained) {
+        // Refused: by policy without TLS, as invalid once TLS runs or when it carries data.
+        FUZZ_CHECK(last == (!tls_required && payload.empty() ? nbd::kRepErrPolicy
+                                                              : nbd::kRepErrInvalid));
+      }
       continue;
     }
     if (step == nbd::Negotiator::Step::kClose) {
@@ -150,6 +184,7 @@ std::optional<nbd::TransmissionParams> Negotiate(Input& in) {
       return std::nullopt;
     }
 
+    FUZZ_CHECK(!before_tls);  // no export is ever served in plaintext when TLS is required
     const nbd::Negotiated& r = neg.result();
     FUZZ_CHECK(!r.base_allocation || r.structured_replies);
     FUZZ_CHECK(r.transmission_flags ==
@@ -253,8 +288,10 @@ void Transmit(Input& in, const nbd::TransmissionParams& p) {
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  Input in{data, size};
-  if (auto p = Negotiate(in)) Transmit(in, *p);
+  for (auto policy : {nbd::TlsPolicy::kNone, nbd::TlsPolicy::kRequired}) {
+    Input in{data, size};
+    if (auto p = Negotiate(in, policy)) Transmit(in, *p);
+  }
   // Also treat the raw input as a stream of requests under each parameter combination, so
   // the request checker is fuzzed even by inputs that never finish negotiating.
   for (int combo = 0; combo < 8 && size >= nbd::kRequestHeaderLen; ++combo) {

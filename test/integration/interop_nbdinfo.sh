@@ -53,9 +53,9 @@ daemon_alive || die "daemon died"
 daemon_stop
 
 if is_datapathd; then
-  step "optional TCP listener next to the Unix socket, same pool"
+  step "optional plaintext TCP listener (--insecure-nbd-tcp) next to the Unix socket, same pool"
   port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  daemon_start -- --nbd-listen "tcp://127.0.0.1:$port"
+  daemon_start -- --nbd-listen "tcp://127.0.0.1:$port" --insecure-nbd-tcp
   wait_for 5 nbdinfo --size "nbd://127.0.0.1:$port/alpha" || die "no NBD over tcp://127.0.0.1:$port"
   [ "$(nbdinfo --size "nbd://127.0.0.1:$port/alpha")" = 1073741824 ] || die "alpha over TCP: wrong size"
   [ "$(nbdinfo --size "$(nbd_uri beta)")" = 3145728 ] || die "the Unix listener stopped working"

@@ -8,8 +8,10 @@
 # DIR/client.{crt,key}      signed by ca (e.g. the controller's)
 #                           Both: SAN DNS:localhost, IP:127.0.0.1; EKU serverAuth and clientAuth,
 #                           since each daemon uses its one certificate in both roles.
-# DIR/other/...             the same five files from a second, unrelated CA: "wrong certificate"
-#                           tests present these and must be refused
+# DIR/client-expired.{crt,key}  signed by ca, valid only in January 2020 (clientAuth): "expired
+#                           certificate" tests present it and must be refused
+# DIR/other/...             the same files from a second, unrelated CA: "wrong certificate"
+#                           tests present these and must be refused (rotation tests rotate to it)
 #
 # EC P-256 keys (fast), 0600 key files, 30-day validity. Idempotent: a complete set is left
 # as is; a partial one (an interrupted run) is made again from scratch.
@@ -22,7 +24,8 @@ fi
 dir=$1
 command -v openssl >/dev/null || { echo "$0: openssl not found" >&2; exit 1; }
 
-files=(ca.crt ca.key server.crt server.key client.crt client.key)
+files=(ca.crt ca.key server.crt server.key client.crt client.key client-expired.crt
+       client-expired.key)
 
 complete() {
   local d=$1 f
@@ -45,11 +48,33 @@ leaf() {
   rm -f "$d/$name.csr" "$d/$name.ext"
 }
 
+# expired D: D/client-expired.{key,crt}, signed by D/ca with a validity wholly in the past.
+# `openssl x509 -req` (OpenSSL 3.0) cannot set start and end dates, `openssl ca` can; it wants
+# a small CA database, kept in a temp dir.
+expired() {
+  local d=$1 db
+  db=$(mktemp -d)
+  touch "$db/index.txt"
+  echo 1000 >"$db/serial"
+  printf '%s\n' '[ca]' 'default_ca = test' '[test]' "database = $db/index.txt" \
+    "serial = $db/serial" "new_certs_dir = $db" 'default_md = sha256' 'policy = any' \
+    'unique_subject = no' '[any]' 'commonName = supplied' '[leaf]' 'basicConstraints = CA:FALSE' \
+    'keyUsage = critical,digitalSignature' 'extendedKeyUsage = clientAuth' \
+    'subjectAltName = DNS:localhost,IP:127.0.0.1' >"$db/ca.cnf"
+  key "$d/client-expired.key"
+  openssl req -new -key "$d/client-expired.key" -subj "/CN=nbd-csi test client expired" \
+    -out "$db/req.csr" 2>/dev/null
+  openssl ca -batch -config "$db/ca.cnf" -cert "$d/ca.crt" -keyfile "$d/ca.key" \
+    -startdate 20200101000000Z -enddate 20200201000000Z -extensions leaf -notext \
+    -in "$db/req.csr" -out "$d/client-expired.crt" 2>/dev/null
+  rm -rf "$db"
+}
+
 make_set() {  # make_set D LABEL
   local d=$1 label=$2
   complete "$d" && return 0
   mkdir -p "$d"
-  rm -f "$d"/ca.* "$d"/server.* "$d"/client.*
+  rm -f "$d"/ca.* "$d"/server.* "$d"/client.* "$d"/client-expired.*
   key "$d/ca.key"
   openssl req -new -x509 -key "$d/ca.key" -subj "/CN=nbd-csi test CA $label" -days 30 -sha256 \
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
@@ -62,8 +87,15 @@ make_set() {  # make_set D LABEL
     'extendedKeyUsage=serverAuth,clientAuth' 'subjectAltName=DNS:localhost,IP:127.0.0.1')
   leaf "$d" server "nbd-csi test server $label" "$ext"
   leaf "$d" client "nbd-csi test client $label" "$ext"
+  expired "$d"
   rm -f "$d/ca.srl"
   openssl verify -CAfile "$d/ca.crt" "$d/server.crt" "$d/client.crt" >/dev/null
+  # Signed by the CA and refused for its dates only.
+  if openssl verify -CAfile "$d/ca.crt" "$d/client-expired.crt" >/dev/null 2>&1; then
+    echo "$0: $d/client-expired.crt is not expired" >&2
+    exit 1
+  fi
+  openssl verify -no_check_time -CAfile "$d/ca.crt" "$d/client-expired.crt" >/dev/null
 }
 
 make_set "$dir" main

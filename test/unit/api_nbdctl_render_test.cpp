@@ -1,5 +1,5 @@
 // nbdctl's output layer: percentiles from the histogram, table alignment, stable JSON keys.
-#include "datapath/nbdctl/render.h"
+#include "tools/nbdctl/render.h"
 
 #include <limits>
 

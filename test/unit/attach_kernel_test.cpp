@@ -4,7 +4,7 @@
 // "not ours" rather than fail, since Recover() relies on that to drop stale records.
 #include <gtest/gtest.h>
 
-#include "datapath/engine/kernel_nbd.h"
+#include "datapath/attach/kernel_nbd.h"
 
 namespace nbdcsi::datapath {
 namespace {

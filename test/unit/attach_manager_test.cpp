@@ -24,10 +24,10 @@
 
 #include "common/fs_util.h"
 
-#include "datapath/engine/attachments.h"
+#include "datapath/attach/attachments.h"
+#include "datapath/attach/fuse_attach.h"
+#include "datapath/attach/kernel_nbd.h"
 #include "datapath/engine/frontend.h"
-#include "datapath/engine/fuse_attach.h"
-#include "datapath/engine/kernel_nbd.h"
 #include "datapath/nbd/negotiate.h"
 
 namespace nbdcsi::datapath {

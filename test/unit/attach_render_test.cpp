@@ -3,7 +3,7 @@
 
 #include <gtest/gtest.h>
 
-#include "datapath/nbdctl/attach_cmds.h"
+#include "tools/nbdctl/attach_render.h"
 
 namespace nbdcsi::nbdctl {
 namespace {

@@ -19,7 +19,7 @@
 #include "datapath/api/attach_service.h"
 #include "datapath/api/datapath.grpc.pb.h"
 #include "datapath/api/service.h"
-#include "datapath/engine/attachments.h"
+#include "datapath/attach/attachments.h"
 #include "datapath/engine/frontend.h"
 #include "datapath/pool/pool.h"
 

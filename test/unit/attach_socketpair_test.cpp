@@ -16,7 +16,7 @@
 
 #include <gtest/gtest.h>
 
-#include "datapath/engine/attachments.h"
+#include "datapath/attach/attachments.h"
 #include "datapath/engine/frontend.h"
 #include "datapath/nbd/codec.h"
 #include "datapath/nbd/proto.h"

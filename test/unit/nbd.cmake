@@ -18,3 +18,7 @@ if(NOT NBDCSI_SANITIZE)
     nbdcsi_add_gtest(${t}_san ${CMAKE_CURRENT_LIST_DIR}/${t}.cpp nbd_codec_san)
   endforeach()
 endif()
+
+# The NBD TLS plumbing (datapath/engine/nbd_tls): the server context's load and reload rules and
+# the terminator, between an OpenSSL client and a socketpair. Certificates from make-certs.sh.
+nbdcsi_add_gtest(nbd_tls_test ${CMAKE_CURRENT_LIST_DIR}/nbd_tls_test.cpp nbd_engine)

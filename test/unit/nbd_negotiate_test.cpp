@@ -611,6 +611,167 @@ TEST_F(NegotiateTest, TooManyOptionsCloses) {
   EXPECT_TRUE(out_.empty());
 }
 
+// ---- TLS required (the spec's FORCEDTLS mode, our TCP listener) ----
+
+class NegotiateTlsTest : public NegotiateTest {
+ protected:
+  // Ends with the STARTTLS ACK sent and TLS running, as the frontend does it.
+  void StartTls() {
+    ASSERT_EQ(Send(kOptStartTls), Step::kStartTls);
+    ASSERT_TRUE(n_.OnTlsEstablished());
+  }
+  Negotiator t_{catalog_, TlsPolicy::kRequired};
+};
+
+// The fixture's Send goes to n_; these tests use their own negotiator through this helper.
+Step SendTo(Negotiator& n, uint32_t option, const Bytes& payload, Bytes& out) {
+  out.clear();
+  return n.OnOption(option, payload, false, out);
+}
+
+TEST(NegotiateTls, EveryOptionBeforeStartTlsIsRefused) {
+  const struct {
+    const char* what;
+    uint32_t option;
+    Bytes payload;
+    Step step;
+    uint32_t reply;  // 0: nothing is sent
+  } kCases[] = {
+      {"LIST", kOptList, {}, Step::kContinue, kRepErrTlsReqd},
+      {"INFO", kOptInfo, InfoPayload("disk0", {kInfoName}), Step::kContinue, kRepErrTlsReqd},
+      {"GO", kOptGo, InfoPayload("disk0", {}), Step::kContinue, kRepErrTlsReqd},
+      {"GO unknown", kOptGo, InfoPayload("nope", {}), Step::kContinue, kRepErrTlsReqd},
+      {"STRUCTURED_REPLY", kOptStructuredReply, {}, Step::kContinue, kRepErrTlsReqd},
+      {"LIST_META", kOptListMetaContext, MetaPayload("disk0", {}), Step::kContinue,
+       kRepErrTlsReqd},
+      {"SET_META", kOptSetMetaContext, MetaPayload("disk0", {"base:allocation"}),
+       Step::kContinue, kRepErrTlsReqd},
+      {"PEEK_EXPORT", kOptPeekExport, {}, Step::kContinue, kRepErrTlsReqd},
+      {"unknown", 0x4242, {1, 2, 3}, Step::kContinue, kRepErrTlsReqd},
+      {"STARTTLS with data", kOptStartTls, {0}, Step::kContinue, kRepErrInvalid},
+      {"EXPORT_NAME", kOptExportName, {'d', 'i', 's', 'k', '0'}, Step::kClose, 0},
+      {"ABORT", kOptAbort, {}, Step::kClose, kRepAck},
+  };
+  for (const auto& c : kCases) {
+    FakeCatalog cat;
+    Negotiator n(cat, TlsPolicy::kRequired);
+    ASSERT_TRUE(n.OnClientFlags(kClientFlagFixedNewstyle | kClientFlagNoZeroes));
+    Bytes out;
+    EXPECT_EQ(SendTo(n, c.option, c.payload, out), c.step) << c.what;
+    auto r = ParseReplies(out);
+    if (c.reply == 0) {
+      EXPECT_TRUE(out.empty()) << c.what;
+    } else {
+      ASSERT_EQ(r.size(), 1u) << c.what;
+      EXPECT_EQ(r[0].option, c.option) << c.what;
+      EXPECT_EQ(r[0].type, c.reply) << c.what;
+    }
+    // Nothing about the exports may leak to a peer that has not authenticated.
+    EXPECT_EQ(cat.lookups, 0) << c.what;
+    EXPECT_FALSE(n.tls_active()) << c.what;
+  }
+}
+
+TEST_F(NegotiateTlsTest, StartTlsAcksByteExactThenWaitsForTheHandshake) {
+  ASSERT_TRUE(t_.OnClientFlags(kClientFlagFixedNewstyle));
+  EXPECT_EQ(SendTo(t_, kOptList, {}, out_), Step::kContinue);  // refused, and the phase goes on
+  ASSERT_EQ(SendTo(t_, kOptStartTls, {}, out_), Step::kStartTls);
+  Bytes want;
+  Append64(want, kOptReplyMagic);
+  Append32(want, kOptStartTls);
+  Append32(want, kRepAck);
+  Append32(want, 0);
+  EXPECT_EQ(out_, want);
+  // Until the handshake is done, an option is out of sequence (plaintext after STARTTLS).
+  EXPECT_EQ(SendTo(t_, kOptStructuredReply, {}, out_), Step::kClose);
+  EXPECT_TRUE(out_.empty());
+  EXPECT_FALSE(t_.OnTlsEstablished()) << "the out-of-sequence option ended the negotiation";
+}
+
+TEST_F(NegotiateTlsTest, AfterTheHandshakeEverythingWorksAndStartTlsIsInvalid) {
+  ASSERT_TRUE(t_.OnClientFlags(kClientFlagFixedNewstyle | kClientFlagNoZeroes));
+  EXPECT_FALSE(t_.OnTlsEstablished()) << "no STARTTLS yet";
+  ASSERT_EQ(SendTo(t_, kOptStartTls, {}, out_), Step::kStartTls);
+  ASSERT_TRUE(t_.OnTlsEstablished());
+  EXPECT_TRUE(t_.tls_active());
+  EXPECT_FALSE(t_.OnTlsEstablished()) << "only once";
+
+  EXPECT_EQ(SendTo(t_, kOptStartTls, {}, out_), Step::kContinue);
+  auto r = ParseReplies(out_);
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].type, kRepErrInvalid);
+  EXPECT_EQ(SendTo(t_, kOptList, {}, out_), Step::kContinue);
+  r = ParseReplies(out_);
+  ASSERT_EQ(r.size(), 3u);
+  EXPECT_EQ(r.back().type, kRepAck);
+  EXPECT_EQ(SendTo(t_, kOptStructuredReply, {}, out_), Step::kContinue);
+  EXPECT_EQ(SendTo(t_, kOptSetMetaContext, MetaPayload("disk0", {"base:allocation"}), out_),
+            Step::kContinue);
+  ASSERT_EQ(SendTo(t_, kOptGo, InfoPayload("disk0", {}), out_), Step::kTransmission);
+  EXPECT_EQ(t_.result().export_info.name, "disk0");
+  EXPECT_TRUE(t_.result().structured_replies);
+  EXPECT_TRUE(t_.result().base_allocation);
+}
+
+TEST_F(NegotiateTlsTest, ExportNameInsideTls) {
+  ASSERT_TRUE(t_.OnClientFlags(kClientFlagFixedNewstyle | kClientFlagNoZeroes));
+  ASSERT_EQ(SendTo(t_, kOptStartTls, {}, out_), Step::kStartTls);
+  ASSERT_TRUE(t_.OnTlsEstablished());
+  ASSERT_EQ(SendTo(t_, kOptExportName, Bytes{'r', 'o'}, out_), Step::kTransmission);
+  EXPECT_EQ(out_.size(), 10u);
+  EXPECT_TRUE(t_.result().export_info.read_only);
+}
+
+TEST_F(NegotiateTlsTest, OversizeOptionsCloseBeforeTlsAndDrainAfter) {
+  ASSERT_TRUE(t_.OnClientFlags(kClientFlagFixedNewstyle));
+  const struct {
+    uint32_t option;
+    uint32_t length;
+    Action before;
+    Action after;
+  } kCases[] = {
+      {kOptList, 0, Action::kReadPayload, Action::kReadPayload},
+      {kOptGo, kMaxOptionLen, Action::kReadPayload, Action::kReadPayload},
+      {kOptGo, kMaxOptionLen + 1, Action::kClose, Action::kDrainThenReply},
+      {kOptStartTls, kMaxOptionLen + 1, Action::kClose, Action::kDrainThenReply},
+      {kOptGo, kMaxDrainOptionLen + 1, Action::kClose, Action::kClose},
+  };
+  for (const auto& c : kCases) {
+    Bytes h = OptionHeader(kIHaveOpt, c.option, c.length);
+    EXPECT_EQ(t_.OnOptionHeader(h.data()).action, c.before) << c.option << " " << c.length;
+  }
+  ASSERT_EQ(SendTo(t_, kOptStartTls, {}, out_), Step::kStartTls);
+  ASSERT_TRUE(t_.OnTlsEstablished());
+  for (const auto& c : kCases) {
+    Bytes h = OptionHeader(kIHaveOpt, c.option, c.length);
+    EXPECT_EQ(t_.OnOptionHeader(h.data()).action, c.after) << c.option << " " << c.length;
+  }
+}
+
+TEST_F(NegotiateTlsTest, DrainedOptionBeforeTlsCloses) {
+  ASSERT_TRUE(t_.OnClientFlags(kClientFlagFixedNewstyle));
+  out_.clear();
+  EXPECT_EQ(t_.OnOption(kOptList, {}, true, out_), Step::kClose);
+  EXPECT_TRUE(out_.empty());
+}
+
+TEST_F(NegotiateTlsTest, RefusedOptionsCountTowardsTheLimit) {
+  ASSERT_TRUE(t_.OnClientFlags(kClientFlagFixedNewstyle));
+  for (uint32_t i = 0; i < kMaxOptionsPerConnection; ++i) {
+    ASSERT_EQ(SendTo(t_, kOptList, {}, out_), Step::kContinue) << i;
+  }
+  EXPECT_EQ(SendTo(t_, kOptStartTls, {}, out_), Step::kClose);
+  EXPECT_TRUE(out_.empty());
+}
+
+TEST_F(NegotiateTest, WithoutTlsPolicyStartTlsNeverStartsTls) {
+  Start();
+  EXPECT_EQ(SingleReplyType(kOptStartTls), kRepErrPolicy);
+  EXPECT_FALSE(n_.OnTlsEstablished());
+  EXPECT_FALSE(n_.tls_active());
+  EXPECT_EQ(Send(kOptGo, InfoPayload("disk0", {})), Step::kTransmission);
+}
+
 TEST(TransmissionFlags, ReadOnlyAndStructuredCombinations) {
   EXPECT_EQ(TransmissionFlags(false, false), 0x096d);
   EXPECT_EQ(TransmissionFlags(false, true), 0x09ed);

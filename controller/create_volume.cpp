@@ -1,0 +1,265 @@
+// CreateVolume in named steps: check the request, the candidate nodes (topology), the content
+// source (which pins the node), the idempotency search (every live node at once), the size, then
+// placement and the create call on the first node that takes it.
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <google/protobuf/util/message_differencer.h>
+#include <spdlog/spdlog.h>
+
+#include "controller/controller_service.h"
+#include "controller/csi_request.h"
+#include "controller/csi_response.h"
+#include "controller/csi_status.h"
+#include "csi/logging.h"
+
+namespace nbdcsi::controller {
+namespace {
+
+namespace v1 = ::csi::v1;
+
+// The volume_content_source of a restore or clone.
+struct ContentSource {
+  std::string node;  // "" for a blank volume
+  std::string name;  // the snapshot or volume in that node's pool
+  dpv1::VolumeContentSource dp;
+
+  bool present() const { return !node.empty(); }
+  // As dpv1::Volume.source spells it: "", "snapshot/NAME" or "volume/NAME".
+  std::string Text() const {
+    if (dp.has_snapshot()) return "snapshot/" + dp.snapshot();
+    if (dp.has_volume()) return "volume/" + dp.volume();
+    return "";
+  }
+};
+
+class CreateVolumeCall {
+ public:
+  CreateVolumeCall(const v1::CreateVolumeRequest& req, Nodes& nodes, PlacementLedger& ledger,
+                   const ControllerOptions& opts)
+      : req_(req), nodes_(nodes), ledger_(ledger), opts_(opts) {
+    if (req.has_capacity_range()) range_ = &req.capacity_range();
+  }
+
+  Status Run(v1::CreateVolumeResponse* resp) {
+    if (Status s = CheckRequest(); !s.ok()) return s;
+    live_ = nodes_.List();
+    auto c = CandidatesFor(
+        req_.has_accessibility_requirements() ? &req_.accessibility_requirements() : nullptr, live_,
+        ledger_);
+    if (!c.ok()) return c.status();
+    candidates_ = std::move(*c);
+    if (Status s = ResolveSource(); !s.ok()) return s;
+    if (Status s = CheckRange(); !s.ok()) return s;
+    auto found = FindExisting(resp->mutable_volume());
+    if (!found.ok()) return found.status();
+    if (*found) return Status::Ok();
+    auto size = SizeToProvision();
+    if (!size.ok()) return size.status();
+    return Place(*size, resp);
+  }
+
+ private:
+  // Name, capabilities and parameters: what no node needs to be asked about.
+  Status CheckRequest() {
+    if (req_.name().empty()) return Err(EINVAL, "name is required");
+    if (Status s = CheckCapabilities(req_.volume_capabilities()); !s.ok()) return s;
+    auto sc = ParseQos(req_.parameters(), "parameters");
+    if (!sc.ok()) return sc.status();
+    auto vac = ParseQos(req_.mutable_parameters(), "mutable_parameters");
+    if (!vac.ok()) return vac.status();
+    qos_ = QosLimitsOf(*sc, *vac);
+    auto pool_name = csi::PoolNameForCsiName(req_.name());
+    if (!pool_name.ok()) return Err(EINVAL, "name: {}", pool_name.status().message());
+    pool_name_ = *pool_name;
+    return Status::Ok();
+  }
+
+  // Restores and clones are local (reflink or local copy): the source pins the node. Only parsed
+  // here; its size is asked for after the idempotency search, so a retry still finds a restored
+  // volume whose snapshot was deleted meanwhile.
+  Status ResolveSource() {
+    if (!req_.has_volume_content_source()) return Status::Ok();
+    const auto& cs = req_.volume_content_source();
+    if (cs.has_snapshot()) {
+      auto ref = NamedSnapshot(cs.snapshot().snapshot_id(), "source snapshot");
+      if (!ref.ok()) return ref.status();
+      source_ = {ref->node_id, ref->pool_name, {}};
+      source_.dp.set_snapshot(ref->pool_name);
+    } else if (cs.has_volume()) {
+      auto ref = NamedVolume(cs.volume().volume_id(), "source volume");
+      if (!ref.ok()) return ref.status();
+      source_ = {ref->node_id, ref->pool_name, {}};
+      source_.dp.set_volume(ref->pool_name);
+    } else {
+      return Err(EINVAL, "volume_content_source names neither a snapshot nor a volume");
+    }
+    if (!candidates_.Allows(source_.node)) {
+      return Err(EINVAL,
+                 "the content source lives on node {}, which accessibility_requirements exclude; "
+                 "restoring or cloning to another node is not supported",
+                 source_.node);
+    }
+    candidates_.order = {source_.node};
+    return Status::Ok();
+  }
+
+  // A malformed range is refused before any node is asked; whether a size fits it is known only
+  // once the source's size is (SizeToProvision).
+  Status CheckRange() {
+    if (!range_) return Status::Ok();
+    if (range_->required_bytes() < 0 || range_->limit_bytes() < 0 ||
+        (range_->limit_bytes() > 0 && range_->limit_bytes() < range_->required_bytes())) {
+      auto bad = VolumeSizeFor(range_, opts_.default_volume_bytes, 0);  // for its message
+      return CallError(EINVAL, bad.status().message());
+    }
+    return Status::Ok();
+  }
+
+  // Idempotency by name: the pool name is a pure function of the CSI name, so asking every live
+  // node finds an earlier attempt wherever it landed. A node that cannot answer could hold it:
+  // fail (retryable) rather than risk a second copy elsewhere. True when found (`out` filled).
+  StatusOr<bool> FindExisting(v1::Volume* out) {
+    auto found =
+        FanOut(live_, [&](const NodeInfo& n) { return nodes_.GetVolume(n.node_id, pool_name_); });
+    auto holder = FirstHolder(found);
+    if (!holder.ok()) return holder.status();
+    if (!*holder) return false;
+    const std::string& node = live_[**holder].node_id;
+    if (Status s = MatchesRequest(node, *found[**holder]); !s.ok()) return s;
+    FillVolume(node, *found[**holder], out);
+    return true;
+  }
+
+  // EEXIST (ALREADY_EXISTS) unless the earlier attempt is what this request asks for.
+  Status MatchesRequest(const std::string& node, const dpv1::Volume& existing) {
+    uint64_t have = existing.size_bytes();
+    bool size_ok =
+        !range_ ||
+        (have >= static_cast<uint64_t>(range_->required_bytes()) &&
+         (range_->limit_bytes() == 0 || have <= static_cast<uint64_t>(range_->limit_bytes())));
+    if (!size_ok) {
+      return Err(EEXIST,
+                 "volume \"{}\" exists on node {} with {} bytes, outside the requested range",
+                 req_.name(), node, have);
+    }
+    if (existing.source() != source_.Text() || (source_.present() && source_.node != node)) {
+      return Err(EEXIST, "volume \"{}\" exists on node {} with content source \"{}\", not \"{}\"",
+                 req_.name(), node, existing.source(), source_.Text());
+    }
+    if (!google::protobuf::util::MessageDifferencer::Equals(existing.qos(), qos_)) {
+      return Err(EEXIST, "volume \"{}\" exists on node {} with other QoS parameters ({})",
+                 req_.name(), node, existing.qos().ShortDebugString());
+    }
+    if (!candidates_.Allows(node)) {
+      return Err(EEXIST,
+                 "volume \"{}\" exists on node {}, which accessibility_requirements exclude",
+                 req_.name(), node);
+    }
+    return Status::Ok();
+  }
+
+  // A restore or clone without a size gets its source's size, not the blank default, and never
+  // less than it.
+  StatusOr<uint64_t> SizeToProvision() {
+    uint64_t source_size = 0;
+    if (source_.dp.has_snapshot()) {
+      auto snap = nodes_.GetSnapshot(source_.node, source_.name);
+      if (!snap.ok()) return snap.status();
+      source_size = snap->size_bytes();
+    } else if (source_.present()) {
+      auto vol = nodes_.GetVolume(source_.node, source_.name);
+      if (!vol.ok()) return vol.status();
+      source_size = vol->size_bytes();
+    }
+    auto size =
+        VolumeSizeFor(range_, source_size ? source_size : opts_.default_volume_bytes, source_size);
+    if (!size.ok()) return CallError(size.status().code(), size.status().message());
+    return size;
+  }
+
+  // The first candidate that is registered and has room. The datapath checks again (the
+  // heartbeat's figure may be a few seconds old): ENOSPC there moves on to the next one.
+  Status Place(uint64_t size, v1::CreateVolumeResponse* resp) {
+    bool missing = false;
+    std::vector<std::string> why_not;  // per node, for the error an operator reads
+    for (const auto& node : candidates_.order) {
+      auto info = nodes_.Get(node);
+      if (!info) {
+        missing = true;
+        why_not.push_back(node + ": not registered");
+        continue;
+      }
+      if (info->provisionable_bytes < size) {
+        why_not.push_back(
+            fmt::format("{}: {} bytes provisionable", node, info->provisionable_bytes));
+        continue;
+      }
+      auto created =
+          nodes_.On(node, [&](NodeDatapath& d) { return d.CreateVolume(Request(size)); });
+      if (!created.ok() && created.status().code() == ENOSPC) {
+        why_not.push_back(created.status().message());
+        spdlog::info("[{}] {}; trying the next node", csi::CurrentRequestId(),
+                     created.status().message());
+        continue;
+      }
+      if (!created.ok()) return created.status();
+      ledger_.Add(*info, size);
+      FillVolume(node, *created, resp->mutable_volume());
+      if (source_.present()) {
+        *resp->mutable_volume()->mutable_content_source() = req_.volume_content_source();
+      }
+      spdlog::info("[{}] volume {} ({} bytes) created on node {}", csi::CurrentRequestId(),
+                   resp->volume().volume_id(), size, node);
+      return Status::Ok();
+    }
+    return NoPlace(size, missing, why_not);
+  }
+
+  dpv1::CreateVolumeRequest Request(uint64_t size) const {
+    dpv1::CreateVolumeRequest r;
+    r.set_name(pool_name_);
+    r.set_size_bytes(size);
+    *r.mutable_qos() = qos_;
+    if (source_.present()) *r.mutable_source() = source_.dp;
+    return r;
+  }
+
+  // No room anywhere allowed is RESOURCE_EXHAUSTED; but an allowed node that has not registered
+  // (yet) may come with room, so then UNAVAILABLE: retry rather than fail.
+  Status NoPlace(uint64_t size, bool missing, const std::vector<std::string>& why_not) const {
+    if (missing || candidates_.order.empty()) {
+      return Err(EAGAIN,
+                 "no registered node can take {} bytes now ({}); retry once the node's datapath "
+                 "heartbeats",
+                 size,
+                 candidates_.order.empty() ? "no node registered yet"
+                                           : fmt::format("{}", fmt::join(why_not, "; ")));
+    }
+    return Err(ENOSPC, "no allowed node has room for {} bytes ({})", size,
+               fmt::join(why_not, "; "));
+  }
+
+  const v1::CreateVolumeRequest& req_;
+  Nodes& nodes_;
+  PlacementLedger& ledger_;
+  const ControllerOptions& opts_;
+  const v1::CapacityRange* range_ = nullptr;
+  std::string pool_name_;
+  dpv1::QosLimits qos_;
+  std::vector<NodeInfo> live_;  // one registry snapshot for the whole call
+  Candidates candidates_;
+  ContentSource source_;
+};
+
+}  // namespace
+
+Status ControllerImpl::CreateVolume(const v1::CreateVolumeRequest& req,
+                                    v1::CreateVolumeResponse* resp) {
+  return CreateVolumeCall(req, nodes_, ledger_, opts_).Run(resp);
+}
+
+}  // namespace nbdcsi::controller

@@ -1,0 +1,126 @@
+// ListVolumes and ListSnapshots: every live node asked at once, entries sorted by id and paged
+// (controller/paging.h). A node that does not answer is skipped from a full listing (logged): a
+// partial list beats none for the health monitor, and its entries show up again once it answers.
+// A listing filtered to one node's objects fails instead: "no entry" would read as "gone".
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <spdlog/spdlog.h>
+
+#include "controller/controller_service.h"
+#include "controller/csi_response.h"
+#include "controller/csi_status.h"
+#include "controller/paging.h"
+#include "csi/ids.h"
+#include "csi/logging.h"
+
+namespace nbdcsi::controller {
+
+namespace v1 = ::csi::v1;
+
+namespace {
+
+using SnapshotEntries = std::vector<std::pair<std::string, v1::ListSnapshotsResponse::Entry>>;
+
+void SkipNode(const char* call, const std::string& node, const Status& why) {
+  spdlog::warn("[{}] {} skips node {}: {}", csi::CurrentRequestId(), call, node, why.message());
+}
+
+void AddSnapshot(const std::string& node, const dpv1::Snapshot& ds, SnapshotEntries* all) {
+  v1::ListSnapshotsResponse::Entry e;
+  FillSnapshot(node, ds, e.mutable_snapshot());
+  std::string id = e.snapshot().snapshot_id();
+  all->emplace_back(std::move(id), std::move(e));
+}
+
+// The snapshot `snapshot_id` names, when it exists (and was taken from `src`, when given).
+Status OneSnapshot(Nodes& nodes, const std::string& snapshot_id,
+                   const std::optional<csi::VolumeRef>& src, SnapshotEntries* all) {
+  auto ref = csi::ParseSnapshotId(snapshot_id);
+  if (!ref.ok() || (src && src->node_id != ref->node_id)) return Status::Ok();  // names nothing
+  auto ds = nodes.GetSnapshot(ref->node_id, ref->pool_name);
+  // A node that cannot answer is UNAVAILABLE, not an empty list: the snapshotter would take "no
+  // entry" for a snapshot that is gone.
+  if (!ds.ok()) return ds.status().code() == ENOENT ? Status::Ok() : ds.status();
+  if (!src || ds->source_volume() == src->pool_name) AddSnapshot(ref->node_id, *ds, all);
+  return Status::Ok();
+}
+
+// The snapshots taken from `src`: its node must answer.
+Status SnapshotsOf(Nodes& nodes, const csi::VolumeRef& src, SnapshotEntries* all) {
+  auto list =
+      nodes.On(src.node_id, [&](NodeDatapath& d) { return d.ListSnapshots(src.pool_name); });
+  if (!list.ok()) return list.status();
+  for (const auto& ds : *list) AddSnapshot(src.node_id, ds, all);
+  return Status::Ok();
+}
+
+void AllSnapshots(Nodes& nodes, SnapshotEntries* all) {
+  std::vector<NodeInfo> live = nodes.List();
+  auto answers = FanOut(live, [&](const NodeInfo& n) {
+    return nodes.On(n.node_id, [](NodeDatapath& d) { return d.ListSnapshots(""); });
+  });
+  for (size_t i = 0; i < live.size(); ++i) {
+    if (!answers[i].ok()) {
+      SkipNode("ListSnapshots", live[i].node_id, answers[i].status());
+      continue;
+    }
+    for (const auto& ds : *answers[i]) AddSnapshot(live[i].node_id, ds, all);
+  }
+}
+
+// What a ListSnapshots request asks for: one snapshot, those of one volume, or all.
+Status CollectSnapshots(Nodes& nodes, const v1::ListSnapshotsRequest& req, SnapshotEntries* all) {
+  std::optional<csi::VolumeRef> src;
+  if (!req.source_volume_id().empty()) {
+    auto r = csi::ParseVolumeId(req.source_volume_id());
+    // A malformed id names no volume, so no snapshot was taken from it: an empty list.
+    if (!r.ok()) return Status::Ok();
+    src = *r;
+  }
+  if (!req.snapshot_id().empty()) return OneSnapshot(nodes, req.snapshot_id(), src, all);
+  if (src) return SnapshotsOf(nodes, *src, all);
+  AllSnapshots(nodes, all);
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status ControllerImpl::ListVolumes(const v1::ListVolumesRequest& req,
+                                   v1::ListVolumesResponse* resp) {
+  if (Status s = CheckPageToken(req.starting_token()); !s.ok()) return s;
+  std::vector<NodeInfo> live = nodes_.List();
+  auto answers = FanOut(live, [&](const NodeInfo& n) {
+    return nodes_.On(n.node_id, [](NodeDatapath& d) { return d.ListVolumes(); });
+  });
+  std::vector<std::pair<std::string, v1::ListVolumesResponse::Entry>> all;
+  for (size_t i = 0; i < live.size(); ++i) {
+    const std::string& node = live[i].node_id;
+    if (!answers[i].ok()) {
+      SkipNode("ListVolumes", node, answers[i].status());
+      continue;
+    }
+    for (const auto& dv : *answers[i]) {
+      v1::ListVolumesResponse::Entry e;
+      FillVolume(node, dv, e.mutable_volume());
+      FillCondition(dv, e.mutable_status()->mutable_volume_condition());
+      std::string id = e.volume().volume_id();
+      all.emplace_back(std::move(id), std::move(e));
+    }
+  }
+  return Paginate(std::move(all), req.max_entries(), req.starting_token(), resp->mutable_entries(),
+                  resp->mutable_next_token());
+}
+
+Status ControllerImpl::ListSnapshots(const v1::ListSnapshotsRequest& req,
+                                     v1::ListSnapshotsResponse* resp) {
+  if (Status s = CheckPageToken(req.starting_token()); !s.ok()) return s;
+  SnapshotEntries all;
+  if (Status s = CollectSnapshots(nodes_, req, &all); !s.ok()) return s;
+  return Paginate(std::move(all), req.max_entries(), req.starting_token(), resp->mutable_entries(),
+                  resp->mutable_next_token());
+}
+
+}  // namespace nbdcsi::controller

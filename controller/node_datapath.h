@@ -1,0 +1,81 @@
+// What the controller asks of one node's nbd-datapathd (datapath/api/datapath.proto, gRPC over
+// mutual TLS): one method per Datapath RPC the controller uses. An interface, as the node plugin's
+// node/datapath_client.h is, so that placement, idempotency and error mapping are unit-tested
+// against in-process fakes (test/controller/fake_datapath.h); MakeGrpcDatapathFactory makes the
+// real clients, and NodeRegistry hands them out per registered node.
+//
+// Errors are errno-style (common/status.h): the datapath's gRPC code through GrpcCodeToErrno, once
+// (NOT_FOUND ENOENT, ALREADY_EXISTS EEXIST, RESOURCE_EXHAUSTED ENOSPC, UNAVAILABLE EAGAIN,
+// DEADLINE_EXCEEDED ETIMEDOUT, FAILED_PRECONDITION EBUSY, ABORTED EALREADY, INTERNAL EIO, ...),
+// with the datapath's message prefixed by the node and the call.
+#pragma once
+
+#include <grpcpp/channel.h>
+#include <grpcpp/security/credentials.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "datapath/api/datapath.pb.h"
+
+namespace nbdcsi::controller {
+
+namespace dpv1 = ::nbdcsi::datapath::v1;
+
+class NodeDatapath {
+ public:
+  virtual ~NodeDatapath() = default;
+
+  // Idempotent on the datapath: the same name, size, source and QoS return the existing volume;
+  // anything else is EEXIST. ENOSPC: the pool has no room; ENOENT: the source does not exist.
+  virtual StatusOr<dpv1::Volume> CreateVolume(const dpv1::CreateVolumeRequest& req) = 0;
+  virtual Status DeleteVolume(const std::string& name) = 0;  // ENOENT when it does not exist
+  // Grow only (EINVAL for a shrink); the same size is a no-op.
+  virtual StatusOr<dpv1::Volume> ResizeVolume(const std::string& name, uint64_t size_bytes) = 0;
+  virtual StatusOr<dpv1::Volume> GetVolume(const std::string& name) = 0;
+  virtual StatusOr<std::vector<dpv1::Volume>> ListVolumes() = 0;  // sorted by name
+  // The volume with the limits now in force.
+  virtual StatusOr<dpv1::Volume> SetQos(const std::string& name, const dpv1::QosPatch& patch) = 0;
+
+  // Idempotent: the same name and source return the existing snapshot; another source is EEXIST.
+  virtual StatusOr<dpv1::Snapshot> CreateSnapshot(const std::string& name,
+                                                  const std::string& source_volume) = 0;
+  virtual Status DeleteSnapshot(const std::string& name) = 0;  // ENOENT when it does not exist
+  virtual StatusOr<dpv1::Snapshot> GetSnapshot(const std::string& name) = 0;
+  // Only those taken from `source_volume`; "" for all. Sorted by name.
+  virtual StatusOr<std::vector<dpv1::Snapshot>> ListSnapshots(const std::string& source_volume) = 0;
+};
+
+// Makes the client of node `node_id`, whose datapath API listens on `address` (host:port).
+// NodeRegistry calls it once per node and address, under its lock: it must not block or call
+// back into the registry.
+using NodeDatapathFactory = std::function<std::shared_ptr<NodeDatapath>(
+    const std::string& node_id, const std::string& address)>;
+
+struct GrpcDatapathOptions {
+  // Used for every channel to a datapath (mutual TLS, or insecure for loopback tests).
+  std::shared_ptr<grpc::ChannelCredentials> creds;
+  // The name the datapaths' certificates must carry (a DNS SAN), instead of the host of each
+  // advertised address: lets every datapath share one certificate (e.g. SAN
+  // "nbd-datapath.nbd-csi.svc") while advertising its own node IP. "": the address's host.
+  std::string tls_server_name;
+  // Deadline of each call. A node that does not answer within it fails the call with ETIMEDOUT
+  // (DEADLINE_EXCEEDED), or EAGAIN (UNAVAILABLE) when it cannot be reached at all, so the
+  // sidecar retries.
+  std::chrono::milliseconds timeout = std::chrono::seconds(30);
+};
+
+// The real clients: one channel per node and address, each call with opts.timeout.
+NodeDatapathFactory MakeGrpcDatapathFactory(GrpcDatapathOptions opts);
+
+// One client over an existing channel (the factory's building block; tests use it in-process).
+std::shared_ptr<NodeDatapath> MakeGrpcNodeDatapath(std::string node_id,
+                                                   std::shared_ptr<grpc::Channel> channel,
+                                                   std::chrono::milliseconds timeout);
+
+}  // namespace nbdcsi::controller

@@ -1,0 +1,132 @@
+// The calls on one existing volume: DeleteVolume, ValidateVolumeCapabilities,
+// ControllerExpandVolume, ControllerGetVolume, ControllerModifyVolume. Each is routed by its id
+// (v1:<node>:<name>) to that node's datapath.
+#include <spdlog/spdlog.h>
+
+#include "controller/controller_service.h"
+#include "controller/csi_request.h"
+#include "controller/csi_response.h"
+#include "controller/csi_status.h"
+#include "csi/logging.h"
+
+namespace nbdcsi::controller {
+
+namespace v1 = ::csi::v1;
+
+Status ControllerImpl::DeleteVolume(const v1::DeleteVolumeRequest& req) {
+  if (req.volume_id().empty()) return Err(EINVAL, "volume_id is required");
+  auto ref = csi::ParseVolumeId(req.volume_id());
+  if (!ref.ok()) {
+    // Never one of ours, so it does not exist: deleting it is done (CSI: idempotent).
+    spdlog::info("[{}] DeleteVolume of a malformed id \"{}\" succeeds: {}", csi::CurrentRequestId(),
+                 req.volume_id(), ref.status().message());
+    return Status::Ok();
+  }
+  Status s =
+      nodes_.On(ref->node_id, [&](NodeDatapath& d) { return d.DeleteVolume(ref->pool_name); });
+  if (s.code() == ENOENT) return Status::Ok();
+  return s;
+}
+
+Status ControllerImpl::ValidateVolumeCapabilities(const v1::ValidateVolumeCapabilitiesRequest& req,
+                                                  v1::ValidateVolumeCapabilitiesResponse* resp) {
+  if (req.volume_id().empty()) return Err(EINVAL, "volume_id is required");
+  if (req.volume_capabilities().empty()) return Err(EINVAL, "volume_capabilities is required");
+  auto ref = NamedVolume(req.volume_id());
+  if (!ref.ok()) return ref.status();
+  if (auto dv = nodes_.GetVolume(ref->node_id, ref->pool_name); !dv.ok()) return dv.status();
+  // What cannot be served is an answer (a message, nothing confirmed), not an error.
+  for (const auto& cap : req.volume_capabilities()) {
+    std::string why = UnsupportedCapability(cap);
+    if (!why.empty()) {
+      resp->set_message(why);
+      return Status::Ok();
+    }
+  }
+  auto sc = ParseQos(req.parameters(), "parameters");
+  auto vac = sc.ok() ? ParseQos(req.mutable_parameters(), "mutable_parameters") : sc;
+  if (!vac.ok()) {
+    resp->set_message(vac.status().message());
+    return Status::Ok();
+  }
+  auto* c = resp->mutable_confirmed();
+  *c->mutable_volume_capabilities() = req.volume_capabilities();
+  *c->mutable_volume_context() = req.volume_context();
+  *c->mutable_parameters() = req.parameters();
+  *c->mutable_mutable_parameters() = req.mutable_parameters();
+  return Status::Ok();
+}
+
+Status ControllerImpl::ExpandVolume(const v1::ControllerExpandVolumeRequest& req,
+                                    v1::ControllerExpandVolumeResponse* resp) {
+  if (req.volume_id().empty()) return Err(EINVAL, "volume_id is required");
+  if (!req.has_capacity_range()) return Err(EINVAL, "capacity_range is required");
+  if (req.has_volume_capability()) {
+    std::string why = UnsupportedCapability(req.volume_capability());
+    if (!why.empty()) return CallError(EINVAL, why);
+  }
+  auto ref = NamedVolume(req.volume_id());
+  if (!ref.ok()) return ref.status();
+  auto dv = nodes_.GetVolume(ref->node_id, ref->pool_name);
+  if (!dv.ok()) return dv.status();
+  if (req.capacity_range().required_bytes() <= 0) {
+    return Err(EINVAL, "capacity_range.required_bytes must be positive");
+  }
+  auto size = VolumeSizeFor(&req.capacity_range(), 0, 0);
+  if (!size.ok()) return CallError(size.status().code(), size.status().message());
+  uint64_t now = dv->size_bytes();
+  if (*size > now) {
+    auto grown = nodes_.On(ref->node_id,
+                           [&](NodeDatapath& d) { return d.ResizeVolume(ref->pool_name, *size); });
+    if (!grown.ok()) return grown.status();
+    now = grown->size_bytes();
+  }
+  // Volumes never shrink: a smaller request is already satisfied (CSI: idempotent).
+  resp->set_capacity_bytes(static_cast<int64_t>(now));
+  // The attached NBD device learns its new size on the node (mount or block alike), so the
+  // node's NodeExpandVolume must run in both cases.
+  resp->set_node_expansion_required(true);
+  return Status::Ok();
+}
+
+Status ControllerImpl::GetVolume(const v1::ControllerGetVolumeRequest& req,
+                                 v1::ControllerGetVolumeResponse* resp) {
+  if (req.volume_id().empty()) return Err(EINVAL, "volume_id is required");
+  auto ref = NamedVolume(req.volume_id());
+  if (!ref.ok()) return ref.status();
+  auto dv = nodes_.GetVolume(ref->node_id, ref->pool_name);
+  if (!dv.ok() && dv.status().code() == ENOENT) return dv.status();
+  auto* cond = resp->mutable_status()->mutable_volume_condition();
+  if (!dv.ok()) {
+    // The volume's node is gone or its datapath cannot serve it (e.g. a broken volume is
+    // INTERNAL): the volume exists as far as we know, and is not usable. That is what the
+    // condition is for; the health monitor turns it into an event.
+    auto* v = resp->mutable_volume();
+    v->set_volume_id(req.volume_id());
+    SetTopology(ref->node_id, v);
+    cond->set_abnormal(true);
+    cond->set_message(dv.status().message());
+    return Status::Ok();
+  }
+  FillVolume(ref->node_id, *dv, resp->mutable_volume());
+  FillCondition(*dv, cond);
+  return Status::Ok();
+}
+
+Status ControllerImpl::ModifyVolume(const v1::ControllerModifyVolumeRequest& req) {
+  if (req.volume_id().empty()) return Err(EINVAL, "volume_id is required");
+  auto q = ParseQos(req.mutable_parameters(), "mutable_parameters");
+  if (!q.ok()) return q.status();
+  auto ref = NamedVolume(req.volume_id());
+  if (!ref.ok()) return ref.status();
+  // Nothing to change: the answer is only whether the volume exists.
+  if (q->empty()) return nodes_.GetVolume(ref->node_id, ref->pool_name).status();
+  auto changed = nodes_.On(
+      ref->node_id, [&](NodeDatapath& d) { return d.SetQos(ref->pool_name, QosPatchOf(*q)); });
+  if (!changed.ok()) return changed.status();
+  spdlog::info("[{}] volume {}: QoS now {}", csi::CurrentRequestId(), req.volume_id(),
+               changed->qos().ShortDebugString());
+  return Status::Ok();
+}
+
+}  // namespace nbdcsi::controller

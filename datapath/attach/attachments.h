@@ -1,0 +1,135 @@
+// Attachments of pool volumes as local block devices, and their durable records. Two modes:
+//
+//   "kernel"  /dev/nbdN served by this process over socketpairs. The records let a restarted
+//             nbd-datapathd hand fresh sockets to devices the kernel kept alive for it
+//             (NBD_CMD_RECONFIGURE within the dead-connection timeout).
+//   "fuse"    /dev/loopN over a file that libnbd's nbdfuse serves from this daemon's Unix NBD
+//             socket (fuse_attach.h). Chosen automatically, per attach, only when the kernel has
+//             no NBD driver; slower, and it does not survive a datapath restart: a recovered
+//             fuse record is reported with link_ok=false until it is detached (which still
+//             cleans everything up: loop device, mount, nbdfuse).
+//
+// Records live in POOL/attachments/NAME.json (record.h). A record is written, with index -1,
+// BEFORE the kernel is asked to CONNECT, and completed after: a crash in between leaves a record
+// whose cookie Recover() can still find in /sys/block/nbd*/backend, so no device is ever attached
+// without a record that names it. A fuse record is likewise written before nbdfuse
+// starts (with the mount point every later cleanup starts from), again with nbdfuse's pid, and
+// completed with the loop index.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/name_locks.h"
+#include "common/status.h"
+#include "datapath/attach/export_server.h"
+#include "datapath/attach/fuse_attach.h"
+#include "datapath/attach/kernel_nbd.h"
+#include "datapath/attach/record.h"
+
+namespace nbdcsi::datapath {
+
+struct AttachOptions {
+  unsigned default_connections = 0;  // 0: min(nproc, 4)
+  uint64_t dead_conn_timeout_s = 120;
+  uint64_t io_timeout_s = 30;  // see KernelConnectParams::io_timeout_s
+  unsigned max_sectors_kb = 1024;
+  std::chrono::milliseconds detach_wait{10000};
+  // Attach through nbdfuse + a loop device when the kernel has no NBD driver.
+  bool fuse_fallback = true;
+  // The Unix NBD socket nbdfuse connects to; "" = ExportServer::UnixSocketPath().
+  std::string nbd_socket;
+};
+
+struct RecoverReport {
+  std::vector<std::string> reconnected;  // "volume -> /dev/nbdN"
+  std::vector<std::string> dropped;      // records of devices that are gone: "volume: why"
+  std::vector<std::string> failed;       // kept, for an operator to look at: "volume: why"
+};
+
+class AttachmentManager {
+ public:
+  static constexpr unsigned kMaxConnections = kMaxAttachConnections;
+
+  // `dir` is the records directory (POOL/attachments); Init() creates it. The fuse fallback
+  // uses the real nbdfuse + loop implementation (MakeLinuxFuseLoop), created when first needed.
+  AttachmentManager(std::string dir, KernelNbdInterface& kernel, ExportServer& server,
+                    AttachOptions opts = {});
+  // With an explicit fuse implementation (tests).
+  AttachmentManager(std::string dir, KernelNbdInterface& kernel, FuseLoopInterface& fuse,
+                    ExportServer& server, AttachOptions opts = {});
+  ~AttachmentManager();
+
+  Status Init();
+  // Reconnects every recorded device that the kernel still holds for us; drops the records of
+  // devices that are gone or now belong to someone else. Call once, before serving the API.
+  RecoverReport Recover();
+
+  // Idempotent: an attachment that is still live (same cookie in sysfs; for fuse: nbdfuse runs
+  // and the loop device is still bound) is returned as is. connections 0 = the default; more
+  // than kMaxConnections is EINVAL. The mode is kernel when the kernel has the nbd driver, else
+  // fuse (logged once as the slower path); ENODEV when neither works. A broken fuse attachment
+  // (after a restart) is replaced, unless it is still mounted: EBUSY. EALREADY while another
+  // Attach/Detach/Resize of the same volume runs.
+  StatusOr<AttachmentRecord> Attach(const std::string& volume, unsigned connections = 0);
+  // Idempotent: detaching a volume that is not attached succeeds. EBUSY while the device is
+  // mounted; ETIMEDOUT if the kernel does not let go in time (the record stays, so retry).
+  Status Detach(const std::string& volume);
+  // Tells the attached device the volume's current size (after Pool::Resize grew it), online:
+  // kernel: RECONFIGURE with the new size; fuse: the loop device's limit. Idempotent. ENOENT
+  // when not attached; ENODEV when the link is down; EOPNOTSUPP when the kernel takes the new
+  // size but the device does not change (checked against sysfs).
+  StatusOr<AttachmentRecord> Resize(const std::string& volume);
+
+  // The kernel dropped a socket of device `index` while we are alive (KernelNbdInterface::
+  // WatchLinkDead): serve fresh sockets and RECONFIGURE, unless the device is not ours or an
+  // Attach/Detach of its volume is running (that call decides the device's fate).
+  Status OnLinkDead(int index);
+
+  // With link_ok/link_error filled in.
+  std::vector<AttachmentRecord> List() const;
+  std::optional<AttachmentRecord> Get(const std::string& volume) const;
+  unsigned DefaultConnections() const;
+
+ private:
+  std::optional<AttachmentRecord> Find(const std::string& volume) const;
+  AttachmentRecord WithLink(AttachmentRecord r) const;
+  FuseLoopInterface& Fuse();
+  StatusOr<AttachmentRecord> AttachKernel(const std::string& volume, unsigned connections);
+  StatusOr<AttachmentRecord> AttachFuse(const std::string& volume, unsigned connections,
+                                        const std::string& socket);
+  Status DetachFuse(const AttachmentRecord& r);
+  void RecoverFuse(AttachmentRecord r, RecoverReport& rep);
+  void RecoverKernel(AttachmentRecord r, const Status& available, RecoverReport& rep);
+  std::string FuseMount(const std::string& volume) const;
+  Status WriteRecord(const AttachmentRecord& r) { return store_.Write(r); }
+  Status RemoveRecord(const std::string& volume) { return store_.Remove(volume); }
+  // The kernel's current device for a record: its index if the cookie still matches, else -1.
+  int LiveIndex(const AttachmentRecord& r);
+
+  RecordStore store_;
+  KernelNbdInterface& kernel_;
+  std::unique_ptr<FuseLoopInterface> own_fuse_;  // guarded by mu_ until created
+  FuseLoopInterface* fuse_ = nullptr;            // guarded by mu_ until created
+  ExportServer& server_;
+  AttachOptions opts_;
+  mutable std::mutex mu_;
+  std::map<std::string, AttachmentRecord> records_;  // guarded by mu_
+  // One Attach/Detach/Resize/link repair per volume at a time: a second one gets EALREADY
+  // instead of racing (TryAcquire, never a wait).
+  NameLocks busy_;
+  // Fuse attachments made by this process: the others (recovered) lost their NBD connection.
+  std::set<std::string> fuse_live_;  // guarded by mu_
+  // Why a kernel attachment's link is down (a failed RECONFIGURE), until it is repaired.
+  std::map<std::string, std::string> link_errors_;  // guarded by mu_
+  bool fallback_logged_ = false;                    // guarded by mu_
+};
+
+}  // namespace nbdcsi::datapath

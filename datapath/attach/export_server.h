@@ -1,0 +1,40 @@
+// What device attachment needs from the NBD engine: a volume's export served over fresh sockets
+// that are already in the transmission phase (the kernel never negotiates), and where a local
+// NBD client such as nbdfuse connects. The only place the attach module reaches into the engine
+// (frontend.h), so the dependency runs one way: attach -> engine.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace nbdcsi::datapath {
+
+class NbdFrontend;
+class Pool;
+
+// The export side of an attachment: sockets already in the transmission phase, plus what the
+// kernel must be told about the export.
+struct ServedExport {
+  std::vector<int> client_fds;  // owned by the receiver
+  uint64_t size_bytes = 0;
+  bool read_only = false;
+};
+
+class ExportServer {
+ public:
+  virtual ~ExportServer() = default;
+  virtual StatusOr<ServedExport> Serve(const std::string& volume, unsigned connections) = 0;
+  // The volume's current size and read-only flag, with no sockets. ENOENT if not exported.
+  virtual StatusOr<ServedExport> Describe(const std::string& volume) = 0;
+  // The daemon's Unix NBD socket, where nbdfuse connects; "" when there is none.
+  virtual std::string UnixSocketPath() const { return ""; }
+};
+
+// ExportServer over the real engine (NbdFrontend::ServeSocketPairs) and pool.
+std::unique_ptr<ExportServer> MakeFrontendExportServer(Pool& pool, NbdFrontend& frontend);
+
+}  // namespace nbdcsi::datapath

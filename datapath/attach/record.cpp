@@ -1,0 +1,142 @@
+#include "datapath/attach/record.h"
+
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "common/fs_util.h"
+#include "datapath/attach/fuse_attach.h"
+#include "datapath/attach/kernel_nbd.h"
+
+namespace nbdcsi::datapath {
+namespace {
+
+constexpr const char* kRecordSuffix = ".json";
+constexpr const char* kTempSuffix = ".json.tmp";
+
+bool EndsWith(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+Status Sys(int err, const std::string& what) {
+  return Error(err, "{}: {}", what, std::strerror(err));
+}
+
+}  // namespace
+
+std::string AttachmentRecord::device() const {
+  if (index < 0) return std::string();
+  return fuse() ? LoopDevicePath(index) : NbdDevicePath(index);
+}
+
+std::string AttachmentRecord::ToJson() const {
+  nlohmann::json j = {{"volume", volume},           {"mode", mode},
+                      {"index", index},             {"cookie", cookie},
+                      {"connections", connections}, {"size_bytes", size_bytes},
+                      {"read_only", read_only}};
+  if (fuse()) {
+    j["fuse_pid"] = fuse_pid;
+    j["fuse_mount"] = fuse_mount;
+  }
+  return j.dump(2) + "\n";
+}
+
+StatusOr<AttachmentRecord> AttachmentRecord::FromJson(const std::string& text) {
+  AttachmentRecord r;
+  try {
+    auto j = nlohmann::json::parse(text);
+    r.volume = j.at("volume").get<std::string>();
+    r.index = j.at("index").get<int>();
+    r.cookie = j.at("cookie").get<std::string>();
+    r.connections = j.at("connections").get<unsigned>();
+    r.size_bytes = j.value("size_bytes", uint64_t{0});
+    r.read_only = j.value("read_only", false);
+    r.mode = j.value("mode", std::string(kModeKernel));  // records before fuse had no mode
+    if (r.fuse()) {
+      r.fuse_pid = j.at("fuse_pid").get<int>();
+      r.fuse_mount = j.at("fuse_mount").get<std::string>();
+    }
+  } catch (const nlohmann::json::exception& e) {
+    return Error(EINVAL, "malformed attachment record: {}", e.what());
+  }
+  if (r.mode != kModeKernel && r.mode != kModeFuse) {
+    return Error(EINVAL, "attachment record has an unknown mode '{}'", r.mode);
+  }
+  if (r.fuse() && (r.fuse_mount.empty() || r.fuse_mount[0] != '/' || r.fuse_pid < -1)) {
+    return Error(EINVAL, "fuse attachment record has invalid fields (mount '{}', pid {})",
+                 r.fuse_mount, r.fuse_pid);
+  }
+  if (r.volume.empty() || r.cookie.empty() || r.index < -1 || r.connections == 0 ||
+      r.connections > kMaxAttachConnections) {
+    return Error(EINVAL, "attachment record has invalid fields (volume '{}', index {}, {} conns)",
+                 r.volume, r.index, r.connections);
+  }
+  return r;
+}
+
+RecordStore::RecordStore(std::string dir) : dir_(std::move(dir)) {
+  while (dir_.size() > 1 && dir_.back() == '/') dir_.pop_back();
+}
+
+Status RecordStore::Init() {
+  struct stat st;
+  if (stat(dir_.c_str(), &st) == 0) {
+    if (!S_ISDIR(st.st_mode)) return Error(ENOTDIR, "{} exists and is not a directory", dir_);
+    return Status::Ok();
+  }
+  if (errno != ENOENT) return Sys(errno, "stat " + dir_);
+  if (mkdir(dir_.c_str(), 0700) != 0 && errno != EEXIST) return Sys(errno, "mkdir " + dir_);
+  std::string parent = dir_.substr(0, dir_.find_last_of('/'));
+  return FsyncDir(parent.empty() ? "/" : parent);
+}
+
+Status RecordStore::Write(const AttachmentRecord& r) {
+  return WriteFileAtomic(dir_, r.volume + kRecordSuffix, r.ToJson());
+}
+
+Status RecordStore::Remove(const std::string& volume) {
+  std::string path = dir_ + "/" + volume + kRecordSuffix;
+  if (unlink(path.c_str()) != 0 && errno != ENOENT) return Sys(errno, "remove " + path);
+  return FsyncDir(dir_);
+}
+
+StatusOr<std::vector<LoadedRecord>> RecordStore::Load() const {
+  DIR* d = opendir(dir_.c_str());
+  if (!d) return Error(errno, "{}: cannot open: {}", dir_, std::strerror(errno));
+  std::vector<std::string> files;
+  while (dirent* e = readdir(d)) {
+    std::string f = e->d_name;
+    if (f == "." || f == "..") continue;
+    if (EndsWith(f, kTempSuffix)) {
+      std::string p = dir_ + "/" + f;
+      if (unlink(p.c_str()) == 0) spdlog::warn("attach: removed interrupted record write {}", p);
+      continue;
+    }
+    if (EndsWith(f, kRecordSuffix)) files.push_back(f);
+  }
+  closedir(d);
+  std::sort(files.begin(), files.end());
+
+  std::vector<LoadedRecord> out;
+  for (const auto& f : files) {
+    std::string stem = f.substr(0, f.size() - std::strlen(kRecordSuffix));
+    std::string path = dir_ + "/" + f;
+    auto text = ReadSmallFile(path);
+    if (!text.ok()) {
+      out.push_back({std::move(stem), std::move(path), text.status(), true});
+      continue;
+    }
+    StatusOr<AttachmentRecord> rec = AttachmentRecord::FromJson(*text);
+    if (rec.ok() && rec->volume != stem) rec = Error(EINVAL, "names volume '{}'", rec->volume);
+    out.push_back({std::move(stem), std::move(path), std::move(rec), false});
+  }
+  return out;
+}
+
+}  // namespace nbdcsi::datapath

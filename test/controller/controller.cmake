@@ -1,0 +1,39 @@
+# The controller's tests, all labelled `controller` (ctest -L controller):
+# - unit (label unit too): controller_unit_test (pure pieces and the gRPC datapath client against
+#   an in-process server) and controller_decisions_test (every decision in
+#   controller/controller_service.h, against fake datapaths behind a real NodeRegistry). No child
+#   processes; each runs in well under a second.
+# - integration (issue 4): gtest binaries that run the real controller and two or three real
+#   nbd-datapathd processes on loopback and drive every CSI Controller RPC over gRPC. Each needs
+#   the three binaries built; each takes seconds.
+add_library(nbdcsi_controller_test_requests STATIC ${CMAKE_CURRENT_LIST_DIR}/csi_requests.cpp)
+target_include_directories(nbdcsi_controller_test_requests PUBLIC ${CMAKE_SOURCE_DIR})
+target_link_libraries(nbdcsi_controller_test_requests PUBLIC nbdcsi_csi_proto)
+
+if(TARGET nbdcsi_controller)
+  add_library(nbdcsi_controller_fakes STATIC ${CMAKE_CURRENT_LIST_DIR}/fake_datapath.cpp)
+  target_link_libraries(nbdcsi_controller_fakes PUBLIC nbdcsi_controller)
+  nbdcsi_add_gtest(controller_unit_test ${CMAKE_CURRENT_LIST_DIR}/controller_unit_test.cpp
+                   nbdcsi_controller)
+  nbdcsi_add_gtest(controller_decisions_test
+                   ${CMAKE_CURRENT_LIST_DIR}/controller_decisions_test.cpp
+                   nbdcsi_controller_fakes nbdcsi_controller_test_requests)
+  set_property(TEST unit.controller_unit_test unit.controller_decisions_test
+               APPEND PROPERTY LABELS controller)
+endif()
+
+if(TARGET nbd-csi-controller AND TARGET nbd-datapathd AND TARGET nbdctl)
+  add_library(nbdcsi_controller_test_cluster STATIC ${CMAKE_CURRENT_LIST_DIR}/cluster.cpp)
+  target_include_directories(nbdcsi_controller_test_cluster PUBLIC ${CMAKE_SOURCE_DIR})
+  target_link_libraries(nbdcsi_controller_test_cluster PUBLIC nbdcsi_controller_test_requests
+                        nbd_api_proto gRPC::grpc++ protobuf::libprotobuf)
+
+  foreach(t controller_acceptance_test controller_sanity_test controller_tls_test)
+    add_executable(${t} ${CMAKE_CURRENT_LIST_DIR}/${t}.cpp)
+    target_link_libraries(${t} PRIVATE nbdcsi_controller_test_cluster nlohmann_json::nlohmann_json
+                          GTest::gtest_main GTest::gmock)
+    set_target_properties(${t} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/test-bin)
+    add_dependencies(${t} nbd-csi-controller nbd-datapathd nbdctl)
+    nbdcsi_add_test(NAME integration.${t} COMMAND ${t} TIMEOUT 180 LABELS integration controller)
+  endforeach()
+endif()

@@ -1,0 +1,262 @@
+#include "test/controller/fake_datapath.h"
+
+#include <stdexcept>
+
+#include <google/protobuf/util/message_differencer.h>
+
+#include "datapath/api/registry.pb.h"
+
+namespace nbdcsi::controller::testing {
+
+namespace {
+
+std::string SourceText(const dpv1::VolumeContentSource& s) {
+  if (s.has_snapshot()) return "snapshot/" + s.snapshot();
+  if (s.has_volume()) return "volume/" + s.volume();
+  return "";
+}
+
+// The entry `name` of a volume or snapshot map, or ENOENT naming its `kind`.
+template <typename M>
+StatusOr<typename M::mapped_type> Find(const M& m, const char* kind, const std::string& name) {
+  auto it = m.find(name);
+  if (it == m.end()) return Error(ENOENT, "{} {} does not exist", kind, name);
+  return it->second;
+}
+
+template <typename M>
+Status Erase(M& m, const char* kind, const std::string& name) {
+  if (m.erase(name) == 0) return Error(ENOENT, "{} {} does not exist", kind, name);
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status FakeDatapath::Enter(const std::string& method, const std::string& what) {
+  std::function<void(const std::string&)> hook;
+  {
+    std::lock_guard lock(mu_);
+    calls_.push_back(what.empty() ? method : method + " " + what);
+    hook = hook_;
+  }
+  if (hook) hook(method);
+  std::lock_guard lock(mu_);
+  if (!down_.ok()) return Error(down_.code(), "node {}: {}: {}", node_, method, down_.message());
+  auto it = fail_next_.find(method);
+  if (it == fail_next_.end()) return Status::Ok();
+  Status s = std::move(it->second);
+  fail_next_.erase(it);
+  return Error(s.code(), "node {}: {}: {}", node_, method, s.message());
+}
+
+std::optional<dpv1::Volume> FakeDatapath::Volume(const std::string& name) const {
+  std::lock_guard lock(mu_);
+  auto v = Find(volumes_, "volume", name);
+  if (!v.ok()) return std::nullopt;
+  return *v;
+}
+
+size_t FakeDatapath::VolumeCount() const {
+  std::lock_guard lock(mu_);
+  return volumes_.size();
+}
+
+std::vector<std::string> FakeDatapath::Calls() const {
+  std::lock_guard lock(mu_);
+  return calls_;
+}
+
+int FakeDatapath::Count(const std::string& method) const {
+  std::lock_guard lock(mu_);
+  int n = 0;
+  for (const auto& c : calls_) n += c == method || c.rfind(method + " ", 0) == 0;
+  return n;
+}
+
+uint64_t FakeDatapath::ProvisionedLocked() const {
+  uint64_t sum = 0;
+  for (const auto& [name, v] : volumes_) sum += v.size_bytes();
+  return sum;
+}
+
+StatusOr<uint64_t> FakeDatapath::SourceSizeLocked(const dpv1::VolumeContentSource& src) const {
+  if (src.has_snapshot()) {
+    auto it = snapshots_.find(src.snapshot());
+    if (it == snapshots_.end()) return Error(ENOENT, "snapshot {} does not exist", src.snapshot());
+    if (!it->second.ready()) return Error(EAGAIN, "snapshot {} is not ready", src.snapshot());
+    return it->second.size_bytes();
+  }
+  auto it = volumes_.find(src.volume());
+  if (it == volumes_.end()) return Error(ENOENT, "volume {} does not exist", src.volume());
+  return it->second.size_bytes();
+}
+
+StatusOr<dpv1::Volume> FakeDatapath::CreateVolume(const dpv1::CreateVolumeRequest& req) {
+  if (Status s = Enter("CreateVolume", req.name()); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  uint64_t size = req.size_bytes();
+  if (req.has_source()) {
+    auto src_size = SourceSizeLocked(req.source());
+    if (!src_size.ok()) return src_size.status();
+    if (size == 0) size = *src_size;
+    if (size < *src_size) return Error(EINVAL, "size {} is below the source's {}", size, *src_size);
+  }
+  if (auto it = volumes_.find(req.name()); it != volumes_.end()) {
+    const dpv1::Volume& v = it->second;
+    if (v.size_bytes() != size || v.source() != SourceText(req.source()) ||
+        !google::protobuf::util::MessageDifferencer::Equals(v.qos(), req.qos())) {
+      return Error(EEXIST, "volume {} exists with other properties", req.name());
+    }
+    return v;
+  }
+  if (ProvisionedLocked() + size > room_) {
+    return Error(ENOSPC, "node {}: CreateVolume: pool full: {} bytes do not fit", node_, size);
+  }
+  dpv1::Volume v;
+  v.set_name(req.name());
+  v.set_size_bytes(size);
+  *v.mutable_qos() = req.qos();
+  v.set_source(SourceText(req.source()));
+  v.set_ready(!(req.has_source() && unfilled_copies_));
+  v.set_created_unix_ns(++clock_ns_);
+  volumes_[req.name()] = v;
+  return v;
+}
+
+Status FakeDatapath::DeleteVolume(const std::string& name) {
+  if (Status s = Enter("DeleteVolume", name); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  return Erase(volumes_, "volume", name);
+}
+
+StatusOr<dpv1::Volume> FakeDatapath::ResizeVolume(const std::string& name, uint64_t size_bytes) {
+  if (Status s = Enter("ResizeVolume", name); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  auto it = volumes_.find(name);
+  if (it == volumes_.end()) return Error(ENOENT, "volume {} does not exist", name);
+  if (size_bytes < it->second.size_bytes()) return Error(EINVAL, "volume {}: no shrink", name);
+  if (ProvisionedLocked() - it->second.size_bytes() + size_bytes > room_) {
+    return Error(ENOSPC, "volume {}: pool full", name);
+  }
+  it->second.set_size_bytes(size_bytes);
+  return it->second;
+}
+
+StatusOr<dpv1::Volume> FakeDatapath::GetVolume(const std::string& name) {
+  if (Status s = Enter("GetVolume", name); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  return Find(volumes_, "volume", name);
+}
+
+StatusOr<std::vector<dpv1::Volume>> FakeDatapath::ListVolumes() {
+  if (Status s = Enter("ListVolumes", ""); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  std::vector<dpv1::Volume> out;
+  for (const auto& [name, v] : volumes_) out.push_back(v);
+  return out;
+}
+
+StatusOr<dpv1::Volume> FakeDatapath::SetQos(const std::string& name, const dpv1::QosPatch& p) {
+  if (Status s = Enter("SetQos", name); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  auto it = volumes_.find(name);
+  if (it == volumes_.end()) return Error(ENOENT, "volume {} does not exist", name);
+  dpv1::QosLimits* q = it->second.mutable_qos();
+  if (p.has_max_iops()) q->set_max_iops(p.max_iops());
+  if (p.has_max_read_iops()) q->set_max_read_iops(p.max_read_iops());
+  if (p.has_max_write_iops()) q->set_max_write_iops(p.max_write_iops());
+  if (p.has_max_bps()) q->set_max_bps(p.max_bps());
+  if (p.has_max_read_bps()) q->set_max_read_bps(p.max_read_bps());
+  if (p.has_max_write_bps()) q->set_max_write_bps(p.max_write_bps());
+  if (p.has_iops_per_gib()) q->set_iops_per_gib(p.iops_per_gib());
+  if (p.has_bps_per_gib()) q->set_bps_per_gib(p.bps_per_gib());
+  if (p.has_burst_ms()) q->set_burst_ms(p.burst_ms());
+  return it->second;
+}
+
+StatusOr<dpv1::Snapshot> FakeDatapath::CreateSnapshot(const std::string& name,
+                                                      const std::string& source_volume) {
+  if (Status s = Enter("CreateSnapshot", name); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  auto src = volumes_.find(source_volume);
+  if (src == volumes_.end()) return Error(ENOENT, "volume {} does not exist", source_volume);
+  if (auto it = snapshots_.find(name); it != snapshots_.end()) {
+    if (it->second.source_volume() != source_volume) {
+      return Error(EEXIST, "snapshot {} exists with another source", name);
+    }
+    return it->second;
+  }
+  dpv1::Snapshot s;
+  s.set_name(name);
+  s.set_source_volume(source_volume);
+  s.set_size_bytes(src->second.size_bytes());
+  s.set_created_unix_ns(++clock_ns_);
+  s.set_ready(true);
+  snapshots_[name] = s;
+  return s;
+}
+
+Status FakeDatapath::DeleteSnapshot(const std::string& name) {
+  if (Status s = Enter("DeleteSnapshot", name); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  return Erase(snapshots_, "snapshot", name);
+}
+
+StatusOr<dpv1::Snapshot> FakeDatapath::GetSnapshot(const std::string& name) {
+  if (Status s = Enter("GetSnapshot", name); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  return Find(snapshots_, "snapshot", name);
+}
+
+StatusOr<std::vector<dpv1::Snapshot>> FakeDatapath::ListSnapshots(const std::string& source) {
+  if (Status s = Enter("ListSnapshots", source); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  std::vector<dpv1::Snapshot> out;
+  for (const auto& [name, s] : snapshots_) {
+    if (source.empty() || s.source_volume() == source) out.push_back(s);
+  }
+  return out;
+}
+
+// ---- FakeCluster ----
+
+FakeCluster::FakeCluster()
+    : now_(std::chrono::steady_clock::time_point{} + std::chrono::hours(1000)),
+      registry_(
+          [this](const std::string& node, const std::string&) -> std::shared_ptr<NodeDatapath> {
+            std::lock_guard lock(mu_);
+            return fakes_.at(node);
+          },
+          kTtl, kInterval, [this] { return Now(); }),
+      service_(MakeControllerService(registry_)) {}
+
+std::chrono::steady_clock::time_point FakeCluster::Now() {
+  std::lock_guard lock(mu_);
+  return now_;
+}
+
+FakeDatapath& FakeCluster::Node(const std::string& id) {
+  std::lock_guard lock(mu_);
+  auto& f = fakes_[id];
+  if (!f) f = std::make_shared<FakeDatapath>(id);
+  return *f;
+}
+
+void FakeCluster::Heartbeat(const std::string& id, uint64_t provisionable) {
+  Node(id);
+  ::nbdcsi::datapath::v1::HeartbeatRequest hb;
+  hb.set_node_id(id);
+  hb.set_api_address("127.0.0.1:9820");
+  hb.set_capacity_bytes(provisionable);
+  hb.set_provisionable_bytes(provisionable);
+  hb.set_version("test");
+  Status s = registry_.Heartbeat(hb);
+  if (!s.ok()) throw std::runtime_error("heartbeat refused: " + s.message());
+}
+
+void FakeCluster::Advance(std::chrono::milliseconds d) {
+  std::lock_guard lock(mu_);
+  now_ += d;
+}
+
+}  // namespace nbdcsi::controller::testing

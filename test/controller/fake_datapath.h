@@ -1,0 +1,133 @@
+// In-process fakes behind the controller's seams: FakeDatapath is one node's pool as the controller
+// sees it through NodeDatapath (volumes, snapshots, the pool's own capacity check, idempotent
+// creates), and FakeCluster is a real NodeRegistry on a hand-moved clock whose nodes are such
+// fakes, with the real Controller service on top. The fakes keep enough state that a retry sees
+// what it would really see; tests can make a node fail a call, stop answering, or park a call.
+#pragma once
+
+#include <cerrno>
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <grpcpp/support/status.h>
+
+#include "controller/controller_service.h"
+#include "controller/node_datapath.h"
+#include "controller/registry.h"
+#include "csi/csi.grpc.pb.h"
+
+namespace nbdcsi::controller::testing {
+
+class FakeDatapath : public NodeDatapath {
+ public:
+  explicit FakeDatapath(std::string node) : node_(std::move(node)) {}
+
+  // ---- what a test sets up or looks at ----
+
+  // The pool's own check: ENOSPC when the volumes would exceed this many bytes. Heartbeat figures
+  // (what the controller plans with) are set on the FakeCluster, and may disagree, as they can.
+  void SetRoom(uint64_t bytes) {
+    Locked([&] { room_ = bytes; });
+  }
+  // Every call fails with `s` (a node that cannot answer: EAGAIN); Status::Ok() answers again.
+  void SetDown(Status s) {
+    Locked([&] { down_ = std::move(s); });
+  }
+  // The next call of `method` ("GetVolume", ...) fails with `s`.
+  void FailNext(const std::string& method, Status s) {
+    Locked([&] { fail_next_[method] = std::move(s); });
+  }
+  // Runs at the start of every call, outside the fake's lock, with the method name: lets a test
+  // park a call or meet other nodes' calls.
+  void SetHook(std::function<void(const std::string& method)> hook) {
+    Locked([&] { hook_ = std::move(hook); });
+  }
+  // New restores and clones start unfilled (ready=false), as a background copy leaves them.
+  void SetCopiesStartUnfilled(bool v) {
+    Locked([&] { unfilled_copies_ = v; });
+  }
+
+  void PutVolume(dpv1::Volume v) {
+    Locked([&] { volumes_[v.name()] = std::move(v); });
+  }
+  void PutSnapshot(dpv1::Snapshot s) {
+    Locked([&] { snapshots_[s.name()] = std::move(s); });
+  }
+  std::optional<dpv1::Volume> Volume(const std::string& name) const;
+  size_t VolumeCount() const;
+  // "CreateVolume pvc-1", "GetVolume pvc-1", ... in call order.
+  std::vector<std::string> Calls() const;
+  int Count(const std::string& method) const;  // calls of `method`
+
+  // ---- NodeDatapath ----
+  StatusOr<dpv1::Volume> CreateVolume(const dpv1::CreateVolumeRequest& req) override;
+  Status DeleteVolume(const std::string& name) override;
+  StatusOr<dpv1::Volume> ResizeVolume(const std::string& name, uint64_t size_bytes) override;
+  StatusOr<dpv1::Volume> GetVolume(const std::string& name) override;
+  StatusOr<std::vector<dpv1::Volume>> ListVolumes() override;
+  StatusOr<dpv1::Volume> SetQos(const std::string& name, const dpv1::QosPatch& patch) override;
+  StatusOr<dpv1::Snapshot> CreateSnapshot(const std::string& name,
+                                          const std::string& source_volume) override;
+  Status DeleteSnapshot(const std::string& name) override;
+  StatusOr<dpv1::Snapshot> GetSnapshot(const std::string& name) override;
+  StatusOr<std::vector<dpv1::Snapshot>> ListSnapshots(const std::string& source_volume) override;
+
+ private:
+  template <typename F>
+  void Locked(F&& f) {
+    std::lock_guard lock(mu_);
+    f();
+  }
+  // Records the call, runs the hook, and says whether it fails before doing anything.
+  Status Enter(const std::string& method, const std::string& what);
+  uint64_t ProvisionedLocked() const;
+  StatusOr<uint64_t> SourceSizeLocked(const dpv1::VolumeContentSource& src) const;
+
+  const std::string node_;
+  mutable std::mutex mu_;
+  std::map<std::string, dpv1::Volume> volumes_;
+  std::map<std::string, dpv1::Snapshot> snapshots_;
+  uint64_t room_ = uint64_t{1} << 50;
+  Status down_;
+  std::map<std::string, Status> fail_next_;
+  std::function<void(const std::string&)> hook_;
+  bool unfilled_copies_ = false;
+  std::vector<std::string> calls_;
+  int64_t clock_ns_ = 1'700'000'000'000'000'000;
+};
+
+// A NodeRegistry (real: ttl, expiry, cached clients) on a clock the test moves, whose clients are
+// FakeDatapaths, and the real Controller service (decorator + ControllerImpl) over it.
+class FakeCluster {
+ public:
+  static constexpr std::chrono::milliseconds kTtl{3000};
+  static constexpr std::chrono::milliseconds kInterval{1000};
+
+  FakeCluster();
+
+  // The node's fake (made on first use; it answers only once the node heartbeats).
+  FakeDatapath& Node(const std::string& id);
+  // A heartbeat from `id` saying it can take `provisionable` more bytes.
+  void Heartbeat(const std::string& id, uint64_t provisionable);
+  void Advance(std::chrono::milliseconds d);
+
+  NodeRegistry& registry() { return registry_; }
+  ::csi::v1::Controller::Service& csi() { return *service_; }
+
+ private:
+  std::chrono::steady_clock::time_point Now();
+
+  std::mutex mu_;
+  std::chrono::steady_clock::time_point now_;                   // guarded by mu_
+  std::map<std::string, std::shared_ptr<FakeDatapath>> fakes_;  // guarded by mu_
+  NodeRegistry registry_;
+  std::unique_ptr<::csi::v1::Controller::Service> service_;
+};
+
+}  // namespace nbdcsi::controller::testing

@@ -1,0 +1,5 @@
+# nbdctl's command table (tools/nbdctl/command_tree.h). Its rendering is checked by
+# api_nbdctl_render_test and attach_render_test, `nbdctl csi` end to end by nbdctl_csi_test, and
+# the datapath commands against a real daemon by integration.nbdctl_cli.
+nbdcsi_add_gtest(nbdctl_command_tree_test ${CMAKE_CURRENT_LIST_DIR}/nbdctl_command_tree_test.cpp
+                 nbdctl_commands)

@@ -1,0 +1,495 @@
+#include "tools/nbdctl/datapath_cmds.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <iostream>
+#include <optional>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "common/quantity.h"
+#include "datapath/api/attach.grpc.pb.h"
+#include "datapath/api/datapath.grpc.pb.h"
+#include "tools/nbdctl/attach_render.h"
+#include "tools/nbdctl/connection.h"
+#include "tools/nbdctl/render.h"
+
+namespace nbdcsi::nbdctl {
+namespace {
+
+using nlohmann::json;
+using Deadline = std::chrono::system_clock::time_point;
+
+constexpr auto kPollInterval = std::chrono::milliseconds(100);
+
+struct QosFlags {
+  std::optional<std::string> max_iops, max_read_iops, max_write_iops, max_bps, max_read_bps,
+      max_write_bps, iops_per_gib, bps_per_gib;
+  std::optional<uint32_t> burst_ms;
+
+  void Add(CLI::App& cmd) {
+    cmd.add_option("--max-iops", max_iops, "Total IOPS limit (0: none)");
+    cmd.add_option("--max-read-iops", max_read_iops, "Read IOPS limit");
+    cmd.add_option("--max-write-iops", max_write_iops, "Write IOPS limit");
+    cmd.add_option("--max-bps", max_bps, "Total bytes/s limit, a quantity (100Mi)");
+    cmd.add_option("--max-read-bps", max_read_bps, "Read bytes/s limit");
+    cmd.add_option("--max-write-bps", max_write_bps, "Write bytes/s limit");
+    cmd.add_option("--iops-per-gib", iops_per_gib, "IOPS per GiB of size (when no --max-iops)");
+    cmd.add_option("--bps-per-gib", bps_per_gib, "Bytes/s per GiB of size (when no --max-bps)");
+    cmd.add_option("--burst-ms", burst_ms, "Burst depth in ms of the rate (0: default 100)");
+  }
+  bool any() const {
+    return max_iops || max_read_iops || max_write_iops || max_bps || max_read_bps ||
+           max_write_bps || iops_per_gib || bps_per_gib || burst_ms;
+  }
+  // Calls set(value) for every given flag, after parsing it as a quantity.
+  template <typename Msg>
+  void Apply(Msg* m) const {
+    auto q = [](const char* flag, const std::optional<std::string>& v) -> std::optional<uint64_t> {
+      if (!v) return std::nullopt;
+      auto r = ParseQuantity(*v);
+      if (!r.ok()) throw UsageError{fmt::format("{}: {}", flag, r.status().message())};
+      return *r;
+    };
+    if (auto v = q("--max-iops", max_iops)) m->set_max_iops(*v);
+    if (auto v = q("--max-read-iops", max_read_iops)) m->set_max_read_iops(*v);
+    if (auto v = q("--max-write-iops", max_write_iops)) m->set_max_write_iops(*v);
+    if (auto v = q("--max-bps", max_bps)) m->set_max_bps(*v);
+    if (auto v = q("--max-read-bps", max_read_bps)) m->set_max_read_bps(*v);
+    if (auto v = q("--max-write-bps", max_write_bps)) m->set_max_write_bps(*v);
+    if (auto v = q("--iops-per-gib", iops_per_gib)) m->set_iops_per_gib(*v);
+    if (auto v = q("--bps-per-gib", bps_per_gib)) m->set_bps_per_gib(*v);
+    if (burst_ms) m->set_burst_ms(*burst_ms);
+  }
+};
+
+uint64_t ParseSizeFlag(const std::string& flag, const std::string& value) {
+  auto r = ParseQuantity(value);
+  if (!r.ok()) throw UsageError{fmt::format("{}: {}", flag, r.status().message())};
+  if (*r == 0) throw UsageError{fmt::format("{}: size must be greater than 0", flag)};
+  return *r;
+}
+
+}  // namespace
+
+struct DatapathCommands::Impl {
+  explicit Impl(const GlobalOptions& g) : global(g) {}
+
+  const GlobalOptions& global;
+  // Flags; each command binds the ones it takes.
+  std::string name, size, from_snapshot, from_volume, snap_volume;
+  CLI::Option* from_snapshot_opt = nullptr;
+  CLI::Option* from_volume_opt = nullptr;
+  QosFlags qos;
+  bool read_only = false, clear = false, wait = false;
+  unsigned connections = 0;
+
+  std::unique_ptr<Connection> conn;
+  std::unique_ptr<v1::Datapath::Stub> stub;
+  std::unique_ptr<v1::Attachments::Stub> attach_stub;
+
+  void Connect() {
+    conn = std::make_unique<Connection>(Peer::kDatapath, "--api", global.api, global.timeout_s);
+    stub = v1::Datapath::NewStub(conn->channel());
+    attach_stub = v1::Attachments::NewStub(conn->channel());
+  }
+  int Fail(const std::string& what, const grpc::Status& s) const { return conn->Fail(what, s); }
+  int Show(const json& j, const std::string& text) const {
+    Print(global.output, j, text);
+    return kExitOk;
+  }
+  // The whole --wait (create call plus polling) is bounded by one --timeout.
+  Deadline WaitDeadline() const {
+    return std::chrono::system_clock::now() +
+           std::chrono::milliseconds(static_cast<int64_t>(global.timeout_s * 1000));
+  }
+  // --wait: polls until the volume / snapshot is ready, its copy failed, or the deadline passes.
+  // Returns the exit code and leaves the last state in *out.
+  int WaitVolume(Deadline deadline, v1::Volume* out);
+  int WaitSnapshot(Deadline deadline, v1::Snapshot* out);
+  // Past the deadline: says so and returns kExitServer; else sleeps one poll interval.
+  int PollOrGiveUp(Deadline deadline, const char* kind, uint64_t done, uint64_t total) const;
+
+  int VolumeCreate();
+  int VolumeList();
+  int VolumeInspect();
+  int VolumeResize();
+  int VolumeDelete();
+  int VolumeQos();
+  int SnapshotCreate();
+  int SnapshotList();
+  int SnapshotInspect();
+  int SnapshotDelete();
+  int Stats();
+  int PoolInfo();
+  int Attach();
+  int Detach();
+  int ResizeAttachment();
+  int Attachments();
+
+  void RegisterVolume(CommandTree& tree);
+  void RegisterSnapshot(CommandTree& tree);
+  void RegisterOthers(CommandTree& tree);
+  Command Cmd(std::vector<std::string> path, std::string help, Flags flags, int (Impl::*fn)()) {
+    return Bound(std::move(path), std::move(help), std::move(flags), this, fn);
+  }
+  // The positional NAME (or SNAPSHOT) every per-object command takes.
+  Flags Named(const char* what, const char* help, Flags more = nullptr) {
+    return Positional(what, &name, help, std::move(more));
+  }
+};
+
+int DatapathCommands::Impl::PollOrGiveUp(Deadline deadline, const char* kind, uint64_t done,
+                                         uint64_t total) const {
+  if (std::chrono::system_clock::now() + kPollInterval >= deadline) {
+    std::cerr << fmt::format(
+        "nbdctl: {} \"{}\" is not ready after {}s (--timeout): {} of {} "
+        "bytes copied; the copy continues in the daemon\n",
+        kind, name, global.timeout_s, done, total);
+    return kExitServer;
+  }
+  std::this_thread::sleep_for(kPollInterval);
+  return kExitOk;
+}
+
+int DatapathCommands::Impl::WaitVolume(Deadline deadline, v1::Volume* out) {
+  while (!out->ready()) {
+    if (int rc = PollOrGiveUp(deadline, "volume", out->copy_done_bytes(), out->copy_total_bytes());
+        rc != kExitOk) {
+      return rc;
+    }
+    v1::GetVolumeRequest req;
+    req.set_name(name);
+    v1::GetVolumeResponse resp;
+    auto s = stub->GetVolume(conn->Ctx(deadline).get(), req, &resp);
+    if (!s.ok()) return Fail(fmt::format("wait for volume \"{}\"", name), s);
+    *out = resp.volume();
+  }
+  return kExitOk;
+}
+
+int DatapathCommands::Impl::WaitSnapshot(Deadline deadline, v1::Snapshot* out) {
+  while (!out->ready()) {
+    if (!out->error().empty()) {
+      std::cerr << fmt::format("nbdctl: snapshot \"{}\" failed: {}\n", name, out->error());
+      return kExitServer;
+    }
+    if (int rc =
+            PollOrGiveUp(deadline, "snapshot", out->copy_done_bytes(), out->copy_total_bytes());
+        rc != kExitOk) {
+      return rc;
+    }
+    v1::GetSnapshotRequest req;
+    req.set_name(name);
+    v1::GetSnapshotResponse resp;
+    auto s = stub->GetSnapshot(conn->Ctx(deadline).get(), req, &resp);
+    if (!s.ok()) return Fail(fmt::format("wait for snapshot \"{}\"", name), s);
+    *out = resp.snapshot();
+  }
+  return kExitOk;
+}
+
+int DatapathCommands::Impl::VolumeCreate() {
+  const bool has_source = from_snapshot_opt->count() > 0 || from_volume_opt->count() > 0;
+  if (!has_source && size.empty()) {
+    throw UsageError{
+        "volume create: --size is required (unless --from-snapshot or "
+        "--from-volume gives a source)"};
+  }
+  const Deadline deadline = WaitDeadline();
+  Connect();
+  v1::CreateVolumeRequest req;
+  req.set_name(name);
+  if (!size.empty()) req.set_size_bytes(ParseSizeFlag("--size", size));
+  if (from_snapshot_opt->count()) req.mutable_source()->set_snapshot(from_snapshot);
+  if (from_volume_opt->count()) req.mutable_source()->set_volume(from_volume);
+  qos.Apply(req.mutable_qos());
+  req.set_read_only(read_only);
+  v1::CreateVolumeResponse resp;
+  auto s = stub->CreateVolume(conn->Ctx(deadline).get(), req, &resp);
+  if (!s.ok()) return Fail(fmt::format("create volume \"{}\"", name), s);
+  v1::Volume v = resp.volume();
+  if (wait) {
+    if (int rc = WaitVolume(deadline, &v); rc != kExitOk) return rc;
+  }
+  return Show(VolumeJson(v), VolumeDetails(v));
+}
+
+int DatapathCommands::Impl::VolumeList() {
+  Connect();
+  v1::ListVolumesResponse resp;
+  auto s = stub->ListVolumes(conn->Ctx().get(), {}, &resp);
+  if (!s.ok()) return Fail("list volumes", s);
+  json vols = json::array();
+  for (const auto& v : resp.volumes()) vols.push_back(VolumeJson(v));
+  return Show({{"volumes", vols}}, VolumeListTable(resp));
+}
+
+int DatapathCommands::Impl::VolumeInspect() {
+  Connect();
+  v1::GetVolumeRequest req;
+  req.set_name(name);
+  v1::GetVolumeResponse resp;
+  auto s = stub->GetVolume(conn->Ctx().get(), req, &resp);
+  if (!s.ok()) return Fail(fmt::format("inspect volume \"{}\"", name), s);
+  return Show(VolumeJson(resp.volume()), VolumeDetails(resp.volume()));
+}
+
+int DatapathCommands::Impl::VolumeResize() {
+  Connect();
+  v1::ResizeVolumeRequest req;
+  req.set_name(name);
+  req.set_size_bytes(ParseSizeFlag("--size", size));
+  v1::ResizeVolumeResponse resp;
+  auto s = stub->ResizeVolume(conn->Ctx().get(), req, &resp);
+  if (!s.ok()) return Fail(fmt::format("resize volume \"{}\"", name), s);
+  return Show(VolumeJson(resp.volume()), VolumeDetails(resp.volume()));
+}
+
+int DatapathCommands::Impl::VolumeDelete() {
+  Connect();
+  v1::DeleteVolumeRequest req;
+  req.set_name(name);
+  v1::DeleteVolumeResponse resp;
+  auto s = stub->DeleteVolume(conn->Ctx().get(), req, &resp);
+  if (!s.ok()) return Fail(fmt::format("delete volume \"{}\"", name), s);
+  return Show({{"deleted", name}}, fmt::format("volume \"{}\" deleted\n", name));
+}
+
+int DatapathCommands::Impl::VolumeQos() {
+  Connect();
+  if (!clear && !qos.any()) {
+    throw UsageError{"volume qos: nothing to change: give limit flags and/or --clear"};
+  }
+  v1::SetQosRequest req;
+  req.set_name(name);
+  // --clear replaces the whole set (with just the given flags); otherwise the server merges the
+  // given flags into the current limits atomically.
+  if (clear)
+    qos.Apply(req.mutable_replace());
+  else
+    qos.Apply(req.mutable_patch());
+  v1::SetQosResponse resp;
+  auto s = stub->SetQos(conn->Ctx().get(), req, &resp);
+  if (!s.ok()) return Fail(fmt::format("set QoS of volume \"{}\"", name), s);
+  return Show(VolumeJson(resp.volume()), VolumeDetails(resp.volume()));
+}
+
+int DatapathCommands::Impl::SnapshotCreate() {
+  const Deadline deadline = WaitDeadline();
+  Connect();
+  v1::CreateSnapshotRequest req;
+  req.set_name(name);
+  req.set_source_volume(snap_volume);
+  v1::CreateSnapshotResponse resp;
+  auto s = stub->CreateSnapshot(conn->Ctx(deadline).get(), req, &resp);
+  if (!s.ok()) return Fail(fmt::format("create snapshot \"{}\"", name), s);
+  v1::Snapshot snap = resp.snapshot();
+  if (wait) {
+    if (int rc = WaitSnapshot(deadline, &snap); rc != kExitOk) return rc;
+  }
+  return Show(SnapshotJson(snap), SnapshotDetails(snap));
+}
+
+int DatapathCommands::Impl::SnapshotList() {
+  Connect();
+  v1::ListSnapshotsRequest req;
+  req.set_source_volume(snap_volume);
+  v1::ListSnapshotsResponse resp;
+  auto s = stub->ListSnapshots(conn->Ctx().get(), req, &resp);
+  if (!s.ok()) return Fail("list snapshots", s);
+  json snaps = json::array();
+  for (const auto& sn : resp.snapshots()) snaps.push_back(SnapshotJson(sn));
+  return Show({{"snapshots", snaps}}, SnapshotListTable(resp));
+}
+
+int DatapathCommands::Impl::SnapshotInspect() {
+  Connect();
+  v1::GetSnapshotRequest req;
+  req.set_name(name);
+  v1::GetSnapshotResponse resp;
+  auto s = stub->GetSnapshot(conn->Ctx().get(), req, &resp);
+  if (!s.ok()) return Fail(fmt::format("inspect snapshot \"{}\"", name), s);
+  return Show(SnapshotJson(resp.snapshot()), SnapshotDetails(resp.snapshot()));
+}
+
+int DatapathCommands::Impl::SnapshotDelete() {
+  Connect();
+  v1::DeleteSnapshotRequest req;
+  req.set_name(name);
+  v1::DeleteSnapshotResponse resp;
+  auto s = stub->DeleteSnapshot(conn->Ctx().get(), req, &resp);
+  if (!s.ok()) return Fail(fmt::format("delete snapshot \"{}\"", name), s);
+  return Show({{"deleted", name}}, fmt::format("snapshot \"{}\" deleted\n", name));
+}
+
+int DatapathCommands::Impl::Stats() {
+  Connect();
+  v1::GetVolumeStatsRequest req;
+  req.set_name(name);
+  v1::GetVolumeStatsResponse resp;
+  auto s = stub->GetVolumeStats(conn->Ctx().get(), req, &resp);
+  if (!s.ok()) return Fail(fmt::format("get stats of volume \"{}\"", name), s);
+  return Show(StatsJson(resp), StatsText(resp));
+}
+
+int DatapathCommands::Impl::PoolInfo() {
+  Connect();
+  v1::GetPoolInfoResponse resp;
+  auto s = stub->GetPoolInfo(conn->Ctx().get(), {}, &resp);
+  if (!s.ok()) return Fail("get pool info", s);
+  return Show(PoolJson(resp), PoolText(resp));
+}
+
+int DatapathCommands::Impl::Attach() {
+  Connect();
+  v1::AttachVolumeRequest req;
+  req.set_volume(name);
+  req.set_connections(connections);
+  v1::AttachVolumeResponse resp;
+  auto s = attach_stub->AttachVolume(conn->Ctx().get(), req, &resp);
+  if (!s.ok()) return Fail(fmt::format("attach volume \"{}\"", name), s);
+  return Show(AttachmentJson(resp.attachment()), AttachmentDetails(resp.attachment()));
+}
+
+int DatapathCommands::Impl::Detach() {
+  Connect();
+  v1::DetachVolumeRequest req;
+  req.set_volume(name);
+  v1::DetachVolumeResponse resp;
+  auto s = attach_stub->DetachVolume(conn->Ctx().get(), req, &resp);
+  if (!s.ok()) return Fail(fmt::format("detach volume \"{}\"", name), s);
+  return Show({{"detached", name}}, fmt::format("volume \"{}\" detached\n", name));
+}
+
+int DatapathCommands::Impl::ResizeAttachment() {
+  Connect();
+  v1::ResizeAttachmentRequest req;
+  req.set_volume(name);
+  v1::ResizeAttachmentResponse resp;
+  auto s = attach_stub->ResizeAttachment(conn->Ctx().get(), req, &resp);
+  if (!s.ok()) return Fail(fmt::format("resize the attachment of volume \"{}\"", name), s);
+  return Show(AttachmentJson(resp.attachment()), AttachmentDetails(resp.attachment()));
+}
+
+int DatapathCommands::Impl::Attachments() {
+  Connect();
+  v1::ListAttachmentsResponse resp;
+  auto s = attach_stub->ListAttachments(conn->Ctx().get(), {}, &resp);
+  if (!s.ok()) return Fail("list attachments", s);
+  json all = json::array();
+  for (const auto& a : resp.attachments()) all.push_back(AttachmentJson(a));
+  return Show({{"attachments", all}}, AttachmentListTable(resp));
+}
+
+void DatapathCommands::Impl::RegisterVolume(CommandTree& tree) {
+  tree.Add(Group{{"volume"}, "Create, inspect and change volumes", "volume", nullptr});
+  tree.Add(Cmd({"volume", "create"}, "Create a volume (idempotent)",
+               Named("NAME", "Volume name",
+                     [this](CLI::App& c) {
+                       c.add_option("--size", size,
+                                    "Size, a quantity (1Gi, 500M, 1e9); with a source: optional, "
+                                    "default the source's size");
+                       from_snapshot_opt =
+                           c.add_option("--from-snapshot", from_snapshot,
+                                        "Restore: the new volume holds this snapshot's data");
+                       from_volume_opt =
+                           c.add_option("--from-volume", from_volume,
+                                        "Clone: the new volume holds this volume's data as of now");
+                       from_snapshot_opt->excludes(from_volume_opt);
+                       qos.Add(c);
+                       c.add_flag("--read-only", read_only, "Export the volume read-only");
+                       c.add_flag(
+                           "--wait", wait,
+                           "Return only once the volume is ready (a background copy may fill "
+                           "it); --timeout bounds the wait");
+                     }),
+               &Impl::VolumeCreate));
+  tree.Add(Cmd(
+      {"volume", "list"}, "List volumes", [](CLI::App& c) { c.alias("ls"); }, &Impl::VolumeList));
+  tree.Add(Cmd({"volume", "inspect"}, "Show one volume", Named("NAME", "Volume name"),
+               &Impl::VolumeInspect));
+  tree.Add(Cmd({"volume", "resize"}, "Grow a volume",
+               Named("NAME", "Volume name",
+                     [this](CLI::App& c) {
+                       c.add_option("--size", size, "New size, a quantity")->required();
+                     }),
+               &Impl::VolumeResize));
+  tree.Add(Cmd({"volume", "delete"}, "Delete a volume and its data",
+               Named("NAME", "Volume name", [](CLI::App& c) { c.alias("rm"); }),
+               &Impl::VolumeDelete));
+  tree.Add(Cmd({"volume", "qos"},
+               "Change QoS limits live: given flags change, the others are kept; --clear first "
+               "removes every limit",
+               Named("NAME", "Volume name",
+                     [this](CLI::App& c) {
+                       qos.Add(c);
+                       c.add_flag("--clear", clear,
+                                  "Remove all limits (then apply any flags given)");
+                     }),
+               &Impl::VolumeQos));
+}
+
+void DatapathCommands::Impl::RegisterSnapshot(CommandTree& tree) {
+  tree.Add(Group{{"snapshot"}, "Point-in-time snapshots of volumes", "snapshot", nullptr});
+  tree.Add(Cmd({"snapshot", "create"}, "Snapshot a volume (idempotent)",
+               Named("SNAPSHOT", "Snapshot name",
+                     [this](CLI::App& c) {
+                       c.add_option("--volume", snap_volume, "The volume to snapshot")->required();
+                       c.add_flag("--wait", wait,
+                                  "Return only once the snapshot is ready (a background copy may "
+                                  "fill it); --timeout bounds the wait");
+                     }),
+               &Impl::SnapshotCreate));
+  tree.Add(Cmd(
+      {"snapshot", "list"}, "List snapshots",
+      [this](CLI::App& c) {
+        c.alias("ls");
+        c.add_option("--volume", snap_volume, "Only snapshots of this volume");
+      },
+      &Impl::SnapshotList));
+  tree.Add(Cmd({"snapshot", "inspect"}, "Show one snapshot", Named("SNAPSHOT", "Snapshot name"),
+               &Impl::SnapshotInspect));
+  tree.Add(Cmd({"snapshot", "delete"}, "Delete a snapshot and its data",
+               Named("SNAPSHOT", "Snapshot name", [](CLI::App& c) { c.alias("rm"); }),
+               &Impl::SnapshotDelete));
+}
+
+void DatapathCommands::Impl::RegisterOthers(CommandTree& tree) {
+  tree.Add(Cmd({"stats"}, "I/O counters and latency of a volume", Named("NAME", "Volume name"),
+               &Impl::Stats));
+  tree.Add(Group{{"pool"}, "The pool", "pool", nullptr});
+  tree.Add(
+      Cmd({"pool", "info"}, "Capacity, usage and state of the pool", nullptr, &Impl::PoolInfo));
+  tree.Add(Cmd({"attach"},
+               "Attach a volume as a kernel block device /dev/nbdN (idempotent); prints the "
+               "device",
+               Named("NAME", "Volume name",
+                     [this](CLI::App& c) {
+                       c.add_option("--connections", connections,
+                                    "Sockets between the kernel and the daemon (default: the "
+                                    "daemon's, min(nproc, 4))")
+                           ->check(CLI::Range(1u, 16u));
+                     }),
+               &Impl::Attach));
+  tree.Add(Cmd({"detach"},
+               "Detach a volume's kernel device (idempotent; refused while it is mounted)",
+               Named("NAME", "Volume name"), &Impl::Detach));
+  tree.Add(Cmd({"resize-attachment"},
+               "Tell an attached device the volume's current size, after `volume resize` "
+               "(online; grow the file system on it afterwards)",
+               Named("NAME", "Volume name"), &Impl::ResizeAttachment));
+  tree.Add(Cmd({"attachments"}, "List kernel NBD attachments", nullptr, &Impl::Attachments));
+}
+
+DatapathCommands::DatapathCommands(CommandTree& tree, const GlobalOptions& global)
+    : impl_(std::make_unique<Impl>(global)) {
+  impl_->RegisterVolume(tree);
+  impl_->RegisterSnapshot(tree);
+  impl_->RegisterOthers(tree);
+}
+
+DatapathCommands::~DatapathCommands() = default;
+
+}  // namespace nbdcsi::nbdctl
