@@ -48,6 +48,25 @@ DPKG_OPTS=(
 
 die() { echo "build-image: $*" >&2; exit 1; }
 
+# Unmounts what an interrupted mmdebstrap left mounted under DIR (the chroot's /proc, /sys,
+# /dev/pts, /dev/shm): rm -rf would otherwise descend into the host's.
+unmount_under() {  # DIR
+  local d m
+  d=$(realpath "$1")
+  while read -r m; do
+    umount "$m" 2>/dev/null || umount -l "$m" || die "cannot unmount $m, left mounted in $d"
+    echo "build-image: unmounted $m (left by an interrupted build)" >&2
+  done < <(awk -v d="$d/" 'substr($5, 1, length(d)) == d {print $5}' /proc/self/mountinfo | sort -r)
+}
+remove_tree() {  # DIR...
+  local d
+  for d in "$@"; do
+    [ -e "$d" ] || continue
+    [ -d "$d" ] && unmount_under "$d"
+    rm -rf --one-file-system "$d"
+  done
+}
+
 project_version() {
   sed -n 's/^project(nbd-csi VERSION \([0-9.]*\).*/\1/p' "$src/CMakeLists.txt"
 }
@@ -168,8 +187,11 @@ build() {
     "$src/scripts/build.sh"
   fi
   local work=$out/work
-  rm -rf "$work" "$out/oci" "$out/nbd-csi-$version.tar"
+  remove_tree "$work" "$out/oci" "$out/nbd-csi-$version.tar"
   mkdir -p "$work"
+  # Also when mmdebstrap is killed (a test's timeout): nothing stays mounted in the build tree.
+  trap 'unmount_under "$work" 2>/dev/null || true' EXIT
+  trap 'exit 143' TERM INT
   stage "$bindir" "$work/stage"
   local pkgs
   pkgs=$(paste -sd, "$work/stage/packages")
@@ -203,7 +225,7 @@ build() {
   umoci gc --layout "$out/oci"
   skopeo copy --quiet "oci:$out/oci:$version" "docker-archive:$out/nbd-csi-$version.tar:nbd-csi:$version"
   echo "build-image: OCI image and docker-archive in $((SECONDS - t0)) s" >&2
-  rm -rf "$work"
+  remove_tree "$work"
   # Compressed size: what a registry stores and a node downloads (the layout's gzip blobs).
   local bytes
   bytes=$(compressed_size "$out/oci" "$version")

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The deploy tests (ctest -L deploy): the Helm chart, manifests/ and examples/.
-#   deploy_test.sh lint|template|drift|check|version
+#   deploy_test.sh lint|template|drift|check|version|kernel-nbd
 # Needs helm (scripts/get-helm.sh fetches it once); without it the test is skipped (77),
 # unless CI=true, where a missing helm is a failure.
 set -euo pipefail
 src=${NBDCSI_SRC:?NBDCSI_SRC is set by CTest}
 bin=${NBDCSI_BIN:?NBDCSI_BIN is set by CTest}
 chart=$src/charts/nbd-csi
-what=${1:?usage: deploy_test.sh lint|template|drift|check|version}
+what=${1:?usage: deploy_test.sh lint|template|drift|check|version|kernel-nbd}
 
 skip_or_fail() {
   if [ "${CI:-}" = true ]; then echo "FAIL: $*" >&2; exit 1; fi
@@ -169,7 +169,66 @@ PY
     refuse "does not serve storage.k8s.io/v1beta1/VolumeAttributesClass" $secrets \
       --set volumeAttributesClasses.enabled=true
     # shellcheck disable=SC2086
-    refuse "controller.apiServerAddress" $secrets --set controller.apiServerAddress=https://x ;;
+    refuse "controller.apiServerAddress" $secrets --set controller.apiServerAddress=https://x
+    # shellcheck disable=SC2086
+    refuse 'datapath.kernelNbd.mode must be one of the following: "auto", "required", "off"' \
+      $secrets --set datapath.kernelNbd.mode=maybe
+    # The module arguments land in a shell script: nothing but NAME=VALUE.
+    # shellcheck disable=SC2086
+    refuse "datapath.kernelNbd.modprobeArgs.0: Does not match pattern" $secrets \
+      --set 'datapath.kernelNbd.modprobeArgs[0]=x;reboot' ;;
+
+  kernel-nbd)
+    # The datapath's init container that loads nbd.ko, rendered for each mode, then run here
+    # as the node would run it (when that cannot load a module into this host's kernel).
+    python3 -c 'import yaml' 2>/dev/null || skip_or_fail "python3 has no yaml module (apt-get install python3-yaml)"
+    script_of() {  # mode -> the init container's script (empty: no init container)
+      # shellcheck disable=SC2086
+      "$helm" template t "$chart" $secrets --set "datapath.kernelNbd.mode=$1" \
+        --set 'datapath.kernelNbd.modprobeArgs[0]=nbds_max=32' | python3 -c '
+import sys, yaml
+for d in yaml.safe_load_all(sys.stdin):
+    if d and d["kind"] == "DaemonSet" and d["metadata"]["name"].endswith("-datapath"):
+        spec = d["spec"]["template"]["spec"]
+        for c in spec.get("initContainers", []):
+            assert c["name"] == "load-nbd" and c["command"][:2] == ["sh", "-c"], c
+            assert c["securityContext"].get("privileged"), "modprobe needs privileges"
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            assert {"/lib/modules", "/sys"} <= mounts, mounts
+            print(c["command"][2])'
+    }
+    [ -z "$(script_of off)" ] || { echo "FAIL: mode off still renders an init container" >&2; exit 1; }
+    echo "ok: mode off: no init container"
+    for mode in auto required; do
+      script_of $mode >"$tmp/$mode.sh"
+      grep -q 'modprobe nbd nbds_max=32 2>&1' "$tmp/$mode.sh" || {
+        cat "$tmp/$mode.sh" >&2; echo "FAIL: mode $mode: modprobe without the module arguments" >&2; exit 1; }
+    done
+    if [ -d /sys/module/nbd ]; then
+      state="nbd is loaded"; want_auto=0; want_required=0; want_msg="kernel NBD: nbd is loaded"
+    elif [ "$(id -u)" = 0 ] && ! modinfo nbd >/dev/null 2>&1; then
+      state="no nbd module for kernel $(uname -r)"; want_auto=0; want_required=1
+    else
+      # Running it would load nbd.ko into this host's kernel (or fail for want of root).
+      echo "ok: rendered for auto and required; not run here: nbd.ko is available but not loaded, or not root"
+      exit 0
+    fi
+    for mode in auto required; do
+      rc=0; sh "$tmp/$mode.sh" >"$tmp/$mode.out" 2>&1 || rc=$?
+      want=$want_auto; [ $mode = required ] && want=$want_required
+      [ $rc = "$want" ] || { cat "$tmp/$mode.out" >&2; echo "FAIL: mode $mode exited $rc, want $want ($state)" >&2; exit 1; }
+      if [ -n "${want_msg:-}" ]; then
+        grep -qF "$want_msg" "$tmp/$mode.out" || { cat "$tmp/$mode.out" >&2; exit 1; }
+      elif [ $mode = auto ]; then
+        grep -q "cannot load nbd.ko on kernel $(uname -r): modprobe: " "$tmp/auto.out" &&
+          grep -q "WARNING: volumes on this node attach through the nbdfuse fallback" "$tmp/auto.out" || {
+          cat "$tmp/auto.out" >&2; echo "FAIL: mode auto does not say why and what follows" >&2; exit 1; }
+      else
+        grep -q "datapath.kernelNbd.mode is required: the datapath does not start" "$tmp/required.out" || {
+          cat "$tmp/required.out" >&2; echo "FAIL: mode required does not say why it stops" >&2; exit 1; }
+      fi
+      echo "ok: mode $mode on this host ($state): exit $rc, $(tail -1 "$tmp/$mode.out" | cut -c1-100)"
+    done ;;
 
   drift)
     "$src/scripts/render-manifests.sh" --check
@@ -204,5 +263,5 @@ PY
       echo "FAIL: Chart.yaml appVersion $got, project version $want" >&2; exit 1; }
     echo "ok: appVersion $got" ;;
 
-  *) echo "usage: $0 lint|template|drift|check|version" >&2; exit 2 ;;
+  *) echo "usage: $0 lint|template|drift|check|version|kernel-nbd" >&2; exit 2 ;;
 esac
