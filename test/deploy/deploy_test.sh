@@ -72,7 +72,30 @@ case $what in
     }
     lint_refuses "controller.replicas: Invalid type. Expected: integer" --set controller.replicas=banana
     lint_refuses "datapath.overcommit" --set datapath.overcommit=-1
-    lint_refuses 'logLevel must be one of the following: "trace", "debug", "info", "warn", "error"' --set logLevel=verbose ;;
+    lint_refuses 'logLevel must be one of the following: "trace", "debug", "info", "warn", "error"' --set logLevel=verbose
+    # The chart README's values table names every value (a wildcard may stand for one level).
+    python3 - "$chart/values.yaml" "$chart/README.md" <<'PY'
+import re, sys, yaml
+values, readme = yaml.safe_load(open(sys.argv[1])), open(sys.argv[2]).read()
+named = set(re.findall(r"^\| (.*?) \|", readme, re.M))
+named = {n for cell in named for n in re.findall(r"`([^`]+)`", cell)}
+opaque = {"resources", "nodeSelector", "tolerations", "affinity", "issuerRef", "parameters"}
+def leaves(d, path=()):
+    for k, v in d.items():
+        p = path + (k,)
+        if isinstance(v, dict) and v and k not in opaque:
+            yield from leaves(v, p)
+        else:
+            yield p
+def documented(p):
+    forms = [".".join(p)] + [".".join(p[:i] + ("*",) + p[i + 1:]) for i in range(len(p))]
+    return any(f in named for f in forms)
+missing = [".".join(p) for p in leaves(values) if not documented(p)]
+if missing:
+    sys.exit(f"FAIL: charts/nbd-csi/README.md's values table lacks {', '.join(missing)}")
+print(f"ok: the chart README's values table names all {sum(1 for _ in leaves(values))} values")
+PY
+    ;;
 
   template)
     while IFS='|' read -r name args; do

@@ -141,7 +141,7 @@ save_logs() {  # every container of the driver, for reading after the run
   rm -f "$work/logs"/*.log
   local p c
   for p in $(kubectl -n "$NS" get pods -o jsonpath='{.items[*].metadata.name}' 2>/dev/null); do
-    for c in $(kubectl -n "$NS" get pod "$p" -o jsonpath='{.spec.containers[*].name}'); do
+    for c in $(kubectl -n "$NS" get pod "$p" -o jsonpath='{.spec.initContainers[*].name} {.spec.containers[*].name}'); do
       kubectl -n "$NS" logs "$p" -c "$c" --timestamps >"$work/logs/$p.$c.log" 2>&1
       kubectl -n "$NS" logs "$p" -c "$c" --timestamps --previous >"$work/logs/$p.$c.previous.log" 2>/dev/null ||
         rm -f "$work/logs/$p.$c.previous.log"
@@ -160,7 +160,7 @@ diagnostics() {
     echo "== events"; kubectl get events -A --sort-by=.lastTimestamp | tail -60
     for p in $(kubectl -n "$NS" get pods -o name 2>/dev/null); do
       echo "== describe $p"; kubectl -n "$NS" describe "$p" | tail -30
-      for c in $(kubectl -n "$NS" get "$p" -o jsonpath='{.spec.containers[*].name}'); do
+      for c in $(kubectl -n "$NS" get "$p" -o jsonpath='{.spec.initContainers[*].name} {.spec.containers[*].name}'); do
         echo "== logs $p $c"; kubectl -n "$NS" logs "$p" -c "$c" --tail=80
         echo "== previous logs $p $c"; kubectl -n "$NS" logs "$p" -c "$c" --previous --tail=40 2>/dev/null
       done
@@ -435,6 +435,25 @@ walk_qos_write() {
   echo "claim data: volume $vol on node $node; 32 MiB written, sha256 ${sum:0:16}..."
   x writer 'df -h /data | tail -1'
   result "ok (sha256 ${sum:0:12})"
+}
+
+# How the node attached the volume, and whether that agrees with what the datapath's init
+# container found: kernel NBD (/dev/nbdN) where nbd.ko loaded, the nbdfuse fallback otherwise.
+walk_attach_path() {
+  local node vol how init
+  node=$(get node); vol=$(get data_vol)
+  how=$(nbdctl "$node" attachments | json "' '.join(str(a.get(k, '')) for a in d['attachments'] if a['volume'] == '$vol' for k in ('mode', 'device'))")
+  [ -n "$how" ] || fail "no attachment of volume $vol on $node (nbdctl attachments)"
+  init=$(kubectl -n "$NS" logs "$(component_pod datapath "$node")" -c load-nbd 2>&1 | tail -2)
+  echo "volume $vol: attached as ${how#* } (${how%% *}); the datapath's init container said:"
+  echo "$init" | sed 's/^/  /'
+  put attach_mode "${how%% *}"
+  case $init in
+    *"nbd is loaded"*|*"loaded nbd.ko"*) [ "${how%% *}" = kernel ] || fail "nbd.ko is loaded but the volume took the ${how%% *} path" ;;
+    *"cannot load nbd.ko"*) [ "${how%% *}" != kernel ] || fail "the init container found no nbd.ko, yet the volume is on kernel NBD" ;;
+    *) echo "(no load-nbd init container: datapath.kernelNbd.mode off)" ;;
+  esac
+  result "ok (${how%% *}: ${how#* })"
 }
 
 walk_qos_inspect() {
@@ -722,6 +741,7 @@ start_snapshot_controller
 step "helm install (namespace with the privileged Pod Security label)" install_chart
 if [ $failed = 0 ]; then
   step "PVC of nbd-csi-qos (WaitForFirstConsumer), pod writes data + checksum" walk_qos_write
+  step "Attach path (kernel NBD or the nbdfuse fallback) as the init container found nbd.ko" walk_attach_path
   step "QoS limits seen with nbdctl volume inspect in the datapath pod" walk_qos_inspect
   step "Online expansion of an xfs PVC in use: asked" walk_expand_request
   step "VolumeSnapshot, then the source overwritten" walk_snapshot
@@ -739,7 +759,7 @@ if [ $failed = 0 ]; then
 fi
 
 echo
-echo "Summary (Kubernetes $server_version, $mode cluster, $((SECONDS - t_start)) s total)"
+echo "Summary (Kubernetes $server_version, $mode cluster, volumes attached through $(case $(get attach_mode 2>/dev/null) in kernel) echo 'kernel NBD';; '') echo '(not reached)';; *) echo "the $(get attach_mode) fallback";; esac), $((SECONDS - t_start)) s total)"
 printf '%s\n' "${results[@]}"
 not_here=()
 [ -n "$has_vac" ] || not_here+=("VolumeAttributesClass (live QoS change through ControllerModifyVolume): not served")
