@@ -346,8 +346,14 @@ def check(ck, docs, expect_secrets, quiet=False):
         where = f"StorageClass/{sc['metadata']['name']}"
         if sc.get("provisioner") != DRIVER:
             ck.err(where, f"provisioner {sc.get('provisioner')!r}, want {DRIVER}")
-        if sc.get("volumeBindingMode") != "WaitForFirstConsumer":
-            ck.err(where, "volumeBindingMode must be WaitForFirstConsumer (volumes are node-local)")
+        # Volumes are node-local: the scheduler picks the node with the pod (WaitForFirstConsumer);
+        # Immediate lets the controller pick it, which restores need (the snapshot's node).
+        if sc.get("volumeBindingMode") not in ("WaitForFirstConsumer", "Immediate"):
+            ck.err(where, f"volumeBindingMode {sc.get('volumeBindingMode')!r}: WaitForFirstConsumer or Immediate")
+        if (sc.get("volumeBindingMode") == "Immediate" and
+                not sc["metadata"]["name"].endswith("-restore")):
+            ck.err(where, "Immediate binding places blank volumes without the pod's node: "
+                          "only for restore classes (named *-restore)")
         for k, v in (sc.get("parameters") or {}).items():
             if k.startswith(RESERVED_PREFIX):
                 if k == RESERVED_PREFIX + "fstype" and v not in ("ext4", "xfs"):
@@ -865,6 +871,7 @@ def self_test(ck_factory, docs, expect_secrets):
         "sidecar as root": lambda ds: next(c for c in find(ds, "nbd-csi-controller")[0]["containers"] if "csi-resizer" in c["image"])["securityContext"].update(runAsUser=0),
         "no readiness probe": lambda ds: find(ds, "nbd-datapathd")[1].pop("readinessProbe"),
         "no memory limit": lambda ds: find(ds, "nbd-csi-node")[1]["resources"].pop("limits"),
+        "blank-volume class binds Immediately": lambda ds: next(d for d in ds if d.get("kind") == "StorageClass" and not d["metadata"]["name"].endswith("-restore")).update(volumeBindingMode="Immediate"),
         "capacity without storageCapacity": lambda ds: next(d for d in ds if d.get("kind") == "CSIDriver")["spec"].update(storageCapacity=False),
     }
     failures = []

@@ -504,9 +504,10 @@ EOF
   result "ok (ready, source then overwritten)"
 }
 
-# A claim made from SOURCE (kind/name) and a pod on it; prints the sha256 of its /data/blob.
-sum_of_copy() {  # claim pod source
-  pvc "$1" nbd-csi-qos 1Gi Filesystem "$3"
+# A claim of CLASS made from SOURCE (kind/name) and a pod on it; prints the sha256 of its
+# /data/blob.
+sum_of_copy() {  # claim pod source class
+  pvc "$1" "$4" 1Gi Filesystem "$3"
   pod "$2" "$1" fs 'true'
   ready "$2"
   x "$2" 'sha256sum /data/blob | cut -d" " -f1'
@@ -516,7 +517,9 @@ walk_restore() {
   [ -n "$(get snapshots 2>/dev/null)" ] || { result "NOT EXERCISED: no snapshot CRDs"; return 0; }
   get sum2 >/dev/null
   local sum
-  sum=$(sum_of_copy restored reader VolumeSnapshot/snap)
+  # The chart's restore class binds Immediately: the controller places the volume on the
+  # snapshot's node, and the pod follows it (examples/restore-pvc.yaml).
+  sum=$(sum_of_copy restored reader VolumeSnapshot/snap nbd-csi-restore)
   echo "restored: sha256 ${sum:0:16}... (at the snapshot: $(get sum1 | cut -c1-16)..., source now: $(get sum2 | cut -c1-16)...)"
   [ "$sum" = "$(get sum1)" ] || fail "the restored volume does not hold the snapshot's data"
   x reader 'sha256sum -c /data/blob.sha256 >/dev/null'
@@ -527,7 +530,7 @@ walk_clone() {
   local sum_src
   sum_src=$(x writer 'sync && sha256sum /data/blob | cut -d" " -f1')
   local sum
-  sum=$(sum_of_copy cloned cloner PersistentVolumeClaim/data)
+  sum=$(sum_of_copy cloned cloner PersistentVolumeClaim/data nbd-csi-qos)
   echo "clone of data: sha256 ${sum:0:16}... (source ${sum_src:0:16}...)"
   [ "$sum" = "$sum_src" ] || fail "the clone does not hold the source's data"
   result "ok (same data as the source)"
@@ -745,7 +748,7 @@ if [ $failed = 0 ]; then
   step "QoS limits seen with nbdctl volume inspect in the datapath pod" walk_qos_inspect
   step "Online expansion of an xfs PVC in use: asked" walk_expand_request
   step "VolumeSnapshot, then the source overwritten" walk_snapshot
-  step "PVC restored from the snapshot holds the original data" walk_restore
+  step "PVC restored from the snapshot (Immediate-binding class) holds the original data" walk_restore
   step "PVC cloned from a PVC" walk_clone
   step "Raw block PVC" walk_block
   step "Online expansion seen by df in the running pod" walk_expand_check
