@@ -18,6 +18,8 @@
 #   scripts/build-image.sh packages BINDIR     the Debian runtime packages, one per line
 #   scripts/build-image.sh stage BINDIR OUT    stripped binaries + package list (Dockerfile)
 #   scripts/build-image.sh finish ROOT STAGE   user, binaries, clean-up inside ROOT (both paths)
+#   scripts/build-image.sh clean [DIR]         remove what a killed build left in DIR/work,
+#                                              unmounting the chroot's mounts in it first
 #
 # Needs root (mmdebstrap --mode=root) and mmdebstrap, umoci, skopeo: scripts/deps.sh image.
 # Downloaded .debs are kept in ${NBDCSI_TOOLS_DIR:-/var/cache/nbd-csi-tools}/image-debs.
@@ -49,10 +51,17 @@ DPKG_OPTS=(
 die() { echo "build-image: $*" >&2; exit 1; }
 
 # Unmounts what an interrupted mmdebstrap left mounted under DIR (the chroot's /proc, /sys,
-# /dev/pts, /dev/shm): rm -rf would otherwise descend into the host's.
+# /dev/pts, /dev/shm): rm -rf would otherwise descend into the host's. DIR must be an existing
+# directory inside the output directory (OUT_ROOT, never /): nothing that could cover the host's
+# own mounts.
 unmount_under() {  # DIR
   local d m
-  d=$(realpath "$1")
+  [ -d "$1" ] || return 0
+  d=$(realpath -e -- "$1") || die "unmount_under: cannot resolve $1"
+  case $d in
+    "${OUT_ROOT:?}"/?*) ;;
+    *) die "unmount_under: $d is not inside the output directory $OUT_ROOT: refusing to unmount under it" ;;
+  esac
   while read -r m; do
     umount "$m" 2>/dev/null || umount -l "$m" || die "cannot unmount $m, left mounted in $d"
     echo "build-image: unmounted $m (left by an interrupted build)" >&2
@@ -186,11 +195,15 @@ build() {
   if [ ! -x "$bindir/nbd-datapathd" ] && [ "$bindir" = "$src/build/bin" ]; then
     "$src/scripts/build.sh"
   fi
+  mkdir -p "$out"
+  OUT_ROOT=$(realpath -e -- "$out")
+  [ "$OUT_ROOT" != / ] || die "--out / is not an output directory"
   local work=$out/work
   remove_tree "$work" "$out/oci" "$out/nbd-csi-$version.tar"
   mkdir -p "$work"
   # Also when mmdebstrap is killed (a test's timeout): nothing stays mounted in the build tree.
-  trap 'unmount_under "$work" 2>/dev/null || true' EXIT
+  # shellcheck disable=SC2064  # $work is local: expanded now
+  trap "unmount_under $(printf %q "$work") 2>/dev/null || true" EXIT
   trap 'exit 143' TERM INT
   stage "$bindir" "$work/stage"
   local pkgs
@@ -246,6 +259,16 @@ print(sum(x["size"] for x in [man["config"]] + man["layers"]))
 PY
 }
 
+# What an interrupted build left in OUT (default build/image): its work tree, unmounting first
+# whatever mmdebstrap had mounted in it.
+clean() {
+  local out=${1:-$src/build/image}
+  [ -d "$out" ] || return 0
+  OUT_ROOT=$(realpath -e -- "$out")
+  [ "$OUT_ROOT" != / ] || die "clean /: not an output directory"
+  remove_tree "$out/work"
+}
+
 base() {
   local out=${1:?usage: build-image.sh base OUT.tar}
   need_tools mmdebstrap
@@ -260,6 +283,7 @@ case ${1:-} in
   stage) stage "${2:?BINDIR}" "${3:?OUT}" ;;
   finish) finish "${2:?ROOT}" "${3:?STAGE}" ;;
   base) base "${2:-}" ;;
+  clean) clean "${2:-}" ;;
   ""|--*) build "$@" ;;
   *) die "unknown command $1 (see the header of $0)" ;;
 esac

@@ -10,6 +10,10 @@ foreach(case ldd tools user size labels)
     TIMEOUT 300 LABELS image)
   set_tests_properties(image.${case} PROPERTIES FIXTURES_REQUIRED nbdcsi_image)
 endforeach()
+# build-image.sh clean, in a private mount namespace: needs no image.
+nbdcsi_add_test(NAME image.cleanup
+  COMMAND ${CMAKE_SOURCE_DIR}/test/image/image_test.sh cleanup
+  TIMEOUT 60 LABELS image)
 # podman builds the Dockerfile (compiling the tree; the machine's ccache is lent to it) and the
 # result is compared with image.build's: long, and both cores busy.
 nbdcsi_add_test(NAME image.dockerfile

@@ -9,6 +9,8 @@
 #   image_test.sh user        the controller's user: non-root, in the image, the chart's runAsUser
 #   image_test.sh size        compressed size under IMAGE_SIZE_LIMIT_MIB (default 150)
 #   image_test.sh labels      OCI labels; the Dockerfile's default VERSION is the project's
+#   image_test.sh cleanup     build-image.sh clean unmounts what a killed build left mounted in
+#                             its work tree, and nothing else (in a private mount namespace)
 #   image_test.sh dockerfile  podman builds the Dockerfile against a local Debian 12 base (no
 #                             registry here) and the two images hold the same files and packages
 # Needs root (chroot, mmdebstrap); without it, or without a tool, the test is skipped (77)
@@ -16,7 +18,7 @@
 set -euo pipefail
 src=${NBDCSI_SRC:?NBDCSI_SRC is set by CTest}
 bin=${NBDCSI_BIN:?NBDCSI_BIN is set by CTest}
-what=${1:?usage: image_test.sh build|ldd|tools|user|size|labels|dockerfile}
+what=${1:?usage: image_test.sh build|ldd|tools|user|size|labels|cleanup|dockerfile}
 out=$(dirname "$bin")/image
 version=$(sed -n 's/^project(nbd-csi VERSION \([0-9.]*\).*/\1/p' "$src/CMakeLists.txt")
 archive=$out/nbd-csi-$version.tar
@@ -191,6 +193,42 @@ for k in want: print(f"ok: {k}={l[k]}")
     dv=$(sed -n 's/^ARG VERSION=//p' "$src/Dockerfile")
     [ "$dv" = "$version" ] || fail "Dockerfile ARG VERSION=$dv, project version $version"
     echo "ok: Dockerfile ARG VERSION=$dv" ;;
+
+  cleanup)
+    # All of it in a private mount namespace: whatever the script does, the host's mounts stay.
+    command -v unshare >/dev/null || skip_or_fail "no unshare (util-linux)"
+    t=$(mktemp -d)
+    trap 'rm -rf --one-file-system "$t"' EXIT
+    NBDCSI_T=$t NBDCSI_SCRIPT=$src/scripts/build-image.sh unshare -m --propagation private bash -euo pipefail -c '
+      t=$NBDCSI_T; s=$NBDCSI_SCRIPT
+      mounts() { awk "{print \$5}" /proc/self/mountinfo | sort; }
+      # A killed build: the chroot of out/work with /proc and /dev/shm still mounted, and a
+      # mount beside the output directory that must survive.
+      mkdir -p "$t/out/work/bundle/rootfs/proc" "$t/out/work/bundle/rootfs/dev/shm" "$t/beside" "$t/out/oci"
+      mount -t proc proc "$t/out/work/bundle/rootfs/proc"
+      mount -t tmpfs shm "$t/out/work/bundle/rootfs/dev/shm"
+      mount -t tmpfs beside "$t/beside" && touch "$t/beside/keep" "$t/out/oci/keep"
+      before=$(mounts)
+      # Nothing to clean, or a directory that does not exist: no mount changes.
+      "$s" clean "$t/none"
+      mkdir -p "$t/empty" && "$s" clean "$t/empty"
+      [ "$(mounts)" = "$before" ] || { echo "FAIL: clean of an empty or missing directory changed the mounts"; exit 1; }
+      # / is refused, and unmounts nothing.
+      if "$s" clean / 2>"$t/err"; then echo "FAIL: clean / succeeded"; exit 1; fi
+      grep -q "not an output directory" "$t/err" || { cat "$t/err"; exit 1; }
+      [ "$(mounts)" = "$before" ] || { echo "FAIL: clean / changed the mounts"; exit 1; }
+      echo "ok: clean of a missing or empty directory, and of /, changes no mount"
+      "$s" clean "$t/out" 2>"$t/err"
+      cat "$t/err"
+      [ "$(grep -c "unmounted $t/out/work" "$t/err")" = 2 ] || { echo "FAIL: the two leftover mounts were not reported"; exit 1; }
+      left=$(mounts | grep -F "$t/out" || true)
+      [ -z "$left" ] || { echo "FAIL: still mounted: $left"; exit 1; }
+      [ ! -e "$t/out/work" ] || { echo "FAIL: out/work not removed"; exit 1; }
+      [ -e "$t/out/oci/keep" ] && [ -e "$t/beside/keep" ] || { echo "FAIL: clean removed more than out/work"; exit 1; }
+      [ "$(mounts | grep -vF "$t/out")" = "$(echo "$before" | grep -vF "$t/out")" ] ||
+        { echo "FAIL: clean changed mounts outside out/work"; exit 1; }
+      echo "ok: the two leftover mounts unmounted, out/work removed, the rest untouched"
+      umount "$t/beside"' ;;
 
   dockerfile)
     stale && fail "the image is older than the binaries: run image.build first"
