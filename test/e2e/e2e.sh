@@ -762,7 +762,7 @@ if [ $failed = 0 ]; then
 fi
 
 echo
-echo "Summary (Kubernetes $server_version, $mode cluster, volumes attached through $(case $(get attach_mode 2>/dev/null) in kernel) echo 'kernel NBD';; '') echo '(not reached)';; *) echo "the $(get attach_mode) fallback";; esac), $((SECONDS - t_start)) s total)"
+echo "Summary (Kubernetes $server_version, $mode cluster, volumes attached through $(case $(get attach_mode 2>/dev/null) in kernel) echo 'kernel NBD';; '') echo '(not reached)';; *) echo "the nbdfuse fallback ($(get attach_mode))";; esac), $((SECONDS - t_start)) s total)"
 printf '%s\n' "${results[@]}"
 not_here=()
 [ -n "$has_vac" ] || not_here+=("VolumeAttributesClass (live QoS change through ControllerModifyVolume): not served")
