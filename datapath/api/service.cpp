@@ -472,6 +472,7 @@ ApiServer::~ApiServer() {
 void ApiServer::Shutdown(std::chrono::system_clock::time_point deadline) {
   if (shut_down_) return;
   shut_down_ = true;
+  for (auto& l : unix_) l->Stop();
   if (remote_) remote_->Shutdown(deadline);
   if (local_) local_->Shutdown(deadline);
 }
@@ -497,16 +498,16 @@ Status PrepareUnix(const Endpoint& ep) {
   return Status::Ok();
 }
 
-// Belt and braces: verify the mode instead of trusting gRPC's socket setup.
-Status VerifyUnixMode(const Endpoint& ep) {
+// Belt and braces: verify the mode instead of trusting the socket setup.
+Status VerifyUnixMode(const Endpoint& ep, mode_t mode) {
   struct stat st{};
-  if (chmod(ep.path.c_str(), 0600) != 0 || stat(ep.path.c_str(), &st) != 0) {
+  if (chmod(ep.path.c_str(), mode) != 0 || stat(ep.path.c_str(), &st) != 0) {
     int err = errno;
     return Error(err, "cannot secure {}: {}", ep.path, std::strerror(err));
   }
-  if (!S_ISSOCK(st.st_mode) || (st.st_mode & 07777) != 0600) {
-    return Error(EPERM, "{} has mode {:o}, expected a socket with mode 600", ep.path,
-                 st.st_mode & 07777);
+  if (!S_ISSOCK(st.st_mode) || (st.st_mode & 07777) != mode) {
+    return Error(EPERM, "{} has mode {:o}, expected a socket with mode {:o}", ep.path,
+                 st.st_mode & 07777, mode);
   }
   return Status::Ok();
 }
@@ -547,8 +548,7 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiL
   for (size_t i = 0; i < listens.size(); ++i) {
     const Endpoint& ep = api->endpoints_[i];
     if (ep.kind == Endpoint::Kind::kUnix) {
-      local.AddListeningPort(ep.GrpcTarget(), grpc::InsecureServerCredentials(), &api->ports_[i]);
-      any_local = true;
+      any_local = true;  // bound below, by a UnixPeerListener
     } else {
       remote.AddListeningPort(ep.GrpcTarget(),
                               listens[i].creds ? listens[i].creds
@@ -574,14 +574,16 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiL
   if (any_local && !remote_failed) {
     local.RegisterService(api->local_service_.get());
     for (grpc::Service* s : extra) local.RegisterService(s);
-    // The socket must never be reachable with a wider mode, not even between bind() and a
-    // chmod(). umask is process-wide, so this only narrows the mode of files other threads create
-    // at the same moment; the mutex keeps concurrent starts from restoring each other's umask.
-    static std::mutex umask_mu;
-    std::lock_guard lock(umask_mu);
-    mode_t old = umask(0177);
     api->local_ = local.BuildAndStart();
-    umask(old);
+    for (size_t i = 0; api->local_ && i < listens.size(); ++i) {
+      if (api->endpoints_[i].kind != Endpoint::Kind::kUnix) continue;
+      auto l = UnixPeerListener::Bind(api->endpoints_[i].path, listens[i].peers.SocketMode(),
+                                        listens[i].peers);
+      if (!l.ok()) return l.status();
+      if (Status s = (*l)->Serve(api->local_.get()); !s.ok()) return s;
+      api->unix_.push_back(std::move(*l));
+      api->ports_[i] = 1;
+    }
   }
   for (size_t i = 0; i < listens.size(); ++i) {
     const Endpoint& ep = api->endpoints_[i];
@@ -594,9 +596,10 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiL
                    ep.ToString());
     }
   }
-  for (const Endpoint& ep : api->endpoints_) {
+  for (size_t i = 0; i < listens.size(); ++i) {
+    const Endpoint& ep = api->endpoints_[i];
     if (ep.kind == Endpoint::Kind::kUnix) {
-      if (auto s = VerifyUnixMode(ep); !s.ok()) return s;
+      if (auto s = VerifyUnixMode(ep, listens[i].peers.SocketMode()); !s.ok()) return s;
     }
   }
   for (size_t i = 0; i < listens.size(); ++i) {

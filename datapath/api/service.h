@@ -11,6 +11,7 @@
 
 #include "common/endpoint.h"
 #include "common/status.h"
+#include "common/unix_listener.h"
 #include "datapath/pool/pool.h"
 
 namespace nbdcsi::datapath {
@@ -30,6 +31,9 @@ struct ApiListen {
   // socket's 0600 mode is the access control.
   std::shared_ptr<grpc::ServerCredentials> creds;
   bool insecure = false;
+  // Unix: who may call besides root and this process's uid, checked per connection with
+  // SO_PEERCRED (others get PERMISSION_DENIED).
+  PeerUids peers;
 };
 
 // A running API server. It owns the service object as well as the grpc::Server, because gRPC
@@ -72,6 +76,7 @@ class ApiServer {
   std::unique_ptr<DatapathService> remote_service_;
   std::unique_ptr<grpc::Server> local_;
   std::unique_ptr<grpc::Server> remote_;
+  std::vector<std::unique_ptr<UnixPeerListener>> unix_;  // accept into local_
   bool shut_down_ = false;
 };
 
