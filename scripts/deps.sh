@@ -20,6 +20,8 @@ TEST_PKGS=(
   # test/vm/nbd-kernel-vm (real kernel NBD in QEMU): it would apt-get these itself, but inside the
   # test's 600 s CTest limit; the kernel package's postinst alone can take minutes.
   qemu-system-x86 linux-image-amd64 busybox-static cpio zstd xz-utils kmod
+  # dm-log-writes / dm-snapshot / dm-delay in the guest (test/vm/powercut.sh, slow_disk.sh).
+  dmsetup
 )
 
 case $what in

@@ -10,6 +10,7 @@
 #include <grpcpp/server.h>
 
 #include "common/endpoint.h"
+#include "common/name_locks.h"
 #include "common/status.h"
 #include "common/unix_listener.h"
 #include "datapath/pool/pool.h"
@@ -17,18 +18,13 @@
 namespace nbdcsi::datapath {
 
 class DatapathService;
-struct InFlightSet;
-
-// How many more bytes may be provisioned: capacity x overcommit ratio minus what is provisioned,
-// 0 when overcommitted already, saturating at UINT64_MAX. GetPoolInfo and the heartbeat report it.
-uint64_t ProvisionableBytes(const PoolInfo& info);
 
 // One listening address of the API server.
 struct ApiListen {
   std::string endpoint;  // "unix:///path" or "tcp://host:port"
   // TCP: the transport security, normally MakeServerCredentials (mutual TLS). Null means
   // plaintext, which is refused (EINVAL) unless `insecure` is set. Unix: must be null; the
-  // socket's 0600 mode is the access control.
+  // socket's mode and the per-connection uid check below are the access control.
   std::shared_ptr<grpc::ServerCredentials> creds;
   bool insecure = false;
   // Unix: who may call besides root and this process's uid, checked per connection with
@@ -65,9 +61,14 @@ class ApiServer {
   friend StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool&, std::vector<ApiListen>,
                                                              std::vector<grpc::Service*>);
   ApiServer() = default;
+  bool BuildAndStart(const std::vector<ApiListen>& listens,
+                     const std::vector<grpc::Service*>& extra);
+  Status BindUnix(const std::vector<ApiListen>& listens);
+  Status CheckListening(const std::vector<ApiListen>& listens, bool remote_failed) const;
   std::vector<Endpoint> endpoints_;
   std::vector<int> ports_;
-  std::shared_ptr<InFlightSet> in_flight_;
+  // Names with a mutating call in flight ("volume/NAME", "snapshot/NAME"; see service.cpp).
+  std::shared_ptr<NameLocks> in_flight_;
   // gRPC serves every registered service on every port of a server, so local and remote
   // listeners are two servers: the remote one carries the Datapath service only (attaching kernel
   // devices is the node plugin's business, over the unix socket). Both service objects share one
