@@ -46,6 +46,11 @@ class CountingDatapath final : public dpv1::Datapath::Service {
     ++calls;
     return grpc::Status::OK;
   }
+  grpc::Status ListSnapshots(grpc::ServerContext*, const dpv1::ListSnapshotsRequest*,
+                             dpv1::ListSnapshotsResponse*) override {
+    ++calls;
+    return grpc::Status::OK;
+  }
   std::atomic<int> calls{0};
 };
 
@@ -293,9 +298,12 @@ TEST_F(NodeIdentityTest, BadServerCertificatesAreRefusedByControllerAndDatapath)
     grpc::Status st = Beat(c, Client(Main(), "node-node-x", Main()), "node-x",
                            "127.0.0.1:" + std::to_string(port));
     ASSERT_TRUE(st.ok()) << st.error_message();
-    // CSI ListVolumes asks every registered node, node-x included.
-    v1::ListVolumesResponse list;
-    st = c.controller().ListVolumes(Ctx().get(), {}, &list);
+    // The snapshots of a volume on node-x: only node-x can answer, so a refused handshake is
+    // the call's status (a full ListVolumes would skip the node and succeed).
+    v1::ListSnapshotsRequest req;
+    req.set_source_volume_id("v1:node-x:pvc-1");
+    v1::ListSnapshotsResponse list;
+    st = c.controller().ListSnapshots(Ctx().get(), req, &list);
     if (k.served) {
       EXPECT_TRUE(st.ok()) << st.error_message();
       EXPECT_GT(fake.calls.load(), 0);
