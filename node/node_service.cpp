@@ -39,6 +39,24 @@ Status ValidateNodePath(const std::string& what, const std::string& path) {
   return Status::Ok();
 }
 
+Status ValidateKubeletRoot(const std::string& root) {
+  if (root == "/") return Status::Ok();
+  Status s = ValidateNodePath("--kubelet-root", root);
+  return s;
+}
+
+Status ValidatePathUnderRoot(const std::string& what, const std::string& path,
+                             const std::string& root) {
+  if (Status s = ValidateNodePath(what, path); !s.ok()) return s;
+  if (root == "/") return Status::Ok();
+  if (path.size() <= root.size() + 1 || path.compare(0, root.size(), root) != 0 ||
+      path[root.size()] != '/') {
+    return Error(EINVAL, "{} \"{}\" is not beneath the kubelet root {} (--kubelet-root)", what,
+                 path, root);
+  }
+  return Status::Ok();
+}
+
 namespace {
 
 // What a VolumeCapability asks for, checked.
@@ -174,6 +192,17 @@ class NodeService final : public v1::Node::Service {
            sb->kind == PathKind::kBlockDevice && sa->rdev == sb->rdev;
   }
 
+  // A path kubelet gave us: clean, beneath the kubelet root, and not leaving it through a
+  // symlink on the way (checked on the real file system before anything is mounted there).
+  Status CheckPath(const char* what, const std::string& path) {
+    if (Status s = ValidatePathUnderRoot(what, path, opts_.kubelet_root); !s.ok()) return s;
+    if (Status s = os_.CheckBeneath(opts_.kubelet_root, path); !s.ok()) {
+      if (s.code() == EINVAL) return Error(EINVAL, "{}: {}", what, s.message());
+      return OsError(s);
+    }
+    return Status::Ok();
+  }
+
   // Unmounts whatever is stacked at `path` (a retried call from an older plugin may have
   // mounted twice). OK when nothing is mounted.
   Status UnmountAll(const std::string& path) {
@@ -191,7 +220,7 @@ class NodeService final : public v1::Node::Service {
   Status Stage(const v1::NodeStageVolumeRequest& req) {
     auto volume = LocalVolume(req.volume_id());
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
-    if (Status s = ValidateNodePath("staging_target_path", req.staging_target_path()); !s.ok()) {
+    if (Status s = CheckPath("staging_target_path", req.staging_target_path()); !s.ok()) {
       return s;
     }
     if (!req.has_volume_capability()) return Error(EINVAL, "volume_capability is missing");
@@ -279,7 +308,7 @@ class NodeService final : public v1::Node::Service {
 
   Status Unstage(const v1::NodeUnstageVolumeRequest& req) {
     if (req.volume_id().empty()) return Error(EINVAL, "volume_id is missing");
-    if (Status s = ValidateNodePath("staging_target_path", req.staging_target_path()); !s.ok()) {
+    if (Status s = CheckPath("staging_target_path", req.staging_target_path()); !s.ok()) {
       return s;
     }
     if (Status s = UnmountAll(req.staging_target_path()); !s.ok()) return s;
@@ -297,14 +326,14 @@ class NodeService final : public v1::Node::Service {
   Status Publish(const v1::NodePublishVolumeRequest& req) {
     auto volume = LocalVolume(req.volume_id());
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
-    if (Status s = ValidateNodePath("target_path", req.target_path()); !s.ok()) return s;
+    if (Status s = CheckPath("target_path", req.target_path()); !s.ok()) return s;
     if (!req.has_volume_capability()) return Error(EINVAL, "volume_capability is missing");
     auto cap = ParseCapability(req.volume_capability());
     if (!cap.ok()) return cap.status();
     if (req.staging_target_path().empty()) {
       return Error(EBUSY, "staging_target_path is missing (this plugin stages volumes first)");
     }
-    if (Status s = ValidateNodePath("staging_target_path", req.staging_target_path()); !s.ok()) {
+    if (Status s = CheckPath("staging_target_path", req.staging_target_path()); !s.ok()) {
       return s;
     }
     if (req.staging_target_path() == req.target_path()) {
@@ -368,7 +397,7 @@ class NodeService final : public v1::Node::Service {
 
   Status Unpublish(const v1::NodeUnpublishVolumeRequest& req) {
     if (req.volume_id().empty()) return Error(EINVAL, "volume_id is missing");
-    if (Status s = ValidateNodePath("target_path", req.target_path()); !s.ok()) return s;
+    if (Status s = CheckPath("target_path", req.target_path()); !s.ok()) return s;
     if (Status s = UnmountAll(req.target_path()); !s.ok()) return s;
     if (Status s = os_.RemovePath(req.target_path()); !s.ok()) return OsError(s);
     return Status::Ok();
@@ -377,7 +406,7 @@ class NodeService final : public v1::Node::Service {
   Status Expand(const v1::NodeExpandVolumeRequest& req, v1::NodeExpandVolumeResponse* resp) {
     auto volume = LocalVolume(req.volume_id());
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
-    if (Status s = ValidateNodePath("volume_path", req.volume_path()); !s.ok()) return s;
+    if (Status s = CheckPath("volume_path", req.volume_path()); !s.ok()) return s;
     std::optional<Capability> cap;
     if (req.has_volume_capability()) {
       auto c = ParseCapability(req.volume_capability());
@@ -429,7 +458,7 @@ class NodeService final : public v1::Node::Service {
   Status Stats(const v1::NodeGetVolumeStatsRequest& req, v1::NodeGetVolumeStatsResponse* resp) {
     auto volume = LocalVolume(req.volume_id());
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
-    if (Status s = ValidateNodePath("volume_path", req.volume_path()); !s.ok()) return s;
+    if (Status s = CheckPath("volume_path", req.volume_path()); !s.ok()) return s;
     if (!volume.ok()) return volume.status();
     const std::string& path = req.volume_path();
     std::vector<std::string> problems;

@@ -90,6 +90,18 @@ int Process::Stop(std::chrono::milliseconds grace) {
   return st;
 }
 
+int Process::Wait(std::chrono::milliseconds timeout) {
+  if (pid_ <= 0) return -1;
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  int st = 0;
+  while (waitpid(pid_, &st, WNOHANG) != pid_) {
+    if (std::chrono::steady_clock::now() > deadline) return -1;
+    std::this_thread::sleep_for(10ms);
+  }
+  pid_ = -1;
+  return st;
+}
+
 void Process::Kill9() {
   if (pid_ <= 0) return;
   kill(pid_, SIGKILL);
@@ -144,9 +156,12 @@ std::string Cluster::LogTail(const std::string& name, int lines) const {
   return out;
 }
 
-static std::vector<std::string> TlsFlags(const std::string& d) {
+static std::vector<std::string> TlsFlags(const std::string& d, const std::string& who) {
   if (d.empty()) return {"--insecure"};
-  return {"--tls-cert", d + "/server.crt", "--tls-key", d + "/server.key", "--tls-ca",
+  if (fs::exists(d + "/tls.crt")) {  // a Kubernetes TLS secret's layout
+    return {"--tls-cert", d + "/tls.crt", "--tls-key", d + "/tls.key", "--tls-ca", d + "/ca.crt"};
+  }
+  return {"--tls-cert", d + "/" + who + ".crt", "--tls-key", d + "/" + who + ".key", "--tls-ca",
           d + "/ca.crt"};
 }
 
@@ -163,7 +178,7 @@ std::string Cluster::StartController() {
                                    "5000",
                                    "--log-level",
                                    "debug"};
-  for (auto& f : TlsFlags(opts_.tls.controller)) argv.push_back(f);
+  for (auto& f : TlsFlags(opts_.tls.controller, "server")) argv.push_back(f);
   for (auto& a : opts_.controller_args) argv.push_back(a);
   if (!controller_proc_->Start(argv, dir_ + "/controller.log")) return "cannot start the controller";
   controller_stub_.reset();
@@ -227,7 +242,7 @@ std::string Cluster::StartDatapath(size_t i) {
                                    std::to_string(opts_.heartbeat_ms),
                                    "--log-level",
                                    "debug"};
-  for (auto& f : TlsFlags(opts_.tls.datapath)) argv.push_back(f);
+  for (auto& f : TlsFlags(opts_.tls.datapath, "node-" + node)) argv.push_back(f);
   if (!datapath_procs_[i]->Start(argv, dir_ + "/" + node + ".log")) return "cannot start " + node;
   // The API socket appears once the daemon serves.
   auto deadline = std::chrono::steady_clock::now() + 10s;

@@ -26,8 +26,8 @@ class TlsTest : public ::testing::Test {
     certs_ = new std::string((std::filesystem::temp_directory_path() /
                               ("nbdcsi-certs-" + std::to_string(getpid())))
                                  .string());
-    std::string cmd =
-        "bash " + Cluster::Src("test/tls/make-certs.sh") + " " + *certs_ + " >/dev/null 2>&1";
+    std::string cmd = "bash " + Cluster::Src("test/tls/make-certs.sh") + " " + *certs_ +
+                      " node-a >/dev/null 2>&1";
     made_ = std::system(cmd.c_str()) == 0;
   }
   static void TearDownTestSuite() {

@@ -138,9 +138,11 @@ std::string Nbdctl(const std::string& args, int* rc) {
 
 bool StartNode(std::string* err) {
   fs::remove(W + "/csi.sock");
+  fs::create_directories(W + "/kubelet");
   g_node =
       Spawn({g_bin + "/nbd-csi-node", "--csi-endpoint", "unix://" + W + "/csi.sock", "--node-id",
-             kNodeId, "--datapath", "unix://" + W + "/api.sock", "--log-level", "debug"},
+             kNodeId, "--datapath", "unix://" + W + "/api.sock", "--kubelet-root",
+             W + "/kubelet", "--log-level", "debug"},
             W + "/node.log");
   if (g_node < 0) {
     *err = "cannot start nbd-csi-node";
@@ -676,6 +678,42 @@ TEST_F(NodeFuseTest, ErrorsThroughTheRealServer) {
   EXPECT_EQ(Stage(rel, MountCap("ext4")).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_OK(Unstage(v));  // never staged: fine
   EXPECT_OK(Unpublish(v, v.target));
+  ExpectNothingLeft(v);
+}
+
+// Paths outside --kubelet-root, and paths that leave it through a symlink kubelet's tree should
+// never hold: INVALID_ARGUMENT, and nothing is mounted or created outside the root.
+TEST_F(NodeFuseTest, PathsThatLeaveTheKubeletRootAreRefused) {
+  Vol v = MakeVol("escape", "64Mi");
+  const std::string outside = W + "/outside";
+  fs::create_directories(outside);
+  ASSERT_OK(Stage(v, MountCap("ext4")));
+  // A pod directory whose volumes/ is a symlink out of the root, and one to /.
+  const std::string pod = W + "/kubelet/pods/uid-escape";
+  fs::create_directories(pod);
+  fs::create_directory_symlink(outside, pod + "/volumes");
+  fs::create_directory_symlink("/", W + "/kubelet/pods/slash");
+  for (const std::string& target :
+       {pod + "/volumes/kubernetes.io~csi/escape/mount",
+        W + "/kubelet/pods/slash" + outside + "/via-slash/mount",
+        outside + "/mount", W + "/kubelet-sibling/mount"}) {
+    SCOPED_TRACE(target);
+    grpc::Status st = Publish(v, MountCap("ext4"), false, target);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+    EXPECT_EQ(Unpublish(v, target).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  Vol bad_stage = v;
+  bad_stage.staging = pod + "/volumes/globalmount";
+  EXPECT_EQ(Stage(bad_stage, MountCap("ext4")).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Unstage(bad_stage).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(fs::is_empty(outside)) << "something was created outside the kubelet root";
+  for (const auto& m : MountsUnderWorkDir()) {
+    EXPECT_EQ(m.find(outside), std::string::npos) << m;
+  }
+  EXPECT_FALSE(fs::exists(W + "/kubelet-sibling"));
+  ASSERT_OK(Unstage(v));
+  fs::remove(W + "/kubelet/pods/slash");
+  fs::remove(pod + "/volumes");
   ExpectNothingLeft(v);
 }
 

@@ -142,6 +142,53 @@ TEST_F(CsiServerTest, OtherSocketMode) {
   EXPECT_EQ(bad.status().code(), EINVAL);
 }
 
+TEST(PeerUidsTest, RootAndOwnUidAlwaysExtrasOnRequest) {
+  PeerUids none;
+  EXPECT_TRUE(none.Allows(0));
+  EXPECT_TRUE(none.Allows(geteuid()));
+  EXPECT_FALSE(none.Allows(65534));
+  EXPECT_EQ(none.SocketMode(), 0600u);
+  PeerUids some{{65534, 1000}};
+  EXPECT_TRUE(some.Allows(65534));
+  EXPECT_TRUE(some.Allows(1000));
+  EXPECT_FALSE(some.Allows(65533));
+  EXPECT_EQ(some.SocketMode(), 0666u);
+  EXPECT_NE(some.Describe().find("65534"), std::string::npos) << some.Describe();
+}
+
+TEST(PeerUidsTest, ParseUidTakesDecimalUidsOnly) {
+  EXPECT_EQ(ParseUid("0").value(), 0u);
+  EXPECT_EQ(ParseUid("65534").value(), 65534u);
+  EXPECT_EQ(ParseUid("4294967294").value(), 4294967294u);
+  for (const char* bad : {"", "-1", "nobody", "12a", " 1", "4294967295", "99999999999"}) {
+    auto u = ParseUid(bad);
+    EXPECT_EQ(u.status().code(), EINVAL) << bad;
+    EXPECT_NE(u.status().message().find("--allow-uid"), std::string::npos) << bad;
+  }
+}
+
+// Extra uids must be able to connect(2): the socket is 0666 and SO_PEERCRED decides.
+TEST_F(CsiServerTest, AllowUidOpensTheModeAndStillServes) {
+  auto identity = MakeIdentityService({});
+  auto srv = StartCsiServer(
+      {.endpoint = "unix://" + sock_, .services = {identity.get()}, .peers = {{65534}}});
+  ASSERT_TRUE(srv.ok()) << srv.status().message();
+  struct stat st{};
+  ASSERT_EQ(stat(sock_.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0666u);
+  grpc::ClientContext ctx;
+  v1::GetPluginInfoResponse resp;
+  EXPECT_TRUE(Connect("unix:" + sock_)->GetPluginInfo(&ctx, {}, &resp).ok());
+  // No temporary socket name is left next to it.
+  for (const auto& e :
+       std::filesystem::directory_iterator(std::filesystem::path(sock_).parent_path())) {
+    EXPECT_EQ(e.path(), sock_);
+  }
+  (*srv)->Shutdown();
+  (*srv)->Wait();
+  EXPECT_FALSE(std::filesystem::exists(sock_));
+}
+
 TEST_F(CsiServerTest, StaleSocketIsReplaced) {
   MakeStaleSocket(sock_);
   ASSERT_TRUE(std::filesystem::is_socket(sock_));

@@ -520,7 +520,8 @@ class Daemon {
 // The Registry as nbd-csi-controller serves it, plus a record of every heartbeat for the test.
 class RecordingRegistry final : public v1::Registry::Service {
  public:
-  explicit RecordingRegistry(NodeRegistry& reg) : inner_(controller::MakeRegistryService(reg)) {}
+  explicit RecordingRegistry(NodeRegistry& reg, controller::RegistryServiceOptions opts = {})
+      : inner_(controller::MakeRegistryService(reg, opts)) {}
 
   grpc::Status Heartbeat(grpc::ServerContext* ctx, const v1::HeartbeatRequest* req,
                          v1::HeartbeatResponse* resp) override {
@@ -564,8 +565,8 @@ class RecordingRegistry final : public v1::Registry::Service {
 struct Controller {
   Controller(std::shared_ptr<grpc::ServerCredentials> server_creds,
              std::shared_ptr<grpc::ChannelCredentials> channel_creds, milliseconds interval,
-             int port)
-      : reg(GrpcDatapaths(std::move(channel_creds)), 3 * interval, interval), svc(reg) {
+             int port, controller::RegistryServiceOptions opts = {})
+      : reg(GrpcDatapaths(std::move(channel_creds)), 3 * interval, interval), svc(reg, opts) {
     grpc::ServerBuilder b;
     b.AddListeningPort("127.0.0.1:" + std::to_string(port), std::move(server_creds), &bound);
     b.RegisterService(&svc);
@@ -597,7 +598,7 @@ class DatapathdTest : public ::testing::Test {
     }
     const char* src = getenv("NBDCSI_SRC");
     std::string cmd = std::string(src ? src : ".") + "/test/tls/make-certs.sh " + cert_root_ +
-                      "/c >" + cert_root_ + "/certs.log 2>&1";
+                      "/c node-a node-b >" + cert_root_ + "/certs.log 2>&1";
     certs_ok_ = system(cmd.c_str()) == 0;
   }
   static void TearDownTestSuite() {
@@ -851,4 +852,53 @@ TEST_F(DatapathdTest, InsecureLoopbackModeForTests) {
   EXPECT_TRUE(vols.ok()) << vols.status().message();
   EXPECT_EQ(d.Stop(), 0);
   EXPECT_NE(d.Log().find("plaintext"), std::string::npos);
+}
+
+// Node binding in the Registry: a heartbeat for node N needs a client certificate naming N.
+TEST_F(DatapathdTest, BoundRegistryAcceptsOnlyTheNodeTheCertificateNames) {
+  const int reg_port = test::FreeLoopbackPort();
+  Controller ctl(Server("client"), Client("client"), 1s, reg_port,
+                 {.bind_node_identity = true});
+  ASSERT_NE(ctl.server, nullptr);
+  const std::string target = "127.0.0.1:" + std::to_string(reg_port);
+  auto beat = [&](const std::string& cert, const std::string& node) {
+    auto stub = v1::Registry::NewStub(grpc::CreateChannel(target, Client(cert)));
+    v1::HeartbeatRequest req;
+    req.set_node_id(node);
+    req.set_api_address("127.0.0.1:9820");
+    v1::HeartbeatResponse resp;
+    return stub->Heartbeat(Ctx().get(), req, &resp);
+  };
+  grpc::Status as_b = beat("node-node-a", "node-b");
+  EXPECT_EQ(as_b.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_NE(as_b.error_message().find("node node-a's, it cannot speak for node node-b"),
+            std::string::npos)
+      << as_b.error_message();
+  grpc::Status no_identity = beat("server", "node-a");
+  EXPECT_EQ(no_identity.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_NE(no_identity.error_message().find("names no node"), std::string::npos)
+      << no_identity.error_message();
+  EXPECT_TRUE(ctl.reg.List().empty()) << "a refused heartbeat registered a node";
+  grpc::Status own = beat("node-node-a", "node-a");
+  ASSERT_TRUE(own.ok()) << own.error_message();
+  EXPECT_TRUE(ctl.reg.Get("node-a").has_value());
+  EXPECT_FALSE(ctl.reg.Get("node-b").has_value());
+  // A refused heartbeat for a registered node does not move it either.
+  auto stub = v1::Registry::NewStub(grpc::CreateChannel(target, Client("node-node-b")));
+  v1::HeartbeatRequest req;
+  req.set_node_id("node-a");
+  req.set_api_address("127.0.0.1:1");
+  v1::HeartbeatResponse resp;
+  EXPECT_EQ(stub->Heartbeat(Ctx().get(), req, &resp).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(ctl.reg.Get("node-a")->api_address, "127.0.0.1:9820");
+}
+
+// A datapath started with another node's certificate stops at once, naming both.
+TEST_F(DatapathdTest, CertificateOfAnotherNodeIsAStartError) {
+  const std::string adv = "127.0.0.1:" + std::to_string(test::FreeLoopbackPort());
+  std::vector<std::string> extra = {"--node-id", "node-b", "--advertise", adv};
+  auto tls = TlsArgs("node-node-a");
+  extra.insert(extra.end(), tls.begin(), tls.end());
+  ExpectUsageError(extra, "is the certificate of node node-a, not of --node-id node-b");
 }
