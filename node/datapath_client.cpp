@@ -101,7 +101,8 @@ class GrpcDatapathClient final : public DatapathClient {
   }
 
   // The datapath's own message already names the volume and the cause; say which call it was.
-  static Status Check(const char* method, const std::string& volume, const grpc::Status& st) {
+  static Status Check(const std::string& method, const std::string& volume,
+                      const grpc::Status& st) {
     if (st.ok()) return Status::Ok();
     std::string what = volume.empty() ? std::string(method) : fmt::format("{} {}", method, volume);
     if (st.error_code() == grpc::StatusCode::UNAVAILABLE) {
