@@ -231,9 +231,8 @@ class NodeService final : public v1::Node::Service {
 
   // An existing mount at the staging path is this volume's, with the asked file system and mode;
   // EEXIST saying what differs otherwise.
-  static Status SameStaging(const MountInfo& m, const std::string& volume,
-                            const std::string& device, const std::string& staging,
-                            const Capability& cap) {
+  Status SameStaging(const MountInfo& m, const std::string& volume, const std::string& device,
+                     const std::string& staging, const Capability& cap) {
     if (!SameDevice(m.source, device)) {
       return Error(EEXIST, "staging path {} already has {} mounted, not volume {} ({})", staging,
                    m.source, volume, device);
