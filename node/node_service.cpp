@@ -244,66 +244,88 @@ class NodeService final : public v1::Node::Service {
     if (!att.ok()) return att.status();
     const std::string& device = att->device();
     if (mounted->has_value()) {
-      const MountInfo& m = **mounted;
-      if (!SameDevice(m.source, device)) {
-        return Error(EEXIST, "staging path {} already has {} mounted, not volume {} ({})", staging,
-                     m.source, *volume, device);
-      }
-      if (m.fstype != cap->fstype) {
-        return Error(EEXIST, "volume {} is staged at {} as {}, not {}", *volume, staging, m.fstype,
-                     cap->fstype);
-      }
-      if (m.vfs_read_only != cap->ro_stage) {
-        return Error(EEXIST, "volume {} is staged at {} {}, now asked {}", *volume, staging,
-                     m.vfs_read_only ? "read-only" : "read-write",
-                     cap->ro_stage ? "read-only" : "read-write");
-      }
-      return Status::Ok();  // done by an earlier call
+      // Done by an earlier call, if what is mounted is what is asked for now.
+      return SameStaging(**mounted, *volume, device, staging, *cap);
     }
 
     if (Status s = os_.MakeDir(staging); !s.ok()) return OsError(s);
+    if (Status s = PrepareFileSystem(*volume, device, *cap); !s.ok()) return s;
+    if (Status s = os_.Mount(device, staging, cap->fstype, StageMountOptions(*cap)); !s.ok()) {
+      return OsError(s);
+    }
+    spdlog::info("[{}] staged volume {} ({}, {}) at {}", csi::CurrentRequestId(), *volume, device,
+                 att->mode(), staging);
+    return Status::Ok();
+  }
+
+  // An existing mount at the staging path is this volume's, with the asked file system and mode;
+  // EEXIST saying what differs otherwise.
+  Status SameStaging(const MountInfo& m, const std::string& volume, const std::string& device,
+                     const std::string& staging, const Capability& cap) {
+    if (!SameDevice(m.source, device)) {
+      return Error(EEXIST, "staging path {} already has {} mounted, not volume {} ({})", staging,
+                   m.source, volume, device);
+    }
+    if (m.fstype != cap.fstype) {
+      return Error(EEXIST, "volume {} is staged at {} as {}, not {}", volume, staging, m.fstype,
+                   cap.fstype);
+    }
+    if (m.vfs_read_only != cap.ro_stage) {
+      return Error(EEXIST, "volume {} is staged at {} {}, now asked {}", volume, staging,
+                   m.vfs_read_only ? "read-only" : "read-write",
+                   cap.ro_stage ? "read-only" : "read-write");
+    }
+    return Status::Ok();
+  }
+
+  // Formats a blank device; accepts one that already holds the asked file system; refuses
+  // anything else (never reformats data).
+  Status PrepareFileSystem(const std::string& volume, const std::string& device,
+                           const Capability& cap) {
     auto content = os_.Probe(device);
     if (!content.ok()) return OsError(content.status());
     switch (content->kind) {
       case DeviceContent::Kind::kBlank:
-        if (cap->reader_only) {
+        if (cap.reader_only) {
           return Error(EBUSY,
                        "volume {} is blank and the access mode is read-only: there is no "
                        "file system to mount",
-                       *volume);
+                       volume);
         }
-        spdlog::info("[{}] volume {} ({}) is blank: mkfs {}", csi::CurrentRequestId(), *volume,
-                     device, cap->fstype);
-        if (Status s = os_.MakeFs(device, cap->fstype); !s.ok()) return OsError(s);
+        spdlog::info("[{}] volume {} ({}) is blank: mkfs {}", csi::CurrentRequestId(), volume,
+                     device, cap.fstype);
+        if (Status s = os_.MakeFs(device, cap.fstype); !s.ok()) return OsError(s);
         break;
       case DeviceContent::Kind::kFilesystem:
-        if (content->type != cap->fstype) {
+        if (content->type != cap.fstype) {
           return Error(EBUSY,
                        "volume {} holds a {} file system, not the requested {}: not "
                        "reformatting it",
-                       *volume, content->type, cap->fstype);
+                       volume, content->type, cap.fstype);
         }
         break;
       case DeviceContent::Kind::kOther:
         return Error(EBUSY,
                      "volume {} ({}) holds \"{}\" data, not a {} file system: refusing to "
                      "format a device that is not blank",
-                     *volume, device, content->type, cap->fstype);
+                     volume, device, content->type, cap.fstype);
     }
-    std::vector<std::string> options = cap->flags;
-    if (cap->reader_only && !HasMountOption(Join(options), "ro")) options.push_back("ro");
+    return Status::Ok();
+  }
+
+  // The options of the staging mount: the user's, plus what this driver needs.
+  static std::vector<std::string> StageMountOptions(const Capability& cap) {
+    std::vector<std::string> options = cap.flags;
+    if (cap.reader_only && !HasMountOption(Join(options), "ro")) options.push_back("ro");
     // ext4's built-in default is to carry on after metadata errors; stop writing instead, which
     // NodeGetVolumeStats then reports as an abnormal volume. The user's own errors= wins.
-    if (cap->fstype == "ext4" && Join(options).find("errors=") == std::string::npos) {
+    if (cap.fstype == "ext4" && Join(options).find("errors=") == std::string::npos) {
       options.push_back("errors=remount-ro");
     }
     // A clone or restore carries its source's XFS UUID; without nouuid the second of the two
     // could not be mounted on the same node.
-    if (cap->fstype == "xfs") options.push_back("nouuid");
-    if (Status s = os_.Mount(device, staging, cap->fstype, options); !s.ok()) return OsError(s);
-    spdlog::info("[{}] staged volume {} ({}, {}) at {}", csi::CurrentRequestId(), *volume, device,
-                 att->mode(), staging);
-    return Status::Ok();
+    if (cap.fstype == "xfs") options.push_back("nouuid");
+    return options;
   }
 
   Status Unstage(const v1::NodeUnstageVolumeRequest& req) {

@@ -40,6 +40,8 @@
 
 #include "csi/csi.grpc.pb.h"
 #include "datapath/api/attach.grpc.pb.h"
+#include "test/support/grpc_call.h"
+#include "test/support/wait.h"
 
 extern char** environ;
 
@@ -91,12 +93,9 @@ int Stop(pid_t& pid, int sig = SIGTERM) {
   if (pid <= 0) return 0;
   kill(pid, sig);
   int status = 0;
-  for (int i = 0; i < 200; ++i) {
-    if (waitpid(pid, &status, WNOHANG) == pid) {
-      pid = -1;
-      return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  if (nbdcsi::test::WaitExited(pid, &status, std::chrono::seconds(10))) {
+    pid = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   }
   kill(pid, SIGKILL);
   waitpid(pid, &status, 0);
@@ -105,17 +104,16 @@ int Stop(pid_t& pid, int sig = SIGTERM) {
 }
 
 bool WaitForSocket(const std::string& path, pid_t pid, std::string* err) {
-  for (int i = 0; i < 300; ++i) {
+  bool exited = false;
+  auto ready = [&] {
     struct stat st {};
     if (stat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) return true;
     int status;
-    if (waitpid(pid, &status, WNOHANG) == pid) {
-      *err = "process exited before creating " + path;
-      return false;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  *err = "no socket " + path + " after 15 s";
+    exited = waitpid(pid, &status, WNOHANG) == pid;
+    return exited;
+  };
+  if (nbdcsi::test::WaitUntil(ready, std::chrono::seconds(15)) && !exited) return true;
+  *err = exited ? "process exited before creating " + path : "no socket " + path + " after 15 s";
   return false;
 }
 
@@ -304,9 +302,7 @@ uint64_t BlockSize(const std::string& dev) {
 // ---- the CSI calls, as kubelet makes them ----
 
 std::unique_ptr<grpc::ClientContext> Ctx(int seconds = 120) {
-  auto c = std::make_unique<grpc::ClientContext>();
-  c->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(seconds));
-  return c;
+  return nbdcsi::test::CallContext(std::chrono::seconds(seconds));
 }
 
 v1::VolumeCapability MountCap(const std::string& fstype,

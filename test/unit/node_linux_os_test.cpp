@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include "node/os.h"
+#include "test/support/temp_dir.h"
 
 namespace nbdcsi::node {
 namespace {
@@ -26,9 +27,8 @@ using ::testing::HasSubstr;
 class LinuxOsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/nbdcsi-node-os.XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    ASSERT_TRUE(tmp_.Create("nbdcsi-node-os")) << tmp_.error();
+    dir_ = tmp_.path();
     os_ = MakeLinuxOs();
   }
   void TearDown() override {
@@ -53,6 +53,7 @@ class LinuxOsTest : public ::testing::Test {
     return system(cmd.c_str()) == 0;
   }
 
+  test::TempDir tmp_;
   std::string dir_;
   std::unique_ptr<NodeOs> os_;
   std::vector<std::string> mounted_;

@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -29,11 +30,15 @@
 #include <grpcpp/grpcpp.h>
 
 #include "common/tls.h"
-#include "test/support/free_port.h"
 #include "controller/node_datapath.h"
 #include "controller/registry.h"
 #include "datapath/api/datapath.grpc.pb.h"
 #include "datapath/api/heartbeat.h"
+#include "test/support/certs.h"
+#include "test/support/free_port.h"
+#include "test/support/grpc_call.h"
+#include "test/support/temp_dir.h"
+#include "test/support/wait.h"
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
@@ -239,8 +244,9 @@ TEST(Heartbeat, RequestCarriesThePoolNumbers) {
 
 TEST(Heartbeat, CountsWholeNbdBlockDevicesOnly) {
   // Block device nodes need CAP_MKNOD; a fake /dev holds other file types, which must not count.
-  std::string dir = "/tmp/hb_dev.XXXXXX";
-  ASSERT_NE(mkdtemp(dir.data()), nullptr);
+  test::TempDir tmp("hb_dev");
+  ASSERT_TRUE(tmp.ok()) << tmp.error();
+  const std::string& dir = tmp.path();
   EXPECT_EQ(datapath::CountNbdDevices(dir), 0u);
   std::ofstream(dir + "/nbd0") << "";  // a regular file named like a device
   EXPECT_EQ(datapath::CountNbdDevices(dir), 0u);
@@ -253,7 +259,6 @@ TEST(Heartbeat, CountsWholeNbdBlockDevicesOnly) {
     EXPECT_EQ(datapath::CountNbdDevices(dir), 2u);
   }
   EXPECT_EQ(datapath::CountNbdDevices(dir + "/missing"), 0u);
-  fs::remove_all(dir);
 }
 
 // ---- HeartbeatSender in process ----
@@ -261,8 +266,8 @@ TEST(Heartbeat, CountsWholeNbdBlockDevicesOnly) {
 class SenderTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = "/tmp/hb_sender.XXXXXX";
-    ASSERT_NE(mkdtemp(dir_.data()), nullptr);
+    ASSERT_TRUE(tmp_.Create("hb_sender")) << tmp_.error();
+    dir_ = tmp_.path();
     datapath::PoolOptions opts;
     opts.dir = dir_ + "/pool";
     opts.capacity_bytes = kGiB;
@@ -272,7 +277,7 @@ class SenderTest : public ::testing::Test {
   }
   void TearDown() override {
     pool_.reset();
-    if (!dir_.empty()) fs::remove_all(dir_);
+    tmp_.Remove();
   }
   datapath::HeartbeatOptions Options(const std::string& controller, milliseconds interval) {
     datapath::HeartbeatOptions o;
@@ -283,6 +288,7 @@ class SenderTest : public ::testing::Test {
     o.interval = interval;
     return o;
   }
+  test::TempDir tmp_;
   std::string dir_;
   std::unique_ptr<datapath::Pool> pool_;
 };
@@ -324,7 +330,9 @@ TEST_F(SenderTest, StopsPromptlyWhileACallHangs) {
   datapath::HeartbeatSender sender(
       *pool_, Options("127.0.0.1:" + std::to_string(ntohs(a.sin_port)), 10000ms));
   ASSERT_TRUE(sender.Start().ok());
-  std::this_thread::sleep_for(300ms);
+  // The sender has dialled once the listener has a connection to accept.
+  pollfd pfd{fd, POLLIN, 0};
+  ASSERT_EQ(poll(&pfd, 1, 10000), 1) << "the sender never connected";
   auto t0 = steady_clock::now();
   sender.Stop();
   EXPECT_LT(steady_clock::now() - t0, 1000ms);
@@ -346,6 +354,8 @@ TEST_F(SenderTest, FollowsAShorterIntervalFromTheControllerAndStopsBetweenCalls)
   ASSERT_NE(server, nullptr);
   datapath::HeartbeatSender sender(*pool_, Options("127.0.0.1:" + std::to_string(port), 5000ms));
   ASSERT_TRUE(sender.Start().ok());
+  // Counts what one second of real time holds: HeartbeatSender (datapath/api/heartbeat.h) has no
+  // injected clock yet, so this stays a measured window rather than a wait for a condition.
   std::this_thread::sleep_for(1000ms);
   auto c = sender.counters();
   // 1 + 1000/150 calls if the short interval is followed; 1 if not.
@@ -408,7 +418,10 @@ TEST_F(SenderTest, HeartbeatsEveryControllerReplicaAndFollowsTheNameAsItChanges)
   };
   datapath::HeartbeatSender sender(*pool_, opts);
   ASSERT_TRUE(sender.Start().ok());
-  std::this_thread::sleep_for(600ms);
+  test::WaitUntil([&] {
+    return reps[0].reg->Get("node-s").has_value() && reps[1].reg->Get("node-s").has_value() &&
+           sender.counters().controllers == 2 && sender.counters().connected;
+  });
   EXPECT_TRUE(reps[0].reg->Get("node-s").has_value());
   EXPECT_TRUE(reps[1].reg->Get("node-s").has_value());
   EXPECT_EQ(sender.counters().controllers, 2u);
@@ -422,7 +435,7 @@ TEST_F(SenderTest, HeartbeatsEveryControllerReplicaAndFollowsTheNameAsItChanges)
     std::lock_guard lock(mu);
     answer = {"127.0.0.1:" + std::to_string(reps[1].port)};
   }
-  std::this_thread::sleep_for(400ms);
+  test::WaitUntil([&] { return sender.counters().controllers == 1; });
   EXPECT_EQ(sender.counters().controllers, 1u);
   uint64_t ok_before = sender.counters().ok;
   // A failing resolver keeps the last known addresses rather than going silent.
@@ -430,7 +443,7 @@ TEST_F(SenderTest, HeartbeatsEveryControllerReplicaAndFollowsTheNameAsItChanges)
     std::lock_guard lock(mu);
     answer.clear();
   }
-  std::this_thread::sleep_for(500ms);
+  test::WaitUntil([&] { return sender.counters().ok > ok_before; });
   EXPECT_GT(sender.counters().ok, ok_before);
   EXPECT_EQ(sender.counters().controllers, 1u);
   sender.Stop();
@@ -481,18 +494,10 @@ class Daemon {
 
   // The exit code, or -1 when it is still running after `timeout`.
   int WaitExit(milliseconds timeout) {
-    auto end = steady_clock::now() + timeout;
-    while (pid_ > 0) {
-      int st = 0;
-      pid_t r = waitpid(pid_, &st, WNOHANG);
-      if (r == pid_) {
-        pid_ = -1;
-        return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-      }
-      if (steady_clock::now() > end) return -1;
-      std::this_thread::sleep_for(10ms);
-    }
-    return -1;
+    int st = 0;
+    if (pid_ <= 0 || !test::WaitExited(pid_, &st, timeout)) return -1;
+    pid_ = -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
   }
 
   int Stop() {
@@ -581,40 +586,24 @@ struct Controller {
   std::unique_ptr<grpc::Server> server;
 };
 
-std::unique_ptr<grpc::ClientContext> Ctx() {
-  auto ctx = std::make_unique<grpc::ClientContext>();
-  ctx->set_deadline(std::chrono::system_clock::now() + 5s);
-  return ctx;
-}
+std::unique_ptr<grpc::ClientContext> Ctx() { return test::CallContext(5s); }
 
 class DatapathdTest : public ::testing::Test {
  protected:
   // One certificate set for the suite: the tests only read it.
   static void SetUpTestSuite() {
-    cert_root_ = "/tmp/registry_certs.XXXXXX";
-    if (!mkdtemp(cert_root_.data())) {
-      cert_root_.clear();
-      return;
-    }
-    const char* src = getenv("NBDCSI_SRC");
-    std::string cmd = std::string(src ? src : ".") + "/test/tls/make-certs.sh " + cert_root_ +
-                      "/c node-a node-b >" + cert_root_ + "/certs.log 2>&1";
-    certs_ok_ = system(cmd.c_str()) == 0;
+    certs_made_ = std::make_unique<test::TestCerts>("registry_certs", "node-a node-b");
   }
-  static void TearDownTestSuite() {
-    if (!cert_root_.empty()) fs::remove_all(cert_root_);
-  }
+  static void TearDownTestSuite() { certs_made_.reset(); }
 
   void SetUp() override {
     if (!fs::exists(Bin())) GTEST_SKIP() << Bin() << " is not built";
-    ASSERT_TRUE(certs_ok_) << ReadAll(cert_root_ + "/certs.log");
-    certs_ = cert_root_ + "/c";
-    dir_ = "/tmp/registry_test.XXXXXX";
-    ASSERT_NE(mkdtemp(dir_.data()), nullptr);
+    ASSERT_TRUE(certs_made_->ok) << ReadAll(certs_made_->log());
+    certs_ = certs_made_->path();
+    ASSERT_TRUE(tmp_.Create("registry_test")) << tmp_.error();
+    dir_ = tmp_.path();
   }
-  void TearDown() override {
-    if (!dir_.empty()) fs::remove_all(dir_);
-  }
+  void TearDown() override { tmp_.Remove(); }
 
   TlsFiles Files(const std::string& who, const std::string& sub = "") const {
     std::string d = certs_ + sub;
@@ -661,16 +650,11 @@ class DatapathdTest : public ::testing::Test {
   }
 
   bool WaitForSocket(milliseconds timeout) const {
-    auto end = steady_clock::now() + timeout;
-    while (steady_clock::now() < end) {
-      if (fs::exists(dir_ + "/api.sock")) return true;
-      std::this_thread::sleep_for(10ms);
-    }
-    return false;
+    return test::WaitUntil([&] { return fs::exists(dir_ + "/api.sock"); }, timeout);
   }
 
-  static inline std::string cert_root_;
-  static inline bool certs_ok_ = false;
+  static inline std::unique_ptr<test::TestCerts> certs_made_;
+  test::TempDir tmp_;
   std::string dir_, certs_;
 };
 
@@ -778,7 +762,8 @@ TEST_F(DatapathdTest, HeartbeatsOverMutualTlsAndTheControllerReachesTheApi) {
   // Controller restart: the registry goes away for a few intervals, then a new one (empty, as
   // after a real restart) listens on the same port. It knows the node again within one interval.
   ctl.reset();
-  std::this_thread::sleep_for(3 * kInterval);
+  // The datapath has noticed once it says so.
+  test::WaitUntil([&] { return d.Log().find("lost the controller") != std::string::npos; });
   ctl = std::make_unique<Controller>(Server("client"), Client("client"), kInterval, reg_port);
   ASSERT_NE(ctl->server, nullptr) << "could not listen on port " << reg_port << " again";
   const auto restarted = steady_clock::now();
@@ -818,7 +803,8 @@ TEST_F(DatapathdTest, ControllerWithAnotherCaNeverHearsFromTheNode) {
   extra.insert(extra.end(), tls.begin(), tls.end());
   ASSERT_TRUE(d.Start(Args(extra), dir_ + "/d.log"));
   ASSERT_TRUE(WaitForSocket(10s)) << d.Log();
-  std::this_thread::sleep_for(5 * kInterval);
+  // Wait until the datapath has tried and been refused, rather than for a fixed time.
+  test::WaitUntil([&] { return d.Log().find("TLS handshake") != std::string::npos; });
   EXPECT_EQ(ctl.svc.count(), 0u);
   EXPECT_TRUE(ctl.reg.List().empty());
   EXPECT_TRUE(d.Running());

@@ -22,6 +22,8 @@
 #include "datapath/api/datapath.grpc.pb.h"
 #include "datapath/api/service.h"
 #include "test/support/secret_dir.h"
+#include "test/support/certs.h"
+#include "test/support/grpc_call.h"
 
 namespace fs = std::filesystem;
 using namespace nbdcsi;
@@ -30,34 +32,16 @@ namespace v1 = ::nbdcsi::datapath::v1;
 
 namespace {
 
-std::string MakeTempDir(const char* tag) {
-  std::string t = std::string("/tmp/") + tag + ".XXXXXX";
-  if (!mkdtemp(t.data())) return "";
-  return t;
-}
-
-// Runs test/tls/make-certs.sh into dir, with node certificates for node-a and node-b.
+// Runs test/tls/make-certs.sh into dir (node certificates for node-a and node-b), its output
+// into dir.log.
 bool MakeCerts(const std::string& dir) {
-  const char* src = getenv("NBDCSI_SRC");
-  std::string script = std::string(src ? src : ".") + "/test/tls/make-certs.sh";
-  std::string cmd = script + " " + dir + " node-a node-b >" + dir + ".log 2>&1";
-  return system(cmd.c_str()) == 0;
+  return test::MakeCerts(dir, dir + ".log", "node-a node-b");
 }
 
 // One certificate set for the whole binary (each run of the script costs a few hundred ms);
 // removed at exit. Tests that modify certificates make their own.
-struct SharedCertDir {
-  std::string dir;
-  bool ok = false;
-  SharedCertDir() : dir(MakeTempDir("tls_certs")) { ok = !dir.empty() && MakeCerts(dir + "/c"); }
-  ~SharedCertDir() {
-    if (!dir.empty()) fs::remove_all(dir);
-    fs::remove(dir + "/c.log");
-  }
-};
-
-const SharedCertDir& SharedCerts() {
-  static SharedCertDir d;
+const test::TestCerts& SharedCerts() {
+  static test::TestCerts d("tls_certs", "node-a node-b");
   return d;
 }
 
@@ -179,15 +163,13 @@ TEST(TlsFiles, ValidateNamesWhatIsMissingOrConflicting) {
 class TlsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = MakeTempDir("tls_test");
-    ASSERT_FALSE(dir_.empty());
-    ASSERT_TRUE(SharedCerts().ok) << "make-certs.sh failed, see " << SharedCerts().dir
-                                  << "/c.log";
-    certs_ = SharedCerts().dir + "/c";
+    ASSERT_TRUE(tmp_.Create("tls_test")) << tmp_.error();
+    dir_ = tmp_.path();
+    ASSERT_TRUE(SharedCerts().ok) << "make-certs.sh failed, see " << SharedCerts().log();
+    certs_ = SharedCerts().path();
   }
-  void TearDown() override {
-    if (!dir_.empty()) fs::remove_all(dir_);
-  }
+  void TearDown() override { tmp_.Remove(); }
+  test::TempDir tmp_;
   std::string dir_, certs_;
 };
 
@@ -331,9 +313,7 @@ class ApiTlsTest : public TlsTest {
   }
 
   static std::unique_ptr<grpc::ClientContext> Ctx() {
-    auto ctx = std::make_unique<grpc::ClientContext>();
-    ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    return ctx;
+    return test::CallContext(std::chrono::seconds(5));
   }
 
   grpc::Status PoolInfo(const std::shared_ptr<grpc::ChannelCredentials>& creds,
