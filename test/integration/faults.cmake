@@ -17,3 +17,8 @@ if(TARGET nbd-csi-controller AND TARGET nbd-datapathd AND TARGET nbdctl AND TARG
   nbdcsi_add_test(NAME integration.faults_kill COMMAND faults_kill_test
     TIMEOUT 600 LABELS integration faults SERIAL)
 endif()
+
+# Clients that misbehave against one I/O worker, a neighbour volume's QD1 latency watched (SERIAL:
+# a latency bound needs the machine's cores to itself).
+nbdcsi_add_test(NAME integration.faults_clients
+  COMMAND bash ${_faults_it}/faults_clients.sh TIMEOUT 300 LABELS integration faults SERIAL)
