@@ -22,3 +22,8 @@ endif()
 # a latency bound needs the machine's cores to itself).
 nbdcsi_add_test(NAME integration.faults_clients
   COMMAND bash ${_faults_it}/faults_clients.sh TIMEOUT 300 LABELS integration faults SERIAL)
+
+# Disk faults: a full pool file system under four NBD clients and a neighbour; damaged metadata;
+# missing or short data files (the last part fails today: two known bugs, see the script's header).
+nbdcsi_add_test(NAME integration.faults_disk
+  COMMAND bash ${_faults_it}/faults_disk.sh TIMEOUT 300 LABELS integration faults)
