@@ -352,10 +352,10 @@ def case_half_open():
         s.setblocking(False)
         sent = 0
         for h in range(512):
-            # 256 KiB: a reply never fits the 4 KiB receive buffer. (Bigger READs of holes cost
-            # the worker inline zero-filling when they are executed, 1-2 s for 512 MiB here,
-            # which would measure the burst, not the stuck socket.)
-            msg = req(CMD_READ, (h % 64) * MIB, 256 * 1024, 1000 + h)
+            # 128 KiB: two replies fill what the socket holds, so 64 slots wait on a stuck
+            # send. (Bigger READs of holes cost the worker inline zero-filling when they run:
+            # 1-2 s for 8 x 64 x 1 MiB here, which would measure the burst, not the socket.)
+            msg = req(CMD_READ, (h % 64) * MIB, 128 * 1024, 1000 + h)
             try:
                 n = s.send(msg)
             except BlockingIOError:

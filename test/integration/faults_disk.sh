@@ -30,7 +30,7 @@ is_datapathd || skip "disk faults are about nbd-datapathd's pool"
 need jq sha256sum
 lib_init
 PARTS=${1:-full,meta,data}
-FAILED=()
+SKIPPED=()
 
 ndjson() { nbdctl -o json "$@"; }
 broken_reason() {  # broken_reason NAME [snapshot/]: the reason pool info gives, or ""
@@ -68,8 +68,11 @@ part_full() {
   fio --enghelp 2>/dev/null | grep -qw nbd || skip "this fio has no nbd engine"
   local pool=$W/tiny
   mkdir -p "$pool"
-  mount -t tmpfs -o size=64M,mode=0700 nbdcsi-faults-full "$pool" 2>/dev/null ||
-    skip "cannot mount a tmpfs (not privileged)"
+  if ! mount -t tmpfs -o size=64M,mode=0700 nbdcsi-faults-full "$pool" 2>/dev/null; then
+    echo "SKIP part full: cannot mount a tmpfs (not privileged)" >&2
+    SKIPPED+=(full)
+    return 0
+  fi
   on_exit "umount '$pool' || umount -l '$pool'"
   daemon_start "$pool" -- --overcommit 64 --workers 1
   vol_create big 1Gi
@@ -288,37 +291,43 @@ part_data() {
   fi
 
   step "data: a served volume's data file removed while the daemon runs"
+  # The client goes on writing and flushing for 3 s after the removal. A FLUSH that succeeds
+  # promises durability the removed file cannot give (the data dies at the next restart), so
+  # fencing means: the volume is reported broken within those 3 s and, from then on, no more
+  # FLUSH succeeds.
   URI=$(nbd_uri live) D="$d/live.img" OUT=$W/live.out "$PY" - <<'PY' &
 import os, nbd, time
 h = nbd.NBD(); h.connect_uri(os.environ["URI"])
 h.pwrite(b"\x11" * 4096, 8 << 20); h.flush()
 os.unlink(os.environ["D"])
 t0 = time.monotonic()
-# What a client sees now: its writes must not keep being acknowledged into a file that is gone.
-acked = 0
-try:
-    for i in range(16):
-        h.pwrite(b"\x22" * 4096, (9 << 20) + i * 4096)
+results = []
+while time.monotonic() - t0 < 3.0:
+    try:
+        h.pwrite(b"\x22" * 4096, (9 << 20) + len(results) * 4096)
         h.flush()
-        acked += 1
-except nbd.Error as e:
+        results.append(1)
+    except nbd.Error:
+        results.append(0)
+    time.sleep(0.1)
+open(os.environ["OUT"], "w").write(f"{sum(results)} {len(results)} {results[-1]}\n")
+try:
+    h.shutdown()
+except nbd.Error:
     pass
-open(os.environ["OUT"], "w").write(f"{acked}\n")
-h.shutdown()
 PY
   wait $! || die "the run-time removal client failed"
-  local acked; acked=$(cat "$W/live.out")
-  local fenced=0 deadline=$(( $(date +%s) + 3 ))
-  while [ "$(date +%s)" -le "$deadline" ]; do
-    [ -n "$(broken_reason live)" ] && { fenced=1; break; }
-    sleep 0.1
-  done
-  if [ $fenced = 0 ] || [ "$acked" != 0 ]; then
-    echo "  KNOWN BUG: live.img removed at run time: $acked of 16 later writes acknowledged" \
-         "(lost at the next restart), fenced within 3 s: $([ $fenced = 1 ] && echo yes || echo no)" >&2
+  local acked tries last why_live
+  read -r acked tries last <"$W/live.out"
+  why_live=$(broken_reason live)
+  if [ -z "$why_live" ] || [ "$last" = 1 ]; then
+    echo "  KNOWN BUG: live.img removed at run time: $acked of $tries write+flush pairs over the next" \
+         "3 s acknowledged (lost at the next restart), the last one $([ "$last" = 1 ] && echo acknowledged || echo refused)," \
+         "reported broken: $([ -n "$why_live" ] && echo "yes ($why_live)" || echo no)" >&2
     bugs=$((bugs + 1))
   else
-    echo "  live: fenced at run time: $(broken_reason live)"
+    echo "  live: fenced at run time ($acked of $tries flushes acknowledged before): $why_live"
+    nbd_refused live || die "an NBD client opened live after its data file was removed"
   fi
   daemon_stop
   # Nothing the daemon found broken was deleted (live.img was removed by the test itself).
@@ -342,4 +351,8 @@ for p in ${PARTS//,/ }; do
     *) die "unknown part $p (full, meta, data)" ;;
   esac
 done
-step "PASS"
+if [ ${#SKIPPED[@]} -gt 0 ]; then
+  [ "${CI:-}" != true ] || die "parts skipped with CI=true: ${SKIPPED[*]}"
+  [ "${#SKIPPED[@]}" -lt "$(wc -w <<<"${PARTS//,/ }")" ] || skip "every part skipped"
+fi
+step "PASS${SKIPPED:+ (skipped: ${SKIPPED[*]})}"
