@@ -57,7 +57,8 @@ sampler() {
 step "fio: $VOLUMES connections, $RATE write IOPS each + verify reads, QD $DEPTH, $MINUTES min"
 bg sampler
 rc=0
-timeout $((MINUTES * 60 + 300)) fio --status-interval=60 --output-format=json+ --output="$W/fio.json" "$W/soak.fio" || rc=$?
+# --aux-path: fio saves its verify state files there, not in the caller's working directory.
+timeout $((MINUTES * 60 + 300)) fio --aux-path="$W" --status-interval=60 --output-format=json+ --output="$W/fio.json" "$W/soak.fio" || rc=$?
 touch "$W/fio.done"
 daemon_alive || die "nbd-datapathd died during the soak"
 

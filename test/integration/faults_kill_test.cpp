@@ -151,7 +151,9 @@ class Nbd {
     for (int i = 0; i < 8; ++i) v = v << 8 | p[i];
     return v;
   }
-  static uint32_t Be32(const uint8_t* p) { return uint32_t(p[0]) << 24 | p[1] << 16 | p[2] << 8 | p[3]; }
+  static uint32_t Be32(const uint8_t* p) {
+    return uint32_t(p[0]) << 24 | p[1] << 16 | p[2] << 8 | p[3];
+  }
   static uint16_t Be16(const uint8_t* p) { return static_cast<uint16_t>(p[0] << 8 | p[1]); }
   static void Put32(std::string* s, uint32_t v) {
     for (int i = 3; i >= 0; --i) s->push_back(static_cast<char>(v >> (8 * i)));
@@ -294,10 +296,8 @@ bool Final(grpc::StatusCode c) {
     case grpc::StatusCode::OUT_OF_RANGE:
     case grpc::StatusCode::FAILED_PRECONDITION:
     case grpc::StatusCode::UNIMPLEMENTED:
-    case grpc::StatusCode::PERMISSION_DENIED:
-      return true;
-    default:
-      return false;
+    case grpc::StatusCode::PERMISSION_DENIED: return true;
+    default: return false;
   }
 }
 
@@ -310,7 +310,8 @@ std::unique_ptr<grpc::ClientContext> CallCtx(std::chrono::seconds s = 20s) {
 std::string PoolName(const std::string& id) { return id.substr(id.rfind(':') + 1); }
 
 // Files on disk that are not NAME.img + NAME.json pairs of `names`, and names without both.
-std::vector<std::string> PoolDirProblems(const std::string& dir, const std::set<std::string>& names) {
+std::vector<std::string> PoolDirProblems(const std::string& dir,
+                                         const std::set<std::string>& names) {
   std::vector<std::string> bad;
   std::set<std::string> want, have;
   for (const auto& n : names) {
@@ -370,7 +371,9 @@ class FaultsKill : public ::testing::Test {
 
   v1::Controller::Stub& C() { return cluster_->controller(); }
   size_t NodeIndex(const std::string& node) { return node == "node-a" ? 0 : 1; }
-  std::string NbdSock(const std::string& node) { return cluster_->dir() + "/" + node + "-nbd.sock"; }
+  std::string NbdSock(const std::string& node) {
+    return cluster_->dir() + "/" + node + "-nbd.sock";
+  }
   std::string PoolDir(const std::string& node) { return cluster_->dir() + "/pool-" + node; }
 
   double Uniform(double lo, double hi) { return std::uniform_real_distribution<>(lo, hi)(rng_); }
@@ -414,8 +417,9 @@ class FaultsKill : public ::testing::Test {
     Revive(v, node);
   }
 
-  // Calls until success, as a sidecar would (bounded: 60 s), then once more to check the
-  // answer is stable. Returns the last status; `check` judges each successful answer.
+  // Calls until success, as a sidecar would (bounded: 60 s), then once more: a sidecar whose
+  // answer was lost calls again, and that must succeed too. `call` checks every successful
+  // answer itself (ids, sizes, sources).
   grpc::Status Retry(const std::string& what, const std::function<grpc::Status()>& call) {
     auto deadline = Clock::now() + 60s;
     grpc::Status st = call();
@@ -429,22 +433,28 @@ class FaultsKill : public ::testing::Test {
         return st;
       }
       if (Clock::now() > deadline) {
-        ADD_FAILURE() << what << ": still " << CodeName(st.error_code()) << " after 60 s: "
-                      << st.error_message();
+        ADD_FAILURE() << what << ": still " << CodeName(st.error_code())
+                      << " after 60 s: " << st.error_message();
         return st;
       }
       std::this_thread::sleep_for(backoff);
       backoff = std::min<std::chrono::milliseconds>(backoff * 2, 500ms);
       st = call();
     }
-    return st;
+    grpc::Status again = call();
+    if (!again.ok()) {
+      ADD_FAILURE() << what << ": the same call again after its success got "
+                    << CodeName(again.error_code()) << " \"" << again.error_message() << "\"";
+    }
+    return again;
   }
 
   // A kill point: the call with a kill during it, then retried to success.
   grpc::Status KillAndRetry(const std::string& what, Victim v, const std::string& node,
                             const std::function<grpc::Status()>& call) {
     KillDuring(what, v, node, call);
-    if (::testing::Test::HasFatalFailure()) return grpc::Status(grpc::StatusCode::INTERNAL, "revive");
+    if (::testing::Test::HasFatalFailure())
+      return grpc::Status(grpc::StatusCode::INTERNAL, "revive");
     return Retry(what, call);
   }
 
@@ -510,8 +520,8 @@ class FaultsKill : public ::testing::Test {
   }
 
   // Writes `blocks` with FUA; each acknowledged one is appended to `acked`.
-  void WriteBlocks(const std::string& node, const std::string& vol, const std::vector<Block>& blocks,
-                   std::vector<Block>* acked) {
+  void WriteBlocks(const std::string& node, const std::string& vol,
+                   const std::vector<Block>& blocks, std::vector<Block>* acked) {
     Nbd c;
     std::string e = c.Connect(NbdSock(node), vol);
     ASSERT_EQ(e, "") << vol << " on " << node;
@@ -525,8 +535,8 @@ class FaultsKill : public ::testing::Test {
   }
 
   // Every block reads back as written (later blocks win where they overlap: none do here).
-  void VerifyBlocks(const std::string& node, const std::string& vol, const std::vector<Block>& blocks,
-                    const std::string& why) {
+  void VerifyBlocks(const std::string& node, const std::string& vol,
+                    const std::vector<Block>& blocks, const std::string& why) {
     Nbd c;
     std::string e = c.Connect(NbdSock(node), vol);
     ASSERT_EQ(e, "") << vol << " on " << node << " (" << why << ")";
@@ -629,7 +639,8 @@ class FaultsKill : public ::testing::Test {
     bool recut = false;
     while (true) {
       v1::Snapshot s;
-      grpc::Status st = Retry("CreateSnapshot (poll)", [&] { return CreateSnapshot(name, src, bytes, &s); });
+      grpc::Status st =
+          Retry("CreateSnapshot (poll)", [&] { return CreateSnapshot(name, src, bytes, &s); });
       ASSERT_TRUE(st.ok());
       if (s.creation_time().seconds() != first.creation_time().seconds() ||
           s.creation_time().nanos() != first.creation_time().nanos()) {
@@ -676,11 +687,11 @@ TEST_F(FaultsKill, ProvisioningSnapshotsExpansion) {
     v1::Volume v;
     v1::Snapshot s;
     Calibrate("CreateVolume", [&] { return CreateVolume("pvc-cal", n, kVolBytes, "", &v); });
-    Calibrate("CreateSnapshot", [&] { return CreateSnapshot("snap-cal", v.volume_id(), kVolBytes, &s); });
+    Calibrate("CreateSnapshot",
+              [&] { return CreateSnapshot("snap-cal", v.volume_id(), kVolBytes, &s); });
     WaitSnapshotReady("snap-cal", v.volume_id(), kVolBytes, s);
-    Calibrate("Restore", [&] {
-      return CreateVolume("pvc-cal-r", n, kVolBytes, s.snapshot_id(), nullptr);
-    });
+    Calibrate("Restore",
+              [&] { return CreateVolume("pvc-cal-r", n, kVolBytes, s.snapshot_id(), nullptr); });
     ASSERT_TRUE(WaitReady(n, "pvc-cal-r"));
     Calibrate("ControllerExpandVolume", [&] { return Expand(v.volume_id(), 2 * kVolBytes); });
     Calibrate("DeleteVolume", [&] { return DeleteVolume("v1:node-a:pvc-cal-r"); });
@@ -797,7 +808,6 @@ TEST_F(FaultsKill, ProvisioningSnapshotsExpansion) {
   EXPECT_GE(fig_.kill_points, 7 * rounds);
 }
 
-
 // ---- the node plugin: kill -9 in every kubelet call of a block volume's life -------------------
 
 std::string ReadText(const std::string& path) {
@@ -881,7 +891,8 @@ int DeviceIo(const std::string& path, bool write, uint64_t off, std::string* dat
 TEST_F(FaultsKill, NodePluginBlockVolumes) {
   if (std::string why = NodePrerequisites(); !why.empty()) {
     const char* ci = getenv("CI");
-    if (ci && std::string(ci) == "true") FAIL() << why << " (CI=true: prerequisites must be present)";
+    if (ci && std::string(ci) == "true")
+      FAIL() << why << " (CI=true: prerequisites must be present)";
     GTEST_SKIP() << why;
   }
   const int rounds = static_cast<int>(EnvOr("FAULTS_NODE_ROUNDS", 8));
@@ -893,10 +904,10 @@ TEST_F(FaultsKill, NodePluginBlockVolumes) {
   std::unique_ptr<v1::Node::Stub> stub;
   auto start = [&] {
     fs::remove(csi_sock);
-    ASSERT_TRUE(plugin.Start({Cluster::Bin("nbd-csi-node"), "--csi-endpoint", "unix://" + csi_sock,
-                              "--node-id", node, "--datapath",
-                              "unix://" + dir + "/" + node + "-api.sock", "--log-level", "debug"},
-                             dir + "/node-plugin.log"));
+    ASSERT_TRUE(plugin.Start(
+        {Cluster::Bin("nbd-csi-node"), "--csi-endpoint", "unix://" + csi_sock, "--node-id", node,
+         "--datapath", "unix://" + dir + "/" + node + "-api.sock", "--log-level", "debug"},
+        dir + "/node-plugin.log"));
     auto deadline = Clock::now() + 20s;
     while (!fs::exists(csi_sock)) {
       ASSERT_TRUE(plugin.Running()) << ReadText(dir + "/node-plugin.log");
@@ -915,8 +926,8 @@ TEST_F(FaultsKill, NodePluginBlockVolumes) {
   };
   start();
   ASSERT_FALSE(HasFatalFailure());
-  auto atts = dp::Attachments::NewStub(
-      grpc::CreateChannel("unix://" + dir + "/" + node + "-api.sock", grpc::InsecureChannelCredentials()));
+  auto atts = dp::Attachments::NewStub(grpc::CreateChannel(
+      "unix://" + dir + "/" + node + "-api.sock", grpc::InsecureChannelCredentials()));
   auto attachments = [&](const std::string& vol) {
     dp::ListAttachmentsResponse resp;
     EXPECT_TRUE(atts->ListAttachments(CallCtx().get(), dp::ListAttachmentsRequest(), &resp).ok());
@@ -1015,13 +1026,16 @@ TEST_F(FaultsKill, NodePluginBlockVolumes) {
     Paths p = paths("pvc-n" + std::to_string(r));
     ASSERT_TRUE(create(p.name).ok());
 
-    ASSERT_TRUE(KillAndRetry("NodeStageVolume", Victim::kNode, node, [&] { return stage(p); }).ok());
+    ASSERT_TRUE(
+        KillAndRetry("NodeStageVolume", Victim::kNode, node, [&] { return stage(p); }).ok());
     auto a = attachments(p.name);
     ASSERT_EQ(a.size(), 1u) << "a killed and retried stage must leave exactly one attachment";
     EXPECT_TRUE(a[0].link_ok()) << a[0].link_error();
 
-    ASSERT_TRUE(KillAndRetry("NodePublishVolume", Victim::kNode, node, [&] { return publish(p); }).ok());
-    struct stat tst {}, dst {};
+    ASSERT_TRUE(
+        KillAndRetry("NodePublishVolume", Victim::kNode, node, [&] { return publish(p); }).ok());
+    struct stat tst {
+    }, dst{};
     ASSERT_EQ(stat(p.target.c_str(), &tst), 0);
     ASSERT_EQ(stat(a[0].device().c_str(), &dst), 0);
     EXPECT_TRUE(S_ISBLK(tst.st_mode));
@@ -1038,9 +1052,9 @@ TEST_F(FaultsKill, NodePluginBlockVolumes) {
     }
 
     ASSERT_TRUE(Expand(p.id, 2 * kVolBytes).ok());
-    ASSERT_TRUE(
-        KillAndRetry("NodeExpandVolume", Victim::kNode, node, [&] { return expand(p, 2 * kVolBytes); })
-            .ok());
+    ASSERT_TRUE(KillAndRetry("NodeExpandVolume", Victim::kNode, node, [&] {
+                  return expand(p, 2 * kVolBytes);
+                }).ok());
     EXPECT_EQ(DeviceBytes(p.target), 2 * kVolBytes);
     for (const auto& b : Blocks(1, kVolBytes, 2 * kVolBytes, &used)) {
       std::string d = Pattern(b.seed, b.len);
@@ -1056,10 +1070,13 @@ TEST_F(FaultsKill, NodePluginBlockVolumes) {
       fig_.verified_bytes += b.len;
     }
 
-    ASSERT_TRUE(KillAndRetry("NodeUnpublishVolume", Victim::kNode, node, [&] { return unpublish(p); }).ok());
+    ASSERT_TRUE(KillAndRetry("NodeUnpublishVolume", Victim::kNode, node, [&] {
+                  return unpublish(p);
+                }).ok());
     EXPECT_FALSE(MountedAt(p.target));
     EXPECT_FALSE(fs::exists(p.target));
-    ASSERT_TRUE(KillAndRetry("NodeUnstageVolume", Victim::kNode, node, [&] { return unstage(p); }).ok());
+    ASSERT_TRUE(
+        KillAndRetry("NodeUnstageVolume", Victim::kNode, node, [&] { return unstage(p); }).ok());
     EXPECT_TRUE(attachments(p.name).empty()) << p.name << " still attached after unstage";
     EXPECT_TRUE(LoopsFor(dir, "/" + p.name + "/").empty()) << p.name << ": a loop device is left";
 
