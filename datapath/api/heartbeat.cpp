@@ -16,7 +16,6 @@
 #include <spdlog/spdlog.h>
 
 #include "common/node_id.h"
-#include "datapath/api/service.h"
 
 namespace nbdcsi::datapath {
 
@@ -96,7 +95,7 @@ v1::HeartbeatRequest MakeHeartbeatRequest(const HeartbeatOptions& opts, const Po
   req.set_api_address(opts.advertise);
   req.set_capacity_bytes(info.capacity);
   req.set_free_bytes(info.free);
-  req.set_provisionable_bytes(ProvisionableBytes(info));
+  req.set_provisionable_bytes(info.provisionable());
   req.set_provisioned_bytes(info.provisioned);
   req.set_volumes(info.volumes);
   req.set_reflink(info.reflink);

@@ -8,7 +8,6 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
-#include <set>
 #include <string_view>
 #include <utility>
 
@@ -23,9 +22,6 @@ namespace nbdcsi::datapath {
 namespace v1 = ::nbdcsi::datapath::v1;
 
 namespace {
-
-constexpr uint64_t kGiB = uint64_t{1} << 30;
-constexpr uint64_t kMaxVolumeSize = static_cast<uint64_t>(std::numeric_limits<off_t>::max());
 
 QosLimits FromProto(const v1::QosLimits& p) {
   QosLimits q;
@@ -53,7 +49,8 @@ void ToProto(const QosLimits& q, v1::QosLimits* p) {
   p->set_burst_ms(q.burst_ms);
 }
 
-QosLimits ApplyPatch(QosLimits q, const v1::QosPatch& p) {
+QosPatch FromProto(const v1::QosPatch& p) {
+  QosPatch q;
   if (p.has_max_iops()) q.max_iops = p.max_iops();
   if (p.has_max_read_iops()) q.max_read_iops = p.max_read_iops();
   if (p.has_max_write_iops()) q.max_write_iops = p.max_write_iops();
@@ -66,33 +63,27 @@ QosLimits ApplyPatch(QosLimits q, const v1::QosPatch& p) {
   return q;
 }
 
-Status ValidateSize(const std::string& name, uint64_t size) {
-  if (size == 0) return Error(EINVAL, "volume \"{}\": size must be greater than 0", name);
-  if (size % kVolumeSizeAlignment != 0) {
-    return Error(EINVAL, "volume \"{}\": size {} is not a multiple of {} bytes", name, size,
-                 kVolumeSizeAlignment);
+// The request as the pool's CreateSpec. Only the shape of the message is checked here (a source
+// that names neither kind); every rule about names, sizes and limits is the pool's.
+StatusOr<CreateSpec> FromProto(const v1::CreateVolumeRequest& req) {
+  CreateSpec spec;
+  spec.name = req.name();
+  spec.size = req.size_bytes();
+  spec.qos = FromProto(req.qos());
+  spec.read_only = req.read_only();
+  if (!req.has_source()) return spec;
+  switch (req.source().kind_case()) {
+    case v1::VolumeContentSource::kSnapshot:
+      spec.source = VolumeSource::FromSnapshot(req.source().snapshot());
+      return spec;
+    case v1::VolumeContentSource::kVolume:
+      spec.source = VolumeSource::FromVolume(req.source().volume());
+      return spec;
+    case v1::VolumeContentSource::KIND_NOT_SET:
+      break;
   }
-  if (size > kMaxVolumeSize) {
-    return Error(EINVAL, "volume \"{}\": size {} is larger than the maximum file size {}", name,
-                 size, kMaxVolumeSize);
-  }
-  return Status::Ok();
-}
-
-// Rejects limits the throttle could not represent for a volume of `size` bytes, so a typo
-// surfaces as INVALID_ARGUMENT here instead of a silently wrapped rate in the datapath.
-Status ValidateQos(const std::string& name, const QosLimits& q, uint64_t size) {
-  if (q.burst_ms > kMaxBurstMs) {
-    return Error(EINVAL, "volume \"{}\": burst_ms {} is above the maximum {}", name, q.burst_ms,
-                 kMaxBurstMs);
-  }
-  uint64_t gib = size / kGiB + (size % kGiB ? 1 : 0);
-  uint64_t out;
-  if (__builtin_mul_overflow(q.iops_per_gib, gib, &out) ||
-      __builtin_mul_overflow(q.bps_per_gib, gib, &out)) {
-    return Error(EINVAL, "volume \"{}\": per-GiB QoS limit times {} GiB overflows", name, gib);
-  }
-  return Status::Ok();
+  return Error(EINVAL, "volume \"{}\": the content source names neither a snapshot nor a volume",
+               req.name());
 }
 
 grpc::Status Fail(const char* rpc, const Status& s) {
@@ -103,82 +94,25 @@ grpc::Status Fail(const char* rpc, const Status& s) {
 
 }  // namespace
 
-// Handlers validate every argument before the pool sees it and map errors through ToGrpc.
-// Mutating calls hold a per-name in-flight mark: a second concurrent call on the same volume gets
-// ABORTED (EALREADY) instead of racing, and read-modify-write (QoS patches) is atomic with respect
-// to other API calls.
-// The per-name in-flight marks (see DatapathService). Shared by the service objects of one
-// ApiServer: a name busy over the unix socket is busy over TCP too.
-struct InFlightSet {
-  enum class Key { kVolume, kSnapshot };
-  std::mutex mu;
-  std::set<std::pair<Key, std::string>> busy;  // guarded by mu
-};
-
+// Handlers convert the request to the pool's types, make one call into the pool (which checks
+// every argument and decides under its own name guard) and map the result through ToGrpc.
+// Mutating calls also hold a per-name in-flight mark: a second concurrent call on the same
+// volume or snapshot gets ABORTED (EALREADY) at once instead of queueing behind the first in the
+// pool, as CSI sidecars expect.
 class DatapathService final : public v1::Datapath::Service {
  public:
-  DatapathService(Pool& pool, std::shared_ptr<InFlightSet> in_flight)
+  DatapathService(Pool& pool, std::shared_ptr<NameLocks> in_flight)
       : pool_(pool), in_flight_(std::move(in_flight)) {}
 
   grpc::Status CreateVolume(grpc::ServerContext*, const v1::CreateVolumeRequest* req,
                             v1::CreateVolumeResponse* resp) override {
-    const std::string& name = req->name();
-    if (auto s = ValidateVolumeName(name); !s.ok()) return Fail("CreateVolume", s);
-    using Kind = v1::VolumeContentSource::KindCase;
-    const Kind kind = req->has_source() ? req->source().kind_case() : Kind::KIND_NOT_SET;
-    if (req->has_source() && kind == Kind::KIND_NOT_SET) {
-      return Fail("CreateVolume", Error(EINVAL, "volume \"{}\": the content source names neither "
-                                        "a snapshot nor a volume", name));
-    }
-    if (kind == Kind::kSnapshot) {
-      if (auto s = ValidateSnapshotName(req->source().snapshot()); !s.ok()) {
-        return Fail("CreateVolume", Error(s.code(), "volume \"{}\": source {}", name, s.message()));
-      }
-    } else if (kind == Kind::kVolume) {
-      if (auto s = ValidateVolumeName(req->source().volume()); !s.ok()) {
-        return Fail("CreateVolume", Error(s.code(), "volume \"{}\": source {}", name, s.message()));
-      }
-      if (req->source().volume() == name) {
-        return Fail("CreateVolume", Error(EINVAL, "volume \"{}\": cannot be cloned onto itself",
-                                          name));
-      }
-    }
-    // With a source, 0 means "the source's size"; any other size follows the blank-volume rules.
-    if (kind == Kind::KIND_NOT_SET || req->size_bytes() != 0) {
-      if (auto s = ValidateSize(name, req->size_bytes()); !s.ok()) return Fail("CreateVolume", s);
-    }
-    QosLimits qos = FromProto(req->qos());
-    InFlight guard(*this, Key::kVolume, name);
+    auto spec = FromProto(*req);
+    if (!spec.ok()) return Fail("CreateVolume", spec.status());
+    auto guard = Mark("volume", req->name());
     if (!guard.ok()) return Fail("CreateVolume", guard.status());
-    // Per-GiB limits are checked against the size the volume will have, which for "size 0"
-    // is the source's: look it up (an unknown source fails here with the pool's NOT_FOUND).
-    uint64_t qos_size = req->size_bytes();
-    if (qos_size == 0 && kind == Kind::kSnapshot) {
-      auto src = pool_.InspectSnapshot(req->source().snapshot());
-      if (!src.ok()) return Fail("CreateVolume", src.status());
-      qos_size = src->size;
-    } else if (qos_size == 0 && kind == Kind::kVolume) {
-      auto src = pool_.Inspect(req->source().volume());
-      if (!src.ok()) return Fail("CreateVolume", src.status());
-      qos_size = src->size;
-    }
-    if (auto s = ValidateQos(name, qos, qos_size); !s.ok()) return Fail("CreateVolume", s);
-    StatusOr<VolumeInfo> r = Error(EINVAL, "unreachable");
-    switch (kind) {
-      case Kind::kSnapshot:
-        r = pool_.CreateVolumeFromSnapshot(name, req->source().snapshot(), req->size_bytes(), qos,
-                                           req->read_only());
-        break;
-      case Kind::kVolume:
-        r = pool_.CloneVolume(name, req->source().volume(), req->size_bytes(), qos,
-                              req->read_only());
-        break;
-      case Kind::KIND_NOT_SET:
-        r = pool_.Create(name, req->size_bytes(), qos, req->read_only());
-        break;
-    }
+    auto r = pool_.Create(*spec);
     if (!r.ok()) return Fail("CreateVolume", r.status());
-    spdlog::info("api CreateVolume: volume \"{}\" size {}{}{}{}", name, r->size,
+    spdlog::info("api CreateVolume: volume \"{}\" size {}{}{}{}", r->name, r->size,
                  r->read_only ? " read-only" : "", r->source.empty() ? "" : " from " + r->source,
                  r->ready ? "" : " (copying)");
     Fill(*r, resp->mutable_volume());
@@ -188,8 +122,7 @@ class DatapathService final : public v1::Datapath::Service {
   grpc::Status DeleteVolume(grpc::ServerContext*, const v1::DeleteVolumeRequest* req,
                             v1::DeleteVolumeResponse*) override {
     const std::string& name = req->name();
-    if (auto s = ValidateVolumeName(name); !s.ok()) return Fail("DeleteVolume", s);
-    InFlight guard(*this, Key::kVolume, name);
+    auto guard = Mark("volume", name);
     if (!guard.ok()) return Fail("DeleteVolume", guard.status());
     if (auto s = pool_.Delete(name); !s.ok()) return Fail("DeleteVolume", s);
     spdlog::info("api DeleteVolume: volume \"{}\" deleted", name);
@@ -199,20 +132,11 @@ class DatapathService final : public v1::Datapath::Service {
   grpc::Status ResizeVolume(grpc::ServerContext*, const v1::ResizeVolumeRequest* req,
                             v1::ResizeVolumeResponse* resp) override {
     const std::string& name = req->name();
-    if (auto s = ValidateVolumeName(name); !s.ok()) return Fail("ResizeVolume", s);
-    if (auto s = ValidateSize(name, req->size_bytes()); !s.ok()) return Fail("ResizeVolume", s);
-    InFlight guard(*this, Key::kVolume, name);
+    auto guard = Mark("volume", name);
     if (!guard.ok()) return Fail("ResizeVolume", guard.status());
-    auto cur = pool_.Inspect(name);
-    if (!cur.ok()) return Fail("ResizeVolume", cur.status());
-    if (auto s = ValidateQos(name, cur->qos, req->size_bytes()); !s.ok()) {
-      return Fail("ResizeVolume", s);
-    }
     auto r = pool_.Resize(name, req->size_bytes());
     if (!r.ok()) return Fail("ResizeVolume", r.status());
-    if (cur->size != r->size) {
-      spdlog::info("api ResizeVolume: volume \"{}\" {} -> {} bytes", name, cur->size, r->size);
-    }
+    spdlog::info("api ResizeVolume: volume \"{}\" is {} bytes", name, r->size);
     Fill(*r, resp->mutable_volume());
     return grpc::Status::OK;
   }
@@ -228,7 +152,6 @@ class DatapathService final : public v1::Datapath::Service {
 
   grpc::Status GetVolume(grpc::ServerContext*, const v1::GetVolumeRequest* req,
                          v1::GetVolumeResponse* resp) override {
-    if (auto s = ValidateVolumeName(req->name()); !s.ok()) return Fail("GetVolume", s);
     auto r = pool_.Inspect(req->name());
     if (!r.ok()) return Fail("GetVolume", r.status());
     Fill(*r, resp->mutable_volume());
@@ -238,20 +161,17 @@ class DatapathService final : public v1::Datapath::Service {
   grpc::Status SetQos(grpc::ServerContext*, const v1::SetQosRequest* req,
                       v1::SetQosResponse* resp) override {
     const std::string& name = req->name();
-    if (auto s = ValidateVolumeName(name); !s.ok()) return Fail("SetQos", s);
     if (req->change_case() == v1::SetQosRequest::CHANGE_NOT_SET) {
       return Fail("SetQos", Error(EINVAL, "volume \"{}\": SetQos needs either replace or patch",
                                   name));
     }
-    InFlight guard(*this, Key::kVolume, name);
+    auto guard = Mark("volume", name);
     if (!guard.ok()) return Fail("SetQos", guard.status());
-    auto cur = pool_.Inspect(name);
-    if (!cur.ok()) return Fail("SetQos", cur.status());
-    QosLimits next = req->has_replace() ? FromProto(req->replace())
-                                        : ApplyPatch(cur->qos, req->patch());
-    if (auto s = ValidateQos(name, next, cur->size); !s.ok()) return Fail("SetQos", s);
-    if (auto s = pool_.SetQos(name, next); !s.ok()) return Fail("SetQos", s);
-    auto r = pool_.Inspect(name);
+    // A patch is applied by the pool to the limits it holds, under its guard: read and write are
+    // one step, whoever else changes the volume.
+    const QosPatch change =
+        req->has_replace() ? QosPatch::All(FromProto(req->replace())) : FromProto(req->patch());
+    auto r = pool_.UpdateQos(name, change);
     if (!r.ok()) return Fail("SetQos", r.status());
     spdlog::info("api SetQos: volume \"{}\" limits changed", name);
     Fill(*r, resp->mutable_volume());
@@ -261,11 +181,10 @@ class DatapathService final : public v1::Datapath::Service {
   grpc::Status GetVolumeStats(grpc::ServerContext*, const v1::GetVolumeStatsRequest* req,
                               v1::GetVolumeStatsResponse* resp) override {
     const std::string& name = req->name();
-    if (auto s = ValidateVolumeName(name); !s.ok()) return Fail("GetVolumeStats", s);
     auto vol = pool_.Acquire(name);
     if (!vol) {
-      // Acquire cannot tell a missing volume from a broken one; Inspect can, and a broken
-      // volume must not be reported as "not found" (the operator would recreate it and fail).
+      // Acquire cannot tell a missing volume from a broken one or a bad name; Inspect can, and
+      // a broken volume must not be reported as "not found" (the operator would recreate it).
       auto r = pool_.Inspect(name);
       if (!r.ok()) return Fail("GetVolumeStats", r.status());
       vol = pool_.Acquire(name);  // created between the two calls
@@ -316,7 +235,7 @@ class DatapathService final : public v1::Datapath::Service {
     resp->set_provisioned_bytes(info.provisioned);
     resp->set_allocated_bytes(info.allocated);
     resp->set_overcommit_ratio(info.overcommit_ratio);
-    resp->set_provisionable_bytes(ProvisionableBytes(info));
+    resp->set_provisionable_bytes(info.provisionable());
     resp->set_volumes(info.volumes);
     for (const auto& o : info.cleaned_orphans) resp->add_cleaned_orphans(o);
     for (const auto& b : info.broken_volumes) resp->add_broken_volumes(b);
@@ -330,14 +249,9 @@ class DatapathService final : public v1::Datapath::Service {
   grpc::Status CreateSnapshot(grpc::ServerContext*, const v1::CreateSnapshotRequest* req,
                               v1::CreateSnapshotResponse* resp) override {
     const std::string& name = req->name();
-    if (auto s = ValidateSnapshotName(name); !s.ok()) return Fail("CreateSnapshot", s);
-    if (auto s = ValidateVolumeName(req->source_volume()); !s.ok()) {
-      return Fail("CreateSnapshot",
-                  Error(s.code(), "snapshot \"{}\": source {}", name, s.message()));
-    }
-    // Only the snapshot's name is held: a volume's own calls (resize, QoS, other snapshots of
+    // Only the snapshot's name is marked: a volume's own calls (resize, QoS, other snapshots of
     // it) are ordered by the pool, which answers UNAVAILABLE while a copy from it runs.
-    InFlight guard(*this, Key::kSnapshot, name);
+    auto guard = Mark("snapshot", name);
     if (!guard.ok()) return Fail("CreateSnapshot", guard.status());
     auto r = pool_.CreateSnapshot(name, req->source_volume());
     if (!r.ok()) return Fail("CreateSnapshot", r.status());
@@ -350,8 +264,7 @@ class DatapathService final : public v1::Datapath::Service {
   grpc::Status DeleteSnapshot(grpc::ServerContext*, const v1::DeleteSnapshotRequest* req,
                               v1::DeleteSnapshotResponse*) override {
     const std::string& name = req->name();
-    if (auto s = ValidateSnapshotName(name); !s.ok()) return Fail("DeleteSnapshot", s);
-    InFlight guard(*this, Key::kSnapshot, name);
+    auto guard = Mark("snapshot", name);
     if (!guard.ok()) return Fail("DeleteSnapshot", guard.status());
     if (auto s = pool_.DeleteSnapshot(name); !s.ok()) return Fail("DeleteSnapshot", s);
     spdlog::info("api DeleteSnapshot: snapshot \"{}\" deleted", name);
@@ -360,21 +273,16 @@ class DatapathService final : public v1::Datapath::Service {
 
   grpc::Status ListSnapshots(grpc::ServerContext*, const v1::ListSnapshotsRequest* req,
                              v1::ListSnapshotsResponse* resp) override {
-    if (!req->source_volume().empty()) {
-      if (auto s = ValidateVolumeName(req->source_volume()); !s.ok()) {
-        return Fail("ListSnapshots", Error(s.code(), "filter: {}", s.message()));
-      }
-    }
     auto snaps = pool_.ListSnapshots(req->source_volume());
-    std::sort(snaps.begin(), snaps.end(),
+    if (!snaps.ok()) return Fail("ListSnapshots", snaps.status());
+    std::sort(snaps->begin(), snaps->end(),
               [](const SnapshotInfo& a, const SnapshotInfo& b) { return a.name < b.name; });
-    for (const auto& s : snaps) Fill(s, resp->add_snapshots());
+    for (const auto& s : *snaps) Fill(s, resp->add_snapshots());
     return grpc::Status::OK;
   }
 
   grpc::Status GetSnapshot(grpc::ServerContext*, const v1::GetSnapshotRequest* req,
                            v1::GetSnapshotResponse* resp) override {
-    if (auto s = ValidateSnapshotName(req->name()); !s.ok()) return Fail("GetSnapshot", s);
     auto r = pool_.InspectSnapshot(req->name());
     if (!r.ok()) return Fail("GetSnapshot", r.status());
     Fill(*r, resp->mutable_snapshot());
@@ -382,34 +290,17 @@ class DatapathService final : public v1::Datapath::Service {
   }
 
  private:
-  // Volumes and snapshots are separate namespaces, so their in-flight marks are too: creating
-  // snapshot "a" of volume "a" must not look like a second call on volume "a".
-  using Key = InFlightSet::Key;
-
-  class InFlight {
-   public:
-    InFlight(DatapathService& svc, Key kind, const std::string& name)
-        : svc_(svc), kind_(kind), name_(name) {
-      std::lock_guard lock(svc_.in_flight_->mu);
-      ok_ = svc_.in_flight_->busy.insert({kind_, name_}).second;
+  // The in-flight mark of `kind` ("volume" or "snapshot") NAME. Volumes and snapshots are
+  // separate namespaces, so their marks are too: creating snapshot "a" of volume "a" must not
+  // look like a second call on volume "a".
+  StatusOr<NameLocks::Guard> Mark(const char* kind, const std::string& name) {
+    auto guard = in_flight_->TryAcquire(fmt::format("{}/{}", kind, name));
+    if (!guard) {
+      return Error(EALREADY, "{} \"{}\": another operation on it is in progress; retry", kind,
+                   name);
     }
-    ~InFlight() {
-      if (!ok_) return;
-      std::lock_guard lock(svc_.in_flight_->mu);
-      svc_.in_flight_->busy.erase({kind_, name_});
-    }
-    bool ok() const { return ok_; }
-    Status status() const {
-      return Error(EALREADY, "{} \"{}\": another operation on it is in progress; retry",
-                   kind_ == Key::kVolume ? "volume" : "snapshot", name_);
-    }
-
-   private:
-    DatapathService& svc_;
-    Key kind_;
-    std::string name_;
-    bool ok_ = false;
-  };
+    return std::move(*guard);
+  }
 
   void Fill(const VolumeInfo& info, v1::Volume* out) {
     out->set_name(info.name);
@@ -452,17 +343,8 @@ class DatapathService final : public v1::Datapath::Service {
   }
 
   Pool& pool_;
-  std::shared_ptr<InFlightSet> in_flight_;
+  std::shared_ptr<NameLocks> in_flight_;
 };
-
-uint64_t ProvisionableBytes(const PoolInfo& info) {
-  long double limit = static_cast<long double>(info.capacity) * info.overcommit_ratio;
-  long double room = limit - static_cast<long double>(info.provisioned);
-  if (room >= static_cast<long double>(std::numeric_limits<uint64_t>::max())) {
-    return std::numeric_limits<uint64_t>::max();
-  }
-  return room > 0 ? static_cast<uint64_t>(room) : 0;
-}
 
 ApiServer::~ApiServer() {
   Shutdown();
@@ -511,16 +393,10 @@ Status VerifyUnixMode(const Endpoint& ep) {
   return Status::Ok();
 }
 
-}  // namespace
-
-StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiListen> listens,
-                                                    std::vector<grpc::Service*> extra) {
+// Every listener is checked before anything binds, so a bad one costs nothing.
+StatusOr<std::vector<Endpoint>> CheckListeners(const std::vector<ApiListen>& listens) {
   if (listens.empty()) return Error(EINVAL, "management API: no listener given");
-  std::unique_ptr<ApiServer> api(new ApiServer());
-  api->in_flight_ = std::make_shared<InFlightSet>();
-  api->local_service_ = std::make_unique<DatapathService>(pool, api->in_flight_);
-  api->remote_service_ = std::make_unique<DatapathService>(pool, api->in_flight_);
-  // Every listener is checked before anything binds, so a bad one costs nothing.
+  std::vector<Endpoint> out;
   for (const ApiListen& l : listens) {
     auto ep = ParseEndpoint(l.endpoint);
     if (!ep.ok()) return ep.status();
@@ -538,22 +414,27 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiL
       spdlog::warn("management API on {} is plaintext TCP without authentication: tests only",
                    ep->ToString());
     }
-    api->endpoints_.push_back(*ep);
+    out.push_back(*ep);
   }
-  api->ports_.assign(listens.size(), 0);
+  return out;
+}
 
+}  // namespace
+
+// TCP first: when it cannot bind, no unix socket is created for nothing. Returns whether the
+// TCP side failed.
+bool ApiServer::BuildAndStart(const std::vector<ApiListen>& listens,
+                              const std::vector<grpc::Service*>& extra) {
   grpc::ServerBuilder local, remote;
   bool any_local = false, any_remote = false;
   for (size_t i = 0; i < listens.size(); ++i) {
-    const Endpoint& ep = api->endpoints_[i];
+    const Endpoint& ep = endpoints_[i];
     if (ep.kind == Endpoint::Kind::kUnix) {
-      local.AddListeningPort(ep.GrpcTarget(), grpc::InsecureServerCredentials(), &api->ports_[i]);
+      local.AddListeningPort(ep.GrpcTarget(), grpc::InsecureServerCredentials(), &ports_[i]);
       any_local = true;
     } else {
-      remote.AddListeningPort(ep.GrpcTarget(),
-                              listens[i].creds ? listens[i].creds
-                                               : grpc::InsecureServerCredentials(),
-                              &api->ports_[i]);
+      auto creds = listens[i].creds ? listens[i].creds : grpc::InsecureServerCredentials();
+      remote.AddListeningPort(ep.GrpcTarget(), creds, &ports_[i]);
       any_remote = true;
     }
   }
@@ -561,18 +442,15 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiL
     // gRPC sets SO_REUSEPORT by default: a second datapath on the same port would then share
     // the connections with us instead of failing to start.
     remote.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-    remote.RegisterService(api->remote_service_.get());
-    api->remote_ = remote.BuildAndStart();
+    remote.RegisterService(remote_service_.get());
+    remote_ = remote.BuildAndStart();
   }
-  // TCP first: when it cannot bind, no unix socket has been created for nothing.
-  bool remote_failed = any_remote && !api->remote_;
+  bool remote_failed = any_remote && !remote_;
   for (size_t i = 0; i < listens.size(); ++i) {
-    if (api->endpoints_[i].kind == Endpoint::Kind::kTcp && api->ports_[i] == 0) {
-      remote_failed = true;
-    }
+    if (endpoints_[i].kind == Endpoint::Kind::kTcp && ports_[i] == 0) remote_failed = true;
   }
   if (any_local && !remote_failed) {
-    local.RegisterService(api->local_service_.get());
+    local.RegisterService(local_service_.get());
     for (grpc::Service* s : extra) local.RegisterService(s);
     // The socket must never be reachable with a wider mode, not even between bind() and a
     // chmod(). umask is process-wide, so this only narrows the mode of files other threads create
@@ -580,25 +458,45 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiL
     static std::mutex umask_mu;
     std::lock_guard lock(umask_mu);
     mode_t old = umask(0177);
-    api->local_ = local.BuildAndStart();
+    local_ = local.BuildAndStart();
     umask(old);
   }
-  for (size_t i = 0; i < listens.size(); ++i) {
-    const Endpoint& ep = api->endpoints_[i];
+  return remote_failed;
+}
+
+// Every listener is bound (the destructor stops whichever server did start otherwise), and
+// every unix socket has mode 0600.
+Status ApiServer::CheckListening(bool remote_failed) const {
+  for (size_t i = 0; i < endpoints_.size(); ++i) {
+    const Endpoint& ep = endpoints_[i];
     const bool is_unix = ep.kind == Endpoint::Kind::kUnix;
     if (is_unix && remote_failed) continue;  // never tried; the TCP listener is the one to name
-    const bool built = is_unix ? api->local_ != nullptr : api->remote_ != nullptr;
-    if (!built || api->ports_[i] == 0) {
-      // The destructor stops whichever server did start.
+    const bool built = is_unix ? local_ != nullptr : remote_ != nullptr;
+    if (!built || ports_[i] == 0) {
       return Error(EADDRNOTAVAIL, "cannot listen on {}: gRPC could not bind it (see its log)",
                    ep.ToString());
     }
   }
-  for (const Endpoint& ep : api->endpoints_) {
+  for (const Endpoint& ep : endpoints_) {
     if (ep.kind == Endpoint::Kind::kUnix) {
       if (auto s = VerifyUnixMode(ep); !s.ok()) return s;
     }
   }
+  return Status::Ok();
+}
+
+StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiListen> listens,
+                                                    std::vector<grpc::Service*> extra) {
+  auto endpoints = CheckListeners(listens);
+  if (!endpoints.ok()) return endpoints.status();
+  std::unique_ptr<ApiServer> api(new ApiServer());
+  api->in_flight_ = std::make_shared<NameLocks>();
+  api->local_service_ = std::make_unique<DatapathService>(pool, api->in_flight_);
+  api->remote_service_ = std::make_unique<DatapathService>(pool, api->in_flight_);
+  api->endpoints_ = std::move(*endpoints);
+  api->ports_.assign(listens.size(), 0);
+  const bool remote_failed = api->BuildAndStart(listens, extra);
+  if (Status s = api->CheckListening(remote_failed); !s.ok()) return s;
   for (size_t i = 0; i < listens.size(); ++i) {
     const Endpoint& ep = api->endpoints_[i];
     spdlog::info("management API listening on {}{}", ep.ToString(),

@@ -10,17 +10,13 @@
 #include <grpcpp/server.h>
 
 #include "common/endpoint.h"
+#include "common/name_locks.h"
 #include "common/status.h"
 #include "datapath/pool/pool.h"
 
 namespace nbdcsi::datapath {
 
 class DatapathService;
-struct InFlightSet;
-
-// How many more bytes may be provisioned: capacity x overcommit ratio minus what is provisioned,
-// 0 when overcommitted already, saturating at UINT64_MAX. GetPoolInfo and the heartbeat report it.
-uint64_t ProvisionableBytes(const PoolInfo& info);
 
 // One listening address of the API server.
 struct ApiListen {
@@ -61,9 +57,13 @@ class ApiServer {
   friend StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool&, std::vector<ApiListen>,
                                                              std::vector<grpc::Service*>);
   ApiServer() = default;
+  bool BuildAndStart(const std::vector<ApiListen>& listens,
+                     const std::vector<grpc::Service*>& extra);
+  Status CheckListening(bool remote_failed) const;
   std::vector<Endpoint> endpoints_;
   std::vector<int> ports_;
-  std::shared_ptr<InFlightSet> in_flight_;
+  // Names with a mutating call in flight ("volume/NAME", "snapshot/NAME"; see service.cpp).
+  std::shared_ptr<NameLocks> in_flight_;
   // gRPC serves every registered service on every port of a server, so local and remote
   // listeners are two servers: the remote one carries the Datapath service only (attaching kernel
   // devices is the node plugin's business, over the unix socket). Both service objects share one

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <thread>
 #include <vector>
@@ -77,16 +78,21 @@ std::string BackingFile(int loop_index) {
   return s;
 }
 
-// The loop device's lo_file_name (our tag), "" when it is unbound or unreadable.
-std::string LoopTagOf(int loop_index) {
+// The name stored in the loop device's lo_file_name (our tag), "" when the device is unbound,
+// nullopt when its status cannot be read: LOOP_GET_STATUS64 asks the backing file's file system
+// for the file's attributes, and once the nbdfuse behind a fuse attachment is gone that fails
+// (ENOTCONN) as soon as the attributes are no longer cached. Callers then fall back to the
+// backing file's path.
+std::optional<std::string> LoopTagOf(int loop_index) {
   int fd = open(LoopDevicePath(loop_index).c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) return "";
+  if (fd < 0) return errno == ENOENT || errno == ENXIO ? std::optional<std::string>("") : std::nullopt;
   loop_info64 info{};
   int r = ioctl(fd, LOOP_GET_STATUS64, &info);
+  int err = errno;
   close(fd);
-  if (r != 0) return "";
+  if (r != 0) return err == ENXIO ? std::optional<std::string>("") : std::nullopt;
   info.lo_file_name[LO_NAME_SIZE - 1] = 0;
-  return reinterpret_cast<const char*>(info.lo_file_name);
+  return std::string(reinterpret_cast<const char*>(info.lo_file_name));
 }
 
 std::vector<int> LoopsBackedBy(const std::string& file) {
@@ -255,7 +261,9 @@ class LinuxFuseLoop final : public FuseLoopInterface {
 
   bool LoopBound(const FuseRef& ref) override {
     if (ref.loop_index < 0) return false;
-    if (!ref.loop_tag.empty()) return LoopTagOf(ref.loop_index) == ref.loop_tag;
+    if (!ref.loop_tag.empty()) {
+      if (std::optional<std::string> tag = LoopTagOf(ref.loop_index)) return *tag == ref.loop_tag;
+    }
     return BackingFile(ref.loop_index) == FuseDeviceFile(CanonicalDir(ref.mount_dir));
   }
 
@@ -276,7 +284,7 @@ class LinuxFuseLoop final : public FuseLoopInterface {
     auto ours = [&](int index) {
       return BackingFile(index) == file ||
              (index == ref.loop_index && !ref.loop_tag.empty() &&
-              LoopTagOf(index) == ref.loop_tag);
+              LoopTagOf(index) == std::optional<std::string>(ref.loop_tag));
     };
     for (int index : loops) {
       std::string dev = LoopDevicePath(index);

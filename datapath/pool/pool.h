@@ -1,5 +1,20 @@
 // The pool: thin volumes as sparse files in one directory on the node's local disk.
 //
+// This header is the pool's interface; the pool owns the rules for names, sizes, QoS limits and
+// capacity, and checks them itself (rules.h) under its own per-name guard, so callers convert
+// and forward. Where the implementation lives (datapath/pool/):
+//   rules.{h,cpp}      name, size and QoS rules: the one validator, one errno per rule
+//   metadata.{h,cpp}   schema of NAME.json and its JSON form; pure parsers (fuzzable)
+//   pool_impl.h        the open pool's state (Pool::Impl) and its steps, shared by the files below
+//   commit.cpp         durable metadata commit (temp, fsync, rename, dir fsync), rollbacks
+//   capacity.cpp       capacity, overcommit, provisionable bytes, Pool::Info
+//   load.cpp           Pool::Open: lock, load, orphans, broken objects, recovery of copies
+//   copy.cpp           reflink (CloneWhole) and background-copy (CopyJob) orchestration
+//   volumes.cpp        Create (every source), Delete, Resize, QoS, Inspect, List, Acquire
+//   fill.cpp           restores and clones: source resolution and filling the new volume
+//   snapshots.cpp      snapshot create, delete, list, inspect
+//   copy_job, write_gate, qos, stats: the copy engine, the write pause, throttling, counters
+//
 // Layout of a pool directory DIR:
 //   DIR/.pool.lock        flock(LOCK_EX) held for the daemon's lifetime: one daemon per pool
 //   DIR/volumes/NAME.img  the volume's data, a sparse file (thin provisioning)
@@ -19,7 +34,9 @@
 // stays taken until an explicit Delete. Only files the pool itself leaves behind (temp files,
 // data files with no metadata at all) are removed automatically.
 // Sizes must be multiples of kVolumeSizeAlignment; per-GiB QoS keys use the size rounded up to
-// whole GiB (see qos.h Resolve).
+// whole GiB (see qos.h Resolve). The errno of every rule is listed in rules.h: each is EINVAL,
+// including a size above the largest file size (never EFBIG, which the API once answered with a
+// different gRPC code than the pool's own check).
 //
 // Snapshots, restores and clones:
 //   DIR/snapshots/NAME.img + NAME.json   a snapshot: same name rules, same version field and
@@ -33,14 +50,14 @@
 //   reflink (XFS reflink=1, btrfs): a live source is cloned into a temp file in 16 MiB
 //            FICLONERANGE segments while its writes flow (a DirtyTracker on the gate records
 //            them), then under the pause only the chunks written meanwhile are cloned again
-//            (pool.cpp CloneWhole); an immutable source is one FICLONE. Then fsync, rename to
+//            (copy.cpp CloneWhole); an immutable source is one FICLONE. Then fsync, rename to
 //            NAME.img, fsync dir, commit NAME.json ("ready").
 //   copy (ext4 ...): NAME.img is created sized and NAME.json committed with state "copying"
 //            first (visible, ready=false, with progress); under the pause a CopyJob
 //            (copy_job.h) is installed as the source's copy-before-write preserver; when it has
 //            copied and fsynced everything, NAME.json is committed "ready" (or "failed" with
 //            the error, data truncated to release its space). One copy per source at a time.
-//   Restores (CreateVolumeFromSnapshot) and clones (CloneVolume) write a volume the same way;
+//   Restores and clones (Create with a source) write a volume the same way;
 //   its metadata records "source" and a "state"; a volume that is not "ready" is not exported
 //   (Acquire returns nullptr).
 // Crash recovery at open: temp files and data files without metadata are orphans, as for
@@ -58,31 +75,20 @@
 
 #include <atomic>
 #include <cstdint>
-#include <map>
+#include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/status.h"
-#include "common/volume_rules.h"
 #include "datapath/pool/qos.h"
+#include "datapath/pool/rules.h"
 #include "datapath/pool/stats.h"
 #include "datapath/pool/write_gate.h"
 
 namespace nbdcsi::datapath {
-
-inline constexpr size_t kMaxVolumeNameLen = 128;
-using nbdcsi::kVolumeSizeAlignment;  // common/volume_rules.h
-// Upper bound for QosLimits::burst_ms: a minute of the rate is already a very deep bucket.
-inline constexpr uint32_t kMaxBurstMs = 60000;
-
-// Names: 1..128 bytes of [A-Za-z0-9._-], not starting with '.' or '-'. This rules out '/',
-// "..", NUL and anything a shell or a file system would treat specially. The message says why.
-Status ValidateVolumeName(const std::string& name);
-// The same rules for snapshot names (a separate namespace); messages say "snapshot name".
-Status ValidateSnapshotName(const std::string& name);
 
 struct PoolOptions {
   std::string dir;
@@ -93,6 +99,49 @@ struct PoolOptions {
   // Never use FICLONE even where the file system supports it: snapshots, restores and clones
   // take the background-copy path (tests; or a file system whose reflink is known to be bad).
   bool disable_reflink = false;
+  // Tests only: called with a step's name while the operation holds its name guard, so a test
+  // can hold it there and race another call deterministically. Steps: "create.resolved" (a
+  // create has checked its target and source and reserved capacity; nothing is on disk yet),
+  // "delete_snapshot.guarded".
+  std::function<void(std::string_view step)> on_step;
+};
+
+// Where a new volume's content comes from.
+struct VolumeSource {
+  enum class Kind { kBlank, kSnapshot, kVolume };
+  Kind kind = Kind::kBlank;
+  std::string name;  // the snapshot (restore) or the live volume (clone)
+
+  static VolumeSource FromSnapshot(std::string snapshot) {
+    return {Kind::kSnapshot, std::move(snapshot)};
+  }
+  static VolumeSource FromVolume(std::string volume) { return {Kind::kVolume, std::move(volume)}; }
+  // "" (blank), "snapshot/NAME" or "volume/NAME": VolumeInfo::source and the metadata's "source".
+  std::string Label() const;
+};
+
+struct CreateSpec {
+  std::string name;
+  // Bytes. With a source, 0 means the source's size; a larger size grows the copy (the new tail
+  // reads as zeros), a smaller one is EINVAL.
+  uint64_t size = 0;
+  QosLimits qos;
+  bool read_only = false;
+  VolumeSource source;
+
+  // The three kinds in one expression (tools and tests).
+  static CreateSpec Blank(std::string name, uint64_t size, QosLimits qos = {},
+                          bool read_only = false) {
+    return {std::move(name), size, qos, read_only, {}};
+  }
+  static CreateSpec Restore(std::string name, std::string snapshot, uint64_t size = 0,
+                            QosLimits qos = {}, bool read_only = false) {
+    return {std::move(name), size, qos, read_only, VolumeSource::FromSnapshot(std::move(snapshot))};
+  }
+  static CreateSpec Clone(std::string name, std::string volume, uint64_t size = 0,
+                          QosLimits qos = {}, bool read_only = false) {
+    return {std::move(name), size, qos, read_only, VolumeSource::FromVolume(std::move(volume))};
+  }
 };
 
 struct VolumeInfo {
@@ -148,6 +197,11 @@ struct PoolInfo {
   // Snapshots/clones whose background copy was interrupted by a crash: their point in time is
   // lost, so they were removed at open and are listed here.
   std::vector<std::string> abandoned_copies;
+
+  // How many more bytes may be provisioned: capacity x overcommit ratio minus what is
+  // provisioned, 0 when overcommitted already, saturating at UINT64_MAX. The same policy Create
+  // and Resize enforce (capacity.cpp); GetPoolInfo, GetCapacity and the heartbeat report it.
+  uint64_t provisionable() const;
 };
 
 // A live volume, shared by the pool and every NBD connection serving it.
@@ -177,6 +231,9 @@ class Volume {
   WriteGate gate_;
 };
 
+// Every operation checks its arguments against rules.h first (EINVAL, nothing touched), then
+// takes the names it works on (waiting for another operation on them to finish), then decides
+// on the pool's state under that guard: no caller can see a state that changes before it acts.
 class Pool {
  public:
   // Opens (creating if needed) the pool directory, takes the lock, cleans orphans and loads
@@ -184,25 +241,37 @@ class Pool {
   static StatusOr<std::unique_ptr<Pool>> Open(const PoolOptions& opts);
   ~Pool();
 
-  // EEXIST if a volume of that name exists with a different size, read_only flag or QoS
-  // limits (CSI: parameters must be compatible); idempotent (returns the existing volume)
-  // when all of them match. EINVAL for a bad name, a size that is 0 or not a multiple of
-  // kVolumeSizeAlignment, or bad QoS limits.
-  // ENOSPC if provisioned + size would exceed capacity * overcommit.
+  // The one way to make a volume: blank, restored from a snapshot, or cloned from a live volume.
+  // Idempotent (CSI): when a volume of that name exists with the same source, size (after
+  // resolving 0), read_only flag and QoS limits, it is returned; otherwise EEXIST naming what
+  // differs. EINVAL: bad names, size or QoS (rules.h; per-GiB keys against the resolved size), a
+  // size smaller than the source's, a clone onto itself. ENOENT: unknown source; EIO: broken
+  // source; EAGAIN: the source is not ready or a copy from it runs. ENOSPC if provisioned + size
+  // would exceed capacity * overcommit. Restores and clones hold the source's name too, so the
+  // source cannot be deleted between the checks and the copy.
+  StatusOr<VolumeInfo> Create(const CreateSpec& spec);
+  // A blank volume (tests and tools): Create with no source.
   StatusOr<VolumeInfo> Create(const std::string& name, uint64_t size, const QosLimits& qos,
-                              bool read_only = false);
+                              bool read_only = false) {
+    return Create(CreateSpec::Blank(name, size, qos, read_only));
+  }
   // ENOENT if missing; EBUSY if NBD connections are open.
   Status Delete(const std::string& name);
   // Grows a volume (connected clients keep working; a reconnect sees the new size).
-  // EINVAL for a shrink; same size is a no-op; ENOSPC past the overcommit limit.
+  // EINVAL for a shrink, or when its per-GiB QoS limits overflow at the new size; same size is a
+  // no-op; ENOSPC past the overcommit limit.
   StatusOr<VolumeInfo> Resize(const std::string& name, uint64_t new_size);
-  // Persists the limits, then applies them live. EINVAL if burst_ms > kMaxBurstMs.
-  Status SetQos(const std::string& name, const QosLimits& qos);
+  // Applies `patch` to the volume's limits under its guard, persists the result, then applies it
+  // live; returns the volume. EINVAL if the result breaks the QoS rules for the volume's size.
+  StatusOr<VolumeInfo> UpdateQos(const std::string& name, const QosPatch& patch);
+  Status SetQos(const std::string& name, const QosLimits& qos) {
+    return UpdateQos(name, QosPatch::All(qos)).status();
+  }
   StatusOr<VolumeInfo> Inspect(const std::string& name);
   std::vector<VolumeInfo> List();
   PoolInfo Info();
 
-  // ---- snapshots, restores, clones (see the design in copy_job.h and pool.cpp) ----
+  // ---- snapshots (restores and clones are Create with a source; design in copy_job.h) ----
   // Point-in-time snapshot of a live volume: its writes are paused (WriteGate), in-flight
   // writes drain and are made durable (fdatasync), the data is cloned (FICLONE where the pool
   // file system supports reflink; otherwise a CopyJob installed as copy-before-write
@@ -213,18 +282,9 @@ class Pool {
   StatusOr<SnapshotInfo> CreateSnapshot(const std::string& name, const std::string& volume);
   // ENOENT if missing; EBUSY while a restore is copying from it.
   Status DeleteSnapshot(const std::string& name);
-  // All snapshots, or those taken from `volume` when it is not empty.
-  std::vector<SnapshotInfo> ListSnapshots(const std::string& volume = "");
+  // All snapshots, or those taken from `volume` when it is not empty (EINVAL for a bad name).
+  StatusOr<std::vector<SnapshotInfo>> ListSnapshots(const std::string& volume = "");
   StatusOr<SnapshotInfo> InspectSnapshot(const std::string& name);
-  // New volume holding the snapshot's data. size 0 = the snapshot's size; larger grows it;
-  // smaller is EINVAL. Idempotent like Create (same source and size returns it; otherwise
-  // EEXIST). ENOENT: unknown snapshot; EAGAIN: snapshot not ready yet.
-  StatusOr<VolumeInfo> CreateVolumeFromSnapshot(const std::string& name,
-                                                const std::string& snapshot, uint64_t size,
-                                                const QosLimits& qos, bool read_only = false);
-  // New volume holding a point-in-time copy of a live volume (same pause rules as snapshots).
-  StatusOr<VolumeInfo> CloneVolume(const std::string& name, const std::string& source,
-                                   uint64_t size, const QosLimits& qos, bool read_only = false);
 
   // For NBD sessions: the live volume, or nullptr.
   std::shared_ptr<Volume> Acquire(const std::string& name);
@@ -233,10 +293,6 @@ class Pool {
  private:
   Pool() = default;
   struct Impl;
-  // Restores and clones differ only in where the data comes from (see pool.cpp).
-  struct FillSource;
-  StatusOr<VolumeInfo> FillNewVolume(const std::string& name, uint64_t size, const QosLimits& qos,
-                                     bool read_only, const FillSource& src);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <string>
 
 namespace nbdcsi::datapath {
@@ -34,6 +35,19 @@ struct QosLimits {
            !max_write_bps && !iops_per_gib && !bps_per_gib;
   }
   bool operator==(const QosLimits&) const = default;
+};
+
+// A change of some limits: each field that is set replaces that limit (0 removes it), the others
+// are kept. All() sets every field, which replaces the whole set. The pool applies a patch to the
+// limits it holds under the volume's guard, so two patches of one volume never lose each other.
+struct QosPatch {
+  std::optional<uint64_t> max_iops, max_read_iops, max_write_iops;
+  std::optional<uint64_t> max_bps, max_read_bps, max_write_bps;
+  std::optional<uint64_t> iops_per_gib, bps_per_gib;
+  std::optional<uint32_t> burst_ms;
+
+  static QosPatch All(const QosLimits& q);
+  QosLimits ApplyTo(QosLimits q) const;
 };
 
 // Effective limits for a volume of a given size (per-GiB keys resolved against the size rounded

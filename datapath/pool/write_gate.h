@@ -48,7 +48,7 @@ class Preserver {
 };
 
 // Records which chunks of a volume modifying requests touched while it is installed, so that a
-// clone taken while writes flow can be fixed up under a short pause (pool.cpp CloneWhole).
+// clone taken while writes flow can be fixed up under a short pause (copy.cpp CloneWhole).
 class DirtyTracker {
  public:
   explicit DirtyTracker(uint64_t chunk_size) : chunk_(chunk_size) {}

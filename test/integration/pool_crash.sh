@@ -94,7 +94,14 @@ for round in 1 2 3 4 5; do
     exit 1  # never interrupted
   ) &
   client=$!
-  sleep "0.$(printf '%02d' $((RANDOM % 30 + 5)))"
+  # Kill after a random number (1-6) of further acknowledgements, whatever the machine's speed,
+  # so the kill lands mid-stream: a fixed sleep missed the stream on a loaded machine.
+  want=$(( $(wc -l <"$ACKS") + RANDOM % 6 + 1 ))
+  for _ in $(seq 600); do
+    [ "$(wc -l <"$ACKS")" -ge "$want" ] && break
+    kill -0 "$client" 2>/dev/null || break
+    sleep 0.05
+  done
   kill -KILL "$DAEMON_PID"
   daemon_reap
   wait "$client" && interrupted=$((interrupted + 1))

@@ -349,6 +349,40 @@ TEST_F(ApiTest, ResizeGrowsAndRefusesShrink) {
   EXPECT_EQ(v.size_bytes(), 8 * kMiB);
 }
 
+// One errno per rule whatever the RPC: the pool decides, the API maps it once.
+TEST_F(ApiTest, SizeAndQosRulesGiveTheSameCodeOnEveryRpc) {
+  const uint64_t too_big = std::numeric_limits<uint64_t>::max() - 4095;
+  v1::QosLimits per_gib;
+  per_gib.set_iops_per_gib(std::numeric_limits<uint64_t>::max() / 2);
+  ASSERT_TRUE(Create("q", 2 * kGiB, nullptr, per_gib).ok()) << "x 2 GiB still fits 64 bits";
+  ASSERT_TRUE(Snap("s", "q").ok());
+  WaitSnap("s");
+  struct Case {
+    const char* rpc;
+    grpc::Status got;
+    const char* says;
+  };
+  const Case cases[] = {
+      {"CreateVolume", Create("x", too_big), "maximum file size"},
+      {"ResizeVolume", Resize("q", too_big), "maximum file size"},
+      {"CreateVolume from snapshot", CreateFrom("x", "snapshot/s", too_big), "maximum file size"},
+      {"CreateVolume clone", CreateFrom("x", "volume/q", too_big), "maximum file size"},
+      {"ResizeVolume per-GiB", Resize("q", 3 * kGiB), "volume q: QoS iops_per_gib"},
+      {"CreateVolume from snapshot per-GiB", CreateFrom("x", "snapshot/s", 3 * kGiB, nullptr,
+                                                        per_gib),
+       "volume x: QoS iops_per_gib"},
+  };
+  for (const auto& c : cases) {
+    EXPECT_EQ(c.got.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.rpc;
+    EXPECT_NE(c.got.error_message().find(c.says), std::string::npos)
+        << c.rpc << ": " << c.got.error_message();
+  }
+  v1::Volume v;
+  ASSERT_TRUE(Get("q", &v).ok());
+  EXPECT_EQ(v.size_bytes(), 2 * kGiB) << "a refused resize changed the volume";
+  EXPECT_EQ(Get("x").error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
 TEST_F(ApiTest, OvercommitLimitIsResourceExhausted) {
   // capacity 10 GiB x overcommit 2 = 20 GiB.
   ASSERT_TRUE(Create("big", 15 * kGiB).ok());

@@ -138,10 +138,14 @@ std::optional<Scenario> ScenarioFor(const std::string& point) {
         ASSERT_TRUE(p.CreateSnapshot("s", "src").ok());
         WaitReady(p);
       };
-      s.op = [](Pool& p) { return p.CreateVolumeFromSnapshot("v", "s", 8 * kMiB, NewQos()).status(); };
+      s.op = [](Pool& p) {
+        return p.Create(CreateSpec::Restore("v", "s", 8 * kMiB, NewQos())).status();
+      };
     } else {
       s.setup = [](Pool& p) { MakeSrc(p); };
-      s.op = [](Pool& p) { return p.CloneVolume("v", "src", 8 * kMiB, NewQos()).status(); };
+      s.op = [](Pool& p) {
+        return p.Create(CreateSpec::Clone("v", "src", 8 * kMiB, NewQos())).status();
+      };
     }
     s.before = {};
     s.after = {true, 8 * kMiB, NewQos()};

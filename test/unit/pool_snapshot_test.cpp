@@ -232,9 +232,9 @@ TEST_P(SnapshotTest, SnapshotHoldsThePointInTime) {
   PoolInfo info = pool_->Info();
   EXPECT_EQ(info.snapshots, 1u);
   EXPECT_GE(info.allocated, 2 * (4096 + 3 * 4096 + 64 * 1024u));
-  ASSERT_EQ(pool_->ListSnapshots().size(), 1u);
-  EXPECT_EQ(pool_->ListSnapshots("v").size(), 1u);
-  EXPECT_TRUE(pool_->ListSnapshots("other").empty());
+  ASSERT_EQ(pool_->ListSnapshots()->size(), 1u);
+  EXPECT_EQ(pool_->ListSnapshots("v")->size(), 1u);
+  EXPECT_TRUE(pool_->ListSnapshots("other")->empty());
 }
 
 TEST_P(SnapshotTest, SnapshotOutlivesItsSourceAndRestores) {
@@ -250,7 +250,7 @@ TEST_P(SnapshotTest, SnapshotOutlivesItsSourceAndRestores) {
 
   QosLimits qos;
   qos.max_iops = 100;
-  auto r = pool_->CreateVolumeFromSnapshot("r", "s", 0, qos);
+  auto r = pool_->Create(CreateSpec::Restore("r", "s", 0, qos));
   ASSERT_TRUE(r.ok()) << r.status().message();
   EXPECT_EQ(r->size, 8 * kMiB);
   EXPECT_EQ(r->source, "snapshot/s");
@@ -260,7 +260,7 @@ TEST_P(SnapshotTest, SnapshotOutlivesItsSourceAndRestores) {
   ASSERT_NE(pool_->Acquire("r"), nullptr);
   ExpectIslands(rr.path, 'A');
 
-  auto big = pool_->CreateVolumeFromSnapshot("big", "s", 16 * kMiB, {});
+  auto big = pool_->Create(CreateSpec::Restore("big", "s", 16 * kMiB, {}));
   ASSERT_TRUE(big.ok()) << big.status().message();
   VolumeInfo bb = WaitVolume("big");
   ASSERT_TRUE(bb.ready);
@@ -269,7 +269,7 @@ TEST_P(SnapshotTest, SnapshotOutlivesItsSourceAndRestores) {
   ExpectIslands(bb.path, 'A');
   EXPECT_EQ(PRead(bb.path, 12 * kMiB, 4096), Pattern('\0', 4096));
 
-  auto small = pool_->CreateVolumeFromSnapshot("small", "s", 4 * kMiB, {});
+  auto small = pool_->Create(CreateSpec::Restore("small", "s", 4 * kMiB, {}));
   EXPECT_EQ(small.status().code(), EINVAL);
   EXPECT_THAT(small.status().message(), HasSubstr("smaller than snapshot s"));
   EXPECT_FALSE(fs::exists(root_ + "/volumes/small.img"));
@@ -288,7 +288,7 @@ TEST_P(SnapshotTest, CloneIsAPointInTimeCopyOfALiveVolume) {
   auto v = pool_->Create("v", 8 * kMiB, {});
   ASSERT_TRUE(v.ok());
   WriteIslands(v->path, 'A');
-  auto c = pool_->CloneVolume("c", "v", 0, {});
+  auto c = pool_->Create(CreateSpec::Clone("c", "v", 0, {}));
   ASSERT_TRUE(c.ok()) << c.status().message();
   EXPECT_EQ(c->source, "volume/v");
   GatedIslands(*pool_->Acquire("v"), 'B');
@@ -297,16 +297,16 @@ TEST_P(SnapshotTest, CloneIsAPointInTimeCopyOfALiveVolume) {
   ExpectIslands(cc.path, 'A');
   ExpectIslands(v->path, 'B');
   // Clone-of-clone and larger clones work; smaller is refused.
-  auto c2 = pool_->CloneVolume("c2", "c", 12 * kMiB, {});
+  auto c2 = pool_->Create(CreateSpec::Clone("c2", "c", 12 * kMiB, {}));
   ASSERT_TRUE(c2.ok()) << c2.status().message();
   ASSERT_TRUE(WaitVolume("c2").ready);
   ExpectIslands(c2->path, 'A');
-  EXPECT_EQ(pool_->CloneVolume("c3", "v", 4 * kMiB, {}).status().code(), EINVAL);
-  EXPECT_EQ(pool_->CloneVolume("v", "v", 0, {}).status().code(), EINVAL);
-  EXPECT_EQ(pool_->CloneVolume("c4", "nope", 0, {}).status().code(), ENOENT);
+  EXPECT_EQ(pool_->Create(CreateSpec::Clone("c3", "v", 4 * kMiB, {})).status().code(), EINVAL);
+  EXPECT_EQ(pool_->Create(CreateSpec::Clone("v", "v", 0, {})).status().code(), EINVAL);
+  EXPECT_EQ(pool_->Create(CreateSpec::Clone("c4", "nope", 0, {})).status().code(), ENOENT);
   // Idempotent; a different request under the same name is EEXIST.
-  EXPECT_TRUE(pool_->CloneVolume("c", "v", 0, {}).ok());
-  EXPECT_EQ(pool_->CloneVolume("c", "v", 16 * kMiB, {}).status().code(), EEXIST);
+  EXPECT_TRUE(pool_->Create(CreateSpec::Clone("c", "v", 0, {})).ok());
+  EXPECT_EQ(pool_->Create(CreateSpec::Clone("c", "v", 16 * kMiB, {})).status().code(), EEXIST);
   EXPECT_EQ(pool_->Create("c", 8 * kMiB, {}).status().code(), EEXIST);
 }
 
@@ -327,14 +327,14 @@ TEST_P(SnapshotTest, IdempotencyAndErrors) {
   EXPECT_THAT(pool_->CreateSnapshot("", "a").status().message(), HasSubstr("snapshot name"));
   EXPECT_EQ(pool_->DeleteSnapshot("missing").code(), ENOENT);
   EXPECT_EQ(pool_->InspectSnapshot("missing").status().code(), ENOENT);
-  EXPECT_EQ(pool_->CreateVolumeFromSnapshot("r", "missing", 0, {}).status().code(), ENOENT);
-  EXPECT_EQ(pool_->CreateVolumeFromSnapshot("r", "s", 4 * kMiB + 1, {}).status().code(), EINVAL);
-  ASSERT_TRUE(pool_->CreateVolumeFromSnapshot("r", "s", 0, {}).ok());
+  EXPECT_EQ(pool_->Create(CreateSpec::Restore("r", "missing", 0, {})).status().code(), ENOENT);
+  EXPECT_EQ(pool_->Create(CreateSpec::Restore("r", "s", 4 * kMiB + 1, {})).status().code(), EINVAL);
+  ASSERT_TRUE(pool_->Create(CreateSpec::Restore("r", "s", 0, {})).ok());
   ASSERT_TRUE(WaitVolume("r").ready);
-  EXPECT_TRUE(pool_->CreateVolumeFromSnapshot("r", "s", 0, {}).ok());
-  EXPECT_TRUE(pool_->CreateVolumeFromSnapshot("r", "s", 4 * kMiB, {}).ok());
-  EXPECT_EQ(pool_->CreateVolumeFromSnapshot("r", "s", 8 * kMiB, {}).status().code(), EEXIST);
-  EXPECT_EQ(pool_->CreateVolumeFromSnapshot("a", "s", 0, {}).status().code(), EEXIST);
+  EXPECT_TRUE(pool_->Create(CreateSpec::Restore("r", "s", 0, {})).ok());
+  EXPECT_TRUE(pool_->Create(CreateSpec::Restore("r", "s", 4 * kMiB, {})).ok());
+  EXPECT_EQ(pool_->Create(CreateSpec::Restore("r", "s", 8 * kMiB, {})).status().code(), EEXIST);
+  EXPECT_EQ(pool_->Create(CreateSpec::Restore("a", "s", 0, {})).status().code(), EEXIST);
   // Snapshots are their own namespace: a snapshot may share a volume's name.
   EXPECT_TRUE(pool_->CreateSnapshot("a", "a").ok());
   WaitSnapshot("a");
@@ -352,9 +352,9 @@ TEST_P(SnapshotTest, CapacityIsChecked) {
   ASSERT_TRUE(pool_->Create("v", 16 * kMiB, {}).ok());
   ASSERT_TRUE(pool_->CreateSnapshot("s", "v").ok());
   ASSERT_TRUE(WaitSnapshot("s").ready);
-  auto r = pool_->CreateVolumeFromSnapshot("r", "s", 0, {});
+  auto r = pool_->Create(CreateSpec::Restore("r", "s", 0, {}));
   EXPECT_EQ(r.status().code(), ENOSPC) << r.status().message();
-  EXPECT_EQ(pool_->CloneVolume("c", "v", 0, {}).status().code(), ENOSPC);
+  EXPECT_EQ(pool_->Create(CreateSpec::Clone("c", "v", 0, {})).status().code(), ENOSPC);
   EXPECT_FALSE(fs::exists(root_ + "/volumes/r.img"));
 
   // A copy snapshot needs the source's allocated bytes free on the file system.
@@ -392,7 +392,7 @@ TEST_P(SnapshotTest, CopyProgressReadyFlagAndBusyRules) {
     // While it runs: one copy per source, the source stays, the snapshot cannot be restored.
     auto again = pool_->CreateSnapshot("s2", "v");
     auto del = pool_->Delete("v");
-    auto res = pool_->CreateVolumeFromSnapshot("r", "s", 0, {});
+    auto res = pool_->Create(CreateSpec::Restore("r", "s", 0, {}));
     auto rsz = pool_->Resize("v", 128 * kMiB);
     if (!pool_->InspectSnapshot("s")->ready) {  // none of the above may have raced the end
       EXPECT_EQ(again.status().code(), EAGAIN);
@@ -410,7 +410,7 @@ TEST_P(SnapshotTest, CopyProgressReadyFlagAndBusyRules) {
   RecordProperty("saw_running_copy", saw_running ? "yes" : "no");
 
   // Restore by copy: not exported until it is complete.
-  auto r = pool_->CreateVolumeFromSnapshot("r", "s", 0, {});
+  auto r = pool_->Create(CreateSpec::Restore("r", "s", 0, {}));
   ASSERT_TRUE(r.ok()) << r.status().message();
   if (!r->ready) {
     EXPECT_EQ(pool_->Acquire("r"), nullptr);
@@ -437,7 +437,7 @@ TEST_P(SnapshotTest, DeleteWhileCopying) {
   EXPECT_EQ(pool_->Info().snapshots, 0u);
   // The volume is free again: no copy holds it.
   EXPECT_TRUE(pool_->Resize("v", 72 * kMiB).ok());
-  ASSERT_TRUE(pool_->CloneVolume("c", "v", 0, {}).ok());
+  ASSERT_TRUE(pool_->Create(CreateSpec::Clone("c", "v", 0, {})).ok());
   ASSERT_TRUE(pool_->Delete("c").ok());  // cancels a running fill
   EXPECT_FALSE(fs::exists(root_ + "/volumes/c.img"));
   EXPECT_TRUE(pool_->Delete("v").ok());
@@ -520,9 +520,9 @@ TEST_P(SnapshotTest, ReopenKeepsEverything) {
   ASSERT_TRUE(pool_->CreateSnapshot("s", "v").ok());
   SnapshotInfo s = WaitSnapshot("s");
   ASSERT_TRUE(s.ready);
-  ASSERT_TRUE(pool_->CreateVolumeFromSnapshot("r", "s", 0, {}).ok());
+  ASSERT_TRUE(pool_->Create(CreateSpec::Restore("r", "s", 0, {})).ok());
   ASSERT_TRUE(WaitVolume("r").ready);
-  ASSERT_TRUE(pool_->CloneVolume("c", "v", 0, {}).ok());
+  ASSERT_TRUE(pool_->Create(CreateSpec::Clone("c", "v", 0, {})).ok());
   ASSERT_TRUE(WaitVolume("c").ready);
   OpenPool();
   PoolInfo info = pool_->Info();
@@ -554,7 +554,7 @@ TEST_P(SnapshotTest, PauseDurationIsLogged) {
   auto v = pool_->Create("v", 8 * kMiB, {});
   auto s = pool_->CreateSnapshot("s", "v");
   WaitSnapshot("s");  // one copy per source at a time
-  auto c = pool_->CloneVolume("c", "v", 0, {});
+  auto c = pool_->Create(CreateSpec::Clone("c", "v", 0, {}));
   WaitVolume("c");
   spdlog::set_default_logger(old);
   ASSERT_TRUE(v.ok() && s.ok() && c.ok());

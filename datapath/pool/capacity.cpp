@@ -1,0 +1,105 @@
+// Capacity policy: how much may be provisioned (capacity x overcommit), what a create or resize
+// may add, and what the pool reports about itself (Pool::Info, PoolInfo::provisionable).
+#include <sys/statfs.h>
+#include <sys/statvfs.h>
+
+#include <limits>
+
+#include "datapath/pool/pool_impl.h"
+
+namespace nbdcsi::datapath {
+
+namespace {
+
+// capacity x ratio - provisioned, in long double so that neither the product nor the difference
+// wraps; negative (overcommitted beyond the ratio, e.g. after the ratio was lowered) is 0.
+long double RoomLeft(uint64_t capacity, double ratio, uint64_t provisioned) {
+  return static_cast<long double>(capacity) * ratio - static_cast<long double>(provisioned);
+}
+
+std::string FsTypeName(int64_t type) {
+  switch (static_cast<uint64_t>(type) & 0xffffffffu) {
+    case 0x58465342: return "xfs";
+    case 0xEF53: return "ext4";  // ext2/3/4 share the magic; ext4 is what anyone runs now
+    case 0x9123683E: return "btrfs";
+    case 0x01021994: return "tmpfs";
+    case 0x794c7630: return "overlayfs";
+    case 0x2fc12fc1: return "zfs";
+    case 0xF2F52010: return "f2fs";
+    case 0x6969: return "nfs";
+    default: return fmt::format("unknown(0x{:x})", static_cast<uint64_t>(type));
+  }
+}
+
+}  // namespace
+
+uint64_t PoolInfo::provisionable() const {
+  const long double room = RoomLeft(capacity, overcommit_ratio, provisioned);
+  if (room >= static_cast<long double>(std::numeric_limits<uint64_t>::max())) {
+    return std::numeric_limits<uint64_t>::max();
+  }
+  return room > 0 ? static_cast<uint64_t>(room) : 0;
+}
+
+StatusOr<uint64_t> Pool::Impl::Capacity() const {
+  if (opts.capacity_bytes) return opts.capacity_bytes;
+  struct statvfs vfs{};
+  if (statvfs(opts.dir.c_str(), &vfs) != 0) return Sys(errno, "statvfs " + opts.dir);
+  return static_cast<uint64_t>(vfs.f_blocks) * vfs.f_frsize;
+}
+
+uint64_t Pool::Impl::ProvisionedLocked() const {
+  uint64_t sum = reserved;
+  for (const auto& [n, e] : vols) sum += e.meta.size;
+  return sum;
+}
+
+Status Pool::Impl::CheckCapacityLocked(const std::string& name, uint64_t extra,
+                                       uint64_t capacity) const {
+  const uint64_t provisioned = ProvisionedLocked();
+  if (RoomLeft(capacity, opts.overcommit_ratio, provisioned) < static_cast<long double>(extra)) {
+    const long double limit = static_cast<long double>(capacity) * opts.overcommit_ratio;
+    return Error(ENOSPC,
+                 "pool {} cannot provision {} more for volume {}: {} already provisioned, the "
+                 "limit is capacity {} x overcommit {} = {}",
+                 opts.dir, Bytes(extra), name, Bytes(provisioned), Bytes(capacity),
+                 opts.overcommit_ratio, Bytes(static_cast<uint64_t>(limit)));
+  }
+  return Status::Ok();
+}
+
+PoolInfo Pool::Info() {
+  Impl& I = *impl_;
+  PoolInfo info;
+  info.dir = I.opts.dir;
+  info.overcommit_ratio = I.opts.overcommit_ratio;
+  struct statvfs vfs{};
+  if (statvfs(I.opts.dir.c_str(), &vfs) == 0) {
+    info.free = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+    info.capacity = static_cast<uint64_t>(vfs.f_blocks) * vfs.f_frsize;
+  }
+  if (I.opts.capacity_bytes) info.capacity = I.opts.capacity_bytes;
+  struct statfs sfs{};
+  if (statfs(I.opts.dir.c_str(), &sfs) == 0) {
+    info.fs_type = FsTypeName(static_cast<int64_t>(sfs.f_type));
+  }
+  std::lock_guard lock(I.mu);
+  for (const auto& [n, e] : I.vols) {
+    VolumeInfo v = I.MakeInfo(e);
+    info.provisioned += v.size;
+    info.allocated += v.allocated;
+  }
+  info.volumes = I.vols.size();
+  for (const auto& [n, m] : I.snaps) info.allocated += I.MakeSnapInfo(m).allocated;
+  info.snapshots = I.snaps.size();
+  info.reflink = I.reflink;
+  info.abandoned_copies = I.abandoned;
+  info.cleaned_orphans = I.cleaned_orphans;
+  for (const auto& [n, why] : I.broken) info.broken_volumes.push_back(n + ": " + why);
+  for (const auto& [n, why] : I.broken_snaps) {
+    info.broken_volumes.push_back("snapshot/" + n + ": " + why);
+  }
+  return info;
+}
+
+}  // namespace nbdcsi::datapath

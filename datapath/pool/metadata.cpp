@@ -1,0 +1,207 @@
+#include "datapath/pool/metadata.h"
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+
+#include <nlohmann/json.hpp>
+
+#include "datapath/pool/rules.h"
+
+namespace nbdcsi::datapath {
+
+namespace {
+
+using nlohmann::json;
+
+bool ValidState(const std::string& s) { return s == "ready" || s == "copying" || s == "failed"; }
+
+template <typename T>
+bool Holds(const json& v) {
+  if constexpr (std::is_same_v<T, std::string>) return v.is_string();
+  if constexpr (std::is_same_v<T, bool>) return v.is_boolean();
+  if constexpr (std::is_same_v<T, uint64_t>) return v.is_number_unsigned();
+  if constexpr (std::is_same_v<T, int64_t>) return v.is_number_integer();
+}
+
+template <typename T>
+const char* TypeName() {
+  if constexpr (std::is_same_v<T, std::string>) return "a string";
+  if constexpr (std::is_same_v<T, bool>) return "a boolean";
+  if constexpr (std::is_same_v<T, uint64_t>) return "an unsigned integer";
+  if constexpr (std::is_same_v<T, int64_t>) return "an integer";
+}
+
+enum class Need { kRequired, kOptional };
+
+// obj[key] into `out`. `where` prefixes the key in messages ("qos." for the nested object). An
+// absent optional field leaves `out` as it is (its default).
+template <typename T>
+Status Field(const json& obj, const char* where, const char* key, T& out, Need need) {
+  auto it = obj.find(key);
+  if (it == obj.end()) {
+    if (need == Need::kOptional) return Status::Ok();
+    return Error(EINVAL, "metadata has no \"{}{}\" ({})", where, key, TypeName<T>());
+  }
+  if (!Holds<T>(*it)) {
+    return Error(EINVAL, "metadata \"{}{}\" is not {}", where, key, TypeName<T>());
+  }
+  out = it->template get<T>();
+  return Status::Ok();
+}
+
+// A JSON object of the version this build reads (volumes and snapshots share kMetaVersion).
+StatusOr<json> ParseVersionedObject(std::string_view text) {
+  json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return Error(EINVAL, "metadata is not valid JSON");
+  if (!j.is_object()) return Error(EINVAL, "metadata is not a JSON object");
+  auto version = j.find("version");
+  if (version == j.end() || !version->is_number_integer())
+    return Error(EINVAL, "metadata has no integer \"version\"");
+  if (version->get<int64_t>() != kMetaVersion) {
+    return Error(EINVAL, "metadata version {} is not supported (this build reads version {})",
+                 version->dump(), kMetaVersion);
+  }
+  return j;
+}
+
+// The record's own name: the one its file is named for, and a valid name of its kind.
+Status CheckName(const char* kind, const std::string& name, std::string_view expected) {
+  if (name != expected) {
+    return Error(EINVAL, "metadata names {} \"{}\" but the file is for \"{}\"", kind, name,
+                 expected);
+  }
+  Status s = std::string_view(kind) == "volume" ? ValidateVolumeName(name)
+                                                : ValidateSnapshotName(name);
+  if (!s.ok()) return Error(EINVAL, "metadata: {}", s.message());
+  return Status::Ok();
+}
+
+Status CheckSize(uint64_t size) {
+  if (Status s = ValidateVolumeSize(size); !s.ok()) {
+    return Error(EINVAL, "metadata: {}", s.message());
+  }
+  return Status::Ok();
+}
+
+Status CheckState(const std::string& state) {
+  if (!ValidState(state))
+    return Error(EINVAL, "metadata \"state\" must be \"ready\", \"copying\" or \"failed\"");
+  return Status::Ok();
+}
+
+// "source" of a volume: empty (blank), or the label of a valid snapshot or volume name.
+Status CheckSourceLabel(const std::string& label) {
+  if (label.empty()) return Status::Ok();
+  Status s =
+      Error(EINVAL, "metadata \"source\" must be \"\", \"snapshot/NAME\" or \"volume/NAME\"");
+  if (label.rfind("snapshot/", 0) == 0) s = ValidateSnapshotName(label.substr(9));
+  else if (label.rfind("volume/", 0) == 0) s = ValidateVolumeName(label.substr(7));
+  if (!s.ok()) return Error(EINVAL, "metadata \"source\": {}", s.message());
+  return Status::Ok();
+}
+
+Status ParseQos(const json& j, uint64_t size, QosLimits& q) {
+  auto it = j.find("qos");
+  if (it == j.end()) return Status::Ok();
+  if (!it->is_object()) return Error(EINVAL, "metadata \"qos\" is not an object");
+  const json& o = *it;
+  const Need opt = Need::kOptional;
+  uint64_t burst = 0;
+  for (Status s : {Field(o, "qos.", "max_iops", q.max_iops, opt),
+                   Field(o, "qos.", "max_read_iops", q.max_read_iops, opt),
+                   Field(o, "qos.", "max_write_iops", q.max_write_iops, opt),
+                   Field(o, "qos.", "max_bps", q.max_bps, opt),
+                   Field(o, "qos.", "max_read_bps", q.max_read_bps, opt),
+                   Field(o, "qos.", "max_write_bps", q.max_write_bps, opt),
+                   Field(o, "qos.", "iops_per_gib", q.iops_per_gib, opt),
+                   Field(o, "qos.", "bps_per_gib", q.bps_per_gib, opt),
+                   Field(o, "qos.", "burst_ms", burst, opt)}) {
+    if (!s.ok()) return s;
+  }
+  // Clamped, not truncated, so that a huge value still breaks the burst rule below.
+  q.burst_ms =
+      static_cast<uint32_t>(std::min<uint64_t>(burst, std::numeric_limits<uint32_t>::max()));
+  if (Status s = ValidateQos(q, size); !s.ok()) return Error(EINVAL, "metadata: {}", s.message());
+  return Status::Ok();
+}
+
+}  // namespace
+
+std::string ToJson(const VolumeMeta& m) {
+  const QosLimits& q = m.qos;
+  json qos = {{"max_iops", q.max_iops},         {"max_read_iops", q.max_read_iops},
+              {"max_write_iops", q.max_write_iops}, {"max_bps", q.max_bps},
+              {"max_read_bps", q.max_read_bps}, {"max_write_bps", q.max_write_bps},
+              {"iops_per_gib", q.iops_per_gib}, {"bps_per_gib", q.bps_per_gib},
+              {"burst_ms", q.burst_ms}};
+  json j = {{"version", kMetaVersion},
+            {"name", m.name},
+            {"size", m.size},
+            {"created_unix_ns", m.created_unix_ns},
+            {"read_only", m.read_only},
+            {"qos", qos},
+            {"source", m.source},
+            {"state", m.state}};
+  if (!m.error.empty()) j["error"] = m.error;
+  return j.dump(2) + "\n";
+}
+
+std::string ToJson(const SnapshotMeta& m) {
+  json j = {{"version", kMetaVersion},
+            {"name", m.name},
+            {"source_volume", m.source_volume},
+            {"size", m.size},
+            {"created_unix_ns", m.created_unix_ns},
+            {"method", m.method},
+            {"state", m.state}};
+  if (!m.error.empty()) j["error"] = m.error;
+  return j.dump(2) + "\n";
+}
+
+StatusOr<VolumeMeta> ParseVolumeMetadata(std::string_view text, std::string_view expected_name) {
+  auto parsed = ParseVersionedObject(text);
+  if (!parsed.ok()) return parsed.status();
+  const json& j = *parsed;
+  const Need req = Need::kRequired, opt = Need::kOptional;
+  VolumeMeta m;
+  for (Status s : {Field(j, "", "name", m.name, req), Field(j, "", "size", m.size, req),
+                   Field(j, "", "created_unix_ns", m.created_unix_ns, opt),
+                   Field(j, "", "read_only", m.read_only, opt),
+                   Field(j, "", "source", m.source, opt), Field(j, "", "state", m.state, opt),
+                   Field(j, "", "error", m.error, opt)}) {
+    if (!s.ok()) return s;
+  }
+  for (Status s : {CheckName("volume", m.name, expected_name), CheckSize(m.size),
+                   ParseQos(j, m.size, m.qos), CheckSourceLabel(m.source), CheckState(m.state)}) {
+    if (!s.ok()) return s;
+  }
+  return m;
+}
+
+StatusOr<SnapshotMeta> ParseSnapshotMetadata(std::string_view text,
+                                             std::string_view expected_name) {
+  auto parsed = ParseVersionedObject(text);
+  if (!parsed.ok()) return parsed.status();
+  const json& j = *parsed;
+  const Need req = Need::kRequired, opt = Need::kOptional;
+  SnapshotMeta m;
+  for (Status s : {Field(j, "", "name", m.name, req),
+                   Field(j, "", "source_volume", m.source_volume, req),
+                   Field(j, "", "method", m.method, req), Field(j, "", "state", m.state, req),
+                   Field(j, "", "size", m.size, req),
+                   Field(j, "", "created_unix_ns", m.created_unix_ns, opt),
+                   Field(j, "", "error", m.error, opt)}) {
+    if (!s.ok()) return s;
+  }
+  if (Status s = CheckName("snapshot", m.name, expected_name); !s.ok()) return s;
+  if (Status s = ValidateVolumeName(m.source_volume); !s.ok())
+    return Error(EINVAL, "metadata \"source_volume\": {}", s.message());
+  if (m.method != "reflink" && m.method != "copy")
+    return Error(EINVAL, "metadata \"method\" must be \"reflink\" or \"copy\"");
+  if (Status s = CheckState(m.state); !s.ok()) return s;
+  if (Status s = CheckSize(m.size); !s.ok()) return s;
+  return m;
+}
+
+}  // namespace nbdcsi::datapath
