@@ -448,10 +448,8 @@ def case_many(n=1000):
     FIGURES["many"] = {"fds": [fds0, fds_peak, fds1], "rss_kib": [rss0, rss_peak, rss1]}
     assert peak_conn == n, f"the daemon counted {peak_conn} connections, not {n}"
     assert fds1 == fds0, f"daemon fds {fds0} before, {fds1} after (peak {fds_peak})"
-    # KNOWN BUG (fails today; see the faults helper's report): the daemon frees each
-    # connection's buffers but glibc keeps the memory (about 20 MiB after 1,000 connections, a
-    # few hundred after half-open clients with large READs); malloc_trim(0) in the daemon gives
-    # it all back. Fix in the engine: trim when a worker's last connection closes.
+    # Each connection's buffers are mappings of their own (datapath/engine/worker.cpp), so they
+    # go back to the kernel when it closes; through malloc, glibc kept about 14 MiB of them.
     assert rss1 <= rss0 + RSS_SLACK_KIB, (
         f"daemon RSS {rss0} KiB before, {rss_peak} at the peak, {rss1} after the 1,000 "
         f"connections closed: not back to the baseline (+{RSS_SLACK_KIB} KiB allowed)")
