@@ -840,6 +840,9 @@ struct Worker::Impl {
       s->gate_held = true;
     }
     Move(s, SlotState::kExec);
+    // Its data file was removed under us: nothing written now can become durable.
+    if ((Modifies(h.type) || h.type == proto::kCmdFlush) && v.data_lost())
+      return ReplyError(s, proto::kErrIo);
     if (h.type == proto::kCmdBlockStatus) return BlockStatus(s);
     io_uring_sqe* sqe = PrepareIo(s);
     if (!sqe) return Fail(s, EINVAL);  // CheckRequest lets only the commands handled through
@@ -961,9 +964,10 @@ struct Worker::Impl {
           s->done += static_cast<uint64_t>(res);
         }
         if (s->done < h.length) return Execute(s);  // short I/O: continue where it stopped
+        if (h.type == proto::kCmdWrite && (h.flags & proto::kCmdFlagFua)) return Promise(s);
         return Complete(s);
       case proto::kCmdFlush:
-        return res < 0 ? Fail(s, -res) : Complete(s);
+        return res < 0 ? Fail(s, -res) : Promise(s);
       default:  // TRIM, WRITE_ZEROES
         return OnSpaceOp(s, res);
     }
@@ -999,7 +1003,7 @@ struct Worker::Impl {
         if (s->done < h.length) return Execute(s);
         break;
       case Slot::Step::kFuaSync:
-        return res < 0 ? Fail(s, -res) : Complete(s);
+        return res < 0 ? Fail(s, -res) : Promise(s);
     }
     if (fua) {
       s->step = Slot::Step::kFuaSync;
@@ -1019,6 +1023,13 @@ struct Worker::Impl {
       s->conn->vol->gate().End();
       s->gate_held = false;
     }
+  }
+
+  // A FLUSH or FUA request is done on disk: before the reply promises durability, the data file
+  // must still have a name (one fstat), or what was synced dies with the last descriptor.
+  void Promise(Slot* s) {
+    if (!s->conn->vol->CheckDataFile()) return ReplyError(s, proto::kErrIo);
+    Complete(s);
   }
 
   void Complete(Slot* s) {

@@ -24,6 +24,6 @@ nbdcsi_add_test(NAME integration.faults_clients
   COMMAND bash ${_faults_it}/faults_clients.sh TIMEOUT 300 LABELS integration faults SERIAL)
 
 # Disk faults: a full pool file system under four NBD clients and a neighbour; damaged metadata;
-# missing or short data files (the last part fails today: two known bugs, see the script's header).
+# missing, short or removed-at-run-time data files.
 nbdcsi_add_test(NAME integration.faults_disk
   COMMAND bash ${_faults_it}/faults_disk.sh TIMEOUT 300 LABELS integration faults)

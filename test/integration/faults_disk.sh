@@ -19,11 +19,10 @@
 #   data  Backing files gone or damaged: a volume's data file removed, a snapshot's data file
 #         removed, a volume's data file truncated short of its metadata, all while the daemon is
 #         down; and a data file removed while the daemon runs and serves it. Each is fenced with
-#         a reason, the others are served, nothing is deleted.
-#         KNOWN BUGS (this part fails today, see the faults helper's report): a data file
-#         truncated short is silently zero-extended at start (Pool Reconcile treats it as an
-#         interrupted resize), and a data file removed at run time is not noticed (writes keep
-#         being acknowledged into the unlinked inode and are lost at the next restart).
+#         a reason, the others are served, nothing is deleted or changed: a short data file is
+#         not zero-extended (its end is lost, zeroes there would pass for data), and once a
+#         served data file is removed no FLUSH succeeds (writes into the nameless inode are lost
+#         when the daemon stops).
 . "$(dirname "$0")/lib.sh"
 is_datapathd || skip "disk faults are about nbd-datapathd's pool"
 "$PY" -c 'import nbd' 2>/dev/null || skip "needs python3-libnbd for $PY"
@@ -282,7 +281,7 @@ part_data() {
 
   why=$(broken_reason short)
   if [ -z "$why" ]; then
-    echo "  KNOWN BUG: short.img (512 KiB, metadata 16 MiB) is not fenced: the pool zero-extended it at start" >&2
+    echo "  NOT FENCED: short.img (512 KiB, metadata 16 MiB): the pool zero-extended it at start" >&2
     echo "            size now $(stat -c %s "$d/short.img") bytes; the last 512 KiB of its data read as zeroes" >&2
     bugs=$((bugs + 1)) short_bug=1
   else
@@ -321,7 +320,7 @@ PY
   read -r acked tries last <"$W/live.out"
   why_live=$(broken_reason live)
   if [ -z "$why_live" ] || [ "$last" = 1 ]; then
-    echo "  KNOWN BUG: live.img removed at run time: $acked of $tries write+flush pairs over the next" \
+    echo "  NOT FENCED: live.img removed at run time: $acked of $tries write+flush pairs over the next" \
          "3 s acknowledged (lost at the next restart), the last one $([ "$last" = 1 ] && echo acknowledged || echo refused)," \
          "reported broken: $([ -n "$why_live" ] && echo "yes ($why_live)" || echo no)" >&2
     bugs=$((bugs + 1))
@@ -331,7 +330,7 @@ PY
   fi
   daemon_stop
   # Nothing the daemon found broken was deleted (live.img was removed by the test itself).
-  # (short.img is left out while the known bug rewrites it: that is reported above.)
+  # (short.img is left out if the pool rewrote it: that is reported above.)
   local skip=' ./volumes/live\.'
   [ "$short_bug" = 0 ] || skip="$skip| ./volumes/short\.img\$"
   grep -vE "$skip" "$W/sums.before" >"$W/sums.b2"
@@ -339,7 +338,7 @@ PY
   diff "$W/sums.b2" "$W/sums.a2" >&2 || die "files in the pool changed or vanished"
   [ -e "$d/short.img" ] && [ -e "$d/short.json" ] && [ -e "$d/gone.json" ] || die "a damaged volume's file was deleted"
   engine_log_clean || die "engine errors in the log"
-  [ $bugs = 0 ] || die "$bugs data-file faults not fenced (KNOWN BUGS above)"
+  [ $bugs = 0 ] || die "$bugs data-file faults not fenced (NOT FENCED above)"
   echo "data: missing volume and snapshot data files fenced with a reason, healthy volumes served, 0 files deleted"
 }
 
