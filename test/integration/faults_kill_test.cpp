@@ -471,7 +471,16 @@ class FaultsKill : public ::testing::Test {
     ++fig_.datapath_restarts_checked;
     auto& d = cluster_->datapath(node);
     dp::GetPoolInfoResponse info;
-    grpc::Status st = d.GetPoolInfo(CallCtx().get(), dp::GetPoolInfoRequest(), &info);
+    // After a kill -9 the old API socket file is still there, so StartDatapath may return (and
+    // the controller still count the old registration) before the new daemon listens: wait for
+    // it to answer (UNAVAILABLE, "connection refused", until then).
+    grpc::Status st;
+    for (auto deadline = Clock::now() + 20s;;) {
+      info.Clear();
+      st = d.GetPoolInfo(CallCtx().get(), dp::GetPoolInfoRequest(), &info);
+      if (st.error_code() != grpc::StatusCode::UNAVAILABLE || Clock::now() > deadline) break;
+      std::this_thread::sleep_for(50ms);
+    }
     ASSERT_TRUE(st.ok()) << st.error_message();
     EXPECT_EQ(info.broken_volumes_size(), 0) << node << ": " << info.DebugString();
     fig_.orphans_cleaned += info.cleaned_orphans_size();
