@@ -4,6 +4,7 @@
 #include <liburing.h>
 #include <linux/falloc.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -13,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <future>
+#include <new>
 
 #include <spdlog/spdlog.h>
 
@@ -60,6 +62,19 @@ constexpr bool kStrict = true;
 constexpr bool kStrict = false;
 #endif
 
+// Every buffer a connection owns (its receive buffer, its slots' data buffers, the Connection
+// itself) is its own anonymous mapping, given back with munmap when the connection goes. Through
+// malloc they would live in the worker thread's arena between long-lived allocations, and glibc
+// keeps freed arena memory resident: after 1,000 short connections the daemon held 14 MiB more
+// than before (malloc_stats: 14 MiB "system", 85 KiB "in use" in the worker's arena), and the
+// 256 KiB receive buffers land in the arena too once glibc has raised its mmap threshold past
+// them. A mapping is page-granular, which these buffers are anyway (O_DIRECT alignment).
+void* MapPages(size_t bytes) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
+size_t PageRound(size_t n) { return (std::max<size_t>(n, 4096) + 4095) & ~size_t{4095}; }
+
 struct AlignedBuffer {
   uint8_t* data = nullptr;
   size_t cap = 0;
@@ -67,19 +82,21 @@ struct AlignedBuffer {
   bool Reserve(size_t n) {
     if (n <= cap) return true;
     Release();
-    size_t c = (std::max<size_t>(n, 4096) + 4095) & ~size_t{4095};
-    void* p = nullptr;
-    if (posix_memalign(&p, 4096, c) != 0) return false;
-    data = static_cast<uint8_t*>(p);
+    size_t c = PageRound(n);
+    data = static_cast<uint8_t*>(MapPages(c));
+    if (!data) return false;
     cap = c;
     return true;
   }
   void Release() {
-    free(data);
+    if (data) munmap(data, cap);
     data = nullptr;
     cap = 0;
   }
-  ~AlignedBuffer() { free(data); }
+  AlignedBuffer() = default;
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  ~AlignedBuffer() { Release(); }
 };
 
 struct Connection;
@@ -126,7 +143,7 @@ struct Connection {
   SizeMode size_mode = SizeMode::kNegotiated;
   uint32_t ctx_id = 0;
 
-  std::unique_ptr<uint8_t[]> rbuf{new uint8_t[kRecvBufSize]};
+  AlignedBuffer rbuf;  // kRecvBufSize, mapped by AddConnection
   size_t rpos = 0, rend = 0;
   bool recv_inflight = false;
   bool recv_direct = false;   // the in-flight recv targets cur_write's buffer
@@ -148,6 +165,12 @@ struct Connection {
   std::array<iovec, kIovMax> iov{};
   size_t iov_idx = 0, iov_cnt = 0;
   msghdr msg{};
+
+  // Only `new (std::nothrow) Connection`: a daemon out of memory refuses one connection.
+  static void* operator new(size_t n, const std::nothrow_t&) noexcept {
+    return MapPages(PageRound(n));
+  }
+  static void operator delete(void* p, size_t n) { munmap(p, PageRound(n)); }
 
   Connection() {
     for (int i = kSlotsPerConn - 1; i >= 0; --i) {
@@ -417,6 +440,14 @@ struct Worker::Impl {
   }
 
   void AddConnection(Incoming in) {
+    std::unique_ptr<Connection> conn(new (std::nothrow) Connection);
+    if (!conn || !conn->rbuf.Reserve(kRecvBufSize)) {
+      spdlog::error("worker {}: out of memory for a connection to volume {}: refusing it", index,
+                    in.vol->name());
+      close(in.fd);
+      in.vol->stats().ConnectionClosed();
+      return;
+    }
     uint32_t id;
     if (!free_ids.empty()) {
       id = free_ids.back();
@@ -431,7 +462,7 @@ struct Worker::Impl {
       in.vol->stats().ConnectionClosed();
       return;
     }
-    table[id] = std::make_unique<Connection>();
+    table[id] = std::move(conn);
     Connection* c = table[id].get();
     c->id = id;
     c->gen = NextGen();
@@ -604,7 +635,7 @@ struct Worker::Impl {
     if (c->life != ConnLife::kOpen) return MaybeFree(c);
     for (;;) {
       size_t avail = c->rend - c->rpos;
-      uint8_t* p = c->rbuf.get() + c->rpos;
+      uint8_t* p = c->rbuf.data + c->rpos;
       if (c->drain_left) {
         size_t n = std::min<uint64_t>(avail, c->drain_left);
         c->rpos += n;
@@ -707,11 +738,11 @@ struct Worker::Impl {
       if (c->rpos == c->rend) {
         c->rpos = c->rend = 0;
       } else if (c->rpos > 0 && kRecvBufSize - c->rend < 64 * 1024) {
-        std::memmove(c->rbuf.get(), c->rbuf.get() + c->rpos, c->rend - c->rpos);
+        std::memmove(c->rbuf.data, c->rbuf.data + c->rpos, c->rend - c->rpos);
         c->rend -= c->rpos;
         c->rpos = 0;
       }
-      io_uring_prep_recv(sqe, c->fd, c->rbuf.get() + c->rend, kRecvBufSize - c->rend, 0);
+      io_uring_prep_recv(sqe, c->fd, c->rbuf.data + c->rend, kRecvBufSize - c->rend, 0);
       c->recv_direct = false;
     }
     io_uring_sqe_set_data64(sqe, ConnTag(c, TagKind::kRecv));
@@ -809,6 +840,9 @@ struct Worker::Impl {
       s->gate_held = true;
     }
     Move(s, SlotState::kExec);
+    // Its data file was removed under us: nothing written now can become durable.
+    if ((Modifies(h.type) || h.type == proto::kCmdFlush) && v.data_lost())
+      return ReplyError(s, proto::kErrIo);
     if (h.type == proto::kCmdBlockStatus) return BlockStatus(s);
     io_uring_sqe* sqe = PrepareIo(s);
     if (!sqe) return Fail(s, EINVAL);  // CheckRequest lets only the commands handled through
@@ -930,9 +964,10 @@ struct Worker::Impl {
           s->done += static_cast<uint64_t>(res);
         }
         if (s->done < h.length) return Execute(s);  // short I/O: continue where it stopped
+        if (h.type == proto::kCmdWrite && (h.flags & proto::kCmdFlagFua)) return Promise(s);
         return Complete(s);
       case proto::kCmdFlush:
-        return res < 0 ? Fail(s, -res) : Complete(s);
+        return res < 0 ? Fail(s, -res) : Promise(s);
       default:  // TRIM, WRITE_ZEROES
         return OnSpaceOp(s, res);
     }
@@ -968,7 +1003,7 @@ struct Worker::Impl {
         if (s->done < h.length) return Execute(s);
         break;
       case Slot::Step::kFuaSync:
-        return res < 0 ? Fail(s, -res) : Complete(s);
+        return res < 0 ? Fail(s, -res) : Promise(s);
     }
     if (fua) {
       s->step = Slot::Step::kFuaSync;
@@ -988,6 +1023,13 @@ struct Worker::Impl {
       s->conn->vol->gate().End();
       s->gate_held = false;
     }
+  }
+
+  // A FLUSH or FUA request is done on disk: before the reply promises durability, the data file
+  // must still have a name (one fstat), or what was synced dies with the last descriptor.
+  void Promise(Slot* s) {
+    if (!s->conn->vol->CheckDataFile()) return ReplyError(s, proto::kErrIo);
+    Complete(s);
   }
 
   void Complete(Slot* s) {

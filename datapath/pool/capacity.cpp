@@ -96,6 +96,9 @@ PoolInfo Pool::Info() {
   info.abandoned_copies = I.abandoned;
   info.cleaned_orphans = I.cleaned_orphans;
   for (const auto& [n, why] : I.broken) info.broken_volumes.push_back(n + ": " + why);
+  for (const auto& [n, e] : I.vols) {  // lost, and not yet moved to `broken` by the watcher
+    if (e.vol->data_lost()) info.broken_volumes.push_back(n + ": " + I.LostReason(n));
+  }
   for (const auto& [n, why] : I.broken_snaps) {
     info.broken_volumes.push_back("snapshot/" + n + ": " + why);
   }

@@ -124,6 +124,7 @@ Status CloneWhole(int dst_fd, const std::string& dst_path, int src_fd, const std
 }
 
 Pool::Impl::~Impl() {
+  StopWatch();
   // A cancelled copy leaves its metadata at "copying"; the next open deals with it exactly as
   // with a crash (abandon a snapshot/clone, restart a restore). Waiting for a copy of a
   // whole volume to finish would hold up a daemon restart for minutes.

@@ -144,6 +144,10 @@ Status Pool::Impl::Load() {
       MarkBroken(k, name, vol.status().message());
       return Status::Ok();
     }
+    if (auto why = ShortData(**vol, meta); !why.empty()) {
+      MarkBroken(k, name, why);  // its descriptors close with `vol`; nothing is changed
+      return Status::Ok();
+    }
     if (Status s = Reconcile(**vol, meta.size); !s.ok()) return s;
     vols.emplace(name, Entry{std::move(*vol), std::move(meta)});
     return Status::Ok();
@@ -167,6 +171,22 @@ Status Pool::Impl::LoadSnapshots() {
     snaps.emplace(name, std::move(meta));
     return Status::Ok();
   });
+}
+
+// A data file shorter than its metadata's size: no pool operation leaves one (create and resize
+// size the data file durably before they commit the metadata), so its end was cut off outside
+// the pool and the data there is lost. Extending it would hand out zeroes as if they were the
+// volume's data. A volume still being filled is the exception: its copy starts over (restore) or
+// it is removed (clone), so its content does not matter yet. Returns why it is broken, or "".
+std::string Pool::Impl::ShortData(const Volume& v, const VolumeMeta& meta) const {
+  if (meta.state == "copying") return "";
+  struct stat st{};
+  if (fstat(v.buffered_fd(), &st) != 0)
+    return "fstat " + DataPath(v.name()) + ": " + std::strerror(errno);
+  if (static_cast<uint64_t>(st.st_size) >= meta.size) return "";
+  return fmt::format("data file {} is {} bytes, shorter than the {} bytes its metadata records: "
+                     "its end was cut off outside the pool (the file is left as it is)",
+                     DataPath(v.name()), st.st_size, meta.size);
 }
 
 // A data file longer than its metadata is a resize that never committed: roll it back.
@@ -289,6 +309,7 @@ StatusOr<std::unique_ptr<Pool>> Pool::Open(const PoolOptions& opts) {
   // After the orphan sweep, so its temp files are never mistaken for a crash's leftovers.
   impl->reflink = impl->ProbeReflink();
   if (Status s = impl->RecoverCopies(); !s.ok()) return s;
+  impl->StartWatch();
   spdlog::info("pool {}: opened with {} volumes and {} snapshots ({} orphans removed, {} broken, "
                "{} interrupted copies abandoned, reflink {})",
                dir, impl->vols.size(), impl->snaps.size(), impl->cleaned_orphans.size(),

@@ -9,6 +9,7 @@
 //   commit.cpp         durable metadata commit (temp, fsync, rename, dir fsync), rollbacks
 //   capacity.cpp       capacity, overcommit, provisionable bytes, Pool::Info
 //   load.cpp           Pool::Open: lock, load, orphans, broken objects, recovery of copies
+//   watch.cpp          data files removed under the running daemon: the volume is fenced
 //   copy.cpp           reflink (CloneWhole) and background-copy (CopyJob) orchestration
 //   volumes.cpp        Create (every source), Delete, Resize, QoS, Inspect, List, Acquire
 //   fill.cpp           restores and clones: source resolution and filling the new volume
@@ -27,12 +28,13 @@
 //   create:  data file created + sized + fsynced, then metadata committed. A data file without
 //            metadata is an orphan: removed (and counted) when the pool is opened.
 //   delete:  metadata removed + dir fsynced (the volume is gone), then the data file.
-//   resize:  data file grown + fsynced, then metadata committed. On open, a data file whose
-//            size differs from its metadata is truncated back to the committed size.
-// Metadata that cannot be loaded (invalid JSON, unknown version, missing data file) marks the
-// volume broken: it is reported in PoolInfo::broken_volumes, nothing of it is deleted, its name
-// stays taken until an explicit Delete. Only files the pool itself leaves behind (temp files,
-// data files with no metadata at all) are removed automatically.
+//   resize:  data file grown + fsynced, then metadata committed. On open, a data file longer
+//            than its metadata is truncated back to the committed size.
+// Metadata that cannot be loaded (invalid JSON, unknown version, missing data file, a data file
+// shorter than the metadata's size, which no pool operation leaves) marks the volume broken: it
+// is reported in PoolInfo::broken_volumes, nothing of it is deleted, its name stays taken until
+// an explicit Delete. Only files the pool itself leaves behind (temp files, data files with no
+// metadata at all) are removed automatically.
 // Sizes must be multiples of kVolumeSizeAlignment; per-GiB QoS keys use the size rounded up to
 // whole GiB (see qos.h Resolve). The errno of every rule is listed in rules.h: each is EINVAL,
 // including a size above the largest file size (never EFBIG, which the API once answered with a
@@ -70,6 +72,11 @@
 // target volume cannot be resized or have its QoS changed (EAGAIN), the source snapshot cannot
 // be deleted (EBUSY). Snapshot allocated bytes count reflinked extents again (st_blocks), so
 // PoolInfo::allocated overstates use on reflink pools.
+// A data file removed while the daemon runs (the volume's descriptors keep a nameless inode
+// alive) is noticed by the engine at the next FLUSH or FUA write, which fails with EIO, and by
+// the pool's watcher within a second even when the volume is idle: the volume is then broken
+// like one that failed to load (listed with the reason, not served, its name taken until a
+// Delete), and its other files are left as they are.
 // Fault points (common/fault.h) sit between the steps so a test can _exit at each one.
 #pragma once
 
@@ -217,10 +224,20 @@ class Volume {
   // Modifying requests pass through here so snapshots and clones can pause them.
   WriteGate& gate() { return gate_; }
   VolumeStats& stats() { return stats_; }
+  // True once the data file was found removed (unlinked) while the volume was open. What is
+  // written into the nameless inode is gone when the last descriptor closes, so from then on
+  // the engine answers writes and FLUSH with EIO (a FLUSH must never promise durability the
+  // file cannot give), no new connection gets the volume, and the pool reports it broken.
+  bool data_lost() const { return data_lost_.load(std::memory_order_acquire); }
+  // One fstat of the open data file: a file with no name left (st_nlink == 0) marks the volume
+  // lost. Returns !data_lost(). The engine calls it when a FLUSH or FUA write completes, before
+  // it answers; the pool's watcher calls it for every volume each second (kWatchPeriod).
+  bool CheckDataFile();
   ~Volume();
 
  private:
   friend class Pool;
+  std::atomic<bool> data_lost_{false};
   std::string name_;
   std::atomic<uint64_t> size_{0};
   bool read_only_ = false;

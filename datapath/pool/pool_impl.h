@@ -4,6 +4,7 @@
 #pragma once
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -11,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "common/fs_util.h"
@@ -124,7 +126,14 @@ struct Pool::Impl {
   std::vector<std::shared_ptr<CopyJob>> finished_jobs;
   uint64_t next_copy_id = 1;
 
-  ~Impl();  // copy.cpp: cancels running copies
+  // The watcher of data files (watch.cpp); its own lock, so a round never waits for `mu`
+  // to stop.
+  std::thread watch_thread;
+  std::mutex watch_mu;
+  std::condition_variable watch_cv;
+  bool watch_stop = false;  // guarded by watch_mu
+
+  ~Impl();  // copy.cpp: stops the watcher, cancels running copies
 
   void Step(std::string_view step) const {
     if (opts.on_step) opts.on_step(step);
@@ -178,10 +187,18 @@ struct Pool::Impl {
   void NoteOrphan(const std::string& file, const char* why, const std::string& sub);
   Status Load();
   Status LoadSnapshots();
+  std::string ShortData(const Volume& v, const VolumeMeta& meta) const;
   Status Reconcile(Volume& v, uint64_t size);
   Status RecoverCopies();
   Status RestartRestore(const std::string& name, const SnapshotMeta& snap);
   bool ProbeReflink();
+
+  // ---- watch.cpp ----
+  void StartWatch();
+  void StopWatch();
+  void WatchOnce();
+  void FenceLost(const std::string& name, const std::shared_ptr<Volume>& vol);
+  std::string LostReason(const std::string& name) const;
 
   // ---- copy.cpp ----
   void ReapJobs();

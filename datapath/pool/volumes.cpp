@@ -421,6 +421,8 @@ StatusOr<VolumeInfo> Pool::Inspect(const std::string& name) {
   std::lock_guard lock(impl_->mu);
   auto it = impl_->vols.find(name);
   if (it == impl_->vols.end()) return Impl::NotFound("volume", impl_->broken, name);
+  if (it->second.vol->data_lost())  // the watcher has not moved it to the broken ones yet
+    return Error(EIO, "volume {} is broken: {}", name, impl_->LostReason(name));
   return impl_->MakeInfo(it->second);
 }
 
@@ -435,7 +437,8 @@ std::vector<VolumeInfo> Pool::List() {
 std::shared_ptr<Volume> Pool::Acquire(const std::string& name) {
   std::lock_guard lock(impl_->mu);
   auto it = impl_->vols.find(name);
-  if (it == impl_->vols.end() || it->second.meta.state != "ready") return nullptr;
+  if (it == impl_->vols.end() || it->second.meta.state != "ready" || it->second.vol->data_lost())
+    return nullptr;
   return it->second.vol;
 }
 

@@ -10,3 +10,5 @@ nbdcsi_add_gtest(stats_test ${CMAKE_CURRENT_LIST_DIR}/stats_test.cpp nbd_pool)
 nbdcsi_add_gtest(pool_rules_test ${CMAKE_CURRENT_LIST_DIR}/pool_rules_test.cpp nbd_pool)
 nbdcsi_add_gtest(pool_metadata_test ${CMAKE_CURRENT_LIST_DIR}/pool_metadata_test.cpp nbd_pool)
 nbdcsi_add_gtest(pool_create_test ${CMAKE_CURRENT_LIST_DIR}/pool_create_test.cpp nbd_pool)
+# Data files cut short or removed behind the pool's back (fenced, never zero-extended or served).
+nbdcsi_add_gtest(pool_data_file_test ${CMAKE_CURRENT_LIST_DIR}/pool_data_file_test.cpp nbd_pool)
