@@ -346,6 +346,10 @@ class DatapathService final : public v1::Datapath::Service {
   std::shared_ptr<NameLocks> in_flight_;
 };
 
+std::unique_ptr<grpc::Service> MakeDatapathService(Pool& pool) {
+  return std::make_unique<DatapathService>(pool, std::make_shared<NameLocks>());
+}
+
 ApiServer::~ApiServer() {
   Shutdown();
   Wait();
