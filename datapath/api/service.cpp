@@ -19,7 +19,8 @@
 
 namespace nbdcsi::datapath {
 
-namespace v1 = ::nbdcsi::datapath::v1;
+// v1 (the generated code's namespace) is nested here already; clang refuses an alias of the same
+// name (GCC accepts it), and the fuzz targets build this file with clang.
 
 namespace {
 

@@ -222,7 +222,10 @@ void Negotiate(const uint8_t* data, size_t size, nbd::TlsPolicy policy) {
     }
     out.clear();
     const auto step = neg.OnOption(h.option, payload, drained, out);
-    const auto r = Replies(out, h.option);
+    // EXPORT_NAME's success is the only answer that is not option replies.
+    const bool export_name_ok =
+        h.option == nbd::kOptExportName && step == nbd::Negotiator::Step::kTransmission;
+    const auto r = export_name_ok ? std::vector<Reply>{} : Replies(out, h.option);
     if (++seen > nbd::kMaxOptionsPerConnection) {
       FUZZ_CHECK(step == nbd::Negotiator::Step::kClose && out.empty());
       return;

@@ -28,7 +28,7 @@
 #include "datapath/pool/rules.h"
 #include "test/fuzz/fuzz_check.h"
 
-namespace csi = nbdcsi::csi;
+namespace ncsi = nbdcsi::csi;
 namespace ctl = nbdcsi::controller;
 namespace dp = nbdcsi::datapath;
 using nbdcsi::fuzz::Bytes;
@@ -42,21 +42,21 @@ enum class Kind { kCount, kBytes, kMillis };
 struct Field {
   const char* key;
   Kind kind;
-  std::optional<uint64_t> csi::QosParameters::*u64;
-  std::optional<uint32_t> csi::QosParameters::*u32;
+  std::optional<uint64_t> ncsi::QosParameters::*u64;
+  std::optional<uint32_t> ncsi::QosParameters::*u32;
 };
 // The documented grammar (README's StorageClass table), restated here rather than taken from the
 // parser, so that a parser that drifts from it fails.
 const Field kFields[] = {
-    {"maxIops", Kind::kCount, &csi::QosParameters::max_iops, nullptr},
-    {"maxReadIops", Kind::kCount, &csi::QosParameters::max_read_iops, nullptr},
-    {"maxWriteIops", Kind::kCount, &csi::QosParameters::max_write_iops, nullptr},
-    {"maxBps", Kind::kBytes, &csi::QosParameters::max_bps, nullptr},
-    {"maxReadBps", Kind::kBytes, &csi::QosParameters::max_read_bps, nullptr},
-    {"maxWriteBps", Kind::kBytes, &csi::QosParameters::max_write_bps, nullptr},
-    {"iopsPerGiB", Kind::kCount, &csi::QosParameters::iops_per_gib, nullptr},
-    {"bpsPerGiB", Kind::kBytes, &csi::QosParameters::bps_per_gib, nullptr},
-    {"burstMs", Kind::kMillis, nullptr, &csi::QosParameters::burst_ms},
+    {"maxIops", Kind::kCount, &ncsi::QosParameters::max_iops, nullptr},
+    {"maxReadIops", Kind::kCount, &ncsi::QosParameters::max_read_iops, nullptr},
+    {"maxWriteIops", Kind::kCount, &ncsi::QosParameters::max_write_iops, nullptr},
+    {"maxBps", Kind::kBytes, &ncsi::QosParameters::max_bps, nullptr},
+    {"maxReadBps", Kind::kBytes, &ncsi::QosParameters::max_read_bps, nullptr},
+    {"maxWriteBps", Kind::kBytes, &ncsi::QosParameters::max_write_bps, nullptr},
+    {"iopsPerGiB", Kind::kCount, &ncsi::QosParameters::iops_per_gib, nullptr},
+    {"bpsPerGiB", Kind::kBytes, &ncsi::QosParameters::bps_per_gib, nullptr},
+    {"burstMs", Kind::kMillis, nullptr, &ncsi::QosParameters::burst_ms},
 };
 
 const Field* FieldOf(const std::string& key) {
@@ -77,13 +77,13 @@ std::optional<uint64_t> Decimal(const std::string& v) {
   return out;
 }
 
-std::optional<uint64_t> Get(const csi::QosParameters& q, const Field& f) {
+std::optional<uint64_t> Get(const ncsi::QosParameters& q, const Field& f) {
   if (f.u64) return q.*(f.u64);
   if (q.*(f.u32)) return uint64_t{*(q.*(f.u32))};
   return std::nullopt;
 }
 
-void CheckParsed(const Params& m, const nbdcsi::StatusOr<csi::QosParameters>& r) {
+void CheckParsed(const Params& m, const nbdcsi::StatusOr<ncsi::QosParameters>& r) {
   if (!r.ok()) {
     const nbdcsi::Status& s = r.status();
     FUZZ_CHECK_MSG(s.code() == EINVAL || s.code() == ERANGE, s.message());
@@ -107,7 +107,7 @@ void CheckParsed(const Params& m, const nbdcsi::StatusOr<csi::QosParameters>& r)
     FUZZ_CHECK_MSG(some_bad, s.message());
     return;
   }
-  const csi::QosParameters& q = *r;
+  const ncsi::QosParameters& q = r.value();
   for (const Field& f : kFields) {
     auto it = m.find(f.key);
     const std::optional<uint64_t> got = Get(q, f);
@@ -161,10 +161,10 @@ dp::QosLimits ToPool(const nbdcsi::datapath::v1::QosLimits& l) {
   return q;
 }
 
-nbdcsi::StatusOr<csi::QosParameters> ParseBoth(const Params& m) {
-  auto r = csi::ParseQosParameters(m);
+nbdcsi::StatusOr<ncsi::QosParameters> ParseBoth(const Params& m) {
+  auto r = ncsi::ParseQosParameters(m);
   CheckParsed(m, r);
-  auto unprefixed = csi::ParseQosParameters(WithoutProvisionerKeys(m));
+  auto unprefixed = ncsi::ParseQosParameters(WithoutProvisionerKeys(m));
   FUZZ_CHECK(unprefixed.ok() == r.ok());
   if (r.ok()) FUZZ_CHECK(*unprefixed == *r);
   auto c = ctl::ParseQos(ToProtoMap(m), "parameters");
