@@ -28,6 +28,7 @@
 #include <set>
 #include <string>
 
+#include <google/protobuf/stubs/logging.h>
 #include <grpcpp/grpcpp.h>
 
 #include "datapath/api/datapath.grpc.pb.h"
@@ -69,6 +70,8 @@ World& W() {
   static World* w = [] {
     auto* w = new World;
     spdlog::set_level(spdlog::level::off);  // every refusal logs a warning
+    // protobuf logs every string field that is not UTF-8 (the message is then refused).
+    google::protobuf::SetLogHandler(nullptr);
     const char* base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
     std::string tmpl = std::string(base) + "/nbdcsi-fuzz-api-XXXXXX";
     FUZZ_CHECK(mkdtemp(tmpl.data()) != nullptr);
@@ -293,6 +296,8 @@ void GetVolumeStats(std::string_view b) {
 void SetQos(std::string_view b) {
   v1::SetQosRequest req;
   if (!Decode(b, &req)) return;
+  // The QoS rules depend on the volume's size, so a missing volume is NOT_FOUND first.
+  const bool exists = VolumeNameOk(req.name()) && W().pool->Inspect(req.name()).ok();
   v1::SetQosResponse resp;
   grpc::ServerContext ctx;
   const grpc::Status s = W().svc->SetQos(&ctx, &req, &resp);
@@ -301,10 +306,11 @@ void SetQos(std::string_view b) {
     return CheckRefused(s, "SetQos", "no change");
   }
   if (!VolumeNameOk(req.name())) return CheckRefused(s, "SetQos", "bad name");
-  if (req.has_replace() && req.replace().burst_ms() > dp::kMaxBurstMs) {
+  if (exists && req.has_replace() && req.replace().burst_ms() > dp::kMaxBurstMs) {
     return CheckRefused(s, "SetQos", "burst_ms too large");
   }
-  if (req.has_patch() && req.patch().has_burst_ms() && req.patch().burst_ms() > dp::kMaxBurstMs) {
+  if (exists && req.has_patch() && req.patch().has_burst_ms() &&
+      req.patch().burst_ms() > dp::kMaxBurstMs) {
     return CheckRefused(s, "SetQos", "burst_ms too large");
   }
   if (!s.ok()) return;

@@ -45,7 +45,8 @@ for t in "${targets[@]}"; do
   start=$(date +%s)
   rc=0
   nice -n 10 "$out/fuzz-bin/fuzz_$t" -runs="$runs" -max_total_time="$max_secs" \
-    -max_len="${FUZZ_MAX_LEN:-8192}" -timeout=10 -rss_limit_mb=2048 \
+    -max_len="${FUZZ_MAX_LEN:-8192}" -timeout=10 -error_exitcode=1 -timeout_exitcode=1 \
+    -rss_limit_mb=2048 \
     -artifact_prefix="$work/artifacts/" -print_final_stats=1 "$work/corpus" "$seeds" \
     >"$log" 2>&1 || rc=$?
   wall=$(($(date +%s) - start))

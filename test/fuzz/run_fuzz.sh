@@ -27,6 +27,9 @@ fi
 mkdir -p "$out/corpus/$target" "$out/artifacts"
 
 # -max_len: every seed fits, and the metadata / request formats need no more.
+# libFuzzer's own default exit code for a crash is 77, which CTest would show as "skipped": every
+# finding must be a failure.
 exec "$bin" -max_total_time="$secs" -max_len="${FUZZ_MAX_LEN:-8192}" -timeout=10 \
-  -rss_limit_mb=2048 -artifact_prefix="$out/artifacts/${target}-" -print_final_stats=1 \
+  -error_exitcode=1 -timeout_exitcode=1 -rss_limit_mb=2048 \
+  -artifact_prefix="$out/artifacts/${target}-" -print_final_stats=1 \
   "$@" "$out/corpus/$target" "$seeds"
