@@ -155,6 +155,10 @@ void CheckTree() {
   for (const char* sub : {"volumes", "snapshots"}) {
     for (std::string f : Entries(w.dir + "/" + sub)) {
       std::string name = f;
+      // Metadata is committed through ".NAME.json.tmp" (a background copy may be doing so now).
+      if (name.size() > 5 && name[0] == '.' && name.compare(name.size() - 4, 4, ".tmp") == 0) {
+        name.erase(0, 1);
+      }
       for (const char* ext : {".tmp", ".json", ".img"}) {
         const size_t n = std::strlen(ext);
         if (name.size() > n && name.compare(name.size() - n, n, ext) == 0) {
