@@ -52,7 +52,11 @@ const std::vector<std::string>& QosParameterKeys() {
 
 StatusOr<QosParameters> ParseQosParameters(const std::map<std::string, std::string>& params) {
   QosParameters out;
-  for (const auto& [name, value] : params) {
+  // Plain references, not a structured binding: clang before 16 cannot capture a binding in the
+  // lambda below, and the fuzz targets build this file with clang-14.
+  for (const auto& kv : params) {
+    const std::string& name = kv.first;
+    const std::string& value = kv.second;
     if (std::string_view(name).substr(0, kProvisionerPrefix.size()) == kProvisionerPrefix) continue;
     const QosField* key = nullptr;
     for (const QosField& f : kQosFields) {

@@ -17,7 +17,9 @@ BUILD_PKGS=(
 # the XFS / ext4 test pools and the fuzzer's compiler.
 TEST_PKGS=(
   libnbd-bin python3-libnbd nbdkit qemu-utils fio nbd-client
-  xfsprogs e2fsprogs btrfs-progs util-linux fuse3 clang libclang-rt-dev
+  xfsprogs e2fsprogs btrfs-progs util-linux fuse3
+  # test/fuzz (libFuzzer): the scripts call clang++-14 by name; the runtime is libclang-rt-14-dev.
+  clang-14 libclang-rt-14-dev
   python3 python3-yaml procps psmisc jq unzip openssl
   # test/vm/nbd-kernel-vm (real kernel NBD in QEMU): it would apt-get these itself, but inside the
   # test's 600 s CTest limit; the kernel package's postinst alone can take minutes.

@@ -18,7 +18,8 @@
 
 namespace nbdcsi::datapath {
 
-namespace v1 = ::nbdcsi::datapath::v1;
+// v1 (the generated code's namespace) is nested here already; clang refuses an alias of the same
+// name (GCC accepts it), and the fuzz targets build this file with clang.
 
 namespace {
 
@@ -344,6 +345,10 @@ class DatapathService final : public v1::Datapath::Service {
   Pool& pool_;
   std::shared_ptr<NameLocks> in_flight_;
 };
+
+std::unique_ptr<grpc::Service> MakeDatapathService(Pool& pool) {
+  return std::make_unique<DatapathService>(pool, std::make_shared<NameLocks>());
+}
 
 ApiServer::~ApiServer() {
   Shutdown();

@@ -97,4 +97,9 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiL
 StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, const std::string& endpoint,
                                                     std::vector<grpc::Service*> extra = {});
 
+// The Datapath service (a v1::Datapath::Service) over `pool`, outside any server, so that its
+// handlers can be called in-process with no socket: the request fuzzer (test/fuzz) feeds them
+// messages parsed from raw bytes. The daemon serves it through StartApiServer.
+std::unique_ptr<grpc::Service> MakeDatapathService(Pool& pool);
+
 }  // namespace nbdcsi::datapath

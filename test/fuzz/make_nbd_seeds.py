@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Writes the seed corpus for nbd_fuzz: whole client transcripts in the layout nbd_fuzz.cpp
-documents, so the fuzzer starts from inputs that reach every negotiation branch and the
-transmission phase instead of having to discover the magics itself.
+"""The NBD seeds: whole client transcripts in the layout nbd_codec_fuzz.cpp documents, so the
+fuzzer starts from inputs that reach every negotiation branch and the transmission phase instead
+of having to discover the magics itself. make_seeds.py writes them into corpus/nbd_codec and
+corpus/nbd_negotiate; run alone, this writes them into OUTDIR.
 
 usage: make_nbd_seeds.py OUTDIR
 """

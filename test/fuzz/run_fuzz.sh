@@ -1,44 +1,35 @@
 #!/usr/bin/env bash
-# Builds the NBD codec fuzzer (datapath/nbd + nbd_fuzz.cpp) with clang and libFuzzer under
-# ASan/UBSan, then fuzzes for FUZZ_SECONDS (default 30) starting from generated seeds.
-# Exit 77 (CTest: skipped) when clang or its libFuzzer runtime is not installed.
-#   FUZZ_SECONDS=300 test/fuzz/run_fuzz.sh        # longer local run
-#   FUZZ_BUILD_DIR=/tmp/f test/fuzz/run_fuzz.sh    # where the binary, corpus, crashes go
+# Runs one libFuzzer target (test/fuzz/fuzz.cmake) for FUZZ_SECONDS (default 20), starting from
+# its seed corpus in the repository (test/fuzz/corpus/TARGET/, read only) plus what earlier runs
+# found ($FUZZ_BUILD_DIR/corpus/TARGET/, where new inputs go). Builds the targets first when they
+# are missing (test/fuzz/build.sh). A crash, a sanitizer report, a broken invariant, a timeout or
+# running out of memory fails the run and leaves the reproducer in $FUZZ_BUILD_DIR/artifacts/;
+# to replay one: $FUZZ_BUILD_DIR/fuzz-bin/fuzz_TARGET FILE.
+# Exit 77 (CTest: skipped) when clang++-14 or libFuzzer is missing.
+#   test/fuzz/run_fuzz.sh pool_metadata
+#   FUZZ_SECONDS=300 test/fuzz/run_fuzz.sh nbd_codec
 set -euo pipefail
 
+target="${1:?usage: run_fuzz.sh TARGET [libFuzzer flags...]}"
+shift
 src="${NBDCSI_SRC:-$(cd "$(dirname "$0")/../.." && pwd)}"
-out="${FUZZ_BUILD_DIR:-$PWD/fuzz-nbd}"
-secs="${FUZZ_SECONDS:-30}"
-cxx="${FUZZ_CXX:-clang++-14}"
+out="${FUZZ_BUILD_DIR:-$PWD/fuzz}"
+secs="${FUZZ_SECONDS:-20}"
+bin="$out/fuzz-bin/fuzz_$target"
+seeds="$src/test/fuzz/corpus/$target"
 
-if ! command -v "$cxx" >/dev/null 2>&1; then
-  echo "SKIP: $cxx not found (apt-get install clang-14)"
-  exit 77
+if [ ! -x "$bin" ]; then
+  rc=0
+  FUZZ_BUILD_DIR="$out" "$src/test/fuzz/build.sh" || rc=$?
+  [ "$rc" -eq 0 ] || exit "$rc"
 fi
-mkdir -p "$out/corpus" "$out/artifacts"
+[ -d "$seeds" ] || { echo "no seed corpus at $seeds" >&2; exit 1; }
+mkdir -p "$out/corpus/$target" "$out/artifacts"
 
-probe="$out/probe.cpp"
-printf '#include <cstdint>\n#include <cstddef>\nextern "C" int LLVMFuzzerTestOneInput(const uint8_t*, size_t) { return 0; }\n' >"$probe"
-if ! "$cxx" -fsanitize=fuzzer "$probe" -o "$out/probe" 2>/dev/null; then
-  echo "SKIP: $cxx cannot link libFuzzer (install libclang-rt-14-dev / clang-14 runtime)"
-  exit 77
-fi
-
-flags=(-std=c++20 -O1 -g -fno-omit-frame-pointer -Wall -Wextra -Werror
-       -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all)
-"$cxx" "${flags[@]}" -I"$src" "$src"/datapath/nbd/*.cpp "$src/test/fuzz/nbd_fuzz.cpp" \
-  -o "$out/nbd_fuzz"
-
-seeds="$out/seeds"
-rm -rf "$seeds"
-if command -v python3 >/dev/null 2>&1; then
-  python3 "$src/test/fuzz/make_nbd_seeds.py" "$seeds"
-else
-  echo "note: python3 missing, fuzzing without seeds"
-  mkdir -p "$seeds"
-fi
-
-# New interesting inputs go to $out/corpus (kept across runs); seeds are read-only input.
-# A crash leaves its reproducer in $out/artifacts and fails the test.
-exec "$out/nbd_fuzz" -max_total_time="$secs" -max_len=8192 -timeout=10 -rss_limit_mb=2048 \
-  -artifact_prefix="$out/artifacts/" -print_final_stats=1 "$out/corpus" "$seeds"
+# -max_len: every seed fits, and the metadata / request formats need no more.
+# libFuzzer's own default exit code for a crash is 77, which CTest would show as "skipped": every
+# finding must be a failure.
+exec "$bin" -max_total_time="$secs" -max_len="${FUZZ_MAX_LEN:-8192}" -timeout=10 \
+  -error_exitcode=1 -timeout_exitcode=1 -rss_limit_mb=2048 \
+  -artifact_prefix="$out/artifacts/${target}-" -print_final_stats=1 \
+  "$@" "$out/corpus/$target" "$seeds"

@@ -15,8 +15,9 @@
 // standing in for the handshake, calls OnTlsEstablished after kStartTls). The same bytes then
 // reach the option handlers in both modes.
 //
-// Built and run by run_fuzz.sh with clang++ -fsanitize=fuzzer,address,undefined. It uses
-// only the standard library and datapath/nbd so it builds without the rest of the tree.
+// nbd_negotiate_fuzz checks what each option reply says; this target checks the framing of a
+// whole connection and the transmission phase that follows. It uses only the standard library
+// and datapath/nbd.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -28,16 +29,9 @@
 
 #include "datapath/nbd/codec.h"
 #include "datapath/nbd/negotiate.h"
+#include "test/fuzz/fuzz_check.h"
 
 namespace nbd = nbdcsi::nbd;
-
-#define FUZZ_CHECK(cond)                                                          \
-  do {                                                                            \
-    if (!(cond)) {                                                                \
-      std::fprintf(stderr, "invariant failed: %s (%s:%d)\n", #cond, __FILE__, __LINE__); \
-      std::abort();                                                               \
-    }                                                                             \
-  } while (0)
 
 namespace {
 
