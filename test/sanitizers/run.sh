@@ -21,9 +21,9 @@ case $kind in
     # detect_leaks: daemons exit through main on SIGTERM, so leak checks run there too.
     # detect_stack_use_after_return is off by default in GCC 12's runtime; it catches a returned
     # reference to a local (a class of bug the engine's callbacks could have).
-    export ASAN_OPTIONS="log_path=$dir/asan:$common:detect_leaks=1:detect_stack_use_after_return=1:check_initialization_order=1:strict_init_order=1:suppressions=$here/asan.supp${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
+    export ASAN_OPTIONS="log_path=$dir/report:$common:detect_leaks=1:detect_stack_use_after_return=1:check_initialization_order=1:suppressions=$here/asan.supp${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
     export LSAN_OPTIONS="suppressions=$here/lsan.supp:print_suppressions=0${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
-    export UBSAN_OPTIONS="log_path=$dir/ubsan:$common:print_stacktrace=1:suppressions=$here/ubsan.supp${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
+    export UBSAN_OPTIONS="log_path=$dir/report:$common:print_stacktrace=1:suppressions=$here/ubsan.supp${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
     ;;
   tsan)
     # second_deadlock_stack: lock-order reports name both acquisitions.
