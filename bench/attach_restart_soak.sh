@@ -59,8 +59,9 @@ for i in $(seq "$RUNS"); do
   else
     fail=$((fail + 1)); res="FAIL (exit $rc: $(grep -m1 '^FAIL' "$log" || tail -n1 "$log"))"
   fi
-  printf 'run %2d/%d: %-6s %4ss  LINK_DEAD repairs %s, restarts %s\n' "$i" "$RUNS" "$res" "$dt" \
-    "$repairs" "$restarts"
+  # The host's 1-minute load average at the end of the run: the load the VM really ran under.
+  printf 'run %2d/%d: %-6s %4ss  LINK_DEAD repairs %s, restarts %s, host load %s\n' "$i" "$RUNS" \
+    "$res" "$dt" "$repairs" "$restarts" "$(cut -d' ' -f1 /proc/loadavg)"
 done
 sorted=$(printf '%s\n' "${times[@]}" | sort -n)
 echo "summary: $pass/$RUNS passed, $fail failed; seconds per run min $(head -n1 <<<"$sorted")" \

@@ -31,11 +31,19 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 REG=$(free_port)
 if [[ $TLS == 1 ]]; then
-  bash "$SRC/test/tls/make-certs.sh" "$W/tls" >/dev/null
+  bash "$SRC/test/tls/make-certs.sh" "$W/tls" node-a node-b >/dev/null
   SEC=(--tls-cert "$W/tls/server.crt" --tls-key "$W/tls/server.key" --tls-ca "$W/tls/ca.crt")
 else
   SEC=(--insecure)
 fi
+# Each datapath presents its own node certificate (what the controller binds the node id to).
+node_sec() {
+  if [[ $TLS == 1 ]]; then
+    echo --tls-cert "$W/tls/node-$1.crt" --tls-key "$W/tls/node-$1.key" --tls-ca "$W/tls/ca.crt"
+  else
+    echo --insecure
+  fi
+}
 
 "$BIN/nbd-csi-controller" --csi-endpoint "unix://$W/csi.sock" --registry-listen "127.0.0.1:$REG" \
   --heartbeat-interval 500 --log-level info "${SEC[@]}" >"$W/controller.log" 2>&1 &
@@ -45,7 +53,7 @@ for n in node-a node-b; do
   "$BIN/nbd-datapathd" --pool "$W/pool-$n" --api "unix://$W/$n-api.sock" \
     --nbd-listen "unix://$W/$n-nbd.sock" --workers 1 --capacity 100Ti \
     --node-id "$n" --advertise "127.0.0.1:$(free_port)" --controller "127.0.0.1:$REG" \
-    --heartbeat-interval 500 --log-level warn "${SEC[@]}" >"$W/$n.log" 2>&1 &
+    --heartbeat-interval 500 --log-level warn $(node_sec "$n") >"$W/$n.log" 2>&1 &
   PIDS+=($!)
 done
 # Both nodes registered: wait until the controller places a probe volume on each.

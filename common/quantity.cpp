@@ -4,6 +4,7 @@
 #include <cctype>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include <fmt/format.h>
@@ -85,7 +86,15 @@ constexpr std::string_view kValidForms =
 
 }  // namespace
 
-StatusOr<uint64_t> ParseQuantity(std::string_view s) {
+namespace {
+
+// The number part of a quantity: digits, an optional fraction, and what follows them.
+struct Mantissa {
+  std::string_view int_part, frac_part, rest;
+};
+
+// Length, characters and the sign; then the digits. Errors name the whole input.
+StatusOr<Mantissa> SplitNumber(std::string_view s) {
   if (s.empty()) return Error(EINVAL, "invalid quantity \"\": empty ({})", kValidForms);
   if (s.size() > kMaxLen) {
     return Error(EINVAL, "invalid quantity \"{}...\": longer than {} characters",
@@ -97,77 +106,81 @@ StatusOr<uint64_t> ParseQuantity(std::string_view s) {
       return Invalid(s, "contains a non-printable character");
     }
   }
-
   size_t i = 0;
   if (s[i] == '-') return Invalid(s, "negative sizes are not allowed");
   if (s[i] == '+') ++i;
-
-  std::string_view int_part, frac_part;
+  Mantissa m;
   size_t start = i;
   while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) ++i;
-  int_part = s.substr(start, i - start);
+  m.int_part = s.substr(start, i - start);
   if (i < s.size() && s[i] == '.') {
     ++i;
     start = i;
     while (i < s.size() && std::isdigit(static_cast<unsigned char>(s[i]))) ++i;
-    frac_part = s.substr(start, i - start);
+    m.frac_part = s.substr(start, i - start);
   }
-  if (int_part.empty() && frac_part.empty()) {
+  if (m.int_part.empty() && m.frac_part.empty()) {
     return Invalid(s, fmt::format("does not start with a number ({})", kValidForms));
   }
+  m.rest = s.substr(i);
+  return m;
+}
 
-  std::string_view rest = s.substr(i);
-  int binary_power = 0;
-  long long decimal_power = 0;
-  if (!rest.empty()) {
-    bool matched = false;
-    for (const auto& suf : kSuffixes) {
-      if (rest == suf.text) {
-        binary_power = suf.binary_power;
-        decimal_power = suf.decimal_power;
-        matched = true;
-        break;
-      }
-    }
-    // "1E" is exa, "1E3" and "1e3" are exponents: Kubernetes decides by what follows the 'e'.
-    if (!matched && (rest[0] == 'e' || rest[0] == 'E') && rest.size() > 1) {
-      size_t j = 1;
-      bool neg = false;
-      if (rest[j] == '+' || rest[j] == '-') neg = rest[j++] == '-';
-      size_t digits_start = j;
-      long long exp = 0;
-      while (j < rest.size() && std::isdigit(static_cast<unsigned char>(rest[j]))) {
-        // Saturate: anything beyond this is decided by the range checks below anyway.
-        if (exp < 1'000'000) exp = exp * 10 + (rest[j] - '0');
-        ++j;
-      }
-      if (j == rest.size() && j > digits_start) {
-        decimal_power = neg ? -exp : exp;
-        matched = true;
-      } else if (j != rest.size() && j > digits_start) {
-        return Invalid(s, fmt::format("unexpected \"{}\" after the exponent", rest.substr(j)));
-      } else {
-        return Invalid(s, "exponent has no digits");
-      }
-    }
-    if (!matched) {
-      if (std::isalpha(static_cast<unsigned char>(rest[0]))) {
-        std::string hint;
-        if (rest == "K") hint = " (did you mean \"k\" = 1000 or \"Ki\" = 1024?)";
-        else if (rest.size() == 2 && rest[1] == 'B') hint = " (bytes are implied: drop the \"B\")";
-        else if (rest.size() == 3 && rest.substr(1) == "iB") {
-          hint = fmt::format(" (did you mean \"{}\"?)", rest.substr(0, 2));
-        }
-        return Invalid(s, fmt::format("unknown suffix \"{}\"{}; {}", rest, hint, kValidForms));
-      }
-      return Invalid(s, fmt::format("unexpected \"{}\" after the number; {}", rest, kValidForms));
-    }
+struct Powers {
+  int binary = 0;         // times 1024^binary
+  long long decimal = 0;  // times 10^decimal
+};
+
+// "1E" is exa, "1E3" and "1e3" are exponents: Kubernetes decides by what follows the 'e'.
+// nullopt when `rest` is not an exponent at all.
+std::optional<StatusOr<long long>> ParseExponent(std::string_view s, std::string_view rest) {
+  if ((rest[0] != 'e' && rest[0] != 'E') || rest.size() < 2) return std::nullopt;
+  size_t j = 1;
+  bool neg = false;
+  if (rest[j] == '+' || rest[j] == '-') neg = rest[j++] == '-';
+  size_t digits_start = j;
+  long long exp = 0;
+  while (j < rest.size() && std::isdigit(static_cast<unsigned char>(rest[j]))) {
+    // Saturate: anything beyond this is decided by the range checks later anyway.
+    if (exp < 1'000'000) exp = exp * 10 + (rest[j] - '0');
+    ++j;
   }
+  if (j == rest.size() && j > digits_start) return StatusOr<long long>(neg ? -exp : exp);
+  if (j != rest.size() && j > digits_start) {
+    return StatusOr<long long>(
+        Invalid(s, fmt::format("unexpected \"{}\" after the exponent", rest.substr(j))));
+  }
+  return StatusOr<long long>(Invalid(s, "exponent has no digits"));
+}
 
-  // value = digits * 1024^binary_power * 10^(decimal_power - len(frac_part))
+// What follows the number: a suffix, an exponent, or an error with a hint for the usual slips.
+StatusOr<Powers> ParseSuffix(std::string_view s, std::string_view rest) {
+  if (rest.empty()) return Powers{};
+  for (const auto& suf : kSuffixes) {
+    if (rest == suf.text) return Powers{suf.binary_power, suf.decimal_power};
+  }
+  if (auto exp = ParseExponent(s, rest)) {
+    if (!exp->ok()) return exp->status();
+    return Powers{0, **exp};
+  }
+  if (std::isalpha(static_cast<unsigned char>(rest[0]))) {
+    std::string hint;
+    if (rest == "K") hint = " (did you mean \"k\" = 1000 or \"Ki\" = 1024?)";
+    else if (rest.size() == 2 && rest[1] == 'B') hint = " (bytes are implied: drop the \"B\")";
+    else if (rest.size() == 3 && rest.substr(1) == "iB") {
+      hint = fmt::format(" (did you mean \"{}\"?)", rest.substr(0, 2));
+    }
+    return Invalid(s, fmt::format("unknown suffix \"{}\"{}; {}", rest, hint, kValidForms));
+  }
+  return Invalid(s, fmt::format("unexpected \"{}\" after the number; {}", rest, kValidForms));
+}
+
+// value = digits * 1024^binary * 10^(decimal - len(frac_part)), exactly, or an error when it is
+// not a whole number of bytes or does not fit in 64 bits.
+StatusOr<uint64_t> Scale(std::string_view s, const Mantissa& m, const Powers& p) {
   BigUint v;
   size_t significant = 0;
-  for (std::string_view part : {int_part, frac_part}) {
+  for (std::string_view part : {m.int_part, m.frac_part}) {
     for (char c : part) {
       if (significant == 0 && c == '0') continue;
       ++significant;
@@ -176,9 +189,9 @@ StatusOr<uint64_t> ParseQuantity(std::string_view s) {
     }
   }
   if (v.IsZero()) return uint64_t{0};
-  long long exp10 = decimal_power - static_cast<long long>(frac_part.size());
+  long long exp10 = p.decimal - static_cast<long long>(m.frac_part.size());
 
-  for (int k = 0; k < binary_power; ++k) v.MulSmall(1024);
+  for (int k = 0; k < p.binary; ++k) v.MulSmall(1024);
   if (exp10 > 0) {
     // A non-zero value times 10^20 is already past uint64's 1.8e19.
     if (exp10 > 20) return Error(ERANGE, "quantity \"{}\" is too large for a byte count", s);
@@ -197,6 +210,16 @@ StatusOr<uint64_t> ParseQuantity(std::string_view s) {
                  std::numeric_limits<uint64_t>::max());
   }
   return v.ToU64();
+}
+
+}  // namespace
+
+StatusOr<uint64_t> ParseQuantity(std::string_view s) {
+  auto m = SplitNumber(s);
+  if (!m.ok()) return m.status();
+  auto p = ParseSuffix(s, m->rest);
+  if (!p.ok()) return p.status();
+  return Scale(s, *m, *p);
 }
 
 std::string FormatQuantity(uint64_t bytes) {

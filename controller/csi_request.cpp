@@ -6,6 +6,7 @@
 
 #include <fmt/format.h>
 
+#include "common/qos_fields.h"
 #include "common/volume_rules.h"
 #include "controller/csi_status.h"
 #include "csi/driver.h"
@@ -77,15 +78,10 @@ namespace {
 // QosLimits and QosPatch spell their fields alike; only the keys given are set.
 template <typename M>
 void SetGivenQos(const csi::QosParameters& q, M* m) {
-  if (q.max_iops) m->set_max_iops(*q.max_iops);
-  if (q.max_read_iops) m->set_max_read_iops(*q.max_read_iops);
-  if (q.max_write_iops) m->set_max_write_iops(*q.max_write_iops);
-  if (q.max_bps) m->set_max_bps(*q.max_bps);
-  if (q.max_read_bps) m->set_max_read_bps(*q.max_read_bps);
-  if (q.max_write_bps) m->set_max_write_bps(*q.max_write_bps);
-  if (q.iops_per_gib) m->set_iops_per_gib(*q.iops_per_gib);
-  if (q.bps_per_gib) m->set_bps_per_gib(*q.bps_per_gib);
-  if (q.burst_ms) m->set_burst_ms(*q.burst_ms);
+#define NBDCSI_QOS_SET(f, key, flag, kind, help) \
+  if (q.f) m->set_##f(*q.f);
+  NBDCSI_QOS_FIELDS(NBDCSI_QOS_SET)
+#undef NBDCSI_QOS_SET
 }
 
 uint64_t RoundUp(uint64_t v) {

@@ -137,10 +137,12 @@ std::shared_ptr<NodeDatapath> MakeGrpcNodeDatapath(std::string node_id,
 
 NodeDatapathFactory MakeGrpcDatapathFactory(GrpcDatapathOptions opts) {
   return [opts = std::move(opts)](const std::string& node_id, const std::string& address) {
-    // TLS checks the datapath's certificate SANs against the address's host, or the override.
+    // TLS checks the datapath's certificate against the node (creds_for_node), or its SANs
+    // against the address's host or the override.
     grpc::ChannelArguments args;
     if (!opts.tls_server_name.empty()) args.SetSslTargetNameOverride(opts.tls_server_name);
-    return MakeGrpcNodeDatapath(node_id, grpc::CreateCustomChannel(address, opts.creds, args),
+    auto creds = opts.creds_for_node ? opts.creds_for_node(node_id) : opts.creds;
+    return MakeGrpcNodeDatapath(node_id, grpc::CreateCustomChannel(address, creds, args),
                                 opts.timeout);
   };
 }

@@ -6,13 +6,17 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <grpcpp/server.h>
+#include <grpcpp/security/credentials.h>
+#include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 #include <spdlog/spdlog.h>
 
 #include "common/tls.h"
+#include "common/unix_listener.h"
 #include "controller/controller_service.h"
 #include "controller/node_datapath.h"
 #include "controller/registry.h"
@@ -34,6 +38,8 @@ struct Flags {
   uint32_t datapath_timeout_ms = 30000;
   std::string log_level = "info";
   std::string datapath_server_name;
+  std::vector<std::string> allow_uids;
+  PeerUids csi_peers;  // from allow_uids
 };
 
 void AddFlags(CLI::App& app, Flags& f) {
@@ -46,8 +52,10 @@ void AddFlags(CLI::App& app, Flags& f) {
   app.add_option("--tls-key", f.tls.key, "PEM private key of --tls-cert");
   app.add_option("--tls-ca", f.tls.ca, "PEM CA bundle that datapath certificates must chain to");
   app.add_option("--datapath-server-name", f.datapath_server_name,
-                 "Verify every datapath's certificate against this name instead of the address "
-                 "it is dialled at (one shared datapath certificate for all nodes)");
+                 "One certificate shared by every datapath: verify each datapath's certificate "
+                 "against this DNS name. Turns node binding off: by default a datapath's "
+                 "certificate must name its node (URI SAN spiffe://nbd.csi.io/node/<node-id>) "
+                 "to heartbeat as that node and to be called as it");
   app.add_flag("--insecure", f.tls.insecure,
                "Plaintext gRPC to and from the datapaths (loopback tests only)");
   app.add_option("--heartbeat-interval", f.heartbeat_interval_ms,
@@ -62,6 +70,9 @@ void AddFlags(CLI::App& app, Flags& f) {
       ->capture_default_str();
   app.add_option("--log-level", f.log_level, "trace, debug, info, warn or error")
       ->capture_default_str();
+  app.add_option("--allow-uid", f.allow_uids,
+                 "A uid that may call the unix CSI socket besides root and this process's own "
+                 "(repeatable; others get PERMISSION_DENIED)");
 }
 
 // What the parser cannot check alone; false (logged) when the flags do not make sense together.
@@ -79,6 +90,14 @@ bool CheckFlags(Flags& f) {
   if (!f.datapath_server_name.empty() && f.tls.insecure) {
     spdlog::critical("--datapath-server-name has no meaning with --insecure");
     return false;
+  }
+  for (const auto& u : f.allow_uids) {
+    auto uid = ParseUid(u);
+    if (!uid.ok()) {
+      spdlog::critical("{}", uid.status().message());
+      return false;
+    }
+    f.csi_peers.extra.push_back(*uid);
   }
   return true;
 }
@@ -118,6 +137,7 @@ int ServeCsi(const Flags& f, controller::NodeRegistry& registry, grpc::Server& r
   ncsi::CsiServerOptions sopts;
   sopts.endpoint = f.csi_endpoint;
   sopts.services = {identity.get(), controller_service.get()};
+  sopts.peers = f.csi_peers;
   auto csi_server = ncsi::StartCsiServer(sopts);
   if (!csi_server.ok()) {
     spdlog::critical("cannot serve CSI on {}: {}", f.csi_endpoint, csi_server.status().message());
@@ -155,31 +175,40 @@ int main(int argc, char** argv) {
   spdlog::set_level(spdlog::level::from_str(f.log_level));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
   if (!CheckFlags(f)) return 2;
-  auto server_creds = MakeServerCredentials(f.tls);
-  if (!server_creds.ok()) {
-    spdlog::critical("registry listener credentials: {}", server_creds.status().message());
-    return 2;
-  }
-  auto channel_creds = MakeChannelCredentials(f.tls);
-  if (!channel_creds.ok()) {
-    spdlog::critical("datapath channel credentials: {}", channel_creds.status().message());
-    return 2;
-  }
-  if (f.tls.insecure) {
-    spdlog::warn("--insecure: datapath traffic is plaintext; use only on loopback for tests");
-  }
-
+  std::shared_ptr<grpc::ServerCredentials> server_creds = grpc::InsecureServerCredentials();
   controller::GrpcDatapathOptions dopts;
-  dopts.creds = *channel_creds;
+  dopts.creds = grpc::InsecureChannelCredentials();
   dopts.tls_server_name = f.datapath_server_name;
   dopts.timeout = std::chrono::milliseconds(f.datapath_timeout_ms);
+  const bool bind_nodes = !f.tls.insecure && f.datapath_server_name.empty();
+  if (f.tls.insecure) {
+    spdlog::warn("--insecure: datapath traffic is plaintext; use only on loopback for tests");
+  } else {
+    auto tls = TlsCredentials::Load(f.tls);
+    if (!tls.ok()) {
+      spdlog::critical("TLS credentials: {}", tls.status().message());
+      return 2;
+    }
+    server_creds = (*tls)->Server();
+    dopts.creds = (*tls)->Channel();
+    if (bind_nodes) {
+      dopts.creds_for_node = [tls = *tls](const std::string& node) {
+        return tls->ChannelToNode(node);
+      };
+      spdlog::info("node binding on: a datapath's certificate must name its node ({}<node-id>) "
+                   "to heartbeat as it and to be called as it", kNodeIdentityPrefix);
+    } else {
+      spdlog::warn("node binding off (--datapath-server-name {}): any certificate the CA signed "
+                   "may heartbeat as any node", f.datapath_server_name);
+    }
+  }
   controller::NodeRegistry registry(controller::MakeGrpcDatapathFactory(std::move(dopts)),
                                     std::chrono::milliseconds(f.heartbeat_ttl_ms),
                                     std::chrono::milliseconds(f.heartbeat_interval_ms));
-  auto registry_service = controller::MakeRegistryService(registry);
+  auto registry_service =
+      controller::MakeRegistryService(registry, {.bind_node_identity = bind_nodes});
   int registry_port = 0;
-  auto registry_server =
-      StartRegistryServer(f, *server_creds, registry_service.get(), &registry_port);
+  auto registry_server = StartRegistryServer(f, server_creds, registry_service.get(), &registry_port);
   if (!registry_server) return 1;
   return ServeCsi(f, registry, *registry_server, registry_port);
 }

@@ -58,11 +58,17 @@ using NodeDatapathFactory = std::function<std::shared_ptr<NodeDatapath>(
     const std::string& node_id, const std::string& address)>;
 
 struct GrpcDatapathOptions {
-  // Used for every channel to a datapath (mutual TLS, or insecure for loopback tests).
+  // Used for every channel to a datapath (mutual TLS, or insecure for loopback tests), unless
+  // creds_for_node is set.
   std::shared_ptr<grpc::ChannelCredentials> creds;
+  // The credentials of the channel to one node: with node binding, ones that accept only a
+  // certificate naming that node (TlsCredentials::ChannelToNode).
+  std::function<std::shared_ptr<grpc::ChannelCredentials>(const std::string& node_id)>
+      creds_for_node;
   // The name the datapaths' certificates must carry (a DNS SAN), instead of the host of each
   // advertised address: lets every datapath share one certificate (e.g. SAN
   // "nbd-datapath.nbd-csi.svc") while advertising its own node IP. "": the address's host.
+  // Meant with `creds`: a node certificate names its node, not this name.
   std::string tls_server_name;
   // Deadline of each call. A node that does not answer within it fails the call with ETIMEDOUT
   // (DEADLINE_EXCEEDED), or EAGAIN (UNAVAILABLE) when it cannot be reached at all, so the

@@ -7,6 +7,7 @@
 
 #include "common/grpc_status.h"
 #include "common/node_id.h"
+#include "common/tls.h"
 
 namespace nbdcsi::controller {
 
@@ -107,10 +108,16 @@ namespace {
 
 class RegistryService final : public v1::Registry::Service {
  public:
-  explicit RegistryService(NodeRegistry& reg) : reg_(reg) {}
+  RegistryService(NodeRegistry& reg, RegistryServiceOptions opts) : reg_(reg), opts_(opts) {}
 
   grpc::Status Heartbeat(grpc::ServerContext* ctx, const v1::HeartbeatRequest* req,
                          v1::HeartbeatResponse* resp) override {
+    if (opts_.bind_node_identity && ValidateNodeId(req->node_id()).ok()) {
+      if (Status s = CheckPeerIsNode(*ctx->auth_context(), req->node_id()); !s.ok()) {
+        spdlog::warn("registry: heartbeat from {} refused: {}", ctx->peer(), s.message());
+        return ToGrpc(s);
+      }
+    }
     if (Status s = reg_.Heartbeat(*req); !s.ok()) {
       spdlog::warn("registry: heartbeat from {} refused: {}", ctx->peer(), s.message());
       return ToGrpc(s);
@@ -122,12 +129,14 @@ class RegistryService final : public v1::Registry::Service {
 
  private:
   NodeRegistry& reg_;
+  const RegistryServiceOptions opts_;
 };
 
 }  // namespace
 
-std::unique_ptr<v1::Registry::Service> MakeRegistryService(NodeRegistry& reg) {
-  return std::make_unique<RegistryService>(reg);
+std::unique_ptr<v1::Registry::Service> MakeRegistryService(NodeRegistry& reg,
+                                                           RegistryServiceOptions opts) {
+  return std::make_unique<RegistryService>(reg, opts);
 }
 
 }  // namespace nbdcsi::controller

@@ -77,8 +77,18 @@ class NodeRegistry {
   std::map<std::string, Entry> nodes_;  // guarded by mu_
 };
 
+struct RegistryServiceOptions {
+  // Node binding: a heartbeat for node N is accepted only from a client certificate that names
+  // N (common/tls.h NodeIdentityUri); any other is PERMISSION_DENIED and changes nothing. Off
+  // for plaintext tests and for one certificate shared by every datapath
+  // (--datapath-server-name), where any certificate the CA signed speaks for any node.
+  bool bind_node_identity = false;
+};
+
 // The Registry gRPC service over a NodeRegistry (which must outlive it): INVALID_ARGUMENT for a
-// bad heartbeat (logged), otherwise OK with the registry's heartbeat interval.
-std::unique_ptr<nbdcsi::datapath::v1::Registry::Service> MakeRegistryService(NodeRegistry& reg);
+// bad heartbeat, PERMISSION_DENIED for a node the peer's certificate does not name (both
+// logged), otherwise OK with the registry's heartbeat interval.
+std::unique_ptr<nbdcsi::datapath::v1::Registry::Service> MakeRegistryService(
+    NodeRegistry& reg, RegistryServiceOptions opts = {});
 
 }  // namespace nbdcsi::controller

@@ -11,10 +11,15 @@
 namespace nbdcsi::csi {
 namespace {
 
-// Messages quote user input; control bytes would garble a log line, so they are escaped.
+// Messages quote user input; control bytes would garble a log line, so they are escaped. Long
+// input is cut: a message travels back in gRPC's grpc-message header, and one that quotes a
+// multi-kilobyte id twice overflows the client's metadata limit, which turns the clear
+// INVALID_ARGUMENT into a transport error.
+constexpr size_t kMaxQuoted = 80;
+
 std::string Quote(std::string_view s) {
   std::string out = "\"";
-  for (unsigned char c : s) {
+  for (unsigned char c : s.substr(0, kMaxQuoted)) {
     if (c == '"' || c == '\\') {
       out += '\\';
       out += static_cast<char>(c);
@@ -24,6 +29,7 @@ std::string Quote(std::string_view s) {
       out += static_cast<char>(c);
     }
   }
+  if (s.size() > kMaxQuoted) return out + fmt::format("\"... ({} bytes)", s.size());
   return out + "\"";
 }
 

@@ -12,26 +12,16 @@ namespace {
 
 constexpr std::string_view kProvisionerPrefix = "csi.storage.k8s.io/";
 
-enum class Kind { kCount, kBytes, kMillis };
-
-struct Key {
-  const char* name;
-  Kind kind;
-  std::optional<uint64_t> QosParameters::*u64 = nullptr;
-  std::optional<uint32_t> QosParameters::*u32 = nullptr;
-};
-
-const Key kKeys[] = {
-    {"maxIops", Kind::kCount, &QosParameters::max_iops},
-    {"maxReadIops", Kind::kCount, &QosParameters::max_read_iops},
-    {"maxWriteIops", Kind::kCount, &QosParameters::max_write_iops},
-    {"maxBps", Kind::kBytes, &QosParameters::max_bps},
-    {"maxReadBps", Kind::kBytes, &QosParameters::max_read_bps},
-    {"maxWriteBps", Kind::kBytes, &QosParameters::max_write_bps},
-    {"iopsPerGiB", Kind::kCount, &QosParameters::iops_per_gib},
-    {"bpsPerGiB", Kind::kBytes, &QosParameters::bps_per_gib},
-    {"burstMs", Kind::kMillis, nullptr, &QosParameters::burst_ms},
-};
+// Sets the member of `out` that the table calls `field`.
+void Assign(QosParameters& out, std::string_view field, uint64_t v) {
+#define NBDCSI_QOS_ASSIGN(f, key, flag, kind, help)  \
+  if (field == #f) {                                 \
+    out.f = static_cast<QosValue<QosKind::kind>>(v); \
+    return;                                          \
+  }
+  NBDCSI_QOS_FIELDS(NBDCSI_QOS_ASSIGN)
+#undef NBDCSI_QOS_ASSIGN
+}
 
 // Strict decimal: digits only (no sign, blanks or suffix), so "10k" for an IOPS key is an error
 // rather than a silent 10.
@@ -54,7 +44,7 @@ bool QosParameters::empty() const { return *this == QosParameters{}; }
 const std::vector<std::string>& QosParameterKeys() {
   static const std::vector<std::string> keys = [] {
     std::vector<std::string> k;
-    for (const Key& key : kKeys) k.emplace_back(key.name);
+    for (const QosField& f : kQosFields) k.emplace_back(f.csi_key);
     return k;
   }();
   return keys;
@@ -64,9 +54,9 @@ StatusOr<QosParameters> ParseQosParameters(const std::map<std::string, std::stri
   QosParameters out;
   for (const auto& [name, value] : params) {
     if (std::string_view(name).substr(0, kProvisionerPrefix.size()) == kProvisionerPrefix) continue;
-    const Key* key = nullptr;
-    for (const Key& k : kKeys) {
-      if (name == k.name) key = &k;
+    const QosField* key = nullptr;
+    for (const QosField& f : kQosFields) {
+      if (name == f.csi_key) key = &f;
     }
     if (!key) {
       return Error(EINVAL, "unknown parameter \"{}\"; known: {}", name,
@@ -75,22 +65,12 @@ StatusOr<QosParameters> ParseQosParameters(const std::map<std::string, std::stri
     auto bad = [&](const Status& s) {
       return Error(s.code(), "parameter {}: bad value \"{}\": {}", name, value, s.message());
     };
-    if (key->kind == Kind::kBytes) {
-      auto q = ParseQuantity(value);
-      if (!q.ok()) return bad(q.status());
-      out.*(key->u64) = *q;
-    } else {
-      auto n = ParseDecimal(value);
-      if (!n.ok()) return bad(n.status());
-      if (key->kind == Kind::kMillis) {
-        if (*n > std::numeric_limits<uint32_t>::max()) {
-          return bad(Error(ERANGE, "at most {}", std::numeric_limits<uint32_t>::max()));
-        }
-        out.*(key->u32) = static_cast<uint32_t>(*n);
-      } else {
-        out.*(key->u64) = *n;
-      }
+    auto n = key->kind == QosKind::kBytes ? ParseQuantity(value) : ParseDecimal(value);
+    if (!n.ok()) return bad(n.status());
+    if (key->kind == QosKind::kMillis && *n > std::numeric_limits<uint32_t>::max()) {
+      return bad(Error(ERANGE, "at most {}", std::numeric_limits<uint32_t>::max()));
     }
+    Assign(out, key->field, *n);
   }
   return out;
 }

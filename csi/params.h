@@ -8,22 +8,23 @@
 #include <string>
 #include <vector>
 
+#include "common/qos_fields.h"
 #include "common/status.h"
 
 namespace nbdcsi::csi {
 
-// Each field is set only when its key was given. Values are per second; 0 = no limit.
+// Each field is set only when its key was given. Values are per second (bytes per second for the
+// Bps keys); 0 = no limit. One member per row of common/qos_fields.h, named like the proto field.
 struct QosParameters {
-  std::optional<uint64_t> max_iops, max_read_iops, max_write_iops;
-  std::optional<uint64_t> max_bps, max_read_bps, max_write_bps;  // bytes per second
-  std::optional<uint64_t> iops_per_gib, bps_per_gib;
-  std::optional<uint32_t> burst_ms;
+#define NBDCSI_QOS_MEMBER(f, key, flag, kind, help) std::optional<QosValue<QosKind::kind>> f;
+  NBDCSI_QOS_FIELDS(NBDCSI_QOS_MEMBER)
+#undef NBDCSI_QOS_MEMBER
   bool empty() const;
   bool operator==(const QosParameters&) const = default;
 };
 
-// The accepted keys in table order: maxIops maxReadIops maxWriteIops maxBps maxReadBps
-// maxWriteBps iopsPerGiB bpsPerGiB burstMs.
+// The accepted keys in table order (common/qos_fields.h): maxIops maxReadIops maxWriteIops maxBps
+// maxReadBps maxWriteBps iopsPerGiB bpsPerGiB burstMs.
 const std::vector<std::string>& QosParameterKeys();
 
 // Keys prefixed "csi.storage.k8s.io/" are skipped (the external-provisioner's own). IOPS keys and

@@ -63,15 +63,9 @@ CsiServer::~CsiServer() {
 void CsiServer::Shutdown(std::chrono::milliseconds grace) {
   if (shut_down_ || !server_) return;
   shut_down_ = true;
+  // No new connections first (this also removes the socket file), then the calls drain.
+  if (listener_) listener_->Stop();
   server_->Shutdown(std::chrono::system_clock::now() + grace);
-  if (endpoint_.kind == Endpoint::Kind::kUnix) {
-    // gRPC 1.51 unlinks the path itself when the listener closes; this covers versions that do
-    // not, so the next start does not have to take the stale-socket path.
-    struct stat st{};
-    if (lstat(endpoint_.path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
-      unlink(endpoint_.path.c_str());
-    }
-  }
 }
 
 void CsiServer::Wait() {
@@ -86,44 +80,38 @@ StatusOr<std::unique_ptr<CsiServer>> StartCsiServer(const CsiServerOptions& opts
   }
   std::unique_ptr<CsiServer> srv(new CsiServer());
   srv->endpoint_ = *ep;
-  if (ep->kind == Endpoint::Kind::kUnix) {
+  const bool unix_ep = ep->kind == Endpoint::Kind::kUnix;
+  if (unix_ep) {
     if (Status s = PrepareUnixPath(ep->path); !s.ok()) return s;
+    auto l = UnixPeerListener::Bind(
+        ep->path, opts.peers.extra.empty() ? opts.socket_mode : opts.peers.SocketMode(),
+        opts.peers);
+    if (!l.ok()) return l.status();
+    srv->listener_ = std::move(*l);
   }
 
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(ep->GrpcTarget(), grpc::InsecureServerCredentials(),
-                           ep->kind == Endpoint::Kind::kTcp ? &srv->port_ : nullptr);
+  if (!unix_ep) {
+    builder.AddListeningPort(ep->GrpcTarget(), grpc::InsecureServerCredentials(), &srv->port_);
+  }
   for (grpc::Service* svc : opts.services) builder.RegisterService(svc);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> icpts;
   icpts.push_back(MakeLoggingInterceptorFactory());
   builder.experimental().SetInterceptorCreators(std::move(icpts));
   srv->server_ = builder.BuildAndStart();
-  if (!srv->server_ || (ep->kind == Endpoint::Kind::kTcp && srv->port_ == 0)) {
+  if (!srv->server_ || (!unix_ep && srv->port_ == 0)) {
     srv->server_.reset();
     return Error(EADDRINUSE, "cannot listen on {} (address in use or not permitted)",
                  ep->ToString());
   }
-
-  if (ep->kind == Endpoint::Kind::kUnix) {
-    // gRPC binds with the process umask; the mode is set right after and then checked, because
-    // a socket left wider than asked is a security bug, not a detail.
-    struct stat st{};
-    Status bad;
-    if (chmod(ep->path.c_str(), opts.socket_mode) != 0) {
-      bad = Error(errno, "chmod {:o} {}: {}", opts.socket_mode, ep->path, strerror(errno));
-    } else if (stat(ep->path.c_str(), &st) != 0) {
-      bad = Error(errno, "stat {}: {}", ep->path, strerror(errno));
-    } else if ((st.st_mode & 07777) != opts.socket_mode) {
-      bad = Error(EPERM, "socket {} has mode {:o} after chmod {:o}", ep->path, st.st_mode & 07777,
-                  opts.socket_mode);
-    }
-    if (!bad.ok()) {
-      srv->Shutdown(std::chrono::milliseconds(0));
-      srv->Wait();
-      return bad;
-    }
+  if (unix_ep) {
+    if (Status s = srv->listener_->Serve(srv->server_.get()); !s.ok()) return s;
+    spdlog::info("CSI server listening on {} (callers: {})", ep->ToString(),
+                 opts.peers.Describe());
+  } else {
+    spdlog::warn("CSI server listening on {}: TCP has no caller check, use it on loopback only",
+                 ep->ToString());
   }
-  spdlog::info("CSI server listening on {}", ep->ToString());
   return srv;
 }
 

@@ -1,5 +1,7 @@
 // gRPC server plumbing shared by nbd-csi-controller and nbd-csi-node: one listening endpoint,
-// the logging interceptor on every call, and a graceful stop on SIGINT/SIGTERM.
+// the logging interceptor on every call, and a graceful stop on SIGINT/SIGTERM. A unix endpoint
+// is accepted by a UnixPeerListener (common/unix_listener.h): mode 0600 and, per connection,
+// the caller's uid checked with SO_PEERCRED (others get PERMISSION_DENIED).
 #pragma once
 
 #include <chrono>
@@ -11,6 +13,7 @@
 
 #include "common/endpoint.h"
 #include "common/status.h"
+#include "common/unix_listener.h"
 
 namespace nbdcsi::csi {
 
@@ -28,6 +31,8 @@ struct CsiServerOptions {
   std::vector<grpc::Service*> services = {};
   // Unix socket mode. kubelet and the sidecars run as root: 0600 keeps everyone else out.
   unsigned socket_mode = 0600;
+  // Unix endpoints: who may call besides root and this process's uid (--allow-uid).
+  PeerUids peers = {};
 };
 
 class CsiServer {
@@ -48,6 +53,7 @@ class CsiServer {
   CsiServer() = default;
   Endpoint endpoint_;
   int port_ = 0;
+  std::unique_ptr<UnixPeerListener> listener_;  // unix endpoints
   std::unique_ptr<grpc::Server> server_;
   bool shut_down_ = false;
 };

@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <thread>
@@ -16,6 +17,7 @@
 #include "common/node_id.h"
 #include "common/quantity.h"
 #include "common/tls.h"
+#include "common/unix_listener.h"
 #include "datapath/api/attach_service.h"
 #include "datapath/api/heartbeat.h"
 #include "datapath/api/service.h"
@@ -129,6 +131,26 @@ Status ValidateNbdTls(const std::vector<Endpoint>& eps, const NbdTlsFiles& f, bo
   return Status::Ok();
 }
 
+// A certificate that names nodes, none of them this one, is a mix-up the controller would refuse
+// at every heartbeat: say so now. One that names no node is a shared certificate, which works
+// only with a controller running --datapath-server-name.
+Status CheckNodeIdentity(const TlsCredentials& tls, const std::string& node_id) {
+  if (node_id.empty()) return Status::Ok();
+  std::vector<std::string> ids = tls.NodeIds();
+  if (ids.empty()) {
+    spdlog::warn("--tls-cert {} names no node: the controller accepts this datapath only with "
+                 "--datapath-server-name (node binding off); a per-node certificate carries the "
+                 "URI SAN {}", tls.files().cert, NodeIdentityUri(node_id));
+    return Status::Ok();
+  }
+  if (std::find(ids.begin(), ids.end(), node_id) != ids.end()) return Status::Ok();
+  std::string names;
+  for (const auto& id : ids) names += (names.empty() ? "" : ", ") + id;
+  return Error(EINVAL, "--tls-cert {} is the certificate of node {}, not of --node-id {} (URI "
+                       "SAN {} expected)", tls.files().cert, names, node_id,
+               NodeIdentityUri(node_id));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -208,7 +230,20 @@ int main(int argc, char** argv) {
   app.add_option("--heartbeat-interval", heartbeat_ms, "Milliseconds between heartbeats")
       ->check(CLI::Range(int64_t{100}, int64_t{600000}))
       ->capture_default_str();
+  std::vector<std::string> allow_uids;
+  app.add_option("--allow-uid", allow_uids,
+                 "A uid that may call the unix API socket besides root and this process's own "
+                 "(repeatable; others get PERMISSION_DENIED)");
   CLI11_PARSE(app, argc, argv);
+  PeerUids api_peers;
+  for (const auto& u : allow_uids) {
+    auto uid = ParseUid(u);
+    if (!uid.ok()) {
+      spdlog::critical("{}", uid.status().message());
+      return 2;
+    }
+    api_peers.extra.push_back(*uid);
+  }
   if (listens.empty()) listens.push_back("unix:///run/nbd-csi/nbd.sock");
   cluster.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
   const auto started = std::chrono::system_clock::now();
@@ -278,28 +313,31 @@ int main(int argc, char** argv) {
   // is opened.
   std::vector<ApiListen> api_listens(1);
   api_listens[0].endpoint = api;
+  api_listens[0].peers = api_peers;
   std::shared_ptr<grpc::ChannelCredentials> channel_creds;
+  std::shared_ptr<TlsCredentials> tls;
+  if ((!cluster.tcp_listen.empty() || !cluster.controller.empty()) && !cluster.tls.insecure) {
+    auto loaded = TlsCredentials::Load(cluster.tls);
+    if (!loaded.ok()) {
+      spdlog::critical("TLS (--tls-cert/--tls-key/--tls-ca): {}", loaded.status().message());
+      return 2;
+    }
+    tls = *loaded;
+    if (Status st = CheckNodeIdentity(*tls, cluster.node_id); !st.ok()) {
+      spdlog::critical("{}", st.message());
+      return 2;
+    }
+  }
   if (!cluster.tcp_listen.empty()) {
     ApiListen tcp;
     tcp.endpoint = "tcp://" + cluster.tcp_listen;
     tcp.insecure = cluster.tls.insecure;
-    if (!cluster.tls.insecure) {
-      auto creds = MakeServerCredentials(cluster.tls);
-      if (!creds.ok()) {
-        spdlog::critical("TCP Datapath API: {}", creds.status().message());
-        return 2;
-      }
-      tcp.creds = *creds;
-    }
+    // The controller calls this API; another datapath's certificate must not.
+    if (tls) tcp.creds = tls->Server(TlsPeers::kNotNodes);
     api_listens.push_back(std::move(tcp));
   }
   if (!cluster.controller.empty()) {
-    auto creds = MakeChannelCredentials(cluster.tls);
-    if (!creds.ok()) {
-      spdlog::critical("--controller: {}", creds.status().message());
-      return 2;
-    }
-    channel_creds = *creds;
+    channel_creds = tls ? tls->Channel() : grpc::InsecureChannelCredentials();
   }
 
   auto pool = Pool::Open(popts);

@@ -1,5 +1,9 @@
 #include "node/datapath_client.h"
 
+#include <string_view>
+#include <type_traits>
+#include <utility>
+
 #include <grpcpp/client_context.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
@@ -24,93 +28,81 @@ class GrpcDatapathClient final : public DatapathClient {
   StatusOr<dpv1::Attachment> Attach(const std::string& volume) override {
     dpv1::AttachVolumeRequest req;
     req.set_volume(volume);
-    dpv1::AttachVolumeResponse resp;
-    auto ctx = Context(slow_timeout_);
-    if (Status s = Check("AttachVolume", volume, attachments_->AttachVolume(ctx.get(), req, &resp));
-        !s.ok()) {
-      return s;
-    }
-    return resp.attachment();
+    return Call(*attachments_, &Attachments::AttachVolume, req, volume, slow_timeout_,
+                [](auto& r) { return r.attachment(); });
   }
 
   Status Detach(const std::string& volume) override {
     dpv1::DetachVolumeRequest req;
     req.set_volume(volume);
-    dpv1::DetachVolumeResponse resp;
-    auto ctx = Context(slow_timeout_);
-    return Check("DetachVolume", volume, attachments_->DetachVolume(ctx.get(), req, &resp));
+    return Call(*attachments_, &Attachments::DetachVolume, req, volume, slow_timeout_,
+                [](auto&) { return true; })
+        .status();
   }
 
   StatusOr<dpv1::Attachment> ResizeAttachment(const std::string& volume) override {
     dpv1::ResizeAttachmentRequest req;
     req.set_volume(volume);
-    dpv1::ResizeAttachmentResponse resp;
-    auto ctx = Context(slow_timeout_);
-    if (Status s = Check("ResizeAttachment", volume,
-                         attachments_->ResizeAttachment(ctx.get(), req, &resp));
-        !s.ok()) {
-      return s;
-    }
-    return resp.attachment();
+    return Call(*attachments_, &Attachments::ResizeAttachment, req, volume, slow_timeout_,
+                [](auto& r) { return r.attachment(); });
   }
 
   StatusOr<std::vector<dpv1::Attachment>> ListAttachments() override {
-    dpv1::ListAttachmentsRequest req;
-    dpv1::ListAttachmentsResponse resp;
-    auto ctx = Context(timeout_);
-    if (Status s =
-            Check("ListAttachments", "", attachments_->ListAttachments(ctx.get(), req, &resp));
-        !s.ok()) {
-      return s;
-    }
-    return std::vector<dpv1::Attachment>(resp.attachments().begin(), resp.attachments().end());
+    return Call(*attachments_, &Attachments::ListAttachments, dpv1::ListAttachmentsRequest(), "",
+                timeout_, [](auto& r) {
+                  return std::vector<dpv1::Attachment>(r.attachments().begin(),
+                                                       r.attachments().end());
+                });
   }
 
   StatusOr<dpv1::Volume> GetVolume(const std::string& volume) override {
     dpv1::GetVolumeRequest req;
     req.set_name(volume);
-    dpv1::GetVolumeResponse resp;
-    auto ctx = Context(timeout_);
-    if (Status s = Check("GetVolume", volume, datapath_->GetVolume(ctx.get(), req, &resp));
-        !s.ok()) {
-      return s;
-    }
-    return resp.volume();
+    return Call(*datapath_, &Datapath::GetVolume, req, volume, timeout_,
+                [](auto& r) { return r.volume(); });
   }
 
   StatusOr<dpv1::VolumeStats> GetVolumeStats(const std::string& volume) override {
     dpv1::GetVolumeStatsRequest req;
     req.set_name(volume);
-    dpv1::GetVolumeStatsResponse resp;
-    auto ctx = Context(timeout_);
-    if (Status s =
-            Check("GetVolumeStats", volume, datapath_->GetVolumeStats(ctx.get(), req, &resp));
-        !s.ok()) {
-      return s;
-    }
-    return resp.stats();
+    return Call(*datapath_, &Datapath::GetVolumeStats, req, volume, timeout_,
+                [](auto& r) { return r.stats(); });
   }
 
   StatusOr<dpv1::GetPoolInfoResponse> GetPoolInfo() override {
-    dpv1::GetPoolInfoRequest req;
-    dpv1::GetPoolInfoResponse resp;
-    auto ctx = Context(timeout_);
-    if (Status s = Check("GetPoolInfo", "", datapath_->GetPoolInfo(ctx.get(), req, &resp));
-        !s.ok()) {
-      return s;
-    }
-    return resp;
+    return Call(*datapath_, &Datapath::GetPoolInfo, dpv1::GetPoolInfoRequest(), "", timeout_,
+                [](auto& r) { return r; });
   }
 
  private:
-  static std::unique_ptr<grpc::ClientContext> Context(std::chrono::milliseconds timeout) {
-    auto ctx = std::make_unique<grpc::ClientContext>();
-    ctx->set_deadline(std::chrono::system_clock::now() + timeout);
-    return ctx;
+  using Datapath = dpv1::Datapath::Stub;
+  using Attachments = dpv1::Attachments::Stub;
+
+  // One call with its own deadline: the answer's part that `take` picks, or the error (Check).
+  template <typename Stub, typename Req, typename Resp, typename Take>
+  static auto Call(Stub& stub,
+                   grpc::Status (Stub::*method)(grpc::ClientContext*, const Req&, Resp*),
+                   const Req& req, const std::string& volume, std::chrono::milliseconds timeout,
+                   Take take) -> StatusOr<std::decay_t<decltype(take(std::declval<Resp&>()))>> {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + timeout);
+    Resp resp;
+    if (Status s = Check(MethodName(req), volume, (stub.*method)(&ctx, req, &resp)); !s.ok()) {
+      return s;
+    }
+    return take(resp);
+  }
+
+  // "GetVolume" for a GetVolumeRequest: the call's name, for messages.
+  template <typename Req>
+  static std::string MethodName(const Req&) {
+    std::string n(Req::descriptor()->name());
+    return n.substr(0, n.size() - std::string_view("Request").size());
   }
 
   // The datapath's own message already names the volume and the cause; say which call it was.
-  static Status Check(const char* method, const std::string& volume, const grpc::Status& st) {
+  static Status Check(const std::string& method, const std::string& volume,
+                      const grpc::Status& st) {
     if (st.ok()) return Status::Ok();
     std::string what = volume.empty() ? std::string(method) : fmt::format("{} {}", method, volume);
     if (st.error_code() == grpc::StatusCode::UNAVAILABLE) {

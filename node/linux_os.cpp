@@ -5,11 +5,13 @@
 #include <fcntl.h>
 #include <libmount/libmount.h>
 #include <linux/fs.h>
+#include <linux/openat2.h>
 #include <spawn.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -139,6 +141,34 @@ std::string Canonical(const std::string& path) {
   char buf[PATH_MAX];
   if (realpath(path.c_str(), buf) != nullptr) return buf;
   return path;  // missing, or a dead mount (ENOTCONN): compare as given
+}
+
+// Kernels before 5.6 have no openat2: the same rule from realpath(3) of the deepest existing
+// prefix (checked, then used, so a symlink swapped in between is not caught; openat2 has the
+// same window before the mount, but no way around a relative symlink's "..").
+Status CheckBeneathByRealpath(const std::string& root, const std::string& path) {
+  char buf[PATH_MAX];
+  if (realpath(root.c_str(), buf) == nullptr) {
+    return Error(errno, "realpath kubelet root {}: {}", root, strerror(errno));
+  }
+  const std::string real_root = buf;
+  std::string p = path;
+  while (p.size() > root.size()) {
+    if (realpath(p.c_str(), buf) != nullptr) {
+      std::string real = buf;
+      if (real_root == "/" ||
+          (real.size() > real_root.size() && real.compare(0, real_root.size(), real_root) == 0 &&
+           real[real_root.size()] == '/')) {
+        return Status::Ok();
+      }
+      return Error(EINVAL, "{} leaves {}: {} resolves to {}", path, root, p, real);
+    }
+    if (errno != ENOENT && errno != ENOTCONN) {
+      return Error(errno, "realpath {}: {}", p, strerror(errno));
+    }
+    p = p.substr(0, p.rfind('/'));
+  }
+  return Status::Ok();
 }
 
 class LinuxOs final : public NodeOs {
@@ -311,6 +341,46 @@ class LinuxOs final : public NodeOs {
       info.kind = PathKind::kOther;
     }
     return info;
+  }
+
+  Status CheckBeneath(const std::string& root, const std::string& path) override {
+    int rootfd = open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (rootfd < 0) return Error(errno, "open kubelet root {}: {}", root, strerror(errno));
+    // Relative to the root; the service made sure `path` is root + "/" + something clean.
+    std::string rel = root == "/" ? path.substr(1) : path.substr(root.size() + 1);
+    Status result = Status::Ok();
+    // The deepest existing prefix is what a mount there would resolve through; what does not
+    // exist yet is created (mkdir, no symlinks) by this plugin.
+    while (!rel.empty()) {
+      open_how how{};
+      how.flags = O_PATH | O_CLOEXEC;
+      how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+      long fd = syscall(SYS_openat2, rootfd, rel.c_str(), &how, sizeof how);
+      if (fd >= 0) {
+        close(static_cast<int>(fd));
+        break;
+      }
+      const int err = errno;
+      if (err == EXDEV || err == ELOOP) {
+        result = Error(EINVAL, "{} leaves {}: {}/{} resolves outside it (a symlink out of the "
+                               "root, or an absolute one)", path, root, root == "/" ? "" : root,
+                       rel);
+        break;
+      }
+      if (err == ENOSYS) {
+        result = CheckBeneathByRealpath(root, path);
+        break;
+      }
+      // Missing, or a dead FUSE mount (ENOTCONN): look at its parent instead.
+      if (err != ENOENT && err != ENOTCONN) {
+        result = Error(err, "resolve {} beneath {}: {}", path, root, strerror(err));
+        break;
+      }
+      size_t slash = rel.rfind('/');
+      rel = slash == std::string::npos ? "" : rel.substr(0, slash);
+    }
+    close(rootfd);
+    return result;
   }
 
   Status MakeDir(const std::string& path) override {

@@ -1,12 +1,16 @@
 // nbd-csi-node: the CSI Identity and Node services kubelet talks to, on one node, in front of
 // that node's nbd-datapathd. It keeps no state of its own: every call reads the mount table and
 // the datapath's attachments, so a restart touches no I/O and needs no recovery.
+#include <sys/stat.h>
+
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
 #include "common/endpoint.h"
+#include "common/unix_listener.h"
 #include "csi/driver.h"
 #include "csi/identity.h"
 #include "csi/ids.h"
@@ -29,6 +33,8 @@ int main(int argc, char** argv) {
   std::string datapath = "unix:///run/nbd-csi/datapath.sock";
   unsigned max_volumes = 0;
   std::string log_level = "info";
+  std::string kubelet_root = "/var/lib/kubelet";
+  std::vector<std::string> allow_uids;
   app.add_option("--csi-endpoint", csi_endpoint, "where kubelet connects: unix:///path")
       ->capture_default_str();
   app.add_option("--node-id", node_id, "this node's Kubernetes name (spec.nodeName)")->required();
@@ -41,6 +47,13 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
       ->capture_default_str();
+  app.add_option("--kubelet-root", kubelet_root,
+                 "kubelet's directory: staging, target and volume paths must lie beneath it "
+                 "(symlinks out of it are refused)")
+      ->capture_default_str();
+  app.add_option("--allow-uid", allow_uids,
+                 "A uid that may call the unix CSI socket besides root and this process's own "
+                 "(repeatable; others get PERMISSION_DENIED)");
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(log_level));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
@@ -48,6 +61,24 @@ int main(int argc, char** argv) {
   if (Status s = csi::ValidateNodeId(node_id); !s.ok()) {
     spdlog::error("--node-id: {}", s.message());
     return 2;
+  }
+  if (Status s = node::ValidateKubeletRoot(kubelet_root); !s.ok()) {
+    spdlog::error("{}", s.message());
+    return 2;
+  }
+  struct stat root_st {};
+  if (stat(kubelet_root.c_str(), &root_st) != 0 || !S_ISDIR(root_st.st_mode)) {
+    spdlog::error("--kubelet-root {}: not a directory", kubelet_root);
+    return 2;
+  }
+  nbdcsi::PeerUids peers;
+  for (const auto& u : allow_uids) {
+    auto uid = nbdcsi::ParseUid(u);
+    if (!uid.ok()) {
+      spdlog::error("{}", uid.status().message());
+      return 2;
+    }
+    peers.extra.push_back(*uid);
   }
   auto dp_endpoint = nbdcsi::ParseEndpoint(datapath);
   if (!dp_endpoint.ok()) {
@@ -58,21 +89,24 @@ int main(int argc, char** argv) {
   auto os = node::MakeLinuxOs();
   auto dp = node::MakeGrpcDatapathClient(dp_endpoint->GrpcTarget());
   auto node_service = node::MakeLockedNodeService(
-      node::MakeNodeService({.node_id = node_id, .max_volumes = max_volumes}, *os, *dp));
+      node::MakeNodeService(
+          {.node_id = node_id, .max_volumes = max_volumes, .kubelet_root = kubelet_root}, *os,
+          *dp));
   csi::IdentityOptions identity_opts;
   identity_opts.controller_service = false;
   // Ready once the datapath answers: before that no stage or publish could work.
   identity_opts.ready = [&dp]() -> Status { return dp->GetPoolInfo().status(); };
   auto identity = csi::MakeIdentityService(std::move(identity_opts));
 
-  auto server = csi::StartCsiServer(
-      {.endpoint = csi_endpoint, .services = {identity.get(), node_service.get()}});
+  auto server = csi::StartCsiServer({.endpoint = csi_endpoint,
+                                     .services = {identity.get(), node_service.get()},
+                                     .peers = peers});
   if (!server.ok()) {
     spdlog::error("CSI endpoint {}: {}", csi_endpoint, server.status().message());
     return 1;
   }
-  spdlog::info("nbd-csi-node {} for node {} serving {} (datapath {})", csi::DriverVersion(),
-               node_id, csi_endpoint, datapath);
+  spdlog::info("nbd-csi-node {} for node {} serving {} (datapath {}, kubelet root {})",
+               csi::DriverVersion(), node_id, csi_endpoint, datapath, kubelet_root);
   int sig = csi::WaitForTerminationSignal();
   spdlog::info("signal {}: stopping", sig);
   (*server)->Shutdown();

@@ -39,6 +39,24 @@ Status ValidateNodePath(const std::string& what, const std::string& path) {
   return Status::Ok();
 }
 
+Status ValidateKubeletRoot(const std::string& root) {
+  if (root == "/") return Status::Ok();
+  Status s = ValidateNodePath("--kubelet-root", root);
+  return s;
+}
+
+Status ValidatePathUnderRoot(const std::string& what, const std::string& path,
+                             const std::string& root) {
+  if (Status s = ValidateNodePath(what, path); !s.ok()) return s;
+  if (root == "/") return Status::Ok();
+  if (path.size() <= root.size() + 1 || path.compare(0, root.size(), root) != 0 ||
+      path[root.size()] != '/') {
+    return Error(EINVAL, "{} \"{}\" is not beneath the kubelet root {} (--kubelet-root)", what,
+                 path, root);
+  }
+  return Status::Ok();
+}
+
 namespace {
 
 // What a VolumeCapability asks for, checked.
@@ -174,6 +192,17 @@ class NodeService final : public v1::Node::Service {
            sb->kind == PathKind::kBlockDevice && sa->rdev == sb->rdev;
   }
 
+  // A path kubelet gave us: clean, beneath the kubelet root, and not leaving it through a
+  // symlink on the way (checked on the real file system before anything is mounted there).
+  Status CheckPath(const char* what, const std::string& path) {
+    if (Status s = ValidatePathUnderRoot(what, path, opts_.kubelet_root); !s.ok()) return s;
+    if (Status s = os_.CheckBeneath(opts_.kubelet_root, path); !s.ok()) {
+      if (s.code() == EINVAL) return Error(EINVAL, "{}: {}", what, s.message());
+      return OsError(s);
+    }
+    return Status::Ok();
+  }
+
   // Unmounts whatever is stacked at `path` (a retried call from an older plugin may have
   // mounted twice). OK when nothing is mounted.
   Status UnmountAll(const std::string& path) {
@@ -191,7 +220,7 @@ class NodeService final : public v1::Node::Service {
   Status Stage(const v1::NodeStageVolumeRequest& req) {
     auto volume = LocalVolume(req.volume_id());
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
-    if (Status s = ValidateNodePath("staging_target_path", req.staging_target_path()); !s.ok()) {
+    if (Status s = CheckPath("staging_target_path", req.staging_target_path()); !s.ok()) {
       return s;
     }
     if (!req.has_volume_capability()) return Error(EINVAL, "volume_capability is missing");
@@ -215,71 +244,93 @@ class NodeService final : public v1::Node::Service {
     if (!att.ok()) return att.status();
     const std::string& device = att->device();
     if (mounted->has_value()) {
-      const MountInfo& m = **mounted;
-      if (!SameDevice(m.source, device)) {
-        return Error(EEXIST, "staging path {} already has {} mounted, not volume {} ({})", staging,
-                     m.source, *volume, device);
-      }
-      if (m.fstype != cap->fstype) {
-        return Error(EEXIST, "volume {} is staged at {} as {}, not {}", *volume, staging, m.fstype,
-                     cap->fstype);
-      }
-      if (m.vfs_read_only != cap->ro_stage) {
-        return Error(EEXIST, "volume {} is staged at {} {}, now asked {}", *volume, staging,
-                     m.vfs_read_only ? "read-only" : "read-write",
-                     cap->ro_stage ? "read-only" : "read-write");
-      }
-      return Status::Ok();  // done by an earlier call
+      // Done by an earlier call, if what is mounted is what is asked for now.
+      return SameStaging(**mounted, *volume, device, staging, *cap);
     }
 
     if (Status s = os_.MakeDir(staging); !s.ok()) return OsError(s);
+    if (Status s = PrepareFileSystem(*volume, device, *cap); !s.ok()) return s;
+    if (Status s = os_.Mount(device, staging, cap->fstype, StageMountOptions(*cap)); !s.ok()) {
+      return OsError(s);
+    }
+    spdlog::info("[{}] staged volume {} ({}, {}) at {}", csi::CurrentRequestId(), *volume, device,
+                 att->mode(), staging);
+    return Status::Ok();
+  }
+
+  // An existing mount at the staging path is this volume's, with the asked file system and mode;
+  // EEXIST saying what differs otherwise.
+  Status SameStaging(const MountInfo& m, const std::string& volume, const std::string& device,
+                     const std::string& staging, const Capability& cap) {
+    if (!SameDevice(m.source, device)) {
+      return Error(EEXIST, "staging path {} already has {} mounted, not volume {} ({})", staging,
+                   m.source, volume, device);
+    }
+    if (m.fstype != cap.fstype) {
+      return Error(EEXIST, "volume {} is staged at {} as {}, not {}", volume, staging, m.fstype,
+                   cap.fstype);
+    }
+    if (m.vfs_read_only != cap.ro_stage) {
+      return Error(EEXIST, "volume {} is staged at {} {}, now asked {}", volume, staging,
+                   m.vfs_read_only ? "read-only" : "read-write",
+                   cap.ro_stage ? "read-only" : "read-write");
+    }
+    return Status::Ok();
+  }
+
+  // Formats a blank device; accepts one that already holds the asked file system; refuses
+  // anything else (never reformats data).
+  Status PrepareFileSystem(const std::string& volume, const std::string& device,
+                           const Capability& cap) {
     auto content = os_.Probe(device);
     if (!content.ok()) return OsError(content.status());
     switch (content->kind) {
       case DeviceContent::Kind::kBlank:
-        if (cap->reader_only) {
+        if (cap.reader_only) {
           return Error(EBUSY,
                        "volume {} is blank and the access mode is read-only: there is no "
                        "file system to mount",
-                       *volume);
+                       volume);
         }
-        spdlog::info("[{}] volume {} ({}) is blank: mkfs {}", csi::CurrentRequestId(), *volume,
-                     device, cap->fstype);
-        if (Status s = os_.MakeFs(device, cap->fstype); !s.ok()) return OsError(s);
+        spdlog::info("[{}] volume {} ({}) is blank: mkfs {}", csi::CurrentRequestId(), volume,
+                     device, cap.fstype);
+        if (Status s = os_.MakeFs(device, cap.fstype); !s.ok()) return OsError(s);
         break;
       case DeviceContent::Kind::kFilesystem:
-        if (content->type != cap->fstype) {
+        if (content->type != cap.fstype) {
           return Error(EBUSY,
                        "volume {} holds a {} file system, not the requested {}: not "
                        "reformatting it",
-                       *volume, content->type, cap->fstype);
+                       volume, content->type, cap.fstype);
         }
         break;
       case DeviceContent::Kind::kOther:
         return Error(EBUSY,
                      "volume {} ({}) holds \"{}\" data, not a {} file system: refusing to "
                      "format a device that is not blank",
-                     *volume, device, content->type, cap->fstype);
+                     volume, device, content->type, cap.fstype);
     }
-    std::vector<std::string> options = cap->flags;
-    if (cap->reader_only && !HasMountOption(Join(options), "ro")) options.push_back("ro");
+    return Status::Ok();
+  }
+
+  // The options of the staging mount: the user's, plus what this driver needs.
+  static std::vector<std::string> StageMountOptions(const Capability& cap) {
+    std::vector<std::string> options = cap.flags;
+    if (cap.reader_only && !HasMountOption(Join(options), "ro")) options.push_back("ro");
     // ext4's built-in default is to carry on after metadata errors; stop writing instead, which
     // NodeGetVolumeStats then reports as an abnormal volume. The user's own errors= wins.
-    if (cap->fstype == "ext4" && Join(options).find("errors=") == std::string::npos) {
+    if (cap.fstype == "ext4" && Join(options).find("errors=") == std::string::npos) {
       options.push_back("errors=remount-ro");
     }
     // A clone or restore carries its source's XFS UUID; without nouuid the second of the two
     // could not be mounted on the same node.
-    if (cap->fstype == "xfs") options.push_back("nouuid");
-    if (Status s = os_.Mount(device, staging, cap->fstype, options); !s.ok()) return OsError(s);
-    spdlog::info("[{}] staged volume {} ({}, {}) at {}", csi::CurrentRequestId(), *volume, device,
-                 att->mode(), staging);
-    return Status::Ok();
+    if (cap.fstype == "xfs") options.push_back("nouuid");
+    return options;
   }
 
   Status Unstage(const v1::NodeUnstageVolumeRequest& req) {
     if (req.volume_id().empty()) return Error(EINVAL, "volume_id is missing");
-    if (Status s = ValidateNodePath("staging_target_path", req.staging_target_path()); !s.ok()) {
+    if (Status s = CheckPath("staging_target_path", req.staging_target_path()); !s.ok()) {
       return s;
     }
     if (Status s = UnmountAll(req.staging_target_path()); !s.ok()) return s;
@@ -297,14 +348,14 @@ class NodeService final : public v1::Node::Service {
   Status Publish(const v1::NodePublishVolumeRequest& req) {
     auto volume = LocalVolume(req.volume_id());
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
-    if (Status s = ValidateNodePath("target_path", req.target_path()); !s.ok()) return s;
+    if (Status s = CheckPath("target_path", req.target_path()); !s.ok()) return s;
     if (!req.has_volume_capability()) return Error(EINVAL, "volume_capability is missing");
     auto cap = ParseCapability(req.volume_capability());
     if (!cap.ok()) return cap.status();
     if (req.staging_target_path().empty()) {
       return Error(EBUSY, "staging_target_path is missing (this plugin stages volumes first)");
     }
-    if (Status s = ValidateNodePath("staging_target_path", req.staging_target_path()); !s.ok()) {
+    if (Status s = CheckPath("staging_target_path", req.staging_target_path()); !s.ok()) {
       return s;
     }
     if (req.staging_target_path() == req.target_path()) {
@@ -368,7 +419,7 @@ class NodeService final : public v1::Node::Service {
 
   Status Unpublish(const v1::NodeUnpublishVolumeRequest& req) {
     if (req.volume_id().empty()) return Error(EINVAL, "volume_id is missing");
-    if (Status s = ValidateNodePath("target_path", req.target_path()); !s.ok()) return s;
+    if (Status s = CheckPath("target_path", req.target_path()); !s.ok()) return s;
     if (Status s = UnmountAll(req.target_path()); !s.ok()) return s;
     if (Status s = os_.RemovePath(req.target_path()); !s.ok()) return OsError(s);
     return Status::Ok();
@@ -377,7 +428,7 @@ class NodeService final : public v1::Node::Service {
   Status Expand(const v1::NodeExpandVolumeRequest& req, v1::NodeExpandVolumeResponse* resp) {
     auto volume = LocalVolume(req.volume_id());
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
-    if (Status s = ValidateNodePath("volume_path", req.volume_path()); !s.ok()) return s;
+    if (Status s = CheckPath("volume_path", req.volume_path()); !s.ok()) return s;
     std::optional<Capability> cap;
     if (req.has_volume_capability()) {
       auto c = ParseCapability(req.volume_capability());
@@ -429,7 +480,7 @@ class NodeService final : public v1::Node::Service {
   Status Stats(const v1::NodeGetVolumeStatsRequest& req, v1::NodeGetVolumeStatsResponse* resp) {
     auto volume = LocalVolume(req.volume_id());
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
-    if (Status s = ValidateNodePath("volume_path", req.volume_path()); !s.ok()) return s;
+    if (Status s = CheckPath("volume_path", req.volume_path()); !s.ok()) return s;
     if (!volume.ok()) return volume.status();
     const std::string& path = req.volume_path();
     std::vector<std::string> problems;

@@ -17,8 +17,10 @@
 //   that need the volume (stage, publish, expand, stats): no volume of this node has that id.
 //   Unstage and unpublish still clean their path (it is kubelet's) and then succeed: there is
 //   nothing of that id attached here.
-// - Bad paths (relative, "/", "..", "." or empty components) and unsupported capabilities
-//   (MULTI_NODE_* access modes, a file system other than ext4/xfs) are INVALID_ARGUMENT.
+// - Bad paths (relative, "/", "..", "." or empty components, outside the kubelet root, or
+//   resolving outside it through a symlink) and unsupported capabilities (MULTI_NODE_* access
+//   modes, a file system other than ext4/xfs) are INVALID_ARGUMENT: the spec's tables have no
+//   code of their own for a bad path, and nothing is touched for one.
 // - Stage on a device that holds something other than the requested file system (another file
 //   system, a partition table, an unknown signature) is FAILED_PRECONDITION: it is never
 //   formatted. A staging or target path that already has something else mounted is
@@ -43,6 +45,9 @@ struct NodeOptions {
   // NodeGetInfo max_volumes_per_node. 0: the number of /dev/nbd* devices, or kFuseMaxVolumes
   // when there are none (the nbdfuse + loop fallback, whose loop devices are made on demand).
   unsigned max_volumes = 0;
+  // Staging, target and volume paths must lie beneath it (lexically, and resolved without
+  // leaving it: NodeOs::CheckBeneath). A clean absolute path (ValidateKubeletRoot).
+  std::string kubelet_root = "/var/lib/kubelet";
 };
 
 inline constexpr unsigned kFuseMaxVolumes = 64;
@@ -61,5 +66,13 @@ std::unique_ptr<::csi::v1::Node::Service> MakeLockedNodeService(
 // The path rules for staging and target paths: absolute, not "/", no empty, "." or ".."
 // components, no trailing '/', shorter than PATH_MAX. EINVAL names `what` and the rule.
 Status ValidateNodePath(const std::string& what, const std::string& path);
+
+// --kubelet-root: a clean absolute path ("/" allowed), no trailing '/'. EINVAL naming the rule.
+Status ValidateKubeletRoot(const std::string& root);
+
+// ValidateNodePath, then: `path` lies strictly beneath `root` (component-wise, so /var/lib/kubeletx
+// is not beneath /var/lib/kubelet). EINVAL names `what`, the path and the root.
+Status ValidatePathUnderRoot(const std::string& what, const std::string& path,
+                             const std::string& root);
 
 }  // namespace nbdcsi::node

@@ -89,6 +89,12 @@ class NodeOs {
   // lstat(2) apart from the mount point itself being followed; kMissing for ENOENT.
   virtual StatusOr<PathInfo> Stat(const std::string& path) = 0;
 
+  // `path` lies lexically beneath `root` (the service checked that). OK when the deepest part of
+  // it that exists resolves without leaving `root`: no symlink on the way (nor the last
+  // component, if it is one) may point outside it, and absolute symlinks are refused outright
+  // (openat2 RESOLVE_BENEATH). EINVAL saying which part escapes.
+  virtual Status CheckBeneath(const std::string& root, const std::string& path) = 0;
+
   // mkdir -p (0750 for what it creates). OK when it exists as a directory.
   virtual Status MakeDir(const std::string& path) = 0;
   // Creates an empty regular file (and its parent directories), the mount point of a block

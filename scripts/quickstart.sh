@@ -236,21 +236,26 @@ mkdir -p "$RUN" "$MNT" "$POOL"
 if [ -n "$(daemon_pids)" ]; then say "stopping daemons left running by an earlier run"; fi
 stop_daemons
 clear_leftovers
-if [ ! -f "$TLS/ca.crt" ]; then
-  "$ROOT/test/tls/make-certs.sh" "$TLS" >/dev/null 2>&1 || fail "could not make certificates in $TLS"
-fi
+# Idempotent: a complete set is kept, this node's certificate is added when missing.
+"$ROOT/test/tls/make-certs.sh" "$TLS" "$NODE_ID" >/dev/null 2>&1 ||
+  fail "could not make certificates in $TLS"
 REG_PORT=$(free_port)
 API_PORT=$(free_port)
-TLS_FLAGS_SERVER=(--tls-cert "$TLS/server.crt" --tls-key "$TLS/server.key" --tls-ca "$TLS/ca.crt")
+# The datapath's certificate names its node (URI SAN spiffe://nbd.csi.io/node/$NODE_ID): the
+# controller takes its heartbeats as that node, and only that certificate when it calls it.
+TLS_FLAGS_CTRL=(--tls-cert "$TLS/server.crt" --tls-key "$TLS/server.key" --tls-ca "$TLS/ca.crt")
+TLS_FLAGS_NODE=(--tls-cert "$TLS/node-$NODE_ID.crt" --tls-key "$TLS/node-$NODE_ID.key"
+                --tls-ca "$TLS/ca.crt")
 setsid "$BIN/nbd-csi-controller" --csi-endpoint "unix://$CTRL_SOCK" --registry-listen "127.0.0.1:$REG_PORT" \
-  "${TLS_FLAGS_SERVER[@]}" >"$RUN/controller.log" 2>&1 &
+  "${TLS_FLAGS_CTRL[@]}" >"$RUN/controller.log" 2>&1 &
 echo $! >"$RUN/controller.pid"
 setsid "$BIN/nbd-datapathd" --pool "$POOL" --api "unix://$DP_SOCK" --nbd-listen "unix://$NBD_SOCK" \
   --node-id "$NODE_ID" --advertise "127.0.0.1:$API_PORT" --controller "127.0.0.1:$REG_PORT" \
-  "${TLS_FLAGS_SERVER[@]}" >"$RUN/datapath.log" 2>&1 &
+  "${TLS_FLAGS_NODE[@]}" >"$RUN/datapath.log" 2>&1 &
 echo $! >"$RUN/datapath.pid"
+# Staging and target paths live under $MNT, the stand-in for /var/lib/kubelet.
 setsid "$BIN/nbd-csi-node" --csi-endpoint "unix://$NODE_SOCK" --node-id "$NODE_ID" \
-  --datapath "unix://$DP_SOCK" >"$RUN/node.log" 2>&1 &
+  --datapath "unix://$DP_SOCK" --kubelet-root "$MNT" >"$RUN/node.log" 2>&1 &
 echo $! >"$RUN/node.pid"
 wait_for 10 "the CSI sockets to appear" test -S "$CTRL_SOCK" -a -S "$NODE_SOCK" -a -S "$DP_SOCK"
 for d in controller datapath node; do

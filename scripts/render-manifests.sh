@@ -36,7 +36,11 @@ metadata:
     # The node plugin and the datapath are privileged by design.
     pod-security.kubernetes.io/enforce: privileged
 HDR
+  # For Kubernetes 1.24 and later (CSIStorageCapacity v1, policy/v1) with the snapshot CRDs:
+  # stated here, not left to helm's default, so that the file does not change with helm's
+  # version. Older clusters and clusters without the CRDs: install the chart, which asks.
   "$helm" template "$RELEASE" "$src/charts/nbd-csi" --namespace "$NAMESPACE" \
+    --kube-version 1.24.0 --api-versions snapshot.storage.k8s.io/v1 \
     --set tls.existingSecret.controller=${RELEASE}-controller-tls \
     --set tls.existingSecret.datapath=${RELEASE}-datapath-tls
 }

@@ -7,7 +7,6 @@
 #include <chrono>
 #include <cstring>
 #include <limits>
-#include <mutex>
 #include <string_view>
 #include <utility>
 
@@ -354,6 +353,7 @@ ApiServer::~ApiServer() {
 void ApiServer::Shutdown(std::chrono::system_clock::time_point deadline) {
   if (shut_down_) return;
   shut_down_ = true;
+  for (auto& l : unix_) l->Stop();
   if (remote_) remote_->Shutdown(deadline);
   if (local_) local_->Shutdown(deadline);
 }
@@ -379,16 +379,16 @@ Status PrepareUnix(const Endpoint& ep) {
   return Status::Ok();
 }
 
-// Belt and braces: verify the mode instead of trusting gRPC's socket setup.
-Status VerifyUnixMode(const Endpoint& ep) {
+// Belt and braces: verify the mode instead of trusting the socket setup.
+Status VerifyUnixMode(const Endpoint& ep, mode_t mode) {
   struct stat st{};
-  if (chmod(ep.path.c_str(), 0600) != 0 || stat(ep.path.c_str(), &st) != 0) {
+  if (chmod(ep.path.c_str(), mode) != 0 || stat(ep.path.c_str(), &st) != 0) {
     int err = errno;
     return Error(err, "cannot secure {}: {}", ep.path, std::strerror(err));
   }
-  if (!S_ISSOCK(st.st_mode) || (st.st_mode & 07777) != 0600) {
-    return Error(EPERM, "{} has mode {:o}, expected a socket with mode 600", ep.path,
-                 st.st_mode & 07777);
+  if (!S_ISSOCK(st.st_mode) || (st.st_mode & 07777) != mode) {
+    return Error(EPERM, "{} has mode {:o}, expected a socket with mode {:o}", ep.path,
+                 st.st_mode & 07777, mode);
   }
   return Status::Ok();
 }
@@ -430,8 +430,7 @@ bool ApiServer::BuildAndStart(const std::vector<ApiListen>& listens,
   for (size_t i = 0; i < listens.size(); ++i) {
     const Endpoint& ep = endpoints_[i];
     if (ep.kind == Endpoint::Kind::kUnix) {
-      local.AddListeningPort(ep.GrpcTarget(), grpc::InsecureServerCredentials(), &ports_[i]);
-      any_local = true;
+      any_local = true;  // bound in BindUnix, by a UnixPeerListener
     } else {
       auto creds = listens[i].creds ? listens[i].creds : grpc::InsecureServerCredentials();
       remote.AddListeningPort(ep.GrpcTarget(), creds, &ports_[i]);
@@ -452,21 +451,29 @@ bool ApiServer::BuildAndStart(const std::vector<ApiListen>& listens,
   if (any_local && !remote_failed) {
     local.RegisterService(local_service_.get());
     for (grpc::Service* s : extra) local.RegisterService(s);
-    // The socket must never be reachable with a wider mode, not even between bind() and a
-    // chmod(). umask is process-wide, so this only narrows the mode of files other threads create
-    // at the same moment; the mutex keeps concurrent starts from restoring each other's umask.
-    static std::mutex umask_mu;
-    std::lock_guard lock(umask_mu);
-    mode_t old = umask(0177);
     local_ = local.BuildAndStart();
-    umask(old);
   }
   return remote_failed;
 }
 
+// The unix listeners, bound by UnixPeerListener (mode set before the socket is reachable, and
+// every connection's uid checked) and handed to the local server.
+Status ApiServer::BindUnix(const std::vector<ApiListen>& listens) {
+  for (size_t i = 0; local_ && i < listens.size(); ++i) {
+    if (endpoints_[i].kind != Endpoint::Kind::kUnix) continue;
+    auto l =
+        UnixPeerListener::Bind(endpoints_[i].path, listens[i].peers.SocketMode(), listens[i].peers);
+    if (!l.ok()) return l.status();
+    if (Status s = (*l)->Serve(local_.get()); !s.ok()) return s;
+    unix_.push_back(std::move(*l));
+    ports_[i] = 1;
+  }
+  return Status::Ok();
+}
+
 // Every listener is bound (the destructor stops whichever server did start otherwise), and
-// every unix socket has mode 0600.
-Status ApiServer::CheckListening(bool remote_failed) const {
+// every unix socket has the mode its peers call for (0600, or 0666 with --allow-uid).
+Status ApiServer::CheckListening(const std::vector<ApiListen>& listens, bool remote_failed) const {
   for (size_t i = 0; i < endpoints_.size(); ++i) {
     const Endpoint& ep = endpoints_[i];
     const bool is_unix = ep.kind == Endpoint::Kind::kUnix;
@@ -477,9 +484,10 @@ Status ApiServer::CheckListening(bool remote_failed) const {
                    ep.ToString());
     }
   }
-  for (const Endpoint& ep : endpoints_) {
+  for (size_t i = 0; i < endpoints_.size(); ++i) {
+    const Endpoint& ep = endpoints_[i];
     if (ep.kind == Endpoint::Kind::kUnix) {
-      if (auto s = VerifyUnixMode(ep); !s.ok()) return s;
+      if (auto s = VerifyUnixMode(ep, listens[i].peers.SocketMode()); !s.ok()) return s;
     }
   }
   return Status::Ok();
@@ -496,7 +504,10 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiL
   api->endpoints_ = std::move(*endpoints);
   api->ports_.assign(listens.size(), 0);
   const bool remote_failed = api->BuildAndStart(listens, extra);
-  if (Status s = api->CheckListening(remote_failed); !s.ok()) return s;
+  if (!remote_failed) {
+    if (Status s = api->BindUnix(listens); !s.ok()) return s;
+  }
+  if (Status s = api->CheckListening(listens, remote_failed); !s.ok()) return s;
   for (size_t i = 0; i < listens.size(); ++i) {
     const Endpoint& ep = api->endpoints_[i];
     spdlog::info("management API listening on {}{}", ep.ToString(),

@@ -12,6 +12,7 @@
 #include "common/endpoint.h"
 #include "common/name_locks.h"
 #include "common/status.h"
+#include "common/unix_listener.h"
 #include "datapath/pool/pool.h"
 
 namespace nbdcsi::datapath {
@@ -23,9 +24,12 @@ struct ApiListen {
   std::string endpoint;  // "unix:///path" or "tcp://host:port"
   // TCP: the transport security, normally MakeServerCredentials (mutual TLS). Null means
   // plaintext, which is refused (EINVAL) unless `insecure` is set. Unix: must be null; the
-  // socket's 0600 mode is the access control.
+  // socket's mode and the per-connection uid check below are the access control.
   std::shared_ptr<grpc::ServerCredentials> creds;
   bool insecure = false;
+  // Unix: who may call besides root and this process's uid, checked per connection with
+  // SO_PEERCRED (others get PERMISSION_DENIED).
+  PeerUids peers;
 };
 
 // A running API server. It owns the service object as well as the grpc::Server, because gRPC
@@ -59,7 +63,8 @@ class ApiServer {
   ApiServer() = default;
   bool BuildAndStart(const std::vector<ApiListen>& listens,
                      const std::vector<grpc::Service*>& extra);
-  Status CheckListening(bool remote_failed) const;
+  Status BindUnix(const std::vector<ApiListen>& listens);
+  Status CheckListening(const std::vector<ApiListen>& listens, bool remote_failed) const;
   std::vector<Endpoint> endpoints_;
   std::vector<int> ports_;
   // Names with a mutating call in flight ("volume/NAME", "snapshot/NAME"; see service.cpp).
@@ -72,6 +77,7 @@ class ApiServer {
   std::unique_ptr<DatapathService> remote_service_;
   std::unique_ptr<grpc::Server> local_;
   std::unique_ptr<grpc::Server> remote_;
+  std::vector<std::unique_ptr<UnixPeerListener>> unix_;  // accept into local_
   bool shut_down_ = false;
 };
 

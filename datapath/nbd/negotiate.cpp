@@ -156,48 +156,17 @@ Negotiator::Step Negotiator::OnOption(uint32_t option, std::span<const uint8_t> 
   }
 
   switch (option) {
-    case kOptExportName: {
-      std::string_view name(reinterpret_cast<const char*>(payload.data()), payload.size());
-      std::optional<ExportInfo> info;
-      if (ValidString(name)) info = catalog_.Lookup(name);
-      if (!info) {
-        // The spec: a server unwilling to allow the export MUST terminate the session.
-        state_ = State::kDone;
-        return Step::kClose;
-      }
-      Finish(*info);
-      Put64(out, result_.export_info.size);
-      Put16(out, result_.transmission_flags);
-      if (!no_zeroes_) out.insert(out.end(), kExportNameReplyZeroes, uint8_t{0});
-      return Step::kTransmission;
-    }
+    case kOptExportName:
+      return ExportName(payload, out);
     case kOptAbort:
       Ack(out, option);
       state_ = State::kDone;
       return Step::kClose;
-    case kOptList: {
-      if (!payload.empty()) {
-        Err(out, option, kRepErrInvalid, "LIST takes no data");
-        return Step::kContinue;
-      }
-      for (const std::string& name : catalog_.List()) {
-        ReplyHeader(out, option, kRepServer, static_cast<uint32_t>(4 + name.size()));
-        Put32(out, static_cast<uint32_t>(name.size()));
-        PutBytes(out, name);
-      }
-      Ack(out, option);
+    case kOptList:
+      List(option, payload, out);
       return Step::kContinue;
-    }
     case kOptStartTls:
-      // Here TLS is either running already (a second STARTTLS is ERR_INVALID in the spec) or
-      // not offered on this listener (NOTLS mode: ERR_POLICY).
-      if (!payload.empty()) {
-        Err(out, option, kRepErrInvalid, "STARTTLS takes no data");
-      } else if (tls_active_) {
-        Err(out, option, kRepErrInvalid, "TLS is already running");
-      } else {
-        Err(out, option, kRepErrPolicy, "TLS is not available on this listener");
-      }
+      StartTlsRefused(option, payload, out);
       return Step::kContinue;
     case kOptInfo:
     case kOptGo:
@@ -217,6 +186,51 @@ Negotiator::Step Negotiator::OnOption(uint32_t option, std::span<const uint8_t> 
     default:
       Err(out, option, kRepErrUnsup, "option not supported");
       return Step::kContinue;
+  }
+}
+
+Negotiator::Step Negotiator::ExportName(std::span<const uint8_t> payload,
+                                        std::vector<uint8_t>& out) {
+  std::string_view name(reinterpret_cast<const char*>(payload.data()), payload.size());
+  std::optional<ExportInfo> info;
+  if (ValidString(name)) info = catalog_.Lookup(name);
+  if (!info) {
+    // The spec: a server unwilling to allow the export MUST terminate the session.
+    state_ = State::kDone;
+    return Step::kClose;
+  }
+  Finish(*info);
+  Put64(out, result_.export_info.size);
+  Put16(out, result_.transmission_flags);
+  if (!no_zeroes_) out.insert(out.end(), kExportNameReplyZeroes, uint8_t{0});
+  return Step::kTransmission;
+}
+
+void Negotiator::List(uint32_t option, std::span<const uint8_t> payload,
+                      std::vector<uint8_t>& out) {
+  if (!payload.empty()) {
+    Err(out, option, kRepErrInvalid, "LIST takes no data");
+    return;
+  }
+  for (const std::string& name : catalog_.List()) {
+    ReplyHeader(out, option, kRepServer, static_cast<uint32_t>(4 + name.size()));
+    Put32(out, static_cast<uint32_t>(name.size()));
+    PutBytes(out, name);
+  }
+  Ack(out, option);
+}
+
+// Here TLS is either running already (a second STARTTLS is ERR_INVALID in the spec) or not
+// offered on this listener (NOTLS mode: ERR_POLICY). Before TLS in REQUIRED mode, BeforeTls
+// handles STARTTLS instead.
+void Negotiator::StartTlsRefused(uint32_t option, std::span<const uint8_t> payload,
+                                 std::vector<uint8_t>& out) {
+  if (!payload.empty()) {
+    Err(out, option, kRepErrInvalid, "STARTTLS takes no data");
+  } else if (tls_active_) {
+    Err(out, option, kRepErrInvalid, "TLS is already running");
+  } else {
+    Err(out, option, kRepErrPolicy, "TLS is not available on this listener");
   }
 }
 

@@ -120,6 +120,11 @@ class Negotiator {
   Step BeforeTls(uint32_t option, std::span<const uint8_t> payload, bool drained,
                  std::vector<uint8_t>& out);
   Step InfoOrGo(uint32_t option, std::span<const uint8_t> payload, std::vector<uint8_t>& out);
+  // The option handlers that OnOption dispatches to, one per option with more than a line to it.
+  Step ExportName(std::span<const uint8_t> payload, std::vector<uint8_t>& out);
+  void List(uint32_t option, std::span<const uint8_t> payload, std::vector<uint8_t>& out);
+  void StartTlsRefused(uint32_t option, std::span<const uint8_t> payload,
+                       std::vector<uint8_t>& out);
   void MetaContext(uint32_t option, std::span<const uint8_t> payload, std::vector<uint8_t>& out);
   void Finish(const ExportInfo& info);
 

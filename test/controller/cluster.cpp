@@ -21,6 +21,8 @@
 
 #include "csi/driver.h"
 #include "test/support/free_port.h"
+#include "test/support/grpc_call.h"
+#include "test/support/wait.h"
 
 namespace nbdcsi::test {
 
@@ -74,16 +76,21 @@ bool Process::Running() {
 int Process::Stop(std::chrono::milliseconds grace) {
   if (pid_ <= 0) return -1;
   kill(pid_, SIGTERM);
-  auto deadline = std::chrono::steady_clock::now() + grace;
   int st = 0;
-  while (true) {
-    pid_t r = waitpid(pid_, &st, WNOHANG);
-    if (r == pid_) break;
-    if (std::chrono::steady_clock::now() > deadline) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, &st, 0);
-      break;
-    }
+  if (!WaitExited(pid_, &st, grace)) {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, &st, 0);
+  }
+  pid_ = -1;
+  return st;
+}
+
+int Process::Wait(std::chrono::milliseconds timeout) {
+  if (pid_ <= 0) return -1;
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  int st = 0;
+  while (waitpid(pid_, &st, WNOHANG) != pid_) {
+    if (std::chrono::steady_clock::now() > deadline) return -1;
     std::this_thread::sleep_for(10ms);
   }
   pid_ = -1;
@@ -144,9 +151,12 @@ std::string Cluster::LogTail(const std::string& name, int lines) const {
   return out;
 }
 
-static std::vector<std::string> TlsFlags(const std::string& d) {
+static std::vector<std::string> TlsFlags(const std::string& d, const std::string& who) {
   if (d.empty()) return {"--insecure"};
-  return {"--tls-cert", d + "/server.crt", "--tls-key", d + "/server.key", "--tls-ca",
+  if (fs::exists(d + "/tls.crt")) {  // a Kubernetes TLS secret's layout
+    return {"--tls-cert", d + "/tls.crt", "--tls-key", d + "/tls.key", "--tls-ca", d + "/ca.crt"};
+  }
+  return {"--tls-cert", d + "/" + who + ".crt", "--tls-key", d + "/" + who + ".key", "--tls-ca",
           d + "/ca.crt"};
 }
 
@@ -163,19 +173,14 @@ std::string Cluster::StartController() {
                                    "5000",
                                    "--log-level",
                                    "debug"};
-  for (auto& f : TlsFlags(opts_.tls.controller)) argv.push_back(f);
+  for (auto& f : TlsFlags(opts_.tls.controller, "server")) argv.push_back(f);
   for (auto& a : opts_.controller_args) argv.push_back(a);
   if (!controller_proc_->Start(argv, dir_ + "/controller.log")) return "cannot start the controller";
   controller_stub_.reset();
   identity_stub_.reset();
   const std::string sock = dir_ + "/csi.sock";
-  auto deadline = std::chrono::steady_clock::now() + 10s;
-  while (!fs::exists(sock)) {
-    if (!controller_proc_->Running() || std::chrono::steady_clock::now() > deadline) {
-      return "the controller did not start\n" + LogTail("controller");
-    }
-    std::this_thread::sleep_for(10ms);
-  }
+  WaitUntil([&] { return fs::exists(sock) || !controller_proc_->Running(); }, 10s);
+  if (!fs::exists(sock)) return "the controller did not start\n" + LogTail("controller");
   // A channel made before the socket exists backs off for seconds after its first failed
   // connect; tests restart the controller and want it back at once.
   grpc::ChannelArguments args;
@@ -227,16 +232,12 @@ std::string Cluster::StartDatapath(size_t i) {
                                    std::to_string(opts_.heartbeat_ms),
                                    "--log-level",
                                    "debug"};
-  for (auto& f : TlsFlags(opts_.tls.datapath)) argv.push_back(f);
+  for (auto& f : TlsFlags(opts_.tls.datapath, "node-" + node)) argv.push_back(f);
   if (!datapath_procs_[i]->Start(argv, dir_ + "/" + node + ".log")) return "cannot start " + node;
   // The API socket appears once the daemon serves.
-  auto deadline = std::chrono::steady_clock::now() + 10s;
-  while (!fs::exists(dir_ + "/" + node + "-api.sock")) {
-    if (!datapath_procs_[i]->Running() || std::chrono::steady_clock::now() > deadline) {
-      return "datapath " + node + " did not start\n" + LogTail(node);
-    }
-    std::this_thread::sleep_for(20ms);
-  }
+  const std::string api_sock = dir_ + "/" + node + "-api.sock";
+  WaitUntil([&] { return fs::exists(api_sock) || !datapath_procs_[i]->Running(); }, 10s);
+  if (!fs::exists(api_sock)) return "datapath " + node + " did not start\n" + LogTail(node);
   auto ch = grpc::CreateChannel("unix://" + dir_ + "/" + node + "-api.sock",
                                 grpc::InsecureChannelCredentials());
   datapath_stubs_[i] = nbdcsi::datapath::v1::Datapath::NewStub(ch);
@@ -271,33 +272,29 @@ std::string Cluster::Start() {
 }
 
 bool Cluster::WaitControllerServing(std::chrono::milliseconds timeout) {
-  auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (controller_proc_ && !controller_proc_->Running()) return false;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + 500ms);
-    v1::ProbeRequest req;
-    v1::ProbeResponse resp;
-    if (identity_stub_->Probe(&ctx, req, &resp).ok()) return true;
-    std::this_thread::sleep_for(20ms);
-  }
-  return false;
+  bool serving = false;
+  WaitUntil(
+      [&] {
+        if (controller_proc_ && !controller_proc_->Running()) return true;
+        v1::ProbeRequest req;
+        v1::ProbeResponse resp;
+        serving = identity_stub_->Probe(CallContext(500ms).get(), req, &resp).ok();
+        return serving;
+      },
+      timeout, 20ms);
+  return serving;
 }
 
 bool Cluster::WaitRegistered(const std::string& node, std::chrono::milliseconds timeout) {
-  auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (std::chrono::steady_clock::now() < deadline) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + 1s);
-    v1::GetCapacityRequest req;
-    *req.mutable_accessible_topology() = NodeTopology(node);
-    v1::GetCapacityResponse resp;
-    if (controller_stub_->GetCapacity(&ctx, req, &resp).ok() && resp.available_capacity() > 0) {
-      return true;
-    }
-    std::this_thread::sleep_for(20ms);
-  }
-  return false;
+  return WaitUntil(
+      [&] {
+        v1::GetCapacityRequest req;
+        *req.mutable_accessible_topology() = NodeTopology(node);
+        v1::GetCapacityResponse resp;
+        return controller_stub_->GetCapacity(CallContext(1s).get(), req, &resp).ok() &&
+               resp.available_capacity() > 0;
+      },
+      timeout, 20ms);
 }
 
 v1::Controller::Stub& Cluster::controller() { return *controller_stub_; }
@@ -331,10 +328,6 @@ std::string Cluster::Nbdctl(const std::string& node, const std::vector<std::stri
 
 // ---- helpers ----
 
-std::unique_ptr<grpc::ClientContext> Ctx() {
-  auto c = std::make_unique<grpc::ClientContext>();
-  c->set_deadline(std::chrono::system_clock::now() + 20s);
-  return c;
-}
+std::unique_ptr<grpc::ClientContext> Ctx() { return CallContext(20s); }
 
 }  // namespace nbdcsi::test

@@ -34,6 +34,9 @@ class Process {
   // not running.
   int Stop(std::chrono::milliseconds grace = std::chrono::seconds(5));
   void Kill9();
+  // Waits up to `timeout` for the process to exit on its own: its waitpid status, or -1 when it
+  // is still running (it is left running).
+  int Wait(std::chrono::milliseconds timeout);
   pid_t pid() const { return pid_; }
 
  private:
@@ -41,7 +44,9 @@ class Process {
 };
 
 struct TlsDirs {
-  // A directory with ca.crt, server.crt and server.key (make-certs.sh layout); "" = --insecure.
+  // A make-certs.sh directory, "" = --insecure. The controller presents server.crt; each
+  // datapath presents its node certificate node-<node id>.crt (make-certs.sh DIR NODE...).
+  // A directory holding tls.crt, tls.key and ca.crt (a Kubernetes TLS secret) is used as is.
   std::string controller;
   std::string datapath;
 };
@@ -69,6 +74,7 @@ class Cluster {
   std::string StartDatapath(size_t i);
   void StopDatapath(size_t i, bool kill9 = false);
   pid_t datapath_pid(size_t i) const { return datapath_procs_[i]->pid(); }
+  int api_port(size_t i) const { return api_ports_[i]; }  // where datapath i serves over TCP
 
   // True once GetCapacity on the node's topology segment is non-zero (the registry knows it).
   bool WaitRegistered(const std::string& node, std::chrono::milliseconds timeout);

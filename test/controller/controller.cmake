@@ -5,7 +5,9 @@
 #   processes; each runs in well under a second.
 # - integration (issue 4): gtest binaries that run the real controller and two or three real
 #   nbd-datapathd processes on loopback and drive every CSI Controller RPC over gRPC. Each needs
-#   the three binaries built; each takes seconds.
+#   the three binaries built; each takes seconds. Issue 12 adds node binding and certificate
+#   refusals (node_identity_test), gRPC certificate rotation under live I/O
+#   (tls_rotation_test) and hostile names and ids (pool_escape_test).
 add_library(nbdcsi_controller_test_requests STATIC ${CMAKE_CURRENT_LIST_DIR}/csi_requests.cpp)
 target_include_directories(nbdcsi_controller_test_requests PUBLIC ${CMAKE_SOURCE_DIR})
 target_link_libraries(nbdcsi_controller_test_requests PUBLIC nbdcsi_csi_proto)
@@ -28,7 +30,8 @@ if(TARGET nbd-csi-controller AND TARGET nbd-datapathd AND TARGET nbdctl)
   target_link_libraries(nbdcsi_controller_test_cluster PUBLIC nbdcsi_controller_test_requests
                         nbd_api_proto gRPC::grpc++ protobuf::libprotobuf)
 
-  foreach(t controller_acceptance_test controller_sanity_test controller_tls_test)
+  foreach(t controller_acceptance_test controller_sanity_test controller_tls_test
+          node_identity_test tls_rotation_test pool_escape_test)
     add_executable(${t} ${CMAKE_CURRENT_LIST_DIR}/${t}.cpp)
     target_link_libraries(${t} PRIVATE nbdcsi_controller_test_cluster nlohmann_json::nlohmann_json
                           GTest::gtest_main GTest::gmock)
@@ -36,4 +39,17 @@ if(TARGET nbd-csi-controller AND TARGET nbd-datapathd AND TARGET nbdctl)
     add_dependencies(${t} nbd-csi-controller nbd-datapathd nbdctl)
     nbdcsi_add_test(NAME integration.${t} COMMAND ${t} TIMEOUT 180 LABELS integration controller)
   endforeach()
+endif()
+
+# No secrets in logs: a full flow through the three daemons with secrets in every CSI call that
+# takes them and TLS keys on disk, then every log searched (issue 12). Stages a volume, so it
+# needs root and the node plugin's tools (exit 77 otherwise, unless CI=true). Serial: mounts.
+if(TARGET nbd-csi-controller AND TARGET nbd-datapathd AND TARGET nbd-csi-node)
+  add_executable(secrets_log_test ${CMAKE_CURRENT_LIST_DIR}/secrets_log_test.cpp)
+  target_link_libraries(secrets_log_test PRIVATE nbdcsi_controller_test_cluster GTest::gtest)
+  set_target_properties(secrets_log_test PROPERTIES RUNTIME_OUTPUT_DIRECTORY
+                        ${CMAKE_BINARY_DIR}/test-bin)
+  add_dependencies(secrets_log_test nbd-csi-controller nbd-datapathd nbd-csi-node)
+  nbdcsi_add_test(NAME integration.secrets_log_test COMMAND secrets_log_test TIMEOUT 180
+                  LABELS integration controller SERIAL)
 endif()

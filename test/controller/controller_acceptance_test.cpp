@@ -15,8 +15,10 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "common/volume_rules.h"
 #include "csi/driver.h"
 #include "test/controller/cluster.h"
+#include "test/support/wait.h"
 
 namespace nbdcsi::test {
 namespace {
@@ -89,17 +91,15 @@ class ControllerTest : public ::testing::Test {
   }
   // Copy snapshots (ext4 /tmp) fill in the background: wait for ready_to_use.
   bool WaitSnapshotReady(const std::string& id) {
-    for (int i = 0; i < 500; ++i) {
-      v1::ListSnapshotsRequest r;
-      r.set_snapshot_id(id);
-      v1::ListSnapshotsResponse resp;
-      grpc::Status s = C().ListSnapshots(Ctx().get(), r, &resp);
-      if (s.ok() && resp.entries_size() == 1 && resp.entries(0).snapshot().ready_to_use()) {
-        return true;
-      }
-      std::this_thread::sleep_for(20ms);
-    }
-    return false;
+    return WaitUntil(
+        [&] {
+          v1::ListSnapshotsRequest r;
+          r.set_snapshot_id(id);
+          v1::ListSnapshotsResponse resp;
+          grpc::Status s = C().ListSnapshots(Ctx().get(), r, &resp);
+          return s.ok() && resp.entries_size() == 1 && resp.entries(0).snapshot().ready_to_use();
+        },
+        10s, 20ms);
   }
   dp::Volume PoolVolume(const std::string& node, const std::string& name, grpc::Status* st) {
     dp::GetVolumeRequest r;
@@ -117,8 +117,22 @@ class ControllerTest : public ::testing::Test {
   }
   // The pool name inside a v1:<node>:<name> id.
   static std::string PoolName(const std::string& id) { return id.substr(id.rfind(':') + 1); }
-  // Heartbeats carry free space: wait until the registry has seen the pool settle.
-  void WaitHeartbeats(int n = 2) { std::this_thread::sleep_for(n * 200ms + 100ms); }
+  // What the node's pool says may be provisioned now, as a heartbeat would report it.
+  int64_t PoolProvisionable(const std::string& node) {
+    dp::GetPoolInfoRequest r;
+    dp::GetPoolInfoResponse resp;
+    EXPECT_TRUE(cluster_->datapath(node).GetPoolInfo(Ctx().get(), r, &resp).ok()) << node;
+    return static_cast<int64_t>(resp.provisionable_bytes() / kVolumeSizeAlignment *
+                                kVolumeSizeAlignment);
+  }
+  // Heartbeats carry free space: wait until the registry's figure for every node is the one its
+  // pool reports now, i.e. a heartbeat sent after the last change has arrived.
+  void WaitHeartbeats() {
+    for (const auto& node : cluster_->nodes()) {
+      EXPECT_TRUE(WaitUntil([&] { return Capacity(node) == PoolProvisionable(node); }, 10s, 20ms))
+          << node << ": the registry never saw the pool as it is";
+    }
+  }
 
   static Cluster* cluster_;
   static std::string start_error_;
@@ -599,11 +613,10 @@ TEST_F(ControllerTest, SnapshotRestoreClone) {
   v1::CreateVolumeResponse cresp;
   ASSERT_TRUE(C().CreateVolume(Ctx().get(), rreq, &cresp).ok());
   EXPECT_EQ(cresp.volume().volume_id(), restored.volume_id());
-  for (int i = 0; i < 200; ++i) {  // a copy restore becomes readable once filled
+  WaitUntil([&] {  // a copy restore becomes readable once filled
     grpc::Status st;
-    if (PoolVolume("node-b", PoolName(restored.volume_id()), &st).ready()) break;
-    std::this_thread::sleep_for(20ms);
-  }
+    return PoolVolume("node-b", PoolName(restored.volume_id()), &st).ready();
+  });
   EXPECT_EQ(ReadPattern(dir, "node-b", PoolName(restored.volume_id())), "A");
   // Without a size: the snapshot's.
   auto r0 = VolumeRequest("restore-nosize", 0);
@@ -636,11 +649,10 @@ TEST_F(ControllerTest, SnapshotRestoreClone) {
   clreq.mutable_volume_content_source()->mutable_volume()->set_volume_id(src.volume_id());
   v1::Volume clone = MustCreate(clreq);
   EXPECT_EQ(NodeOf(clone), "node-b");
-  for (int i = 0; i < 200; ++i) {
+  WaitUntil([&] {
     grpc::Status st;
-    if (PoolVolume("node-b", PoolName(clone.volume_id()), &st).ready()) break;
-    std::this_thread::sleep_for(20ms);
-  }
+    return PoolVolume("node-b", PoolName(clone.volume_id()), &st).ready();
+  });
   EXPECT_EQ(ReadPattern(dir, "node-b", PoolName(clone.volume_id())), "B");
   auto cu = VolumeRequest("clone-unknown", kMiB);
   cu.mutable_volume_content_source()->mutable_volume()->set_volume_id("v1:node-b:nope");
@@ -818,6 +830,9 @@ TEST_F(ControllerTest, ConcurrentCallOnSameVolumeIsAborted) {
     first = C().ControllerExpandVolume(Ctx().get(), r, &resp);
     done = true;
   });
+  // The first call is in flight on the controller, which shows nothing while it waits on the
+  // frozen node: this sleep gives it time to take the volume's lock (not a condition a test can
+  // observe from outside the process).
   std::this_thread::sleep_for(300ms);
   grpc::Status second = DeleteVolume(v.volume_id());
   v1::ControllerModifyVolumeRequest mr;
@@ -847,8 +862,8 @@ TEST_F(ControllerTest, NodeLossIsUnavailableAndAbnormal) {
   *req.mutable_accessibility_requirements()->add_requisite() = NodeTopology("node-b");
   v1::Volume v = MustCreate(req);
   cluster_->StopDatapath(1);
-  // The registry forgets node-b after its ttl (3 heartbeats).
-  std::this_thread::sleep_for(1000ms);
+  // The registry forgets node-b after its ttl (3 heartbeats): GetCapacity then has nothing for it.
+  EXPECT_TRUE(WaitUntil([&] { return Capacity("node-b") == 0; }, 10s, 20ms));
   v1::CreateVolumeResponse cresp;
   auto again = VolumeRequest("loss-2", kMiB);
   *again.mutable_accessibility_requirements()->add_requisite() = NodeTopology("node-b");

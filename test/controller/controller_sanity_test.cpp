@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include "test/controller/cluster.h"
+#include "test/support/wait.h"
 
 namespace nbdcsi::test {
 namespace {
@@ -58,14 +59,13 @@ class Sanity : public ::testing::Test {
     // spec says) until the copy ends: retry like the sidecars do.
     auto retry = [](auto&& call) {
       grpc::Status s;
-      for (int i = 0; i < 250; ++i) {
-        s = call();
-        if (s.error_code() != StatusCode::FAILED_PRECONDITION &&
-            s.error_code() != StatusCode::UNAVAILABLE) {
-          break;
-        }
-        std::this_thread::sleep_for(20ms);
-      }
+      WaitUntil(
+          [&] {
+            s = call();
+            return s.error_code() != StatusCode::FAILED_PRECONDITION &&
+                   s.error_code() != StatusCode::UNAVAILABLE;
+          },
+          5s, 20ms);
       return s;
     };
     for (auto it = snaps_.rbegin(); it != snaps_.rend(); ++it) {
@@ -377,11 +377,12 @@ TEST_F(Sanity, CreateVolume_ShouldCreateVolumeFromAnExistingSourceSnapshot) {
   auto req = MakeCreateSnapshotReq(UniqueString("sanity-controller-snap-from-vol"),
                                    vol1.volume().volume_id());
   v1::CreateSnapshotResponse snap;
-  for (int i = 0; i < 500; ++i) {  // upstream retries CreateSnapshot until ready_to_use
-    snap = MustCreateSnapshot(req);
-    if (snap.snapshot().ready_to_use()) break;
-    std::this_thread::sleep_for(20ms);
-  }
+  WaitUntil(  // upstream retries CreateSnapshot until ready_to_use
+      [&] {
+        snap = MustCreateSnapshot(req);
+        return snap.snapshot().ready_to_use();
+      },
+      10s, 20ms);
   ASSERT_TRUE(snap.snapshot().ready_to_use());
   auto vol2 = MakeCreateVolumeReq(UniqueString("sanity-controller-vol-from-snap"));
   vol2.mutable_volume_content_source()->mutable_snapshot()->set_snapshot_id(

@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include "test/controller/cluster.h"
+#include "test/support/wait.h"
 
 namespace nbdcsi::test {
 namespace {
@@ -26,8 +27,8 @@ class TlsTest : public ::testing::Test {
     certs_ = new std::string((std::filesystem::temp_directory_path() /
                               ("nbdcsi-certs-" + std::to_string(getpid())))
                                  .string());
-    std::string cmd =
-        "bash " + Cluster::Src("test/tls/make-certs.sh") + " " + *certs_ + " >/dev/null 2>&1";
+    std::string cmd = "bash " + Cluster::Src("test/tls/make-certs.sh") + " " + *certs_ +
+                      " node-a >/dev/null 2>&1";
     made_ = std::system(cmd.c_str()) == 0;
   }
   static void TearDownTestSuite() {
@@ -148,7 +149,7 @@ TEST_F(TlsTest, ControllerRefusesIncompleteTlsFlags) {
                        "unix:///tmp/nbdcsi-tlsflags-" + std::to_string(getpid()) + ".sock",
                        "--registry-listen", "127.0.0.1:0", "--tls-cert", Ca1() + "/server.crt"},
                       log));
-  for (int i = 0; i < 200 && p.Running(); ++i) std::this_thread::sleep_for(10ms);
+  WaitUntil([&] { return !p.Running(); }, 2s);
   EXPECT_FALSE(p.Running()) << "started with half the TLS flags";
   std::filesystem::remove(log);
 }

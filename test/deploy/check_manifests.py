@@ -12,6 +12,9 @@ What a YAML linter cannot see, and what breaks a cluster in ways that only show 
   - StorageClass and VolumeAttributesClass parameter keys are known QoS keys;
   - the datapath runs in its own DaemonSet, never inside the node plugin pod;
   - ports, probes, the controller Service and the datapath's --controller agree;
+  - the controller pod runs as a non-root user, our containers and the node plugin's registrar
+    have readiness probes, every container has requests and a memory limit;
+  - the provisioner's capacity mode and the CSIDriver's storageCapacity go together;
   - generated TLS secrets chain to their CA and carry the names the peers dial;
   - examples refer only to classes the chart creates and objects the examples create.
 
@@ -41,8 +44,9 @@ QOS_KEYS = ["maxIops", "maxReadIops", "maxWriteIops", "maxBps", "maxReadBps", "m
 RESERVED_PREFIX = "csi.storage.k8s.io/"
 OUR_BINARIES = ("nbd-csi-controller", "nbd-csi-node", "nbd-datapathd")
 PROVISIONER_ARGS = ["--feature-gates", "--strict-topology", "--immediate-topology=false",
-                    "--enable-capacity", "--capacity-ownerref-level=2", "--extra-create-metadata",
-                    "--leader-election", "--default-fstype=ext4"]
+                    "--extra-create-metadata", "--leader-election", "--default-fstype=ext4"]
+# Only with CSIDriver storageCapacity (CSIStorageCapacity v1, Kubernetes 1.24 and later).
+CAPACITY_ARGS = ["--enable-capacity", "--capacity-ownerref-level=2"]
 WORKLOADS = ("Deployment", "DaemonSet", "StatefulSet")
 # The sidecars' flags (from each project's README for the pinned major versions), so that a
 # misspelt flag, which the sidecar would refuse at start, fails here instead. Matched by image.
@@ -85,7 +89,7 @@ SCHEMA = {
     "podSpec": {"serviceAccountName", "automountServiceAccountToken", "priorityClassName",
                 "imagePullSecrets", "nodeSelector", "tolerations", "affinity", "containers",
                 "initContainers", "volumes", "hostNetwork", "hostPID", "hostIPC", "dnsPolicy",
-                "terminationGracePeriodSeconds", "securityContext", "restartPolicy",
+                "terminationGracePeriodSeconds", "securityContext", "restartPolicy", "hostAliases",
                 "topologySpreadConstraints", "enableServiceLinks"},
     "container": {"name", "image", "imagePullPolicy", "command", "args", "env", "envFrom",
                   "ports", "livenessProbe", "readinessProbe", "startupProbe", "volumeMounts",
@@ -328,20 +332,28 @@ def check(ck, docs, expect_secrets, quiet=False):
     for d in drivers:
         if d["metadata"]["name"] != DRIVER:
             ck.err("CSIDriver", f"name {d['metadata']['name']!r}, want {DRIVER}")
-        want = {"attachRequired": False, "podInfoOnMount": False, "storageCapacity": True,
+        want = {"attachRequired": False, "podInfoOnMount": False,
                 "fsGroupPolicy": "File", "requiresRepublish": False,
                 "volumeLifecycleModes": ["Persistent"]}
         for k, v in want.items():
             if d["spec"].get(k) != v:
                 ck.err("CSIDriver", f"spec.{k} = {d['spec'].get(k)!r}, want {v!r}")
+        if d["spec"].get("storageCapacity") not in (True, False):
+            ck.err("CSIDriver", f"spec.storageCapacity = {d['spec'].get('storageCapacity')!r}")
 
     # ---- classes --------------------------------------------------------------------------
     for sc in by_kind.get("StorageClass", []):
         where = f"StorageClass/{sc['metadata']['name']}"
         if sc.get("provisioner") != DRIVER:
             ck.err(where, f"provisioner {sc.get('provisioner')!r}, want {DRIVER}")
-        if sc.get("volumeBindingMode") != "WaitForFirstConsumer":
-            ck.err(where, "volumeBindingMode must be WaitForFirstConsumer (volumes are node-local)")
+        # Volumes are node-local: the scheduler picks the node with the pod (WaitForFirstConsumer);
+        # Immediate lets the controller pick it, which restores need (the snapshot's node).
+        if sc.get("volumeBindingMode") not in ("WaitForFirstConsumer", "Immediate"):
+            ck.err(where, f"volumeBindingMode {sc.get('volumeBindingMode')!r}: WaitForFirstConsumer or Immediate")
+        if (sc.get("volumeBindingMode") == "Immediate" and
+                not sc["metadata"]["name"].endswith("-restore")):
+            ck.err(where, "Immediate binding places blank volumes without the pod's node: "
+                          "only for restore classes (named *-restore)")
         for k, v in (sc.get("parameters") or {}).items():
             if k.startswith(RESERVED_PREFIX):
                 if k == RESERVED_PREFIX + "fstype" and v not in ("ext4", "xfs"):
@@ -589,10 +601,14 @@ def check(ck, docs, expect_secrets, quiet=False):
         ck.err(dp_where, f"--heartbeat-interval {hb_dp} differs from the controller's {hb_ctl}")
 
     # ---- sidecar arguments ----------------------------------------------------------------
+    capacity = any(d["spec"].get("storageCapacity") for d in drivers)
     for c in sidecars(ctl_pod, "csi-provisioner"):
-        for a in PROVISIONER_ARGS:
+        for a in PROVISIONER_ARGS + (CAPACITY_ARGS if capacity else []):
             if not (has_flag(c["args"], a) if "=" not in a else a in c["args"]):
                 ck.err(ctl_where, f"csi-provisioner lacks {a}")
+        if not capacity and has_flag(c["args"], "--enable-capacity"):
+            ck.err(ctl_where, "csi-provisioner publishes capacity (--enable-capacity), but the "
+                              "CSIDriver has storageCapacity false: the scheduler would ignore it")
         gates = arg_value(c["args"], "--feature-gates") or ""
         if "Topology=true" not in gates.split(","):
             ck.err(ctl_where, "csi-provisioner needs --feature-gates=Topology=true")
@@ -612,6 +628,27 @@ def check(ck, docs, expect_secrets, quiet=False):
                 if "VolumeAttributesClass=true" not in (arg_value(c["args"], "--feature-gates") or ""):
                     ck.err(ctl_where, f"{image} needs the VolumeAttributesClass feature gate when "
                                       "VolumeAttributesClasses are deployed")
+
+    # ---- users, probes, resources ---------------------------------------------------------
+    psc = ctl_pod.get("securityContext") or {}
+    if psc.get("runAsNonRoot") is not True or not psc.get("runAsUser"):
+        ck.err(ctl_where, "the controller pod must run as a non-root user (securityContext "
+                          f"runAsNonRoot and a non-zero runAsUser), got {psc}")
+    for c in ctl_pod["containers"]:
+        csc = c.get("securityContext") or {}
+        if csc.get("runAsUser") == 0 or csc.get("privileged") or csc.get("runAsNonRoot") is False:
+            ck.err(ctl_where, f"container {c['name']} overrides the pod's non-root user: {csc}")
+    for where, pod, c in ((ctl_where, ctl_pod, ctl), (node_where, node_pod, node),
+                          (dp_where, dp_pod, dp)) + tuple((node_where, node_pod, r) for r in regs):
+        if not c.get("readinessProbe"):
+            ck.err(where, f"container {c['name']} has no readinessProbe")
+    for where, _, pod in pods_of(docs):
+        for c in pod["containers"]:
+            res = c.get("resources") or {}
+            if not (res.get("requests") or {}).get("cpu") or not (res.get("requests") or {}).get("memory"):
+                ck.err(where, f"container {c['name']} has no cpu and memory requests")
+            if not (res.get("limits") or {}).get("memory"):
+                ck.err(where, f"container {c['name']} has no memory limit")
 
     # ---- RBAC -----------------------------------------------------------------------------
     sa = ctl_pod.get("serviceAccountName")
@@ -830,6 +867,12 @@ def self_test(ck_factory, docs, expect_secrets):
         "value out of range": lambda ds: set_arg(find(ds, "nbd-datapathd")[1], "--attach-dead-conn-timeout", "999999"),
         "sidecar flag typo": lambda ds: next(c for _, _, p in pods_of(ds) for c in p["containers"] if "csi-resizer" in c.get("image", ""))["args"].append("--leader-electon"),
         "node plugin socket off the host": lambda ds: set_arg(find(ds, "nbd-csi-node")[1], "--csi-endpoint", "unix:///tmp/csi.sock"),
+        "controller as root": lambda ds: find(ds, "nbd-csi-controller")[0]["securityContext"].update(runAsUser=0, runAsNonRoot=False),
+        "sidecar as root": lambda ds: next(c for c in find(ds, "nbd-csi-controller")[0]["containers"] if "csi-resizer" in c["image"])["securityContext"].update(runAsUser=0),
+        "no readiness probe": lambda ds: find(ds, "nbd-datapathd")[1].pop("readinessProbe"),
+        "no memory limit": lambda ds: find(ds, "nbd-csi-node")[1]["resources"].pop("limits"),
+        "blank-volume class binds Immediately": lambda ds: next(d for d in ds if d.get("kind") == "StorageClass" and not d["metadata"]["name"].endswith("-restore")).update(volumeBindingMode="Immediate"),
+        "capacity without storageCapacity": lambda ds: next(d for d in ds if d.get("kind") == "CSIDriver")["spec"].update(storageCapacity=False),
     }
     failures = []
     for name, mutate in mutations.items():

@@ -1,6 +1,6 @@
 # The Helm chart, the rendered manifests and the examples (test/deploy/deploy_test.sh).
 # helm comes from scripts/get-helm.sh; without it these skip (77) unless CI=true.
-foreach(case lint template drift check version)
+foreach(case lint template drift check version kernel-nbd)
   nbdcsi_add_test(NAME deploy.${case}
     COMMAND ${CMAKE_SOURCE_DIR}/test/deploy/deploy_test.sh ${case}
     TIMEOUT 300 LABELS deploy

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The deploy tests (ctest -L deploy): the Helm chart, manifests/ and examples/.
-#   deploy_test.sh lint|template|drift|check|version
+#   deploy_test.sh lint|template|drift|check|version|kernel-nbd
 # Needs helm (scripts/get-helm.sh fetches it once); without it the test is skipped (77),
 # unless CI=true, where a missing helm is a failure.
 set -euo pipefail
 src=${NBDCSI_SRC:?NBDCSI_SRC is set by CTest}
 bin=${NBDCSI_BIN:?NBDCSI_BIN is set by CTest}
 chart=$src/charts/nbd-csi
-what=${1:?usage: deploy_test.sh lint|template|drift|check|version}
+what=${1:?usage: deploy_test.sh lint|template|drift|check|version|kernel-nbd}
 
 skip_or_fail() {
   if [ "${CI:-}" = true ]; then echo "FAIL: $*" >&2; exit 1; fi
@@ -31,25 +31,71 @@ esac
 # Value sets every rendering test goes through: the defaults, and each optional branch.
 # Generating the certificates (three RSA keys) is most of a rendering's time, so only the
 # defaults do it; the other sets name existing secrets or use cert-manager.
+# helm template knows no cluster: it assumes its own Kubernetes version (v1.32 for the pinned
+# helm) and only the built-in API groups, so what a cluster would serve is passed explicitly
+# (--api-versions), and kube-1.20 renders for the oldest supported Kubernetes.
 secrets="--set tls.existingSecret.controller=nbd-csi-controller-tls --set tls.existingSecret.datapath=nbd-csi-datapath-tls"
+snap_api="--api-versions snapshot.storage.k8s.io/v1"
+vac_api="--api-versions storage.k8s.io/v1beta1/VolumeAttributesClass"
 value_sets() {
   echo "defaults|"
   echo "existing-secrets|$secrets"
   echo "cert-manager|--set tls.certManager.enabled=true"
   echo "cert-manager-issuer|--set tls.certManager.enabled=true --set tls.certManager.issuerRef.name=ca --set tls.certManager.issuerRef.kind=ClusterIssuer"
-  echo "vac|$secrets --set volumeAttributesClasses.enabled=true"
+  echo "vac|$secrets $snap_api $vac_api --set volumeAttributesClasses.enabled=true"
   echo "rolling-datapath|$secrets --set datapath.updateStrategy.type=RollingUpdate --set datapath.capacity=100Gi"
+  echo "kube-1.20|$secrets $snap_api --kube-version 1.20.2"
+  echo "host-network|$secrets --set controller.hostNetwork=true --set controller.replicas=1 --set node.hostNetwork=true --set controller.apiServerAddress=127.0.0.1:6443 --set datapath.hostAliases[0].ip=127.0.0.1 --set datapath.hostAliases[0].hostnames[0]=nbd-csi-controller.nbd-csi.svc"
 }
 
 case $what in
   lint)
+    # lint takes --kube-version but no --api-versions (and reports a template's `fail` as INFO,
+    # not an error): the template test is where rendering with served APIs is checked.
     while IFS='|' read -r name args; do
+      lint_args=$(echo " $args " | sed -e 's/ --api-versions [^ ]*//g')
       # shellcheck disable=SC2086
-      "$helm" lint --strict "$chart" $args >"$tmp/lint.out" 2>&1 || {
+      "$helm" lint --strict "$chart" $lint_args >"$tmp/lint.out" 2>&1 || {
         cat "$tmp/lint.out" >&2; echo "FAIL: helm lint ($name)" >&2; exit 1; }
       grep -q '0 chart(s) failed' "$tmp/lint.out" || { cat "$tmp/lint.out" >&2; exit 1; }
       echo "ok: helm lint --strict ($name)"
-    done < <(value_sets) ;;
+    done < <(value_sets)
+    # values.schema.json: lint refuses values of the wrong type or out of range, naming them.
+    lint_refuses() {  # expected-message args...
+      local want=$1; shift
+      if "$helm" lint --strict "$chart" "$@" >"$tmp/lint.out" 2>&1; then
+        echo "FAIL: helm lint $* passed; the schema should refuse it" >&2; exit 1
+      fi
+      grep -q -- "$want" "$tmp/lint.out" || {
+        echo "FAIL: helm lint $*: output lacks '$want':" >&2; cat "$tmp/lint.out" >&2; exit 1; }
+      echo "ok: lint refused $* ($want)"
+    }
+    lint_refuses "controller.replicas: Invalid type. Expected: integer" --set controller.replicas=banana
+    lint_refuses "datapath.overcommit" --set datapath.overcommit=-1
+    lint_refuses 'logLevel must be one of the following: "trace", "debug", "info", "warn", "error"' --set logLevel=verbose
+    # The chart README's values table names every value (a wildcard may stand for one level).
+    python3 - "$chart/values.yaml" "$chart/README.md" <<'PY'
+import re, sys, yaml
+values, readme = yaml.safe_load(open(sys.argv[1])), open(sys.argv[2]).read()
+named = set(re.findall(r"^\| (.*?) \|", readme, re.M))
+named = {n for cell in named for n in re.findall(r"`([^`]+)`", cell)}
+opaque = {"resources", "nodeSelector", "tolerations", "affinity", "issuerRef", "parameters"}
+def leaves(d, path=()):
+    for k, v in d.items():
+        p = path + (k,)
+        if isinstance(v, dict) and v and k not in opaque:
+            yield from leaves(v, p)
+        else:
+            yield p
+def documented(p):
+    forms = [".".join(p)] + [".".join(p[:i] + ("*",) + p[i + 1:]) for i in range(len(p))]
+    return any(f in named for f in forms)
+missing = [".".join(p) for p in leaves(values) if not documented(p)]
+if missing:
+    sys.exit(f"FAIL: charts/nbd-csi/README.md's values table lacks {', '.join(missing)}")
+print(f"ok: the chart README's values table names all {sum(1 for _ in leaves(values))} values")
+PY
+    ;;
 
   template)
     while IFS='|' read -r name args; do
@@ -76,6 +122,28 @@ if name.startswith("cert-manager"):
     assert "Secret" not in kinds, kinds
 if name == "vac":
     assert len(kinds.get("VolumeAttributesClass", [])) == 2, kinds
+# The VolumeSnapshotClass (create: auto) only where the cluster serves its API.
+assert len(kinds.get("VolumeSnapshotClass", [])) == (1 if name in ("vac", "kube-1.20") else 0), kinds
+by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+drv = next(d for d in docs if d["kind"] == "CSIDriver")
+prov = next(c for d in docs if d["kind"] == "Deployment"
+            for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == "csi-provisioner")
+pdb = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+if name == "kube-1.20":
+    # No CSIStorageCapacity v1 before 1.24, no policy/v1 before 1.21.
+    assert drv["spec"]["storageCapacity"] is False, drv
+    assert "--enable-capacity" not in prov["args"], prov["args"]
+    assert [p["apiVersion"] for p in pdb] == ["policy/v1beta1"], pdb
+elif name == "host-network":
+    assert not pdb, pdb  # one replica: nothing to keep available
+    pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "DaemonSet")]
+    assert all(p.get("hostNetwork") for p in pods), "every pod on the host network"
+    env = {e["name"]: e.get("value") for e in prov["env"]}
+    assert env.get("KUBERNETES_SERVICE_HOST") == "127.0.0.1" and env.get("KUBERNETES_SERVICE_PORT") == "6443", env
+else:
+    assert drv["spec"]["storageCapacity"] is True, drv
+    assert "--enable-capacity" in prov["args"], prov["args"]
+    assert [p["apiVersion"] for p in pdb] == ["policy/v1"], pdb
 print(f"ok: helm template ({name}): {len(docs)} objects")
 PY
     done < <(value_sets)
@@ -97,13 +165,93 @@ PY
       --set 'storageClasses[0].parameters.maxIOPS=5'
     # shellcheck disable=SC2086
     refuse 'volumeAttributesClasses nbd-csi-silver: unknown parameter "iops"' \
-      $secrets --set volumeAttributesClasses.enabled=true \
+      $secrets $vac_api --set volumeAttributesClasses.enabled=true \
       --set 'volumeAttributesClasses.classes[0].name=nbd-csi-silver' \
       --set 'volumeAttributesClasses.classes[0].parameters.iops=1'
     # shellcheck disable=SC2086
     refuse "must stay nbd.csi.io" $secrets --set driverName=other.csi.io
     # shellcheck disable=SC2086
-    refuse "OnDelete or RollingUpdate" $secrets --set datapath.updateStrategy.type=Recreate ;;
+    refuse "OnDelete or RollingUpdate" $secrets --set datapath.updateStrategy.type=Recreate
+    # values.schema.json
+    # shellcheck disable=SC2086
+    refuse "controller.replicas: Invalid type. Expected: integer, given: string" $secrets --set controller.replicas=banana
+    # shellcheck disable=SC2086
+    refuse "datapath.overcommit: Must be greater than 0" $secrets --set datapath.overcommit=-1
+    # shellcheck disable=SC2086
+    refuse "datapath.overcommit: Does not match pattern" $secrets --set-string datapath.overcommit=-1.5
+    # shellcheck disable=SC2086
+    refuse "logLevel must be one of the following" $secrets --set logLevel=verbose
+    # shellcheck disable=SC2086
+    refuse "Additional property replica is not allowed" $secrets --set controller.replica=3
+    # shellcheck disable=SC2086
+    refuse "controller.runAsUser: Must be greater than or equal to 1" $secrets --set controller.runAsUser=0
+    # What the cluster does not serve is refused when asked for explicitly.
+    # shellcheck disable=SC2086
+    refuse "does not serve snapshot.storage.k8s.io/v1" $secrets --set volumeSnapshotClass.create=true
+    # shellcheck disable=SC2086
+    refuse "does not serve storage.k8s.io/v1beta1/VolumeAttributesClass" $secrets \
+      --set volumeAttributesClasses.enabled=true
+    # shellcheck disable=SC2086
+    refuse "controller.apiServerAddress" $secrets --set controller.apiServerAddress=https://x
+    # shellcheck disable=SC2086
+    refuse 'datapath.kernelNbd.mode must be one of the following: "auto", "required", "off"' \
+      $secrets --set datapath.kernelNbd.mode=maybe
+    # The module arguments land in a shell script: nothing but NAME=VALUE.
+    # shellcheck disable=SC2086
+    refuse "datapath.kernelNbd.modprobeArgs.0: Does not match pattern" $secrets \
+      --set 'datapath.kernelNbd.modprobeArgs[0]=x;reboot' ;;
+
+  kernel-nbd)
+    # The datapath's init container that loads nbd.ko, rendered for each mode, then run here
+    # as the node would run it (when that cannot load a module into this host's kernel).
+    python3 -c 'import yaml' 2>/dev/null || skip_or_fail "python3 has no yaml module (apt-get install python3-yaml)"
+    script_of() {  # mode -> the init container's script (empty: no init container)
+      # shellcheck disable=SC2086
+      "$helm" template t "$chart" $secrets --set "datapath.kernelNbd.mode=$1" \
+        --set 'datapath.kernelNbd.modprobeArgs[0]=nbds_max=32' | python3 -c '
+import sys, yaml
+for d in yaml.safe_load_all(sys.stdin):
+    if d and d["kind"] == "DaemonSet" and d["metadata"]["name"].endswith("-datapath"):
+        spec = d["spec"]["template"]["spec"]
+        for c in spec.get("initContainers", []):
+            assert c["name"] == "load-nbd" and c["command"][:2] == ["sh", "-c"], c
+            assert c["securityContext"].get("privileged"), "modprobe needs privileges"
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            assert {"/lib/modules", "/sys"} <= mounts, mounts
+            print(c["command"][2])'
+    }
+    [ -z "$(script_of off)" ] || { echo "FAIL: mode off still renders an init container" >&2; exit 1; }
+    echo "ok: mode off: no init container"
+    for mode in auto required; do
+      script_of $mode >"$tmp/$mode.sh"
+      grep -q 'modprobe nbd nbds_max=32 2>&1' "$tmp/$mode.sh" || {
+        cat "$tmp/$mode.sh" >&2; echo "FAIL: mode $mode: modprobe without the module arguments" >&2; exit 1; }
+    done
+    if [ -d /sys/module/nbd ]; then
+      state="nbd is loaded"; want_auto=0; want_required=0; want_msg="kernel NBD: nbd is loaded"
+    elif [ "$(id -u)" = 0 ] && ! modinfo nbd >/dev/null 2>&1; then
+      state="no nbd module for kernel $(uname -r)"; want_auto=0; want_required=1
+    else
+      # Running it would load nbd.ko into this host's kernel (or fail for want of root).
+      echo "ok: rendered for auto and required; not run here: nbd.ko is available but not loaded, or not root"
+      exit 0
+    fi
+    for mode in auto required; do
+      rc=0; sh "$tmp/$mode.sh" >"$tmp/$mode.out" 2>&1 || rc=$?
+      want=$want_auto; [ $mode = required ] && want=$want_required
+      [ $rc = "$want" ] || { cat "$tmp/$mode.out" >&2; echo "FAIL: mode $mode exited $rc, want $want ($state)" >&2; exit 1; }
+      if [ -n "${want_msg:-}" ]; then
+        grep -qF "$want_msg" "$tmp/$mode.out" || { cat "$tmp/$mode.out" >&2; exit 1; }
+      elif [ $mode = auto ]; then
+        grep -q "cannot load nbd.ko on kernel $(uname -r): modprobe: " "$tmp/auto.out" &&
+          grep -q "WARNING: volumes on this node attach through the nbdfuse fallback" "$tmp/auto.out" || {
+          cat "$tmp/auto.out" >&2; echo "FAIL: mode auto does not say why and what follows" >&2; exit 1; }
+      else
+        grep -q "datapath.kernelNbd.mode is required: the datapath does not start" "$tmp/required.out" || {
+          cat "$tmp/required.out" >&2; echo "FAIL: mode required does not say why it stops" >&2; exit 1; }
+      fi
+      echo "ok: mode $mode on this host ($state): exit $rc, $(tail -1 "$tmp/$mode.out" | cut -c1-100)"
+    done ;;
 
   drift)
     "$src/scripts/render-manifests.sh" --check
@@ -138,5 +286,5 @@ PY
       echo "FAIL: Chart.yaml appVersion $got, project version $want" >&2; exit 1; }
     echo "ok: appVersion $got" ;;
 
-  *) echo "usage: $0 lint|template|drift|check|version" >&2; exit 2 ;;
+  *) echo "usage: $0 lint|template|drift|check|version|kernel-nbd" >&2; exit 2 ;;
 esac

@@ -78,6 +78,7 @@ if [ "$mode" = plain ]; then
 else
   manifest=$root/helm.yaml
   "$SMOKE_HELM" template nbd-csi "$src/charts/nbd-csi" --namespace nbd-csi \
+    --api-versions storage.k8s.io/v1beta1/VolumeAttributesClass \
     --set volumeAttributesClasses.enabled=true >"$manifest"
   cp "$manifest" "$root/secrets.yaml"
 fi

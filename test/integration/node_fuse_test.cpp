@@ -40,6 +40,8 @@
 
 #include "csi/csi.grpc.pb.h"
 #include "datapath/api/attach.grpc.pb.h"
+#include "test/support/grpc_call.h"
+#include "test/support/wait.h"
 
 extern char** environ;
 
@@ -91,12 +93,9 @@ int Stop(pid_t& pid, int sig = SIGTERM) {
   if (pid <= 0) return 0;
   kill(pid, sig);
   int status = 0;
-  for (int i = 0; i < 200; ++i) {
-    if (waitpid(pid, &status, WNOHANG) == pid) {
-      pid = -1;
-      return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  if (nbdcsi::test::WaitExited(pid, &status, std::chrono::seconds(10))) {
+    pid = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   }
   kill(pid, SIGKILL);
   waitpid(pid, &status, 0);
@@ -105,17 +104,16 @@ int Stop(pid_t& pid, int sig = SIGTERM) {
 }
 
 bool WaitForSocket(const std::string& path, pid_t pid, std::string* err) {
-  for (int i = 0; i < 300; ++i) {
+  bool exited = false;
+  auto ready = [&] {
     struct stat st {};
     if (stat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) return true;
     int status;
-    if (waitpid(pid, &status, WNOHANG) == pid) {
-      *err = "process exited before creating " + path;
-      return false;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  *err = "no socket " + path + " after 15 s";
+    exited = waitpid(pid, &status, WNOHANG) == pid;
+    return exited;
+  };
+  if (nbdcsi::test::WaitUntil(ready, std::chrono::seconds(15)) && !exited) return true;
+  *err = exited ? "process exited before creating " + path : "no socket " + path + " after 15 s";
   return false;
 }
 
@@ -138,9 +136,11 @@ std::string Nbdctl(const std::string& args, int* rc) {
 
 bool StartNode(std::string* err) {
   fs::remove(W + "/csi.sock");
+  fs::create_directories(W + "/kubelet");
   g_node =
       Spawn({g_bin + "/nbd-csi-node", "--csi-endpoint", "unix://" + W + "/csi.sock", "--node-id",
-             kNodeId, "--datapath", "unix://" + W + "/api.sock", "--log-level", "debug"},
+             kNodeId, "--datapath", "unix://" + W + "/api.sock", "--kubelet-root",
+             W + "/kubelet", "--log-level", "debug"},
             W + "/node.log");
   if (g_node < 0) {
     *err = "cannot start nbd-csi-node";
@@ -302,9 +302,7 @@ uint64_t BlockSize(const std::string& dev) {
 // ---- the CSI calls, as kubelet makes them ----
 
 std::unique_ptr<grpc::ClientContext> Ctx(int seconds = 120) {
-  auto c = std::make_unique<grpc::ClientContext>();
-  c->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(seconds));
-  return c;
+  return nbdcsi::test::CallContext(std::chrono::seconds(seconds));
 }
 
 v1::VolumeCapability MountCap(const std::string& fstype,
@@ -676,6 +674,42 @@ TEST_F(NodeFuseTest, ErrorsThroughTheRealServer) {
   EXPECT_EQ(Stage(rel, MountCap("ext4")).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_OK(Unstage(v));  // never staged: fine
   EXPECT_OK(Unpublish(v, v.target));
+  ExpectNothingLeft(v);
+}
+
+// Paths outside --kubelet-root, and paths that leave it through a symlink kubelet's tree should
+// never hold: INVALID_ARGUMENT, and nothing is mounted or created outside the root.
+TEST_F(NodeFuseTest, PathsThatLeaveTheKubeletRootAreRefused) {
+  Vol v = MakeVol("escape", "64Mi");
+  const std::string outside = W + "/outside";
+  fs::create_directories(outside);
+  ASSERT_OK(Stage(v, MountCap("ext4")));
+  // A pod directory whose volumes/ is a symlink out of the root, and one to /.
+  const std::string pod = W + "/kubelet/pods/uid-escape";
+  fs::create_directories(pod);
+  fs::create_directory_symlink(outside, pod + "/volumes");
+  fs::create_directory_symlink("/", W + "/kubelet/pods/slash");
+  for (const std::string& target :
+       {pod + "/volumes/kubernetes.io~csi/escape/mount",
+        W + "/kubelet/pods/slash" + outside + "/via-slash/mount",
+        outside + "/mount", W + "/kubelet-sibling/mount"}) {
+    SCOPED_TRACE(target);
+    grpc::Status st = Publish(v, MountCap("ext4"), false, target);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+    EXPECT_EQ(Unpublish(v, target).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  Vol bad_stage = v;
+  bad_stage.staging = pod + "/volumes/globalmount";
+  EXPECT_EQ(Stage(bad_stage, MountCap("ext4")).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Unstage(bad_stage).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(fs::is_empty(outside)) << "something was created outside the kubelet root";
+  for (const auto& m : MountsUnderWorkDir()) {
+    EXPECT_EQ(m.find(outside), std::string::npos) << m;
+  }
+  EXPECT_FALSE(fs::exists(W + "/kubelet-sibling"));
+  ASSERT_OK(Unstage(v));
+  fs::remove(W + "/kubelet/pods/slash");
+  fs::remove(pod + "/volumes");
   ExpectNothingLeft(v);
 }
 

@@ -17,6 +17,9 @@
 #include <gtest/gtest.h>
 
 #include "datapath/api/datapath.grpc.pb.h"
+#include "test/support/grpc_call.h"
+#include "test/support/temp_dir.h"
+#include "test/support/wait.h"
 
 namespace nbdcsi::datapath {
 namespace {
@@ -28,9 +31,8 @@ constexpr uint64_t kGiB = 1ull << 30;
 class ApiTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/api_test.XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    ASSERT_TRUE(tmp_.Create("api_test")) << tmp_.error();
+    dir_ = tmp_.path();
     OpenPoolAndServe();
   }
   // (Re)opens the pool from disk and serves it, as a daemon restart does.
@@ -56,14 +58,10 @@ class ApiTest : public ::testing::Test {
     stub_.reset();
     server_.reset();
     pool_.reset();
-    fs::remove_all(dir_);
+    tmp_.Remove();
   }
 
-  std::unique_ptr<grpc::ClientContext> Ctx() {
-    auto c = std::make_unique<grpc::ClientContext>();
-    c->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    return c;
-  }
+  std::unique_ptr<grpc::ClientContext> Ctx() { return test::CallContext(); }
 
   grpc::Status Create(const std::string& name, uint64_t size, v1::Volume* out = nullptr,
                       v1::QosLimits qos = {}, bool ro = false) {
@@ -158,20 +156,18 @@ class ApiTest : public ::testing::Test {
   // Polls until ready (a background copy may fill it); the last state.
   v1::Snapshot WaitSnap(const std::string& name) {
     v1::Snapshot s;
-    for (int i = 0; i < 1000; ++i) {
+    test::WaitUntil([&] {
       EXPECT_TRUE(GetSnap(name, &s).ok());
-      if (s.ready() || !s.error().empty()) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
+      return s.ready() || !s.error().empty();
+    });
     return s;
   }
   v1::Volume WaitVol(const std::string& name) {
     v1::Volume v;
-    for (int i = 0; i < 1000; ++i) {
+    test::WaitUntil([&] {
       EXPECT_TRUE(Get(name, &v).ok());
-      if (v.ready()) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
+      return v.ready();
+    });
     return v;
   }
   void WriteAt(const std::string& path, uint64_t off, const std::string& data) {
@@ -192,6 +188,7 @@ class ApiTest : public ::testing::Test {
     return out;
   }
 
+  test::TempDir tmp_;
   std::string dir_, sock_;
   std::unique_ptr<Pool> pool_;
   std::unique_ptr<ApiServer> server_;
@@ -600,9 +597,9 @@ TEST_F(ApiTest, BrokenVolumeIsReportedAndItsErrorsNameIt) {
 }
 
 TEST(ApiServerTcp, ListensOnTcpForTests) {
-  char tmpl[] = "/tmp/api_tcp.XXXXXX";
-  ASSERT_NE(mkdtemp(tmpl), nullptr);
-  std::string dir = tmpl;
+  test::TempDir tmp("api_tcp");
+  ASSERT_TRUE(tmp.ok()) << tmp.error();
+  const std::string& dir = tmp.path();
   PoolOptions opts;
   opts.dir = dir + "/pool";
   opts.capacity_bytes = kGiB;
@@ -616,15 +613,11 @@ TEST(ApiServerTcp, ListensOnTcpForTests) {
   }
   ASSERT_NE(server, nullptr);
   EXPECT_GT(server->port(), 0);
-  auto stub = v1::Datapath::NewStub(grpc::CreateChannel(
-      "127.0.0.1:" + std::to_string(server->port()), grpc::InsecureChannelCredentials()));
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  auto stub = test::InsecureStub<v1::Datapath>("127.0.0.1:" + std::to_string(server->port()));
   v1::GetPoolInfoResponse info;
-  EXPECT_TRUE(stub->GetPoolInfo(&ctx, {}, &info).ok());
+  EXPECT_TRUE(stub->GetPoolInfo(test::CallContext().get(), {}, &info).ok());
   server.reset();
   pool->reset();
-  fs::remove_all(dir);
 }
 
 // ---- snapshots, restores, clones ----

@@ -29,6 +29,7 @@
 #include "datapath/attach/kernel_nbd.h"
 #include "datapath/engine/frontend.h"
 #include "datapath/nbd/negotiate.h"
+#include "test/support/temp_dir.h"
 
 namespace nbdcsi::datapath {
 namespace {
@@ -231,17 +232,15 @@ class FakeFuse final : public FuseLoopInterface {
 class AttachManagerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const char* base = std::getenv("TMPDIR");
-    std::string tmpl = std::string(base ? base : "/tmp") + "/attach_manager_test.XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
-    root_ = tmpl;
+    ASSERT_TRUE(tmp_.Create("attach_manager_test")) << tmp_.error();
+    root_ = tmp_.path();
     dir_ = root_ + "/attachments";
     server_.volumes["vol-a"] = {64 << 20, false};
     server_.volumes["vol-b"] = {128 << 20, true};
     opts_.default_connections = 2;
     opts_.detach_wait = std::chrono::milliseconds(500);
   }
-  void TearDown() override { fs::remove_all(root_); }
+  void TearDown() override { tmp_.Remove(); }
 
   std::unique_ptr<AttachmentManager> NewManager() {
     auto m = std::make_unique<AttachmentManager>(dir_, kernel_, fuse_, server_, opts_);
@@ -263,6 +262,7 @@ class AttachManagerTest : public ::testing::Test {
     EXPECT_EQ(server_.ClosedPeers(), server_.server_ends.size());
   }
 
+  test::TempDir tmp_;
   std::string root_, dir_;
   FakeKernel kernel_;
   FakeFuse fuse_;

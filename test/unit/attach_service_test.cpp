@@ -22,6 +22,10 @@
 #include "datapath/attach/attachments.h"
 #include "datapath/engine/frontend.h"
 #include "datapath/pool/pool.h"
+#include "test/support/grpc_call.h"
+#include "test/support/pool.h"
+#include "test/support/temp_dir.h"
+#include "test/support/wait.h"
 
 namespace nbdcsi::datapath {
 namespace {
@@ -87,15 +91,11 @@ class HoldingKernel final : public KernelNbdInterface {
 class AttachServiceTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/attach_service_test.XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
-    PoolOptions po;
-    po.dir = dir_ + "/pool";
+    ASSERT_TRUE(tmp_.Create("attach_service_test")) << tmp_.error();
+    dir_ = tmp_.path();
+    PoolOptions po = test::PoolIn(dir_);
     po.capacity_bytes = 1024 * kMiB;
-    auto pool = Pool::Open(po);
-    ASSERT_TRUE(pool.ok()) << pool.status().message();
-    pool_ = std::move(*pool);
+    ASSERT_TRUE(test::OpenPool(po, &pool_));
     ASSERT_TRUE(pool_->Create("v", 16 * kMiB, {}).ok());
     frontend_ = std::make_unique<NbdFrontend>(*pool_, FrontendOptions{2, 30});
     ASSERT_TRUE(frontend_->Start().ok());
@@ -124,13 +124,9 @@ class AttachServiceTest : public ::testing::Test {
     manager_.reset();
     frontend_.reset();
     pool_.reset();
-    fs::remove_all(dir_);
+    tmp_.Remove();
   }
-  std::unique_ptr<grpc::ClientContext> Ctx() {
-    auto c = std::make_unique<grpc::ClientContext>();
-    c->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    return c;
-  }
+  std::unique_ptr<grpc::ClientContext> Ctx() { return test::CallContext(); }
   grpc::Status Attach(const std::string& name, unsigned conns, v1::Attachment* out = nullptr) {
     v1::AttachVolumeRequest req;
     req.set_volume(name);
@@ -160,6 +156,7 @@ class AttachServiceTest : public ::testing::Test {
     return resp.volume().open_connections();
   }
 
+  test::TempDir tmp_;
   std::string dir_;
   HoldingKernel kernel_;
   std::unique_ptr<Pool> pool_;
@@ -206,10 +203,7 @@ TEST_F(AttachServiceTest, AttachListDetachOverTheApi) {
 
   // The engine sees the kernel's sockets close; the delete then goes through.
   grpc::Status del;
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  while (!(del = DeleteVolume("v")).ok() && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  test::WaitUntil([&] { return (del = DeleteVolume("v")).ok(); }, std::chrono::seconds(5));
   EXPECT_TRUE(del.ok()) << del.error_message();
 }
 

@@ -21,6 +21,9 @@
 #include "datapath/nbd/codec.h"
 #include "datapath/nbd/proto.h"
 #include "datapath/pool/pool.h"
+#include "test/support/pool.h"
+#include "test/support/temp_dir.h"
+#include "test/support/wait.h"
 
 namespace nbdcsi::datapath {
 namespace {
@@ -85,22 +88,16 @@ void ExpectSimpleReply(int fd, uint64_t cookie, uint32_t error, Bytes* data = nu
 class AttachSocketpairTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const char* base = std::getenv("TMPDIR");
-    std::string tmpl = std::string(base ? base : "/tmp") + "/attach_socketpair_test.XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
-    root_ = tmpl;
-    PoolOptions po;
-    po.dir = root_ + "/pool";
-    auto p = Pool::Open(po);
-    ASSERT_TRUE(p.ok()) << p.status().message();
-    pool_ = std::move(p.value());
+    ASSERT_TRUE(tmp_.Create("attach_socketpair_test")) << tmp_.error();
+    root_ = tmp_.path();
+    ASSERT_TRUE(test::OpenPool(test::PoolIn(root_), &pool_));
     frontend_ = std::make_unique<NbdFrontend>(*pool_, FrontendOptions{2, 30});
   }
   void TearDown() override {
     for (int fd : fds_) close(fd);
     frontend_.reset();
     pool_.reset();
-    fs::remove_all(root_);
+    tmp_.Remove();
   }
   std::vector<int> Serve(const std::string& vol, unsigned n) {
     auto r = frontend_->ServeSocketPairs(vol, n);
@@ -114,6 +111,7 @@ class AttachSocketpairTest : public ::testing::Test {
     return *r;
   }
 
+  test::TempDir tmp_;
   std::string root_;
   std::unique_ptr<Pool> pool_;
   std::unique_ptr<NbdFrontend> frontend_;
@@ -199,10 +197,8 @@ TEST_F(AttachSocketpairTest, OpenSocketpairsKeepTheVolumeFromBeingDeleted) {
   for (int fd : fds) close(fd);
   fds_.clear();
   Status s;
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  while ((s = pool_->Delete("v")).code() == EBUSY && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  test::WaitUntil([&] { return (s = pool_->Delete("v")).code() != EBUSY; },
+                  std::chrono::seconds(5));
   EXPECT_TRUE(s.ok()) << s.message();
 }
 

@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include "common/block_devices.h"
+#include "test/support/temp_dir.h"
 
 namespace nbdcsi {
 namespace {
@@ -33,8 +34,9 @@ TEST(WholeDeviceIndex, DigitsAfterThePrefixAndNothingElse) {
 }
 
 TEST(CountBlockDevices, CountsWholeBlockDevicesOnly) {
-  std::string dir = ::testing::TempDir() + "block_devices.XXXXXX";
-  ASSERT_NE(mkdtemp(dir.data()), nullptr);
+  test::TempDir tmp("block_devices");
+  ASSERT_TRUE(tmp.ok()) << tmp.error();
+  const std::string& dir = tmp.path();
   EXPECT_EQ(CountNbdDevices(dir), 0u);
   std::ofstream(dir + "/nbd0") << "";  // a regular file named like a device
   ASSERT_EQ(mkdir((dir + "/nbd3").c_str(), 0700), 0);
@@ -50,7 +52,6 @@ TEST(CountBlockDevices, CountsWholeBlockDevicesOnly) {
     EXPECT_EQ(CountBlockDevices(dir, "loop"), 1u);
   }
   EXPECT_EQ(CountNbdDevices(dir + "/missing"), 0u);
-  std::filesystem::remove_all(dir);
 }
 
 TEST(CountBlockDevices, MatchesThisHostsDev) {

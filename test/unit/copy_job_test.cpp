@@ -25,6 +25,9 @@
 
 #include <gtest/gtest.h>
 
+#include "test/support/temp_dir.h"
+#include "test/support/wait.h"
+
 namespace nbdcsi::datapath {
 namespace {
 
@@ -153,13 +156,12 @@ struct CvWaiter : GateWaiter {
 class CopyJobTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    std::string tmpl = GetParam() + "/copy_job.XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl.data()), nullptr) << std::strerror(errno);
-    dir_ = tmpl;
+    ASSERT_TRUE(tmp_.Create("copy_job", GetParam())) << tmp_.error();
+    dir_ = tmp_.path();
   }
   void TearDown() override {
     for (int fd : fds_) close(fd);
-    if (!dir_.empty()) fs::remove_all(dir_);
+    tmp_.Remove();
   }
   int Open(const std::string& name, uint64_t size) {
     int fd = open((dir_ + "/" + name).c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -180,6 +182,7 @@ class CopyJobTest : public ::testing::TestWithParam<std::string> {
     return where;
   }
 
+  test::TempDir tmp_;
   std::string dir_;
   std::vector<int> fds_;
 };
@@ -343,8 +346,7 @@ TEST_P(CopyJobTest, LastReferenceDroppedInsideOnDoneDoesNotSelfJoin) {
   ASSERT_EQ(f.wait_for(10s), std::future_status::ready);
   EXPECT_TRUE(f.get().ok());
   // The job thread drops the last reference right after on_done; a self-join would abort.
-  auto deadline = Clock::now() + 5s;
-  while (!weak.expired() && Clock::now() < deadline) std::this_thread::sleep_for(1ms);
+  test::WaitUntil([&] { return weak.expired(); }, 5s);
   EXPECT_TRUE(weak.expired()) << "the job was never destroyed";
 }
 
@@ -507,13 +509,12 @@ INSTANTIATE_TEST_SUITE_P(Fs, CopyJobTest, ::testing::ValuesIn(TestDirs()),
 // The destination's file system fills up mid-copy: the job reports ENOSPC and removes itself
 // from the gate so that no writer stays parked.
 TEST(CopyJobFullDisk, EnospcStopsTheJobAndClearsThePreserver) {
-  std::string tmpl = fs::temp_directory_path().string() + "/copy_job_full.XXXXXX";
-  ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
-  std::string base = tmpl, mnt = base + "/mnt";
+  test::TempDir tmp("copy_job_full");
+  ASSERT_TRUE(tmp.ok()) << tmp.error();
+  std::string base = tmp.path(), mnt = base + "/mnt";
   ASSERT_TRUE(fs::create_directory(mnt));
   if (mount("tmpfs", mnt.c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=0700") != 0) {
     int err = errno;
-    fs::remove_all(base);
     GTEST_SKIP() << "cannot mount a tmpfs (" << std::strerror(err) << "); needs CAP_SYS_ADMIN";
   }
   const uint64_t len = 16 * kMiB;
@@ -553,7 +554,6 @@ TEST(CopyJobFullDisk, EnospcStopsTheJobAndClearsThePreserver) {
   close(src);
   close(dst);
   umount2(mnt.c_str(), MNT_DETACH);
-  fs::remove_all(base);
 }
 
 }  // namespace

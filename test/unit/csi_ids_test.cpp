@@ -93,6 +93,16 @@ TEST(CsiIds, FormatRejectsBadParts) {
             std::string::npos);
 }
 
+// The message of a huge id stays small (it travels in a gRPC header) and says how long it was.
+TEST(CsiIds, HugeIdMessageIsBounded) {
+  const std::string id = "v1:node-a:esc" + std::string(5000, '/');
+  auto r = ParseVolumeId(id);
+  ASSERT_EQ(r.status().code(), EINVAL);
+  EXPECT_LT(r.status().message().size(), 400u) << r.status().message();
+  EXPECT_NE(r.status().message().find("(5013 bytes)"), std::string::npos) << r.status().message();
+  EXPECT_NE(r.status().message().find("\"v1:node-a:esc//"), std::string::npos);
+}
+
 TEST(CsiIds, ValidateNodeId) {
   EXPECT_TRUE(ValidateNodeId("ip-10-0-0-1.ec2.internal").ok());
   EXPECT_TRUE(ValidateNodeId(std::string(253, '9')).ok());

@@ -16,6 +16,7 @@
 #include "csi/csi.grpc.pb.h"
 #include "csi/identity.h"
 #include "csi/server.h"
+#include "test/support/temp_dir.h"
 
 namespace nbdcsi::csi {
 namespace {
@@ -129,22 +130,10 @@ class LogCapture {
   std::shared_ptr<spdlog::logger> old_;
 };
 
-class TempDir {
- public:
-  TempDir() {
-    char tmpl[] = "/tmp/csi-log-XXXXXX";
-    path_ = mkdtemp(tmpl);
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
-
 TEST(LoggingInterceptor, RealCallNeverLogsSecrets) {
   LogCapture capture;
-  TempDir dir;
+  test::TempDir dir("csi-log");
+  ASSERT_TRUE(dir.ok()) << dir.error();
   FakeController controller;
   auto identity = MakeIdentityService({});
   auto srv = StartCsiServer({.endpoint = "unix://" + dir.path() + "/csi.sock",

@@ -18,6 +18,9 @@
 #include "csi/csi.grpc.pb.h"
 #include "csi/driver.h"
 #include "csi/identity.h"
+#include "test/support/grpc_call.h"
+#include "test/support/temp_dir.h"
+#include "test/support/wait.h"
 
 namespace nbdcsi::csi {
 namespace {
@@ -27,14 +30,13 @@ namespace v1 = ::csi::v1;
 class CsiServerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/csi-srv-XXXXXX";
-    dir_ = mkdtemp(tmpl);
+    ASSERT_TRUE(tmp_.Create("csi-srv")) << tmp_.error();
+    dir_ = tmp_.path();
     sock_ = dir_ + "/sub/dir/csi.sock";  // parent directories do not exist yet
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   std::unique_ptr<v1::Identity::Stub> Connect(const std::string& target) {
-    return v1::Identity::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+    return test::InsecureStub<v1::Identity>(target);
   }
 
   // A socket file bound by a process that is gone (we close it without unlinking).
@@ -49,6 +51,7 @@ class CsiServerTest : public ::testing::Test {
     close(fd);
   }
 
+  test::TempDir tmp_;
   std::string dir_, sock_;
 };
 
@@ -140,6 +143,53 @@ TEST_F(CsiServerTest, OtherSocketMode) {
                              .services = {identity.get()},
                              .socket_mode = 010600});
   EXPECT_EQ(bad.status().code(), EINVAL);
+}
+
+TEST(PeerUidsTest, RootAndOwnUidAlwaysExtrasOnRequest) {
+  PeerUids none;
+  EXPECT_TRUE(none.Allows(0));
+  EXPECT_TRUE(none.Allows(geteuid()));
+  EXPECT_FALSE(none.Allows(65534));
+  EXPECT_EQ(none.SocketMode(), 0600u);
+  PeerUids some{{65534, 1000}};
+  EXPECT_TRUE(some.Allows(65534));
+  EXPECT_TRUE(some.Allows(1000));
+  EXPECT_FALSE(some.Allows(65533));
+  EXPECT_EQ(some.SocketMode(), 0666u);
+  EXPECT_NE(some.Describe().find("65534"), std::string::npos) << some.Describe();
+}
+
+TEST(PeerUidsTest, ParseUidTakesDecimalUidsOnly) {
+  EXPECT_EQ(ParseUid("0").value(), 0u);
+  EXPECT_EQ(ParseUid("65534").value(), 65534u);
+  EXPECT_EQ(ParseUid("4294967294").value(), 4294967294u);
+  for (const char* bad : {"", "-1", "nobody", "12a", " 1", "4294967295", "99999999999"}) {
+    auto u = ParseUid(bad);
+    EXPECT_EQ(u.status().code(), EINVAL) << bad;
+    EXPECT_NE(u.status().message().find("--allow-uid"), std::string::npos) << bad;
+  }
+}
+
+// Extra uids must be able to connect(2): the socket is 0666 and SO_PEERCRED decides.
+TEST_F(CsiServerTest, AllowUidOpensTheModeAndStillServes) {
+  auto identity = MakeIdentityService({});
+  auto srv = StartCsiServer(
+      {.endpoint = "unix://" + sock_, .services = {identity.get()}, .peers = {{65534}}});
+  ASSERT_TRUE(srv.ok()) << srv.status().message();
+  struct stat st{};
+  ASSERT_EQ(stat(sock_.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0666u);
+  grpc::ClientContext ctx;
+  v1::GetPluginInfoResponse resp;
+  EXPECT_TRUE(Connect("unix:" + sock_)->GetPluginInfo(&ctx, {}, &resp).ok());
+  // No temporary socket name is left next to it.
+  for (const auto& e :
+       std::filesystem::directory_iterator(std::filesystem::path(sock_).parent_path())) {
+    EXPECT_EQ(e.path(), sock_);
+  }
+  (*srv)->Shutdown();
+  (*srv)->Wait();
+  EXPECT_FALSE(std::filesystem::exists(sock_));
 }
 
 TEST_F(CsiServerTest, StaleSocketIsReplaced) {
@@ -235,16 +285,18 @@ class SlowController final : public v1::Controller::Service {
   explicit SlowController(std::chrono::milliseconds delay) : delay_(delay) {}
   grpc::Status CreateVolume(grpc::ServerContext* ctx, const v1::CreateVolumeRequest* req,
                             v1::CreateVolumeResponse* resp) override {
-    started.store(true);
+    started.Notify();
     const auto end = std::chrono::steady_clock::now() + delay_;
     while (std::chrono::steady_clock::now() < end) {
       if (ctx->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+      // The stimulus: a handler that is slow on purpose (a synchronous handler has no
+      // cancellation event to wait on, so it looks every 5 ms).
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
     resp->mutable_volume()->set_volume_id("v1:n:" + req->name());
     return grpc::Status::OK;
   }
-  std::atomic<bool> started{false};
+  test::Event started;
 
  private:
   std::chrono::milliseconds delay_;
@@ -256,7 +308,7 @@ struct CallResult {
 };
 
 CallResult CallCreate(const std::string& target) {
-  auto stub = v1::Controller::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  auto stub = test::InsecureStub<v1::Controller>(target);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
   v1::CreateVolumeRequest req;
@@ -274,7 +326,7 @@ TEST_F(CsiServerTest, ShutdownLetsInFlightCallsFinishWithinGrace) {
   ASSERT_TRUE(srv.ok());
   CallResult result;
   std::thread caller([&] { result = CallCreate("unix:" + sock_); });
-  while (!slow.started.load()) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  ASSERT_TRUE(slow.started.Wait());
   (*srv)->Shutdown(std::chrono::seconds(10));
   (*srv)->Wait();
   caller.join();
@@ -288,7 +340,7 @@ TEST_F(CsiServerTest, ShutdownCancelsCallsAfterGrace) {
   ASSERT_TRUE(srv.ok());
   CallResult result;
   std::thread caller([&] { result = CallCreate("unix:" + sock_); });
-  while (!slow.started.load()) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  ASSERT_TRUE(slow.started.Wait());
   const auto t0 = std::chrono::steady_clock::now();
   (*srv)->Shutdown(std::chrono::milliseconds(100));
   (*srv)->Wait();

@@ -12,6 +12,8 @@
 
 #include <gtest/gtest.h>
 
+#include "test/support/temp_dir.h"
+
 namespace nbdcsi {
 namespace {
 
@@ -93,9 +95,8 @@ TEST(ParseEndpoint, RejectsWithClearErrors) {
 class StaleSocket : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/endpoint_test.XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    ASSERT_TRUE(tmp_.Create("endpoint_test")) << tmp_.error();
+    dir_ = tmp_.path();
     path_ = dir_ + "/s.sock";
   }
   void TearDown() override {
@@ -119,6 +120,7 @@ class StaleSocket : public ::testing::Test {
     struct stat st{};
     return lstat(path_.c_str(), &st) == 0;
   }
+  test::TempDir tmp_;
   std::string dir_, path_;
 };
 

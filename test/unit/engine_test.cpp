@@ -26,6 +26,9 @@
 #include "datapath/nbd/codec.h"
 #include "datapath/nbd/proto.h"
 #include "datapath/pool/pool.h"
+#include "test/support/pool.h"
+#include "test/support/temp_dir.h"
+#include "test/support/wait.h"
 
 namespace nbdcsi::datapath {
 namespace {
@@ -326,15 +329,9 @@ class Client {
 class EngineTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const char* base = std::getenv("TMPDIR");
-    std::string tmpl = std::string(base ? base : "/tmp") + "/engine_test.XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
-    root_ = tmpl;
-    PoolOptions po;
-    po.dir = root_ + "/pool";
-    auto p = Pool::Open(po);
-    ASSERT_TRUE(p.ok()) << p.status().message();
-    pool_ = std::move(p.value());
+    ASSERT_TRUE(tmp_.Create("engine_test")) << tmp_.error();
+    root_ = tmp_.path();
+    ASSERT_TRUE(test::OpenPool(test::PoolIn(root_), &pool_));
     sock_ = root_ + "/nbd.sock";
   }
   void TearDown() override {
@@ -347,7 +344,7 @@ class EngineTest : public ::testing::Test {
     }
     frontend_.reset();
     pool_.reset();
-    fs::remove_all(root_);
+    tmp_.Remove();
   }
 
   void CreateVolume(const std::string& name, uint64_t size, QosLimits qos = {},
@@ -377,15 +374,15 @@ class EngineTest : public ::testing::Test {
   // (kSanitizerSlowdown seconds in a sanitized build: under TSan, 32 MiB of reads still in flight
   // took more than 1 s to drain, though they did drain).
   void ExpectConnectionsDrainTo(const std::string& name, uint64_t want) {
-    auto until = Clock::now() + std::chrono::seconds(1) * kSanitizerSlowdown;
-    while (Connections(name) != want && Clock::now() < until)
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    test::WaitUntil([&] { return Connections(name) == want; },
+                    std::chrono::seconds(1) * kSanitizerSlowdown);
     EXPECT_EQ(Connections(name), want) << "volume " << name;
   }
   VolumeStatsSnapshot Stats(const std::string& name) {
     return pool_->Acquire(name)->stats().Snapshot();
   }
 
+  test::TempDir tmp_;
   std::string root_, sock_;
   std::unique_ptr<Pool> pool_;
   std::unique_ptr<NbdFrontend> frontend_;
@@ -581,6 +578,7 @@ TEST_F(EngineTest, LargeChunkedWriteAndUnalignedOverlaps) {
     size_t n = std::min(chunks[i % std::size(chunks)], big - pos);
     c->SendRaw(d.data() + pos, n);
     pos += n;
+    // The stimulus: pauses between chunks make the server see the request in pieces.
     if (i % 3 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
   std::map<uint64_t, uint32_t> none;
@@ -884,9 +882,7 @@ TEST_F(EngineTest, ClientClosesWithRequestsInFlightAndMidPayload) {
 // Waits until the workers report `want` requests held by a gate or throttle (published after each
 // loop of the ring, so shortly after the probe's reply went out).
 void ExpectQueued(NbdFrontend& f, uint64_t EngineCounters::*which, uint64_t want) {
-  auto until = Clock::now() + std::chrono::seconds(5);
-  while ((f.counters().*which) != want && Clock::now() < until)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  test::WaitUntil([&] { return f.counters().*which == want; }, std::chrono::seconds(5));
   EXPECT_EQ(f.counters().*which, want);
 }
 
@@ -1050,7 +1046,8 @@ TEST_F(EngineTest, StopClosesLiveConnectionsPromptly) {
   Bytes wire;
   for (uint64_t i = 0; i < 60; ++i) Append(wire, Request(nbd::kCmdRead, 0, i, 0, 4096));
   throttled->Send(wire);
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  // Stop with the reads queued behind the throttle, not before the server has seen them.
+  ASSERT_TRUE(test::WaitUntil([&] { return frontend_->counters().throttled > 0; }));
   auto t0 = Clock::now();
   frontend_->Stop();
   EXPECT_LT(Clock::now() - t0, std::chrono::seconds(2));

@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include "common/fault.h"
+#include "test/support/temp_dir.h"
 
 namespace nbdcsi {
 namespace {
@@ -27,12 +28,10 @@ using ::testing::HasSubstr;
 class FsUtilTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const char* base = std::getenv("TMPDIR");
-    std::string tmpl = std::string(base ? base : "/tmp") + "/fs_util_test.XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
-    root_ = tmpl;
+    ASSERT_TRUE(tmp_.Create("fs_util_test")) << tmp_.error();
+    root_ = tmp_.path();
   }
-  void TearDown() override { fs::remove_all(root_); }
+  void TearDown() override { tmp_.Remove(); }
 
   static std::string Slurp(const std::string& path) {
     std::ifstream in(path, std::ios::binary);
@@ -50,6 +49,7 @@ class FsUtilTest : public ::testing::Test {
     return out;
   }
 
+  test::TempDir tmp_;
   std::string root_;
 };
 
@@ -141,7 +141,8 @@ TEST_F(FsUtilTest, ReadSmallFileErrors) {
 }
 
 TEST_F(FsUtilTest, TempPathIsHiddenWithTmpSuffix) {
-  // pool.cpp's open-time orphan sweep and the crash tests rely on this exact name.
+  // The pool's open-time orphan sweep (datapath/pool/load.cpp) and the crash tests rely on this
+  // exact name.
   EXPECT_EQ(AtomicTempPath("/p/volumes", "v.json"), "/p/volumes/.v.json.tmp");
 }
 

@@ -4,6 +4,8 @@
 // already decrypted inside the session at hand-off, half-close in each direction, an abrupt
 // client, and Stop. Certificates: test/tls/make-certs.sh into a temp dir.
 #include "datapath/engine/nbd_tls.h"
+#include "test/support/certs.h"
+#include "test/support/wait.h"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -30,26 +32,8 @@ using namespace std::chrono_literals;
 
 namespace {
 
-struct Certs {
-  std::string dir;
-  bool ok = false;
-  Certs() {
-    std::string t = "/tmp/nbd_tls_test.XXXXXX";
-    if (!mkdtemp(t.data())) return;
-    dir = t;
-    const char* src = getenv("NBDCSI_SRC");
-    std::string cmd = std::string(src ? src : ".") + "/test/tls/make-certs.sh " + dir + "/c >" +
-                      dir + "/make-certs.log 2>&1";
-    ok = system(cmd.c_str()) == 0;
-  }
-  ~Certs() {
-    if (!dir.empty()) fs::remove_all(dir);
-  }
-  std::string operator()(const std::string& name) const { return dir + "/c/" + name; }
-};
-
-const Certs& C() {
-  static Certs c;
+const test::TestCerts& C() {
+  static test::TestCerts c("nbd_tls_test");
   return c;
 }
 
@@ -184,14 +168,14 @@ class NbdTlsTest : public ::testing::Test {
  protected:
   void SetUp() override {
     BlockSigpipe();  // this thread plays the frontend's handshake thread
-    ASSERT_TRUE(C().ok) << "make-certs.sh failed; see " << C().dir << "/make-certs.log";
+    ASSERT_TRUE(C().ok) << "make-certs.sh failed; see " << C().log();
   }
 };
 
 // ---- NbdTlsContext ----
 
 TEST_F(NbdTlsTest, LoadRefusesBadMaterialNamingTheFlagAndReason) {
-  const std::string dir = C().dir;
+  const std::string dir = C().dir.path();
   Spit(dir + "/half.crt", Slurp(C()("server.crt")).substr(0, 300));
   Spit(dir + "/two-begins.crt", Slurp(C()("server.crt")) + "-----BEGIN CERTIFICATE-----\n");
   const struct {
@@ -276,7 +260,7 @@ TEST_F(NbdTlsTest, HandshakeVerifiesClientCertificates) {
 }
 
 TEST_F(NbdTlsTest, ReloadKeepsWorkingMaterialUntilANewSetLoads) {
-  const std::string d = C().dir + "/reload";
+  const std::string d = C().dir / "reload";
   fs::create_directories(d);
   const NbdTlsFiles files{d + "/tls.crt", d + "/tls.key", d + "/ca.crt"};
   Spit(files.cert, Slurp(C()("server.crt")));
@@ -312,7 +296,7 @@ TEST_F(NbdTlsTest, ReloadKeepsWorkingMaterialUntilANewSetLoads) {
 }
 
 TEST_F(NbdTlsTest, SessionsOutliveAReload) {
-  const std::string d = C().dir + "/outlive";
+  const std::string d = C().dir / "outlive";
   fs::create_directories(d);
   const NbdTlsFiles files{d + "/tls.crt", d + "/tls.key", d + "/ca.crt"};
   for (auto [to, from] : {std::pair{files.cert, "server.crt"}, std::pair{files.key, "server.key"},
@@ -367,7 +351,7 @@ class TerminatorTest : public NbdTlsTest {
     if (worker_ >= 0) close(worker_);
   }
   bool WaitNoConnections() {
-    for (int i = 0; i < 500 && term_.connections() != 0; ++i) std::this_thread::sleep_for(10ms);
+    test::WaitUntil([&] { return term_.connections() == 0; }, 5000ms);
     return term_.connections() == 0;
   }
 
@@ -383,6 +367,7 @@ TEST_F(TerminatorTest, CarriesBytesBothWaysIntactThenClosesCleanly) {
   const auto down = RandomBytes(5 << 20, 2);  // worker -> client
   // The worker reads late, so the terminator's queue and the socket buffers fill up first.
   auto worker_reader = std::async(std::launch::async, [&] {
+    // The stimulus: a reader that is late on purpose, so that the buffers fill up.
     std::this_thread::sleep_for(200ms);
     std::vector<uint8_t> got;
     const bool eof = ReadAll(worker_, got, up.size() + 1);

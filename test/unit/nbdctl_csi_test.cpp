@@ -18,6 +18,7 @@
 #include "csi/driver.h"
 #include "csi/identity.h"
 #include "csi/server.h"
+#include "test/support/temp_dir.h"
 
 namespace nbdcsi::csi {
 namespace {
@@ -142,8 +143,8 @@ class NbdctlCsiTest : public ::testing::Test {
     if (!bin) GTEST_SKIP() << "NBDCSI_BIN is not set (run through ctest)";
     nbdctl_ = std::string(bin) + "/nbdctl";
     ASSERT_TRUE(std::filesystem::exists(nbdctl_)) << nbdctl_;
-    char tmpl[] = "/tmp/nbdctl-csi-XXXXXX";
-    dir_ = mkdtemp(tmpl);
+    ASSERT_TRUE(tmp_.Create("nbdctl-csi")) << tmp_.error();
+    dir_ = tmp_.path();
     endpoint_ = "unix://" + dir_ + "/csi.sock";
     identity_ = MakeIdentityService({.ready = [this]() -> Status {
       if (ready_) return Status::Ok();
@@ -156,7 +157,7 @@ class NbdctlCsiTest : public ::testing::Test {
   }
   void TearDown() override {
     server_.reset();
-    if (!dir_.empty()) std::filesystem::remove_all(dir_);
+    tmp_.Remove();
   }
 
   // Runs nbdctl with `args`, stdout and stderr to files (no pipes to drain, no deadlock).
@@ -203,6 +204,7 @@ class NbdctlCsiTest : public ::testing::Test {
     }
   }
 
+  test::TempDir tmp_;
   std::string nbdctl_, dir_, endpoint_;
   bool ready_ = true;
   std::unique_ptr<v1::Identity::Service> identity_;

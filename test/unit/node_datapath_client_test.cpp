@@ -16,6 +16,7 @@
 #include "datapath/api/attach.grpc.pb.h"
 #include "datapath/api/datapath.grpc.pb.h"
 #include "node/datapath_client.h"
+#include "test/support/temp_dir.h"
 
 namespace nbdcsi::node {
 namespace {
@@ -93,9 +94,8 @@ class FakeDatapathService final : public dp::Datapath::Service {
 class DatapathClientTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/nbdcsi-dpclient.XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    ASSERT_TRUE(tmp_.Create("nbdcsi-dpclient")) << tmp_.error();
+    dir_ = tmp_.path();
     target_ = "unix://" + dir_ + "/api.sock";
     grpc::ServerBuilder b;
     b.AddListeningPort(target_, grpc::InsecureServerCredentials());
@@ -111,6 +111,7 @@ class DatapathClientTest : public ::testing::Test {
     rmdir(dir_.c_str());
   }
 
+  test::TempDir tmp_;
   std::string dir_, target_;
   FakeAttachments attachments_;
   FakeDatapathService datapath_;

@@ -32,6 +32,9 @@ class FakeOs : public NodeOs {
   // Every effect, in order: "mount SRC TARGET TYPE OPTS", "umount T", "mkfs DEV TYPE",
   // "grow DEV MP TYPE", "mkdir P", "touch P", "rm P".
   std::vector<std::string> calls;
+  // Paths whose resolution leaves the kubelet root (a symlink out of it, on the real system):
+  // CheckBeneath refuses each of them and everything below them.
+  std::vector<std::string> escapes;
   // Fail the next call of this kind ("mount", "mkfs", "grow", "umount") with this status.
   std::map<std::string, Status> fail_next;
 
@@ -165,6 +168,15 @@ class FakeOs : public NodeOs {
     }
     if (auto p = paths.find(path); p != paths.end()) info.kind = p->second;
     return info;
+  }
+
+  Status CheckBeneath(const std::string& root, const std::string& path) override {
+    for (const auto& e : escapes) {
+      if (path == e || path.rfind(e + "/", 0) == 0) {
+        return Error(EINVAL, "{} leaves {}: {} is a symlink out of it", path, root, e);
+      }
+    }
+    return Status::Ok();
   }
 
   Status MakeDir(const std::string& path) override {

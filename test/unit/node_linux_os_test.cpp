@@ -1,6 +1,7 @@
 // The real NodeOs on image files and temp dirs: libblkid probing (blank, file systems, partition
 // tables, swap), mkfs through the real tools with their errors surfaced, the mount table, and
-// (as root) mounts with options, read-only binds and unmounts.
+// (as root) mounts with options, read-only binds and unmounts; the kubelet-root check on real
+// symlinks (openat2 RESOLVE_BENEATH).
 #include <fcntl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
@@ -8,6 +9,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <string>
 
@@ -15,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include "node/os.h"
+#include "test/support/temp_dir.h"
 
 namespace nbdcsi::node {
 namespace {
@@ -24,9 +27,8 @@ using ::testing::HasSubstr;
 class LinuxOsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/nbdcsi-node-os.XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    ASSERT_TRUE(tmp_.Create("nbdcsi-node-os")) << tmp_.error();
+    dir_ = tmp_.path();
     os_ = MakeLinuxOs();
   }
   void TearDown() override {
@@ -51,6 +53,7 @@ class LinuxOsTest : public ::testing::Test {
     return system(cmd.c_str()) == 0;
   }
 
+  test::TempDir tmp_;
   std::string dir_;
   std::unique_ptr<NodeOs> os_;
   std::vector<std::string> mounted_;
@@ -234,6 +237,40 @@ TEST_F(LinuxOsTest, MountOptionsBindReadOnlyAndUnmount) {
   s = os_->Mount(dir_ + "/nope.img", a, "ext4", {});
   ASSERT_FALSE(s.ok());
   EXPECT_THAT(s.message(), HasSubstr("nope.img"));
+}
+
+// A root with every kind of symlink a hostile or confused setup could leave in kubelet's tree.
+TEST_F(LinuxOsTest, CheckBeneathFollowsSymlinksWithoutLeavingTheRoot) {
+  namespace fs = std::filesystem;
+  const std::string root = dir_ + "/kubelet", outside = dir_ + "/outside";
+  fs::create_directories(root + "/pods/uid/volumes");
+  fs::create_directories(root + "/plugins/real");
+  fs::create_directories(outside + "/etc");
+  fs::create_directory_symlink(outside, root + "/pods/abs-out");              // absolute, out
+  fs::create_directory_symlink("../../../outside", root + "/pods/rel-out");   // relative, out
+  fs::create_directory_symlink("/", root + "/pods/slash");                    // to /
+  fs::create_directory_symlink("../plugins/real", root + "/pods/rel-in");     // relative, in
+  fs::create_directory_symlink(root + "/plugins/real", root + "/pods/abs-in"); // absolute, in
+  fs::create_symlink(outside + "/etc/x", root + "/pods/uid/volumes/leaf-out");  // dangling, out
+
+  // Parts that do not exist yet are fine: only what exists can lead out.
+  for (const std::string& ok : std::vector<std::string>{
+           root + "/pods/uid/volumes/kubernetes.io~csi/p/mount", root + "/pods/uid",
+           root + "/pods/rel-in/sub/mount", root + "/plugins/real"}) {
+    Status s = os_->CheckBeneath(root, ok);
+    EXPECT_TRUE(s.ok()) << ok << ": " << s.message();
+  }
+  for (const std::string& bad : std::vector<std::string>{
+           root + "/pods/abs-out/mount", root + "/pods/rel-out/etc/mount", root + "/pods/slash/etc",
+           root + "/pods/slash", root + "/pods/uid/volumes/leaf-out",
+           // Absolute symlinks are refused even when they point back inside: RESOLVE_BENEATH
+           // cannot tell, and kubelet never makes them.
+           root + "/pods/abs-in/mount"}) {
+    Status s = os_->CheckBeneath(root, bad);
+    EXPECT_EQ(s.code(), EINVAL) << bad << ": " << s.message();
+    EXPECT_THAT(s.message(), HasSubstr("leaves " + root)) << bad;
+  }
+  EXPECT_EQ(os_->CheckBeneath(dir_ + "/missing-root", root + "/x").code(), ENOENT);
 }
 
 TEST(MountOptionTest, HasMountOption) {

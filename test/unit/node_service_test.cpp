@@ -315,8 +315,8 @@ TEST_F(NodeServiceTest, PublishReadOnly) {
     const char* target;
     bool readonly;
     AccessMode::Mode mode;
-  } cases[] = {{"/t/ro-flag/mount", true, AccessMode::SINGLE_NODE_WRITER},
-               {"/t/ro-mode/mount", false, AccessMode::SINGLE_NODE_READER_ONLY}};
+  } cases[] = {{"/var/lib/kubelet/t/ro-flag/mount", true, AccessMode::SINGLE_NODE_WRITER},
+               {"/var/lib/kubelet/t/ro-mode/mount", false, AccessMode::SINGLE_NODE_READER_ONLY}};
   for (const auto& c : cases) {
     ASSERT_TRUE(Publish(MountCap("", c.mode), c.readonly, c.target).ok()) << c.target;
     ASSERT_NE(os_.Top(c.target), nullptr);
@@ -336,8 +336,9 @@ TEST_F(NodeServiceTest, PublishBeforeStageIsFailedPrecondition) {
 
 TEST_F(NodeServiceTest, PublishOverAnotherVolumeIsAlreadyExists) {
   ASSERT_TRUE(Stage(MountCap()).ok());
-  ASSERT_TRUE(Stage(MountCap(), "v1:node-a:pvc-2", "/stage/2").ok());
-  ASSERT_TRUE(Publish(MountCap(), false, kTarget, "v1:node-a:pvc-2", "/stage/2").ok());
+  ASSERT_TRUE(Stage(MountCap(), "v1:node-a:pvc-2", "/var/lib/kubelet/stage/2").ok());
+  ASSERT_TRUE(
+      Publish(MountCap(), false, kTarget, "v1:node-a:pvc-2", "/var/lib/kubelet/stage/2").ok());
   EXPECT_EQ(Publish(MountCap()).error_code(), grpc::StatusCode::ALREADY_EXISTS);
 }
 
@@ -368,9 +369,11 @@ TEST_F(NodeServiceTest, PublishBadArguments) {
       {"no target", kVol, "", kStaging, grpc::StatusCode::INVALID_ARGUMENT},
       {"relative target", kVol, "pods/x", kStaging, grpc::StatusCode::INVALID_ARGUMENT},
       {"root target", kVol, "/", kStaging, grpc::StatusCode::INVALID_ARGUMENT},
-      {"trailing slash", kVol, "/pods/x/", kStaging, grpc::StatusCode::INVALID_ARGUMENT},
-      {"double slash", kVol, "/pods//x", kStaging, grpc::StatusCode::INVALID_ARGUMENT},
-      {"dot", kVol, "/pods/./x", kStaging, grpc::StatusCode::INVALID_ARGUMENT},
+      {"trailing slash", kVol, "/var/lib/kubelet/pods/x/", kStaging,
+       grpc::StatusCode::INVALID_ARGUMENT},
+      {"double slash", kVol, "/var/lib/kubelet/pods//x", kStaging,
+       grpc::StatusCode::INVALID_ARGUMENT},
+      {"dot", kVol, "/var/lib/kubelet/pods/./x", kStaging, grpc::StatusCode::INVALID_ARGUMENT},
       {"target is staging", kVol, kStaging, kStaging, grpc::StatusCode::INVALID_ARGUMENT},
       {"relative staging", kVol, kTarget, "stage", grpc::StatusCode::INVALID_ARGUMENT},
       {"other node", "v1:node-b:pvc-1", kTarget, kStaging, grpc::StatusCode::NOT_FOUND},
@@ -398,7 +401,7 @@ TEST_F(NodeServiceTest, UnpublishIsIdempotentAndRemovesTarget) {
   ASSERT_TRUE(Unpublish().ok());  // retry: nothing mounted, nothing there
   EXPECT_EQ(os_.Count("umount"), 1);
   // A never-published target, and one whose volume id is not ours: still fine.
-  EXPECT_TRUE(Unpublish(kVol, "/never/published").ok());
+  EXPECT_TRUE(Unpublish(kVol, "/var/lib/kubelet/never/published").ok());
   EXPECT_TRUE(Unpublish("v1:node-b:pvc-1", kTarget).ok());
   EXPECT_EQ(Unpublish("", kTarget).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(Unpublish(kVol, "").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
@@ -470,7 +473,7 @@ TEST_F(NodeServiceTest, ExpandGrowsDeviceThenFileSystem) {
 }
 
 TEST_F(NodeServiceTest, ExpandBlockOnlyResizesTheDevice) {
-  const std::string target = "/dev-publish/pvc-1";
+  const std::string target = "/var/lib/kubelet/dev-publish/pvc-1";
   ASSERT_TRUE(Stage(BlockCap()).ok());
   ASSERT_TRUE(Publish(BlockCap(), false, target).ok());
   dp_.volumes["pvc-1"].size = 3 * kGiB;
@@ -526,7 +529,7 @@ TEST_F(NodeServiceTest, StatsOfMountVolume) {
 }
 
 TEST_F(NodeServiceTest, StatsOfBlockVolume) {
-  const std::string target = "/dev-publish/pvc-1";
+  const std::string target = "/var/lib/kubelet/dev-publish/pvc-1";
   ASSERT_TRUE(Stage(BlockCap()).ok());
   ASSERT_TRUE(Publish(BlockCap(), false, target).ok());
   v1::NodeGetVolumeStatsResponse resp;
@@ -584,7 +587,8 @@ TEST_F(NodeServiceTest, StatsVolumeCondition) {
     ++i;
     std::string name = "cond-" + std::to_string(i);
     std::string id = "v1:node-a:" + name, device = "/dev/loop" + std::to_string(10 + i);
-    std::string staging = "/stage/" + name, target = "/pods/" + name + "/mount";
+    std::string staging = "/var/lib/kubelet/stage/" + name,
+                target = "/var/lib/kubelet/pods/" + name + "/mount";
     dp_.AddVolume(name, kGiB, device, makedev(7, 10 + i));
     ASSERT_TRUE(Stage(MountCap(), id, staging).ok()) << c.name;
     ASSERT_TRUE(Publish(MountCap(), false, target, id, staging).ok()) << c.name;
@@ -622,9 +626,9 @@ TEST_F(NodeServiceTest, StatsErrors) {
 TEST_F(NodeServiceTest, FullSequenceLeavesNothingBehind) {
   ASSERT_TRUE(Stage(MountCap("xfs")).ok());
   ASSERT_TRUE(Publish(MountCap("xfs")).ok());
-  ASSERT_TRUE(Publish(MountCap("xfs"), true, "/pods/2/mount").ok());
+  ASSERT_TRUE(Publish(MountCap("xfs"), true, "/var/lib/kubelet/pods/2/mount").ok());
   ASSERT_TRUE(Unpublish().ok());
-  ASSERT_TRUE(Unpublish(kVol, "/pods/2/mount").ok());
+  ASSERT_TRUE(Unpublish(kVol, "/var/lib/kubelet/pods/2/mount").ok());
   ASSERT_TRUE(Unstage().ok());
   EXPECT_TRUE(os_.mounts.empty());
   EXPECT_FALSE(dp_.volumes["pvc-1"].attached);
@@ -655,7 +659,7 @@ TEST_F(NodeServiceTest, ConcurrentCallOnSameVolumeIsAborted) {
   EXPECT_EQ(Stats(kTarget, &sresp).error_code(), grpc::StatusCode::ABORTED);
   EXPECT_EQ(os_.calls.size(), calls_before);
   // Another volume is not held up.
-  EXPECT_TRUE(Stage(BlockCap(), "v1:node-a:pvc-2", "/stage/2").ok());
+  EXPECT_TRUE(Stage(BlockCap(), "v1:node-a:pvc-2", "/var/lib/kubelet/stage/2").ok());
   release.set_value();
   ASSERT_TRUE(slow.get().ok());
   // Released: the next call goes through.
@@ -677,6 +681,74 @@ TEST(NodePathTest, ValidateNodePath) {
   }
   EXPECT_EQ(ValidateNodePath("p", "/" + std::string(5000, 'a')).code(), EINVAL);
   EXPECT_EQ(ValidateNodePath("p", std::string("/a\0b", 4)).code(), EINVAL);
+}
+
+TEST(NodePathTest, PathsMustLieStrictlyBeneathTheRoot) {
+  const std::string root = "/var/lib/kubelet";
+  EXPECT_TRUE(ValidatePathUnderRoot("p", root + "/pods/x/mount", root).ok());
+  EXPECT_TRUE(ValidatePathUnderRoot("p", root + "/a", root).ok());
+  for (const std::string& bad :
+       std::vector<std::string>{root, "/var/lib/kubeletX/a", "/var/lib/kube", "/tmp/a", "/var/lib",
+                                "/var/lib/kubelet/../../etc"}) {
+    Status s = ValidatePathUnderRoot("target_path", bad, root);
+    EXPECT_EQ(s.code(), EINVAL) << bad;
+    EXPECT_THAT(s.message(), HasSubstr("target_path")) << bad;
+  }
+  EXPECT_THAT(ValidatePathUnderRoot("p", "/tmp/a", root).message(),
+              HasSubstr("not beneath the kubelet root /var/lib/kubelet"));
+  EXPECT_TRUE(ValidatePathUnderRoot("p", "/anything", "/").ok());
+  EXPECT_TRUE(ValidateKubeletRoot("/").ok());
+  EXPECT_TRUE(ValidateKubeletRoot("/var/lib/kubelet").ok());
+  for (const char* bad : {"", "var/lib/kubelet", "/var/lib/kubelet/", "/var/../lib"}) {
+    EXPECT_EQ(ValidateKubeletRoot(bad).code(), EINVAL) << bad;
+  }
+}
+
+// Every call that takes a path refuses one outside the root, or one that a symlink takes out of it,
+// with INVALID_ARGUMENT and without touching the OS.
+TEST_F(NodeServiceTest, PathsOutsideTheKubeletRootAreRefusedUntouched) {
+  const std::string outside = "/tmp/pvc-1/mount";
+  const std::string sibling = "/var/lib/kubelet-evil/pods/uid/mount";
+  os_.escapes = {"/var/lib/kubelet/pods/evil"};  // a symlink to / on the real system
+  const std::string escaped = "/var/lib/kubelet/pods/evil/volumes/kubernetes.io~csi/p/mount";
+  os_.paths[outside] = PathKind::kDirectory;
+  for (const std::string& bad : std::vector<std::string>{outside, sibling, escaped}) {
+    SCOPED_TRACE(bad);
+    os_.calls.clear();
+    grpc::Status st = Stage(MountCap(), kVol, bad);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+    EXPECT_THAT(st.error_message(), HasSubstr("staging_target_path"));
+    EXPECT_EQ(Unstage(kVol, bad).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_EQ(Publish(MountCap(), false, bad).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_EQ(Publish(MountCap(), false, kTarget, kVol, bad).error_code(),
+              grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_EQ(Unpublish(kVol, bad).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    v1::NodeExpandVolumeRequest ex;
+    ex.set_volume_id(kVol);
+    ex.set_volume_path(bad);
+    v1::NodeExpandVolumeResponse ex_resp;
+    EXPECT_EQ(svc_->NodeExpandVolume(nullptr, &ex, &ex_resp).error_code(),
+              grpc::StatusCode::INVALID_ARGUMENT);
+    v1::NodeGetVolumeStatsRequest stats;
+    stats.set_volume_id(kVol);
+    stats.set_volume_path(bad);
+    v1::NodeGetVolumeStatsResponse stats_resp;
+    EXPECT_EQ(svc_->NodeGetVolumeStats(nullptr, &stats, &stats_resp).error_code(),
+              grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_TRUE(os_.calls.empty()) << os_.calls.front();
+  }
+  EXPECT_TRUE(os_.mounts.empty());
+  EXPECT_TRUE(dp_.calls.empty());
+}
+
+TEST_F(NodeServiceTest, ARootOfItsOwnIsHonoured) {
+  svc_ = MakeLockedNodeService(
+      MakeNodeService({.node_id = kNode, .kubelet_root = "/srv/kubelet"}, os_, dp_));
+  EXPECT_EQ(Stage(MountCap()).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  const std::string staging = "/srv/kubelet/plugins/x/globalmount";
+  os_.paths[staging] = PathKind::kDirectory;
+  ASSERT_TRUE(Stage(MountCap(), kVol, staging).ok());
+  EXPECT_TRUE(Publish(MountCap(), false, "/srv/kubelet/pods/uid/mount", kVol, staging).ok());
 }
 
 }  // namespace

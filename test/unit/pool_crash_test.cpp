@@ -21,6 +21,8 @@
 
 #include "common/fault.h"
 #include "datapath/pool/pool.h"
+#include "test/support/temp_dir.h"
+#include "test/support/wait.h"
 
 namespace nbdcsi::datapath {
 namespace {
@@ -63,16 +65,16 @@ void MakeSrc(Pool& p) {
   close(fd);
 }
 
+// Neither "v" nor "s" is still being filled by a background copy.
+bool CopiesDone(Pool& p) {
+  auto v = p.Inspect("v");
+  auto s = p.InspectSnapshot("s");
+  return (!v.ok() || v->ready) && (!s.ok() || s->ready);
+}
+
 // Snapshots and clones made by a background copy are ready a moment after the call.
 void WaitReady(Pool& p) {
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (std::chrono::steady_clock::now() < deadline) {
-    auto v = p.Inspect("v");
-    auto s = p.InspectSnapshot("s");
-    if ((!v.ok() || v->ready) && (!s.ok() || s->ready)) return;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  ADD_FAILURE() << "copy did not finish";
+  if (!test::WaitUntil([&] { return CopiesDone(p); })) ADD_FAILURE() << "copy did not finish";
 }
 
 QosLimits NewQos() {
@@ -226,13 +228,12 @@ const std::map<std::string, Expectation>& Expected() {
 class PoolCrashTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    std::string tmpl = "/tmp/pool_crash.XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
-    root_ = tmpl;
+    ASSERT_TRUE(tmp_.Create("pool_crash")) << tmp_.error();
+    root_ = tmp_.path();
     opts_.dir = root_ + "/pool";
   }
   void TearDown() override {
-    fs::remove_all(root_);
+    tmp_.Remove();
     if (!root_on_xfs_.empty()) fs::remove_all(root_on_xfs_);
   }
 
@@ -288,6 +289,7 @@ class PoolCrashTest : public ::testing::TestWithParam<std::string> {
     return {true, info->size, info->qos};
   }
 
+  test::TempDir tmp_;
   std::string root_;
   std::string root_on_xfs_;
   PoolOptions opts_;
@@ -326,12 +328,7 @@ TEST_P(PoolCrashTest, CrashLeavesOldOrNewState) {
     if (!p.ok()) _exit(2);
     Status s = scenario->op(*p.value());
     // Points inside a background copy fire on the copy's thread: give it time to get there.
-    for (int i = 0; s.ok() && i < 2000; ++i) {
-      auto v = p.value()->Inspect("v");
-      auto snap = p.value()->InspectSnapshot("s");
-      if ((!v.ok() || v->ready) && (!snap.ok() || snap->ready)) break;
-      usleep(5000);
-    }
+    if (s.ok()) test::WaitUntil([&] { return CopiesDone(*p.value()); });
     _exit(s.ok() ? 0 : 3);  // reaching here means the point never fired
   }
   int status = 0;

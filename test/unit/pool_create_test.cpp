@@ -17,6 +17,9 @@
 #include <gtest/gtest.h>
 
 #include "datapath/pool/pool.h"
+#include "test/support/pool.h"
+#include "test/support/temp_dir.h"
+#include "test/support/wait.h"
 
 namespace nbdcsi::datapath {
 namespace {
@@ -50,18 +53,14 @@ class StepGate {
 class PoolCreateTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const char* base = std::getenv("TMPDIR");
-    std::string tmpl = std::string(base ? base : "/tmp") + "/pool_create.XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
-    root_ = tmpl;
+    ASSERT_TRUE(tmp_.Create("pool_create")) << tmp_.error();
+    root_ = tmp_.path();
     opts_.dir = root_ + "/pool";
     opts_.capacity_bytes = 100 * kGiB;
     opts_.on_step = [this](std::string_view step) {
       if (gate_) (*gate_)(step);
     };
-    auto p = Pool::Open(opts_);
-    ASSERT_TRUE(p.ok()) << p.status().message();
-    pool_ = std::move(*p);
+    ASSERT_TRUE(test::OpenPool(opts_, &pool_));
     auto v = pool_->Create("v", 8 * kMiB, {});
     ASSERT_TRUE(v.ok()) << v.status().message();
     WriteAt(v->path, 0, std::string(64 * 1024, 'A'));
@@ -72,7 +71,7 @@ class PoolCreateTest : public ::testing::Test {
   }
   void TearDown() override {
     pool_.reset();
-    fs::remove_all(root_);
+    tmp_.Remove();
   }
 
   static void WriteAt(const std::string& path, off_t off, const std::string& data) {
@@ -92,18 +91,19 @@ class PoolCreateTest : public ::testing::Test {
     return buf;
   }
   bool WaitSnapshot(const std::string& name) {
-    for (int i = 0; i < 2000; ++i) {
+    return test::WaitUntil([&] {
       auto s = pool_->InspectSnapshot(name);
-      if (s.ok() && s->ready) return true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    return false;
+      return s.ok() && s->ready;
+    });
   }
   VolumeInfo WaitVolume(const std::string& name) {
-    for (int i = 0; i < 2000; ++i) {
-      auto v = pool_->Inspect(name);
-      if (v.ok() && v->ready) return *v;
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    VolumeInfo info;
+    if (test::WaitUntil([&] {
+          auto v = pool_->Inspect(name);
+          if (v.ok()) info = *v;
+          return v.ok() && v->ready;
+        })) {
+      return info;
     }
     ADD_FAILURE() << name << " never became ready";
     return {};
@@ -124,6 +124,8 @@ class PoolCreateTest : public ::testing::Test {
       b.set_value(second());
       second_done = true;
     });
+    // Not a wait for a condition but a window for a wrong outcome: the pool has no hook where
+    // a call waits for a name, so a second call that wrongly went through gets 300 ms to show.
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
     EXPECT_FALSE(second_done) << "the second call did not wait for the first one at " << step;
     gate_->Release();
@@ -132,6 +134,7 @@ class PoolCreateTest : public ::testing::Test {
     return std::make_pair(a.get_future().get(), b.get_future().get());
   }
 
+  test::TempDir tmp_;
   std::string root_;
   PoolOptions opts_;
   std::unique_ptr<Pool> pool_;

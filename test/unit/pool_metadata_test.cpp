@@ -14,6 +14,7 @@
 
 #include "datapath/pool/pool.h"
 #include "datapath/pool/rules.h"
+#include "test/support/temp_dir.h"
 
 namespace nbdcsi::datapath {
 namespace {
@@ -247,9 +248,9 @@ TEST(PoolMetadata, DeepNestingIsAnErrorNotACrash) {
 // Pool::Open loads through the same parser: a damaged file makes its volume broken, with the
 // parser's message, and leaves the other volumes alone.
 TEST(PoolMetadata, LoaderReportsTheParsersMessage) {
-  const char* base = std::getenv("TMPDIR");
-  std::string root = std::string(base ? base : "/tmp") + "/pool_meta.XXXXXX";
-  ASSERT_NE(mkdtemp(root.data()), nullptr);
+  test::TempDir tmp("pool_meta");
+  ASSERT_TRUE(tmp.ok()) << tmp.error();
+  const std::string& root = tmp.path();
   PoolOptions opts;
   opts.dir = root + "/pool";
   {
@@ -278,7 +279,6 @@ TEST(PoolMetadata, LoaderReportsTheParsersMessage) {
   EXPECT_TRUE((*pool)->Inspect("keep").ok());
   EXPECT_EQ((*pool)->Inspect("cut").status().code(), EIO);
   pool->reset();
-  fs::remove_all(root);
 }
 
 }  // namespace

@@ -11,6 +11,8 @@
 #include <gtest/gtest.h>
 
 #include "datapath/pool/pool.h"
+#include "test/support/pool.h"
+#include "test/support/temp_dir.h"
 
 namespace nbdcsi::datapath {
 namespace {
@@ -97,20 +99,17 @@ TEST(PoolRules, SnapshotNamesFollowTheVolumeRulesWithTheirOwnWord) {
 class PoolEntryPoints : public ::testing::Test {
  protected:
   void SetUp() override {
-    const char* base = std::getenv("TMPDIR");
-    std::string tmpl = std::string(base ? base : "/tmp") + "/pool_rules.XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
-    root_ = tmpl;
+    ASSERT_TRUE(tmp_.Create("pool_rules")) << tmp_.error();
+    root_ = tmp_.path();
     opts_.dir = root_ + "/pool";
     opts_.capacity_bytes = 100 * kGiB;
-    auto p = Pool::Open(opts_);
-    ASSERT_TRUE(p.ok()) << p.status().message();
-    pool_ = std::move(*p);
+    ASSERT_TRUE(test::OpenPool(opts_, &pool_));
   }
   void TearDown() override {
     pool_.reset();
-    fs::remove_all(root_);
+    tmp_.Remove();
   }
+  test::TempDir tmp_;
   std::string root_;
   PoolOptions opts_;
   std::unique_ptr<Pool> pool_;

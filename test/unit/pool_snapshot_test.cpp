@@ -23,6 +23,7 @@
 #include <spdlog/spdlog.h>
 
 #include "datapath/pool/pool.h"
+#include "test/support/wait.h"
 
 namespace nbdcsi::datapath {
 namespace {
@@ -180,25 +181,28 @@ class SnapshotTest : public ::testing::TestWithParam<FsKind> {
   bool Reflink() const { return GetParam().expect_reflink; }
 
   SnapshotInfo WaitSnapshot(const std::string& name) {
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    for (;;) {
+    SnapshotInfo last;
+    test::WaitUntil([&] {
       auto s = pool_->InspectSnapshot(name);
       EXPECT_TRUE(s.ok()) << s.status().message();
-      if (!s.ok()) return {};
-      if (s->ready || !s->error.empty() || std::chrono::steady_clock::now() > deadline) return *s;
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
+      last = s.ok() ? *s : SnapshotInfo{};
+      return !s.ok() || s->ready || !s->error.empty();
+    });
+    return last;
   }
   VolumeInfo WaitVolume(const std::string& name) {
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    for (;;) {
+    VolumeInfo last;
+    test::WaitUntil([&] {
       auto v = pool_->Inspect(name);
       EXPECT_TRUE(v.ok()) << v.status().message();
-      if (!v.ok()) return {};
-      if (!v->ready) { EXPECT_EQ(pool_->Acquire(name), nullptr) << "a volume being filled is exported"; }
-      if (v->ready || std::chrono::steady_clock::now() > deadline) return *v;
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
+      last = v.ok() ? *v : VolumeInfo{};
+      if (!v.ok()) return true;
+      if (!v->ready) {
+        EXPECT_EQ(pool_->Acquire(name), nullptr) << "a volume being filled is exported";
+      }
+      return v->ready;
+    });
+    return last;
   }
 
   static inline int counter_ = 0;

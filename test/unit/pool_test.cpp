@@ -1,6 +1,8 @@
 // Pool behaviour through its public API on a real directory: lifecycle, idempotency, errors,
 // capacity, persistence across reopen, the pool lock, orphan and broken-volume handling.
 #include "datapath/pool/pool.h"
+#include "test/support/pool.h"
+#include "test/support/temp_dir.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -29,21 +31,17 @@ constexpr uint64_t kGiB = uint64_t{1} << 30;
 class PoolTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const char* base = std::getenv("TMPDIR");
-    std::string tmpl = std::string(base ? base : "/tmp") + "/pool_test.XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
-    root_ = tmpl;
+    ASSERT_TRUE(tmp_.Create("pool_test")) << tmp_.error();
+    root_ = tmp_.path();
     opts_.dir = root_ + "/pool";
   }
   void TearDown() override {
     pool_.reset();
-    fs::remove_all(root_);
+    tmp_.Remove();
   }
   void OpenPool() {
     pool_.reset();
-    auto p = Pool::Open(opts_);
-    ASSERT_TRUE(p.ok()) << p.status().message();
-    pool_ = std::move(p.value());
+    ASSERT_TRUE(test::OpenPool(opts_, &pool_));
   }
   std::string VolDir() const { return opts_.dir + "/volumes"; }
   std::vector<std::string> Files() const {
@@ -53,6 +51,7 @@ class PoolTest : public ::testing::Test {
     return out;
   }
 
+  test::TempDir tmp_;
   std::string root_;
   PoolOptions opts_;
   std::unique_ptr<Pool> pool_;

@@ -1,6 +1,7 @@
 // Token-bucket QoS with a simulated clock: rates over time, burst depth, independence of the
 // read and write buckets, the bandwidth debt model, live changes and per-GiB resolution.
 #include "datapath/pool/qos.h"
+#include "test/support/wait.h"
 
 #include <thread>
 #include <vector>
@@ -277,6 +278,7 @@ TEST(Throttle, ConcurrentAdmitsRespectTheRate) {
 
 TEST(Throttle, MonotonicClockAdvances) {
   uint64_t a = MonotonicNowNs();
+  // The stimulus: real time passing is what this test measures the clock against.
   std::this_thread::sleep_for(std::chrono::milliseconds(2));
   uint64_t b = MonotonicNowNs();
   EXPECT_GE(b - a, 2 * kMs);

@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -29,11 +30,15 @@
 #include <grpcpp/grpcpp.h>
 
 #include "common/tls.h"
-#include "test/support/free_port.h"
 #include "controller/node_datapath.h"
 #include "controller/registry.h"
 #include "datapath/api/datapath.grpc.pb.h"
 #include "datapath/api/heartbeat.h"
+#include "test/support/certs.h"
+#include "test/support/free_port.h"
+#include "test/support/grpc_call.h"
+#include "test/support/temp_dir.h"
+#include "test/support/wait.h"
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
@@ -239,8 +244,9 @@ TEST(Heartbeat, RequestCarriesThePoolNumbers) {
 
 TEST(Heartbeat, CountsWholeNbdBlockDevicesOnly) {
   // Block device nodes need CAP_MKNOD; a fake /dev holds other file types, which must not count.
-  std::string dir = "/tmp/hb_dev.XXXXXX";
-  ASSERT_NE(mkdtemp(dir.data()), nullptr);
+  test::TempDir tmp("hb_dev");
+  ASSERT_TRUE(tmp.ok()) << tmp.error();
+  const std::string& dir = tmp.path();
   EXPECT_EQ(datapath::CountNbdDevices(dir), 0u);
   std::ofstream(dir + "/nbd0") << "";  // a regular file named like a device
   EXPECT_EQ(datapath::CountNbdDevices(dir), 0u);
@@ -253,7 +259,6 @@ TEST(Heartbeat, CountsWholeNbdBlockDevicesOnly) {
     EXPECT_EQ(datapath::CountNbdDevices(dir), 2u);
   }
   EXPECT_EQ(datapath::CountNbdDevices(dir + "/missing"), 0u);
-  fs::remove_all(dir);
 }
 
 // ---- HeartbeatSender in process ----
@@ -261,8 +266,8 @@ TEST(Heartbeat, CountsWholeNbdBlockDevicesOnly) {
 class SenderTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = "/tmp/hb_sender.XXXXXX";
-    ASSERT_NE(mkdtemp(dir_.data()), nullptr);
+    ASSERT_TRUE(tmp_.Create("hb_sender")) << tmp_.error();
+    dir_ = tmp_.path();
     datapath::PoolOptions opts;
     opts.dir = dir_ + "/pool";
     opts.capacity_bytes = kGiB;
@@ -272,7 +277,7 @@ class SenderTest : public ::testing::Test {
   }
   void TearDown() override {
     pool_.reset();
-    if (!dir_.empty()) fs::remove_all(dir_);
+    tmp_.Remove();
   }
   datapath::HeartbeatOptions Options(const std::string& controller, milliseconds interval) {
     datapath::HeartbeatOptions o;
@@ -283,6 +288,7 @@ class SenderTest : public ::testing::Test {
     o.interval = interval;
     return o;
   }
+  test::TempDir tmp_;
   std::string dir_;
   std::unique_ptr<datapath::Pool> pool_;
 };
@@ -324,7 +330,9 @@ TEST_F(SenderTest, StopsPromptlyWhileACallHangs) {
   datapath::HeartbeatSender sender(
       *pool_, Options("127.0.0.1:" + std::to_string(ntohs(a.sin_port)), 10000ms));
   ASSERT_TRUE(sender.Start().ok());
-  std::this_thread::sleep_for(300ms);
+  // The sender has dialled once the listener has a connection to accept.
+  pollfd pfd{fd, POLLIN, 0};
+  ASSERT_EQ(poll(&pfd, 1, 10000), 1) << "the sender never connected";
   auto t0 = steady_clock::now();
   sender.Stop();
   EXPECT_LT(steady_clock::now() - t0, 1000ms);
@@ -346,6 +354,8 @@ TEST_F(SenderTest, FollowsAShorterIntervalFromTheControllerAndStopsBetweenCalls)
   ASSERT_NE(server, nullptr);
   datapath::HeartbeatSender sender(*pool_, Options("127.0.0.1:" + std::to_string(port), 5000ms));
   ASSERT_TRUE(sender.Start().ok());
+  // Counts what one second of real time holds: HeartbeatSender (datapath/api/heartbeat.h) has no
+  // injected clock yet, so this stays a measured window rather than a wait for a condition.
   std::this_thread::sleep_for(1000ms);
   auto c = sender.counters();
   // 1 + 1000/150 calls if the short interval is followed; 1 if not.
@@ -408,7 +418,10 @@ TEST_F(SenderTest, HeartbeatsEveryControllerReplicaAndFollowsTheNameAsItChanges)
   };
   datapath::HeartbeatSender sender(*pool_, opts);
   ASSERT_TRUE(sender.Start().ok());
-  std::this_thread::sleep_for(600ms);
+  test::WaitUntil([&] {
+    return reps[0].reg->Get("node-s").has_value() && reps[1].reg->Get("node-s").has_value() &&
+           sender.counters().controllers == 2 && sender.counters().connected;
+  });
   EXPECT_TRUE(reps[0].reg->Get("node-s").has_value());
   EXPECT_TRUE(reps[1].reg->Get("node-s").has_value());
   EXPECT_EQ(sender.counters().controllers, 2u);
@@ -422,7 +435,7 @@ TEST_F(SenderTest, HeartbeatsEveryControllerReplicaAndFollowsTheNameAsItChanges)
     std::lock_guard lock(mu);
     answer = {"127.0.0.1:" + std::to_string(reps[1].port)};
   }
-  std::this_thread::sleep_for(400ms);
+  test::WaitUntil([&] { return sender.counters().controllers == 1; });
   EXPECT_EQ(sender.counters().controllers, 1u);
   uint64_t ok_before = sender.counters().ok;
   // A failing resolver keeps the last known addresses rather than going silent.
@@ -430,7 +443,7 @@ TEST_F(SenderTest, HeartbeatsEveryControllerReplicaAndFollowsTheNameAsItChanges)
     std::lock_guard lock(mu);
     answer.clear();
   }
-  std::this_thread::sleep_for(500ms);
+  test::WaitUntil([&] { return sender.counters().ok > ok_before; });
   EXPECT_GT(sender.counters().ok, ok_before);
   EXPECT_EQ(sender.counters().controllers, 1u);
   sender.Stop();
@@ -481,18 +494,10 @@ class Daemon {
 
   // The exit code, or -1 when it is still running after `timeout`.
   int WaitExit(milliseconds timeout) {
-    auto end = steady_clock::now() + timeout;
-    while (pid_ > 0) {
-      int st = 0;
-      pid_t r = waitpid(pid_, &st, WNOHANG);
-      if (r == pid_) {
-        pid_ = -1;
-        return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-      }
-      if (steady_clock::now() > end) return -1;
-      std::this_thread::sleep_for(10ms);
-    }
-    return -1;
+    int st = 0;
+    if (pid_ <= 0 || !test::WaitExited(pid_, &st, timeout)) return -1;
+    pid_ = -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
   }
 
   int Stop() {
@@ -520,7 +525,8 @@ class Daemon {
 // The Registry as nbd-csi-controller serves it, plus a record of every heartbeat for the test.
 class RecordingRegistry final : public v1::Registry::Service {
  public:
-  explicit RecordingRegistry(NodeRegistry& reg) : inner_(controller::MakeRegistryService(reg)) {}
+  explicit RecordingRegistry(NodeRegistry& reg, controller::RegistryServiceOptions opts = {})
+      : inner_(controller::MakeRegistryService(reg, opts)) {}
 
   grpc::Status Heartbeat(grpc::ServerContext* ctx, const v1::HeartbeatRequest* req,
                          v1::HeartbeatResponse* resp) override {
@@ -564,8 +570,8 @@ class RecordingRegistry final : public v1::Registry::Service {
 struct Controller {
   Controller(std::shared_ptr<grpc::ServerCredentials> server_creds,
              std::shared_ptr<grpc::ChannelCredentials> channel_creds, milliseconds interval,
-             int port)
-      : reg(GrpcDatapaths(std::move(channel_creds)), 3 * interval, interval), svc(reg) {
+             int port, controller::RegistryServiceOptions opts = {})
+      : reg(GrpcDatapaths(std::move(channel_creds)), 3 * interval, interval), svc(reg, opts) {
     grpc::ServerBuilder b;
     b.AddListeningPort("127.0.0.1:" + std::to_string(port), std::move(server_creds), &bound);
     b.RegisterService(&svc);
@@ -580,40 +586,24 @@ struct Controller {
   std::unique_ptr<grpc::Server> server;
 };
 
-std::unique_ptr<grpc::ClientContext> Ctx() {
-  auto ctx = std::make_unique<grpc::ClientContext>();
-  ctx->set_deadline(std::chrono::system_clock::now() + 5s);
-  return ctx;
-}
+std::unique_ptr<grpc::ClientContext> Ctx() { return test::CallContext(5s); }
 
 class DatapathdTest : public ::testing::Test {
  protected:
   // One certificate set for the suite: the tests only read it.
   static void SetUpTestSuite() {
-    cert_root_ = "/tmp/registry_certs.XXXXXX";
-    if (!mkdtemp(cert_root_.data())) {
-      cert_root_.clear();
-      return;
-    }
-    const char* src = getenv("NBDCSI_SRC");
-    std::string cmd = std::string(src ? src : ".") + "/test/tls/make-certs.sh " + cert_root_ +
-                      "/c >" + cert_root_ + "/certs.log 2>&1";
-    certs_ok_ = system(cmd.c_str()) == 0;
+    certs_made_ = std::make_unique<test::TestCerts>("registry_certs", "node-a node-b");
   }
-  static void TearDownTestSuite() {
-    if (!cert_root_.empty()) fs::remove_all(cert_root_);
-  }
+  static void TearDownTestSuite() { certs_made_.reset(); }
 
   void SetUp() override {
     if (!fs::exists(Bin())) GTEST_SKIP() << Bin() << " is not built";
-    ASSERT_TRUE(certs_ok_) << ReadAll(cert_root_ + "/certs.log");
-    certs_ = cert_root_ + "/c";
-    dir_ = "/tmp/registry_test.XXXXXX";
-    ASSERT_NE(mkdtemp(dir_.data()), nullptr);
+    ASSERT_TRUE(certs_made_->ok) << ReadAll(certs_made_->log());
+    certs_ = certs_made_->path();
+    ASSERT_TRUE(tmp_.Create("registry_test")) << tmp_.error();
+    dir_ = tmp_.path();
   }
-  void TearDown() override {
-    if (!dir_.empty()) fs::remove_all(dir_);
-  }
+  void TearDown() override { tmp_.Remove(); }
 
   TlsFiles Files(const std::string& who, const std::string& sub = "") const {
     std::string d = certs_ + sub;
@@ -660,16 +650,11 @@ class DatapathdTest : public ::testing::Test {
   }
 
   bool WaitForSocket(milliseconds timeout) const {
-    auto end = steady_clock::now() + timeout;
-    while (steady_clock::now() < end) {
-      if (fs::exists(dir_ + "/api.sock")) return true;
-      std::this_thread::sleep_for(10ms);
-    }
-    return false;
+    return test::WaitUntil([&] { return fs::exists(dir_ + "/api.sock"); }, timeout);
   }
 
-  static inline std::string cert_root_;
-  static inline bool certs_ok_ = false;
+  static inline std::unique_ptr<test::TestCerts> certs_made_;
+  test::TempDir tmp_;
   std::string dir_, certs_;
 };
 
@@ -777,7 +762,8 @@ TEST_F(DatapathdTest, HeartbeatsOverMutualTlsAndTheControllerReachesTheApi) {
   // Controller restart: the registry goes away for a few intervals, then a new one (empty, as
   // after a real restart) listens on the same port. It knows the node again within one interval.
   ctl.reset();
-  std::this_thread::sleep_for(3 * kInterval);
+  // The datapath has noticed once it says so.
+  test::WaitUntil([&] { return d.Log().find("lost the controller") != std::string::npos; });
   ctl = std::make_unique<Controller>(Server("client"), Client("client"), kInterval, reg_port);
   ASSERT_NE(ctl->server, nullptr) << "could not listen on port " << reg_port << " again";
   const auto restarted = steady_clock::now();
@@ -817,7 +803,8 @@ TEST_F(DatapathdTest, ControllerWithAnotherCaNeverHearsFromTheNode) {
   extra.insert(extra.end(), tls.begin(), tls.end());
   ASSERT_TRUE(d.Start(Args(extra), dir_ + "/d.log"));
   ASSERT_TRUE(WaitForSocket(10s)) << d.Log();
-  std::this_thread::sleep_for(5 * kInterval);
+  // Wait until the datapath has tried and been refused, rather than for a fixed time.
+  test::WaitUntil([&] { return d.Log().find("TLS handshake") != std::string::npos; });
   EXPECT_EQ(ctl.svc.count(), 0u);
   EXPECT_TRUE(ctl.reg.List().empty());
   EXPECT_TRUE(d.Running());
@@ -851,4 +838,53 @@ TEST_F(DatapathdTest, InsecureLoopbackModeForTests) {
   EXPECT_TRUE(vols.ok()) << vols.status().message();
   EXPECT_EQ(d.Stop(), 0);
   EXPECT_NE(d.Log().find("plaintext"), std::string::npos);
+}
+
+// Node binding in the Registry: a heartbeat for node N needs a client certificate naming N.
+TEST_F(DatapathdTest, BoundRegistryAcceptsOnlyTheNodeTheCertificateNames) {
+  const int reg_port = test::FreeLoopbackPort();
+  Controller ctl(Server("client"), Client("client"), 1s, reg_port,
+                 {.bind_node_identity = true});
+  ASSERT_NE(ctl.server, nullptr);
+  const std::string target = "127.0.0.1:" + std::to_string(reg_port);
+  auto beat = [&](const std::string& cert, const std::string& node) {
+    auto stub = v1::Registry::NewStub(grpc::CreateChannel(target, Client(cert)));
+    v1::HeartbeatRequest req;
+    req.set_node_id(node);
+    req.set_api_address("127.0.0.1:9820");
+    v1::HeartbeatResponse resp;
+    return stub->Heartbeat(Ctx().get(), req, &resp);
+  };
+  grpc::Status as_b = beat("node-node-a", "node-b");
+  EXPECT_EQ(as_b.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_NE(as_b.error_message().find("node node-a's, it cannot speak for node node-b"),
+            std::string::npos)
+      << as_b.error_message();
+  grpc::Status no_identity = beat("server", "node-a");
+  EXPECT_EQ(no_identity.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_NE(no_identity.error_message().find("names no node"), std::string::npos)
+      << no_identity.error_message();
+  EXPECT_TRUE(ctl.reg.List().empty()) << "a refused heartbeat registered a node";
+  grpc::Status own = beat("node-node-a", "node-a");
+  ASSERT_TRUE(own.ok()) << own.error_message();
+  EXPECT_TRUE(ctl.reg.Get("node-a").has_value());
+  EXPECT_FALSE(ctl.reg.Get("node-b").has_value());
+  // A refused heartbeat for a registered node does not move it either.
+  auto stub = v1::Registry::NewStub(grpc::CreateChannel(target, Client("node-node-b")));
+  v1::HeartbeatRequest req;
+  req.set_node_id("node-a");
+  req.set_api_address("127.0.0.1:1");
+  v1::HeartbeatResponse resp;
+  EXPECT_EQ(stub->Heartbeat(Ctx().get(), req, &resp).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(ctl.reg.Get("node-a")->api_address, "127.0.0.1:9820");
+}
+
+// A datapath started with another node's certificate stops at once, naming both.
+TEST_F(DatapathdTest, CertificateOfAnotherNodeIsAStartError) {
+  const std::string adv = "127.0.0.1:" + std::to_string(test::FreeLoopbackPort());
+  std::vector<std::string> extra = {"--node-id", "node-b", "--advertise", adv};
+  auto tls = TlsArgs("node-node-a");
+  extra.insert(extra.end(), tls.begin(), tls.end());
+  ExpectUsageError(extra, "is the certificate of node node-a, not of --node-id node-b");
 }

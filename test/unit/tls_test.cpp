@@ -1,6 +1,9 @@
 // TLS credentials (common/tls.h), node ids (common/node_id.h), and the API server's TCP listener
 // with mutual TLS: the good certificate gets in, a certificate from another CA, no certificate
-// and plaintext do not, and the TCP side serves the Datapath service only.
+// and plaintext do not, and the TCP side serves the Datapath service only. Node identity (a
+// node certificate's URI SAN, checked when dialling a node and refused on the datapath API),
+// and reloading: a bad or half-written set never replaces the one in force, a Kubernetes-style
+// secret swap to another CA is served to new connections while an open one keeps working.
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -8,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 
 #include <gtest/gtest.h>
 #include <grpcpp/grpcpp.h>
@@ -17,6 +21,9 @@
 #include "datapath/api/attach.grpc.pb.h"
 #include "datapath/api/datapath.grpc.pb.h"
 #include "datapath/api/service.h"
+#include "test/support/secret_dir.h"
+#include "test/support/certs.h"
+#include "test/support/grpc_call.h"
 
 namespace fs = std::filesystem;
 using namespace nbdcsi;
@@ -25,34 +32,16 @@ namespace v1 = ::nbdcsi::datapath::v1;
 
 namespace {
 
-std::string MakeTempDir(const char* tag) {
-  std::string t = std::string("/tmp/") + tag + ".XXXXXX";
-  if (!mkdtemp(t.data())) return "";
-  return t;
-}
-
-// Runs test/tls/make-certs.sh into dir.
+// Runs test/tls/make-certs.sh into dir (node certificates for node-a and node-b), its output
+// into dir.log.
 bool MakeCerts(const std::string& dir) {
-  const char* src = getenv("NBDCSI_SRC");
-  std::string script = std::string(src ? src : ".") + "/test/tls/make-certs.sh";
-  std::string cmd = script + " " + dir + " >" + dir + ".log 2>&1";
-  return system(cmd.c_str()) == 0;
+  return test::MakeCerts(dir, dir + ".log", "node-a node-b");
 }
 
 // One certificate set for the whole binary (each run of the script costs a few hundred ms);
 // removed at exit. Tests that modify certificates make their own.
-struct SharedCertDir {
-  std::string dir;
-  bool ok = false;
-  SharedCertDir() : dir(MakeTempDir("tls_certs")) { ok = !dir.empty() && MakeCerts(dir + "/c"); }
-  ~SharedCertDir() {
-    if (!dir.empty()) fs::remove_all(dir);
-    fs::remove(dir + "/c.log");
-  }
-};
-
-const SharedCertDir& SharedCerts() {
-  static SharedCertDir d;
+const test::TestCerts& SharedCerts() {
+  static test::TestCerts d("tls_certs", "node-a node-b");
   return d;
 }
 
@@ -62,6 +51,35 @@ TlsFiles Files(const std::string& dir, const std::string& who) {
 
 void WriteFile(const std::string& path, const std::string& data) {
   std::ofstream(path) << data;
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// A client that presents `who` (files under dir) and trusts `ca_dir`'s CA, through gRPC's own SSL
+// credentials: independent of the code under test, and able to present an expired certificate
+// that TlsCredentials::Load refuses to load.
+std::shared_ptr<grpc::ChannelCredentials> RawClient(const std::string& dir, const std::string& who,
+                                                    const std::string& ca_dir) {
+  grpc::SslCredentialsOptions o;
+  o.pem_root_certs = ReadFile(ca_dir + "/ca.crt");
+  if (!who.empty()) {
+    o.pem_cert_chain = ReadFile(dir + "/" + who + ".crt");
+    o.pem_private_key = ReadFile(dir + "/" + who + ".key");
+  }
+  return grpc::SslCredentials(o);
+}
+
+template <typename F>
+bool Eventually(F ok, std::chrono::milliseconds timeout) {
+  auto end = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < end) {
+    if (ok()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return ok();
 }
 
 }  // namespace
@@ -117,6 +135,16 @@ TEST(HostPort, DialAddressesAreNotWildcards) {
   EXPECT_EQ(ValidateDialAddress("host").code(), EINVAL);
 }
 
+TEST(NodeIdentity, OnlyUrisUnderTheNodePrefixNameNodes) {
+  EXPECT_EQ(NodeIdentityUri("node-a"), "spiffe://nbd.csi.io/node/node-a");
+  EXPECT_EQ(NodeIdsInUris({"spiffe://nbd.csi.io/node/b", "https://nbd.csi.io/node/x",
+                           "spiffe://nbd.csi.io/node/", "spiffe://nbd.csi.io/nodes/y",
+                           "spiffe://other.io/node/z", "spiffe://nbd.csi.io/node/a",
+                           "spiffe://nbd.csi.io/node/b"}),
+            (std::vector<std::string>{"a", "b"}));
+  EXPECT_TRUE(NodeIdsInUris({}).empty());
+}
+
 TEST(TlsFiles, ValidateNamesWhatIsMissingOrConflicting) {
   EXPECT_TRUE((TlsFiles{"c", "k", "a", false}).Validate().ok());
   EXPECT_TRUE((TlsFiles{"", "", "", true}).Validate().ok());
@@ -135,15 +163,13 @@ TEST(TlsFiles, ValidateNamesWhatIsMissingOrConflicting) {
 class TlsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = MakeTempDir("tls_test");
-    ASSERT_FALSE(dir_.empty());
-    ASSERT_TRUE(SharedCerts().ok) << "make-certs.sh failed, see " << SharedCerts().dir
-                                  << "/c.log";
-    certs_ = SharedCerts().dir + "/c";
+    ASSERT_TRUE(tmp_.Create("tls_test")) << tmp_.error();
+    dir_ = tmp_.path();
+    ASSERT_TRUE(SharedCerts().ok) << "make-certs.sh failed, see " << SharedCerts().log();
+    certs_ = SharedCerts().path();
   }
-  void TearDown() override {
-    if (!dir_.empty()) fs::remove_all(dir_);
-  }
+  void TearDown() override { tmp_.Remove(); }
+  test::TempDir tmp_;
   std::string dir_, certs_;
 };
 
@@ -153,7 +179,8 @@ TEST_F(TlsTest, CertScriptIsIdempotentAndKeepsKeysPrivate) {
   auto mtime = fs::last_write_time(certs_ + "/server.crt");
   ASSERT_TRUE(MakeCerts(certs_));
   EXPECT_EQ(fs::last_write_time(certs_ + "/server.crt"), mtime) << "a complete set was redone";
-  for (const char* k : {"/ca.key", "/server.key", "/client.key", "/other/client.key"}) {
+  for (const char* k : {"/ca.key", "/server.key", "/client.key", "/other/client.key",
+                        "/node-node-a.key", "/node-node-a-expired.key", "/other/node-node-b.key"}) {
     struct stat st{};
     ASSERT_EQ(stat((certs_ + k).c_str(), &st), 0) << k;
     EXPECT_EQ(st.st_mode & 0777, 0600u) << k;
@@ -162,7 +189,48 @@ TEST_F(TlsTest, CertScriptIsIdempotentAndKeepsKeysPrivate) {
   fs::remove(certs_ + "/other/server.key");
   ASSERT_TRUE(MakeCerts(certs_));
   EXPECT_TRUE(fs::exists(certs_ + "/other/server.key"));
+  // A missing node certificate is added to a complete set, signed by the same CA.
+  fs::remove(certs_ + "/node-node-b.crt");
+  const std::string ca = ReadFile(certs_ + "/ca.crt");
+  ASSERT_TRUE(MakeCerts(certs_));
+  EXPECT_EQ(ReadFile(certs_ + "/ca.crt"), ca);
+  auto b = TlsCredentials::Load(Files(certs_, "node-node-b"));
+  ASSERT_TRUE(b.ok()) << b.status().message();
+  EXPECT_EQ((*b)->NodeIds(), std::vector<std::string>{"node-b"});
   fs::remove(certs_ + ".log");
+}
+
+TEST_F(TlsTest, LoadChecksTheMaterialAndReadsTheNodeIdentity) {
+  auto node = TlsCredentials::Load(Files(certs_, "node-node-a"));
+  ASSERT_TRUE(node.ok()) << node.status().message();
+  EXPECT_EQ((*node)->NodeIds(), std::vector<std::string>{"node-a"});
+  auto plain = TlsCredentials::Load(Files(certs_, "server"));
+  ASSERT_TRUE(plain.ok());
+  EXPECT_TRUE((*plain)->NodeIds().empty());
+
+  TlsFiles t = Files(certs_, "node-node-a");
+  t.key = certs_ + "/node-node-b.key";
+  auto mismatch = TlsCredentials::Load(t);
+  ASSERT_FALSE(mismatch.ok());
+  EXPECT_EQ(mismatch.status().code(), EINVAL);
+  EXPECT_NE(mismatch.status().message().find("does not belong to --tls-cert"), std::string::npos)
+      << mismatch.status().message();
+
+  auto expired = TlsCredentials::Load(Files(certs_, "node-node-a-expired"));
+  ASSERT_FALSE(expired.ok());
+  EXPECT_NE(expired.status().message().find("expired on"), std::string::npos)
+      << expired.status().message();
+
+  const std::string cert = ReadFile(certs_ + "/server.crt");
+  WriteFile(dir_ + "/half.crt", cert.substr(0, cert.size() / 2));
+  t = Files(certs_, "server");
+  t.cert = dir_ + "/half.crt";
+  auto half = TlsCredentials::Load(t);
+  ASSERT_FALSE(half.ok());
+  EXPECT_NE(half.status().message().find("--tls-cert"), std::string::npos)
+      << half.status().message();
+
+  EXPECT_EQ(TlsCredentials::Load(TlsFiles{"", "", "", true}).status().code(), EINVAL);
 }
 
 TEST_F(TlsTest, CredentialErrorsNameTheFlagAndPath) {
@@ -228,11 +296,14 @@ class ApiTlsTest : public TlsTest {
   void Start() {
     auto creds = MakeServerCredentials(Files(certs_, "server"));
     ASSERT_TRUE(creds.ok()) << creds.status().message();
+    StartWith(*creds);
+  }
+  void StartWith(const std::shared_ptr<grpc::ServerCredentials>& creds) {
     for (int port = 43000 + getpid() % 1000, tries = 0; tries < 20 && !server_; ++port, ++tries) {
       std::vector<ApiListen> l(2);
       l[0].endpoint = "unix://" + sock_;
       l[1].endpoint = "tcp://127.0.0.1:" + std::to_string(port);
-      l[1].creds = *creds;
+      l[1].creds = creds;
       auto s = StartApiServer(*pool_, l, {&attach_});
       if (s.ok()) server_ = std::move(*s);
     }
@@ -242,9 +313,7 @@ class ApiTlsTest : public TlsTest {
   }
 
   static std::unique_ptr<grpc::ClientContext> Ctx() {
-    auto ctx = std::make_unique<grpc::ClientContext>();
-    ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    return ctx;
+    return test::CallContext(std::chrono::seconds(5));
   }
 
   grpc::Status PoolInfo(const std::shared_ptr<grpc::ChannelCredentials>& creds,
@@ -364,4 +433,96 @@ TEST_F(ApiTlsTest, ListenerRulesAreCheckedBeforeAnythingBinds) {
   ASSERT_NE(server, nullptr);
   EXPECT_TRUE(PoolInfo(grpc::InsecureChannelCredentials(),
                        "127.0.0.1:" + std::to_string(server->port())).ok());
+}
+
+TEST_F(ApiTlsTest, ExpiredAndMissingClientCertificatesAreRefused) {
+  ASSERT_NO_FATAL_FAILURE(Start());
+  grpc::Status expired = PoolInfo(RawClient(certs_, "client-expired", certs_), target_);
+  EXPECT_EQ(expired.error_code(), grpc::StatusCode::UNAVAILABLE) << expired.error_message();
+  grpc::Status none = PoolInfo(RawClient(certs_, "", certs_), target_);
+  EXPECT_EQ(none.error_code(), grpc::StatusCode::UNAVAILABLE) << none.error_message();
+  EXPECT_TRUE(PoolInfo(RawClient(certs_, "client", certs_), target_).ok());
+}
+
+// Dialling node N accepts only a certificate that names N: the address alone proves nothing.
+TEST_F(ApiTlsTest, ChannelToNodeAcceptsOnlyThatNodesCertificate) {
+  auto a = TlsCredentials::Load(Files(certs_, "node-node-a"));
+  ASSERT_TRUE(a.ok()) << a.status().message();
+  ASSERT_NO_FATAL_FAILURE(StartWith((*a)->Server()));
+  auto controller = TlsCredentials::Load(Files(certs_, "client"));
+  ASSERT_TRUE(controller.ok());
+  grpc::Status right = PoolInfo((*controller)->ChannelToNode("node-a"), target_);
+  EXPECT_TRUE(right.ok()) << right.error_message();
+  grpc::Status wrong = PoolInfo((*controller)->ChannelToNode("node-b"), target_);
+  EXPECT_EQ(wrong.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_NE(wrong.error_message().find("for node node-a, not for node node-b"), std::string::npos)
+      << wrong.error_message();
+}
+
+TEST_F(ApiTlsTest, ChannelToNodeRefusesACertificateWithoutNodeIdentity) {
+  ASSERT_NO_FATAL_FAILURE(Start());  // server.crt: the CA signed it, it names no node
+  auto controller = TlsCredentials::Load(Files(certs_, "client"));
+  ASSERT_TRUE(controller.ok());
+  grpc::Status st = PoolInfo((*controller)->ChannelToNode("node-a"), target_);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_NE(st.error_message().find("for no node"), std::string::npos) << st.error_message();
+  // By host name it is fine: that is what --datapath-server-name setups rely on.
+  EXPECT_TRUE(PoolInfo((*controller)->Channel(), target_).ok());
+}
+
+// The datapath's TCP API is the controller's: a node's certificate must not drive another node.
+TEST_F(ApiTlsTest, NotNodesServerRefusesNodeCertificates) {
+  auto server = TlsCredentials::Load(Files(certs_, "node-node-a"));
+  ASSERT_TRUE(server.ok());
+  ASSERT_NO_FATAL_FAILURE(StartWith((*server)->Server(TlsPeers::kNotNodes)));
+  grpc::Status b = PoolInfo(Client(certs_, "node-node-b"), target_);
+  EXPECT_EQ(b.error_code(), grpc::StatusCode::PERMISSION_DENIED) << b.error_message();
+  EXPECT_NE(b.error_message().find("node node-b"), std::string::npos) << b.error_message();
+  grpc::Status ctl = PoolInfo(Client(certs_, "client"), target_);
+  EXPECT_TRUE(ctl.ok()) << ctl.error_message();
+}
+
+TEST_F(ApiTlsTest, RotationKeepsGoodMaterialAndServesANewCaToNewConnections) {
+  const std::string main = certs_, other = certs_ + "/other";
+  test::SecretDir s(dir_ + "/secret");
+  s.VersionFrom("v1", main, "node-node-a", main);
+  auto tls = TlsCredentials::Load(TlsFiles{s.cert(), s.key(), s.ca(), false});
+  ASSERT_TRUE(tls.ok()) << tls.status().message();
+  ASSERT_NO_FATAL_FAILURE(StartWith((*tls)->Server()));
+
+  // One channel opened before any change: its connection must outlive every step below.
+  auto live = v1::Datapath::NewStub(grpc::CreateChannel(target_, RawClient(main, "client", main)));
+  v1::GetPoolInfoResponse info;
+  ASSERT_TRUE(live->GetPoolInfo(Ctx().get(), {}, &info).ok());
+  auto old_client_works = [&] { return PoolInfo(RawClient(main, "client", main), target_).ok(); };
+
+  // Bad sets, each given time to be noticed (files are polled every second): a half-written
+  // certificate written in place, then a new version whose key belongs to another certificate.
+  const std::string real = fs::canonical(s.dir() + "/tls.crt").string();
+  const std::string cert = ReadFile(real);
+  WriteFile(real, cert.substr(0, cert.size() / 2));
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  EXPECT_TRUE(old_client_works()) << "a half-written certificate replaced the working one";
+  s.Version("v2", ReadFile(other + "/node-node-a.crt"), ReadFile(main + "/node-node-a.key"),
+            ReadFile(other + "/ca.crt"));  // the key of the old certificate
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  EXPECT_TRUE(old_client_works()) << "a key of another certificate was put in force";
+  EXPECT_EQ((*tls)->reloads(), 0u);
+
+  // The real rotation: another CA altogether, swapped in like a secret volume update.
+  s.VersionFrom("v3", other, "node-node-a", other);
+  ASSERT_TRUE(Eventually([&] { return (*tls)->reloads() == 1; }, std::chrono::seconds(5)));
+  EXPECT_TRUE(Eventually([&] { return PoolInfo(RawClient(other, "client", other), target_).ok(); },
+                         std::chrono::seconds(5)))
+      << "new connections do not get the new chain";
+  // A client that trusts only the old CA is refused; so is one presenting an old-CA certificate.
+  EXPECT_EQ(PoolInfo(RawClient(main, "client", main), target_).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(PoolInfo(RawClient(main, "client", other), target_).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  // The connection made before the rotation still carries calls.
+  for (int i = 0; i < 5; ++i) {
+    grpc::Status st = live->GetPoolInfo(Ctx().get(), {}, &info);
+    ASSERT_TRUE(st.ok()) << "call " << i << " on the live channel: " << st.error_message();
+  }
 }

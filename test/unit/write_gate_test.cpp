@@ -1,4 +1,5 @@
 #include "datapath/pool/write_gate.h"
+#include "test/support/wait.h"
 
 #include <atomic>
 #include <chrono>
@@ -46,8 +47,10 @@ TEST(WriteGate, CloseWaitsForInFlightAndParksNewWrites) {
     g.CloseAndDrain();
     drained = true;
   });
-  std::this_thread::sleep_for(50ms);
-  EXPECT_FALSE(drained) << "CloseAndDrain returned with a write in flight";
+  ASSERT_TRUE(test::WaitUntil([&] { return g.closed(); })) << "CloseAndDrain never closed";
+  // A window for the wrong outcome: CloseAndDrain must still be waiting 50 ms later.
+  EXPECT_FALSE(test::WaitUntil([&] { return drained.load(); }, 50ms))
+      << "CloseAndDrain returned with a write in flight";
   // A new write arriving while closing is refused and does not count as in flight.
   EXPECT_FALSE(g.TryBegin(8192, 4096, w));
   g.End();
@@ -122,6 +125,7 @@ TEST(WriteGate, ConcurrentWritersNeverOverlapAClosedWindow) {
   for (int i = 0; i < 200; ++i) {
     g.CloseAndDrain();
     window = true;  // (in_flight() may blink to 1 here: a refused attempt counts for an instant)
+    // The stimulus: a closed window long enough for the writers to hit it.
     std::this_thread::sleep_for(100us);
     window = false;
     g.Open();

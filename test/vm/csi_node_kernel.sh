@@ -43,7 +43,9 @@ datapath_start() {
   fail "nbd-datapathd did not create $API in 30 s"
 }
 node_start() {
-  nbd-csi-node --csi-endpoint "unix://$CSI" --node-id "$NODE" --datapath "unix://$API" >>"$NLOG" 2>&1 &
+  # $D stands in for /var/lib/kubelet: every staging and target path lies beneath it.
+  nbd-csi-node --csi-endpoint "unix://$CSI" --node-id "$NODE" --datapath "unix://$API" \
+    --kubelet-root "$D" >>"$NLOG" 2>&1 &
   NPID=$!
   for _ in $(seq 300); do
     [ -S "$CSI" ] && command nbdctl csi --endpoint "unix://$CSI" identity probe >/dev/null 2>&1 && return 0

@@ -56,6 +56,19 @@ class Connection {
   std::unique_ptr<grpc::ClientContext> Ctx(std::chrono::system_clock::time_point deadline) const;
   // Prints why the call on `what` ("create volume \"x\"") failed and returns kExitServer.
   int Fail(const std::string& what, const grpc::Status& s) const;
+  // One call, (stub.*method) with a context from Ctx(): kExitOk with *resp filled, or Fail(what).
+  template <typename Stub, typename Req, typename Resp>
+  int Call(Stub& stub, grpc::Status (Stub::*method)(grpc::ClientContext*, const Req&, Resp*),
+           const Req& req, Resp* resp, const std::string& what) const {
+    grpc::Status s = (stub.*method)(Ctx().get(), req, resp);
+    return s.ok() ? kExitOk : Fail(what, s);
+  }
+  // The same for a call spelled out by the caller: call(ctx) makes it.
+  template <typename F>
+  int Call(const std::string& what, F call) const {
+    grpc::Status s = call(Ctx().get());
+    return s.ok() ? kExitOk : Fail(what, s);
+  }
 
  private:
   std::string UnreachableHint(const grpc::Status& s) const;

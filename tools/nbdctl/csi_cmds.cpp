@@ -182,8 +182,9 @@ csi::VolumeCapability CsiCommands::Impl::Capability() const {
 int CsiCommands::Impl::IdentityInfo() {
   auto stub = IdentityStub();
   csi::GetPluginInfoResponse r;
-  if (auto s = stub->GetPluginInfo(conn->Ctx().get(), {}, &r); !s.ok()) {
-    return Fail("get plugin info", s);
+  if (int rc = conn->Call("get plugin info",
+                          [&](auto* ctx) { return stub->GetPluginInfo(ctx, {}, &r); })) {
+    return rc;
   }
   return Show(PluginInfoOutput(r));
 }
@@ -201,8 +202,9 @@ int CsiCommands::Impl::IdentityProbe() {
 int CsiCommands::Impl::IdentityCapabilities() {
   auto stub = IdentityStub();
   csi::GetPluginCapabilitiesResponse r;
-  if (auto s = stub->GetPluginCapabilities(conn->Ctx().get(), {}, &r); !s.ok()) {
-    return Fail("get plugin capabilities", s);
+  if (int rc = conn->Call("get plugin capabilities",
+                          [&](auto* ctx) { return stub->GetPluginCapabilities(ctx, {}, &r); })) {
+    return rc;
   }
   return Show(CapabilitiesOutput(CapabilityNames(r)));
 }
@@ -231,8 +233,9 @@ int CsiCommands::Impl::CreateVolume() {
   }
   *req.add_volume_capabilities() = Capability();
   csi::CreateVolumeResponse r;
-  if (auto s = ctl->CreateVolume(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail(fmt::format("create volume \"{}\"", name), s);
+  if (int rc = conn->Call(fmt::format("create volume \"{}\"", name),
+                          [&](auto* ctx) { return ctl->CreateVolume(ctx, req, &r); })) {
+    return rc;
   }
   return Show(CreatedVolumeOutput(r.volume()));
 }
@@ -242,8 +245,9 @@ int CsiCommands::Impl::DeleteVolume() {
   csi::DeleteVolumeRequest req;
   req.set_volume_id(id);
   csi::DeleteVolumeResponse r;
-  if (auto s = ctl->DeleteVolume(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail(fmt::format("delete volume {}", id), s);
+  if (int rc = conn->Call(fmt::format("delete volume {}", id),
+                          [&](auto* ctx) { return ctl->DeleteVolume(ctx, req, &r); })) {
+    return rc;
   }
   return Show({{{"deleted", id}}, fmt::format("volume {} deleted\n", id)});
 }
@@ -254,8 +258,9 @@ int CsiCommands::Impl::ListVolumes() {
   req.set_max_entries(max_entries);
   req.set_starting_token(token);
   csi::ListVolumesResponse r;
-  if (auto s = ctl->ListVolumes(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail("list volumes", s);
+  if (int rc =
+          conn->Call("list volumes", [&](auto* ctx) { return ctl->ListVolumes(ctx, req, &r); })) {
+    return rc;
   }
   return Show(VolumeListOutput(r));
 }
@@ -265,8 +270,9 @@ int CsiCommands::Impl::GetVolume() {
   csi::ControllerGetVolumeRequest req;
   req.set_volume_id(id);
   csi::ControllerGetVolumeResponse r;
-  if (auto s = ctl->ControllerGetVolume(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail(fmt::format("get volume {}", id), s);
+  if (int rc = conn->Call(fmt::format("get volume {}", id),
+                          [&](auto* ctx) { return ctl->ControllerGetVolume(ctx, req, &r); })) {
+    return rc;
   }
   return Show(GetVolumeOutput(r));
 }
@@ -277,8 +283,9 @@ int CsiCommands::Impl::ControllerExpand() {
   req.set_volume_id(id);
   req.mutable_capacity_range()->set_required_bytes(ParseSize("--size", size));
   csi::ControllerExpandVolumeResponse r;
-  if (auto s = ctl->ControllerExpandVolume(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail(fmt::format("expand volume {}", id), s);
+  if (int rc = conn->Call(fmt::format("expand volume {}", id),
+                          [&](auto* ctx) { return ctl->ControllerExpandVolume(ctx, req, &r); })) {
+    return rc;
   }
   return Show(ControllerExpandOutput(id, r));
 }
@@ -289,8 +296,9 @@ int CsiCommands::Impl::Modify() {
   req.set_volume_id(id);
   PutPairs("--param", params, req.mutable_mutable_parameters());
   csi::ControllerModifyVolumeResponse r;
-  if (auto s = ctl->ControllerModifyVolume(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail(fmt::format("modify volume {}", id), s);
+  if (int rc = conn->Call(fmt::format("modify volume {}", id),
+                          [&](auto* ctx) { return ctl->ControllerModifyVolume(ctx, req, &r); })) {
+    return rc;
   }
   return Show({{{"modified", id}}, fmt::format("volume {} modified\n", id)});
 }
@@ -302,8 +310,9 @@ int CsiCommands::Impl::SnapshotCreate() {
   req.set_source_volume_id(source);
   PutPairs("--param", params, req.mutable_parameters());
   csi::CreateSnapshotResponse r;
-  if (auto s = ctl->CreateSnapshot(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail(fmt::format("create snapshot \"{}\"", name), s);
+  if (int rc = conn->Call(fmt::format("create snapshot \"{}\"", name),
+                          [&](auto* ctx) { return ctl->CreateSnapshot(ctx, req, &r); })) {
+    return rc;
   }
   return Show(SnapshotOutput(r.snapshot()));
 }
@@ -313,8 +322,9 @@ int CsiCommands::Impl::SnapshotDelete() {
   csi::DeleteSnapshotRequest req;
   req.set_snapshot_id(id);
   csi::DeleteSnapshotResponse r;
-  if (auto s = ctl->DeleteSnapshot(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail(fmt::format("delete snapshot {}", id), s);
+  if (int rc = conn->Call(fmt::format("delete snapshot {}", id),
+                          [&](auto* ctx) { return ctl->DeleteSnapshot(ctx, req, &r); })) {
+    return rc;
   }
   return Show({{{"deleted", id}}, fmt::format("snapshot {} deleted\n", id)});
 }
@@ -327,8 +337,9 @@ int CsiCommands::Impl::SnapshotList() {
   req.set_source_volume_id(source);
   req.set_snapshot_id(snap_id);
   csi::ListSnapshotsResponse r;
-  if (auto s = ctl->ListSnapshots(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail("list snapshots", s);
+  if (int rc = conn->Call("list snapshots",
+                          [&](auto* ctx) { return ctl->ListSnapshots(ctx, req, &r); })) {
+    return rc;
   }
   return Show(SnapshotListOutput(r));
 }
@@ -342,8 +353,9 @@ int CsiCommands::Impl::Capacity() {
     (*req.mutable_accessible_topology()->mutable_segments())[k] = v;
   }
   csi::GetCapacityResponse r;
-  if (auto s = ctl->GetCapacity(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail("get capacity", s);
+  if (int rc =
+          conn->Call("get capacity", [&](auto* ctx) { return ctl->GetCapacity(ctx, req, &r); })) {
+    return rc;
   }
   return Show(CapacityOutput(r));
 }
@@ -351,8 +363,9 @@ int CsiCommands::Impl::Capacity() {
 int CsiCommands::Impl::ControllerCapabilities() {
   auto ctl = ControllerStub();
   csi::ControllerGetCapabilitiesResponse r;
-  if (auto s = ctl->ControllerGetCapabilities(conn->Ctx().get(), {}, &r); !s.ok()) {
-    return Fail("get controller capabilities", s);
+  if (int rc = conn->Call("get controller capabilities",
+                          [&](auto* ctx) { return ctl->ControllerGetCapabilities(ctx, {}, &r); })) {
+    return rc;
   }
   return Show(CapabilitiesOutput(CapabilityNames(r)));
 }
@@ -362,8 +375,9 @@ int CsiCommands::Impl::ControllerCapabilities() {
 int CsiCommands::Impl::NodeInfo() {
   auto nd = NodeStub();
   csi::NodeGetInfoResponse r;
-  if (auto s = nd->NodeGetInfo(conn->Ctx().get(), {}, &r); !s.ok()) {
-    return Fail("get node info", s);
+  if (int rc =
+          conn->Call("get node info", [&](auto* ctx) { return nd->NodeGetInfo(ctx, {}, &r); })) {
+    return rc;
   }
   return Show(NodeInfoOutput(r));
 }
@@ -371,8 +385,9 @@ int CsiCommands::Impl::NodeInfo() {
 int CsiCommands::Impl::NodeCapabilities() {
   auto nd = NodeStub();
   csi::NodeGetCapabilitiesResponse r;
-  if (auto s = nd->NodeGetCapabilities(conn->Ctx().get(), {}, &r); !s.ok()) {
-    return Fail("get node capabilities", s);
+  if (int rc = conn->Call("get node capabilities",
+                          [&](auto* ctx) { return nd->NodeGetCapabilities(ctx, {}, &r); })) {
+    return rc;
   }
   return Show(CapabilitiesOutput(CapabilityNames(r)));
 }
@@ -385,8 +400,9 @@ int CsiCommands::Impl::Stage() {
   *req.mutable_volume_capability() = Capability();
   PutPairs("--param", params, req.mutable_volume_context());
   csi::NodeStageVolumeResponse r;
-  if (auto s = nd->NodeStageVolume(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail(fmt::format("stage volume {}", id), s);
+  if (int rc = conn->Call(fmt::format("stage volume {}", id),
+                          [&](auto* ctx) { return nd->NodeStageVolume(ctx, req, &r); })) {
+    return rc;
   }
   return Show({{{"volume_id", id}, {"staged", staging_path}},
                fmt::format("volume {} staged at {}\n", id, staging_path)});
@@ -398,8 +414,9 @@ int CsiCommands::Impl::Unstage() {
   req.set_volume_id(id);
   req.set_staging_target_path(staging_path);
   csi::NodeUnstageVolumeResponse r;
-  if (auto s = nd->NodeUnstageVolume(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail(fmt::format("unstage volume {}", id), s);
+  if (int rc = conn->Call(fmt::format("unstage volume {}", id),
+                          [&](auto* ctx) { return nd->NodeUnstageVolume(ctx, req, &r); })) {
+    return rc;
   }
   return Show({{{"volume_id", id}, {"unstaged", staging_path}},
                fmt::format("volume {} unstaged from {}\n", id, staging_path)});
@@ -415,8 +432,9 @@ int CsiCommands::Impl::Publish() {
   *req.mutable_volume_capability() = Capability();
   PutPairs("--param", params, req.mutable_volume_context());
   csi::NodePublishVolumeResponse r;
-  if (auto s = nd->NodePublishVolume(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail(fmt::format("publish volume {}", id), s);
+  if (int rc = conn->Call(fmt::format("publish volume {}", id),
+                          [&](auto* ctx) { return nd->NodePublishVolume(ctx, req, &r); })) {
+    return rc;
   }
   return Show({{{"volume_id", id}, {"published", target_path}},
                fmt::format("volume {} published at {}\n", id, target_path)});
@@ -428,8 +446,9 @@ int CsiCommands::Impl::Unpublish() {
   req.set_volume_id(id);
   req.set_target_path(target_path);
   csi::NodeUnpublishVolumeResponse r;
-  if (auto s = nd->NodeUnpublishVolume(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail(fmt::format("unpublish volume {}", id), s);
+  if (int rc = conn->Call(fmt::format("unpublish volume {}", id),
+                          [&](auto* ctx) { return nd->NodeUnpublishVolume(ctx, req, &r); })) {
+    return rc;
   }
   return Show({{{"volume_id", id}, {"unpublished", target_path}},
                fmt::format("volume {} unpublished from {}\n", id, target_path)});
@@ -448,8 +467,9 @@ int CsiCommands::Impl::NodeExpand() {
         AccessModeFromName(access_mode));
   }
   csi::NodeExpandVolumeResponse r;
-  if (auto s = nd->NodeExpandVolume(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail(fmt::format("expand volume {} on the node", id), s);
+  if (int rc = conn->Call(fmt::format("expand volume {} on the node", id),
+                          [&](auto* ctx) { return nd->NodeExpandVolume(ctx, req, &r); })) {
+    return rc;
   }
   return Show(NodeExpandOutput(id, r));
 }
@@ -461,8 +481,9 @@ int CsiCommands::Impl::NodeStats() {
   req.set_volume_path(volume_path);
   req.set_staging_target_path(staging_path);
   csi::NodeGetVolumeStatsResponse r;
-  if (auto s = nd->NodeGetVolumeStats(conn->Ctx().get(), req, &r); !s.ok()) {
-    return Fail(fmt::format("get stats of volume {}", id), s);
+  if (int rc = conn->Call(fmt::format("get stats of volume {}", id),
+                          [&](auto* ctx) { return nd->NodeGetVolumeStats(ctx, req, &r); })) {
+    return rc;
   }
   return Show(NodeStatsOutput(id, r));
 }

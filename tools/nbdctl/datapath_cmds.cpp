@@ -1,5 +1,6 @@
 #include "tools/nbdctl/datapath_cmds.h"
 
+#include <array>
 #include <chrono>
 #include <cstdlib>
 #include <iostream>
@@ -8,6 +9,7 @@
 
 #include <fmt/format.h>
 
+#include "common/qos_fields.h"
 #include "common/quantity.h"
 #include "datapath/api/attach.grpc.pb.h"
 #include "datapath/api/datapath.grpc.pb.h"
@@ -23,44 +25,45 @@ using Deadline = std::chrono::system_clock::time_point;
 
 constexpr auto kPollInterval = std::chrono::milliseconds(100);
 
+// The QoS flags of `volume create` and `volume qos`, one per row of common/qos_fields.h. Counts and
+// rates are kept as text and parsed as quantities ("100Mi", "10k") when applied; milliseconds
+// are a 32-bit number that CLI11 checks.
 struct QosFlags {
-  std::optional<std::string> max_iops, max_read_iops, max_write_iops, max_bps, max_read_bps,
-      max_write_bps, iops_per_gib, bps_per_gib;
-  std::optional<uint32_t> burst_ms;
+  std::array<std::optional<std::string>, kQosFieldCount> text;
+  std::array<std::optional<uint32_t>, kQosFieldCount> millis;
 
   void Add(CLI::App& cmd) {
-    cmd.add_option("--max-iops", max_iops, "Total IOPS limit (0: none)");
-    cmd.add_option("--max-read-iops", max_read_iops, "Read IOPS limit");
-    cmd.add_option("--max-write-iops", max_write_iops, "Write IOPS limit");
-    cmd.add_option("--max-bps", max_bps, "Total bytes/s limit, a quantity (100Mi)");
-    cmd.add_option("--max-read-bps", max_read_bps, "Read bytes/s limit");
-    cmd.add_option("--max-write-bps", max_write_bps, "Write bytes/s limit");
-    cmd.add_option("--iops-per-gib", iops_per_gib, "IOPS per GiB of size (when no --max-iops)");
-    cmd.add_option("--bps-per-gib", bps_per_gib, "Bytes/s per GiB of size (when no --max-bps)");
-    cmd.add_option("--burst-ms", burst_ms, "Burst depth in ms of the rate (0: default 100)");
+    for (size_t i = 0; i < kQosFieldCount; ++i) {
+      const QosField& f = kQosFields[i];
+      if (f.kind == QosKind::kMillis) {
+        cmd.add_option(std::string(f.flag), millis[i], std::string(f.help));
+      } else {
+        cmd.add_option(std::string(f.flag), text[i], std::string(f.help));
+      }
+    }
   }
   bool any() const {
-    return max_iops || max_read_iops || max_write_iops || max_bps || max_read_bps ||
-           max_write_bps || iops_per_gib || bps_per_gib || burst_ms;
+    for (size_t i = 0; i < kQosFieldCount; ++i) {
+      if (text[i] || millis[i]) return true;
+    }
+    return false;
   }
-  // Calls set(value) for every given flag, after parsing it as a quantity.
+  // Row i's value, if its flag was given.
+  std::optional<uint64_t> Value(size_t i) const {
+    if (millis[i]) return *millis[i];
+    if (!text[i]) return std::nullopt;
+    auto r = ParseQuantity(*text[i]);
+    if (!r.ok()) throw UsageError{fmt::format("{}: {}", kQosFields[i].flag, r.status().message())};
+    return *r;
+  }
+  // Calls set_<field>(value) for every given flag, in table order.
   template <typename Msg>
   void Apply(Msg* m) const {
-    auto q = [](const char* flag, const std::optional<std::string>& v) -> std::optional<uint64_t> {
-      if (!v) return std::nullopt;
-      auto r = ParseQuantity(*v);
-      if (!r.ok()) throw UsageError{fmt::format("{}: {}", flag, r.status().message())};
-      return *r;
-    };
-    if (auto v = q("--max-iops", max_iops)) m->set_max_iops(*v);
-    if (auto v = q("--max-read-iops", max_read_iops)) m->set_max_read_iops(*v);
-    if (auto v = q("--max-write-iops", max_write_iops)) m->set_max_write_iops(*v);
-    if (auto v = q("--max-bps", max_bps)) m->set_max_bps(*v);
-    if (auto v = q("--max-read-bps", max_read_bps)) m->set_max_read_bps(*v);
-    if (auto v = q("--max-write-bps", max_write_bps)) m->set_max_write_bps(*v);
-    if (auto v = q("--iops-per-gib", iops_per_gib)) m->set_iops_per_gib(*v);
-    if (auto v = q("--bps-per-gib", bps_per_gib)) m->set_bps_per_gib(*v);
-    if (burst_ms) m->set_burst_ms(*burst_ms);
+    size_t i = 0;
+#define NBDCSI_QOS_APPLY(f, key, flag, kind, help) \
+  if (auto v = Value(i++)) m->set_##f(static_cast<QosValue<QosKind::kind>>(*v));
+    NBDCSI_QOS_FIELDS(NBDCSI_QOS_APPLY)
+#undef NBDCSI_QOS_APPLY
   }
 };
 
@@ -95,6 +98,31 @@ struct DatapathCommands::Impl {
     attach_stub = v1::Attachments::NewStub(conn->channel());
   }
   int Fail(const std::string& what, const grpc::Status& s) const { return conn->Fail(what, s); }
+  using Stub = v1::Datapath::Stub;
+  using AttachStub = v1::Attachments::Stub;
+  // One call on the Datapath (or Attachments) service: kExitOk, or the one error path's code.
+  // `what` names the action; with `named` the volume or snapshot name is added to it
+  // (delete volume "x").
+  template <typename Req, typename Resp>
+  int Call(grpc::Status (Stub::*method)(grpc::ClientContext*, const Req&, Resp*), const Req& req,
+           Resp* resp, const char* what, bool named = true) {
+    return conn->Call(*stub, method, req, resp, Action(what, named));
+  }
+  template <typename Req, typename Resp>
+  int AttachCall(grpc::Status (AttachStub::*method)(grpc::ClientContext*, const Req&, Resp*),
+                 const Req& req, Resp* resp, const char* what, bool named = true) {
+    return conn->Call(*attach_stub, method, req, resp, Action(what, named));
+  }
+  std::string Action(const char* what, bool named) const {
+    return named ? fmt::format("{} \"{}\"", what, name) : std::string(what);
+  }
+  // A request whose only field is the name.
+  template <typename Req>
+  Req Named() const {
+    Req r;
+    r.set_name(name);
+    return r;
+  }
   int Show(const json& j, const std::string& text) const {
     Print(global.output, j, text);
     return kExitOk;
@@ -219,8 +247,7 @@ int DatapathCommands::Impl::VolumeCreate() {
 int DatapathCommands::Impl::VolumeList() {
   Connect();
   v1::ListVolumesResponse resp;
-  auto s = stub->ListVolumes(conn->Ctx().get(), {}, &resp);
-  if (!s.ok()) return Fail("list volumes", s);
+  if (int rc = Call(&Stub::ListVolumes, {}, &resp, "list volumes", false)) return rc;
   json vols = json::array();
   for (const auto& v : resp.volumes()) vols.push_back(VolumeJson(v));
   return Show({{"volumes", vols}}, VolumeListTable(resp));
@@ -228,11 +255,10 @@ int DatapathCommands::Impl::VolumeList() {
 
 int DatapathCommands::Impl::VolumeInspect() {
   Connect();
-  v1::GetVolumeRequest req;
-  req.set_name(name);
   v1::GetVolumeResponse resp;
-  auto s = stub->GetVolume(conn->Ctx().get(), req, &resp);
-  if (!s.ok()) return Fail(fmt::format("inspect volume \"{}\"", name), s);
+  if (int rc = Call(&Stub::GetVolume, Named<v1::GetVolumeRequest>(), &resp, "inspect volume")) {
+    return rc;
+  }
   return Show(VolumeJson(resp.volume()), VolumeDetails(resp.volume()));
 }
 
@@ -242,18 +268,17 @@ int DatapathCommands::Impl::VolumeResize() {
   req.set_name(name);
   req.set_size_bytes(ParseSizeFlag("--size", size));
   v1::ResizeVolumeResponse resp;
-  auto s = stub->ResizeVolume(conn->Ctx().get(), req, &resp);
-  if (!s.ok()) return Fail(fmt::format("resize volume \"{}\"", name), s);
+  if (int rc = Call(&Stub::ResizeVolume, req, &resp, "resize volume")) return rc;
   return Show(VolumeJson(resp.volume()), VolumeDetails(resp.volume()));
 }
 
 int DatapathCommands::Impl::VolumeDelete() {
   Connect();
-  v1::DeleteVolumeRequest req;
-  req.set_name(name);
   v1::DeleteVolumeResponse resp;
-  auto s = stub->DeleteVolume(conn->Ctx().get(), req, &resp);
-  if (!s.ok()) return Fail(fmt::format("delete volume \"{}\"", name), s);
+  if (int rc =
+          Call(&Stub::DeleteVolume, Named<v1::DeleteVolumeRequest>(), &resp, "delete volume")) {
+    return rc;
+  }
   return Show({{"deleted", name}}, fmt::format("volume \"{}\" deleted\n", name));
 }
 
@@ -271,8 +296,7 @@ int DatapathCommands::Impl::VolumeQos() {
   else
     qos.Apply(req.mutable_patch());
   v1::SetQosResponse resp;
-  auto s = stub->SetQos(conn->Ctx().get(), req, &resp);
-  if (!s.ok()) return Fail(fmt::format("set QoS of volume \"{}\"", name), s);
+  if (int rc = Call(&Stub::SetQos, req, &resp, "set QoS of volume")) return rc;
   return Show(VolumeJson(resp.volume()), VolumeDetails(resp.volume()));
 }
 
@@ -297,8 +321,7 @@ int DatapathCommands::Impl::SnapshotList() {
   v1::ListSnapshotsRequest req;
   req.set_source_volume(snap_volume);
   v1::ListSnapshotsResponse resp;
-  auto s = stub->ListSnapshots(conn->Ctx().get(), req, &resp);
-  if (!s.ok()) return Fail("list snapshots", s);
+  if (int rc = Call(&Stub::ListSnapshots, req, &resp, "list snapshots", false)) return rc;
   json snaps = json::array();
   for (const auto& sn : resp.snapshots()) snaps.push_back(SnapshotJson(sn));
   return Show({{"snapshots", snaps}}, SnapshotListTable(resp));
@@ -306,39 +329,38 @@ int DatapathCommands::Impl::SnapshotList() {
 
 int DatapathCommands::Impl::SnapshotInspect() {
   Connect();
-  v1::GetSnapshotRequest req;
-  req.set_name(name);
   v1::GetSnapshotResponse resp;
-  auto s = stub->GetSnapshot(conn->Ctx().get(), req, &resp);
-  if (!s.ok()) return Fail(fmt::format("inspect snapshot \"{}\"", name), s);
+  if (int rc =
+          Call(&Stub::GetSnapshot, Named<v1::GetSnapshotRequest>(), &resp, "inspect snapshot")) {
+    return rc;
+  }
   return Show(SnapshotJson(resp.snapshot()), SnapshotDetails(resp.snapshot()));
 }
 
 int DatapathCommands::Impl::SnapshotDelete() {
   Connect();
-  v1::DeleteSnapshotRequest req;
-  req.set_name(name);
   v1::DeleteSnapshotResponse resp;
-  auto s = stub->DeleteSnapshot(conn->Ctx().get(), req, &resp);
-  if (!s.ok()) return Fail(fmt::format("delete snapshot \"{}\"", name), s);
+  if (int rc = Call(&Stub::DeleteSnapshot, Named<v1::DeleteSnapshotRequest>(), &resp,
+                    "delete snapshot")) {
+    return rc;
+  }
   return Show({{"deleted", name}}, fmt::format("snapshot \"{}\" deleted\n", name));
 }
 
 int DatapathCommands::Impl::Stats() {
   Connect();
-  v1::GetVolumeStatsRequest req;
-  req.set_name(name);
   v1::GetVolumeStatsResponse resp;
-  auto s = stub->GetVolumeStats(conn->Ctx().get(), req, &resp);
-  if (!s.ok()) return Fail(fmt::format("get stats of volume \"{}\"", name), s);
+  if (int rc = Call(&Stub::GetVolumeStats, Named<v1::GetVolumeStatsRequest>(), &resp,
+                    "get stats of volume")) {
+    return rc;
+  }
   return Show(StatsJson(resp), StatsText(resp));
 }
 
 int DatapathCommands::Impl::PoolInfo() {
   Connect();
   v1::GetPoolInfoResponse resp;
-  auto s = stub->GetPoolInfo(conn->Ctx().get(), {}, &resp);
-  if (!s.ok()) return Fail("get pool info", s);
+  if (int rc = Call(&Stub::GetPoolInfo, {}, &resp, "get pool info", false)) return rc;
   return Show(PoolJson(resp), PoolText(resp));
 }
 
@@ -348,8 +370,7 @@ int DatapathCommands::Impl::Attach() {
   req.set_volume(name);
   req.set_connections(connections);
   v1::AttachVolumeResponse resp;
-  auto s = attach_stub->AttachVolume(conn->Ctx().get(), req, &resp);
-  if (!s.ok()) return Fail(fmt::format("attach volume \"{}\"", name), s);
+  if (int rc = AttachCall(&AttachStub::AttachVolume, req, &resp, "attach volume")) return rc;
   return Show(AttachmentJson(resp.attachment()), AttachmentDetails(resp.attachment()));
 }
 
@@ -358,8 +379,7 @@ int DatapathCommands::Impl::Detach() {
   v1::DetachVolumeRequest req;
   req.set_volume(name);
   v1::DetachVolumeResponse resp;
-  auto s = attach_stub->DetachVolume(conn->Ctx().get(), req, &resp);
-  if (!s.ok()) return Fail(fmt::format("detach volume \"{}\"", name), s);
+  if (int rc = AttachCall(&AttachStub::DetachVolume, req, &resp, "detach volume")) return rc;
   return Show({{"detached", name}}, fmt::format("volume \"{}\" detached\n", name));
 }
 
@@ -368,16 +388,19 @@ int DatapathCommands::Impl::ResizeAttachment() {
   v1::ResizeAttachmentRequest req;
   req.set_volume(name);
   v1::ResizeAttachmentResponse resp;
-  auto s = attach_stub->ResizeAttachment(conn->Ctx().get(), req, &resp);
-  if (!s.ok()) return Fail(fmt::format("resize the attachment of volume \"{}\"", name), s);
+  if (int rc = AttachCall(&AttachStub::ResizeAttachment, req, &resp,
+                          "resize the attachment of volume")) {
+    return rc;
+  }
   return Show(AttachmentJson(resp.attachment()), AttachmentDetails(resp.attachment()));
 }
 
 int DatapathCommands::Impl::Attachments() {
   Connect();
   v1::ListAttachmentsResponse resp;
-  auto s = attach_stub->ListAttachments(conn->Ctx().get(), {}, &resp);
-  if (!s.ok()) return Fail("list attachments", s);
+  if (int rc = AttachCall(&AttachStub::ListAttachments, {}, &resp, "list attachments", false)) {
+    return rc;
+  }
   json all = json::array();
   for (const auto& a : resp.attachments()) all.push_back(AttachmentJson(a));
   return Show({{"attachments", all}}, AttachmentListTable(resp));

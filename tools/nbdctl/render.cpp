@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include "common/qos_fields.h"
 #include "common/quantity.h"
 
 namespace nbdcsi::nbdctl {
@@ -34,11 +35,11 @@ std::string LatencyUs(uint64_t us) {
 }
 
 json QosJson(const v1::QosLimits& q) {
-  return {{"max_iops", q.max_iops()},           {"max_read_iops", q.max_read_iops()},
-          {"max_write_iops", q.max_write_iops()}, {"max_bps", q.max_bps()},
-          {"max_read_bps", q.max_read_bps()},   {"max_write_bps", q.max_write_bps()},
-          {"iops_per_gib", q.iops_per_gib()},   {"bps_per_gib", q.bps_per_gib()},
-          {"burst_ms", q.burst_ms()}};
+  json j;
+#define NBDCSI_QOS_JSON(f, key, flag, kind, help) j[#f] = q.f();
+  NBDCSI_QOS_FIELDS(NBDCSI_QOS_JSON)
+#undef NBDCSI_QOS_JSON
+  return j;
 }
 
 json EffectiveJson(const v1::EffectiveQos& e) {

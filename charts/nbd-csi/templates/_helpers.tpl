@@ -39,6 +39,58 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-datapath-tls" (include "nbd-csi.fullname" .)) .Values.tls.existingSecret.datapath -}}
 {{- end -}}
 
+{{/* What the cluster serves decides a few objects and flags, so that one chart installs on every
+supported Kubernetes (1.20 and later) instead of failing on the older ones. helm install and
+upgrade ask the API server; helm template assumes its own default version unless given
+--kube-version and --api-versions. Each helper prints "true" or nothing. */}}
+
+{{/* CSIStorageCapacity storage.k8s.io/v1 (Kubernetes 1.24): the provisioner publishes capacity
+per node and the scheduler uses it. Before that the sidecar's capacity mode has nothing to
+write to. */}}
+{{- define "nbd-csi.capacity" -}}
+{{- if semverCompare ">=1.24.0-0" .Capabilities.KubeVersion.Version -}}true{{- end -}}
+{{- end -}}
+
+{{/* The VolumeSnapshotClass: volumeSnapshotClass.create is auto, true or false. */}}
+{{- define "nbd-csi.snapshotClass" -}}
+{{- $served := .Capabilities.APIVersions.Has "snapshot.storage.k8s.io/v1" -}}
+{{- $create := .Values.volumeSnapshotClass.create -}}
+{{- if eq (toString $create) "true" -}}
+{{- if not $served -}}
+{{- fail "volumeSnapshotClass.create=true, but the cluster does not serve snapshot.storage.k8s.io/v1: install the snapshot CRDs and snapshot-controller (kubernetes-csi/external-snapshotter) first, or set volumeSnapshotClass.create=auto or false (helm template: pass --api-versions snapshot.storage.k8s.io/v1)" -}}
+{{- end -}}
+true
+{{- else if and (eq (toString $create) "auto") $served -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "nbd-csi.pdbApiVersion" -}}
+{{- if semverCompare ">=1.21.0-0" .Capabilities.KubeVersion.Version -}}policy/v1{{- else -}}policy/v1beta1{{- end -}}
+{{- end -}}
+
+{{/* The API server's address for the controller's sidecars when the kubernetes Service cannot
+be used (controller.apiServerAddress): client-go's in-cluster configuration reads these two
+variables, and a container's own env wins over the ones the kubelet injects. */}}
+{{- define "nbd-csi.apiServerEnv" -}}
+{{- with .Values.controller.apiServerAddress -}}
+{{- $hp := regexSplit ":" . -1 -}}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ index $hp 0 | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ index $hp 1 | quote }}
+{{- end -}}
+{{- end -}}
+
+{{/* The controller pod's containers: none needs a privilege, a writable root or new capabilities. */}}
+{{- define "nbd-csi.restricted" -}}
+securityContext:
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: [ALL]
+{{- end -}}
+
 {{/* Refuses value combinations that would deploy something broken. */}}
 {{- define "nbd-csi.validate" -}}
 {{- if ne .Values.driverName "nbd.csi.io" -}}
@@ -51,6 +103,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- if and $c .Values.tls.certManager.enabled -}}
 {{- fail "tls: choose tls.existingSecret or tls.certManager.enabled, not both" -}}
+{{- end -}}
+{{- if .Values.volumeAttributesClasses.enabled -}}
+{{- $vac := printf "%s/VolumeAttributesClass" .Values.volumeAttributesClasses.apiVersion -}}
+{{- if not (.Capabilities.APIVersions.Has $vac) -}}
+{{- fail (printf "volumeAttributesClasses.enabled=true, but the cluster does not serve %s (Kubernetes %s): enable the VolumeAttributesClass feature gate and that API version, set volumeAttributesClasses.apiVersion to the one served, or leave volumeAttributesClasses.enabled=false (helm template: pass --api-versions %s)" $vac .Capabilities.KubeVersion.Version $vac) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.controller.apiServerAddress (not (regexMatch "^[^:/]+:[0-9]+$" .Values.controller.apiServerAddress)) -}}
+{{- fail (printf "controller.apiServerAddress %q must be HOST:PORT" .Values.controller.apiServerAddress) -}}
 {{- end -}}
 {{- if not (has .Values.datapath.updateStrategy.type (list "OnDelete" "RollingUpdate")) -}}
 {{- fail "datapath.updateStrategy.type must be OnDelete or RollingUpdate" -}}
