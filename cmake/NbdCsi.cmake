@@ -7,6 +7,22 @@ function(nbdcsi_add_test)
   if(NOT T_TIMEOUT)
     set(T_TIMEOUT 120)
   endif()
+  # In a sanitizer tree every test runs under test/sanitizers/run.sh, which points each process's
+  # reports at a per-test directory and fails the test when one appears (a report in a daemon
+  # started by a script would otherwise go unseen). The wrapper needs the first word as a path.
+  if(NBDCSI_SANITIZE OR NBDCSI_TSAN)
+    list(POP_FRONT T_COMMAND first)
+    if(TARGET ${first})
+      set(first $<TARGET_FILE:${first}>)
+    endif()
+    if(NBDCSI_TSAN)
+      set(kind tsan)
+    else()
+      set(kind asan)
+    endif()
+    set(T_COMMAND ${CMAKE_SOURCE_DIR}/test/sanitizers/run.sh ${kind}
+        ${CMAKE_BINARY_DIR}/sanitizer-reports/${T_NAME} ${first} ${T_COMMAND})
+  endif()
   add_test(NAME ${T_NAME} COMMAND ${T_COMMAND} WORKING_DIRECTORY ${CMAKE_BINARY_DIR})
   set(env "NBDCSI_BIN=${CMAKE_BINARY_DIR}/bin" "NBDCSI_SRC=${CMAKE_SOURCE_DIR}" ${T_ENV})
   set_tests_properties(${T_NAME} PROPERTIES

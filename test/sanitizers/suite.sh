@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The asan.suite / tsan.suite tests of the plain tree (test/sanitize.cmake): run the tests labelled
+# <label> of a sanitizer tree with a nested CTest, so that one CTest summary covers all three
+# builds and a failure there fails the outer run.
+#   suite.sh <kind> <tree> <label>
+# Skips (77) unless CI=true or NBDCSI_SANITIZERS=1 (scripts/test.sh builds the trees then): a
+# local `ctest` in build/ should not start a half-hour run against a stale sanitizer tree. Under
+# CI=true a missing tree is a failure, never a skip.
+set -uo pipefail
+kind=$1 tree=$2 label=$3
+if [ "${CI:-}" != true ] && [ "${NBDCSI_SANITIZERS:-}" != 1 ]; then
+  echo "$kind.suite: skipped (set NBDCSI_SANITIZERS=1, or CI=true, and build $tree: scripts/test.sh does both)"
+  exit 77
+fi
+if [ ! -f "$tree/CTestTestfile.cmake" ] || [ ! -f "$tree/.built" ]; then
+  echo "$kind.suite: $tree is not built (scripts/test.sh builds it when CI=true or NBDCSI_SANITIZERS=1)" >&2
+  [ "${CI:-}" = true ] && exit 1
+  exit 77
+fi
+log=$tree/ctest-suite.log
+echo "$kind.suite: ctest -L '^$label\$' in $tree (log: $log)"
+rc=0
+# The outer test is RUN_SERIAL, so the nested run has both cores.
+ctest --test-dir "$tree" -L "^$label\$" -j"$(nproc)" --output-on-failure \
+  >"$log" 2>&1 || rc=$?
+# The summary and any failures, so that the outer --output-on-failure shows them.
+sed -n '/tests passed\|tests failed/,$p' "$log"
+total=$(grep -cE '^ *[0-9]+/[0-9]+ Test +#' "$log" || true)
+if [ "$total" = 0 ]; then
+  echo "$kind.suite: no test ran in $tree with label $label" >&2
+  exit 1
+fi
+if [ $rc != 0 ]; then
+  echo "=== $kind.suite: failures in $tree; their output:" >&2
+  # Everything CTest printed for the failing tests (--output-on-failure), bounded.
+  grep -vE '^ *[0-9]+/[0-9]+ Test +#.* Passed' "$log" | tail -n 400 >&2
+  exit 1
+fi
+exit 0
