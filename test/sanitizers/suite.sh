@@ -3,13 +3,22 @@
 # <label> of a sanitizer tree with a nested CTest, so that one CTest summary covers all three
 # builds and a failure there fails the outer run.
 #   suite.sh <kind> <tree> <label>
-# Skips (77) unless CI=true or NBDCSI_SANITIZERS=1 (scripts/test.sh builds the trees then): a
-# local `ctest` in build/ should not start a half-hour run against a stale sanitizer tree. Under
-# CI=true a missing tree is a failure, never a skip.
+# Runs when scripts/test.sh built that tree for this run (NBDCSI_ASAN=1 / NBDCSI_TSAN=1: TSan
+# with CI=true or NBDCSI_SANITIZERS=1, ASan with NBDCSI_SANITIZERS=1); otherwise skips (77), so a
+# local `ctest` in build/ does not start a long run against a stale sanitizer tree. Under CI=true
+# the TSan suite is never skipped and a tree that was asked for but is missing is a failure.
 set -uo pipefail
 kind=$1 tree=$2 label=$3
-if [ "${CI:-}" != true ] && [ "${NBDCSI_SANITIZERS:-}" != 1 ]; then
-  echo "$kind.suite: skipped (set NBDCSI_SANITIZERS=1, or CI=true, and build $tree: scripts/test.sh does both)"
+want=0
+[ "$kind" = asan ] && want=${NBDCSI_ASAN:-0}
+[ "$kind" = tsan ] && want=${NBDCSI_TSAN:-0}
+[ "${NBDCSI_SANITIZERS:-}" = 1 ] && want=1
+if [ "$want" != 1 ]; then
+  if [ "${CI:-}" = true ] && [ "$kind" = tsan ]; then
+    echo "$kind.suite: CI=true but the TSan tree was not built for this run (use scripts/test.sh)" >&2
+    exit 1
+  fi
+  echo "$kind.suite: skipped (scripts/test.sh builds and runs it: TSan with CI=true or NBDCSI_SANITIZERS=1, ASan with NBDCSI_SANITIZERS=1)"
   exit 77
 fi
 if [ ! -f "$tree/CTestTestfile.cmake" ] || [ ! -f "$tree/.built" ]; then
