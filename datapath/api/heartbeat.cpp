@@ -1,7 +1,6 @@
 #include "datapath/api/heartbeat.h"
 
 #include <arpa/inet.h>
-#include <dirent.h>
 #include <netdb.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -15,6 +14,7 @@
 #include <grpcpp/support/channel_arguments.h>
 #include <spdlog/spdlog.h>
 
+#include "common/block_devices.h"
 #include "common/node_id.h"
 
 namespace nbdcsi::datapath {
@@ -41,28 +41,7 @@ bool IsIpLiteral(const std::string& host) {
   return inet_pton(AF_INET, host.c_str(), &a4) == 1 || inet_pton(AF_INET6, host.c_str(), &a6) == 1;
 }
 
-bool IsWholeNbdName(const char* name) {
-  if (std::strncmp(name, "nbd", 3) != 0 || name[3] == '\0') return false;
-  for (const char* p = name + 3; *p; ++p) {
-    if (!std::isdigit(static_cast<unsigned char>(*p))) return false;
-  }
-  return true;
-}
-
 }  // namespace
-
-uint32_t CountNbdDevices(const std::string& dev_dir) {
-  DIR* d = opendir(dev_dir.c_str());
-  if (!d) return 0;
-  uint32_t n = 0;
-  while (dirent* e = readdir(d)) {
-    if (!IsWholeNbdName(e->d_name)) continue;
-    struct stat st{};
-    if (fstatat(dirfd(d), e->d_name, &st, 0) == 0 && S_ISBLK(st.st_mode)) ++n;
-  }
-  closedir(d);
-  return n;
-}
 
 StatusOr<std::vector<std::string>> ResolveController(const std::string& controller) {
   auto [host, port] = SplitHostPort(controller);

@@ -49,10 +49,6 @@ struct HeartbeatOptions {
 // EHOSTUNREACH (with the resolver's message) when the name does not resolve.
 StatusOr<std::vector<std::string>> ResolveController(const std::string& controller);
 
-// The whole /dev/nbdN devices (block devices named nbd<digits>; partitions are not counted)
-// under dev_dir. 0 when there are none or the directory cannot be read.
-uint32_t CountNbdDevices(const std::string& dev_dir = "/dev");
-
 // One heartbeat for the pool state `info`.
 nbdcsi::datapath::v1::HeartbeatRequest MakeHeartbeatRequest(const HeartbeatOptions& opts,
                                                             const PoolInfo& info,

@@ -29,6 +29,7 @@
 #include <gtest/gtest.h>
 #include <grpcpp/grpcpp.h>
 
+#include "common/block_devices.h"
 #include "common/tls.h"
 #include "controller/node_datapath.h"
 #include "controller/registry.h"
@@ -240,25 +241,6 @@ TEST(Heartbeat, RequestCarriesThePoolNumbers) {
   EXPECT_EQ(r.nbd_devices(), 3u);
   info.provisioned = 30 * kGiB;  // overcommitted beyond the ratio: nothing left, no wrap
   EXPECT_EQ(datapath::MakeHeartbeatRequest(o, info, 0).provisionable_bytes(), 0u);
-}
-
-TEST(Heartbeat, CountsWholeNbdBlockDevicesOnly) {
-  // Block device nodes need CAP_MKNOD; a fake /dev holds other file types, which must not count.
-  test::TempDir tmp("hb_dev");
-  ASSERT_TRUE(tmp.ok()) << tmp.error();
-  const std::string& dir = tmp.path();
-  EXPECT_EQ(datapath::CountNbdDevices(dir), 0u);
-  std::ofstream(dir + "/nbd0") << "";  // a regular file named like a device
-  EXPECT_EQ(datapath::CountNbdDevices(dir), 0u);
-  bool can_mknod = mknod((dir + "/nbd1").c_str(), S_IFBLK | 0600, makedev(43, 32)) == 0;
-  if (can_mknod) {
-    ASSERT_EQ(mknod((dir + "/nbd12").c_str(), S_IFBLK | 0600, makedev(43, 384)), 0);
-    ASSERT_EQ(mknod((dir + "/nbd1p1").c_str(), S_IFBLK | 0600, makedev(43, 33)), 0);
-    ASSERT_EQ(mknod((dir + "/nbdx").c_str(), S_IFBLK | 0600, makedev(43, 64)), 0);
-    ASSERT_EQ(mknod((dir + "/loop0").c_str(), S_IFBLK | 0600, makedev(7, 0)), 0);
-    EXPECT_EQ(datapath::CountNbdDevices(dir), 2u);
-  }
-  EXPECT_EQ(datapath::CountNbdDevices(dir + "/missing"), 0u);
 }
 
 // ---- HeartbeatSender in process ----
@@ -713,7 +695,7 @@ TEST_F(DatapathdTest, HeartbeatsOverMutualTlsAndTheControllerReachesTheApi) {
   EXPECT_GT(hb.free_bytes(), 0u);
   EXPECT_FALSE(hb.version().empty());
   EXPECT_GE(hb.started_unix_ns(), before_ns);
-  EXPECT_EQ(hb.nbd_devices(), datapath::CountNbdDevices("/dev"));
+  EXPECT_EQ(hb.nbd_devices(), nbdcsi::CountNbdDevices("/dev"));
   ASSERT_TRUE(ctl->reg.Get("node-a").has_value());
 
   // The controller's way in: NodeRegistry::Datapath over mutual TLS.
