@@ -911,11 +911,13 @@ TEST_F(FaultsKill, NodePluginBlockVolumes) {
   Process plugin;
   std::shared_ptr<grpc::Channel> ch;
   std::unique_ptr<v1::Node::Stub> stub;
+  fs::create_directories(dir + "/kubelet");  // --kubelet-root must exist
   auto start = [&] {
     fs::remove(csi_sock);
     ASSERT_TRUE(plugin.Start(
         {Cluster::Bin("nbd-csi-node"), "--csi-endpoint", "unix://" + csi_sock, "--node-id", node,
-         "--datapath", "unix://" + dir + "/" + node + "-api.sock", "--log-level", "debug"},
+         "--datapath", "unix://" + dir + "/" + node + "-api.sock", "--kubelet-root",
+         dir + "/kubelet", "--log-level", "debug"},
         dir + "/node-plugin.log"));
     auto deadline = Clock::now() + 20s;
     while (!fs::exists(csi_sock)) {

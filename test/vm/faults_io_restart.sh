@@ -71,7 +71,7 @@ controller_start() {
 }
 node_start() {
   rm -f "$NCSI"
-  nbd-csi-node --csi-endpoint "unix://$NCSI" --node-id "$NODE" --datapath "unix://$API" >>"$NLOG" 2>&1 &
+  nbd-csi-node --csi-endpoint "unix://$NCSI" --node-id "$NODE" --datapath "unix://$API" --kubelet-root "$D" >>"$NLOG" 2>&1 &
   NPID=$!
   wait_sock "$NCSI" "$NPID" nbd-csi-node
 }
