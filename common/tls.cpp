@@ -26,6 +26,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/fs_util.h"
+#include "common/openssl_ptr.h"
 
 namespace nbdcsi {
 namespace {
@@ -42,19 +43,6 @@ constexpr unsigned kGrpcRefreshSeconds = 1;
 // and after, retrying when they moved: copies published at least a second apart always differ
 // there, so a read that straddles a swap is retried, never used.
 constexpr auto kMinPublishGap = std::chrono::milliseconds(1100);
-
-struct BioFree {
-  void operator()(BIO* b) const { BIO_free(b); }
-};
-struct X509Free {
-  void operator()(X509* x) const { X509_free(x); }
-};
-struct PkeyFree {
-  void operator()(EVP_PKEY* k) const { EVP_PKEY_free(k); }
-};
-using BioPtr = std::unique_ptr<BIO, BioFree>;
-using X509Ptr = std::unique_ptr<X509, X509Free>;
-using PkeyPtr = std::unique_ptr<EVP_PKEY, PkeyFree>;
 
 // Reads one PEM file and checks it holds the kind of block it should, so that swapped or wrong
 // files fail here with the flag named instead of as an opaque handshake failure later.

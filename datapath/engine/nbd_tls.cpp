@@ -23,25 +23,13 @@
 #include <vector>
 
 #include "common/fs_util.h"
+#include "common/openssl_ptr.h"
 
 namespace nbdcsi::datapath {
 namespace {
 
 // Certificates, keys and bundles are a few KiB; a bigger file is not what the operator meant.
 constexpr size_t kMaxPemBytes = 1 << 20;
-
-struct BioFree {
-  void operator()(BIO* b) const { BIO_free(b); }
-};
-struct X509Free {
-  void operator()(X509* x) const { X509_free(x); }
-};
-struct CtxFree {
-  void operator()(SSL_CTX* c) const { SSL_CTX_free(c); }
-};
-using BioPtr = std::unique_ptr<BIO, BioFree>;
-using X509Ptr = std::unique_ptr<X509, X509Free>;
-using CtxPtr = std::unique_ptr<SSL_CTX, CtxFree>;
 
 // The reason of the most recent OpenSSL error on this thread ("no start line",
 // "key values mismatch"), and clears the queue.
@@ -109,7 +97,7 @@ std::string Subject(X509* x) {
 }
 
 struct Built {
-  CtxPtr ctx;
+  SslCtxPtr ctx;
   std::string summary;
 };
 
@@ -133,7 +121,7 @@ StatusOr<Built> Build(const NbdTlsFiles& f) {
   if (!cas.ok()) return cas.status();
 
   ERR_clear_error();
-  CtxPtr ctx(SSL_CTX_new(TLS_server_method()));
+  SslCtxPtr ctx(SSL_CTX_new(TLS_server_method()));
   if (!ctx) return Error(ENOMEM, "cannot create a TLS context: {}", OpenSslReason("?"));
   SSL_CTX* c = ctx.get();
   SSL_CTX_set_min_proto_version(c, TLS1_2_VERSION);
