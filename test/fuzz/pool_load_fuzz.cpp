@@ -171,9 +171,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
   }
   // A snapshot still "copying" is abandoned (removed) before its data file is looked at; a volume
-  // without its data file is broken whatever its state.
-  const bool should_break =
-      !name_ok || !parsed || (!with_data && (!snapshot || state != "copying"));
+  // without its data file is broken whatever its state. A volume whose data file (4096 bytes
+  // here) is shorter than its metadata's size was cut outside the pool: broken, unless a copy
+  // into it is still to run ("copying").
+  const bool short_data =
+      !snapshot && parsed && with_data && state != "copying" && meta_size > 4096;
+  const bool should_break = !name_ok || !parsed || short_data ||
+                            (!with_data && (!snapshot || state != "copying"));
 
   View first;
   {
