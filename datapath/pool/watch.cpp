@@ -24,22 +24,18 @@ constexpr auto kWatchPeriod = std::chrono::seconds(1);
 bool Volume::CheckDataFile() {
   if (data_lost()) return false;
   struct stat st {};
-  // fstat of an open descriptor fails only for a bad descriptor: not a reason
-  // to fence.
+  // fstat of an open descriptor fails only for a bad descriptor: not a reason to fence.
   if (fstat(buffered_fd_, &st) != 0 || st.st_nlink > 0) return true;
   if (!data_lost_.exchange(true, std::memory_order_acq_rel)) {
     spdlog::error(
-        "volume {}: its data file was removed while the volume was "
-        "in use; writes and "
-        "FLUSH fail with EIO from now on (what was written since the "
-        "removal cannot be "
-        "made durable)",
+        "volume {}: its data file was removed while the volume was in use; writes and FLUSH "
+        "fail with EIO from now on (what was written since the removal cannot be made durable)",
         name_);
   }
   return false;
 }
 
-std::string Pool::Impl::LostReason(const std::string &name) const {
+std::string Pool::Impl::LostReason(const std::string& name) const {
   return "data file " + DataPath(name) +
          " was removed while the volume was in use; writes and FLUSH were "
          "refused from then on";
@@ -71,9 +67,9 @@ void Pool::Impl::WatchOnce() {
   {
     std::lock_guard lock(mu);
     live.reserve(vols.size());
-    for (const auto &[n, e] : vols) live.emplace_back(n, e.vol);
+    for (const auto& [n, e] : vols) live.emplace_back(n, e.vol);
   }
-  for (const auto &[n, v] : live) {
+  for (const auto& [n, v] : live) {
     if (!v->CheckDataFile()) FenceLost(n, v);
   }
 }
@@ -82,7 +78,7 @@ void Pool::Impl::WatchOnce() {
 // guard so no operation on it is half-way. Nothing on disk changes: its
 // metadata stays for the operator (and the next start finds the data file
 // missing, the same verdict).
-void Pool::Impl::FenceLost(const std::string &name, const std::shared_ptr<Volume> &vol) {
+void Pool::Impl::FenceLost(const std::string& name, const std::shared_ptr<Volume>& vol) {
   NameGuard guard(*this, {VolKey(name)});
   std::lock_guard lock(mu);
   auto it = vols.find(name);
