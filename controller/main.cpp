@@ -15,6 +15,7 @@
 #include <grpcpp/server_builder.h>
 #include <spdlog/spdlog.h>
 
+#include "common/process.h"
 #include "common/tls.h"
 #include "common/unix_listener.h"
 #include "controller/controller_service.h"
@@ -150,7 +151,7 @@ int ServeCsi(const Flags& f, controller::NodeRegistry& registry, grpc::Server& r
                f.tls.insecure ? "plaintext" : "mutual TLS", f.heartbeat_interval_ms,
                f.heartbeat_ttl_ms);
 
-  int sig = ncsi::WaitForTerminationSignal();
+  int sig = nbdcsi::WaitForTerminationSignal();
   spdlog::info("signal {}: shutting down", sig);
   registry_up = false;
   (*csi_server)->Shutdown();
@@ -162,11 +163,7 @@ int ServeCsi(const Flags& f, controller::NodeRegistry& registry, grpc::Server& r
   return 0;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  ncsi::BlockTerminationSignals();
-
+int Run(int argc, char** argv) {
   CLI::App app{"nbd-csi-controller: the CSI Controller service of the nbd.csi.io driver"};
   Flags f;
   AddFlags(app, f);
@@ -211,4 +208,13 @@ int main(int argc, char** argv) {
   auto registry_server = StartRegistryServer(f, server_creds, registry_service.get(), &registry_port);
   if (!registry_server) return 1;
   return ServeCsi(f, registry, *registry_server, registry_port);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Before any thread: every thread inherits the mask (see common/process.h).
+  nbdcsi::BlockTerminationSignals();
+  nbdcsi::InstallCrashReporter();
+  nbdcsi::ExitProcess(Run(argc, argv));
 }

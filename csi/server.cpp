@@ -1,6 +1,5 @@
 #include "csi/server.h"
 
-#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -18,14 +17,6 @@
 namespace nbdcsi::csi {
 namespace {
 
-sigset_t TerminationSignals() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  return set;
-}
-
 Status PrepareUnixPath(const std::string& path) {
   std::filesystem::path parent = std::filesystem::path(path).parent_path();
   std::error_code ec;
@@ -39,21 +30,6 @@ Status PrepareUnixPath(const std::string& path) {
 }
 
 }  // namespace
-
-void BlockTerminationSignals() {
-  sigset_t set = TerminationSignals();
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  // A client that hangs up mid-reply must not kill the process.
-  signal(SIGPIPE, SIG_IGN);
-}
-
-int WaitForTerminationSignal() {
-  sigset_t set = TerminationSignals();
-  int sig = 0;
-  while (sigwait(&set, &sig) != 0) {
-  }
-  return sig;
-}
 
 CsiServer::~CsiServer() {
   Shutdown();

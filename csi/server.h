@@ -17,12 +17,6 @@
 
 namespace nbdcsi::csi {
 
-// Call first thing in main(), before any thread exists: SIGINT and SIGTERM are blocked in every
-// thread and taken synchronously by WaitForTerminationSignal(); SIGPIPE is ignored.
-void BlockTerminationSignals();
-// Blocks until SIGINT or SIGTERM arrives; returns the signal number.
-int WaitForTerminationSignal();
-
 struct CsiServerOptions {
   // "unix:///path" (what kubelet and the sidecars use: a stale socket file is removed first, a
   // live one is EADDRINUSE, the parent directory is created) or "tcp://host:port".

@@ -1,7 +1,5 @@
 // nbd-datapathd: the per-node engine. Owns the pool, serves its volumes over NBD, and exposes the
 // management API that nbdctl and the CSI controller use.
-#include <pthread.h>
-#include <signal.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -15,6 +13,7 @@
 
 #include "common/endpoint.h"
 #include "common/node_id.h"
+#include "common/process.h"
 #include "common/quantity.h"
 #include "common/tls.h"
 #include "common/unix_listener.h"
@@ -151,9 +150,8 @@ Status CheckNodeIdentity(const TlsCredentials& tls, const std::string& node_id) 
                NodeIdentityUri(node_id));
 }
 
-}  // namespace
 
-int main(int argc, char** argv) {
+int Run(int argc, char** argv) {
   CLI::App app{"nbd-datapathd: serves a pool of thin local-disk volumes over NBD"};
   std::string pool_dir;
   std::string api = "unix:///run/nbd-csi/datapath.sock";
@@ -250,14 +248,6 @@ int main(int argc, char** argv) {
 
   spdlog::set_level(spdlog::level::from_str(log_level));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
-
-  // Signals are taken synchronously by main; every thread created below inherits the mask.
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGINT);
-  sigaddset(&sigs, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-  signal(SIGPIPE, SIG_IGN);
 
   PoolOptions popts;
   popts.dir = pool_dir;
@@ -405,8 +395,7 @@ int main(int argc, char** argv) {
                cluster.node_id.empty() ? "" : ", node " + cluster.node_id, nbd_eps.size(),
                workers);
 
-  int sig = 0;
-  sigwait(&sigs, &sig);
+  const int sig = WaitForTerminationSignal();
   spdlog::info("signal {}: shutting down", sig);
   // No more heartbeats first: the controller then expires this node instead of sending calls to
   // an API that is going away.
@@ -418,4 +407,14 @@ int main(int argc, char** argv) {
   if (api_ep->kind == Endpoint::Kind::kUnix) unlink(api_ep->path.c_str());
   spdlog::info("stopped");
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Before any thread: every thread inherits the mask, and SIGTERM during start-up waits for the
+  // daemon to be up and then stops it cleanly.
+  nbdcsi::BlockTerminationSignals();
+  nbdcsi::InstallCrashReporter();
+  nbdcsi::ExitProcess(Run(argc, argv));
 }

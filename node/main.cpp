@@ -10,6 +10,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/endpoint.h"
+#include "common/process.h"
 #include "common/unix_listener.h"
 #include "csi/driver.h"
 #include "csi/identity.h"
@@ -19,12 +20,12 @@
 #include "node/node_service.h"
 #include "node/os.h"
 
-int main(int argc, char** argv) {
+namespace {
+
+int Run(int argc, char** argv) {
   using nbdcsi::Status;
   namespace csi = nbdcsi::csi;
   namespace node = nbdcsi::node;
-  csi::BlockTerminationSignals();
-
   CLI::App app{
       "nbd-csi-node: the CSI Node service (stage, publish, expand, stats) over the "
       "local nbd-datapathd"};
@@ -107,9 +108,18 @@ int main(int argc, char** argv) {
   }
   spdlog::info("nbd-csi-node {} for node {} serving {} (datapath {}, kubelet root {})",
                csi::DriverVersion(), node_id, csi_endpoint, datapath, kubelet_root);
-  int sig = csi::WaitForTerminationSignal();
+  int sig = nbdcsi::WaitForTerminationSignal();
   spdlog::info("signal {}: stopping", sig);
   (*server)->Shutdown();
   (*server)->Wait();
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Before any thread: every thread inherits the mask (see common/process.h).
+  nbdcsi::BlockTerminationSignals();
+  nbdcsi::InstallCrashReporter();
+  nbdcsi::ExitProcess(Run(argc, argv));
 }

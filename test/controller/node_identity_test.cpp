@@ -348,7 +348,7 @@ TEST_F(NodeIdentityTest, BadServerCertificatesAreRefusedByControllerAndDatapath)
                         dir + "/d.log"));
     for (int i = 0; i < 30 && fake.beats.load() == 0; ++i) std::this_thread::sleep_for(100ms);
     EXPECT_EQ(fake.beats.load() > 0, r.heard) << ReadFile(dir + "/d.log");
-    EXPECT_EQ(d.Stop(), 0);
+    EXPECT_EQ(d.Stop(), 0) << ReadFile(dir + "/d.log");
     server->Shutdown(std::chrono::system_clock::now() + 1s);
   }
 }

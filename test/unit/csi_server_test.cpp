@@ -349,27 +349,5 @@ TEST_F(CsiServerTest, ShutdownCancelsCallsAfterGrace) {
   EXPECT_FALSE(result.status.ok());
 }
 
-TEST(CsiSignals, TerminationSignalIsTakenSynchronously) {
-  pid_t pid = fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    BlockTerminationSignals();
-    // A thread started afterwards inherits the mask: the signal can only end up in sigwait.
-    std::thread t([] { kill(getpid(), SIGTERM); });
-    t.join();
-    const int sig = WaitForTerminationSignal();
-    // SIGPIPE is ignored: writing to a closed pipe is EPIPE, not death.
-    int fds[2];
-    if (pipe(fds) != 0) _exit(100);
-    close(fds[0]);
-    if (write(fds[1], "x", 1) != -1 || errno != EPIPE) _exit(101);
-    _exit(sig);
-  }
-  int status = 0;
-  ASSERT_EQ(waitpid(pid, &status, 0), pid);
-  ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status);
-  EXPECT_EQ(WEXITSTATUS(status), SIGTERM);
-}
-
 }  // namespace
 }  // namespace nbdcsi::csi

@@ -759,7 +759,7 @@ TEST_F(DatapathdTest, HeartbeatsOverMutualTlsAndTheControllerReachesTheApi) {
   // The datapath logs the recovery once the reply is back: the next heartbeat proves it was.
   EXPECT_TRUE(ctl->svc.WaitFor(ctl->svc.count(), 3 * kInterval, [](auto&) { return true; }));
 
-  EXPECT_EQ(d.Stop(), 0);
+  EXPECT_EQ(d.Stop(), 0) << d.Log();
   std::string log = d.Log();
   EXPECT_NE(log.find("registered with the controller"), std::string::npos) << log;
   EXPECT_NE(log.find("lost the controller"), std::string::npos) << log;
@@ -790,7 +790,7 @@ TEST_F(DatapathdTest, ControllerWithAnotherCaNeverHearsFromTheNode) {
   EXPECT_EQ(ctl.svc.count(), 0u);
   EXPECT_TRUE(ctl.reg.List().empty());
   EXPECT_TRUE(d.Running());
-  EXPECT_EQ(d.Stop(), 0);
+  EXPECT_EQ(d.Stop(), 0) << d.Log();
   std::string log = d.Log();
   EXPECT_NE(log.find("cannot reach the controller"), std::string::npos) << log;
   EXPECT_NE(log.find("TLS handshake"), std::string::npos) << log;
@@ -818,7 +818,7 @@ TEST_F(DatapathdTest, InsecureLoopbackModeForTests) {
   ASSERT_TRUE(stub.ok());
   auto vols = (*stub)->ListVolumes();
   EXPECT_TRUE(vols.ok()) << vols.status().message();
-  EXPECT_EQ(d.Stop(), 0);
+  EXPECT_EQ(d.Stop(), 0) << d.Log();
   EXPECT_NE(d.Log().find("plaintext"), std::string::npos);
 }
 

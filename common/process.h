@@ -1,0 +1,26 @@
+// Process life of the three daemons: signals taken synchronously, a readable report when the
+// process crashes, and an exit that does not race threads the process does not own.
+#pragma once
+
+namespace nbdcsi {
+
+// Call first thing in main(), before any thread exists: SIGINT and SIGTERM are blocked in every
+// thread and taken synchronously by WaitForTerminationSignal(); SIGPIPE is ignored.
+void BlockTerminationSignals();
+// Blocks until SIGINT or SIGTERM arrives; returns the signal number.
+int WaitForTerminationSignal();
+
+// On SIGSEGV, SIGBUS, SIGILL, SIGFPE or SIGABRT: writes the signal, the faulting address and a
+// backtrace to stderr (the daemon's log in a pod or a test), then dies of the same signal, so
+// the exit status and a core dump are what they would have been. No-op in sanitizer builds,
+// whose own reports are better.
+void InstallCrashReporter();
+
+// Ends the process once main has stopped and released everything it owns: flushes the logs,
+// runs the leak check of an ASan build, then _exit(code). Static destructors do not run: gRPC's
+// certificate-file watcher and this project's TLS poller are threads that live to the end of the
+// process, and a global torn down under them is a crash on the way out (exit 139 after a clean
+// shutdown).
+[[noreturn]] void ExitProcess(int code);
+
+}  // namespace nbdcsi
