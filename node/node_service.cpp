@@ -249,9 +249,18 @@ class NodeService final : public v1::Node::Service {
     }
 
     if (Status s = os_.MakeDir(staging); !s.ok()) return OsError(s);
-    if (Status s = PrepareFileSystem(*volume, device, *cap); !s.ok()) return s;
+    uint64_t fs_bytes = 0;
+    if (Status s = PrepareFileSystem(*volume, device, *cap, &fs_bytes); !s.ok()) return s;
     if (Status s = os_.Mount(device, staging, cap->fstype, StageMountOptions(*cap)); !s.ok()) {
       return OsError(s);
+    }
+    if (Status s = GrowToDevice(*volume, device, staging, *cap, fs_bytes); !s.ok()) {
+      // Not staged at all rather than staged smaller than asked: the kubelet retries the stage.
+      if (Status u = os_.Unmount(staging); !u.ok()) {
+        spdlog::warn("[{}] unmount {} after the failed growth: {}", csi::CurrentRequestId(),
+                     staging, u.message());
+      }
+      return s;
     }
     spdlog::info("[{}] staged volume {} ({}, {}) at {}", csi::CurrentRequestId(), *volume, device,
                  att->mode(), staging);
@@ -278,10 +287,11 @@ class NodeService final : public v1::Node::Service {
     return Status::Ok();
   }
 
-  // Formats a blank device; accepts one that already holds the asked file system; refuses
-  // anything else (never reformats data).
+  // Formats a blank device; accepts one that already holds the asked file system (its size on
+  // the device in *fs_bytes, 0 when just made or unknown); refuses anything else (never
+  // reformats data).
   Status PrepareFileSystem(const std::string& volume, const std::string& device,
-                           const Capability& cap) {
+                           const Capability& cap, uint64_t* fs_bytes) {
     auto content = os_.Probe(device);
     if (!content.ok()) return OsError(content.status());
     switch (content->kind) {
@@ -303,12 +313,41 @@ class NodeService final : public v1::Node::Service {
                        "reformatting it",
                        volume, content->type, cap.fstype);
         }
+        *fs_bytes = content->fs_bytes;
         break;
       case DeviceContent::Kind::kOther:
         return Error(EBUSY,
                      "volume {} ({}) holds \"{}\" data, not a {} file system: refusing to "
                      "format a device that is not blank",
                      volume, device, content->type, cap.fstype);
+    }
+    return Status::Ok();
+  }
+
+  // A file system smaller than its device is grown while mounted: a PVC restored from a snapshot,
+  // or cloned from a PVC, into a larger size has the source's file system, and the kubelet never
+  // calls NodeExpandVolume for it (the PVC already has the size it asked for). The slack covers
+  // what resize2fs and xfs_growfs leave unused at the end (a part block, an XFS allocation group
+  // too small to add), so a file system that fills its device is not grown on every stage.
+  Status GrowToDevice(const std::string& volume, const std::string& device,
+                      const std::string& staging, const Capability& cap, uint64_t fs_bytes) {
+    constexpr uint64_t kSlack = 1 << 20;
+    if (fs_bytes == 0) return Status::Ok();
+    auto size = os_.DeviceSize(device);
+    if (!size.ok()) return OsError(size.status());
+    if (*size <= fs_bytes + kSlack) return Status::Ok();
+    if (cap.ro_stage) {
+      spdlog::warn("[{}] volume {}: its {} file system spans {} of {} bytes; staged read-only, "
+                   "so it is not grown now",
+                   csi::CurrentRequestId(), volume, cap.fstype, fs_bytes, *size);
+      return Status::Ok();
+    }
+    spdlog::info("[{}] volume {}: its {} file system spans {} of {} bytes (restored or cloned "
+                 "into a larger volume): growing it",
+                 csi::CurrentRequestId(), volume, cap.fstype, fs_bytes, *size);
+    if (Status s = os_.GrowFs(device, staging, cap.fstype); !s.ok()) {
+      return Error(EIO, "volume {}: growing its {} file system from {} to {} bytes at stage: {}",
+                   volume, cap.fstype, fs_bytes, *size, s.message());
     }
     return Status::Ok();
   }

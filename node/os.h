@@ -50,6 +50,10 @@ struct DeviceContent {
   };
   Kind kind = Kind::kBlank;
   std::string type;  // "ext4"; "dos" for a partition table; "" when blank
+  // kFilesystem: the bytes the file system spans on the device, from its superblock (ext2/3/4
+  // and XFS); 0 when unknown. Smaller than the device after a restore or clone into a larger
+  // volume, which the kubelet never expands (the PVC already has the size it asked for).
+  uint64_t fs_bytes = 0;
 };
 
 struct FsStats {

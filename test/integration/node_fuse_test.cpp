@@ -284,6 +284,14 @@ bool HaveCapability(int cap) {
   return false;
 }
 
+// How often `needle` occurs in the file at `path`.
+int CountInLog(const std::string& path, const std::string& needle) {
+  const std::string text = ReadText(path);
+  int n = 0;
+  for (size_t p = text.find(needle); p != std::string::npos; p = text.find(needle, p + 1)) ++n;
+  return n;
+}
+
 uint64_t FsTotal(const std::string& path) {
   struct statvfs s {};
   if (statvfs(path.c_str(), &s) != 0) return 0;
@@ -569,6 +577,17 @@ TEST_P(NodeFuseFsTest, KubeletSequence) {
   ExpectNothingLeft(v);
 
   // Staged again: the file system is mounted, not reformatted.
+  if (fstype == "ext4" && !HaveCapability(CAP_SYS_RESOURCE)) {
+    // Its growth failed above, so it is smaller than its device: the stage grows it, which
+    // fails here for the same reason, saying so (see RestoreAndClone... below).
+    grpc::Status st = Stage(v, cap);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INTERNAL);
+    EXPECT_NE(st.error_message().find("Permission denied"), std::string::npos)
+        << st.error_message();
+    ASSERT_OK(Unstage(v));
+    ExpectNothingLeft(v);
+    return;
+  }
   ASSERT_OK(Stage(v, cap));
   ASSERT_OK(Publish(v, cap, false, v.target));
   EXPECT_EQ(Fnv1a(ReadText(v.target + "/data")), Fnv1a(data));
@@ -576,6 +595,73 @@ TEST_P(NodeFuseFsTest, KubeletSequence) {
   ASSERT_OK(Unpublish(v, v.target));
   ASSERT_OK(Unstage(v));
   ExpectNothingLeft(v);
+}
+
+// A PVC restored from a snapshot, or cloned from a PVC, into a larger size: the pool volume has
+// the new size but holds the source's file system, and the kubelet never calls NodeExpandVolume
+// for it. The stage must grow it to the device, with the data intact.
+TEST_P(NodeFuseFsTest, RestoreAndCloneIntoALargerVolumeGetTheirFullSize) {
+  const std::string fstype = GetParam();
+  const uint64_t size = (fstype == "xfs" ? 320 : 128) * kMiB;
+  Vol src = MakeVol("small-" + fstype, std::to_string(size / kMiB) + "Mi");
+  auto cap = MountCap(fstype);
+  ASSERT_OK(Stage(src, cap));
+  ASSERT_OK(Publish(src, cap, false, src.target));
+  const std::string data = Random(2 * kMiB, 11);
+  ASSERT_EQ(WriteDurable(src.target + "/data", data), 0);
+  const uint64_t small_fs = FsTotal(src.target);
+  ASSERT_OK(Unpublish(src, src.target));
+  ASSERT_OK(Unstage(src));
+  int rc;
+  std::string out =
+      Nbdctl("snapshot create snap-" + fstype + " --volume " + src.name + " --wait", &rc);
+  ASSERT_EQ(rc, 0) << out;
+
+  const std::string big = std::to_string(3 * size / kMiB) + "Mi";
+  for (const std::string how : {"restore", "clone"}) {
+    SCOPED_TRACE(how);
+    const std::string name = how + "-" + fstype;
+    const std::string from = how == "restore" ? "--from-snapshot snap-" + fstype
+                                              : "--from-volume " + src.name;
+    out = Nbdctl("volume create " + name + " --size " + big + " " + from + " --wait", &rc);
+    ASSERT_EQ(rc, 0) << out;
+    Vol v{name, std::string("v1:") + kNodeId + ":" + name,
+          W + "/kubelet/plugins/kubernetes.io/csi/nbd.csi.io/" + name + "/globalmount",
+          W + "/kubelet/pods/uid-" + name + "/volumes/kubernetes.io~csi/" + name + "/mount"};
+    fs::create_directories(v.staging);
+    if (fstype == "ext4" && !HaveCapability(CAP_SYS_RESOURCE)) {
+      // ext4 grows online only with CAP_SYS_RESOURCE (a privileged node plugin pod has it, this
+      // sandbox does not): the stage fails saying so, and leaves nothing mounted for the retry.
+      grpc::Status st = Stage(v, cap);
+      EXPECT_EQ(st.error_code(), grpc::StatusCode::INTERNAL);
+      EXPECT_NE(st.error_message().find("growing its ext4 file system"), std::string::npos)
+          << st.error_message();
+      EXPECT_EQ(MountAt(Mounts(), v.staging), nullptr);
+      std::cerr << "NOTE: no CAP_SYS_RESOURCE: ext4 growth at stage checked for its error only\n";
+      // The failed stage left the device attached for the kubelet's retry; unstage detaches it.
+      ASSERT_OK(Unstage(v));
+    } else {
+      ASSERT_OK(Stage(v, cap));
+      ASSERT_OK(Publish(v, cap, false, v.target));
+      const uint64_t fs = FsTotal(v.target);
+      EXPECT_GT(fs, small_fs + size) << "df: " << small_fs << " -> " << fs;
+      EXPECT_EQ(Fnv1a(ReadText(v.target + "/data")), Fnv1a(data));
+      ASSERT_EQ(WriteDurable(v.target + "/more", Random(size, 5)), 0) << "the new space is usable";
+      ASSERT_OK(Unpublish(v, v.target));
+      ASSERT_OK(Unstage(v));
+      // Staged again: it fills its device now, nothing left to grow.
+      ASSERT_OK(Stage(v, cap));
+      ASSERT_OK(Unstage(v));
+      EXPECT_EQ(CountInLog(W + "/node.log", "volume " + name + ": its " + fstype), 1);
+    }
+    ExpectNothingLeft(v);
+    out = Nbdctl("volume delete " + name, &rc);
+    EXPECT_EQ(rc, 0) << out;
+  }
+  out = Nbdctl("snapshot delete snap-" + fstype, &rc);
+  EXPECT_EQ(rc, 0) << out;
+  out = Nbdctl("volume delete " + src.name, &rc);
+  EXPECT_EQ(rc, 0) << out;
 }
 
 INSTANTIATE_TEST_SUITE_P(Fs, NodeFuseFsTest, ::testing::Values("ext4", "xfs"));

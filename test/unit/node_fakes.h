@@ -131,7 +131,7 @@ class FakeOs : public NodeOs {
   Status MakeFs(const std::string& device, const std::string& fstype) override {
     calls.push_back("mkfs " + device + " " + fstype);
     if (Status s = Injected("mkfs"); !s.ok()) return s;
-    devices[device].content = {DeviceContent::Kind::kFilesystem, fstype};
+    devices[device].content = {DeviceContent::Kind::kFilesystem, fstype, devices[device].size};
     return Status::Ok();
   }
 

@@ -175,6 +175,58 @@ TEST_F(NodeServiceTest, StageMountsFormattedDeviceWithoutMkfs) {
                                              " xfs noatime,nouuid"));
 }
 
+TEST_F(NodeServiceTest, StageGrowsAFileSystemSmallerThanItsDevice) {
+  // A restore or clone into a larger PVC: the file system is the source's size. The kubelet never
+  // calls NodeExpandVolume for it, so the stage grows it, once, after mounting.
+  const uint64_t dev = os_.devices[kDevice].size;
+  for (const char* fs : {"ext4", "xfs"}) {
+    SCOPED_TRACE(fs);
+    os_.devices[kDevice].content = {DeviceContent::Kind::kFilesystem, fs, dev / 3};
+    os_.calls.clear();
+    ASSERT_TRUE(Stage(MountCap(fs)).ok());
+    const std::string grow = "grow /dev/loop3 " + std::string(kStaging) + " " + fs;
+    ASSERT_EQ(os_.Count("grow"), 1);
+    EXPECT_EQ(os_.calls.back(), grow);  // after the mount
+    ASSERT_TRUE(Unstage().ok());
+  }
+  // A file system that fills its device (within the slack growth tools leave) is left alone, as
+  // is one just made, and one of unknown size.
+  for (uint64_t fs_bytes : {dev, dev - (512u << 10), uint64_t{0}}) {
+    os_.devices[kDevice].content = {DeviceContent::Kind::kFilesystem, "ext4", fs_bytes};
+    os_.calls.clear();
+    ASSERT_TRUE(Stage(MountCap("ext4")).ok());
+    EXPECT_EQ(os_.Count("grow"), 0) << fs_bytes;
+    ASSERT_TRUE(Unstage().ok());
+  }
+  os_.devices[kDevice].content = {};
+  os_.calls.clear();
+  ASSERT_TRUE(Stage(MountCap("ext4")).ok());
+  EXPECT_EQ(os_.Count("mkfs"), 1);
+  EXPECT_EQ(os_.Count("grow"), 0);
+}
+
+TEST_F(NodeServiceTest, StageReadOnlyDoesNotGrow) {
+  os_.devices[kDevice].content = {DeviceContent::Kind::kFilesystem, "ext4",
+                                  os_.devices[kDevice].size / 2};
+  ASSERT_TRUE(Stage(MountCap("ext4", AccessMode::SINGLE_NODE_READER_ONLY)).ok());
+  EXPECT_EQ(os_.Count("grow"), 0);
+}
+
+TEST_F(NodeServiceTest, StageWhoseGrowthFailsLeavesNothingMounted) {
+  os_.devices[kDevice].content = {DeviceContent::Kind::kFilesystem, "ext4",
+                                  os_.devices[kDevice].size / 2};
+  os_.fail_next["grow"] = Error(EPERM, "resize2fs /dev/loop3: Permission denied");
+  grpc::Status st = Stage(MountCap("ext4"));
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INTERNAL);
+  EXPECT_THAT(st.error_message(), HasSubstr("growing its ext4 file system"));
+  EXPECT_THAT(st.error_message(), HasSubstr("Permission denied"));
+  EXPECT_EQ(os_.Top(kStaging), nullptr) << "a stage smaller than asked must not stay mounted";
+  // The kubelet's retry grows it.
+  ASSERT_TRUE(Stage(MountCap("ext4")).ok());
+  EXPECT_EQ(os_.Count("grow"), 2);
+  EXPECT_NE(os_.Top(kStaging), nullptr);
+}
+
 TEST_F(NodeServiceTest, StageKeepsTheUsersErrorsBehaviour) {
   v1::VolumeCapability cap = MountCap("ext4");
   cap.mutable_mount()->add_mount_flags("errors=continue");
