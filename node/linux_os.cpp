@@ -138,6 +138,34 @@ struct ProbeDeleter {
 
 const char* Str(const char* s) { return s ? s : ""; }
 
+struct IterDeleter {
+  void operator()(libmnt_iter* i) const { mnt_free_iter(i); }
+};
+
+StatusOr<std::unique_ptr<libmnt_table, TableDeleter>> ParseMountTable() {
+  std::unique_ptr<libmnt_table, TableDeleter> tb(mnt_new_table());
+  if (!tb) return Error(ENOMEM, "mount table: out of memory");
+  int rc = mnt_table_parse_file(tb.get(), "/proc/self/mountinfo");
+  if (rc != 0) {
+    return Error(rc < 0 ? -rc : EIO, "parse /proc/self/mountinfo: {}",
+                 strerror(rc < 0 ? -rc : EIO));
+  }
+  return tb;
+}
+
+MountInfo ToMountInfo(libmnt_fs* fs) {
+  MountInfo m;
+  m.target = Str(mnt_fs_get_target(fs));
+  m.source = Str(mnt_fs_get_source(fs));
+  m.root = Str(mnt_fs_get_root(fs));
+  m.fstype = Str(mnt_fs_get_fstype(fs));
+  m.vfs_options = Str(mnt_fs_get_vfs_options(fs));
+  m.super_options = Str(mnt_fs_get_fs_options(fs));
+  m.vfs_read_only = HasMountOption(m.vfs_options, "ro");
+  m.super_read_only = HasMountOption(m.super_options, "ro");
+  return m;
+}
+
 uint32_t Le32(const unsigned char* p) {
   return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
 }
@@ -211,27 +239,24 @@ Status CheckBeneathByRealpath(const std::string& root, const std::string& path) 
 class LinuxOs final : public NodeOs {
  public:
   StatusOr<std::optional<MountInfo>> GetMount(const std::string& path) override {
-    std::unique_ptr<libmnt_table, TableDeleter> tb(mnt_new_table());
-    if (!tb) return Error(ENOMEM, "mount table: out of memory");
-    int rc = mnt_table_parse_file(tb.get(), "/proc/self/mountinfo");
-    if (rc != 0) {
-      return Error(rc < 0 ? -rc : EIO, "parse /proc/self/mountinfo: {}",
-                   strerror(rc < 0 ? -rc : EIO));
-    }
+    auto tb = ParseMountTable();
+    if (!tb.ok()) return tb.status();
     std::string target = Canonical(path);
     // Backward: the last entry for a path is the mount on top, the one a lookup of it sees.
-    libmnt_fs* fs = mnt_table_find_target(tb.get(), target.c_str(), MNT_ITER_BACKWARD);
+    libmnt_fs* fs = mnt_table_find_target(tb->get(), target.c_str(), MNT_ITER_BACKWARD);
     if (fs == nullptr) return std::optional<MountInfo>();
-    MountInfo m;
-    m.target = Str(mnt_fs_get_target(fs));
-    m.source = Str(mnt_fs_get_source(fs));
-    m.root = Str(mnt_fs_get_root(fs));
-    m.fstype = Str(mnt_fs_get_fstype(fs));
-    m.vfs_options = Str(mnt_fs_get_vfs_options(fs));
-    m.super_options = Str(mnt_fs_get_fs_options(fs));
-    m.vfs_read_only = HasMountOption(m.vfs_options, "ro");
-    m.super_read_only = HasMountOption(m.super_options, "ro");
-    return std::optional<MountInfo>(std::move(m));
+    return std::optional<MountInfo>(ToMountInfo(fs));
+  }
+
+  StatusOr<std::vector<MountInfo>> ListMounts() override {
+    auto tb = ParseMountTable();
+    if (!tb.ok()) return tb.status();
+    std::unique_ptr<libmnt_iter, IterDeleter> it(mnt_new_iter(MNT_ITER_FORWARD));
+    if (!it) return Error(ENOMEM, "mount table: out of memory");
+    std::vector<MountInfo> out;
+    libmnt_fs* fs = nullptr;
+    while (mnt_table_next_fs(tb->get(), it.get(), &fs) == 0) out.push_back(ToMountInfo(fs));
+    return out;
   }
 
   Status Mount(const std::string& source, const std::string& target, const std::string& fstype,

@@ -65,6 +65,7 @@ struct Capability {
   std::string fstype;              // mount volumes: "ext4" or "xfs"
   std::vector<std::string> flags;  // mount volumes: the mount_flags
   bool reader_only = false;        // the access mode allows no writes
+  bool single_writer = false;      // SINGLE_NODE_SINGLE_WRITER: one target path at a time
   bool ro_stage = false;           // mount volumes: staged read-only (reader_only or an "ro" flag)
 };
 
@@ -72,8 +73,8 @@ StatusOr<Capability> ParseCapability(const v1::VolumeCapability& cap) {
   Capability c;
   switch (cap.access_mode().mode()) {
     case AccessMode::SINGLE_NODE_WRITER:
-    case AccessMode::SINGLE_NODE_SINGLE_WRITER:
     case AccessMode::SINGLE_NODE_MULTI_WRITER: break;
+    case AccessMode::SINGLE_NODE_SINGLE_WRITER: c.single_writer = true; break;
     case AccessMode::SINGLE_NODE_READER_ONLY: c.reader_only = true; break;
     case AccessMode::UNKNOWN: return Error(EINVAL, "volume_capability.access_mode is missing");
     default:
@@ -425,6 +426,13 @@ class NodeService final : public v1::Node::Service {
       source = (*staged)->source;
     }
 
+    if (cap->single_writer && !cap->block) {
+      if (Status s = RefuseSecondTarget(*volume, source, req.staging_target_path(), target);
+          !s.ok()) {
+        return s;
+      }
+    }
+
     auto mounted = os_.GetMount(target);
     if (!mounted.ok()) return OsError(mounted.status());
     if (mounted->has_value()) {
@@ -453,6 +461,28 @@ class NodeService final : public v1::Node::Service {
     if (Status s = os_.Mount(from, target, "", options); !s.ok()) return OsError(s);
     spdlog::info("[{}] published volume {} at {}{}", csi::CurrentRequestId(), *volume, target,
                  ro ? " read-only" : "");
+    return Status::Ok();
+  }
+
+  // SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod): published at one target path at a time. The
+  // spec's answer to a second one is FAILED_PRECONDITION. The mount table is the state: any mount
+  // of the staged file system other than the staging path and this target is another publish.
+  // Block volumes are not checked here: the kubelet bind-mounts a published device node again
+  // under its own directories, which would look like a second publish.
+  Status RefuseSecondTarget(const std::string& volume, const std::string& device,
+                            const std::string& staging, const std::string& target) {
+    auto all = os_.ListMounts();
+    if (!all.ok()) return OsError(all.status());
+    for (const MountInfo& m : *all) {
+      if (m.target == staging || m.target == target || m.source.rfind('/', 0) != 0 ||
+          !SameDevice(m.source, device)) {
+        continue;
+      }
+      return Error(EBUSY,
+                   "volume {} has the access mode SINGLE_NODE_SINGLE_WRITER and is already "
+                   "published at {}: unpublish it there first",
+                   volume, m.target);
+    }
     return Status::Ok();
   }
 

@@ -68,6 +68,8 @@ class NodeOs {
   // The topmost mount whose mount point is `path` (symlinks resolved when the path exists);
   // nullopt when nothing is mounted there.
   virtual StatusOr<std::optional<MountInfo>> GetMount(const std::string& path) = 0;
+  // Every entry of the mount table, in mount order.
+  virtual StatusOr<std::vector<MountInfo>> ListMounts() = 0;
 
   // mount(8) semantics without helpers: `options` are mount(8) options ("ro", "noatime",
   // "discard", "data=ordered", "bind"); a "bind,ro" mount is made read-only in the same call.

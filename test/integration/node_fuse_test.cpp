@@ -722,6 +722,29 @@ TEST_F(NodeFuseTest, BlockVolume) {
 
 // A file system that shut itself down is an abnormal volume, and still unpublishes, unstages
 // and detaches cleanly.
+// ReadWriteOncePod: the real mount table tells the node plugin where the volume is published.
+TEST_F(NodeFuseTest, SingleWriterRefusesASecondTarget) {
+  Vol v = MakeVol("rwop", "64Mi");
+  auto cap = MountCap("ext4", AccessMode::SINGLE_NODE_SINGLE_WRITER);
+  const std::string second = W + "/kubelet/pods/uid-rwop-2/volumes/kubernetes.io~csi/rwop/mount";
+  ASSERT_OK(Stage(v, cap));
+  ASSERT_OK(Publish(v, cap, false, v.target));
+  ASSERT_OK(Publish(v, cap, false, v.target));
+  grpc::Status st = Publish(v, cap, false, second);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_NE(st.error_message().find(v.target), std::string::npos) << st.error_message();
+  EXPECT_EQ(MountAt(Mounts(), second), nullptr);
+  ASSERT_OK(Unpublish(v, v.target));
+  ASSERT_OK(Publish(v, cap, false, second));
+  EXPECT_NE(MountAt(Mounts(), second), nullptr);
+  ASSERT_OK(Unpublish(v, second));
+  ASSERT_OK(Unstage(v));
+  ExpectNothingLeft(v);
+  int rc;
+  std::string out = Nbdctl("volume delete " + v.name, &rc);
+  EXPECT_EQ(rc, 0) << out;
+}
+
 TEST_F(NodeFuseTest, ShutDownFileSystemIsAbnormal) {
   Vol v = MakeVol("shut", "320Mi");
   auto cap = MountCap("xfs");

@@ -55,6 +55,8 @@ class FakeOs : public NodeOs {
     return nullptr;
   }
 
+  StatusOr<std::vector<MountInfo>> ListMounts() override { return mounts; }
+
   StatusOr<std::optional<MountInfo>> GetMount(const std::string& path) override {
     if (const MountInfo* m = Top(path)) return std::optional<MountInfo>(*m);
     return std::optional<MountInfo>();

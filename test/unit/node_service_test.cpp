@@ -361,6 +361,37 @@ TEST_F(NodeServiceTest, PublishBindsStagingOntoTarget) {
   EXPECT_EQ(Publish(MountCap(), true).error_code(), grpc::StatusCode::ALREADY_EXISTS);
 }
 
+TEST_F(NodeServiceTest, SingleWriterIsPublishedAtOneTargetAtATime) {
+  const v1::VolumeCapability rwop = MountCap("ext4", AccessMode::SINGLE_NODE_SINGLE_WRITER);
+  const std::string second = "/var/lib/kubelet/pods/uid-2/volumes/kubernetes.io~csi/pvc-1/mount";
+  ASSERT_TRUE(Stage(rwop).ok());
+  ASSERT_TRUE(Publish(rwop).ok());
+  ASSERT_TRUE(Publish(rwop).ok());  // the kubelet's retry of the same target
+  grpc::Status st = Publish(rwop, false, second);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(st.error_message(), HasSubstr("already published at " + std::string(kTarget)));
+  EXPECT_EQ(os_.Top(second), nullptr);
+  EXPECT_EQ(Publish(rwop, true, second).error_code(), grpc::StatusCode::FAILED_PRECONDITION)
+      << "read-only does not make a second target acceptable";
+  // Once the first pod is gone, the next one may have it.
+  ASSERT_TRUE(Unpublish().ok());
+  ASSERT_TRUE(Publish(rwop, false, second).ok());
+  EXPECT_NE(os_.Top(second), nullptr);
+}
+
+TEST_F(NodeServiceTest, OtherWriterModesMayBePublishedAtSeveralTargets) {
+  const std::string second = "/var/lib/kubelet/pods/uid-2/volumes/kubernetes.io~csi/pvc-1/mount";
+  for (auto mode : {AccessMode::SINGLE_NODE_WRITER, AccessMode::SINGLE_NODE_MULTI_WRITER}) {
+    SCOPED_TRACE(AccessMode::Mode_Name(mode));
+    ASSERT_TRUE(Stage(MountCap("ext4", mode)).ok());
+    ASSERT_TRUE(Publish(MountCap("ext4", mode)).ok());
+    ASSERT_TRUE(Publish(MountCap("ext4", mode), false, second).ok());
+    ASSERT_TRUE(Unpublish(kVol, second).ok());
+    ASSERT_TRUE(Unpublish().ok());
+    ASSERT_TRUE(Unstage().ok());
+  }
+}
+
 TEST_F(NodeServiceTest, PublishReadOnly) {
   ASSERT_TRUE(Stage(MountCap()).ok());
   struct Case {
