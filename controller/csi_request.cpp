@@ -33,8 +33,9 @@ std::string UnsupportedCapability(const v1::VolumeCapability& cap) {
   }
   if (cap.has_mount()) {
     const std::string& fs = cap.mount().fs_type();
-    static const std::set<std::string> kFs = {"", "ext4", "ext3", "xfs"};
-    if (!kFs.count(fs)) return fmt::format("fs_type \"{}\" is not supported (ext4, ext3, xfs)", fs);
+    if (!fs.empty() && !csi::IsSupportedFileSystem(fs)) {
+      return fmt::format("fs_type \"{}\" is not supported ({})", fs, csi::kFileSystemList);
+    }
   }
   if (!cap.has_access_mode()) return "volume capability has no access mode";
   using M = v1::VolumeCapability::AccessMode;

@@ -86,9 +86,11 @@ StatusOr<Capability> ParseCapability(const v1::VolumeCapability& cap) {
     return c;
   }
   if (!cap.has_mount()) return Error(EINVAL, "volume_capability has neither block nor mount");
-  c.fstype = cap.mount().fs_type().empty() ? "ext4" : cap.mount().fs_type();
-  if (c.fstype != "ext4" && c.fstype != "xfs") {
-    return Error(EINVAL, "fsType \"{}\" is not supported (ext4 or xfs)", cap.mount().fs_type());
+  c.fstype = cap.mount().fs_type().empty() ? std::string(csi::kFileSystems[0])
+                                            : cap.mount().fs_type();
+  if (!csi::IsSupportedFileSystem(c.fstype)) {
+    return Error(EINVAL, "fsType \"{}\" is not supported ({})", cap.mount().fs_type(),
+                 csi::kFileSystemList);
   }
   for (const auto& f : cap.mount().mount_flags()) {
     if (f.empty() || f.find_first_of(std::string(" \t\n\0", 4)) != std::string::npos) {

@@ -230,6 +230,25 @@ TEST_F(Decisions, CreateVolumeWithoutASizeGetsTheDefaultOneGiB) {
   EXPECT_EQ(Node("node-a").Volume("pvc-default")->size_bytes(), kGiB);
 }
 
+TEST_F(Decisions, OnlyTheFileSystemsTheNodeCanMakeAreAccepted) {
+  // ext3 was accepted here and refused by every NodeStageVolume: a bound PVC no pod could use.
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  for (const char* fs : {"ext3", "btrfs", "vfat"}) {
+    v1::CreateVolumeRequest r = VolumeRequest(std::string("pvc-") + fs, 0);
+    r.mutable_volume_capabilities(0)->mutable_mount()->set_fs_type(fs);
+    v1::CreateVolumeResponse resp;
+    grpc::Status st = Create(r, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << fs;
+    EXPECT_NE(st.error_message().find("ext4 or xfs"), std::string::npos) << st.error_message();
+  }
+  for (const char* fs : {"", "ext4", "xfs"}) {
+    v1::CreateVolumeRequest r = VolumeRequest(std::string("pvc-ok-") + (*fs ? fs : "default"), 0);
+    r.mutable_volume_capabilities(0)->mutable_mount()->set_fs_type(fs);
+    MustCreate(r);
+  }
+  EXPECT_EQ(Calls("CreateVolume", {"node-a"}), 3);
+}
+
 TEST_F(Decisions, CreateVolumeRoundsSizesUpToFourKiB) {
   cluster_.Heartbeat("node-a", 10 * kGiB);
   v1::Volume v = MustCreate(VolumeRequest("pvc-odd", 5000));
