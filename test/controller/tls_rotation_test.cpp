@@ -151,7 +151,7 @@ TEST(TlsRotation, NewCaMidRunKeepsLiveIoAndCallsAndRefusesTheOldCa) {
   ASSERT_TRUE(c.datapath("node-a").CreateVolume(Ctx().get(), cr, &created).ok());
   const std::string progress = c.dir() + "/io.progress", stop = c.dir() + "/io.stop";
   Process io;
-  ASSERT_TRUE(io.Start({"/usr/bin/python3", Cluster::Src("test/controller/nbd_live_io.py"),
+  ASSERT_TRUE(io.Start({"/usr/bin/python3", Cluster::Src("test/support/nbd_live_io.py"),
                         "nbd+unix:///live?socket=" + c.dir() + "/node-a-nbd.sock", progress, stop},
                        c.dir() + "/io.log"));
   ASSERT_TRUE(Eventually([&] { return ReadInt(progress) >= 10; }, 10s))
