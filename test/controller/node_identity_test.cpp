@@ -76,16 +76,7 @@ class NodeIdentityTest : public ::testing::Test {
   // One heartbeat to the controller's Registry, claiming `node` at `address`.
   static grpc::Status Beat(Cluster& c, const std::shared_ptr<grpc::ChannelCredentials>& creds,
                            const std::string& node, const std::string& address) {
-    auto stub = dpv1::Registry::NewStub(grpc::CreateChannel(
-        "127.0.0.1:" + std::to_string(c.registry_port()), creds));
-    dpv1::HeartbeatRequest req;
-    req.set_node_id(node);
-    req.set_api_address(address);
-    req.set_capacity_bytes(uint64_t{4} << 30);
-    req.set_free_bytes(uint64_t{4} << 30);
-    req.set_provisionable_bytes(uint64_t{4} << 30);
-    dpv1::HeartbeatResponse resp;
-    return stub->Heartbeat(Ctx().get(), req, &resp);
+    return Heartbeat(c.registry_port(), creds, node, address);
   }
 
   static grpc::Status CreateOn(Cluster& c, const std::string& node, const std::string& name) {

@@ -45,20 +45,6 @@ grpc::Status PoolInfo(const std::string& target,
   return stub->GetPoolInfo(ctx.get(), {}, &info);
 }
 
-grpc::Status Beat(int registry_port, const std::shared_ptr<grpc::ChannelCredentials>& creds,
-                  const std::string& address) {
-  auto stub = dpv1::Registry::NewStub(
-      grpc::CreateChannel("127.0.0.1:" + std::to_string(registry_port), creds));
-  dpv1::HeartbeatRequest req;
-  req.set_node_id("node-a");
-  req.set_api_address(address);
-  req.set_capacity_bytes(uint64_t{4} << 30);
-  req.set_free_bytes(uint64_t{4} << 30);
-  req.set_provisionable_bytes(uint64_t{4} << 30);
-  dpv1::HeartbeatResponse resp;
-  return stub->Heartbeat(Ctx().get(), req, &resp);
-}
-
 template <typename F>
 bool Eventually(F ok, std::chrono::milliseconds timeout) {
   auto end = std::chrono::steady_clock::now() + timeout;
@@ -169,14 +155,15 @@ TEST(TlsRotation, NewCaMidRunKeepsLiveIoAndCallsAndRefusesTheOldCa) {
   EXPECT_TRUE(
       Eventually([&] { return PoolInfo(api, SslClient(other, "server", other)).ok(); }, 10s))
       << c.LogTail("node-a");
-  EXPECT_TRUE(Eventually(
-      [&] { return Beat(c.registry_port(), SslClient(other, "node-node-a", other), api).ok(); },
-      10s))
-      << c.LogTail("controller");
+  auto new_client_beats = [&] {
+    return Heartbeat(c.registry_port(), SslClient(other, "node-node-a", other), "node-a", api).ok();
+  };
+  EXPECT_TRUE(Eventually(new_client_beats, 10s)) << c.LogTail("controller");
   // ... and a client that trusts only the old CA is refused by both.
   grpc::Status old_dp = PoolInfo(api, SslClient(main, "server", main));
   EXPECT_EQ(old_dp.error_code(), StatusCode::UNAVAILABLE) << old_dp.error_message();
-  grpc::Status old_reg = Beat(c.registry_port(), SslClient(main, "node-node-a", main), api);
+  grpc::Status old_reg =
+      Heartbeat(c.registry_port(), SslClient(main, "node-node-a", main), "node-a", api);
   EXPECT_EQ(old_reg.error_code(), StatusCode::UNAVAILABLE) << old_reg.error_message();
 
   // A few more seconds of everything running on the new material.
