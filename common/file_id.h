@@ -24,18 +24,13 @@ struct FileId {
   timespec ctime{};
 
   static FileId Of(const std::string& path) {
-    FileId id;
     struct stat st {};
-    if (stat(path.c_str(), &st) != 0) {
-      id.err = errno;
-      return id;
-    }
-    id.dev = st.st_dev;
-    id.ino = st.st_ino;
-    id.size = st.st_size;
-    id.mtime = st.st_mtim;
-    id.ctime = st.st_ctim;
-    return id;
+    if (stat(path.c_str(), &st) != 0) return FileId{.err = errno};
+    return FileId{.dev = st.st_dev,
+                  .ino = st.st_ino,
+                  .size = st.st_size,
+                  .mtime = st.st_mtim,
+                  .ctime = st.st_ctim};
   }
   bool operator==(const FileId& o) const {
     return err == o.err && dev == o.dev && ino == o.ino && size == o.size &&
