@@ -2,7 +2,6 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,6 +24,7 @@
 #include <openssl/x509v3.h>
 #include <spdlog/spdlog.h>
 
+#include "common/file_id.h"
 #include "common/fs_util.h"
 #include "common/openssl_ptr.h"
 
@@ -176,33 +176,6 @@ StatusOr<int> SealedMemfd(const std::string& data) {
   }
   return fd;
 }
-
-// What identifies a file's version: a secret volume's symlink swap changes the inode, an
-// in-place rewrite the size or mtime.
-struct FileId {
-  int err = 0;
-  dev_t dev = 0;
-  ino_t ino = 0;
-  off_t size = 0;
-  timespec mtime{};
-  static FileId Of(const std::string& path) {
-    FileId id;
-    struct stat st {};
-    if (stat(path.c_str(), &st) != 0) {
-      id.err = errno;
-      return id;
-    }
-    id.dev = st.st_dev;
-    id.ino = st.st_ino;
-    id.size = st.st_size;
-    id.mtime = st.st_mtim;
-    return id;
-  }
-  bool operator==(const FileId& o) const {
-    return err == o.err && dev == o.dev && ino == o.ino && size == o.size &&
-           mtime.tv_sec == o.mtime.tv_sec && mtime.tv_nsec == o.mtime.tv_nsec;
-  }
-};
 
 class NodeVerifier final : public gx::ExternalCertificateVerifier {
  public:

@@ -41,6 +41,16 @@ bool IsIpLiteral(const std::string& host) {
   return inet_pton(AF_INET, host.c_str(), &a4) == 1 || inet_pton(AF_INET6, host.c_str(), &a6) == 1;
 }
 
+class SteadyHeartbeatClock final : public HeartbeatClock {
+ public:
+  std::chrono::steady_clock::time_point Now() override { return std::chrono::steady_clock::now(); }
+  void WaitUntil(std::unique_lock<std::mutex>& lock, std::condition_variable& cv,
+                 std::chrono::steady_clock::time_point deadline,
+                 const std::function<bool()>& stopped) override {
+    cv.wait_until(lock, deadline, stopped);
+  }
+};
+
 }  // namespace
 
 StatusOr<std::vector<std::string>> ResolveController(const std::string& controller) {
@@ -105,6 +115,7 @@ Status HeartbeatSender::Start() {
   }
   controller_host_ = SplitHostPort(opts_.controller).first;
   if (!opts_.resolve) opts_.resolve = ResolveController;
+  if (!opts_.clock) opts_.clock = std::make_shared<SteadyHeartbeatClock>();
   {
     std::lock_guard lock(mu_);
     stop_ = false;
@@ -216,7 +227,7 @@ void HeartbeatSender::Run() {
   std::unique_lock lock(mu_);
   while (!stop_) {
     lock.unlock();
-    const auto started = std::chrono::steady_clock::now();
+    const auto started = opts_.clock->Now();
     SyncTargets();
     const v1::HeartbeatRequest req =
         MakeHeartbeatRequest(opts_, pool_.Info(), CountNbdDevices(opts_.dev_dir));
@@ -267,7 +278,7 @@ void HeartbeatSender::Run() {
     counters_.connected = all_ok;
     counters_.controllers = targets.size();
     interval = want;
-    cv_.wait_until(lock, started + interval, [this] { return stop_; });
+    opts_.clock->WaitUntil(lock, cv_, started + interval, [this] { return stop_; });
   }
 }
 

@@ -31,6 +31,19 @@
 
 namespace nbdcsi::datapath {
 
+// The sender's time. The real one is the steady clock and a condition variable; a test injects
+// its own to run many intervals without waiting them out, and to know when the sender waits.
+class HeartbeatClock {
+ public:
+  virtual ~HeartbeatClock() = default;
+  virtual std::chrono::steady_clock::time_point Now() = 0;
+  // Called with `lock` held on the mutex that guards `stopped`: returns once this clock reaches
+  // `deadline`, or sooner when `stopped()` holds (Stop() notifies `cv` after setting it).
+  virtual void WaitUntil(std::unique_lock<std::mutex>& lock, std::condition_variable& cv,
+                         std::chrono::steady_clock::time_point deadline,
+                         const std::function<bool()>& stopped) = 0;
+};
+
 struct HeartbeatOptions {
   std::string node_id;     // Kubernetes node name (common/node_id.h rules)
   std::string advertise;   // host:port of our TCP Datapath API, as the controller should dial it
@@ -43,6 +56,8 @@ struct HeartbeatOptions {
   // The addresses ("ip:port", "[v6]:port") to heartbeat for `controller`; null: getaddrinfo
   // (ResolveController). Tests inject their own.
   std::function<StatusOr<std::vector<std::string>>(const std::string&)> resolve;
+  // Null: the steady clock. gRPC call deadlines stay on the real clock whatever this is.
+  std::shared_ptr<HeartbeatClock> clock;
 };
 
 // Every address of host:port (IPv4 and IPv6, deduplicated, sorted); an IP literal gives itself.

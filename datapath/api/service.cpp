@@ -15,6 +15,7 @@
 
 #include "common/grpc_status.h"
 #include "datapath/api/datapath.grpc.pb.h"
+#include "datapath/api/qos_proto.h"
 
 namespace nbdcsi::datapath {
 
@@ -23,49 +24,9 @@ namespace nbdcsi::datapath {
 
 namespace {
 
-QosLimits FromProto(const v1::QosLimits& p) {
-  QosLimits q;
-  q.max_iops = p.max_iops();
-  q.max_read_iops = p.max_read_iops();
-  q.max_write_iops = p.max_write_iops();
-  q.max_bps = p.max_bps();
-  q.max_read_bps = p.max_read_bps();
-  q.max_write_bps = p.max_write_bps();
-  q.iops_per_gib = p.iops_per_gib();
-  q.bps_per_gib = p.bps_per_gib();
-  q.burst_ms = p.burst_ms();
-  return q;
-}
-
-void ToProto(const QosLimits& q, v1::QosLimits* p) {
-  p->set_max_iops(q.max_iops);
-  p->set_max_read_iops(q.max_read_iops);
-  p->set_max_write_iops(q.max_write_iops);
-  p->set_max_bps(q.max_bps);
-  p->set_max_read_bps(q.max_read_bps);
-  p->set_max_write_bps(q.max_write_bps);
-  p->set_iops_per_gib(q.iops_per_gib);
-  p->set_bps_per_gib(q.bps_per_gib);
-  p->set_burst_ms(q.burst_ms);
-}
-
-QosPatch FromProto(const v1::QosPatch& p) {
-  QosPatch q;
-  if (p.has_max_iops()) q.max_iops = p.max_iops();
-  if (p.has_max_read_iops()) q.max_read_iops = p.max_read_iops();
-  if (p.has_max_write_iops()) q.max_write_iops = p.max_write_iops();
-  if (p.has_max_bps()) q.max_bps = p.max_bps();
-  if (p.has_max_read_bps()) q.max_read_bps = p.max_read_bps();
-  if (p.has_max_write_bps()) q.max_write_bps = p.max_write_bps();
-  if (p.has_iops_per_gib()) q.iops_per_gib = p.iops_per_gib();
-  if (p.has_bps_per_gib()) q.bps_per_gib = p.bps_per_gib();
-  if (p.has_burst_ms()) q.burst_ms = p.burst_ms();
-  return q;
-}
-
 // The request as the pool's CreateSpec. Only the shape of the message is checked here (a source
 // that names neither kind); every rule about names, sizes and limits is the pool's.
-StatusOr<CreateSpec> FromProto(const v1::CreateVolumeRequest& req) {
+StatusOr<CreateSpec> ToSpec(const v1::CreateVolumeRequest& req) {
   CreateSpec spec;
   spec.name = req.name();
   spec.size = req.size_bytes();
@@ -106,7 +67,7 @@ class DatapathService final : public v1::Datapath::Service {
 
   grpc::Status CreateVolume(grpc::ServerContext*, const v1::CreateVolumeRequest* req,
                             v1::CreateVolumeResponse* resp) override {
-    auto spec = FromProto(*req);
+    auto spec = ToSpec(*req);
     if (!spec.ok()) return Fail("CreateVolume", spec.status());
     auto guard = Mark("volume", req->name());
     if (!guard.ok()) return Fail("CreateVolume", guard.status());

@@ -10,7 +10,6 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -277,35 +276,6 @@ std::string TlsSession::Describe() const {
 }
 
 // ---- NbdTlsContext ----
-
-struct NbdTlsContext::FileId {
-  int err = 0;  // stat failed with this errno; the rest is then zero
-  dev_t dev = 0;
-  ino_t ino = 0;
-  off_t size = 0;
-  timespec mtime{};
-  timespec ctime{};
-
-  static FileId Of(const std::string& path) {
-    FileId id;
-    struct stat st;
-    if (stat(path.c_str(), &st) != 0) {
-      id.err = errno;
-      return id;
-    }
-    id.dev = st.st_dev;
-    id.ino = st.st_ino;
-    id.size = st.st_size;
-    id.mtime = st.st_mtim;
-    id.ctime = st.st_ctim;
-    return id;
-  }
-  bool operator==(const FileId& o) const {
-    return err == o.err && dev == o.dev && ino == o.ino && size == o.size &&
-           mtime.tv_sec == o.mtime.tv_sec && mtime.tv_nsec == o.mtime.tv_nsec &&
-           ctime.tv_sec == o.ctime.tv_sec && ctime.tv_nsec == o.ctime.tv_nsec;
-  }
-};
 
 namespace {
 constexpr size_t kFiles = 3;

@@ -21,6 +21,7 @@
 #include <span>
 #include <string>
 
+#include "common/file_id.h"
 #include "common/status.h"
 
 struct ssl_st;      // OpenSSL's SSL
@@ -107,7 +108,6 @@ class NbdTlsContext {
   const std::string& summary() const { return summary_; }
 
  private:
-  struct FileId;
   NbdTlsContext(NbdTlsFiles files);
 
   NbdTlsFiles files_;

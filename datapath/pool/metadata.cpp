@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/qos_fields.h"
 #include "datapath/pool/rules.h"
 
 namespace nbdcsi::datapath {
@@ -106,22 +107,17 @@ Status ParseQos(const json& j, uint64_t size, QosLimits& q) {
   if (it == j.end()) return Status::Ok();
   if (!it->is_object()) return Error(EINVAL, "metadata \"qos\" is not an object");
   const json& o = *it;
-  const Need opt = Need::kOptional;
-  uint64_t burst = 0;
-  for (Status s : {Field(o, "qos.", "max_iops", q.max_iops, opt),
-                   Field(o, "qos.", "max_read_iops", q.max_read_iops, opt),
-                   Field(o, "qos.", "max_write_iops", q.max_write_iops, opt),
-                   Field(o, "qos.", "max_bps", q.max_bps, opt),
-                   Field(o, "qos.", "max_read_bps", q.max_read_bps, opt),
-                   Field(o, "qos.", "max_write_bps", q.max_write_bps, opt),
-                   Field(o, "qos.", "iops_per_gib", q.iops_per_gib, opt),
-                   Field(o, "qos.", "bps_per_gib", q.bps_per_gib, opt),
-                   Field(o, "qos.", "burst_ms", burst, opt)}) {
-    if (!s.ok()) return s;
+  // Each limit is read as uint64 and clamped into its field (burst_ms is 32 bits), not
+  // truncated, so that a huge value still breaks the pool's rule below.
+#define NBDCSI_QOS_PARSE(f, key, flag, kind, help)                              \
+  {                                                                             \
+    uint64_t v = q.f;                                                           \
+    if (Status s = Field(o, "qos.", #f, v, Need::kOptional); !s.ok()) return s; \
+    q.f = static_cast<decltype(q.f)>(                                           \
+        std::min<uint64_t>(v, std::numeric_limits<decltype(q.f)>::max()));      \
   }
-  // Clamped, not truncated, so that a huge value still breaks the burst rule below.
-  q.burst_ms =
-      static_cast<uint32_t>(std::min<uint64_t>(burst, std::numeric_limits<uint32_t>::max()));
+  NBDCSI_QOS_FIELDS(NBDCSI_QOS_PARSE)
+#undef NBDCSI_QOS_PARSE
   if (Status s = ValidateQos(q, size); !s.ok()) return Error(EINVAL, "metadata: {}", s.message());
   return Status::Ok();
 }
@@ -130,11 +126,10 @@ Status ParseQos(const json& j, uint64_t size, QosLimits& q) {
 
 std::string ToJson(const VolumeMeta& m) {
   const QosLimits& q = m.qos;
-  json qos = {{"max_iops", q.max_iops},         {"max_read_iops", q.max_read_iops},
-              {"max_write_iops", q.max_write_iops}, {"max_bps", q.max_bps},
-              {"max_read_bps", q.max_read_bps}, {"max_write_bps", q.max_write_bps},
-              {"iops_per_gib", q.iops_per_gib}, {"bps_per_gib", q.bps_per_gib},
-              {"burst_ms", q.burst_ms}};
+  json qos = json::object();  // nlohmann's object sorts its keys: the order here does not matter
+#define NBDCSI_QOS_JSON(f, key, flag, kind, help) qos[#f] = q.f;
+  NBDCSI_QOS_FIELDS(NBDCSI_QOS_JSON)
+#undef NBDCSI_QOS_JSON
   json j = {{"version", kMetaVersion},
             {"name", m.name},
             {"size", m.size},

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <limits>
 
+#include "common/qos_fields.h"
+
 namespace nbdcsi::datapath {
 
 namespace {
@@ -38,28 +40,16 @@ EffectiveQos Resolve(const QosLimits& limits, uint64_t volume_size_bytes) {
 
 QosPatch QosPatch::All(const QosLimits& q) {
   QosPatch p;
-  p.max_iops = q.max_iops;
-  p.max_read_iops = q.max_read_iops;
-  p.max_write_iops = q.max_write_iops;
-  p.max_bps = q.max_bps;
-  p.max_read_bps = q.max_read_bps;
-  p.max_write_bps = q.max_write_bps;
-  p.iops_per_gib = q.iops_per_gib;
-  p.bps_per_gib = q.bps_per_gib;
-  p.burst_ms = q.burst_ms;
+#define NBDCSI_QOS_ALL(f, key, flag, kind, help) p.f = q.f;
+  NBDCSI_QOS_FIELDS(NBDCSI_QOS_ALL)
+#undef NBDCSI_QOS_ALL
   return p;
 }
 
 QosLimits QosPatch::ApplyTo(QosLimits q) const {
-  q.max_iops = max_iops.value_or(q.max_iops);
-  q.max_read_iops = max_read_iops.value_or(q.max_read_iops);
-  q.max_write_iops = max_write_iops.value_or(q.max_write_iops);
-  q.max_bps = max_bps.value_or(q.max_bps);
-  q.max_read_bps = max_read_bps.value_or(q.max_read_bps);
-  q.max_write_bps = max_write_bps.value_or(q.max_write_bps);
-  q.iops_per_gib = iops_per_gib.value_or(q.iops_per_gib);
-  q.bps_per_gib = bps_per_gib.value_or(q.bps_per_gib);
-  q.burst_ms = burst_ms.value_or(q.burst_ms);
+#define NBDCSI_QOS_APPLY(f, key, flag, kind, help) q.f = f.value_or(q.f);
+  NBDCSI_QOS_FIELDS(NBDCSI_QOS_APPLY)
+#undef NBDCSI_QOS_APPLY
   return q;
 }
 

@@ -20,6 +20,7 @@
 #include <grpcpp/support/channel_arguments.h>
 
 #include "csi/driver.h"
+#include "datapath/api/registry.grpc.pb.h"
 #include "test/support/free_port.h"
 #include "test/support/grpc_call.h"
 #include "test/support/wait.h"
@@ -329,5 +330,19 @@ std::string Cluster::Nbdctl(const std::string& node, const std::vector<std::stri
 // ---- helpers ----
 
 std::unique_ptr<grpc::ClientContext> Ctx() { return CallContext(20s); }
+
+grpc::Status Heartbeat(int registry_port, const std::shared_ptr<grpc::ChannelCredentials>& creds,
+                       const std::string& node, const std::string& address) {
+  auto stub = datapath::v1::Registry::NewStub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(registry_port), creds));
+  datapath::v1::HeartbeatRequest req;
+  req.set_node_id(node);
+  req.set_api_address(address);
+  req.set_capacity_bytes(uint64_t{4} << 30);
+  req.set_free_bytes(uint64_t{4} << 30);
+  req.set_provisionable_bytes(uint64_t{4} << 30);
+  datapath::v1::HeartbeatResponse resp;
+  return stub->Heartbeat(Ctx().get(), req, &resp);
+}
 
 }  // namespace nbdcsi::test

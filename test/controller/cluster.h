@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <grpcpp/channel.h>
+#include <grpcpp/security/credentials.h>
 
 #include "csi/csi.grpc.pb.h"
 #include "datapath/api/datapath.grpc.pb.h"
@@ -111,5 +112,10 @@ class Cluster {
 
 // A context with a 20 s deadline.
 std::unique_ptr<grpc::ClientContext> Ctx();
+
+// One Registry.Heartbeat to 127.0.0.1:REGISTRY_PORT over `creds`, claiming NODE's datapath at
+// ADDRESS with 4 GiB free, as a datapath would send it.
+grpc::Status Heartbeat(int registry_port, const std::shared_ptr<grpc::ChannelCredentials>& creds,
+                       const std::string& node, const std::string& address);
 
 }  // namespace nbdcsi::test

@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include "test/controller/cluster.h"
+#include "test/support/certs.h"
 #include "test/support/wait.h"
 
 namespace nbdcsi::test {
@@ -23,24 +24,15 @@ using grpc::StatusCode;
 
 class TlsTest : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() {
-    certs_ = new std::string((std::filesystem::temp_directory_path() /
-                              ("nbdcsi-certs-" + std::to_string(getpid())))
-                                 .string());
-    std::string cmd = "bash " + Cluster::Src("test/tls/make-certs.sh") + " " + *certs_ +
-                      " node-a >/dev/null 2>&1";
-    made_ = std::system(cmd.c_str()) == 0;
-  }
-  static void TearDownTestSuite() {
-    std::error_code ec;
-    std::filesystem::remove_all(*certs_, ec);
-    delete certs_;
-  }
+  static void SetUpTestSuite() { certs_ = new TestCerts("nbdcsi-certs", "node-a"); }
+  static void TearDownTestSuite() { delete certs_; }
   void SetUp() override {
-    ASSERT_TRUE(made_) << "test/tls/make-certs.sh failed (openssl missing? NBDCSI_SRC unset?)";
+    ASSERT_TRUE(certs_->ok) << "test/tls/make-certs.sh failed (openssl missing? NBDCSI_SRC "
+                               "unset?), see "
+                            << certs_->log();
   }
-  static std::string Ca1() { return *certs_; }
-  static std::string Ca2() { return *certs_ + "/other"; }
+  static std::string Ca1() { return certs_->path(); }
+  static std::string Ca2() { return (*certs_)("other"); }
 
   // CreateVolume bound to node-a: the full path controller -> datapath over the node's TLS API.
   static grpc::Status CreateOnNodeA(Cluster& c, const std::string& name) {
@@ -69,12 +61,10 @@ class TlsTest : public ::testing::Test {
     EXPECT_EQ(CreateOnNodeA(c, volume).error_code(), StatusCode::UNAVAILABLE);
   }
 
-  static std::string* certs_;
-  static bool made_;
+  static TestCerts* certs_;
 };
 
-std::string* TlsTest::certs_ = nullptr;
-bool TlsTest::made_ = false;
+TestCerts* TlsTest::certs_ = nullptr;
 
 TEST_F(TlsTest, SameCaWorksEndToEnd) {
   ClusterOptions o;

@@ -22,6 +22,7 @@
 #include "datapath/api/datapath.grpc.pb.h"
 #include "datapath/api/registry.grpc.pb.h"
 #include "test/controller/cluster.h"
+#include "test/support/certs.h"
 #include "test/support/free_port.h"
 
 namespace nbdcsi::test {
@@ -32,11 +33,6 @@ namespace dpv1 = ::nbdcsi::datapath::v1;
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 using grpc::StatusCode;
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
 
 // A datapath stand-in that counts the calls that reach it.
 class CountingDatapath final : public dpv1::Datapath::Service {
@@ -68,58 +64,19 @@ class CountingRegistry final : public dpv1::Registry::Service {
 
 class NodeIdentityTest : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() {
-    certs_ = new std::string(
-        (fs::temp_directory_path() / ("nbdcsi-nodeid-" + std::to_string(getpid()))).string());
-    std::string cmd = "bash " + Cluster::Src("test/tls/make-certs.sh") + " " + *certs_ +
-                      " node-a node-b node-x >/dev/null 2>&1";
-    made_ = std::system(cmd.c_str()) == 0;
+  static void SetUpTestSuite() { certs_ = new TestCerts("nbdcsi-nodeid", "node-a node-b node-x"); }
+  static void TearDownTestSuite() { delete certs_; }
+  void SetUp() override {
+    ASSERT_TRUE(certs_->ok) << "test/tls/make-certs.sh failed, see " << certs_->log();
   }
-  static void TearDownTestSuite() {
-    std::error_code ec;
-    fs::remove_all(*certs_, ec);
-    delete certs_;
-  }
-  void SetUp() override { ASSERT_TRUE(made_) << "test/tls/make-certs.sh failed"; }
 
-  static std::string Main() { return *certs_; }
-  static std::string Other() { return *certs_ + "/other"; }
-
-  // gRPC's SSL credentials: present dir/who (none when who is ""), trust ca_dir's CA.
-  static std::shared_ptr<grpc::ChannelCredentials> Client(const std::string& dir,
-                                                          const std::string& who,
-                                                          const std::string& ca_dir) {
-    grpc::SslCredentialsOptions o;
-    o.pem_root_certs = ReadFile(ca_dir + "/ca.crt");
-    if (!who.empty()) {
-      o.pem_cert_chain = ReadFile(dir + "/" + who + ".crt");
-      o.pem_private_key = ReadFile(dir + "/" + who + ".key");
-    }
-    return grpc::SslCredentials(o);
-  }
-  static std::shared_ptr<grpc::ServerCredentials> Server(const std::string& dir,
-                                                         const std::string& who) {
-    grpc::SslServerCredentialsOptions o(
-        GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-    o.pem_root_certs = ReadFile(Main() + "/ca.crt");
-    o.pem_key_cert_pairs.push_back({ReadFile(dir + "/" + who + ".key"),
-                                    ReadFile(dir + "/" + who + ".crt")});
-    return grpc::SslServerCredentials(o);
-  }
+  static std::string Main() { return certs_->path(); }
+  static std::string Other() { return (*certs_)("other"); }
 
   // One heartbeat to the controller's Registry, claiming `node` at `address`.
   static grpc::Status Beat(Cluster& c, const std::shared_ptr<grpc::ChannelCredentials>& creds,
                            const std::string& node, const std::string& address) {
-    auto stub = dpv1::Registry::NewStub(grpc::CreateChannel(
-        "127.0.0.1:" + std::to_string(c.registry_port()), creds));
-    dpv1::HeartbeatRequest req;
-    req.set_node_id(node);
-    req.set_api_address(address);
-    req.set_capacity_bytes(uint64_t{4} << 30);
-    req.set_free_bytes(uint64_t{4} << 30);
-    req.set_provisionable_bytes(uint64_t{4} << 30);
-    dpv1::HeartbeatResponse resp;
-    return stub->Heartbeat(Ctx().get(), req, &resp);
+    return Heartbeat(c.registry_port(), creds, node, address);
   }
 
   static grpc::Status CreateOn(Cluster& c, const std::string& node, const std::string& name) {
@@ -138,12 +95,10 @@ class NodeIdentityTest : public ::testing::Test {
     return o;
   }
 
-  static std::string* certs_;
-  static bool made_;
+  static TestCerts* certs_;
 };
 
-std::string* NodeIdentityTest::certs_ = nullptr;
-bool NodeIdentityTest::made_ = false;
+TestCerts* NodeIdentityTest::certs_ = nullptr;
 
 TEST_F(NodeIdentityTest, NodeACertificateCannotHeartbeatAsNodeB) {
   Cluster c(Options({"node-a", "node-b"}));
@@ -151,16 +106,16 @@ TEST_F(NodeIdentityTest, NodeACertificateCannotHeartbeatAsNodeB) {
   const int trap_port = FreeLoopbackPort();
 
   // Node A tries to move node B's registration to an address of its own.
-  grpc::Status st = Beat(c, Client(Main(), "node-node-a", Main()), "node-b",
+  grpc::Status st = Beat(c, SslClient(Main(), "node-node-a", Main()), "node-b",
                          "127.0.0.1:" + std::to_string(trap_port));
   EXPECT_EQ(st.error_code(), StatusCode::PERMISSION_DENIED) << st.error_message();
   EXPECT_NE(st.error_message().find("cannot speak for node node-b"), std::string::npos)
       << st.error_message();
   // The controller's own certificate is no node's either.
-  st = Beat(c, Client(Main(), "server", Main()), "node-b", "127.0.0.1:1");
+  st = Beat(c, SslClient(Main(), "server", Main()), "node-b", "127.0.0.1:1");
   EXPECT_EQ(st.error_code(), StatusCode::PERMISSION_DENIED) << st.error_message();
   // Nor does it register a node nobody runs.
-  st = Beat(c, Client(Main(), "node-node-a", Main()), "node-x", "127.0.0.1:1");
+  st = Beat(c, SslClient(Main(), "node-node-a", Main()), "node-x", "127.0.0.1:1");
   EXPECT_EQ(st.error_code(), StatusCode::PERMISSION_DENIED) << st.error_message();
   EXPECT_FALSE(c.WaitRegistered("node-x", 500ms));
 
@@ -192,17 +147,17 @@ TEST_F(NodeIdentityTest, ControllerRefusesADatapathAtNodeBsAddressWithNodeAsCert
                            "--tls-ca", Main() + "/ca.crt"},
                           rogue_dir + "/rogue.log"));
   for (int i = 0; i < 500 && !fs::exists(rogue_dir + "/api.sock"); ++i) {
-    ASSERT_TRUE(rogue.Running()) << ReadFile(rogue_dir + "/rogue.log");
+    ASSERT_TRUE(rogue.Running()) << ReadWholeFile(rogue_dir + "/rogue.log");
     std::this_thread::sleep_for(20ms);
   }
   // The rogue is really there and serving: a controller-like client dialling it by address
   // gets an answer (host name verification passes: the certificate carries IP:127.0.0.1).
   {
     auto stub = dpv1::Datapath::NewStub(grpc::CreateChannel(
-        "127.0.0.1:" + std::to_string(c.api_port(1)), Client(Main(), "server", Main())));
+        "127.0.0.1:" + std::to_string(c.api_port(1)), SslClient(Main(), "server", Main())));
     dpv1::GetPoolInfoResponse info;
     grpc::Status st = stub->GetPoolInfo(Ctx().get(), {}, &info);
-    ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(rogue_dir + "/rogue.log");
+    ASSERT_TRUE(st.ok()) << st.error_message() << ReadWholeFile(rogue_dir + "/rogue.log");
   }
 
   grpc::Status st = CreateOn(c, "node-b", "after");
@@ -244,7 +199,7 @@ TEST_F(NodeIdentityTest, BadClientCertificatesAreRefusedByControllerAndDatapath)
   };
   const std::string api = "127.0.0.1:" + std::to_string(c.api_port(0));
   for (const auto& k : cases) {
-    auto creds = Client(k.dir, k.who, Main());
+    auto creds = SslClient(k.dir, k.who, Main());
     // Registry: refused in the handshake, so the status is UNAVAILABLE, never a handler's.
     grpc::Status st = Beat(c, creds, "node-a", "127.0.0.1:1");
     EXPECT_EQ(st.error_code(), StatusCode::UNAVAILABLE) << k.what << ": " << st.error_message();
@@ -257,13 +212,13 @@ TEST_F(NodeIdentityTest, BadClientCertificatesAreRefusedByControllerAndDatapath)
   ASSERT_TRUE(CreateOn(c, "node-a", "still-a").ok()) << c.LogTail("controller");
 
   // A datapath's API is the controller's: another node's certificate is refused by the daemon.
-  auto as_b = dpv1::Datapath::NewStub(
-      grpc::CreateChannel(api, Client(Main(), "node-node-b", Main())));
+  auto as_b =
+      dpv1::Datapath::NewStub(grpc::CreateChannel(api, SslClient(Main(), "node-node-b", Main())));
   dpv1::ListVolumesResponse vols;
   grpc::Status st = as_b->ListVolumes(Ctx().get(), {}, &vols);
   EXPECT_EQ(st.error_code(), StatusCode::PERMISSION_DENIED) << st.error_message();
   auto as_ctl =
-      dpv1::Datapath::NewStub(grpc::CreateChannel(api, Client(Main(), "server", Main())));
+      dpv1::Datapath::NewStub(grpc::CreateChannel(api, SslClient(Main(), "server", Main())));
   st = as_ctl->ListVolumes(Ctx().get(), {}, &vols);
   ASSERT_TRUE(st.ok()) << st.error_message();
   EXPECT_EQ(vols.volumes_size(), 1);
@@ -290,12 +245,12 @@ TEST_F(NodeIdentityTest, BadServerCertificatesAreRefusedByControllerAndDatapath)
     CountingDatapath fake;
     grpc::ServerBuilder b;
     int port = 0;
-    b.AddListeningPort("127.0.0.1:0", Server(k.dir, k.who), &port);
+    b.AddListeningPort("127.0.0.1:0", SslServer(k.dir, k.who, Main()), &port);
     b.RegisterService(&fake);
     auto server = b.BuildAndStart();
     ASSERT_NE(server, nullptr);
     // node-x registers (with its genuine certificate) at the fake's address.
-    grpc::Status st = Beat(c, Client(Main(), "node-node-x", Main()), "node-x",
+    grpc::Status st = Beat(c, SslClient(Main(), "node-node-x", Main()), "node-x",
                            "127.0.0.1:" + std::to_string(port));
     ASSERT_TRUE(st.ok()) << st.error_message();
     // The snapshots of a volume on node-x: only node-x can answer, so a refused handshake is
@@ -330,7 +285,7 @@ TEST_F(NodeIdentityTest, BadServerCertificatesAreRefusedByControllerAndDatapath)
     CountingRegistry fake;
     grpc::ServerBuilder b;
     int port = 0;
-    b.AddListeningPort("127.0.0.1:0", Server(r.dir, r.who), &port);
+    b.AddListeningPort("127.0.0.1:0", SslServer(r.dir, r.who, Main()), &port);
     b.RegisterService(&fake);
     auto server = b.BuildAndStart();
     ASSERT_NE(server, nullptr);
@@ -347,8 +302,8 @@ TEST_F(NodeIdentityTest, BadServerCertificatesAreRefusedByControllerAndDatapath)
                          Main() + "/node-node-a.key", "--tls-ca", Main() + "/ca.crt"},
                         dir + "/d.log"));
     for (int i = 0; i < 30 && fake.beats.load() == 0; ++i) std::this_thread::sleep_for(100ms);
-    EXPECT_EQ(fake.beats.load() > 0, r.heard) << ReadFile(dir + "/d.log");
-    EXPECT_EQ(d.Stop(), 0) << ReadFile(dir + "/d.log");
+    EXPECT_EQ(fake.beats.load() > 0, r.heard) << ReadWholeFile(dir + "/d.log");
+    EXPECT_EQ(d.Stop(), 0) << ReadWholeFile(dir + "/d.log");
     server->Shutdown(std::chrono::system_clock::now() + 1s);
   }
 }

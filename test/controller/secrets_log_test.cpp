@@ -23,6 +23,7 @@
 #include <gtest/gtest.h>
 
 #include "test/controller/cluster.h"
+#include "test/support/certs.h"
 
 namespace nbdcsi::test {
 namespace {
@@ -30,11 +31,6 @@ namespace {
 namespace v1 = ::csi::v1;
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
 
 std::string Marker(std::mt19937_64& rng, const char* tag) {
   char buf[64];
@@ -51,15 +47,8 @@ class SecretsLogTest : public ::testing::Test {
     secrets_ = {{"password", Marker(rng, "pw")},
                 {"token", Marker(rng, "tok")},
                 {"csi.storage.k8s.io/provisioner-secret-name", Marker(rng, "name")}};
-    certs_ = (fs::temp_directory_path() / ("nbdcsi-secrets-" + std::to_string(getpid()))).string();
-    ASSERT_EQ(std::system(("bash " + Cluster::Src("test/tls/make-certs.sh") + " " + certs_ +
-                           " node-a >/dev/null 2>&1")
-                              .c_str()),
-              0);
-  }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(certs_, ec);
+    ASSERT_TRUE(made_.ok) << "test/tls/make-certs.sh failed, see " << made_.log();
+    certs_ = made_.path();
   }
 
   template <typename Req>
@@ -68,6 +57,7 @@ class SecretsLogTest : public ::testing::Test {
   }
 
   std::map<std::string, std::string> secrets_;
+  TestCerts made_{"nbdcsi-secrets", "node-a"};
   std::string certs_;
 };
 
@@ -86,7 +76,7 @@ TEST_F(SecretsLogTest, NoSecretValueOrKeyMaterialReachesAnyLog) {
                           "--kubelet-root", root, "--log-level", "trace"},
                          c.dir() + "/node.log"));
   for (int i = 0; i < 500 && !fs::exists(c.dir() + "/node-csi.sock"); ++i) {
-    ASSERT_TRUE(node.Running()) << ReadFile(c.dir() + "/node.log");
+    ASSERT_TRUE(node.Running()) << ReadWholeFile(c.dir() + "/node.log");
     std::this_thread::sleep_for(20ms);
   }
   auto node_stub = v1::Node::NewStub(grpc::CreateChannel("unix://" + c.dir() + "/node-csi.sock",
@@ -224,7 +214,7 @@ TEST_F(SecretsLogTest, NoSecretValueOrKeyMaterialReachesAnyLog) {
   for (const auto& [k, v] : secrets_) needles.push_back(v);
   needles.push_back("PRIVATE KEY");
   for (const char* key : {"/server.key", "/node-node-a.key"}) {
-    std::istringstream lines(ReadFile(certs_ + key));
+    std::istringstream lines(ReadWholeFile(certs_ + key));
     for (std::string l; std::getline(lines, l);) {
       if (l.size() >= 16 && l.find("-----") == std::string::npos) needles.push_back(l);
     }
@@ -233,7 +223,7 @@ TEST_F(SecretsLogTest, NoSecretValueOrKeyMaterialReachesAnyLog) {
   size_t logs = 0, bytes = 0;
   for (const auto& e : fs::recursive_directory_iterator(c.dir())) {
     if (!e.is_regular_file() || e.path().extension() != ".log") continue;
-    const std::string text = ReadFile(e.path().string());
+    const std::string text = ReadWholeFile(e.path().string());
     ++logs;
     bytes += text.size();
     for (const auto& n : needles) {
@@ -242,10 +232,10 @@ TEST_F(SecretsLogTest, NoSecretValueOrKeyMaterialReachesAnyLog) {
   }
   // The daemons did log the calls (so the search looked at something real).
   EXPECT_GE(logs, 3u);
-  const std::string ctl_log = ReadFile(c.dir() + "/controller.log");
+  const std::string ctl_log = ReadWholeFile(c.dir() + "/controller.log");
   EXPECT_NE(ctl_log.find("CreateVolume <- "), std::string::npos);
   EXPECT_NE(ctl_log.find("***stripped***"), std::string::npos);
-  EXPECT_NE(ReadFile(c.dir() + "/node.log").find("NodeStageVolume <- "), std::string::npos);
+  EXPECT_NE(ReadWholeFile(c.dir() + "/node.log").find("NodeStageVolume <- "), std::string::npos);
   RecordProperty("log_bytes_searched", static_cast<int>(bytes));
 }
 

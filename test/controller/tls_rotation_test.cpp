@@ -24,6 +24,7 @@
 #include "datapath/api/datapath.grpc.pb.h"
 #include "datapath/api/registry.grpc.pb.h"
 #include "test/controller/cluster.h"
+#include "test/support/certs.h"
 #include "test/support/secret_dir.h"
 
 namespace nbdcsi::test {
@@ -35,15 +36,6 @@ namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 using grpc::StatusCode;
 
-std::shared_ptr<grpc::ChannelCredentials> Client(const std::string& dir, const std::string& who,
-                                                 const std::string& ca_dir) {
-  grpc::SslCredentialsOptions o;
-  o.pem_root_certs = ReadWholeFile(ca_dir + "/ca.crt");
-  o.pem_cert_chain = ReadWholeFile(dir + "/" + who + ".crt");
-  o.pem_private_key = ReadWholeFile(dir + "/" + who + ".key");
-  return grpc::SslCredentials(o);
-}
-
 grpc::Status PoolInfo(const std::string& target,
                       const std::shared_ptr<grpc::ChannelCredentials>& creds) {
   auto stub = dpv1::Datapath::NewStub(grpc::CreateChannel(target, creds));
@@ -51,20 +43,6 @@ grpc::Status PoolInfo(const std::string& target,
   auto ctx = Ctx();
   ctx->set_deadline(std::chrono::system_clock::now() + 5s);
   return stub->GetPoolInfo(ctx.get(), {}, &info);
-}
-
-grpc::Status Beat(int registry_port, const std::shared_ptr<grpc::ChannelCredentials>& creds,
-                  const std::string& address) {
-  auto stub = dpv1::Registry::NewStub(
-      grpc::CreateChannel("127.0.0.1:" + std::to_string(registry_port), creds));
-  dpv1::HeartbeatRequest req;
-  req.set_node_id("node-a");
-  req.set_api_address(address);
-  req.set_capacity_bytes(uint64_t{4} << 30);
-  req.set_free_bytes(uint64_t{4} << 30);
-  req.set_provisionable_bytes(uint64_t{4} << 30);
-  dpv1::HeartbeatResponse resp;
-  return stub->Heartbeat(Ctx().get(), req, &resp);
 }
 
 template <typename F>
@@ -125,12 +103,9 @@ TEST(TlsRotation, NewCaMidRunKeepsLiveIoAndCallsAndRefusesTheOldCa) {
   if (!fs::exists("/usr/lib/python3/dist-packages/nbd.py") && !getenv("CI")) {
     GTEST_SKIP() << "needs python3-libnbd";
   }
-  const std::string certs =
-      (fs::temp_directory_path() / ("nbdcsi-rotate-" + std::to_string(getpid()))).string();
-  ASSERT_EQ(std::system(("bash " + Cluster::Src("test/tls/make-certs.sh") + " " + certs +
-                         " node-a >/dev/null 2>&1")
-                            .c_str()),
-            0);
+  TestCerts made("nbdcsi-rotate", "node-a");
+  ASSERT_TRUE(made.ok) << "test/tls/make-certs.sh failed, see " << made.log();
+  const std::string certs = made.path();
   const std::string main = certs, other = certs + "/other";
   SecretDir ctl(certs + "/secret-controller"), dp(certs + "/secret-node-a");
   ctl.VersionFrom("v1", main, "server", main);
@@ -151,7 +126,7 @@ TEST(TlsRotation, NewCaMidRunKeepsLiveIoAndCallsAndRefusesTheOldCa) {
   ASSERT_TRUE(c.datapath("node-a").CreateVolume(Ctx().get(), cr, &created).ok());
   const std::string progress = c.dir() + "/io.progress", stop = c.dir() + "/io.stop";
   Process io;
-  ASSERT_TRUE(io.Start({"/usr/bin/python3", Cluster::Src("test/controller/nbd_live_io.py"),
+  ASSERT_TRUE(io.Start({"/usr/bin/python3", Cluster::Src("test/support/nbd_live_io.py"),
                         "nbd+unix:///live?socket=" + c.dir() + "/node-a-nbd.sock", progress, stop},
                        c.dir() + "/io.log"));
   ASSERT_TRUE(Eventually([&] { return ReadInt(progress) >= 10; }, 10s))
@@ -159,7 +134,7 @@ TEST(TlsRotation, NewCaMidRunKeepsLiveIoAndCallsAndRefusesTheOldCa) {
 
   // Live gRPC: one channel opened now and used throughout, and the controller's own channel to
   // the datapath (CSI ListVolumes asks every node).
-  auto live = dpv1::Datapath::NewStub(grpc::CreateChannel(api, Client(main, "server", main)));
+  auto live = dpv1::Datapath::NewStub(grpc::CreateChannel(api, SslClient(main, "server", main)));
   Hammer direct([&] {
     dpv1::GetPoolInfoResponse info;
     return live->GetPoolInfo(Ctx().get(), {}, &info);
@@ -177,16 +152,18 @@ TEST(TlsRotation, NewCaMidRunKeepsLiveIoAndCallsAndRefusesTheOldCa) {
   dp.VersionFrom("v2", other, "node-node-a", other);
 
   // New connections are served with the new chain...
-  EXPECT_TRUE(Eventually([&] { return PoolInfo(api, Client(other, "server", other)).ok(); }, 10s))
+  EXPECT_TRUE(
+      Eventually([&] { return PoolInfo(api, SslClient(other, "server", other)).ok(); }, 10s))
       << c.LogTail("node-a");
-  EXPECT_TRUE(Eventually([&] { return Beat(c.registry_port(), Client(other, "node-node-a", other),
-                                           api).ok(); },
-                         10s))
-      << c.LogTail("controller");
+  auto new_client_beats = [&] {
+    return Heartbeat(c.registry_port(), SslClient(other, "node-node-a", other), "node-a", api).ok();
+  };
+  EXPECT_TRUE(Eventually(new_client_beats, 10s)) << c.LogTail("controller");
   // ... and a client that trusts only the old CA is refused by both.
-  grpc::Status old_dp = PoolInfo(api, Client(main, "server", main));
+  grpc::Status old_dp = PoolInfo(api, SslClient(main, "server", main));
   EXPECT_EQ(old_dp.error_code(), StatusCode::UNAVAILABLE) << old_dp.error_message();
-  grpc::Status old_reg = Beat(c.registry_port(), Client(main, "node-node-a", main), api);
+  grpc::Status old_reg =
+      Heartbeat(c.registry_port(), SslClient(main, "node-node-a", main), "node-a", api);
   EXPECT_EQ(old_reg.error_code(), StatusCode::UNAVAILABLE) << old_reg.error_message();
 
   // A few more seconds of everything running on the new material.
@@ -222,8 +199,6 @@ TEST(TlsRotation, NewCaMidRunKeepsLiveIoAndCallsAndRefusesTheOldCa) {
     std::this_thread::sleep_for(250ms);
   }
   EXPECT_TRUE(st.ok()) << st.error_message() << c.LogTail("controller");
-  std::error_code ec;
-  fs::remove_all(certs, ec);
 }
 
 }  // namespace

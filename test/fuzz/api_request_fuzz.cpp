@@ -32,6 +32,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "datapath/api/datapath.grpc.pb.h"
+#include "datapath/api/qos_proto.h"
 #include "datapath/api/service.h"
 #include "datapath/pool/pool.h"
 #include "datapath/pool/rules.h"
@@ -103,20 +104,6 @@ World& W() {
 bool VolumeNameOk(const std::string& n) { return dp::ValidateVolumeName(n).ok(); }
 bool SnapshotNameOk(const std::string& n) { return dp::ValidateSnapshotName(n).ok(); }
 
-dp::QosLimits FromProto(const v1::QosLimits& p) {
-  dp::QosLimits q;
-  q.max_iops = p.max_iops();
-  q.max_read_iops = p.max_read_iops();
-  q.max_write_iops = p.max_write_iops();
-  q.max_bps = p.max_bps();
-  q.max_read_bps = p.max_read_bps();
-  q.max_write_bps = p.max_write_bps();
-  q.iops_per_gib = p.iops_per_gib();
-  q.bps_per_gib = p.bps_per_gib();
-  q.burst_ms = p.burst_ms();
-  return q;
-}
-
 void CheckCode(const grpc::Status& s, const char* rpc) {
   const StatusCode c = s.error_code();
   const std::string what = std::string(rpc) + ": " + std::to_string(c) + " " + s.error_message();
@@ -143,7 +130,7 @@ void CheckPath(const std::string& path, const char* sub, const std::string& name
 void CheckVolume(const v1::Volume& v) {
   FUZZ_CHECK_MSG(VolumeNameOk(v.name()), v.name());
   FUZZ_CHECK(dp::ValidateVolumeSize(v.size_bytes()).ok());
-  FUZZ_CHECK(dp::ValidateQos(FromProto(v.qos()), v.size_bytes()).ok());
+  FUZZ_CHECK(dp::ValidateQos(dp::FromProto(v.qos()), v.size_bytes()).ok());
   CheckPath(v.data_path(), "volumes", v.name());
 }
 
@@ -221,10 +208,10 @@ void CreateVolume(std::string_view b) {
   if ((blank || req.size_bytes() != 0) && !dp::ValidateVolumeSize(req.size_bytes()).ok()) {
     return CheckRefused(s, "CreateVolume", "bad size");
   }
-  if (blank && !dp::ValidateQos(FromProto(req.qos()), req.size_bytes()).ok()) {
+  if (blank && !dp::ValidateQos(dp::FromProto(req.qos()), req.size_bytes()).ok()) {
     return CheckRefused(s, "CreateVolume", "bad QoS");
   }
-  if (FromProto(req.qos()).burst_ms > dp::kMaxBurstMs) {
+  if (dp::FromProto(req.qos()).burst_ms > dp::kMaxBurstMs) {
     return CheckRefused(s, "CreateVolume", "burst_ms too large");
   }
   if (!s.ok()) return;
@@ -233,7 +220,7 @@ void CreateVolume(std::string_view b) {
   FUZZ_CHECK(v.name() == req.name());
   if (blank || req.size_bytes() != 0) FUZZ_CHECK(v.size_bytes() == req.size_bytes());
   FUZZ_CHECK(v.read_only() == req.read_only());
-  FUZZ_CHECK(FromProto(v.qos()) == FromProto(req.qos()));
+  FUZZ_CHECK(dp::FromProto(v.qos()) == dp::FromProto(req.qos()));
   FUZZ_CHECK_MSG(v.source() == label, v.source());
   FUZZ_CHECK(W().pool->Inspect(req.name()).ok());
 }
@@ -322,7 +309,7 @@ void SetQos(std::string_view b) {
   CheckVolume(v);
   FUZZ_CHECK(v.name() == req.name());
   if (req.has_replace()) {
-    FUZZ_CHECK(FromProto(v.qos()) == FromProto(req.replace()));
+    FUZZ_CHECK(dp::FromProto(v.qos()) == dp::FromProto(req.replace()));
   } else {
     const v1::QosPatch& p = req.patch();
     const v1::QosLimits& q = v.qos();

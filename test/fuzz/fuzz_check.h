@@ -1,5 +1,5 @@
 // What every fuzz target shares: a property check that aborts (so libFuzzer keeps the input as a
-// crash reproducer) and a cursor over the input bytes for targets that decode structure from them.
+// crash reproducer) and cursors over the input bytes for targets that decode structure from them.
 #pragma once
 
 #include <cstddef>
@@ -66,6 +66,27 @@ class Bytes {
  private:
   const uint8_t* p_;
   size_t n_;
+};
+
+// Raw decoding, for targets whose input mirrors a wire format: Take hands out the next `len`
+// bytes in place (false, consuming nothing, when fewer are left); Skip drops up to `len` bytes
+// and says how many it dropped.
+struct Input {
+  const uint8_t* p;
+  size_t n;
+  bool Take(size_t len, const uint8_t** out) {
+    if (n < len) return false;
+    *out = p;
+    p += len;
+    n -= len;
+    return true;
+  }
+  size_t Skip(size_t len) {
+    const size_t k = len < n ? len : n;
+    p += k;
+    n -= k;
+    return k;
+  }
 };
 
 }  // namespace nbdcsi::fuzz

@@ -53,23 +53,7 @@ class Catalog : public nbd::ExportCatalog {
   std::map<std::string, nbd::ExportInfo> exports_;
 };
 
-struct Input {
-  const uint8_t* p;
-  size_t n;
-  bool Take(size_t len, const uint8_t** out) {
-    if (n < len) return false;
-    *out = p;
-    p += len;
-    n -= len;
-    return true;
-  }
-  size_t Skip(size_t len) {
-    size_t k = len < n ? len : n;
-    p += k;
-    n -= k;
-    return k;
-  }
-};
+using nbdcsi::fuzz::Input;
 
 // Every option reply is magic + the option it answers + type + length + exactly that much
 // data; returns the type of the last reply (0 if none).

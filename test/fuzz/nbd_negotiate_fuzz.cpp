@@ -129,22 +129,7 @@ std::optional<std::string> MetaExport(std::span<const uint8_t> p) {
   return std::string(reinterpret_cast<const char*>(p.data() + 4), n);
 }
 
-struct Input {
-  const uint8_t* p;
-  size_t n;
-  bool Take(size_t len, const uint8_t** out) {
-    if (n < len) return false;
-    *out = p;
-    p += len;
-    n -= len;
-    return true;
-  }
-  void Skip(size_t len) {
-    const size_t k = len < n ? len : n;
-    p += k;
-    n -= k;
-  }
-};
+using nbdcsi::fuzz::Input;
 
 void CheckInfoReplies(const std::vector<Reply>& r, const InfoRequest& req, const Export& e,
                       bool structured) {

@@ -45,6 +45,15 @@ bool ValidSourceLabel(const std::string& s) {
 
 
 // Round trip and truncation, shared by both kinds. `seed` picks the cut points.
+// Whether the parser took the file; a refusal must be EINVAL with a message.
+template <typename Meta>
+bool Parsed(const nbdcsi::StatusOr<Meta>& r) {
+  if (r.ok()) return true;
+  FUZZ_CHECK_MSG(r.status().code() == EINVAL, r.status().message());
+  FUZZ_CHECK(!r.status().message().empty());
+  return false;
+}
+
 template <typename Meta, typename ParseFn>
 void RoundTrip(const Meta& m, const std::string& name, ParseFn parse, uint64_t seed) {
   const std::string text = dp::ToJson(m);
@@ -74,11 +83,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
   if (!snapshot) {
     auto r = dp::ParseVolumeMetadata(file, name);
-    if (!r.ok()) {
-      FUZZ_CHECK_MSG(r.status().code() == EINVAL, r.status().message());
-      FUZZ_CHECK(!r.status().message().empty());
-      return 0;
-    }
+    if (!Parsed(r)) return 0;
     const dp::VolumeMeta& m = *r;
     FUZZ_CHECK(m.name == name);
     FUZZ_CHECK(dp::ValidateVolumeName(m.name).ok());
@@ -89,11 +94,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     RoundTrip(m, name, dp::ParseVolumeMetadata, seed);
   } else {
     auto r = dp::ParseSnapshotMetadata(file, name);
-    if (!r.ok()) {
-      FUZZ_CHECK_MSG(r.status().code() == EINVAL, r.status().message());
-      FUZZ_CHECK(!r.status().message().empty());
-      return 0;
-    }
+    if (!Parsed(r)) return 0;
     const dp::SnapshotMeta& m = *r;
     FUZZ_CHECK(m.name == name);
     FUZZ_CHECK(dp::ValidateSnapshotName(m.name).ok());

@@ -24,6 +24,7 @@
 
 #include "common/quantity.h"
 #include "controller/csi_request.h"
+#include "datapath/api/qos_proto.h"
 #include "csi/params.h"
 #include "datapath/pool/rules.h"
 #include "test/fuzz/fuzz_check.h"
@@ -147,20 +148,6 @@ google::protobuf::Map<std::string, std::string> ToProtoMap(const Params& m) {
   return out;
 }
 
-dp::QosLimits ToPool(const nbdcsi::datapath::v1::QosLimits& l) {
-  dp::QosLimits q;
-  q.max_iops = l.max_iops();
-  q.max_read_iops = l.max_read_iops();
-  q.max_write_iops = l.max_write_iops();
-  q.max_bps = l.max_bps();
-  q.max_read_bps = l.max_read_bps();
-  q.max_write_bps = l.max_write_bps();
-  q.iops_per_gib = l.iops_per_gib();
-  q.bps_per_gib = l.bps_per_gib();
-  q.burst_ms = l.burst_ms();
-  return q;
-}
-
 nbdcsi::StatusOr<ncsi::QosParameters> ParseBoth(const Params& m) {
   auto r = ncsi::ParseQosParameters(m);
   CheckParsed(m, r);
@@ -225,7 +212,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       FUZZ_CHECK_MSG(pv == *from_vac, f.key);
     }
   }
-  const dp::QosLimits q = ToPool(limits);
+  const dp::QosLimits q = dp::FromProto(limits);
   FUZZ_CHECK(dp::ValidateQos(q, 0).ok() == (q.burst_ms <= dp::kMaxBurstMs));
   return 0;
 }

@@ -42,11 +42,8 @@ import sys
 import threading
 import time
 
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-REPLY_MAGIC = 0x3E889045565A9
-REQ_MAGIC = 0x25609513
-SIMPLE_MAGIC = 0x67446698
+from nbd_wire import NBDMAGIC, IHAVEOPT, REPLY_MAGIC, REQ_MAGIC, SIMPLE_MAGIC, Closed, recv_exact
+
 OPT_GO = 7
 CMD_READ, CMD_WRITE, CMD_DISC = 0, 1, 2
 FLAG_FUA = 1
@@ -56,23 +53,6 @@ VOL_SIZE = 64 * MIB
 # of gRPC and logging threads moves by a few MiB on its own.
 RSS_SLACK_KIB = 8 * 1024
 SOCK = os.environ.get("NBD_SOCK", "")
-
-
-class Closed(Exception):
-    pass
-
-
-def recv_exact(s, n):
-    buf = bytearray()
-    while len(buf) < n:
-        try:
-            chunk = s.recv(n - len(buf))
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            raise Closed(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 def handshake_bytes(name):

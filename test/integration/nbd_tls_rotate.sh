@@ -63,8 +63,8 @@ advances() {
 }
 
 step "a long TLS connection starts verified I/O"
-bg "$PY" "$(dirname "$0")/nbd_tls_rotate_io.py" "nbds://127.0.0.1:$PORT/disk" "$W/cli-old" \
-  "$W/src.raw" "$W/progress" "$W/stop"
+bg "$PY" "$(dirname "$0")/../support/nbd_live_io.py" --tls "$W/cli-old" --source "$W/src.raw" \
+  "nbds://127.0.0.1:$PORT/disk" "$W/progress" "$W/stop"
 IO_PID=$BG_PID
 wait_count 30 progress 20
 nbdinfo --is tls "$(tls_uri disk old)" || die "the old CA's client is refused before any rotation"

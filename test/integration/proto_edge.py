@@ -13,6 +13,7 @@ import time
 import traceback
 
 import nbd
+from nbd_wire import NBDMAGIC, IHAVEOPT, REPLY_MAGIC, REQ_MAGIC, SIMPLE_MAGIC, Closed, recv_exact
 
 SOCK = os.environ["NBD_SOCK"]
 RO_SOCK = os.environ.get("RO_SOCK", SOCK)
@@ -23,12 +24,6 @@ SERVER_PID = int(os.environ.get("SERVER_PID", "0"))
 # Zero-length requests are left unspecified by proto.md; the daemon's documented choice is
 # EINVAL, peers may succeed. EDGE_ZERO_LEN=any accepts both (used for peer runs).
 ZERO_LEN_STRICT = os.environ.get("EDGE_ZERO_LEN", "einval") == "einval"
-
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-REPLY_MAGIC = 0x3E889045565A9
-REQ_MAGIC = 0x25609513
-SIMPLE_MAGIC = 0x67446698
 
 OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_INFO, OPT_GO = 1, 2, 3, 6, 7
 OPT_STRUCTURED_REPLY, OPT_SET_META_CONTEXT = 8, 10
@@ -41,28 +36,11 @@ EPERM, EINVAL, ENOSPC, EOVERFLOW = 1, 22, 28, 75
 TIMEOUT = 5.0
 
 
-class Closed(Exception):
-    pass
-
-
 def connect(path=SOCK):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(TIMEOUT)
     s.connect(path)
     return s
-
-
-def recv_exact(s, n):
-    buf = bytearray()
-    while len(buf) < n:
-        try:
-            chunk = s.recv(n - len(buf))
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            raise Closed(f"connection closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 def expect_closed(s, what):

@@ -4,9 +4,14 @@
 #pragma once
 
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <string_view>
 
+#include <grpcpp/security/credentials.h>
+#include <grpcpp/security/server_credentials.h>
+
+#include "test/support/secret_dir.h"
 #include "test/support/temp_dir.h"
 
 namespace nbdcsi::test {
@@ -33,5 +38,31 @@ struct TestCerts {
   TempDir dir;
   bool ok = false;
 };
+
+// gRPC's own SSL credentials from make-certs.sh files, independent of common/tls (so they can
+// present what TlsCredentials::Load refuses, such as an expired certificate): a client that
+// presents DIR/WHO.crt and .key (nothing when `who` is "") and trusts CA_DIR/ca.crt.
+inline std::shared_ptr<grpc::ChannelCredentials> SslClient(const std::string& dir,
+                                                           const std::string& who,
+                                                           const std::string& ca_dir) {
+  grpc::SslCredentialsOptions o;
+  o.pem_root_certs = ReadWholeFile(ca_dir + "/ca.crt");
+  if (!who.empty()) {
+    o.pem_cert_chain = ReadWholeFile(dir + "/" + who + ".crt");
+    o.pem_private_key = ReadWholeFile(dir + "/" + who + ".key");
+  }
+  return grpc::SslCredentials(o);
+}
+
+// A server that presents DIR/WHO.crt and requires a client certificate of CA_DIR's CA.
+inline std::shared_ptr<grpc::ServerCredentials> SslServer(const std::string& dir,
+                                                          const std::string& who,
+                                                          const std::string& ca_dir) {
+  grpc::SslServerCredentialsOptions o(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  o.pem_root_certs = ReadWholeFile(ca_dir + "/ca.crt");
+  o.pem_key_cert_pairs.push_back(
+      {ReadWholeFile(dir + "/" + who + ".key"), ReadWholeFile(dir + "/" + who + ".crt")});
+  return grpc::SslServerCredentials(o);
+}
 
 }  // namespace nbdcsi::test

@@ -21,6 +21,7 @@
 #include "datapath/nbd/codec.h"
 #include "datapath/nbd/proto.h"
 #include "datapath/pool/pool.h"
+#include "test/support/nbd_bytes.h"
 #include "test/support/pool.h"
 #include "test/support/temp_dir.h"
 #include "test/support/wait.h"
@@ -29,15 +30,10 @@ namespace nbdcsi::datapath {
 namespace {
 
 namespace fs = std::filesystem;
-using Bytes = std::vector<uint8_t>;
+using test::Bytes;
+using test::Pattern;
+using test::RecvAll;
 constexpr uint64_t kMiB = 1024 * 1024;
-
-Bytes Pattern(size_t n, uint32_t seed) {
-  Bytes b(n);
-  std::mt19937 rng(seed);
-  for (auto& x : b) x = static_cast<uint8_t>(rng());
-  return b;
-}
 
 bool SendAll(int fd, const Bytes& b) {
   for (size_t off = 0; off < b.size();) {
@@ -48,26 +44,9 @@ bool SendAll(int fd, const Bytes& b) {
   return true;
 }
 
-bool RecvAll(int fd, uint8_t* p, size_t len) {
-  for (size_t off = 0; off < len;) {
-    ssize_t n = recv(fd, p + off, len - off, 0);
-    if (n <= 0) return false;
-    off += static_cast<size_t>(n);
-  }
-  return true;
-}
-
 void SendRequest(int fd, uint16_t type, uint16_t flags, uint64_t cookie, uint64_t offset,
                  uint32_t length, const Bytes& payload = {}) {
-  Bytes b(nbd::kRequestHeaderLen);
-  nbd::StoreBE32(&b[0], nbd::kRequestMagic);
-  nbd::StoreBE16(&b[4], flags);
-  nbd::StoreBE16(&b[6], type);
-  nbd::StoreBE64(&b[8], cookie);
-  nbd::StoreBE64(&b[16], offset);
-  nbd::StoreBE32(&b[24], length);
-  b.insert(b.end(), payload.begin(), payload.end());
-  ASSERT_TRUE(SendAll(fd, b));
+  ASSERT_TRUE(SendAll(fd, test::NbdRequest(type, flags, cookie, offset, length, payload)));
 }
 
 // A simple reply (16 bytes: magic, error, cookie), then `data_len` bytes for a successful READ.

@@ -153,6 +153,16 @@ struct CvWaiter : GateWaiter {
   }
 };
 
+// Starts a job the way the pool does: the volume's writes drained and held while the job is set
+// up, let through (each to the gate's rules) once it exists. `o.gate` must be set.
+std::shared_ptr<CopyJob> StartBehindGate(CopyJob::Options o) {
+  WriteGate* gate = o.gate;
+  gate->CloseAndDrain();
+  auto job = CopyJob::Start(std::move(o));
+  gate->Open();
+  return job;
+}
+
 class CopyJobTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
@@ -278,10 +288,8 @@ TEST_P(CopyJobTest, InvalidOptionsFailWithoutTouchingTheGate) {
   WriteGate gate;
   DoneRecorder done;
   auto w = std::make_shared<CvWaiter>();
-  gate.CloseAndDrain();
-  auto job = CopyJob::Start({.src_fd = -1, .dst_fd = -1, .length = kMiB, .chunk_size = 0,
-                             .gate = &gate, .on_done = done.Callback()});
-  gate.Open();
+  auto job = StartBehindGate({.src_fd = -1, .dst_fd = -1, .length = kMiB, .chunk_size = 0,
+                              .gate = &gate, .on_done = done.Callback()});
   job->Wait();
   EXPECT_EQ(done.calls, 1);
   EXPECT_EQ(done.status.code(), EINVAL);
@@ -295,10 +303,8 @@ TEST_P(CopyJobTest, CancelReportsEcanceledOnceAndReleasesParkedWriters) {
   Islands(src, {{0, len}}, 5);
   WriteGate gate;
   DoneRecorder done;
-  gate.CloseAndDrain();
-  auto job = CopyJob::Start({.src_fd = src, .dst_fd = dst, .length = len, .chunk_size = chunk,
-                             .gate = &gate, .on_done = done.Callback()});
-  gate.Open();
+  auto job = StartBehindGate({.src_fd = src, .dst_fd = dst, .length = len, .chunk_size = chunk,
+                              .gate = &gate, .on_done = done.Callback()});
   job->Cancel();
   job->Wait();
   EXPECT_EQ(done.calls, 1);
@@ -358,10 +364,8 @@ TEST_P(CopyJobTest, WriterToAnUncopiedChunkIsServedFirst) {
   Islands(src, {{0, len}}, 9);
   WriteGate gate;
   DoneRecorder done;
-  gate.CloseAndDrain();
-  auto job = CopyJob::Start({.src_fd = src, .dst_fd = dst, .length = len, .gate = &gate,
-                             .on_done = done.Callback()});
-  gate.Open();
+  auto job = StartBehindGate(
+      {.src_fd = src, .dst_fd = dst, .length = len, .gate = &gate, .on_done = done.Callback()});
   auto w = std::make_shared<CvWaiter>();
   auto t0 = Clock::now();
   uint64_t copied_at_admission = 0;
@@ -529,10 +533,8 @@ TEST(CopyJobFullDisk, EnospcStopsTheJobAndClearsThePreserver) {
 
   WriteGate gate;
   DoneRecorder done;
-  gate.CloseAndDrain();
-  auto job = CopyJob::Start({.src_fd = src, .dst_fd = dst, .length = len, .gate = &gate,
-                             .on_done = done.Callback()});
-  gate.Open();
+  auto job = StartBehindGate(
+      {.src_fd = src, .dst_fd = dst, .length = len, .gate = &gate, .on_done = done.Callback()});
   // A writer parked on a chunk the job will never reach must be released by the failure.
   auto w = std::make_shared<CvWaiter>();
   w->Arm();

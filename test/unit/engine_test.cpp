@@ -26,6 +26,7 @@
 #include "datapath/nbd/codec.h"
 #include "datapath/nbd/proto.h"
 #include "datapath/pool/pool.h"
+#include "test/support/nbd_bytes.h"
 #include "test/support/pool.h"
 #include "test/support/temp_dir.h"
 #include "test/support/wait.h"
@@ -35,7 +36,9 @@ namespace {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
-using Bytes = std::vector<uint8_t>;
+using test::Bytes;
+using test::NbdRequest;
+using test::Pattern;
 
 // Sanitized builds (CI runs this test under ASan and TSan; TSan is 5-15x slower, more on a loaded
 // 2-core machine) stretch the wall-clock bounds that only mean "promptly" by this factor. Bounds
@@ -51,26 +54,6 @@ constexpr uint64_t kMiB = 1024 * 1024;
 // NBD error values on the wire (spec "Error values"), spelled out so the test does not depend on
 // the mapping it is checking.
 constexpr uint32_t kEPERM = 1, kEINVAL = 22, kENOSPC = 28, kENOTSUP = 95;
-
-Bytes Pattern(size_t n, uint32_t seed) {
-  Bytes b(n);
-  std::mt19937 rng(seed);
-  for (auto& x : b) x = static_cast<uint8_t>(rng());
-  return b;
-}
-
-Bytes Request(uint16_t type, uint16_t flags, uint64_t cookie, uint64_t offset, uint32_t length,
-              const Bytes& payload = {}) {
-  Bytes b(nbd::kRequestHeaderLen);
-  nbd::StoreBE32(&b[0], nbd::kRequestMagic);
-  nbd::StoreBE16(&b[4], flags);
-  nbd::StoreBE16(&b[6], type);
-  nbd::StoreBE64(&b[8], cookie);
-  nbd::StoreBE64(&b[16], offset);
-  nbd::StoreBE32(&b[24], length);
-  b.insert(b.end(), payload.begin(), payload.end());
-  return b;
-}
 
 void Append(Bytes& to, const Bytes& b) { to.insert(to.end(), b.begin(), b.end()); }
 
@@ -140,16 +123,7 @@ class Client {
     }
   }
   // False on EOF, timeout or error.
-  bool Recv(void* p, size_t n) {
-    auto* c = static_cast<uint8_t*>(p);
-    while (n) {
-      ssize_t r = recv(fd_, c, n, 0);
-      if (r <= 0) return false;
-      c += r;
-      n -= static_cast<size_t>(r);
-    }
-    return true;
-  }
+  bool Recv(void* p, size_t n) { return test::RecvAll(fd_, p, n); }
   // True when the server has closed (EOF or reset) within `ms`.
   bool ClosedWithin(int ms) {
     auto until = Clock::now() + std::chrono::milliseconds(ms);
@@ -227,7 +201,7 @@ class Client {
   Reply Call(uint16_t type, uint16_t flags, uint64_t offset, uint32_t length,
              const Bytes& payload = {}) {
     uint64_t cookie = ++next_cookie_;
-    Send(Request(type, flags, cookie, offset, length, payload));
+    Send(NbdRequest(type, flags, cookie, offset, length, payload));
     std::map<uint64_t, uint32_t> rl;
     if (type == nbd::kCmdRead) rl[cookie] = length;
     Reply r;
@@ -425,16 +399,16 @@ TEST_P(EnginePipelineTest, DeepPipelineEveryCookieAnsweredOnce) {
       ++cookie;
       switch (i % 4) {
         case 0:  // FLUSH with a nonzero length
-          Append(wire, Request(nbd::kCmdFlush, 0, cookie, 0, 4096));
+          Append(wire, NbdRequest(nbd::kCmdFlush, 0, cookie, 0, 4096));
           break;
         case 1:  // READ past the end
-          Append(wire, Request(nbd::kCmdRead, 0, cookie, 16 * kMiB, 4096));
+          Append(wire, NbdRequest(nbd::kCmdRead, 0, cookie, 16 * kMiB, 4096));
           break;
         case 2:  // undocumented flag on READ
-          Append(wire, Request(nbd::kCmdRead, nbd::kCmdFlagNoHole, cookie, 0, 4096));
+          Append(wire, NbdRequest(nbd::kCmdRead, nbd::kCmdFlagNoHole, cookie, 0, 4096));
           break;
         case 3:  // zero-length TRIM
-          Append(wire, Request(nbd::kCmdTrim, 0, cookie, 0, 0));
+          Append(wire, NbdRequest(nbd::kCmdTrim, 0, cookie, 0, 0));
           break;
       }
       want[cookie] = {kEINVAL, 0, 0};
@@ -446,7 +420,7 @@ TEST_P(EnginePipelineTest, DeepPipelineEveryCookieAnsweredOnce) {
     switch (i % 10) {
       case 0: case 1: case 2: case 3: {
         uint64_t off = (static_cast<uint64_t>(i) * 4096) % kMiB;
-        Append(wire, Request(nbd::kCmdRead, 0, cookie, off, 4096));
+        Append(wire, NbdRequest(nbd::kCmdRead, 0, cookie, off, 4096));
         want[cookie] = {0, off, 4096};
         read_len[cookie] = 4096;
         break;
@@ -454,21 +428,21 @@ TEST_P(EnginePipelineTest, DeepPipelineEveryCookieAnsweredOnce) {
       case 4: case 5: case 6: {
         uint64_t off = 2 * kMiB + static_cast<uint64_t>(i) * 4096;
         Bytes d = Pattern(4096, static_cast<uint32_t>(cookie));
-        Append(wire, Request(nbd::kCmdWrite, 0, cookie, off, 4096, d));
+        Append(wire, NbdRequest(nbd::kCmdWrite, 0, cookie, off, 4096, d));
         written[off] = d;
         want[cookie] = {0, 0, 0};
         break;
       }
       case 7:
-        Append(wire, Request(nbd::kCmdFlush, 0, cookie, 0, 0));
+        Append(wire, NbdRequest(nbd::kCmdFlush, 0, cookie, 0, 0));
         want[cookie] = {0, 0, 0};
         break;
       case 8:
-        Append(wire, Request(nbd::kCmdTrim, 0, cookie, 4 * kMiB + (i / 10) * 4096, 4096));
+        Append(wire, NbdRequest(nbd::kCmdTrim, 0, cookie, 4 * kMiB + (i / 10) * 4096, 4096));
         want[cookie] = {0, 0, 0};
         break;
       case 9:
-        Append(wire, Request(nbd::kCmdWriteZeroes, 0, cookie, 6 * kMiB + (i / 10) * 4096, 4096));
+        Append(wire, NbdRequest(nbd::kCmdWriteZeroes, 0, cookie, 6 * kMiB + (i / 10) * 4096, 4096));
         want[cookie] = {0, 0, 0};
         break;
     }
@@ -515,9 +489,9 @@ TEST_F(EngineTest, RequestsSplitIntoSingleBytesAndCoalesced) {
   auto c = Connect("v", false);
   ASSERT_NE(c, nullptr);
   const Bytes d = Pattern(4096, 7);
-  Bytes wire = Request(nbd::kCmdWrite, 0, 1, 8192, 4096, d);
-  Append(wire, Request(nbd::kCmdRead, 0, 2, 8192, 4096));
-  Append(wire, Request(nbd::kCmdFlush, 0, 3, 0, 0));
+  Bytes wire = NbdRequest(nbd::kCmdWrite, 0, 1, 8192, 4096, d);
+  Append(wire, NbdRequest(nbd::kCmdRead, 0, 2, 8192, 4096));
+  Append(wire, NbdRequest(nbd::kCmdFlush, 0, 3, 0, 0));
   // The write must be answered before the read is sent (no ordering between pipelined requests),
   // so dribble them one at a time.
   std::map<uint64_t, uint32_t> rl{{2, 4096}};
@@ -542,7 +516,7 @@ TEST_F(EngineTest, RequestsSplitIntoSingleBytesAndCoalesced) {
   std::map<uint64_t, Bytes> w;
   for (uint64_t i = 0; i < 60; ++i) {
     Bytes p = Pattern(512, static_cast<uint32_t>(100 + i));
-    Append(wire, Request(nbd::kCmdWrite, 0, 100 + i, 65536 + i * 512, 512, p));
+    Append(wire, NbdRequest(nbd::kCmdWrite, 0, 100 + i, 65536 + i * 512, 512, p));
     w[65536 + i * 512] = p;
   }
   c->Send(wire);
@@ -569,7 +543,7 @@ TEST_F(EngineTest, LargeChunkedWriteAndUnalignedOverlaps) {
   ASSERT_NE(c, nullptr);
   const uint32_t big = 8 * kMiB;
   const Bytes d = Pattern(big, 11);
-  Bytes wire = Request(nbd::kCmdWrite, 0, 42, 4096, big);
+  Bytes wire = NbdRequest(nbd::kCmdWrite, 0, 42, 4096, big);
   wire.insert(wire.end(), d.begin(), d.begin() + 1000);  // header + a little, in one send
   c->Send(wire);
   size_t pos = 1000;
@@ -756,7 +730,7 @@ TEST_F(EngineTest, BadMagicClosesOnlyThatConnection) {
   ASSERT_TRUE(good && bad);
   const Bytes d = Pattern(4096, 4);
   good->Write(0, d);
-  Bytes junk = Request(nbd::kCmdRead, 0, 1, 0, 4096);
+  Bytes junk = NbdRequest(nbd::kCmdRead, 0, 1, 0, 4096);
   junk[0] ^= 0xff;
   bad->Send(junk);
   EXPECT_TRUE(bad->ClosedWithin(2000));
@@ -780,9 +754,9 @@ TEST_F(EngineTest, BadMagicWhileSlotsThrottled) {
   // One slot for an error reply that is sent at once, 63 for reads that wait for tokens: all 64
   // slots of the connection are busy when the bad header arrives, so it is parsed only when the
   // error reply's send completes, with nothing else of the connection in the ring.
-  Bytes wire = Request(nbd::kCmdFlush, 0, 1, 0, 4096);  // EINVAL
-  for (uint64_t i = 0; i < 63; ++i) Append(wire, Request(nbd::kCmdRead, 0, 2 + i, 0, 4096));
-  Bytes junk = Request(nbd::kCmdRead, 0, 999, 0, 4096);
+  Bytes wire = NbdRequest(nbd::kCmdFlush, 0, 1, 0, 4096);  // EINVAL
+  for (uint64_t i = 0; i < 63; ++i) Append(wire, NbdRequest(nbd::kCmdRead, 0, 2 + i, 0, 4096));
+  Bytes junk = NbdRequest(nbd::kCmdRead, 0, 999, 0, 4096);
   junk[0] ^= 0xff;
   Append(wire, junk);
   c->Send(wire);
@@ -811,10 +785,10 @@ TEST_F(EngineTest, DiscWaitsForThrottledRequests) {
   Bytes wire;
   std::map<uint64_t, uint32_t> rl;
   for (uint64_t i = 0; i < 10; ++i) {
-    Append(wire, Request(nbd::kCmdRead, 0, i + 1, i * 4096, 4096));
+    Append(wire, NbdRequest(nbd::kCmdRead, 0, i + 1, i * 4096, 4096));
     rl[i + 1] = 4096;
   }
-  Append(wire, Request(nbd::kCmdDisc, 0, 99, 0, 0));
+  Append(wire, NbdRequest(nbd::kCmdDisc, 0, 99, 0, 0));
   c->Send(wire);
   for (int i = 0; i < 10; ++i) {
     Reply r;
@@ -836,22 +810,22 @@ TEST_F(EngineTest, ClientClosesWithRequestsInFlightAndMidPayload) {
     ASSERT_NE(c, nullptr);
     Bytes wire;
     for (uint64_t i = 0; i < 8; ++i)
-      Append(wire, Request(nbd::kCmdRead, 0, i, i * 4 * kMiB, 4 * kMiB));
-    Append(wire, Request(nbd::kCmdWrite, 0, 100, 0, 8 * kMiB, Pattern(3 * kMiB, 1)));
+      Append(wire, NbdRequest(nbd::kCmdRead, 0, i, i * 4 * kMiB, 4 * kMiB));
+    Append(wire, NbdRequest(nbd::kCmdWrite, 0, 100, 0, 8 * kMiB, Pattern(3 * kMiB, 1)));
     c->Send(wire);
   }
   {
     // Mid-header.
     auto c = Connect("v");
     ASSERT_NE(c, nullptr);
-    Bytes h = Request(nbd::kCmdRead, 0, 1, 0, 4096);
+    Bytes h = NbdRequest(nbd::kCmdRead, 0, 1, 0, 4096);
     c->SendRaw(h.data(), 10);
   }
   {
     // A rejected WRITE whose payload is being drained.
     auto c = Connect("v");
     ASSERT_NE(c, nullptr);
-    Bytes w = Request(nbd::kCmdWrite, 0, 1, 64 * kMiB, 1 * kMiB, Pattern(100 * kKiB, 2));
+    Bytes w = NbdRequest(nbd::kCmdWrite, 0, 1, 64 * kMiB, 1 * kMiB, Pattern(100 * kKiB, 2));
     c->Send(w);
   }
   ExpectConnectionsDrainTo("v", 0);
@@ -901,8 +875,8 @@ TEST_F(EngineTest, AbortOfOneConnectionLeavesAnothersParkedWritesAlone) {
   // Parked: c1 write (cookie 1), c2 write (3), c1 write (5), each confirmed by a READ probe.
   auto park = [&](Client& c, std::map<uint64_t, uint32_t>& rl, uint64_t wcookie, uint64_t off,
                   uint32_t seed) {
-    Bytes b = Request(nbd::kCmdWrite, 0, wcookie, off, 4096, Pattern(4096, seed));
-    Append(b, Request(nbd::kCmdRead, 0, wcookie + 1, 8 * kMiB, 4096));
+    Bytes b = NbdRequest(nbd::kCmdWrite, 0, wcookie, off, 4096, Pattern(4096, seed));
+    Append(b, NbdRequest(nbd::kCmdRead, 0, wcookie + 1, 8 * kMiB, 4096));
     rl[wcookie + 1] = 4096;
     c.Send(b);
     ASSERT_TRUE(c.ReadReply(&r, rl));
@@ -919,7 +893,7 @@ TEST_F(EngineTest, AbortOfOneConnectionLeavesAnothersParkedWritesAlone) {
 
   // A new request on c2 takes a free slot; it must not be the one its parked write still holds.
   rl2[7] = 4096;
-  c2->Send(Request(nbd::kCmdRead, 0, 7, kMiB, 4096));
+  c2->Send(NbdRequest(nbd::kCmdRead, 0, 7, kMiB, 4096));
   ASSERT_TRUE(c2->ReadReply(&r, rl2));
   EXPECT_EQ(r.cookie, 7u);
 
@@ -948,12 +922,12 @@ TEST_F(EngineTest, AbortOfOneConnectionLeavesAnothersThrottledReadsAlone) {
   std::map<uint64_t, uint32_t> rl1, rl2;
   Reply r;
   rl1[1] = 4096;
-  c1->Send(Request(nbd::kCmdRead, 0, 1, 0, 4096));  // spends the bucket
+  c1->Send(NbdRequest(nbd::kCmdRead, 0, 1, 0, 4096));  // spends the bucket
   ASSERT_TRUE(c1->ReadReply(&r, rl1));
   EXPECT_EQ(r.cookie, 1u);
   auto hold = [&](Client& c, std::map<uint64_t, uint32_t>& rl, uint64_t cookie, uint64_t off) {
-    Bytes b = Request(nbd::kCmdRead, 0, cookie, off, 4096);
-    Append(b, Request(nbd::kCmdFlush, 0, cookie + 1, 0, 0));  // FLUSH is never throttled
+    Bytes b = NbdRequest(nbd::kCmdRead, 0, cookie, off, 4096);
+    Append(b, NbdRequest(nbd::kCmdFlush, 0, cookie + 1, 0, 0));  // FLUSH is never throttled
     rl[cookie] = 4096;
     c.Send(b);
     ASSERT_TRUE(c.ReadReply(&r, rl));
@@ -967,7 +941,7 @@ TEST_F(EngineTest, AbortOfOneConnectionLeavesAnothersThrottledReadsAlone) {
   c1.reset();
   ExpectConnectionsDrainTo("v", 1);
   ExpectQueued(*frontend_, &EngineCounters::throttled, 1);
-  c2->Send(Request(nbd::kCmdFlush, 0, 8, 0, 0));
+  c2->Send(NbdRequest(nbd::kCmdFlush, 0, 8, 0, 0));
   ASSERT_TRUE(c2->ReadReply(&r, rl2));
   EXPECT_EQ(r.cookie, 8u);
 
@@ -995,7 +969,7 @@ TEST_F(EngineTest, QosThrottlesOnlyTheLimitedVolume) {
   Bytes wire;
   std::map<uint64_t, uint32_t> rl;
   for (uint64_t i = 0; i < 100; ++i) {
-    Append(wire, Request(nbd::kCmdRead, 0, i + 1, (i % 64) * 4096, 4096));
+    Append(wire, NbdRequest(nbd::kCmdRead, 0, i + 1, (i % 64) * 4096, 4096));
     rl[i + 1] = 4096;
   }
   auto t0 = Clock::now();
@@ -1041,10 +1015,10 @@ TEST_F(EngineTest, StopClosesLiveConnectionsPromptly) {
   auto throttled = Connect("q");
   ASSERT_TRUE(idle && busy && throttled);
   // A write cut mid-payload, and a queue of reads that would take a minute.
-  Bytes w = Request(nbd::kCmdWrite, 0, 1, 0, kMiB, Pattern(1000, 1));
+  Bytes w = NbdRequest(nbd::kCmdWrite, 0, 1, 0, kMiB, Pattern(1000, 1));
   busy->Send(w);
   Bytes wire;
-  for (uint64_t i = 0; i < 60; ++i) Append(wire, Request(nbd::kCmdRead, 0, i, 0, 4096));
+  for (uint64_t i = 0; i < 60; ++i) Append(wire, NbdRequest(nbd::kCmdRead, 0, i, 0, 4096));
   throttled->Send(wire);
   // Stop with the reads queued behind the throttle, not before the server has seen them.
   ASSERT_TRUE(test::WaitUntil([&] { return frontend_->counters().throttled > 0; }));
@@ -1094,7 +1068,7 @@ TEST_F(EngineTest, MultiConnWritesOnOneFlushReadsOnOther) {
     for (uint64_t i = 0; i < 32; ++i) {
       uint64_t off = i * 64 * kKiB + (round == 1 ? 1 : 0);  // round 1 unaligned
       Bytes p = Pattern(8192, static_cast<uint32_t>(round * 100 + i));
-      Append(wire, Request(nbd::kCmdWrite, round == 2 ? nbd::kCmdFlagFua : 0, i, off, 8192, p));
+      Append(wire, NbdRequest(nbd::kCmdWrite, round == 2 ? nbd::kCmdFlagFua : 0, i, off, 8192, p));
       w[off] = p;
     }
     a->Send(wire);

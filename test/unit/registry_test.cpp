@@ -275,6 +275,30 @@ class SenderTest : public ::testing::Test {
   std::unique_ptr<datapath::Pool> pool_;
 };
 
+// The sender's clock for counting what a window of time holds without waiting it out: each wait
+// that ends inside the window returns at once with the clock at its deadline; the first that ends
+// beyond it parks the sender (until Stop) and says so. Only the sender's thread moves the time.
+class WindowClock final : public datapath::HeartbeatClock {
+ public:
+  explicit WindowClock(milliseconds window) : end_(steady_clock::time_point{} + window) {}
+  steady_clock::time_point Now() override { return now_; }
+  void WaitUntil(std::unique_lock<std::mutex>& lock, std::condition_variable& cv,
+                 steady_clock::time_point deadline, const std::function<bool()>& stopped) override {
+    if (stopped()) return;
+    if (deadline < end_) {
+      now_ = deadline;
+      return;
+    }
+    parked.Notify();
+    cv.wait(lock, stopped);
+  }
+  test::Event parked;
+
+ private:
+  const steady_clock::time_point end_;
+  steady_clock::time_point now_{};
+};
+
 TEST_F(SenderTest, RefusesBadOptions) {
   struct Case {
     datapath::HeartbeatOptions o;
@@ -334,11 +358,13 @@ TEST_F(SenderTest, FollowsAShorterIntervalFromTheControllerAndStopsBetweenCalls)
   b.RegisterService(svc.get());
   auto server = b.BuildAndStart();
   ASSERT_NE(server, nullptr);
-  datapath::HeartbeatSender sender(*pool_, Options("127.0.0.1:" + std::to_string(port), 5000ms));
+  auto opts = Options("127.0.0.1:" + std::to_string(port), 5000ms);
+  auto clock = std::make_shared<WindowClock>(1000ms);
+  opts.clock = clock;
+  datapath::HeartbeatSender sender(*pool_, opts);
   ASSERT_TRUE(sender.Start().ok());
-  // Counts what one second of real time holds: HeartbeatSender (datapath/api/heartbeat.h) has no
-  // injected clock yet, so this stays a measured window rather than a wait for a condition.
-  std::this_thread::sleep_for(1000ms);
+  // Counts what one second of the sender's clock holds; the clock parks it after that second.
+  ASSERT_TRUE(clock->parked.Wait()) << "the sender never used up its second";
   auto c = sender.counters();
   // 1 + 1000/150 calls if the short interval is followed; 1 if not.
   EXPECT_GE(c.ok, 4u);

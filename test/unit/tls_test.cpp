@@ -32,6 +32,9 @@ namespace v1 = ::nbdcsi::datapath::v1;
 
 namespace {
 
+using test::ReadWholeFile;
+using test::SslClient;
+
 // Runs test/tls/make-certs.sh into dir (node certificates for node-a and node-b), its output
 // into dir.log.
 bool MakeCerts(const std::string& dir) {
@@ -51,25 +54,6 @@ TlsFiles Files(const std::string& dir, const std::string& who) {
 
 void WriteFile(const std::string& path, const std::string& data) {
   std::ofstream(path) << data;
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-// A client that presents `who` (files under dir) and trusts `ca_dir`'s CA, through gRPC's own SSL
-// credentials: independent of the code under test, and able to present an expired certificate
-// that TlsCredentials::Load refuses to load.
-std::shared_ptr<grpc::ChannelCredentials> RawClient(const std::string& dir, const std::string& who,
-                                                    const std::string& ca_dir) {
-  grpc::SslCredentialsOptions o;
-  o.pem_root_certs = ReadFile(ca_dir + "/ca.crt");
-  if (!who.empty()) {
-    o.pem_cert_chain = ReadFile(dir + "/" + who + ".crt");
-    o.pem_private_key = ReadFile(dir + "/" + who + ".key");
-  }
-  return grpc::SslCredentials(o);
 }
 
 template <typename F>
@@ -191,9 +175,9 @@ TEST_F(TlsTest, CertScriptIsIdempotentAndKeepsKeysPrivate) {
   EXPECT_TRUE(fs::exists(certs_ + "/other/server.key"));
   // A missing node certificate is added to a complete set, signed by the same CA.
   fs::remove(certs_ + "/node-node-b.crt");
-  const std::string ca = ReadFile(certs_ + "/ca.crt");
+  const std::string ca = ReadWholeFile(certs_ + "/ca.crt");
   ASSERT_TRUE(MakeCerts(certs_));
-  EXPECT_EQ(ReadFile(certs_ + "/ca.crt"), ca);
+  EXPECT_EQ(ReadWholeFile(certs_ + "/ca.crt"), ca);
   auto b = TlsCredentials::Load(Files(certs_, "node-node-b"));
   ASSERT_TRUE(b.ok()) << b.status().message();
   EXPECT_EQ((*b)->NodeIds(), std::vector<std::string>{"node-b"});
@@ -221,7 +205,7 @@ TEST_F(TlsTest, LoadChecksTheMaterialAndReadsTheNodeIdentity) {
   EXPECT_NE(expired.status().message().find("expired on"), std::string::npos)
       << expired.status().message();
 
-  const std::string cert = ReadFile(certs_ + "/server.crt");
+  const std::string cert = ReadWholeFile(certs_ + "/server.crt");
   WriteFile(dir_ + "/half.crt", cert.substr(0, cert.size() / 2));
   t = Files(certs_, "server");
   t.cert = dir_ + "/half.crt";
@@ -437,11 +421,11 @@ TEST_F(ApiTlsTest, ListenerRulesAreCheckedBeforeAnythingBinds) {
 
 TEST_F(ApiTlsTest, ExpiredAndMissingClientCertificatesAreRefused) {
   ASSERT_NO_FATAL_FAILURE(Start());
-  grpc::Status expired = PoolInfo(RawClient(certs_, "client-expired", certs_), target_);
+  grpc::Status expired = PoolInfo(SslClient(certs_, "client-expired", certs_), target_);
   EXPECT_EQ(expired.error_code(), grpc::StatusCode::UNAVAILABLE) << expired.error_message();
-  grpc::Status none = PoolInfo(RawClient(certs_, "", certs_), target_);
+  grpc::Status none = PoolInfo(SslClient(certs_, "", certs_), target_);
   EXPECT_EQ(none.error_code(), grpc::StatusCode::UNAVAILABLE) << none.error_message();
-  EXPECT_TRUE(PoolInfo(RawClient(certs_, "client", certs_), target_).ok());
+  EXPECT_TRUE(PoolInfo(SslClient(certs_, "client", certs_), target_).ok());
 }
 
 // Dialling node N accepts only a certificate that names N: the address alone proves nothing.
@@ -491,20 +475,21 @@ TEST_F(ApiTlsTest, RotationKeepsGoodMaterialAndServesANewCaToNewConnections) {
   ASSERT_NO_FATAL_FAILURE(StartWith((*tls)->Server()));
 
   // One channel opened before any change: its connection must outlive every step below.
-  auto live = v1::Datapath::NewStub(grpc::CreateChannel(target_, RawClient(main, "client", main)));
+  auto live = v1::Datapath::NewStub(grpc::CreateChannel(target_, SslClient(main, "client", main)));
   v1::GetPoolInfoResponse info;
   ASSERT_TRUE(live->GetPoolInfo(Ctx().get(), {}, &info).ok());
-  auto old_client_works = [&] { return PoolInfo(RawClient(main, "client", main), target_).ok(); };
+  auto old_client_works = [&] { return PoolInfo(SslClient(main, "client", main), target_).ok(); };
 
   // Bad sets, each given time to be noticed (files are polled every second): a half-written
   // certificate written in place, then a new version whose key belongs to another certificate.
   const std::string real = fs::canonical(s.dir() + "/tls.crt").string();
-  const std::string cert = ReadFile(real);
+  const std::string cert = ReadWholeFile(real);
   WriteFile(real, cert.substr(0, cert.size() / 2));
   std::this_thread::sleep_for(std::chrono::milliseconds(2500));
   EXPECT_TRUE(old_client_works()) << "a half-written certificate replaced the working one";
-  s.Version("v2", ReadFile(other + "/node-node-a.crt"), ReadFile(main + "/node-node-a.key"),
-            ReadFile(other + "/ca.crt"));  // the key of the old certificate
+  s.Version("v2", ReadWholeFile(other + "/node-node-a.crt"),
+            ReadWholeFile(main + "/node-node-a.key"),  // the key of the old certificate
+            ReadWholeFile(other + "/ca.crt"));
   std::this_thread::sleep_for(std::chrono::milliseconds(2500));
   EXPECT_TRUE(old_client_works()) << "a key of another certificate was put in force";
   EXPECT_EQ((*tls)->reloads(), 0u);
@@ -512,13 +497,13 @@ TEST_F(ApiTlsTest, RotationKeepsGoodMaterialAndServesANewCaToNewConnections) {
   // The real rotation: another CA altogether, swapped in like a secret volume update.
   s.VersionFrom("v3", other, "node-node-a", other);
   ASSERT_TRUE(Eventually([&] { return (*tls)->reloads() == 1; }, std::chrono::seconds(5)));
-  EXPECT_TRUE(Eventually([&] { return PoolInfo(RawClient(other, "client", other), target_).ok(); },
+  EXPECT_TRUE(Eventually([&] { return PoolInfo(SslClient(other, "client", other), target_).ok(); },
                          std::chrono::seconds(5)))
       << "new connections do not get the new chain";
   // A client that trusts only the old CA is refused; so is one presenting an old-CA certificate.
-  EXPECT_EQ(PoolInfo(RawClient(main, "client", main), target_).error_code(),
+  EXPECT_EQ(PoolInfo(SslClient(main, "client", main), target_).error_code(),
             grpc::StatusCode::UNAVAILABLE);
-  EXPECT_EQ(PoolInfo(RawClient(main, "client", other), target_).error_code(),
+  EXPECT_EQ(PoolInfo(SslClient(main, "client", other), target_).error_code(),
             grpc::StatusCode::UNAVAILABLE);
   // The connection made before the rotation still carries calls.
   for (int i = 0; i < 5; ++i) {
