@@ -377,8 +377,8 @@ int main(int argc, char** argv) {
     health.live = [&, workers]() -> std::string {
       if (!workers_up.load()) return "";  // starting: nothing to restart yet
       uint64_t running = frontend.counters().workers_running;
-      if (running < workers) return fmt::format("{} of {} NBD workers stopped", workers - running,
-                                                workers);
+      if (running < workers)
+        return fmt::format("{} of {} NBD workers stopped", workers - running, workers);
       return "";
     };
     health.ready = [&]() -> std::string {
@@ -391,8 +391,7 @@ int main(int argc, char** argv) {
       AttachmentManager* m = attachments.load();
       return m ? m->List() : std::vector<AttachmentRecord>{};
     };
-    auto collector =
-        std::make_shared<DatapathCollector>(**pool, engine, attached, NBDCSI_VERSION);
+    auto collector = std::make_shared<DatapathCollector>(**pool, engine, attached, NBDCSI_VERSION);
     auto server = MetricsServer::Start(metrics_listen, collector, std::move(health));
     if (!server.ok()) {
       spdlog::critical("--metrics-listen: {}", server.status().message());

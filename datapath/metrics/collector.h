@@ -6,11 +6,11 @@
 // labels are bounded (volume name, op, errno name, attachment mode), never request ids.
 #pragma once
 
-#include <prometheus/collectable.h>
-#include <prometheus/metric_family.h>
-
 #include <functional>
 #include <vector>
+
+#include <prometheus/collectable.h>
+#include <prometheus/metric_family.h>
 
 #include "datapath/attach/record.h"
 #include "datapath/engine/worker.h"

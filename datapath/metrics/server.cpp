@@ -1,13 +1,14 @@
 #include "datapath/metrics/server.h"
 
 #include <arpa/inet.h>
+
+#include <map>
+#include <mutex>
+
 #include <CivetServer.h>
 #include <civetweb.h>
 #include <prometheus/exposer.h>
 #include <spdlog/spdlog.h>
-
-#include <map>
-#include <mutex>
 
 #include "common/endpoint.h"
 

@@ -1,9 +1,7 @@
 // The collector folds the per-worker shards of each volume's counters into Prometheus families
 // with exact counts; the HTTP endpoint serves them and answers the probes.
 #include <arpa/inet.h>
-#include <gtest/gtest.h>
 #include <netinet/in.h>
-#include <prometheus/text_serializer.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -11,6 +9,9 @@
 #include <limits>
 #include <thread>
 #include <vector>
+
+#include <gtest/gtest.h>
+#include <prometheus/text_serializer.h>
 
 #include "datapath/metrics/collector.h"
 #include "datapath/metrics/server.h"
