@@ -24,6 +24,8 @@
 #include "datapath/attach/runtime.h"
 #include "datapath/engine/frontend.h"
 #include "datapath/engine/nbd_tls.h"
+#include "datapath/metrics/collector.h"
+#include "datapath/metrics/server.h"
 #include "datapath/pool/pool.h"
 
 using namespace nbdcsi;
@@ -228,6 +230,10 @@ int Run(int argc, char** argv) {
   app.add_option("--heartbeat-interval", heartbeat_ms, "Milliseconds between heartbeats")
       ->check(CLI::Range(int64_t{100}, int64_t{600000}))
       ->capture_default_str();
+  std::string metrics_listen;
+  app.add_option("--metrics-listen", metrics_listen,
+                 "HOST:PORT (IP address) serving /metrics (Prometheus), /healthz and /readyz "
+                 "over plain HTTP, e.g. 0.0.0.0:9821; off when empty");
   std::vector<std::string> allow_uids;
   app.add_option("--allow-uid", allow_uids,
                  "A uid that may call the unix API socket besides root and this process's own "
@@ -288,6 +294,12 @@ int Run(int argc, char** argv) {
     spdlog::critical("{}", st.message());
     return 2;
   }
+  if (!metrics_listen.empty()) {
+    if (auto m = ParseMetricsListen(metrics_listen); !m.ok()) {
+      spdlog::critical("--metrics-listen: {}", m.status().message());
+      return 2;
+    }
+  }
   FrontendOptions fopts;
   fopts.workers = workers;
   fopts.insecure_tcp = insecure_nbd_tcp;
@@ -343,6 +355,41 @@ int Run(int argc, char** argv) {
     spdlog::warn("pool: broken volume {}: left in place, see nbdctl pool info", b);
 
   NbdFrontend frontend(**pool, fopts);
+  // What the probes and the collector look at; set as each part comes up. The server starts
+  // before the NBD listeners and the API so that /healthz answers during a long start (attached
+  // devices to reconnect) and /readyz says why it is not ready yet.
+  std::atomic<bool> workers_up{false}, nbd_up{false}, api_up{false}, stopping{false};
+  std::atomic<AttachmentManager*> attachments{nullptr};
+  std::unique_ptr<MetricsServer> metrics;
+  if (!metrics_listen.empty()) {
+    auto engine = [&]() { return workers_up.load() ? frontend.counters() : EngineCounters{}; };
+    HealthChecks health;
+    health.live = [&, workers]() -> std::string {
+      if (!workers_up.load()) return "";  // starting: nothing to restart yet
+      uint64_t running = frontend.counters().workers_running;
+      if (running < workers)
+        return fmt::format("{} of {} NBD workers stopped", workers - running, workers);
+      return "";
+    };
+    health.ready = [&]() -> std::string {
+      if (stopping.load()) return "shutting down";
+      if (!nbd_up.load()) return "NBD listeners not started";
+      if (!api_up.load()) return "management API not serving";
+      return "";
+    };
+    auto attached = [&]() {
+      AttachmentManager* m = attachments.load();
+      return m ? m->List() : std::vector<AttachmentRecord>{};
+    };
+    auto collector = std::make_shared<DatapathCollector>(**pool, engine, attached, NBDCSI_VERSION);
+    auto server = MetricsServer::Start(metrics_listen, collector, std::move(health));
+    if (!server.ok()) {
+      spdlog::critical("--metrics-listen: {}", server.status().message());
+      return 1;
+    }
+    metrics = std::move(*server);
+    spdlog::info("metrics: http://{}/metrics, /healthz, /readyz", metrics_listen);
+  }
   for (const auto& ep : nbd_eps) {
     Status st = EnsureSocketDir(ep);
     if (st.ok()) st = frontend.Listen(ep);
@@ -355,11 +402,20 @@ int Run(int argc, char** argv) {
     spdlog::critical("cannot start the NBD workers: {}", st.message());
     return 1;
   }
+  workers_up = true;
+  nbd_up = true;
   auto attach = AttachRuntime::Start(**pool, frontend, info.dir + "/attachments", aopts);
   if (!attach.ok()) {
     spdlog::critical("attachments: {}", attach.status().message());
     return 1;
   }
+  attachments = &(*attach)->manager();
+  // Whichever way main ends from here, the server (whose collector reads the attachments) stops
+  // before `attach` is destroyed.
+  struct StopMetrics {
+    std::unique_ptr<MetricsServer>& m;
+    ~StopMetrics() { m.reset(); }
+  } stop_metrics{metrics};
 
   if (Status st = EnsureSocketDir(*api_ep); !st.ok()) {
     spdlog::critical("{}", st.message());
@@ -371,6 +427,7 @@ int Run(int argc, char** argv) {
     spdlog::critical("cannot start the management API: {}", server.status().message());
     return 1;
   }
+  api_up = true;
   // Only once the API serves: the controller may call it as soon as it hears from us.
   std::unique_ptr<HeartbeatSender> heartbeat;
   if (!cluster.controller.empty()) {
@@ -397,12 +454,15 @@ int Run(int argc, char** argv) {
 
   const int sig = WaitForTerminationSignal();
   spdlog::info("signal {}: shutting down", sig);
+  stopping = true;
   // No more heartbeats first: the controller then expires this node instead of sending calls to
   // an API that is going away.
   if (heartbeat) heartbeat->Stop();
   (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   // Before the sockets close; attached devices stay attached (AttachRuntime::Stop says why).
   (*attach)->Stop();
+  // Before what it reads goes away.
+  metrics.reset();
   frontend.Stop();
   if (api_ep->kind == Endpoint::Kind::kUnix) unlink(api_ep->path.c_str());
   spdlog::info("stopped");

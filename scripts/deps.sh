@@ -12,6 +12,9 @@ BUILD_PKGS=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libspdlog-dev libfmt-dev liburing-dev libboost-dev libboost-system-dev libgtest-dev libgmock-dev
   libcli11-dev nlohmann-json3-dev libnl-genl-3-dev libblkid-dev libmount-dev libssl-dev
+  # nbd-datapathd's --metrics-listen: prometheus-cpp core + pull (the exposition format and its
+  # CivetWeb server).
+  prometheus-cpp-dev
 )
 # Independent NBD clients and peers used by the tests and benchmarks, plus the tools that make
 # the XFS / ext4 test pools and the fuzzer's compiler.
@@ -21,6 +24,9 @@ TEST_PKGS=(
   # test/fuzz (libFuzzer): the scripts call clang++-14 by name; the runtime is libclang-rt-14-dev.
   clang-14 libclang-rt-14-dev
   python3 python3-yaml procps psmisc jq unzip openssl
+  # test/integration/metrics_prometheus.sh: a real Prometheus server scrapes the datapath, and
+  # promtool checks the exposition.
+  prometheus
   # test/vm/nbd-kernel-vm (real kernel NBD in QEMU): it would apt-get these itself, but inside the
   # test's 600 s CTest limit; the kernel package's postinst alone can take minutes.
   qemu-system-x86 linux-image-amd64 busybox-static cpio zstd xz-utils kmod

@@ -166,6 +166,8 @@ void AttachmentManager::RecoverKernel(AttachmentRecord r, const Status& availabl
     spdlog::info("attach: reconnected {} to volume {} over {} connection(s)", r.device(), r.volume,
                  r.connections);
     rep.reconnected.push_back(fmt::format("{} -> {}", r.volume, r.device()));
+    std::lock_guard lk(mu_);
+    ++reconnects_[r.volume];
   }
   std::lock_guard lk(mu_);
   records_[r.volume] = r;
@@ -213,6 +215,7 @@ StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
     std::lock_guard lk(mu_);
     records_.erase(volume);
     link_errors_.erase(volume);
+    reconnects_.erase(volume);
   }
   Status kernel = kernel_.Available();
   if (kernel.ok()) return AttachKernel(volume, connections);
@@ -313,6 +316,7 @@ Status AttachmentManager::Detach(const std::string& volume) {
     std::lock_guard lk(mu_);
     records_.erase(volume);
     link_errors_.erase(volume);
+    reconnects_.erase(volume);
     return Status::Ok();
   };
   if (r->index < 0 || LiveIndex(*r) != r->index) {
@@ -373,6 +377,7 @@ Status AttachmentManager::OnLinkDead(int index) {
                r->volume);
   std::lock_guard lk(mu_);
   link_errors_.erase(r->volume);
+  ++reconnects_[r->volume];
   return Status::Ok();
 }
 
@@ -413,6 +418,7 @@ AttachmentRecord AttachmentManager::WithLink(AttachmentRecord r) const {
   {
     std::lock_guard lk(mu_);
     if (auto it = link_errors_.find(r.volume); it != link_errors_.end()) recorded = it->second;
+    if (auto it = reconnects_.find(r.volume); it != reconnects_.end()) r.reconnects = it->second;
     live_here = fuse_live_.count(r.volume) > 0;
     fuse = fuse_;
   }
@@ -546,6 +552,7 @@ Status AttachmentManager::DetachFuse(const AttachmentRecord& r) {
     records_.erase(r.volume);
     fuse_live_.erase(r.volume);
     link_errors_.erase(r.volume);
+    reconnects_.erase(r.volume);
   }
   std::string log = store_.dir() + "/fuse/" + r.volume + ".log";
   unlink(log.c_str());

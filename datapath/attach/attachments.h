@@ -129,6 +129,7 @@ class AttachmentManager {
   std::set<std::string> fuse_live_;  // guarded by mu_
   // Why a kernel attachment's link is down (a failed RECONFIGURE), until it is repaired.
   std::map<std::string, std::string> link_errors_;  // guarded by mu_
+  std::map<std::string, uint64_t> reconnects_;      // guarded by mu_
   bool fallback_logged_ = false;                    // guarded by mu_
 };
 

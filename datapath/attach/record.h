@@ -36,6 +36,9 @@ struct AttachmentRecord {
   // Not persisted: the link's state when the record was handed out (List, Get, Attach).
   bool link_ok = true;
   std::string link_error;
+  // Not persisted: reconnects by this process (after its start, or when the kernel dropped a
+  // socket); /metrics counts them.
+  uint64_t reconnects = 0;
 
   bool fuse() const { return mode == kModeFuse; }
   std::string device() const;

@@ -350,6 +350,7 @@ struct Worker::Impl {
   }
 
   void Run() {
+    self->running_.store(true, std::memory_order_relaxed);
     ArmWake();
     bool wake_armed = true;
     for (;;) {
@@ -378,6 +379,7 @@ struct Worker::Impl {
       PublishGauges();
       if (stopping.load(std::memory_order_acquire) && live == 0 && !wake_armed) break;
     }
+    self->running_.store(false, std::memory_order_relaxed);
     std::lock_guard lk(mu);
     exited = true;
     for (auto& in : incoming) {
@@ -595,6 +597,7 @@ struct Worker::Impl {
     s->orphan = false;
     s->start_ns = MonotonicNowNs();
     ++c->busy_slots;
+    c->vol->stats().RequestStarted(index);  // this worker's own shard: no shared cache line
     return s;
   }
 
@@ -618,6 +621,7 @@ struct Worker::Impl {
     c->free_list = s;
     Check(c->busy_slots > 0, "connection {}: busy slot count underflow", c->id);
     --c->busy_slots;
+    c->vol->stats().RequestEnded(index);
   }
 
   bool Charge(Connection* c, Slot* s, uint64_t bytes) {
@@ -795,7 +799,7 @@ struct Worker::Impl {
           return;
         }
         if (s->throttled_since) {
-          c->vol->stats().RecordThrottle(now - s->throttled_since);
+          c->vol->stats().RecordThrottle(index, now - s->throttled_since);
           s->throttled_since = 0;
         }
       }
@@ -1069,8 +1073,10 @@ struct Worker::Impl {
     Connection* c = s->conn;
     datapath::OpKind kind = StatKind(s->h.type);
     if (kind != datapath::OpKind::kCount) {
+      // Counted when the reply is queued, before the client can see it: a client that has its
+      // reply is always counted. Into this worker's shard of the volume's counters.
       uint64_t bytes = s->nbd_error ? 0 : s->h.length;
-      c->vol->stats().RecordOp(kind, bytes, MonotonicNowNs() - s->start_ns, s->nbd_error != 0);
+      c->vol->stats().Record(index, kind, bytes, MonotonicNowNs() - s->start_ns, s->nbd_error);
     }
     Move(s, SlotState::kReplyQueued);
     s->next = nullptr;
@@ -1161,6 +1167,7 @@ EngineCounters Worker::counters() const {
   c.cancels = cancels_.load(std::memory_order_relaxed);
   c.throttled = throttled_.load(std::memory_order_relaxed);
   c.parked = parked_.load(std::memory_order_relaxed);
+  c.workers_running = running_.load(std::memory_order_relaxed) ? 1 : 0;
   return c;
 }
 

@@ -35,12 +35,14 @@ struct EngineCounters {
   uint64_t cancels = 0;    // in-flight I/O of aborted connections asked to cancel
   uint64_t throttled = 0;  // requests waiting for QoS tokens now
   uint64_t parked = 0;     // modifying requests held by a volume's WriteGate now
+  uint64_t workers_running = 0;  // worker threads in their loop (liveness: /healthz)
   EngineCounters& operator+=(const EngineCounters& o) {
     stale_dropped += o.stale_dropped;
     invariant_violations += o.invariant_violations;
     cancels += o.cancels;
     throttled += o.throttled;
     parked += o.parked;
+    workers_running += o.workers_running;
     return *this;
   }
 };
@@ -89,6 +91,7 @@ class Worker {
   std::atomic<size_t> live_{0};
   // Written by the worker thread only; read by counters() from anywhere.
   std::atomic<uint64_t> stale_{0}, violations_{0}, cancels_{0}, throttled_{0}, parked_{0};
+  std::atomic<bool> running_{false};
 };
 
 }  // namespace nbdcsi::datapath

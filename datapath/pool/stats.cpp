@@ -4,8 +4,11 @@
 
 namespace nbdcsi::datapath {
 
-namespace {
-constexpr auto kRelaxed = std::memory_order_relaxed;
+int NbdErrnoIndex(uint32_t nbd_error) {
+  for (int i = 0; i < kNbdErrnoKinds - 1; ++i) {
+    if (kNbdErrnoValues[i] == nbd_error) return i;
+  }
+  return kNbdErrnoKinds - 1;
 }
 
 int VolumeStats::LatencyBucket(uint64_t latency_ns) {
@@ -16,47 +19,74 @@ int VolumeStats::LatencyBucket(uint64_t latency_ns) {
   return b < kLatencyBuckets ? b : kLatencyBuckets - 1;
 }
 
-void VolumeStats::RecordOp(OpKind kind, uint64_t bytes, uint64_t latency_ns, bool error) {
-  auto k = static_cast<int>(kind);
-  if (k < 0 || k >= static_cast<int>(OpKind::kCount)) return;
-  ops_[k].fetch_add(1, kRelaxed);
-  if (error) errors_[k].fetch_add(1, kRelaxed);
-  // Failed requests moved no data we can vouch for, but they did take time, so they still
-  // count in the latency histograms (a slow failing disk must be visible there).
-  if (kind == OpKind::kRead) {
-    if (!error) bytes_read_.fetch_add(bytes, kRelaxed);
-    read_lat_[LatencyBucket(latency_ns)].fetch_add(1, kRelaxed);
-  } else if (kind == OpKind::kWrite) {
-    if (!error) bytes_written_.fetch_add(bytes, kRelaxed);
-    write_lat_[LatencyBucket(latency_ns)].fetch_add(1, kRelaxed);
-  }
+VolumeStats::~VolumeStats() {
+  for (auto& s : shards_) delete s.load(std::memory_order_acquire);
 }
 
-// Called once per request that waited, with its total wait, so throttled_ops counts requests
-// rather than retries.
-void VolumeStats::RecordThrottle(uint64_t waited_ns) {
-  throttled_ns_.fetch_add(waited_ns, kRelaxed);
-  throttled_ops_.fetch_add(1, kRelaxed);
+VolumeStats::Shard& VolumeStats::At(unsigned shard) {
+  std::atomic<Shard*>& slot = shards_[shard % kStatShards];
+  Shard* s = slot.load(std::memory_order_acquire);
+  if (s) return *s;
+  // First request of this worker on this volume. Two threads sharing a shard index may race
+  // here; the loser frees its copy and uses the winner's.
+  auto* fresh = new Shard;
+  if (slot.compare_exchange_strong(s, fresh, std::memory_order_acq_rel)) return *fresh;
+  delete fresh;
+  return *s;
+}
+
+void VolumeStats::Record(unsigned shard, OpKind kind, uint64_t bytes, uint64_t latency_ns,
+                         uint32_t nbd_error) {
+  auto k = static_cast<int>(kind);
+  if (k < 0 || k >= kOpKinds) return;
+  Shard& s = At(shard);
+  s.ops[k].fetch_add(1, kRelaxed);
+  if (nbd_error) {
+    s.errors[k].fetch_add(1, kRelaxed);
+    s.errors_by_errno[k][NbdErrnoIndex(nbd_error)].fetch_add(1, kRelaxed);
+  } else if (kind != OpKind::kFlush && kind != OpKind::kBlockStatus) {
+    // Failed requests moved no data we can vouch for.
+    s.bytes[k].fetch_add(bytes, kRelaxed);
+  }
+  // Failed requests still took time, so they count in the latency histograms (a slow failing
+  // disk must be visible there).
+  s.latency[k][LatencyBucket(latency_ns)].fetch_add(1, kRelaxed);
+  s.latency_ns_sum[k].fetch_add(latency_ns, kRelaxed);
+}
+
+void VolumeStats::RecordThrottle(unsigned shard, uint64_t waited_ns) {
+  Shard& s = At(shard);
+  s.throttled_ns.fetch_add(waited_ns, kRelaxed);
+  s.throttled_ops.fetch_add(1, kRelaxed);
 }
 
 VolumeStatsSnapshot VolumeStats::Snapshot() const {
   // Each counter is read atomically; the snapshot as a whole is not a consistent cut, which
   // is fine for monitoring and avoids any lock on the I/O path.
-  VolumeStatsSnapshot s;
-  for (size_t i = 0; i < s.ops.size(); ++i) {
-    s.ops[i] = ops_[i].load(kRelaxed);
-    s.errors[i] = errors_[i].load(kRelaxed);
+  VolumeStatsSnapshot out;
+  for (const auto& slot : shards_) {
+    const Shard* s = slot.load(std::memory_order_acquire);
+    if (!s) continue;
+    for (int k = 0; k < kOpKinds; ++k) {
+      out.ops[k] += s->ops[k].load(kRelaxed);
+      out.errors[k] += s->errors[k].load(kRelaxed);
+      out.bytes[k] += s->bytes[k].load(kRelaxed);
+      out.latency_ns_sum[k] += s->latency_ns_sum[k].load(kRelaxed);
+      for (int b = 0; b < kLatencyBuckets; ++b)
+        out.latency_us[k][b] += s->latency[k][b].load(kRelaxed);
+      for (int e = 0; e < kNbdErrnoKinds; ++e)
+        out.errors_by_errno[k][e] += s->errors_by_errno[k][e].load(kRelaxed);
+    }
+    out.throttled_ns += s->throttled_ns.load(kRelaxed);
+    out.throttled_ops += s->throttled_ops.load(kRelaxed);
+    out.inflight += s->inflight.load(kRelaxed);
   }
-  s.bytes_read = bytes_read_.load(kRelaxed);
-  s.bytes_written = bytes_written_.load(kRelaxed);
-  s.throttled_ns = throttled_ns_.load(kRelaxed);
-  s.throttled_ops = throttled_ops_.load(kRelaxed);
-  for (int i = 0; i < kLatencyBuckets; ++i) {
-    s.read_latency_us[i] = read_lat_[i].load(kRelaxed);
-    s.write_latency_us[i] = write_lat_[i].load(kRelaxed);
-  }
-  s.connections = connections_.load(kRelaxed);
-  return s;
+  out.bytes_read = out.bytes[static_cast<int>(OpKind::kRead)];
+  out.bytes_written = out.bytes[static_cast<int>(OpKind::kWrite)];
+  out.read_latency_us = out.latency_us[static_cast<int>(OpKind::kRead)];
+  out.write_latency_us = out.latency_us[static_cast<int>(OpKind::kWrite)];
+  out.connections = connections_.load(kRelaxed);
+  return out;
 }
 
 }  // namespace nbdcsi::datapath

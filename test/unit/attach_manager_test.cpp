@@ -531,6 +531,24 @@ TEST_F(AttachManagerTest, LinkDeadOfOurDeviceIsRepairedOthersAreIgnored) {
   EXPECT_EQ(kernel_.reconfigures.size(), 1u);
 }
 
+// /metrics' nbdcsi_attachment_reconnects_total: repaired links count, failed repairs and
+// devices that are not ours do not.
+TEST_F(AttachManagerTest, ReconnectsAreCountedPerAttachment) {
+  auto m = NewManager();
+  auto a = m->Attach("vol-a", 2);
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(m->Get("vol-a")->reconnects, 0u);
+  ASSERT_TRUE(m->OnLinkDead(a->index).ok());
+  ASSERT_TRUE(m->OnLinkDead(a->index).ok());
+  EXPECT_TRUE(m->OnLinkDead(7).ok());  // not ours
+  EXPECT_EQ(m->Get("vol-a")->reconnects, 2u);
+  ASSERT_EQ(m->List().size(), 1u);
+  EXPECT_EQ(m->List()[0].reconnects, 2u);
+  server_.volumes.erase("vol-a");  // cannot be served: no reconnect
+  EXPECT_NE(m->OnLinkDead(a->index).code(), 0);
+  EXPECT_EQ(m->Get("vol-a")->reconnects, 2u);
+}
+
 TEST(AttachmentRecordTest, JsonRoundTripAndValidation) {
   AttachmentRecord r;
   r.volume = "v";

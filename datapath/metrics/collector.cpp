@@ -1,0 +1,229 @@
+#include "datapath/metrics/collector.h"
+
+#include <cmath>
+#include <limits>
+#include <utility>
+
+namespace nbdcsi::datapath {
+namespace {
+
+using prometheus::ClientMetric;
+using prometheus::MetricFamily;
+using prometheus::MetricType;
+using Labels = std::vector<ClientMetric::Label>;
+
+MetricFamily Family(std::string name, std::string help, MetricType type) {
+  MetricFamily f;
+  f.name = std::move(name);
+  f.help = std::move(help);
+  f.type = type;
+  return f;
+}
+
+void Add(MetricFamily& f, Labels labels, double value) {
+  ClientMetric m;
+  m.label = std::move(labels);
+  if (f.type == MetricType::Counter) {
+    m.counter.value = value;
+  } else {
+    m.gauge.value = value;
+  }
+  f.metric.push_back(std::move(m));
+}
+
+// Our buckets hold latencies < 2^i us (stats.h); Prometheus' are cumulative "<= le". The bound
+// 2^i us is the same edge: a request of exactly 2^i us is counted in the next bucket, one
+// microsecond's difference, which is below the resolution of the clock readings anyway.
+void AddHistogram(MetricFamily& f, Labels labels,
+                  const std::array<uint64_t, kLatencyBuckets>& buckets, uint64_t sum_ns) {
+  ClientMetric m;
+  m.label = std::move(labels);
+  uint64_t cumulative = 0;
+  for (int i = 0; i < kLatencyBuckets; ++i) {
+    cumulative += buckets[i];
+    ClientMetric::Bucket b;
+    b.cumulative_count = cumulative;
+    b.upper_bound =
+        i == kLatencyBuckets - 1 ? std::numeric_limits<double>::infinity() : std::ldexp(1e-6, i);
+    m.histogram.bucket.push_back(b);
+  }
+  m.histogram.sample_count = cumulative;
+  m.histogram.sample_sum = static_cast<double>(sum_ns) / 1e9;
+  f.metric.push_back(std::move(m));
+}
+
+}  // namespace
+
+const char* OpLabel(OpKind kind) {
+  switch (kind) {
+    case OpKind::kRead:
+      return "read";
+    case OpKind::kWrite:
+      return "write";
+    case OpKind::kFlush:
+      return "flush";
+    case OpKind::kTrim:
+      return "trim";
+    case OpKind::kWriteZeroes:
+      return "zero";
+    case OpKind::kBlockStatus:
+      return "block_status";
+    case OpKind::kCount:
+      break;
+  }
+  return "?";
+}
+
+DatapathCollector::DatapathCollector(Pool& pool, std::function<EngineCounters()> engine,
+                                     std::function<std::vector<AttachmentRecord>()> attachments,
+                                     std::string version)
+    : pool_(pool),
+      engine_(std::move(engine)),
+      attachments_(std::move(attachments)),
+      version_(std::move(version)) {}
+
+std::vector<MetricFamily> DatapathCollector::Collect() const {
+  using T = MetricType;
+  std::vector<MetricFamily> out;
+
+  MetricFamily build = Family("nbdcsi_datapath_build_info", "nbd-datapathd's version.", T::Gauge);
+  Add(build, {{"version", version_}}, 1);
+  out.push_back(std::move(build));
+
+  // ---- the pool --------------------------------------------------------------------------------
+  PoolInfo info = pool_.Info();
+  auto gauge = [&out](const char* name, const char* help, double v) {
+    MetricFamily f = Family(name, help, T::Gauge);
+    Add(f, {}, v);
+    out.push_back(std::move(f));
+  };
+  gauge("nbdcsi_pool_capacity_bytes", "Bytes usable by the pool (--capacity or the file system).",
+        static_cast<double>(info.capacity));
+  gauge("nbdcsi_pool_free_bytes", "Bytes free on the pool's file system.",
+        static_cast<double>(info.free));
+  gauge("nbdcsi_pool_provisioned_bytes", "Sum of the volumes' sizes.",
+        static_cast<double>(info.provisioned));
+  gauge("nbdcsi_pool_allocated_bytes", "Bytes the volumes take on disk.",
+        static_cast<double>(info.allocated));
+  gauge("nbdcsi_pool_provisionable_bytes",
+        "Bytes that may still be provisioned: capacity x overcommit ratio - provisioned.",
+        static_cast<double>(info.provisionable()));
+  gauge("nbdcsi_pool_overcommit_ratio", "Provisioned bytes may reach capacity times this.",
+        info.overcommit_ratio);
+  gauge("nbdcsi_pool_volumes", "Volumes in the pool.", static_cast<double>(info.volumes));
+  gauge("nbdcsi_pool_broken_volumes", "Volumes that could not be loaded (nbdctl pool info).",
+        static_cast<double>(info.broken_volumes.size()));
+  gauge("nbdcsi_pool_snapshots", "Snapshots in the pool.", static_cast<double>(info.snapshots));
+
+  // ---- each volume -------------------------------------------------------------------------
+  MetricFamily ops =
+      Family("nbdcsi_volume_requests_total",
+             "NBD requests answered, by kind (counted when the reply is queued).", T::Counter);
+  MetricFamily bytes =
+      Family("nbdcsi_volume_request_bytes_total",
+             "Bytes of the successful requests: read, written, trimmed, zeroed.", T::Counter);
+  MetricFamily errors =
+      Family("nbdcsi_volume_request_errors_total",
+             "Requests answered with an error, by kind and NBD error code.", T::Counter);
+  MetricFamily latency =
+      Family("nbdcsi_volume_request_duration_seconds",
+             "Time from a request's header read to its reply queued on the socket.", T::Histogram);
+  MetricFamily inflight =
+      Family("nbdcsi_volume_inflight_requests", "Requests read and not yet answered.", T::Gauge);
+  MetricFamily throttled_s = Family("nbdcsi_volume_qos_throttled_seconds_total",
+                                    "Time requests spent waiting for QoS tokens.", T::Counter);
+  MetricFamily delayed = Family("nbdcsi_volume_qos_delayed_requests_total",
+                                "Requests that waited for QoS tokens at least once.", T::Counter);
+  MetricFamily conns = Family("nbdcsi_volume_connections", "Open NBD connections.", T::Gauge);
+  MetricFamily prov = Family("nbdcsi_volume_provisioned_bytes", "The volume's size.", T::Gauge);
+  MetricFamily alloc = Family("nbdcsi_volume_allocated_bytes",
+                              "Bytes the volume's data file takes on disk.", T::Gauge);
+  MetricFamily copying = Family("nbdcsi_copy_jobs",
+                                "Background copies running (restores and clones without reflink, "
+                                "copy snapshots).",
+                                T::Gauge);
+  uint64_t volume_copies = 0;
+  for (const VolumeInfo& v : pool_.List()) {
+    Add(prov, {{"volume", v.name}}, static_cast<double>(v.size));
+    Add(alloc, {{"volume", v.name}}, static_cast<double>(v.allocated));
+    if (!v.ready) ++volume_copies;
+    std::shared_ptr<Volume> vol = pool_.Acquire(v.name);
+    if (!vol) continue;  // not ready (being filled) or just deleted: it serves no I/O
+    VolumeStatsSnapshot s = vol->stats().Snapshot();
+    for (int k = 0; k < kOpKinds; ++k) {
+      const char* op = OpLabel(static_cast<OpKind>(k));
+      Add(ops, {{"volume", v.name}, {"op", op}}, static_cast<double>(s.ops[k]));
+      if (k != static_cast<int>(OpKind::kFlush) && k != static_cast<int>(OpKind::kBlockStatus))
+        Add(bytes, {{"volume", v.name}, {"op", op}}, static_cast<double>(s.bytes[k]));
+      // Series appear with their first error: 6 kinds x 9 codes per volume would be mostly 0.
+      for (int e = 0; e < kNbdErrnoKinds; ++e) {
+        if (s.errors_by_errno[k][e])
+          Add(errors, {{"volume", v.name}, {"op", op}, {"errno", kNbdErrnoNames[e]}},
+              static_cast<double>(s.errors_by_errno[k][e]));
+      }
+      // Histograms likewise appear once the kind was used (BLOCK_STATUS and TRIM often never).
+      if (s.ops[k])
+        AddHistogram(latency, {{"volume", v.name}, {"op", op}}, s.latency_us[k],
+                     s.latency_ns_sum[k]);
+    }
+    Add(inflight, {{"volume", v.name}}, static_cast<double>(s.inflight));
+    Add(throttled_s, {{"volume", v.name}}, static_cast<double>(s.throttled_ns) / 1e9);
+    Add(delayed, {{"volume", v.name}}, static_cast<double>(s.throttled_ops));
+    Add(conns, {{"volume", v.name}}, static_cast<double>(s.connections));
+  }
+  uint64_t snapshot_copies = 0;
+  if (auto snaps = pool_.ListSnapshots(); snaps.ok()) {
+    for (const SnapshotInfo& si : *snaps)
+      if (!si.ready && si.error.empty()) ++snapshot_copies;
+  }
+  Add(copying, {{"kind", "volume"}}, static_cast<double>(volume_copies));
+  Add(copying, {{"kind", "snapshot"}}, static_cast<double>(snapshot_copies));
+  for (MetricFamily* f : {&ops, &bytes, &errors, &latency, &inflight, &throttled_s, &delayed,
+                          &conns, &prov, &alloc, &copying})
+    out.push_back(std::move(*f));
+
+  // ---- the engine ------------------------------------------------------------------------------
+  if (engine_) {
+    EngineCounters e = engine_();
+    gauge("nbdcsi_engine_workers_running", "io_uring worker threads in their loop.",
+          static_cast<double>(e.workers_running));
+    gauge("nbdcsi_engine_throttled_requests", "Requests waiting for QoS tokens now.",
+          static_cast<double>(e.throttled));
+    gauge("nbdcsi_engine_parked_requests",
+          "Modifying requests held while a snapshot or clone is taken.",
+          static_cast<double>(e.parked));
+    auto counter = [&out](const char* name, const char* help, uint64_t v) {
+      MetricFamily f = Family(name, help, T::Counter);
+      Add(f, {}, static_cast<double>(v));
+      out.push_back(std::move(f));
+    };
+    counter("nbdcsi_engine_cancels_total", "I/O of aborted connections asked to cancel.",
+            e.cancels);
+    counter("nbdcsi_engine_stale_completions_total",
+            "Completions that named a request already gone (a bug when not 0).", e.stale_dropped);
+    counter("nbdcsi_engine_invariant_violations_total",
+            "Broken request life-cycle rules (a bug when not 0).", e.invariant_violations);
+  }
+
+  // ---- kernel NBD / fuse attachments ------------------------------------------------------------
+  if (attachments_) {
+    MetricFamily up = Family("nbdcsi_attachment_up",
+                             "1 while an attached device's link to the datapath is up, 0 while "
+                             "it is down (the kernel queues I/O until the reconnect).",
+                             T::Gauge);
+    MetricFamily reconnects = Family("nbdcsi_attachment_reconnects_total",
+                                     "Times this process gave an attached device fresh sockets "
+                                     "(after its start, or when the kernel dropped one).",
+                                     T::Counter);
+    for (const AttachmentRecord& r : attachments_()) {
+      Labels l = {{"volume", r.volume}, {"mode", r.mode}, {"device", r.device()}};
+      Add(up, l, r.link_ok ? 1 : 0);
+      Add(reconnects, l, static_cast<double>(r.reconnects));
+    }
+    out.push_back(std::move(up));
+    out.push_back(std::move(reconnects));
+  }
+  return out;
+}
+
+}  // namespace nbdcsi::datapath
