@@ -193,6 +193,12 @@ int Run(int argc, char** argv) {
                  "Provisioned bytes may reach capacity times this ratio")
       ->check(CLI::Range(0.01, 1000.0))
       ->capture_default_str();
+  double free_reserve_percent = 10;
+  app.add_option("--free-reserve", free_reserve_percent,
+                 "Percent of the pool file system's size kept free: below it nothing more is "
+                 "provisioned, and at most (free - reserve) x overcommit may be (0: off)")
+      ->check(CLI::Range(0.0, 90.0))
+      ->capture_default_str();
   app.add_option("--capacity", capacity, "Pool capacity (e.g. 100Gi); default: the file system's size");
   app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
@@ -258,6 +264,7 @@ int Run(int argc, char** argv) {
   PoolOptions popts;
   popts.dir = pool_dir;
   popts.overcommit_ratio = overcommit;
+  popts.free_reserve_ratio = free_reserve_percent / 100;
   popts.disable_reflink = no_reflink;
   if (!capacity.empty()) {
     auto q = ParseQuantity(capacity);
@@ -348,8 +355,10 @@ int Run(int argc, char** argv) {
     return 1;
   }
   PoolInfo info = (*pool)->Info();
-  spdlog::info("pool {}: {} volumes, {} file system, capacity {} bytes, overcommit {}", info.dir,
-               info.volumes, info.fs_type, info.capacity, info.overcommit_ratio);
+  spdlog::info("pool {}: {} volumes, {} file system, capacity {} bytes, overcommit {}, {} bytes "
+               "free of which {} kept in reserve",
+               info.dir, info.volumes, info.fs_type, info.capacity, info.overcommit_ratio,
+               info.free, info.free_reserve);
   for (const auto& o : info.cleaned_orphans) spdlog::warn("pool: cleaned orphan {}", o);
   for (const auto& b : info.broken_volumes)
     spdlog::warn("pool: broken volume {}: left in place, see nbdctl pool info", b);

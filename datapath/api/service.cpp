@@ -193,6 +193,7 @@ class DatapathService final : public v1::Datapath::Service {
     resp->set_dir(info.dir);
     resp->set_capacity_bytes(info.capacity);
     resp->set_free_bytes(info.free);
+    resp->set_free_reserve_bytes(info.free_reserve);
     resp->set_provisioned_bytes(info.provisioned);
     resp->set_allocated_bytes(info.allocated);
     resp->set_overcommit_ratio(info.overcommit_ratio);

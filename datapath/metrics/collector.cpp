@@ -101,12 +101,17 @@ std::vector<MetricFamily> DatapathCollector::Collect() const {
         static_cast<double>(info.capacity));
   gauge("nbdcsi_pool_free_bytes", "Bytes free on the pool's file system.",
         static_cast<double>(info.free));
+  gauge("nbdcsi_pool_free_reserve_bytes",
+        "Bytes of the pool's file system kept free (--free-reserve): below it nothing more is "
+        "provisioned.",
+        static_cast<double>(info.free_reserve));
   gauge("nbdcsi_pool_provisioned_bytes", "Sum of the volumes' sizes.",
         static_cast<double>(info.provisioned));
   gauge("nbdcsi_pool_allocated_bytes", "Bytes the volumes take on disk.",
         static_cast<double>(info.allocated));
   gauge("nbdcsi_pool_provisionable_bytes",
-        "Bytes that may still be provisioned: capacity x overcommit ratio - provisioned.",
+        "Bytes that may still be provisioned: capacity x overcommit ratio - provisioned, at most "
+        "(free - reserve) x overcommit ratio.",
         static_cast<double>(info.provisionable()));
   gauge("nbdcsi_pool_overcommit_ratio", "Provisioned bytes may reach capacity times this.",
         info.overcommit_ratio);

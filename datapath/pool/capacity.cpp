@@ -3,6 +3,7 @@
 #include <sys/statfs.h>
 #include <sys/statvfs.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "datapath/pool/pool_impl.h"
@@ -31,10 +32,16 @@ std::string FsTypeName(int64_t type) {
   }
 }
 
+// What the real free space still allows: (free - reserve) x ratio, 0 under the reserve.
+long double FreeRoom(uint64_t free, uint64_t reserve, double ratio) {
+  return free > reserve ? static_cast<long double>(free - reserve) * ratio : 0;
+}
+
 }  // namespace
 
 uint64_t PoolInfo::provisionable() const {
-  const long double room = RoomLeft(capacity, overcommit_ratio, provisioned);
+  long double room = RoomLeft(capacity, overcommit_ratio, provisioned);
+  if (reserve_applies) room = std::min(room, FreeRoom(free, free_reserve, overcommit_ratio));
   if (room >= static_cast<long double>(std::numeric_limits<uint64_t>::max())) {
     return std::numeric_limits<uint64_t>::max();
   }
@@ -48,6 +55,10 @@ StatusOr<uint64_t> Pool::Impl::Capacity() const {
   return static_cast<uint64_t>(vfs.f_blocks) * vfs.f_frsize;
 }
 
+uint64_t Pool::Impl::Reserve(uint64_t fs_size) const {
+  return static_cast<uint64_t>(static_cast<long double>(fs_size) * opts.free_reserve_ratio);
+}
+
 uint64_t Pool::Impl::ProvisionedLocked() const {
   uint64_t sum = reserved;
   for (const auto& [n, e] : vols) sum += e.meta.size;
@@ -56,6 +67,22 @@ uint64_t Pool::Impl::ProvisionedLocked() const {
 
 Status Pool::Impl::CheckCapacityLocked(const std::string& name, uint64_t extra,
                                        uint64_t capacity) const {
+  if (opts.free_reserve_ratio > 0) {
+    struct statvfs vfs{};
+    if (statvfs(opts.dir.c_str(), &vfs) != 0) return Sys(errno, "statvfs " + opts.dir);
+    const uint64_t free = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+    const uint64_t reserve = Reserve(static_cast<uint64_t>(vfs.f_blocks) * vfs.f_frsize);
+    if (FreeRoom(free, reserve, opts.overcommit_ratio) < static_cast<long double>(extra)) {
+      return Error(ENOSPC,
+                   "pool {} cannot provision {} more for volume {}: its file system has {} free "
+                   "and keeps {} ({}% of its size) in reserve, so at most {} more may be "
+                   "provisioned (overcommit {}); free space or delete volumes",
+                   opts.dir, Bytes(extra), name, Bytes(free), Bytes(reserve),
+                   opts.free_reserve_ratio * 100,
+                   Bytes(static_cast<uint64_t>(FreeRoom(free, reserve, opts.overcommit_ratio))),
+                   opts.overcommit_ratio);
+    }
+  }
   const uint64_t provisioned = ProvisionedLocked();
   if (RoomLeft(capacity, opts.overcommit_ratio, provisioned) < static_cast<long double>(extra)) {
     const long double limit = static_cast<long double>(capacity) * opts.overcommit_ratio;
@@ -77,6 +104,8 @@ PoolInfo Pool::Info() {
   if (statvfs(I.opts.dir.c_str(), &vfs) == 0) {
     info.free = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
     info.capacity = static_cast<uint64_t>(vfs.f_blocks) * vfs.f_frsize;
+    info.free_reserve = I.Reserve(info.capacity);
+    info.reserve_applies = I.opts.free_reserve_ratio > 0;
   }
   if (I.opts.capacity_bytes) info.capacity = I.opts.capacity_bytes;
   struct statfs sfs{};

@@ -103,6 +103,12 @@ struct PoolOptions {
   double overcommit_ratio = 1.0;
   // Capacity override in bytes (0: the pool file system's size from statvfs).
   uint64_t capacity_bytes = 0;
+  // The share of the pool file system's size kept free: when its real free space is under it,
+  // nothing more is provisioned, and what may still be is at most (free - reserve) x overcommit.
+  // Thin volumes fill as they are written; this keeps placement from choosing a disk that is
+  // about to fill (other data on it, or volumes written full). 0 (the library's default, for
+  // tests) checks only capacity x overcommit; nbd-datapathd defaults to 0.10.
+  double free_reserve_ratio = 0;
   // Never use FICLONE even where the file system supports it: snapshots, restores and clones
   // take the background-copy path (tests; or a file system whose reflink is known to be bad).
   bool disable_reflink = false;
@@ -186,7 +192,9 @@ struct SnapshotInfo {
 struct PoolInfo {
   std::string dir;
   uint64_t capacity = 0;         // bytes usable by the pool (statvfs or override)
-  uint64_t free = 0;             // bytes free on the pool file system
+  uint64_t free = 0;             // bytes free on the pool file system (statvfs f_bavail)
+  uint64_t free_reserve = 0;     // bytes of it kept free (PoolOptions::free_reserve_ratio)
+  bool reserve_applies = false;  // a reserve is set and statvfs answered: free counts below
   uint64_t provisioned = 0;      // sum of volume sizes
   uint64_t allocated = 0;        // sum of allocated bytes
   double overcommit_ratio = 1.0;
@@ -206,8 +214,10 @@ struct PoolInfo {
   std::vector<std::string> abandoned_copies;
 
   // How many more bytes may be provisioned: capacity x overcommit ratio minus what is
-  // provisioned, 0 when overcommitted already, saturating at UINT64_MAX. The same policy Create
-  // and Resize enforce (capacity.cpp); GetPoolInfo, GetCapacity and the heartbeat report it.
+  // provisioned, and (when reserve_applies) at most (free - free_reserve) x overcommit ratio; 0
+  // when overcommitted already or under the reserve, saturating at UINT64_MAX. The same policy
+  // Create and Resize enforce (capacity.cpp); GetPoolInfo, GetCapacity and the heartbeat report
+  // it.
   uint64_t provisionable() const;
 };
 

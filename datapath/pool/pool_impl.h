@@ -159,6 +159,8 @@ struct Pool::Impl {
   // ---- capacity.cpp ----
   StatusOr<uint64_t> Capacity() const;
   uint64_t ProvisionedLocked() const;
+  // PoolOptions::free_reserve_ratio of a file system of `fs_size` bytes.
+  uint64_t Reserve(uint64_t fs_size) const;
   Status CheckCapacityLocked(const std::string& name, uint64_t extra, uint64_t capacity) const;
 
   // ---- commit.cpp: the on-disk steps and their rollbacks ----

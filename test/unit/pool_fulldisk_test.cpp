@@ -120,5 +120,47 @@ TEST_F(PoolFullDiskTest, OperationsFailWithENOSPCAndLoseNothing) {
   EXPECT_TRUE(pool_->Delete("new").ok());
 }
 
+// The free-space reserve: a pool whose capacity x overcommit allows far more (thin volumes)
+// stops provisioning when its file system's real free space falls under the reserve, reports 0
+// provisionable then, and takes volumes again once space is freed.
+TEST_F(PoolFullDiskTest, ReserveRefusesProvisioningWhenTheDiskIsNearlyFull) {
+  opts_.overcommit_ratio = 2;
+  opts_.free_reserve_ratio = 0.25;  // 1 MiB of the 4 MiB tmpfs
+  auto p = Pool::Open(opts_);
+  ASSERT_TRUE(p.ok()) << p.status().message();
+  pool_ = std::move(p.value());
+  PoolInfo info = pool_->Info();
+  ASSERT_TRUE(info.reserve_applies);
+  EXPECT_EQ(info.free_reserve, 1 * kMiB);
+  // Limited by the free space, not by capacity x overcommit (2 TiB): (free - reserve) x 2.
+  EXPECT_EQ(info.provisionable(), (info.free - info.free_reserve) * 2);
+  const uint64_t room = info.provisionable() / (64 * 1024) * (64 * 1024);
+  auto big = pool_->Create("too-big", room + 1024 * kMiB, {});
+  ASSERT_FALSE(big.ok());
+  EXPECT_EQ(big.status().code(), ENOSPC);
+  EXPECT_THAT(big.status().message(), ::testing::HasSubstr("in reserve"));
+  ASSERT_TRUE(pool_->Create("fits", 64 * 1024, {}).ok());
+
+  // Other data fills the disk past the reserve: nothing more, and 0 to report.
+  int fd = open((mnt_ + "/other").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(posix_fallocate(fd, 0, pool_->Info().free - 512 * 1024), 0);
+  close(fd);
+  info = pool_->Info();
+  EXPECT_LT(info.free, info.free_reserve);
+  EXPECT_EQ(info.provisionable(), 0u);
+  auto c = pool_->Create("refused", 64 * 1024, {});
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), ENOSPC);
+  EXPECT_THAT(c.status().message(), ::testing::HasSubstr("free space or delete volumes"));
+  EXPECT_EQ(pool_->Resize("fits", 128 * 1024).status().code(), ENOSPC);
+  // The volume already there keeps working: the reserve limits provisioning, not I/O.
+  EXPECT_TRUE(pool_->Inspect("fits").ok());
+
+  fs::remove(mnt_ + "/other");
+  EXPECT_GT(pool_->Info().provisionable(), 0u);
+  EXPECT_TRUE(pool_->Create("after", 64 * 1024, {}).ok());
+}
+
 }  // namespace
 }  // namespace nbdcsi::datapath

@@ -224,5 +224,33 @@ TEST(PoolRules, ProvisionableSaturatesAndNeverWraps) {
   }
 }
 
+TEST(PoolRules, ProvisionableIsAlsoBoundByFreeSpaceAboveTheReserve) {
+  struct Case {
+    uint64_t free, reserve;
+    double ratio;
+    uint64_t want;
+  };
+  // capacity 100 GiB, 20 GiB provisioned: capacity x ratio leaves 80 GiB (ratio 1), 180 (ratio 2)
+  const Case cases[] = {
+      {90 * kGiB, 10 * kGiB, 1.0, 80 * kGiB},  // thin volumes barely written: capacity rules
+      {50 * kGiB, 10 * kGiB, 1.0, 40 * kGiB},  // other data on the disk: free space rules
+      {50 * kGiB, 10 * kGiB, 2.0, 80 * kGiB},  // overcommit scales what free space allows
+      {10 * kGiB, 10 * kGiB, 1.0, 0},          // at the reserve
+      {5 * kGiB, 10 * kGiB, 4.0, 0},           // under it: nothing, whatever the ratio
+  };
+  for (const auto& c : cases) {
+    PoolInfo info;
+    info.capacity = 100 * kGiB;
+    info.provisioned = 20 * kGiB;
+    info.overcommit_ratio = c.ratio;
+    info.free = c.free;
+    info.free_reserve = c.reserve;
+    info.reserve_applies = true;
+    EXPECT_EQ(info.provisionable(), c.want) << c.free << " free, " << c.reserve << " reserve";
+    info.reserve_applies = false;  // no reserve set: capacity x ratio alone
+    EXPECT_EQ(info.provisionable(), uint64_t(100 * c.ratio - 20) * kGiB);
+  }
+}
+
 }  // namespace
 }  // namespace nbdcsi::datapath
