@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -318,17 +319,41 @@ Watched& AllWatched() {
   return *w;
 }
 
-void PollForever() {
-  for (;;) {
-    std::this_thread::sleep_for(kPollInterval);
-    std::vector<std::shared_ptr<TlsCredentials::State>> states;
+// The thread that polls every watched set. It logs, so it must be gone before spdlog's registry
+// is destroyed at exit (a detached poller logging then was a use-after-free under ASan):
+// it is a static object created after the registry, hence destroyed, stopped and joined, first.
+class Poller {
+ public:
+  Poller() : thread_([this] { Run(); }) {}
+  ~Poller() {
     {
-      std::lock_guard lock(AllWatched().mu);
-      for (auto& [key, s] : AllWatched().states) states.push_back(s);
+      std::lock_guard lock(mu_);
+      stop_ = true;
     }
-    for (auto& s : states) s->Check();
+    cv_.notify_all();
+    thread_.join();
   }
-}
+
+ private:
+  void Run() {
+    std::unique_lock lock(mu_);
+    while (!cv_.wait_for(lock, kPollInterval, [this] { return stop_; })) {
+      lock.unlock();
+      std::vector<std::shared_ptr<TlsCredentials::State>> states;
+      {
+        std::lock_guard w(AllWatched().mu);
+        for (auto& [key, s] : AllWatched().states) states.push_back(s);
+      }
+      for (auto& s : states) s->Check();
+      lock.lock();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::thread thread_;  // last: it starts once the members it uses exist
+};
 
 }  // namespace
 
@@ -410,8 +435,8 @@ StatusOr<std::shared_ptr<TlsCredentials>> TlsCredentials::Load(const TlsFiles& t
   auto state = std::make_shared<State>();
   state->files = tls;
   if (Status s = state->Start(std::move(*m)); !s.ok()) return s;
-  static std::once_flag poller;
-  std::call_once(poller, [] { std::thread(PollForever).detach(); });
+  spdlog::default_logger_raw();  // the registry first, so that it outlives the poller
+  static Poller poller;
   std::lock_guard lock(w.mu);
   // Two first loads of the same paths at once: the first one in wins, the other is dropped.
   auto [it, inserted] = w.states.try_emplace(key, state);

@@ -430,9 +430,16 @@ def case_many(n=1000):
     assert fds1 == fds0, f"daemon fds {fds0} before, {fds1} after (peak {fds_peak})"
     # Each connection's buffers are mappings of their own (datapath/engine/worker.cpp), so they
     # go back to the kernel when it closes; through malloc, glibc kept about 14 MiB of them.
-    assert rss1 <= rss0 + RSS_SLACK_KIB, (
-        f"daemon RSS {rss0} KiB before, {rss_peak} at the peak, {rss1} after the 1,000 "
-        f"connections closed: not back to the baseline (+{RSS_SLACK_KIB} KiB allowed)")
+    # Under ASan the RSS is the sanitizer's: freed chunks sit in its quarantine and size-class
+    # caches, and their shadow stays resident (+43 MiB measured; +17 MiB with quarantine_size_mb=0).
+    # There LSan's check at the daemon's exit is what catches per-connection state that is never
+    # freed; the bound holds in the plain tree.
+    if os.environ.get("NBDCSI_SANITIZER") == "asan":
+        print(f"  many: RSS {rss0} -> {rss_peak} -> {rss1} KiB (ASan allocator; bound not applied)")
+    else:
+        assert rss1 <= rss0 + RSS_SLACK_KIB, (
+            f"daemon RSS {rss0} KiB before, {rss_peak} at the peak, {rss1} after the 1,000 "
+            f"connections closed: not back to the baseline (+{RSS_SLACK_KIB} KiB allowed)")
     return {"connections": n, "open_s": round(t_open, 2), "fds": [fds0, fds_peak, fds1],
             "rss_kib": [rss0, rss_peak, rss1]}
 
