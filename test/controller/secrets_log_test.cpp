@@ -205,7 +205,7 @@ TEST_F(SecretsLogTest, NoSecretValueOrKeyMaterialReachesAnyLog) {
     ok(ctl.DeleteVolume(Ctx().get(), d, &dresp), "DeleteVolume");
   }
   // Its log says where a slow stop spent its time (a status of 9: killed after the grace).
-  EXPECT_EQ(node.Stop(), 0) << ReadFile(c.dir() + "/node.log");
+  EXPECT_EQ(node.Stop(), 0) << ReadWholeFile(c.dir() + "/node.log");
   c.StopDatapath(0);
   c.StopController();
 
