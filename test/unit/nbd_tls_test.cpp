@@ -379,6 +379,10 @@ TEST_F(TerminatorTest, CarriesBytesBothWaysIntactThenClosesCleanly) {
   // One client thread drives both directions of its SSL object, non-blocking.
   SSL* s = c->client.get();
   fcntl(c->client_fd, F_SETFL, fcntl(c->client_fd, F_GETFL) | O_NONBLOCK);
+  // A small send buffer, so that the client's writes, its close_notify included, often find it
+  // full (as on a loaded machine), and the retries are exercised every run.
+  const int sndbuf = 4096;
+  setsockopt(c->client_fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
   std::vector<uint8_t> got_down;
   size_t sent = 0;
   bool shut = false;
@@ -395,8 +399,14 @@ TEST_F(TerminatorTest, CarriesBytesBothWaysIntactThenClosesCleanly) {
         progress = true;
       }
     } else if (!shut) {
-      SSL_shutdown(s);  // close_notify: the worker must see EOF after the last byte
-      shut = true;
+      // close_notify: the worker must see EOF after the last byte. On a full socket buffer (a
+      // loaded machine: the terminator reads late) the non-blocking call cannot send it yet and
+      // says so (-1, WANT_WRITE): try again, or the worker waits for EOF forever.
+      ERR_clear_error();
+      if (SSL_shutdown(s) >= 0) {
+        shut = true;
+        progress = true;
+      }
     }
     uint8_t buf[65536];
     int n = SSL_read(s, buf, sizeof buf);
@@ -407,6 +417,15 @@ TEST_F(TerminatorTest, CarriesBytesBothWaysIntactThenClosesCleanly) {
       peer_closed = true;
     }
     if (!progress && !peer_closed) WaitFd(c->client_fd, POLLIN | POLLOUT, 50);
+  }
+  if (!peer_closed && !all_moved()) {
+    // Stuck: unblock the worker's threads (their futures would wait forever) and fail.
+    shutdown(worker_, SHUT_RDWR);
+    worker_writer.wait();
+    worker_reader.wait();
+    FAIL() << "no progress within 60 s: sent " << sent << " of " << up.size() << ", shutdown "
+           << (shut ? "sent" : "not sent") << ", received " << got_down.size() << " of "
+           << down.size();
   }
   ASSERT_TRUE(worker_writer.get());
   // The worker is done writing; closing its end is what ends the connection (after the
