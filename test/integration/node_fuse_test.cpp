@@ -332,15 +332,20 @@ struct Vol {
   std::string name, id, staging, target;
 };
 
-Vol MakeVol(const std::string& name, const std::string& size) {
+// The id and kubelet paths of pool volume `name` (the staging directory made, as kubelet does).
+Vol KubeletVol(const std::string& name) {
   Vol v{name, std::string("v1:") + kNodeId + ":" + name,
         W + "/kubelet/plugins/kubernetes.io/csi/nbd.csi.io/" + name + "/globalmount",
         W + "/kubelet/pods/uid-" + name + "/volumes/kubernetes.io~csi/" + name + "/mount"};
+  fs::create_directories(v.staging);
+  return v;
+}
+
+Vol MakeVol(const std::string& name, const std::string& size) {
   int rc;
   std::string out = Nbdctl("volume create " + name + " --size " + size, &rc);
   EXPECT_EQ(rc, 0) << out;
-  fs::create_directories(v.staging);  // kubelet makes the staging directory
-  return v;
+  return KubeletVol(name);
 }
 
 grpc::Status Stage(const Vol& v, const v1::VolumeCapability& cap) {
@@ -625,10 +630,7 @@ TEST_P(NodeFuseFsTest, RestoreAndCloneIntoALargerVolumeGetTheirFullSize) {
                                               : "--from-volume " + src.name;
     out = Nbdctl("volume create " + name + " --size " + big + " " + from + " --wait", &rc);
     ASSERT_EQ(rc, 0) << out;
-    Vol v{name, std::string("v1:") + kNodeId + ":" + name,
-          W + "/kubelet/plugins/kubernetes.io/csi/nbd.csi.io/" + name + "/globalmount",
-          W + "/kubelet/pods/uid-" + name + "/volumes/kubernetes.io~csi/" + name + "/mount"};
-    fs::create_directories(v.staging);
+    Vol v = KubeletVol(name);
     if (fstype == "ext4" && !HaveCapability(CAP_SYS_RESOURCE)) {
       // ext4 grows online only with CAP_SYS_RESOURCE (a privileged node plugin pod has it, this
       // sandbox does not): the stage fails saying so, and leaves nothing mounted for the retry.
