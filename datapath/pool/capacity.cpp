@@ -32,6 +32,20 @@ std::string FsTypeName(int64_t type) {
   }
 }
 
+// The pool file system's figures from one statvfs.
+struct FsFigures {
+  uint64_t size = 0, free = 0, reserve = 0;
+};
+StatusOr<FsFigures> ReadFs(const PoolOptions& o) {
+  struct statvfs vfs{};
+  if (statvfs(o.dir.c_str(), &vfs) != 0) return Sys(errno, "statvfs " + o.dir);
+  FsFigures f;
+  f.size = static_cast<uint64_t>(vfs.f_blocks) * vfs.f_frsize;
+  f.free = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+  f.reserve = static_cast<uint64_t>(static_cast<long double>(f.size) * o.free_reserve_ratio);
+  return f;
+}
+
 // What the real free space still allows: (free - reserve) x ratio, 0 under the reserve.
 long double FreeRoom(uint64_t free, uint64_t reserve, double ratio) {
   return free > reserve ? static_cast<long double>(free - reserve) * ratio : 0;
@@ -48,15 +62,12 @@ uint64_t PoolInfo::provisionable() const {
   return room > 0 ? static_cast<uint64_t>(room) : 0;
 }
 
-StatusOr<uint64_t> Pool::Impl::Capacity() const {
-  if (opts.capacity_bytes) return opts.capacity_bytes;
-  struct statvfs vfs{};
-  if (statvfs(opts.dir.c_str(), &vfs) != 0) return Sys(errno, "statvfs " + opts.dir);
-  return static_cast<uint64_t>(vfs.f_blocks) * vfs.f_frsize;
-}
-
-uint64_t Pool::Impl::Reserve(uint64_t fs_size) const {
-  return static_cast<uint64_t>(static_cast<long double>(fs_size) * opts.free_reserve_ratio);
+StatusOr<Pool::Impl::Space> Pool::Impl::ReadSpace() const {
+  // With a capacity override and no reserve, nothing here depends on the file system.
+  if (opts.capacity_bytes && opts.free_reserve_ratio <= 0) return Space{opts.capacity_bytes};
+  auto fs = ReadFs(opts);
+  if (!fs.ok()) return fs.status();
+  return Space{opts.capacity_bytes ? opts.capacity_bytes : fs->size, fs->free, fs->reserve};
 }
 
 uint64_t Pool::Impl::ProvisionedLocked() const {
@@ -66,23 +77,20 @@ uint64_t Pool::Impl::ProvisionedLocked() const {
 }
 
 Status Pool::Impl::CheckCapacityLocked(const std::string& name, uint64_t extra,
-                                       uint64_t capacity) const {
+                                       const Space& space) const {
   if (opts.free_reserve_ratio > 0) {
-    struct statvfs vfs{};
-    if (statvfs(opts.dir.c_str(), &vfs) != 0) return Sys(errno, "statvfs " + opts.dir);
-    const uint64_t free = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
-    const uint64_t reserve = Reserve(static_cast<uint64_t>(vfs.f_blocks) * vfs.f_frsize);
-    if (FreeRoom(free, reserve, opts.overcommit_ratio) < static_cast<long double>(extra)) {
+    const long double room = FreeRoom(space.free, space.reserve, opts.overcommit_ratio);
+    if (room < static_cast<long double>(extra)) {
       return Error(ENOSPC,
                    "pool {} cannot provision {} more for volume {}: its file system has {} free "
                    "and keeps {} ({}% of its size) in reserve, so at most {} more may be "
                    "provisioned (overcommit {}); free space or delete volumes",
-                   opts.dir, Bytes(extra), name, Bytes(free), Bytes(reserve),
-                   opts.free_reserve_ratio * 100,
-                   Bytes(static_cast<uint64_t>(FreeRoom(free, reserve, opts.overcommit_ratio))),
+                   opts.dir, Bytes(extra), name, Bytes(space.free), Bytes(space.reserve),
+                   opts.free_reserve_ratio * 100, Bytes(static_cast<uint64_t>(room)),
                    opts.overcommit_ratio);
     }
   }
+  const uint64_t capacity = space.capacity;
   const uint64_t provisioned = ProvisionedLocked();
   if (RoomLeft(capacity, opts.overcommit_ratio, provisioned) < static_cast<long double>(extra)) {
     const long double limit = static_cast<long double>(capacity) * opts.overcommit_ratio;
@@ -100,11 +108,10 @@ PoolInfo Pool::Info() {
   PoolInfo info;
   info.dir = I.opts.dir;
   info.overcommit_ratio = I.opts.overcommit_ratio;
-  struct statvfs vfs{};
-  if (statvfs(I.opts.dir.c_str(), &vfs) == 0) {
-    info.free = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
-    info.capacity = static_cast<uint64_t>(vfs.f_blocks) * vfs.f_frsize;
-    info.free_reserve = I.Reserve(info.capacity);
+  if (auto fs = ReadFs(I.opts); fs.ok()) {
+    info.free = fs->free;
+    info.capacity = fs->size;
+    info.free_reserve = fs->reserve;
     info.reserve_applies = I.opts.free_reserve_ratio > 0;
   }
   if (I.opts.capacity_bytes) info.capacity = I.opts.capacity_bytes;

@@ -157,11 +157,16 @@ struct Pool::Impl {
   }
 
   // ---- capacity.cpp ----
-  StatusOr<uint64_t> Capacity() const;
+  // The pool's room as its file system has it now, read once (statvfs) before the pool lock is
+  // taken, then checked under it.
+  struct Space {
+    uint64_t capacity = 0;  // --capacity, or the file system's size
+    uint64_t free = 0;      // free on the file system (f_bavail)
+    uint64_t reserve = 0;   // PoolOptions::free_reserve_ratio of the file system's size
+  };
+  StatusOr<Space> ReadSpace() const;
   uint64_t ProvisionedLocked() const;
-  // PoolOptions::free_reserve_ratio of a file system of `fs_size` bytes.
-  uint64_t Reserve(uint64_t fs_size) const;
-  Status CheckCapacityLocked(const std::string& name, uint64_t extra, uint64_t capacity) const;
+  Status CheckCapacityLocked(const std::string& name, uint64_t extra, const Space& space) const;
 
   // ---- commit.cpp: the on-disk steps and their rollbacks ----
   Status WriteMeta(const VolumeMeta& m, const char* fault_tmp, const char* fault_renamed,
@@ -224,7 +229,7 @@ struct Pool::Impl {
     uint64_t size = 0;
     FillSource src;  // unused for a blank volume
   };
-  StatusOr<CreatePlan> PlanCreateLocked(const CreateSpec& spec, uint64_t capacity,
+  StatusOr<CreatePlan> PlanCreateLocked(const CreateSpec& spec, const Space& space,
                                         NameGuard& guard);
   std::optional<uint64_t> SourceSizeLocked(const VolumeSource& src) const;
   StatusOr<VolumeInfo> CreateBlank(const CreateSpec& spec);

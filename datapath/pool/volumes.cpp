@@ -156,7 +156,7 @@ std::optional<uint64_t> Pool::Impl::SourceSizeLocked(const VolumeSource& src) co
 // guard: an existing volume (idempotent retry or EEXIST), the source and the resolved size, the
 // per-GiB QoS rule at that size, and the capacity reservation.
 StatusOr<Pool::Impl::CreatePlan> Pool::Impl::PlanCreateLocked(const CreateSpec& spec,
-                                                              uint64_t capacity,
+                                                              const Space& space,
                                                               NameGuard& guard) {
   if (Status s = BrokenTaken("volume", broken, spec.name); !s.ok()) return s;
   const std::string label = spec.source.Label();
@@ -178,7 +178,7 @@ StatusOr<Pool::Impl::CreatePlan> Pool::Impl::PlanCreateLocked(const CreateSpec& 
   if (spec.size == 0) {
     if (Status s = ValidateQos(spec.qos, plan.size); !s.ok()) return InVolume(spec.name, s);
   }
-  if (Status s = CheckCapacityLocked(spec.name, plan.size, capacity); !s.ok()) return s;
+  if (Status s = CheckCapacityLocked(spec.name, plan.size, space); !s.ok()) return s;
   guard.ReserveLocked(plan.size);
   return plan;
 }
@@ -188,11 +188,11 @@ StatusOr<VolumeInfo> Pool::Create(const CreateSpec& spec) {
   Impl& I = *impl_;
   I.ReapJobs();
   Impl::NameGuard guard(I, CreateKeys(spec));
-  auto capacity = I.Capacity();
-  if (!capacity.ok()) return capacity.status();
+  auto space = I.ReadSpace();
+  if (!space.ok()) return space.status();
   auto plan = [&] {
     std::lock_guard lock(I.mu);
-    return I.PlanCreateLocked(spec, *capacity, guard);
+    return I.PlanCreateLocked(spec, *space, guard);
   }();
   if (!plan.ok()) return plan.status();
   I.Step("create.resolved");
@@ -341,8 +341,8 @@ StatusOr<VolumeInfo> Pool::Resize(const std::string& name, uint64_t new_size) {
   if (Status s = ValidateVolumeSize(new_size); !s.ok()) return InVolume(name, s);
   Impl& I = *impl_;
   Impl::NameGuard guard(I, {VolKey(name)});
-  auto capacity = I.Capacity();
-  if (!capacity.ok()) return capacity.status();
+  auto space = I.ReadSpace();
+  if (!space.ok()) return space.status();
   VolumeMeta old_meta;
   std::shared_ptr<Volume> vol;
   {
@@ -363,7 +363,7 @@ StatusOr<VolumeInfo> Pool::Resize(const std::string& name, uint64_t new_size) {
     if (new_size == old_meta.size) return I.MakeInfo(it->second);
     if (Status s = ValidateQos(old_meta.qos, new_size); !s.ok()) return InVolume(name, s);
     const uint64_t extra = new_size - old_meta.size;
-    if (Status s = I.CheckCapacityLocked(name, extra, *capacity); !s.ok()) return s;
+    if (Status s = I.CheckCapacityLocked(name, extra, *space); !s.ok()) return s;
     guard.ReserveLocked(extra);
   }
   if (Status s = I.GrowData(*vol, old_meta.size, new_size); !s.ok()) return s;
