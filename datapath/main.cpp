@@ -152,7 +152,6 @@ Status CheckNodeIdentity(const TlsCredentials& tls, const std::string& node_id) 
                NodeIdentityUri(node_id));
 }
 
-
 int Run(int argc, char** argv) {
   CLI::App app{"nbd-datapathd: serves a pool of thin local-disk volumes over NBD"};
   std::string pool_dir;
