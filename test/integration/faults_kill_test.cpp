@@ -55,6 +55,7 @@
 #include "datapath/api/datapath.grpc.pb.h"
 #include "test/controller/cluster.h"
 #include "test/controller/csi_requests.h"
+#include "test/support/nbd_bytes.h"
 
 namespace nbdcsi::test {
 namespace {
@@ -171,16 +172,7 @@ class Nbd {
     }
     return true;
   }
-  bool RecvAll(void* p, size_t n) {
-    char* c = static_cast<char*>(p);
-    while (n) {
-      ssize_t r = recv(fd_, c, n, 0);
-      if (r <= 0) return false;
-      c += r;
-      n -= static_cast<size_t>(r);
-    }
-    return true;
-  }
+  bool RecvAll(void* p, size_t n) { return test::RecvAll(fd_, p, n); }
   int Request(uint16_t type, uint16_t flags, uint64_t off, uint32_t len, const std::string* payload,
               std::string* out) {
     std::string req;
