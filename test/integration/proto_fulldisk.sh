@@ -50,6 +50,17 @@ print(f"ENOSPC after {enospc_at} MiB")
 PY
 daemon_alive || die "daemon died on a full pool"
 
+step "other data fills the disk: no new volume (free space under --free-reserve's 10 %), until freed"
+dd if=/dev/zero of="$pool/filler" bs=1M status=none 2>/dev/null || true  # until ENOSPC
+out=$(nbdctl volume create more --size 1Mi 2>&1) && die "a volume was created on a full pool: $out"
+grep -q "in reserve" <<<"$out" || die "the refusal does not name the reserve: $out"
+nbdctl -o json pool info >"$W/pool.json" 2>&1 || { cat "$W/pool.json" >&2; die "pool info failed"; }
+jq -e '.provisionable_bytes == 0 and .free_reserve_bytes > 0' "$W/pool.json" >/dev/null ||
+  die "a full pool reports room to provision: $(cat "$W/pool.json")"
+rm -f "$pool/filler"
+vol_create more 1Mi
+nbdctl volume delete more >/dev/null || die "volume delete more"
+
 step "restart: the volume metadata is intact"
 daemon_stop
 daemon_start "$pool" -- --overcommit 32
@@ -58,3 +69,12 @@ jq -e '[.. | objects | select(.name? == "big")] | length == 1' "$W/list.json" >/
   die "volume 'big' missing after restart: $(cat "$W/list.json")"
 [ "$(nbdinfo --size "$(nbd_uri big)")" = $((1 << 30)) ] || die "volume size changed after restart"
 daemon_stop
+
+step "bad --free-reserve values are refused at start, naming the flag"
+for v in 95 -1 banana; do
+  rc=0
+  out=$(timeout 10 "$NBDCSI_BIN/nbd-datapathd" --pool "$W/unused" --free-reserve "$v" 2>&1) || rc=$?
+  [ "$rc" != 0 ] && [ "$rc" != 124 ] || die "--free-reserve $v: exit $rc (want a usage error)"
+  grep -q -- "--free-reserve" <<<"$out" || die "--free-reserve $v: the error does not name the flag: $out"
+  [ ! -e "$W/unused" ] || die "--free-reserve $v: the pool directory was created anyway"
+done
