@@ -9,6 +9,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <functional>
 #include <future>
@@ -201,167 +203,206 @@ struct NbdFrontend::Impl {
     }
   }
 
+  // One connection between accept and hand-off. Whatever way Handshake ends (co_return,
+  // exception, hand-off), the destructor runs: the client sees its socket closed at once, not
+  // when the last copy of `s` happens to go, and Stop() no longer knows the socket.
   template <typename Socket>
-  asio::awaitable<void> Handshake(Socket sock, nbd::TlsPolicy policy) {
-    auto s = std::make_shared<Socket>(std::move(sock));
-    const std::string peer = PeerName(*s);
+  struct Pending {
+    Impl& m;
+    const uint64_t id;
+    const std::shared_ptr<Socket> s;
+    const std::string peer;
+    asio::steady_timer deadline;
     std::shared_ptr<Volume> vol;
-    bool counted = false;
-    asio::steady_timer deadline(io, std::chrono::seconds(opts.handshake_timeout_sec));
-    // Stop() closes every socket still in the handshake (only this thread touches the map).
-    const uint64_t id = next_handshake++;
-    handshakes.emplace(id, [s] {
-      boost::system::error_code ignored;
-      s->close(ignored);
-    });
-    // Every way out of this coroutine (co_return, exception, hand-off) runs this: the client
-    // must see the socket closed at once, not when the last copy of `s` happens to go.
-    struct Exit {
-      Impl& m;
-      uint64_t id;
-      std::shared_ptr<Socket> s;
-      std::shared_ptr<Volume>& vol;
-      bool& counted;
-      asio::steady_timer& deadline;
-      ~Exit() {
-        if (counted) vol->stats().ConnectionClosed();
-        deadline.cancel();
-        m.handshakes.erase(id);
-        boost::system::error_code ignored;
-        if (s->is_open()) s->close(ignored);
-      }
-    } exit_guard{*this, id, s, vol, counted, deadline};
-    deadline.async_wait([s](const boost::system::error_code& ec) {
-      if (!ec) {
-        spdlog::info("nbd: handshake timed out, closing");
+    bool counted = false;  // vol's connection count includes this one; the worker takes it over
+    // Set once STARTTLS is done; from then on every byte goes through it.
+    std::optional<TlsSession> tls;
+    bool tls_up = false;  // tells a failed TLS handshake from a failure inside TLS
+
+    Pending(Impl& impl, Socket sock)
+        : m(impl),
+          id(impl.next_handshake++),
+          s(std::make_shared<Socket>(std::move(sock))),
+          peer(PeerName(*s)),
+          deadline(impl.io, std::chrono::seconds(impl.opts.handshake_timeout_sec)) {
+      // Stop() closes every socket still in the handshake (only this thread touches the map).
+      m.handshakes.emplace(id, [s = s] {
         boost::system::error_code ignored;
         s->close(ignored);
-      }
-    });
-    // Set once STARTTLS is done; from then on every byte goes through it. Declared outside the
-    // try so the catch can tell a failed handshake from a failure inside TLS.
-    std::optional<TlsSession> tls;
-    bool tls_up = false;
+      });
+      deadline.async_wait([s = s](const boost::system::error_code& ec) {
+        if (!ec) {
+          spdlog::info("nbd: handshake timed out, closing");
+          boost::system::error_code ignored;
+          s->close(ignored);
+        }
+      });
+    }
+    Pending(const Pending&) = delete;
+    Pending& operator=(const Pending&) = delete;
+    ~Pending() {
+      if (counted) vol->stats().ConnectionClosed();
+      deadline.cancel();
+      m.handshakes.erase(id);
+      boost::system::error_code ignored;
+      if (s->is_open()) s->close(ignored);
+    }
+    TlsSession* session() { return tls ? &*tls : nullptr; }
+  };
+
+  template <typename Socket>
+  asio::awaitable<void> Handshake(Socket sock, nbd::TlsPolicy policy) {
+    Pending<Socket> c(*this, std::move(sock));
     try {
       nbd::Negotiator neg(catalog, policy);
-      std::vector<uint8_t> out;
-      neg.Greeting(out);
-      co_await asio::async_write(*s, asio::buffer(out), use_awaitable);
-      out.clear();
-
-      uint8_t flags[4];
-      co_await asio::async_read(*s, asio::buffer(flags), use_awaitable);
-      if (!neg.OnClientFlags(nbd::LoadBE32(flags))) {
-        spdlog::info("nbd: client flags {:#x} refused, closing", nbd::LoadBE32(flags));
-        co_return;
-      }
-      std::vector<uint8_t> payload;
-      for (;;) {
-        uint8_t hdr[16];
-        TlsSession* t = tls ? &*tls : nullptr;
-        co_await ReadFull(*s, t, hdr, sizeof hdr);
-        auto oh = neg.OnOptionHeader(hdr);
-        bool drained = false;
-        payload.clear();
-        switch (oh.action) {
-          case nbd::Negotiator::HeaderAction::kClose:
-            spdlog::info("nbd: malformed option header (option {}, length {}), closing",
-                         oh.option, oh.length);
-            co_return;
-          case nbd::Negotiator::HeaderAction::kReadPayload:
-            payload.resize(oh.length);
-            co_await ReadFull(*s, t, payload.data(), payload.size());
-            break;
-          case nbd::Negotiator::HeaderAction::kDrainThenReply: {
-            std::array<uint8_t, 64 * 1024> sink;
-            for (uint64_t left = oh.length; left;) {
-              size_t n = std::min<uint64_t>(left, sink.size());
-              co_await ReadFull(*s, t, sink.data(), n);
-              left -= n;
-            }
-            drained = true;
-            break;
-          }
-        }
-        auto step = neg.OnOption(oh.option, payload, drained, out);
-        if (step == nbd::Negotiator::Step::kTransmission) {
-          // Count the connection before the client learns the export is ready, so a delete
-          // racing with this handshake either fails with EBUSY or makes Acquire fail here.
-          vol = pool.Acquire(std::string(BaseName(neg.result().export_info.name)));
-          if (!vol) {
-            spdlog::info("nbd: volume {} went away during the handshake",
-                         neg.result().export_info.name);
-            co_return;
-          }
-          vol->stats().ConnectionOpened();
-          counted = true;
-        }
-        if (!out.empty()) {
-          co_await WriteFull(*s, t, out);  // STARTTLS's ACK still goes in plaintext
-          out.clear();
-        }
-        if (step == nbd::Negotiator::Step::kClose) co_return;
-        if (step == nbd::Negotiator::Step::kTransmission) break;
-        if (step == nbd::Negotiator::Step::kStartTls) {
-          if constexpr (kIsTcp<Socket>) {
-            auto session = opts.tls->NewSession(s->native_handle());
-            if (!session.ok()) {
-              spdlog::error("nbd: TLS for {}: {}", peer, session.status().message());
-              co_return;
-            }
-            s->native_non_blocking(true);
-            tls.emplace(std::move(*session));
-            co_await TlsStep(*s, [&] { return tls->Accept(); });
-            neg.OnTlsEstablished();
-            tls_up = true;
-            spdlog::debug("nbd: TLS with {}: {}", peer, tls->Describe());
-          } else {
-            co_return;  // Unix listeners never require TLS, so never accept STARTTLS
-          }
-        }
-      }
-      const nbd::Negotiated& r = neg.result();
-      // A TLS connection reaches its worker through a socketpair; a terminator thread carries
-      // the bytes between the pair's other end and the TLS session.
-      int fd = -1;
-      int terminator_end = -1;
-      if (tls) {
-        int sv[2];
-        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
-          spdlog::error("nbd: socketpair for the TLS connection of {}: {}", peer,
-                        std::strerror(errno));
-          co_return;
-        }
-        terminator_end = sv[0];
-        fd = sv[1];
-        fcntl(terminator_end, F_SETFL, fcntl(terminator_end, F_GETFL) | O_NONBLOCK);
-      }
-      deadline.cancel();
-      counted = false;  // the worker owns the count from here
-      if (tls) {
-        const int net = s->release();
-        const unsigned t = next_terminator++ % terminators.size();
-        terminators[t]->Add(std::move(*tls), net, terminator_end, peer);
-      } else {
-        fd = s->release();
-      }
-      // The worker's ring waits for readiness itself; a blocking socket keeps short sends and
-      // receives from surfacing as EAGAIN completions.
-      fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
-      unsigned w = next_worker.fetch_add(1, std::memory_order_relaxed) % workers.size();
-      spdlog::debug("nbd: connection to volume {} (size {}) on worker {}", vol->name(),
-                    r.export_info.size, w);
-      workers[w]->Adopt(fd, std::move(vol), r,
-                        IsGrowable(r.export_info.name) ? SizeMode::kWindow
-                                                       : SizeMode::kNegotiated);
+      if (co_await Negotiate(c, neg)) HandOff(c, neg.result());
     } catch (const boost::system::system_error& e) {
       // EOF or reset mid-handshake: the client left; nothing to clean beyond the socket.
-      spdlog::debug("nbd: handshake with {} ended: {}", peer, e.code().message());
+      spdlog::debug("nbd: handshake with {} ended: {}", c.peer, e.code().message());
     } catch (const TlsFailure& e) {
       // Refused certificates land here: the operator needs to see who and why.
-      spdlog::info("nbd: {} with {} failed: {}", tls_up ? "TLS session" : "TLS handshake", peer,
-                   e.what());
+      spdlog::info("nbd: {} with {} failed: {}", c.tls_up ? "TLS session" : "TLS handshake",
+                   c.peer, e.what());
     }
+  }
+
+  // Greeting, client flags, then options until the client picks an export (true) or the
+  // handshake ends (false).
+  template <typename Socket>
+  asio::awaitable<bool> Negotiate(Pending<Socket>& c, nbd::Negotiator& neg) {
+    std::vector<uint8_t> out;
+    neg.Greeting(out);
+    co_await asio::async_write(*c.s, asio::buffer(out), use_awaitable);
+    out.clear();
+
+    uint8_t flags[4];
+    co_await asio::async_read(*c.s, asio::buffer(flags), use_awaitable);
+    if (!neg.OnClientFlags(nbd::LoadBE32(flags))) {
+      spdlog::info("nbd: client flags {:#x} refused, closing", nbd::LoadBE32(flags));
+      co_return false;
+    }
+    std::vector<uint8_t> payload;
+    for (;;) {
+      uint8_t hdr[16];
+      co_await ReadFull(*c.s, c.session(), hdr, sizeof hdr);
+      const auto oh = neg.OnOptionHeader(hdr);
+      bool drained = false;
+      payload.clear();
+      switch (oh.action) {
+        case nbd::Negotiator::HeaderAction::kClose:
+          spdlog::info("nbd: malformed option header (option {}, length {}), closing",
+                       oh.option, oh.length);
+          co_return false;
+        case nbd::Negotiator::HeaderAction::kReadPayload:
+          payload.resize(oh.length);
+          co_await ReadFull(*c.s, c.session(), payload.data(), payload.size());
+          break;
+        case nbd::Negotiator::HeaderAction::kDrainThenReply:
+          co_await Drain(c, oh.length);
+          drained = true;
+          break;
+      }
+      const auto step = neg.OnOption(oh.option, payload, drained, out);
+      if (step == nbd::Negotiator::Step::kTransmission && !AcquireVolume(c, neg.result()))
+        co_return false;
+      if (!out.empty()) {
+        co_await WriteFull(*c.s, c.session(), out);  // STARTTLS's ACK still goes in plaintext
+        out.clear();
+      }
+      switch (step) {
+        case nbd::Negotiator::Step::kContinue:
+          break;
+        case nbd::Negotiator::Step::kClose:
+          co_return false;
+        case nbd::Negotiator::Step::kTransmission:
+          co_return true;
+        case nbd::Negotiator::Step::kStartTls:
+          if (!co_await StartTls(c, neg)) co_return false;
+          break;
+      }
+    }
+  }
+
+  // An option too long to keep but short enough to answer: read and drop its payload.
+  template <typename Socket>
+  asio::awaitable<void> Drain(Pending<Socket>& c, uint64_t length) {
+    std::array<uint8_t, 64 * 1024> sink;
+    for (uint64_t left = length; left;) {
+      const size_t n = std::min<uint64_t>(left, sink.size());
+      co_await ReadFull(*c.s, c.session(), sink.data(), n);
+      left -= n;
+    }
+  }
+
+  // Counts the connection before the client learns the export is ready, so a delete racing
+  // with this handshake either fails with EBUSY or makes Acquire fail here.
+  template <typename Socket>
+  bool AcquireVolume(Pending<Socket>& c, const nbd::Negotiated& r) {
+    c.vol = pool.Acquire(std::string(BaseName(r.export_info.name)));
+    if (!c.vol) {
+      spdlog::info("nbd: volume {} went away during the handshake", r.export_info.name);
+      return false;
+    }
+    c.vol->stats().ConnectionOpened();
+    c.counted = true;
+    return true;
+  }
+
+  template <typename Socket>
+  asio::awaitable<bool> StartTls(Pending<Socket>& c, nbd::Negotiator& neg) {
+    if constexpr (kIsTcp<Socket>) {
+      auto session = opts.tls->NewSession(c.s->native_handle());
+      if (!session.ok()) {
+        spdlog::error("nbd: TLS for {}: {}", c.peer, session.status().message());
+        co_return false;
+      }
+      c.s->native_non_blocking(true);
+      c.tls.emplace(std::move(*session));
+      co_await TlsStep(*c.s, [&] { return c.tls->Accept(); });
+      neg.OnTlsEstablished();
+      c.tls_up = true;
+      spdlog::debug("nbd: TLS with {}: {}", c.peer, c.tls->Describe());
+      co_return true;
+    } else {
+      co_return false;  // Unix listeners never require TLS, so never accept STARTTLS
+    }
+  }
+
+  // Gives the negotiated connection to a worker. A TLS connection reaches its worker through a
+  // socketpair; a terminator thread carries the bytes between the pair's other end and the TLS
+  // session.
+  template <typename Socket>
+  void HandOff(Pending<Socket>& c, const nbd::Negotiated& r) {
+    int fd = -1;
+    int terminator_end = -1;
+    if (c.tls) {
+      int sv[2];
+      if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+        spdlog::error("nbd: socketpair for the TLS connection of {}: {}", c.peer,
+                      std::strerror(errno));
+        return;
+      }
+      terminator_end = sv[0];
+      fd = sv[1];
+      fcntl(terminator_end, F_SETFL, fcntl(terminator_end, F_GETFL) | O_NONBLOCK);
+    }
+    c.deadline.cancel();
+    c.counted = false;  // the worker owns the count from here
+    if (c.tls) {
+      const int net = c.s->release();
+      const unsigned t = next_terminator++ % terminators.size();
+      terminators[t]->Add(std::move(*c.tls), net, terminator_end, c.peer);
+    } else {
+      fd = c.s->release();
+    }
+    // The worker's ring waits for readiness itself; a blocking socket keeps short sends and
+    // receives from surfacing as EAGAIN completions.
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    const unsigned w = next_worker.fetch_add(1, std::memory_order_relaxed) % workers.size();
+    spdlog::debug("nbd: connection to volume {} (size {}) on worker {}", c.vol->name(),
+                  r.export_info.size, w);
+    workers[w]->Adopt(fd, std::move(c.vol), r,
+                      IsGrowable(r.export_info.name) ? SizeMode::kWindow : SizeMode::kNegotiated);
   }
 };
 
