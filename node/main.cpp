@@ -112,6 +112,7 @@ int Run(int argc, char** argv) {
   spdlog::info("signal {}: stopping", sig);
   (*server)->Shutdown();
   (*server)->Wait();
+  spdlog::info("stopped");  // the rest is the process's exit: a slow stop shows which side
   return 0;
 }
 
