@@ -3,48 +3,39 @@
 # what is missing, builds, and runs nbd-datapathd on a local pool: a volume with QoS, real NBD
 # clients writing and verifying data, live QoS change, stats, resize, and a clean teardown.
 #
-#   scripts/datapath-tour.sh [--pool DIR] [--keep]
+#   scripts/datapath-tour.sh [--pool DIR] [--keep] [--no-build]
 #     --pool DIR   pool directory (default ./.nbd-csi/tour-pool)
 #     --keep       leave nbd-datapathd running at the end and print how to use and stop it
+#     --no-build   use the binaries already in build/bin (or $NBDCSI_BIN); for the test suite
+#
+# State (socket, pid, log) lives in ./.nbd-csi/tour-run, or $NBDCSI_TOUR_DIR/tour-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-POOL=$ROOT/.nbd-csi/tour-pool
+STATE=${NBDCSI_TOUR_DIR:-$ROOT/.nbd-csi}
+POOL=$STATE/tour-pool
 KEEP=0
+BUILD=1
 while [ $# -gt 0 ]; do
   case $1 in
     --pool) POOL=$(realpath -m "$2"); shift 2 ;;
     --keep) KEEP=1; shift ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --no-build) BUILD=0; shift ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "datapath-tour: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
-RUN=$ROOT/.nbd-csi/tour-run
+RUN=$(realpath -m "$STATE")/tour-run
 LOG=$RUN/nbd-datapathd.log
 API=unix://$RUN/datapath.sock
 NBD=$RUN/nbd.sock
-BIN=$ROOT/build/bin
+BIN=${NBDCSI_BIN:-$ROOT/build/bin}
 VOL=tour-vol
-STEP=0
 TOTAL=9
-T0=$(date +%s.%N)
 DPID=
-SUMMARY=()
 
-now() { date +%s.%N; }
-step() {
-  STEP=$((STEP + 1))
-  STEP_T=$(now)
-  STEP_NAME=$*
-  printf '\n[%d/%d] %s\n' "$STEP" "$TOTAL" "$*"
-}
-done_step() {
-  local dt
-  dt=$(awk -v a="$STEP_T" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
-  printf '      done in %ss\n' "$dt"
-  SUMMARY+=("$(printf '%-3s %-62s %7ss  %s' "$STEP" "$STEP_NAME" "$dt" "${1:-ok}")")
-}
+. "$ROOT/scripts/lib/steps.sh"
 fail() {
   echo >&2
   echo "datapath-tour: FAILED at step $STEP ($STEP_NAME): $*" >&2
@@ -68,9 +59,14 @@ nbdctl() { "$BIN/nbdctl" --api "$API" "$@"; }
 uri() { echo "nbd+unix:///$1?socket=$NBD"; }
 
 step "Install missing packages and build"
-./scripts/deps.sh all
-./scripts/build.sh >/dev/null || fail "build failed: run ./scripts/build.sh to see why"
-done_step
+if [ $BUILD = 1 ]; then
+  ./scripts/deps.sh all
+  ./scripts/build.sh >/dev/null || fail "build failed: run ./scripts/build.sh to see why"
+  done_step
+else
+  for t in nbd-datapathd nbdctl; do [ -x "$BIN/$t" ] || fail "--no-build: $BIN/$t is missing"; done
+  done_step "skipped (--no-build)"
+fi
 
 step "Start nbd-datapathd on pool $POOL"
 mkdir -p "$RUN" "$POOL"
@@ -159,6 +155,5 @@ else
   done_step
 fi
 
-printf '\nSummary (%.1fs total)\n' "$(awk -v a="$T0" -v b="$(now)" 'BEGIN { print b - a }')"
-printf '%s\n' "${SUMMARY[@]}"
+print_summary
 echo "datapath-tour: OK"

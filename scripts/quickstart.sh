@@ -44,25 +44,9 @@ NODE_SOCK=$RUN/node.sock
 DP_SOCK=$RUN/datapath.sock
 NBD_SOCK=$RUN/nbd.sock
 SC=$ROOT/examples/storageclass-qos.yaml
-STEP=0
 TOTAL=11
-T0=$(date +%s.%N)
-SUMMARY=()
-STEP_NAME="start"
 
-now() { date +%s.%N; }
-step() {
-  STEP=$((STEP + 1))
-  STEP_T=$(now)
-  STEP_NAME=$*
-  printf '\n[%d/%d] %s\n' "$STEP" "$TOTAL" "$*"
-}
-done_step() {
-  local dt
-  dt=$(awk -v a="$STEP_T" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
-  printf '      done in %ss\n' "$dt"
-  SUMMARY+=("$(printf '%-3s %-66s %7ss  %s' "$STEP" "$STEP_NAME" "$dt" "${1:-ok}")")
-}
+. "$ROOT/scripts/lib/steps.sh"
 say() { echo "      $*"; }
 fail() {
   echo >&2
@@ -433,6 +417,5 @@ else
   done_step
 fi
 
-printf '\nSummary (%.1fs total)\n' "$(awk -v a="$T0" -v b="$(now)" 'BEGIN { print b - a }')"
-printf '%s\n' "${SUMMARY[@]}"
+print_summary
 echo "quickstart: OK"

@@ -6,3 +6,7 @@ nbdcsi_add_test(NAME integration.quickstart
 nbdcsi_add_test(NAME integration.quickstart_interrupt
   COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/quickstart_test.sh interrupt
   TIMEOUT 600 LABELS integration quickstart)
+# scripts/datapath-tour.sh (the datapath alone, no CSI) end to end; ~15 s.
+nbdcsi_add_test(NAME integration.datapath_tour
+  COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/datapath_tour_test.sh
+  TIMEOUT 180 LABELS integration quickstart)

@@ -4,6 +4,7 @@
 // already decrypted inside the session at hand-off, half-close in each direction, an abrupt
 // client, and Stop. Certificates: test/tls/make-certs.sh into a temp dir.
 #include "datapath/engine/nbd_tls.h"
+#include "common/openssl_ptr.h"
 #include "test/support/certs.h"
 #include "test/support/wait.h"
 
@@ -56,16 +57,11 @@ std::vector<uint8_t> RandomBytes(size_t n, uint32_t seed) {
   return v;
 }
 
-struct SslCtxFree {
-  void operator()(SSL_CTX* c) const { SSL_CTX_free(c); }
-};
-struct SslFree {
-  void operator()(SSL* s) const { SSL_free(s); }
-};
+using SslPtr = CPtr<SSL, SSL_free>;
 
 // An OpenSSL client that trusts `ca` and presents `cert` (none if empty).
-std::unique_ptr<SSL_CTX, SslCtxFree> ClientCtx(const std::string& ca, const std::string& cert) {
-  std::unique_ptr<SSL_CTX, SslCtxFree> ctx(SSL_CTX_new(TLS_client_method()));
+SslCtxPtr ClientCtx(const std::string& ca, const std::string& cert) {
+  SslCtxPtr ctx(SSL_CTX_new(TLS_client_method()));
   SSL_CTX_load_verify_locations(ctx.get(), ca.c_str(), nullptr);
   SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, nullptr);
   if (!cert.empty()) {
@@ -85,7 +81,7 @@ bool WaitFd(int fd, short events, int ms = 5000) {
 struct Conn {
   int client_fd = -1;
   int server_fd = -1;
-  std::unique_ptr<SSL, SslFree> client;
+  SslPtr client;
   TlsSession server;
   std::string server_error;  // why Accept failed, if it did
   bool client_ok = false;
@@ -356,7 +352,7 @@ class TerminatorTest : public NbdTlsTest {
   }
 
   std::unique_ptr<NbdTlsContext> ctx_;
-  std::unique_ptr<SSL_CTX, SslCtxFree> client_ctx_;
+  SslCtxPtr client_ctx_;
   TlsTerminator term_{0};
   int worker_ = -1;
 };
