@@ -27,6 +27,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/block_devices.h"
+#include "common/c_ptr.h"
 #include "node/os.h"
 
 extern char** environ;
@@ -126,24 +127,12 @@ Status RunTool(const std::vector<std::string>& args) {
   return Error(EIO, "{}: exit status {}: {}", cmd, WEXITSTATUS(wstatus), Tail(out));
 }
 
-struct TableDeleter {
-  void operator()(libmnt_table* t) const { mnt_unref_table(t); }
-};
-struct ContextDeleter {
-  void operator()(libmnt_context* c) const { mnt_free_context(c); }
-};
-struct ProbeDeleter {
-  void operator()(blkid_struct_probe* p) const { blkid_free_probe(p); }
-};
+using MountTable = CPtr<libmnt_table, mnt_unref_table>;
 
 const char* Str(const char* s) { return s ? s : ""; }
 
-struct IterDeleter {
-  void operator()(libmnt_iter* i) const { mnt_free_iter(i); }
-};
-
-StatusOr<std::unique_ptr<libmnt_table, TableDeleter>> ParseMountTable() {
-  std::unique_ptr<libmnt_table, TableDeleter> tb(mnt_new_table());
+StatusOr<MountTable> ParseMountTable() {
+  MountTable tb(mnt_new_table());
   if (!tb) return Error(ENOMEM, "mount table: out of memory");
   int rc = mnt_table_parse_file(tb.get(), "/proc/self/mountinfo");
   if (rc != 0) {
@@ -251,7 +240,7 @@ class LinuxOs final : public NodeOs {
   StatusOr<std::vector<MountInfo>> ListMounts() override {
     auto tb = ParseMountTable();
     if (!tb.ok()) return tb.status();
-    std::unique_ptr<libmnt_iter, IterDeleter> it(mnt_new_iter(MNT_ITER_FORWARD));
+    CPtr<libmnt_iter, mnt_free_iter> it(mnt_new_iter(MNT_ITER_FORWARD));
     if (!it) return Error(ENOMEM, "mount table: out of memory");
     std::vector<MountInfo> out;
     libmnt_fs* fs = nullptr;
@@ -261,7 +250,7 @@ class LinuxOs final : public NodeOs {
 
   Status Mount(const std::string& source, const std::string& target, const std::string& fstype,
                const std::vector<std::string>& options) override {
-    std::unique_ptr<libmnt_context, ContextDeleter> cxt(mnt_new_context());
+    CPtr<libmnt_context, mnt_free_context> cxt(mnt_new_context());
     if (!cxt) return Error(ENOMEM, "mount {} on {}: out of memory", source, target);
     // No /sbin/mount.* helpers and no utab: the mount table is the only state we keep.
     mnt_context_disable_helpers(cxt.get(), 1);
@@ -291,7 +280,7 @@ class LinuxOs final : public NodeOs {
   }
 
   StatusOr<DeviceContent> Probe(const std::string& device) override {
-    std::unique_ptr<blkid_struct_probe, ProbeDeleter> pr(
+    CPtr<blkid_struct_probe, blkid_free_probe> pr(
         blkid_new_probe_from_filename(device.c_str()));
     if (!pr) {
       int err = errno ? errno : EIO;

@@ -22,23 +22,15 @@
 #include <spdlog/spdlog.h>
 
 #include "common/block_devices.h"
+#include "common/c_ptr.h"
 #include "common/fs_util.h"
 
 namespace nbdcsi::datapath {
 namespace {
 
-struct SockDeleter {
-  void operator()(nl_sock* s) const { nl_socket_free(s); }
-};
-struct MsgDeleter {
-  void operator()(nl_msg* m) const { nlmsg_free(m); }
-};
-struct CbDeleter {
-  void operator()(nl_cb* c) const { nl_cb_put(c); }
-};
-using NlSock = std::unique_ptr<nl_sock, SockDeleter>;
-using NlMsg = std::unique_ptr<nl_msg, MsgDeleter>;
-using NlCb = std::unique_ptr<nl_cb, CbDeleter>;
+using NlSock = CPtr<nl_sock, nl_socket_free>;
+using NlMsg = CPtr<nl_msg, nlmsg_free>;
+using NlCb = CPtr<nl_cb, nl_cb_put>;
 
 // libnl's own error numbers, for failures that happen before the kernel answers.
 int NlToErrno(int nlerr) {
