@@ -152,208 +152,282 @@ Status CheckNodeIdentity(const TlsCredentials& tls, const std::string& node_id) 
                NodeIdentityUri(node_id));
 }
 
-int Run(int argc, char** argv) {
-  CLI::App app{"nbd-datapathd: serves a pool of thin local-disk volumes over NBD"};
+// Every command-line flag, with its default.
+struct Flags {
   std::string pool_dir;
-  std::string api = "unix:///run/nbd-csi/datapath.sock";
-  std::vector<std::string> listens;
-  unsigned workers = std::max(1u, std::thread::hardware_concurrency());
   double overcommit = 1.0;
+  double free_reserve_percent = 10;
   bool no_reflink = false;
   std::string capacity;
-  std::string log_level = "info";
-  AttachOptions aopts;
-  ClusterConfig cluster;
-  int64_t heartbeat_ms = 2000;
+  std::string api = "unix:///run/nbd-csi/datapath.sock";
+  std::vector<std::string> allow_uids;
+  std::vector<std::string> listens;
   NbdTlsFiles nbd_tls;
   bool insecure_nbd_tcp = false;
-  app.add_option("--pool", pool_dir, "Pool directory (volumes are sparse files in it)")->required();
-  app.add_option("--api", api, "Management API endpoint (unix:///path; socket mode 0600)")
-      ->capture_default_str();
-  app.add_option("--nbd-listen", listens,
-                 "NBD listener, repeatable: unix:///path (default unix:///run/nbd-csi/nbd.sock) "
-                 "or tcp://HOST:PORT (off unless given)");
-  app.add_option("--nbd-tls-cert", nbd_tls.cert,
-                 "PEM certificate (chain) of the tcp:// NBD listeners; the three --nbd-tls files "
-                 "are reloaded for new connections when they change on disk");
-  app.add_option("--nbd-tls-key", nbd_tls.key, "PEM private key of --nbd-tls-cert");
-  app.add_option("--nbd-tls-ca", nbd_tls.ca,
-                 "PEM CA bundle that NBD clients' certificates must chain to (mutual TLS, "
-                 "required on tcp:// listeners)");
-  app.add_flag("--insecure-nbd-tcp", insecure_nbd_tcp,
-               "Plaintext NBD on tcp:// listeners, no authentication (trusted networks only)");
-  app.add_option("--workers", workers, "io_uring worker threads")
-      ->check(CLI::Range(1u, 64u))
-      ->capture_default_str();
-  app.add_flag("--no-reflink", no_reflink,
+  unsigned workers = std::max(1u, std::thread::hardware_concurrency());
+  AttachOptions attach;
+  ClusterConfig cluster;
+  int64_t heartbeat_ms = 2000;
+  std::string metrics_listen;
+  std::string log_level = "info";
+};
+
+void AddPoolFlags(CLI::App& app, Flags& f) {
+  app.add_option("--pool", f.pool_dir, "Pool directory (volumes are sparse files in it)")
+      ->required();
+  app.add_flag("--no-reflink", f.no_reflink,
                "Never use reflink: snapshots, restores and clones use background copies even "
                "where the file system could share extents (for tests and comparisons)");
-  app.add_option("--overcommit", overcommit,
+  app.add_option("--overcommit", f.overcommit,
                  "Provisioned bytes may reach capacity times this ratio")
       ->check(CLI::Range(0.01, 1000.0))
       ->capture_default_str();
-  double free_reserve_percent = 10;
-  app.add_option("--free-reserve", free_reserve_percent,
+  app.add_option("--free-reserve", f.free_reserve_percent,
                  "Percent of the pool file system's size kept free: below it nothing more is "
                  "provisioned, and at most (free - reserve) x overcommit may be (0: off)")
       ->check(CLI::Range(0.0, 90.0))
       ->capture_default_str();
-  app.add_option("--capacity", capacity, "Pool capacity (e.g. 100Gi); default: the file system's size");
-  app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
-      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
+  app.add_option("--capacity", f.capacity,
+                 "Pool capacity (e.g. 100Gi); default: the file system's size");
+}
+
+void AddNbdFlags(CLI::App& app, Flags& f) {
+  app.add_option("--nbd-listen", f.listens,
+                 "NBD listener, repeatable: unix:///path (default unix:///run/nbd-csi/nbd.sock) "
+                 "or tcp://HOST:PORT (off unless given)");
+  app.add_option("--nbd-tls-cert", f.nbd_tls.cert,
+                 "PEM certificate (chain) of the tcp:// NBD listeners; the three --nbd-tls files "
+                 "are reloaded for new connections when they change on disk");
+  app.add_option("--nbd-tls-key", f.nbd_tls.key, "PEM private key of --nbd-tls-cert");
+  app.add_option("--nbd-tls-ca", f.nbd_tls.ca,
+                 "PEM CA bundle that NBD clients' certificates must chain to (mutual TLS, "
+                 "required on tcp:// listeners)");
+  app.add_flag("--insecure-nbd-tcp", f.insecure_nbd_tcp,
+               "Plaintext NBD on tcp:// listeners, no authentication (trusted networks only)");
+  app.add_option("--workers", f.workers, "io_uring worker threads")
+      ->check(CLI::Range(1u, 64u))
       ->capture_default_str();
-  app.add_option("--attach-connections", aopts.default_connections,
+}
+
+void AddAttachFlags(CLI::App& app, Flags& f) {
+  app.add_option("--attach-connections", f.attach.default_connections,
                  "Sockets per kernel NBD attachment when the caller does not say (0: min(nproc, 4))")
       ->check(CLI::Range(0u, AttachmentManager::kMaxConnections))
       ->capture_default_str();
-  app.add_option("--attach-dead-conn-timeout", aopts.dead_conn_timeout_s,
+  app.add_option("--attach-dead-conn-timeout", f.attach.dead_conn_timeout_s,
                  "Seconds the kernel keeps an attached device, queueing I/O, while this daemon is "
                  "down; a restart must reconnect within it")
       ->check(CLI::Range(uint64_t{1}, uint64_t{86400}))
       ->capture_default_str();
-  app.add_option("--attach-io-timeout", aopts.io_timeout_s,
+  app.add_option("--attach-io-timeout", f.attach.io_timeout_s,
                  "Kernel NBD request timeout in seconds: requests in flight when this daemon died "
                  "are requeued after it; live requests slower than this get their socket dropped")
       ->check(CLI::Range(uint64_t{1}, uint64_t{3600}))
       ->capture_default_str();
-  app.add_option("--node-id", cluster.node_id,
-                 "This node's Kubernetes name; the controller places volumes by it");
-  app.add_option("--advertise", cluster.advertise,
-                 "HOST:PORT where the controller reaches the Datapath API over TCP (mutual TLS); "
-                 "also where it listens unless --api-tcp-listen says otherwise");
-  app.add_option("--api-tcp-listen", cluster.tcp_listen,
-                 "HOST:PORT to listen on for the TCP Datapath API (e.g. 0.0.0.0:9820)");
-  app.add_option("--controller", cluster.controller,
-                 "HOST:PORT of nbd-csi-controller's Registry: heartbeat to it (needs --node-id "
-                 "and --advertise); without it the datapath runs alone");
-  app.add_option("--tls-cert", cluster.tls.cert, "PEM certificate (chain) of this datapath");
-  app.add_option("--tls-key", cluster.tls.key, "PEM private key of --tls-cert");
-  app.add_option("--tls-ca", cluster.tls.ca,
-                 "PEM CA bundle the controller's certificate must chain to");
-  app.add_flag("--insecure", cluster.tls.insecure,
-               "Plaintext TCP API and heartbeats, no authentication (loopback tests only)");
-  app.add_option("--heartbeat-interval", heartbeat_ms, "Milliseconds between heartbeats")
-      ->check(CLI::Range(int64_t{100}, int64_t{600000}))
+}
+
+void AddApiAndClusterFlags(CLI::App& app, Flags& f) {
+  app.add_option("--api", f.api, "Management API endpoint (unix:///path; socket mode 0600)")
       ->capture_default_str();
-  std::string metrics_listen;
-  app.add_option("--metrics-listen", metrics_listen,
-                 "HOST:PORT (IP address) serving /metrics (Prometheus), /healthz and /readyz "
-                 "over plain HTTP, e.g. 0.0.0.0:9821; off when empty");
-  std::vector<std::string> allow_uids;
-  app.add_option("--allow-uid", allow_uids,
+  app.add_option("--allow-uid", f.allow_uids,
                  "A uid that may call the unix API socket besides root and this process's own "
                  "(repeatable; others get PERMISSION_DENIED)");
-  CLI11_PARSE(app, argc, argv);
-  PeerUids api_peers;
-  for (const auto& u : allow_uids) {
-    auto uid = ParseUid(u);
-    if (!uid.ok()) {
-      spdlog::critical("{}", uid.status().message());
-      return 2;
-    }
-    api_peers.extra.push_back(*uid);
-  }
-  if (listens.empty()) listens.push_back("unix:///run/nbd-csi/nbd.sock");
-  cluster.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
-  const auto started = std::chrono::system_clock::now();
+  ClusterConfig& c = f.cluster;
+  app.add_option("--node-id", c.node_id,
+                 "This node's Kubernetes name; the controller places volumes by it");
+  app.add_option("--advertise", c.advertise,
+                 "HOST:PORT where the controller reaches the Datapath API over TCP (mutual TLS); "
+                 "also where it listens unless --api-tcp-listen says otherwise");
+  app.add_option("--api-tcp-listen", c.tcp_listen,
+                 "HOST:PORT to listen on for the TCP Datapath API (e.g. 0.0.0.0:9820)");
+  app.add_option("--controller", c.controller,
+                 "HOST:PORT of nbd-csi-controller's Registry: heartbeat to it (needs --node-id "
+                 "and --advertise); without it the datapath runs alone");
+  app.add_option("--tls-cert", c.tls.cert, "PEM certificate (chain) of this datapath");
+  app.add_option("--tls-key", c.tls.key, "PEM private key of --tls-cert");
+  app.add_option("--tls-ca", c.tls.ca, "PEM CA bundle the controller's certificate must chain to");
+  app.add_flag("--insecure", c.tls.insecure,
+               "Plaintext TCP API and heartbeats, no authentication (loopback tests only)");
+  app.add_option("--heartbeat-interval", f.heartbeat_ms, "Milliseconds between heartbeats")
+      ->check(CLI::Range(int64_t{100}, int64_t{600000}))
+      ->capture_default_str();
+}
 
-  spdlog::set_level(spdlog::level::from_str(log_level));
-  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
+void AddObservabilityFlags(CLI::App& app, Flags& f) {
+  app.add_option("--metrics-listen", f.metrics_listen,
+                 "HOST:PORT (IP address) serving /metrics (Prometheus), /healthz and /readyz "
+                 "over plain HTTP, e.g. 0.0.0.0:9821; off when empty");
+  app.add_option("--log-level", f.log_level, "trace, debug, info, warn or error")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
+      ->capture_default_str();
+}
 
-  PoolOptions popts;
-  popts.dir = pool_dir;
-  popts.overcommit_ratio = overcommit;
-  popts.free_reserve_ratio = free_reserve_percent / 100;
-  popts.disable_reflink = no_reflink;
-  if (!capacity.empty()) {
-    auto q = ParseQuantity(capacity);
-    if (!q.ok()) {
-      spdlog::critical("--capacity: {}", q.status().message());
-      return 2;
-    }
-    popts.capacity_bytes = *q;
-  }
+// What the flags resolve to, every file they name read and checked: what the daemon runs with.
+struct Config {
+  PoolOptions pool;
+  FrontendOptions frontend;
   std::vector<Endpoint> nbd_eps;
+  Endpoint api_ep;
+  std::string api;
+  std::vector<ApiListen> api_listens;
+  AttachOptions attach;
+  ClusterConfig cluster;
+  std::shared_ptr<grpc::ChannelCredentials> channel_creds;  // heartbeats; null without one
+  std::string metrics_listen;
+};
+
+Status ResolvePool(const Flags& f, PoolOptions& p) {
+  p.dir = f.pool_dir;
+  p.overcommit_ratio = f.overcommit;
+  p.free_reserve_ratio = f.free_reserve_percent / 100;
+  p.disable_reflink = f.no_reflink;
+  if (!f.capacity.empty()) {
+    auto q = ParseQuantity(f.capacity);
+    if (!q.ok()) return Error(EINVAL, "--capacity: {}", q.status().message());
+    p.capacity_bytes = *q;
+  }
+  return Status::Ok();
+}
+
+Status ResolveNbd(const Flags& f, Config& c) {
+  std::vector<std::string> listens = f.listens;
+  if (listens.empty()) listens.push_back("unix:///run/nbd-csi/nbd.sock");
   for (const auto& l : listens) {
     auto ep = ParseEndpoint(l);
-    if (!ep.ok()) {
-      spdlog::critical("--nbd-listen {}: {}", l, ep.status().message());
-      return 2;
-    }
-    nbd_eps.push_back(*ep);
+    if (!ep.ok()) return Error(EINVAL, "--nbd-listen {}: {}", l, ep.status().message());
+    c.nbd_eps.push_back(*ep);
   }
-  auto api_ep = ParseEndpoint(api);
-  if (!api_ep.ok()) {
-    spdlog::critical("--api {}: {}", api, api_ep.status().message());
-    return 2;
+  if (Status st = ValidateNbdTls(c.nbd_eps, f.nbd_tls, f.insecure_nbd_tcp); !st.ok()) return st;
+  c.frontend.workers = f.workers;
+  c.frontend.insecure_tcp = f.insecure_nbd_tcp;
+  if (!f.nbd_tls.cert.empty()) {
+    auto ctx = NbdTlsContext::Load(f.nbd_tls);
+    if (!ctx.ok()) return Error(EINVAL, "NBD TLS: {}", ctx.status().message());
+    c.frontend.tls = std::move(ctx.value());
   }
+  return Status::Ok();
+}
+
+// The unix API, the TCP API for the controller and the heartbeat's credentials. The TLS files
+// are read now: an unreadable key is a configuration error, reported before the pool is opened.
+Status ResolveApiAndCluster(const Flags& f, Config& c) {
+  PeerUids peers;
+  for (const auto& u : f.allow_uids) {
+    auto uid = ParseUid(u);
+    if (!uid.ok()) return uid.status();
+    peers.extra.push_back(*uid);
+  }
+  auto api_ep = ParseEndpoint(f.api);
+  if (!api_ep.ok()) return Error(EINVAL, "--api {}: {}", f.api, api_ep.status().message());
   if (api_ep->kind != Endpoint::Kind::kUnix) {
-    spdlog::critical("--api {}: must be a unix socket; the TCP API is --advertise / "
-                     "--api-tcp-listen, with TLS", api);
-    return 2;
+    return Error(EINVAL, "--api {}: must be a unix socket; the TCP API is --advertise / "
+                         "--api-tcp-listen, with TLS", f.api);
   }
-  if (Status st = ValidateCluster(cluster); !st.ok()) {
-    spdlog::critical("{}", st.message());
-    return 2;
-  }
-  if (Status st = ValidateNbdTls(nbd_eps, nbd_tls, insecure_nbd_tcp); !st.ok()) {
-    spdlog::critical("{}", st.message());
-    return 2;
-  }
-  if (!metrics_listen.empty()) {
-    if (auto m = ParseMetricsListen(metrics_listen); !m.ok()) {
-      spdlog::critical("--metrics-listen: {}", m.status().message());
-      return 2;
-    }
-  }
-  FrontendOptions fopts;
-  fopts.workers = workers;
-  fopts.insecure_tcp = insecure_nbd_tcp;
-  if (!nbd_tls.cert.empty()) {
-    auto ctx = NbdTlsContext::Load(nbd_tls);
-    if (!ctx.ok()) {
-      spdlog::critical("NBD TLS: {}", ctx.status().message());
-      return 2;
-    }
-    fopts.tls = std::move(ctx.value());
-  }
-  // Read the TLS files now: an unreadable key is a configuration error, reported before the pool
-  // is opened.
-  std::vector<ApiListen> api_listens(1);
-  api_listens[0].endpoint = api;
-  api_listens[0].peers = api_peers;
-  std::shared_ptr<grpc::ChannelCredentials> channel_creds;
+  c.api = f.api;
+  c.api_ep = *api_ep;
+  c.cluster = f.cluster;
+  c.cluster.heartbeat_interval = std::chrono::milliseconds(f.heartbeat_ms);
+  if (Status st = ValidateCluster(c.cluster); !st.ok()) return st;
+  c.api_listens.resize(1);
+  c.api_listens[0].endpoint = f.api;
+  c.api_listens[0].peers = peers;
+  const ClusterConfig& k = c.cluster;
   std::shared_ptr<TlsCredentials> tls;
-  if ((!cluster.tcp_listen.empty() || !cluster.controller.empty()) && !cluster.tls.insecure) {
-    auto loaded = TlsCredentials::Load(cluster.tls);
+  if ((!k.tcp_listen.empty() || !k.controller.empty()) && !k.tls.insecure) {
+    auto loaded = TlsCredentials::Load(k.tls);
     if (!loaded.ok()) {
-      spdlog::critical("TLS (--tls-cert/--tls-key/--tls-ca): {}", loaded.status().message());
-      return 2;
+      return Error(EINVAL, "TLS (--tls-cert/--tls-key/--tls-ca): {}", loaded.status().message());
     }
     tls = *loaded;
-    if (Status st = CheckNodeIdentity(*tls, cluster.node_id); !st.ok()) {
-      spdlog::critical("{}", st.message());
-      return 2;
-    }
+    if (Status st = CheckNodeIdentity(*tls, k.node_id); !st.ok()) return st;
   }
-  if (!cluster.tcp_listen.empty()) {
+  if (!k.tcp_listen.empty()) {
     ApiListen tcp;
-    tcp.endpoint = "tcp://" + cluster.tcp_listen;
-    tcp.insecure = cluster.tls.insecure;
+    tcp.endpoint = "tcp://" + k.tcp_listen;
+    tcp.insecure = k.tls.insecure;
     // The controller calls this API; another datapath's certificate must not.
     if (tls) tcp.creds = tls->Server(TlsPeers::kNotNodes);
-    api_listens.push_back(std::move(tcp));
+    c.api_listens.push_back(std::move(tcp));
   }
-  if (!cluster.controller.empty()) {
-    channel_creds = tls ? tls->Channel() : grpc::InsecureChannelCredentials();
+  if (!k.controller.empty()) {
+    c.channel_creds = tls ? tls->Channel() : grpc::InsecureChannelCredentials();
   }
+  return Status::Ok();
+}
 
-  auto pool = Pool::Open(popts);
-  if (!pool.ok()) {
-    spdlog::critical("cannot open pool: {}", pool.status().message());
-    return 1;
+// Checks every flag and reads every file they name; an error names the flag to fix.
+StatusOr<Config> Resolve(const Flags& f) {
+  Config c;
+  if (Status st = ResolvePool(f, c.pool); !st.ok()) return st;
+  if (Status st = ResolveNbd(f, c); !st.ok()) return st;
+  if (Status st = ResolveApiAndCluster(f, c); !st.ok()) return st;
+  if (!f.metrics_listen.empty()) {
+    if (auto m = ParseMetricsListen(f.metrics_listen); !m.ok()) {
+      return Error(EINVAL, "--metrics-listen: {}", m.status().message());
+    }
   }
-  PoolInfo info = (*pool)->Info();
+  c.attach = f.attach;
+  c.metrics_listen = f.metrics_listen;
+  return c;
+}
+
+// What the probes and the collector look at, set as each part comes up.
+struct Progress {
+  std::atomic<bool> workers_up{false}, nbd_up{false}, api_up{false}, stopping{false};
+  std::atomic<AttachmentManager*> attachments{nullptr};
+};
+
+// The /metrics, /healthz and /readyz server. It starts before the NBD listeners and the API, so
+// that /healthz answers during a long start (attached devices to reconnect) and /readyz says
+// why the daemon is not ready yet.
+StatusOr<std::unique_ptr<MetricsServer>> StartMetrics(const Config& c, Pool& pool,
+                                                      NbdFrontend& frontend, Progress& up) {
+  const unsigned workers = c.frontend.workers;
+  auto engine = [&]() { return up.workers_up.load() ? frontend.counters() : EngineCounters{}; };
+  HealthChecks health;
+  health.live = [&, workers]() -> std::string {
+    if (!up.workers_up.load()) return "";  // starting: nothing to restart yet
+    const uint64_t running = frontend.counters().workers_running;
+    if (running < workers) {
+      return fmt::format("{} of {} NBD workers stopped", workers - running, workers);
+    }
+    return "";
+  };
+  health.ready = [&]() -> std::string {
+    if (up.stopping.load()) return "shutting down";
+    if (!up.nbd_up.load()) return "NBD listeners not started";
+    if (!up.api_up.load()) return "management API not serving";
+    return "";
+  };
+  auto attached = [&]() {
+    AttachmentManager* m = up.attachments.load();
+    return m ? m->List() : std::vector<AttachmentRecord>{};
+  };
+  auto collector = std::make_shared<DatapathCollector>(pool, engine, attached, NBDCSI_VERSION);
+  auto server = MetricsServer::Start(c.metrics_listen, collector, std::move(health));
+  if (!server.ok()) return Error(EINVAL, "--metrics-listen: {}", server.status().message());
+  spdlog::info("metrics: http://{}/metrics, /healthz, /readyz", c.metrics_listen);
+  return server;
+}
+
+StatusOr<std::unique_ptr<HeartbeatSender>> StartHeartbeat(const Config& c, Pool& pool,
+                                                           std::chrono::system_clock::time_point
+                                                               started) {
+  HeartbeatOptions h;
+  h.node_id = c.cluster.node_id;
+  h.advertise = c.cluster.advertise;
+  h.controller = c.cluster.controller;
+  h.creds = c.channel_creds;
+  h.interval = c.cluster.heartbeat_interval;
+  h.version = NBDCSI_VERSION;
+  h.started_unix_ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(started.time_since_epoch()).count();
+  auto sender = std::make_unique<HeartbeatSender>(pool, std::move(h));
+  if (Status st = sender->Start(); !st.ok()) return Error(st.code(), "heartbeat: {}", st.message());
+  return sender;
+}
+
+void LogPool(const PoolInfo& info) {
   spdlog::info("pool {}: {} volumes, {} file system, capacity {} bytes, overcommit {}, {} bytes "
                "free of which {} kept in reserve",
                info.dir, info.volumes, info.fs_type, info.capacity, info.overcommit_ratio,
@@ -361,108 +435,76 @@ int Run(int argc, char** argv) {
   for (const auto& o : info.cleaned_orphans) spdlog::warn("pool: cleaned orphan {}", o);
   for (const auto& b : info.broken_volumes)
     spdlog::warn("pool: broken volume {}: left in place, see nbdctl pool info", b);
+}
 
-  NbdFrontend frontend(**pool, fopts);
-  // What the probes and the collector look at; set as each part comes up. The server starts
-  // before the NBD listeners and the API so that /healthz answers during a long start (attached
-  // devices to reconnect) and /readyz says why it is not ready yet.
-  std::atomic<bool> workers_up{false}, nbd_up{false}, api_up{false}, stopping{false};
-  std::atomic<AttachmentManager*> attachments{nullptr};
-  std::unique_ptr<MetricsServer> metrics;
-  if (!metrics_listen.empty()) {
-    auto engine = [&]() { return workers_up.load() ? frontend.counters() : EngineCounters{}; };
-    HealthChecks health;
-    health.live = [&, workers]() -> std::string {
-      if (!workers_up.load()) return "";  // starting: nothing to restart yet
-      uint64_t running = frontend.counters().workers_running;
-      if (running < workers)
-        return fmt::format("{} of {} NBD workers stopped", workers - running, workers);
-      return "";
-    };
-    health.ready = [&]() -> std::string {
-      if (stopping.load()) return "shutting down";
-      if (!nbd_up.load()) return "NBD listeners not started";
-      if (!api_up.load()) return "management API not serving";
-      return "";
-    };
-    auto attached = [&]() {
-      AttachmentManager* m = attachments.load();
-      return m ? m->List() : std::vector<AttachmentRecord>{};
-    };
-    auto collector = std::make_shared<DatapathCollector>(**pool, engine, attached, NBDCSI_VERSION);
-    auto server = MetricsServer::Start(metrics_listen, collector, std::move(health));
-    if (!server.ok()) {
-      spdlog::critical("--metrics-listen: {}", server.status().message());
-      return 1;
-    }
-    metrics = std::move(*server);
-    spdlog::info("metrics: http://{}/metrics, /healthz, /readyz", metrics_listen);
+// Brings the daemon up in dependency order, serves until SIGTERM/SIGINT, and takes it down in
+// the reverse order. Returns the exit status.
+int Serve(const Config& c, std::chrono::system_clock::time_point started) {
+  auto pool = Pool::Open(c.pool);
+  if (!pool.ok()) {
+    spdlog::critical("cannot open pool: {}", pool.status().message());
+    return 1;
   }
-  for (const auto& ep : nbd_eps) {
+  const PoolInfo info = (*pool)->Info();
+  LogPool(info);
+  auto fail = [](const Status& st) {
+    spdlog::critical("{}", st.message());
+    return 1;
+  };
+
+  NbdFrontend frontend(**pool, c.frontend);
+  Progress up;
+  std::unique_ptr<MetricsServer> metrics;
+  if (!c.metrics_listen.empty()) {
+    auto m = StartMetrics(c, **pool, frontend, up);
+    if (!m.ok()) return fail(m.status());
+    metrics = std::move(*m);
+  }
+  for (const auto& ep : c.nbd_eps) {
     Status st = EnsureSocketDir(ep);
     if (st.ok()) st = frontend.Listen(ep);
-    if (!st.ok()) {
-      spdlog::critical("{}", st.message());
-      return 1;
-    }
+    if (!st.ok()) return fail(st);
   }
   if (Status st = frontend.Start(); !st.ok()) {
-    spdlog::critical("cannot start the NBD workers: {}", st.message());
-    return 1;
+    return fail(Error(st.code(), "cannot start the NBD workers: {}", st.message()));
   }
-  workers_up = true;
-  nbd_up = true;
-  auto attach = AttachRuntime::Start(**pool, frontend, info.dir + "/attachments", aopts);
-  if (!attach.ok()) {
-    spdlog::critical("attachments: {}", attach.status().message());
-    return 1;
-  }
-  attachments = &(*attach)->manager();
-  // Whichever way main ends from here, the server (whose collector reads the attachments) stops
-  // before `attach` is destroyed.
+  up.workers_up = true;
+  up.nbd_up = true;
+  auto attach = AttachRuntime::Start(**pool, frontend, info.dir + "/attachments", c.attach);
+  if (!attach.ok()) return fail(Error(attach.status().code(), "attachments: {}",
+                                      attach.status().message()));
+  up.attachments = &(*attach)->manager();
+  // Whichever way this ends from here, the metrics server (whose collector reads the
+  // attachments) stops before `attach` is destroyed.
   struct StopMetrics {
     std::unique_ptr<MetricsServer>& m;
     ~StopMetrics() { m.reset(); }
   } stop_metrics{metrics};
 
-  if (Status st = EnsureSocketDir(*api_ep); !st.ok()) {
-    spdlog::critical("{}", st.message());
-    return 1;
-  }
+  if (Status st = EnsureSocketDir(c.api_ep); !st.ok()) return fail(st);
   auto attach_service = MakeAttachmentService((*attach)->manager());
-  auto server = StartApiServer(**pool, api_listens, {attach_service.get()});
+  auto server = StartApiServer(**pool, c.api_listens, {attach_service.get()});
   if (!server.ok()) {
-    spdlog::critical("cannot start the management API: {}", server.status().message());
-    return 1;
+    return fail(Error(server.status().code(), "cannot start the management API: {}",
+                      server.status().message()));
   }
-  api_up = true;
+  up.api_up = true;
   // Only once the API serves: the controller may call it as soon as it hears from us.
   std::unique_ptr<HeartbeatSender> heartbeat;
-  if (!cluster.controller.empty()) {
-    HeartbeatOptions hopts;
-    hopts.node_id = cluster.node_id;
-    hopts.advertise = cluster.advertise;
-    hopts.controller = cluster.controller;
-    hopts.creds = channel_creds;
-    hopts.interval = cluster.heartbeat_interval;
-    hopts.version = NBDCSI_VERSION;
-    hopts.started_unix_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                started.time_since_epoch()).count();
-    heartbeat = std::make_unique<HeartbeatSender>(**pool, std::move(hopts));
-    if (Status st = heartbeat->Start(); !st.ok()) {
-      spdlog::critical("heartbeat: {}", st.message());
-      return 1;
-    }
+  if (!c.cluster.controller.empty()) {
+    auto h = StartHeartbeat(c, **pool, started);
+    if (!h.ok()) return fail(h.status());
+    heartbeat = std::move(*h);
   }
   spdlog::info("nbd-datapathd {} ready: api {}{}{}, {} NBD listener(s), {} workers",
-               NBDCSI_VERSION, api,
-               cluster.tcp_listen.empty() ? "" : " and tcp://" + cluster.tcp_listen,
-               cluster.node_id.empty() ? "" : ", node " + cluster.node_id, nbd_eps.size(),
-               workers);
+               NBDCSI_VERSION, c.api,
+               c.cluster.tcp_listen.empty() ? "" : " and tcp://" + c.cluster.tcp_listen,
+               c.cluster.node_id.empty() ? "" : ", node " + c.cluster.node_id, c.nbd_eps.size(),
+               c.frontend.workers);
 
   const int sig = WaitForTerminationSignal();
   spdlog::info("signal {}: shutting down", sig);
-  stopping = true;
+  up.stopping = true;
   // No more heartbeats first: the controller then expires this node instead of sending calls to
   // an API that is going away.
   if (heartbeat) heartbeat->Stop();
@@ -472,9 +514,29 @@ int Run(int argc, char** argv) {
   // Before what it reads goes away.
   metrics.reset();
   frontend.Stop();
-  if (api_ep->kind == Endpoint::Kind::kUnix) unlink(api_ep->path.c_str());
+  unlink(c.api_ep.path.c_str());
   spdlog::info("stopped");
   return 0;
+}
+
+int Run(int argc, char** argv) {
+  CLI::App app{"nbd-datapathd: serves a pool of thin local-disk volumes over NBD"};
+  Flags f;
+  AddPoolFlags(app, f);
+  AddNbdFlags(app, f);
+  AddAttachFlags(app, f);
+  AddApiAndClusterFlags(app, f);
+  AddObservabilityFlags(app, f);
+  CLI11_PARSE(app, argc, argv);
+  const auto started = std::chrono::system_clock::now();
+  spdlog::set_level(spdlog::level::from_str(f.log_level));
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
+  auto config = Resolve(f);
+  if (!config.ok()) {
+    spdlog::critical("{}", config.status().message());
+    return 2;
+  }
+  return Serve(*config, started);
 }
 
 }  // namespace
