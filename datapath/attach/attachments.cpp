@@ -327,6 +327,7 @@ Status AttachmentManager::Detach(const std::string& volume) {
   if (Status s = kernel_.CheckNotInUse(r->index); !s.ok()) {
     return Error(s.code(), "cannot detach volume {}: {}", volume, s.message());
   }
+  const uint64_t open_before = server_.OpenConnections(volume);
   if (Status s = kernel_.Disconnect(r->index); !s.ok()) return s;
   // DISCONNECT returns once the request is queued; the device is torn down when the sockets
   // close. Until then the record must stay, or a restart in between would lose track of it.
@@ -338,9 +339,31 @@ Status AttachmentManager::Detach(const std::string& volume) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
+  AwaitEngineClosed(volume, open_before, r->connections);
   if (Status s = forget(); !s.ok()) return s;
   spdlog::info("attach: volume {} detached from {}", volume, r->device());
   return Status::Ok();
+}
+
+// The device has let go of its sockets (the kernel shut them down, or nbdfuse exited); the
+// engine notices on its next receive, and until then the volume still counts them. A
+// DeleteVolume right after the unstage would then be refused as busy, so a detach returns once
+// the count has dropped by the attachment's connections, or after engine_close_wait (another
+// client may have come or gone meanwhile: the count is a hint, not a contract).
+void AttachmentManager::AwaitEngineClosed(const std::string& volume, uint64_t before,
+                                          unsigned ours) {
+  const uint64_t target = before > ours ? before - ours : 0;
+  const auto deadline = std::chrono::steady_clock::now() + opts_.engine_close_wait;
+  uint64_t open = server_.OpenConnections(volume);
+  while (open > target) {
+    if (std::chrono::steady_clock::now() >= deadline) {
+      spdlog::warn("attach: volume {} still has {} NBD connection(s) {} ms after its detach",
+                   volume, open, opts_.engine_close_wait.count());
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    open = server_.OpenConnections(volume);
+  }
 }
 
 Status AttachmentManager::OnLinkDead(int index) {
@@ -543,9 +566,11 @@ Status AttachmentManager::DetachFuse(const AttachmentRecord& r) {
       return Error(s.code(), "cannot detach volume {}: {}", r.volume, s.message());
     }
   }
+  const uint64_t open_before = server_.OpenConnections(r.volume);
   if (Status s = Fuse().Detach(RefOf(r)); !s.ok()) {
     return Error(s.code(), "cannot detach volume {} ({}): {}", r.volume, r.device(), s.message());
   }
+  AwaitEngineClosed(r.volume, open_before, r.connections);
   if (Status s = RemoveRecord(r.volume); !s.ok()) return s;
   {
     std::lock_guard lk(mu_);

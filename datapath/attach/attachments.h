@@ -42,6 +42,9 @@ struct AttachOptions {
   uint64_t io_timeout_s = 30;  // see KernelConnectParams::io_timeout_s
   unsigned max_sectors_kb = 1024;
   std::chrono::milliseconds detach_wait{10000};
+  // After the device lets go of its sockets, how long a detach waits for the engine to have
+  // noticed (see AwaitEngineClosed) before it returns anyway.
+  std::chrono::milliseconds engine_close_wait{2000};
   // Attach through nbdfuse + a loop device when the kernel has no NBD driver.
   bool fuse_fallback = true;
   // The Unix NBD socket nbdfuse connects to; "" = ExportServer::UnixSocketPath().
@@ -106,6 +109,7 @@ class AttachmentManager {
   StatusOr<AttachmentRecord> AttachFuse(const std::string& volume, unsigned connections,
                                         const std::string& socket);
   Status DetachFuse(const AttachmentRecord& r);
+  void AwaitEngineClosed(const std::string& volume, uint64_t before, unsigned ours);
   void RecoverFuse(AttachmentRecord r, RecoverReport& rep);
   void RecoverKernel(AttachmentRecord r, const Status& available, RecoverReport& rep);
   std::string FuseMount(const std::string& volume) const;

@@ -20,6 +20,10 @@ class FrontendExportServer final : public ExportServer {
     return out;
   }
   std::string UnixSocketPath() const override { return socket_; }
+  uint64_t OpenConnections(const std::string& volume) override {
+    auto vol = pool_.Acquire(volume);
+    return vol ? vol->stats().connections() : 0;
+  }
 
   // Why a volume cannot be exported: unknown (ENOENT), or a restore/clone whose background copy
   // still runs (EAGAIN -> UNAVAILABLE, so kubelet's NodeStage retries until it is filled).

@@ -30,6 +30,11 @@ class ExportServer {
   virtual StatusOr<ServedExport> Serve(const std::string& volume, unsigned connections) = 0;
   // The volume's current size and read-only flag, with no sockets. ENOENT if not exported.
   virtual StatusOr<ServedExport> Describe(const std::string& volume) = 0;
+  // How many NBD connections the engine holds open on the volume (0 when it is not exported).
+  virtual uint64_t OpenConnections(const std::string& volume) {
+    (void)volume;
+    return 0;
+  }
   // The daemon's Unix NBD socket, where nbdfuse connects; "" when there is none.
   virtual std::string UnixSocketPath() const { return ""; }
 };

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -165,6 +166,16 @@ class FakeServer final : public ExportServer {
       server_ends.push_back(sv[1]);
     }
     return e;
+  }
+  // What OpenConnections answers, call by call; the last value repeats.
+  std::deque<uint64_t> open_script;
+  size_t open_calls = 0;
+  uint64_t OpenConnections(const std::string&) override {
+    ++open_calls;
+    if (open_script.empty()) return 0;
+    const uint64_t v = open_script.front();
+    if (open_script.size() > 1) open_script.pop_front();
+    return v;
   }
   // A server end whose peer was closed reads EOF at once.
   size_t ClosedPeers() const {
@@ -466,6 +477,31 @@ TEST_F(AttachManagerTest, DetachWaitsForTheDeviceThenRemovesTheRecord) {
   // Idempotent.
   EXPECT_TRUE(m->Detach("vol-a").ok());
   EXPECT_EQ(kernel_.disconnects.size(), 1u);
+}
+
+// The engine sees the device's sockets close a little after the kernel lets them go; a detach
+// returns once it has (here: 3 open before, another client's 1 left), so that a DeleteVolume
+// right after the unstage does not find the volume busy.
+TEST_F(AttachManagerTest, DetachReturnsOnceTheEngineHasClosedTheDevicesConnections) {
+  auto m = NewManager();
+  ASSERT_TRUE(m->Attach("vol-a").ok());  // 2 connections
+  server_.open_script = {3, 3, 3, 2, 1};
+  ASSERT_TRUE(m->Detach("vol-a").ok());
+  EXPECT_EQ(server_.open_calls, 5u) << "returned before the engine closed the connections";
+  EXPECT_FALSE(m->Get("vol-a").has_value());
+}
+
+// A count that never drops (someone else connected meanwhile) delays the detach by the bound,
+// never fails it.
+TEST_F(AttachManagerTest, DetachWaitsForTheEngineOnlyUpToItsBound) {
+  opts_.engine_close_wait = std::chrono::milliseconds(50);
+  auto m = NewManager();
+  ASSERT_TRUE(m->Attach("vol-a").ok());
+  server_.open_script = {2, 2};
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(m->Detach("vol-a").ok());
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(50));
+  EXPECT_FALSE(fs::exists(dir_ + "/vol-a.json"));
 }
 
 TEST_F(AttachManagerTest, DetachRefusesAMountedDeviceAndKeepsTheRecordOnTimeout) {
