@@ -8,6 +8,8 @@
 #   - a neighbour volume's 4k randwrite QD8 IOPS while snapshots of another volume are taken
 #     (and deleted) in a loop, vs without.
 # Targets: pause < 50 ms at 10 GiB and flat with size; stall < 20 ms; neighbour >= 90 %.
+# SNAP_IMG_PATH=/dev/shm/snap.img puts the pool's loop image in RAM: a loop device on a host file
+# flushes the host's dirty pages of that file on every FLUSH, which dominates the measured stall.
 #   bench/snapshot_bench.sh      REPS=5 RUNTIME=10 SIZES="1 10 50" FILLS="seq rand"
 #                                BENCH_DIR=/var/tmp NBDCSI_BIN=build/bin
 # The loop device does buffered I/O on its backing file, so an fdatasync under the pause also
