@@ -1,8 +1,8 @@
 #include "datapath/api/backup_service.h"
 
-#include <cstring>
-
 #include <spdlog/spdlog.h>
+
+#include <cstring>
 
 #include "common/grpc_status.h"
 #include "datapath/api/backup.grpc.pb.h"

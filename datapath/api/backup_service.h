@@ -2,9 +2,9 @@
 // server as the Datapath service (StartApiServer's extra services).
 #pragma once
 
-#include <memory>
-
 #include <grpcpp/impl/codegen/service_type.h>
+
+#include <memory>
 
 #include "datapath/backup/jobs.h"
 

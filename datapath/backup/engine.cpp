@@ -1,6 +1,7 @@
 #include "datapath/backup/engine.h"
 
 #include <fcntl.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,8 +11,6 @@
 #include <set>
 #include <thread>
 #include <vector>
-
-#include <spdlog/spdlog.h>
 
 #include "datapath/backup/chunk.h"
 
@@ -52,8 +51,8 @@ Status ParallelFor(uint64_t n, unsigned threads, F work) {
       }
     }
   };
-  threads = std::max(1u, std::min<unsigned>(threads, static_cast<unsigned>(std::min<uint64_t>(
-                                                         n, 64))));
+  threads =
+      std::max(1u, std::min<unsigned>(threads, static_cast<unsigned>(std::min<uint64_t>(n, 64))));
   std::vector<std::thread> pool;
   for (unsigned t = 1; t < threads; ++t) pool.emplace_back(loop);
   loop();
@@ -98,8 +97,8 @@ StatusOr<bool> IsHole(int fd, uint64_t off, uint64_t end) {
 
 bool AllZero(const std::string& data) {
   // Compare with a shifted copy of itself: zero iff the first byte is zero and all are equal.
-  return data.empty() || (data[0] == 0 && std::memcmp(data.data(), data.data() + 1,
-                                                      data.size() - 1) == 0);
+  return data.empty() ||
+         (data[0] == 0 && std::memcmp(data.data(), data.data() + 1, data.size() - 1) == 0);
 }
 
 }  // namespace
@@ -107,8 +106,8 @@ bool AllZero(const std::string& data) {
 StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress* progress) {
   if (Status s = ValidateBackupName(spec.name); !s.ok()) return s;
   if (spec.fd < 0 || spec.size == 0 || spec.chunk_size == 0 || spec.chunk_size > kMaxChunkSize) {
-    return Error(EINVAL, "backup \"{}\": invalid source (fd {}, size {}, chunk size {})",
-                 spec.name, spec.fd, spec.size, spec.chunk_size);
+    return Error(EINVAL, "backup \"{}\": invalid source (fd {}, size {}, chunk size {})", spec.name,
+                 spec.fd, spec.size, spec.chunk_size);
   }
   // The first call reaches the store: bucket, credentials and endpoint fail here, clearly.
   auto names = repo.ListNames();
@@ -152,8 +151,8 @@ StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress*
     const uint64_t off = i * spec.chunk_size;
     const uint64_t len = std::min(spec.chunk_size, spec.size - off);
     auto hole = IsHole(spec.fd, off, off + len);
-    if (!hole.ok()) return Error(hole.status().code(), "backup \"{}\": {}", spec.name,
-                                 hole.status().message());
+    if (!hole.ok())
+      return Error(hole.status().code(), "backup \"{}\": {}", spec.name, hole.status().message());
     if (!*hole) {
       std::string data(len, '\0');
       if (Status s = PreadAll(spec.fd, data.data(), len, off); !s.ok()) {

@@ -1,12 +1,11 @@
 #include "datapath/backup/jobs.h"
 
 #include <fcntl.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstring>
-
-#include <spdlog/spdlog.h>
 
 namespace nbdcsi::datapath::backup {
 
@@ -127,8 +126,8 @@ void BackupJobs::Finish(Job& job, const Status& s) {
   job.done = true;
   JobInfo i = Snapshot(job);
   if (s.ok()) {
-    spdlog::info("{} {} of \"{}\" ({}): done, {} of {} transferred at {}/s", i.kind, i.id,
-                 i.backup, i.target, Mib(i.transferred_bytes), Mib(i.total_bytes),
+    spdlog::info("{} {} of \"{}\" ({}): done, {} of {} transferred at {}/s", i.kind, i.id, i.backup,
+                 i.target, Mib(i.transferred_bytes), Mib(i.total_bytes),
                  Mib(static_cast<uint64_t>(i.rate_bytes_per_s)));
   } else {
     spdlog::error("{} {} of \"{}\" ({}): failed: {}", i.kind, i.id, i.backup, i.target,
@@ -159,8 +158,8 @@ StatusOr<JobInfo> BackupJobs::StartBackup(const BackupRequest& req) {
   }
   if (auto running = RunningBackup(req.target.url, req.name); running.ok()) {
     if (running->snapshot == req.snapshot && running->volume == req.volume) return running;
-    return Error(EEXIST, "backup \"{}\" of another source is already running in {} ({})",
-                 req.name, req.target.url, running->id);
+    return Error(EEXIST, "backup \"{}\" of another source is already running in {} ({})", req.name,
+                 req.target.url, running->id);
   }
   auto opened = Open(req.target);
   if (!opened.ok()) return opened.status();
@@ -212,8 +211,7 @@ void BackupJobs::RunBackup(std::shared_ptr<Job> job, BackupRequest req, Opened o
     if (!snap.ok()) return snap.status();
     int fd = ::open(snap->path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-      return Error(errno, "backup \"{}\": open {}: {}", req.name, snap->path,
-                   std::strerror(errno));
+      return Error(errno, "backup \"{}\": open {}: {}", req.name, snap->path, std::strerror(errno));
     }
     BackupSpec spec;
     spec.name = req.name;
@@ -244,8 +242,8 @@ void BackupJobs::RunBackup(std::shared_ptr<Job> job, BackupRequest req, Opened o
   Status s = run();
   if (temporary) {
     if (Status d = pool_.DeleteSnapshot(snap_name); !d.ok()) {
-      spdlog::warn("backup {}: deleting its temporary snapshot \"{}\": {}", job->info.id,
-                   snap_name, d.message());
+      spdlog::warn("backup {}: deleting its temporary snapshot \"{}\": {}", job->info.id, snap_name,
+                   d.message());
     }
   }
   Finish(*job, s);
@@ -282,13 +280,12 @@ StatusOr<JobInfo> BackupJobs::StartRestore(const RestoreRequest& req) {
   Add(job);
   spdlog::info("restore {}: \"{}\" from {} into new volume \"{}\" ({} chunks) started",
                job->info.id, req.name, req.target.url, req.volume, m->chunks.size());
-  job->thread =
-      std::thread(&BackupJobs::RunRestore, this, job, req, std::move(*opened), *m, vol);
+  job->thread = std::thread(&BackupJobs::RunRestore, this, job, req, std::move(*opened), *m, vol);
   return Snapshot(*job);
 }
 
-void BackupJobs::RunRestore(std::shared_ptr<Job> job, RestoreRequest req, Opened opened,
-                            Manifest m, std::shared_ptr<Volume> vol) {
+void BackupJobs::RunRestore(std::shared_ptr<Job> job, RestoreRequest req, Opened opened, Manifest m,
+                            std::shared_ptr<Volume> vol) {
   RestoreSpec spec;
   spec.fd = vol->buffered_fd();
   spec.cancel = &job->cancel;
@@ -331,13 +328,14 @@ std::vector<JobInfo> BackupJobs::List() {
   }
   std::vector<JobInfo> out;
   for (auto& j : js) out.push_back(Snapshot(*j));
-  std::sort(out.begin(), out.end(),
-            [](const JobInfo& a, const JobInfo& b) { return a.started_unix_ns < b.started_unix_ns; });
+  std::sort(out.begin(), out.end(), [](const JobInfo& a, const JobInfo& b) {
+    return a.started_unix_ns < b.started_unix_ns;
+  });
   return out;
 }
 
 StatusOr<JobInfo> BackupJobs::RunningBackup(const std::string& target_url,
-                                           const std::string& name) {
+                                            const std::string& name) {
   std::lock_guard lk(mu_);
   for (auto& [id, j] : jobs_) {
     if (j->done || j->info.kind != "backup") continue;

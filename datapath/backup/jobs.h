@@ -111,10 +111,10 @@ class BackupJobs {
   StoreFactory factory_;
   LeaseTimes lease_times_;
   std::mutex mu_;
-  uint64_t next_id_ = 1;                          // guarded by mu_
+  uint64_t next_id_ = 1;                              // guarded by mu_
   std::map<std::string, std::shared_ptr<Job>> jobs_;  // guarded by mu_
-  std::set<std::string> restoring_;               // volumes being restored; guarded by mu_
-  std::vector<std::thread> threads_;              // guarded by mu_
+  std::set<std::string> restoring_;                   // volumes being restored; guarded by mu_
+  std::vector<std::thread> threads_;                  // guarded by mu_
   std::atomic<bool> stopping_{false};
 };
 

@@ -45,9 +45,7 @@ struct Manifest {
   uint64_t uploaded_bytes = 0;  // compressed bytes this backup uploaded (new chunks only)
 
   // Bytes of the chunk at `offset` before compression.
-  uint64_t ChunkLength(uint64_t offset) const {
-    return std::min(chunk_size, volume_size - offset);
-  }
+  uint64_t ChunkLength(uint64_t offset) const { return std::min(chunk_size, volume_size - offset); }
 };
 
 std::string ManifestToJson(const Manifest& m);

@@ -1,14 +1,13 @@
 #include "datapath/backup/repository.h"
 
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <set>
 #include <thread>
-
-#include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 #include "datapath/backup/chunk.h"
 
@@ -37,8 +36,8 @@ std::string LeaseBody() {
 Lease::~Lease() {
   if (released_) return;
   Status s = store_.Delete(key_);
-  if (!s.ok()) spdlog::warn("backup: releasing lease {}: {} (it expires by itself)", key_,
-                            s.message());
+  if (!s.ok())
+    spdlog::warn("backup: releasing lease {}: {} (it expires by itself)", key_, s.message());
 }
 
 Status Lease::Renew() {

@@ -73,9 +73,9 @@ class Lease {
 };
 
 struct GcResult {
-  bool deferred = false;            // a live backup lease was seen: nothing was swept
-  std::string deferred_by;          // that lease's key
-  uint64_t chunks_kept = 0;         // chunks some manifest references
+  bool deferred = false;     // a live backup lease was seen: nothing was swept
+  std::string deferred_by;   // that lease's key
+  uint64_t chunks_kept = 0;  // chunks some manifest references
   uint64_t chunks_deleted = 0;
   uint64_t bytes_freed = 0;
   uint64_t stale_leases_deleted = 0;

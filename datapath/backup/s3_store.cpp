@@ -169,8 +169,7 @@ StatusOr<S3Store::Response> S3Store::PerformOnce(const Request& req, bool* retry
   const std::string method(req.method);
   Response resp;
   struct curl_slist* headers = nullptr;
-  headers = curl_slist_append(headers,
-                              ("x-amz-content-sha256: " + Sha256Hex(req.body)).c_str());
+  headers = curl_slist_append(headers, ("x-amz-content-sha256: " + Sha256Hex(req.body)).c_str());
   if (!config_.credentials.session_token.empty()) {
     headers = curl_slist_append(
         headers, ("x-amz-security-token: " + config_.credentials.session_token).c_str());
@@ -206,10 +205,17 @@ StatusOr<S3Store::Response> S3Store::PerformOnce(const Request& req, bool* retry
     GiveBack(h);
     int err = EIO;
     switch (rc) {
-      case CURLE_COULDNT_CONNECT: err = ECONNREFUSED; break;
-      case CURLE_COULDNT_RESOLVE_HOST: err = EHOSTUNREACH; break;
-      case CURLE_OPERATION_TIMEDOUT: err = ETIMEDOUT; break;
-      default: break;
+      case CURLE_COULDNT_CONNECT:
+        err = ECONNREFUSED;
+        break;
+      case CURLE_COULDNT_RESOLVE_HOST:
+        err = EHOSTUNREACH;
+        break;
+      case CURLE_OPERATION_TIMEDOUT:
+        err = ETIMEDOUT;
+        break;
+      default:
+        break;
     }
     *retryable = true;
     return Error(err, "endpoint {}: {}", config_.endpoint, curl_easy_strerror(rc));
@@ -319,8 +325,8 @@ StatusOr<std::vector<ObjectInfo>> S3Store::List(const std::string& prefix) {
     }
     if (XmlField(xml, "IsTruncated") != "true") break;
     token = XmlUnescape(XmlField(xml, "NextContinuationToken"));
-    if (token.empty()) return Error(EIO, "S3 {}: truncated listing without a continuation token",
-                                    what);
+    if (token.empty())
+      return Error(EIO, "S3 {}: truncated listing without a continuation token", what);
   }
   return out;
 }

@@ -2,13 +2,12 @@
 // restore, incremental uploads, a killed backup, corrupt chunks, garbage collection and its race
 // with a running backup.
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstring>
 #include <random>
-
-#include <gtest/gtest.h>
 
 #include "datapath/backup/chunk.h"
 #include "datapath/backup/engine.h"
@@ -400,8 +399,7 @@ TEST(RateLimiter, PacesToTheRate) {
   RateLimiter limiter(4 << 20);  // 4 MiB/s
   const auto start = std::chrono::steady_clock::now();
   for (int i = 0; i < 5; ++i) limiter.Consume(256 << 10);  // 1.25 MiB
-  const double s =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   // The first 256 KiB goes at once, the rest at 4 MiB/s: 0.25 s at least.
   EXPECT_GE(s, 0.24);
   RateLimiter unlimited(0);

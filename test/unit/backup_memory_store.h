@@ -69,7 +69,7 @@ class MemoryStore final : public ObjectStore {
   }
 
   std::atomic<int64_t> now_s{1'800'000'000};  // the server's clock, seconds
-  int64_t fail_puts_after = -1;  // >= 0: every PUT after that many fails
+  int64_t fail_puts_after = -1;               // >= 0: every PUT after that many fails
 
  private:
   struct Obj {
