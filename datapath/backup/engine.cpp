@@ -85,6 +85,28 @@ Status PwriteAll(int fd, const char* buf, uint64_t len, uint64_t off) {
   return Status::Ok();
 }
 
+// Writes the runs of `data` that are not zero, in kZeroBlock blocks, at `off` of a blank
+// destination: zeros inside a chunk (a partly written chunk, a file system's zeroed blocks)
+// stay holes, so a restored volume allocates about what its source did.
+constexpr uint64_t kZeroBlock = 4096;
+Status WriteNonZero(int fd, const std::string& data, uint64_t off) {
+  static const std::string kZeros(kZeroBlock, '\0');
+  uint64_t run = 0, pos = 0;  // [run, pos) is a pending run of non-zero blocks
+  while (pos < data.size()) {
+    const uint64_t n = std::min<uint64_t>(kZeroBlock, data.size() - pos);
+    const bool zero = std::memcmp(data.data() + pos, kZeros.data(), n) == 0;
+    if (zero) {
+      if (pos > run) {
+        if (Status s = PwriteAll(fd, data.data() + run, pos - run, off + run); !s.ok()) return s;
+      }
+      run = pos + n;
+    }
+    pos += n;
+  }
+  if (pos > run) return PwriteAll(fd, data.data() + run, pos - run, off + run);
+  return Status::Ok();
+}
+
 // True when [off, end) of fd holds no data extent (never written, or punched).
 StatusOr<bool> IsHole(int fd, uint64_t off, uint64_t end) {
   off_t r = ::lseek(fd, static_cast<off_t>(off), SEEK_DATA);
@@ -249,7 +271,7 @@ Status RunRestore(Repository& repo, const Manifest& m, const RestoreSpec& spec,
                    "{}",
                    m.name, ref.offset, key, got);
     }
-    if (Status s = PwriteAll(spec.fd, data->data(), len, ref.offset); !s.ok()) {
+    if (Status s = WriteNonZero(spec.fd, *data, ref.offset); !s.ok()) {
       return Error(s.code(), "restore of \"{}\": {}", m.name, s.message());
     }
     if (progress) {

@@ -13,7 +13,8 @@
 //
 // Restore: every chunk is fetched, decompressed to exactly its length and its SHA-256 checked
 // against the manifest before it is written; a chunk that fails is an EIO naming the offset and
-// the key, and the restore stops. Ranges without a chunk are not written (holes stay holes).
+// the key, and the restore stops. Ranges without a chunk, and zero blocks inside a chunk, are
+// not written (holes stay holes).
 // The destination is fsynced at the end.
 #pragma once
 

@@ -5,8 +5,9 @@
 # the changed chunk went up), the source and its pool gone (a second daemon on a fresh pool
 # stands for another cluster), both backups restored bit-exact with their holes, the first
 # backup deleted with the shared chunks kept, a corrupt chunk on the server refused at restore,
-# a bandwidth limit obeyed, a backup of a live volume, and clear errors for bad credentials, a
-# missing bucket and a dead endpoint. Exits 77 when s3rver (or node) is missing.
+# a bandwidth limit obeyed, a backup of a live volume, kill -9 of the daemon mid-backup (no
+# backup listed, the retry works), and clear errors for bad credentials, a missing bucket and a
+# dead endpoint. Exits 77 when s3rver (or node) is missing.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -136,7 +137,7 @@ nbdctl backup restore b2 "${T[@]}" --volume r2 --wait >/dev/null 2>"$W/err" ||
 [ "$(vol_sha r1)" = "$sha_s1" ] || die "r1 differs from s1"
 [ "$(vol_sha r2)" = "$sha_s2" ] || die "r2 differs from s2"
 alloc=$(( $(stat -c %b "$W/pool2/volumes/r1.img") * 512 ))
-[ "$alloc" -lt $((64 * MiB)) ] || die "r1 allocates $alloc bytes: its holes were filled"
+[ "$alloc" -le $((41 * MiB)) ] || die "r1 allocates $alloc bytes for 40 MiB of data: holes were filled"
 expect_fail 1 "already exists" nbdctl backup restore b1 "${T[@]}" --volume r1
 step "b1 and b2 restored bit-exact on a fresh pool (r1 allocates $alloc bytes of 256 MiB)"
 
@@ -184,6 +185,28 @@ id=$(jq -r .id "$W/b4.json")
 nbdctl -o json backup job "$id" --wait >"$W/b4done.json" 2>/dev/null || die "job $id failed"
 jqx '.state == "succeeded" and .chunks_uploaded == 0 and .chunks_reused == 3' <"$W/b4done.json"
 nbdctl -o json backup jobs | jqx "[.jobs[].id] | index(\"$id\") != null"
+
+# ---- kill -9 of the daemon in the middle of a backup: no backup is listed, the retry works ----
+random_file "$W/live2" $((12 * MiB))
+nbd_pwrite live 0 "$W/live2"
+sha_live2=$(vol_sha live)
+nbdctl -o json backup create b5 "${T[@]}" --volume live --bandwidth 2Mi >"$W/b5.json"
+id=$(jq -r .id "$W/b5.json")
+job_uploaded() { nbdctl -o json backup job "$id" | jq -e '.chunks_uploaded >= 1'; }
+wait_for 30 job_uploaded || die "b5 uploaded nothing within 30 s"
+kill -9 "$DAEMON_PID"
+daemon_reap
+daemon_start "$W/pool2"
+nbdctl -o json backup list "${T[@]}" | jqx '[.backups[].name] | index("b5") == null'
+expect_fail 1 "does not exist" nbdctl backup inspect b5 "${T[@]}"
+# The dead backup's lease holds garbage collection off until it expires (repository.h).
+nbdctl -o json backup delete b4 "${T[@]}" | jqx '.gc_deferred == true'
+backup b5 --volume live
+jqx '.state == "succeeded" and .chunks_reused >= 1' <"$W/job.b5.json"
+nbdctl backup restore b5 "${T[@]}" --volume r6 --wait >/dev/null 2>"$W/err" ||
+  { cat "$W/err" >&2; die "restore of b5 failed"; }
+[ "$(vol_sha r6)" = "$sha_live2" ] || die "r6 differs from the volume b5 backed up"
+step "kill -9 mid-backup: no b5 listed, gc deferred by the dead lease, the retry reused its chunks"
 
 # ---- clear errors, never a hang ----
 expect_fail 1 "credentials were refused" env AWS_ACCESS_KEY_ID=nobody \

@@ -177,6 +177,10 @@ TEST_F(BackupTest, SparseBackupRestoresBitExactWithHoles) {
   EXPECT_EQ(rp.done_bytes.load(), size);
   EXPECT_FALSE(dst.HasDataIn(2 * kChunk, 9 * kChunk));  // holes stay holes
   EXPECT_FALSE(dst.HasDataIn(12 * kChunk, 13 * kChunk));
+  // Inside a chunk too: only the 4 KiB block with the 10 bytes is written.
+  EXPECT_TRUE(dst.HasDataIn(9 * kChunk, 9 * kChunk + 4096));
+  EXPECT_FALSE(dst.HasDataIn(9 * kChunk + 4096, 10 * kChunk));
+  EXPECT_FALSE(dst.HasDataIn(kChunk + 4096, 2 * kChunk));  // the 100 bytes past chunk 0
 }
 
 TEST_F(BackupTest, SecondBackupUploadsOnlyChangedChunks) {
