@@ -16,16 +16,24 @@
 
 namespace nbdcsi::datapath::backup {
 
-void RateLimiter::Consume(uint64_t bytes) {
-  if (rate_ == 0 || bytes == 0) return;
+bool RateLimiter::Consume(uint64_t bytes, const std::atomic<bool>* cancel) {
+  if (rate_ == 0 || bytes == 0) return true;
   std::chrono::steady_clock::time_point start;
   {
     std::lock_guard lk(mu_);
     const auto now = std::chrono::steady_clock::now();
     start = std::max(now, next_);
-    next_ = start + std::chrono::nanoseconds(bytes * 1'000'000'000ULL / rate_);
+    // 128-bit: bytes * 1e9 overflows 64 bits past 18 GB.
+    next_ = start + std::chrono::nanoseconds(static_cast<int64_t>(
+                        static_cast<unsigned __int128>(bytes) * 1'000'000'000ULL / rate_));
   }
-  std::this_thread::sleep_until(start);
+  constexpr auto kStep = std::chrono::milliseconds(100);
+  for (;;) {
+    if (cancel && cancel->load()) return false;
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= start) return true;
+    std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(start - now, kStep));
+  }
 }
 
 namespace {
@@ -193,7 +201,9 @@ StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress*
           std::string frame = Compress(data);
           ref.stored_size = frame.size();
           if (Status s = check_lease(); !s.ok()) return s;
-          limiter.Consume(frame.size());
+          if (!limiter.Consume(frame.size(), spec.cancel)) {
+            return Error(ECANCELED, "backup \"{}\": cancelled", spec.name);
+          }
           if (Status s = repo.store().Put(repo.ChunkKey(ref.sha256), frame); !s.ok()) {
             // Another thread may have skipped this hash on our word; the backup fails anyway.
             return s;

@@ -45,7 +45,9 @@ struct Progress {
 class RateLimiter {
  public:
   explicit RateLimiter(uint64_t bytes_per_s) : rate_(bytes_per_s) {}
-  void Consume(uint64_t bytes);
+  // False when `cancel` was set while waiting (checked every 100 ms): a slow limit must not
+  // hold up a cancel or a daemon's shutdown.
+  bool Consume(uint64_t bytes, const std::atomic<bool>* cancel = nullptr);
 
  private:
   uint64_t rate_;
