@@ -15,7 +15,8 @@ namespace nbdcsi::datapath::backup {
 namespace {
 
 // Unreserved characters (RFC 3986) stay; everything else is %XX. In a path '/' stays too. This
-// must match what SigV4 canonicalizes, or the server computes another signature.
+// must match what SigV4 canonicalizes, or the server computes another signature: curl signs the
+// query string as sent, and S3 (like botocore) canonicalizes a '/' in a query value as %2F.
 std::string UriEncode(std::string_view s, bool keep_slash) {
   static constexpr char kHex[] = "0123456789ABCDEF";
   std::string out;

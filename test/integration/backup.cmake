@@ -3,4 +3,4 @@
 # corrupt chunks, bandwidth limit, error paths. Exits 77 when s3rver is not installed.
 nbdcsi_add_test(NAME integration.backup_s3
   COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/backup_s3.sh
-  TIMEOUT 300 LABELS integration backup)
+  TIMEOUT 480 LABELS integration backup)
