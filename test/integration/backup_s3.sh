@@ -6,9 +6,9 @@
 # stands for another cluster), both backups restored bit-exact with their holes, the first
 # backup deleted with the shared chunks kept, a corrupt chunk on the server refused at restore,
 # a bandwidth limit obeyed, a backup of a live volume, listings longer than one page (1005 stray
-# objects collected), kill -9 of the daemon mid-backup (no
-# backup listed, the retry works), and clear errors for bad credentials, a missing bucket and a
-# dead endpoint. Exits 77 when s3rver (or node) is missing.
+# objects collected), kill -9 of the daemon mid-backup (no backup listed, the retry works), and
+# clear errors for bad credentials, a missing bucket and a dead endpoint. Exits 77 when s3rver
+# (or node) is missing.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
