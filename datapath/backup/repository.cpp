@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <set>
@@ -16,6 +18,7 @@ namespace nbdcsi::datapath::backup {
 namespace {
 
 constexpr std::string_view kManifestSuffix = ".json";
+constexpr size_t kSweepThreads = 4;
 
 std::string Nonce() {
   std::random_device rd;
@@ -230,20 +233,49 @@ StatusOr<GcResult> Repository::Collect() {
     }
     for (const ChunkRef& c : m->chunks) marked.insert(c.sha256);
   }
-  // Sweep.
+  // Sweep, a few deletes at a time: one request per chunk, mostly waiting on the network.
   auto chunks = store_.List(ChunkPrefix());
   if (!chunks.ok()) return chunks.status();
+  std::vector<const ObjectInfo*> doomed;
   for (const ObjectInfo& o : *chunks) {
-    std::string h = o.key.substr(o.key.rfind('/') + 1);
-    if (marked.count(h)) {
+    if (marked.count(o.key.substr(o.key.rfind('/') + 1))) {
       ++result.chunks_kept;
-      continue;
+    } else {
+      doomed.push_back(&o);
     }
-    if (Status s = (*gc)->Check(); !s.ok()) return s;
-    if (Status s = store_.Delete(o.key); !s.ok()) return s;
-    ++result.chunks_deleted;
-    result.bytes_freed += o.size;
   }
+  std::mutex mu;  // guards the lease (not thread-safe), `first` and the counters
+  std::atomic<size_t> next{0};
+  Status first;
+  auto sweep = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < doomed.size();) {
+      {
+        std::lock_guard lk(mu);
+        if (!first.ok()) return;
+        if (Status s = (*gc)->Check(); !s.ok()) {
+          first = s;
+          return;
+        }
+      }
+      Status s = store_.Delete(doomed[i]->key);
+      std::lock_guard lk(mu);
+      if (!s.ok()) {
+        if (first.ok()) first = s;
+        return;
+      }
+      ++result.chunks_deleted;
+      result.bytes_freed += doomed[i]->size;
+    }
+  };
+  {
+    std::vector<std::thread> threads;
+    for (size_t t = 1; t < std::min<size_t>(kSweepThreads, doomed.size()); ++t) {
+      threads.emplace_back(sweep);
+    }
+    sweep();
+    for (auto& t : threads) t.join();
+  }
+  if (!first.ok()) return first;
   for (const std::string& key : expired) {
     if (store_.Delete(key).ok()) ++result.stale_leases_deleted;
   }
