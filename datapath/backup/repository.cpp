@@ -106,11 +106,10 @@ StatusOr<Manifest> Repository::Read(const std::string& name) {
   if (Status s = ValidateBackupName(name); !s.ok()) return s;
   auto body = store_.Get(ManifestKey(name));
   if (!body.ok()) {
-    if (body.status().code() == ENOENT &&
-        body.status().message().find("bucket") == std::string::npos) {
-      return Error(ENOENT, "backup \"{}\" does not exist", name);
-    }
-    return body.status();
+    if (body.status().code() != ENOENT) return body.status();
+    // A missing key or a missing bucket: the listing tells them apart, clearly.
+    if (auto names = ListNames(); !names.ok()) return names.status();
+    return Error(ENOENT, "backup \"{}\" does not exist", name);
   }
   auto m = ParseManifest(*body);
   if (!m.ok()) return Error(EINVAL, "backup \"{}\": {}", name, m.status().message());
