@@ -1,11 +1,15 @@
 #include "datapath/backup/jobs.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "common/fs_util.h"
 
 namespace nbdcsi::datapath::backup {
 
@@ -51,7 +55,54 @@ StatusOr<std::unique_ptr<ObjectStore>> BackupJobs::S3Factory(const Target& t) {
 }
 
 BackupJobs::BackupJobs(Pool& pool, StoreFactory factory, LeaseTimes lease_times)
-    : pool_(pool), factory_(std::move(factory)), lease_times_(lease_times) {}
+    : pool_(pool),
+      factory_(std::move(factory)),
+      lease_times_(lease_times),
+      marker_dir_(pool.Info().dir + "/backup-restores") {
+  RemoveInterruptedRestores();
+}
+
+void BackupJobs::RemoveInterruptedRestores() {
+  DIR* d = ::opendir(marker_dir_.c_str());
+  if (!d) return;  // none was ever started
+  std::vector<std::string> names;
+  while (struct dirent* e = ::readdir(d)) {
+    if (e->d_name[0] != '.') names.push_back(e->d_name);
+  }
+  ::closedir(d);
+  for (const std::string& name : names) {
+    Status s = pool_.Delete(name);
+    if (!s.ok() && s.code() != ENOENT) {
+      // Kept: the next start tries again. Until then the volume holds part of a backup.
+      spdlog::error(
+          "backup: volume \"{}\" was being restored when the daemon stopped and cannot "
+          "be removed: {}; delete it",
+          name, s.message());
+      continue;
+    }
+    spdlog::warn(
+        "backup: volume \"{}\" was being restored when the daemon stopped; the "
+        "half-restored volume was deleted (restore it again)",
+        name);
+    RemoveMarker(name);
+  }
+}
+
+Status BackupJobs::WriteMarker(const std::string& volume, const std::string& backup,
+                               const std::string& target) {
+  if (Status s = MkdirP(marker_dir_); !s.ok()) return s;
+  return WriteFileAtomic(marker_dir_, volume,
+                         nlohmann::json{{"backup", backup}, {"target", target}}.dump());
+}
+
+void BackupJobs::RemoveMarker(const std::string& volume) {
+  const std::string path = marker_dir_ + "/" + volume;
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+    spdlog::warn("backup: removing {}: {}", path, std::strerror(errno));
+    return;
+  }
+  if (Status s = FsyncDir(marker_dir_); !s.ok()) spdlog::warn("backup: {}", s.message());
+}
 
 BackupJobs::~BackupJobs() {
   stopping_ = true;
@@ -264,10 +315,19 @@ StatusOr<JobInfo> BackupJobs::StartRestore(const RestoreRequest& req) {
     }
     restoring_.insert(req.volume);
   }
+  // Durable before the volume exists: a daemon that dies from here on removes the volume at its
+  // next start instead of serving half a backup as if it were whole.
+  if (Status s = WriteMarker(req.volume, req.name, req.target.url); !s.ok()) {
+    std::lock_guard lk(mu_);
+    restoring_.erase(req.volume);
+    return s;
+  }
   auto created = pool_.Create(CreateSpec::Blank(req.volume, m->volume_size));
   std::shared_ptr<Volume> vol = created.ok() ? pool_.Acquire(req.volume) : nullptr;
+  if (created.ok() && !vol) (void)pool_.Delete(req.volume);
   std::lock_guard lk(mu_);
   if (!created.ok() || !vol) {
+    RemoveMarker(req.volume);
     restoring_.erase(req.volume);
     if (!created.ok()) return created.status();
     return Error(EIO, "volume \"{}\" vanished right after it was created", req.volume);
@@ -295,13 +355,19 @@ void BackupJobs::RunRestore(std::shared_ptr<Job> job, RestoreRequest req, Opened
               req.volume);
   }
   vol.reset();
+  bool remove_marker = true;
   if (!s.ok()) {
     // Nothing half-restored stays behind looking like a volume.
     if (Status d = pool_.Delete(req.volume); !d.ok() && d.code() != ENOENT) {
-      spdlog::warn("restore {}: removing the unfinished volume \"{}\": {}", job->info.id,
-                   req.volume, d.message());
+      spdlog::warn(
+          "restore {}: removing the unfinished volume \"{}\": {} (the next start "
+          "tries again)",
+          job->info.id, req.volume, d.message());
+      remove_marker = false;
     }
   }
+  // On success only after RunRestore's fsync: the data is durable before the marker goes.
+  if (remove_marker) RemoveMarker(req.volume);
   {
     std::lock_guard lk(mu_);
     restoring_.erase(req.volume);

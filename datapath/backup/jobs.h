@@ -11,7 +11,8 @@
 // used (known limit: the pool has no "not ready" state for it, nbdctl says so). A failed or
 // cancelled restore deletes the volume it created.
 // Jobs live in memory: a daemon restart forgets them. A backup that dies leaves no manifest
-// (engine.h); a restore that dies leaves its volume, which the operator deletes.
+// (engine.h); a restore that dies leaves a marker in POOL/backup-restores/, and the next start
+// deletes the half-restored volume.
 // Credentials are held only by the job's store and never logged.
 #pragma once
 
@@ -105,6 +106,13 @@ class BackupJobs {
   void RunRestore(std::shared_ptr<Job> job, RestoreRequest req, Opened opened, Manifest m,
                   std::shared_ptr<Volume> vol);
   void Finish(Job& job, const Status& s);
+  // POOL/backup-restores/VOLUME marks a restore in progress (written before the volume is
+  // created, removed once its data is durable). Markers found at start are restores the daemon
+  // died in: their volumes are deleted.
+  void RemoveInterruptedRestores();
+  Status WriteMarker(const std::string& volume, const std::string& backup,
+                     const std::string& target);
+  void RemoveMarker(const std::string& volume);
   static JobInfo Snapshot(const Job& job);
 
   Pool& pool_;
@@ -116,6 +124,7 @@ class BackupJobs {
   std::set<std::string> restoring_;                   // volumes being restored; guarded by mu_
   std::vector<std::thread> threads_;                  // guarded by mu_
   std::atomic<bool> stopping_{false};
+  std::string marker_dir_;
 };
 
 }  // namespace nbdcsi::datapath::backup

@@ -204,5 +204,29 @@ TEST_F(BackupJobsTest, ShutdownCancelsARunningBackupWithoutAManifest) {
   EXPECT_TRUE(repo.ListNames()->empty());
 }
 
+TEST_F(BackupJobsTest, ARestoreTheDaemonDiedInIsRemovedAtTheNextStart) {
+  ASSERT_TRUE(pool_->Create("src", 16 * kMiB, {}).ok());
+  WriteVolume("src", 0, Random(8 * kMiB, 6));
+  Snapshot("s1", "src");
+  auto job = jobs_->StartBackup({target_, "b1", "s1", "", 0});
+  ASSERT_TRUE(job.ok());
+  ASSERT_EQ(WaitDone(job->id).state, "succeeded");
+  auto r = jobs_->StartRestore({target_, "b1", "r1"});
+  ASSERT_TRUE(r.ok());
+  ASSERT_EQ(WaitDone(r->id).state, "succeeded");
+  const std::string markers = pool_->Info().dir + "/backup-restores";
+  EXPECT_NE(::access((markers + "/r1").c_str(), F_OK), 0);  // gone once the restore succeeded
+
+  // What a daemon killed mid-restore leaves: the volume and its marker.
+  ASSERT_TRUE(pool_->Create("half", 16 * kMiB, {}).ok());
+  int fd = ::open((markers + "/half").c_str(), O_WRONLY | O_CREAT, 0600);
+  ASSERT_GE(fd, 0);
+  ::close(fd);
+  jobs_ = std::make_unique<BackupJobs>(*pool_, BackupJobs::S3Factory);
+  EXPECT_EQ(pool_->Inspect("half").status().code(), ENOENT);
+  EXPECT_NE(::access((markers + "/half").c_str(), F_OK), 0);
+  EXPECT_TRUE(pool_->Inspect("r1").ok());  // a finished restore is left alone
+}
+
 }  // namespace
 }  // namespace nbdcsi::datapath::backup
