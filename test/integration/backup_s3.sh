@@ -6,9 +6,9 @@
 # stands for another cluster), both backups restored bit-exact with their holes, the first
 # backup deleted with the shared chunks kept, a corrupt chunk on the server refused at restore,
 # a bandwidth limit obeyed, a backup of a live volume, listings longer than one page (1005 stray
-# objects collected), kill -9 of the daemon mid-backup (no backup listed, the retry works), and
-# clear errors for bad credentials, a missing bucket and a dead endpoint. Exits 77 when s3rver
-# (or node) is missing.
+# objects collected), kill -9 of the daemon mid-backup (no backup listed, the retry works) and
+# mid-restore (the half volume is removed at the restart), and clear errors for bad credentials,
+# a missing bucket and a dead endpoint. Exits 77 when s3rver (or node) is missing.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -221,6 +221,29 @@ nbdctl backup restore b5 "${T[@]}" --volume r6 --wait >/dev/null 2>"$W/err" ||
   { cat "$W/err" >&2; die "restore of b5 failed"; }
 [ "$(vol_sha r6)" = "$sha_live2" ] || die "r6 differs from the volume b5 backed up"
 step "kill -9 mid-backup: no b5 listed, gc deferred by the dead lease, the retry reused its chunks"
+
+# ---- kill -9 of the daemon in the middle of a restore: the half volume is gone after the
+# restart, the retry restores it whole ----
+vol_create big 256Mi
+random_file "$W/big" $((256 * MiB))
+nbdcopy "$W/big" "$(nbd_uri big)" || die "nbdcopy to big failed"
+sha_big=$(sha256sum <"$W/big" | cut -d' ' -f1)
+backup b6 --volume big
+nbdctl -o json backup restore b6 "${T[@]}" --volume r7 >"$W/r7.json"
+id=$(jq -r .id "$W/r7.json")
+job_restored() { nbdctl -o json backup job "$id" | jq -e '.chunks_restored >= 1'; }
+wait_for 30 job_restored || die "the restore of b6 wrote nothing within 30 s"
+nbdctl -o json backup job "$id" | jqx '.state == "running"'
+kill -9 "$DAEMON_PID"
+daemon_reap
+daemon_start "$W/pool2"
+nbdctl -o json volume list | jqx '[.volumes[].name] | index("r7") == null'
+grep -q 'volume "r7" was being restored when the daemon stopped' "$W/datapathd.log" ||
+  die "the restart did not say it removed r7"
+nbdctl backup restore b6 "${T[@]}" --volume r7 --wait >/dev/null 2>"$W/err" ||
+  { cat "$W/err" >&2; die "the retried restore of b6 failed"; }
+[ "$(vol_sha r7)" = "$sha_big" ] || die "r7 differs from big"
+step "kill -9 mid-restore: the half volume was removed at restart, the retry is whole"
 
 # ---- clear errors, never a hang ----
 expect_fail 1 "credentials were refused" env AWS_ACCESS_KEY_ID=nobody \
