@@ -18,6 +18,7 @@
 #include "common/tls.h"
 #include "common/unix_listener.h"
 #include "datapath/api/attach_service.h"
+#include "datapath/api/backup_service.h"
 #include "datapath/api/heartbeat.h"
 #include "datapath/api/service.h"
 #include "datapath/attach/attachments.h"
@@ -483,7 +484,12 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
 
   if (Status st = EnsureSocketDir(c.api_ep); !st.ok()) return fail(st);
   auto attach_service = MakeAttachmentService((*attach)->manager());
-  auto server = StartApiServer(**pool, c.api_listens, {attach_service.get()});
+  // Backups to object storage (datapath/backup): declared before the server so that the
+  // server stops first; its destructor cancels running jobs while the pool is still open.
+  backup::BackupJobs backup_jobs(**pool);
+  auto backup_service = MakeBackupService(backup_jobs);
+  auto server =
+      StartApiServer(**pool, c.api_listens, {attach_service.get(), backup_service.get()});
   if (!server.ok()) {
     return fail(Error(server.status().code(), "cannot start the management API: {}",
                       server.status().message()));

@@ -15,6 +15,8 @@ BUILD_PKGS=(
   # nbd-datapathd's --metrics-listen: prometheus-cpp core + pull (the exposition format and its
   # CivetWeb server).
   prometheus-cpp-dev
+  # Backups (datapath/backup): the S3 client (libcurl, SigV4 signing built in) and zstd.
+  libcurl4-openssl-dev libzstd-dev
 )
 # Independent NBD clients and peers used by the tests and benchmarks, plus the tools that make
 # the XFS / ext4 test pools and the fuzzer's compiler.
@@ -50,11 +52,19 @@ esac
 # unless one is already on PATH (a nodesource nodejs ships its own, and Debian's npm would conflict).
 if { [ "$what" = test ] || [ "$what" = all ]; } && ! command -v npm >/dev/null 2>&1; then pkgs+=(npm); fi
 
+# The backup integration test's S3 server (s3rver) comes from the npm registry too
+# (scripts/get-s3rver.sh, into a cache directory, pinned); once npm is there.
+get_s3rver() {
+  if { [ "$what" = test ] || [ "$what" = all ]; } && command -v npm >/dev/null 2>&1; then
+    "$(dirname "$0")/get-s3rver.sh" >/dev/null
+  fi
+}
+
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+[ ${#missing[@]} -eq 0 ] && { get_s3rver; exit 0; }
 
 SUDO=
 [ "$(id -u)" = 0 ] || SUDO=sudo
@@ -62,3 +72,4 @@ echo "deps: installing ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -q >&2
 $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+get_s3rver

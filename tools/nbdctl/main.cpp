@@ -7,6 +7,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "tools/nbdctl/backup_cmds.h"
 #include "tools/nbdctl/command_tree.h"
 #include "tools/nbdctl/connection.h"
 #include "tools/nbdctl/csi_cmds.h"
@@ -40,6 +41,7 @@ int Run(int argc, char** argv) {
   CommandTree tree(app);
   DatapathCommands datapath(tree, global);
   CsiCommands csi(tree, global);
+  BackupCommands backups(tree, global);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -1,0 +1,302 @@
+#include "datapath/backup/engine.h"
+
+#include <fcntl.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <optional>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "datapath/backup/chunk.h"
+
+namespace nbdcsi::datapath::backup {
+
+bool RateLimiter::Consume(uint64_t bytes, const std::atomic<bool>* cancel) {
+  if (rate_ == 0 || bytes == 0) return true;
+  std::chrono::steady_clock::time_point start;
+  {
+    std::lock_guard lk(mu_);
+    const auto now = std::chrono::steady_clock::now();
+    start = std::max(now, next_);
+    // 128-bit: bytes * 1e9 overflows 64 bits past 18 GB.
+    next_ = start + std::chrono::nanoseconds(static_cast<int64_t>(
+                        static_cast<unsigned __int128>(bytes) * 1'000'000'000ULL / rate_));
+  }
+  constexpr auto kStep = std::chrono::milliseconds(100);
+  for (;;) {
+    if (cancel && cancel->load()) return false;
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= start) return true;
+    std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(start - now, kStep));
+  }
+}
+
+namespace {
+
+// Runs work(i) for i in [0, n) on up to `threads` threads; the first error stops the others at
+// their next item and is returned.
+template <typename F>
+Status ParallelFor(uint64_t n, unsigned threads, F work) {
+  std::atomic<uint64_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex mu;
+  Status first;
+  auto loop = [&] {
+    for (;;) {
+      if (failed.load()) return;
+      uint64_t i = next.fetch_add(1);
+      if (i >= n) return;
+      Status s = work(i);
+      if (!s.ok()) {
+        std::lock_guard lk(mu);
+        if (!failed.exchange(true)) first = s;
+        return;
+      }
+    }
+  };
+  threads =
+      std::max(1u, std::min<unsigned>(threads, static_cast<unsigned>(std::min<uint64_t>(n, 64))));
+  std::vector<std::thread> pool;
+  for (unsigned t = 1; t < threads; ++t) pool.emplace_back(loop);
+  loop();
+  for (auto& t : pool) t.join();
+  return first;
+}
+
+Status PreadAll(int fd, char* buf, uint64_t len, uint64_t off) {
+  while (len > 0) {
+    ssize_t n = ::pread(fd, buf, len, static_cast<off_t>(off));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return Error(errno, "read at {}: {}", off, std::strerror(errno));
+    if (n == 0) return Error(EIO, "read at {}: the source ended early", off);
+    buf += n;
+    len -= static_cast<uint64_t>(n);
+    off += static_cast<uint64_t>(n);
+  }
+  return Status::Ok();
+}
+
+Status PwriteAll(int fd, const char* buf, uint64_t len, uint64_t off) {
+  while (len > 0) {
+    ssize_t n = ::pwrite(fd, buf, len, static_cast<off_t>(off));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return Error(errno, "write at {}: {}", off, std::strerror(errno));
+    buf += n;
+    len -= static_cast<uint64_t>(n);
+    off += static_cast<uint64_t>(n);
+  }
+  return Status::Ok();
+}
+
+// Writes the runs of `data` that are not zero, in kZeroBlock blocks, at `off` of a blank
+// destination: zeros inside a chunk (a partly written chunk, a file system's zeroed blocks)
+// stay holes, so a restored volume allocates about what its source did.
+constexpr uint64_t kZeroBlock = 4096;
+Status WriteNonZero(int fd, const std::string& data, uint64_t off) {
+  static const std::string kZeros(kZeroBlock, '\0');
+  uint64_t run = 0, pos = 0;  // [run, pos) is a pending run of non-zero blocks
+  while (pos < data.size()) {
+    const uint64_t n = std::min<uint64_t>(kZeroBlock, data.size() - pos);
+    const bool zero = std::memcmp(data.data() + pos, kZeros.data(), n) == 0;
+    if (zero) {
+      if (pos > run) {
+        if (Status s = PwriteAll(fd, data.data() + run, pos - run, off + run); !s.ok()) return s;
+      }
+      run = pos + n;
+    }
+    pos += n;
+  }
+  if (pos > run) return PwriteAll(fd, data.data() + run, pos - run, off + run);
+  return Status::Ok();
+}
+
+// True when [off, end) of fd holds no data extent (never written, or punched).
+StatusOr<bool> IsHole(int fd, uint64_t off, uint64_t end) {
+  off_t r = ::lseek(fd, static_cast<off_t>(off), SEEK_DATA);
+  if (r < 0) {
+    if (errno == ENXIO) return true;  // only holes up to EOF
+    return Error(errno, "SEEK_DATA at {}: {}", off, std::strerror(errno));
+  }
+  return static_cast<uint64_t>(r) >= end;
+}
+
+bool AllZero(const std::string& data) {
+  // Compare with a shifted copy of itself: zero iff the first byte is zero and all are equal.
+  return data.empty() ||
+         (data[0] == 0 && std::memcmp(data.data(), data.data() + 1, data.size() - 1) == 0);
+}
+
+}  // namespace
+
+StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress* progress) {
+  if (Status s = ValidateBackupName(spec.name); !s.ok()) return s;
+  if (spec.fd < 0 || spec.size == 0 || spec.chunk_size == 0 || spec.chunk_size > kMaxChunkSize) {
+    return Error(EINVAL, "backup \"{}\": invalid source (fd {}, size {}, chunk size {})", spec.name,
+                 spec.fd, spec.size, spec.chunk_size);
+  }
+  // The first call reaches the store: bucket, credentials and endpoint fail here, clearly.
+  auto names = repo.ListNames();
+  if (!names.ok()) return names.status();
+  if (std::binary_search(names->begin(), names->end(), spec.name)) {
+    auto existing = repo.Read(spec.name);
+    if (!existing.ok()) return existing.status();
+    if (existing->source_snapshot == spec.source_snapshot &&
+        existing->source_volume == spec.source_volume) {
+      return existing;
+    }
+    return Error(EEXIST,
+                 "backup \"{}\" already exists in this target, of snapshot \"{}\" of volume "
+                 "\"{}\"",
+                 spec.name, existing->source_snapshot, existing->source_volume);
+  }
+
+  auto lease = repo.AcquireBackupLease(spec.name);
+  if (!lease.ok()) return lease.status();
+  std::mutex lease_mu;  // Lease is not thread-safe
+  auto check_lease = [&] {
+    std::lock_guard lk(lease_mu);
+    return (*lease)->Check();
+  };
+
+  auto hashes = repo.ChunkHashes();
+  if (!hashes.ok()) return hashes.status();
+  std::mutex known_mu;
+  std::set<std::string> known(hashes->begin(), hashes->end());
+
+  const uint64_t nchunks = (spec.size + spec.chunk_size - 1) / spec.chunk_size;
+  std::vector<std::optional<ChunkRef>> refs(nchunks);
+  if (progress) progress->total_bytes = spec.size;
+  RateLimiter limiter(spec.bandwidth_bytes_per_s);
+  std::atomic<uint64_t> uploaded{0};
+
+  Status st = ParallelFor(nchunks, spec.threads, [&](uint64_t i) -> Status {
+    if (spec.cancel && spec.cancel->load()) {
+      return Error(ECANCELED, "backup \"{}\": cancelled", spec.name);
+    }
+    const uint64_t off = i * spec.chunk_size;
+    const uint64_t len = std::min(spec.chunk_size, spec.size - off);
+    auto hole = IsHole(spec.fd, off, off + len);
+    if (!hole.ok())
+      return Error(hole.status().code(), "backup \"{}\": {}", spec.name, hole.status().message());
+    if (!*hole) {
+      std::string data(len, '\0');
+      if (Status s = PreadAll(spec.fd, data.data(), len, off); !s.ok()) {
+        return Error(s.code(), "backup \"{}\": {}", spec.name, s.message());
+      }
+      if (!AllZero(data)) {
+        ChunkRef ref{off, Sha256Hex(data), 0};
+        bool present;
+        {
+          std::lock_guard lk(known_mu);
+          present = !known.insert(ref.sha256).second;
+        }
+        if (present) {
+          if (progress) ++progress->chunks_reused;
+        } else {
+          std::string frame = Compress(data);
+          ref.stored_size = frame.size();
+          if (Status s = check_lease(); !s.ok()) return s;
+          if (!limiter.Consume(frame.size(), spec.cancel)) {
+            return Error(ECANCELED, "backup \"{}\": cancelled", spec.name);
+          }
+          if (Status s = repo.store().Put(repo.ChunkKey(ref.sha256), frame); !s.ok()) {
+            // Another thread may have skipped this hash on our word; the backup fails anyway.
+            return s;
+          }
+          uploaded += frame.size();
+          if (progress) {
+            progress->transferred_bytes += frame.size();
+            ++progress->chunks_uploaded;
+          }
+        }
+        refs[i] = std::move(ref);
+      }
+    }
+    if (progress) progress->done_bytes += len;
+    if (spec.after_chunk) spec.after_chunk(off);
+    return Status::Ok();
+  });
+  if (!st.ok()) return st;
+
+  Manifest m;
+  m.name = spec.name;
+  m.source_volume = spec.source_volume;
+  m.source_snapshot = spec.source_snapshot;
+  m.created_unix_ns = spec.created_unix_ns;
+  m.volume_size = spec.size;
+  m.chunk_size = spec.chunk_size;
+  m.uploaded_bytes = uploaded.load();
+  // The stored size of a reused chunk is not known without a HEAD per chunk; the listing
+  // carried it.
+  auto listed = repo.store().List(repo.ChunkPrefix());
+  if (!listed.ok()) return listed.status();
+  std::map<std::string, uint64_t> sizes;
+  for (const ObjectInfo& o : *listed) sizes[o.key.substr(o.key.rfind('/') + 1)] = o.size;
+  for (auto& r : refs) {
+    if (!r) continue;
+    if (r->stored_size == 0) r->stored_size = sizes[r->sha256];
+    m.data_bytes += m.ChunkLength(r->offset);
+    m.stored_bytes += r->stored_size;
+    m.chunks.push_back(std::move(*r));
+  }
+  // The commit point, under a lease that is still live: every chunk it names is in the store and
+  // no collection can have removed a reused one meanwhile (repository.h).
+  if (Status s = check_lease(); !s.ok()) return s;
+  if (Status s = repo.Write(m); !s.ok()) return s;
+  return m;
+}
+
+Status RunRestore(Repository& repo, const Manifest& m, const RestoreSpec& spec,
+                  Progress* progress) {
+  if (spec.fd < 0) return Error(EINVAL, "restore of \"{}\": no destination", m.name);
+  if (progress) progress->total_bytes = m.volume_size;
+  const uint64_t hole_bytes = m.volume_size - m.data_bytes;
+  Status st = ParallelFor(m.chunks.size(), spec.threads, [&](uint64_t i) -> Status {
+    if (spec.cancel && spec.cancel->load()) {
+      return Error(ECANCELED, "restore of \"{}\": cancelled", m.name);
+    }
+    const ChunkRef& ref = m.chunks[i];
+    const std::string key = repo.ChunkKey(ref.sha256);
+    auto frame = repo.store().Get(key);
+    if (!frame.ok()) {
+      return Error(frame.status().code() == ENOENT ? EIO : frame.status().code(),
+                   "restore of \"{}\": chunk at offset {} ({}): {}", m.name, ref.offset, key,
+                   frame.status().message());
+    }
+    const uint64_t len = m.ChunkLength(ref.offset);
+    auto data = Decompress(*frame, len);
+    if (!data.ok()) {
+      return Error(EIO, "restore of \"{}\": chunk at offset {} ({}) is corrupt: {}", m.name,
+                   ref.offset, key, data.status().message());
+    }
+    std::string got = Sha256Hex(*data);
+    if (got != ref.sha256) {
+      return Error(EIO,
+                   "restore of \"{}\": chunk at offset {} ({}) is corrupt: its content hashes to "
+                   "{}",
+                   m.name, ref.offset, key, got);
+    }
+    if (Status s = WriteNonZero(spec.fd, *data, ref.offset); !s.ok()) {
+      return Error(s.code(), "restore of \"{}\": {}", m.name, s.message());
+    }
+    if (progress) {
+      progress->transferred_bytes += frame->size();
+      progress->done_bytes += len;
+      ++progress->chunks_restored;
+    }
+    return Status::Ok();
+  });
+  if (!st.ok()) return st;
+  if (::fsync(spec.fd) != 0) {
+    return Error(errno, "restore of \"{}\": fsync: {}", m.name, std::strerror(errno));
+  }
+  if (progress) progress->done_bytes += hole_bytes;
+  return Status::Ok();
+}
+
+}  // namespace nbdcsi::datapath::backup

@@ -1,0 +1,6 @@
+# Backups to a real S3 server (s3rver, from scripts/get-s3rver.sh) through nbd-datapathd and
+# nbdctl: full and incremental backups counted on the server, restores on a fresh pool, GC,
+# corrupt chunks, bandwidth limit, error paths. Exits 77 when s3rver is not installed.
+nbdcsi_add_test(NAME integration.backup_s3
+  COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/backup_s3.sh
+  TIMEOUT 480 LABELS integration backup)

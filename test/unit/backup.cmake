@@ -1,0 +1,8 @@
+# Backups (datapath/backup): chunks, manifests, incremental upload, a killed backup, corrupt
+# chunks, garbage collection and its race with a backup, all against an in-memory store.
+nbdcsi_add_gtest(backup_engine_test ${CMAKE_CURRENT_LIST_DIR}/backup_engine_test.cpp nbd_backup)
+# BackupJobs over a real pool in a temp dir (background-copy snapshots) and the in-memory store.
+nbdcsi_add_gtest(backup_jobs_test ${CMAKE_CURRENT_LIST_DIR}/backup_jobs_test.cpp nbd_backup)
+# nbdctl backup's pure helpers (credentials file, JSON and tables).
+nbdcsi_add_gtest(backup_render_test ${CMAKE_CURRENT_LIST_DIR}/backup_render_test.cpp
+                 nbdctl_render)

@@ -1,0 +1,416 @@
+// The backup engine against an in-memory store: chunk codec, manifest parser, sparse backup and
+// restore, incremental uploads, a killed backup, corrupt chunks, garbage collection and its race
+// with a running backup.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <random>
+
+#include "datapath/backup/chunk.h"
+#include "datapath/backup/engine.h"
+#include "datapath/backup/manifest.h"
+#include "datapath/backup/repository.h"
+#include "test/support/temp_dir.h"
+#include "test/unit/backup_memory_store.h"
+
+namespace nbdcsi::datapath::backup {
+namespace {
+
+constexpr uint64_t kChunk = 64 * 1024;  // small chunks keep the tests fast
+
+std::string Pattern(uint64_t len, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::string s(len, '\0');
+  for (auto& c : s) c = static_cast<char>(rng());
+  return s;
+}
+
+class File {
+ public:
+  File(const std::string& path, uint64_t size) : path_(path) {
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
+    EXPECT_GE(fd_, 0);
+    EXPECT_EQ(::ftruncate(fd_, static_cast<off_t>(size)), 0);
+  }
+  ~File() { ::close(fd_); }
+  int fd() const { return fd_; }
+  void Write(uint64_t off, const std::string& data) {
+    ASSERT_EQ(::pwrite(fd_, data.data(), data.size(), static_cast<off_t>(off)),
+              static_cast<ssize_t>(data.size()));
+  }
+  std::string Read(uint64_t off, uint64_t len) const {
+    std::string s(len, '\0');
+    EXPECT_EQ(::pread(fd_, s.data(), len, static_cast<off_t>(off)), static_cast<ssize_t>(len));
+    return s;
+  }
+  bool HasDataIn(uint64_t off, uint64_t end) const {
+    off_t r = ::lseek(fd_, static_cast<off_t>(off), SEEK_DATA);
+    return r >= 0 && static_cast<uint64_t>(r) < end;
+  }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+};
+
+class BackupTest : public ::testing::Test {
+ protected:
+  BackupTest() : dir_("backup_test"), repo_(store_, "cluster-a/backups", Times()) {}
+  static LeaseTimes Times() {
+    LeaseTimes t;
+    t.ttl = std::chrono::seconds(600);
+    t.margin = std::chrono::seconds(60);
+    t.gc_wait = std::chrono::seconds(0);
+    return t;
+  }
+  BackupSpec Spec(const std::string& name, const File& f, uint64_t size) {
+    BackupSpec s;
+    s.name = name;
+    s.fd = f.fd();
+    s.size = size;
+    s.source_volume = "vol";
+    s.source_snapshot = name + "-snap";
+    s.chunk_size = kChunk;
+    return s;
+  }
+  size_t Chunks() { return store_.Count("cluster-a/backups/chunks/"); }
+
+  test::TempDir dir_;
+  MemoryStore store_;
+  Repository repo_;
+};
+
+TEST(ChunkCodec, RoundTripAndRefusals) {
+  std::string data = Pattern(10000, 1) + std::string(50000, 'x');
+  std::string frame = Compress(data);
+  EXPECT_LT(frame.size(), data.size());
+  auto back = Decompress(frame, data.size());
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_EQ(*back, data);
+  EXPECT_FALSE(Decompress(frame, data.size() + 1).ok());  // a length the manifest does not say
+  EXPECT_FALSE(Decompress("not zstd at all", 15).ok());
+  EXPECT_FALSE(Decompress(frame + "x", data.size()).ok());  // trailing bytes
+  EXPECT_FALSE(Decompress(frame.substr(0, frame.size() - 3), data.size()).ok());
+  EXPECT_EQ(Sha256Hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_TRUE(IsSha256Hex(Sha256Hex("a")));
+  EXPECT_FALSE(IsSha256Hex("../../etc/passwd"));
+}
+
+TEST(ManifestFormat, RoundTripAndValidation) {
+  Manifest m;
+  m.name = "b1";
+  m.source_volume = "v";
+  m.source_snapshot = "s";
+  m.created_unix_ns = 5;
+  m.volume_size = 3 * kChunk;
+  m.chunk_size = kChunk;
+  m.chunks = {{0, Sha256Hex("a"), 10}, {2 * kChunk, Sha256Hex("b"), 20}};
+  auto back = ParseManifest(ManifestToJson(m));
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_EQ(back->chunks.size(), 2u);
+  EXPECT_EQ(back->chunks[1].offset, 2 * kChunk);
+  EXPECT_EQ(back->ChunkLength(2 * kChunk), kChunk);
+
+  auto refused = [&](Manifest bad, const char* why) {
+    auto r = ParseManifest(ManifestToJson(bad));
+    EXPECT_FALSE(r.ok()) << why;
+    if (!r.ok()) {
+      EXPECT_EQ(r.status().code(), EINVAL) << why;
+    }
+  };
+  Manifest bad = m;
+  bad.format = 2;
+  refused(bad, "format");
+  bad = m;
+  std::swap(bad.chunks[0], bad.chunks[1]);
+  refused(bad, "order");
+  bad = m;
+  bad.chunks[1].offset = 3 * kChunk;
+  refused(bad, "past the end");
+  bad = m;
+  bad.chunks[0].offset = 1;
+  refused(bad, "not a boundary");
+  bad = m;
+  bad.chunks[0].sha256 = "../x";
+  refused(bad, "hash");
+  bad = m;
+  bad.name = "a/b";
+  refused(bad, "name");
+  bad = m;
+  bad.chunk_size = 0;
+  refused(bad, "chunk size");
+  EXPECT_FALSE(ParseManifest("{").ok());
+  EXPECT_FALSE(ParseManifest("[]").ok());
+}
+
+TEST_F(BackupTest, SparseBackupRestoresBitExactWithHoles) {
+  const uint64_t size = 16 * kChunk;
+  File src(dir_ / "src", size);
+  std::string a = Pattern(kChunk + 100, 1);  // spans chunks 0 and 1
+  std::string b = Pattern(10, 2);            // a few bytes in chunk 9
+  src.Write(0, a);
+  src.Write(9 * kChunk + 7, b);
+  src.Write(12 * kChunk, std::string(kChunk, '\0'));  // written zeros: no chunk either
+  Progress p;
+  auto m = RunBackup(repo_, Spec("b1", src, size), &p);
+  ASSERT_TRUE(m.ok()) << m.status().message();
+  ASSERT_EQ(m->chunks.size(), 3u);
+  EXPECT_EQ(m->chunks[0].offset, 0u);
+  EXPECT_EQ(m->chunks[1].offset, kChunk);
+  EXPECT_EQ(m->chunks[2].offset, 9 * kChunk);
+  EXPECT_EQ(p.done_bytes.load(), size);
+  EXPECT_EQ(p.chunks_uploaded.load(), 3u);
+  EXPECT_EQ(Chunks(), 3u);
+  EXPECT_EQ(m->uploaded_bytes, p.transferred_bytes.load());
+  EXPECT_EQ(repo_.ListNames().value(), std::vector<std::string>{"b1"});
+
+  auto read = repo_.Read("b1");
+  ASSERT_TRUE(read.ok()) << read.status().message();
+  File dst(dir_ / "dst", read->volume_size);
+  Progress rp;
+  Status s = RunRestore(repo_, *read, {dst.fd(), 4, nullptr}, &rp);
+  ASSERT_TRUE(s.ok()) << s.message();
+  EXPECT_EQ(dst.Read(0, size), src.Read(0, size));
+  EXPECT_EQ(rp.done_bytes.load(), size);
+  EXPECT_FALSE(dst.HasDataIn(2 * kChunk, 9 * kChunk));  // holes stay holes
+  EXPECT_FALSE(dst.HasDataIn(12 * kChunk, 13 * kChunk));
+  // Inside a chunk too: only the 4 KiB block with the 10 bytes is written.
+  EXPECT_TRUE(dst.HasDataIn(9 * kChunk, 9 * kChunk + 4096));
+  EXPECT_FALSE(dst.HasDataIn(9 * kChunk + 4096, 10 * kChunk));
+  EXPECT_FALSE(dst.HasDataIn(kChunk + 4096, 2 * kChunk));  // the 100 bytes past chunk 0
+}
+
+TEST_F(BackupTest, SecondBackupUploadsOnlyChangedChunks) {
+  const uint64_t size = 32 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(20 * kChunk, 3));
+  ASSERT_TRUE(RunBackup(repo_, Spec("b1", src, size), nullptr).ok());
+  EXPECT_EQ(Chunks(), 20u);
+  src.Write(5 * kChunk + 3, "changed");
+  const uint64_t before = store_.bytes_put();
+  Progress p;
+  auto m2 = RunBackup(repo_, Spec("b2", src, size), &p);
+  ASSERT_TRUE(m2.ok()) << m2.status().message();
+  EXPECT_EQ(p.chunks_uploaded.load(), 1u);
+  EXPECT_EQ(p.chunks_reused.load(), 19u);
+  EXPECT_EQ(Chunks(), 21u);
+  // One chunk, the manifest and the lease: far less than one more full copy.
+  EXPECT_LT(store_.bytes_put() - before, 2 * kChunk);
+  EXPECT_EQ(m2->uploaded_bytes, p.transferred_bytes.load());
+  EXPECT_EQ(m2->data_bytes, 20 * kChunk);
+}
+
+TEST_F(BackupTest, IdenticalChunksAreStoredOnce) {
+  const uint64_t size = 8 * kChunk;
+  File src(dir_ / "src", size);
+  std::string c = Pattern(kChunk, 4);
+  for (int i = 0; i < 8; ++i) src.Write(i * kChunk, c);
+  auto m = RunBackup(repo_, Spec("b1", src, size), nullptr);
+  ASSERT_TRUE(m.ok()) << m.status().message();
+  EXPECT_EQ(m->chunks.size(), 8u);
+  EXPECT_EQ(Chunks(), 1u);
+}
+
+TEST_F(BackupTest, KilledBackupLeavesNoBackupAndARetrySucceeds) {
+  const uint64_t size = 16 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(size, 5));
+  // The lease, then 5 chunks; then the "process" can write nothing more.
+  store_.fail_puts_after = 6;
+  auto m = RunBackup(repo_, Spec("b1", src, size), nullptr);
+  ASSERT_FALSE(m.ok());
+  EXPECT_TRUE(repo_.ListNames()->empty());
+  EXPECT_EQ(repo_.Read("b1").status().code(), ENOENT);
+  store_.fail_puts_after = -1;
+
+  std::atomic<bool> cancel{false};
+  BackupSpec spec = Spec("b1", src, size);
+  spec.cancel = &cancel;
+  spec.after_chunk = [&](uint64_t off) {
+    if (off >= 3 * kChunk) cancel = true;
+  };
+  m = RunBackup(repo_, spec, nullptr);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), ECANCELED);
+  EXPECT_TRUE(repo_.ListNames()->empty());
+
+  Progress p;
+  m = RunBackup(repo_, Spec("b1", src, size), &p);
+  ASSERT_TRUE(m.ok()) << m.status().message();
+  EXPECT_EQ(m->chunks.size(), 16u);
+  EXPECT_GT(p.chunks_reused.load(), 0u);  // what the dead attempts uploaded is reused
+  EXPECT_EQ(repo_.ListNames().value(), std::vector<std::string>{"b1"});
+}
+
+TEST_F(BackupTest, RetryOfTheSameBackupIsIdempotentAndAnotherSourceIsRefused) {
+  File src(dir_ / "src", 4 * kChunk);
+  src.Write(0, Pattern(kChunk, 6));
+  ASSERT_TRUE(RunBackup(repo_, Spec("b1", src, 4 * kChunk), nullptr).ok());
+  const uint64_t puts = store_.puts();
+  auto again = RunBackup(repo_, Spec("b1", src, 4 * kChunk), nullptr);
+  ASSERT_TRUE(again.ok()) << again.status().message();
+  EXPECT_EQ(store_.puts(), puts);
+  BackupSpec other = Spec("b1", src, 4 * kChunk);
+  other.source_snapshot = "another";
+  auto r = RunBackup(repo_, other, nullptr);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), EEXIST);
+  EXPECT_NE(r.status().message().find("b1-snap"), std::string::npos) << r.status().message();
+}
+
+TEST_F(BackupTest, CorruptChunkIsRefusedAtRestore) {
+  const uint64_t size = 4 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(size, 7));
+  auto m = RunBackup(repo_, Spec("b1", src, size), nullptr);
+  ASSERT_TRUE(m.ok());
+  const std::string key = repo_.ChunkKey(m->chunks[2].sha256);
+
+  // A valid frame of the right length but other bytes: only the hash can tell.
+  store_.Corrupt(key, Compress(Pattern(kChunk, 99)));
+  File dst(dir_ / "dst", size);
+  Status s = RunRestore(repo_, *m, {dst.fd(), 1, nullptr}, nullptr);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), EIO);
+  EXPECT_NE(s.message().find("corrupt"), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find(std::to_string(2 * kChunk)), std::string::npos) << s.message();
+  EXPECT_FALSE(dst.HasDataIn(2 * kChunk, 3 * kChunk));  // the bad chunk was never written
+
+  store_.Corrupt(key, "garbage");
+  s = RunRestore(repo_, *m, {dst.fd(), 2, nullptr}, nullptr);
+  EXPECT_EQ(s.code(), EIO);
+  EXPECT_NE(s.message().find("corrupt"), std::string::npos) << s.message();
+
+  ASSERT_TRUE(store_.Delete(key).ok());
+  s = RunRestore(repo_, *m, {dst.fd(), 2, nullptr}, nullptr);
+  EXPECT_EQ(s.code(), EIO);
+  EXPECT_NE(s.message().find(key), std::string::npos) << s.message();
+}
+
+TEST_F(BackupTest, DeleteCollectsOnlyUnreferencedChunks) {
+  const uint64_t size = 8 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(size, 8));
+  auto m1 = RunBackup(repo_, Spec("b1", src, size), nullptr);
+  ASSERT_TRUE(m1.ok());
+  src.Write(2 * kChunk, Pattern(kChunk, 9));  // b2 differs in one chunk
+  auto m2 = RunBackup(repo_, Spec("b2", src, size), nullptr);
+  ASSERT_TRUE(m2.ok());
+  EXPECT_EQ(Chunks(), 9u);
+
+  auto gc = repo_.Delete("b1");
+  ASSERT_TRUE(gc.ok()) << gc.status().message();
+  EXPECT_FALSE(gc->deferred);
+  EXPECT_EQ(gc->chunks_deleted, 1u);  // b1's own version of chunk 2
+  EXPECT_EQ(gc->chunks_kept, 8u);
+  EXPECT_EQ(Chunks(), 8u);
+  EXPECT_EQ(repo_.ListNames().value(), std::vector<std::string>{"b2"});
+  File dst(dir_ / "dst", size);
+  ASSERT_TRUE(RunRestore(repo_, *m2, {dst.fd(), 4, nullptr}, nullptr).ok());
+  EXPECT_EQ(dst.Read(0, size), src.Read(0, size));
+
+  EXPECT_EQ(repo_.Delete("b1").status().code(), ENOENT);
+  ASSERT_TRUE(repo_.Delete("b2").ok());
+  EXPECT_EQ(Chunks(), 0u);
+  EXPECT_EQ(store_.Count("cluster-a/backups/leases/"), 0u);
+}
+
+TEST_F(BackupTest, CollectionDuringABackupDefersAndLosesNothing) {
+  const uint64_t size = 8 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(size, 10));
+  ASSERT_TRUE(RunBackup(repo_, Spec("b1", src, size), nullptr).ok());
+  // b2 reuses every chunk of b1. While it runs, b1 is deleted: without the lease rule the
+  // collection would remove the chunks b2 is about to reference.
+  std::optional<StatusOr<GcResult>> during;
+  BackupSpec spec = Spec("b2", src, size);
+  spec.threads = 1;
+  spec.after_chunk = [&](uint64_t off) {
+    if (off == 0) during = repo_.Delete("b1");
+  };
+  auto m2 = RunBackup(repo_, spec, nullptr);
+  ASSERT_TRUE(m2.ok()) << m2.status().message();
+  ASSERT_TRUE(during && during->ok()) << during->status().message();
+  EXPECT_TRUE((*during)->deferred);
+  EXPECT_NE((*during)->deferred_by.find("backup-b2-"), std::string::npos);
+  EXPECT_EQ((*during)->chunks_deleted, 0u);
+  EXPECT_EQ(repo_.ListNames().value(), std::vector<std::string>{"b2"});
+  EXPECT_EQ(Chunks(), 8u);
+  File dst(dir_ / "dst", size);
+  ASSERT_TRUE(RunRestore(repo_, *m2, {dst.fd(), 4, nullptr}, nullptr).ok());
+  EXPECT_EQ(dst.Read(0, size), src.Read(0, size));
+}
+
+TEST_F(BackupTest, BackupStartingDuringACollectionWaitsThenGivesUp) {
+  const uint64_t size = 4 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(size, 11));
+  ASSERT_TRUE(RunBackup(repo_, Spec("b1", src, size), nullptr).ok());
+  std::optional<StatusOr<Manifest>> started;
+  repo_.on_gc_marking = [&] { started = RunBackup(repo_, Spec("b2", src, size), nullptr); };
+  auto gc = repo_.Delete("b1");
+  ASSERT_TRUE(gc.ok()) << gc.status().message();
+  EXPECT_FALSE(gc->deferred);
+  ASSERT_TRUE(started.has_value());
+  ASSERT_FALSE(started->ok());
+  EXPECT_EQ(started->status().code(), EAGAIN);
+  EXPECT_NE(started->status().message().find("garbage collection"), std::string::npos);
+  EXPECT_EQ(Chunks(), 0u);
+  repo_.on_gc_marking = nullptr;
+  EXPECT_TRUE(RunBackup(repo_, Spec("b2", src, size), nullptr).ok());  // and then it works
+}
+
+TEST_F(BackupTest, ExpiredLeaseOfACrashedBackupStopsBlockingCollection) {
+  const uint64_t size = 4 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(size, 12));
+  // A crashed process never deletes its lease: one put by hand stands for it.
+  ASSERT_TRUE(store_.Put("cluster-a/backups/leases/backup-dead-0001", "{}").ok());
+  // Another backup dies after its lease and 2 chunks (it releases its own lease on the way out).
+  store_.fail_puts_after = static_cast<int64_t>(store_.puts()) + 3;
+  EXPECT_FALSE(RunBackup(repo_, Spec("b1", src, size), nullptr).ok());
+  store_.fail_puts_after = -1;
+  EXPECT_EQ(Chunks(), 2u);
+  auto gc = repo_.Collect();
+  ASSERT_TRUE(gc.ok());
+  EXPECT_TRUE(gc->deferred);  // the dead backup's lease is still live
+  EXPECT_EQ(Chunks(), 2u);
+  store_.now_s += 601;  // the server's clock passes the ttl
+  gc = repo_.Collect();
+  ASSERT_TRUE(gc.ok()) << gc.status().message();
+  EXPECT_FALSE(gc->deferred);
+  EXPECT_EQ(gc->chunks_deleted, 2u);
+  EXPECT_EQ(gc->stale_leases_deleted, 1u);
+  EXPECT_EQ(Chunks(), 0u);
+  EXPECT_EQ(store_.Count("cluster-a/backups/leases/"), 0u);
+}
+
+TEST_F(BackupTest, CollectionStopsOnAManifestItCannotRead) {
+  File src(dir_ / "src", 4 * kChunk);
+  src.Write(0, Pattern(4 * kChunk, 13));
+  ASSERT_TRUE(RunBackup(repo_, Spec("b1", src, 4 * kChunk), nullptr).ok());
+  ASSERT_TRUE(store_.Put(repo_.ManifestKey("broken"), "{not json").ok());
+  auto gc = repo_.Collect();
+  ASSERT_FALSE(gc.ok());
+  EXPECT_NE(gc.status().message().find("before deleting anything"), std::string::npos);
+  EXPECT_EQ(Chunks(), 4u);
+}
+
+TEST(RateLimiter, PacesToTheRate) {
+  RateLimiter limiter(4 << 20);  // 4 MiB/s
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < 5; ++i) limiter.Consume(256 << 10);  // 1.25 MiB
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  // The first 256 KiB goes at once, the rest at 4 MiB/s: 0.25 s at least.
+  EXPECT_GE(s, 0.24);
+  RateLimiter unlimited(0);
+  const auto t0 = std::chrono::steady_clock::now();
+  unlimited.Consume(1 << 30);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(50));
+}
+
+}  // namespace
+}  // namespace nbdcsi::datapath::backup
