@@ -25,7 +25,7 @@
 #include "datapath/engine/frontend.h"
 #include "datapath/engine/nbd_tls.h"
 #include "datapath/metrics/collector.h"
-#include "datapath/metrics/server.h"
+#include "common/metrics/server.h"
 #include "datapath/pool/pool.h"
 
 using namespace nbdcsi;

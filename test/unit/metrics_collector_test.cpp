@@ -14,7 +14,7 @@
 #include <prometheus/text_serializer.h>
 
 #include "datapath/metrics/collector.h"
-#include "datapath/metrics/server.h"
+#include "common/metrics/server.h"
 #include "test/support/free_port.h"
 #include "test/support/pool.h"
 #include "test/support/temp_dir.h"
