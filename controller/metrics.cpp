@@ -22,7 +22,7 @@ MetricFamily Gauges(std::string name, std::string help) {
   return f;
 }
 
-void Add(MetricFamily &f, std::vector<ClientMetric::Label> labels, double value) {
+void Add(MetricFamily& f, std::vector<ClientMetric::Label> labels, double value) {
   ClientMetric m;
   m.label = std::move(labels);
   m.gauge.value = value;
@@ -36,7 +36,7 @@ double Seconds(std::chrono::steady_clock::duration d) {
 // The registry as it is at scrape time: no copy kept between scrapes.
 class NodesCollector final : public prometheus::Collectable {
  public:
-  NodesCollector(const NodeRegistry &registry, std::string version)
+  NodesCollector(const NodeRegistry& registry, std::string version)
       : registry_(registry), version_(std::move(version)) {}
 
   std::vector<MetricFamily> Collect() const override {
@@ -50,7 +50,7 @@ class NodesCollector final : public prometheus::Collectable {
     MetricFamily age = Gauges("nbdcsi_controller_node_heartbeat_age_seconds",
                               "Time since the node's datapath last heartbeated");
     int live = 0;
-    for (const NodeInfo &n : nodes) {
+    for (const NodeInfo& n : nodes) {
       const auto since = now - n.last_seen;
       const bool is_live = since <= registry_.ttl();
       live += is_live;
@@ -72,23 +72,25 @@ class NodesCollector final : public prometheus::Collectable {
   }
 
  private:
-  const NodeRegistry &registry_;
+  const NodeRegistry& registry_;
   std::string version_;
 };
 
 }  // namespace
 
-ControllerMetrics::ControllerMetrics(const NodeRegistry &registry, std::string version)
+ControllerMetrics::ControllerMetrics(const NodeRegistry& registry, std::string version)
     : registry_(std::make_shared<prometheus::Registry>()),
       rpc_(std::make_unique<GrpcServerMetrics>(*registry_, "nbdcsi_csi")),
       nodes_(std::make_shared<NodesCollector>(registry, std::move(version))) {
-  auto &refusals = prometheus::BuildCounter()
+  auto& refusals = prometheus::BuildCounter()
                        .Name("nbdcsi_controller_placement_refusals_total")
                        .Help(
                            "CreateVolume calls that found no node for the volume: no_room "
                            "(RESOURCE_EXHAUSTED), node_missing (an allowed node is not "
                            "registered: UNAVAILABLE, retried)")
                        .Register(*registry_);
+  rpc_->Declare("csi.v1.Identity");
+  rpc_->Declare("csi.v1.Controller");
   // Both series from the start, at 0: a rate over a series that appears late
   // misses its first increment.
   no_room_ = &refusals.Add({{"reason", "no_room"}});

@@ -36,21 +36,21 @@ class ControllerMetrics {
  public:
   // `registry` must outlive this object and the metrics server that serves
   // Collectables().
-  ControllerMetrics(const NodeRegistry &registry, std::string version);
+  ControllerMetrics(const NodeRegistry& registry, std::string version);
   ~ControllerMetrics();
 
   // For MetricsServer::Start.
   std::vector<std::shared_ptr<prometheus::Collectable>> Collectables() const;
   // For CsiServerOptions::interceptors.
-  GrpcServerMetrics &rpc() { return *rpc_; }
+  GrpcServerMetrics& rpc() { return *rpc_; }
   // For ControllerOptions::on_placement_refused.
   void PlacementRefused(ControllerOptions::Refusal why);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<GrpcServerMetrics> rpc_;
-  prometheus::Counter *no_room_;
-  prometheus::Counter *node_missing_;
+  prometheus::Counter* no_room_;
+  prometheus::Counter* node_missing_;
   std::shared_ptr<prometheus::Collectable> nodes_;
 };
 

@@ -32,26 +32,29 @@ namespace nbdcsi::node {
 
 class NodeMetrics {
  public:
-  explicit NodeMetrics(const std::string &version);
+  explicit NodeMetrics(const std::string& version);
   ~NodeMetrics();
 
   // For MetricsServer::Start.
   std::vector<std::shared_ptr<prometheus::Collectable>> Collectables() const;
   // For CsiServerOptions::interceptors.
-  GrpcServerMetrics &rpc() { return *rpc_; }
+  GrpcServerMetrics& rpc() { return *rpc_; }
   // Records one step that took `seconds`.
-  void Observe(const char *operation, bool ok, double seconds);
+  void Observe(const char* operation, bool ok, double seconds);
 
  private:
+  // The series of `operation` and `ok`, made at zero when new.
+  prometheus::Histogram& Series(const char* operation, bool ok);
+
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<GrpcServerMetrics> rpc_;
-  prometheus::Family<prometheus::Histogram> *ops_;
+  prometheus::Family<prometheus::Histogram>* ops_;
 };
 
 // `inner` with MakeFs, GrowFs, Mount and Unmount timed into `m`; everything
 // else passes through. Both must outlive the result.
-std::unique_ptr<NodeOs> MeasuredOs(NodeOs &inner, NodeMetrics &m);
+std::unique_ptr<NodeOs> MeasuredOs(NodeOs& inner, NodeMetrics& m);
 // `inner` with Attach, Detach and ResizeAttachment timed into `m`.
-std::unique_ptr<DatapathClient> MeasuredDatapath(DatapathClient &inner, NodeMetrics &m);
+std::unique_ptr<DatapathClient> MeasuredDatapath(DatapathClient& inner, NodeMetrics& m);
 
 }  // namespace nbdcsi::node

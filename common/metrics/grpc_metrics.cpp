@@ -16,7 +16,7 @@ namespace nbdcsi {
 namespace {
 
 // From a fast Probe (sub-millisecond) to a mkfs or a copy that takes minutes.
-const prometheus::Histogram::BucketBoundaries &Buckets() {
+const prometheus::Histogram::BucketBoundaries& Buckets() {
   static const prometheus::Histogram::BucketBoundaries b = {
       0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
       0.5,    1,     2.5,    5,     10,   30,    60,   120, 300};
@@ -25,7 +25,7 @@ const prometheus::Histogram::BucketBoundaries &Buckets() {
 
 }  // namespace
 
-std::string GrpcMethodLabel(const char *path) {
+std::string GrpcMethodLabel(const char* path) {
   // "/package.Service/Method"
   std::string_view p = path ? path : "";
   if (p.size() < 4 || p.front() != '/') return "unknown";
@@ -34,13 +34,13 @@ std::string GrpcMethodLabel(const char *path) {
   std::string full(p.substr(1, slash - 1));
   full += '.';
   full += p.substr(slash + 1);
-  const auto *m = google::protobuf::DescriptorPool::generated_pool()->FindMethodByName(full);
+  const auto* m = google::protobuf::DescriptorPool::generated_pool()->FindMethodByName(full);
   return m ? m->name() : "unknown";
 }
 
 class GrpcMetricsInterceptor final : public grpc::experimental::Interceptor {
  public:
-  GrpcMetricsInterceptor(GrpcServerMetrics &m, grpc::experimental::ServerRpcInfo *info)
+  GrpcMetricsInterceptor(GrpcServerMetrics& m, grpc::experimental::ServerRpcInfo* info)
       : m_(m),
         method_(GrpcMethodLabel(info->method())),
         in_flight_(m.in_flight_.Add({{"method", method_}})),
@@ -55,7 +55,7 @@ class GrpcMetricsInterceptor final : public grpc::experimental::Interceptor {
     if (!done_) Finish(grpc::StatusCode::CANCELLED);
   }
 
-  void Intercept(grpc::experimental::InterceptorBatchMethods *methods) override {
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     using grpc::experimental::InterceptionHookPoints;
     if (!done_ && methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
       Finish(methods->GetSendStatus().error_code());
@@ -73,9 +73,9 @@ class GrpcMetricsInterceptor final : public grpc::experimental::Interceptor {
     m_.rpcs_.Add({{"method", method_}, {"code", GrpcCodeName(code)}}).Increment();
   }
 
-  GrpcServerMetrics &m_;
+  GrpcServerMetrics& m_;
   std::string method_;
-  prometheus::Gauge &in_flight_;
+  prometheus::Gauge& in_flight_;
   std::chrono::steady_clock::time_point start_;
   bool done_ = false;
 };
@@ -84,19 +84,19 @@ namespace {
 
 class Factory final : public grpc::experimental::ServerInterceptorFactoryInterface {
  public:
-  explicit Factory(GrpcServerMetrics &m) : m_(m) {}
-  grpc::experimental::Interceptor *CreateServerInterceptor(
-      grpc::experimental::ServerRpcInfo *info) override {
+  explicit Factory(GrpcServerMetrics& m) : m_(m) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* info) override {
     return new GrpcMetricsInterceptor(m_, info);
   }
 
  private:
-  GrpcServerMetrics &m_;
+  GrpcServerMetrics& m_;
 };
 
 }  // namespace
 
-GrpcServerMetrics::GrpcServerMetrics(prometheus::Registry &registry, const std::string &prefix)
+GrpcServerMetrics::GrpcServerMetrics(prometheus::Registry& registry, const std::string& prefix)
     : rpcs_(prometheus::BuildCounter()
                 .Name(prefix + "_rpcs_total")
                 .Help("gRPC calls answered, by method and status code (errors: "
@@ -110,6 +110,17 @@ GrpcServerMetrics::GrpcServerMetrics(prometheus::Registry &registry, const std::
                      .Name(prefix + "_rpcs_in_flight")
                      .Help("gRPC calls being served, by method")
                      .Register(registry)) {}
+
+void GrpcServerMetrics::Declare(const std::string& service) {
+  const auto* s = google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(service);
+  if (!s) return;
+  for (int i = 0; i < s->method_count(); ++i) {
+    const std::string& m = s->method(i)->name();
+    rpcs_.Add({{"method", m}, {"code", "OK"}});
+    duration_.Add({{"method", m}}, Buckets());
+    in_flight_.Add({{"method", m}});
+  }
+}
 
 std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
 GrpcServerMetrics::InterceptorFactory() {

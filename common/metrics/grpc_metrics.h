@@ -33,12 +33,18 @@ namespace nbdcsi {
 // The `method` label of a gRPC method path ("/csi.v1.Node/NodeStageVolume" ->
 // "NodeStageVolume"); "unknown" unless the generated descriptor pool knows that
 // service and method.
-std::string GrpcMethodLabel(const char *path);
+std::string GrpcMethodLabel(const char* path);
 
 class GrpcServerMetrics {
  public:
   // Adds the families to `registry`, which must outlive this object.
-  GrpcServerMetrics(prometheus::Registry &registry, const std::string &prefix);
+  GrpcServerMetrics(prometheus::Registry& registry, const std::string& prefix);
+
+  // Creates the series of every method of `service` ("csi.v1.Node", as the descriptor pool names
+  // it) at zero: the OK count, the histogram and the in-flight gauge. A rate over a series that
+  // appears with its first call would miss that call, and dashboards would show "no data" for
+  // methods not called yet. A service the pool does not know adds nothing.
+  void Declare(const std::string& service);
 
   // One factory per server (grpc::ServerBuilder takes ownership); every factory
   // made here feeds the same families. This object must outlive the servers.
@@ -46,9 +52,9 @@ class GrpcServerMetrics {
 
  private:
   friend class GrpcMetricsInterceptor;
-  prometheus::Family<prometheus::Counter> &rpcs_;
-  prometheus::Family<prometheus::Histogram> &duration_;
-  prometheus::Family<prometheus::Gauge> &in_flight_;
+  prometheus::Family<prometheus::Counter>& rpcs_;
+  prometheus::Family<prometheus::Histogram>& duration_;
+  prometheus::Family<prometheus::Gauge>& in_flight_;
 };
 
 }  // namespace nbdcsi

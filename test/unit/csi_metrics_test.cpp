@@ -230,6 +230,17 @@ TEST(ControllerMetrics, NodesAgesAndRefusals) {
   auto fams = Scrape(m.Collectables());
   EXPECT_EQ(Find(fams, "nbdcsi_controller_nodes", {{"state", "live"}})->gauge.value, 0);
   EXPECT_EQ(SeriesCount(fams, "nbdcsi_controller_node_heartbeat_age_seconds"), 0u);
+  // Every Identity and Controller method has its series before its first call.
+  for (const char* method : {"Probe", "CreateVolume", "ControllerModifyVolume"}) {
+    const ClientMetric* c =
+        Find(fams, "nbdcsi_csi_rpcs_total", {{"method", method}, {"code", "OK"}});
+    ASSERT_NE(c, nullptr) << method;
+    EXPECT_EQ(c->counter.value, 0);
+    ASSERT_NE(Find(fams, "nbdcsi_csi_rpc_duration_seconds", {{"method", method}}), nullptr);
+  }
+  EXPECT_EQ(Find(fams, "nbdcsi_csi_rpcs_total", {{"method", "NodeStageVolume"}, {"code", "OK"}}),
+            nullptr)
+      << "the controller serves no Node method";
   EXPECT_EQ(Find(fams, "nbdcsi_controller_heartbeat_interval_seconds", {})->gauge.value, 2);
   EXPECT_EQ(Find(fams, "nbdcsi_controller_heartbeat_ttl_seconds", {})->gauge.value, 6);
   EXPECT_EQ(Find(fams, "nbdcsi_controller_build_info", {{"version", "1.2.3"}})->gauge.value, 1);
@@ -289,6 +300,14 @@ TEST(NodeMetrics, StageStepsAreTimedByResult) {
   auto mos = node::MeasuredOs(os, m);
   auto mdp = node::MeasuredDatapath(dp, m);
   auto svc = node::MakeNodeService({.node_id = "node-a"}, *mos, *mdp);
+  {
+    auto before = Scrape(m.Collectables());
+    EXPECT_EQ(SeriesCount(before, "nbdcsi_node_operation_duration_seconds"), 14u)
+        << "7 operations x ok/error, at zero from the start";
+    ASSERT_NE(
+        Find(before, "nbdcsi_csi_rpcs_total", {{"method", "NodeStageVolume"}, {"code", "OK"}}),
+        nullptr);
+  }
 
   v1::NodeStageVolumeRequest req;
   req.set_volume_id("v1:node-a:pvc-1");
