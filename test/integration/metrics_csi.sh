@@ -13,22 +13,15 @@
 #   - `promtool check metrics` accepts each endpoint; every nbdcsi_ name that the dashboard and
 #     the alerting rules query is one of the names the three daemons export.
 . "$(dirname "$0")/lib.sh"
+. "$(dirname "$0")/prometheus_lib.sh"
 need jq curl prometheus promtool
 is_datapathd || skip "metrics are the daemons' feature"
 [ -x "$NBDCSI_BIN/nbd-csi-controller" ] && [ -x "$NBDCSI_BIN/nbd-csi-node" ] ||
   skip "needs nbd-csi-controller and nbd-csi-node in $NBDCSI_BIN"
 lib_init
 
-free_port() {
-  $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-ports=()
-while [ ${#ports[@]} -lt 6 ]; do
-  p=$(free_port)
-  case " ${ports[*]} " in *" $p "*) ;; *) ports+=("$p") ;; esac
-done
-REG=${ports[0]} API=${ports[1]} MC=${ports[2]} MN=${ports[3]} MD=${ports[4]} PP=${ports[5]}
-P=http://127.0.0.1:$PP
+free_ports 6
+REG=${PORTS[0]} API=${PORTS[1]} MC=${PORTS[2]} MN=${PORTS[3]} MD=${PORTS[4]} PP=${PORTS[5]}
 HB=300  # ms: the controller's ttl is 3 intervals, so a stopped datapath is out within a second
 
 code() { curl -s -o /dev/null -w '%{http_code}' "$1"; }
@@ -77,7 +70,6 @@ wait_for 15 curl -sf "http://127.0.0.1:$MN/readyz" ||
 wait_for 15 curl -sf "http://127.0.0.1:$MD/readyz" || die "datapath /readyz not 200"
 
 step "a real Prometheus scrapes the three every second, with the chart's rules"
-mkdir -p "$W/prom"
 cat >"$W/prometheus.yml" <<YML
 global:
   scrape_interval: 1s
@@ -93,26 +85,7 @@ scrape_configs:
   - job_name: nbd-datapathd
     static_configs: [{targets: ['127.0.0.1:$MD']}]
 YML
-promtool check config "$W/prometheus.yml" >/dev/null || die "promtool rejects the config"
-bg prometheus --config.file="$W/prometheus.yml" --storage.tsdb.path="$W/prom" \
-  --web.listen-address="127.0.0.1:$PP" --storage.tsdb.retention.time=1h \
-  --log.level=warn >>"$W/prometheus.log" 2>&1
-PROM_PID=$BG_PID
-wait_for 30 curl -sf "$P/-/ready" || { tail -20 "$W/prometheus.log" >&2; die "prometheus not ready"; }
-
-q() {
-  curl -sf "$P/api/v1/query" --data-urlencode "query=$1" |
-    jq -r 'if .data.result | length == 1 then .data.result[0].value[1] else "" end'
-}
-until_eq() {
-  local deadline=$(( $(date +%s) + $1 )) got
-  while :; do
-    got=$(q "$2")
-    [ "$got" = "$3" ] && return 0
-    [ "$(date +%s)" -lt "$deadline" ] || { echo "$2 = '$got', want $3" >&2; return 1; }
-    sleep 0.5
-  done
-}
+prom_start "$W/prometheus.yml" "$PP"
 for job in nbd-csi-controller nbd-csi-node nbd-datapathd; do
   until_eq 30 "up{job=\"$job\"}" 1 ||
     die "Prometheus never scraped $job: $(curl -s "$P/api/v1/targets" | jq -c '[.data.activeTargets[] | {job: .labels.job, err: .lastError}]')"
