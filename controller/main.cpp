@@ -15,6 +15,7 @@
 #include <grpcpp/server_builder.h>
 #include <spdlog/spdlog.h>
 
+#include "common/log_format.h"
 #include "common/metrics/server.h"
 #include "common/process.h"
 #include "common/tls.h"
@@ -40,6 +41,7 @@ struct Flags {
   uint32_t heartbeat_ttl_ms = 0;
   uint32_t datapath_timeout_ms = 30000;
   std::string log_level = "info";
+  std::string log_format = "text";
   std::string metrics_listen;
   std::string datapath_server_name;
   std::vector<std::string> allow_uids;
@@ -73,6 +75,10 @@ void AddFlags(CLI::App& app, Flags& f) {
       ->check(CLI::Range(100u, 600000u))
       ->capture_default_str();
   app.add_option("--log-level", f.log_level, "trace, debug, info, warn or error")
+      ->capture_default_str();
+  app.add_option("--log-format", f.log_format,
+                 "text, or json: one object per line with the call's request_id and volume_id")
+      ->check(CLI::IsMember({"text", "json"}))
       ->capture_default_str();
   app.add_option("--metrics-listen", f.metrics_listen,
                  "HOST:PORT (IP address) serving /metrics (Prometheus), /healthz and /readyz; "
@@ -190,7 +196,10 @@ int Run(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   spdlog::set_level(spdlog::level::from_str(f.log_level));
-  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
+  if (Status s = SetLogFormat(f.log_format); !s.ok()) {
+    spdlog::critical("--log-format: {}", s.message());
+    return 2;
+  }
   if (!CheckFlags(f)) return 2;
   std::shared_ptr<grpc::ServerCredentials> server_creds = grpc::InsecureServerCredentials();
   controller::GrpcDatapathOptions dopts;

@@ -14,6 +14,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/endpoint.h"
+#include "common/log_format.h"
 #include "common/metrics/server.h"
 #include "common/process.h"
 #include "common/unix_listener.h"
@@ -43,6 +44,7 @@ int Run(int argc, char** argv) {
   std::string kubelet_root = "/var/lib/kubelet";
   std::vector<std::string> allow_uids;
   std::string metrics_listen;
+  std::string log_format = "text";
   app.add_option("--csi-endpoint", csi_endpoint, "where kubelet connects: unix:///path")
       ->capture_default_str();
   app.add_option("--node-id", node_id, "this node's Kubernetes name (spec.nodeName)")->required();
@@ -62,12 +64,19 @@ int Run(int argc, char** argv) {
   app.add_option("--allow-uid", allow_uids,
                  "A uid that may call the unix CSI socket besides root and this process's own "
                  "(repeatable; others get PERMISSION_DENIED)");
+  app.add_option("--log-format", log_format,
+                 "text, or json: one object per line with the call's request_id and volume_id")
+      ->check(CLI::IsMember({"text", "json"}))
+      ->capture_default_str();
   app.add_option("--metrics-listen", metrics_listen,
                  "HOST:PORT (IP address) serving /metrics (Prometheus), /healthz and /readyz; "
                  "off when empty");
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(log_level));
-  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
+  if (Status s = nbdcsi::SetLogFormat(log_format); !s.ok()) {
+    spdlog::error("--log-format: {}", s.message());
+    return 2;
+  }
 
   if (Status s = csi::ValidateNodeId(node_id); !s.ok()) {
     spdlog::error("--node-id: {}", s.message());

@@ -10,6 +10,8 @@
 #     CreateVolume under RESOURCE_EXHAUSTED, and as a placement refusal), and in the histogram;
 #   - the controller shows the node's heartbeat age while it heartbeats, and the node as down
 #     (nbdcsi_controller_node_up 0, age past the ttl) once its datapath stops;
+#   - the node plugin logs in JSON (--log-format json): every line parses, and the lines of a
+#     call carry its request_id and volume_id;
 #   - `promtool check metrics` accepts each endpoint; every nbdcsi_ name that the dashboard and
 #     the alerting rules query is one of the names the three daemons export.
 . "$(dirname "$0")/lib.sh"
@@ -45,7 +47,7 @@ done
 step "the node plugin first: alive, not ready while no datapath answers"
 bg "$NBDCSI_BIN/nbd-csi-node" --csi-endpoint "unix://$W/node.sock" --node-id n1 \
   --datapath "unix://$W/api.sock" --kubelet-root "$W/kubelet" \
-  --metrics-listen "127.0.0.1:$MN" >>"$W/node.log" 2>&1
+  --metrics-listen "127.0.0.1:$MN" --log-format json --log-level debug >>"$W/node.log" 2>&1
 NODE_PID=$BG_PID
 wait_for 15 test -S "$W/node.sock" || die "the node plugin did not serve: $(cat "$W/node.log")"
 wait_for 10 curl -s "http://127.0.0.1:$MN/healthz" || die "node /healthz does not answer"
@@ -106,6 +108,12 @@ grep -q RESOURCE_EXHAUSTED "$W/huge.out" || die "the refusal is not RESOURCE_EXH
 for _ in 1 2 3; do csi "${N[@]}" identity probe >/dev/null || die "node Probe failed"; done
 rc=0; csi "${N[@]}" node stats v1:n1:pvc-a --volume-path "$W/kubelet/nowhere" >"$W/stats.out" 2>&1 || rc=$?
 [ $rc != 0 ] || die "NodeGetVolumeStats of a path that is not mounted succeeded"
+# --log-format json: every line of the node's log is one JSON object, and the lines of that call
+# carry its request id and the volume id it named.
+jq -e . "$W/node.log" >/dev/null || die "the node's JSON log does not parse: $(head -5 "$W/node.log")"
+jq -e -s '[.[] | select(.volume_id == "v1:n1:pvc-a" and (.request_id | test("^r-[0-9]+$")))]
+          | length >= 2' "$W/node.log" >/dev/null ||
+  die "no JSON lines with the call's request_id and volume_id: $(tail -5 "$W/node.log")"
 STATS_CODE=$(grep -oE 'NOT_FOUND|INVALID_ARGUMENT|FAILED_PRECONDITION|INTERNAL|UNAVAILABLE' "$W/stats.out" | head -1)
 [ -n "$STATS_CODE" ] || die "no gRPC code in the failed NodeGetVolumeStats: $(cat "$W/stats.out")"
 

@@ -9,3 +9,6 @@ if(TARGET nbdcsi_controller AND TARGET nbdcsi_node)
   nbdcsi_add_gtest(csi_metrics_test ${CMAKE_CURRENT_LIST_DIR}/csi_metrics_test.cpp
                    nbdcsi_controller nbdcsi_node)
 endif()
+# --log-format json: lines that parse back, with the call context (request_id, volume_id).
+nbdcsi_add_gtest(log_format_test ${CMAKE_CURRENT_LIST_DIR}/log_format_test.cpp nbdcsi_common
+                 nlohmann_json::nlohmann_json)
