@@ -1,10 +1,5 @@
 // The collector folds the per-worker shards of each volume's counters into Prometheus families
 // with exact counts; the HTTP endpoint serves them and answers the probes.
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <cmath>
 #include <limits>
 #include <thread>
@@ -13,8 +8,8 @@
 #include <gtest/gtest.h>
 #include <prometheus/text_serializer.h>
 
-#include "datapath/metrics/collector.h"
 #include "common/metrics/server.h"
+#include "datapath/metrics/collector.h"
 #include "test/support/free_port.h"
 #include "test/support/http_get.h"
 #include "test/support/pool.h"
