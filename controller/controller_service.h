@@ -38,6 +38,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "common/status.h"
@@ -52,6 +53,10 @@ struct ControllerOptions {
   // CreateVolume without a capacity_range (or with required_bytes 0 and no limit).
   uint64_t default_volume_bytes = uint64_t{1} << 30;
   // (The deadline of each call to a datapath is GrpcDatapathOptions::timeout.)
+  // Told each time CreateVolume finds no node for a volume: kNoRoom (RESOURCE_EXHAUSTED) or
+  // kNodeMissing (an allowed node is not registered: UNAVAILABLE). For /metrics; may be empty.
+  enum class Refusal { kNoRoom, kNodeMissing };
+  std::function<void(Refusal)> on_placement_refused = {};
 };
 
 // One method per CSI Controller RPC (where each lives: docs/design.md, "controller/").

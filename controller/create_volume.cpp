@@ -231,7 +231,12 @@ class CreateVolumeCall {
   // No room anywhere allowed is RESOURCE_EXHAUSTED; but an allowed node that has not registered
   // (yet) may come with room, so then UNAVAILABLE: retry rather than fail.
   Status NoPlace(uint64_t size, bool missing, const std::vector<std::string>& why_not) const {
-    if (missing || candidates_.order.empty()) {
+    const bool retry = missing || candidates_.order.empty();
+    if (opts_.on_placement_refused) {
+      opts_.on_placement_refused(retry ? ControllerOptions::Refusal::kNodeMissing
+                                       : ControllerOptions::Refusal::kNoRoom);
+    }
+    if (retry) {
       return Err(EAGAIN,
                  "no registered node can take {} bytes now ({}); retry once the node's datapath "
                  "heartbeats",

@@ -15,10 +15,13 @@
 #include <grpcpp/server_builder.h>
 #include <spdlog/spdlog.h>
 
+#include "common/log_format.h"
+#include "common/metrics/server.h"
 #include "common/process.h"
 #include "common/tls.h"
 #include "common/unix_listener.h"
 #include "controller/controller_service.h"
+#include "controller/metrics.h"
 #include "controller/node_datapath.h"
 #include "controller/registry.h"
 #include "csi/driver.h"
@@ -38,6 +41,8 @@ struct Flags {
   uint32_t heartbeat_ttl_ms = 0;
   uint32_t datapath_timeout_ms = 30000;
   std::string log_level = "info";
+  std::string log_format = "text";
+  std::string metrics_listen;
   std::string datapath_server_name;
   std::vector<std::string> allow_uids;
   PeerUids csi_peers;  // from allow_uids
@@ -71,6 +76,13 @@ void AddFlags(CLI::App& app, Flags& f) {
       ->capture_default_str();
   app.add_option("--log-level", f.log_level, "trace, debug, info, warn or error")
       ->capture_default_str();
+  app.add_option("--log-format", f.log_format,
+                 "text, or json: one object per line with the call's request_id and volume_id")
+      ->check(CLI::IsMember({"text", "json"}))
+      ->capture_default_str();
+  app.add_option("--metrics-listen", f.metrics_listen,
+                 "HOST:PORT (IP address) serving /metrics (Prometheus), /healthz and /readyz; "
+                 "off when empty");
   app.add_option("--allow-uid", f.allow_uids,
                  "A uid that may call the unix CSI socket besides root and this process's own "
                  "(repeatable; others get PERMISSION_DENIED)");
@@ -91,6 +103,12 @@ bool CheckFlags(Flags& f) {
   if (!f.datapath_server_name.empty() && f.tls.insecure) {
     spdlog::critical("--datapath-server-name has no meaning with --insecure");
     return false;
+  }
+  if (!f.metrics_listen.empty()) {
+    if (auto m = ParseMetricsListen(f.metrics_listen); !m.ok()) {
+      spdlog::critical("--metrics-listen: {}", m.status().message());
+      return false;
+    }
   }
   for (const auto& u : f.allow_uids) {
     auto uid = ParseUid(u);
@@ -120,9 +138,10 @@ std::unique_ptr<grpc::Server> StartRegistryServer(const Flags& f,
   return server;
 }
 
-// Serves CSI (Identity + Controller) over `registry` until a termination signal.
+// Serves CSI (Identity + Controller) over `registry` until a termination signal. `ready` is
+// what /readyz reports: set once CSI is served, cleared when shutting down.
 int ServeCsi(const Flags& f, controller::NodeRegistry& registry, grpc::Server& registry_server,
-             int registry_port) {
+             int registry_port, controller::ControllerMetrics& metrics, std::atomic<bool>& ready) {
   // Ready once datapaths can register. A controller that knows no node yet still serves
   // (CreateVolume answers UNAVAILABLE until a node heartbeats), so it is not held back on that.
   std::atomic<bool> registry_up{true};
@@ -133,12 +152,17 @@ int ServeCsi(const Flags& f, controller::NodeRegistry& registry, grpc::Server& r
     return Status::Ok();
   };
   auto identity = ncsi::MakeIdentityService(iopts);
-  auto controller_service = controller::MakeControllerService(registry);
+  controller::ControllerOptions copts;
+  copts.on_placement_refused = [&metrics](controller::ControllerOptions::Refusal why) {
+    metrics.PlacementRefused(why);
+  };
+  auto controller_service = controller::MakeControllerService(registry, std::move(copts));
 
   ncsi::CsiServerOptions sopts;
   sopts.endpoint = f.csi_endpoint;
   sopts.services = {identity.get(), controller_service.get()};
   sopts.peers = f.csi_peers;
+  sopts.interceptors = {[&metrics] { return metrics.rpc().InterceptorFactory(); }};
   auto csi_server = ncsi::StartCsiServer(sopts);
   if (!csi_server.ok()) {
     spdlog::critical("cannot serve CSI on {}: {}", f.csi_endpoint, csi_server.status().message());
@@ -150,9 +174,11 @@ int ServeCsi(const Flags& f, controller::NodeRegistry& registry, grpc::Server& r
                ncsi::DriverVersion(), f.csi_endpoint, f.registry_listen, registry_port,
                f.tls.insecure ? "plaintext" : "mutual TLS", f.heartbeat_interval_ms,
                f.heartbeat_ttl_ms);
+  ready = true;
 
   int sig = nbdcsi::WaitForTerminationSignal();
   spdlog::info("signal {}: shutting down", sig);
+  ready = false;
   registry_up = false;
   (*csi_server)->Shutdown();
   (*csi_server)->Wait();
@@ -170,7 +196,10 @@ int Run(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   spdlog::set_level(spdlog::level::from_str(f.log_level));
-  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
+  if (Status s = SetLogFormat(f.log_format); !s.ok()) {
+    spdlog::critical("--log-format: {}", s.message());
+    return 2;
+  }
   if (!CheckFlags(f)) return 2;
   std::shared_ptr<grpc::ServerCredentials> server_creds = grpc::InsecureServerCredentials();
   controller::GrpcDatapathOptions dopts;
@@ -202,12 +231,39 @@ int Run(int argc, char** argv) {
   controller::NodeRegistry registry(controller::MakeGrpcDatapathFactory(std::move(dopts)),
                                     std::chrono::milliseconds(f.heartbeat_ttl_ms),
                                     std::chrono::milliseconds(f.heartbeat_interval_ms));
+  // Before the listeners: /healthz answers and /readyz says why not ready while they start.
+  controller::ControllerMetrics metrics(registry, ncsi::DriverVersion());
+  std::atomic<bool> ready{false}, registry_serving{false};
+  std::unique_ptr<MetricsServer> metrics_server;
+  if (!f.metrics_listen.empty()) {
+    HealthChecks health;
+    // The process answers: nothing of its own can wedge without the CSI socket showing it.
+    health.live = [] { return std::string(); };
+    health.ready = [&]() -> std::string {
+      if (!registry_serving.load()) return "the registry listener is not running";
+      if (!ready.load()) return "the CSI endpoint is not served";
+      return "";
+    };
+    auto server =
+        MetricsServer::Start(f.metrics_listen, metrics.Collectables(), std::move(health));
+    if (!server.ok()) {
+      spdlog::critical("--metrics-listen: {}", server.status().message());
+      return 1;
+    }
+    metrics_server = std::move(*server);
+    spdlog::info("metrics: http://{}/metrics, /healthz, /readyz", f.metrics_listen);
+  }
   auto registry_service =
       controller::MakeRegistryService(registry, {.bind_node_identity = bind_nodes});
   int registry_port = 0;
   auto registry_server = StartRegistryServer(f, server_creds, registry_service.get(), &registry_port);
   if (!registry_server) return 1;
-  return ServeCsi(f, registry, *registry_server, registry_port);
+  registry_serving = true;
+  int rc = ServeCsi(f, registry, *registry_server, registry_port, metrics, ready);
+  registry_serving = false;
+  // The server first: a scrape must not read the registry or the metrics as they go.
+  metrics_server.reset();
+  return rc;
 }
 
 }  // namespace

@@ -83,6 +83,15 @@ std::vector<NodeInfo> NodeRegistry::List() const {
   return out;
 }
 
+std::vector<NodeInfo> NodeRegistry::ListKnown(steady_clock::time_point* now) const {
+  *now = clock_();
+  std::lock_guard lock(mu_);
+  std::vector<NodeInfo> out;
+  out.reserve(nodes_.size());
+  for (const auto& [id, e] : nodes_) out.push_back(e.info);
+  return out;
+}
+
 StatusOr<std::shared_ptr<NodeDatapath>> NodeRegistry::Datapath(const std::string& node_id) {
   const auto now = clock_();
   std::lock_guard lock(mu_);

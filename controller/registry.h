@@ -53,6 +53,9 @@ class NodeRegistry {
 
   std::optional<NodeInfo> Get(const std::string& node_id) const;
   std::vector<NodeInfo> List() const;  // live nodes, sorted by node id
+  // Every node heard from and not yet forgotten (Datapath() forgets an expired node it is asked
+  // for), live or expired, sorted by node id; `now` is the registry clock's reading, to age them.
+  std::vector<NodeInfo> ListKnown(std::chrono::steady_clock::time_point* now) const;
 
   // The client of the node's datapath, made on first use and cached per node and address;
   // ENODEV when the node is not registered (or expired); the controller answers UNAVAILABLE for

@@ -1,5 +1,6 @@
 #include "common/grpc_status.h"
 #include "csi/logging.h"
+#include "common/log_format.h"
 
 #include <atomic>
 #include <chrono>
@@ -21,6 +22,22 @@ namespace pb = google::protobuf;
 constexpr std::string_view kStripped = "***stripped***";
 
 thread_local std::string t_request_id;
+// The volume the current call names (volume_id, or a snapshot's source_volume_id), for JSON logs.
+thread_local std::string t_volume_id;
+
+std::string VolumeIdOf(const pb::Message& m) {
+  for (const char* name : {"volume_id", "source_volume_id"}) {
+    const pb::FieldDescriptor* f = m.GetDescriptor()->FindFieldByName(name);
+    if (f && f->cpp_type() == pb::FieldDescriptor::CPPTYPE_STRING && !f->is_repeated()) {
+      return m.GetReflection()->GetString(m, f);
+    }
+  }
+  return "";
+}
+
+std::vector<std::pair<const char*, std::string>> CallContext() {
+  return {{"request_id", t_request_id}, {"volume_id", t_volume_id}};
+}
 
 bool IsSecret(const pb::FieldDescriptor* f) {
   return f->options().GetExtension(::csi::v1::csi_secret);
@@ -164,6 +181,7 @@ class LoggingInterceptor final : public grpc::experimental::Interceptor {
       // read the id with CurrentRequestId().
       t_request_id = id_;
       auto* msg = static_cast<const pb::Message*>(methods->GetRecvMessage());
+      t_volume_id = msg ? VolumeIdOf(*msg) : "";
       std::string text = msg ? RedactedText(*msg) : "(undecodable request)";
       spdlog::log(quiet_ ? spdlog::level::debug : spdlog::level::info, "[{}] {} <- {}", id_,
                   method_, text);
@@ -181,6 +199,7 @@ class LoggingInterceptor final : public grpc::experimental::Interceptor {
                     s.error_message(), ms);
       }
       t_request_id.clear();
+      t_volume_id.clear();
     }
     methods->Proceed();
   }
@@ -213,6 +232,7 @@ const std::string& CurrentRequestId() { return t_request_id; }
 
 std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
 MakeLoggingInterceptorFactory() {
+  SetLogContextProvider(&CallContext);
   return std::make_unique<LoggingInterceptorFactory>();
 }
 

@@ -73,6 +73,7 @@ StatusOr<std::unique_ptr<CsiServer>> StartCsiServer(const CsiServerOptions& opts
   for (grpc::Service* svc : opts.services) builder.RegisterService(svc);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> icpts;
   icpts.push_back(MakeLoggingInterceptorFactory());
+  for (const auto& make : opts.interceptors) icpts.push_back(make());
   builder.experimental().SetInterceptorCreators(std::move(icpts));
   srv->server_ = builder.BuildAndStart();
   if (!srv->server_ || (!unix_ep && srv->port_ == 0)) {

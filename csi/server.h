@@ -5,11 +5,13 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include <grpcpp/server.h>
+#include <grpcpp/support/server_interceptor.h>
 
 #include "common/endpoint.h"
 #include "common/status.h"
@@ -27,6 +29,10 @@ struct CsiServerOptions {
   unsigned socket_mode = 0600;
   // Unix endpoints: who may call besides root and this process's uid (--allow-uid).
   PeerUids peers = {};
+  // More interceptors, after the logging one (e.g. GrpcServerMetrics::InterceptorFactory).
+  std::vector<
+      std::function<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>()>>
+      interceptors = {};
 };
 
 class CsiServer {

@@ -12,6 +12,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/endpoint.h"
+#include "common/metrics/server.h"
 #include "common/node_id.h"
 #include "common/process.h"
 #include "common/quantity.h"
@@ -26,7 +27,6 @@
 #include "datapath/engine/frontend.h"
 #include "datapath/engine/nbd_tls.h"
 #include "datapath/metrics/collector.h"
-#include "datapath/metrics/server.h"
 #include "datapath/pool/pool.h"
 
 using namespace nbdcsi;

@@ -3,13 +3,19 @@
 // the datapath's attachments, so a restart touches no I/O and needs no recovery.
 #include <sys/stat.h>
 
+#include <atomic>
+#include <chrono>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
 #include "common/endpoint.h"
+#include "common/log_format.h"
+#include "common/metrics/server.h"
 #include "common/process.h"
 #include "common/unix_listener.h"
 #include "csi/driver.h"
@@ -17,6 +23,7 @@
 #include "csi/ids.h"
 #include "csi/server.h"
 #include "node/datapath_client.h"
+#include "node/metrics.h"
 #include "node/node_service.h"
 #include "node/os.h"
 
@@ -36,6 +43,8 @@ int Run(int argc, char** argv) {
   std::string log_level = "info";
   std::string kubelet_root = "/var/lib/kubelet";
   std::vector<std::string> allow_uids;
+  std::string metrics_listen;
+  std::string log_format = "text";
   app.add_option("--csi-endpoint", csi_endpoint, "where kubelet connects: unix:///path")
       ->capture_default_str();
   app.add_option("--node-id", node_id, "this node's Kubernetes name (spec.nodeName)")->required();
@@ -55,9 +64,19 @@ int Run(int argc, char** argv) {
   app.add_option("--allow-uid", allow_uids,
                  "A uid that may call the unix CSI socket besides root and this process's own "
                  "(repeatable; others get PERMISSION_DENIED)");
+  app.add_option("--log-format", log_format,
+                 "text, or json: one object per line with the call's request_id and volume_id")
+      ->check(CLI::IsMember({"text", "json"}))
+      ->capture_default_str();
+  app.add_option("--metrics-listen", metrics_listen,
+                 "HOST:PORT (IP address) serving /metrics (Prometheus), /healthz and /readyz; "
+                 "off when empty");
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(log_level));
-  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
+  if (Status s = nbdcsi::SetLogFormat(log_format); !s.ok()) {
+    spdlog::error("--log-format: {}", s.message());
+    return 2;
+  }
 
   if (Status s = csi::ValidateNodeId(node_id); !s.ok()) {
     spdlog::error("--node-id: {}", s.message());
@@ -87,8 +106,45 @@ int Run(int argc, char** argv) {
     return 2;
   }
 
-  auto os = node::MakeLinuxOs();
-  auto dp = node::MakeGrpcDatapathClient(dp_endpoint->GrpcTarget());
+  if (!metrics_listen.empty()) {
+    if (auto m = nbdcsi::ParseMetricsListen(metrics_listen); !m.ok()) {
+      spdlog::error("--metrics-listen: {}", m.status().message());
+      return 2;
+    }
+  }
+
+  node::NodeMetrics metrics(csi::DriverVersion());
+  auto linux_os = node::MakeLinuxOs();
+  auto os = node::MeasuredOs(*linux_os, metrics);
+  auto grpc_dp = node::MakeGrpcDatapathClient(dp_endpoint->GrpcTarget());
+  auto dp = node::MeasuredDatapath(*grpc_dp, metrics);
+  // Kubelet's probe gives up after a few seconds; a datapath that takes longer than this to say
+  // how its pool is is as good as down for new work.
+  auto probe_dp = node::MakeGrpcDatapathClient(dp_endpoint->GrpcTarget(), std::chrono::seconds(2));
+  // Before the CSI socket: /healthz answers and /readyz says why not ready while it starts.
+  std::atomic<bool> csi_served{false};
+  std::unique_ptr<nbdcsi::MetricsServer> metrics_server;
+  if (!metrics_listen.empty()) {
+    nbdcsi::HealthChecks health;
+    // Serving HTTP is the sign of life; a datapath that is down is not a reason to restart the
+    // node plugin (it cannot fix it), only not to send it work.
+    health.live = [] { return std::string(); };
+    health.ready = [&]() -> std::string {
+      if (!csi_served.load()) return "the CSI endpoint is not served";
+      if (auto info = probe_dp->GetPoolInfo(); !info.ok()) {
+        return "the datapath does not answer: " + info.status().message();
+      }
+      return "";
+    };
+    auto server =
+        nbdcsi::MetricsServer::Start(metrics_listen, metrics.Collectables(), std::move(health));
+    if (!server.ok()) {
+      spdlog::error("--metrics-listen: {}", server.status().message());
+      return 1;
+    }
+    metrics_server = std::move(*server);
+    spdlog::info("metrics: http://{}/metrics, /healthz, /readyz", metrics_listen);
+  }
   auto node_service = node::MakeLockedNodeService(
       node::MakeNodeService(
           {.node_id = node_id, .max_volumes = max_volumes, .kubelet_root = kubelet_root}, *os,
@@ -101,17 +157,28 @@ int Run(int argc, char** argv) {
 
   auto server = csi::StartCsiServer({.endpoint = csi_endpoint,
                                      .services = {identity.get(), node_service.get()},
-                                     .peers = peers});
+                                     .peers = peers,
+                                     .interceptors = {[&metrics] {
+                                       return metrics.rpc().InterceptorFactory();
+                                     }}});
   if (!server.ok()) {
     spdlog::error("CSI endpoint {}: {}", csi_endpoint, server.status().message());
     return 1;
   }
   spdlog::info("nbd-csi-node {} for node {} serving {} (datapath {}, kubelet root {})",
                csi::DriverVersion(), node_id, csi_endpoint, datapath, kubelet_root);
+  csi_served = true;
   int sig = nbdcsi::WaitForTerminationSignal();
   spdlog::info("signal {}: stopping", sig);
+  csi_served = false;
+  // The HTTP server takes up to a couple of seconds to stop (CivetWeb's master thread notices on
+  // its next poll); it reads nothing the CSI server's shutdown tears down, so both stop at once
+  // and the pod's termination grace is spent once, not twice.
+  std::thread stop_metrics([&metrics_server] { metrics_server.reset(); });
   (*server)->Shutdown();
   (*server)->Wait();
+  spdlog::debug("CSI server stopped");
+  stop_metrics.join();
   spdlog::info("stopped");  // the rest is the process's exit: a slow stop shows which side
   return 0;
 }

@@ -1,10 +1,11 @@
 // No secrets in logs: a full flow through the three real daemons (nbd-csi-controller and
 // nbd-datapathd over mutual TLS, with their private keys on disk; nbd-csi-node staging and
 // publishing through the datapath), every CSI call that carries `secrets` given a set of marker
-// values, including calls that fail. Then every log the daemons wrote is searched for the
-// marker values and for private-key material (PEM markers, and each base64 line of every key
-// file in use): zero hits. The logs are at debug level (the node plugin at trace), where
-// requests are printed in full.
+// values, including calls that fail. Then every log the daemons wrote, and the /metrics of the
+// controller and the node plugin scraped after the calls, are searched for the marker values and
+// for private-key material (PEM markers, and each base64 line of every key file in use): zero
+// hits. The logs are at debug level (the node plugin at trace), where requests are printed in
+// full.
 //
 // Needs root and what nbd-csi-node needs to stage on this kernel (mkfs.ext4, and without
 // nbd.ko /dev/fuse, /dev/loop-control and nbdfuse): exit 77 otherwise, unless CI=true.
@@ -24,6 +25,8 @@
 
 #include "test/controller/cluster.h"
 #include "test/support/certs.h"
+#include "test/support/free_port.h"
+#include "test/support/http_get.h"
 
 namespace nbdcsi::test {
 namespace {
@@ -62,9 +65,15 @@ class SecretsLogTest : public ::testing::Test {
 };
 
 TEST_F(SecretsLogTest, NoSecretValueOrKeyMaterialReachesAnyLog) {
+  // Their /metrics too: scraped after every call, saved beside the logs and searched with them.
+  const int ctl_metrics = FreeLoopbackPort(), node_metrics = FreeLoopbackPort();
+  ASSERT_GT(ctl_metrics, 0);
+  ASSERT_GT(node_metrics, 0);
+  ASSERT_NE(ctl_metrics, node_metrics);
   ClusterOptions o;
   o.nodes = {"node-a"};
   o.tls = {certs_, certs_};
+  o.controller_args = {"--metrics-listen", "127.0.0.1:" + std::to_string(ctl_metrics)};
   Cluster c(o);
   ASSERT_EQ(c.Start(), "");
   const std::string root = c.dir() + "/kubelet";
@@ -73,7 +82,8 @@ TEST_F(SecretsLogTest, NoSecretValueOrKeyMaterialReachesAnyLog) {
   ASSERT_TRUE(node.Start({Cluster::Bin("nbd-csi-node"), "--csi-endpoint",
                           "unix://" + c.dir() + "/node-csi.sock", "--node-id", "node-a",
                           "--datapath", "unix://" + c.dir() + "/node-a-api.sock",
-                          "--kubelet-root", root, "--log-level", "trace"},
+                          "--kubelet-root", root, "--log-level", "trace", "--metrics-listen",
+                          "127.0.0.1:" + std::to_string(node_metrics)},
                          c.dir() + "/node.log"));
   for (int i = 0; i < 500 && !fs::exists(c.dir() + "/node-csi.sock"); ++i) {
     ASSERT_TRUE(node.Running()) << ReadWholeFile(c.dir() + "/node.log");
@@ -204,6 +214,18 @@ TEST_F(SecretsLogTest, NoSecretValueOrKeyMaterialReachesAnyLog) {
     v1::DeleteVolumeResponse dresp;
     ok(ctl.DeleteVolume(Ctx().get(), d, &dresp), "DeleteVolume");
   }
+  for (const auto& [port, name] : {std::pair{ctl_metrics, "controller"}, {node_metrics, "node"}}) {
+    auto [code, body] = HttpGet(port, "/metrics");
+    ASSERT_EQ(code, 200) << name;
+    // The calls with secrets were counted (so the search looks at something real).
+    const std::string series =
+        std::string("nbdcsi_csi_rpcs_total{code=\"OK\",method=\"") +
+        (name == std::string("node") ? "NodeStageVolume" : "CreateVolume") + "\"} ";
+    const size_t at = body.find(series);
+    ASSERT_NE(at, std::string::npos) << name << ":\n" << body;
+    EXPECT_NE(body.compare(at + series.size(), 2, "0\n"), 0) << name << ": " << series << "0";
+    std::ofstream(c.dir() + "/" + name + "-metrics.log") << body;
+  }
   // Its log says where a slow stop spent its time (a status of 9: killed after the grace).
   EXPECT_EQ(node.Stop(), 0) << ReadWholeFile(c.dir() + "/node.log");
   c.StopDatapath(0);
@@ -232,7 +254,7 @@ TEST_F(SecretsLogTest, NoSecretValueOrKeyMaterialReachesAnyLog) {
     }
   }
   // The daemons did log the calls (so the search looked at something real).
-  EXPECT_GE(logs, 3u);
+  EXPECT_GE(logs, 5u) << "three daemons' logs and two /metrics scrapes";
   const std::string ctl_log = ReadWholeFile(c.dir() + "/controller.log");
   EXPECT_NE(ctl_log.find("CreateVolume <- "), std::string::npos);
   EXPECT_NE(ctl_log.find("***stripped***"), std::string::npos);

@@ -563,6 +563,25 @@ def check(ck, docs, expect_secrets, quiet=False):
         if container_port(main, probe.get("port")) != want:
             ck.err(where, f"{main['name']} probes port {probe.get('port')}, livenessprobe serves "
                           f"--health-port {want}")
+    # --metrics-listen: /readyz is the readiness probe, on the port the daemon listens on, and
+    # the scrape annotations (when present) point Prometheus at that same port.
+    for where, wl, c in ((ctl_where, ctl_wl, ctl), (node_where, node_wl, node),
+                         (dp_where, dp_wl, dp)):
+        listen = arg_value(c["args"], "--metrics-listen")
+        annotations = wl["spec"]["template"]["metadata"].get("annotations") or {}
+        scrape_port = annotations.get("prometheus.io/port")
+        if not listen:
+            if annotations.get("prometheus.io/scrape") == "true":
+                ck.err(where, f"{c['name']} is annotated for scraping but has no --metrics-listen")
+            continue
+        mport = port_of(listen)
+        ready = (c.get("readinessProbe") or {}).get("httpGet") or {}
+        if ready.get("path") != "/readyz" or container_port(c, ready.get("port")) != mport:
+            ck.err(where, f"{c['name']} serves /readyz on {mport} (--metrics-listen) but its "
+                          f"readinessProbe asks {ready.get('path')} on {ready.get('port')}")
+        if scrape_port is not None and str(scrape_port) != str(mport):
+            ck.err(where, f"prometheus.io/port {scrape_port} is not {c['name']}'s metrics port "
+                          f"{mport}")
     for r in regs:
         probe = (r.get("livenessProbe") or {}).get("httpGet")
         if probe and container_port(r, probe.get("port")) != port_of(
@@ -873,6 +892,8 @@ def self_test(ck_factory, docs, expect_secrets):
         "no memory limit": lambda ds: find(ds, "nbd-csi-node")[1]["resources"].pop("limits"),
         "blank-volume class binds Immediately": lambda ds: next(d for d in ds if d.get("kind") == "StorageClass" and not d["metadata"]["name"].endswith("-restore")).update(volumeBindingMode="Immediate"),
         "capacity without storageCapacity": lambda ds: next(d for d in ds if d.get("kind") == "CSIDriver")["spec"].update(storageCapacity=False),
+        "node readiness off the metrics port": lambda ds: set_arg(find(ds, "nbd-csi-node")[1], "--metrics-listen", "0.0.0.0:9999"),
+        "controller readiness not /readyz": lambda ds: find(ds, "nbd-csi-controller")[1]["readinessProbe"]["httpGet"].update(path="/healthz"),
     }
     failures = []
     for name, mutate in mutations.items():

@@ -10,19 +10,15 @@
 # that has its reply is counted); failed ones count there too and in ..._errors_total by NBD error
 # code; bytes count for successful READ/WRITE (data) and TRIM/WRITE_ZEROES (range) only.
 . "$(dirname "$0")/lib.sh"
+. "$(dirname "$0")/prometheus_lib.sh"
 need fio jq curl prometheus promtool nbdsh
 fio --enghelp 2>/dev/null | grep -qw nbd || skip "this fio has no nbd engine"
 is_datapathd || skip "metrics are a nbd-datapathd feature"
 lib_init
 
-free_port() {
-  $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-MPORT=$(free_port)
-PPORT=$(free_port)
-[ "$MPORT" != "$PPORT" ] || PPORT=$(free_port)
+free_ports 2
+MPORT=${PORTS[0]} PPORT=${PORTS[1]}
 M=http://127.0.0.1:$MPORT
-P=http://127.0.0.1:$PPORT
 
 step "bad --metrics-listen values are refused with the flag's name (exit 2)"
 for bad in localhost:9 127.0.0.1 http://127.0.0.1:9 127.0.0.1:0; do
@@ -41,7 +37,6 @@ vol_create m 256Mi
 vol_create ro 16Mi --read-only
 
 step "a real Prometheus scrapes the daemon every second"
-mkdir -p "$W/prom"
 cat >"$W/prometheus.yml" <<YML
 global:
   scrape_interval: 1s
@@ -51,30 +46,8 @@ scrape_configs:
     static_configs:
       - targets: ['127.0.0.1:$MPORT']
 YML
-promtool check config "$W/prometheus.yml" >/dev/null || die "promtool rejects the scrape config"
-bg prometheus --config.file="$W/prometheus.yml" --storage.tsdb.path="$W/prom" \
-  --web.listen-address="127.0.0.1:$PPORT" --storage.tsdb.retention.time=1h \
-  --log.level=warn >>"$W/prometheus.log" 2>&1
-PROM_PID=$BG_PID
-wait_for 30 curl -sf "$P/-/ready" || { tail -20 "$W/prometheus.log" >&2; die "prometheus not ready"; }
+prom_start "$W/prometheus.yml" "$PPORT"
 
-# q PROMQL: the value of a one-series instant query ("" when there is none).
-q() {
-  curl -sf "$P/api/v1/query" --data-urlencode "query=$1" |
-    jq -r 'if .data.result | length == 1 then .data.result[0].value[1] else "" end'
-}
-# q_any PROMQL: true when the query has a result (a comparison that holds).
-q_any() { [ -n "$(q "$1")" ]; }
-# until_eq SECONDS PROMQL WANT: poll Prometheus until the query gives WANT (a later scrape).
-until_eq() {
-  local deadline=$(( $(date +%s) + $1 )) got
-  while :; do
-    got=$(q "$2")
-    [ "$got" = "$3" ] && return 0
-    [ "$(date +%s)" -lt "$deadline" ] || { echo "$2 = '$got', want $3" >&2; return 1; }
-    sleep 0.5
-  done
-}
 until_eq 30 'up{job="nbd-datapathd"}' 1 ||
   die "Prometheus never scraped the datapath: $(curl -s "$P/api/v1/targets" | jq -c '.data.activeTargets[0].lastError')"
 until_eq 10 'nbdcsi_volume_requests_total{volume="m",op="read"}' 0 || die "no zero baseline"

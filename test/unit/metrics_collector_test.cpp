@@ -1,10 +1,5 @@
 // The collector folds the per-worker shards of each volume's counters into Prometheus families
 // with exact counts; the HTTP endpoint serves them and answers the probes.
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <cmath>
 #include <limits>
 #include <thread>
@@ -13,9 +8,10 @@
 #include <gtest/gtest.h>
 #include <prometheus/text_serializer.h>
 
+#include "common/metrics/server.h"
 #include "datapath/metrics/collector.h"
-#include "datapath/metrics/server.h"
 #include "test/support/free_port.h"
+#include "test/support/http_get.h"
 #include "test/support/pool.h"
 #include "test/support/temp_dir.h"
 
@@ -233,30 +229,8 @@ TEST_F(CollectorTest, PoolEngineAndAttachments) {
 
 // ---- the HTTP endpoint ----------------------------------------------------------------------
 
-// One GET over a fresh connection: the status code and the body.
 std::pair<int, std::string> Get(int port, const std::string& path) {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-    close(fd);
-    return {-1, ""};
-  }
-  std::string req = "GET " + path + " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-  if (write(fd, req.data(), req.size()) != ssize_t(req.size())) {
-    close(fd);
-    return {-1, ""};
-  }
-  std::string resp;
-  char buf[4096];
-  for (ssize_t n; (n = read(fd, buf, sizeof buf)) > 0;) resp.append(buf, size_t(n));
-  close(fd);
-  int code = -1;
-  if (resp.rfind("HTTP/1.1 ", 0) == 0) code = std::atoi(resp.c_str() + 9);
-  auto body = resp.find("\r\n\r\n");
-  return {code, body == std::string::npos ? "" : resp.substr(body + 4)};
+  return test::HttpGet(port, path);
 }
 
 TEST_F(CollectorTest, ServesMetricsAndProbes) {

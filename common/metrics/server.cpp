@@ -1,4 +1,4 @@
-#include "datapath/metrics/server.h"
+#include "common/metrics/server.h"
 
 #include <arpa/inet.h>
 
@@ -12,7 +12,7 @@
 
 #include "common/endpoint.h"
 
-namespace nbdcsi::datapath {
+namespace nbdcsi {
 namespace {
 
 // CivetWeb's callbacks are plain functions and the Exposer keeps its server's user data to
@@ -79,7 +79,7 @@ StatusOr<std::string> ParseMetricsListen(const std::string& addr) {
 }
 
 StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
-    const std::string& addr, std::shared_ptr<prometheus::Collectable> collectable,
+    const std::string& addr, std::vector<std::shared_ptr<prometheus::Collectable>> collectables,
     HealthChecks health) {
   auto civet = ParseMetricsListen(addr);
   if (!civet.ok()) return civet.status();
@@ -100,8 +100,8 @@ StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
     std::lock_guard lk(g_mu);
     Checks()[m->port_] = std::move(health);
   }
-  m->collectable_ = std::move(collectable);
-  m->exposer_->RegisterCollectable(m->collectable_);
+  m->collectables_ = std::move(collectables);
+  for (const auto& c : m->collectables_) m->exposer_->RegisterCollectable(c);
   return m;
 }
 
@@ -112,4 +112,4 @@ MetricsServer::~MetricsServer() {
   Checks().erase(port_);
 }
 
-}  // namespace nbdcsi::datapath
+}  // namespace nbdcsi

@@ -1,12 +1,14 @@
-// The datapath's HTTP endpoint for operators: /metrics (Prometheus text format, served by
-// prometheus-cpp's Exposer), /healthz and /readyz (answered on the Exposer's own CivetWeb server,
-// through its begin_request callback: one listener, one set of threads).
+// The HTTP endpoint for operators that every daemon serves on --metrics-listen: /metrics
+// (Prometheus text format, served by prometheus-cpp's Exposer), /healthz and /readyz (answered on
+// the Exposer's own CivetWeb server, through its begin_request callback: one listener, one set of
+// threads).
 #pragma once
 
 #include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 
@@ -15,7 +17,7 @@ class Collectable;
 class Exposer;
 }  // namespace prometheus
 
-namespace nbdcsi::datapath {
+namespace nbdcsi {
 
 // What the probes report. Each check returns "" when fine, else why not (the body of the 503).
 struct HealthChecks {
@@ -31,10 +33,16 @@ StatusOr<std::string> ParseMetricsListen(const std::string& addr);
 
 class MetricsServer {
  public:
-  // Listens on `addr` (ParseMetricsListen) and serves `collectable` on /metrics.
+  // Listens on `addr` (ParseMetricsListen) and serves every one of `collectables` on /metrics
+  // (their families must not share names).
+  static StatusOr<std::unique_ptr<MetricsServer>> Start(
+      const std::string& addr, std::vector<std::shared_ptr<prometheus::Collectable>> collectables,
+      HealthChecks health);
   static StatusOr<std::unique_ptr<MetricsServer>> Start(
       const std::string& addr, std::shared_ptr<prometheus::Collectable> collectable,
-      HealthChecks health);
+      HealthChecks health) {
+    return Start(addr, std::vector{std::move(collectable)}, std::move(health));
+  }
   ~MetricsServer();
 
   // The port it listens on.
@@ -43,8 +51,8 @@ class MetricsServer {
  private:
   MetricsServer() = default;
   std::unique_ptr<prometheus::Exposer> exposer_;
-  std::shared_ptr<prometheus::Collectable> collectable_;
+  std::vector<std::shared_ptr<prometheus::Collectable>> collectables_;
   int port_ = 0;
 };
 
-}  // namespace nbdcsi::datapath
+}  // namespace nbdcsi
