@@ -15,6 +15,7 @@
 #include <grpcpp/server_builder.h>
 #include <spdlog/spdlog.h>
 
+#include "common/grpc_drain.h"
 #include "common/log_format.h"
 #include "common/metrics/server.h"
 #include "common/process.h"
@@ -124,12 +125,16 @@ bool CheckFlags(Flags& f) {
 // The Registry service on --registry-listen; null (logged) when it cannot listen.
 std::unique_ptr<grpc::Server> StartRegistryServer(const Flags& f,
                                                   std::shared_ptr<grpc::ServerCredentials> creds,
-                                                  grpc::Service* service, int* port) {
+                                                  grpc::Service* service,
+                                                  const CallTracker& calls, int* port) {
   grpc::ServerBuilder rb;
   // A second controller on the same host port must fail to bind, not share the connections.
   rb.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   rb.AddListeningPort(f.registry_listen, std::move(creds), port);
   rb.RegisterService(service);
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> icpts;
+  icpts.push_back(calls.Factory());
+  rb.experimental().SetInterceptorCreators(std::move(icpts));
   std::unique_ptr<grpc::Server> server = rb.BuildAndStart();
   if (!server || *port == 0) {
     spdlog::critical("cannot listen for datapath registrations on {}", f.registry_listen);
@@ -141,7 +146,7 @@ std::unique_ptr<grpc::Server> StartRegistryServer(const Flags& f,
 // Serves CSI (Identity + Controller) over `registry` until a termination signal. `ready` is
 // what /readyz reports: set once CSI is served, cleared when shutting down.
 int ServeCsi(const Flags& f, controller::NodeRegistry& registry, grpc::Server& registry_server,
-             int registry_port, controller::ControllerMetrics& metrics, std::atomic<bool>& ready) {
+             const CallTracker& registry_calls, int registry_port, controller::ControllerMetrics& metrics, std::atomic<bool>& ready) {
   // Ready once datapaths can register. A controller that knows no node yet still serves
   // (CreateVolume answers UNAVAILABLE until a node heartbeats), so it is not held back on that.
   std::atomic<bool> registry_up{true};
@@ -183,7 +188,8 @@ int ServeCsi(const Flags& f, controller::NodeRegistry& registry, grpc::Server& r
   (*csi_server)->Shutdown();
   (*csi_server)->Wait();
   spdlog::debug("CSI server stopped");
-  registry_server.Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  // Heartbeats in flight end; the datapaths' idle connections are not waited for.
+  DrainAndShutdown(registry_calls, {&registry_server}, std::chrono::seconds(2));
   registry_server.Wait();
   spdlog::info("stopped");
   return 0;
@@ -256,10 +262,13 @@ int Run(int argc, char** argv) {
   auto registry_service =
       controller::MakeRegistryService(registry, {.bind_node_identity = bind_nodes});
   int registry_port = 0;
-  auto registry_server = StartRegistryServer(f, server_creds, registry_service.get(), &registry_port);
+  CallTracker registry_calls;
+  auto registry_server =
+      StartRegistryServer(f, server_creds, registry_service.get(), registry_calls, &registry_port);
   if (!registry_server) return 1;
   registry_serving = true;
-  int rc = ServeCsi(f, registry, *registry_server, registry_port, metrics, ready);
+  int rc =
+      ServeCsi(f, registry, *registry_server, registry_calls, registry_port, metrics, ready);
   registry_serving = false;
   // The server first: a scrape must not read the registry or the metrics as they go.
   metrics_server.reset();

@@ -41,7 +41,7 @@ void CsiServer::Shutdown(std::chrono::milliseconds grace) {
   shut_down_ = true;
   // No new connections first (this also removes the socket file), then the calls drain.
   if (listener_) listener_->Stop();
-  server_->Shutdown(std::chrono::system_clock::now() + grace);
+  DrainAndShutdown(calls_, {server_.get()}, grace);
 }
 
 void CsiServer::Wait() {
@@ -72,6 +72,7 @@ StatusOr<std::unique_ptr<CsiServer>> StartCsiServer(const CsiServerOptions& opts
   }
   for (grpc::Service* svc : opts.services) builder.RegisterService(svc);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> icpts;
+  icpts.push_back(srv->calls_.Factory());
   icpts.push_back(MakeLoggingInterceptorFactory());
   for (const auto& make : opts.interceptors) icpts.push_back(make());
   builder.experimental().SetInterceptorCreators(std::move(icpts));

@@ -14,6 +14,7 @@
 #include <grpcpp/support/server_interceptor.h>
 
 #include "common/endpoint.h"
+#include "common/grpc_drain.h"
 #include "common/status.h"
 #include "common/unix_listener.h"
 
@@ -41,8 +42,8 @@ class CsiServer {
   CsiServer(const CsiServer&) = delete;
   CsiServer& operator=(const CsiServer&) = delete;
 
-  // In-flight calls may finish until `grace` runs out, then are cancelled. Idempotent. Removes
-  // the unix socket file.
+  // In-flight calls may finish until `grace` runs out, then are cancelled; idle connections are
+  // closed at once (common/grpc_drain.h). Idempotent. Removes the unix socket file.
   void Shutdown(std::chrono::milliseconds grace = std::chrono::seconds(5));
   void Wait();
   const Endpoint& endpoint() const { return endpoint_; }
@@ -55,6 +56,7 @@ class CsiServer {
   int port_ = 0;
   std::unique_ptr<UnixPeerListener> listener_;  // unix endpoints
   std::unique_ptr<grpc::Server> server_;
+  CallTracker calls_;
   bool shut_down_ = false;
 };
 

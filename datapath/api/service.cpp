@@ -321,8 +321,10 @@ void ApiServer::Shutdown(std::chrono::system_clock::time_point deadline) {
   if (shut_down_) return;
   shut_down_ = true;
   for (auto& l : unix_) l->Stop();
-  if (remote_) remote_->Shutdown(deadline);
-  if (local_) local_->Shutdown(deadline);
+  const auto grace = std::chrono::duration_cast<std::chrono::milliseconds>(
+      deadline - std::chrono::system_clock::now());
+  DrainAndShutdown(calls_, {remote_.get(), local_.get()},
+                   std::max(grace, std::chrono::milliseconds(0)));
 }
 
 void ApiServer::Wait() {
@@ -388,6 +390,15 @@ StatusOr<std::vector<Endpoint>> CheckListeners(const std::vector<ApiListen>& lis
 
 }  // namespace
 
+namespace {
+std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> Interceptors(
+    const CallTracker& calls) {
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> v;
+  v.push_back(calls.Factory());
+  return v;
+}
+}  // namespace
+
 // TCP first: when it cannot bind, no unix socket is created for nothing. Returns whether the
 // TCP side failed.
 bool ApiServer::BuildAndStart(const std::vector<ApiListen>& listens,
@@ -409,6 +420,7 @@ bool ApiServer::BuildAndStart(const std::vector<ApiListen>& listens,
     // the connections with us instead of failing to start.
     remote.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     remote.RegisterService(remote_service_.get());
+    remote.experimental().SetInterceptorCreators(Interceptors(calls_));
     remote_ = remote.BuildAndStart();
   }
   bool remote_failed = any_remote && !remote_;
@@ -418,6 +430,7 @@ bool ApiServer::BuildAndStart(const std::vector<ApiListen>& listens,
   if (any_local && !remote_failed) {
     local.RegisterService(local_service_.get());
     for (grpc::Service* s : extra) local.RegisterService(s);
+    local.experimental().SetInterceptorCreators(Interceptors(calls_));
     local_ = local.BuildAndStart();
   }
   return remote_failed;

@@ -10,6 +10,7 @@
 #include <grpcpp/server.h>
 
 #include "common/endpoint.h"
+#include "common/grpc_drain.h"
 #include "common/name_locks.h"
 #include "common/status.h"
 #include "common/unix_listener.h"
@@ -41,8 +42,8 @@ class ApiServer {
   ApiServer(const ApiServer&) = delete;
   ApiServer& operator=(const ApiServer&) = delete;
 
-  // Stops accepting calls; in-flight calls may finish until `deadline`, then are cancelled.
-  // Idempotent.
+  // Stops accepting calls; in-flight calls may finish until `deadline`, then are cancelled, and
+  // idle connections are closed at once (common/grpc_drain.h). Idempotent.
   void Shutdown(std::chrono::system_clock::time_point deadline);
   void Shutdown() { Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1)); }
   void Wait();
@@ -78,6 +79,7 @@ class ApiServer {
   std::unique_ptr<grpc::Server> local_;
   std::unique_ptr<grpc::Server> remote_;
   std::vector<std::unique_ptr<UnixPeerListener>> unix_;  // accept into local_
+  CallTracker calls_;  // both servers' calls, so a shutdown waits for them, not for idle clients
   bool shut_down_ = false;
 };
 

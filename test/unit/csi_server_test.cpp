@@ -349,5 +349,32 @@ TEST_F(CsiServerTest, ShutdownCancelsCallsAfterGrace) {
   EXPECT_FALSE(result.status.ok());
 }
 
+// kubelet and the sidecars keep their connection open between calls. A client that is connected
+// (HTTP/2 preface and SETTINGS sent) but makes no call must not hold a stop up to the grace: the
+// node plugin's every stop took the full 5 s before the drain counted calls instead.
+TEST_F(CsiServerTest, ShutdownDoesNotWaitForAnIdleConnectedClient) {
+  auto identity = MakeIdentityService({});
+  auto srv = StartCsiServer({.endpoint = "unix://" + sock_, .services = {identity.get()}});
+  ASSERT_TRUE(srv.ok());
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  std::strncpy(a.sun_path, sock_.c_str(), sizeof a.sun_path - 1);
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << std::strerror(errno);
+  static const char kHello[] =
+      "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  // the client preface, then an empty SETTINGS frame
+      "\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+  ASSERT_EQ(send(fd, kHello, sizeof kHello - 1, MSG_NOSIGNAL), static_cast<ssize_t>(sizeof kHello - 1));
+  // The server has taken the connection once its own SETTINGS arrive.
+  char buf[64];
+  ASSERT_GT(recv(fd, buf, sizeof buf, 0), 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  (*srv)->Shutdown(std::chrono::seconds(5));
+  (*srv)->Wait();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(1));
+  close(fd);
+}
+
 }  // namespace
 }  // namespace nbdcsi::csi
