@@ -216,6 +216,10 @@ int Run(int argc, char** argv) {
                  "are requeued after it; live requests slower than this get their socket dropped")
       ->check(CLI::Range(uint64_t{1}, uint64_t{3600}))
       ->capture_default_str();
+  bool require_kernel_nbd = false;
+  app.add_flag("--require-kernel-nbd", require_kernel_nbd,
+               "Never attach through the nbdfuse + loop fallback: refuse to start without kernel "
+               "NBD (nbd.ko), and fail attaches if it goes away");
   app.add_option("--node-id", cluster.node_id,
                  "This node's Kubernetes name; the controller places volumes by it");
   app.add_option("--advertise", cluster.advertise,
@@ -253,6 +257,7 @@ int Run(int argc, char** argv) {
     }
     api_peers.extra.push_back(*uid);
   }
+  if (require_kernel_nbd) aopts.fuse_fallback = false;
   if (listens.empty()) listens.push_back("unix:///run/nbd-csi/nbd.sock");
   cluster.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
   const auto started = std::chrono::system_clock::now();
