@@ -59,6 +59,10 @@ Status ValidatePathUnderRoot(const std::string& what, const std::string& path,
 
 namespace {
 
+constexpr const char* kFuseFallbackNote =
+    "attached through the nbdfuse fallback (no kernel NBD on this node): slower, and a datapath "
+    "restart breaks its I/O; load nbd.ko on the node (chart: datapath.kernelNbd)";
+
 // What a VolumeCapability asks for, checked.
 struct Capability {
   bool block = false;
@@ -238,6 +242,7 @@ class NodeService final : public v1::Node::Service {
       if (!att.ok()) return att.status();
       spdlog::info("[{}] staged block volume {} as {} ({})", csi::CurrentRequestId(), *volume,
                    att->device(), att->mode());
+      WarnIfFallback(*volume, *att);
       return Status::Ok();
     }
 
@@ -267,7 +272,14 @@ class NodeService final : public v1::Node::Service {
     }
     spdlog::info("[{}] staged volume {} ({}, {}) at {}", csi::CurrentRequestId(), *volume, device,
                  att->mode(), staging);
+    WarnIfFallback(*volume, *att);
     return Status::Ok();
+  }
+
+  static void WarnIfFallback(const std::string& volume, const dpv1::Attachment& att) {
+    if (att.mode() == "fuse") {
+      spdlog::warn("[{}] volume {}: {}", csi::CurrentRequestId(), volume, kFuseFallbackNote);
+    }
   }
 
   // An existing mount at the staging path is this volume's, with the asked file system and mode;
@@ -604,18 +616,24 @@ class NodeService final : public v1::Node::Service {
         }
       }
     }
-    AddDatapathHealth(*volume, problems);
+    std::string note;
+    AddDatapathHealth(*volume, problems, note);
     auto* cond = resp->mutable_volume_condition();
     cond->set_abnormal(!problems.empty());
     std::string msg;
     for (const auto& p : problems) msg += (msg.empty() ? "" : "; ") + p;
-    cond->set_message(problems.empty() ? "ok" : msg);
+    if (msg.empty()) msg = "ok";
+    if (!note.empty()) msg += "; " + note;
+    cond->set_message(msg);
     return Status::Ok();
   }
 
   // Health as the datapath sees it. A datapath that does not answer is itself a problem of the
-  // volume (its I/O goes nowhere), not a failure of the stats call.
-  void AddDatapathHealth(const std::string& volume, std::vector<std::string>& problems) {
+  // volume (its I/O goes nowhere), not a failure of the stats call. `note` gets what works but a
+  // user should know: the nbdfuse fallback serves I/O fine until the datapath restarts, so it is
+  // not abnormal, yet it is the only place a pod's owner (kubectl describe, events) can see it.
+  void AddDatapathHealth(const std::string& volume, std::vector<std::string>& problems,
+                         std::string& note) {
     auto list = dp_.ListAttachments();
     if (!list.ok()) {
       problems.push_back("datapath unreachable: " + list.status().message());
@@ -625,6 +643,7 @@ class NodeService final : public v1::Node::Service {
     for (const auto& a : *list) {
       if (a.volume() == volume) att = &a;
     }
+    if (att != nullptr && att->mode() == "fuse") note = kFuseFallbackNote;
     if (att == nullptr) {
       problems.push_back("not attached on this node");
     } else if (!att->link_ok()) {

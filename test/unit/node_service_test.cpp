@@ -684,6 +684,36 @@ TEST_F(NodeServiceTest, StatsVolumeCondition) {
   }
 }
 
+TEST_F(NodeServiceTest, StatsNameTheFuseFallbackWithoutCallingItAbnormal) {
+  // The fallback serves I/O until the datapath restarts: normal, but the message must say so,
+  // because the volume condition is where a pod's owner sees it. A kernel attachment says "ok".
+  for (const std::string mode : {"fuse", "kernel"}) {
+    const std::string name = "mode-" + mode, id = "v1:node-a:" + name;
+    const std::string staging = "/var/lib/kubelet/stage/" + name,
+                      target = "/var/lib/kubelet/pods/" + name + "/mount";
+    const std::string device = mode == "fuse" ? "/dev/loop20" : "/dev/nbd20";
+    dp_.AddVolume(name, kGiB, device, makedev(mode == "fuse" ? 7 : 43, 20));
+    dp_.volumes[name].mode = mode;
+    ASSERT_TRUE(Stage(MountCap(), id, staging).ok()) << mode;
+    ASSERT_TRUE(Publish(MountCap(), false, target, id, staging).ok()) << mode;
+    v1::NodeGetVolumeStatsResponse resp;
+    ASSERT_TRUE(Stats(target, &resp, id).ok()) << mode;
+    EXPECT_FALSE(resp.volume_condition().abnormal()) << mode;
+    if (mode == "fuse") {
+      EXPECT_THAT(resp.volume_condition().message(), HasSubstr("nbdfuse fallback"));
+      EXPECT_THAT(resp.volume_condition().message(), HasSubstr("datapath restart breaks"));
+    } else {
+      EXPECT_EQ(resp.volume_condition().message(), "ok");
+    }
+  }
+  // A broken fuse link is abnormal and still names the fallback.
+  dp_.volumes["mode-fuse"].link_ok = false;
+  v1::NodeGetVolumeStatsResponse resp;
+  ASSERT_TRUE(Stats("/var/lib/kubelet/pods/mode-fuse/mount", &resp, "v1:node-a:mode-fuse").ok());
+  EXPECT_TRUE(resp.volume_condition().abnormal());
+  EXPECT_THAT(resp.volume_condition().message(), HasSubstr("nbdfuse fallback"));
+}
+
 TEST_F(NodeServiceTest, StatsReadOnlyPublishIsNormal) {
   // A read-only bind of a read-write file system is what was asked for, not a failure.
   ASSERT_TRUE(Stage(MountCap()).ok());
