@@ -156,6 +156,12 @@ std::string FormatTime(int64_t unix_ns) {
   return buf;
 }
 
+// null until the daemon has mapped the source's data.
+template <typename Msg>
+json OptionalTotal(const Msg& m) {
+  return m.has_copy_data_total_bytes() ? json(m.copy_data_total_bytes()) : json();
+}
+
 nlohmann::json VolumeJson(const v1::Volume& v) {
   return {{"name", v.name()},
           {"size_bytes", v.size_bytes()},
@@ -170,6 +176,8 @@ nlohmann::json VolumeJson(const v1::Volume& v) {
           {"ready", v.ready()},
           {"copy_done_bytes", v.copy_done_bytes()},
           {"copy_total_bytes", v.copy_total_bytes()},
+          {"copy_data_done_bytes", v.copy_data_done_bytes()},
+          {"copy_data_total_bytes", OptionalTotal(v)},
           {"qos", QosJson(v.qos())},
           {"effective_qos", EffectiveJson(v.effective_qos())}};
 }
@@ -228,6 +236,8 @@ nlohmann::json SnapshotJson(const v1::Snapshot& s) {
           {"ready", s.ready()},
           {"copy_done_bytes", s.copy_done_bytes()},
           {"copy_total_bytes", s.copy_total_bytes()},
+          {"copy_data_done_bytes", s.copy_data_done_bytes()},
+          {"copy_data_total_bytes", OptionalTotal(s)},
           {"error", s.error()},
           {"data_path", s.data_path()}};
 }
