@@ -622,8 +622,11 @@ class NodeService final : public v1::Node::Service {
     cond->set_abnormal(!problems.empty());
     std::string msg;
     for (const auto& p : problems) msg += (msg.empty() ? "" : "; ") + p;
-    if (msg.empty()) msg = "ok";
-    if (!note.empty()) msg += "; " + note;
+    if (msg.empty()) {
+      msg = note.empty() ? "ok" : note;
+    } else if (!note.empty()) {
+      msg += "; " + note;
+    }
     cond->set_message(msg);
     return Status::Ok();
   }
