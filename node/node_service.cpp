@@ -511,7 +511,19 @@ class NodeService final : public v1::Node::Service {
   Status Expand(const v1::NodeExpandVolumeRequest& req, v1::NodeExpandVolumeResponse* resp) {
     auto volume = LocalVolume(req.volume_id());
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
-    if (Status s = CheckPath("volume_path", req.volume_path()); !s.ok()) return s;
+    if (req.volume_path().empty()) return Error(EINVAL, "volume_path is missing");
+    // A volume that does not exist is NOT_FOUND whatever the path says (CSI 1.10's table;
+    // csi-sanity asks with "some/path").
+    if (!volume.ok() && volume.status().code() == ENOENT) return volume.status();
+    if (Status s = CheckPath("volume_path", req.volume_path()); !s.ok()) {
+      // Only on this error path: is the volume there at all (its id alone says nothing)?
+      if (s.code() == EINVAL) {
+        if (auto v = dp_.GetVolume(*volume); !v.ok() && v.status().code() == ENOENT) {
+          return v.status();
+        }
+      }
+      return s;
+    }
     std::optional<Capability> cap;
     if (req.has_volume_capability()) {
       auto c = ParseCapability(req.volume_capability());
@@ -563,8 +575,15 @@ class NodeService final : public v1::Node::Service {
   Status Stats(const v1::NodeGetVolumeStatsRequest& req, v1::NodeGetVolumeStatsResponse* resp) {
     auto volume = LocalVolume(req.volume_id());
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
-    if (Status s = CheckPath("volume_path", req.volume_path()); !s.ok()) return s;
+    if (req.volume_path().empty()) return Error(EINVAL, "volume_path is missing");
+    // CSI 1.10's table: NOT_FOUND when the volume does not exist, or not on volume_path. A
+    // path that is not where any volume can be (relative, outside the kubelet root) is the
+    // second case, not a malformed request (csi-sanity: "some/path").
     if (!volume.ok()) return volume.status();
+    if (Status s = CheckPath("volume_path", req.volume_path()); !s.ok()) {
+      if (s.code() != EINVAL) return s;
+      return Error(ENOENT, "volume {} does not exist on volume_path: {}", *volume, s.message());
+    }
     const std::string& path = req.volume_path();
     std::vector<std::string> problems;
     // A file system that shut itself down fails even stat(2) of its root with EIO: that is the

@@ -573,6 +573,12 @@ TEST_F(NodeServiceTest, ExpandErrors) {
   EXPECT_EQ(Expand(kTarget, -1, &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(Expand(kTarget, 0, &resp).error_code(), grpc::StatusCode::NOT_FOUND);  // no path
   EXPECT_EQ(Expand(kTarget, 0, &resp, "v1:node-b:pvc-1").error_code(), grpc::StatusCode::NOT_FOUND);
+  // An unknown volume is NOT_FOUND before the path's form is looked at (csi-sanity).
+  EXPECT_EQ(Expand("some/path", 0, &resp, "v1:node-a:nope").error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Expand("some/path", 0, &resp, "id").error_code(), grpc::StatusCode::NOT_FOUND);
+  // A volume that exists, with a malformed path: that is the request's fault.
+  EXPECT_EQ(Expand("some/path", 0, &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   ASSERT_TRUE(Stage(MountCap()).ok());
   ASSERT_TRUE(Publish(MountCap()).ok());
   // The controller did not grow the volume: the device cannot satisfy the request.
@@ -732,6 +738,12 @@ TEST_F(NodeServiceTest, StatsErrors) {
   EXPECT_EQ(Stats(kTarget, &resp).error_code(), grpc::StatusCode::NOT_FOUND);  // nothing mounted
   ASSERT_TRUE(Stage(MountCap()).ok());
   EXPECT_EQ(Stats(kStaging, &resp, "v1:node-b:pvc-1").error_code(), grpc::StatusCode::NOT_FOUND);
+  // CSI 1.10 (and csi-sanity): an unknown volume is NOT_FOUND even with a malformed path, and
+  // a known volume cannot be on a path where no volume can be: NOT_FOUND too.
+  EXPECT_EQ(Stats("some/path", &resp, "v1:node-a:nope").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Stats("some/path", &resp, "id").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Stats("some/path", &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Stats("/etc", &resp).error_code(), grpc::StatusCode::NOT_FOUND) << "outside the root";
 }
 
 // ---- the whole sequence, and concurrency ----
@@ -818,7 +830,7 @@ TEST(NodePathTest, PathsMustLieStrictlyBeneathTheRoot) {
 }
 
 // Every call that takes a path refuses one outside the root, or one that a symlink takes out of it,
-// with INVALID_ARGUMENT and without touching the OS.
+// with INVALID_ARGUMENT (NodeGetVolumeStats: NOT_FOUND) and without touching the OS.
 TEST_F(NodeServiceTest, PathsOutsideTheKubeletRootAreRefusedUntouched) {
   const std::string outside = "/tmp/pvc-1/mount";
   const std::string sibling = "/var/lib/kubelet-evil/pods/uid/mount";
@@ -846,8 +858,11 @@ TEST_F(NodeServiceTest, PathsOutsideTheKubeletRootAreRefusedUntouched) {
     stats.set_volume_id(kVol);
     stats.set_volume_path(bad);
     v1::NodeGetVolumeStatsResponse stats_resp;
+    // NodeGetVolumeStats is the exception: CSI 1.10 answers NOT_FOUND for "the volume does not
+    // exist on the specified volume_path", and no volume can be on such a path (csi-sanity
+    // checks this with a relative path).
     EXPECT_EQ(svc_->NodeGetVolumeStats(nullptr, &stats, &stats_resp).error_code(),
-              grpc::StatusCode::INVALID_ARGUMENT);
+              grpc::StatusCode::NOT_FOUND);
     EXPECT_TRUE(os_.calls.empty()) << os_.calls.front();
   }
   EXPECT_TRUE(os_.mounts.empty());
