@@ -167,6 +167,7 @@ struct Flags {
   bool insecure_nbd_tcp = false;
   unsigned workers = std::max(1u, std::thread::hardware_concurrency());
   AttachOptions attach;
+  bool require_kernel_nbd = false;
   ClusterConfig cluster;
   int64_t heartbeat_ms = 2000;
   std::string metrics_listen;
@@ -225,6 +226,9 @@ void AddAttachFlags(CLI::App& app, Flags& f) {
                  "are requeued after it; live requests slower than this get their socket dropped")
       ->check(CLI::Range(uint64_t{1}, uint64_t{3600}))
       ->capture_default_str();
+  app.add_flag("--require-kernel-nbd", f.require_kernel_nbd,
+               "Never attach through the nbdfuse + loop fallback: refuse to start without kernel "
+               "NBD (nbd.ko), and fail attaches if it goes away");
 }
 
 void AddApiAndClusterFlags(CLI::App& app, Flags& f) {
@@ -368,6 +372,7 @@ StatusOr<Config> Resolve(const Flags& f) {
     }
   }
   c.attach = f.attach;
+  if (f.require_kernel_nbd) c.attach.fuse_fallback = false;
   c.metrics_listen = f.metrics_listen;
   return c;
 }

@@ -59,6 +59,10 @@ Status ValidatePathUnderRoot(const std::string& what, const std::string& path,
 
 namespace {
 
+constexpr const char* kFuseFallbackNote =
+    "attached through the nbdfuse fallback (no kernel NBD on this node): slower, and a datapath "
+    "restart breaks its I/O; load nbd.ko on the node (chart: datapath.kernelNbd)";
+
 // What a VolumeCapability asks for, checked.
 struct Capability {
   bool block = false;
@@ -238,6 +242,7 @@ class NodeService final : public v1::Node::Service {
       if (!att.ok()) return att.status();
       spdlog::info("[{}] staged block volume {} as {} ({})", csi::CurrentRequestId(), *volume,
                    att->device(), att->mode());
+      WarnIfFallback(*volume, *att);
       return Status::Ok();
     }
 
@@ -267,7 +272,14 @@ class NodeService final : public v1::Node::Service {
     }
     spdlog::info("[{}] staged volume {} ({}, {}) at {}", csi::CurrentRequestId(), *volume, device,
                  att->mode(), staging);
+    WarnIfFallback(*volume, *att);
     return Status::Ok();
+  }
+
+  static void WarnIfFallback(const std::string& volume, const dpv1::Attachment& att) {
+    if (att.mode() == "fuse") {
+      spdlog::warn("[{}] volume {}: {}", csi::CurrentRequestId(), volume, kFuseFallbackNote);
+    }
   }
 
   // An existing mount at the staging path is this volume's, with the asked file system and mode;
@@ -499,7 +511,19 @@ class NodeService final : public v1::Node::Service {
   Status Expand(const v1::NodeExpandVolumeRequest& req, v1::NodeExpandVolumeResponse* resp) {
     auto volume = LocalVolume(req.volume_id());
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
-    if (Status s = CheckPath("volume_path", req.volume_path()); !s.ok()) return s;
+    if (req.volume_path().empty()) return Error(EINVAL, "volume_path is missing");
+    // A volume that does not exist is NOT_FOUND whatever the path says (CSI 1.10's table;
+    // csi-sanity asks with "some/path").
+    if (!volume.ok() && volume.status().code() == ENOENT) return volume.status();
+    if (Status s = CheckPath("volume_path", req.volume_path()); !s.ok()) {
+      // Only on this error path: is the volume there at all (its id alone says nothing)?
+      if (s.code() == EINVAL) {
+        if (auto v = dp_.GetVolume(*volume); !v.ok() && v.status().code() == ENOENT) {
+          return v.status();
+        }
+      }
+      return s;
+    }
     std::optional<Capability> cap;
     if (req.has_volume_capability()) {
       auto c = ParseCapability(req.volume_capability());
@@ -551,8 +575,15 @@ class NodeService final : public v1::Node::Service {
   Status Stats(const v1::NodeGetVolumeStatsRequest& req, v1::NodeGetVolumeStatsResponse* resp) {
     auto volume = LocalVolume(req.volume_id());
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
-    if (Status s = CheckPath("volume_path", req.volume_path()); !s.ok()) return s;
+    if (req.volume_path().empty()) return Error(EINVAL, "volume_path is missing");
+    // CSI 1.10's table: NOT_FOUND when the volume does not exist, or not on volume_path. A
+    // path that is not where any volume can be (relative, outside the kubelet root) is the
+    // second case, not a malformed request (csi-sanity: "some/path").
     if (!volume.ok()) return volume.status();
+    if (Status s = CheckPath("volume_path", req.volume_path()); !s.ok()) {
+      if (s.code() != EINVAL) return s;
+      return Error(ENOENT, "volume {} does not exist on volume_path: {}", *volume, s.message());
+    }
     const std::string& path = req.volume_path();
     std::vector<std::string> problems;
     // A file system that shut itself down fails even stat(2) of its root with EIO: that is the
@@ -604,18 +635,27 @@ class NodeService final : public v1::Node::Service {
         }
       }
     }
-    AddDatapathHealth(*volume, problems);
+    std::string note;
+    AddDatapathHealth(*volume, problems, note);
     auto* cond = resp->mutable_volume_condition();
     cond->set_abnormal(!problems.empty());
     std::string msg;
     for (const auto& p : problems) msg += (msg.empty() ? "" : "; ") + p;
-    cond->set_message(problems.empty() ? "ok" : msg);
+    if (msg.empty()) {
+      msg = note.empty() ? "ok" : note;
+    } else if (!note.empty()) {
+      msg += "; " + note;
+    }
+    cond->set_message(msg);
     return Status::Ok();
   }
 
   // Health as the datapath sees it. A datapath that does not answer is itself a problem of the
-  // volume (its I/O goes nowhere), not a failure of the stats call.
-  void AddDatapathHealth(const std::string& volume, std::vector<std::string>& problems) {
+  // volume (its I/O goes nowhere), not a failure of the stats call. `note` gets what works but a
+  // user should know: the nbdfuse fallback serves I/O fine until the datapath restarts, so it is
+  // not abnormal, yet it is the only place a pod's owner (kubectl describe, events) can see it.
+  void AddDatapathHealth(const std::string& volume, std::vector<std::string>& problems,
+                         std::string& note) {
     auto list = dp_.ListAttachments();
     if (!list.ok()) {
       problems.push_back("datapath unreachable: " + list.status().message());
@@ -625,6 +665,7 @@ class NodeService final : public v1::Node::Service {
     for (const auto& a : *list) {
       if (a.volume() == volume) att = &a;
     }
+    if (att != nullptr && att->mode() == "fuse") note = kFuseFallbackNote;
     if (att == nullptr) {
       problems.push_back("not attached on this node");
     } else if (!att->link_ok()) {

@@ -285,6 +285,8 @@ class DatapathService final : public v1::Datapath::Service {
     out->set_ready(info.ready);
     out->set_copy_done_bytes(info.copy_done);
     out->set_copy_total_bytes(info.copy_total);
+    out->set_copy_data_done_bytes(info.copy_data_done);
+    if (info.copy_data_total) out->set_copy_data_total_bytes(*info.copy_data_total);
     if (auto vol = pool_.Acquire(info.name)) {
       out->set_open_connections(vol->stats().connections());
     }
@@ -300,6 +302,8 @@ class DatapathService final : public v1::Datapath::Service {
     out->set_ready(info.ready);
     out->set_copy_done_bytes(info.copy_done);
     out->set_copy_total_bytes(info.copy_total);
+    out->set_copy_data_done_bytes(info.copy_data_done);
+    if (info.copy_data_total) out->set_copy_data_total_bytes(*info.copy_data_total);
     out->set_error(info.error);
     out->set_data_path(info.path);
   }

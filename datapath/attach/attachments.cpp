@@ -219,7 +219,10 @@ StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
   }
   Status kernel = kernel_.Available();
   if (kernel.ok()) return AttachKernel(volume, connections);
-  if (!opts_.fuse_fallback) return kernel;
+  if (!opts_.fuse_fallback) {
+    return Error(ENODEV, "{}; and the nbdfuse fallback is off (--require-kernel-nbd)",
+                 kernel.message());
+  }
   if (Status f = Fuse().Available(); !f.ok()) {
     return Error(ENODEV, "{}; and {}", kernel.message(), f.message());
   }

@@ -1,5 +1,7 @@
 #include "datapath/attach/runtime.h"
 
+#include <cerrno>
+
 #include <spdlog/spdlog.h>
 
 namespace nbdcsi::datapath {
@@ -19,6 +21,14 @@ StatusOr<std::unique_ptr<AttachRuntime>> AttachRuntime::Start(Pool& pool, NbdFro
                                                               const AttachOptions& opts) {
   std::unique_ptr<AttachRuntime> rt(
       new AttachRuntime(MakeLinuxKernelNbd(), MakeFrontendExportServer(pool, frontend), dir, opts));
+  if (!opts.fuse_fallback) {
+    // Refusing to start is what makes a node without nbd.ko visible (a crash-looping pod), where
+    // serving with every attach failing would only show up at the first pod that needs a volume.
+    if (Status k = rt->kernel_->Available(); !k.ok()) {
+      return Error(ENODEV, "{}: and --require-kernel-nbd refuses the nbdfuse fallback (load it "
+                   "with modprobe nbd)", k.message());
+    }
+  }
   if (Status st = rt->manager_.Init(); !st.ok()) return st;
   rt->Recover();
   rt->WatchLinkDead();
@@ -27,7 +37,16 @@ StatusOr<std::unique_ptr<AttachRuntime>> AttachRuntime::Start(Pool& pool, NbdFro
 
 void AttachRuntime::Recover() {
   RecoverReport rep = manager_.Recover();
-  if (Status k = kernel_->Available(); !k.ok()) spdlog::warn("attach: {}", k.message());
+  if (Status k = kernel_->Available(); !k.ok()) {
+    // Once, at start-up, before any volume needs it: on a node without nbd.ko every volume takes
+    // the fallback, and nothing else in the log says so until the first attach.
+    spdlog::warn("attach: *** {}: volumes attach through the nbdfuse + loop FALLBACK: slower, "
+                 "and a datapath restart breaks their I/O; load nbd.ko (modprobe nbd) or run with "
+                 "--require-kernel-nbd to refuse the fallback ***", k.message());
+  } else {
+    spdlog::info("attach: kernel NBD available: volumes attach as /dev/nbdN{}",
+                 opts_.fuse_fallback ? "" : " (--require-kernel-nbd: no nbdfuse fallback)");
+  }
   spdlog::info("attach: {} device(s) reconnected, {} record(s) dropped, {} failed",
                rep.reconnected.size(), rep.dropped.size(), rep.failed.size());
   for (const auto& f : rep.failed) spdlog::error("attach: not recovered: {}", f);

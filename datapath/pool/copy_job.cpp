@@ -154,6 +154,9 @@ void CopyJob::Run() {
     st = Error(EINVAL, "copy: invalid options (src_fd {}, dst_fd {}, chunk_size {})",
                opts_.src_fd, opts_.dst_fd, opts_.chunk_size);
   }
+  // First, while every chunk is still pending: a writer to the live source waits for its chunk
+  // to be copied, so the data mapped now is exactly the data the copy will find.
+  if (st.ok()) st = MapData();
   uint64_t since_notify = 0;
   while (st.ok()) {
     if (cancel_.load(std::memory_order_relaxed)) {
@@ -221,9 +224,26 @@ Status CopyJob::CopyChunk(uint64_t index) {
     if (!hole.ok()) return hole.status();
     Status s = CopyRange(*data, *hole);
     if (!s.ok()) return s;
+    data_copied_.fetch_add(*hole - *data, std::memory_order_relaxed);
     off = *hole;
   }
   copied_.fetch_add(end - start, std::memory_order_relaxed);
+  return Status::Ok();
+}
+
+Status CopyJob::MapData() {
+  uint64_t total = 0, off = 0;
+  while (off < opts_.length && !cancel_.load(std::memory_order_relaxed)) {
+    StatusOr<uint64_t> data = NextData(opts_.src_fd, off, opts_.length, "source");
+    if (!data.ok()) return data.status();
+    if (*data >= opts_.length) break;
+    StatusOr<uint64_t> hole = NextHole(opts_.src_fd, *data, opts_.length);
+    if (!hole.ok()) return hole.status();
+    total += *hole - *data;
+    off = *hole;
+  }
+  data_total_.store(total, std::memory_order_relaxed);
+  data_known_.store(true, std::memory_order_release);
   return Status::Ok();
 }
 

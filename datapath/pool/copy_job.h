@@ -55,6 +55,14 @@ class CopyJob final : public Preserver, public std::enable_shared_from_this<Copy
 
   uint64_t total_bytes() const { return opts_.length; }
   uint64_t copied_bytes() const { return copied_.load(std::memory_order_relaxed); }
+  // Progress in data, not in address space: a sparse volume's copy spends its time on its
+  // allocated ranges, so a percentage of the virtual size would race through the holes and
+  // crawl through the data. data_total_bytes() is the source's data (SEEK_DATA ranges) when the
+  // copy starts, 0 until the job thread has mapped it (data_known() says which); every data byte
+  // the job copies counts once, so data_copied_bytes() ends equal to data_total_bytes().
+  bool data_known() const { return data_known_.load(std::memory_order_acquire); }
+  uint64_t data_total_bytes() const { return data_total_.load(std::memory_order_relaxed); }
+  uint64_t data_copied_bytes() const { return data_copied_.load(std::memory_order_relaxed); }
   bool finished() const { return finished_.load(std::memory_order_acquire); }
   // Stops at the next chunk boundary; on_done gets ECANCELED. Does not wait.
   void Cancel();
@@ -73,12 +81,16 @@ class CopyJob final : public Preserver, public std::enable_shared_from_this<Copy
   Status CopyChunk(uint64_t index);
   Status CopyRange(uint64_t off, uint64_t end);
   Status ClearRange(uint64_t off, uint64_t end);
+  Status MapData();
 
   Options opts_;
   uint64_t nchunks_ = 0;
   // Per chunk: 0 = pending, 1 = being copied, 2 = preserved.
   std::unique_ptr<std::atomic<uint8_t>[]> state_;
   std::atomic<uint64_t> copied_{0};
+  std::atomic<uint64_t> data_total_{0};
+  std::atomic<uint64_t> data_copied_{0};
+  std::atomic<bool> data_known_{false};
   std::atomic<bool> cancel_{false};
   std::atomic<bool> finished_{false};
   std::mutex mu_;

@@ -171,6 +171,9 @@ struct VolumeInfo {
   // not exported over NBD (Acquire returns nullptr) until the copy is done.
   bool ready = true;
   uint64_t copy_done = 0, copy_total = 0;  // progress of that copy, bytes
+  // The same in allocated data (CopyJob::data_*); no total until the job has mapped it.
+  uint64_t copy_data_done = 0;
+  std::optional<uint64_t> copy_data_total;
 };
 
 // Snapshots live in DIR/snapshots/NAME.img + NAME.json, with the same crash-safety rules and
@@ -185,6 +188,8 @@ struct SnapshotInfo {
   std::string method;            // "reflink" (FICLONE, O(metadata)) or "copy" (background copy)
   bool ready = false;            // false while a "copy" snapshot is still being filled
   uint64_t copy_done = 0, copy_total = 0;
+  uint64_t copy_data_done = 0;  // as in VolumeInfo
+  std::optional<uint64_t> copy_data_total;
   std::string error;             // set when a background copy failed (state "failed")
   std::string path;
 };

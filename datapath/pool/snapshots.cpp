@@ -32,10 +32,15 @@ SnapshotInfo Pool::Impl::MakeSnapInfo(const SnapshotMeta& m) const {
     if (c->second->job) {
       info.copy_done = c->second->job->copied_bytes();
       info.copy_total = c->second->job->total_bytes();
+      info.copy_data_done = c->second->job->data_copied_bytes();
+      if (c->second->job->data_known()) info.copy_data_total = c->second->job->data_total_bytes();
     }
     if (c->second->point_in_time_ns) info.created_unix_ns = c->second->point_in_time_ns;
   }
-  if (info.ready) info.copy_done = info.copy_total = 0;
+  if (info.ready) {
+    info.copy_done = info.copy_total = info.copy_data_done = 0;
+    info.copy_data_total.reset();
+  }
   return info;
 }
 

@@ -132,6 +132,8 @@ VolumeInfo Pool::Impl::MakeInfo(const Entry& e) const {
   if (auto c = copies.find(VolKey(e.meta.name)); c != copies.end() && c->second->job) {
     info.copy_done = c->second->job->copied_bytes();
     info.copy_total = c->second->job->total_bytes();
+    info.copy_data_done = c->second->job->data_copied_bytes();
+    if (c->second->job->data_known()) info.copy_data_total = c->second->job->data_total_bytes();
   }
   return info;
 }

@@ -715,6 +715,9 @@ def check(ck, docs, expect_secrets, quiet=False):
             vol = next((v for v in pod.get("volumes", []) if v["name"] == m["name"]), {})
             if "secret" in vol:
                 return vol["secret"]["secretName"], m["mountPath"]
+            # Per-node certificates (tls.datapathHostPath): the node's own directory.
+            if m["name"] == "tls" and "hostPath" in vol:
+                return "hostPath:" + vol["hostPath"]["path"], m["mountPath"]
         return None, None
 
     for where, pod, c in ((ctl_where, ctl_pod, ctl), (dp_where, dp_pod, dp)):
@@ -727,7 +730,7 @@ def check(ck, docs, expect_secrets, quiet=False):
                 ck.err(where, f"{flag} is {arg_value(c['args'], flag)}, want {mount}/{key}")
         if has_flag(c["args"], "--insecure"):
             ck.err(where, "--insecure in a deployment")
-        if expect_secrets and name not in secrets:
+        if expect_secrets and name not in secrets and not name.startswith("hostPath:"):
             ck.err(where, f"secret {name} is not rendered")
     if expect_secrets:
         ctl_secret = secrets.get(secret_of(ctl_pod, ctl)[0])

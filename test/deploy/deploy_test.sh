@@ -45,6 +45,8 @@ value_sets() {
   echo "vac|$secrets $snap_api $vac_api --set volumeAttributesClasses.enabled=true"
   echo "rolling-datapath|$secrets --set datapath.updateStrategy.type=RollingUpdate --set datapath.capacity=100Gi"
   echo "kube-1.20|$secrets $snap_api --kube-version 1.20.2"
+  echo "kernel-nbd-required|$secrets --set datapath.kernelNbd.mode=required"
+  echo "per-node-certs|--set tls.existingSecret.controller=nbd-csi-controller-tls --set tls.datapathHostPath=/etc/nbd-csi/node-tls --set tls.verifyDatapathServerName=false"
   echo "host-network|$secrets --set controller.hostNetwork=true --set controller.replicas=1 --set node.hostNetwork=true --set controller.apiServerAddress=127.0.0.1:6443 --set datapath.hostAliases[0].ip=127.0.0.1 --set datapath.hostAliases[0].hostnames[0]=nbd-csi-controller.nbd-csi.svc"
 }
 
@@ -122,6 +124,16 @@ if name.startswith("cert-manager"):
     assert "Secret" not in kinds, kinds
 if name == "vac":
     assert len(kinds.get("VolumeAttributesClass", [])) == 2, kinds
+if name == "per-node-certs":
+    # Each node's own certificate directory instead of the shared secret, and the controller
+    # checks certificates against nodes instead of one name.
+    assert "Secret" not in kinds, kinds
+    dp = next(d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"].endswith("-datapath"))
+    tls = next(v for v in dp["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+    assert tls == {"name": "tls", "hostPath": {"path": "/etc/nbd-csi/node-tls", "type": "Directory"}}, tls
+    ctl = next(c for d in docs if d["kind"] == "Deployment"
+               for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == "nbd-csi-controller")
+    assert not any(a.startswith("--datapath-server-name") for a in ctl["args"]), ctl["args"]
 # The VolumeSnapshotClass (create: auto) only where the cluster serves its API.
 assert len(kinds.get("VolumeSnapshotClass", [])) == (1 if name in ("vac", "kube-1.20") else 0), kinds
 by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
@@ -181,10 +193,30 @@ PY
     refuse "datapath.overcommit: Does not match pattern" $secrets --set-string datapath.overcommit=-1.5
     # shellcheck disable=SC2086
     refuse "logLevel must be one of the following" $secrets --set logLevel=verbose
+    # The datapath takes --free-reserve 0 to 90: the schema refuses the rest before a pod would
+    # crash-loop on it.
+    # shellcheck disable=SC2086
+    refuse "datapath.freeReservePercent: Must be greater than or equal to 0" $secrets \
+      --set datapath.freeReservePercent=-1
+    # shellcheck disable=SC2086
+    refuse "datapath.freeReservePercent: Must be less than or equal to 90" $secrets \
+      --set datapath.freeReservePercent=95
+    # shellcheck disable=SC2086
+    refuse "datapath.freeReservePercent: Invalid type. Expected: number, given: string" $secrets \
+      --set datapath.freeReservePercent=x
     # shellcheck disable=SC2086
     refuse "Additional property replica is not allowed" $secrets --set controller.replica=3
     # shellcheck disable=SC2086
     refuse "controller.runAsUser: Must be greater than or equal to 1" $secrets --set controller.runAsUser=0
+    # Per-node certificates need a CA the user holds, and the controller checking nodes.
+    refuse "tls.datapathHostPath: each node's certificate must chain to a CA whose key you hold" \
+      --set tls.datapathHostPath=/etc/nbd-csi/node-tls --set tls.verifyDatapathServerName=false
+    # shellcheck disable=SC2086
+    refuse "tls.datapathHostPath: set tls.verifyDatapathServerName=false" $secrets \
+      --set tls.datapathHostPath=/etc/nbd-csi/node-tls
+    # shellcheck disable=SC2086
+    refuse "tls.datapathHostPath: Does not match pattern" $secrets \
+      --set tls.verifyDatapathServerName=false --set tls.datapathHostPath=etc/relative
     # What the cluster does not serve is refused when asked for explicitly.
     # shellcheck disable=SC2086
     refuse "does not serve snapshot.storage.k8s.io/v1" $secrets --set volumeSnapshotClass.create=true
@@ -222,6 +254,19 @@ for d in yaml.safe_load_all(sys.stdin):
     }
     [ -z "$(script_of off)" ] || { echo "FAIL: mode off still renders an init container" >&2; exit 1; }
     echo "ok: mode off: no init container"
+    # required also tells the datapath itself to refuse the fallback (nbd.ko unloaded later).
+    for mode in off auto required; do
+      # shellcheck disable=SC2086
+      has=$("$helm" template t "$chart" $secrets --set "datapath.kernelNbd.mode=$mode" | python3 -c '
+import sys, yaml
+for d in yaml.safe_load_all(sys.stdin):
+    if d and d["kind"] == "DaemonSet" and d["metadata"]["name"].endswith("-datapath"):
+        c = next(c for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == "nbd-datapathd")
+        print("--require-kernel-nbd" in c["args"])')
+      want=False; [ $mode = required ] && want=True
+      [ "$has" = $want ] || { echo "FAIL: mode $mode: --require-kernel-nbd in the datapath's args: $has, want $want" >&2; exit 1; }
+    done
+    echo "ok: only mode required passes --require-kernel-nbd to the datapath"
     for mode in auto required; do
       script_of $mode >"$tmp/$mode.sh"
       grep -q 'modprobe nbd nbds_max=32 2>&1' "$tmp/$mode.sh" || {

@@ -29,6 +29,17 @@ for t in nbdfuse losetup mkfs.ext4 e2fsck resize2fs mkfs.xfs xfs_growfs nbdsh bl
 done
 
 lib_init
+# --require-kernel-nbd (chart: datapath.kernelNbd.mode required) on this kernel without nbd:
+# the daemon refuses to start rather than attach the slow way.
+if [ ! -d /sys/module/nbd ]; then
+  rc=0; mkdir -p "$W/refused-pool"
+  "$NBDCSI_BIN/nbd-datapathd" --pool "$W/refused-pool" --api "unix://$W/refused-api.sock" \
+    --nbd-listen "unix://$W/refused-nbd.sock" --require-kernel-nbd >"$W/refused.log" 2>&1 || rc=$?
+  [ $rc = 1 ] || { cat "$W/refused.log" >&2; die "--require-kernel-nbd without nbd.ko: exit $rc, want 1"; }
+  grep -q "require-kernel-nbd refuses the nbdfuse fallback" "$W/refused.log" ||
+    { cat "$W/refused.log" >&2; die "--require-kernel-nbd: the refusal does not say why"; }
+  step "--require-kernel-nbd without nbd.ko: refused to start"
+fi
 MNT=$W/mnt
 mkdir -p "$MNT/f" "$MNT/g"
 # Whatever happens, nothing may stay mounted or bound (runs after the daemon is stopped): the
@@ -47,6 +58,9 @@ cleanup_fuse() {
 on_exit cleanup_fuse
 
 daemon_start
+# Said once at start-up, before any volume needs it.
+grep -q 'volumes attach through the nbdfuse + loop FALLBACK' "$W/datapathd.log" ||
+  die "the start-up log does not announce the fallback"
 # ResizeAttachment through nbdctl; prints the attachment's new size in bytes.
 resize_attachment() { nbdctl -o json resize-attachment "$1" | jq -r .size_bytes; }
 json() { nbdctl -o json "$@"; }

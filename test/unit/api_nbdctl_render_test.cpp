@@ -155,6 +155,18 @@ TEST(Snapshot, JsonKeysAndTables) {
   EXPECT_NE(t.find("snap-1  vol     1Gi"), std::string::npos) << t;
   EXPECT_NE(t.find("copy    50%"), std::string::npos) << t;
   EXPECT_NE(SnapshotDetails(*s).find("no, copying 50%"), std::string::npos) << SnapshotDetails(*s);
+  // Once the daemon has mapped the source's data, the percentage counts that data: 3 of
+  // 4 MiB allocated is 75 %, although the copy is only half way through the address space.
+  s->set_copy_data_done_bytes(3ull << 20);
+  s->set_copy_data_total_bytes(4ull << 20);
+  t = SnapshotListTable(list);
+  EXPECT_NE(t.find("copy    75%"), std::string::npos) << t;
+  EXPECT_NE(SnapshotDetails(*s).find("no, copying 75% (3 MiB of 4 MiB allocated data)"),
+            std::string::npos)
+      << SnapshotDetails(*s);
+  EXPECT_EQ(SnapshotJson(*s)["copy_data_total_bytes"], 4ull << 20);
+  s->clear_copy_data_total_bytes();
+  EXPECT_TRUE(SnapshotJson(*s)["copy_data_total_bytes"].is_null()) << "unknown, not 0";
   s->set_error("disk full");
   EXPECT_NE(SnapshotDetails(*s).find("failed: disk full"), std::string::npos);
 

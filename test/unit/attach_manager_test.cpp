@@ -712,6 +712,8 @@ TEST_F(AttachManagerTest, FuseFallbackCanBeTurnedOff) {
   auto m = NewManager();
   auto r = m->Attach("vol-a");
   EXPECT_EQ(r.status().code(), ENODEV);
+  EXPECT_NE(r.status().message().find("--require-kernel-nbd"), std::string::npos)
+      << "the error names why there is no fallback: " << r.status().message();
   EXPECT_TRUE(fuse_.attaches.empty());
 }
 

@@ -55,6 +55,12 @@ std::vector<std::string> TestDirs() {
   return dirs;
 }
 
+uint64_t DataBytes(const Extents& map) {
+  uint64_t n = 0;
+  for (const auto& [s, e] : map) n += e - s;
+  return n;
+}
+
 Extents DataMap(int fd, uint64_t len) {
   Extents out;
   uint64_t off = 0;
@@ -220,6 +226,10 @@ TEST_P(CopyJobTest, SparseSourceCopiesIdenticallyAndKeepsHoles) {
   EXPECT_TRUE(done.status.ok()) << done.status.message();
   EXPECT_EQ(job->total_bytes(), len);
   EXPECT_EQ(job->copied_bytes(), len) << "progress counts holes too";
+  // Progress in data: the islands' bytes, all of them copied.
+  EXPECT_TRUE(job->data_known());
+  EXPECT_EQ(job->data_total_bytes(), DataBytes(islands));
+  EXPECT_EQ(job->data_copied_bytes(), job->data_total_bytes());
 
   EXPECT_TRUE(SameBytes(ReadAll(src, len), ReadAll(dst, len)));
   EXPECT_EQ(DataMap(dst, len), islands) << "holes must stay holes in the copy";
@@ -247,6 +257,11 @@ TEST_P(CopyJobTest, OddChunkSizeAndLengthShorterThanTheSource) {
   job->Wait();
   ASSERT_TRUE(done.status.ok()) << done.status.message();
   EXPECT_EQ(job->copied_bytes(), len);
+  // Only the data before `length` counts, without the punched hole (tmpfs and ext4 both punch
+  // whole 4 KiB pages, and 16 KiB at a 32 KiB offset is page-aligned).
+  EXPECT_EQ(job->data_total_bytes(), DataBytes(DataMap(src, len)));
+  EXPECT_EQ(job->data_total_bytes(), len - 16384);
+  EXPECT_EQ(job->data_copied_bytes(), job->data_total_bytes());
   struct stat ds {};
   ASSERT_EQ(fstat(dst, &ds), 0);
   EXPECT_EQ(ds.st_size, static_cast<off_t>(len)) << "wrote past length";
@@ -271,6 +286,20 @@ TEST_P(CopyJobTest, RestoreOverOldDataLeavesNoStaleBytesInHoles) {
   ASSERT_TRUE(done.status.ok()) << done.status.message();
   EXPECT_TRUE(SameBytes(ReadAll(src, len), ReadAll(dst, len)));
   EXPECT_EQ(DataMap(dst, len), islands) << "old data should have been punched out";
+}
+
+TEST_P(CopyJobTest, AllHoleSourceHasNoDataToCopy) {
+  const uint64_t len = 64 * kMiB;
+  int src = Open("src", len), dst = Open("dst", len);
+  DoneRecorder done;
+  auto job = CopyJob::Start(
+      {.src_fd = src, .dst_fd = dst, .length = len, .on_done = done.Callback()});
+  job->Wait();
+  ASSERT_TRUE(done.status.ok()) << done.status.message();
+  EXPECT_TRUE(job->data_known()) << "a known total of 0, not an unknown one";
+  EXPECT_EQ(job->data_total_bytes(), 0u);
+  EXPECT_EQ(job->data_copied_bytes(), 0u);
+  EXPECT_EQ(job->copied_bytes(), len);
 }
 
 TEST_P(CopyJobTest, EmptyLengthFinishesOk) {
@@ -484,6 +513,10 @@ TEST_P(CopyJobTest, PointInTimeUnderConcurrentWrites) {
 
   EXPECT_TRUE(SameBytes(image, ReadAll(dst, len))) << "the copy is not the source at Start";
   EXPECT_EQ(DataMap(dst, len), map_before);
+  // The writers allocated more of the source while the copy ran; the progress still counts the
+  // data of the instant and ends at exactly 100 % of it.
+  EXPECT_EQ(job->data_total_bytes(), DataBytes(map_before));
+  EXPECT_EQ(job->data_copied_bytes(), DataBytes(map_before));
 
   size_t writes = 0;
   for (const auto& log : logs) {

@@ -3,3 +3,6 @@
 # the datapath commands against a real daemon by integration.nbdctl_cli.
 nbdcsi_add_gtest(nbdctl_command_tree_test ${CMAKE_CURRENT_LIST_DIR}/nbdctl_command_tree_test.cpp
                  nbdctl_commands)
+# `nbdctl --wait` progress lines (tools/nbdctl/progress.h): pure, with a fixed clock.
+nbdcsi_add_gtest(nbdctl_progress_test ${CMAKE_CURRENT_LIST_DIR}/nbdctl_progress_test.cpp
+                 nbdctl_render)

@@ -237,6 +237,7 @@ class FakeDatapath : public DatapathClient {
     std::string device;  // the device it gets when attached
     bool link_ok = true;
     uint64_t read_errors = 0, write_errors = 0;
+    std::string mode = "fuse";  // what the datapath reports: "kernel" or "fuse"
   };
 
   explicit FakeDatapath(FakeOs& os) : os_(os) {}
@@ -328,7 +329,7 @@ class FakeDatapath : public DatapathClient {
     a.set_volume(name);
     a.set_device(v.device);
     a.set_size(v.size);
-    a.set_mode("fuse");
+    a.set_mode(v.mode);
     a.set_link_ok(v.link_ok);
     if (!v.link_ok) a.set_link_error("nbdfuse exited");
     return a;

@@ -573,6 +573,12 @@ TEST_F(NodeServiceTest, ExpandErrors) {
   EXPECT_EQ(Expand(kTarget, -1, &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(Expand(kTarget, 0, &resp).error_code(), grpc::StatusCode::NOT_FOUND);  // no path
   EXPECT_EQ(Expand(kTarget, 0, &resp, "v1:node-b:pvc-1").error_code(), grpc::StatusCode::NOT_FOUND);
+  // An unknown volume is NOT_FOUND before the path's form is looked at (csi-sanity).
+  EXPECT_EQ(Expand("some/path", 0, &resp, "v1:node-a:nope").error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Expand("some/path", 0, &resp, "id").error_code(), grpc::StatusCode::NOT_FOUND);
+  // A volume that exists, with a malformed path: that is the request's fault.
+  EXPECT_EQ(Expand("some/path", 0, &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   ASSERT_TRUE(Stage(MountCap()).ok());
   ASSERT_TRUE(Publish(MountCap()).ok());
   // The controller did not grow the volume: the device cannot satisfy the request.
@@ -684,6 +690,36 @@ TEST_F(NodeServiceTest, StatsVolumeCondition) {
   }
 }
 
+TEST_F(NodeServiceTest, StatsNameTheFuseFallbackWithoutCallingItAbnormal) {
+  // The fallback serves I/O until the datapath restarts: normal, but the message must say so,
+  // because the volume condition is where a pod's owner sees it. A kernel attachment says "ok".
+  for (const std::string mode : {"fuse", "kernel"}) {
+    const std::string name = "mode-" + mode, id = "v1:node-a:" + name;
+    const std::string staging = "/var/lib/kubelet/stage/" + name,
+                      target = "/var/lib/kubelet/pods/" + name + "/mount";
+    const std::string device = mode == "fuse" ? "/dev/loop20" : "/dev/nbd20";
+    dp_.AddVolume(name, kGiB, device, makedev(mode == "fuse" ? 7 : 43, 20));
+    dp_.volumes[name].mode = mode;
+    ASSERT_TRUE(Stage(MountCap(), id, staging).ok()) << mode;
+    ASSERT_TRUE(Publish(MountCap(), false, target, id, staging).ok()) << mode;
+    v1::NodeGetVolumeStatsResponse resp;
+    ASSERT_TRUE(Stats(target, &resp, id).ok()) << mode;
+    EXPECT_FALSE(resp.volume_condition().abnormal()) << mode;
+    if (mode == "fuse") {
+      EXPECT_THAT(resp.volume_condition().message(), HasSubstr("nbdfuse fallback"));
+      EXPECT_THAT(resp.volume_condition().message(), HasSubstr("datapath restart breaks"));
+    } else {
+      EXPECT_EQ(resp.volume_condition().message(), "ok");
+    }
+  }
+  // A broken fuse link is abnormal and still names the fallback.
+  dp_.volumes["mode-fuse"].link_ok = false;
+  v1::NodeGetVolumeStatsResponse resp;
+  ASSERT_TRUE(Stats("/var/lib/kubelet/pods/mode-fuse/mount", &resp, "v1:node-a:mode-fuse").ok());
+  EXPECT_TRUE(resp.volume_condition().abnormal());
+  EXPECT_THAT(resp.volume_condition().message(), HasSubstr("nbdfuse fallback"));
+}
+
 TEST_F(NodeServiceTest, StatsReadOnlyPublishIsNormal) {
   // A read-only bind of a read-write file system is what was asked for, not a failure.
   ASSERT_TRUE(Stage(MountCap()).ok());
@@ -702,6 +738,12 @@ TEST_F(NodeServiceTest, StatsErrors) {
   EXPECT_EQ(Stats(kTarget, &resp).error_code(), grpc::StatusCode::NOT_FOUND);  // nothing mounted
   ASSERT_TRUE(Stage(MountCap()).ok());
   EXPECT_EQ(Stats(kStaging, &resp, "v1:node-b:pvc-1").error_code(), grpc::StatusCode::NOT_FOUND);
+  // CSI 1.10 (and csi-sanity): an unknown volume is NOT_FOUND even with a malformed path, and
+  // a known volume cannot be on a path where no volume can be: NOT_FOUND too.
+  EXPECT_EQ(Stats("some/path", &resp, "v1:node-a:nope").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Stats("some/path", &resp, "id").error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Stats("some/path", &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Stats("/etc", &resp).error_code(), grpc::StatusCode::NOT_FOUND) << "outside the root";
 }
 
 // ---- the whole sequence, and concurrency ----
@@ -788,7 +830,7 @@ TEST(NodePathTest, PathsMustLieStrictlyBeneathTheRoot) {
 }
 
 // Every call that takes a path refuses one outside the root, or one that a symlink takes out of it,
-// with INVALID_ARGUMENT and without touching the OS.
+// with INVALID_ARGUMENT (NodeGetVolumeStats: NOT_FOUND) and without touching the OS.
 TEST_F(NodeServiceTest, PathsOutsideTheKubeletRootAreRefusedUntouched) {
   const std::string outside = "/tmp/pvc-1/mount";
   const std::string sibling = "/var/lib/kubelet-evil/pods/uid/mount";
@@ -816,8 +858,11 @@ TEST_F(NodeServiceTest, PathsOutsideTheKubeletRootAreRefusedUntouched) {
     stats.set_volume_id(kVol);
     stats.set_volume_path(bad);
     v1::NodeGetVolumeStatsResponse stats_resp;
+    // NodeGetVolumeStats is the exception: CSI 1.10 answers NOT_FOUND for "the volume does not
+    // exist on the specified volume_path", and no volume can be on such a path (csi-sanity
+    // checks this with a relative path).
     EXPECT_EQ(svc_->NodeGetVolumeStats(nullptr, &stats, &stats_resp).error_code(),
-              grpc::StatusCode::INVALID_ARGUMENT);
+              grpc::StatusCode::NOT_FOUND);
     EXPECT_TRUE(os_.calls.empty()) << os_.calls.front();
   }
   EXPECT_TRUE(os_.mounts.empty());

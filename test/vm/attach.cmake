@@ -19,3 +19,9 @@ nbdcsi_add_test(NAME vm.attach_resize
     --file $<TARGET_FILE:nbdctl>:/opt/bin/
     ${CMAKE_CURRENT_LIST_DIR}/attach_resize.sh
   TIMEOUT 360 LABELS vm attach SERIAL)
+# A node that does not load nbd.ko at boot: --require-kernel-nbd refuses to start, the chart's
+# load-nbd init container script loads it, and the datapath then attaches through /dev/nbdN
+# (kernel_nbd_load_run.sh renders the script with helm and boots the VM with --no-nbd).
+nbdcsi_add_test(NAME vm.kernel_nbd_load
+  COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/kernel_nbd_load_run.sh
+  TIMEOUT 480 LABELS vm attach SERIAL)

@@ -7,6 +7,8 @@
 #include <optional>
 #include <thread>
 
+#include <unistd.h>
+
 #include <fmt/format.h>
 
 #include "common/qos_fields.h"
@@ -15,6 +17,7 @@
 #include "datapath/api/datapath.grpc.pb.h"
 #include "tools/nbdctl/attach_render.h"
 #include "tools/nbdctl/connection.h"
+#include "tools/nbdctl/progress.h"
 #include "tools/nbdctl/render.h"
 
 namespace nbdcsi::nbdctl {
@@ -66,6 +69,16 @@ struct QosFlags {
 #undef NBDCSI_QOS_APPLY
   }
 };
+
+// One poll of a copy's progress, from a Volume or a Snapshot (the same copy_data_* fields).
+template <typename Msg>
+CopySample SampleOf(const Msg& m) {
+  CopySample s;
+  s.at = ProgressClock::now();
+  s.data_done = m.copy_data_done_bytes();
+  if (m.has_copy_data_total_bytes()) s.data_total = m.copy_data_total_bytes();
+  return s;
+}
 
 uint64_t ParseSizeFlag(const std::string& flag, const std::string& value) {
   auto r = ParseQuantity(value);
@@ -138,6 +151,11 @@ struct DatapathCommands::Impl {
   int WaitSnapshot(Deadline deadline, v1::Snapshot* out);
   // Past the deadline: says so and returns kExitServer; else sleeps one poll interval.
   int PollOrGiveUp(Deadline deadline, const char* kind, uint64_t done, uint64_t total) const;
+  // Progress lines on stderr while a --wait polls (progress.h says where and when).
+  ProgressSink Progress(const std::string& what) const {
+    return ProgressSink(ProgressSink::ModeFor(global.output, STDERR_FILENO), std::cerr, what,
+                        ProgressClock::now());
+  }
 
   int VolumeCreate();
   int VolumeList();
@@ -182,39 +200,57 @@ int DatapathCommands::Impl::PollOrGiveUp(Deadline deadline, const char* kind, ui
 }
 
 int DatapathCommands::Impl::WaitVolume(Deadline deadline, v1::Volume* out) {
+  if (out->ready()) return kExitOk;
+  const bool restore = out->source().rfind("snapshot/", 0) == 0;
+  ProgressSink progress = Progress(fmt::format("{} {}", restore ? "restore" : "clone", name));
   while (!out->ready()) {
+    progress.Update(SampleOf(*out));
     if (int rc = PollOrGiveUp(deadline, "volume", out->copy_done_bytes(), out->copy_total_bytes());
         rc != kExitOk) {
+      progress.Finish(false, ProgressClock::now(), 0);
       return rc;
     }
     v1::GetVolumeRequest req;
     req.set_name(name);
     v1::GetVolumeResponse resp;
     auto s = stub->GetVolume(conn->Ctx(deadline).get(), req, &resp);
-    if (!s.ok()) return Fail(fmt::format("wait for volume \"{}\"", name), s);
+    if (!s.ok()) {
+      progress.Finish(false, ProgressClock::now(), 0);
+      return Fail(fmt::format("wait for volume \"{}\"", name), s);
+    }
     *out = resp.volume();
   }
+  progress.Finish(true, ProgressClock::now(), out->allocated_bytes());
   return kExitOk;
 }
 
 int DatapathCommands::Impl::WaitSnapshot(Deadline deadline, v1::Snapshot* out) {
+  if (out->ready()) return kExitOk;
+  ProgressSink progress = Progress("snapshot " + name);
   while (!out->ready()) {
     if (!out->error().empty()) {
+      progress.Finish(false, ProgressClock::now(), 0);
       std::cerr << fmt::format("nbdctl: snapshot \"{}\" failed: {}\n", name, out->error());
       return kExitServer;
     }
+    progress.Update(SampleOf(*out));
     if (int rc =
             PollOrGiveUp(deadline, "snapshot", out->copy_done_bytes(), out->copy_total_bytes());
         rc != kExitOk) {
+      progress.Finish(false, ProgressClock::now(), 0);
       return rc;
     }
     v1::GetSnapshotRequest req;
     req.set_name(name);
     v1::GetSnapshotResponse resp;
     auto s = stub->GetSnapshot(conn->Ctx(deadline).get(), req, &resp);
-    if (!s.ok()) return Fail(fmt::format("wait for snapshot \"{}\"", name), s);
+    if (!s.ok()) {
+      progress.Finish(false, ProgressClock::now(), 0);
+      return Fail(fmt::format("wait for snapshot \"{}\"", name), s);
+    }
     *out = resp.snapshot();
   }
+  progress.Finish(true, ProgressClock::now(), out->allocated_bytes());
   return kExitOk;
 }
 

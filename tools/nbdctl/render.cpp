@@ -72,12 +72,28 @@ json HistogramJson(const v1::LatencyHistogram& h) {
   return j;
 }
 
+// A copy's progress for the READY column: in the source's allocated data once the daemon has
+// mapped it (a sparse volume's copy takes the time of its data, not of its size), else in
+// address space. `of` names the unit for detail views.
+struct CopyFigures {
+  uint64_t done, total;
+  const char* of;
+};
+template <typename Msg>
+CopyFigures FiguresOf(const Msg& m) {
+  if (m.has_copy_data_total_bytes()) {
+    return {m.copy_data_done_bytes(), m.copy_data_total_bytes(), " allocated data"};
+  }
+  return {m.copy_done_bytes(), m.copy_total_bytes(), ""};
+}
+
 // For detail views: the ready column plus the bytes behind a percentage.
-std::string CopyState(bool ready, uint64_t done, uint64_t total, const std::string& error) {
-  std::string r = ReadyText(ready, done, total, error);
+std::string CopyState(bool ready, const CopyFigures& f, const std::string& error) {
+  std::string r = ReadyText(ready, f.done, f.total, error);
   if (!error.empty()) return r + ": " + error;
-  if (ready || total == 0) return r;
-  return fmt::format("no, copying {} ({} of {})", r, FormatHuman(done), FormatHuman(total));
+  if (ready || f.total == 0) return r;
+  return fmt::format("no, copying {} ({} of {}{})", r, FormatHuman(f.done), FormatHuman(f.total),
+                     f.of);
 }
 
 json CountersJson(const v1::OpCounters& c) {
@@ -156,6 +172,12 @@ std::string FormatTime(int64_t unix_ns) {
   return buf;
 }
 
+// null until the daemon has mapped the source's data.
+template <typename Msg>
+json OptionalTotal(const Msg& m) {
+  return m.has_copy_data_total_bytes() ? json(m.copy_data_total_bytes()) : json();
+}
+
 nlohmann::json VolumeJson(const v1::Volume& v) {
   return {{"name", v.name()},
           {"size_bytes", v.size_bytes()},
@@ -170,6 +192,8 @@ nlohmann::json VolumeJson(const v1::Volume& v) {
           {"ready", v.ready()},
           {"copy_done_bytes", v.copy_done_bytes()},
           {"copy_total_bytes", v.copy_total_bytes()},
+          {"copy_data_done_bytes", v.copy_data_done_bytes()},
+          {"copy_data_total_bytes", OptionalTotal(v)},
           {"qos", QosJson(v.qos())},
           {"effective_qos", EffectiveJson(v.effective_qos())}};
 }
@@ -228,6 +252,8 @@ nlohmann::json SnapshotJson(const v1::Snapshot& s) {
           {"ready", s.ready()},
           {"copy_done_bytes", s.copy_done_bytes()},
           {"copy_total_bytes", s.copy_total_bytes()},
+          {"copy_data_done_bytes", s.copy_data_done_bytes()},
+          {"copy_data_total_bytes", OptionalTotal(s)},
           {"error", s.error()},
           {"data_path", s.data_path()}};
 }
@@ -250,7 +276,7 @@ std::string VolumeListTable(const v1::ListVolumesResponse& list) {
     t.rows.push_back({v.name(), FormatQuantity(v.size_bytes()), FormatHuman(v.allocated_bytes()),
                       v.read_only() ? "yes" : "no", std::to_string(v.open_connections()),
                       Limit(v.effective_qos().iops()), Rate(v.effective_qos().bps()),
-                      ReadyText(v.ready(), v.copy_done_bytes(), v.copy_total_bytes()),
+                      ReadyText(v.ready(), FiguresOf(v).done, FiguresOf(v).total),
                       v.source().empty() ? "-" : v.source(), FormatTime(v.created_unix_ns())});
   }
   return t.Render();
@@ -266,7 +292,7 @@ std::string VolumeDetails(const v1::Volume& v) {
                                 v.allocated_bytes())},
       {"Read-only", v.read_only() ? "yes" : "no"},
       {"Source", v.source().empty() ? "-" : v.source()},
-      {"Ready", CopyState(v.ready(), v.copy_done_bytes(), v.copy_total_bytes(), "")},
+      {"Ready", CopyState(v.ready(), FiguresOf(v), "")},
       {"Connections", std::to_string(v.open_connections())},
       {"Created", FormatTime(v.created_unix_ns())},
       {"Data file", v.data_path().empty() ? "-" : v.data_path()},
@@ -372,7 +398,7 @@ std::string SnapshotListTable(const v1::ListSnapshotsResponse& list) {
   for (const auto& s : list.snapshots()) {
     t.rows.push_back({s.name(), s.source_volume(), FormatQuantity(s.size_bytes()),
                       FormatHuman(s.allocated_bytes()), s.method().empty() ? "-" : s.method(),
-                      ReadyText(s.ready(), s.copy_done_bytes(), s.copy_total_bytes(), s.error()),
+                      ReadyText(s.ready(), FiguresOf(s).done, FiguresOf(s).total, s.error()),
                       FormatTime(s.created_unix_ns())});
   }
   return t.Render();
@@ -386,7 +412,7 @@ std::string SnapshotDetails(const v1::Snapshot& s) {
       {"Allocated", fmt::format("{} ({} bytes)", FormatHuman(s.allocated_bytes()),
                                 s.allocated_bytes())},
       {"Method", s.method().empty() ? "-" : s.method()},
-      {"Ready", CopyState(s.ready(), s.copy_done_bytes(), s.copy_total_bytes(), s.error())},
+      {"Ready", CopyState(s.ready(), FiguresOf(s), s.error())},
       {"Created", FormatTime(s.created_unix_ns())},
       {"Data file", s.data_path().empty() ? "-" : s.data_path()},
   });

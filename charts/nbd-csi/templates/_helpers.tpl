@@ -98,8 +98,17 @@ securityContext:
 {{- end -}}
 {{- $c := .Values.tls.existingSecret.controller -}}
 {{- $d := .Values.tls.existingSecret.datapath -}}
-{{- if or (and $c (not $d)) (and $d (not $c)) -}}
+{{- $perNode := .Values.tls.datapathHostPath -}}
+{{- if or (and $c (not $d) (not $perNode)) (and $d (not $c)) -}}
 {{- fail "tls.existingSecret: set both controller and datapath, or neither" -}}
+{{- end -}}
+{{- if $perNode -}}
+{{- if not (or $c .Values.tls.certManager.enabled) -}}
+{{- fail "tls.datapathHostPath: each node's certificate must chain to a CA whose key you hold: set tls.existingSecret.controller (or tls.certManager.enabled); the CA Helm generates keeps no key to sign them with" -}}
+{{- end -}}
+{{- if .Values.tls.verifyDatapathServerName -}}
+{{- fail "tls.datapathHostPath: set tls.verifyDatapathServerName=false, so that the controller checks each datapath's certificate against its node instead of one shared name" -}}
+{{- end -}}
 {{- end -}}
 {{- if and $c .Values.tls.certManager.enabled -}}
 {{- fail "tls: choose tls.existingSecret or tls.certManager.enabled, not both" -}}
