@@ -10,3 +10,9 @@ nbdcsi_add_test(NAME vm.csi_node_kernel
     --file $<TARGET_FILE:nbd-csi-node>:/opt/bin/
     ${CMAKE_CURRENT_LIST_DIR}/csi_node_kernel.sh
   TIMEOUT 600 LABELS vm csi SERIAL)
+
+# Upstream csi-sanity (CSI 1.10) against controller, datapath and node plugin inside the VM, on
+# the kernel's NBD driver (--require-kernel-nbd): 0 failed. Skipped without a csi-sanity binary.
+nbdcsi_add_test(NAME vm.csi_sanity_kernel
+  COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/csi_sanity_vm.sh ${CMAKE_SOURCE_DIR} $<TARGET_FILE_DIR:nbd-datapathd>
+  TIMEOUT 600 LABELS vm csi sanity SERIAL)
