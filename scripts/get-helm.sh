@@ -29,15 +29,8 @@ fi
 
 [ "$(uname -m)" = x86_64 ] || die "the packaged helm is linux/amd64; this machine is $(uname -m) (set HELM=/path/to/helm)"
 
-pick_dir() {
-  if [ -n "${NBDCSI_TOOLS_DIR:-}" ]; then echo "$NBDCSI_TOOLS_DIR"; return; fi
-  if mkdir -p /var/cache/nbd-csi-tools 2>/dev/null && [ -w /var/cache/nbd-csi-tools ]; then
-    echo /var/cache/nbd-csi-tools
-  else
-    echo "${XDG_CACHE_HOME:-$HOME/.cache}/nbd-csi-tools"
-  fi
-}
-dir=$(pick_dir)/helm-$HELM_VERSION
+. "$(dirname "$0")/lib/tools-dir.sh"
+dir=$(nbdcsi_tools_dir)/helm-$HELM_VERSION
 bin=$dir/helm
 
 verified() { [ -x "$1" ] && echo "$HELM_SHA256  $1" | sha256sum -c --status; }

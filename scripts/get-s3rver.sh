@@ -22,15 +22,8 @@ if [ -n "${S3RVER:-}" ]; then
   exit 0
 fi
 
-pick_dir() {
-  if [ -n "${NBDCSI_TOOLS_DIR:-}" ]; then echo "$NBDCSI_TOOLS_DIR"; return; fi
-  if mkdir -p /var/cache/nbd-csi-tools 2>/dev/null && [ -w /var/cache/nbd-csi-tools ]; then
-    echo /var/cache/nbd-csi-tools
-  else
-    echo "${XDG_CACHE_HOME:-$HOME/.cache}/nbd-csi-tools"
-  fi
-}
-dir=$(pick_dir)/s3rver-$PKG_VERSION
+. "$(dirname "$0")/lib/tools-dir.sh"
+dir=$(nbdcsi_tools_dir)/s3rver-$PKG_VERSION
 bin=$dir/node_modules/.bin/s3rver
 
 installed() { [ -x "$bin" ] && [ -f "$dir/.complete" ]; }
