@@ -8,7 +8,6 @@
 #include <cstring>
 #include <map>
 #include <optional>
-#include <set>
 #include <thread>
 #include <vector>
 
@@ -163,10 +162,12 @@ StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress*
     return (*lease)->Check();
   };
 
-  auto hashes = repo.ChunkHashes();
-  if (!hashes.ok()) return hashes.status();
+  // Chunks already stored, with their stored sizes (for the manifest): one listing per backup.
+  // A chunk this backup uploads joins it, so a later chunk with the same content is not sent.
+  auto listed = repo.ChunkSizes();
+  if (!listed.ok()) return listed.status();
   std::mutex known_mu;
-  std::set<std::string> known(hashes->begin(), hashes->end());
+  std::map<std::string, uint64_t> known = std::move(*listed);
 
   const uint64_t nchunks = (spec.size + spec.chunk_size - 1) / spec.chunk_size;
   std::vector<std::optional<ChunkRef>> refs(nchunks);
@@ -193,7 +194,7 @@ StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress*
         bool present;
         {
           std::lock_guard lk(known_mu);
-          present = !known.insert(ref.sha256).second;
+          present = !known.emplace(ref.sha256, 0).second;
         }
         if (present) {
           if (progress) ++progress->chunks_reused;
@@ -207,6 +208,10 @@ StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress*
           if (Status s = repo.store().Put(repo.ChunkKey(ref.sha256), frame); !s.ok()) {
             // Another thread may have skipped this hash on our word; the backup fails anyway.
             return s;
+          }
+          {
+            std::lock_guard lk(known_mu);
+            known[ref.sha256] = frame.size();
           }
           uploaded += frame.size();
           if (progress) {
@@ -231,15 +236,10 @@ StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress*
   m.volume_size = spec.size;
   m.chunk_size = spec.chunk_size;
   m.uploaded_bytes = uploaded.load();
-  // The stored size of a reused chunk is not known without a HEAD per chunk; the listing
-  // carried it.
-  auto listed = repo.store().List(repo.ChunkPrefix());
-  if (!listed.ok()) return listed.status();
-  std::map<std::string, uint64_t> sizes;
-  for (const ObjectInfo& o : *listed) sizes[o.key.substr(o.key.rfind('/') + 1)] = o.size;
   for (auto& r : refs) {
     if (!r) continue;
-    if (r->stored_size == 0) r->stored_size = sizes[r->sha256];
+    // A reused chunk: its size from the listing, or from the upload of this run that sent it.
+    if (r->stored_size == 0) r->stored_size = known[r->sha256];
     m.data_bytes += m.ChunkLength(r->offset);
     m.stored_bytes += r->stored_size;
     m.chunks.push_back(std::move(*r));

@@ -123,15 +123,14 @@ Status Repository::Write(const Manifest& m) {
   return store_.Put(ManifestKey(m.name), ManifestToJson(m));
 }
 
-StatusOr<std::vector<std::string>> Repository::ChunkHashes() {
+StatusOr<std::map<std::string, uint64_t>> Repository::ChunkSizes() {
   auto objects = store_.List(ChunkPrefix());
   if (!objects.ok()) return objects.status();
-  std::vector<std::string> out;
+  std::map<std::string, uint64_t> out;
   for (const ObjectInfo& o : *objects) {
     std::string h = o.key.substr(o.key.rfind('/') + 1);
-    if (IsSha256Hex(h)) out.push_back(std::move(h));
+    if (IsSha256Hex(h)) out.emplace(std::move(h), o.size);
   }
-  std::sort(out.begin(), out.end());
   return out;
 }
 

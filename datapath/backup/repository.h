@@ -29,6 +29,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -100,8 +101,8 @@ class Repository {
   StatusOr<Manifest> Read(const std::string& name);
   Status Write(const Manifest& m);
 
-  // The hashes of every chunk present (sorted), from one listing.
-  StatusOr<std::vector<std::string>> ChunkHashes();
+  // Every chunk present: its hash and its stored (compressed) size, from one listing.
+  StatusOr<std::map<std::string, uint64_t>> ChunkSizes();
 
   // A backup lease: waits up to gc_wait while a live gc lease exists, then EAGAIN.
   StatusOr<std::unique_ptr<Lease>> AcquireBackupLease(const std::string& backup_name);

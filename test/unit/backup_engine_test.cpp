@@ -201,6 +201,8 @@ TEST_F(BackupTest, SecondBackupUploadsOnlyChangedChunks) {
   EXPECT_LT(store_.bytes_put() - before, 2 * kChunk);
   EXPECT_EQ(m2->uploaded_bytes, p.transferred_bytes.load());
   EXPECT_EQ(m2->data_bytes, 20 * kChunk);
+  // Reused chunks get their stored size from the listing taken at the start.
+  for (const auto& c : m2->chunks) EXPECT_GT(c.stored_size, 0u) << "chunk at " << c.offset;
 }
 
 TEST_F(BackupTest, IdenticalChunksAreStoredOnce) {
@@ -212,6 +214,12 @@ TEST_F(BackupTest, IdenticalChunksAreStoredOnce) {
   ASSERT_TRUE(m.ok()) << m.status().message();
   EXPECT_EQ(m->chunks.size(), 8u);
   EXPECT_EQ(Chunks(), 1u);
+  // Seven refs reuse the chunk the first one uploaded in this same run: each carries its
+  // stored size all the same.
+  const uint64_t stored = m->chunks[0].stored_size;
+  EXPECT_GT(stored, 0u);
+  for (const auto& c : m->chunks) EXPECT_EQ(c.stored_size, stored) << "chunk at " << c.offset;
+  EXPECT_EQ(m->stored_bytes, 8 * stored);
 }
 
 TEST_F(BackupTest, KilledBackupLeavesNoBackupAndARetrySucceeds) {
