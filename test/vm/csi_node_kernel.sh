@@ -161,9 +161,9 @@ csi stage "$LID" --staging-path "$LSTG" --fs-type ext4 >/dev/null || fail "stage
 csi publish "$LID" --staging-path "$LSTG" --target-path "$LTGT" >/dev/null || fail "publish vol-live"
 LDEV=$(attached_device vol-live)
 fio --name=live --filename="$LTGT/fio.dat" --size=32M --bs=4k --rw=randwrite --ioengine=libaio \
-  --iodepth=8 --direct=1 --verify=crc32c --verify_fatal=1 --do_verify=1 --output="$FIOLOG" &
+  --iodepth=8 --rate_iops=,250 --direct=1 --verify=crc32c --verify_fatal=1 --do_verify=1 --output="$FIOLOG" &
 FIOPID=$!
-step "fio started on $LDEV (randwrite 32M, O_DIRECT, crc32c verify)"
+step "fio started on $LDEV (randwrite 32M, 250 IOPS so it outlasts both kills, O_DIRECT, crc32c verify)"
 sleep 5
 kill -0 "$FIOPID" 2>/dev/null || fail "fio ended before the first kill"
 n_before=$(grep -c 'attach: reconnected /dev/nbd' "$DLOG" || true)
