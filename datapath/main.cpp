@@ -12,6 +12,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/endpoint.h"
+#include "common/log_format.h"
 #include "common/metrics/server.h"
 #include "common/node_id.h"
 #include "common/process.h"
@@ -172,6 +173,7 @@ struct Flags {
   int64_t heartbeat_ms = 2000;
   std::string metrics_listen;
   std::string log_level = "info";
+  std::string log_format = "text";
 };
 
 void AddPoolFlags(CLI::App& app, Flags& f) {
@@ -264,6 +266,10 @@ void AddObservabilityFlags(CLI::App& app, Flags& f) {
                  "over plain HTTP, e.g. 0.0.0.0:9821; off when empty");
   app.add_option("--log-level", f.log_level, "trace, debug, info, warn or error")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
+      ->capture_default_str();
+  app.add_option("--log-format", f.log_format,
+                 "text (one line per message) or json (one JSON object per line)")
+      ->check(CLI::IsMember({"text", "json"}))
       ->capture_default_str();
 }
 
@@ -541,7 +547,10 @@ int Run(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   const auto started = std::chrono::system_clock::now();
   spdlog::set_level(spdlog::level::from_str(f.log_level));
-  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%t] %v");
+  if (Status s = SetLogFormat(f.log_format); !s.ok()) {
+    spdlog::critical("--log-format: {}", s.message());
+    return 2;
+  }
   auto config = Resolve(f);
   if (!config.ok()) {
     spdlog::critical("{}", config.status().message());

@@ -75,6 +75,7 @@ case $what in
     lint_refuses "controller.replicas: Invalid type. Expected: integer" --set controller.replicas=banana
     lint_refuses "datapath.overcommit" --set datapath.overcommit=-1
     lint_refuses 'logLevel must be one of the following: "trace", "debug", "info", "warn", "error"' --set logLevel=verbose
+    lint_refuses 'logFormat must be one of the following: "text", "json"' --set logFormat=xml
     # The chart README's values table names every value (a wildcard may stand for one level).
     python3 - "$chart/values.yaml" "$chart/README.md" <<'PY'
 import re, sys, yaml

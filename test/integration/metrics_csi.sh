@@ -11,7 +11,7 @@
 #   - the controller shows the node's heartbeat age while it heartbeats, and the node as down
 #     (nbdcsi_controller_node_up 0, age past the ttl) once its datapath stops;
 #   - the node plugin logs in JSON (--log-format json): every line parses, and the lines of a
-#     call carry its request_id and volume_id;
+#     call carry its request_id and volume_id; the datapath's JSON lines parse too;
 #   - `promtool check metrics` accepts each endpoint; every nbdcsi_ name that the dashboard and
 #     the alerting rules query is one of the names the three daemons export.
 . "$(dirname "$0")/lib.sh"
@@ -66,7 +66,7 @@ wait_for 15 curl -sf "http://127.0.0.1:$MC/readyz" ||
 [ "$(code "http://127.0.0.1:$MC/healthz")" = 200 ] || die "controller /healthz not 200"
 daemon_start -- --capacity 1Gi --node-id n1 --advertise "127.0.0.1:$API" \
   --controller "127.0.0.1:$REG" --insecure --heartbeat-interval $HB \
-  --metrics-listen "127.0.0.1:$MD"
+  --metrics-listen "127.0.0.1:$MD" --log-format json
 wait_for 15 curl -sf "http://127.0.0.1:$MN/readyz" ||
   die "node /readyz not 200 with its datapath up: $(curl -s "http://127.0.0.1:$MN/readyz")"
 wait_for 15 curl -sf "http://127.0.0.1:$MD/readyz" || die "datapath /readyz not 200"
@@ -114,6 +114,11 @@ jq -e . "$W/node.log" >/dev/null || die "the node's JSON log does not parse: $(h
 jq -e -s '[.[] | select(.volume_id == "v1:n1:pvc-a" and (.request_id | test("^r-[0-9]+$")))]
           | length >= 2' "$W/node.log" >/dev/null ||
   die "no JSON lines with the call's request_id and volume_id: $(tail -5 "$W/node.log")"
+# The datapath too: every line is one object, and its API lines made it (CreateVolume of pvc-a).
+jq -e . "$W/datapathd.log" >/dev/null ||
+  die "the datapath's JSON log does not parse: $(head -5 "$W/datapathd.log")"
+jq -e -s '[.[] | select(.level == "info" and (.msg | test("api CreateVolume")))] | length >= 1' \
+  "$W/datapathd.log" >/dev/null || die "no JSON CreateVolume line in the datapath's log"
 STATS_CODE=$(grep -oE 'NOT_FOUND|INVALID_ARGUMENT|FAILED_PRECONDITION|INTERNAL|UNAVAILABLE' "$W/stats.out" | head -1)
 [ -n "$STATS_CODE" ] || die "no gRPC code in the failed NodeGetVolumeStats: $(cat "$W/stats.out")"
 
