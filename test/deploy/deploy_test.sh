@@ -47,6 +47,7 @@ value_sets() {
   echo "kube-1.20|$secrets $snap_api --kube-version 1.20.2"
   echo "kernel-nbd-required|$secrets --set datapath.kernelNbd.mode=required"
   echo "per-node-certs|--set tls.existingSecret.controller=nbd-csi-controller-tls --set tls.datapathHostPath=/etc/nbd-csi/node-tls --set tls.verifyDatapathServerName=false"
+  echo "monitoring|$secrets --api-versions monitoring.coreos.com/v1 --set monitoring.labels.release=kps --set monitoring.grafanaDashboard.enabled=true --set node.metrics.enabled=false"
   echo "host-network|$secrets --set controller.hostNetwork=true --set controller.replicas=1 --set node.hostNetwork=true --set controller.apiServerAddress=127.0.0.1:6443 --set datapath.hostAliases[0].ip=127.0.0.1 --set datapath.hostAliases[0].hostnames[0]=nbd-csi-controller.nbd-csi.svc"
 }
 
@@ -82,7 +83,7 @@ import re, sys, yaml
 values, readme = yaml.safe_load(open(sys.argv[1])), open(sys.argv[2]).read()
 named = set(re.findall(r"^\| (.*?) \|", readme, re.M))
 named = {n for cell in named for n in re.findall(r"`([^`]+)`", cell)}
-opaque = {"resources", "nodeSelector", "tolerations", "affinity", "issuerRef", "parameters"}
+opaque = {"resources", "nodeSelector", "tolerations", "affinity", "issuerRef", "parameters", "labels"}
 def leaves(d, path=()):
     for k, v in d.items():
         p = path + (k,)
@@ -106,7 +107,7 @@ PY
       "$helm" template t "$chart" -n ns $args >"$tmp/out.yaml" 2>"$tmp/err" || {
         cat "$tmp/err" >&2; echo "FAIL: helm template ($name)" >&2; exit 1; }
       # Every document parses and names itself; CSIDriver and the three workloads are there.
-      python3 - "$tmp/out.yaml" "$name" <<'PY'
+      python3 - "$tmp/out.yaml" "$name" "$chart/files/prometheus-rules.yaml" <<'PY'
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 kinds = {}
@@ -157,6 +158,33 @@ else:
     assert drv["spec"]["storageCapacity"] is True, drv
     assert "--enable-capacity" in prov["args"], prov["args"]
     assert [p["apiVersion"] for p in pdb] == ["policy/v1"], pdb
+if name == "monitoring":
+    # One PodMonitor per daemon with metrics on (the node's are off here), under the job names
+    # the alerting rules match; the rules file whole as the PrometheusRule; the dashboard parses.
+    import json
+    mons = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PodMonitor"}
+    assert sorted(mons) == ["t-nbd-csi-controller", "t-nbd-csi-datapath"], sorted(mons)
+    rules_text = open(sys.argv[3]).read()
+    for comp, job in (("controller", "nbd-csi-controller"), ("datapath", "nbd-datapathd")):
+        m = mons["t-nbd-csi-" + comp]
+        assert m["metadata"]["labels"]["release"] == "kps", m["metadata"]
+        assert m["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == comp, m
+        ep = m["spec"]["podMetricsEndpoints"][0]
+        assert ep["port"] == "metrics" and ep["path"] == "/metrics", ep
+        assert {"targetLabel": "job", "replacement": job} in ep["relabelings"], ep
+        assert job in rules_text, job
+        # The pods it selects have a port named metrics.
+        w = next(d for d in docs if d["kind"] in ("Deployment", "DaemonSet")
+                 and d["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/component") == comp)
+        ports = [p["name"] for c in w["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])]
+        assert "metrics" in ports, (comp, ports)
+    rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+    assert rule["spec"] == yaml.safe_load(rules_text), "PrometheusRule differs from the rules file"
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "t-nbd-csi-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1", cm["metadata"]
+    assert json.loads(cm["data"]["nbd-csi.json"])["panels"], "dashboard without panels"
+elif "PodMonitor" in kinds or "PrometheusRule" in kinds:
+    sys.exit(f"FAIL: {name}: Prometheus Operator objects without the API served: {kinds}")
 print(f"ok: helm template ({name}): {len(docs)} objects")
 PY
     done < <(value_sets)
@@ -171,6 +199,8 @@ PY
       echo "ok: refused $* ($want)"
     }
     refuse "set both controller and datapath" --set tls.existingSecret.controller=x
+    refuse "monitoring.podMonitors=true, but the cluster does not serve monitoring.coreos.com/v1" \
+      --set monitoring.podMonitors=true
     refuse "not both" --set tls.existingSecret.controller=x --set tls.existingSecret.datapath=y \
       --set tls.certManager.enabled=true
     # shellcheck disable=SC2086

@@ -65,6 +65,20 @@ true
 {{- end -}}
 {{- end -}}
 
+{{/* The Prometheus Operator objects: (dict "ctx" $ "create" <auto|true|false> "what" "monitoring.podMonitors").
+Prints "true" when they are to be rendered; fails on true when the cluster lacks the CRDs. */}}
+{{- define "nbd-csi.monitoringObject" -}}
+{{- $served := .ctx.Capabilities.APIVersions.Has "monitoring.coreos.com/v1" -}}
+{{- if eq (toString .create) "true" -}}
+{{- if not $served -}}
+{{- fail (printf "%s=true, but the cluster does not serve monitoring.coreos.com/v1: install the Prometheus Operator's CRDs first, or set %s=auto or false (helm template: pass --api-versions monitoring.coreos.com/v1)" .what .what) -}}
+{{- end -}}
+true
+{{- else if and (eq (toString .create) "auto") $served -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{- define "nbd-csi.pdbApiVersion" -}}
 {{- if semverCompare ">=1.21.0-0" .Capabilities.KubeVersion.Version -}}policy/v1{{- else -}}policy/v1beta1{{- end -}}
 {{- end -}}
