@@ -2,6 +2,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/json_field.h"
 #include "datapath/backup/chunk.h"
 
 namespace nbdcsi::datapath::backup {
@@ -31,14 +32,7 @@ namespace {
 
 template <typename T>
 Status Field(const json& j, const char* key, T* out) {
-  auto it = j.find(key);
-  if (it == j.end()) return Error(EINVAL, "manifest: \"{}\" is missing", key);
-  try {
-    *out = it->get<T>();
-  } catch (const json::exception&) {
-    return Error(EINVAL, "manifest: \"{}\" has the wrong type", key);
-  }
-  return Status::Ok();
+  return json_field::Read(j, "manifest", key, *out);
 }
 
 }  // namespace
@@ -73,14 +67,16 @@ StatusOr<Manifest> ParseManifest(std::string_view text) {
   if (chunks == j.end() || !chunks->is_array()) {
     return Error(EINVAL, "manifest: \"chunks\" is missing or not an array");
   }
-  uint64_t next = 0;  // the lowest offset the next entry may have
+  bool first = true;
+  uint64_t prev = 0;  // the last entry's offset (prev + chunk_size may not fit in 64 bits)
   for (const json& c : *chunks) {
     if (!c.is_object()) return Error(EINVAL, "manifest: a chunk entry is not an object");
     ChunkRef r;
     if (Status s = Field(c, "offset", &r.offset); !s.ok()) return s;
     if (Status s = Field(c, "sha256", &r.sha256); !s.ok()) return s;
     if (Status s = Field(c, "stored_size", &r.stored_size); !s.ok()) return s;
-    if (r.offset % m.chunk_size != 0 || r.offset < next || r.offset >= m.volume_size) {
+    if (r.offset % m.chunk_size != 0 || (!first && r.offset <= prev) ||
+        r.offset >= m.volume_size) {
       return Error(EINVAL,
                    "manifest: chunk offset {} is not a chunk boundary in increasing order below "
                    "the volume size {}",
@@ -90,7 +86,8 @@ StatusOr<Manifest> ParseManifest(std::string_view text) {
       return Error(EINVAL, "manifest: chunk at offset {}: \"{}\" is not a SHA-256", r.offset,
                    r.sha256);
     }
-    next = r.offset + m.chunk_size;
+    prev = r.offset;
+    first = false;
     m.chunks.push_back(std::move(r));
   }
   return m;

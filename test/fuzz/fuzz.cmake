@@ -7,7 +7,8 @@
 # FUZZ_SECONDS (default 20) from its seed corpus in test/fuzz/corpus/<target>/.
 # Without clang or its libFuzzer runtime every fuzz test skips (77).
 set(NBDCSI_FUZZ_TARGET_NAMES
-    nbd_codec nbd_negotiate api_request qos_params csi_ids pool_metadata pool_load)
+    nbd_codec nbd_negotiate api_request qos_params csi_ids pool_metadata pool_load
+    backup_manifest)
 
 if(NBDCSI_FUZZ_TARGETS)
   set(_fuzz_dir ${CMAKE_CURRENT_LIST_DIR})
@@ -34,6 +35,13 @@ if(NBDCSI_FUZZ_TARGETS)
   nbdcsi_fuzz_target(csi_ids nbdcsi_csi nbd_pool)
   nbdcsi_fuzz_target(pool_metadata nbd_pool)
   nbdcsi_fuzz_target(pool_load nbd_pool)
+  # The manifest parser and the chunk helpers it uses, without the S3 client and the engine.
+  find_package(OpenSSL REQUIRED COMPONENTS Crypto)
+  pkg_check_modules(ZSTD REQUIRED IMPORTED_TARGET libzstd)
+  nbdcsi_fuzz_target(backup_manifest nbdcsi_common nlohmann_json::nlohmann_json OpenSSL::Crypto
+                     PkgConfig::ZSTD)
+  target_sources(fuzz_backup_manifest PRIVATE ${CMAKE_SOURCE_DIR}/datapath/backup/manifest.cpp
+                                              ${CMAKE_SOURCE_DIR}/datapath/backup/chunk.cpp)
   # The controller's StorageClass / VolumeAttributesClass layer, without the rest of the
   # controller (its library pulls in the whole service).
   target_sources(fuzz_qos_params PRIVATE ${CMAKE_SOURCE_DIR}/controller/csi_request.cpp

@@ -144,6 +144,42 @@ TEST(ManifestFormat, RoundTripAndValidation) {
   refused(bad, "chunk size");
   EXPECT_FALSE(ParseManifest("{").ok());
   EXPECT_FALSE(ParseManifest("[]").ok());
+  // The last chunk of a volume near 2^64 bytes: the next boundary does not fit in 64 bits, and a
+  // second entry at offset 0 must still be out of order (it was taken for in order by the wrap).
+  bad = m;
+  bad.chunk_size = kMaxChunkSize;
+  bad.volume_size = ~uint64_t{0};
+  bad.chunks = {{bad.volume_size / kMaxChunkSize * kMaxChunkSize, Sha256Hex("a"), 1},
+                {0, Sha256Hex("b"), 1}};
+  refused(bad, "wrapped order");
+}
+
+// Numbers of the wrong JSON type are refused, not converted: -1 as 2^64-1, a float as whatever
+// the cast makes of it (undefined behaviour past 2^64: found by fuzz.backup_manifest).
+TEST(ManifestFormat, NumbersMustHaveTheirJsonType) {
+  Manifest m;
+  m.name = "b1";
+  m.volume_size = 2 * kChunk;
+  m.chunk_size = kChunk;
+  const std::string good = ManifestToJson(m);
+  ASSERT_TRUE(ParseManifest(good).ok());
+  const std::string size = "\"volume_size\":" + std::to_string(m.volume_size);
+  ASSERT_NE(good.find(size), std::string::npos) << good;
+  for (const char* v : {"-1", "1.5", "1.88935e+19", "\"8\"", "true"}) {
+    std::string text = good;
+    text.replace(text.find(size), size.size(), std::string("\"volume_size\":") + v);
+    auto r = ParseManifest(text);
+    ASSERT_FALSE(r.ok()) << v;
+    EXPECT_EQ(r.status().code(), EINVAL);
+    EXPECT_NE(r.status().message().find("volume_size"), std::string::npos) << r.status().message();
+  }
+  std::string neg = good;
+  const std::string created = "\"created_unix_ns\":0";
+  ASSERT_NE(neg.find(created), std::string::npos) << neg;
+  neg.replace(neg.find(created), created.size(), "\"created_unix_ns\":-5");
+  auto r = ParseManifest(neg);
+  ASSERT_TRUE(r.ok()) << r.status().message();  // a signed field takes a negative integer
+  EXPECT_EQ(r->created_unix_ns, -5);
 }
 
 TEST_F(BackupTest, SparseBackupRestoresBitExactWithHoles) {
