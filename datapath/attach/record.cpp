@@ -11,6 +11,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/fs_util.h"
+#include "common/json_field.h"
 #include "datapath/attach/fuse_attach.h"
 #include "datapath/attach/kernel_nbd.h"
 
@@ -48,23 +49,31 @@ std::string AttachmentRecord::ToJson() const {
 }
 
 StatusOr<AttachmentRecord> AttachmentRecord::FromJson(const std::string& text) {
-  AttachmentRecord r;
-  try {
-    auto j = nlohmann::json::parse(text);
-    r.volume = j.at("volume").get<std::string>();
-    r.index = j.at("index").get<int>();
-    r.cookie = j.at("cookie").get<std::string>();
-    r.connections = j.at("connections").get<unsigned>();
-    r.size_bytes = j.value("size_bytes", uint64_t{0});
-    r.read_only = j.value("read_only", false);
-    r.mode = j.value("mode", std::string(kModeKernel));  // records before fuse had no mode
-    if (r.fuse()) {
-      r.fuse_pid = j.at("fuse_pid").get<int>();
-      r.fuse_mount = j.at("fuse_mount").get<std::string>();
-    }
-  } catch (const nlohmann::json::exception& e) {
-    return Error(EINVAL, "malformed attachment record: {}", e.what());
+  using json_field::Need;
+  using json_field::Read;
+  auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) {
+    return Error(EINVAL, "malformed attachment record: not a JSON object");
   }
+  constexpr std::string_view kWhat = "attachment record";
+  AttachmentRecord r;
+  r.mode = kModeKernel;  // records before fuse had no mode
+  uint64_t connections = 0;
+  Status s = Read(j, kWhat, "volume", r.volume);
+  if (s.ok()) s = Read(j, kWhat, "index", r.index);
+  if (s.ok()) s = Read(j, kWhat, "cookie", r.cookie);
+  if (s.ok()) s = Read(j, kWhat, "connections", connections);
+  if (s.ok()) s = Read(j, kWhat, "size_bytes", r.size_bytes, Need::kOptional);
+  if (s.ok()) s = Read(j, kWhat, "read_only", r.read_only, Need::kOptional);
+  if (s.ok()) s = Read(j, kWhat, "mode", r.mode, Need::kOptional);
+  if (s.ok() && r.fuse()) s = Read(j, kWhat, "fuse_pid", r.fuse_pid);
+  if (s.ok() && r.fuse()) s = Read(j, kWhat, "fuse_mount", r.fuse_mount);
+  if (!s.ok()) return Error(EINVAL, "malformed {}", s.message());
+  if (connections == 0 || connections > kMaxAttachConnections) {
+    return Error(EINVAL, "attachment record of volume '{}' has {} connections (1 to {})",
+                 r.volume, connections, kMaxAttachConnections);
+  }
+  r.connections = static_cast<unsigned>(connections);
   if (r.mode != kModeKernel && r.mode != kModeFuse) {
     return Error(EINVAL, "attachment record has an unknown mode '{}'", r.mode);
   }
@@ -72,10 +81,9 @@ StatusOr<AttachmentRecord> AttachmentRecord::FromJson(const std::string& text) {
     return Error(EINVAL, "fuse attachment record has invalid fields (mount '{}', pid {})",
                  r.fuse_mount, r.fuse_pid);
   }
-  if (r.volume.empty() || r.cookie.empty() || r.index < -1 || r.connections == 0 ||
-      r.connections > kMaxAttachConnections) {
-    return Error(EINVAL, "attachment record has invalid fields (volume '{}', index {}, {} conns)",
-                 r.volume, r.index, r.connections);
+  if (r.volume.empty() || r.cookie.empty() || r.index < -1) {
+    return Error(EINVAL, "attachment record has invalid fields (volume '{}', index {})", r.volume,
+                 r.index);
   }
   return r;
 }

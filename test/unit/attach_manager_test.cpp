@@ -607,7 +607,12 @@ TEST(AttachmentRecordTest, JsonRoundTripAndValidation) {
                           R"({"volume":"v","index":0,"cookie":"c","connections":17})",
                           R"({"volume":"v","index":-2,"cookie":"c","connections":1})",
                           R"({"volume":"","index":0,"cookie":"c","connections":1})",
-                          R"({"volume":"v","index":"0","cookie":"c","connections":1})"}) {
+                          R"({"volume":"v","index":"0","cookie":"c","connections":1})",
+                          // Numbers of another JSON type are refused, not converted.
+                          R"({"volume":"v","index":1.5,"cookie":"c","connections":1})",
+                          R"({"volume":"v","index":0,"cookie":"c","connections":-4294967295})",
+                          R"({"volume":"v","index":0,"cookie":"c","connections":1,"size_bytes":-1})",
+                          R"({"volume":"v","index":0,"cookie":"c","connections":1,"read_only":1})"}) {
     EXPECT_EQ(AttachmentRecord::FromJson(bad).status().code(), EINVAL) << bad;
   }
 }
