@@ -44,6 +44,8 @@ void Fill(const JobInfo& j, v1::BackupJob* out) {
   out->set_error(j.error);
   out->set_total_bytes(j.total_bytes);
   out->set_done_bytes(j.done_bytes);
+  if (j.data_total_bytes) out->set_data_total_bytes(*j.data_total_bytes);
+  out->set_data_done_bytes(j.data_done_bytes);
   out->set_transferred_bytes(j.transferred_bytes);
   out->set_chunks_uploaded(j.chunks_uploaded);
   out->set_chunks_reused(j.chunks_reused);

@@ -171,7 +171,25 @@ StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress*
 
   const uint64_t nchunks = (spec.size + spec.chunk_size - 1) / spec.chunk_size;
   std::vector<std::optional<ChunkRef>> refs(nchunks);
-  if (progress) progress->total_bytes = spec.size;
+  // The holes first (one lseek pair per chunk), so that progress is counted in allocated data
+  // from the start and a sparse volume's percentage does not race through its holes.
+  std::vector<bool> holes(nchunks);
+  uint64_t data_total = 0;
+  for (uint64_t i = 0; i < nchunks; ++i) {
+    const uint64_t off = i * spec.chunk_size;
+    const uint64_t len = std::min(spec.chunk_size, spec.size - off);
+    auto hole = IsHole(spec.fd, off, off + len);
+    if (!hole.ok()) {
+      return Error(hole.status().code(), "backup \"{}\": {}", spec.name, hole.status().message());
+    }
+    holes[i] = *hole;
+    if (!*hole) data_total += len;
+  }
+  if (progress) {
+    progress->total_bytes = spec.size;
+    progress->data_total_bytes = data_total;
+    progress->data_total_known = true;
+  }
   RateLimiter limiter(spec.bandwidth_bytes_per_s);
   std::atomic<uint64_t> uploaded{0};
 
@@ -181,10 +199,7 @@ StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress*
     }
     const uint64_t off = i * spec.chunk_size;
     const uint64_t len = std::min(spec.chunk_size, spec.size - off);
-    auto hole = IsHole(spec.fd, off, off + len);
-    if (!hole.ok())
-      return Error(hole.status().code(), "backup \"{}\": {}", spec.name, hole.status().message());
-    if (!*hole) {
+    if (!holes[i]) {
       std::string data(len, '\0');
       if (Status s = PreadAll(spec.fd, data.data(), len, off); !s.ok()) {
         return Error(s.code(), "backup \"{}\": {}", spec.name, s.message());
@@ -221,6 +236,7 @@ StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress*
         }
         refs[i] = std::move(ref);
       }
+      if (progress) progress->data_done_bytes += len;
     }
     if (progress) progress->done_bytes += len;
     if (spec.after_chunk) spec.after_chunk(off);
@@ -254,7 +270,11 @@ StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress*
 Status RunRestore(Repository& repo, const Manifest& m, const RestoreSpec& spec,
                   Progress* progress) {
   if (spec.fd < 0) return Error(EINVAL, "restore of \"{}\": no destination", m.name);
-  if (progress) progress->total_bytes = m.volume_size;
+  if (progress) {
+    progress->total_bytes = m.volume_size;
+    progress->data_total_bytes = m.data_bytes;
+    progress->data_total_known = true;
+  }
   const uint64_t hole_bytes = m.volume_size - m.data_bytes;
   Status st = ParallelFor(m.chunks.size(), spec.threads, [&](uint64_t i) -> Status {
     if (spec.cancel && spec.cancel->load()) {
@@ -287,6 +307,7 @@ Status RunRestore(Repository& repo, const Manifest& m, const RestoreSpec& spec,
     if (progress) {
       progress->transferred_bytes += frame->size();
       progress->done_bytes += len;
+      progress->data_done_bytes += len;
       ++progress->chunks_restored;
     }
     return Status::Ok();

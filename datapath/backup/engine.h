@@ -34,6 +34,12 @@ namespace nbdcsi::datapath::backup {
 struct Progress {
   std::atomic<uint64_t> total_bytes{0};        // bytes of the volume to go through
   std::atomic<uint64_t> done_bytes{0};         // of those, done (holes count as done)
+  // The same in allocated data (chunks that are not holes): what takes time, so what progress
+  // and ETA are counted in. The total is known once the source's holes are mapped (backup) or
+  // the manifest is read (restore).
+  std::atomic<bool> data_total_known{false};
+  std::atomic<uint64_t> data_total_bytes{0};
+  std::atomic<uint64_t> data_done_bytes{0};
   std::atomic<uint64_t> transferred_bytes{0};  // compressed bytes uploaded or downloaded
   std::atomic<uint64_t> chunks_uploaded{0};    // new chunks (backup)
   std::atomic<uint64_t> chunks_reused{0};      // chunks the target already held (backup)

@@ -135,6 +135,8 @@ JobInfo BackupJobs::Snapshot(const Job& job) {
   const Progress& p = j.progress;
   out.total_bytes = p.total_bytes;
   out.done_bytes = p.done_bytes;
+  if (p.data_total_known) out.data_total_bytes = p.data_total_bytes.load();
+  out.data_done_bytes = p.data_done_bytes;
   out.transferred_bytes = p.transferred_bytes;
   out.chunks_uploaded = p.chunks_uploaded;
   out.chunks_reused = p.chunks_reused;

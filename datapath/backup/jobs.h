@@ -20,6 +20,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <set>
 #include <string>
@@ -48,6 +49,8 @@ struct JobInfo {
   std::string state;  // "running", "succeeded", "failed"
   std::string error;
   uint64_t total_bytes = 0, done_bytes = 0, transferred_bytes = 0;
+  std::optional<uint64_t> data_total_bytes;  // allocated data; unset until mapped
+  uint64_t data_done_bytes = 0;
   uint64_t chunks_uploaded = 0, chunks_reused = 0, chunks_restored = 0;
   uint64_t bandwidth_bytes_per_s = 0;
   int64_t started_unix_ns = 0, finished_unix_ns = 0;

@@ -94,6 +94,9 @@ backup b1 --snapshot s1
 t1=$(date +%s.%N)
 jq -e '.state == "succeeded" and .done_bytes == .total_bytes and .total_bytes == 268435456' \
   "$W/job.b1.json" >/dev/null || die "b1 job: $(cat "$W/job.b1.json")"
+# Progress is counted in allocated data: the 13 chunks that hold data, not the 256 MiB.
+jq -e --argjson c "$CHUNK" '.data_total_bytes == 13 * $c and .data_done_bytes == 13 * $c
+  and .percent == 100' "$W/job.b1.json" >/dev/null || die "b1 data progress: $(cat "$W/job.b1.json")"
 up1=$(jq .chunks_uploaded "$W/job.b1.json")
 [ "$up1" = 13 ] || die "b1 uploaded $up1 chunks, want 13 (10 regions of one chunk, 10 MiB = 3 chunks)"
 read -r n1 bytes1 <<<"$(server_chunks)"

@@ -198,6 +198,10 @@ TEST_F(BackupTest, SparseBackupRestoresBitExactWithHoles) {
   EXPECT_EQ(m->chunks[1].offset, kChunk);
   EXPECT_EQ(m->chunks[2].offset, 9 * kChunk);
   EXPECT_EQ(p.done_bytes.load(), size);
+  // Progress in allocated data: chunks 0, 1, 9 and the written zeros of 12, not the holes.
+  EXPECT_TRUE(p.data_total_known.load());
+  EXPECT_EQ(p.data_total_bytes.load(), 4 * kChunk);
+  EXPECT_EQ(p.data_done_bytes.load(), 4 * kChunk);
   EXPECT_EQ(p.chunks_uploaded.load(), 3u);
   EXPECT_EQ(Chunks(), 3u);
   EXPECT_EQ(m->uploaded_bytes, p.transferred_bytes.load());
@@ -211,6 +215,8 @@ TEST_F(BackupTest, SparseBackupRestoresBitExactWithHoles) {
   ASSERT_TRUE(s.ok()) << s.message();
   EXPECT_EQ(dst.Read(0, size), src.Read(0, size));
   EXPECT_EQ(rp.done_bytes.load(), size);
+  EXPECT_EQ(rp.data_total_bytes.load(), 3 * kChunk);  // the manifest's chunks
+  EXPECT_EQ(rp.data_done_bytes.load(), 3 * kChunk);
   EXPECT_FALSE(dst.HasDataIn(2 * kChunk, 9 * kChunk));  // holes stay holes
   EXPECT_FALSE(dst.HasDataIn(12 * kChunk, 13 * kChunk));
   // Inside a chunk too: only the 4 KiB block with the 10 bytes is written.

@@ -70,6 +70,24 @@ TEST(BackupRender, JobJsonAndProgress) {
             "MiB/s");
   j.set_total_bytes(0);  // before the job knows its size
   EXPECT_EQ(BackupJobJson(j)["percent"], 0.0);
+  EXPECT_TRUE(BackupJobJson(j)["data_total_bytes"].is_null());
+
+  // Once the daemon has mapped the allocated data, progress is counted in it: 1 GiB volume with
+  // 64 MiB of data, 16 MiB of it done, is 25 %, not the 90 % its holes would make it.
+  j.set_total_bytes(1ull << 30);
+  j.set_done_bytes(900ull << 20);
+  j.set_data_total_bytes(64ull << 20);
+  j.set_data_done_bytes(16ull << 20);
+  js = BackupJobJson(j);
+  EXPECT_EQ(js["percent"], 25.0);
+  EXPECT_EQ(js["data_total_bytes"], 64ull << 20);
+  EXPECT_EQ(js["data_done_bytes"], 16ull << 20);
+  EXPECT_EQ(ProgressLine(j),
+            "backup backup-3 \"b1\": running 25% (16.0 MiB of 64.0 MiB allocated data), 3.0 MiB "
+            "uploaded at 1.0 MiB/s");
+  j.set_data_total_bytes(0);  // a volume without data
+  j.set_data_done_bytes(0);
+  EXPECT_EQ(BackupJobJson(j)["percent"], 100.0);
 }
 
 TEST(BackupRender, ListTable) {

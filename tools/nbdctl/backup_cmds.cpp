@@ -9,16 +9,18 @@
 #include <sstream>
 #include <thread>
 
+#include <unistd.h>
+
 #include "common/quantity.h"
 #include "datapath/api/backup.grpc.pb.h"
 #include "tools/nbdctl/backup_render.h"
+#include "tools/nbdctl/progress.h"
 
 namespace nbdcsi::nbdctl {
 namespace {
 
 using nlohmann::json;
 constexpr auto kPollInterval = std::chrono::milliseconds(250);
-constexpr auto kProgressEvery = std::chrono::seconds(2);
 
 std::string Env(const char* name) {
   const char* v = std::getenv(name);
@@ -82,15 +84,26 @@ struct BackupCommands::Impl {
     return kExitOk;
   }
 
-  // --wait: polls the job until it ends. Bounded by --timeout only when it was given: a backup
-  // of a large volume takes as long as it takes, and the job goes on in the daemon anyway.
+  // --wait: polls the job until it ends, with progress on stderr in allocated data (progress.h
+  // says where and when). Bounded by --timeout only when it was given: a backup of a large
+  // volume takes as long as it takes, and the job goes on in the daemon anyway.
   int WaitJob(bv1::BackupJob job) {
     const bool bounded = global.timeout_opt && global.timeout_opt->count() > 0;
     const auto deadline = std::chrono::steady_clock::now() +
                           std::chrono::milliseconds(static_cast<int64_t>(global.timeout_s * 1000));
-    auto next_line = std::chrono::steady_clock::now() + kProgressEvery;
+    ProgressSink progress(ProgressSink::ModeFor(global.output, STDERR_FILENO), std::cerr,
+                          fmt::format("{} {}", job.kind(), job.backup()), ProgressClock::now());
+    auto sample = [](const bv1::BackupJob& j) {
+      CopySample s;
+      s.at = ProgressClock::now();
+      s.data_done = j.data_done_bytes();
+      if (j.has_data_total_bytes()) s.data_total = j.data_total_bytes();
+      return s;
+    };
     while (job.state() == "running") {
+      progress.Update(sample(job));
       if (bounded && std::chrono::steady_clock::now() >= deadline) {
+        progress.Finish(false, ProgressClock::now(), 0);
         std::cerr << fmt::format(
             "nbdctl: {} is still running after {}s (--timeout): {}; it continues in the daemon "
             "(nbdctl backup job {})\n",
@@ -102,19 +115,20 @@ struct BackupCommands::Impl {
       req.set_id(job.id());
       bv1::BackupJobResponse resp;
       grpc::Status s = stub->GetBackupJob(conn->Ctx().get(), req, &resp);
-      if (!s.ok()) return conn->Fail(fmt::format("wait for job {}", job.id()), s);
-      job = resp.job();
-      if (global.output != "json" && std::chrono::steady_clock::now() >= next_line) {
-        std::cerr << ProgressLine(job) << "\n";
-        next_line = std::chrono::steady_clock::now() + kProgressEvery;
+      if (!s.ok()) {
+        progress.Finish(false, ProgressClock::now(), 0);
+        return conn->Fail(fmt::format("wait for job {}", job.id()), s);
       }
+      job = resp.job();
     }
     if (job.state() != "succeeded") {
+      progress.Finish(false, ProgressClock::now(), 0);
       if (global.output == "json") Print(global.output, BackupJobJson(job), "");
       std::cerr << fmt::format("nbdctl: {} \"{}\" failed: {}\n", job.kind(), job.backup(),
                                job.error());
       return kExitServer;
     }
+    progress.Finish(true, ProgressClock::now(), job.data_total_bytes());
     return Show(BackupJobJson(job), BackupJobDetails(job));
   }
 

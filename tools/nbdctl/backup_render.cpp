@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "common/quantity.h"
 #include "tools/nbdctl/render.h"
 
@@ -22,6 +24,26 @@ std::string Trim(const std::string& s) {
 }
 
 double Percent(uint64_t done, uint64_t total) { return total ? 100.0 * done / total : 0.0; }
+
+// A job's progress in allocated data once the daemon has mapped it (what takes time: a sparse
+// volume's holes cost nothing), in the volume's bytes before that.
+struct JobProgress {
+  uint64_t done, total;
+  const char* unit;  // appended to "N of M"
+};
+JobProgress ProgressOf(const bv1::BackupJob& j) {
+  if (j.has_data_total_bytes()) {
+    return {std::min(j.data_done_bytes(), j.data_total_bytes()), j.data_total_bytes(),
+            " allocated data"};
+  }
+  return {j.done_bytes(), j.total_bytes(), ""};
+}
+double PercentOf(const bv1::BackupJob& j) {
+  const JobProgress p = ProgressOf(j);
+  // A job without data is done once the daemon has mapped it.
+  if (j.has_data_total_bytes() && p.total == 0) return 100.0;
+  return Percent(p.done, p.total);
+}
 
 }  // namespace
 
@@ -49,7 +71,9 @@ json BackupJobJson(const bv1::BackupJob& j) {
           {"error", j.error()},
           {"total_bytes", j.total_bytes()},
           {"done_bytes", j.done_bytes()},
-          {"percent", Percent(j.done_bytes(), j.total_bytes())},
+          {"data_total_bytes", j.has_data_total_bytes() ? json(j.data_total_bytes()) : json()},
+          {"data_done_bytes", j.data_done_bytes()},
+          {"percent", PercentOf(j)},
           {"transferred_bytes", j.transferred_bytes()},
           {"chunks_uploaded", j.chunks_uploaded()},
           {"chunks_reused", j.chunks_reused()},
@@ -88,10 +112,10 @@ std::string BackupDetails(const bv1::BackupInfo& b) {
 }
 
 std::string ProgressLine(const bv1::BackupJob& j) {
-  return fmt::format("{} {} \"{}\": {} {:.0f}% ({} of {}), {} {} at {}/s", j.kind(), j.id(),
-                     j.backup(), j.state(), Percent(j.done_bytes(), j.total_bytes()),
-                     Mib(j.done_bytes()), Mib(j.total_bytes()), Mib(j.transferred_bytes()),
-                     j.kind() == "restore" ? "downloaded" : "uploaded",
+  const JobProgress p = ProgressOf(j);
+  return fmt::format("{} {} \"{}\": {} {:.0f}% ({} of {}{}), {} {} at {}/s", j.kind(), j.id(),
+                     j.backup(), j.state(), PercentOf(j), Mib(p.done), Mib(p.total), p.unit,
+                     Mib(j.transferred_bytes()), j.kind() == "restore" ? "downloaded" : "uploaded",
                      Mib(static_cast<uint64_t>(j.rate_bytes_per_s())));
 }
 
@@ -102,9 +126,9 @@ std::string BackupJobDetails(const bv1::BackupJob& j) {
   if (!j.volume().empty()) kv.push_back({"Volume", j.volume()});
   kv.push_back({"State", j.state()});
   if (!j.error().empty()) kv.push_back({"Error", j.error()});
-  kv.push_back(
-      {"Progress", fmt::format("{:.1f}% ({} of {} bytes)", Percent(j.done_bytes(), j.total_bytes()),
-                               j.done_bytes(), j.total_bytes())});
+  const JobProgress p = ProgressOf(j);
+  kv.push_back({"Progress", fmt::format("{:.1f}% ({} of {} bytes{})", PercentOf(j), p.done,
+                                        p.total, p.unit)});
   kv.push_back({"Transferred", fmt::format("{} bytes compressed", j.transferred_bytes())});
   if (j.kind() == "backup") {
     kv.push_back({"Chunks", fmt::format("{} uploaded, {} already stored", j.chunks_uploaded(),
@@ -125,7 +149,7 @@ std::string BackupJobsTable(const bv1::ListBackupJobsResponse& list) {
   Table t{{"ID", "KIND", "BACKUP", "TARGET", "STATE", "PROGRESS", "STARTED"}, {}};
   for (const auto& j : list.jobs()) {
     t.rows.push_back({j.id(), j.kind(), j.backup(), j.target(), j.state(),
-                      fmt::format("{:.0f}%", Percent(j.done_bytes(), j.total_bytes())),
+                      fmt::format("{:.0f}%", PercentOf(j)),
                       FormatTime(j.started_unix_ns())});
   }
   return t.Render();
