@@ -62,6 +62,60 @@ class Wire {
 
   Status Send(const uint8_t* p, size_t n) {
     if (!ssl_) return SendRaw(p, n);
+    return Explained(SendTls(p, n));
+  }
+  Status Send(const std::vector<uint8_t>& v) { return Send(v.data(), v.size()); }
+
+  Status Recv(uint8_t* p, size_t n) {
+    if (!ssl_) return RecvPlain(p, n);
+    return Explained(RecvTls(p, n));
+  }
+
+  Status StartTls(SslPtr ssl) {
+    ssl_ = std::move(ssl);
+    for (;;) {
+      ERR_clear_error();
+      const int r = SSL_do_handshake(ssl_.get());
+      if (Status s = FlushTls(); !s.ok()) return Explained(s);
+      if (r == 1) return Status::Ok();
+      if (SSL_get_error(ssl_.get(), r) != SSL_ERROR_WANT_READ) return TlsFailure(r, "handshake");
+      if (Status s = FeedTls(); !s.ok()) return Explained(s);
+    }
+  }
+
+ private:
+  // In TLS 1.3 the client's handshake is over before the server has judged the client's
+  // certificate; a server that refuses it sends an alert and hangs up, and our next send or
+  // recv sees only the reset. The alert may still be in the socket's receive queue: when it is,
+  // it is the real reason.
+  Status Explained(Status s) {
+    if (s.ok() || (s.code() != ECONNRESET && s.code() != EPIPE)) return s;
+    uint8_t buf[16384];
+    for (;;) {
+      const ssize_t n = recv(fd_, buf, sizeof buf, MSG_DONTWAIT);
+      if (n <= 0) break;
+      BIO_write(SSL_get_rbio(ssl_.get()), buf, static_cast<int>(n));
+    }
+    ERR_clear_error();
+    uint8_t sink[256];
+    const int r = SSL_read(ssl_.get(), sink, sizeof sink);
+    if (r <= 0 && SSL_get_error(ssl_.get(), r) == SSL_ERROR_SSL) {
+      return Error(EACCES, "TLS with {} failed: {} ({})", peer_,
+                   TlsErrorReason("alert"), s.message());
+    }
+    ERR_clear_error();
+    if (!tls_confirmed_) {
+      // GnuTLS servers (qemu-nbd, nbdkit) hang up without an alert. A hang-up before the first
+      // reply inside TLS is, in practice, a refused certificate: say so, as a guess.
+      return Error(EACCES,
+                   "TLS with {}: the server hung up right after the TLS handshake, before any "
+                   "reply (most likely it refused our certificate: {})",
+                   peer_, s.message());
+    }
+    return s;
+  }
+
+  Status SendTls(const uint8_t* p, size_t n) {
     while (n > 0) {
       ERR_clear_error();
       const int w = SSL_write(ssl_.get(), p, static_cast<int>(std::min<size_t>(n, INT_MAX)));
@@ -71,24 +125,25 @@ class Wire {
     }
     return FlushTls();
   }
-  Status Send(const std::vector<uint8_t>& v) { return Send(v.data(), v.size()); }
 
-  Status Recv(uint8_t* p, size_t n) {
-    if (!ssl_) {
-      while (n > 0) {
-        auto r = RecvRawSome(p, n);
-        if (!r.ok()) return r.status();
-        p += *r;
-        n -= *r;
-      }
-      return Status::Ok();
+  Status RecvPlain(uint8_t* p, size_t n) {
+    while (n > 0) {
+      auto r = RecvRawSome(p, n);
+      if (!r.ok()) return r.status();
+      p += *r;
+      n -= *r;
     }
+    return Status::Ok();
+  }
+
+  Status RecvTls(uint8_t* p, size_t n) {
     while (n > 0) {
       ERR_clear_error();
       const int r = SSL_read(ssl_.get(), p, static_cast<int>(std::min<size_t>(n, INT_MAX)));
       if (r > 0) {
         p += r;
         n -= static_cast<size_t>(r);
+        tls_confirmed_ = true;
         continue;
       }
       if (SSL_get_error(ssl_.get(), r) != SSL_ERROR_WANT_READ) return TlsFailure(r, "receiving");
@@ -98,19 +153,6 @@ class Wire {
     return Status::Ok();
   }
 
-  Status StartTls(SslPtr ssl) {
-    ssl_ = std::move(ssl);
-    for (;;) {
-      ERR_clear_error();
-      const int r = SSL_do_handshake(ssl_.get());
-      if (Status s = FlushTls(); !s.ok()) return s;
-      if (r == 1) return Status::Ok();
-      if (SSL_get_error(ssl_.get(), r) != SSL_ERROR_WANT_READ) return TlsFailure(r, "handshake");
-      if (Status s = FeedTls(); !s.ok()) return s;
-    }
-  }
-
- private:
   Status Wait(short events) {
     const auto left =
         std::chrono::duration_cast<std::chrono::milliseconds>(deadline_ - Clock::now()).count();
@@ -193,6 +235,7 @@ class Wire {
   std::string peer_;
   Clock::time_point deadline_;
   SslPtr ssl_;
+  bool tls_confirmed_ = false;  // the server has said something inside TLS
 };
 
 struct OptionReply {
