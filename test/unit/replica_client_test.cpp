@@ -440,15 +440,32 @@ class FakeServer {
       const bool go = opt == nbd::kOptGo;
       const std::string msg = go ? raw_go_->second : "";
       out.clear();
+      if (go && raw_go_->first == nbd::kRepAck) {
+        // Success with the flags of our choosing: the size, then the ACK.
+        Put64(out, nbd::kOptReplyMagic);
+        Put32(out, opt);
+        Put32(out, nbd::kRepInfo);
+        Put32(out, 12);
+        out.push_back(0);
+        out.push_back(nbd::kInfoExport);
+        Put64(out, kExportSize);
+        out.push_back(static_cast<uint8_t>(raw_flags >> 8));
+        out.push_back(static_cast<uint8_t>(raw_flags));
+      }
       Put64(out, nbd::kOptReplyMagic);
       Put32(out, opt);
       Put32(out, go ? raw_go_->first : nbd::kRepAck);
       Put32(out, static_cast<uint32_t>(msg.size()));
       out.insert(out.end(), msg.begin(), msg.end());
       c.Send(out);
-      if (go) return false;
+      if (go) return raw_go_->first == nbd::kRepAck;
     }
   }
+
+ public:
+  uint16_t raw_flags = 0;  // transmission flags of a raw GO that succeeds
+
+ private:
 
   TempDir dir_;
   std::string path_;
@@ -660,6 +677,54 @@ TEST(ReplicaClient, WritesCarryTheirBytesAndFlags) {
   EXPECT_EQ(by[nbd::kCmdWriteZeroes].at(0).first.flags, nbd::kCmdFlagNoHole);
   EXPECT_EQ(by[nbd::kCmdTrim].at(0).first.flags, nbd::kCmdFlagFua);
   EXPECT_EQ(by[nbd::kCmdFlush].at(0).first.length, 0u);
+}
+
+// Without CAN_MULTI_CONN a FLUSH covers only its own connection's writes: it goes to every
+// connection, and the caller hears once, after the last (with the first error).
+TEST(ReplicaClient, FlushGoesToEveryConnectionWithoutMultiConn) {
+  std::atomic<int> flushes{0};
+  FakeServer s(
+      [&](FakeConn& c) {
+        nbd::RequestHeader h;
+        while (c.Next(&h)) {
+          if (h.type != nbd::kCmdFlush) continue;
+          ++flushes;
+          std::this_thread::sleep_for(std::chrono::milliseconds(20 * c.index()));
+          c.Send(c.index() == 1 ? ErrorChunk(h.cookie, nbd::kErrIo, "disk gone", true)
+                                : NoneChunk(h.cookie));
+        }
+      },
+      std::pair{nbd::kRepAck, std::string()});
+  s.raw_flags = nbd::kFlagHasFlags | nbd::kFlagSendFlush | nbd::kFlagSendFua;
+  auto c = ReplicaClient::Connect(Options(s, 3));
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  EXPECT_FALSE((*c)->export_properties().can_multi_conn());
+  Results res;
+  ASSERT_TRUE((*c)->Flush(res.Cb(0)).ok());
+  ASSERT_TRUE(res.WaitFor(1));
+  EXPECT_EQ(flushes.load(), 3);
+  Status st = res.Of(0);
+  EXPECT_EQ(st.code(), EIO) << st.message();
+  EXPECT_NE(st.message().find("disk gone"), std::string::npos) << st.message();
+  // No TRIM or WRITE_ZEROES advertised: refused at submit.
+  EXPECT_EQ((*c)->Trim(0, 4096, false, res.Cb(1)).code(), ENOTSUP);
+  EXPECT_EQ((*c)->WriteZeroes(0, 4096, false, false, res.Cb(2)).code(), ENOTSUP);
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(res.Count(), 1u);
+  EXPECT_EQ((*c)->counters().in_flight, 0u);
+}
+
+TEST(ReplicaClient, AReadOnlyExportIsRefusedForWriting) {
+  FakeServer s([](FakeConn&) {}, std::pair{nbd::kRepAck, std::string()});
+  s.raw_flags = nbd::kFlagHasFlags | nbd::kFlagReadOnly | nbd::kFlagSendFlush | nbd::kFlagSendFua;
+  auto c = ReplicaClient::Connect(Options(s));
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), EROFS) << c.status().message();
+  FakeServer n([](FakeConn&) {}, std::pair{nbd::kRepAck, std::string()});
+  n.raw_flags = nbd::kFlagHasFlags | nbd::kFlagSendFlush;  // no FUA
+  c = ReplicaClient::Connect(Options(n));
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), ENOTSUP) << c.status().message();
 }
 
 TEST(ReplicaClient, BadRequestsAreRefusedAtSubmitWithoutACallback) {
