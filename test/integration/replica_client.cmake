@@ -11,3 +11,8 @@ if(TARGET nbd-datapathd AND TARGET nbdctl)
   nbdcsi_add_test(NAME integration.replica_client COMMAND replica_client_it
     TIMEOUT 300 LABELS integration tls)
 endif()
+
+# bench/replica_client_bench.sh's load generator (not a test).
+add_executable(replica_client_bench ${CMAKE_SOURCE_DIR}/bench/replica_client_bench.cpp)
+target_link_libraries(replica_client_bench PRIVATE nbd_replica_client)
+set_target_properties(replica_client_bench PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
