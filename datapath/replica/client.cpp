@@ -88,6 +88,7 @@ struct Request : ReplyState {
   Request* parent = nullptr;  // a FLUSH sent on every connection: the caller's request
   int children = 0;
   int conn = -1;
+  bool on_wire = false;  // its header went into a send: only now may a reply name its cookie
   bool reply_done = false;
   bool in_send = false;
   bool completed = false;
@@ -126,7 +127,8 @@ struct ReplicaClient::Impl {
     ReplyState* Find(uint64_t cookie) override {
       const uint32_t i = static_cast<uint32_t>(cookie);
       if (i >= slots.size() || !slots[i].req || slots[i].gen != (cookie >> 32)) return nullptr;
-      return slots[i].req;
+      // A reply to a request we have not sent yet (a server guessing cookies) is no reply.
+      return slots[i].req->on_wire ? slots[i].req : nullptr;
     }
     void Done(uint64_t cookie, ReplyState* r) override {
       auto* req = static_cast<Request*>(r);
@@ -345,6 +347,7 @@ struct ReplicaClient::Impl {
       while (!c.queue.empty() && bytes < kMaxBatchBytes) {
         Request* r = c.queue.front();
         c.queue.pop_front();
+        r->on_wire = true;
         if (!TlsWrite(c, r->hdr, sizeof r->hdr)) return;
         if (r->type == nbd::kCmdWrite && !TlsWrite(c, r->write_buf, r->length)) return;
         bytes += sizeof r->hdr + (r->type == nbd::kCmdWrite ? r->length : 0);
@@ -373,6 +376,7 @@ struct ReplicaClient::Impl {
           bytes += r->length;
         }
         r->in_send = true;
+        r->on_wire = true;
         c.batch.push_back(r);
       }
       PrepSendmsg(c);
