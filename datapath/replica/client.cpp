@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "datapath/nbd/codec.h"
+#include "datapath/replica/nbd_errors.h"
 #include "datapath/replica/reply_parser.h"
 
 namespace nbdcsi::replica {
@@ -40,23 +41,6 @@ uint64_t Tag(size_t conn, Op op) { return (uint64_t{conn} << 8) | op; }
 // The client whose io thread this is (null elsewhere): a callback that submits more requests
 // needs no wake-up, and one that calls Close() is a bug we can name.
 thread_local const void* tls_io_thread_of = nullptr;
-
-const char* CmdName(uint16_t t) {
-  switch (t) {
-    case nbd::kCmdRead:
-      return "READ";
-    case nbd::kCmdWrite:
-      return "WRITE";
-    case nbd::kCmdFlush:
-      return "FLUSH";
-    case nbd::kCmdTrim:
-      return "TRIM";
-    case nbd::kCmdWriteZeroes:
-      return "WRITE_ZEROES";
-    default:
-      return "DISC";
-  }
-}
 
 }  // namespace
 
@@ -207,7 +191,7 @@ struct ReplicaClient::Impl {
   }
 
   Status CheckRange(uint16_t type, uint64_t offset, uint64_t length) const {
-    const char* what = CmdName(type);
+    const char* what = CommandName(type);
     if (length == 0) return Error(EINVAL, "replica {}: {} of 0 bytes", name, what);
     if ((type == nbd::kCmdRead || type == nbd::kCmdWrite) && length > props.max_block) {
       return Error(EINVAL, "replica {}: {} of {} bytes (the server takes at most {})", name, what,
@@ -645,7 +629,7 @@ struct ReplicaClient::Impl {
       if (r->type == nbd::kCmdWrite) c_bytes_written.fetch_add(r->length, std::memory_order_relaxed);
     } else {
       c_errors.fetch_add(1, std::memory_order_relaxed);
-      s = Status(s.code(), fmt::format("replica {}: {} [{}, +{}): {}", name, CmdName(r->type),
+      s = Status(s.code(), fmt::format("replica {}: {} [{}, +{}): {}", name, CommandName(r->type),
                                        r->offset, r->length, s.message()));
     }
     Callback cb = std::move(r->cb);
@@ -665,7 +649,7 @@ struct ReplicaClient::Impl {
         Request* r = slot.req;
         if (!r || r->deadline > now) continue;
         c_timeouts.fetch_add(1, std::memory_order_relaxed);
-        Kill(*c, Error(ETIMEDOUT, "no reply to {} [{}, +{}) within {} ms", CmdName(r->type),
+        Kill(*c, Error(ETIMEDOUT, "no reply to {} [{}, +{}) within {} ms", CommandName(r->type),
                        r->offset, r->length, opts.request_timeout.count()));
         break;
       }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "datapath/nbd/codec.h"
+#include "datapath/replica/nbd_errors.h"
 
 namespace nbdcsi::replica {
 namespace {
@@ -27,14 +28,6 @@ using Clock = std::chrono::steady_clock;
 constexpr uint32_t kMaxOptionReplyLen = 64 * 1024;
 // Option replies per option before we stop listening (a server looping on INFO replies).
 constexpr int kMaxRepliesPerOption = 64;
-
-std::string Printable(std::string_view s) {
-  std::string out;
-  for (char c : s.substr(0, nbd::kMaxStringLen)) {
-    out += (c >= 0x20 && c < 0x7f) ? c : '?';
-  }
-  return out;
-}
 
 const char* OptionName(uint32_t opt) {
   switch (opt) {
@@ -279,7 +272,7 @@ StatusOr<OptionReply> ReadReply(Wire& w, uint32_t opt) {
 
 std::string ErrorText(const OptionReply& r) {
   std::string msg =
-      Printable(std::string_view(reinterpret_cast<const char*>(r.data.data()), r.data.size()));
+      PrintableText(std::string_view(reinterpret_cast<const char*>(r.data.data()), r.data.size()));
   return msg.empty() ? fmt::format("error {:#x}", r.type) : msg;
 }
 
@@ -368,7 +361,7 @@ Status Negotiate(Wire& w, const std::string& name, const ClientTlsContext* tls,
     auto r = ReadReply(w, nbd::kOptGo);
     if (!r.ok()) return r.status();
     if (r->type & nbd::kRepFlagError) {
-      return Error(OptionErrno(*r), "{} refused export \"{}\": {}", w.peer(), Printable(name),
+      return Error(OptionErrno(*r), "{} refused export \"{}\": {}", w.peer(), PrintableText(name),
                    ErrorText(*r));
     }
     if (r->type == nbd::kRepAck) {
@@ -413,13 +406,13 @@ Status Negotiate(Wire& w, const std::string& name, const ClientTlsContext* tls,
   }
   if (!read_only) {
     if (props->read_only()) {
-      return Error(EROFS, "{}: export \"{}\" is read-only", w.peer(), Printable(name));
+      return Error(EROFS, "{}: export \"{}\" is read-only", w.peer(), PrintableText(name));
     }
     // A replica acknowledges a write as durable only if FUA and FLUSH reach its disk.
     if ((props->flags & (nbd::kFlagSendFlush | nbd::kFlagSendFua)) !=
         (nbd::kFlagSendFlush | nbd::kFlagSendFua)) {
       return Error(ENOTSUP, "{}: export \"{}\" does not accept FLUSH and FUA (flags {:#x})",
-                   w.peer(), Printable(name), props->flags);
+                   w.peer(), PrintableText(name), props->flags);
     }
   }
   return Status::Ok();

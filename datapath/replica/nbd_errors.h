@@ -1,4 +1,5 @@
-// NBD error values (from replies) back to host errno. The codec has only the other direction
+// NBD error values (from replies) back to host errno, and the names and texts of the wire in our
+// messages. The codec has only the other direction
 // (nbd::ErrnoToNbd, for the server); a client needs this one. It lives here rather than in
 // datapath/nbd because the codec belongs to another owner this session; it is a candidate to
 // move next to ErrnoToNbd.
@@ -6,6 +7,8 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <string>
+#include <string_view>
 
 #include "datapath/nbd/proto.h"
 
@@ -35,6 +38,33 @@ inline int NbdToErrno(uint32_t e) {
     default:
       return EIO;
   }
+}
+
+// "READ", "WRITE", ... for messages.
+inline const char* CommandName(uint16_t type) {
+  switch (type) {
+    case nbd::kCmdRead:
+      return "READ";
+    case nbd::kCmdWrite:
+      return "WRITE";
+    case nbd::kCmdFlush:
+      return "FLUSH";
+    case nbd::kCmdTrim:
+      return "TRIM";
+    case nbd::kCmdWriteZeroes:
+      return "WRITE_ZEROES";
+    case nbd::kCmdDisc:
+      return "DISC";
+    default:
+      return "command";
+  }
+}
+
+// A server's message as it may go into ours: printable ASCII, at most the spec's 4096 bytes.
+inline std::string PrintableText(std::string_view s) {
+  std::string out;
+  for (char c : s.substr(0, nbd::kMaxStringLen)) out += (c >= 0x20 && c < 0x7f) ? c : '?';
+  return out;
 }
 
 }  // namespace nbdcsi::replica

@@ -9,36 +9,13 @@
 namespace nbdcsi::replica {
 namespace {
 
-const char* CmdName(uint16_t t) {
-  switch (t) {
-    case nbd::kCmdRead:
-      return "READ";
-    case nbd::kCmdWrite:
-      return "WRITE";
-    case nbd::kCmdFlush:
-      return "FLUSH";
-    case nbd::kCmdTrim:
-      return "TRIM";
-    case nbd::kCmdWriteZeroes:
-      return "WRITE_ZEROES";
-    default:
-      return "command";
-  }
-}
-
-std::string Printable(const uint8_t* p, size_t n) {
-  std::string out;
-  for (size_t i = 0; i < n; ++i) out += (p[i] >= 0x20 && p[i] < 0x7f) ? char(p[i]) : '?';
-  return out;
-}
-
 Status Violation(std::string why) { return Status(EPROTO, "protocol violation: " + why); }
 
 }  // namespace
 
 Status ReplyParser::Cover(ReplyState* r, uint64_t begin, uint64_t len, const char* what) {
   if (r->type != nbd::kCmdRead) {
-    return Violation(fmt::format("{} chunk answers a {}", what, CmdName(r->type)));
+    return Violation(fmt::format("{} chunk answers a {}", what, CommandName(r->type)));
   }
   if (len == 0) return Violation(fmt::format("empty {} chunk", what));
   const uint64_t end = begin + len;
@@ -94,7 +71,7 @@ Status ReplyParser::Chunk(const uint8_t* h, const uint8_t* p, ReplyState* r, Tab
     }
     default: {
       if (!(type & 0x8000)) {
-        return Violation(fmt::format("unexpected chunk type {} for a {}", type, CmdName(r->type)));
+        return Violation(fmt::format("unexpected chunk type {} for a {}", type, CommandName(r->type)));
       }
       // ERROR, ERROR_OFFSET, and error types the spec may add: error (32), message length
       // (16), message, then type-specific fields (ERROR_OFFSET: the offset).
@@ -115,13 +92,13 @@ Status ReplyParser::Chunk(const uint8_t* h, const uint8_t* p, ReplyState* r, Tab
         const uint64_t off = nbd::LoadBE64(p + 6 + mlen);
         if (off < r->offset || off >= r->offset + r->length) {
           return Violation(fmt::format("ERROR_OFFSET {} outside the {} [{}, +{})", off,
-                                       CmdName(r->type), r->offset, r->length));
+                                       CommandName(r->type), r->offset, r->length));
         }
       }
       if (r->error.ok()) {
-        const std::string msg = Printable(p + 6, mlen);
+        const std::string msg = PrintableText(std::string_view(reinterpret_cast<const char*>(p + 6), mlen));
         r->error = Status(NbdToErrno(err), fmt::format("the server failed the {}: {} (NBD error {})",
-                                                       CmdName(r->type),
+                                                       CommandName(r->type),
                                                        msg.empty() ? strerror(NbdToErrno(err)) : msg, err));
       }
       break;
@@ -165,7 +142,7 @@ StatusOr<size_t> ReplyParser::Feed(const uint8_t* p, size_t n, Table& table) {
       if (r->covered > 0) return Violation("simple reply to a READ whose chunks have begun");
       if (err != 0) {
         r->error = Status(NbdToErrno(err), fmt::format("the server failed the {}: {} (NBD error {})",
-                                                      CmdName(r->type), strerror(NbdToErrno(err)), err));
+                                                      CommandName(r->type), strerror(NbdToErrno(err)), err));
       }
       used += nbd::kSimpleReplyLen;
       if (Status s = Finish(cookie, r, table); !s.ok()) return s;
