@@ -160,6 +160,8 @@ class Certs {
   }
 };
 
+void PrintTo(const Variant& v, std::ostream* os) { *os << v.name; }
+
 class ReplicaClientReal : public ::testing::TestWithParam<Variant> {
  protected:
   void SetUp() override {

@@ -122,6 +122,8 @@ struct ParseCase {
   const char* want;  // substring of the violation, "" when the bytes are valid
 };
 
+void PrintTo(const ParseCase& c, std::ostream* os) { *os << c.name; }
+
 class ReplyParserTest : public ::testing::TestWithParam<ParseCase> {};
 
 TEST_P(ReplyParserTest, Case) {
