@@ -150,6 +150,8 @@ struct ReplicaClient::Impl {
 
   // io thread only
   std::deque<Request*> pending;  // accepted, no connection yet
+  std::vector<Request*> taken;
+  std::vector<std::pair<uint64_t, int>> cqes;
   size_t rr = 0;
   bool shutting_down = false;
   Clock::time_point next_timeout_check;
@@ -252,12 +254,12 @@ struct ReplicaClient::Impl {
   }
 
   void TakeIncoming() {
-    std::vector<Request*> got;
     {
       std::lock_guard lk(mu);
-      got.swap(incoming);
+      taken.swap(incoming);  // both keep their capacity: no allocation per round
     }
-    for (Request* r : got) pending.push_back(r);
+    for (Request* r : taken) pending.push_back(r);
+    taken.clear();
   }
 
   Conn* PickConn() {
@@ -527,7 +529,8 @@ struct ReplicaClient::Impl {
     }
     unsigned head;
     unsigned seen = 0;
-    std::vector<std::pair<uint64_t, int>> cqes;
+    // Copied out first: handlers submit SQEs and may run callbacks, the CQ ring must move on.
+    cqes.clear();
     io_uring_for_each_cqe(&ring, head, cqe) {
       cqes.emplace_back(cqe->user_data, cqe->res);
       ++seen;
