@@ -697,7 +697,15 @@ struct ReplicaClient::Impl {
     for (auto& c : conns) {
       if (c->ops > 0) return false;
     }
-    return !wake_armed;
+    if (wake_armed) return false;
+    // A submit that got in just before Close() may still sit in incoming: it gets its callback.
+    TakeIncoming();
+    while (!pending.empty()) {
+      Request* r = pending.front();
+      pending.pop_front();
+      Fail(r, Error(ESHUTDOWN, "the client is closing"));
+    }
+    return true;
   }
 
   // NBD_CMD_DISC, best effort and non-blocking, so that the server logs a clean goodbye.
@@ -863,12 +871,13 @@ Status ReplicaClient::WriteZeroes(uint64_t offset, uint32_t length, bool fua, bo
 
 void ReplicaClient::Close(milliseconds grace) {
   Impl& m = *impl_;
-  std::lock_guard ck(m.close_mu);
-  if (m.joined) return;
   if (tls_io_thread_of == &m) {
+    // Before close_mu: a Close() in progress on another thread holds it while joining us.
     spdlog::critical("replica {}: Close() called from a callback on its own io thread", m.name);
     std::abort();
   }
+  std::lock_guard ck(m.close_mu);
+  if (m.joined) return;
   {
     std::lock_guard lk(m.mu);
     if (!m.closing) {

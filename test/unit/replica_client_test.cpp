@@ -887,6 +887,41 @@ TEST(ReplicaClient, DestroyingWithRequestsInFlightFailsThemOnce) {
   for (int i = 0; i < 20; ++i) EXPECT_EQ(res.Of(i).code(), ESHUTDOWN) << res.Of(i).message();
 }
 
+// Submitters racing Close(): every accepted request has had its one callback when Close returns.
+TEST(ReplicaClient, CloseRacingSubmittersLosesNoCallback) {
+  FakeServer s([](FakeConn& c) {
+    nbd::RequestHeader h;
+    while (c.Next(&h)) c.Send(NoneChunk(h.cookie));
+  });
+  for (int round = 0; round < 20; ++round) {
+    auto c = ReplicaClient::Connect(Options(s, 2));
+    ASSERT_TRUE(c.ok()) << c.status().message();
+    std::atomic<uint64_t> accepted{0}, called{0};
+    std::vector<std::thread> ts;
+    for (int t = 0; t < 3; ++t) {
+      ts.emplace_back([&] {
+        for (;;) {
+          Status st = (*c)->Flush([&](const Status&) { ++called; });
+          if (!st.ok()) {
+            EXPECT_EQ(st.code(), ESHUTDOWN) << st.message();
+            return;
+          }
+          ++accepted;
+        }
+      });
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2 + round % 5));
+    (*c)->Close();
+    const uint64_t at_close = called.load();
+    for (auto& t : ts) t.join();
+    EXPECT_EQ(called.load(), at_close) << "a callback after Close returned, round " << round;
+    EXPECT_EQ(called.load(), accepted.load()) << "an accepted request without its callback, round "
+                                              << round;
+    EXPECT_EQ(called.load(), accepted.load()) << "round " << round;
+    EXPECT_EQ((*c)->counters().in_flight, 0u);
+  }
+}
+
 TEST(ReplicaClient, CloseWithGraceLetsRepliesArrive) {
   FakeServer s([](FakeConn& c) {
     nbd::RequestHeader h;
