@@ -3,6 +3,8 @@
 //
 //   replica_client_bench ENDPOINT EXPORT QD SECONDS CONNECTIONS [CERT KEY CA]
 //   -> "iops=... lat_avg_us=... lat_p50_us=... lat_p99_us=... errors=..."
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -13,8 +15,6 @@
 #include <thread>
 #include <vector>
 
-#include <spdlog/spdlog.h>
-
 #include "datapath/replica/client.h"
 
 using namespace nbdcsi;
@@ -23,7 +23,8 @@ using Clock = std::chrono::steady_clock;
 
 int main(int argc, char** argv) {
   if (argc != 6 && argc != 9) {
-    std::fprintf(stderr, "usage: %s ENDPOINT EXPORT QD SECONDS CONNECTIONS [CERT KEY CA]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s ENDPOINT EXPORT QD SECONDS CONNECTIONS [CERT KEY CA]\n",
+                 argv[0]);
     return 2;
   }
   spdlog::set_level(spdlog::level::warn);  // stdout carries the one line of figures
@@ -104,7 +105,9 @@ int main(int argc, char** argv) {
   std::sort(l.begin(), l.end());
   double sum = 0;
   for (double x : l) sum += x;
-  auto pct = [&](double p) { return l.empty() ? 0.0 : l[std::min(l.size() - 1, size_t(p * l.size()))]; };
+  auto pct = [&](double p) {
+    return l.empty() ? 0.0 : l[std::min(l.size() - 1, size_t(p * l.size()))];
+  };
   std::printf("iops=%.0f lat_avg_us=%.1f lat_p50_us=%.1f lat_p99_us=%.1f errors=%llu\n",
               l.size() / elapsed, l.empty() ? 0.0 : sum / l.size(), pct(0.5), pct(0.99),
               (unsigned long long)errors.load());

@@ -29,11 +29,11 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-constexpr size_t kRxBytes = 256 * 1024;   // plaintext replies waiting to be parsed
-constexpr size_t kNetBytes = 64 * 1024;   // TLS: ciphertext from one recv
-constexpr size_t kMaxBatch = 64;          // requests per send
+constexpr size_t kRxBytes = 256 * 1024;  // plaintext replies waiting to be parsed
+constexpr size_t kNetBytes = 64 * 1024;  // TLS: ciphertext from one recv
+constexpr size_t kMaxBatch = 64;         // requests per send
 constexpr size_t kMaxBatchBytes = 8u << 20;
-constexpr milliseconds kTick(100);        // timeout granularity while requests are in flight
+constexpr milliseconds kTick(100);  // timeout granularity while requests are in flight
 
 enum Op : uint64_t { kOpRecv = 1, kOpSend = 2, kOpWake = 3 };
 uint64_t Tag(size_t conn, Op op) { return (uint64_t{conn} << 8) | op; }
@@ -97,7 +97,7 @@ struct ReplicaClient::Impl {
     size_t rbeg = 0, rend = 0;
     std::unique_ptr<uint8_t[]> net;  // TLS only
     ReplyParser parser;
-    std::deque<Request*> queue;  // have a cookie, wait for the next send
+    std::deque<Request*> queue;   // have a cookie, wait for the next send
     std::vector<Request*> batch;  // in the send in flight (plaintext)
     std::vector<iovec> iov;
     size_t iov_at = 0;
@@ -140,11 +140,11 @@ struct ReplicaClient::Impl {
   std::thread thread;
 
   std::mutex mu;
-  std::vector<Request*> incoming;  // guarded by mu
-  bool closing = false;            // guarded by mu
+  std::vector<Request*> incoming;    // guarded by mu
+  bool closing = false;              // guarded by mu
   Clock::time_point close_deadline;  // guarded by mu
-  std::string last_loss;           // guarded by mu
-  bool joined = false;             // guarded by close_mu
+  std::string last_loss;             // guarded by mu
+  bool joined = false;               // guarded by close_mu
   std::mutex close_mu;
   std::atomic<bool> wake_pending{false};
 
@@ -434,8 +434,7 @@ struct ReplicaClient::Impl {
     for (;;) {
       Compact(c);
       ERR_clear_error();
-      const int r = SSL_read(c.ssl.get(), c.rx.get() + c.rend,
-                             static_cast<int>(kRxBytes - c.rend));
+      const int r = SSL_read(c.ssl.get(), c.rx.get() + c.rend, static_cast<int>(kRxBytes - c.rend));
       if (r > 0) {
         c.rend += static_cast<size_t>(r);
         if (!Parse(c)) return;
@@ -575,8 +574,8 @@ struct ReplicaClient::Impl {
   void Kill(Conn& c, const Status& cause) {
     if (c.dead) return;
     c.dead = true;
-    const std::string why = fmt::format("connection {} to {} lost: {}", c.index, opts.endpoint.ToString(),
-                                        cause.message());
+    const std::string why = fmt::format("connection {} to {} lost: {}", c.index,
+                                        opts.endpoint.ToString(), cause.message());
     {
       std::lock_guard lk(mu);
       last_loss = why;
@@ -629,7 +628,8 @@ struct ReplicaClient::Impl {
     if (s.ok()) {
       c_ok.fetch_add(1, std::memory_order_relaxed);
       if (r->type == nbd::kCmdRead) c_bytes_read.fetch_add(r->length, std::memory_order_relaxed);
-      if (r->type == nbd::kCmdWrite) c_bytes_written.fetch_add(r->length, std::memory_order_relaxed);
+      if (r->type == nbd::kCmdWrite)
+        c_bytes_written.fetch_add(r->length, std::memory_order_relaxed);
     } else {
       c_errors.fetch_add(1, std::memory_order_relaxed);
       s = Status(s.code(), fmt::format("replica {}: {} [{}, +{}): {}", name, CommandName(r->type),
@@ -751,7 +751,8 @@ StatusOr<std::unique_ptr<ReplicaClient>> ReplicaClient::Connect(const ClientOpti
 
   auto impl = std::make_unique<Impl>();
   impl->opts = o;
-  impl->name = o.name.empty() ? fmt::format("{} on {}", o.export_name, o.endpoint.ToString()) : o.name;
+  impl->name =
+      o.name.empty() ? fmt::format("{} on {}", o.export_name, o.endpoint.ToString()) : o.name;
   for (int i = 0; i < o.connections; ++i) {
     auto c = OpenConnection(o.endpoint, *wire, tls.get(), o.read_only,
                             Clock::now() + o.handshake_timeout);
@@ -773,8 +774,9 @@ StatusOr<std::unique_ptr<ReplicaClient>> ReplicaClient::Connect(const ClientOpti
                c->props.min_block != impl->props.min_block ||
                c->props.max_block != impl->props.max_block) {
       close(conn->fd);
-      return Error(EPROTO, "replica {}: connection {} sees another export (size {} flags {:#x}) "
-                           "than connection 1 (size {} flags {:#x})",
+      return Error(EPROTO,
+                   "replica {}: connection {} sees another export (size {} flags {:#x}) "
+                   "than connection 1 (size {} flags {:#x})",
                    impl->name, i + 1, c->props.size, c->props.flags, impl->props.size,
                    impl->props.flags);
     }
@@ -786,7 +788,8 @@ StatusOr<std::unique_ptr<ReplicaClient>> ReplicaClient::Connect(const ClientOpti
   if (r < 0) return Error(-r, "replica {}: io_uring_queue_init: {}", impl->name, strerror(-r));
   impl->ring_ok = true;
   impl->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (impl->wake_fd < 0) return Error(errno, "replica {}: eventfd: {}", impl->name, strerror(errno));
+  if (impl->wake_fd < 0)
+    return Error(errno, "replica {}: eventfd: {}", impl->name, strerror(errno));
   impl->healthy.store(impl->conns.size());
   Impl* m = impl.get();
   impl->thread = std::thread([m] {
@@ -842,7 +845,8 @@ Status ReplicaClient::Flush(Callback cb) {
 
 Status ReplicaClient::Trim(uint64_t offset, uint32_t length, bool fua, Callback cb) {
   Impl& m = *impl_;
-  if (!m.props.can_trim()) return Error(ENOTSUP, "replica {}: the server does not accept TRIM", m.name);
+  if (!m.props.can_trim())
+    return Error(ENOTSUP, "replica {}: the server does not accept TRIM", m.name);
   if (Status s = m.CheckRange(nbd::kCmdTrim, offset, length); !s.ok()) return s;
   auto r = std::make_unique<Request>();
   r->type = nbd::kCmdTrim;
@@ -862,7 +866,8 @@ Status ReplicaClient::WriteZeroes(uint64_t offset, uint32_t length, bool fua, bo
   if (Status s = m.CheckRange(nbd::kCmdWriteZeroes, offset, length); !s.ok()) return s;
   auto r = std::make_unique<Request>();
   r->type = nbd::kCmdWriteZeroes;
-  r->flags = static_cast<uint16_t>((fua ? nbd::kCmdFlagFua : 0) | (no_hole ? nbd::kCmdFlagNoHole : 0));
+  r->flags =
+      static_cast<uint16_t>((fua ? nbd::kCmdFlagFua : 0) | (no_hole ? nbd::kCmdFlagNoHole : 0));
   r->offset = offset;
   r->length = length;
   r->cb = std::move(cb);

@@ -61,13 +61,13 @@ struct ClientOptions {
 StatusOr<std::string> WireExportName(const std::string& export_name, uint64_t epoch);
 
 struct ClientCounters {
-  uint64_t requests = 0;        // accepted by a submit call
+  uint64_t requests = 0;  // accepted by a submit call
   uint64_t completed_ok = 0;
-  uint64_t errors = 0;          // completed with an error (server error or lost connection)
-  uint64_t timeouts = 0;        // requests whose timeout ended their connection
-  uint64_t bytes_read = 0;      // by successful READs
-  uint64_t bytes_written = 0;   // by successful WRITEs
-  uint64_t in_flight = 0;       // accepted, callback not yet called
+  uint64_t errors = 0;         // completed with an error (server error or lost connection)
+  uint64_t timeouts = 0;       // requests whose timeout ended their connection
+  uint64_t bytes_read = 0;     // by successful READs
+  uint64_t bytes_written = 0;  // by successful WRITEs
+  uint64_t in_flight = 0;      // accepted, callback not yet called
   uint64_t connections_lost = 0;
   uint64_t connections_healthy = 0;
 };

@@ -93,8 +93,8 @@ class Wire {
     uint8_t sink[256];
     const int r = SSL_read(ssl_.get(), sink, sizeof sink);
     if (r <= 0 && SSL_get_error(ssl_.get(), r) == SSL_ERROR_SSL) {
-      return Error(EACCES, "TLS with {} failed: {} ({})", peer_,
-                   TlsErrorReason("alert"), s.message());
+      return Error(EACCES, "TLS with {} failed: {} ({})", peer_, TlsErrorReason("alert"),
+                   s.message());
     }
     ERR_clear_error();
     if (!tls_confirmed_) {
@@ -400,7 +400,8 @@ Status Negotiate(Wire& w, const std::string& name, const ClientTlsContext* tls,
         break;  // NAME, DESCRIPTION and future types carry nothing we need
     }
   }
-  if (!have_export) return Error(EPROTO, "{}: NBD_OPT_GO succeeded without NBD_INFO_EXPORT", w.peer());
+  if (!have_export)
+    return Error(EPROTO, "{}: NBD_OPT_GO succeeded without NBD_INFO_EXPORT", w.peer());
   if ((props->flags & nbd::kFlagHasFlags) == 0) {
     return Error(EPROTO, "{}: transmission flags without HAS_FLAGS", w.peer());
   }
@@ -436,7 +437,8 @@ StatusOr<int> Dial(const Endpoint& ep, Clock::time_point deadline, const std::st
     hints.ai_flags = AI_NUMERICSERV;
     addrinfo* res = nullptr;
     const int g = getaddrinfo(ep.host.c_str(), std::to_string(ep.port).c_str(), &hints, &res);
-    if (g != 0) return Error(EHOSTUNREACH, "{}: cannot resolve {}: {}", peer, ep.host, gai_strerror(g));
+    if (g != 0)
+      return Error(EHOSTUNREACH, "{}: cannot resolve {}: {}", peer, ep.host, gai_strerror(g));
     for (addrinfo* a = res; a; a = a->ai_next) {
       sockaddr_storage ss{};
       std::memcpy(&ss, a->ai_addr, a->ai_addrlen);
@@ -455,7 +457,8 @@ StatusOr<int> Dial(const Endpoint& ep, Clock::time_point deadline, const std::st
         const auto left =
             std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
         pollfd p{fd, POLLOUT, 0};
-        const int r = left > 0 ? poll(&p, 1, static_cast<int>(std::min<long long>(left, INT_MAX))) : 0;
+        const int r =
+            left > 0 ? poll(&p, 1, static_cast<int>(std::min<long long>(left, INT_MAX))) : 0;
         socklen_t sl = sizeof err;
         if (r <= 0) {
           err = ETIMEDOUT;

@@ -31,8 +31,8 @@ struct ExportProperties {
 };
 
 struct OpenedConnection {
-  int fd = -1;         // non-blocking, close-on-exec; the caller owns it
-  SslPtr ssl;          // null for plaintext
+  int fd = -1;  // non-blocking, close-on-exec; the caller owns it
+  SslPtr ssl;   // null for plaintext
   ExportProperties props;
 };
 

@@ -26,12 +26,14 @@ Status ReplyParser::Cover(ReplyState* r, uint64_t begin, uint64_t len, const cha
   auto overlaps = [&](uint64_t b, uint64_t e) { return begin < e && b < end; };
   if (r->covered > 0) {
     if (overlaps(r->first_begin_, r->first_end_)) {
-      return Violation(fmt::format("{} chunk [{}, +{}) overlaps an earlier chunk", what, begin, len));
+      return Violation(
+          fmt::format("{} chunk [{}, +{}) overlaps an earlier chunk", what, begin, len));
     }
     auto it = r->more_.upper_bound(begin);
     if ((it != r->more_.end() && overlaps(it->first, it->second)) ||
         (it != r->more_.begin() && overlaps(std::prev(it)->first, std::prev(it)->second))) {
-      return Violation(fmt::format("{} chunk [{}, +{}) overlaps an earlier chunk", what, begin, len));
+      return Violation(
+          fmt::format("{} chunk [{}, +{}) overlaps an earlier chunk", what, begin, len));
     }
     r->more_.emplace(begin, end);
   } else {
@@ -71,7 +73,8 @@ Status ReplyParser::Chunk(const uint8_t* h, const uint8_t* p, ReplyState* r, Tab
     }
     default: {
       if (!(type & 0x8000)) {
-        return Violation(fmt::format("unexpected chunk type {} for a {}", type, CommandName(r->type)));
+        return Violation(
+            fmt::format("unexpected chunk type {} for a {}", type, CommandName(r->type)));
       }
       // ERROR, ERROR_OFFSET, and error types the spec may add: error (32), message length
       // (16), message, then type-specific fields (ERROR_OFFSET: the offset).
@@ -80,14 +83,16 @@ Status ReplyParser::Chunk(const uint8_t* h, const uint8_t* p, ReplyState* r, Tab
       const uint16_t mlen = nbd::LoadBE16(p + 4);
       if (err == 0) return Violation("error chunk with error 0");
       if (mlen > nbd::kMaxStringLen || size_t{6} + mlen > len) {
-        return Violation(fmt::format("error chunk message of {} bytes in a {}-byte chunk", mlen, len));
+        return Violation(
+            fmt::format("error chunk message of {} bytes in a {}-byte chunk", mlen, len));
       }
       if (type == nbd::kReplyTypeError && len != 6u + mlen) {
         return Violation(fmt::format("ERROR chunk of {} bytes with a {}-byte message", len, mlen));
       }
       if (type == nbd::kReplyTypeErrorOffset) {
         if (len != 14u + mlen) {
-          return Violation(fmt::format("ERROR_OFFSET chunk of {} bytes with a {}-byte message", len, mlen));
+          return Violation(
+              fmt::format("ERROR_OFFSET chunk of {} bytes with a {}-byte message", len, mlen));
         }
         const uint64_t off = nbd::LoadBE64(p + 6 + mlen);
         if (off < r->offset || off >= r->offset + r->length) {
@@ -96,10 +101,12 @@ Status ReplyParser::Chunk(const uint8_t* h, const uint8_t* p, ReplyState* r, Tab
         }
       }
       if (r->error.ok()) {
-        const std::string msg = PrintableText(std::string_view(reinterpret_cast<const char*>(p + 6), mlen));
-        r->error = Status(NbdToErrno(err), fmt::format("the server failed the {}: {} (NBD error {})",
-                                                       CommandName(r->type),
-                                                       msg.empty() ? strerror(NbdToErrno(err)) : msg, err));
+        const std::string msg =
+            PrintableText(std::string_view(reinterpret_cast<const char*>(p + 6), mlen));
+        r->error =
+            Status(NbdToErrno(err),
+                   fmt::format("the server failed the {}: {} (NBD error {})", CommandName(r->type),
+                               msg.empty() ? strerror(NbdToErrno(err)) : msg, err));
       }
       break;
     }
@@ -141,8 +148,9 @@ StatusOr<size_t> ReplyParser::Feed(const uint8_t* p, size_t n, Table& table) {
       }
       if (r->covered > 0) return Violation("simple reply to a READ whose chunks have begun");
       if (err != 0) {
-        r->error = Status(NbdToErrno(err), fmt::format("the server failed the {}: {} (NBD error {})",
-                                                      CommandName(r->type), strerror(NbdToErrno(err)), err));
+        r->error = Status(NbdToErrno(err),
+                          fmt::format("the server failed the {}: {} (NBD error {})",
+                                      CommandName(r->type), strerror(NbdToErrno(err)), err));
       }
       used += nbd::kSimpleReplyLen;
       if (Status s = Finish(cookie, r, table); !s.ok()) return s;

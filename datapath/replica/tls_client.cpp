@@ -1,8 +1,8 @@
 #include "datapath/replica/tls_client.h"
 
 #include <arpa/inet.h>
-#include <openssl/err.h>
 #include <fmt/ranges.h>
+#include <openssl/err.h>
 #include <openssl/x509v3.h>
 
 #include <vector>
@@ -18,7 +18,8 @@ constexpr size_t kMaxPemBytes = 1 << 20;
 Status CheckReadable(const char* what, const std::string& path) {
   if (path.empty()) return Error(EINVAL, "replica TLS: the {} file is not set", what);
   auto data = ReadSmallFile(path, kMaxPemBytes);
-  if (!data.ok()) return Error(data.status().code(), "replica TLS {}: {}", what, data.status().message());
+  if (!data.ok())
+    return Error(data.status().code(), "replica TLS {}: {}", what, data.status().message());
   if (data->find("-----BEGIN ") == std::string::npos) {
     return Error(EINVAL, "replica TLS {} {}: not a PEM file", what, path);
   }
@@ -62,8 +63,8 @@ std::string TlsErrorReason(const char* fallback) {
 }
 
 StatusOr<std::unique_ptr<ClientTlsContext>> ClientTlsContext::Load(const TlsClientFiles& f) {
-  for (auto [what, path] : {std::pair{"certificate", &f.cert}, std::pair{"key", &f.key},
-                            std::pair{"CA", &f.ca}}) {
+  for (auto [what, path] :
+       {std::pair{"certificate", &f.cert}, std::pair{"key", &f.key}, std::pair{"CA", &f.ca}}) {
     if (Status s = CheckReadable(what, *path); !s.ok()) return s;
   }
   std::unique_ptr<ClientTlsContext> c(new ClientTlsContext(f));

@@ -8,10 +8,10 @@
 // whatever the session decrypted during the handshake stays inside it for the io thread.
 #pragma once
 
+#include <openssl/ssl.h>
+
 #include <memory>
 #include <string>
-
-#include <openssl/ssl.h>
 
 #include "common/c_ptr.h"
 #include "common/status.h"

@@ -8,13 +8,14 @@
 // Then the server is killed with SIGKILL under load: every request in flight completes once,
 // with an error, and nothing hangs. For TLS: a CA that did not sign the server, and (datapathd)
 // a certificate that does not name the expected node, are refused with clear errors.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
-#include <fcntl.h>
-#include <netinet/in.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -26,8 +27,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "datapath/replica/client.h"
 #include "test/support/free_port.h"
@@ -202,11 +201,12 @@ class ReplicaClientReal : public ::testing::TestWithParam<Variant> {
           std::ofstream(img).close();
           fs::resize_file(img, kSize);
         }
-        argv = {"qemu-nbd", "--format=raw", "-x", "vol", "--persistent", "--shared=16",
-                "--discard=unmap"};
+        argv = {"qemu-nbd",    "--format=raw",   "-x", "vol", "--persistent",
+                "--shared=16", "--discard=unmap"};
         if (v.tls) {
-          argv.insert(argv.end(), {"--object", "tls-creds-x509,id=tls0,dir=" + c.server_dir() +
-                                                   ",endpoint=server,verify-peer=on",
+          argv.insert(argv.end(), {"--object",
+                                   "tls-creds-x509,id=tls0,dir=" + c.server_dir() +
+                                       ",endpoint=server,verify-peer=on",
                                    "--tls-creds=tls0", "--bind=127.0.0.1", "--port=" + port});
         } else {
           argv.push_back("--socket=" + ep_.path);
@@ -229,13 +229,14 @@ class ReplicaClientReal : public ::testing::TestWithParam<Variant> {
         fs::create_directories(pool);
         api_ = dir_ / "api.sock";
         const std::string unix_nbd = dir_ / "nbd.sock";
-        argv = {Bin("nbd-datapathd"), "--pool", pool, "--api", "unix://" + api_,
-                "--nbd-listen", "unix://" + unix_nbd};
+        argv = {Bin("nbd-datapathd"), "--pool", pool, "--api", "unix://" + api_, "--nbd-listen",
+                "unix://" + unix_nbd};
         if (v.tls) {
           // The node certificate: its URI SAN names node-a, its IP SAN 127.0.0.1.
-          argv.insert(argv.end(), {"--nbd-listen", "tcp://127.0.0.1:" + port, "--nbd-tls-cert",
-                                   c.dir() + "/node-node-a.crt", "--nbd-tls-key",
-                                   c.dir() + "/node-node-a.key", "--nbd-tls-ca", c.dir() + "/ca.crt"});
+          argv.insert(argv.end(),
+                      {"--nbd-listen", "tcp://127.0.0.1:" + port, "--nbd-tls-cert",
+                       c.dir() + "/node-node-a.crt", "--nbd-tls-key", c.dir() + "/node-node-a.key",
+                       "--nbd-tls-ca", c.dir() + "/ca.crt"});
         }
         break;
       }
@@ -277,8 +278,8 @@ class ReplicaClientReal : public ::testing::TestWithParam<Variant> {
   std::string NbdcopyAll() {
     std::string uri;
     if (GetParam().tls) {
-      uri = "nbds://127.0.0.1:" + std::to_string(port_) + "/vol?tls-certificates=" +
-            Certs::Get().client_dir();
+      uri = "nbds://127.0.0.1:" + std::to_string(port_) +
+            "/vol?tls-certificates=" + Certs::Get().client_dir();
     } else {
       uri = "nbd+unix:///vol?socket=" + ep_.path;
     }
@@ -314,10 +315,12 @@ struct Batch {
     };
   }
   bool Wait(size_t n) {
-    return test::WaitUntil([&] {
-      std::lock_guard lk(mu);
-      return done >= n;
-    }, 60s);
+    return test::WaitUntil(
+        [&] {
+          std::lock_guard lk(mu);
+          return done >= n;
+        },
+        60s);
   }
 };
 
@@ -382,8 +385,9 @@ TEST_P(ReplicaClientReal, RandomWritesTrimsZeroesReadBackThroughTwoClients) {
   for (uint64_t off = 0; off < kSize; off += 16 * kRegion) {
     Batch r;
     for (int k = 0; k < 16; ++k) {
-      ASSERT_TRUE(c.Read(off + k * kRegion, std::span(back).subspan(off + k * kRegion, kRegion),
-                         r.Cb()).ok());
+      ASSERT_TRUE(
+          c.Read(off + k * kRegion, std::span(back).subspan(off + k * kRegion, kRegion), r.Cb())
+              .ok());
     }
     ASSERT_TRUE(r.Wait(16));
     ASSERT_TRUE(r.errors.empty()) << r.errors[0].message();
@@ -467,8 +471,8 @@ TEST_P(ReplicaClientReal, ServerKilledMidIoFailsEveryPendingRequestOnce) {
 
 TEST_P(ReplicaClientReal, WrongCaIsAClearTlsError) {
   if (!GetParam().tls) {
-      GTEST_SKIP() << "plaintext";
-    }
+    GTEST_SKIP() << "plaintext";
+  }
   auto o = Options();
   o.tls.ca = Certs::Get().dir() + "/other/ca.crt";
   o.connections = 1;
@@ -491,8 +495,8 @@ TEST_P(ReplicaClientReal, WrongCaIsAClearTlsError) {
 
 TEST_P(ReplicaClientReal, ServerNodeIdentityIsChecked) {
   if (!GetParam().tls || GetParam().server != Server::kDatapathd) {
-      GTEST_SKIP() << "datapathd TLS";
-    }
+    GTEST_SKIP() << "datapathd TLS";
+  }
   auto o = Options();
   o.connections = 1;
   o.tls.server_node = "node-a";
@@ -509,8 +513,8 @@ TEST_P(ReplicaClientReal, ServerNodeIdentityIsChecked) {
 
 TEST_P(ReplicaClientReal, UnknownExportIsEnoent) {
   if (GetParam().server == Server::kNbdkit) {
-      GTEST_SKIP() << "nbdkit's memory plugin serves any name";
-    }
+    GTEST_SKIP() << "nbdkit's memory plugin serves any name";
+  }
   auto o = Options();
   o.export_name = "nope";
   o.connections = 1;
@@ -519,15 +523,14 @@ TEST_P(ReplicaClientReal, UnknownExportIsEnoent) {
   EXPECT_EQ(c.status().code(), ENOENT) << c.status().message();
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Servers, ReplicaClientReal,
-    ::testing::Values(Variant{Server::kQemuNbd, false, "qemu_nbd_unix"},
-                      Variant{Server::kQemuNbd, true, "qemu_nbd_tls"},
-                      Variant{Server::kNbdkit, false, "nbdkit_unix"},
-                      Variant{Server::kNbdkit, true, "nbdkit_tls"},
-                      Variant{Server::kDatapathd, false, "datapathd_unix"},
-                      Variant{Server::kDatapathd, true, "datapathd_tls"}),
-    [](const auto& info) { return std::string(info.param.name); });
+INSTANTIATE_TEST_SUITE_P(Servers, ReplicaClientReal,
+                         ::testing::Values(Variant{Server::kQemuNbd, false, "qemu_nbd_unix"},
+                                           Variant{Server::kQemuNbd, true, "qemu_nbd_tls"},
+                                           Variant{Server::kNbdkit, false, "nbdkit_unix"},
+                                           Variant{Server::kNbdkit, true, "nbdkit_tls"},
+                                           Variant{Server::kDatapathd, false, "datapathd_unix"},
+                                           Variant{Server::kDatapathd, true, "datapathd_tls"}),
+                         [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace
 }  // namespace nbdcsi::replica

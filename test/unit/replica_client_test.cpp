@@ -2,6 +2,7 @@
 // server in a thread: its handshake is nbd::Negotiator (the datapath's own option phase), its
 // transmission phase a script per test, so the client's parser and failure rules meet replies
 // no well-behaved server would send.
+#include <gtest/gtest.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -17,8 +18,6 @@
 #include <thread>
 #include <vector>
 
-#include <gtest/gtest.h>
-
 #include "datapath/nbd/codec.h"
 #include "datapath/nbd/negotiate.h"
 #include "datapath/replica/client.h"
@@ -30,8 +29,8 @@ namespace nbdcsi::replica {
 namespace {
 
 using namespace std::chrono_literals;
-using test::TempDir;
 using test::Event;
+using test::TempDir;
 using test::WaitUntil;
 
 constexpr uint64_t kExportSize = 1 << 20;
@@ -437,7 +436,8 @@ class FakeServer {
       if (!payload.empty() && !c.ReadAll(payload.data(), payload.size())) return false;
       if (opt == nbd::kOptGo) {
         std::lock_guard lk(catalog.mu);
-        catalog.seen.emplace_back(payload.begin() + 4, payload.begin() + 4 + nbd::LoadBE32(payload.data()));
+        catalog.seen.emplace_back(payload.begin() + 4,
+                                  payload.begin() + 4 + nbd::LoadBE32(payload.data()));
       }
       const bool go = opt == nbd::kOptGo;
       const std::string msg = go ? raw_go_->second : "";
@@ -468,7 +468,6 @@ class FakeServer {
   uint16_t raw_flags = 0;  // transmission flags of a raw GO that succeeds
 
  private:
-
   TempDir dir_;
   std::string path_;
   Script script_;
@@ -510,7 +509,8 @@ struct Results {
   }
   Status Of(int id) {
     std::lock_guard lk(mu);
-    EXPECT_EQ(got[id].size(), 1u) << "request " << id << " completed " << got[id].size() << " times";
+    EXPECT_EQ(got[id].size(), 1u) << "request " << id << " completed " << got[id].size()
+                                  << " times";
     return got[id].empty() ? Status(-1, "never") : got[id][0];
   }
 };
@@ -526,7 +526,8 @@ TEST(ReplicaClient, WireNameCarriesTheEpoch) {
 TEST(ReplicaClient, ConnectSendsTheEpochNameVerbatimOnEveryConnection) {
   FakeServer s([](FakeConn& c) {
     nbd::RequestHeader h;
-    while (c.Next(&h)) {}
+    while (c.Next(&h)) {
+    }
   });
   auto o = Options(s, 3);
   o.epoch = 7;
@@ -535,11 +536,13 @@ TEST(ReplicaClient, ConnectSendsTheEpochNameVerbatimOnEveryConnection) {
   EXPECT_EQ((*c)->export_properties().size, kExportSize);
   EXPECT_EQ((*c)->healthy_connections(), 3u);
   std::lock_guard lk(s.catalog.mu);
-  EXPECT_EQ(s.catalog.seen, (std::vector<std::string>{"vol@epoch=7", "vol@epoch=7", "vol@epoch=7"}));
+  EXPECT_EQ(s.catalog.seen,
+            (std::vector<std::string>{"vol@epoch=7", "vol@epoch=7", "vol@epoch=7"}));
 }
 
 TEST(ReplicaClient, StaleEpochRefusalIsEstale) {
-  FakeServer s([](FakeConn&) {}, std::pair{nbd::kRepErrPolicy, std::string("stale epoch 3: volume is at 5")});
+  FakeServer s([](FakeConn&) {},
+               std::pair{nbd::kRepErrPolicy, std::string("stale epoch 3: volume is at 5")});
   auto o = Options(s);
   o.epoch = 3;
   auto c = ReplicaClient::Connect(o);
@@ -606,7 +609,8 @@ TEST(ReplicaClient, ChunksOutOfOrderHolesAndErrorsReachTheRightRequests) {
                 DataChunk(h[2].cookie, h[2].offset + 2048, b, false),
                 ErrorChunk(h[0].cookie, nbd::kErrIo, "bad sector", false, h[0].offset + 512),
                 NoneChunk(h[2].cookie), NoneChunk(h[0].cookie)}));
-    while (c.Next(&h[0])) {}
+    while (c.Next(&h[0])) {
+    }
   });
   auto c = ReplicaClient::Connect(Options(s));
   ASSERT_TRUE(c.ok()) << c.status().message();
@@ -732,7 +736,8 @@ TEST(ReplicaClient, AReadOnlyExportIsRefusedForWriting) {
 TEST(ReplicaClient, BadRequestsAreRefusedAtSubmitWithoutACallback) {
   FakeServer s([](FakeConn& c) {
     nbd::RequestHeader h;
-    while (c.Next(&h)) {}
+    while (c.Next(&h)) {
+    }
   });
   auto c = ReplicaClient::Connect(Options(s));
   ASSERT_TRUE(c.ok()) << c.status().message();
@@ -758,7 +763,8 @@ TEST(ReplicaClient, ProtocolViolationFailsEverythingInFlightOnce) {
     for (auto& x : h) ASSERT_TRUE(c.Next(&x));
     got_all.Notify();
     c.Send(DataChunk(h[0].cookie ^ (uint64_t{1} << 40), h[0].offset, Pattern(4096, 1), true));
-    while (c.Next(&h[0])) {}
+    while (c.Next(&h[0])) {
+    }
   });
   auto c = ReplicaClient::Connect(Options(s));
   ASSERT_TRUE(c.ok()) << c.status().message();
@@ -815,7 +821,8 @@ TEST(ReplicaClient, PeerClosingMidRequestFailsEachPendingRequestOnce) {
 TEST(ReplicaClient, ASilentPeerTimesOutInsteadOfHanging) {
   FakeServer s([](FakeConn& c) {
     nbd::RequestHeader h;
-    while (c.Next(&h)) {}  // reads everything, answers nothing
+    while (c.Next(&h)) {
+    }  // reads everything, answers nothing
   });
   auto o = Options(s);
   o.request_timeout = 300ms;
@@ -845,7 +852,7 @@ TEST(ReplicaClient, OtherConnectionsCarryOnAfterOneIsLost) {
         return;
       }
       c.Send(h.type == nbd::kCmdRead ? DataChunk(h.cookie, h.offset, Pattern(h.length, 4), true)
-                                      : NoneChunk(h.cookie));
+                                     : NoneChunk(h.cookie));
     }
   });
   auto c = ReplicaClient::Connect(Options(s, 2));
@@ -915,8 +922,8 @@ TEST(ReplicaClient, CloseRacingSubmittersLosesNoCallback) {
     const uint64_t at_close = called.load();
     for (auto& t : ts) t.join();
     EXPECT_EQ(called.load(), at_close) << "a callback after Close returned, round " << round;
-    EXPECT_EQ(called.load(), accepted.load()) << "an accepted request without its callback, round "
-                                              << round;
+    EXPECT_EQ(called.load(), accepted.load())
+        << "an accepted request without its callback, round " << round;
     EXPECT_EQ(called.load(), accepted.load()) << "round " << round;
     EXPECT_EQ((*c)->counters().in_flight, 0u);
   }
@@ -953,9 +960,12 @@ TEST(ReplicaClient, ConcurrentSubmittersAcrossConnections) {
       for (auto it = held.rbegin(); it != held.rend(); ++it) {
         if (it->type == nbd::kCmdRead) {
           const uint32_t half = it->length / 2;
-          c.Send(Cat({DataChunk(it->cookie, it->offset + half,
-                                Pattern(it->length - half, static_cast<uint8_t>(it->offset >> 11) + half), false),
-                      DataChunk(it->cookie, it->offset, Pattern(half, static_cast<uint8_t>(it->offset >> 11)), true)}));
+          c.Send(Cat(
+              {DataChunk(it->cookie, it->offset + half,
+                         Pattern(it->length - half, static_cast<uint8_t>(it->offset >> 11) + half),
+                         false),
+               DataChunk(it->cookie, it->offset,
+                         Pattern(half, static_cast<uint8_t>(it->offset >> 11)), true)}));
         } else {
           c.Send(NoneChunk(it->cookie));
         }
