@@ -21,11 +21,13 @@ std::string StripScheme(std::string_view e) {
 
 // gRPC's default reconnect backoff grows to two minutes: an etcd member that restarts would stay
 // "unavailable" to us long after it is back. A second is plenty between attempts on a few
-// endpoints.
+// endpoints. GRPC_ARG_MIN_RECONNECT_BACKOFF_MS stays at its default on purpose: it is also the
+// time one connection attempt may take (up to etcd's first HTTP/2 SETTINGS), and a loaded etcd
+// that is just starting can take more than a second to send them; the call's deadline bounds
+// the wait anyway.
 grpc::ChannelArguments EtcdChannelArgs() {
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   // A member that vanishes without a reset (power loss, partition) is noticed by pings rather
   // than by the next call's deadline.
@@ -184,14 +186,21 @@ Status EtcdClient::Invoke(std::string_view what, Call&& call) {
     const size_t index = (first + i) % endpoints_.size();
     Endpoint& e = endpoints_[index];
     grpc::ClientContext ctx;
-    ctx.set_deadline(deadline);
+    // An endpoint that does not answer at all (a black hole rather than a refusal) must not eat
+    // the whole deadline: each gets an equal share of what is left, the last one all of it.
+    const auto now = Clock::now();
+    if (now >= deadline) break;
+    ctx.set_deadline(now + (deadline - now) / static_cast<int>(endpoints_.size() - i));
     last = call(e, ctx);
     last_endpoint = e.address;
-    if (last.error_code() != grpc::StatusCode::UNAVAILABLE) {
+    const auto code = last.error_code();
+    // A deadline on a share of the time is this endpoint's failure, not the call's, while time
+    // remains for the next one.
+    if (code != grpc::StatusCode::UNAVAILABLE &&
+        !(code == grpc::StatusCode::DEADLINE_EXCEEDED && i + 1 < endpoints_.size())) {
       if (index != first) current_.store(index);
       break;
     }
-    if (Clock::now() >= deadline) break;
   }
   if (last.error_code() == grpc::StatusCode::UNAVAILABLE && endpoints_.size() > 1) {
     return Error(EAGAIN, "{}: etcd unavailable at every endpoint (last {}: {})", what,
