@@ -157,6 +157,15 @@ StatusOr<std::unique_ptr<EtcdClient>> EtcdClient::Create(const EtcdOptions& opti
     creds = (*loaded)->Channel();
   }
   std::unique_ptr<EtcdClient> c(new EtcdClient(options));
+  c->poller_ = std::thread([cq = &c->poll_cq_] {
+    void* tag;
+    bool ok;
+    // Nothing is ever queued here: AsyncNext returns at its deadline or at Shutdown, and polls
+    // gRPC's sockets meanwhile.
+    while (cq->AsyncNext(&tag, &ok, Clock::now() + std::chrono::seconds(1)) !=
+           grpc::CompletionQueue::SHUTDOWN) {
+    }
+  });
   for (const std::string& raw : options.endpoints) {
     std::string address = StripScheme(raw);
     if (Status s = ValidateDialAddress(address); !s.ok()) {
@@ -170,6 +179,11 @@ StatusOr<std::unique_ptr<EtcdClient>> EtcdClient::Create(const EtcdOptions& opti
     c->endpoints_.push_back(std::move(e));
   }
   return c;
+}
+
+EtcdClient::~EtcdClient() {
+  poll_cq_.Shutdown();
+  if (poller_.joinable()) poller_.join();
 }
 
 std::string EtcdClient::current_endpoint() const {
