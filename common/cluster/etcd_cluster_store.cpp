@@ -170,8 +170,8 @@ StatusOr<VolumePage> EtcdClusterStore::ListVolumes(const std::string& start_afte
   }
   for (VolumeState& v : page.volumes) {
     auto it = by_name.find(v.name);
-    v = WithLiveTarget(std::move(v), it == by_name.end() ? std::nullopt
-                                                         : std::optional<TargetClaim>(it->second));
+    v = WithLiveTarget(std::move(v),
+                       it == by_name.end() ? std::nullopt : std::optional<TargetClaim>(it->second));
   }
   if (vols->more) page.next = last;
   return page;
@@ -328,14 +328,14 @@ StatusOr<VolumeState> EtcdClusterStore::SetInSync(const std::string& name, const
       return Error(ESTALE, "{}: no live claim (the volume is at epoch {})", what,
                    snap->stored.epoch);
     }
-    if (snap->claim->node != node || snap->claim->epoch != epoch ||
-        snap->stored.epoch != epoch) {
+    if (snap->claim->node != node || snap->claim->epoch != epoch || snap->stored.epoch != epoch) {
       return Error(ESTALE, "{}: node {} holds it at epoch {}", what, snap->claim->node,
                    snap->claim->epoch);
     }
     VolumeState next = snap->stored;
     next.in_sync = in_sync;
-    if (Status s = ValidateVolumeState(next); !s.ok()) return Error(EINVAL, "{}: {}", what, s.message());
+    if (Status s = ValidateVolumeState(next); !s.ok())
+      return Error(EINVAL, "{}: {}", what, s.message());
     if (next == snap->stored) return snap->live();
     etcdserverpb::TxnRequest req;
     *req.add_compare() = etcd::ModRevisionIs(vkey, snap->volume_kv->mod_revision);

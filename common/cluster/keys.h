@@ -24,8 +24,12 @@ class KeyLayout {
   static StatusOr<KeyLayout> Make(std::string prefix = std::string(kDefaultPrefix));
 
   const std::string& prefix() const { return prefix_; }
-  std::string Volume(std::string_view name) const { return prefix_ + "volumes/" + std::string(name); }
-  std::string Target(std::string_view name) const { return prefix_ + "targets/" + std::string(name); }
+  std::string Volume(std::string_view name) const {
+    return prefix_ + "volumes/" + std::string(name);
+  }
+  std::string Target(std::string_view name) const {
+    return prefix_ + "targets/" + std::string(name);
+  }
   std::string Node(std::string_view node) const { return prefix_ + "nodes/" + std::string(node); }
   std::string VolumesPrefix() const { return prefix_ + "volumes/"; }
   std::string NodesPrefix() const { return prefix_ + "nodes/"; }

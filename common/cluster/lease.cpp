@@ -65,9 +65,8 @@ Status Lease::Release() {
 void Lease::Run() {
   const auto ttl = std::chrono::seconds(ttl_seconds_);
   // A third of the TTL leaves two more attempts before the lease can run out.
-  const auto interval =
-      std::max<Clock::duration>(std::chrono::milliseconds(ttl_seconds_ * 1000 / 3),
-                                std::chrono::milliseconds(100));
+  const auto interval = std::max<Clock::duration>(
+      std::chrono::milliseconds(ttl_seconds_ * 1000 / 3), std::chrono::milliseconds(100));
   // After a failed keepalive, try again sooner: the next success must come before the TTL ends.
   const auto retry = std::min<Clock::duration>(interval, std::chrono::milliseconds(250));
   // The grant itself renewed the lease.

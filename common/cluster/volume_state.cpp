@@ -1,9 +1,8 @@
 #include "common/cluster/volume_state.h"
 
 #include <algorithm>
-#include <set>
-
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "common/node_id.h"
 
@@ -91,7 +90,8 @@ StatusOr<json> Parse(std::string_view text, std::string_view where) {
 Status ValidateClusterVolumeName(std::string_view name) {
   if (name.empty()) return Error(EINVAL, "volume name is empty");
   if (name.size() > kMaxVolumeNameLen) {
-    return Error(EINVAL, "volume name {:?}... is longer than {} bytes", name.substr(0, 32), kMaxVolumeNameLen);
+    return Error(EINVAL, "volume name {:?}... is longer than {} bytes", name.substr(0, 32),
+                 kMaxVolumeNameLen);
   }
   if (name[0] == '.' || name[0] == '-') {
     return Error(EINVAL, "volume name {:?} must not start with '.' or '-'", name);
@@ -129,16 +129,16 @@ std::vector<std::string> SortedUnique(std::vector<std::string> ids) {
 
 std::string EncodeVolumeState(const VolumeState& v) {
   // nlohmann::json keeps object keys sorted, so the bytes are canonical.
-  json j = {{"name", v.name},         {"size_bytes", v.size_bytes}, {"replicas", v.replicas},
-            {"in_sync", v.in_sync},   {"target", v.target},         {"epoch", v.epoch}};
+  json j = {{"name", v.name},       {"size_bytes", v.size_bytes}, {"replicas", v.replicas},
+            {"in_sync", v.in_sync}, {"target", v.target},         {"epoch", v.epoch}};
   return j.dump();
 }
 
 StatusOr<VolumeState> DecodeVolumeState(std::string_view text, std::string_view where) {
   auto j = Parse(text, where);
   if (!j.ok()) return j.status();
-  if (Status s = CheckObject(*j, where,
-                             {"name", "size_bytes", "replicas", "in_sync", "target", "epoch"});
+  if (Status s =
+          CheckObject(*j, where, {"name", "size_bytes", "replicas", "in_sync", "target", "epoch"});
       !s.ok()) {
     return s;
   }

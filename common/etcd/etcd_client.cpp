@@ -118,27 +118,38 @@ etcdserverpb::RequestOp GetOp(std::string_view key) {
   return op;
 }
 
+namespace {
+
+// Codes etcd answers with: NOT_FOUND for a lease it does not know, FAILED_PRECONDITION for a
+// request it refuses in its current state, RESOURCE_EXHAUSTED for a full quota or an oversized
+// request, OUT_OF_RANGE for a compacted revision.
+int EtcdCodeToErrno(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::NOT_FOUND: return ENOENT;
+    case grpc::StatusCode::INVALID_ARGUMENT: return EINVAL;
+    case grpc::StatusCode::FAILED_PRECONDITION: return EBUSY;
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return ENOSPC;
+    case grpc::StatusCode::OUT_OF_RANGE: return ERANGE;
+    case grpc::StatusCode::PERMISSION_DENIED:
+    case grpc::StatusCode::UNAUTHENTICATED: return EACCES;
+    case grpc::StatusCode::CANCELLED: return ECANCELED;
+    case grpc::StatusCode::UNIMPLEMENTED: return ENOTSUP;
+    default: return EIO;
+  }
+}
+
+}  // namespace
+
 Status ToStatus(const grpc::Status& s, std::string_view what, std::string_view endpoint) {
   if (s.ok()) return Status::Ok();
   const std::string& msg = s.error_message();
-  int err = EIO;
-  switch (s.error_code()) {
-    case grpc::StatusCode::UNAVAILABLE:
-      return Error(EAGAIN, "{}: etcd unavailable at {}: {}", what, endpoint, msg);
-    case grpc::StatusCode::DEADLINE_EXCEEDED:
-      return Error(ETIMEDOUT, "{}: etcd at {} did not answer in time: {}", what, endpoint, msg);
-    case grpc::StatusCode::NOT_FOUND: err = ENOENT; break;  // "requested lease not found"
-    case grpc::StatusCode::INVALID_ARGUMENT: err = EINVAL; break;
-    case grpc::StatusCode::FAILED_PRECONDITION: err = EBUSY; break;
-    case grpc::StatusCode::RESOURCE_EXHAUSTED: err = ENOSPC; break;  // quota, request too large
-    case grpc::StatusCode::OUT_OF_RANGE: err = ERANGE; break;       // compacted revision
-    case grpc::StatusCode::PERMISSION_DENIED:
-    case grpc::StatusCode::UNAUTHENTICATED: err = EACCES; break;
-    case grpc::StatusCode::CANCELLED: err = ECANCELED; break;
-    case grpc::StatusCode::UNIMPLEMENTED: err = ENOTSUP; break;
-    default: break;
+  if (s.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    return Error(EAGAIN, "{}: etcd unavailable at {}: {}", what, endpoint, msg);
   }
-  return Error(err, "{}: etcd at {}: {}", what, endpoint, msg);
+  if (s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+    return Error(ETIMEDOUT, "{}: etcd at {} did not answer in time: {}", what, endpoint, msg);
+  }
+  return Error(EtcdCodeToErrno(s.error_code()), "{}: etcd at {}: {}", what, endpoint, msg);
 }
 
 StatusOr<std::unique_ptr<EtcdClient>> EtcdClient::Create(const EtcdOptions& options) {
@@ -256,9 +267,8 @@ Status EtcdClient::Put(std::string_view key, std::string_view value, int64_t lea
   req.set_value(std::string(value));
   req.set_lease(lease);
   etcdserverpb::PutResponse resp;
-  return Invoke(fmt::format("etcd put {}", key), [&](Endpoint& e, grpc::ClientContext& ctx) {
-    return e.kv->Put(&ctx, req, &resp);
-  });
+  return Invoke(fmt::format("etcd put {}", key),
+                [&](Endpoint& e, grpc::ClientContext& ctx) { return e.kv->Put(&ctx, req, &resp); });
 }
 
 StatusOr<int64_t> EtcdClient::Delete(std::string_view key, std::string_view range_end) {
@@ -276,22 +286,21 @@ StatusOr<int64_t> EtcdClient::Delete(std::string_view key, std::string_view rang
 StatusOr<etcdserverpb::TxnResponse> EtcdClient::Txn(const etcdserverpb::TxnRequest& request,
                                                     std::string_view what) {
   etcdserverpb::TxnResponse resp;
-  Status s = Invoke(what, [&](Endpoint& e, grpc::ClientContext& ctx) {
-    return e.kv->Txn(&ctx, request, &resp);
-  });
+  Status s = Invoke(
+      what, [&](Endpoint& e, grpc::ClientContext& ctx) { return e.kv->Txn(&ctx, request, &resp); });
   if (!s.ok()) return s;
   return resp;
 }
 
 StatusOr<int64_t> EtcdClient::LeaseGrant(int64_t ttl_seconds) {
-  if (ttl_seconds <= 0) return Error(EINVAL, "etcd lease TTL must be positive, not {}", ttl_seconds);
+  if (ttl_seconds <= 0)
+    return Error(EINVAL, "etcd lease TTL must be positive, not {}", ttl_seconds);
   etcdserverpb::LeaseGrantRequest req;
   req.set_ttl(ttl_seconds);
   etcdserverpb::LeaseGrantResponse resp;
-  Status s = Invoke(fmt::format("etcd grant lease of {} s", ttl_seconds),
-                    [&](Endpoint& e, grpc::ClientContext& ctx) {
-                      return e.lease->LeaseGrant(&ctx, req, &resp);
-                    });
+  Status s = Invoke(
+      fmt::format("etcd grant lease of {} s", ttl_seconds),
+      [&](Endpoint& e, grpc::ClientContext& ctx) { return e.lease->LeaseGrant(&ctx, req, &resp); });
   if (!s.ok()) return s;
   if (!resp.error().empty()) {
     return Error(EIO, "etcd grant lease at {}: {}", current_endpoint(), resp.error());

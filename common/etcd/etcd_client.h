@@ -15,6 +15,9 @@
 // Thread-safe: one client may serve every thread of a process.
 #pragma once
 
+#include <grpcpp/channel.h>
+#include <grpcpp/completion_queue.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -23,9 +26,6 @@
 #include <string_view>
 #include <thread>
 #include <vector>
-
-#include <grpcpp/channel.h>
-#include <grpcpp/completion_queue.h>
 
 #include "common/etcd/rpc.grpc.pb.h"
 #include "common/status.h"
@@ -53,8 +53,8 @@ struct KeyValue {
 
 struct RangeResult {
   std::vector<KeyValue> kvs;
-  bool more = false;        // the limit cut the range short
-  int64_t revision = 0;     // the store revision the read saw
+  bool more = false;     // the limit cut the range short
+  int64_t revision = 0;  // the store revision the read saw
 };
 
 // The first key after every key that starts with `prefix` (etcd's range_end for a prefix read).

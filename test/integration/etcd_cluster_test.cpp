@@ -15,10 +15,9 @@
 //
 // Prints its figures (claim latency p50/p99, expiry-to-reclaim time, time to fail when etcd is
 // down). Exits 77 when the etcd binary is missing, unless CI=true.
-#include <gtest/gtest.h>
-
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -75,9 +74,7 @@ int FreePortOn(const char* ip) {
   return port;
 }
 
-double Ms(Clock::duration d) {
-  return std::chrono::duration<double, std::milli>(d).count();
-}
+double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
 
 // One etcd member on loopback. Killed (SIGKILL) by the destructor; PDEATHSIG kills it with us if
 // the test itself dies.
@@ -126,10 +123,10 @@ class EtcdProcess {
       _exit(127);
     }
     // Ready when a linearizable read answers (the member has elected itself leader).
-    auto client_or = etcd::EtcdClient::Create({.endpoints = {endpoint()},
-                                               .call_timeout = 1s,
-                                               .tls = {.cert = "", .key = "", .ca = "",
-                                                       .insecure = true}});
+    auto client_or =
+        etcd::EtcdClient::Create({.endpoints = {endpoint()},
+                                  .call_timeout = 1s,
+                                  .tls = {.cert = "", .key = "", .ca = "", .insecure = true}});
     if (!client_or.ok()) {
       *why = client_or.status().message();
       return false;
@@ -174,8 +171,7 @@ class EtcdProcess {
 
 EtcdProcess* g_etcd = nullptr;
 
-etcd::EtcdOptions Options(const std::string& endpoint,
-                          std::chrono::milliseconds timeout = 5000ms) {
+etcd::EtcdOptions Options(const std::string& endpoint, std::chrono::milliseconds timeout = 5000ms) {
   etcd::EtcdOptions o;
   o.endpoints = {endpoint};
   o.call_timeout = timeout;
@@ -392,8 +388,7 @@ TEST(EtcdCluster, DownEtcdFailsFastAndARestartKeepsTheState) {
   EXPECT_EQ(down.status().code(), EAGAIN) << down.status().message();
   EXPECT_NE(down.status().message().find(own.endpoint()), std::string::npos)
       << down.status().message();
-  EXPECT_NE(down.status().message().find("volume v"), std::string::npos)
-      << down.status().message();
+  EXPECT_NE(down.status().message().find("volume v"), std::string::npos) << down.status().message();
   EXPECT_LT(took, kDeadline + 500ms);
   printf("FIGURE etcd down: GetVolume failed in %.1f ms (deadline %lld ms): %s\n", Ms(took),
          static_cast<long long>(kDeadline.count()), down.status().message().c_str());

@@ -161,8 +161,8 @@ class MemoryClusterStore : public cluster::ClusterStore {
     return Status::Ok();
   }
 
-  StatusOr<VolumeState> SetInSync(const std::string& name, const std::string& node,
-                                  uint64_t epoch, std::vector<std::string> in_sync) override {
+  StatusOr<VolumeState> SetInSync(const std::string& name, const std::string& node, uint64_t epoch,
+                                  std::vector<std::string> in_sync) override {
     in_sync = cluster::SortedUnique(std::move(in_sync));
     std::lock_guard<std::mutex> lock(mu_);
     auto it = volumes_.find(name);

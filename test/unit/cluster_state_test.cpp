@@ -31,10 +31,9 @@ VolumeState Sample() {
 TEST(VolumeStateJson, RoundTripsAndIsCanonical) {
   VolumeState v = Sample();
   std::string text = EncodeVolumeState(v);
-  EXPECT_EQ(text,
-            R"({"epoch":7,"in_sync":["node-a","node-c"],"name":"pvc-1",)"
-            R"("replicas":["node-a","node-b","node-c"],"size_bytes":1073741824,)"
-            R"("target":"node-a"})");
+  EXPECT_EQ(text, R"({"epoch":7,"in_sync":["node-a","node-c"],"name":"pvc-1",)"
+                  R"("replicas":["node-a","node-b","node-c"],"size_bytes":1073741824,)"
+                  R"("target":"node-a"})");
   auto back = DecodeVolumeState(text, "k");
   ASSERT_TRUE(back.ok()) << back.status().message();
   EXPECT_EQ(*back, v);
@@ -71,11 +70,9 @@ TEST(VolumeStateJson, RefusesBadInput) {
        "array of strings"},
       {"in_sync not a subset", replace(R"(["node-a","node-c"])", R"(["node-a","node-x"])"),
        "is not a replica"},
-      {"unsorted replicas", replace(R"(["node-a","node-b","node-c"])",
-                                    R"(["node-b","node-a","node-c"])"),
-       "sorted"},
-      {"duplicate in_sync", replace(R"(["node-a","node-c"])", R"(["node-a","node-a"])"),
-       "sorted"},
+      {"unsorted replicas",
+       replace(R"(["node-a","node-b","node-c"])", R"(["node-b","node-a","node-c"])"), "sorted"},
+      {"duplicate in_sync", replace(R"(["node-a","node-c"])", R"(["node-a","node-a"])"), "sorted"},
       {"bad node id", replace(R"("target":"node-a")", R"("target":"Node_A")"), "not allowed"},
       {"name with slash", replace(R"("pvc-1")", R"("a/b")"), "may only hold"},
   };
@@ -103,9 +100,9 @@ TEST(TargetClaimJson, RoundTripsAndRefusesBadInput) {
 TEST(VolumeName, FollowsThePoolRules) {
   EXPECT_TRUE(ValidateClusterVolumeName("pvc-0f_1.A").ok());
   EXPECT_TRUE(ValidateClusterVolumeName(std::string(128, 'a')).ok());
-  for (std::string bad : {std::string(), std::string(129, 'a'), std::string(".x"),
-                          std::string("-x"), std::string("a/b"), std::string("a b"),
-                          std::string("a\nb")}) {
+  for (std::string bad :
+       {std::string(), std::string(129, 'a'), std::string(".x"), std::string("-x"),
+        std::string("a/b"), std::string("a b"), std::string("a\nb")}) {
     auto s = ValidateClusterVolumeName(bad);
     EXPECT_EQ(s.code(), EINVAL) << bad;
     EXPECT_EQ(s.message().find('\n'), std::string::npos) << "raw control byte in the message";
