@@ -34,6 +34,7 @@
 #include "common/cluster/etcd_cluster_store.h"
 #include "common/cluster/lease.h"
 #include "common/etcd/etcd_client.h"
+#include "test/support/certs.h"
 #include "test/support/cluster_store_contract.h"
 #include "test/support/temp_dir.h"
 #include "test/support/wait.h"
@@ -80,8 +81,21 @@ double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(
 // the test itself dies.
 class EtcdProcess {
  public:
-  EtcdProcess() : dir_("nbdcsi-etcd") {}
+  // `tls`: serve clients over TLS with make-certs.sh's server certificate and require client
+  // certificates of its CA (etcd's --client-cert-auth). The server certificate names 127.0.0.1,
+  // so a TLS member listens there rather than on kIp.
+  explicit EtcdProcess(const TestCerts* tls = nullptr)
+      : dir_("nbdcsi-etcd"), tls_(tls), ip_(tls ? "127.0.0.1" : kIp) {}
   ~EtcdProcess() { Kill(); }
+
+  // What a client needs to reach this member.
+  TlsFiles ClientTls() const {
+    if (!tls_) return TlsFiles{.cert = "", .key = "", .ca = "", .insecure = true};
+    return TlsFiles{.cert = (*tls_)("client.crt"),
+                    .key = (*tls_)("client.key"),
+                    .ca = (*tls_)("ca.crt"),
+                    .insecure = false};
+  }
 
   bool Start(std::string* why) {
     if (!dir_.ok()) {
@@ -89,11 +103,12 @@ class EtcdProcess {
       return false;
     }
     if (client_port_ == 0) {
-      client_port_ = FreePortOn(kIp);
-      peer_port_ = FreePortOn(kIp);
+      client_port_ = FreePortOn(ip_.c_str());
+      peer_port_ = FreePortOn(ip_.c_str());
     }
-    const std::string client = fmt::format("http://{}:{}", kIp, client_port_);
-    const std::string peer = fmt::format("http://{}:{}", kIp, peer_port_);
+    const std::string client =
+        fmt::format("{}://{}:{}", tls_ ? "https" : "http", ip_, client_port_);
+    const std::string peer = fmt::format("http://{}:{}", ip_, peer_port_);
     std::vector<std::string> args = {EtcdBinary(),
                                      "--name=it",
                                      "--data-dir=" + dir_ / "data",
@@ -106,6 +121,12 @@ class EtcdProcess {
                                      "--logger=zap",
                                      "--log-level=warn",
                                      "--log-outputs=" + dir_ / "etcd.log"};
+    if (tls_) {
+      args.push_back("--cert-file=" + (*tls_)("server.crt"));
+      args.push_back("--key-file=" + (*tls_)("server.key"));
+      args.push_back("--trusted-ca-file=" + (*tls_)("ca.crt"));
+      args.push_back("--client-cert-auth");
+    }
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -123,10 +144,8 @@ class EtcdProcess {
       _exit(127);
     }
     // Ready when a linearizable read answers (the member has elected itself leader).
-    auto client_or =
-        etcd::EtcdClient::Create({.endpoints = {endpoint()},
-                                  .call_timeout = 1s,
-                                  .tls = {.cert = "", .key = "", .ca = "", .insecure = true}});
+    auto client_or = etcd::EtcdClient::Create(
+        {.endpoints = {endpoint()}, .call_timeout = 1s, .tls = ClientTls()});
     if (!client_or.ok()) {
       *why = client_or.status().message();
       return false;
@@ -160,10 +179,12 @@ class EtcdProcess {
     pid_ = -1;
   }
 
-  std::string endpoint() const { return fmt::format("{}:{}", kIp, client_port_); }
+  std::string endpoint() const { return fmt::format("{}:{}", ip_, client_port_); }
 
  private:
   TempDir dir_;
+  const TestCerts* tls_;
+  std::string ip_;
   int client_port_ = 0;
   int peer_port_ = 0;
   pid_t pid_ = -1;
@@ -424,6 +445,53 @@ TEST(EtcdCluster, DownEtcdFailsFastAndARestartKeepsTheState) {
          Ms(Clock::now() - restart));
   EXPECT_EQ(store->SetInSync("v", "node-a", 1, {"node-a"}).status().code(), ESTALE);
   EXPECT_TRUE((*lb)->Release().ok());
+}
+
+TEST(EtcdCluster, MutualTlsWithTheProjectsCredentials) {
+  TestCerts certs("nbdcsi-etcd-certs");
+  ASSERT_TRUE(certs.ok) << "make-certs.sh failed; see " << certs.log();
+  EtcdProcess tls_etcd(&certs);
+  std::string why;
+  ASSERT_TRUE(tls_etcd.Start(&why)) << why;
+
+  etcd::EtcdOptions good = Options(tls_etcd.endpoint(), 2000ms);
+  good.tls = tls_etcd.ClientTls();
+  auto client = etcd::EtcdClient::Create(good);
+  ASSERT_TRUE(client.ok()) << client.status().message();
+  auto keys = KeyLayout::Make("/tls/");
+  ASSERT_TRUE(keys.ok());
+  EtcdClusterStore store(std::move(*client), *keys);
+  ASSERT_TRUE(store.CreateVolume(Vol("v", {"node-a"})).ok());
+  auto lease = store.GrantLease(10);
+  ASSERT_TRUE(lease.ok()) << lease.status().message();
+  auto claimed = store.ClaimTarget("v", "node-a", *lease);
+  ASSERT_TRUE(claimed.ok()) << claimed.status().message();
+  EXPECT_EQ(claimed->epoch, 1u);
+
+  // Plaintext, and a certificate from another CA: refused in the handshake, reported as an
+  // unreachable etcd naming the endpoint, within the deadline.
+  etcd::EtcdOptions plain = Options(tls_etcd.endpoint(), 2000ms);
+  auto plain_client = etcd::EtcdClient::Create(plain);
+  ASSERT_TRUE(plain_client.ok());
+  auto t0 = Clock::now();
+  auto r = (*plain_client)->Range("/tls/volumes/v");
+  EXPECT_FALSE(r.ok());
+  EXPECT_LT(Clock::now() - t0, 2500ms);
+  etcd::EtcdOptions foreign = good;
+  foreign.tls = TlsFiles{.cert = certs("other/client.crt"),
+                         .key = certs("other/client.key"),
+                         .ca = certs("other/ca.crt"),
+                         .insecure = false};
+  auto foreign_client = etcd::EtcdClient::Create(foreign);
+  ASSERT_TRUE(foreign_client.ok()) << foreign_client.status().message();
+  auto f = (*foreign_client)->Range("/tls/volumes/v");
+  ASSERT_FALSE(f.ok());
+  EXPECT_EQ(f.status().code(), EAGAIN) << f.status().message();
+  EXPECT_NE(f.status().message().find(tls_etcd.endpoint()), std::string::npos);
+  // A missing file is the caller's error at Create, not a failing call later.
+  etcd::EtcdOptions missing = good;
+  missing.tls.cert = certs("nope.crt");
+  EXPECT_EQ(etcd::EtcdClient::Create(missing).status().code(), ENOENT);
 }
 
 }  // namespace
