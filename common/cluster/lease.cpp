@@ -44,7 +44,9 @@ void Lease::Stop() {
     stopping_ = true;
   }
   cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  // The loss callback may call Release(): the keepalive thread is on its way out then, and a
+  // later Stop() from another thread (the destructor) joins it.
+  if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
 }
 
 void Lease::Abandon() { Stop(); }

@@ -5,7 +5,11 @@
 // keepalives that fail (backend unreachable) mean it is lost once the TTL has passed since the
 // last renewal, because from then on the backend may have expired it and another node may have
 // claimed. Loss is reported once, through the callback (on the keepalive thread) and lost();
-// after a loss the holder must stop acting on anything attached to the lease.
+// after a loss the holder must stop acting on anything attached to the lease. The callback may
+// call Release() but must not destroy the Lease.
+//
+// A keepalive that hangs counts against the TTL only when it returns, so the store's per-call
+// deadline (EtcdOptions::call_timeout) should be well under the TTL for a timely report.
 #pragma once
 
 #include <chrono>

@@ -198,6 +198,21 @@ TEST(Lease, ReportsLossWhenKeepalivesFailForTheTtl) {
   EXPECT_EQ((*lease)->lost_reason().code(), ETIMEDOUT);
 }
 
+TEST(Lease, TheLossCallbackMayReleaseTheLease) {
+  test::MemoryClusterStore store;
+  test::Event released;
+  std::unique_ptr<Lease> lease;
+  auto granted = Lease::Grant(store, 1, [&](const Status&) {
+    EXPECT_TRUE(lease->Release().ok());
+    released.Notify();
+  });
+  ASSERT_TRUE(granted.ok());
+  lease = std::move(*granted);
+  ASSERT_TRUE(store.ExpireLease(lease->id()));
+  ASSERT_TRUE(released.Wait(std::chrono::seconds(5)));
+  lease.reset();  // joins the keepalive thread, which has returned
+}
+
 TEST(Lease, RefusesANonPositiveTtl) {
   test::MemoryClusterStore store;
   EXPECT_EQ(Lease::Grant(store, 0).status().code(), EINVAL);
