@@ -177,54 +177,70 @@ StatusOr<VolumePage> EtcdClusterStore::ListVolumes(const std::string& start_afte
   return page;
 }
 
+StatusOr<VolumeState> EtcdClusterStore::Modify(const std::string& name, const std::string& what,
+                                               const Decide& decide) {
+  for (int attempt = 0; attempt < kMaxAttempts; ++attempt) {
+    auto snap = Read(name);
+    if (!snap.ok()) return snap.status();
+    if (!snap->volume_kv) return Error(ENOENT, "{}: volume does not exist", what);
+    auto write = decide(*snap);
+    if (!write.ok()) return write.status();
+    if (!write->has_value()) return snap->live();
+    Write& w = **write;
+    auto resp = client_->Txn(w.txn, what);
+    if (!resp.ok()) {
+      if (w.puts_on_lease && resp.status().code() == ENOENT) {
+        return Error(ENOENT, "{}: the lease is not alive ({})", what, resp.status().message());
+      }
+      return resp.status();
+    }
+    if (resp->succeeded()) return std::move(w.result);
+    // A compare failed: something changed the volume or its claim since the read. Decide again
+    // on a fresh read (which turns a new claim into EBUSY or ESTALE).
+  }
+  return TooBusy(what);
+}
+
 StatusOr<VolumeState> EtcdClusterStore::SetReplicas(const std::string& name,
                                                     std::vector<std::string> replicas) {
   replicas = SortedUnique(std::move(replicas));
   const std::string what = fmt::format("set replicas of volume {}", name);
   if (replicas.empty()) return Error(EINVAL, "{}: needs at least one replica", what);
-  for (int attempt = 0; attempt < kMaxAttempts; ++attempt) {
-    auto snap = Read(name);
-    if (!snap.ok()) return snap.status();
-    if (!snap->volume_kv) return Error(ENOENT, "{}: volume does not exist", what);
-    VolumeState next = snap->stored;
+  return Modify(name, what, [&](const Snapshot& snap) -> Decision {
+    VolumeState next = snap.stored;
     next.replicas = replicas;
     next.in_sync = Intersect(next.in_sync, replicas);
     if (Status s = ValidateVolumeState(next); !s.ok()) return s;
-    if (next.in_sync.empty() && !snap->stored.in_sync.empty()) {
+    if (next.in_sync.empty() && !snap.stored.in_sync.empty()) {
       // The only current copies would leave the set: the volume's data would be gone.
       return Error(EBUSY, "{}: [{}] drops every in-sync replica ([{}])", what,
-                   fmt::join(replicas, ","), fmt::join(snap->stored.in_sync, ","));
+                   fmt::join(replicas, ","), fmt::join(snap.stored.in_sync, ","));
     }
-    if (next == snap->stored) return snap->live();
-    etcdserverpb::TxnRequest req;
-    *req.add_compare() = etcd::ModRevisionIs(keys_.Volume(name), snap->volume_kv->mod_revision);
-    *req.add_success() = etcd::PutOp(keys_.Volume(name), EncodeVolumeState(next));
-    auto resp = client_->Txn(req, what);
-    if (!resp.ok()) return resp.status();
-    if (resp->succeeded()) return WithLiveTarget(next, snap->claim);
-  }
-  return TooBusy(what);
+    if (next == snap.stored) return NoWrite();
+    Write w;
+    *w.txn.add_compare() = etcd::ModRevisionIs(keys_.Volume(name), snap.volume_kv->mod_revision);
+    *w.txn.add_success() = etcd::PutOp(keys_.Volume(name), EncodeVolumeState(next));
+    w.result = WithLiveTarget(next, snap.claim);
+    return Commit(std::move(w));
+  });
 }
 
 Status EtcdClusterStore::DeleteVolume(const std::string& name) {
   const std::string what = fmt::format("delete volume {}", name);
-  for (int attempt = 0; attempt < kMaxAttempts; ++attempt) {
-    auto snap = Read(name);
-    if (!snap.ok()) return snap.status();
-    if (!snap->volume_kv) return Error(ENOENT, "{}: volume does not exist", what);
-    if (snap->claim) {
-      return Error(EBUSY, "{}: node {} is its target at epoch {}", what, snap->claim->node,
-                   snap->claim->epoch);
-    }
-    etcdserverpb::TxnRequest req;
-    *req.add_compare() = etcd::ModRevisionIs(keys_.Volume(name), snap->volume_kv->mod_revision);
-    *req.add_compare() = etcd::KeyAbsent(keys_.Target(name));
-    *req.add_success() = etcd::DeleteOp(keys_.Volume(name));
-    auto resp = client_->Txn(req, what);
-    if (!resp.ok()) return resp.status();
-    if (resp->succeeded()) return Status::Ok();
-  }
-  return TooBusy(what);
+  return Modify(name, what,
+                [&](const Snapshot& snap) -> Decision {
+                  if (snap.claim) {
+                    return Error(EBUSY, "{}: node {} is its target at epoch {}", what,
+                                 snap.claim->node, snap.claim->epoch);
+                  }
+                  Write w;
+                  *w.txn.add_compare() =
+                      etcd::ModRevisionIs(keys_.Volume(name), snap.volume_kv->mod_revision);
+                  *w.txn.add_compare() = etcd::KeyAbsent(keys_.Target(name));
+                  *w.txn.add_success() = etcd::DeleteOp(keys_.Volume(name));
+                  return Commit(std::move(w));
+                })
+      .status();
 }
 
 StatusOr<VolumeState> EtcdClusterStore::ClaimTarget(const std::string& name,
@@ -234,41 +250,31 @@ StatusOr<VolumeState> EtcdClusterStore::ClaimTarget(const std::string& name,
   if (lease == 0) return Error(EINVAL, "{}: a claim needs a lease", what);
   const std::string vkey = keys_.Volume(name);
   const std::string tkey = keys_.Target(name);
-  for (int attempt = 0; attempt < kMaxAttempts; ++attempt) {
-    auto snap = Read(name);
-    if (!snap.ok()) return snap.status();
-    if (!snap->volume_kv) return Error(ENOENT, "{}: volume does not exist", what);
-    etcdserverpb::TxnRequest req;
-    VolumeState next = snap->stored;
-    if (snap->claim) {
-      if (snap->claim->node != node) {
-        return Error(EBUSY, "{}: node {} is its target at epoch {}", what, snap->claim->node,
-                     snap->claim->epoch);
+  return Modify(name, what, [&](const Snapshot& snap) -> Decision {
+    Write w;
+    w.puts_on_lease = true;
+    if (snap.claim) {
+      if (snap.claim->node != node) {
+        return Error(EBUSY, "{}: node {} is its target at epoch {}", what, snap.claim->node,
+                     snap.claim->epoch);
       }
       // Our own live claim (a retried stage, or a restarted node whose old lease lives on): the
       // epoch stays, the claim moves to the lease we keep alive now.
-      if (snap->claim_kv->lease == lease) return snap->live();
-      *req.add_compare() = etcd::ModRevisionIs(tkey, snap->claim_kv->mod_revision);
-      *req.add_success() = etcd::PutOp(tkey, snap->claim_kv->value, lease);
-    } else {
-      next.epoch = snap->stored.epoch + 1;
-      next.target = node;
-      *req.add_compare() = etcd::ModRevisionIs(vkey, snap->volume_kv->mod_revision);
-      *req.add_compare() = etcd::KeyAbsent(tkey);
-      *req.add_success() = etcd::PutOp(vkey, EncodeVolumeState(next));
-      *req.add_success() = etcd::PutOp(tkey, EncodeTargetClaim({node, next.epoch}), lease);
+      if (snap.claim_kv->lease == lease) return NoWrite();
+      *w.txn.add_compare() = etcd::ModRevisionIs(tkey, snap.claim_kv->mod_revision);
+      *w.txn.add_success() = etcd::PutOp(tkey, snap.claim_kv->value, lease);
+      w.result = snap.live();
+      return Commit(std::move(w));
     }
-    auto resp = client_->Txn(req, what);
-    if (!resp.ok()) {
-      if (resp.status().code() == ENOENT) {
-        return Error(ENOENT, "{}: lease {:x} is not alive ({})", what, lease,
-                     resp.status().message());
-      }
-      return resp.status();
-    }
-    if (resp->succeeded()) return next;
-  }
-  return TooBusy(what);
+    w.result = snap.stored;
+    w.result.epoch = snap.stored.epoch + 1;
+    w.result.target = node;
+    *w.txn.add_compare() = etcd::ModRevisionIs(vkey, snap.volume_kv->mod_revision);
+    *w.txn.add_compare() = etcd::KeyAbsent(tkey);
+    *w.txn.add_success() = etcd::PutOp(vkey, EncodeVolumeState(w.result));
+    *w.txn.add_success() = etcd::PutOp(tkey, EncodeTargetClaim({node, w.result.epoch}), lease);
+    return Commit(std::move(w));
+  });
 }
 
 Status EtcdClusterStore::ReleaseTarget(const std::string& name, const std::string& node,
@@ -277,39 +283,34 @@ Status EtcdClusterStore::ReleaseTarget(const std::string& name, const std::strin
       fmt::format("release target of volume {} by node {} at epoch {}", name, node, epoch);
   const std::string vkey = keys_.Volume(name);
   const std::string tkey = keys_.Target(name);
-  for (int attempt = 0; attempt < kMaxAttempts; ++attempt) {
-    auto snap = Read(name);
-    if (!snap.ok()) return snap.status();
-    if (!snap->volume_kv) return Error(ENOENT, "{}: volume does not exist", what);
-    const VolumeState& stored = snap->stored;
-    etcdserverpb::TxnRequest req;
-    VolumeState next = stored;
-    next.target.clear();
-    if (snap->claim) {
-      if (snap->claim->node != node || snap->claim->epoch != epoch) {
-        return Error(ESTALE, "{}: node {} holds it at epoch {}", what, snap->claim->node,
-                     snap->claim->epoch);
-      }
-      *req.add_compare() = etcd::ModRevisionIs(tkey, snap->claim_kv->mod_revision);
-      *req.add_compare() = etcd::ModRevisionIs(vkey, snap->volume_kv->mod_revision);
-      *req.add_success() = etcd::DeleteOp(tkey);
-      *req.add_success() = etcd::PutOp(vkey, EncodeVolumeState(next));
-    } else {
-      if (stored.epoch != epoch) {
-        return Error(ESTALE, "{}: the volume is at epoch {}", what, stored.epoch);
-      }
-      // The claim lapsed (lease expired) or was released already, and nobody claimed since:
-      // releasing again changes nothing but the stored last target.
-      if (stored.target.empty()) return Status::Ok();
-      *req.add_compare() = etcd::ModRevisionIs(vkey, snap->volume_kv->mod_revision);
-      *req.add_compare() = etcd::KeyAbsent(tkey);
-      *req.add_success() = etcd::PutOp(vkey, EncodeVolumeState(next));
-    }
-    auto resp = client_->Txn(req, what);
-    if (!resp.ok()) return resp.status();
-    if (resp->succeeded()) return Status::Ok();
-  }
-  return TooBusy(what);
+  return Modify(name, what,
+                [&](const Snapshot& snap) -> Decision {
+                  Write w;
+                  w.result = snap.stored;
+                  w.result.target.clear();
+                  if (snap.claim) {
+                    if (snap.claim->node != node || snap.claim->epoch != epoch) {
+                      return Error(ESTALE, "{}: node {} holds it at epoch {}", what,
+                                   snap.claim->node, snap.claim->epoch);
+                    }
+                    *w.txn.add_compare() = etcd::ModRevisionIs(tkey, snap.claim_kv->mod_revision);
+                    *w.txn.add_compare() = etcd::ModRevisionIs(vkey, snap.volume_kv->mod_revision);
+                    *w.txn.add_success() = etcd::DeleteOp(tkey);
+                    *w.txn.add_success() = etcd::PutOp(vkey, EncodeVolumeState(w.result));
+                    return Commit(std::move(w));
+                  }
+                  if (snap.stored.epoch != epoch) {
+                    return Error(ESTALE, "{}: the volume is at epoch {}", what, snap.stored.epoch);
+                  }
+                  // The claim lapsed (lease expired) or was released already, and nobody claimed
+                  // since: releasing again changes nothing but the stored last target.
+                  if (snap.stored.target.empty()) return NoWrite();
+                  *w.txn.add_compare() = etcd::ModRevisionIs(vkey, snap.volume_kv->mod_revision);
+                  *w.txn.add_compare() = etcd::KeyAbsent(tkey);
+                  *w.txn.add_success() = etcd::PutOp(vkey, EncodeVolumeState(w.result));
+                  return Commit(std::move(w));
+                })
+      .status();
 }
 
 StatusOr<VolumeState> EtcdClusterStore::SetInSync(const std::string& name, const std::string& node,
@@ -320,33 +321,28 @@ StatusOr<VolumeState> EtcdClusterStore::SetInSync(const std::string& name, const
   in_sync = SortedUnique(std::move(in_sync));
   const std::string vkey = keys_.Volume(name);
   const std::string tkey = keys_.Target(name);
-  for (int attempt = 0; attempt < kMaxAttempts; ++attempt) {
-    auto snap = Read(name);
-    if (!snap.ok()) return snap.status();
-    if (!snap->volume_kv) return Error(ENOENT, "{}: volume does not exist", what);
-    if (!snap->claim) {
+  return Modify(name, what, [&](const Snapshot& snap) -> Decision {
+    if (!snap.claim) {
       return Error(ESTALE, "{}: no live claim (the volume is at epoch {})", what,
-                   snap->stored.epoch);
+                   snap.stored.epoch);
     }
-    if (snap->claim->node != node || snap->claim->epoch != epoch || snap->stored.epoch != epoch) {
-      return Error(ESTALE, "{}: node {} holds it at epoch {}", what, snap->claim->node,
-                   snap->claim->epoch);
+    if (snap.claim->node != node || snap.claim->epoch != epoch || snap.stored.epoch != epoch) {
+      return Error(ESTALE, "{}: node {} holds it at epoch {}", what, snap.claim->node,
+                   snap.claim->epoch);
     }
-    VolumeState next = snap->stored;
-    next.in_sync = in_sync;
-    if (Status s = ValidateVolumeState(next); !s.ok())
+    Write w;
+    w.result = snap.stored;
+    w.result.in_sync = in_sync;
+    if (Status s = ValidateVolumeState(w.result); !s.ok()) {
       return Error(EINVAL, "{}: {}", what, s.message());
-    if (next == snap->stored) return snap->live();
-    etcdserverpb::TxnRequest req;
-    *req.add_compare() = etcd::ModRevisionIs(vkey, snap->volume_kv->mod_revision);
+    }
+    if (w.result == snap.stored) return NoWrite();
+    *w.txn.add_compare() = etcd::ModRevisionIs(vkey, snap.volume_kv->mod_revision);
     // A claim whose lease expired after our read is gone: its mod revision no longer matches.
-    *req.add_compare() = etcd::ModRevisionIs(tkey, snap->claim_kv->mod_revision);
-    *req.add_success() = etcd::PutOp(vkey, EncodeVolumeState(next));
-    auto resp = client_->Txn(req, what);
-    if (!resp.ok()) return resp.status();
-    if (resp->succeeded()) return next;
-  }
-  return TooBusy(what);
+    *w.txn.add_compare() = etcd::ModRevisionIs(tkey, snap.claim_kv->mod_revision);
+    *w.txn.add_success() = etcd::PutOp(vkey, EncodeVolumeState(w.result));
+    return Commit(std::move(w));
+  });
 }
 
 Status EtcdClusterStore::RegisterNode(const std::string& node, LeaseId lease) {

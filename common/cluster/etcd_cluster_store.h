@@ -23,7 +23,9 @@
 // refuse its writes from the new epoch on either way.
 #pragma once
 
+#include <functional>
 #include <memory>
+#include <optional>
 
 #include "common/cluster/cluster_store.h"
 #include "common/cluster/keys.h"
@@ -62,6 +64,23 @@ class EtcdClusterStore : public ClusterStore {
  private:
   struct Snapshot;
   StatusOr<Snapshot> Read(const std::string& name);
+
+  // A decision taken on one snapshot of an existing volume: no write (nullopt: the answer is the
+  // volume as read), or a transaction whose success makes `result` the answer.
+  struct Write {
+    etcdserverpb::TxnRequest txn;
+    VolumeState result;
+    bool puts_on_lease = false;  // ENOENT from etcd then means "lease not alive"
+  };
+  using Decision = StatusOr<std::optional<Write>>;
+  static Decision NoWrite() { return std::optional<Write>(); }
+  static Decision Commit(Write w) { return std::optional<Write>(std::move(w)); }
+  using Decide = std::function<Decision(const Snapshot&)>;
+  // The loop every change of an existing volume runs: read (ENOENT when absent), decide, commit
+  // with the decision's compares; on a failed compare read and decide again, at most a bounded
+  // number of times (EAGAIN after that).
+  StatusOr<VolumeState> Modify(const std::string& name, const std::string& what,
+                               const Decide& decide);
 
   std::shared_ptr<etcd::EtcdClient> client_;
   KeyLayout keys_;
