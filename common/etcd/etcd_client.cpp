@@ -61,38 +61,40 @@ KeyValue FromProto(const mvccpb::KeyValue& kv) {
                   kv.mod_revision(), kv.version(), kv.lease()};
 }
 
-etcdserverpb::Compare KeyAbsent(std::string_view key) {
+namespace {
+
+// An EQUAL compare on `target` of `key`; the caller sets the value of the matching oneof field.
+etcdserverpb::Compare EqualCompare(std::string_view key,
+                                   etcdserverpb::Compare::CompareTarget target) {
   etcdserverpb::Compare c;
   c.set_key(std::string(key));
-  c.set_target(etcdserverpb::Compare::CREATE);
+  c.set_target(target);
   c.set_result(etcdserverpb::Compare::EQUAL);
+  return c;
+}
+
+}  // namespace
+
+etcdserverpb::Compare KeyAbsent(std::string_view key) {
+  auto c = EqualCompare(key, etcdserverpb::Compare::CREATE);
   c.set_create_revision(0);
   return c;
 }
 
 etcdserverpb::Compare ModRevisionIs(std::string_view key, int64_t mod_revision) {
-  etcdserverpb::Compare c;
-  c.set_key(std::string(key));
-  c.set_target(etcdserverpb::Compare::MOD);
-  c.set_result(etcdserverpb::Compare::EQUAL);
+  auto c = EqualCompare(key, etcdserverpb::Compare::MOD);
   c.set_mod_revision(mod_revision);
   return c;
 }
 
 etcdserverpb::Compare ValueIs(std::string_view key, std::string_view value) {
-  etcdserverpb::Compare c;
-  c.set_key(std::string(key));
-  c.set_target(etcdserverpb::Compare::VALUE);
-  c.set_result(etcdserverpb::Compare::EQUAL);
+  auto c = EqualCompare(key, etcdserverpb::Compare::VALUE);
   c.set_value(std::string(value));
   return c;
 }
 
 etcdserverpb::Compare LeaseIs(std::string_view key, int64_t lease) {
-  etcdserverpb::Compare c;
-  c.set_key(std::string(key));
-  c.set_target(etcdserverpb::Compare::LEASE);
-  c.set_result(etcdserverpb::Compare::EQUAL);
+  auto c = EqualCompare(key, etcdserverpb::Compare::LEASE);
   c.set_lease(lease);
   return c;
 }

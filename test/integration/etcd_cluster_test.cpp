@@ -36,6 +36,7 @@
 #include "common/etcd/etcd_client.h"
 #include "test/support/certs.h"
 #include "test/support/cluster_store_contract.h"
+#include "test/support/free_port.h"
 #include "test/support/temp_dir.h"
 #include "test/support/wait.h"
 
@@ -56,23 +57,6 @@ std::string EtcdBinary() {
     if (access(p, X_OK) == 0) return p;
   }
   return "";
-}
-
-// A port on kIp nobody listens on now (bound and released: the kernel's pick).
-int FreePortOn(const char* ip) {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return 0;
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  inet_pton(AF_INET, ip, &a.sin_addr);
-  socklen_t len = sizeof(a);
-  int port = 0;
-  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
-      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0) {
-    port = ntohs(a.sin_port);
-  }
-  close(fd);
-  return port;
 }
 
 double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
@@ -103,8 +87,8 @@ class EtcdProcess {
       return false;
     }
     if (client_port_ == 0) {
-      client_port_ = FreePortOn(ip_.c_str());
-      peer_port_ = FreePortOn(ip_.c_str());
+      client_port_ = FreeLoopbackPort(ip_.c_str());
+      peer_port_ = FreeLoopbackPort(ip_.c_str());
     }
     const std::string client =
         fmt::format("{}://{}:{}", tls_ ? "https" : "http", ip_, client_port_);
@@ -374,7 +358,7 @@ TEST(EtcdCluster, KeepalivesHoldALeaseWellPastItsTtl) {
 }
 
 TEST(EtcdCluster, FailsOverPastADeadEndpoint) {
-  etcd::EtcdOptions o = Options(fmt::format("{}:{}", kIp, FreePortOn(kIp)));
+  etcd::EtcdOptions o = Options(fmt::format("{}:{}", kIp, FreeLoopbackPort(kIp)));
   o.endpoints.push_back(g_etcd->endpoint());
   auto client = etcd::EtcdClient::Create(o);
   ASSERT_TRUE(client.ok());
