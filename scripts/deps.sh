@@ -29,6 +29,8 @@ TEST_PKGS=(
   # test/integration/metrics_prometheus.sh: a real Prometheus server scrapes the datapath, and
   # promtool checks the exposition.
   prometheus
+  # test/integration/etcd_cluster_test.cpp: a real etcd for the cluster state (common/cluster).
+  etcd-server
   # test/vm/nbd-kernel-vm (real kernel NBD in QEMU): it would apt-get these itself, but inside the
   # test's 600 s CTest limit; the kernel package's postinst alone can take minutes.
   qemu-system-x86 linux-image-amd64 busybox-static cpio zstd xz-utils kmod
