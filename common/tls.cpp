@@ -28,6 +28,7 @@
 #include "common/file_id.h"
 #include "common/fs_util.h"
 #include "common/openssl_ptr.h"
+#include "common/openssl_util.h"
 
 namespace nbdcsi {
 namespace {
@@ -88,22 +89,6 @@ std::string CommonName(X509* x) {
   char buf[256] = "";
   X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, buf, sizeof buf);
   return buf;
-}
-
-std::vector<std::string> UriSans(X509* x) {
-  std::vector<std::string> out;
-  auto* names = static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(x, NID_subject_alt_name, nullptr,
-                                                             nullptr));
-  if (!names) return out;
-  for (int i = 0; i < sk_GENERAL_NAME_num(names); ++i) {
-    const GENERAL_NAME* n = sk_GENERAL_NAME_value(names, i);
-    if (n->type != GEN_URI) continue;
-    const ASN1_IA5STRING* s = n->d.uniformResourceIdentifier;
-    out.emplace_back(reinterpret_cast<const char*>(ASN1_STRING_get0_data(s)),
-                     static_cast<size_t>(ASN1_STRING_length(s)));
-  }
-  GENERAL_NAMES_free(names);
-  return out;
 }
 
 std::string Join(const std::vector<std::string>& v) {

@@ -23,27 +23,13 @@
 
 #include "common/fs_util.h"
 #include "common/openssl_ptr.h"
+#include "common/openssl_util.h"
 
 namespace nbdcsi::datapath {
 namespace {
 
 // Certificates, keys and bundles are a few KiB; a bigger file is not what the operator meant.
 constexpr size_t kMaxPemBytes = 1 << 20;
-
-// The reason of the most recent OpenSSL error on this thread ("no start line",
-// "key values mismatch"), and clears the queue.
-std::string OpenSslReason(const char* fallback) {
-  unsigned long e = ERR_peek_last_error();
-  std::string r;
-  if (e != 0) {
-    const char* s = ERR_reason_error_string(e);
-    r = s ? s : fmt::format("OpenSSL error {:#x}", e);
-  } else {
-    r = fallback;
-  }
-  ERR_clear_error();
-  return r;
-}
 
 size_t CountOf(std::string_view hay, std::string_view needle) {
   size_t n = 0;

@@ -112,6 +112,50 @@ uint32_t ErrnoToNbd(int err) {
   }
 }
 
+int NbdToErrno(uint32_t nbd_error) {
+  switch (nbd_error) {
+    case kErrPerm:
+      return EPERM;
+    case kErrIo:
+      return EIO;
+    case kErrNoMem:
+      return ENOMEM;
+    case kErrInval:
+      return EINVAL;
+    case kErrNoSpc:
+      return ENOSPC;
+    case kErrOverflow:
+      return EOVERFLOW;
+    case kErrNotSup:
+      return ENOTSUP;
+    case kErrShutdown:
+      return ESHUTDOWN;
+    default:
+      return EIO;
+  }
+}
+
+const char* CommandName(uint16_t type) {
+  switch (type) {
+    case kCmdRead:
+      return "READ";
+    case kCmdWrite:
+      return "WRITE";
+    case kCmdFlush:
+      return "FLUSH";
+    case kCmdTrim:
+      return "TRIM";
+    case kCmdWriteZeroes:
+      return "WRITE_ZEROES";
+    case kCmdDisc:
+      return "DISC";
+    case kCmdBlockStatus:
+      return "BLOCK_STATUS";
+    default:
+      return "command";
+  }
+}
+
 size_t EncodeStructuredHeader(uint8_t* out, uint16_t flags, uint16_t type, uint64_t cookie,
                               uint32_t length) {
   StoreBE32(out, kStructuredReplyMagic);

@@ -93,6 +93,13 @@ RequestCheck CheckRequest(const RequestHeader& h, const TransmissionParams& p);
 // The one host errno -> NBD error mapping. Accepts a positive errno or an io_uring style
 // negative result. 0 maps to 0. Callers should log the precise errno first: this is lossy.
 uint32_t ErrnoToNbd(int err);
+// The other direction, for a client reading replies: an NBD error value back to errno. The
+// spec's values are Linux errno numbers; one outside the documented set becomes EIO (what a
+// block device reports for "the request failed").
+int NbdToErrno(uint32_t nbd_error);
+
+// "READ", "WRITE", ... for messages; "command" for a type this codec does not know.
+const char* CommandName(uint16_t type);
 
 // ---- Replies (into caller buffers; each returns bytes written, 0 if not encodable) ----
 

@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/openssl_util.h"
 #include "datapath/nbd/codec.h"
 #include "datapath/replica/nbd_errors.h"
 #include "datapath/replica/reply_parser.h"
@@ -385,7 +386,7 @@ struct ReplicaClient::Impl {
       ERR_clear_error();
       const int w = SSL_write(c.ssl.get(), p, static_cast<int>(std::min<size_t>(n, INT_MAX)));
       if (w <= 0) {
-        Kill(c, Error(EPROTO, "TLS write failed: {}", TlsErrorReason("?")));
+        Kill(c, Error(EPROTO, "TLS write failed: {}", OpenSslReason("?")));
         return false;
       }
       p += w;
@@ -445,7 +446,7 @@ struct ReplicaClient::Impl {
       if (e == SSL_ERROR_ZERO_RETURN) {
         Kill(c, Error(ECONNRESET, "the server closed the TLS session"));
       } else {
-        Kill(c, Error(EPROTO, "TLS: {}", TlsErrorReason("broken record")));
+        Kill(c, Error(EPROTO, "TLS: {}", OpenSslReason("broken record")));
       }
       return;
     }

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/openssl_util.h"
 #include "datapath/nbd/codec.h"
 #include "datapath/replica/nbd_errors.h"
 
@@ -93,7 +94,7 @@ class Wire {
     uint8_t sink[256];
     const int r = SSL_read(ssl_.get(), sink, sizeof sink);
     if (r <= 0 && SSL_get_error(ssl_.get(), r) == SSL_ERROR_SSL) {
-      return Error(EACCES, "TLS with {} failed: {} ({})", peer_, TlsErrorReason("alert"),
+      return Error(EACCES, "TLS with {} failed: {} ({})", peer_, OpenSslReason("alert"),
                    s.message());
     }
     ERR_clear_error();
@@ -221,7 +222,7 @@ class Wire {
       return Error(ECONNRESET, "TLS with {} closed by the server ({})", peer_, when);
     }
     return Error(EACCES, "TLS with {} failed ({}): {}", peer_, when,
-                 TlsErrorReason("the connection broke"));
+                 OpenSslReason("the connection broke"));
   }
 
   int fd_;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/fs_util.h"
+#include "common/openssl_util.h"
 #include "common/tls.h"
 
 namespace nbdcsi::replica {
@@ -31,36 +32,7 @@ bool IsIpLiteral(const std::string& host) {
   return inet_pton(AF_INET, host.c_str(), buf) == 1 || inet_pton(AF_INET6, host.c_str(), buf) == 1;
 }
 
-std::vector<std::string> UriSans(X509* x) {
-  std::vector<std::string> out;
-  auto* names =
-      static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(x, NID_subject_alt_name, nullptr, nullptr));
-  if (!names) return out;
-  for (int i = 0; i < sk_GENERAL_NAME_num(names); ++i) {
-    const GENERAL_NAME* n = sk_GENERAL_NAME_value(names, i);
-    if (n->type != GEN_URI) continue;
-    const ASN1_IA5STRING* s = n->d.uniformResourceIdentifier;
-    out.emplace_back(reinterpret_cast<const char*>(ASN1_STRING_get0_data(s)),
-                     static_cast<size_t>(ASN1_STRING_length(s)));
-  }
-  GENERAL_NAMES_free(names);
-  return out;
-}
-
 }  // namespace
-
-std::string TlsErrorReason(const char* fallback) {
-  unsigned long e = ERR_peek_last_error();
-  std::string r;
-  if (e != 0) {
-    const char* s = ERR_reason_error_string(e);
-    r = s ? s : fmt::format("OpenSSL error {:#x}", e);
-  } else {
-    r = fallback;
-  }
-  ERR_clear_error();
-  return r;
-}
 
 StatusOr<std::unique_ptr<ClientTlsContext>> ClientTlsContext::Load(const TlsClientFiles& f) {
   for (auto [what, path] :
@@ -70,7 +42,7 @@ StatusOr<std::unique_ptr<ClientTlsContext>> ClientTlsContext::Load(const TlsClie
   std::unique_ptr<ClientTlsContext> c(new ClientTlsContext(f));
   ERR_clear_error();
   c->ctx_ = SSL_CTX_new(TLS_client_method());
-  if (!c->ctx_) return Error(ENOMEM, "replica TLS: no context: {}", TlsErrorReason("?"));
+  if (!c->ctx_) return Error(ENOMEM, "replica TLS: no context: {}", OpenSslReason("?"));
   SSL_CTX* ctx = c->ctx_;
   SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
   // No renegotiation; no resumption (each connection proves its certificates afresh, as the
@@ -78,23 +50,23 @@ StatusOr<std::unique_ptr<ClientTlsContext>> ClientTlsContext::Load(const TlsClie
   SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_TICKET);
   SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
   if (SSL_CTX_set_cipher_list(ctx, "ECDHE+AESGCM:ECDHE+CHACHA20") != 1) {
-    return Error(EINVAL, "replica TLS: cipher list refused: {}", TlsErrorReason("?"));
+    return Error(EINVAL, "replica TLS: cipher list refused: {}", OpenSslReason("?"));
   }
   // The io thread writes from buffers that move between retries.
   SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
   SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nullptr);
   if (SSL_CTX_use_certificate_chain_file(ctx, f.cert.c_str()) != 1) {
-    return Error(EINVAL, "replica TLS certificate {}: {}", f.cert, TlsErrorReason("unreadable"));
+    return Error(EINVAL, "replica TLS certificate {}: {}", f.cert, OpenSslReason("unreadable"));
   }
   if (SSL_CTX_use_PrivateKey_file(ctx, f.key.c_str(), SSL_FILETYPE_PEM) != 1) {
-    return Error(EINVAL, "replica TLS key {}: {}", f.key, TlsErrorReason("unreadable"));
+    return Error(EINVAL, "replica TLS key {}: {}", f.key, OpenSslReason("unreadable"));
   }
   if (SSL_CTX_check_private_key(ctx) != 1) {
     return Error(EINVAL, "replica TLS key {} does not belong to certificate {} ({})", f.key, f.cert,
-                 TlsErrorReason("key values mismatch"));
+                 OpenSslReason("key values mismatch"));
   }
   if (SSL_CTX_load_verify_locations(ctx, f.ca.c_str(), nullptr) != 1) {
-    return Error(EINVAL, "replica TLS CA {}: {}", f.ca, TlsErrorReason("unreadable"));
+    return Error(EINVAL, "replica TLS CA {}: {}", f.ca, OpenSslReason("unreadable"));
   }
   ERR_clear_error();
   return c;
@@ -107,7 +79,7 @@ ClientTlsContext::~ClientTlsContext() {
 StatusOr<SslPtr> ClientTlsContext::NewSession(const std::string& host) const {
   ERR_clear_error();
   SslPtr ssl(SSL_new(ctx_));
-  if (!ssl) return Error(ENOMEM, "replica TLS: no session: {}", TlsErrorReason("?"));
+  if (!ssl) return Error(ENOMEM, "replica TLS: no session: {}", OpenSslReason("?"));
   BIO* rbio = BIO_new(BIO_s_mem());
   BIO* wbio = BIO_new(BIO_s_mem());
   if (!rbio || !wbio) {

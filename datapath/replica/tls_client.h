@@ -56,8 +56,4 @@ class ClientTlsContext {
   SSL_CTX* ctx_ = nullptr;
 };
 
-// The reason of the most recent OpenSSL error on this thread, and clears the queue; `fallback`
-// when there is none.
-std::string TlsErrorReason(const char* fallback);
-
 }  // namespace nbdcsi::replica
