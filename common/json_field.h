@@ -9,10 +9,12 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -24,6 +26,12 @@ template <typename T>
 bool Holds(const nlohmann::json& v) {
   if constexpr (std::is_same_v<T, std::string>) {
     return v.is_string();
+  } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+    if (!v.is_array()) return false;
+    for (const auto& e : v) {
+      if (!e.is_string()) return false;
+    }
+    return true;
   } else if constexpr (std::is_same_v<T, bool>) {
     return v.is_boolean();
   } else if constexpr (std::is_same_v<T, uint64_t>) {
@@ -43,6 +51,7 @@ bool Holds(const nlohmann::json& v) {
 template <typename T>
 const char* TypeName() {
   if constexpr (std::is_same_v<T, std::string>) return "a string";
+  if constexpr (std::is_same_v<T, std::vector<std::string>>) return "an array of strings";
   if constexpr (std::is_same_v<T, bool>) return "a boolean";
   if constexpr (std::is_same_v<T, uint64_t>) return "a non-negative integer";
   if constexpr (std::is_same_v<T, int64_t> || std::is_same_v<T, int>) return "an integer";
@@ -63,6 +72,23 @@ Status Read(const nlohmann::json& obj, std::string_view what, std::string_view k
   }
   if (!Holds<T>(*it)) return Error(EINVAL, "{} \"{}\" is not {}", what, key, TypeName<T>());
   out = it->template get<T>();
+  return Status::Ok();
+}
+
+// EINVAL unless `obj` is an object holding exactly `keys`: "WHAT: expected a JSON object",
+// "WHAT: unknown field "K"" (a newer writer's field this reader would silently drop), or
+// "WHAT has no "K"".
+inline Status CheckKeys(const nlohmann::json& obj, std::string_view what,
+                        std::initializer_list<std::string_view> keys) {
+  if (!obj.is_object()) return Error(EINVAL, "{}: expected a JSON object", what);
+  for (const auto& [k, _] : obj.items()) {
+    bool known = false;
+    for (std::string_view w : keys) known = known || k == w;
+    if (!known) return Error(EINVAL, "{}: unknown field \"{}\"", what, k);
+  }
+  for (std::string_view k : keys) {
+    if (!obj.contains(k)) return Error(EINVAL, "{} has no \"{}\"", what, k);
+  }
   return Status::Ok();
 }
 

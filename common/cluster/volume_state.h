@@ -38,9 +38,8 @@ struct TargetClaim {
   bool operator==(const TargetClaim&) const = default;
 };
 
-// The same rule as the datapath's pool names, so a cluster volume is always a valid pool volume
-// and never contains '/', which would break the key layout: 1..128 bytes of [A-Za-z0-9._-], not
-// starting with '.' or '-'. EINVAL naming the name and the rule.
+// The pool's own name rule (common/volume_rules.h), so a cluster volume is always a valid pool
+// volume and never contains '/', which would break the key layout. EINVAL naming the rule.
 Status ValidateClusterVolumeName(std::string_view name);
 
 // Checks everything the store relies on: the name, node ids (ValidateNodeId), replicas and

@@ -32,7 +32,7 @@
 
 namespace nbdcsi::datapath {
 
-inline constexpr size_t kMaxVolumeNameLen = 128;
+using nbdcsi::kMaxVolumeNameLen;     // common/volume_rules.h
 using nbdcsi::kVolumeSizeAlignment;  // common/volume_rules.h
 // A data file cannot be larger than off_t reaches.
 inline constexpr uint64_t kMaxVolumeSize = static_cast<uint64_t>(std::numeric_limits<off_t>::max());

@@ -59,11 +59,11 @@ TEST(VolumeStateJson, RefusesBadInput) {
       {"not JSON", "{", "not valid JSON"},
       {"not an object", "[1]", "expected a JSON object"},
       {"unknown field", replace(R"("epoch":7)", R"("epoch":7,"extra":1)"), "unknown field"},
-      {"missing field", replace(R"("epoch":7,)", ""), "missing field \"epoch\""},
+      {"missing field", replace(R"("epoch":7,)", ""), "has no \"epoch\""},
       {"negative epoch", replace(R"("epoch":7)", R"("epoch":-1)"), "non-negative integer"},
       {"float size", replace("1073741824", "1.5"), "non-negative integer"},
       {"size as string", replace("1073741824", "\"1\""), "non-negative integer"},
-      {"name not a string", replace(R"("pvc-1")", "5"), "must be a string"},
+      {"name not a string", replace(R"("pvc-1")", "5"), "is not a string"},
       {"replica not a string", replace(R"(["node-a","node-b")", R"(["node-a",2)"),
        "array of strings"},
       {"replicas not an array", replace(R"(["node-a","node-b","node-c"])", R"("node-a")"),
@@ -74,7 +74,7 @@ TEST(VolumeStateJson, RefusesBadInput) {
        replace(R"(["node-a","node-b","node-c"])", R"(["node-b","node-a","node-c"])"), "sorted"},
       {"duplicate in_sync", replace(R"(["node-a","node-c"])", R"(["node-a","node-a"])"), "sorted"},
       {"bad node id", replace(R"("target":"node-a")", R"("target":"Node_A")"), "not allowed"},
-      {"name with slash", replace(R"("pvc-1")", R"("a/b")"), "may only hold"},
+      {"name with slash", replace(R"("pvc-1")", R"("a/b")"), "must not contain '/'"},
   };
   for (const Case& c : cases) {
     auto r = DecodeVolumeState(c.json, "/p/volumes/pvc-1");
