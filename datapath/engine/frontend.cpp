@@ -439,16 +439,25 @@ struct NbdFrontend::Impl {
     co_return true;
   }
 
-  // Pool::FenceVolume on fence_pool; the handshake resumes on the io thread.
-  asio::awaitable<FenceOutcome> Fence(std::string volume, uint64_t epoch) {
-    co_return co_await asio::co_spawn(
-        fence_pool,
-        [this, volume = std::move(volume), epoch]() -> asio::awaitable<FenceOutcome> {
-          auto r = pool.FenceVolume(volume, epoch);
-          if (r.ok()) co_return FenceOutcome{};
-          co_return FenceOutcome{r.status().code(), r.status().message()};
+  // Pool::FenceVolume on fence_pool, awaited by the handshake, which resumes on the io thread
+  // (the completion is posted back there: a coroutine of this thread must never be resumed on
+  // another). Not a coroutine itself: GCC 12 miscompiles lambdas that capture a coroutine's
+  // parameters (the string was freed twice), so the arguments travel through async_initiate.
+  auto Fence(std::string volume, uint64_t epoch) {
+    return asio::async_initiate<decltype(use_awaitable), void(FenceOutcome)>(
+        [this](auto handler, std::string name, uint64_t e) {
+          asio::post(fence_pool, [this, name = std::move(name), e,
+                                  handler = std::move(handler)]() mutable {
+            FenceOutcome out;
+            auto r = pool.FenceVolume(name, e);
+            if (!r.ok()) out = FenceOutcome{r.status().code(), r.status().message()};
+            auto ex = asio::get_associated_executor(handler, io.get_executor());
+            asio::post(ex, [handler = std::move(handler), out = std::move(out)]() mutable {
+              std::move(handler)(std::move(out));
+            });
+          });
         },
-        use_awaitable);
+        use_awaitable, std::move(volume), epoch);
   }
 
   template <typename Socket>

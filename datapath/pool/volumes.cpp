@@ -455,7 +455,6 @@ StatusOr<uint64_t> Pool::FenceVolume(const std::string& name, uint64_t epoch) {
     std::lock_guard lock(I.mu);
     I.vols.find(name)->second.meta = m;  // still there: the name guard excludes Delete
   }
-  FaultPoint("fence.committed");
   // Then the engine. A write that passed the gate before it closed may still see the old
   // epoch and run: the drain waits for it. Every write after the drain passes the gate after
   // Open, which publishes the new epoch to it (the gate's lock and seq_cst flags), so its
