@@ -575,7 +575,7 @@ Status NbdFrontend::Listen(const Endpoint& ep) {
 Status NbdFrontend::Start() {
   Impl& m = *impl_;
   for (unsigned i = 0; i < std::max(1u, m.opts.workers); ++i) {
-    auto w = std::make_unique<Worker>(static_cast<int>(i));
+    auto w = std::make_unique<Worker>(static_cast<int>(i), m.opts.worker);
     Status st = w->Start();
     if (!st.ok()) return st;
     m.workers.push_back(std::move(w));

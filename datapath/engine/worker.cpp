@@ -250,6 +250,7 @@ struct Worker::Impl {
   };
   std::shared_ptr<Waiter> waiter;
   AlignedBuffer zeros;
+  uint64_t hold_sink = 0;  // where the test hold's eventfd reads land (WorkerOptions)
 
   Impl(Worker* s, int i, WorkerOptions o) : self(s), index(i), opts(o) {}
 
@@ -858,6 +859,14 @@ struct Worker::Impl {
     if ((Modifies(h.type) || h.type == proto::kCmdFlush) && v.data_lost())
       return ReplyError(s, proto::kErrIo);
     if (h.type == proto::kCmdBlockStatus) return BlockStatus(s);
+    if (opts.test_hold_writes_efd >= 0 && h.type == proto::kCmdWrite && s->done == 0) {
+      // Tests only: the write waits in the ring behind this read (WorkerOptions). Its own
+      // completion carries nothing (a kCancel tag is dropped on arrival).
+      io_uring_sqe* hold = GetSqe();
+      io_uring_prep_read(hold, opts.test_hold_writes_efd, &hold_sink, sizeof hold_sink, 0);
+      hold->flags |= IOSQE_IO_LINK;
+      io_uring_sqe_set_data64(hold, Tag{TagKind::kCancel}.Encode());
+    }
     io_uring_sqe* sqe = PrepareIo(s);
     if (!sqe) return Fail(s, EINVAL);  // CheckRequest lets only the commands handled through
     io_uring_sqe_set_data64(sqe, SlotTag(s));

@@ -56,6 +56,11 @@ struct EngineCounters {
 
 struct WorkerOptions {
   unsigned ring_entries = 256;
+  // Tests only (engine_test's fence tests): an eventfd made with EFD_SEMAPHORE, or -1. Each
+  // WRITE is then submitted linked behind a read of it, so it stays in flight in the ring
+  // (submitted, holding its slot and the volume's write gate) until the test adds 1 to the
+  // eventfd for it: the one way to hold a write "already submitted to io_uring" on purpose.
+  int test_hold_writes_efd = -1;
 };
 
 // Which size a connection's requests are checked against.

@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <fcntl.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -328,8 +329,10 @@ class EngineTest : public ::testing::Test {
     auto r = pool_->Create(name, size, qos, read_only);
     ASSERT_TRUE(r.ok()) << r.status().message();
   }
-  void StartFrontend(unsigned workers) {
-    frontend_ = std::make_unique<NbdFrontend>(*pool_, FrontendOptions{workers, 30});
+  void StartFrontend(unsigned workers, WorkerOptions worker = {}) {
+    FrontendOptions fo{workers, 30};
+    fo.worker = worker;
+    frontend_ = std::make_unique<NbdFrontend>(*pool_, fo);
     Endpoint ep;
     ep.kind = Endpoint::Kind::kUnix;
     ep.path = sock_;
@@ -1313,6 +1316,70 @@ TEST_F(EngineTest, FenceWaitsForInFlightWritesAndNothingOlderLandsAfter) {
   EXPECT_EQ(frontend_->counters().fenced_requests, refused);
   std::printf("fence with writes in flight: %llu acknowledged, %llu refused\n",
               static_cast<unsigned long long>(ok), static_cast<unsigned long long>(refused));
+}
+
+// The drain itself, deterministically: a write of the epoch-1 connection is held in the ring
+// (submitted, not complete: WorkerOptions::test_hold_writes_efd) when the fence to 2 starts.
+// The fence must not return before that write has completed; a second write sent while the
+// fence waits parks at the closed gate and is refused once the fence is through.
+TEST_F(EngineTest, FenceReturnsOnlyAfterTheWriteInTheRingCompleted) {
+  const int hold = eventfd(0, EFD_SEMAPHORE | EFD_CLOEXEC);
+  ASSERT_GE(hold, 0);
+  CreateVolume("v", 4 * kMiB);
+  StartFrontend(1, WorkerOptions{256, hold});
+  auto old = Connect("v@epoch=1");
+  ASSERT_NE(old, nullptr);
+  auto vol = pool_->Acquire("v");
+  const std::string path = pool_->Inspect("v")->path;
+
+  old->Send(NbdRequest(nbd::kCmdWrite, 0, 1, 0, 4096, Pattern(4096, 1)));
+  ASSERT_TRUE(test::WaitUntil([&] { return vol->gate().in_flight() == 1; }))
+      << "the write never reached the ring";
+
+  std::atomic<bool> fence_done{false};
+  StatusOr<uint64_t> fenced = Error(EINVAL, "not run");
+  std::thread fencer([&] {
+    fenced = pool_->FenceVolume("v", 2);
+    fence_done = true;
+  });
+  // The fence has committed the epoch and closed the gate: it now waits for the held write.
+  ASSERT_TRUE(test::WaitUntil([&] { return vol->gate().closed(); }))
+      << "the fence never closed the write gate";
+  EXPECT_EQ(pool_->Inspect("v")->fence_epoch, 2u) << "recorded durably before the drain";
+  old->Send(NbdRequest(nbd::kCmdWrite, 0, 2, 8192, 4096, Pattern(4096, 2)));
+  ExpectQueued(*frontend_, &EngineCounters::parked, 1);
+  EXPECT_FALSE(fence_done.load()) << "the fence returned with a write still in the ring";
+  EXPECT_EQ(vol->fence_epoch(), 1u) << "epoch 2 published before the drain ended";
+
+  const uint64_t one = 1;
+  ASSERT_EQ(write(hold, &one, sizeof one), static_cast<ssize_t>(sizeof one));  // let it run
+  fencer.join();
+  ASSERT_TRUE(fenced.ok()) << fenced.status().message();
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  Bytes at_return(12288);
+  ASSERT_EQ(pread(fd, at_return.data(), at_return.size(), 0), 12288);
+  close(fd);
+  EXPECT_EQ(Bytes(at_return.begin(), at_return.begin() + 4096), Pattern(4096, 1))
+      << "the held write had not landed when the fence returned";
+
+  std::map<uint64_t, uint32_t> none;
+  std::map<uint64_t, uint32_t> errors;
+  for (int i = 0; i < 2; ++i) {
+    Reply r;
+    ASSERT_TRUE(old->ReadReply(&r, none));
+    errors[r.cookie] = r.error;
+  }
+  EXPECT_EQ(errors[1], 0u) << "the write started before the fence is acknowledged";
+  EXPECT_EQ(errors[2], kEPERM) << "the write parked during the fence is refused";
+  EXPECT_EQ(Bytes(at_return.begin() + 8192, at_return.end()), Bytes(4096, 0));
+  auto e2 = Connect("v@epoch=2");
+  ASSERT_NE(e2, nullptr);
+  EXPECT_EQ(e2->Read(8192, 4096), Bytes(4096, 0)) << "the refused write landed later";
+  old.reset();
+  e2.reset();
+  frontend_.reset();  // the workers go before the eventfd they read
+  close(hold);
 }
 
 }  // namespace
