@@ -24,6 +24,8 @@ const std::vector<std::string> kKnownPoints = {
     "resize.meta_renamed",
     "qos.meta_tmp",
     "qos.meta_renamed",
+    "fence.meta_tmp",       // fence epoch in the temp file; the volume still at its old epoch
+    "fence.meta_renamed",
     // Snapshots, reflink path.
     "snapshot.cloned",        // FICLONE into the temp file done, writes resumed; not renamed
     "snapshot.data",          // NAME.img renamed into place; no metadata yet

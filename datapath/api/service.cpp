@@ -139,6 +139,25 @@ class DatapathService final : public v1::Datapath::Service {
     return grpc::Status::OK;
   }
 
+  // No in-flight mark: a fence is not a CSI call to be retried on ABORTED; the pool's name
+  // guard orders it after whatever else runs on the volume.
+  grpc::Status FenceVolume(grpc::ServerContext*, const v1::FenceVolumeRequest* req,
+                           v1::FenceVolumeResponse* resp) override {
+    auto r = pool_.FenceVolume(req->name(), req->epoch());
+    if (!r.ok()) {
+      // A stale epoch is a precondition of the cluster state (a newer target exists), not a
+      // fault of the file: FAILED_PRECONDITION, which errno alone does not say.
+      if (r.status().code() == ESTALE) {
+        Fail("FenceVolume", r.status());
+        return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, r.status().message());
+      }
+      return Fail("FenceVolume", r.status());
+    }
+    spdlog::info("api FenceVolume: volume \"{}\" at epoch {}", req->name(), *r);
+    resp->set_epoch(*r);
+    return grpc::Status::OK;
+  }
+
   grpc::Status GetVolumeStats(grpc::ServerContext*, const v1::GetVolumeStatsRequest* req,
                               v1::GetVolumeStatsResponse* resp) override {
     const std::string& name = req->name();
@@ -287,6 +306,7 @@ class DatapathService final : public v1::Datapath::Service {
     out->set_copy_total_bytes(info.copy_total);
     out->set_copy_data_done_bytes(info.copy_data_done);
     if (info.copy_data_total) out->set_copy_data_total_bytes(*info.copy_data_total);
+    out->set_fence_epoch(info.fence_epoch);
     if (auto vol = pool_.Acquire(info.name)) {
       out->set_open_connections(vol->stats().connections());
     }

@@ -26,6 +26,7 @@
 #include <boost/asio/local/stream_protocol.hpp>
 #include <spdlog/spdlog.h>
 
+#include "datapath/engine/export_name.h"
 #include "datapath/engine/nbd_tls.h"
 #include "datapath/engine/worker.h"
 #include "datapath/nbd/codec.h"
@@ -112,32 +113,73 @@ std::string PeerName(const Socket& s) {
   }
 }
 
-bool IsGrowable(std::string_view name) {
-  return name.size() > kGrowableSuffix.size() && name.ends_with(kGrowableSuffix);
-}
-std::string_view BaseName(std::string_view name) {
-  return IsGrowable(name) ? name.substr(0, name.size() - kGrowableSuffix.size()) : name;
+// Whether a connection naming `epoch` (0: none) may open a volume fenced at `held`, and if
+// not, the message it gets. A volume that was never fenced takes every connection, as before
+// fencing existed; once fenced, only its epoch or a newer one (which fences it further).
+std::optional<std::string> EpochRefusal(const std::string& volume, uint64_t epoch,
+                                        uint64_t held) {
+  if (!held) return std::nullopt;
+  if (!epoch) {
+    return fmt::format("volume {} is fenced at epoch {}: name an epoch ({}{}N)", volume, held,
+                       volume, kEpochSuffix);
+  }
+  if (epoch < held) return fmt::format("stale epoch {}, volume {} is at {}", epoch, volume, held);
+  return std::nullopt;
 }
 
-// What the negotiation sees of the pool: names, sizes, read-only flags.
-class PoolCatalog final : public nbd::ExportCatalog {
+// What the negotiation of one connection sees of the pool: names, sizes, read-only flags, and
+// the epoch rules. One per connection, so a client refused for its epoch is logged once however
+// many options it tries.
+class ConnCatalog final : public nbd::ExportCatalog {
  public:
-  explicit PoolCatalog(Pool& pool) : pool_(pool) {}
+  ConnCatalog(Pool& pool, const std::string& peer, std::atomic<uint64_t>& refused)
+      : pool_(pool), peer_(peer), refused_(refused) {}
   std::optional<nbd::ExportInfo> Lookup(std::string_view name) override {
-    // The canonical name keeps the suffix so the hand-off below knows the connection's mode.
-    const bool growable = IsGrowable(name);
-    auto v = pool_.Acquire(std::string(BaseName(name)));
-    if (!v) return std::nullopt;
-    if (growable) {
-      return nbd::ExportInfo{v->name() + std::string(kGrowableSuffix), kGrowableWindow,
-                             v->read_only(), "nbd-csi volume (growable window)"};
+    Refusal ignored;
+    return Resolve(name, ignored);
+  }
+  std::optional<nbd::ExportInfo> Resolve(std::string_view name, Refusal& why) override {
+    auto parsed = ParseExportName(name);
+    if (!parsed.ok()) {
+      why = Refusal{nbd::kRepErrInvalid, parsed.status().message()};
+      return std::nullopt;
     }
-    return nbd::ExportInfo{v->name(), v->size(), v->read_only(), "nbd-csi volume"};
+    auto v = pool_.Acquire(parsed->volume);
+    if (!v) return std::nullopt;
+    if (auto refusal = EpochRefusal(v->name(), parsed->epoch, v->fence_epoch())) {
+      Refuse(*refusal);
+      why = Refusal{nbd::kRepErrPolicy, *refusal};
+      return std::nullopt;
+    }
+    // The canonical name is the name as given: the hand-off parses it again for the
+    // connection's mode and epoch.
+    if (parsed->growable) {
+      return nbd::ExportInfo{std::string(name), kGrowableWindow, v->read_only(),
+                             "nbd-csi volume (growable window)"};
+    }
+    return nbd::ExportInfo{std::string(name), v->size(), v->read_only(), "nbd-csi volume"};
   }
   std::vector<std::string> List() override { return pool_.Names(); }
 
+  // Counts and logs (once per connection) a client refused for its epoch.
+  void Refuse(const std::string& why) {
+    refused_.fetch_add(1, std::memory_order_relaxed);
+    if (logged_) return;
+    logged_ = true;
+    spdlog::warn("nbd: {} refused: {}", peer_, why);
+  }
+
  private:
   Pool& pool_;
+  const std::string& peer_;
+  std::atomic<uint64_t>& refused_;
+  bool logged_ = false;
+};
+
+// How a fence that a handshake ran off the io thread ended.
+struct FenceOutcome {
+  int code = 0;
+  std::string message;
 };
 
 }  // namespace
@@ -145,7 +187,7 @@ class PoolCatalog final : public nbd::ExportCatalog {
 struct NbdFrontend::Impl {
   Pool& pool;
   FrontendOptions opts;
-  PoolCatalog catalog;
+  std::atomic<uint64_t> fenced_handshakes{0};
   std::vector<std::unique_ptr<Worker>> workers;
   std::atomic<unsigned> next_worker{0};
   std::vector<std::unique_ptr<TlsTerminator>> terminators;  // only with TLS on a TCP listener
@@ -163,8 +205,13 @@ struct NbdFrontend::Impl {
   // above when they unwind.
   asio::io_context io{1};
   asio::steady_timer reload_timer{io};
+  // Fences asked for by handshakes (VOLUME@epoch=N above the volume's epoch) run here: they
+  // fsync metadata and wait for the volume's writes to drain, which must not stall the other
+  // handshakes on the io thread. Declared after `io`, so it is joined (a fence running to its
+  // end) while `io` can still take the fence's completion.
+  asio::thread_pool fence_pool{1};
 
-  Impl(Pool& p, FrontendOptions o) : pool(p), opts(o), catalog(p) {}
+  Impl(Pool& p, FrontendOptions o) : pool(p), opts(o) {}
 
   template <typename Acceptor>
   asio::awaitable<void> AcceptLoop(Acceptor& acceptor) {
@@ -214,6 +261,7 @@ struct NbdFrontend::Impl {
     const std::string peer;
     asio::steady_timer deadline;
     std::shared_ptr<Volume> vol;
+    ExportName name;       // what the chosen export name asks: volume, mode, epoch
     bool counted = false;  // vol's connection count includes this one; the worker takes it over
     // Set once STARTTLS is done; from then on every byte goes through it.
     std::optional<TlsSession> tls;
@@ -254,8 +302,9 @@ struct NbdFrontend::Impl {
   asio::awaitable<void> Handshake(Socket sock, nbd::TlsPolicy policy) {
     Pending<Socket> c(*this, std::move(sock));
     try {
+      ConnCatalog catalog(pool, c.peer, fenced_handshakes);
       nbd::Negotiator neg(catalog, policy);
-      if (co_await Negotiate(c, neg)) HandOff(c, neg.result());
+      if (co_await Negotiate(c, neg, catalog)) HandOff(c, neg.result());
     } catch (const boost::system::system_error& e) {
       // EOF or reset mid-handshake: the client left; nothing to clean beyond the socket.
       spdlog::debug("nbd: handshake with {} ended: {}", c.peer, e.code().message());
@@ -269,7 +318,8 @@ struct NbdFrontend::Impl {
   // Greeting, client flags, then options until the client picks an export (true) or the
   // handshake ends (false).
   template <typename Socket>
-  asio::awaitable<bool> Negotiate(Pending<Socket>& c, nbd::Negotiator& neg) {
+  asio::awaitable<bool> Negotiate(Pending<Socket>& c, nbd::Negotiator& neg,
+                                  ConnCatalog& catalog) {
     std::vector<uint8_t> out;
     neg.Greeting(out);
     co_await asio::async_write(*c.s, asio::buffer(out), use_awaitable);
@@ -303,8 +353,12 @@ struct NbdFrontend::Impl {
           break;
       }
       const auto step = neg.OnOption(oh.option, payload, drained, out);
-      if (step == nbd::Negotiator::Step::kTransmission && !AcquireVolume(c, neg.result()))
+      if (step == nbd::Negotiator::Step::kTransmission &&
+          !co_await AcquireVolume(c, neg.result(), oh.option, out, catalog)) {
+        // `out` holds the refusal for GO; EXPORT_NAME has no error reply and just closes.
+        if (!out.empty()) co_await WriteFull(*c.s, c.session(), out);
         co_return false;
+      }
       if (!out.empty()) {
         co_await WriteFull(*c.s, c.session(), out);  // STARTTLS's ACK still goes in plaintext
         out.clear();
@@ -335,17 +389,75 @@ struct NbdFrontend::Impl {
   }
 
   // Counts the connection before the client learns the export is ready, so a delete racing
-  // with this handshake either fails with EBUSY or makes Acquire fail here.
+  // with this handshake either fails with EBUSY or makes Acquire fail here. A client naming an
+  // epoch above the volume's fences the volume first (Pool::FenceVolume): when it is let in,
+  // no older connection writes any more. On refusal `out` is replaced by the error reply
+  // (for GO; empty for EXPORT_NAME, which can only close).
   template <typename Socket>
-  bool AcquireVolume(Pending<Socket>& c, const nbd::Negotiated& r) {
-    c.vol = pool.Acquire(std::string(BaseName(r.export_info.name)));
+  asio::awaitable<bool> AcquireVolume(Pending<Socket>& c, const nbd::Negotiated& r,
+                                      uint32_t option, std::vector<uint8_t>& out,
+                                      ConnCatalog& catalog) {
+    auto refuse = [&](uint32_t error, const std::string& why) {
+      out.clear();
+      if (option == nbd::kOptGo) nbd::EncodeOptionError(out, option, error, why);
+    };
+    auto parsed = ParseExportName(r.export_info.name);  // Resolve accepted it: cannot fail
+    if (!parsed.ok()) {
+      refuse(nbd::kRepErrInvalid, parsed.status().message());
+      co_return false;
+    }
+    c.name = std::move(*parsed);
+    if (c.name.epoch) {
+      auto v = pool.Acquire(c.name.volume);
+      if (v && c.name.epoch > v->fence_epoch()) {
+        v.reset();
+        const FenceOutcome f = co_await Fence(c.name.volume, c.name.epoch);
+        if (f.code) {
+          if (f.code == ESTALE) catalog.Refuse(f.message);  // a newer target got there first
+          else spdlog::error("nbd: {}: fencing for {}: {}", c.peer, r.export_info.name, f.message);
+          refuse(f.code == ESTALE ? nbd::kRepErrPolicy : nbd::kRepErrPlatform, f.message);
+          co_return false;
+        }
+      }
+    }
+    c.vol = pool.Acquire(c.name.volume);
     if (!c.vol) {
       spdlog::info("nbd: volume {} went away during the handshake", r.export_info.name);
-      return false;
+      refuse(nbd::kRepErrUnknown, "unknown export");
+      co_return false;
+    }
+    // Fenced further since the name was resolved: refused now, rather than served only to get
+    // EPERM for every request.
+    if (auto why = EpochRefusal(c.vol->name(), c.name.epoch, c.vol->fence_epoch())) {
+      catalog.Refuse(*why);
+      refuse(nbd::kRepErrPolicy, *why);
+      c.vol.reset();
+      co_return false;
     }
     c.vol->stats().ConnectionOpened();
     c.counted = true;
-    return true;
+    co_return true;
+  }
+
+  // Pool::FenceVolume on fence_pool, awaited by the handshake, which resumes on the io thread
+  // (the completion is posted back there: a coroutine of this thread must never be resumed on
+  // another). Not a coroutine itself: GCC 12 miscompiles lambdas that capture a coroutine's
+  // parameters (the string was freed twice), so the arguments travel through async_initiate.
+  auto Fence(std::string volume, uint64_t epoch) {
+    return asio::async_initiate<decltype(use_awaitable), void(FenceOutcome)>(
+        [this](auto handler, std::string name, uint64_t e) {
+          asio::post(fence_pool, [this, name = std::move(name), e,
+                                  handler = std::move(handler)]() mutable {
+            FenceOutcome out;
+            auto r = pool.FenceVolume(name, e);
+            if (!r.ok()) out = FenceOutcome{r.status().code(), r.status().message()};
+            auto ex = asio::get_associated_executor(handler, io.get_executor());
+            asio::post(ex, [handler = std::move(handler), out = std::move(out)]() mutable {
+              std::move(handler)(std::move(out));
+            });
+          });
+        },
+        use_awaitable, std::move(volume), epoch);
   }
 
   template <typename Socket>
@@ -402,7 +514,7 @@ struct NbdFrontend::Impl {
     spdlog::debug("nbd: connection to volume {} (size {}) on worker {}", c.vol->name(),
                   r.export_info.size, w);
     workers[w]->Adopt(fd, std::move(c.vol), r,
-                      IsGrowable(r.export_info.name) ? SizeMode::kWindow : SizeMode::kNegotiated);
+                      c.name.growable ? SizeMode::kWindow : SizeMode::kNegotiated, c.name.epoch);
   }
 };
 
@@ -463,7 +575,7 @@ Status NbdFrontend::Listen(const Endpoint& ep) {
 Status NbdFrontend::Start() {
   Impl& m = *impl_;
   for (unsigned i = 0; i < std::max(1u, m.opts.workers); ++i) {
-    auto w = std::make_unique<Worker>(static_cast<int>(i));
+    auto w = std::make_unique<Worker>(static_cast<int>(i), m.opts.worker);
     Status st = w->Start();
     if (!st.ok()) return st;
     m.workers.push_back(std::move(w));
@@ -516,6 +628,13 @@ StatusOr<std::vector<int>> NbdFrontend::ServeSocketPairs(const std::string& volu
     close_all();
     return Error(ENOENT, "volume {} is not exported (missing, or still being copied)", volume);
   }
+  // The kernel's connections name no epoch: a fenced volume belongs to its newest target, and
+  // a local attach that slipped in would write beside it.
+  if (auto why = EpochRefusal(vol->name(), 0, vol->fence_epoch())) {
+    close_all();
+    m.fenced_handshakes.fetch_add(1, std::memory_order_relaxed);
+    return Error(EPERM, "{}", *why);
+  }
   nbd::Negotiated neg;
   neg.export_info = nbd::ExportInfo{vol->name(), vol->size(), vol->read_only(), "nbd-csi volume"};
   neg.transmission_flags = nbd::TransmissionFlags(vol->read_only(), false);
@@ -535,6 +654,7 @@ std::string NbdFrontend::UnixSocketPath() const {
 EngineCounters NbdFrontend::counters() const {
   EngineCounters sum;
   for (const auto& w : impl_->workers) sum += w->counters();
+  sum.fenced_handshakes = impl_->fenced_handshakes.load(std::memory_order_relaxed);
   return sum;
 }
 

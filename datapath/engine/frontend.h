@@ -42,6 +42,8 @@ struct FrontendOptions {
   bool insecure_tcp = false;
   // How often the TLS files are looked at for a renewal (cert-manager rewrites them in place).
   std::chrono::milliseconds tls_reload_interval{2000};
+  // Options of every worker (tests set WorkerOptions::test_hold_writes_efd).
+  WorkerOptions worker{};
 };
 
 class NbdFrontend {

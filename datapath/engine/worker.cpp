@@ -142,6 +142,8 @@ struct Connection {
   proto::TransmissionParams params{};
   SizeMode size_mode = SizeMode::kNegotiated;
   uint32_t ctx_id = 0;
+  uint64_t epoch = 0;         // the client's epoch (VOLUME@epoch=N); 0: it named none
+  bool fence_logged = false;  // its first request refused for a stale epoch was logged
 
   AlignedBuffer rbuf;  // kRecvBufSize, mapped by AddConnection
   size_t rpos = 0, rend = 0;
@@ -206,6 +208,7 @@ struct Worker::Impl {
     std::shared_ptr<Volume> vol;
     nbd::Negotiated neg;
     SizeMode size_mode;
+    uint64_t epoch;
   };
 
   Worker* self;
@@ -247,6 +250,7 @@ struct Worker::Impl {
   };
   std::shared_ptr<Waiter> waiter;
   AlignedBuffer zeros;
+  uint64_t hold_sink = 0;  // where the test hold's eventfd reads land (WorkerOptions)
 
   Impl(Worker* s, int i, WorkerOptions o) : self(s), index(i), opts(o) {}
 
@@ -476,6 +480,7 @@ struct Worker::Impl {
     c->params.base_allocation = in.neg.base_allocation;
     c->ctx_id = in.neg.base_allocation_id;
     c->size_mode = in.size_mode;
+    c->epoch = in.epoch;
     ++live;
     self->live_.fetch_add(1, std::memory_order_relaxed);
     if (stopping.load(std::memory_order_acquire)) {
@@ -844,10 +849,24 @@ struct Worker::Impl {
       s->gate_held = true;
     }
     Move(s, SlotState::kExec);
+    // Fenced (Pool::FenceVolume): a newer target owns the volume. Checked after the write
+    // gate was passed, so a fence either sees this write in flight and waits for it, or this
+    // check sees the fence's epoch; every step of a request comes through here, so nothing of
+    // an old epoch is submitted once the fence has returned. Volumes never fenced compare
+    // with 0 and never take this branch.
+    if (c->epoch < v.fence_epoch()) return Fenced(s);
     // Its data file was removed under us: nothing written now can become durable.
     if ((Modifies(h.type) || h.type == proto::kCmdFlush) && v.data_lost())
       return ReplyError(s, proto::kErrIo);
     if (h.type == proto::kCmdBlockStatus) return BlockStatus(s);
+    if (opts.test_hold_writes_efd >= 0 && h.type == proto::kCmdWrite && s->done == 0) {
+      // Tests only: the write waits in the ring behind this read (WorkerOptions). Its own
+      // completion carries nothing (a kCancel tag is dropped on arrival).
+      io_uring_sqe* hold = GetSqe();
+      io_uring_prep_read(hold, opts.test_hold_writes_efd, &hold_sink, sizeof hold_sink, 0);
+      hold->flags |= IOSQE_IO_LINK;
+      io_uring_sqe_set_data64(hold, Tag{TagKind::kCancel}.Encode());
+    }
     io_uring_sqe* sqe = PrepareIo(s);
     if (!sqe) return Fail(s, EINVAL);  // CheckRequest lets only the commands handled through
     io_uring_sqe_set_data64(sqe, SlotTag(s));
@@ -885,6 +904,20 @@ struct Worker::Impl {
       default:
         return nullptr;
     }
+  }
+
+  // EPERM, not ESHUTDOWN: the old target must not retry or reconnect to the same volume at the
+  // same epoch; only a newer epoch (a new claim in the cluster state) can get in again.
+  void Fenced(Slot* s) {
+    Connection* c = s->conn;
+    self->fenced_.fetch_add(1, std::memory_order_relaxed);
+    if (!c->fence_logged) {
+      c->fence_logged = true;
+      spdlog::warn("nbd: volume {}: connection at epoch {} is fenced (volume at epoch {}); its "
+                   "requests are refused with EPERM", c->vol->name(), c->epoch,
+                   c->vol->fence_epoch());
+    }
+    ReplyError(s, proto::kErrPerm);
   }
 
   void PrepareSpaceOp(Slot* s, io_uring_sqe* sqe) {
@@ -1168,6 +1201,7 @@ EngineCounters Worker::counters() const {
   c.throttled = throttled_.load(std::memory_order_relaxed);
   c.parked = parked_.load(std::memory_order_relaxed);
   c.workers_running = running_.load(std::memory_order_relaxed) ? 1 : 0;
+  c.fenced_requests = fenced_.load(std::memory_order_relaxed);
   return c;
 }
 
@@ -1227,12 +1261,12 @@ void Worker::Stop() {
 }
 
 void Worker::Adopt(int fd, std::shared_ptr<Volume> volume, const nbd::Negotiated& negotiated,
-                   SizeMode size_mode) {
+                   SizeMode size_mode, uint64_t epoch) {
   Impl& m = *impl_;
   {
     std::lock_guard lk(m.mu);
     if (!m.exited) {
-      m.incoming.push_back(Impl::Incoming{fd, std::move(volume), negotiated, size_mode});
+      m.incoming.push_back(Impl::Incoming{fd, std::move(volume), negotiated, size_mode, epoch});
       volume = nullptr;
     }
   }

@@ -36,6 +36,11 @@ struct EngineCounters {
   uint64_t throttled = 0;  // requests waiting for QoS tokens now
   uint64_t parked = 0;     // modifying requests held by a volume's WriteGate now
   uint64_t workers_running = 0;  // worker threads in their loop (liveness: /healthz)
+  // Requests refused with EPERM because their connection's epoch is below the volume's fence
+  // epoch (an old target after a failover), and handshakes refused for a stale or missing
+  // epoch (NbdFrontend's share).
+  uint64_t fenced_requests = 0;
+  uint64_t fenced_handshakes = 0;
   EngineCounters& operator+=(const EngineCounters& o) {
     stale_dropped += o.stale_dropped;
     invariant_violations += o.invariant_violations;
@@ -43,12 +48,19 @@ struct EngineCounters {
     throttled += o.throttled;
     parked += o.parked;
     workers_running += o.workers_running;
+    fenced_requests += o.fenced_requests;
+    fenced_handshakes += o.fenced_handshakes;
     return *this;
   }
 };
 
 struct WorkerOptions {
   unsigned ring_entries = 256;
+  // Tests only (engine_test's fence tests): an eventfd made with EFD_SEMAPHORE, or -1. Each
+  // WRITE is then submitted linked behind a read of it, so it stays in flight in the ring
+  // (submitted, holding its slot and the volume's write gate) until the test adds 1 to the
+  // eventfd for it: the one way to hold a write "already submitted to io_uring" on purpose.
+  int test_hold_writes_efd = -1;
 };
 
 // Which size a connection's requests are checked against.
@@ -77,8 +89,10 @@ class Worker {
   void Stop();
 
   // Hands over a socket whose handshake has finished. Thread-safe; takes ownership of `fd`.
+  // `epoch` is the one the client named (VOLUME@epoch=N), 0 for none: once the volume's fence
+  // epoch is above it, every request it has not started yet is answered with EPERM.
   void Adopt(int fd, std::shared_ptr<Volume> volume, const nbd::Negotiated& negotiated,
-             SizeMode size_mode = SizeMode::kNegotiated);
+             SizeMode size_mode = SizeMode::kNegotiated, uint64_t epoch = 0);
 
   // Connections currently served by this worker.
   size_t connections() const { return live_.load(std::memory_order_relaxed); }
@@ -90,7 +104,8 @@ class Worker {
   std::unique_ptr<Impl> impl_;
   std::atomic<size_t> live_{0};
   // Written by the worker thread only; read by counters() from anywhere.
-  std::atomic<uint64_t> stale_{0}, violations_{0}, cancels_{0}, throttled_{0}, parked_{0};
+  std::atomic<uint64_t> stale_{0}, violations_{0}, cancels_{0}, throttled_{0}, parked_{0},
+      fenced_{0};
   std::atomic<bool> running_{false};
 };
 

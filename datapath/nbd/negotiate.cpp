@@ -84,6 +84,11 @@ bool ValidString(std::string_view s) {
 
 }  // namespace
 
+void EncodeOptionError(std::vector<uint8_t>& out, uint32_t option, uint32_t error,
+                       std::string_view message) {
+  Err(out, option, error, message);
+}
+
 uint16_t TransmissionFlags(bool read_only, bool structured_replies) {
   uint16_t f = kFlagHasFlags | kFlagSendFlush | kFlagSendFua | kFlagCanMultiConn;
   if (read_only) {
@@ -193,7 +198,8 @@ Negotiator::Step Negotiator::ExportName(std::span<const uint8_t> payload,
                                         std::vector<uint8_t>& out) {
   std::string_view name(reinterpret_cast<const char*>(payload.data()), payload.size());
   std::optional<ExportInfo> info;
-  if (ValidString(name)) info = catalog_.Lookup(name);
+  ExportCatalog::Refusal why;
+  if (ValidString(name)) info = catalog_.Resolve(name, why);
   if (!info) {
     // The spec: a server unwilling to allow the export MUST terminate the session.
     state_ = State::kDone;
@@ -295,9 +301,10 @@ Negotiator::Step Negotiator::InfoOrGo(uint32_t option, std::span<const uint8_t> 
     Err(out, option, kRepErrInvalid, "invalid export name");
     return Step::kContinue;
   }
-  std::optional<ExportInfo> info = catalog_.Lookup(name);
+  ExportCatalog::Refusal why;
+  std::optional<ExportInfo> info = catalog_.Resolve(name, why);
   if (!info) {
-    Err(out, option, kRepErrUnknown, "unknown export");
+    Err(out, option, why.error, why.message);
     return Step::kContinue;
   }
 
@@ -375,9 +382,10 @@ void Negotiator::MetaContext(uint32_t option, std::span<const uint8_t> payload,
     return;
   }
   std::optional<ExportInfo> info;
-  if (ValidString(name)) info = catalog_.Lookup(name);
+  ExportCatalog::Refusal why;
+  if (ValidString(name)) info = catalog_.Resolve(name, why);
   if (!info) {
-    Err(out, option, kRepErrUnknown, "unknown export");
+    Err(out, option, why.error, why.message);
     return;
   }
   if (match) {

@@ -45,10 +45,26 @@ struct ExportInfo {
 // a canonical ExportInfo::name.
 class ExportCatalog {
  public:
+  // Why Resolve refused a name: the option error (kRepErr*) and the message the client sees.
+  struct Refusal {
+    uint32_t error = kRepErrUnknown;
+    std::string message = "unknown export";
+  };
   virtual ~ExportCatalog() = default;
   virtual std::optional<ExportInfo> Lookup(std::string_view name) = 0;
+  // What the Negotiator calls: Lookup, or a refusal with its own error and message (a
+  // malformed name, an export the client may not open now). EXPORT_NAME has no error reply,
+  // so there a refusal closes the connection like an unknown name.
+  virtual std::optional<ExportInfo> Resolve(std::string_view name, Refusal& why) {
+    return Lookup(name);
+  }
   virtual std::vector<std::string> List() = 0;
 };
+
+// An option error reply (kRepErr*) with a message, for a server that decides to refuse an
+// export after the Negotiator has accepted it (the frontend's fence can lose a race).
+void EncodeOptionError(std::vector<uint8_t>& out, uint32_t option, uint32_t error,
+                       std::string_view message);
 
 enum class TlsPolicy { kNone, kRequired };
 

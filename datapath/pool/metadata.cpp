@@ -139,6 +139,7 @@ std::string ToJson(const VolumeMeta& m) {
             {"source", m.source},
             {"state", m.state}};
   if (!m.error.empty()) j["error"] = m.error;
+  if (m.fence_epoch) j["fence_epoch"] = m.fence_epoch;
   return j.dump(2) + "\n";
 }
 
@@ -164,8 +165,13 @@ StatusOr<VolumeMeta> ParseVolumeMetadata(std::string_view text, std::string_view
                    Field(j, "", "created_unix_ns", m.created_unix_ns, opt),
                    Field(j, "", "read_only", m.read_only, opt),
                    Field(j, "", "source", m.source, opt), Field(j, "", "state", m.state, opt),
-                   Field(j, "", "error", m.error, opt)}) {
+                   Field(j, "", "error", m.error, opt),
+                   Field(j, "", "fence_epoch", m.fence_epoch, opt)}) {
     if (!s.ok()) return s;
+  }
+  if (m.fence_epoch) {
+    if (Status s = ValidateFenceEpoch(m.fence_epoch); !s.ok())
+      return Error(EINVAL, "metadata \"fence_epoch\": {}", s.message());
   }
   for (Status s : {CheckName("volume", m.name, expected_name), CheckSize(m.size),
                    ParseQos(j, m.size, m.qos), CheckSourceLabel(m.source), CheckState(m.state)}) {

@@ -27,6 +27,10 @@ struct VolumeMeta {
   std::string source;           // "", "snapshot/NAME" or "volume/NAME"
   std::string state = "ready";  // "ready" | "copying" | "failed"
   std::string error;            // why a background fill failed
+  // The highest epoch a target has fenced this volume to (Pool::FenceVolume); 0 = never fenced.
+  // Written only when not 0, so files of volumes that never saw an epoch are unchanged. Not
+  // carried into snapshots or clones: a new volume starts at 0.
+  uint64_t fence_epoch = 0;
 };
 
 // What NAME.json of a snapshot holds.

@@ -174,6 +174,8 @@ struct VolumeInfo {
   // The same in allocated data (CopyJob::data_*); no total until the job has mapped it.
   uint64_t copy_data_done = 0;
   std::optional<uint64_t> copy_data_total;
+  // The epoch the volume is fenced at (Pool::FenceVolume); 0 = never fenced.
+  uint64_t fence_epoch = 0;
 };
 
 // Snapshots live in DIR/snapshots/NAME.img + NAME.json, with the same crash-safety rules and
@@ -248,11 +250,15 @@ class Volume {
   // lost. Returns !data_lost(). The engine calls it when a FLUSH or FUA write completes, before
   // it answers; the pool's watcher calls it for every volume each second (kWatchPeriod).
   bool CheckDataFile();
+  // The epoch this volume is fenced at (Pool::FenceVolume), 0 when it never was. The engine
+  // compares each request's connection epoch with it before it starts the request (one load).
+  uint64_t fence_epoch() const { return fence_epoch_.load(std::memory_order_acquire); }
   ~Volume();
 
  private:
   friend class Pool;
   std::atomic<bool> data_lost_{false};
+  std::atomic<uint64_t> fence_epoch_{0};
   std::string name_;
   std::atomic<uint64_t> size_{0};
   bool read_only_ = false;
@@ -301,6 +307,16 @@ class Pool {
   }
   StatusOr<VolumeInfo> Inspect(const std::string& name);
   std::vector<VolumeInfo> List();
+
+  // Fencing (replicated volumes, docs/design.md "Fencing"): records `epoch` as the volume's
+  // fence epoch R, durably, then stops every connection of an older epoch: the volume's writes
+  // pause and drain (WriteGate), R becomes visible to the engine, writes resume, and from then
+  // on the engine answers every request of a connection whose epoch is below R with EPERM.
+  // When it returns, no modifying request of an older epoch is running or can start. Returns
+  // the recorded epoch. epoch == R: nothing to do (idempotent). EINVAL: epoch outside
+  // 1..kMaxFenceEpoch; ESTALE: epoch < R (the message names both); ENOENT; EAGAIN while a
+  // background copy fills the volume. A restart keeps R; snapshots and clones start at 0.
+  StatusOr<uint64_t> FenceVolume(const std::string& name, uint64_t epoch);
   PoolInfo Info();
 
   // ---- snapshots (restores and clones are Create with a source; design in copy_job.h) ----

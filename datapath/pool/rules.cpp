@@ -41,4 +41,10 @@ Status ValidateQos(const QosLimits& q, uint64_t size) {
   return Status::Ok();
 }
 
+Status ValidateFenceEpoch(uint64_t epoch) {
+  if (epoch == 0 || epoch > kMaxFenceEpoch)
+    return Error(EINVAL, "epoch {} is out of range: epochs are 1..{}", epoch, kMaxFenceEpoch);
+  return Status::Ok();
+}
+
 }  // namespace nbdcsi::datapath

@@ -12,6 +12,7 @@
 //   QoS:  burst_ms above kMaxBurstMs                             EINVAL  "burst_ms"
 //   QoS:  iops_per_gib or bps_per_gib x the size in whole GiB    EINVAL  "<n> GiB overflows"
 //         does not fit 64 bits
+//   fence epoch: 0 or above kMaxFenceEpoch                       EINVAL  "epoch ..."
 //
 // Too large a size is EINVAL, not EFBIG: no state of the pool makes such a request valid (it is a
 // wrong argument, INVALID_ARGUMENT over gRPC), whereas EFBIG is what the file system says when it
@@ -36,6 +37,9 @@ using nbdcsi::kMaxVolumeNameLen;     // common/volume_rules.h
 using nbdcsi::kVolumeSizeAlignment;  // common/volume_rules.h
 // A data file cannot be larger than off_t reaches.
 inline constexpr uint64_t kMaxVolumeSize = static_cast<uint64_t>(std::numeric_limits<off_t>::max());
+// Fence epochs are 1..2^63-1 (they travel as decimal text in export names and as int64 in
+// places that have no unsigned type; 0 means "never fenced").
+inline constexpr uint64_t kMaxFenceEpoch = static_cast<uint64_t>(INT64_MAX);
 // Upper bound for QosLimits::burst_ms: a minute of the rate is already a very deep bucket.
 inline constexpr uint32_t kMaxBurstMs = 60000;
 
@@ -52,5 +56,8 @@ Status ValidateVolumeSize(uint64_t size);
 // the size rounded up to whole GiB, qos.h Resolve). Size 0 means "not known yet": only the rules
 // that do not depend on the size are checked. Messages start with "QoS".
 Status ValidateQos(const QosLimits& q, uint64_t size);
+
+// An epoch a volume may be fenced to (Pool::FenceVolume). Messages start with "epoch".
+Status ValidateFenceEpoch(uint64_t epoch);
 
 }  // namespace nbdcsi::datapath

@@ -111,6 +111,7 @@ StatusOr<std::shared_ptr<Volume>> Pool::Impl::OpenVolume(const VolumeMeta& m, in
   v->name_ = m.name;
   v->size_.store(m.size, std::memory_order_release);
   v->read_only_ = m.read_only;
+  v->fence_epoch_.store(m.fence_epoch, std::memory_order_release);
   v->throttle_.SetLimits(m.qos, m.size, MonotonicNowNs());
   return v;
 }
@@ -125,6 +126,7 @@ VolumeInfo Pool::Impl::MakeInfo(const Entry& e) const {
   info.path = DataPath(e.meta.name);
   info.source = e.meta.source;
   info.ready = e.meta.state == "ready";
+  info.fence_epoch = e.meta.fence_epoch;
   struct stat st{};
   if (fstat(e.vol->buffered_fd(), &st) == 0) {
     info.allocated = static_cast<uint64_t>(st.st_blocks) * 512;
@@ -232,7 +234,8 @@ StatusOr<VolumeInfo> Pool::Impl::CreateBlank(const CreateSpec& spec) {
   };
   if (Status s = SizeDurably(fd, spec.size, data, vol_dir); !s.ok()) return fail(s);
   FaultPoint("create.data");
-  const VolumeMeta m{name, spec.size, RealtimeNs(), spec.read_only, spec.qos, "", "ready", ""};
+  const VolumeMeta m{name, spec.size, RealtimeNs(), spec.read_only, spec.qos, "", "ready", "",
+                     /*fence_epoch=*/0};
   // Open the descriptors before the commit, so nothing that can fail comes after it.
   auto vol = OpenVolume(m, fd);
   fd = -1;  // owned by the volume (or closed by its destructor) from here
@@ -416,6 +419,53 @@ StatusOr<VolumeInfo> Pool::UpdateQos(const std::string& name, const QosPatch& pa
     it->second.vol->throttle_.SetLimits(m.qos, m.size, MonotonicNowNs());
   }
   return I.MakeInfo(it->second);
+}
+
+StatusOr<uint64_t> Pool::FenceVolume(const std::string& name, uint64_t epoch) {
+  if (Status s = ValidateVolumeName(name); !s.ok()) return s;
+  if (Status s = ValidateFenceEpoch(epoch); !s.ok()) return InVolume(name, s);
+  Impl& I = *impl_;
+  // The guard orders fences of one volume (two new targets racing: the higher wins, the lower
+  // gets ESTALE) and keeps snapshots, which also close the gate, out of the pause below.
+  Impl::NameGuard guard(I, {VolKey(name)});
+  VolumeMeta old_meta;
+  std::shared_ptr<Volume> vol;
+  {
+    std::lock_guard lock(I.mu);
+    auto it = I.vols.find(name);
+    if (it == I.vols.end()) return Impl::NotFound("volume", I.broken, name);
+    if (Status s = I.CheckNotFillingLocked(name, "fence it"); !s.ok()) return s;
+    old_meta = it->second.meta;
+    vol = it->second.vol;
+  }
+  const uint64_t held = old_meta.fence_epoch;
+  if (epoch < held)
+    return Error(ESTALE, "stale epoch {}, volume {} is at {}", epoch, name, held);
+  if (epoch == held) return held;
+  // Durable first: once any writer of the new epoch is let in, a crash must not bring back a
+  // volume that would accept the old one.
+  VolumeMeta m = old_meta;
+  m.fence_epoch = epoch;
+  const auto t0 = std::chrono::steady_clock::now();
+  if (Status s = I.CommitMetaOrRestore(m, old_meta, "fence.meta_tmp", "fence.meta_renamed");
+      !s.ok()) {
+    return Error(s.code(), "fence volume {} to epoch {}: {}", name, epoch, s.message());
+  }
+  {
+    std::lock_guard lock(I.mu);
+    I.vols.find(name)->second.meta = m;  // still there: the name guard excludes Delete
+  }
+  // Then the engine. A write that passed the gate before it closed may still see the old
+  // epoch and run: the drain waits for it. Every write after the drain passes the gate after
+  // Open, which publishes the new epoch to it (the gate's lock and seq_cst flags), so its
+  // epoch check sees `epoch`.
+  vol->gate().CloseAndDrain();
+  const double drain_ms = MsSince(t0);
+  vol->fence_epoch_.store(epoch, std::memory_order_seq_cst);
+  vol->gate().Open();
+  spdlog::info("pool {}: volume {} fenced at epoch {} (was {}; metadata + drain {:.2f} ms)",
+               I.opts.dir, name, epoch, held, drain_ms);
+  return epoch;
 }
 
 StatusOr<VolumeInfo> Pool::Inspect(const std::string& name) {

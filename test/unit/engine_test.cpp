@@ -6,11 +6,14 @@
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <fcntl.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <atomic>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -326,8 +329,10 @@ class EngineTest : public ::testing::Test {
     auto r = pool_->Create(name, size, qos, read_only);
     ASSERT_TRUE(r.ok()) << r.status().message();
   }
-  void StartFrontend(unsigned workers) {
-    frontend_ = std::make_unique<NbdFrontend>(*pool_, FrontendOptions{workers, 30});
+  void StartFrontend(unsigned workers, WorkerOptions worker = {}) {
+    FrontendOptions fo{workers, 30};
+    fo.worker = worker;
+    frontend_ = std::make_unique<NbdFrontend>(*pool_, fo);
     Endpoint ep;
     ep.kind = Endpoint::Kind::kUnix;
     ep.path = sock_;
@@ -1084,6 +1089,297 @@ TEST_F(EngineTest, MultiConnWritesOnOneFlushReadsOnOther) {
   a.reset();
   b.reset();
   ExpectConnectionsDrainTo("v", 0);
+}
+
+// ---- fencing (docs/design.md "Fencing") ----------------------------------------------------
+
+// One OPT_GO for `name` on a fresh connection: the reply type (kRepAck when the export is
+// granted) and, for an error reply, its message.
+struct GoAnswer {
+  uint32_t type = 0;
+  std::string message;
+};
+GoAnswer Go(const std::string& sock, const std::string& name) {
+  GoAnswer a;
+  int fd = Client::ConnectRaw(sock);
+  if (fd < 0) return a;
+  uint8_t greet[18];
+  if (!test::RecvAll(fd, greet, sizeof greet)) {
+    close(fd);
+    return a;
+  }
+  Bytes out(4);
+  nbd::StoreBE32(&out[0], nbd::kClientFlagFixedNewstyle | nbd::kClientFlagNoZeroes);
+  Bytes opt(16);
+  nbd::StoreBE64(&opt[0], nbd::kIHaveOpt);
+  nbd::StoreBE32(&opt[8], nbd::kOptGo);
+  nbd::StoreBE32(&opt[12], static_cast<uint32_t>(4 + name.size() + 2));
+  Append(out, opt);
+  Bytes len(4);
+  nbd::StoreBE32(&len[0], static_cast<uint32_t>(name.size()));
+  Append(out, len);
+  out.insert(out.end(), name.begin(), name.end());
+  out.push_back(0);
+  out.push_back(0);
+  if (send(fd, out.data(), out.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(out.size())) {
+    close(fd);
+    return a;
+  }
+  for (;;) {
+    uint8_t h[20];
+    if (!test::RecvAll(fd, h, sizeof h)) break;
+    Bytes data(nbd::LoadBE32(h + 16));
+    if (!data.empty() && !test::RecvAll(fd, data.data(), data.size())) break;
+    const uint32_t type = nbd::LoadBE32(h + 12);
+    if (type == nbd::kRepInfo) continue;
+    a.type = type;
+    if (type & nbd::kRepFlagError) a.message.assign(data.begin(), data.end());
+    break;
+  }
+  close(fd);
+  return a;
+}
+
+// The handshake rules: an epoch above the volume's fences it, the same one is let in, an older
+// one and none at all are refused with a message that says why, and malformed names say what
+// is wrong. A volume that never saw an epoch serves epoch-less clients as before.
+TEST_F(EngineTest, EpochHandshakeRules) {
+  CreateVolume("v", 4 * kMiB);
+  CreateVolume("plain", 4 * kMiB);
+  StartFrontend(1);
+  EXPECT_EQ(Go(sock_, "plain").type, nbd::kRepAck);
+  EXPECT_EQ(Go(sock_, "v").type, nbd::kRepAck) << "not fenced yet: no epoch needed";
+
+  auto c3 = Connect("v@epoch=3");
+  ASSERT_NE(c3, nullptr);
+  EXPECT_EQ(pool_->Inspect("v")->fence_epoch, 3u) << "connecting at epoch 3 fences the volume";
+  c3->Write(0, Pattern(4096, 3));
+  EXPECT_EQ(Go(sock_, "v@epoch=3").type, nbd::kRepAck) << "the same epoch again is let in";
+
+  GoAnswer stale = Go(sock_, "v@epoch=2");
+  EXPECT_EQ(stale.type, nbd::kRepErrPolicy);
+  EXPECT_EQ(stale.message, "stale epoch 2, volume v is at 3");
+  GoAnswer none = Go(sock_, "v");
+  EXPECT_EQ(none.type, nbd::kRepErrPolicy);
+  EXPECT_NE(none.message.find("volume v is fenced at epoch 3: name an epoch"), std::string::npos)
+      << none.message;
+  EXPECT_EQ(Go(sock_, "v@grow").type, nbd::kRepErrPolicy) << "a growable window names no epoch";
+  EXPECT_GE(frontend_->counters().fenced_handshakes, 3u);
+
+  for (const char* bad : {"v@epoch=", "v@epoch=0", "v@epoch=03", "v@epoch=+4", "v@epoch=-4",
+                          "v@epoch= 4", "v@epoch=4 ", "v@epoch=9223372036854775808",
+                          "v@epoch=4@grow", "v@grow@epoch=4", "v@epoch=0x10", "v@other",
+                          "@epoch=4"}) {
+    GoAnswer a = Go(sock_, bad);
+    EXPECT_EQ(a.type, nbd::kRepErrInvalid) << bad << ": " << a.message;
+    EXPECT_NE(a.message.find("export name"), std::string::npos) << bad << ": " << a.message;
+  }
+  EXPECT_EQ(pool_->Inspect("v")->fence_epoch, 3u) << "no refused name changed the epoch";
+  EXPECT_EQ(c3->Read(0, 4096), Pattern(4096, 3)) << "the epoch-3 connection still works";
+
+  // The largest epoch is accepted and fences for good.
+  EXPECT_EQ(Go(sock_, "v@epoch=9223372036854775807").type, nbd::kRepAck);
+  EXPECT_EQ(c3->Call(nbd::kCmdRead, 0, 0, 4096).error, kEPERM);
+  EXPECT_EQ(Go(sock_, "plain").type, nbd::kRepAck) << "other volumes are untouched";
+}
+
+// Connections without an epoch count as epoch 0: an epoch-less NBD client and the kernel's
+// socketpairs stop at the first fence, reads included, and no new socketpair is handed out.
+TEST_F(EngineTest, FenceStopsEpochLessConnectionsAndSocketPairs) {
+  CreateVolume("v", 4 * kMiB);
+  StartFrontend(2);
+  auto plain = Connect("v");
+  ASSERT_NE(plain, nullptr);
+  auto pairs = frontend_->ServeSocketPairs("v", 1);
+  ASSERT_TRUE(pairs.ok()) << pairs.status().message();
+  plain->Write(0, Pattern(4096, 1));
+
+  auto r = pool_->FenceVolume("v", 1);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(*r, 1u);
+  EXPECT_EQ(plain->Call(nbd::kCmdWrite, 0, 4096, 4096, Pattern(4096, 2)).error, kEPERM);
+  EXPECT_EQ(plain->Call(nbd::kCmdRead, 0, 0, 4096).error, kEPERM);
+  EXPECT_EQ(plain->Call(nbd::kCmdFlush, 0, 0, 0).error, kEPERM);
+  // The kernel side of the socketpair: a simple-reply WRITE, refused the same way.
+  int kfd = (*pairs)[0];
+  Bytes w = NbdRequest(nbd::kCmdWrite, 0, 77, 8192, 4096, Pattern(4096, 3));
+  ASSERT_EQ(send(kfd, w.data(), w.size(), MSG_NOSIGNAL), static_cast<ssize_t>(w.size()));
+  uint8_t reply[nbd::kSimpleReplyLen];
+  ASSERT_TRUE(test::RecvAll(kfd, reply, sizeof reply));
+  EXPECT_EQ(nbd::LoadBE32(reply + 4), kEPERM);
+  EXPECT_EQ(nbd::LoadBE64(reply + 8), 77u);
+  close(kfd);
+
+  auto more = frontend_->ServeSocketPairs("v", 1);
+  ASSERT_FALSE(more.ok());
+  EXPECT_EQ(more.status().code(), EPERM);
+  EXPECT_NE(more.status().message().find("fenced at epoch 1"), std::string::npos);
+  EXPECT_GE(frontend_->counters().fenced_requests, 4u);
+
+  // Nothing of the refused writes reached the file.
+  auto e1 = Connect("v@epoch=1");
+  ASSERT_NE(e1, nullptr);
+  EXPECT_EQ(e1->Read(0, 4096), Pattern(4096, 1));
+  EXPECT_EQ(e1->Read(4096, 8192), Bytes(8192, 0));
+}
+
+// The fence's promise with writes in flight: a connection at epoch 1 streams 4 KiB writes, each
+// to its own block, and the volume is fenced to 2 in the middle of the stream. From the moment
+// FenceVolume returns, the data file must not change any more (a copy taken then equals the
+// file after every reply is in), every write acknowledged is in the file, every refused one
+// (EPERM) is not, and every write sent after the fence returned is refused. No sleeps: the
+// fence starts once replies are flowing, and the stream continues after it on its own.
+TEST_F(EngineTest, FenceWaitsForInFlightWritesAndNothingOlderLandsAfter) {
+  constexpr uint64_t kBlocks = 8192;  // 32 MiB
+  constexpr uint32_t kBlock = 4096;
+  constexpr uint64_t kAfter = 512;    // writes sent after the fence returned
+  CreateVolume("v", kBlocks * kBlock);
+  StartFrontend(2);
+  auto old = Connect("v@epoch=1");
+  ASSERT_NE(old, nullptr);
+  const std::string path = pool_->Inspect("v")->path;
+
+  std::atomic<uint64_t> sent{0}, answered{0};
+  std::atomic<uint64_t> stop_at{kBlocks};  // the sender stops before this sequence number
+  std::atomic<uint64_t> fenced_at{kBlocks};  // the first sequence number sent after the fence
+  std::vector<uint32_t> errors(kBlocks, ~0u);
+  std::thread sender([&] {
+    for (uint64_t seq = 0; seq < stop_at.load(); ++seq) {
+      old->Send(NbdRequest(nbd::kCmdWrite, 0, seq, seq * kBlock, kBlock,
+                           Pattern(kBlock, static_cast<uint32_t>(seq + 1))));
+      sent.store(seq + 1);
+    }
+  });
+  std::thread receiver([&] {
+    std::map<uint64_t, uint32_t> none;
+    for (;;) {
+      // stop_at only comes down to its final value before the sender gets there, and the
+      // sender never passes it: every reply is in once `answered` reaches it.
+      if (answered.load() == stop_at.load()) return;
+      Reply r;
+      if (!old->ReadReply(&r, none)) return;
+      if (r.cookie < kBlocks) errors[r.cookie] = r.error;
+      answered.fetch_add(1);
+    }
+  });
+
+  ASSERT_TRUE(test::WaitUntil([&] { return answered.load() >= 64; }))
+      << "no write was answered before the fence";
+  auto r = pool_->FenceVolume("v", 2);
+  const uint64_t sent_before_return = sent.load();
+  std::string at_fence;
+  {
+    int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    ASSERT_GE(fd, 0);
+    at_fence.resize(kBlocks * kBlock);
+    ASSERT_EQ(pread(fd, at_fence.data(), at_fence.size(), 0),
+              static_cast<ssize_t>(at_fence.size()));
+    close(fd);
+  }
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  fenced_at.store(sent.load());
+  stop_at.store(std::min<uint64_t>(kBlocks, std::max(sent.load(), sent_before_return) + kAfter));
+  sender.join();
+  ASSERT_TRUE(test::WaitUntil([&] { return answered.load() == sent.load(); },
+                              std::chrono::seconds(10) * kSanitizerSlowdown))
+      << answered.load() << " of " << sent.load() << " writes answered";
+  receiver.join();
+
+  std::string after(kBlocks * kBlock, '\0');
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(pread(fd, after.data(), after.size(), 0), static_cast<ssize_t>(after.size()));
+  close(fd);
+  EXPECT_TRUE(after == at_fence) << "the data file changed after FenceVolume returned";
+
+  uint64_t ok = 0, refused = 0, landed_late = 0;
+  const std::string zeros(kBlock, '\0');
+  for (uint64_t seq = 0; seq < sent.load(); ++seq) {
+    const std::string_view got(after.data() + seq * kBlock, kBlock);
+    const Bytes want = Pattern(kBlock, static_cast<uint32_t>(seq + 1));
+    if (errors[seq] == 0) {
+      ++ok;
+      EXPECT_EQ(got, std::string_view(reinterpret_cast<const char*>(want.data()), kBlock))
+          << "acknowledged write " << seq << " is not in the file";
+    } else {
+      ++refused;
+      EXPECT_EQ(errors[seq], kEPERM) << "write " << seq;
+      if (got != zeros) ++landed_late;
+    }
+    if (seq >= fenced_at.load()) {
+      EXPECT_EQ(errors[seq], kEPERM) << "write " << seq << " was sent after the fence";
+    }
+  }
+  EXPECT_EQ(landed_late, 0u) << "refused writes reached the file";
+  EXPECT_GE(ok, 64u);
+  EXPECT_GE(refused, kAfter);
+  EXPECT_EQ(frontend_->counters().fenced_requests, refused);
+  std::printf("fence with writes in flight: %llu acknowledged, %llu refused\n",
+              static_cast<unsigned long long>(ok), static_cast<unsigned long long>(refused));
+}
+
+// The drain itself, deterministically: a write of the epoch-1 connection is held in the ring
+// (submitted, not complete: WorkerOptions::test_hold_writes_efd) when the fence to 2 starts.
+// The fence must not return before that write has completed; a second write sent while the
+// fence waits parks at the closed gate and is refused once the fence is through.
+TEST_F(EngineTest, FenceReturnsOnlyAfterTheWriteInTheRingCompleted) {
+  const int hold = eventfd(0, EFD_SEMAPHORE | EFD_CLOEXEC);
+  ASSERT_GE(hold, 0);
+  CreateVolume("v", 4 * kMiB);
+  StartFrontend(1, WorkerOptions{256, hold});
+  auto old = Connect("v@epoch=1");
+  ASSERT_NE(old, nullptr);
+  auto vol = pool_->Acquire("v");
+  const std::string path = pool_->Inspect("v")->path;
+
+  old->Send(NbdRequest(nbd::kCmdWrite, 0, 1, 0, 4096, Pattern(4096, 1)));
+  ASSERT_TRUE(test::WaitUntil([&] { return vol->gate().in_flight() == 1; }))
+      << "the write never reached the ring";
+
+  std::atomic<bool> fence_done{false};
+  StatusOr<uint64_t> fenced = Error(EINVAL, "not run");
+  std::thread fencer([&] {
+    fenced = pool_->FenceVolume("v", 2);
+    fence_done = true;
+  });
+  // The fence has committed the epoch and closed the gate: it now waits for the held write.
+  ASSERT_TRUE(test::WaitUntil([&] { return vol->gate().closed(); }))
+      << "the fence never closed the write gate";
+  EXPECT_EQ(pool_->Inspect("v")->fence_epoch, 2u) << "recorded durably before the drain";
+  old->Send(NbdRequest(nbd::kCmdWrite, 0, 2, 8192, 4096, Pattern(4096, 2)));
+  ExpectQueued(*frontend_, &EngineCounters::parked, 1);
+  EXPECT_FALSE(fence_done.load()) << "the fence returned with a write still in the ring";
+  EXPECT_EQ(vol->fence_epoch(), 1u) << "epoch 2 published before the drain ended";
+
+  const uint64_t one = 1;
+  ASSERT_EQ(write(hold, &one, sizeof one), static_cast<ssize_t>(sizeof one));  // let it run
+  fencer.join();
+  ASSERT_TRUE(fenced.ok()) << fenced.status().message();
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  Bytes at_return(12288);
+  ASSERT_EQ(pread(fd, at_return.data(), at_return.size(), 0), 12288);
+  close(fd);
+  EXPECT_EQ(Bytes(at_return.begin(), at_return.begin() + 4096), Pattern(4096, 1))
+      << "the held write had not landed when the fence returned";
+
+  std::map<uint64_t, uint32_t> none;
+  std::map<uint64_t, uint32_t> errors;
+  for (int i = 0; i < 2; ++i) {
+    Reply r;
+    ASSERT_TRUE(old->ReadReply(&r, none));
+    errors[r.cookie] = r.error;
+  }
+  EXPECT_EQ(errors[1], 0u) << "the write started before the fence is acknowledged";
+  EXPECT_EQ(errors[2], kEPERM) << "the write parked during the fence is refused";
+  EXPECT_EQ(Bytes(at_return.begin() + 8192, at_return.end()), Bytes(4096, 0));
+  auto e2 = Connect("v@epoch=2");
+  ASSERT_NE(e2, nullptr);
+  EXPECT_EQ(e2->Read(8192, 4096), Bytes(4096, 0)) << "the refused write landed later";
+  old.reset();
+  e2.reset();
+  frontend_.reset();  // the workers go before the eventfd they read
+  close(hold);
 }
 
 }  // namespace

@@ -35,6 +35,7 @@ struct Observed {
   bool present = false;
   uint64_t size = 0;
   QosLimits qos;
+  uint64_t fence_epoch = 0;
   bool operator==(const Observed&) const = default;
 };
 
@@ -109,6 +110,16 @@ std::optional<Scenario> ScenarioFor(const std::string& point) {
     s.op = [](Pool& p) { return p.SetQos("v", NewQos()); };
     s.before = {true, kMiB, {}};
     s.after = {true, kMiB, NewQos()};
+  } else if (prefix == "fence") {
+    // The epoch is on disk before any connection of it is let in, or not at all: a crash
+    // leaves the volume at epoch 3 or 7, and the engine's view agrees (Observe).
+    s.setup = [](Pool& p) {
+      ASSERT_TRUE(p.Create("v", kMiB, {}).ok());
+      ASSERT_TRUE(p.FenceVolume("v", 3).ok());
+    };
+    s.op = [](Pool& p) { return p.FenceVolume("v", 7).status(); };
+    s.before = {true, kMiB, {}, 3};
+    s.after = {true, kMiB, {}, 7};
   } else if (prefix == "snapshot") {
     s.snapshot_target = true;
     s.has_src = true;
@@ -197,6 +208,8 @@ const std::map<std::string, Expectation>& Expected() {
       {"resize.meta_renamed", {Outcome::kNew, {}}},
       {"qos.meta_tmp", {Outcome::kOld, {"volumes/.v.json.tmp"}}},
       {"qos.meta_renamed", {Outcome::kNew, {}}},
+      {"fence.meta_tmp", {Outcome::kOld, {"volumes/.v.json.tmp"}}},
+      {"fence.meta_renamed", {Outcome::kNew, {}}},
       {"snapshot.cloned", {Outcome::kOld, {"snapshots/.s.img.tmp"}}},
       {"snapshot.data", {Outcome::kOld, {"snapshots/s.img"}}},
       {"snapshot.meta_tmp", {Outcome::kOld, {"snapshots/s.img", "snapshots/.s.json.tmp"}}},
@@ -281,12 +294,13 @@ class PoolCrashTest : public ::testing::TestWithParam<std::string> {
     }
     EXPECT_EQ(live->size(), info->size);
     EXPECT_EQ(live->throttle().limits(), info->qos);
+    EXPECT_EQ(live->fence_epoch(), info->fence_epoch);
     if (sc.has_src) {
       ExpectContent(info->path, 0, kSrcByte);
       ExpectContent(info->path, 3 * kMiB, kSrcByte);
       ExpectContent(info->path, 6 * kMiB, '\0');  // grown past the source: zeros
     }
-    return {true, info->size, info->qos};
+    return {true, info->size, info->qos, info->fence_epoch};
   }
 
   test::TempDir tmp_;

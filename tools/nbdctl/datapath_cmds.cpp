@@ -100,6 +100,7 @@ struct DatapathCommands::Impl {
   QosFlags qos;
   bool read_only = false, clear = false, wait = false;
   unsigned connections = 0;
+  uint64_t epoch = 0;
 
   std::unique_ptr<Connection> conn;
   std::unique_ptr<v1::Datapath::Stub> stub;
@@ -163,6 +164,7 @@ struct DatapathCommands::Impl {
   int VolumeResize();
   int VolumeDelete();
   int VolumeQos();
+  int VolumeFence();
   int SnapshotCreate();
   int SnapshotList();
   int SnapshotInspect();
@@ -306,6 +308,17 @@ int DatapathCommands::Impl::VolumeResize() {
   v1::ResizeVolumeResponse resp;
   if (int rc = Call(&Stub::ResizeVolume, req, &resp, "resize volume")) return rc;
   return Show(VolumeJson(resp.volume()), VolumeDetails(resp.volume()));
+}
+
+int DatapathCommands::Impl::VolumeFence() {
+  Connect();
+  v1::FenceVolumeRequest req;
+  req.set_name(name);
+  req.set_epoch(epoch);
+  v1::FenceVolumeResponse resp;
+  if (int rc = Call(&Stub::FenceVolume, req, &resp, "fence volume")) return rc;
+  return Show({{"name", name}, {"fence_epoch", resp.epoch()}},
+              fmt::format("volume \"{}\" is fenced at epoch {}\n", name, resp.epoch()));
 }
 
 int DatapathCommands::Impl::VolumeDelete() {
@@ -488,6 +501,15 @@ void DatapathCommands::Impl::RegisterVolume(CommandTree& tree) {
                                   "Remove all limits (then apply any flags given)");
                      }),
                &Impl::VolumeQos));
+  tree.Add(Cmd({"volume", "fence"},
+               "Fence a volume at an epoch: NBD clients of older epochs (and those naming none) "
+               "are stopped and refused from now on; the same epoch again is a no-op",
+               Named("NAME", "Volume name",
+                     [this](CLI::App& c) {
+                       // The range (1..2^63-1) is the pool's rule; the daemon says it.
+                       c.add_option("--epoch", epoch, "The epoch, 1..2^63-1")->required();
+                     }),
+               &Impl::VolumeFence));
 }
 
 void DatapathCommands::Impl::RegisterSnapshot(CommandTree& tree) {

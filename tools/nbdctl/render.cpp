@@ -194,6 +194,7 @@ nlohmann::json VolumeJson(const v1::Volume& v) {
           {"copy_total_bytes", v.copy_total_bytes()},
           {"copy_data_done_bytes", v.copy_data_done_bytes()},
           {"copy_data_total_bytes", OptionalTotal(v)},
+          {"fence_epoch", v.fence_epoch()},
           {"qos", QosJson(v.qos())},
           {"effective_qos", EffectiveJson(v.effective_qos())}};
 }
@@ -294,6 +295,7 @@ std::string VolumeDetails(const v1::Volume& v) {
       {"Source", v.source().empty() ? "-" : v.source()},
       {"Ready", CopyState(v.ready(), FiguresOf(v), "")},
       {"Connections", std::to_string(v.open_connections())},
+      {"Fence epoch", v.fence_epoch() ? std::to_string(v.fence_epoch()) : "- (never fenced)"},
       {"Created", FormatTime(v.created_unix_ns())},
       {"Data file", v.data_path().empty() ? "-" : v.data_path()},
   };
