@@ -4,7 +4,7 @@
 // nlohmann's get<T>() converts whatever it finds: -1 becomes 2^64-1 as a uint64_t, 1.9e19 is
 // undefined behaviour, 2.5 becomes 2. A size, an offset or a count read that way passes every
 // later range check with the wrong value. Here a field must already have the JSON type of T: a
-// uint64_t is a non-negative integer literal, an int64_t an integer literal that fits.
+// uint64_t is a non-negative integer literal ("an unsigned integer"), an int64_t an integer literal that fits.
 #pragma once
 
 #include <cerrno>
@@ -53,7 +53,7 @@ const char* TypeName() {
   if constexpr (std::is_same_v<T, std::string>) return "a string";
   if constexpr (std::is_same_v<T, std::vector<std::string>>) return "an array of strings";
   if constexpr (std::is_same_v<T, bool>) return "a boolean";
-  if constexpr (std::is_same_v<T, uint64_t>) return "a non-negative integer";
+  if constexpr (std::is_same_v<T, uint64_t>) return "an unsigned integer";
   if constexpr (std::is_same_v<T, int64_t> || std::is_same_v<T, int>) return "an integer";
 }
 

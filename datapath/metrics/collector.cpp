@@ -208,6 +208,13 @@ std::vector<MetricFamily> DatapathCollector::Collect() const {
             "Completions that named a request already gone (a bug when not 0).", e.stale_dropped);
     counter("nbdcsi_engine_invariant_violations_total",
             "Broken request life-cycle rules (a bug when not 0).", e.invariant_violations);
+    // Fencing (issue 16): an old target after a failover, refused by this replica.
+    counter("nbdcsi_engine_fenced_requests_total",
+            "Requests refused with EPERM: their connection's epoch is below the volume's fence.",
+            e.fenced_requests);
+    counter("nbdcsi_engine_fenced_handshakes_total",
+            "Connections refused for a stale epoch, or for none on a fenced volume.",
+            e.fenced_handshakes);
   }
 
   // ---- kernel NBD / fuse attachments ------------------------------------------------------------

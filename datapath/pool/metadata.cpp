@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/json_field.h"
 #include "common/qos_fields.h"
 #include "datapath/pool/rules.h"
 
@@ -17,35 +18,20 @@ using nlohmann::json;
 
 bool ValidState(const std::string& s) { return s == "ready" || s == "copying" || s == "failed"; }
 
-template <typename T>
-bool Holds(const json& v) {
-  if constexpr (std::is_same_v<T, std::string>) return v.is_string();
-  if constexpr (std::is_same_v<T, bool>) return v.is_boolean();
-  if constexpr (std::is_same_v<T, uint64_t>) return v.is_number_unsigned();
-  if constexpr (std::is_same_v<T, int64_t>) return v.is_number_integer();
-}
+using json_field::Need;
 
-template <typename T>
-const char* TypeName() {
-  if constexpr (std::is_same_v<T, std::string>) return "a string";
-  if constexpr (std::is_same_v<T, bool>) return "a boolean";
-  if constexpr (std::is_same_v<T, uint64_t>) return "an unsigned integer";
-  if constexpr (std::is_same_v<T, int64_t>) return "an integer";
-}
-
-enum class Need { kRequired, kOptional };
-
-// obj[key] into `out`. `where` prefixes the key in messages ("qos." for the nested object). An
-// absent optional field leaves `out` as it is (its default).
+// obj[key] into `out`, by common/json_field.h's type rules; `where` prefixes the key in messages
+// ("qos." for the nested object). An absent optional field leaves `out` as it is (its default).
 template <typename T>
 Status Field(const json& obj, const char* where, const char* key, T& out, Need need) {
   auto it = obj.find(key);
   if (it == obj.end()) {
     if (need == Need::kOptional) return Status::Ok();
-    return Error(EINVAL, "metadata has no \"{}{}\" ({})", where, key, TypeName<T>());
+    return Error(EINVAL, "metadata has no \"{}{}\" ({})", where, key,
+                 json_field::TypeName<T>());
   }
-  if (!Holds<T>(*it)) {
-    return Error(EINVAL, "metadata \"{}{}\" is not {}", where, key, TypeName<T>());
+  if (!json_field::Holds<T>(*it)) {
+    return Error(EINVAL, "metadata \"{}{}\" is not {}", where, key, json_field::TypeName<T>());
   }
   out = it->template get<T>();
   return Status::Ok();

@@ -187,6 +187,8 @@ TEST_F(CollectorTest, PoolEngineAndAttachments) {
   EngineCounters e;
   e.throttled = 3;
   e.cancels = 11;
+  e.fenced_requests = 4;
+  e.fenced_handshakes = 2;
   e.workers_running = 2;
   AttachmentRecord up, down;
   up.volume = "v";
@@ -211,6 +213,8 @@ TEST_F(CollectorTest, PoolEngineAndAttachments) {
   EXPECT_EQ(Gauge(fams, "nbdcsi_engine_throttled_requests"), 3);
   EXPECT_EQ(Gauge(fams, "nbdcsi_engine_workers_running"), 2);
   EXPECT_EQ(Counter(fams, "nbdcsi_engine_cancels_total", {}), 11);
+  EXPECT_EQ(Counter(fams, "nbdcsi_engine_fenced_requests_total", {}), 4);
+  EXPECT_EQ(Counter(fams, "nbdcsi_engine_fenced_handshakes_total", {}), 2);
   EXPECT_EQ(Gauge(fams, "nbdcsi_attachment_up", {{"volume", "v"}, {"device", "/dev/nbd4"}}), 1);
   EXPECT_EQ(Gauge(fams, "nbdcsi_attachment_up", {{"volume", "w"}, {"mode", "kernel"}}), 0);
   EXPECT_EQ(Counter(fams, "nbdcsi_attachment_reconnects_total", {{"volume", "w"}}), 2);
