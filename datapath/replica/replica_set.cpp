@@ -1,0 +1,537 @@
+#include "datapath/replica/replica_set.h"
+
+#include <bit>
+#include <condition_variable>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <utility>
+
+#include <spdlog/spdlog.h>
+
+namespace nbdcsi::replica {
+namespace {
+
+using datapath::BackendDone;
+using datapath::BackendRequest;
+using Mask = uint32_t;
+static_assert(ReplicaSet::kMaxMembers <= 32, "members are tracked in a 32-bit mask");
+
+Mask Bit(size_t i) { return Mask{1} << i; }
+
+bool Modifies(BackendRequest::Op op) {
+  return op == BackendRequest::Op::kWrite || op == BackendRequest::Op::kTrim ||
+         op == BackendRequest::Op::kWriteZeroes;
+}
+
+const char* OpName(BackendRequest::Op op) {
+  switch (op) {
+    case BackendRequest::Op::kRead:
+      return "read";
+    case BackendRequest::Op::kWrite:
+      return "write";
+    case BackendRequest::Op::kFlush:
+      return "flush";
+    case BackendRequest::Op::kTrim:
+      return "trim";
+    case BackendRequest::Op::kWriteZeroes:
+      return "write-zeroes";
+  }
+  return "request";
+}
+
+class ClientChannelImpl final : public ReplicaChannel {
+ public:
+  explicit ClientChannelImpl(std::unique_ptr<ReplicaClient> c) : c_(std::move(c)) {}
+  Status Read(uint64_t offset, std::span<uint8_t> buf, Callback cb) override {
+    return c_->Read(offset, buf, std::move(cb));
+  }
+  Status Write(uint64_t offset, std::span<const uint8_t> data, bool fua, Callback cb) override {
+    return c_->Write(offset, data, fua, std::move(cb));
+  }
+  Status Flush(Callback cb) override { return c_->Flush(std::move(cb)); }
+  Status Trim(uint64_t offset, uint32_t length, bool fua, Callback cb) override {
+    return c_->Trim(offset, length, fua, std::move(cb));
+  }
+  Status WriteZeroes(uint64_t offset, uint32_t length, bool fua, bool no_hole,
+                     Callback cb) override {
+    return c_->WriteZeroes(offset, length, fua, no_hole, std::move(cb));
+  }
+  void Close() override { c_->Close(); }
+  ClientCounters counters() const override { return c_->counters(); }
+
+ private:
+  std::unique_ptr<ReplicaClient> c_;
+};
+
+}  // namespace
+
+std::unique_ptr<ReplicaChannel> ClientChannel(std::unique_ptr<ReplicaClient> client) {
+  return std::make_unique<ClientChannelImpl>(std::move(client));
+}
+
+const char* MemberStateName(MemberState s) {
+  switch (s) {
+    case MemberState::kInSync:
+      return "in-sync";
+    case MemberState::kFailing:
+      return "failing";
+    case MemberState::kOut:
+      return "out-of-sync";
+  }
+  return "?";
+}
+
+ClusterMembership::ClusterMembership(cluster::ClusterStore& store, std::string volume,
+                                     std::string node, uint64_t epoch,
+                                     std::chrono::milliseconds retry_for)
+    : store_(store),
+      volume_(std::move(volume)),
+      node_(std::move(node)),
+      epoch_(epoch),
+      retry_for_(retry_for) {}
+
+Status ClusterMembership::SetInSync(const std::vector<std::string>& in_sync) {
+  const auto deadline = std::chrono::steady_clock::now() + retry_for_;
+  auto pause = std::chrono::milliseconds(50);
+  for (;;) {
+    auto r = store_.SetInSync(volume_, node_, epoch_, in_sync);
+    if (r.ok()) return Status::Ok();
+    const int code = r.status().code();
+    if ((code != EAGAIN && code != ETIMEDOUT) || std::chrono::steady_clock::now() >= deadline)
+      return r.status();
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::milliseconds(1000));
+  }
+}
+
+// One request on its way through the set. `pending` counts the replica calls not yet called
+// back, plus one held by whoever is sending, so that it cannot resolve half-sent.
+struct Op {
+  BackendRequest req;
+  BackendDone done;
+  std::mutex mu;
+  int pending = 0;
+  Mask sent = 0, ok = 0, failed = 0;
+  int first_code = 0;
+  bool same_code = true;
+  std::string first_error;
+};
+
+struct ReplicaSet::Impl {
+  struct Member {
+    std::string node;
+    std::unique_ptr<ReplicaChannel> ch;
+    MemberState state = MemberState::kInSync;
+    std::string why;
+    bool closed = false;
+  };
+  // A modifying request or FLUSH that may be acknowledged only once every member in `need_out`
+  // is confirmed out of the in-sync set, and the ranges of `mark` are in the log.
+  struct Waiter {
+    std::shared_ptr<Op> op;
+    Mask need_out = 0;
+    Mask mark = 0;
+  };
+
+  ReplicaSetOptions opts;
+  Membership& membership;
+  OutOfSyncLog* log;
+  std::vector<Member> members;  // fixed after Create; state fields under mu
+  Mask all = 0;
+
+  mutable std::mutex mu;
+  std::condition_variable cv;
+  Mask failing = 0, out = 0;
+  bool stopped = false, closing = false, quit = false;
+  std::string stop_reason;
+  std::vector<std::string> recorded_in_sync;
+  std::vector<Waiter> waiters;
+  uint64_t acked_degraded = 0;
+  std::thread thread;
+
+  Impl(ReplicaSetOptions o, Membership& m, OutOfSyncLog* l)
+      : opts(std::move(o)), membership(m), log(l) {}
+
+  Mask InSyncLocked() const { return all & ~failing & ~out; }
+
+  std::vector<std::string> Nodes(Mask m) const {
+    std::vector<std::string> v;
+    for (size_t i = 0; i < members.size(); ++i)
+      if (m & Bit(i)) v.push_back(members[i].node);
+    return v;
+  }
+
+  // The member a read goes to: the preferred node when it is in sync and not tried yet.
+  int PickReader(Mask candidates) const {
+    if (!candidates) return -1;
+    for (size_t i = 0; i < members.size(); ++i)
+      if ((candidates & Bit(i)) && members[i].node == opts.preferred_node)
+        return static_cast<int>(i);
+    return std::countr_zero(candidates);
+  }
+
+  // Takes a member out of service after its first failure; the membership thread records it.
+  void EnterFailingLocked(size_t i, const std::string& why) {
+    if (members[i].state != MemberState::kInSync) return;
+    members[i].state = MemberState::kFailing;
+    members[i].why = why;
+    failing |= Bit(i);
+    spdlog::warn("replica set {}: replica on {} failed ({}); dropping it from the in-sync set",
+                 opts.volume, members[i].node, why);
+    cv.notify_all();
+  }
+
+  void Send(const std::shared_ptr<Op>& op, size_t i) {
+    {
+      std::lock_guard<std::mutex> lock(op->mu);
+      op->sent |= Bit(i);
+      ++op->pending;
+    }
+    Callback cb = [this, op, i](const Status& s) { Finished(op, i, s); };
+    ReplicaChannel& ch = *members[i].ch;
+    const BackendRequest& r = op->req;
+    Status s;
+    switch (r.op) {
+      case BackendRequest::Op::kRead:
+        s = ch.Read(r.offset, {r.data, r.length}, std::move(cb));
+        break;
+      case BackendRequest::Op::kWrite:
+        s = ch.Write(r.offset, {r.data, r.length}, r.fua, std::move(cb));
+        break;
+      case BackendRequest::Op::kFlush:
+        s = ch.Flush(std::move(cb));
+        break;
+      case BackendRequest::Op::kTrim:
+        s = ch.Trim(r.offset, r.length, r.fua, std::move(cb));
+        break;
+      case BackendRequest::Op::kWriteZeroes:
+        s = ch.WriteZeroes(r.offset, r.length, r.fua, r.no_hole, std::move(cb));
+        break;
+    }
+    if (!s.ok()) Finished(op, i, s);
+  }
+
+  // Drops the sender's hold on `op`.
+  void Release(const std::shared_ptr<Op>& op) {
+    bool last;
+    {
+      std::lock_guard<std::mutex> lock(op->mu);
+      last = --op->pending == 0;
+    }
+    if (last) Resolve(op);
+  }
+
+  void Finished(const std::shared_ptr<Op>& op, size_t i, const Status& s) {
+    bool last;
+    {
+      std::lock_guard<std::mutex> lock(op->mu);
+      if (s.ok()) {
+        op->ok |= Bit(i);
+      } else {
+        op->failed |= Bit(i);
+        if (!op->first_code) {
+          op->first_code = s.code();
+          op->first_error = s.message();
+        } else if (op->first_code != s.code()) {
+          op->same_code = false;
+        }
+      }
+      last = --op->pending == 0;
+    }
+    if (last) Resolve(op);
+  }
+
+  static int FailureCode(const Op& op) {
+    // One errno every replica agreed on (ENOSPC on all of them) says something about the
+    // request; a mix says only that the volume could not do it.
+    return op.same_code && op.first_code ? op.first_code : EIO;
+  }
+
+  void Resolve(const std::shared_ptr<Op>& op) {
+    if (op->req.op == BackendRequest::Op::kRead) return ResolveRead(op);
+    ResolveChange(op);
+  }
+
+  void ResolveRead(const std::shared_ptr<Op>& op) {
+    if (op->ok) return op->done(0);
+    int next;
+    bool closed;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      closed = closing;
+      for (size_t i = 0; i < members.size(); ++i)
+        if (!closed && (op->failed & Bit(i)))
+          EnterFailingLocked(i, fmt::format("read: {}", op->first_error));
+      next = closed ? -1 : PickReader(InSyncLocked() & ~op->sent);
+    }
+    if (closed) return op->done(-ESHUTDOWN);
+    if (next < 0) {
+      spdlog::error("replica set {}: read at {} length {} failed on every in-sync replica: {}",
+                    opts.volume, op->req.offset, op->req.length, op->first_error);
+      return op->done(-FailureCode(*op));
+    }
+    {
+      std::lock_guard<std::mutex> lock(op->mu);
+      ++op->pending;
+    }
+    Send(op, static_cast<size_t>(next));
+    Release(op);
+  }
+
+  void ResolveChange(const std::shared_ptr<Op>& op) {
+    int fail = 0;
+    bool ack = false;
+    std::string why = op->first_error;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (why.empty()) why = stop_reason;
+      if (closing) {
+        fail = ESHUTDOWN;
+      } else if (!op->ok) {
+        // Nobody has it: nothing to drop, the request failed.
+        fail = FailureCode(*op);
+      } else {
+        for (size_t i = 0; i < members.size(); ++i)
+          if (op->failed & Bit(i))
+            EnterFailingLocked(i, fmt::format("{}: {}", OpName(op->req.op), op->first_error));
+        Waiter w{op, all & ~op->ok & ~out, Modifies(op->req.op) ? op->failed : 0};
+        if (!w.need_out && !w.mark) {
+          ack = true;
+          if (op->ok != all) ++acked_degraded;
+        } else if (stopped) {
+          fail = EIO;
+        } else {
+          waiters.push_back(std::move(w));
+          cv.notify_all();
+        }
+      }
+    }
+    if (fail) {
+      if (fail != ESHUTDOWN)
+        spdlog::error("replica set {}: {} at {} length {} failed: {}", opts.volume,
+                      OpName(op->req.op), op->req.offset, op->req.length, why);
+      return op->done(-fail);
+    }
+    if (ack) op->done(0);
+  }
+
+  // The membership thread: records failing members as out of sync in the cluster state, writes
+  // the out-of-sync log, and acknowledges the requests that waited for either.
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mu);
+    for (;;) {
+      cv.wait(lock, [&] { return quit || !waiters.empty() || (failing && !stopped); });
+      if (quit) return;
+      std::vector<Waiter> batch = std::move(waiters);
+      waiters.clear();
+      const Mask dropping = stopped ? 0 : failing;
+      const Mask keep = all & ~out & ~dropping;
+      const std::vector<std::string> in_sync = Nodes(keep);
+      lock.unlock();
+
+      std::vector<int> mark_error(batch.size(), 0);
+      if (log) {
+        for (size_t w = 0; w < batch.size(); ++w) {
+          for (size_t i = 0; i < members.size() && !mark_error[w]; ++i) {
+            if (!(batch[w].mark & Bit(i))) continue;
+            const BackendRequest& r = batch[w].op->req;
+            Status s = log->MarkOutOfSync(members[i].node, r.offset, r.length);
+            if (!s.ok()) {
+              spdlog::error("replica set {}: cannot record {}+{} as missing on {}: {}",
+                            opts.volume, r.offset, r.length, members[i].node, s.message());
+              mark_error[w] = EIO;
+            }
+          }
+        }
+      }
+      Status recorded;
+      if (dropping) {
+        recorded = keep ? membership.SetInSync(in_sync)
+                        : Error(EIO, "no replica of {} would be left in sync", opts.volume);
+      }
+
+      lock.lock();
+      if (dropping) {
+        if (recorded.ok()) {
+          out |= dropping;
+          failing &= ~dropping;
+          for (size_t i = 0; i < members.size(); ++i)
+            if (dropping & Bit(i)) members[i].state = MemberState::kOut;
+          recorded_in_sync = in_sync;
+          spdlog::warn("replica set {}: in-sync set is now [{}]", opts.volume,
+                       fmt::join(in_sync, ", "));
+        } else if (!stopped) {
+          stopped = true;
+          stop_reason = fmt::format("cannot drop [{}] from the in-sync set: {}",
+                                    fmt::join(Nodes(dropping), ", "), recorded.message());
+          spdlog::error("replica set {}: stopped: {}", opts.volume, stop_reason);
+        }
+      }
+      std::vector<std::pair<std::shared_ptr<Op>, int>> finish;
+      for (size_t w = 0; w < batch.size(); ++w) {
+        Waiter& x = batch[w];
+        if (mark_error[w]) {
+          finish.emplace_back(x.op, -mark_error[w]);
+        } else if (!(x.need_out & ~out)) {
+          ++acked_degraded;
+          finish.emplace_back(x.op, 0);
+        } else if (stopped) {
+          finish.emplace_back(x.op, -EIO);
+        } else {
+          waiters.push_back(std::move(x));  // needs a member that started failing since
+        }
+      }
+      lock.unlock();
+      for (auto& [op, res] : finish) op->done(res);
+      lock.lock();
+    }
+  }
+};
+
+ReplicaSet::ReplicaSet(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+StatusOr<std::unique_ptr<ReplicaSet>> ReplicaSet::Create(ReplicaSetOptions options,
+                                                         std::vector<ReplicaMember> members,
+                                                         Membership& membership,
+                                                         OutOfSyncLog* log) {
+  if (options.volume.empty()) return Error(EINVAL, "a replica set needs a volume name");
+  if (options.size == 0) return Error(EINVAL, "replica set {}: size must be > 0", options.volume);
+  if (members.empty() || members.size() > kMaxMembers)
+    return Error(EINVAL, "replica set {}: {} replicas; 1 to {} are supported", options.volume,
+                 members.size(), kMaxMembers);
+  std::set<std::string> seen;
+  for (const auto& m : members) {
+    if (m.node.empty() || !m.channel)
+      return Error(EINVAL, "replica set {}: a replica needs a node and a channel",
+                   options.volume);
+    if (!seen.insert(m.node).second)
+      return Error(EINVAL, "replica set {}: two replicas on node {}", options.volume, m.node);
+  }
+  auto impl = std::make_unique<Impl>(std::move(options), membership, log);
+  for (auto& m : members) {
+    Impl::Member member;
+    member.node = std::move(m.node);
+    member.ch = std::move(m.channel);
+    impl->members.push_back(std::move(member));
+    impl->all |= Bit(impl->members.size() - 1);
+  }
+  impl->recorded_in_sync = impl->Nodes(impl->all);
+  Impl* raw = impl.get();
+  raw->thread = std::thread([raw] { raw->Loop(); });
+  return std::unique_ptr<ReplicaSet>(new ReplicaSet(std::move(impl)));
+}
+
+ReplicaSet::~ReplicaSet() { Close(); }
+
+const std::string& ReplicaSet::name() const { return impl_->opts.volume; }
+uint64_t ReplicaSet::size() const { return impl_->opts.size; }
+
+void ReplicaSet::Submit(const BackendRequest& request, BackendDone done) {
+  Impl& s = *impl_;
+  auto op = std::make_shared<Op>();
+  op->req = request;
+  op->done = std::move(done);
+  Mask targets = 0, missing = 0;
+  int refuse = 0;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (s.stopped || s.closing) refuse = s.closing ? ESHUTDOWN : EIO;
+    const Mask in_sync = s.InSyncLocked();
+    if (request.op == BackendRequest::Op::kRead) {
+      int r = s.PickReader(in_sync);
+      if (r >= 0) targets = Bit(static_cast<size_t>(r));
+    } else {
+      targets = in_sync;
+      missing = s.all & ~in_sync;
+    }
+  }
+  if (refuse) return op->done(-refuse);
+  if (!targets) return op->done(-EIO);  // only while the last members are being dropped
+  if (s.log && missing && Modifies(request.op)) {
+    for (size_t i = 0; i < s.members.size(); ++i) {
+      if (!(missing & Bit(i))) continue;
+      Status st = s.log->MarkOutOfSync(s.members[i].node, request.offset, request.length);
+      if (!st.ok()) {
+        spdlog::error("replica set {}: cannot record {}+{} as missing on {}: {}", s.opts.volume,
+                      request.offset, request.length, s.members[i].node, st.message());
+        return op->done(-EIO);
+      }
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(op->mu);
+    op->pending = 1;
+  }
+  for (size_t i = 0; i < s.members.size(); ++i)
+    if (targets & Bit(i)) s.Send(op, i);
+  s.Release(op);
+}
+
+void ReplicaSet::Stop(const std::string& reason) {
+  Impl& s = *impl_;
+  std::vector<Impl::Waiter> fail;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (!s.stopped) {
+      s.stopped = true;
+      s.stop_reason = reason;
+      spdlog::warn("replica set {}: stopped: {}", s.opts.volume, reason);
+    }
+    fail = std::move(s.waiters);
+    s.waiters.clear();
+    s.cv.notify_all();
+  }
+  for (auto& w : fail) w.op->done(-EIO);
+}
+
+void ReplicaSet::Close() {
+  Impl& s = *impl_;
+  Stop("closed");
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.closing = true;
+  }
+  // What is in flight completes with ESHUTDOWN inside Close, and resolves as such.
+  for (auto& m : s.members) {
+    if (!m.closed) {
+      m.ch->Close();
+      m.closed = true;
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.quit = true;
+    s.cv.notify_all();
+  }
+  if (s.thread.joinable()) s.thread.join();
+  // Waiters the thread left behind (none but in a race with quit) fail now.
+  std::vector<Impl::Waiter> left;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    left = std::move(s.waiters);
+    s.waiters.clear();
+  }
+  for (auto& w : left) w.op->done(-ESHUTDOWN);
+}
+
+ReplicaSetHealth ReplicaSet::health() const {
+  const Impl& s = *impl_;
+  ReplicaSetHealth h;
+  // The channels' counters first, outside the set's lock: a channel may hold its own lock while
+  // it calls back into the set.
+  for (const auto& m : s.members) h.members.push_back(MemberHealth{m.node, {}, {}, m.ch->counters()});
+  std::lock_guard<std::mutex> lock(s.mu);
+  for (size_t i = 0; i < s.members.size(); ++i) {
+    h.members[i].state = s.members[i].state;
+    h.members[i].why = s.members[i].why;
+  }
+  h.in_sync = s.recorded_in_sync;
+  h.degraded = s.InSyncLocked() != s.all;
+  h.stopped = s.stopped && !s.closing;
+  h.stop_reason = s.stop_reason;
+  h.acked_degraded = s.acked_degraded;
+  return h;
+}
+
+}  // namespace nbdcsi::replica

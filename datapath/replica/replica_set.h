@@ -1,0 +1,164 @@
+// ReplicaSet: the fan-out at the heart of a replicated volume's target (issue 16).
+//
+// The target datapath serves the volume to the kernel through the engine (an ExportBackend,
+// datapath/engine/backend.h); every request the engine admits comes here and goes to the
+// replicas, each reached through a ReplicaChannel (a ReplicaClient connected at the target's
+// epoch, so a replica that has seen a newer epoch refuses it).
+//
+// The rules (docs/design.md, "Node-independent volumes"):
+//   - A write, TRIM, WRITE_ZEROES or FLUSH is acknowledged only when every replica that the
+//     cluster state still lists as in sync has done it. A replica that fails one (a server
+//     error, a lost connection, a timeout) stops getting requests at once and is dropped from
+//     the in-sync set by Membership::SetInSync, and only after that succeeded is the request
+//     acknowledged without it. Requests that were not sent to a replica because it was already
+//     failing wait for the same confirmation.
+//   - If that change of the cluster state fails (the target lost its claim: partitioned from
+//     etcd, or a newer target exists), the set stops: every waiting and later request fails
+//     with EIO, because another target may already serve the volume.
+//   - The last in-sync replica is never dropped: when the requests that failed leave nobody in
+//     sync, the set stops instead.
+//   - When every replica a write went to failed, nothing is dropped and the write fails (with
+//     the replicas' common errno, else EIO).
+//   - Reads go to one in-sync replica (the preferred node first: the local one); a failed read
+//     is retried on another in-sync replica and the failing one is dropped in the background.
+//   - While a replica is out of sync, the ranges written without it are recorded durably in the
+//     OutOfSyncLog (when there is one) before the write is acknowledged, so that a returning
+//     replica copies only those.
+//
+// Threads: Submit from any thread; done callbacks run on a channel's I/O thread, on the
+// membership thread, or inline in Submit. Membership::SetInSync runs on the set's own thread.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/cluster/cluster_store.h"
+#include "common/status.h"
+#include "datapath/engine/backend.h"
+#include "datapath/replica/client.h"
+
+namespace nbdcsi::replica {
+
+// One replica of the volume as the set sees it: ReplicaClient in production (ClientChannel),
+// fakes in unit tests. The contract of each call is ReplicaClient's: an error return and no
+// callback, or OK and the callback exactly once.
+class ReplicaChannel {
+ public:
+  virtual ~ReplicaChannel() = default;
+  virtual Status Read(uint64_t offset, std::span<uint8_t> buf, Callback cb) = 0;
+  virtual Status Write(uint64_t offset, std::span<const uint8_t> data, bool fua, Callback cb) = 0;
+  virtual Status Flush(Callback cb) = 0;
+  virtual Status Trim(uint64_t offset, uint32_t length, bool fua, Callback cb) = 0;
+  virtual Status WriteZeroes(uint64_t offset, uint32_t length, bool fua, bool no_hole,
+                             Callback cb) = 0;
+  // Everything in flight completes (ESHUTDOWN at the latest) before Close returns.
+  virtual void Close() = 0;
+  virtual ClientCounters counters() const = 0;
+};
+
+// A ReplicaClient as a ReplicaChannel.
+std::unique_ptr<ReplicaChannel> ClientChannel(std::unique_ptr<ReplicaClient> client);
+
+// Where the target records the in-sync set: the cluster state, at the target's epoch.
+class Membership {
+ public:
+  virtual ~Membership() = default;
+  // Blocking; called on the set's membership thread only. An error means the target can no
+  // longer show that it owns the volume, and the set stops.
+  virtual Status SetInSync(const std::vector<std::string>& in_sync) = 0;
+};
+
+// ClusterStore::SetInSync as the node holding the claim at `epoch`. Unreachable-backend errors
+// (EAGAIN, ETIMEDOUT) are retried with back-off for up to `retry_for`; anything else (ESTALE: the
+// claim is gone) fails at once.
+class ClusterMembership final : public Membership {
+ public:
+  ClusterMembership(cluster::ClusterStore& store, std::string volume, std::string node,
+                    uint64_t epoch,
+                    std::chrono::milliseconds retry_for = std::chrono::milliseconds(5000));
+  Status SetInSync(const std::vector<std::string>& in_sync) override;
+
+ private:
+  cluster::ClusterStore& store_;
+  std::string volume_, node_;
+  uint64_t epoch_;
+  std::chrono::milliseconds retry_for_;
+};
+
+// Durable record of the ranges a replica misses while it is out of sync (the resync's input).
+class OutOfSyncLog {
+ public:
+  virtual ~OutOfSyncLog() = default;
+  // Blocking (may fsync); called before a write missing from `node` is acknowledged. An error
+  // fails that write with EIO: a range that is not recorded cannot be resynced from the log.
+  virtual Status MarkOutOfSync(const std::string& node, uint64_t offset, uint64_t length) = 0;
+};
+
+struct ReplicaSetOptions {
+  std::string volume;
+  uint64_t size = 0;
+  // Reads go to this node's replica while it is in sync (the target's local one), else to the
+  // first in-sync replica.
+  std::string preferred_node;
+};
+
+struct ReplicaMember {
+  std::string node;
+  std::unique_ptr<ReplicaChannel> channel;
+};
+
+enum class MemberState { kInSync, kFailing, kOut };
+const char* MemberStateName(MemberState s);
+
+struct MemberHealth {
+  std::string node;
+  MemberState state = MemberState::kInSync;
+  std::string why;  // the first failure that took it out of sync
+  ClientCounters counters;
+};
+
+struct ReplicaSetHealth {
+  std::vector<MemberHealth> members;
+  std::vector<std::string> in_sync;  // as last recorded in the cluster state
+  bool degraded = false;             // fewer in sync than members
+  bool stopped = false;
+  std::string stop_reason;
+  uint64_t acked_degraded = 0;  // writes acknowledged while some member missed them
+};
+
+class ReplicaSet final : public datapath::ExportBackend {
+ public:
+  static constexpr size_t kMaxMembers = 16;
+
+  // `members` are the connected in-sync replicas (at least one, distinct nodes); `membership`
+  // and `log` (which may be null) must outlive the set.
+  static StatusOr<std::unique_ptr<ReplicaSet>> Create(ReplicaSetOptions options,
+                                                      std::vector<ReplicaMember> members,
+                                                      Membership& membership,
+                                                      OutOfSyncLog* log = nullptr);
+  // Close().
+  ~ReplicaSet() override;
+
+  const std::string& name() const override;
+  uint64_t size() const override;
+  void Submit(const datapath::BackendRequest& request, datapath::BackendDone done) override;
+
+  // Later requests fail with EIO; those in flight finish as they would.
+  void Stop(const std::string& reason);
+  // Stop, close every channel (what is in flight fails with ESHUTDOWN), join the thread.
+  void Close();
+
+  ReplicaSetHealth health() const;
+
+  struct Impl;
+
+ private:
+  explicit ReplicaSet(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace nbdcsi::replica

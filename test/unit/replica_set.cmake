@@ -1,0 +1,3 @@
+# The replicated target's fan-out (datapath/replica/replica_set.h) against fake replica channels
+# and a fake membership (held, failing), plus ClusterMembership on the memory cluster store.
+nbdcsi_add_gtest(replica_set_test ${CMAKE_CURRENT_LIST_DIR}/replica_set_test.cpp nbd_replica)
