@@ -90,6 +90,17 @@ class FakeChannel final : public ReplicaChannel {
     }
     for (auto& h : held) Finish(h);
   }
+  // Completes the oldest held call only.
+  void ReleaseOne() {
+    std::optional<Held> h;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (held_.empty()) return;
+      h = std::move(held_.front());
+      held_.pop_front();
+    }
+    Finish(*h);
+  }
   size_t held() const {
     std::lock_guard<std::mutex> lock(mu_);
     return held_.size();
@@ -416,9 +427,10 @@ TEST_F(ReplicaSetTest, TheLastInSyncReplicaIsNeverDropped) {
   ch_[1]->fail = [](BackendRequest::Op, uint64_t off) { return off == 4096 ? EIO : 0; };
   membership_.Hold(true);
   ch_[0]->Release();
-  ch_[1]->Release();
+  ch_[1]->ReleaseOne();  // the first write resolves: a is failing, its drop is under way
   ASSERT_TRUE(membership_.WaitCalls(1));
   EXPECT_EQ(membership_.calls()[0], std::vector<std::string>{"b"});
+  ch_[1]->ReleaseOne();  // the second: b fails while a's drop is not confirmed yet
   membership_.Hold(false);
   // a is dropped and the first write is acked from b; dropping b as well would leave nobody.
   EXPECT_EQ(r1.Wait(), 0);
