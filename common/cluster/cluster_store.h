@@ -86,10 +86,15 @@ class ClusterStore {
                                           uint64_t epoch, std::vector<std::string> in_sync) = 0;
 
   // --- Node liveness. ---
-  // Marks `node` alive for as long as `lease` lives.
-  virtual Status RegisterNode(const std::string& node, LeaseId lease) = 0;
+  // Marks `node` alive for as long as `lease` lives; `nbd_endpoint` is where other nodes' targets
+  // reach its replicas (tcp://ADDR:PORT; may be empty for a node that holds none).
+  virtual Status RegisterNode(const std::string& node, LeaseId lease,
+                              const std::string& nbd_endpoint = "") = 0;
   // Node ids with a live registration, sorted.
   virtual StatusOr<std::vector<std::string>> LiveNodes() = 0;
+  // The endpoint a live node registered; ENOENT when it is not registered (or its lease ran
+  // out), ENXIO when it registered none.
+  virtual StatusOr<std::string> NodeEndpoint(const std::string& node) = 0;
 };
 
 // Bounds for ListVolumes' limit.

@@ -345,10 +345,11 @@ StatusOr<VolumeState> EtcdClusterStore::SetInSync(const std::string& name, const
   });
 }
 
-Status EtcdClusterStore::RegisterNode(const std::string& node, LeaseId lease) {
+Status EtcdClusterStore::RegisterNode(const std::string& node, LeaseId lease,
+                                      const std::string& nbd_endpoint) {
   if (Status s = ValidateNodeId(node); !s.ok()) return s;
   if (lease == 0) return Error(EINVAL, "register node {}: needs a lease", node);
-  Status s = client_->Put(keys_.Node(node), "", lease);
+  Status s = client_->Put(keys_.Node(node), nbd_endpoint, lease);
   if (s.code() == ENOENT) {
     return Error(ENOENT, "register node {}: lease {:x} is not alive ({})", node, lease,
                  s.message());
@@ -363,6 +364,17 @@ StatusOr<std::vector<std::string>> EtcdClusterStore::LiveNodes() {
   std::vector<std::string> nodes;
   for (const auto& kv : r->kvs) nodes.push_back(kv.key.substr(prefix.size()));
   return nodes;
+}
+
+StatusOr<std::string> EtcdClusterStore::NodeEndpoint(const std::string& node) {
+  if (Status s = ValidateNodeId(node); !s.ok()) return s;
+  auto kv = client_->Get(keys_.Node(node));
+  if (!kv.ok()) {
+    if (kv.status().code() == ENOENT) return Error(ENOENT, "node {} is not registered", node);
+    return kv.status();
+  }
+  if (kv->value.empty()) return Error(ENXIO, "node {} registered no NBD endpoint", node);
+  return kv->value;
 }
 
 }  // namespace nbdcsi::cluster

@@ -55,8 +55,10 @@ class EtcdClusterStore : public ClusterStore {
   StatusOr<VolumeState> SetInSync(const std::string& name, const std::string& node, uint64_t epoch,
                                   std::vector<std::string> in_sync) override;
 
-  Status RegisterNode(const std::string& node, LeaseId lease) override;
+  Status RegisterNode(const std::string& node, LeaseId lease,
+                      const std::string& nbd_endpoint = "") override;
   StatusOr<std::vector<std::string>> LiveNodes() override;
+  StatusOr<std::string> NodeEndpoint(const std::string& node) override;
 
   const KeyLayout& keys() const { return keys_; }
   etcd::EtcdClient& client() { return *client_; }

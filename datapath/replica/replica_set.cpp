@@ -115,6 +115,7 @@ struct Op {
   Mask sent = 0, ok = 0, failed = 0;
   int first_code = 0;
   bool same_code = true;
+  std::string fenced_by;  // a replica that answered EPERM: it has seen a newer epoch
   std::string first_error;
 };
 
@@ -134,6 +135,7 @@ struct ReplicaSet::Impl {
     Mask mark = 0;
   };
 
+  ReplicaSet* self = nullptr;
   ReplicaSetOptions opts;
   Membership& membership;
   OutOfSyncLog* log;
@@ -230,6 +232,7 @@ struct ReplicaSet::Impl {
         op->ok |= Bit(i);
       } else {
         op->failed |= Bit(i);
+        if (s.code() == EPERM && op->fenced_by.empty()) op->fenced_by = members[i].node;
         if (!op->first_code) {
           op->first_code = s.code();
           op->first_error = s.message();
@@ -249,6 +252,13 @@ struct ReplicaSet::Impl {
   }
 
   void Resolve(const std::shared_ptr<Op>& op) {
+    if (!op->fenced_by.empty()) {
+      // A newer target has claimed the volume and connected to that replica: this one must
+      // not serve anything more, and must not drop anybody (the claim is not ours).
+      self->Stop(fmt::format("fenced: the replica on {} has seen a newer epoch ({})",
+                             op->fenced_by, op->first_error));
+      return op->done(-EIO);
+    }
     if (op->req.op == BackendRequest::Op::kRead) return ResolveRead(op);
     ResolveChange(op);
   }
@@ -418,8 +428,10 @@ StatusOr<std::unique_ptr<ReplicaSet>> ReplicaSet::Create(ReplicaSetOptions optio
   }
   impl->recorded_in_sync = impl->Nodes(impl->all);
   Impl* raw = impl.get();
+  std::unique_ptr<ReplicaSet> set(new ReplicaSet(std::move(impl)));
+  raw->self = set.get();
   raw->thread = std::thread([raw] { raw->Loop(); });
-  return std::unique_ptr<ReplicaSet>(new ReplicaSet(std::move(impl)));
+  return set;
 }
 
 ReplicaSet::~ReplicaSet() { Close(); }

@@ -15,6 +15,8 @@
 //   - If that change of the cluster state fails (the target lost its claim: partitioned from
 //     etcd, or a newer target exists), the set stops: every waiting and later request fails
 //     with EIO, because another target may already serve the volume.
+//   - A replica that answers EPERM has been fenced by a newer target (a newer epoch): the set
+//     stops at once, drops nobody, and the request fails with EIO.
 //   - The last in-sync replica is never dropped: when the requests that failed leave nobody in
 //     sync, the set stops instead.
 //   - When every replica a write went to failed, nothing is dropped and the write fails (with

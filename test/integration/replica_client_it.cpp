@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "datapath/replica/client.h"
+#include "test/support/child_process.h"
 #include "test/support/free_port.h"
 #include "test/support/temp_dir.h"
 #include "test/support/wait.h"
@@ -56,65 +57,9 @@ std::string Src() {
   return s ? s : ".";
 }
 
-// A child process owned by the test: SIGTERM, then SIGKILL, when it goes.
-class Proc {
- public:
-  Proc() = default;
-  Proc(const Proc&) = delete;
-  ~Proc() { Stop(); }
-  bool Start(const std::vector<std::string>& argv, const std::string& log) {
-    pid_ = fork();
-    if (pid_ == 0) {
-      int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-      dup2(fd, 1);
-      dup2(fd, 2);
-      std::vector<char*> a;
-      for (auto& s : argv) a.push_back(const_cast<char*>(s.c_str()));
-      a.push_back(nullptr);
-      execvp(a[0], a.data());
-      _exit(127);
-    }
-    return pid_ > 0;
-  }
-  void Kill(int sig) {
-    if (pid_ > 0) kill(pid_, sig);
-  }
-  bool Alive() { return pid_ > 0 && waitpid(pid_, nullptr, WNOHANG) == 0; }
-  void Stop() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGTERM);
-    int st;
-    if (!test::WaitExited(pid_, &st, 5s)) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, &st, 0);
-    }
-    pid_ = -1;
-  }
+using test::Proc;
 
- private:
-  pid_t pid_ = -1;
-};
-
-bool CanConnect(const Endpoint& ep) {
-  int fd;
-  bool ok;
-  if (ep.kind == Endpoint::Kind::kUnix) {
-    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_un sa{};
-    sa.sun_family = AF_UNIX;
-    std::snprintf(sa.sun_path, sizeof sa.sun_path, "%s", ep.path.c_str());
-    ok = connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0;
-  } else {
-    fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in sa{};
-    sa.sin_family = AF_INET;
-    sa.sin_port = htons(ep.port);
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ok = connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0;
-  }
-  close(fd);
-  return ok;
-}
+using test::CanConnect;
 
 std::string ReadFile(const std::string& p) {
   std::ifstream f(p, std::ios::binary);

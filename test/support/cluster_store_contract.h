@@ -260,6 +260,10 @@ TYPED_TEST_P(ClusterStoreContract, NodeLivenessFollowsItsLease) {
   EXPECT_EQ(this->store_->LiveNodes().value(), (std::vector<std::string>{"n2"}));
   EXPECT_EQ(this->store_->RegisterNode("n1", a).code(), ENOENT);
   EXPECT_EQ(this->store_->RegisterNode("N1", b).code(), EINVAL);
+  EXPECT_EQ(this->store_->NodeEndpoint("n1").status().code(), ENOENT);
+  EXPECT_EQ(this->store_->NodeEndpoint("n2").status().code(), ENXIO);
+  ASSERT_TRUE(this->store_->RegisterNode("n2", b, "tcp://127.0.0.12:10809").ok());
+  EXPECT_EQ(this->store_->NodeEndpoint("n2").value(), "tcp://127.0.0.12:10809");
 }
 
 TYPED_TEST_P(ClusterStoreContract, RacingClaimsHaveExactlyOneWinner) {

@@ -179,12 +179,22 @@ class MemoryClusterStore : public cluster::ClusterStore {
     return next;
   }
 
-  Status RegisterNode(const std::string& node, LeaseId lease) override {
+  Status RegisterNode(const std::string& node, LeaseId lease,
+                      const std::string& nbd_endpoint = "") override {
     if (Status s = ValidateNodeId(node); !s.ok()) return s;
     std::lock_guard<std::mutex> lock(mu_);
     if (!leases_.count(lease)) return Error(ENOENT, "lease {:x} is not alive", lease);
     nodes_[node] = lease;
+    endpoints_[node] = nbd_endpoint;
     return Status::Ok();
+  }
+
+  StatusOr<std::string> NodeEndpoint(const std::string& node) override {
+    if (Status s = ValidateNodeId(node); !s.ok()) return s;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!nodes_.count(node)) return Error(ENOENT, "node {} is not registered", node);
+    if (endpoints_[node].empty()) return Error(ENXIO, "node {} registered no NBD endpoint", node);
+    return endpoints_[node];
   }
 
   StatusOr<std::vector<std::string>> LiveNodes() override {
@@ -222,6 +232,7 @@ class MemoryClusterStore : public cluster::ClusterStore {
   std::map<std::string, VolumeState> volumes_;
   std::map<std::string, Claim> claims_;
   std::map<std::string, LeaseId> nodes_;
+  std::map<std::string, std::string> endpoints_;  // of live and expired nodes; nodes_ decides
 };
 
 }  // namespace nbdcsi::test

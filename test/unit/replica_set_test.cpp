@@ -386,6 +386,27 @@ TEST_F(ReplicaSetTest, ALostClaimStopsTheSetAndFailsTheWrite) {
   EXPECT_EQ(ch_[1]->requests(), b_before);
 }
 
+TEST_F(ReplicaSetTest, AFencedReplicaStopsTheSetWithoutDroppingAnybody) {
+  Make(2);
+  // node b has seen a newer epoch; a has not yet (the new target connects to it next).
+  ch_[1]->fail = [](BackendRequest::Op, uint64_t) { return EPERM; };
+  std::vector<uint8_t> w(512, 12), got(512);
+  Result r;
+  set_->Submit(Write(0, w), r.Done());
+  EXPECT_EQ(r.Wait(), -EIO) << "a write the new target may not see is never acknowledged";
+  auto h = set_->health();
+  EXPECT_TRUE(h.stopped);
+  EXPECT_NE(h.stop_reason.find("fenced: the replica on b has seen a newer epoch"),
+            std::string::npos)
+      << h.stop_reason;
+  Result rr;
+  set_->Submit(Read(0, got), rr.Done());
+  EXPECT_EQ(rr.Wait(), -EIO);
+  std::this_thread::sleep_for(20ms);
+  EXPECT_TRUE(membership_.calls().empty());
+  EXPECT_EQ(StateOf("b"), MemberState::kInSync);
+}
+
 TEST_F(ReplicaSetTest, AWriteEveryReplicaFailedIsAnErrorAndDropsNobody) {
   Make(2);
   for (auto* c : ch_) c->fail = [](BackendRequest::Op, uint64_t) { return ENOSPC; };

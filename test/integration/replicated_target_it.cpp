@@ -1,0 +1,384 @@
+// The replicated target (datapath/replica: Target + ReplicaSet) against real parts: an etcd the
+// test starts on 127.0.0.22, two nbd-datapathd processes acting as the replica nodes node-a
+// (127.0.0.11) and node-b (127.0.0.12), each with its own pool and a TLS NBD listener with its
+// node certificate, and the target in this process connecting to them over TCP with mutual TLS
+// at the epoch of its claim. The nodes' registrations (their NBD endpoints) are written by the
+// test, standing in for the daemons' own registration.
+//
+//   - Writes fan out to both replicas; node-b is killed with SIGKILL while writes are in flight:
+//     not one write fails, node-b is dropped from the in-sync set in etcd, and every
+//     acknowledged write reads back from node-a, through the replica client and through nbdcopy
+//     (libnbd) after the target closed.
+//   - A second target claims after the first one's lease ran out: the first target's next write
+//     is refused by the replicas (fenced, EPERM), it stops, and the write fails; the new
+//     target's data is intact on both replicas and the in-sync set is unchanged.
+//   - Open while a replica is down: it is dropped in etcd before anything is served.
+//
+// Exits 77 without etcd, nbdcopy or the daemons, unless CI=true.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/cluster/etcd_cluster_store.h"
+#include "datapath/replica/target.h"
+#include "test/support/certs.h"
+#include "test/support/child_process.h"
+#include "test/support/etcd_process.h"
+#include "test/support/free_port.h"
+#include "test/support/temp_dir.h"
+#include "test/support/wait.h"
+
+namespace nbdcsi::replica {
+namespace {
+
+using namespace std::chrono_literals;
+using datapath::BackendRequest;
+namespace fs = std::filesystem;
+
+constexpr uint64_t kSize = 64ull << 20;
+constexpr uint32_t kBlock = 4096;
+constexpr const char* kVolume = "rv";
+
+std::string Bin(const std::string& name) {
+  const char* b = std::getenv("NBDCSI_BIN");
+  return std::string(b ? b : "build/bin") + "/" + name;
+}
+
+bool Have(const std::string& tool) {
+  return std::system(("command -v " + tool + " >/dev/null 2>&1").c_str()) == 0;
+}
+
+std::string ReadFile(const std::string& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+// One replica node: nbd-datapathd with its own pool, API on a Unix socket, NBD over TLS on its
+// own loopback address with its node certificate.
+class Node {
+ public:
+  Node(std::string id, std::string ip, const test::TestCerts& certs)
+      : id_(std::move(id)), ip_(std::move(ip)), certs_(certs), dir_("rt-" + id_) {}
+
+  void Start() {
+    ASSERT_TRUE(dir_.ok()) << dir_.error();
+    if (!port_) port_ = test::FreeLoopbackPort(ip_.c_str());
+    fs::create_directories(dir_ / "pool");
+    const std::vector<std::string> argv = {
+        Bin("nbd-datapathd"), "--pool", dir_ / "pool", "--api", "unix://" + api(),
+        "--nbd-listen", nbd_endpoint(), "--nbd-listen", "unix://" + nbd_sock(), "--nbd-tls-cert", certs_("node-" + id_ + ".crt"),
+        "--nbd-tls-key", certs_("node-" + id_ + ".key"), "--nbd-tls-ca", certs_("ca.crt")};
+    ASSERT_TRUE(proc_.Start(argv, log()));
+    auto a = ParseEndpoint("unix://" + api());
+    auto n = ParseEndpoint(nbd_endpoint());
+    ASSERT_TRUE(a.ok() && n.ok());
+    ASSERT_TRUE(test::WaitUntil([&] { return test::CanConnect(*a) && test::CanConnect(*n); }, 20s))
+        << ReadFile(log());
+  }
+  void CreateVolume() {
+    const std::string cmd = Bin("nbdctl") + " --api unix://" + api() + " volume create " +
+                            kVolume + " --size 64Mi >>" + log() + " 2>&1";
+    ASSERT_EQ(std::system(cmd.c_str()), 0) << ReadFile(log());
+  }
+  void Kill9() { proc_.Kill(SIGKILL); }
+  // The whole volume through libnbd on the node's Unix socket, opened at `epoch` (the replica
+  // is fenced there, so an open without an epoch is refused).
+  std::string Nbdcopy(uint64_t epoch) {
+    const std::string out = dir_ / "copy.raw";
+    fs::remove(out);
+    const std::string uri =
+        fmt::format("nbd+unix:///{}@epoch={}?socket={}", kVolume, epoch, nbd_sock());
+    const std::string cmd = "timeout 60 nbdcopy '" + uri + "' " + out + " >" +
+                            std::string(dir_ / "nbdcopy.log") + " 2>&1";
+    if (std::system(cmd.c_str()) != 0) {
+      ADD_FAILURE() << "nbdcopy failed: " << ReadFile(dir_ / "nbdcopy.log");
+      return {};
+    }
+    return ReadFile(out);
+  }
+
+  const std::string& id() const { return id_; }
+  std::string api() const { return dir_ / "api.sock"; }
+  std::string log() const { return dir_ / "datapathd.log"; }
+  std::string nbd_sock() const { return dir_ / "nbd.sock"; }
+  std::string nbd_endpoint() const { return fmt::format("tcp://{}:{}", ip_, port_); }
+
+ private:
+  std::string id_, ip_;
+  const test::TestCerts& certs_;
+  test::TempDir dir_;
+  int port_ = 0;
+  test::Proc proc_;
+};
+
+// What the test has written, block by block (the last acknowledged content of each).
+struct Model {
+  std::mutex mu;
+  std::map<uint64_t, std::vector<uint8_t>> blocks;
+};
+
+class ReplicatedTarget : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    const bool ci = std::getenv("CI") && std::string(std::getenv("CI")) == "true";
+    for (const std::string& bin : {Bin("nbd-datapathd"), Bin("nbdctl")})
+      if (access(bin.c_str(), X_OK) != 0) skip_ = "needs " + bin;
+    if (test::EtcdBinary().empty()) skip_ = "needs etcd (scripts/deps.sh installs etcd-server)";
+    if (!Have("nbdcopy")) skip_ = "needs nbdcopy";
+    if (!skip_.empty() && ci) {
+      fprintf(stderr, "CI=true and %s\n", skip_.c_str());
+      std::exit(1);
+    }
+  }
+
+  void SetUp() override {
+    if (!skip_.empty()) GTEST_SKIP() << skip_;
+    ASSERT_TRUE(certs_.ok) << ReadFile(certs_.log());
+    std::string why;
+    ASSERT_TRUE(etcd_.Start(&why)) << why;
+    auto client = etcd::EtcdClient::Create({.endpoints = {etcd_.endpoint()}, .call_timeout = 3s});
+    ASSERT_TRUE(client.ok()) << client.status().message();
+    auto keys = cluster::KeyLayout::Make("/nbd-csi/");
+    ASSERT_TRUE(keys.ok());
+    store_ = std::make_unique<cluster::EtcdClusterStore>(std::move(*client), *keys);
+    for (Node* n : {&a_, &b_}) {
+      n->Start();
+      n->CreateVolume();
+      auto lease = store_->GrantLease(60);
+      ASSERT_TRUE(lease.ok());
+      ASSERT_TRUE(store_->RegisterNode(n->id(), *lease, n->nbd_endpoint()).ok());
+    }
+    cluster::VolumeState v;
+    v.name = kVolume;
+    v.size_bytes = kSize;
+    v.replicas = v.in_sync = {"node-a", "node-b"};
+    ASSERT_TRUE(store_->CreateVolume(v).ok());
+  }
+
+  TargetOptions Options(const std::string& node, cluster::LeaseId lease) {
+    TargetOptions o;
+    o.volume = kVolume;
+    o.node = node;
+    o.lease = lease;
+    o.tls = {certs_("client.crt"), certs_("client.key"), certs_("ca.crt"), ""};
+    o.connections = 2;
+    o.request_timeout = 5s;
+    o.membership_retry = 2s;
+    return o;
+  }
+
+  static int Do(ReplicaSet& set, BackendRequest r) {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::optional<int> res;
+    set.Submit(r, [&](int v) {
+      std::lock_guard<std::mutex> lock(mu);
+      res = v;
+      cv.notify_all();
+    });
+    std::unique_lock<std::mutex> lock(mu);
+    if (!cv.wait_for(lock, 30s, [&] { return res.has_value(); })) return -ETIMEDOUT;
+    return *res;
+  }
+
+  // `n` random 4 KiB writes at random blocks, `depth` in flight; returns how many failed.
+  int WriteRandom(ReplicaSet& set, Model& m, int n, int depth, std::mt19937_64& rng,
+                  const std::function<void(int)>& after_each = {}) {
+    std::mutex mu;
+    std::condition_variable cv;
+    int in_flight = 0, failed = 0, first_error = 0;
+    std::set<uint64_t> batch;  // blocks of the current batch: never two writes to one in flight
+    for (int i = 0; i < n; ++i) {
+      if (i % depth == 0) batch.clear();
+      uint64_t block;
+      do block = rng() % (kSize / kBlock);
+      while (!batch.insert(block).second);
+      auto buf = std::make_shared<std::vector<uint8_t>>(kBlock);
+      for (auto& byte : *buf) byte = static_cast<uint8_t>(rng());
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return in_flight < depth; });
+        ++in_flight;
+      }
+      BackendRequest r{BackendRequest::Op::kWrite, block * kBlock, kBlock, buf->data(),
+                       (i % 16) == 0};
+      set.Submit(r, [&, buf, block](int res) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (res == 0) {
+          std::lock_guard<std::mutex> ml(m.mu);
+          m.blocks[block] = *buf;
+        } else {
+          ++failed;
+          if (!first_error) first_error = res;
+        }
+        --in_flight;
+        cv.notify_all();
+      });
+      if (after_each) after_each(i);
+      // A batch ends when all its writes are done, so the model's last write is the disk's.
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return in_flight == 0 || i % depth != depth - 1; });
+    }
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return in_flight == 0; });
+    if (failed) ADD_FAILURE() << failed << " writes failed, first with " << first_error;
+    return failed;
+  }
+
+  // Every block of the model read back through `set`.
+  void CheckThrough(ReplicaSet& set, Model& m) {
+    std::vector<uint8_t> got(kBlock);
+    for (auto& [block, want] : m.blocks) {
+      ASSERT_EQ(Do(set, {BackendRequest::Op::kRead, block * kBlock, kBlock, got.data()}), 0);
+      ASSERT_EQ(got, want) << "block " << block;
+    }
+  }
+
+  static inline std::string skip_;
+  test::TestCerts certs_{"rt-certs", "node-a node-b"};
+  test::EtcdProcess etcd_{nullptr, "127.0.0.22"};
+  std::unique_ptr<cluster::EtcdClusterStore> store_;
+  Node a_{"node-a", "127.0.0.11", certs_};
+  Node b_{"node-b", "127.0.0.12", certs_};
+};
+
+TEST_F(ReplicatedTarget, AKilledReplicaIsDroppedAndNoAcknowledgedWriteIsLost) {
+  auto lease = store_->GrantLease(30);
+  ASSERT_TRUE(lease.ok());
+  auto t = Target::Open(*store_, Options("node-t", *lease));
+  ASSERT_TRUE(t.ok()) << t.status().message();
+  EXPECT_EQ((*t)->epoch(), 1u);
+  ReplicaSet& set = *(*t)->set();
+  Model m;
+  std::mt19937_64 rng(42);
+  ASSERT_EQ(WriteRandom(set, m, 400, 16, rng), 0);
+  ASSERT_EQ(Do(set, {BackendRequest::Op::kFlush}), 0);
+  EXPECT_FALSE(set.health().degraded);
+
+  // SIGKILL node-b in the middle of the next 1,200 writes.
+  ASSERT_EQ(WriteRandom(set, m, 1200, 16, rng,
+                        [&](int i) {
+                          if (i == 300) b_.Kill9();
+                        }),
+            0);
+  ASSERT_EQ(Do(set, {BackendRequest::Op::kFlush}), 0);
+  auto h = set.health();
+  EXPECT_TRUE(h.degraded);
+  EXPECT_FALSE(h.stopped) << h.stop_reason;
+  EXPECT_EQ(h.in_sync, std::vector<std::string>{"node-a"});
+  auto v = store_->GetVolume(kVolume);
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(v->in_sync, std::vector<std::string>{"node-a"});
+  EXPECT_EQ(v->replicas, (std::vector<std::string>{"node-a", "node-b"}));
+  EXPECT_EQ(v->target, "node-t");
+  printf("FIGURE %zu blocks written by 1,600 writes, %llu acked while node-b was out\n",
+         m.blocks.size(), static_cast<unsigned long long>(h.acked_degraded));
+  CheckThrough(set, m);
+  ASSERT_TRUE((*t)->Close().ok());
+  EXPECT_TRUE(store_->GetVolume(kVolume)->target.empty());
+
+  // Independently, through libnbd: node-a holds every acknowledged write.
+  std::string disk = a_.Nbdcopy(1);
+  ASSERT_EQ(disk.size(), kSize);
+  for (auto& [block, want] : m.blocks)
+    ASSERT_EQ(0, std::memcmp(disk.data() + block * kBlock, want.data(), kBlock))
+        << "block " << block;
+}
+
+TEST_F(ReplicatedTarget, AStaleTargetIsFencedAndCannotDropReplicas) {
+  // The first target's claim hangs on a lease nobody renews: revoking it is what etcd does when
+  // its TTL runs out while the target is partitioned from etcd (and still reaches the replicas).
+  auto old_lease = store_->GrantLease(30);
+  ASSERT_TRUE(old_lease.ok());
+  auto t1 = Target::Open(*store_, Options("node-t", *old_lease));
+  ASSERT_TRUE(t1.ok()) << t1.status().message();
+  ReplicaSet& s1 = *(*t1)->set();
+  std::vector<uint8_t> first(kBlock, 0x11);
+  ASSERT_EQ(Do(s1, {BackendRequest::Op::kWrite, 0, kBlock, first.data()}), 0);
+
+  // The other node's claim fails while the first one's lease lives...
+  auto new_lease = store_->GrantLease(30);
+  ASSERT_TRUE(new_lease.ok());
+  EXPECT_EQ(Target::Open(*store_, Options("node-u", *new_lease)).status().code(), EBUSY);
+  // ...and succeeds once it is gone, at the next epoch, fencing the replicas.
+  ASSERT_TRUE(store_->RevokeLease(*old_lease).ok());
+  auto t2 = Target::Open(*store_, Options("node-u", *new_lease));
+  ASSERT_TRUE(t2.ok()) << t2.status().message();
+  EXPECT_EQ((*t2)->epoch(), (*t1)->epoch() + 1);
+  ReplicaSet& s2 = *(*t2)->set();
+  std::vector<uint8_t> second(kBlock, 0x22);
+  ASSERT_EQ(Do(s2, {BackendRequest::Op::kWrite, kBlock, kBlock, second.data()}), 0);
+
+  // The old target tries to write over both blocks: refused, and it stops for good.
+  std::vector<uint8_t> stale(kBlock, 0xee);
+  EXPECT_EQ(Do(s1, {BackendRequest::Op::kWrite, 0, kBlock, stale.data()}), -EIO);
+  EXPECT_EQ(Do(s1, {BackendRequest::Op::kWrite, kBlock, kBlock, stale.data()}), -EIO);
+  auto h1 = s1.health();
+  EXPECT_TRUE(h1.stopped);
+  EXPECT_NE(h1.stop_reason.find("fenced"), std::string::npos) << h1.stop_reason;
+  auto v = store_->GetVolume(kVolume);
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(v->in_sync, (std::vector<std::string>{"node-a", "node-b"}));
+  EXPECT_EQ(v->target, "node-u");
+
+  // The new target sees its own data and the old target's acknowledged write, nothing else,
+  // on both replicas (reads go to one; a second set reads the other after node-a is closed).
+  std::vector<uint8_t> got(kBlock);
+  ASSERT_EQ(Do(s2, {BackendRequest::Op::kRead, 0, kBlock, got.data()}), 0);
+  EXPECT_EQ(got, first);
+  ASSERT_EQ(Do(s2, {BackendRequest::Op::kRead, kBlock, kBlock, got.data()}), 0);
+  EXPECT_EQ(got, second);
+  const uint64_t epoch2 = (*t2)->epoch();
+  (*t1)->Close();  // its release is refused (ESTALE): the claim is node-u's
+  EXPECT_EQ(store_->GetVolume(kVolume)->target, "node-u");
+  ASSERT_TRUE((*t2)->Close().ok());
+  for (Node* n : {&a_, &b_}) {
+    std::string disk = n->Nbdcopy(epoch2);
+    ASSERT_EQ(disk.size(), kSize) << n->id();
+    EXPECT_EQ(0, std::memcmp(disk.data(), first.data(), kBlock)) << n->id();
+    EXPECT_EQ(0, std::memcmp(disk.data() + kBlock, second.data(), kBlock)) << n->id();
+  }
+}
+
+TEST_F(ReplicatedTarget, AnUnreachableReplicaIsDroppedBeforeServing) {
+  b_.Kill9();
+  auto lease = store_->GrantLease(30);
+  ASSERT_TRUE(lease.ok());
+  auto opts = Options("node-t", *lease);
+  opts.handshake_timeout = 2s;
+  auto t = Target::Open(*store_, opts);
+  ASSERT_TRUE(t.ok()) << t.status().message();
+  ASSERT_EQ((*t)->unreachable().size(), 1u);
+  EXPECT_NE((*t)->unreachable()[0].find("node-b"), std::string::npos);
+  EXPECT_EQ(store_->GetVolume(kVolume)->in_sync, std::vector<std::string>{"node-a"});
+  std::vector<uint8_t> w(kBlock, 0x33), got(kBlock);
+  ReplicaSet& set = *(*t)->set();
+  ASSERT_EQ(Do(set, {BackendRequest::Op::kWrite, 0, kBlock, w.data()}), 0);
+  ASSERT_EQ(Do(set, {BackendRequest::Op::kRead, 0, kBlock, got.data()}), 0);
+  EXPECT_EQ(got, w);
+  EXPECT_EQ(set.health().members.size(), 1u);
+
+  // With node-a gone too, nobody in sync answers: Open fails and leaves no claim behind.
+  ASSERT_TRUE((*t)->Close().ok());
+  a_.Kill9();
+  auto none = Target::Open(*store_, opts);
+  EXPECT_EQ(none.status().code(), EHOSTUNREACH) << none.status().message();
+  EXPECT_TRUE(store_->GetVolume(kVolume)->target.empty());
+}
+
+}  // namespace
+}  // namespace nbdcsi::replica
