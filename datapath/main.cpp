@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <optional>
 #include <thread>
 
 #include <CLI/CLI.hpp>
@@ -23,12 +24,14 @@
 #include "datapath/api/backup_service.h"
 #include "datapath/api/heartbeat.h"
 #include "datapath/api/service.h"
+#include "datapath/api/target_service.h"
 #include "datapath/attach/attachments.h"
 #include "datapath/attach/runtime.h"
 #include "datapath/engine/frontend.h"
 #include "datapath/engine/nbd_tls.h"
 #include "datapath/metrics/collector.h"
 #include "datapath/pool/pool.h"
+#include "datapath/replica/cluster_agent.h"
 
 using namespace nbdcsi;
 using namespace nbdcsi::datapath;
@@ -154,6 +157,16 @@ Status CheckNodeIdentity(const TlsCredentials& tls, const std::string& node_id) 
                NodeIdentityUri(node_id));
 }
 
+// Replicated volumes (issue 16): the cluster state in etcd and this node's part in it.
+struct ReplicaClusterFlags {
+  std::vector<std::string> etcd;  // host:port each; empty: no cluster
+  std::string prefix = "/nbd-csi/";
+  int64_t lease_ttl = 10;
+  std::string nbd_endpoint;  // tcp://HOST:PORT peers dial; default: the tcp:// --nbd-listen
+  TlsFiles etcd_tls{.cert = "", .key = "", .ca = "", .insecure = false};
+  int connections = 2;
+};
+
 // Every command-line flag, with its default.
 struct Flags {
   std::string pool_dir;
@@ -170,6 +183,7 @@ struct Flags {
   AttachOptions attach;
   bool require_kernel_nbd = false;
   ClusterConfig cluster;
+  ReplicaClusterFlags replicas;
   int64_t heartbeat_ms = 2000;
   std::string metrics_listen;
   std::string log_level = "info";
@@ -260,6 +274,35 @@ void AddApiAndClusterFlags(CLI::App& app, Flags& f) {
       ->capture_default_str();
 }
 
+void AddReplicaClusterFlags(CLI::App& app, Flags& f) {
+  ReplicaClusterFlags& r = f.replicas;
+  app.add_option("--cluster-etcd", r.etcd,
+                 "etcd endpoints (HOST:PORT, repeatable or comma-separated) holding the cluster "
+                 "state of replicated volumes; with it this node registers itself and can serve "
+                 "their targets (needs --node-id)")
+      ->delimiter(',');
+  app.add_option("--cluster-prefix", r.prefix, "Key prefix of the cluster state in etcd")
+      ->capture_default_str();
+  app.add_option("--cluster-lease-ttl", r.lease_ttl,
+                 "Seconds this node's claims outlive it: after a crash, another node can take "
+                 "over a volume this long after the last keepalive")
+      ->check(CLI::Range(int64_t{2}, int64_t{300}))
+      ->capture_default_str();
+  app.add_option("--cluster-nbd-endpoint", r.nbd_endpoint,
+                 "tcp://HOST:PORT where other nodes' targets reach this node's replicas; "
+                 "default: the tcp:// --nbd-listen (which must then not be a wildcard address)");
+  app.add_option("--cluster-etcd-tls-cert", r.etcd_tls.cert, "PEM client certificate for etcd");
+  app.add_option("--cluster-etcd-tls-key", r.etcd_tls.key, "PEM key of --cluster-etcd-tls-cert");
+  app.add_option("--cluster-etcd-tls-ca", r.etcd_tls.ca, "PEM CA bundle etcd's certificate must "
+                                                         "chain to");
+  app.add_flag("--cluster-etcd-insecure", r.etcd_tls.insecure,
+               "Plaintext etcd, no authentication (loopback tests only)");
+  app.add_option("--replica-connections", r.connections,
+                 "NBD connections from a target to each of its replicas")
+      ->check(CLI::Range(1, 16))
+      ->capture_default_str();
+}
+
 void AddObservabilityFlags(CLI::App& app, Flags& f) {
   app.add_option("--metrics-listen", f.metrics_listen,
                  "HOST:PORT (IP address) serving /metrics (Prometheus), /healthz and /readyz "
@@ -285,6 +328,10 @@ struct Config {
   ClusterConfig cluster;
   std::shared_ptr<grpc::ChannelCredentials> channel_creds;  // heartbeats; null without one
   std::string metrics_listen;
+  // Replicated volumes: set when --cluster-etcd is given.
+  std::optional<etcd::EtcdOptions> etcd;
+  std::string cluster_prefix;
+  replica::ClusterAgentOptions agent;
 };
 
 Status ResolvePool(const Flags& f, PoolOptions& p) {
@@ -366,12 +413,56 @@ Status ResolveApiAndCluster(const Flags& f, Config& c) {
   return Status::Ok();
 }
 
+// The cluster of replicated volumes: etcd, this node's registration, and the replica client's
+// TLS (the node's NBD certificate, presented in the client role).
+Status ResolveReplicaCluster(const Flags& f, Config& c) {
+  const ReplicaClusterFlags& r = f.replicas;
+  if (r.etcd.empty()) {
+    if (!r.nbd_endpoint.empty() || !r.etcd_tls.cert.empty() || r.etcd_tls.insecure)
+      return Error(EINVAL, "--cluster-* flags need --cluster-etcd");
+    return Status::Ok();
+  }
+  if (f.cluster.node_id.empty())
+    return Error(EINVAL, "--cluster-etcd needs --node-id (this node's name in the cluster)");
+  if (Status s = r.etcd_tls.Validate(); !s.ok())
+    return Error(EINVAL, "--cluster-etcd: {} (--cluster-etcd-tls-cert/-key/-ca, or "
+                         "--cluster-etcd-insecure)", s.message());
+  etcd::EtcdOptions e;
+  e.endpoints = r.etcd;
+  e.tls = r.etcd_tls;
+  e.call_timeout = std::chrono::milliseconds(std::max<int64_t>(1000, r.lease_ttl * 1000 / 4));
+  c.etcd = e;
+  c.cluster_prefix = r.prefix;
+  replica::ClusterAgentOptions& a = c.agent;
+  a.node_id = f.cluster.node_id;
+  a.lease_ttl_seconds = r.lease_ttl;
+  a.connections = r.connections;
+  a.replica_tls = {f.nbd_tls.cert, f.nbd_tls.key, f.nbd_tls.ca, ""};
+  a.nbd_endpoint = r.nbd_endpoint;
+  if (a.nbd_endpoint.empty()) {
+    for (const auto& ep : c.nbd_eps) {
+      if (ep.kind != Endpoint::Kind::kTcp) continue;
+      if (ep.host == "0.0.0.0" || ep.host == "::")
+        return Error(EINVAL, "--nbd-listen {} is a wildcard address: give "
+                             "--cluster-nbd-endpoint (where other nodes reach this one)",
+                     ep.ToString());
+      a.nbd_endpoint = ep.ToString();
+      break;
+    }
+  } else if (auto ep = ParseEndpoint(a.nbd_endpoint);
+             !ep.ok() || ep->kind != Endpoint::Kind::kTcp) {
+    return Error(EINVAL, "--cluster-nbd-endpoint {}: must be tcp://HOST:PORT", a.nbd_endpoint);
+  }
+  return Status::Ok();
+}
+
 // Checks every flag and reads every file they name; an error names the flag to fix.
 StatusOr<Config> Resolve(const Flags& f) {
   Config c;
   if (Status st = ResolvePool(f, c.pool); !st.ok()) return st;
   if (Status st = ResolveNbd(f, c); !st.ok()) return st;
   if (Status st = ResolveApiAndCluster(f, c); !st.ok()) return st;
+  if (Status st = ResolveReplicaCluster(f, c); !st.ok()) return st;
   if (!f.metrics_listen.empty()) {
     if (auto m = ParseMetricsListen(f.metrics_listen); !m.ok()) {
       return Error(EINVAL, "--metrics-listen: {}", m.status().message());
@@ -439,6 +530,21 @@ StatusOr<std::unique_ptr<HeartbeatSender>> StartHeartbeat(const Config& c, Pool&
   return sender;
 }
 
+// The engine as the cluster agent's export host.
+class FrontendHost final : public replica::ExportHost {
+ public:
+  explicit FrontendHost(NbdFrontend& f) : f_(f) {}
+  Status AddBackendExport(std::shared_ptr<ExportBackend> b) override {
+    return f_.AddBackendExport(std::move(b));
+  }
+  Status RemoveBackendExport(const std::string& name) override {
+    return f_.RemoveBackendExport(name);
+  }
+
+ private:
+  NbdFrontend& f_;
+};
+
 void LogPool(const PoolInfo& info) {
   spdlog::info("pool {}: {} volumes, {} file system, capacity {} bytes, overcommit {}, {} bytes "
                "free of which {} kept in reserve",
@@ -493,14 +599,34 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
     ~StopMetrics() { m.reset(); }
   } stop_metrics{metrics};
 
+  // Replicated volumes: the node joins the cluster before the API serves OpenTarget.
+  FrontendHost host(frontend);
+  std::unique_ptr<cluster::ClusterStore> cluster_store;
+  std::unique_ptr<replica::ClusterAgent> agent;
+  if (c.etcd) {
+    auto store = replica::ConnectEtcdStore(*c.etcd, c.cluster_prefix);
+    if (!store.ok()) return fail(Error(store.status().code(), "--cluster-etcd: {}",
+                                       store.status().message()));
+    cluster_store = std::move(*store);
+    auto a = replica::ClusterAgent::Start(*cluster_store, host, c.agent);
+    if (!a.ok()) return fail(a.status());
+    agent = std::move(*a);
+  }
+  struct StopAgent {
+    std::unique_ptr<replica::ClusterAgent>& a;
+    ~StopAgent() { a.reset(); }
+  } stop_agent{agent};
+
   if (Status st = EnsureSocketDir(c.api_ep); !st.ok()) return fail(st);
   auto attach_service = MakeAttachmentService((*attach)->manager());
+  auto target_service = MakeTargetService(agent.get());
   // Backups to object storage (datapath/backup): declared before the server so that the
   // server stops first; its destructor cancels running jobs while the pool is still open.
   backup::BackupJobs backup_jobs(**pool);
   auto backup_service = MakeBackupService(backup_jobs);
   auto server =
-      StartApiServer(**pool, c.api_listens, {attach_service.get(), backup_service.get()});
+      StartApiServer(**pool, c.api_listens,
+                     {attach_service.get(), backup_service.get(), target_service.get()});
   if (!server.ok()) {
     return fail(Error(server.status().code(), "cannot start the management API: {}",
                       server.status().message()));
@@ -528,6 +654,8 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
   (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   // Before the sockets close; attached devices stay attached (AttachRuntime::Stop says why).
   (*attach)->Stop();
+  // Targets close (their claims released: another node may take over at once), then the lease.
+  if (agent) agent->Stop();
   // Before what it reads goes away.
   metrics.reset();
   frontend.Stop();
@@ -543,6 +671,7 @@ int Run(int argc, char** argv) {
   AddNbdFlags(app, f);
   AddAttachFlags(app, f);
   AddApiAndClusterFlags(app, f);
+  AddReplicaClusterFlags(app, f);
   AddObservabilityFlags(app, f);
   CLI11_PARSE(app, argc, argv);
   const auto started = std::chrono::system_clock::now();

@@ -8,6 +8,7 @@
 #include <CLI/CLI.hpp>
 
 #include "tools/nbdctl/backup_cmds.h"
+#include "tools/nbdctl/target_cmds.h"
 #include "tools/nbdctl/command_tree.h"
 #include "tools/nbdctl/connection.h"
 #include "tools/nbdctl/csi_cmds.h"
@@ -42,6 +43,7 @@ int Run(int argc, char** argv) {
   DatapathCommands datapath(tree, global);
   CsiCommands csi(tree, global);
   BackupCommands backups(tree, global);
+  TargetCommands targets(tree, global);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -1,0 +1,106 @@
+#include "datapath/api/target_service.h"
+
+#include <spdlog/spdlog.h>
+
+#include <cstring>
+
+#include "common/grpc_status.h"
+#include "common/volume_rules.h"
+#include "datapath/api/target.grpc.pb.h"
+
+namespace nbdcsi::datapath {
+namespace {
+
+namespace v1 = ::nbdcsi::datapath::v1;
+using replica::ClusterAgent;
+using replica::TargetInfo;
+
+grpc::Status Fail(const char* rpc, const Status& s) {
+  spdlog::warn("api {}: {} (errno {}: {})", rpc, s.message(), s.code(), std::strerror(s.code()));
+  // Another node's live claim is a state the caller must change first, not a busy retry.
+  if (s.code() == EBUSY) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, s.message());
+  if (s.code() == EHOSTUNREACH || s.code() == ENOLINK)
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, s.message());
+  return ToGrpc(s);
+}
+
+void Fill(const TargetInfo& t, const std::string& node, v1::Target* out) {
+  out->set_volume(t.volume);
+  out->set_export_name(t.export_name);
+  out->set_epoch(t.epoch);
+  out->set_size_bytes(t.size);
+  for (const auto& m : t.health.members) {
+    auto* r = out->add_replicas();
+    r->set_node(m.node);
+    r->set_state(replica::MemberStateName(m.state));
+    r->set_why(m.why);
+    r->set_requests(m.counters.requests);
+    r->set_errors(m.counters.errors);
+    r->set_bytes_written(m.counters.bytes_written);
+    r->set_bytes_read(m.counters.bytes_read);
+    r->set_healthy_connections(m.counters.connections_healthy);
+  }
+  for (const auto& n : t.health.in_sync) out->add_in_sync(n);
+  out->set_degraded(t.health.degraded);
+  out->set_stopped(t.health.stopped);
+  out->set_stop_reason(t.health.stop_reason);
+  out->set_acked_degraded(t.health.acked_degraded);
+  for (const auto& u : t.unreachable) out->add_unreachable(u);
+  out->set_node(node);
+}
+
+class TargetService final : public v1::Targets::Service {
+ public:
+  explicit TargetService(ClusterAgent* agent) : agent_(agent) {}
+
+  grpc::Status OpenTarget(grpc::ServerContext*, const v1::OpenTargetRequest* req,
+                          v1::TargetResponse* resp) override {
+    if (auto s = Check("OpenTarget", req->volume()); !s.ok()) return s;
+    auto t = agent_->OpenTarget(req->volume());
+    if (!t.ok()) return Fail("OpenTarget", t.status());
+    Fill(*t, agent_->node_id(), resp->mutable_target());
+    return grpc::Status::OK;
+  }
+  grpc::Status CloseTarget(grpc::ServerContext*, const v1::CloseTargetRequest* req,
+                           v1::CloseTargetResponse*) override {
+    if (auto s = Check("CloseTarget", req->volume()); !s.ok()) return s;
+    if (Status s = agent_->CloseTarget(req->volume()); !s.ok()) return Fail("CloseTarget", s);
+    return grpc::Status::OK;
+  }
+  grpc::Status GetTarget(grpc::ServerContext*, const v1::GetTargetRequest* req,
+                         v1::TargetResponse* resp) override {
+    if (auto s = Check("GetTarget", req->volume()); !s.ok()) return s;
+    auto t = agent_->GetTarget(req->volume());
+    if (!t.ok()) return Fail("GetTarget", t.status());
+    Fill(*t, agent_->node_id(), resp->mutable_target());
+    return grpc::Status::OK;
+  }
+  grpc::Status ListTargets(grpc::ServerContext*, const v1::ListTargetsRequest*,
+                           v1::ListTargetsResponse* resp) override {
+    if (!agent_) return NoCluster();
+    for (const auto& t : agent_->ListTargets()) Fill(t, agent_->node_id(), resp->add_targets());
+    return grpc::Status::OK;
+  }
+
+ private:
+  static grpc::Status NoCluster() {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "this nbd-datapathd runs without a cluster (--cluster-etcd): it serves "
+                        "no replicated volumes");
+  }
+  grpc::Status Check(const char* rpc, const std::string& volume) {
+    if (!agent_) return NoCluster();
+    if (Status s = ValidateObjectName("volume", volume); !s.ok()) return Fail(rpc, s);
+    return grpc::Status::OK;
+  }
+
+  ClusterAgent* agent_;
+};
+
+}  // namespace
+
+std::unique_ptr<grpc::Service> MakeTargetService(replica::ClusterAgent* agent) {
+  return std::make_unique<TargetService>(agent);
+}
+
+}  // namespace nbdcsi::datapath

@@ -1,0 +1,18 @@
+// The gRPC Targets service (datapath/api/target.proto) over the ClusterAgent. Registered on the
+// same server as the Datapath service when the daemon runs in a cluster (--cluster-etcd).
+#pragma once
+
+#include <grpcpp/impl/codegen/service_type.h>
+
+#include <memory>
+
+#include "datapath/replica/cluster_agent.h"
+
+namespace nbdcsi::datapath {
+
+// `agent` may be null (no --cluster-etcd): every call is then FAILED_PRECONDITION saying so.
+// It must outlive the service. Open and close block for the replica handshakes (bounded by
+// their timeouts).
+std::unique_ptr<grpc::Service> MakeTargetService(replica::ClusterAgent* agent);
+
+}  // namespace nbdcsi::datapath

@@ -1,0 +1,156 @@
+#include "datapath/replica/cluster_agent.h"
+
+#include <utility>
+
+#include <spdlog/spdlog.h>
+
+#include "common/cluster/etcd_cluster_store.h"
+#include "common/cluster/keys.h"
+
+namespace nbdcsi::replica {
+
+StatusOr<std::unique_ptr<cluster::ClusterStore>> ConnectEtcdStore(const etcd::EtcdOptions& etcd,
+                                                                  const std::string& prefix) {
+  auto keys = cluster::KeyLayout::Make(prefix);
+  if (!keys.ok()) return keys.status();
+  auto client = etcd::EtcdClient::Create(etcd);
+  if (!client.ok()) return client.status();
+  return std::unique_ptr<cluster::ClusterStore>(
+      std::make_unique<cluster::EtcdClusterStore>(std::move(*client), *keys));
+}
+
+ClusterAgent::ClusterAgent(cluster::ClusterStore& store, ExportHost& host,
+                           ClusterAgentOptions options)
+    : store_(store), host_(host), opts_(std::move(options)) {}
+
+StatusOr<std::unique_ptr<ClusterAgent>> ClusterAgent::Start(cluster::ClusterStore& store,
+                                                            ExportHost& host,
+                                                            ClusterAgentOptions options) {
+  if (options.node_id.empty()) return Error(EINVAL, "the cluster agent needs this node's id");
+  std::unique_ptr<ClusterAgent> agent(new ClusterAgent(store, host, std::move(options)));
+  ClusterAgent* raw = agent.get();
+  auto lease = cluster::Lease::Grant(store, agent->opts_.lease_ttl_seconds,
+                                     [raw](const Status& why) { raw->OnLeaseLost(why); });
+  if (!lease.ok())
+    return Error(lease.status().code(), "cluster: cannot get a lease for node {}: {}",
+                 agent->opts_.node_id, lease.status().message());
+  agent->lease_ = std::move(*lease);
+  if (Status s = store.RegisterNode(agent->opts_.node_id, agent->lease_->id(),
+                                    agent->opts_.nbd_endpoint);
+      !s.ok())
+    return Error(s.code(), "cluster: cannot register node {}: {}", agent->opts_.node_id,
+                 s.message());
+  spdlog::info("cluster: node {} registered (NBD endpoint {}, lease TTL {} s)",
+               agent->opts_.node_id,
+               agent->opts_.nbd_endpoint.empty() ? "none" : agent->opts_.nbd_endpoint,
+               agent->lease_->ttl_seconds());
+  return agent;
+}
+
+ClusterAgent::~ClusterAgent() { Stop(); }
+
+void ClusterAgent::OnLeaseLost(const Status& why) {
+  spdlog::error("cluster: node {} lost its lease ({}); every target here stops serving",
+                opts_.node_id, why.message());
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& [name, t] : targets_)
+    t->Stop(fmt::format("node {} lost its cluster lease: {}", opts_.node_id, why.message()));
+}
+
+TargetInfo ClusterAgent::Info(const Target& t) {
+  TargetInfo i;
+  i.volume = t.volume();
+  i.export_name = t.volume() + std::string(datapath::kTargetSuffix);
+  i.epoch = t.epoch();
+  i.size = t.set()->size();
+  i.health = t.set()->health();
+  i.unreachable = t.unreachable();
+  return i;
+}
+
+StatusOr<TargetInfo> ClusterAgent::OpenTarget(const std::string& volume) {
+  std::lock_guard<std::mutex> ops(ops_mu_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopped_) return Error(ESHUTDOWN, "cluster agent of node {} is stopping", opts_.node_id);
+    if (auto it = targets_.find(volume); it != targets_.end()) return Info(*it->second);
+  }
+  if (lease_->lost())
+    return Error(ENOLINK, "node {} has lost its cluster lease ({}): it cannot claim {}",
+                 opts_.node_id, lease_->lost_reason().message(), volume);
+  TargetOptions o;
+  o.volume = volume;
+  o.node = opts_.node_id;
+  o.lease = lease_->id();
+  o.tls = opts_.replica_tls;
+  o.connections = opts_.connections;
+  o.handshake_timeout = opts_.handshake_timeout;
+  o.request_timeout = opts_.request_timeout;
+  auto t = Target::Open(store_, o);
+  if (!t.ok()) return t.status();
+  if (Status s = host_.AddBackendExport((*t)->set()); !s.ok()) {
+    (*t)->Close();
+    return Error(s.code(), "target {}: cannot serve it: {}", volume, s.message());
+  }
+  TargetInfo info = Info(**t);
+  std::lock_guard<std::mutex> lock(mu_);
+  // A lease lost while we opened: the new target must not serve either.
+  if (lease_->lost()) (*t)->Stop("node lost its cluster lease while the target opened");
+  targets_[volume] = std::move(*t);
+  return info;
+}
+
+Status ClusterAgent::CloseTarget(const std::string& volume) {
+  std::lock_guard<std::mutex> ops(ops_mu_);
+  std::unique_ptr<Target> t;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = targets_.find(volume);
+    if (it == targets_.end())
+      return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
+    t = std::move(it->second);
+    targets_.erase(it);
+  }
+  Status removed = host_.RemoveBackendExport(volume);
+  if (!removed.ok())
+    spdlog::warn("target {}: removing its export: {}", volume, removed.message());
+  Status released = t->Close();
+  // ESTALE: somebody claimed after our lease ran out; the target is closed here all the same.
+  if (!released.ok() && released.code() != ESTALE) return released;
+  return Status::Ok();
+}
+
+StatusOr<TargetInfo> ClusterAgent::GetTarget(const std::string& volume) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = targets_.find(volume);
+  if (it == targets_.end())
+    return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
+  return Info(*it->second);
+}
+
+std::vector<TargetInfo> ClusterAgent::ListTargets() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<TargetInfo> out;
+  for (const auto& [name, t] : targets_) out.push_back(Info(*t));
+  return out;
+}
+
+void ClusterAgent::Stop() {
+  std::vector<std::string> names;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopped_) return;
+    for (const auto& [name, t] : targets_) names.push_back(name);
+  }
+  for (const auto& n : names) {
+    if (Status s = CloseTarget(n); !s.ok())
+      spdlog::warn("cluster: closing target {}: {}", n, s.message());
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopped_ = true;
+  }
+  if (lease_) lease_->Release();
+}
+
+}  // namespace nbdcsi::replica

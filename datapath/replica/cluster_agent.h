@@ -1,0 +1,106 @@
+// ClusterAgent: a datapath's part in the cluster (issue 16). It holds the node's lease in the
+// cluster state (etcd), registers the node with the NBD endpoint where other nodes' targets
+// reach its replicas, and opens and closes the targets of replicated volumes on this node: each
+// a Target (claim, connections at the epoch, ReplicaSet) served by the engine as VOLUME@target.
+//
+// Every claim hangs on the node's lease. When the lease is lost (etcd unreachable for a TTL, or
+// expired), another node may claim any of these volumes: every target here stops at once (its
+// requests fail with EIO) and stays registered until it is closed, so a client sees errors, not
+// a vanished export.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common/cluster/cluster_store.h"
+#include "common/cluster/lease.h"
+#include "common/etcd/etcd_client.h"
+#include "common/status.h"
+#include "datapath/engine/backend.h"
+#include "datapath/replica/target.h"
+
+namespace nbdcsi::replica {
+
+// Where targets are served: the engine's backend exports (NbdFrontend in the daemon).
+class ExportHost {
+ public:
+  virtual ~ExportHost() = default;
+  virtual Status AddBackendExport(std::shared_ptr<datapath::ExportBackend> backend) = 0;
+  // Returns once no connection uses the backend any more.
+  virtual Status RemoveBackendExport(const std::string& name) = 0;
+};
+
+struct ClusterAgentOptions {
+  std::string node_id;
+  // tcp://HOST:PORT of this node's NBD listener, registered for the other nodes' targets.
+  std::string nbd_endpoint;
+  int64_t lease_ttl_seconds = 10;
+  // Client side of the replica connections (this node's certificate, in the client role).
+  TlsClientFiles replica_tls;
+  int connections = 2;
+  std::chrono::milliseconds handshake_timeout{5000};
+  std::chrono::milliseconds request_timeout{10000};
+};
+
+struct TargetInfo {
+  std::string volume;
+  std::string export_name;  // VOLUME@target
+  uint64_t epoch = 0;
+  uint64_t size = 0;
+  ReplicaSetHealth health;
+  std::vector<std::string> unreachable;  // replicas dropped at open
+};
+
+class ClusterAgent {
+ public:
+  // Grants the node's lease through `store`, keeps it alive, and registers the node. `store` and
+  // `host` must outlive the agent.
+  static StatusOr<std::unique_ptr<ClusterAgent>> Start(cluster::ClusterStore& store,
+                                                       ExportHost& host,
+                                                       ClusterAgentOptions options);
+  // Stop().
+  ~ClusterAgent();
+  ClusterAgent(const ClusterAgent&) = delete;
+  ClusterAgent& operator=(const ClusterAgent&) = delete;
+
+  // Opens the volume's target here and serves it as VOLUME@target; already open here: its
+  // state. Errors as Target::Open; ESTALE/ENOLINK when the node's lease is lost.
+  StatusOr<TargetInfo> OpenTarget(const std::string& volume);
+  // Stops serving VOLUME@target (its connections end once their requests are answered), closes
+  // the replica connections and releases the claim. ENOENT when it is not open here.
+  Status CloseTarget(const std::string& volume);
+  StatusOr<TargetInfo> GetTarget(const std::string& volume);
+  std::vector<TargetInfo> ListTargets();
+
+  const std::string& node_id() const { return opts_.node_id; }
+  bool lease_lost() const { return lease_ && lease_->lost(); }
+
+  // Closes every target (releasing the claims) and revokes the lease. Idempotent.
+  void Stop();
+
+ private:
+  ClusterAgent(cluster::ClusterStore& store, ExportHost& host, ClusterAgentOptions options);
+  void OnLeaseLost(const Status& why);
+  static TargetInfo Info(const Target& t);
+
+  cluster::ClusterStore& store_;
+  ExportHost& host_;
+  ClusterAgentOptions opts_;
+  std::unique_ptr<cluster::Lease> lease_;
+  std::mutex ops_mu_;  // one open or close at a time (each does network I/O)
+  std::mutex mu_;      // targets_
+  std::map<std::string, std::unique_ptr<Target>> targets_;
+  bool stopped_ = false;
+};
+
+// The cluster store on etcd for the daemon: the client (failover, deadlines, TLS) and the key
+// layout under `prefix`.
+StatusOr<std::unique_ptr<cluster::ClusterStore>> ConnectEtcdStore(const etcd::EtcdOptions& etcd,
+                                                                  const std::string& prefix);
+
+}  // namespace nbdcsi::replica

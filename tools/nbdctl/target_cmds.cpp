@@ -1,0 +1,101 @@
+#include "tools/nbdctl/target_cmds.h"
+
+#include <fmt/format.h>
+
+#include "datapath/api/target.grpc.pb.h"
+#include "tools/nbdctl/target_render.h"
+
+namespace nbdcsi::nbdctl {
+
+using nlohmann::json;
+
+struct TargetCommands::Impl {
+  explicit Impl(const GlobalOptions& g) : global(g) {}
+
+  const GlobalOptions& global;
+  std::string volume;
+  std::unique_ptr<Connection> conn;
+  std::unique_ptr<tv1::Targets::Stub> stub;
+
+  void Connect() {
+    conn = std::make_unique<Connection>(Peer::kDatapath, "--api", global.api, global.timeout_s);
+    stub = tv1::Targets::NewStub(conn->channel());
+  }
+  int Show(const tv1::Target& t) const {
+    Print(global.output, TargetJson(t), TargetDetails(t));
+    return kExitOk;
+  }
+
+  int Open() {
+    tv1::OpenTargetRequest req;
+    req.set_volume(volume);
+    Connect();
+    tv1::TargetResponse resp;
+    if (int rc = conn->Call(*stub, &tv1::Targets::Stub::OpenTarget, req, &resp,
+                            fmt::format("open target of \"{}\"", volume)))
+      return rc;
+    return Show(resp.target());
+  }
+  int Close() {
+    tv1::CloseTargetRequest req;
+    req.set_volume(volume);
+    Connect();
+    tv1::CloseTargetResponse resp;
+    if (int rc = conn->Call(*stub, &tv1::Targets::Stub::CloseTarget, req, &resp,
+                            fmt::format("close target of \"{}\"", volume)))
+      return rc;
+    Print(global.output, {{"volume", volume}, {"closed", true}},
+          fmt::format("target of \"{}\" closed; its claim is released\n", volume));
+    return kExitOk;
+  }
+  int Inspect() {
+    tv1::GetTargetRequest req;
+    req.set_volume(volume);
+    Connect();
+    tv1::TargetResponse resp;
+    if (int rc = conn->Call(*stub, &tv1::Targets::Stub::GetTarget, req, &resp,
+                            fmt::format("inspect target of \"{}\"", volume)))
+      return rc;
+    return Show(resp.target());
+  }
+  int List() {
+    Connect();
+    tv1::ListTargetsResponse resp;
+    if (int rc = conn->Call(*stub, &tv1::Targets::Stub::ListTargets, {}, &resp, "list targets"))
+      return rc;
+    json all = json::array();
+    for (const auto& t : resp.targets()) all.push_back(TargetJson(t));
+    Print(global.output, {{"targets", all}}, TargetsTable(resp));
+    return kExitOk;
+  }
+
+  Command Cmd(std::vector<std::string> path, std::string help, Flags flags, int (Impl::*fn)()) {
+    return Bound(std::move(path), std::move(help), std::move(flags), this, fn);
+  }
+  void Register(CommandTree& tree) {
+    tree.Add(Group{{"target"},
+                   "Targets of replicated volumes on this datapath (needs --cluster-etcd)",
+                   "target", nullptr});
+    tree.Add(Cmd({"target", "open"},
+                 "Claim a replicated volume for this node and serve it as VOLUME@target (the "
+                 "epoch rises; older targets are fenced)",
+                 Positional("VOLUME", &volume, "Replicated volume"), &Impl::Open));
+    tree.Add(Cmd({"target", "close"},
+                 "Stop serving VOLUME@target here and release the claim",
+                 Positional("VOLUME", &volume, "Replicated volume"), &Impl::Close));
+    tree.Add(Cmd({"target", "inspect"},
+                 "Show a target: epoch, replicas and their state, in-sync set, degraded writes",
+                 Positional("VOLUME", &volume, "Replicated volume"), &Impl::Inspect));
+    tree.Add(Cmd({"target", "list"}, "List the targets open on this datapath",
+                 [](CLI::App& c) { c.alias("ls"); }, &Impl::List));
+  }
+};
+
+TargetCommands::TargetCommands(CommandTree& tree, const GlobalOptions& global)
+    : impl_(std::make_unique<Impl>(global)) {
+  impl_->Register(tree);
+}
+
+TargetCommands::~TargetCommands() = default;
+
+}  // namespace nbdcsi::nbdctl

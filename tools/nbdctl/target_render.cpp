@@ -1,0 +1,82 @@
+#include "tools/nbdctl/target_render.h"
+
+#include <fmt/format.h>
+
+#include "common/quantity.h"
+
+namespace nbdcsi::nbdctl {
+
+using nlohmann::json;
+
+std::string TargetHealth(const tv1::Target& t) {
+  if (t.stopped()) return "stopped";
+  return t.degraded() ? "degraded" : "ok";
+}
+
+json TargetJson(const tv1::Target& t) {
+  json replicas = json::array();
+  for (const auto& r : t.replicas()) {
+    replicas.push_back({{"node", r.node()},
+                        {"state", r.state()},
+                        {"why", r.why()},
+                        {"requests", r.requests()},
+                        {"errors", r.errors()},
+                        {"bytes_written", r.bytes_written()},
+                        {"bytes_read", r.bytes_read()},
+                        {"healthy_connections", r.healthy_connections()}});
+  }
+  json in_sync = json::array();
+  for (const auto& n : t.in_sync()) in_sync.push_back(n);
+  json unreachable = json::array();
+  for (const auto& u : t.unreachable()) unreachable.push_back(u);
+  return {{"volume", t.volume()},
+          {"node", t.node()},
+          {"export_name", t.export_name()},
+          {"epoch", t.epoch()},
+          {"size_bytes", t.size_bytes()},
+          {"health", TargetHealth(t)},
+          {"degraded", t.degraded()},
+          {"stopped", t.stopped()},
+          {"stop_reason", t.stop_reason()},
+          {"in_sync", in_sync},
+          {"acked_degraded", t.acked_degraded()},
+          {"unreachable", unreachable},
+          {"replicas", replicas}};
+}
+
+std::string TargetDetails(const tv1::Target& t) {
+  std::string in_sync;
+  for (const auto& n : t.in_sync()) in_sync += (in_sync.empty() ? "" : ", ") + n;
+  std::string out = fmt::format(
+      "volume:      {}\nexport:      {} on node {}\nepoch:       {}\nsize:        {} ({} "
+      "bytes)\nhealth:      {}\nin sync:     {}\n",
+      t.volume(), t.export_name(), t.node(), t.epoch(), FormatHuman(t.size_bytes()),
+      t.size_bytes(), TargetHealth(t), in_sync.empty() ? "(none)" : in_sync);
+  if (t.stopped()) out += fmt::format("stopped:     {}\n", t.stop_reason());
+  if (t.acked_degraded())
+    out += fmt::format("degraded writes: {} acknowledged while a replica missed them\n",
+                       t.acked_degraded());
+  for (const auto& u : t.unreachable()) out += fmt::format("unreachable at open: {}\n", u);
+  out += fmt::format("{:<24} {:<12} {:>10} {:>8} {:>12} {:>12} {:>6}  {}\n", "REPLICA", "STATE",
+                     "REQUESTS", "ERRORS", "WRITTEN", "READ", "CONNS", "WHY");
+  for (const auto& r : t.replicas()) {
+    out += fmt::format("{:<24} {:<12} {:>10} {:>8} {:>12} {:>12} {:>6}  {}\n", r.node(),
+                       r.state(), r.requests(), r.errors(), FormatHuman(r.bytes_written()),
+                       FormatHuman(r.bytes_read()), r.healthy_connections(), r.why());
+  }
+  return out;
+}
+
+std::string TargetsTable(const tv1::ListTargetsResponse& list) {
+  std::string out = fmt::format("{:<40} {:>6} {:>10} {:<9} {}\n", "VOLUME", "EPOCH", "SIZE",
+                                "HEALTH", "IN SYNC");
+  for (const auto& t : list.targets()) {
+    std::string in_sync;
+    for (const auto& n : t.in_sync()) in_sync += (in_sync.empty() ? "" : ",") + n;
+    out += fmt::format("{:<40} {:>6} {:>10} {:<9} {}\n", t.volume(), t.epoch(),
+                       FormatHuman(t.size_bytes()), TargetHealth(t), in_sync);
+  }
+  return out;
+}
+
+}  // namespace nbdcsi::nbdctl
