@@ -4,7 +4,8 @@
 # fenced after a second target claimed, an unreachable replica dropped before serving. ~20 s.
 if(TARGET nbd-datapathd AND TARGET nbdctl)
   add_executable(replicated_target_it ${CMAKE_CURRENT_LIST_DIR}/replicated_target_it.cpp)
-  target_link_libraries(replicated_target_it PRIVATE nbd_replica GTest::gtest_main)
+  target_link_libraries(replicated_target_it PRIVATE nbd_replica nlohmann_json::nlohmann_json
+                        GTest::gtest_main)
   set_target_properties(replicated_target_it PROPERTIES RUNTIME_OUTPUT_DIRECTORY
                         ${CMAKE_BINARY_DIR}/test-bin)
   add_dependencies(replicated_target_it nbd-datapathd nbdctl)

@@ -1,9 +1,10 @@
 // The replicated target (datapath/replica: Target + ReplicaSet) against real parts: an etcd the
 // test starts on 127.0.0.22, two nbd-datapathd processes acting as the replica nodes node-a
 // (127.0.0.11) and node-b (127.0.0.12), each with its own pool and a TLS NBD listener with its
-// node certificate, and the target in this process connecting to them over TCP with mutual TLS
-// at the epoch of its claim. The nodes' registrations (their NBD endpoints) are written by the
-// test, standing in for the daemons' own registration.
+// node certificate, registered in etcd by themselves (--cluster-etcd). The target runs in this
+// process (Target + ReplicaSet through the library, connecting over TCP with mutual TLS at the
+// epoch of its claim) or, in the last test, in a third daemon, node-t (127.0.0.13), driven with
+// nbdctl and written by fio.
 //
 //   - Writes fan out to both replicas; node-b is killed with SIGKILL while writes are in flight:
 //     not one write fails, node-b is dropped from the in-sync set in etcd, and every
@@ -13,6 +14,9 @@
 //     is refused by the replicas (fenced, EPERM), it stops, and the write fails; the new
 //     target's data is intact on both replicas and the in-sync set is unchanged.
 //   - Open while a replica is down: it is dropped in etcd before anything is served.
+//   - The daemon path: `nbdctl target open` on node-t, fio (libnbd) random writes with crc32c
+//     verify on rv@target, node-b killed with SIGKILL in the middle: fio sees no error, the
+//     target reports itself degraded, and node-a's copy equals what the target served.
 //
 // Exits 77 without etcd, nbdcopy or the daemons, unless CI=true.
 #include <gtest/gtest.h>
@@ -32,6 +36,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "common/cluster/etcd_cluster_store.h"
 #include "datapath/replica/target.h"
@@ -74,14 +80,18 @@ class Node {
   Node(std::string id, std::string ip, const test::TestCerts& certs)
       : id_(std::move(id)), ip_(std::move(ip)), certs_(certs), dir_("rt-" + id_) {}
 
-  void Start() {
+  // The daemon joins the cluster through `etcd`: it registers itself (with its TLS NBD
+  // endpoint) on a lease it keeps alive, and serves targets when asked.
+  void Start(const std::string& etcd) {
     ASSERT_TRUE(dir_.ok()) << dir_.error();
     if (!port_) port_ = test::FreeLoopbackPort(ip_.c_str());
     fs::create_directories(dir_ / "pool");
     const std::vector<std::string> argv = {
         Bin("nbd-datapathd"), "--pool", dir_ / "pool", "--api", "unix://" + api(),
-        "--nbd-listen", nbd_endpoint(), "--nbd-listen", "unix://" + nbd_sock(), "--nbd-tls-cert", certs_("node-" + id_ + ".crt"),
-        "--nbd-tls-key", certs_("node-" + id_ + ".key"), "--nbd-tls-ca", certs_("ca.crt")};
+        "--nbd-listen", nbd_endpoint(), "--nbd-listen", "unix://" + nbd_sock(), "--nbd-tls-cert",
+        certs_("node-" + id_ + ".crt"), "--nbd-tls-key", certs_("node-" + id_ + ".key"),
+        "--nbd-tls-ca", certs_("ca.crt"), "--node-id", id_, "--cluster-etcd", etcd,
+        "--cluster-etcd-insecure", "--cluster-lease-ttl", "4"};
     ASSERT_TRUE(proc_.Start(argv, log()));
     auto a = ParseEndpoint("unix://" + api());
     auto n = ParseEndpoint(nbd_endpoint());
@@ -90,9 +100,17 @@ class Node {
         << ReadFile(log());
   }
   void CreateVolume() {
-    const std::string cmd = Bin("nbdctl") + " --api unix://" + api() + " volume create " +
-                            kVolume + " --size 64Mi >>" + log() + " 2>&1";
-    ASSERT_EQ(std::system(cmd.c_str()), 0) << ReadFile(log());
+    ASSERT_EQ(Nbdctl(fmt::format("volume create {} --size 64Mi", kVolume)), 0);
+  }
+  // nbdctl against this daemon; its stdout in *out when asked.
+  int Nbdctl(const std::string& args, std::string* out = nullptr) {
+    const std::string file = dir_ / "nbdctl.out";
+    const std::string cmd = Bin("nbdctl") + " --api unix://" + api() + " " + args + " >" + file +
+                            " 2>>" + log();
+    int rc = std::system(cmd.c_str());
+    if (out) *out = ReadFile(file);
+    if (rc != 0) ADD_FAILURE() << "nbdctl " << args << ": " << ReadFile(file) << ReadFile(log());
+    return rc;
   }
   void Kill9() { proc_.Kill(SIGKILL); }
   // The whole volume through libnbd on the node's Unix socket, opened at `epoch` (the replica
@@ -115,6 +133,7 @@ class Node {
   std::string api() const { return dir_ / "api.sock"; }
   std::string log() const { return dir_ / "datapathd.log"; }
   std::string nbd_sock() const { return dir_ / "nbd.sock"; }
+  std::string dir() const { return dir_.path(); }
   std::string nbd_endpoint() const { return fmt::format("tcp://{}:{}", ip_, port_); }
 
  private:
@@ -156,11 +175,11 @@ class ReplicatedTarget : public ::testing::Test {
     ASSERT_TRUE(keys.ok());
     store_ = std::make_unique<cluster::EtcdClusterStore>(std::move(*client), *keys);
     for (Node* n : {&a_, &b_}) {
-      n->Start();
+      n->Start(etcd_.endpoint());
       n->CreateVolume();
-      auto lease = store_->GrantLease(60);
-      ASSERT_TRUE(lease.ok());
-      ASSERT_TRUE(store_->RegisterNode(n->id(), *lease, n->nbd_endpoint()).ok());
+      auto where = store_->NodeEndpoint(n->id());
+      ASSERT_TRUE(where.ok()) << where.status().message();
+      EXPECT_EQ(*where, n->nbd_endpoint());
     }
     cluster::VolumeState v;
     v.name = kVolume;
@@ -249,7 +268,7 @@ class ReplicatedTarget : public ::testing::Test {
   }
 
   static inline std::string skip_;
-  test::TestCerts certs_{"rt-certs", "node-a node-b"};
+  test::TestCerts certs_{"rt-certs", "node-a node-b node-t"};
   test::EtcdProcess etcd_{nullptr, "127.0.0.22"};
   std::unique_ptr<cluster::EtcdClusterStore> store_;
   Node a_{"node-a", "127.0.0.11", certs_};
@@ -378,6 +397,57 @@ TEST_F(ReplicatedTarget, AnUnreachableReplicaIsDroppedBeforeServing) {
   auto none = Target::Open(*store_, opts);
   EXPECT_EQ(none.status().code(), EHOSTUNREACH) << none.status().message();
   EXPECT_TRUE(store_->GetVolume(kVolume)->target.empty());
+}
+
+TEST_F(ReplicatedTarget, TheDaemonsTargetKeepsFioRunningWhenAReplicaDies) {
+  if (!Have("fio") || std::system("fio --enghelp 2>/dev/null | grep -qw nbd") != 0)
+    GTEST_SKIP() << "needs fio with its nbd engine";
+  Node t{"node-t", "127.0.0.13", certs_};
+  t.Start(etcd_.endpoint());
+  std::string out;
+  ASSERT_EQ(t.Nbdctl(fmt::format("target open {} -o json", kVolume), &out), 0);
+  auto opened = nlohmann::json::parse(out);
+  EXPECT_EQ(opened["epoch"], 1);
+  EXPECT_EQ(opened["export_name"], "rv@target");
+  EXPECT_EQ(opened["health"], "ok");
+
+  const std::string job = t.dir() + "/job.fio";
+  std::ofstream(job) << fmt::format(
+      "[global]\nioengine=nbd\nuri=nbd+unix:///{}@target?socket={}\nbs=4k\niodepth=16\n"
+      "size=48M\nverify=crc32c\nverify_fatal=1\nverify_backlog=256\nrate_iops=,1500\n"
+      "[w]\nrw=randwrite\n",
+      kVolume, t.nbd_sock());
+  test::Proc fio;
+  const std::string fio_json = t.dir() + "/fio.json";
+  ASSERT_TRUE(fio.Start({"fio", "--output-format=json", "--output=" + fio_json, job},
+                        t.dir() + "/fio.log"));
+  // 12,288 writes at 1,500/s: the kill lands in the middle of the write phase.
+  std::this_thread::sleep_for(3s);
+  ASSERT_TRUE(fio.Alive()) << "fio ended before the kill: " << ReadFile(t.dir() + "/fio.log");
+  b_.Kill9();
+  ASSERT_TRUE(test::WaitUntil([&] { return !fio.Alive(); }, 120s)) << "fio did not finish";
+  auto report = nlohmann::json::parse(ReadFile(fio_json), nullptr, false);
+  ASSERT_FALSE(report.is_discarded()) << ReadFile(t.dir() + "/fio.log");
+  EXPECT_EQ(report["jobs"][0]["error"], 0) << ReadFile(t.dir() + "/fio.log");
+  EXPECT_GE(report["jobs"][0]["write"]["io_bytes"].get<uint64_t>(), 48ull << 20);
+  EXPECT_GE(report["jobs"][0]["read"]["io_bytes"].get<uint64_t>(), 48ull << 20)
+      << "fio verified less than it wrote";
+
+  ASSERT_EQ(t.Nbdctl(fmt::format("target inspect {} -o json", kVolume), &out), 0);
+  auto state = nlohmann::json::parse(out);
+  EXPECT_EQ(state["health"], "degraded");
+  EXPECT_EQ(state["in_sync"], nlohmann::json::array({"node-a"}));
+  EXPECT_GT(state["acked_degraded"].get<uint64_t>(), 0u);
+  EXPECT_EQ(store_->GetVolume(kVolume)->in_sync, std::vector<std::string>{"node-a"});
+
+  // What the target serves now is node-a's copy, byte for byte.
+  const std::string served = t.dir() + "/served.raw";
+  const std::string cmd = fmt::format("timeout 60 nbdcopy 'nbd+unix:///{}@target?socket={}' {}",
+                                      kVolume, t.nbd_sock(), served);
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  ASSERT_EQ(t.Nbdctl(fmt::format("target close {}", kVolume)), 0);
+  EXPECT_TRUE(store_->GetVolume(kVolume)->target.empty());
+  EXPECT_EQ(a_.Nbdcopy(1), ReadFile(served));
 }
 
 }  // namespace
