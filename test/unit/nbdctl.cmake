@@ -6,3 +6,6 @@ nbdcsi_add_gtest(nbdctl_command_tree_test ${CMAKE_CURRENT_LIST_DIR}/nbdctl_comma
 # `nbdctl --wait` progress lines (tools/nbdctl/progress.h): pure, with a fixed clock.
 nbdcsi_add_gtest(nbdctl_progress_test ${CMAKE_CURRENT_LIST_DIR}/nbdctl_progress_test.cpp
                  nbdctl_render)
+# `nbdctl target` rendering (tools/nbdctl/target_render.h): health, JSON keys, details, table.
+nbdcsi_add_gtest(target_render_test ${CMAKE_CURRENT_LIST_DIR}/target_render_test.cpp
+                 nbdctl_render)
