@@ -563,6 +563,7 @@ struct Worker::Impl {
     if (c->life != ConnLife::kAborted) {
       spdlog::debug("nbd: closing connection to {}: {}", c->name(), why);
       SetLife(c, ConnLife::kAborted);
+      self->draining_.fetch_add(1, std::memory_order_relaxed);
       // Wakes a pending recv/send with an error so that every socket SQE completes.
       shutdown(c->fd, SHUT_RDWR);
       CancelInFlight(c);
@@ -629,6 +630,7 @@ struct Worker::Impl {
           c->busy_slots);
     close(c->fd);
     if (c->stats) c->stats->ConnectionClosed();
+    if (c->life == ConnLife::kAborted) self->draining_.fetch_sub(1, std::memory_order_relaxed);
     const uint32_t id = c->id;
     table[id].reset();  // c is gone from here on
     free_ids.push_back(id);
@@ -1358,6 +1360,7 @@ EngineCounters Worker::counters() const {
   c.workers_running = running_.load(std::memory_order_relaxed) ? 1 : 0;
   c.fenced_requests = fenced_.load(std::memory_order_relaxed);
   c.backend_dropped = backend_dropped_.load(std::memory_order_relaxed);
+  c.draining_connections = draining_.load(std::memory_order_relaxed);
   return c;
 }
 

@@ -52,6 +52,8 @@ struct EngineCounters {
   // Backend completions of requests whose connection was aborted meanwhile (the client left,
   // the export was removed, shutdown): the slot is released and the reply dropped.
   uint64_t backend_dropped = 0;
+  // Aborted connections still waiting for their in-flight I/O (SQEs, backend requests) now.
+  uint64_t draining_connections = 0;
   EngineCounters& operator+=(const EngineCounters& o) {
     stale_dropped += o.stale_dropped;
     invariant_violations += o.invariant_violations;
@@ -62,6 +64,7 @@ struct EngineCounters {
     fenced_requests += o.fenced_requests;
     fenced_handshakes += o.fenced_handshakes;
     backend_dropped += o.backend_dropped;
+    draining_connections += o.draining_connections;
     return *this;
   }
 };
@@ -141,7 +144,7 @@ class Worker {
   std::atomic<size_t> live_{0};
   // Written by the worker thread only; read by counters() from anywhere.
   std::atomic<uint64_t> stale_{0}, violations_{0}, cancels_{0}, throttled_{0}, parked_{0},
-      fenced_{0}, backend_dropped_{0};
+      fenced_{0}, backend_dropped_{0}, draining_{0};
   std::atomic<bool> running_{false};
 };
 
