@@ -59,7 +59,8 @@ class NbdFrontend {
   Status Start();
   // Stops accepting, drops handshakes in progress, closes every connection after its in-flight
   // I/O completes (a TLS connection also gets its last replies encrypted and sent, for up to
-  // two seconds), and removes the Unix socket files.
+  // two seconds), and removes the Unix socket files. A backend export's connections wait for
+  // their requests' done callbacks (backend.h: the backend must call each one).
   void Stop();
 
   // Serves `volume` (or a backend export, "NAME@target") over `n` fresh socketpairs, for the

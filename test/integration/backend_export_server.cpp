@@ -27,8 +27,10 @@
 namespace {
 
 int Usage(const char* why) {
-  std::fprintf(stderr, "backend_export_server: %s\nusage: backend_export_server --socket PATH "
-               "--pool DIR --name NAME --size BYTES [--workers N]\n", why);
+  std::fprintf(stderr,
+               "backend_export_server: %s\nusage: backend_export_server --socket PATH "
+               "--pool DIR --name NAME --size BYTES [--workers N]\n",
+               why);
   return 2;
 }
 
@@ -41,12 +43,18 @@ int main(int argc, char** argv) {
   unsigned workers = 2;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
-    if (flag == "--socket") socket_path = value;
-    else if (flag == "--pool") pool_dir = value;
-    else if (flag == "--name") name = value;
-    else if (flag == "--size") size = std::strtoull(value.c_str(), nullptr, 10);
-    else if (flag == "--workers") workers = static_cast<unsigned>(std::atoi(value.c_str()));
-    else return Usage(("unknown flag " + flag).c_str());
+    if (flag == "--socket")
+      socket_path = value;
+    else if (flag == "--pool")
+      pool_dir = value;
+    else if (flag == "--name")
+      name = value;
+    else if (flag == "--size")
+      size = std::strtoull(value.c_str(), nullptr, 10);
+    else if (flag == "--workers")
+      workers = static_cast<unsigned>(std::atoi(value.c_str()));
+    else
+      return Usage(("unknown flag " + flag).c_str());
   }
   if (argc % 2 == 0) return Usage("every flag takes a value");
   if (socket_path.empty() || pool_dir.empty() || name.empty() || size == 0)

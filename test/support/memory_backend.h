@@ -109,11 +109,19 @@ class MemoryBackend final : public datapath::ExportBackend {
         } else {
           uint8_t* at = data_.data() + r.offset;
           switch (r.op) {
-            case Op::kRead: std::memcpy(r.data, at, r.length); break;
-            case Op::kWrite: std::memcpy(at, r.data, r.length); break;
-            case Op::kFlush: ++flushes_; break;
+            case Op::kRead:
+              std::memcpy(r.data, at, r.length);
+              break;
+            case Op::kWrite:
+              std::memcpy(at, r.data, r.length);
+              break;
+            case Op::kFlush:
+              ++flushes_;
+              break;
             case Op::kTrim:
-            case Op::kWriteZeroes: std::memset(at, 0, r.length); break;
+            case Op::kWriteZeroes:
+              std::memset(at, 0, r.length);
+              break;
           }
         }
       }

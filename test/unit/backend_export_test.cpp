@@ -71,10 +71,14 @@ TEST(BackendExportName, TargetSuffixParsesAndRefusesCombinations) {
   EXPECT_FALSE(plain->target);
 
   const std::pair<const char*, const char*> bad[] = {
-      {"v@target@epoch=3", "cannot be combined"}, {"v@epoch=3@target", "cannot be combined"},
-      {"v@target@grow", "cannot be combined"},    {"v@grow@target", "cannot be combined"},
-      {"v@target@target", "cannot be combined"},  {"v@targetx", "unknown suffix"},
-      {"v@Target", "unknown suffix"},             {"@target", "no volume"},
+      {"v@target@epoch=3", "cannot be combined"},
+      {"v@epoch=3@target", "cannot be combined"},
+      {"v@target@grow", "cannot be combined"},
+      {"v@grow@target", "cannot be combined"},
+      {"v@target@target", "cannot be combined"},
+      {"v@targetx", "unknown suffix"},
+      {"v@Target", "unknown suffix"},
+      {"@target", "no volume"},
   };
   for (const auto& [in, why] : bad) {
     auto r = ParseExportName(in);
@@ -181,9 +185,9 @@ TEST_P(BackendModeTest, ReadsAndWritesRoundTripWithManyInFlight) {
   std::vector<std::promise<Status>> done(kN);
   for (int i = 0; i < kN; ++i) {
     data[i] = Pattern(kLen, 100 + i);
-    ASSERT_TRUE(c.Write(i * kLen, data[i], i % 3 == 0,
-                        [&done, i](const Status& s) { done[i].set_value(s); })
-                    .ok());
+    ASSERT_TRUE(c.Write(i * kLen, data[i], i % 3 == 0, [&done, i](const Status& s) {
+                   done[i].set_value(s);
+                 }).ok());
   }
   for (int i = 0; i < kN; ++i) {
     auto f = done[i].get_future();
@@ -196,8 +200,8 @@ TEST_P(BackendModeTest, ReadsAndWritesRoundTripWithManyInFlight) {
   std::vector<Bytes> back(kN, Bytes(kLen));
   std::vector<std::promise<Status>> read(kN);
   for (int i = 0; i < kN; ++i) {
-    ASSERT_TRUE(c.Read(i * kLen, back[i], [&read, i](const Status& s) { read[i].set_value(s); })
-                    .ok());
+    ASSERT_TRUE(
+        c.Read(i * kLen, back[i], [&read, i](const Status& s) { read[i].set_value(s); }).ok());
   }
   for (int i = 0; i < kN; ++i) {
     auto f = read[i].get_future();
@@ -332,9 +336,9 @@ TEST_F(BackendExportTest, LateCompletionsAfterTheClientLeftAreDropped) {
   ASSERT_NE(raw, nullptr);
   Bytes batch;
   for (int i = 0; i < 8; ++i) {
-    const Bytes r = i % 2 ? test::NbdRequest(nbd::kCmdRead, 0, i, i * 4096, 4096)
-                          : test::NbdRequest(nbd::kCmdWrite, 0, i, i * 4096, 4096,
-                                             Pattern(4096, i));
+    const Bytes r = i % 2
+                        ? test::NbdRequest(nbd::kCmdRead, 0, i, i * 4096, 4096)
+                        : test::NbdRequest(nbd::kCmdWrite, 0, i, i * 4096, 4096, Pattern(4096, i));
     test::Append(batch, r);
   }
   raw->Send(batch);
@@ -446,9 +450,7 @@ TEST_F(BackendExportTest, ServeSocketPairsOnATargetExport) {
 TEST_F(BackendExportTest, RegistrationUnknownTargetsAndPoolVolumesUnaffected) {
   Start(1);
   EXPECT_EQ(frontend_->AddBackendExport(nullptr).code(), EINVAL);
-  EXPECT_EQ(frontend_->AddBackendExport(
-                        std::make_shared<MemoryBackend>("Bad/Name", kMiB))
-                .code(),
+  EXPECT_EQ(frontend_->AddBackendExport(std::make_shared<MemoryBackend>("Bad/Name", kMiB)).code(),
             EINVAL);
   auto backend = AddBackend("shared", 2 * kMiB, MemoryBackend::Mode::kInline);
   EXPECT_EQ(frontend_->AddBackendExport(std::make_shared<MemoryBackend>("shared", kMiB)).code(),
