@@ -90,7 +90,8 @@ class NbdFrontend {
   // still in flight at the backend are not sent: the client sees its connection end, as on any
   // connection loss) once those requests' done callbacks have been called. Returns when the
   // last connection, and every handshake that had picked the export, is gone: then the engine
-  // holds no reference to the backend and will not call it again. A backend that never calls
+  // holds no reference to the backend and will not call it again (if the caller held none
+  // either, the backend was destroyed on an engine thread). A backend that never calls
   // done would keep its connection forever: after `timeout` this gives up with ETIMEDOUT (and
   // an error in the log); the export stays removed and the connections are freed whenever the
   // callbacks do come. Blocks: not from the backend's done callbacks or an engine thread.

@@ -83,11 +83,16 @@ struct WorkerOptions {
 // NbdFrontend::RemoveBackendExport waits for that (`gone`).
 struct ServedBackend {
   explicit ServedBackend(std::shared_ptr<ExportBackend> b) : backend(std::move(b)) {}
-  ~ServedBackend() { gone.set_value(); }
+  // The backend is let go before `gone` says so: whoever waits for it may destroy the backend
+  // (or rely on being its last owner) as soon as it wakes.
+  ~ServedBackend() {
+    backend.reset();
+    gone.set_value();
+  }
   ServedBackend(const ServedBackend&) = delete;
   ServedBackend& operator=(const ServedBackend&) = delete;
 
-  const std::shared_ptr<ExportBackend> backend;
+  std::shared_ptr<ExportBackend> backend;  // set at construction, reset only by the destructor
   // Set when the export is removed: workers close its connections (Worker::CloseRemoved) and
   // refuse those handed over later.
   std::atomic<bool> removed{false};
