@@ -23,14 +23,14 @@ StatusOr<ExportName> ParseExportName(std::string_view name) {
     // The target is the only client of its replicas' epochs and is never a growable window:
     // either combination is a caller's mistake, said as such rather than as an unknown suffix.
     const bool has_target = suffix.find(kTargetSuffix) != std::string_view::npos;
-    const bool known_first = suffix.starts_with(kTargetSuffix) ||
-                             suffix.starts_with(kGrowableSuffix);
+    const bool known_first =
+        suffix.starts_with(kTargetSuffix) || suffix.starts_with(kGrowableSuffix);
     if (has_target && known_first && suffix.find('@', 1) != std::string_view::npos) {
       return Error(EINVAL, "export name \"{}\": {} cannot be combined with another suffix", name,
                    kTargetSuffix);
     }
-    return Error(EINVAL, "export name \"{}\": unknown suffix \"{}\" (expected {}, {} or {}N)",
-                 name, suffix, kGrowableSuffix, kTargetSuffix, kEpochSuffix);
+    return Error(EINVAL, "export name \"{}\": unknown suffix \"{}\" (expected {}, {} or {}N)", name,
+                 suffix, kGrowableSuffix, kTargetSuffix, kEpochSuffix);
   }
   const std::string_view digits = suffix.substr(kEpochSuffix.size());
   if (digits.find(kTargetSuffix) != std::string_view::npos) {

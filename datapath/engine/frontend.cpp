@@ -12,10 +12,10 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <functional>
-#include <future>
 #include <chrono>
 #include <cstring>
+#include <functional>
+#include <future>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -139,8 +139,8 @@ class BackendRegistry {
     const std::string name = backend->name();
     std::lock_guard lk(mu_);
     auto [it, added] = map_.try_emplace(name, nullptr);
-    if (!added) return Error(EEXIST, "backend export {}{} is already registered", name,
-                             kTargetSuffix);
+    if (!added)
+      return Error(EEXIST, "backend export {}{} is already registered", name, kTargetSuffix);
     it->second = std::make_shared<ServedBackend>(std::move(backend));
     return Status::Ok();
   }
@@ -695,8 +695,8 @@ StatusOr<std::vector<int>> NbdFrontend::ServeSocketPairs(const std::string& volu
       return Error(ENOENT, "backend export {} is not registered", volume);
     }
     nbd::Negotiated neg;
-    neg.export_info = nbd::ExportInfo{volume, served->backend->size(), false,
-                                      std::string(kTargetDescription)};
+    neg.export_info =
+        nbd::ExportInfo{volume, served->backend->size(), false, std::string(kTargetDescription)};
     neg.transmission_flags = nbd::TransmissionFlags(false, false);
     for (int fd : servers) {
       unsigned w = m.next_worker.fetch_add(1, std::memory_order_relaxed) % m.workers.size();
@@ -751,10 +751,14 @@ Status NbdFrontend::RemoveBackendExport(const std::string& name,
   served.reset();
   for (auto& w : m.workers) w->CloseRemoved();
   if (gone.wait_for(timeout) != std::future_status::ready) {
-    spdlog::error("nbd: backend export {}{} removed, but a connection to it still waits for its "
-                  "backend's completions after {} ms", name, kTargetSuffix, timeout.count());
-    return Error(ETIMEDOUT, "backend export {}{}: requests still in flight at the backend after "
-                 "{} ms", name, kTargetSuffix, timeout.count());
+    spdlog::error(
+        "nbd: backend export {}{} removed, but a connection to it still waits for its "
+        "backend's completions after {} ms",
+        name, kTargetSuffix, timeout.count());
+    return Error(ETIMEDOUT,
+                 "backend export {}{}: requests still in flight at the backend after "
+                 "{} ms",
+                 name, kTargetSuffix, timeout.count());
   }
   spdlog::info("nbd: backend export {}{} removed", name, kTargetSuffix);
   return Status::Ok();

@@ -19,9 +19,9 @@
 #include <spdlog/spdlog.h>
 
 #include "datapath/engine/extents.h"
-#include "datapath/nbd/negotiate.h"
 #include "datapath/engine/request_state.h"
 #include "datapath/nbd/codec.h"
+#include "datapath/nbd/negotiate.h"
 #include "datapath/nbd/proto.h"
 
 namespace nbdcsi::datapath {
@@ -259,7 +259,7 @@ struct Worker::Impl {
   std::mutex done_mu;
   std::vector<std::pair<uint64_t, int>> done_posted;  // guarded by done_mu
   std::vector<std::pair<uint64_t, int>> done_batch;   // worker thread only
-  std::atomic<bool> close_removed{false};  // Worker::CloseRemoved asked for a sweep
+  std::atomic<bool> close_removed{false};             // Worker::CloseRemoved asked for a sweep
   bool stop_wake_sent = false;
   uint64_t violations_logged = 0;
   // Told by a volume's WriteGate when parked writes may go; wakes this worker's ring.
@@ -749,12 +749,15 @@ struct Worker::Impl {
     proto::RequestCheck chk = CheckSized(c, h);
     Slot* s = TakeSlot(c, h);
     if (chk.nbd_error) {
-      spdlog::debug("nbd: {}: rejected request type {} flags {:#x} offset {} length {}: "
-                    "NBD error {}", c->name(), h.type, h.flags, h.offset, h.length,
-                    chk.nbd_error);
+      spdlog::debug(
+          "nbd: {}: rejected request type {} flags {:#x} offset {} length {}: "
+          "NBD error {}",
+          c->name(), h.type, h.flags, h.offset, h.length, chk.nbd_error);
       if (chk.fatal) {
-        spdlog::warn("nbd: {}: request type {} length {} cannot be resynchronised, "
-                     "closing after the error reply", c->name(), h.type, h.length);
+        spdlog::warn(
+            "nbd: {}: request type {} length {} cannot be resynchronised, "
+            "closing after the error reply",
+            c->name(), h.type, h.length);
         SetLife(c, ConnLife::kClosing);
         ReplyError(s, chk.nbd_error);
         return false;
@@ -1021,8 +1024,7 @@ struct Worker::Impl {
     const proto::RequestHeader& h = s->h;
     size_t cap = 64 + kMaxExtents * 8;
     if (!s->buf.Reserve(cap)) return Fail(s, ENOMEM);
-    size_t len =
-        proto::EncodeBlockStatusReply(s->buf.data, cap, h.cookie, s->conn->ctx_id, ext, n);
+    size_t len = proto::EncodeBlockStatusReply(s->buf.data, cap, h.cookie, s->conn->ctx_id, ext, n);
     if (!len) return Fail(s, EIO);
     s->hdr_len = 0;
     s->data_len = static_cast<uint32_t>(len);
@@ -1245,8 +1247,8 @@ struct Worker::Impl {
   void Fail(Slot* s, int err) {
     uint32_t code = proto::ErrnoToNbd(err);
     if (code == proto::kErrIo)
-      spdlog::error("nbd: {}: request type {} offset {} length {} failed: {}",
-                    s->conn->name(), s->h.type, s->h.offset, s->h.length, strerror(err));
+      spdlog::error("nbd: {}: request type {} offset {} length {} failed: {}", s->conn->name(),
+                    s->h.type, s->h.offset, s->h.length, strerror(err));
     ReplyError(s, code);
   }
 
