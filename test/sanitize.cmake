@@ -29,7 +29,7 @@ set(NBDCSI_ASAN_VM vm.attach_restart)
 # quarter" check (WriterToAnUncopiedChunkIsServedFirst) measured 35 MiB against 32 MiB under TSan's
 # slowdown; it runs under ASan. To do: a bound that does not depend on relative thread speed.
 set(NBDCSI_TSAN_TESTS
-  engine_test request_state_test write_gate_test qos_test
+  engine_test backend_export_test request_state_test write_gate_test qos_test
   pool_test pool_create_test pool_rules_test pool_metadata_test pool_snapshot_test
   name_locks_test
   nbd_codec_test nbd_negotiate_test nbd_tls_test replica_client_test replica_set_test

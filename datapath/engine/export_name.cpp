@@ -1,5 +1,6 @@
 #include "datapath/engine/export_name.h"
 
+#include "datapath/engine/backend.h"
 #include "datapath/engine/frontend.h"
 #include "datapath/pool/rules.h"
 
@@ -13,15 +14,29 @@ StatusOr<ExportName> ParseExportName(std::string_view name) {
     return Error(EINVAL, "export name \"{}\" has no volume before '{}'", name, suffix);
   }
   if (suffix == kGrowableSuffix) return ExportName{std::string(base), true, 0};
+  if (suffix == kTargetSuffix) return ExportName{std::string(base), false, 0, true};
   if (!suffix.starts_with(kEpochSuffix)) {
     if (suffix.starts_with(kGrowableSuffix) && suffix.find(kEpochSuffix) != std::string::npos) {
       return Error(EINVAL, "export name \"{}\": {} and {}N cannot be combined", name,
                    kGrowableSuffix, kEpochSuffix);
     }
-    return Error(EINVAL, "export name \"{}\": unknown suffix \"{}\" (expected {} or {}N)", name,
-                 suffix, kGrowableSuffix, kEpochSuffix);
+    // The target is the only client of its replicas' epochs and is never a growable window:
+    // either combination is a caller's mistake, said as such rather than as an unknown suffix.
+    const bool has_target = suffix.find(kTargetSuffix) != std::string_view::npos;
+    const bool known_first =
+        suffix.starts_with(kTargetSuffix) || suffix.starts_with(kGrowableSuffix);
+    if (has_target && known_first && suffix.find('@', 1) != std::string_view::npos) {
+      return Error(EINVAL, "export name \"{}\": {} cannot be combined with another suffix", name,
+                   kTargetSuffix);
+    }
+    return Error(EINVAL, "export name \"{}\": unknown suffix \"{}\" (expected {}, {} or {}N)", name,
+                 suffix, kGrowableSuffix, kTargetSuffix, kEpochSuffix);
   }
   const std::string_view digits = suffix.substr(kEpochSuffix.size());
+  if (digits.find(kTargetSuffix) != std::string_view::npos) {
+    return Error(EINVAL, "export name \"{}\": {} cannot be combined with another suffix", name,
+                 kTargetSuffix);
+  }
   if (digits.find('@') != std::string_view::npos) {
     return Error(EINVAL, "export name \"{}\": {}N cannot be combined with another suffix", name,
                  kEpochSuffix);

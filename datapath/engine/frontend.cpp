@@ -12,11 +12,12 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <functional>
-#include <future>
 #include <chrono>
 #include <cstring>
+#include <functional>
+#include <future>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <thread>
@@ -31,6 +32,7 @@
 #include "datapath/engine/worker.h"
 #include "datapath/nbd/codec.h"
 #include "datapath/nbd/negotiate.h"
+#include "datapath/pool/rules.h"
 
 namespace nbdcsi::datapath {
 namespace {
@@ -127,13 +129,54 @@ std::optional<std::string> EpochRefusal(const std::string& volume, uint64_t epoc
   return std::nullopt;
 }
 
-// What the negotiation of one connection sees of the pool: names, sizes, read-only flags, and
-// the epoch rules. One per connection, so a client refused for its epoch is logged once however
-// many options it tries.
+constexpr std::string_view kTargetDescription = "nbd-csi replicated volume (target)";
+
+// The backend exports by name (without the suffix). Read by handshakes on the io thread and by
+// ServeSocketPairs, changed by Add/RemoveBackendExport from other threads.
+class BackendRegistry {
+ public:
+  Status Add(std::shared_ptr<ExportBackend> backend) {
+    const std::string name = backend->name();
+    std::lock_guard lk(mu_);
+    auto [it, added] = map_.try_emplace(name, nullptr);
+    if (!added)
+      return Error(EEXIST, "backend export {}{} is already registered", name, kTargetSuffix);
+    it->second = std::make_shared<ServedBackend>(std::move(backend));
+    return Status::Ok();
+  }
+  std::shared_ptr<ServedBackend> Find(std::string_view name) const {
+    std::lock_guard lk(mu_);
+    auto it = map_.find(name);
+    return it == map_.end() ? nullptr : it->second;
+  }
+  std::shared_ptr<ServedBackend> Take(const std::string& name) {
+    std::lock_guard lk(mu_);
+    auto it = map_.find(name);
+    if (it == map_.end()) return nullptr;
+    auto served = std::move(it->second);
+    map_.erase(it);
+    return served;
+  }
+  std::vector<std::string> ExportNames() const {
+    std::lock_guard lk(mu_);
+    std::vector<std::string> out;
+    for (const auto& [name, served] : map_) out.push_back(name + std::string(kTargetSuffix));
+    return out;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::map<std::string, std::shared_ptr<ServedBackend>, std::less<>> map_;
+};
+
+// What the negotiation of one connection sees of the pool and the backend exports: names,
+// sizes, read-only flags, and the epoch rules. One per connection, so a client refused for its
+// epoch is logged once however many options it tries.
 class ConnCatalog final : public nbd::ExportCatalog {
  public:
-  ConnCatalog(Pool& pool, const std::string& peer, std::atomic<uint64_t>& refused)
-      : pool_(pool), peer_(peer), refused_(refused) {}
+  ConnCatalog(Pool& pool, const BackendRegistry& backends, const std::string& peer,
+              std::atomic<uint64_t>& refused)
+      : pool_(pool), backends_(backends), peer_(peer), refused_(refused) {}
   std::optional<nbd::ExportInfo> Lookup(std::string_view name) override {
     Refusal ignored;
     return Resolve(name, ignored);
@@ -143,6 +186,12 @@ class ConnCatalog final : public nbd::ExportCatalog {
     if (!parsed.ok()) {
       why = Refusal{nbd::kRepErrInvalid, parsed.status().message()};
       return std::nullopt;
+    }
+    if (parsed->target) {
+      auto served = backends_.Find(parsed->volume);
+      if (!served) return std::nullopt;
+      return nbd::ExportInfo{std::string(name), served->backend->size(), false,
+                             std::string(kTargetDescription)};
     }
     auto v = pool_.Acquire(parsed->volume);
     if (!v) return std::nullopt;
@@ -159,7 +208,11 @@ class ConnCatalog final : public nbd::ExportCatalog {
     }
     return nbd::ExportInfo{std::string(name), v->size(), v->read_only(), "nbd-csi volume"};
   }
-  std::vector<std::string> List() override { return pool_.Names(); }
+  std::vector<std::string> List() override {
+    std::vector<std::string> names = pool_.Names();
+    for (auto& n : backends_.ExportNames()) names.push_back(std::move(n));
+    return names;
+  }
 
   // Counts and logs (once per connection) a client refused for its epoch.
   void Refuse(const std::string& why) {
@@ -171,6 +224,7 @@ class ConnCatalog final : public nbd::ExportCatalog {
 
  private:
   Pool& pool_;
+  const BackendRegistry& backends_;
   const std::string& peer_;
   std::atomic<uint64_t>& refused_;
   bool logged_ = false;
@@ -187,6 +241,7 @@ struct FenceOutcome {
 struct NbdFrontend::Impl {
   Pool& pool;
   FrontendOptions opts;
+  BackendRegistry backends;
   std::atomic<uint64_t> fenced_handshakes{0};
   std::vector<std::unique_ptr<Worker>> workers;
   std::atomic<unsigned> next_worker{0};
@@ -261,6 +316,7 @@ struct NbdFrontend::Impl {
     const std::string peer;
     asio::steady_timer deadline;
     std::shared_ptr<Volume> vol;
+    std::shared_ptr<ServedBackend> served;  // instead of vol, for NAME@target
     ExportName name;       // what the chosen export name asks: volume, mode, epoch
     bool counted = false;  // vol's connection count includes this one; the worker takes it over
     // Set once STARTTLS is done; from then on every byte goes through it.
@@ -302,7 +358,7 @@ struct NbdFrontend::Impl {
   asio::awaitable<void> Handshake(Socket sock, nbd::TlsPolicy policy) {
     Pending<Socket> c(*this, std::move(sock));
     try {
-      ConnCatalog catalog(pool, c.peer, fenced_handshakes);
+      ConnCatalog catalog(pool, backends, c.peer, fenced_handshakes);
       nbd::Negotiator neg(catalog, policy);
       if (co_await Negotiate(c, neg, catalog)) HandOff(c, neg.result());
     } catch (const boost::system::system_error& e) {
@@ -407,6 +463,14 @@ struct NbdFrontend::Impl {
       co_return false;
     }
     c.name = std::move(*parsed);
+    if (c.name.target) {
+      // Held until the hand-off, so RemoveBackendExport waits for this handshake too.
+      c.served = backends.Find(c.name.volume);
+      if (c.served) co_return true;
+      spdlog::info("nbd: backend export {} went away during the handshake", r.export_info.name);
+      refuse(nbd::kRepErrUnknown, "unknown export");
+      co_return false;
+    }
     if (c.name.epoch) {
       auto v = pool.Acquire(c.name.volume);
       if (v && c.name.epoch > v->fence_epoch()) {
@@ -511,8 +575,9 @@ struct NbdFrontend::Impl {
     // receives from surfacing as EAGAIN completions.
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
     const unsigned w = next_worker.fetch_add(1, std::memory_order_relaxed) % workers.size();
-    spdlog::debug("nbd: connection to volume {} (size {}) on worker {}", c.vol->name(),
+    spdlog::debug("nbd: connection to {} (size {}) on worker {}", r.export_info.name,
                   r.export_info.size, w);
+    if (c.served) return workers[w]->Adopt(fd, std::move(c.served), r);
     workers[w]->Adopt(fd, std::move(c.vol), r,
                       c.name.growable ? SizeMode::kWindow : SizeMode::kNegotiated, c.name.epoch);
   }
@@ -623,6 +688,23 @@ StatusOr<std::vector<int>> NbdFrontend::ServeSocketPairs(const std::string& volu
     clients.push_back(sv[0]);
     servers.push_back(sv[1]);
   }
+  if (auto parsed = ParseExportName(volume); parsed.ok() && parsed->target) {
+    auto served = m.backends.Find(parsed->volume);
+    if (!served) {
+      close_all();
+      return Error(ENOENT, "backend export {} is not registered", volume);
+    }
+    nbd::Negotiated neg;
+    neg.export_info =
+        nbd::ExportInfo{volume, served->backend->size(), false, std::string(kTargetDescription)};
+    neg.transmission_flags = nbd::TransmissionFlags(false, false);
+    for (int fd : servers) {
+      unsigned w = m.next_worker.fetch_add(1, std::memory_order_relaxed) % m.workers.size();
+      m.workers[w]->Adopt(fd, served, neg, SizeMode::kLive);
+    }
+    spdlog::debug("nbd: backend export {} served over {} socketpair(s)", volume, n);
+    return clients;
+  }
   auto vol = m.pool.Acquire(volume);
   if (!vol) {
     close_all();
@@ -645,6 +727,41 @@ StatusOr<std::vector<int>> NbdFrontend::ServeSocketPairs(const std::string& volu
   }
   spdlog::debug("nbd: volume {} served over {} socketpair(s)", volume, n);
   return clients;
+}
+
+Status NbdFrontend::AddBackendExport(std::shared_ptr<ExportBackend> backend) {
+  if (!backend) return Error(EINVAL, "no backend to export");
+  if (Status st = ValidateVolumeName(backend->name()); !st.ok()) {
+    return Error(EINVAL, "backend export: {}", st.message());
+  }
+  const std::string name = backend->name();
+  const uint64_t size = backend->size();
+  if (Status st = impl_->backends.Add(std::move(backend)); !st.ok()) return st;
+  spdlog::info("nbd: backend export {}{} added ({} bytes)", name, kTargetSuffix, size);
+  return Status::Ok();
+}
+
+Status NbdFrontend::RemoveBackendExport(const std::string& name,
+                                        std::chrono::milliseconds timeout) {
+  Impl& m = *impl_;
+  auto served = m.backends.Take(name);
+  if (!served) return Error(ENOENT, "backend export {}{} is not registered", name, kTargetSuffix);
+  served->removed.store(true, std::memory_order_release);
+  auto gone = served->gone.get_future();
+  served.reset();
+  for (auto& w : m.workers) w->CloseRemoved();
+  if (gone.wait_for(timeout) != std::future_status::ready) {
+    spdlog::error(
+        "nbd: backend export {}{} removed, but a connection to it still waits for its "
+        "backend's completions after {} ms",
+        name, kTargetSuffix, timeout.count());
+    return Error(ETIMEDOUT,
+                 "backend export {}{}: requests still in flight at the backend after "
+                 "{} ms",
+                 name, kTargetSuffix, timeout.count());
+  }
+  spdlog::info("nbd: backend export {}{} removed", name, kTargetSuffix);
+  return Status::Ok();
 }
 
 std::string NbdFrontend::UnixSocketPath() const {

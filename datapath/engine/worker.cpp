@@ -21,6 +21,7 @@
 #include "datapath/engine/extents.h"
 #include "datapath/engine/request_state.h"
 #include "datapath/nbd/codec.h"
+#include "datapath/nbd/negotiate.h"
 #include "datapath/nbd/proto.h"
 
 namespace nbdcsi::datapath {
@@ -138,7 +139,12 @@ struct Connection {
   uint32_t gen = 0;  // identity of this connection in its recv/send Tags
   ConnLife life = ConnLife::kOpen;
   int fd = -1;
+  // What the connection serves: a pool volume, or a backend export (then `vol` is null and
+  // `stats` too; `backend` is served->backend, kept raw for the request path).
   std::shared_ptr<Volume> vol;
+  VolumeStats* stats = nullptr;
+  std::shared_ptr<ServedBackend> served;
+  ExportBackend* backend = nullptr;
   proto::TransmissionParams params{};
   SizeMode size_mode = SizeMode::kNegotiated;
   uint32_t ctx_id = 0;
@@ -154,6 +160,7 @@ struct Connection {
   Slot* drain_slot = nullptr;
   uint64_t drain_left = 0;
   int sqes = 0;  // SQEs in flight that name this connection: recv, send, requests' I/O
+  int backend_reqs = 0;  // requests handed to the backend whose done has not been taken in
   int busy_slots = 0;
   uint64_t inflight_bytes = 0;
 
@@ -173,6 +180,11 @@ struct Connection {
     return MapPages(PageRound(n));
   }
   static void operator delete(void* p, size_t n) { munmap(p, PageRound(n)); }
+
+  // For logs: the volume's name, or the backend's with its suffix.
+  std::string name() const {
+    return vol ? vol->name() : backend->name() + std::string(kTargetSuffix);
+  }
 
   Connection() {
     for (int i = kSlotsPerConn - 1; i >= 0; --i) {
@@ -205,10 +217,17 @@ bool Modifies(uint16_t type) {
 struct Worker::Impl {
   struct Incoming {
     int fd;
-    std::shared_ptr<Volume> vol;
+    std::shared_ptr<Volume> vol;  // or:
+    std::shared_ptr<ServedBackend> served;
     nbd::Negotiated neg;
     SizeMode size_mode;
     uint64_t epoch;
+
+    // A connection that will never be served: its socket closed, the volume's count given back.
+    void Refuse() {
+      close(fd);
+      if (vol) vol->stats().ConnectionClosed();
+    }
   };
 
   Worker* self;
@@ -234,6 +253,14 @@ struct Worker::Impl {
   std::vector<uint64_t> throttled;
   std::vector<uint64_t> parked;
   std::vector<uint64_t> scratch;  // reused by RunThrottled and the parked retry
+  // Backend completions (encoded kIo Tag, result) posted from any thread by the BackendDone
+  // callbacks; taken in by OnWake. The eventfd is written only when the list goes from empty to
+  // non-empty: the worker drains the whole list under the same lock, so one wake covers all.
+  std::mutex done_mu;
+  std::vector<std::pair<uint64_t, int>> done_posted;  // guarded by done_mu
+  std::vector<std::pair<uint64_t, int>> done_batch;   // worker thread only
+  std::atomic<bool> close_removed{false};             // Worker::CloseRemoved asked for a sweep
+  bool stop_wake_sent = false;
   uint64_t violations_logged = 0;
   // Told by a volume's WriteGate when parked writes may go; wakes this worker's ring.
   // It owns the eventfd: a gate may still hold a reference to it for a moment after the
@@ -381,15 +408,22 @@ struct Worker::Impl {
       io_uring_cq_advance(&ring, seen);
       RunThrottled();
       PublishGauges();
-      if (stopping.load(std::memory_order_acquire) && live == 0 && !wake_armed) break;
+      if (stopping.load(std::memory_order_acquire) && live == 0) {
+        if (!wake_armed) break;
+        // The wake read stayed armed for backend completions while connections were left
+        // (OnWake): complete it, so the loop ends with nothing of ours in the ring.
+        if (!stop_wake_sent) {
+          stop_wake_sent = true;
+          uint64_t one = 1;
+          if (write(efd, &one, sizeof one) < 0) {  // eventfd writes only fail on overflow
+          }
+        }
+      }
     }
     self->running_.store(false, std::memory_order_relaxed);
     std::lock_guard lk(mu);
     exited = true;
-    for (auto& in : incoming) {
-      close(in.fd);
-      in.vol->stats().ConnectionClosed();
-    }
+    for (auto& in : incoming) in.Refuse();
     incoming.clear();
   }
 
@@ -427,6 +461,14 @@ struct Worker::Impl {
       batch.swap(incoming);
     }
     for (auto& in : batch) AddConnection(std::move(in));
+    TakeBackendDones();
+    if (close_removed.exchange(false, std::memory_order_acq_rel)) {
+      std::vector<Connection*> removed;
+      for (auto& c : table)
+        if (c && c->served && c->served->removed.load(std::memory_order_acquire))
+          removed.push_back(c.get());
+      for (Connection* c : removed) Abort(c, "export removed");
+    }
     if (!parked.empty()) {
       scratch.swap(parked);  // Execute may park some again
       for (uint64_t v : scratch) {
@@ -439,20 +481,26 @@ struct Worker::Impl {
       for (auto& c : table)
         if (c) all.push_back(c.get());
       for (Connection* c : all) Abort(c, "daemon shutting down");
-      return false;
+      // Connections left wait for completions; a backend's come through this eventfd.
+      if (live == 0) return false;
     }
     ArmWake();
     return true;
   }
 
   void AddConnection(Incoming in) {
+    const std::string what =
+        in.vol ? in.vol->name() : in.served->backend->name() + std::string(kTargetSuffix);
+    if (in.served && in.served->removed.load(std::memory_order_acquire)) {
+      // Handed over by a handshake that raced with RemoveBackendExport.
+      spdlog::debug("worker {}: export {} was removed: closing a connection to it", index, what);
+      return in.Refuse();
+    }
     std::unique_ptr<Connection> conn(new (std::nothrow) Connection);
     if (!conn || !conn->rbuf.Reserve(kRecvBufSize)) {
-      spdlog::error("worker {}: out of memory for a connection to volume {}: refusing it", index,
-                    in.vol->name());
-      close(in.fd);
-      in.vol->stats().ConnectionClosed();
-      return;
+      spdlog::error("worker {}: out of memory for a connection to export {}: refusing it", index,
+                    what);
+      return in.Refuse();
     }
     uint32_t id;
     if (!free_ids.empty()) {
@@ -462,11 +510,9 @@ struct Worker::Impl {
       id = static_cast<uint32_t>(table.size());
       table.emplace_back();
     } else {
-      spdlog::error("worker {}: {} connections already, refusing one for volume {}", index,
-                    table.size(), in.vol->name());
-      close(in.fd);
-      in.vol->stats().ConnectionClosed();
-      return;
+      spdlog::error("worker {}: {} connections already, refusing one for export {}", index,
+                    table.size(), what);
+      return in.Refuse();
     }
     table[id] = std::move(conn);
     Connection* c = table[id].get();
@@ -474,6 +520,9 @@ struct Worker::Impl {
     c->gen = NextGen();
     c->fd = in.fd;
     c->vol = std::move(in.vol);
+    if (c->vol) c->stats = &c->vol->stats();
+    c->served = std::move(in.served);
+    if (c->served) c->backend = c->served->backend.get();
     c->params.export_size = in.neg.export_info.size;
     c->params.read_only = in.neg.export_info.read_only;
     c->params.structured_replies = in.neg.structured_replies;
@@ -492,7 +541,8 @@ struct Worker::Impl {
 
   // CheckRequest against the size this connection's mode says (see SizeMode).
   static proto::RequestCheck CheckSized(Connection* c, const proto::RequestHeader& h) {
-    if (c->size_mode == SizeMode::kLive) c->params.export_size = c->vol->size();
+    if (c->size_mode == SizeMode::kLive)
+      c->params.export_size = c->vol ? c->vol->size() : c->backend->size();
     proto::RequestCheck chk = proto::CheckRequest(h, c->params);
     if (chk.nbd_error || c->size_mode != SizeMode::kWindow) return chk;
     // Inside the window: only reads may go past the volume's end (the file reads as zeroes
@@ -511,8 +561,9 @@ struct Worker::Impl {
   // freed when the last completion is in (MaybeFree). May free `c`.
   void Abort(Connection* c, const char* why) {
     if (c->life != ConnLife::kAborted) {
-      spdlog::debug("nbd: closing connection to volume {}: {}", c->vol->name(), why);
+      spdlog::debug("nbd: closing connection to {}: {}", c->name(), why);
       SetLife(c, ConnLife::kAborted);
+      self->draining_.fetch_add(1, std::memory_order_relaxed);
       // Wakes a pending recv/send with an error so that every socket SQE completes.
       shutdown(c->fd, SHUT_RDWR);
       CancelInFlight(c);
@@ -533,6 +584,9 @@ struct Worker::Impl {
         io_uring_sqe_set_data64(sqe, Tag{TagKind::kCancel}.Encode());
       }
     }
+    // A backend request cannot be called back: the backend calls done whatever happens, and
+    // the connection waits for it (MaybeFree).
+    if (c->backend) return;
     // Request I/O on the volume's files: a read or write already running in the block layer
     // cannot be called back and completes normally; one still queued is cancelled (-ECANCELED).
     for (Slot& s : c->slots) {
@@ -570,12 +624,13 @@ struct Worker::Impl {
   }
 
   void MaybeFree(Connection* c) {
-    if (c->sqes > 0 || c->life == ConnLife::kOpen) return;
+    if (c->sqes > 0 || c->backend_reqs > 0 || c->life == ConnLife::kOpen) return;
     if (c->life == ConnLife::kClosing && (c->busy_slots > 0 || c->send_inflight)) return;
     Check(c->busy_slots == 0 && c->sqes == 0, "freeing connection {} with {} busy slots", c->id,
           c->busy_slots);
     close(c->fd);
-    c->vol->stats().ConnectionClosed();
+    if (c->stats) c->stats->ConnectionClosed();
+    if (c->life == ConnLife::kAborted) self->draining_.fetch_sub(1, std::memory_order_relaxed);
     const uint32_t id = c->id;
     table[id].reset();  // c is gone from here on
     free_ids.push_back(id);
@@ -602,7 +657,7 @@ struct Worker::Impl {
     s->orphan = false;
     s->start_ns = MonotonicNowNs();
     ++c->busy_slots;
-    c->vol->stats().RequestStarted(index);  // this worker's own shard: no shared cache line
+    if (c->stats) c->stats->RequestStarted(index);  // this worker's own shard: no shared line
     return s;
   }
 
@@ -626,7 +681,7 @@ struct Worker::Impl {
     c->free_list = s;
     Check(c->busy_slots > 0, "connection {}: busy slot count underflow", c->id);
     --c->busy_slots;
-    c->vol->stats().RequestEnded(index);
+    if (c->stats) c->stats->RequestEnded(index);
   }
 
   bool Charge(Connection* c, Slot* s, uint64_t bytes) {
@@ -674,7 +729,7 @@ struct Worker::Impl {
       }
       proto::RequestHeader h;
       if (!proto::ParseRequestHeader(p, &h)) {
-        spdlog::warn("nbd: volume {}: bad request magic, closing the connection", c->vol->name());
+        spdlog::warn("nbd: {}: bad request magic, closing the connection", c->name());
         return Abort(c, "bad request magic");
       }
       c->rpos += proto::kRequestHeaderLen;
@@ -694,12 +749,15 @@ struct Worker::Impl {
     proto::RequestCheck chk = CheckSized(c, h);
     Slot* s = TakeSlot(c, h);
     if (chk.nbd_error) {
-      spdlog::debug("nbd: volume {}: rejected request type {} flags {:#x} offset {} length {}: "
-                    "NBD error {}", c->vol->name(), h.type, h.flags, h.offset, h.length,
-                    chk.nbd_error);
+      spdlog::debug(
+          "nbd: {}: rejected request type {} flags {:#x} offset {} length {}: "
+          "NBD error {}",
+          c->name(), h.type, h.flags, h.offset, h.length, chk.nbd_error);
       if (chk.fatal) {
-        spdlog::warn("nbd: volume {}: request type {} length {} cannot be resynchronised, "
-                     "closing after the error reply", c->vol->name(), h.type, h.length);
+        spdlog::warn(
+            "nbd: {}: request type {} length {} cannot be resynchronised, "
+            "closing after the error reply",
+            c->name(), h.type, h.length);
         SetLife(c, ConnLife::kClosing);
         ReplyError(s, chk.nbd_error);
         return false;
@@ -786,6 +844,7 @@ struct Worker::Impl {
   // ---- QoS ----------------------------------------------------------------------------------
   void Admit(Slot* s) {
     Connection* c = s->conn;
+    if (c->backend) return SubmitToBackend(s);
     Throttle& t = c->vol->throttle();
     if (!t.unlimited()) {
       Throttle::Dir dir = s->h.type == proto::kCmdRead    ? Throttle::Dir::kRead
@@ -958,10 +1017,14 @@ struct Worker::Impl {
     int n = MapExtents(s->conn->vol->buffered_fd(), h.offset, h.length, ext.data(), ext.size(),
                        req_one);
     if (n <= 0) return Fail(s, n < 0 ? -n : EIO);
+    ReplyExtents(s, ext.data(), static_cast<size_t>(n));
+  }
+
+  void ReplyExtents(Slot* s, const proto::Extent* ext, size_t n) {
+    const proto::RequestHeader& h = s->h;
     size_t cap = 64 + kMaxExtents * 8;
     if (!s->buf.Reserve(cap)) return Fail(s, ENOMEM);
-    size_t len = proto::EncodeBlockStatusReply(s->buf.data, cap, h.cookie, s->conn->ctx_id,
-                                               ext.data(), static_cast<size_t>(n));
+    size_t len = proto::EncodeBlockStatusReply(s->buf.data, cap, h.cookie, s->conn->ctx_id, ext, n);
     if (!len) return Fail(s, EIO);
     s->hdr_len = 0;
     s->data_len = static_cast<uint32_t>(len);
@@ -1049,6 +1112,102 @@ struct Worker::Impl {
     Complete(s);
   }
 
+  // ---- backend exports ----------------------------------------------------------------------
+  // Hands the request to the backend whole: READ and WRITE are within the maximum block size
+  // (CheckRequest); TRIM and WRITE_ZEROES, which may be as long as the export, go in steps of
+  // it, one after the other, so that every request the backend sees keeps that bound (backend.h).
+  void SubmitToBackend(Slot* s) {
+    Connection* c = s->conn;
+    const proto::RequestHeader& h = s->h;
+    Move(s, SlotState::kExec);
+    BackendRequest r;
+    r.offset = h.offset;
+    r.length = h.length;
+    r.fua = h.flags & proto::kCmdFlagFua;
+    switch (h.type) {
+      case proto::kCmdRead:
+        r.op = BackendRequest::Op::kRead;
+        r.data = s->buf.data;
+        break;
+      case proto::kCmdWrite:
+        r.op = BackendRequest::Op::kWrite;
+        r.data = s->buf.data;
+        break;
+      case proto::kCmdFlush:
+        r.op = BackendRequest::Op::kFlush;
+        r.length = 0;
+        break;
+      case proto::kCmdTrim:
+      case proto::kCmdWriteZeroes:
+        // FAST_ZERO (advertised for every writable export) asks for zeroes only if they are
+        // cheaper than writing: a replica set cannot promise that for all its replicas, and the
+        // spec lets a server answer ENOTSUP at once, which sends the client to plain writes.
+        if (h.flags & proto::kCmdFlagFastZero) return ReplyError(s, proto::kErrNotSup);
+        r.op = h.type == proto::kCmdTrim ? BackendRequest::Op::kTrim
+                                         : BackendRequest::Op::kWriteZeroes;
+        r.offset = h.offset + s->done;
+        r.length = static_cast<uint32_t>(std::min<uint64_t>(h.length - s->done, proto::kMaxBlock));
+        r.no_hole = h.flags & proto::kCmdFlagNoHole;
+        break;
+      case proto::kCmdBlockStatus: {
+        // The backend has no allocation map to offer: the whole range is reported as data,
+        // which is always true (a client only loses the chance to skip holes).
+        const proto::Extent all{h.length, 0};
+        return ReplyExtents(s, &all, 1);
+      }
+      default:
+        return Fail(s, EINVAL);  // CheckRequest lets only the commands above through
+    }
+    ++c->backend_reqs;
+    c->backend->Submit(r, [this, tag = SlotTag(s)](int res) { PostBackendDone(tag, res); });
+  }
+
+  // The BackendDone of every request, from any thread. The eventfd is written under the lock:
+  // once the worker can take this entry in, it may free the connection, stop and close the
+  // eventfd, so nothing of the worker may be touched after the lock is released.
+  void PostBackendDone(uint64_t tag, int res) {
+    std::lock_guard lk(done_mu);
+    const bool wake = done_posted.empty();
+    done_posted.emplace_back(tag, res);
+    if (wake) {
+      uint64_t one = 1;
+      if (write(efd, &one, sizeof one) < 0) {  // eventfd writes only fail on overflow
+      }
+    }
+  }
+
+  void TakeBackendDones() {
+    {
+      std::lock_guard lk(done_mu);
+      if (done_posted.empty()) return;
+      done_batch.swap(done_posted);
+    }
+    for (const auto& [tag, res] : done_batch) {
+      if (Slot* s = ResolveSlot(Tag::Decode(tag))) OnBackendDone(s, res);
+    }
+    done_batch.clear();
+  }
+
+  void OnBackendDone(Slot* s, int res) {
+    Connection* c = s->conn;
+    --c->backend_reqs;
+    if (!Check(s->state == SlotState::kExec, "backend completion for request {:#x} in state {}",
+               s->h.cookie, engine::SlotStateName(s->state)))
+      return MaybeFree(c);
+    if (c->life == ConnLife::kAborted) {
+      self->backend_dropped_.fetch_add(1, std::memory_order_relaxed);
+      ReleaseSlot(s, /*abort=*/true);
+      return MaybeFree(c);
+    }
+    if (res != 0) return Fail(s, res < 0 ? -res : EIO);  // > 0 breaks the contract: EIO
+    const proto::RequestHeader& h = s->h;
+    if (h.type == proto::kCmdTrim || h.type == proto::kCmdWriteZeroes) {
+      s->done += std::min<uint64_t>(h.length - s->done, proto::kMaxBlock);
+      if (s->done < h.length) return SubmitToBackend(s);
+    }
+    Complete(s);
+  }
+
   // ---- replies ------------------------------------------------------------------------------
   // The modifying I/O is finished (successfully or not): a snapshot waiting to drain may go.
   void EndWrite(Slot* s) {
@@ -1088,8 +1247,8 @@ struct Worker::Impl {
   void Fail(Slot* s, int err) {
     uint32_t code = proto::ErrnoToNbd(err);
     if (code == proto::kErrIo)
-      spdlog::error("nbd: volume {}: request type {} offset {} length {} failed: {}",
-                    s->conn->vol->name(), s->h.type, s->h.offset, s->h.length, strerror(err));
+      spdlog::error("nbd: {}: request type {} offset {} length {} failed: {}", s->conn->name(),
+                    s->h.type, s->h.offset, s->h.length, strerror(err));
     ReplyError(s, code);
   }
 
@@ -1105,11 +1264,11 @@ struct Worker::Impl {
   void QueueReply(Slot* s) {
     Connection* c = s->conn;
     datapath::OpKind kind = StatKind(s->h.type);
-    if (kind != datapath::OpKind::kCount) {
+    if (c->stats && kind != datapath::OpKind::kCount) {
       // Counted when the reply is queued, before the client can see it: a client that has its
       // reply is always counted. Into this worker's shard of the volume's counters.
       uint64_t bytes = s->nbd_error ? 0 : s->h.length;
-      c->vol->stats().Record(index, kind, bytes, MonotonicNowNs() - s->start_ns, s->nbd_error);
+      c->stats->Record(index, kind, bytes, MonotonicNowNs() - s->start_ns, s->nbd_error);
     }
     Move(s, SlotState::kReplyQueued);
     s->next = nullptr;
@@ -1202,6 +1361,8 @@ EngineCounters Worker::counters() const {
   c.parked = parked_.load(std::memory_order_relaxed);
   c.workers_running = running_.load(std::memory_order_relaxed) ? 1 : 0;
   c.fenced_requests = fenced_.load(std::memory_order_relaxed);
+  c.backend_dropped = backend_dropped_.load(std::memory_order_relaxed);
+  c.draining_connections = draining_.load(std::memory_order_relaxed);
   return c;
 }
 
@@ -1260,23 +1421,46 @@ void Worker::Stop() {
                   c.stale_dropped, c.invariant_violations);
 }
 
-void Worker::Adopt(int fd, std::shared_ptr<Volume> volume, const nbd::Negotiated& negotiated,
-                   SizeMode size_mode, uint64_t epoch) {
-  Impl& m = *impl_;
+namespace {
+
+void Post(Worker::Impl& m, Worker::Impl::Incoming in) {
+  bool taken = false;
   {
     std::lock_guard lk(m.mu);
     if (!m.exited) {
-      m.incoming.push_back(Impl::Incoming{fd, std::move(volume), negotiated, size_mode, epoch});
-      volume = nullptr;
+      m.incoming.push_back(std::move(in));
+      taken = true;
     }
   }
-  if (volume) {
+  if (!taken) {
     // The worker has stopped: nobody would serve this connection. (The frontend stops
     // accepting before it stops the workers, so this is only a guard.)
-    close(fd);
-    volume->stats().ConnectionClosed();
+    in.Refuse();
     return;
   }
+  uint64_t one = 1;
+  if (write(m.efd, &one, sizeof one) < 0) spdlog::warn("worker {}: eventfd write failed", m.index);
+}
+
+}  // namespace
+
+void Worker::Adopt(int fd, std::shared_ptr<Volume> volume, const nbd::Negotiated& negotiated,
+                   SizeMode size_mode, uint64_t epoch) {
+  Post(*impl_, Impl::Incoming{fd, std::move(volume), nullptr, negotiated, size_mode, epoch});
+}
+
+void Worker::Adopt(int fd, std::shared_ptr<ServedBackend> backend,
+                   const nbd::Negotiated& negotiated, SizeMode size_mode) {
+  // A backend's size is fixed (backend.h): no window to grow into.
+  if (size_mode == SizeMode::kWindow) size_mode = SizeMode::kNegotiated;
+  Post(*impl_, Impl::Incoming{fd, nullptr, std::move(backend), negotiated, size_mode, 0});
+}
+
+void Worker::CloseRemoved() {
+  Impl& m = *impl_;
+  m.close_removed.store(true, std::memory_order_release);
+  std::lock_guard lk(m.mu);  // as in Post: never write the eventfd of a worker that has exited
+  if (m.exited) return;
   uint64_t one = 1;
   if (write(m.efd, &one, sizeof one) < 0) spdlog::warn("worker {}: eventfd write failed", m.index);
 }

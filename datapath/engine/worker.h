@@ -12,15 +12,23 @@
 // Every SQE names its request by (connection id, slot, generation), never by pointer, and a
 // connection is freed only after its last SQE completed: a late completion cannot reach a
 // connection or request that reuses the memory.
+//
+// A connection serves either a pool Volume (file I/O through the ring) or an ExportBackend
+// (backend.h: a replicated volume's target). A backend's done callbacks come from any thread;
+// they are posted to the worker by the same identity (connection id, slot, generation) and
+// completed on the worker's thread, and a connection is freed only after every request it handed
+// to the backend is done, as for SQEs.
 #pragma once
 
 #include <atomic>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
 
 #include "common/status.h"
+#include "datapath/engine/backend.h"
 #include "datapath/nbd/negotiate.h"
 #include "datapath/pool/pool.h"
 
@@ -41,6 +49,11 @@ struct EngineCounters {
   // epoch (NbdFrontend's share).
   uint64_t fenced_requests = 0;
   uint64_t fenced_handshakes = 0;
+  // Backend completions of requests whose connection was aborted meanwhile (the client left,
+  // the export was removed, shutdown): the slot is released and the reply dropped.
+  uint64_t backend_dropped = 0;
+  // Aborted connections still waiting for their in-flight I/O (SQEs, backend requests) now.
+  uint64_t draining_connections = 0;
   EngineCounters& operator+=(const EngineCounters& o) {
     stale_dropped += o.stale_dropped;
     invariant_violations += o.invariant_violations;
@@ -50,6 +63,8 @@ struct EngineCounters {
     workers_running += o.workers_running;
     fenced_requests += o.fenced_requests;
     fenced_handshakes += o.fenced_handshakes;
+    backend_dropped += o.backend_dropped;
+    draining_connections += o.draining_connections;
     return *this;
   }
 };
@@ -61,6 +76,27 @@ struct WorkerOptions {
   // (submitted, holding its slot and the volume's write gate) until the test adds 1 to the
   // eventfd for it: the one way to hold a write "already submitted to io_uring" on purpose.
   int test_hold_writes_efd = -1;
+};
+
+// An ExportBackend as the engine serves it. The frontend's registry, handshakes in progress and
+// every connection serving it each hold a reference, so the last of them to go ends its life:
+// NbdFrontend::RemoveBackendExport waits for that (`gone`).
+struct ServedBackend {
+  explicit ServedBackend(std::shared_ptr<ExportBackend> b) : backend(std::move(b)) {}
+  // The backend is let go before `gone` says so: whoever waits for it may destroy the backend
+  // (or rely on being its last owner) as soon as it wakes.
+  ~ServedBackend() {
+    backend.reset();
+    gone.set_value();
+  }
+  ServedBackend(const ServedBackend&) = delete;
+  ServedBackend& operator=(const ServedBackend&) = delete;
+
+  std::shared_ptr<ExportBackend> backend;  // set at construction, reset only by the destructor
+  // Set when the export is removed: workers close its connections (Worker::CloseRemoved) and
+  // refuse those handed over later.
+  std::atomic<bool> removed{false};
+  std::promise<void> gone;
 };
 
 // Which size a connection's requests are checked against.
@@ -93,6 +129,14 @@ class Worker {
   // epoch is above it, every request it has not started yet is answered with EPERM.
   void Adopt(int fd, std::shared_ptr<Volume> volume, const nbd::Negotiated& negotiated,
              SizeMode size_mode = SizeMode::kNegotiated, uint64_t epoch = 0);
+  // The same for a connection to a backend export (kNegotiated or kLive; the size is the
+  // backend's). No QoS, write gate, fence epoch, data-lost check or volume statistics apply:
+  // those are the pool's, and the backend's replicas have their own.
+  void Adopt(int fd, std::shared_ptr<ServedBackend> backend, const nbd::Negotiated& negotiated,
+             SizeMode size_mode = SizeMode::kNegotiated);
+  // Closes, at once, every connection whose backend is marked removed (their requests in flight
+  // at the backend still complete before the connection is freed). Thread-safe.
+  void CloseRemoved();
 
   // Connections currently served by this worker.
   size_t connections() const { return live_.load(std::memory_order_relaxed); }
@@ -105,7 +149,7 @@ class Worker {
   std::atomic<size_t> live_{0};
   // Written by the worker thread only; read by counters() from anywhere.
   std::atomic<uint64_t> stale_{0}, violations_{0}, cancels_{0}, throttled_{0}, parked_{0},
-      fenced_{0};
+      fenced_{0}, backend_dropped_{0}, draining_{0};
   std::atomic<bool> running_{false};
 };
 
