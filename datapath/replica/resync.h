@@ -104,21 +104,6 @@ class RateLimiter {
 
 enum class HolePolicy { kSkip, kWriteZeroes };
 
-struct ResyncOptions {
-  uint32_t chunk_bytes = 1 << 20;            // per READ/WRITE; capped by both peers' max_block
-  int max_in_flight = 8;                     // chunks being read or written at once
-  uint64_t rate_bytes_per_second = 0;        // bytes read from the source; 0: unlimited
-  uint64_t flush_every_bytes = 64ull << 20;  // written bytes per destination FLUSH
-  uint64_t unit_bytes = 4 << 20;             // bytes reported done (and cleared) together
-  uint32_t block_status_bytes = 16 << 20;    // span of one BLOCK_STATUS (RunFull)
-  HolePolicy holes = HolePolicy::kSkip;      // RunFull, and RunDirty with block status
-  // RunDirty asks the source's BLOCK_STATUS too and treats holes by `holes` (a new replica's
-  // all-dirty bitmap); off by default, since a returning replica may hold stale data there.
-  bool dirty_uses_block_status = false;
-  // Called on the Run thread after each flush that completes units (and at the end).
-  std::function<void(const struct ResyncProgress&)> on_progress;
-};
-
 struct ResyncProgress {
   uint64_t total_bytes = 0;    // what the job covers (dirty bytes, or the volume)
   uint64_t copied_bytes = 0;   // read from the source, written and flushed on the destination
@@ -134,6 +119,21 @@ struct ResyncProgress {
   }
   // Remaining time at the average speed so far; nothing before the first byte is done.
   std::optional<std::chrono::seconds> eta() const;
+};
+
+struct ResyncOptions {
+  uint32_t chunk_bytes = 1 << 20;            // per READ/WRITE; capped by both peers' max_block
+  int max_in_flight = 8;                     // chunks being read or written at once
+  uint64_t rate_bytes_per_second = 0;        // bytes read from the source; 0: unlimited
+  uint64_t flush_every_bytes = 64ull << 20;  // written bytes per destination FLUSH
+  uint64_t unit_bytes = 4 << 20;             // bytes reported done (and cleared) together
+  uint32_t block_status_bytes = 16 << 20;    // span of one BLOCK_STATUS
+  HolePolicy holes = HolePolicy::kSkip;      // RunFull, and RunDirty with block status
+  // RunDirty asks the source's BLOCK_STATUS too and treats holes by `holes` (a new replica's
+  // all-dirty bitmap); off by default, since a returning replica may hold stale data there.
+  bool dirty_uses_block_status = false;
+  // Called on the Run thread after each flush that completes units (and at the end).
+  std::function<void(const ResyncProgress&)> on_progress;
 };
 
 class Resync {
