@@ -106,9 +106,11 @@ struct Resync::Job {
     cv.notify_one();
   }
 
+  // `where` empty: the failure has no range (a cancel).
   void Fail(Status s, ByteRange where) {
     if (!failure.ok()) return;
     failure = std::move(s);
+    if (where.length == 0) return;
     std::lock_guard lk(r.mu_);
     r.progress_.failed = where;
   }
@@ -457,7 +459,9 @@ void Resync::Cancel() {
 
 ResyncProgress Resync::progress() const {
   std::lock_guard lk(mu_);
-  return progress_;
+  ResyncProgress p = progress_;
+  if (running_) p.elapsed = Clock::now() - started_;  // live, for the ETA of a running job
+  return p;
 }
 
 namespace {
@@ -527,6 +531,7 @@ Status Resync::Start(Job& job) {
     job_ = &job;
     progress_ = ResyncProgress{};
     progress_.total_bytes = total;
+    started_ = Clock::now();
   }
   Status s = job.Run();
   {

@@ -163,10 +163,11 @@ class Resync {
   BlockChannel& dst_;
   ResyncOptions opts_;
   mutable std::mutex mu_;
-  ResyncProgress progress_;  // guarded by mu_
-  bool cancel_ = false;      // guarded by mu_
-  Job* job_ = nullptr;       // guarded by mu_, the one running
-  bool running_ = false;     // guarded by mu_
+  ResyncProgress progress_;                        // guarded by mu_
+  bool cancel_ = false;                            // guarded by mu_
+  Job* job_ = nullptr;                             // guarded by mu_, the one running
+  bool running_ = false;                           // guarded by mu_
+  std::chrono::steady_clock::time_point started_;  // guarded by mu_
 };
 
 }  // namespace nbdcsi::replica
