@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "datapath/replica/client.h"
+#include "test/support/child_proc.h"
 #include "test/support/free_port.h"
 #include "test/support/temp_dir.h"
 #include "test/support/wait.h"
@@ -39,87 +40,14 @@ namespace {
 
 using namespace std::chrono_literals;
 namespace fs = std::filesystem;
+using test::Bin;
+using test::CanConnect;
+using test::Have;
+using test::Proc;
+using test::ReadFile;
+using test::Src;
 
 constexpr uint64_t kSize = 64ull << 20;
-
-bool Have(const std::string& tool) {
-  return std::system(("command -v " + tool + " >/dev/null 2>&1").c_str()) == 0;
-}
-
-std::string Bin(const std::string& name) {
-  const char* b = std::getenv("NBDCSI_BIN");
-  return std::string(b ? b : "build/bin") + "/" + name;
-}
-
-std::string Src() {
-  const char* s = std::getenv("NBDCSI_SRC");
-  return s ? s : ".";
-}
-
-// A child process owned by the test: SIGTERM, then SIGKILL, when it goes.
-class Proc {
- public:
-  Proc() = default;
-  Proc(const Proc&) = delete;
-  ~Proc() { Stop(); }
-  bool Start(const std::vector<std::string>& argv, const std::string& log) {
-    pid_ = fork();
-    if (pid_ == 0) {
-      int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-      dup2(fd, 1);
-      dup2(fd, 2);
-      std::vector<char*> a;
-      for (auto& s : argv) a.push_back(const_cast<char*>(s.c_str()));
-      a.push_back(nullptr);
-      execvp(a[0], a.data());
-      _exit(127);
-    }
-    return pid_ > 0;
-  }
-  void Kill(int sig) {
-    if (pid_ > 0) kill(pid_, sig);
-  }
-  bool Alive() { return pid_ > 0 && waitpid(pid_, nullptr, WNOHANG) == 0; }
-  void Stop() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGTERM);
-    int st;
-    if (!test::WaitExited(pid_, &st, 5s)) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, &st, 0);
-    }
-    pid_ = -1;
-  }
-
- private:
-  pid_t pid_ = -1;
-};
-
-bool CanConnect(const Endpoint& ep) {
-  int fd;
-  bool ok;
-  if (ep.kind == Endpoint::Kind::kUnix) {
-    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_un sa{};
-    sa.sun_family = AF_UNIX;
-    std::snprintf(sa.sun_path, sizeof sa.sun_path, "%s", ep.path.c_str());
-    ok = connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0;
-  } else {
-    fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in sa{};
-    sa.sin_family = AF_INET;
-    sa.sin_port = htons(ep.port);
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ok = connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0;
-  }
-  close(fd);
-  return ok;
-}
-
-std::string ReadFile(const std::string& p) {
-  std::ifstream f(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
 
 enum class Server { kQemuNbd, kNbdkit, kDatapathd };
 struct Variant {
@@ -572,8 +500,8 @@ TEST_P(ReplicaClientReal, NewerEpochFencesAnOlderClient) {
   ASSERT_FALSE(none.ok()) << "a client without an epoch opened a fenced volume";
   EXPECT_NE(none.status().message().find("fenced at epoch 4"), std::string::npos)
       << none.status().message();
-  std::printf("%s: old target refused (%s); stale reconnect: %s; no epoch: %s\n",
-              GetParam().name, refused.message().c_str(), again.status().message().c_str(),
+  std::printf("%s: old target refused (%s); stale reconnect: %s; no epoch: %s\n", GetParam().name,
+              refused.message().c_str(), again.status().message().c_str(),
               none.status().message().c_str());
 }
 

@@ -7,7 +7,8 @@
 //     = dirty bytes, far less than the volume), the bitmap ends clean, and the two volumes are
 //     byte-identical read through nbdcopy (libnbd, an independent client) and cmp.
 //   - Full rebuild of a sparse volume onto a fresh one: BLOCK_STATUS from nbd-datapathd (its
-//     SEEK_DATA/SEEK_HOLE map) lets the job skip the holes; bytes skipped reported; identical.
+//     SEEK_DATA/SEEK_HOLE map, read through the client, equals nbdinfo --map's) lets the job
+//     skip the holes; bytes skipped reported; identical.
 //   - Full rebuild from qemu-nbd (a sparse raw file): the same against another server's
 //     BLOCK_STATUS.
 #include <fcntl.h>
@@ -30,6 +31,7 @@
 #include "datapath/replica/client.h"
 #include "datapath/replica/region_bitmap.h"
 #include "datapath/replica/resync.h"
+#include "test/support/child_proc.h"
 #include "test/support/free_port.h"
 #include "test/support/temp_dir.h"
 #include "test/support/wait.h"
@@ -39,81 +41,15 @@ namespace {
 
 using namespace std::chrono_literals;
 namespace fs = std::filesystem;
+using test::Bin;
+using test::CanConnect;
+using test::Have;
+using test::Proc;
+using test::ReadFile;
+using test::Src;
 
 constexpr uint64_t kMiB = 1 << 20;
 constexpr uint64_t kSize = 64 * kMiB;
-
-bool Have(const std::string& tool) {
-  return std::system(("command -v " + tool + " >/dev/null 2>&1").c_str()) == 0;
-}
-std::string Bin(const std::string& name) {
-  const char* b = std::getenv("NBDCSI_BIN");
-  return std::string(b ? b : "build/bin") + "/" + name;
-}
-std::string Src() {
-  const char* s = std::getenv("NBDCSI_SRC");
-  return s ? s : ".";
-}
-std::string ReadFile(const std::string& p) {
-  std::ifstream f(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
-
-// A child process owned by the test: SIGTERM, then SIGKILL, when it goes.
-class Proc {
- public:
-  Proc() = default;
-  Proc(const Proc&) = delete;
-  ~Proc() { Stop(); }
-  bool Start(const std::vector<std::string>& argv, const std::string& log) {
-    pid_ = fork();
-    if (pid_ == 0) {
-      int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-      dup2(fd, 1);
-      dup2(fd, 2);
-      std::vector<char*> a;
-      for (auto& s : argv) a.push_back(const_cast<char*>(s.c_str()));
-      a.push_back(nullptr);
-      execvp(a[0], a.data());
-      _exit(127);
-    }
-    return pid_ > 0;
-  }
-  void Stop() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGTERM);
-    int st;
-    if (!test::WaitExited(pid_, &st, 5s)) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, &st, 0);
-    }
-    pid_ = -1;
-  }
-
- private:
-  pid_t pid_ = -1;
-};
-
-bool CanConnect(const Endpoint& ep) {
-  int fd;
-  bool ok;
-  if (ep.kind == Endpoint::Kind::kUnix) {
-    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_un sa{};
-    sa.sun_family = AF_UNIX;
-    std::snprintf(sa.sun_path, sizeof sa.sun_path, "%s", ep.path.c_str());
-    ok = connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0;
-  } else {
-    fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in sa{};
-    sa.sin_family = AF_INET;
-    sa.sin_port = htons(ep.port);
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ok = connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0;
-  }
-  close(fd);
-  return ok;
-}
 
 // One node: an nbd-datapathd with its own pool, NBD on a Unix socket and (with certificates)
 // on mutual TLS at 127.0.0.1:port.
@@ -228,6 +164,58 @@ class ResyncReal : public ::testing::Test {
     EXPECT_EQ(std::system(cmd.c_str()), 0) << ReadFile(dir_.path() + "/nbdcopy.log");
     return out;
   }
+  // The whole export's base:allocation map through our client, neighbours of one type merged.
+  struct Ext {
+    uint64_t off, len;
+    uint32_t type;
+    bool operator==(const Ext&) const = default;
+  };
+  static void Merge(std::vector<Ext>& v, Ext e) {
+    if (!v.empty() && v.back().type == e.type && v.back().off + v.back().len == e.off) {
+      v.back().len += e.len;
+    } else {
+      v.push_back(e);
+    }
+  }
+  static std::vector<Ext> OurMap(ReplicaClient& c) {
+    std::vector<Ext> out;
+    const uint64_t size = c.export_properties().size;
+    for (uint64_t at = 0; at < size;) {
+      std::promise<std::pair<Status, std::vector<BlockExtent>>> p;
+      const uint32_t len = static_cast<uint32_t>(std::min<uint64_t>(size - at, 16 * kMiB));
+      Status s = c.BlockStatus(at, len, [&](const Status& st, std::vector<BlockExtent> e) {
+        p.set_value({st, std::move(e)});
+      });
+      if (!s.ok()) {
+        ADD_FAILURE() << s.message();
+        return {};
+      }
+      auto [st, ext] = p.get_future().get();
+      if (!st.ok()) {
+        ADD_FAILURE() << st.message();
+        return {};
+      }
+      for (const BlockExtent& e : ext) {
+        Merge(out, {at, e.length, e.flags});
+        at += e.length;
+      }
+    }
+    return out;
+  }
+  // The same map as nbdinfo (libnbd) reads it.
+  std::vector<Ext> NbdinfoMap(const std::string& uri) {
+    const std::string out = dir_.path() + "/map.txt";
+    const std::string cmd = "timeout 60 nbdinfo --map '" + uri + "' >" + out + " 2>&1";
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << ReadFile(out);
+    std::vector<Ext> v;
+    std::ifstream f(out);
+    uint64_t off, len;
+    uint32_t type;
+    std::string desc;
+    while (f >> off >> len >> type >> desc) Merge(v, {off, len, type});
+    return v;
+  }
+
   static bool Cmp(const std::string& x, const std::string& y) {
     return std::system(("cmp -s " + x + " " + y).c_str()) == 0;
   }
@@ -305,6 +293,10 @@ TEST_F(ResyncReal, FullRebuildOfASparseVolumeSkipsHoles) {
     ASSERT_TRUE(WriteAt(*src, writes[i].first, Random(writes[i].second, 7 + i)).ok());
     data += writes[i].second;
   }
+  // Our BLOCK_STATUS reads the same map as libnbd's nbdinfo.
+  const auto map = OurMap(*src);
+  EXPECT_EQ(map, NbdinfoMap("nbd+unix:///sparse?socket=" + a_.unix_nbd));
+  EXPECT_GE(map.size(), 2 * writes.size() - 1);
   ReplicaChannel s(*src), d(*dst);
   Resync job(s, d);
   Status st = job.RunFull();
@@ -346,6 +338,9 @@ TEST_F(ResyncReal, FullRebuildFromQemuNbdUsesItsBlockStatus) {
   ASSERT_TRUE(src->export_properties().base_allocation);
   ASSERT_TRUE(WriteAt(*src, 10 * kMiB, Random(2 * kMiB, 3)).ok());
   ASSERT_TRUE(WriteAt(*src, 50 * kMiB, Random(kMiB, 4)).ok());
+  const auto map = OurMap(*src);
+  EXPECT_EQ(map, NbdinfoMap("nbd+unix:///vol?socket=" + sock));
+  EXPECT_GE(map.size(), 4u);
   ASSERT_TRUE(b_.CreateVolume("fromq")) << b_.Log();
   auto dst = Connect(b_.TlsEp(), "fromq", true);
   ASSERT_TRUE(dst);
