@@ -9,3 +9,8 @@ if(TARGET nbd-datapathd AND TARGET nbdctl)
   add_dependencies(resync_it nbd-datapathd nbdctl)
   nbdcsi_add_test(NAME integration.resync COMMAND resync_it TIMEOUT 300 LABELS integration tls)
 endif()
+
+# bench/resync_bench.sh's driver (not a test): one Resync job between two NBD servers.
+add_executable(resync_cli ${CMAKE_CURRENT_LIST_DIR}/resync_cli.cpp)
+target_link_libraries(resync_cli PRIVATE nbd_replica_client)
+set_target_properties(resync_cli PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
