@@ -318,6 +318,7 @@ Status RegionBitmap::ClearCopied(uint64_t offset, uint64_t length) {
                  path_, offset, length, region_size_);
   }
   std::unique_lock lk(mu_);
+  uint64_t need = 0;  // nothing cleared: nothing to wait for
   for (uint64_t i = offset / region_size_; i <= (end - 1) / region_size_; ++i) {
     const uint8_t mask = static_cast<uint8_t>(1u << (i & 7));
     const bool copying = copying_[i >> 3] & mask;
@@ -328,13 +329,13 @@ Status RegionBitmap::ClearCopied(uint64_t offset, uint64_t length) {
     if (!copying || remarked || !(bits_[i >> 3] & mask)) continue;
     bits_[i >> 3] &= static_cast<uint8_t>(~mask);
     const size_t page = static_cast<size_t>(i / kRegionsPerPage);
-    page_seq_[page] = ++seq_;
+    page_seq_[page] = need = ++seq_;
     if (!page_queued_[page]) {
       page_queued_[page] = 1;
       changed_.push_back(page);
     }
   }
-  return WaitDurable(lk, seq_);
+  return WaitDurable(lk, need);
 }
 
 std::vector<ByteRange> RegionBitmap::DirtyRanges() const {

@@ -220,9 +220,11 @@ TEST_F(RegionBitmapTest, ClearCopiedKeepsRegionsMarkedDuringTheCopy) {
   EXPECT_TRUE(FileBit(Path(), 2));
   EXPECT_FALSE(FileBit(Path(), 0));
   EXPECT_FALSE(FileBit(Path(), 3));
-  // Without BeginCopy nothing is cleared: the copy might predate a write.
+  // Without BeginCopy nothing is cleared (the copy might predate a write), and nothing synced.
+  const uint64_t syncs = b.syncs();
   ASSERT_TRUE(b.ClearCopied(2 * kMiB, kMiB).ok());
   EXPECT_TRUE(b.IsDirty(2 * kMiB));
+  EXPECT_EQ(b.syncs(), syncs);
   // The next pass clears it.
   ASSERT_TRUE(b.BeginCopy(2 * kMiB, kMiB).ok());
   ASSERT_TRUE(b.ClearCopied(2 * kMiB, kMiB).ok());
