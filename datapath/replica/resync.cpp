@@ -189,7 +189,12 @@ struct Resync::Job {
       return Fail(Prefix(e.status, "BLOCK_STATUS on the source", off, len), {off, len});
     }
     uint64_t at = off;
-    for (const BlockExtent& x : e.extents) {
+    const uint64_t end = sp->off + sp->len;
+    for (BlockExtent x : e.extents) {
+      // ReplicaClient's parser already holds a server to the request; another channel might not.
+      if (at >= end) break;
+      x.length = static_cast<uint32_t>(std::min<uint64_t>(x.length, end - at));
+      if (x.length == 0) continue;
       // ZERO: reads return zeroes (a hole or allocated zeroes). A HOLE without ZERO (a backing
       // file shows through) is data to us.
       const bool zero = (x.flags & nbd::kStateZero) != 0;
@@ -205,6 +210,12 @@ struct Resync::Job {
         AddUnit(sp, kind, at, x.length);
       }
       at += x.length;
+    }
+    if (at == off) {
+      return Fail(Status(EPROTO, fmt::format("resync: BLOCK_STATUS on the source [{}, +...) "
+                                             "answered no extent",
+                                             off)),
+                  {off, sp->len - sp->probed});
     }
     sp->probed += at - off;
     if (sp->probed >= sp->len) probing = nullptr;

@@ -422,6 +422,16 @@ TEST_F(ResyncTest, CancelStopsTheJobAndKeepsTheRest) {
   EXPECT_EQ(bm->dirty_bytes() + job.progress().copied_bytes, size);
 }
 
+TEST_F(ResyncTest, ABlockStatusWithNoExtentFailsInsteadOfLooping) {
+  FakeDisk src(4 * kMiB), dst(4 * kMiB);
+  src.status_max_extents = 0;
+  Resync job(src, dst);
+  Status s = job.RunFull();
+  EXPECT_EQ(s.code(), EPROTO) << s.message();
+  EXPECT_NE(s.message().find("answered no extent"), std::string::npos) << s.message();
+  EXPECT_EQ(dst.bytes_written.load(), 0u);
+}
+
 TEST_F(ResyncTest, RefusesPeersOfDifferentSizesAndAForeignBitmap) {
   FakeDisk a(4 * kMiB), b(8 * kMiB), c(4 * kMiB);
   Resync bad(a, b);
