@@ -101,7 +101,16 @@ RegionBitmap::RegionBitmap(std::string path, int fd, uint64_t volume_size, uint6
       page_seq_(pages_, 0),
       page_queued_(pages_, 0) {}
 
-RegionBitmap::~RegionBitmap() { close(fd_); }
+RegionBitmap::~RegionBitmap() {
+  {
+    std::lock_guard lk(mu_);
+    stop_ = true;
+    cv_.notify_all();
+  }
+  // The sync thread finishes what it owes (every callback runs) before it exits.
+  if (async_thread_.joinable()) async_thread_.join();
+  close(fd_);
+}
 
 StatusOr<std::unique_ptr<RegionBitmap>> RegionBitmap::Create(const std::string& path,
                                                              uint64_t volume_size,
@@ -264,38 +273,88 @@ Status RegionBitmap::WaitDurable(std::unique_lock<std::mutex>& lk, uint64_t need
       cv_.wait(lk);
       continue;
     }
-    // Leader: write every changed page as it is now, then one fdatasync for all waiters.
-    syncing_ = true;
-    const uint64_t target = seq_;
-    std::vector<size_t> pages;
-    pages.swap(changed_);
-    std::sort(pages.begin(), pages.end());
-    std::vector<uint8_t> snap(pages.size() * kPageSize);
-    for (size_t k = 0; k < pages.size(); ++k) {
-      page_queued_[pages[k]] = 0;
-      std::memcpy(snap.data() + k * kPageSize, bits_.data() + pages[k] * kPageSize, kPageSize);
+    SyncRoundLocked(lk);
+  }
+}
+
+// Leader: writes every changed page as it is now, then one fdatasync for all waiters. Called
+// with mu_ held and no round running; releases mu_ for the I/O.
+void RegionBitmap::SyncRoundLocked(std::unique_lock<std::mutex>& lk) {
+  syncing_ = true;
+  const uint64_t target = seq_;
+  std::vector<size_t> pages;
+  pages.swap(changed_);
+  std::sort(pages.begin(), pages.end());
+  std::vector<uint8_t> snap(pages.size() * kPageSize);
+  for (size_t k = 0; k < pages.size(); ++k) {
+    page_queued_[pages[k]] = 0;
+    std::memcpy(snap.data() + k * kPageSize, bits_.data() + pages[k] * kPageSize, kPageSize);
+  }
+  std::function<void()> hook = before_sync_;
+  lk.unlock();
+  Status s;
+  for (size_t k = 0; k < pages.size() && s.ok(); ++k) {
+    s = PwriteAll(fd_, snap.data() + k * kPageSize, kPageSize,
+                  static_cast<off_t>((pages[k] + 1) * kPageSize), path_);
+  }
+  if (s.ok()) {
+    if (hook) hook();
+    if (fdatasync(fd_) != 0) s = Errno("fdatasync", path_);
+  }
+  lk.lock();
+  syncing_ = false;
+  ++syncs_;
+  if (s.ok()) {
+    durable_seq_ = std::max(durable_seq_, target);
+  } else {
+    failed_ = Error(s.code() ? s.code() : EIO,
+                    "{} (the bitmap is failed: the replica needs a full rebuild)", s.message());
+  }
+  cv_.notify_all();
+}
+
+StatusOr<bool> RegionBitmap::MarkDurableAsync(uint64_t offset, uint64_t length,
+                                              std::function<void(const Status&)> done) {
+  if (Status s = CheckRange(offset, length, "mark"); !s.ok()) return s;
+  std::lock_guard lk(mu_);
+  if (!failed_.ok()) return failed_;
+  const uint64_t need = SetBitsLocked(offset / region_size_, (offset + length - 1) / region_size_);
+  if (durable_seq_ >= need) return true;
+  async_.push_back({need, std::move(done)});
+  if (!async_thread_.joinable()) async_thread_ = std::thread([this] { AsyncLoop(); });
+  cv_.notify_all();
+  return false;
+}
+
+// The sync thread of MarkDurableAsync: one leader round per batch of waiters (sharing rounds
+// with synchronous callers), callbacks outside the lock.
+void RegionBitmap::AsyncLoop() {
+  std::unique_lock lk(mu_);
+  for (;;) {
+    cv_.wait(lk, [&] { return stop_ || !async_.empty(); });
+    if (async_.empty()) return;  // stopping, nothing owed
+    uint64_t need = 0;
+    for (const AsyncWaiter& w : async_) need = std::max(need, w.need);
+    if (failed_.ok() && durable_seq_ < need) {
+      if (syncing_) {
+        cv_.wait(lk);  // another leader's round may cover them
+        continue;
+      }
+      SyncRoundLocked(lk);
     }
-    std::function<void()> hook = before_sync_;
+    std::vector<AsyncWaiter> ready;
+    for (auto it = async_.begin(); it != async_.end();) {
+      if (!failed_.ok() || it->need <= durable_seq_) {
+        ready.push_back(std::move(*it));
+        it = async_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    const Status result = failed_;
     lk.unlock();
-    Status s;
-    for (size_t k = 0; k < pages.size() && s.ok(); ++k) {
-      s = PwriteAll(fd_, snap.data() + k * kPageSize, kPageSize,
-                    static_cast<off_t>((pages[k] + 1) * kPageSize), path_);
-    }
-    if (s.ok()) {
-      if (hook) hook();
-      if (fdatasync(fd_) != 0) s = Errno("fdatasync", path_);
-    }
+    for (AsyncWaiter& w : ready) w.done(result);
     lk.lock();
-    syncing_ = false;
-    ++syncs_;
-    if (s.ok()) {
-      durable_seq_ = std::max(durable_seq_, target);
-    } else {
-      failed_ = Error(s.code() ? s.code() : EIO,
-                      "{} (the bitmap is failed: the replica needs a full rebuild)", s.message());
-    }
-    cv_.notify_all();
   }
 }
 

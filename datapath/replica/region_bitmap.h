@@ -44,6 +44,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/status.h"
@@ -82,6 +83,14 @@ class RegionBitmap {
   Status Mark(uint64_t offset, uint64_t length);
   // Mark, then returns once those bits are on disk. No I/O when they already were.
   Status MarkDurable(uint64_t offset, uint64_t length);
+  // For callers that must not block (the engine's io threads): Mark, then true when the bits
+  // were durable already (no callback, no I/O: the common case), else false and `done` runs
+  // once, on the bitmap's own sync thread, when they are durable (OK) or the bitmap failed. An
+  // error return (bad range, a failed bitmap) means no callback. `done` runs without the
+  // bitmap's lock (it may call the bitmap again) and must not destroy the bitmap; the
+  // destructor waits for every callback owed.
+  StatusOr<bool> MarkDurableAsync(uint64_t offset, uint64_t length,
+                                  std::function<void(const Status&)> done);
   // Every region of the volume (a new replica: everything to copy).
   Status MarkAllDurable();
   // Writes every page changed in memory and fdatasyncs (no I/O when nothing changed).
@@ -115,6 +124,8 @@ class RegionBitmap {
   // Under mu_: returns the sequence number the caller must see durable.
   uint64_t SetBitsLocked(uint64_t first, uint64_t last);
   Status WaitDurable(std::unique_lock<std::mutex>& lk, uint64_t need);
+  void SyncRoundLocked(std::unique_lock<std::mutex>& lk);
+  void AsyncLoop();
   bool TestBit(const std::vector<uint8_t>& v, uint64_t i) const {
     return (v[i >> 3] >> (i & 7)) & 1;
   }
@@ -140,6 +151,13 @@ class RegionBitmap {
   Status failed_;             // sticky I/O error
   uint64_t syncs_ = 0;
   std::function<void()> before_sync_;
+  struct AsyncWaiter {
+    uint64_t need;
+    std::function<void(const Status&)> done;
+  };
+  std::vector<AsyncWaiter> async_;  // guarded by mu_
+  bool stop_ = false;               // guarded by mu_
+  std::thread async_thread_;        // started by the first MarkDurableAsync that must wait
 };
 
 }  // namespace nbdcsi::replica

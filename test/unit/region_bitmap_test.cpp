@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <fstream>
+#include <future>
 #include <iterator>
 #include <thread>
 #include <vector>
@@ -258,6 +259,70 @@ TEST_F(RegionBitmapTest, ConcurrentMarkersShareSyncsAndAllBitsLand) {
   EXPECT_EQ(b.dirty_bytes(), static_cast<uint64_t>(kThreads * kPerThread) * kMiB);
 }
 
+TEST_F(RegionBitmapTest, MarkDurableAsyncCallsBackOnceDurableAndNotWhenAlreadyDurable) {
+  auto bm = RegionBitmap::Create(Path(), 1024 * kMiB);
+  ASSERT_TRUE(bm.ok());
+  RegionBitmap& b = **bm;
+  b.set_before_sync_hook([] { std::this_thread::sleep_for(std::chrono::milliseconds(2)); });
+  std::mutex mu;
+  std::vector<std::pair<uint64_t, Status>> done;
+  std::vector<bool> in_file_at_callback;
+  constexpr int kMarks = 200;
+  int queued = 0;
+  for (int k = 0; k < kMarks; ++k) {
+    const uint64_t region = static_cast<uint64_t>(k) * 5 % 1024;
+    auto r = b.MarkDurableAsync(region * kMiB, 1, [&, region](const Status& s) {
+      // On the sync thread: the bit is in the file before we hear of it.
+      const bool in_file = FileBit(Path(), region);
+      std::lock_guard lk(mu);
+      done.emplace_back(region, s);
+      in_file_at_callback.push_back(in_file);
+    });
+    ASSERT_TRUE(r.ok()) << r.status().message();
+    if (!*r) ++queued;
+  }
+  ASSERT_TRUE(test::WaitUntil([&] {
+    std::lock_guard lk(mu);
+    return done.size() == static_cast<size_t>(queued);
+  }));
+  std::lock_guard lk(mu);
+  for (size_t i = 0; i < done.size(); ++i) {
+    EXPECT_TRUE(done[i].second.ok()) << done[i].second.message();
+    EXPECT_TRUE(in_file_at_callback[i]) << "region " << done[i].first;
+  }
+  EXPECT_GT(queued, 0);
+  EXPECT_LT(b.syncs(), static_cast<uint64_t>(queued));  // batched
+  // Now durable: the same regions answer at once, no callback, no sync.
+  const uint64_t syncs = b.syncs();
+  auto again = b.MarkDurableAsync(5 * kMiB, 1, [](const Status&) { ADD_FAILURE(); });
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(*again);
+  EXPECT_EQ(b.syncs(), syncs);
+  EXPECT_EQ(
+      b.MarkDurableAsync(1024 * kMiB, 1, [](const Status&) { ADD_FAILURE(); }).status().code(),
+      EINVAL);
+}
+
+TEST_F(RegionBitmapTest, DestroyingTheBitmapRunsEveryOwedCallback) {
+  std::atomic<int> calls{0};
+  {
+    auto bm = RegionBitmap::Create(Path(), 64 * kMiB);
+    ASSERT_TRUE(bm.ok());
+    (*bm)->set_before_sync_hook([] { std::this_thread::sleep_for(std::chrono::milliseconds(20)); });
+    for (uint64_t r = 0; r < 64; ++r) {
+      auto q = (*bm)->MarkDurableAsync(r * kMiB, 1, [&](const Status& s) {
+        EXPECT_TRUE(s.ok());
+        ++calls;
+      });
+      ASSERT_TRUE(q.ok());
+    }
+  }
+  EXPECT_EQ(calls.load(), 64);
+  auto bm = RegionBitmap::Open(Path());
+  ASSERT_TRUE(bm.ok());
+  EXPECT_EQ((*bm)->dirty_bytes(), 64 * kMiB);
+}
+
 TEST_F(RegionBitmapTest, AnIoErrorFailsTheBitmapForGood) {
   auto bm = RegionBitmap::Create(Path(), 64 * kMiB);
   ASSERT_TRUE(bm.ok());
@@ -279,9 +344,17 @@ TEST_F(RegionBitmapTest, AnIoErrorFailsTheBitmapForGood) {
   ASSERT_GE(victim, 0);
   ASSERT_EQ(dup2(ro, victim), victim);
   close(ro);
-  const Status s = b.MarkDurable(kMiB, 1);
+  // The asynchronous caller hears of it through its callback...
+  std::promise<Status> heard;
+  auto q = b.MarkDurableAsync(kMiB, 1, [&](const Status& st) { heard.set_value(st); });
+  ASSERT_TRUE(q.ok());
+  EXPECT_FALSE(*q);
+  const Status s = heard.get_future().get();
   EXPECT_EQ(s.code(), EBADF) << s.message();
   EXPECT_NE(s.message().find("full rebuild"), std::string::npos);
+  // ...and later ones at once, without a callback.
+  EXPECT_EQ(b.MarkDurableAsync(2 * kMiB, 1, [](const Status&) { ADD_FAILURE(); }).status().code(),
+            EBADF);
   EXPECT_FALSE(b.MarkDurable(kMiB, 1).ok());  // sticky, even though the bit is set in memory
   EXPECT_FALSE(b.MarkDurable(9 * kMiB, 1).ok());
 }
