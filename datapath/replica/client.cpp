@@ -69,6 +69,8 @@ struct Request : ReplyState {
   uint16_t flags = 0;
   const uint8_t* write_buf = nullptr;
   Callback cb;
+  BlockStatusCallback bs_cb;     // BLOCK_STATUS: called instead of cb, with the extents
+  std::vector<BlockExtent> ext;  // BLOCK_STATUS: filled by the parser (extents points here)
   Clock::time_point deadline = Clock::time_point::max();
   Request* parent = nullptr;  // a FLUSH sent on every connection: the caller's request
   int children = 0;
@@ -205,11 +207,13 @@ struct ReplicaClient::Impl {
                    name, what, offset, length, props.min_block);
     }
     if (offset > props.size || length > props.size - offset) {
-      return Error(type == nbd::kCmdRead || type == nbd::kCmdTrim ? EINVAL : ENOSPC,
+      return Error(type == nbd::kCmdRead || type == nbd::kCmdTrim || type == nbd::kCmdBlockStatus
+                       ? EINVAL
+                       : ENOSPC,
                    "replica {}: {} [{}, +{}) past the end of the {}-byte export", name, what,
                    offset, length, props.size);
     }
-    if (type != nbd::kCmdRead && opts.read_only) {
+    if (type != nbd::kCmdRead && type != nbd::kCmdBlockStatus && opts.read_only) {
       return Error(EROFS, "replica {}: opened read-only", name);
     }
     return Status::Ok();
@@ -636,6 +640,14 @@ struct ReplicaClient::Impl {
       s = Status(s.code(), fmt::format("replica {}: {} [{}, +{}): {}", name, CommandName(r->type),
                                        r->offset, r->length, s.message()));
     }
+    if (r->type == nbd::kCmdBlockStatus) {
+      BlockStatusCallback cb = std::move(r->bs_cb);
+      std::vector<BlockExtent> ext = s.ok() ? std::move(r->ext) : std::vector<BlockExtent>();
+      delete r;
+      c_in_flight.fetch_sub(1, std::memory_order_relaxed);
+      cb(s, std::move(ext));
+      return;
+    }
     Callback cb = std::move(r->cb);
     delete r;
     c_in_flight.fetch_sub(1, std::memory_order_relaxed);
@@ -756,7 +768,7 @@ StatusOr<std::unique_ptr<ReplicaClient>> ReplicaClient::Connect(const ClientOpti
       o.name.empty() ? fmt::format("{} on {}", o.export_name, o.endpoint.ToString()) : o.name;
   for (int i = 0; i < o.connections; ++i) {
     auto c = OpenConnection(o.endpoint, *wire, tls.get(), o.read_only,
-                            Clock::now() + o.handshake_timeout);
+                            Clock::now() + o.handshake_timeout, o.base_allocation);
     if (!c.ok()) {
       return Status(c.status().code(),
                     fmt::format("replica {}: connection {} of {}: {}", impl->name, i + 1,
@@ -773,7 +785,9 @@ StatusOr<std::unique_ptr<ReplicaClient>> ReplicaClient::Connect(const ClientOpti
       impl->props = c->props;
     } else if (c->props.size != impl->props.size || c->props.flags != impl->props.flags ||
                c->props.min_block != impl->props.min_block ||
-               c->props.max_block != impl->props.max_block) {
+               c->props.max_block != impl->props.max_block ||
+               c->props.base_allocation != impl->props.base_allocation ||
+               c->props.base_allocation_id != impl->props.base_allocation_id) {
       close(conn->fd);
       return Error(EPROTO,
                    "replica {}: connection {} sees another export (size {} flags {:#x}) "
@@ -872,6 +886,23 @@ Status ReplicaClient::WriteZeroes(uint64_t offset, uint32_t length, bool fua, bo
   r->offset = offset;
   r->length = length;
   r->cb = std::move(cb);
+  return m.Submit(std::move(r));
+}
+
+Status ReplicaClient::BlockStatus(uint64_t offset, uint32_t length, BlockStatusCallback cb) {
+  Impl& m = *impl_;
+  if (!m.props.base_allocation) {
+    return Error(ENOTSUP, "replica {}: no base:allocation meta context ({})", m.name,
+                 m.opts.base_allocation ? "the server has none" : "not asked for at connect");
+  }
+  if (Status s = m.CheckRange(nbd::kCmdBlockStatus, offset, length); !s.ok()) return s;
+  auto r = std::make_unique<Request>();
+  r->type = nbd::kCmdBlockStatus;
+  r->offset = offset;
+  r->length = length;
+  r->context_id = m.props.base_allocation_id;
+  r->extents = &r->ext;
+  r->bs_cb = std::move(cb);
   return m.Submit(std::move(r));
 }
 

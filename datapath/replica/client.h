@@ -7,9 +7,9 @@
 // any thread. Callbacks run on the io thread: they must be short and must not block (they may
 // submit more requests; they must not call Close() or destroy the client).
 //
-// Contract of each request: Read/Write/Flush/Trim/WriteZeroes either return an error (and the
-// callback is never called: invalid arguments, the client is closing, no connection is left)
-// or return OK and the callback is called exactly once, with OK or with an errno Status:
+// Contract of each request: Read/Write/Flush/Trim/WriteZeroes/BlockStatus either return an error
+// (and the callback is never called: invalid arguments, the client is closing, no connection is
+// left) or return OK and the callback is called exactly once, with OK or with an errno Status:
 //   - an error the server reported for the request (NBD error mapped back to errno: EIO,
 //     ENOSPC, EPERM, EINVAL, ENOTSUP, ESHUTDOWN, ...), the connection staying up;
 //   - the loss of the connection it was sent on (ECONNRESET: server closed or reset, or fenced
@@ -31,10 +31,12 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "common/endpoint.h"
 #include "common/status.h"
 #include "datapath/replica/handshake.h"
+#include "datapath/replica/reply_parser.h"
 #include "datapath/replica/tls_client.h"
 
 namespace nbdcsi::replica {
@@ -54,6 +56,9 @@ struct ClientOptions {
   std::chrono::milliseconds request_timeout{30'000};
   uint32_t max_in_flight_per_connection = 128;
   std::string name;  // for logs and messages; default: the endpoint and export
+  // Select the base:allocation meta context (NBD_OPT_SET_META_CONTEXT) so BlockStatus works. A
+  // server without it still connects; BlockStatus then returns ENOTSUP.
+  bool base_allocation = false;
 };
 
 // The export name sent on the wire for (export, epoch): "NAME" or "NAME@epoch=N". EINVAL for a
@@ -73,6 +78,11 @@ struct ClientCounters {
 };
 
 using Callback = std::function<void(const Status&)>;
+// BLOCK_STATUS: on success the extents (length, flags) cover [offset, offset + sum of lengths),
+// in order, starting at the request's offset: at least one, never past the request's end (a
+// server's longer last extent is cut), possibly fewer bytes than asked (ask again from where
+// they end). Empty on error.
+using BlockStatusCallback = std::function<void(const Status&, std::vector<BlockExtent>)>;
 
 class ReplicaClient {
  public:
@@ -91,6 +101,9 @@ class ReplicaClient {
   Status Trim(uint64_t offset, uint32_t length, bool fua, Callback cb);
   // no_hole: the zeroes must be allocated (NBD_CMD_FLAG_NO_HOLE), not punched.
   Status WriteZeroes(uint64_t offset, uint32_t length, bool fua, bool no_hole, Callback cb);
+  // NBD_CMD_BLOCK_STATUS on base:allocation (ClientOptions::base_allocation); ENOTSUP at once
+  // when the export has no such context. Same contract as the other requests.
+  Status BlockStatus(uint64_t offset, uint32_t length, BlockStatusCallback cb);
 
   // Stops accepting requests, lets those in flight finish for up to `grace`, fails the rest
   // with ESHUTDOWN, says NBD_CMD_DISC where a connection is idle, and joins the io thread.

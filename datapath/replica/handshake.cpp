@@ -38,6 +38,8 @@ const char* OptionName(uint32_t opt) {
       return "NBD_OPT_STRUCTURED_REPLY";
     case nbd::kOptGo:
       return "NBD_OPT_GO";
+    case nbd::kOptSetMetaContext:
+      return "NBD_OPT_SET_META_CONTEXT";
     default:
       return "option";
   }
@@ -299,8 +301,58 @@ int OptionErrno(const OptionReply& r) {
   }
 }
 
+// NBD_OPT_SET_META_CONTEXT for base:allocation on `name`. A server that refuses the option or
+// does not know the context is not an error: the export simply has no BLOCK_STATUS (the caller
+// copies everything). A broken reply is.
+Status SelectBaseAllocation(Wire& w, const std::string& name, ExportProperties* props) {
+  std::vector<uint8_t> q(4 + name.size() + 4 + 4 + nbd::kMetaBaseAllocation.size());
+  uint8_t* p = q.data();
+  nbd::StoreBE32(p, static_cast<uint32_t>(name.size()));
+  std::copy(name.begin(), name.end(), p + 4);
+  p += 4 + name.size();
+  nbd::StoreBE32(p, 1);
+  nbd::StoreBE32(p + 4, static_cast<uint32_t>(nbd::kMetaBaseAllocation.size()));
+  std::copy(nbd::kMetaBaseAllocation.begin(), nbd::kMetaBaseAllocation.end(), p + 8);
+  if (Status s = SendOption(w, nbd::kOptSetMetaContext, q); !s.ok()) return s;
+  bool have = false;
+  uint32_t id = 0;
+  for (int i = 0;; ++i) {
+    if (i == kMaxRepliesPerOption) {
+      return Error(EPROTO, "{}: more than {} replies to NBD_OPT_SET_META_CONTEXT", w.peer(), i);
+    }
+    auto r = ReadReply(w, nbd::kOptSetMetaContext);
+    if (!r.ok()) return r.status();
+    if (r->type & nbd::kRepFlagError) {
+      return Status::Ok();  // e.g. NBD_REP_ERR_UNSUP; a refused export is GO's to report
+    }
+    if (r->type == nbd::kRepAck) {
+      if (!r->data.empty()) {
+        return Error(EPROTO, "{}: NBD_OPT_SET_META_CONTEXT ACK with data", w.peer());
+      }
+      break;
+    }
+    if (r->type != nbd::kRepMetaContext || r->data.size() < 4) {
+      return Error(EPROTO, "{}: unexpected reply type {:#x} of {} bytes to SET_META_CONTEXT",
+                   w.peer(), r->type, r->data.size());
+    }
+    const std::string_view ctx(reinterpret_cast<const char*>(r->data.data()) + 4,
+                               r->data.size() - 4);
+    // We asked for one context: a server naming another, or the same twice, is confused.
+    if (ctx != nbd::kMetaBaseAllocation || have) {
+      return Error(EPROTO, "{}: SET_META_CONTEXT answered with context \"{}\"", w.peer(),
+                   PrintableText(ctx));
+    }
+    have = true;
+    id = nbd::LoadBE32(r->data.data());
+  }
+  props->base_allocation = have;
+  props->base_allocation_id = id;
+  return Status::Ok();
+}
+
 Status Negotiate(Wire& w, const std::string& name, const ClientTlsContext* tls,
-                 const std::string& host, bool read_only, ExportProperties* props) {
+                 const std::string& host, bool read_only, bool base_allocation,
+                 ExportProperties* props) {
   uint8_t greet[nbd::kGreetingLen];
   if (Status s = w.Recv(greet, sizeof greet); !s.ok()) return s;
   if (nbd::LoadBE64(greet) != nbd::kNbdMagic || nbd::LoadBE64(greet + 8) != nbd::kIHaveOpt) {
@@ -346,6 +398,10 @@ Status Negotiate(Wire& w, const std::string& name, const ClientTlsContext* tls,
                  "{} refused structured replies ({}); the replica client needs them to tell a "
                  "failed read from a short one",
                  w.peer(), ErrorText(*sr));
+  }
+
+  if (base_allocation) {
+    if (Status s = SelectBaseAllocation(w, name, props); !s.ok()) return s;
   }
 
   std::vector<uint8_t> go(4 + name.size() + 2 + 2);
@@ -485,14 +541,15 @@ StatusOr<int> Dial(const Endpoint& ep, Clock::time_point deadline, const std::st
 
 StatusOr<OpenedConnection> OpenConnection(const Endpoint& ep, const std::string& wire_name,
                                           const ClientTlsContext* tls, bool read_only,
-                                          Clock::time_point deadline) {
+                                          Clock::time_point deadline, bool base_allocation) {
   const std::string peer = ep.ToString();
   auto fd = Dial(ep, deadline, peer);
   if (!fd.ok()) return fd.status();
   Wire w(*fd, peer, deadline);
   OpenedConnection c;
   const std::string host = ep.kind == Endpoint::Kind::kTcp ? ep.host : std::string();
-  if (Status s = Negotiate(w, wire_name, tls, host, read_only, &c.props); !s.ok()) {
+  if (Status s = Negotiate(w, wire_name, tls, host, read_only, base_allocation, &c.props);
+      !s.ok()) {
     close(*fd);
     return s;
   }

@@ -49,7 +49,42 @@ Status ReplyParser::Finish(uint64_t cookie, ReplyState* r, Table& table) {
     return Violation(fmt::format("READ of {} bytes at {} ended after {} bytes without an error",
                                  r->length, r->offset, r->covered));
   }
+  if (r->type == nbd::kCmdBlockStatus && r->error.ok() && r->covered == 0) {
+    return Violation(
+        fmt::format("BLOCK_STATUS [{}, +{}) ended without extents", r->offset, r->length));
+  }
   table.Done(cookie, r);
+  return Status::Ok();
+}
+
+Status ReplyParser::Extents(const uint8_t* p, uint32_t len, ReplyState* r) {
+  if (r->type != nbd::kCmdBlockStatus) {
+    return Violation(fmt::format("unexpected chunk type {} (BLOCK_STATUS) for a {}",
+                                 nbd::kReplyTypeBlockStatus, CommandName(r->type)));
+  }
+  if (len < 12 || (len - 4) % 8 != 0) {
+    return Violation(fmt::format("BLOCK_STATUS chunk of {} bytes", len));
+  }
+  const uint32_t id = nbd::LoadBE32(p);
+  if (id != r->context_id) {
+    return Violation(
+        fmt::format("BLOCK_STATUS for context {} (base:allocation is {})", id, r->context_id));
+  }
+  // One context asked for, so one chunk: `covered` counts its bytes.
+  if (r->covered > 0) return Violation("a second BLOCK_STATUS chunk for one context");
+  const size_t n = (len - 4) / 8;
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t elen = nbd::LoadBE32(p + 4 + 8 * i);
+    const uint32_t flags = nbd::LoadBE32(p + 8 + 8 * i);
+    if (elen == 0) return Violation(fmt::format("BLOCK_STATUS extent {} of 0 bytes", i));
+    if (r->covered >= r->length) {
+      return Violation(fmt::format("BLOCK_STATUS extent {} starts past the request [{}, +{})", i,
+                                   r->offset, r->length));
+    }
+    const uint32_t take = static_cast<uint32_t>(std::min<uint64_t>(elen, r->length - r->covered));
+    r->covered += take;
+    if (r->extents) r->extents->push_back({take, flags});
+  }
   return Status::Ok();
 }
 
@@ -62,6 +97,9 @@ Status ReplyParser::Chunk(const uint8_t* h, const uint8_t* p, ReplyState* r, Tab
     case nbd::kReplyTypeNone:
       if (len != 0) return Violation(fmt::format("NONE chunk with {} bytes", len));
       if (!(flags & nbd::kReplyFlagDone)) return Violation("NONE chunk without DONE");
+      break;
+    case nbd::kReplyTypeBlockStatus:
+      if (Status s = Extents(p, len, r); !s.ok()) return s;
       break;
     case nbd::kReplyTypeOffsetHole: {
       if (len != 12) return Violation(fmt::format("OFFSET_HOLE chunk of {} bytes", len));
@@ -180,7 +218,8 @@ StatusOr<size_t> ReplyParser::Feed(const uint8_t* p, size_t n, Table& table) {
       data_done_ = (flags & nbd::kReplyFlagDone) != 0;
       continue;
     }
-    if (len > kMaxBuffered - nbd::kStructuredReplyHeaderLen) {
+    if (len > (type == nbd::kReplyTypeBlockStatus ? kMaxBuffered - nbd::kStructuredReplyHeaderLen
+                                                  : kMaxOtherChunk)) {
       return Violation(fmt::format("chunk type {} of {} bytes", type, len));
     }
     if (avail < nbd::kStructuredReplyHeaderLen + len) return used;

@@ -14,18 +14,31 @@
 //   - a READ that ends (DONE) without an error must have been covered exactly once;
 //   - a simple reply to a READ must be an error (the data framing of a simple READ reply cannot
 //     be checked, and structured replies were negotiated);
-//   - no chunk is longer than its type can be (data: the request's length; others: a message of
-//     at most 4096 bytes plus fixed fields).
+//   - BLOCK_STATUS chunks only answer BLOCK_STATUS, name the context id negotiated for
+//     base:allocation, come at most once per request, hold at least one extent, every extent
+//     nonzero; the extents start at the request's offset and never reach past its end, except
+//     that the last one may (the spec allows it without REQ_ONE): it is cut at the end;
+//   - a BLOCK_STATUS that ends (DONE) without an error must have had its status chunk;
+//   - no chunk is longer than its type can be (data: the request's length; BLOCK_STATUS:
+//     kMaxExtentsPerChunk extents; others: a message of at most 4096 bytes plus fixed fields).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 
 namespace nbdcsi::replica {
+
+// One extent of a base:allocation BLOCK_STATUS reply.
+struct BlockExtent {
+  uint32_t length = 0;
+  uint32_t flags = 0;  // nbd::kStateHole | nbd::kStateZero
+  bool operator==(const BlockExtent&) const = default;
+};
 
 // A request in flight as the parser sees it, with the progress of its reply.
 struct ReplyState {
@@ -33,6 +46,9 @@ struct ReplyState {
   uint64_t offset = 0;
   uint32_t length = 0;
   uint8_t* read_buf = nullptr;  // READ: where the data goes (length bytes)
+  // BLOCK_STATUS: the context id its chunk must name, and where the extents go.
+  uint32_t context_id = 0;
+  std::vector<BlockExtent>* extents = nullptr;
 
   // Filled by the parser.
   uint64_t covered = 0;  // READ bytes delivered by data and hole chunks
@@ -43,6 +59,7 @@ struct ReplyState {
     error = Status::Ok();
     first_begin_ = first_end_ = 0;
     more_.clear();
+    if (extents) extents->clear();
   }
 
  private:
@@ -71,8 +88,12 @@ class ReplyParser {
   // reason; the parser is then unusable.
   StatusOr<size_t> Feed(const uint8_t* p, size_t n, Table& table);
 
+  // A server answering one BLOCK_STATUS with more extents than this breaks our limit (EPROTO);
+  // callers keep requests small enough (Resync asks 16 MiB at a time).
+  static constexpr size_t kMaxExtentsPerChunk = 8192;
   // Bytes the caller must be able to hold unconsumed (the largest non-data chunk).
-  static constexpr size_t kMaxBuffered = 20 + 4 + 2 + 4096 + 8;
+  static constexpr size_t kMaxBuffered = 20 + 4 + 8 * kMaxExtentsPerChunk;
+  static constexpr size_t kMaxOtherChunk = 4 + 2 + 4096 + 8;
 
   bool idle() const { return data_left_ == 0; }
 
@@ -80,6 +101,7 @@ class ReplyParser {
   Status Chunk(const uint8_t* h, const uint8_t* payload, ReplyState* r, Table& table);
   Status Cover(ReplyState* r, uint64_t begin, uint64_t len, const char* what);
   Status Finish(uint64_t cookie, ReplyState* r, Table& table);
+  Status Extents(const uint8_t* p, uint32_t len, ReplyState* r);
 
   // Inside an OFFSET_DATA payload.
   ReplyState* data_req_ = nullptr;

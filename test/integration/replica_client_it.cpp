@@ -30,7 +30,7 @@
 #include <vector>
 
 #include "datapath/replica/client.h"
-#include "test/support/child_process.h"
+#include "test/support/child_proc.h"
 #include "test/support/free_port.h"
 #include "test/support/temp_dir.h"
 #include "test/support/wait.h"
@@ -40,31 +40,14 @@ namespace {
 
 using namespace std::chrono_literals;
 namespace fs = std::filesystem;
+using test::Bin;
+using test::CanConnect;
+using test::Have;
+using test::Proc;
+using test::ReadFile;
+using test::Src;
 
 constexpr uint64_t kSize = 64ull << 20;
-
-bool Have(const std::string& tool) {
-  return std::system(("command -v " + tool + " >/dev/null 2>&1").c_str()) == 0;
-}
-
-std::string Bin(const std::string& name) {
-  const char* b = std::getenv("NBDCSI_BIN");
-  return std::string(b ? b : "build/bin") + "/" + name;
-}
-
-std::string Src() {
-  const char* s = std::getenv("NBDCSI_SRC");
-  return s ? s : ".";
-}
-
-using test::Proc;
-
-using test::CanConnect;
-
-std::string ReadFile(const std::string& p) {
-  std::ifstream f(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
 
 enum class Server { kQemuNbd, kNbdkit, kDatapathd };
 struct Variant {
@@ -517,8 +500,8 @@ TEST_P(ReplicaClientReal, NewerEpochFencesAnOlderClient) {
   ASSERT_FALSE(none.ok()) << "a client without an epoch opened a fenced volume";
   EXPECT_NE(none.status().message().find("fenced at epoch 4"), std::string::npos)
       << none.status().message();
-  std::printf("%s: old target refused (%s); stale reconnect: %s; no epoch: %s\n",
-              GetParam().name, refused.message().c_str(), again.status().message().c_str(),
+  std::printf("%s: old target refused (%s); stale reconnect: %s; no epoch: %s\n", GetParam().name,
+              refused.message().c_str(), again.status().message().c_str(),
               none.status().message().c_str());
 }
 

@@ -42,7 +42,7 @@
 #include "common/cluster/etcd_cluster_store.h"
 #include "datapath/replica/target.h"
 #include "test/support/certs.h"
-#include "test/support/child_process.h"
+#include "test/support/child_proc.h"
 #include "test/support/etcd_process.h"
 #include "test/support/free_port.h"
 #include "test/support/temp_dir.h"
@@ -59,19 +59,9 @@ constexpr uint64_t kSize = 64ull << 20;
 constexpr uint32_t kBlock = 4096;
 constexpr const char* kVolume = "rv";
 
-std::string Bin(const std::string& name) {
-  const char* b = std::getenv("NBDCSI_BIN");
-  return std::string(b ? b : "build/bin") + "/" + name;
-}
-
-bool Have(const std::string& tool) {
-  return std::system(("command -v " + tool + " >/dev/null 2>&1").c_str()) == 0;
-}
-
-std::string ReadFile(const std::string& p) {
-  std::ifstream f(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
+using test::Bin;
+using test::Have;
+using test::ReadFile;
 
 // One replica node: nbd-datapathd with its own pool, API on a Unix socket, NBD over TLS on its
 // own loopback address with its node certificate.

@@ -78,6 +78,18 @@ std::vector<uint8_t> ErrorChunk(uint64_t cookie, uint32_t err, std::string msg, 
   if (offset) Put64(v, *offset);
   return v;
 }
+std::vector<uint8_t> BsChunk(uint64_t cookie, uint32_t ctx,
+                             std::initializer_list<std::pair<uint32_t, uint32_t>> extents,
+                             bool done = true) {
+  auto v = Header(done ? nbd::kReplyFlagDone : 0, nbd::kReplyTypeBlockStatus, cookie,
+                  static_cast<uint32_t>(4 + 8 * extents.size()));
+  Put32(v, ctx);
+  for (auto [len, flags] : extents) {
+    Put32(v, len);
+    Put32(v, flags);
+  }
+  return v;
+}
 std::vector<uint8_t> NoneChunk(uint64_t cookie) {
   return Header(nbd::kReplyFlagDone, nbd::kReplyTypeNone, cookie, 0);
 }
@@ -247,7 +259,37 @@ INSTANTIATE_TEST_SUITE_P(
                   Cat({Header(nbd::kReplyFlagDone, nbd::kReplyTypeBlockStatus, 1, 12),
                        Bytes(12, 0)}),
                   "unexpected chunk type"},
-        ParseCase{"simple_ok_to_read", nbd::kCmdRead, Simple(1, 0), "simple reply to a READ"}),
+        ParseCase{"simple_ok_to_read", nbd::kCmdRead, Simple(1, 0), "simple reply to a READ"},
+        // BLOCK_STATUS (the request's context id is 0 here).
+        ParseCase{"bs_one_extent", nbd::kCmdBlockStatus, BsChunk(1, 0, {{4096, 3}}), ""},
+        ParseCase{"bs_short_then_none", nbd::kCmdBlockStatus,
+                  Cat({BsChunk(1, 0, {{512, 0}, {1024, 3}}, false), NoneChunk(1)}), ""},
+        ParseCase{"bs_last_extent_longer_is_cut", nbd::kCmdBlockStatus,
+                  BsChunk(1, 0, {{512, 0}, {1 << 30, 3}}), ""},
+        ParseCase{"bs_error", nbd::kCmdBlockStatus, ErrorChunk(1, nbd::kErrIo, "x", true), ""},
+        ParseCase{"bs_wrong_context", nbd::kCmdBlockStatus, BsChunk(1, 7, {{4096, 0}}),
+                  "context 7"},
+        ParseCase{"bs_zero_extent", nbd::kCmdBlockStatus, BsChunk(1, 0, {{512, 0}, {0, 0}}),
+                  "extent 1 of 0 bytes"},
+        ParseCase{"bs_extent_past_the_end", nbd::kCmdBlockStatus,
+                  BsChunk(1, 0, {{4096, 0}, {512, 0}}), "starts past"},
+        ParseCase{"bs_two_chunks", nbd::kCmdBlockStatus,
+                  Cat({BsChunk(1, 0, {{512, 0}}, false), BsChunk(1, 0, {{512, 0}})}),
+                  "second BLOCK_STATUS"},
+        ParseCase{"bs_no_extents", nbd::kCmdBlockStatus, BsChunk(1, 0, {}), "chunk of 4 bytes"},
+        ParseCase{"bs_odd_length", nbd::kCmdBlockStatus,
+                  Cat({Header(nbd::kReplyFlagDone, nbd::kReplyTypeBlockStatus, 1, 14),
+                       Bytes(14, 0)}),
+                  "chunk of 14 bytes"},
+        ParseCase{"bs_done_without_status", nbd::kCmdBlockStatus, NoneChunk(1), "without extents"},
+        ParseCase{"bs_simple_ok", nbd::kCmdBlockStatus, Simple(1, 0), "without extents"},
+        ParseCase{"bs_too_many_extents", nbd::kCmdBlockStatus,
+                  Cat({Header(nbd::kReplyFlagDone, nbd::kReplyTypeBlockStatus, 1,
+                              4 + 8 * (ReplyParser::kMaxExtentsPerChunk + 1)),
+                       Bytes(4 + 8 * (ReplyParser::kMaxExtentsPerChunk + 1), 0)}),
+                  "chunk type 5 of"},
+        ParseCase{"bs_for_write", nbd::kCmdWrite, BsChunk(1, 0, {{4096, 0}}),
+                  "unexpected chunk type"}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(ReplyParserData, HoleZeroesAndDataLandWhereTheySay) {
@@ -282,6 +324,27 @@ TEST(ReplyParserData, ErrorChunkMapsToErrnoWithMessage) {
   ASSERT_TRUE(p.Feed(bytes.data(), bytes.size(), t).ok());
   EXPECT_EQ(r.error.code(), ENOSPC);
   EXPECT_NE(r.error.message().find("pool full"), std::string::npos) << r.error.message();
+}
+
+TEST(ReplyParserData, BlockStatusExtentsInOrderAndTheLastCut) {
+  std::vector<BlockExtent> ext{{1, 1}};  // stale content from an earlier use goes
+  ReplyState r;
+  r.type = nbd::kCmdBlockStatus;
+  r.offset = 0;
+  r.length = 1 << 20;
+  r.context_id = 3;
+  r.extents = &ext;
+  r.ResetReply();
+  OneTable t;
+  t.live[4] = &r;
+  auto bytes = BsChunk(4, 3, {{65536, 0}, {4096, nbd::kStateHole | nbd::kStateZero}, {1 << 21, 0}});
+  ReplyParser p;
+  auto used = p.Feed(bytes.data(), bytes.size(), t);
+  ASSERT_TRUE(used.ok()) << used.status().message();
+  EXPECT_EQ(t.done, std::vector<uint64_t>{4});
+  const std::vector<BlockExtent> want = {
+      {65536, 0}, {4096, nbd::kStateHole | nbd::kStateZero}, {(1 << 20) - 65536 - 4096, 0}};
+  EXPECT_EQ(ext, want);
 }
 
 // ---- the fake server ---------------------------------------------------------------------------
@@ -731,6 +794,73 @@ TEST(ReplicaClient, AReadOnlyExportIsRefusedForWriting) {
   c = ReplicaClient::Connect(Options(n));
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), ENOTSUP) << c.status().message();
+}
+
+TEST(ReplicaClient, BlockStatusNegotiatesBaseAllocationAndDeliversExtents) {
+  std::atomic<uint32_t> seen_len{0};
+  std::atomic<uint16_t> seen_type{0};
+  FakeServer s([&](FakeConn& c) {
+    nbd::RequestHeader h;
+    ASSERT_TRUE(c.Next(&h));
+    seen_type = h.type;
+    seen_len = h.length;
+    // The context id the project's own Negotiator handed out at SET_META_CONTEXT.
+    c.Send(BsChunk(h.cookie, nbd::kBaseAllocationContextId,
+                   {{8192, 0}, {4096, nbd::kStateHole | nbd::kStateZero}}, false));
+    c.Send(NoneChunk(h.cookie));
+    ASSERT_TRUE(c.Next(&h));
+    c.Send(ErrorChunk(h.cookie, nbd::kErrIo, "map failed", true));
+    while (c.Next(&h)) {
+    }
+  });
+  auto o = Options(s);
+  o.base_allocation = true;
+  auto c = ReplicaClient::Connect(o);
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  EXPECT_TRUE((*c)->export_properties().base_allocation);
+  std::mutex mu;
+  std::vector<std::pair<Status, std::vector<BlockExtent>>> got;
+  auto cb = [&](const Status& st, std::vector<BlockExtent> e) {
+    std::lock_guard lk(mu);
+    got.emplace_back(st, std::move(e));
+  };
+  ASSERT_TRUE((*c)->BlockStatus(4096, 65536, cb).ok());
+  ASSERT_TRUE(WaitUntil([&] {
+    std::lock_guard lk(mu);
+    return got.size() == 1;
+  }));
+  ASSERT_TRUE((*c)->BlockStatus(0, 4096, cb).ok());
+  ASSERT_TRUE(WaitUntil([&] {
+    std::lock_guard lk(mu);
+    return got.size() == 2;
+  }));
+  EXPECT_EQ(seen_type.load(), nbd::kCmdBlockStatus);
+  EXPECT_EQ(seen_len.load(), 65536u);
+  std::lock_guard lk(mu);
+  ASSERT_TRUE(got[0].first.ok()) << got[0].first.message();
+  const std::vector<BlockExtent> want = {{8192, 0}, {4096, nbd::kStateHole | nbd::kStateZero}};
+  EXPECT_EQ(got[0].second, want);
+  EXPECT_EQ(got[1].first.code(), EIO);
+  EXPECT_NE(got[1].first.message().find("map failed"), std::string::npos);
+  EXPECT_TRUE(got[1].second.empty());
+  // Past the end: refused at submit, no callback.
+  EXPECT_EQ((*c)->BlockStatus(kExportSize, 4096, cb).code(), EINVAL);
+}
+
+TEST(ReplicaClient, BlockStatusWithoutTheContextIsEnotsupAtSubmit) {
+  FakeServer s([](FakeConn& c) {
+    nbd::RequestHeader h;
+    while (c.Next(&h)) {
+    }
+  });
+  auto c = ReplicaClient::Connect(Options(s));  // base_allocation not asked for
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  EXPECT_FALSE((*c)->export_properties().base_allocation);
+  bool called = false;
+  Status st =
+      (*c)->BlockStatus(0, 4096, [&](const Status&, std::vector<BlockExtent>) { called = true; });
+  EXPECT_EQ(st.code(), ENOTSUP);
+  EXPECT_FALSE(called);
 }
 
 TEST(ReplicaClient, BadRequestsAreRefusedAtSubmitWithoutACallback) {

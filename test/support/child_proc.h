@@ -1,5 +1,7 @@
-// A child process owned by a test (a daemon, a client tool): started with its output in a log
-// file, stopped with SIGTERM then SIGKILL when the object goes, or killed on purpose.
+// Helpers for integration tests written in C++ that start daemons and tools of their own: a
+// child process the test owns (stopped when it goes), the project's binaries ($NBDCSI_BIN) and
+// sources ($NBDCSI_SRC) as CTest passes them, whether a tool is installed, and whether a socket
+// accepts connections yet.
 #pragma once
 
 #include <arpa/inet.h>
@@ -14,6 +16,9 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -22,7 +27,24 @@
 
 namespace nbdcsi::test {
 
-// A child process owned by the test: SIGTERM, then SIGKILL, when it goes.
+using namespace std::chrono_literals;
+
+inline bool Have(const std::string& tool) {
+  return std::system(("command -v " + tool + " >/dev/null 2>&1").c_str()) == 0;
+}
+
+inline std::string Bin(const std::string& name) {
+  const char* b = std::getenv("NBDCSI_BIN");
+  return std::string(b ? b : "build/bin") + "/" + name;
+}
+
+inline std::string Src() {
+  const char* s = std::getenv("NBDCSI_SRC");
+  return s ? s : ".";
+}
+
+// A child process owned by the test: SIGTERM, then SIGKILL, when it goes; SIGKILL with the test
+// if the test itself dies (PDEATHSIG), so a crashed test leaves no daemon behind.
 class Proc {
  public:
   Proc() = default;
@@ -31,7 +53,7 @@ class Proc {
   bool Start(const std::vector<std::string>& argv, const std::string& log) {
     pid_ = fork();
     if (pid_ == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive a test that crashed
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
       int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
       dup2(fd, 1);
       dup2(fd, 2);
@@ -51,7 +73,7 @@ class Proc {
     if (pid_ <= 0) return;
     kill(pid_, SIGTERM);
     int st;
-    if (!WaitExited(pid_, &st, std::chrono::seconds(5))) {
+    if (!test::WaitExited(pid_, &st, 5s)) {
       kill(pid_, SIGKILL);
       waitpid(pid_, &st, 0);
     }
@@ -77,11 +99,17 @@ inline bool CanConnect(const Endpoint& ep) {
     sockaddr_in sa{};
     sa.sin_family = AF_INET;
     sa.sin_port = htons(ep.port);
-    inet_pton(AF_INET, ep.host.c_str(), &sa.sin_addr);
+    if (inet_pton(AF_INET, ep.host.c_str(), &sa.sin_addr) != 1)
+      sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     ok = connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) == 0;
   }
   close(fd);
   return ok;
+}
+
+inline std::string ReadFile(const std::string& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
 }
 
 }  // namespace nbdcsi::test
