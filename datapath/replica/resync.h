@@ -49,7 +49,7 @@
 
 namespace nbdcsi::replica {
 
-// What Resync needs of a replica: the ReplicaClient calls (ReplicaChannel below), or a fake in
+// What Resync needs of a replica: the ReplicaClient calls (ClientBlockChannel below), or a fake in
 // unit tests. Same contract as ReplicaClient: an error return means no callback; OK means the
 // callback runs exactly once, on any thread, possibly before the call returns.
 class BlockChannel {
@@ -64,9 +64,9 @@ class BlockChannel {
 };
 
 // A ReplicaClient as a BlockChannel (writes without FUA: the job flushes).
-class ReplicaChannel : public BlockChannel {
+class ClientBlockChannel : public BlockChannel {
  public:
-  explicit ReplicaChannel(ReplicaClient& c) : c_(c) {}
+  explicit ClientBlockChannel(ReplicaClient& c) : c_(c) {}
   const ExportProperties& props() const override { return c_.export_properties(); }
   Status Read(uint64_t offset, std::span<uint8_t> buf, Callback cb) override {
     return c_.Read(offset, buf, std::move(cb));

@@ -114,7 +114,7 @@ int main(int argc, char** argv) {
     }
     bm = std::move(b).value();
   }
-  ReplicaChannel sc(**s), dc(**d);
+  ClientBlockChannel sc(**s), dc(**d);
   Resync job(sc, dc, o);
   std::atomic<bool> over{false};
   std::thread reporter([&] {

@@ -251,7 +251,7 @@ TEST_F(ResyncReal, DirtyRegionsOnlyThenByteIdentical) {
   ASSERT_FALSE(Cmp(Copy(a_, "vol", "a0"), Copy(b_, "vol", "b0")));
 
   // It returns: copy only the dirty regions.
-  ReplicaChannel s(*src), d(*dst);
+  ClientBlockChannel s(*src), d(*dst);
   ResyncOptions o;
   o.chunk_bytes = 128 * 1024;
   o.max_in_flight = 8;
@@ -297,7 +297,7 @@ TEST_F(ResyncReal, FullRebuildOfASparseVolumeSkipsHoles) {
   const auto map = OurMap(*src);
   EXPECT_EQ(map, NbdinfoMap("nbd+unix:///sparse?socket=" + a_.unix_nbd));
   EXPECT_GE(map.size(), 2 * writes.size() - 1);
-  ReplicaChannel s(*src), d(*dst);
+  ClientBlockChannel s(*src), d(*dst);
   Resync job(s, d);
   Status st = job.RunFull();
   ASSERT_TRUE(st.ok()) << st.message();
@@ -344,7 +344,7 @@ TEST_F(ResyncReal, FullRebuildFromQemuNbdUsesItsBlockStatus) {
   ASSERT_TRUE(b_.CreateVolume("fromq")) << b_.Log();
   auto dst = Connect(b_.TlsEp(), "fromq", true);
   ASSERT_TRUE(dst);
-  ReplicaChannel s(*src), d(*dst);
+  ClientBlockChannel s(*src), d(*dst);
   Resync job(s, d);
   Status st = job.RunFull();
   ASSERT_TRUE(st.ok()) << st.message();
