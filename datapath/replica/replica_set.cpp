@@ -1,7 +1,10 @@
 #include "datapath/replica/replica_set.h"
 
+#include <array>
 #include <bit>
 #include <condition_variable>
+#include <deque>
+#include <future>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -110,8 +113,12 @@ Status ClusterMembership::SetInSync(const std::vector<std::string>& in_sync) {
 struct Op {
   BackendRequest req;
   BackendDone done;
+  // The channels it was sent to, taken with the set's lock: a member's channel may be replaced
+  // (Readmit) while an older request still uses the old one.
+  std::array<std::shared_ptr<ReplicaChannel>, ReplicaSet::kMaxMembers> ch;
   std::mutex mu;
   int pending = 0;
+  std::string mark_error;  // the out-of-sync log could not record a range
   Mask sent = 0, ok = 0, failed = 0;
   int first_code = 0;
   bool same_code = true;
@@ -122,10 +129,9 @@ struct Op {
 struct ReplicaSet::Impl {
   struct Member {
     std::string node;
-    std::unique_ptr<ReplicaChannel> ch;
+    std::shared_ptr<ReplicaChannel> ch;  // replaced only while the member is out (Readmit)
     MemberState state = MemberState::kInSync;
     std::string why;
-    bool closed = false;
   };
   // A modifying request or FLUSH that may be acknowledged only once every member in `need_out`
   // is confirmed out of the in-sync set, and the ranges of `mark` are in the log.
@@ -139,11 +145,19 @@ struct ReplicaSet::Impl {
   ReplicaSetOptions opts;
   Membership& membership;
   OutOfSyncLog* log;
-  std::vector<Member> members;  // fixed after Create; state fields under mu
+  std::vector<Member> members;  // the list is fixed after Create; its fields under mu
   Mask all = 0;
 
+  // Held around every change of the in-sync set in the cluster state (the membership thread's
+  // drops, Readmit), so that two of them never compute from the same old set.
+  std::mutex membership_mu;
   mutable std::mutex mu;
   std::condition_variable cv;
+  // Freeze: modifying requests and flushes not yet answered, and those held while frozen.
+  int changes_in_flight = 0;
+  bool frozen = false;
+  std::deque<std::pair<BackendRequest, BackendDone>> held;
+  std::condition_variable drained;
   Mask failing = 0, out = 0;
   bool stopped = false, closing = false, quit = false;
   std::string stop_reason;
@@ -191,7 +205,7 @@ struct ReplicaSet::Impl {
       ++op->pending;
     }
     Callback cb = [this, op, i](const Status& s) { Finished(op, i, s); };
-    ReplicaChannel& ch = *members[i].ch;
+    ReplicaChannel& ch = *op->ch[i];
     const BackendRequest& r = op->req;
     Status s;
     switch (r.op) {
@@ -263,6 +277,14 @@ struct ReplicaSet::Impl {
     ResolveChange(op);
   }
 
+  // Blocking form of the log's mark, for the membership thread.
+  Status MarkSync(const std::string& node, uint64_t offset, uint64_t length) {
+    std::promise<Status> p;
+    auto f = p.get_future();
+    log->MarkOutOfSync(node, offset, length, [&p](const Status& s) { p.set_value(s); });
+    return f.get();
+  }
+
   void ResolveRead(const std::shared_ptr<Op>& op) {
     if (op->ok) return op->done(0);
     int next;
@@ -274,6 +296,7 @@ struct ReplicaSet::Impl {
         if (!closed && (op->failed & Bit(i)))
           EnterFailingLocked(i, fmt::format("read: {}", op->first_error));
       next = closed ? -1 : PickReader(InSyncLocked() & ~op->sent);
+      if (next >= 0) op->ch[static_cast<size_t>(next)] = members[static_cast<size_t>(next)].ch;
     }
     if (closed) return op->done(-ESHUTDOWN);
     if (next < 0) {
@@ -301,6 +324,13 @@ struct ReplicaSet::Impl {
       } else if (!op->ok) {
         // Nobody has it: nothing to drop, the request failed.
         fail = FailureCode(*op);
+      } else if (!op->mark_error.empty()) {
+        // A replica out of sync would miss it and the log cannot say so: not acknowledged.
+        for (size_t i = 0; i < members.size(); ++i)
+          if (op->failed & Bit(i))
+            EnterFailingLocked(i, fmt::format("{}: {}", OpName(op->req.op), op->first_error));
+        fail = EIO;
+        why = "cannot record it as missing on an out-of-sync replica: " + op->mark_error;
       } else {
         for (size_t i = 0; i < members.size(); ++i)
           if (op->failed & Bit(i))
@@ -329,24 +359,22 @@ struct ReplicaSet::Impl {
   // The membership thread: records failing members as out of sync in the cluster state, writes
   // the out-of-sync log, and acknowledges the requests that waited for either.
   void Loop() {
-    std::unique_lock<std::mutex> lock(mu);
     for (;;) {
-      cv.wait(lock, [&] { return quit || !waiters.empty() || (failing && !stopped); });
-      if (quit) return;
-      std::vector<Waiter> batch = std::move(waiters);
-      waiters.clear();
-      const Mask dropping = stopped ? 0 : failing;
-      const Mask keep = all & ~out & ~dropping;
-      const std::vector<std::string> in_sync = Nodes(keep);
-      lock.unlock();
-
+      std::vector<Waiter> batch;
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return quit || !waiters.empty() || (failing && !stopped); });
+        if (quit) return;
+        batch = std::move(waiters);
+        waiters.clear();
+      }
       std::vector<int> mark_error(batch.size(), 0);
       if (log) {
         for (size_t w = 0; w < batch.size(); ++w) {
           for (size_t i = 0; i < members.size() && !mark_error[w]; ++i) {
             if (!(batch[w].mark & Bit(i))) continue;
             const BackendRequest& r = batch[w].op->req;
-            Status s = log->MarkOutOfSync(members[i].node, r.offset, r.length);
+            Status s = MarkSync(members[i].node, r.offset, r.length);
             if (!s.ok()) {
               spdlog::error("replica set {}: cannot record {}+{} as missing on {}: {}",
                             opts.volume, r.offset, r.length, members[i].node, s.message());
@@ -355,47 +383,58 @@ struct ReplicaSet::Impl {
           }
         }
       }
-      Status recorded;
-      if (dropping) {
-        recorded = keep ? membership.SetInSync(in_sync)
-                        : Error(EIO, "no replica of {} would be left in sync", opts.volume);
-      }
-
-      lock.lock();
-      if (dropping) {
-        if (recorded.ok()) {
-          out |= dropping;
-          failing &= ~dropping;
-          for (size_t i = 0; i < members.size(); ++i)
-            if (dropping & Bit(i)) members[i].state = MemberState::kOut;
-          recorded_in_sync = in_sync;
-          spdlog::warn("replica set {}: in-sync set is now [{}]", opts.volume,
-                       fmt::join(in_sync, ", "));
-        } else if (!stopped) {
-          stopped = true;
-          stop_reason = fmt::format("cannot drop [{}] from the in-sync set: {}",
-                                    fmt::join(Nodes(dropping), ", "), recorded.message());
-          spdlog::error("replica set {}: stopped: {}", opts.volume, stop_reason);
-        }
-      }
       std::vector<std::pair<std::shared_ptr<Op>, int>> finish;
-      for (size_t w = 0; w < batch.size(); ++w) {
-        Waiter& x = batch[w];
-        if (mark_error[w]) {
-          finish.emplace_back(x.op, -mark_error[w]);
-        } else if (!(x.need_out & ~out)) {
-          ++acked_degraded;
-          finish.emplace_back(x.op, 0);
-        } else if (stopped) {
-          finish.emplace_back(x.op, -EIO);
-        } else {
-          waiters.push_back(std::move(x));  // needs a member that started failing since
+      {
+        std::lock_guard<std::mutex> serial(membership_mu);
+        std::unique_lock<std::mutex> lock(mu);
+        // Computed now, under the membership lock: every waiter of the batch needs at most
+        // the members failing by now.
+        const Mask dropping = stopped ? 0 : failing;
+        const Mask keep = all & ~out & ~dropping;
+        const std::vector<std::string> in_sync = Nodes(keep);
+        Status recorded;
+        if (dropping) {
+          lock.unlock();
+          recorded = keep ? membership.SetInSync(in_sync)
+                          : Error(EIO, "no replica of {} would be left in sync", opts.volume);
+          lock.lock();
+          if (recorded.ok()) {
+            out |= dropping;
+            failing &= ~dropping;
+            for (size_t i = 0; i < members.size(); ++i)
+              if (dropping & Bit(i)) members[i].state = MemberState::kOut;
+            recorded_in_sync = in_sync;
+            spdlog::warn("replica set {}: in-sync set is now [{}]", opts.volume,
+                         fmt::join(in_sync, ", "));
+          } else if (!stopped) {
+            stopped = true;
+            stop_reason = fmt::format("cannot drop [{}] from the in-sync set: {}",
+                                      fmt::join(Nodes(dropping), ", "), recorded.message());
+            spdlog::error("replica set {}: stopped: {}", opts.volume, stop_reason);
+          }
+        }
+        for (size_t w = 0; w < batch.size(); ++w) {
+          Waiter& x = batch[w];
+          if (mark_error[w]) {
+            finish.emplace_back(x.op, -mark_error[w]);
+          } else if (!(x.need_out & ~out)) {
+            ++acked_degraded;
+            finish.emplace_back(x.op, 0);
+          } else if (stopped) {
+            finish.emplace_back(x.op, -EIO);
+          } else {
+            waiters.push_back(std::move(x));  // needs a member that started failing since
+          }
         }
       }
-      lock.unlock();
       for (auto& [op, res] : finish) op->done(res);
-      lock.lock();
     }
+  }
+
+  // A modifying request or flush was answered: Freeze may be waiting for the last one.
+  void ChangeDone() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (--changes_in_flight == 0) drained.notify_all();
   }
 };
 
@@ -422,7 +461,7 @@ StatusOr<std::unique_ptr<ReplicaSet>> ReplicaSet::Create(ReplicaSetOptions optio
   for (auto& m : members) {
     Impl::Member member;
     member.node = std::move(m.node);
-    member.ch = std::move(m.channel);
+    member.ch = std::shared_ptr<ReplicaChannel>(std::move(m.channel));
     impl->members.push_back(std::move(member));
     impl->all |= Bit(impl->members.size() - 1);
   }
@@ -441,43 +480,119 @@ uint64_t ReplicaSet::size() const { return impl_->opts.size; }
 
 void ReplicaSet::Submit(const BackendRequest& request, BackendDone done) {
   Impl& s = *impl_;
+  const bool change = request.op != BackendRequest::Op::kRead;
   auto op = std::make_shared<Op>();
   op->req = request;
-  op->done = std::move(done);
   Mask targets = 0, missing = 0;
   int refuse = 0;
   {
     std::lock_guard<std::mutex> lock(s.mu);
-    if (s.stopped || s.closing) refuse = s.closing ? ESHUTDOWN : EIO;
-    const Mask in_sync = s.InSyncLocked();
-    if (request.op == BackendRequest::Op::kRead) {
-      int r = s.PickReader(in_sync);
-      if (r >= 0) targets = Bit(static_cast<size_t>(r));
+    if (s.stopped || s.closing) {
+      refuse = s.closing ? ESHUTDOWN : EIO;
+    } else if (change && s.frozen) {
+      // Resubmitted by Thaw, in order.
+      s.held.emplace_back(request, std::move(done));
+      return;
     } else {
-      targets = in_sync;
-      missing = s.all & ~in_sync;
+      const Mask in_sync = s.InSyncLocked();
+      if (!change) {
+        int r = s.PickReader(in_sync);
+        if (r >= 0) targets = Bit(static_cast<size_t>(r));
+      } else {
+        targets = in_sync;
+        missing = s.all & ~in_sync;
+      }
+      for (size_t i = 0; i < s.members.size(); ++i)
+        if (targets & Bit(i)) op->ch[i] = s.members[i].ch;
+      if (change && targets) ++s.changes_in_flight;
     }
   }
-  if (refuse) return op->done(-refuse);
-  if (!targets) return op->done(-EIO);  // only while the last members are being dropped
-  if (s.log && missing && Modifies(request.op)) {
-    for (size_t i = 0; i < s.members.size(); ++i) {
-      if (!(missing & Bit(i))) continue;
-      Status st = s.log->MarkOutOfSync(s.members[i].node, request.offset, request.length);
-      if (!st.ok()) {
-        spdlog::error("replica set {}: cannot record {}+{} as missing on {}: {}", s.opts.volume,
-                      request.offset, request.length, s.members[i].node, st.message());
-        return op->done(-EIO);
-      }
-    }
+  if (refuse) return done(-refuse);
+  if (!targets) return done(-EIO);  // only while the last members are being dropped
+  if (change) {
+    op->done = [&s, d = std::move(done)](int res) {
+      d(res);
+      s.ChangeDone();
+    };
+  } else {
+    op->done = std::move(done);
   }
   {
     std::lock_guard<std::mutex> lock(op->mu);
     op->pending = 1;
   }
+  // While a replica is out of sync, what it misses is recorded (durably) before the ack; the
+  // log answers at once when the region is recorded already.
+  if (s.log && missing && Modifies(request.op)) {
+    for (size_t i = 0; i < s.members.size(); ++i) {
+      if (!(missing & Bit(i))) continue;
+      {
+        std::lock_guard<std::mutex> lock(op->mu);
+        ++op->pending;
+      }
+      s.log->MarkOutOfSync(s.members[i].node, request.offset, request.length,
+                           [&s, op](const Status& st) {
+                             if (!st.ok()) {
+                               std::lock_guard<std::mutex> lock(op->mu);
+                               if (op->mark_error.empty()) op->mark_error = st.message();
+                             }
+                             s.Release(op);
+                           });
+    }
+  }
   for (size_t i = 0; i < s.members.size(); ++i)
     if (targets & Bit(i)) s.Send(op, i);
   s.Release(op);
+}
+
+void ReplicaSet::Freeze() {
+  Impl& s = *impl_;
+  std::unique_lock<std::mutex> lock(s.mu);
+  s.frozen = true;
+  s.drained.wait(lock, [&] { return s.changes_in_flight == 0; });
+}
+
+void ReplicaSet::Thaw() {
+  Impl& s = *impl_;
+  std::deque<std::pair<BackendRequest, BackendDone>> held;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.frozen = false;
+    held.swap(s.held);
+  }
+  for (auto& [r, d] : held) Submit(r, std::move(d));
+}
+
+Status ReplicaSet::Readmit(const std::string& node, std::unique_ptr<ReplicaChannel> channel) {
+  Impl& s = *impl_;
+  std::lock_guard<std::mutex> serial(s.membership_mu);
+  size_t i = 0;
+  std::vector<std::string> in_sync;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (!s.frozen) return Error(EINVAL, "replica set {}: readmit {} needs a frozen set", s.opts.volume, node);
+    if (s.stopped) return Error(EIO, "replica set {} is stopped: {}", s.opts.volume, s.stop_reason);
+    while (i < s.members.size() && s.members[i].node != node) ++i;
+    if (i == s.members.size())
+      return Error(ENOENT, "replica set {}: no replica on {}", s.opts.volume, node);
+    if (s.members[i].state != MemberState::kOut)
+      return Error(EINVAL, "replica set {}: the replica on {} is {}, not out of sync",
+                   s.opts.volume, node, MemberStateName(s.members[i].state));
+    s.members[i].ch = std::shared_ptr<ReplicaChannel>(std::move(channel));
+    in_sync = s.Nodes(s.InSyncLocked() | Bit(i));
+  }
+  if (Status r = s.membership.SetInSync(in_sync); !r.ok()) {
+    return Error(r.code(), "replica set {}: cannot record {} as in sync: {}", s.opts.volume, node,
+                 r.message());
+  }
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.members[i].state = MemberState::kInSync;
+  s.members[i].why.clear();
+  s.out &= ~Bit(i);
+  s.recorded_in_sync = in_sync;
+  spdlog::info("replica set {}: the replica on {} is back in sync; in-sync set [{}]",
+               s.opts.volume, node, fmt::join(in_sync, ", "));
+  return Status::Ok();
 }
 
 void ReplicaSet::Stop(const std::string& reason) {
@@ -505,12 +620,15 @@ void ReplicaSet::Close() {
     s.closing = true;
   }
   // What is in flight completes with ESHUTDOWN inside Close, and resolves as such.
-  for (auto& m : s.members) {
-    if (!m.closed) {
-      m.ch->Close();
-      m.closed = true;
-    }
+  std::vector<std::shared_ptr<ReplicaChannel>> chans;
+  std::deque<std::pair<BackendRequest, BackendDone>> held;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    for (auto& m : s.members) chans.push_back(m.ch);
+    held.swap(s.held);
   }
+  for (auto& [r, d] : held) d(-ESHUTDOWN);
+  for (auto& c : chans) c->Close();
   {
     std::lock_guard<std::mutex> lock(s.mu);
     s.quit = true;
@@ -532,7 +650,13 @@ ReplicaSetHealth ReplicaSet::health() const {
   ReplicaSetHealth h;
   // The channels' counters first, outside the set's lock: a channel may hold its own lock while
   // it calls back into the set.
-  for (const auto& m : s.members) h.members.push_back(MemberHealth{m.node, {}, {}, m.ch->counters()});
+  std::vector<std::shared_ptr<ReplicaChannel>> chans;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    for (const auto& m : s.members) chans.push_back(m.ch);
+  }
+  for (size_t i = 0; i < chans.size(); ++i)
+    h.members.push_back(MemberHealth{s.members[i].node, {}, {}, chans[i]->counters()});
   std::lock_guard<std::mutex> lock(s.mu);
   for (size_t i = 0; i < s.members.size(); ++i) {
     h.members[i].state = s.members[i].state;

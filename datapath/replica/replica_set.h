@@ -33,6 +33,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -94,10 +95,15 @@ class ClusterMembership final : public Membership {
 // Durable record of the ranges a replica misses while it is out of sync (the resync's input).
 class OutOfSyncLog {
  public:
+  using Done = std::function<void(const Status&)>;
   virtual ~OutOfSyncLog() = default;
-  // Blocking (may fsync); called before a write missing from `node` is acknowledged. An error
-  // fails that write with EIO: a range that is not recorded cannot be resynced from the log.
-  virtual Status MarkOutOfSync(const std::string& node, uint64_t offset, uint64_t length) = 0;
+  // Records that [offset, offset + length) of the volume may be stale on `node`; `done` once the
+  // record is durable: inline when it was already (the common case), else from any thread, and
+  // never blocking the caller on a sync. The write missing from `node` is acknowledged only
+  // after it; an error fails that write with EIO (a range the log does not hold cannot be
+  // resynced from it).
+  virtual void MarkOutOfSync(const std::string& node, uint64_t offset, uint64_t length,
+                             Done done) = 0;
 };
 
 struct ReplicaSetOptions {
@@ -151,6 +157,17 @@ class ReplicaSet final : public datapath::ExportBackend {
 
   // Later requests fail with EIO; those in flight finish as they would.
   void Stop(const std::string& reason);
+
+  // For the last pass of a resync: holds every later write, trim, write-zeroes and flush (they
+  // wait, in order; reads go on) and returns once those already submitted are answered. Thaw
+  // submits the held ones. The caller keeps the freeze short: the kernel sees it as latency.
+  void Freeze();
+  void Thaw();
+  // While frozen: the replica on `node`, out of sync and now current again (resynced), is
+  // recorded in sync in the cluster state (Membership::SetInSync) and gets every later request
+  // through `channel` (connected at the set's epoch). EINVAL when not frozen or the member is
+  // not out of sync, ENOENT for a node not in the set; the membership error as it is.
+  Status Readmit(const std::string& node, std::unique_ptr<ReplicaChannel> channel);
   // Stop, close every channel (what is in flight fails with ESHUTDOWN), join the thread.
   void Close();
 

@@ -194,13 +194,23 @@ class FakeMembership final : public Membership {
   std::vector<std::vector<std::string>> calls_;
 };
 
+// Records marks; answers inline, or from another thread when `async` (as a bitmap that has to
+// sync does).
 class FakeLog final : public OutOfSyncLog {
  public:
-  Status MarkOutOfSync(const std::string& node, uint64_t offset, uint64_t length) override {
-    std::lock_guard<std::mutex> lock(mu);
-    if (fail) return Error(EIO, "fake log cannot write");
-    marks.push_back({node, offset, length});
-    return Status::Ok();
+  void MarkOutOfSync(const std::string& node, uint64_t offset, uint64_t length,
+                     Done done) override {
+    Status st;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (fail) st = Error(EIO, "fake log cannot write");
+      else marks.push_back({node, offset, length});
+    }
+    if (!async) return done(st);
+    std::thread([done = std::move(done), st] {
+      std::this_thread::sleep_for(5ms);
+      done(st);
+    }).detach();
   }
   struct Mark {
     std::string node;
@@ -214,6 +224,7 @@ class FakeLog final : public OutOfSyncLog {
   std::mutex mu;
   std::vector<Mark> marks;
   bool fail = false;
+  std::atomic<bool> async{false};
 };
 
 // What a request's done callback reported, waited for by the test.
@@ -527,6 +538,97 @@ TEST_F(ReplicaSetTest, WritesMissingFromAReplicaAreLoggedBeforeTheAck) {
   Result r2;
   set_->Submit(Write(0, w), r2.Done());
   EXPECT_EQ(r2.Wait(), -EIO);
+}
+
+TEST_F(ReplicaSetTest, AsyncLogMarksAreAwaitedBeforeTheAck) {
+  Make(2, "a", /*with_log=*/true);
+  log_.async = true;
+  ch_[1]->fail = [](BackendRequest::Op, uint64_t) { return ECONNRESET; };
+  std::vector<uint8_t> w(4096, 13);
+  Result r;
+  set_->Submit(Write(0, w), r.Done());
+  ASSERT_EQ(r.Wait(), 0);
+  // b is out now: the next write is marked from Submit, answered from the log's thread.
+  Result r2;
+  set_->Submit(Write(8192, w), r2.Done());
+  ASSERT_EQ(r2.Wait(), 0);
+  EXPECT_EQ(log_.Marks(), (std::vector<FakeLog::Mark>{{"b", 0, 4096}, {"b", 8192, 4096}}));
+  {
+    std::lock_guard<std::mutex> lock(log_.mu);
+    log_.fail = true;
+  }
+  Result r3;
+  set_->Submit(Write(0, w), r3.Done());
+  EXPECT_EQ(r3.Wait(), -EIO);
+}
+
+TEST_F(ReplicaSetTest, FreezeWaitsForChangesInFlightAndHoldsNewOnes) {
+  Make(2);
+  for (auto* c : ch_) c->Hold(true);
+  std::vector<uint8_t> w(512, 14), got(512);
+  Result r1;
+  set_->Submit(Write(0, w), r1.Done());
+  std::atomic<bool> frozen{false};
+  std::thread freezer([&] {
+    set_->Freeze();
+    frozen = true;
+  });
+  std::this_thread::sleep_for(30ms);
+  EXPECT_FALSE(frozen) << "Freeze returned with a write in flight";
+  for (auto* c : ch_) c->Hold(false);
+  for (auto* c : ch_) c->Release();
+  freezer.join();
+  EXPECT_EQ(r1.Wait(), 0);
+  // Frozen: a write waits (not even sent), a read goes on.
+  const uint64_t before = ch_[0]->requests();
+  Result r2, rr;
+  set_->Submit(Write(512, w), r2.Done());
+  set_->Submit(Read(0, got), rr.Done());
+  EXPECT_EQ(rr.Wait(), 0);
+  EXPECT_EQ(ch_[0]->requests(), before + 1);
+  std::this_thread::sleep_for(20ms);
+  EXPECT_FALSE(r2.Called());
+  set_->Thaw();
+  EXPECT_EQ(r2.Wait(), 0);
+  EXPECT_EQ(ch_[1]->Bytes(512, 512), w);
+}
+
+TEST_F(ReplicaSetTest, AResyncedReplicaIsReadmitted) {
+  Make(2);
+  ch_[1]->fail = [](BackendRequest::Op, uint64_t) { return ECONNRESET; };
+  std::vector<uint8_t> w(512, 15);
+  Result r;
+  set_->Submit(Write(0, w), r.Done());
+  ASSERT_EQ(r.Wait(), 0);
+  ASSERT_EQ(StateOf("b"), MemberState::kOut);
+  auto fresh = std::make_unique<FakeChannel>();
+  FakeChannel* pf = fresh.get();
+  EXPECT_EQ(set_->Readmit("b", std::make_unique<FakeChannel>()).code(), EINVAL) << "not frozen";
+  set_->Freeze();
+  EXPECT_EQ(set_->Readmit("a", std::make_unique<FakeChannel>()).code(), EINVAL) << "in sync";
+  EXPECT_EQ(set_->Readmit("z", std::make_unique<FakeChannel>()).code(), ENOENT);
+  ASSERT_TRUE(set_->Readmit("b", std::move(fresh)).ok());
+  set_->Thaw();
+  ASSERT_EQ(membership_.calls().size(), 2u);
+  EXPECT_EQ(membership_.calls()[1], (std::vector<std::string>{"a", "b"}));
+  auto h = set_->health();
+  EXPECT_FALSE(h.degraded);
+  EXPECT_EQ(h.in_sync, (std::vector<std::string>{"a", "b"}));
+  Result r2;
+  set_->Submit(Write(1024, w), r2.Done());
+  ASSERT_EQ(r2.Wait(), 0);
+  EXPECT_EQ(pf->Bytes(1024, 512), w) << "the readmitted replica gets the writes";
+  // A readmit the cluster refuses leaves the replica out.
+  ch_[0]->fail = [](BackendRequest::Op, uint64_t) { return EIO; };
+  Result r3;
+  set_->Submit(Write(0, w), r3.Done());
+  ASSERT_EQ(r3.Wait(), 0);
+  ASSERT_EQ(StateOf("a"), MemberState::kOut);
+  membership_.Fail(ESTALE);
+  set_->Freeze();
+  EXPECT_EQ(set_->Readmit("a", std::make_unique<FakeChannel>()).code(), ESTALE);
+  set_->Thaw();
+  EXPECT_EQ(StateOf("a"), MemberState::kOut);
 }
 
 TEST_F(ReplicaSetTest, CloseFailsWhatIsInFlightWithShutdown) {
