@@ -438,6 +438,7 @@ Status ResolveReplicaCluster(const Flags& f, Config& c) {
   a.lease_ttl_seconds = r.lease_ttl;
   a.connections = r.connections;
   a.replica_tls = {f.nbd_tls.cert, f.nbd_tls.key, f.nbd_tls.ca, ""};
+  a.state_dir = f.pool_dir + "/targets";
   a.nbd_endpoint = r.nbd_endpoint;
   if (a.nbd_endpoint.empty()) {
     for (const auto& ep : c.nbd_eps) {

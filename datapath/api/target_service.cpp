@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "common/grpc_status.h"
+#include "common/node_id.h"
 #include "common/volume_rules.h"
 #include "datapath/api/target.grpc.pb.h"
 
@@ -39,6 +40,8 @@ void Fill(const TargetInfo& t, const std::string& node, v1::Target* out) {
     r->set_bytes_written(m.counters.bytes_written);
     r->set_bytes_read(m.counters.bytes_read);
     r->set_healthy_connections(m.counters.connections_healthy);
+    if (auto it = t.out_of_sync_bytes.find(m.node); it != t.out_of_sync_bytes.end())
+      r->set_out_of_sync_bytes(it->second);
   }
   for (const auto& n : t.health.in_sync) out->add_in_sync(n);
   out->set_degraded(t.health.degraded);
@@ -73,6 +76,25 @@ class TargetService final : public v1::Targets::Service {
     auto t = agent_->GetTarget(req->volume());
     if (!t.ok()) return Fail("GetTarget", t.status());
     Fill(*t, agent_->node_id(), resp->mutable_target());
+    return grpc::Status::OK;
+  }
+  grpc::Status ResyncReplica(grpc::ServerContext*, const v1::ResyncReplicaRequest* req,
+                             v1::ResyncReplicaResponse* resp) override {
+    if (auto s = Check("ResyncReplica", req->volume()); !s.ok()) return s;
+    if (Status s = ValidateNodeId(req->node()); !s.ok()) return Fail("ResyncReplica", s);
+    auto r = agent_->ResyncReplica(req->volume(), req->node(), req->rate_bytes_per_second());
+    if (!r.ok()) return Fail("ResyncReplica", r.status());
+    resp->set_node(r->node);
+    resp->set_full(r->full);
+    resp->set_passes(static_cast<uint32_t>(r->passes));
+    resp->set_copied_bytes(r->copied_bytes);
+    resp->set_skipped_bytes(r->skipped_bytes);
+    resp->set_zeroed_bytes(r->zeroed_bytes);
+    resp->set_dirty_bytes_at_start(r->dirty_bytes_at_start);
+    resp->set_frozen_ms(static_cast<uint64_t>(r->frozen.count()));
+    resp->set_took_ms(static_cast<uint64_t>(r->took.count()));
+    if (auto t = agent_->GetTarget(req->volume()); t.ok())
+      Fill(*t, agent_->node_id(), resp->mutable_target());
     return grpc::Status::OK;
   }
   grpc::Status ListTargets(grpc::ServerContext*, const v1::ListTargetsRequest*,

@@ -57,7 +57,7 @@ void ClusterAgent::OnLeaseLost(const Status& why) {
     t->Stop(fmt::format("node {} lost its cluster lease: {}", opts_.node_id, why.message()));
 }
 
-TargetInfo ClusterAgent::Info(const Target& t) {
+TargetInfo ClusterAgent::Info(Target& t) {
   TargetInfo i;
   i.volume = t.volume();
   i.export_name = t.volume() + std::string(datapath::kTargetSuffix);
@@ -65,6 +65,7 @@ TargetInfo ClusterAgent::Info(const Target& t) {
   i.size = t.set()->size();
   i.health = t.set()->health();
   i.unreachable = t.unreachable();
+  i.out_of_sync_bytes = t.OutOfSyncBytes();
   return i;
 }
 
@@ -86,6 +87,7 @@ StatusOr<TargetInfo> ClusterAgent::OpenTarget(const std::string& volume) {
   o.connections = opts_.connections;
   o.handshake_timeout = opts_.handshake_timeout;
   o.request_timeout = opts_.request_timeout;
+  o.state_dir = opts_.state_dir;
   auto t = Target::Open(store_, o);
   if (!t.ok()) return t.status();
   if (Status s = host_.AddBackendExport((*t)->set()); !s.ok()) {
@@ -126,6 +128,23 @@ StatusOr<TargetInfo> ClusterAgent::GetTarget(const std::string& volume) {
   if (it == targets_.end())
     return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
   return Info(*it->second);
+}
+
+StatusOr<ResyncReport> ClusterAgent::ResyncReplica(const std::string& volume,
+                                                   const std::string& node,
+                                                   uint64_t rate_bytes_per_second) {
+  std::lock_guard<std::mutex> ops(ops_mu_);  // the target cannot be closed under the copy
+  Target* t;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = targets_.find(volume);
+    if (it == targets_.end())
+      return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
+    t = it->second.get();
+  }
+  ResyncOptions ro;
+  ro.rate_bytes_per_second = rate_bytes_per_second;
+  return t->ResyncReplica(node, ro);
 }
 
 std::vector<TargetInfo> ClusterAgent::ListTargets() {

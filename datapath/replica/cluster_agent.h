@@ -45,6 +45,8 @@ struct ClusterAgentOptions {
   int connections = 2;
   std::chrono::milliseconds handshake_timeout{5000};
   std::chrono::milliseconds request_timeout{10000};
+  // The targets' out-of-sync bitmaps (DIR/VOLUME/NODE.eEPOCH.bitmap); empty: none kept.
+  std::string state_dir;
 };
 
 struct TargetInfo {
@@ -54,6 +56,7 @@ struct TargetInfo {
   uint64_t size = 0;
   ReplicaSetHealth health;
   std::vector<std::string> unreachable;  // replicas dropped at open
+  std::map<std::string, uint64_t> out_of_sync_bytes;  // per out-of-sync replica, its bitmap
 };
 
 class ClusterAgent {
@@ -75,6 +78,10 @@ class ClusterAgent {
   // the replica connections and releases the claim. ENOENT when it is not open here.
   Status CloseTarget(const std::string& volume);
   StatusOr<TargetInfo> GetTarget(const std::string& volume);
+  // Target::ResyncReplica on the target of `volume` open here (ENOENT otherwise). Blocks until
+  // the copy is done; opens and closes of other targets wait meanwhile.
+  StatusOr<ResyncReport> ResyncReplica(const std::string& volume, const std::string& node,
+                                       uint64_t rate_bytes_per_second);
   std::vector<TargetInfo> ListTargets();
 
   const std::string& node_id() const { return opts_.node_id; }
@@ -86,7 +93,7 @@ class ClusterAgent {
  private:
   ClusterAgent(cluster::ClusterStore& store, ExportHost& host, ClusterAgentOptions options);
   void OnLeaseLost(const Status& why);
-  static TargetInfo Info(const Target& t);
+  static TargetInfo Info(Target& t);
 
   cluster::ClusterStore& store_;
   ExportHost& host_;

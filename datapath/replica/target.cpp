@@ -12,7 +12,8 @@ namespace {
 
 StatusOr<std::unique_ptr<ReplicaClient>> ConnectReplica(cluster::ClusterStore& store,
                                                         const TargetOptions& o,
-                                                        const std::string& node, uint64_t epoch) {
+                                                        const std::string& node, uint64_t epoch,
+                                                        bool base_allocation = false) {
   auto where = store.NodeEndpoint(node);
   if (!where.ok()) return where.status();
   auto endpoint = ParseEndpoint(*where);
@@ -29,6 +30,7 @@ StatusOr<std::unique_ptr<ReplicaClient>> ConnectReplica(cluster::ClusterStore& s
   c.handshake_timeout = o.handshake_timeout;
   c.request_timeout = o.request_timeout;
   c.name = fmt::format("{} on {}", o.volume, node);
+  c.base_allocation = base_allocation;
   return ReplicaClient::Connect(c);
 }
 
@@ -59,7 +61,7 @@ StatusOr<std::unique_ptr<Target>> Target::Open(cluster::ClusterStore& store,
   std::vector<std::future<StatusOr<std::unique_ptr<ReplicaClient>>>> pending;
   for (const auto& node : state.in_sync)
     pending.push_back(std::async(std::launch::async, ConnectReplica, std::ref(store),
-                                 std::cref(options), node, state.epoch));
+                                 std::cref(options), node, state.epoch, false));
   std::vector<ReplicaMember> members;
   std::vector<std::string> reached;
   for (size_t i = 0; i < pending.size(); ++i) {
@@ -92,8 +94,17 @@ StatusOr<std::unique_ptr<Target>> Target::Open(cluster::ClusterStore& store,
   }
   t->membership_ = std::make_unique<ClusterMembership>(store, options.volume, options.node,
                                                        state.epoch, options.membership_retry);
+  if (!options.state_dir.empty()) {
+    auto log = BitmapLog::Open(options.state_dir + "/" + options.volume, state.size_bytes,
+                               state.epoch);
+    if (!log.ok()) {
+      for (auto& m : members) m.channel->Close();
+      return release(log.status());
+    }
+    t->log_ = std::move(*log);
+  }
   auto set = ReplicaSet::Create({options.volume, state.size_bytes, options.node},
-                                std::move(members), *t->membership_);
+                                std::move(members), *t->membership_, t->log_.get());
   if (!set.ok()) return release(set.status());
   t->set_ = std::shared_ptr<ReplicaSet>(std::move(set.value()));
   spdlog::info("target {}: serving at epoch {} with replicas [{}]", options.volume, state.epoch,
@@ -102,6 +113,89 @@ StatusOr<std::unique_ptr<Target>> Target::Open(cluster::ClusterStore& store,
 }
 
 Target::~Target() { Close(); }
+
+std::map<std::string, uint64_t> Target::OutOfSyncBytes() {
+  return log_ ? log_->DirtyBytes() : std::map<std::string, uint64_t>{};
+}
+
+StatusOr<ResyncReport> Target::ResyncReplica(const std::string& node, ResyncOptions ro) {
+  const auto start = std::chrono::steady_clock::now();
+  if (!log_)
+    return Error(ENOTSUP, "target {}: resync needs the target's state directory", opts_.volume);
+  // Who is out, and who can be the source (this node's own replica first: no network hop).
+  std::string source;
+  bool out = false, known = false;
+  const ReplicaSetHealth h = set_->health();
+  for (const auto& m : h.members) {
+    if (m.node == node) {
+      known = true;
+      out = m.state == MemberState::kOut;
+    } else if (m.state == MemberState::kInSync && (source.empty() || m.node == opts_.node)) {
+      source = m.node;
+    }
+  }
+  if (!known) return Error(ENOENT, "target {}: no replica on node {}", opts_.volume, node);
+  if (!out) return Error(EINVAL, "target {}: the replica on {} is not out of sync", opts_.volume, node);
+  if (source.empty()) return Error(EIO, "target {}: no replica in sync to copy from", opts_.volume);
+
+  TargetOptions o = opts_;
+  auto src = ConnectReplica(store_, o, source, epoch_, /*base_allocation=*/true);
+  if (!src.ok()) return src.status();
+  auto dst = ConnectReplica(store_, o, node, epoch_, /*base_allocation=*/false);
+  if (!dst.ok()) return dst.status();
+
+  ResyncReport report;
+  report.node = node;
+  RegionBitmap* bm = log_->Find(node);
+  if (!bm) {
+    // Out since another epoch (or its bitmap was lost): everything, holes as zeroes because the
+    // replica may hold stale data there.
+    auto fresh = log_->Get(node);
+    if (!fresh.ok()) return fresh.status();
+    bm = *fresh;
+    if (Status s = bm->MarkAllDurable(); !s.ok()) return s;
+    report.full = true;
+    ro.dirty_uses_block_status = true;
+    ro.holes = HolePolicy::kWriteZeroes;
+  }
+  report.dirty_bytes_at_start = bm->dirty_bytes();
+  ClientBlockChannel from(**src), to(**dst);
+  auto pass = [&]() -> Status {
+    Resync job(from, to, ro);
+    Status s = job.RunDirty(*bm);
+    const ResyncProgress p = job.progress();
+    report.copied_bytes += p.copied_bytes;
+    report.skipped_bytes += p.skipped_bytes;
+    report.zeroed_bytes += p.zeroed_bytes;
+    ++report.passes;
+    return s;
+  };
+  // While writes go on they keep dirtying regions: passes until little is left.
+  constexpr uint64_t kFinalPassBytes = 8ull << 20;
+  constexpr int kMaxLivePasses = 8;
+  for (int i = 0; i < kMaxLivePasses && bm->dirty_bytes() > kFinalPassBytes; ++i) {
+    if (Status s = pass(); !s.ok()) return s;
+  }
+  const auto frozen_at = std::chrono::steady_clock::now();
+  set_->Freeze();
+  Status s = pass();
+  if (s.ok() && bm->dirty_bytes() != 0)
+    s = Error(EIO, "target {}: {} bytes still dirty on {} after the last pass", opts_.volume,
+              bm->dirty_bytes(), node);
+  if (s.ok()) s = set_->Readmit(node, ClientChannel(std::move(*dst)));
+  set_->Thaw();
+  report.frozen = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::steady_clock::now() - frozen_at);
+  if (!s.ok()) return s;
+  if (Status f = log_->Forget(node); !f.ok())
+    spdlog::warn("target {}: {}", opts_.volume, f.message());
+  report.took = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::steady_clock::now() - start);
+  spdlog::info("target {}: replica on {} resynced from {}: {} bytes copied in {} passes ({}), "
+               "writes held {} ms", opts_.volume, node, source, report.copied_bytes,
+               report.passes, report.full ? "full" : "dirty regions", report.frozen.count());
+  return report;
+}
 
 void Target::Stop(const std::string& reason) {
   if (set_) set_->Stop(reason);

@@ -16,13 +16,16 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "common/cluster/cluster_store.h"
 #include "common/status.h"
+#include "datapath/replica/bitmap_log.h"
 #include "datapath/replica/replica_set.h"
+#include "datapath/replica/resync.h"
 #include "datapath/replica/tls_client.h"
 
 namespace nbdcsi::replica {
@@ -39,6 +42,20 @@ struct TargetOptions {
   std::chrono::milliseconds request_timeout{10000};
   // How long a membership change may retry an unreachable cluster store.
   std::chrono::milliseconds membership_retry{5000};
+  // Where the out-of-sync bitmaps live (STATE_DIR/VOLUME/); empty: no log, and a returning
+  // replica can only be resynced whole.
+  std::string state_dir;
+};
+
+// What ResyncReplica did.
+struct ResyncReport {
+  std::string node;
+  bool full = false;  // no bitmap of this epoch: the whole volume (holes by BLOCK_STATUS)
+  int passes = 0;     // copy passes, the last one with writes held
+  uint64_t copied_bytes = 0, skipped_bytes = 0, zeroed_bytes = 0;
+  uint64_t dirty_bytes_at_start = 0;  // what the bitmap held when the resync began
+  std::chrono::milliseconds frozen{0};  // how long writes were held for the last pass
+  std::chrono::milliseconds took{0};
 };
 
 class Target {
@@ -62,6 +79,16 @@ class Target {
 
   // The lease is gone or the node is shutting down: every later request fails with EIO.
   void Stop(const std::string& reason);
+
+  // Brings the replica on `node` (out of sync, reachable again) back: copies what it missed
+  // from an in-sync replica (the bitmap's regions; everything, skipping holes, without one) in
+  // passes while the volume stays in use, then holds writes for a last short pass, records it
+  // in sync in the cluster state and lets the writes go, now to it too. Blocks until done.
+  // EINVAL when the replica is not out of sync; the copy's or the cluster's error otherwise
+  // (the replica then stays out of sync, and the log keeps what it misses).
+  StatusOr<ResyncReport> ResyncReplica(const std::string& node, ResyncOptions options = {});
+  // Bytes each out-of-sync replica is known to miss (its bitmap), for inspect.
+  std::map<std::string, uint64_t> OutOfSyncBytes();
   // Closes the set (what is in flight fails with ESHUTDOWN) and releases the claim (unstage).
   // Idempotent; the release's result.
   Status Close();
@@ -73,6 +100,7 @@ class Target {
   TargetOptions opts_;
   uint64_t epoch_;
   std::unique_ptr<ClusterMembership> membership_;
+  std::unique_ptr<BitmapLog> log_;
   std::shared_ptr<ReplicaSet> set_;
   std::vector<std::string> unreachable_;
   bool closed_ = false;

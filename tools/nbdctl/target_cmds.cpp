@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include "common/quantity.h"
 #include "datapath/api/target.grpc.pb.h"
 #include "tools/nbdctl/target_render.h"
 
@@ -13,7 +14,7 @@ struct TargetCommands::Impl {
   explicit Impl(const GlobalOptions& g) : global(g) {}
 
   const GlobalOptions& global;
-  std::string volume;
+  std::string volume, node, rate;
   std::unique_ptr<Connection> conn;
   std::unique_ptr<tv1::Targets::Stub> stub;
 
@@ -58,6 +59,40 @@ struct TargetCommands::Impl {
       return rc;
     return Show(resp.target());
   }
+  int Resync() {
+    tv1::ResyncReplicaRequest req;
+    req.set_volume(volume);
+    req.set_node(node);
+    if (!rate.empty()) {
+      auto r = ParseQuantity(rate);
+      if (!r.ok() || *r == 0)
+        throw UsageError{fmt::format("--rate: {}", r.ok() ? "must be greater than 0"
+                                                          : r.status().message())};
+      req.set_rate_bytes_per_second(*r);
+    }
+    Connect();
+    tv1::ResyncReplicaResponse resp;
+    if (int rc = conn->Call(*stub, &tv1::Targets::Stub::ResyncReplica, req, &resp,
+                            fmt::format("resync {} of \"{}\"", node, volume)))
+      return rc;
+    json j = {{"node", resp.node()},
+              {"full", resp.full()},
+              {"passes", resp.passes()},
+              {"copied_bytes", resp.copied_bytes()},
+              {"skipped_bytes", resp.skipped_bytes()},
+              {"zeroed_bytes", resp.zeroed_bytes()},
+              {"dirty_bytes_at_start", resp.dirty_bytes_at_start()},
+              {"frozen_ms", resp.frozen_ms()},
+              {"took_ms", resp.took_ms()},
+              {"target", TargetJson(resp.target())}};
+    Print(global.output, j,
+          fmt::format("replica on {} of \"{}\" is in sync again: {} copied{} in {} passes, {} "
+                      "ms, writes held {} ms\n",
+                      resp.node(), volume, FormatHuman(resp.copied_bytes()),
+                      resp.full() ? " (full copy)" : " (dirty regions)", resp.passes(),
+                      resp.took_ms(), resp.frozen_ms()));
+    return kExitOk;
+  }
   int List() {
     Connect();
     tv1::ListTargetsResponse resp;
@@ -86,6 +121,16 @@ struct TargetCommands::Impl {
     tree.Add(Cmd({"target", "inspect"},
                  "Show a target: epoch, replicas and their state, in-sync set, degraded writes",
                  Positional("VOLUME", &volume, "Replicated volume"), &Impl::Inspect));
+    tree.Add(Cmd({"target", "resync"},
+                 "Bring an out-of-sync replica back: copy what it missed while the volume stays "
+                 "in use, then record it in sync (waits until done; raise --timeout for big "
+                 "volumes)",
+                 Positional("VOLUME", &volume, "Replicated volume",
+                            [this](CLI::App& c) {
+                              c.add_option("NODE", node, "The replica's node")->required();
+                              c.add_option("--rate", rate, "Copy limit in bytes/s (50Mi)");
+                            }),
+                 &Impl::Resync));
     tree.Add(Cmd({"target", "list"}, "List the targets open on this datapath",
                  [](CLI::App& c) { c.alias("ls"); }, &Impl::List));
   }

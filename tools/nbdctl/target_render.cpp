@@ -23,7 +23,8 @@ json TargetJson(const tv1::Target& t) {
                         {"errors", r.errors()},
                         {"bytes_written", r.bytes_written()},
                         {"bytes_read", r.bytes_read()},
-                        {"healthy_connections", r.healthy_connections()}});
+                        {"healthy_connections", r.healthy_connections()},
+                        {"out_of_sync_bytes", r.out_of_sync_bytes()}});
   }
   json in_sync = json::array();
   for (const auto& n : t.in_sync()) in_sync.push_back(n);
@@ -57,12 +58,14 @@ std::string TargetDetails(const tv1::Target& t) {
     out += fmt::format("degraded writes: {} acknowledged while a replica missed them\n",
                        t.acked_degraded());
   for (const auto& u : t.unreachable()) out += fmt::format("unreachable at open: {}\n", u);
-  out += fmt::format("{:<24} {:<12} {:>10} {:>8} {:>12} {:>12} {:>6}  {}\n", "REPLICA", "STATE",
-                     "REQUESTS", "ERRORS", "WRITTEN", "READ", "CONNS", "WHY");
+  out += fmt::format("{:<24} {:<12} {:>10} {:>8} {:>12} {:>12} {:>6} {:>12}  {}\n", "REPLICA",
+                     "STATE", "REQUESTS", "ERRORS", "WRITTEN", "READ", "CONNS", "TO RESYNC",
+                     "WHY");
   for (const auto& r : t.replicas()) {
-    out += fmt::format("{:<24} {:<12} {:>10} {:>8} {:>12} {:>12} {:>6}  {}\n", r.node(),
+    out += fmt::format("{:<24} {:<12} {:>10} {:>8} {:>12} {:>12} {:>6} {:>12}  {}\n", r.node(),
                        r.state(), r.requests(), r.errors(), FormatHuman(r.bytes_written()),
-                       FormatHuman(r.bytes_read()), r.healthy_connections(), r.why());
+                       FormatHuman(r.bytes_read()), r.healthy_connections(),
+                       r.state() == "in-sync" ? "-" : FormatHuman(r.out_of_sync_bytes()), r.why());
   }
   return out;
 }
