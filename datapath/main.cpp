@@ -165,6 +165,8 @@ struct ReplicaClusterFlags {
   std::string nbd_endpoint;  // tcp://HOST:PORT peers dial; default: the tcp:// --nbd-listen
   TlsFiles etcd_tls{.cert = "", .key = "", .ca = "", .insecure = false};
   int connections = 2;
+  int64_t resync_interval_s = 10;
+  std::string resync_rate;
 };
 
 // Every command-line flag, with its default.
@@ -301,6 +303,15 @@ void AddReplicaClusterFlags(CLI::App& app, Flags& f) {
                  "NBD connections from a target to each of its replicas")
       ->check(CLI::Range(1, 16))
       ->capture_default_str();
+  app.add_option("--replica-resync-interval", r.resync_interval_s,
+                 "Seconds between the targets' looks for out-of-sync replicas whose node is back "
+                 "(they are then resynced: only what they missed); 0: only by `nbdctl target "
+                 "resync`")
+      ->check(CLI::Range(int64_t{0}, int64_t{3600}))
+      ->capture_default_str();
+  app.add_option("--replica-resync-rate", r.resync_rate,
+                 "Bytes per second an automatic resync may copy (a quantity, e.g. 100Mi; default "
+                 "unlimited)");
 }
 
 void AddObservabilityFlags(CLI::App& app, Flags& f) {
@@ -439,6 +450,14 @@ Status ResolveReplicaCluster(const Flags& f, Config& c) {
   a.connections = r.connections;
   a.replica_tls = {f.nbd_tls.cert, f.nbd_tls.key, f.nbd_tls.ca, ""};
   a.state_dir = f.pool_dir + "/targets";
+  a.resync_interval = std::chrono::seconds(r.resync_interval_s);
+  if (!r.resync_rate.empty()) {
+    auto q = ParseQuantity(r.resync_rate);
+    if (!q.ok() || *q == 0)
+      return Error(EINVAL, "--replica-resync-rate: {}",
+                   q.ok() ? "must be greater than 0" : q.status().message());
+    a.resync_rate_bytes_per_second = *q;
+  }
   a.nbd_endpoint = r.nbd_endpoint;
   if (a.nbd_endpoint.empty()) {
     for (const auto& ep : c.nbd_eps) {

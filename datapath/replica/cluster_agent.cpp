@@ -1,5 +1,6 @@
 #include "datapath/replica/cluster_agent.h"
 
+#include <algorithm>
 #include <utility>
 
 #include <spdlog/spdlog.h>
@@ -40,6 +41,8 @@ StatusOr<std::unique_ptr<ClusterAgent>> ClusterAgent::Start(cluster::ClusterStor
       !s.ok())
     return Error(s.code(), "cluster: cannot register node {}: {}", agent->opts_.node_id,
                  s.message());
+  if (agent->opts_.resync_interval.count() > 0)
+    agent->resync_thread_ = std::thread([raw] { raw->ResyncLoop(); });
   spdlog::info("cluster: node {} registered (NBD endpoint {}, lease TTL {} s)",
                agent->opts_.node_id,
                agent->opts_.nbd_endpoint.empty() ? "none" : agent->opts_.nbd_endpoint,
@@ -154,20 +157,65 @@ std::vector<TargetInfo> ClusterAgent::ListTargets() {
   return out;
 }
 
+void ClusterAgent::ResyncLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopped_) {
+    resync_cv_.wait_for(lock, opts_.resync_interval, [&] { return stopped_; });
+    if (stopped_) return;
+    lock.unlock();
+    ResyncReturned();
+    lock.lock();
+  }
+}
+
+void ClusterAgent::ResyncReturned() {
+  std::vector<std::pair<std::string, std::string>> todo;  // volume, node
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [name, t] : targets_) {
+      const ReplicaSetHealth h = t->set()->health();
+      if (h.stopped) continue;
+      for (const auto& m : h.members)
+        if (m.state == MemberState::kOut) todo.emplace_back(name, m.node);
+    }
+  }
+  if (todo.empty()) return;
+  auto live = store_.LiveNodes();
+  if (!live.ok()) return;  // etcd unreachable: the next round tries again
+  for (const auto& [volume, node] : todo) {
+    if (!std::binary_search(live->begin(), live->end(), node)) continue;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopped_) return;
+    }
+    auto r = ResyncReplica(volume, node, opts_.resync_rate_bytes_per_second);
+    const std::string key = volume + "/" + node;
+    if (r.ok()) {
+      resync_failed_.erase(key);
+      continue;
+    }
+    // Once per distinct failure, not every round: a node that is up but not serving yet.
+    if (resync_failed_[key] != r.status().message()) {
+      resync_failed_[key] = r.status().message();
+      spdlog::warn("cluster: automatic resync of {} on {}: {} (retried every {} s)", volume, node,
+                   r.status().message(), opts_.resync_interval.count() / 1000);
+    }
+  }
+}
+
 void ClusterAgent::Stop() {
   std::vector<std::string> names;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stopped_) return;
+    if (stopped_ && !resync_thread_.joinable()) return;
+    stopped_ = true;
+    resync_cv_.notify_all();
     for (const auto& [name, t] : targets_) names.push_back(name);
   }
+  if (resync_thread_.joinable()) resync_thread_.join();
   for (const auto& n : names) {
     if (Status s = CloseTarget(n); !s.ok())
       spdlog::warn("cluster: closing target {}: {}", n, s.message());
-  }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stopped_ = true;
   }
   if (lease_) lease_->Release();
 }

@@ -14,6 +14,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <condition_variable>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -47,6 +49,10 @@ struct ClusterAgentOptions {
   std::chrono::milliseconds request_timeout{10000};
   // The targets' out-of-sync bitmaps (DIR/VOLUME/NODE.eEPOCH.bitmap); empty: none kept.
   std::string state_dir;
+  // How often the targets here look for out-of-sync replicas whose node is alive again and
+  // resync them (0: only when asked, ResyncReplica), and at what rate (bytes/s, 0: unlimited).
+  std::chrono::milliseconds resync_interval{10000};
+  uint64_t resync_rate_bytes_per_second = 0;
 };
 
 struct TargetInfo {
@@ -93,6 +99,10 @@ class ClusterAgent {
  private:
   ClusterAgent(cluster::ClusterStore& store, ExportHost& host, ClusterAgentOptions options);
   void OnLeaseLost(const Status& why);
+  // The automatic resync: every resync_interval, each out-of-sync replica of a target here whose
+  // node is registered (alive) again is resynced, one at a time.
+  void ResyncLoop();
+  void ResyncReturned();
   static TargetInfo Info(Target& t);
 
   cluster::ClusterStore& store_;
@@ -103,6 +113,9 @@ class ClusterAgent {
   std::mutex mu_;      // targets_
   std::map<std::string, std::unique_ptr<Target>> targets_;
   bool stopped_ = false;
+  std::condition_variable resync_cv_;  // with mu_: wakes the loop at Stop
+  std::thread resync_thread_;
+  std::map<std::string, std::string> resync_failed_;  // "volume/node" -> last error logged
 };
 
 // The cluster store on etcd for the daemon: the client (failover, deadlines, TLS) and the key
