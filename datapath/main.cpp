@@ -498,7 +498,32 @@ StatusOr<Config> Resolve(const Flags& f) {
 struct Progress {
   std::atomic<bool> workers_up{false}, nbd_up{false}, api_up{false}, stopping{false};
   std::atomic<AttachmentManager*> attachments{nullptr};
+  std::atomic<replica::ClusterAgent*> agent{nullptr};  // with --cluster-etcd, once it runs
 };
+
+// The cluster agent's targets as the collector's samples.
+std::vector<TargetSample> TargetSamples(replica::ClusterAgent& agent) {
+  std::vector<TargetSample> out;
+  for (const auto& t : agent.ListTargets()) {
+    TargetSample s;
+    s.volume = t.volume;
+    s.epoch = t.epoch;
+    s.degraded = t.health.degraded;
+    s.stopped = t.health.stopped;
+    s.acked_degraded = t.health.acked_degraded;
+    for (const auto& m : t.health.members) {
+      TargetSample::Replica r;
+      r.node = m.node;
+      r.in_sync = m.state == replica::MemberState::kInSync;
+      if (auto it = t.out_of_sync_bytes.find(m.node); it != t.out_of_sync_bytes.end())
+        r.out_of_sync_bytes = it->second;
+      r.errors = m.counters.errors;
+      s.replicas.push_back(std::move(r));
+    }
+    out.push_back(std::move(s));
+  }
+  return out;
+}
 
 // The /metrics, /healthz and /readyz server. It starts before the NBD listeners and the API, so
 // that /healthz answers during a long start (attached devices to reconnect) and /readyz says
@@ -527,6 +552,10 @@ StatusOr<std::unique_ptr<MetricsServer>> StartMetrics(const Config& c, Pool& poo
     return m ? m->List() : std::vector<AttachmentRecord>{};
   };
   auto collector = std::make_shared<DatapathCollector>(pool, engine, attached, NBDCSI_VERSION);
+  collector->SetTargets([&up]() {
+    replica::ClusterAgent* a = up.agent.load();
+    return a ? TargetSamples(*a) : std::vector<TargetSample>{};
+  });
   auto server = MetricsServer::Start(c.metrics_listen, collector, std::move(health));
   if (!server.ok()) return Error(EINVAL, "--metrics-listen: {}", server.status().message());
   spdlog::info("metrics: http://{}/metrics, /healthz, /readyz", c.metrics_listen);
@@ -631,11 +660,17 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
     auto a = replica::ClusterAgent::Start(*cluster_store, host, c.agent);
     if (!a.ok()) return fail(a.status());
     agent = std::move(*a);
+    up.agent = agent.get();
   }
+  // The metrics server (whose collector reads the agent's targets) stops before the agent goes.
   struct StopAgent {
+    std::unique_ptr<MetricsServer>& m;
     std::unique_ptr<replica::ClusterAgent>& a;
-    ~StopAgent() { a.reset(); }
-  } stop_agent{agent};
+    ~StopAgent() {
+      m.reset();
+      a.reset();
+    }
+  } stop_agent{metrics, agent};
 
   if (Status st = EnsureSocketDir(c.api_ep); !st.ok()) return fail(st);
   auto attach_service = MakeAttachmentService((*attach)->manager());

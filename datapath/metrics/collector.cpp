@@ -235,7 +235,64 @@ std::vector<MetricFamily> DatapathCollector::Collect() const {
     out.push_back(std::move(up));
     out.push_back(std::move(reconnects));
   }
+  CollectTargets(out);
   return out;
+}
+
+void DatapathCollector::SetTargets(std::function<std::vector<TargetSample>()> targets) {
+  std::lock_guard<std::mutex> lock(targets_mu_);
+  targets_ = std::move(targets);
+}
+
+// ---- replicated volumes' targets (issue 16) -----------------------------------------------------
+void DatapathCollector::CollectTargets(std::vector<MetricFamily>& out) const {
+  std::function<std::vector<TargetSample>()> source;
+  {
+    std::lock_guard<std::mutex> lock(targets_mu_);
+    source = targets_;
+  }
+  if (!source) return;
+  using T = MetricType;
+  MetricFamily epoch = Family("nbdcsi_target_epoch",
+                              "Epoch of the claim under which this node serves the volume.",
+                              T::Gauge);
+  MetricFamily degraded = Family("nbdcsi_target_degraded",
+                                 "1 while a replica of the volume is out of sync.", T::Gauge);
+  MetricFamily stopped = Family("nbdcsi_target_stopped",
+                                "1 when the target stopped serving (claim lost or fenced): every "
+                                "request fails until it is closed and opened again.",
+                                T::Gauge);
+  MetricFamily degraded_writes =
+      Family("nbdcsi_target_degraded_writes_total",
+             "Writes acknowledged while some replica missed them (it was out of sync).",
+             T::Counter);
+  MetricFamily in_sync = Family("nbdcsi_target_replica_in_sync",
+                                "1 while the replica is in sync, 0 while it is failing or out.",
+                                T::Gauge);
+  MetricFamily to_resync = Family("nbdcsi_target_replica_out_of_sync_bytes",
+                                  "Bytes an out-of-sync replica is known to miss (its dirty "
+                                  "regions): what its resync will copy.",
+                                  T::Gauge);
+  MetricFamily errors = Family("nbdcsi_target_replica_errors_total",
+                               "Requests that failed on the replica (errors and lost "
+                               "connections).",
+                               T::Counter);
+  for (const TargetSample& t : source()) {
+    Labels l = {{"volume", t.volume}};
+    Add(epoch, l, static_cast<double>(t.epoch));
+    Add(degraded, l, t.degraded ? 1 : 0);
+    Add(stopped, l, t.stopped ? 1 : 0);
+    Add(degraded_writes, l, static_cast<double>(t.acked_degraded));
+    for (const auto& r : t.replicas) {
+      Labels rl = {{"volume", t.volume}, {"node", r.node}};
+      Add(in_sync, rl, r.in_sync ? 1 : 0);
+      Add(to_resync, rl, static_cast<double>(r.out_of_sync_bytes));
+      Add(errors, rl, static_cast<double>(r.errors));
+    }
+  }
+  for (MetricFamily* f : {&epoch, &degraded, &stopped, &degraded_writes, &in_sync, &to_resync,
+                          &errors})
+    out.push_back(std::move(*f));
 }
 
 }  // namespace nbdcsi::datapath

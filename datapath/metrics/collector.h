@@ -7,6 +7,8 @@
 #pragma once
 
 #include <functional>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #include <prometheus/collectable.h>
@@ -21,6 +23,23 @@ namespace nbdcsi::datapath {
 // The op label of each OpKind.
 const char* OpLabel(OpKind kind);
 
+// A replicated volume's target on this node (issue 16), flattened from datapath/replica's
+// TargetInfo so that the metrics do not depend on the replica layer.
+struct TargetSample {
+  struct Replica {
+    std::string node;
+    bool in_sync = true;
+    uint64_t out_of_sync_bytes = 0;  // its bitmap, while out of sync
+    uint64_t errors = 0;             // requests that failed on it
+  };
+  std::string volume;
+  uint64_t epoch = 0;
+  bool degraded = false;
+  bool stopped = false;
+  uint64_t acked_degraded = 0;
+  std::vector<Replica> replicas;
+};
+
 class DatapathCollector : public prometheus::Collectable {
  public:
   // `engine` (the workers' counters) and `attachments` (AttachmentManager::List) may be empty:
@@ -30,12 +49,19 @@ class DatapathCollector : public prometheus::Collectable {
                     std::function<std::vector<AttachmentRecord>()> attachments,
                     std::string version);
   std::vector<prometheus::MetricFamily> Collect() const override;
+  // The replicated targets open here; set once the cluster agent runs (any thread, also while
+  // scrapes run).
+  void SetTargets(std::function<std::vector<TargetSample>()> targets);
 
  private:
+  void CollectTargets(std::vector<prometheus::MetricFamily>& out) const;
+
   Pool& pool_;
   std::function<EngineCounters()> engine_;
   std::function<std::vector<AttachmentRecord>()> attachments_;
   std::string version_;
+  mutable std::mutex targets_mu_;
+  std::function<std::vector<TargetSample>()> targets_;
 };
 
 }  // namespace nbdcsi::datapath

@@ -53,6 +53,7 @@
 #include "test/support/child_proc.h"
 #include "test/support/etcd_process.h"
 #include "test/support/free_port.h"
+#include "test/support/http_get.h"
 #include "test/support/temp_dir.h"
 #include "test/support/wait.h"
 
@@ -406,7 +407,8 @@ TEST_F(ReplicatedTarget, TheDaemonsTargetKeepsFioRunningWhenAReplicaDies) {
   if (!Have("fio") || std::system("fio --enghelp 2>/dev/null | grep -qw nbd") != 0)
     GTEST_SKIP() << "needs fio with its nbd engine";
   Node t{"node-t", "127.0.0.13", certs_};
-  t.Start(etcd_.endpoint());
+  const int metrics_port = test::FreeLoopbackPort();
+  t.Start(etcd_.endpoint(), {"--metrics-listen", fmt::format("127.0.0.1:{}", metrics_port)});
   std::string out;
   ASSERT_EQ(t.Nbdctl(fmt::format("target open {} -o json", kVolume), &out), 0);
   auto opened = nlohmann::json::parse(out);
@@ -442,6 +444,13 @@ TEST_F(ReplicatedTarget, TheDaemonsTargetKeepsFioRunningWhenAReplicaDies) {
   EXPECT_EQ(state["in_sync"], nlohmann::json::array({"node-a"}));
   EXPECT_GT(state["acked_degraded"].get<uint64_t>(), 0u);
   EXPECT_EQ(store_->GetVolume(kVolume)->in_sync, std::vector<std::string>{"node-a"});
+  // What Prometheus sees.
+  auto [code, metrics] = test::HttpGet(metrics_port, "/metrics");
+  EXPECT_EQ(code, 200);
+  EXPECT_NE(metrics.find("nbdcsi_target_degraded{volume=\"rv\"} 1"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("nbdcsi_target_replica_in_sync{volume=\"rv\",node=\"node-b\"} 0"),
+            std::string::npos)
+      << metrics;
 
   // What the target serves now is node-a's copy, byte for byte.
   const std::string served = t.dir() + "/served.raw";

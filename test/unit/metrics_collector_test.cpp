@@ -231,6 +231,36 @@ TEST_F(CollectorTest, PoolEngineAndAttachments) {
   }
 }
 
+// Replicated volumes' targets (issue 16): absent until the cluster agent runs, then one series
+// per target and per replica.
+TEST_F(CollectorTest, TargetsAppearOnceSet) {
+  DatapathCollector c(*pool_, nullptr, nullptr, "t");
+  auto none = c.Collect();
+  for (const auto& f : none) EXPECT_FALSE(f.name.starts_with("nbdcsi_target_")) << f.name;
+  TargetSample t;
+  t.volume = "rv";
+  t.epoch = 3;
+  t.degraded = true;
+  t.acked_degraded = 913;
+  t.replicas = {{"node-a", true, 0, 0}, {"node-b", false, 8 * kMiB, 5}};
+  c.SetTargets([t] { return std::vector<TargetSample>{t}; });
+  auto fams = c.Collect();
+  EXPECT_EQ(Gauge(fams, "nbdcsi_target_epoch", {{"volume", "rv"}}), 3);
+  EXPECT_EQ(Gauge(fams, "nbdcsi_target_degraded", {{"volume", "rv"}}), 1);
+  EXPECT_EQ(Gauge(fams, "nbdcsi_target_stopped", {{"volume", "rv"}}), 0);
+  EXPECT_EQ(Counter(fams, "nbdcsi_target_degraded_writes_total", {{"volume", "rv"}}), 913);
+  EXPECT_EQ(Gauge(fams, "nbdcsi_target_replica_in_sync", {{"volume", "rv"}, {"node", "node-a"}}),
+            1);
+  EXPECT_EQ(Gauge(fams, "nbdcsi_target_replica_in_sync", {{"volume", "rv"}, {"node", "node-b"}}),
+            0);
+  EXPECT_EQ(Gauge(fams, "nbdcsi_target_replica_out_of_sync_bytes",
+                  {{"volume", "rv"}, {"node", "node-b"}}),
+            8.0 * kMiB);
+  EXPECT_EQ(Counter(fams, "nbdcsi_target_replica_errors_total",
+                    {{"volume", "rv"}, {"node", "node-b"}}),
+            5);
+}
+
 // ---- the HTTP endpoint ----------------------------------------------------------------------
 
 std::pair<int, std::string> Get(int port, const std::string& path) {
