@@ -166,6 +166,7 @@ struct ReplicaClusterFlags {
   TlsFiles etcd_tls{.cert = "", .key = "", .ca = "", .insecure = false};
   int connections = 2;
   int64_t resync_interval_s = 10;
+  double replica_timeout_s = 5;
   std::string resync_rate;
 };
 
@@ -302,6 +303,11 @@ void AddReplicaClusterFlags(CLI::App& app, Flags& f) {
   app.add_option("--replica-connections", r.connections,
                  "NBD connections from a target to each of its replicas")
       ->check(CLI::Range(1, 16))
+      ->capture_default_str();
+  app.add_option("--replica-timeout", r.replica_timeout_s,
+                 "Seconds a replica may take to answer a request before it is dropped from the "
+                 "in-sync set (writes stall at most this long when a replica falls silent)")
+      ->check(CLI::Range(0.1, 600.0))
       ->capture_default_str();
   app.add_option("--replica-resync-interval", r.resync_interval_s,
                  "Seconds between the targets' looks for out-of-sync replicas whose node is back "
@@ -451,6 +457,8 @@ Status ResolveReplicaCluster(const Flags& f, Config& c) {
   a.replica_tls = {f.nbd_tls.cert, f.nbd_tls.key, f.nbd_tls.ca, ""};
   a.state_dir = f.pool_dir + "/targets";
   a.resync_interval = std::chrono::seconds(r.resync_interval_s);
+  a.request_timeout = std::chrono::milliseconds(static_cast<int64_t>(r.replica_timeout_s * 1000));
+  a.handshake_timeout = std::max(a.request_timeout, std::chrono::milliseconds(2000));
   if (!r.resync_rate.empty()) {
     auto q = ParseQuantity(r.resync_rate);
     if (!q.ok() || *q == 0)

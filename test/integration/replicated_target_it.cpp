@@ -54,6 +54,7 @@
 #include "test/support/etcd_process.h"
 #include "test/support/free_port.h"
 #include "test/support/http_get.h"
+#include "test/support/tcp_proxy.h"
 #include "test/support/temp_dir.h"
 #include "test/support/wait.h"
 
@@ -139,6 +140,8 @@ class Node {
   std::string nbd_sock() const { return dir_ / "nbd.sock"; }
   std::string dir() const { return dir_.path(); }
   std::string nbd_endpoint() const { return fmt::format("tcp://{}:{}", ip_, port_); }
+  const std::string& ip() const { return ip_; }
+  int port() const { return port_; }
 
  private:
   std::string id_, ip_;
@@ -715,6 +718,117 @@ TEST_F(ReplicatedTarget, TheTargetsNodeDiesAndAnotherNodeTakesOverWithEveryAcked
   w.Check(ReadFile(disk));
   ASSERT_EQ(u.Nbdctl(fmt::format("target close {}", kVolume)), 0);
   // Each replica holds every acknowledged write too.
+  w.Check(a_.Nbdcopy(2));
+  w.Check(b_.Nbdcopy(2));
+}
+
+TEST_F(ReplicatedTarget, AnIsolatedReplicaIsDroppedWithinTheTimeoutAndComesBack) {
+  if (!Have("fio") || std::system("fio --enghelp 2>/dev/null | grep -qw nbd") != 0)
+    GTEST_SKIP() << "needs fio with its nbd engine";
+  // node-b is reached through a proxy of the test's: other nodes dial the endpoint it registers.
+  test::TcpProxy proxy;
+  ASSERT_TRUE(proxy.Start(b_.ip(), 0, b_.ip(), b_.port()));
+  b_.Kill9();
+  b_.Start(etcd_.endpoint(), {"--cluster-nbd-endpoint",
+                              fmt::format("tcp://{}:{}", b_.ip(), proxy.port())});
+  Node t{"node-t", "127.0.0.13", certs_};
+  t.Start(etcd_.endpoint(), {"--replica-timeout", "2", "--replica-resync-interval", "1"});
+  ASSERT_EQ(t.Nbdctl(fmt::format("target open {}", kVolume)), 0);
+  const std::string uri = fmt::format("nbd+unix:///{}@target?socket={}", kVolume, t.nbd_sock());
+  test::Proc fio;
+  const std::string job = t.dir() + "/iso.fio";
+  std::ofstream(job) << fmt::format(
+      "[global]\nioengine=nbd\nuri={}\nbs=4k\niodepth=8\nsize=16M\nverify=crc32c\n"
+      "verify_fatal=1\nverify_backlog=128\nrate_iops=,500\n[w]\nrw=randwrite\n",
+      uri);
+  ASSERT_TRUE(fio.Start({"fio", "--output-format=json", "--output=" + t.dir() + "/iso.json", job},
+                        t.dir() + "/iso.log"));
+  std::this_thread::sleep_for(2s);
+  // The partition: node-b's packets stop both ways; it stays alive and registered.
+  proxy.SetMode(test::TcpProxy::Mode::kSilent);
+  std::string out;
+  ASSERT_TRUE(test::WaitUntil(
+      [&] {
+        t.Nbdctl(fmt::format("target inspect {} -o json", kVolume), &out);
+        return nlohmann::json::parse(out)["health"] == "degraded";
+      },
+      15s, 100ms));
+  EXPECT_EQ(store_->GetVolume(kVolume)->in_sync, std::vector<std::string>{"node-a"});
+  std::this_thread::sleep_for(2s);
+  // Healed: the automatic resync brings it back.
+  proxy.SetMode(test::TcpProxy::Mode::kPass);
+  ASSERT_TRUE(test::WaitUntil(
+      [&] {
+        t.Nbdctl(fmt::format("target inspect {} -o json", kVolume), &out);
+        return nlohmann::json::parse(out)["health"] == "ok";
+      },
+      30s, 200ms))
+      << out << ReadFile(t.log());
+  ASSERT_TRUE(test::WaitUntil([&] { return !fio.Alive(); }, 120s));
+  auto report = nlohmann::json::parse(ReadFile(t.dir() + "/iso.json"), nullptr, false);
+  ASSERT_FALSE(report.is_discarded()) << ReadFile(t.dir() + "/iso.log");
+  EXPECT_EQ(report["jobs"][0]["error"], 0) << ReadFile(t.dir() + "/iso.log");
+  const double stall = report["jobs"][0]["write"]["clat_ns"]["max"].get<double>() / 1e9;
+  printf("FIGURE replica partitioned (--replica-timeout 2 s): longest write %.2f s, no error; "
+         "back in sync after the partition healed\n",
+         stall);
+  EXPECT_LT(stall, 4.0) << "a silent replica must cost at most about its timeout";
+  ASSERT_EQ(t.Nbdctl(fmt::format("target close {}", kVolume)), 0);
+  EXPECT_TRUE(a_.Nbdcopy(1) == b_.Nbdcopy(1)) << "node-a and node-b differ after the resync";
+}
+
+TEST_F(ReplicatedTarget, ATargetCutOffFromEtcdStopsAndAnotherNodeTakesOver) {
+  // node-t reaches etcd through a proxy of the test's, and the replicas directly.
+  test::TcpProxy to_etcd;
+  const std::string etcd_ip = etcd_.endpoint().substr(0, etcd_.endpoint().find(':'));
+  const int etcd_port = std::stoi(etcd_.endpoint().substr(etcd_.endpoint().find(':') + 1));
+  ASSERT_TRUE(to_etcd.Start("127.0.0.13", 0, etcd_ip, etcd_port));
+  Node t{"node-t", "127.0.0.13", certs_};
+  Node u{"node-u", "127.0.0.14", certs_};
+  t.Start(fmt::format("127.0.0.13:{}", to_etcd.port()));
+  u.Start(etcd_.endpoint());
+  ASSERT_EQ(t.Nbdctl(fmt::format("target open {}", kVolume)), 0);
+  LoggingWriter w(t.nbd_sock());
+  w.Run(8);
+  ASSERT_TRUE(test::WaitUntil([&] { return w.acks() >= 1000; }, 30s));
+  // The partition: node-t still reaches the replicas, not etcd.
+  to_etcd.SetMode(test::TcpProxy::Mode::kSilent);
+  const auto cut = std::chrono::steady_clock::now();
+  // node-u gets the volume once etcd let node-t's lease run out (TTL 4 s).
+  bool opened = false;
+  while (!opened && std::chrono::steady_clock::now() - cut < 30s) {
+    opened = std::system((Bin("nbdctl") + " --api unix://" + u.api() + " target open " + kVolume +
+                          " >/dev/null 2>&1")
+                             .c_str()) == 0;
+    if (!opened) std::this_thread::sleep_for(200ms);
+  }
+  ASSERT_TRUE(opened);
+  const double takeover =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - cut).count();
+  w.Stop();
+  std::string out;
+  ASSERT_EQ(t.Nbdctl(fmt::format("target inspect {} -o json", kVolume), &out), 0);
+  auto old_state = nlohmann::json::parse(out);
+  EXPECT_EQ(old_state["health"], "stopped") << out;
+  // The old target, partition healed, tries to write: refused.
+  to_etcd.SetMode(test::TcpProxy::Mode::kPass);
+  {
+    LoggingWriter late(t.nbd_sock());
+    late.Run(1);
+    std::this_thread::sleep_for(500ms);
+    late.Stop();
+    EXPECT_EQ(late.acks(), 0u) << "the old target acknowledged a write after the takeover";
+  }
+  printf("FIGURE target cut off from etcd: %llu writes acknowledged before; node-u serves the "
+         "volume %.1f s after the cut (lease TTL 4 s); the old target refuses writes\n",
+         static_cast<unsigned long long>(w.acks()), takeover);
+  const std::string disk = u.dir() + "/after.raw";
+  ASSERT_EQ(std::system(fmt::format("timeout 60 nbdcopy 'nbd+unix:///{}@target?socket={}' {}",
+                                    kVolume, u.nbd_sock(), disk)
+                            .c_str()),
+            0);
+  w.Check(ReadFile(disk));
+  ASSERT_EQ(u.Nbdctl(fmt::format("target close {}", kVolume)), 0);
   w.Check(a_.Nbdcopy(2));
   w.Check(b_.Nbdcopy(2));
 }
