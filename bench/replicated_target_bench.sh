@@ -20,12 +20,13 @@
 # allocations.
 #
 #   bench/replicated_target_bench.sh
-#   BENCH_SECONDS=10 (per fio point)  BENCH_STALL_SECONDS=12  BENCH_SIZE=256Mi
-#   BENCH_DIR=/var/tmp  NBDCSI_BIN=build/bin  BENCH_PERF=1 (perf record on node-t at 2 replicas QD32)
+#   BENCH_SECONDS=8 (per fio point)  BENCH_STALL_SECONDS=12  BENCH_SIZE=256Mi
+#   BENCH_DIR=/var/tmp  NBDCSI_BIN=build/bin  BENCH_PERF=1 (perf record -g on node-t during the 2-replica QD32 point,
+#   which it slows down: the summary goes to stderr)
 . "$(dirname "$0")/../test/integration/lib.sh"
 need fio nbdkit qemu-nbd openssl etcd jq
 fio --enghelp 2>/dev/null | grep -qw nbd || skip "needs fio with its nbd engine"
-SECS=${BENCH_SECONDS:-10}
+SECS=${BENCH_SECONDS:-8}
 STALL_SECS=${BENCH_STALL_SECONDS:-12}
 SIZE=${BENCH_SIZE:-256Mi}
 NBDCSI_WORKDIR_BASE=${BENCH_DIR:-/var/tmp}
@@ -143,7 +144,14 @@ fio_fields() {
     "$W/$1.json"
 }
 
-declare -A IOPS32 LAT32 P9932 IOPS1 LAT1 P991
+# CPU time (user + system, clock ticks) of a node's daemon so far.
+ticks() { awk '{ print $14 + $15 }' "/proc/${NODE_PID[$1]}/stat"; }
+# Which daemons serve each path: the one the client talks to, then the replicas behind it.
+declare -A FRONT=([local]=node-a [r1]=node-t [r2]=node-t [r3]=node-t)
+declare -A BACK=([r1]="node-a" [r2]="node-a node-b" [r3]="node-a node-b node-c")
+HZ=$(getconf CLK_TCK)
+
+declare -A IOPS32 LAT32 P9932 IOPS1 LAT1 P991 CPU_FRONT CPU_BACK
 for t in "${ORDER[@]}"; do
   step "$t: 4k randwrite QD32 then QD1, ${SECS}s each"
   if [ "$t" = r2 ] && [ "${BENCH_PERF:-0}" = 1 ]; then
@@ -151,12 +159,23 @@ for t in "${ORDER[@]}"; do
       >"$W/perf.log" 2>&1 &
     perf_pid=$!
   fi
+  front=${FRONT[$t]:-} f0=0 b0=0
+  [ -n "$front" ] && f0=$(ticks "$front")
+  for n in ${BACK[$t]:-}; do b0=$((b0 + $(ticks $n))); done
   fio_run "$t-qd32" "${URI[$t]}" 32 "$SECS"
+  f1=0 b1=0
+  [ -n "$front" ] && f1=$(ticks "$front")
+  for n in ${BACK[$t]:-}; do b1=$((b1 + $(ticks $n))); done
+  # Per write, over the whole run (ramp included): CPU us = ticks / HZ * 1e6 / writes.
+  ios=$(jq '.jobs[0].write.total_ios' "$W/$t-qd32.json")
+  CPU_FRONT[$t]=-; CPU_BACK[$t]=-
+  [ -n "$front" ] && CPU_FRONT[$t]=$(awk -v d=$((f1 - f0)) -v h="$HZ" -v n="$ios" 'BEGIN { printf "%.0f", d / h * 1e6 / n }')
+  [ -n "${BACK[$t]:-}" ] && CPU_BACK[$t]=$(awk -v d=$((b1 - b0)) -v h="$HZ" -v n="$ios" 'BEGIN { printf "%.0f", d / h * 1e6 / n }')
   if [ -n "${perf_pid:-}" ]; then
     wait "$perf_pid" || true
-    perf report -i "$W/perf.data" --no-children --sort symbol --stdio 2>/dev/null |
-      grep -E '^ +[0-9]' | head -25 >"$NBDCSI_WORKDIR_BASE/replicated_target_perf.txt"
-    echo "  perf (node-t, 2 replicas, QD32): $NBDCSI_WORKDIR_BASE/replicated_target_perf.txt" >&2
+    echo "  perf record on node-t, 2 replicas, QD32 (top 30 by self time):" >&2
+    { perf report -i "$W/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null |
+        grep -E '^ +[0-9]' | head -30 | cut -c1-110 >&2; } || true
     perf_pid=
   fi
   fio_run "$t-qd1" "${URI[$t]}" 1 "$SECS"
@@ -194,6 +213,9 @@ read -r STALL_BEFORE STALL_AFTER STALL_AFTER_AT < <(awk -F', *' -v k="$kill_ms" 
   $1 < k { if ($2 > before) before = $2 }
   $1 >= k { if ($2 > after) { after = $2; at = $1 } }
   END { printf "%.3f %.3f %d\n", before / 1e6, after / 1e6, at - k }' "$log")
+echo "  the 5 longest writes after the kill (ms after the kill: latency ms):" \
+  "$(awk -F', *' -v k="$kill_ms" '$1 >= k { printf "%d: %.1f\n", $1 - k, $2 / 1e6 }' "$log" |
+     sort -t: -k2 -rn | head -5 | paste -sd' ')" >&2
 echo "  fio rc $fio_rc, error $STALL_ERR, $STALL_IOS writes; longest before the kill" \
   "$STALL_BEFORE ms, after $STALL_AFTER ms (completed ${STALL_AFTER_AT} ms after the kill);" \
   "target $STALL_HEALTH, in_sync $STALL_INSYNC" >&2
@@ -203,14 +225,14 @@ for v in rv1 rv2 rv3 rvs; do on node-t target close "$v" >/dev/null || die "targ
 echo
 echo "4k randwrite, fio $(fio --version | sed 's/fio-//') nbd engine (libnbd), ${SECS}s per point, $(nproc) cores, volumes of $SIZE"
 echo
-echo "| path | QD32 IOPS | QD32 mean us | QD32 p99 us | QD32 IOPS / local | QD1 IOPS | QD1 mean us | QD1 p99 us | QD1 mean - local us |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| path | QD32 IOPS | QD32 mean us | QD32 p99 us | QD32 IOPS / local | QD1 IOPS | QD1 mean us | QD1 p99 us | QD1 mean - local us | QD32 CPU us/write: served by | replicas |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for t in "${ORDER[@]}"; do
   awk -v l="${LABEL[$t]}" -v i="${IOPS32[$t]}" -v m="${LAT32[$t]}" -v p="${P9932[$t]}" \
     -v i1="${IOPS1[$t]}" -v m1="${LAT1[$t]}" -v p1="${P991[$t]}" \
-    -v ri="${IOPS32[local]}" -v rm1="${LAT1[local]}" \
-    'BEGIN { printf "| %s | %.0f | %.0f | %.0f | %.2f | %.0f | %.1f | %.1f | %+.1f |\n",
-             l, i, m, p, i / ri, i1, m1, p1, m1 - rm1 }'
+    -v ri="${IOPS32[local]}" -v rm1="${LAT1[local]}" -v cf="${CPU_FRONT[$t]}" -v cb="${CPU_BACK[$t]}" \
+    'BEGIN { printf "| %s | %.0f | %.0f | %.0f | %.2f | %.0f | %.1f | %.1f | %+.1f | %s | %s |\n",
+             l, i, m, p, i / ri, i1, m1, p1, m1 - rm1, cf, cb }'
 done
 echo
 awk -v i2="${IOPS32[r2]}" -v ri="${IOPS32[local]}" -v m2="${LAT1[r2]}" -v rm="${LAT1[local]}" \
