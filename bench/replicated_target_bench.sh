@@ -21,8 +21,8 @@
 #
 #   bench/replicated_target_bench.sh
 #   BENCH_SECONDS=8 (per fio point)  BENCH_STALL_SECONDS=12  BENCH_SIZE=256Mi
-#   BENCH_DIR=/var/tmp  NBDCSI_BIN=build/bin  BENCH_PERF=1 (perf record -g on node-t during the 2-replica QD32 point,
-#   which it slows down: the summary goes to stderr)
+#   BENCH_DIR=/var/tmp  NBDCSI_BIN=build/bin  BENCH_PERF=1 or =node-a (perf record -g on node-t, or
+#   that node, during the 2-replica QD32 point, which it slows down; the summary goes to stderr)
 . "$(dirname "$0")/../test/integration/lib.sh"
 need fio nbdkit qemu-nbd openssl etcd jq
 fio --enghelp 2>/dev/null | grep -qw nbd || skip "needs fio with its nbd engine"
@@ -54,7 +54,7 @@ ETCD=$E_IP:$E_PORT
 bg etcd --name=bench --data-dir="$W/etcd" --listen-client-urls="http://$ETCD" \
   --advertise-client-urls="http://$ETCD" --listen-peer-urls="http://$E_IP:$E_PEER" \
   --initial-advertise-peer-urls="http://$E_IP:$E_PEER" --initial-cluster="bench=http://$E_IP:$E_PEER" \
-  --initial-cluster-state=new --logger=zap --log-level=warn --log-outputs="$W/etcd.log"
+  --initial-cluster-state=new --logger=zap --log-level=warn --log-outputs="$W/etcd.log" 2>>"$W/etcd.stderr"
 wait_for 30 etcdctl --endpoints="$ETCD" get /ready || die "etcd did not start (see $W/etcd.log)"
 
 declare -A NODE_IP=([node-a]=127.0.0.11 [node-b]=127.0.0.12 [node-c]=127.0.0.13 [node-t]=127.0.0.14)
@@ -154,8 +154,11 @@ HZ=$(getconf CLK_TCK)
 declare -A IOPS32 LAT32 P9932 IOPS1 LAT1 P991 CPU_FRONT CPU_BACK
 for t in "${ORDER[@]}"; do
   step "$t: 4k randwrite QD32 then QD1, ${SECS}s each"
-  if [ "$t" = r2 ] && [ "${BENCH_PERF:-0}" = 1 ]; then
-    perf record -g -o "$W/perf.data" -p "${NODE_PID[node-t]}" -- sleep "$SECS" \
+  if [ "$t" = r2 ] && [ "${BENCH_PERF:-0}" != 0 ]; then
+    perf_node=$BENCH_PERF
+    [ "$perf_node" = 1 ] && perf_node=node-t
+    [ -n "${NODE_PID[$perf_node]:-}" ] || die "BENCH_PERF=$BENCH_PERF: not a node"
+    perf record -g -o "$W/perf.data" -p "${NODE_PID[$perf_node]}" -- sleep "$SECS" \
       >"$W/perf.log" 2>&1 &
     perf_pid=$!
   fi
@@ -173,7 +176,7 @@ for t in "${ORDER[@]}"; do
   [ -n "${BACK[$t]:-}" ] && CPU_BACK[$t]=$(awk -v d=$((b1 - b0)) -v h="$HZ" -v n="$ios" 'BEGIN { printf "%.0f", d / h * 1e6 / n }')
   if [ -n "${perf_pid:-}" ]; then
     wait "$perf_pid" || true
-    echo "  perf record on node-t, 2 replicas, QD32 (top 30 by self time):" >&2
+    echo "  perf record on $perf_node, 2 replicas, QD32 (top 30 by self time):" >&2
     { perf report -i "$W/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null |
         grep -E '^ +[0-9]' | head -30 | cut -c1-110 >&2; } || true
     perf_pid=
