@@ -20,7 +20,7 @@
 # allocations.
 #
 #   bench/replicated_target_bench.sh
-#   BENCH_SECONDS=8 (per fio point)  BENCH_STALL_SECONDS=12  BENCH_SIZE=256Mi
+#   BENCH_SECONDS=8 (per fio point)  BENCH_STALL_SECONDS=12  BENCH_SIZE=64Mi
 #   BENCH_DIR=/var/tmp  NBDCSI_BIN=build/bin  BENCH_PERF=1 or =node-a (perf record -g on node-t, or
 #   that node, during the 2-replica QD32 point, which it slows down; the summary goes to stderr)
 . "$(dirname "$0")/../test/integration/lib.sh"
@@ -28,7 +28,7 @@ need fio nbdkit qemu-nbd openssl etcd jq
 fio --enghelp 2>/dev/null | grep -qw nbd || skip "needs fio with its nbd engine"
 SECS=${BENCH_SECONDS:-8}
 STALL_SECS=${BENCH_STALL_SECONDS:-12}
-SIZE=${BENCH_SIZE:-256Mi}
+SIZE=${BENCH_SIZE:-64Mi}
 NBDCSI_WORKDIR_BASE=${BENCH_DIR:-/var/tmp}
 TOOL=$NBDCSI_BIN/nbdcsi-cluster-tool
 [ -x "$TOOL" ] || die "no $TOOL (build the nbdcsi-cluster-tool target)"
@@ -164,11 +164,11 @@ for t in "${ORDER[@]}"; do
   fi
   front=${FRONT[$t]:-} f0=0 b0=0
   [ -n "$front" ] && f0=$(ticks "$front")
-  for n in ${BACK[$t]:-}; do b0=$((b0 + $(ticks $n))); done
+  for n in ${BACK[$t]:-}; do b0=$((b0 + $(ticks "$n"))); done
   fio_run "$t-qd32" "${URI[$t]}" 32 "$SECS"
   f1=0 b1=0
   [ -n "$front" ] && f1=$(ticks "$front")
-  for n in ${BACK[$t]:-}; do b1=$((b1 + $(ticks $n))); done
+  for n in ${BACK[$t]:-}; do b1=$((b1 + $(ticks "$n"))); done
   # Per write, over the whole run (ramp included): CPU us = ticks / HZ * 1e6 / writes.
   ios=$(jq '.jobs[0].write.total_ios' "$W/$t-qd32.json")
   CPU_FRONT[$t]=-; CPU_BACK[$t]=-
