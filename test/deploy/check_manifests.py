@@ -16,7 +16,11 @@ What a YAML linter cannot see, and what breaks a cluster in ways that only show 
     have readiness probes, every container has requests and a memory limit;
   - the provisioner's capacity mode and the CSIDriver's storageCapacity go together;
   - generated TLS secrets chain to their CA and carry the names the peers dial;
-  - examples refer only to classes the chart creates and objects the examples create.
+  - examples refer only to classes the chart creates and objects the examples create;
+  - cluster mode (replicated volumes): every flag given to etcd is one `etcd --help` lists, the
+    members' names, URLs, Service, probes and data volume agree, and the datapath dials every
+    member under the scheme they serve, listens for replicas on the node's IP with the node's
+    own certificate, and announces that same endpoint.
 
 Usage: check_manifests.py --bin-dir DIR --src SRC [--examples DIR] [--expect-secrets]
                           [--self-test] RENDERED.yaml...
