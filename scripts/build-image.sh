@@ -28,9 +28,10 @@ src=$(cd "$(dirname "$0")/.." && pwd)
 
 # The four programs in the image, and the tools the node plugin and the datapath run:
 # mkfs/resize (e2fsprogs, xfsprogs), blkid/losetup/mount for operators (util-linux, mount),
-# modprobe nbd (kmod), the fallback attach path without nbd.ko (nbdfuse, fusermount3).
+# modprobe nbd (kmod), the fallback attach path without nbd.ko (nbdfuse, fusermount3), and the
+# etcd the chart deploys for replicated volumes (etcd-server: one image to pull, not two).
 BINARIES=(nbd-datapathd nbd-csi-controller nbd-csi-node nbdctl)
-TOOL_PKGS=(e2fsprogs xfsprogs util-linux mount kmod libnbd-bin fuse3)
+TOOL_PKGS=(e2fsprogs xfsprogs util-linux mount kmod libnbd-bin fuse3 etcd-server)
 # The controller's user (the chart runs the controller pod as this uid, never as root).
 IMAGE_UID=10001
 IMAGE_USER=nbd-csi

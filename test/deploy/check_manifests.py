@@ -16,7 +16,11 @@ What a YAML linter cannot see, and what breaks a cluster in ways that only show 
     have readiness probes, every container has requests and a memory limit;
   - the provisioner's capacity mode and the CSIDriver's storageCapacity go together;
   - generated TLS secrets chain to their CA and carry the names the peers dial;
-  - examples refer only to classes the chart creates and objects the examples create.
+  - examples refer only to classes the chart creates and objects the examples create;
+  - cluster mode (replicated volumes): every flag given to etcd is one `etcd --help` lists, the
+    members' names, URLs, Service, probes and data volume agree, and the datapath dials every
+    member under the scheme they serve, listens for replicas on the node's IP with the node's
+    own certificate, and announces that same endpoint.
 
 Usage: check_manifests.py --bin-dir DIR --src SRC [--examples DIR] [--expect-secrets]
                           [--self-test] RENDERED.yaml...
@@ -27,6 +31,7 @@ import base64
 import copy
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,7 +89,9 @@ SIDECAR_FLAGS = {
 SCHEMA = {
     "workload": {"apiVersion", "kind", "metadata", "spec"},
     "workloadSpec": {"replicas", "selector", "template", "updateStrategy", "strategy",
-                     "minReadySeconds", "revisionHistoryLimit", "progressDeadlineSeconds"},
+                     "minReadySeconds", "revisionHistoryLimit", "progressDeadlineSeconds",
+                     "serviceName", "podManagementPolicy", "volumeClaimTemplates",
+                     "persistentVolumeClaimRetentionPolicy"},
     "template": {"metadata", "spec"},
     "podSpec": {"serviceAccountName", "automountServiceAccountToken", "priorityClassName",
                 "imagePullSecrets", "nodeSelector", "tolerations", "affinity", "containers",
@@ -137,7 +144,9 @@ def check_workload_fields(ck, where, d):
             check_fields(ck, cw, m, "volumeMount")
             if m.get("mountPropagation") not in (None, "None", "HostToContainer", "Bidirectional"):
                 ck.err(cw, f"mountPropagation {m['mountPropagation']!r}")
-            if not any(v["name"] == m["name"] for v in pod.get("volumes", [])):
+            claims = [t["metadata"]["name"] for t in d["spec"].get("volumeClaimTemplates", [])]
+            if not any(v["name"] == m["name"] for v in pod.get("volumes", [])) and \
+                    m["name"] not in claims:
                 ck.err(cw, f"mounts volume {m['name']!r}, which the pod does not define")
         for p in c.get("ports", []):
             check_fields(ck, cw, p, "port")
@@ -211,6 +220,21 @@ class Checker:
             raise RuntimeError(f"{path} --help listed no options:\n{out.stdout}")
         self._help[binary] = (accepted, required)
         return self._help[binary]
+
+    def etcd_flags(self):
+        """The flags `etcd --help` lists (Debian's etcd-server: "  --name 'default'"), or None
+        when etcd is not installed."""
+        if "etcd" in self._help:
+            return self._help["etcd"]
+        path = shutil.which("etcd") or ("/usr/bin/etcd" if os.access("/usr/bin/etcd", os.X_OK) else None)
+        flags = None
+        if path:
+            out = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=30)
+            flags = set(re.findall(r"^\s+(--[a-z0-9][a-z0-9-]*)", out.stdout + out.stderr, re.M))
+            if not flags:
+                raise RuntimeError(f"{path} --help listed no flags:\n{out.stdout}{out.stderr}")
+        self._help["etcd"] = flags
+        return flags
 
     def values_accepted(self, binary, args, env):
         """Runs `binary ARGS --help`: CLI11 converts and range-checks each value while parsing,
@@ -732,12 +756,173 @@ def check(ck, docs, expect_secrets, quiet=False):
             ck.err(where, "--insecure in a deployment")
         if expect_secrets and name not in secrets and not name.startswith("hostPath:"):
             ck.err(where, f"secret {name} is not rendered")
+    check_cluster(ck, docs, by_kind, dp_where, dp_pod, dp)
     if expect_secrets:
         ctl_secret = secrets.get(secret_of(ctl_pod, ctl)[0])
         dp_secret = secrets.get(secret_of(dp_pod, dp)[0])
         host = cm.group(1) if cm else None
         if ctl_secret and dp_secret and host:
             check_certs(ck, ctl_secret, dp_secret, host)
+
+
+def env_field(c, var):
+    """The downward-API fieldPath behind $(var) in container c, or None."""
+    for e in c.get("env", []):
+        if e["name"] == var:
+            return ((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+    return None
+
+
+def mounted_file(pod, c, path):
+    """Whether a TLS file path is on a secret or hostPath volume the container mounts."""
+    where = resolve(pod, c, path)
+    return where is not None and (where[0] == "host" or where[0].startswith("volume:"))
+
+
+def check_cluster(ck, docs, by_kind, dp_where, dp_pod, dp):
+    """Replicated volumes (chart values cluster.*): the datapath's --cluster-* flags, the TCP NBD
+    listener the replicas are reached on, and the etcd StatefulSet they point at."""
+    args = dp["args"]
+    etcds = [(where, wl, pod, c) for where, wl, pod in pods_of(docs)
+             for c in pod["containers"] if binary_of(c) == "etcd"]
+    endpoints = arg_value(args, "--cluster-etcd")
+    if endpoints is None:
+        for where, *_ in etcds:
+            ck.err(where, "etcd is deployed but the datapath has no --cluster-etcd")
+        for a in args:
+            if a.startswith("--cluster-") or a.startswith("--nbd-listen=tcp://"):
+                ck.err(dp_where, f"{a} without --cluster-etcd")
+        return
+
+    # The replica listener: on the node's own address (what other nodes dial), with TLS from the
+    # node's own certificate, which a target checks against the node it dials.
+    tcp = [a.split("=", 1)[1] for a in args if a.startswith("--nbd-listen=tcp://")]
+    m = re.fullmatch(r"tcp://\$\((\w+)\):(\d+)", tcp[0]) if len(tcp) == 1 else None
+    if not m:
+        ck.err(dp_where, f"cluster mode needs one --nbd-listen=tcp://$(HOST_IP):PORT, got {tcp}")
+    else:
+        if env_field(dp, m.group(1)) != "status.hostIP":
+            ck.err(dp_where, f"$({m.group(1)}) in --nbd-listen must come from status.hostIP")
+        port = int(m.group(2))
+        if not any(p["containerPort"] == port and p.get("hostPort") == port
+                   for p in dp.get("ports", [])):
+            ck.err(dp_where, f"the replica port {port} is not a container port with hostPort")
+        if arg_value(args, "--cluster-nbd-endpoint") != tcp[0]:
+            ck.err(dp_where, f"--cluster-nbd-endpoint {arg_value(args, '--cluster-nbd-endpoint')} "
+                             f"is not the TCP NBD listener {tcp[0]}")
+    tls_vol = next((v for v in dp_pod.get("volumes", []) if v["name"] == "tls"), {})
+    if "hostPath" not in tls_vol:
+        ck.err(dp_where, "cluster mode needs each node's own certificate (tls volume from a "
+                         "hostPath): a target checks that its replica's certificate names the node")
+    for flag in ("--nbd-tls-cert", "--nbd-tls-key", "--nbd-tls-ca"):
+        want = arg_value(args, flag.replace("--nbd-", "--"))
+        if arg_value(args, flag) != want:
+            ck.err(dp_where, f"{flag} is {arg_value(args, flag)}, want the node certificate {want}")
+    insecure = has_flag(args, "--cluster-etcd-insecure")
+    if not insecure:
+        for flag in ("--cluster-etcd-tls-cert", "--cluster-etcd-tls-key", "--cluster-etcd-tls-ca"):
+            v = arg_value(args, flag)
+            if not v or not mounted_file(dp_pod, dp, v):
+                ck.err(dp_where, f"{flag}={v} is not a file on a mounted secret or host directory")
+
+    if not etcds:
+        return  # an external etcd: nothing more to compare with
+    if len(etcds) != 1:
+        ck.err("etcd", f"{len(etcds)} etcd workloads: {', '.join(w for w, *_ in etcds)}")
+        return
+    where, wl, pod, c = etcds[0]
+    eargs = c.get("args", [])
+    flags = ck.etcd_flags()
+    if flags is None:
+        ck.err(where, "etcd is not installed here (apt-get install etcd-server): cannot check its flags")
+    else:
+        for a in eargs:
+            if a.startswith("--") and a.split("=", 1)[0] not in flags:
+                ck.err(where, f"etcd has no flag {a.split('=', 1)[0]} ({a!r})")
+    for a in eargs:
+        for var in re.findall(r"\$\((\w+)\)", a):
+            if env_field(c, var) is None and not any(e["name"] == var for e in c.get("env", [])):
+                ck.err(where, f"argument {a!r} uses $({var}), which env does not define")
+    if wl["kind"] != "StatefulSet":
+        ck.err(where, "etcd must be a StatefulSet (stable names and volumes per member)")
+        return
+    n = wl["spec"].get("replicas", 1)
+    if n % 2 == 0:
+        ck.err(where, f"{n} members: an even count tolerates no more failures than {n - 1}")
+    if wl["spec"].get("podManagementPolicy") != "Parallel":
+        ck.err(where, "podManagementPolicy must be Parallel: a new member waits for its peers")
+    if arg_value(eargs, "--name") != "$(POD_NAME)" or env_field(c, "POD_NAME") != "metadata.name":
+        ck.err(where, "--name must be $(POD_NAME) from metadata.name (the member names of "
+                      "--initial-cluster are the pod names)")
+    name, ns, svc_name = wl["metadata"]["name"], wl["metadata"].get("namespace"), wl["spec"].get("serviceName")
+    svc = next((s for s in by_kind.get("Service", []) if s["metadata"]["name"] == svc_name), None)
+    if svc is None:
+        ck.err(where, f"serviceName {svc_name} is no Service in the manifests")
+        return
+    if svc["spec"].get("clusterIP") != "None" or not svc["spec"].get("publishNotReadyAddresses"):
+        ck.err(f"Service/{svc_name}", "must be headless and publish not-ready members (peers "
+                                      "find each other before a quorum)")
+    labels = wl["spec"]["template"]["metadata"]["labels"]
+    if any(labels.get(k) != v for k, v in (svc["spec"].get("selector") or {"": None}).items()):
+        ck.err(f"Service/{svc_name}", "does not select the etcd pods")
+    secure = has_flag(eargs, "--client-cert-auth")
+    scheme = "https" if secure else "http"
+    client = port_of(arg_value(eargs, "--listen-client-urls"))
+    peer = port_of(arg_value(eargs, "--listen-peer-urls"))
+    host = lambda i: f"{name}-{i}.{svc_name}.{ns}.svc"
+    want_initial = ",".join(f"{name}-{i}={scheme}://{host(i)}:{peer}" for i in range(n))
+    if arg_value(eargs, "--initial-cluster") != want_initial:
+        ck.err(where, f"--initial-cluster={arg_value(eargs, '--initial-cluster')}, want {want_initial}")
+    for flag, port in (("--initial-advertise-peer-urls", peer), ("--advertise-client-urls", client)):
+        want = f"{scheme}://$(POD_NAME).{svc_name}.{ns}.svc:{port}"
+        if arg_value(eargs, flag) != want:
+            ck.err(where, f"{flag}={arg_value(eargs, flag)}, want {want}")
+    for flag, port in (("--listen-client-urls", client), ("--listen-peer-urls", peer)):
+        if not (arg_value(eargs, flag) or "").startswith(f"{scheme}://"):
+            ck.err(where, f"{flag} must be {scheme}:// (client-cert-auth {secure})")
+        sp = next((p for p in svc["spec"].get("ports", []) if p["port"] == port), None)
+        if sp is None or container_port(c, sp.get("targetPort", port)) != port:
+            ck.err(f"Service/{svc_name}", f"does not carry etcd's port {port} ({flag})")
+    if secure != has_flag(eargs, "--peer-client-cert-auth"):
+        ck.err(where, "clients and peers must both be authenticated, or neither (insecure)")
+    if secure:
+        for flag in ("--cert-file", "--key-file", "--trusted-ca-file", "--peer-cert-file",
+                     "--peer-key-file", "--peer-trusted-ca-file"):
+            v = arg_value(eargs, flag)
+            if not v or not mounted_file(pod, c, v):
+                ck.err(where, f"{flag}={v} is not a file on a mounted secret")
+        # A certificate cert-manager issues into the members' secret names every member.
+        where_cert = resolve(pod, c, arg_value(eargs, "--cert-file") or "/")
+        vol = next((v for v in pod.get("volumes", []) if where_cert and
+                    where_cert[0] == "volume:" + v["name"]), {})
+        secret = (vol.get("secret") or {}).get("secretName")
+        for cert in by_kind.get("Certificate", []):
+            if cert["spec"].get("secretName") == secret:
+                missing = [host(i) for i in range(n) if host(i) not in cert["spec"].get("dnsNames", [])]
+                if missing:
+                    ck.err(f"Certificate/{cert['metadata']['name']}",
+                           f"does not name the members {', '.join(missing)}")
+    claims = [t["metadata"]["name"] for t in wl["spec"].get("volumeClaimTemplates", [])]
+    mount = next((m for m in c.get("volumeMounts", []) if m["name"] in claims), None)
+    if mount is None or not (arg_value(eargs, "--data-dir") or "").startswith(
+            mount["mountPath"].rstrip("/") + "/"):
+        ck.err(where, f"--data-dir {arg_value(eargs, '--data-dir')} is not on a volumeClaimTemplate: "
+                      "the cluster state would die with the pod")
+    # Probes: the plain-HTTP metrics listener (the client port asks for a certificate).
+    mport = port_of(arg_value(eargs, "--listen-metrics-urls"))
+    if not (arg_value(eargs, "--listen-metrics-urls") or "").startswith("http://"):
+        ck.err(where, "--listen-metrics-urls must be plain http:// for the kubelet's probes")
+    for probe in ("readinessProbe", "livenessProbe"):
+        g = (c.get(probe) or {}).get("httpGet") or {}
+        if g.get("path") != "/health" or container_port(c, g.get("port")) != mport:
+            ck.err(where, f"{probe} must ask /health on the metrics port {mport}, asks "
+                          f"{g.get('path')} on {g.get('port')}")
+    # The datapath dials every member, under the scheme the members serve.
+    want_eps = ",".join(f"{host(i)}:{client}" for i in range(n))
+    if endpoints != want_eps:
+        ck.err(dp_where, f"--cluster-etcd={endpoints}, want every member: {want_eps}")
+    if insecure == secure:
+        ck.err(dp_where, f"--cluster-etcd-insecure is {insecure} but etcd's client-cert-auth is {secure}")
 
 
 def check_certs(ck, ctl_secret, dp_secret, controller_host):
@@ -898,6 +1083,46 @@ def self_test(ck_factory, docs, expect_secrets):
         "node readiness off the metrics port": lambda ds: set_arg(find(ds, "nbd-csi-node")[1], "--metrics-listen", "0.0.0.0:9999"),
         "controller readiness not /readyz": lambda ds: find(ds, "nbd-csi-controller")[1]["readinessProbe"]["httpGet"].update(path="/healthz"),
     }
+    etcd_sts = [wl for _, wl, pod in pods_of(docs)
+                if any(binary_of(c) == "etcd" for c in pod["containers"])]
+    if etcd_sts:
+        def etcd_c(ds):
+            return next(c for _, _, p in pods_of(ds) for c in p["containers"] if binary_of(c) == "etcd")
+
+        def dp_c(ds):
+            return find(ds, "nbd-datapathd")[1]
+
+        def etcd_wl(ds):
+            return next(wl for _, wl, p in pods_of(ds) if any(binary_of(c) == "etcd" for c in p["containers"]))
+
+        def flip_client_tls(ds):
+            c = dp_c(ds)
+            was = has_flag(c["args"], "--cluster-etcd-insecure")
+            c["args"] = [a for a in c["args"] if not a.startswith("--cluster-etcd-tls-")
+                         and a != "--cluster-etcd-insecure"]
+            if was:
+                c["args"] += [f"--cluster-etcd-tls-{k}=/etc/nbd-csi/tls/{f}"
+                              for k, f in (("cert", "tls.crt"), ("key", "tls.key"), ("ca", "ca.crt"))]
+            else:
+                c["args"].append("--cluster-etcd-insecure")
+
+        def shared_cert(ds):
+            pod, _ = find(ds, "nbd-datapathd")
+            vol = next(v for v in pod["volumes"] if v["name"] == "tls")
+            vol.pop("hostPath")
+            vol["secret"] = {"secretName": "nbd-csi-datapath-tls"}
+
+        mutations.update({
+            "etcd flag typo": lambda ds: etcd_c(ds)["args"].append("--client-cert-auht"),
+            "even etcd members": lambda ds: etcd_wl(ds)["spec"].update(replicas=2),
+            "datapath misses etcd members": lambda ds: set_arg(dp_c(ds), "--cluster-etcd", arg_value(dp_c(ds)["args"], "--cluster-etcd").split(",")[0] + ",extra:2379"),
+            "replica endpoint is a wildcard": lambda ds: set_arg(dp_c(ds), "--cluster-nbd-endpoint", "tcp://0.0.0.0:9824"),
+            "etcd data off its volume": lambda ds: set_arg(etcd_c(ds), "--data-dir", "/tmp/etcd"),
+            "etcd probe on the client port": lambda ds: etcd_c(ds)["readinessProbe"]["httpGet"].update(port="client"),
+            "shared datapath certificate": shared_cert,
+            "datapath TLS mismatch with etcd": flip_client_tls,
+            "etcd member names": lambda ds: set_arg(etcd_c(ds), "--name", "etcd"),
+        })
     failures = []
     for name, mutate in mutations.items():
         ds = copy.deepcopy(docs)

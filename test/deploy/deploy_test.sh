@@ -37,6 +37,9 @@ esac
 secrets="--set tls.existingSecret.controller=nbd-csi-controller-tls --set tls.existingSecret.datapath=nbd-csi-datapath-tls"
 snap_api="--api-versions snapshot.storage.k8s.io/v1"
 vac_api="--api-versions storage.k8s.io/v1beta1/VolumeAttributesClass"
+# Cluster mode (replicated volumes) needs per-node datapath certificates.
+per_node="--set tls.datapathHostPath=/etc/nbd-csi/node-tls --set tls.verifyDatapathServerName=false"
+cluster="$per_node --set cluster.enabled=true"
 value_sets() {
   echo "defaults|"
   echo "existing-secrets|$secrets"
@@ -48,6 +51,10 @@ value_sets() {
   echo "kernel-nbd-required|$secrets --set datapath.kernelNbd.mode=required"
   echo "per-node-certs|--set tls.existingSecret.controller=nbd-csi-controller-tls --set tls.datapathHostPath=/etc/nbd-csi/node-tls --set tls.verifyDatapathServerName=false"
   echo "monitoring|$secrets --api-versions monitoring.coreos.com/v1 --set monitoring.labels.release=kps --set monitoring.grafanaDashboard.enabled=true --set node.metrics.enabled=false"
+  echo "cluster-etcd-3|--set tls.certManager.enabled=true $cluster --set cluster.etcd.deploy.replicas=3 --set cluster.etcd.deploy.storage.storageClassName=local-path"
+  echo "cluster-etcd-secret|--set tls.existingSecret.controller=nbd-csi-controller-tls $cluster --set cluster.etcd.deploy.tls.existingSecret=nbd-csi-etcd-tls --set cluster.leaseTTLSeconds=15 --set cluster.replicaConnections=4 --set cluster.prefix=/prod/nbd-csi/"
+  echo "cluster-etcd-insecure|--set tls.existingSecret.controller=nbd-csi-controller-tls $cluster --set cluster.etcd.insecure=true"
+  echo "cluster-external|--set tls.existingSecret.controller=nbd-csi-controller-tls $cluster --set cluster.etcd.external.endpoints[0]=etcd-a.example:2379 --set cluster.etcd.external.endpoints[1]=10.0.0.7:2379 --set cluster.etcd.external.tlsSecret=etcd-client"
   echo "host-network|$secrets --set controller.hostNetwork=true --set controller.replicas=1 --set node.hostNetwork=true --set controller.apiServerAddress=127.0.0.1:6443 --set datapath.hostAliases[0].ip=127.0.0.1 --set datapath.hostAliases[0].hostnames[0]=nbd-csi-controller.nbd-csi.svc"
 }
 
@@ -77,6 +84,9 @@ case $what in
     lint_refuses "datapath.overcommit" --set datapath.overcommit=-1
     lint_refuses 'logLevel must be one of the following: "trace", "debug", "info", "warn", "error"' --set logLevel=verbose
     lint_refuses 'logFormat must be one of the following: "text", "json"' --set logFormat=xml
+    lint_refuses "cluster.etcd.deploy.replicas must be one of the following: 1, 3, 5" \
+      --set cluster.etcd.deploy.replicas=2
+    lint_refuses "cluster.leaseTTLSeconds: Must be greater than or equal to 2" --set cluster.leaseTTLSeconds=1
     # The chart README's values table names every value (a wildcard may stand for one level).
     python3 - "$chart/values.yaml" "$chart/README.md" <<'PY'
 import re, sys, yaml
@@ -157,7 +167,57 @@ elif name == "host-network":
 else:
     assert drv["spec"]["storageCapacity"] is True, drv
     assert "--enable-capacity" in prov["args"], prov["args"]
-    assert [p["apiVersion"] for p in pdb] == ["policy/v1"], pdb
+    assert [p["apiVersion"] for p in pdb if "etcd" not in p["metadata"]["name"]] == ["policy/v1"], pdb
+# Cluster mode: the etcd StatefulSet and its headless Service unless external endpoints are
+# given; the datapath's --cluster-* flags and its replica port either way; nothing of it off.
+sts = [d for d in docs if d["kind"] == "StatefulSet"]
+dpc = next(c for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"].endswith("-datapath")
+           for c in d["spec"]["template"]["spec"]["containers"])
+cl = {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else True for a in dpc["args"] if a.startswith("--cluster-")}
+if name.startswith("cluster-"):
+    svc = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert dpc["args"].count("--nbd-listen=tcp://$(HOST_IP):9824") == 1, dpc["args"]
+    assert cl["--cluster-nbd-endpoint"] == "tcp://$(HOST_IP):9824", cl
+    assert {"name": "nbd", "containerPort": 9824, "hostPort": 9824, "protocol": "TCP"} in dpc["ports"], dpc["ports"]
+    assert "--nbd-tls-cert=/etc/nbd-csi/tls/tls.crt" in dpc["args"], dpc["args"]
+    if name == "cluster-external":
+        assert not sts and "t-nbd-csi-etcd" not in svc, (sts, sorted(svc))
+        assert cl["--cluster-etcd"] == "etcd-a.example:2379,10.0.0.7:2379", cl
+        assert cl["--cluster-etcd-tls-cert"] == "/etc/nbd-csi/etcd-tls/tls.crt", cl
+        vols = next(d for d in docs if d["kind"] == "DaemonSet" and
+                    d["metadata"]["name"].endswith("-datapath"))["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "etcd-tls", "secret": {"secretName": "etcd-client", "defaultMode": 0o400}} in vols, vols
+    else:
+        n = 3 if name == "cluster-etcd-3" else 1
+        assert [s["metadata"]["name"] for s in sts] == ["t-nbd-csi-etcd"], sts
+        assert sts[0]["spec"]["replicas"] == n, sts[0]["spec"]
+        assert svc["t-nbd-csi-etcd"]["spec"]["clusterIP"] == "None", svc["t-nbd-csi-etcd"]
+        members = [f"t-nbd-csi-etcd-{i}.t-nbd-csi-etcd.ns.svc:2379" for i in range(n)]
+        assert cl["--cluster-etcd"] == ",".join(members), cl
+        pod = sts[0]["spec"]["template"]["spec"]
+        anti = (pod.get("affinity") or {}).get("podAntiAffinity")
+        assert bool(anti) == (n > 1), pod.get("affinity")
+        pdbs = [p["metadata"]["name"] for p in pdb if "etcd" in p["metadata"]["name"]]
+        assert pdbs == (["t-nbd-csi-etcd"] if n > 1 else []), pdbs
+        claim = sts[0]["spec"]["volumeClaimTemplates"][0]["spec"]
+        assert claim.get("storageClassName") == ("local-path" if n > 1 else None), claim
+        etcd_args = pod["containers"][0]["args"]
+        if name == "cluster-etcd-insecure":
+            assert cl.get("--cluster-etcd-insecure") is True and "--client-cert-auth" not in etcd_args, (cl, etcd_args)
+            assert "--listen-client-urls=http://0.0.0.0:2379" in etcd_args, etcd_args
+        else:
+            assert "--cluster-etcd-insecure" not in cl and "--client-cert-auth" in etcd_args, (cl, etcd_args)
+            assert cl["--cluster-etcd-tls-cert"] == "/etc/nbd-csi/tls/tls.crt", cl
+        if name == "cluster-etcd-3":
+            cert = next(d for d in docs if d["kind"] == "Certificate" and d["metadata"]["name"] == "t-nbd-csi-etcd")
+            assert cert["spec"]["secretName"] == "t-nbd-csi-etcd-tls", cert
+        if name == "cluster-etcd-secret":
+            assert (cl["--cluster-lease-ttl"], cl["--cluster-prefix"]) == ("15", "/prod/nbd-csi/"), cl
+            assert "--replica-connections=4" in dpc["args"], dpc["args"]
+            tlsvol = next(v for v in pod["volumes"] if v["name"] == "tls")
+            assert tlsvol["secret"]["secretName"] == "nbd-csi-etcd-tls", tlsvol
+else:
+    assert not sts and not cl and not any(a.startswith("--nbd-listen=tcp") for a in dpc["args"]), (sts, dpc["args"])
 if name == "monitoring":
     # One PodMonitor per daemon with metrics on (the node's are off here), under the job names
     # the alerting rules match; the rules file whole as the PrometheusRule; the dashboard parses.
@@ -248,6 +308,40 @@ PY
     # shellcheck disable=SC2086
     refuse "tls.datapathHostPath: Does not match pattern" $secrets \
       --set tls.verifyDatapathServerName=false --set tls.datapathHostPath=etc/relative
+    # Cluster mode: per-node certificates, an etcd certificate, an odd quorum, no etcd volume on
+    # nbd-csi's own classes, no TLS secret for an etcd that is not external.
+    # shellcheck disable=SC2086
+    refuse "cluster.enabled: replicas are served over NBD with mutual TLS" \
+      $secrets --set cluster.enabled=true
+    # shellcheck disable=SC2086
+    refuse "cluster.etcd.deploy: the etcd members need a server certificate" \
+      --set tls.existingSecret.controller=x $cluster
+    # shellcheck disable=SC2086
+    refuse "cluster.etcd.deploy.replicas must be one of the following: 1, 3, 5" \
+      --set tls.certManager.enabled=true $cluster --set cluster.etcd.deploy.replicas=2
+    # shellcheck disable=SC2086
+    refuse "storageClassName nbd-csi-qos is an nbd-csi class" \
+      --set tls.certManager.enabled=true $cluster --set cluster.etcd.deploy.storage.storageClassName=nbd-csi-qos
+    # shellcheck disable=SC2086
+    refuse "the default StorageClass is nbd-csi, an nbd-csi class" \
+      --set tls.certManager.enabled=true $cluster --set 'storageClasses[0].name=nbd-csi' \
+      --set 'storageClasses[0].isDefaultClass=true'
+    # shellcheck disable=SC2086
+    refuse "cluster.etcd.external.tlsSecret is for an external etcd" \
+      --set tls.certManager.enabled=true $cluster --set cluster.etcd.external.tlsSecret=x
+    # shellcheck disable=SC2086
+    refuse "choose cluster.etcd.insecure or cluster.etcd.external.tlsSecret" \
+      --set tls.certManager.enabled=true $cluster --set 'cluster.etcd.external.endpoints[0]=e:2379' \
+      --set cluster.etcd.external.tlsSecret=x --set cluster.etcd.insecure=true
+    # shellcheck disable=SC2086
+    refuse "cluster.etcd.external.endpoints.0: Does not match pattern" \
+      --set tls.certManager.enabled=true $cluster --set 'cluster.etcd.external.endpoints[0]=https://e:2379/'
+    # shellcheck disable=SC2086
+    refuse "cluster.nbdPort 9820 is already the datapath's API or metrics port" \
+      --set tls.certManager.enabled=true $cluster --set cluster.nbdPort=9820
+    # shellcheck disable=SC2086
+    refuse "cluster.prefix: Does not match pattern" \
+      --set tls.certManager.enabled=true $cluster --set cluster.prefix=nbd-csi
     # What the cluster does not serve is refused when asked for explicitly.
     # shellcheck disable=SC2086
     refuse "does not serve snapshot.storage.k8s.io/v1" $secrets --set volumeSnapshotClass.create=true
@@ -343,6 +437,7 @@ for d in yaml.safe_load_all(sys.stdin):
       case $name in
         defaults) extra=(--expect-secrets --self-test) ;;
         vac) extra=(--examples "$src/examples") ;;
+        cluster-etcd-3|cluster-etcd-insecure) extra=(--self-test) ;;
       esac
       # shellcheck disable=SC2086
       "$helm" template nbd-csi "$chart" -n nbd-csi $args >"$tmp/$name.yaml"

@@ -114,13 +114,15 @@ PY
     stale && fail "the image is older than the binaries: run image.build first"
     r=$(rootfs)
     # mkfs and online resize (node plugin), modprobe nbd, nbdfuse + fusermount3 and losetup
-    # (datapath fallback without nbd.ko), blkid/mount for operators.
+    # (datapath fallback without nbd.ko), blkid/mount for operators, etcd (the chart's cluster
+    # mode runs it from this image).
     for t in mkfs.ext4 mkfs.xfs resize2fs xfs_growfs e2fsck xfs_repair modprobe nbdfuse fusermount3 \
-             losetup blkid mount umount findmnt sh; do
+             losetup blkid mount umount findmnt sh etcd; do
       p=$(chroot "$r" sh -c "command -v $t") || fail "$t is not on the image's PATH"
       echo "ok: $t: $p"
     done
     chroot "$r" nbdfuse --version >/dev/null || fail "nbdfuse does not run in the image"
+    chroot "$r" etcd --version >/dev/null || fail "etcd does not run in the image"
     chroot "$r" mkfs.xfs -V >/dev/null || fail "mkfs.xfs does not run in the image"
     # mkfs into a file inside the image proves the tools and their libraries work.
     truncate -s 300M "$r/tmp/fs.img"

@@ -39,6 +39,41 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-datapath-tls" (include "nbd-csi.fullname" .)) .Values.tls.existingSecret.datapath -}}
 {{- end -}}
 
+{{/* The cluster's etcd (values.yaml, cluster). The chart deploys it when cluster mode is on and no
+external endpoint is given; each helper prints nothing when it does not apply. */}}
+{{- define "nbd-csi.etcdDeployed" -}}
+{{- if and .Values.cluster.enabled (not .Values.cluster.etcd.external.endpoints) -}}true{{- end -}}
+{{- end -}}
+{{- define "nbd-csi.etcdName" -}}
+{{- printf "%s-etcd" (include "nbd-csi.fullname" .) -}}
+{{- end -}}
+{{- define "nbd-csi.etcdTlsSecret" -}}
+{{- default (printf "%s-etcd-tls" (include "nbd-csi.fullname" .)) .Values.cluster.etcd.deploy.tls.existingSecret -}}
+{{- end -}}
+{{- define "nbd-csi.etcdScheme" -}}
+{{- if .Values.cluster.etcd.insecure -}}http{{- else -}}https{{- end -}}
+{{- end -}}
+{{/* The DNS names of the deployed members, one per line: what the peers and the datapaths dial,
+and what the members' certificate must name. */}}
+{{- define "nbd-csi.etcdMemberHosts" -}}
+{{- $name := include "nbd-csi.etcdName" . -}}
+{{- range $i := until (int .Values.cluster.etcd.deploy.replicas) }}
+{{ printf "%s-%d.%s.%s.svc" $name $i $name $.Release.Namespace }}
+{{- end -}}
+{{- end -}}
+{{/* --cluster-etcd: the external endpoints, or every deployed member's client address. */}}
+{{- define "nbd-csi.etcdEndpoints" -}}
+{{- if .Values.cluster.etcd.external.endpoints -}}
+{{- join "," .Values.cluster.etcd.external.endpoints -}}
+{{- else -}}
+{{- $eps := list -}}
+{{- range (include "nbd-csi.etcdMemberHosts" . | trim | splitList "\n") -}}
+{{- $eps = append $eps (printf "%s:%d" . (int $.Values.cluster.etcd.deploy.clientPort)) -}}
+{{- end -}}
+{{- join "," $eps -}}
+{{- end -}}
+{{- end -}}
+
 {{/* What the cluster serves decides a few objects and flags, so that one chart installs on every
 supported Kubernetes (1.20 and later) instead of failing on the older ones. helm install and
 upgrade ask the API server; helm template assumes its own default version unless given
@@ -138,6 +173,48 @@ securityContext:
 {{- end -}}
 {{- if not (has .Values.datapath.updateStrategy.type (list "OnDelete" "RollingUpdate")) -}}
 {{- fail "datapath.updateStrategy.type must be OnDelete or RollingUpdate" -}}
+{{- end -}}
+{{- with .Values.cluster -}}
+{{- if .enabled -}}
+{{- if not $.Values.tls.datapathHostPath -}}
+{{- fail "cluster.enabled: replicas are served over NBD with mutual TLS and a target checks that each replica's certificate names its node (URI SAN spiffe://nbd.csi.io/node/<node name>); the shared datapath certificate names none: set tls.datapathHostPath to each node's own certificate directory" -}}
+{{- end -}}
+{{- if has (int .nbdPort) (list (int $.Values.datapath.apiPort) (int $.Values.datapath.metrics.port)) -}}
+{{- fail (printf "cluster.nbdPort %d is already the datapath's API or metrics port" (int .nbdPort)) -}}
+{{- end -}}
+{{- if and .etcd.insecure .etcd.external.tlsSecret -}}
+{{- fail "cluster.etcd: choose cluster.etcd.insecure or cluster.etcd.external.tlsSecret, not both" -}}
+{{- end -}}
+{{- if and .etcd.external.tlsSecret (not .etcd.external.endpoints) -}}
+{{- fail "cluster.etcd.external.tlsSecret is for an external etcd: set cluster.etcd.external.endpoints too (or leave it empty to deploy etcd)" -}}
+{{- end -}}
+{{- if include "nbd-csi.etcdDeployed" $ -}}
+{{- $d := .etcd.deploy -}}
+{{- $r := int $d.replicas -}}
+{{- if or (lt $r 1) (and (gt $r 1) (eq (mod $r 2) 0)) -}}
+{{- fail (printf "cluster.etcd.deploy.replicas %d: etcd needs a majority of its members, so an even count tolerates no more failures than one less: use 1, 3 or 5" $r) -}}
+{{- end -}}
+{{- if and (not .etcd.insecure) (not $d.tls.existingSecret) (not $.Values.tls.certManager.enabled) -}}
+{{- fail "cluster.etcd.deploy: the etcd members need a server certificate from the node certificates' CA: set cluster.etcd.deploy.tls.existingSecret (tls.crt, tls.key, ca.crt), or tls.certManager.enabled to have it issued (cluster.etcd.insecure for a plaintext test cluster)" -}}
+{{- end -}}
+{{- $classes := list -}}
+{{- range $.Values.storageClasses -}}
+{{- $classes = append $classes .name -}}
+{{- if and .isDefaultClass (not $d.storage.storageClassName) -}}
+{{- fail (printf "cluster.etcd.deploy.storage.storageClassName is empty and the default StorageClass is %s, an nbd-csi class: its volumes need the datapaths, which need this etcd to start; name another StorageClass" .name) -}}
+{{- end -}}
+{{- end -}}
+{{- if has $d.storage.storageClassName $classes -}}
+{{- fail (printf "cluster.etcd.deploy.storage.storageClassName %s is an nbd-csi class: its volumes need the datapaths, which need this etcd to start; use another StorageClass" $d.storage.storageClassName) -}}
+{{- end -}}
+{{- if has (int $d.metricsPort) (list (int $d.clientPort) (int $d.peerPort)) -}}
+{{- fail "cluster.etcd.deploy: clientPort, peerPort and metricsPort must differ" -}}
+{{- end -}}
+{{- if eq (int $d.clientPort) (int $d.peerPort) -}}
+{{- fail "cluster.etcd.deploy: clientPort, peerPort and metricsPort must differ" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- $known := list "maxIops" "maxReadIops" "maxWriteIops" "maxBps" "maxReadBps" "maxWriteBps" "iopsPerGiB" "bpsPerGiB" "burstMs" -}}
 {{- range .Values.storageClasses -}}
