@@ -33,6 +33,7 @@ set(NBDCSI_TSAN_TESTS
   pool_test pool_create_test pool_rules_test pool_metadata_test pool_snapshot_test
   name_locks_test
   nbd_codec_test nbd_negotiate_test nbd_tls_test replica_client_test replica_set_test
+  cluster_agent_test
   region_bitmap_test resync_test
   api_service_test)
 

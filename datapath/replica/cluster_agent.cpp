@@ -30,24 +30,79 @@ StatusOr<std::unique_ptr<ClusterAgent>> ClusterAgent::Start(cluster::ClusterStor
   if (options.node_id.empty()) return Error(EINVAL, "the cluster agent needs this node's id");
   std::unique_ptr<ClusterAgent> agent(new ClusterAgent(store, host, std::move(options)));
   ClusterAgent* raw = agent.get();
-  auto lease = cluster::Lease::Grant(store, agent->opts_.lease_ttl_seconds,
-                                     [raw](const Status& why) { raw->OnLeaseLost(why); });
-  if (!lease.ok())
-    return Error(lease.status().code(), "cluster: cannot get a lease for node {}: {}",
-                 agent->opts_.node_id, lease.status().message());
-  agent->lease_ = std::move(*lease);
-  if (Status s = store.RegisterNode(agent->opts_.node_id, agent->lease_->id(),
-                                    agent->opts_.nbd_endpoint);
-      !s.ok())
-    return Error(s.code(), "cluster: cannot register node {}: {}", agent->opts_.node_id,
-                 s.message());
+  if (Status s = agent->Join(); !s.ok()) {
+    spdlog::warn("cluster: node {} cannot join yet ({}); retrying in the background, local "
+                 "volumes are served meanwhile",
+                 agent->opts_.node_id, s.message());
+  }
+  agent->join_thread_ = std::thread([raw] { raw->JoinLoop(); });
   if (agent->opts_.resync_interval.count() > 0)
     agent->resync_thread_ = std::thread([raw] { raw->ResyncLoop(); });
-  spdlog::info("cluster: node {} registered (NBD endpoint {}, lease TTL {} s)",
-               agent->opts_.node_id,
-               agent->opts_.nbd_endpoint.empty() ? "none" : agent->opts_.nbd_endpoint,
-               agent->lease_->ttl_seconds());
   return agent;
+}
+
+Status ClusterAgent::Join() {
+  auto lease = cluster::Lease::Grant(store_, opts_.lease_ttl_seconds,
+                                     [this](const Status& why) { OnLeaseLost(why); });
+  Status s;
+  if (!lease.ok()) {
+    s = Error(lease.status().code(), "cannot get a lease: {}", lease.status().message());
+  } else if (Status r = store_.RegisterNode(opts_.node_id, (*lease)->id(), opts_.nbd_endpoint);
+             !r.ok()) {
+    s = Error(r.code(), "cannot register: {}", r.message());
+  }
+  std::shared_ptr<cluster::Lease> old;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!s.ok()) {
+      join_error_ = s;
+    } else {
+      old = std::move(lease_);
+      lease_ = std::move(*lease);
+      join_error_ = Status::Ok();
+    }
+  }
+  // Outside the lock: a Lease's destructor joins its keepalive thread, whose loss callback
+  // takes the lock.
+  old.reset();
+  if (s.ok()) {
+    spdlog::info("cluster: node {} registered (NBD endpoint {}, lease TTL {} s)", opts_.node_id,
+                 opts_.nbd_endpoint.empty() ? "none" : opts_.nbd_endpoint,
+                 opts_.lease_ttl_seconds);
+  }
+  return s;
+}
+
+void ClusterAgent::JoinLoop() {
+  auto pause = std::chrono::milliseconds(500);
+  std::string logged;
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopped_) {
+    const bool need = !lease_ || lease_->lost();
+    if (!need) {
+      pause = std::chrono::milliseconds(500);
+      resync_cv_.wait_for(lock, std::chrono::seconds(1), [&] { return stopped_; });
+      continue;
+    }
+    lock.unlock();
+    Status s = Join();
+    lock.lock();
+    if (s.ok()) {
+      logged.clear();
+      continue;
+    }
+    if (s.message() != logged) {
+      logged = s.message();
+      spdlog::warn("cluster: node {} cannot join: {} (retrying)", opts_.node_id, s.message());
+    }
+    resync_cv_.wait_for(lock, pause, [&] { return stopped_; });
+    pause = std::min(pause * 2, std::chrono::milliseconds(5000));
+  }
+}
+
+bool ClusterAgent::joined() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return lease_ && !lease_->lost();
 }
 
 ClusterAgent::~ClusterAgent() { Stop(); }
@@ -58,6 +113,7 @@ void ClusterAgent::OnLeaseLost(const Status& why) {
   std::lock_guard<std::mutex> lock(mu_);
   for (auto& [name, t] : targets_)
     t->Stop(fmt::format("node {} lost its cluster lease: {}", opts_.node_id, why.message()));
+  resync_cv_.notify_all();
 }
 
 TargetInfo ClusterAgent::Info(Target& t) {
@@ -79,13 +135,24 @@ StatusOr<TargetInfo> ClusterAgent::OpenTarget(const std::string& volume) {
     if (stopped_) return Error(ESHUTDOWN, "cluster agent of node {} is stopping", opts_.node_id);
     if (auto it = targets_.find(volume); it != targets_.end()) return Info(*it->second);
   }
-  if (lease_->lost())
-    return Error(ENOLINK, "node {} has lost its cluster lease ({}): it cannot claim {}",
-                 opts_.node_id, lease_->lost_reason().message(), volume);
+  std::shared_ptr<cluster::Lease> lease;
+  Status why_not;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    lease = lease_;
+    why_not = join_error_;
+  }
+  if (!lease || lease->lost()) {
+    return Error(ENOLINK, "node {} is not in the cluster now ({}): it cannot claim {}",
+                 opts_.node_id,
+                 lease ? "its lease was lost: " + lease->lost_reason().message()
+                       : why_not.message(),
+                 volume);
+  }
   TargetOptions o;
   o.volume = volume;
   o.node = opts_.node_id;
-  o.lease = lease_->id();
+  o.lease = lease->id();
   o.tls = opts_.replica_tls;
   o.connections = opts_.connections;
   o.handshake_timeout = opts_.handshake_timeout;
@@ -100,7 +167,7 @@ StatusOr<TargetInfo> ClusterAgent::OpenTarget(const std::string& volume) {
   TargetInfo info = Info(**t);
   std::lock_guard<std::mutex> lock(mu_);
   // A lease lost while we opened: the new target must not serve either.
-  if (lease_->lost()) (*t)->Stop("node lost its cluster lease while the target opened");
+  if (lease->lost()) (*t)->Stop("node lost its cluster lease while the target opened");
   targets_[volume] = std::move(*t);
   return info;
 }
@@ -207,17 +274,23 @@ void ClusterAgent::Stop() {
   std::vector<std::string> names;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stopped_ && !resync_thread_.joinable()) return;
+    if (stopped_ && !resync_thread_.joinable() && !join_thread_.joinable()) return;
     stopped_ = true;
     resync_cv_.notify_all();
     for (const auto& [name, t] : targets_) names.push_back(name);
   }
   if (resync_thread_.joinable()) resync_thread_.join();
+  if (join_thread_.joinable()) join_thread_.join();
   for (const auto& n : names) {
     if (Status s = CloseTarget(n); !s.ok())
       spdlog::warn("cluster: closing target {}: {}", n, s.message());
   }
-  if (lease_) lease_->Release();
+  std::shared_ptr<cluster::Lease> lease;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    lease = std::move(lease_);
+  }
+  if (lease) lease->Release();
 }
 
 }  // namespace nbdcsi::replica

@@ -6,7 +6,11 @@
 // Every claim hangs on the node's lease. When the lease is lost (etcd unreachable for a TTL, or
 // expired), another node may claim any of these volumes: every target here stops at once (its
 // requests fail with EIO) and stays registered until it is closed, so a client sees errors, not
-// a vanished export.
+// a vanished export. The agent then joins again with a new lease, for new targets.
+//
+// Joining (lease + registration) never holds the daemon up: Start tries once, and when etcd is
+// not reachable a thread keeps trying (with back-off) while the datapath serves its local
+// volumes; until it has joined, OpenTarget fails with ENOLINK saying why.
 #pragma once
 
 #include <chrono>
@@ -67,8 +71,8 @@ struct TargetInfo {
 
 class ClusterAgent {
  public:
-  // Grants the node's lease through `store`, keeps it alive, and registers the node. `store` and
-  // `host` must outlive the agent.
+  // Joins the cluster (see above) and starts the automatic resync. EINVAL for bad options only.
+  // `store` and `host` must outlive the agent.
   static StatusOr<std::unique_ptr<ClusterAgent>> Start(cluster::ClusterStore& store,
                                                        ExportHost& host,
                                                        ClusterAgentOptions options);
@@ -91,7 +95,8 @@ class ClusterAgent {
   std::vector<TargetInfo> ListTargets();
 
   const std::string& node_id() const { return opts_.node_id; }
-  bool lease_lost() const { return lease_ && lease_->lost(); }
+  // True while the node holds a live lease and its registration.
+  bool joined() const;
 
   // Closes every target (releasing the claims) and revokes the lease. Idempotent.
   void Stop();
@@ -99,6 +104,9 @@ class ClusterAgent {
  private:
   ClusterAgent(cluster::ClusterStore& store, ExportHost& host, ClusterAgentOptions options);
   void OnLeaseLost(const Status& why);
+  // Grants a lease and registers the node; the new lease replaces a lost one.
+  Status Join();
+  void JoinLoop();
   // The automatic resync: every resync_interval, each out-of-sync replica of a target here whose
   // node is registered (alive) again is resynced, one at a time.
   void ResyncLoop();
@@ -108,13 +116,15 @@ class ClusterAgent {
   cluster::ClusterStore& store_;
   ExportHost& host_;
   ClusterAgentOptions opts_;
-  std::unique_ptr<cluster::Lease> lease_;
+  std::shared_ptr<cluster::Lease> lease_;  // under mu_; replaced when lost
   std::mutex ops_mu_;  // one open or close at a time (each does network I/O)
-  std::mutex mu_;      // targets_
+  mutable std::mutex mu_;  // targets_, lease_, join state
   std::map<std::string, std::unique_ptr<Target>> targets_;
   bool stopped_ = false;
-  std::condition_variable resync_cv_;  // with mu_: wakes the loop at Stop
+  std::condition_variable resync_cv_;  // with mu_: wakes the loops at Stop, and a lost lease
   std::thread resync_thread_;
+  std::thread join_thread_;
+  Status join_error_;  // the last failed join (under mu_)
   std::map<std::string, std::string> resync_failed_;  // "volume/node" -> last error logged
 };
 

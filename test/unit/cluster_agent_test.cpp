@@ -4,6 +4,7 @@
 // The serving path against real replicas is integration.replicated_target.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <mutex>
 #include <vector>
 
@@ -83,23 +84,52 @@ TEST(ClusterAgent, RefusalsLeaveNoClaimAndNoExport) {
   EXPECT_EQ((*agent)->OpenTarget("rv").status().code(), EBUSY);
 }
 
-TEST(ClusterAgent, ALostLeaseRefusesNewTargets) {
+TEST(ClusterAgent, ALostLeaseIsReplacedByANewOne) {
   test::MemoryClusterStore store;
   RecordingHost host;
   auto o = Opts();
   o.lease_ttl_seconds = 1;
   auto agent = ClusterAgent::Start(store, host, o);
   ASSERT_TRUE(agent.ok());
-  // What etcd does when the TTL runs out: the keepalive then learns the lease is gone. The
-  // memory store numbers leases from 0x1000; the agent's is the only one.
-  bool expired = false;
-  for (cluster::LeaseId id = 0x1000; id < 0x1010 && !expired; ++id) expired = store.ExpireLease(id);
-  ASSERT_TRUE(expired);
-  ASSERT_TRUE(test::WaitUntil([&] { return (*agent)->lease_lost(); }, 5s));
-  ASSERT_TRUE(store.CreateVolume({"rv", 1 << 20, {"node-a"}, {"node-a"}, "", 0}).ok());
+  ASSERT_TRUE((*agent)->joined());
+  // What etcd does when the TTL runs out: the node's key goes with the lease, the keepalive
+  // learns it is gone, and the agent joins again with a new lease. The memory store numbers
+  // leases from 0x1000; the agent's is the only one.
+  ASSERT_TRUE(store.ExpireLease(0x1000));
+  EXPECT_TRUE(store.LiveNodes().value().empty());
+  ASSERT_TRUE(test::WaitUntil(
+      [&] { return store.LiveNodes().value() == std::vector<std::string>{"node-t"}; }, 10s));
+  EXPECT_TRUE((*agent)->joined());
+  EXPECT_EQ(store.KeepAliveLease(0x1000).status().code(), ENOENT);
+  EXPECT_TRUE(store.KeepAliveLease(0x1001).ok()) << "the new lease is kept alive";
+}
+
+// etcd unreachable when the datapath starts: the agent does not hold the daemon up, refuses
+// targets saying why, and joins once etcd answers.
+class UnreachableStore : public test::MemoryClusterStore {
+ public:
+  StatusOr<cluster::LeaseId> GrantLease(int64_t ttl) override {
+    if (down) return Error(EAGAIN, "etcd 127.0.0.22:2379: connection refused");
+    return test::MemoryClusterStore::GrantLease(ttl);
+  }
+  std::atomic<bool> down{true};
+};
+
+TEST(ClusterAgent, StartsWithoutEtcdAndJoinsLater) {
+  UnreachableStore store;
+  RecordingHost host;
+  auto agent = ClusterAgent::Start(store, host, Opts());
+  ASSERT_TRUE(agent.ok()) << agent.status().message();
+  EXPECT_FALSE((*agent)->joined());
   auto r = (*agent)->OpenTarget("rv");
-  EXPECT_EQ(r.status().code(), ENOLINK) << r.status().message();
-  EXPECT_EQ(store.GetVolume("rv")->epoch, 0u) << "no claim was even tried";
+  EXPECT_EQ(r.status().code(), ENOLINK);
+  EXPECT_NE(r.status().message().find("connection refused"), std::string::npos)
+      << r.status().message();
+  store.down = false;
+  ASSERT_TRUE(test::WaitUntil([&] { return (*agent)->joined(); }, 10s));
+  EXPECT_EQ(store.NodeEndpoint("node-t").value(), "tcp://127.0.0.13:10809");
+  EXPECT_EQ((*agent)->OpenTarget("rv").status().code(), ENOENT) << "joined: now the volume is "
+                                                                   "what is missing";
 }
 
 }  // namespace
