@@ -12,10 +12,14 @@
 #   - mkfs.ext4 + mount, fio randwrite O_DIRECT with crc32c verify on a file; kill -9 of node-b's
 #     datapath mid-run: fio ends with no error and a clean verify, no I/O error in the kernel log,
 #     the target is degraded with in_sync [node-a] (in etcd too)
+#   - a second fio run while node-t's datapath (the target) is killed with -9 and restarted: its
+#     recovery reopens the target through the cluster agent and RECONFIGUREs the device; fio ends
+#     with no error and a clean verify
 #   - umount, e2fsck clean, detach (device size 0, record gone, the target still open), target
 #     close (the claim released in etcd), every daemon stopped
-# Reported: fio's IOPS and its worst write completion latency (the stall around the kill), and the
-# time from the kill to the target reporting itself degraded.
+# Reported: fio's IOPS and its worst write completion latency (the stall around each kill), the
+# time from the replica's kill to the target reporting itself degraded, and from the target's
+# kill to its device reconnected.
 . /opt/lib/nbdcsi-vm.sh
 
 D=/tmp/ta MNT=/mnt/ta FIOLOG=/tmp/ta/fio.json ETCD=127.0.0.1:2379 CERTS=/opt/certs
@@ -24,9 +28,12 @@ declare -A IP=([a]=127.0.0.11 [b]=127.0.0.12 [t]=127.0.0.13) PID=()
 ETCDPID='' FIOPID=''
 fail() {
   echo "FAIL: $*"
-  for n in a b t; do
-    echo "---- node-$n datapathd log (last 25 lines) ----"; tail -n 25 "$D/$n/datapathd.log" 2>/dev/null || true
+  for n in a b; do
+    echo "---- node-$n datapathd log (last 15 lines) ----"; tail -n 15 "$D/$n/datapathd.log" 2>/dev/null || true
   done
+  echo "---- node-t datapathd log (first 40 warnings and errors, last 15 lines) ----"
+  grep -E ' (warn|error|critical) ' "$D/t/datapathd.log" 2>/dev/null | head -n 40 || true
+  echo ...; tail -n 15 "$D/t/datapathd.log" 2>/dev/null || true
   echo "---- etcd log (last 10 lines) ----"; tail -n 10 "$D/etcd.log" 2>/dev/null || true
   echo "---- fio ----"; tail -n 30 "$D/fio.err" 2>/dev/null || true
   echo "---- kernel log, nbd and I/O lines (last 30) ----"
@@ -51,12 +58,13 @@ etcd --name vm --data-dir "$D/etcd" --listen-client-urls "http://$ETCD" \
   --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster vm=http://127.0.0.1:2380 \
   >"$D/etcd.log" 2>&1 &
 ETCDPID=$!
+# Its port opens before it serves (under TCG seconds before): wait for it to say it is ready.
 for _ in $(seq 300); do
-  (exec 3<>/dev/tcp/127.0.0.1/2379) 2>/dev/null && break
+  grep -q 'ready to serve client requests' "$D/etcd.log" && break
   kill -0 "$ETCDPID" 2>/dev/null || fail "etcd exited during startup"
   sleep 0.1
 done
-(exec 3<>/dev/tcp/127.0.0.1/2379) 2>/dev/null || fail "etcd does not listen on $ETCD after 30 s"
+grep -q 'ready to serve client requests' "$D/etcd.log" || fail "etcd is not ready after 30 s"
 step "etcd up on $ETCD"
 
 node_start() {
@@ -67,7 +75,7 @@ node_start() {
     --nbd-listen "tcp://${IP[$n]}:10809" --nbd-listen "unix://$D/$n/nbd.sock" \
     --nbd-tls-cert "$CERTS/node-node-$n.crt" --nbd-tls-key "$CERTS/node-node-$n.key" \
     --nbd-tls-ca "$CERTS/ca.crt" --node-id "node-$n" --cluster-etcd "$ETCD" \
-    --cluster-etcd-insecure --cluster-lease-ttl 4 --attach-io-timeout 30 \
+    --cluster-etcd-insecure --cluster-lease-ttl 10 --attach-io-timeout 10 \
     --attach-dead-conn-timeout 120 --log-level info >>"$D/$n/datapathd.log" 2>&1 &
   PID[$n]=$!
 }
@@ -111,12 +119,37 @@ mkfs.ext4 -q -F -E nodiscard "$DEV" || fail "mkfs.ext4"
 mount -t ext4 "$DEV" "$MNT" || fail "mount"
 step "mkfs.ext4 + mount"
 
-# Paced so the kill lands mid-run on a fast machine too (TCG is slower than the pace anyway).
-fio --name=target --filename="$MNT/fio.dat" --size=24M --bs=4k --rw=randwrite --ioengine=libaio \
-  --iodepth=8 --rate_iops=,400 --direct=1 --verify=crc32c --verify_fatal=1 --do_verify=1 \
-  --output-format=json --output="$FIOLOG" 2>"$D/fio.err" &
-FIOPID=$!
-step "fio started (randwrite 24M, 4k, iodepth 8, at most 400 IOPS, O_DIRECT, crc32c verify)"
+# fio_start FILE: randwrite with crc32c verify on FILE of the mounted ext4, in the background.
+# Paced so the kills land mid-run on a fast machine too (TCG is slower than the pace anyway).
+FIO_MB=6
+fio_start() {
+  fio --name=target --filename="$MNT/$1" --size=${FIO_MB}M --bs=4k --rw=randwrite --ioengine=libaio \
+    --iodepth=8 --rate_iops=,200 --direct=1 --verify=crc32c --verify_fatal=1 --do_verify=1 \
+    --output-format=json --output="$FIOLOG" 2>"$D/fio.err" &
+  FIOPID=$!
+  step "fio started on $1 (randwrite ${FIO_MB}M, 4k, iodepth 8, at most 200 IOPS, O_DIRECT, crc32c verify)"
+}
+# fio_check: waits for fio, which must end with no error and every written byte verified.
+fio_check() {
+  local rc=0 written verified
+  wait "$FIOPID" || rc=$?
+  FIOPID=''
+  [ "$rc" = 0 ] || fail "fio exited $rc"
+  jq -e '.jobs[0].error == 0' "$FIOLOG" >/dev/null || fail "fio reports an error: $(jq -c '.jobs[0].error' "$FIOLOG")"
+  written=$(jq '.jobs[0].write.io_bytes' "$FIOLOG") verified=$(jq '.jobs[0].read.io_bytes' "$FIOLOG")
+  [ "$written" -ge $((FIO_MB << 20)) ] || fail "fio wrote $written bytes"
+  [ "$verified" -ge $((FIO_MB << 20)) ] || fail "fio verified $verified bytes of $written"
+  grep -qiE 'verify|bad magic' "$D/fio.err" && fail "fio verify: $(cat "$D/fio.err")"
+  echo "fio: write $(jq '.jobs[0].write.iops | floor' "$FIOLOG") IOPS," \
+    "clat p50 $(jq '.jobs[0].write.clat_ns.percentile["50.000000"] / 1000 | floor' "$FIOLOG") us," \
+    "p99 $(jq '.jobs[0].write.clat_ns.percentile["99.000000"] / 1000 | floor' "$FIOLOG") us," \
+    "max $(jq '.jobs[0].write.clat_ns.max / 1000000 | floor' "$FIOLOG") ms;" \
+    "verify read $(jq '.jobs[0].read.iops | floor' "$FIOLOG") IOPS; $written bytes written and verified"
+  dmesg | grep -qE 'I/O error|Buffer I/O error|blk_update_request' && fail "the kernel logged I/O errors"
+  return 0
+}
+
+fio_start fio1.dat
 sleep 6
 kill -0 "$FIOPID" 2>/dev/null || fail "fio ended before the kill: the run is too short to test anything"
 t_kill=$(ms_now)
@@ -133,21 +166,7 @@ done
 [ -n "$t_degraded" ] || fail "the target did not report itself degraded within 30 s of the kill"
 step "target degraded $((t_degraded - t_kill)) ms after the kill"
 kill -0 "$FIOPID" 2>/dev/null || echo "note: fio had already finished when the target turned degraded"
-rc=0
-wait "$FIOPID" || rc=$?
-FIOPID=''
-[ "$rc" = 0 ] || fail "fio exited $rc"
-jq -e '.jobs[0].error == 0' "$FIOLOG" >/dev/null || fail "fio reports an error: $(jq -c '.jobs[0].error' "$FIOLOG")"
-written=$(jq '.jobs[0].write.io_bytes' "$FIOLOG") verified=$(jq '.jobs[0].read.io_bytes' "$FIOLOG")
-[ "$written" -ge $((24 << 20)) ] || fail "fio wrote $written bytes"
-[ "$verified" -ge $((24 << 20)) ] || fail "fio verified $verified bytes of $written"
-grep -qiE 'verify|bad magic' "$D/fio.err" && fail "fio verify: $(cat "$D/fio.err")"
-echo "fio: write $(jq '.jobs[0].write.iops | floor' "$FIOLOG") IOPS," \
-  "clat p50 $(jq '.jobs[0].write.clat_ns.percentile["50.000000"] / 1000 | floor' "$FIOLOG") us," \
-  "p99 $(jq '.jobs[0].write.clat_ns.percentile["99.000000"] / 1000 | floor' "$FIOLOG") us," \
-  "max $(jq '.jobs[0].write.clat_ns.max / 1000000 | floor' "$FIOLOG") ms;" \
-  "verify read $(jq '.jobs[0].read.iops | floor' "$FIOLOG") IOPS; $written bytes written and verified"
-dmesg | grep -qE 'I/O error|Buffer I/O error|blk_update_request' && fail "the kernel logged I/O errors"
+fio_check
 step "fio done: exit 0, no error, verify clean, no kernel I/O error"
 
 out=$(ctl t target inspect rv -o json) || fail "target inspect: $out"
@@ -157,6 +176,32 @@ echo "target: $(jq -c '{health, epoch, in_sync, acked_degraded}' <<<"$out")"
 state=$(nbdcsi-cluster-tool --etcd "$ETCD" get-volume rv) || fail "get-volume: $state"
 [ "$(jq -c .in_sync <<<"$state")" = '["node-a"]' ] || fail "etcd in_sync: $state"
 step "target degraded: in_sync [node-a] in the target and in etcd"
+
+# The target's own datapath dies under I/O: the kernel keeps the device and queues its I/O; the
+# restarted daemon reopens the target (its cluster agent starts before the attach recovery) and
+# gives the device fresh sockets.
+fio_start fio2.dat
+sleep 6
+kill -0 "$FIOPID" 2>/dev/null || fail "fio ended before the target's kill"
+t_kill=$(ms_now)
+kill -9 "${PID[t]}"
+wait "${PID[t]}" 2>/dev/null || true
+node_start t
+t_back=''
+for _ in $(seq 600); do
+  if grep -q 'attach: reconnected /dev/nbd' "$D/t/datapathd.log"; then t_back=$(ms_now); break; fi
+  kill -0 "${PID[t]}" 2>/dev/null || fail "node-t: the restarted nbd-datapathd exited"
+  sleep 0.05
+done
+[ -n "$t_back" ] || fail "the restarted target datapath did not reconnect $DEV within 30 s"
+grep -E 'reopening the target|attach: reconnected /dev/nbd' "$D/t/datapathd.log" | tail -n 2
+step "node-t killed (-9) and restarted under fio: target reopened, $DEV reconnected $((t_back - t_kill)) ms after the kill"
+fio_check
+step "fio done across the target's restart: exit 0, no error, verify clean, no kernel I/O error"
+out=$(ctl t target inspect rv -o json) || fail "target inspect after the restart: $out"
+echo "target after the restart: $(jq -c '{health, epoch, in_sync}' <<<"$out")"
+[ "$(jq -c .in_sync <<<"$out")" = '["node-a"]' ] || fail "in_sync after the restart: $out"
+ctl t attachments | grep -E "^rv@target +$DEV .* ok$" || fail "the attachment is not listed up"
 
 umount "$MNT"
 e2fsck -fn "$DEV" >"$D/fsck.log" 2>&1 || { cat "$D/fsck.log"; fail "e2fsck"; }
