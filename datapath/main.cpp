@@ -633,8 +633,8 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
     attach_opts.targets = targets.get();
   }
   auto attach = AttachRuntime::Start(**pool, frontend, info.dir + "/attachments", attach_opts);
-  if (!attach.ok()) return fail(Error(attach.status().code(), "attachments: {}",
-                                      attach.status().message()));
+  if (!attach.ok())
+    return fail(Error(attach.status().code(), "attachments: {}", attach.status().message()));
   up.attachments = &(*attach)->manager();
   // Whichever way this ends from here, the metrics server (whose collector reads the
   // attachments) stops before `attach` is destroyed.
@@ -642,7 +642,6 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
     std::unique_ptr<MetricsServer>& m;
     ~StopMetrics() { m.reset(); }
   } stop_metrics{metrics};
-
 
   if (Status st = EnsureSocketDir(c.api_ep); !st.ok()) return fail(st);
   auto attach_service = MakeAttachmentService((*attach)->manager());

@@ -149,8 +149,7 @@ void AttachmentManager::RecoverKernel(AttachmentRecord r, const Status& availabl
     std::lock_guard lk(mu_);
     records_[r.volume] = r;
     link_errors_[r.volume] = fmt::format("cannot serve the {} after the datapath restart: {}",
-                                         r.target ? "target" : "volume",
-                                         served.status().message());
+                                         r.target ? "target" : "volume", served.status().message());
     return;
   }
   if (r.target && served->size_bytes != r.size_bytes) {
@@ -159,8 +158,7 @@ void AttachmentManager::RecoverKernel(AttachmentRecord r, const Status& availabl
     CloseAll(served->client_fds);
     std::string why = fmt::format("the target was reopened with {} bytes, the device has {}",
                                   served->size_bytes, r.size_bytes);
-    spdlog::error("attach: cannot reconnect {} to the target of {}: {}", r.device(), r.volume,
-                  why);
+    spdlog::error("attach: cannot reconnect {} to the target of {}: {}", r.device(), r.volume, why);
     rep.failed.push_back(fmt::format("{}: {}", r.volume, why));
     std::lock_guard lk(mu_);
     records_[r.volume] = r;
@@ -189,12 +187,14 @@ void AttachmentManager::RecoverKernel(AttachmentRecord r, const Status& availabl
 }
 
 StatusOr<ServedExport> AttachmentManager::ServeExport(const std::string& volume,
-                                                     unsigned connections, bool target,
-                                                     bool reopen) {
+                                                      unsigned connections, bool target,
+                                                      bool reopen) {
   if (!target) return server_.Serve(volume, connections);
   if (!opts_.targets) {
-    return Error(ENODEV, "the target of volume {} cannot be served: this datapath runs without "
-                 "--cluster-etcd, so it opens no targets", volume);
+    return Error(ENODEV,
+                 "the target of volume {} cannot be served: this datapath runs without "
+                 "--cluster-etcd, so it opens no targets",
+                 volume);
   }
   auto size = opts_.targets->OpenTargetSize(volume);
   if (!size.ok() && size.status().code() == ENOENT && reopen) {
@@ -225,8 +225,7 @@ StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
     // One device per name: the pool volume and the target of the same name are different data
     // (a local replica is only one copy, and writing it directly would bypass the target).
     return Error(EBUSY, "volume {} is already attached as {} on {}; detach it first", volume,
-                 existing->target ? "its replicated target" : "a local volume",
-                 existing->device());
+                 existing->target ? "its replicated target" : "a local volume", existing->device());
   }
   if (existing && existing->fuse()) {
     AttachmentRecord cur = WithLink(*existing);
@@ -264,7 +263,8 @@ StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
   Status kernel = kernel_.Available();
   if (kernel.ok()) return AttachKernel(volume, connections, target);
   if (target) {
-    return Error(ENODEV, "{}; the target of volume {} attaches only through kernel NBD (the "
+    return Error(ENODEV,
+                 "{}; the target of volume {} attaches only through kernel NBD (the "
                  "nbdfuse fallback does not serve targets: it survives no datapath restart)",
                  kernel.message(), volume);
   }
@@ -650,9 +650,10 @@ StatusOr<AttachmentRecord> AttachmentManager::Resize(const std::string& volume) 
   std::optional<AttachmentRecord> found = Find(volume);
   if (!found) return Error(ENOENT, "volume {} is not attached", volume);
   if (found->target) {
-    return Error(ENOTSUP, "volume {}: {} serves its replicated target, whose size is fixed while "
-                 "it is open; resizing a target's device is not supported yet", volume,
-                 found->device());
+    return Error(ENOTSUP,
+                 "volume {}: {} serves its replicated target, whose size is fixed while "
+                 "it is open; resizing a target's device is not supported yet",
+                 volume, found->device());
   }
   AttachmentRecord r = WithLink(*found);
   if (!r.link_ok) {

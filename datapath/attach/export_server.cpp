@@ -47,8 +47,7 @@ class FrontendExportServer final : public ExportServer {
     out.client_fds = std::move(*fds);
     return out;
   }
-  StatusOr<std::vector<int>> ServeTarget(const std::string& volume,
-                                         unsigned connections) override {
+  StatusOr<std::vector<int>> ServeTarget(const std::string& volume, unsigned connections) override {
     auto fds = frontend_.ServeSocketPairs(volume + std::string(kTargetSuffix), connections);
     if (!fds.ok() && fds.status().code() == ENOENT) {
       return Error(ENOENT, "no target of volume {} is open on this datapath", volume);

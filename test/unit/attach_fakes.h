@@ -198,7 +198,8 @@ class FakeServer final : public ExportServer {
 // nbdfuse + loop devices as a map loop index -> loop tag. Unavailable unless a test says so.
 class FakeFuse final : public FuseLoopInterface {
  public:
-  Status available = Error(ENODEV, "the nbdfuse + loop attach path is unavailable: missing nbdfuse");
+  Status available =
+      Error(ENODEV, "the nbdfuse + loop attach path is unavailable: missing nbdfuse");
   Status attach_error = Status::Ok();
   Status in_use = Status::Ok();
   std::string link_problem;

@@ -30,8 +30,8 @@
 #include "datapath/attach/kernel_nbd.h"
 #include "datapath/engine/frontend.h"
 #include "datapath/nbd/negotiate.h"
-#include "test/unit/attach_fakes.h"
 #include "test/support/temp_dir.h"
+#include "test/unit/attach_fakes.h"
 
 namespace nbdcsi::datapath {
 namespace {

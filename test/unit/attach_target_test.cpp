@@ -51,9 +51,7 @@ class AttachTargetTest : public ::testing::Test {
     ss << in.rdbuf();
     return ss.str();
   }
-  void ExpectAllClientFdsClosed() {
-    EXPECT_EQ(server_.ClosedPeers(), server_.server_ends.size());
-  }
+  void ExpectAllClientFdsClosed() { EXPECT_EQ(server_.ClosedPeers(), server_.server_ends.size()); }
 
   test::TempDir tmp_;
   std::string dir_;
@@ -126,8 +124,7 @@ TEST_F(AttachTargetTest, WithoutTheClusterATargetCannotBeAttached) {
   auto m = NewManager();
   auto r = m->Attach("rv", 2, true);
   EXPECT_EQ(r.status().code(), ENODEV);
-  EXPECT_NE(r.status().message().find("--cluster-etcd"), std::string::npos)
-      << r.status().message();
+  EXPECT_NE(r.status().message().find("--cluster-etcd"), std::string::npos) << r.status().message();
   EXPECT_TRUE(kernel_.connects.empty());
   EXPECT_TRUE(server_.target_calls.empty());
   EXPECT_FALSE(fs::exists(dir_ + "/rv.json"));

@@ -27,11 +27,11 @@ std::string ServedText(const ::nbdcsi::datapath::v1::Attachment& a) {
 }  // namespace
 
 nlohmann::json AttachmentJson(const ::nbdcsi::datapath::v1::Attachment& a) {
-  return {{"volume", a.volume()},           {"device", a.device()},
-          {"mode", ModeText(a)},            {"connections", a.connections()},
-          {"cookie", a.cookie()},           {"size_bytes", a.size()},
-          {"read_only", a.read_only()},     {"link_ok", a.link_ok()},
-          {"link_error", a.link_error()},  {"target", a.target()}};
+  return {{"volume", a.volume()},         {"device", a.device()},
+          {"mode", ModeText(a)},          {"connections", a.connections()},
+          {"cookie", a.cookie()},         {"size_bytes", a.size()},
+          {"read_only", a.read_only()},   {"link_ok", a.link_ok()},
+          {"link_error", a.link_error()}, {"target", a.target()}};
 }
 
 std::string AttachmentDetails(const ::nbdcsi::datapath::v1::Attachment& a) {
