@@ -602,6 +602,25 @@ class FrontendHost final : public replica::ExportHost {
   NbdFrontend& f_;
 };
 
+// The cluster agent's targets as the attach module sees them (it does not link datapath/replica).
+class AgentTargets final : public TargetAccess {
+ public:
+  explicit AgentTargets(replica::ClusterAgent& a) : a_(a) {}
+  StatusOr<uint64_t> OpenTargetSize(const std::string& volume) override {
+    auto t = a_.GetTarget(volume);
+    if (!t.ok()) return t.status();
+    return t->size;
+  }
+  StatusOr<uint64_t> ReopenTarget(const std::string& volume) override {
+    auto t = a_.OpenTarget(volume);
+    if (!t.ok()) return t.status();
+    return t->size;
+  }
+
+ private:
+  replica::ClusterAgent& a_;
+};
+
 void LogPool(const PoolInfo& info) {
   spdlog::info("pool {}: {} volumes, {} file system, capacity {} bytes, overcommit {}, {} bytes "
                "free of which {} kept in reserve",
@@ -645,17 +664,6 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
   }
   up.workers_up = true;
   up.nbd_up = true;
-  auto attach = AttachRuntime::Start(**pool, frontend, info.dir + "/attachments", c.attach);
-  if (!attach.ok()) return fail(Error(attach.status().code(), "attachments: {}",
-                                      attach.status().message()));
-  up.attachments = &(*attach)->manager();
-  // Whichever way this ends from here, the metrics server (whose collector reads the
-  // attachments) stops before `attach` is destroyed.
-  struct StopMetrics {
-    std::unique_ptr<MetricsServer>& m;
-    ~StopMetrics() { m.reset(); }
-  } stop_metrics{metrics};
-
   // Replicated volumes: the node joins the cluster before the API serves OpenTarget.
   FrontendHost host(frontend);
   std::unique_ptr<cluster::ClusterStore> cluster_store;
@@ -679,6 +687,24 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
       a.reset();
     }
   } stop_agent{metrics, agent};
+
+  // After the agent: recovery reopens the targets of devices attached before a restart.
+  std::unique_ptr<AgentTargets> targets;
+  AttachOptions attach_opts = c.attach;
+  if (agent) {
+    targets = std::make_unique<AgentTargets>(*agent);
+    attach_opts.targets = targets.get();
+  }
+  auto attach = AttachRuntime::Start(**pool, frontend, info.dir + "/attachments", attach_opts);
+  if (!attach.ok())
+    return fail(Error(attach.status().code(), "attachments: {}", attach.status().message()));
+  up.attachments = &(*attach)->manager();
+  // Whichever way this ends from here, the metrics server (whose collector reads the
+  // attachments) stops before `attach` is destroyed.
+  struct StopMetrics {
+    std::unique_ptr<MetricsServer>& m;
+    ~StopMetrics() { m.reset(); }
+  } stop_metrics{metrics};
 
   if (Status st = EnsureSocketDir(c.api_ep); !st.ok()) return fail(st);
   auto attach_service = MakeAttachmentService((*attach)->manager());

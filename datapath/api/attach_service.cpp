@@ -28,6 +28,7 @@ void Fill(const AttachmentRecord& r, v1::Attachment* out) {
   out->set_mode(r.mode);
   out->set_link_ok(r.link_ok);
   out->set_link_error(r.link_error);
+  out->set_target(r.target);
 }
 
 class AttachmentService final : public v1::Attachments::Service {
@@ -42,10 +43,10 @@ class AttachmentService final : public v1::Attachments::Service {
                   Error(EINVAL, "volume \"{}\": {} connections requested; at most {}",
                         req->volume(), req->connections(), AttachmentManager::kMaxConnections));
     }
-    auto r = m_.Attach(req->volume(), req->connections());
+    auto r = m_.Attach(req->volume(), req->connections(), req->target());
     if (!r.ok()) return Fail("AttachVolume", r.status());
-    spdlog::info("api AttachVolume: volume \"{}\" on {} ({}, {} connection(s))", r->volume,
-                 r->device(), r->mode, r->connections);
+    spdlog::info("api AttachVolume: {}volume \"{}\" on {} ({}, {} connection(s))",
+                 r->target ? "target of " : "", r->volume, r->device(), r->mode, r->connections);
     Fill(*r, resp->mutable_attachment());
     return grpc::Status::OK;
   }

@@ -141,15 +141,28 @@ void AttachmentManager::RecoverKernel(AttachmentRecord r, const Status& availabl
       spdlog::error("attach: {}: cannot complete its record: {}", r.volume, s.message());
     }
   }
-  auto served = server_.Serve(r.volume, r.connections);
+  auto served = ServeExport(r.volume, r.connections, r.target, /*reopen=*/true);
   if (!served.ok()) {
-    spdlog::error("attach: cannot serve {} for {}: {}", r.volume, r.device(),
-                  served.status().message());
+    spdlog::error("attach: cannot serve {}{} for {}: {}", r.volume, r.target ? "@target" : "",
+                  r.device(), served.status().message());
     rep.failed.push_back(fmt::format("{}: {}", r.volume, served.status().message()));
     std::lock_guard lk(mu_);
     records_[r.volume] = r;
-    link_errors_[r.volume] = "cannot serve the volume after the datapath restart: " +
-                             served.status().message();
+    link_errors_[r.volume] = fmt::format("cannot serve the {} after the datapath restart: {}",
+                                         r.target ? "target" : "volume", served.status().message());
+    return;
+  }
+  if (r.target && served->size_bytes != r.size_bytes) {
+    // The device keeps the size it was connected with; a target reopened at another size (the
+    // volume was resized meanwhile) would have the kernel address the wrong range.
+    CloseAll(served->client_fds);
+    std::string why = fmt::format("the target was reopened with {} bytes, the device has {}",
+                                  served->size_bytes, r.size_bytes);
+    spdlog::error("attach: cannot reconnect {} to the target of {}: {}", r.device(), r.volume, why);
+    rep.failed.push_back(fmt::format("{}: {}", r.volume, why));
+    std::lock_guard lk(mu_);
+    records_[r.volume] = r;
+    link_errors_[r.volume] = why;
     return;
   }
   Status s = kernel_.Reconfigure(r.index, served->client_fds, opts_.dead_conn_timeout_s, r.cookie);
@@ -173,8 +186,32 @@ void AttachmentManager::RecoverKernel(AttachmentRecord r, const Status& availabl
   records_[r.volume] = r;
 }
 
+StatusOr<ServedExport> AttachmentManager::ServeExport(const std::string& volume,
+                                                      unsigned connections, bool target,
+                                                      bool reopen) {
+  if (!target) return server_.Serve(volume, connections);
+  if (!opts_.targets) {
+    return Error(ENODEV,
+                 "the target of volume {} cannot be served: this datapath runs without "
+                 "--cluster-etcd, so it opens no targets",
+                 volume);
+  }
+  auto size = opts_.targets->OpenTargetSize(volume);
+  if (!size.ok() && size.status().code() == ENOENT && reopen) {
+    spdlog::info("attach: reopening the target of {} for its device", volume);
+    size = opts_.targets->ReopenTarget(volume);
+  }
+  if (!size.ok()) return size.status();
+  auto fds = server_.ServeTarget(volume, connections);
+  if (!fds.ok()) return fds.status();
+  ServedExport out;
+  out.client_fds = std::move(*fds);
+  out.size_bytes = *size;
+  return out;
+}
+
 StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
-                                                     unsigned connections) {
+                                                     unsigned connections, bool target) {
   if (connections > kMaxConnections) {
     return Error(EINVAL, "{} connections requested; at most {}", connections, kMaxConnections);
   }
@@ -184,6 +221,12 @@ StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
     return Error(EALREADY, "another attach, detach or resize of volume {} is in progress", volume);
   }
   std::optional<AttachmentRecord> existing = Find(volume);
+  if (existing && existing->target != target) {
+    // One device per name: the pool volume and the target of the same name are different data
+    // (a local replica is only one copy, and writing it directly would bypass the target).
+    return Error(EBUSY, "volume {} is already attached as {} on {}; detach it first", volume,
+                 existing->target ? "its replicated target" : "a local volume", existing->device());
+  }
   if (existing && existing->fuse()) {
     AttachmentRecord cur = WithLink(*existing);
     if (cur.link_ok) return cur;
@@ -218,7 +261,13 @@ StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
     reconnects_.erase(volume);
   }
   Status kernel = kernel_.Available();
-  if (kernel.ok()) return AttachKernel(volume, connections);
+  if (kernel.ok()) return AttachKernel(volume, connections, target);
+  if (target) {
+    return Error(ENODEV,
+                 "{}; the target of volume {} attaches only through kernel NBD (the "
+                 "nbdfuse fallback does not serve targets: it survives no datapath restart)",
+                 kernel.message(), volume);
+  }
   if (!opts_.fuse_fallback) {
     return Error(ENODEV, "{}; and the nbdfuse fallback is off (--require-kernel-nbd)",
                  kernel.message());
@@ -247,12 +296,13 @@ StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
 }
 
 StatusOr<AttachmentRecord> AttachmentManager::AttachKernel(const std::string& volume,
-                                                           unsigned connections) {
-  auto served = server_.Serve(volume, connections);
+                                                           unsigned connections, bool target) {
+  auto served = ServeExport(volume, connections, target);
   if (!served.ok()) return served.status();
 
   AttachmentRecord r;
   r.volume = volume;
+  r.target = target;
   r.cookie = NewCookie(volume);
   r.connections = connections;
   r.size_bytes = served->size_bytes;
@@ -301,8 +351,9 @@ StatusOr<AttachmentRecord> AttachmentManager::AttachKernel(const std::string& vo
     records_[volume] = r;
     link_errors_.erase(volume);
   }
-  spdlog::info("attach: volume {} attached as {} ({} bytes, {} connection(s), cookie {})", volume,
-               r.device(), r.size_bytes, r.connections, r.cookie);
+  spdlog::info("attach: {}volume {} attached as {} ({} bytes, {} connection(s), cookie {})",
+               target ? "the target of " : "", volume, r.device(), r.size_bytes, r.connections,
+               r.cookie);
   return r;
 }
 
@@ -330,7 +381,9 @@ Status AttachmentManager::Detach(const std::string& volume) {
   if (Status s = kernel_.CheckNotInUse(r->index); !s.ok()) {
     return Error(s.code(), "cannot detach volume {}: {}", volume, s.message());
   }
-  const uint64_t open_before = server_.OpenConnections(volume);
+  // A target's connections are not the pool volume's (which, as a local replica, may be serving
+  // another node's target): nothing to count, and CloseTarget waits for them anyway.
+  const uint64_t open_before = r->target ? 0 : server_.OpenConnections(volume);
   if (Status s = kernel_.Disconnect(r->index); !s.ok()) return s;
   // DISCONNECT returns once the request is queued; the device is torn down when the sockets
   // close. Until then the record must stay, or a restart in between would lose track of it.
@@ -342,9 +395,10 @@ Status AttachmentManager::Detach(const std::string& volume) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  AwaitEngineClosed(volume, open_before, r->connections);
+  if (!r->target) AwaitEngineClosed(volume, open_before, r->connections);
   if (Status s = forget(); !s.ok()) return s;
-  spdlog::info("attach: volume {} detached from {}", volume, r->device());
+  spdlog::info("attach: {}volume {} detached from {}{}", r->target ? "the target of " : "", volume,
+               r->device(), r->target ? " (the target stays open)" : "");
   return Status::Ok();
 }
 
@@ -380,7 +434,7 @@ Status AttachmentManager::OnLinkDead(int index) {
   if (!r) return Status::Ok();
   auto claim = busy_.TryAcquire(r->volume);
   if (!claim || LiveIndex(*r) != index || !kernel_.Connected(index)) return Status::Ok();
-  auto served = server_.Serve(r->volume, r->connections);
+  auto served = ServeExport(r->volume, r->connections, r->target);
   if (!served.ok()) {
     spdlog::error("attach: {} lost a connection and {} cannot be served: {}", r->device(),
                   r->volume, served.status().message());
@@ -595,6 +649,12 @@ StatusOr<AttachmentRecord> AttachmentManager::Resize(const std::string& volume) 
   }
   std::optional<AttachmentRecord> found = Find(volume);
   if (!found) return Error(ENOENT, "volume {} is not attached", volume);
+  if (found->target) {
+    return Error(ENOTSUP,
+                 "volume {}: {} serves its replicated target, whose size is fixed while "
+                 "it is open; resizing a target's device is not supported yet",
+                 volume, found->device());
+  }
   AttachmentRecord r = WithLink(*found);
   if (!r.link_ok) {
     return Error(ENODEV, "volume {}: cannot resize {}: its link is down: {}", volume, r.device(),

@@ -15,6 +15,18 @@
 // without a record that names it. A fuse record is likewise written before nbdfuse
 // starts (with the mount point every later cleanup starts from), again with nbdfuse's pid, and
 // completed with the loop index.
+//
+// A replicated volume's target (issue 16: the backend export VOLUME@target that the cluster
+// agent opened here) attaches like a local volume in kernel mode, with `target` in its record:
+// the device is served from ServeTarget, its size is the target's (fixed while it is open), and
+// it cannot be resized yet (ENOTSUP). The nbdfuse fallback is refused for it (ENODEV): nbdfuse
+// needs the growable export VOLUME@grow, which a backend export does not combine with, and a
+// target's device must survive a datapath restart, which nbdfuse does not. Detach leaves the
+// target open (the node plugin closes it, CloseTarget, at unstage). After a restart, Recover()
+// reopens each recorded target through TargetAccess::ReopenTarget before it re-feeds the device;
+// without TargetAccess, or when the reopen fails, the device is kept with link_ok=false and the
+// reason, so the kernel keeps queueing I/O until its dead-connection timeout and an operator
+// (or the next attach) can still act.
 #pragma once
 
 #include <chrono>
@@ -49,6 +61,10 @@ struct AttachOptions {
   bool fuse_fallback = true;
   // The Unix NBD socket nbdfuse connects to; "" = ExportServer::UnixSocketPath().
   std::string nbd_socket;
+  // The targets of replicated volumes open on this datapath (the cluster agent); nullptr when it
+  // runs without --cluster-etcd, and then a target cannot be attached (ENODEV). Must outlive the
+  // manager.
+  TargetAccess* targets = nullptr;
 };
 
 struct RecoverReport {
@@ -81,14 +97,19 @@ class AttachmentManager {
   // fuse (logged once as the slower path); ENODEV when neither works. A broken fuse attachment
   // (after a restart) is replaced, unless it is still mounted: EBUSY. EALREADY while another
   // Attach/Detach/Resize of the same volume runs.
-  StatusOr<AttachmentRecord> Attach(const std::string& volume, unsigned connections = 0);
+  // `target`: attach the target of replicated volume `volume` (VOLUME@target, open here) instead
+  // of the pool volume; kernel NBD only (ENODEV otherwise, or without TargetAccess). An existing
+  // attachment of the other kind is EBUSY.
+  StatusOr<AttachmentRecord> Attach(const std::string& volume, unsigned connections = 0,
+                                    bool target = false);
   // Idempotent: detaching a volume that is not attached succeeds. EBUSY while the device is
   // mounted; ETIMEDOUT if the kernel does not let go in time (the record stays, so retry).
   Status Detach(const std::string& volume);
   // Tells the attached device the volume's current size (after Pool::Resize grew it), online:
   // kernel: RECONFIGURE with the new size; fuse: the loop device's limit. Idempotent. ENOENT
   // when not attached; ENODEV when the link is down; EOPNOTSUPP when the kernel takes the new
-  // size but the device does not change (checked against sysfs).
+  // size but the device does not change (checked against sysfs). A target's attachment:
+  // ENOTSUP (a target's size is fixed while it is open).
   StatusOr<AttachmentRecord> Resize(const std::string& volume);
 
   // The kernel dropped a socket of device `index` while we are alive (KernelNbdInterface::
@@ -105,7 +126,12 @@ class AttachmentManager {
   std::optional<AttachmentRecord> Find(const std::string& volume) const;
   AttachmentRecord WithLink(AttachmentRecord r) const;
   FuseLoopInterface& Fuse();
-  StatusOr<AttachmentRecord> AttachKernel(const std::string& volume, unsigned connections);
+  StatusOr<AttachmentRecord> AttachKernel(const std::string& volume, unsigned connections,
+                                          bool target);
+  // Fresh sockets (and the size) for a record's export: the pool volume, or its target. With
+  // `reopen`, a target that is not open here is reopened through TargetAccess first.
+  StatusOr<ServedExport> ServeExport(const std::string& volume, unsigned connections, bool target,
+                                     bool reopen = false);
   StatusOr<AttachmentRecord> AttachFuse(const std::string& volume, unsigned connections,
                                         const std::string& socket);
   Status DetachFuse(const AttachmentRecord& r);

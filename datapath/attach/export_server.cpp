@@ -1,5 +1,6 @@
 #include "datapath/attach/export_server.h"
 
+#include "datapath/engine/backend.h"
 #include "datapath/engine/frontend.h"
 #include "datapath/pool/pool.h"
 
@@ -45,6 +46,13 @@ class FrontendExportServer final : public ExportServer {
     if (!fds.ok()) return fds.status();
     out.client_fds = std::move(*fds);
     return out;
+  }
+  StatusOr<std::vector<int>> ServeTarget(const std::string& volume, unsigned connections) override {
+    auto fds = frontend_.ServeSocketPairs(volume + std::string(kTargetSuffix), connections);
+    if (!fds.ok() && fds.status().code() == ENOENT) {
+      return Error(ENOENT, "no target of volume {} is open on this datapath", volume);
+    }
+    return fds;
   }
 
  private:

@@ -4,6 +4,7 @@
 // (frontend.h), so the dependency runs one way: attach -> engine.
 #pragma once
 
+#include <cerrno>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -37,6 +38,27 @@ class ExportServer {
   }
   // The daemon's Unix NBD socket, where nbdfuse connects; "" when there is none.
   virtual std::string UnixSocketPath() const { return ""; }
+  // Sockets on the backend export VOLUME@target (a replicated volume's target open on this
+  // datapath, issue 16); its size comes from TargetAccess, as the engine keeps it to itself.
+  // ENOENT when no such export is registered.
+  virtual StatusOr<std::vector<int>> ServeTarget(const std::string& volume, unsigned connections) {
+    (void)volume;
+    (void)connections;
+    return Error(ENOENT, "no target exports here");
+  }
+};
+
+// What attaching a target needs from the cluster agent (datapath/replica), which this module does
+// not link: main.cpp adapts replica::ClusterAgent to it.
+class TargetAccess {
+ public:
+  virtual ~TargetAccess() = default;
+  // The size of the target of `volume` open on this datapath; ENOENT when none is open.
+  virtual StatusOr<uint64_t> OpenTargetSize(const std::string& volume) = 0;
+  // Opens the target of `volume` (claims it, connects to its replicas) and returns its size.
+  // Recovery after a datapath restart calls it: the agent keeps no state across restarts, so
+  // the devices recorded as targets would otherwise have nothing to be served from.
+  virtual StatusOr<uint64_t> ReopenTarget(const std::string& volume) = 0;
 };
 
 // ExportServer over the real engine (NbdFrontend::ServeSocketPairs) and pool.

@@ -45,6 +45,7 @@ std::string AttachmentRecord::ToJson() const {
     j["fuse_pid"] = fuse_pid;
     j["fuse_mount"] = fuse_mount;
   }
+  if (target) j["target"] = true;
   return j.dump(2) + "\n";
 }
 
@@ -66,6 +67,7 @@ StatusOr<AttachmentRecord> AttachmentRecord::FromJson(const std::string& text) {
   if (s.ok()) s = Read(j, kWhat, "size_bytes", r.size_bytes, Need::kOptional);
   if (s.ok()) s = Read(j, kWhat, "read_only", r.read_only, Need::kOptional);
   if (s.ok()) s = Read(j, kWhat, "mode", r.mode, Need::kOptional);
+  if (s.ok()) s = Read(j, kWhat, "target", r.target, Need::kOptional);
   if (s.ok() && r.fuse()) s = Read(j, kWhat, "fuse_pid", r.fuse_pid);
   if (s.ok() && r.fuse()) s = Read(j, kWhat, "fuse_mount", r.fuse_mount);
   if (!s.ok()) return Error(EINVAL, "malformed {}", s.message());
@@ -80,6 +82,11 @@ StatusOr<AttachmentRecord> AttachmentRecord::FromJson(const std::string& text) {
   if (r.fuse() && (r.fuse_mount.empty() || r.fuse_mount[0] != '/' || r.fuse_pid < -1)) {
     return Error(EINVAL, "fuse attachment record has invalid fields (mount '{}', pid {})",
                  r.fuse_mount, r.fuse_pid);
+  }
+  if (r.target && r.fuse()) {
+    // Targets attach through kernel NBD only (attachments.h): such a record was never written.
+    return Error(EINVAL, "attachment record of volume '{}' is a fuse attachment of a target",
+                 r.volume);
   }
   if (r.volume.empty() || r.cookie.empty() || r.index < -1) {
     return Error(EINVAL, "attachment record has invalid fields (volume '{}', index {})", r.volume,

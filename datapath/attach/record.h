@@ -32,6 +32,10 @@ struct AttachmentRecord {
   bool read_only = false;
   int fuse_pid = -1;        // fuse: nbdfuse's pid (-1: not started yet)
   std::string fuse_mount;   // fuse: nbdfuse's mount point
+  // The device serves the replicated volume's target (the backend export VOLUME@target, issue
+  // 16) instead of the pool volume VOLUME. Kernel mode only. Persisted only when true, so the
+  // records of local volumes keep their old form and records written before it load as local.
+  bool target = false;
 
   // Not persisted: the link's state when the record was handed out (List, Get, Attach).
   bool link_ok = true;

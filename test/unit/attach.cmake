@@ -7,6 +7,10 @@ nbdcsi_add_gtest(attach_manager_test ${CMAKE_CURRENT_LIST_DIR}/attach_manager_te
                  nbd_codec nbdcsi_common)
 set_property(TEST unit.attach_manager_test APPEND PROPERTY LABELS attach)
 set_property(TEST unit.attach_manager_test PROPERTY TIMEOUT 30)
+nbdcsi_add_gtest(attach_target_test ${CMAKE_CURRENT_LIST_DIR}/attach_target_test.cpp nbd_attach
+                 nbd_codec nbdcsi_common)
+set_property(TEST unit.attach_target_test APPEND PROPERTY LABELS attach)
+set_property(TEST unit.attach_target_test PROPERTY TIMEOUT 30)
 nbdcsi_add_gtest(attach_socketpair_test ${CMAKE_CURRENT_LIST_DIR}/attach_socketpair_test.cpp
                  nbd_attach nbd_engine nbd_pool nbd_codec nbdcsi_common)
 set_property(TEST unit.attach_socketpair_test APPEND PROPERTY LABELS attach)

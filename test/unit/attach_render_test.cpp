@@ -63,5 +63,21 @@ TEST(AttachRender, JsonKeysAndDetails) {
   EXPECT_NE(d.find("Link:"), std::string::npos) << d;
 }
 
+TEST(AttachRender, ATargetsDeviceShowsTheTargetExportName) {
+  v1::ListAttachmentsResponse list;
+  *list.add_attachments() = Make("rv", "/dev/nbd2", "kernel", true, "");
+  list.mutable_attachments(0)->set_target(true);
+  *list.add_attachments() = Make("lv", "/dev/nbd3", "kernel", true, "");
+  std::string t = AttachmentListTable(list);
+  EXPECT_NE(t.find("\nrv@target "), std::string::npos) << t;
+  EXPECT_EQ(t.find("lv@target"), std::string::npos) << t;
+  auto j = AttachmentJson(list.attachments(0));
+  EXPECT_EQ(j.at("volume"), "rv");  // scripts get the volume's name and the flag
+  EXPECT_EQ(j.at("target"), true);
+  EXPECT_EQ(AttachmentJson(list.attachments(1)).at("target"), false);
+  std::string d = AttachmentDetails(list.attachments(0));
+  EXPECT_NE(d.find("rv@target"), std::string::npos) << d;
+}
+
 }  // namespace
 }  // namespace nbdcsi::nbdctl

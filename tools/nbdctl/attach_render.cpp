@@ -18,19 +18,25 @@ std::string LinkText(const ::nbdcsi::datapath::v1::Attachment& a) {
   return a.link_error().empty() ? "down" : "down: " + a.link_error();
 }
 
+// What the device serves: the volume, or "VOLUME@target" (the export name) for a replicated
+// volume's target, so a listing tells them apart without another column.
+std::string ServedText(const ::nbdcsi::datapath::v1::Attachment& a) {
+  return a.target() ? a.volume() + "@target" : a.volume();
+}
+
 }  // namespace
 
 nlohmann::json AttachmentJson(const ::nbdcsi::datapath::v1::Attachment& a) {
-  return {{"volume", a.volume()},           {"device", a.device()},
-          {"mode", ModeText(a)},            {"connections", a.connections()},
-          {"cookie", a.cookie()},           {"size_bytes", a.size()},
-          {"read_only", a.read_only()},     {"link_ok", a.link_ok()},
-          {"link_error", a.link_error()}};
+  return {{"volume", a.volume()},         {"device", a.device()},
+          {"mode", ModeText(a)},          {"connections", a.connections()},
+          {"cookie", a.cookie()},         {"size_bytes", a.size()},
+          {"read_only", a.read_only()},   {"link_ok", a.link_ok()},
+          {"link_error", a.link_error()}, {"target", a.target()}};
 }
 
 std::string AttachmentDetails(const ::nbdcsi::datapath::v1::Attachment& a) {
   return RenderKeyValues({{"Device", a.device()},
-                          {"Volume", a.volume()},
+                          {"Volume", ServedText(a)},
                           {"Mode", ModeText(a)},
                           {"Link", LinkText(a)},
                           {"Connections", std::to_string(a.connections())},
@@ -43,7 +49,7 @@ std::string AttachmentListTable(const ::nbdcsi::datapath::v1::ListAttachmentsRes
   // LINK goes last: its reason can be long, and the other columns stay aligned before it.
   Table t{{"VOLUME", "DEVICE", "MODE", "CONNS", "SIZE", "RO", "BACKEND", "LINK"}, {}};
   for (const auto& a : list.attachments()) {
-    t.rows.push_back({a.volume(), a.device(), ModeText(a), std::to_string(a.connections()),
+    t.rows.push_back({ServedText(a), a.device(), ModeText(a), std::to_string(a.connections()),
                       std::to_string(a.size()), a.read_only() ? "yes" : "no", a.cookie(),
                       LinkText(a)});
   }

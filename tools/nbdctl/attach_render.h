@@ -11,7 +11,8 @@
 namespace nbdcsi::nbdctl {
 
 // JSON keys: volume, device, mode, connections, cookie, size_bytes, read_only, link_ok,
-// link_error.
+// link_error, target (the device serves the replicated volume's target; the text forms then show
+// the volume as VOLUME@target).
 nlohmann::json AttachmentJson(const ::nbdcsi::datapath::v1::Attachment& a);
 // What `nbdctl attach` prints (the device first).
 std::string AttachmentDetails(const ::nbdcsi::datapath::v1::Attachment& a);

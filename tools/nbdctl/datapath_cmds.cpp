@@ -98,7 +98,7 @@ struct DatapathCommands::Impl {
   CLI::Option* from_snapshot_opt = nullptr;
   CLI::Option* from_volume_opt = nullptr;
   QosFlags qos;
-  bool read_only = false, clear = false, wait = false;
+  bool read_only = false, clear = false, wait = false, attach_target = false;
   unsigned connections = 0;
   uint64_t epoch = 0;
 
@@ -418,6 +418,7 @@ int DatapathCommands::Impl::Attach() {
   v1::AttachVolumeRequest req;
   req.set_volume(name);
   req.set_connections(connections);
+  req.set_target(attach_target);
   v1::AttachVolumeResponse resp;
   if (int rc = AttachCall(&AttachStub::AttachVolume, req, &resp, "attach volume")) return rc;
   return Show(AttachmentJson(resp.attachment()), AttachmentDetails(resp.attachment()));
@@ -552,10 +553,14 @@ void DatapathCommands::Impl::RegisterOthers(CommandTree& tree) {
                                     "Sockets between the kernel and the daemon (default: the "
                                     "daemon's, min(nproc, 4))")
                            ->check(CLI::Range(1u, 16u));
+                       c.add_flag("--target", attach_target,
+                                  "Attach the replicated volume's target opened here (nbdctl "
+                                  "target open NAME), not the pool volume");
                      }),
                &Impl::Attach));
   tree.Add(Cmd({"detach"},
-               "Detach a volume's kernel device (idempotent; refused while it is mounted)",
+               "Detach a volume's kernel device (idempotent; refused while it is mounted; a "
+               "target's device: the target stays open)",
                Named("NAME", "Volume name"), &Impl::Detach));
   tree.Add(Cmd({"resize-attachment"},
                "Tell an attached device the volume's current size, after `volume resize` "
