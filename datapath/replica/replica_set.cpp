@@ -450,22 +450,31 @@ StatusOr<std::unique_ptr<ReplicaSet>> ReplicaSet::Create(ReplicaSetOptions optio
     return Error(EINVAL, "replica set {}: {} replicas; 1 to {} are supported", options.volume,
                  members.size(), kMaxMembers);
   std::set<std::string> seen;
+  bool any_in_sync = false;
   for (const auto& m : members) {
-    if (m.node.empty() || !m.channel)
-      return Error(EINVAL, "replica set {}: a replica needs a node and a channel",
+    if (m.node.empty() || (m.in_sync && !m.channel))
+      return Error(EINVAL, "replica set {}: an in-sync replica needs a node and a channel",
                    options.volume);
+    any_in_sync = any_in_sync || m.in_sync;
     if (!seen.insert(m.node).second)
       return Error(EINVAL, "replica set {}: two replicas on node {}", options.volume, m.node);
   }
+  if (!any_in_sync)
+    return Error(EINVAL, "replica set {}: no replica is in sync", options.volume);
   auto impl = std::make_unique<Impl>(std::move(options), membership, log);
   for (auto& m : members) {
     Impl::Member member;
     member.node = std::move(m.node);
     member.ch = std::shared_ptr<ReplicaChannel>(std::move(m.channel));
+    if (!m.in_sync) {
+      member.state = MemberState::kOut;
+      member.why = "out of sync when the target opened";
+      impl->out |= Bit(impl->members.size());
+    }
     impl->members.push_back(std::move(member));
     impl->all |= Bit(impl->members.size() - 1);
   }
-  impl->recorded_in_sync = impl->Nodes(impl->all);
+  impl->recorded_in_sync = impl->Nodes(impl->all & ~impl->out);
   Impl* raw = impl.get();
   std::unique_ptr<ReplicaSet> set(new ReplicaSet(std::move(impl)));
   raw->self = set.get();
@@ -628,7 +637,8 @@ void ReplicaSet::Close() {
     held.swap(s.held);
   }
   for (auto& [r, d] : held) d(-ESHUTDOWN);
-  for (auto& c : chans) c->Close();
+  for (auto& c : chans)
+    if (c) c->Close();
   {
     std::lock_guard<std::mutex> lock(s.mu);
     s.quit = true;
@@ -656,7 +666,8 @@ ReplicaSetHealth ReplicaSet::health() const {
     for (const auto& m : s.members) chans.push_back(m.ch);
   }
   for (size_t i = 0; i < chans.size(); ++i)
-    h.members.push_back(MemberHealth{s.members[i].node, {}, {}, chans[i]->counters()});
+    h.members.push_back(MemberHealth{s.members[i].node, {}, {},
+                                     chans[i] ? chans[i]->counters() : ClientCounters{}});
   std::lock_guard<std::mutex> lock(s.mu);
   for (size_t i = 0; i < s.members.size(); ++i) {
     h.members[i].state = s.members[i].state;

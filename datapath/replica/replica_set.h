@@ -116,7 +116,10 @@ struct ReplicaSetOptions {
 
 struct ReplicaMember {
   std::string node;
+  // Null for a replica that is out of sync when the set is made (a later resync readmits it
+  // with one).
   std::unique_ptr<ReplicaChannel> channel;
+  bool in_sync = true;
 };
 
 enum class MemberState { kInSync, kFailing, kOut };
@@ -142,8 +145,9 @@ class ReplicaSet final : public datapath::ExportBackend {
  public:
   static constexpr size_t kMaxMembers = 16;
 
-  // `members` are the connected in-sync replicas (at least one, distinct nodes); `membership`
-  // and `log` (which may be null) must outlive the set.
+  // `members`: every replica of the volume, distinct nodes; the in-sync ones connected (at least
+  // one), the others out of sync (no channel until Readmit). `membership` and `log` (which may be
+  // null) must outlive the set.
   static StatusOr<std::unique_ptr<ReplicaSet>> Create(ReplicaSetOptions options,
                                                       std::vector<ReplicaMember> members,
                                                       Membership& membership,

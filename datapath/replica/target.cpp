@@ -1,5 +1,6 @@
 #include "datapath/replica/target.h"
 
+#include <algorithm>
 #include <future>
 #include <utility>
 
@@ -85,6 +86,12 @@ StatusOr<std::unique_ptr<Target>> Target::Open(cluster::ClusterStore& store,
     return release(Error(EHOSTUNREACH, "volume {}: no in-sync replica is reachable ({})",
                          options.volume, fmt::join(t->unreachable_, "; ")));
   }
+  // The others are members too, out of sync: the set reports itself degraded, their misses are
+  // logged, and a resync can bring them back.
+  for (const auto& node : state.replicas) {
+    if (std::find(reached.begin(), reached.end(), node) == reached.end())
+      members.push_back({node, nullptr, /*in_sync=*/false});
+  }
   if (reached.size() != state.in_sync.size()) {
     auto r = store.SetInSync(options.volume, options.node, state.epoch, reached);
     if (!r.ok()) {
@@ -102,6 +109,20 @@ StatusOr<std::unique_ptr<Target>> Target::Open(cluster::ClusterStore& store,
       return release(log.status());
     }
     t->log_ = std::move(*log);
+    // A replica already out of sync at the claim missed writes of earlier targets that no bitmap
+    // here knows: everything is dirty for it, and its resync is a full copy.
+    for (const auto& node : state.replicas) {
+      if (std::find(state.in_sync.begin(), state.in_sync.end(), node) != state.in_sync.end())
+        continue;
+      auto b = t->log_->Get(node);
+      Status s = b.ok() ? (*b)->MarkAllDurable() : b.status();
+      if (!s.ok()) {
+        for (auto& m : members)
+          if (m.channel) m.channel->Close();
+        return release(s);
+      }
+      t->full_resync_.insert(node);
+    }
   }
   auto set = ReplicaSet::Create({options.volume, state.size_bytes, options.node},
                                 std::move(members), *t->membership_, t->log_.get());
@@ -146,13 +167,13 @@ StatusOr<ResyncReport> Target::ResyncReplica(const std::string& node, ResyncOpti
 
   ResyncReport report;
   report.node = node;
-  RegionBitmap* bm = log_->Find(node);
+  RegionBitmap* bm = full_resync_.count(node) ? nullptr : log_->Find(node);
   if (!bm) {
     // Out since another epoch (or its bitmap was lost): everything, holes as zeroes because the
     // replica may hold stale data there.
-    auto fresh = log_->Get(node);
-    if (!fresh.ok()) return fresh.status();
-    bm = *fresh;
+    auto all = log_->Get(node);
+    if (!all.ok()) return all.status();
+    bm = *all;
     if (Status s = bm->MarkAllDurable(); !s.ok()) return s;
     report.full = true;
     ro.dirty_uses_block_status = true;
@@ -187,6 +208,7 @@ StatusOr<ResyncReport> Target::ResyncReplica(const std::string& node, ResyncOpti
   report.frozen = std::chrono::duration_cast<std::chrono::milliseconds>(
       std::chrono::steady_clock::now() - frozen_at);
   if (!s.ok()) return s;
+  full_resync_.erase(node);
   if (Status f = log_->Forget(node); !f.ok())
     spdlog::warn("target {}: {}", opts_.volume, f.message());
   report.took = std::chrono::duration_cast<std::chrono::milliseconds>(

@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <vector>
@@ -101,6 +102,8 @@ class Target {
   uint64_t epoch_;
   std::unique_ptr<ClusterMembership> membership_;
   std::unique_ptr<BitmapLog> log_;
+  // Replicas out of sync since before this target: their resync copies everything.
+  std::set<std::string> full_resync_;
   std::shared_ptr<ReplicaSet> set_;
   std::vector<std::string> unreachable_;
   bool closed_ = false;

@@ -396,7 +396,13 @@ TEST_F(ReplicatedTarget, AnUnreachableReplicaIsDroppedBeforeServing) {
   ASSERT_EQ(Do(set, {BackendRequest::Op::kWrite, 0, kBlock, w.data()}), 0);
   ASSERT_EQ(Do(set, {BackendRequest::Op::kRead, 0, kBlock, got.data()}), 0);
   EXPECT_EQ(got, w);
-  EXPECT_EQ(set.health().members.size(), 1u);
+  // node-b is a member out of sync: the target reports itself degraded, and a resync can bring
+  // node-b back once it is reachable.
+  auto h = set.health();
+  ASSERT_EQ(h.members.size(), 2u);
+  EXPECT_EQ(h.members[1].node, "node-b");
+  EXPECT_EQ(h.members[1].state, MemberState::kOut);
+  EXPECT_TRUE(h.degraded);
 
   // With node-a gone too, nobody in sync answers: Open fails and leaves no claim behind.
   ASSERT_TRUE((*t)->Close().ok());
@@ -404,6 +410,45 @@ TEST_F(ReplicatedTarget, AnUnreachableReplicaIsDroppedBeforeServing) {
   auto none = Target::Open(*store_, opts);
   EXPECT_EQ(none.status().code(), EHOSTUNREACH) << none.status().message();
   EXPECT_TRUE(store_->GetVolume(kVolume)->target.empty());
+}
+
+// A replica that left under an earlier target: the new target knows nothing of what it missed
+// then, so its resync copies the whole volume (skipping holes), not just this epoch's writes.
+TEST_F(ReplicatedTarget, AReplicaOutSinceAnEarlierTargetGetsAFullCopy) {
+  test::TempDir state("rt-state");
+  auto l1 = store_->GrantLease(30);
+  ASSERT_TRUE(l1.ok());
+  auto o1 = Options("node-t", *l1);
+  o1.state_dir = state.path();
+  auto t1 = Target::Open(*store_, o1);
+  ASSERT_TRUE(t1.ok()) << t1.status().message();
+  b_.Kill9();
+  Model m;
+  std::mt19937_64 rng(11);
+  ASSERT_EQ(WriteRandom(*(*t1)->set(), m, 300, 8, rng), 0);  // node-b misses these (epoch 1)
+  ASSERT_TRUE((*t1)->Close().ok());
+
+  b_.Start(etcd_.endpoint());
+  auto l2 = store_->GrantLease(30);
+  auto o2 = Options("node-u", *l2);
+  o2.state_dir = state.path();
+  auto t2 = Target::Open(*store_, o2);
+  ASSERT_TRUE(t2.ok()) << t2.status().message();
+  EXPECT_TRUE((*t2)->set()->health().degraded);
+  ASSERT_EQ(WriteRandom(*(*t2)->set(), m, 50, 8, rng), 0);  // and these (epoch 2)
+  auto r = (*t2)->ResyncReplica("node-b");
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_TRUE(r->full);
+  EXPECT_GT(r->skipped_bytes + r->zeroed_bytes, 0u) << "holes are not copied as data";
+  EXPECT_FALSE((*t2)->set()->health().degraded);
+  EXPECT_EQ(store_->GetVolume(kVolume)->in_sync, (std::vector<std::string>{"node-a", "node-b"}));
+  const uint64_t epoch = (*t2)->epoch();
+  ASSERT_TRUE((*t2)->Close().ok());
+  const std::string disk_a = a_.Nbdcopy(epoch), disk_b = b_.Nbdcopy(epoch);
+  ASSERT_EQ(disk_a.size(), kSize);
+  EXPECT_TRUE(disk_a == disk_b) << "node-b misses what it missed under the earlier target";
+  for (auto& [block, want] : m.blocks)
+    ASSERT_EQ(0, std::memcmp(disk_b.data() + block * kBlock, want.data(), kBlock)) << block;
 }
 
 TEST_F(ReplicatedTarget, TheDaemonsTargetKeepsFioRunningWhenAReplicaDies) {

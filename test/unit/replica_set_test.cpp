@@ -631,6 +631,39 @@ TEST_F(ReplicaSetTest, AResyncedReplicaIsReadmitted) {
   EXPECT_EQ(StateOf("a"), MemberState::kOut);
 }
 
+// A replica already out of sync when the target opens (it missed writes under an earlier
+// target): a member without a channel, degraded from the start, its misses logged.
+TEST(ReplicaSetOutAtOpen, IsAMemberOutOfSyncUntilReadmitted) {
+  FakeMembership membership;
+  FakeLog log;
+  std::vector<ReplicaMember> members;
+  auto a = std::make_unique<FakeChannel>();
+  FakeChannel* pa = a.get();
+  members.push_back({"a", std::move(a)});
+  members.push_back({"b", nullptr, /*in_sync=*/false});
+  auto set = ReplicaSet::Create({"vol", kSize, "a"}, std::move(members), membership, &log);
+  ASSERT_TRUE(set.ok()) << set.status().message();
+  auto h = (*set)->health();
+  EXPECT_TRUE(h.degraded);
+  EXPECT_EQ(h.in_sync, std::vector<std::string>{"a"});
+  EXPECT_EQ(h.members[1].state, MemberState::kOut);
+  std::vector<uint8_t> w(512, 16);
+  Result r;
+  (*set)->Submit({BackendRequest::Op::kWrite, 4096, 512, w.data()}, r.Done());
+  ASSERT_EQ(r.Wait(), 0);
+  EXPECT_EQ(pa->Bytes(4096, 512), w);
+  EXPECT_EQ(log.Marks(), (std::vector<FakeLog::Mark>{{"b", 4096, 512}}));
+  (*set)->Freeze();
+  ASSERT_TRUE((*set)->Readmit("b", std::make_unique<FakeChannel>()).ok());
+  (*set)->Thaw();
+  EXPECT_FALSE((*set)->health().degraded);
+  // Nobody in sync at all is refused.
+  std::vector<ReplicaMember> none;
+  none.push_back({"a", nullptr, false});
+  EXPECT_EQ(ReplicaSet::Create({"vol", kSize, "a"}, std::move(none), membership).status().code(),
+            EINVAL);
+}
+
 TEST_F(ReplicaSetTest, CloseFailsWhatIsInFlightWithShutdown) {
   Make(2);
   for (auto* c : ch_) c->Hold(true);
