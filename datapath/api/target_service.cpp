@@ -50,6 +50,17 @@ void Fill(const TargetInfo& t, const std::string& node, v1::Target* out) {
   out->set_acked_degraded(t.health.acked_degraded);
   for (const auto& u : t.unreachable) out->add_unreachable(u);
   out->set_node(node);
+  if (t.resync) {
+    auto* r = out->mutable_resync();
+    r->set_node(t.resync->node);
+    r->set_full(t.resync->full);
+    r->set_pass(static_cast<uint32_t>(t.resync->pass));
+    r->set_pass_done_bytes(t.resync->pass_done_bytes);
+    r->set_pass_total_bytes(t.resync->pass_total_bytes);
+    r->set_percent(t.resync->percent);
+    r->set_eta_seconds(t.resync->eta ? t.resync->eta->count() : -1);
+    r->set_copied_bytes(t.resync->copied_bytes);
+  }
 }
 
 class TargetService final : public v1::Targets::Service {

@@ -125,6 +125,7 @@ TargetInfo ClusterAgent::Info(Target& t) {
   i.health = t.set()->health();
   i.unreachable = t.unreachable();
   i.out_of_sync_bytes = t.OutOfSyncBytes();
+  i.resync = t.resync_status();
   return i;
 }
 

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <memory>
 #include <mutex>
 #include <condition_variable>
@@ -67,6 +68,7 @@ struct TargetInfo {
   ReplicaSetHealth health;
   std::vector<std::string> unreachable;  // replicas dropped at open
   std::map<std::string, uint64_t> out_of_sync_bytes;  // per out-of-sync replica, its bitmap
+  std::optional<ResyncStatus> resync;                 // while a resync runs
 };
 
 class ClusterAgent {

@@ -135,6 +135,21 @@ StatusOr<std::unique_ptr<Target>> Target::Open(cluster::ClusterStore& store,
 
 Target::~Target() { Close(); }
 
+std::optional<ResyncStatus> Target::resync_status() const {
+  std::lock_guard<std::mutex> lock(resync_mu_);
+  if (!resync_) return std::nullopt;
+  ResyncStatus s = *resync_;
+  if (resync_job_) {
+    const ResyncProgress p = resync_job_->progress();
+    s.pass_done_bytes = p.done_bytes();
+    s.pass_total_bytes = p.total_bytes;
+    s.percent = p.percent();
+    s.eta = p.eta();
+    s.copied_bytes += p.copied_bytes;
+  }
+  return s;
+}
+
 std::map<std::string, uint64_t> Target::OutOfSyncBytes() {
   return log_ ? log_->DirtyBytes() : std::map<std::string, uint64_t>{};
 }
@@ -180,10 +195,35 @@ StatusOr<ResyncReport> Target::ResyncReplica(const std::string& node, ResyncOpti
     ro.holes = HolePolicy::kWriteZeroes;
   }
   report.dirty_bytes_at_start = bm->dirty_bytes();
+  {
+    std::lock_guard<std::mutex> lock(resync_mu_);
+    resync_ = ResyncStatus{};
+    resync_->node = node;
+    resync_->full = report.full;
+  }
+  // Whichever way this ends, the status goes with it.
+  struct ClearStatus {
+    Target* t;
+    ~ClearStatus() {
+      std::lock_guard<std::mutex> lock(t->resync_mu_);
+      t->resync_.reset();
+      t->resync_job_ = nullptr;
+    }
+  } clear_status{this};
   ClientBlockChannel from(**src), to(**dst);
   auto pass = [&]() -> Status {
     Resync job(from, to, ro);
+    {
+      std::lock_guard<std::mutex> lock(resync_mu_);
+      resync_->pass = report.passes + 1;
+      resync_->copied_bytes = report.copied_bytes;
+      resync_job_ = &job;
+    }
     Status s = job.RunDirty(*bm);
+    {
+      std::lock_guard<std::mutex> lock(resync_mu_);
+      resync_job_ = nullptr;
+    }
     const ResyncProgress p = job.progress();
     report.copied_bytes += p.copied_bytes;
     report.skipped_bytes += p.skipped_bytes;
@@ -198,6 +238,8 @@ StatusOr<ResyncReport> Target::ResyncReplica(const std::string& node, ResyncOpti
     if (Status s = pass(); !s.ok()) return s;
   }
   const auto frozen_at = std::chrono::steady_clock::now();
+  // Writes wait during the last pass: it runs at full speed whatever the rate limit.
+  ro.rate_bytes_per_second = 0;
   set_->Freeze();
   Status s = pass();
   if (s.ok() && bm->dirty_bytes() != 0)

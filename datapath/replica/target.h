@@ -17,6 +17,8 @@
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <mutex>
+#include <optional>
 #include <set>
 #include <memory>
 #include <string>
@@ -46,6 +48,18 @@ struct TargetOptions {
   // Where the out-of-sync bitmaps live (STATE_DIR/VOLUME/); empty: no log, and a returning
   // replica can only be resynced whole.
   std::string state_dir;
+};
+
+// A resync while it runs (inspect, metrics): the current pass and what is done so far.
+struct ResyncStatus {
+  std::string node;
+  bool full = false;
+  int pass = 0;                 // 1-based; the last one runs with writes held
+  uint64_t pass_done_bytes = 0;  // of this pass: copied, skipped and zeroed
+  uint64_t pass_total_bytes = 0;
+  uint64_t copied_bytes = 0;  // all passes so far
+  double percent = 0;         // of this pass
+  std::optional<std::chrono::seconds> eta;  // of this pass, at its speed so far
 };
 
 // What ResyncReplica did.
@@ -90,6 +104,8 @@ class Target {
   StatusOr<ResyncReport> ResyncReplica(const std::string& node, ResyncOptions options = {});
   // Bytes each out-of-sync replica is known to miss (its bitmap), for inspect.
   std::map<std::string, uint64_t> OutOfSyncBytes();
+  // The resync running now, if any (any thread).
+  std::optional<ResyncStatus> resync_status() const;
   // Closes the set (what is in flight fails with ESHUTDOWN) and releases the claim (unstage).
   // Idempotent; the release's result.
   Status Close();
@@ -104,6 +120,10 @@ class Target {
   std::unique_ptr<BitmapLog> log_;
   // Replicas out of sync since before this target: their resync copies everything.
   std::set<std::string> full_resync_;
+  // The running resync: its status and its current pass's job (for live progress).
+  mutable std::mutex resync_mu_;
+  std::optional<ResyncStatus> resync_;
+  Resync* resync_job_ = nullptr;
   std::shared_ptr<ReplicaSet> set_;
   std::vector<std::string> unreachable_;
   bool closed_ = false;

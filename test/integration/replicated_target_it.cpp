@@ -566,8 +566,34 @@ TEST_F(ReplicatedTarget, AReturningReplicaCopiesOnlyWhatItMissed) {
                           live_job},
                          t.dir() + "/live.log"));
   std::this_thread::sleep_for(1s);
-  ASSERT_EQ(t.Nbdctl(fmt::format("target resync {} node-b -o json --timeout 120", kVolume), &out),
-            0);
+  // While it runs (paced at 8 MiB/s), inspect shows its progress.
+  std::atomic<bool> resync_done{false};
+  double seen_percent = -1;
+  std::string seen_node;
+  std::thread watcher([&] {
+    const std::string file = t.dir() + "/watch.json";
+    while (!resync_done) {
+      const std::string cmd = Bin("nbdctl") + " --api unix://" + t.api() + " target inspect " +
+                              kVolume + " -o json >" + file + " 2>/dev/null";
+      if (std::system(cmd.c_str()) == 0) {
+        auto j = nlohmann::json::parse(ReadFile(file), nullptr, false);
+        if (!j.is_discarded() && !j["resync"].is_null()) {
+          seen_node = j["resync"]["node"].get<std::string>();
+          seen_percent = std::max(seen_percent, j["resync"]["percent"].get<double>());
+        }
+      }
+      std::this_thread::sleep_for(100ms);
+    }
+  });
+  const int rc =
+      t.Nbdctl(fmt::format("target resync {} node-b --rate 8Mi -o json --timeout 120", kVolume),
+               &out);
+  resync_done = true;
+  watcher.join();
+  ASSERT_EQ(rc, 0);
+  EXPECT_EQ(seen_node, "node-b") << "no progress seen in target inspect during the resync";
+  EXPECT_GE(seen_percent, 0);
+  EXPECT_LE(seen_percent, 100);
   auto r = nlohmann::json::parse(out);
   EXPECT_EQ(r["full"], false);
   // The 8 MiB it missed, plus the live writer's 8 MiB window written while it was still out;

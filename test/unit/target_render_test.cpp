@@ -55,6 +55,31 @@ TEST(TargetRender, JsonKeysAreStable) {
   EXPECT_EQ(j["replicas"][0]["healthy_connections"], 2);
 }
 
+TEST(TargetRender, ResyncProgress) {
+  tv1::Target t = Degraded();
+  EXPECT_TRUE(TargetJson(t)["resync"].is_null());
+  auto* r = t.mutable_resync();
+  r->set_node("node-b");
+  r->set_pass(2);
+  r->set_pass_done_bytes(3 << 20);
+  r->set_pass_total_bytes(12 << 20);
+  r->set_percent(25);
+  r->set_eta_seconds(-1);
+  r->set_copied_bytes(20 << 20);
+  auto j = TargetJson(t);
+  EXPECT_EQ(j["resync"]["node"], "node-b");
+  EXPECT_EQ(j["resync"]["pass"], 2);
+  EXPECT_EQ(j["resync"]["percent"], 25.0);
+  EXPECT_TRUE(j["resync"]["eta_seconds"].is_null()) << "unknown, not -1";
+  EXPECT_EQ(j["resync"]["copied_bytes"], 20 << 20);
+  std::string d = TargetDetails(t);
+  EXPECT_NE(d.find("resync:      node-b: pass 2, 25% (3 MiB of 12 MiB), 20 MiB copied so far"),
+            std::string::npos)
+      << d;
+  r->set_eta_seconds(9);
+  EXPECT_NE(TargetDetails(t).find(", ETA 9 s,"), std::string::npos);
+}
+
 TEST(TargetRender, DetailsAndTable) {
   std::string d = TargetDetails(Degraded());
   EXPECT_NE(d.find("epoch:       7"), std::string::npos) << d;

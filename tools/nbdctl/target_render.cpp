@@ -30,7 +30,20 @@ json TargetJson(const tv1::Target& t) {
   for (const auto& n : t.in_sync()) in_sync.push_back(n);
   json unreachable = json::array();
   for (const auto& u : t.unreachable()) unreachable.push_back(u);
+  json resync = nullptr;
+  if (t.has_resync()) {
+    const auto& r = t.resync();
+    resync = {{"node", r.node()},
+              {"full", r.full()},
+              {"pass", r.pass()},
+              {"pass_done_bytes", r.pass_done_bytes()},
+              {"pass_total_bytes", r.pass_total_bytes()},
+              {"percent", r.percent()},
+              {"eta_seconds", r.eta_seconds() < 0 ? json(nullptr) : json(r.eta_seconds())},
+              {"copied_bytes", r.copied_bytes()}};
+  }
   return {{"volume", t.volume()},
+          {"resync", resync},
           {"node", t.node()},
           {"export_name", t.export_name()},
           {"epoch", t.epoch()},
@@ -58,6 +71,14 @@ std::string TargetDetails(const tv1::Target& t) {
     out += fmt::format("degraded writes: {} acknowledged while a replica missed them\n",
                        t.acked_degraded());
   for (const auto& u : t.unreachable()) out += fmt::format("unreachable at open: {}\n", u);
+  if (t.has_resync()) {
+    const auto& r = t.resync();
+    out += fmt::format("resync:      {}{}: pass {}, {:.0f}% ({} of {}){}, {} copied so far\n",
+                       r.node(), r.full() ? " (full copy)" : "", r.pass(), r.percent(),
+                       FormatHuman(r.pass_done_bytes()), FormatHuman(r.pass_total_bytes()),
+                       r.eta_seconds() < 0 ? "" : fmt::format(", ETA {} s", r.eta_seconds()),
+                       FormatHuman(r.copied_bytes()));
+  }
   out += fmt::format("{:<24} {:<12} {:>10} {:>8} {:>12} {:>12} {:>6} {:>12}  {}\n", "REPLICA",
                      "STATE", "REQUESTS", "ERRORS", "WRITTEN", "READ", "CONNS", "TO RESYNC",
                      "WHY");
