@@ -198,6 +198,13 @@ struct ReplicaSet::Impl {
     cv.notify_all();
   }
 
+  // Every member that failed `op` leaves service (the first failure names why).
+  void EnterFailingLocked(const Op& op) {
+    for (size_t i = 0; i < members.size(); ++i)
+      if (op.failed & Bit(i))
+        EnterFailingLocked(i, fmt::format("{}: {}", OpName(op.req.op), op.first_error));
+  }
+
   void Send(const std::shared_ptr<Op>& op, size_t i) {
     {
       std::lock_guard<std::mutex> lock(op->mu);
@@ -292,9 +299,7 @@ struct ReplicaSet::Impl {
     {
       std::lock_guard<std::mutex> lock(mu);
       closed = closing;
-      for (size_t i = 0; i < members.size(); ++i)
-        if (!closed && (op->failed & Bit(i)))
-          EnterFailingLocked(i, fmt::format("read: {}", op->first_error));
+      if (!closed) EnterFailingLocked(*op);
       next = closed ? -1 : PickReader(InSyncLocked() & ~op->sent);
       if (next >= 0) op->ch[static_cast<size_t>(next)] = members[static_cast<size_t>(next)].ch;
     }
@@ -326,15 +331,11 @@ struct ReplicaSet::Impl {
         fail = FailureCode(*op);
       } else if (!op->mark_error.empty()) {
         // A replica out of sync would miss it and the log cannot say so: not acknowledged.
-        for (size_t i = 0; i < members.size(); ++i)
-          if (op->failed & Bit(i))
-            EnterFailingLocked(i, fmt::format("{}: {}", OpName(op->req.op), op->first_error));
+        EnterFailingLocked(*op);
         fail = EIO;
         why = "cannot record it as missing on an out-of-sync replica: " + op->mark_error;
       } else {
-        for (size_t i = 0; i < members.size(); ++i)
-          if (op->failed & Bit(i))
-            EnterFailingLocked(i, fmt::format("{}: {}", OpName(op->req.op), op->first_error));
+        EnterFailingLocked(*op);
         Waiter w{op, all & ~op->ok & ~out, Modifies(op->req.op) ? op->failed : 0};
         if (!w.need_out && !w.mark) {
           ack = true;
