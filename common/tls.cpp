@@ -377,26 +377,27 @@ Status CheckPeerIsNode(const grpc::AuthContext& ctx, const std::string& node_id)
                node_id, Join(ids), node_id);
 }
 
-Status TlsFiles::Validate() const {
+Status TlsFiles::Validate(const TlsFlagNames& f) const {
   const bool any = !cert.empty() || !key.empty() || !ca.empty();
   if (insecure) {
     if (any) {
-      return Error(EINVAL, "--insecure cannot be combined with --tls-cert, --tls-key or --tls-ca");
+      return Error(EINVAL, "{} cannot be combined with {}, {} or {}", f.insecure, f.cert, f.key,
+                   f.ca);
     }
     return Status::Ok();
   }
   if (!any) {
-    return Error(EINVAL, "no TLS files: give --tls-cert, --tls-key and --tls-ca (or --insecure "
-                         "for plaintext on a trusted loopback)");
+    return Error(EINVAL, "no TLS files: give {}, {} and {} (or {} for plaintext on a trusted "
+                         "loopback)", f.cert, f.key, f.ca, f.insecure);
   }
   std::string missing;
-  for (auto [flag, value] : {std::pair{"--tls-cert", &cert}, std::pair{"--tls-key", &key},
-                             std::pair{"--tls-ca", &ca}}) {
+  for (auto [flag, value] : {std::pair{f.cert, &cert}, std::pair{f.key, &key},
+                             std::pair{f.ca, &ca}}) {
     if (value->empty()) missing += missing.empty() ? flag : std::string(", ") + flag;
   }
   if (!missing.empty()) {
-    return Error(EINVAL, "incomplete TLS configuration: missing {} (all of --tls-cert, --tls-key "
-                         "and --tls-ca are needed)", missing);
+    return Error(EINVAL, "incomplete TLS configuration: missing {} (all of {}, {} and {} are "
+                         "needed)", missing, f.cert, f.key, f.ca);
   }
   return Status::Ok();
 }

@@ -47,6 +47,15 @@ std::vector<std::string> PeerNodeIds(const grpc::AuthContext& ctx);
 // OK when the peer's certificate names `node_id`; EPERM saying what it names otherwise.
 Status CheckPeerIsNode(const grpc::AuthContext& ctx, const std::string& node_id);
 
+// The flags that name a TlsFiles, for its messages: a daemon may take several sets (--tls-*, and
+// --cluster-etcd-tls-* for etcd).
+struct TlsFlagNames {
+  const char* cert = "--tls-cert";
+  const char* key = "--tls-key";
+  const char* ca = "--tls-ca";
+  const char* insecure = "--insecure";
+};
+
 struct TlsFiles {
   std::string cert;  // PEM certificate chain of this process
   std::string key;   // PEM private key
@@ -55,7 +64,7 @@ struct TlsFiles {
 
   // EINVAL unless either all three files are named or insecure is set alone; the message names
   // the missing or conflicting flags. Does not open the files (the Make* functions do).
-  Status Validate() const;
+  Status Validate(const TlsFlagNames& flags = TlsFlagNames()) const;
 };
 
 // What a server accepts beyond "a certificate the CA signed".

@@ -435,15 +435,19 @@ Status ResolveApiAndCluster(const Flags& f, Config& c) {
 Status ResolveReplicaCluster(const Flags& f, Config& c) {
   const ReplicaClusterFlags& r = f.replicas;
   if (r.etcd.empty()) {
-    if (!r.nbd_endpoint.empty() || !r.etcd_tls.cert.empty() || r.etcd_tls.insecure)
+    if (!r.nbd_endpoint.empty() || !r.etcd_tls.cert.empty() || !r.etcd_tls.key.empty() ||
+        !r.etcd_tls.ca.empty() || r.etcd_tls.insecure)
       return Error(EINVAL, "--cluster-* flags need --cluster-etcd");
     return Status::Ok();
   }
   if (f.cluster.node_id.empty())
     return Error(EINVAL, "--cluster-etcd needs --node-id (this node's name in the cluster)");
-  if (Status s = r.etcd_tls.Validate(); !s.ok())
-    return Error(EINVAL, "--cluster-etcd: {} (--cluster-etcd-tls-cert/-key/-ca, or "
-                         "--cluster-etcd-insecure)", s.message());
+  if (Status s = r.etcd_tls.Validate({.cert = "--cluster-etcd-tls-cert",
+                                       .key = "--cluster-etcd-tls-key",
+                                       .ca = "--cluster-etcd-tls-ca",
+                                       .insecure = "--cluster-etcd-insecure"});
+      !s.ok())
+    return Error(EINVAL, "--cluster-etcd: {}", s.message());
   etcd::EtcdOptions e;
   e.endpoints = r.etcd;
   e.tls = r.etcd_tls;
