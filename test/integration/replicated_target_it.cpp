@@ -106,13 +106,43 @@ class Node {
   }
   // nbdctl against this daemon; its stdout in *out when asked.
   int Nbdctl(const std::string& args, std::string* out = nullptr) {
-    const std::string file = dir_ / "nbdctl.out";
-    const std::string cmd = Bin("nbdctl") + " --api unix://" + api() + " " + args + " >" + file +
-                            " 2>>" + log();
-    int rc = std::system(cmd.c_str());
-    if (out) *out = ReadFile(file);
-    if (rc != 0) ADD_FAILURE() << "nbdctl " << args << ": " << ReadFile(file) << ReadFile(log());
+    std::string got;
+    const int rc = TryNbdctl(args, &got);
+    if (rc != 0) ADD_FAILURE() << "nbdctl " << args << ": " << got << ReadFile(log());
+    if (out) *out = got;
     return rc;
+  }
+  // The same where a refusal is expected or retried: its stdout and stderr in *out. `tag` names
+  // the output file, for callers on several threads.
+  int TryNbdctl(const std::string& args, std::string* out = nullptr,
+                const std::string& tag = "nbdctl") {
+    const std::string file = dir_ / (tag + ".out");
+    const std::string cmd =
+        Bin("nbdctl") + " --api unix://" + api() + " " + args + " >" + file + " 2>&1";
+    const int rc = std::system(cmd.c_str());
+    if (out) *out = ReadFile(file);
+    return rc;
+  }
+  // `target inspect`'s health word ("ok", "degraded", "stopped"), "" when it fails.
+  std::string Health() {
+    std::string out;
+    if (TryNbdctl(fmt::format("target inspect {} -o json", kVolume), &out) != 0) return "";
+    auto j = nlohmann::json::parse(out, nullptr, false);
+    return j.is_discarded() ? "" : j["health"].get<std::string>();
+  }
+  // `target open`, retried while another node's claim is alive; its JSON in *out.
+  bool OpenTargetWithin(std::chrono::seconds limit, std::string* out) {
+    return test::WaitUntil(
+        [&] { return TryNbdctl(fmt::format("target open {} -o json", kVolume), out) == 0; },
+        limit, 200ms);
+  }
+  // VOL@target on this node's Unix socket, for libnbd clients.
+  std::string TargetUri() const {
+    return fmt::format("nbd+unix:///{}@target?socket={}", kVolume, nbd_sock());
+  }
+  // The whole of VOL@target as this node serves it, into `path` (nbdcopy through libnbd).
+  bool CopyTarget(const std::string& path) {
+    return std::system(fmt::format("timeout 60 nbdcopy '{}' {}", TargetUri(), path).c_str()) == 0;
   }
   void Kill9() {
     proc_.Kill(SIGKILL);
@@ -412,6 +442,85 @@ TEST_F(ReplicatedTarget, AnUnreachableReplicaIsDroppedBeforeServing) {
   EXPECT_TRUE(store_->GetVolume(kVolume)->target.empty());
 }
 
+// Garbage at the new entry points gets a clear error and changes nothing: the Targets API (through
+// nbdctl, on a cluster node and on a datapath without a cluster) and the cluster flags.
+TEST_F(ReplicatedTarget, GarbageIsRefusedWithAClearError) {
+  struct Case {
+    std::string args, expect;
+    int rc;
+  };
+  const std::vector<Case> api = {
+      {"target open ../x", "invalid argument", 1},
+      {"target open nope", "not found", 1},
+      {fmt::format("target inspect {}", kVolume), "no target of volume rv is open on node node-a", 1},
+      {"target close nope", "no target of volume nope is open", 1},
+      {fmt::format("target resync {} NODE!", kVolume), "invalid argument", 1},
+      {fmt::format("target resync {} node-b", kVolume), "no target of volume rv is open", 1},
+      {fmt::format("target resync {} node-b --rate 0", kVolume), "--rate: must be greater than 0",
+       2},
+      {"target open", "VOLUME is required", 2},
+  };
+  for (const auto& c : api) {
+    std::string out;
+    EXPECT_EQ(a_.TryNbdctl(c.args, &out), c.rc << 8) << c.args << ": " << out;
+    EXPECT_NE(out.find(c.expect), std::string::npos) << c.args << ": " << out;
+  }
+  EXPECT_TRUE(store_->GetVolume(kVolume)->target.empty()) << "a refusal claimed the volume";
+  EXPECT_EQ(store_->GetVolume(kVolume)->epoch, 0u);
+
+  // Flags: each refused at start (exit 2) naming the flag.
+  test::TempDir dir("rt-flags");
+  const std::string pool = dir.path() + "/pool";
+  fs::create_directories(pool);
+  const std::string base = Bin("nbd-datapathd") + " --pool " + pool + " --api unix://" +
+                           dir.path() + "/api.sock --nbd-listen unix://" + dir.path() + "/nbd.sock";
+  const std::vector<std::pair<std::string, std::string>> flags = {
+      {"--cluster-etcd 127.0.0.1:1", "--cluster-etcd needs --node-id"},
+      {"--cluster-etcd-insecure", "--cluster-* flags need --cluster-etcd"},
+      {"--node-id n --cluster-etcd 127.0.0.1:1", "give --cluster-etcd-tls-cert"},
+      {"--node-id n --cluster-etcd 127.0.0.1:1 --cluster-etcd-tls-cert x",
+       "missing --cluster-etcd-tls-key, --cluster-etcd-tls-ca"},
+      {"--node-id n --cluster-etcd 127.0.0.1:1 --cluster-etcd-insecure --cluster-nbd-endpoint "
+       "unix:///x",
+       "--cluster-nbd-endpoint unix:///x: must be tcp://HOST:PORT"},
+      {"--node-id n --cluster-etcd 127.0.0.1:1 --cluster-etcd-insecure --replica-resync-rate 0",
+       "--replica-resync-rate: must be greater than 0"},
+  };
+  for (const auto& [args, expect] : flags) {
+    const std::string log = dir.path() + "/flags.log";
+    const int rc = std::system((base + " " + args + " >" + log + " 2>&1").c_str());
+    EXPECT_EQ(rc, 2 << 8) << args << ": " << ReadFile(log);
+    EXPECT_NE(ReadFile(log).find(expect), std::string::npos) << args << ": " << ReadFile(log);
+  }
+  // Out-of-range numbers are refused by the flag parser (CLI11), with its own exit code.
+  {
+    const std::string log = dir.path() + "/flags.log";
+    const int rc = std::system(
+        (base + " --node-id n --cluster-etcd 127.0.0.1:1 --cluster-etcd-insecure "
+                "--replica-timeout 0 >" + log + " 2>&1")
+            .c_str());
+    EXPECT_NE(rc, 0);
+    EXPECT_NE(ReadFile(log).find("--replica-timeout: Value 0 not in range"), std::string::npos)
+        << ReadFile(log);
+  }
+
+  // A datapath without a cluster says so.
+  test::Proc plain;
+  ASSERT_TRUE(plain.Start({Bin("nbd-datapathd"), "--pool", pool, "--api",
+                           "unix://" + dir.path() + "/api.sock", "--nbd-listen",
+                           "unix://" + dir.path() + "/nbd.sock"},
+                          dir.path() + "/plain.log"));
+  auto api_ep = ParseEndpoint("unix://" + dir.path() + "/api.sock");
+  ASSERT_TRUE(test::WaitUntil([&] { return test::CanConnect(*api_ep); }, 20s));
+  const std::string out_file = dir.path() + "/plain.out";
+  const int rc = std::system((Bin("nbdctl") + " --api unix://" + dir.path() +
+                              "/api.sock target list >" + out_file + " 2>&1")
+                                 .c_str());
+  EXPECT_EQ(rc, 1 << 8);
+  EXPECT_NE(ReadFile(out_file).find("runs without a cluster (--cluster-etcd)"), std::string::npos)
+      << ReadFile(out_file);
+}
+
 // A replica that left under an earlier target: the new target knows nothing of what it missed
 // then, so its resync copies the whole volume (skipping holes), not just this epoch's writes.
 TEST_F(ReplicatedTarget, AReplicaOutSinceAnEarlierTargetGetsAFullCopy) {
@@ -466,10 +575,10 @@ TEST_F(ReplicatedTarget, TheDaemonsTargetKeepsFioRunningWhenAReplicaDies) {
 
   const std::string job = t.dir() + "/job.fio";
   std::ofstream(job) << fmt::format(
-      "[global]\nioengine=nbd\nuri=nbd+unix:///{}@target?socket={}\nbs=4k\niodepth=16\n"
+      "[global]\nioengine=nbd\nuri={}\nbs=4k\niodepth=16\n"
       "size=48M\nverify=crc32c\nverify_fatal=1\nverify_backlog=256\nrate_iops=,1500\n"
       "[w]\nrw=randwrite\n",
-      kVolume, t.nbd_sock());
+      t.TargetUri());
   test::Proc fio;
   const std::string fio_json = t.dir() + "/fio.json";
   ASSERT_TRUE(fio.Start({"fio", "--output-format=json", "--output=" + fio_json, job},
@@ -502,9 +611,7 @@ TEST_F(ReplicatedTarget, TheDaemonsTargetKeepsFioRunningWhenAReplicaDies) {
 
   // What the target serves now is node-a's copy, byte for byte.
   const std::string served = t.dir() + "/served.raw";
-  const std::string cmd = fmt::format("timeout 60 nbdcopy 'nbd+unix:///{}@target?socket={}' {}",
-                                      kVolume, t.nbd_sock(), served);
-  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  ASSERT_TRUE(t.CopyTarget(served));
   ASSERT_EQ(t.Nbdctl(fmt::format("target close {}", kVolume)), 0);
   EXPECT_TRUE(store_->GetVolume(kVolume)->target.empty());
   EXPECT_EQ(a_.Nbdcopy(1), ReadFile(served));
@@ -536,7 +643,7 @@ TEST_F(ReplicatedTarget, AReturningReplicaCopiesOnlyWhatItMissed) {
   Node t{"node-t", "127.0.0.13", certs_};
   t.Start(etcd_.endpoint(), {"--replica-resync-interval", "0"});  // by nbdctl only, here
   ASSERT_EQ(t.Nbdctl(fmt::format("target open {}", kVolume)), 0);
-  const std::string uri = fmt::format("nbd+unix:///{}@target?socket={}", kVolume, t.nbd_sock());
+  const std::string uri = t.TargetUri();
   nlohmann::json report;
   // Both replicas get the first 16 MiB.
   ASSERT_EQ(Fio(t.dir(), "both", uri, "0", "16M", false, &report), 0);
@@ -571,12 +678,10 @@ TEST_F(ReplicatedTarget, AReturningReplicaCopiesOnlyWhatItMissed) {
   double seen_percent = -1;
   std::string seen_node;
   std::thread watcher([&] {
-    const std::string file = t.dir() + "/watch.json";
+    std::string watched;
     while (!resync_done) {
-      const std::string cmd = Bin("nbdctl") + " --api unix://" + t.api() + " target inspect " +
-                              kVolume + " -o json >" + file + " 2>/dev/null";
-      if (std::system(cmd.c_str()) == 0) {
-        auto j = nlohmann::json::parse(ReadFile(file), nullptr, false);
+      if (t.TryNbdctl(fmt::format("target inspect {} -o json", kVolume), &watched, "watch") == 0) {
+        auto j = nlohmann::json::parse(watched, nullptr, false);
         if (!j.is_discarded() && !j["resync"].is_null()) {
           seen_node = j["resync"]["node"].get<std::string>();
           seen_percent = std::max(seen_percent, j["resync"]["percent"].get<double>());
@@ -620,7 +725,7 @@ TEST_F(ReplicatedTarget, AReturningReplicaCopiesOnlyWhatItMissed) {
 
   // Both copies equal, byte for byte, and equal to what the target served.
   const std::string served = t.dir() + "/served.raw";
-  ASSERT_EQ(std::system(fmt::format("timeout 60 nbdcopy '{}' {}", uri, served).c_str()), 0);
+  ASSERT_TRUE(t.CopyTarget(served));
   ASSERT_EQ(t.Nbdctl(fmt::format("target close {}", kVolume)), 0);
   const std::string disk_a = a_.Nbdcopy(1), disk_b = b_.Nbdcopy(1);
   ASSERT_EQ(disk_a.size(), kSize);
@@ -634,21 +739,15 @@ TEST_F(ReplicatedTarget, AReplicaThatComesBackIsResyncedAutomatically) {
   Node t{"node-t", "127.0.0.13", certs_};
   t.Start(etcd_.endpoint(), {"--replica-resync-interval", "1"});
   ASSERT_EQ(t.Nbdctl(fmt::format("target open {}", kVolume)), 0);
-  const std::string uri = fmt::format("nbd+unix:///{}@target?socket={}", kVolume, t.nbd_sock());
+  const std::string uri = t.TargetUri();
   b_.Kill9();
   nlohmann::json report;
   ASSERT_EQ(Fio(t.dir(), "missed", uri, "8M", "4M", true, &report), 0);
   ASSERT_EQ(report["jobs"][0]["error"], 0);
   b_.Start(etcd_.endpoint());
   const auto back = std::chrono::steady_clock::now();
-  std::string out;
-  ASSERT_TRUE(test::WaitUntil(
-      [&] {
-        if (t.Nbdctl(fmt::format("target inspect {} -o json", kVolume), &out) != 0) return false;
-        return nlohmann::json::parse(out)["health"] == "ok";
-      },
-      30s, 200ms))
-      << out << ReadFile(t.log());
+  ASSERT_TRUE(test::WaitUntil([&] { return t.Health() == "ok"; }, 30s, 200ms))
+      << t.Health() << ReadFile(t.log());
   printf("FIGURE node-b back in sync %.1f s after its restart (resync interval 1 s)\n",
          std::chrono::duration<double>(std::chrono::steady_clock::now() - back).count());
   EXPECT_NE(ReadFile(t.log()).find("resynced from node-a: 4194304 bytes copied"),
@@ -765,22 +864,13 @@ TEST_F(ReplicatedTarget, TheTargetsNodeDiesAndAnotherNodeTakesOverWithEveryAcked
   w.Stop();
   // The other node claims as soon as the dead one's lease runs out (TTL 4 s).
   std::string out;
-  bool opened = false;
-  while (!opened && std::chrono::steady_clock::now() - died < 20s) {
-    const std::string cmd = Bin("nbdctl") + " --api unix://" + u.api() + " target open " +
-                            kVolume + " -o json >" + u.dir() + "/open.json 2>" + u.dir() +
-                            "/open.err";
-    opened = std::system(cmd.c_str()) == 0;
-    if (!opened) std::this_thread::sleep_for(200ms);
-  }
-  ASSERT_TRUE(opened) << ReadFile(u.dir() + "/open.err");
-  auto state = nlohmann::json::parse(ReadFile(u.dir() + "/open.json"));
+  ASSERT_TRUE(u.OpenTargetWithin(20s, &out)) << out;
+  auto state = nlohmann::json::parse(out);
   EXPECT_EQ(state["epoch"], 2);
   EXPECT_EQ(state["in_sync"], nlohmann::json::array({"node-a", "node-b"}));
   // The first I/O on the new node.
-  const std::string uri = fmt::format("nbd+unix:///{}@target?socket={}", kVolume, u.nbd_sock());
   const std::string disk = u.dir() + "/after.raw";
-  ASSERT_EQ(std::system(fmt::format("timeout 60 nbdcopy '{}' {}", uri, disk).c_str()), 0);
+  ASSERT_TRUE(u.CopyTarget(disk));
   const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - died).count();
   printf("FIGURE %llu writes acknowledged before the kill; target death -> volume read whole on "
          "the new node: %.1f s (lease TTL 4 s)\n",
@@ -807,7 +897,7 @@ TEST_F(ReplicatedTarget, AnIsolatedReplicaIsDroppedWithinTheTimeoutAndComesBack)
   Node t{"node-t", "127.0.0.13", certs_};
   t.Start(etcd_.endpoint(), {"--replica-timeout", "2", "--replica-resync-interval", "1"});
   ASSERT_EQ(t.Nbdctl(fmt::format("target open {}", kVolume)), 0);
-  const std::string uri = fmt::format("nbd+unix:///{}@target?socket={}", kVolume, t.nbd_sock());
+  const std::string uri = t.TargetUri();
   test::Proc fio;
   const std::string job = t.dir() + "/iso.fio";
   std::ofstream(job) << fmt::format(
@@ -819,24 +909,14 @@ TEST_F(ReplicatedTarget, AnIsolatedReplicaIsDroppedWithinTheTimeoutAndComesBack)
   std::this_thread::sleep_for(2s);
   // The partition: node-b's packets stop both ways; it stays alive and registered.
   proxy.SetMode(test::TcpProxy::Mode::kSilent);
-  std::string out;
-  ASSERT_TRUE(test::WaitUntil(
-      [&] {
-        t.Nbdctl(fmt::format("target inspect {} -o json", kVolume), &out);
-        return nlohmann::json::parse(out)["health"] == "degraded";
-      },
-      15s, 100ms));
+  ASSERT_TRUE(test::WaitUntil([&] { return t.Health() == "degraded"; }, 15s, 100ms))
+      << t.Health();
   EXPECT_EQ(store_->GetVolume(kVolume)->in_sync, std::vector<std::string>{"node-a"});
   std::this_thread::sleep_for(2s);
   // Healed: the automatic resync brings it back.
   proxy.SetMode(test::TcpProxy::Mode::kPass);
-  ASSERT_TRUE(test::WaitUntil(
-      [&] {
-        t.Nbdctl(fmt::format("target inspect {} -o json", kVolume), &out);
-        return nlohmann::json::parse(out)["health"] == "ok";
-      },
-      30s, 200ms))
-      << out << ReadFile(t.log());
+  ASSERT_TRUE(test::WaitUntil([&] { return t.Health() == "ok"; }, 30s, 200ms))
+      << t.Health() << ReadFile(t.log());
   ASSERT_TRUE(test::WaitUntil([&] { return !fio.Alive(); }, 120s));
   auto report = nlohmann::json::parse(ReadFile(t.dir() + "/iso.json"), nullptr, false);
   ASSERT_FALSE(report.is_discarded()) << ReadFile(t.dir() + "/iso.log");
@@ -870,18 +950,11 @@ TEST_F(ReplicatedTarget, ATargetCutOffFromEtcdStopsAndAnotherNodeTakesOver) {
   to_etcd.SetMode(test::TcpProxy::Mode::kSilent);
   const auto cut = std::chrono::steady_clock::now();
   // node-u gets the volume once etcd let node-t's lease run out (TTL 4 s).
-  bool opened = false;
-  while (!opened && std::chrono::steady_clock::now() - cut < 30s) {
-    opened = std::system((Bin("nbdctl") + " --api unix://" + u.api() + " target open " + kVolume +
-                          " >/dev/null 2>&1")
-                             .c_str()) == 0;
-    if (!opened) std::this_thread::sleep_for(200ms);
-  }
-  ASSERT_TRUE(opened);
+  std::string out;
+  ASSERT_TRUE(u.OpenTargetWithin(30s, &out)) << out;
   const double takeover =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - cut).count();
   w.Stop();
-  std::string out;
   ASSERT_EQ(t.Nbdctl(fmt::format("target inspect {} -o json", kVolume), &out), 0);
   auto old_state = nlohmann::json::parse(out);
   EXPECT_EQ(old_state["health"], "stopped") << out;
@@ -898,10 +971,7 @@ TEST_F(ReplicatedTarget, ATargetCutOffFromEtcdStopsAndAnotherNodeTakesOver) {
          "volume %.1f s after the cut (lease TTL 4 s); the old target refuses writes\n",
          static_cast<unsigned long long>(w.acks()), takeover);
   const std::string disk = u.dir() + "/after.raw";
-  ASSERT_EQ(std::system(fmt::format("timeout 60 nbdcopy 'nbd+unix:///{}@target?socket={}' {}",
-                                    kVolume, u.nbd_sock(), disk)
-                            .c_str()),
-            0);
+  ASSERT_TRUE(u.CopyTarget(disk));
   w.Check(ReadFile(disk));
   ASSERT_EQ(u.Nbdctl(fmt::format("target close {}", kVolume)), 0);
   w.Check(a_.Nbdcopy(2));
