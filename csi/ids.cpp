@@ -104,6 +104,25 @@ StatusOr<SnapshotRef> ParseSnapshotId(std::string_view id) {
   return ParseId<SnapshotRef>(id, "s1:", "snapshot");
 }
 
+StatusOr<std::string> FormatReplicatedVolumeId(std::string_view pool_name) {
+  if (Status s = ValidatePoolName("volume", pool_name); !s.ok()) return s;
+  return fmt::format("r1:{}", pool_name);
+}
+
+bool IsReplicatedVolumeId(std::string_view id) { return id.starts_with("r1:"); }
+
+StatusOr<std::string> ParseReplicatedVolumeId(std::string_view id) {
+  if (!IsReplicatedVolumeId(id)) {
+    return Error(EINVAL, "volume id {} is not an nbd.csi.io replicated volume id (expected "
+                 "\"r1:<name>\")", Quote(id));
+  }
+  std::string_view name = id.substr(3);
+  if (Status s = ValidatePoolName("volume", name); !s.ok()) {
+    return Error(EINVAL, "volume id {}: {}", Quote(id), s.message());
+  }
+  return std::string(name);
+}
+
 StatusOr<std::string> PoolNameForCsiName(std::string_view csi_name) {
   if (csi_name.empty()) return Error(EINVAL, "name must not be empty");
   if (ValidatePoolName("volume", csi_name).ok()) return std::string(csi_name);

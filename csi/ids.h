@@ -1,10 +1,13 @@
 // CSI volume and snapshot ids, and the pool names behind them.
 //
-//   volume id   = "v1:<node-id>:<pool-volume-name>"
-//   snapshot id = "s1:<node-id>:<pool-snapshot-name>"
+//   volume id            = "v1:<node-id>:<pool-volume-name>"
+//   replicated volume id = "r1:<pool-volume-name>"   (issue 16: StorageClass replicas >= 2)
+//   snapshot id          = "s1:<node-id>:<pool-snapshot-name>"
 //
-// The id alone says which node's pool holds the object, so the stateless controller can route
-// every call without a lookup table. The "v1"/"s1" prefix versions the format: a later layout
+// A v1 or s1 id alone says which node's pool holds the object, so the stateless controller can
+// route every call without a lookup table. An r1 volume lives on several nodes, which the
+// cluster state in etcd names (common/cluster/cluster_store.h); every replica keeps it under the
+// same pool name, and any node may stage it (through a target, datapath/replica/target.h). The "v1"/"s1" prefix versions the format: a later layout
 // gets a new prefix and old ids keep parsing.
 #pragma once
 
@@ -48,6 +51,12 @@ StatusOr<std::string> FormatSnapshotId(std::string_view node_id, std::string_vie
 
 // EINVAL with a message that quotes the id and says why it is not one of ours.
 StatusOr<VolumeRef> ParseVolumeId(std::string_view id);
+
+// Replicated volumes: "r1:" + a valid pool name (EINVAL otherwise, as above).
+StatusOr<std::string> FormatReplicatedVolumeId(std::string_view pool_name);
+StatusOr<std::string> ParseReplicatedVolumeId(std::string_view id);
+// True when `id` starts with "r1:" (whether the rest is valid is ParseReplicatedVolumeId's call).
+bool IsReplicatedVolumeId(std::string_view id);
 StatusOr<SnapshotRef> ParseSnapshotId(std::string_view id);
 
 // The pool name for a CSI CreateVolume / CreateSnapshot name: the name itself when it is a valid

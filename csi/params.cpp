@@ -37,6 +37,9 @@ StatusOr<uint64_t> ParseDecimal(const std::string& v) {
   return out;
 }
 
+StatusOr<QosParameters> ParseQosKeys(const std::map<std::string, std::string>& params,
+                                     bool storage_class);
+
 }  // namespace
 
 bool QosParameters::empty() const { return *this == QosParameters{}; }
@@ -51,6 +54,30 @@ const std::vector<std::string>& QosParameterKeys() {
 }
 
 StatusOr<QosParameters> ParseQosParameters(const std::map<std::string, std::string>& params) {
+  return ParseQosKeys(params, false);
+}
+
+StatusOr<StorageClassParameters> ParseStorageClassParameters(
+    const std::map<std::string, std::string>& params) {
+  StorageClassParameters out;
+  auto qos = ParseQosKeys(params, true);
+  if (!qos.ok()) return qos.status();
+  out.qos = std::move(*qos);
+  auto it = params.find(std::string(kReplicasKey));
+  if (it == params.end()) return out;
+  auto n = ParseDecimal(it->second);
+  if (!n.ok() || *n < 1 || *n > kMaxReplicas) {
+    return Error(EINVAL, "parameter {}: bad value \"{}\": a whole number from 1 to {}",
+                 kReplicasKey, it->second, kMaxReplicas);
+  }
+  out.replicas = static_cast<int>(*n);
+  return out;
+}
+
+namespace {
+
+StatusOr<QosParameters> ParseQosKeys(const std::map<std::string, std::string>& params,
+                                     bool storage_class) {
   QosParameters out;
   // Plain references, not a structured binding: clang before 16 cannot capture a binding in the
   // lambda below, and the fuzz targets build this file with clang-14.
@@ -62,9 +89,11 @@ StatusOr<QosParameters> ParseQosParameters(const std::map<std::string, std::stri
     for (const QosField& f : kQosFields) {
       if (name == f.csi_key) key = &f;
     }
+    if (storage_class && name == kReplicasKey) continue;
     if (!key) {
-      return Error(EINVAL, "unknown parameter \"{}\"; known: {}", name,
-                   fmt::join(QosParameterKeys(), ", "));
+      return Error(EINVAL, "unknown parameter \"{}\"; known: {}{}", name,
+                   fmt::join(QosParameterKeys(), ", "),
+                   storage_class ? fmt::format(", {}", kReplicasKey) : "");
     }
     auto bad = [&](const Status& s) {
       return Error(s.code(), "parameter {}: bad value \"{}\": {}", name, value, s.message());
@@ -79,4 +108,5 @@ StatusOr<QosParameters> ParseQosParameters(const std::map<std::string, std::stri
   return out;
 }
 
+}  // namespace
 }  // namespace nbdcsi::csi

@@ -6,6 +6,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/qos_fields.h"
@@ -32,5 +33,19 @@ const std::vector<std::string>& QosParameterKeys();
 // "1G"). EINVAL: an unknown key ("unknown parameter \"maxIOPS\"; known: maxIops, ...") or a bad
 // value ("parameter maxBps: bad value \"fast\": ...").
 StatusOr<QosParameters> ParseQosParameters(const std::map<std::string, std::string>& params);
+
+// The StorageClass key for node-independent volumes (issue 16): how many nodes keep a copy.
+inline constexpr std::string_view kReplicasKey = "replicas";
+inline constexpr int kMaxReplicas = 3;
+
+// CreateVolume.parameters: the QoS keys above and `replicas` (a decimal 1..kMaxReplicas, default
+// 1; 1 is the local single-node volume). Not mutable: ControllerModifyVolume's
+// mutable_parameters go through ParseQosParameters, which does not know it. EINVAL as above.
+struct StorageClassParameters {
+  QosParameters qos;
+  int replicas = 1;
+};
+StatusOr<StorageClassParameters> ParseStorageClassParameters(
+    const std::map<std::string, std::string>& params);
 
 }  // namespace nbdcsi::csi

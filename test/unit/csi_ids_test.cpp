@@ -132,5 +132,24 @@ TEST(CsiIds, PoolNameForCsiName) {
   EXPECT_TRUE(FormatVolumeId("node", PoolName("ünïcödé name")).ok());
 }
 
+TEST(CsiIds, ReplicatedVolumeIds) {
+  EXPECT_EQ(FormatReplicatedVolumeId("pvc-1").value(), "r1:pvc-1");
+  EXPECT_EQ(ParseReplicatedVolumeId("r1:pvc-1").value(), "pvc-1");
+  EXPECT_TRUE(IsReplicatedVolumeId("r1:pvc-1"));
+  EXPECT_FALSE(IsReplicatedVolumeId("v1:node:pvc-1"));
+  // Not one of the other kinds: each parser refuses the others' ids.
+  EXPECT_EQ(ParseVolumeId("r1:pvc-1").status().code(), EINVAL);
+  EXPECT_EQ(ParseReplicatedVolumeId("v1:node:pvc-1").status().code(), EINVAL);
+  EXPECT_EQ(ParseReplicatedVolumeId("s1:node:snap").status().code(), EINVAL);
+  for (const char* bad : {"r1:", "r1:a:b", "r1:.x", "r1:-x", "R1:pvc"}) {
+    auto r = ParseReplicatedVolumeId(bad);
+    EXPECT_EQ(r.status().code(), EINVAL) << bad;
+  }
+  EXPECT_NE(ParseReplicatedVolumeId("r1:a b").status().message().find("contains"),
+            std::string::npos);
+  EXPECT_EQ(ParseReplicatedVolumeId("r1:" + std::string(65, 'a')).status().code(), EINVAL);
+  EXPECT_EQ(FormatReplicatedVolumeId("a/b").status().code(), EINVAL);
+}
+
 }  // namespace
 }  // namespace nbdcsi::csi

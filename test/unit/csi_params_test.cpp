@@ -124,5 +124,33 @@ TEST(CsiParams, BadValues) {
   }
 }
 
+TEST(CsiParams, StorageClassReplicas) {
+  auto none = ParseStorageClassParameters({});
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->replicas, 1);
+  EXPECT_TRUE(none->qos.empty());
+  for (int n = 1; n <= kMaxReplicas; ++n) {
+    auto p = ParseStorageClassParameters({{"replicas", std::to_string(n)}, {"maxIops", "100"}});
+    ASSERT_TRUE(p.ok()) << p.status().message();
+    EXPECT_EQ(p->replicas, n);
+    EXPECT_EQ(p->qos.max_iops, 100u);
+  }
+  for (const char* bad : {"0", "4", "", "two", "-1", "2.0", " 2", "99999999999999999999999"}) {
+    auto p = ParseStorageClassParameters({{"replicas", bad}});
+    ASSERT_FALSE(p.ok()) << bad;
+    EXPECT_EQ(p.status().code(), EINVAL);
+    EXPECT_NE(p.status().message().find("parameter replicas: bad value"), std::string::npos)
+        << p.status().message();
+  }
+  // QoS errors still come through, and an unknown key lists replicas among the known ones.
+  auto unknown = ParseStorageClassParameters({{"replica", "2"}});
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_NE(unknown.status().message().find("maxIops"), std::string::npos);
+  EXPECT_NE(unknown.status().message().find(", replicas"), std::string::npos);
+  EXPECT_FALSE(ParseStorageClassParameters({{"maxIops", "x"}, {"replicas", "2"}}).ok());
+  // Not mutable: the VolumeAttributesClass parser does not know it.
+  EXPECT_EQ(ParseQosParameters({{"replicas", "2"}}).status().code(), EINVAL);
+}
+
 }  // namespace
 }  // namespace nbdcsi::csi
