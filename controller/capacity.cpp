@@ -15,7 +15,7 @@ namespace v1 = ::csi::v1;
 
 Status ControllerImpl::GetCapacity(const v1::GetCapacityRequest& req,
                                    v1::GetCapacityResponse* resp) {
-  if (auto q = ParseQos(req.parameters(), "parameters"); !q.ok()) return q.status();
+  if (auto q = ParseStorageClass(req.parameters()); !q.ok()) return q.status();
   for (const auto& cap : req.volume_capabilities()) {
     std::string why = UnsupportedCapability(cap);
     if (!why.empty()) {

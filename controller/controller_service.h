@@ -35,16 +35,19 @@
 //   node_expansion_required for mount and block alike (the NBD device size is node state).
 // - ControllerModifyVolume: mutable_parameters are a QoS patch (a key set to 0 removes that
 //   limit); other keys keep their values.
+// - Replicated volumes (StorageClass replicas >= 2, ids "r1:<name>"): controller/replicated.h.
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <memory>
 
+#include "common/cluster/cluster_store.h"
 #include "common/status.h"
 #include "controller/nodes.h"
 #include "controller/placement.h"
 #include "controller/registry.h"
+#include "controller/replicated.h"
 #include "csi/csi.grpc.pb.h"
 
 namespace nbdcsi::controller {
@@ -57,6 +60,9 @@ struct ControllerOptions {
   // kNodeMissing (an allowed node is not registered: UNAVAILABLE). For /metrics; may be empty.
   enum class Refusal { kNoRoom, kNodeMissing };
   std::function<void(Refusal)> on_placement_refused = {};
+  // The cluster state of replicated volumes (--cluster-etcd), or null: CreateVolume with
+  // replicas >= 2 is then INVALID_ARGUMENT. Must outlive the ControllerImpl.
+  cluster::ClusterStore* cluster = nullptr;
 };
 
 // One method per CSI Controller RPC (where each lives: docs/design.md, "controller/").
@@ -89,6 +95,7 @@ class ControllerImpl {
   Nodes nodes_;
   ControllerOptions opts_;
   PlacementLedger ledger_;
+  ReplicatedVolumes replicated_;  // r1 ids and replicas >= 2
 };
 
 // The gRPC Controller service: per-id ABORTED guards around a ControllerImpl over `registry`

@@ -39,13 +39,14 @@ struct ContentSource {
 class CreateVolumeCall {
  public:
   CreateVolumeCall(const v1::CreateVolumeRequest& req, Nodes& nodes, PlacementLedger& ledger,
-                   const ControllerOptions& opts)
-      : req_(req), nodes_(nodes), ledger_(ledger), opts_(opts) {
+                   ReplicatedVolumes& replicated, const ControllerOptions& opts)
+      : req_(req), nodes_(nodes), ledger_(ledger), replicated_(replicated), opts_(opts) {
     if (req.has_capacity_range()) range_ = &req.capacity_range();
   }
 
   Status Run(v1::CreateVolumeResponse* resp) {
     if (Status s = CheckRequest(); !s.ok()) return s;
+    if (replicas_ > 1) return RunReplicated(resp);
     live_ = nodes_.List();
     auto c = CandidatesFor(
         req_.has_accessibility_requirements() ? &req_.accessibility_requirements() : nullptr, live_,
@@ -67,15 +68,49 @@ class CreateVolumeCall {
   Status CheckRequest() {
     if (req_.name().empty()) return Err(EINVAL, "name is required");
     if (Status s = CheckCapabilities(req_.volume_capabilities()); !s.ok()) return s;
-    auto sc = ParseQos(req_.parameters(), "parameters");
+    auto sc = ParseStorageClass(req_.parameters());
     if (!sc.ok()) return sc.status();
     auto vac = ParseQos(req_.mutable_parameters(), "mutable_parameters");
     if (!vac.ok()) return vac.status();
-    qos_ = QosLimitsOf(*sc, *vac);
+    qos_ = QosLimitsOf(sc->qos, *vac);
+    replicas_ = sc->replicas;
     auto pool_name = csi::PoolNameForCsiName(req_.name());
     if (!pool_name.ok()) return Err(EINVAL, "name: {}", pool_name.status().message());
     pool_name_ = *pool_name;
     return Status::Ok();
+  }
+
+  // replicas >= 2: the catalogue in etcd decides idempotency and placement (no fan-out).
+  Status RunReplicated(v1::CreateVolumeResponse* resp) {
+    if (!replicated_.enabled()) {
+      return replicated_.NoCatalogue(fmt::format("parameter replicas={}", replicas_));
+    }
+    if (req_.has_volume_content_source()) {
+      return Err(EINVAL, "volume_content_source: restoring or cloning into a replicated volume "
+                 "(replicas={}) is not supported yet", replicas_);
+    }
+    if (Status s = CheckRange(); !s.ok()) return s;
+    auto size = VolumeSizeFor(range_, opts_.default_volume_bytes, 0);
+    if (!size.ok()) return CallError(size.status().code(), size.status().message());
+    live_ = nodes_.List();
+    auto c = CandidatesFor(
+        req_.has_accessibility_requirements() ? &req_.accessibility_requirements() : nullptr, live_,
+        ledger_);
+    if (!c.ok()) return c.status();
+    candidates_ = std::move(*c);
+    ReplicatedVolumes::CreateArgs a;
+    a.csi_name = req_.name();
+    a.pool_name = pool_name_;
+    a.size_bytes = *size;
+    a.range = range_;
+    a.qos = qos_;
+    a.replicas = replicas_;
+    a.candidates = &candidates_;
+    Status s = replicated_.Create(a, resp->mutable_volume());
+    if (s.code() == ENOSPC && opts_.on_placement_refused) {
+      opts_.on_placement_refused(ControllerOptions::Refusal::kNoRoom);
+    }
+    return s;
   }
 
   // Restores and clones are local (reflink or local copy): the source pins the node. Only parsed
@@ -251,7 +286,9 @@ class CreateVolumeCall {
   const v1::CreateVolumeRequest& req_;
   Nodes& nodes_;
   PlacementLedger& ledger_;
+  ReplicatedVolumes& replicated_;
   const ControllerOptions& opts_;
+  int replicas_ = 1;
   const v1::CapacityRange* range_ = nullptr;
   std::string pool_name_;
   dpv1::QosLimits qos_;
@@ -264,7 +301,7 @@ class CreateVolumeCall {
 
 Status ControllerImpl::CreateVolume(const v1::CreateVolumeRequest& req,
                                     v1::CreateVolumeResponse* resp) {
-  return CreateVolumeCall(req, nodes_, ledger_, opts_).Run(resp);
+  return CreateVolumeCall(req, nodes_, ledger_, replicated_, opts_).Run(resp);
 }
 
 }  // namespace nbdcsi::controller

@@ -16,6 +16,10 @@ namespace nbdcsi::controller {
 namespace v1 = ::csi::v1;
 
 StatusOr<csi::VolumeRef> NamedVolume(const std::string& id, std::string_view what) {
+  if (csi::IsReplicatedVolumeId(id)) {
+    return Err(EINVAL, "{} \"{}\" is a replicated volume: snapshots, restores and clones of "
+               "replicated volumes are not supported yet", what, id);
+  }
   auto r = csi::ParseVolumeId(id);
   if (!r.ok()) return Err(ENOENT, "{} \"{}\" does not exist: {}", what, id, r.status().message());
   return r;
@@ -64,6 +68,14 @@ Status CheckCapabilities(const google::protobuf::RepeatedPtrField<v1::VolumeCapa
     if (!why.empty()) return CallError(EINVAL, why);
   }
   return Status::Ok();
+}
+
+StatusOr<csi::StorageClassParameters> ParseStorageClass(
+    const google::protobuf::Map<std::string, std::string>& params) {
+  std::map<std::string, std::string> m(params.begin(), params.end());
+  auto p = csi::ParseStorageClassParameters(m);
+  if (!p.ok()) return Err(EINVAL, "parameters: {}", p.status().message());
+  return p;
 }
 
 StatusOr<csi::QosParameters> ParseQos(const google::protobuf::Map<std::string, std::string>& params,

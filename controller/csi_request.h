@@ -19,7 +19,8 @@
 namespace nbdcsi::controller {
 
 // The volume or snapshot an id names. ENOENT (NOT_FOUND) for an id that is not one of ours: it
-// names nothing, so "does not exist" is the truth. `what` starts the message ("volume",
+// names nothing, so "does not exist" is the truth. NamedVolume is for single-node volumes: an r1
+// id (a replicated volume, controller/replicated.h) is EINVAL, naming what is not supported. `what` starts the message ("volume",
 // "source volume", ...).
 StatusOr<csi::VolumeRef> NamedVolume(const std::string& id, std::string_view what = "volume");
 StatusOr<csi::SnapshotRef> NamedSnapshot(const std::string& id, std::string_view what = "snapshot");
@@ -31,6 +32,10 @@ std::string UnsupportedCapability(const ::csi::v1::VolumeCapability& cap);
 Status CheckCapabilities(
     const google::protobuf::RepeatedPtrField<::csi::v1::VolumeCapability>& caps);
 
+// StorageClass parameters (CreateVolume, GetCapacity, ValidateVolumeCapabilities): the QoS keys
+// and replicas. EINVAL names "parameters" and the bad key or value.
+StatusOr<csi::StorageClassParameters> ParseStorageClass(
+    const google::protobuf::Map<std::string, std::string>& params);
 // The QoS keys of a parameters map; EINVAL names `field` and the bad key or value.
 StatusOr<csi::QosParameters> ParseQos(const google::protobuf::Map<std::string, std::string>& params,
                                       std::string_view field);

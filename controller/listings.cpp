@@ -3,6 +3,7 @@
 // partial list beats none for the health monitor, and its entries show up again once it answers.
 // A listing filtered to one node's objects fails instead: "no entry" would read as "gone".
 #include <optional>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -96,6 +97,9 @@ Status ControllerImpl::ListVolumes(const v1::ListVolumesRequest& req,
     return nodes_.On(n.node_id, [](NodeDatapath& d) { return d.ListVolumes(); });
   });
   std::vector<std::pair<std::string, v1::ListVolumesResponse::Entry>> all;
+  // Replicated volumes once each (r1 ids), not their copies in the replicas' pools.
+  std::set<std::pair<std::string, std::string>> copies;
+  replicated_.List(&all, &copies);
   for (size_t i = 0; i < live.size(); ++i) {
     const std::string& node = live[i].node_id;
     if (!answers[i].ok()) {
@@ -103,6 +107,7 @@ Status ControllerImpl::ListVolumes(const v1::ListVolumesRequest& req,
       continue;
     }
     for (const auto& dv : *answers[i]) {
+      if (copies.count({node, dv.name()})) continue;
       v1::ListVolumesResponse::Entry e;
       FillVolume(node, dv, e.mutable_volume());
       FillCondition(dv, e.mutable_status()->mutable_volume_condition());

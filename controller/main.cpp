@@ -9,12 +9,14 @@
 #include <vector>
 
 #include <CLI/CLI.hpp>
+#include <fmt/ranges.h>
 #include <grpcpp/server.h>
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 #include <spdlog/spdlog.h>
 
+#include "common/cluster/etcd_flags.h"
 #include "common/grpc_drain.h"
 #include "common/log_format.h"
 #include "common/metrics/server.h"
@@ -47,6 +49,8 @@ struct Flags {
   std::string datapath_server_name;
   std::vector<std::string> allow_uids;
   PeerUids csi_peers;  // from allow_uids
+  cluster::EtcdFlags etcd;  // replicated volumes (StorageClass replicas >= 2)
+  uint32_t etcd_timeout_ms = 5000;
 };
 
 void AddFlags(CLI::App& app, Flags& f) {
@@ -87,6 +91,13 @@ void AddFlags(CLI::App& app, Flags& f) {
   app.add_option("--allow-uid", f.allow_uids,
                  "A uid that may call the unix CSI socket besides root and this process's own "
                  "(repeatable; others get PERMISSION_DENIED)");
+  cluster::AddEtcdFlags(app, f.etcd,
+                        "the catalogue of replicated volumes (StorageClass parameter replicas "
+                        ">= 2); without it such a CreateVolume is refused");
+  app.add_option("--cluster-etcd-timeout", f.etcd_timeout_ms,
+                 "Deadline of each etcd call, in milliseconds")
+      ->check(CLI::Range(100u, 600000u))
+      ->capture_default_str();
 }
 
 // What the parser cannot check alone; false (logged) when the flags do not make sense together.
@@ -145,8 +156,9 @@ std::unique_ptr<grpc::Server> StartRegistryServer(const Flags& f,
 
 // Serves CSI (Identity + Controller) over `registry` until a termination signal. `ready` is
 // what /readyz reports: set once CSI is served, cleared when shutting down.
-int ServeCsi(const Flags& f, controller::NodeRegistry& registry, grpc::Server& registry_server,
-             const CallTracker& registry_calls, int registry_port, controller::ControllerMetrics& metrics, std::atomic<bool>& ready) {
+int ServeCsi(const Flags& f, controller::NodeRegistry& registry, cluster::ClusterStore* cluster,
+             grpc::Server& registry_server, const CallTracker& registry_calls, int registry_port,
+             controller::ControllerMetrics& metrics, std::atomic<bool>& ready) {
   // Ready once datapaths can register. A controller that knows no node yet still serves
   // (CreateVolume answers UNAVAILABLE until a node heartbeats), so it is not held back on that.
   std::atomic<bool> registry_up{true};
@@ -158,6 +170,7 @@ int ServeCsi(const Flags& f, controller::NodeRegistry& registry, grpc::Server& r
   };
   auto identity = ncsi::MakeIdentityService(iopts);
   controller::ControllerOptions copts;
+  copts.cluster = cluster;
   copts.on_placement_refused = [&metrics](controller::ControllerOptions::Refusal why) {
     metrics.PlacementRefused(why);
   };
@@ -207,6 +220,24 @@ int Run(int argc, char** argv) {
     return 2;
   }
   if (!CheckFlags(f)) return 2;
+  std::unique_ptr<cluster::ClusterStore> cluster_store;
+  {
+    auto etcd = cluster::ResolveEtcdFlags(f.etcd, std::chrono::milliseconds(f.etcd_timeout_ms));
+    if (!etcd.ok()) {
+      spdlog::critical("{}", etcd.status().message());
+      return 2;
+    }
+    if (*etcd) {
+      auto store = cluster::ConnectEtcdStore(**etcd, f.etcd.prefix);
+      if (!store.ok()) {
+        spdlog::critical("--cluster-etcd: {}", store.status().message());
+        return 2;
+      }
+      cluster_store = std::move(*store);
+      spdlog::info("replicated volumes: cluster state in etcd {} under {}",
+                   fmt::join(f.etcd.endpoints, ","), f.etcd.prefix);
+    }
+  }
   std::shared_ptr<grpc::ServerCredentials> server_creds = grpc::InsecureServerCredentials();
   controller::GrpcDatapathOptions dopts;
   dopts.creds = grpc::InsecureChannelCredentials();
@@ -268,7 +299,8 @@ int Run(int argc, char** argv) {
   if (!registry_server) return 1;
   registry_serving = true;
   int rc =
-      ServeCsi(f, registry, *registry_server, registry_calls, registry_port, metrics, ready);
+      ServeCsi(f, registry, cluster_store.get(), *registry_server, registry_calls, registry_port,
+               metrics, ready);
   registry_serving = false;
   // The server first: a scrape must not read the registry or the metrics as they go.
   metrics_server.reset();

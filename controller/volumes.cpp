@@ -1,6 +1,7 @@
 // The calls on one existing volume: DeleteVolume, ValidateVolumeCapabilities,
 // ControllerExpandVolume, ControllerGetVolume, ControllerModifyVolume. Each is routed by its id
-// (v1:<node>:<name>) to that node's datapath.
+// (v1:<node>:<name>) to that node's datapath, or for a replicated volume (r1:<name>) to
+// controller/replicated.h.
 #include <spdlog/spdlog.h>
 
 #include "controller/controller_service.h"
@@ -15,6 +16,7 @@ namespace v1 = ::csi::v1;
 
 Status ControllerImpl::DeleteVolume(const v1::DeleteVolumeRequest& req) {
   if (req.volume_id().empty()) return Err(EINVAL, "volume_id is required");
+  if (csi::IsReplicatedVolumeId(req.volume_id())) return replicated_.Delete(req.volume_id());
   auto ref = csi::ParseVolumeId(req.volume_id());
   if (!ref.ok()) {
     // Never one of ours, so it does not exist: deleting it is done (CSI: idempotent).
@@ -32,9 +34,13 @@ Status ControllerImpl::ValidateVolumeCapabilities(const v1::ValidateVolumeCapabi
                                                   v1::ValidateVolumeCapabilitiesResponse* resp) {
   if (req.volume_id().empty()) return Err(EINVAL, "volume_id is required");
   if (req.volume_capabilities().empty()) return Err(EINVAL, "volume_capabilities is required");
-  auto ref = NamedVolume(req.volume_id());
-  if (!ref.ok()) return ref.status();
-  if (auto dv = nodes_.GetVolume(ref->node_id, ref->pool_name); !dv.ok()) return dv.status();
+  if (csi::IsReplicatedVolumeId(req.volume_id())) {
+    if (auto v = replicated_.Get(req.volume_id()); !v.ok()) return v.status();
+  } else {
+    auto ref = NamedVolume(req.volume_id());
+    if (!ref.ok()) return ref.status();
+    if (auto dv = nodes_.GetVolume(ref->node_id, ref->pool_name); !dv.ok()) return dv.status();
+  }
   // What cannot be served is an answer (a message, nothing confirmed), not an error.
   for (const auto& cap : req.volume_capabilities()) {
     std::string why = UnsupportedCapability(cap);
@@ -43,10 +49,10 @@ Status ControllerImpl::ValidateVolumeCapabilities(const v1::ValidateVolumeCapabi
       return Status::Ok();
     }
   }
-  auto sc = ParseQos(req.parameters(), "parameters");
-  auto vac = sc.ok() ? ParseQos(req.mutable_parameters(), "mutable_parameters") : sc;
-  if (!vac.ok()) {
-    resp->set_message(vac.status().message());
+  auto sc = ParseStorageClass(req.parameters());
+  auto vac = ParseQos(req.mutable_parameters(), "mutable_parameters");
+  if (!sc.ok() || !vac.ok()) {
+    resp->set_message(!sc.ok() ? sc.status().message() : vac.status().message());
     return Status::Ok();
   }
   auto* c = resp->mutable_confirmed();
@@ -64,6 +70,11 @@ Status ControllerImpl::ExpandVolume(const v1::ControllerExpandVolumeRequest& req
   if (req.has_volume_capability()) {
     std::string why = UnsupportedCapability(req.volume_capability());
     if (!why.empty()) return CallError(EINVAL, why);
+  }
+  if (csi::IsReplicatedVolumeId(req.volume_id())) {
+    if (auto v = replicated_.Get(req.volume_id()); !v.ok()) return v.status();
+    return Err(EINVAL, "volume {} is replicated: expanding replicated volumes is not supported yet",
+               req.volume_id());
   }
   auto ref = NamedVolume(req.volume_id());
   if (!ref.ok()) return ref.status();
@@ -92,6 +103,13 @@ Status ControllerImpl::ExpandVolume(const v1::ControllerExpandVolumeRequest& req
 Status ControllerImpl::GetVolume(const v1::ControllerGetVolumeRequest& req,
                                  v1::ControllerGetVolumeResponse* resp) {
   if (req.volume_id().empty()) return Err(EINVAL, "volume_id is required");
+  if (csi::IsReplicatedVolumeId(req.volume_id())) {
+    auto v = replicated_.Get(req.volume_id());
+    if (!v.ok()) return v.status();
+    replicated_.Fill(*v, resp->mutable_volume(),
+                     resp->mutable_status()->mutable_volume_condition());
+    return Status::Ok();
+  }
   auto ref = NamedVolume(req.volume_id());
   if (!ref.ok()) return ref.status();
   auto dv = nodes_.GetVolume(ref->node_id, ref->pool_name);
@@ -117,6 +135,13 @@ Status ControllerImpl::ModifyVolume(const v1::ControllerModifyVolumeRequest& req
   if (req.volume_id().empty()) return Err(EINVAL, "volume_id is required");
   auto q = ParseQos(req.mutable_parameters(), "mutable_parameters");
   if (!q.ok()) return q.status();
+  if (csi::IsReplicatedVolumeId(req.volume_id())) {
+    if (q->empty()) return replicated_.Get(req.volume_id()).status();
+    if (Status s = replicated_.SetQos(req.volume_id(), QosPatchOf(*q)); !s.ok()) return s;
+    spdlog::info("[{}] volume {}: QoS patch {} on every replica", csi::CurrentRequestId(),
+                 req.volume_id(), QosPatchOf(*q).ShortDebugString());
+    return Status::Ok();
+  }
   auto ref = NamedVolume(req.volume_id());
   if (!ref.ok()) return ref.status();
   // Nothing to change: the answer is only whether the volume exists.

@@ -12,6 +12,7 @@
 #include <grpcpp/server.h>
 #include <spdlog/spdlog.h>
 
+#include "common/cluster/etcd_flags.h"
 #include "common/endpoint.h"
 #include "common/log_format.h"
 #include "common/metrics/server.h"
@@ -159,11 +160,9 @@ Status CheckNodeIdentity(const TlsCredentials& tls, const std::string& node_id) 
 
 // Replicated volumes (issue 16): the cluster state in etcd and this node's part in it.
 struct ReplicaClusterFlags {
-  std::vector<std::string> etcd;  // host:port each; empty: no cluster
-  std::string prefix = "/nbd-csi/";
+  cluster::EtcdFlags etcd;  // no endpoints: no cluster
   int64_t lease_ttl = 10;
   std::string nbd_endpoint;  // tcp://HOST:PORT peers dial; default: the tcp:// --nbd-listen
-  TlsFiles etcd_tls{.cert = "", .key = "", .ca = "", .insecure = false};
   int connections = 2;
   int64_t resync_interval_s = 10;
   double replica_timeout_s = 5;
@@ -279,13 +278,9 @@ void AddApiAndClusterFlags(CLI::App& app, Flags& f) {
 
 void AddReplicaClusterFlags(CLI::App& app, Flags& f) {
   ReplicaClusterFlags& r = f.replicas;
-  app.add_option("--cluster-etcd", r.etcd,
-                 "etcd endpoints (HOST:PORT, repeatable or comma-separated) holding the cluster "
-                 "state of replicated volumes; with it this node registers itself and can serve "
-                 "their targets (needs --node-id)")
-      ->delimiter(',');
-  app.add_option("--cluster-prefix", r.prefix, "Key prefix of the cluster state in etcd")
-      ->capture_default_str();
+  cluster::AddEtcdFlags(app, r.etcd,
+                        "the cluster state of replicated volumes; with it this node registers "
+                        "itself and can serve their targets (needs --node-id)");
   app.add_option("--cluster-lease-ttl", r.lease_ttl,
                  "Seconds this node's claims outlive it: after a crash, another node can take "
                  "over a volume this long after the last keepalive")
@@ -294,12 +289,6 @@ void AddReplicaClusterFlags(CLI::App& app, Flags& f) {
   app.add_option("--cluster-nbd-endpoint", r.nbd_endpoint,
                  "tcp://HOST:PORT where other nodes' targets reach this node's replicas; "
                  "default: the tcp:// --nbd-listen (which must then not be a wildcard address)");
-  app.add_option("--cluster-etcd-tls-cert", r.etcd_tls.cert, "PEM client certificate for etcd");
-  app.add_option("--cluster-etcd-tls-key", r.etcd_tls.key, "PEM key of --cluster-etcd-tls-cert");
-  app.add_option("--cluster-etcd-tls-ca", r.etcd_tls.ca, "PEM CA bundle etcd's certificate must "
-                                                         "chain to");
-  app.add_flag("--cluster-etcd-insecure", r.etcd_tls.insecure,
-               "Plaintext etcd, no authentication (loopback tests only)");
   app.add_option("--replica-connections", r.connections,
                  "NBD connections from a target to each of its replicas")
       ->check(CLI::Range(1, 16))
@@ -434,26 +423,17 @@ Status ResolveApiAndCluster(const Flags& f, Config& c) {
 // TLS (the node's NBD certificate, presented in the client role).
 Status ResolveReplicaCluster(const Flags& f, Config& c) {
   const ReplicaClusterFlags& r = f.replicas;
-  if (r.etcd.empty()) {
-    if (!r.nbd_endpoint.empty() || !r.etcd_tls.cert.empty() || !r.etcd_tls.key.empty() ||
-        !r.etcd_tls.ca.empty() || r.etcd_tls.insecure)
-      return Error(EINVAL, "--cluster-* flags need --cluster-etcd");
+  auto etcd = cluster::ResolveEtcdFlags(
+      r.etcd, std::chrono::milliseconds(std::max<int64_t>(1000, r.lease_ttl * 1000 / 4)));
+  if (!etcd.ok()) return etcd.status();
+  if (!*etcd) {
+    if (!r.nbd_endpoint.empty()) return Error(EINVAL, "--cluster-nbd-endpoint needs --cluster-etcd");
     return Status::Ok();
   }
   if (f.cluster.node_id.empty())
     return Error(EINVAL, "--cluster-etcd needs --node-id (this node's name in the cluster)");
-  if (Status s = r.etcd_tls.Validate({.cert = "--cluster-etcd-tls-cert",
-                                       .key = "--cluster-etcd-tls-key",
-                                       .ca = "--cluster-etcd-tls-ca",
-                                       .insecure = "--cluster-etcd-insecure"});
-      !s.ok())
-    return Error(EINVAL, "--cluster-etcd: {}", s.message());
-  etcd::EtcdOptions e;
-  e.endpoints = r.etcd;
-  e.tls = r.etcd_tls;
-  e.call_timeout = std::chrono::milliseconds(std::max<int64_t>(1000, r.lease_ttl * 1000 / 4));
-  c.etcd = e;
-  c.cluster_prefix = r.prefix;
+  c.etcd = **etcd;
+  c.cluster_prefix = r.etcd.prefix;
   replica::ClusterAgentOptions& a = c.agent;
   a.node_id = f.cluster.node_id;
   a.lease_ttl_seconds = r.lease_ttl;
@@ -673,7 +653,7 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
   std::unique_ptr<cluster::ClusterStore> cluster_store;
   std::unique_ptr<replica::ClusterAgent> agent;
   if (c.etcd) {
-    auto store = replica::ConnectEtcdStore(*c.etcd, c.cluster_prefix);
+    auto store = cluster::ConnectEtcdStore(*c.etcd, c.cluster_prefix);
     if (!store.ok()) return fail(Error(store.status().code(), "--cluster-etcd: {}",
                                        store.status().message()));
     cluster_store = std::move(*store);

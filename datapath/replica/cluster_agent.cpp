@@ -10,16 +10,6 @@
 
 namespace nbdcsi::replica {
 
-StatusOr<std::unique_ptr<cluster::ClusterStore>> ConnectEtcdStore(const etcd::EtcdOptions& etcd,
-                                                                  const std::string& prefix) {
-  auto keys = cluster::KeyLayout::Make(prefix);
-  if (!keys.ok()) return keys.status();
-  auto client = etcd::EtcdClient::Create(etcd);
-  if (!client.ok()) return client.status();
-  return std::unique_ptr<cluster::ClusterStore>(
-      std::make_unique<cluster::EtcdClusterStore>(std::move(*client), *keys));
-}
-
 ClusterAgent::ClusterAgent(cluster::ClusterStore& store, ExportHost& host,
                            ClusterAgentOptions options)
     : store_(store), host_(host), opts_(std::move(options)) {}

@@ -130,9 +130,5 @@ class ClusterAgent {
   std::map<std::string, std::string> resync_failed_;  // "volume/node" -> last error logged
 };
 
-// The cluster store on etcd for the daemon: the client (failover, deadlines, TLS) and the key
-// layout under `prefix`.
-StatusOr<std::unique_ptr<cluster::ClusterStore>> ConnectEtcdStore(const etcd::EtcdOptions& etcd,
-                                                                  const std::string& prefix);
 
 }  // namespace nbdcsi::replica

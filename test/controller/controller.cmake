@@ -20,8 +20,12 @@ if(TARGET nbdcsi_controller)
   nbdcsi_add_gtest(controller_decisions_test
                    ${CMAKE_CURRENT_LIST_DIR}/controller_decisions_test.cpp
                    nbdcsi_controller_fakes nbdcsi_controller_test_requests)
+  # Replicated volumes (issue 16): the catalogue in the in-memory cluster store.
+  nbdcsi_add_gtest(controller_replicated_test
+                   ${CMAKE_CURRENT_LIST_DIR}/replicated_test.cpp
+                   nbdcsi_controller_fakes nbdcsi_controller_test_requests)
   set_property(TEST unit.controller_unit_test unit.controller_decisions_test
-               APPEND PROPERTY LABELS controller)
+               unit.controller_replicated_test APPEND PROPERTY LABELS controller)
 endif()
 
 if(TARGET nbd-csi-controller AND TARGET nbd-datapathd AND TARGET nbdctl)

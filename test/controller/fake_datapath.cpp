@@ -220,7 +220,7 @@ StatusOr<std::vector<dpv1::Snapshot>> FakeDatapath::ListSnapshots(const std::str
 
 // ---- FakeCluster ----
 
-FakeCluster::FakeCluster()
+FakeCluster::FakeCluster(cluster::ClusterStore* store)
     : now_(std::chrono::steady_clock::time_point{} + std::chrono::hours(1000)),
       registry_(
           [this](const std::string& node, const std::string&) -> std::shared_ptr<NodeDatapath> {
@@ -228,7 +228,7 @@ FakeCluster::FakeCluster()
             return fakes_.at(node);
           },
           kTtl, kInterval, [this] { return Now(); }),
-      service_(MakeControllerService(registry_)) {}
+      service_(MakeControllerService(registry_, {.cluster = store})) {}
 
 std::chrono::steady_clock::time_point FakeCluster::Now() {
   std::lock_guard lock(mu_);

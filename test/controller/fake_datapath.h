@@ -109,7 +109,8 @@ class FakeCluster {
   static constexpr std::chrono::milliseconds kTtl{3000};
   static constexpr std::chrono::milliseconds kInterval{1000};
 
-  FakeCluster();
+  // `store`: the cluster state of replicated volumes (ControllerOptions::cluster), or none.
+  explicit FakeCluster(cluster::ClusterStore* store = nullptr);
 
   // The node's fake (made on first use; it answers only once the node heartbeats).
   FakeDatapath& Node(const std::string& id);

@@ -476,7 +476,7 @@ TEST_F(ReplicatedTarget, GarbageIsRefusedWithAClearError) {
                            dir.path() + "/api.sock --nbd-listen unix://" + dir.path() + "/nbd.sock";
   const std::vector<std::pair<std::string, std::string>> flags = {
       {"--cluster-etcd 127.0.0.1:1", "--cluster-etcd needs --node-id"},
-      {"--cluster-etcd-insecure", "--cluster-* flags need --cluster-etcd"},
+      {"--cluster-etcd-insecure", "--cluster-etcd-* flags need --cluster-etcd"},
       {"--node-id n --cluster-etcd 127.0.0.1:1", "give --cluster-etcd-tls-cert"},
       {"--node-id n --cluster-etcd 127.0.0.1:1 --cluster-etcd-tls-cert x",
        "missing --cluster-etcd-tls-key, --cluster-etcd-tls-ca"},

@@ -1,0 +1,86 @@
+// Replicated volumes (issue 16; StorageClass parameter replicas >= 2, ids "r1:<name>"): the
+// controller's part. The cluster state in etcd (common/cluster/cluster_store.h) is the catalogue:
+// it names each volume's replica nodes, so these calls need no fan-out over the nodes; the pools
+// on those nodes hold the data under the volume's pool name. The node that stages the volume opens
+// its target (datapath/replica/target.h), which writes to every in-sync replica.
+//
+// CreateVolume writes the catalogue entry first (replica nodes chosen, all in sync: blank volumes
+// are identical), then asks each replica node's datapath to create its copy. A retry finds the
+// entry and finishes on the same nodes. A failure on a volume that was never staged (epoch 0: no
+// data anywhere) rolls the whole attempt back, pool copies and entry, so the retry places it
+// afresh (a node that went away for good cannot pin it). Placement: the candidates in
+// CandidatesFor's order (preferred first: WaitForFirstConsumer's node gets a replica), each on a
+// distinct node that is registered here, alive in the cluster state, and has room.
+//
+// DeleteVolume: FAILED_PRECONDITION while a node holds the volume's target (it is staged); each
+// replica's copy is deleted, then the entry. A replica whose node is neither registered here nor
+// alive in the cluster state is skipped (logged: its copy stays in that pool, for `nbdctl volume
+// delete` if the node ever returns); a registered node that fails the call fails the delete
+// (retried).
+//
+// Not yet for replicated volumes (INVALID_ARGUMENT, saying so): content sources (restore, clone)
+// in either direction, snapshots, expansion.
+#pragma once
+
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/cluster/cluster_store.h"
+#include "common/status.h"
+#include "controller/nodes.h"
+#include "controller/placement.h"
+#include "csi/csi.pb.h"
+#include "datapath/api/datapath.pb.h"
+
+namespace nbdcsi::controller {
+
+class ReplicatedVolumes {
+ public:
+  // `store` null: the controller runs without --cluster-etcd; every call says so.
+  ReplicatedVolumes(cluster::ClusterStore* store, Nodes& nodes, PlacementLedger& ledger)
+      : store_(store), nodes_(nodes), ledger_(ledger) {}
+
+  struct CreateArgs {
+    std::string csi_name;
+    std::string pool_name;
+    uint64_t size_bytes = 0;            // what a fresh volume gets
+    const ::csi::v1::CapacityRange* range = nullptr;  // what an existing one must fit
+    dpv1::QosLimits qos;
+    int replicas = 2;
+    const Candidates* candidates = nullptr;
+  };
+  Status Create(const CreateArgs& a, ::csi::v1::Volume* out);
+  // `id` is an r1 id (csi::IsReplicatedVolumeId); a malformed one names nothing: deleted.
+  Status Delete(const std::string& id);
+  // ENOENT (NOT_FOUND) when the id is malformed or the volume does not exist.
+  StatusOr<cluster::VolumeState> Get(const std::string& id);
+  // The CSI volume (no topology: any node may stage it) and its condition.
+  void Fill(const cluster::VolumeState& v, ::csi::v1::Volume* out,
+            ::csi::v1::VolumeCondition* cond);
+  // The QoS patch on every replica's copy (each applies it to the writes it receives).
+  Status SetQos(const std::string& id, const dpv1::QosPatch& patch);
+  // Every replicated volume, for ListVolumes: (id, entry) pairs, and the (node, pool name) of
+  // each replica's copy, which the caller leaves out of the nodes' own volumes. An unreachable
+  // catalogue is logged and lists nothing, as a node that does not answer does.
+  void List(std::vector<std::pair<std::string, ::csi::v1::ListVolumesResponse::Entry>>* all,
+            std::set<std::pair<std::string, std::string>>* copies);
+
+  // The error of a call that needs the catalogue when there is none (EINVAL: a StorageClass the
+  // deployment cannot serve, or an id from one that could).
+  Status NoCatalogue(std::string_view what) const;
+  bool enabled() const { return store_ != nullptr; }
+
+ private:
+  StatusOr<std::vector<std::string>> Choose(const CreateArgs& a);
+  Status Finish(const CreateArgs& a, const cluster::VolumeState& v, ::csi::v1::Volume* out);
+  Status CreateCopies(const CreateArgs& a, const cluster::VolumeState& v);
+  void RollBack(const cluster::VolumeState& v);
+
+  cluster::ClusterStore* store_;
+  Nodes& nodes_;
+  PlacementLedger& ledger_;
+};
+
+}  // namespace nbdcsi::controller

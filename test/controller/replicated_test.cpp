@@ -1,0 +1,420 @@
+// The controller's part of replicated volumes (controller/replicated.h), in-process: the real
+// Controller service over fake datapaths (one per node) and the in-memory cluster store that keeps
+// the etcd store's rules (test/support/memory_cluster_store.h, checked by the same contract suite).
+#include <set>
+
+#include <gtest/gtest.h>
+
+#include "common/grpc_status.h"
+#include "test/controller/csi_requests.h"
+#include "test/controller/fake_datapath.h"
+#include "test/support/memory_cluster_store.h"
+
+namespace nbdcsi::controller {
+namespace {
+
+namespace v1 = ::csi::v1;
+using grpc::StatusCode;
+using nbdcsi::test::BlockCap;
+using nbdcsi::test::MemoryClusterStore;
+using nbdcsi::test::NodeTopology;
+using nbdcsi::test::VolumeRequest;
+using testing::FakeCluster;
+using testing::FakeDatapath;
+
+constexpr uint64_t kMiB = uint64_t{1} << 20;
+constexpr uint64_t kGiB = uint64_t{1} << 30;
+
+v1::CreateVolumeRequest Replicated(const std::string& name, int replicas, int64_t bytes = 0) {
+  auto r = VolumeRequest(name, bytes);
+  (*r.mutable_parameters())["replicas"] = std::to_string(replicas);
+  return r;
+}
+
+std::string Describe(const grpc::Status& s) {
+  return GrpcCodeName(s.error_code()) + std::string(" ") + s.error_message();
+}
+
+class Replicated_ : public ::testing::Test {
+ protected:
+  // A node that heartbeats to the controller and is alive in the cluster state.
+  void Up(const std::string& node, uint64_t room) {
+    cluster_.Heartbeat(node, room);
+    Alive(node);
+  }
+  void Alive(const std::string& node) {
+    auto lease = store_.GrantLease(10);
+    ASSERT_TRUE(lease.ok());
+    leases_[node] = *lease;
+    ASSERT_TRUE(store_.RegisterNode(node, *lease, "tcp://127.0.0.1:10809").ok());
+  }
+  FakeDatapath& Node(const std::string& id) { return cluster_.Node(id); }
+  v1::Controller::Service& C() { return cluster_.csi(); }
+
+  grpc::Status Create(const v1::CreateVolumeRequest& req, v1::CreateVolumeResponse* resp) {
+    return C().CreateVolume(nullptr, &req, resp);
+  }
+  v1::Volume MustCreate(const v1::CreateVolumeRequest& req) {
+    v1::CreateVolumeResponse resp;
+    grpc::Status s = Create(req, &resp);
+    EXPECT_TRUE(s.ok()) << Describe(s);
+    return resp.volume();
+  }
+  grpc::Status Delete(const std::string& id) {
+    v1::DeleteVolumeRequest r;
+    r.set_volume_id(id);
+    v1::DeleteVolumeResponse resp;
+    return C().DeleteVolume(nullptr, &r, &resp);
+  }
+  grpc::Status Get(const std::string& id, v1::ControllerGetVolumeResponse* resp) {
+    v1::ControllerGetVolumeRequest r;
+    r.set_volume_id(id);
+    return C().ControllerGetVolume(nullptr, &r, resp);
+  }
+  // Pool copies of `name` over the nodes the test made.
+  std::set<std::string> Holders(const std::string& name, const std::vector<std::string>& nodes) {
+    std::set<std::string> out;
+    for (const auto& n : nodes) {
+      if (Node(n).Volume(name)) out.insert(n);
+    }
+    return out;
+  }
+
+  MemoryClusterStore store_;
+  FakeCluster cluster_{&store_};
+  std::map<std::string, cluster::LeaseId> leases_;
+};
+
+TEST(ReplicatedWithoutCatalogue, ReplicasAboveOneIsInvalidArgumentNamingTheFlag) {
+  FakeCluster plain;
+  plain.Heartbeat("node-a", 10 * kGiB);
+  plain.Heartbeat("node-b", 10 * kGiB);
+  v1::CreateVolumeResponse resp;
+  auto two = Replicated("pvc-1", 2);
+  grpc::Status s = plain.csi().CreateVolume(nullptr, &two, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::INVALID_ARGUMENT) << Describe(s);
+  EXPECT_NE(s.error_message().find("--cluster-etcd"), std::string::npos) << s.error_message();
+  EXPECT_FALSE(plain.Node("node-a").Volume("pvc-1"));
+  // replicas=1 is today's local volume, with or without the catalogue.
+  auto one = Replicated("pvc-2", 1);
+  s = plain.csi().CreateVolume(nullptr, &one, &resp);
+  EXPECT_TRUE(s.ok()) << Describe(s);
+  EXPECT_EQ(resp.volume().volume_id().substr(0, 3), "v1:");
+  // An r1 id reaching such a controller is not found as "done": it says why.
+  v1::DeleteVolumeRequest del;
+  del.set_volume_id("r1:pvc-1");
+  v1::DeleteVolumeResponse dresp;
+  s = plain.csi().DeleteVolume(nullptr, &del, &dresp);
+  EXPECT_EQ(s.error_code(), StatusCode::INVALID_ARGUMENT) << Describe(s);
+}
+
+TEST_F(Replicated_, BadReplicasValuesAreInvalidArgumentAndCreateNothing) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  for (const char* bad : {"0", "4", "two", ""}) {
+    auto req = VolumeRequest("pvc-bad", 0);
+    (*req.mutable_parameters())["replicas"] = bad;
+    v1::CreateVolumeResponse resp;
+    grpc::Status s = Create(req, &resp);
+    EXPECT_EQ(s.error_code(), StatusCode::INVALID_ARGUMENT) << bad << ": " << Describe(s);
+    EXPECT_NE(s.error_message().find("replicas"), std::string::npos) << s.error_message();
+  }
+  EXPECT_EQ(Node("node-a").Count("CreateVolume") + Node("node-b").Count("CreateVolume"), 0);
+  // Not a mutable parameter: a VolumeAttributesClass cannot change it.
+  auto req = Replicated("pvc-vac", 2);
+  (*req.mutable_mutable_parameters())["replicas"] = "3";
+  v1::CreateVolumeResponse resp;
+  EXPECT_EQ(Create(req, &resp).error_code(), StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(Replicated_, CreatePutsEachReplicaOnADistinctNodeMostRoomFirstAllInSync) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 30 * kGiB);
+  Up("node-c", 20 * kGiB);
+  auto req = Replicated("pvc-1", 2, static_cast<int64_t>(kGiB));
+  (*req.mutable_parameters())["maxIops"] = "500";
+  v1::Volume v = MustCreate(req);
+  EXPECT_EQ(v.volume_id(), "r1:pvc-1");
+  EXPECT_EQ(v.capacity_bytes(), static_cast<int64_t>(kGiB));
+  EXPECT_EQ(v.accessible_topology_size(), 0) << "any node may stage a replicated volume";
+  EXPECT_EQ(Holders("pvc-1", {"node-a", "node-b", "node-c"}),
+            (std::set<std::string>{"node-b", "node-c"}));
+  EXPECT_EQ(Node("node-b").Volume("pvc-1")->qos().max_iops(), 500u);
+  EXPECT_EQ(Node("node-c").Volume("pvc-1")->qos().max_iops(), 500u);
+  auto st = store_.GetVolume("pvc-1");
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->replicas, (std::vector<std::string>{"node-b", "node-c"}));
+  EXPECT_EQ(st->in_sync, st->replicas);
+  EXPECT_EQ(st->size_bytes, kGiB);
+  EXPECT_EQ(st->epoch, 0u);
+  // Idempotency comes from the catalogue: no node is asked whether it has pvc-1.
+  for (const char* n : {"node-a", "node-b", "node-c"}) EXPECT_EQ(Node(n).Count("GetVolume"), 0);
+  // Three replicas on three nodes.
+  v1::Volume three = MustCreate(Replicated("pvc-3", 3));
+  EXPECT_EQ(Holders("pvc-3", {"node-a", "node-b", "node-c"}).size(), 3u);
+  EXPECT_EQ(three.capacity_bytes(), static_cast<int64_t>(kGiB));  // the default size
+}
+
+TEST_F(Replicated_, ThePreferredNodeGetsAReplicaForDataLocality) {
+  Up("node-a", 30 * kGiB);
+  Up("node-b", 20 * kGiB);
+  Up("node-c", 1 * kGiB);  // the least room, but the pod runs there (WaitForFirstConsumer)
+  auto req = Replicated("pvc-wffc", 2, static_cast<int64_t>(kMiB));
+  auto* ar = req.mutable_accessibility_requirements();
+  for (const char* n : {"node-a", "node-b", "node-c"}) *ar->add_requisite() = NodeTopology(n);
+  *ar->add_preferred() = NodeTopology("node-c");
+  MustCreate(req);
+  EXPECT_TRUE(Holders("pvc-wffc", {"node-a", "node-b", "node-c"}).count("node-c"));
+  // Requisite bounds the choice: two allowed nodes cannot hold three replicas.
+  auto narrow = Replicated("pvc-narrow", 3, static_cast<int64_t>(kMiB));
+  for (const char* n : {"node-a", "node-b"}) {
+    *narrow.mutable_accessibility_requirements()->add_requisite() = NodeTopology(n);
+  }
+  v1::CreateVolumeResponse resp;
+  grpc::Status s = Create(narrow, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::RESOURCE_EXHAUSTED) << Describe(s);
+  EXPECT_FALSE(store_.GetVolume("pvc-narrow").ok());
+}
+
+TEST_F(Replicated_, RetriesReturnTheSameVolumeAndMismatchesAreAlreadyExists) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  Up("node-c", 10 * kGiB);
+  v1::Volume first = MustCreate(Replicated("pvc-1", 2, static_cast<int64_t>(kGiB)));
+  auto placed = store_.GetVolume("pvc-1")->replicas;
+  // The heartbeats change; the retry still lands where the first attempt did.
+  Up("node-a", 100 * kGiB);
+  v1::Volume again = MustCreate(Replicated("pvc-1", 2, static_cast<int64_t>(kGiB)));
+  EXPECT_EQ(again.volume_id(), first.volume_id());
+  EXPECT_EQ(store_.GetVolume("pvc-1")->replicas, placed);
+  v1::CreateVolumeResponse resp;
+  grpc::Status s = Create(Replicated("pvc-1", 3, static_cast<int64_t>(kGiB)), &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::ALREADY_EXISTS) << Describe(s);
+  s = Create(Replicated("pvc-1", 2, static_cast<int64_t>(2 * kGiB)), &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::ALREADY_EXISTS) << Describe(s);
+  auto other_qos = Replicated("pvc-1", 2, static_cast<int64_t>(kGiB));
+  (*other_qos.mutable_parameters())["maxIops"] = "7";
+  s = Create(other_qos, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::ALREADY_EXISTS) << Describe(s);
+}
+
+TEST_F(Replicated_, ARetryFinishesAnAttemptThatStoppedAfterTheCatalogueEntry) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  Up("node-c", 10 * kGiB);
+  // A controller wrote the entry and died before any pool copy.
+  cluster::VolumeState v{.name = "pvc-1", .size_bytes = kGiB, .replicas = {"node-a", "node-c"},
+                         .in_sync = {"node-a", "node-c"}, .target = "", .epoch = 0};
+  ASSERT_TRUE(store_.CreateVolume(v).ok());
+  MustCreate(Replicated("pvc-1", 2, static_cast<int64_t>(kGiB)));
+  EXPECT_EQ(Holders("pvc-1", {"node-a", "node-b", "node-c"}),
+            (std::set<std::string>{"node-a", "node-c"}));
+}
+
+TEST_F(Replicated_, AFailedCopyRollsTheWholeAttemptBackSoTheRetryPlacesAfresh) {
+  Up("node-a", 30 * kGiB);
+  Up("node-b", 20 * kGiB);
+  Up("node-c", 10 * kGiB);
+  Node("node-b").SetRoom(kMiB);  // the heartbeat promises room the pool does not have
+  v1::CreateVolumeResponse resp;
+  grpc::Status s = Create(Replicated("pvc-1", 2, static_cast<int64_t>(kGiB)), &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::RESOURCE_EXHAUSTED) << Describe(s);
+  EXPECT_NE(s.error_message().find("node-b"), std::string::npos) << s.error_message();
+  EXPECT_TRUE(Holders("pvc-1", {"node-a", "node-b", "node-c"}).empty());
+  EXPECT_EQ(store_.GetVolume("pvc-1").status().code(), ENOENT);
+  // The ledger now counts node-b as holding what it was promised; the retry goes elsewhere.
+  MustCreate(Replicated("pvc-1", 2, static_cast<int64_t>(kGiB)));
+  EXPECT_EQ(Holders("pvc-1", {"node-a", "node-b", "node-c"}),
+            (std::set<std::string>{"node-a", "node-c"}));
+}
+
+TEST_F(Replicated_, TooFewNodesIsResourceExhaustedButANodeNotYetInTheClusterIsUnavailable) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  v1::CreateVolumeResponse resp;
+  grpc::Status s = Create(Replicated("pvc-3", 3), &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::RESOURCE_EXHAUSTED) << Describe(s);
+  EXPECT_NE(s.error_message().find("found 2"), std::string::npos) << s.error_message();
+  // node-c heartbeats to the controller, but its datapath has not joined the cluster state: no
+  // target could reach it. It may yet: retry.
+  cluster_.Heartbeat("node-c", 10 * kGiB);
+  s = Create(Replicated("pvc-3", 3), &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::UNAVAILABLE) << Describe(s);
+  EXPECT_NE(s.error_message().find("node-c: not alive in the cluster state"), std::string::npos)
+      << s.error_message();
+  Alive("node-c");
+  MustCreate(Replicated("pvc-3", 3));
+}
+
+TEST_F(Replicated_, DeleteRemovesEveryCopyThenTheEntryAndIsIdempotent) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  MustCreate(Replicated("pvc-1", 2));
+  grpc::Status s = Delete("r1:pvc-1");
+  EXPECT_TRUE(s.ok()) << Describe(s);
+  EXPECT_TRUE(Holders("pvc-1", {"node-a", "node-b"}).empty());
+  EXPECT_EQ(store_.GetVolume("pvc-1").status().code(), ENOENT);
+  EXPECT_TRUE(Delete("r1:pvc-1").ok());
+  EXPECT_TRUE(Delete("r1:bad name").ok()) << "a malformed id names nothing";
+}
+
+TEST_F(Replicated_, DeleteOfAStagedVolumeIsFailedPreconditionAndKeepsEverything) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  Up("node-t", 10 * kGiB);
+  MustCreate(Replicated("pvc-1", 2, static_cast<int64_t>(kGiB)));
+  auto lease = store_.GrantLease(10);
+  ASSERT_TRUE(store_.ClaimTarget("pvc-1", "node-t", *lease).ok());
+  grpc::Status s = Delete("r1:pvc-1");
+  EXPECT_EQ(s.error_code(), StatusCode::FAILED_PRECONDITION) << Describe(s);
+  EXPECT_NE(s.error_message().find("node-t"), std::string::npos) << s.error_message();
+  EXPECT_EQ(Holders("pvc-1", {"node-a", "node-b", "node-t"}).size(), 2u);
+  // The target's node died: its claim lapses with its lease, and the delete goes through.
+  ASSERT_TRUE(store_.ExpireLease(*lease));
+  s = Delete("r1:pvc-1");
+  EXPECT_TRUE(s.ok()) << Describe(s);
+}
+
+TEST_F(Replicated_, DeleteSkipsANodeThatIsGoneButRetriesOneThatIsThereAndFails) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  MustCreate(Replicated("pvc-1", 2));
+  MustCreate(Replicated("pvc-2", 2));
+  // A registered node that cannot answer: the delete fails (retried) and the entry stays.
+  Node("node-b").SetDown(Error(EAGAIN, "node-b: connection refused"));
+  grpc::Status s = Delete("r1:pvc-1");
+  EXPECT_EQ(s.error_code(), StatusCode::UNAVAILABLE) << Describe(s);
+  EXPECT_TRUE(store_.GetVolume("pvc-1").ok());
+  // node-b goes for good: not registered, not alive in the cluster state. Its copy cannot be
+  // reached; the delete does not wait for it forever.
+  ASSERT_TRUE(store_.ExpireLease(leases_["node-b"]));
+  cluster_.Advance(FakeCluster::kTtl * 2);
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  s = Delete("r1:pvc-2");
+  EXPECT_TRUE(s.ok()) << Describe(s);
+  EXPECT_FALSE(Node("node-a").Volume("pvc-2"));
+  EXPECT_EQ(store_.GetVolume("pvc-2").status().code(), ENOENT);
+}
+
+TEST_F(Replicated_, GetVolumeReportsDegradedWhenAReplicaIsOutOfSync) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  Up("node-t", 1 * kMiB);
+  MustCreate(Replicated("pvc-1", 2, static_cast<int64_t>(kGiB)));
+  v1::ControllerGetVolumeResponse resp;
+  grpc::Status s = Get("r1:pvc-1", &resp);
+  ASSERT_TRUE(s.ok()) << Describe(s);
+  EXPECT_EQ(resp.volume().volume_id(), "r1:pvc-1");
+  EXPECT_FALSE(resp.status().volume_condition().abnormal())
+      << resp.status().volume_condition().message();
+  // The target on node-t drops node-b (it stopped answering).
+  auto lease = store_.GrantLease(10);
+  auto claimed = store_.ClaimTarget("pvc-1", "node-t", *lease);
+  ASSERT_TRUE(claimed.ok());
+  ASSERT_TRUE(store_.SetInSync("pvc-1", "node-t", claimed->epoch, {"node-a"}).ok());
+  resp.Clear();
+  ASSERT_TRUE(Get("r1:pvc-1", &resp).ok());
+  EXPECT_TRUE(resp.status().volume_condition().abnormal());
+  EXPECT_NE(resp.status().volume_condition().message().find("1 of 2 replicas in sync"),
+            std::string::npos)
+      << resp.status().volume_condition().message();
+  EXPECT_NE(resp.status().volume_condition().message().find("node-b"), std::string::npos);
+  resp.Clear();
+  EXPECT_EQ(Get("r1:pvc-absent", &resp).error_code(), StatusCode::NOT_FOUND);
+  EXPECT_EQ(Get("r1:", &resp).error_code(), StatusCode::NOT_FOUND);
+}
+
+TEST_F(Replicated_, ListVolumesHasReplicatedAndLocalVolumesInIdOrder) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  MustCreate(VolumeRequest("pvc-local", 0));
+  MustCreate(Replicated("pvc-r1", 2));
+  MustCreate(Replicated("pvc-r2", 2));
+  std::vector<std::string> ids;
+  std::string token;
+  do {
+    v1::ListVolumesRequest r;
+    r.set_max_entries(1);
+    r.set_starting_token(token);
+    v1::ListVolumesResponse resp;
+    grpc::Status s = C().ListVolumes(nullptr, &r, &resp);
+    ASSERT_TRUE(s.ok()) << Describe(s);
+    for (const auto& e : resp.entries()) {
+      ids.push_back(e.volume().volume_id());
+      EXPECT_FALSE(e.status().volume_condition().abnormal());
+    }
+    token = resp.next_token();
+  } while (!token.empty());
+  ASSERT_EQ(ids.size(), 3u);
+  EXPECT_EQ(ids[0], "r1:pvc-r1");
+  EXPECT_EQ(ids[1], "r1:pvc-r2");
+  EXPECT_EQ(ids[2].substr(0, 3), "v1:");
+}
+
+TEST_F(Replicated_, ModifyVolumeSetsTheQosOnEveryReplica) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  MustCreate(Replicated("pvc-1", 2));
+  v1::ControllerModifyVolumeRequest r;
+  r.set_volume_id("r1:pvc-1");
+  (*r.mutable_mutable_parameters())["maxWriteIops"] = "300";
+  v1::ControllerModifyVolumeResponse resp;
+  grpc::Status s = C().ControllerModifyVolume(nullptr, &r, &resp);
+  ASSERT_TRUE(s.ok()) << Describe(s);
+  EXPECT_EQ(Node("node-a").Volume("pvc-1")->qos().max_write_iops(), 300u);
+  EXPECT_EQ(Node("node-b").Volume("pvc-1")->qos().max_write_iops(), 300u);
+  r.set_volume_id("r1:pvc-absent");
+  EXPECT_EQ(C().ControllerModifyVolume(nullptr, &r, &resp).error_code(), StatusCode::NOT_FOUND);
+}
+
+TEST_F(Replicated_, ValidateCapabilitiesConfirmsAnExistingVolumeWithItsParameters) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  MustCreate(Replicated("pvc-1", 2));
+  v1::ValidateVolumeCapabilitiesRequest r;
+  r.set_volume_id("r1:pvc-1");
+  *r.add_volume_capabilities() = BlockCap();
+  (*r.mutable_parameters())["replicas"] = "2";
+  v1::ValidateVolumeCapabilitiesResponse resp;
+  grpc::Status s = C().ValidateVolumeCapabilities(nullptr, &r, &resp);
+  ASSERT_TRUE(s.ok()) << Describe(s);
+  EXPECT_TRUE(resp.has_confirmed()) << resp.message();
+  r.set_volume_id("r1:pvc-absent");
+  EXPECT_EQ(C().ValidateVolumeCapabilities(nullptr, &r, &resp).error_code(),
+            StatusCode::NOT_FOUND);
+}
+
+TEST_F(Replicated_, WhatIsNotSupportedYetIsInvalidArgumentSayingSo) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  MustCreate(Replicated("pvc-1", 2, static_cast<int64_t>(kGiB)));
+  auto said = [](const grpc::Status& s, const char* words) {
+    EXPECT_EQ(s.error_code(), StatusCode::INVALID_ARGUMENT) << Describe(s);
+    EXPECT_NE(s.error_message().find(words), std::string::npos) << s.error_message();
+  };
+  v1::ControllerExpandVolumeRequest ex;
+  ex.set_volume_id("r1:pvc-1");
+  ex.mutable_capacity_range()->set_required_bytes(static_cast<int64_t>(2 * kGiB));
+  v1::ControllerExpandVolumeResponse exr;
+  said(C().ControllerExpandVolume(nullptr, &ex, &exr), "not supported yet");
+  EXPECT_EQ(Node("node-a").Volume("pvc-1")->size_bytes(), kGiB);
+
+  v1::CreateSnapshotRequest snap;
+  snap.set_name("snap-1");
+  snap.set_source_volume_id("r1:pvc-1");
+  v1::CreateSnapshotResponse snapr;
+  said(C().CreateSnapshot(nullptr, &snap, &snapr), "replicated volume");
+
+  auto clone = VolumeRequest("pvc-clone", 0);
+  clone.mutable_volume_content_source()->mutable_volume()->set_volume_id("r1:pvc-1");
+  v1::CreateVolumeResponse cr;
+  said(Create(clone, &cr), "replicated volume");
+
+  auto into = Replicated("pvc-into", 2);
+  into.mutable_volume_content_source()->mutable_snapshot()->set_snapshot_id("s1:node-a:snap");
+  said(Create(into, &cr), "not supported yet");
+  EXPECT_FALSE(store_.GetVolume("pvc-into").ok());
+}
+
+}  // namespace
+}  // namespace nbdcsi::controller
