@@ -21,6 +21,10 @@
 //   - A returning replica: node-b killed, 8 MiB written without it, node-b restarted and
 //     resynced by `nbdctl target resync` while fio writes: only the dirty regions are copied,
 //     and both copies end byte-identical.
+//   - The CSI path: nbd-csi-controller with --cluster-etcd creates a replicated volume
+//     (StorageClass replicas=2) on two of three registered nodes, the third opens its target and
+//     writes through it, the controller reports it healthy, then degraded once a replica died,
+//     refuses to delete it while the target is open, and deletes every copy once it is closed.
 //   - The daemon path: `nbdctl target open` on node-t, fio (libnbd) random writes with crc32c
 //     verify on rv@target, node-b killed with SIGKILL in the middle: fio sees no error, the
 //     target reports itself degraded, and node-a's copy equals what the target served.
@@ -46,9 +50,13 @@
 
 #include <nlohmann/json.hpp>
 
+#include <grpcpp/create_channel.h>
+
 #include "common/cluster/etcd_cluster_store.h"
+#include "csi/csi.grpc.pb.h"
 #include "datapath/replica/client.h"
 #include "datapath/replica/target.h"
+#include "test/controller/csi_requests.h"
 #include "test/support/certs.h"
 #include "test/support/child_proc.h"
 #include "test/support/etcd_process.h"
@@ -191,7 +199,7 @@ class ReplicatedTarget : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     const bool ci = std::getenv("CI") && std::string(std::getenv("CI")) == "true";
-    for (const std::string& bin : {Bin("nbd-datapathd"), Bin("nbdctl")})
+    for (const std::string& bin : {Bin("nbd-datapathd"), Bin("nbdctl"), Bin("nbd-csi-controller")})
       if (access(bin.c_str(), X_OK) != 0) skip_ = "needs " + bin;
     if (test::EtcdBinary().empty()) skip_ = "needs etcd (scripts/deps.sh installs etcd-server)";
     if (!Have("nbdcopy")) skip_ = "needs nbdcopy";
@@ -615,6 +623,140 @@ TEST_F(ReplicatedTarget, TheDaemonsTargetKeepsFioRunningWhenAReplicaDies) {
   ASSERT_EQ(t.Nbdctl(fmt::format("target close {}", kVolume)), 0);
   EXPECT_TRUE(store_->GetVolume(kVolume)->target.empty());
   EXPECT_EQ(a_.Nbdcopy(1), ReadFile(served));
+}
+
+TEST_F(ReplicatedTarget, TheControllerCreatesServesAndDeletesAReplicatedVolumeThroughCsi) {
+  namespace v1 = ::csi::v1;
+  // The fixture's own "rv" goes: the controller makes it this time.
+  for (Node* n : {&a_, &b_}) ASSERT_EQ(n->Nbdctl(fmt::format("volume delete {}", kVolume)), 0);
+  ASSERT_TRUE(store_->DeleteVolume(kVolume).ok());
+
+  test::TempDir dir("rt-controller");
+  const int registry_port = test::FreeLoopbackPort();
+  const std::string csi_sock = dir / "csi.sock";
+  test::Proc controller;
+  ASSERT_TRUE(controller.Start({Bin("nbd-csi-controller"), "--csi-endpoint", "unix://" + csi_sock,
+                                "--registry-listen", fmt::format("127.0.0.1:{}", registry_port),
+                                "--insecure", "--heartbeat-interval", "300", "--cluster-etcd",
+                                etcd_.endpoint(), "--cluster-etcd-insecure", "--log-level",
+                                "debug"},
+                               dir / "controller.log"));
+  ASSERT_TRUE(test::WaitUntil([&] { return fs::exists(csi_sock); }, 10s))
+      << ReadFile(dir / "controller.log");
+  // Each node heartbeats to the controller as well as registering in etcd.
+  Node t{"node-t", "127.0.0.13", certs_};
+  auto with_controller = [&](const Node& n) {
+    return std::vector<std::string>{"--controller", fmt::format("127.0.0.1:{}", registry_port),
+                                    "--advertise",
+                                    fmt::format("{}:{}", n.ip(), test::FreeLoopbackPort(
+                                                                     n.ip().c_str())),
+                                    "--insecure", "--heartbeat-interval", "300"};
+  };
+  for (Node* n : {&a_, &b_}) {
+    n->Kill9();
+    n->Start(etcd_.endpoint(), with_controller(*n));
+  }
+  t.Start(etcd_.endpoint(), with_controller(t));
+  auto stub = v1::Controller::NewStub(
+      grpc::CreateChannel("unix://" + csi_sock, grpc::InsecureChannelCredentials()));
+  auto call = [&](auto method, const auto& req, auto* resp) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + 30s);
+    return ((*stub).*method)(&ctx, req, resp);
+  };
+
+  auto req = test::VolumeRequest("rv", static_cast<int64_t>(kSize));
+  (*req.mutable_parameters())["replicas"] = "2";
+  v1::CreateVolumeResponse created;
+  grpc::Status st;
+  // UNAVAILABLE until all three nodes have heartbeated; then one answer.
+  ASSERT_TRUE(test::WaitUntil(
+      [&] {
+        created.Clear();
+        st = call(&v1::Controller::Stub::CreateVolume, req, &created);
+        return st.error_code() != grpc::StatusCode::UNAVAILABLE;
+      },
+      20s, 200ms));
+  ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(dir / "controller.log");
+  EXPECT_EQ(created.volume().volume_id(), "r1:rv");
+  EXPECT_EQ(created.volume().capacity_bytes(), static_cast<int64_t>(kSize));
+  EXPECT_EQ(created.volume().accessible_topology_size(), 0);
+  auto state = store_->GetVolume(kVolume);
+  ASSERT_TRUE(state.ok()) << state.status().message();
+  ASSERT_EQ(state->replicas.size(), 2u);
+  EXPECT_EQ(state->in_sync, state->replicas);
+  // A retry (the provisioner's, after a lost answer) is the same volume.
+  v1::CreateVolumeResponse again;
+  ASSERT_TRUE(call(&v1::Controller::Stub::CreateVolume, req, &again).ok());
+  EXPECT_EQ(again.volume().volume_id(), "r1:rv");
+  EXPECT_EQ(store_->GetVolume(kVolume)->replicas, state->replicas);
+
+  // The node that holds no copy serves it: open its target and write through it.
+  std::map<std::string, Node*> by_id{{"node-a", &a_}, {"node-b", &b_}, {"node-t", &t}};
+  std::string stager;
+  for (auto& [id, n] : by_id) {
+    if (std::find(state->replicas.begin(), state->replicas.end(), id) == state->replicas.end())
+      stager = id;
+  }
+  ASSERT_FALSE(stager.empty());
+  Node& s = *by_id[stager];
+  std::string out;
+  ASSERT_EQ(s.Nbdctl(fmt::format("target open {} -o json", kVolume), &out), 0);
+  const std::string data = s.dir() + "/data.raw";
+  ASSERT_EQ(std::system(fmt::format("head -c {} /dev/urandom > {}", kSize, data).c_str()), 0);
+  ASSERT_EQ(std::system(fmt::format("timeout 60 nbdcopy {} '{}'", data, s.TargetUri()).c_str()),
+            0);
+
+  v1::ControllerGetVolumeRequest get;
+  get.set_volume_id("r1:rv");
+  v1::ControllerGetVolumeResponse got;
+  ASSERT_TRUE(call(&v1::Controller::Stub::ControllerGetVolume, get, &got).ok());
+  EXPECT_FALSE(got.status().volume_condition().abnormal())
+      << got.status().volume_condition().message();
+
+  // Deleting a volume a node serves: FAILED_PRECONDITION, and nothing goes.
+  v1::DeleteVolumeRequest del;
+  del.set_volume_id("r1:rv");
+  v1::DeleteVolumeResponse deleted;
+  st = call(&v1::Controller::Stub::DeleteVolume, del, &deleted);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_TRUE(store_->GetVolume(kVolume).ok());
+
+  // A replica dies; the next writes drop it, and the controller says the volume is degraded.
+  Node& lost = *by_id[state->replicas[1]];
+  Node& kept = *by_id[state->replicas[0]];
+  lost.Kill9();
+  ASSERT_EQ(std::system(fmt::format("timeout 60 nbdcopy {} '{}'", data, s.TargetUri()).c_str()),
+            0);
+  got.Clear();
+  ASSERT_TRUE(call(&v1::Controller::Stub::ControllerGetVolume, get, &got).ok());
+  EXPECT_TRUE(got.status().volume_condition().abnormal());
+  EXPECT_NE(got.status().volume_condition().message().find("1 of 2 replicas in sync"),
+            std::string::npos)
+      << got.status().volume_condition().message();
+  v1::ListVolumesResponse listed;
+  ASSERT_TRUE(call(&v1::Controller::Stub::ListVolumes, v1::ListVolumesRequest(), &listed).ok());
+  ASSERT_EQ(listed.entries_size(), 1) << listed.ShortDebugString();  // not the copies
+  EXPECT_EQ(listed.entries(0).volume().volume_id(), "r1:rv");
+  // What was acknowledged is on the surviving copy.
+  const uint64_t epoch = store_->GetVolume(kVolume)->epoch;
+  EXPECT_TRUE(kept.Nbdcopy(epoch) == ReadFile(data)) << "the surviving copy differs";
+
+  // Unstaged: the delete goes through on the live copy (and the dead node's copy stays until it
+  // returns: it heartbeats no more, and its lease runs out).
+  ASSERT_EQ(s.Nbdctl(fmt::format("target close {}", kVolume)), 0);
+  ASSERT_TRUE(test::WaitUntil(
+      [&] {
+        st = call(&v1::Controller::Stub::DeleteVolume, del, &deleted);
+        return st.ok();
+      },
+      20s, 300ms))
+      << st.error_message();
+  EXPECT_EQ(store_->GetVolume(kVolume).status().code(), ENOENT);
+  EXPECT_NE(kept.TryNbdctl(fmt::format("volume inspect {}", kVolume)), 0)
+      << "the surviving copy was not deleted";
+  t.Kill9();
+  controller.Stop();
 }
 
 // fio through libnbd on `uri`: random 4 KiB writes over [offset, offset + size), crc32c
