@@ -757,6 +757,7 @@ def check(ck, docs, expect_secrets, quiet=False):
         if expect_secrets and name not in secrets and not name.startswith("hostPath:"):
             ck.err(where, f"secret {name} is not rendered")
     check_cluster(ck, docs, by_kind, dp_where, dp_pod, dp)
+    check_controller_cluster(ck, ctl_where, ctl_pod, ctl, dp)
     if expect_secrets:
         ctl_secret = secrets.get(secret_of(ctl_pod, ctl)[0])
         dp_secret = secrets.get(secret_of(dp_pod, dp)[0])
@@ -777,6 +778,29 @@ def mounted_file(pod, c, path):
     """Whether a TLS file path is on a secret or hostPath volume the container mounts."""
     where = resolve(pod, c, path)
     return where is not None and (where[0] == "host" or where[0].startswith("volume:"))
+
+
+def check_controller_cluster(ck, ctl_where, ctl_pod, ctl, dp):
+    """The controller keeps the catalogue of replicated volumes in the same etcd, under the same
+    prefix, as the datapaths keep their targets: a mismatch would make every replicated volume
+    invisible to the nodes that must serve it."""
+    cargs, dargs = ctl["args"], dp["args"]
+    for flag in ("--cluster-etcd", "--cluster-prefix"):
+        if arg_value(cargs, flag) != arg_value(dargs, flag):
+            ck.err(ctl_where, f"{flag}={arg_value(cargs, flag)}, but the datapath has "
+                              f"{arg_value(dargs, flag)}")
+    if arg_value(cargs, "--cluster-etcd") is None:
+        for a in cargs:
+            if a.startswith("--cluster-"):
+                ck.err(ctl_where, f"{a} without --cluster-etcd")
+        return
+    if has_flag(cargs, "--cluster-etcd-insecure") != has_flag(dargs, "--cluster-etcd-insecure"):
+        ck.err(ctl_where, "--cluster-etcd-insecure differs between controller and datapath")
+    if not has_flag(cargs, "--cluster-etcd-insecure"):
+        for flag in ("--cluster-etcd-tls-cert", "--cluster-etcd-tls-key", "--cluster-etcd-tls-ca"):
+            v = arg_value(cargs, flag)
+            if not v or not mounted_file(ctl_pod, ctl, v):
+                ck.err(ctl_where, f"{flag}={v} is not a file on a mounted secret")
 
 
 def check_cluster(ck, docs, by_kind, dp_where, dp_pod, dp):
