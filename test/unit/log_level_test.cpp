@@ -1,6 +1,6 @@
 // The log level at run time: the one parser of level names and durations, the control's timed
-// changes (revert, cancel by a later change, stacking, shutdown), the signal steps, the
-// datapath's Logging service handlers, and `nbdctl log-level`'s rendering.
+// changes (revert, cancel by a later change, stacking, shutdown), the signal steps and the
+// datapath's Logging service handlers. `nbdctl log-level`'s rendering: logging_render_test.
 #include "common/log_level.h"
 
 #include <grpcpp/grpcpp.h>
@@ -16,7 +16,6 @@
 #include "common/duration.h"
 #include "datapath/api/logging.grpc.pb.h"
 #include "datapath/api/logging_service.h"
-#include "tools/nbdctl/logging_render.h"
 
 namespace nbdcsi {
 namespace {
@@ -315,24 +314,6 @@ TEST_F(LoggingServiceTest, BadRequestsAreInvalidArgumentAndChangeNothing) {
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(control_.Get().level, info);
   EXPECT_TRUE(Applied().empty());
-}
-
-TEST(LogLevelRender, TextAndJson) {
-  datapath::v1::LogLevelResponse r;
-  r.set_level("info");
-  EXPECT_EQ(nbdctl::LogLevelText(r), "Log level: info\n");
-  EXPECT_EQ(nbdctl::LogLevelJson(r).dump(),
-            R"({"level":"info","revert_in_ms":null,"revert_to":null})");
-  r.set_previous("info");
-  r.set_level("debug");
-  r.set_revert_to("info");
-  r.set_revert_in_ms(599'990);  // just after --for 10m: shown as 10m, not 9m59s
-  EXPECT_EQ(nbdctl::LogLevelText(r), "Log level: info -> debug (back to info in 10m)\n");
-  EXPECT_EQ(nbdctl::LogLevelJson(r).dump(),
-            R"({"level":"debug","previous":"info","revert_in_ms":599990,"revert_to":"info"})");
-  r.set_previous("");
-  r.set_revert_in_ms(58'001);
-  EXPECT_EQ(nbdctl::LogLevelText(r), "Log level: debug (back to info in 59s)\n");
 }
 
 }  // namespace

@@ -2,6 +2,5 @@
 # destructors. Each case runs in a forked child.
 nbdcsi_add_gtest(process_test ${CMAKE_CURRENT_LIST_DIR}/process_test.cpp nbdcsi_common)
 # common/log_level: the level names, durations, the control's timed changes and signal steps,
-# the datapath's Logging service handlers and `nbdctl log-level`'s rendering.
-nbdcsi_add_gtest(log_level_test ${CMAKE_CURRENT_LIST_DIR}/log_level_test.cpp nbd_logging_api
-                 nbdctl_render)
+# and the datapath's Logging service handlers.
+nbdcsi_add_gtest(log_level_test ${CMAKE_CURRENT_LIST_DIR}/log_level_test.cpp nbd_logging_api)
