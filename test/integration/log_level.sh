@@ -30,9 +30,12 @@ jqx() { jq -e "$1" >/dev/null || die "jq check failed: $1"; }
 level_is() { [ "$(nbdctl -o json log-level | jq -r .level)" = "$1" ]; }
 # The datapath logs this at debug for every NBD connection it accepts.
 conn_lines() { grep -c "nbd: connection to v1 " "$LOG" || true; }
+conn_logged() { [ "$(conn_lines)" -ge 1 ]; }
 connect() { nbdinfo --size "$(nbd_uri v1)" >/dev/null || die "nbdinfo on v1 failed"; }
 # Lines of FILE matching PATTERN (fixed string).
 count() { grep -cF -- "$2" "$1" || true; }
+# at_least N FILE PATTERN: FILE has N or more lines with PATTERN (re-read on every call).
+at_least() { [ "$(count "$2" "$3")" -ge "$1" ]; }
 
 API_PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # The work dir is 0700: other uids must be able to reach the socket for the uid check to decide.
@@ -54,7 +57,7 @@ step "set debug: the change is logged, and so is the next connection"
 grep -qF "log level info -> debug (management API)" "$LOG" || die "the change is not logged"
 level_is debug || die "level is not debug"
 connect
-wait_for 5 test "$(conn_lines)" -ge 1 || die "no debug line for a connection at debug"
+wait_for 5 conn_logged || die "no debug line for a connection at debug"
 
 step "set info back: connections are quiet again"
 nbdctl -o json log-level info | jqx '.level == "info" and .previous == "debug" and .revert_to == null'
@@ -68,6 +71,8 @@ step "bad levels and durations: exit 2, a clear message, nothing changed"
 expect_fail 2 'log level "loud": want trace, debug, info, warn or error' nbdctl log-level loud
 expect_fail 2 'log level "DEBUG": want trace, debug, info, warn or error' nbdctl log-level DEBUG
 expect_fail 2 "--for needs a LEVEL" nbdctl log-level --for 10m
+expect_fail 2 'log level "": want trace' nbdctl log-level ""
+expect_fail 2 '--for: duration "": empty' nbdctl log-level debug --for ""
 expect_fail 2 '--for: duration "10": a unit is required' nbdctl log-level debug --for 10
 expect_fail 2 '--for: duration "soon"' nbdctl log-level debug --for soon
 expect_fail 2 "--for: duration 8d is longer than 7d" nbdctl log-level debug --for 8d
@@ -150,7 +155,7 @@ for d in node:$NODE_PID ctl:$CTL_PID; do
   wait_for 5 grep -qF "log level info -> debug (SIGUSR1)" "$log" ||
     die "$name did not log SIGUSR1's change: $(tail -5 "$log")"
   probe "$W/$name.sock"
-  wait_for 5 test "$(count "$log" "GetPluginInfo")" -ge 1 || die "$name: no GetPluginInfo line at debug"
+  wait_for 5 at_least 1 "$log" "GetPluginInfo" || die "$name: no GetPluginInfo line at debug"
   kill -USR2 "$pid"
   wait_for 5 grep -qF "log level debug -> info (SIGUSR2)" "$log" ||
     die "$name did not log SIGUSR2's change: $(tail -5 "$log")"
