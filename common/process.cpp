@@ -10,6 +10,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/log_level.h"
+
 // GCC says __SANITIZE_*__, clang __has_feature.
 #if defined(__SANITIZE_ADDRESS__)
 #define NBDCSI_ASAN 1
@@ -32,11 +34,15 @@
 namespace nbdcsi {
 namespace {
 
+// Also the log level's signals: blocked like the others (their default action would end the
+// process) and taken by the same wait.
 sigset_t TerminationSignals() {
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGUSR1);
+  sigaddset(&set, SIGUSR2);
   return set;
 }
 
@@ -94,10 +100,15 @@ void BlockTerminationSignals() {
 
 int WaitForTerminationSignal() {
   sigset_t set = TerminationSignals();
-  int sig = 0;
-  while (sigwait(&set, &sig) != 0) {
+  for (;;) {
+    int sig = 0;
+    if (sigwait(&set, &sig) != 0) continue;
+    if (sig == SIGUSR1 || sig == SIGUSR2) {
+      ProcessLogLevel().Step(sig == SIGUSR1, sig == SIGUSR1 ? "SIGUSR1" : "SIGUSR2");
+      continue;
+    }
+    return sig;
   }
-  return sig;
 }
 
 void InstallCrashReporter() {

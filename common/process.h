@@ -4,10 +4,15 @@
 
 namespace nbdcsi {
 
-// Call first thing in main(), before any thread exists: SIGINT and SIGTERM are blocked in every
-// thread and taken synchronously by WaitForTerminationSignal(); SIGPIPE is ignored.
+// Call first thing in main(), before any thread exists: SIGINT, SIGTERM, SIGUSR1 and SIGUSR2
+// are blocked in every thread and taken synchronously by WaitForTerminationSignal(); SIGPIPE is
+// ignored.
 void BlockTerminationSignals();
-// Blocks until SIGINT or SIGTERM arrives; returns the signal number.
+// Blocks until SIGINT or SIGTERM arrives; returns the signal number. On the way, SIGUSR1 makes
+// the log one step more verbose and SIGUSR2 one step less (ProcessLogLevel().Step, which logs
+// the new level), so every daemon's level can change at run time without an API. Signals that
+// arrive before the daemon waits (during start-up) are held and taken then (several of one
+// kind, as one).
 int WaitForTerminationSignal();
 
 // On SIGSEGV, SIGBUS, SIGILL, SIGFPE or SIGABRT: writes the signal, the faulting address and a

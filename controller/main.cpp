@@ -19,6 +19,7 @@
 #include "common/cluster/etcd_flags.h"
 #include "common/grpc_drain.h"
 #include "common/log_format.h"
+#include "common/log_level.h"
 #include "common/metrics/server.h"
 #include "common/process.h"
 #include "common/tls.h"
@@ -79,7 +80,9 @@ void AddFlags(CLI::App& app, Flags& f) {
                  "Deadline of each call to a node's datapath, in ms")
       ->check(CLI::Range(100u, 600000u))
       ->capture_default_str();
-  app.add_option("--log-level", f.log_level, "trace, debug, info, warn or error")
+  app.add_option("--log-level", f.log_level,
+                 nbdcsi::LogLevelChoices() + "; changes at run time: SIGUSR1/SIGUSR2")
+      ->check(CLI::IsMember(nbdcsi::LogLevelNames()))
       ->capture_default_str();
   app.add_option("--log-format", f.log_format,
                  "text, or json: one object per line with the call's request_id and volume_id")
@@ -214,7 +217,7 @@ int Run(int argc, char** argv) {
   AddFlags(app, f);
   CLI11_PARSE(app, argc, argv);
 
-  spdlog::set_level(spdlog::level::from_str(f.log_level));
+  spdlog::set_level(nbdcsi::ParseLogLevel(f.log_level).value());  // CLI11 checked the name
   if (Status s = SetLogFormat(f.log_format); !s.ok()) {
     spdlog::critical("--log-format: {}", s.message());
     return 2;

@@ -15,6 +15,7 @@
 #include "common/cluster/etcd_flags.h"
 #include "common/endpoint.h"
 #include "common/log_format.h"
+#include "common/log_level.h"
 #include "common/metrics/server.h"
 #include "common/node_id.h"
 #include "common/process.h"
@@ -24,6 +25,7 @@
 #include "datapath/api/attach_service.h"
 #include "datapath/api/backup_service.h"
 #include "datapath/api/heartbeat.h"
+#include "datapath/api/logging_service.h"
 #include "datapath/api/service.h"
 #include "datapath/api/target_service.h"
 #include "datapath/attach/attachments.h"
@@ -313,8 +315,9 @@ void AddObservabilityFlags(CLI::App& app, Flags& f) {
   app.add_option("--metrics-listen", f.metrics_listen,
                  "HOST:PORT (IP address) serving /metrics (Prometheus), /healthz and /readyz "
                  "over plain HTTP, e.g. 0.0.0.0:9821; off when empty");
-  app.add_option("--log-level", f.log_level, "trace, debug, info, warn or error")
-      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
+  app.add_option("--log-level", f.log_level,
+                 LogLevelChoices() + "; changes at run time: nbdctl log-level, SIGUSR1/SIGUSR2")
+      ->check(CLI::IsMember(LogLevelNames()))
       ->capture_default_str();
   app.add_option("--log-format", f.log_format,
                  "text (one line per message) or json (one JSON object per line)")
@@ -697,9 +700,10 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
   // server stops first; its destructor cancels running jobs while the pool is still open.
   backup::BackupJobs backup_jobs(**pool);
   auto backup_service = MakeBackupService(backup_jobs);
-  auto server =
-      StartApiServer(**pool, c.api_listens,
-                     {attach_service.get(), backup_service.get(), target_service.get()});
+  auto logging_service = MakeLoggingService(ProcessLogLevel());
+  auto server = StartApiServer(**pool, c.api_listens,
+                               {attach_service.get(), backup_service.get(), target_service.get(),
+                                logging_service.get()});
   if (!server.ok()) {
     return fail(Error(server.status().code(), "cannot start the management API: {}",
                       server.status().message()));
@@ -725,6 +729,8 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
   // an API that is going away.
   if (heartbeat) heartbeat->Stop();
   (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  // No SetLogLevel can come in any more: a pending timed change is dropped with its timer.
+  ProcessLogLevel().Shutdown();
   // Before the sockets close; attached devices stay attached (AttachRuntime::Stop says why).
   (*attach)->Stop();
   // Targets close (their claims released: another node may take over at once), then the lease.
@@ -748,7 +754,7 @@ int Run(int argc, char** argv) {
   AddObservabilityFlags(app, f);
   CLI11_PARSE(app, argc, argv);
   const auto started = std::chrono::system_clock::now();
-  spdlog::set_level(spdlog::level::from_str(f.log_level));
+  spdlog::set_level(ParseLogLevel(f.log_level).value());  // CLI11 checked the name
   if (Status s = SetLogFormat(f.log_format); !s.ok()) {
     spdlog::critical("--log-format: {}", s.message());
     return 2;

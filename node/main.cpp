@@ -15,6 +15,7 @@
 
 #include "common/endpoint.h"
 #include "common/log_format.h"
+#include "common/log_level.h"
 #include "common/metrics/server.h"
 #include "common/process.h"
 #include "common/unix_listener.h"
@@ -58,8 +59,9 @@ void AddFlags(CLI::App& app, Flags& f) {
                  "volumes per node reported to the scheduler; 0: the number of /dev/nbd* devices "
                  "(64 without nbd.ko)")
       ->capture_default_str();
-  app.add_option("--log-level", f.log_level, "trace, debug, info, warn or error")
-      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
+  app.add_option("--log-level", f.log_level,
+                 nbdcsi::LogLevelChoices() + "; changes at run time: SIGUSR1/SIGUSR2")
+      ->check(CLI::IsMember(nbdcsi::LogLevelNames()))
       ->capture_default_str();
   app.add_option("--kubelet-root", f.kubelet_root,
                  "kubelet's directory: staging, target and volume paths must lie beneath it "
@@ -196,7 +198,7 @@ int Run(int argc, char** argv) {
   Flags f;
   AddFlags(app, f);
   CLI11_PARSE(app, argc, argv);
-  spdlog::set_level(spdlog::level::from_str(f.log_level));
+  spdlog::set_level(nbdcsi::ParseLogLevel(f.log_level).value());  // CLI11 checked the name
   if (Status s = nbdcsi::SetLogFormat(f.log_format); !s.ok()) {
     spdlog::error("--log-format: {}", s.message());
     return 2;

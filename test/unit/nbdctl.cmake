@@ -9,3 +9,6 @@ nbdcsi_add_gtest(nbdctl_progress_test ${CMAKE_CURRENT_LIST_DIR}/nbdctl_progress_
 # `nbdctl target` rendering (tools/nbdctl/target_render.h): health, JSON keys, details, table.
 nbdcsi_add_gtest(target_render_test ${CMAKE_CURRENT_LIST_DIR}/target_render_test.cpp
                  nbdctl_render)
+# `nbdctl log-level` rendering (tools/nbdctl/logging_render.h): text with the pending revert, JSON.
+nbdcsi_add_gtest(logging_render_test ${CMAKE_CURRENT_LIST_DIR}/logging_render_test.cpp
+                 nbdctl_render)

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include <gtest/gtest.h>
+#include <spdlog/spdlog.h>
 
 namespace nbdcsi {
 namespace {
@@ -71,6 +72,36 @@ TEST(Process, TerminationSignalIsTakenSynchronously) {
   });
   ASSERT_TRUE(WIFEXITED(c.status)) << "killed by signal " << WTERMSIG(c.status);
   EXPECT_EQ(WEXITSTATUS(c.status), SIGTERM);
+}
+
+TEST(Process, UserSignalsStepTheLogLevelAndDoNotEndTheWait) {
+  Child c = RunInChild([] {
+    dup2(STDERR_FILENO, STDOUT_FILENO);  // spdlog's default logger writes to stdout
+    spdlog::set_level(spdlog::level::info);
+    BlockTerminationSignals();
+    // Each signal is taken before the next is sent (pending ones of a kind would merge): the
+    // level the wait applies is what the thread waits for.
+    std::thread t([] {
+      auto send = [](int sig, spdlog::level::level_enum want) {
+        kill(getpid(), sig);
+        for (int i = 0; i < 5000 && spdlog::get_level() != want; ++i) usleep(1000);
+        if (spdlog::get_level() != want) _exit(110 + sig);
+      };
+      send(SIGUSR1, spdlog::level::debug);
+      send(SIGUSR1, spdlog::level::trace);
+      send(SIGUSR2, spdlog::level::debug);
+      kill(getpid(), SIGTERM);
+    });
+    const int sig = WaitForTerminationSignal();
+    t.join();
+    _exit(sig == SIGTERM && spdlog::get_level() == spdlog::level::debug ? 0 : 100);
+  });
+  ASSERT_TRUE(WIFEXITED(c.status)) << "killed by signal " << WTERMSIG(c.status);
+  EXPECT_EQ(WEXITSTATUS(c.status), 0) << c.stderr_text;
+  EXPECT_NE(c.stderr_text.find("log level info -> debug (SIGUSR1)"), std::string::npos)
+      << c.stderr_text;
+  EXPECT_NE(c.stderr_text.find("log level trace -> debug (SIGUSR2)"), std::string::npos)
+      << c.stderr_text;
 }
 
 TEST(Process, CrashIsReportedWithABacktraceAndEndsWithTheSameSignal) {

@@ -13,6 +13,7 @@
 #include "tools/nbdctl/connection.h"
 #include "tools/nbdctl/csi_cmds.h"
 #include "tools/nbdctl/datapath_cmds.h"
+#include "tools/nbdctl/logging_cmds.h"
 
 namespace nbdcsi::nbdctl {
 namespace {
@@ -44,6 +45,7 @@ int Run(int argc, char** argv) {
   CsiCommands csi(tree, global);
   BackupCommands backups(tree, global);
   TargetCommands targets(tree, global);
+  LoggingCommands logging(tree, global);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
