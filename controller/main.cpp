@@ -16,6 +16,7 @@
 #include <grpcpp/server_builder.h>
 #include <spdlog/spdlog.h>
 
+#include "common/cli_parse.h"
 #include "common/cluster/etcd_flags.h"
 #include "common/grpc_drain.h"
 #include "common/log_format.h"
@@ -215,7 +216,7 @@ int Run(int argc, char** argv) {
   CLI::App app{"nbd-csi-controller: the CSI Controller service of the nbd.csi.io driver"};
   Flags f;
   AddFlags(app, f);
-  CLI11_PARSE(app, argc, argv);
+  if (auto rc = ParseCommandLine(app, argc, argv)) return *rc;
 
   spdlog::set_level(nbdcsi::ParseLogLevel(f.log_level).value());  // CLI11 checked the name
   if (Status s = SetLogFormat(f.log_format); !s.ok()) {

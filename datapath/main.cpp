@@ -12,6 +12,7 @@
 #include <grpcpp/server.h>
 #include <spdlog/spdlog.h>
 
+#include "common/cli_parse.h"
 #include "common/cluster/etcd_flags.h"
 #include "common/endpoint.h"
 #include "common/log_format.h"
@@ -426,6 +427,8 @@ Status ResolveApiAndCluster(const Flags& f, Config& c) {
 // TLS (the node's NBD certificate, presented in the client role).
 Status ResolveReplicaCluster(const Flags& f, Config& c) {
   const ReplicaClusterFlags& r = f.replicas;
+  if (!r.etcd.endpoints.empty() && f.cluster.node_id.empty())
+    return Error(EINVAL, "--cluster-etcd needs --node-id (this node's name in the cluster)");
   auto etcd = cluster::ResolveEtcdFlags(
       r.etcd, std::chrono::milliseconds(std::max<int64_t>(1000, r.lease_ttl * 1000 / 4)));
   if (!etcd.ok()) return etcd.status();
@@ -433,8 +436,6 @@ Status ResolveReplicaCluster(const Flags& f, Config& c) {
     if (!r.nbd_endpoint.empty()) return Error(EINVAL, "--cluster-nbd-endpoint needs --cluster-etcd");
     return Status::Ok();
   }
-  if (f.cluster.node_id.empty())
-    return Error(EINVAL, "--cluster-etcd needs --node-id (this node's name in the cluster)");
   c.etcd = **etcd;
   c.cluster_prefix = r.etcd.prefix;
   replica::ClusterAgentOptions& a = c.agent;
@@ -752,7 +753,7 @@ int Run(int argc, char** argv) {
   AddApiAndClusterFlags(app, f);
   AddReplicaClusterFlags(app, f);
   AddObservabilityFlags(app, f);
-  CLI11_PARSE(app, argc, argv);
+  if (auto rc = ParseCommandLine(app, argc, argv)) return *rc;
   const auto started = std::chrono::system_clock::now();
   spdlog::set_level(ParseLogLevel(f.log_level).value());  // CLI11 checked the name
   if (Status s = SetLogFormat(f.log_format); !s.ok()) {

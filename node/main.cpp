@@ -13,6 +13,7 @@
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
+#include "common/cli_parse.h"
 #include "common/endpoint.h"
 #include "common/log_format.h"
 #include "common/log_level.h"
@@ -197,7 +198,7 @@ int Run(int argc, char** argv) {
       "local nbd-datapathd"};
   Flags f;
   AddFlags(app, f);
-  CLI11_PARSE(app, argc, argv);
+  if (auto rc = nbdcsi::ParseCommandLine(app, argc, argv)) return *rc;
   spdlog::set_level(nbdcsi::ParseLogLevel(f.log_level).value());  // CLI11 checked the name
   if (Status s = nbdcsi::SetLogFormat(f.log_format); !s.ok()) {
     spdlog::error("--log-format: {}", s.message());

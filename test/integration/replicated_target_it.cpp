@@ -493,6 +493,11 @@ TEST_F(ReplicatedTarget, GarbageIsRefusedWithAClearError) {
        "--cluster-nbd-endpoint unix:///x: must be tcp://HOST:PORT"},
       {"--node-id n --cluster-etcd 127.0.0.1:1 --cluster-etcd-insecure --replica-resync-rate 0",
        "--replica-resync-rate: must be greater than 0"},
+      // CLI11's own checks exit 2 as well, not its 105 or 109.
+      {"--node-id n --cluster-etcd 127.0.0.1:1 --cluster-etcd-insecure --cluster-lease-ttl 1",
+       "--cluster-lease-ttl"},
+      {"--cluster-prefix", "--cluster-prefix"},
+      {"stray-argument", "stray-argument"},
   };
   for (const auto& [args, expect] : flags) {
     const std::string log = dir.path() + "/flags.log";
@@ -500,16 +505,33 @@ TEST_F(ReplicatedTarget, GarbageIsRefusedWithAClearError) {
     EXPECT_EQ(rc, 2 << 8) << args << ": " << ReadFile(log);
     EXPECT_NE(ReadFile(log).find(expect), std::string::npos) << args << ": " << ReadFile(log);
   }
-  // Out-of-range numbers are refused by the flag parser (CLI11), with its own exit code.
+  // Out-of-range numbers are refused by the flag parser (CLI11), with the same exit status.
   {
     const std::string log = dir.path() + "/flags.log";
     const int rc = std::system(
         (base + " --node-id n --cluster-etcd 127.0.0.1:1 --cluster-etcd-insecure "
                 "--replica-timeout 0 >" + log + " 2>&1")
             .c_str());
-    EXPECT_NE(rc, 0);
+    EXPECT_EQ(rc, 2 << 8) << ReadFile(log);
     EXPECT_NE(ReadFile(log).find("--replica-timeout: Value 0 not in range"), std::string::npos)
         << ReadFile(log);
+  }
+  // The controller's cluster flags: the same rules, the same status.
+  const std::vector<std::pair<std::string, std::string>> controller_flags = {
+      {"--cluster-etcd-insecure", "--cluster-etcd-* flags need --cluster-etcd"},
+      {"--cluster-etcd 127.0.0.1:1", "give --cluster-etcd-tls-cert"},
+      {"--cluster-etcd 127.0.0.1:1 --cluster-etcd-insecure --cluster-prefix nbd",
+       "--cluster-prefix"},
+      {"--cluster-etcd 127.0.0.1:1 --cluster-etcd-insecure --cluster-etcd-timeout 5",
+       "--cluster-etcd-timeout"},
+  };
+  for (const auto& [args, expect] : controller_flags) {
+    const std::string log = dir.path() + "/controller-flags.log";
+    const std::string cmd = Bin("nbd-csi-controller") + " --csi-endpoint unix://" + dir.path() +
+                            "/csi.sock --registry-listen 127.0.0.1:0 --insecure " + args + " >" +
+                            log + " 2>&1";
+    EXPECT_EQ(std::system(cmd.c_str()), 2 << 8) << args << ": " << ReadFile(log);
+    EXPECT_NE(ReadFile(log).find(expect), std::string::npos) << args << ": " << ReadFile(log);
   }
 
   // A datapath without a cluster says so.
