@@ -27,10 +27,11 @@ declare -A IP=([a]=127.0.0.11 [b]=127.0.0.12 [t]=127.0.0.13) PID=() NPID=()
 ETCDPID='' FIOPID=''
 fail() {
   echo "FAIL: $*"
-  for n in t b; do
+  for n in t b a; do
     echo "---- node-$n nbd-csi-node log (last 15 lines) ----"; tail -n 15 "$D/$n/node.log" 2>/dev/null || true
-    echo "---- node-$n datapathd log (warnings and errors, last 15) ----"
-    grep -E ' (warn|error|critical) ' "$D/$n/datapathd.log" 2>/dev/null | tail -n 15 || true
+    echo "---- node-$n datapathd log (first 20 warnings and errors, last 10 lines) ----"
+    grep -E ' (warn|error|critical) ' "$D/$n/datapathd.log" 2>/dev/null | head -n 20 || true
+    echo ...; tail -n 10 "$D/$n/datapathd.log" 2>/dev/null || true
   done
   echo "---- etcd log (last 5 lines) ----"; tail -n 5 "$D/etcd.log" 2>/dev/null || true
   echo "---- fio ----"; tail -n 20 "$D/fio.err" 2>/dev/null || true
@@ -89,7 +90,7 @@ for n in a b t; do
     --nbd-listen "tcp://${IP[$n]}:10809" --nbd-listen "unix://$D/$n/nbd.sock" \
     --nbd-tls-cert "$CERTS/node-node-$n.crt" --nbd-tls-key "$CERTS/node-node-$n.key" \
     --nbd-tls-ca "$CERTS/ca.crt" --node-id "node-$n" --cluster-etcd "$ETCD" \
-    --cluster-etcd-insecure --cluster-lease-ttl 10 --attach-io-timeout 10 \
+    --cluster-etcd-insecure --cluster-lease-ttl 10 --attach-io-timeout 30 --replica-timeout 20 \
     --attach-dead-conn-timeout 120 --log-level info >>"$D/$n/datapathd.log" 2>&1 &
   PID[$n]=$!
 done
