@@ -22,7 +22,7 @@
 . /opt/lib/nbdcsi-vm.sh
 
 D=/tmp/cr ETCD=127.0.0.1:2379 CERTS=/opt/certs FIOLOG=/tmp/cr/fio.json
-ID=r1:rv SIZE=256Mi
+ID=r1:rv SIZE=64Mi
 declare -A IP=([a]=127.0.0.11 [b]=127.0.0.12 [t]=127.0.0.13) PID=() NPID=()
 ETCDPID='' FIOPID=''
 fail() {
@@ -145,16 +145,16 @@ step "node-b: stage refused while node-t holds it: $(tail -n 1 <<<"$msg" | cut -
 
 twice t publish "$ID" --staging-path "$(stg t)" --target-path "$(tgt t)"
 mkdir -p "$(tgt t)/data"
-for i in 1 2 3; do head -c $((4 << 20)) /dev/urandom >"$(tgt t)/data/f$i"; done
+for i in 1 2 3; do head -c $((2 << 20)) /dev/urandom >"$(tgt t)/data/f$i"; done
 sync
-step "node-t: published, 12 MiB written"
+step "node-t: published, 6 MiB written"
 
-FIO_MB=6
+FIO_MB=4
 fio --name=rep --filename="$(tgt t)/data/fio.dat" --size=${FIO_MB}M --bs=4k --rw=randwrite \
   --ioengine=libaio --iodepth=8 --rate_iops=,200 --direct=1 --verify=crc32c --verify_fatal=1 \
   --do_verify=1 --output-format=json --output="$FIOLOG" 2>"$D/fio.err" &
 FIOPID=$!
-sleep 4
+sleep 3
 kill -0 "$FIOPID" 2>/dev/null || fail "fio ended before the kill: the run is too short to test anything"
 t_kill=$(ms_now)
 kill -9 "${PID[a]}"
