@@ -137,9 +137,8 @@ NodeMetrics::NodeMetrics(const std::string& version)
   rpc_->Declare("csi.v1.Identity");
   rpc_->Declare("csi.v1.Node");
   // Every series from the start, at 0 (see GrpcServerMetrics::Declare).
-  for (const char* op :
-       {"attach", "detach", "resize_attachment", "attach_target", "open_target", "close_target",
-        "mkfs", "grow_fs", "mount", "unmount"}) {
+  for (const char* op : {"attach", "detach", "resize_attachment", "attach_target", "open_target",
+                         "close_target", "mkfs", "grow_fs", "mount", "unmount"}) {
     for (bool ok : {true, false}) Series(op, ok);
   }
   prometheus::BuildGauge()

@@ -349,8 +349,8 @@ class NodeService final : public v1::Node::Service {
     }
     if (!opened || device) return;
     if (Status s = dp_.CloseTarget(name); !s.ok() && s.code() != ENOENT) {
-      spdlog::warn("[{}] stage of {} failed; closing its target again: {}",
-                   csi::CurrentRequestId(), id, s.message());
+      spdlog::warn("[{}] stage of {} failed; closing its target again: {}", csi::CurrentRequestId(),
+                   id, s.message());
       return;
     }
     spdlog::info("[{}] stage of {} failed: closed the target this call opened",
@@ -543,9 +543,10 @@ class NodeService final : public v1::Node::Service {
         // Refused (FAILED_PRECONDITION) while the device is mounted anywhere; the target stays.
         if (Status s = dp_.Detach(name); !s.ok()) return s;
       } else {
-        spdlog::warn("[{}] unstage {}: {} on {} is the local replica attached as a plain "
-                     "volume, not the target's device: leaving it",
-                     csi::CurrentRequestId(), id, name, a->device());
+        spdlog::warn(
+            "[{}] unstage {}: {} on {} is the local replica attached as a plain "
+            "volume, not the target's device: leaving it",
+            csi::CurrentRequestId(), id, name, a->device());
       }
     }
     auto t = dp_.GetTarget(name);
@@ -888,9 +889,9 @@ class NodeService final : public v1::Node::Service {
       return;
     }
     if (t->stopped()) {
-      problems.push_back(fmt::format("its target stopped serving (epoch {}): {}", t->epoch(),
-                                     t->stop_reason().empty() ? "no reason given"
-                                                              : t->stop_reason()));
+      problems.push_back(
+          fmt::format("its target stopped serving (epoch {}): {}", t->epoch(),
+                      t->stop_reason().empty() ? "no reason given" : t->stop_reason()));
     }
     size_t in_sync = 0;
     std::vector<std::string> missing;

@@ -201,14 +201,12 @@ TEST_F(DatapathClientTest, TargetAnswers) {
 TEST_F(DatapathClientTest, ErrorsKeepTheirCode) {
   for (const char* code : {"NOT_FOUND", "ABORTED", "FAILED_PRECONDITION", "INVALID_ARGUMENT",
                            "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INTERNAL"}) {
-    std::vector<Status> results = {client_->Attach(code).status(), client_->Detach(code),
-                                   client_->ResizeAttachment(code).status(),
-                                   client_->GetVolume(code).status(),
-                                   client_->GetVolumeStats(code).status(),
-                                   client_->AttachTarget(code).status(),
-                                   client_->OpenTarget(code).status(),
-                                   client_->CloseTarget(code),
-                                   client_->GetTarget(code).status()};
+    std::vector<Status> results = {
+        client_->Attach(code).status(),           client_->Detach(code),
+        client_->ResizeAttachment(code).status(), client_->GetVolume(code).status(),
+        client_->GetVolumeStats(code).status(),   client_->AttachTarget(code).status(),
+        client_->OpenTarget(code).status(),       client_->CloseTarget(code),
+        client_->GetTarget(code).status()};
     for (const Status& st : results) {
       ASSERT_FALSE(st.ok()) << code;
       grpc::Status g = ToGrpc(st);

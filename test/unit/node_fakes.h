@@ -399,8 +399,10 @@ class FakeDatapath : public DatapathClient {
     }
     Replicated& r = it->second;
     if (!r.holder.empty()) {
-      return Error(EBUSY, "claim target of volume {} for node node-a: node {} is its target at "
-                   "epoch {}", volume, r.holder, r.epoch);
+      return Error(EBUSY,
+                   "claim target of volume {} for node node-a: node {} is its target at "
+                   "epoch {}",
+                   volume, r.holder, r.epoch);
     }
     if (!r.open) {
       r.open = true;
@@ -435,7 +437,8 @@ class FakeDatapath : public DatapathClient {
 
  private:
   static Status NoCluster() {
-    return Error(EBUSY, "this nbd-datapathd runs without a cluster (--cluster-etcd): it serves "
+    return Error(EBUSY,
+                 "this nbd-datapathd runs without a cluster (--cluster-etcd): it serves "
                  "no replicated volumes");
   }
 

@@ -1003,7 +1003,9 @@ TEST_F(ReplicatedNodeTest, AFailedStageClosesTheTargetItOpened) {
       {"mount fails", [&] { os_.fail_next["mount"] = Error(EIO, "mount: bad superblock"); },
        grpc::StatusCode::INTERNAL},
       {"not the asked file system",
-       [&] { os_.devices[kNbd].content = {DeviceContent::Kind::kFilesystem, "xfs"}; },
+       [&] {
+         os_.devices[kNbd].content = {DeviceContent::Kind::kFilesystem, "xfs"};
+       },
        grpc::StatusCode::FAILED_PRECONDITION},
   };
   for (const auto& c : cases) {
