@@ -26,7 +26,7 @@ files=()
 for n in a b t; do
   files+=(--file "$tmp/certs/node-node-$n.crt:/opt/certs/" --file "$tmp/certs/node-node-$n.key:/opt/certs/")
 done
-exec "$here/nbd-kernel-vm" --timeout 300 --mem 2048 \
+exec "$here/nbd-kernel-vm" --timeout 480 --mem 2048 \
   --file "$here/lib.sh:/opt/lib/nbdcsi-vm.sh" --file "$tmp/certs/ca.crt:/opt/certs/" \
   --file "$1:/opt/bin/" --file "$2:/opt/bin/" --file "$3:/opt/bin/" --file "$4:/opt/bin/" \
   --file "$etcd:/opt/bin/" "${files[@]}" "$here/csi_replicated.sh"
