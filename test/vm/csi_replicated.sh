@@ -84,6 +84,9 @@ for _ in $(seq 300); do
 done
 grep -q 'ready to serve client requests' "$D/etcd.log" || fail "etcd is not ready after 30 s"
 
+# --replica-timeout 20 (default 5) and an attach I/O timeout above it: under TCG on a loaded host
+# a 1 MiB replica write of mkfs can take longer than 5 s; one run with the defaults had mkfs fail
+# with EIO on the target (both replicas were dropped as too slow, it seems; not proven).
 for n in a b t; do
   mkdir -p "$D/$n/pool" "$D/$n/kubelet"
   nbd-datapathd --pool "$D/$n/pool" --api "unix://$D/$n/api.sock" --workers 2 --overcommit 8 \
