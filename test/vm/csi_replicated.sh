@@ -86,7 +86,7 @@ grep -q 'ready to serve client requests' "$D/etcd.log" || fail "etcd is not read
 
 # --replica-timeout 20 (default 5) and an attach I/O timeout above it: under TCG on a loaded host
 # a 1 MiB replica write of mkfs can take longer than 5 s; one run with the defaults had mkfs fail
-# with EIO on the target (both replicas were dropped as too slow, it seems; not proven).
+# with EIO on the target (its replica writes timing out, it seems; the log was not kept).
 for n in a b t; do
   mkdir -p "$D/$n/pool" "$D/$n/kubelet"
   nbd-datapathd --pool "$D/$n/pool" --api "unix://$D/$n/api.sock" --workers 2 --overcommit 8 \
