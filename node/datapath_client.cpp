@@ -10,6 +10,7 @@
 
 #include "datapath/api/attach.grpc.pb.h"
 #include "datapath/api/datapath.grpc.pb.h"
+#include "datapath/api/target.grpc.pb.h"
 
 namespace nbdcsi::node {
 
@@ -22,12 +23,21 @@ class GrpcDatapathClient final : public DatapathClient {
       : channel_(grpc::CreateChannel(target, grpc::InsecureChannelCredentials())),
         datapath_(dpv1::Datapath::NewStub(channel_)),
         attachments_(dpv1::Attachments::NewStub(channel_)),
+        targets_(dpv1::Targets::NewStub(channel_)),
         timeout_(timeout),
         slow_timeout_(slow_timeout) {}
 
   StatusOr<dpv1::Attachment> Attach(const std::string& volume) override {
     dpv1::AttachVolumeRequest req;
     req.set_volume(volume);
+    return Call(*attachments_, &Attachments::AttachVolume, req, volume, slow_timeout_,
+                [](auto& r) { return r.attachment(); });
+  }
+
+  StatusOr<dpv1::Attachment> AttachTarget(const std::string& volume) override {
+    dpv1::AttachVolumeRequest req;
+    req.set_volume(volume);
+    req.set_target(true);
     return Call(*attachments_, &Attachments::AttachVolume, req, volume, slow_timeout_,
                 [](auto& r) { return r.attachment(); });
   }
@@ -74,9 +84,33 @@ class GrpcDatapathClient final : public DatapathClient {
                 [](auto& r) { return r; });
   }
 
+  // Opening connects to the replicas over TLS and claims the volume in etcd: a slow call.
+  StatusOr<dpv1::Target> OpenTarget(const std::string& volume) override {
+    dpv1::OpenTargetRequest req;
+    req.set_volume(volume);
+    return Call(*targets_, &Targets::OpenTarget, req, volume, slow_timeout_,
+                [](auto& r) { return r.target(); });
+  }
+
+  Status CloseTarget(const std::string& volume) override {
+    dpv1::CloseTargetRequest req;
+    req.set_volume(volume);
+    return Call(*targets_, &Targets::CloseTarget, req, volume, slow_timeout_,
+                [](auto&) { return true; })
+        .status();
+  }
+
+  StatusOr<dpv1::Target> GetTarget(const std::string& volume) override {
+    dpv1::GetTargetRequest req;
+    req.set_volume(volume);
+    return Call(*targets_, &Targets::GetTarget, req, volume, timeout_,
+                [](auto& r) { return r.target(); });
+  }
+
  private:
   using Datapath = dpv1::Datapath::Stub;
   using Attachments = dpv1::Attachments::Stub;
+  using Targets = dpv1::Targets::Stub;
 
   // One call with its own deadline: the answer's part that `take` picks, or the error (Check).
   template <typename Stub, typename Req, typename Resp, typename Take>
@@ -114,6 +148,7 @@ class GrpcDatapathClient final : public DatapathClient {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<dpv1::Datapath::Stub> datapath_;
   std::unique_ptr<dpv1::Attachments::Stub> attachments_;
+  std::unique_ptr<dpv1::Targets::Stub> targets_;
   std::chrono::milliseconds timeout_, slow_timeout_;
 };
 

@@ -91,6 +91,20 @@ class MeasuredDatapathClient final : public DatapathClient {
   StatusOr<dpv1::Attachment> ResizeAttachment(const std::string& volume) override {
     return Timed(m_, "resize_attachment", [&] { return in_.ResizeAttachment(volume); });
   }
+  StatusOr<dpv1::Attachment> AttachTarget(const std::string& volume) override {
+    return Timed(m_, "attach_target", [&] { return in_.AttachTarget(volume); });
+  }
+  // Opening connects to every replica and claims the volume in etcd: the slow part of staging a
+  // replicated volume, and the one a dead replica's handshake timeout stretches.
+  StatusOr<dpv1::Target> OpenTarget(const std::string& volume) override {
+    return Timed(m_, "open_target", [&] { return in_.OpenTarget(volume); });
+  }
+  Status CloseTarget(const std::string& volume) override {
+    return Timed(m_, "close_target", [&] { return in_.CloseTarget(volume); });
+  }
+  StatusOr<dpv1::Target> GetTarget(const std::string& volume) override {
+    return in_.GetTarget(volume);
+  }
 
   StatusOr<std::vector<dpv1::Attachment>> ListAttachments() override {
     return in_.ListAttachments();
@@ -116,15 +130,15 @@ NodeMetrics::NodeMetrics(const std::string& version)
   ops_ = &prometheus::BuildHistogram()
               .Name("nbdcsi_node_operation_duration_seconds")
               .Help(
-                  "Steps of stage, publish and expand: datapath attach, detach "
-                  "and "
-                  "resize_attachment; mkfs, grow_fs, mount and unmount; by result")
+                  "Steps of stage, publish and expand: datapath attach, detach, "
+                  "resize_attachment, attach_target, open_target and close_target; mkfs, "
+                  "grow_fs, mount and unmount; by result")
               .Register(*registry_);
   rpc_->Declare("csi.v1.Identity");
   rpc_->Declare("csi.v1.Node");
   // Every series from the start, at 0 (see GrpcServerMetrics::Declare).
-  for (const char* op :
-       {"attach", "detach", "resize_attachment", "mkfs", "grow_fs", "mount", "unmount"}) {
+  for (const char* op : {"attach", "detach", "resize_attachment", "attach_target", "open_target",
+                         "close_target", "mkfs", "grow_fs", "mount", "unmount"}) {
     for (bool ok : {true, false}) Series(op, ok);
   }
   prometheus::BuildGauge()

@@ -113,6 +113,12 @@ std::string Join(const std::vector<std::string>& v) {
   return out;
 }
 
+// A volume id resolved on this node.
+struct NodeVolume {
+  std::string name;         // the pool volume (v1), or the replicated volume (r1)
+  bool replicated = false;  // r1: attached through the target this node opens for it
+};
+
 // OS failures are the node's problem, not the caller's argument: INTERNAL, whatever errno the
 // syscall gave (an ENOENT from mkdir is not "volume not found").
 Status OsError(const Status& s) { return Status(EIO, s.message()); }
@@ -178,7 +184,22 @@ class NodeService final : public v1::Node::Service {
     return ToGrpc(s);
   }
 
-  // The pool volume behind `id` when it lives on this node; ENOENT otherwise.
+  // What `id` names on this node: the pool volume of a v1 id that lives here, or the replicated
+  // volume of an r1 id (any node serves it, through a target). ENOENT for an id that does not
+  // parse or names another node's volume.
+  StatusOr<NodeVolume> ResolveVolume(const std::string& id) {
+    if (id.empty()) return Error(EINVAL, "volume_id is missing");
+    if (csi::IsReplicatedVolumeId(id)) {
+      auto name = csi::ParseReplicatedVolumeId(id);
+      if (!name.ok()) return Status(ENOENT, name.status().message());
+      return NodeVolume{*name, true};
+    }
+    auto name = LocalVolume(id);
+    if (!name.ok()) return name.status();
+    return NodeVolume{*name, false};
+  }
+
+  // The pool volume behind v1 `id` when it lives on this node; ENOENT otherwise.
   StatusOr<std::string> LocalVolume(const std::string& id) {
     if (id.empty()) return Error(EINVAL, "volume_id is missing");
     auto ref = csi::ParseVolumeId(id);
@@ -225,7 +246,7 @@ class NodeService final : public v1::Node::Service {
   }
 
   Status Stage(const v1::NodeStageVolumeRequest& req) {
-    auto volume = LocalVolume(req.volume_id());
+    auto volume = ResolveVolume(req.volume_id());
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
     if (Status s = CheckPath("staging_target_path", req.staging_target_path()); !s.ok()) {
       return s;
@@ -234,35 +255,146 @@ class NodeService final : public v1::Node::Service {
     auto cap = ParseCapability(req.volume_capability());
     if (!cap.ok()) return cap.status();
     if (!volume.ok()) return volume.status();
-    const std::string& staging = req.staging_target_path();
+    if (volume->replicated) return StageReplicated(req, volume->name, *cap);
+    return StageAttached(*volume, req.staging_target_path(), *cap);
+  }
 
-    if (cap->block) {
+  StatusOr<dpv1::Attachment> AttachOf(const NodeVolume& v) {
+    return v.replicated ? dp_.AttachTarget(v.name) : dp_.Attach(v.name);
+  }
+
+  // An r1 volume: its target opened on this node's datapath (which claims the volume in the
+  // cluster state), its device attached to the target, then staged as any volume. What this call
+  // opened or attached is undone when the stage fails: a claim left behind would keep every other
+  // node from staging the volume, and kubelet may never unstage a stage that failed.
+  Status StageReplicated(const v1::NodeStageVolumeRequest& req, const std::string& name,
+                         const Capability& cap) {
+    const std::string& id = req.volume_id();
+    bool opened = false;
+    if (Status s = OpenTargetHere(id, name, &opened); !s.ok()) return s;
+    auto before = dp_.ListAttachments();
+    if (!before.ok()) {
+      // Whether a device sits on the target is unknown: keep the target.
+      UndoReplicatedStage(id, name, opened, /*attached=*/false, /*device_before=*/true);
+      return before.status();
+    }
+    const dpv1::Attachment* had = FindAttachment(*before, name);
+    if (had != nullptr && !had->target()) {
+      // The local replica itself is attached (a v1 stage of the same pool volume, or an
+      // operator's nbdctl attach): writing it directly would bypass the other replicas.
+      UndoReplicatedStage(id, name, opened, /*attached=*/false, /*device_before=*/false);
+      return Error(EBUSY,
+                   "volume {} cannot be staged on node {}: its local replica {} is attached "
+                   "here as a plain volume on {}; unstage or detach it first",
+                   id, opts_.node_id, name, had->device());
+    }
+    Status s = StageAttached(NodeVolume{name, true}, req.staging_target_path(), cap);
+    if (!s.ok()) UndoReplicatedStage(id, name, opened, /*attached=*/true, had != nullptr);
+    return s;
+  }
+
+  // Opens the target of `name` on the local datapath unless it is open here already (*opened
+  // says whether this call opened it). GetTarget first tells the two FAILED_PRECONDITION causes
+  // of OpenTarget apart: no cluster on this datapath (GetTarget fails too), or another node's
+  // live claim (GetTarget answers "not open here").
+  Status OpenTargetHere(const std::string& id, const std::string& name, bool* opened) {
+    *opened = false;
+    auto cur = dp_.GetTarget(name);
+    if (cur.ok()) return Status::Ok();
+    if (cur.status().code() == EBUSY) {
+      return Error(EBUSY,
+                   "volume {} is replicated, and the nbd-datapathd of node {} runs without a "
+                   "cluster (--cluster-etcd), so it cannot serve it: {}",
+                   id, opts_.node_id, cur.status().message());
+    }
+    if (cur.status().code() != ENOENT) return cur.status();
+    auto t = dp_.OpenTarget(name);
+    if (!t.ok()) {
+      if (t.status().code() == EBUSY) {
+        // Retryable: the holder closes the target at its unstage, or its claim lapses with its
+        // cluster lease when that node is gone. kubelet retries the stage until then.
+        return Error(EAGAIN,
+                     "volume {} is still in use on another node, so node {} cannot open its "
+                     "target yet (the claim lapses with that node's cluster lease if it is "
+                     "gone): {}",
+                     id, opts_.node_id, t.status().message());
+      }
+      return t.status();
+    }
+    *opened = true;
+    spdlog::info("[{}] opened the target of {} at epoch {} ({} replica(s){})",
+                 csi::CurrentRequestId(), id, t->epoch(), t->replicas_size(),
+                 t->degraded() ? ", degraded" : "");
+    return Status::Ok();
+  }
+
+  // Takes back what a failed r1 stage did: the device if this call attached it (the datapath
+  // refuses while anything has it mounted), then the target if this call opened it and no device
+  // is attached to it. `device_before`: the target had its device before this call (or that is
+  // unknown). Failures only log: the stage's own error is what the caller sees.
+  void UndoReplicatedStage(const std::string& id, const std::string& name, bool opened,
+                           bool attached, bool device_before) {
+    bool device = device_before;
+    if (attached && !device_before) {
+      auto list = dp_.ListAttachments();
+      if (!list.ok()) {
+        device = true;  // unknown: keep the target
+      } else if (FindAttachment(*list, name) != nullptr) {
+        if (Status s = dp_.Detach(name); !s.ok()) {
+          spdlog::warn("[{}] stage of {} failed; detaching it again: {}", csi::CurrentRequestId(),
+                       id, s.message());
+          device = true;
+        }
+      }
+    }
+    if (!opened || device) return;
+    if (Status s = dp_.CloseTarget(name); !s.ok() && s.code() != ENOENT) {
+      spdlog::warn("[{}] stage of {} failed; closing its target again: {}", csi::CurrentRequestId(),
+                   id, s.message());
+      return;
+    }
+    spdlog::info("[{}] stage of {} failed: closed the target this call opened",
+                 csi::CurrentRequestId(), id);
+  }
+
+  static const dpv1::Attachment* FindAttachment(const std::vector<dpv1::Attachment>& list,
+                                                const std::string& name) {
+    for (const auto& a : list) {
+      if (a.volume() == name) return &a;
+    }
+    return nullptr;
+  }
+
+  // Attaches the volume (an r1 volume's target must be open) and stages it at `staging`.
+  Status StageAttached(const NodeVolume& vol, const std::string& staging, const Capability& cap) {
+    const std::string& volume = vol.name;
+    if (cap.block) {
       // Block volumes are attached only; publish binds the device node itself.
-      auto att = dp_.Attach(*volume);
+      auto att = AttachOf(vol);
       if (!att.ok()) return att.status();
-      spdlog::info("[{}] staged block volume {} as {} ({})", csi::CurrentRequestId(), *volume,
+      spdlog::info("[{}] staged block volume {} as {} ({})", csi::CurrentRequestId(), volume,
                    att->device(), att->mode());
-      WarnIfFallback(*volume, *att);
+      WarnIfFallback(volume, *att);
       return Status::Ok();
     }
 
     auto mounted = os_.GetMount(staging);
     if (!mounted.ok()) return OsError(mounted.status());
-    auto att = dp_.Attach(*volume);
+    auto att = AttachOf(vol);
     if (!att.ok()) return att.status();
     const std::string& device = att->device();
     if (mounted->has_value()) {
       // Done by an earlier call, if what is mounted is what is asked for now.
-      return SameStaging(**mounted, *volume, device, staging, *cap);
+      return SameStaging(**mounted, volume, device, staging, cap);
     }
 
     if (Status s = os_.MakeDir(staging); !s.ok()) return OsError(s);
     uint64_t fs_bytes = 0;
-    if (Status s = PrepareFileSystem(*volume, device, *cap, &fs_bytes); !s.ok()) return s;
-    if (Status s = os_.Mount(device, staging, cap->fstype, StageMountOptions(*cap)); !s.ok()) {
+    if (Status s = PrepareFileSystem(volume, device, cap, &fs_bytes); !s.ok()) return s;
+    if (Status s = os_.Mount(device, staging, cap.fstype, StageMountOptions(cap)); !s.ok()) {
       return OsError(s);
     }
-    if (Status s = GrowToDevice(*volume, device, staging, *cap, fs_bytes); !s.ok()) {
+    if (Status s = GrowToDevice(volume, device, staging, cap, fs_bytes); !s.ok()) {
       // Not staged at all rather than staged smaller than asked: the kubelet retries the stage.
       if (Status u = os_.Unmount(staging); !u.ok()) {
         spdlog::warn("[{}] unmount {} after the failed growth: {}", csi::CurrentRequestId(),
@@ -270,9 +402,9 @@ class NodeService final : public v1::Node::Service {
       }
       return s;
     }
-    spdlog::info("[{}] staged volume {} ({}, {}) at {}", csi::CurrentRequestId(), *volume, device,
+    spdlog::info("[{}] staged volume {} ({}, {}) at {}", csi::CurrentRequestId(), volume, device,
                  att->mode(), staging);
-    WarnIfFallback(*volume, *att);
+    WarnIfFallback(volume, *att);
     return Status::Ok();
   }
 
@@ -388,19 +520,55 @@ class NodeService final : public v1::Node::Service {
       return s;
     }
     if (Status s = UnmountAll(req.staging_target_path()); !s.ok()) return s;
-    auto volume = LocalVolume(req.volume_id());
+    auto volume = ResolveVolume(req.volume_id());
     if (!volume.ok()) {
       spdlog::info("[{}] unstage {}: {}; nothing to detach", csi::CurrentRequestId(),
                    req.volume_id(), volume.status().message());
       return Status::Ok();
     }
+    if (volume->replicated) return UnstageReplicated(req.volume_id(), volume->name);
     // The datapath refuses (FAILED_PRECONDITION) while the device is still mounted somewhere,
     // e.g. a publish that was never unpublished: kubelet retries after fixing that.
-    return dp_.Detach(*volume);
+    return dp_.Detach(volume->name);
+  }
+
+  // Detaches the target's device, then closes the target (which releases the volume's claim, so
+  // another node can stage it). Each step is skipped when already done. A device of the same name
+  // that is not the target's is the local replica attached as a plain volume: not this stage's.
+  Status UnstageReplicated(const std::string& id, const std::string& name) {
+    auto list = dp_.ListAttachments();
+    if (!list.ok()) return list.status();
+    if (const dpv1::Attachment* a = FindAttachment(*list, name); a != nullptr) {
+      if (a->target()) {
+        // Refused (FAILED_PRECONDITION) while the device is mounted anywhere; the target stays.
+        if (Status s = dp_.Detach(name); !s.ok()) return s;
+      } else {
+        spdlog::warn(
+            "[{}] unstage {}: {} on {} is the local replica attached as a plain "
+            "volume, not the target's device: leaving it",
+            csi::CurrentRequestId(), id, name, a->device());
+      }
+    }
+    auto t = dp_.GetTarget(name);
+    if (!t.ok()) {
+      // Not open here, or no cluster on this datapath (so it never was): nothing to close.
+      if (t.status().code() == ENOENT || t.status().code() == EBUSY) {
+        spdlog::info("[{}] unstage {}: no target open here ({})", csi::CurrentRequestId(), id,
+                     t.status().message());
+        return Status::Ok();
+      }
+      return t.status();
+    }
+    if (Status s = dp_.CloseTarget(name); !s.ok() && s.code() != ENOENT) return s;
+    spdlog::info("[{}] unstage {}: closed its target (epoch {}), claim released",
+                 csi::CurrentRequestId(), id, t->epoch());
+    return Status::Ok();
   }
 
   Status Publish(const v1::NodePublishVolumeRequest& req) {
-    auto volume = LocalVolume(req.volume_id());
+    auto resolved = ResolveVolume(req.volume_id());
+    StatusOr<std::string> volume =
+        resolved.ok() ? StatusOr<std::string>(resolved->name) : resolved.status();
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
     if (Status s = CheckPath("target_path", req.target_path()); !s.ok()) return s;
     if (!req.has_volume_capability()) return Error(EINVAL, "volume_capability is missing");
@@ -425,7 +593,8 @@ class NodeService final : public v1::Node::Service {
       auto list = dp_.ListAttachments();
       if (!list.ok()) return list.status();
       for (const auto& a : *list) {
-        if (a.volume() == *volume) source = a.device();
+        // An r1 volume's device is its target's, never the local replica attached as itself.
+        if (a.volume() == *volume && (!resolved->replicated || a.target())) source = a.device();
       }
       if (source.empty()) {
         return Error(EBUSY, "volume {} is not attached on this node: stage it first", *volume);
@@ -509,12 +678,25 @@ class NodeService final : public v1::Node::Service {
   }
 
   Status Expand(const v1::NodeExpandVolumeRequest& req, v1::NodeExpandVolumeResponse* resp) {
-    auto volume = LocalVolume(req.volume_id());
+    auto resolved = ResolveVolume(req.volume_id());
+    StatusOr<std::string> volume =
+        resolved.ok() ? StatusOr<std::string>(resolved->name) : resolved.status();
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
     if (req.volume_path().empty()) return Error(EINVAL, "volume_path is missing");
     // A volume that does not exist is NOT_FOUND whatever the path says (CSI 1.10's table;
     // csi-sanity asks with "some/path").
     if (!volume.ok() && volume.status().code() == ENOENT) return volume.status();
+    if (resolved->replicated) {
+      // The target cannot grow its replicas yet (ResizeAttachment answers UNIMPLEMENTED for a
+      // target's device). OUT_OF_RANGE is the table's "capacity range not allowed by the
+      // plugin": any size but the current one is, for this volume, and the user can recover by
+      // asking for the old size again. UNIMPLEMENTED would claim the RPC itself is missing,
+      // and FAILED_PRECONDITION is for a file system that cannot grow while in use.
+      return Error(ERANGE,
+                   "volume {} is replicated: expanding replicated volumes is not supported yet "
+                   "(it keeps its size)",
+                   req.volume_id());
+    }
     if (Status s = CheckPath("volume_path", req.volume_path()); !s.ok()) {
       // Only on this error path: is the volume there at all (its id alone says nothing)?
       if (s.code() == EINVAL) {
@@ -573,7 +755,9 @@ class NodeService final : public v1::Node::Service {
   }
 
   Status Stats(const v1::NodeGetVolumeStatsRequest& req, v1::NodeGetVolumeStatsResponse* resp) {
-    auto volume = LocalVolume(req.volume_id());
+    auto resolved = ResolveVolume(req.volume_id());
+    StatusOr<std::string> volume =
+        resolved.ok() ? StatusOr<std::string>(resolved->name) : resolved.status();
     if (!volume.ok() && volume.status().code() == EINVAL) return volume.status();
     if (req.volume_path().empty()) return Error(EINVAL, "volume_path is missing");
     // CSI 1.10's table: NOT_FOUND when the volume does not exist, or not on volume_path. A
@@ -636,7 +820,7 @@ class NodeService final : public v1::Node::Service {
       }
     }
     std::string note;
-    AddDatapathHealth(*volume, problems, note);
+    AddDatapathHealth(*resolved, problems, note);
     auto* cond = resp->mutable_volume_condition();
     cond->set_abnormal(!problems.empty());
     std::string msg;
@@ -654,8 +838,9 @@ class NodeService final : public v1::Node::Service {
   // volume (its I/O goes nowhere), not a failure of the stats call. `note` gets what works but a
   // user should know: the nbdfuse fallback serves I/O fine until the datapath restarts, so it is
   // not abnormal, yet it is the only place a pod's owner (kubectl describe, events) can see it.
-  void AddDatapathHealth(const std::string& volume, std::vector<std::string>& problems,
+  void AddDatapathHealth(const NodeVolume& vol, std::vector<std::string>& problems,
                          std::string& note) {
+    const std::string& volume = vol.name;
     auto list = dp_.ListAttachments();
     if (!list.ok()) {
       problems.push_back("datapath unreachable: " + list.status().message());
@@ -663,7 +848,7 @@ class NodeService final : public v1::Node::Service {
     }
     const dpv1::Attachment* att = nullptr;
     for (const auto& a : *list) {
-      if (a.volume() == volume) att = &a;
+      if (a.volume() == volume && (!vol.replicated || a.target())) att = &a;
     }
     if (att != nullptr && att->mode() == "fuse") note = kFuseFallbackNote;
     if (att == nullptr) {
@@ -673,6 +858,8 @@ class NodeService final : public v1::Node::Service {
           fmt::format("link between {} and the datapath is down: {}", att->device(),
                       att->link_error().empty() ? "no reason given" : att->link_error()));
     }
+    // An r1 volume's I/O goes through its target (this node may hold no replica at all).
+    if (vol.replicated) return AddTargetHealth(volume, problems, note);
     auto stats = dp_.GetVolumeStats(volume);
     if (!stats.ok()) {
       problems.push_back("datapath stats: " + stats.status().message());
@@ -684,6 +871,51 @@ class NodeService final : public v1::Node::Service {
       problems.push_back(fmt::format("datapath reported I/O errors (read {}, write {}, flush {})",
                                      stats->read().errors(), stats->write().errors(),
                                      stats->flush().errors()));
+    }
+  }
+
+  // A replicated volume's target as this node's datapath serves it: open, serving, and with all
+  // of the volume's replicas in sync. A degraded volume still serves every write, but one more
+  // failure would lose data: abnormal, naming what is missing, until the replica is resynced.
+  void AddTargetHealth(const std::string& volume, std::vector<std::string>& problems,
+                       std::string& note) {
+    auto t = dp_.GetTarget(volume);
+    if (!t.ok()) {
+      problems.push_back(t.status().code() == ENOENT
+                             ? fmt::format("the target of replicated volume {} is not open on "
+                                           "this node: its I/O goes nowhere",
+                                           volume)
+                             : "target: " + t.status().message());
+      return;
+    }
+    if (t->stopped()) {
+      problems.push_back(
+          fmt::format("its target stopped serving (epoch {}): {}", t->epoch(),
+                      t->stop_reason().empty() ? "no reason given" : t->stop_reason()));
+    }
+    size_t in_sync = 0;
+    std::vector<std::string> missing;
+    for (const auto& r : t->replicas()) {
+      if (r.state() == "in-sync") {
+        ++in_sync;
+      } else {
+        missing.push_back(fmt::format("{} {}{}", r.node(), r.state(),
+                                      r.why().empty() ? "" : " (" + r.why() + ")"));
+      }
+    }
+    // Every replica of the volume is a member (out of sync when it was unreachable at open);
+    // why the open could not reach one is only in this list.
+    for (const auto& u : t->unreachable()) missing.push_back("unreachable at open: " + u);
+    size_t total = static_cast<size_t>(t->replicas_size());
+    if (t->degraded() || in_sync < total) {
+      std::string list;
+      for (const auto& m : missing) list += (list.empty() ? "" : ", ") + m;
+      problems.push_back(fmt::format("degraded: {} of {} replicas in sync; {}", in_sync, total,
+                                     list.empty() ? "no reason given" : list));
+    }
+    if (t->has_resync()) {
+      note = fmt::format("resyncing replica {}: pass {}, {:.0f}%", t->resync().node(),
+                         t->resync().pass(), t->resync().percent());
     }
   }
 

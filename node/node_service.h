@@ -12,6 +12,14 @@
 // is already done: kubelet retries everything. All OS effects go through NodeOs, all datapath
 // calls through DatapathClient.
 //
+// Replicated volumes ("r1:NAME", issue 16) have no home node: any node stages them. Stage opens
+// the volume's target on the local datapath (which claims it in the cluster state and connects to
+// its replicas), attaches the kernel device to the target, then formats and mounts as for any
+// volume; a stage that fails takes back the device and the target it made itself (never a target
+// with a device still on it). Unstage detaches, then closes the target, releasing the claim.
+// Publish and unpublish are those of any volume. Stats report the target's health: abnormal when
+// it is degraded (fewer replicas in sync than the volume has), stopped, or not open here.
+//
 // Error choices where the CSI spec leaves room:
 // - A volume id that does not parse, or that names another node, is NOT_FOUND for the calls
 //   that need the volume (stage, publish, expand, stats): no volume of this node has that id.
@@ -29,6 +37,10 @@
 //   a missing staging_target_path are FAILED_PRECONDITION.
 // - OS failures (mount, mkfs, resize tools) are INTERNAL with the tool's message; datapath
 //   errors keep the datapath's code.
+// - r1: another node's live claim on the volume is UNAVAILABLE, naming that node: it goes away
+//   when the holder unstages, or with its cluster lease when that node died, and kubelet retries.
+//   A datapath without --cluster-etcd is FAILED_PRECONDITION. NodeExpandVolume is OUT_OF_RANGE
+//   (replicated volumes keep their size for now: the table's "capacity range not allowed").
 #pragma once
 
 #include <memory>

@@ -1,4 +1,5 @@
-// The gRPC DatapathClient against an in-process Datapath + Attachments server on a unix socket:
+// The gRPC DatapathClient against an in-process Datapath + Attachments + Targets server on a
+// unix socket:
 // requests carry the volume, answers come back whole, and a datapath error keeps its gRPC code
 // through Status (GrpcCodeToErrno, then ToGrpc) with the datapath's message.
 #include <unistd.h>
@@ -15,6 +16,7 @@
 #include "common/grpc_status.h"
 #include "datapath/api/attach.grpc.pb.h"
 #include "datapath/api/datapath.grpc.pb.h"
+#include "datapath/api/target.grpc.pb.h"
 #include "node/datapath_client.h"
 #include "test/support/temp_dir.h"
 
@@ -46,9 +48,10 @@ class FakeAttachments final : public dp::Attachments::Service {
                             dp::AttachVolumeResponse* resp) override {
     auto* a = resp->mutable_attachment();
     a->set_volume(req->volume());
-    a->set_device("/dev/loop7");
-    a->set_mode("fuse");
+    a->set_device(req->target() ? "/dev/nbd3" : "/dev/loop7");
+    a->set_mode(req->target() ? "kernel" : "fuse");
     a->set_link_ok(true);
+    a->set_target(req->target());
     return Outcome(req->volume());
   }
   grpc::Status DetachVolume(grpc::ServerContext*, const dp::DetachVolumeRequest* req,
@@ -91,6 +94,35 @@ class FakeDatapathService final : public dp::Datapath::Service {
   }
 };
 
+class FakeTargets final : public dp::Targets::Service {
+ public:
+  std::vector<std::string> closed;
+
+ private:
+  static void Fill(const std::string& volume, dp::TargetResponse* resp) {
+    auto* t = resp->mutable_target();
+    t->set_volume(volume);
+    t->set_epoch(3);
+    t->set_degraded(true);
+    t->add_replicas()->set_node("node-b");
+  }
+  grpc::Status OpenTarget(grpc::ServerContext*, const dp::OpenTargetRequest* req,
+                          dp::TargetResponse* resp) override {
+    Fill(req->volume(), resp);
+    return Outcome(req->volume());
+  }
+  grpc::Status CloseTarget(grpc::ServerContext*, const dp::CloseTargetRequest* req,
+                           dp::CloseTargetResponse*) override {
+    closed.push_back(req->volume());
+    return Outcome(req->volume());
+  }
+  grpc::Status GetTarget(grpc::ServerContext*, const dp::GetTargetRequest* req,
+                         dp::TargetResponse* resp) override {
+    Fill(req->volume(), resp);
+    return Outcome(req->volume());
+  }
+};
+
 class DatapathClientTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -101,6 +133,7 @@ class DatapathClientTest : public ::testing::Test {
     b.AddListeningPort(target_, grpc::InsecureServerCredentials());
     b.RegisterService(&attachments_);
     b.RegisterService(&datapath_);
+    b.RegisterService(&targets_);
     server_ = b.BuildAndStart();
     ASSERT_NE(server_, nullptr);
     client_ = MakeGrpcDatapathClient(target_, std::chrono::seconds(5), std::chrono::seconds(5));
@@ -115,6 +148,7 @@ class DatapathClientTest : public ::testing::Test {
   std::string dir_, target_;
   FakeAttachments attachments_;
   FakeDatapathService datapath_;
+  FakeTargets targets_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<DatapathClient> client_;
 };
@@ -144,13 +178,35 @@ TEST_F(DatapathClientTest, Answers) {
   EXPECT_EQ(p->dir(), "/pool");
 }
 
+TEST_F(DatapathClientTest, TargetAnswers) {
+  auto a = client_->AttachTarget("good");
+  ASSERT_TRUE(a.ok()) << a.status().message();
+  EXPECT_TRUE(a->target()) << "the request did not ask for the target";
+  EXPECT_EQ(a->device(), "/dev/nbd3");
+  auto plain = client_->Attach("good");
+  ASSERT_TRUE(plain.ok());
+  EXPECT_FALSE(plain->target());
+  for (auto t : {client_->OpenTarget("good"), client_->GetTarget("good")}) {
+    ASSERT_TRUE(t.ok()) << t.status().message();
+    EXPECT_EQ(t->volume(), "good");
+    EXPECT_EQ(t->epoch(), 3u);
+    EXPECT_TRUE(t->degraded());
+    ASSERT_EQ(t->replicas_size(), 1);
+    EXPECT_EQ(t->replicas(0).node(), "node-b");
+  }
+  EXPECT_TRUE(client_->CloseTarget("good").ok());
+  EXPECT_EQ(targets_.closed, std::vector<std::string>{"good"});
+}
+
 TEST_F(DatapathClientTest, ErrorsKeepTheirCode) {
   for (const char* code : {"NOT_FOUND", "ABORTED", "FAILED_PRECONDITION", "INVALID_ARGUMENT",
                            "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INTERNAL"}) {
-    std::vector<Status> results = {client_->Attach(code).status(), client_->Detach(code),
-                                   client_->ResizeAttachment(code).status(),
-                                   client_->GetVolume(code).status(),
-                                   client_->GetVolumeStats(code).status()};
+    std::vector<Status> results = {
+        client_->Attach(code).status(),           client_->Detach(code),
+        client_->ResizeAttachment(code).status(), client_->GetVolume(code).status(),
+        client_->GetVolumeStats(code).status(),   client_->AttachTarget(code).status(),
+        client_->OpenTarget(code).status(),       client_->CloseTarget(code),
+        client_->GetTarget(code).status()};
     for (const Status& st : results) {
       ASSERT_FALSE(st.ok()) << code;
       grpc::Status g = ToGrpc(st);

@@ -1,5 +1,6 @@
 // In-process fakes of the node plugin's two seams: the OS (a mount table, devices with content,
-// the paths kubelet hands over) and the local datapath (volumes and their attachments). They
+// the paths kubelet hands over) and the local datapath (volumes, targets of replicated volumes,
+// and their attachments). They
 // keep enough real state that the service's idempotency is tested against what a retry would
 // really see.
 #pragma once
@@ -240,11 +241,32 @@ class FakeDatapath : public DatapathClient {
     std::string mode = "fuse";  // what the datapath reports: "kernel" or "fuse"
   };
 
+  // A replicated volume in the cluster state, as this node's datapath sees it.
+  struct Replicated {
+    uint64_t size = 0;
+    std::string device;  // the device its target's attachment gets
+    std::string holder;  // another node's live claim: OpenTarget fails with EBUSY naming it
+    bool open = false;   // its target is open on this datapath
+    bool attached = false;
+    uint64_t epoch = 0;
+    std::vector<std::pair<std::string, std::string>> replicas;  // node, state ("in-sync", ...)
+    std::vector<std::string> unreachable;                       // dropped at open
+    bool stopped = false;
+    std::string stop_reason;
+    Status fail_attach;  // AttachTarget fails with it (after the checks) when set
+  };
+
   explicit FakeDatapath(FakeOs& os) : os_(os) {}
 
   std::map<std::string, Vol> volumes;
-  std::vector<std::string> calls;  // "attach V", "detach V", "resize V"
+  std::map<std::string, Replicated> replicated;
+  // "attach V", "detach V", "resize V", "attach-target V", "open V", "close V"
+  std::vector<std::string> calls;
   bool unreachable = false;
+  bool cluster = true;  // false: a datapath without --cluster-etcd (every Targets call fails)
+  // Set when a target was closed while its device was still attached: the real datapath would
+  // leave the device on a closed target, which no test may ever see the node plugin do.
+  bool closed_under_device = false;
   // Called inside Attach (outside the fake's own lock), to make it block for concurrency tests.
   std::function<void(const std::string&)> on_attach;
 
@@ -254,19 +276,57 @@ class FakeDatapath : public DatapathClient {
     os_.AddDevice(device, size, rdev);
   }
 
+  // A replicated volume `name` whose target attaches as `device` (blank, registered with the
+  // fake OS), with replicas node-a and node-b in sync.
+  void AddReplicated(const std::string& name, uint64_t size, const std::string& device,
+                     dev_t rdev) {
+    Replicated r;
+    r.size = size;
+    r.device = device;
+    r.replicas = {{"node-a", "in-sync"}, {"node-b", "in-sync"}};
+    replicated[name] = r;
+    os_.AddDevice(device, size, rdev);
+  }
+
   StatusOr<dpv1::Attachment> Attach(const std::string& volume) override {
     if (on_attach) on_attach(volume);
     std::lock_guard lock(mu_);
     calls.push_back("attach " + volume);
     auto it = volumes.find(volume);
     if (it == volumes.end()) return Error(ENOENT, "volume {} not found", volume);
+    if (auto r = replicated.find(volume); r != replicated.end() && r->second.attached) {
+      return Error(EBUSY, "volume {} is already attached as its replicated target", volume);
+    }
     it->second.attached = true;
     return Att(volume, it->second);
+  }
+
+  StatusOr<dpv1::Attachment> AttachTarget(const std::string& volume) override {
+    std::lock_guard lock(mu_);
+    calls.push_back("attach-target " + volume);
+    if (!cluster) return Error(EBUSY, "the target of volume {} cannot be served", volume);
+    auto it = replicated.find(volume);
+    if (it == replicated.end() || !it->second.open) {
+      return Error(ENOENT, "no target of volume {} is open on node-a", volume);
+    }
+    if (auto v = volumes.find(volume); v != volumes.end() && v->second.attached) {
+      return Error(EBUSY, "volume {} is already attached as a local volume", volume);
+    }
+    if (!it->second.fail_attach.ok()) return it->second.fail_attach;
+    it->second.attached = true;
+    return TargetAtt(volume, it->second);
   }
 
   Status Detach(const std::string& volume) override {
     std::lock_guard lock(mu_);
     calls.push_back("detach " + volume);
+    if (auto r = replicated.find(volume); r != replicated.end() && r->second.attached) {
+      if (os_.InUse(r->second.device)) {
+        return Error(EBUSY, "{} ({}) is mounted", volume, r->second.device);
+      }
+      r->second.attached = false;
+      return Status::Ok();
+    }
     auto it = volumes.find(volume);
     if (it == volumes.end() || !it->second.attached) return Status::Ok();
     if (os_.InUse(it->second.device)) {
@@ -279,6 +339,9 @@ class FakeDatapath : public DatapathClient {
   StatusOr<dpv1::Attachment> ResizeAttachment(const std::string& volume) override {
     std::lock_guard lock(mu_);
     calls.push_back("resize " + volume);
+    if (auto r = replicated.find(volume); r != replicated.end() && r->second.attached) {
+      return Error(ENOTSUP, "resizing the device of a target is not supported");
+    }
     auto it = volumes.find(volume);
     if (it == volumes.end() || !it->second.attached) {
       return Error(ENOENT, "{} is not attached", volume);
@@ -293,6 +356,9 @@ class FakeDatapath : public DatapathClient {
     std::vector<dpv1::Attachment> out;
     for (const auto& [name, v] : volumes) {
       if (v.attached) out.push_back(Att(name, v));
+    }
+    for (const auto& [name, r] : replicated) {
+      if (r.attached) out.push_back(TargetAtt(name, r));
     }
     return out;
   }
@@ -323,7 +389,94 @@ class FakeDatapath : public DatapathClient {
     return dpv1::GetPoolInfoResponse();
   }
 
+  StatusOr<dpv1::Target> OpenTarget(const std::string& volume) override {
+    std::lock_guard lock(mu_);
+    calls.push_back("open " + volume);
+    if (!cluster) return NoCluster();
+    auto it = replicated.find(volume);
+    if (it == replicated.end()) {
+      return Error(ENOENT, "volume {} is not in the cluster state", volume);
+    }
+    Replicated& r = it->second;
+    if (!r.holder.empty()) {
+      return Error(EBUSY,
+                   "claim target of volume {} for node node-a: node {} is its target at "
+                   "epoch {}",
+                   volume, r.holder, r.epoch);
+    }
+    if (!r.open) {
+      r.open = true;
+      ++r.epoch;
+    }
+    return Tgt(volume, r);
+  }
+
+  Status CloseTarget(const std::string& volume) override {
+    std::lock_guard lock(mu_);
+    calls.push_back("close " + volume);
+    if (!cluster) return NoCluster();
+    auto it = replicated.find(volume);
+    if (it == replicated.end() || !it->second.open) {
+      return Error(ENOENT, "no target of volume {} is open on node node-a", volume);
+    }
+    if (it->second.attached) closed_under_device = true;
+    it->second.open = false;
+    return Status::Ok();
+  }
+
+  StatusOr<dpv1::Target> GetTarget(const std::string& volume) override {
+    std::lock_guard lock(mu_);
+    if (unreachable) return Error(EAGAIN, "datapath unavailable: connection refused");
+    if (!cluster) return NoCluster();
+    auto it = replicated.find(volume);
+    if (it == replicated.end() || !it->second.open) {
+      return Error(ENOENT, "no target of volume {} is open on node node-a", volume);
+    }
+    return Tgt(volume, it->second);
+  }
+
  private:
+  static Status NoCluster() {
+    return Error(EBUSY,
+                 "this nbd-datapathd runs without a cluster (--cluster-etcd): it serves "
+                 "no replicated volumes");
+  }
+
+  static dpv1::Attachment TargetAtt(const std::string& name, const Replicated& r) {
+    dpv1::Attachment a;
+    a.set_volume(name);
+    a.set_device(r.device);
+    a.set_size(r.size);
+    a.set_mode("kernel");
+    a.set_link_ok(true);
+    a.set_target(true);
+    return a;
+  }
+
+  static dpv1::Target Tgt(const std::string& name, const Replicated& r) {
+    dpv1::Target t;
+    t.set_volume(name);
+    t.set_export_name(name + "@target");
+    t.set_epoch(r.epoch);
+    t.set_size_bytes(r.size);
+    bool degraded = false;
+    for (const auto& [node, state] : r.replicas) {
+      auto* m = t.add_replicas();
+      m->set_node(node);
+      m->set_state(state);
+      if (state != "in-sync") {
+        degraded = true;
+        m->set_why("connection reset by peer");
+      }
+    }
+    for (const auto& u : r.unreachable) t.add_unreachable(u);
+    t.set_degraded(degraded);
+    t.set_stopped(r.stopped);
+    t.set_stop_reason(r.stop_reason);
+    t.set_node("node-a");
+    return t;
+  }
+
   static dpv1::Attachment Att(const std::string& name, const Vol& v) {
     dpv1::Attachment a;
     a.set_volume(name);

@@ -2,6 +2,7 @@
 // idempotent retry, bad arguments, and the state it leaves behind.
 #include <sys/sysmacros.h>
 
+#include <algorithm>
 #include <chrono>
 #include <future>
 #include <thread>
@@ -877,6 +878,283 @@ TEST_F(NodeServiceTest, ARootOfItsOwnIsHonoured) {
   os_.paths[staging] = PathKind::kDirectory;
   ASSERT_TRUE(Stage(MountCap(), kVol, staging).ok());
   EXPECT_TRUE(Publish(MountCap(), false, "/srv/kubelet/pods/uid/mount", kVol, staging).ok());
+}
+
+// ---- Replicated volumes (r1:NAME): through a target opened on this node's datapath ----
+
+constexpr char kRid[] = "r1:rv";
+constexpr char kNbd[] = "/dev/nbd5";
+
+class ReplicatedNodeTest : public NodeServiceTest {
+ protected:
+  ReplicatedNodeTest() { dp_.AddReplicated("rv", 2 * kGiB, kNbd, makedev(43, 5)); }
+  FakeDatapath::Replicated& rv() { return dp_.replicated["rv"]; }
+  int DpCount(const std::string& call) {
+    return static_cast<int>(std::count(dp_.calls.begin(), dp_.calls.end(), call));
+  }
+  void TearDown() override {
+    EXPECT_FALSE(dp_.closed_under_device) << "a target was closed under its attached device";
+  }
+};
+
+TEST_F(ReplicatedNodeTest, StageOpensTheTargetAttachesItAndUnstageTakesBothBack) {
+  ASSERT_TRUE(Stage(MountCap("ext4"), kRid).ok());
+  EXPECT_THAT(dp_.calls, ElementsAre("open rv", "attach-target rv"));
+  EXPECT_TRUE(rv().open);
+  EXPECT_TRUE(rv().attached);
+  EXPECT_EQ(os_.Count("mkfs /dev/nbd5 ext4"), 1);
+  ASSERT_NE(os_.Top(kStaging), nullptr);
+  EXPECT_EQ(os_.Top(kStaging)->source, kNbd);
+
+  // kubelet's retry: the target open here is kept (no new claim, same epoch), nothing remade.
+  ASSERT_TRUE(Stage(MountCap("ext4"), kRid).ok());
+  EXPECT_EQ(DpCount("open rv"), 1);
+  EXPECT_EQ(rv().epoch, 1u);
+  EXPECT_EQ(os_.Count("mkfs"), 1);
+  EXPECT_EQ(os_.Count("mount"), 1);
+
+  ASSERT_TRUE(Publish(MountCap("ext4"), false, kTarget, kRid).ok());
+  ASSERT_NE(os_.Top(kTarget), nullptr);
+  EXPECT_EQ(os_.Top(kTarget)->source, kNbd);
+  ASSERT_TRUE(Unpublish(kRid).ok());
+
+  dp_.calls.clear();
+  ASSERT_TRUE(Unstage(kRid).ok());
+  EXPECT_THAT(dp_.calls, ElementsAre("detach rv", "close rv"));
+  EXPECT_FALSE(rv().attached);
+  EXPECT_FALSE(rv().open) << "the claim must be released for another node";
+  EXPECT_TRUE(os_.mounts.empty());
+  // Retried: nothing attached, no target open, still OK.
+  dp_.calls.clear();
+  ASSERT_TRUE(Unstage(kRid).ok());
+  EXPECT_TRUE(dp_.calls.empty()) << dp_.calls.front();
+
+  // Staged again: the file system is kept, the target reopened at the next epoch.
+  ASSERT_TRUE(Stage(MountCap("ext4"), kRid).ok());
+  EXPECT_EQ(os_.Count("mkfs"), 1);
+  EXPECT_EQ(rv().epoch, 2u);
+}
+
+TEST_F(ReplicatedNodeTest, BlockStagePublishesTheTargetsDevice) {
+  const std::string target = "/var/lib/kubelet/dev-publish/rv";
+  ASSERT_TRUE(Stage(BlockCap(), kRid).ok());
+  ASSERT_TRUE(Publish(BlockCap(), false, target, kRid).ok());
+  EXPECT_EQ(os_.bound_devices[target], kNbd);
+  ASSERT_TRUE(Unpublish(kRid, target).ok());
+  ASSERT_TRUE(Unstage(kRid).ok());
+  EXPECT_FALSE(rv().attached);
+  EXPECT_FALSE(rv().open);
+}
+
+TEST_F(ReplicatedNodeTest, PublishBeforeStageOfABlockVolumeIsRefused) {
+  // Opened but not attached (a stage that died half-way): no device of the target to bind.
+  rv().open = true;
+  EXPECT_EQ(Publish(BlockCap(), false, "/var/lib/kubelet/dev-publish/rv", kRid).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+}
+
+TEST_F(ReplicatedNodeTest, AnotherNodesClaimIsARetryableErrorNamingIt) {
+  rv().holder = "node-z";
+  rv().epoch = 4;
+  grpc::Status st = Stage(MountCap("ext4"), kRid);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(st.error_message(), HasSubstr("node-z is its target at epoch 4"));
+  EXPECT_THAT(st.error_message(), HasSubstr("r1:rv is still in use on another node"));
+  EXPECT_FALSE(rv().open);
+  EXPECT_FALSE(rv().attached);
+  EXPECT_TRUE(os_.mounts.empty());
+  EXPECT_EQ(DpCount("attach-target rv"), 0);
+  // The holder let go (unstaged there, or its lease lapsed): kubelet's retry stages it.
+  rv().holder.clear();
+  ASSERT_TRUE(Stage(MountCap("ext4"), kRid).ok());
+  EXPECT_EQ(rv().epoch, 5u);
+}
+
+TEST_F(ReplicatedNodeTest, ADatapathWithoutAClusterIsAFailedPrecondition) {
+  dp_.cluster = false;
+  grpc::Status st = Stage(MountCap("ext4"), kRid);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(st.error_message(), HasSubstr("runs without a cluster (--cluster-etcd)"));
+  EXPECT_THAT(st.error_message(), HasSubstr("node-a"));
+  EXPECT_EQ(DpCount("open rv"), 0);
+  EXPECT_EQ(DpCount("attach-target rv"), 0);
+  // Unstage there has nothing to undo: OK, so a pod's deletion is never stuck on it.
+  EXPECT_TRUE(Unstage(kRid).ok());
+  EXPECT_EQ(DpCount("close rv"), 0);
+}
+
+TEST_F(ReplicatedNodeTest, NotInTheClusterStateIsNotFound) {
+  grpc::Status st = Stage(MountCap("ext4"), "r1:pvc-gone");
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(st.error_message(), HasSubstr("pvc-gone"));
+}
+
+TEST_F(ReplicatedNodeTest, AFailedStageClosesTheTargetItOpened) {
+  struct Case {
+    const char* name;
+    std::function<void()> break_it;
+    grpc::StatusCode want;
+  } cases[] = {
+      {"attach fails",
+       [&] { rv().fail_attach = Error(ENODEV, "kernel NBD is not available on this node"); },
+       grpc::StatusCode::FAILED_PRECONDITION},
+      {"mkfs fails", [&] { os_.fail_next["mkfs"] = Error(EIO, "mkfs.ext4: I/O error"); },
+       grpc::StatusCode::INTERNAL},
+      {"mount fails", [&] { os_.fail_next["mount"] = Error(EIO, "mount: bad superblock"); },
+       grpc::StatusCode::INTERNAL},
+      {"not the asked file system",
+       [&] {
+         os_.devices[kNbd].content = {DeviceContent::Kind::kFilesystem, "xfs"};
+       },
+       grpc::StatusCode::FAILED_PRECONDITION},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    os_.devices[kNbd].content = {};
+    rv().fail_attach = Status::Ok();
+    c.break_it();
+    dp_.calls.clear();
+    EXPECT_EQ(Stage(MountCap("ext4"), kRid).error_code(), c.want);
+    EXPECT_FALSE(rv().attached) << "the device this call attached stays";
+    EXPECT_FALSE(rv().open) << "the target this call opened stays open, holding the claim";
+    EXPECT_EQ(DpCount("close rv"), 1);
+    EXPECT_EQ(os_.Top(kStaging), nullptr);
+  }
+}
+
+TEST_F(ReplicatedNodeTest, AFailedStageKeepsWhatItDidNotMake) {
+  // Open and attached by an earlier stage (or a datapath restart's recovery): a failing retry
+  // must not pull the device or the claim from under it.
+  rv().open = true;
+  rv().attached = true;
+  rv().epoch = 1;
+  os_.fail_next["mkfs"] = Error(EIO, "mkfs.ext4: I/O error");
+  EXPECT_EQ(Stage(MountCap("ext4"), kRid).error_code(), grpc::StatusCode::INTERNAL);
+  EXPECT_TRUE(rv().open);
+  EXPECT_TRUE(rv().attached);
+  EXPECT_EQ(DpCount("detach rv"), 0);
+  EXPECT_EQ(DpCount("close rv"), 0);
+
+  // A device still recorded on a target that is not open any more (its reopen after a datapath
+  // restart failed): this call opens the target, and must not close it under that device.
+  rv().open = false;
+  os_.fail_next["mkfs"] = Error(EIO, "mkfs.ext4: I/O error");
+  EXPECT_EQ(Stage(MountCap("ext4"), kRid).error_code(), grpc::StatusCode::INTERNAL);
+  EXPECT_EQ(DpCount("open rv"), 1);
+  EXPECT_TRUE(rv().open);
+  EXPECT_TRUE(rv().attached);
+  EXPECT_EQ(DpCount("close rv"), 0);
+}
+
+TEST_F(ReplicatedNodeTest, TheLocalReplicaAttachedAsAPlainVolumeIsNotStagedThrough) {
+  // This node holds a replica of rv under the same pool name, attached directly (v1 id).
+  dp_.AddVolume("rv", 2 * kGiB, "/dev/loop9", makedev(7, 9));
+  ASSERT_TRUE(Stage(BlockCap(), "v1:node-a:rv").ok());
+  grpc::Status st = Stage(MountCap("ext4"), kRid, "/var/lib/kubelet/plugins/x/globalmount");
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(st.error_message(), HasSubstr("local replica rv is attached here as a plain"));
+  EXPECT_FALSE(rv().open);
+  EXPECT_FALSE(rv().attached);
+  // And an r1 unstage leaves that plain attachment alone.
+  ASSERT_TRUE(Unstage(kRid).ok());
+  EXPECT_TRUE(dp_.volumes["rv"].attached);
+  EXPECT_EQ(DpCount("detach rv"), 0);
+}
+
+TEST_F(ReplicatedNodeTest, UnstageWhileStillPublishedKeepsTheTarget) {
+  const std::string target = "/var/lib/kubelet/dev-publish/rv";
+  ASSERT_TRUE(Stage(BlockCap(), kRid).ok());
+  ASSERT_TRUE(Publish(BlockCap(), false, target, kRid).ok());
+  // The device is still bound into a pod: the datapath refuses the detach, so the target (and
+  // the claim) must stay for the device.
+  EXPECT_EQ(Unstage(kRid).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_TRUE(rv().attached);
+  EXPECT_TRUE(rv().open);
+  EXPECT_EQ(DpCount("close rv"), 0);
+  ASSERT_TRUE(Unpublish(kRid, target).ok());
+  ASSERT_TRUE(Unstage(kRid).ok());
+  EXPECT_FALSE(rv().open);
+}
+
+TEST_F(ReplicatedNodeTest, StatsReportTheTargetsHealth) {
+  ASSERT_TRUE(Stage(MountCap("ext4"), kRid).ok());
+  ASSERT_TRUE(Publish(MountCap("ext4"), false, kTarget, kRid).ok());
+  os_.fs_stats = {.total_bytes = 1000, .available_bytes = 600, .used_bytes = 400};
+  struct Case {
+    const char* name;
+    std::function<void()> break_it;
+    std::vector<std::string> want;  // empty: normal
+  } cases[] = {
+      {"healthy", [] {}, {}},
+      {"a replica out of sync",
+       [&] { rv().replicas[0].second = "out-of-sync"; },
+       {"degraded: 1 of 2 replicas in sync", "node-a out-of-sync (connection reset by peer)"}},
+      {"a replica unreachable at open",
+       [&] {
+         rv().replicas = {{"node-b", "in-sync"}, {"node-a", "out-of-sync"}};
+         rv().unreachable = {"node-a: connection refused"};
+       },
+       {"degraded: 1 of 2 replicas in sync", "unreachable at open: node-a: connection refused"}},
+      {"stopped",
+       [&] {
+         rv().stopped = true;
+         rv().stop_reason = "node node-a lost its cluster lease";
+       },
+       {"stopped serving (epoch 1): node node-a lost its cluster lease"}},
+      {"not open here", [&] { rv().open = false; }, {"not open on this node"}},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    FakeDatapath::Replicated keep = rv();
+    c.break_it();
+    v1::NodeGetVolumeStatsResponse resp;
+    ASSERT_TRUE(Stats(kTarget, &resp, kRid).ok());
+    ASSERT_EQ(resp.usage_size(), 2);
+    EXPECT_EQ(resp.usage(0).used(), 400);
+    EXPECT_EQ(resp.volume_condition().abnormal(), !c.want.empty())
+        << resp.volume_condition().message();
+    for (const auto& w : c.want) EXPECT_THAT(resp.volume_condition().message(), HasSubstr(w));
+    rv() = keep;
+  }
+  // Its datapath stats are not asked: this node may hold no replica of the volume at all.
+  v1::NodeGetVolumeStatsResponse resp;
+  ASSERT_TRUE(Stats(kTarget, &resp, kRid).ok());
+  EXPECT_EQ(resp.volume_condition().message(), "ok");
+}
+
+TEST_F(ReplicatedNodeTest, ExpandIsRefusedAsOutOfRange) {
+  ASSERT_TRUE(Stage(MountCap("ext4"), kRid).ok());
+  ASSERT_TRUE(Publish(MountCap("ext4"), false, kTarget, kRid).ok());
+  v1::NodeExpandVolumeResponse resp;
+  grpc::Status st = Expand(kTarget, 4 * kGiB, &resp, kRid);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::OUT_OF_RANGE);
+  EXPECT_THAT(st.error_message(), HasSubstr("expanding replicated volumes is not supported"));
+  EXPECT_EQ(DpCount("resize rv"), 0);
+  EXPECT_EQ(os_.Count("grow"), 0);
+  // Its arguments are still checked first.
+  EXPECT_EQ(Expand("", 4 * kGiB, &resp, kRid).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(ReplicatedNodeTest, BadReplicatedIds) {
+  for (const char* id : {"r1:", "r1:bad name", "r1:.hidden", "r1:a/b", "r1:rv:extra", "r2:rv"}) {
+    SCOPED_TRACE(id);
+    EXPECT_EQ(Stage(MountCap("ext4"), id).error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_EQ(Publish(MountCap("ext4"), false, kTarget, id).error_code(),
+              grpc::StatusCode::NOT_FOUND);
+    v1::NodeGetVolumeStatsResponse stats;
+    EXPECT_EQ(Stats(kTarget, &stats, id).error_code(), grpc::StatusCode::NOT_FOUND);
+    v1::NodeExpandVolumeResponse ex;
+    EXPECT_EQ(Expand(kTarget, kGiB, &ex, id).error_code(), grpc::StatusCode::NOT_FOUND);
+    // Unstage and unpublish clean kubelet's paths and succeed: nothing of that id is here.
+    EXPECT_TRUE(Unstage(id).ok());
+    EXPECT_TRUE(Unpublish(id).ok());
+  }
+  EXPECT_TRUE(dp_.calls.empty()) << dp_.calls.front();
+  // Invalid arguments stay INVALID_ARGUMENT for r1 ids as for v1 ones.
+  EXPECT_EQ(Stage(MountCap("ext4"), kRid, "relative/path").error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Stage(MountCap("btrfs"), kRid).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(dp_.calls.empty()) << dp_.calls.front();
 }
 
 }  // namespace

@@ -1,0 +1,229 @@
+#!/bin/bash
+# The CSI node plugin on a replicated volume (issue 16, CSI id "r1:NAME"), INSIDE the VM
+# (csi_replicated_run.sh ships nbd-datapathd, nbd-csi-node, nbdctl, nbdcsi-cluster-tool, etcd and
+# the node certificates). Every CSI call goes over a node plugin's real gRPC socket, made by
+# `nbdctl csi` as kubelet would make it; the volume is made as the controller would (the pool
+# volume on node-a and node-b, its record in etcd). Loopback and the guest's tmpfs only:
+#
+#   - etcd; nbd-datapathd on node-a (127.0.0.11), node-b (127.0.0.12), node-t (127.0.0.13), each
+#     with its node certificate and --cluster-etcd; nbd-csi-node on node-t and on node-b, each on
+#     its own datapath and kubelet root. node-a and node-b hold the replicas, node-t none
+#   - node-t: NodeStage r1:rv ext4 (its datapath opens the target, claims rv in etcd, attaches
+#     /dev/nbdN to it), NodePublish, files written and checksummed; each call twice
+#   - node-b's stage meanwhile: refused UNAVAILABLE, naming node-t as the holder; nothing left
+#     open or attached on node-b
+#   - fio randwrite with crc32c verify on node-t while node-a's datapath is killed -9: fio ends with
+#     no error, no kernel I/O error, and NodeGetVolumeStats reports the volume abnormal (degraded)
+#   - node-t: NodeUnpublish + NodeUnstage, twice: device gone, target closed, claim released in etcd
+#   - node-b: NodeStage + NodePublish of the same id, twice: every checksum matches (its target
+#     runs on its own replica, the only one in sync), stats abnormal (node-a still down); then
+#     unpublish + unstage, twice: nothing attached or open anywhere, no claim
+# Reported: the time from the kill to the degraded condition, and fio's worst write latency.
+. /opt/lib/nbdcsi-vm.sh
+
+D=/tmp/cr ETCD=127.0.0.1:2379 CERTS=/opt/certs FIOLOG=/tmp/cr/fio.json
+ID=r1:rv SIZE=64Mi
+declare -A IP=([a]=127.0.0.11 [b]=127.0.0.12 [t]=127.0.0.13) PID=() NPID=()
+ETCDPID='' FIOPID=''
+fail() {
+  echo "FAIL: $*"
+  for n in t b a; do
+    echo "---- node-$n nbd-csi-node log (last 15 lines) ----"; tail -n 15 "$D/$n/node.log" 2>/dev/null || true
+    echo "---- node-$n datapathd log (first 20 warnings and errors, last 10 lines) ----"
+    grep -E ' (warn|error|critical) ' "$D/$n/datapathd.log" 2>/dev/null | head -n 20 || true
+    echo ...; tail -n 10 "$D/$n/datapathd.log" 2>/dev/null || true
+  done
+  echo "---- etcd log (last 5 lines) ----"; tail -n 5 "$D/etcd.log" 2>/dev/null || true
+  echo "---- fio ----"; tail -n 20 "$D/fio.err" 2>/dev/null || true
+  echo "---- kernel log, nbd and I/O lines (last 20) ----"
+  dmesg | grep -iE 'nbd|I/O error|blk_update|EXT4-fs' | tail -n 20 || true
+  cleanup
+  exit 1
+}
+cleanup() {
+  [ -n "$FIOPID" ] && kill -9 "$FIOPID" 2>/dev/null
+  for m in $(findmnt -rn -o TARGET | grep "^$D/" | sort -r); do umount -l "$m" 2>/dev/null; done
+  for n in "${!NPID[@]}"; do kill -9 "${NPID[$n]}" 2>/dev/null || true; done
+  for n in "${!PID[@]}"; do kill -9 "${PID[$n]}" 2>/dev/null || true; done
+  [ -n "$ETCDPID" ] && kill -9 "$ETCDPID" 2>/dev/null
+  return 0
+}
+ctl() { local n=$1; shift; nbdctl --api "unix://$D/$n/api.sock" --timeout 20 "$@"; }
+csi() { local n=$1; shift; nbdctl csi --endpoint "unix://$D/$n/csi.sock" --timeout 120 node "$@"; }
+# twice NODE CALL ARGS...: kubelet retries everything; the retry must succeed and change nothing.
+twice() { csi "$@" >/dev/null || fail "node-$1: $*"; csi "$@" >/dev/null || fail "node-$1: retry of $*"; }
+ms_now() { echo $(( ${EPOCHREALTIME/./} / 1000 )); }
+stg() { echo "$D/$1/kubelet/plugins/nbd.csi.io/rv/globalmount"; }
+tgt() { echo "$D/$1/kubelet/pods/p-$1/volumes/rv/mount"; }
+claim() { nbdcsi-cluster-tool --etcd "$ETCD" get-volume rv | jq -r .target; }
+target_device() {  # target_device NODE -> /dev/nbdN of rv's target attachment, or ""
+  ctl "$1" -o json attachments | jq -r '.attachments[] | select(.volume == "rv" and .target) | .device'
+}
+sum_all() { (cd "$1" && find . -type f \( -name 'f*' -o -name '*.dat' \) | sort | xargs sha256sum | sha256sum | cut -d' ' -f1); }
+# nothing_left NODE DEV: no attachment, no target, DEV has no size and no mount on NODE.
+nothing_left() {
+  [ "$(ctl "$1" -o json attachments | jq '.attachments | length')" = 0 ] ||
+    fail "node-$1: still attached: $(ctl "$1" attachments)"
+  [ "$(ctl "$1" -o json target list | jq '.targets | length')" = 0 ] || fail "node-$1: a target is still open: $(ctl "$1" target list)"
+  [ "$(cat "/sys/block/${2#/dev/}/size")" = 0 ] || fail "node-$1: $2 still has a size"
+  findmnt -rn -S "$2" >/dev/null && fail "node-$1: $2 is still mounted"
+  return 0
+}
+
+mkdir -p "$D"
+dmesg -c >/dev/null
+etcd --name vm --data-dir "$D/etcd" --listen-client-urls "http://$ETCD" \
+  --advertise-client-urls "http://$ETCD" --listen-peer-urls http://127.0.0.1:2380 \
+  --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster vm=http://127.0.0.1:2380 \
+  >"$D/etcd.log" 2>&1 &
+ETCDPID=$!
+for _ in $(seq 300); do
+  grep -q 'ready to serve client requests' "$D/etcd.log" && break
+  kill -0 "$ETCDPID" 2>/dev/null || fail "etcd exited during startup"
+  sleep 0.1
+done
+grep -q 'ready to serve client requests' "$D/etcd.log" || fail "etcd is not ready after 30 s"
+
+# --replica-timeout 20 (default 5) and an attach I/O timeout above it: under TCG on a loaded host
+# a 1 MiB replica write of mkfs can take longer than 5 s; one run with the defaults had mkfs fail
+# with EIO on the target (its replica writes timing out, it seems; the log was not kept).
+for n in a b t; do
+  mkdir -p "$D/$n/pool" "$D/$n/kubelet"
+  nbd-datapathd --pool "$D/$n/pool" --api "unix://$D/$n/api.sock" --workers 2 --overcommit 8 \
+    --nbd-listen "tcp://${IP[$n]}:10809" --nbd-listen "unix://$D/$n/nbd.sock" \
+    --nbd-tls-cert "$CERTS/node-node-$n.crt" --nbd-tls-key "$CERTS/node-node-$n.key" \
+    --nbd-tls-ca "$CERTS/ca.crt" --node-id "node-$n" --cluster-etcd "$ETCD" \
+    --cluster-etcd-insecure --cluster-lease-ttl 10 --attach-io-timeout 30 --replica-timeout 20 \
+    --attach-dead-conn-timeout 120 --log-level info >>"$D/$n/datapathd.log" 2>&1 &
+  PID[$n]=$!
+done
+for n in a b t; do
+  for _ in $(seq 300); do
+    [ -S "$D/$n/api.sock" ] && break
+    kill -0 "${PID[$n]}" 2>/dev/null || fail "node-$n: nbd-datapathd exited during startup"
+    sleep 0.1
+  done
+  [ -S "$D/$n/api.sock" ] || fail "node-$n: no API socket after 30 s"
+done
+# The node plugins of the two nodes that stage it; $D/$n/kubelet stands in for /var/lib/kubelet.
+for n in t b; do
+  nbd-csi-node --csi-endpoint "unix://$D/$n/csi.sock" --node-id "node-$n" \
+    --datapath "unix://$D/$n/api.sock" --kubelet-root "$D/$n/kubelet" >>"$D/$n/node.log" 2>&1 &
+  NPID[$n]=$!
+done
+for n in t b; do
+  for _ in $(seq 300); do
+    [ -S "$D/$n/csi.sock" ] && nbdctl csi --endpoint "unix://$D/$n/csi.sock" identity probe >/dev/null 2>&1 && break
+    kill -0 "${NPID[$n]}" 2>/dev/null || fail "node-$n: nbd-csi-node exited during startup"
+    sleep 0.1
+  done
+done
+step "etcd, three datapaths (node-a, node-b, node-t) and the node plugins of node-t and node-b up"
+
+# What the controller does for a StorageClass with replicas: 2.
+for n in a b; do ctl "$n" volume create rv --size "$SIZE" >/dev/null || fail "node-$n: volume create"; done
+state=$(nbdcsi-cluster-tool --etcd "$ETCD" create-volume rv "$SIZE" node-a node-b) ||
+  fail "create-volume: $state"
+step "replicated volume rv on node-a and node-b: $state"
+
+mkdir -p "$(stg t)" "$(stg b)"
+twice t stage "$ID" --staging-path "$(stg t)" --fs-type ext4
+DEV=$(target_device t)
+[[ $DEV == /dev/nbd* ]] || fail "node-t: the stage attached no target device: $(ctl t attachments)"
+[ "$(findmnt -n -o FSTYPE "$(stg t)")" = ext4 ] || fail "node-t: staging is not an ext4 mount"
+[ "$(findmnt -n -o SOURCE "$(stg t)")" = "$DEV" ] || fail "node-t: staging is not $DEV"
+[ "$(claim)" = node-t ] || fail "etcd: the claim is '$(claim)', not node-t"
+[ "$(ctl t -o json target inspect rv | jq -r .epoch)" = 1 ] || fail "node-t: the retry claimed again"
+step "node-t: staged $ID on $DEV (target epoch 1, claimed by node-t), stage retried"
+
+# Another node's stage while node-t holds the claim: retryable, and it says who holds it.
+if msg=$(csi b stage "$ID" --staging-path "$(stg b)" --fs-type ext4 2>&1); then
+  fail "node-b: staged while node-t holds the claim"
+fi
+grep -q UNAVAILABLE <<<"$msg" && grep -q 'node node-t is its target' <<<"$msg" ||
+  fail "node-b: the refusal is not UNAVAILABLE naming node-t: $msg"
+[ "$(ctl b -o json target list | jq '.targets | length')" = 0 ] || fail "node-b: the refused stage left a target open"
+[ "$(ctl b -o json attachments | jq '.attachments | length')" = 0 ] || fail "node-b: the refused stage left a device"
+step "node-b: stage refused while node-t holds it: $(tail -n 1 <<<"$msg" | cut -c1-160)"
+
+twice t publish "$ID" --staging-path "$(stg t)" --target-path "$(tgt t)"
+mkdir -p "$(tgt t)/data"
+for i in 1 2 3; do head -c $((2 << 20)) /dev/urandom >"$(tgt t)/data/f$i"; done
+sync
+step "node-t: published, 6 MiB written"
+
+FIO_MB=4
+fio --name=rep --filename="$(tgt t)/data/fio.dat" --size=${FIO_MB}M --bs=4k --rw=randwrite \
+  --ioengine=libaio --iodepth=8 --rate_iops=,200 --direct=1 --verify=crc32c --verify_fatal=1 \
+  --do_verify=1 --output-format=json --output="$FIOLOG" 2>"$D/fio.err" &
+FIOPID=$!
+sleep 3
+kill -0 "$FIOPID" 2>/dev/null || fail "fio ended before the kill: the run is too short to test anything"
+t_kill=$(ms_now)
+kill -9 "${PID[a]}"
+wait "${PID[a]}" 2>/dev/null || true
+unset 'PID[a]'
+step "node-a's datapath killed (-9) under fio (randwrite ${FIO_MB}M, O_DIRECT, crc32c verify)"
+# Polled against the clock: one stats call alone takes a second or more under TCG.
+t_abnormal='' cond=''
+while [ "$(ms_now)" -lt $((t_kill + 60000)) ]; do
+  cond=$(nbdctl csi --endpoint "unix://$D/t/csi.sock" --timeout 20 -o json node stats "$ID" \
+    --volume-path "$(tgt t)" | jq -c .volume_condition) || true
+  if jq -e '.abnormal == true' <<<"$cond" >/dev/null 2>&1; then t_abnormal=$(ms_now); break; fi
+  sleep 0.1
+done
+[ -n "$t_abnormal" ] || fail "NodeGetVolumeStats did not turn abnormal within 60 s of the kill: $cond"
+grep -q 'degraded: 1 of 2 replicas in sync' <<<"$cond" || fail "the condition does not say degraded: $cond"
+step "node-t: volume condition abnormal $((t_abnormal - t_kill)) ms after the kill: $cond"
+
+rc=0
+wait "$FIOPID" || rc=$?
+FIOPID=''
+[ "$rc" = 0 ] || fail "fio exited $rc"
+jq -e '.jobs[0].error == 0' "$FIOLOG" >/dev/null || fail "fio reports an error"
+[ "$(jq '.jobs[0].read.io_bytes' "$FIOLOG")" -ge $((FIO_MB << 20)) ] || fail "fio verified too little"
+grep -qiE 'verify|bad magic' "$D/fio.err" && fail "fio verify: $(cat "$D/fio.err")"
+dmesg | grep -qE 'I/O error|Buffer I/O error|blk_update_request' && fail "the kernel logged I/O errors"
+sync
+SUM=$(sum_all "$(tgt t)/data")
+step "fio done: exit 0, verify clean, no kernel I/O error, worst write $(jq '.jobs[0].write.clat_ns.max / 1000000 | floor' "$FIOLOG") ms"
+
+twice t unpublish "$ID" --target-path "$(tgt t)"
+twice t unstage "$ID" --staging-path "$(stg t)"
+nothing_left t "$DEV"
+[ "$(claim)" = "" ] || fail "etcd: the claim survived node-t's unstage: $(claim)"
+step "node-t: unpublished and unstaged (twice): device gone, target closed, claim released"
+
+twice b stage "$ID" --staging-path "$(stg b)" --fs-type ext4
+twice b publish "$ID" --staging-path "$(stg b)" --target-path "$(tgt b)"
+BDEV=$(target_device b)
+[[ $BDEV == /dev/nbd* ]] || fail "node-b: no target device"
+[ "$(claim)" = node-b ] || fail "etcd: the claim is '$(claim)', not node-b"
+[ "$(sum_all "$(tgt b)/data")" = "$SUM" ] || fail "node-b sees other data than node-t wrote"
+cond=$(nbdctl csi --endpoint "unix://$D/b/csi.sock" --timeout 20 -o json node stats "$ID" \
+  --volume-path "$(tgt b)" | jq -c .volume_condition) || fail "node-b: stats"
+jq -e '.abnormal == true' <<<"$cond" >/dev/null && grep -q 'degraded: 1 of 2' <<<"$cond" ||
+  fail "node-b: node-a is still down, yet the condition is $cond"
+step "node-b: staged and published on $BDEV (twice), every checksum matches; $cond"
+
+twice b unpublish "$ID" --target-path "$(tgt b)"
+twice b unstage "$ID" --staging-path "$(stg b)"
+nothing_left b "$BDEV"
+[ "$(claim)" = "" ] || fail "etcd: the claim survived node-b's unstage: $(claim)"
+step "node-b: unpublished and unstaged (twice): nothing attached or open, no claim"
+
+for n in t b; do
+  kill -TERM "${NPID[$n]}"
+  wait "${NPID[$n]}" || fail "node-$n: nbd-csi-node exited $? on SIGTERM"
+  unset "NPID[$n]"
+done
+for n in b t; do
+  kill -TERM "${PID[$n]}"
+  wait "${PID[$n]}" || fail "node-$n: nbd-datapathd exited $? on SIGTERM"
+  unset "PID[$n]"
+done
+kill -TERM "$ETCDPID"; wait "$ETCDPID" 2>/dev/null || true; ETCDPID=''
+if grep -E 'engine invariant violated|stale completions dropped|AddressSanitizer|runtime error:' "$D"/*/datapathd.log; then
+  fail "a datapath log reports an engine or sanitizer error"
+fi
+step "PASS"
