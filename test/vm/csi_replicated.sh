@@ -1,13 +1,17 @@
 #!/bin/bash
 # The CSI node plugin on a replicated volume (issue 16, CSI id "r1:NAME"), INSIDE the VM
-# (csi_replicated_run.sh ships nbd-datapathd, nbd-csi-node, nbdctl, nbdcsi-cluster-tool, etcd and
-# the node certificates). Every CSI call goes over a node plugin's real gRPC socket, made by
-# `nbdctl csi` as kubelet would make it; the volume is made as the controller would (the pool
-# volume on node-a and node-b, its record in etcd). Loopback and the guest's tmpfs only:
+# (csi_replicated_run.sh ships nbd-datapathd, nbd-csi-node, nbd-csi-controller, nbdctl,
+# nbdcsi-cluster-tool, etcd and the node certificates). Every CSI call goes over a real gRPC
+# socket, made by `nbdctl csi` as the provisioner and kubelet would make it. Loopback and the
+# guest's tmpfs only:
 #
-#   - etcd; nbd-datapathd on node-a (127.0.0.11), node-b (127.0.0.12), node-t (127.0.0.13), each
-#     with its node certificate and --cluster-etcd; nbd-csi-node on node-t and on node-b, each on
-#     its own datapath and kubelet root. node-a and node-b hold the replicas, node-t none
+#   - etcd; nbd-csi-controller with --cluster-etcd; nbd-datapathd on node-a (127.0.0.11), node-b
+#     (127.0.0.12), node-t (127.0.0.13), each with its node certificate and --cluster-etcd,
+#     heartbeating to the controller; nbd-csi-node on node-t and on node-b, each on its own
+#     datapath and kubelet root
+#   - CreateVolume rv with the StorageClass parameter replicas=2 (twice: the same r1 id): the
+#     controller places the copies on node-a and node-b (node-t has no room for one) and records
+#     the volume in etcd; node-t holds no copy
 #   - node-t: NodeStage r1:rv ext4 (its datapath opens the target, claims rv in etcd, attaches
 #     /dev/nbdN to it), NodePublish, files written and checksummed; each call twice
 #   - node-b's stage meanwhile: refused UNAVAILABLE, naming node-t as the holder; nothing left
@@ -18,6 +22,8 @@
 #   - node-b: NodeStage + NodePublish of the same id, twice: every checksum matches (its target
 #     runs on its own replica, the only one in sync), stats abnormal (node-a still down); then
 #     unpublish + unstage, twice: nothing attached or open anywhere, no claim
+#   - DeleteVolume (twice): node-b's copy and the etcd record go; node-a, dead for good by then
+#     (no heartbeat, lease expired), is skipped
 # Reported: the time from the kill to the degraded condition, and fio's worst write latency.
 . /opt/lib/nbdcsi-vm.sh
 
@@ -33,6 +39,7 @@ fail() {
     grep -E ' (warn|error|critical) ' "$D/$n/datapathd.log" 2>/dev/null | head -n 20 || true
     echo ...; tail -n 10 "$D/$n/datapathd.log" 2>/dev/null || true
   done
+  echo "---- controller log (last 15 lines) ----"; tail -n 15 "$D/controller.log" 2>/dev/null || true
   echo "---- etcd log (last 5 lines) ----"; tail -n 5 "$D/etcd.log" 2>/dev/null || true
   echo "---- fio ----"; tail -n 20 "$D/fio.err" 2>/dev/null || true
   echo "---- kernel log, nbd and I/O lines (last 20) ----"
@@ -50,6 +57,7 @@ cleanup() {
 }
 ctl() { local n=$1; shift; nbdctl --api "unix://$D/$n/api.sock" --timeout 20 "$@"; }
 csi() { local n=$1; shift; nbdctl csi --endpoint "unix://$D/$n/csi.sock" --timeout 120 node "$@"; }
+ctlr() { nbdctl csi --endpoint "unix://$D/controller.sock" --timeout 60 "$@"; }
 # twice NODE CALL ARGS...: kubelet retries everything; the retry must succeed and change nothing.
 twice() { csi "$@" >/dev/null || fail "node-$1: $*"; csi "$@" >/dev/null || fail "node-$1: retry of $*"; }
 ms_now() { echo $(( ${EPOCHREALTIME/./} / 1000 )); }
@@ -87,9 +95,17 @@ grep -q 'ready to serve client requests' "$D/etcd.log" || fail "etcd is not read
 # --replica-timeout 20 (default 5) and an attach I/O timeout above it: under TCG on a loaded host
 # a 1 MiB replica write of mkfs can take longer than 5 s; one run with the defaults had mkfs fail
 # with EIO on the target (its replica writes timing out, it seems; the log was not kept).
+nbd-csi-controller --csi-endpoint "unix://$D/controller.sock" --registry-listen 127.0.0.1:9820 \
+  --insecure --heartbeat-interval 500 --cluster-etcd "$ETCD" --cluster-etcd-insecure \
+  >>"$D/controller.log" 2>&1 &
+NPID[controller]=$!
+# node-t's pool is too small for a copy of rv (4 MiB times --overcommit 8 < 64 MiB): the
+# controller places it on node-a and node-b.
+declare -A CAP=([a]=256Mi [b]=256Mi [t]=4Mi)
 for n in a b t; do
   mkdir -p "$D/$n/pool" "$D/$n/kubelet"
-  nbd-datapathd --pool "$D/$n/pool" --api "unix://$D/$n/api.sock" --workers 2 --overcommit 8 \
+  nbd-datapathd --pool "$D/$n/pool" --api "unix://$D/$n/api.sock" --workers 2 --overcommit 8 --capacity "${CAP[$n]}" \
+    --controller 127.0.0.1:9820 --advertise "${IP[$n]}:9821" --insecure --heartbeat-interval 500 \
     --nbd-listen "tcp://${IP[$n]}:10809" --nbd-listen "unix://$D/$n/nbd.sock" \
     --nbd-tls-cert "$CERTS/node-node-$n.crt" --nbd-tls-key "$CERTS/node-node-$n.key" \
     --nbd-tls-ca "$CERTS/ca.crt" --node-id "node-$n" --cluster-etcd "$ETCD" \
@@ -120,11 +136,21 @@ for n in t b; do
 done
 step "etcd, three datapaths (node-a, node-b, node-t) and the node plugins of node-t and node-b up"
 
-# What the controller does for a StorageClass with replicas: 2.
-for n in a b; do ctl "$n" volume create rv --size "$SIZE" >/dev/null || fail "node-$n: volume create"; done
-state=$(nbdcsi-cluster-tool --etcd "$ETCD" create-volume rv "$SIZE" node-a node-b) ||
-  fail "create-volume: $state"
-step "replicated volume rv on node-a and node-b: $state"
+# The provisioner's CreateVolume for a StorageClass with replicas: "2"; UNAVAILABLE until every
+# datapath has heartbeated, then the r1 id, the same on a retry.
+for _ in $(seq 100); do
+  out=$(ctlr -o json controller create-volume rv --size "$SIZE" --param replicas=2 --fs-type ext4 2>&1) && break
+  grep -q UNAVAILABLE <<<"$out" || fail "CreateVolume: $out"
+  sleep 0.3
+done
+[ "$(jq -r .volume.volume_id <<<"$out")" = "$ID" ] || fail "CreateVolume: not $ID: $out"
+again=$(ctlr -o json controller create-volume rv --size "$SIZE" --param replicas=2 --fs-type ext4) ||
+  fail "CreateVolume retry: $again"
+[ "$(jq -r .volume.volume_id <<<"$again")" = "$ID" ] || fail "CreateVolume retry: $again"
+state=$(nbdcsi-cluster-tool --etcd "$ETCD" get-volume rv) || fail "get-volume: $state"
+[ "$(jq -c .replicas <<<"$state")" = '["node-a","node-b"]' ] || fail "placement: $state"
+for n in a b; do ctl "$n" volume inspect rv >/dev/null || fail "node-$n: no copy of rv"; done
+step "CreateVolume replicas=2 (twice): $ID on node-a and node-b: $state"
 
 mkdir -p "$(stg t)" "$(stg b)"
 twice t stage "$ID" --staging-path "$(stg t)" --fs-type ext4
@@ -212,9 +238,21 @@ nothing_left b "$BDEV"
 [ "$(claim)" = "" ] || fail "etcd: the claim survived node-b's unstage: $(claim)"
 step "node-b: unpublished and unstaged (twice): nothing attached or open, no claim"
 
-for n in t b; do
+# DeleteVolume: node-a is gone for good once its lease (10 s) ran out; until then the delete is
+# retried (UNAVAILABLE), as the provisioner would.
+for _ in $(seq 100); do
+  out=$(ctlr controller delete-volume "$ID" 2>&1) && break
+  grep -q UNAVAILABLE <<<"$out" || fail "DeleteVolume: $out"
+  sleep 0.5
+done
+ctlr controller delete-volume "$ID" >/dev/null || fail "DeleteVolume retry"
+ctl b volume inspect rv >/dev/null 2>&1 && fail "node-b: the copy survived DeleteVolume"
+nbdcsi-cluster-tool --etcd "$ETCD" get-volume rv >/dev/null 2>&1 && fail "etcd: rv survived DeleteVolume"
+step "DeleteVolume (twice): node-b's copy and the etcd record gone, node-a skipped"
+
+for n in t b controller; do
   kill -TERM "${NPID[$n]}"
-  wait "${NPID[$n]}" || fail "node-$n: nbd-csi-node exited $? on SIGTERM"
+  wait "${NPID[$n]}" || fail "$n exited $? on SIGTERM"
   unset "NPID[$n]"
 done
 for n in b t; do

@@ -3,12 +3,12 @@
 # make-certs.sh, which needs openssl) and boots the VM with etcd (Debian's etcd-server: one
 # static Go binary, shipped as a file) and the project's binaries, running csi_replicated.sh.
 #
-#   csi_replicated_run.sh NBD_DATAPATHD NBDCTL NBDCSI_CLUSTER_TOOL NBD_CSI_NODE
+#   csi_replicated_run.sh NBD_DATAPATHD NBDCTL NBDCSI_CLUSTER_TOOL NBD_CSI_NODE NBD_CSI_CONTROLLER
 #
 # No etcd on the host: skipped (77), unless CI=true or NBDVM_REQUIRE=1. The VM runner skips on
 # its own terms (see vm.cmake).
 set -euo pipefail
-[ $# -eq 4 ] || { echo "usage: $0 NBD_DATAPATHD NBDCTL NBDCSI_CLUSTER_TOOL NBD_CSI_NODE" >&2; exit 2; }
+[ $# -eq 5 ] || { echo "usage: $0 NBD_DATAPATHD NBDCTL NBDCSI_CLUSTER_TOOL NBD_CSI_NODE NBD_CSI_CONTROLLER" >&2; exit 2; }
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 src=$(cd "$here/../.." && pwd)
 require=${NBDVM_REQUIRE:-}
@@ -28,5 +28,5 @@ for n in a b t; do
 done
 exec "$here/nbd-kernel-vm" --timeout 480 --mem 2048 \
   --file "$here/lib.sh:/opt/lib/nbdcsi-vm.sh" --file "$tmp/certs/ca.crt:/opt/certs/" \
-  --file "$1:/opt/bin/" --file "$2:/opt/bin/" --file "$3:/opt/bin/" --file "$4:/opt/bin/" \
+  --file "$1:/opt/bin/" --file "$2:/opt/bin/" --file "$3:/opt/bin/" --file "$4:/opt/bin/" --file "$5:/opt/bin/" \
   --file "$etcd:/opt/bin/" "${files[@]}" "$here/csi_replicated.sh"
