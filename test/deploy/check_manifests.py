@@ -383,8 +383,16 @@ def check(ck, docs, expect_secrets, quiet=False):
                 if k == RESERVED_PREFIX + "fstype" and v not in ("ext4", "xfs"):
                     ck.err(where, f"fstype {v!r}: the node plugin formats ext4 or xfs")
                 continue
-            if k not in QOS_KEYS:
-                ck.err(where, f"unknown parameter {k!r}; known: {', '.join(QOS_KEYS)}")
+            if k == "replicas":
+                # Replicated volumes (issue 16): expansion is refused for them, so a class that
+                # allowed it would leave every resize of its claims failing.
+                if v not in ("1", "2", "3"):
+                    ck.err(where, f"replicas {v!r}: \"1\", \"2\" or \"3\"")
+                elif v != "1" and sc.get("allowVolumeExpansion"):
+                    ck.err(where, "replicated volumes cannot be expanded yet: "
+                                  "allowVolumeExpansion must be false")
+            elif k not in QOS_KEYS:
+                ck.err(where, f"unknown parameter {k!r}; known: {', '.join(QOS_KEYS)}, replicas")
             if not isinstance(v, str):
                 ck.err(where, f"parameter {k} must be a string, got {v!r}")
     for vsc in by_kind.get("VolumeSnapshotClass", []):

@@ -87,6 +87,21 @@ case $what in
     lint_refuses "cluster.etcd.deploy.replicas must be one of the following: 1, 3, 5" \
       --set cluster.etcd.deploy.replicas=2
     lint_refuses "cluster.leaseTTLSeconds: Must be greater than or equal to 2" --set cluster.leaseTTLSeconds=1
+    # A StorageClass with replicas: only 1 to 3, and 2 or 3 only where the controller has etcd.
+    # (The chart's own checks, which helm lint reports as INFO only: helm template must fail.)
+    template_refuses() {  # expected-message args...
+      local want=$1; shift
+      if "$helm" template t "$chart" "$@" >"$tmp/tpl.out" 2>&1; then
+        echo "FAIL: helm template $* passed; the chart should refuse it" >&2; exit 1
+      fi
+      grep -q -- "$want" "$tmp/tpl.out" || {
+        echo "FAIL: helm template $*: output lacks '$want':" >&2; cat "$tmp/tpl.out" >&2; exit 1; }
+      echo "ok: template refused $* ($want)"
+    }
+    template_refuses "storageClasses x: replicas 2 needs cluster.enabled=true" \
+      --set 'storageClasses[0].name=x' --set 'storageClasses[0].parameters.replicas=2'
+    template_refuses 'storageClasses x: replicas "4" must be 1, 2 or 3' \
+      --set 'storageClasses[0].name=x' --set 'storageClasses[0].parameters.replicas=4'
     # The chart README's values table names every value (a wildcard may stand for one level).
     python3 - "$chart/values.yaml" "$chart/README.md" <<'PY'
 import re, sys, yaml

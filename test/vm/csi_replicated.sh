@@ -143,10 +143,10 @@ for _ in $(seq 100); do
   grep -q UNAVAILABLE <<<"$out" || fail "CreateVolume: $out"
   sleep 0.3
 done
-[ "$(jq -r .volume.volume_id <<<"$out")" = "$ID" ] || fail "CreateVolume: not $ID: $out"
+[ "$(jq -r .volume_id <<<"$out")" = "$ID" ] || fail "CreateVolume: not $ID: $out"
 again=$(ctlr -o json controller create-volume rv --size "$SIZE" --param replicas=2 --fs-type ext4) ||
   fail "CreateVolume retry: $again"
-[ "$(jq -r .volume.volume_id <<<"$again")" = "$ID" ] || fail "CreateVolume retry: $again"
+[ "$(jq -r .volume_id <<<"$again")" = "$ID" ] || fail "CreateVolume retry: $again"
 state=$(nbdcsi-cluster-tool --etcd "$ETCD" get-volume rv) || fail "get-volume: $state"
 [ "$(jq -c .replicas <<<"$state")" = '["node-a","node-b"]' ] || fail "placement: $state"
 for n in a b; do ctl "$n" volume inspect rv >/dev/null || fail "node-$n: no copy of rv"; done

@@ -217,11 +217,20 @@ securityContext:
 {{- end -}}
 {{- end -}}
 {{- $known := list "maxIops" "maxReadIops" "maxWriteIops" "maxBps" "maxReadBps" "maxWriteBps" "iopsPerGiB" "bpsPerGiB" "burstMs" -}}
+{{- $clusterOn := .Values.cluster.enabled -}}
 {{- range .Values.storageClasses -}}
 {{- $sc := .name -}}
+{{- $rendered := or (not .requiresCluster) $clusterOn -}}
 {{- range $k, $v := .parameters -}}
-{{- if not (or (has $k $known) (hasPrefix "csi.storage.k8s.io/" $k)) -}}
-{{- fail (printf "storageClasses %s: unknown parameter %q; known: %s" $sc $k (join ", " $known)) -}}
+{{- if eq $k "replicas" -}}
+{{- if not (has (toString $v) (list "1" "2" "3")) -}}
+{{- fail (printf "storageClasses %s: replicas %q must be 1, 2 or 3" $sc (toString $v)) -}}
+{{- end -}}
+{{- if and $rendered (ne (toString $v) "1") (not $clusterOn) -}}
+{{- fail (printf "storageClasses %s: replicas %s needs cluster.enabled=true (the controller keeps replicated volumes in etcd)" $sc (toString $v)) -}}
+{{- end -}}
+{{- else if not (or (has $k $known) (hasPrefix "csi.storage.k8s.io/" $k)) -}}
+{{- fail (printf "storageClasses %s: unknown parameter %q; known: %s, replicas" $sc $k (join ", " $known)) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
