@@ -47,12 +47,7 @@ class CreateVolumeCall {
   Status Run(v1::CreateVolumeResponse* resp) {
     if (Status s = CheckRequest(); !s.ok()) return s;
     if (replicas_ > 1) return RunReplicated(resp);
-    live_ = nodes_.List();
-    auto c = CandidatesFor(
-        req_.has_accessibility_requirements() ? &req_.accessibility_requirements() : nullptr, live_,
-        ledger_);
-    if (!c.ok()) return c.status();
-    candidates_ = std::move(*c);
+    if (Status s = FindCandidates(); !s.ok()) return s;
     if (Status s = ResolveSource(); !s.ok()) return s;
     if (Status s = CheckRange(); !s.ok()) return s;
     auto found = FindExisting(resp->mutable_volume());
@@ -80,6 +75,18 @@ class CreateVolumeCall {
     return Status::Ok();
   }
 
+  // The nodes the request's topology allows, in the order to try them, from one registry
+  // snapshot.
+  Status FindCandidates() {
+    live_ = nodes_.List();
+    auto c = CandidatesFor(
+        req_.has_accessibility_requirements() ? &req_.accessibility_requirements() : nullptr, live_,
+        ledger_);
+    if (!c.ok()) return c.status();
+    candidates_ = std::move(*c);
+    return Status::Ok();
+  }
+
   // replicas >= 2: the catalogue in etcd decides idempotency and placement (no fan-out).
   Status RunReplicated(v1::CreateVolumeResponse* resp) {
     if (!replicated_.enabled()) {
@@ -92,12 +99,7 @@ class CreateVolumeCall {
     if (Status s = CheckRange(); !s.ok()) return s;
     auto size = VolumeSizeFor(range_, opts_.default_volume_bytes, 0);
     if (!size.ok()) return CallError(size.status().code(), size.status().message());
-    live_ = nodes_.List();
-    auto c = CandidatesFor(
-        req_.has_accessibility_requirements() ? &req_.accessibility_requirements() : nullptr, live_,
-        ledger_);
-    if (!c.ok()) return c.status();
-    candidates_ = std::move(*c);
+    if (Status s = FindCandidates(); !s.ok()) return s;
     ReplicatedVolumes::CreateArgs a;
     a.csi_name = req_.name();
     a.pool_name = pool_name_;

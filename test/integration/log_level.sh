@@ -17,16 +17,6 @@ is_datapathd || skip "the log level is the daemons' feature"
 lib_init
 
 LOG=$W/datapathd.log
-# expect_fail CODE SUBSTRING CMD...: CMD exits CODE, says SUBSTRING on stderr, prints no stdout.
-expect_fail() {
-  local want=$1 says=$2; shift 2
-  local rc=0
-  "$@" >"$W/out" 2>"$W/err" || rc=$?
-  [ "$rc" = "$want" ] || { cat "$W/err" >&2; die "'$*' exited $rc, want $want"; }
-  grep -qF -- "$says" "$W/err" || { cat "$W/err" >&2; die "'$*': stderr lacks '$says'"; }
-  [ ! -s "$W/out" ] || die "'$*' printed to stdout on failure: $(cat "$W/out")"
-}
-jqx() { jq -e "$1" >/dev/null || die "jq check failed: $1"; }
 level_is() { [ "$(nbdctl -o json log-level | jq -r .level)" = "$1" ]; }
 # The datapath logs this at debug for every NBD connection it accepts.
 conn_lines() { grep -c "nbd: connection to v1 " "$LOG" || true; }

@@ -13,20 +13,6 @@ need jq nbdcopy
 
 lib_init
 
-# expect_fail CODE SUBSTRING CMD...: CMD must exit CODE, print SUBSTRING on stderr, nothing on
-# stdout, and never a stack trace.
-expect_fail() {
-  local want=$1 says=$2; shift 2
-  local rc=0
-  "$@" >"$W/out" 2>"$W/err" || rc=$?
-  [ "$rc" = "$want" ] || { cat "$W/err" >&2; die "'$*' exited $rc, want $want"; }
-  grep -qF -- "$says" "$W/err" || { cat "$W/err" >&2; die "'$*': stderr lacks '$says'"; }
-  [ ! -s "$W/out" ] || die "'$*' printed to stdout on failure: $(cat "$W/out")"
-  ! grep -qiE 'terminate called|Aborted|core dumped|what\(\)' "$W/err" || die "'$*' crashed"
-}
-# jqx FILTER: the JSON on stdin must make FILTER true.
-jqx() { jq -e "$1" >/dev/null || die "jq check failed: $1"; }
-
 step "daemon not running"
 API_SOCK=$W/api.sock
 expect_fail 1 "cannot reach nbd-datapathd at unix://$W/api.sock: is it running?" \

@@ -15,16 +15,6 @@ need jq nbdcopy cmp
 
 lib_init
 
-expect_fail() {
-  local want=$1 says=$2; shift 2
-  local rc=0
-  "$@" >"$W/out" 2>"$W/err" || rc=$?
-  [ "$rc" = "$want" ] || { cat "$W/err" >&2; die "'$*' exited $rc, want $want"; }
-  grep -qF -- "$says" "$W/err" || { cat "$W/err" >&2; die "'$*': stderr lacks '$says'"; }
-  [ ! -s "$W/out" ] || die "'$*' printed to stdout on failure: $(cat "$W/out")"
-  ! grep -qiE 'terminate called|Aborted|core dumped|what\(\)' "$W/err" || die "'$*' crashed"
-}
-jqx() { jq -e "$1" >/dev/null || die "jq check failed: $1"; }
 # nbd_write FILE VOL / nbd_read VOL BYTES FILE: whole-volume I/O through the NBD server.
 nbd_write() { nbdcopy "$1" "$(nbd_uri "$2")" || die "nbdcopy to $2 failed"; }
 nbd_read() { nbdcopy "$(nbd_uri "$1")" "$2" || die "nbdcopy from $1 failed"; }
