@@ -80,17 +80,7 @@ nothing_left() {
 
 mkdir -p "$D"
 dmesg -c >/dev/null
-etcd --name vm --data-dir "$D/etcd" --listen-client-urls "http://$ETCD" \
-  --advertise-client-urls "http://$ETCD" --listen-peer-urls http://127.0.0.1:2380 \
-  --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster vm=http://127.0.0.1:2380 \
-  >"$D/etcd.log" 2>&1 &
-ETCDPID=$!
-for _ in $(seq 300); do
-  grep -q 'ready to serve client requests' "$D/etcd.log" && break
-  kill -0 "$ETCDPID" 2>/dev/null || fail "etcd exited during startup"
-  sleep 0.1
-done
-grep -q 'ready to serve client requests' "$D/etcd.log" || fail "etcd is not ready after 30 s"
+vm_etcd_start "$D" "$ETCD"
 
 # --replica-timeout 20 (default 5) and an attach I/O timeout above it: under TCG on a loaded host
 # a 1 MiB replica write of mkfs can take longer than 5 s; one run with the defaults had mkfs fail
@@ -113,14 +103,7 @@ for n in a b t; do
     --attach-dead-conn-timeout 120 --log-level info >>"$D/$n/datapathd.log" 2>&1 &
   PID[$n]=$!
 done
-for n in a b t; do
-  for _ in $(seq 300); do
-    [ -S "$D/$n/api.sock" ] && break
-    kill -0 "${PID[$n]}" 2>/dev/null || fail "node-$n: nbd-datapathd exited during startup"
-    sleep 0.1
-  done
-  [ -S "$D/$n/api.sock" ] || fail "node-$n: no API socket after 30 s"
-done
+for n in a b t; do vm_wait_socket "$D/$n/api.sock" "${PID[$n]}" "node-$n: nbd-datapathd"; done
 # The node plugins of the two nodes that stage it; $D/$n/kubelet stands in for /var/lib/kubelet.
 for n in t b; do
   nbd-csi-node --csi-endpoint "unix://$D/$n/csi.sock" --node-id "node-$n" \

@@ -31,3 +31,34 @@ vm_insmod() {
     if [ "$ko" = "$last" ]; then insmod "$ko" "$@"; else insmod "$ko"; fi
   done
 }
+
+# vm_etcd_start DIR CLIENT_ADDR: a one-member etcd for the cluster tests (data in DIR/etcd, log
+# DIR/etcd.log), in the background; sets ETCDPID and returns once it serves clients. Its port
+# opens before it serves (under TCG seconds before): it waits for it to say it is ready. Calls
+# the test's `fail` when it does not start.
+vm_etcd_start() {
+  local dir=$1 addr=$2
+  etcd --name vm --data-dir "$dir/etcd" --listen-client-urls "http://$addr" \
+    --advertise-client-urls "http://$addr" --listen-peer-urls http://127.0.0.1:2380 \
+    --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster vm=http://127.0.0.1:2380 \
+    >"$dir/etcd.log" 2>&1 &
+  ETCDPID=$!
+  for _ in $(seq 300); do
+    grep -q 'ready to serve client requests' "$dir/etcd.log" && return 0
+    kill -0 "$ETCDPID" 2>/dev/null || fail "etcd exited during startup"
+    sleep 0.1
+  done
+  fail "etcd is not ready after 30 s"
+}
+
+# vm_wait_socket SOCKET PID WHAT: waits (30 s at most) for a daemon's Unix socket to appear;
+# calls the test's `fail` naming WHAT when the daemon exits first or the socket never comes.
+vm_wait_socket() {
+  local sock=$1 pid=$2 what=$3
+  for _ in $(seq 300); do
+    [ -S "$sock" ] && return 0
+    kill -0 "$pid" 2>/dev/null || fail "$what exited during startup"
+    sleep 0.1
+  done
+  fail "$what: no socket $sock after 30 s"
+}

@@ -53,18 +53,7 @@ ms_now() { echo $(( ${EPOCHREALTIME/./} / 1000 )); }
 
 mkdir -p "$D" "$MNT"
 dmesg -c >/dev/null
-etcd --name vm --data-dir "$D/etcd" --listen-client-urls "http://$ETCD" \
-  --advertise-client-urls "http://$ETCD" --listen-peer-urls http://127.0.0.1:2380 \
-  --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster vm=http://127.0.0.1:2380 \
-  >"$D/etcd.log" 2>&1 &
-ETCDPID=$!
-# Its port opens before it serves (under TCG seconds before): wait for it to say it is ready.
-for _ in $(seq 300); do
-  grep -q 'ready to serve client requests' "$D/etcd.log" && break
-  kill -0 "$ETCDPID" 2>/dev/null || fail "etcd exited during startup"
-  sleep 0.1
-done
-grep -q 'ready to serve client requests' "$D/etcd.log" || fail "etcd is not ready after 30 s"
+vm_etcd_start "$D" "$ETCD"
 step "etcd up on $ETCD"
 
 node_start() {
@@ -80,14 +69,7 @@ node_start() {
   PID[$n]=$!
 }
 for n in a b t; do node_start "$n"; done
-for n in a b t; do
-  for _ in $(seq 300); do
-    [ -S "$D/$n/api.sock" ] && break
-    kill -0 "${PID[$n]}" 2>/dev/null || fail "node-$n: nbd-datapathd exited during startup"
-    sleep 0.1
-  done
-  [ -S "$D/$n/api.sock" ] || fail "node-$n: no API socket after 30 s"
-done
+for n in a b t; do vm_wait_socket "$D/$n/api.sock" "${PID[$n]}" "node-$n: nbd-datapathd"; done
 step "three datapaths up (node-a ${IP[a]}, node-b ${IP[b]}, node-t ${IP[t]})"
 
 for n in a b; do ctl "$n" volume create rv --size "$SIZE" >/dev/null || fail "node-$n: volume create"; done
