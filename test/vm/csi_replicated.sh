@@ -36,7 +36,7 @@ fail() {
   for n in t b a; do
     echo "---- node-$n nbd-csi-node log (last 15 lines) ----"; tail -n 15 "$D/$n/node.log" 2>/dev/null || true
     echo "---- node-$n datapathd log (first 20 warnings and errors, last 10 lines) ----"
-    grep -E ' (warn|error|critical) ' "$D/$n/datapathd.log" 2>/dev/null | head -n 20 || true
+    grep -E ' (warning|error|critical) ' "$D/$n/datapathd.log" 2>/dev/null | head -n 20 || true
     echo ...; tail -n 10 "$D/$n/datapathd.log" 2>/dev/null || true
   done
   echo "---- controller log (last 15 lines) ----"; tail -n 15 "$D/controller.log" 2>/dev/null || true
