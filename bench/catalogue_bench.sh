@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# CreateVolume at cluster scale (issue 16, "Scale: the catalogue in etcd"): the real
+# nbd-csi-controller with --cluster-etcd, a real etcd on 127.0.0.31, and nbdcsi-node-sim playing
+# NODES datapaths on loopback (each heartbeats to the controller, serves the Datapath API on its
+# own port from an in-memory pool, and is registered in etcd under its own lease). For each node
+# count, COUNT sequential CreateVolume calls over the CSI socket, timed on the client, then the
+# deletes, on both paths of one controller:
+#   catalogue  replicas: "2": one etcd read, the live nodes from etcd, the entry, two creates;
+#   fan-out    a single-node volume: every live node is asked GetVolume(name) first
+#              (idempotency), then one create.
+# Catalogue first, so its memory figure is not the fan-out's. Also the controller's RSS (VmRSS,
+# and the peak VmHWM) and threads after registration and after each path. Issue 16's goal:
+# catalogue p99 < 20 ms at 1,000 nodes. Prints a Markdown table. Not a CTest test; it fails only
+# when a call or the setup fails, never on speed.
+#
+#   bench/catalogue_bench.sh
+#   BENCH_NODES="10 100 1000"  BENCH_COUNT=300  BENCH_HEARTBEAT_MS=2000 (the controller's
+#   default)  BENCH_LEASE_TTL=10 (nbd-datapathd's default)  BENCH_DIR=/tmp  NBDCSI_BIN=build/bin
+#   BENCH_PERF=1 (perf record -g on the controller during the last point's creates; the report
+#   summary goes to stderr)
+. "$(dirname "$0")/../test/integration/lib.sh"
+need etcd etcdctl
+NODES=${BENCH_NODES:-"10 100 1000"}
+COUNT=${BENCH_COUNT:-300}
+HB_MS=${BENCH_HEARTBEAT_MS:-2000}
+LEASE_TTL=${BENCH_LEASE_TTL:-10}
+for b in nbd-csi-controller nbdcsi-node-sim catalogue_bench; do
+  [ -x "$NBDCSI_BIN/$b" ] || die "no $NBDCSI_BIN/$b (build the $b target)"
+done
+if [ -n "${BENCH_PERF:-}" ]; then need perf; fi
+# Per node: a Datapath API listener and a heartbeat connection in the simulator, a connection
+# in the controller; plus gRPC's own.
+max_nodes=$(tr ' ' '\n' <<<"$NODES" | sort -n | tail -1)
+ulimit -n "$(ulimit -Hn)"
+[ "$(ulimit -n)" -ge $((4 * max_nodes + 256)) ] || die "needs ulimit -n >= $((4 * max_nodes + 256))"
+
+W=$(mktemp -d "${BENCH_DIR:-/tmp}/nbdcsi-catbench.XXXXXX")
+trap _lib_cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+free_port_on() {  # free_port_on IP
+  "$PY" -c "import socket; s = socket.socket(); s.bind(('$1', 0)); print(s.getsockname()[1])"
+}
+# "RSS_MiB HWM_MiB threads" of a process.
+mem_of() {
+  awk '/^VmRSS:/ {r = $2} /^VmHWM:/ {h = $2} /^Threads:/ {t = $2}
+       END {printf "%.1f %.1f %d\n", r / 1024, h / 1024, t}' "/proc/$1/status"
+}
+# Stops this point's daemons (the trap stops them too if we die first).
+stop_point() {
+  local pid
+  for pid in "${LIB_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${LIB_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  LIB_PIDS=()
+}
+
+declare -A RES  # RES[N,path] = "create_p50 create_p99 create_max delete_p50 delete_p99 errors"
+declare -A MEM  # MEM[N,when] = "rss hwm threads"
+rc=0
+for n in $NODES; do
+  P=$W/n$n
+  mkdir -p "$P"
+  step "$n nodes: etcd, controller, simulator"
+  E_IP=127.0.0.31
+  E_PORT=$(free_port_on $E_IP)
+  E_PEER=$(free_port_on $E_IP)
+  ETCD=$E_IP:$E_PORT
+  bg etcd --name=bench --data-dir="$P/etcd" --listen-client-urls="http://$ETCD" \
+    --advertise-client-urls="http://$ETCD" --listen-peer-urls="http://$E_IP:$E_PEER" \
+    --initial-advertise-peer-urls="http://$E_IP:$E_PEER" \
+    --initial-cluster="bench=http://$E_IP:$E_PEER" --initial-cluster-state=new --logger=zap \
+    --log-level=warn --log-outputs="$P/etcd.log" 2>>"$P/etcd.stderr"
+  wait_for 30 etcdctl --endpoints="$ETCD" get /ready || die "etcd did not start (see $P/etcd.log)"
+
+  REG=$(free_port_on 127.0.0.1)
+  bg "$NBDCSI_BIN/nbd-csi-controller" --csi-endpoint "unix://$P/csi.sock" \
+    --registry-listen "127.0.0.1:$REG" --insecure --heartbeat-interval "$HB_MS" \
+    --cluster-etcd "$ETCD" --cluster-etcd-insecure >"$P/controller.log" 2>&1
+  CTL=$BG_PID
+  wait_for 20 test -S "$P/csi.sock" || { tail "$P/controller.log" >&2; die "no CSI socket"; }
+
+  bg "$NBDCSI_BIN/nbdcsi-node-sim" --nodes "$n" --controller "127.0.0.1:$REG" --etcd "$ETCD" \
+    --cluster-lease-ttl "$LEASE_TTL" --heartbeat-interval "$HB_MS" --ready-file "$P/ready" \
+    2>"$P/sim.log"
+  SIM=$BG_PID
+  wait_for 180 test -f "$P/ready" || { tail "$P/sim.log" >&2; die "the simulated nodes did not register"; }
+  live=$(etcdctl --endpoints="$ETCD" get --prefix --keys-only /nbd-csi/nodes/ | grep -c . || true)
+  [ "$live" -ge "$n" ] || die "only $live of $n nodes alive in etcd"
+  # A full heartbeat round after the last first heartbeat, so every node's figures are in.
+  sleep "$(awk -v ms="$HB_MS" 'BEGIN { print ms / 1000 + 0.5 }')"
+  MEM[$n,reg]=$(mem_of "$CTL")
+
+  if [ -n "${BENCH_PERF:-}" ] && [ "$n" = "$max_nodes" ]; then
+    perf record -g -o "$P/perf.data" -p "$CTL" >/dev/null 2>&1 &
+    PERF=$!
+  fi
+  for path in catalogue fanout; do
+    step "$n nodes: $COUNT CreateVolume + DeleteVolume, $path"
+    replicas=1
+    [ $path = catalogue ] && replicas=2
+    if ! "$NBDCSI_BIN/catalogue_bench" --endpoint "unix://$P/csi.sock" --count "$COUNT" \
+        --replicas $replicas --name-prefix "pvc-$path" >"$P/$path.out" 2>"$P/$path.err"; then
+      echo "catalogue_bench ($path, $n nodes) failed:" >&2
+      cat "$P/$path.err" >&2
+      rc=1
+    fi
+    c=($(awk '$1 == "CreateVolume" {print $4, $5, $6, $3}' "$P/$path.out"))
+    d=($(awk '$1 == "DeleteVolume" {print $4, $5, $3}' "$P/$path.out"))
+    [ ${#c[@]} = 4 ] && [ ${#d[@]} = 3 ] || die "no result from catalogue_bench ($path): $(cat "$P/$path.err")"
+    RES[$n,$path]="${c[0]} ${c[1]} ${c[2]} ${d[0]} ${d[1]} $((c[3] + d[2]))"
+    MEM[$n,$path]=$(mem_of "$CTL")
+  done
+  if [ -n "${PERF:-}" ]; then
+    kill -INT "$PERF"; wait "$PERF" || true
+    PERF=
+    perf report -i "$P/perf.data" --no-children --percent-limit 2 --stdio 2>/dev/null |
+      grep -v '^$' | head -60 >&2 || true
+  fi
+  stop_point
+  sed -n 's/^nbdcsi-node-sim: served/simulator served/p' "$P/sim.log" >&2
+done
+
+cores=$(nproc)
+echo
+echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $cores cores, \`bench/catalogue_bench.sh\` (BENCH_NODES=\"$NODES\" BENCH_COUNT=$COUNT, heartbeats every $HB_MS ms, leases of $LEASE_TTL s)"
+echo
+echo "| nodes | path | CreateVolume p50 ms | p99 ms | max ms | DeleteVolume p50 ms | p99 ms | errors | controller RSS MiB after (peak) | threads |"
+echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+for n in $NODES; do
+  read -r rr rh rt <<<"${MEM[$n,reg]}"
+  echo "| $n | registered | | | | | | | $rr ($rh) | $rt |"
+  for path in catalogue fanout; do
+    read -r cp50 cp99 cmax dp50 dp99 errs <<<"${RES[$n,$path]}"
+    read -r mr mh mt <<<"${MEM[$n,$path]}"
+    label=$([ $path = catalogue ] && echo "catalogue (replicas=2)" || echo "fan-out (1 replica)")
+    echo "| $n | $label | $cp50 | $cp99 | $cmax | $dp50 | $dp99 | $errs | $mr ($mh) | $mt |"
+  done
+done
+echo
+for n in $NODES; do
+  read -r _ cat99 _ <<<"${RES[$n,catalogue]}"
+  read -r _ fan99 _ <<<"${RES[$n,fanout]}"
+  awk -v n="$n" -v c="$cat99" -v f="$fan99" \
+    'BEGIN { printf "%s nodes: fan-out p99 / catalogue p99 = %.1fx\n", n, (c > 0 ? f / c : 0) }'
+done
+read -r _ top99 _ <<<"${RES[$max_nodes,catalogue]}"
+awk -v n="$max_nodes" -v p="$top99" 'BEGIN {
+  printf "goal (issue 16): catalogue CreateVolume p99 < 20 ms at %s nodes: %.2f ms, %s\n", n, p,
+         (p < 20 ? "met" : "NOT met") }'
+exit $rc
