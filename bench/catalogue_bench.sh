@@ -9,14 +9,17 @@
 #   fan-out    a single-node volume: every live node is asked GetVolume(name) first
 #              (idempotency), then one create.
 # Catalogue first, so its memory figure is not the fan-out's. Also the controller's RSS (VmRSS,
-# and the peak VmHWM) and threads after registration and after each path. Issue 16's goal:
+# and the peak VmHWM) and threads after registration and after each path, and the CPU time the
+# controller, etcd and the simulator spent during each path (creates and deletes, plus the
+# heartbeats and lease keepalives that go on meanwhile: all share the machine's cores). Issue 16's goal:
 # catalogue p99 < 20 ms at 1,000 nodes. Prints a Markdown table. Not a CTest test; it fails only
 # when a call or the setup fails, never on speed.
 #
 #   bench/catalogue_bench.sh
-#   BENCH_NODES="10 100 1000"  BENCH_COUNT=300  BENCH_HEARTBEAT_MS=2000 (the controller's
+#   BENCH_NODES="10 100 1000"  BENCH_COUNT=300  BENCH_ETCD_DIR=/dev/shm (etcd's data; default the
+#   work dir, on BENCH_DIR's disk)  BENCH_HEARTBEAT_MS=2000 (the controller's
 #   default)  BENCH_LEASE_TTL=10 (nbd-datapathd's default)  BENCH_DIR=/tmp  NBDCSI_BIN=build/bin
-#   BENCH_PERF=1 (perf record -g on the controller during the last point's creates; the report
+#   BENCH_PERF=1 (perf record -g on the controller during the last point's catalogue calls; the report
 #   summary goes to stderr)
 . "$(dirname "$0")/../test/integration/lib.sh"
 need etcd etcdctl
@@ -38,6 +41,11 @@ W=$(mktemp -d "${BENCH_DIR:-/tmp}/nbdcsi-catbench.XXXXXX")
 trap _lib_cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+ED=$W
+if [ -n "${BENCH_ETCD_DIR:-}" ]; then
+  ED=$(mktemp -d "$BENCH_ETCD_DIR/nbdcsi-catbench-etcd.XXXXXX")
+  on_exit rm -rf "$ED"
+fi
 
 free_port_on() {  # free_port_on IP
   "$PY" -c "import socket; s = socket.socket(); s.bind(('$1', 0)); print(s.getsockname()[1])"
@@ -47,6 +55,26 @@ mem_of() {
   awk '/^VmRSS:/ {r = $2} /^VmHWM:/ {h = $2} /^Threads:/ {t = $2}
        END {printf "%.1f %.1f %d\n", r / 1024, h / 1024, t}' "/proc/$1/status"
 }
+# CPU seconds (user + system) a process has used so far.
+cpu_of() {
+  awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f\n", ($14 + $15) / hz }' "/proc/$1/stat"
+}
+cpu_all() { echo "$(cpu_of "$CTL") $(cpu_of "$ETCD_PID") $(cpu_of "$SIM")"; }
+# "a/b/c" CPU seconds spent between two cpu_all readings.
+cpu_delta() {
+  awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " ");
+    printf "%.1f/%.1f/%.1f", y[1] - x[1], y[2] - x[2], y[3] - x[3] }'
+}
+# "fsyncs seconds" of etcd's WAL so far (its /metrics), to tell its disk's share of a call.
+fsync_of() {
+  curl -sf "http://$ETCD/metrics" | awk '/^etcd_disk_wal_fsync_duration_seconds_count/ {c = $2}
+    /^etcd_disk_wal_fsync_duration_seconds_sum/ {s = $2} END {printf "%d %.6f\n", c, s}'
+}
+# "COUNT x MEAN_ms" between two fsync_of readings.
+fsync_delta() {
+  awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " "); n = y[1] - x[1];
+    printf "%d/%.1f", n, (n > 0 ? (y[2] - x[2]) * 1000 / n : 0) }'
+}
 # Stops this point's daemons (the trap stops them too if we die first).
 stop_point() {
   local pid
@@ -55,9 +83,10 @@ stop_point() {
   LIB_PIDS=()
 }
 
-declare -A RES  # RES[N,path] = "create_p50 create_p99 create_max delete_p50 delete_p99 errors"
+declare -A RES  # RES[N,path] = "create_p50 create_p99 create_max delete_p50 delete_p99 errors cpu fsyncs"
 declare -A MEM  # MEM[N,when] = "rss hwm threads"
 rc=0
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 for n in $NODES; do
   P=$W/n$n
   mkdir -p "$P"
@@ -66,11 +95,12 @@ for n in $NODES; do
   E_PORT=$(free_port_on $E_IP)
   E_PEER=$(free_port_on $E_IP)
   ETCD=$E_IP:$E_PORT
-  bg etcd --name=bench --data-dir="$P/etcd" --listen-client-urls="http://$ETCD" \
+  bg etcd --name=bench --data-dir="$ED/etcd-$n" --listen-client-urls="http://$ETCD" \
     --advertise-client-urls="http://$ETCD" --listen-peer-urls="http://$E_IP:$E_PEER" \
     --initial-advertise-peer-urls="http://$E_IP:$E_PEER" \
     --initial-cluster="bench=http://$E_IP:$E_PEER" --initial-cluster-state=new --logger=zap \
     --log-level=warn --log-outputs="$P/etcd.log" 2>>"$P/etcd.stderr"
+  ETCD_PID=$BG_PID
   wait_for 30 etcdctl --endpoints="$ETCD" get /ready || die "etcd did not start (see $P/etcd.log)"
 
   REG=$(free_port_on 127.0.0.1)
@@ -91,14 +121,17 @@ for n in $NODES; do
   sleep "$(awk -v ms="$HB_MS" 'BEGIN { print ms / 1000 + 0.5 }')"
   MEM[$n,reg]=$(mem_of "$CTL")
 
-  if [ -n "${BENCH_PERF:-}" ] && [ "$n" = "$max_nodes" ]; then
-    perf record -g -o "$P/perf.data" -p "$CTL" >/dev/null 2>&1 &
-    PERF=$!
-  fi
   for path in catalogue fanout; do
     step "$n nodes: $COUNT CreateVolume + DeleteVolume, $path"
     replicas=1
     [ $path = catalogue ] && replicas=2
+    PERF=
+    if [ -n "${BENCH_PERF:-}" ] && [ "$n" = "$max_nodes" ] && [ $path = catalogue ]; then
+      perf record -g -o "$P/perf.data" -p "$CTL" >/dev/null 2>&1 &
+      PERF=$!
+    fi
+    cpu0=$(cpu_all)
+    fs0=$(fsync_of)
     if ! "$NBDCSI_BIN/catalogue_bench" --endpoint "unix://$P/csi.sock" --count "$COUNT" \
         --replicas $replicas --name-prefix "pvc-$path" >"$P/$path.out" 2>"$P/$path.err"; then
       echo "catalogue_bench ($path, $n nodes) failed:" >&2
@@ -108,33 +141,32 @@ for n in $NODES; do
     c=($(awk '$1 == "CreateVolume" {print $4, $5, $6, $3}' "$P/$path.out"))
     d=($(awk '$1 == "DeleteVolume" {print $4, $5, $3}' "$P/$path.out"))
     [ ${#c[@]} = 4 ] && [ ${#d[@]} = 3 ] || die "no result from catalogue_bench ($path): $(cat "$P/$path.err")"
-    RES[$n,$path]="${c[0]} ${c[1]} ${c[2]} ${d[0]} ${d[1]} $((c[3] + d[2]))"
+    RES[$n,$path]="${c[0]} ${c[1]} ${c[2]} ${d[0]} ${d[1]} $((c[3] + d[2])) $(cpu_delta "$cpu0" "$(cpu_all)") $(fsync_delta "$fs0" "$(fsync_of)")"
     MEM[$n,$path]=$(mem_of "$CTL")
+    if [ -n "$PERF" ]; then
+      kill -INT "$PERF"; wait "$PERF" || true
+      perf report -i "$P/perf.data" --no-children --sort dso,sym --percent-limit 1.5 --stdio \
+        -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -40 >&2 || true
+    fi
   done
-  if [ -n "${PERF:-}" ]; then
-    kill -INT "$PERF"; wait "$PERF" || true
-    PERF=
-    perf report -i "$P/perf.data" --no-children --percent-limit 2 --stdio 2>/dev/null |
-      grep -v '^$' | head -60 >&2 || true
-  fi
   stop_point
   sed -n 's/^nbdcsi-node-sim: served/simulator served/p' "$P/sim.log" >&2
 done
 
 cores=$(nproc)
 echo
-echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $cores cores, \`bench/catalogue_bench.sh\` (BENCH_NODES=\"$NODES\" BENCH_COUNT=$COUNT, heartbeats every $HB_MS ms, leases of $LEASE_TTL s)"
+echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $cores cores, load average $LOAD0 at the start and $(cut -d' ' -f1-3 /proc/loadavg) at the end, \`bench/catalogue_bench.sh\` (BENCH_NODES=\"$NODES\" BENCH_COUNT=$COUNT, heartbeats every $HB_MS ms, leases of $LEASE_TTL s, etcd data on $(df -T "$ED" | awk 'NR == 2 {print $2}'))"
 echo
-echo "| nodes | path | CreateVolume p50 ms | p99 ms | max ms | DeleteVolume p50 ms | p99 ms | errors | controller RSS MiB after (peak) | threads |"
-echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| nodes | path | CreateVolume p50 ms | p99 ms | max ms | DeleteVolume p50 ms | p99 ms | errors | etcd WAL fsyncs / mean ms | CPU s controller/etcd/sim | controller RSS MiB after (peak) | threads |"
+echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for n in $NODES; do
   read -r rr rh rt <<<"${MEM[$n,reg]}"
-  echo "| $n | registered | | | | | | | $rr ($rh) | $rt |"
+  echo "| $n | registered | | | | | | | | | $rr ($rh) | $rt |"
   for path in catalogue fanout; do
-    read -r cp50 cp99 cmax dp50 dp99 errs <<<"${RES[$n,$path]}"
+    read -r cp50 cp99 cmax dp50 dp99 errs cpu fsyncs <<<"${RES[$n,$path]}"
     read -r mr mh mt <<<"${MEM[$n,$path]}"
     label=$([ $path = catalogue ] && echo "catalogue (replicas=2)" || echo "fan-out (1 replica)")
-    echo "| $n | $label | $cp50 | $cp99 | $cmax | $dp50 | $dp99 | $errs | $mr ($mh) | $mt |"
+    echo "| $n | $label | $cp50 | $cp99 | $cmax | $dp50 | $dp99 | $errs | $fsyncs | $cpu | $mr ($mh) | $mt |"
   done
 done
 echo
