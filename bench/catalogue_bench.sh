@@ -65,15 +65,23 @@ cpu_delta() {
   awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " ");
     printf "%.1f/%.1f/%.1f", y[1] - x[1], y[2] - x[2], y[3] - x[3] }'
 }
-# "fsyncs seconds" of etcd's WAL so far (its /metrics), to tell its disk's share of a call.
-fsync_of() {
-  curl -sf "http://$ETCD/metrics" | awk '/^etcd_disk_wal_fsync_duration_seconds_count/ {c = $2}
-    /^etcd_disk_wal_fsync_duration_seconds_sum/ {s = $2} END {printf "%d %.6f\n", c, s}'
+# "kv_calls kv_seconds fsyncs fsync_seconds" of etcd so far (its /metrics, --metrics=extensive):
+# the KV calls (Range, Txn, ...: the controller's, the simulator makes none once registered) and
+# the WAL fsyncs, to tell etcd's and its disk's share of a call.
+etcd_of() {
+  curl -sf "http://$ETCD/metrics" | awk '
+    /^grpc_server_handling_seconds_count\{.*grpc_service="etcdserverpb.KV"/ {kc += $2}
+    /^grpc_server_handling_seconds_sum\{.*grpc_service="etcdserverpb.KV"/ {ks += $2}
+    /^etcd_disk_wal_fsync_duration_seconds_count/ {fc = $2}
+    /^etcd_disk_wal_fsync_duration_seconds_sum/ {fs = $2}
+    END {printf "%d %.6f %d %.6f\n", kc, ks, fc, fs}'
 }
-# "COUNT x MEAN_ms" between two fsync_of readings.
-fsync_delta() {
-  awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " "); n = y[1] - x[1];
-    printf "%d/%.1f", n, (n > 0 ? (y[2] - x[2]) * 1000 / n : 0) }'
+# "KV_CALLS/MEAN_ms FSYNCS/MEAN_ms" between two etcd_of readings.
+etcd_delta() {
+  awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " ");
+    k = y[1] - x[1]; f = y[3] - x[3];
+    printf "%d/%.2f %d/%.2f", k, (k > 0 ? (y[2] - x[2]) * 1000 / k : 0),
+                              f, (f > 0 ? (y[4] - x[4]) * 1000 / f : 0) }'
 }
 # Stops this point's daemons (the trap stops them too if we die first).
 stop_point() {
@@ -83,7 +91,7 @@ stop_point() {
   LIB_PIDS=()
 }
 
-declare -A RES  # RES[N,path] = "create_p50 create_p99 create_max delete_p50 delete_p99 errors cpu fsyncs"
+declare -A RES  # RES[N,path] = "create_p50 create_p99 create_max delete_p50 delete_p99 errors cpu kv fsyncs"
 declare -A MEM  # MEM[N,when] = "rss hwm threads"
 rc=0
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -99,7 +107,7 @@ for n in $NODES; do
     --advertise-client-urls="http://$ETCD" --listen-peer-urls="http://$E_IP:$E_PEER" \
     --initial-advertise-peer-urls="http://$E_IP:$E_PEER" \
     --initial-cluster="bench=http://$E_IP:$E_PEER" --initial-cluster-state=new --logger=zap \
-    --log-level=warn --log-outputs="$P/etcd.log" 2>>"$P/etcd.stderr"
+    --log-level=warn --log-outputs="$P/etcd.log" --metrics=extensive 2>>"$P/etcd.stderr"
   ETCD_PID=$BG_PID
   wait_for 30 etcdctl --endpoints="$ETCD" get /ready || die "etcd did not start (see $P/etcd.log)"
 
@@ -131,7 +139,7 @@ for n in $NODES; do
       PERF=$!
     fi
     cpu0=$(cpu_all)
-    fs0=$(fsync_of)
+    etcd0=$(etcd_of)
     if ! "$NBDCSI_BIN/catalogue_bench" --endpoint "unix://$P/csi.sock" --count "$COUNT" \
         --replicas $replicas --name-prefix "pvc-$path" >"$P/$path.out" 2>"$P/$path.err"; then
       echo "catalogue_bench ($path, $n nodes) failed:" >&2
@@ -141,7 +149,7 @@ for n in $NODES; do
     c=($(awk '$1 == "CreateVolume" {print $4, $5, $6, $3}' "$P/$path.out"))
     d=($(awk '$1 == "DeleteVolume" {print $4, $5, $3}' "$P/$path.out"))
     [ ${#c[@]} = 4 ] && [ ${#d[@]} = 3 ] || die "no result from catalogue_bench ($path): $(cat "$P/$path.err")"
-    RES[$n,$path]="${c[0]} ${c[1]} ${c[2]} ${d[0]} ${d[1]} $((c[3] + d[2])) $(cpu_delta "$cpu0" "$(cpu_all)") $(fsync_delta "$fs0" "$(fsync_of)")"
+    RES[$n,$path]="${c[0]} ${c[1]} ${c[2]} ${d[0]} ${d[1]} $((c[3] + d[2])) $(cpu_delta "$cpu0" "$(cpu_all)") $(etcd_delta "$etcd0" "$(etcd_of)")"
     MEM[$n,$path]=$(mem_of "$CTL")
     if [ -n "$PERF" ]; then
       kill -INT "$PERF"; wait "$PERF" || true
@@ -157,16 +165,16 @@ cores=$(nproc)
 echo
 echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $cores cores, load average $LOAD0 at the start and $(cut -d' ' -f1-3 /proc/loadavg) at the end, \`bench/catalogue_bench.sh\` (BENCH_NODES=\"$NODES\" BENCH_COUNT=$COUNT, heartbeats every $HB_MS ms, leases of $LEASE_TTL s, etcd data on $(df -T "$ED" | awk 'NR == 2 {print $2}'))"
 echo
-echo "| nodes | path | CreateVolume p50 ms | p99 ms | max ms | DeleteVolume p50 ms | p99 ms | errors | etcd WAL fsyncs / mean ms | CPU s controller/etcd/sim | controller RSS MiB after (peak) | threads |"
-echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| nodes | path | CreateVolume p50 ms | p99 ms | max ms | DeleteVolume p50 ms | p99 ms | errors | etcd KV calls / mean server ms | etcd WAL fsyncs / mean ms | CPU s controller/etcd/sim | controller RSS MiB after (peak) | threads |"
+echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for n in $NODES; do
   read -r rr rh rt <<<"${MEM[$n,reg]}"
-  echo "| $n | registered | | | | | | | | | $rr ($rh) | $rt |"
+  echo "| $n | registered | | | | | | | | | | $rr ($rh) | $rt |"
   for path in catalogue fanout; do
-    read -r cp50 cp99 cmax dp50 dp99 errs cpu fsyncs <<<"${RES[$n,$path]}"
+    read -r cp50 cp99 cmax dp50 dp99 errs cpu kv fsyncs <<<"${RES[$n,$path]}"
     read -r mr mh mt <<<"${MEM[$n,$path]}"
     label=$([ $path = catalogue ] && echo "catalogue (replicas=2)" || echo "fan-out (1 replica)")
-    echo "| $n | $label | $cp50 | $cp99 | $cmax | $dp50 | $dp99 | $errs | $fsyncs | $cpu | $mr ($mh) | $mt |"
+    echo "| $n | $label | $cp50 | $cp99 | $cmax | $dp50 | $dp99 | $errs | $kv | $fsyncs | $cpu | $mr ($mh) | $mt |"
   done
 done
 echo
