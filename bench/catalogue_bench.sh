@@ -8,19 +8,20 @@
 #   catalogue  replicas: "2": one etcd read, the live nodes from etcd, the entry, two creates;
 #   fan-out    a single-node volume: every live node is asked GetVolume(name) first
 #              (idempotency), then one create.
-# Catalogue first, so its memory figure is not the fan-out's. Also the controller's RSS (VmRSS,
-# and the peak VmHWM) and threads after registration and after each path, and the CPU time the
-# controller, etcd and the simulator spent during each path (creates and deletes, plus the
-# heartbeats and lease keepalives that go on meanwhile: all share the machine's cores). Issue 16's goal:
-# catalogue p99 < 20 ms at 1,000 nodes. Prints a Markdown table. Not a CTest test; it fails only
-# when a call or the setup fails, never on speed.
+# Catalogue first, so its memory figure is not the fan-out's. Also, per path: the controller's
+# RSS (VmRSS, and the peak VmHWM) and threads after it (and after registration); the CPU time the
+# controller, etcd and the simulator spent meanwhile (creates and deletes, plus the heartbeats and
+# lease keepalives that go on: all share the machine's cores); etcd's KV calls with their mean
+# server-side time, and its WAL fsyncs with their mean (etcd --metrics=extensive). Issue 16's
+# goal: catalogue p99 < 20 ms at 1,000 nodes. Prints a Markdown table. Not a CTest test; it fails
+# only when a call or the setup fails, never on speed.
 #
 #   bench/catalogue_bench.sh
-#   BENCH_NODES="10 100 1000"  BENCH_COUNT=300  BENCH_ETCD_DIR=/dev/shm (etcd's data; default the
-#   work dir, on BENCH_DIR's disk)  BENCH_HEARTBEAT_MS=2000 (the controller's
-#   default)  BENCH_LEASE_TTL=10 (nbd-datapathd's default)  BENCH_DIR=/tmp  NBDCSI_BIN=build/bin
-#   BENCH_PERF=1 (perf record -g on the controller during the last point's catalogue calls; the report
-#   summary goes to stderr)
+#   BENCH_NODES="10 100 1000"  BENCH_COUNT=300  BENCH_HEARTBEAT_MS=2000 (the controller's default)
+#   BENCH_LEASE_TTL=10 (nbd-datapathd's default)  BENCH_DIR=/tmp  NBDCSI_BIN=build/bin
+#   BENCH_ETCD_DIR=/dev/shm (etcd's data; default the work dir, on BENCH_DIR's disk)
+#   BENCH_PERF=1 (perf record -g on the controller during the last point's catalogue calls; the
+#   report's summary goes to stderr)
 . "$(dirname "$0")/../test/integration/lib.sh"
 need etcd etcdctl
 NODES=${BENCH_NODES:-"10 100 1000"}
