@@ -44,8 +44,7 @@ int Phase(const char* name, int n, F&& fn) {
       std::fprintf(stderr, "%s #%d: %d %s\n", name, i, s.error_code(), s.error_message().c_str());
     }
   }
-  std::printf("%s %d %d %.2f %.2f %.2f\n", name, n, errors, Pct(ms, 50), Pct(ms, 99),
-              Pct(ms, 100));
+  std::printf("%s %d %d %.2f %.2f %.2f\n", name, n, errors, Pct(ms, 50), Pct(ms, 99), Pct(ms, 100));
   return errors;
 }
 
@@ -63,12 +62,18 @@ int main(int argc, char** argv) {
   int64_t size = 1 << 30;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i];
-    if (k == "--endpoint") endpoint = argv[i + 1];
-    else if (k == "--count") n = std::atoi(argv[i + 1]);
-    else if (k == "--replicas") replicas = std::atoi(argv[i + 1]);
-    else if (k == "--warmup") warmup = std::atoi(argv[i + 1]);
-    else if (k == "--name-prefix") prefix = argv[i + 1];
-    else if (k == "--size") size = std::atoll(argv[i + 1]);
+    if (k == "--endpoint")
+      endpoint = argv[i + 1];
+    else if (k == "--count")
+      n = std::atoi(argv[i + 1]);
+    else if (k == "--replicas")
+      replicas = std::atoi(argv[i + 1]);
+    else if (k == "--warmup")
+      warmup = std::atoi(argv[i + 1]);
+    else if (k == "--name-prefix")
+      prefix = argv[i + 1];
+    else if (k == "--size")
+      size = std::atoll(argv[i + 1]);
     else {
       std::fprintf(stderr, "catalogue_bench: unknown option %s\n", k.c_str());
       return 2;
@@ -80,8 +85,8 @@ int main(int argc, char** argv) {
                  "[--warmup W] [--name-prefix P] [--size BYTES]\n");
     return 2;
   }
-  auto stub = v1::Controller::NewStub(
-      grpc::CreateChannel(endpoint, grpc::InsecureChannelCredentials()));
+  auto stub =
+      v1::Controller::NewStub(grpc::CreateChannel(endpoint, grpc::InsecureChannelCredentials()));
   const int total = warmup + n;
   std::vector<std::string> ids(total);
   auto create = [&](int i) {

@@ -17,14 +17,15 @@
 # only when a call or the setup fails, never on speed.
 #
 #   bench/catalogue_bench.sh
-#   BENCH_NODES="10 100 1000"  BENCH_COUNT=300  BENCH_HEARTBEAT_MS=2000 (the controller's default)
-#   BENCH_LEASE_TTL=10 (nbd-datapathd's default)  BENCH_DIR=/tmp  NBDCSI_BIN=build/bin
+#   BENCH_NODES="10 100 1000"  BENCH_PATHS="catalogue fanout"  BENCH_COUNT=300
+#   BENCH_HEARTBEAT_MS=2000 (the controller's default)  BENCH_LEASE_TTL=10 (nbd-datapathd's default)  BENCH_DIR=/tmp  NBDCSI_BIN=build/bin
 #   BENCH_ETCD_DIR=/dev/shm (etcd's data; default the work dir, on BENCH_DIR's disk)
 #   BENCH_PERF=1 (perf record -g on the controller during the last point's catalogue calls; the
 #   report's summary goes to stderr)
 . "$(dirname "$0")/../test/integration/lib.sh"
 need etcd etcdctl
 NODES=${BENCH_NODES:-"10 100 1000"}
+PATHS=${BENCH_PATHS:-"catalogue fanout"}
 COUNT=${BENCH_COUNT:-300}
 HB_MS=${BENCH_HEARTBEAT_MS:-2000}
 LEASE_TTL=${BENCH_LEASE_TTL:-10}
@@ -94,6 +95,7 @@ stop_point() {
 
 declare -A RES  # RES[N,path] = "create_p50 create_p99 create_max delete_p50 delete_p99 errors cpu kv fsyncs"
 declare -A MEM  # MEM[N,when] = "rss hwm threads"
+declare -A IDLE  # IDLE[N] = CPU seconds per second of controller/etcd/sim with no CSI calls
 rc=0
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 for n in $NODES; do
@@ -126,11 +128,17 @@ for n in $NODES; do
   wait_for 180 test -f "$P/ready" || { tail "$P/sim.log" >&2; die "the simulated nodes did not register"; }
   live=$(etcdctl --endpoints="$ETCD" get --prefix --keys-only /nbd-csi/nodes/ | grep -c . || true)
   [ "$live" -ge "$n" ] || die "only $live of $n nodes alive in etcd"
-  # A full heartbeat round after the last first heartbeat, so every node's figures are in.
-  sleep "$(awk -v ms="$HB_MS" 'BEGIN { print ms / 1000 + 0.5 }')"
+  # A full heartbeat round after the last first heartbeat, so every node's figures are in; the
+  # CPU spent meanwhile is the background (heartbeats, keepalives) every call competes with.
+  idle_s=$(awk -v ms="$HB_MS" 'BEGIN { print ms / 1000 + 0.5 }')
+  cpu0=$(cpu_all)
+  sleep "$idle_s"
+  IDLE[$n]=$(awk -v a="$cpu0" -v b="$(cpu_all)" -v t="$idle_s" 'BEGIN {
+    split(a, x, " "); split(b, y, " ");
+    printf "%.2f/%.2f/%.2f", (y[1] - x[1]) / t, (y[2] - x[2]) / t, (y[3] - x[3]) / t }')
   MEM[$n,reg]=$(mem_of "$CTL")
 
-  for path in catalogue fanout; do
+  for path in $PATHS; do
     step "$n nodes: $COUNT CreateVolume + DeleteVolume, $path"
     replicas=1
     [ $path = catalogue ] && replicas=2
@@ -170,8 +178,8 @@ echo "| nodes | path | CreateVolume p50 ms | p99 ms | max ms | DeleteVolume p50 
 echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for n in $NODES; do
   read -r rr rh rt <<<"${MEM[$n,reg]}"
-  echo "| $n | registered | | | | | | | | | | $rr ($rh) | $rt |"
-  for path in catalogue fanout; do
+  echo "| $n | registered (idle: CPU s per s) | | | | | | | | | ${IDLE[$n]} | $rr ($rh) | $rt |"
+  for path in $PATHS; do
     read -r cp50 cp99 cmax dp50 dp99 errs cpu kv fsyncs <<<"${RES[$n,$path]}"
     read -r mr mh mt <<<"${MEM[$n,$path]}"
     label=$([ $path = catalogue ] && echo "catalogue (replicas=2)" || echo "fan-out (1 replica)")
@@ -180,11 +188,13 @@ for n in $NODES; do
 done
 echo
 for n in $NODES; do
+  [ -n "${RES[$n,catalogue]:-}" ] && [ -n "${RES[$n,fanout]:-}" ] || continue
   read -r _ cat99 _ <<<"${RES[$n,catalogue]}"
   read -r _ fan99 _ <<<"${RES[$n,fanout]}"
   awk -v n="$n" -v c="$cat99" -v f="$fan99" \
     'BEGIN { printf "%s nodes: fan-out p99 / catalogue p99 = %.1fx\n", n, (c > 0 ? f / c : 0) }'
 done
+[ -n "${RES[$max_nodes,catalogue]:-}" ] || exit $rc
 read -r _ top99 _ <<<"${RES[$max_nodes,catalogue]}"
 awk -v n="$max_nodes" -v p="$top99" 'BEGIN {
   printf "goal (issue 16): catalogue CreateVolume p99 < 20 ms at %s nodes: %.2f ms, %s\n", n, p,

@@ -28,10 +28,10 @@
 #include <thread>
 #include <vector>
 
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <google/protobuf/util/message_differencer.h>
 #include <grpcpp/grpcpp.h>
+#include <CLI/CLI.hpp>
 
 #include "common/cluster/etcd_cluster_store.h"
 #include "common/cluster/keys.h"
@@ -162,9 +162,9 @@ class SimDatapath final : public dpv1::Datapath::CallbackService {
       const dpv1::Volume& v = it->second;
       if (v.size_bytes() != req.size_bytes() || v.read_only() != req.read_only() ||
           !google::protobuf::util::MessageDifferencer::Equals(v.qos(), req.qos())) {
-        return grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
-                            fmt::format("volume \"{}\" exists on {} with other attributes",
-                                        req.name(), n.id));
+        return grpc::Status(
+            grpc::StatusCode::ALREADY_EXISTS,
+            fmt::format("volume \"{}\" exists on {} with other attributes", req.name(), n.id));
       }
       *out = v;
       return grpc::Status::OK;
@@ -308,8 +308,8 @@ int main(int argc, char** argv) {
     store = std::make_unique<cluster::EtcdClusterStore>(std::move(*client), *keys);
     for (size_t i = 0; i < nodes.size() && !g_stop; ++i) {
       if (auto s = register_node(i); !s.ok()) {
-        std::fprintf(stderr, "nbdcsi-node-sim: registering %s in etcd: %s\n",
-                     nodes[i]->id.c_str(), s.message().c_str());
+        std::fprintf(stderr, "nbdcsi-node-sim: registering %s in etcd: %s\n", nodes[i]->id.c_str(),
+                     s.message().c_str());
         return 1;
       }
     }
