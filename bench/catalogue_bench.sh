@@ -16,7 +16,7 @@
 # goal: catalogue p99 < 20 ms at 1,000 nodes. Prints a Markdown table. Not a CTest test; it fails
 # only when a call or the setup fails, never on speed.
 #
-#   bench/catalogue_bench.sh
+#   bench/catalogue_bench.sh     # ~10 min with the defaults, most of it the 1,000-node fan-out
 #   BENCH_NODES="10 100 1000"  BENCH_PATHS="catalogue fanout" ("again": the catalogue path once
 #   more, once the controller has dialled the nodes the first pass placed on)  BENCH_COUNT=300
 #   BENCH_HEARTBEAT_MS=2000 (the controller's default)  BENCH_LEASE_TTL=10 (nbd-datapathd's
