@@ -302,8 +302,8 @@ TEST(NodeMetrics, StageStepsAreTimedByResult) {
   auto svc = node::MakeNodeService({.node_id = "node-a"}, *mos, *mdp);
   {
     auto before = Scrape(m.Collectables());
-    EXPECT_EQ(SeriesCount(before, "nbdcsi_node_operation_duration_seconds"), 14u)
-        << "7 operations x ok/error, at zero from the start";
+    EXPECT_EQ(SeriesCount(before, "nbdcsi_node_operation_duration_seconds"), 20u)
+        << "10 operations (the target's three included) x ok/error, at zero from the start";
     ASSERT_NE(
         Find(before, "nbdcsi_csi_rpcs_total", {{"method", "NodeStageVolume"}, {"code", "OK"}}),
         nullptr);
