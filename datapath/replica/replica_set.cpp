@@ -697,6 +697,10 @@ void ReplicaSet::Close() {
     s.waiters.clear();
   }
   for (auto& w : left) w.op->done(-ESHUTDOWN);
+  // A change's done callback touches the set after the engine's (ChangeDone), possibly on a
+  // thread of the out-of-sync log: the set must outlive the last of them.
+  std::unique_lock<std::mutex> lock(s.mu);
+  s.drained.wait(lock, [&] { return s.changes_in_flight == 0; });
 }
 
 ReplicaSetHealth ReplicaSet::health() const {
