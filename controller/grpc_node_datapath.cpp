@@ -9,6 +9,7 @@
 #include "common/grpc_status.h"
 #include "controller/node_datapath.h"
 #include "datapath/api/datapath.grpc.pb.h"
+#include "datapath/api/target.grpc.pb.h"
 
 namespace nbdcsi::controller {
 namespace {
@@ -17,7 +18,10 @@ class GrpcNodeDatapath final : public NodeDatapath {
  public:
   GrpcNodeDatapath(std::string node_id, std::shared_ptr<grpc::Channel> channel,
                    std::chrono::milliseconds timeout)
-      : node_(std::move(node_id)), stub_(dpv1::Datapath::NewStub(channel)), timeout_(timeout) {}
+      : node_(std::move(node_id)),
+        stub_(dpv1::Datapath::NewStub(channel)),
+        freeze_stub_(dpv1::TargetFreeze::NewStub(channel)),
+        timeout_(timeout) {}
 
   StatusOr<dpv1::Volume> CreateVolume(const dpv1::CreateVolumeRequest& req) override {
     dpv1::CreateVolumeResponse resp;
@@ -102,6 +106,27 @@ class GrpcNodeDatapath final : public NodeDatapath {
         });
   }
 
+  StatusOr<dpv1::FreezeTargetResponse> FreezeTarget(const std::string& volume,
+                                                    std::chrono::milliseconds lift_after) override {
+    dpv1::FreezeTargetRequest req;
+    req.set_volume(volume);
+    req.set_lift_after_ms(static_cast<uint32_t>(lift_after.count()));
+    dpv1::FreezeTargetResponse resp;
+    return Then(
+        Call("FreezeTarget", [&](auto* c) { return freeze_stub_->FreezeTarget(c, req, &resp); }),
+        [&] { return resp; });
+  }
+
+  StatusOr<bool> ThawTarget(const std::string& volume, uint64_t freeze_id) override {
+    dpv1::ThawTargetRequest req;
+    req.set_volume(volume);
+    req.set_freeze_id(freeze_id);
+    dpv1::ThawTargetResponse resp;
+    return Then(
+        Call("ThawTarget", [&](auto* c) { return freeze_stub_->ThawTarget(c, req, &resp); }),
+        [&] { return resp.thawed(); });
+  }
+
  private:
   // The value `get` reads from the response once the call succeeded.
   template <typename G>
@@ -124,6 +149,7 @@ class GrpcNodeDatapath final : public NodeDatapath {
 
   const std::string node_;
   const std::unique_ptr<dpv1::Datapath::Stub> stub_;
+  const std::unique_ptr<dpv1::TargetFreeze::Stub> freeze_stub_;
   const std::chrono::milliseconds timeout_;
 };
 

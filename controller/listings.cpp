@@ -29,23 +29,39 @@ void SkipNode(const char* call, const std::string& node, const Status& why) {
   spdlog::warn("[{}] {} skips node {}: {}", csi::CurrentRequestId(), call, node, why.message());
 }
 
-void AddSnapshot(const std::string& node, const dpv1::Snapshot& ds, SnapshotEntries* all) {
+// `r1_source`: the r1 id of the replicated volume it was taken from ("" for a single-node one).
+void AddSnapshot(const std::string& node, const dpv1::Snapshot& ds, SnapshotEntries* all,
+                 const std::string& r1_source = "") {
   v1::ListSnapshotsResponse::Entry e;
   FillSnapshot(node, ds, e.mutable_snapshot());
+  if (!r1_source.empty()) e.mutable_snapshot()->set_source_volume_id(r1_source);
   std::string id = e.snapshot().snapshot_id();
   all->emplace_back(std::move(id), std::move(e));
 }
 
-// The snapshot `snapshot_id` names, when it exists (and was taken from `src`, when given).
-Status OneSnapshot(Nodes& nodes, const std::string& snapshot_id,
-                   const std::optional<csi::VolumeRef>& src, SnapshotEntries* all) {
+// The snapshot `snapshot_id` names, when it exists (and was taken from `src`, or from the
+// replicated volume `r1_src`, when given).
+Status OneSnapshot(Nodes& nodes, ReplicatedVolumes& replicated, const std::string& snapshot_id,
+                   const std::optional<csi::VolumeRef>& src, const std::string& r1_src,
+                   SnapshotEntries* all) {
   auto ref = csi::ParseSnapshotId(snapshot_id);
   if (!ref.ok() || (src && src->node_id != ref->node_id)) return Status::Ok();  // names nothing
   auto ds = nodes.GetSnapshot(ref->node_id, ref->pool_name);
   // A node that cannot answer is UNAVAILABLE, not an empty list: the snapshotter would take "no
   // entry" for a snapshot that is gone.
   if (!ds.ok()) return ds.status().code() == ENOENT ? Status::Ok() : ds.status();
-  if (!src || ds->source_volume() == src->pool_name) AddSnapshot(ref->node_id, *ds, all);
+  const std::string r1 = replicated.ReplicatedSource(ref->node_id, ds->source_volume());
+  const bool from_src = src ? ds->source_volume() == src->pool_name : r1_src.empty() || r1 == r1_src;
+  if (from_src) AddSnapshot(ref->node_id, *ds, all, r1);
+  return Status::Ok();
+}
+
+// The snapshots taken from the replicated volume `id`: every registered replica node answers.
+Status SnapshotsOfReplicated(ReplicatedVolumes& replicated, const std::string& id,
+                             SnapshotEntries* all) {
+  std::vector<std::pair<std::string, dpv1::Snapshot>> found;
+  if (Status s = replicated.SnapshotsOf(id, &found); !s.ok()) return s;
+  for (const auto& [node, ds] : found) AddSnapshot(node, ds, all, id);
   return Status::Ok();
 }
 
@@ -58,32 +74,46 @@ Status SnapshotsOf(Nodes& nodes, const csi::VolumeRef& src, SnapshotEntries* all
   return Status::Ok();
 }
 
-void AllSnapshots(Nodes& nodes, SnapshotEntries* all) {
+void AllSnapshots(Nodes& nodes, ReplicatedVolumes& replicated, SnapshotEntries* all) {
   std::vector<NodeInfo> live = nodes.List();
   auto answers = FanOut(live, [&](const NodeInfo& n) {
     return nodes.On(n.node_id, [](NodeDatapath& d) { return d.ListSnapshots(""); });
   });
+  // Snapshots of replicated volumes name their r1 volume as the source, not the copy.
+  const auto copies = replicated.CopyIds();
   for (size_t i = 0; i < live.size(); ++i) {
+    const std::string& node = live[i].node_id;
     if (!answers[i].ok()) {
-      SkipNode("ListSnapshots", live[i].node_id, answers[i].status());
+      SkipNode("ListSnapshots", node, answers[i].status());
       continue;
     }
-    for (const auto& ds : *answers[i]) AddSnapshot(live[i].node_id, ds, all);
+    for (const auto& ds : *answers[i]) {
+      auto r1 = copies.find({node, ds.source_volume()});
+      AddSnapshot(node, ds, all, r1 == copies.end() ? "" : r1->second);
+    }
   }
 }
 
 // What a ListSnapshots request asks for: one snapshot, those of one volume, or all.
-Status CollectSnapshots(Nodes& nodes, const v1::ListSnapshotsRequest& req, SnapshotEntries* all) {
+Status CollectSnapshots(Nodes& nodes, ReplicatedVolumes& replicated,
+                        const v1::ListSnapshotsRequest& req, SnapshotEntries* all) {
   std::optional<csi::VolumeRef> src;
-  if (!req.source_volume_id().empty()) {
+  std::string r1_src;
+  if (csi::IsReplicatedVolumeId(req.source_volume_id())) {
+    // A malformed r1 id names no volume: OneSnapshot and SnapshotsOf find nothing from it.
+    if (!csi::ParseReplicatedVolumeId(req.source_volume_id()).ok()) return Status::Ok();
+    r1_src = req.source_volume_id();
+  } else if (!req.source_volume_id().empty()) {
     auto r = csi::ParseVolumeId(req.source_volume_id());
     // A malformed id names no volume, so no snapshot was taken from it: an empty list.
     if (!r.ok()) return Status::Ok();
     src = *r;
   }
-  if (!req.snapshot_id().empty()) return OneSnapshot(nodes, req.snapshot_id(), src, all);
+  if (!req.snapshot_id().empty())
+    return OneSnapshot(nodes, replicated, req.snapshot_id(), src, r1_src, all);
+  if (!r1_src.empty()) return SnapshotsOfReplicated(replicated, r1_src, all);
   if (src) return SnapshotsOf(nodes, *src, all);
-  AllSnapshots(nodes, all);
+  AllSnapshots(nodes, replicated, all);
   return Status::Ok();
 }
 
@@ -123,7 +153,7 @@ Status ControllerImpl::ListSnapshots(const v1::ListSnapshotsRequest& req,
                                      v1::ListSnapshotsResponse* resp) {
   if (Status s = CheckPageToken(req.starting_token()); !s.ok()) return s;
   SnapshotEntries all;
-  if (Status s = CollectSnapshots(nodes_, req, &all); !s.ok()) return s;
+  if (Status s = CollectSnapshots(nodes_, replicated_, req, &all); !s.ok()) return s;
   return Paginate(std::move(all), req.max_entries(), req.starting_token(), resp->mutable_entries(),
                   resp->mutable_next_token());
 }

@@ -1,5 +1,5 @@
-// What the controller asks of one node's nbd-datapathd (datapath/api/datapath.proto, gRPC over
-// mutual TLS): one method per Datapath RPC the controller uses. An interface, as the node plugin's
+// What the controller asks of one node's nbd-datapathd (datapath/api/datapath.proto, and
+// TargetFreeze of target.proto; gRPC over mutual TLS): one method per RPC the controller uses. An interface, as the node plugin's
 // node/datapath_client.h is, so that placement, idempotency and error mapping are unit-tested
 // against in-process fakes (test/controller/fake_datapath.h); MakeGrpcDatapathFactory makes the
 // real clients, and NodeRegistry hands them out per registered node.
@@ -22,6 +22,7 @@
 
 #include "common/status.h"
 #include "datapath/api/datapath.pb.h"
+#include "datapath/api/target.pb.h"
 
 namespace nbdcsi::controller {
 
@@ -49,6 +50,15 @@ class NodeDatapath {
   virtual StatusOr<dpv1::Snapshot> GetSnapshot(const std::string& name) = 0;
   // Only those taken from `source_volume`; "" for all. Sorted by name.
   virtual StatusOr<std::vector<dpv1::Snapshot>> ListSnapshots(const std::string& source_volume) = 0;
+
+  // The TargetFreeze service (datapath/api/target.proto), on the node that serves a replicated
+  // volume's target: writes held and drained, the in-sync replicas flushed, until ThawTarget or
+  // `lift_after` (then the freeze lifts itself). ENOENT: no target of the volume is open there;
+  // ETIMEDOUT: the writes in flight did not finish in time (nothing stays frozen).
+  virtual StatusOr<dpv1::FreezeTargetResponse> FreezeTarget(
+      const std::string& volume, std::chrono::milliseconds lift_after) = 0;
+  // Idempotent: false when freeze `freeze_id` was not held any more (thawed, or lifted itself).
+  virtual StatusOr<bool> ThawTarget(const std::string& volume, uint64_t freeze_id) = 0;
 };
 
 // Makes the client of node `node_id`, whose datapath API listens on `address` (host:port).

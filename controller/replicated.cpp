@@ -1,12 +1,14 @@
 #include "controller/replicated.h"
 
 #include <algorithm>
+#include <optional>
 #include <set>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
+#include "controller/csi_response.h"
 #include "controller/csi_status.h"
 #include "csi/ids.h"
 #include "csi/logging.h"
@@ -23,6 +25,12 @@ std::vector<std::string> OutOfSync(const cluster::VolumeState& v) {
   std::set_difference(v.replicas.begin(), v.replicas.end(), v.in_sync.begin(), v.in_sync.end(),
                       std::back_inserter(out));
   return out;
+}
+
+// The r1 id of a catalogue name, for messages.
+std::string IdOrName(const std::string& name) {
+  auto id = csi::FormatReplicatedVolumeId(name);
+  return id.ok() ? *id : name;
 }
 
 }  // namespace
@@ -259,6 +267,184 @@ void ReplicatedVolumes::List(
     }
     after = page->next;
   } while (!after.empty());
+}
+
+Status ReplicatedVolumes::CreateSnapshot(const std::string& id, const std::string& snap_name,
+                                         v1::Snapshot* out) {
+  auto v = Get(id);
+  if (!v.ok()) return v.status();
+  // Idempotency: a snapshot of this volume can only be on one of its replica nodes.
+  for (const auto& node : v->replicas) {
+    if (!nodes_.Get(node)) continue;  // as the single-node search, registered nodes only
+    auto found = nodes_.GetSnapshot(node, snap_name);
+    if (!found.ok() && found.status().code() == ENOENT) continue;
+    if (!found.ok()) return found.status();
+    if (found->source_volume() != v->name) {
+      return Err(EEXIST, "snapshot \"{}\" exists with another source volume ({})", snap_name,
+                 VolumeIdOf(node, found->source_volume()));
+    }
+    FillSnapshot(node, *found, out);
+    out->set_source_volume_id(id);
+    return Status::Ok();
+  }
+  // A target that moved, or opened, between the catalogue read and the snapshot: read and try
+  // again, a few times.
+  constexpr int kAttempts = 3;
+  Status last;
+  for (int attempt = 0; attempt < kAttempts; ++attempt) {
+    bool again = false;
+    last = SnapshotOnce(id, *v, snap_name, out, &again);
+    if (!again) return last;
+    v = Get(id);
+    if (!v.ok()) return v.status();
+  }
+  return last;
+}
+
+Status ReplicatedVolumes::SnapshotOnce(const std::string& id, const cluster::VolumeState& v,
+                                       const std::string& snap_name, v1::Snapshot* out,
+                                       bool* again) {
+  using Clock = std::chrono::steady_clock;
+  *again = false;
+  std::vector<std::string> candidates = v.in_sync;
+  std::optional<dpv1::FreezeTargetResponse> freeze;
+  // Before the freeze is asked for: its deadline on the datapath is later than this plus
+  // kSnapshotFreeze, so a snapshot done by then was taken inside the freeze.
+  const auto asked = Clock::now();
+  if (!v.target.empty()) {
+    auto f = nodes_.On(v.target,
+                       [&](NodeDatapath& d) { return d.FreezeTarget(v.name, kSnapshotFreeze); });
+    if (!f.ok() && f.status().code() == ENOENT) {
+      *again = true;  // the target closed meanwhile
+      return Err(EAGAIN, "volume {}: node {} no longer serves it: {}", id, v.target,
+                 f.status().message());
+    }
+    if (!f.ok()) {
+      return Status(f.status().code(), fmt::format("volume {}: freezing its writes on node {} "
+                                                   "(its target): {}", id, v.target,
+                                                   f.status().message()));
+    }
+    freeze = *f;
+    candidates.assign(f->in_sync().begin(), f->in_sync().end());
+  }
+  auto made = SnapshotOnOneOf(v, candidates, snap_name);
+  bool held = true;  // the freeze was in force until the snapshot was done
+  if (freeze) {
+    auto thawed = nodes_.On(v.target, [&](NodeDatapath& d) {
+      return d.ThawTarget(v.name, freeze->freeze_id());
+    });
+    if (thawed.ok()) {
+      held = *thawed;
+    } else {
+      // It lifts itself by its deadline; whether it covered the snapshot, our clock says.
+      held = Clock::now() < asked + kSnapshotFreeze;
+      spdlog::warn("[{}] volume {}: thawing its target on node {} failed ({}); the freeze lifts "
+                   "itself within {} ms", csi::CurrentRequestId(), id, v.target,
+                   thawed.status().message(), kSnapshotFreeze.count());
+    }
+  }
+  if (!made.ok()) return made.status();
+  const auto& [node, snap] = *made;
+  // The proof that nothing was written around the freeze: the same epoch after the snapshot
+  // (every new target raises it), and the freeze held throughout.
+  const uint64_t at_epoch = freeze ? freeze->epoch() : v.epoch;
+  std::string why;
+  auto after = store_->GetVolume(v.name);
+  if (!held) {
+    why = fmt::format("the freeze of its target lifted itself ({} ms) before the snapshot was "
+                      "done", kSnapshotFreeze.count());
+  } else if (!after.ok()) {
+    why = fmt::format("the cluster state cannot be read to confirm it: {}",
+                      after.status().message());
+  } else if (after->epoch != at_epoch) {
+    why = fmt::format("a target opened meanwhile (epoch {} -> {})", at_epoch, after->epoch);
+    *again = true;
+  }
+  if (!why.empty()) {
+    Status d = nodes_.On(node, [&](NodeDatapath& dp) { return dp.DeleteSnapshot(snap_name); });
+    if (!d.ok() && d.code() != ENOENT) {
+      spdlog::error("[{}] snapshot {} of volume {} on node {} is not at one write boundary ({}) "
+                    "and could not be deleted: {}; delete it (nbdctl snapshot delete) before a "
+                    "retry finds it", csi::CurrentRequestId(), snap_name, id, node, why,
+                    d.message());
+    }
+    return Err(EAGAIN, "snapshot {} of volume {} was not taken at one write boundary ({}); it was "
+               "deleted, retry", snap_name, id, why);
+  }
+  FillSnapshot(node, snap, out);
+  out->set_source_volume_id(id);
+  spdlog::info("[{}] snapshot {} of replicated volume {} taken on node {} at epoch {}{}",
+               csi::CurrentRequestId(), out->snapshot_id(), id, node, at_epoch,
+               freeze ? fmt::format(" (target on node {} frozen {} ms to drain)", v.target,
+                                    freeze->drained_ms())
+                      : std::string(" (no target: the copies were quiescent)"));
+  return Status::Ok();
+}
+
+StatusOr<std::pair<std::string, dpv1::Snapshot>> ReplicatedVolumes::SnapshotOnOneOf(
+    const cluster::VolumeState& v, const std::vector<std::string>& nodes,
+    const std::string& snap_name) {
+  std::vector<std::string> skipped;
+  for (const auto& node : nodes) {
+    if (std::find(v.replicas.begin(), v.replicas.end(), node) == v.replicas.end()) continue;
+    if (!nodes_.Get(node)) {
+      skipped.push_back(node + ": not registered");
+      continue;
+    }
+    auto made = nodes_.On(node, [&](NodeDatapath& d) { return d.CreateSnapshot(snap_name, v.name); });
+    if (made.ok()) return std::make_pair(node, *made);
+    // Unreachable: it never got the call, so another replica may take it. Anything else may
+    // have left a snapshot there; the retry finds it.
+    if (made.status().code() == EAGAIN) {
+      skipped.push_back(fmt::format("{}: {}", node, made.status().message()));
+      continue;
+    }
+    return Status(made.status().code(), fmt::format("snapshot on replica node {}: {}", node,
+                                                    made.status().message()));
+  }
+  return Err(EAGAIN, "volume {}: no in-sync replica can take the snapshot now (in sync: [{}]; {})",
+             IdOrName(v.name), fmt::join(nodes, ","),
+             skipped.empty() ? std::string("none of them is a replica") : fmt::format("{}", fmt::join(skipped, "; ")));
+}
+
+Status ReplicatedVolumes::SnapshotsOf(const std::string& id,
+                                      std::vector<std::pair<std::string, dpv1::Snapshot>>* out) {
+  auto name = csi::ParseReplicatedVolumeId(id);
+  if (!name.ok() || !store_) return Status::Ok();  // names nothing here: no snapshot of it
+  auto v = store_->GetVolume(*name);
+  if (!v.ok()) return v.status().code() == ENOENT ? Status::Ok() : v.status();
+  for (const auto& node : v->replicas) {
+    if (!nodes_.Get(node)) {
+      spdlog::warn("[{}] ListSnapshots of {} skips replica node {}: not registered",
+                   csi::CurrentRequestId(), id, node);
+      continue;
+    }
+    auto list = nodes_.On(node, [&](NodeDatapath& d) { return d.ListSnapshots(v->name); });
+    if (!list.ok()) return list.status();
+    for (auto& snap : *list) out->emplace_back(node, std::move(snap));
+  }
+  return Status::Ok();
+}
+
+std::string ReplicatedVolumes::ReplicatedSource(const std::string& node,
+                                                const std::string& pool_name) {
+  if (!store_) return "";
+  auto v = store_->GetVolume(pool_name);
+  if (!v.ok() || std::find(v->replicas.begin(), v->replicas.end(), node) == v->replicas.end())
+    return "";
+  auto id = csi::FormatReplicatedVolumeId(pool_name);
+  return id.ok() ? *id : "";
+}
+
+std::map<std::pair<std::string, std::string>, std::string> ReplicatedVolumes::CopyIds() {
+  std::map<std::pair<std::string, std::string>, std::string> ids;
+  std::vector<std::pair<std::string, v1::ListVolumesResponse::Entry>> all;
+  std::set<std::pair<std::string, std::string>> copies;
+  List(&all, &copies);
+  for (const auto& [node, name] : copies) {
+    if (auto id = csi::FormatReplicatedVolumeId(name); id.ok()) ids[{node, name}] = *id;
+  }
+  return ids;
 }
 
 }  // namespace nbdcsi::controller

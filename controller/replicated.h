@@ -18,10 +18,25 @@
 // delete` if the node ever returns); a registered node that fails the call fails the delete
 // (retried).
 //
+// CreateSnapshot (at one write boundary): the snapshot is taken in ONE in-sync replica's pool
+// (that pool's CreateSnapshot: reflink or copy-before-write) and is an ordinary s1:<node>:<name>
+// snapshot of that node, so that ListSnapshots, DeleteSnapshot and restores (a single-node volume
+// on that node) work as for any other; its source_volume_id is the r1 id. When a node serves the
+// volume's target, the target is frozen first (TargetFreeze on that node: writes held, those in
+// flight acknowledged by every in-sync replica, every in-sync replica flushed), the snapshot is
+// taken on a replica the freeze reported in sync, and the target is thawed, also on error; the
+// freeze lifts itself after kSnapshotFreeze if the controller dies. With no target the copies are
+// quiescent (every write needs a claim, which raises the epoch). Either way the snapshot counts
+// only when the epoch after it is the one it was taken at and a freeze was held throughout;
+// otherwise it is deleted again and the call fails with UNAVAILABLE (the sidecar retries).
+// Idempotency asks the volume's replica nodes only (those registered), not every node.
+//
 // Not yet for replicated volumes (INVALID_ARGUMENT, saying so): content sources (restore, clone)
-// in either direction, snapshots, expansion.
+// into a replicated volume, clones from one, expansion.
 #pragma once
 
+#include <chrono>
+#include <map>
 #include <set>
 #include <string>
 #include <utility>
@@ -67,6 +82,24 @@ class ReplicatedVolumes {
   void List(std::vector<std::pair<std::string, ::csi::v1::ListVolumesResponse::Entry>>* all,
             std::set<std::pair<std::string, std::string>>* copies);
 
+  // How long a snapshot may hold a served volume's writes before the freeze lifts itself.
+  static constexpr std::chrono::milliseconds kSnapshotFreeze{10000};
+
+  // CreateSnapshot of the r1 volume `id` as `snap_name` (the pool name of the CSI name).
+  Status CreateSnapshot(const std::string& id, const std::string& snap_name,
+                        ::csi::v1::Snapshot* out);
+  // ListSnapshots filtered by the r1 volume `id`: its snapshots on its (registered) replica
+  // nodes, as (node, snapshot); a replica node that cannot answer fails the listing. A malformed
+  // id or a volume not in the catalogue has none.
+  Status SnapshotsOf(const std::string& id,
+                     std::vector<std::pair<std::string, dpv1::Snapshot>>* out);
+  // The r1 id of the volume whose copy is `pool_name` on `node`, or "" (a single-node volume, or
+  // none): what a snapshot's source_volume_id says. Reads the catalogue once per call.
+  std::string ReplicatedSource(const std::string& node, const std::string& pool_name);
+  // Every replica copy (node, pool name) -> r1 id, for listings of many snapshots; empty when
+  // the catalogue cannot be read (logged).
+  std::map<std::pair<std::string, std::string>, std::string> CopyIds();
+
   // The error of a call that needs the catalogue when there is none (EINVAL: a StorageClass the
   // deployment cannot serve, or an id from one that could).
   Status NoCatalogue(std::string_view what) const;
@@ -77,6 +110,13 @@ class ReplicatedVolumes {
   Status Finish(const CreateArgs& a, const cluster::VolumeState& v, ::csi::v1::Volume* out);
   Status CreateCopies(const CreateArgs& a, const cluster::VolumeState& v);
   void RollBack(const cluster::VolumeState& v);
+  // One attempt of CreateSnapshot on the catalogue entry `v`.
+  Status SnapshotOnce(const std::string& id, const cluster::VolumeState& v,
+                      const std::string& snap_name, ::csi::v1::Snapshot* out, bool* retry);
+  // Takes the snapshot on the first of `nodes` that answers (registered, in v.replicas).
+  StatusOr<std::pair<std::string, dpv1::Snapshot>> SnapshotOnOneOf(
+      const cluster::VolumeState& v, const std::vector<std::string>& nodes,
+      const std::string& snap_name);
 
   cluster::ClusterStore* store_;
   Nodes& nodes_;

@@ -1,11 +1,13 @@
 // CreateSnapshot and DeleteSnapshot. A snapshot lives in its source volume's pool (its id names
-// that node); its name is unique across the cluster, as a volume's is.
+// that node); its name is unique across the cluster, as a volume's is. A replicated volume's
+// snapshot lives in one of its replicas' pools (controller/replicated.h).
 #include <spdlog/spdlog.h>
 
 #include "controller/controller_service.h"
 #include "controller/csi_request.h"
 #include "controller/csi_response.h"
 #include "controller/csi_status.h"
+#include "csi/ids.h"
 #include "csi/logging.h"
 
 namespace nbdcsi::controller {
@@ -35,10 +37,16 @@ Status ControllerImpl::CreateSnapshot(const v1::CreateSnapshotRequest& req,
   if (req.name().empty()) return Err(EINVAL, "name is required");
   if (req.source_volume_id().empty()) return Err(EINVAL, "source_volume_id is required");
   if (Status s = CheckSnapshotParameters(req.parameters()); !s.ok()) return s;
-  auto src = NamedVolume(req.source_volume_id(), "source volume");
+  const bool replicated = csi::IsReplicatedVolumeId(req.source_volume_id());
+  StatusOr<csi::VolumeRef> src = csi::VolumeRef{};
+  if (!replicated) src = NamedVolume(req.source_volume_id(), "source volume");
   if (!src.ok()) return src.status();
   auto snap_name = csi::PoolNameForCsiName(req.name());
   if (!snap_name.ok()) return Err(EINVAL, "name: {}", snap_name.status().message());
+  if (replicated) {
+    return replicated_.CreateSnapshot(req.source_volume_id(), *snap_name,
+                                      resp->mutable_snapshot());
+  }
   // Idempotency by name, as CreateVolume does it: ask every live node at once.
   std::vector<NodeInfo> live = nodes_.List();
   auto found =

@@ -697,6 +697,9 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
   if (Status st = EnsureSocketDir(c.api_ep); !st.ok()) return fail(st);
   auto attach_service = MakeAttachmentService((*attach)->manager());
   auto target_service = MakeTargetService(agent.get());
+  // Snapshots of replicated volumes: the controller freezes a target over TCP, nbdctl over unix.
+  auto freeze_local = MakeTargetFreezeService(agent.get());
+  auto freeze_remote = MakeTargetFreezeService(agent.get());
   // Backups to object storage (datapath/backup): declared before the server so that the
   // server stops first; its destructor cancels running jobs while the pool is still open.
   backup::BackupJobs backup_jobs(**pool);
@@ -704,7 +707,8 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
   auto logging_service = MakeLoggingService(ProcessLogLevel());
   auto server = StartApiServer(**pool, c.api_listens,
                                {attach_service.get(), backup_service.get(), target_service.get(),
-                                logging_service.get()});
+                                logging_service.get(), freeze_local.get()},
+                               {freeze_remote.get()});
   if (!server.ok()) {
     return fail(Error(server.status().code(), "cannot start the management API: {}",
                       server.status().message()));

@@ -426,7 +426,8 @@ std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterfac
 // TCP first: when it cannot bind, no unix socket is created for nothing. Returns whether the
 // TCP side failed.
 bool ApiServer::BuildAndStart(const std::vector<ApiListen>& listens,
-                              const std::vector<grpc::Service*>& extra) {
+                              const std::vector<grpc::Service*>& extra,
+                              const std::vector<grpc::Service*>& remote_extra) {
   grpc::ServerBuilder local, remote;
   bool any_local = false, any_remote = false;
   for (size_t i = 0; i < listens.size(); ++i) {
@@ -444,6 +445,7 @@ bool ApiServer::BuildAndStart(const std::vector<ApiListen>& listens,
     // the connections with us instead of failing to start.
     remote.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     remote.RegisterService(remote_service_.get());
+    for (grpc::Service* s : remote_extra) remote.RegisterService(s);
     remote.experimental().SetInterceptorCreators(Interceptors(calls_));
     remote_ = remote.BuildAndStart();
   }
@@ -498,7 +500,8 @@ Status ApiServer::CheckListening(const std::vector<ApiListen>& listens, bool rem
 }
 
 StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiListen> listens,
-                                                    std::vector<grpc::Service*> extra) {
+                                                    std::vector<grpc::Service*> extra,
+                                                    std::vector<grpc::Service*> remote_extra) {
   auto endpoints = CheckListeners(listens);
   if (!endpoints.ok()) return endpoints.status();
   std::unique_ptr<ApiServer> api(new ApiServer());
@@ -507,7 +510,7 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiL
   api->remote_service_ = std::make_unique<DatapathService>(pool, api->in_flight_);
   api->endpoints_ = std::move(*endpoints);
   api->ports_.assign(listens.size(), 0);
-  const bool remote_failed = api->BuildAndStart(listens, extra);
+  const bool remote_failed = api->BuildAndStart(listens, extra, remote_extra);
   if (!remote_failed) {
     if (Status s = api->BindUnix(listens); !s.ok()) return s;
   }
@@ -516,8 +519,8 @@ StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiL
     const Endpoint& ep = api->endpoints_[i];
     spdlog::info("management API listening on {}{}", ep.ToString(),
                  ep.kind == Endpoint::Kind::kUnix ? ""
-                 : listens[i].creds               ? " (mutual TLS, Datapath service only)"
-                                                  : " (plaintext, Datapath service only)");
+                 : listens[i].creds               ? " (mutual TLS, the controller's services only)"
+                                                  : " (plaintext, the controller's services only)");
   }
   return api;
 }

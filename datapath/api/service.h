@@ -60,10 +60,12 @@ class ApiServer {
 
  private:
   friend StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool&, std::vector<ApiListen>,
+                                                             std::vector<grpc::Service*>,
                                                              std::vector<grpc::Service*>);
   ApiServer() = default;
   bool BuildAndStart(const std::vector<ApiListen>& listens,
-                     const std::vector<grpc::Service*>& extra);
+                     const std::vector<grpc::Service*>& extra,
+                     const std::vector<grpc::Service*>& remote_extra);
   Status BindUnix(const std::vector<ApiListen>& listens);
   Status CheckListening(const std::vector<ApiListen>& listens, bool remote_failed) const;
   std::vector<Endpoint> endpoints_;
@@ -71,8 +73,8 @@ class ApiServer {
   // Names with a mutating call in flight ("volume/NAME", "snapshot/NAME"; see service.cpp).
   std::shared_ptr<NameLocks> in_flight_;
   // gRPC serves every registered service on every port of a server, so local and remote
-  // listeners are two servers: the remote one carries the Datapath service only (attaching kernel
-  // devices is the node plugin's business, over the unix socket). Both service objects share one
+  // listeners are two servers: the remote one carries the Datapath service and the remote extras
+  // only (attaching kernel devices is the node plugin's business, over the unix socket). Both service objects share one
   // in-flight set, so a call over TCP and one over the socket still exclude each other.
   std::unique_ptr<DatapathService> local_service_;
   std::unique_ptr<DatapathService> remote_service_;
@@ -87,12 +89,14 @@ class ApiServer {
 //  - unix:///path: a stale socket file is removed first (a live one is EADDRINUSE); the socket
 //    is created with mode 0600 and verified with stat() before this returns. Serves the Datapath
 //    service and the `extra` services (e.g. Attachments).
-//  - tcp://host:port: serves the Datapath service only, with `creds` (or plaintext when
-//    `insecure`, with a warning logged).
+//  - tcp://host:port: serves the Datapath service and the `remote_extra` services (the
+//    controller's: TargetFreeze), with `creds` (or plaintext when `insecure`, with a warning
+//    logged). A service object serves one server: remote_extra and extra never share one.
 // Nothing is left listening when any listener fails. The pool must outlive the returned server;
-// so must the `extra` services.
+// so must the `extra` and `remote_extra` services.
 StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool& pool, std::vector<ApiListen> listens,
-                                                    std::vector<grpc::Service*> extra = {});
+                                                    std::vector<grpc::Service*> extra = {},
+                                                    std::vector<grpc::Service*> remote_extra = {});
 
 // One listener, as before TCP had TLS: a unix socket, or a plaintext tcp://host:port for tests
 // (insecure implied; a warning is logged).

@@ -2,7 +2,11 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "common/grpc_status.h"
 #include "common/node_id.h"
@@ -63,6 +67,18 @@ void Fill(const TargetInfo& t, const std::string& node, v1::Target* out) {
   }
 }
 
+grpc::Status NoCluster() {
+  return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                      "this nbd-datapathd runs without a cluster (--cluster-etcd): it serves no "
+                      "replicated volumes");
+}
+
+grpc::Status Check(const char* rpc, ClusterAgent* agent, const std::string& volume) {
+  if (!agent) return NoCluster();
+  if (Status s = ValidateObjectName("volume", volume); !s.ok()) return Fail(rpc, s);
+  return grpc::Status::OK;
+}
+
 class TargetService final : public v1::Targets::Service {
  public:
   explicit TargetService(ClusterAgent* agent) : agent_(agent) {}
@@ -116,21 +132,48 @@ class TargetService final : public v1::Targets::Service {
   }
 
  private:
-  static grpc::Status NoCluster() {
-    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
-                        "this nbd-datapathd runs without a cluster (--cluster-etcd): it serves "
-                        "no replicated volumes");
-  }
   grpc::Status Check(const char* rpc, const std::string& volume) {
-    if (!agent_) return NoCluster();
-    if (Status s = ValidateObjectName("volume", volume); !s.ok()) return Fail(rpc, s);
-    return grpc::Status::OK;
+    return nbdcsi::datapath::Check(rpc, agent_, volume);
   }
 
   ClusterAgent* agent_;
 };
 
+class TargetFreezeService final : public v1::TargetFreeze::Service {
+ public:
+  explicit TargetFreezeService(ClusterAgent* agent) : agent_(agent) {}
+
+  grpc::Status FreezeTarget(grpc::ServerContext*, const v1::FreezeTargetRequest* req,
+                            v1::FreezeTargetResponse* resp) override {
+    if (auto s = Check("FreezeTarget", agent_, req->volume()); !s.ok()) return s;
+    auto f = agent_->FreezeTarget(req->volume(), std::chrono::milliseconds(req->lift_after_ms()));
+    if (!f.ok()) return Fail("FreezeTarget", f.status());
+    resp->set_freeze_id(f->id);
+    resp->set_epoch(f->epoch);
+    std::vector<std::string> in_sync = f->in_sync;
+    std::sort(in_sync.begin(), in_sync.end());
+    for (const auto& n : in_sync) resp->add_in_sync(n);
+    resp->set_drained_ms(static_cast<uint64_t>(f->drained.count()));
+    resp->set_lifts_in_ms(static_cast<uint64_t>(std::max<int64_t>(f->lifts_in.count(), 0)));
+    resp->set_node(agent_->node_id());
+    return grpc::Status::OK;
+  }
+  grpc::Status ThawTarget(grpc::ServerContext*, const v1::ThawTargetRequest* req,
+                          v1::ThawTargetResponse* resp) override {
+    if (auto s = Check("ThawTarget", agent_, req->volume()); !s.ok()) return s;
+    resp->set_thawed(agent_->ThawTarget(req->volume(), req->freeze_id()));
+    return grpc::Status::OK;
+  }
+
+ private:
+  ClusterAgent* agent_;
+};
+
 }  // namespace
+
+std::unique_ptr<grpc::Service> MakeTargetFreezeService(replica::ClusterAgent* agent) {
+  return std::make_unique<TargetFreezeService>(agent);
+}
 
 std::unique_ptr<grpc::Service> MakeTargetService(replica::ClusterAgent* agent) {
   return std::make_unique<TargetService>(agent);

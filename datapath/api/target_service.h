@@ -15,4 +15,8 @@ namespace nbdcsi::datapath {
 // their timeouts).
 std::unique_ptr<grpc::Service> MakeTargetService(replica::ClusterAgent* agent);
 
+// The TargetFreeze service (snapshots of replicated volumes), for the unix and the TCP API alike:
+// a gRPC service object serves one server, so the daemon makes one per server. `agent` as above.
+std::unique_ptr<grpc::Service> MakeTargetFreezeService(replica::ClusterAgent* agent);
+
 }  // namespace nbdcsi::datapath

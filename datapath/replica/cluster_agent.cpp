@@ -165,7 +165,7 @@ StatusOr<TargetInfo> ClusterAgent::OpenTarget(const std::string& volume) {
 
 Status ClusterAgent::CloseTarget(const std::string& volume) {
   std::lock_guard<std::mutex> ops(ops_mu_);
-  std::unique_ptr<Target> t;
+  std::shared_ptr<Target> t;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = targets_.find(volume);
@@ -206,6 +206,31 @@ StatusOr<ResyncReport> ClusterAgent::ResyncReplica(const std::string& volume,
   ResyncOptions ro;
   ro.rate_bytes_per_second = rate_bytes_per_second;
   return t->ResyncReplica(node, ro);
+}
+
+StatusOr<SnapshotFreeze> ClusterAgent::FreezeTarget(const std::string& volume,
+                                                    std::chrono::milliseconds lift_after) {
+  std::shared_ptr<Target> t;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = targets_.find(volume);
+    if (it == targets_.end())
+      return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
+    t = it->second;
+  }
+  // Not under ops_mu_: a resync may hold it for the whole copy, and freezes nest with its own.
+  return t->FreezeForSnapshot(lift_after);
+}
+
+bool ClusterAgent::ThawTarget(const std::string& volume, uint64_t freeze_id) {
+  std::shared_ptr<Target> t;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = targets_.find(volume);
+    if (it == targets_.end()) return false;  // closed: its freezes went with it
+    t = it->second;
+  }
+  return t->ThawSnapshot(freeze_id);
 }
 
 std::vector<TargetInfo> ClusterAgent::ListTargets() {

@@ -95,6 +95,12 @@ class ClusterAgent {
   StatusOr<ResyncReport> ResyncReplica(const std::string& volume, const std::string& node,
                                        uint64_t rate_bytes_per_second);
   std::vector<TargetInfo> ListTargets();
+  // Target::FreezeForSnapshot / ThawSnapshot on the target of `volume` open here. Freeze: ENOENT
+  // when none is open here. Thaw is idempotent: false when nothing was held (no target here, or
+  // the freeze was thawed or lifted itself already).
+  StatusOr<SnapshotFreeze> FreezeTarget(const std::string& volume,
+                                        std::chrono::milliseconds lift_after);
+  bool ThawTarget(const std::string& volume, uint64_t freeze_id);
 
   const std::string& node_id() const { return opts_.node_id; }
   // True while the node holds a live lease and its registration.
@@ -121,7 +127,8 @@ class ClusterAgent {
   std::shared_ptr<cluster::Lease> lease_;  // under mu_; replaced when lost
   std::mutex ops_mu_;  // one open or close at a time (each does network I/O)
   mutable std::mutex mu_;  // targets_, lease_, join state
-  std::map<std::string, std::unique_ptr<Target>> targets_;
+  // Shared: a freeze (which may wait for the drain) keeps its target alive through a close.
+  std::map<std::string, std::shared_ptr<Target>> targets_;
   bool stopped_ = false;
   std::condition_variable resync_cv_;  // with mu_: wakes the loops at Stop, and a lost lease
   std::thread resync_thread_;

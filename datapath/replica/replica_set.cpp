@@ -153,9 +153,9 @@ struct ReplicaSet::Impl {
   std::mutex membership_mu;
   mutable std::mutex mu;
   std::condition_variable cv;
-  // Freeze: modifying requests and flushes not yet answered, and those held while frozen.
+  // Freeze: modifying requests and flushes sent and not yet answered (the held ones are not).
   int changes_in_flight = 0;
-  bool frozen = false;
+  int freezes = 0;  // Freeze calls not thawed yet
   std::deque<std::pair<BackendRequest, BackendDone>> held;
   std::condition_variable drained;
   Mask failing = 0, out = 0;
@@ -489,6 +489,10 @@ const std::string& ReplicaSet::name() const { return impl_->opts.volume; }
 uint64_t ReplicaSet::size() const { return impl_->opts.size; }
 
 void ReplicaSet::Submit(const BackendRequest& request, BackendDone done) {
+  Dispatch(request, std::move(done), false);
+}
+
+void ReplicaSet::Dispatch(const BackendRequest& request, BackendDone done, bool past_freeze) {
   Impl& s = *impl_;
   const bool change = request.op != BackendRequest::Op::kRead;
   auto op = std::make_shared<Op>();
@@ -499,7 +503,7 @@ void ReplicaSet::Submit(const BackendRequest& request, BackendDone done) {
     std::lock_guard<std::mutex> lock(s.mu);
     if (s.stopped || s.closing) {
       refuse = s.closing ? ESHUTDOWN : EIO;
-    } else if (change && s.frozen) {
+    } else if (change && s.freezes > 0 && !past_freeze) {
       // Resubmitted by Thaw, in order.
       s.held.emplace_back(request, std::move(done));
       return;
@@ -558,8 +562,27 @@ void ReplicaSet::Submit(const BackendRequest& request, BackendDone done) {
 void ReplicaSet::Freeze() {
   Impl& s = *impl_;
   std::unique_lock<std::mutex> lock(s.mu);
-  s.frozen = true;
+  ++s.freezes;
   s.drained.wait(lock, [&] { return s.changes_in_flight == 0; });
+}
+
+Status ReplicaSet::FreezeUntil(std::chrono::steady_clock::time_point drain_by) {
+  Impl& s = *impl_;
+  {
+    std::unique_lock<std::mutex> lock(s.mu);
+    if (s.stopped || s.closing)
+      return Error(EIO, "replica set {} is stopped: {}", s.opts.volume, s.stop_reason);
+    ++s.freezes;
+    if (s.drained.wait_until(lock, drain_by, [&] { return s.changes_in_flight == 0; }))
+      return Status::Ok();
+  }
+  const int left = [&] {
+    std::lock_guard<std::mutex> lock(s.mu);
+    return s.changes_in_flight;
+  }();
+  Thaw();
+  return Error(ETIMEDOUT, "replica set {}: {} changes still in flight at the freeze's deadline",
+               s.opts.volume, left);
 }
 
 void ReplicaSet::Thaw() {
@@ -567,10 +590,30 @@ void ReplicaSet::Thaw() {
   std::deque<std::pair<BackendRequest, BackendDone>> held;
   {
     std::lock_guard<std::mutex> lock(s.mu);
-    s.frozen = false;
+    if (s.freezes == 0) return;  // an unmatched Thaw must not lift somebody else's freeze
+    if (--s.freezes > 0) return;
     held.swap(s.held);
   }
   for (auto& [r, d] : held) Submit(r, std::move(d));
+}
+
+Status ReplicaSet::FlushFrozen() {
+  Impl& s = *impl_;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (s.freezes == 0)
+      return Error(EINVAL, "replica set {}: a flush past the freeze needs a frozen set",
+                   s.opts.volume);
+  }
+  std::promise<int> answered;
+  auto result = answered.get_future();
+  BackendRequest flush{BackendRequest::Op::kFlush, 0, 0, nullptr};
+  Dispatch(flush, [&answered](int res) { answered.set_value(res); }, true);
+  // Bounded: every replica request has the client's timeout, and a drop the membership's retry.
+  const int res = result.get();
+  if (res < 0)
+    return Error(-res, "replica set {}: flush of the in-sync replicas failed", s.opts.volume);
+  return Status::Ok();
 }
 
 Status ReplicaSet::Readmit(const std::string& node, std::unique_ptr<ReplicaChannel> channel) {
@@ -580,7 +623,7 @@ Status ReplicaSet::Readmit(const std::string& node, std::unique_ptr<ReplicaChann
   std::vector<std::string> in_sync;
   {
     std::lock_guard<std::mutex> lock(s.mu);
-    if (!s.frozen) return Error(EINVAL, "replica set {}: readmit {} needs a frozen set", s.opts.volume, node);
+    if (s.freezes == 0) return Error(EINVAL, "replica set {}: readmit {} needs a frozen set", s.opts.volume, node);
     if (s.stopped) return Error(EIO, "replica set {} is stopped: {}", s.opts.volume, s.stop_reason);
     while (i < s.members.size() && s.members[i].node != node) ++i;
     if (i == s.members.size())
@@ -654,6 +697,10 @@ void ReplicaSet::Close() {
     s.waiters.clear();
   }
   for (auto& w : left) w.op->done(-ESHUTDOWN);
+  // A change's done callback touches the set after the engine's (ChangeDone), possibly on a
+  // thread of the out-of-sync log: the set must outlive the last of them.
+  std::unique_lock<std::mutex> lock(s.mu);
+  s.drained.wait(lock, [&] { return s.changes_in_flight == 0; });
 }
 
 ReplicaSetHealth ReplicaSet::health() const {

@@ -162,11 +162,20 @@ class ReplicaSet final : public datapath::ExportBackend {
   // Later requests fail with EIO; those in flight finish as they would.
   void Stop(const std::string& reason);
 
-  // For the last pass of a resync: holds every later write, trim, write-zeroes and flush (they
-  // wait, in order; reads go on) and returns once those already submitted are answered. Thaw
-  // submits the held ones. The caller keeps the freeze short: the kernel sees it as latency.
+  // For the last pass of a resync, and for a snapshot: holds every later write, trim,
+  // write-zeroes and flush (they wait, in order; reads go on) and returns once those already
+  // submitted are answered. Freezes nest (a resync's and a snapshot's may overlap): each Freeze
+  // needs its own Thaw, and the last Thaw submits the held requests. The caller keeps the freeze
+  // short: the kernel sees it as latency.
   void Freeze();
+  // Freeze, but gives up at `drain_by` when changes are still in flight: the freeze is undone
+  // (as by Thaw) and the result is ETIMEDOUT. EIO when the set is stopped or closed.
+  Status FreezeUntil(std::chrono::steady_clock::time_point drain_by);
   void Thaw();
+  // While frozen: a FLUSH to every in-sync replica, past the freeze, and waits for it (a
+  // replica that fails it is dropped first, as for any flush). Makes what every in-sync replica
+  // acknowledged durable there. EINVAL when not frozen; the flush's errno when it failed.
+  Status FlushFrozen();
   // While frozen: the replica on `node`, out of sync and now current again (resynced), is
   // recorded in sync in the cluster state (Membership::SetInSync) and gets every later request
   // through `channel` (connected at the set's epoch). EINVAL when not frozen or the member is
@@ -181,6 +190,9 @@ class ReplicaSet final : public datapath::ExportBackend {
 
  private:
   explicit ReplicaSet(std::unique_ptr<Impl> impl);
+  // Submit, with `past_freeze` for FlushFrozen.
+  void Dispatch(const datapath::BackendRequest& request, datapath::BackendDone done,
+                bool past_freeze);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -1,6 +1,7 @@
 #include "datapath/replica/target.h"
 
 #include <algorithm>
+#include <atomic>
 #include <future>
 #include <utility>
 
@@ -261,13 +262,121 @@ StatusOr<ResyncReport> Target::ResyncReplica(const std::string& node, ResyncOpti
   return report;
 }
 
+StatusOr<SnapshotFreeze> Target::FreezeForSnapshot(std::chrono::milliseconds lift_after) {
+  using Clock = std::chrono::steady_clock;
+  if (lift_after.count() < 1 || lift_after > kMaxSnapshotFreeze)
+    return Error(EINVAL, "target {}: a snapshot freeze lifts itself after 1 to {} ms, not {}",
+                 opts_.volume, kMaxSnapshotFreeze.count(), lift_after.count());
+  static std::atomic<uint64_t> last_id{0};
+  const auto began = Clock::now();
+  const auto lifts_at = began + lift_after;
+  if (Status s = set_->FreezeUntil(lifts_at); !s.ok())
+    return Error(s.code(), "target {}: cannot freeze for a snapshot: {}", opts_.volume,
+                 s.message());
+  SnapshotFreeze f;
+  f.id = ++last_id;
+  f.epoch = epoch_;
+  f.drained = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - began);
+  {
+    // Registered before the flush: a flush that hangs is still lifted on time.
+    std::lock_guard<std::mutex> lock(freeze_mu_);
+    if (closed_ || freeze_quit_) {
+      set_->Thaw();
+      return Error(ESHUTDOWN, "target {} is closing", opts_.volume);
+    }
+    freezes_[f.id] = lifts_at;
+    if (!freeze_thread_.joinable()) freeze_thread_ = std::thread([this] { FreezeWatchdog(); });
+    freeze_cv_.notify_all();
+  }
+  auto fail = [&](Status why) -> Status {
+    ThawSnapshot(f.id);
+    return why;
+  };
+  if (Status s = set_->FlushFrozen(); !s.ok())
+    return fail(Error(s.code(), "target {}: {}", opts_.volume, s.message()));
+  // After the flush every replica that failed a change has been dropped (the flush waited for
+  // it): the members still in sync hold every acknowledged write.
+  const ReplicaSetHealth h = set_->health();
+  if (h.stopped)
+    return fail(Error(EIO, "target {} stopped during the freeze: {}", opts_.volume,
+                      h.stop_reason));
+  for (const auto& m : h.members)
+    if (m.state == MemberState::kInSync) f.in_sync.push_back(m.node);
+  if (f.in_sync.empty()) return fail(Error(EIO, "target {}: no replica in sync", opts_.volume));
+  const auto now = Clock::now();
+  {
+    std::lock_guard<std::mutex> lock(freeze_mu_);
+    if (!freezes_.count(f.id))
+      return Error(ETIMEDOUT, "target {}: the freeze lifted itself after {} ms, before the flush "
+                   "of the replicas ended", opts_.volume, lift_after.count());
+  }
+  f.lifts_in = std::chrono::duration_cast<std::chrono::milliseconds>(lifts_at - now);
+  spdlog::info("target {}: frozen for a snapshot (freeze {}, drained in {} ms, lifts itself in "
+               "{} ms); in sync: [{}]", opts_.volume, f.id, f.drained.count(), f.lifts_in.count(),
+               fmt::join(f.in_sync, ", "));
+  return f;
+}
+
+bool Target::ThawSnapshot(uint64_t id) {
+  size_t lifted = 0;
+  {
+    std::lock_guard<std::mutex> lock(freeze_mu_);
+    if (id == 0) {
+      lifted = freezes_.size();
+      freezes_.clear();
+    } else {
+      lifted = freezes_.erase(id);
+    }
+    freeze_cv_.notify_all();
+  }
+  // Outside the lock: Thaw resubmits the held requests, whose answers may run inline.
+  for (size_t i = 0; i < lifted; ++i) set_->Thaw();
+  if (lifted) {
+    spdlog::info("target {}: {} lifted", opts_.volume,
+                 id ? fmt::format("snapshot freeze {}", id)
+                    : fmt::format("every snapshot freeze ({})", lifted));
+  }
+  return lifted > 0;
+}
+
+void Target::FreezeWatchdog() {
+  std::unique_lock<std::mutex> lock(freeze_mu_);
+  while (!freeze_quit_) {
+    if (freezes_.empty()) {
+      freeze_cv_.wait(lock);
+      continue;
+    }
+    auto first = std::min_element(freezes_.begin(), freezes_.end(),
+                                  [](const auto& a, const auto& b) { return a.second < b.second; });
+    // Copies: the map may change while the wait releases the lock.
+    const uint64_t id = first->first;
+    const auto deadline = first->second;
+    if (freeze_cv_.wait_until(lock, deadline) != std::cv_status::timeout) continue;
+    auto it = freezes_.find(id);
+    if (it == freezes_.end() || it->second > std::chrono::steady_clock::now()) continue;
+    freezes_.erase(it);
+    lock.unlock();
+    spdlog::warn("target {}: snapshot freeze {} was not thawed in time; it lifts itself and "
+                 "writes go on", opts_.volume, id);
+    set_->Thaw();
+    lock.lock();
+  }
+}
+
 void Target::Stop(const std::string& reason) {
   if (set_) set_->Stop(reason);
 }
 
 Status Target::Close() {
-  if (closed_) return Status::Ok();
-  closed_ = true;
+  {
+    std::lock_guard<std::mutex> lock(freeze_mu_);
+    if (closed_) return Status::Ok();
+    closed_ = true;
+    freeze_quit_ = true;
+    freeze_cv_.notify_all();
+  }
+  if (freeze_thread_.joinable()) freeze_thread_.join();
+  // The set's Close answers whatever a freeze still holds (ESHUTDOWN).
   if (set_) set_->Close();
   Status r = store_.ReleaseTarget(opts_.volume, opts_.node, epoch_);
   if (!r.ok())

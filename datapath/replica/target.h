@@ -15,6 +15,7 @@
 #pragma once
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -22,6 +23,7 @@
 #include <set>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/cluster/cluster_store.h"
@@ -73,8 +75,21 @@ struct ResyncReport {
   std::chrono::milliseconds took{0};
 };
 
+// A snapshot's freeze of a target (Target::FreezeForSnapshot).
+struct SnapshotFreeze {
+  uint64_t id = 0;  // for ThawSnapshot; unique in this process
+  uint64_t epoch = 0;
+  // The replicas in sync when writes stopped: each holds every acknowledged write, flushed.
+  std::vector<std::string> in_sync;
+  std::chrono::milliseconds drained{0};  // how long the changes in flight took to finish
+  std::chrono::milliseconds lifts_in{0};  // when the freeze lifts itself, from now
+};
+
 class Target {
  public:
+  // The longest a snapshot may hold a volume's writes (FreezeForSnapshot's lift_after).
+  static constexpr std::chrono::milliseconds kMaxSnapshotFreeze{60000};
+
   // See above. Errors: EBUSY (another target), ENOENT (no such volume in the cluster state),
   // EHOSTUNREACH (no in-sync replica reachable), ESTALE (the claim was lost while opening), and
   // the store's errors.
@@ -102,6 +117,17 @@ class Target {
   // EINVAL when the replica is not out of sync; the copy's or the cluster's error otherwise
   // (the replica then stays out of sync, and the log keeps what it misses).
   StatusOr<ResyncReport> ResyncReplica(const std::string& node, ResyncOptions options = {});
+  // For a snapshot taken on one replica's pool: holds every later change (reads go on), waits
+  // until those in flight are acknowledged by every in-sync replica, flushes every in-sync
+  // replica, and returns the replicas whose copies are now complete and durable. The freeze lifts
+  // itself `lift_after` after it began (1 ms to kMaxSnapshotFreeze, else EINVAL) unless
+  // ThawSnapshot lifted it first, so that a caller that dies never wedges the volume. ETIMEDOUT
+  // when the changes in flight did not finish within lift_after; EIO when the target is stopped
+  // or the flush failed everywhere. Freezes nest with each other and with a resync's.
+  StatusOr<SnapshotFreeze> FreezeForSnapshot(std::chrono::milliseconds lift_after);
+  // Lifts freeze `id` (0: every snapshot freeze of this target). Idempotent: false when it was
+  // not held any more (thawed before, or lifted by its deadline).
+  bool ThawSnapshot(uint64_t id);
   // Bytes each out-of-sync replica is known to miss (its bitmap), for inspect.
   std::map<std::string, uint64_t> OutOfSyncBytes();
   // The resync running now, if any (any thread).
@@ -127,6 +153,14 @@ class Target {
   std::shared_ptr<ReplicaSet> set_;
   std::vector<std::string> unreachable_;
   bool closed_ = false;
+  // Snapshot freezes held now, by id, and when each lifts itself: the watchdog thread (started by
+  // the first freeze, joined by Close) lifts those nobody thawed in time.
+  void FreezeWatchdog();
+  std::mutex freeze_mu_;
+  std::condition_variable freeze_cv_;
+  std::map<uint64_t, std::chrono::steady_clock::time_point> freezes_;
+  bool freeze_quit_ = false;
+  std::thread freeze_thread_;
 };
 
 }  // namespace nbdcsi::replica

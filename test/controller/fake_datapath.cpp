@@ -218,6 +218,57 @@ StatusOr<std::vector<dpv1::Snapshot>> FakeDatapath::ListSnapshots(const std::str
   return out;
 }
 
+void FakeDatapath::ServeTarget(const std::string& volume, std::vector<std::string> in_sync,
+                               uint64_t epoch) {
+  Locked([&] { targets_[volume] = FakeTarget{std::move(in_sync), epoch, {}}; });
+}
+
+void FakeDatapath::CloseTarget(const std::string& volume) {
+  Locked([&] { targets_.erase(volume); });
+}
+
+int FakeDatapath::Frozen(const std::string& volume) const {
+  std::lock_guard lock(mu_);
+  auto it = targets_.find(volume);
+  return it == targets_.end() ? 0 : static_cast<int>(it->second.freezes.size());
+}
+
+void FakeDatapath::LiftFreezes(const std::string& volume) {
+  Locked([&] {
+    if (auto it = targets_.find(volume); it != targets_.end()) it->second.freezes.clear();
+  });
+}
+
+std::chrono::milliseconds FakeDatapath::LastLiftAfter() const {
+  std::lock_guard lock(mu_);
+  return last_lift_after_;
+}
+
+StatusOr<dpv1::FreezeTargetResponse> FakeDatapath::FreezeTarget(
+    const std::string& volume, std::chrono::milliseconds lift_after) {
+  if (Status s = Enter("FreezeTarget", volume); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  last_lift_after_ = lift_after;
+  auto it = targets_.find(volume);
+  if (it == targets_.end())
+    return Error(ENOENT, "no target of volume {} is open on node {}", volume, node_);
+  dpv1::FreezeTargetResponse r;
+  r.set_freeze_id(++last_freeze_id_);
+  it->second.freezes.insert(r.freeze_id());
+  r.set_epoch(it->second.epoch);
+  for (const auto& n : it->second.in_sync) r.add_in_sync(n);
+  r.set_lifts_in_ms(static_cast<uint64_t>(lift_after.count()));
+  r.set_node(node_);
+  return r;
+}
+
+StatusOr<bool> FakeDatapath::ThawTarget(const std::string& volume, uint64_t freeze_id) {
+  if (Status s = Enter("ThawTarget", volume); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  auto it = targets_.find(volume);
+  return it != targets_.end() && it->second.freezes.erase(freeze_id) > 0;
+}
+
 // ---- FakeCluster ----
 
 FakeCluster::FakeCluster(cluster::ClusterStore* store)

@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -59,6 +60,17 @@ class FakeDatapath : public NodeDatapath {
   void PutSnapshot(dpv1::Snapshot s) {
     Locked([&] { snapshots_[s.name()] = std::move(s); });
   }
+  // A replicated volume's target served here (what FreezeTarget finds), with the in-sync set and
+  // epoch it reports; CloseTarget takes it away (its freezes go with it).
+  void ServeTarget(const std::string& volume, std::vector<std::string> in_sync, uint64_t epoch);
+  void CloseTarget(const std::string& volume);
+  // Freezes of the volume's target held now (taken and neither thawed nor lifted).
+  int Frozen(const std::string& volume) const;
+  // As the datapath's own deadline does: every freeze of the volume lifts itself.
+  void LiftFreezes(const std::string& volume);
+  // The lift_after of the last FreezeTarget.
+  std::chrono::milliseconds LastLiftAfter() const;
+
   std::optional<dpv1::Volume> Volume(const std::string& name) const;
   size_t VolumeCount() const;
   // "CreateVolume pvc-1", "GetVolume pvc-1", ... in call order.
@@ -77,8 +89,16 @@ class FakeDatapath : public NodeDatapath {
   Status DeleteSnapshot(const std::string& name) override;
   StatusOr<dpv1::Snapshot> GetSnapshot(const std::string& name) override;
   StatusOr<std::vector<dpv1::Snapshot>> ListSnapshots(const std::string& source_volume) override;
+  StatusOr<dpv1::FreezeTargetResponse> FreezeTarget(const std::string& volume,
+                                                    std::chrono::milliseconds lift_after) override;
+  StatusOr<bool> ThawTarget(const std::string& volume, uint64_t freeze_id) override;
 
  private:
+  struct FakeTarget {
+    std::vector<std::string> in_sync;
+    uint64_t epoch = 0;
+    std::set<uint64_t> freezes;
+  };
   template <typename F>
   void Locked(F&& f) {
     std::lock_guard lock(mu_);
@@ -93,6 +113,9 @@ class FakeDatapath : public NodeDatapath {
   mutable std::mutex mu_;
   std::map<std::string, dpv1::Volume> volumes_;
   std::map<std::string, dpv1::Snapshot> snapshots_;
+  std::map<std::string, FakeTarget> targets_;
+  uint64_t last_freeze_id_ = 0;
+  std::chrono::milliseconds last_lift_after_{0};
   uint64_t room_ = uint64_t{1} << 50;
   Status down_;
   std::map<std::string, Status> fail_next_;

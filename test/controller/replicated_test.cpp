@@ -399,12 +399,6 @@ TEST_F(Replicated_, WhatIsNotSupportedYetIsInvalidArgumentSayingSo) {
   said(C().ControllerExpandVolume(nullptr, &ex, &exr), "not supported yet");
   EXPECT_EQ(Node("node-a").Volume("pvc-1")->size_bytes(), kGiB);
 
-  v1::CreateSnapshotRequest snap;
-  snap.set_name("snap-1");
-  snap.set_source_volume_id("r1:pvc-1");
-  v1::CreateSnapshotResponse snapr;
-  said(C().CreateSnapshot(nullptr, &snap, &snapr), "replicated volume");
-
   auto clone = VolumeRequest("pvc-clone", 0);
   clone.mutable_volume_content_source()->mutable_volume()->set_volume_id("r1:pvc-1");
   v1::CreateVolumeResponse cr;
@@ -414,6 +408,222 @@ TEST_F(Replicated_, WhatIsNotSupportedYetIsInvalidArgumentSayingSo) {
   into.mutable_volume_content_source()->mutable_snapshot()->set_snapshot_id("s1:node-a:snap");
   said(Create(into, &cr), "not supported yet");
   EXPECT_FALSE(store_.GetVolume("pvc-into").ok());
+}
+
+// ---- snapshots (controller/replicated.h: at one write boundary) ----
+
+class ReplicatedSnapshots : public Replicated_ {
+ protected:
+  // pvc-1 on node-a and node-b (most room); node-c has no copy and may serve the target.
+  void SetUp() override {
+    Up("node-a", 10 * kGiB);
+    Up("node-b", 9 * kGiB);
+    Up("node-c", 2 * kGiB);
+    MustCreate(Replicated("pvc-1", 2, static_cast<int64_t>(kGiB)));
+    ASSERT_TRUE(Node("node-a").Volume("pvc-1"));
+    ASSERT_TRUE(Node("node-b").Volume("pvc-1"));
+  }
+  // node-c opens the target (the claim in the cluster state, and its datapath serving it).
+  void ServeOnC() {
+    auto claimed = store_.ClaimTarget("pvc-1", "node-c", leases_["node-c"]);
+    ASSERT_TRUE(claimed.ok()) << claimed.status().message();
+    Node("node-c").ServeTarget("pvc-1", claimed->in_sync, claimed->epoch);
+  }
+  grpc::Status Snap(const std::string& name, v1::CreateSnapshotResponse* resp,
+                    const std::string& source = "r1:pvc-1") {
+    v1::CreateSnapshotRequest r;
+    r.set_name(name);
+    r.set_source_volume_id(source);
+    return C().CreateSnapshot(nullptr, &r, resp);
+  }
+  std::vector<v1::Snapshot> List(const std::string& source, const std::string& snapshot_id = "") {
+    v1::ListSnapshotsRequest r;
+    r.set_source_volume_id(source);
+    r.set_snapshot_id(snapshot_id);
+    v1::ListSnapshotsResponse resp;
+    grpc::Status s = C().ListSnapshots(nullptr, &r, &resp);
+    EXPECT_TRUE(s.ok()) << Describe(s);
+    std::vector<v1::Snapshot> out;
+    for (const auto& e : resp.entries()) out.push_back(e.snapshot());
+    return out;
+  }
+};
+
+TEST_F(ReplicatedSnapshots, AServedVolumeIsSnapshottedOnOneReplicaWhileItsTargetIsFrozen) {
+  ServeOnC();
+  std::vector<int> frozen_during;
+  for (const char* n : {"node-a", "node-b"}) {
+    Node(n).SetHook([&](const std::string& method) {
+      if (method == "CreateSnapshot") frozen_during.push_back(Node("node-c").Frozen("pvc-1"));
+    });
+  }
+  v1::CreateSnapshotResponse resp;
+  grpc::Status s = Snap("snap-1", &resp);
+  ASSERT_TRUE(s.ok()) << Describe(s);
+  EXPECT_EQ(frozen_during, std::vector<int>{1}) << "one replica, taken inside the freeze";
+  EXPECT_EQ(Node("node-c").Frozen("pvc-1"), 0) << "thawed";
+  EXPECT_EQ(Node("node-c").Count("ThawTarget"), 1);
+  EXPECT_GT(Node("node-c").LastLiftAfter().count(), 0);
+  EXPECT_LE(Node("node-c").LastLiftAfter(), std::chrono::milliseconds(60000));
+  EXPECT_EQ(resp.snapshot().snapshot_id(), "s1:node-a:snap-1");
+  EXPECT_EQ(resp.snapshot().source_volume_id(), "r1:pvc-1");
+  EXPECT_EQ(resp.snapshot().size_bytes(), static_cast<int64_t>(kGiB));
+  EXPECT_TRUE(resp.snapshot().ready_to_use());
+  EXPECT_EQ(Node("node-b").Count("CreateSnapshot"), 0);
+
+  // A retry finds it on the replica nodes, with no freeze and no fan-out to node-c's pool.
+  const int gets_on_c = Node("node-c").Count("GetSnapshot");
+  v1::CreateSnapshotResponse again;
+  s = Snap("snap-1", &again);
+  ASSERT_TRUE(s.ok()) << Describe(s);
+  EXPECT_EQ(again.snapshot().snapshot_id(), resp.snapshot().snapshot_id());
+  EXPECT_EQ(again.snapshot().source_volume_id(), "r1:pvc-1");
+  EXPECT_EQ(Node("node-c").Count("FreezeTarget"), 1);
+  EXPECT_EQ(Node("node-c").Count("GetSnapshot"), gets_on_c);
+}
+
+TEST_F(ReplicatedSnapshots, TheReplicaTakenIsOneTheFrozenTargetReportsInSync) {
+  ServeOnC();
+  // The target dropped node-a while draining (its write failed there): node-b is the one.
+  Node("node-c").ServeTarget("pvc-1", {"node-b"}, store_.GetVolume("pvc-1")->epoch);
+  v1::CreateSnapshotResponse resp;
+  grpc::Status s = Snap("snap-1", &resp);
+  ASSERT_TRUE(s.ok()) << Describe(s);
+  EXPECT_EQ(resp.snapshot().snapshot_id(), "s1:node-b:snap-1");
+  EXPECT_EQ(Node("node-a").Count("CreateSnapshot"), 0);
+}
+
+TEST_F(ReplicatedSnapshots, WithoutATargetAnInSyncReplicaIsSnapshottedWithoutAFreeze) {
+  // node-a fell out of sync under an earlier target, which has closed since.
+  auto claimed = store_.ClaimTarget("pvc-1", "node-c", leases_["node-c"]);
+  ASSERT_TRUE(claimed.ok());
+  ASSERT_TRUE(store_.SetInSync("pvc-1", "node-c", claimed->epoch, {"node-b"}).ok());
+  ASSERT_TRUE(store_.ReleaseTarget("pvc-1", "node-c", claimed->epoch).ok());
+  v1::CreateSnapshotResponse resp;
+  grpc::Status s = Snap("snap-1", &resp);
+  ASSERT_TRUE(s.ok()) << Describe(s);
+  EXPECT_EQ(resp.snapshot().snapshot_id(), "s1:node-b:snap-1");
+  EXPECT_EQ(Node("node-c").Count("FreezeTarget"), 0);
+  EXPECT_EQ(Node("node-a").Count("CreateSnapshot"), 0) << "an out-of-sync copy is never used";
+}
+
+TEST_F(ReplicatedSnapshots, TheTargetIsThawedAlsoWhenTheSnapshotFails) {
+  ServeOnC();
+  Node("node-a").FailNext("CreateSnapshot", Error(ENOSPC, "pool full"));
+  v1::CreateSnapshotResponse resp;
+  grpc::Status s = Snap("snap-1", &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::RESOURCE_EXHAUSTED) << Describe(s);
+  EXPECT_NE(s.error_message().find("node-a"), std::string::npos) << s.error_message();
+  EXPECT_EQ(Node("node-c").Frozen("pvc-1"), 0);
+  EXPECT_EQ(Node("node-c").Count("ThawTarget"), 1);
+}
+
+TEST_F(ReplicatedSnapshots, AnUnreachableReplicaLeavesTheSnapshotToTheNextInSyncOne) {
+  ServeOnC();
+  Node("node-a").FailNext("CreateSnapshot", Error(EAGAIN, "connection refused"));
+  v1::CreateSnapshotResponse resp;
+  grpc::Status s = Snap("snap-1", &resp);
+  ASSERT_TRUE(s.ok()) << Describe(s);
+  EXPECT_EQ(resp.snapshot().snapshot_id(), "s1:node-b:snap-1");
+  EXPECT_EQ(Node("node-c").Count("FreezeTarget"), 1) << "both tries inside one freeze";
+}
+
+TEST_F(ReplicatedSnapshots, AFreezeThatLiftedItselfBeforeTheSnapshotVoidsIt) {
+  ServeOnC();
+  Node("node-a").SetHook([&](const std::string& method) {
+    if (method == "CreateSnapshot") Node("node-c").LiftFreezes("pvc-1");
+  });
+  v1::CreateSnapshotResponse resp;
+  grpc::Status s = Snap("snap-1", &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::UNAVAILABLE) << Describe(s);
+  EXPECT_NE(s.error_message().find("lifted itself"), std::string::npos) << s.error_message();
+  EXPECT_EQ(Node("node-a").Count("DeleteSnapshot"), 1) << "the image is not kept";
+  EXPECT_TRUE(List("r1:pvc-1").empty());
+}
+
+TEST_F(ReplicatedSnapshots, ATargetOpenedDuringAnUnfrozenSnapshotVoidsItAndTheRetryFreezes) {
+  bool opened = false;
+  Node("node-a").SetHook([&](const std::string& method) {
+    if (method != "CreateSnapshot" || opened) return;
+    opened = true;
+    ServeOnC();  // the epoch rises while the copy is taken
+  });
+  v1::CreateSnapshotResponse resp;
+  grpc::Status s = Snap("snap-1", &resp);
+  ASSERT_TRUE(s.ok()) << Describe(s);
+  EXPECT_TRUE(opened);
+  EXPECT_EQ(Node("node-a").Count("DeleteSnapshot"), 1) << "the first image was thrown away";
+  EXPECT_EQ(Node("node-c").Count("FreezeTarget"), 1) << "the second was taken frozen";
+  EXPECT_EQ(Node("node-c").Frozen("pvc-1"), 0);
+  EXPECT_EQ(resp.snapshot().snapshot_id(), "s1:node-a:snap-1");
+}
+
+TEST_F(ReplicatedSnapshots, FreezeErrorsComeBackAsTheirCsiCodes) {
+  ServeOnC();
+  Node("node-c").FailNext("FreezeTarget", Error(ETIMEDOUT, "writes still in flight"));
+  v1::CreateSnapshotResponse resp;
+  grpc::Status s = Snap("snap-1", &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::DEADLINE_EXCEEDED) << Describe(s);
+  EXPECT_NE(s.error_message().find("node-c"), std::string::npos) << s.error_message();
+  Node("node-c").SetDown(Error(EAGAIN, "unreachable"));
+  s = Snap("snap-1", &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::UNAVAILABLE) << Describe(s);
+  Node("node-c").SetDown(Status::Ok());
+  EXPECT_EQ(Node("node-a").Count("CreateSnapshot") + Node("node-b").Count("CreateSnapshot"), 0);
+  // A target that closed meanwhile: read again; the copies are quiescent now.
+  Node("node-c").CloseTarget("pvc-1");
+  ASSERT_TRUE(store_.ReleaseTarget("pvc-1", "node-c", store_.GetVolume("pvc-1")->epoch).ok());
+  s = Snap("snap-1", &resp);
+  ASSERT_TRUE(s.ok()) << Describe(s);
+  // Not found, and a name taken by a snapshot of another volume.
+  EXPECT_EQ(Snap("snap-2", &resp, "r1:pvc-absent").error_code(), StatusCode::NOT_FOUND);
+  dpv1::Snapshot other;
+  other.set_name("snap-3");
+  other.set_source_volume("pvc-other");
+  other.set_ready(true);
+  Node("node-b").PutSnapshot(other);
+  EXPECT_EQ(Snap("snap-3", &resp).error_code(), StatusCode::ALREADY_EXISTS);
+}
+
+TEST_F(ReplicatedSnapshots, ListingsNameTheReplicatedSourceAndARestoreIsASingleNodeVolume) {
+  v1::CreateSnapshotResponse resp;
+  ASSERT_TRUE(Snap("snap-1", &resp).ok());
+  const std::string id = resp.snapshot().snapshot_id();
+  auto by_source = List("r1:pvc-1");
+  ASSERT_EQ(by_source.size(), 1u);
+  EXPECT_EQ(by_source[0].snapshot_id(), id);
+  EXPECT_EQ(by_source[0].source_volume_id(), "r1:pvc-1");
+  auto all = List("");
+  ASSERT_EQ(all.size(), 1u);
+  EXPECT_EQ(all[0].source_volume_id(), "r1:pvc-1");
+  auto by_id = List("", id);
+  ASSERT_EQ(by_id.size(), 1u);
+  EXPECT_EQ(by_id[0].source_volume_id(), "r1:pvc-1");
+  EXPECT_EQ(List("r1:pvc-1", id).size(), 1u);
+  EXPECT_TRUE(List("r1:pvc-other", id).empty());
+  EXPECT_TRUE(List("r1:pvc-other").empty());
+  EXPECT_TRUE(List("r1:").empty());
+
+  auto restore = VolumeRequest("pvc-restored", 0);
+  restore.mutable_volume_content_source()->mutable_snapshot()->set_snapshot_id(id);
+  v1::Volume v = MustCreate(restore);
+  const std::string node = id.substr(3, id.rfind(':') - 3);
+  EXPECT_EQ(v.volume_id(), "v1:" + node + ":pvc-restored");
+  EXPECT_TRUE(Node(node).Volume("pvc-restored"));
+
+  // Restoring it into a replicated volume stays refused, saying so.
+  auto into = Replicated("pvc-into", 2);
+  into.mutable_volume_content_source()->mutable_snapshot()->set_snapshot_id(id);
+  v1::CreateVolumeResponse cr;
+  grpc::Status s = Create(into, &cr);
+  EXPECT_EQ(s.error_code(), StatusCode::INVALID_ARGUMENT) << Describe(s);
+  EXPECT_NE(s.error_message().find("replicated volume"), std::string::npos) << s.error_message();
+
+  v1::DeleteSnapshotRequest del;
+  del.set_snapshot_id(id);
+  v1::DeleteSnapshotResponse dr;
+  ASSERT_TRUE(C().DeleteSnapshot(nullptr, &del, &dr).ok());
+  EXPECT_TRUE(List("r1:pvc-1").empty());
 }
 
 }  // namespace

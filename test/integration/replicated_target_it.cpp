@@ -54,6 +54,7 @@
 
 #include "common/cluster/etcd_cluster_store.h"
 #include "csi/csi.grpc.pb.h"
+#include "datapath/api/target.grpc.pb.h"
 #include "datapath/replica/client.h"
 #include "datapath/replica/target.h"
 #include "test/controller/csi_requests.h"
@@ -647,59 +648,101 @@ TEST_F(ReplicatedTarget, TheDaemonsTargetKeepsFioRunningWhenAReplicaDies) {
   EXPECT_EQ(a_.Nbdcopy(1), ReadFile(served));
 }
 
-TEST_F(ReplicatedTarget, TheControllerCreatesServesAndDeletesAReplicatedVolumeThroughCsi) {
-  namespace v1 = ::csi::v1;
-  // The fixture's own "rv" goes: the controller makes it this time.
-  for (Node* n : {&a_, &b_}) ASSERT_EQ(n->Nbdctl(fmt::format("volume delete {}", kVolume)), 0);
-  ASSERT_TRUE(store_->DeleteVolume(kVolume).ok());
+// nbd-csi-controller with --cluster-etcd over the fixture's nodes and a third one, node-t, each
+// heartbeating to it (API over TCP, plaintext on loopback) as well as registered in etcd; the
+// fixture's own "rv" goes, the controller makes it with replicas=2.
+class CsiCluster {
+ public:
+  CsiCluster() : dir_("rt-controller") {}
 
-  test::TempDir dir("rt-controller");
-  const int registry_port = test::FreeLoopbackPort();
-  const std::string csi_sock = dir / "csi.sock";
-  test::Proc controller;
-  ASSERT_TRUE(controller.Start({Bin("nbd-csi-controller"), "--csi-endpoint", "unix://" + csi_sock,
-                                "--registry-listen", fmt::format("127.0.0.1:{}", registry_port),
-                                "--insecure", "--heartbeat-interval", "300", "--cluster-etcd",
-                                etcd_.endpoint(), "--cluster-etcd-insecure", "--log-level",
-                                "debug"},
-                               dir / "controller.log"));
-  ASSERT_TRUE(test::WaitUntil([&] { return fs::exists(csi_sock); }, 10s))
-      << ReadFile(dir / "controller.log");
-  // Each node heartbeats to the controller as well as registering in etcd.
-  Node t{"node-t", "127.0.0.13", certs_};
-  auto with_controller = [&](const Node& n) {
-    return std::vector<std::string>{"--controller", fmt::format("127.0.0.1:{}", registry_port),
-                                    "--advertise",
-                                    fmt::format("{}:{}", n.ip(), test::FreeLoopbackPort(
-                                                                     n.ip().c_str())),
-                                    "--insecure", "--heartbeat-interval", "300"};
-  };
-  for (Node* n : {&a_, &b_}) {
-    n->Kill9();
-    n->Start(etcd_.endpoint(), with_controller(*n));
+  void Start(Node& a, Node& b, const test::TestCerts& certs, const std::string& etcd,
+             cluster::ClusterStore& store) {
+    for (Node* n : {&a, &b}) ASSERT_EQ(n->Nbdctl(fmt::format("volume delete {}", kVolume)), 0);
+    ASSERT_TRUE(store.DeleteVolume(kVolume).ok());
+    const int registry_port = test::FreeLoopbackPort();
+    const std::string csi_sock = dir_ / "csi.sock";
+    ASSERT_TRUE(controller_.Start(
+        {Bin("nbd-csi-controller"), "--csi-endpoint", "unix://" + csi_sock, "--registry-listen",
+         fmt::format("127.0.0.1:{}", registry_port), "--insecure", "--heartbeat-interval", "300",
+         "--cluster-etcd", etcd, "--cluster-etcd-insecure", "--log-level", "debug"},
+        log()));
+    ASSERT_TRUE(test::WaitUntil([&] { return fs::exists(csi_sock); }, 10s)) << ReadFile(log());
+    t_ = std::make_unique<Node>("node-t", "127.0.0.13", certs);
+    auto with_controller = [&](const Node& n) {
+      return std::vector<std::string>{"--controller", fmt::format("127.0.0.1:{}", registry_port),
+                                      "--advertise",
+                                      fmt::format("{}:{}", n.ip(), test::FreeLoopbackPort(
+                                                                       n.ip().c_str())),
+                                      "--insecure", "--heartbeat-interval", "300"};
+    };
+    for (Node* n : {&a, &b}) {
+      n->Kill9();
+      n->Start(etcd, with_controller(*n));
+    }
+    t_->Start(etcd, with_controller(*t_));
+    stub_ = ::csi::v1::Controller::NewStub(
+        grpc::CreateChannel("unix://" + csi_sock, grpc::InsecureChannelCredentials()));
+    by_id_ = {{"node-a", &a}, {"node-b", &b}, {"node-t", t_.get()}};
   }
-  t.Start(etcd_.endpoint(), with_controller(t));
-  auto stub = v1::Controller::NewStub(
-      grpc::CreateChannel("unix://" + csi_sock, grpc::InsecureChannelCredentials()));
-  auto call = [&](auto method, const auto& req, auto* resp) {
+
+  // One CSI call with a 30 s deadline.
+  template <typename M, typename Req, typename Resp>
+  grpc::Status Call(M method, const Req& req, Resp* resp) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + 30s);
-    return ((*stub).*method)(&ctx, req, resp);
-  };
+    return ((*stub_).*method)(&ctx, req, resp);
+  }
 
+  // CreateVolume of "rv" with replicas=2, retried while UNAVAILABLE (until all three nodes have
+  // heartbeated).
+  grpc::Status CreateReplicated(::csi::v1::CreateVolumeResponse* created) {
+    auto req = test::VolumeRequest(kVolume, static_cast<int64_t>(kSize));
+    (*req.mutable_parameters())["replicas"] = "2";
+    grpc::Status st;
+    test::WaitUntil(
+        [&] {
+          created->Clear();
+          st = Call(&::csi::v1::Controller::Stub::CreateVolume, req, created);
+          return st.error_code() != grpc::StatusCode::UNAVAILABLE;
+        },
+        20s, 200ms);
+    return st;
+  }
+
+  // The node that holds no copy of the volume (`replicas`): where the tests stage it.
+  Node& Stager(const std::vector<std::string>& replicas) {
+    for (auto& [id, n] : by_id_) {
+      if (std::find(replicas.begin(), replicas.end(), id) == replicas.end()) return *n;
+    }
+    ADD_FAILURE() << "every node holds a copy";
+    return *t_;
+  }
+  Node& ById(const std::string& id) { return *by_id_.at(id); }
+  Node& t() { return *t_; }
+  std::string log() const { return dir_ / "controller.log"; }
+  void Stop() {
+    t_->Kill9();
+    controller_.Stop();
+  }
+
+ private:
+  test::TempDir dir_;
+  test::Proc controller_;
+  std::unique_ptr<Node> t_;
+  std::unique_ptr<::csi::v1::Controller::Stub> stub_;
+  std::map<std::string, Node*> by_id_;
+};
+
+TEST_F(ReplicatedTarget, TheControllerCreatesServesAndDeletesAReplicatedVolumeThroughCsi) {
+  namespace v1 = ::csi::v1;
+  CsiCluster csi;
+  ASSERT_NO_FATAL_FAILURE(csi.Start(a_, b_, certs_, etcd_.endpoint(), *store_));
+  auto call = [&](auto method, const auto& req, auto* resp) { return csi.Call(method, req, resp); };
   auto req = test::VolumeRequest("rv", static_cast<int64_t>(kSize));
   (*req.mutable_parameters())["replicas"] = "2";
   v1::CreateVolumeResponse created;
-  grpc::Status st;
-  // UNAVAILABLE until all three nodes have heartbeated; then one answer.
-  ASSERT_TRUE(test::WaitUntil(
-      [&] {
-        created.Clear();
-        st = call(&v1::Controller::Stub::CreateVolume, req, &created);
-        return st.error_code() != grpc::StatusCode::UNAVAILABLE;
-      },
-      20s, 200ms));
-  ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(dir / "controller.log");
+  grpc::Status st = csi.CreateReplicated(&created);
+  ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(csi.log());
   EXPECT_EQ(created.volume().volume_id(), "r1:rv");
   EXPECT_EQ(created.volume().capacity_bytes(), static_cast<int64_t>(kSize));
   EXPECT_EQ(created.volume().accessible_topology_size(), 0);
@@ -714,14 +757,7 @@ TEST_F(ReplicatedTarget, TheControllerCreatesServesAndDeletesAReplicatedVolumeTh
   EXPECT_EQ(store_->GetVolume(kVolume)->replicas, state->replicas);
 
   // The node that holds no copy serves it: open its target and write through it.
-  std::map<std::string, Node*> by_id{{"node-a", &a_}, {"node-b", &b_}, {"node-t", &t}};
-  std::string stager;
-  for (auto& [id, n] : by_id) {
-    if (std::find(state->replicas.begin(), state->replicas.end(), id) == state->replicas.end())
-      stager = id;
-  }
-  ASSERT_FALSE(stager.empty());
-  Node& s = *by_id[stager];
+  Node& s = csi.Stager(state->replicas);
   std::string out;
   ASSERT_EQ(s.Nbdctl(fmt::format("target open {} -o json", kVolume), &out), 0);
   const std::string data = s.dir() + "/data.raw";
@@ -745,8 +781,8 @@ TEST_F(ReplicatedTarget, TheControllerCreatesServesAndDeletesAReplicatedVolumeTh
   EXPECT_TRUE(store_->GetVolume(kVolume).ok());
 
   // A replica dies; the next writes drop it, and the controller says the volume is degraded.
-  Node& lost = *by_id[state->replicas[1]];
-  Node& kept = *by_id[state->replicas[0]];
+  Node& lost = csi.ById(state->replicas[1]);
+  Node& kept = csi.ById(state->replicas[0]);
   lost.Kill9();
   ASSERT_EQ(std::system(fmt::format("timeout 60 nbdcopy {} '{}'", data, s.TargetUri()).c_str()),
             0);
@@ -777,8 +813,142 @@ TEST_F(ReplicatedTarget, TheControllerCreatesServesAndDeletesAReplicatedVolumeTh
   EXPECT_EQ(store_->GetVolume(kVolume).status().code(), ENOENT);
   EXPECT_NE(kept.TryNbdctl(fmt::format("volume inspect {}", kVolume)), 0)
       << "the surviving copy was not deleted";
-  t.Kill9();
-  controller.Stop();
+  csi.Stop();
+}
+
+// A file of `bytes` random bytes at `path`.
+void RandomFile(const std::string& path, uint64_t bytes) {
+  ASSERT_EQ(std::system(fmt::format("head -c {} /dev/urandom > {}", bytes, path).c_str()), 0);
+}
+
+// `from` into `to` with nbdcopy (paths or NBD URIs), within 60 s.
+bool Nbdcopy(const std::string& from, const std::string& to) {
+  return std::system(fmt::format("timeout 60 nbdcopy '{}' '{}'", from, to).c_str()) == 0;
+}
+
+// The snapshot of a replicated volume through CSI is the image at one write boundary: pattern A
+// written through the target (on the node with no copy), the snapshot taken (the controller
+// freezes the target over the node's TCP API, snapshots one in-sync replica, thaws), pattern B
+// written over all of it; the snapshot restored as a single-node volume reads A byte for byte,
+// the live volume B. Then the freeze itself, on the target's node: reads go on while it holds,
+// writes wait, and one nobody thaws lifts itself after lift_after_ms.
+TEST_F(ReplicatedTarget, ASnapshotThroughCsiIsTheImageAtOneWriteBoundary) {
+  namespace v1 = ::csi::v1;
+  CsiCluster csi;
+  ASSERT_NO_FATAL_FAILURE(csi.Start(a_, b_, certs_, etcd_.endpoint(), *store_));
+  v1::CreateVolumeResponse created;
+  grpc::Status st = csi.CreateReplicated(&created);
+  ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(csi.log());
+  auto state = store_->GetVolume(kVolume);
+  ASSERT_TRUE(state.ok());
+  Node& s = csi.Stager(state->replicas);
+  ASSERT_EQ(s.Nbdctl(fmt::format("target open {}", kVolume)), 0);
+  const std::string pattern_a = s.dir() + "/a.raw", pattern_b = s.dir() + "/b.raw";
+  ASSERT_NO_FATAL_FAILURE(RandomFile(pattern_a, kSize));
+  ASSERT_NO_FATAL_FAILURE(RandomFile(pattern_b, kSize));
+  ASSERT_TRUE(Nbdcopy(pattern_a, s.TargetUri()));
+
+  v1::CreateSnapshotRequest snap;
+  snap.set_name("snap-a");
+  snap.set_source_volume_id("r1:rv");
+  v1::CreateSnapshotResponse made;
+  st = csi.Call(&v1::Controller::Stub::CreateSnapshot, snap, &made);
+  ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(csi.log());
+  const std::string snap_id = made.snapshot().snapshot_id();
+  EXPECT_EQ(made.snapshot().source_volume_id(), "r1:rv");
+  EXPECT_EQ(made.snapshot().size_bytes(), static_cast<int64_t>(kSize));
+  const std::string holder = snap_id.substr(3, snap_id.rfind(':') - 3);
+  EXPECT_NE(std::find(state->replicas.begin(), state->replicas.end(), holder),
+            state->replicas.end())
+      << snap_id << " is not on a replica node";
+  EXPECT_NE(ReadFile(csi.log()).find("frozen"), std::string::npos)
+      << "the snapshot was not taken through the target's freeze: " << ReadFile(csi.log());
+  // The freeze is gone: writes go through at once.
+  ASSERT_TRUE(Nbdcopy(pattern_b, s.TargetUri()));
+  // A retry with the same name is the same snapshot; a listing by the r1 source finds it.
+  v1::CreateSnapshotResponse retried;
+  ASSERT_TRUE(csi.Call(&v1::Controller::Stub::CreateSnapshot, snap, &retried).ok());
+  EXPECT_EQ(retried.snapshot().snapshot_id(), snap_id);
+  v1::ListSnapshotsRequest by_source;
+  by_source.set_source_volume_id("r1:rv");
+  v1::ListSnapshotsResponse listed;
+  ASSERT_TRUE(test::WaitUntil(
+      [&] {
+        listed.Clear();
+        return csi.Call(&v1::Controller::Stub::ListSnapshots, by_source, &listed).ok() &&
+               listed.entries_size() == 1 && listed.entries(0).snapshot().ready_to_use();
+      },
+      60s, 200ms))
+      << listed.ShortDebugString();
+  EXPECT_EQ(listed.entries(0).snapshot().snapshot_id(), snap_id);
+
+  // Restored (a single-node volume on the snapshot's node): pattern A, byte for byte.
+  auto restore = test::VolumeRequest("rv-restored", 0);
+  restore.mutable_volume_content_source()->mutable_snapshot()->set_snapshot_id(snap_id);
+  v1::CreateVolumeResponse restored;
+  st = csi.Call(&v1::Controller::Stub::CreateVolume, restore, &restored);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(restored.volume().volume_id(), "v1:" + holder + ":rv-restored");
+  Node& h = csi.ById(holder);
+  ASSERT_TRUE(test::WaitUntil(
+      [&] {
+        std::string out;
+        return h.TryNbdctl("volume inspect rv-restored -o json", &out) == 0 &&
+               nlohmann::json::parse(out, nullptr, false).value("ready", false);
+      },
+      60s, 200ms));
+  const std::string got_a = s.dir() + "/restored.raw";
+  ASSERT_TRUE(Nbdcopy(fmt::format("nbd+unix:///rv-restored?socket={}", h.nbd_sock()), got_a));
+  EXPECT_TRUE(ReadFile(got_a) == ReadFile(pattern_a)) << "the restored snapshot is not pattern A";
+  const std::string got_b = s.dir() + "/live.raw";
+  ASSERT_TRUE(s.CopyTarget(got_b));
+  EXPECT_TRUE(ReadFile(got_b) == ReadFile(pattern_b)) << "the live volume is not pattern B";
+
+  // The freeze on the target's node (its unix API, as nbdctl would call it).
+  auto freeze = datapath::v1::TargetFreeze::NewStub(
+      grpc::CreateChannel("unix://" + s.api(), grpc::InsecureChannelCredentials()));
+  auto freeze_for = [&](uint32_t ms, datapath::v1::FreezeTargetResponse* resp) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + 30s);
+    datapath::v1::FreezeTargetRequest r;
+    r.set_volume(kVolume);
+    r.set_lift_after_ms(ms);
+    return freeze->FreezeTarget(&ctx, r, resp);
+  };
+  auto thaw = [&](uint64_t id) {
+    grpc::ClientContext ctx;
+    datapath::v1::ThawTargetRequest r;
+    r.set_volume(kVolume);
+    r.set_freeze_id(id);
+    datapath::v1::ThawTargetResponse resp;
+    EXPECT_TRUE(freeze->ThawTarget(&ctx, r, &resp).ok());
+    return resp.thawed();
+  };
+  datapath::v1::FreezeTargetResponse f;
+  EXPECT_EQ(freeze_for(0, &f).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(freeze_for(60001, &f).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  // Reads go on while it holds: a whole read ends with the freeze still in force.
+  ASSERT_TRUE(freeze_for(60000, &f).ok());
+  std::vector<std::string> in_sync(f.in_sync().begin(), f.in_sync().end());
+  EXPECT_EQ(in_sync, state->replicas);
+  ASSERT_TRUE(s.CopyTarget(s.dir() + "/frozen-read.raw"));
+  EXPECT_TRUE(thaw(f.freeze_id())) << "the freeze did not hold through the read";
+  EXPECT_FALSE(thaw(f.freeze_id())) << "a second thaw is a no-op";
+  // One nobody thaws: a write waits until it lifts itself, then lands.
+  const auto asked = std::chrono::steady_clock::now();
+  ASSERT_TRUE(freeze_for(1500, &f).ok());
+  ASSERT_TRUE(Nbdcopy(pattern_a, s.TargetUri()));
+  EXPECT_GE(std::chrono::steady_clock::now() - asked, 1500ms) << "the write did not wait";
+  EXPECT_FALSE(thaw(f.freeze_id())) << "it had lifted itself";
+  ASSERT_TRUE(s.CopyTarget(got_b));
+  EXPECT_TRUE(ReadFile(got_b) == ReadFile(pattern_a)) << "the write after the freeze is lost";
+
+  v1::DeleteSnapshotRequest del;
+  del.set_snapshot_id(snap_id);
+  v1::DeleteSnapshotResponse deleted;
+  EXPECT_TRUE(csi.Call(&v1::Controller::Stub::DeleteSnapshot, del, &deleted).ok());
+  ASSERT_EQ(s.Nbdctl(fmt::format("target close {}", kVolume)), 0);
+  csi.Stop();
 }
 
 // fio through libnbd on `uri`: random 4 KiB writes over [offset, offset + size), crc32c

@@ -77,6 +77,9 @@ TEST(ClusterAgent, RefusalsLeaveNoClaimAndNoExport) {
   EXPECT_TRUE(host.added.empty());
   EXPECT_EQ((*agent)->CloseTarget("rv").code(), ENOENT);
   EXPECT_TRUE((*agent)->ListTargets().empty());
+  // A snapshot's freeze needs the target here; a thaw of none is done already.
+  EXPECT_EQ((*agent)->FreezeTarget("rv", 1s).status().code(), ENOENT);
+  EXPECT_FALSE((*agent)->ThawTarget("rv", 1));
 
   // Another node's live claim: EBUSY, naming it.
   auto theirs = store.ClaimTarget("rv", "node-u", *other);

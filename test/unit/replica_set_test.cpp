@@ -593,6 +593,75 @@ TEST_F(ReplicaSetTest, FreezeWaitsForChangesInFlightAndHoldsNewOnes) {
   EXPECT_EQ(ch_[1]->Bytes(512, 512), w);
 }
 
+// A snapshot's freeze may overlap a resync's: each Freeze needs its own Thaw, and a Thaw with
+// no freeze left lifts nothing (it must not release somebody else's).
+TEST_F(ReplicaSetTest, FreezesNestAndOnlyTheLastThawLetsTheWritesGo) {
+  Make(2);
+  set_->Thaw();  // unmatched: nothing to lift, and it must not count
+  set_->Freeze();
+  set_->Freeze();
+  std::vector<uint8_t> w(512, 21);
+  Result r;
+  set_->Submit(Write(0, w), r.Done());
+  set_->Thaw();
+  std::this_thread::sleep_for(20ms);
+  EXPECT_FALSE(r.Called()) << "one freeze is still held";
+  EXPECT_EQ(ch_[0]->requests(), 0u);
+  set_->Thaw();
+  EXPECT_EQ(r.Wait(), 0);
+  EXPECT_EQ(ch_[1]->Bytes(0, 512), w);
+  set_->Thaw();
+  Result r2;
+  set_->Submit(Write(512, w), r2.Done());
+  EXPECT_EQ(r2.Wait(), 0) << "an extra Thaw left nothing frozen";
+}
+
+TEST_F(ReplicaSetTest, FreezeUntilGivesUpWhenAWriteDoesNotFinishAndLeavesNothingFrozen) {
+  Make(2);
+  ch_[1]->Hold(true);
+  std::vector<uint8_t> w(512, 22);
+  Result r1;
+  set_->Submit(Write(0, w), r1.Done());
+  const auto t0 = std::chrono::steady_clock::now();
+  Status s = set_->FreezeUntil(t0 + 50ms);
+  EXPECT_EQ(s.code(), ETIMEDOUT) << s.message();
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, 50ms);
+  ch_[1]->Hold(false);
+  ch_[1]->Release();
+  EXPECT_EQ(r1.Wait(), 0);
+  Result r2;
+  set_->Submit(Write(512, w), r2.Done());
+  EXPECT_EQ(r2.Wait(), 0) << "the failed freeze was undone";
+  // Nothing in flight: at once.
+  EXPECT_TRUE(set_->FreezeUntil(std::chrono::steady_clock::now() + 1s).ok());
+  set_->Thaw();
+  set_->Stop("test");
+  EXPECT_EQ(set_->FreezeUntil(std::chrono::steady_clock::now() + 1s).code(), EIO);
+}
+
+TEST_F(ReplicaSetTest, AFlushPastTheFreezeReachesEveryInSyncReplicaAndDropsOneThatFailsIt) {
+  Make(3);
+  EXPECT_EQ(set_->FlushFrozen().code(), EINVAL) << "not frozen";
+  set_->Freeze();
+  std::vector<uint8_t> w(512, 23);
+  Result held;
+  set_->Submit(Write(0, w), held.Done());
+  ASSERT_TRUE(set_->FlushFrozen().ok());
+  for (auto* c : ch_) EXPECT_EQ(c->flushes(), 1);
+  EXPECT_EQ(ch_[0]->requests(), 1u) << "the held write stays held";
+  EXPECT_FALSE(held.Called());
+  // A replica that fails the flush is out of the in-sync set (recorded) before it returns.
+  ch_[2]->fail = [](BackendRequest::Op op, uint64_t) {
+    return op == BackendRequest::Op::kFlush ? EIO : 0;
+  };
+  ASSERT_TRUE(set_->FlushFrozen().ok());
+  EXPECT_EQ(StateOf("c"), MemberState::kOut);
+  EXPECT_EQ(set_->health().in_sync, (std::vector<std::string>{"a", "b"}));
+  set_->Thaw();
+  EXPECT_EQ(held.Wait(), 0);
+  EXPECT_EQ(ch_[2]->Bytes(0, 512), std::vector<uint8_t>(512, 0)) << "c is out: not written";
+}
+
 TEST_F(ReplicaSetTest, AResyncedReplicaIsReadmitted) {
   Make(2);
   ch_[1]->fail = [](BackendRequest::Op, uint64_t) { return ECONNRESET; };
