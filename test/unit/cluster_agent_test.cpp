@@ -100,9 +100,14 @@ TEST(ClusterAgent, ALostLeaseIsReplacedByANewOne) {
   // leases from 0x1000; the agent's is the only one.
   ASSERT_TRUE(store.ExpireLease(0x1000));
   EXPECT_TRUE(store.LiveNodes().value().empty());
+  // The agent registers, then says it has joined: wait for both (under TSan the second can
+  // trail the first by a scheduling slot).
   ASSERT_TRUE(test::WaitUntil(
-      [&] { return store.LiveNodes().value() == std::vector<std::string>{"node-t"}; }, 10s));
-  EXPECT_TRUE((*agent)->joined());
+      [&] {
+        return store.LiveNodes().value() == std::vector<std::string>{"node-t"} &&
+               (*agent)->joined();
+      },
+      10s));
   EXPECT_EQ(store.KeepAliveLease(0x1000).status().code(), ENOENT);
   EXPECT_TRUE(store.KeepAliveLease(0x1001).ok()) << "the new lease is kept alive";
 }
