@@ -8,6 +8,9 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <set>
 #include <thread>
@@ -812,6 +815,23 @@ TEST_F(ControllerTest, ControllerModifyVolumeChangesQosLive) {
 
 // ---- concurrency: a second call on the same id is ABORTED ----
 
+// Every thread of `pid` is in the stopped state ('T' in /proc/PID/task/TID/stat).
+bool AllThreadsStopped(pid_t pid) {
+  const std::string dir = "/proc/" + std::to_string(pid) + "/task";
+  std::error_code ec;
+  int threads = 0;
+  for (const auto& t : std::filesystem::directory_iterator(dir, ec)) {
+    std::ifstream in(t.path() / "stat");
+    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    // The state follows the command name, which is in parentheses and may hold spaces.
+    const size_t close = stat.rfind(')');
+    if (close == std::string::npos || close + 2 >= stat.size()) return false;
+    if (stat[close + 2] != 'T' && stat[close + 2] != 't') return false;
+    ++threads;
+  }
+  return !ec && threads > 0;
+}
+
 TEST_F(ControllerTest, ConcurrentCallOnSameVolumeIsAborted) {
   auto req = VolumeRequest("busy-1", kMiB);
   *req.mutable_accessibility_requirements()->add_requisite() = NodeTopology("node-b");
@@ -820,6 +840,9 @@ TEST_F(ControllerTest, ConcurrentCallOnSameVolumeIsAborted) {
   pid_t dp = cluster_->datapath_pid(1);
   ASSERT_GT(dp, 0);
   ASSERT_EQ(kill(dp, SIGSTOP), 0);
+  // kill() returns before every thread has stopped: one already running may still answer a call
+  // (CI saw an expand answered 2 ms after the SIGSTOP). Wait until each thread is stopped.
+  ASSERT_TRUE(WaitUntil([&] { return AllThreadsStopped(dp); }, 5s)) << "node-b did not stop";
   std::atomic<bool> done{false};
   grpc::Status first;
   std::thread t([&] {
