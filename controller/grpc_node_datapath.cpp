@@ -6,6 +6,7 @@
 
 #include <utility>
 
+#include "common/grpc_reconnect.h"
 #include "common/grpc_status.h"
 #include "controller/node_datapath.h"
 #include "datapath/api/datapath.grpc.pb.h"
@@ -166,6 +167,7 @@ NodeDatapathFactory MakeGrpcDatapathFactory(GrpcDatapathOptions opts) {
     // TLS checks the datapath's certificate against the node (creds_for_node), or its SANs
     // against the address's host or the override.
     grpc::ChannelArguments args;
+    SetPromptReconnect(args);  // a restarted datapath is dialled again within a second
     if (!opts.tls_server_name.empty()) args.SetSslTargetNameOverride(opts.tls_server_name);
     auto creds = opts.creds_for_node ? opts.creds_for_node(node_id) : opts.creds;
     return MakeGrpcNodeDatapath(node_id, grpc::CreateCustomChannel(address, creds, args),

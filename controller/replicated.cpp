@@ -183,11 +183,18 @@ Status ReplicatedVolumes::Delete(const std::string& id) {
     return Err(EBUSY, "volume {} is in use: node {} serves it (epoch {}); unstage it first", id,
                v->target, v->epoch);
   }
-  auto live = store_->LiveNodes();
-  if (!live.ok()) return live.status();
+  // The cluster state's live nodes are read only when a replica's node is not registered here
+  // (one etcd read saved on the usual delete).
+  std::optional<std::vector<std::string>> live;
   for (const auto& node : v->replicas) {
-    const bool gone = !nodes_.Get(node) &&
-                      std::find(live->begin(), live->end(), node) == live->end();
+    const bool registered = nodes_.Get(node).has_value();
+    if (!registered && !live) {
+      auto l = store_->LiveNodes();
+      if (!l.ok()) return l.status();
+      live = std::move(*l);
+    }
+    const bool gone =
+        !registered && std::find(live->begin(), live->end(), node) == live->end();
     if (gone) {
       spdlog::warn("[{}] volume {}: node {} is gone (not registered, not alive in the cluster "
                    "state); its copy, if any, stays in that node's pool",
@@ -434,6 +441,14 @@ std::string ReplicatedVolumes::ReplicatedSource(const std::string& node,
     return "";
   auto id = csi::FormatReplicatedVolumeId(pool_name);
   return id.ok() ? *id : "";
+}
+
+Status ReplicatedVolumes::RefuseCopy(const std::string& node, const std::string& pool_name,
+                                     std::string_view id) {
+  const std::string owner = ReplicatedSource(node, pool_name);
+  if (owner.empty()) return Status::Ok();
+  return Err(EBUSY, "{} is the copy of replicated volume {} on node {}: use {}", id, owner, node,
+             owner);
 }
 
 std::map<std::pair<std::string, std::string>, std::string> ReplicatedVolumes::CopyIds() {

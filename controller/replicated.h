@@ -96,6 +96,10 @@ class ReplicatedVolumes {
   // The r1 id of the volume whose copy is `pool_name` on `node`, or "" (a single-node volume, or
   // none): what a snapshot's source_volume_id says. Reads the catalogue once per call.
   std::string ReplicatedSource(const std::string& node, const std::string& pool_name);
+  // EBUSY (FAILED_PRECONDITION) when the single-node id `id` names a replicated volume's copy on
+  // its node: a crafted v1 id must not delete, grow, retune or snapshot a copy behind its target.
+  // An unreadable catalogue lets the call through (single-node volumes do not depend on etcd).
+  Status RefuseCopy(const std::string& node, const std::string& pool_name, std::string_view id);
   // Every replica copy (node, pool name) -> r1 id, for listings of many snapshots; empty when
   // the catalogue cannot be read (logged).
   std::map<std::pair<std::string, std::string>, std::string> CopyIds();

@@ -41,6 +41,10 @@ Status ControllerImpl::CreateSnapshot(const v1::CreateSnapshotRequest& req,
   StatusOr<csi::VolumeRef> src = csi::VolumeRef{};
   if (!replicated) src = NamedVolume(req.source_volume_id(), "source volume");
   if (!src.ok()) return src.status();
+  if (!replicated) {
+    Status c = replicated_.RefuseCopy(src->node_id, src->pool_name, req.source_volume_id());
+    if (!c.ok()) return c;
+  }
   auto snap_name = csi::PoolNameForCsiName(req.name());
   if (!snap_name.ok()) return Err(EINVAL, "name: {}", snap_name.status().message());
   if (replicated) {

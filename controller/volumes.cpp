@@ -24,6 +24,8 @@ Status ControllerImpl::DeleteVolume(const v1::DeleteVolumeRequest& req) {
                  req.volume_id(), ref.status().message());
     return Status::Ok();
   }
+  if (Status c = replicated_.RefuseCopy(ref->node_id, ref->pool_name, req.volume_id()); !c.ok())
+    return c;
   Status s =
       nodes_.On(ref->node_id, [&](NodeDatapath& d) { return d.DeleteVolume(ref->pool_name); });
   if (s.code() == ENOENT) return Status::Ok();
@@ -80,6 +82,8 @@ Status ControllerImpl::ExpandVolume(const v1::ControllerExpandVolumeRequest& req
   if (!ref.ok()) return ref.status();
   auto dv = nodes_.GetVolume(ref->node_id, ref->pool_name);
   if (!dv.ok()) return dv.status();
+  if (Status c = replicated_.RefuseCopy(ref->node_id, ref->pool_name, req.volume_id()); !c.ok())
+    return c;
   if (req.capacity_range().required_bytes() <= 0) {
     return Err(EINVAL, "capacity_range.required_bytes must be positive");
   }
@@ -146,6 +150,8 @@ Status ControllerImpl::ModifyVolume(const v1::ControllerModifyVolumeRequest& req
   if (!ref.ok()) return ref.status();
   // Nothing to change: the answer is only whether the volume exists.
   if (q->empty()) return nodes_.GetVolume(ref->node_id, ref->pool_name).status();
+  if (Status c = replicated_.RefuseCopy(ref->node_id, ref->pool_name, req.volume_id()); !c.ok())
+    return c;
   auto changed = nodes_.On(
       ref->node_id, [&](NodeDatapath& d) { return d.SetQos(ref->pool_name, QosPatchOf(*q)); });
   if (!changed.ok()) return changed.status();

@@ -4,6 +4,7 @@
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/support/channel_arguments.h>
 
+#include "common/grpc_reconnect.h"
 #include "common/node_id.h"
 
 namespace nbdcsi::etcd {
@@ -19,16 +20,11 @@ std::string StripScheme(std::string_view e) {
   return std::string(e);
 }
 
-// gRPC's default reconnect backoff grows to two minutes: an etcd member that restarts would stay
-// "unavailable" to us long after it is back. A second is plenty between attempts on a few
-// endpoints. GRPC_ARG_MIN_RECONNECT_BACKOFF_MS stays at its default on purpose: it is also the
-// time one connection attempt may take (up to etcd's first HTTP/2 SETTINGS), and a loaded etcd
-// that is just starting can take more than a second to send them; the call's deadline bounds
-// the wait anyway.
+// Prompt reconnects (common/grpc_reconnect.h): an etcd member that restarts is dialled again within
+// a second.
 grpc::ChannelArguments EtcdChannelArgs() {
   grpc::ChannelArguments args;
-  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  SetPromptReconnect(args);
   // A member that vanishes without a reset (power loss, partition) is noticed by pings rather
   // than by the next call's deadline.
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);

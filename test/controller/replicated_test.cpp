@@ -250,8 +250,11 @@ TEST_F(Replicated_, DeleteRemovesEveryCopyThenTheEntryAndIsIdempotent) {
   Up("node-a", 10 * kGiB);
   Up("node-b", 10 * kGiB);
   MustCreate(Replicated("pvc-1", 2));
+  const int reads = store_.live_nodes_reads();
   grpc::Status s = Delete("r1:pvc-1");
   EXPECT_TRUE(s.ok()) << Describe(s);
+  EXPECT_EQ(store_.live_nodes_reads(), reads)
+      << "every replica's node is registered: the live nodes need not be read";
   EXPECT_TRUE(Holders("pvc-1", {"node-a", "node-b"}).empty());
   EXPECT_EQ(store_.GetVolume("pvc-1").status().code(), ENOENT);
   EXPECT_TRUE(Delete("r1:pvc-1").ok());
@@ -273,6 +276,43 @@ TEST_F(Replicated_, DeleteOfAStagedVolumeIsFailedPreconditionAndKeepsEverything)
   ASSERT_TRUE(store_.ExpireLease(*lease));
   s = Delete("r1:pvc-1");
   EXPECT_TRUE(s.ok()) << Describe(s);
+}
+
+TEST_F(Replicated_, ASingleNodeIdNamingACopyCannotDeleteGrowRetuneOrSnapshotIt) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  MustCreate(Replicated("pvc-1", 2));
+  const std::string crafted = "v1:node-a:pvc-1";
+  grpc::Status s = Delete(crafted);
+  EXPECT_EQ(s.error_code(), StatusCode::FAILED_PRECONDITION) << Describe(s);
+  EXPECT_NE(s.error_message().find("r1:pvc-1"), std::string::npos) << s.error_message();
+  EXPECT_TRUE(Node("node-a").Volume("pvc-1")) << "the copy must survive a crafted delete";
+  v1::ControllerExpandVolumeRequest grow;
+  grow.set_volume_id(crafted);
+  grow.mutable_capacity_range()->set_required_bytes(20 * kGiB);
+  v1::ControllerExpandVolumeResponse grown;
+  s = C().ControllerExpandVolume(nullptr, &grow, &grown);
+  EXPECT_EQ(s.error_code(), StatusCode::FAILED_PRECONDITION) << Describe(s);
+  v1::ControllerModifyVolumeRequest mod;
+  mod.set_volume_id(crafted);
+  (*mod.mutable_mutable_parameters())["maxIops"] = "100";
+  v1::ControllerModifyVolumeResponse modded;
+  s = C().ControllerModifyVolume(nullptr, &mod, &modded);
+  EXPECT_EQ(s.error_code(), StatusCode::FAILED_PRECONDITION) << Describe(s);
+  v1::CreateSnapshotRequest snap;
+  snap.set_name("snap-1");
+  snap.set_source_volume_id(crafted);
+  v1::CreateSnapshotResponse snapped;
+  s = C().CreateSnapshot(nullptr, &snap, &snapped);
+  EXPECT_EQ(s.error_code(), StatusCode::FAILED_PRECONDITION) << Describe(s);
+  EXPECT_EQ(Node("node-a").Count("ResizeVolume") + Node("node-a").Count("SetQos") +
+                Node("node-a").Count("CreateSnapshot") + Node("node-a").Count("DeleteVolume"),
+            0);
+  // Through its own id the volume goes, copies and all.
+  EXPECT_TRUE(Delete("r1:pvc-1").ok());
+  EXPECT_TRUE(Holders("pvc-1", {"node-a", "node-b"}).empty());
+  // Gone from the catalogue, the same v1 id names nothing: deleting it is done.
+  EXPECT_TRUE(Delete(crafted).ok());
 }
 
 TEST_F(Replicated_, DeleteSkipsANodeThatIsGoneButRetriesOneThatIsThereAndFails) {

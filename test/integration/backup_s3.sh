@@ -37,15 +37,6 @@ wait_for 30 $PY -c "import socket; socket.create_connection(('127.0.0.1', $port)
 step "s3rver on $ENDPOINT"
 
 T=(--target "s3://$BUCKET/$PREFIX" --endpoint "$ENDPOINT" --region us-east-1)
-jqx() { jq -e "$1" >/dev/null || die "jq check failed: $1"; }
-expect_fail() {
-  local want=$1 says=$2; shift 2
-  local rc=0
-  "$@" >"$W/out" 2>"$W/err" || rc=$?
-  [ "$rc" = "$want" ] || { cat "$W/err" >&2; die "'$*' exited $rc, want $want"; }
-  grep -qiF -- "$says" "$W/err" || { cat "$W/err" >&2; die "'$*': stderr lacks '$says'"; }
-  ! grep -qiE 'terminate called|Aborted|core dumped' "$W/err" || die "'$*' crashed"
-}
 # What the server holds under PREFIX/chunks: "COUNT BYTES", read from its own data directory.
 server_chunks() {
   find "$W/s3/$BUCKET/$PREFIX/chunks" -name '*._S3rver_object' -printf '%s\n' 2>/dev/null |
@@ -134,7 +125,7 @@ nbdctl volume delete src >/dev/null
 daemon_stop
 rm -rf "$W/pool"
 daemon_start "$W/pool2"
-expect_fail 1 "does not exist" nbdctl backup restore nope "${T[@]}" --volume r0 --wait
+expect_fail -i 1 "does not exist" nbdctl backup restore nope "${T[@]}" --volume r0 --wait
 nbdctl -o json backup restore b1 "${T[@]}" --volume r1 --wait >"$W/r1.json" 2>"$W/err" ||
   { cat "$W/err" >&2; die "restore of b1 failed"; }
 jqx '.state == "succeeded" and .chunks_restored == 13' <"$W/r1.json"
@@ -144,7 +135,7 @@ nbdctl backup restore b2 "${T[@]}" --volume r2 --wait >/dev/null 2>"$W/err" ||
 [ "$(vol_sha r2)" = "$sha_s2" ] || die "r2 differs from s2"
 alloc=$(( $(stat -c %b "$W/pool2/volumes/r1.img") * 512 ))
 [ "$alloc" -le $((41 * MiB)) ] || die "r1 allocates $alloc bytes for 40 MiB of data: holes were filled"
-expect_fail 1 "already exists" nbdctl backup restore b1 "${T[@]}" --volume r1
+expect_fail -i 1 "already exists" nbdctl backup restore b1 "${T[@]}" --volume r1
 step "b1 and b2 restored bit-exact on a fresh pool (r1 allocates $alloc bytes of 256 MiB)"
 
 # ---- delete b1: only its own version of the changed chunk goes ----
@@ -156,14 +147,14 @@ nbdctl -o json backup list "${T[@]}" | jqx '.backups | map(.name) == ["b2"]'
 nbdctl backup restore b2 "${T[@]}" --volume r3 --wait >/dev/null 2>"$W/err" ||
   { cat "$W/err" >&2; die "restore of b2 after deleting b1 failed"; }
 [ "$(vol_sha r3)" = "$sha_s2" ] || die "r3 differs from s2"
-expect_fail 1 "does not exist" nbdctl backup delete b1 "${T[@]}"
+expect_fail -i 1 "does not exist" nbdctl backup delete b1 "${T[@]}"
 step "b1 deleted: 1 chunk freed, b2 still restores"
 
 # ---- a corrupt chunk on the server is refused, and the half volume removed ----
 victim=$(find "$W/s3/$BUCKET/$PREFIX/chunks" -name '*._S3rver_object' | sort | head -n 1)
 cp "$victim" "$W/victim.bak"
 head -c 1000 /dev/urandom >"$victim"
-expect_fail 1 "corrupt" nbdctl backup restore b2 "${T[@]}" --volume r4 --wait
+expect_fail -i 1 "corrupt" nbdctl backup restore b2 "${T[@]}" --volume r4 --wait
 nbdctl -o json volume list | jqx '[.volumes[].name] | index("r4") == null'
 cp "$W/victim.bak" "$victim"
 step "corrupt chunk refused at restore; r4 not left behind"
@@ -215,7 +206,7 @@ kill -9 "$DAEMON_PID"
 daemon_reap
 daemon_start "$W/pool2"
 nbdctl -o json backup list "${T[@]}" | jqx '[.backups[].name] | index("b5") == null'
-expect_fail 1 "does not exist" nbdctl backup inspect b5 "${T[@]}"
+expect_fail -i 1 "does not exist" nbdctl backup inspect b5 "${T[@]}"
 # The dead backup's lease holds garbage collection off until it expires (repository.h).
 nbdctl -o json backup delete b3 "${T[@]}" | jqx '.gc_deferred == true'
 backup b5 --volume live
@@ -249,16 +240,16 @@ nbdctl backup restore b6 "${T[@]}" --volume r7 --wait >/dev/null 2>"$W/err" ||
 step "kill -9 mid-restore: the half volume was removed at restart, the retry is whole"
 
 # ---- clear errors, never a hang ----
-expect_fail 1 "credentials were refused" env AWS_ACCESS_KEY_ID=nobody \
+expect_fail -i 1 "credentials were refused" env AWS_ACCESS_KEY_ID=nobody \
   "$NBDCSI_BIN/nbdctl" --api "unix://$API_SOCK" backup list "${T[@]}"
-expect_fail 1 "bucket \"nosuchbucket\" does not exist" nbdctl backup list \
+expect_fail -i 1 "bucket \"nosuchbucket\" does not exist" nbdctl backup list \
   --target s3://nosuchbucket/x --endpoint "$ENDPOINT"
 dead=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-expect_fail 1 "couldn't connect" nbdctl --timeout 20 backup list --target s3://bkt/x \
+expect_fail -i 1 "couldn't connect" nbdctl --timeout 20 backup list --target s3://bkt/x \
   --endpoint "http://127.0.0.1:$dead"
-expect_fail 2 "no credentials" env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
+expect_fail -i 2 "no credentials" env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY \
   "$NBDCSI_BIN/nbdctl" --api "unix://$API_SOCK" backup list "${T[@]}"
-expect_fail 1 "s3://" nbdctl backup list --target http://x/y --endpoint "$ENDPOINT"
+expect_fail -i 1 "s3://" nbdctl backup list --target http://x/y --endpoint "$ENDPOINT"
 printf '[default]\naws_access_key_id = S3RVER\naws_secret_access_key = S3RVER\n' >"$W/creds"
 env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY "$NBDCSI_BIN/nbdctl" --api "unix://$API_SOCK" \
   backup list "${T[@]}" --credentials-file "$W/creds" | grep -q '^b2 ' ||

@@ -95,14 +95,17 @@ _lib_cleanup() {
   exit $rc
 }
 
-# expect_fail CODE SUBSTRING CMD...: CMD exits CODE, says SUBSTRING on stderr, prints nothing on
-# stdout, and does not crash. Needs lib_init ($W).
+# expect_fail [-i] CODE SUBSTRING CMD...: CMD exits CODE, says SUBSTRING on stderr (-i: in any
+# case, for messages that quote a library's wording), prints nothing on stdout, and does not
+# crash. Needs lib_init ($W).
 expect_fail() {
+  local icase=
+  [ "$1" = -i ] && { icase=i; shift; }
   local want=$1 says=$2; shift 2
   local rc=0
   "$@" >"$W/out" 2>"$W/err" || rc=$?
   [ "$rc" = "$want" ] || { cat "$W/err" >&2; die "'$*' exited $rc, want $want"; }
-  grep -qF -- "$says" "$W/err" || { cat "$W/err" >&2; die "'$*': stderr lacks '$says'"; }
+  grep -q${icase}F -- "$says" "$W/err" || { cat "$W/err" >&2; die "'$*': stderr lacks '$says'"; }
   [ ! -s "$W/out" ] || die "'$*' printed to stdout on failure: $(cat "$W/out")"
   ! grep -qiE 'terminate called|Aborted|core dumped|what\(\)' "$W/err" || die "'$*' crashed"
 }

@@ -199,12 +199,20 @@ class MemoryClusterStore : public cluster::ClusterStore {
 
   StatusOr<std::vector<std::string>> LiveNodes() override {
     std::lock_guard<std::mutex> lock(mu_);
+    ++live_nodes_reads_;
     std::vector<std::string> out;
     for (const auto& [node, _] : nodes_) out.push_back(node);
     return out;
   }
 
+  // How many times LiveNodes() was read (a round trip to etcd in the real store).
+  int live_nodes_reads() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return live_nodes_reads_;
+  }
+
  private:
+  int live_nodes_reads_ = 0;
   struct Claim {
     std::string node;
     uint64_t epoch;
@@ -226,7 +234,7 @@ class MemoryClusterStore : public cluster::ClusterStore {
     return true;
   }
 
-  std::mutex mu_;
+  mutable std::mutex mu_;
   LeaseId next_lease_ = 0x1000;
   std::map<LeaseId, int64_t> leases_;
   std::map<std::string, VolumeState> volumes_;
