@@ -79,6 +79,12 @@ SIDECAR_FLAGS = {
                                   "--health-port", "--v"},
     "livenessprobe": {"--csi-address", "--health-port", "--http-endpoint", "--probe-timeout",
                       "--metrics-address", "--metrics-path", "--v"},
+    # controller.healthMonitor (v0.15: cmd/csi-external-health-monitor-controller/main.go).
+    "csi-external-health-monitor-controller": {
+        "--csi-address", "--kubeconfig", "--timeout", "--http-endpoint", "--metrics-address",
+        "--metrics-path", "--v", "--leader-election", "--leader-election-namespace",
+        "--monitor-interval", "--resync", "--list-volumes-interval", "--volume-list-add-interval",
+        "--node-list-add-interval", "--worker-threads", "--enable-node-watcher", "--automaxprocs"},
 }
 
 
@@ -504,9 +510,11 @@ def check(ck, docs, expect_secrets, quiet=False):
     ctl_sock = resolve(ctl_pod, ctl, strip_unix(arg_value(ctl["args"], "--csi-endpoint")))
     if ctl_sock is None or ctl_sock[0] == "container":
         ck.err(ctl_where, f"--csi-endpoint {ctl_sock} is not on a volume the sidecars can share")
-    for image in ("csi-provisioner", "csi-snapshotter", "csi-resizer", "livenessprobe"):
+    for image in ("csi-provisioner", "csi-snapshotter", "csi-resizer", "livenessprobe",
+                  "csi-external-health-monitor-controller"):
         cs = sidecars(ctl_pod, image)
-        if len(cs) != 1:
+        # The health monitor only with controller.healthMonitor.enabled.
+        if len(cs) != 1 and not (image == "csi-external-health-monitor-controller" and not cs):
             ck.err(ctl_where, f"expected one {image} sidecar, found {len(cs)}")
         for c in cs:
             got = resolve(ctl_pod, c, strip_unix(arg_value(c.get("args", []), "--csi-address")))
@@ -669,7 +677,8 @@ def check(ck, docs, expect_secrets, quiet=False):
     for c in sidecars(ctl_pod, "csi-resizer"):
         if "--handle-volume-inuse-error=false" not in c["args"]:
             ck.err(ctl_where, "csi-resizer lacks --handle-volume-inuse-error=false")
-    for image in ("csi-provisioner", "csi-snapshotter", "csi-resizer"):
+    for image in ("csi-provisioner", "csi-snapshotter", "csi-resizer",
+                  "csi-external-health-monitor-controller"):
         for c in sidecars(ctl_pod, image):
             if "--leader-election" not in c["args"]:
                 ck.err(ctl_where, f"{image} lacks --leader-election (two replicas)")
@@ -734,6 +743,12 @@ def check(ck, docs, expect_secrets, quiet=False):
         ("apps", "replicasets", {"get"}),
         ("", "pods", {"get"}),
     ]
+    # The health monitor lists PVs, PVCs, pods and nodes and records events on PVCs.
+    if any("csi-external-health-monitor-controller" in c.get("image", "")
+           for c in ctl_pod["containers"]):
+        needs += [("", r, {"get", "list", "watch"})
+                  for r in ("persistentvolumes", "persistentvolumeclaims", "pods", "nodes")]
+        needs.append(("", "events", {"create", "patch"}))
     for g, res, verbs in needs:
         missing = verbs - granted.get((g, res), set())
         if missing:

@@ -55,6 +55,7 @@ value_sets() {
   echo "cluster-etcd-secret|--set tls.existingSecret.controller=nbd-csi-controller-tls $cluster --set cluster.etcd.deploy.tls.existingSecret=nbd-csi-etcd-tls --set cluster.leaseTTLSeconds=15 --set cluster.replicaConnections=4 --set cluster.prefix=/prod/nbd-csi/"
   echo "cluster-etcd-insecure|--set tls.existingSecret.controller=nbd-csi-controller-tls $cluster --set cluster.etcd.insecure=true"
   echo "cluster-external|--set tls.existingSecret.controller=nbd-csi-controller-tls $cluster --set cluster.etcd.external.endpoints[0]=etcd-a.example:2379 --set cluster.etcd.external.endpoints[1]=10.0.0.7:2379 --set cluster.etcd.external.tlsSecret=etcd-client"
+  echo "health-monitor|$secrets --set controller.healthMonitor.enabled=true --set controller.healthMonitor.interval=30s"
   echo "host-network|$secrets --set controller.hostNetwork=true --set controller.replicas=1 --set node.hostNetwork=true --set controller.apiServerAddress=127.0.0.1:6443 --set datapath.hostAliases[0].ip=127.0.0.1 --set datapath.hostAliases[0].hostnames[0]=nbd-csi-controller.nbd-csi.svc"
 }
 
@@ -233,6 +234,31 @@ if name.startswith("cluster-"):
             assert tlsvol["secret"]["secretName"] == "nbd-csi-etcd-tls", tlsvol
 else:
     assert not sts and not cl and not any(a.startswith("--nbd-listen=tcp") for a in dpc["args"]), (sts, dpc["args"])
+# controller.healthMonitor: the external-health-monitor-controller sidecar on the controller's
+# socket, with its RBAC (PVs, PVCs, pods, nodes; events; its lease), only when enabled.
+ctl_pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+hm = [c for c in ctl_pod["containers"] if c["name"] == "csi-external-health-monitor-controller"]
+hm_rbac = {d["kind"]: d for d in docs if d["metadata"]["name"] == "t-nbd-csi-health-monitor"}
+if name == "health-monitor":
+    assert len(hm) == 1, [c["name"] for c in ctl_pod["containers"]]
+    assert hm[0]["image"] == "registry.k8s.io/sig-storage/csi-external-health-monitor-controller:v0.15.0", hm[0]
+    assert hm[0]["args"] == ["--csi-address=/csi/csi.sock", "--leader-election", "--timeout=60s",
+                             "--list-volumes-interval=30s", "--monitor-interval=30s"], hm[0]["args"]
+    assert {"name": "socket-dir", "mountPath": "/csi"} in hm[0]["volumeMounts"], hm[0]
+    assert hm[0]["securityContext"]["readOnlyRootFilesystem"] is True, hm[0]["securityContext"]
+    assert sorted(hm_rbac) == ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"], sorted(hm_rbac)
+    granted = {}
+    for r in hm_rbac["ClusterRole"]["rules"]:
+        for res in r["resources"]:
+            granted.setdefault(res, set()).update(r["verbs"])
+    for res in ("persistentvolumes", "persistentvolumeclaims", "pods", "nodes"):
+        assert {"get", "list", "watch"} <= granted.get(res, set()), (res, granted)
+    assert {"create", "patch"} <= granted.get("events", set()), granted
+    assert hm_rbac["Role"]["rules"][0]["resources"] == ["leases"], hm_rbac["Role"]
+    for b in ("ClusterRoleBinding", "RoleBinding"):
+        assert hm_rbac[b]["subjects"][0]["name"] == ctl_pod["serviceAccountName"], hm_rbac[b]
+else:
+    assert not hm and not hm_rbac, (name, hm, sorted(hm_rbac))
 if name == "monitoring":
     # One PodMonitor per daemon with metrics on (the node's are off here), under the job names
     # the alerting rules match; the rules file whole as the PrometheusRule; the dashboard parses.
@@ -312,6 +338,9 @@ PY
       --set datapath.freeReservePercent=x
     # shellcheck disable=SC2086
     refuse "Additional property replica is not allowed" $secrets --set controller.replica=3
+    # shellcheck disable=SC2086
+    refuse "controller.healthMonitor.interval: Does not match pattern" $secrets \
+      --set controller.healthMonitor.enabled=true --set controller.healthMonitor.interval=often
     # shellcheck disable=SC2086
     refuse "controller.runAsUser: Must be greater than or equal to 1" $secrets --set controller.runAsUser=0
     # Per-node certificates need a CA the user holds, and the controller checking nodes.
