@@ -218,11 +218,7 @@ int Run(int argc, char** argv) {
   AddFlags(app, f);
   if (auto rc = ParseCommandLine(app, argc, argv)) return *rc;
 
-  spdlog::set_level(nbdcsi::ParseLogLevel(f.log_level).value());  // CLI11 checked the name
-  if (Status s = SetLogFormat(f.log_format); !s.ok()) {
-    spdlog::critical("--log-format: {}", s.message());
-    return 2;
-  }
+  if (!nbdcsi::ApplyLogFlags(f.log_level, f.log_format)) return 2;
   if (!CheckFlags(f)) return 2;
   std::unique_ptr<cluster::ClusterStore> cluster_store;
   {

@@ -276,11 +276,7 @@ int Run(int argc, char** argv) {
   AddFlags(app, f);
   if (auto rc = ParseCommandLine(app, argc, argv)) return *rc;
   const auto started = std::chrono::system_clock::now();
-  spdlog::set_level(ParseLogLevel(f.log_level).value());  // CLI11 checked the name
-  if (Status s = SetLogFormat(f.log_format); !s.ok()) {
-    spdlog::critical("--log-format: {}", s.message());
-    return 2;
-  }
+  if (!nbdcsi::ApplyLogFlags(f.log_level, f.log_format)) return 2;
   auto config = Resolve(f);
   if (!config.ok()) {
     spdlog::critical("{}", config.status().message());
