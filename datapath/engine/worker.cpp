@@ -249,8 +249,8 @@ void Worker::Stop() {
   m.thread.join();
   EngineCounters c = counters();
   if (c.stale_dropped || c.invariant_violations)
-    spdlog::error("worker {}: {} stale completions dropped, {} engine invariant violations", m.index,
-                  c.stale_dropped, c.invariant_violations);
+    spdlog::error("worker {}: {} stale completions dropped, {} engine invariant violations",
+                  m.index, c.stale_dropped, c.invariant_violations);
 }
 
 namespace {

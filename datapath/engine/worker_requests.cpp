@@ -97,7 +97,8 @@ NBDCSI_WORKER_INLINE bool Worker::Impl::Dispatch(const Tag& t, int res) {
 }
 
 // CheckRequest against the size this connection's mode says (see SizeMode).
-NBDCSI_WORKER_INLINE proto::RequestCheck Worker::Impl::CheckSized(Connection* c, const proto::RequestHeader& h) {
+NBDCSI_WORKER_INLINE proto::RequestCheck Worker::Impl::CheckSized(Connection* c,
+                                                                  const proto::RequestHeader& h) {
   if (c->size_mode == SizeMode::kLive)
     c->params.export_size = c->vol ? c->vol->size() : c->backend->size();
   proto::RequestCheck chk = proto::CheckRequest(h, c->params);
@@ -265,7 +266,8 @@ NBDCSI_WORKER_INLINE bool Worker::Impl::Receive(Connection* c, const proto::Requ
 
 // A WRITE refused before its payload: the payload is read and discarded, then the error goes
 // out, so the stream stays in sync (only broken framing ends a connection).
-NBDCSI_WORKER_INLINE void Worker::Impl::StartDrain(Connection* c, Slot* s, uint32_t nbd_error, uint64_t bytes) {
+NBDCSI_WORKER_INLINE void Worker::Impl::StartDrain(Connection* c, Slot* s, uint32_t nbd_error,
+                                                   uint64_t bytes) {
   s->nbd_error = nbd_error;
   Move(s, SlotState::kDraining);
   c->drain_slot = s;
