@@ -565,6 +565,30 @@ class NodeService final : public v1::Node::Service {
     return Status::Ok();
   }
 
+  // What a published target must show: the staged file system, or the attached device node.
+  StatusOr<std::string> PublishSource(const NodeVolume& v, const Capability& cap,
+                                      const std::string& staging) {
+    if (cap.block) {
+      std::string source;
+      auto list = dp_.ListAttachments();
+      if (!list.ok()) return list.status();
+      for (const auto& a : *list) {
+        // An r1 volume's device is its target's, never the local replica attached as itself.
+        if (a.volume() == v.name && (!v.replicated || a.target())) source = a.device();
+      }
+      if (source.empty()) {
+        return Error(EBUSY, "volume {} is not attached on this node: stage it first", v.name);
+      }
+      return source;
+    }
+    auto staged = os_.GetMount(staging);
+    if (!staged.ok()) return OsError(staged.status());
+    if (!staged->has_value()) {
+      return Error(EBUSY, "volume {} is not staged: nothing is mounted at {}", v.name, staging);
+    }
+    return (*staged)->source;
+  }
+
   Status Publish(const v1::NodePublishVolumeRequest& req) {
     auto resolved = ResolveVolume(req.volume_id());
     StatusOr<std::string> volume =
@@ -587,27 +611,9 @@ class NodeService final : public v1::Node::Service {
     const std::string& target = req.target_path();
     bool ro = req.readonly() || cap->reader_only;
 
-    // What the target must show: the staged file system, or the attached device node.
-    std::string source;
-    if (cap->block) {
-      auto list = dp_.ListAttachments();
-      if (!list.ok()) return list.status();
-      for (const auto& a : *list) {
-        // An r1 volume's device is its target's, never the local replica attached as itself.
-        if (a.volume() == *volume && (!resolved->replicated || a.target())) source = a.device();
-      }
-      if (source.empty()) {
-        return Error(EBUSY, "volume {} is not attached on this node: stage it first", *volume);
-      }
-    } else {
-      auto staged = os_.GetMount(req.staging_target_path());
-      if (!staged.ok()) return OsError(staged.status());
-      if (!staged->has_value()) {
-        return Error(EBUSY, "volume {} is not staged: nothing is mounted at {}", *volume,
-                     req.staging_target_path());
-      }
-      source = (*staged)->source;
-    }
+    auto published = PublishSource(*resolved, *cap, req.staging_target_path());
+    if (!published.ok()) return published.status();
+    const std::string& source = *published;
 
     if (cap->single_writer && !cap->block) {
       if (Status s = RefuseSecondTarget(*volume, source, req.staging_target_path(), target);
