@@ -1,5 +1,6 @@
 #include "datapath/metrics/collector.h"
 
+#include <array>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -55,23 +56,12 @@ void AddHistogram(MetricFamily& f, Labels labels,
 }  // namespace
 
 const char* OpLabel(OpKind kind) {
-  switch (kind) {
-    case OpKind::kRead:
-      return "read";
-    case OpKind::kWrite:
-      return "write";
-    case OpKind::kFlush:
-      return "flush";
-    case OpKind::kTrim:
-      return "trim";
-    case OpKind::kWriteZeroes:
-      return "zero";
-    case OpKind::kBlockStatus:
-      return "block_status";
-    case OpKind::kCount:
-      break;
-  }
-  return "?";
+  // Indexed by OpKind (stats.h: kRead, kWrite, kFlush, kTrim, kWriteZeroes, kBlockStatus).
+  static constexpr std::array<const char*, kOpKinds> kLabels = {
+      "read", "write", "flush", "trim", "zero", "block_status"};
+  static_assert(static_cast<int>(OpKind::kBlockStatus) == kOpKinds - 1);
+  const auto i = static_cast<size_t>(kind);
+  return i < kLabels.size() ? kLabels[i] : "?";
 }
 
 DatapathCollector::DatapathCollector(Pool& pool, std::function<EngineCounters()> engine,
