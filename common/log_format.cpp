@@ -1,5 +1,7 @@
 #include "common/log_format.h"
 
+#include "common/log_level.h"
+
 #include <fmt/chrono.h>
 #include <spdlog/formatter.h>
 #include <spdlog/pattern_formatter.h>
@@ -97,5 +99,14 @@ Status SetLogFormat(const std::string& format) {
 }
 
 void SetLogContextProvider(LogContextFn fn) { g_context.store(fn); }
+
+bool ApplyLogFlags(const std::string& level, const std::string& format) {
+  spdlog::set_level(ParseLogLevel(level).value());
+  if (Status s = SetLogFormat(format); !s.ok()) {
+    spdlog::critical("--log-format: {}", s.message());
+    return false;
+  }
+  return true;
+}
 
 }  // namespace nbdcsi

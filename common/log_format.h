@@ -19,6 +19,11 @@ using LogContextFn = std::vector<std::pair<const char*, std::string>> (*)();
 // otherwise (nothing changes).
 Status SetLogFormat(const std::string& format);
 
+// The daemons' --log-level (a name CLI11 already checked against LogLevelNames) and --log-format,
+// applied at start-up. False, with the reason logged, when the format is unknown: the daemon then
+// exits 2.
+bool ApplyLogFlags(const std::string& level, const std::string& format);
+
 // The context source for JSON lines (one per process; null: none).
 void SetLogContextProvider(LogContextFn fn);
 

@@ -212,63 +212,97 @@ int ServeCsi(const Flags& f, controller::NodeRegistry& registry, cluster::Cluste
   return 0;
 }
 
+// The cluster state of replicated volumes (--cluster-etcd) into `out`, left null without it.
+// False (logged) when the flags are wrong.
+bool ConnectCluster(const Flags& f, std::unique_ptr<cluster::ClusterStore>& out) {
+  auto etcd = cluster::ResolveEtcdFlags(f.etcd, std::chrono::milliseconds(f.etcd_timeout_ms));
+  if (!etcd.ok()) {
+    spdlog::critical("{}", etcd.status().message());
+    return false;
+  }
+  if (!*etcd) return true;
+  auto store = cluster::ConnectEtcdStore(**etcd, f.etcd.prefix);
+  if (!store.ok()) {
+    spdlog::critical("--cluster-etcd: {}", store.status().message());
+    return false;
+  }
+  out = std::move(*store);
+  spdlog::info("replicated volumes: cluster state in etcd {} under {}",
+               fmt::join(f.etcd.endpoints, ","), f.etcd.prefix);
+  return true;
+}
+
+// The registry listener's credentials and those of the calls to datapaths (with node binding,
+// a channel per node). False (logged) when the TLS files cannot be loaded.
+bool LoadTransport(const Flags& f, bool bind_nodes,
+                   std::shared_ptr<grpc::ServerCredentials>& server_creds,
+                   controller::GrpcDatapathOptions& dopts) {
+  server_creds = grpc::InsecureServerCredentials();
+  dopts.creds = grpc::InsecureChannelCredentials();
+  if (f.tls.insecure) {
+    spdlog::warn("--insecure: datapath traffic is plaintext; use only on loopback for tests");
+    return true;
+  }
+  auto tls = TlsCredentials::Load(f.tls);
+  if (!tls.ok()) {
+    spdlog::critical("TLS credentials: {}", tls.status().message());
+    return false;
+  }
+  server_creds = (*tls)->Server();
+  dopts.creds = (*tls)->Channel();
+  if (bind_nodes) {
+    dopts.creds_for_node = [tls = *tls](const std::string& node) {
+      return tls->ChannelToNode(node);
+    };
+    spdlog::info("node binding on: a datapath's certificate must name its node ({}<node-id>) "
+                 "to heartbeat as it and to be called as it", kNodeIdentityPrefix);
+  } else {
+    spdlog::warn("node binding off (--datapath-server-name {}): any certificate the CA signed "
+                 "may heartbeat as any node", f.datapath_server_name);
+  }
+  return true;
+}
+
+// The /metrics, /healthz and /readyz server into `out` (left null without --metrics-listen).
+// False (logged) when it cannot listen.
+bool StartMetrics(const Flags& f, controller::ControllerMetrics& metrics,
+                  const std::atomic<bool>& registry_serving, const std::atomic<bool>& ready,
+                  std::unique_ptr<MetricsServer>& out) {
+  if (f.metrics_listen.empty()) return true;
+  HealthChecks health;
+  // The process answers: nothing of its own can wedge without the CSI socket showing it.
+  health.live = [] { return std::string(); };
+  health.ready = [&]() -> std::string {
+    if (!registry_serving.load()) return "the registry listener is not running";
+    if (!ready.load()) return "the CSI endpoint is not served";
+    return "";
+  };
+  auto server = MetricsServer::Start(f.metrics_listen, metrics.Collectables(), std::move(health));
+  if (!server.ok()) {
+    spdlog::critical("--metrics-listen: {}", server.status().message());
+    return false;
+  }
+  out = std::move(*server);
+  spdlog::info("metrics: http://{}/metrics, /healthz, /readyz", f.metrics_listen);
+  return true;
+}
+
 int Run(int argc, char** argv) {
   CLI::App app{"nbd-csi-controller: the CSI Controller service of the nbd.csi.io driver"};
   Flags f;
   AddFlags(app, f);
   if (auto rc = ParseCommandLine(app, argc, argv)) return *rc;
 
-  spdlog::set_level(nbdcsi::ParseLogLevel(f.log_level).value());  // CLI11 checked the name
-  if (Status s = SetLogFormat(f.log_format); !s.ok()) {
-    spdlog::critical("--log-format: {}", s.message());
-    return 2;
-  }
+  if (!nbdcsi::ApplyLogFlags(f.log_level, f.log_format)) return 2;
   if (!CheckFlags(f)) return 2;
   std::unique_ptr<cluster::ClusterStore> cluster_store;
-  {
-    auto etcd = cluster::ResolveEtcdFlags(f.etcd, std::chrono::milliseconds(f.etcd_timeout_ms));
-    if (!etcd.ok()) {
-      spdlog::critical("{}", etcd.status().message());
-      return 2;
-    }
-    if (*etcd) {
-      auto store = cluster::ConnectEtcdStore(**etcd, f.etcd.prefix);
-      if (!store.ok()) {
-        spdlog::critical("--cluster-etcd: {}", store.status().message());
-        return 2;
-      }
-      cluster_store = std::move(*store);
-      spdlog::info("replicated volumes: cluster state in etcd {} under {}",
-                   fmt::join(f.etcd.endpoints, ","), f.etcd.prefix);
-    }
-  }
-  std::shared_ptr<grpc::ServerCredentials> server_creds = grpc::InsecureServerCredentials();
+  if (!ConnectCluster(f, cluster_store)) return 2;
+  std::shared_ptr<grpc::ServerCredentials> server_creds;
   controller::GrpcDatapathOptions dopts;
-  dopts.creds = grpc::InsecureChannelCredentials();
   dopts.tls_server_name = f.datapath_server_name;
   dopts.timeout = std::chrono::milliseconds(f.datapath_timeout_ms);
   const bool bind_nodes = !f.tls.insecure && f.datapath_server_name.empty();
-  if (f.tls.insecure) {
-    spdlog::warn("--insecure: datapath traffic is plaintext; use only on loopback for tests");
-  } else {
-    auto tls = TlsCredentials::Load(f.tls);
-    if (!tls.ok()) {
-      spdlog::critical("TLS credentials: {}", tls.status().message());
-      return 2;
-    }
-    server_creds = (*tls)->Server();
-    dopts.creds = (*tls)->Channel();
-    if (bind_nodes) {
-      dopts.creds_for_node = [tls = *tls](const std::string& node) {
-        return tls->ChannelToNode(node);
-      };
-      spdlog::info("node binding on: a datapath's certificate must name its node ({}<node-id>) "
-                   "to heartbeat as it and to be called as it", kNodeIdentityPrefix);
-    } else {
-      spdlog::warn("node binding off (--datapath-server-name {}): any certificate the CA signed "
-                   "may heartbeat as any node", f.datapath_server_name);
-    }
-  }
+  if (!LoadTransport(f, bind_nodes, server_creds, dopts)) return 2;
   controller::NodeRegistry registry(controller::MakeGrpcDatapathFactory(std::move(dopts)),
                                     std::chrono::milliseconds(f.heartbeat_ttl_ms),
                                     std::chrono::milliseconds(f.heartbeat_interval_ms));
@@ -276,24 +310,7 @@ int Run(int argc, char** argv) {
   controller::ControllerMetrics metrics(registry, ncsi::DriverVersion());
   std::atomic<bool> ready{false}, registry_serving{false};
   std::unique_ptr<MetricsServer> metrics_server;
-  if (!f.metrics_listen.empty()) {
-    HealthChecks health;
-    // The process answers: nothing of its own can wedge without the CSI socket showing it.
-    health.live = [] { return std::string(); };
-    health.ready = [&]() -> std::string {
-      if (!registry_serving.load()) return "the registry listener is not running";
-      if (!ready.load()) return "the CSI endpoint is not served";
-      return "";
-    };
-    auto server =
-        MetricsServer::Start(f.metrics_listen, metrics.Collectables(), std::move(health));
-    if (!server.ok()) {
-      spdlog::critical("--metrics-listen: {}", server.status().message());
-      return 1;
-    }
-    metrics_server = std::move(*server);
-    spdlog::info("metrics: http://{}/metrics, /healthz, /readyz", f.metrics_listen);
-  }
+  if (!StartMetrics(f, metrics, registry_serving, ready, metrics_server)) return 1;
   auto registry_service =
       controller::MakeRegistryService(registry, {.bind_node_identity = bind_nodes});
   int registry_port = 0;

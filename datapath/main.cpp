@@ -1,28 +1,26 @@
 // nbd-datapathd: the per-node engine. Owns the pool, serves its volumes over NBD, and exposes the
 // management API that nbdctl and the CSI controller use.
+//
+// This file is the daemon's outline: Serve brings the parts up in dependency order and takes
+// them down in reverse. The flags and their checks are in daemon/config.*, the cluster of
+// replicated volumes (etcd, the cluster agent and its adapters) in daemon/cluster_wiring.*.
 #include <sys/stat.h>
+#include <unistd.h>
 
-#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <filesystem>
-#include <optional>
-#include <thread>
 
 #include <CLI/CLI.hpp>
 #include <grpcpp/server.h>
 #include <spdlog/spdlog.h>
 
 #include "common/cli_parse.h"
-#include "common/cluster/etcd_flags.h"
 #include "common/endpoint.h"
 #include "common/log_format.h"
 #include "common/log_level.h"
 #include "common/metrics/server.h"
-#include "common/node_id.h"
 #include "common/process.h"
-#include "common/quantity.h"
-#include "common/tls.h"
-#include "common/unix_listener.h"
 #include "datapath/api/attach_service.h"
 #include "datapath/api/backup_service.h"
 #include "datapath/api/heartbeat.h"
@@ -31,14 +29,16 @@
 #include "datapath/api/target_service.h"
 #include "datapath/attach/attachments.h"
 #include "datapath/attach/runtime.h"
+#include "datapath/backup/jobs.h"
+#include "datapath/daemon/cluster_wiring.h"
+#include "datapath/daemon/config.h"
 #include "datapath/engine/frontend.h"
-#include "datapath/engine/nbd_tls.h"
 #include "datapath/metrics/collector.h"
 #include "datapath/pool/pool.h"
-#include "datapath/replica/cluster_agent.h"
 
 using namespace nbdcsi;
 using namespace nbdcsi::datapath;
+using namespace nbdcsi::datapath::daemon;
 
 namespace {
 
@@ -51,475 +51,12 @@ Status EnsureSocketDir(const Endpoint& ep) {
   return Status::Ok();
 }
 
-// What the cluster flags (--node-id ... --heartbeat-interval) resolve to.
-struct ClusterConfig {
-  std::string node_id;
-  std::string advertise;   // host:port
-  std::string tcp_listen;  // host:port; empty: no TCP API
-  std::string controller;  // host:port; empty: no heartbeat
-  TlsFiles tls;
-  std::chrono::milliseconds heartbeat_interval{2000};
-};
-
-// Checks the flag combinations before anything is opened, so a misconfigured DaemonSet fails at
-// once with the flag to fix (exit 2) rather than running unregistered.
-Status ValidateCluster(ClusterConfig& c) {
-  if (!c.node_id.empty()) {
-    if (Status s = ValidateNodeId(c.node_id); !s.ok()) {
-      return Error(EINVAL, "--node-id: {}", s.message());
-    }
-  }
-  if (!c.controller.empty()) {
-    if (c.node_id.empty() || c.advertise.empty()) {
-      return Error(EINVAL, "--controller needs --node-id (this node's Kubernetes name) and "
-                           "--advertise (host:port where the controller reaches this datapath)");
-    }
-    if (Status s = ValidateDialAddress(c.controller); !s.ok()) {
-      return Error(EINVAL, "--controller: {}", s.message());
-    }
-  }
-  if (!c.advertise.empty()) {
-    if (Status s = ValidateDialAddress(c.advertise); !s.ok()) {
-      return Error(EINVAL, "--advertise: {}", s.message());
-    }
-    if (c.tcp_listen.empty()) c.tcp_listen = c.advertise;
-  }
-  if (!c.tcp_listen.empty()) {
-    if (Status s = ValidateHostPort(c.tcp_listen); !s.ok()) {
-      return Error(EINVAL, "--api-tcp-listen: {}", s.message());
-    }
-  }
-  const bool any_tls = !c.tls.cert.empty() || !c.tls.key.empty() || !c.tls.ca.empty();
-  if (!c.tcp_listen.empty() || !c.controller.empty() || any_tls || c.tls.insecure) {
-    if (Status s = c.tls.Validate(); !s.ok()) {
-      const char* who = !c.tcp_listen.empty()
-                            ? "the TCP Datapath API (--advertise/--api-tcp-listen)"
-                        : !c.controller.empty() ? "--controller"
-                                                : "TLS";
-      return Error(EINVAL, "{}: {}", who, s.message());
-    }
-  }
-  return Status::Ok();
-}
-
-// NBD over TCP is TLS with client certificates unless the operator explicitly asks for
-// plaintext; TLS flags without a TCP listener would be a silent no-op, so they are refused too.
-Status ValidateNbdTls(const std::vector<Endpoint>& eps, const NbdTlsFiles& f, bool insecure) {
-  std::string tcp;
-  for (const auto& ep : eps) {
-    if (ep.kind != Endpoint::Kind::kUnix && tcp.empty()) tcp = ep.ToString();
-  }
-  const bool any = !f.cert.empty() || !f.key.empty() || !f.ca.empty();
-  if (insecure && any) {
-    return Error(EINVAL, "--insecure-nbd-tcp cannot be combined with --nbd-tls-cert, "
-                         "--nbd-tls-key or --nbd-tls-ca");
-  }
-  if (tcp.empty()) {
-    if (any || insecure) {
-      return Error(EINVAL, "{} applies to a tcp:// --nbd-listen, and none is given",
-                   insecure ? "--insecure-nbd-tcp" : "--nbd-tls-cert/--nbd-tls-key/--nbd-tls-ca");
-    }
-    return Status::Ok();
-  }
-  if (insecure) return Status::Ok();
-  if (!any) {
-    return Error(EINVAL, "--nbd-listen {}: NBD over TCP requires TLS: give --nbd-tls-cert, "
-                         "--nbd-tls-key and --nbd-tls-ca (clients must present a certificate "
-                         "signed by that CA), or --insecure-nbd-tcp for plaintext on a trusted "
-                         "network", tcp);
-  }
-  std::string missing;
-  for (auto [flag, value] :
-       {std::pair{"--nbd-tls-cert", &f.cert}, std::pair{"--nbd-tls-key", &f.key},
-        std::pair{"--nbd-tls-ca", &f.ca}}) {
-    if (value->empty()) missing += missing.empty() ? flag : std::string(", ") + flag;
-  }
-  if (!missing.empty()) {
-    return Error(EINVAL, "incomplete NBD TLS configuration: missing {} (all of --nbd-tls-cert, "
-                         "--nbd-tls-key and --nbd-tls-ca are needed)", missing);
-  }
-  return Status::Ok();
-}
-
-// A certificate that names nodes, none of them this one, is a mix-up the controller would refuse
-// at every heartbeat: say so now. One that names no node is a shared certificate, which works
-// only with a controller running --datapath-server-name.
-Status CheckNodeIdentity(const TlsCredentials& tls, const std::string& node_id) {
-  if (node_id.empty()) return Status::Ok();
-  std::vector<std::string> ids = tls.NodeIds();
-  if (ids.empty()) {
-    spdlog::warn("--tls-cert {} names no node: the controller accepts this datapath only with "
-                 "--datapath-server-name (node binding off); a per-node certificate carries the "
-                 "URI SAN {}", tls.files().cert, NodeIdentityUri(node_id));
-    return Status::Ok();
-  }
-  if (std::find(ids.begin(), ids.end(), node_id) != ids.end()) return Status::Ok();
-  std::string names;
-  for (const auto& id : ids) names += (names.empty() ? "" : ", ") + id;
-  return Error(EINVAL, "--tls-cert {} is the certificate of node {}, not of --node-id {} (URI "
-                       "SAN {} expected)", tls.files().cert, names, node_id,
-               NodeIdentityUri(node_id));
-}
-
-// Replicated volumes (issue 16): the cluster state in etcd and this node's part in it.
-struct ReplicaClusterFlags {
-  cluster::EtcdFlags etcd;  // no endpoints: no cluster
-  int64_t lease_ttl = 10;
-  std::string nbd_endpoint;  // tcp://HOST:PORT peers dial; default: the tcp:// --nbd-listen
-  int connections = 2;
-  int64_t resync_interval_s = 10;
-  double replica_timeout_s = 5;
-  std::string resync_rate;
-};
-
-// Every command-line flag, with its default.
-struct Flags {
-  std::string pool_dir;
-  double overcommit = 1.0;
-  double free_reserve_percent = 10;
-  bool no_reflink = false;
-  std::string capacity;
-  std::string api = "unix:///run/nbd-csi/datapath.sock";
-  std::vector<std::string> allow_uids;
-  std::vector<std::string> listens;
-  NbdTlsFiles nbd_tls;
-  bool insecure_nbd_tcp = false;
-  unsigned workers = std::max(1u, std::thread::hardware_concurrency());
-  AttachOptions attach;
-  bool require_kernel_nbd = false;
-  ClusterConfig cluster;
-  ReplicaClusterFlags replicas;
-  int64_t heartbeat_ms = 2000;
-  std::string metrics_listen;
-  std::string log_level = "info";
-  std::string log_format = "text";
-};
-
-void AddPoolFlags(CLI::App& app, Flags& f) {
-  app.add_option("--pool", f.pool_dir, "Pool directory (volumes are sparse files in it)")
-      ->required();
-  app.add_flag("--no-reflink", f.no_reflink,
-               "Never use reflink: snapshots, restores and clones use background copies even "
-               "where the file system could share extents (for tests and comparisons)");
-  app.add_option("--overcommit", f.overcommit,
-                 "Provisioned bytes may reach capacity times this ratio")
-      ->check(CLI::Range(0.01, 1000.0))
-      ->capture_default_str();
-  app.add_option("--free-reserve", f.free_reserve_percent,
-                 "Percent of the pool file system's size kept free: below it nothing more is "
-                 "provisioned, and at most (free - reserve) x overcommit may be (0: off)")
-      ->check(CLI::Range(0.0, 90.0))
-      ->capture_default_str();
-  app.add_option("--capacity", f.capacity,
-                 "Pool capacity (e.g. 100Gi); default: the file system's size");
-}
-
-void AddNbdFlags(CLI::App& app, Flags& f) {
-  app.add_option("--nbd-listen", f.listens,
-                 "NBD listener, repeatable: unix:///path (default unix:///run/nbd-csi/nbd.sock) "
-                 "or tcp://HOST:PORT (off unless given)");
-  app.add_option("--nbd-tls-cert", f.nbd_tls.cert,
-                 "PEM certificate (chain) of the tcp:// NBD listeners; the three --nbd-tls files "
-                 "are reloaded for new connections when they change on disk");
-  app.add_option("--nbd-tls-key", f.nbd_tls.key, "PEM private key of --nbd-tls-cert");
-  app.add_option("--nbd-tls-ca", f.nbd_tls.ca,
-                 "PEM CA bundle that NBD clients' certificates must chain to (mutual TLS, "
-                 "required on tcp:// listeners)");
-  app.add_flag("--insecure-nbd-tcp", f.insecure_nbd_tcp,
-               "Plaintext NBD on tcp:// listeners, no authentication (trusted networks only)");
-  app.add_option("--workers", f.workers, "io_uring worker threads")
-      ->check(CLI::Range(1u, 64u))
-      ->capture_default_str();
-}
-
-void AddAttachFlags(CLI::App& app, Flags& f) {
-  app.add_option("--attach-connections", f.attach.default_connections,
-                 "Sockets per kernel NBD attachment when the caller does not say (0: min(nproc, 4))")
-      ->check(CLI::Range(0u, AttachmentManager::kMaxConnections))
-      ->capture_default_str();
-  app.add_option("--attach-dead-conn-timeout", f.attach.dead_conn_timeout_s,
-                 "Seconds the kernel keeps an attached device, queueing I/O, while this daemon is "
-                 "down; a restart must reconnect within it")
-      ->check(CLI::Range(uint64_t{1}, uint64_t{86400}))
-      ->capture_default_str();
-  app.add_option("--attach-io-timeout", f.attach.io_timeout_s,
-                 "Kernel NBD request timeout in seconds: requests in flight when this daemon died "
-                 "are requeued after it; live requests slower than this get their socket dropped")
-      ->check(CLI::Range(uint64_t{1}, uint64_t{3600}))
-      ->capture_default_str();
-  app.add_flag("--require-kernel-nbd", f.require_kernel_nbd,
-               "Never attach through the nbdfuse + loop fallback: refuse to start without kernel "
-               "NBD (nbd.ko), and fail attaches if it goes away");
-}
-
-void AddApiAndClusterFlags(CLI::App& app, Flags& f) {
-  app.add_option("--api", f.api, "Management API endpoint (unix:///path; socket mode 0600)")
-      ->capture_default_str();
-  app.add_option("--allow-uid", f.allow_uids,
-                 "A uid that may call the unix API socket besides root and this process's own "
-                 "(repeatable; others get PERMISSION_DENIED)");
-  ClusterConfig& c = f.cluster;
-  app.add_option("--node-id", c.node_id,
-                 "This node's Kubernetes name; the controller places volumes by it");
-  app.add_option("--advertise", c.advertise,
-                 "HOST:PORT where the controller reaches the Datapath API over TCP (mutual TLS); "
-                 "also where it listens unless --api-tcp-listen says otherwise");
-  app.add_option("--api-tcp-listen", c.tcp_listen,
-                 "HOST:PORT to listen on for the TCP Datapath API (e.g. 0.0.0.0:9820)");
-  app.add_option("--controller", c.controller,
-                 "HOST:PORT of nbd-csi-controller's Registry: heartbeat to it (needs --node-id "
-                 "and --advertise); without it the datapath runs alone");
-  app.add_option("--tls-cert", c.tls.cert, "PEM certificate (chain) of this datapath");
-  app.add_option("--tls-key", c.tls.key, "PEM private key of --tls-cert");
-  app.add_option("--tls-ca", c.tls.ca, "PEM CA bundle the controller's certificate must chain to");
-  app.add_flag("--insecure", c.tls.insecure,
-               "Plaintext TCP API and heartbeats, no authentication (loopback tests only)");
-  app.add_option("--heartbeat-interval", f.heartbeat_ms, "Milliseconds between heartbeats")
-      ->check(CLI::Range(int64_t{100}, int64_t{600000}))
-      ->capture_default_str();
-}
-
-void AddReplicaClusterFlags(CLI::App& app, Flags& f) {
-  ReplicaClusterFlags& r = f.replicas;
-  cluster::AddEtcdFlags(app, r.etcd,
-                        "the cluster state of replicated volumes; with it this node registers "
-                        "itself and can serve their targets (needs --node-id)");
-  app.add_option("--cluster-lease-ttl", r.lease_ttl,
-                 "Seconds this node's claims outlive it: after a crash, another node can take "
-                 "over a volume this long after the last keepalive")
-      ->check(CLI::Range(int64_t{2}, int64_t{300}))
-      ->capture_default_str();
-  app.add_option("--cluster-nbd-endpoint", r.nbd_endpoint,
-                 "tcp://HOST:PORT where other nodes' targets reach this node's replicas; "
-                 "default: the tcp:// --nbd-listen (which must then not be a wildcard address)");
-  app.add_option("--replica-connections", r.connections,
-                 "NBD connections from a target to each of its replicas")
-      ->check(CLI::Range(1, 16))
-      ->capture_default_str();
-  app.add_option("--replica-timeout", r.replica_timeout_s,
-                 "Seconds a replica may take to answer a request before it is dropped from the "
-                 "in-sync set (writes stall at most this long when a replica falls silent)")
-      ->check(CLI::Range(0.1, 600.0))
-      ->capture_default_str();
-  app.add_option("--replica-resync-interval", r.resync_interval_s,
-                 "Seconds between the targets' looks for out-of-sync replicas whose node is back "
-                 "(they are then resynced: only what they missed); 0: only by `nbdctl target "
-                 "resync`")
-      ->check(CLI::Range(int64_t{0}, int64_t{3600}))
-      ->capture_default_str();
-  app.add_option("--replica-resync-rate", r.resync_rate,
-                 "Bytes per second an automatic resync may copy (a quantity, e.g. 100Mi; default "
-                 "unlimited)");
-}
-
-void AddObservabilityFlags(CLI::App& app, Flags& f) {
-  app.add_option("--metrics-listen", f.metrics_listen,
-                 "HOST:PORT (IP address) serving /metrics (Prometheus), /healthz and /readyz "
-                 "over plain HTTP, e.g. 0.0.0.0:9821; off when empty");
-  app.add_option("--log-level", f.log_level,
-                 LogLevelChoices() + "; changes at run time: nbdctl log-level, SIGUSR1/SIGUSR2")
-      ->check(CLI::IsMember(LogLevelNames()))
-      ->capture_default_str();
-  app.add_option("--log-format", f.log_format,
-                 "text (one line per message) or json (one JSON object per line)")
-      ->check(CLI::IsMember({"text", "json"}))
-      ->capture_default_str();
-}
-
-// What the flags resolve to, every file they name read and checked: what the daemon runs with.
-struct Config {
-  PoolOptions pool;
-  FrontendOptions frontend;
-  std::vector<Endpoint> nbd_eps;
-  Endpoint api_ep;
-  std::string api;
-  std::vector<ApiListen> api_listens;
-  AttachOptions attach;
-  ClusterConfig cluster;
-  std::shared_ptr<grpc::ChannelCredentials> channel_creds;  // heartbeats; null without one
-  std::string metrics_listen;
-  // Replicated volumes: set when --cluster-etcd is given.
-  std::optional<etcd::EtcdOptions> etcd;
-  std::string cluster_prefix;
-  replica::ClusterAgentOptions agent;
-};
-
-Status ResolvePool(const Flags& f, PoolOptions& p) {
-  p.dir = f.pool_dir;
-  p.overcommit_ratio = f.overcommit;
-  p.free_reserve_ratio = f.free_reserve_percent / 100;
-  p.disable_reflink = f.no_reflink;
-  if (!f.capacity.empty()) {
-    auto q = ParseQuantity(f.capacity);
-    if (!q.ok()) return Error(EINVAL, "--capacity: {}", q.status().message());
-    p.capacity_bytes = *q;
-  }
-  return Status::Ok();
-}
-
-Status ResolveNbd(const Flags& f, Config& c) {
-  std::vector<std::string> listens = f.listens;
-  if (listens.empty()) listens.push_back("unix:///run/nbd-csi/nbd.sock");
-  for (const auto& l : listens) {
-    auto ep = ParseEndpoint(l);
-    if (!ep.ok()) return Error(EINVAL, "--nbd-listen {}: {}", l, ep.status().message());
-    c.nbd_eps.push_back(*ep);
-  }
-  if (Status st = ValidateNbdTls(c.nbd_eps, f.nbd_tls, f.insecure_nbd_tcp); !st.ok()) return st;
-  c.frontend.workers = f.workers;
-  c.frontend.insecure_tcp = f.insecure_nbd_tcp;
-  if (!f.nbd_tls.cert.empty()) {
-    auto ctx = NbdTlsContext::Load(f.nbd_tls);
-    if (!ctx.ok()) return Error(EINVAL, "NBD TLS: {}", ctx.status().message());
-    c.frontend.tls = std::move(ctx.value());
-  }
-  return Status::Ok();
-}
-
-// The unix API, the TCP API for the controller and the heartbeat's credentials. The TLS files
-// are read now: an unreadable key is a configuration error, reported before the pool is opened.
-Status ResolveApiAndCluster(const Flags& f, Config& c) {
-  PeerUids peers;
-  for (const auto& u : f.allow_uids) {
-    auto uid = ParseUid(u);
-    if (!uid.ok()) return uid.status();
-    peers.extra.push_back(*uid);
-  }
-  auto api_ep = ParseEndpoint(f.api);
-  if (!api_ep.ok()) return Error(EINVAL, "--api {}: {}", f.api, api_ep.status().message());
-  if (api_ep->kind != Endpoint::Kind::kUnix) {
-    return Error(EINVAL, "--api {}: must be a unix socket; the TCP API is --advertise / "
-                         "--api-tcp-listen, with TLS", f.api);
-  }
-  c.api = f.api;
-  c.api_ep = *api_ep;
-  c.cluster = f.cluster;
-  c.cluster.heartbeat_interval = std::chrono::milliseconds(f.heartbeat_ms);
-  if (Status st = ValidateCluster(c.cluster); !st.ok()) return st;
-  c.api_listens.resize(1);
-  c.api_listens[0].endpoint = f.api;
-  c.api_listens[0].peers = peers;
-  const ClusterConfig& k = c.cluster;
-  std::shared_ptr<TlsCredentials> tls;
-  if ((!k.tcp_listen.empty() || !k.controller.empty()) && !k.tls.insecure) {
-    auto loaded = TlsCredentials::Load(k.tls);
-    if (!loaded.ok()) {
-      return Error(EINVAL, "TLS (--tls-cert/--tls-key/--tls-ca): {}", loaded.status().message());
-    }
-    tls = *loaded;
-    if (Status st = CheckNodeIdentity(*tls, k.node_id); !st.ok()) return st;
-  }
-  if (!k.tcp_listen.empty()) {
-    ApiListen tcp;
-    tcp.endpoint = "tcp://" + k.tcp_listen;
-    tcp.insecure = k.tls.insecure;
-    // The controller calls this API; another datapath's certificate must not.
-    if (tls) tcp.creds = tls->Server(TlsPeers::kNotNodes);
-    c.api_listens.push_back(std::move(tcp));
-  }
-  if (!k.controller.empty()) {
-    c.channel_creds = tls ? tls->Channel() : grpc::InsecureChannelCredentials();
-  }
-  return Status::Ok();
-}
-
-// The cluster of replicated volumes: etcd, this node's registration, and the replica client's
-// TLS (the node's NBD certificate, presented in the client role).
-Status ResolveReplicaCluster(const Flags& f, Config& c) {
-  const ReplicaClusterFlags& r = f.replicas;
-  if (!r.etcd.endpoints.empty() && f.cluster.node_id.empty())
-    return Error(EINVAL, "--cluster-etcd needs --node-id (this node's name in the cluster)");
-  auto etcd = cluster::ResolveEtcdFlags(
-      r.etcd, std::chrono::milliseconds(std::max<int64_t>(1000, r.lease_ttl * 1000 / 4)));
-  if (!etcd.ok()) return etcd.status();
-  if (!*etcd) {
-    if (!r.nbd_endpoint.empty()) return Error(EINVAL, "--cluster-nbd-endpoint needs --cluster-etcd");
-    return Status::Ok();
-  }
-  c.etcd = **etcd;
-  c.cluster_prefix = r.etcd.prefix;
-  replica::ClusterAgentOptions& a = c.agent;
-  a.node_id = f.cluster.node_id;
-  a.lease_ttl_seconds = r.lease_ttl;
-  a.connections = r.connections;
-  a.replica_tls = {f.nbd_tls.cert, f.nbd_tls.key, f.nbd_tls.ca, ""};
-  a.state_dir = f.pool_dir + "/targets";
-  a.resync_interval = std::chrono::seconds(r.resync_interval_s);
-  a.request_timeout = std::chrono::milliseconds(static_cast<int64_t>(r.replica_timeout_s * 1000));
-  a.handshake_timeout = std::max(a.request_timeout, std::chrono::milliseconds(2000));
-  if (!r.resync_rate.empty()) {
-    auto q = ParseQuantity(r.resync_rate);
-    if (!q.ok() || *q == 0)
-      return Error(EINVAL, "--replica-resync-rate: {}",
-                   q.ok() ? "must be greater than 0" : q.status().message());
-    a.resync_rate_bytes_per_second = *q;
-  }
-  a.nbd_endpoint = r.nbd_endpoint;
-  if (a.nbd_endpoint.empty()) {
-    for (const auto& ep : c.nbd_eps) {
-      if (ep.kind != Endpoint::Kind::kTcp) continue;
-      if (ep.host == "0.0.0.0" || ep.host == "::")
-        return Error(EINVAL, "--nbd-listen {} is a wildcard address: give "
-                             "--cluster-nbd-endpoint (where other nodes reach this one)",
-                     ep.ToString());
-      a.nbd_endpoint = ep.ToString();
-      break;
-    }
-  } else if (auto ep = ParseEndpoint(a.nbd_endpoint);
-             !ep.ok() || ep->kind != Endpoint::Kind::kTcp) {
-    return Error(EINVAL, "--cluster-nbd-endpoint {}: must be tcp://HOST:PORT", a.nbd_endpoint);
-  }
-  return Status::Ok();
-}
-
-// Checks every flag and reads every file they name; an error names the flag to fix.
-StatusOr<Config> Resolve(const Flags& f) {
-  Config c;
-  if (Status st = ResolvePool(f, c.pool); !st.ok()) return st;
-  if (Status st = ResolveNbd(f, c); !st.ok()) return st;
-  if (Status st = ResolveApiAndCluster(f, c); !st.ok()) return st;
-  if (Status st = ResolveReplicaCluster(f, c); !st.ok()) return st;
-  if (!f.metrics_listen.empty()) {
-    if (auto m = ParseMetricsListen(f.metrics_listen); !m.ok()) {
-      return Error(EINVAL, "--metrics-listen: {}", m.status().message());
-    }
-  }
-  c.attach = f.attach;
-  if (f.require_kernel_nbd) c.attach.fuse_fallback = false;
-  c.metrics_listen = f.metrics_listen;
-  return c;
-}
-
 // What the probes and the collector look at, set as each part comes up.
 struct Progress {
   std::atomic<bool> workers_up{false}, nbd_up{false}, api_up{false}, stopping{false};
   std::atomic<AttachmentManager*> attachments{nullptr};
   std::atomic<replica::ClusterAgent*> agent{nullptr};  // with --cluster-etcd, once it runs
 };
-
-// The cluster agent's targets as the collector's samples.
-std::vector<TargetSample> TargetSamples(replica::ClusterAgent& agent) {
-  std::vector<TargetSample> out;
-  for (const auto& t : agent.ListTargets()) {
-    TargetSample s;
-    s.volume = t.volume;
-    s.epoch = t.epoch;
-    s.degraded = t.health.degraded;
-    s.stopped = t.health.stopped;
-    s.acked_degraded = t.health.acked_degraded;
-    for (const auto& m : t.health.members) {
-      TargetSample::Replica r;
-      r.node = m.node;
-      r.in_sync = m.state == replica::MemberState::kInSync;
-      if (auto it = t.out_of_sync_bytes.find(m.node); it != t.out_of_sync_bytes.end())
-        r.out_of_sync_bytes = it->second;
-      r.errors = m.counters.errors;
-      s.replicas.push_back(std::move(r));
-    }
-    out.push_back(std::move(s));
-  }
-  return out;
-}
 
 // The /metrics, /healthz and /readyz server. It starts before the NBD listeners and the API, so
 // that /healthz answers during a long start (attached devices to reconnect) and /readyz says
@@ -575,40 +112,6 @@ StatusOr<std::unique_ptr<HeartbeatSender>> StartHeartbeat(const Config& c, Pool&
   return sender;
 }
 
-// The engine as the cluster agent's export host.
-class FrontendHost final : public replica::ExportHost {
- public:
-  explicit FrontendHost(NbdFrontend& f) : f_(f) {}
-  Status AddBackendExport(std::shared_ptr<ExportBackend> b) override {
-    return f_.AddBackendExport(std::move(b));
-  }
-  Status RemoveBackendExport(const std::string& name) override {
-    return f_.RemoveBackendExport(name);
-  }
-
- private:
-  NbdFrontend& f_;
-};
-
-// The cluster agent's targets as the attach module sees them (it does not link datapath/replica).
-class AgentTargets final : public TargetAccess {
- public:
-  explicit AgentTargets(replica::ClusterAgent& a) : a_(a) {}
-  StatusOr<uint64_t> OpenTargetSize(const std::string& volume) override {
-    auto t = a_.GetTarget(volume);
-    if (!t.ok()) return t.status();
-    return t->size;
-  }
-  StatusOr<uint64_t> ReopenTarget(const std::string& volume) override {
-    auto t = a_.OpenTarget(volume);
-    if (!t.ok()) return t.status();
-    return t->size;
-  }
-
- private:
-  replica::ClusterAgent& a_;
-};
-
 void LogPool(const PoolInfo& info) {
   spdlog::info("pool {}: {} volumes, {} file system, capacity {} bytes, overcommit {}, {} bytes "
                "free of which {} kept in reserve",
@@ -617,6 +120,82 @@ void LogPool(const PoolInfo& info) {
   for (const auto& o : info.cleaned_orphans) spdlog::warn("pool: cleaned orphan {}", o);
   for (const auto& b : info.broken_volumes)
     spdlog::warn("pool: broken volume {}: left in place, see nbdctl pool info", b);
+}
+
+// The tcp:// and unix:// NBD listeners, then the workers that serve them.
+Status StartNbd(const Config& c, NbdFrontend& frontend) {
+  for (const auto& ep : c.nbd_eps) {
+    Status st = EnsureSocketDir(ep);
+    if (st.ok()) st = frontend.Listen(ep);
+    if (!st.ok()) return st;
+  }
+  if (Status st = frontend.Start(); !st.ok()) {
+    return Error(st.code(), "cannot start the NBD workers: {}", st.message());
+  }
+  return Status::Ok();
+}
+
+// The management API and the services it carries. Members are destroyed last first: the server
+// stops before the services it calls, and before the backup jobs, whose destructor cancels
+// running jobs while the pool is still open.
+struct Api {
+  Api(Pool& pool, AttachmentManager& attachments, replica::ClusterAgent* agent)
+      : attach(MakeAttachmentService(attachments)),
+        target(MakeTargetService(agent)),
+        freeze_local(MakeTargetFreezeService(agent)),
+        freeze_remote(MakeTargetFreezeService(agent)),
+        backup_jobs(pool),
+        backup(MakeBackupService(backup_jobs)),
+        logging(MakeLoggingService(ProcessLogLevel())) {}
+
+  Status Start(Pool& pool, const std::vector<ApiListen>& listens) {
+    auto s = StartApiServer(pool, listens,
+                            {attach.get(), backup.get(), target.get(), logging.get(),
+                             freeze_local.get()},
+                            {freeze_remote.get()});
+    if (!s.ok()) {
+      return Error(s.status().code(), "cannot start the management API: {}",
+                   s.status().message());
+    }
+    server = std::move(*s);
+    return Status::Ok();
+  }
+
+  std::unique_ptr<grpc::Service> attach, target;
+  // Snapshots of replicated volumes: the controller freezes a target over TCP, nbdctl over unix.
+  std::unique_ptr<grpc::Service> freeze_local, freeze_remote;
+  // Backups to object storage (datapath/backup).
+  backup::BackupJobs backup_jobs;
+  std::unique_ptr<grpc::Service> backup, logging;
+  std::unique_ptr<ApiServer> server;
+};
+
+// Whichever way Serve ends, the metrics server (whose collector reads the agent's targets and
+// the attachments) stops before what it reads is destroyed.
+struct StopAgent {
+  std::unique_ptr<MetricsServer>& m;
+  std::unique_ptr<ClusterWiring>& cluster;
+  ~StopAgent() {
+    m.reset();
+    cluster.reset();
+  }
+};
+struct StopMetrics {
+  std::unique_ptr<MetricsServer>& m;
+  ~StopMetrics() { m.reset(); }
+};
+
+int Fail(const Status& st) {
+  spdlog::critical("{}", st.message());
+  return 1;
+}
+
+void LogReady(const Config& c) {
+  spdlog::info("nbd-datapathd {} ready: api {}{}{}, {} NBD listener(s), {} workers",
+               NBDCSI_VERSION, c.api,
+               c.cluster.tcp_listen.empty() ? "" : " and tcp://" + c.cluster.tcp_listen,
+               c.cluster.node_id.empty() ? "" : ", node " + c.cluster.node_id, c.nbd_eps.size(),
+               c.frontend.workers);
 }
 
 // Brings the daemon up in dependency order, serves until SIGTERM/SIGINT, and takes it down in
@@ -629,103 +208,46 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
   }
   const PoolInfo info = (*pool)->Info();
   LogPool(info);
-  auto fail = [](const Status& st) {
-    spdlog::critical("{}", st.message());
-    return 1;
-  };
 
   NbdFrontend frontend(**pool, c.frontend);
   Progress up;
   std::unique_ptr<MetricsServer> metrics;
   if (!c.metrics_listen.empty()) {
     auto m = StartMetrics(c, **pool, frontend, up);
-    if (!m.ok()) return fail(m.status());
+    if (!m.ok()) return Fail(m.status());
     metrics = std::move(*m);
   }
-  for (const auto& ep : c.nbd_eps) {
-    Status st = EnsureSocketDir(ep);
-    if (st.ok()) st = frontend.Listen(ep);
-    if (!st.ok()) return fail(st);
-  }
-  if (Status st = frontend.Start(); !st.ok()) {
-    return fail(Error(st.code(), "cannot start the NBD workers: {}", st.message()));
-  }
+  if (Status st = StartNbd(c, frontend); !st.ok()) return Fail(st);
   up.workers_up = true;
   up.nbd_up = true;
   // Replicated volumes: the node joins the cluster before the API serves OpenTarget.
-  FrontendHost host(frontend);
-  std::unique_ptr<cluster::ClusterStore> cluster_store;
-  std::unique_ptr<replica::ClusterAgent> agent;
-  if (c.etcd) {
-    auto store = cluster::ConnectEtcdStore(*c.etcd, c.cluster_prefix);
-    if (!store.ok()) return fail(Error(store.status().code(), "--cluster-etcd: {}",
-                                       store.status().message()));
-    cluster_store = std::move(*store);
-    auto a = replica::ClusterAgent::Start(*cluster_store, host, c.agent);
-    if (!a.ok()) return fail(a.status());
-    agent = std::move(*a);
-    up.agent = agent.get();
-  }
-  // The metrics server (whose collector reads the agent's targets) stops before the agent goes.
-  struct StopAgent {
-    std::unique_ptr<MetricsServer>& m;
-    std::unique_ptr<replica::ClusterAgent>& a;
-    ~StopAgent() {
-      m.reset();
-      a.reset();
-    }
-  } stop_agent{metrics, agent};
+  auto cluster = ClusterWiring::Start(c.etcd, c.cluster_prefix, c.agent, frontend);
+  if (!cluster.ok()) return Fail(cluster.status());
+  replica::ClusterAgent* agent = (*cluster)->agent();
+  up.agent = agent;
+  StopAgent stop_agent{metrics, *cluster};
 
   // After the agent: recovery reopens the targets of devices attached before a restart.
-  std::unique_ptr<AgentTargets> targets;
   AttachOptions attach_opts = c.attach;
-  if (agent) {
-    targets = std::make_unique<AgentTargets>(*agent);
-    attach_opts.targets = targets.get();
-  }
+  if (agent) attach_opts.targets = (*cluster)->targets();
   auto attach = AttachRuntime::Start(**pool, frontend, info.dir + "/attachments", attach_opts);
   if (!attach.ok())
-    return fail(Error(attach.status().code(), "attachments: {}", attach.status().message()));
+    return Fail(Error(attach.status().code(), "attachments: {}", attach.status().message()));
   up.attachments = &(*attach)->manager();
-  // Whichever way this ends from here, the metrics server (whose collector reads the
-  // attachments) stops before `attach` is destroyed.
-  struct StopMetrics {
-    std::unique_ptr<MetricsServer>& m;
-    ~StopMetrics() { m.reset(); }
-  } stop_metrics{metrics};
+  StopMetrics stop_metrics{metrics};
 
-  if (Status st = EnsureSocketDir(c.api_ep); !st.ok()) return fail(st);
-  auto attach_service = MakeAttachmentService((*attach)->manager());
-  auto target_service = MakeTargetService(agent.get());
-  // Snapshots of replicated volumes: the controller freezes a target over TCP, nbdctl over unix.
-  auto freeze_local = MakeTargetFreezeService(agent.get());
-  auto freeze_remote = MakeTargetFreezeService(agent.get());
-  // Backups to object storage (datapath/backup): declared before the server so that the
-  // server stops first; its destructor cancels running jobs while the pool is still open.
-  backup::BackupJobs backup_jobs(**pool);
-  auto backup_service = MakeBackupService(backup_jobs);
-  auto logging_service = MakeLoggingService(ProcessLogLevel());
-  auto server = StartApiServer(**pool, c.api_listens,
-                               {attach_service.get(), backup_service.get(), target_service.get(),
-                                logging_service.get(), freeze_local.get()},
-                               {freeze_remote.get()});
-  if (!server.ok()) {
-    return fail(Error(server.status().code(), "cannot start the management API: {}",
-                      server.status().message()));
-  }
+  if (Status st = EnsureSocketDir(c.api_ep); !st.ok()) return Fail(st);
+  Api api(**pool, (*attach)->manager(), agent);
+  if (Status st = api.Start(**pool, c.api_listens); !st.ok()) return Fail(st);
   up.api_up = true;
   // Only once the API serves: the controller may call it as soon as it hears from us.
   std::unique_ptr<HeartbeatSender> heartbeat;
   if (!c.cluster.controller.empty()) {
     auto h = StartHeartbeat(c, **pool, started);
-    if (!h.ok()) return fail(h.status());
+    if (!h.ok()) return Fail(h.status());
     heartbeat = std::move(*h);
   }
-  spdlog::info("nbd-datapathd {} ready: api {}{}{}, {} NBD listener(s), {} workers",
-               NBDCSI_VERSION, c.api,
-               c.cluster.tcp_listen.empty() ? "" : " and tcp://" + c.cluster.tcp_listen,
-               c.cluster.node_id.empty() ? "" : ", node " + c.cluster.node_id, c.nbd_eps.size(),
-               c.frontend.workers);
+  LogReady(c);
 
   const int sig = WaitForTerminationSignal();
   spdlog::info("signal {}: shutting down", sig);
@@ -733,7 +255,7 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
   // No more heartbeats first: the controller then expires this node instead of sending calls to
   // an API that is going away.
   if (heartbeat) heartbeat->Stop();
-  (*server)->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  api.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   // No SetLogLevel can come in any more: a pending timed change is dropped with its timer.
   ProcessLogLevel().Shutdown();
   // Before the sockets close; attached devices stay attached (AttachRuntime::Stop says why).
@@ -751,19 +273,10 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
 int Run(int argc, char** argv) {
   CLI::App app{"nbd-datapathd: serves a pool of thin local-disk volumes over NBD"};
   Flags f;
-  AddPoolFlags(app, f);
-  AddNbdFlags(app, f);
-  AddAttachFlags(app, f);
-  AddApiAndClusterFlags(app, f);
-  AddReplicaClusterFlags(app, f);
-  AddObservabilityFlags(app, f);
+  AddFlags(app, f);
   if (auto rc = ParseCommandLine(app, argc, argv)) return *rc;
   const auto started = std::chrono::system_clock::now();
-  spdlog::set_level(ParseLogLevel(f.log_level).value());  // CLI11 checked the name
-  if (Status s = SetLogFormat(f.log_format); !s.ok()) {
-    spdlog::critical("--log-format: {}", s.message());
-    return 2;
-  }
+  if (!nbdcsi::ApplyLogFlags(f.log_level, f.log_format)) return 2;
   auto config = Resolve(f);
   if (!config.ok()) {
     spdlog::critical("{}", config.status().message());

@@ -199,11 +199,7 @@ int Run(int argc, char** argv) {
   Flags f;
   AddFlags(app, f);
   if (auto rc = nbdcsi::ParseCommandLine(app, argc, argv)) return *rc;
-  spdlog::set_level(nbdcsi::ParseLogLevel(f.log_level).value());  // CLI11 checked the name
-  if (Status s = nbdcsi::SetLogFormat(f.log_format); !s.ok()) {
-    spdlog::error("--log-format: {}", s.message());
-    return 2;
-  }
+  if (!nbdcsi::ApplyLogFlags(f.log_level, f.log_format)) return 2;
   auto config = Resolve(f);
   if (!config.ok()) {
     spdlog::error("{}", config.status().message());

@@ -11,107 +11,18 @@
 #include "csi/driver.h"
 #include "csi/ids.h"
 #include "csi/logging.h"
+#include "node/csi_request.h"
 
 namespace nbdcsi::node {
 
 namespace v1 = ::csi::v1;
 using AccessMode = v1::VolumeCapability::AccessMode;
 
-Status ValidateNodePath(const std::string& what, const std::string& path) {
-  if (path.empty()) return Error(EINVAL, "{} is missing", what);
-  if (path.size() >= PATH_MAX) {
-    return Error(EINVAL, "{} is {} bytes long (limit {})", what, path.size(), PATH_MAX - 1);
-  }
-  if (path.find('\0') != std::string::npos) return Error(EINVAL, "{} contains a NUL byte", what);
-  if (path[0] != '/') return Error(EINVAL, "{} \"{}\" is not an absolute path", what, path);
-  if (path == "/") return Error(EINVAL, "{} must not be \"/\"", what);
-  if (path.back() == '/') return Error(EINVAL, "{} \"{}\" ends with '/'", what, path);
-  size_t pos = 1;
-  while (pos <= path.size()) {
-    size_t slash = path.find('/', pos);
-    if (slash == std::string::npos) slash = path.size();
-    std::string part = path.substr(pos, slash - pos);
-    if (part.empty() || part == "." || part == "..") {
-      return Error(EINVAL, "{} \"{}\" is not a clean path (\"{}\" component)", what, path, part);
-    }
-    pos = slash + 1;
-  }
-  return Status::Ok();
-}
-
-Status ValidateKubeletRoot(const std::string& root) {
-  if (root == "/") return Status::Ok();
-  Status s = ValidateNodePath("--kubelet-root", root);
-  return s;
-}
-
-Status ValidatePathUnderRoot(const std::string& what, const std::string& path,
-                             const std::string& root) {
-  if (Status s = ValidateNodePath(what, path); !s.ok()) return s;
-  if (root == "/") return Status::Ok();
-  if (path.size() <= root.size() + 1 || path.compare(0, root.size(), root) != 0 ||
-      path[root.size()] != '/') {
-    return Error(EINVAL, "{} \"{}\" is not beneath the kubelet root {} (--kubelet-root)", what,
-                 path, root);
-  }
-  return Status::Ok();
-}
-
 namespace {
 
 constexpr const char* kFuseFallbackNote =
     "attached through the nbdfuse fallback (no kernel NBD on this node): slower, and a datapath "
     "restart breaks its I/O; load nbd.ko on the node (chart: datapath.kernelNbd)";
-
-// What a VolumeCapability asks for, checked.
-struct Capability {
-  bool block = false;
-  std::string fstype;              // mount volumes: "ext4" or "xfs"
-  std::vector<std::string> flags;  // mount volumes: the mount_flags
-  bool reader_only = false;        // the access mode allows no writes
-  bool single_writer = false;      // SINGLE_NODE_SINGLE_WRITER: one target path at a time
-  bool ro_stage = false;           // mount volumes: staged read-only (reader_only or an "ro" flag)
-};
-
-StatusOr<Capability> ParseCapability(const v1::VolumeCapability& cap) {
-  Capability c;
-  switch (cap.access_mode().mode()) {
-    case AccessMode::SINGLE_NODE_WRITER:
-    case AccessMode::SINGLE_NODE_MULTI_WRITER: break;
-    case AccessMode::SINGLE_NODE_SINGLE_WRITER: c.single_writer = true; break;
-    case AccessMode::SINGLE_NODE_READER_ONLY: c.reader_only = true; break;
-    case AccessMode::UNKNOWN: return Error(EINVAL, "volume_capability.access_mode is missing");
-    default:
-      return Error(EINVAL, "access mode {} is not supported: volumes live on one node's disk",
-                   AccessMode::Mode_Name(cap.access_mode().mode()));
-  }
-  if (cap.has_block()) {
-    c.block = true;
-    return c;
-  }
-  if (!cap.has_mount()) return Error(EINVAL, "volume_capability has neither block nor mount");
-  c.fstype = cap.mount().fs_type().empty() ? std::string(csi::kFileSystems[0])
-                                            : cap.mount().fs_type();
-  if (!csi::IsSupportedFileSystem(c.fstype)) {
-    return Error(EINVAL, "fsType \"{}\" is not supported ({})", cap.mount().fs_type(),
-                 csi::kFileSystemList);
-  }
-  for (const auto& f : cap.mount().mount_flags()) {
-    if (f.empty() || f.find_first_of(std::string(" \t\n\0", 4)) != std::string::npos) {
-      return Error(EINVAL, "mount flag \"{}\" is empty or contains white space", f);
-    }
-    c.flags.push_back(f);
-    c.ro_stage = c.ro_stage || HasMountOption(f, "ro");
-  }
-  c.ro_stage = c.ro_stage || c.reader_only;
-  return c;
-}
-
-std::string Join(const std::vector<std::string>& v) {
-  std::string out;
-  for (const auto& x : v) out += (out.empty() ? "" : ",") + x;
-  return out;
-}
 
 // A volume id resolved on this node.
 struct NodeVolume {
@@ -565,6 +476,30 @@ class NodeService final : public v1::Node::Service {
     return Status::Ok();
   }
 
+  // What a published target must show: the staged file system, or the attached device node.
+  StatusOr<std::string> PublishSource(const NodeVolume& v, const Capability& cap,
+                                      const std::string& staging) {
+    if (cap.block) {
+      std::string source;
+      auto list = dp_.ListAttachments();
+      if (!list.ok()) return list.status();
+      for (const auto& a : *list) {
+        // An r1 volume's device is its target's, never the local replica attached as itself.
+        if (a.volume() == v.name && (!v.replicated || a.target())) source = a.device();
+      }
+      if (source.empty()) {
+        return Error(EBUSY, "volume {} is not attached on this node: stage it first", v.name);
+      }
+      return source;
+    }
+    auto staged = os_.GetMount(staging);
+    if (!staged.ok()) return OsError(staged.status());
+    if (!staged->has_value()) {
+      return Error(EBUSY, "volume {} is not staged: nothing is mounted at {}", v.name, staging);
+    }
+    return (*staged)->source;
+  }
+
   Status Publish(const v1::NodePublishVolumeRequest& req) {
     auto resolved = ResolveVolume(req.volume_id());
     StatusOr<std::string> volume =
@@ -587,27 +522,9 @@ class NodeService final : public v1::Node::Service {
     const std::string& target = req.target_path();
     bool ro = req.readonly() || cap->reader_only;
 
-    // What the target must show: the staged file system, or the attached device node.
-    std::string source;
-    if (cap->block) {
-      auto list = dp_.ListAttachments();
-      if (!list.ok()) return list.status();
-      for (const auto& a : *list) {
-        // An r1 volume's device is its target's, never the local replica attached as itself.
-        if (a.volume() == *volume && (!resolved->replicated || a.target())) source = a.device();
-      }
-      if (source.empty()) {
-        return Error(EBUSY, "volume {} is not attached on this node: stage it first", *volume);
-      }
-    } else {
-      auto staged = os_.GetMount(req.staging_target_path());
-      if (!staged.ok()) return OsError(staged.status());
-      if (!staged->has_value()) {
-        return Error(EBUSY, "volume {} is not staged: nothing is mounted at {}", *volume,
-                     req.staging_target_path());
-      }
-      source = (*staged)->source;
-    }
+    auto published = PublishSource(*resolved, *cap, req.staging_target_path());
+    if (!published.ok()) return published.status();
+    const std::string& source = *published;
 
     if (cap->single_writer && !cap->block) {
       if (Status s = RefuseSecondTarget(*volume, source, req.staging_target_path(), target);

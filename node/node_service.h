@@ -47,6 +47,7 @@
 #include <string>
 
 #include "csi/csi.grpc.pb.h"
+#include "node/csi_request.h"  // the path rules, which node/main.cpp and tests use too
 #include "node/datapath_client.h"
 #include "node/os.h"
 
@@ -74,17 +75,5 @@ std::unique_ptr<::csi::v1::Node::Service> MakeNodeService(NodeOptions opts, Node
 // straight through (the inner service rejects them).
 std::unique_ptr<::csi::v1::Node::Service> MakeLockedNodeService(
     std::unique_ptr<::csi::v1::Node::Service> inner);
-
-// The path rules for staging and target paths: absolute, not "/", no empty, "." or ".."
-// components, no trailing '/', shorter than PATH_MAX. EINVAL names `what` and the rule.
-Status ValidateNodePath(const std::string& what, const std::string& path);
-
-// --kubelet-root: a clean absolute path ("/" allowed), no trailing '/'. EINVAL naming the rule.
-Status ValidateKubeletRoot(const std::string& root);
-
-// ValidateNodePath, then: `path` lies strictly beneath `root` (component-wise, so /var/lib/kubeletx
-// is not beneath /var/lib/kubelet). EINVAL names `what`, the path and the root.
-Status ValidatePathUnderRoot(const std::string& what, const std::string& path,
-                             const std::string& root);
 
 }  // namespace nbdcsi::node

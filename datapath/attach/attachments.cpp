@@ -220,6 +220,22 @@ StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
   if (!claim) {
     return Error(EALREADY, "another attach, detach or resize of volume {} is in progress", volume);
   }
+  auto kept = KeepExisting(volume, connections, target);
+  if (!kept.ok()) return kept.status();
+  if (*kept) return std::move(**kept);
+  Status kernel = kernel_.Available();
+  if (kernel.ok()) return AttachKernel(volume, connections, target);
+  if (target) {
+    return Error(ENODEV,
+                 "{}; the target of volume {} attaches only through kernel NBD (the "
+                 "nbdfuse fallback does not serve targets: it survives no datapath restart)",
+                 kernel.message(), volume);
+  }
+  return AttachFallback(volume, connections, kernel);
+}
+
+StatusOr<std::optional<AttachmentRecord>> AttachmentManager::KeepExisting(
+    const std::string& volume, unsigned connections, bool target) {
   std::optional<AttachmentRecord> existing = Find(volume);
   if (existing && existing->target != target) {
     // One device per name: the pool volume and the target of the same name are different data
@@ -229,7 +245,7 @@ StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
   }
   if (existing && existing->fuse()) {
     AttachmentRecord cur = WithLink(*existing);
-    if (cur.link_ok) return cur;
+    if (cur.link_ok) return std::optional<AttachmentRecord>(std::move(cur));
     // Broken (nbdfuse died, or a restart cut its connection): replace it, unless a file system
     // still sits on it; pulling the device from under a mount would lose its dirty data.
     if (cur.index >= 0 && Fuse().LoopBound(RefOf(cur))) {
@@ -242,32 +258,29 @@ StatusOr<AttachmentRecord> AttachmentManager::Attach(const std::string& volume,
     spdlog::warn("attach: volume {}: replacing its broken fuse attachment {} ({})", volume,
                  cur.device(), cur.link_error);
     if (Status s = DetachFuse(cur); !s.ok()) return s;
-    existing.reset();
+    return std::optional<AttachmentRecord>();
   }
-  if (existing) {
-    if (existing->index >= 0 && LiveIndex(*existing) == existing->index) {
-      if (existing->connections != connections) {
-        spdlog::info("attach: {} is already attached as {} with {} connection(s); keeping it",
-                     volume, existing->device(), existing->connections);
-      }
-      return WithLink(*existing);
+  if (!existing) return std::optional<AttachmentRecord>();
+  if (existing->index >= 0 && LiveIndex(*existing) == existing->index) {
+    if (existing->connections != connections) {
+      spdlog::info("attach: {} is already attached as {} with {} connection(s); keeping it",
+                   volume, existing->device(), existing->connections);
     }
-    spdlog::warn("attach: the record of {} names {}, which is no longer ours; attaching anew",
-                 volume, existing->device());
-    if (Status s = RemoveRecord(volume); !s.ok()) return s;
-    std::lock_guard lk(mu_);
-    records_.erase(volume);
-    link_errors_.erase(volume);
-    reconnects_.erase(volume);
+    return std::optional<AttachmentRecord>(WithLink(*existing));
   }
-  Status kernel = kernel_.Available();
-  if (kernel.ok()) return AttachKernel(volume, connections, target);
-  if (target) {
-    return Error(ENODEV,
-                 "{}; the target of volume {} attaches only through kernel NBD (the "
-                 "nbdfuse fallback does not serve targets: it survives no datapath restart)",
-                 kernel.message(), volume);
-  }
+  spdlog::warn("attach: the record of {} names {}, which is no longer ours; attaching anew",
+               volume, existing->device());
+  if (Status s = RemoveRecord(volume); !s.ok()) return s;
+  std::lock_guard lk(mu_);
+  records_.erase(volume);
+  link_errors_.erase(volume);
+  reconnects_.erase(volume);
+  return std::optional<AttachmentRecord>();
+}
+
+StatusOr<AttachmentRecord> AttachmentManager::AttachFallback(const std::string& volume,
+                                                             unsigned connections,
+                                                             const Status& kernel) {
   if (!opts_.fuse_fallback) {
     return Error(ENODEV, "{}; and the nbdfuse fallback is off (--require-kernel-nbd)",
                  kernel.message());

@@ -126,6 +126,13 @@ class AttachmentManager {
   std::optional<AttachmentRecord> Find(const std::string& volume) const;
   AttachmentRecord WithLink(AttachmentRecord r) const;
   FuseLoopInterface& Fuse();
+  // Attach's look at a record of `volume` already here: the attachment to return as it is, or
+  // nullopt to attach anew (a broken fuse attachment replaced, a stale record dropped).
+  StatusOr<std::optional<AttachmentRecord>> KeepExisting(const std::string& volume,
+                                                         unsigned connections, bool target);
+  // Attach through nbdfuse + loop when kernel NBD is unavailable (`kernel` says why).
+  StatusOr<AttachmentRecord> AttachFallback(const std::string& volume, unsigned connections,
+                                            const Status& kernel);
   StatusOr<AttachmentRecord> AttachKernel(const std::string& volume, unsigned connections,
                                           bool target);
   // Fresh sockets (and the size) for a record's export: the pool volume, or its target. With

@@ -49,7 +49,7 @@ class ExportServer {
 };
 
 // What attaching a target needs from the cluster agent (datapath/replica), which this module does
-// not link: main.cpp adapts replica::ClusterAgent to it.
+// not link: datapath/daemon/cluster_wiring.cpp adapts replica::ClusterAgent to it.
 class TargetAccess {
  public:
   virtual ~TargetAccess() = default;

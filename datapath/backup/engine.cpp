@@ -130,49 +130,31 @@ bool AllZero(const std::string& data) {
          (data[0] == 0 && std::memcmp(data.data(), data.data() + 1, data.size() - 1) == 0);
 }
 
-}  // namespace
-
-StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress* progress) {
-  if (Status s = ValidateBackupName(spec.name); !s.ok()) return s;
-  if (spec.fd < 0 || spec.size == 0 || spec.chunk_size == 0 || spec.chunk_size > kMaxChunkSize) {
-    return Error(EINVAL, "backup \"{}\": invalid source (fd {}, size {}, chunk size {})", spec.name,
-                 spec.fd, spec.size, spec.chunk_size);
-  }
-  // The first call reaches the store: bucket, credentials and endpoint fail here, clearly.
+// A backup of that name already in the target: returned when it is of the same source (a
+// retried call), EEXIST otherwise; nullopt when there is none. The first call that reaches the
+// store: bucket, credentials and endpoint fail here, clearly.
+StatusOr<std::optional<Manifest>> FindExisting(Repository& repo, const BackupSpec& spec) {
   auto names = repo.ListNames();
   if (!names.ok()) return names.status();
-  if (std::binary_search(names->begin(), names->end(), spec.name)) {
-    auto existing = repo.Read(spec.name);
-    if (!existing.ok()) return existing.status();
-    if (existing->source_snapshot == spec.source_snapshot &&
-        existing->source_volume == spec.source_volume) {
-      return existing;
-    }
-    return Error(EEXIST,
-                 "backup \"{}\" already exists in this target, of snapshot \"{}\" of volume "
-                 "\"{}\"",
-                 spec.name, existing->source_snapshot, existing->source_volume);
+  if (!std::binary_search(names->begin(), names->end(), spec.name)) {
+    return std::optional<Manifest>();
   }
+  auto existing = repo.Read(spec.name);
+  if (!existing.ok()) return existing.status();
+  if (existing->source_snapshot == spec.source_snapshot &&
+      existing->source_volume == spec.source_volume) {
+    return std::optional<Manifest>(std::move(*existing));
+  }
+  return Error(EEXIST,
+               "backup \"{}\" already exists in this target, of snapshot \"{}\" of volume "
+               "\"{}\"",
+               spec.name, existing->source_snapshot, existing->source_volume);
+}
 
-  auto lease = repo.AcquireBackupLease(spec.name);
-  if (!lease.ok()) return lease.status();
-  std::mutex lease_mu;  // Lease is not thread-safe
-  auto check_lease = [&] {
-    std::lock_guard lk(lease_mu);
-    return (*lease)->Check();
-  };
-
-  // Chunks already stored, with their stored sizes (for the manifest): one listing per backup.
-  // A chunk this backup uploads joins it, so a later chunk with the same content is not sent.
-  auto listed = repo.ChunkSizes();
-  if (!listed.ok()) return listed.status();
-  std::mutex known_mu;
-  std::map<std::string, uint64_t> known = std::move(*listed);
-
-  const uint64_t nchunks = (spec.size + spec.chunk_size - 1) / spec.chunk_size;
-  std::vector<std::optional<ChunkRef>> refs(nchunks);
-  // The holes first (one lseek pair per chunk), so that progress is counted in allocated data
-  // from the start and a sparse volume's percentage does not race through its holes.
+// Which chunks of the source are holes. Mapped first (one lseek pair per chunk), so that
+// progress is counted in allocated data from the start and a sparse volume's percentage does
+// not race through its holes.
+StatusOr<std::vector<bool>> MapHoles(const BackupSpec& spec, uint64_t nchunks, Progress* progress) {
   std::vector<bool> holes(nchunks);
   uint64_t data_total = 0;
   for (uint64_t i = 0; i < nchunks; ++i) {
@@ -190,79 +172,150 @@ StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress*
     progress->data_total_bytes = data_total;
     progress->data_total_known = true;
   }
-  RateLimiter limiter(spec.bandwidth_bytes_per_s);
-  std::atomic<uint64_t> uploaded{0};
+  return holes;
+}
 
-  Status st = ParallelFor(nchunks, spec.threads, [&](uint64_t i) -> Status {
-    if (spec.cancel && spec.cancel->load()) {
-      return Error(ECANCELED, "backup \"{}\": cancelled", spec.name);
+// One backup's chunks on their way to the store, from spec.threads threads.
+class ChunkUploader {
+ public:
+  // `known`: the chunks already stored, with their stored sizes (one listing per backup).
+  ChunkUploader(Repository& repo, const BackupSpec& spec, Progress* progress, Lease& lease,
+                std::map<std::string, uint64_t> known, uint64_t nchunks)
+      : repo_(repo),
+        spec_(spec),
+        progress_(progress),
+        lease_(lease),
+        known_(std::move(known)),
+        limiter_(spec.bandwidth_bytes_per_s),
+        refs_(nchunks) {}
+
+  // Chunk i: read, and unless it is all zeroes, hashed and uploaded when the target does not
+  // hold that content yet.
+  Status Backup(uint64_t i, bool hole) {
+    if (spec_.cancel && spec_.cancel->load()) {
+      return Error(ECANCELED, "backup \"{}\": cancelled", spec_.name);
     }
-    const uint64_t off = i * spec.chunk_size;
-    const uint64_t len = std::min(spec.chunk_size, spec.size - off);
-    if (!holes[i]) {
+    const uint64_t off = i * spec_.chunk_size;
+    const uint64_t len = std::min(spec_.chunk_size, spec_.size - off);
+    if (!hole) {
       std::string data(len, '\0');
-      if (Status s = PreadAll(spec.fd, data.data(), len, off); !s.ok()) {
-        return Error(s.code(), "backup \"{}\": {}", spec.name, s.message());
+      if (Status s = PreadAll(spec_.fd, data.data(), len, off); !s.ok()) {
+        return Error(s.code(), "backup \"{}\": {}", spec_.name, s.message());
       }
       if (!AllZero(data)) {
         ChunkRef ref{off, Sha256Hex(data), 0};
-        bool present;
-        {
-          std::lock_guard lk(known_mu);
-          present = !known.emplace(ref.sha256, 0).second;
-        }
-        if (present) {
-          if (progress) ++progress->chunks_reused;
-        } else {
-          std::string frame = Compress(data);
-          ref.stored_size = frame.size();
-          if (Status s = check_lease(); !s.ok()) return s;
-          if (!limiter.Consume(frame.size(), spec.cancel)) {
-            return Error(ECANCELED, "backup \"{}\": cancelled", spec.name);
-          }
-          if (Status s = repo.store().Put(repo.ChunkKey(ref.sha256), frame); !s.ok()) {
-            // Another thread may have skipped this hash on our word; the backup fails anyway.
-            return s;
-          }
-          {
-            std::lock_guard lk(known_mu);
-            known[ref.sha256] = frame.size();
-          }
-          uploaded += frame.size();
-          if (progress) {
-            progress->transferred_bytes += frame.size();
-            ++progress->chunks_uploaded;
-          }
-        }
-        refs[i] = std::move(ref);
+        if (Status s = Upload(data, ref); !s.ok()) return s;
+        refs_[i] = std::move(ref);
       }
-      if (progress) progress->data_done_bytes += len;
+      if (progress_) progress_->data_done_bytes += len;
     }
-    if (progress) progress->done_bytes += len;
-    if (spec.after_chunk) spec.after_chunk(off);
+    if (progress_) progress_->done_bytes += len;
+    if (spec_.after_chunk) spec_.after_chunk(off);
     return Status::Ok();
-  });
-  if (!st.ok()) return st;
-
-  Manifest m;
-  m.name = spec.name;
-  m.source_volume = spec.source_volume;
-  m.source_snapshot = spec.source_snapshot;
-  m.created_unix_ns = spec.created_unix_ns;
-  m.volume_size = spec.size;
-  m.chunk_size = spec.chunk_size;
-  m.uploaded_bytes = uploaded.load();
-  for (auto& r : refs) {
-    if (!r) continue;
-    // A reused chunk: its size from the listing, or from the upload of this run that sent it.
-    if (r->stored_size == 0) r->stored_size = known[r->sha256];
-    m.data_bytes += m.ChunkLength(r->offset);
-    m.stored_bytes += r->stored_size;
-    m.chunks.push_back(std::move(*r));
   }
+
+  // Under a lease that must still be live (Lease is not thread-safe).
+  Status CheckLease() {
+    std::lock_guard lk(lease_mu_);
+    return lease_.Check();
+  }
+
+  // The manifest of the chunks backed up (nothing of it is written).
+  Manifest TakeManifest() {
+    Manifest m;
+    m.name = spec_.name;
+    m.source_volume = spec_.source_volume;
+    m.source_snapshot = spec_.source_snapshot;
+    m.created_unix_ns = spec_.created_unix_ns;
+    m.volume_size = spec_.size;
+    m.chunk_size = spec_.chunk_size;
+    m.uploaded_bytes = uploaded_.load();
+    for (auto& r : refs_) {
+      if (!r) continue;
+      // A reused chunk: its size from the listing, or from the upload of this run that sent it.
+      if (r->stored_size == 0) r->stored_size = known_[r->sha256];
+      m.data_bytes += m.ChunkLength(r->offset);
+      m.stored_bytes += r->stored_size;
+      m.chunks.push_back(std::move(*r));
+    }
+    return m;
+  }
+
+ private:
+  // A chunk this backup uploads joins `known_`, so a later chunk with the same content is not
+  // sent.
+  Status Upload(const std::string& data, ChunkRef& ref) {
+    bool present;
+    {
+      std::lock_guard lk(known_mu_);
+      present = !known_.emplace(ref.sha256, 0).second;
+    }
+    if (present) {
+      if (progress_) ++progress_->chunks_reused;
+      return Status::Ok();
+    }
+    std::string frame = Compress(data);
+    ref.stored_size = frame.size();
+    if (Status s = CheckLease(); !s.ok()) return s;
+    if (!limiter_.Consume(frame.size(), spec_.cancel)) {
+      return Error(ECANCELED, "backup \"{}\": cancelled", spec_.name);
+    }
+    if (Status s = repo_.store().Put(repo_.ChunkKey(ref.sha256), frame); !s.ok()) {
+      // Another thread may have skipped this hash on our word; the backup fails anyway.
+      return s;
+    }
+    {
+      std::lock_guard lk(known_mu_);
+      known_[ref.sha256] = frame.size();
+    }
+    uploaded_ += frame.size();
+    if (progress_) {
+      progress_->transferred_bytes += frame.size();
+      ++progress_->chunks_uploaded;
+    }
+    return Status::Ok();
+  }
+
+  Repository& repo_;
+  const BackupSpec& spec_;
+  Progress* progress_;
+  std::mutex lease_mu_;
+  Lease& lease_;
+  std::mutex known_mu_;
+  std::map<std::string, uint64_t> known_;
+  RateLimiter limiter_;
+  std::atomic<uint64_t> uploaded_{0};
+  std::vector<std::optional<ChunkRef>> refs_;
+};
+
+}  // namespace
+
+StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress* progress) {
+  if (Status s = ValidateBackupName(spec.name); !s.ok()) return s;
+  if (spec.fd < 0 || spec.size == 0 || spec.chunk_size == 0 || spec.chunk_size > kMaxChunkSize) {
+    return Error(EINVAL, "backup \"{}\": invalid source (fd {}, size {}, chunk size {})", spec.name,
+                 spec.fd, spec.size, spec.chunk_size);
+  }
+  auto existing = FindExisting(repo, spec);
+  if (!existing.ok()) return existing.status();
+  if (*existing) return std::move(**existing);
+
+  auto lease = repo.AcquireBackupLease(spec.name);
+  if (!lease.ok()) return lease.status();
+  auto listed = repo.ChunkSizes();
+  if (!listed.ok()) return listed.status();
+  const uint64_t nchunks = (spec.size + spec.chunk_size - 1) / spec.chunk_size;
+  auto holes = MapHoles(spec, nchunks, progress);
+  if (!holes.ok()) return holes.status();
+
+  ChunkUploader up(repo, spec, progress, **lease, std::move(*listed), nchunks);
+  Status st = ParallelFor(nchunks, spec.threads,
+                          [&](uint64_t i) -> Status { return up.Backup(i, (*holes)[i]); });
+  if (!st.ok()) return st;
+  Manifest m = up.TakeManifest();
   // The commit point, under a lease that is still live: every chunk it names is in the store and
   // no collection can have removed a reused one meanwhile (repository.h).
-  if (Status s = check_lease(); !s.ok()) return s;
+  if (Status s = up.CheckLease(); !s.ok()) return s;
   if (Status s = repo.Write(m); !s.ok()) return s;
   return m;
 }

@@ -218,8 +218,21 @@ StatusOr<GcResult> Repository::Collect() {
   }
   if (on_gc_marking) on_gc_marking();
 
-  // Mark. A manifest that cannot be read stops the collection: sweeping with an incomplete mark
-  // would delete chunks a backup still needs.
+  auto marked = Mark();
+  if (!marked.ok()) return marked.status();
+  if (Status s = Sweep(*marked, **gc, result); !s.ok()) return s;
+  for (const std::string& key : expired) {
+    if (store_.Delete(key).ok()) ++result.stale_leases_deleted;
+  }
+  spdlog::info("backup gc: kept {} chunks, deleted {} ({} bytes), removed {} expired leases",
+               result.chunks_kept, result.chunks_deleted, result.bytes_freed,
+               result.stale_leases_deleted);
+  return result;
+}
+
+// Mark. A manifest that cannot be read stops the collection: sweeping with an incomplete mark
+// would delete chunks a backup still needs.
+StatusOr<std::set<std::string>> Repository::Mark() {
   auto names = ListNames();
   if (!names.ok()) return names.status();
   std::set<std::string> marked;
@@ -231,7 +244,11 @@ StatusOr<GcResult> Repository::Collect() {
     }
     for (const ChunkRef& c : m->chunks) marked.insert(c.sha256);
   }
-  // Sweep, a few deletes at a time: one request per chunk, mostly waiting on the network.
+  return marked;
+}
+
+// Sweep, a few deletes at a time: one request per chunk, mostly waiting on the network.
+Status Repository::Sweep(const std::set<std::string>& marked, Lease& gc, GcResult& result) {
   auto chunks = store_.List(ChunkPrefix());
   if (!chunks.ok()) return chunks.status();
   std::vector<const ObjectInfo*> doomed;
@@ -250,7 +267,7 @@ StatusOr<GcResult> Repository::Collect() {
       {
         std::lock_guard lk(mu);
         if (!first.ok()) return;
-        if (Status s = (*gc)->Check(); !s.ok()) {
+        if (Status s = gc.Check(); !s.ok()) {
           first = s;
           return;
         }
@@ -273,14 +290,7 @@ StatusOr<GcResult> Repository::Collect() {
     sweep();
     for (auto& t : threads) t.join();
   }
-  if (!first.ok()) return first;
-  for (const std::string& key : expired) {
-    if (store_.Delete(key).ok()) ++result.stale_leases_deleted;
-  }
-  spdlog::info("backup gc: kept {} chunks, deleted {} ({} bytes), removed {} expired leases",
-               result.chunks_kept, result.chunks_deleted, result.bytes_freed,
-               result.stale_leases_deleted);
-  return result;
+  return first;
 }
 
 }  // namespace nbdcsi::datapath::backup

@@ -31,6 +31,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -125,6 +126,10 @@ class Repository {
   // the server time `now_s`. Expired ones are added to *expired.
   StatusOr<std::vector<std::string>> LiveLeases(const std::string& kind, const std::string& own,
                                                 int64_t now_s, std::vector<std::string>* expired);
+  // Collect's two phases: the chunks some manifest references, then every other chunk deleted
+  // (counted into `result`) while the gc lease `gc` holds.
+  StatusOr<std::set<std::string>> Mark();
+  Status Sweep(const std::set<std::string>& marked, Lease& gc, GcResult& result);
 
   ObjectStore& store_;
   std::string prefix_;

@@ -86,25 +86,8 @@ struct Built {
   std::string summary;
 };
 
-// Builds a server SSL_CTX from the three files. Everything is checked here, before it can
-// replace working material: the key must match the certificate, the certificate must be inside
-// its validity period, the CA bundle must hold at least one certificate.
-StatusOr<Built> Build(const NbdTlsFiles& f) {
-  auto cert_pem = ReadSmallFile(f.cert, kMaxPemBytes);
-  if (!cert_pem.ok())
-    return Error(cert_pem.status().code(), "--nbd-tls-cert: {}", cert_pem.status().message());
-  auto key_pem = ReadSmallFile(f.key, kMaxPemBytes);
-  if (!key_pem.ok())
-    return Error(key_pem.status().code(), "--nbd-tls-key: {}", key_pem.status().message());
-  auto ca_pem = ReadSmallFile(f.ca, kMaxPemBytes);
-  if (!ca_pem.ok())
-    return Error(ca_pem.status().code(), "--nbd-tls-ca: {}", ca_pem.status().message());
-
-  auto chain = ParseCerts("--nbd-tls-cert", f.cert, *cert_pem);
-  if (!chain.ok()) return chain.status();
-  auto cas = ParseCerts("--nbd-tls-ca", f.ca, *ca_pem);
-  if (!cas.ok()) return cas.status();
-
+// A server SSL_CTX with the protocol settings of every NBD listener and no material yet.
+StatusOr<SslCtxPtr> NewServerCtx() {
   ERR_clear_error();
   SslCtxPtr ctx(SSL_CTX_new(TLS_server_method()));
   if (!ctx) return Error(ENOMEM, "cannot create a TLS context: {}", OpenSslReason("?"));
@@ -126,8 +109,12 @@ StatusOr<Built> Build(const NbdTlsFiles& f) {
   // The terminator retries writes from a buffer that may have moved and grown.
   SSL_CTX_set_mode(c, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
   SSL_CTX_set_verify(c, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, nullptr);
+  return ctx;
+}
 
-  X509* leaf = (*chain)[0].get();
+// The certificate chain of --nbd-tls-cert, its leaf inside its validity period.
+Status UseCertChain(SSL_CTX* c, const NbdTlsFiles& f, const std::vector<X509Ptr>& chain) {
+  X509* leaf = chain[0].get();
   if (X509_cmp_current_time(X509_get0_notAfter(leaf)) < 0) {
     return Error(EINVAL, "--nbd-tls-cert {}: expired on {}", f.cert,
                  Asn1Time(X509_get0_notAfter(leaf)));
@@ -139,15 +126,19 @@ StatusOr<Built> Build(const NbdTlsFiles& f) {
   if (SSL_CTX_use_certificate(c, leaf) != 1) {
     return Error(EINVAL, "--nbd-tls-cert {}: refused ({})", f.cert, OpenSslReason("?"));
   }
-  for (size_t i = 1; i < chain->size(); ++i) {
+  for (size_t i = 1; i < chain.size(); ++i) {
     // add1: the context takes its own reference; ours goes with the vector.
-    if (SSL_CTX_add1_chain_cert(c, (*chain)[i].get()) != 1) {
+    if (SSL_CTX_add1_chain_cert(c, chain[i].get()) != 1) {
       return Error(EINVAL, "--nbd-tls-cert {}: intermediate {} refused ({})", f.cert, i,
                    OpenSslReason("?"));
     }
   }
+  return Status::Ok();
+}
 
-  BioPtr kbio(BIO_new_mem_buf(key_pem->data(), static_cast<int>(key_pem->size())));
+// The private key of --nbd-tls-key, which must match the certificate.
+Status UseKey(SSL_CTX* c, const NbdTlsFiles& f, const std::string& key_pem) {
+  BioPtr kbio(BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size())));
   EVP_PKEY* key = kbio ? PEM_read_bio_PrivateKey(kbio.get(), nullptr, nullptr, nullptr) : nullptr;
   if (!key) {
     return Error(EINVAL, "--nbd-tls-key {}: no readable PEM private key ({})", f.key,
@@ -159,21 +150,54 @@ StatusOr<Built> Build(const NbdTlsFiles& f) {
     return Error(EINVAL, "--nbd-tls-key {} does not belong to --nbd-tls-cert {} ({})", f.key,
                  f.cert, OpenSslReason("key values mismatch"));
   }
+  return Status::Ok();
+}
 
+// The CAs of --nbd-tls-ca, which clients' certificates must chain to.
+Status TrustCas(SSL_CTX* c, const NbdTlsFiles& f, const std::vector<X509Ptr>& cas) {
   X509_STORE* store = SSL_CTX_get_cert_store(c);
-  for (const auto& ca : *cas) {
+  for (const auto& ca : cas) {
     // Also sent in the CertificateRequest, so clients holding several certificates pick the
     // one this CA signed.
     if (X509_STORE_add_cert(store, ca.get()) != 1 || SSL_CTX_add_client_CA(c, ca.get()) != 1) {
       return Error(EINVAL, "--nbd-tls-ca {}: certificate refused ({})", f.ca, OpenSslReason("?"));
     }
   }
+  return Status::Ok();
+}
+
+// Builds a server SSL_CTX from the three files. Everything is checked here, before it can
+// replace working material: the key must match the certificate, the certificate must be inside
+// its validity period, the CA bundle must hold at least one certificate.
+StatusOr<Built> Build(const NbdTlsFiles& f) {
+  auto cert_pem = ReadSmallFile(f.cert, kMaxPemBytes);
+  if (!cert_pem.ok())
+    return Error(cert_pem.status().code(), "--nbd-tls-cert: {}", cert_pem.status().message());
+  auto key_pem = ReadSmallFile(f.key, kMaxPemBytes);
+  if (!key_pem.ok())
+    return Error(key_pem.status().code(), "--nbd-tls-key: {}", key_pem.status().message());
+  auto ca_pem = ReadSmallFile(f.ca, kMaxPemBytes);
+  if (!ca_pem.ok())
+    return Error(ca_pem.status().code(), "--nbd-tls-ca: {}", ca_pem.status().message());
+
+  auto chain = ParseCerts("--nbd-tls-cert", f.cert, *cert_pem);
+  if (!chain.ok()) return chain.status();
+  auto cas = ParseCerts("--nbd-tls-ca", f.ca, *ca_pem);
+  if (!cas.ok()) return cas.status();
+
+  auto ctx = NewServerCtx();
+  if (!ctx.ok()) return ctx.status();
+  SSL_CTX* c = ctx->get();
+  if (Status s = UseCertChain(c, f, *chain); !s.ok()) return s;
+  if (Status s = UseKey(c, f, *key_pem); !s.ok()) return s;
+  if (Status s = TrustCas(c, f, *cas); !s.ok()) return s;
   ERR_clear_error();
+  X509* leaf = (*chain)[0].get();
   std::string summary = fmt::format(
       "{} (valid until {}), clients verified against {} CA "
       "certificate(s) from {}",
       Subject(leaf), Asn1Time(X509_get0_notAfter(leaf)), cas->size(), f.ca);
-  return Built{std::move(ctx), std::move(summary)};
+  return Built{std::move(*ctx), std::move(summary)};
 }
 
 TlsIo FromSsl(SSL* ssl, int r) {

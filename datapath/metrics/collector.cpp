@@ -1,5 +1,6 @@
 #include "datapath/metrics/collector.h"
 
+#include <array>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -55,23 +56,12 @@ void AddHistogram(MetricFamily& f, Labels labels,
 }  // namespace
 
 const char* OpLabel(OpKind kind) {
-  switch (kind) {
-    case OpKind::kRead:
-      return "read";
-    case OpKind::kWrite:
-      return "write";
-    case OpKind::kFlush:
-      return "flush";
-    case OpKind::kTrim:
-      return "trim";
-    case OpKind::kWriteZeroes:
-      return "zero";
-    case OpKind::kBlockStatus:
-      return "block_status";
-    case OpKind::kCount:
-      break;
-  }
-  return "?";
+  // Indexed by OpKind (stats.h: kRead, kWrite, kFlush, kTrim, kWriteZeroes, kBlockStatus).
+  static constexpr std::array<const char*, kOpKinds> kLabels = {
+      "read", "write", "flush", "trim", "zero", "block_status"};
+  static_assert(static_cast<int>(OpKind::kBlockStatus) == kOpKinds - 1);
+  const auto i = static_cast<size_t>(kind);
+  return i < kLabels.size() ? kLabels[i] : "?";
 }
 
 DatapathCollector::DatapathCollector(Pool& pool, std::function<EngineCounters()> engine,
@@ -82,20 +72,21 @@ DatapathCollector::DatapathCollector(Pool& pool, std::function<EngineCounters()>
       attachments_(std::move(attachments)),
       version_(std::move(version)) {}
 
-std::vector<MetricFamily> DatapathCollector::Collect() const {
-  using T = MetricType;
-  std::vector<MetricFamily> out;
+namespace {
 
-  MetricFamily build = Family("nbdcsi_datapath_build_info", "nbd-datapathd's version.", T::Gauge);
-  Add(build, {{"version", version_}}, 1);
-  out.push_back(std::move(build));
+using T = MetricType;
 
-  // ---- the pool --------------------------------------------------------------------------------
-  PoolInfo info = pool_.Info();
+// A family of one unlabelled sample.
+void AddSingle(std::vector<MetricFamily>& out, const char* name, const char* help, MetricType type,
+               double v) {
+  MetricFamily f = Family(name, help, type);
+  Add(f, {}, v);
+  out.push_back(std::move(f));
+}
+
+void CollectPool(const PoolInfo& info, std::vector<MetricFamily>& out) {
   auto gauge = [&out](const char* name, const char* help, double v) {
-    MetricFamily f = Family(name, help, T::Gauge);
-    Add(f, {}, v);
-    out.push_back(std::move(f));
+    AddSingle(out, name, help, T::Gauge, v);
   };
   gauge("nbdcsi_pool_capacity_bytes", "Bytes usable by the pool (--capacity or the file system).",
         static_cast<double>(info.capacity));
@@ -119,8 +110,10 @@ std::vector<MetricFamily> DatapathCollector::Collect() const {
   gauge("nbdcsi_pool_broken_volumes", "Volumes that could not be loaded (nbdctl pool info).",
         static_cast<double>(info.broken_volumes.size()));
   gauge("nbdcsi_pool_snapshots", "Snapshots in the pool.", static_cast<double>(info.snapshots));
+}
 
-  // ---- each volume -------------------------------------------------------------------------
+// The per-volume families, in the order they are exported.
+struct VolumeFamilies {
   MetricFamily ops =
       Family("nbdcsi_volume_requests_total",
              "NBD requests answered, by kind (counted when the reply is queued).", T::Counter);
@@ -147,94 +140,117 @@ std::vector<MetricFamily> DatapathCollector::Collect() const {
                                 "Background copies running (restores and clones without reflink, "
                                 "copy snapshots).",
                                 T::Gauge);
-  uint64_t volume_copies = 0;
-  for (const VolumeInfo& v : pool_.List()) {
-    Add(prov, {{"volume", v.name}}, static_cast<double>(v.size));
-    Add(alloc, {{"volume", v.name}}, static_cast<double>(v.allocated));
-    if (!v.ready) ++volume_copies;
-    std::shared_ptr<Volume> vol = pool_.Acquire(v.name);
-    if (!vol) continue;  // not ready (being filled) or just deleted: it serves no I/O
-    VolumeStatsSnapshot s = vol->stats().Snapshot();
+
+  // The counters of a volume that serves I/O.
+  void AddStats(const std::string& volume, const VolumeStatsSnapshot& s) {
     for (int k = 0; k < kOpKinds; ++k) {
       const char* op = OpLabel(static_cast<OpKind>(k));
-      Add(ops, {{"volume", v.name}, {"op", op}}, static_cast<double>(s.ops[k]));
+      Add(ops, {{"volume", volume}, {"op", op}}, static_cast<double>(s.ops[k]));
       if (k != static_cast<int>(OpKind::kFlush) && k != static_cast<int>(OpKind::kBlockStatus))
-        Add(bytes, {{"volume", v.name}, {"op", op}}, static_cast<double>(s.bytes[k]));
+        Add(bytes, {{"volume", volume}, {"op", op}}, static_cast<double>(s.bytes[k]));
       // Series appear with their first error: 6 kinds x 9 codes per volume would be mostly 0.
       for (int e = 0; e < kNbdErrnoKinds; ++e) {
         if (s.errors_by_errno[k][e])
-          Add(errors, {{"volume", v.name}, {"op", op}, {"errno", kNbdErrnoNames[e]}},
+          Add(errors, {{"volume", volume}, {"op", op}, {"errno", kNbdErrnoNames[e]}},
               static_cast<double>(s.errors_by_errno[k][e]));
       }
       // Histograms likewise appear once the kind was used (BLOCK_STATUS and TRIM often never).
       if (s.ops[k])
-        AddHistogram(latency, {{"volume", v.name}, {"op", op}}, s.latency_us[k],
+        AddHistogram(latency, {{"volume", volume}, {"op", op}}, s.latency_us[k],
                      s.latency_ns_sum[k]);
     }
-    Add(inflight, {{"volume", v.name}}, static_cast<double>(s.inflight));
-    Add(throttled_s, {{"volume", v.name}}, static_cast<double>(s.throttled_ns) / 1e9);
-    Add(delayed, {{"volume", v.name}}, static_cast<double>(s.throttled_ops));
-    Add(conns, {{"volume", v.name}}, static_cast<double>(s.connections));
+    Add(inflight, {{"volume", volume}}, static_cast<double>(s.inflight));
+    Add(throttled_s, {{"volume", volume}}, static_cast<double>(s.throttled_ns) / 1e9);
+    Add(delayed, {{"volume", volume}}, static_cast<double>(s.throttled_ops));
+    Add(conns, {{"volume", volume}}, static_cast<double>(s.connections));
+  }
+
+  void MoveTo(std::vector<MetricFamily>& out) {
+    for (MetricFamily* f : {&ops, &bytes, &errors, &latency, &inflight, &throttled_s, &delayed,
+                            &conns, &prov, &alloc, &copying})
+      out.push_back(std::move(*f));
+  }
+};
+
+void CollectVolumes(Pool& pool, std::vector<MetricFamily>& out) {
+  VolumeFamilies f;
+  uint64_t volume_copies = 0;
+  for (const VolumeInfo& v : pool.List()) {
+    Add(f.prov, {{"volume", v.name}}, static_cast<double>(v.size));
+    Add(f.alloc, {{"volume", v.name}}, static_cast<double>(v.allocated));
+    if (!v.ready) ++volume_copies;
+    std::shared_ptr<Volume> vol = pool.Acquire(v.name);
+    if (!vol) continue;  // not ready (being filled) or just deleted: it serves no I/O
+    f.AddStats(v.name, vol->stats().Snapshot());
   }
   uint64_t snapshot_copies = 0;
-  if (auto snaps = pool_.ListSnapshots(); snaps.ok()) {
+  if (auto snaps = pool.ListSnapshots(); snaps.ok()) {
     for (const SnapshotInfo& si : *snaps)
       if (!si.ready && si.error.empty()) ++snapshot_copies;
   }
-  Add(copying, {{"kind", "volume"}}, static_cast<double>(volume_copies));
-  Add(copying, {{"kind", "snapshot"}}, static_cast<double>(snapshot_copies));
-  for (MetricFamily* f : {&ops, &bytes, &errors, &latency, &inflight, &throttled_s, &delayed,
-                          &conns, &prov, &alloc, &copying})
-    out.push_back(std::move(*f));
+  Add(f.copying, {{"kind", "volume"}}, static_cast<double>(volume_copies));
+  Add(f.copying, {{"kind", "snapshot"}}, static_cast<double>(snapshot_copies));
+  f.MoveTo(out);
+}
 
-  // ---- the engine ------------------------------------------------------------------------------
-  if (engine_) {
-    EngineCounters e = engine_();
-    gauge("nbdcsi_engine_workers_running", "io_uring worker threads in their loop.",
-          static_cast<double>(e.workers_running));
-    gauge("nbdcsi_engine_throttled_requests", "Requests waiting for QoS tokens now.",
-          static_cast<double>(e.throttled));
-    gauge("nbdcsi_engine_parked_requests",
-          "Modifying requests held while a snapshot or clone is taken.",
-          static_cast<double>(e.parked));
-    auto counter = [&out](const char* name, const char* help, uint64_t v) {
-      MetricFamily f = Family(name, help, T::Counter);
-      Add(f, {}, static_cast<double>(v));
-      out.push_back(std::move(f));
-    };
-    counter("nbdcsi_engine_cancels_total", "I/O of aborted connections asked to cancel.",
-            e.cancels);
-    counter("nbdcsi_engine_stale_completions_total",
-            "Completions that named a request already gone (a bug when not 0).", e.stale_dropped);
-    counter("nbdcsi_engine_invariant_violations_total",
-            "Broken request life-cycle rules (a bug when not 0).", e.invariant_violations);
-    // Fencing (issue 16): an old target after a failover, refused by this replica.
-    counter("nbdcsi_engine_fenced_requests_total",
-            "Requests refused with EPERM: their connection's epoch is below the volume's fence.",
-            e.fenced_requests);
-    counter("nbdcsi_engine_fenced_handshakes_total",
-            "Connections refused for a stale epoch, or for none on a fenced volume.",
-            e.fenced_handshakes);
-  }
+void CollectEngine(const EngineCounters& e, std::vector<MetricFamily>& out) {
+  auto gauge = [&out](const char* name, const char* help, uint64_t v) {
+    AddSingle(out, name, help, T::Gauge, static_cast<double>(v));
+  };
+  auto counter = [&out](const char* name, const char* help, uint64_t v) {
+    AddSingle(out, name, help, T::Counter, static_cast<double>(v));
+  };
+  gauge("nbdcsi_engine_workers_running", "io_uring worker threads in their loop.",
+        e.workers_running);
+  gauge("nbdcsi_engine_throttled_requests", "Requests waiting for QoS tokens now.", e.throttled);
+  gauge("nbdcsi_engine_parked_requests",
+        "Modifying requests held while a snapshot or clone is taken.", e.parked);
+  counter("nbdcsi_engine_cancels_total", "I/O of aborted connections asked to cancel.",
+          e.cancels);
+  counter("nbdcsi_engine_stale_completions_total",
+          "Completions that named a request already gone (a bug when not 0).", e.stale_dropped);
+  counter("nbdcsi_engine_invariant_violations_total",
+          "Broken request life-cycle rules (a bug when not 0).", e.invariant_violations);
+  // Fencing (issue 16): an old target after a failover, refused by this replica.
+  counter("nbdcsi_engine_fenced_requests_total",
+          "Requests refused with EPERM: their connection's epoch is below the volume's fence.",
+          e.fenced_requests);
+  counter("nbdcsi_engine_fenced_handshakes_total",
+          "Connections refused for a stale epoch, or for none on a fenced volume.",
+          e.fenced_handshakes);
+}
 
-  // ---- kernel NBD / fuse attachments ------------------------------------------------------------
-  if (attachments_) {
-    MetricFamily up = Family("nbdcsi_attachment_up",
-                             "1 while an attached device's link to the datapath is up, 0 while "
-                             "it is down (the kernel queues I/O until the reconnect).",
-                             T::Gauge);
-    MetricFamily reconnects = Family("nbdcsi_attachment_reconnects_total",
-                                     "Times this process gave an attached device fresh sockets "
-                                     "(after its start, or when the kernel dropped one).",
-                                     T::Counter);
-    for (const AttachmentRecord& r : attachments_()) {
-      Labels l = {{"volume", r.volume}, {"mode", r.mode}, {"device", r.device()}};
-      Add(up, l, r.link_ok ? 1 : 0);
-      Add(reconnects, l, static_cast<double>(r.reconnects));
-    }
-    out.push_back(std::move(up));
-    out.push_back(std::move(reconnects));
+// Kernel NBD / fuse attachments.
+void CollectAttachments(const std::vector<AttachmentRecord>& records,
+                        std::vector<MetricFamily>& out) {
+  MetricFamily up = Family("nbdcsi_attachment_up",
+                           "1 while an attached device's link to the datapath is up, 0 while "
+                           "it is down (the kernel queues I/O until the reconnect).",
+                           T::Gauge);
+  MetricFamily reconnects = Family("nbdcsi_attachment_reconnects_total",
+                                   "Times this process gave an attached device fresh sockets "
+                                   "(after its start, or when the kernel dropped one).",
+                                   T::Counter);
+  for (const AttachmentRecord& r : records) {
+    Labels l = {{"volume", r.volume}, {"mode", r.mode}, {"device", r.device()}};
+    Add(up, l, r.link_ok ? 1 : 0);
+    Add(reconnects, l, static_cast<double>(r.reconnects));
   }
+  out.push_back(std::move(up));
+  out.push_back(std::move(reconnects));
+}
+
+}  // namespace
+
+std::vector<MetricFamily> DatapathCollector::Collect() const {
+  std::vector<MetricFamily> out;
+  MetricFamily build = Family("nbdcsi_datapath_build_info", "nbd-datapathd's version.", T::Gauge);
+  Add(build, {{"version", version_}}, 1);
+  out.push_back(std::move(build));
+  CollectPool(pool_.Info(), out);
+  CollectVolumes(pool_, out);
+  if (engine_) CollectEngine(engine_(), out);
+  if (attachments_) CollectAttachments(attachments_(), out);
   CollectTargets(out);
   return out;
 }
@@ -252,7 +268,6 @@ void DatapathCollector::CollectTargets(std::vector<MetricFamily>& out) const {
     source = targets_;
   }
   if (!source) return;
-  using T = MetricType;
   MetricFamily epoch = Family("nbdcsi_target_epoch",
                               "Epoch of the claim under which this node serves the volume.",
                               T::Gauge);
