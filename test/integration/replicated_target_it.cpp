@@ -1097,7 +1097,9 @@ TEST_F(ReplicatedTarget, AReplicaThatComesBackIsResyncedAutomatically) {
 // acknowledged content and the contents still in flight (whose fate a crash leaves open).
 class LoggingWriter {
  public:
-  explicit LoggingWriter(const std::string& sock) {
+  // Blocks first_block .. first_block + 2047 (8 MiB).
+  explicit LoggingWriter(const std::string& sock, uint64_t first_block = 0)
+      : first_block_(first_block) {
     ClientOptions o;
     o.endpoint = ParseEndpoint("unix://" + sock).value();
     o.export_name = std::string(kVolume) + "@target";
@@ -1118,7 +1120,7 @@ class LoggingWriter {
         cv_.wait(lock, [&] { return stop_ || in_flight_ < depth; });
         if (stop_ || failed_) break;
         uint64_t block;
-        do block = rng() % 2048;  // the first 8 MiB
+        do block = first_block_ + rng() % 2048;
         while (pending_.count(block));
         auto buf = std::make_shared<std::vector<uint8_t>>(kBlock);
         ++seq;
@@ -1180,6 +1182,7 @@ class LoggingWriter {
   }
 
  private:
+  uint64_t first_block_;
   std::unique_ptr<ReplicaClient> client_;
   std::mutex mu_;
   std::condition_variable cv_;
@@ -1351,13 +1354,20 @@ TEST_F(ReplicatedTarget, WritesInFlightWhenTheTargetDiesAreReconciledByTheNextTa
   w.Run(16);
   ASSERT_TRUE(test::WaitUntil([&] { return w.acks() >= 500; }, 30s));
   proxy.SetMode(test::TcpProxy::Mode::kSilent);
-  std::this_thread::sleep_for(1s);  // node-a applies what is in flight; node-b hears nothing
+  // What w had in flight may have reached node-b already; a second writer's writes (on the next
+  // 8 MiB) start after the silence: node-a applies them, node-b hears nothing.
+  std::this_thread::sleep_for(200ms);
+  LoggingWriter late(t.nbd_sock(), 2048);
+  late.Run(16);
+  std::this_thread::sleep_for(1s);
   t.Kill9();
   w.Stop();
+  late.Stop();
   // What the partition held for node-b is lost with the target.
   proxy.DropConnections();
   proxy.SetMode(test::TcpProxy::Mode::kPass);
-  const size_t open_writes = w.unacknowledged();
+  EXPECT_EQ(late.acks(), 0u) << "a write was acknowledged without node-b";
+  const size_t open_writes = w.unacknowledged() + late.unacknowledged();
   ASSERT_GT(open_writes, 0u) << "no write was in flight when the target died";
   // The precondition: the replicas differ where writes were in flight (read at the dead
   // target's epoch, which fences nothing new).
