@@ -25,6 +25,10 @@
 //     (StorageClass replicas=2) on two of three registered nodes, the third opens its target and
 //     writes through it, the controller reports it healthy, then degraded once a replica died,
 //     refuses to delete it while the target is open, and deletes every copy once it is closed.
+//   - An unclean takeover: node-b behind a silenced proxy (long --replica-timeout, so it stays in
+//     sync), writes in flight reach node-a only, the target is killed and what the proxy held is
+//     dropped: the replicas differ; node-u claims, serves at once (reads from one source) and
+//     reconciles; afterwards both copies are identical and equal what node-u served.
 //   - The daemon path: `nbdctl target open` on node-t, fio (libnbd) random writes with crc32c
 //     verify on rv@target, node-b killed with SIGKILL in the middle: fio sees no error, the
 //     target reports itself degraded, and node-a's copy equals what the target served.
