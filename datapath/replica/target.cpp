@@ -368,6 +368,9 @@ StatusOr<SnapshotFreeze> Target::FreezeForSnapshot(std::chrono::milliseconds lif
                       h.stop_reason));
   for (const auto& m : h.members)
     if (m.state == MemberState::kInSync) f.in_sync.push_back(m.node);
+  // While reconciling, the in-sync replicas may still differ where the previous target's writes
+  // were in flight: only the source holds what reads return.
+  if (h.reconciling && !h.reconcile_source.empty()) f.in_sync = {h.reconcile_source};
   if (f.in_sync.empty()) return fail(Error(EIO, "target {}: no replica in sync", opts_.volume));
   const auto now = Clock::now();
   {

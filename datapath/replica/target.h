@@ -92,6 +92,7 @@ struct SnapshotFreeze {
   uint64_t id = 0;  // for ThawSnapshot; unique in this process
   uint64_t epoch = 0;
   // The replicas in sync when writes stopped: each holds every acknowledged write, flushed.
+  // While the target reconciles, only its source (the others may differ on unacknowledged data).
   std::vector<std::string> in_sync;
   std::chrono::milliseconds drained{0};  // how long the changes in flight took to finish
   std::chrono::milliseconds lifts_in{0};  // when the freeze lifts itself, from now
