@@ -1399,7 +1399,10 @@ TEST_F(ReplicatedTarget, WritesInFlightWhenTheTargetDiesAreReconciledByTheNextTa
       60s, 100ms));
   const double took =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - opened).count();
+  EXPECT_TRUE(store_->GetVolume(kVolume)->dirty) << "a claim marks the volume dirty";
   ASSERT_EQ(u.Nbdctl(fmt::format("target close {}", kVolume)), 0);
+  // Reconciled, drained and flushed: the close is clean, and the next claim reconciles nothing.
+  EXPECT_FALSE(store_->GetVolume(kVolume)->dirty) << "node-u's close was not recorded clean";
   const std::string disk_a = a_.Nbdcopy(2), disk_b = b_.Nbdcopy(2);
   // The daemon's own measure of the pass.
   const std::string ulog = ReadFile(u.log());
