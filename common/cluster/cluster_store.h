@@ -69,17 +69,18 @@ class ClusterStore {
   virtual Status DeleteVolume(const std::string& name) = 0;
 
   // --- The target. ---
-  // Makes `node` the volume's target under `lease`, raising the epoch by one; returns the new
-  // state. When `node` holds the live claim already, returns the current state without a bump
+  // Makes `node` the volume's target under `lease`, raising the epoch by one and setting dirty;
+  // returns the new state. When `node` holds the live claim already, returns the current state without a bump
   // (moving the claim to `lease` if it differs). EBUSY naming the holder when another node holds
   // a live claim; ENOENT for no such volume or a lease that is not alive.
   virtual StatusOr<VolumeState> ClaimTarget(const std::string& name, const std::string& node,
                                             LeaseId lease) = 0;
   // Ends `node`'s claim at `epoch` (unstage). OK when the claim already lapsed at that same epoch
   // and nobody claimed since; ESTALE when another claim (a later epoch) exists or it is not
-  // `node`'s.
-  virtual Status ReleaseTarget(const std::string& name, const std::string& node,
-                               uint64_t epoch) = 0;
+  // `node`'s. `clean`: the target ended with nothing in flight and its in-sync replicas
+  // identical, so the next claim needs no reconciliation (clears dirty, in the same write).
+  virtual Status ReleaseTarget(const std::string& name, const std::string& node, uint64_t epoch,
+                               bool clean = false) = 0;
   // Sets the in-sync set; only `node` holding the live claim at `epoch` may (ESTALE otherwise).
   // EINVAL when in_sync is not a subset of the replicas.
   virtual StatusOr<VolumeState> SetInSync(const std::string& name, const std::string& node,

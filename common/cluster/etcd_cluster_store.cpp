@@ -269,6 +269,7 @@ StatusOr<VolumeState> EtcdClusterStore::ClaimTarget(const std::string& name,
     w.result = snap.stored;
     w.result.epoch = snap.stored.epoch + 1;
     w.result.target = node;
+    w.result.dirty = true;
     *w.txn.add_compare() = etcd::ModRevisionIs(vkey, snap.volume_kv->mod_revision);
     *w.txn.add_compare() = etcd::KeyAbsent(tkey);
     *w.txn.add_success() = etcd::PutOp(vkey, EncodeVolumeState(w.result));
@@ -278,7 +279,7 @@ StatusOr<VolumeState> EtcdClusterStore::ClaimTarget(const std::string& name,
 }
 
 Status EtcdClusterStore::ReleaseTarget(const std::string& name, const std::string& node,
-                                       uint64_t epoch) {
+                                       uint64_t epoch, bool clean) {
   const std::string what =
       fmt::format("release target of volume {} by node {} at epoch {}", name, node, epoch);
   const std::string vkey = keys_.Volume(name);
@@ -288,6 +289,7 @@ Status EtcdClusterStore::ReleaseTarget(const std::string& name, const std::strin
                   Write w;
                   w.result = snap.stored;
                   w.result.target.clear();
+                  if (clean) w.result.dirty = false;
                   if (snap.claim) {
                     if (snap.claim->node != node || snap.claim->epoch != epoch) {
                       return Error(ESTALE, "{}: node {} holds it at epoch {}", what,
@@ -304,7 +306,8 @@ Status EtcdClusterStore::ReleaseTarget(const std::string& name, const std::strin
                   }
                   // The claim lapsed (lease expired) or was released already, and nobody claimed
                   // since: releasing again changes nothing but the stored last target.
-                  if (snap.stored.target.empty()) return NoWrite();
+                  if (snap.stored.target.empty() && w.result.dirty == snap.stored.dirty)
+                    return NoWrite();
                   *w.txn.add_compare() = etcd::ModRevisionIs(vkey, snap.volume_kv->mod_revision);
                   *w.txn.add_compare() = etcd::KeyAbsent(tkey);
                   *w.txn.add_success() = etcd::PutOp(vkey, EncodeVolumeState(w.result));

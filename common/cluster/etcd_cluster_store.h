@@ -51,7 +51,8 @@ class EtcdClusterStore : public ClusterStore {
 
   StatusOr<VolumeState> ClaimTarget(const std::string& name, const std::string& node,
                                     LeaseId lease) override;
-  Status ReleaseTarget(const std::string& name, const std::string& node, uint64_t epoch) override;
+  Status ReleaseTarget(const std::string& name, const std::string& node, uint64_t epoch,
+                       bool clean = false) override;
   StatusOr<VolumeState> SetInSync(const std::string& name, const std::string& node, uint64_t epoch,
                                   std::vector<std::string> in_sync) override;
 

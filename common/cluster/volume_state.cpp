@@ -71,14 +71,21 @@ std::string EncodeVolumeState(const VolumeState& v) {
   // nlohmann::json keeps object keys sorted, so the bytes are canonical.
   json j = {{"name", v.name},       {"size_bytes", v.size_bytes}, {"replicas", v.replicas},
             {"in_sync", v.in_sync}, {"target", v.target},         {"epoch", v.epoch}};
+  // Only when set, so that a cleanly released volume's bytes are what they were before the key.
+  if (v.dirty) j["dirty"] = true;
   return j.dump();
 }
 
 StatusOr<VolumeState> DecodeVolumeState(std::string_view text, std::string_view where) {
   auto j = Parse(text, where);
   if (!j.ok()) return j.status();
-  if (Status s =
-          json_field::CheckKeys(*j, where, {"name", "size_bytes", "replicas", "in_sync", "target", "epoch"});
+  // "dirty" is optional (absent: false, and states written before it existed read as clean);
+  // every other key is required.
+  nlohmann::json required = *j;
+  if (required.is_object()) required.erase("dirty");
+  if (Status s = json_field::CheckKeys(required, where,
+                                       {"name", "size_bytes", "replicas", "in_sync", "target",
+                                        "epoch"});
       !s.ok()) {
     return s;
   }
@@ -89,6 +96,7 @@ StatusOr<VolumeState> DecodeVolumeState(std::string_view text, std::string_view 
   if (s.ok()) s = json_field::Read(*j, where, "in_sync", v.in_sync);
   if (s.ok()) s = json_field::Read(*j, where, "target", v.target);
   if (s.ok()) s = json_field::Read(*j, where, "epoch", v.epoch);
+  if (s.ok() && j->contains("dirty")) s = json_field::Read(*j, where, "dirty", v.dirty);
   if (!s.ok()) return s;
   if (Status bad = ValidateVolumeState(v); !bad.ok()) {
     return Error(EINVAL, "{}: {}", where, bad.message());

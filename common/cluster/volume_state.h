@@ -27,6 +27,13 @@ struct VolumeState {
   // last claimant; readers clear it when that claim has lapsed (its lease expired or it released).
   std::string target;
   uint64_t epoch = 0;
+  // Set by every ClaimTarget that raises the epoch; cleared only by a clean release
+  // (ReleaseTarget with clean: no change in flight, every in-sync replica flushed and identical).
+  // A claim that finds it set (or finds the epoch moved past the one it read) follows a target
+  // that may have left the in-sync replicas different where writes were in flight: the new
+  // target reconciles them (datapath/replica/target.h). Stored only when set ("dirty": true); a
+  // state written before the key existed reads as clean.
+  bool dirty = false;
 
   bool operator==(const VolumeState&) const = default;
 };

@@ -54,6 +54,15 @@ void Fill(const TargetInfo& t, const std::string& node, v1::Target* out) {
   out->set_acked_degraded(t.health.acked_degraded);
   for (const auto& u : t.unreachable) out->add_unreachable(u);
   out->set_node(node);
+  if (t.health.reconciling) {
+    auto* r = out->mutable_reconcile();
+    r->set_source(t.health.reconcile_source);
+    r->set_done_bytes(t.health.reconcile_done_bytes);
+    r->set_total_bytes(t.size);
+    r->set_percent(t.size ? 100.0 * static_cast<double>(t.health.reconcile_done_bytes) /
+                                static_cast<double>(t.size)
+                          : 100.0);
+  }
   if (t.resync) {
     auto* r = out->mutable_resync();
     r->set_node(t.resync->node);

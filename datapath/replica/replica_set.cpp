@@ -4,8 +4,11 @@
 #include <bit>
 #include <condition_variable>
 #include <deque>
+#include <algorithm>
 #include <future>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 #include <utility>
@@ -25,6 +28,10 @@ Mask Bit(size_t i) { return Mask{1} << i; }
 bool Modifies(BackendRequest::Op op) {
   return op == BackendRequest::Op::kWrite || op == BackendRequest::Op::kTrim ||
          op == BackendRequest::Op::kWriteZeroes;
+}
+
+bool Overlaps(const BackendRequest& r, uint64_t offset, uint64_t length) {
+  return r.offset < offset + length && offset < r.offset + r.length;
 }
 
 const char* OpName(BackendRequest::Op op) {
@@ -124,6 +131,7 @@ struct Op {
   bool same_code = true;
   std::string fenced_by;  // a replica that answered EPERM: it has seen a newer epoch
   std::string first_error;
+  uint64_t seq = 0;  // its entry in the set's in-flight ranges (reconciling only), 0: none
 };
 
 struct ReplicaSet::Impl {
@@ -164,6 +172,17 @@ struct ReplicaSet::Impl {
   std::vector<std::string> recorded_in_sync;
   std::vector<Waiter> waiters;
   uint64_t acked_degraded = 0;
+  bool may_differ = false;
+  // Reconciling (ReplicaSetOptions::reconcile_from until EndReconcile): every read goes to
+  // `source`; the ranges of the changes in flight are tracked (by Op::seq) for LockRange; the
+  // locked range's later changes wait in range_held.
+  bool reconciling = false;
+  int source = -1;
+  uint64_t reconcile_done = 0;
+  std::map<uint64_t, std::pair<uint64_t, uint64_t>> in_flight_ranges;
+  uint64_t next_seq = 1;
+  std::optional<std::pair<uint64_t, uint64_t>> locked;
+  std::deque<std::pair<BackendRequest, BackendDone>> range_held;
   std::thread thread;
 
   Impl(ReplicaSetOptions o, Membership& m, OutOfSyncLog* l)
@@ -185,6 +204,27 @@ struct ReplicaSet::Impl {
       if ((candidates & Bit(i)) && members[i].node == opts.preferred_node)
         return static_cast<int>(i);
     return std::countr_zero(candidates);
+  }
+
+  // PickReader, but while reconciling only the source reads; when the source is no candidate
+  // (it left the in-sync set), the replica picked becomes the source: what the others get.
+  int PickReaderLocked(Mask candidates) {
+    if (!reconciling) return PickReader(candidates);
+    if (source >= 0 && (candidates & Bit(static_cast<size_t>(source)))) return source;
+    const int next = PickReader(candidates);
+    if (next >= 0 && next != source) {
+      spdlog::warn("replica set {}: reconciling from the replica on {} now ({} left)", opts.volume,
+                   members[static_cast<size_t>(next)].node,
+                   source >= 0 ? members[static_cast<size_t>(source)].node : "none");
+      source = next;
+    }
+    return next;
+  }
+
+  bool InFlightOverlapLocked(uint64_t offset, uint64_t length) const {
+    for (const auto& [seq, r] : in_flight_ranges)
+      if (r.first < offset + length && offset < r.first + r.second) return true;
+    return false;
   }
 
   // Takes a member out of service after its first failure; the membership thread records it.
@@ -300,7 +340,7 @@ struct ReplicaSet::Impl {
       std::lock_guard<std::mutex> lock(mu);
       closed = closing;
       if (!closed) EnterFailingLocked(*op);
-      next = closed ? -1 : PickReader(InSyncLocked() & ~op->sent);
+      next = closed ? -1 : PickReaderLocked(InSyncLocked() & ~op->sent);
       if (next >= 0) op->ch[static_cast<size_t>(next)] = members[static_cast<size_t>(next)].ch;
     }
     if (closed) return op->done(-ESHUTDOWN);
@@ -432,10 +472,21 @@ struct ReplicaSet::Impl {
     }
   }
 
-  // A modifying request or flush was answered: Freeze may be waiting for the last one.
-  void ChangeDone() {
+  // A modifying request or flush was answered: Freeze may be waiting for the last one, LockRange
+  // for the last one in its range. A modifying one that failed may have reached some replica.
+  void ChangeDone(uint64_t seq, bool failed) {
     std::lock_guard<std::mutex> lock(mu);
-    if (--changes_in_flight == 0) drained.notify_all();
+    if (failed) may_differ = true;
+    if (seq) in_flight_ranges.erase(seq);
+    if (--changes_in_flight == 0 || seq) drained.notify_all();
+  }
+
+  // Submits `r` past the region lock and waits for its answer.
+  int DoSync(const BackendRequest& r) {
+    std::promise<int> answered;
+    auto result = answered.get_future();
+    self->Dispatch(r, [&answered](int res) { answered.set_value(res); }, false, true);
+    return result.get();
   }
 };
 
@@ -476,6 +527,16 @@ StatusOr<std::unique_ptr<ReplicaSet>> ReplicaSet::Create(ReplicaSetOptions optio
     impl->all |= Bit(impl->members.size() - 1);
   }
   impl->recorded_in_sync = impl->Nodes(impl->all & ~impl->out);
+  if (!impl->opts.reconcile_from.empty()) {
+    for (size_t i = 0; i < impl->members.size(); ++i)
+      if (impl->members[i].node == impl->opts.reconcile_from &&
+          impl->members[i].state == MemberState::kInSync)
+        impl->source = static_cast<int>(i);
+    if (impl->source < 0)
+      return Error(EINVAL, "replica set {}: reconcile source {} is not an in-sync replica",
+                   impl->opts.volume, impl->opts.reconcile_from);
+    impl->reconciling = true;
+  }
   Impl* raw = impl.get();
   std::unique_ptr<ReplicaSet> set(new ReplicaSet(std::move(impl)));
   raw->self = set.get();
@@ -492,7 +553,8 @@ void ReplicaSet::Submit(const BackendRequest& request, BackendDone done) {
   Dispatch(request, std::move(done), false);
 }
 
-void ReplicaSet::Dispatch(const BackendRequest& request, BackendDone done, bool past_freeze) {
+void ReplicaSet::Dispatch(const BackendRequest& request, BackendDone done, bool past_freeze,
+                          bool past_lock) {
   Impl& s = *impl_;
   const bool change = request.op != BackendRequest::Op::kRead;
   auto op = std::make_shared<Op>();
@@ -507,10 +569,15 @@ void ReplicaSet::Dispatch(const BackendRequest& request, BackendDone done, bool 
       // Resubmitted by Thaw, in order.
       s.held.emplace_back(request, std::move(done));
       return;
+    } else if (Modifies(request.op) && s.locked && !past_lock &&
+               Overlaps(request, s.locked->first, s.locked->second)) {
+      // Its region is being reconciled: it goes on at UnlockRange, after the copy.
+      s.range_held.emplace_back(request, std::move(done));
+      return;
     } else {
       const Mask in_sync = s.InSyncLocked();
       if (!change) {
-        int r = s.PickReader(in_sync);
+        int r = s.PickReaderLocked(in_sync);
         if (r >= 0) targets = Bit(static_cast<size_t>(r));
       } else {
         targets = in_sync;
@@ -519,14 +586,18 @@ void ReplicaSet::Dispatch(const BackendRequest& request, BackendDone done, bool 
       for (size_t i = 0; i < s.members.size(); ++i)
         if (targets & Bit(i)) op->ch[i] = s.members[i].ch;
       if (change && targets) ++s.changes_in_flight;
+      if (Modifies(request.op) && targets && s.reconciling) {
+        op->seq = s.next_seq++;
+        s.in_flight_ranges[op->seq] = {request.offset, request.length};
+      }
     }
   }
   if (refuse) return done(-refuse);
   if (!targets) return done(-EIO);  // only while the last members are being dropped
   if (change) {
-    op->done = [&s, d = std::move(done)](int res) {
+    op->done = [&s, d = std::move(done), seq = op->seq, modifies = Modifies(request.op)](int res) {
       d(res);
-      s.ChangeDone();
+      s.ChangeDone(seq, modifies && res < 0);
     };
   } else {
     op->done = std::move(done);
@@ -661,6 +732,7 @@ void ReplicaSet::Stop(const std::string& reason) {
     fail = std::move(s.waiters);
     s.waiters.clear();
     s.cv.notify_all();
+    s.drained.notify_all();  // a LockRange waiting gives up
   }
   for (auto& w : fail) w.op->done(-EIO);
 }
@@ -679,6 +751,8 @@ void ReplicaSet::Close() {
     std::lock_guard<std::mutex> lock(s.mu);
     for (auto& m : s.members) chans.push_back(m.ch);
     held.swap(s.held);
+    for (auto& h : s.range_held) held.push_back(std::move(h));
+    s.range_held.clear();
   }
   for (auto& [r, d] : held) d(-ESHUTDOWN);
   for (auto& c : chans)
@@ -726,7 +800,98 @@ ReplicaSetHealth ReplicaSet::health() const {
   h.stopped = s.stopped && !s.closing;
   h.stop_reason = s.stop_reason;
   h.acked_degraded = s.acked_degraded;
+  h.reconciling = s.reconciling;
+  if (s.reconciling && s.source >= 0) h.reconcile_source = s.members[s.source].node;
+  h.reconcile_done_bytes = s.reconcile_done;
+  h.may_differ = s.may_differ;
   return h;
+}
+
+Status ReplicaSet::LockRange(uint64_t offset, uint64_t length) {
+  Impl& s = *impl_;
+  {
+    std::unique_lock<std::mutex> lock(s.mu);
+    if (s.stopped || s.closing)
+      return Error(EIO, "replica set {} is stopped: {}", s.opts.volume, s.stop_reason);
+    if (!s.reconciling)
+      return Error(EINVAL, "replica set {}: ranges are locked only while reconciling",
+                   s.opts.volume);
+    if (s.locked) return Error(EBUSY, "replica set {}: a range is locked already", s.opts.volume);
+    s.locked.emplace(offset, length);
+    s.drained.wait(lock, [&] {
+      return s.stopped || s.closing || !s.InFlightOverlapLocked(offset, length);
+    });
+    if (!s.stopped && !s.closing) return Status::Ok();
+  }
+  UnlockRange();
+  return Error(EIO, "replica set {} stopped while locking {}+{}", s.opts.volume, offset, length);
+}
+
+void ReplicaSet::UnlockRange() {
+  Impl& s = *impl_;
+  std::deque<std::pair<BackendRequest, BackendDone>> held;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.locked.reset();
+    held.swap(s.range_held);
+  }
+  for (auto& [r, d] : held) Dispatch(r, std::move(d), false);
+}
+
+Status ReplicaSet::Reconcile(const ReconcileOptions& options, const std::atomic<bool>* cancel) {
+  Impl& s = *impl_;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (!s.reconciling)
+      return Error(EINVAL, "replica set {} is not reconciling", s.opts.volume);
+    s.reconcile_done = 0;
+  }
+  const uint64_t region = std::max<uint32_t>(options.region_bytes, 4096);
+  std::vector<uint8_t> buf(region);
+  for (uint64_t off = 0; off < s.opts.size; off += region) {
+    if (cancel && cancel->load())
+      return Error(ECANCELED, "replica set {}: reconciliation cancelled at {}", s.opts.volume,
+                   off);
+    const auto len = static_cast<uint32_t>(std::min<uint64_t>(region, s.opts.size - off));
+    if (Status l = LockRange(off, len); !l.ok()) return l;
+    BackendRequest read{BackendRequest::Op::kRead, off, len, buf.data()};
+    int res = s.DoSync(read);
+    const char* step = "read from the source";
+    if (res == 0) {
+      // What the source holds goes to every in-sync replica (the source too: harmless, and the
+      // set's ordinary write path, with its drops and acknowledgement rules). Zeroes as
+      // WRITE_ZEROES, which a thin replica keeps (or makes) a hole.
+      const bool zero = std::all_of(buf.begin(), buf.begin() + len, [](uint8_t b) { return !b; });
+      BackendRequest w{zero ? BackendRequest::Op::kWriteZeroes : BackendRequest::Op::kWrite, off,
+                       len, zero ? nullptr : buf.data()};
+      res = s.DoSync(w);
+      step = zero ? "write-zeroes to the replicas" : "write to the replicas";
+    }
+    UnlockRange();
+    if (res < 0)
+      return Error(-res, "replica set {}: reconciliation of {}+{}: {} failed", s.opts.volume, off,
+                   len, step);
+    {
+      std::lock_guard<std::mutex> lock(s.mu);
+      s.reconcile_done = off + len;
+    }
+    if (options.on_progress) options.on_progress(off + len);
+  }
+  BackendRequest flush{BackendRequest::Op::kFlush, 0, 0, nullptr};
+  if (int res = s.DoSync(flush); res < 0)
+    return Error(-res, "replica set {}: flush after the reconciliation failed", s.opts.volume);
+  return Status::Ok();
+}
+
+void ReplicaSet::EndReconcile() {
+  Impl& s = *impl_;
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (s.reconciling)
+    spdlog::info("replica set {}: reconciled; reads go to every in-sync replica again",
+                 s.opts.volume);
+  s.reconciling = false;
+  s.source = -1;
+  s.in_flight_ranges.clear();
 }
 
 }  // namespace nbdcsi::replica

@@ -26,11 +26,21 @@
 //   - While a replica is out of sync, the ranges written without it are recorded durably in the
 //     OutOfSyncLog (when there is one) before the write is acknowledged, so that a returning
 //     replica copies only those.
+//   - Reconciliation (after the previous target ended uncleanly, ReplicaSetOptions::
+//     reconcile_from): the in-sync replicas may differ wherever that target had writes in flight
+//     (applied by some replicas, never acknowledged). Until Reconcile() has made them identical,
+//     every read goes to one replica, the source (when it leaves the in-sync set, the next reader
+//     becomes the source: what it holds is what the others get). Reconcile() copies the whole
+//     volume from the source to every in-sync replica, one region at a time, while the volume is
+//     in use: writes to the region being copied wait (LockRange), so a copy never overwrites a
+//     newer write, and the copy is written through the set like any write (acknowledged only
+//     when every in-sync replica has it; a replica that fails it is dropped as usual).
 //
 // Threads: Submit from any thread; done callbacks run on a channel's I/O thread, on the
 // membership thread, or inline in Submit. Membership::SetInSync runs on the set's own thread.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -112,6 +122,9 @@ struct ReplicaSetOptions {
   // Reads go to this node's replica while it is in sync (the target's local one), else to the
   // first in-sync replica.
   std::string preferred_node;
+  // Non-empty: the set starts reconciling, with the replica on this node (in sync) as the source
+  // every read goes to until EndReconcile.
+  std::string reconcile_from = {};
 };
 
 struct ReplicaMember {
@@ -139,6 +152,19 @@ struct ReplicaSetHealth {
   bool stopped = false;
   std::string stop_reason;
   uint64_t acked_degraded = 0;  // writes acknowledged while some member missed them
+  // Reconciling: the in-sync replicas may still differ; reads go to `reconcile_source` only.
+  bool reconciling = false;
+  std::string reconcile_source;
+  uint64_t reconcile_done_bytes = 0;  // of the current Reconcile pass
+  // A change failed after it may have reached some replica (or was in flight at a stop): the
+  // replicas may differ there, so the end of this set is not clean.
+  bool may_differ = false;
+};
+
+struct ReconcileOptions {
+  uint32_t region_bytes = 1 << 20;  // copied under one LockRange
+  // Called on Reconcile's thread after each region, with the bytes done so far.
+  std::function<void(uint64_t)> on_progress;
 };
 
 class ReplicaSet final : public datapath::ExportBackend {
@@ -184,15 +210,31 @@ class ReplicaSet final : public datapath::ExportBackend {
   // Stop, close every channel (what is in flight fails with ESHUTDOWN), join the thread.
   void Close();
 
+  // Holds every later write, trim and write-zeroes that overlaps [offset, offset + length)
+  // (they wait, in order, and go on at UnlockRange; the rest goes on) and returns once those
+  // already in flight there are answered. One range at a time (EBUSY otherwise), and only while
+  // reconciling (EINVAL otherwise): in-flight ranges are tracked only then. EIO when stopped or
+  // closed.
+  Status LockRange(uint64_t offset, uint64_t length);
+  void UnlockRange();
+  // While reconciling: copies the volume, region by region, from the source to every in-sync
+  // replica (a region the source reads as zeroes becomes WRITE_ZEROES), then FLUSHes them all.
+  // Blocks; returns the first failure (a read, write or flush that failed everywhere, a stopped
+  // set). On success the in-sync replicas are identical and EndReconcile may be called. `cancel`
+  // (may be null) is checked between regions (ECANCELED).
+  Status Reconcile(const ReconcileOptions& options, const std::atomic<bool>* cancel = nullptr);
+  // Reads go back to every in-sync replica.
+  void EndReconcile();
+
   ReplicaSetHealth health() const;
 
   struct Impl;
 
  private:
   explicit ReplicaSet(std::unique_ptr<Impl> impl);
-  // Submit, with `past_freeze` for FlushFrozen.
+  // Submit, with `past_freeze` for FlushFrozen and `past_lock` for Reconcile's own copy.
   void Dispatch(const datapath::BackendRequest& request, datapath::BackendDone done,
-                bool past_freeze);
+                bool past_freeze, bool past_lock = false);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -45,12 +45,18 @@ StatusOr<std::unique_ptr<Target>> Target::Open(cluster::ClusterStore& store,
                                                const TargetOptions& options) {
   if (options.volume.empty() || options.node.empty() || !options.lease)
     return Error(EINVAL, "a target needs a volume, this node's id and a lease");
+  // Did the previous target end cleanly? Read before the claim: the claim sets dirty. An epoch
+  // that moved past the one read means a target came and went in between: not known clean.
+  auto before = store.GetVolume(options.volume);
   auto claimed = store.ClaimTarget(options.volume, options.node, options.lease);
   if (!claimed.ok()) return claimed.status();
   const cluster::VolumeState state = *claimed;
+  const bool unclean =
+      !before.ok() || before->dirty || state.epoch != before->epoch + 1;
   std::unique_ptr<Target> t(new Target(store, options, state.epoch));
   auto release = [&](Status why) {
-    Status r = store.ReleaseTarget(options.volume, options.node, state.epoch);
+    // Nothing was served: the volume is as clean as it was.
+    Status r = store.ReleaseTarget(options.volume, options.node, state.epoch, !unclean);
     if (!r.ok())
       spdlog::warn("target {}: releasing the claim at epoch {} after a failed open: {}",
                    options.volume, state.epoch, r.message());
@@ -111,10 +117,13 @@ StatusOr<std::unique_ptr<Target>> Target::Open(cluster::ClusterStore& store,
     }
     t->log_ = std::move(*log);
     // A replica already out of sync at the claim missed writes of earlier targets that no bitmap
-    // here knows: everything is dirty for it, and its resync is a full copy.
+    // here knows: everything is dirty for it, and its resync is a full copy. After an unclean
+    // end, so is an in-sync one that could not be reached: it may hold writes nobody else has.
     for (const auto& node : state.replicas) {
-      if (std::find(state.in_sync.begin(), state.in_sync.end(), node) != state.in_sync.end())
-        continue;
+      const bool was_in_sync =
+          std::find(state.in_sync.begin(), state.in_sync.end(), node) != state.in_sync.end();
+      const bool was_reached = std::find(reached.begin(), reached.end(), node) != reached.end();
+      if (was_reached || (was_in_sync && !unclean)) continue;
       auto b = t->log_->Get(node);
       Status s = b.ok() ? (*b)->MarkAllDurable() : b.status();
       if (!s.ok()) {
@@ -125,16 +134,62 @@ StatusOr<std::unique_ptr<Target>> Target::Open(cluster::ClusterStore& store,
       t->full_resync_.insert(node);
     }
   }
-  auto set = ReplicaSet::Create({options.volume, state.size_bytes, options.node},
-                                std::move(members), *t->membership_, t->log_.get());
+  ReplicaSetOptions so{options.volume, state.size_bytes, options.node};
+  // After an unclean end, two or more replicas in sync may differ: one is the source (this
+  // node's own when it has one) until they are reconciled.
+  if (unclean && reached.size() > 1) {
+    so.reconcile_from = std::find(reached.begin(), reached.end(), options.node) != reached.end()
+                            ? options.node
+                            : reached.front();
+  }
+  auto set = ReplicaSet::Create(so, std::move(members), *t->membership_, t->log_.get());
   if (!set.ok()) return release(set.status());
   t->set_ = std::shared_ptr<ReplicaSet>(std::move(set.value()));
-  spdlog::info("target {}: serving at epoch {} with replicas [{}]", options.volume, state.epoch,
-               fmt::join(reached, ", "));
+  spdlog::info("target {}: serving at epoch {} with replicas [{}]{}", options.volume, state.epoch,
+               fmt::join(reached, ", "),
+               so.reconcile_from.empty()
+                   ? (unclean ? "; the previous target ended uncleanly, one replica: nothing to reconcile" : "")
+                   : fmt::format("; the previous target ended uncleanly: reconciling from {}",
+                                 so.reconcile_from));
+  if (!so.reconcile_from.empty()) {
+    t->reconciled_ = false;
+    Target* raw = t.get();
+    t->reconcile_thread_ = std::thread([raw] { raw->ReconcileLoop(); });
+  }
   return t;
 }
 
 Target::~Target() { Close(); }
+
+void Target::ReconcileLoop() {
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    Status s = set_->Reconcile({}, &reconcile_cancel_);
+    if (s.ok()) break;
+    if (reconcile_cancel_ || set_->health().stopped) {
+      spdlog::warn("target {}: reconciliation ended unfinished: {}", opts_.volume, s.message());
+      return;
+    }
+    spdlog::warn("target {}: reconciliation failed, starting over in 1 s: {}", opts_.volume,
+                 s.message());
+    for (int i = 0; i < 20 && !reconcile_cancel_; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  // Replicas dropped during the pass did not get every region: what they hold beyond the source
+  // is unknown, so their resync copies everything.
+  const ReplicaSetHealth h = set_->health();
+  {
+    std::lock_guard<std::mutex> lock(resync_mu_);
+    for (const auto& m : h.members)
+      if (m.state != MemberState::kInSync) full_resync_.insert(m.node);
+    reconciled_ = true;
+  }
+  set_->EndReconcile();
+  spdlog::info("target {}: in-sync replicas reconciled in {} ms", opts_.volume,
+               std::chrono::duration_cast<std::chrono::milliseconds>(
+                   std::chrono::steady_clock::now() - start)
+                   .count());
+}
 
 std::optional<ResyncStatus> Target::resync_status() const {
   std::lock_guard<std::mutex> lock(resync_mu_);
@@ -159,6 +214,14 @@ StatusOr<ResyncReport> Target::ResyncReplica(const std::string& node, ResyncOpti
   const auto start = std::chrono::steady_clock::now();
   if (!log_)
     return Error(ENOTSUP, "target {}: resync needs the target's state directory", opts_.volume);
+  bool full = false;
+  {
+    std::lock_guard<std::mutex> lock(resync_mu_);
+    if (!reconciled_)
+      return Error(EAGAIN, "target {}: the in-sync replicas are being reconciled after an "
+                   "unclean takeover; a resync waits for that", opts_.volume);
+    full = full_resync_.count(node) > 0;
+  }
   // Who is out, and who can be the source (this node's own replica first: no network hop).
   std::string source;
   bool out = false, known = false;
@@ -183,7 +246,7 @@ StatusOr<ResyncReport> Target::ResyncReplica(const std::string& node, ResyncOpti
 
   ResyncReport report;
   report.node = node;
-  RegionBitmap* bm = full_resync_.count(node) ? nullptr : log_->Find(node);
+  RegionBitmap* bm = full ? nullptr : log_->Find(node);
   if (!bm) {
     // Out since another epoch (or its bitmap was lost): everything, holes as zeroes because the
     // replica may hold stale data there.
@@ -251,7 +314,10 @@ StatusOr<ResyncReport> Target::ResyncReplica(const std::string& node, ResyncOpti
   report.frozen = std::chrono::duration_cast<std::chrono::milliseconds>(
       std::chrono::steady_clock::now() - frozen_at);
   if (!s.ok()) return s;
-  full_resync_.erase(node);
+  {
+    std::lock_guard<std::mutex> lock(resync_mu_);
+    full_resync_.erase(node);
+  }
   if (Status f = log_->Forget(node); !f.ok())
     spdlog::warn("target {}: {}", opts_.volume, f.message());
   report.took = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -302,6 +368,9 @@ StatusOr<SnapshotFreeze> Target::FreezeForSnapshot(std::chrono::milliseconds lif
                       h.stop_reason));
   for (const auto& m : h.members)
     if (m.state == MemberState::kInSync) f.in_sync.push_back(m.node);
+  // While reconciling, the in-sync replicas may still differ where the previous target's writes
+  // were in flight: only the source holds what reads return.
+  if (h.reconciling && !h.reconcile_source.empty()) f.in_sync = {h.reconcile_source};
   if (f.in_sync.empty()) return fail(Error(EIO, "target {}: no replica in sync", opts_.volume));
   const auto now = Clock::now();
   {
@@ -376,9 +445,25 @@ Status Target::Close() {
     freeze_cv_.notify_all();
   }
   if (freeze_thread_.joinable()) freeze_thread_.join();
+  reconcile_cancel_ = true;
+  // Clean: nothing in flight (the freeze drained it and holds the rest, which Close fails
+  // unsent), every in-sync replica flushed, none half-applied a failed change, and reconciled.
+  bool clean = false;
+  bool reconciled;
+  {
+    std::lock_guard<std::mutex> lock(resync_mu_);
+    reconciled = reconciled_;
+  }
+  if (set_ && reconciled &&
+      set_->FreezeUntil(std::chrono::steady_clock::now() + std::chrono::seconds(5)).ok()) {
+    const Status flushed = set_->FlushFrozen();
+    const ReplicaSetHealth h = set_->health();
+    clean = flushed.ok() && !h.stopped && !h.may_differ;
+  }
   // The set's Close answers whatever a freeze still holds (ESHUTDOWN).
   if (set_) set_->Close();
-  Status r = store_.ReleaseTarget(opts_.volume, opts_.node, epoch_);
+  if (reconcile_thread_.joinable()) reconcile_thread_.join();
+  Status r = store_.ReleaseTarget(opts_.volume, opts_.node, epoch_, clean);
   if (!r.ok())
     spdlog::warn("target {}: release of the claim at epoch {}: {}", opts_.volume, epoch_,
                  r.message());

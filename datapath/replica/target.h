@@ -12,8 +12,20 @@
 //      fails with EHOSTUNREACH.
 // The claim lives on `lease`: the holder of the lease must Stop() the target when the lease is
 // lost (another node may claim as soon as it expires).
+//
+// Unclean takeover: a claim that finds the volume dirty (the previous target did not release it
+// cleanly, see cluster::VolumeState::dirty) may find its in-sync replicas different wherever
+// that target had writes in flight. The new target serves at once, but reconciles first
+// (ReplicaSet: reads from one source replica only, a background pass copies the whole volume
+// from it to the others with writes to the region being copied held), and only then reads from
+// every replica again, allows resyncs, and may release the volume clean. Replicas dropped at
+// Open or during the reconciliation get a full resync, since what they hold beyond the source
+// is unknown. A crash during the reconciliation leaves the volume dirty: the next target starts
+// over. Close releases clean only when nothing was in flight (a freeze drained it), the flush of
+// every in-sync replica succeeded, no change failed half-applied, and it was reconciled.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -80,6 +92,7 @@ struct SnapshotFreeze {
   uint64_t id = 0;  // for ThawSnapshot; unique in this process
   uint64_t epoch = 0;
   // The replicas in sync when writes stopped: each holds every acknowledged write, flushed.
+  // While the target reconciles, only its source (the others may differ on unacknowledged data).
   std::vector<std::string> in_sync;
   std::chrono::milliseconds drained{0};  // how long the changes in flight took to finish
   std::chrono::milliseconds lifts_in{0};  // when the freeze lifts itself, from now
@@ -146,8 +159,14 @@ class Target {
   std::unique_ptr<BitmapLog> log_;
   // Replicas out of sync since before this target: their resync copies everything.
   std::set<std::string> full_resync_;
-  // The running resync: its status and its current pass's job (for live progress).
+  // The running resync: its status and its current pass's job (for live progress); also guards
+  // full_resync_ and reconciled_.
   mutable std::mutex resync_mu_;
+  // False from an unclean takeover until the reconciliation finished: no resync, no clean close.
+  bool reconciled_ = true;
+  std::atomic<bool> reconcile_cancel_{false};
+  std::thread reconcile_thread_;
+  void ReconcileLoop();
   std::optional<ResyncStatus> resync_;
   Resync* resync_job_ = nullptr;
   std::shared_ptr<ReplicaSet> set_;

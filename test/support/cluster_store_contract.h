@@ -170,6 +170,29 @@ TYPED_TEST_P(ClusterStoreContract, ExpiredLeaseLetsAnotherNodeClaim) {
   EXPECT_EQ(this->store_->GetVolume("v1")->in_sync, (std::vector<std::string>{"n1", "n2"}));
 }
 
+TYPED_TEST_P(ClusterStoreContract, AClaimMarksDirtyAndOnlyACleanReleaseClearsIt) {
+  ASSERT_TRUE(this->store_->CreateVolume(this->Vol("v1", {"n1", "n2"}, {"n1", "n2"})).ok());
+  EXPECT_FALSE(this->store_->GetVolume("v1")->dirty);
+  auto a = this->store_->ClaimTarget("v1", "n1", this->NewLease());
+  ASSERT_TRUE(a.ok()) << a.status().message();
+  EXPECT_TRUE(a->dirty);
+  EXPECT_TRUE(this->store_->GetVolume("v1")->dirty);
+  // An ordinary release (a failed open, a target that could not drain) leaves it set.
+  ASSERT_TRUE(this->store_->ReleaseTarget("v1", "n1", 1).ok());
+  EXPECT_TRUE(this->store_->GetVolume("v1")->dirty);
+  auto b = this->store_->ClaimTarget("v1", "n2", this->NewLease());
+  ASSERT_TRUE(b.ok()) << b.status().message();
+  ASSERT_TRUE(this->store_->ReleaseTarget("v1", "n2", 2, /*clean=*/true).ok());
+  auto after = this->store_->GetVolume("v1");
+  EXPECT_FALSE(after->dirty);
+  EXPECT_EQ(after->target, "");
+  // A stale holder cannot clear it, and the next claim sets it again.
+  auto c = this->store_->ClaimTarget("v1", "n1", this->NewLease());
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(this->store_->ReleaseTarget("v1", "n2", 2, true).code(), ESTALE);
+  EXPECT_TRUE(this->store_->GetVolume("v1")->dirty);
+}
+
 TYPED_TEST_P(ClusterStoreContract, ExpiredClaimRefusesItsHolderBeforeAnyNewClaim) {
   cluster::LeaseId old = this->CreateAndClaim(this->Vol("v1", {"n1", "n2"}, {"n1"}), "n1");
   TypeParam::Expire(*this->store_, old);
@@ -300,6 +323,7 @@ REGISTER_TYPED_TEST_SUITE_P(ClusterStoreContract, CreateNormalisesAndGetReturnsI
                             ClaimNeedsALiveLease, ReleaseLetsAnotherNodeClaimAndFencesTheOldOne,
                             ExpiredLeaseLetsAnotherNodeClaim,
                             ExpiredClaimRefusesItsHolderBeforeAnyNewClaim,
+                            AClaimMarksDirtyAndOnlyACleanReleaseClearsIt,
                             ReclaimWithANewLeaseMovesTheClaim,
                             SetInSyncOnlyByTheTargetAndOnlyReplicas,
                             SetReplicasTrimsInSyncAndKeepsOneCurrentCopy,

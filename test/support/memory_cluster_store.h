@@ -139,11 +139,13 @@ class MemoryClusterStore : public cluster::ClusterStore {
     if (!leases_.count(lease)) return Error(ENOENT, "lease {:x} is not alive", lease);
     it->second.epoch++;
     it->second.target = node;
+    it->second.dirty = true;
     claims_[name] = Claim{node, it->second.epoch, lease};
     return it->second;
   }
 
-  Status ReleaseTarget(const std::string& name, const std::string& node, uint64_t epoch) override {
+  Status ReleaseTarget(const std::string& name, const std::string& node, uint64_t epoch,
+                       bool clean = false) override {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = volumes_.find(name);
     if (it == volumes_.end()) return Error(ENOENT, "volume {} does not exist", name);
@@ -158,6 +160,7 @@ class MemoryClusterStore : public cluster::ClusterStore {
       return Error(ESTALE, "volume {} is at epoch {}", name, it->second.epoch);
     }
     it->second.target.clear();
+    if (clean) it->second.dirty = false;
     return Status::Ok();
   }
 

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -49,6 +50,13 @@ class TcpProxy {
   }
   int port() const { return port_; }
   void SetMode(Mode m) { mode_ = m; }
+  // Closes every connection (and those accepted while silent) without forwarding what either
+  // side sent and the proxy has not delivered yet: the bytes a partition held are lost, as when
+  // the sender dies before its retransmission got through. Returns once done.
+  void DropConnections() {
+    drop_ = true;
+    while (drop_ && !stop_) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
   void Stop() {
     if (stop_.exchange(true)) return;
     if (thread_.joinable()) thread_.join();
@@ -96,6 +104,16 @@ class TcpProxy {
 
   void Loop() {
     while (!stop_) {
+      if (drop_) {
+        for (auto& p : pairs_) {
+          close(p.a);
+          close(p.b);
+        }
+        pairs_.clear();
+        for (int fd : waiting_) close(fd);
+        waiting_.clear();
+        drop_ = false;
+      }
       const bool pass = mode_ == Mode::kPass;
       // Connections accepted in silence get their upstream once the partition heals.
       if (pass) {
@@ -152,6 +170,7 @@ class TcpProxy {
   int port_ = 0;
   std::atomic<Mode> mode_{Mode::kPass};
   std::atomic<bool> stop_{false};
+  std::atomic<bool> drop_{false};
   std::vector<Pair> pairs_;   // the loop's thread only (and Stop after the join)
   std::vector<int> waiting_;  // accepted while silent
   std::thread thread_;

@@ -42,6 +42,23 @@ TEST(VolumeStateJson, RoundTripsAndIsCanonical) {
   EXPECT_EQ(DecodeVolumeState(EncodeVolumeState(v), "k")->epoch, UINT64_MAX);
 }
 
+TEST(VolumeStateJson, DirtyIsStoredOnlyWhenSet) {
+  VolumeState v = Sample();
+  v.dirty = true;
+  const std::string text = EncodeVolumeState(v);
+  EXPECT_NE(text.find(R"("dirty":true)"), std::string::npos) << text;
+  auto back = DecodeVolumeState(text, "k");
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_TRUE(back->dirty);
+  v.dirty = false;
+  EXPECT_EQ(EncodeVolumeState(v).find("dirty"), std::string::npos);
+  // A state written before the key existed is clean; a dirty that is not a bool is refused.
+  EXPECT_FALSE(DecodeVolumeState(EncodeVolumeState(Sample()), "k")->dirty);
+  std::string bad = text;
+  bad.replace(bad.find("true"), 4, "1");
+  EXPECT_FALSE(DecodeVolumeState(bad, "k").ok());
+}
+
 TEST(VolumeStateJson, RefusesBadInput) {
   const std::string good = EncodeVolumeState(Sample());
   struct Case {

@@ -113,6 +113,11 @@ class FakeChannel final : public ReplicaChannel {
     std::lock_guard<std::mutex> lock(mu_);
     return flushes_;
   }
+  // What the replica holds, set behind the set's back (a write of an earlier target).
+  void Poke(uint64_t offset, const std::vector<uint8_t>& bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::memcpy(data_.data() + offset, bytes.data(), bytes.size());
+  }
   std::vector<uint8_t> Bytes(uint64_t offset, size_t n) const {
     std::lock_guard<std::mutex> lock(mu_);
     return {data_.begin() + static_cast<long>(offset), data_.begin() + static_cast<long>(offset + n)};
@@ -262,15 +267,16 @@ class Result {
 class ReplicaSetTest : public ::testing::Test {
  protected:
   // Nodes a, b, c (as many as asked), preferred node `pref`.
-  void Make(size_t n, std::string pref = "a", bool with_log = false) {
+  void Make(size_t n, std::string pref = "a", bool with_log = false,
+            std::string reconcile_from = "") {
     std::vector<ReplicaMember> members;
     for (size_t i = 0; i < n; ++i) {
       auto ch = std::make_unique<FakeChannel>();
       ch_.push_back(ch.get());
       members.push_back({std::string(1, static_cast<char>('a' + i)), std::move(ch)});
     }
-    auto r = ReplicaSet::Create({"vol", kSize, pref}, std::move(members), membership_,
-                                with_log ? &log_ : nullptr);
+    auto r = ReplicaSet::Create({"vol", kSize, pref, reconcile_from}, std::move(members),
+                                membership_, with_log ? &log_ : nullptr);
     ASSERT_TRUE(r.ok()) << r.status().message();
     set_ = std::move(r.value());
   }
@@ -793,6 +799,162 @@ TEST_F(ReplicaSetTest, ConcurrentWritersWithFailingReplicas) {
 
 // The real membership on the memory cluster store: the target's claim is what lets it drop a
 // replica; once the lease behind the claim is gone, the set stops.
+// After an unclean takeover the replicas differ where the dead target's writes were in flight:
+// until reconciled, reads come from the source only, and the reconciliation makes every in-sync
+// replica hold what the source holds.
+TEST_F(ReplicaSetTest, ReconcileMakesTheReplicasIdenticalAndReadsTheSourceOnlyUntilThen) {
+  Make(3, "a", false, "b");
+  const std::vector<uint8_t> x(4096, 0x11), y(4096, 0x22), z(4096, 0x33);
+  ch_[0]->Poke(0, x);  // a applied a write that b never got
+  ch_[1]->Poke(0, y);
+  ch_[2]->Poke(65536, z);  // c alone has another
+  auto h = set_->health();
+  EXPECT_TRUE(h.reconciling);
+  EXPECT_EQ(h.reconcile_source, "b");
+  std::vector<uint8_t> got(4096);
+  for (int i = 0; i < 3; ++i) {
+    Result r;
+    set_->Submit(Read(0, got), r.Done());
+    ASSERT_EQ(r.Wait(), 0);
+    EXPECT_EQ(got, y) << "a read while reconciling came from a replica other than the source";
+  }
+  EXPECT_EQ(ch_[0]->requests(), 0u);
+  EXPECT_EQ(ch_[2]->requests(), 0u);
+  std::vector<uint64_t> progress;
+  ReconcileOptions ro;
+  ro.region_bytes = 64 << 10;
+  ro.on_progress = [&](uint64_t done) { progress.push_back(done); };
+  ASSERT_TRUE(set_->Reconcile(ro).ok());
+  ASSERT_EQ(progress.size(), kSize / (64 << 10));
+  EXPECT_EQ(progress.back(), kSize);
+  EXPECT_EQ(set_->health().reconcile_done_bytes, kSize);
+  for (auto* c : ch_) {
+    EXPECT_EQ(c->Bytes(0, 4096), y);
+    EXPECT_EQ(c->Bytes(65536, 4096), std::vector<uint8_t>(4096, 0)) << "c's extra write stays";
+    EXPECT_EQ(c->flushes(), 1) << "the reconciled copies are flushed";
+  }
+  EXPECT_TRUE(membership_.calls().empty()) << "nobody is dropped";
+  set_->EndReconcile();
+  h = set_->health();
+  EXPECT_FALSE(h.reconciling);
+  EXPECT_FALSE(h.may_differ);
+  const uint64_t before_a = ch_[0]->requests();
+  Result r;
+  set_->Submit(Read(0, got), r.Done());
+  ASSERT_EQ(r.Wait(), 0);
+  EXPECT_EQ(ch_[0]->requests(), before_a + 1) << "reads go to the preferred replica again";
+  EXPECT_EQ(set_->LockRange(0, 4096).code(), EINVAL) << "ranges lock only while reconciling";
+}
+
+TEST_F(ReplicaSetTest, AReconcileSourceMustBeAnInSyncMember) {
+  FakeMembership m;
+  std::vector<ReplicaMember> members;
+  members.push_back({"a", std::make_unique<FakeChannel>()});
+  members.push_back({"b", nullptr, false});
+  EXPECT_EQ(ReplicaSet::Create({"vol", kSize, "a", "b"}, std::move(members), m).status().code(),
+            EINVAL);
+}
+
+// A write to the region being copied waits for the copy, so that the copy (of what the source
+// held before it) never lands over it.
+TEST_F(ReplicaSetTest, AWriteToTheRegionBeingReconciledWaitsForTheCopy) {
+  Make(2, "a", false, "a");
+  ch_[0]->Poke(0, std::vector<uint8_t>(4096, 0x44));
+  for (auto* c : ch_) c->Hold(true);
+  ReconcileOptions ro;
+  ro.region_bytes = 4096;
+  Status reconciled;
+  std::thread t([&] { reconciled = set_->Reconcile(ro); });
+  ASSERT_TRUE(WaitUntil([&] { return ch_[0]->held() == 1; }));  // the copy's read of region 0
+  std::vector<uint8_t> w(4096, 0x55);
+  Result r;
+  set_->Submit(Write(0, w), r.Done());
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(ch_[0]->held(), 1u) << "a write to the locked region was sent";
+  EXPECT_EQ(ch_[1]->held(), 0u) << "a write to the locked region was sent";
+  // A write elsewhere goes on.
+  std::vector<uint8_t> w2(4096, 0x66);
+  Result r2;
+  set_->Submit(Write(kSize - 4096, w2), r2.Done());
+  ASSERT_TRUE(WaitUntil([&] { return ch_[1]->held() == 1; }));
+  for (auto* c : ch_) c->Hold(false);
+  // Let everything through until the pass ends.
+  ASSERT_TRUE(WaitUntil([&] {
+    for (auto* c : ch_) c->Release();
+    return r.Called() && r2.Called() && set_->health().reconcile_done_bytes == kSize;
+  }));
+  t.join();
+  ASSERT_TRUE(reconciled.ok()) << reconciled.message();
+  EXPECT_EQ(r.Wait(), 0);
+  EXPECT_EQ(r2.Wait(), 0);
+  for (auto* c : ch_) {
+    EXPECT_EQ(c->Bytes(0, 4096), w) << "the copy overwrote a newer write";
+    EXPECT_EQ(c->Bytes(kSize - 4096, 4096), w2);
+  }
+}
+
+TEST_F(ReplicaSetTest, LockRangeWaitsForTheWritesInFlightThere) {
+  Make(2, "a", false, "a");
+  for (auto* c : ch_) c->Hold(true);
+  std::vector<uint8_t> w(4096, 0x77);
+  Result r;
+  set_->Submit(Write(8192, w), r.Done());
+  std::atomic<bool> locked{false};
+  std::thread t([&] {
+    EXPECT_TRUE(set_->LockRange(0, 16384).ok());
+    locked = true;
+  });
+  std::this_thread::sleep_for(30ms);
+  EXPECT_FALSE(locked) << "LockRange returned with a write in flight in its range";
+  EXPECT_EQ(set_->LockRange(0, 4096).code(), EBUSY);
+  for (auto* c : ch_) c->Hold(false);
+  for (auto* c : ch_) c->Release();
+  t.join();
+  EXPECT_EQ(r.Wait(), 0);
+  // Held by the lock: a write there goes on at the unlock; Close fails one still held.
+  Result r2;
+  set_->Submit(Write(0, w), r2.Done());
+  std::this_thread::sleep_for(20ms);
+  EXPECT_FALSE(r2.Called());
+  set_->UnlockRange();
+  EXPECT_EQ(r2.Wait(), 0);
+  ASSERT_TRUE(set_->LockRange(0, 4096).ok());
+  Result r3;
+  set_->Submit(Write(0, w), r3.Done());
+  set_->Close();
+  EXPECT_EQ(r3.Wait(), -ESHUTDOWN);
+}
+
+// The source fails: the replica the read falls over to is the source from then on, and the
+// others are made to hold what it holds.
+TEST_F(ReplicaSetTest, WhenTheReconcileSourceFailsTheNextReaderBecomesIt) {
+  Make(3, "a", false, "a");
+  ch_[1]->Poke(0, std::vector<uint8_t>(4096, 0x12));
+  ch_[2]->Poke(0, std::vector<uint8_t>(4096, 0x34));
+  ch_[0]->fail = [](BackendRequest::Op, uint64_t) { return EIO; };
+  std::vector<uint8_t> got(4096);
+  Result r;
+  set_->Submit(Read(0, got), r.Done());
+  ASSERT_EQ(r.Wait(), 0);
+  EXPECT_EQ(got, std::vector<uint8_t>(4096, 0x12));
+  EXPECT_EQ(set_->health().reconcile_source, "b");
+  ASSERT_TRUE(WaitUntil([&] { return StateOf("a") == MemberState::kOut; }));
+  ASSERT_TRUE(set_->Reconcile({}).ok());
+  EXPECT_EQ(ch_[2]->Bytes(0, 4096), std::vector<uint8_t>(4096, 0x12));
+  EXPECT_EQ(membership_.calls(), (std::vector<std::vector<std::string>>{{"b", "c"}}));
+}
+
+TEST_F(ReplicaSetTest, AChangeThatFailedEverywhereMeansTheReplicasMayDiffer) {
+  Make(2);
+  EXPECT_FALSE(set_->health().may_differ);
+  for (auto* c : ch_) c->fail = [](BackendRequest::Op, uint64_t) { return ENOSPC; };
+  std::vector<uint8_t> w(512, 1);
+  Result r;
+  set_->Submit(Write(0, w), r.Done());
+  EXPECT_EQ(r.Wait(), -ENOSPC);
+  EXPECT_TRUE(WaitUntil([&] { return set_->health().may_differ; }));
+}
+
 TEST(ClusterMembershipTest, DropsThroughTheClaimAndStopsWithoutIt) {
   test::MemoryClusterStore store;
   cluster::VolumeState v{"vol", kSize, {"a", "b"}, {"a", "b"}, "", 0};

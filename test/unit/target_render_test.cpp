@@ -55,6 +55,27 @@ TEST(TargetRender, JsonKeysAreStable) {
   EXPECT_EQ(j["replicas"][0]["healthy_connections"], 2);
 }
 
+TEST(TargetRender, ReconcileProgress) {
+  tv1::Target t = Degraded();
+  EXPECT_TRUE(TargetJson(t)["reconcile"].is_null());
+  EXPECT_EQ(TargetDetails(t).find("reconciling"), std::string::npos);
+  auto* r = t.mutable_reconcile();
+  r->set_source("node-a");
+  r->set_done_bytes(16 << 20);
+  r->set_total_bytes(64 << 20);
+  r->set_percent(25);
+  auto j = TargetJson(t);
+  EXPECT_EQ(j["reconcile"]["source"], "node-a");
+  EXPECT_EQ(j["reconcile"]["done_bytes"], 16 << 20);
+  EXPECT_EQ(j["reconcile"]["total_bytes"], 64 << 20);
+  EXPECT_EQ(j["reconcile"]["percent"], 25.0);
+  const std::string d = TargetDetails(t);
+  EXPECT_NE(d.find("reconciling: after an unclean takeover, from node-a: 25% (16 MiB of 64 MiB); "
+                   "reads go to node-a only until done"),
+            std::string::npos)
+      << d;
+}
+
 TEST(TargetRender, ResyncProgress) {
   tv1::Target t = Degraded();
   EXPECT_TRUE(TargetJson(t)["resync"].is_null());

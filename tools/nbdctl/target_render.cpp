@@ -42,8 +42,17 @@ json TargetJson(const tv1::Target& t) {
               {"eta_seconds", r.eta_seconds() < 0 ? json(nullptr) : json(r.eta_seconds())},
               {"copied_bytes", r.copied_bytes()}};
   }
+  json reconcile = nullptr;
+  if (t.has_reconcile()) {
+    const auto& r = t.reconcile();
+    reconcile = {{"source", r.source()},
+                 {"done_bytes", r.done_bytes()},
+                 {"total_bytes", r.total_bytes()},
+                 {"percent", r.percent()}};
+  }
   return {{"volume", t.volume()},
           {"resync", resync},
+          {"reconcile", reconcile},
           {"node", t.node()},
           {"export_name", t.export_name()},
           {"epoch", t.epoch()},
@@ -71,6 +80,13 @@ std::string TargetDetails(const tv1::Target& t) {
     out += fmt::format("degraded writes: {} acknowledged while a replica missed them\n",
                        t.acked_degraded());
   for (const auto& u : t.unreachable()) out += fmt::format("unreachable at open: {}\n", u);
+  if (t.has_reconcile()) {
+    const auto& r = t.reconcile();
+    out += fmt::format("reconciling: after an unclean takeover, from {}: {:.0f}% ({} of {}); "
+                       "reads go to {} only until done\n",
+                       r.source(), r.percent(), FormatHuman(r.done_bytes()),
+                       FormatHuman(r.total_bytes()), r.source());
+  }
   if (t.has_resync()) {
     const auto& r = t.resync();
     out += fmt::format("resync:      {}{}: pass {}, {:.0f}% ({} of {}){}, {} copied so far\n",
