@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/openssl_util.h"
+#include "datapath/engine/uring_sqe.h"
 #include "datapath/nbd/codec.h"
 #include "datapath/replica/nbd_errors.h"
 #include "datapath/replica/reply_parser.h"
@@ -249,14 +250,7 @@ struct ReplicaClient::Impl {
     wake_armed = true;
   }
 
-  io_uring_sqe* GetSqe() {
-    io_uring_sqe* sqe = io_uring_get_sqe(&ring);
-    while (!sqe) {
-      io_uring_submit(&ring);
-      sqe = io_uring_get_sqe(&ring);
-    }
-    return sqe;
-  }
+  io_uring_sqe* GetSqe() { return datapath::engine::GetSqe(ring); }
 
   void TakeIncoming() {
     {
