@@ -1,0 +1,193 @@
+#include "controller/cluster_view.h"
+
+#include <map>
+#include <utility>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "controller/csi_response.h"
+#include "csi/ids.h"
+
+namespace nbdcsi::controller {
+
+namespace {
+
+using std::chrono::duration_cast;
+using std::chrono::milliseconds;
+
+uint64_t AgeMs(std::chrono::steady_clock::time_point now,
+               std::chrono::steady_clock::time_point seen) {
+  return now > seen ? static_cast<uint64_t>(duration_cast<milliseconds>(now - seen).count()) : 0;
+}
+
+}  // namespace
+
+ClusterView::ClusterView(NodeRegistry& registry, cluster::ClusterStore* store)
+    : registry_(registry),
+      store_(store),
+      nodes_(registry),
+      replicated_(store, nodes_, ledger_) {}
+
+void ClusterView::ListNodes(dpv1::ListClusterNodesResponse* out) {
+  std::chrono::steady_clock::time_point now;
+  for (const NodeInfo& n : registry_.ListKnown(&now)) {
+    auto* c = out->add_nodes();
+    c->set_node_id(n.node_id);
+    c->set_api_address(n.api_address);
+    c->set_heartbeat_age_ms(AgeMs(now, n.last_seen));
+    c->set_live(now - n.last_seen <= registry_.ttl());
+    c->set_capacity_bytes(n.capacity_bytes);
+    c->set_free_bytes(n.free_bytes);
+    c->set_provisionable_bytes(n.provisionable_bytes);
+    c->set_provisioned_bytes(n.provisioned_bytes);
+    c->set_volumes(n.volumes);
+    c->set_version(n.version);
+    c->set_nbd_devices(n.nbd_devices);
+    c->set_reflink(n.reflink);
+  }
+  out->set_heartbeat_ttl_ms(static_cast<uint64_t>(registry_.ttl().count()));
+}
+
+std::vector<NodeInfo> ClusterView::Known(
+    google::protobuf::RepeatedPtrField<dpv1::NodeAnswer>* answers) {
+  std::chrono::steady_clock::time_point now;
+  std::vector<NodeInfo> live;
+  for (const NodeInfo& n : registry_.ListKnown(&now)) {
+    auto* a = answers->Add();
+    a->set_node_id(n.node_id);
+    const bool is_live = now - n.last_seen <= registry_.ttl();
+    a->set_live(is_live);
+    if (is_live) {
+      live.push_back(n);
+    } else {
+      a->set_error(fmt::format("heartbeat expired: last heard from {} ms ago (ttl {} ms)",
+                               AgeMs(now, n.last_seen), registry_.ttl().count()));
+    }
+  }
+  return live;
+}
+
+void ClusterView::ListVolumes(dpv1::ListClusterVolumesResponse* out) {
+  std::vector<NodeInfo> live = Known(out->mutable_nodes());
+  auto answers = FanOut(live, [&](const NodeInfo& n) {
+    return nodes_.On(n.node_id, [](NodeDatapath& d) { return d.ListVolumes(); });
+  });
+  // The catalogue: each replicated volume, and which pool volume is whose copy.
+  std::map<std::pair<std::string, std::string>, std::string> copy_of;
+  if (store_) {
+    std::string after;
+    do {
+      auto page = store_->ListVolumes(after, cluster::kMaxListLimit);
+      if (!page.ok()) {
+        out->set_catalogue_error(page.status().message());
+        spdlog::warn("cluster view: the replicated volumes' catalogue: {}",
+                     page.status().message());
+        out->clear_replicated();
+        break;
+      }
+      for (const auto& v : page->volumes) {
+        auto* r = out->add_replicated();
+        ::csi::v1::Volume cv;
+        ::csi::v1::VolumeCondition cond;
+        replicated_.Fill(v, &cv, &cond);
+        r->set_volume_id(cv.volume_id());
+        r->set_name(v.name);
+        r->set_size_bytes(v.size_bytes);
+        for (const auto& n : v.replicas) {
+          r->add_replicas(n);
+          copy_of[{n, v.name}] = cv.volume_id();
+        }
+        for (const auto& n : v.in_sync) r->add_in_sync(n);
+        r->set_target(v.target);
+        r->set_epoch(v.epoch);
+        r->set_abnormal(cond.abnormal());
+        r->set_condition(cond.message());
+      }
+      after = page->next;
+    } while (!after.empty());
+  }
+  // Answers of the live nodes, in the same order as `live` (a subsequence of out->nodes()).
+  size_t li = 0;
+  for (auto& a : *out->mutable_nodes()) {
+    if (!a.live()) continue;
+    auto& answer = answers[li++];
+    if (!answer.ok()) {
+      a.set_error(answer.status().message());
+      continue;
+    }
+    for (const auto& dv : *answer) {
+      auto* c = out->add_volumes();
+      c->set_node_id(a.node_id());
+      c->set_volume_id(VolumeIdOf(a.node_id(), dv.name()));
+      *c->mutable_volume() = dv;
+      ::csi::v1::VolumeCondition cond;
+      FillCondition(dv, &cond);
+      c->set_abnormal(cond.abnormal());
+      c->set_condition(cond.message());
+      if (auto it = copy_of.find({a.node_id(), dv.name()}); it != copy_of.end())
+        c->set_replica_of(it->second);
+    }
+  }
+}
+
+void ClusterView::ListSnapshots(dpv1::ListClusterSnapshotsResponse* out) {
+  std::vector<NodeInfo> live = Known(out->mutable_nodes());
+  auto answers = FanOut(live, [&](const NodeInfo& n) {
+    return nodes_.On(n.node_id, [](NodeDatapath& d) { return d.ListSnapshots(""); });
+  });
+  // Snapshots of a replicated volume's copy name the r1 volume as their source, as in CSI.
+  const auto copies = replicated_.CopyIds();
+  size_t li = 0;
+  for (auto& a : *out->mutable_nodes()) {
+    if (!a.live()) continue;
+    auto& answer = answers[li++];
+    if (!answer.ok()) {
+      a.set_error(answer.status().message());
+      continue;
+    }
+    for (const auto& ds : *answer) {
+      auto* c = out->add_snapshots();
+      c->set_node_id(a.node_id());
+      c->set_snapshot_id(SnapshotIdOf(a.node_id(), ds.name()));
+      auto r1 = copies.find({a.node_id(), ds.source_volume()});
+      c->set_source_volume_id(r1 != copies.end() ? r1->second
+                                                 : VolumeIdOf(a.node_id(), ds.source_volume()));
+      *c->mutable_snapshot() = ds;
+    }
+  }
+}
+
+namespace {
+
+class Service final : public dpv1::ClusterView::Service {
+ public:
+  explicit Service(ClusterView& view) : view_(view) {}
+
+  grpc::Status ListNodes(grpc::ServerContext*, const dpv1::ListClusterNodesRequest*,
+                         dpv1::ListClusterNodesResponse* resp) override {
+    view_.ListNodes(resp);
+    return grpc::Status::OK;
+  }
+  grpc::Status ListVolumes(grpc::ServerContext*, const dpv1::ListClusterVolumesRequest*,
+                           dpv1::ListClusterVolumesResponse* resp) override {
+    view_.ListVolumes(resp);
+    return grpc::Status::OK;
+  }
+  grpc::Status ListSnapshots(grpc::ServerContext*, const dpv1::ListClusterSnapshotsRequest*,
+                             dpv1::ListClusterSnapshotsResponse* resp) override {
+    view_.ListSnapshots(resp);
+    return grpc::Status::OK;
+  }
+
+ private:
+  ClusterView& view_;
+};
+
+}  // namespace
+
+std::unique_ptr<dpv1::ClusterView::Service> MakeClusterViewService(ClusterView& view) {
+  return std::make_unique<Service>(view);
+}
+
+}  // namespace nbdcsi::controller

@@ -1,0 +1,43 @@
+// The ClusterView service (datapath/api/cluster_view.proto): what `nbdctl cluster` shows
+// operators. Read-only, from the registry (every node heard from, live or expired, with its last
+// heartbeat's pool figures), the live nodes' datapaths asked at once (FanOut, through the same
+// NodeDatapath clients the CSI calls use), and the replicated volumes' catalogue when the
+// controller has one. A node that does not answer, or whose heartbeats stopped, is reported in
+// the answer's `nodes` with why; it never fails the call, nor does an unreadable catalogue.
+#pragma once
+
+#include <memory>
+
+#include "common/cluster/cluster_store.h"
+#include "controller/nodes.h"
+#include "controller/placement.h"
+#include "controller/registry.h"
+#include "controller/replicated.h"
+#include "datapath/api/cluster_view.grpc.pb.h"
+
+namespace nbdcsi::controller {
+
+class ClusterView {
+ public:
+  // `store`: the replicated volumes' catalogue (--cluster-etcd), or null. Both must outlive it.
+  ClusterView(NodeRegistry& registry, cluster::ClusterStore* store);
+
+  void ListNodes(dpv1::ListClusterNodesResponse* out);
+  void ListVolumes(dpv1::ListClusterVolumesResponse* out);
+  void ListSnapshots(dpv1::ListClusterSnapshotsResponse* out);
+
+ private:
+  // Every known node as a NodeAnswer (expired ones with their error), and the live ones.
+  std::vector<NodeInfo> Known(google::protobuf::RepeatedPtrField<dpv1::NodeAnswer>* answers);
+
+  NodeRegistry& registry_;
+  cluster::ClusterStore* store_;
+  Nodes nodes_;
+  PlacementLedger ledger_;  // unused by the read-only calls ReplicatedVolumes makes here
+  ReplicatedVolumes replicated_;
+};
+
+// The gRPC service over `view` (which must outlive it). Always OK.
+std::unique_ptr<dpv1::ClusterView::Service> MakeClusterViewService(ClusterView& view);
+
+}  // namespace nbdcsi::controller
