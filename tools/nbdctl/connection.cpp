@@ -55,6 +55,11 @@ void Print(const std::string& output, const nlohmann::json& j, const std::string
 
 Connection::Connection(Peer peer, const std::string& flag, const std::string& endpoint,
                        double timeout_s)
+    : Connection(peer, flag, endpoint, timeout_s, grpc::InsecureChannelCredentials(), "") {}
+
+Connection::Connection(Peer peer, const std::string& flag, const std::string& endpoint,
+                       double timeout_s, std::shared_ptr<grpc::ChannelCredentials> creds,
+                       const std::string& server_name)
     : peer_(peer), timeout_s_(timeout_s) {
   auto ep = ParseEndpoint(endpoint);
   if (!ep.ok()) throw UsageError{flag + ": " + ep.status().message()};
@@ -62,7 +67,8 @@ Connection::Connection(Peer peer, const std::string& flag, const std::string& en
   grpc::ChannelArguments args;
   // Fail fast with a clear message instead of gRPC's reconnect back-off when the peer is down.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-  channel_ = grpc::CreateCustomChannel(ep_.GrpcTarget(), grpc::InsecureChannelCredentials(), args);
+  if (!server_name.empty()) args.SetSslTargetNameOverride(server_name);
+  channel_ = grpc::CreateCustomChannel(ep_.GrpcTarget(), std::move(creds), args);
 }
 
 std::unique_ptr<grpc::ClientContext> Connection::Ctx() const {
@@ -90,13 +96,15 @@ std::string Connection::UnreachableHint(const grpc::Status& s) const {
 
 int Connection::Fail(const std::string& what, const grpc::Status& s) const {
   const bool datapath = peer_ == Peer::kDatapath;
+  const char* who = datapath                          ? "nbd-datapathd"
+                    : peer_ == Peer::kController ? "nbd-csi-controller"
+                                                 : "the CSI plugin";
   // UNAVAILABLE is both gRPC's "no connection" and the peer's own "not now" (a copy must finish
   // first); a channel that is connected after the call means the peer itself answered.
   const bool reached = channel_->GetState(false) == GRPC_CHANNEL_READY;
   if (s.error_code() == grpc::StatusCode::UNAVAILABLE && !reached) {
-    std::cerr << fmt::format("nbdctl: cannot reach {} at {}: is it running? ({})\n",
-                             datapath ? "nbd-datapathd" : "the CSI plugin", ep_.ToString(),
-                             UnreachableHint(s));
+    std::cerr << fmt::format("nbdctl: cannot reach {} at {}: is it running? ({})\n", who,
+                             ep_.ToString(), UnreachableHint(s));
   } else if (s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
     std::cerr << (datapath ? fmt::format("nbdctl: {}: nbd-datapathd at {} did not answer within "
                                          "{}s (--timeout)\n",
