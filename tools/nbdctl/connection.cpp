@@ -1,8 +1,12 @@
 #include "tools/nbdctl/connection.h"
 
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <iostream>
 
 #include <fmt/format.h>
@@ -42,6 +46,32 @@ std::string ReasonText(grpc::StatusCode c) {
     default:
       return fmt::format("gRPC code {}", static_cast<int>(c));
   }
+}
+
+// Whether a TCP connection to host:port opens within a second: tells "nobody listens" from "it
+// listens but ended the connection" (a refused TLS handshake).
+bool TcpConnects(const std::string& host, uint16_t port) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res) != 0) return false;
+  bool ok = false;
+  for (addrinfo* a = res; a && !ok; a = a->ai_next) {
+    int fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) continue;
+    if (connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
+      ok = true;
+    } else if (errno == EINPROGRESS) {
+      pollfd p{fd, POLLOUT, 0};
+      int err = 0;
+      socklen_t len = sizeof err;
+      ok = poll(&p, 1, 1000) == 1 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 &&
+           err == 0;
+    }
+    close(fd);
+  }
+  freeaddrinfo(res);
+  return ok;
 }
 
 }  // namespace
@@ -102,7 +132,14 @@ int Connection::Fail(const std::string& what, const grpc::Status& s) const {
   // UNAVAILABLE is both gRPC's "no connection" and the peer's own "not now" (a copy must finish
   // first); a channel that is connected after the call means the peer itself answered.
   const bool reached = channel_->GetState(false) == GRPC_CHANNEL_READY;
-  if (s.error_code() == grpc::StatusCode::UNAVAILABLE && !reached) {
+  if (s.error_code() == grpc::StatusCode::UNAVAILABLE && !reached &&
+      peer_ == Peer::kController && ep_.kind == Endpoint::Kind::kTcp &&
+      TcpConnects(ep_.host, ep_.port)) {
+    std::cerr << fmt::format(
+        "nbdctl: nbd-csi-controller at {} ended the connection: is --tls-cert signed by the CA "
+        "the controller trusts, and do --tls-ca and --insecure match how it serves? ({})\n",
+        ep_.ToString(), s.error_message());
+  } else if (s.error_code() == grpc::StatusCode::UNAVAILABLE && !reached) {
     std::cerr << fmt::format("nbdctl: cannot reach {} at {}: is it running? ({})\n", who,
                              ep_.ToString(), UnreachableHint(s));
   } else if (s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
