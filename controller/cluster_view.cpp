@@ -4,8 +4,10 @@
 #include <utility>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
+#include "common/tls.h"
 #include "controller/csi_response.h"
 #include "csi/ids.h"
 
@@ -162,32 +164,49 @@ namespace {
 
 class Service final : public dpv1::ClusterView::Service {
  public:
-  explicit Service(ClusterView& view) : view_(view) {}
+  Service(ClusterView& view, ClusterViewServiceOptions opts) : view_(view), opts_(opts) {}
 
-  grpc::Status ListNodes(grpc::ServerContext*, const dpv1::ListClusterNodesRequest*,
+  grpc::Status ListNodes(grpc::ServerContext* ctx, const dpv1::ListClusterNodesRequest*,
                          dpv1::ListClusterNodesResponse* resp) override {
+    if (grpc::Status s = Admit(ctx); !s.ok()) return s;
     view_.ListNodes(resp);
     return grpc::Status::OK;
   }
-  grpc::Status ListVolumes(grpc::ServerContext*, const dpv1::ListClusterVolumesRequest*,
+  grpc::Status ListVolumes(grpc::ServerContext* ctx, const dpv1::ListClusterVolumesRequest*,
                            dpv1::ListClusterVolumesResponse* resp) override {
+    if (grpc::Status s = Admit(ctx); !s.ok()) return s;
     view_.ListVolumes(resp);
     return grpc::Status::OK;
   }
-  grpc::Status ListSnapshots(grpc::ServerContext*, const dpv1::ListClusterSnapshotsRequest*,
+  grpc::Status ListSnapshots(grpc::ServerContext* ctx, const dpv1::ListClusterSnapshotsRequest*,
                              dpv1::ListClusterSnapshotsResponse* resp) override {
+    if (grpc::Status s = Admit(ctx); !s.ok()) return s;
     view_.ListSnapshots(resp);
     return grpc::Status::OK;
   }
 
  private:
+  grpc::Status Admit(grpc::ServerContext* ctx) const {
+    if (!opts_.refuse_node_certificates) return grpc::Status::OK;
+    std::vector<std::string> ids = PeerNodeIds(*ctx->auth_context());
+    if (ids.empty()) return grpc::Status::OK;
+    const std::string who = fmt::format("{}", fmt::join(ids, ","));
+    spdlog::warn("cluster view: refused a call from node {}'s certificate", who);
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        fmt::format("the client certificate is node {}'s: a datapath's "
+                                    "certificate cannot read the cluster view",
+                                    who));
+  }
+
   ClusterView& view_;
+  ClusterViewServiceOptions opts_;
 };
 
 }  // namespace
 
-std::unique_ptr<dpv1::ClusterView::Service> MakeClusterViewService(ClusterView& view) {
-  return std::make_unique<Service>(view);
+std::unique_ptr<dpv1::ClusterView::Service> MakeClusterViewService(
+    ClusterView& view, ClusterViewServiceOptions opts) {
+  return std::make_unique<Service>(view, opts);
 }
 
 }  // namespace nbdcsi::controller

@@ -37,7 +37,16 @@ class ClusterView {
   ReplicatedVolumes replicated_;
 };
 
-// The gRPC service over `view` (which must outlive it). Always OK.
-std::unique_ptr<dpv1::ClusterView::Service> MakeClusterViewService(ClusterView& view);
+struct ClusterViewServiceOptions {
+  // Refuse (PERMISSION_DENIED, logged) a client whose certificate names a node (common/tls.h
+  // NodeIdentityUri): the registry listener lets every datapath in, and a datapath's certificate
+  // has no business reading the whole cluster. On with node binding (each datapath its own
+  // certificate); a certificate shared by every datapath names no node and cannot be told apart.
+  bool refuse_node_certificates = false;
+};
+
+// The gRPC service over `view` (which must outlive it): OK, or PERMISSION_DENIED as above.
+std::unique_ptr<dpv1::ClusterView::Service> MakeClusterViewService(
+    ClusterView& view, ClusterViewServiceOptions opts = {});
 
 }  // namespace nbdcsi::controller

@@ -300,7 +300,8 @@ int Run(int argc, char** argv) {
       controller::MakeRegistryService(registry, {.bind_node_identity = bind_nodes});
   // `nbdctl cluster`: read-only, on the same listener, so the same mutual TLS lets clients in.
   controller::ClusterView cluster_view(registry, cluster_store.get());
-  auto cluster_view_service = controller::MakeClusterViewService(cluster_view);
+  auto cluster_view_service = controller::MakeClusterViewService(
+      cluster_view, {.refuse_node_certificates = bind_nodes});
   int registry_port = 0;
   CallTracker registry_calls;
   auto registry_server =

@@ -8,7 +8,8 @@
 #     size, allocated bytes, QoS, attachment and condition (table and JSON, checked with jq);
 #   - refused: a client without a certificate (the TLS handshake fails; the same handshake with
 #     the certificate gets HTTP/2 going), a client certificate from another CA, a plaintext
-#     client; an unreachable controller exits 1 naming it; usage errors exit 2;
+#     client, a datapath's node certificate (PERMISSION_DENIED); an unreachable controller exits
+#     1 naming it; usage errors exit 2;
 #   - n2 killed -9: listed as not answering (volumes still exit 0 with n1's), then as expired.
 . "$(dirname "$0")/lib.sh"
 need jq openssl python3
@@ -149,6 +150,13 @@ echo "another CA's certificate: $(cat "$W/err")"
 expect_fail 1 "ended the connection" "$NBDCSI_BIN/nbdctl" --timeout 5 cluster \
   --controller "127.0.0.1:$REG" --insecure nodes
 echo "plaintext: $(cat "$W/err")"
+# Node binding is on (each datapath its own certificate): a datapath's certificate gets through
+# the handshake (the CA signed it) but may not read the whole cluster.
+expect_fail 1 "PERMISSION_DENIED: the client certificate is node n1's" "$NBDCSI_BIN/nbdctl" \
+  --timeout 5 cluster --controller "127.0.0.1:$REG" --tls-cert "$C/node-n1.crt" \
+  --tls-key "$C/node-n1.key" --tls-ca "$C/ca.crt" volumes
+grep -q "cluster view: refused a call from node n1's certificate" "$W/controller.log" ||
+  die "the controller did not log the refused node certificate"
 DEAD=$(free_port)
 expect_fail 1 "cannot reach nbd-csi-controller at tcp://127.0.0.1:$DEAD" "$NBDCSI_BIN/nbdctl" \
   --timeout 3 cluster --controller "127.0.0.1:$DEAD" --tls-cert "$C/client.crt" \
