@@ -1,6 +1,11 @@
 #include "controller/cluster_view.h"
 
+#include <algorithm>
+#include <condition_variable>
 #include <map>
+#include <mutex>
+#include <optional>
+#include <thread>
 #include <utility>
 
 #include <fmt/format.h>
@@ -21,6 +26,52 @@ using std::chrono::milliseconds;
 uint64_t AgeMs(std::chrono::steady_clock::time_point now,
                std::chrono::steady_clock::time_point seen) {
   return now > seen ? static_cast<uint64_t>(duration_cast<milliseconds>(now - seen).count()) : 0;
+}
+
+// fn(datapath) for each of `live` at once, as FanOut does, but waiting `wait` at most: a node
+// that hangs must not hold the whole listing (nor the client, whose deadline would fail it all).
+// The calls still running then keep what they use (their client, the shared answers) alive and
+// end within the datapath client's deadline; their answers are dropped.
+template <typename T, typename F>
+std::vector<StatusOr<T>> AskAll(Nodes& nodes, const std::vector<NodeInfo>& live, F fn,
+                                milliseconds wait) {
+  struct Answers {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::vector<std::optional<StatusOr<T>>> got;  // guarded by mu
+    size_t left = 0;                              // guarded by mu
+  };
+  auto a = std::make_shared<Answers>();
+  a->got.resize(live.size());
+  a->left = live.size();
+  for (size_t i = 0; i < live.size(); ++i) {
+    auto dp = nodes.Datapath(live[i].node_id);
+    if (!dp.ok()) {
+      std::lock_guard lock(a->mu);
+      a->got[i].emplace(dp.status());
+      --a->left;
+      continue;
+    }
+    std::thread([a, i, dp = *dp, fn] {
+      StatusOr<T> r = fn(*dp);
+      std::lock_guard lock(a->mu);
+      a->got[i].emplace(std::move(r));
+      if (--a->left == 0) a->cv.notify_all();
+    }).detach();
+  }
+  std::unique_lock lock(a->mu);
+  a->cv.wait_for(lock, wait, [&] { return a->left == 0; });
+  std::vector<StatusOr<T>> out;
+  out.reserve(live.size());
+  for (size_t i = 0; i < live.size(); ++i) {
+    if (a->got[i]) {
+      out.push_back(*a->got[i]);
+    } else {
+      out.push_back(Error(ETIMEDOUT, "node {}: no answer within {} ms", live[i].node_id,
+                          wait.count()));
+    }
+  }
+  return out;
 }
 
 }  // namespace
@@ -70,11 +121,10 @@ std::vector<NodeInfo> ClusterView::Known(
   return live;
 }
 
-void ClusterView::ListVolumes(dpv1::ListClusterVolumesResponse* out) {
+void ClusterView::ListVolumes(dpv1::ListClusterVolumesResponse* out, milliseconds wait) {
   std::vector<NodeInfo> live = Known(out->mutable_nodes());
-  auto answers = FanOut(live, [&](const NodeInfo& n) {
-    return nodes_.On(n.node_id, [](NodeDatapath& d) { return d.ListVolumes(); });
-  });
+  auto answers = AskAll<std::vector<dpv1::Volume>>(
+      nodes_, live, [](NodeDatapath& d) { return d.ListVolumes(); }, wait);
   // The catalogue: each replicated volume, and which pool volume is whose copy.
   std::map<std::pair<std::string, std::string>, std::string> copy_of;
   if (store_) {
@@ -133,11 +183,10 @@ void ClusterView::ListVolumes(dpv1::ListClusterVolumesResponse* out) {
   }
 }
 
-void ClusterView::ListSnapshots(dpv1::ListClusterSnapshotsResponse* out) {
+void ClusterView::ListSnapshots(dpv1::ListClusterSnapshotsResponse* out, milliseconds wait) {
   std::vector<NodeInfo> live = Known(out->mutable_nodes());
-  auto answers = FanOut(live, [&](const NodeInfo& n) {
-    return nodes_.On(n.node_id, [](NodeDatapath& d) { return d.ListSnapshots(""); });
-  });
+  auto answers = AskAll<std::vector<dpv1::Snapshot>>(
+      nodes_, live, [](NodeDatapath& d) { return d.ListSnapshots(""); }, wait);
   // Snapshots of a replicated volume's copy name the r1 volume as their source, as in CSI.
   const auto copies = replicated_.CopyIds();
   size_t li = 0;
@@ -175,17 +224,26 @@ class Service final : public dpv1::ClusterView::Service {
   grpc::Status ListVolumes(grpc::ServerContext* ctx, const dpv1::ListClusterVolumesRequest*,
                            dpv1::ListClusterVolumesResponse* resp) override {
     if (grpc::Status s = Admit(ctx); !s.ok()) return s;
-    view_.ListVolumes(resp);
+    view_.ListVolumes(resp, Wait(ctx));
     return grpc::Status::OK;
   }
   grpc::Status ListSnapshots(grpc::ServerContext* ctx, const dpv1::ListClusterSnapshotsRequest*,
                              dpv1::ListClusterSnapshotsResponse* resp) override {
     if (grpc::Status s = Admit(ctx); !s.ok()) return s;
-    view_.ListSnapshots(resp);
+    view_.ListSnapshots(resp, Wait(ctx));
     return grpc::Status::OK;
   }
 
  private:
+  // How long the nodes may take: kClientShare of what is left of the client's deadline (the
+  // answer must still reach it), between 100 ms and kMaxWait.
+  static milliseconds Wait(grpc::ServerContext* ctx) {
+    const auto left = ctx->deadline() - std::chrono::system_clock::now();
+    if (left > std::chrono::hours(24)) return ClusterView::kMaxWait;  // no deadline
+    const auto share = duration_cast<milliseconds>(left * ClusterView::kClientShare);
+    return std::clamp(share, milliseconds(100), ClusterView::kMaxWait);
+  }
+
   grpc::Status Admit(grpc::ServerContext* ctx) const {
     if (!opts_.refuse_node_certificates) return grpc::Status::OK;
     std::vector<std::string> ids = PeerNodeIds(*ctx->auth_context());

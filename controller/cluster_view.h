@@ -6,6 +6,7 @@
 // the answer's `nodes` with why; it never fails the call, nor does an unreadable catalogue.
 #pragma once
 
+#include <chrono>
 #include <memory>
 
 #include "common/cluster/cluster_store.h"
@@ -22,9 +23,19 @@ class ClusterView {
   // `store`: the replicated volumes' catalogue (--cluster-etcd), or null. Both must outlive it.
   ClusterView(NodeRegistry& registry, cluster::ClusterStore* store);
 
+  // The most a listing waits for the nodes (a node that hangs is reported as not answering
+  // within it); the service waits less when the client's deadline is nearer (kClientShare).
+  static constexpr std::chrono::milliseconds kMaxWait{20000};
+  static constexpr double kClientShare = 0.75;
+
   void ListNodes(dpv1::ListClusterNodesResponse* out);
-  void ListVolumes(dpv1::ListClusterVolumesResponse* out);
-  void ListSnapshots(dpv1::ListClusterSnapshotsResponse* out);
+  // Every live node is asked at once; the answers that came within `wait` are listed, the others
+  // are nodes[].error "no answer within N ms" (their calls end on their own, within the
+  // datapath client's deadline, and are then dropped).
+  void ListVolumes(dpv1::ListClusterVolumesResponse* out,
+                   std::chrono::milliseconds wait = kMaxWait);
+  void ListSnapshots(dpv1::ListClusterSnapshotsResponse* out,
+                     std::chrono::milliseconds wait = kMaxWait);
 
  private:
   // Every known node as a NodeAnswer (expired ones with their error), and the live ones.

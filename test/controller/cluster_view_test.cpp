@@ -1,6 +1,10 @@
 // The ClusterView service (`nbdctl cluster`, controller/cluster_view.h) over fake datapaths and
 // the real NodeRegistry on a test clock: every node answers; one node down (it answers with an
 // error) and one expired (not asked); replicated volumes from the in-memory catalogue.
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+
 #include <gtest/gtest.h>
 
 #include "controller/cluster_view.h"
@@ -167,6 +171,51 @@ TEST_F(ClusterViewTest, ANodeDownOrExpiredIsReportedNotFatal) {
   view_.ListVolumes(&v);
   EXPECT_EQ(v.volumes_size(), 2);
   EXPECT_EQ(v.nodes(2).error(), "");
+}
+
+// A node that hangs (its calls parked until the test lets them go) is reported as not answering
+// within the wait; the others are listed, and the listing returns when the wait is over.
+TEST_F(ClusterViewTest, ANodeThatHangsIsReportedAfterTheWait) {
+  cluster_.Heartbeat("n1", 100 * kMiB);
+  cluster_.Heartbeat("n2", 100 * kMiB);
+  cluster_.Node("n1").PutVolume(Vol("a", kMiB, 0));
+  cluster_.Node("n1").PutSnapshot(Snap("s", "a", kMiB));
+  cluster_.Node("n2").PutVolume(Vol("b", kMiB, 0));
+  struct Gate {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool open = false;
+    int parked = 0, done = 0;
+  };
+  auto gate = std::make_shared<Gate>();
+  cluster_.Node("n2").SetHook([gate](const std::string&) {
+    std::unique_lock lock(gate->mu);
+    ++gate->parked;
+    gate->cv.wait(lock, [&] { return gate->open; });
+    ++gate->done;
+    gate->cv.notify_all();
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  dpv1::ListClusterVolumesResponse v;
+  view_.ListVolumes(&v, std::chrono::milliseconds(200));
+  dpv1::ListClusterSnapshotsResponse s;
+  view_.ListSnapshots(&s, std::chrono::milliseconds(200));
+  const auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_GE(took, std::chrono::milliseconds(400));
+  EXPECT_LT(took, std::chrono::seconds(5));
+  ASSERT_EQ(v.volumes_size(), 1);
+  EXPECT_EQ(v.volumes(0).node_id(), "n1");
+  ASSERT_EQ(v.nodes_size(), 2);
+  EXPECT_EQ(v.nodes(0).error(), "");
+  EXPECT_EQ(v.nodes(1).error(), "node n2: no answer within 200 ms");
+  ASSERT_EQ(s.snapshots_size(), 1);
+  EXPECT_EQ(s.nodes(1).error(), "node n2: no answer within 200 ms");
+  // Let the parked calls end (their answers are dropped) before the fakes go.
+  std::unique_lock lock(gate->mu);
+  EXPECT_EQ(gate->parked, 2);
+  gate->open = true;
+  gate->cv.notify_all();
+  EXPECT_TRUE(gate->cv.wait_for(lock, std::chrono::seconds(10), [&] { return gate->done == 2; }));
 }
 
 TEST_F(ClusterViewTest, TheGrpcServiceAnswersWhatTheViewSays) {

@@ -10,6 +10,7 @@
 #     the certificate gets HTTP/2 going), a client certificate from another CA, a plaintext
 #     client, a datapath's node certificate (PERMISSION_DENIED); an unreachable controller exits
 #     1 naming it; usage errors exit 2;
+#   - n2 stopped (SIGSTOP): volumes answers within 3/4 of nbdctl's --timeout, n2 "no answer";
 #   - n2 killed -9: listed as not answering (volumes still exit 0 with n1's), then as expired.
 . "$(dirname "$0")/lib.sh"
 need jq openssl python3
@@ -172,6 +173,22 @@ expect_fail 2 "a subcommand is required" "$NBDCSI_BIN/nbdctl" cluster "${TLS[@]}
 # The same flags from the environment.
 NBDCTL_CONTROLLER=127.0.0.1:$REG NBDCTL_TLS_CERT=$C/client.crt NBDCTL_TLS_KEY=$C/client.key \
   NBDCTL_TLS_CA=$C/ca.crt "$NBDCSI_BIN/nbdctl" -o json cluster nodes | jqx '.nodes | length == 2'
+
+step "n2 stopped (SIGSTOP): the listing does not wait for it past 3/4 of --timeout"
+kill -STOP "${DP_PID[n2]}"
+t0=$(date +%s.%N)
+rc=0
+"$NBDCSI_BIN/nbdctl" --timeout 4 -o json cluster "${TLS[@]}" volumes >"$W/hung.json" || rc=$?
+took=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
+kill -CONT "${DP_PID[n2]}"
+[ $rc = 0 ] || die "cluster volumes with n2 stopped exited $rc"
+echo "with n2 stopped: ${took}s, $(jq -c '.nodes[1]' "$W/hung.json")"
+jqx '[.volumes[].node] | unique == ["n1"]' <"$W/hung.json"
+jqx '.nodes[1] | .node == "n2" and .live and (.error | test("^node n2: no answer within 2[89][0-9][0-9] ms$"))' <"$W/hung.json"
+awk -v t="$took" 'BEGIN { exit !(t >= 2.9 && t < 4) }' || die "took ${took}s, want 3-4 s"
+wait_for 15 sh -c "'$NBDCSI_BIN/nbdctl' -o json cluster $(printf '%q ' "${TLS[@]}") volumes |
+  jq -e '.nodes[1].error == null and ([.volumes[].node] | unique == [\"n1\",\"n2\"])' >/dev/null" ||
+  die "n2 never listed again after SIGCONT: $(cl -o json volumes)"
 
 step "n2 killed -9: reported as not answering, then as expired; n1 still listed"
 kill -9 "${DP_PID[n2]}"
