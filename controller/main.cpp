@@ -1,5 +1,6 @@
 // nbd-csi-controller: the CSI Controller (and Identity) service on --csi-endpoint, and the
-// Registry service on --registry-listen where every node's nbd-datapathd heartbeats. Stateless:
+// Registry service on --registry-listen where every node's nbd-datapathd heartbeats (and, on the
+// same listener, the read-only ClusterView that `nbdctl cluster` asks). Stateless:
 // the registry is rebuilt from heartbeats after a restart, volume truth stays in the pools.
 #include <atomic>
 #include <chrono>
@@ -28,6 +29,7 @@
 #include "controller/controller_service.h"
 #include "controller/metrics.h"
 #include "controller/node_datapath.h"
+#include "controller/cluster_view.h"
 #include "controller/registry.h"
 #include "csi/driver.h"
 #include "csi/identity.h"
@@ -140,13 +142,13 @@ bool CheckFlags(Flags& f) {
 // The Registry service on --registry-listen; null (logged) when it cannot listen.
 std::unique_ptr<grpc::Server> StartRegistryServer(const Flags& f,
                                                   std::shared_ptr<grpc::ServerCredentials> creds,
-                                                  grpc::Service* service,
+                                                  std::vector<grpc::Service*> services,
                                                   const CallTracker& calls, int* port) {
   grpc::ServerBuilder rb;
   // A second controller on the same host port must fail to bind, not share the connections.
   rb.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   rb.AddListeningPort(f.registry_listen, std::move(creds), port);
-  rb.RegisterService(service);
+  for (grpc::Service* service : services) rb.RegisterService(service);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> icpts;
   icpts.push_back(calls.Factory());
   rb.experimental().SetInterceptorCreators(std::move(icpts));
@@ -313,10 +315,15 @@ int Run(int argc, char** argv) {
   if (!StartMetrics(f, metrics, registry_serving, ready, metrics_server)) return 1;
   auto registry_service =
       controller::MakeRegistryService(registry, {.bind_node_identity = bind_nodes});
+  // `nbdctl cluster`: read-only, on the same listener, so the same mutual TLS lets clients in.
+  controller::ClusterView cluster_view(registry, cluster_store.get());
+  auto cluster_view_service = controller::MakeClusterViewService(
+      cluster_view, {.refuse_node_certificates = bind_nodes});
   int registry_port = 0;
   CallTracker registry_calls;
   auto registry_server =
-      StartRegistryServer(f, server_creds, registry_service.get(), registry_calls, &registry_port);
+      StartRegistryServer(f, server_creds, {registry_service.get(), cluster_view_service.get()},
+                          registry_calls, &registry_port);
   if (!registry_server) return 1;
   registry_serving = true;
   int rc =

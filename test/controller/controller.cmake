@@ -24,8 +24,13 @@ if(TARGET nbdcsi_controller)
   nbdcsi_add_gtest(controller_replicated_test
                    ${CMAKE_CURRENT_LIST_DIR}/replicated_test.cpp
                    nbdcsi_controller_fakes nbdcsi_controller_test_requests)
+  # `nbdctl cluster`'s ClusterView service over fakes: all nodes answer, one down or expired,
+  # replicated volumes from the catalogue.
+  nbdcsi_add_gtest(controller_cluster_view_test
+                   ${CMAKE_CURRENT_LIST_DIR}/cluster_view_test.cpp nbdcsi_controller_fakes)
   set_property(TEST unit.controller_unit_test unit.controller_decisions_test
-               unit.controller_replicated_test APPEND PROPERTY LABELS controller)
+               unit.controller_replicated_test unit.controller_cluster_view_test
+               APPEND PROPERTY LABELS controller)
 endif()
 
 if(TARGET nbd-csi-controller AND TARGET nbd-datapathd AND TARGET nbdctl)

@@ -12,3 +12,6 @@ nbdcsi_add_gtest(target_render_test ${CMAKE_CURRENT_LIST_DIR}/target_render_test
 # `nbdctl log-level` rendering (tools/nbdctl/logging_render.h): text with the pending revert, JSON.
 nbdcsi_add_gtest(logging_render_test ${CMAKE_CURRENT_LIST_DIR}/logging_render_test.cpp
                  nbdctl_render)
+# `nbdctl cluster` rendering (tools/nbdctl/cluster_render.h): JSON keys, tables, silent nodes.
+nbdcsi_add_gtest(cluster_render_test ${CMAKE_CURRENT_LIST_DIR}/cluster_render_test.cpp
+                 nbdctl_render)

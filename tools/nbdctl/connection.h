@@ -41,13 +41,18 @@ void Print(const std::string& output, const nlohmann::json& j, const std::string
 
 // Who answers: the wording of the errors differs (the datapath's names its reasons in words, the
 // CSI client shows gRPC's code names, as CSI tools do).
-enum class Peer { kDatapath, kCsi };
+// nbd-csi-controller (`nbdctl cluster`) is worded as the CSI client is.
+enum class Peer { kDatapath, kCsi, kController };
 
 class Connection {
  public:
   // Parses `endpoint` (UsageError "<flag>: why" when it does not) and opens a channel that
   // connects on the first call. `timeout_s` bounds every call made with Ctx().
   Connection(Peer peer, const std::string& flag, const std::string& endpoint, double timeout_s);
+  // The same over `creds` (mutual TLS); `server_name`, when not empty, is the name the server's
+  // certificate must carry instead of the endpoint's host.
+  Connection(Peer peer, const std::string& flag, const std::string& endpoint, double timeout_s,
+             std::shared_ptr<grpc::ChannelCredentials> creds, const std::string& server_name);
 
   const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
   double timeout_s() const { return timeout_s_; }

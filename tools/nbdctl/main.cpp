@@ -8,6 +8,7 @@
 #include <CLI/CLI.hpp>
 
 #include "tools/nbdctl/backup_cmds.h"
+#include "tools/nbdctl/cluster_cmds.h"
 #include "tools/nbdctl/target_cmds.h"
 #include "tools/nbdctl/command_tree.h"
 #include "tools/nbdctl/connection.h"
@@ -46,6 +47,7 @@ int Run(int argc, char** argv) {
   BackupCommands backups(tree, global);
   TargetCommands targets(tree, global);
   LoggingCommands logging(tree, global);
+  ClusterCommands cluster(tree, global);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
