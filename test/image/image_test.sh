@@ -252,7 +252,9 @@ for k in want: print(f"ok: {k}={l[k]}")
     cdir=$(ccache -k cache_dir 2>/dev/null || true)
     [ -n "$cdir" ] && [ -d "$cdir" ] && cache=(-v "$cdir:/ccache")
     t0=$SECONDS
-    podman build --network=host --pull=never --build-arg BASE=$base --build-arg VERSION="$version" \
+    # chroot isolation for the RUN steps: they need no cgroups, and crun refuses a host whose
+    # cgroups are mounted in hybrid mode (v1 controllers beside cgroup2, as on this build machine).
+    podman build --isolation=chroot --network=host --pull=never --build-arg BASE=$base --build-arg VERSION="$version" \
       --build-arg REVISION="$revision" --build-arg SOURCE="$source" "${cache[@]}" \
       -t "localhost/nbd-csi-dockerfile:$version" -f "$src/Dockerfile" "$src" >"$out/podman-build.log" 2>&1 ||
       { tail -30 "$out/podman-build.log"; fail "podman build of the Dockerfile failed ($out/podman-build.log)"; }
