@@ -74,6 +74,24 @@ std::vector<StatusOr<T>> AskAll(Nodes& nodes, const std::vector<NodeInfo>& live,
   return out;
 }
 
+// each(node, item) for every item of every live node's answer. `nodes` lists every known node;
+// the live ones, in order, are the ones `answers` answers for. A failed answer is that node's
+// error.
+template <typename Node, typename T, typename Each>
+void EachAnswer(google::protobuf::RepeatedPtrField<Node>* nodes,
+                std::vector<StatusOr<std::vector<T>>>& answers, Each each) {
+  size_t li = 0;
+  for (auto& node : *nodes) {
+    if (!node.live()) continue;
+    auto& answer = answers[li++];
+    if (!answer.ok()) {
+      node.set_error(answer.status().message());
+      continue;
+    }
+    for (const auto& item : *answer) each(node, item);
+  }
+}
+
 }  // namespace
 
 ClusterView::ClusterView(NodeRegistry& registry, cluster::ClusterStore* store)
@@ -159,28 +177,18 @@ void ClusterView::ListVolumes(dpv1::ListClusterVolumesResponse* out, millisecond
       after = page->next;
     } while (!after.empty());
   }
-  // Answers of the live nodes, in the same order as `live` (a subsequence of out->nodes()).
-  size_t li = 0;
-  for (auto& a : *out->mutable_nodes()) {
-    if (!a.live()) continue;
-    auto& answer = answers[li++];
-    if (!answer.ok()) {
-      a.set_error(answer.status().message());
-      continue;
-    }
-    for (const auto& dv : *answer) {
-      auto* c = out->add_volumes();
-      c->set_node_id(a.node_id());
-      c->set_volume_id(VolumeIdOf(a.node_id(), dv.name()));
-      *c->mutable_volume() = dv;
-      ::csi::v1::VolumeCondition cond;
-      FillCondition(dv, &cond);
-      c->set_abnormal(cond.abnormal());
-      c->set_condition(cond.message());
-      if (auto it = copy_of.find({a.node_id(), dv.name()}); it != copy_of.end())
-        c->set_replica_of(it->second);
-    }
-  }
+  EachAnswer(out->mutable_nodes(), answers, [&](const auto& a, const dpv1::Volume& dv) {
+    auto* c = out->add_volumes();
+    c->set_node_id(a.node_id());
+    c->set_volume_id(VolumeIdOf(a.node_id(), dv.name()));
+    *c->mutable_volume() = dv;
+    ::csi::v1::VolumeCondition cond;
+    FillCondition(dv, &cond);
+    c->set_abnormal(cond.abnormal());
+    c->set_condition(cond.message());
+    if (auto it = copy_of.find({a.node_id(), dv.name()}); it != copy_of.end())
+      c->set_replica_of(it->second);
+  });
 }
 
 void ClusterView::ListSnapshots(dpv1::ListClusterSnapshotsResponse* out, milliseconds wait) {
@@ -189,24 +197,15 @@ void ClusterView::ListSnapshots(dpv1::ListClusterSnapshotsResponse* out, millise
       nodes_, live, [](NodeDatapath& d) { return d.ListSnapshots(""); }, wait);
   // Snapshots of a replicated volume's copy name the r1 volume as their source, as in CSI.
   const auto copies = replicated_.CopyIds();
-  size_t li = 0;
-  for (auto& a : *out->mutable_nodes()) {
-    if (!a.live()) continue;
-    auto& answer = answers[li++];
-    if (!answer.ok()) {
-      a.set_error(answer.status().message());
-      continue;
-    }
-    for (const auto& ds : *answer) {
-      auto* c = out->add_snapshots();
-      c->set_node_id(a.node_id());
-      c->set_snapshot_id(SnapshotIdOf(a.node_id(), ds.name()));
-      auto r1 = copies.find({a.node_id(), ds.source_volume()});
-      c->set_source_volume_id(r1 != copies.end() ? r1->second
-                                                 : VolumeIdOf(a.node_id(), ds.source_volume()));
-      *c->mutable_snapshot() = ds;
-    }
-  }
+  EachAnswer(out->mutable_nodes(), answers, [&](const auto& a, const dpv1::Snapshot& ds) {
+    auto* c = out->add_snapshots();
+    c->set_node_id(a.node_id());
+    c->set_snapshot_id(SnapshotIdOf(a.node_id(), ds.name()));
+    auto r1 = copies.find({a.node_id(), ds.source_volume()});
+    c->set_source_volume_id(r1 != copies.end() ? r1->second
+                                               : VolumeIdOf(a.node_id(), ds.source_volume()));
+    *c->mutable_snapshot() = ds;
+  });
 }
 
 namespace {

@@ -20,10 +20,10 @@ nbdcsi_add_test(NAME vm.csi_sanity_kernel
 # Replicated volumes through CSI (issue 16): etcd, the controller with --cluster-etcd, and three
 # datapaths with TLS; CreateVolume replicas=2 places the copies on two of them; staged on the third through its target under fio with verify while a
 # replica is killed -9 (condition degraded), unstaged (claim released), staged on a replica node
-# with every checksum intact (csi_replicated_run.sh makes the certificates). About 105 s in the VM
+# with every checksum intact (cluster_run.sh makes the certificates). About 105 s in the VM
 # on an idle host; the bound leaves room for a host under load. SERIAL: both cores.
 nbdcsi_add_test(NAME vm.csi_replicated
-  COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/csi_replicated_run.sh
+  COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/cluster_run.sh 480 ${CMAKE_CURRENT_LIST_DIR}/csi_replicated.sh
     $<TARGET_FILE:nbd-datapathd> $<TARGET_FILE:nbdctl> $<TARGET_FILE:nbdcsi-cluster-tool>
     $<TARGET_FILE:nbd-csi-node> $<TARGET_FILE:nbd-csi-controller>
   TIMEOUT 540 LABELS vm csi SERIAL)

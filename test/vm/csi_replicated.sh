@@ -1,6 +1,6 @@
 #!/bin/bash
 # The CSI node plugin on a replicated volume (issue 16, CSI id "r1:NAME"), INSIDE the VM
-# (csi_replicated_run.sh ships nbd-datapathd, nbd-csi-node, nbd-csi-controller, nbdctl,
+# (cluster_run.sh ships nbd-datapathd, nbd-csi-node, nbd-csi-controller, nbdctl,
 # nbdcsi-cluster-tool, etcd and the node certificates). Every CSI call goes over a real gRPC
 # socket, made by `nbdctl csi` as the provisioner and kubelet would make it. Loopback and the
 # guest's tmpfs only:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The kernel NBD device on a replicated volume's target (issue 16), INSIDE the VM
-# (target_attach_run.sh ships nbd-datapathd, nbdctl, nbdcsi-cluster-tool, etcd and the node
+# (cluster_run.sh ships nbd-datapathd, nbdctl, nbdcsi-cluster-tool, etcd and the node
 # certificates). Everything is on loopback and the guest's tmpfs:
 #
 #   - etcd on 127.0.0.1:2379; replicas node-a (127.0.0.11) and node-b (127.0.0.12), each
