@@ -90,7 +90,8 @@ grpc::Status Check(const char* rpc, ClusterAgent* agent, const std::string& volu
 
 class TargetService final : public v1::Targets::Service {
  public:
-  explicit TargetService(ClusterAgent* agent) : agent_(agent) {}
+  TargetService(ClusterAgent* agent, AttachmentManager* attachments)
+      : agent_(agent), attachments_(attachments) {}
 
   grpc::Status OpenTarget(grpc::ServerContext*, const v1::OpenTargetRequest* req,
                           v1::TargetResponse* resp) override {
@@ -103,7 +104,10 @@ class TargetService final : public v1::Targets::Service {
   grpc::Status CloseTarget(grpc::ServerContext*, const v1::CloseTargetRequest* req,
                            v1::CloseTargetResponse*) override {
     if (auto s = Check("CloseTarget", req->volume()); !s.ok()) return s;
-    if (Status s = agent_->CloseTarget(req->volume()); !s.ok()) return Fail("CloseTarget", s);
+    auto close = [&]() { return agent_->CloseTarget(req->volume()); };
+    Status s = attachments_ ? attachments_->CloseTargetUnlessAttached(req->volume(), close)
+                            : close();
+    if (!s.ok()) return Fail("CloseTarget", s);
     return grpc::Status::OK;
   }
   grpc::Status GetTarget(grpc::ServerContext*, const v1::GetTargetRequest* req,
@@ -146,6 +150,7 @@ class TargetService final : public v1::Targets::Service {
   }
 
   ClusterAgent* agent_;
+  AttachmentManager* attachments_;
 };
 
 class TargetFreezeService final : public v1::TargetFreeze::Service {
@@ -184,8 +189,9 @@ std::unique_ptr<grpc::Service> MakeTargetFreezeService(replica::ClusterAgent* ag
   return std::make_unique<TargetFreezeService>(agent);
 }
 
-std::unique_ptr<grpc::Service> MakeTargetService(replica::ClusterAgent* agent) {
-  return std::make_unique<TargetService>(agent);
+std::unique_ptr<grpc::Service> MakeTargetService(replica::ClusterAgent* agent,
+                                                 AttachmentManager* attachments) {
+  return std::make_unique<TargetService>(agent, attachments);
 }
 
 }  // namespace nbdcsi::datapath
