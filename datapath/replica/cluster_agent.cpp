@@ -12,7 +12,7 @@ namespace nbdcsi::replica {
 
 ClusterAgent::ClusterAgent(cluster::ClusterStore& store, ExportHost& host,
                            ClusterAgentOptions options)
-    : store_(store), host_(host), opts_(std::move(options)) {}
+    : store_(store), host_(host), opts_(std::move(options)), open_records_(opts_.state_dir) {}
 
 StatusOr<std::unique_ptr<ClusterAgent>> ClusterAgent::Start(cluster::ClusterStore& store,
                                                             ExportHost& host,
@@ -24,6 +24,8 @@ StatusOr<std::unique_ptr<ClusterAgent>> ClusterAgent::Start(cluster::ClusterStor
     spdlog::warn("cluster: node {} cannot join yet ({}); retrying in the background, local "
                  "volumes are served meanwhile",
                  agent->opts_.node_id, s.message());
+  } else {
+    agent->ReopenRecorded();
   }
   agent->join_thread_ = std::thread([raw] { raw->JoinLoop(); });
   if (agent->opts_.resync_interval.count() > 0)
@@ -155,6 +157,9 @@ StatusOr<TargetInfo> ClusterAgent::OpenTarget(const std::string& volume) {
     (*t)->Close();
     return Error(s.code(), "target {}: cannot serve it: {}", volume, s.message());
   }
+  if (Status r = open_records_.Add(volume); !r.ok())
+    spdlog::warn("target {}: cannot record it as open (it will not be reopened after a restart "
+                 "of this datapath): {}", volume, r.message());
   TargetInfo info = Info(**t);
   std::lock_guard<std::mutex> lock(mu_);
   // A lease lost while we opened: the new target must not serve either.
@@ -166,6 +171,7 @@ StatusOr<TargetInfo> ClusterAgent::OpenTarget(const std::string& volume) {
 Status ClusterAgent::CloseTarget(const std::string& volume) {
   std::lock_guard<std::mutex> ops(ops_mu_);
   std::shared_ptr<Target> t;
+  bool stopping = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = targets_.find(volume);
@@ -173,7 +179,12 @@ Status ClusterAgent::CloseTarget(const std::string& volume) {
       return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
     t = std::move(it->second);
     targets_.erase(it);
+    stopping = stopped_;
   }
+  // Closed by request: not to be reopened. The daemon stopping keeps it for its next start.
+  if (Status r = stopping ? Status::Ok() : open_records_.Remove(volume); !r.ok())
+    spdlog::warn("target {}: cannot forget it as open (the next start of this datapath will "
+                 "reopen it): {}", volume, r.message());
   Status removed = host_.RemoveBackendExport(volume);
   if (!removed.ok())
     spdlog::warn("target {}: removing its export: {}", volume, removed.message());
@@ -283,6 +294,36 @@ void ClusterAgent::ResyncReturned() {
       spdlog::warn("cluster: automatic resync of {} on {}: {} (retried every {} s)", volume, node,
                    r.status().message(), opts_.resync_interval.count() / 1000);
     }
+  }
+}
+
+void ClusterAgent::ReopenRecorded() {
+  auto recorded = open_records_.Load();
+  if (!recorded.ok()) {
+    spdlog::error("cluster: cannot read the targets open before this start: {}",
+                  recorded.status().message());
+    return;
+  }
+  for (const auto& volume : *recorded) {
+    // After a crash our claim from before may still live (until its lease runs out): end it
+    // first, so that the target claims again at a new epoch, as any restarted target must.
+    if (auto v = store_.GetVolume(volume); v.ok() && v->target == opts_.node_id) {
+      if (Status r = store_.ReleaseTarget(volume, opts_.node_id, v->epoch, /*clean=*/false);
+          !r.ok())
+        spdlog::warn("cluster: target {}: ending the claim from before this start (epoch {}): {}",
+                     volume, v->epoch, r.message());
+    }
+    auto t = OpenTarget(volume);
+    if (t.ok()) {
+      spdlog::info("cluster: target {} reopened (open before this start), epoch {}", volume,
+                   t->epoch);
+      continue;
+    }
+    const int code = t.status().code();
+    spdlog::warn("cluster: target {} was open before this start and cannot be reopened{}: {}",
+                 volume, code == ENOENT || code == EBUSY ? "; forgetting it" : " now",
+                 t.status().message());
+    if (code == ENOENT || code == EBUSY) (void)open_records_.Remove(volume);
   }
 }
 

@@ -29,6 +29,7 @@
 #include "common/etcd/etcd_client.h"
 #include "common/status.h"
 #include "datapath/engine/backend.h"
+#include "datapath/replica/open_targets.h"
 #include "datapath/replica/target.h"
 
 namespace nbdcsi::replica {
@@ -84,7 +85,9 @@ class ClusterAgent {
   ClusterAgent& operator=(const ClusterAgent&) = delete;
 
   // Opens the volume's target here and serves it as VOLUME@target; already open here: its
-  // state. Errors as Target::Open; ESTALE/ENOLINK when the node's lease is lost.
+  // state. Errors as Target::Open; ESTALE/ENOLINK when the node's lease is lost. The target is
+  // recorded in state_dir (open_targets.h) until CloseTarget is asked for it (Stop keeps the
+  // record): Start, once joined, reopens what was open before, at a new epoch.
   StatusOr<TargetInfo> OpenTarget(const std::string& volume);
   // Stops serving VOLUME@target (its connections end once their requests are answered), closes
   // the replica connections and releases the claim. ENOENT when it is not open here.
@@ -119,6 +122,11 @@ class ClusterAgent {
   // node is registered (alive) again is resynced, one at a time.
   void ResyncLoop();
   void ResyncReturned();
+  // At start, once joined: reopens the targets recorded in open_records_, claimed again at a
+  // new epoch (a claim of ours still alive from before the restart is released first, not
+  // clean). A volume gone (ENOENT) or claimed by another node (EBUSY) is forgotten; other
+  // failures are logged and kept for the next start.
+  void ReopenRecorded();
   static TargetInfo Info(Target& t);
 
   cluster::ClusterStore& store_;
@@ -135,6 +143,8 @@ class ClusterAgent {
   std::thread join_thread_;
   Status join_error_;  // the last failed join (under mu_)
   std::map<std::string, std::string> resync_failed_;  // "volume/node" -> last error logged
+  // The targets opened here by request, reopened after a restart (open_targets.h).
+  OpenTargets open_records_;
 };
 
 

@@ -32,6 +32,9 @@
 //   - The daemon path: `nbdctl target open` on node-t, fio (libnbd) random writes with crc32c
 //     verify on rv@target, node-b killed with SIGKILL in the middle: fio sees no error, the
 //     target reports itself degraded, and node-a's copy equals what the target served.
+//   - A target opened by `nbdctl target open` alone, its daemon killed with SIGKILL and started
+//     again: the target is reopened at the next epoch and serves what was written before; once
+//     closed by request, the next start leaves it closed.
 //
 // Exits 77 without etcd, nbdcopy or the daemons, unless CI=true.
 #include <gtest/gtest.h>
@@ -1095,6 +1098,49 @@ TEST_F(ReplicatedTarget, AReplicaThatComesBackIsResyncedAutomatically) {
       << "only the 4 MiB it missed should be copied: " << ReadFile(t.log());
   ASSERT_EQ(t.Nbdctl(fmt::format("target close {}", kVolume)), 0);
   EXPECT_TRUE(a_.Nbdcopy(1) == b_.Nbdcopy(1)) << "node-a and node-b differ after the resync";
+}
+
+// A target opened with `nbdctl target open` alone (no device, served to NBD clients) comes back
+// after its datapath is killed: claimed again at the next epoch (the old claim's lease may still
+// run: the same node takes it over) and served with what was written before. One closed by
+// request is forgotten: the next start claims nothing.
+TEST_F(ReplicatedTarget, AnOpenTargetIsReopenedAfterItsDatapathIsKilled) {
+  Node t{"node-t", "127.0.0.13", certs_};
+  t.Start(etcd_.endpoint());
+  std::string out;
+  ASSERT_EQ(t.Nbdctl(fmt::format("target open {} -o json", kVolume), &out), 0);
+  const uint64_t epoch = nlohmann::json::parse(out)["epoch"].get<uint64_t>();
+  const std::string written = t.dir() + "/written.raw";
+  {
+    std::mt19937_64 rng(7);
+    std::string data(4 << 20, '\0');
+    for (auto& c : data) c = static_cast<char>(rng());
+    std::ofstream(written, std::ios::binary) << data;
+  }
+  ASSERT_EQ(std::system(
+                fmt::format("timeout 60 nbdcopy {} '{}'", written, t.TargetUri()).c_str()),
+            0);
+  t.Kill9();
+  t.Start(etcd_.endpoint());
+  ASSERT_EQ(t.TryNbdctl(fmt::format("target inspect {} -o json", kVolume), &out), 0)
+      << out << ReadFile(t.log());
+  EXPECT_EQ(nlohmann::json::parse(out)["epoch"], epoch + 1);
+  auto v = store_->GetVolume(kVolume);
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(v->target, "node-t");
+  EXPECT_EQ(v->epoch, epoch + 1);
+  EXPECT_NE(ReadFile(t.log()).find("target rv reopened"), std::string::npos) << ReadFile(t.log());
+  const std::string served = t.dir() + "/served.raw";
+  ASSERT_TRUE(t.CopyTarget(served));
+  EXPECT_TRUE(ReadFile(served).substr(0, 4 << 20) == ReadFile(written))
+      << "what was written before the kill is not what the reopened target serves";
+
+  ASSERT_EQ(t.Nbdctl(fmt::format("target close {}", kVolume)), 0);
+  t.Kill9();
+  t.Start(etcd_.endpoint());
+  EXPECT_NE(t.TryNbdctl(fmt::format("target inspect {}", kVolume), &out), 0) << out;
+  EXPECT_TRUE(store_->GetVolume(kVolume)->target.empty());
+  EXPECT_EQ(store_->GetVolume(kVolume)->epoch, epoch + 1);
 }
 
 // Writes 4 KiB blocks through one NBD connection set and remembers, per block, the last
