@@ -28,8 +28,8 @@ StatusOr<std::unique_ptr<ClusterAgent>> ClusterAgent::Start(cluster::ClusterStor
     agent->ReopenRecorded();
   }
   agent->join_thread_ = std::thread([raw] { raw->JoinLoop(); });
-  if (agent->opts_.resync_interval.count() > 0)
-    agent->resync_thread_ = std::thread([raw] { raw->ResyncLoop(); });
+  // Always: it runs the resyncs asked for with StartResync too.
+  agent->resync_thread_ = std::thread([raw] { raw->ResyncLoop(); });
   return agent;
 }
 
@@ -180,6 +180,9 @@ Status ClusterAgent::CloseTarget(const std::string& volume) {
     t = std::move(it->second);
     targets_.erase(it);
     stopping = stopped_;
+    // Its resync outcomes go with it (a queued request then fails with ENOENT, unrecorded).
+    std::erase_if(resync_errors_,
+                  [&](const auto& e) { return e.first.rfind(volume + "/", 0) == 0; });
   }
   // Closed by request: not to be reopened. The daemon stopping keeps it for its next start.
   if (Status r = stopping ? Status::Ok() : open_records_.Remove(volume); !r.ok())
@@ -199,7 +202,62 @@ StatusOr<TargetInfo> ClusterAgent::GetTarget(const std::string& volume) {
   auto it = targets_.find(volume);
   if (it == targets_.end())
     return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
-  return Info(*it->second);
+  return InfoLocked(*it->second);
+}
+
+TargetInfo ClusterAgent::InfoLocked(Target& t) const {
+  TargetInfo i = Info(t);
+  const std::string prefix = i.volume + "/";
+  for (const auto& key : resync_pending_)
+    if (key.rfind(prefix, 0) == 0) i.resync_pending.insert(key.substr(prefix.size()));
+  for (const auto& [key, why] : resync_errors_)
+    if (key.rfind(prefix, 0) == 0) i.resync_errors[key.substr(prefix.size())] = why;
+  return i;
+}
+
+Status ClusterAgent::StartResync(const std::string& volume, const std::string& node,
+                                 uint64_t rate_bytes_per_second) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (stopped_) return Error(ESHUTDOWN, "cluster agent of node {} is stopping", opts_.node_id);
+  auto it = targets_.find(volume);
+  if (it == targets_.end())
+    return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
+  const std::string key = volume + "/" + node;
+  if (resync_pending_.count(key)) return Status::Ok();
+  bool known = false, out = false;
+  for (const auto& m : it->second->set()->health().members) {
+    if (m.node != node) continue;
+    known = true;
+    out = m.state == MemberState::kOut;
+  }
+  if (!known) return Error(ENOENT, "target {}: no replica on node {}", volume, node);
+  if (!out) return Error(EINVAL, "target {}: the replica on {} is not out of sync", volume, node);
+  resync_pending_.insert(key);
+  resync_errors_.erase(key);
+  resync_requests_.push_back({volume, node, rate_bytes_per_second});
+  resync_cv_.notify_all();
+  return Status::Ok();
+}
+
+void ClusterAgent::RunResyncRequest(const ResyncRequest& r) {
+  auto res = ResyncReplica(r.volume, r.node, r.rate);
+  // EINVAL: in sync already (an automatic round got there first): what was asked for.
+  if (!res.ok() && res.status().code() == EINVAL) res = ResyncReport{};
+  if (!res.ok())
+    spdlog::warn("cluster: resync of {} on {} (asked for) failed: {}", r.volume, r.node,
+                 res.status().message());
+  std::lock_guard<std::mutex> lock(mu_);
+  resync_pending_.erase(r.volume + "/" + r.node);
+  if (targets_.count(r.volume)) NoteResync(r.volume, r.node, res.status());
+}
+
+void ClusterAgent::NoteResync(const std::string& volume, const std::string& node,
+                              const Status& s) {
+  const std::string key = volume + "/" + node;
+  if (s.ok())
+    resync_errors_.erase(key);
+  else
+    resync_errors_[key] = s.message();
 }
 
 StatusOr<ResyncReport> ClusterAgent::ResyncReplica(const std::string& volume,
@@ -247,18 +305,34 @@ bool ClusterAgent::ThawTarget(const std::string& volume, uint64_t freeze_id) {
 std::vector<TargetInfo> ClusterAgent::ListTargets() {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<TargetInfo> out;
-  for (const auto& [name, t] : targets_) out.push_back(Info(*t));
+  for (const auto& [name, t] : targets_) out.push_back(InfoLocked(*t));
   return out;
 }
 
 void ClusterAgent::ResyncLoop() {
+  const bool automatic = opts_.resync_interval.count() > 0;
+  auto next = std::chrono::steady_clock::now() + opts_.resync_interval;
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopped_) {
-    resync_cv_.wait_for(lock, opts_.resync_interval, [&] { return stopped_; });
+    auto woken = [&] { return stopped_ || !resync_requests_.empty(); };
+    if (automatic)
+      resync_cv_.wait_until(lock, next, woken);
+    else
+      resync_cv_.wait(lock, woken);
     if (stopped_) return;
+    if (!resync_requests_.empty()) {
+      const ResyncRequest r = resync_requests_.front();
+      resync_requests_.pop_front();
+      lock.unlock();
+      RunResyncRequest(r);
+      lock.lock();
+      continue;
+    }
+    if (!automatic || std::chrono::steady_clock::now() < next) continue;
     lock.unlock();
     ResyncReturned();
     lock.lock();
+    next = std::chrono::steady_clock::now() + opts_.resync_interval;
   }
 }
 
@@ -281,9 +355,14 @@ void ClusterAgent::ResyncReturned() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (stopped_) return;
+      if (resync_pending_.count(volume + "/" + node)) continue;  // asked for: runs next
     }
     auto r = ResyncReplica(volume, node, opts_.resync_rate_bytes_per_second);
     const std::string key = volume + "/" + node;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      NoteResync(volume, node, r.status());
+    }
     if (r.ok()) {
       resync_failed_.erase(key);
       continue;

@@ -78,6 +78,7 @@ TEST(ClusterAgent, RefusalsLeaveNoClaimAndNoExport) {
   EXPECT_EQ(v->in_sync, (std::vector<std::string>{"node-a", "node-b"})) << "nobody dropped";
   EXPECT_TRUE(host.added.empty());
   EXPECT_EQ((*agent)->CloseTarget("rv").code(), ENOENT);
+  EXPECT_EQ((*agent)->StartResync("rv", "node-b", 0).code(), ENOENT);
   EXPECT_TRUE((*agent)->ListTargets().empty());
   // A snapshot's freeze needs the target here; a thaw of none is done already.
   EXPECT_EQ((*agent)->FreezeTarget("rv", 1s).status().code(), ENOENT);
