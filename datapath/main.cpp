@@ -141,7 +141,7 @@ Status StartNbd(const Config& c, NbdFrontend& frontend) {
 struct Api {
   Api(Pool& pool, AttachmentManager& attachments, replica::ClusterAgent* agent)
       : attach(MakeAttachmentService(attachments)),
-        target(MakeTargetService(agent)),
+        target(MakeTargetService(agent, &attachments)),
         freeze_local(MakeTargetFreezeService(agent)),
         freeze_remote(MakeTargetFreezeService(agent)),
         backup_jobs(pool),

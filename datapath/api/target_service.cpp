@@ -46,6 +46,9 @@ void Fill(const TargetInfo& t, const std::string& node, v1::Target* out) {
     r->set_healthy_connections(m.counters.connections_healthy);
     if (auto it = t.out_of_sync_bytes.find(m.node); it != t.out_of_sync_bytes.end())
       r->set_out_of_sync_bytes(it->second);
+    r->set_resync_pending(t.resync_pending.count(m.node) > 0);
+    if (auto it = t.resync_errors.find(m.node); it != t.resync_errors.end())
+      r->set_resync_error(it->second);
   }
   for (const auto& n : t.health.in_sync) out->add_in_sync(n);
   out->set_degraded(t.health.degraded);
@@ -90,7 +93,8 @@ grpc::Status Check(const char* rpc, ClusterAgent* agent, const std::string& volu
 
 class TargetService final : public v1::Targets::Service {
  public:
-  explicit TargetService(ClusterAgent* agent) : agent_(agent) {}
+  TargetService(ClusterAgent* agent, AttachmentManager* attachments)
+      : agent_(agent), attachments_(attachments) {}
 
   grpc::Status OpenTarget(grpc::ServerContext*, const v1::OpenTargetRequest* req,
                           v1::TargetResponse* resp) override {
@@ -103,7 +107,10 @@ class TargetService final : public v1::Targets::Service {
   grpc::Status CloseTarget(grpc::ServerContext*, const v1::CloseTargetRequest* req,
                            v1::CloseTargetResponse*) override {
     if (auto s = Check("CloseTarget", req->volume()); !s.ok()) return s;
-    if (Status s = agent_->CloseTarget(req->volume()); !s.ok()) return Fail("CloseTarget", s);
+    auto close = [&]() { return agent_->CloseTarget(req->volume()); };
+    Status s = attachments_ ? attachments_->CloseTargetUnlessAttached(req->volume(), close)
+                            : close();
+    if (!s.ok()) return Fail("CloseTarget", s);
     return grpc::Status::OK;
   }
   grpc::Status GetTarget(grpc::ServerContext*, const v1::GetTargetRequest* req,
@@ -118,6 +125,15 @@ class TargetService final : public v1::Targets::Service {
                              v1::ResyncReplicaResponse* resp) override {
     if (auto s = Check("ResyncReplica", req->volume()); !s.ok()) return s;
     if (Status s = ValidateNodeId(req->node()); !s.ok()) return Fail("ResyncReplica", s);
+    if (req->background()) {
+      Status s = agent_->StartResync(req->volume(), req->node(), req->rate_bytes_per_second());
+      if (!s.ok()) return Fail("ResyncReplica", s);
+      resp->set_node(req->node());
+      resp->set_started(true);
+      if (auto t = agent_->GetTarget(req->volume()); t.ok())
+        Fill(*t, agent_->node_id(), resp->mutable_target());
+      return grpc::Status::OK;
+    }
     auto r = agent_->ResyncReplica(req->volume(), req->node(), req->rate_bytes_per_second());
     if (!r.ok()) return Fail("ResyncReplica", r.status());
     resp->set_node(r->node);
@@ -146,6 +162,7 @@ class TargetService final : public v1::Targets::Service {
   }
 
   ClusterAgent* agent_;
+  AttachmentManager* attachments_;
 };
 
 class TargetFreezeService final : public v1::TargetFreeze::Service {
@@ -184,8 +201,9 @@ std::unique_ptr<grpc::Service> MakeTargetFreezeService(replica::ClusterAgent* ag
   return std::make_unique<TargetFreezeService>(agent);
 }
 
-std::unique_ptr<grpc::Service> MakeTargetService(replica::ClusterAgent* agent) {
-  return std::make_unique<TargetService>(agent);
+std::unique_ptr<grpc::Service> MakeTargetService(replica::ClusterAgent* agent,
+                                                 AttachmentManager* attachments) {
+  return std::make_unique<TargetService>(agent, attachments);
 }
 
 }  // namespace nbdcsi::datapath

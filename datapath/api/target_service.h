@@ -6,6 +6,7 @@
 
 #include <memory>
 
+#include "datapath/attach/attachments.h"
 #include "datapath/replica/cluster_agent.h"
 
 namespace nbdcsi::datapath {
@@ -13,7 +14,12 @@ namespace nbdcsi::datapath {
 // `agent` may be null (no --cluster-etcd): every call is then FAILED_PRECONDITION saying so.
 // It must outlive the service. Open and close block for the replica handshakes (bounded by
 // their timeouts).
-std::unique_ptr<grpc::Service> MakeTargetService(replica::ClusterAgent* agent);
+// `attachments` (may be null: no check) refuses CloseTarget while a device is attached to the
+// target (FAILED_PRECONDITION naming it; AttachmentManager::CloseTargetUnlessAttached). An NBD
+// client connected to VOLUME@target without an attachment (nbdsh, fio, qemu) is not tracked and
+// does not hold the close back: its connection ends, as when any NBD server goes away.
+std::unique_ptr<grpc::Service> MakeTargetService(replica::ClusterAgent* agent,
+                                                 AttachmentManager* attachments = nullptr);
 
 // The TargetFreeze service (snapshots of replicated volumes), for the unix and the TCP API alike:
 // a gRPC service object serves one server, so the daemon makes one per server. `agent` as above.

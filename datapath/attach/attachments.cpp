@@ -484,6 +484,23 @@ std::vector<AttachmentRecord> AttachmentManager::List() const {
   return out;
 }
 
+Status AttachmentManager::CloseTargetUnlessAttached(const std::string& volume,
+                                                    const std::function<Status()>& close) {
+  auto claim = busy_.TryAcquire(volume);
+  if (!claim) {
+    return Error(EALREADY, "an attach, detach or resize of volume {} is in progress; retry",
+                 volume);
+  }
+  if (auto r = Find(volume); r && r->target) {
+    return Error(EBUSY,
+                 "the target of volume {} is attached as {}: closing it would take the device's "
+                 "export away; detach it first (nbdctl detach {})",
+                 volume, r->index < 0 ? std::string("a device being attached") : r->device(),
+                 volume);
+  }
+  return close();
+}
+
 std::optional<AttachmentRecord> AttachmentManager::Get(const std::string& volume) const {
   auto r = Find(volume);
   if (!r) return std::nullopt;

@@ -31,6 +31,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -116,6 +117,13 @@ class AttachmentManager {
   // WatchLinkDead): serve fresh sockets and RECONFIGURE, unless the device is not ours or an
   // Attach/Detach of its volume is running (that call decides the device's fate).
   Status OnLinkDead(int index);
+
+  // Runs `close` (the cluster agent's CloseTarget of `volume`) unless a device is attached to
+  // the target VOLUME@target here: then EBUSY naming the device, and `close` is not called. The
+  // volume's attach/detach guard is held while `close` runs, so no attachment of the target can
+  // start meanwhile (EALREADY when one is in progress). An attachment of the pool volume of the
+  // same name (a local replica) does not count.
+  Status CloseTargetUnlessAttached(const std::string& volume, const std::function<Status()>& close);
 
   // With link_ok/link_error filled in.
   std::vector<AttachmentRecord> List() const;

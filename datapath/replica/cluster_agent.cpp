@@ -12,7 +12,7 @@ namespace nbdcsi::replica {
 
 ClusterAgent::ClusterAgent(cluster::ClusterStore& store, ExportHost& host,
                            ClusterAgentOptions options)
-    : store_(store), host_(host), opts_(std::move(options)) {}
+    : store_(store), host_(host), opts_(std::move(options)), open_records_(opts_.state_dir) {}
 
 StatusOr<std::unique_ptr<ClusterAgent>> ClusterAgent::Start(cluster::ClusterStore& store,
                                                             ExportHost& host,
@@ -24,10 +24,12 @@ StatusOr<std::unique_ptr<ClusterAgent>> ClusterAgent::Start(cluster::ClusterStor
     spdlog::warn("cluster: node {} cannot join yet ({}); retrying in the background, local "
                  "volumes are served meanwhile",
                  agent->opts_.node_id, s.message());
+  } else {
+    agent->ReopenRecorded();
   }
   agent->join_thread_ = std::thread([raw] { raw->JoinLoop(); });
-  if (agent->opts_.resync_interval.count() > 0)
-    agent->resync_thread_ = std::thread([raw] { raw->ResyncLoop(); });
+  // Always: it runs the resyncs asked for with StartResync too.
+  agent->resync_thread_ = std::thread([raw] { raw->ResyncLoop(); });
   return agent;
 }
 
@@ -155,6 +157,9 @@ StatusOr<TargetInfo> ClusterAgent::OpenTarget(const std::string& volume) {
     (*t)->Close();
     return Error(s.code(), "target {}: cannot serve it: {}", volume, s.message());
   }
+  if (Status r = open_records_.Add(volume); !r.ok())
+    spdlog::warn("target {}: cannot record it as open (it will not be reopened after a restart "
+                 "of this datapath): {}", volume, r.message());
   TargetInfo info = Info(**t);
   std::lock_guard<std::mutex> lock(mu_);
   // A lease lost while we opened: the new target must not serve either.
@@ -166,6 +171,7 @@ StatusOr<TargetInfo> ClusterAgent::OpenTarget(const std::string& volume) {
 Status ClusterAgent::CloseTarget(const std::string& volume) {
   std::lock_guard<std::mutex> ops(ops_mu_);
   std::shared_ptr<Target> t;
+  bool stopping = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = targets_.find(volume);
@@ -173,7 +179,15 @@ Status ClusterAgent::CloseTarget(const std::string& volume) {
       return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
     t = std::move(it->second);
     targets_.erase(it);
+    stopping = stopped_;
+    // Its resync outcomes go with it (a queued request then fails with ENOENT, unrecorded).
+    std::erase_if(resync_errors_,
+                  [&](const auto& e) { return e.first.rfind(volume + "/", 0) == 0; });
   }
+  // Closed by request: not to be reopened. The daemon stopping keeps it for its next start.
+  if (Status r = stopping ? Status::Ok() : open_records_.Remove(volume); !r.ok())
+    spdlog::warn("target {}: cannot forget it as open (the next start of this datapath will "
+                 "reopen it): {}", volume, r.message());
   Status removed = host_.RemoveBackendExport(volume);
   if (!removed.ok())
     spdlog::warn("target {}: removing its export: {}", volume, removed.message());
@@ -188,7 +202,62 @@ StatusOr<TargetInfo> ClusterAgent::GetTarget(const std::string& volume) {
   auto it = targets_.find(volume);
   if (it == targets_.end())
     return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
-  return Info(*it->second);
+  return InfoLocked(*it->second);
+}
+
+TargetInfo ClusterAgent::InfoLocked(Target& t) const {
+  TargetInfo i = Info(t);
+  const std::string prefix = i.volume + "/";
+  for (const auto& key : resync_pending_)
+    if (key.rfind(prefix, 0) == 0) i.resync_pending.insert(key.substr(prefix.size()));
+  for (const auto& [key, why] : resync_errors_)
+    if (key.rfind(prefix, 0) == 0) i.resync_errors[key.substr(prefix.size())] = why;
+  return i;
+}
+
+Status ClusterAgent::StartResync(const std::string& volume, const std::string& node,
+                                 uint64_t rate_bytes_per_second) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (stopped_) return Error(ESHUTDOWN, "cluster agent of node {} is stopping", opts_.node_id);
+  auto it = targets_.find(volume);
+  if (it == targets_.end())
+    return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
+  const std::string key = volume + "/" + node;
+  if (resync_pending_.count(key)) return Status::Ok();
+  bool known = false, out = false;
+  for (const auto& m : it->second->set()->health().members) {
+    if (m.node != node) continue;
+    known = true;
+    out = m.state == MemberState::kOut;
+  }
+  if (!known) return Error(ENOENT, "target {}: no replica on node {}", volume, node);
+  if (!out) return Error(EINVAL, "target {}: the replica on {} is not out of sync", volume, node);
+  resync_pending_.insert(key);
+  resync_errors_.erase(key);
+  resync_requests_.push_back({volume, node, rate_bytes_per_second});
+  resync_cv_.notify_all();
+  return Status::Ok();
+}
+
+void ClusterAgent::RunResyncRequest(const ResyncRequest& r) {
+  auto res = ResyncReplica(r.volume, r.node, r.rate);
+  // EINVAL: in sync already (an automatic round got there first): what was asked for.
+  if (!res.ok() && res.status().code() == EINVAL) res = ResyncReport{};
+  if (!res.ok())
+    spdlog::warn("cluster: resync of {} on {} (asked for) failed: {}", r.volume, r.node,
+                 res.status().message());
+  std::lock_guard<std::mutex> lock(mu_);
+  resync_pending_.erase(r.volume + "/" + r.node);
+  if (targets_.count(r.volume)) NoteResync(r.volume, r.node, res.status());
+}
+
+void ClusterAgent::NoteResync(const std::string& volume, const std::string& node,
+                              const Status& s) {
+  const std::string key = volume + "/" + node;
+  if (s.ok())
+    resync_errors_.erase(key);
+  else
+    resync_errors_[key] = s.message();
 }
 
 StatusOr<ResyncReport> ClusterAgent::ResyncReplica(const std::string& volume,
@@ -236,18 +305,34 @@ bool ClusterAgent::ThawTarget(const std::string& volume, uint64_t freeze_id) {
 std::vector<TargetInfo> ClusterAgent::ListTargets() {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<TargetInfo> out;
-  for (const auto& [name, t] : targets_) out.push_back(Info(*t));
+  for (const auto& [name, t] : targets_) out.push_back(InfoLocked(*t));
   return out;
 }
 
 void ClusterAgent::ResyncLoop() {
+  const bool automatic = opts_.resync_interval.count() > 0;
+  auto next = std::chrono::steady_clock::now() + opts_.resync_interval;
   std::unique_lock<std::mutex> lock(mu_);
   while (!stopped_) {
-    resync_cv_.wait_for(lock, opts_.resync_interval, [&] { return stopped_; });
+    auto woken = [&] { return stopped_ || !resync_requests_.empty(); };
+    if (automatic)
+      resync_cv_.wait_until(lock, next, woken);
+    else
+      resync_cv_.wait(lock, woken);
     if (stopped_) return;
+    if (!resync_requests_.empty()) {
+      const ResyncRequest r = resync_requests_.front();
+      resync_requests_.pop_front();
+      lock.unlock();
+      RunResyncRequest(r);
+      lock.lock();
+      continue;
+    }
+    if (!automatic || std::chrono::steady_clock::now() < next) continue;
     lock.unlock();
     ResyncReturned();
     lock.lock();
+    next = std::chrono::steady_clock::now() + opts_.resync_interval;
   }
 }
 
@@ -270,9 +355,14 @@ void ClusterAgent::ResyncReturned() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (stopped_) return;
+      if (resync_pending_.count(volume + "/" + node)) continue;  // asked for: runs next
     }
     auto r = ResyncReplica(volume, node, opts_.resync_rate_bytes_per_second);
     const std::string key = volume + "/" + node;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      NoteResync(volume, node, r.status());
+    }
     if (r.ok()) {
       resync_failed_.erase(key);
       continue;
@@ -283,6 +373,36 @@ void ClusterAgent::ResyncReturned() {
       spdlog::warn("cluster: automatic resync of {} on {}: {} (retried every {} s)", volume, node,
                    r.status().message(), opts_.resync_interval.count() / 1000);
     }
+  }
+}
+
+void ClusterAgent::ReopenRecorded() {
+  auto recorded = open_records_.Load();
+  if (!recorded.ok()) {
+    spdlog::error("cluster: cannot read the targets open before this start: {}",
+                  recorded.status().message());
+    return;
+  }
+  for (const auto& volume : *recorded) {
+    // After a crash our claim from before may still live (until its lease runs out): end it
+    // first, so that the target claims again at a new epoch, as any restarted target must.
+    if (auto v = store_.GetVolume(volume); v.ok() && v->target == opts_.node_id) {
+      if (Status r = store_.ReleaseTarget(volume, opts_.node_id, v->epoch, /*clean=*/false);
+          !r.ok())
+        spdlog::warn("cluster: target {}: ending the claim from before this start (epoch {}): {}",
+                     volume, v->epoch, r.message());
+    }
+    auto t = OpenTarget(volume);
+    if (t.ok()) {
+      spdlog::info("cluster: target {} reopened (open before this start), epoch {}", volume,
+                   t->epoch);
+      continue;
+    }
+    const int code = t.status().code();
+    spdlog::warn("cluster: target {} was open before this start and cannot be reopened{}: {}",
+                 volume, code == ENOENT || code == EBUSY ? "; forgetting it" : " now",
+                 t.status().message());
+    if (code == ENOENT || code == EBUSY) (void)open_records_.Remove(volume);
   }
 }
 

@@ -15,7 +15,9 @@
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <map>
+#include <set>
 #include <optional>
 #include <memory>
 #include <mutex>
@@ -29,6 +31,7 @@
 #include "common/etcd/etcd_client.h"
 #include "common/status.h"
 #include "datapath/engine/backend.h"
+#include "datapath/replica/open_targets.h"
 #include "datapath/replica/target.h"
 
 namespace nbdcsi::replica {
@@ -55,7 +58,8 @@ struct ClusterAgentOptions {
   // The targets' out-of-sync bitmaps (DIR/VOLUME/NODE.eEPOCH.bitmap); empty: none kept.
   std::string state_dir;
   // How often the targets here look for out-of-sync replicas whose node is alive again and
-  // resync them (0: only when asked, ResyncReplica), and at what rate (bytes/s, 0: unlimited).
+  // resync them (0: only when asked, ResyncReplica or StartResync), and at what rate (bytes/s,
+  // 0: unlimited).
   std::chrono::milliseconds resync_interval{10000};
   uint64_t resync_rate_bytes_per_second = 0;
 };
@@ -69,6 +73,10 @@ struct TargetInfo {
   std::vector<std::string> unreachable;  // replicas dropped at open
   std::map<std::string, uint64_t> out_of_sync_bytes;  // per out-of-sync replica, its bitmap
   std::optional<ResyncStatus> resync;                 // while a resync runs
+  // Replicas whose resync asked for with StartResync is queued or running.
+  std::set<std::string> resync_pending;
+  // Per replica, why its last resync (asked for or automatic) failed; cleared when one succeeds.
+  std::map<std::string, std::string> resync_errors;
 };
 
 class ClusterAgent {
@@ -84,7 +92,9 @@ class ClusterAgent {
   ClusterAgent& operator=(const ClusterAgent&) = delete;
 
   // Opens the volume's target here and serves it as VOLUME@target; already open here: its
-  // state. Errors as Target::Open; ESTALE/ENOLINK when the node's lease is lost.
+  // state. Errors as Target::Open; ESTALE/ENOLINK when the node's lease is lost. The target is
+  // recorded in state_dir (open_targets.h) until CloseTarget is asked for it (Stop keeps the
+  // record): Start, once joined, reopens what was open before, at a new epoch.
   StatusOr<TargetInfo> OpenTarget(const std::string& volume);
   // Stops serving VOLUME@target (its connections end once their requests are answered), closes
   // the replica connections and releases the claim. ENOENT when it is not open here.
@@ -94,6 +104,13 @@ class ClusterAgent {
   // the copy is done; opens and closes of other targets wait meanwhile.
   StatusOr<ResyncReport> ResyncReplica(const std::string& volume, const std::string& node,
                                        uint64_t rate_bytes_per_second);
+  // The same in the background, on the resync thread (after the automatic round running now,
+  // if any), and returns at once: ENOENT when no target of `volume` is open here or it has no
+  // replica on `node`, EINVAL when that replica is not out of sync, ESHUTDOWN when stopping.
+  // Asked again while queued or running: OK, the same job. Its progress and end show in
+  // GetTarget (resync, resync_pending, resync_errors, the replica's state).
+  Status StartResync(const std::string& volume, const std::string& node,
+                     uint64_t rate_bytes_per_second);
   std::vector<TargetInfo> ListTargets();
   // Target::FreezeForSnapshot / ThawSnapshot on the target of `volume` open here. Freeze: ENOENT
   // when none is open here. Thaw is idempotent: false when nothing was held (no target here, or
@@ -119,6 +136,19 @@ class ClusterAgent {
   // node is registered (alive) again is resynced, one at a time.
   void ResyncLoop();
   void ResyncReturned();
+  struct ResyncRequest {
+    std::string volume, node;
+    uint64_t rate = 0;
+  };
+  void RunResyncRequest(const ResyncRequest& r);
+  // The resync outcome for GetTarget/ListTargets (under mu_).
+  void NoteResync(const std::string& volume, const std::string& node, const Status& s);
+  TargetInfo InfoLocked(Target& t) const;  // Info with resync_pending/resync_errors (under mu_)
+  // At start, once joined: reopens the targets recorded in open_records_, claimed again at a
+  // new epoch (a claim of ours still alive from before the restart is released first, not
+  // clean). A volume gone (ENOENT) or claimed by another node (EBUSY) is forgotten; other
+  // failures are logged and kept for the next start.
+  void ReopenRecorded();
   static TargetInfo Info(Target& t);
 
   cluster::ClusterStore& store_;
@@ -135,6 +165,11 @@ class ClusterAgent {
   std::thread join_thread_;
   Status join_error_;  // the last failed join (under mu_)
   std::map<std::string, std::string> resync_failed_;  // "volume/node" -> last error logged
+  std::deque<ResyncRequest> resync_requests_;  // StartResync's, for the resync thread (mu_)
+  std::set<std::string> resync_pending_;              // "volume/node" queued or running (mu_)
+  std::map<std::string, std::string> resync_errors_;  // "volume/node" -> last failure (mu_)
+  // The targets opened here by request, reopened after a restart (open_targets.h).
+  OpenTargets open_records_;
 };
 
 

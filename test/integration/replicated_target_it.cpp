@@ -32,6 +32,10 @@
 //   - The daemon path: `nbdctl target open` on node-t, fio (libnbd) random writes with crc32c
 //     verify on rv@target, node-b killed with SIGKILL in the middle: fio sees no error, the
 //     target reports itself degraded, and node-a's copy equals what the target served.
+//   - `nbdctl target resync` without --wait: started in the background, followed by inspect.
+//   - A target opened by `nbdctl target open` alone, its daemon killed with SIGKILL and started
+//     again: the target is reopened at the next epoch and serves what was written before; once
+//     closed by request, the next start leaves it closed.
 //
 // Exits 77 without etcd, nbdcopy or the daemons, unless CI=true.
 #include <gtest/gtest.h>
@@ -1031,8 +1035,9 @@ TEST_F(ReplicatedTarget, AReturningReplicaCopiesOnlyWhatItMissed) {
     }
   });
   const int rc =
-      t.Nbdctl(fmt::format("target resync {} node-b --rate 8Mi -o json --timeout 120", kVolume),
-               &out);
+      t.Nbdctl(
+          fmt::format("target resync {} node-b --rate 8Mi --wait -o json --timeout 120", kVolume),
+          &out);
   resync_done = true;
   watcher.join();
   ASSERT_EQ(rc, 0);
@@ -1093,6 +1098,107 @@ TEST_F(ReplicatedTarget, AReplicaThatComesBackIsResyncedAutomatically) {
   EXPECT_NE(ReadFile(t.log()).find("resynced from node-a: 4194304 bytes copied"),
             std::string::npos)
       << "only the 4 MiB it missed should be copied: " << ReadFile(t.log());
+  ASSERT_EQ(t.Nbdctl(fmt::format("target close {}", kVolume)), 0);
+  EXPECT_TRUE(a_.Nbdcopy(1) == b_.Nbdcopy(1)) << "node-a and node-b differ after the resync";
+}
+
+// A target opened with `nbdctl target open` alone (no device, served to NBD clients) comes back
+// after its datapath is killed: claimed again at the next epoch (the old claim's lease may still
+// run: the same node takes it over) and served with what was written before. One closed by
+// request is forgotten: the next start claims nothing.
+TEST_F(ReplicatedTarget, AnOpenTargetIsReopenedAfterItsDatapathIsKilled) {
+  Node t{"node-t", "127.0.0.13", certs_};
+  t.Start(etcd_.endpoint());
+  std::string out;
+  ASSERT_EQ(t.Nbdctl(fmt::format("target open {} -o json", kVolume), &out), 0);
+  const uint64_t epoch = nlohmann::json::parse(out)["epoch"].get<uint64_t>();
+  const std::string written = t.dir() + "/written.raw";
+  {
+    std::mt19937_64 rng(7);
+    std::string data(4 << 20, '\0');
+    for (auto& c : data) c = static_cast<char>(rng());
+    std::ofstream(written, std::ios::binary) << data;
+  }
+  ASSERT_EQ(std::system(
+                fmt::format("timeout 60 nbdcopy {} '{}'", written, t.TargetUri()).c_str()),
+            0);
+  t.Kill9();
+  t.Start(etcd_.endpoint());
+  ASSERT_EQ(t.TryNbdctl(fmt::format("target inspect {} -o json", kVolume), &out), 0)
+      << out << ReadFile(t.log());
+  EXPECT_EQ(nlohmann::json::parse(out)["epoch"], epoch + 1);
+  auto v = store_->GetVolume(kVolume);
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(v->target, "node-t");
+  EXPECT_EQ(v->epoch, epoch + 1);
+  EXPECT_NE(ReadFile(t.log()).find("target rv reopened"), std::string::npos) << ReadFile(t.log());
+  const std::string served = t.dir() + "/served.raw";
+  ASSERT_TRUE(t.CopyTarget(served));
+  EXPECT_TRUE(ReadFile(served).substr(0, 4 << 20) == ReadFile(written))
+      << "what was written before the kill is not what the reopened target serves";
+
+  ASSERT_EQ(t.Nbdctl(fmt::format("target close {}", kVolume)), 0);
+  t.Kill9();
+  t.Start(etcd_.endpoint());
+  EXPECT_NE(t.TryNbdctl(fmt::format("target inspect {}", kVolume), &out), 0) << out;
+  EXPECT_TRUE(store_->GetVolume(kVolume)->target.empty());
+  EXPECT_EQ(store_->GetVolume(kVolume)->epoch, epoch + 1);
+}
+
+// `nbdctl target resync` without --wait starts the resync in the background and returns at once,
+// with the replica's resync_pending (or the resync running) in the target it prints; target
+// inspect follows it until the replica is in sync, with no error left; asked again for an
+// in-sync replica it is refused, naming why.
+TEST_F(ReplicatedTarget, ResyncStartsInTheBackgroundAndInspectFollowsIt) {
+  if (!Have("fio") || std::system("fio --enghelp 2>/dev/null | grep -qw nbd") != 0)
+    GTEST_SKIP() << "needs fio with its nbd engine";
+  Node t{"node-t", "127.0.0.13", certs_};
+  t.Start(etcd_.endpoint(), {"--replica-resync-interval", "0"});  // by nbdctl only, here
+  ASSERT_EQ(t.Nbdctl(fmt::format("target open {}", kVolume)), 0);
+  b_.Kill9();
+  nlohmann::json report;
+  ASSERT_EQ(Fio(t.dir(), "missed", t.TargetUri(), "0", "8M", false, &report), 0);
+  b_.Start(etcd_.endpoint());
+  std::string out;
+  // 8 MiB at 2 MiB/s: about 4 s of copying, which the command must not wait for.
+  const auto asked = std::chrono::steady_clock::now();
+  ASSERT_EQ(t.Nbdctl(fmt::format("target resync {} node-b --rate 2Mi -o json", kVolume), &out), 0);
+  const double took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - asked).count();
+  auto started = nlohmann::json::parse(out, nullptr, false);
+  ASSERT_FALSE(started.is_discarded()) << out;
+  EXPECT_EQ(started["started"], true) << out;
+  EXPECT_EQ(started["node"], "node-b") << out;
+  EXPECT_LT(took, 2.0) << "the command waited for the resync";
+  // What inspect says at once: queued or running (the copy itself may take only a moment).
+  ASSERT_EQ(started["target"]["replicas"][1]["node"], "node-b") << out;
+  EXPECT_TRUE(started["target"]["replicas"][1]["resync_pending"] == true ||
+              (!started["target"]["resync"].is_null() &&
+               started["target"]["resync"]["node"] == "node-b"))
+      << out;
+  bool seen_running = false;
+  ASSERT_TRUE(test::WaitUntil(
+      [&] {
+        if (t.TryNbdctl(fmt::format("target inspect {} -o json", kVolume), &out) != 0) return false;
+        auto j = nlohmann::json::parse(out, nullptr, false);
+        if (j.is_discarded()) return false;
+        if (!j["resync"].is_null() && j["resync"]["node"] == "node-b") seen_running = true;
+        return j["health"] == "ok";
+      },
+      60s, 100ms))
+      << out << ReadFile(t.log());
+  printf("FIGURE background resync of 8 MiB at 2 MiB/s: command %.2f s, in sync %.1f s after, "
+         "%s\n",
+         took, std::chrono::duration<double>(std::chrono::steady_clock::now() - asked).count(),
+         seen_running ? "progress seen in inspect" : "done before inspect saw it run");
+  auto state = nlohmann::json::parse(out);
+  EXPECT_EQ(state["replicas"][1]["node"], "node-b");
+  EXPECT_EQ(state["replicas"][1]["resync_pending"], false);
+  EXPECT_EQ(state["replicas"][1]["resync_error"], "");
+  EXPECT_EQ(store_->GetVolume(kVolume)->in_sync, (std::vector<std::string>{"node-a", "node-b"}));
+  // In sync now: refused at once, with the reason.
+  EXPECT_EQ(t.TryNbdctl(fmt::format("target resync {} node-b", kVolume), &out), 1 << 8) << out;
+  EXPECT_NE(out.find("not out of sync"), std::string::npos) << out;
   ASSERT_EQ(t.Nbdctl(fmt::format("target close {}", kVolume)), 0);
   EXPECT_TRUE(a_.Nbdcopy(1) == b_.Nbdcopy(1)) << "node-a and node-b differ after the resync";
 }

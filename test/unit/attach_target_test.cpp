@@ -109,6 +109,42 @@ TEST_F(AttachTargetTest, DetachRemovesTheDeviceAndLeavesTheTargetOpen) {
   EXPECT_TRUE(m->Detach("rv").ok());  // idempotent
 }
 
+// CloseTarget while a device is attached to the target would take its export away under it
+// (issue 16): refused, naming the device, without calling the agent; after the detach it runs.
+TEST_F(AttachTargetTest, CloseOfATargetWithADeviceIsRefusedUntilItIsDetached) {
+  auto m = NewManager();
+  ASSERT_TRUE(m->Attach("rv", 2, true).ok());
+  int closes = 0;
+  auto close = [&]() {
+    ++closes;
+    targets_.open.erase("rv");
+    return Status::Ok();
+  };
+  Status s = m->CloseTargetUnlessAttached("rv", close);
+  EXPECT_EQ(s.code(), EBUSY) << s.message();
+  EXPECT_NE(s.message().find("/dev/nbd0"), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find("nbdctl detach rv"), std::string::npos) << s.message();
+  EXPECT_EQ(closes, 0);
+  EXPECT_EQ(targets_.open.count("rv"), 1u);
+  EXPECT_EQ(m->List().size(), 1u) << "the attachment is untouched";
+  EXPECT_TRUE(kernel_.disconnects.empty());
+
+  // The pool volume of the same name (a local replica) attached does not hold the close back.
+  ASSERT_TRUE(m->Attach("vol-a").ok());
+  targets_.Open("vol-a", kTargetSize);
+  EXPECT_TRUE(m->CloseTargetUnlessAttached("vol-a", [&]() { return Status::Ok(); }).ok());
+
+  // What NodeUnstage does: detach, then close.
+  ASSERT_TRUE(m->Detach("rv").ok());
+  s = m->CloseTargetUnlessAttached("rv", close);
+  EXPECT_TRUE(s.ok()) << s.message();
+  EXPECT_EQ(closes, 1);
+  EXPECT_EQ(targets_.open.count("rv"), 0u);
+  // The agent's own refusal comes back as it is.
+  s = m->CloseTargetUnlessAttached("rv", [] { return Error(ENOENT, "no target of rv here"); });
+  EXPECT_EQ(s.code(), ENOENT);
+}
+
 TEST_F(AttachTargetTest, ATargetThatIsNotOpenHereIsNotFoundAndLeavesNothing) {
   auto m = NewManager();
   auto r = m->Attach("other", 2, true);

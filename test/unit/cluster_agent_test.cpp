@@ -9,7 +9,9 @@
 #include <vector>
 
 #include "datapath/replica/cluster_agent.h"
+#include "common/fs_util.h"
 #include "test/support/memory_cluster_store.h"
+#include "test/support/temp_dir.h"
 #include "test/support/wait.h"
 
 namespace nbdcsi::replica {
@@ -76,6 +78,7 @@ TEST(ClusterAgent, RefusalsLeaveNoClaimAndNoExport) {
   EXPECT_EQ(v->in_sync, (std::vector<std::string>{"node-a", "node-b"})) << "nobody dropped";
   EXPECT_TRUE(host.added.empty());
   EXPECT_EQ((*agent)->CloseTarget("rv").code(), ENOENT);
+  EXPECT_EQ((*agent)->StartResync("rv", "node-b", 0).code(), ENOENT);
   EXPECT_TRUE((*agent)->ListTargets().empty());
   // A snapshot's freeze needs the target here; a thaw of none is done already.
   EXPECT_EQ((*agent)->FreezeTarget("rv", 1s).status().code(), ENOENT);
@@ -85,6 +88,49 @@ TEST(ClusterAgent, RefusalsLeaveNoClaimAndNoExport) {
   auto theirs = store.ClaimTarget("rv", "node-u", *other);
   ASSERT_TRUE(theirs.ok());
   EXPECT_EQ((*agent)->OpenTarget("rv").status().code(), EBUSY);
+}
+
+// The targets open before a restart (state_dir/.open-targets) are reopened at start: a volume
+// that is gone is forgotten, one that cannot be served now (no replica reachable) is kept for the
+// next start; a failed open records nothing.
+TEST(ClusterAgent, TargetsRecordedOpenAreReopenedAtStartOrForgottenWhenGone) {
+  test::TempDir dir("cluster_agent_test");
+  ASSERT_TRUE(dir.ok()) << dir.error();
+  test::MemoryClusterStore store;
+  RecordingHost host;
+  auto other = store.GrantLease(30);
+  ASSERT_TRUE(store.RegisterNode("node-a", *other, "tcp://127.0.0.1:1").ok());
+  ASSERT_TRUE(store.CreateVolume({"rv", 1 << 20, {"node-a"}, {"node-a"}, "", 0}).ok());
+  ASSERT_TRUE(WriteFileAtomic(dir.path(), OpenTargets::kFileName, "gone\nrv\n").ok());
+  auto o = Opts();
+  o.state_dir = dir.path();
+  auto agent = ClusterAgent::Start(store, host, o);
+  ASSERT_TRUE(agent.ok());
+  EXPECT_TRUE((*agent)->ListTargets().empty()) << "node-a is unreachable: nothing opened";
+  EXPECT_EQ(ReadSmallFile(dir.path() + "/" + OpenTargets::kFileName).value(), "rv\n");
+  EXPECT_TRUE(store.GetVolume("rv")->target.empty()) << "the failed reopen released its claim";
+  // A failed open by request records nothing.
+  ASSERT_TRUE(store.CreateVolume({"rv2", 1 << 20, {"node-a"}, {"node-a"}, "", 0}).ok());
+  EXPECT_FALSE((*agent)->OpenTarget("rv2").ok());
+  EXPECT_EQ(ReadSmallFile(dir.path() + "/" + OpenTargets::kFileName).value(), "rv\n");
+  (*agent)->Stop();
+}
+
+TEST(OpenTargets, AddAndRemoveAreKeptInTheFile) {
+  test::TempDir dir("open_targets_test");
+  ASSERT_TRUE(dir.ok()) << dir.error();
+  OpenTargets f(dir.path() + "/targets");
+  EXPECT_TRUE(f.Load().value().empty());
+  ASSERT_TRUE(f.Add("b").ok());
+  ASSERT_TRUE(f.Add("a").ok());
+  ASSERT_TRUE(f.Add("a").ok());
+  EXPECT_EQ(OpenTargets(dir.path() + "/targets").Load().value(), (std::set<std::string>{"a", "b"}));
+  ASSERT_TRUE(f.Remove("b").ok());
+  ASSERT_TRUE(f.Remove("nope").ok());
+  EXPECT_EQ(OpenTargets(dir.path() + "/targets").Load().value(), std::set<std::string>{"a"});
+  OpenTargets none("");
+  EXPECT_TRUE(none.Add("a").ok());
+  EXPECT_TRUE(none.Load().value().empty());
 }
 
 TEST(ClusterAgent, ALostLeaseIsReplacedByANewOne) {

@@ -55,6 +55,25 @@ TEST(TargetRender, JsonKeysAreStable) {
   EXPECT_EQ(j["replicas"][0]["healthy_connections"], 2);
 }
 
+TEST(TargetRender, ABackgroundResyncQueuedOrFailedShowsPerReplica) {
+  tv1::Target t = Degraded();
+  t.mutable_replicas(1)->set_resync_pending(true);
+  auto j = TargetJson(t);
+  EXPECT_EQ(j["replicas"][1]["resync_pending"], true);
+  EXPECT_EQ(j["replicas"][1]["resync_error"], "");
+  EXPECT_EQ(j["replicas"][0]["resync_pending"], false);
+  EXPECT_NE(TargetDetails(t).find("resync of node-b: queued"), std::string::npos)
+      << TargetDetails(t);
+  t.mutable_replicas(1)->set_resync_pending(false);
+  t.mutable_replicas(1)->set_resync_error("connect node-b: connection refused");
+  EXPECT_EQ(TargetJson(t)["replicas"][1]["resync_error"], "connect node-b: connection refused");
+  const std::string d = TargetDetails(t);
+  EXPECT_NE(d.find("last resync of node-b failed: connect node-b: connection refused"),
+            std::string::npos)
+      << d;
+  EXPECT_EQ(d.find("queued"), std::string::npos) << d;
+}
+
 TEST(TargetRender, ReconcileProgress) {
   tv1::Target t = Degraded();
   EXPECT_TRUE(TargetJson(t)["reconcile"].is_null());

@@ -1,9 +1,17 @@
 #include "tools/nbdctl/target_cmds.h"
 
 #include <fmt/format.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <iostream>
+#include <mutex>
+#include <thread>
 
 #include "common/quantity.h"
 #include "datapath/api/target.grpc.pb.h"
+#include "tools/nbdctl/progress.h"
 #include "tools/nbdctl/target_render.h"
 
 namespace nbdcsi::nbdctl {
@@ -15,6 +23,7 @@ struct TargetCommands::Impl {
 
   const GlobalOptions& global;
   std::string volume, node, rate;
+  bool wait = false;
   std::unique_ptr<Connection> conn;
   std::unique_ptr<tv1::Targets::Stub> stub;
 
@@ -70,11 +79,31 @@ struct TargetCommands::Impl {
                                                           : r.status().message())};
       req.set_rate_bytes_per_second(*r);
     }
+    req.set_background(!wait);
     Connect();
     tv1::ResyncReplicaResponse resp;
-    if (int rc = conn->Call(*stub, &tv1::Targets::Stub::ResyncReplica, req, &resp,
-                            fmt::format("resync {} of \"{}\"", node, volume)))
+    const std::string what = fmt::format("resync {} of \"{}\"", node, volume);
+    if (wait) {
+      // The call returns when the copy is done; meanwhile its progress from GetTarget.
+      ResyncProgress progress(*this);
+      const int rc = conn->Call(*stub, &tv1::Targets::Stub::ResyncReplica, req, &resp, what);
+      progress.Stop(rc == kExitOk);
+      if (rc != kExitOk) return rc;
+    } else if (int rc = conn->Call(*stub, &tv1::Targets::Stub::ResyncReplica, req, &resp, what)) {
       return rc;
+    }
+    if (resp.started()) {
+      Print(global.output,
+            {{"volume", volume},
+             {"node", resp.node()},
+             {"started", true},
+             {"target", TargetJson(resp.target())}},
+            fmt::format("resync of the replica on {} of \"{}\" runs in the background; follow "
+                        "it with nbdctl target inspect {} (or resync --wait)\n",
+                        resp.node(), volume, volume));
+      return kExitOk;
+    }
+    // --wait, or a daemon from before background resyncs, which always waits.
     json j = {{"node", resp.node()},
               {"full", resp.full()},
               {"passes", resp.passes()},
@@ -93,6 +122,70 @@ struct TargetCommands::Impl {
                       resp.took_ms(), resp.frozen_ms()));
     return kExitOk;
   }
+
+  // `target resync --wait`: the resync's progress (target inspect's line) on stderr while the
+  // call waits, polled from GetTarget on a thread of its own: on a terminal one line rewritten
+  // every 250 ms, otherwise a line every 5 s; nothing with -o json (as progress.h).
+  class ResyncProgress {
+   public:
+    explicit ResyncProgress(Impl& impl)
+        : mode_(ProgressSink::ModeFor(impl.global.output, STDERR_FILENO)) {
+      if (mode_ == ProgressSink::Mode::kOff) return;
+      thread_ = std::thread([this, &impl, channel = impl.conn->channel()] {
+        auto stub = tv1::Targets::NewStub(channel);
+        auto last = std::chrono::steady_clock::now();
+        std::unique_lock<std::mutex> lock(mu_);
+        while (!cv_.wait_for(lock, std::chrono::milliseconds(250), [&] { return done_; })) {
+          lock.unlock();
+          tv1::GetTargetRequest req;
+          req.set_volume(impl.volume);
+          tv1::TargetResponse resp;
+          grpc::ClientContext ctx;
+          ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+          std::string line;
+          if (stub->GetTarget(&ctx, req, &resp).ok() && resp.target().has_resync() &&
+              resp.target().resync().node() == impl.node) {
+            const auto& r = resp.target().resync();
+            const std::string eta =
+                r.eta_seconds() < 0 ? "" : fmt::format(", ETA {} s", r.eta_seconds());
+            line = fmt::format("resync {} of {}: pass {}, {:.0f}% ({} of {}){}, {} copied",
+                               impl.node, impl.volume, r.pass(), r.percent(),
+                               FormatHuman(r.pass_done_bytes()), FormatHuman(r.pass_total_bytes()),
+                               eta, FormatHuman(r.copied_bytes()));
+          }
+          const auto now = std::chrono::steady_clock::now();
+          if (!line.empty() && mode_ == ProgressSink::Mode::kTerminal) {
+            std::cerr << "\r" << line << "\x1b[K" << std::flush;
+            open_ = true;
+          } else if (!line.empty() && now - last >= ProgressSink::kPlainEvery) {
+            std::cerr << line << "\n" << std::flush;
+            last = now;
+          }
+          lock.lock();
+        }
+      });
+    }
+    // The call returned: no more lines; a rewritten one is ended.
+    void Stop(bool) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        done_ = true;
+      }
+      cv_.notify_all();
+      if (thread_.joinable()) thread_.join();
+      if (open_) std::cerr << "\n";
+    }
+    ~ResyncProgress() { Stop(false); }
+
+   private:
+    ProgressSink::Mode mode_;
+    std::mutex mu_;
+    std::condition_variable cv_;
+    bool done_ = false;  // under mu_
+    bool open_ = false;  // the progress thread's until joined
+    std::thread thread_;
+  };
+
   int List() {
     Connect();
     tv1::ListTargetsResponse resp;
@@ -123,12 +216,16 @@ struct TargetCommands::Impl {
                  Positional("VOLUME", &volume, "Replicated volume"), &Impl::Inspect));
     tree.Add(Cmd({"target", "resync"},
                  "Bring an out-of-sync replica back: copy what it missed while the volume stays "
-                 "in use, then record it in sync (waits until done; raise --timeout for big "
-                 "volumes)",
+                 "in use, then record it in sync. Starts it in the background (target inspect "
+                 "shows its progress); --wait: until done, with progress (raise --timeout for "
+                 "big volumes)",
                  Positional("VOLUME", &volume, "Replicated volume",
                             [this](CLI::App& c) {
                               c.add_option("NODE", node, "The replica's node")->required();
                               c.add_option("--rate", rate, "Copy limit in bytes/s (50Mi)");
+                              c.add_flag("--wait", wait,
+                                         "Wait until the replica is in sync, with progress on "
+                                         "stderr, and print the resync's report");
                             }),
                  &Impl::Resync));
     tree.Add(Cmd({"target", "list"}, "List the targets open on this datapath",

@@ -24,7 +24,9 @@ json TargetJson(const tv1::Target& t) {
                         {"bytes_written", r.bytes_written()},
                         {"bytes_read", r.bytes_read()},
                         {"healthy_connections", r.healthy_connections()},
-                        {"out_of_sync_bytes", r.out_of_sync_bytes()}});
+                        {"out_of_sync_bytes", r.out_of_sync_bytes()},
+                        {"resync_pending", r.resync_pending()},
+                        {"resync_error", r.resync_error()}});
   }
   json in_sync = json::array();
   for (const auto& n : t.in_sync()) in_sync.push_back(n);
@@ -103,6 +105,12 @@ std::string TargetDetails(const tv1::Target& t) {
                        r.state(), r.requests(), r.errors(), FormatHuman(r.bytes_written()),
                        FormatHuman(r.bytes_read()), r.healthy_connections(),
                        r.state() == "in-sync" ? "-" : FormatHuman(r.out_of_sync_bytes()), r.why());
+  }
+  for (const auto& r : t.replicas()) {
+    if (r.resync_pending() && !(t.has_resync() && t.resync().node() == r.node()))
+      out += fmt::format("resync of {}: queued\n", r.node());
+    if (!r.resync_error().empty())
+      out += fmt::format("last resync of {} failed: {}\n", r.node(), r.resync_error());
   }
   return out;
 }
