@@ -240,6 +240,43 @@ void ReplicatedVolumes::Fill(const cluster::VolumeState& v, v1::Volume* out,
                         : fmt::format("{}", fmt::join(problems, "; ")));
 }
 
+StatusOr<uint64_t> ReplicatedVolumes::Expand(const std::string& id, uint64_t size_bytes) {
+  auto v = Get(id);
+  if (!v.ok()) return v.status();
+  // The entry grows last, so an entry at the size means every copy got there before.
+  if (v->size_bytes >= size_bytes) return v->size_bytes;
+  // Every copy must grow: one left small would refuse the target's writes past its end.
+  for (const auto& node : v->replicas) {
+    if (!nodes_.Get(node)) {
+      return Err(EAGAIN, "volume {}: replica node {} is not registered; every copy must grow, "
+                 "retry once it is back", id, node);
+    }
+  }
+  for (const auto& node : v->replicas) {
+    auto copy = nodes_.GetVolume(node, v->name);
+    if (copy.ok() && copy->size_bytes() < size_bytes) {
+      copy = nodes_.On(node, [&](NodeDatapath& d) { return d.ResizeVolume(v->name, size_bytes); });
+    }
+    if (!copy.ok()) {
+      // A copy missing from its pool is not "no such volume" for the caller.
+      const int code = copy.status().code() == ENOENT ? EIO : copy.status().code();
+      return Status(code, fmt::format("volume {}: growing its copy on replica node {} to {} "
+                                      "bytes: {}", id, node, size_bytes,
+                                      copy.status().message()));
+    }
+  }
+  auto grown = store_->GrowVolume(v->name, size_bytes);
+  if (!grown.ok()) {
+    return Status(grown.status().code(), fmt::format("volume {}: every copy grew to {} bytes, "
+                                                     "recording it in the cluster state: {}",
+                                                     id, size_bytes, grown.status().message()));
+  }
+  spdlog::info("[{}] replicated volume {} grew from {} to {} bytes on nodes {}",
+               csi::CurrentRequestId(), id, v->size_bytes, grown->size_bytes,
+               fmt::join(v->replicas, ","));
+  return grown->size_bytes;
+}
+
 Status ReplicatedVolumes::SetQos(const std::string& id, const dpv1::QosPatch& patch) {
   auto v = Get(id);
   if (!v.ok()) return v.status();

@@ -31,8 +31,15 @@
 // otherwise it is deleted again and the call fails with UNAVAILABLE (the sidecar retries).
 // Idempotency asks the volume's replica nodes only (those registered), not every node.
 //
+// Expand (ControllerExpandVolume): every replica's copy grows first (its node's ResizeVolume; a
+// copy already at the size is left alone), then the catalogue entry records the size
+// (ClusterStore::GrowVolume). All replica nodes must be registered and answer, else UNAVAILABLE
+// with the entry unchanged; a crash or failure in between leaves some copies bigger than the
+// entry, which nothing reads past (the target serves the entry's size), and the retry finishes.
+// A served volume's target learns the size on its node (NodeExpandVolume: RefreshTarget).
+//
 // Not yet for replicated volumes (INVALID_ARGUMENT, saying so): content sources (restore, clone)
-// into a replicated volume, clones from one, expansion.
+// into a replicated volume, clones from one.
 #pragma once
 
 #include <chrono>
@@ -74,6 +81,9 @@ class ReplicatedVolumes {
   // The CSI volume (no topology: any node may stage it) and its condition.
   void Fill(const cluster::VolumeState& v, ::csi::v1::Volume* out,
             ::csi::v1::VolumeCondition* cond);
+  // Grows every replica's copy, then the entry, to at least `size_bytes`; never shrinks. Returns
+  // the volume's size after.
+  StatusOr<uint64_t> Expand(const std::string& id, uint64_t size_bytes);
   // The QoS patch on every replica's copy (each applies it to the writes it receives).
   Status SetQos(const std::string& id, const dpv1::QosPatch& patch);
   // Every replicated volume, for ListVolumes: (id, entry) pairs, and the (node, pool name) of

@@ -75,8 +75,17 @@ Status ControllerImpl::ExpandVolume(const v1::ControllerExpandVolumeRequest& req
   }
   if (csi::IsReplicatedVolumeId(req.volume_id())) {
     if (auto v = replicated_.Get(req.volume_id()); !v.ok()) return v.status();
-    return Err(EINVAL, "volume {} is replicated: expanding replicated volumes is not supported yet",
-               req.volume_id());
+    if (req.capacity_range().required_bytes() <= 0) {
+      return Err(EINVAL, "capacity_range.required_bytes must be positive");
+    }
+    auto size = VolumeSizeFor(&req.capacity_range(), 0, 0);
+    if (!size.ok()) return CallError(size.status().code(), size.status().message());
+    auto now = replicated_.Expand(req.volume_id(), *size);
+    if (!now.ok()) return now.status();
+    resp->set_capacity_bytes(static_cast<int64_t>(*now));
+    // The target's node learns the size there (NodeExpandVolume), staged as block or mount.
+    resp->set_node_expansion_required(true);
+    return Status::Ok();
   }
   auto ref = NamedVolume(req.volume_id());
   if (!ref.ok()) return ref.status();

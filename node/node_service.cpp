@@ -603,20 +603,11 @@ class NodeService final : public v1::Node::Service {
     // A volume that does not exist is NOT_FOUND whatever the path says (CSI 1.10's table;
     // csi-sanity asks with "some/path").
     if (!volume.ok() && volume.status().code() == ENOENT) return volume.status();
-    if (resolved->replicated) {
-      // The target cannot grow its replicas yet (ResizeAttachment answers UNIMPLEMENTED for a
-      // target's device). OUT_OF_RANGE is the table's "capacity range not allowed by the
-      // plugin": any size but the current one is, for this volume, and the user can recover by
-      // asking for the old size again. UNIMPLEMENTED would claim the RPC itself is missing,
-      // and FAILED_PRECONDITION is for a file system that cannot grow while in use.
-      return Error(ERANGE,
-                   "volume {} is replicated: expanding replicated volumes is not supported yet "
-                   "(it keeps its size)",
-                   req.volume_id());
-    }
+    // A replicated volume's device is its target's: ResizeAttachment grows the target to the
+    // size the controller recorded (datapath TargetAccess::GrowTarget), then the device.
     if (Status s = CheckPath("volume_path", req.volume_path()); !s.ok()) {
       // Only on this error path: is the volume there at all (its id alone says nothing)?
-      if (s.code() == EINVAL) {
+      if (s.code() == EINVAL && !resolved->replicated) {
         if (auto v = dp_.GetVolume(*volume); !v.ok() && v.status().code() == ENOENT) {
           return v.status();
         }

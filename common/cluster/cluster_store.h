@@ -65,6 +65,11 @@ class ClusterStore {
   // unnoticed (both compare the volume's revision). ENOENT when there is no such volume.
   virtual StatusOr<VolumeState> SetReplicas(const std::string& name,
                                             std::vector<std::string> replicas) = 0;
+  // Raises size_bytes to `size_bytes` (expansion; the controller's call, after every replica's
+  // copy grew). Never shrinks: a smaller or equal size returns the stored state unchanged.
+  // Compares the volume's revision like SetReplicas. ENOENT when there is no such volume, EINVAL
+  // for 0.
+  virtual StatusOr<VolumeState> GrowVolume(const std::string& name, uint64_t size_bytes) = 0;
   // EBUSY while a live claim exists; ENOENT when there is no such volume.
   virtual Status DeleteVolume(const std::string& name) = 0;
 

@@ -225,6 +225,22 @@ StatusOr<VolumeState> EtcdClusterStore::SetReplicas(const std::string& name,
   });
 }
 
+StatusOr<VolumeState> EtcdClusterStore::GrowVolume(const std::string& name,
+                                                   uint64_t size_bytes) {
+  const std::string what = fmt::format("grow volume {} to {} bytes", name, size_bytes);
+  if (size_bytes == 0) return Error(EINVAL, "{}: the size must be positive", what);
+  return Modify(name, what, [&](const Snapshot& snap) -> Decision {
+    if (snap.stored.size_bytes >= size_bytes) return NoWrite();  // never shrinks
+    VolumeState next = snap.stored;
+    next.size_bytes = size_bytes;
+    Write w;
+    *w.txn.add_compare() = etcd::ModRevisionIs(keys_.Volume(name), snap.volume_kv->mod_revision);
+    *w.txn.add_success() = etcd::PutOp(keys_.Volume(name), EncodeVolumeState(next));
+    w.result = WithLiveTarget(next, snap.claim);
+    return Commit(std::move(w));
+  });
+}
+
 Status EtcdClusterStore::DeleteVolume(const std::string& name) {
   const std::string what = fmt::format("delete volume {}", name);
   return Modify(name, what,

@@ -10,6 +10,7 @@
 //   SetInSync      volumes/<v> mod == read, targets/<v> mod == read (holder and epoch checked)
 //                                                             -> put volumes/<v>
 //   SetReplicas    volumes/<v> mod == read                    -> put volumes/<v>
+//   GrowVolume     volumes/<v> mod == read                    -> put volumes/<v>
 //   DeleteVolume   volumes/<v> mod == read, targets/<v> absent  -> delete volumes/<v>
 //
 // Reads of a volume take both keys in one Txn, so they see one revision. A compare that fails
@@ -47,6 +48,7 @@ class EtcdClusterStore : public ClusterStore {
   StatusOr<VolumePage> ListVolumes(const std::string& start_after, int64_t limit) override;
   StatusOr<VolumeState> SetReplicas(const std::string& name,
                                     std::vector<std::string> replicas) override;
+  StatusOr<VolumeState> GrowVolume(const std::string& name, uint64_t size_bytes) override;
   Status DeleteVolume(const std::string& name) override;
 
   StatusOr<VolumeState> ClaimTarget(const std::string& name, const std::string& node,

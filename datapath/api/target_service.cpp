@@ -149,6 +149,16 @@ class TargetService final : public v1::Targets::Service {
       Fill(*t, agent_->node_id(), resp->mutable_target());
     return grpc::Status::OK;
   }
+  grpc::Status GrowTarget(grpc::ServerContext*, const v1::GrowTargetRequest* req,
+                          v1::TargetResponse* resp) override {
+    if (auto s = Check("GrowTarget", req->volume()); !s.ok()) return s;
+    auto g = agent_->GrowTarget(req->volume());
+    if (!g.ok()) return Fail("GrowTarget", g.status());
+    auto t = agent_->GetTarget(req->volume());
+    if (!t.ok()) return Fail("GrowTarget", t.status());
+    Fill(*t, agent_->node_id(), resp->mutable_target());
+    return grpc::Status::OK;
+  }
   grpc::Status ListTargets(grpc::ServerContext*, const v1::ListTargetsRequest*,
                            v1::ListTargetsResponse* resp) override {
     if (!agent_) return NoCluster();

@@ -679,20 +679,27 @@ StatusOr<AttachmentRecord> AttachmentManager::Resize(const std::string& volume) 
   }
   std::optional<AttachmentRecord> found = Find(volume);
   if (!found) return Error(ENOENT, "volume {} is not attached", volume);
-  if (found->target) {
-    return Error(ENOTSUP,
-                 "volume {}: {} serves its replicated target, whose size is fixed while "
-                 "it is open; resizing a target's device is not supported yet",
-                 volume, found->device());
-  }
   AttachmentRecord r = WithLink(*found);
   if (!r.link_ok) {
     return Error(ENODEV, "volume {}: cannot resize {}: its link is down: {}", volume, r.device(),
                  r.link_error);
   }
-  auto desc = server_.Describe(volume);
-  if (!desc.ok()) return desc.status();
-  const uint64_t size = desc->size_bytes;
+  uint64_t size = 0;
+  if (found->target) {
+    // The target learns the expanded size first (its connections' size is live), then the
+    // device grows like a local volume's.
+    if (!opts_.targets) {
+      return Error(ENODEV, "volume {}: {} serves its target, and this datapath opens no targets",
+                   volume, found->device());
+    }
+    auto grown = opts_.targets->GrowTarget(volume);
+    if (!grown.ok()) return grown.status();
+    size = *grown;
+  } else {
+    auto desc = server_.Describe(volume);
+    if (!desc.ok()) return desc.status();
+    size = desc->size_bytes;
+  }
   if (size < r.size_bytes) {
     return Error(EINVAL, "volume {} is {} bytes, smaller than its device ({} bytes); devices only "
                  "grow", volume, size, r.size_bytes);

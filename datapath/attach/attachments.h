@@ -18,7 +18,7 @@
 //
 // A replicated volume's target (issue 16: the backend export VOLUME@target that the cluster
 // agent opened here) attaches like a local volume in kernel mode, with `target` in its record:
-// the device is served from ServeTarget, its size is the target's (fixed while it is open), and
+// the device is served from ServeTarget, its size is the target's (Resize grows both), and
 // it cannot be resized yet (ENOTSUP). The nbdfuse fallback is refused for it (ENODEV): nbdfuse
 // needs the growable export VOLUME@grow, which a backend export does not combine with, and a
 // target's device must survive a datapath restart, which nbdfuse does not. Detach leaves the
@@ -109,8 +109,8 @@ class AttachmentManager {
   // Tells the attached device the volume's current size (after Pool::Resize grew it), online:
   // kernel: RECONFIGURE with the new size; fuse: the loop device's limit. Idempotent. ENOENT
   // when not attached; ENODEV when the link is down; EOPNOTSUPP when the kernel takes the new
-  // size but the device does not change (checked against sysfs). A target's attachment:
-  // ENOTSUP (a target's size is fixed while it is open).
+  // size but the device does not change (checked against sysfs). A target's attachment: the
+  // target takes the expanded size first (TargetAccess::GrowTarget; its errors as they are).
   StatusOr<AttachmentRecord> Resize(const std::string& volume);
 
   // The kernel dropped a socket of device `index` while we are alive (KernelNbdInterface::

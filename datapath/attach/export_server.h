@@ -59,6 +59,9 @@ class TargetAccess {
   // Recovery after a datapath restart calls it: the agent keeps no state across restarts, so
   // the devices recorded as targets would otherwise have nothing to be served from.
   virtual StatusOr<uint64_t> ReopenTarget(const std::string& volume) = 0;
+  // The volume was expanded: the open target of `volume` takes the size in the cluster state
+  // (replica::Target::Grow) and returns it. ENOENT when none is open here.
+  virtual StatusOr<uint64_t> GrowTarget(const std::string& volume) = 0;
 };
 
 // ExportServer over the real engine (NbdFrontend::ServeSocketPairs) and pool.

@@ -32,6 +32,9 @@ class ClusterWiring::AgentTargets final : public TargetAccess {
     if (!t.ok()) return t.status();
     return t->size;
   }
+  StatusOr<uint64_t> GrowTarget(const std::string& volume) override {
+    return a_.GrowTarget(volume);
+  }
 
  private:
   replica::ClusterAgent& a_;

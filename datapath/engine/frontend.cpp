@@ -578,8 +578,12 @@ struct NbdFrontend::Impl {
     spdlog::debug("nbd: connection to {} (size {}) on worker {}", r.export_info.name,
                   r.export_info.size, w);
     if (c.served) return workers[w]->Adopt(fd, std::move(c.served), r);
-    workers[w]->Adopt(fd, std::move(c.vol), r,
-                      c.name.growable ? SizeMode::kWindow : SizeMode::kNegotiated, c.name.epoch);
+    // A target's replica connection (an epoch) follows the volume's size: when a replicated
+    // volume grows, its target (replica::ReplicaClient::Grow) goes on over the same connections.
+    const SizeMode mode = c.name.growable ? SizeMode::kWindow
+                          : c.name.epoch  ? SizeMode::kLive
+                                          : SizeMode::kNegotiated;
+    workers[w]->Adopt(fd, std::move(c.vol), r, mode, c.name.epoch);
   }
 };
 

@@ -104,7 +104,8 @@ enum class SizeMode {
   // The size the client was told at the handshake (a volume grown later needs a new connection).
   kNegotiated,
   // The volume's size at each request: for the kernel's socketpairs, whose device learns a new
-  // size through NBD_CMD_RECONFIGURE while the connections stay up.
+  // size through NBD_CMD_RECONFIGURE while the connections stay up, and for a replicated
+  // target's connections to a replica (VOLUME@epoch=N), which learn it by a fresh handshake.
   kLive,
   // The client was told a larger "window" (the negotiated size) than the volume has, because it
   // can never learn a new size (nbdfuse): reads past the volume's current end return zeroes,

@@ -63,6 +63,17 @@ void BitmapLog::MarkOutOfSync(const std::string& node, uint64_t offset, uint64_t
   if (*r) done(Status::Ok());  // durable already: no callback comes
 }
 
+Status BitmapLog::Grow(uint64_t size) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (size <= volume_size_) return Status::Ok();
+  if (!bitmaps_.empty()) {
+    return Error(EBUSY, "the out-of-sync log of {} holds {} replica bitmap(s) of {} bytes; resync "
+                 "first", dir_, bitmaps_.size(), volume_size_);
+  }
+  volume_size_ = size;
+  return Status::Ok();
+}
+
 RegionBitmap* BitmapLog::Find(const std::string& node) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = bitmaps_.find(node);

@@ -34,6 +34,9 @@ class BitmapLog final : public OutOfSyncLog {
   StatusOr<RegionBitmap*> Get(const std::string& node);
   // Removes the bitmap of `node` (readmitted: it misses nothing now).
   Status Forget(const std::string& node);
+  // The volume grew (Target::Grow): bitmaps made from now on cover `size` bytes. EBUSY while any
+  // bitmap exists (a replica is out of sync: its bitmap has the old size).
+  Status Grow(uint64_t size);
   // Dirty bytes per node, for inspect.
   std::map<std::string, uint64_t> DirtyBytes();
 
@@ -43,7 +46,7 @@ class BitmapLog final : public OutOfSyncLog {
   std::string PathOf(const std::string& node) const;
 
   const std::string dir_;
-  const uint64_t volume_size_;
+  uint64_t volume_size_;  // under mu_
   const uint64_t epoch_;
   std::mutex mu_;
   std::map<std::string, std::unique_ptr<RegionBitmap>> bitmaps_;

@@ -135,6 +135,10 @@ struct ReplicaClient::Impl {
   ClientOptions opts;
   std::string name;
   ExportProperties props;
+  // The end requests are checked against: props.size, raised by Grow once a fresh handshake saw
+  // the export grow (the server checks each request against its volume's live size).
+  std::atomic<uint64_t> size{0};
+  std::unique_ptr<ClientTlsContext> tls;  // for Grow's handshake
   std::vector<std::unique_ptr<Conn>> conns;
   io_uring ring{};
   bool ring_ok = false;
@@ -207,12 +211,13 @@ struct ReplicaClient::Impl {
       return Error(EINVAL, "replica {}: {} [{}, +{}) not aligned to the server's {}-byte blocks",
                    name, what, offset, length, props.min_block);
     }
-    if (offset > props.size || length > props.size - offset) {
+    const uint64_t end = size.load(std::memory_order_acquire);
+    if (offset > end || length > end - offset) {
       return Error(type == nbd::kCmdRead || type == nbd::kCmdTrim || type == nbd::kCmdBlockStatus
                        ? EINVAL
                        : ENOSPC,
                    "replica {}: {} [{}, +{}) past the end of the {}-byte export", name, what,
-                   offset, length, props.size);
+                   offset, length, end);
     }
     if (type != nbd::kCmdRead && type != nbd::kCmdBlockStatus && opts.read_only) {
       return Error(EROFS, "replica {}: opened read-only", name);
@@ -791,6 +796,8 @@ StatusOr<std::unique_ptr<ReplicaClient>> ReplicaClient::Connect(const ClientOpti
     }
     impl->conns.push_back(std::move(conn));
   }
+  impl->size.store(impl->props.size, std::memory_order_release);
+  impl->tls = std::move(tls);
   // Enough entries for a recv and a send per connection, their resubmissions and the wake.
   const unsigned entries = std::max(64u, static_cast<unsigned>(o.connections) * 4 + 8);
   int r = io_uring_queue_init(entries, &impl->ring, 0);
@@ -922,6 +929,34 @@ void ReplicaClient::Close(milliseconds grace) {
 }
 
 const ExportProperties& ReplicaClient::export_properties() const { return impl_->props; }
+
+uint64_t ReplicaClient::size() const { return impl_->size.load(std::memory_order_acquire); }
+
+StatusOr<uint64_t> ReplicaClient::Grow(uint64_t size) {
+  Impl& m = *impl_;
+  if (size <= m.size.load(std::memory_order_acquire)) return m.size.load();
+  auto wire = WireExportName(m.opts.export_name, m.opts.epoch);
+  if (!wire.ok()) return wire.status();
+  auto c = OpenConnection(m.opts.endpoint, *wire, m.tls.get(), m.opts.read_only,
+                          Clock::now() + m.opts.handshake_timeout, m.opts.base_allocation);
+  if (!c.ok()) {
+    return Status(c.status().code(), fmt::format("replica {}: a handshake to learn its size: {}",
+                                                 m.name, c.status().message()));
+  }
+  const uint64_t seen = c->props.size;
+  // No request was sent: a plain close ends it (the server sees the client go).
+  c->ssl.reset();
+  close(c->fd);
+  if (seen < size) {
+    return Error(ENOSPC, "replica {}: its export is {} bytes, less than {}", m.name, seen, size);
+  }
+  uint64_t now = m.size.load(std::memory_order_acquire);
+  while (now < size && !m.size.compare_exchange_weak(now, size, std::memory_order_acq_rel)) {
+  }
+  spdlog::info("replica {}: requests may now reach {} bytes (its export has {})", m.name, size,
+               seen);
+  return std::max(now, size);
+}
 const std::string& ReplicaClient::name() const { return impl_->name; }
 size_t ReplicaClient::healthy_connections() const { return impl_->healthy.load(); }
 

@@ -110,7 +110,14 @@ class ReplicaClient {
   // Idempotent. Not from a callback.
   void Close(std::chrono::milliseconds grace = std::chrono::milliseconds(0));
 
+  // What the first handshake saw (its size stays that; size() is the live bound).
   const ExportProperties& export_properties() const;
+  // The end requests are checked against: the handshake's size until Grow raised it.
+  uint64_t size() const;
+  // The export grew (its volume was resized on the server): a fresh handshake confirms it is at
+  // least `size` bytes, then requests up to `size` are accepted. ENOSPC naming both sizes when it
+  // is smaller; the handshake's errors as OpenConnection. Never lowers the bound.
+  StatusOr<uint64_t> Grow(uint64_t size);
   const std::string& name() const;
   ClientCounters counters() const;
   size_t healthy_connections() const;

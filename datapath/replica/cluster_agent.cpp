@@ -302,6 +302,19 @@ bool ClusterAgent::ThawTarget(const std::string& volume, uint64_t freeze_id) {
   return t->ThawSnapshot(freeze_id);
 }
 
+StatusOr<uint64_t> ClusterAgent::GrowTarget(const std::string& volume) {
+  std::lock_guard<std::mutex> ops(ops_mu_);  // not closed, nor resynced, while it grows
+  std::shared_ptr<Target> t;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = targets_.find(volume);
+    if (it == targets_.end())
+      return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
+    t = it->second;
+  }
+  return t->Grow();
+}
+
 std::vector<TargetInfo> ClusterAgent::ListTargets() {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<TargetInfo> out;

@@ -118,6 +118,8 @@ class ClusterAgent {
   StatusOr<SnapshotFreeze> FreezeTarget(const std::string& volume,
                                         std::chrono::milliseconds lift_after);
   bool ThawTarget(const std::string& volume, uint64_t freeze_id);
+  // Target::Grow on the target of `volume` open here (ENOENT otherwise): its new size.
+  StatusOr<uint64_t> GrowTarget(const std::string& volume);
 
   const std::string& node_id() const { return opts_.node_id; }
   // True while the node holds a live lease and its registration.

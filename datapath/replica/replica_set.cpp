@@ -69,6 +69,7 @@ class ClientChannelImpl final : public ReplicaChannel {
   }
   void Close() override { c_->Close(); }
   ClientCounters counters() const override { return c_->counters(); }
+  Status Grow(uint64_t size) override { return c_->Grow(size).status(); }
 
  private:
   std::unique_ptr<ReplicaClient> c_;
@@ -150,7 +151,8 @@ struct ReplicaSet::Impl {
   };
 
   ReplicaSet* self = nullptr;
-  ReplicaSetOptions opts;
+  ReplicaSetOptions opts;  // opts.size is the size at Create; `size` is the live one
+  std::atomic<uint64_t> size{0};
   Membership& membership;
   OutOfSyncLog* log;
   std::vector<Member> members;  // the list is fixed after Create; its fields under mu
@@ -514,6 +516,7 @@ StatusOr<std::unique_ptr<ReplicaSet>> ReplicaSet::Create(ReplicaSetOptions optio
   if (!any_in_sync)
     return Error(EINVAL, "replica set {}: no replica is in sync", options.volume);
   auto impl = std::make_unique<Impl>(std::move(options), membership, log);
+  impl->size.store(impl->opts.size);
   for (auto& m : members) {
     Impl::Member member;
     member.node = std::move(m.node);
@@ -547,7 +550,35 @@ StatusOr<std::unique_ptr<ReplicaSet>> ReplicaSet::Create(ReplicaSetOptions optio
 ReplicaSet::~ReplicaSet() { Close(); }
 
 const std::string& ReplicaSet::name() const { return impl_->opts.volume; }
-uint64_t ReplicaSet::size() const { return impl_->opts.size; }
+uint64_t ReplicaSet::size() const { return impl_->size.load(std::memory_order_acquire); }
+
+Status ReplicaSet::Grow(uint64_t size) {
+  Impl& s = *impl_;
+  // No drop or readmit computes from the members while they grow.
+  std::lock_guard<std::mutex> serial(s.membership_mu);
+  std::vector<std::pair<std::string, std::shared_ptr<ReplicaChannel>>> chans;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (s.stopped) return Error(EIO, "replica set {} is stopped: {}", s.opts.volume, s.stop_reason);
+    if (size <= s.size.load()) return Status::Ok();
+    if ((s.failing | s.out) != 0) {
+      return Error(EAGAIN, "replica set {}: cannot grow to {} bytes while replicas are out of "
+                   "sync ([{}]); resync them first", s.opts.volume, size,
+                   fmt::join(s.Nodes(s.failing | s.out), ", "));
+    }
+    for (const auto& m : s.members) chans.emplace_back(m.node, m.ch);
+  }
+  for (const auto& [node, ch] : chans) {
+    if (Status g = ch->Grow(size); !g.ok()) {
+      return Error(g.code(), "replica set {}: the replica on {} cannot take {} bytes: {}",
+                   s.opts.volume, node, size, g.message());
+    }
+  }
+  const uint64_t was = s.size.exchange(size, std::memory_order_acq_rel);
+  spdlog::info("replica set {}: grew from {} to {} bytes on [{}]", s.opts.volume, was, size,
+               fmt::join(s.Nodes(s.all), ", "));
+  return Status::Ok();
+}
 
 void ReplicaSet::Submit(const BackendRequest& request, BackendDone done) {
   Dispatch(request, std::move(done), false);
@@ -848,11 +879,12 @@ Status ReplicaSet::Reconcile(const ReconcileOptions& options, const std::atomic<
   }
   const uint64_t region = std::max<uint32_t>(options.region_bytes, 4096);
   std::vector<uint8_t> buf(region);
-  for (uint64_t off = 0; off < s.opts.size; off += region) {
+  const uint64_t total = s.size.load(std::memory_order_acquire);
+  for (uint64_t off = 0; off < total; off += region) {
     if (cancel && cancel->load())
       return Error(ECANCELED, "replica set {}: reconciliation cancelled at {}", s.opts.volume,
                    off);
-    const auto len = static_cast<uint32_t>(std::min<uint64_t>(region, s.opts.size - off));
+    const auto len = static_cast<uint32_t>(std::min<uint64_t>(region, total - off));
     if (Status l = LockRange(off, len); !l.ok()) return l;
     BackendRequest read{BackendRequest::Op::kRead, off, len, buf.data()};
     int res = s.DoSync(read);

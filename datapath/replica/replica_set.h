@@ -71,6 +71,11 @@ class ReplicaChannel {
   // Everything in flight completes (ESHUTDOWN at the latest) before Close returns.
   virtual void Close() = 0;
   virtual ClientCounters counters() const = 0;
+  // The replica's export grew to at least `size` (confirmed by the server): requests up to
+  // `size` may go. ENOSPC when it is smaller. Channels that cannot tell: ENOTSUP.
+  virtual Status Grow(uint64_t size) {
+    return Error(ENOTSUP, "this replica channel cannot grow to {} bytes", size);
+  }
 };
 
 // A ReplicaClient as a ReplicaChannel.
@@ -225,6 +230,13 @@ class ReplicaSet final : public datapath::ExportBackend {
   Status Reconcile(const ReconcileOptions& options, const std::atomic<bool>* cancel = nullptr);
   // Reads go back to every in-sync replica.
   void EndReconcile();
+
+  // The volume grew (every copy already did): each in-sync replica's channel confirms its export
+  // is at least `size` bytes (Grow), then size() is `size`, so the engine's connections (their
+  // size is live) take requests up to it. All in sync only: EAGAIN while a replica is out of
+  // sync or failing (its resync and log know the old size). A smaller size: OK, no change. EIO
+  // when stopped; a channel's error naming its node (size() unchanged).
+  Status Grow(uint64_t size);
 
   ReplicaSetHealth health() const;
 

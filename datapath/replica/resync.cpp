@@ -494,7 +494,10 @@ Status CheckPeers(const BlockChannel& src, const BlockChannel& dst, const Resync
 
 Status Resync::RunDirty(RegionBitmap& bitmap) {
   if (Status s = CheckPeers(src_, dst_, opts_); !s.ok()) return s;
-  if (bitmap.volume_size() != src_.props().size) {
+  // A smaller bitmap: the volume was expanded (every copy grew) while this replica was out, and
+  // its target kept the old size until it is back (ReplicaSet::Grow waits for every replica in
+  // sync), so nothing was written past the bitmap's end: both copies are zeroes there.
+  if (bitmap.volume_size() > src_.props().size) {
     return Error(EINVAL, "resync: bitmap {} covers {} bytes, the replicas hold {}", bitmap.path(),
                  bitmap.volume_size(), src_.props().size);
   }

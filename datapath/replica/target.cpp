@@ -436,6 +436,28 @@ void Target::Stop(const std::string& reason) {
   if (set_) set_->Stop(reason);
 }
 
+StatusOr<uint64_t> Target::Grow() {
+  auto v = store_.GetVolume(opts_.volume);
+  if (!v.ok()) return v.status();
+  const uint64_t was = set_->size();
+  if (v->size_bytes <= was) return was;
+  if (v->epoch != epoch_) {
+    return Error(ESTALE, "target of {}: the cluster state is at epoch {}, this target at {}",
+                 opts_.volume, v->epoch, epoch_);
+  }
+  // Before the set: a replica dropped after this has its bitmap cover the new end.
+  if (log_) {
+    if (Status s = log_->Grow(v->size_bytes); !s.ok()) {
+      return Error(s.code() == EBUSY ? EAGAIN : s.code(), "target of {}: {}", opts_.volume,
+                   s.message());
+    }
+  }
+  if (Status s = set_->Grow(v->size_bytes); !s.ok()) return s;
+  spdlog::info("target of {}: grew from {} to {} bytes at epoch {}", opts_.volume, was,
+               v->size_bytes, epoch_);
+  return v->size_bytes;
+}
+
 Status Target::Close() {
   {
     std::lock_guard<std::mutex> lock(freeze_mu_);

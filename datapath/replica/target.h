@@ -141,6 +141,12 @@ class Target {
   // Lifts freeze `id` (0: every snapshot freeze of this target). Idempotent: false when it was
   // not held any more (thawed before, or lifted by its deadline).
   bool ThawSnapshot(uint64_t id);
+  // The volume was expanded (the controller grew every copy, then the catalogue entry): reads
+  // the size in the cluster state and grows the set to it (ReplicaSet::Grow: each replica's
+  // export confirmed at least that big), so the device can grow. Returns the size served after;
+  // the same when the catalogue is not bigger. EAGAIN while a replica is out of sync (resync
+  // first); EIO when stopped; the store's and the replicas' errors.
+  StatusOr<uint64_t> Grow();
   // Bytes each out-of-sync replica is known to miss (its bitmap), for inspect.
   std::map<std::string, uint64_t> OutOfSyncBytes();
   // The resync running now, if any (any thread).

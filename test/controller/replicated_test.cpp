@@ -71,6 +71,13 @@ class Replicated_ : public ::testing::Test {
     r.set_volume_id(id);
     return C().ControllerGetVolume(nullptr, &r, resp);
   }
+  grpc::Status Expand(const std::string& id, uint64_t bytes,
+                      v1::ControllerExpandVolumeResponse* resp) {
+    v1::ControllerExpandVolumeRequest r;
+    r.set_volume_id(id);
+    r.mutable_capacity_range()->set_required_bytes(static_cast<int64_t>(bytes));
+    return C().ControllerExpandVolume(nullptr, &r, resp);
+  }
   // Pool copies of `name` over the nodes the test made.
   std::set<std::string> Holders(const std::string& name, const std::vector<std::string>& nodes) {
     std::set<std::string> out;
@@ -424,6 +431,96 @@ TEST_F(Replicated_, ValidateCapabilitiesConfirmsAnExistingVolumeWithItsParameter
             StatusCode::NOT_FOUND);
 }
 
+// ---- expansion ----
+
+TEST_F(Replicated_, ExpandGrowsEveryCopyThenTheEntryAndNeedsTheNodeSide) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  Up("node-c", 10 * kGiB);
+  MustCreate(Replicated("pvc-1", 2, static_cast<int64_t>(kGiB)));
+  const auto before = store_.GetVolume("pvc-1");
+  ASSERT_TRUE(before.ok());
+  v1::ControllerExpandVolumeResponse resp;
+  grpc::Status s = Expand("r1:pvc-1", 2 * kGiB, &resp);
+  ASSERT_TRUE(s.ok()) << Describe(s);
+  EXPECT_EQ(resp.capacity_bytes(), static_cast<int64_t>(2 * kGiB));
+  EXPECT_TRUE(resp.node_expansion_required());
+  for (const auto& n : before->replicas) EXPECT_EQ(Node(n).Volume("pvc-1")->size_bytes(), 2 * kGiB) << n;
+  auto after = store_.GetVolume("pvc-1");
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ(after->size_bytes, 2 * kGiB);
+  EXPECT_EQ(after->replicas, before->replicas);
+  EXPECT_EQ(after->epoch, before->epoch);
+  v1::ControllerGetVolumeResponse got;
+  ASSERT_TRUE(Get("r1:pvc-1", &got).ok());
+  EXPECT_EQ(got.volume().capacity_bytes(), static_cast<int64_t>(2 * kGiB));
+  // The same request again: done already, no copy is asked to resize.
+  int resizes = 0;
+  for (const auto& n : before->replicas) resizes += Node(n).Count("ResizeVolume");
+  s = Expand("r1:pvc-1", 2 * kGiB, &resp);
+  ASSERT_TRUE(s.ok()) << Describe(s);
+  EXPECT_EQ(resp.capacity_bytes(), static_cast<int64_t>(2 * kGiB));
+  int again = 0;
+  for (const auto& n : before->replicas) again += Node(n).Count("ResizeVolume");
+  EXPECT_EQ(again, resizes);
+}
+
+TEST_F(Replicated_, ExpandWithAReplicaNodeDownIsUnavailableAndLeavesTheEntry) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  MustCreate(Replicated("pvc-1", 2, static_cast<int64_t>(kGiB)));
+  Node("node-b").SetDown(Error(EAGAIN, "node-b: connection refused"));
+  v1::ControllerExpandVolumeResponse resp;
+  grpc::Status s = Expand("r1:pvc-1", 2 * kGiB, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::UNAVAILABLE) << Describe(s);
+  EXPECT_NE(s.error_message().find("node-b"), std::string::npos) << s.error_message();
+  EXPECT_EQ(store_.GetVolume("pvc-1")->size_bytes, kGiB);
+  // Not registered at all (its heartbeats stopped): refused before any copy grows.
+  Node("node-b").SetDown(Status::Ok());
+  cluster_.Advance(FakeCluster::kTtl * 2);
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  const int resizes = Node("node-a").Count("ResizeVolume");
+  s = Expand("r1:pvc-1", 2 * kGiB, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::UNAVAILABLE) << Describe(s);
+  EXPECT_NE(s.error_message().find("not registered"), std::string::npos) << s.error_message();
+  EXPECT_EQ(Node("node-a").Count("ResizeVolume"), resizes);
+  EXPECT_EQ(store_.GetVolume("pvc-1")->size_bytes, kGiB);
+}
+
+TEST_F(Replicated_, ARetryFinishesAnExpandThatGrewOnlySomeCopies) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  MustCreate(Replicated("pvc-1", 2, static_cast<int64_t>(kGiB)));
+  Node("node-b").FailNext("ResizeVolume", Error(EAGAIN, "node-b: deadline exceeded"));
+  v1::ControllerExpandVolumeResponse resp;
+  grpc::Status s = Expand("r1:pvc-1", 2 * kGiB, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::UNAVAILABLE) << Describe(s);
+  EXPECT_EQ(Node("node-a").Volume("pvc-1")->size_bytes(), 2 * kGiB);
+  EXPECT_EQ(Node("node-b").Volume("pvc-1")->size_bytes(), kGiB);
+  EXPECT_EQ(store_.GetVolume("pvc-1")->size_bytes, kGiB) << "the entry grows last";
+  const int a_resizes = Node("node-a").Count("ResizeVolume");
+  s = Expand("r1:pvc-1", 2 * kGiB, &resp);
+  ASSERT_TRUE(s.ok()) << Describe(s);
+  EXPECT_EQ(Node("node-a").Count("ResizeVolume"), a_resizes) << "a grown copy is left alone";
+  EXPECT_EQ(Node("node-b").Volume("pvc-1")->size_bytes(), 2 * kGiB);
+  EXPECT_EQ(store_.GetVolume("pvc-1")->size_bytes, 2 * kGiB);
+}
+
+TEST_F(Replicated_, ExpandNeverShrinksAndAnUnknownVolumeIsNotFound) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  MustCreate(Replicated("pvc-1", 2, static_cast<int64_t>(2 * kGiB)));
+  v1::ControllerExpandVolumeResponse resp;
+  grpc::Status s = Expand("r1:pvc-1", kGiB, &resp);
+  ASSERT_TRUE(s.ok()) << Describe(s);
+  EXPECT_EQ(resp.capacity_bytes(), static_cast<int64_t>(2 * kGiB));
+  EXPECT_EQ(Node("node-a").Count("ResizeVolume") + Node("node-b").Count("ResizeVolume"), 0);
+  EXPECT_EQ(store_.GetVolume("pvc-1")->size_bytes, 2 * kGiB);
+  EXPECT_EQ(Expand("r1:nope", 2 * kGiB, &resp).error_code(), StatusCode::NOT_FOUND);
+  EXPECT_EQ(Expand("r1:bad name", 2 * kGiB, &resp).error_code(), StatusCode::NOT_FOUND);
+  EXPECT_EQ(Expand("r1:pvc-1", 0, &resp).error_code(), StatusCode::INVALID_ARGUMENT);
+}
+
 TEST_F(Replicated_, WhatIsNotSupportedYetIsInvalidArgumentSayingSo) {
   Up("node-a", 10 * kGiB);
   Up("node-b", 10 * kGiB);
@@ -432,13 +529,6 @@ TEST_F(Replicated_, WhatIsNotSupportedYetIsInvalidArgumentSayingSo) {
     EXPECT_EQ(s.error_code(), StatusCode::INVALID_ARGUMENT) << Describe(s);
     EXPECT_NE(s.error_message().find(words), std::string::npos) << s.error_message();
   };
-  v1::ControllerExpandVolumeRequest ex;
-  ex.set_volume_id("r1:pvc-1");
-  ex.mutable_capacity_range()->set_required_bytes(static_cast<int64_t>(2 * kGiB));
-  v1::ControllerExpandVolumeResponse exr;
-  said(C().ControllerExpandVolume(nullptr, &ex, &exr), "not supported yet");
-  EXPECT_EQ(Node("node-a").Volume("pvc-1")->size_bytes(), kGiB);
-
   auto clone = VolumeRequest("pvc-clone", 0);
   clone.mutable_volume_content_source()->mutable_volume()->set_volume_id("r1:pvc-1");
   v1::CreateVolumeResponse cr;

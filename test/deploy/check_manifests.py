@@ -390,13 +390,9 @@ def check(ck, docs, expect_secrets, quiet=False):
                     ck.err(where, f"fstype {v!r}: the node plugin formats ext4 or xfs")
                 continue
             if k == "replicas":
-                # Replicated volumes (issue 16): expansion is refused for them, so a class that
-                # allowed it would leave every resize of its claims failing.
+                # Replicated volumes (issue 16) expand online like the others.
                 if v not in ("1", "2", "3"):
                     ck.err(where, f"replicas {v!r}: \"1\", \"2\" or \"3\"")
-                elif v != "1" and sc.get("allowVolumeExpansion"):
-                    ck.err(where, "replicated volumes cannot be expanded yet: "
-                                  "allowVolumeExpansion must be false")
             elif k not in QOS_KEYS:
                 ck.err(where, f"unknown parameter {k!r}; known: {', '.join(QOS_KEYS)}, replicas")
             if not isinstance(v, str):

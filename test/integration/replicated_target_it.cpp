@@ -836,6 +836,88 @@ bool Nbdcopy(const std::string& from, const std::string& to) {
   return std::system(fmt::format("timeout 60 nbdcopy '{}' '{}'", from, to).c_str()) == 0;
 }
 
+// libnbd (python3-libnbd): one WRITE of 4 KiB at `offset` on a fresh connection to `uri`, the
+// client's own bounds check off, so what the server says is what counts. True when it took it.
+bool RawWriteAt(const std::string& uri, uint64_t offset) {
+  const std::string cmd = fmt::format(
+      "timeout 30 /usr/bin/python3 -c 'import nbd, sys\n"
+      "h = nbd.NBD()\nh.set_strict_mode(0)\nh.connect_uri(sys.argv[1])\n"
+      "try:\n  h.pwrite(b\"\\xab\" * 4096, {})\nexcept nbd.Error as e:\n  print(e)\n  sys.exit(3)\n"
+      "h.shutdown()' '{}'",
+      offset, uri);
+  return std::system(cmd.c_str()) == 0;
+}
+
+// Online expansion of a served replicated volume: ControllerExpandVolume grows both copies and
+// the catalogue entry, the target (open on the node with no copy) learns the size through
+// GrowTarget, and a write past the old end, refused before, lands on both copies.
+TEST_F(ReplicatedTarget, AServedReplicatedVolumeIsExpandedOnlineThroughCsi) {
+  namespace v1 = ::csi::v1;
+  CsiCluster csi;
+  ASSERT_NO_FATAL_FAILURE(csi.Start(a_, b_, certs_, etcd_.endpoint(), *store_));
+  v1::CreateVolumeResponse created;
+  grpc::Status st = csi.CreateReplicated(&created);
+  ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(csi.log());
+  auto state = store_->GetVolume(kVolume);
+  ASSERT_TRUE(state.ok());
+  Node& s = csi.Stager(state->replicas);
+  ASSERT_EQ(s.Nbdctl(fmt::format("target open {}", kVolume)), 0);
+  const std::string first = s.dir() + "/first.raw", whole = s.dir() + "/whole.raw";
+  ASSERT_NO_FATAL_FAILURE(RandomFile(first, kSize));
+  ASSERT_TRUE(Nbdcopy(first, s.TargetUri()));
+  EXPECT_TRUE(RawWriteAt(s.TargetUri(), 0)) << "a write inside the volume must land";
+  EXPECT_FALSE(RawWriteAt(s.TargetUri(), kSize)) << "a write past the end must be refused";
+  ASSERT_NO_FATAL_FAILURE(RandomFile(first, kSize));
+  ASSERT_TRUE(Nbdcopy(first, s.TargetUri()));
+
+  v1::ControllerExpandVolumeRequest grow;
+  grow.set_volume_id("r1:rv");
+  grow.mutable_capacity_range()->set_required_bytes(static_cast<int64_t>(2 * kSize));
+  v1::ControllerExpandVolumeResponse grown;
+  st = csi.Call(&v1::Controller::Stub::ControllerExpandVolume, grow, &grown);
+  ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(csi.log());
+  EXPECT_EQ(grown.capacity_bytes(), static_cast<int64_t>(2 * kSize));
+  EXPECT_TRUE(grown.node_expansion_required());
+  EXPECT_EQ(store_->GetVolume(kVolume)->size_bytes, 2 * kSize);
+  for (const auto& node : state->replicas) {
+    std::string out;
+    ASSERT_EQ(csi.ById(node).Nbdctl(fmt::format("volume inspect {} -o json", kVolume), &out), 0);
+    EXPECT_EQ(nlohmann::json::parse(out).value("size_bytes", uint64_t{0}), 2 * kSize) << node;
+  }
+  // The target still serves the old size until its node refreshes it.
+  EXPECT_FALSE(RawWriteAt(s.TargetUri(), kSize));
+
+  // The node side (what NodeExpandVolume's ResizeAttachment does before the device grows).
+  auto targets = datapath::v1::Targets::NewStub(
+      grpc::CreateChannel("unix://" + s.api(), grpc::InsecureChannelCredentials()));
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + 30s);
+    datapath::v1::GrowTargetRequest r;
+    r.set_volume(kVolume);
+    datapath::v1::TargetResponse resp;
+    st = targets->GrowTarget(&ctx, r, &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(s.log());
+    EXPECT_EQ(resp.target().size_bytes(), 2 * kSize);
+  }
+  EXPECT_TRUE(RawWriteAt(s.TargetUri(), kSize)) << "a write past the old end must now land";
+  // The whole grown volume through the target: the second half past the old end.
+  ASSERT_NO_FATAL_FAILURE(RandomFile(whole, 2 * kSize));
+  ASSERT_TRUE(Nbdcopy(whole, s.TargetUri()));
+  const std::string back = s.dir() + "/back.raw";
+  ASSERT_TRUE(s.CopyTarget(back));
+  EXPECT_TRUE(ReadFile(back) == ReadFile(whole)) << "the grown volume does not read back";
+  auto after = store_->GetVolume(kVolume);
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ(after->in_sync, state->replicas) << "a replica was dropped by the growth";
+  for (const auto& node : state->replicas) {
+    EXPECT_TRUE(csi.ById(node).Nbdcopy(after->epoch) == ReadFile(whole))
+        << "the copy on " << node << " differs";
+  }
+  ASSERT_EQ(s.Nbdctl(fmt::format("target close {}", kVolume)), 0);
+  csi.Stop();
+}
+
 // The snapshot of a replicated volume through CSI is the image at one write boundary: pattern A
 // written through the target (on the node with no copy), the snapshot taken (the controller
 // freezes the target over the node's TCP API, snapshots one in-sync replica, thaws), pattern B

@@ -236,6 +236,28 @@ TYPED_TEST_P(ClusterStoreContract, SetReplicasTrimsInSyncAndKeepsOneCurrentCopy)
   EXPECT_EQ(this->store_->GetVolume("v1")->replicas, (std::vector<std::string>{"n1", "n3"}));
 }
 
+TYPED_TEST_P(ClusterStoreContract, GrowVolumeOnlyGrowsAndKeepsTheRest) {
+  this->CreateAndClaim(this->Vol("v1", {"n1", "n2"}), "n1");
+  auto before = this->store_->GetVolume("v1");
+  ASSERT_TRUE(before.ok()) << before.status().message();
+  auto grown = this->store_->GrowVolume("v1", before->size_bytes * 2);
+  ASSERT_TRUE(grown.ok()) << grown.status().message();
+  EXPECT_EQ(grown->size_bytes, before->size_bytes * 2);
+  auto expected = *before;
+  expected.size_bytes = before->size_bytes * 2;
+  EXPECT_EQ(*grown, expected);  // the claim, epoch, replicas and in-sync set stay
+  EXPECT_EQ(this->store_->GetVolume("v1")->size_bytes, expected.size_bytes);
+  EXPECT_EQ(this->store_->GetVolume("v1")->epoch, expected.epoch);
+  // Smaller or equal: satisfied, nothing changes.
+  auto same = this->store_->GrowVolume("v1", before->size_bytes);
+  ASSERT_TRUE(same.ok()) << same.status().message();
+  EXPECT_EQ(*same, expected);
+  EXPECT_EQ(this->store_->GrowVolume("v1", 0).status().code(), EINVAL);
+  EXPECT_EQ(this->store_->GrowVolume("nope", 1 << 20).status().code(), ENOENT);
+  EXPECT_EQ(this->store_->GetVolume("v1")->size_bytes, expected.size_bytes);
+  EXPECT_EQ(this->store_->GetVolume("v1")->epoch, expected.epoch);
+}
+
 TYPED_TEST_P(ClusterStoreContract, DeleteWaitsForTheTargetToGo) {
   this->CreateAndClaim(this->Vol("v1", {"n1"}), "n1");
   EXPECT_EQ(this->store_->DeleteVolume("v1").code(), EBUSY);
@@ -327,6 +349,7 @@ REGISTER_TYPED_TEST_SUITE_P(ClusterStoreContract, CreateNormalisesAndGetReturnsI
                             ReclaimWithANewLeaseMovesTheClaim,
                             SetInSyncOnlyByTheTargetAndOnlyReplicas,
                             SetReplicasTrimsInSyncAndKeepsOneCurrentCopy,
+                            GrowVolumeOnlyGrowsAndKeepsTheRest,
                             DeleteWaitsForTheTargetToGo, ListPagesInNameOrderWithLiveTargets,
                             NodeLivenessFollowsItsLease, RacingClaimsHaveExactlyOneWinner);
 

@@ -110,6 +110,15 @@ class MemoryClusterStore : public cluster::ClusterStore {
     return Live(next);
   }
 
+  StatusOr<VolumeState> GrowVolume(const std::string& name, uint64_t size_bytes) override {
+    if (size_bytes == 0) return Error(EINVAL, "grow volume {}: the size must be positive", name);
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = volumes_.find(name);
+    if (it == volumes_.end()) return Error(ENOENT, "volume {} does not exist", name);
+    if (it->second.size_bytes < size_bytes) it->second.size_bytes = size_bytes;
+    return Live(it->second);
+  }
+
   Status DeleteVolume(const std::string& name) override {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = volumes_.find(name);

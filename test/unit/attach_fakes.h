@@ -281,6 +281,15 @@ class FakeTargets final : public TargetAccess {
     Open(volume, it->second);
     return it->second;
   }
+  // As Target::Grow: the open target takes the cluster state's size (never smaller).
+  StatusOr<uint64_t> GrowTarget(const std::string& volume) override {
+    auto it = open.find(volume);
+    if (it == open.end()) return Error(ENOENT, "no target of volume {} is open here", volume);
+    if (!grow_error.ok()) return grow_error;
+    it->second = std::max(it->second, cluster[volume]);
+    return it->second;
+  }
+  Status grow_error = Status::Ok();
 
  private:
   FakeServer& server_;

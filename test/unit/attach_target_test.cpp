@@ -182,12 +182,34 @@ TEST_F(AttachTargetTest, TheOtherKindAlreadyAttachedIsRefused) {
   EXPECT_EQ(nlohmann::json::parse(ReadFile(dir_ + "/rv.json")).at("target"), true);
 }
 
-TEST_F(AttachTargetTest, ResizeOfATargetsDeviceIsNotSupported) {
+TEST_F(AttachTargetTest, ResizeGrowsTheTargetThenItsDevice) {
   auto m = NewManager();
   ASSERT_TRUE(m->Attach("rv", 2, true).ok());
+  // Not expanded: the device keeps its size (a RECONFIGURE with the same size is harmless).
+  auto same = m->Resize("rv");
+  ASSERT_TRUE(same.ok()) << same.status().message();
+  EXPECT_EQ(same->size_bytes, kTargetSize);
+  // The controller recorded twice the size: the target takes it, then the device.
+  targets_.cluster["rv"] = 2 * kTargetSize;
   auto r = m->Resize("rv");
-  EXPECT_EQ(r.status().code(), ENOTSUP) << r.status().message();
-  EXPECT_TRUE(kernel_.resizes.empty());
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(r->size_bytes, 2 * kTargetSize);
+  EXPECT_EQ(targets_.open["rv"], 2 * kTargetSize);
+  ASSERT_FALSE(kernel_.resizes.empty());
+  EXPECT_EQ(std::get<1>(kernel_.resizes.back()), 2 * kTargetSize);
+  EXPECT_EQ(m->Get("rv")->size_bytes, 2 * kTargetSize);
+  EXPECT_EQ(nlohmann::json::parse(ReadFile(dir_ + "/rv.json")).at("size_bytes"), 2 * kTargetSize);
+}
+
+TEST_F(AttachTargetTest, ATargetThatCannotGrowLeavesTheDevice) {
+  auto m = NewManager();
+  ASSERT_TRUE(m->Attach("rv", 2, true).ok());
+  targets_.cluster["rv"] = 2 * kTargetSize;
+  targets_.grow_error = Error(EAGAIN, "replica set rv: replicas out of sync");
+  const size_t resizes = kernel_.resizes.size();
+  auto r = m->Resize("rv");
+  EXPECT_EQ(r.status().code(), EAGAIN) << r.status().message();
+  EXPECT_EQ(kernel_.resizes.size(), resizes);
   EXPECT_EQ(m->Get("rv")->size_bytes, kTargetSize);
 }
 

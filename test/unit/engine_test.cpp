@@ -900,6 +900,24 @@ GoAnswer Go(const std::string& sock, const std::string& name) {
   return a;
 }
 
+// A replicated target's connection to a replica (VOLUME@epoch=N) follows the volume's size: once
+// the volume is resized, a write past the handshake's end lands on the same connection (the
+// target grows without reconnecting, replica::ReplicaClient::Grow). A plain connection keeps the
+// size it negotiated.
+TEST_F(EngineTest, AnEpochConnectionFollowsTheVolumesSize) {
+  CreateVolume("v", 4 * kMiB);
+  StartFrontend(1);
+  auto c = Connect("v@epoch=1");
+  ASSERT_NE(c, nullptr);
+  const Bytes data = Pattern(4096, 5);
+  auto past = c->Call(nbd::kCmdWrite, 0, 4 * kMiB, 4096, data);
+  EXPECT_NE(past.error, 0u) << "past the end before the resize";
+  ASSERT_TRUE(pool_->Resize("v", 8 * kMiB).ok());
+  past = c->Call(nbd::kCmdWrite, 0, 4 * kMiB, 4096, data);
+  EXPECT_EQ(past.error, 0u) << "past the old end after the resize, same connection";
+  EXPECT_EQ(c->Read(4 * kMiB, 4096), data);
+}
+
 // The handshake rules: an epoch above the volume's fences it, the same one is let in, an older
 // one and none at all are refused with a message that says why, and malformed names say what
 // is wrong. A volume that never saw an epoch serves epoch-less clients as before.

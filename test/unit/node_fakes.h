@@ -254,6 +254,10 @@ class FakeDatapath : public DatapathClient {
     bool stopped = false;
     std::string stop_reason;
     Status fail_attach;  // AttachTarget fails with it (after the checks) when set
+    // What ControllerExpandVolume recorded in the cluster state: ResizeAttachment grows the
+    // target and its device to it (TargetAccess::GrowTarget), or fails with fail_grow.
+    uint64_t catalogue_size = 0;
+    Status fail_grow;
   };
 
   explicit FakeDatapath(FakeOs& os) : os_(os) {}
@@ -340,7 +344,10 @@ class FakeDatapath : public DatapathClient {
     std::lock_guard lock(mu_);
     calls.push_back("resize " + volume);
     if (auto r = replicated.find(volume); r != replicated.end() && r->second.attached) {
-      return Error(ENOTSUP, "resizing the device of a target is not supported");
+      if (!r->second.fail_grow.ok()) return r->second.fail_grow;
+      r->second.size = std::max(r->second.size, r->second.catalogue_size);
+      os_.devices[r->second.device].size = r->second.size;
+      return TargetAtt(volume, r->second);
     }
     auto it = volumes.find(volume);
     if (it == volumes.end() || !it->second.attached) {

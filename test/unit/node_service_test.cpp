@@ -1122,17 +1122,35 @@ TEST_F(ReplicatedNodeTest, StatsReportTheTargetsHealth) {
   EXPECT_EQ(resp.volume_condition().message(), "ok");
 }
 
-TEST_F(ReplicatedNodeTest, ExpandIsRefusedAsOutOfRange) {
+TEST_F(ReplicatedNodeTest, ExpandGrowsTheTargetsDeviceThenTheFileSystem) {
   ASSERT_TRUE(Stage(MountCap("ext4"), kRid).ok());
   ASSERT_TRUE(Publish(MountCap("ext4"), false, kTarget, kRid).ok());
+  rv().catalogue_size = 4 * kGiB;  // ControllerExpandVolume grew the copies and the entry
   v1::NodeExpandVolumeResponse resp;
   grpc::Status st = Expand(kTarget, 4 * kGiB, &resp, kRid);
-  EXPECT_EQ(st.error_code(), grpc::StatusCode::OUT_OF_RANGE);
-  EXPECT_THAT(st.error_message(), HasSubstr("expanding replicated volumes is not supported"));
-  EXPECT_EQ(DpCount("resize rv"), 0);
-  EXPECT_EQ(os_.Count("grow"), 0);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(resp.capacity_bytes(), static_cast<int64_t>(4 * kGiB));
+  EXPECT_EQ(DpCount("resize rv"), 1);
+  EXPECT_EQ(os_.Count("grow"), 1);
   // Its arguments are still checked first.
   EXPECT_EQ(Expand("", 4 * kGiB, &resp, kRid).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(ReplicatedNodeTest, ATargetThatCannotGrowFailsTheExpandAndTheFileSystemStays) {
+  ASSERT_TRUE(Stage(MountCap("ext4"), kRid).ok());
+  ASSERT_TRUE(Publish(MountCap("ext4"), false, kTarget, kRid).ok());
+  rv().catalogue_size = 4 * kGiB;
+  rv().fail_grow = Error(EAGAIN, "replica set rv: replicas out of sync; resync them first");
+  v1::NodeExpandVolumeResponse resp;
+  grpc::Status st = Expand(kTarget, 4 * kGiB, &resp, kRid);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+  EXPECT_EQ(os_.Count("grow"), 0);
+  // The controller has not grown it yet: the device is smaller than required.
+  rv().fail_grow = Status::Ok();
+  rv().catalogue_size = 0;
+  st = Expand(kTarget, 4 * kGiB, &resp, kRid);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::OUT_OF_RANGE) << st.error_message();
+  EXPECT_EQ(os_.Count("grow"), 0);
 }
 
 TEST_F(ReplicatedNodeTest, BadReplicatedIds) {

@@ -355,9 +355,10 @@ class Catalog : public nbd::ExportCatalog {
     std::lock_guard lk(mu);
     seen.emplace_back(name);
     if (!known.empty() && name != known) return std::nullopt;
-    return nbd::ExportInfo{std::string(name), kExportSize, false, ""};
+    return nbd::ExportInfo{std::string(name), size, false, ""};
   }
   std::vector<std::string> List() override { return {}; }
+  uint64_t size = kExportSize;  // under mu: what the next handshake says (a resized volume)
   std::mutex mu;
   std::vector<std::string> seen;
   std::string known;  // empty: every name exists
@@ -601,6 +602,49 @@ TEST(ReplicaClient, ConnectSendsTheEpochNameVerbatimOnEveryConnection) {
   std::lock_guard lk(s.catalog.mu);
   EXPECT_EQ(s.catalog.seen,
             (std::vector<std::string>{"vol@epoch=7", "vol@epoch=7", "vol@epoch=7"}));
+}
+
+// An expanded volume: Grow's fresh handshake must see the export at least that big before the
+// bound moves; the connections in use stay (the server checks their requests live).
+TEST(ReplicaClient, GrowTakesANewEndOnlyOnceAHandshakeConfirmsIt) {
+  FakeServer s([](FakeConn& c) {
+    nbd::RequestHeader h;
+    std::vector<uint8_t> p;
+    while (c.Next(&h, &p)) c.Send(NoneChunk(h.cookie));
+  });
+  auto o = Options(s, 2);
+  o.epoch = 7;
+  auto c = ReplicaClient::Connect(o);
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  EXPECT_EQ((*c)->size(), kExportSize);
+  auto data = Pattern(4096, 9);
+  Results res;
+  EXPECT_EQ((*c)->Write(kExportSize, data, false, res.Cb(0)).code(), ENOSPC);
+  auto g = (*c)->Grow(2 * kExportSize);
+  EXPECT_EQ(g.status().code(), ENOSPC) << "the export has not grown yet";
+  EXPECT_NE(g.status().message().find(std::to_string(kExportSize)), std::string::npos)
+      << g.status().message();
+  EXPECT_EQ((*c)->size(), kExportSize);
+  {
+    std::lock_guard lk(s.catalog.mu);
+    s.catalog.size = 2 * kExportSize;
+    s.catalog.seen.clear();
+  }
+  g = (*c)->Grow(2 * kExportSize);
+  ASSERT_TRUE(g.ok()) << g.status().message();
+  EXPECT_EQ(*g, 2 * kExportSize);
+  EXPECT_EQ((*c)->size(), 2 * kExportSize);
+  {
+    std::lock_guard lk(s.catalog.mu);
+    EXPECT_EQ(s.catalog.seen, std::vector<std::string>{"vol@epoch=7"}) << "one handshake, same epoch";
+  }
+  ASSERT_TRUE((*c)->Write(kExportSize, data, false, res.Cb(1)).ok());
+  ASSERT_TRUE(res.WaitFor(1));
+  EXPECT_TRUE(res.Of(1).ok()) << res.Of(1).message();
+  EXPECT_EQ((*c)->healthy_connections(), 2u);
+  EXPECT_EQ((*c)->export_properties().size, kExportSize) << "what the first handshake saw";
+  // Smaller or equal: nothing to confirm.
+  EXPECT_EQ((*c)->Grow(kExportSize).value(), 2 * kExportSize);
 }
 
 TEST(ReplicaClient, StaleEpochRefusalIsEstale) {

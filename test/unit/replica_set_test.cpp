@@ -70,6 +70,13 @@ class FakeChannel final : public ReplicaChannel {
     }
     for (auto& h : held) h.cb(Error(ESHUTDOWN, "closed"));
   }
+  // Grow: records the size asked, answers grow_error.
+  Status grow_error = Status::Ok();
+  std::vector<uint64_t> grows;
+  Status Grow(uint64_t size) override {
+    grows.push_back(size);
+    return grow_error;
+  }
   ClientCounters counters() const override {
     std::lock_guard<std::mutex> lock(mu_);
     ClientCounters c;
@@ -379,6 +386,38 @@ TEST_F(ReplicaSetTest, AFailedReplicaIsDroppedBeforeTheWriteIsAcknowledged) {
   set_->Submit(Write(0, w2), r3.Done());
   EXPECT_EQ(r3.Wait(), 0);
   EXPECT_EQ(ch_[1]->requests(), b_before);
+}
+
+TEST_F(ReplicaSetTest, GrowAsksEveryReplicaFirstThenTakesTheSize) {
+  Make(2);
+  ASSERT_TRUE(set_->Grow(kSize / 2).ok());
+  EXPECT_EQ(set_->size(), kSize) << "never shrinks";
+  EXPECT_TRUE(ch_[0]->grows.empty());
+  ch_[1]->grow_error = Error(ENOSPC, "its export is smaller");
+  Status g = set_->Grow(2 * kSize);
+  EXPECT_EQ(g.code(), ENOSPC) << g.message();
+  EXPECT_NE(g.message().find("on b"), std::string::npos) << g.message();
+  EXPECT_EQ(set_->size(), kSize) << "a replica that cannot take it leaves the size";
+  ch_[1]->grow_error = Status::Ok();
+  ASSERT_TRUE(set_->Grow(2 * kSize).ok());
+  EXPECT_EQ(set_->size(), 2 * kSize);
+  EXPECT_EQ(ch_[0]->grows.back(), 2 * kSize);
+  EXPECT_EQ(ch_[1]->grows.back(), 2 * kSize);
+  EXPECT_TRUE(membership_.calls().empty()) << "growing drops nobody";
+}
+
+TEST_F(ReplicaSetTest, GrowWaitsUntilEveryReplicaIsInSync) {
+  Make(2);
+  ch_[1]->fail = [](BackendRequest::Op, uint64_t) { return ECONNRESET; };
+  std::vector<uint8_t> w(512, 1);
+  Result r;
+  set_->Submit(Write(0, w), r.Done());
+  EXPECT_EQ(r.Wait(), 0);
+  ASSERT_EQ(StateOf("b"), MemberState::kOut);
+  Status g = set_->Grow(2 * kSize);
+  EXPECT_EQ(g.code(), EAGAIN) << g.message();
+  EXPECT_EQ(set_->size(), kSize);
+  EXPECT_TRUE(ch_[0]->grows.empty());
 }
 
 TEST_F(ReplicaSetTest, ALostClaimStopsTheSetAndFailsTheWrite) {

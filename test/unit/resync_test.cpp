@@ -441,6 +441,23 @@ TEST_F(ResyncTest, RefusesPeersOfDifferentSizesAndAForeignBitmap) {
   EXPECT_EQ(job.RunDirty(*bm).code(), EINVAL);
 }
 
+// The volume was expanded while the replica was out: its bitmap has the old size, the copies the
+// new one, and the target never wrote past the old end (it grows only with every replica in
+// sync). The dirty regions are copied; nothing past the bitmap is touched.
+TEST_F(ResyncTest, ABitmapOfTheSizeBeforeAnExpansionStillResyncs) {
+  FakeDisk src(8 * kMiB), dst(8 * kMiB);
+  src.Fill(0, 8 * kMiB, 1);
+  auto bm = Bitmap(4 * kMiB, kMiB);
+  ASSERT_TRUE(bm->MarkDurable(kMiB + 5, 1).ok());
+  Resync job(src, dst);
+  Status s = job.RunDirty(*bm);
+  ASSERT_TRUE(s.ok()) << s.message();
+  EXPECT_TRUE(SameBytes(src.data, dst.durable, kMiB, kMiB));
+  EXPECT_FALSE(SameBytes(src.data, dst.durable, 4 * kMiB, kMiB)) << "past the bitmap: untouched";
+  EXPECT_EQ(dst.bytes_written.load(), kMiB);
+  EXPECT_EQ(bm->dirty_bytes(), 0u);
+}
+
 TEST_F(ResyncTest, TheRateLimitHoldsTheCopyBack) {
   const uint64_t size = 2 * kMiB;
   FakeDisk src(size), dst(size);

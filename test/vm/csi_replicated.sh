@@ -16,6 +16,8 @@
 #     /dev/nbdN to it), NodePublish, files written and checksummed; each call twice
 #   - node-b's stage meanwhile: refused UNAVAILABLE, naming node-t as the holder; nothing left
 #     open or attached on node-b
+#   - online expansion to 128Mi: ControllerExpandVolume (twice) grows both copies and etcd's
+#     record, NodeExpandVolume on node-t (twice) grows its target, /dev/nbdN and the mounted ext4
 #   - fio randwrite with crc32c verify on node-t while node-a's datapath is killed -9: fio ends with
 #     no error, no kernel I/O error, and NodeGetVolumeStats reports the volume abnormal (degraded)
 #   - node-t: NodeUnpublish + NodeUnstage, twice: device gone, target closed, claim released in etcd
@@ -160,6 +162,22 @@ mkdir -p "$(tgt t)/data"
 for i in 1 2 3; do head -c $((2 << 20)) /dev/urandom >"$(tgt t)/data/f$i"; done
 sync
 step "node-t: published, 6 MiB written"
+
+# Online expansion: the controller grows both copies and the catalogue; NodeExpandVolume on
+# node-t grows its target (GrowTarget), the device (RECONFIGURE) and ext4, with the fs mounted.
+BIG=$((128 << 20))
+ctlr controller expand "$ID" --size 128Mi >/dev/null || fail "ControllerExpandVolume"
+ctlr controller expand "$ID" --size 128Mi >/dev/null || fail "ControllerExpandVolume retry"
+for n in a b; do
+  [ "$(ctl $n -o json volume inspect rv | jq .size_bytes)" = $BIG ] || fail "node-$n: the copy did not grow"
+done
+[ "$(nbdcsi-cluster-tool --etcd "$ETCD" get-volume rv | jq .size_bytes)" = $BIG ] || fail "etcd: the size is not $BIG"
+twice t expand "$ID" --volume-path "$(tgt t)" --staging-path "$(stg t)" --size 128Mi
+[ "$(ctl t -o json target inspect rv | jq .size_bytes)" = $BIG ] || fail "node-t: the target did not grow"
+[ "$(cat "/sys/block/${DEV#/dev/}/size")" = $((BIG >> 9)) ] || fail "node-t: $DEV is $(cat "/sys/block/${DEV#/dev/}/size") sectors"
+fs_size=$(df -P -k "$(tgt t)" | awk 'NR == 2 { print $2 * 1024 }')  # busybox df
+[ "$fs_size" -gt $((100 << 20)) ] || fail "node-t: ext4 is $fs_size bytes after the expansion"
+step "ControllerExpandVolume to 128Mi (twice): both copies and etcd; node-t: NodeExpandVolume (twice) grew the target, $DEV and ext4 ($fs_size bytes) online"
 
 FIO_MB=4
 fio --name=rep --filename="$(tgt t)/data/fio.dat" --size=${FIO_MB}M --bs=4k --rw=randwrite \
