@@ -29,29 +29,23 @@ StatusOr<std::set<std::string>> OpenTargets::LoadLocked() {
   return names;
 }
 
-Status OpenTargets::Add(const std::string& volume) {
-  if (dir_.empty()) return Status::Ok();
-  std::lock_guard<std::mutex> lock(mu_);
-  if (!loaded_) {
-    if (auto l = LoadLocked(); !l.ok()) return l.status();
-  }
-  if (names_.count(volume)) return Status::Ok();
-  auto next = names_;
-  next.insert(volume);
-  if (Status s = Write(next); !s.ok()) return s;
-  names_ = std::move(next);
-  return Status::Ok();
-}
+Status OpenTargets::Add(const std::string& volume) { return Change(volume, true); }
 
-Status OpenTargets::Remove(const std::string& volume) {
+Status OpenTargets::Remove(const std::string& volume) { return Change(volume, false); }
+
+Status OpenTargets::Change(const std::string& volume, bool open) {
   if (dir_.empty()) return Status::Ok();
   std::lock_guard<std::mutex> lock(mu_);
   if (!loaded_) {
     if (auto l = LoadLocked(); !l.ok()) return l.status();
   }
-  if (!names_.count(volume)) return Status::Ok();
+  if (names_.count(volume) == (open ? 1u : 0u)) return Status::Ok();
   auto next = names_;
-  next.erase(volume);
+  if (open) {
+    next.insert(volume);
+  } else {
+    next.erase(volume);
+  }
   if (Status s = Write(next); !s.ok()) return s;
   names_ = std::move(next);
   return Status::Ok();

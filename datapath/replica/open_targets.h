@@ -28,6 +28,8 @@ class OpenTargets {
 
  private:
   StatusOr<std::set<std::string>> LoadLocked();
+  // Records `volume` as open (or no longer open), durably, unless it already is (is not).
+  Status Change(const std::string& volume, bool open);
   Status Write(const std::set<std::string>& names);  // under mu_
 
   std::string dir_;
