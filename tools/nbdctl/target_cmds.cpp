@@ -222,7 +222,8 @@ struct TargetCommands::Impl {
                  Positional("VOLUME", &volume, "Replicated volume",
                             [this](CLI::App& c) {
                               c.add_option("NODE", node, "The replica's node")->required();
-                              c.add_option("--rate", rate, "Copy limit in bytes/s (50Mi)");
+                              c.add_option("--rate", rate, "Copy limit in bytes/s (50Mi) for the passes made while writes go on; "
+                                             "the last pass (8 MiB or less) runs unpaced with writes held");
                               c.add_flag("--wait", wait,
                                          "Wait until the replica is in sync, with progress on "
                                          "stderr, and print the resync's report");
