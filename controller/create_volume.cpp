@@ -49,6 +49,7 @@ class CreateVolumeCall {
     if (replicas_ > 1) return RunReplicated(resp);
     if (Status s = FindCandidates(); !s.ok()) return s;
     if (Status s = ResolveSource(); !s.ok()) return s;
+    if (source_.present()) candidates_.order = {source_.node};
     if (Status s = CheckRange(); !s.ok()) return s;
     auto found = FindExisting(resp->mutable_volume());
     if (!found.ok()) return found.status();
@@ -92,22 +93,24 @@ class CreateVolumeCall {
     if (!replicated_.enabled()) {
       return replicated_.NoCatalogue(fmt::format("parameter replicas={}", replicas_));
     }
-    if (req_.has_volume_content_source()) {
-      return Err(EINVAL, "volume_content_source: restoring or cloning into a replicated volume "
-                 "(replicas={}) is not supported yet", replicas_);
-    }
     if (Status s = CheckRange(); !s.ok()) return s;
-    auto size = VolumeSizeFor(range_, opts_.default_volume_bytes, 0);
-    if (!size.ok()) return CallError(size.status().code(), size.status().message());
     if (Status s = FindCandidates(); !s.ok()) return s;
+    // A restore or clone: its node holds the first replica (ReplicatedVolumes::Create).
+    if (Status s = ResolveSource(); !s.ok()) return s;
     ReplicatedVolumes::CreateArgs a;
     a.csi_name = req_.name();
     a.pool_name = pool_name_;
-    a.size_bytes = *size;
+    a.size_bytes = [this] { return SizeToProvision(); };
     a.range = range_;
     a.qos = qos_;
     a.replicas = replicas_;
     a.candidates = &candidates_;
+    if (source_.present()) {
+      const auto& cs = req_.volume_content_source();
+      a.source_id = cs.has_snapshot() ? cs.snapshot().snapshot_id() : cs.volume().volume_id();
+      a.source_node = source_.node;
+      a.source = source_.dp;
+    }
     Status s = replicated_.Create(a, resp->mutable_volume());
     if (s.code() == ENOSPC && opts_.on_placement_refused) {
       opts_.on_placement_refused(ControllerOptions::Refusal::kNoRoom);
@@ -115,9 +118,10 @@ class CreateVolumeCall {
     return s;
   }
 
-  // Restores and clones are local (reflink or local copy): the source pins the node. Only parsed
-  // here; its size is asked for after the idempotency search, so a retry still finds a restored
-  // volume whose snapshot was deleted meanwhile.
+  // Restores and clones are local (reflink or local copy): the source pins the node (a
+  // replicated volume's first replica). Only parsed here; its size is asked for after the
+  // idempotency search, so a retry still finds a restored volume whose snapshot was deleted
+  // meanwhile.
   Status ResolveSource() {
     if (!req_.has_volume_content_source()) return Status::Ok();
     const auto& cs = req_.volume_content_source();
@@ -140,7 +144,6 @@ class CreateVolumeCall {
                  "restoring or cloning to another node is not supported",
                  source_.node);
     }
-    candidates_.order = {source_.node};
     return Status::Ok();
   }
 

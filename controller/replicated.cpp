@@ -6,6 +6,7 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <google/protobuf/util/message_differencer.h>
 #include <spdlog/spdlog.h>
 
 #include "controller/csi_response.h"
@@ -45,29 +46,34 @@ Status ReplicatedVolumes::NoCatalogue(std::string_view what) const {
 Status ReplicatedVolumes::Create(const CreateArgs& a, v1::Volume* out) {
   if (!store_) return NoCatalogue(fmt::format("parameter replicas={}", a.replicas));
   auto existing = store_->GetVolume(a.pool_name);
-  if (existing.ok()) return Finish(a, *existing, out);  // an earlier attempt: finish it
+  if (existing.ok()) return Finish(a, *existing, out, true);  // an earlier attempt: finish it
   if (existing.status().code() != ENOENT) return existing.status();
 
-  auto nodes = Choose(a);
+  auto size = a.size_bytes();
+  if (!size.ok()) return size.status();
+  auto nodes = Choose(a, *size);
   if (!nodes.ok()) return nodes.status();
   cluster::VolumeState v;
   v.name = a.pool_name;
-  v.size_bytes = a.size_bytes;
+  v.size_bytes = *size;
   v.replicas = cluster::SortedUnique(*nodes);
-  v.in_sync = v.replicas;  // blank copies are identical
+  // Blank copies are identical; a restored or cloned volume's data is on the source's node only
+  // until its first target copies it to the others.
+  v.in_sync = a.source_id.empty() ? v.replicas : std::vector<std::string>{a.source_node};
+  v.source = a.source_id;
   auto made = store_->CreateVolume(v);
   if (!made.ok() && made.status().code() == EEXIST) {
     // Another controller's attempt got there first (a different placement): finish that one.
     auto now = store_->GetVolume(a.pool_name);
     if (!now.ok()) return now.status();
-    return Finish(a, *now, out);
+    return Finish(a, *now, out, true);
   }
   if (!made.ok()) return made.status();
-  return Finish(a, *made, out);
+  return Finish(a, *made, out, false);
 }
 
 Status ReplicatedVolumes::Finish(const CreateArgs& a, const cluster::VolumeState& v,
-                                 v1::Volume* out) {
+                                 v1::Volume* out, bool earlier_attempt) {
   const v1::CapacityRange* r = a.range;
   const bool size_ok =
       !r || (v.size_bytes >= static_cast<uint64_t>(r->required_bytes()) &&
@@ -80,8 +86,13 @@ Status ReplicatedVolumes::Finish(const CreateArgs& a, const cluster::VolumeState
     return Err(EEXIST, "volume \"{}\" exists with {} replicas, not {}", a.csi_name,
                v.replicas.size(), a.replicas);
   }
-  if (Status s = CreateCopies(a, v); !s.ok()) {
-    if (v.epoch == 0) RollBack(v);
+  if (v.source != a.source_id) {
+    return Err(EEXIST, "volume \"{}\" exists with content source \"{}\", not \"{}\"",
+               a.csi_name, v.source, a.source_id);
+  }
+  if (Status s = CreateCopies(a, v, earlier_attempt); !s.ok()) {
+    // Not when the copies belong to another request (ALREADY_EXISTS): they are its volume.
+    if (v.epoch == 0 && s.code() != EEXIST) RollBack(v);
     return s;
   }
   Fill(v, out, nullptr);
@@ -90,14 +101,25 @@ Status ReplicatedVolumes::Finish(const CreateArgs& a, const cluster::VolumeState
   return Status::Ok();
 }
 
-StatusOr<std::vector<std::string>> ReplicatedVolumes::Choose(const CreateArgs& a) {
+StatusOr<std::vector<std::string>> ReplicatedVolumes::Choose(const CreateArgs& a,
+                                                             uint64_t size_bytes) {
   auto live = store_->LiveNodes();
   if (!live.ok()) return live.status();
   const std::set<std::string> alive(live->begin(), live->end());
   std::vector<std::string> chosen, why_not;
   bool missing = false;
-  for (const auto& node : a.candidates->order) {
+  // A restore or clone is made on its source's node, so that node comes first, and only then.
+  std::vector<std::string> order = a.candidates->order;
+  if (!a.source_node.empty()) {
+    std::erase(order, a.source_node);
+    order.insert(order.begin(), a.source_node);
+  }
+  for (const auto& node : order) {
     if (chosen.size() == static_cast<size_t>(a.replicas)) break;
+    if (!a.source_node.empty() && chosen.empty() && node != a.source_node) {
+      // The source's node was refused (why_not says why): nowhere else can hold the first copy.
+      break;
+    }
     auto info = nodes_.Get(node);
     if (!info) {
       missing = true;
@@ -106,29 +128,52 @@ StatusOr<std::vector<std::string>> ReplicatedVolumes::Choose(const CreateArgs& a
       // Its datapath runs without --cluster-etcd, or lost its lease: no target could reach it.
       missing = true;
       why_not.push_back(node + ": not alive in the cluster state");
-    } else if (ledger_.Room(*info) < a.size_bytes) {
+    } else if (ledger_.Room(*info) < size_bytes) {
       why_not.push_back(fmt::format("{}: {} bytes provisionable", node, ledger_.Room(*info)));
     } else {
       chosen.push_back(node);
     }
   }
   if (chosen.size() == static_cast<size_t>(a.replicas)) return chosen;
+  if (!a.source_node.empty() && chosen.empty()) {
+    return Err(missing ? EAGAIN : ENOSPC,
+               "the content source {} is on node {}, which must hold the first replica and "
+               "cannot now ({})",
+               a.source_id, a.source_node, fmt::join(why_not, "; "));
+  }
   std::string detail = why_not.empty() ? "no other candidate node" : fmt::format("{}", fmt::join(why_not, "; "));
   if (missing || a.candidates->order.empty()) {
     return Err(EAGAIN, "replicas={} needs {} nodes with room for {} bytes, found {} ({}); retry "
-               "once more nodes register", a.replicas, a.replicas, a.size_bytes, chosen.size(),
+               "once more nodes register", a.replicas, a.replicas, size_bytes, chosen.size(),
                detail);
   }
   return Err(ENOSPC, "replicas={} needs {} distinct nodes with room for {} bytes, found {} ({})",
-             a.replicas, a.replicas, a.size_bytes, chosen.size(), detail);
+             a.replicas, a.replicas, size_bytes, chosen.size(), detail);
 }
 
-Status ReplicatedVolumes::CreateCopies(const CreateArgs& a, const cluster::VolumeState& v) {
+Status ReplicatedVolumes::CreateCopies(const CreateArgs& a, const cluster::VolumeState& v,
+                                       bool earlier_attempt) {
   dpv1::CreateVolumeRequest req;
   req.set_name(v.name);
   req.set_size_bytes(v.size_bytes);
   *req.mutable_qos() = a.qos;
   for (const auto& node : v.replicas) {
+    // A copy an earlier attempt made stays as it is: its source may be gone since (a restore's
+    // snapshot deleted), and asking the pool to make it again would fail on that.
+    if (earlier_attempt) {
+      auto have = nodes_.GetVolume(node, v.name);
+      if (have.ok() && !google::protobuf::util::MessageDifferencer::Equals(have->qos(), a.qos)) {
+        return Err(EEXIST, "volume \"{}\" exists with other QoS parameters ({})", a.csi_name,
+                   have->qos().ShortDebugString());
+      }
+      if (have.ok()) continue;
+    }
+    // The source's node restores or clones its copy; the others start blank (out of sync).
+    if (node == a.source_node) {
+      *req.mutable_source() = a.source;
+    } else {
+      req.clear_source();
+    }
     auto made = nodes_.On(node, [&](NodeDatapath& d) { return d.CreateVolume(req); });
     if (!made.ok() && made.status().code() == ENOSPC) {
       // Believe the pool over its last heartbeat until the next one: a retry places elsewhere.
@@ -221,6 +266,11 @@ void ReplicatedVolumes::Fill(const cluster::VolumeState& v, v1::Volume* out,
   auto id = csi::FormatReplicatedVolumeId(v.name);
   out->set_volume_id(id.ok() ? *id : "");
   out->set_capacity_bytes(static_cast<int64_t>(v.size_bytes));
+  if (csi::ParseSnapshotId(v.source).ok()) {
+    out->mutable_content_source()->mutable_snapshot()->set_snapshot_id(v.source);
+  } else if (!v.source.empty()) {
+    out->mutable_content_source()->mutable_volume()->set_volume_id(v.source);
+  }
   // No accessible_topology: every node reaches the replicas over the network.
   if (!cond) return;
   std::vector<std::string> problems;

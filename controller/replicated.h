@@ -38,11 +38,24 @@
 // entry, which nothing reads past (the target serves the entry's size), and the retry finishes.
 // A served volume's target learns the size on its node (NodeExpandVolume: RefreshTarget).
 //
-// Not yet for replicated volumes (INVALID_ARGUMENT, saying so): content sources (restore, clone)
-// into a replicated volume, clones from one.
+// Restore and clone into a replicated volume (a content source: a snapshot s1:NODE:NAME, or a
+// single-node volume v1:NODE:NAME): the source's node holds the first replica, restored or cloned
+// there by its pool (reflink or local copy, as for any restore); the other replicas are blank
+// copies of the same size, and the catalogue entry records them as OUT OF SYNC (in_sync is the
+// source's node alone) with the source's id (VolumeState::source: idempotency compares it, and
+// the CSI volume reports it as its content source). The first target that opens the volume (its
+// first stage) gives every other replica a full copy, holes skipped, in the background
+// (datapath/replica/target.h: a replica out of sync at the claim); until then the volume reports
+// itself degraded, and its data lives on the source's node only. The source's node must be
+// registered, alive in the cluster state and have room, else UNAVAILABLE (it may come back) or
+// RESOURCE_EXHAUSTED.
+//
+// Not yet for replicated volumes (INVALID_ARGUMENT, saying so): clones FROM one (take a snapshot
+// and restore that).
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <map>
 #include <set>
 #include <string>
@@ -67,11 +80,18 @@ class ReplicatedVolumes {
   struct CreateArgs {
     std::string csi_name;
     std::string pool_name;
-    uint64_t size_bytes = 0;            // what a fresh volume gets
+    // What a fresh volume gets; asked only when the catalogue holds no earlier attempt (a
+    // retry must find a restored volume even once its snapshot is deleted).
+    std::function<StatusOr<uint64_t>()> size_bytes;
     const ::csi::v1::CapacityRange* range = nullptr;  // what an existing one must fit
     dpv1::QosLimits qos;
     int replicas = 2;
     const Candidates* candidates = nullptr;
+    // A restore or clone: the CSI id of its source, the node that holds it, and the pool's
+    // spelling of it (for that node's CreateVolume). Empty id: a blank volume.
+    std::string source_id;
+    std::string source_node;
+    dpv1::VolumeContentSource source;
   };
   Status Create(const CreateArgs& a, ::csi::v1::Volume* out);
   // `id` is an r1 id (csi::IsReplicatedVolumeId); a malformed one names nothing: deleted.
@@ -120,9 +140,11 @@ class ReplicatedVolumes {
   bool enabled() const { return store_ != nullptr; }
 
  private:
-  StatusOr<std::vector<std::string>> Choose(const CreateArgs& a);
-  Status Finish(const CreateArgs& a, const cluster::VolumeState& v, ::csi::v1::Volume* out);
-  Status CreateCopies(const CreateArgs& a, const cluster::VolumeState& v);
+  StatusOr<std::vector<std::string>> Choose(const CreateArgs& a, uint64_t size_bytes);
+  // `earlier_attempt`: the entry was there before this call (a retry, or another controller's).
+  Status Finish(const CreateArgs& a, const cluster::VolumeState& v, ::csi::v1::Volume* out,
+                bool earlier_attempt);
+  Status CreateCopies(const CreateArgs& a, const cluster::VolumeState& v, bool earlier_attempt);
   void RollBack(const cluster::VolumeState& v);
   // One attempt of CreateSnapshot on the catalogue entry `v`.
   Status SnapshotOnce(const std::string& id, const cluster::VolumeState& v,

@@ -73,16 +73,20 @@ std::string EncodeVolumeState(const VolumeState& v) {
             {"in_sync", v.in_sync}, {"target", v.target},         {"epoch", v.epoch}};
   // Only when set, so that a cleanly released volume's bytes are what they were before the key.
   if (v.dirty) j["dirty"] = true;
+  if (!v.source.empty()) j["source"] = v.source;
   return j.dump();
 }
 
 StatusOr<VolumeState> DecodeVolumeState(std::string_view text, std::string_view where) {
   auto j = Parse(text, where);
   if (!j.ok()) return j.status();
-  // "dirty" is optional (absent: false, and states written before it existed read as clean);
-  // every other key is required.
+  // "dirty" and "source" are optional (absent: false and "", so states written before they
+  // existed read as clean and blank); every other key is required.
   nlohmann::json required = *j;
-  if (required.is_object()) required.erase("dirty");
+  if (required.is_object()) {
+    required.erase("dirty");
+    required.erase("source");
+  }
   if (Status s = json_field::CheckKeys(required, where,
                                        {"name", "size_bytes", "replicas", "in_sync", "target",
                                         "epoch"});
@@ -97,6 +101,7 @@ StatusOr<VolumeState> DecodeVolumeState(std::string_view text, std::string_view 
   if (s.ok()) s = json_field::Read(*j, where, "target", v.target);
   if (s.ok()) s = json_field::Read(*j, where, "epoch", v.epoch);
   if (s.ok() && j->contains("dirty")) s = json_field::Read(*j, where, "dirty", v.dirty);
+  if (s.ok() && j->contains("source")) s = json_field::Read(*j, where, "source", v.source);
   if (!s.ok()) return s;
   if (Status bad = ValidateVolumeState(v); !bad.ok()) {
     return Error(EINVAL, "{}: {}", where, bad.message());

@@ -34,6 +34,10 @@ struct VolumeState {
   // target reconciles them (datapath/replica/target.h). Stored only when set ("dirty": true); a
   // state written before the key existed reads as clean.
   bool dirty = false;
+  // The CSI id of the snapshot ("s1:NODE:NAME") or single-node volume ("v1:NODE:NAME") the volume
+  // was restored or cloned from, "" for a blank one: what CreateVolume's idempotency compares and
+  // what the CSI volume reports as its content source. Stored only when set.
+  std::string source{};
 
   bool operator==(const VolumeState&) const = default;
 };

@@ -203,6 +203,10 @@ TEST_F(Replicated_, RetriesReturnTheSameVolumeAndMismatchesAreAlreadyExists) {
   (*other_qos.mutable_parameters())["maxIops"] = "7";
   s = Create(other_qos, &resp);
   EXPECT_EQ(s.error_code(), StatusCode::ALREADY_EXISTS) << Describe(s);
+  // A mismatch takes nothing away from the volume that is there.
+  EXPECT_EQ(store_.GetVolume("pvc-1")->replicas, placed);
+  EXPECT_EQ(Holders("pvc-1", {"node-a", "node-b", "node-c"}),
+            std::set<std::string>(placed.begin(), placed.end()));
 }
 
 TEST_F(Replicated_, ARetryFinishesAnAttemptThatStoppedAfterTheCatalogueEntry) {
@@ -533,11 +537,117 @@ TEST_F(Replicated_, WhatIsNotSupportedYetIsInvalidArgumentSayingSo) {
   clone.mutable_volume_content_source()->mutable_volume()->set_volume_id("r1:pvc-1");
   v1::CreateVolumeResponse cr;
   said(Create(clone, &cr), "replicated volume");
-
   auto into = Replicated("pvc-into", 2);
-  into.mutable_volume_content_source()->mutable_snapshot()->set_snapshot_id("s1:node-a:snap");
-  said(Create(into, &cr), "not supported yet");
+  into.mutable_volume_content_source()->mutable_volume()->set_volume_id("r1:pvc-1");
+  said(Create(into, &cr), "replicated volume");
   EXPECT_FALSE(store_.GetVolume("pvc-into").ok());
+}
+
+// ---- restores and clones into a replicated volume ----
+
+v1::CreateVolumeRequest RestoredFrom(v1::CreateVolumeRequest r, const std::string& snapshot_id) {
+  r.mutable_volume_content_source()->mutable_snapshot()->set_snapshot_id(snapshot_id);
+  return r;
+}
+
+dpv1::Snapshot PoolSnapshot(const std::string& name, uint64_t size) {
+  dpv1::Snapshot s;
+  s.set_name(name);
+  s.set_source_volume("vol");
+  s.set_size_bytes(size);
+  s.set_ready(true);
+  return s;
+}
+
+TEST_F(Replicated_, ARestoreIsMadeOnTheSnapshotsNodeAndTheOtherCopiesStartOutOfSync) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 30 * kGiB);
+  Up("node-c", 20 * kGiB);
+  Node("node-a").PutSnapshot(PoolSnapshot("snap", kGiB));
+  const auto req = RestoredFrom(Replicated("pvc-r", 2), "s1:node-a:snap");
+  v1::Volume made = MustCreate(req);
+  EXPECT_EQ(made.volume_id(), "r1:pvc-r");
+  EXPECT_EQ(made.capacity_bytes(), static_cast<int64_t>(kGiB));  // the snapshot's size
+  EXPECT_EQ(made.content_source().snapshot().snapshot_id(), "s1:node-a:snap");
+  // The snapshot's node holds the first copy, whatever its room; the most room the second.
+  auto v = store_.GetVolume("pvc-r");
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(v->replicas, (std::vector<std::string>{"node-a", "node-b"}));
+  EXPECT_EQ(v->in_sync, (std::vector<std::string>{"node-a"}));
+  EXPECT_EQ(v->source, "s1:node-a:snap");
+  ASSERT_TRUE(Node("node-a").Volume("pvc-r") && Node("node-b").Volume("pvc-r"));
+  EXPECT_EQ(Node("node-a").Volume("pvc-r")->source(), "snapshot/snap");
+  EXPECT_EQ(Node("node-b").Volume("pvc-r")->source(), "");  // blank, out of sync
+  EXPECT_EQ(Node("node-b").Volume("pvc-r")->size_bytes(), kGiB);
+  // Degraded until a target copies the data to node-b.
+  v1::ControllerGetVolumeResponse got;
+  ASSERT_TRUE(Get("r1:pvc-r", &got).ok());
+  EXPECT_TRUE(got.status().volume_condition().abnormal());
+  EXPECT_NE(got.status().volume_condition().message().find("1 of 2 replicas in sync (out of "
+                                                           "sync: node-b)"),
+            std::string::npos)
+      << got.status().volume_condition().message();
+  EXPECT_EQ(got.volume().content_source().snapshot().snapshot_id(), "s1:node-a:snap");
+
+  // A retry is the same volume, even once the snapshot is gone; another source is not.
+  ASSERT_TRUE(Node("node-a").DeleteSnapshot("snap").ok());
+  EXPECT_EQ(MustCreate(req).volume_id(), "r1:pvc-r");
+  v1::CreateVolumeResponse resp;
+  grpc::Status s = Create(Replicated("pvc-r", 2), &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::ALREADY_EXISTS) << Describe(s);
+  EXPECT_NE(s.error_message().find("s1:node-a:snap"), std::string::npos) << s.error_message();
+  s = Create(RestoredFrom(Replicated("pvc-r", 2), "s1:node-c:other"), &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::ALREADY_EXISTS) << Describe(s);
+  // And a blank volume is not one restored under the same name.
+  MustCreate(Replicated("pvc-blank", 2));
+  Node("node-a").PutSnapshot(PoolSnapshot("snap2", kGiB));
+  s = Create(RestoredFrom(Replicated("pvc-blank", 2), "s1:node-a:snap2"), &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::ALREADY_EXISTS) << Describe(s);
+}
+
+TEST_F(Replicated_, AVolumeIsClonedIntoAReplicatedOneOnItsNode) {
+  Up("node-a", 10 * kGiB);
+  Up("node-b", 10 * kGiB);
+  auto src = VolumeRequest("pvc-src", static_cast<int64_t>(2 * kGiB));
+  *src.mutable_accessibility_requirements()->add_requisite() = NodeTopology("node-b");
+  v1::Volume local = MustCreate(src);
+  ASSERT_EQ(local.volume_id(), "v1:node-b:pvc-src");
+  auto clone = Replicated("pvc-clone", 2);
+  clone.mutable_volume_content_source()->mutable_volume()->set_volume_id(local.volume_id());
+  v1::Volume made = MustCreate(clone);
+  EXPECT_EQ(made.capacity_bytes(), static_cast<int64_t>(2 * kGiB));
+  EXPECT_EQ(made.content_source().volume().volume_id(), "v1:node-b:pvc-src");
+  EXPECT_EQ(store_.GetVolume("pvc-clone")->in_sync, (std::vector<std::string>{"node-b"}));
+  EXPECT_EQ(Node("node-b").Volume("pvc-clone")->source(), "volume/pvc-src");
+  EXPECT_EQ(Node("node-a").Volume("pvc-clone")->source(), "");
+}
+
+TEST_F(Replicated_, ARestoreWhoseSourceNodeCannotTakeTheFirstCopyIsRefused) {
+  Up("node-b", 10 * kGiB);
+  Up("node-c", 10 * kGiB);
+  v1::CreateVolumeResponse resp;
+  // A snapshot that does not exist: NOT_FOUND, and nothing made.
+  Up("node-a", 10 * kGiB);
+  grpc::Status s = Create(RestoredFrom(Replicated("pvc-r", 2), "s1:node-a:missing"), &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::NOT_FOUND) << Describe(s);
+  EXPECT_FALSE(store_.GetVolume("pvc-r").ok());
+  Node("node-a").PutSnapshot(PoolSnapshot("snap", kGiB));
+  // Its node has no room left: RESOURCE_EXHAUSTED, though node-b and node-c have.
+  cluster_.Heartbeat("node-a", kMiB);
+  s = Create(RestoredFrom(Replicated("pvc-r", 2), "s1:node-a:snap"), &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::RESOURCE_EXHAUSTED) << Describe(s);
+  EXPECT_NE(s.error_message().find("node-a"), std::string::npos) << s.error_message();
+  EXPECT_TRUE(Holders("pvc-r", {"node-a", "node-b", "node-c"}).empty());
+  EXPECT_FALSE(store_.GetVolume("pvc-r").ok());
+  // Its node's lease ran out (it may come back): UNAVAILABLE.
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  ASSERT_TRUE(store_.RevokeLease(leases_["node-a"]).ok());
+  s = Create(RestoredFrom(Replicated("pvc-r", 2), "s1:node-a:snap"), &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::UNAVAILABLE) << Describe(s);
+  EXPECT_NE(s.error_message().find("node-a: not alive"), std::string::npos) << s.error_message();
+  Alive("node-a");
+  MustCreate(RestoredFrom(Replicated("pvc-r", 2), "s1:node-a:snap"));
+  EXPECT_EQ(store_.GetVolume("pvc-r")->in_sync, (std::vector<std::string>{"node-a"}));
 }
 
 // ---- snapshots (controller/replicated.h: at one write boundary) ----
@@ -741,13 +851,11 @@ TEST_F(ReplicatedSnapshots, ListingsNameTheReplicatedSourceAndARestoreIsASingleN
   EXPECT_EQ(v.volume_id(), "v1:" + node + ":pvc-restored");
   EXPECT_TRUE(Node(node).Volume("pvc-restored"));
 
-  // Restoring it into a replicated volume stays refused, saying so.
+  // Restored into a replicated volume: the first replica on the snapshot's node, in sync alone.
   auto into = Replicated("pvc-into", 2);
   into.mutable_volume_content_source()->mutable_snapshot()->set_snapshot_id(id);
-  v1::CreateVolumeResponse cr;
-  grpc::Status s = Create(into, &cr);
-  EXPECT_EQ(s.error_code(), StatusCode::INVALID_ARGUMENT) << Describe(s);
-  EXPECT_NE(s.error_message().find("replicated volume"), std::string::npos) << s.error_message();
+  EXPECT_EQ(MustCreate(into).volume_id(), "r1:pvc-into");
+  EXPECT_EQ(store_.GetVolume("pvc-into")->in_sync, (std::vector<std::string>{node}));
 
   v1::DeleteSnapshotRequest del;
   del.set_snapshot_id(id);

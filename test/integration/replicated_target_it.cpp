@@ -33,6 +33,9 @@
 //     verify on rv@target, node-b killed with SIGKILL in the middle: fio sees no error, the
 //     target reports itself degraded, and node-a's copy equals what the target served.
 //   - `nbdctl target resync` without --wait: started in the background, followed by inspect.
+//   - A snapshot of one replicated volume restored through CSI into another (replicas=2): the
+//     first copy restored on the snapshot's node, the other blank and out of sync until the
+//     first target copies the data to it; then both copies are the snapshot's image.
 //   - A target opened by `nbdctl target open` alone, its daemon killed with SIGKILL and started
 //     again: the target is reopened at the next epoch and serves what was written before; once
 //     closed by request, the next start leaves it closed.
@@ -40,6 +43,7 @@
 // Exits 77 without etcd, nbdcopy or the daemons, unless CI=true.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -156,12 +160,13 @@ class Node {
         limit, 200ms);
   }
   // VOL@target on this node's Unix socket, for libnbd clients.
-  std::string TargetUri() const {
-    return fmt::format("nbd+unix:///{}@target?socket={}", kVolume, nbd_sock());
+  std::string TargetUri(const std::string& volume = kVolume) const {
+    return fmt::format("nbd+unix:///{}@target?socket={}", volume, nbd_sock());
   }
   // The whole of VOL@target as this node serves it, into `path` (nbdcopy through libnbd).
-  bool CopyTarget(const std::string& path) {
-    return std::system(fmt::format("timeout 60 nbdcopy '{}' {}", TargetUri(), path).c_str()) == 0;
+  bool CopyTarget(const std::string& path, const std::string& volume = kVolume) {
+    return std::system(
+               fmt::format("timeout 60 nbdcopy '{}' {}", TargetUri(volume), path).c_str()) == 0;
   }
   void Kill9() {
     proc_.Kill(SIGKILL);
@@ -169,11 +174,11 @@ class Node {
   }
   // The whole volume through libnbd on the node's Unix socket, opened at `epoch` (the replica
   // is fenced there, so an open without an epoch is refused).
-  std::string Nbdcopy(uint64_t epoch) {
+  std::string Nbdcopy(uint64_t epoch, const std::string& volume = kVolume) {
     const std::string out = dir_ / "copy.raw";
     fs::remove(out);
     const std::string uri =
-        fmt::format("nbd+unix:///{}@epoch={}?socket={}", kVolume, epoch, nbd_sock());
+        fmt::format("nbd+unix:///{}@epoch={}?socket={}", volume, epoch, nbd_sock());
     const std::string cmd = "timeout 60 nbdcopy '" + uri + "' " + out + " >" +
                             std::string(dir_ / "nbdcopy.log") + " 2>&1";
     if (std::system(cmd.c_str()) != 0) {
@@ -1040,6 +1045,101 @@ TEST_F(ReplicatedTarget, ASnapshotThroughCsiIsTheImageAtOneWriteBoundary) {
   v1::DeleteSnapshotResponse deleted;
   EXPECT_TRUE(csi.Call(&v1::Controller::Stub::DeleteSnapshot, del, &deleted).ok());
   ASSERT_EQ(s.Nbdctl(fmt::format("target close {}", kVolume)), 0);
+  csi.Stop();
+}
+
+// A snapshot of a replicated volume restored into another replicated volume through CSI: the
+// first copy is restored on the snapshot's node, the other starts blank and out of sync; the
+// first target copies the data to it, and then both copies are the snapshot's image.
+TEST_F(ReplicatedTarget, ASnapshotRestoredIntoAReplicatedVolumeReachesEveryCopy) {
+  namespace v1 = ::csi::v1;
+  CsiCluster csi;
+  ASSERT_NO_FATAL_FAILURE(csi.Start(a_, b_, certs_, etcd_.endpoint(), *store_));
+  v1::CreateVolumeResponse created;
+  grpc::Status st = csi.CreateReplicated(&created);
+  ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(csi.log());
+  auto state = store_->GetVolume(kVolume);
+  ASSERT_TRUE(state.ok());
+  Node& s = csi.Stager(state->replicas);
+  ASSERT_EQ(s.Nbdctl(fmt::format("target open {}", kVolume)), 0);
+  // Half the volume written, half left a hole: the copy to the blank replica skips holes.
+  const std::string image = s.dir() + "/image.raw";
+  ASSERT_NO_FATAL_FAILURE(RandomFile(image, kSize / 2));
+  ASSERT_EQ(truncate(image.c_str(), static_cast<off_t>(kSize)), 0);
+  ASSERT_TRUE(Nbdcopy(image, s.TargetUri()));
+  v1::CreateSnapshotRequest snap;
+  snap.set_name("snap-r");
+  snap.set_source_volume_id("r1:rv");
+  v1::CreateSnapshotResponse made;
+  st = csi.Call(&v1::Controller::Stub::CreateSnapshot, snap, &made);
+  ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(csi.log());
+  const std::string snap_id = made.snapshot().snapshot_id();
+  const std::string holder = snap_id.substr(3, snap_id.rfind(':') - 3);
+  ASSERT_EQ(s.Nbdctl(fmt::format("target close {}", kVolume)), 0);
+
+  auto restore = test::VolumeRequest("rv2", 0);
+  (*restore.mutable_parameters())["replicas"] = "2";
+  restore.mutable_volume_content_source()->mutable_snapshot()->set_snapshot_id(snap_id);
+  v1::CreateVolumeResponse restored;
+  st = csi.Call(&v1::Controller::Stub::CreateVolume, restore, &restored);
+  ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(csi.log());
+  EXPECT_EQ(restored.volume().volume_id(), "r1:rv2");
+  EXPECT_EQ(restored.volume().capacity_bytes(), static_cast<int64_t>(kSize));
+  EXPECT_EQ(restored.volume().content_source().snapshot().snapshot_id(), snap_id);
+  auto rv2 = store_->GetVolume("rv2");
+  ASSERT_TRUE(rv2.ok()) << rv2.status().message();
+  EXPECT_EQ(rv2->in_sync, std::vector<std::string>{holder});
+  ASSERT_EQ(rv2->replicas.size(), 2u);
+  const std::string blank = rv2->replicas[0] == holder ? rv2->replicas[1] : rv2->replicas[0];
+  v1::ControllerGetVolumeRequest get;
+  get.set_volume_id("r1:rv2");
+  v1::ControllerGetVolumeResponse got;
+  ASSERT_TRUE(csi.Call(&v1::Controller::Stub::ControllerGetVolume, get, &got).ok());
+  EXPECT_TRUE(got.status().volume_condition().abnormal())
+      << got.status().volume_condition().message();
+
+  // Its first target serves the snapshot's image at once, and copies it to the blank replica.
+  Node& s2 = csi.Stager(rv2->replicas);
+  ASSERT_TRUE(test::WaitUntil(
+      [&] {
+        std::string out;
+        return s2.TryNbdctl("target open rv2", &out) == 0;
+      },
+      30s, 300ms))
+      << ReadFile(s2.log());
+  const std::string served = s2.dir() + "/served.raw";
+  ASSERT_TRUE(s2.CopyTarget(served, "rv2"));
+  EXPECT_TRUE(ReadFile(served) == ReadFile(image)) << "the target does not serve the snapshot";
+  // The automatic resync (every 10 s) or this request, whichever comes first, copies it.
+  std::string out;
+  s2.TryNbdctl(fmt::format("target resync rv2 {}", blank), &out);
+  ASSERT_TRUE(test::WaitUntil(
+      [&] {
+        rv2 = store_->GetVolume("rv2");
+        return rv2.ok() && rv2->in_sync == rv2->replicas;
+      },
+      60s, 300ms))
+      << out << ReadFile(s2.log());
+  got.Clear();
+  ASSERT_TRUE(csi.Call(&v1::Controller::Stub::ControllerGetVolume, get, &got).ok());
+  EXPECT_FALSE(got.status().volume_condition().abnormal())
+      << got.status().volume_condition().message();
+  EXPECT_TRUE(csi.ById(blank).Nbdcopy(rv2->epoch, "rv2") == ReadFile(image))
+      << "the blank replica did not get the snapshot's image";
+  EXPECT_TRUE(csi.ById(holder).Nbdcopy(rv2->epoch, "rv2") == ReadFile(image))
+      << "the restored replica is not the snapshot's image";
+
+  ASSERT_EQ(s2.Nbdctl("target close rv2"), 0);
+  v1::DeleteVolumeRequest del;
+  del.set_volume_id("r1:rv2");
+  v1::DeleteVolumeResponse deleted;
+  EXPECT_TRUE(test::WaitUntil(
+      [&] { return csi.Call(&v1::Controller::Stub::DeleteVolume, del, &deleted).ok(); }, 20s,
+      300ms));
+  v1::DeleteSnapshotRequest del_snap;
+  del_snap.set_snapshot_id(snap_id);
+  v1::DeleteSnapshotResponse snap_deleted;
+  EXPECT_TRUE(csi.Call(&v1::Controller::Stub::DeleteSnapshot, del_snap, &snap_deleted).ok());
   csi.Stop();
 }
 

@@ -59,6 +59,22 @@ TEST(VolumeStateJson, DirtyIsStoredOnlyWhenSet) {
   EXPECT_FALSE(DecodeVolumeState(bad, "k").ok());
 }
 
+TEST(VolumeStateJson, SourceIsStoredOnlyWhenSet) {
+  VolumeState v = Sample();
+  EXPECT_EQ(EncodeVolumeState(v).find("source"), std::string::npos);
+  v.source = "s1:node-a:snap-1";
+  const std::string text = EncodeVolumeState(v);
+  auto back = DecodeVolumeState(text, "k");
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_EQ(back->source, "s1:node-a:snap-1");
+  EXPECT_EQ(*back, v);
+  // A state written before the key existed is blank; a source that is not a string is refused.
+  EXPECT_EQ(DecodeVolumeState(EncodeVolumeState(Sample()), "k")->source, "");
+  std::string bad = text;
+  bad.replace(bad.find("\"s1:node-a:snap-1\""), 18, "7");
+  EXPECT_FALSE(DecodeVolumeState(bad, "k").ok()) << bad;
+}
+
 TEST(VolumeStateJson, RefusesBadInput) {
   const std::string good = EncodeVolumeState(Sample());
   struct Case {
