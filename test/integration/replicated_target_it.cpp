@@ -1081,7 +1081,15 @@ TEST_F(ReplicatedTarget, ASnapshotRestoredIntoAReplicatedVolumeReachesEveryCopy)
   (*restore.mutable_parameters())["replicas"] = "2";
   restore.mutable_volume_content_source()->mutable_snapshot()->set_snapshot_id(snap_id);
   v1::CreateVolumeResponse restored;
-  st = csi.Call(&v1::Controller::Stub::CreateVolume, restore, &restored);
+  // UNAVAILABLE while the snapshot's own copy runs (a pool without reflink): retried, as the
+  // provisioner does.
+  test::WaitUntil(
+      [&] {
+        restored.Clear();
+        st = csi.Call(&v1::Controller::Stub::CreateVolume, restore, &restored);
+        return st.error_code() != grpc::StatusCode::UNAVAILABLE;
+      },
+      60s, 300ms);
   ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(csi.log());
   EXPECT_EQ(restored.volume().volume_id(), "r1:rv2");
   EXPECT_EQ(restored.volume().capacity_bytes(), static_cast<int64_t>(kSize));
