@@ -32,6 +32,8 @@
 //   - The daemon path: `nbdctl target open` on node-t, fio (libnbd) random writes with crc32c
 //     verify on rv@target, node-b killed with SIGKILL in the middle: fio sees no error, the
 //     target reports itself degraded, and node-a's copy equals what the target served.
+//   - One replica's disk full (its pool on a small tmpfs) under fio: it is dropped like a dead
+//     one, fio sees no error, and the target serves the other copy.
 //   - `nbdctl target resync` without --wait: started in the background, followed by inspect.
 //   - A snapshot of one replicated volume restored through CSI into another (replicas=2): the
 //     first copy restored on the snapshot's node, the other blank and out of sync until the
@@ -661,6 +663,66 @@ TEST_F(ReplicatedTarget, TheDaemonsTargetKeepsFioRunningWhenAReplicaDies) {
   ASSERT_EQ(t.Nbdctl(fmt::format("target close {}", kVolume)), 0);
   EXPECT_TRUE(store_->GetVolume(kVolume)->target.empty());
   EXPECT_EQ(a_.Nbdcopy(1), ReadFile(served));
+}
+
+// One replica's disk fills up under fio: node-b's pool moved onto a 24 MiB tmpfs (the volume is
+// thin: 64 MiB provisioned), so its writes fail with ENOSPC part-way through 48 MiB of random
+// writes. The target drops node-b as it would a dead replica: fio sees no error and verifies
+// everything, the volume is degraded, and what the target serves is node-a's copy.
+TEST_F(ReplicatedTarget, AReplicaWhoseDiskFillsUpIsDroppedAndFioSeesNoError) {
+  if (!Have("fio") || std::system("fio --enghelp 2>/dev/null | grep -qw nbd") != 0)
+    GTEST_SKIP() << "needs fio with its nbd engine";
+  const std::string pool = b_.dir() + "/pool", saved = b_.dir() + "/pool-saved";
+  b_.Kill9();
+  fs::rename(pool, saved);
+  fs::create_directories(pool);
+  ASSERT_EQ(std::system(fmt::format("mount -t tmpfs -o size=24m nbdcsi-full {}", pool).c_str()), 0)
+      << "mounting a tmpfs needs root";
+  struct Unmount {
+    Node& b;
+    std::string pool;
+    ~Unmount() {
+      b.Kill9();
+      std::system(fmt::format("umount {}", pool).c_str());
+    }
+  } unmount{b_, pool};
+  ASSERT_EQ(std::system(fmt::format("cp -a --sparse=always {}/. {}/", saved, pool).c_str()), 0);
+  b_.Start(etcd_.endpoint(), {"--free-reserve", "0"});
+
+  Node t{"node-t", "127.0.0.13", certs_};
+  t.Start(etcd_.endpoint());
+  ASSERT_EQ(t.Nbdctl(fmt::format("target open {}", kVolume)), 0);
+  const std::string job = t.dir() + "/job.fio";
+  std::ofstream(job) << fmt::format(
+      "[global]\nioengine=nbd\nuri={}\nbs=4k\niodepth=16\nsize=48M\nverify=crc32c\n"
+      "verify_fatal=1\nverify_backlog=256\n[w]\nrw=randwrite\n",
+      t.TargetUri());
+  const std::string fio_json = t.dir() + "/fio.json";
+  const int rc = std::system(fmt::format("timeout 120 fio --output-format=json --output={} {} "
+                                         ">{}/fio.log 2>&1",
+                                         fio_json, job, t.dir())
+                                 .c_str());
+  EXPECT_EQ(rc, 0) << ReadFile(t.dir() + "/fio.log") << ReadFile(t.log());
+  auto report = nlohmann::json::parse(ReadFile(fio_json), nullptr, false);
+  ASSERT_FALSE(report.is_discarded()) << ReadFile(t.dir() + "/fio.log");
+  EXPECT_EQ(report["jobs"][0]["error"], 0);
+  EXPECT_GE(report["jobs"][0]["write"]["io_bytes"].get<uint64_t>(), 48ull << 20);
+  EXPECT_GE(report["jobs"][0]["read"]["io_bytes"].get<uint64_t>(), 48ull << 20)
+      << "fio verified less than it wrote";
+
+  std::string out;
+  ASSERT_EQ(t.Nbdctl(fmt::format("target inspect {} -o json", kVolume), &out), 0);
+  auto state = nlohmann::json::parse(out);
+  EXPECT_EQ(state["health"], "degraded") << out;
+  EXPECT_EQ(state["in_sync"], nlohmann::json::array({"node-a"})) << out;
+  EXPECT_EQ(store_->GetVolume(kVolume)->in_sync, std::vector<std::string>{"node-a"});
+  EXPECT_NE(ReadFile(t.log()).find("No space left on device"), std::string::npos)
+      << "node-b was dropped for another reason: " << ReadFile(t.log());
+  const std::string served = t.dir() + "/served.raw";
+  ASSERT_TRUE(t.CopyTarget(served));
+  ASSERT_EQ(t.Nbdctl(fmt::format("target close {}", kVolume)), 0);
+  EXPECT_EQ(a_.Nbdcopy(1), ReadFile(served));
+  t.Kill9();
 }
 
 // nbd-csi-controller with --cluster-etcd over the fixture's nodes and a third one, node-t, each
