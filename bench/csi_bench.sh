@@ -72,4 +72,12 @@ for p in $PARALLEL; do
   "$BIN/csi_bench" --endpoint "unix://$W/csi.sock" --count "$COUNT" --parallel "$p" \
     --size "$SIZE" || rc=1
 done
+# CPU (user + system) each process used for the whole run, from /proc/PID/stat.
+hz=$(getconf CLK_TCK)
+names=(nbd-csi-controller nbd-datapathd:node-a nbd-datapathd:node-b)
+echo
+for i in "${!PIDS[@]}"; do
+  awk -v n="${names[$i]}" -v hz="$hz" '{ printf "CPU %s: %.2f s\n", n, ($14 + $15) / hz }' \
+    "/proc/${PIDS[$i]}/stat"
+done
 exit $rc

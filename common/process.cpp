@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <iterator>
 
+#include <absl/synchronization/mutex.h>
 #include <spdlog/spdlog.h>
 
 #include "common/log_level.h"
@@ -139,5 +140,7 @@ void ExitProcess(int code) {
 #endif
   _exit(code);
 }
+
+void UseReleaseMutexes() { absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore); }
 
 }  // namespace nbdcsi

@@ -15,6 +15,12 @@ void BlockTerminationSignals();
 // kind, as one).
 int WaitForTerminationSignal();
 
+// Turns off absl::Mutex deadlock detection, as release builds of Abseil have it: Debian's Abseil
+// is built without NDEBUG, so every absl::Mutex (gRPC's, the etcd client's) otherwise keeps a
+// process-wide lock-order graph, updated under a global lock on every nested acquisition. Call
+// first thing in main(), before gRPC starts.
+void UseReleaseMutexes();
+
 // On SIGSEGV, SIGBUS, SIGILL, SIGFPE or SIGABRT: writes the signal, the faulting address and a
 // backtrace to stderr (the daemon's log in a pod or a test), then dies of the same signal, so
 // the exit status and a core dump are what they would have been. No-op in sanitizer builds,

@@ -340,6 +340,7 @@ int Run(int argc, char** argv) {
 int main(int argc, char** argv) {
   // Before any thread: every thread inherits the mask (see common/process.h).
   nbdcsi::BlockTerminationSignals();
+  nbdcsi::UseReleaseMutexes();
   nbdcsi::InstallCrashReporter();
   nbdcsi::ExitProcess(Run(argc, argv));
 }
