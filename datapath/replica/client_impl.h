@@ -162,6 +162,7 @@ struct ReplicaClient::Impl {
     if (ring_ok) io_uring_queue_exit(&ring);
     if (wake_fd >= 0) close(wake_fd);
   }
+
   // Submission (any thread; client.cpp).
   Status Submit(std::unique_ptr<Request> r);
   void Wake();
@@ -171,7 +172,6 @@ struct ReplicaClient::Impl {
   void Loop();
   void ArmWake();
   io_uring_sqe* GetSqe() { return datapath::engine::GetSqe(ring); }
-
   void TakeIncoming();
   Conn* PickConn();
   void Assign(Conn& c, Request* r);
