@@ -85,3 +85,22 @@ vm_fio_check() {
   grep -qE 'err= *0' "$2" || fail "fio reports errors"
   if grep -qiE 'verify: bad|crc32c: verify failed|bad magic' "$2"; then fail "fio verify failed"; fi
 }
+
+# vm_stop_datapaths NODE...: stops each node-NODE's nbd-datapathd (pid ${PID[NODE]}, the test's
+# associative array) with SIGTERM; each must exit 0, else the test's `fail`.
+vm_stop_datapaths() {
+  local n
+  for n in "$@"; do
+    kill -TERM "${PID[$n]}"
+    wait "${PID[$n]}" || fail "node-$n: nbd-datapathd exited $? on SIGTERM"
+    unset "PID[$n]"
+  done
+}
+
+# vm_check_datapath_logs LOG...: calls the test's `fail` when a datapath log reports a broken
+# engine rule or a sanitizer error.
+vm_check_datapath_logs() {
+  if grep -E 'engine invariant violated|stale completions dropped|AddressSanitizer|runtime error:' "$@"; then
+    fail "a datapath log reports an engine or sanitizer error"
+  fi
+}
