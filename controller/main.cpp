@@ -34,6 +34,7 @@
 #include "csi/driver.h"
 #include "csi/identity.h"
 #include "csi/server.h"
+#include "csi/server_flags.h"
 
 using namespace nbdcsi;
 namespace ncsi = nbdcsi::csi;
@@ -83,20 +84,8 @@ void AddFlags(CLI::App& app, Flags& f) {
                  "Deadline of each call to a node's datapath, in ms")
       ->check(CLI::Range(100u, 600000u))
       ->capture_default_str();
-  app.add_option("--log-level", f.log_level,
-                 nbdcsi::LogLevelChoices() + "; changes at run time: SIGUSR1/SIGUSR2")
-      ->check(CLI::IsMember(nbdcsi::LogLevelNames()))
-      ->capture_default_str();
-  app.add_option("--log-format", f.log_format,
-                 "text, or json: one object per line with the call's request_id and volume_id")
-      ->check(CLI::IsMember({"text", "json"}))
-      ->capture_default_str();
-  app.add_option("--metrics-listen", f.metrics_listen,
-                 "HOST:PORT (IP address) serving /metrics (Prometheus), /healthz and /readyz; "
-                 "off when empty");
-  app.add_option("--allow-uid", f.allow_uids,
-                 "A uid that may call the unix CSI socket besides root and this process's own "
-                 "(repeatable; others get PERMISSION_DENIED)");
+  nbdcsi::csi::AddCsiServerFlags(app, f.log_level, f.log_format, f.metrics_listen,
+                                 f.allow_uids);
   cluster::AddEtcdFlags(app, f.etcd,
                         "the catalogue of replicated volumes (StorageClass parameter replicas "
                         ">= 2); without it such a CreateVolume is refused");

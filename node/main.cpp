@@ -24,6 +24,7 @@
 #include "csi/identity.h"
 #include "csi/ids.h"
 #include "csi/server.h"
+#include "csi/server_flags.h"
 #include "node/datapath_client.h"
 #include "node/metrics.h"
 #include "node/node_service.h"
@@ -60,24 +61,11 @@ void AddFlags(CLI::App& app, Flags& f) {
                  "volumes per node reported to the scheduler; 0: the number of /dev/nbd* devices "
                  "(64 without nbd.ko)")
       ->capture_default_str();
-  app.add_option("--log-level", f.log_level,
-                 nbdcsi::LogLevelChoices() + "; changes at run time: SIGUSR1/SIGUSR2")
-      ->check(CLI::IsMember(nbdcsi::LogLevelNames()))
-      ->capture_default_str();
+  csi::AddCsiServerFlags(app, f.log_level, f.log_format, f.metrics_listen, f.allow_uids);
   app.add_option("--kubelet-root", f.kubelet_root,
                  "kubelet's directory: staging, target and volume paths must lie beneath it "
                  "(symlinks out of it are refused)")
       ->capture_default_str();
-  app.add_option("--allow-uid", f.allow_uids,
-                 "A uid that may call the unix CSI socket besides root and this process's own "
-                 "(repeatable; others get PERMISSION_DENIED)");
-  app.add_option("--log-format", f.log_format,
-                 "text, or json: one object per line with the call's request_id and volume_id")
-      ->check(CLI::IsMember({"text", "json"}))
-      ->capture_default_str();
-  app.add_option("--metrics-listen", f.metrics_listen,
-                 "HOST:PORT (IP address) serving /metrics (Prometheus), /healthz and /readyz; "
-                 "off when empty");
 }
 
 // What the flags resolve to once checked.

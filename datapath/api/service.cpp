@@ -82,12 +82,8 @@ class DatapathService final : public v1::Datapath::Service {
 
   grpc::Status DeleteVolume(grpc::ServerContext*, const v1::DeleteVolumeRequest* req,
                             v1::DeleteVolumeResponse*) override {
-    const std::string& name = req->name();
-    auto guard = Mark("volume", name);
-    if (!guard.ok()) return Fail("DeleteVolume", guard.status());
-    if (auto s = pool_.Delete(name); !s.ok()) return Fail("DeleteVolume", s);
-    spdlog::info("api DeleteVolume: volume \"{}\" deleted", name);
-    return grpc::Status::OK;
+    return DeleteNamed("DeleteVolume", "volume", req->name(),
+                       [this](const std::string& n) { return pool_.Delete(n); });
   }
 
   grpc::Status ResizeVolume(grpc::ServerContext*, const v1::ResizeVolumeRequest* req,
@@ -244,12 +240,8 @@ class DatapathService final : public v1::Datapath::Service {
 
   grpc::Status DeleteSnapshot(grpc::ServerContext*, const v1::DeleteSnapshotRequest* req,
                               v1::DeleteSnapshotResponse*) override {
-    const std::string& name = req->name();
-    auto guard = Mark("snapshot", name);
-    if (!guard.ok()) return Fail("DeleteSnapshot", guard.status());
-    if (auto s = pool_.DeleteSnapshot(name); !s.ok()) return Fail("DeleteSnapshot", s);
-    spdlog::info("api DeleteSnapshot: snapshot \"{}\" deleted", name);
-    return grpc::Status::OK;
+    return DeleteNamed("DeleteSnapshot", "snapshot", req->name(),
+                       [this](const std::string& n) { return pool_.DeleteSnapshot(n); });
   }
 
   grpc::Status ListSnapshots(grpc::ServerContext*, const v1::ListSnapshotsRequest* req,
@@ -281,6 +273,17 @@ class DatapathService final : public v1::Datapath::Service {
                    name);
     }
     return std::move(*guard);
+  }
+
+  // DeleteVolume and DeleteSnapshot: the name's guard, the pool's delete, the log line.
+  template <typename Delete>
+  grpc::Status DeleteNamed(const char* rpc, const char* kind, const std::string& name,
+                           Delete del) {
+    auto guard = Mark(kind, name);
+    if (!guard.ok()) return Fail(rpc, guard.status());
+    if (auto s = del(name); !s.ok()) return Fail(rpc, s);
+    spdlog::info("api {}: {} \"{}\" deleted", rpc, kind, name);
+    return grpc::Status::OK;
   }
 
   void Fill(const VolumeInfo& info, v1::Volume* out) {

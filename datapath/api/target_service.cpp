@@ -98,11 +98,8 @@ class TargetService final : public v1::Targets::Service {
 
   grpc::Status OpenTarget(grpc::ServerContext*, const v1::OpenTargetRequest* req,
                           v1::TargetResponse* resp) override {
-    if (auto s = Check("OpenTarget", req->volume()); !s.ok()) return s;
-    auto t = agent_->OpenTarget(req->volume());
-    if (!t.ok()) return Fail("OpenTarget", t.status());
-    Fill(*t, agent_->node_id(), resp->mutable_target());
-    return grpc::Status::OK;
+    return AnswerTarget("OpenTarget", req->volume(), resp,
+                        [&] { return agent_->OpenTarget(req->volume()); });
   }
   grpc::Status CloseTarget(grpc::ServerContext*, const v1::CloseTargetRequest* req,
                            v1::CloseTargetResponse*) override {
@@ -115,11 +112,8 @@ class TargetService final : public v1::Targets::Service {
   }
   grpc::Status GetTarget(grpc::ServerContext*, const v1::GetTargetRequest* req,
                          v1::TargetResponse* resp) override {
-    if (auto s = Check("GetTarget", req->volume()); !s.ok()) return s;
-    auto t = agent_->GetTarget(req->volume());
-    if (!t.ok()) return Fail("GetTarget", t.status());
-    Fill(*t, agent_->node_id(), resp->mutable_target());
-    return grpc::Status::OK;
+    return AnswerTarget("GetTarget", req->volume(), resp,
+                        [&] { return agent_->GetTarget(req->volume()); });
   }
   grpc::Status ResyncReplica(grpc::ServerContext*, const v1::ResyncReplicaRequest* req,
                              v1::ResyncReplicaResponse* resp) override {
@@ -169,7 +163,17 @@ class TargetService final : public v1::Targets::Service {
  private:
   grpc::Status Check(const char* rpc, const std::string& volume) {
     return nbdcsi::datapath::Check(rpc, agent_, volume);
+  }  // OpenTarget and GetTarget: the volume checked, then the agent's answer `get()` as the Target.
+  template <typename Get>
+  grpc::Status AnswerTarget(const char* rpc, const std::string& volume, v1::TargetResponse* resp,
+                            Get get) {
+    if (auto s = Check(rpc, volume); !s.ok()) return s;
+    auto t = get();
+    if (!t.ok()) return Fail(rpc, t.status());
+    Fill(*t, agent_->node_id(), resp->mutable_target());
+    return grpc::Status::OK;
   }
+
 
   ClusterAgent* agent_;
   AttachmentManager* attachments_;

@@ -197,6 +197,14 @@ Status ClusterAgent::CloseTarget(const std::string& volume) {
   return Status::Ok();
 }
 
+StatusOr<std::shared_ptr<Target>> ClusterAgent::FindTarget(const std::string& volume) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = targets_.find(volume);
+  if (it == targets_.end())
+    return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
+  return it->second;
+}
+
 StatusOr<TargetInfo> ClusterAgent::GetTarget(const std::string& volume) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = targets_.find(volume);
@@ -264,31 +272,19 @@ StatusOr<ResyncReport> ClusterAgent::ResyncReplica(const std::string& volume,
                                                    const std::string& node,
                                                    uint64_t rate_bytes_per_second) {
   std::lock_guard<std::mutex> ops(ops_mu_);  // the target cannot be closed under the copy
-  Target* t;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = targets_.find(volume);
-    if (it == targets_.end())
-      return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
-    t = it->second.get();
-  }
+  auto t = FindTarget(volume);
+  if (!t.ok()) return t.status();
   ResyncOptions ro;
   ro.rate_bytes_per_second = rate_bytes_per_second;
-  return t->ResyncReplica(node, ro);
+  return (*t)->ResyncReplica(node, ro);
 }
 
 StatusOr<SnapshotFreeze> ClusterAgent::FreezeTarget(const std::string& volume,
                                                     std::chrono::milliseconds lift_after) {
-  std::shared_ptr<Target> t;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = targets_.find(volume);
-    if (it == targets_.end())
-      return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
-    t = it->second;
-  }
+  auto t = FindTarget(volume);
+  if (!t.ok()) return t.status();
   // Not under ops_mu_: a resync may hold it for the whole copy, and freezes nest with its own.
-  return t->FreezeForSnapshot(lift_after);
+  return (*t)->FreezeForSnapshot(lift_after);
 }
 
 bool ClusterAgent::ThawTarget(const std::string& volume, uint64_t freeze_id) {
@@ -304,15 +300,9 @@ bool ClusterAgent::ThawTarget(const std::string& volume, uint64_t freeze_id) {
 
 StatusOr<uint64_t> ClusterAgent::GrowTarget(const std::string& volume) {
   std::lock_guard<std::mutex> ops(ops_mu_);  // not closed, nor resynced, while it grows
-  std::shared_ptr<Target> t;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = targets_.find(volume);
-    if (it == targets_.end())
-      return Error(ENOENT, "no target of volume {} is open on node {}", volume, opts_.node_id);
-    t = it->second;
-  }
-  return t->Grow();
+  auto t = FindTarget(volume);
+  if (!t.ok()) return t.status();
+  return (*t)->Grow();
 }
 
 std::vector<TargetInfo> ClusterAgent::ListTargets() {

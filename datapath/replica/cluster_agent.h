@@ -152,6 +152,8 @@ class ClusterAgent {
   // failures are logged and kept for the next start.
   void ReopenRecorded();
   static TargetInfo Info(Target& t);
+  // The open target of `volume` (ENOENT when none), kept alive by the caller's reference.
+  StatusOr<std::shared_ptr<Target>> FindTarget(const std::string& volume);
 
   cluster::ClusterStore& store_;
   ExportHost& host_;

@@ -350,9 +350,8 @@ Status SelectBaseAllocation(Wire& w, const std::string& name, ExportProperties* 
   return Status::Ok();
 }
 
-Status Negotiate(Wire& w, const std::string& name, const ClientTlsContext* tls,
-                 const std::string& host, bool read_only, bool base_allocation,
-                 ExportProperties* props) {
+// The greeting and the client flags: a fixed-newstyle server, or an error.
+Status Greet(Wire& w) {
   uint8_t greet[nbd::kGreetingLen];
   if (Status s = w.Recv(greet, sizeof greet); !s.ok()) return s;
   if (nbd::LoadBE64(greet) != nbd::kNbdMagic || nbd::LoadBE64(greet + 8) != nbd::kIHaveOpt) {
@@ -368,25 +367,30 @@ Status Negotiate(Wire& w, const std::string& name, const ClientTlsContext* tls,
   uint8_t cflags[4];
   nbd::StoreBE32(cflags, nbd::kClientFlagFixedNewstyle |
                              (hflags & nbd::kHandshakeFlagNoZeroes ? nbd::kClientFlagNoZeroes : 0));
-  if (Status s = w.Send(cflags, sizeof cflags); !s.ok()) return s;
+  return w.Send(cflags, sizeof cflags);
+}
 
-  if (tls) {
-    if (Status s = SendOption(w, nbd::kOptStartTls, {}); !s.ok()) return s;
-    auto r = ReadReply(w, nbd::kOptStartTls);
-    if (!r.ok()) return r.status();
-    if (r->type != nbd::kRepAck) {
-      return Error(r->type == nbd::kRepErrPolicy || r->type == nbd::kRepErrUnsup ? ENOTSUP : EPROTO,
-                   "{} refused NBD_OPT_STARTTLS ({}): the server does not offer TLS", w.peer(),
-                   ErrorText(*r));
-    }
-    auto ssl = tls->NewSession(host);
-    if (!ssl.ok()) return ssl.status();
-    if (Status s = w.StartTls(std::move(*ssl)); !s.ok()) return s;
-    if (Status s = tls->CheckServerIdentity(w.ssl()); !s.ok()) {
-      return Error(s.code(), "TLS with {}: {}", w.peer(), s.message());
-    }
+// NBD_OPT_STARTTLS, the TLS handshake, and the server's identity.
+Status UpgradeToTls(Wire& w, const ClientTlsContext& tls, const std::string& host) {
+  if (Status s = SendOption(w, nbd::kOptStartTls, {}); !s.ok()) return s;
+  auto r = ReadReply(w, nbd::kOptStartTls);
+  if (!r.ok()) return r.status();
+  if (r->type != nbd::kRepAck) {
+    return Error(r->type == nbd::kRepErrPolicy || r->type == nbd::kRepErrUnsup ? ENOTSUP : EPROTO,
+                 "{} refused NBD_OPT_STARTTLS ({}): the server does not offer TLS", w.peer(),
+                 ErrorText(*r));
   }
+  auto ssl = tls.NewSession(host);
+  if (!ssl.ok()) return ssl.status();
+  if (Status s = w.StartTls(std::move(*ssl)); !s.ok()) return s;
+  if (Status s = tls.CheckServerIdentity(w.ssl()); !s.ok()) {
+    return Error(s.code(), "TLS with {}: {}", w.peer(), s.message());
+  }
+  return Status::Ok();
+}
 
+// NBD_OPT_STRUCTURED_REPLY, which the client cannot do without.
+Status RequireStructuredReplies(Wire& w) {
   if (Status s = SendOption(w, nbd::kOptStructuredReply, {}); !s.ok()) return s;
   auto sr = ReadReply(w, nbd::kOptStructuredReply);
   if (!sr.ok()) return sr.status();
@@ -399,11 +403,44 @@ Status Negotiate(Wire& w, const std::string& name, const ClientTlsContext* tls,
                  "failed read from a short one",
                  w.peer(), ErrorText(*sr));
   }
+  return Status::Ok();
+}
 
-  if (base_allocation) {
-    if (Status s = SelectBaseAllocation(w, name, props); !s.ok()) return s;
+// One NBD_REP_INFO reply to NBD_OPT_GO into `props`; `have_export` is set by NBD_INFO_EXPORT.
+Status ApplyInfo(Wire& w, const std::vector<uint8_t>& data, ExportProperties* props,
+                 bool* have_export) {
+  if (data.size() < 2) return Error(EPROTO, "{}: empty NBD_REP_INFO", w.peer());
+  const uint8_t* d = data.data();
+  switch (nbd::LoadBE16(d)) {
+    case nbd::kInfoExport:
+      if (data.size() != 12) return Error(EPROTO, "{}: NBD_INFO_EXPORT of bad size", w.peer());
+      props->size = nbd::LoadBE64(d + 2);
+      props->flags = nbd::LoadBE16(d + 10);
+      *have_export = true;
+      return Status::Ok();
+    case nbd::kInfoBlockSize: {
+      if (data.size() != 14) {
+        return Error(EPROTO, "{}: NBD_INFO_BLOCK_SIZE of bad size", w.peer());
+      }
+      const uint32_t mn = nbd::LoadBE32(d + 2), pref = nbd::LoadBE32(d + 6),
+                     mx = nbd::LoadBE32(d + 10);
+      const auto pow2 = [](uint32_t v) { return v != 0 && (v & (v - 1)) == 0; };
+      if (!pow2(mn) || mn > 65536 || !pow2(pref) || pref < mn || mx < mn) {
+        return Error(EPROTO, "{}: impossible block sizes min {} preferred {} max {}", w.peer(), mn,
+                     pref, mx);
+      }
+      props->min_block = mn;
+      props->preferred_block = pref;
+      props->max_block = std::min<uint32_t>(mx, nbd::kMaxPayload);
+      return Status::Ok();
+    }
+    default:
+      return Status::Ok();  // NAME, DESCRIPTION and future types carry nothing we need
   }
+}
 
+// NBD_OPT_GO for `name` with an NBD_INFO_BLOCK_SIZE request, its INFO replies into `props`.
+Status Go(Wire& w, const std::string& name, ExportProperties* props) {
   std::vector<uint8_t> go(4 + name.size() + 2 + 2);
   nbd::StoreBE32(go.data(), static_cast<uint32_t>(name.size()));
   std::copy(name.begin(), name.end(), go.begin() + 4);
@@ -428,52 +465,45 @@ Status Negotiate(Wire& w, const std::string& name, const ClientTlsContext* tls,
     if (r->type != nbd::kRepInfo) {
       return Error(EPROTO, "{}: unexpected reply type {:#x} to NBD_OPT_GO", w.peer(), r->type);
     }
-    if (r->data.size() < 2) return Error(EPROTO, "{}: empty NBD_REP_INFO", w.peer());
-    const uint8_t* d = r->data.data();
-    switch (nbd::LoadBE16(d)) {
-      case nbd::kInfoExport:
-        if (r->data.size() != 12) return Error(EPROTO, "{}: NBD_INFO_EXPORT of bad size", w.peer());
-        props->size = nbd::LoadBE64(d + 2);
-        props->flags = nbd::LoadBE16(d + 10);
-        have_export = true;
-        break;
-      case nbd::kInfoBlockSize: {
-        if (r->data.size() != 14) {
-          return Error(EPROTO, "{}: NBD_INFO_BLOCK_SIZE of bad size", w.peer());
-        }
-        const uint32_t mn = nbd::LoadBE32(d + 2), pref = nbd::LoadBE32(d + 6),
-                       mx = nbd::LoadBE32(d + 10);
-        const auto pow2 = [](uint32_t v) { return v != 0 && (v & (v - 1)) == 0; };
-        if (!pow2(mn) || mn > 65536 || !pow2(pref) || pref < mn || mx < mn) {
-          return Error(EPROTO, "{}: impossible block sizes min {} preferred {} max {}", w.peer(),
-                       mn, pref, mx);
-        }
-        props->min_block = mn;
-        props->preferred_block = pref;
-        props->max_block = std::min<uint32_t>(mx, nbd::kMaxPayload);
-        break;
-      }
-      default:
-        break;  // NAME, DESCRIPTION and future types carry nothing we need
-    }
+    if (Status s = ApplyInfo(w, r->data, props, &have_export); !s.ok()) return s;
   }
   if (!have_export)
     return Error(EPROTO, "{}: NBD_OPT_GO succeeded without NBD_INFO_EXPORT", w.peer());
-  if ((props->flags & nbd::kFlagHasFlags) == 0) {
+  return Status::Ok();
+}
+
+// The transmission flags the export must carry: HAS_FLAGS, and for writing FLUSH and FUA.
+Status CheckTransmissionFlags(Wire& w, const std::string& name, bool read_only,
+                              const ExportProperties& props) {
+  if ((props.flags & nbd::kFlagHasFlags) == 0) {
     return Error(EPROTO, "{}: transmission flags without HAS_FLAGS", w.peer());
   }
-  if (!read_only) {
-    if (props->read_only()) {
-      return Error(EROFS, "{}: export \"{}\" is read-only", w.peer(), PrintableText(name));
-    }
-    // A replica acknowledges a write as durable only if FUA and FLUSH reach its disk.
-    if ((props->flags & (nbd::kFlagSendFlush | nbd::kFlagSendFua)) !=
-        (nbd::kFlagSendFlush | nbd::kFlagSendFua)) {
-      return Error(ENOTSUP, "{}: export \"{}\" does not accept FLUSH and FUA (flags {:#x})",
-                   w.peer(), PrintableText(name), props->flags);
-    }
+  if (read_only) return Status::Ok();
+  if (props.read_only()) {
+    return Error(EROFS, "{}: export \"{}\" is read-only", w.peer(), PrintableText(name));
+  }
+  // A replica acknowledges a write as durable only if FUA and FLUSH reach its disk.
+  if ((props.flags & (nbd::kFlagSendFlush | nbd::kFlagSendFua)) !=
+      (nbd::kFlagSendFlush | nbd::kFlagSendFua)) {
+    return Error(ENOTSUP, "{}: export \"{}\" does not accept FLUSH and FUA (flags {:#x})", w.peer(),
+                 PrintableText(name), props.flags);
   }
   return Status::Ok();
+}
+
+Status Negotiate(Wire& w, const std::string& name, const ClientTlsContext* tls,
+                 const std::string& host, bool read_only, bool base_allocation,
+                 ExportProperties* props) {
+  if (Status s = Greet(w); !s.ok()) return s;
+  if (tls) {
+    if (Status s = UpgradeToTls(w, *tls, host); !s.ok()) return s;
+  }
+  if (Status s = RequireStructuredReplies(w); !s.ok()) return s;
+  if (base_allocation) {
+    if (Status s = SelectBaseAllocation(w, name, props); !s.ok()) return s;
+  }
+  if (Status s = Go(w, name, props); !s.ok()) return s;
+  return CheckTransmissionFlags(w, name, read_only, *props);
 }
 
 StatusOr<int> Dial(const Endpoint& ep, Clock::time_point deadline, const std::string& peer) {

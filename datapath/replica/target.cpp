@@ -36,6 +36,51 @@ StatusOr<std::unique_ptr<ReplicaClient>> ConnectReplica(cluster::ClusterStore& s
   return ReplicaClient::Connect(c);
 }
 
+// The in-sync replicas a claim could reach, and why the others could not be.
+struct Reached {
+  std::vector<ReplicaMember> members;
+  std::vector<std::string> nodes;
+  std::vector<std::string> unreachable;  // "node: why"
+};
+
+// Connects to every in-sync replica at the claim's epoch. In parallel: one dead node costs one
+// handshake timeout, not one per replica. ESTALE when a replica refused the epoch.
+StatusOr<Reached> ConnectInSync(cluster::ClusterStore& store, const TargetOptions& options,
+                                const cluster::VolumeState& state) {
+  std::vector<std::future<StatusOr<std::unique_ptr<ReplicaClient>>>> pending;
+  for (const auto& node : state.in_sync)
+    pending.push_back(std::async(std::launch::async, ConnectReplica, std::ref(store),
+                                 std::cref(options), node, state.epoch, false));
+  Reached r;
+  for (size_t i = 0; i < pending.size(); ++i) {
+    auto c = pending[i].get();
+    const std::string& node = state.in_sync[i];
+    if (!c.ok()) {
+      if (c.status().code() == ESTALE) {
+        // A replica has seen a newer epoch: another target claimed after us. Never serve.
+        return Error(ESTALE, "volume {}: replica on {} refused epoch {}: {}", options.volume, node,
+                     state.epoch, c.status().message());
+      }
+      spdlog::warn("target {}: replica on {} is unreachable at epoch {}: {}", options.volume, node,
+                   state.epoch, c.status().message());
+      r.unreachable.push_back(fmt::format("{}: {}", node, c.status().message()));
+      continue;
+    }
+    r.nodes.push_back(node);
+    r.members.push_back({node, ClientChannel(std::move(c.value()))});
+  }
+  return r;
+}
+
+bool Contains(const std::vector<std::string>& v, const std::string& x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+void CloseChannels(std::vector<ReplicaMember>& members) {
+  for (auto& m : members)
+    if (m.channel) m.channel->Close();
+}
+
 }  // namespace
 
 Target::Target(cluster::ClusterStore& store, TargetOptions options, uint64_t epoch)
@@ -51,8 +96,7 @@ StatusOr<std::unique_ptr<Target>> Target::Open(cluster::ClusterStore& store,
   auto claimed = store.ClaimTarget(options.volume, options.node, options.lease);
   if (!claimed.ok()) return claimed.status();
   const cluster::VolumeState state = *claimed;
-  const bool unclean =
-      !before.ok() || before->dirty || state.epoch != before->epoch + 1;
+  const bool unclean = !before.ok() || before->dirty || state.epoch != before->epoch + 1;
   std::unique_ptr<Target> t(new Target(store, options, state.epoch));
   auto release = [&](Status why) {
     // Nothing was served: the volume is as clean as it was.
@@ -64,31 +108,10 @@ StatusOr<std::unique_ptr<Target>> Target::Open(cluster::ClusterStore& store,
   };
   if (state.in_sync.empty())
     return release(Error(EHOSTUNREACH, "volume {} has no replica in sync", options.volume));
-
-  // In parallel: one dead node costs one handshake timeout, not one per replica.
-  std::vector<std::future<StatusOr<std::unique_ptr<ReplicaClient>>>> pending;
-  for (const auto& node : state.in_sync)
-    pending.push_back(std::async(std::launch::async, ConnectReplica, std::ref(store),
-                                 std::cref(options), node, state.epoch, false));
-  std::vector<ReplicaMember> members;
-  std::vector<std::string> reached;
-  for (size_t i = 0; i < pending.size(); ++i) {
-    auto c = pending[i].get();
-    const std::string& node = state.in_sync[i];
-    if (!c.ok()) {
-      if (c.status().code() == ESTALE) {
-        // A replica has seen a newer epoch: another target claimed after us. Never serve.
-        return release(Error(ESTALE, "volume {}: replica on {} refused epoch {}: {}",
-                             options.volume, node, state.epoch, c.status().message()));
-      }
-      spdlog::warn("target {}: replica on {} is unreachable at epoch {}: {}", options.volume,
-                   node, state.epoch, c.status().message());
-      t->unreachable_.push_back(fmt::format("{}: {}", node, c.status().message()));
-      continue;
-    }
-    reached.push_back(node);
-    members.push_back({node, ClientChannel(std::move(c.value()))});
-  }
+  auto reached = ConnectInSync(store, options, state);
+  if (!reached.ok()) return release(reached.status());
+  t->unreachable_ = std::move(reached->unreachable);
+  std::vector<ReplicaMember>& members = reached->members;
   if (members.empty()) {
     return release(Error(EHOSTUNREACH, "volume {}: no in-sync replica is reachable ({})",
                          options.volume, fmt::join(t->unreachable_, "; ")));
@@ -96,67 +119,68 @@ StatusOr<std::unique_ptr<Target>> Target::Open(cluster::ClusterStore& store,
   // The others are members too, out of sync: the set reports itself degraded, their misses are
   // logged, and a resync can bring them back.
   for (const auto& node : state.replicas) {
-    if (std::find(reached.begin(), reached.end(), node) == reached.end())
-      members.push_back({node, nullptr, /*in_sync=*/false});
+    if (!Contains(reached->nodes, node)) members.push_back({node, nullptr, /*in_sync=*/false});
   }
-  if (reached.size() != state.in_sync.size()) {
-    auto r = store.SetInSync(options.volume, options.node, state.epoch, reached);
-    if (!r.ok()) {
-      for (auto& m : members) m.channel->Close();
-      return release(r.status());
-    }
+  Status ready = Status::Ok();
+  if (reached->nodes.size() != state.in_sync.size())
+    ready = store.SetInSync(options.volume, options.node, state.epoch, reached->nodes).status();
+  if (ready.ok()) {
+    t->membership_ = std::make_unique<ClusterMembership>(store, options.volume, options.node,
+                                                         state.epoch, options.membership_retry);
+    ready = t->OpenLog(state, reached->nodes, unclean);
   }
-  t->membership_ = std::make_unique<ClusterMembership>(store, options.volume, options.node,
-                                                       state.epoch, options.membership_retry);
-  if (!options.state_dir.empty()) {
-    auto log = BitmapLog::Open(options.state_dir + "/" + options.volume, state.size_bytes,
-                               state.epoch);
-    if (!log.ok()) {
-      for (auto& m : members) m.channel->Close();
-      return release(log.status());
-    }
-    t->log_ = std::move(*log);
-    // A replica already out of sync at the claim missed writes of earlier targets that no bitmap
-    // here knows: everything is dirty for it, and its resync is a full copy. After an unclean
-    // end, so is an in-sync one that could not be reached: it may hold writes nobody else has.
-    for (const auto& node : state.replicas) {
-      const bool was_in_sync =
-          std::find(state.in_sync.begin(), state.in_sync.end(), node) != state.in_sync.end();
-      const bool was_reached = std::find(reached.begin(), reached.end(), node) != reached.end();
-      if (was_reached || (was_in_sync && !unclean)) continue;
-      auto b = t->log_->Get(node);
-      Status s = b.ok() ? (*b)->MarkAllDurable() : b.status();
-      if (!s.ok()) {
-        for (auto& m : members)
-          if (m.channel) m.channel->Close();
-        return release(s);
-      }
-      t->full_resync_.insert(node);
-    }
+  if (!ready.ok()) {
+    CloseChannels(members);
+    return release(ready);
   }
-  ReplicaSetOptions so{options.volume, state.size_bytes, options.node};
+  if (Status s = t->StartServing(state, reached->nodes, unclean, std::move(members)); !s.ok())
+    return release(s);
+  return t;
+}
+
+Status Target::OpenLog(const cluster::VolumeState& state, const std::vector<std::string>& reached,
+                       bool unclean) {
+  if (opts_.state_dir.empty()) return Status::Ok();
+  auto log = BitmapLog::Open(opts_.state_dir + "/" + opts_.volume, state.size_bytes, state.epoch);
+  if (!log.ok()) return log.status();
+  log_ = std::move(*log);
+  // A replica already out of sync at the claim missed writes of earlier targets that no bitmap
+  // here knows: everything is dirty for it, and its resync is a full copy. After an unclean
+  // end, so is an in-sync one that could not be reached: it may hold writes nobody else has.
+  for (const auto& node : state.replicas) {
+    if (Contains(reached, node) || (Contains(state.in_sync, node) && !unclean)) continue;
+    auto b = log_->Get(node);
+    Status s = b.ok() ? (*b)->MarkAllDurable() : b.status();
+    if (!s.ok()) return s;
+    full_resync_.insert(node);
+  }
+  return Status::Ok();
+}
+
+Status Target::StartServing(const cluster::VolumeState& state,
+                            const std::vector<std::string>& reached, bool unclean,
+                            std::vector<ReplicaMember> members) {
+  ReplicaSetOptions so{opts_.volume, state.size_bytes, opts_.node};
   // After an unclean end, two or more replicas in sync may differ: one is the source (this
   // node's own when it has one) until they are reconciled.
-  if (unclean && reached.size() > 1) {
-    so.reconcile_from = std::find(reached.begin(), reached.end(), options.node) != reached.end()
-                            ? options.node
-                            : reached.front();
-  }
-  auto set = ReplicaSet::Create(so, std::move(members), *t->membership_, t->log_.get());
-  if (!set.ok()) return release(set.status());
-  t->set_ = std::shared_ptr<ReplicaSet>(std::move(set.value()));
-  spdlog::info("target {}: serving at epoch {} with replicas [{}]{}", options.volume, state.epoch,
+  if (unclean && reached.size() > 1)
+    so.reconcile_from = Contains(reached, opts_.node) ? opts_.node : reached.front();
+  auto set = ReplicaSet::Create(so, std::move(members), *membership_, log_.get());
+  if (!set.ok()) return set.status();
+  set_ = std::shared_ptr<ReplicaSet>(std::move(set.value()));
+  spdlog::info("target {}: serving at epoch {} with replicas [{}]{}", opts_.volume, state.epoch,
                fmt::join(reached, ", "),
                so.reconcile_from.empty()
-                   ? (unclean ? "; the previous target ended uncleanly, one replica: nothing to reconcile" : "")
+                   ? (unclean ? "; the previous target ended uncleanly, one replica: nothing to "
+                                "reconcile"
+                              : "")
                    : fmt::format("; the previous target ended uncleanly: reconciling from {}",
                                  so.reconcile_from));
   if (!so.reconcile_from.empty()) {
-    t->reconciled_ = false;
-    Target* raw = t.get();
-    t->reconcile_thread_ = std::thread([raw] { raw->ReconcileLoop(); });
+    reconciled_ = false;
+    reconcile_thread_ = std::thread([this] { ReconcileLoop(); });
   }
-  return t;
+  return Status::Ok();
 }
 
 Target::~Target() { Close(); }
@@ -210,18 +234,7 @@ std::map<std::string, uint64_t> Target::OutOfSyncBytes() {
   return log_ ? log_->DirtyBytes() : std::map<std::string, uint64_t>{};
 }
 
-StatusOr<ResyncReport> Target::ResyncReplica(const std::string& node, ResyncOptions ro) {
-  const auto start = std::chrono::steady_clock::now();
-  if (!log_)
-    return Error(ENOTSUP, "target {}: resync needs the target's state directory", opts_.volume);
-  bool full = false;
-  {
-    std::lock_guard<std::mutex> lock(resync_mu_);
-    if (!reconciled_)
-      return Error(EAGAIN, "target {}: the in-sync replicas are being reconciled after an "
-                   "unclean takeover; a resync waits for that", opts_.volume);
-    full = full_resync_.count(node) > 0;
-  }
+StatusOr<std::string> Target::ResyncSource(const std::string& node) const {
   // Who is out, and who can be the source (this node's own replica first: no network hop).
   std::string source;
   bool out = false, known = false;
@@ -235,30 +248,77 @@ StatusOr<ResyncReport> Target::ResyncReplica(const std::string& node, ResyncOpti
     }
   }
   if (!known) return Error(ENOENT, "target {}: no replica on node {}", opts_.volume, node);
-  if (!out) return Error(EINVAL, "target {}: the replica on {} is not out of sync", opts_.volume, node);
+  if (!out)
+    return Error(EINVAL, "target {}: the replica on {} is not out of sync", opts_.volume, node);
   if (source.empty()) return Error(EIO, "target {}: no replica in sync to copy from", opts_.volume);
+  return source;
+}
 
-  TargetOptions o = opts_;
-  auto src = ConnectReplica(store_, o, source, epoch_, /*base_allocation=*/true);
+StatusOr<RegionBitmap*> Target::ResyncBitmap(const std::string& node, bool full, ResyncOptions* ro,
+                                             ResyncReport* report) {
+  RegionBitmap* bm = full ? nullptr : log_->Find(node);
+  if (bm) return bm;
+  // Out since another epoch (or its bitmap was lost): everything, holes as zeroes because the
+  // replica may hold stale data there.
+  auto all = log_->Get(node);
+  if (!all.ok()) return all.status();
+  bm = *all;
+  if (Status s = bm->MarkAllDurable(); !s.ok()) return s;
+  report->full = true;
+  ro->dirty_uses_block_status = true;
+  ro->holes = HolePolicy::kWriteZeroes;
+  return bm;
+}
+
+Status Target::ResyncPass(BlockChannel& from, BlockChannel& to, const ResyncOptions& ro,
+                          RegionBitmap& bm, ResyncReport* report) {
+  Resync job(from, to, ro);
+  {
+    std::lock_guard<std::mutex> lock(resync_mu_);
+    resync_->pass = report->passes + 1;
+    resync_->copied_bytes = report->copied_bytes;
+    resync_job_ = &job;
+  }
+  Status s = job.RunDirty(bm);
+  {
+    std::lock_guard<std::mutex> lock(resync_mu_);
+    resync_job_ = nullptr;
+  }
+  const ResyncProgress p = job.progress();
+  report->copied_bytes += p.copied_bytes;
+  report->skipped_bytes += p.skipped_bytes;
+  report->zeroed_bytes += p.zeroed_bytes;
+  ++report->passes;
+  return s;
+}
+
+StatusOr<ResyncReport> Target::ResyncReplica(const std::string& node, ResyncOptions ro) {
+  const auto start = std::chrono::steady_clock::now();
+  if (!log_)
+    return Error(ENOTSUP, "target {}: resync needs the target's state directory", opts_.volume);
+  bool full = false;
+  {
+    std::lock_guard<std::mutex> lock(resync_mu_);
+    if (!reconciled_)
+      return Error(EAGAIN,
+                   "target {}: the in-sync replicas are being reconciled after an "
+                   "unclean takeover; a resync waits for that",
+                   opts_.volume);
+    full = full_resync_.count(node) > 0;
+  }
+  auto source = ResyncSource(node);
+  if (!source.ok()) return source.status();
+  auto src = ConnectReplica(store_, opts_, *source, epoch_, /*base_allocation=*/true);
   if (!src.ok()) return src.status();
-  auto dst = ConnectReplica(store_, o, node, epoch_, /*base_allocation=*/false);
+  auto dst = ConnectReplica(store_, opts_, node, epoch_, /*base_allocation=*/false);
   if (!dst.ok()) return dst.status();
 
   ResyncReport report;
   report.node = node;
-  RegionBitmap* bm = full ? nullptr : log_->Find(node);
-  if (!bm) {
-    // Out since another epoch (or its bitmap was lost): everything, holes as zeroes because the
-    // replica may hold stale data there.
-    auto all = log_->Get(node);
-    if (!all.ok()) return all.status();
-    bm = *all;
-    if (Status s = bm->MarkAllDurable(); !s.ok()) return s;
-    report.full = true;
-    ro.dirty_uses_block_status = true;
-    ro.holes = HolePolicy::kWriteZeroes;
-  }
-  report.dirty_bytes_at_start = bm->dirty_bytes();
+  auto bitmap = ResyncBitmap(node, full, &ro, &report);
+  if (!bitmap.ok()) return bitmap.status();
+  RegionBitmap& bm = **bitmap;
+  report.dirty_bytes_at_start = bm.dirty_bytes();
   {
     std::lock_guard<std::mutex> lock(resync_mu_);
     resync_ = ResyncStatus{};
@@ -275,40 +335,20 @@ StatusOr<ResyncReport> Target::ResyncReplica(const std::string& node, ResyncOpti
     }
   } clear_status{this};
   ClientBlockChannel from(**src), to(**dst);
-  auto pass = [&]() -> Status {
-    Resync job(from, to, ro);
-    {
-      std::lock_guard<std::mutex> lock(resync_mu_);
-      resync_->pass = report.passes + 1;
-      resync_->copied_bytes = report.copied_bytes;
-      resync_job_ = &job;
-    }
-    Status s = job.RunDirty(*bm);
-    {
-      std::lock_guard<std::mutex> lock(resync_mu_);
-      resync_job_ = nullptr;
-    }
-    const ResyncProgress p = job.progress();
-    report.copied_bytes += p.copied_bytes;
-    report.skipped_bytes += p.skipped_bytes;
-    report.zeroed_bytes += p.zeroed_bytes;
-    ++report.passes;
-    return s;
-  };
   // While writes go on they keep dirtying regions: passes until little is left.
   constexpr uint64_t kFinalPassBytes = 8ull << 20;
   constexpr int kMaxLivePasses = 8;
-  for (int i = 0; i < kMaxLivePasses && bm->dirty_bytes() > kFinalPassBytes; ++i) {
-    if (Status s = pass(); !s.ok()) return s;
+  for (int i = 0; i < kMaxLivePasses && bm.dirty_bytes() > kFinalPassBytes; ++i) {
+    if (Status s = ResyncPass(from, to, ro, bm, &report); !s.ok()) return s;
   }
   const auto frozen_at = std::chrono::steady_clock::now();
   // Writes wait during the last pass: it runs at full speed whatever the rate limit.
   ro.rate_bytes_per_second = 0;
   set_->Freeze();
-  Status s = pass();
-  if (s.ok() && bm->dirty_bytes() != 0)
+  Status s = ResyncPass(from, to, ro, bm, &report);
+  if (s.ok() && bm.dirty_bytes() != 0)
     s = Error(EIO, "target {}: {} bytes still dirty on {} after the last pass", opts_.volume,
-              bm->dirty_bytes(), node);
+              bm.dirty_bytes(), node);
   if (s.ok()) s = set_->Readmit(node, ClientChannel(std::move(*dst)));
   set_->Thaw();
   report.frozen = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -322,9 +362,11 @@ StatusOr<ResyncReport> Target::ResyncReplica(const std::string& node, ResyncOpti
     spdlog::warn("target {}: {}", opts_.volume, f.message());
   report.took = std::chrono::duration_cast<std::chrono::milliseconds>(
       std::chrono::steady_clock::now() - start);
-  spdlog::info("target {}: replica on {} resynced from {}: {} bytes copied in {} passes ({}), "
-               "writes held {} ms", opts_.volume, node, source, report.copied_bytes,
-               report.passes, report.full ? "full" : "dirty regions", report.frozen.count());
+  spdlog::info(
+      "target {}: replica on {} resynced from {}: {} bytes copied in {} passes ({}), "
+      "writes held {} ms",
+      opts_.volume, node, *source, report.copied_bytes, report.passes,
+      report.full ? "full" : "dirty regions", report.frozen.count());
   return report;
 }
 
@@ -364,8 +406,7 @@ StatusOr<SnapshotFreeze> Target::FreezeForSnapshot(std::chrono::milliseconds lif
   // it): the members still in sync hold every acknowledged write.
   const ReplicaSetHealth h = set_->health();
   if (h.stopped)
-    return fail(Error(EIO, "target {} stopped during the freeze: {}", opts_.volume,
-                      h.stop_reason));
+    return fail(Error(EIO, "target {} stopped during the freeze: {}", opts_.volume, h.stop_reason));
   for (const auto& m : h.members)
     if (m.state == MemberState::kInSync) f.in_sync.push_back(m.node);
   // While reconciling, the in-sync replicas may still differ where the previous target's writes
@@ -376,13 +417,16 @@ StatusOr<SnapshotFreeze> Target::FreezeForSnapshot(std::chrono::milliseconds lif
   {
     std::lock_guard<std::mutex> lock(freeze_mu_);
     if (!freezes_.count(f.id))
-      return Error(ETIMEDOUT, "target {}: the freeze lifted itself after {} ms, before the flush "
-                   "of the replicas ended", opts_.volume, lift_after.count());
+      return Error(ETIMEDOUT,
+                   "target {}: the freeze lifted itself after {} ms, before the flush "
+                   "of the replicas ended",
+                   opts_.volume, lift_after.count());
   }
   f.lifts_in = std::chrono::duration_cast<std::chrono::milliseconds>(lifts_at - now);
-  spdlog::info("target {}: frozen for a snapshot (freeze {}, drained in {} ms, lifts itself in "
-               "{} ms); in sync: [{}]", opts_.volume, f.id, f.drained.count(), f.lifts_in.count(),
-               fmt::join(f.in_sync, ", "));
+  spdlog::info(
+      "target {}: frozen for a snapshot (freeze {}, drained in {} ms, lifts itself in "
+      "{} ms); in sync: [{}]",
+      opts_.volume, f.id, f.drained.count(), f.lifts_in.count(), fmt::join(f.in_sync, ", "));
   return f;
 }
 
@@ -425,8 +469,10 @@ void Target::FreezeWatchdog() {
     if (it == freezes_.end() || it->second > std::chrono::steady_clock::now()) continue;
     freezes_.erase(it);
     lock.unlock();
-    spdlog::warn("target {}: snapshot freeze {} was not thawed in time; it lifts itself and "
-                 "writes go on", opts_.volume, id);
+    spdlog::warn(
+        "target {}: snapshot freeze {} was not thawed in time; it lifts itself and "
+        "writes go on",
+        opts_.volume, id);
     set_->Thaw();
     lock.lock();
   }

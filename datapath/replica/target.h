@@ -30,10 +30,10 @@
 #include <condition_variable>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <set>
-#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -68,11 +68,11 @@ struct TargetOptions {
 struct ResyncStatus {
   std::string node;
   bool full = false;
-  int pass = 0;                 // 1-based; the last one runs with writes held
+  int pass = 0;                  // 1-based; the last one runs with writes held
   uint64_t pass_done_bytes = 0;  // of this pass: copied, skipped and zeroed
   uint64_t pass_total_bytes = 0;
-  uint64_t copied_bytes = 0;  // all passes so far
-  double percent = 0;         // of this pass
+  uint64_t copied_bytes = 0;                // all passes so far
+  double percent = 0;                       // of this pass
   std::optional<std::chrono::seconds> eta;  // of this pass, at its speed so far
 };
 
@@ -82,7 +82,7 @@ struct ResyncReport {
   bool full = false;  // no bitmap of this epoch: the whole volume (holes by BLOCK_STATUS)
   int passes = 0;     // copy passes, the last one with writes held
   uint64_t copied_bytes = 0, skipped_bytes = 0, zeroed_bytes = 0;
-  uint64_t dirty_bytes_at_start = 0;  // what the bitmap held when the resync began
+  uint64_t dirty_bytes_at_start = 0;    // what the bitmap held when the resync began
   std::chrono::milliseconds frozen{0};  // how long writes were held for the last pass
   std::chrono::milliseconds took{0};
 };
@@ -94,7 +94,7 @@ struct SnapshotFreeze {
   // The replicas in sync when writes stopped: each holds every acknowledged write, flushed.
   // While the target reconciles, only its source (the others may differ on unacknowledged data).
   std::vector<std::string> in_sync;
-  std::chrono::milliseconds drained{0};  // how long the changes in flight took to finish
+  std::chrono::milliseconds drained{0};   // how long the changes in flight took to finish
   std::chrono::milliseconds lifts_in{0};  // when the freeze lifts itself, from now
 };
 
@@ -157,6 +157,19 @@ class Target {
 
  private:
   Target(cluster::ClusterStore& store, TargetOptions options, uint64_t epoch);
+  // Open's steps after the claim and the connections: the out-of-sync bitmaps (replicas that
+  // need a full resync marked whole), then the set served, reconciling after an unclean end.
+  Status OpenLog(const cluster::VolumeState& state, const std::vector<std::string>& reached,
+                 bool unclean);
+  Status StartServing(const cluster::VolumeState& state, const std::vector<std::string>& reached,
+                      bool unclean, std::vector<ReplicaMember> members);
+  // ResyncReplica's steps: the in-sync replica to copy from, the bitmap of what `node` misses
+  // (all of it, and `ro` set for a full copy, without one), one copy pass.
+  StatusOr<std::string> ResyncSource(const std::string& node) const;
+  StatusOr<RegionBitmap*> ResyncBitmap(const std::string& node, bool full, ResyncOptions* ro,
+                                       ResyncReport* report);
+  Status ResyncPass(BlockChannel& from, BlockChannel& to, const ResyncOptions& ro, RegionBitmap& bm,
+                    ResyncReport* report);
 
   cluster::ClusterStore& store_;
   TargetOptions opts_;

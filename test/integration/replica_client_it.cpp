@@ -213,14 +213,9 @@ class ReplicaClientReal : public ::testing::TestWithParam<Variant> {
       uri = "nbd+unix:///vol?socket=" + ep_.path;
     }
     const std::string out = dir_ / "nbdcopy.raw";
-    fs::remove(out);
-    const std::string cmd = "timeout 60 nbdcopy '" + uri + "' " + out + " >" +
-                            std::string(dir_ / "nbdcopy.log") + " 2>&1";
-    if (std::system(cmd.c_str()) != 0) {
-      ADD_FAILURE() << "nbdcopy failed: " << ReadFile(dir_ / "nbdcopy.log");
-      return {};
-    }
-    return ReadFile(out);
+    auto bytes = test::NbdcopyRead(uri, out, dir_ / "nbdcopy.log");
+    if (!bytes) ADD_FAILURE() << "nbdcopy failed: " << ReadFile(dir_ / "nbdcopy.log");
+    return bytes.value_or("");
   }
 
   test::TempDir dir_{"replica-it"};

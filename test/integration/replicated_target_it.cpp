@@ -178,16 +178,11 @@ class Node {
   // is fenced there, so an open without an epoch is refused).
   std::string Nbdcopy(uint64_t epoch, const std::string& volume = kVolume) {
     const std::string out = dir_ / "copy.raw";
-    fs::remove(out);
     const std::string uri =
         fmt::format("nbd+unix:///{}@epoch={}?socket={}", volume, epoch, nbd_sock());
-    const std::string cmd = "timeout 60 nbdcopy '" + uri + "' " + out + " >" +
-                            std::string(dir_ / "nbdcopy.log") + " 2>&1";
-    if (std::system(cmd.c_str()) != 0) {
-      ADD_FAILURE() << "nbdcopy failed: " << ReadFile(dir_ / "nbdcopy.log");
-      return {};
-    }
-    return ReadFile(out);
+    auto bytes = test::NbdcopyRead(uri, out, dir_ / "nbdcopy.log");
+    if (!bytes) ADD_FAILURE() << "nbdcopy failed: " << ReadFile(dir_ / "nbdcopy.log");
+    return bytes.value_or("");
   }
 
   const std::string& id() const { return id_; }
@@ -786,6 +781,21 @@ class CsiCluster {
     return st;
   }
 
+  // Start, then "rv" created through CSI (CreateReplicated) and its target opened on the node
+  // that holds no copy (Stager): the volume's state at creation in *state, that node in *stager.
+  void StartAndServe(Node& a, Node& b, const test::TestCerts& certs, const std::string& etcd,
+                     cluster::ClusterStore& store, cluster::VolumeState* state, Node** stager) {
+    ASSERT_NO_FATAL_FAILURE(Start(a, b, certs, etcd, store));
+    ::csi::v1::CreateVolumeResponse created;
+    grpc::Status st = CreateReplicated(&created);
+    ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(log());
+    auto got = store.GetVolume(kVolume);
+    ASSERT_TRUE(got.ok());
+    *state = *got;
+    *stager = &Stager(state->replicas);
+    ASSERT_EQ((*stager)->Nbdctl(fmt::format("target open {}", kVolume)), 0);
+  }
+
   // The node that holds no copy of the volume (`replicas`): where the tests stage it.
   Node& Stager(const std::vector<std::string>& replicas) {
     for (auto& [id, n] : by_id_) {
@@ -921,14 +931,12 @@ bool RawWriteAt(const std::string& uri, uint64_t offset) {
 TEST_F(ReplicatedTarget, AServedReplicatedVolumeIsExpandedOnlineThroughCsi) {
   namespace v1 = ::csi::v1;
   CsiCluster csi;
-  ASSERT_NO_FATAL_FAILURE(csi.Start(a_, b_, certs_, etcd_.endpoint(), *store_));
-  v1::CreateVolumeResponse created;
-  grpc::Status st = csi.CreateReplicated(&created);
-  ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(csi.log());
-  auto state = store_->GetVolume(kVolume);
-  ASSERT_TRUE(state.ok());
-  Node& s = csi.Stager(state->replicas);
-  ASSERT_EQ(s.Nbdctl(fmt::format("target open {}", kVolume)), 0);
+  cluster::VolumeState state;
+  Node* stager = nullptr;
+  ASSERT_NO_FATAL_FAILURE(
+      csi.StartAndServe(a_, b_, certs_, etcd_.endpoint(), *store_, &state, &stager));
+  Node& s = *stager;
+  grpc::Status st;
   const std::string first = s.dir() + "/first.raw", whole = s.dir() + "/whole.raw";
   ASSERT_NO_FATAL_FAILURE(RandomFile(first, kSize));
   ASSERT_TRUE(Nbdcopy(first, s.TargetUri()));
@@ -946,7 +954,7 @@ TEST_F(ReplicatedTarget, AServedReplicatedVolumeIsExpandedOnlineThroughCsi) {
   EXPECT_EQ(grown.capacity_bytes(), static_cast<int64_t>(2 * kSize));
   EXPECT_TRUE(grown.node_expansion_required());
   EXPECT_EQ(store_->GetVolume(kVolume)->size_bytes, 2 * kSize);
-  for (const auto& node : state->replicas) {
+  for (const auto& node : state.replicas) {
     std::string out;
     ASSERT_EQ(csi.ById(node).Nbdctl(fmt::format("volume inspect {} -o json", kVolume), &out), 0);
     EXPECT_EQ(nlohmann::json::parse(out).value("size_bytes", uint64_t{0}), 2 * kSize) << node;
@@ -976,8 +984,8 @@ TEST_F(ReplicatedTarget, AServedReplicatedVolumeIsExpandedOnlineThroughCsi) {
   EXPECT_TRUE(ReadFile(back) == ReadFile(whole)) << "the grown volume does not read back";
   auto after = store_->GetVolume(kVolume);
   ASSERT_TRUE(after.ok());
-  EXPECT_EQ(after->in_sync, state->replicas) << "a replica was dropped by the growth";
-  for (const auto& node : state->replicas) {
+  EXPECT_EQ(after->in_sync, state.replicas) << "a replica was dropped by the growth";
+  for (const auto& node : state.replicas) {
     EXPECT_TRUE(csi.ById(node).Nbdcopy(after->epoch) == ReadFile(whole))
         << "the copy on " << node << " differs";
   }
@@ -994,14 +1002,12 @@ TEST_F(ReplicatedTarget, AServedReplicatedVolumeIsExpandedOnlineThroughCsi) {
 TEST_F(ReplicatedTarget, ASnapshotThroughCsiIsTheImageAtOneWriteBoundary) {
   namespace v1 = ::csi::v1;
   CsiCluster csi;
-  ASSERT_NO_FATAL_FAILURE(csi.Start(a_, b_, certs_, etcd_.endpoint(), *store_));
-  v1::CreateVolumeResponse created;
-  grpc::Status st = csi.CreateReplicated(&created);
-  ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(csi.log());
-  auto state = store_->GetVolume(kVolume);
-  ASSERT_TRUE(state.ok());
-  Node& s = csi.Stager(state->replicas);
-  ASSERT_EQ(s.Nbdctl(fmt::format("target open {}", kVolume)), 0);
+  cluster::VolumeState state;
+  Node* stager = nullptr;
+  ASSERT_NO_FATAL_FAILURE(
+      csi.StartAndServe(a_, b_, certs_, etcd_.endpoint(), *store_, &state, &stager));
+  Node& s = *stager;
+  grpc::Status st;
   const std::string pattern_a = s.dir() + "/a.raw", pattern_b = s.dir() + "/b.raw";
   ASSERT_NO_FATAL_FAILURE(RandomFile(pattern_a, kSize));
   ASSERT_NO_FATAL_FAILURE(RandomFile(pattern_b, kSize));
@@ -1017,8 +1023,8 @@ TEST_F(ReplicatedTarget, ASnapshotThroughCsiIsTheImageAtOneWriteBoundary) {
   EXPECT_EQ(made.snapshot().source_volume_id(), "r1:rv");
   EXPECT_EQ(made.snapshot().size_bytes(), static_cast<int64_t>(kSize));
   const std::string holder = snap_id.substr(3, snap_id.rfind(':') - 3);
-  EXPECT_NE(std::find(state->replicas.begin(), state->replicas.end(), holder),
-            state->replicas.end())
+  EXPECT_NE(std::find(state.replicas.begin(), state.replicas.end(), holder),
+            state.replicas.end())
       << snap_id << " is not on a replica node";
   EXPECT_NE(ReadFile(csi.log()).find("frozen"), std::string::npos)
       << "the snapshot was not taken through the target's freeze: " << ReadFile(csi.log());
@@ -1089,7 +1095,7 @@ TEST_F(ReplicatedTarget, ASnapshotThroughCsiIsTheImageAtOneWriteBoundary) {
   // Reads go on while it holds: a whole read ends with the freeze still in force.
   ASSERT_TRUE(freeze_for(60000, &f).ok());
   std::vector<std::string> in_sync(f.in_sync().begin(), f.in_sync().end());
-  EXPECT_EQ(in_sync, state->replicas);
+  EXPECT_EQ(in_sync, state.replicas);
   ASSERT_TRUE(s.CopyTarget(s.dir() + "/frozen-read.raw"));
   EXPECT_TRUE(thaw(f.freeze_id())) << "the freeze did not hold through the read";
   EXPECT_FALSE(thaw(f.freeze_id())) << "a second thaw is a no-op";
@@ -1116,14 +1122,12 @@ TEST_F(ReplicatedTarget, ASnapshotThroughCsiIsTheImageAtOneWriteBoundary) {
 TEST_F(ReplicatedTarget, ASnapshotRestoredIntoAReplicatedVolumeReachesEveryCopy) {
   namespace v1 = ::csi::v1;
   CsiCluster csi;
-  ASSERT_NO_FATAL_FAILURE(csi.Start(a_, b_, certs_, etcd_.endpoint(), *store_));
-  v1::CreateVolumeResponse created;
-  grpc::Status st = csi.CreateReplicated(&created);
-  ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(csi.log());
-  auto state = store_->GetVolume(kVolume);
-  ASSERT_TRUE(state.ok());
-  Node& s = csi.Stager(state->replicas);
-  ASSERT_EQ(s.Nbdctl(fmt::format("target open {}", kVolume)), 0);
+  cluster::VolumeState state;
+  Node* stager = nullptr;
+  ASSERT_NO_FATAL_FAILURE(
+      csi.StartAndServe(a_, b_, certs_, etcd_.endpoint(), *store_, &state, &stager));
+  Node& s = *stager;
+  grpc::Status st;
   // Half the volume written, half left a hole: the copy to the blank replica skips holes.
   const std::string image = s.dir() + "/image.raw";
   ASSERT_NO_FATAL_FAILURE(RandomFile(image, kSize / 2));

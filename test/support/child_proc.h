@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -110,6 +111,16 @@ inline bool CanConnect(const Endpoint& ep) {
 inline std::string ReadFile(const std::string& p) {
   std::ifstream f(p, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+// What libnbd's nbdcopy reads from `uri` (at most 60 s; its messages in `log`), as the bytes of
+// the file `out`; nullopt when the copy failed (the reason is in `log`).
+inline std::optional<std::string> NbdcopyRead(const std::string& uri, const std::string& out,
+                                              const std::string& log) {
+  std::remove(out.c_str());
+  const std::string cmd = "timeout 60 nbdcopy '" + uri + "' " + out + " >" + log + " 2>&1";
+  if (std::system(cmd.c_str()) != 0) return std::nullopt;
+  return ReadFile(out);
 }
 
 }  // namespace nbdcsi::test

@@ -8,12 +8,15 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <mutex>
 #include <set>
+#include <sstream>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -21,9 +24,11 @@
 
 #include <gtest/gtest.h>
 
+#include "datapath/attach/attachments.h"
 #include "datapath/attach/export_server.h"
 #include "datapath/attach/fuse_attach.h"
 #include "datapath/attach/kernel_nbd.h"
+#include "test/support/temp_dir.h"
 
 namespace nbdcsi::datapath {
 
@@ -293,6 +298,44 @@ class FakeTargets final : public TargetAccess {
 
  private:
   FakeServer& server_;
+};
+
+// The fixture both attachment tests build on: a temporary directory for the records, the fakes,
+// the options every test uses (2 connections by default, detach waits 0.5 s), and managers over
+// them.
+class AttachFixture : public ::testing::Test {
+ protected:
+  // From the test's SetUp: the directory (named after the test) and the options.
+  void SetUpAttach(const char* name) {
+    ASSERT_TRUE(tmp_.Create(name)) << tmp_.error();
+    root_ = tmp_.path();
+    dir_ = root_ + "/attachments";
+    opts_.default_connections = 2;
+    opts_.detach_wait = std::chrono::milliseconds(500);
+  }
+  void TearDown() override { tmp_.Remove(); }
+
+  std::unique_ptr<AttachmentManager> NewManager() {
+    auto m = std::make_unique<AttachmentManager>(dir_, kernel_, fuse_, server_, opts_);
+    Status s = m->Init();
+    EXPECT_TRUE(s.ok()) << s.message();
+    return m;
+  }
+  static std::string ReadFile(const std::string& p) {
+    std::ifstream in(p);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  }
+  // Descriptor numbers get reused, so check the other side: every server end sees its peer gone.
+  void ExpectAllClientFdsClosed() { EXPECT_EQ(server_.ClosedPeers(), server_.server_ends.size()); }
+
+  test::TempDir tmp_;
+  std::string root_, dir_;
+  FakeKernel kernel_;
+  FakeFuse fuse_;
+  FakeServer server_;
+  AttachOptions opts_;
 };
 
 }  // namespace nbdcsi::datapath

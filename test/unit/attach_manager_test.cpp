@@ -38,45 +38,16 @@ namespace {
 
 namespace fs = std::filesystem;
 
-class AttachManagerTest : public ::testing::Test {
+class AttachManagerTest : public AttachFixture {
  protected:
   void SetUp() override {
-    ASSERT_TRUE(tmp_.Create("attach_manager_test")) << tmp_.error();
-    root_ = tmp_.path();
-    dir_ = root_ + "/attachments";
+    ASSERT_NO_FATAL_FAILURE(SetUpAttach("attach_manager_test"));
     server_.volumes["vol-a"] = {64 << 20, false};
     server_.volumes["vol-b"] = {128 << 20, true};
-    opts_.default_connections = 2;
-    opts_.detach_wait = std::chrono::milliseconds(500);
-  }
-  void TearDown() override { tmp_.Remove(); }
-
-  std::unique_ptr<AttachmentManager> NewManager() {
-    auto m = std::make_unique<AttachmentManager>(dir_, kernel_, fuse_, server_, opts_);
-    Status s = m->Init();
-    EXPECT_TRUE(s.ok()) << s.message();
-    return m;
-  }
-  std::string ReadFile(const std::string& p) {
-    std::ifstream in(p);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
   }
   void WriteFile(const std::string& p, const std::string& content) {
     std::ofstream(p) << content;
   }
-  // Descriptor numbers get reused, so check the other side: every server end sees its peer gone.
-  void ExpectAllClientFdsClosed() {
-    EXPECT_EQ(server_.ClosedPeers(), server_.server_ends.size());
-  }
-
-  test::TempDir tmp_;
-  std::string root_, dir_;
-  FakeKernel kernel_;
-  FakeFuse fuse_;
-  FakeServer server_;
-  AttachOptions opts_;
 };
 
 TEST_F(AttachManagerTest, AttachWritesDurableRecordAndPassesKernelParameters) {

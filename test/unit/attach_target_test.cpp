@@ -23,43 +23,19 @@ namespace fs = std::filesystem;
 
 constexpr uint64_t kTargetSize = 48ull << 20;
 
-class AttachTargetTest : public ::testing::Test {
+class AttachTargetTest : public AttachFixture {
  protected:
   void SetUp() override {
-    ASSERT_TRUE(tmp_.Create("attach_target_test")) << tmp_.error();
-    dir_ = tmp_.path() + "/attachments";
+    ASSERT_NO_FATAL_FAILURE(SetUpAttach("attach_target_test"));
     // A pool volume of the same name and another size: a local replica of "rv" must never be
     // what the target's device serves.
     server_.volumes["rv"] = {64 << 20, false};
     server_.volumes["vol-a"] = {64 << 20, false};
     targets_.Open("rv", kTargetSize);
-    opts_.default_connections = 2;
-    opts_.detach_wait = std::chrono::milliseconds(500);
     opts_.targets = &targets_;
   }
-  void TearDown() override { tmp_.Remove(); }
 
-  std::unique_ptr<AttachmentManager> NewManager() {
-    auto m = std::make_unique<AttachmentManager>(dir_, kernel_, fuse_, server_, opts_);
-    Status s = m->Init();
-    EXPECT_TRUE(s.ok()) << s.message();
-    return m;
-  }
-  static std::string ReadFile(const std::string& p) {
-    std::ifstream in(p);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  }
-  void ExpectAllClientFdsClosed() { EXPECT_EQ(server_.ClosedPeers(), server_.server_ends.size()); }
-
-  test::TempDir tmp_;
-  std::string dir_;
-  FakeKernel kernel_;
-  FakeFuse fuse_;
-  FakeServer server_;
   FakeTargets targets_{server_};
-  AttachOptions opts_;
 };
 
 TEST_F(AttachTargetTest, AttachServesTheTargetExportWithTheTargetsSize) {

@@ -27,6 +27,7 @@
 #include "datapath/nbd/proto.h"
 #include "datapath/pool/pool.h"
 #include "datapath/replica/client.h"
+#include "test/support/engine_checks.h"
 #include "test/support/memory_backend.h"
 #include "test/support/nbd_bytes.h"
 #include "test/support/nbd_raw_client.h"
@@ -99,13 +100,7 @@ class BackendExportTest : public ::testing::Test {
     sock_ = tmp_.path() + "/nbd.sock";
   }
   void TearDown() override {
-    if (frontend_) {
-      // Whatever a test did, no completion may have named a request that was gone and no rule
-      // of the request life cycle may have been broken (worker.h EngineCounters).
-      EngineCounters ec = frontend_->counters();
-      EXPECT_EQ(ec.stale_dropped, 0u);
-      EXPECT_EQ(ec.invariant_violations, 0u);
-    }
+    if (frontend_) test::ExpectEngineRulesKept(*frontend_);
     frontend_.reset();
     pool_.reset();
     tmp_.Remove();

@@ -29,6 +29,7 @@
 #include "datapath/nbd/codec.h"
 #include "datapath/nbd/proto.h"
 #include "datapath/pool/pool.h"
+#include "test/support/engine_checks.h"
 #include "test/support/nbd_bytes.h"
 #include "test/support/nbd_raw_client.h"
 #include "test/support/pool.h"
@@ -72,13 +73,7 @@ class EngineTest : public ::testing::Test {
     sock_ = root_ + "/nbd.sock";
   }
   void TearDown() override {
-    if (frontend_) {
-      // Whatever a test did, the request life cycle must not have broken a rule or seen a
-      // completion for a request that was gone (worker.h EngineCounters).
-      EngineCounters ec = frontend_->counters();
-      EXPECT_EQ(ec.stale_dropped, 0u);
-      EXPECT_EQ(ec.invariant_violations, 0u);
-    }
+    if (frontend_) test::ExpectEngineRulesKept(*frontend_);
     frontend_.reset();
     pool_.reset();
     tmp_.Remove();

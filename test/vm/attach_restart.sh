@@ -108,12 +108,7 @@ crash_restart "term" TERM
 sleep 5
 kill -0 "$FIOPID" 2>/dev/null || fail "fio ended before the second kill"
 crash_restart "kill 2"
-rc=0
-wait "$FIOPID" || rc=$?
-cat "$FIOLOG"
-[ "$rc" = 0 ] || fail "fio exited $rc"
-grep -qE 'err= *0' "$FIOLOG" || fail "fio reports errors"
-grep -qiE 'verify: bad|crc32c: verify failed|bad magic' "$FIOLOG" && fail "fio verify failed"
+vm_fio_check "$FIOPID" "$FIOLOG"
 step "fio done: exit 0, err=0, verify clean"
 
 echo "---- kernel log (nbd) ----"

@@ -121,11 +121,7 @@ n_rules=$(get /api/v1/rules | jq '[.data.groups[].rules[]] | length')
 step "prometheus up: both targets scraped, $n_rules rules of the chart loaded"
 
 # ---- a volume staged and published the kubelet's way, fio with verify on it ----
-nbdctl volume create vol-alert --size 1Gi >/dev/null
-LID="v1:$NODE:vol-alert" LSTG=$D/staging/vol-alert LTGT=$D/pods/vol-alert/mount
-mkdir -p "$LSTG"
-csi stage "$LID" --staging-path "$LSTG" --fs-type ext4 >/dev/null || fail "stage"
-csi publish "$LID" --staging-path "$LSTG" --target-path "$LTGT" >/dev/null || fail "publish"
+vm_csi_stage_publish vol-alert
 LDEV=$(nbdctl -o json attachments | jq -r '.attachments[] | select(.volume == "vol-alert") | .device')
 [[ $LDEV == /dev/nbd* ]] || fail "not attached through kernel NBD: '$LDEV'"
 condition_is false || fail "condition before the kill: $(cat /tmp/csi/stats.json)"
@@ -210,12 +206,7 @@ until_ok 30 "nbdcsi_attachment_up = 1 after the restart" attachment_up_is 1
 [ -z "$(alert_state NbdCsiAttachmentDown)" ] || fail "NbdCsiAttachmentDown after the restart: $(get /api/v1/alerts)"
 step "nbdcsi_attachment_up 1; no NbdCsiAttachmentDown"
 
-rc=0
-wait "$FIOPID" || rc=$?
-cat "$FIOLOG"
-[ "$rc" = 0 ] || fail "fio exited $rc"
-grep -qE 'err= *0' "$FIOLOG" || fail "fio reports errors"
-grep -qiE 'verify: bad|crc32c: verify failed|bad magic' "$FIOLOG" && fail "fio verify failed"
+vm_fio_check "$FIOPID" "$FIOLOG"
 dmesg | grep -qE 'I/O error|Buffer I/O error|blk_update_request' && fail "the kernel logged I/O errors"
 dmesg | grep -q "reconnected socket" || fail "the kernel log shows no reconnect"
 step "fio done: exit 0, err=0, verify clean; kernel log: reconnect, no I/O error"

@@ -154,11 +154,7 @@ nbdctl volume delete vol-blk >/dev/null
 step "block: published as a device node, 16 MiB verified, expanded to 512 MiB, cleaned up"
 
 # ---- 3. restarts under live I/O ----
-nbdctl volume create vol-live --size 1Gi >/dev/null
-LID="v1:$NODE:vol-live" LSTG=$D/staging/vol-live LTGT=$D/pods/vol-live/mount
-mkdir -p "$LSTG"
-csi stage "$LID" --staging-path "$LSTG" --fs-type ext4 >/dev/null || fail "stage vol-live"
-csi publish "$LID" --staging-path "$LSTG" --target-path "$LTGT" >/dev/null || fail "publish vol-live"
+vm_csi_stage_publish vol-live
 LDEV=$(attached_device vol-live)
 fio --name=live --filename="$LTGT/fio.dat" --size=32M --bs=4k --rw=randwrite --ioengine=libaio \
   --iodepth=8 --rate_iops=,250 --direct=1 --verify=crc32c --verify_fatal=1 --do_verify=1 --output="$FIOLOG" &
@@ -188,12 +184,7 @@ command nbdctl csi --endpoint "unix://$CSI" -o json node stats "$LID" --volume-p
   fail "stats after node restart"
 jq -e '.volume_condition.abnormal != true' /tmp/csi/stats.json >/dev/null || fail "abnormal condition: $(cat /tmp/csi/stats.json)"
 step "nbd-csi-node restarted: stage/publish idempotent, stats normal"
-rc=0
-wait "$FIOPID" || rc=$?
-cat "$FIOLOG"
-[ "$rc" = 0 ] || fail "fio exited $rc"
-grep -qE 'err= *0' "$FIOLOG" || fail "fio reports errors"
-grep -qiE 'verify: bad|crc32c: verify failed|bad magic' "$FIOLOG" && fail "fio verify failed"
+vm_fio_check "$FIOPID" "$FIOLOG"
 step "fio done: exit 0, err=0, verify clean"
 dmesg | grep -iE 'nbd' | tail -n 20 || true
 dmesg | grep -qE 'I/O error|Buffer I/O error|blk_update_request' && fail "the kernel logged I/O errors"

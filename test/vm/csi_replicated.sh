@@ -256,13 +256,7 @@ for n in t b controller; do
   wait "${NPID[$n]}" || fail "$n exited $? on SIGTERM"
   unset "NPID[$n]"
 done
-for n in b t; do
-  kill -TERM "${PID[$n]}"
-  wait "${PID[$n]}" || fail "node-$n: nbd-datapathd exited $? on SIGTERM"
-  unset "PID[$n]"
-done
+vm_stop_datapaths b t
 kill -TERM "$ETCDPID"; wait "$ETCDPID" 2>/dev/null || true; ETCDPID=''
-if grep -E 'engine invariant violated|stale completions dropped|AddressSanitizer|runtime error:' "$D"/*/datapathd.log; then
-  fail "a datapath log reports an engine or sanitizer error"
-fi
+vm_check_datapath_logs "$D"/*/datapathd.log
 step "PASS"

@@ -232,9 +232,7 @@ step "e2fsck clean, unstaged, deleted, pool empty"
 kill -TERM "$NPID"; wait "$NPID" || fail "nbd-csi-node exited $? on SIGTERM"
 kill -TERM "$CPID"; wait "$CPID" || fail "nbd-csi-controller exited $? on SIGTERM"
 kill -TERM "$DPID"; wait "$DPID" || fail "nbd-datapathd exited $? on SIGTERM"
-if grep -E 'engine invariant violated|stale completions dropped|AddressSanitizer|runtime error:' "$DLOG"; then
-  fail "the datapath log reports an engine or sanitizer error"
-fi
+vm_check_datapath_logs "$DLOG"
 echo "faults_io_restart: seed $SEED; kill points $KILLS (datapath ${KILLED[datapath]:-0}," \
   "node plugin ${KILLED[node]:-0}, controller ${KILLED[controller]:-0}); CSI calls after them:" \
   "$SNAPS snapshots, $EXPANDS online expansions, $SCRATCH create+delete, $RESTAGE restages," \

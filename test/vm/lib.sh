@@ -62,3 +62,45 @@ vm_wait_socket() {
   done
   fail "$what: no socket $sock after 30 s"
 }
+
+# vm_csi_stage_publish VOLUME: creates VOLUME (1 GiB) through the test's `nbdctl`, then stages it
+# (ext4) and publishes it the kubelet's way through the test's `csi` (paths under $D, the node
+# $NODE); sets LID, LSTG and LTGT. Calls the test's `fail` when staging or publishing fails.
+vm_csi_stage_publish() {
+  nbdctl volume create "$1" --size 1Gi >/dev/null
+  LID="v1:$NODE:$1" LSTG=$D/staging/$1 LTGT=$D/pods/$1/mount
+  mkdir -p "$LSTG"
+  csi stage "$LID" --staging-path "$LSTG" --fs-type ext4 >/dev/null || fail "stage $1"
+  csi publish "$LID" --staging-path "$LSTG" --target-path "$LTGT" >/dev/null || fail "publish $1"
+}
+
+# vm_fio_check PID LOG: waits for the fio run PID (started in the background with --verify and
+# --output=LOG), prints LOG, and calls the test's `fail` unless fio exited 0 with err=0 and no
+# verify failure.
+vm_fio_check() {
+  local rc=0
+  wait "$1" || rc=$?
+  cat "$2"
+  [ "$rc" = 0 ] || fail "fio exited $rc"
+  grep -qE 'err= *0' "$2" || fail "fio reports errors"
+  if grep -qiE 'verify: bad|crc32c: verify failed|bad magic' "$2"; then fail "fio verify failed"; fi
+}
+
+# vm_stop_datapaths NODE...: stops each node-NODE's nbd-datapathd (pid ${PID[NODE]}, the test's
+# associative array) with SIGTERM; each must exit 0, else the test's `fail`.
+vm_stop_datapaths() {
+  local n
+  for n in "$@"; do
+    kill -TERM "${PID[$n]}"
+    wait "${PID[$n]}" || fail "node-$n: nbd-datapathd exited $? on SIGTERM"
+    unset "PID[$n]"
+  done
+}
+
+# vm_check_datapath_logs LOG...: calls the test's `fail` when a datapath log reports a broken
+# engine rule or a sanitizer error.
+vm_check_datapath_logs() {
+  if grep -E 'engine invariant violated|stale completions dropped|AddressSanitizer|runtime error:' "$@"; then
+    fail "a datapath log reports an engine or sanitizer error"
+  fi
+}

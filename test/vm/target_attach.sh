@@ -204,13 +204,7 @@ state=$(nbdcsi-cluster-tool --etcd "$ETCD" get-volume rv) || fail "get-volume: $
 [ "$(jq -r .target <<<"$state")" = "" ] || fail "the claim survived target close: $state"
 step "detached (target stayed open), target closed, claim released"
 
-for n in a t; do
-  kill -TERM "${PID[$n]}"
-  wait "${PID[$n]}" || fail "node-$n: nbd-datapathd exited $? on SIGTERM"
-  unset "PID[$n]"
-done
+vm_stop_datapaths a t
 kill -TERM "$ETCDPID"; wait "$ETCDPID" 2>/dev/null || true; ETCDPID=''
-if grep -E 'engine invariant violated|stale completions dropped|AddressSanitizer|runtime error:' "$D"/*/datapathd.log; then
-  fail "a datapath log reports an engine or sanitizer error"
-fi
+vm_check_datapath_logs "$D"/*/datapathd.log
 step "PASS"

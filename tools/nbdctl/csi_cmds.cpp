@@ -100,6 +100,19 @@ struct CsiCommands::Impl {
     Print(global.output, o.json, o.text);
     return kExitOk;
   }
+  // A Node call on volume `id` whose answer is where it happened: on success it shows
+  // {"volume_id": ID, DONE: PATH} and "volume ID DONE PREP PATH".
+  template <typename Req, typename Resp>
+  int NodeVolumeCall(csi::Node::Stub& nd,
+                     grpc::Status (csi::Node::Stub::*method)(grpc::ClientContext*, const Req&,
+                                                             Resp*),
+                     const Req& req, const char* verb, const char* done, const char* prep,
+                     const std::string& path) {
+    Resp r;
+    if (int rc = conn->Call(nd, method, req, &r, fmt::format("{} volume {}", verb, id))) return rc;
+    return Show({{{"volume_id", id}, {done, path}},
+                 fmt::format("volume {} {} {} {}\n", id, done, prep, path)});
+  }
   csi::VolumeCapability Capability() const;
   void AddCapabilityFlags(CLI::App& c);
 
@@ -399,13 +412,8 @@ int CsiCommands::Impl::Stage() {
   req.set_staging_target_path(staging_path);
   *req.mutable_volume_capability() = Capability();
   PutPairs("--param", params, req.mutable_volume_context());
-  csi::NodeStageVolumeResponse r;
-  if (int rc = conn->Call(fmt::format("stage volume {}", id),
-                          [&](auto* ctx) { return nd->NodeStageVolume(ctx, req, &r); })) {
-    return rc;
-  }
-  return Show({{{"volume_id", id}, {"staged", staging_path}},
-               fmt::format("volume {} staged at {}\n", id, staging_path)});
+  return NodeVolumeCall(*nd, &csi::Node::Stub::NodeStageVolume, req, "stage", "staged", "at",
+                        staging_path);
 }
 
 int CsiCommands::Impl::Unstage() {
@@ -413,13 +421,8 @@ int CsiCommands::Impl::Unstage() {
   csi::NodeUnstageVolumeRequest req;
   req.set_volume_id(id);
   req.set_staging_target_path(staging_path);
-  csi::NodeUnstageVolumeResponse r;
-  if (int rc = conn->Call(fmt::format("unstage volume {}", id),
-                          [&](auto* ctx) { return nd->NodeUnstageVolume(ctx, req, &r); })) {
-    return rc;
-  }
-  return Show({{{"volume_id", id}, {"unstaged", staging_path}},
-               fmt::format("volume {} unstaged from {}\n", id, staging_path)});
+  return NodeVolumeCall(*nd, &csi::Node::Stub::NodeUnstageVolume, req, "unstage", "unstaged",
+                        "from", staging_path);
 }
 
 int CsiCommands::Impl::Publish() {
@@ -431,13 +434,8 @@ int CsiCommands::Impl::Publish() {
   req.set_readonly(readonly);
   *req.mutable_volume_capability() = Capability();
   PutPairs("--param", params, req.mutable_volume_context());
-  csi::NodePublishVolumeResponse r;
-  if (int rc = conn->Call(fmt::format("publish volume {}", id),
-                          [&](auto* ctx) { return nd->NodePublishVolume(ctx, req, &r); })) {
-    return rc;
-  }
-  return Show({{{"volume_id", id}, {"published", target_path}},
-               fmt::format("volume {} published at {}\n", id, target_path)});
+  return NodeVolumeCall(*nd, &csi::Node::Stub::NodePublishVolume, req, "publish", "published", "at",
+                        target_path);
 }
 
 int CsiCommands::Impl::Unpublish() {
@@ -445,13 +443,8 @@ int CsiCommands::Impl::Unpublish() {
   csi::NodeUnpublishVolumeRequest req;
   req.set_volume_id(id);
   req.set_target_path(target_path);
-  csi::NodeUnpublishVolumeResponse r;
-  if (int rc = conn->Call(fmt::format("unpublish volume {}", id),
-                          [&](auto* ctx) { return nd->NodeUnpublishVolume(ctx, req, &r); })) {
-    return rc;
-  }
-  return Show({{{"volume_id", id}, {"unpublished", target_path}},
-               fmt::format("volume {} unpublished from {}\n", id, target_path)});
+  return NodeVolumeCall(*nd, &csi::Node::Stub::NodeUnpublishVolume, req, "unpublish", "unpublished",
+                        "from", target_path);
 }
 
 int CsiCommands::Impl::NodeExpand() {

@@ -150,6 +150,11 @@ struct DatapathCommands::Impl {
   // Returns the exit code and leaves the last state in *out.
   int WaitVolume(Deadline deadline, v1::Volume* out);
   int WaitSnapshot(Deadline deadline, v1::Snapshot* out);
+  // Both: polls with `refresh` (one Get into *out) until *out is ready, its copy failed (what
+  // has an error() says why), or the deadline passes; `label` names the progress lines.
+  template <typename T, typename Refresh>
+  int WaitReady(Deadline deadline, const char* kind, const std::string& label, T* out,
+                Refresh refresh);
   // Past the deadline: says so and returns kExitServer; else sleeps one poll interval.
   int PollOrGiveUp(Deadline deadline, const char* kind, uint64_t done, uint64_t total) const;
   // Progress lines on stderr while a --wait polls (progress.h says where and when).
@@ -201,59 +206,56 @@ int DatapathCommands::Impl::PollOrGiveUp(Deadline deadline, const char* kind, ui
   return kExitOk;
 }
 
-int DatapathCommands::Impl::WaitVolume(Deadline deadline, v1::Volume* out) {
+template <typename T, typename Refresh>
+int DatapathCommands::Impl::WaitReady(Deadline deadline, const char* kind,
+                                      const std::string& label, T* out, Refresh refresh) {
   if (out->ready()) return kExitOk;
-  const bool restore = out->source().rfind("snapshot/", 0) == 0;
-  ProgressSink progress = Progress(fmt::format("{} {}", restore ? "restore" : "clone", name));
+  ProgressSink progress = Progress(label);
   while (!out->ready()) {
+    if constexpr (requires { out->error(); }) {
+      if (!out->error().empty()) {
+        progress.Finish(false, ProgressClock::now(), 0);
+        std::cerr << fmt::format("nbdctl: {} \"{}\" failed: {}\n", kind, name, out->error());
+        return kExitServer;
+      }
+    }
     progress.Update(SampleOf(*out));
-    if (int rc = PollOrGiveUp(deadline, "volume", out->copy_done_bytes(), out->copy_total_bytes());
+    if (int rc = PollOrGiveUp(deadline, kind, out->copy_done_bytes(), out->copy_total_bytes());
         rc != kExitOk) {
       progress.Finish(false, ProgressClock::now(), 0);
       return rc;
     }
-    v1::GetVolumeRequest req;
-    req.set_name(name);
-    v1::GetVolumeResponse resp;
-    auto s = stub->GetVolume(conn->Ctx(deadline).get(), req, &resp);
-    if (!s.ok()) {
+    if (grpc::Status s = refresh(out); !s.ok()) {
       progress.Finish(false, ProgressClock::now(), 0);
-      return Fail(fmt::format("wait for volume \"{}\"", name), s);
+      return Fail(fmt::format("wait for {} \"{}\"", kind, name), s);
     }
-    *out = resp.volume();
   }
   progress.Finish(true, ProgressClock::now(), out->allocated_bytes());
   return kExitOk;
 }
 
+int DatapathCommands::Impl::WaitVolume(Deadline deadline, v1::Volume* out) {
+  const bool restore = out->source().rfind("snapshot/", 0) == 0;
+  return WaitReady(deadline, "volume", fmt::format("{} {}", restore ? "restore" : "clone", name),
+                   out, [&](v1::Volume* v) {
+                     v1::GetVolumeRequest req;
+                     req.set_name(name);
+                     v1::GetVolumeResponse resp;
+                     auto s = stub->GetVolume(conn->Ctx(deadline).get(), req, &resp);
+                     if (s.ok()) *v = resp.volume();
+                     return s;
+                   });
+}
+
 int DatapathCommands::Impl::WaitSnapshot(Deadline deadline, v1::Snapshot* out) {
-  if (out->ready()) return kExitOk;
-  ProgressSink progress = Progress("snapshot " + name);
-  while (!out->ready()) {
-    if (!out->error().empty()) {
-      progress.Finish(false, ProgressClock::now(), 0);
-      std::cerr << fmt::format("nbdctl: snapshot \"{}\" failed: {}\n", name, out->error());
-      return kExitServer;
-    }
-    progress.Update(SampleOf(*out));
-    if (int rc =
-            PollOrGiveUp(deadline, "snapshot", out->copy_done_bytes(), out->copy_total_bytes());
-        rc != kExitOk) {
-      progress.Finish(false, ProgressClock::now(), 0);
-      return rc;
-    }
+  return WaitReady(deadline, "snapshot", "snapshot " + name, out, [&](v1::Snapshot* v) {
     v1::GetSnapshotRequest req;
     req.set_name(name);
     v1::GetSnapshotResponse resp;
     auto s = stub->GetSnapshot(conn->Ctx(deadline).get(), req, &resp);
-    if (!s.ok()) {
-      progress.Finish(false, ProgressClock::now(), 0);
-      return Fail(fmt::format("wait for snapshot \"{}\"", name), s);
-    }
-    *out = resp.snapshot();
-  }
-  progress.Finish(true, ProgressClock::now(), out->allocated_bytes());
-  return kExitOk;
+    if (s.ok()) *v = resp.snapshot();
+    return s;
+  });
 }
 
 int DatapathCommands::Impl::VolumeCreate() {

@@ -31,21 +31,26 @@ struct TargetCommands::Impl {
     conn = std::make_unique<Connection>(Peer::kDatapath, "--api", global.api, global.timeout_s);
     stub = tv1::Targets::NewStub(conn->channel());
   }
+  // Open and Inspect: one call on `volume` that answers with the target, shown.
+  template <typename Req>
+  int ShowTarget(grpc::Status (tv1::Targets::Stub::*method)(grpc::ClientContext*, const Req&,
+                                                              tv1::TargetResponse*),
+                 const char* verb) {
+    Req req;
+    req.set_volume(volume);
+    Connect();
+    tv1::TargetResponse resp;
+    if (int rc = conn->Call(*stub, method, req, &resp,
+                            fmt::format("{} target of \"{}\"", verb, volume)))
+      return rc;
+    return Show(resp.target());
+  }
   int Show(const tv1::Target& t) const {
     Print(global.output, TargetJson(t), TargetDetails(t));
     return kExitOk;
   }
 
-  int Open() {
-    tv1::OpenTargetRequest req;
-    req.set_volume(volume);
-    Connect();
-    tv1::TargetResponse resp;
-    if (int rc = conn->Call(*stub, &tv1::Targets::Stub::OpenTarget, req, &resp,
-                            fmt::format("open target of \"{}\"", volume)))
-      return rc;
-    return Show(resp.target());
-  }
+  int Open() { return ShowTarget(&tv1::Targets::Stub::OpenTarget, "open"); }
   int Close() {
     tv1::CloseTargetRequest req;
     req.set_volume(volume);
@@ -58,16 +63,7 @@ struct TargetCommands::Impl {
           fmt::format("target of \"{}\" closed; its claim is released\n", volume));
     return kExitOk;
   }
-  int Inspect() {
-    tv1::GetTargetRequest req;
-    req.set_volume(volume);
-    Connect();
-    tv1::TargetResponse resp;
-    if (int rc = conn->Call(*stub, &tv1::Targets::Stub::GetTarget, req, &resp,
-                            fmt::format("inspect target of \"{}\"", volume)))
-      return rc;
-    return Show(resp.target());
-  }
+  int Inspect() { return ShowTarget(&tv1::Targets::Stub::GetTarget, "inspect"); }
   int Resync() {
     tv1::ResyncReplicaRequest req;
     req.set_volume(volume);
