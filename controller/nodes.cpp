@@ -1,5 +1,7 @@
 #include "controller/nodes.h"
 
+#include <fmt/format.h>
+
 #include "controller/csi_status.h"
 
 namespace nbdcsi::controller {
@@ -12,6 +14,16 @@ StatusOr<std::shared_ptr<NodeDatapath>> Nodes::Datapath(const std::string& node)
                dp.status().message());
   }
   return dp;
+}
+
+std::string Nodes::WhyAbsent(const std::string& node) const {
+  std::chrono::steady_clock::time_point now;
+  for (const auto& n : registry_.ListKnown(&now)) {
+    if (n.node_id == node) {
+      return fmt::format("its datapath sent no heartbeat within {} ms", registry_.ttl().count());
+    }
+  }
+  return "its datapath is not registered with the controller any more";
 }
 
 }  // namespace nbdcsi::controller
