@@ -178,7 +178,7 @@ Status ControllerImpl::ListVolumes(const v1::ListVolumesRequest& req,
   for (const std::string& node : last_listings_.Nodes()) {
     if (asked.count(node)) continue;
     auto last = last_listings_.Of(node);
-    if (last) add(node, *last, fmt::format("node {} unreachable: {}", node, nodes_.WhyAbsent(node)));
+    if (last) add(node, *last, fmt::format("node {} unreachable: {}", node, nodes_.WhyAbsent()));
   }
   return Paginate(std::move(all), req.max_entries(), req.starting_token(), resp->mutable_entries(),
                   resp->mutable_next_token());

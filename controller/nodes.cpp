@@ -16,14 +16,10 @@ StatusOr<std::shared_ptr<NodeDatapath>> Nodes::Datapath(const std::string& node)
   return dp;
 }
 
-std::string Nodes::WhyAbsent(const std::string& node) const {
-  std::chrono::steady_clock::time_point now;
-  for (const auto& n : registry_.ListKnown(&now)) {
-    if (n.node_id == node) {
-      return fmt::format("its datapath sent no heartbeat within {} ms", registry_.ttl().count());
-    }
-  }
-  return "its datapath is not registered with the controller any more";
+std::string Nodes::WhyAbsent() const {
+  // The same words whether the registry still holds the expired node or forgot it already.
+  return fmt::format("no heartbeat from its datapath within the last {} ms",
+                     registry_.ttl().count());
 }
 
 }  // namespace nbdcsi::controller

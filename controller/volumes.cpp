@@ -128,7 +128,11 @@ Status ControllerImpl::GetVolume(const v1::ControllerGetVolumeRequest& req,
   }
   auto ref = NamedVolume(req.volume_id());
   if (!ref.ok()) return ref.status();
-  auto dv = nodes_.GetVolume(ref->node_id, ref->pool_name);
+  // A node whose heartbeats stopped is not asked: the cause in words that stay the same from one
+  // call to the next (the health monitor's events fold when they repeat).
+  auto dv = nodes_.Get(ref->node_id)
+                ? nodes_.GetVolume(ref->node_id, ref->pool_name)
+                : StatusOr<dpv1::Volume>(Error(ENODEV, "{}", nodes_.WhyAbsent()));
   if (!dv.ok() && dv.status().code() == ENOENT) {
     last_listings_.Forget(ref->node_id, ref->pool_name);
     return dv.status();
