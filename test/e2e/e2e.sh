@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End to end on a real Kubernetes: the image, `helm install` of charts/nbd-csi, then what users do
 # with kubectl alone (PVCs, pods, snapshots, restores, clones, expansion, raw block, a node plugin
-# restart under fio) and a check that deleting everything leaves nothing behind.
+# restart under fio), the volume health the controller reports while a datapath is frozen, and a
+# check that deleting everything leaves nothing behind.
 #
 #   test/e2e/e2e.sh                  the bundled single-node cluster (../shared/k8s, relative to
 #                                    the repository root): set up, started and stopped by the test
