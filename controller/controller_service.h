@@ -26,11 +26,15 @@
 //   without, the largest single node's (a volume never spans nodes, so a sum would promise room
 //   no CreateVolume can use). maximum_volume_size = available_capacity.
 // - ControllerGetVolume: a volume whose node is gone or cannot serve it is returned with an
-//   abnormal condition carrying the cause (the health monitor's signal); an unfilled
-//   restore/clone is abnormal until its copy ends.
+//   abnormal condition carrying the cause ("node N unreachable: ..." when the node is silent;
+//   size and content source from its last listing when it had one): the health monitor's signal.
+//   Only the volume's own node saying it does not exist is NOT_FOUND. An unfilled restore/clone
+//   is abnormal until its copy ends.
 // - ListVolumes/ListSnapshots: all live nodes, sorted by id; the token is an opaque encoding of
-//   the last id returned (stable across deletions); a foreign token is ABORTED. A node that does
-//   not answer is skipped from a full listing (logged) but fails a listing filtered to it.
+//   the last id returned (stable across deletions); a foreign token is ABORTED. ListVolumes lists
+//   the volumes of a node that does not answer (or whose heartbeats stopped) from that node's last
+//   listing, abnormal with the cause (controller/last_listings.h); ListSnapshots skips it from a
+//   full listing (logged); a listing filtered to it fails.
 // - ControllerExpandVolume: grow only (a smaller request is already satisfied);
 //   node_expansion_required for mount and block alike (the NBD device size is node state).
 // - ControllerModifyVolume: mutable_parameters are a QoS patch (a key set to 0 removes that
@@ -44,6 +48,7 @@
 
 #include "common/cluster/cluster_store.h"
 #include "common/status.h"
+#include "controller/last_listings.h"
 #include "controller/nodes.h"
 #include "controller/placement.h"
 #include "controller/registry.h"
@@ -96,6 +101,7 @@ class ControllerImpl {
   ControllerOptions opts_;
   PlacementLedger ledger_;
   ReplicatedVolumes replicated_;  // r1 ids and replicas >= 2
+  LastListings last_listings_;    // what each node listed last (ListVolumes of a silent node)
 };
 
 // The gRPC Controller service: per-id ABORTED guards around a ControllerImpl over `registry`

@@ -1,5 +1,7 @@
 #include "controller/csi_response.h"
 
+#include <cerrno>
+
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
@@ -64,6 +66,19 @@ void FillCondition(const dp::Volume& dv, v1::VolumeCondition* c) {
   } else {
     c->set_abnormal(false);
     c->set_message("volume is healthy");
+  }
+}
+
+std::string NodeDownMessage(const std::string& node, const Status& why,
+                            const std::string& fallback) {
+  switch (why.code()) {
+    case EAGAIN:
+    case ETIMEDOUT:
+    case ENODEV:
+    case ECONNREFUSED:
+      return fmt::format("node {} unreachable: {}", node, why.message());
+    default:
+      return fallback + why.message();
   }
 }
 

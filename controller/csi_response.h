@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "common/status.h"
 #include "csi/csi.pb.h"
 #include "datapath/api/datapath.pb.h"
 
@@ -24,5 +25,11 @@ void FillSnapshot(const std::string& node, const ::nbdcsi::datapath::v1::Snapsho
                   ::csi::v1::Snapshot* out);
 // Abnormal while a restore or clone is still being filled (with its progress), healthy otherwise.
 void FillCondition(const ::nbdcsi::datapath::v1::Volume& dv, ::csi::v1::VolumeCondition* c);
+// The condition message of a volume whose node failed a call with `why`: "node N unreachable:
+// <cause>" when the node could not be reached or did not answer in time (EAGAIN, ETIMEDOUT,
+// ENODEV, ECONNREFUSED), `fallback` followed by the cause otherwise (the node answered, with an
+// error).
+std::string NodeDownMessage(const std::string& node, const Status& why,
+                            const std::string& fallback = "");
 
 }  // namespace nbdcsi::controller

@@ -1,13 +1,18 @@
 // ListVolumes and ListSnapshots: every live node asked at once, entries sorted by id and paged
-// (controller/paging.h). A node that does not answer is skipped from a full listing (logged): a
-// partial list beats none for the health monitor, and its entries show up again once it answers.
-// A listing filtered to one node's objects fails instead: "no entry" would read as "gone".
+// (controller/paging.h). ListVolumes never fails for a node that does not answer (the health
+// monitor would then learn nothing about any volume): that node's volumes are listed from its
+// last listing (controller/last_listings.h), abnormal, with "node N unreachable: <cause>", and so
+// are those of a node listed before whose heartbeats stopped. Both sources give the same ids, so
+// a page boundary holds whichever one a page came from. A full ListSnapshots skips a node that
+// does not answer (logged); a listing filtered to one node's objects fails instead: "no entry"
+// would read as "gone".
 #include <optional>
 #include <set>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include "controller/controller_service.h"
@@ -130,20 +135,50 @@ Status ControllerImpl::ListVolumes(const v1::ListVolumesRequest& req,
   // Replicated volumes once each (r1 ids), not their copies in the replicas' pools.
   std::set<std::pair<std::string, std::string>> copies;
   replicated_.List(&all, &copies);
-  for (size_t i = 0; i < live.size(); ++i) {
-    const std::string& node = live[i].node_id;
-    if (!answers[i].ok()) {
-      SkipNode("ListVolumes", node, answers[i].status());
-      continue;
-    }
-    for (const auto& dv : *answers[i]) {
+  // `node`'s volumes as it (or, when `down` is set, its last listing) says, each abnormal with
+  // `down` as the cause when set.
+  auto add = [&](const std::string& node, const std::vector<dpv1::Volume>& volumes,
+                 const std::string& down) {
+    for (const auto& dv : volumes) {
       if (copies.count({node, dv.name()})) continue;
       v1::ListVolumesResponse::Entry e;
       FillVolume(node, dv, e.mutable_volume());
-      FillCondition(dv, e.mutable_status()->mutable_volume_condition());
+      auto* cond = e.mutable_status()->mutable_volume_condition();
+      if (down.empty()) {
+        FillCondition(dv, cond);
+      } else {
+        cond->set_abnormal(true);
+        cond->set_message(down);
+      }
       std::string id = e.volume().volume_id();
       all.emplace_back(std::move(id), std::move(e));
     }
+  };
+  std::set<std::string> asked;
+  for (size_t i = 0; i < live.size(); ++i) {
+    const std::string& node = live[i].node_id;
+    asked.insert(node);
+    if (answers[i].ok()) {
+      last_listings_.Put(node, *answers[i]);
+      add(node, *answers[i], "");
+      continue;
+    }
+    auto last = last_listings_.Of(node);
+    spdlog::warn("[{}] ListVolumes: node {} did not answer ({}); {} of its volumes listed as "
+                 "abnormal from its last listing",
+                 csi::CurrentRequestId(), node, answers[i].status().message(),
+                 last ? last->size() : 0);
+    if (last) {
+      add(node, *last,
+          NodeDownMessage(node, answers[i].status(),
+                          fmt::format("node {} could not list its volumes: ", node)));
+    }
+  }
+  // Nodes listed before whose heartbeats stopped since: not asked, their volumes still exist.
+  for (const std::string& node : last_listings_.Nodes()) {
+    if (asked.count(node)) continue;
+    auto last = last_listings_.Of(node);
+    if (last) add(node, *last, fmt::format("node {} unreachable: {}", node, nodes_.WhyAbsent()));
   }
   return Paginate(std::move(all), req.max_entries(), req.starting_token(), resp->mutable_entries(),
                   resp->mutable_next_token());

@@ -1,5 +1,7 @@
 #include "controller/nodes.h"
 
+#include <fmt/format.h>
+
 #include "controller/csi_status.h"
 
 namespace nbdcsi::controller {
@@ -12,6 +14,12 @@ StatusOr<std::shared_ptr<NodeDatapath>> Nodes::Datapath(const std::string& node)
                dp.status().message());
   }
   return dp;
+}
+
+std::string Nodes::WhyAbsent() const {
+  // The same words whether the registry still holds the expired node or forgot it already.
+  return fmt::format("no heartbeat from its datapath within the last {} ms",
+                     registry_.ttl().count());
 }
 
 }  // namespace nbdcsi::controller

@@ -23,6 +23,9 @@ class Nodes {
 
   std::vector<NodeInfo> List() const { return registry_.List(); }  // live, sorted by node id
   std::optional<NodeInfo> Get(const std::string& node) const { return registry_.Get(node); }
+  // Why a node is not among List() (its heartbeats stopped), in words that do not change from one
+  // call to the next (they end up in the health monitor's events, which Kubernetes folds).
+  std::string WhyAbsent() const;
 
   // EAGAIN (UNAVAILABLE) when `node` has not registered or its heartbeats stopped: the sidecar
   // retries, and the node may come (back) within a heartbeat. Never "done" or "not found".

@@ -28,7 +28,10 @@ Status ControllerImpl::DeleteVolume(const v1::DeleteVolumeRequest& req) {
     return c;
   Status s =
       nodes_.On(ref->node_id, [&](NodeDatapath& d) { return d.DeleteVolume(ref->pool_name); });
-  if (s.code() == ENOENT) return Status::Ok();
+  if (s.ok() || s.code() == ENOENT) {
+    last_listings_.Forget(ref->node_id, ref->pool_name);
+    return Status::Ok();
+  }
   return s;
 }
 
@@ -125,20 +128,33 @@ Status ControllerImpl::GetVolume(const v1::ControllerGetVolumeRequest& req,
   }
   auto ref = NamedVolume(req.volume_id());
   if (!ref.ok()) return ref.status();
-  auto dv = nodes_.GetVolume(ref->node_id, ref->pool_name);
-  if (!dv.ok() && dv.status().code() == ENOENT) return dv.status();
+  // A node whose heartbeats stopped is not asked: the cause in words that stay the same from one
+  // call to the next (the health monitor's events fold when they repeat).
+  auto dv = nodes_.Get(ref->node_id)
+                ? nodes_.GetVolume(ref->node_id, ref->pool_name)
+                : StatusOr<dpv1::Volume>(Error(ENODEV, "{}", nodes_.WhyAbsent()));
+  if (!dv.ok() && dv.status().code() == ENOENT) {
+    last_listings_.Forget(ref->node_id, ref->pool_name);
+    return dv.status();
+  }
   auto* cond = resp->mutable_status()->mutable_volume_condition();
   if (!dv.ok()) {
     // The volume's node is gone or its datapath cannot serve it (e.g. a broken volume is
     // INTERNAL): the volume exists as far as we know, and is not usable. That is what the
-    // condition is for; the health monitor turns it into an event.
+    // condition is for; the health monitor turns it into an event. Its size and source are
+    // those of the node's last listing, when there was one.
     auto* v = resp->mutable_volume();
-    v->set_volume_id(req.volume_id());
-    SetTopology(ref->node_id, v);
+    if (auto last = last_listings_.Volume(ref->node_id, ref->pool_name)) {
+      FillVolume(ref->node_id, *last, v);
+    } else {
+      v->set_volume_id(req.volume_id());
+      SetTopology(ref->node_id, v);
+    }
     cond->set_abnormal(true);
-    cond->set_message(dv.status().message());
+    cond->set_message(NodeDownMessage(ref->node_id, dv.status()));
     return Status::Ok();
   }
+  last_listings_.PutVolume(ref->node_id, *dv);
   FillVolume(ref->node_id, *dv, resp->mutable_volume());
   FillCondition(*dv, cond);
   return Status::Ok();

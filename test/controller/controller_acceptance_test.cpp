@@ -884,9 +884,37 @@ TEST_F(ControllerTest, NodeLossIsUnavailableAndAbnormal) {
   auto req = VolumeRequest("loss-1", kMiB);
   *req.mutable_accessibility_requirements()->add_requisite() = NodeTopology("node-b");
   v1::Volume v = MustCreate(req);
-  cluster_->StopDatapath(1);
+  // The volume's entry in ListVolumes: what the health monitor sidecar reads.
+  auto listed = [&](v1::ListVolumesResponse::Entry* out) {
+    v1::ListVolumesResponse all;
+    grpc::Status st = C().ListVolumes(Ctx().get(), {}, &all);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    for (const auto& e : all.entries()) {
+      if (e.volume().volume_id() == v.volume_id()) {
+        *out = e;
+        return true;
+      }
+    }
+    return false;
+  };
+  v1::ListVolumesResponse::Entry e;
+  ASSERT_TRUE(listed(&e));  // the listing the controller keeps of node-b
+  EXPECT_FALSE(e.status().volume_condition().abnormal()) << e.status().volume_condition().message();
+  cluster_->StopDatapath(1, /*kill9=*/true);
+  // Still registered (within its ttl) but not answering: listed, abnormal, from node-b's last
+  // listing.
+  ASSERT_TRUE(listed(&e));
+  EXPECT_TRUE(e.status().volume_condition().abnormal());
+  EXPECT_EQ(e.volume().capacity_bytes(), kMiB);
+  EXPECT_EQ(e.status().volume_condition().message().rfind("node node-b unreachable: ", 0), 0u)
+      << e.status().volume_condition().message();
   // The registry forgets node-b after its ttl (3 heartbeats): GetCapacity then has nothing for it.
   EXPECT_TRUE(WaitUntil([&] { return Capacity("node-b") == 0; }, 10s, 20ms));
+  e.Clear();
+  ASSERT_TRUE(listed(&e));
+  EXPECT_TRUE(e.status().volume_condition().abnormal());
+  EXPECT_EQ(e.status().volume_condition().message().rfind("node node-b unreachable: ", 0), 0u)
+      << e.status().volume_condition().message();
   v1::CreateVolumeResponse cresp;
   auto again = VolumeRequest("loss-2", kMiB);
   *again.mutable_accessibility_requirements()->add_requisite() = NodeTopology("node-b");
@@ -897,7 +925,9 @@ TEST_F(ControllerTest, NodeLossIsUnavailableAndAbnormal) {
   v1::ControllerGetVolumeResponse gresp;
   ASSERT_TRUE(C().ControllerGetVolume(Ctx().get(), gr, &gresp).ok());
   EXPECT_TRUE(gresp.status().volume_condition().abnormal());
-  EXPECT_NE(gresp.status().volume_condition().message().find("node-b"), std::string::npos);
+  EXPECT_EQ(gresp.status().volume_condition().message().rfind("node node-b unreachable: ", 0), 0u)
+      << gresp.status().volume_condition().message();
+  EXPECT_EQ(gresp.volume().capacity_bytes(), kMiB);
   EXPECT_EQ(DeleteVolume(v.volume_id()).error_code(), StatusCode::UNAVAILABLE);
   EXPECT_EQ(Capacity("node-b"), 0);
   // Unbound volumes still find node-a.
@@ -909,6 +939,9 @@ TEST_F(ControllerTest, NodeLossIsUnavailableAndAbnormal) {
   ASSERT_TRUE(C().ControllerGetVolume(Ctx().get(), gr, &gresp).ok());
   EXPECT_FALSE(gresp.status().volume_condition().abnormal())
       << gresp.status().volume_condition().message();
+  e.Clear();
+  ASSERT_TRUE(listed(&e));
+  EXPECT_FALSE(e.status().volume_condition().abnormal()) << e.status().volume_condition().message();
 }
 
 TEST_F(ControllerTest, RegistryRebuildsAfterControllerRestart) {

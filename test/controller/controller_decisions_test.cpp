@@ -567,21 +567,147 @@ TEST_F(Decisions, AForeignPageTokenIsAborted) {
   EXPECT_EQ(ListVolumes(-1, "", &vr).error_code(), StatusCode::INVALID_ARGUMENT);
 }
 
-TEST_F(Decisions, ANodeThatDoesNotAnswerIsSkippedFromAFullListing) {
+// The health monitor records an event only for a volume it is told is abnormal: a silent node's
+// volumes are listed from its last listing, abnormal, with the cause. Snapshots have no
+// condition: a full ListSnapshots skips that node.
+TEST_F(Decisions, ANodeThatDoesNotAnswerIsListedAbnormalFromItsLastListing) {
   cluster_.Heartbeat("node-a", 10 * kGiB);
   cluster_.Heartbeat("node-b", 10 * kGiB);
   Node("node-a").PutVolume(PoolVolume("va", kMiB));
   Node("node-a").PutSnapshot(PoolSnapshot("sa", "va", kMiB));
-  Node("node-b").PutVolume(PoolVolume("vb", kMiB));
-  Node("node-b").SetDown(Error(ETIMEDOUT, "deadline exceeded"));
+  Node("node-b").PutVolume(PoolVolume("vb", 2 * kMiB));
   v1::ListVolumesResponse vr;
+  ASSERT_TRUE(ListVolumes(0, "", &vr).ok());  // the listing the controller keeps
+  ASSERT_EQ(vr.entries_size(), 2);
+  Node("node-b").SetDown(Error(ETIMEDOUT, "deadline exceeded"));
+  vr.Clear();
   ASSERT_TRUE(ListVolumes(0, "", &vr).ok());
-  ASSERT_EQ(vr.entries_size(), 1);
+  ASSERT_EQ(vr.entries_size(), 2);
   EXPECT_EQ(vr.entries(0).volume().volume_id(), "v1:node-a:va");
+  EXPECT_FALSE(vr.entries(0).status().volume_condition().abnormal());
+  const auto& b = vr.entries(1);
+  EXPECT_EQ(b.volume().volume_id(), "v1:node-b:vb");
+  EXPECT_EQ(b.volume().capacity_bytes(), static_cast<int64_t>(2 * kMiB));
+  EXPECT_EQ(NodeOf(b.volume()), "node-b");
+  EXPECT_TRUE(b.status().volume_condition().abnormal());
+  const std::string& why = b.status().volume_condition().message();
+  EXPECT_EQ(why.rfind("node node-b unreachable: ", 0), 0u) << why;
+  EXPECT_NE(why.find("deadline exceeded"), std::string::npos) << why;
+  // ControllerGetVolume says the same, with the size of the last listing.
+  v1::ControllerGetVolumeResponse g;
+  ASSERT_TRUE(GetVolume("v1:node-b:vb", &g).ok());
+  EXPECT_EQ(g.volume().capacity_bytes(), static_cast<int64_t>(2 * kMiB));
+  EXPECT_TRUE(g.status().volume_condition().abnormal());
+  EXPECT_EQ(g.status().volume_condition().message().rfind("node node-b unreachable: ", 0), 0u)
+      << g.status().volume_condition().message();
   v1::ListSnapshotsResponse sr;
   ASSERT_TRUE(ListSnapshots({}, &sr).ok());
   ASSERT_EQ(sr.entries_size(), 1);
   EXPECT_EQ(sr.entries(0).snapshot().snapshot_id(), "s1:node-a:sa");
+  // Answering again: healthy, from its own answer.
+  Node("node-b").SetDown(Status::Ok());
+  vr.Clear();
+  ASSERT_TRUE(ListVolumes(0, "", &vr).ok());
+  ASSERT_EQ(vr.entries_size(), 2);
+  EXPECT_FALSE(vr.entries(1).status().volume_condition().abnormal())
+      << vr.entries(1).status().volume_condition().message();
+}
+
+TEST_F(Decisions, ANodeWhoseHeartbeatsStoppedIsListedAbnormalUntilItIsBack) {
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  cluster_.Heartbeat("node-b", 10 * kGiB);
+  Node("node-b").PutVolume(PoolVolume("vb", kMiB));
+  v1::ListVolumesResponse vr;
+  ASSERT_TRUE(ListVolumes(0, "", &vr).ok());
+  ASSERT_EQ(vr.entries_size(), 1);
+  cluster_.Advance(FakeCluster::kTtl + std::chrono::milliseconds(1));
+  cluster_.Heartbeat("node-a", 10 * kGiB);  // node-b stays silent: expired, not asked
+  const int asked = Node("node-b").Count("ListVolumes");
+  std::string first_message;
+  for (int round = 0; round < 2; ++round) {  // the same answer twice: events fold when repeated
+    vr.Clear();
+    ASSERT_TRUE(ListVolumes(0, "", &vr).ok());
+    ASSERT_EQ(vr.entries_size(), 1);
+    EXPECT_EQ(vr.entries(0).volume().volume_id(), "v1:node-b:vb");
+    EXPECT_TRUE(vr.entries(0).status().volume_condition().abnormal());
+    EXPECT_EQ(vr.entries(0).status().volume_condition().message().rfind(
+                  "node node-b unreachable: ", 0),
+              0u)
+        << vr.entries(0).status().volume_condition().message();
+    v1::ControllerGetVolumeResponse g;
+    ASSERT_TRUE(GetVolume("v1:node-b:vb", &g).ok());
+    EXPECT_TRUE(g.status().volume_condition().abnormal());
+    EXPECT_EQ(g.status().volume_condition().message(),
+              vr.entries(0).status().volume_condition().message());
+    if (round == 0) first_message = g.status().volume_condition().message();
+    EXPECT_EQ(g.status().volume_condition().message(), first_message);
+    cluster_.Advance(std::chrono::milliseconds(1500));
+  }
+  EXPECT_EQ(Node("node-b").Count("ListVolumes"), asked);
+  cluster_.Heartbeat("node-b", 10 * kGiB);
+  vr.Clear();
+  ASSERT_TRUE(ListVolumes(0, "", &vr).ok());
+  ASSERT_EQ(vr.entries_size(), 1);
+  EXPECT_FALSE(vr.entries(0).status().volume_condition().abnormal());
+}
+
+// The documented limit: the listings are in memory, so a node silent since the controller started
+// has nothing to list its volumes from.
+TEST_F(Decisions, ANodeSilentSinceTheControllerStartedIsLeftOut) {
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  cluster_.Heartbeat("node-b", 10 * kGiB);
+  Node("node-a").PutVolume(PoolVolume("va", kMiB));
+  Node("node-b").PutVolume(PoolVolume("vb", kMiB));
+  Node("node-b").SetDown(Error(EAGAIN, "connection refused"));
+  v1::ListVolumesResponse vr;
+  ASSERT_TRUE(ListVolumes(0, "", &vr).ok());
+  ASSERT_EQ(vr.entries_size(), 1);
+  EXPECT_EQ(vr.entries(0).volume().volume_id(), "v1:node-a:va");
+}
+
+TEST_F(Decisions, ListedFromTheLastListingPagesTheSameAndForgetsDeletedVolumes) {
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  cluster_.Heartbeat("node-b", 10 * kGiB);
+  for (const char* n : {"v1", "v3", "v5"}) Node("node-b").PutVolume(PoolVolume(n, kMiB));
+  for (const char* n : {"v2", "v4"}) Node("node-a").PutVolume(PoolVolume(n, kMiB));
+  auto pages = [&](std::vector<std::string>* ids, int* abnormal) {
+    std::string token;
+    for (int i = 0; i < 10; ++i) {
+      v1::ListVolumesResponse page;
+      ASSERT_TRUE(ListVolumes(2, token, &page).ok());
+      ASSERT_LE(page.entries_size(), 2);
+      for (const auto& e : page.entries()) {
+        ids->push_back(e.volume().volume_id());
+        *abnormal += e.status().volume_condition().abnormal();
+      }
+      token = page.next_token();
+      if (token.empty()) return;
+    }
+    FAIL() << "more than 10 pages";
+  };
+  std::vector<std::string> up, down;
+  int up_abnormal = 0, down_abnormal = 0;
+  pages(&up, &up_abnormal);
+  ASSERT_TRUE(DeleteVolume("v1:node-b:v3").ok());
+  Node("node-b").SetDown(Error(EAGAIN, "connection refused"));
+  pages(&down, &down_abnormal);
+  EXPECT_EQ(up, (std::vector<std::string>{"v1:node-a:v2", "v1:node-a:v4", "v1:node-b:v1",
+                                          "v1:node-b:v3", "v1:node-b:v5"}));
+  EXPECT_EQ(up_abnormal, 0);
+  EXPECT_EQ(down, (std::vector<std::string>{"v1:node-a:v2", "v1:node-a:v4", "v1:node-b:v1",
+                                            "v1:node-b:v5"}));
+  EXPECT_EQ(down_abnormal, 2);
+  // A page boundary made while the node answered holds while it does not.
+  v1::ListVolumesResponse first;
+  Node("node-b").SetDown(Status::Ok());
+  ASSERT_TRUE(ListVolumes(3, "", &first).ok());
+  ASSERT_EQ(first.entries_size(), 3);
+  Node("node-b").SetDown(Error(EAGAIN, "connection refused"));
+  v1::ListVolumesResponse rest;
+  ASSERT_TRUE(ListVolumes(3, first.next_token(), &rest).ok());
+  ASSERT_EQ(rest.entries_size(), 1);
+  EXPECT_EQ(rest.entries(0).volume().volume_id(), "v1:node-b:v5");
+  EXPECT_TRUE(rest.entries(0).status().volume_condition().abnormal());
 }
 
 TEST_F(Decisions, ANodeThatDoesNotAnswerFailsAListingFilteredToIt) {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End to end on a real Kubernetes: the image, `helm install` of charts/nbd-csi, then what users do
 # with kubectl alone (PVCs, pods, snapshots, restores, clones, expansion, raw block, a node plugin
-# restart under fio) and a check that deleting everything leaves nothing behind.
+# restart under fio), the volume health the controller reports while a datapath is frozen, and a
+# check that deleting everything leaves nothing behind.
 #
 #   test/e2e/e2e.sh                  the bundled single-node cluster (../shared/k8s, relative to
 #                                    the repository root): set up, started and stopped by the test
@@ -677,6 +678,71 @@ walk_capacity() {
   result "ok (capacity published per node)"
 }
 
+# What the external-health-monitor-controller sidecar reads: ListVolumes and ControllerGetVolume on
+# the controller's CSI socket, asked the same way from inside the controller's container.
+controller_csi() {  # nbdctl csi args...
+  kubectl -n "$NS" exec "$(kubectl -n "$NS" get pods -l app.kubernetes.io/component=controller -o jsonpath='{.items[0].metadata.name}')" \
+    -c nbd-csi-controller -- nbdctl -o json csi --endpoint unix:///csi/csi.sock --timeout 5 "$@"
+}
+# "abnormal<TAB>message" of the volume in ListVolumes (all pages), or "missing".
+listed_condition() {  # volume-id
+  controller_csi controller list-volumes | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+c = next((v["volume_condition"] for v in d["volumes"] if v["volume_id"] == sys.argv[1]), None)
+print("missing" if c is None else str(c["abnormal"]).lower() + "\t" + c["message"])' "$1"
+}
+listed_is() {  # volume-id true|false
+  local c
+  c=$(listed_condition "$1")
+  echo "$c"
+  [ "${c%%	*}" = "$2" ]
+}
+
+# A staged volume's node datapath stops answering (its container frozen, as a hung process or a
+# stalled node would be): ListVolumes and ControllerGetVolume, what the health monitor sidecar
+# turns into a VolumeConditionAbnormal event on the PVC, report the volume abnormal with the
+# cause; then healthy again once the datapath answers.
+walk_health() {
+  [ $mode = bundled ] || not_applicable "freezes the datapath container through this host's containerd (bundled cluster only)"
+  local node pv id vol pod cid t0 t_ab t_res t_ok msg
+  node=$(get node)
+  pv=$(kubectl -n "$APPS" get pvc data -o jsonpath='{.spec.volumeName}')
+  id=$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle}')
+  vol=${id##*:}
+  nbdctl "$node" attachments | json "any(a['volume'] == '$vol' for a in d['attachments'])" | grep -qx True ||
+    fail "volume $vol of claim data is not attached (staged) on $node"
+  listed_is "$id" false >/dev/null || fail "volume $id is not listed healthy before: $(listed_condition "$id")"
+  pod=$(component_pod datapath "$node")
+  cid=$(kubectl -n "$NS" get pod "$pod" -o jsonpath='{.status.containerStatuses[?(@.name=="nbd-datapathd")].containerID}')
+  cid=${cid#containerd://}
+  [ -n "$cid" ] || fail "no container id for nbd-datapathd in $pod"
+  t0=$(date +%s.%N)
+  ctr -n k8s.io task pause "$cid" >/dev/null
+  # Never leave it frozen (the step runs in a subshell: this trap is the step's own).
+  trap "ctr -n k8s.io task resume $cid >/dev/null 2>&1 || true" EXIT
+  poll "ListVolumes reports $id abnormal" 60 listed_is "$id" true ||
+    fail "volume $id never listed abnormal with its datapath frozen"
+  t_ab=$(date +%s.%N)
+  msg=$(cut -f2- "$state/.poll")
+  echo "datapath container of $node frozen: ListVolumes lists $id abnormal after $(awk "BEGIN{printf \"%.1f\", $t_ab - $t0}") s: \"$msg\""
+  [[ $msg == "node $node unreachable: "* ]] || fail "unexpected condition message: $msg"
+  controller_csi controller get-volume "$id" >"$state/get.json"
+  json '"%s\t%s" % (d["volume_condition"]["abnormal"], d["volume_condition"]["message"])' <"$state/get.json" | tee "$state/get.txt"
+  grep -q '^True	node '"$node"' unreachable: ' "$state/get.txt" || fail "ControllerGetVolume does not say abnormal: $(cat "$state/get.txt")"
+  t_res=$(date +%s.%N)
+  ctr -n k8s.io task resume "$cid" >/dev/null
+  trap - EXIT
+  poll "ListVolumes reports $id healthy again" 60 listed_is "$id" false ||
+    fail "volume $id not healthy again after the datapath resumed"
+  t_ok=$(date +%s.%N)
+  echo "datapath resumed: $id healthy again after $(awk "BEGIN{printf \"%.1f\", $t_ok - $t_res}") s"
+  # The claim's pod still reads its data (the attachment waited for the datapath).
+  [ "$(x writer 'sha256sum /data/blob | cut -d" " -f1')" = "$(get sum2)" ] ||
+    fail "claim data does not read back its checksum after the datapath resumed"
+  result "ok (abnormal in ListVolumes $(awk "BEGIN{printf \"%.1f\", $t_ab - $t0}") s after the freeze, healthy $(awk "BEGIN{printf \"%.1f\", $t_ok - $t_res}") s after; the PVC event itself: NOT EXERCISED, the bundled cluster has no external-health-monitor-controller)"
+}
+
 # Prints (and fails on) what is left of CSI volumes under the kubelet's directory, as the node
 # plugin sees it: mounts, staging and publish directories, pods' volume directories.
 no_leftovers() {  # node kubelet-dir
@@ -756,6 +822,7 @@ if [ $failed = 0 ]; then
   step "Datapath pod deleted and recreated under fio verify" walk_datapath_restart
   step "VolumeAttributesClass: live QoS change" walk_vac
   step "CSIStorageCapacity per node" walk_capacity
+  step "Volume health: a staged volume's datapath frozen, abnormal in ListVolumes, then healthy" walk_health
   step "Delete everything: nothing left in the pool or the kubelet's directories" walk_teardown
   save_logs
   [ "${E2E_KEEP:-}" = 1 ] || step "helm uninstall" walk_uninstall
