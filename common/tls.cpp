@@ -218,6 +218,7 @@ struct TlsCredentials::State {
   std::string last_error;                // guarded by mu: logged once per distinct error
   steady_clock::time_point published{};  // guarded by mu
   uint64_t reloads = 0;                  // guarded by mu
+  uint64_t refused = 0;                  // guarded by mu: changed sets that did not load
   // The fds gRPC reads as /proc/self/fd/N. Never closed: credentials made from this state may
   // outlive it, and a reused fd number would hand gRPC another file.
   int identity_fd = -1, ca_fd = -1;
@@ -256,6 +257,7 @@ struct TlsCredentials::State {
     std::copy(std::begin(now), std::end(now), std::begin(seen));
     auto m = ReadAndCheck(files);
     if (!m.ok()) {
+      ++refused;
       if (m.status().message() != last_error) {
         last_error = m.status().message();
         spdlog::warn("TLS: the changed files do not load, keeping the certificate in force: {}",
@@ -474,6 +476,11 @@ std::vector<std::string> TlsCredentials::NodeIds() const {
 uint64_t TlsCredentials::reloads() const {
   std::lock_guard lock(state_->mu);
   return state_->reloads;
+}
+
+uint64_t TlsCredentials::refused_changes() const {
+  std::lock_guard lock(state_->mu);
+  return state_->refused;
 }
 
 const TlsFiles& TlsCredentials::files() const { return state_->files; }

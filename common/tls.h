@@ -99,6 +99,9 @@ class TlsCredentials {
   std::vector<std::string> NodeIds() const;
   // How many sets have been put in force since the first (0 until the files change).
   uint64_t reloads() const;
+  // How many times a change of the files was looked at and refused (the set in force kept): a
+  // test can wait for the check instead of sleeping past the polls.
+  uint64_t refused_changes() const;
   const TlsFiles& files() const;
 
   struct State;  // shared with the watcher thread

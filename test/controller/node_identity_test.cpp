@@ -301,6 +301,8 @@ TEST_F(NodeIdentityTest, BadServerCertificatesAreRefusedByControllerAndDatapath)
                          "--tls-cert", Main() + "/node-node-a.crt", "--tls-key",
                          Main() + "/node-node-a.key", "--tls-ca", Main() + "/ca.crt"},
                         dir + "/d.log"));
+    // Bounded poll for the first beat; when none may come (r.heard false) it is the window in
+    // which a wrongly accepted registry would have heard one (15 heartbeat intervals).
     for (int i = 0; i < 30 && fake.beats.load() == 0; ++i) std::this_thread::sleep_for(100ms);
     EXPECT_EQ(fake.beats.load() > 0, r.heard) << ReadWholeFile(dir + "/d.log");
     EXPECT_EQ(d.Stop(), 0) << ReadWholeFile(dir + "/d.log");

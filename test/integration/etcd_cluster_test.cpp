@@ -225,7 +225,8 @@ TEST(EtcdCluster, KeepalivesHoldALeaseWellPastItsTtl) {
   auto lease = cluster::Lease::Grant(*a, 2);
   ASSERT_TRUE(lease.ok());
   ASSERT_TRUE(a->ClaimTarget("v", "node-a", (*lease)->id()).ok());
-  std::this_thread::sleep_for(7s);  // three and a half TTLs
+  // A window for a wrong outcome: the lease must not be lost in three and a half TTLs.
+  std::this_thread::sleep_for(7s);
   EXPECT_FALSE((*lease)->lost()) << (*lease)->lost_reason().message();
   EXPECT_GE((*lease)->renewals(), 6u);
   auto ttl = a->client().LeaseTimeToLive((*lease)->id());

@@ -396,7 +396,7 @@ class FaultsKill : public ::testing::Test {
     auto delay = std::chrono::duration_cast<Clock::duration>(calib_[what] * frac);
     grpc::Status first;
     std::thread t([&] { first = call(); });
-    std::this_thread::sleep_for(delay);
+    std::this_thread::sleep_for(delay);  // the stimulus: the kill lands at a random point
     switch (v) {
       case Victim::kController: cluster_->StopController(true); break;
       case Victim::kDatapath: cluster_->StopDatapath(NodeIndex(node), true); break;

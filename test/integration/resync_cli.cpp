@@ -119,6 +119,7 @@ int main(int argc, char** argv) {
   std::atomic<bool> over{false};
   std::thread reporter([&] {
     while (!over) {
+      // Pacing: a report a second, looking at `over` every 100 ms so the end is not delayed.
       for (int k = 0; k < 10 && !over; ++k) std::this_thread::sleep_for(std::chrono::milliseconds(100));
       if (over) break;
       const ResyncProgress p = job.progress();

@@ -345,7 +345,7 @@ TEST_F(BackendExportTest, LateCompletionsAfterTheClientLeftAreDropped) {
   std::thread late([&] {
     for (int i = 0; i < 8; ++i) {
       backend->Release(1);
-      std::this_thread::sleep_for(milliseconds(2));
+      std::this_thread::sleep_for(milliseconds(2));  // the stimulus: completions spread out
     }
   });
   late.join();

@@ -190,6 +190,8 @@ TEST_F(LogLevelTest, LaterUntimedSetCancelsTheRevert) {
   auto ch = c.Set(trace, 0ms, "test");
   ASSERT_TRUE(ch.ok());
   EXPECT_FALSE(ch->now.revert_to);
+  // A window for a wrong outcome: the cancelled revert must not fire (the timer thread reads the
+  // real clock; nothing signals that it did not).
   std::this_thread::sleep_for(400ms);  // well past the first change's end
   EXPECT_EQ(c.Get().level, trace);
   EXPECT_EQ(Applied(), (std::vector<LogLevel>{debug, trace}));

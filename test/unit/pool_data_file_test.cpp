@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include "datapath/pool/pool.h"
+#include "test/support/wait.h"
 
 namespace nbdcsi::datapath {
 namespace {
@@ -122,8 +123,10 @@ TEST_F(PoolDataFileTest,
               HasSubstr("lost.img was removed while the volume was in use"));
   EXPECT_TRUE(held->data_lost());
   // Moved to the broken volumes: not listed as live, not served, its name
-  // taken.
-  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  // taken. The watcher moves it in the round that flags it; wait for the move
+  // itself (bounded) rather than for a fixed time.
+  EXPECT_TRUE(test::WaitUntil([&] { return pool_->Info().volumes == 1; },
+                              std::chrono::seconds(3), std::chrono::milliseconds(10)));
   for (const auto &info : pool_->List())
     EXPECT_NE(info.name, "lost");
   EXPECT_EQ(pool_->Info().volumes, 1u);

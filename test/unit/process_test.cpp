@@ -155,7 +155,7 @@ TEST(Process, ExitSkipsStaticDestructorsAndKeepsTheCode) {
     std::thread([] {
       for (;;) {
         if (!g_tripwire.alive) _exit(98);
-        usleep(1000);
+        usleep(1000);  // a watcher until the process ends: nothing signals "torn down"
       }
     }).detach();
     ExitProcess(7);

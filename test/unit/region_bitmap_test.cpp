@@ -263,6 +263,7 @@ TEST_F(RegionBitmapTest, MarkDurableAsyncCallsBackOnceDurableAndNotWhenAlreadyDu
   auto bm = RegionBitmap::Create(Path(), 1024 * kMiB);
   ASSERT_TRUE(bm.ok());
   RegionBitmap& b = **bm;
+  // Slow fdatasync: marks arrive while one is running and are answered by the next.
   b.set_before_sync_hook([] { std::this_thread::sleep_for(std::chrono::milliseconds(2)); });
   std::mutex mu;
   std::vector<std::pair<uint64_t, Status>> done;
@@ -308,6 +309,7 @@ TEST_F(RegionBitmapTest, DestroyingTheBitmapRunsEveryOwedCallback) {
   {
     auto bm = RegionBitmap::Create(Path(), 64 * kMiB);
     ASSERT_TRUE(bm.ok());
+    // Slow fdatasync: callbacks are still owed when the bitmap is destroyed.
     (*bm)->set_before_sync_hook([] { std::this_thread::sleep_for(std::chrono::milliseconds(20)); });
     for (uint64_t r = 0; r < 64; ++r) {
       auto q = (*bm)->MarkDurableAsync(r * kMiB, 1, [&](const Status& s) {

@@ -802,6 +802,8 @@ TEST(ReplicaClient, FlushGoesToEveryConnectionWithoutMultiConn) {
         while (c.Next(&h)) {
           if (h.type != nbd::kCmdFlush) continue;
           ++flushes;
+          // The stimulus: connection i answers 20*i ms late, so the replies come one after
+          // another and the failing one (1) is neither the first nor the last.
           std::this_thread::sleep_for(std::chrono::milliseconds(20 * c.index()));
           c.Send(c.index() == 1 ? ErrorChunk(h.cookie, nbd::kErrIo, "disk gone", true)
                                 : NoneChunk(h.cookie));
@@ -822,6 +824,7 @@ TEST(ReplicaClient, FlushGoesToEveryConnectionWithoutMultiConn) {
   // No TRIM or WRITE_ZEROES advertised: refused at submit.
   EXPECT_EQ((*c)->Trim(0, 4096, false, res.Cb(1)).code(), ENOTSUP);
   EXPECT_EQ((*c)->WriteZeroes(0, 4096, false, false, res.Cb(2)).code(), ENOTSUP);
+  // A window for a wrong outcome: a refused submit must never call back later.
   std::this_thread::sleep_for(100ms);
   EXPECT_EQ(res.Count(), 1u);
   EXPECT_EQ((*c)->counters().in_flight, 0u);
@@ -1091,6 +1094,7 @@ TEST(ReplicaClient, CloseRacingSubmittersLosesNoCallback) {
         }
       });
     }
+    // The stimulus: the submitters race for a different time each round before Close.
     std::this_thread::sleep_for(std::chrono::milliseconds(2 + round % 5));
     (*c)->Close();
     const uint64_t at_close = called.load();
@@ -1107,7 +1111,7 @@ TEST(ReplicaClient, CloseWithGraceLetsRepliesArrive) {
   FakeServer s([](FakeConn& c) {
     nbd::RequestHeader h;
     while (c.Next(&h)) {
-      std::this_thread::sleep_for(50ms);
+      std::this_thread::sleep_for(50ms);  // the stimulus: a reply late, within Close's grace
       c.Send(NoneChunk(h.cookie));
     }
   });

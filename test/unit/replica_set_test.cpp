@@ -220,7 +220,7 @@ class FakeLog final : public OutOfSyncLog {
     }
     if (!async) return done(st);
     std::thread([done = std::move(done), st] {
-      std::this_thread::sleep_for(5ms);
+      std::this_thread::sleep_for(5ms);  // the stimulus: an answer that comes late, as a sync's
       done(st);
     }).detach();
   }
@@ -368,6 +368,7 @@ TEST_F(ReplicaSetTest, AFailedReplicaIsDroppedBeforeTheWriteIsAcknowledged) {
   std::vector<uint8_t> w2(512, 2);
   Result r2;
   set_->Submit(Write(4096, w2), r2.Done());
+  // A window for a wrong outcome (nothing signals that something did not happen).
   std::this_thread::sleep_for(50ms);
   EXPECT_FALSE(r2.Called());
   EXPECT_EQ(ch_[1]->requests(), b_before);
@@ -458,6 +459,7 @@ TEST_F(ReplicaSetTest, AFencedReplicaStopsTheSetWithoutDroppingAnybody) {
   Result rr;
   set_->Submit(Read(0, got), rr.Done());
   EXPECT_EQ(rr.Wait(), -EIO);
+  // A window for a wrong outcome (nothing signals that something did not happen).
   std::this_thread::sleep_for(20ms);
   EXPECT_TRUE(membership_.calls().empty());
   EXPECT_EQ(StateOf("b"), MemberState::kInSync);
@@ -474,6 +476,7 @@ TEST_F(ReplicaSetTest, AWriteEveryReplicaFailedIsAnErrorAndDropsNobody) {
   Result r2;
   set_->Submit(Write(0, w), r2.Done());
   EXPECT_EQ(r2.Wait(), -EIO) << "a mix of errnos is EIO";
+  // A window for a wrong outcome (nothing signals that something did not happen).
   std::this_thread::sleep_for(20ms);
   EXPECT_TRUE(membership_.calls().empty());
   EXPECT_EQ(StateOf("a"), MemberState::kInSync);
@@ -618,6 +621,7 @@ TEST_F(ReplicaSetTest, FreezeWaitsForChangesInFlightAndHoldsNewOnes) {
     set_->Freeze();
     frozen = true;
   });
+  // A window for a wrong outcome (nothing signals that something did not happen).
   std::this_thread::sleep_for(30ms);
   EXPECT_FALSE(frozen) << "Freeze returned with a write in flight";
   for (auto* c : ch_) c->Hold(false);
@@ -631,6 +635,7 @@ TEST_F(ReplicaSetTest, FreezeWaitsForChangesInFlightAndHoldsNewOnes) {
   set_->Submit(Read(0, got), rr.Done());
   EXPECT_EQ(rr.Wait(), 0);
   EXPECT_EQ(ch_[0]->requests(), before + 1);
+  // A window for a wrong outcome (nothing signals that something did not happen).
   std::this_thread::sleep_for(20ms);
   EXPECT_FALSE(r2.Called());
   set_->Thaw();
@@ -649,6 +654,7 @@ TEST_F(ReplicaSetTest, FreezesNestAndOnlyTheLastThawLetsTheWritesGo) {
   Result r;
   set_->Submit(Write(0, w), r.Done());
   set_->Thaw();
+  // A window for a wrong outcome (nothing signals that something did not happen).
   std::this_thread::sleep_for(20ms);
   EXPECT_FALSE(r.Called()) << "one freeze is still held";
   EXPECT_EQ(ch_[0]->requests(), 0u);
@@ -908,6 +914,7 @@ TEST_F(ReplicaSetTest, AWriteToTheRegionBeingReconciledWaitsForTheCopy) {
   std::vector<uint8_t> w(4096, 0x55);
   Result r;
   set_->Submit(Write(0, w), r.Done());
+  // A window for a wrong outcome (nothing signals that something did not happen).
   std::this_thread::sleep_for(20ms);
   EXPECT_EQ(ch_[0]->held(), 1u) << "a write to the locked region was sent";
   EXPECT_EQ(ch_[1]->held(), 0u) << "a write to the locked region was sent";
@@ -943,6 +950,7 @@ TEST_F(ReplicaSetTest, LockRangeWaitsForTheWritesInFlightThere) {
     EXPECT_TRUE(set_->LockRange(0, 16384).ok());
     locked = true;
   });
+  // A window for a wrong outcome (nothing signals that something did not happen).
   std::this_thread::sleep_for(30ms);
   EXPECT_FALSE(locked) << "LockRange returned with a write in flight in its range";
   EXPECT_EQ(set_->LockRange(0, 4096).code(), EBUSY);
@@ -953,6 +961,7 @@ TEST_F(ReplicaSetTest, LockRangeWaitsForTheWritesInFlightThere) {
   // Held by the lock: a write there goes on at the unlock; Close fails one still held.
   Result r2;
   set_->Submit(Write(0, w), r2.Done());
+  // A window for a wrong outcome (nothing signals that something did not happen).
   std::this_thread::sleep_for(20ms);
   EXPECT_FALSE(r2.Called());
   set_->UnlockRange();

@@ -17,6 +17,7 @@
 
 #include "datapath/nbd/proto.h"
 #include "test/support/temp_dir.h"
+#include "test/support/wait.h"
 
 namespace nbdcsi::replica {
 namespace {
@@ -410,8 +411,15 @@ TEST_F(ResyncTest, CancelStopsTheJobAndKeepsTheRest) {
   o.chunk_bytes = 256 * kKiB;
   o.max_in_flight = 2;
   Resync job(src, dst, o);
+  // Cancelled once 8 reads are done: the fake runs one op at a time, so the 9th read starting
+  // says so.
+  test::Event eight_read;
+  std::atomic<int> reads_started{0};
+  src.read_hook = [&](uint64_t, uint64_t) {
+    if (++reads_started == 9) eight_read.Notify();
+  };
   std::thread canceller([&] {
-    while (src.reads.load() < 8) std::this_thread::sleep_for(1ms);
+    EXPECT_TRUE(eight_read.Wait(10s)) << "the job did not get to its 9th read";
     job.Cancel();
   });
   Status s = job.RunDirty(*bm);

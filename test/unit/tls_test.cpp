@@ -480,17 +480,22 @@ TEST_F(ApiTlsTest, RotationKeepsGoodMaterialAndServesANewCaToNewConnections) {
   ASSERT_TRUE(live->GetPoolInfo(Ctx().get(), {}, &info).ok());
   auto old_client_works = [&] { return PoolInfo(SslClient(main, "client", main), target_).ok(); };
 
-  // Bad sets, each given time to be noticed (files are polled every second): a half-written
-  // certificate written in place, then a new version whose key belongs to another certificate.
+  // Bad sets, each checked by the poller (files are polled every second; waited for through
+  // refused_changes(), not slept for): a half-written certificate written in place, then a new
+  // version whose key belongs to another certificate.
   const std::string real = fs::canonical(s.dir() + "/tls.crt").string();
   const std::string cert = ReadWholeFile(real);
   WriteFile(real, cert.substr(0, cert.size() / 2));
-  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  ASSERT_TRUE(Eventually([&] { return (*tls)->refused_changes() >= 1; }, std::chrono::seconds(5)))
+      << "the half-written certificate was not looked at";
   EXPECT_TRUE(old_client_works()) << "a half-written certificate replaced the working one";
+  const uint64_t refused = (*tls)->refused_changes();
   s.Version("v2", ReadWholeFile(other + "/node-node-a.crt"),
             ReadWholeFile(main + "/node-node-a.key"),  // the key of the old certificate
             ReadWholeFile(other + "/ca.crt"));
-  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  ASSERT_TRUE(
+      Eventually([&] { return (*tls)->refused_changes() > refused; }, std::chrono::seconds(5)))
+      << "the mismatched key was not looked at";
   EXPECT_TRUE(old_client_works()) << "a key of another certificate was put in force";
   EXPECT_EQ((*tls)->reloads(), 0u);
 
