@@ -95,6 +95,7 @@ class CreateVolumeCall {
     }
     if (Status s = CheckRange(); !s.ok()) return s;
     if (Status s = FindCandidates(); !s.ok()) return s;
+    candidates_ = EveryNodeAfter(std::move(candidates_), live_, ledger_);
     // A restore or clone: its node holds the first replica (ReplicatedVolumes::Create).
     if (Status s = ResolveSource(); !s.ok()) return s;
     ReplicatedVolumes::CreateArgs a;

@@ -77,4 +77,13 @@ StatusOr<Candidates> CandidatesFor(const ::csi::v1::TopologyRequirement* req,
   return c;
 }
 
+Candidates EveryNodeAfter(Candidates c, const std::vector<NodeInfo>& live, PlacementLedger& ledger) {
+  std::vector<std::string> rest = ByRoom(live, ledger);
+  c.order.insert(c.order.end(), rest.begin(), rest.end());
+  c.order = Unique(c.order);
+  c.allowed.clear();
+  c.any_node = true;
+  return c;
+}
+
 }  // namespace nbdcsi::controller

@@ -50,4 +50,12 @@ struct Candidates {
 StatusOr<Candidates> CandidatesFor(const ::csi::v1::TopologyRequirement* req,
                                    const std::vector<NodeInfo>& live, PlacementLedger& ledger);
 
+// The candidates of a replicated volume: it is reachable from every node, so it meets any
+// requisite (CSI: accessible from at least one requisite topology) wherever its copies are.
+// The topology only orders the nodes (preferred, then requisite: the pod's node first under
+// WaitForFirstConsumer, for local reads), then every other live node, the most room first. Under
+// the provisioner's --strict-topology, requisite is the pod's node alone: a bound there would
+// leave one node for two or three copies.
+Candidates EveryNodeAfter(Candidates c, const std::vector<NodeInfo>& live, PlacementLedger& ledger);
+
 }  // namespace nbdcsi::controller

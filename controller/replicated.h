@@ -9,8 +9,9 @@
 // entry and finishes on the same nodes. A failure on a volume that was never staged (epoch 0: no
 // data anywhere) rolls the whole attempt back, pool copies and entry, so the retry places it
 // afresh (a node that went away for good cannot pin it). Placement: the candidates in
-// CandidatesFor's order (preferred first: WaitForFirstConsumer's node gets a replica), each on a
-// distinct node that is registered here, alive in the cluster state, and has room.
+// EveryNodeAfter's order (preferred, then requisite: WaitForFirstConsumer's node gets a replica;
+// then every other node by room: the topology never bounds a volume every node reaches), each on
+// a distinct node that is registered here, alive in the cluster state, and has room.
 //
 // DeleteVolume: FAILED_PRECONDITION while a node holds the volume's target (it is staged); each
 // replica's copy is deleted, then the entry. A replica whose node is neither registered here nor

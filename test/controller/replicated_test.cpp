@@ -162,7 +162,7 @@ TEST_F(Replicated_, CreatePutsEachReplicaOnADistinctNodeMostRoomFirstAllInSync) 
   EXPECT_EQ(three.capacity_bytes(), static_cast<int64_t>(kGiB));  // the default size
 }
 
-TEST_F(Replicated_, ThePreferredNodeGetsAReplicaForDataLocality) {
+TEST_F(Replicated_, ThePodsNodeGetsAReplicaAndTheTopologyNeverBoundsTheOthers) {
   Up("node-a", 30 * kGiB);
   Up("node-b", 20 * kGiB);
   Up("node-c", 1 * kGiB);  // the least room, but the pod runs there (WaitForFirstConsumer)
@@ -172,15 +172,43 @@ TEST_F(Replicated_, ThePreferredNodeGetsAReplicaForDataLocality) {
   *ar->add_preferred() = NodeTopology("node-c");
   MustCreate(req);
   EXPECT_TRUE(Holders("pvc-wffc", {"node-a", "node-b", "node-c"}).count("node-c"));
-  // Requisite bounds the choice: two allowed nodes cannot hold three replicas.
-  auto narrow = Replicated("pvc-narrow", 3, static_cast<int64_t>(kMiB));
+  // The provisioner's --strict-topology (the chart's) under WaitForFirstConsumer: requisite and
+  // preferred are the pod's node alone. A replicated volume is reachable from every node, so it
+  // meets that requisite wherever its copies are: the pod's node gets one, the others by room.
+  auto strict = Replicated("pvc-strict", 2, static_cast<int64_t>(kMiB));
+  *strict.mutable_accessibility_requirements()->add_requisite() = NodeTopology("node-c");
+  *strict.mutable_accessibility_requirements()->add_preferred() = NodeTopology("node-c");
+  v1::Volume v = MustCreate(strict);
+  EXPECT_EQ(v.accessible_topology_size(), 0);
+  EXPECT_EQ(Holders("pvc-strict", {"node-a", "node-b", "node-c"}),
+            (std::set<std::string>{"node-a", "node-c"}));
+  // Three copies with a requisite of two nodes: the third goes to the node outside it.
+  auto three = Replicated("pvc-three", 3, static_cast<int64_t>(kMiB));
   for (const char* n : {"node-a", "node-b"}) {
-    *narrow.mutable_accessibility_requirements()->add_requisite() = NodeTopology(n);
+    *three.mutable_accessibility_requirements()->add_requisite() = NodeTopology(n);
   }
+  MustCreate(three);
+  EXPECT_EQ(Holders("pvc-three", {"node-a", "node-b", "node-c"}).size(), 3u);
+  // A restore under the same strict requisite: the snapshot's node (not the pod's) holds the
+  // first copy, the pod's node the second.
+  dpv1::Snapshot snap;
+  snap.set_name("snap");
+  snap.set_source_volume("vol");
+  snap.set_size_bytes(kMiB);
+  snap.set_ready(true);
+  Node("node-b").PutSnapshot(snap);
+  auto restore = strict;
+  restore.set_name("pvc-strict-restore");
+  restore.mutable_volume_content_source()->mutable_snapshot()->set_snapshot_id("s1:node-b:snap");
+  MustCreate(restore);
+  EXPECT_EQ(Holders("pvc-strict-restore", {"node-a", "node-b", "node-c"}),
+            (std::set<std::string>{"node-b", "node-c"}));
+  // A topology that is not ours is still refused.
+  auto foreign = Replicated("pvc-foreign", 2, static_cast<int64_t>(kMiB));
+  (*foreign.mutable_accessibility_requirements()->add_requisite()->mutable_segments())["zone"] =
+      "z1";
   v1::CreateVolumeResponse resp;
-  grpc::Status s = Create(narrow, &resp);
-  EXPECT_EQ(s.error_code(), StatusCode::RESOURCE_EXHAUSTED) << Describe(s);
-  EXPECT_FALSE(store_.GetVolume("pvc-narrow").ok());
+  EXPECT_EQ(Create(foreign, &resp).error_code(), StatusCode::INVALID_ARGUMENT);
 }
 
 TEST_F(Replicated_, RetriesReturnTheSameVolumeAndMismatchesAreAlreadyExists) {
