@@ -29,27 +29,12 @@ using nbdcsi::test::NodeTopology;
 using nbdcsi::test::VolumeRequest;
 using testing::FakeCluster;
 using testing::FakeDatapath;
+using testing::PoolSnapshot;
+using testing::PoolVolume;
 
 constexpr uint64_t kKiB = 1024;
 constexpr uint64_t kMiB = uint64_t{1} << 20;
 constexpr uint64_t kGiB = uint64_t{1} << 30;
-
-dpv1::Volume PoolVolume(const std::string& name, uint64_t size) {
-  dpv1::Volume v;
-  v.set_name(name);
-  v.set_size_bytes(size);
-  v.set_ready(true);
-  return v;
-}
-
-dpv1::Snapshot PoolSnapshot(const std::string& name, const std::string& source, uint64_t size) {
-  dpv1::Snapshot s;
-  s.set_name(name);
-  s.set_source_volume(source);
-  s.set_size_bytes(size);
-  s.set_ready(true);
-  return s;
-}
 
 // Lets `n` callers in at once: each waits (bounded) until all have arrived. Calls made one after
 // another never all arrive, so the first one's wait runs out and says so.

@@ -125,6 +125,24 @@ class FakeDatapath : public NodeDatapath {
   int64_t clock_ns_ = 1'700'000'000'000'000'000;
 };
 
+// A ready pool volume or snapshot, as a node's pool reports it (for PutVolume / PutSnapshot).
+inline dpv1::Volume PoolVolume(const std::string& name, uint64_t size) {
+  dpv1::Volume v;
+  v.set_name(name);
+  v.set_size_bytes(size);
+  v.set_ready(true);
+  return v;
+}
+inline dpv1::Snapshot PoolSnapshot(const std::string& name, const std::string& source,
+                                   uint64_t size) {
+  dpv1::Snapshot s;
+  s.set_name(name);
+  s.set_source_volume(source);
+  s.set_size_bytes(size);
+  s.set_ready(true);
+  return s;
+}
+
 // A NodeRegistry (real: ttl, expiry, cached clients) on a clock the test moves, whose clients are
 // FakeDatapaths, and the real Controller service (decorator + ControllerImpl) over it.
 class FakeCluster {

@@ -21,6 +21,7 @@ using nbdcsi::test::NodeTopology;
 using nbdcsi::test::VolumeRequest;
 using testing::FakeCluster;
 using testing::FakeDatapath;
+using testing::PoolSnapshot;
 
 constexpr uint64_t kMiB = uint64_t{1} << 20;
 constexpr uint64_t kGiB = uint64_t{1} << 30;
@@ -191,12 +192,7 @@ TEST_F(Replicated_, ThePodsNodeGetsAReplicaAndTheTopologyNeverBoundsTheOthers) {
   EXPECT_EQ(Holders("pvc-three", {"node-a", "node-b", "node-c"}).size(), 3u);
   // A restore under the same strict requisite: the snapshot's node (not the pod's) holds the
   // first copy, the pod's node the second.
-  dpv1::Snapshot snap;
-  snap.set_name("snap");
-  snap.set_source_volume("vol");
-  snap.set_size_bytes(kMiB);
-  snap.set_ready(true);
-  Node("node-b").PutSnapshot(snap);
+  Node("node-b").PutSnapshot(PoolSnapshot("snap", "vol", kMiB));
   auto restore = strict;
   restore.set_name("pvc-strict-restore");
   restore.mutable_volume_content_source()->mutable_snapshot()->set_snapshot_id("s1:node-b:snap");
@@ -578,20 +574,11 @@ v1::CreateVolumeRequest RestoredFrom(v1::CreateVolumeRequest r, const std::strin
   return r;
 }
 
-dpv1::Snapshot PoolSnapshot(const std::string& name, uint64_t size) {
-  dpv1::Snapshot s;
-  s.set_name(name);
-  s.set_source_volume("vol");
-  s.set_size_bytes(size);
-  s.set_ready(true);
-  return s;
-}
-
 TEST_F(Replicated_, ARestoreIsMadeOnTheSnapshotsNodeAndTheOtherCopiesStartOutOfSync) {
   Up("node-a", 10 * kGiB);
   Up("node-b", 30 * kGiB);
   Up("node-c", 20 * kGiB);
-  Node("node-a").PutSnapshot(PoolSnapshot("snap", kGiB));
+  Node("node-a").PutSnapshot(PoolSnapshot("snap", "vol", kGiB));
   const auto req = RestoredFrom(Replicated("pvc-r", 2), "s1:node-a:snap");
   v1::Volume made = MustCreate(req);
   EXPECT_EQ(made.volume_id(), "r1:pvc-r");
@@ -628,7 +615,7 @@ TEST_F(Replicated_, ARestoreIsMadeOnTheSnapshotsNodeAndTheOtherCopiesStartOutOfS
   EXPECT_EQ(s.error_code(), StatusCode::ALREADY_EXISTS) << Describe(s);
   // And a blank volume is not one restored under the same name.
   MustCreate(Replicated("pvc-blank", 2));
-  Node("node-a").PutSnapshot(PoolSnapshot("snap2", kGiB));
+  Node("node-a").PutSnapshot(PoolSnapshot("snap2", "vol", kGiB));
   s = Create(RestoredFrom(Replicated("pvc-blank", 2), "s1:node-a:snap2"), &resp);
   EXPECT_EQ(s.error_code(), StatusCode::ALREADY_EXISTS) << Describe(s);
 }
@@ -659,7 +646,7 @@ TEST_F(Replicated_, ARestoreWhoseSourceNodeCannotTakeTheFirstCopyIsRefused) {
   grpc::Status s = Create(RestoredFrom(Replicated("pvc-r", 2), "s1:node-a:missing"), &resp);
   EXPECT_EQ(s.error_code(), StatusCode::NOT_FOUND) << Describe(s);
   EXPECT_FALSE(store_.GetVolume("pvc-r").ok());
-  Node("node-a").PutSnapshot(PoolSnapshot("snap", kGiB));
+  Node("node-a").PutSnapshot(PoolSnapshot("snap", "vol", kGiB));
   // Its node has no room left: RESOURCE_EXHAUSTED, though node-b and node-c have.
   cluster_.Heartbeat("node-a", kMiB);
   s = Create(RestoredFrom(Replicated("pvc-r", 2), "s1:node-a:snap"), &resp);
