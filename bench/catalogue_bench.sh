@@ -64,7 +64,7 @@ mem_of() {
 }
 # CPU seconds (user + system) a process has used so far.
 cpu_of() {
-  awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f\n", ($14 + $15) / hz }' "/proc/$1/stat"
+  awk -v t="$(cpu_ticks "$1")" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f\n", t / hz }'
 }
 cpu_all() { echo "$(cpu_of "$CTL") $(cpu_of "$ETCD_PID") $(cpu_of "$SIM")"; }
 # "a/b/c" CPU seconds spent between two cpu_all readings.

@@ -39,9 +39,6 @@ nbdcopy "$W/fill.raw" "$(nbd_uri bench)" || die "nbdcopy failed"
 rm -f "$W/fill.raw"
 daemon_stop
 
-# utime + stime (clock ticks) of every thread of process $1 (the process's own line sums them).
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-
 results=$W/results.tsv
 : >"$results"
 for round in $(seq "$ROUNDS"); do

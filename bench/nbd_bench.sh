@@ -74,14 +74,6 @@ workload_args() {
   esac
 }
 
-# utime+stime of a process, all its threads (the thread group's figure in /proc/PID/stat), in
-# clock ticks. The command name in field 2 may hold spaces: fields are counted after its ')'.
-cpu_ticks() {
-  local s; s=$(cat "/proc/$1/stat") || die "process $1 is gone"
-  s=${s##*) }
-  awk '{ print $12 + $13 }' <<<"$s"
-}
-
 results=$W/results.tsv
 : >"$results"
 for wl in $WORKLOADS; do

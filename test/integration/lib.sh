@@ -139,6 +139,15 @@ bg() {
   LIB_PIDS+=("$BG_PID")
 }
 
+# cpu_ticks PID: utime+stime of a process, all its threads (the thread group's figure in
+# /proc/PID/stat), in clock ticks (getconf CLK_TCK a second). The command name in field 2 may
+# hold spaces: fields are counted after its ')'.
+cpu_ticks() {
+  local s; s=$(cat "/proc/$1/stat") || die "process $1 is gone"
+  s=${s##*) }
+  awk '{ print $12 + $13 }' <<<"$s"
+}
+
 # wait_for SECONDS CMD...: poll until CMD succeeds; 1 if it never did.
 wait_for() {
   local deadline=$(( $(date +%s) + $1 )); shift
