@@ -146,36 +146,31 @@ void ClusterView::ListVolumes(dpv1::ListClusterVolumesResponse* out, millisecond
   // The catalogue: each replicated volume, and which pool volume is whose copy.
   std::map<std::pair<std::string, std::string>, std::string> copy_of;
   if (store_) {
-    std::string after;
-    do {
-      auto page = store_->ListVolumes(after, cluster::kMaxListLimit);
-      if (!page.ok()) {
-        out->set_catalogue_error(page.status().message());
-        spdlog::warn("cluster view: the replicated volumes' catalogue: {}",
-                     page.status().message());
-        out->clear_replicated();
-        break;
+    auto every = replicated_.All();
+    if (!every.ok()) {
+      out->set_catalogue_error(every.status().message());
+      spdlog::warn("cluster view: the replicated volumes' catalogue: {}",
+                   every.status().message());
+      every = std::vector<cluster::VolumeState>{};  // none listed, as when there is no catalogue
+    }
+    for (const auto& v : *every) {
+      auto* r = out->add_replicated();
+      ::csi::v1::Volume cv;
+      ::csi::v1::VolumeCondition cond;
+      replicated_.Fill(v, &cv, &cond);
+      r->set_volume_id(cv.volume_id());
+      r->set_name(v.name);
+      r->set_size_bytes(v.size_bytes);
+      for (const auto& n : v.replicas) {
+        r->add_replicas(n);
+        copy_of[{n, v.name}] = cv.volume_id();
       }
-      for (const auto& v : page->volumes) {
-        auto* r = out->add_replicated();
-        ::csi::v1::Volume cv;
-        ::csi::v1::VolumeCondition cond;
-        replicated_.Fill(v, &cv, &cond);
-        r->set_volume_id(cv.volume_id());
-        r->set_name(v.name);
-        r->set_size_bytes(v.size_bytes);
-        for (const auto& n : v.replicas) {
-          r->add_replicas(n);
-          copy_of[{n, v.name}] = cv.volume_id();
-        }
-        for (const auto& n : v.in_sync) r->add_in_sync(n);
-        r->set_target(v.target);
-        r->set_epoch(v.epoch);
-        r->set_abnormal(cond.abnormal());
-        r->set_condition(cond.message());
-      }
-      after = page->next;
-    } while (!after.empty());
+      for (const auto& n : v.in_sync) r->add_in_sync(n);
+      r->set_target(v.target);
+      r->set_epoch(v.epoch);
+      r->set_abnormal(cond.abnormal());
+      r->set_condition(cond.message());
+    }
   }
   EachAnswer(out->mutable_nodes(), answers, [&](const auto& a, const dpv1::Volume& dv) {
     auto* c = out->add_volumes();

@@ -340,27 +340,35 @@ Status ReplicatedVolumes::SetQos(const std::string& id, const dpv1::QosPatch& pa
   return Status::Ok();
 }
 
+StatusOr<std::vector<cluster::VolumeState>> ReplicatedVolumes::All() {
+  std::vector<cluster::VolumeState> out;
+  std::string after;
+  do {
+    auto page = store_->ListVolumes(after, cluster::kMaxListLimit);
+    if (!page.ok()) return page.status();
+    out.insert(out.end(), page->volumes.begin(), page->volumes.end());
+    after = page->next;
+  } while (!after.empty());
+  return out;
+}
+
 void ReplicatedVolumes::List(
     std::vector<std::pair<std::string, v1::ListVolumesResponse::Entry>>* all,
     std::set<std::pair<std::string, std::string>>* copies) {
   if (!store_) return;
-  std::string after;
-  do {
-    auto page = store_->ListVolumes(after, cluster::kMaxListLimit);
-    if (!page.ok()) {
-      spdlog::warn("[{}] ListVolumes skips the replicated volumes: {}", csi::CurrentRequestId(),
-                   page.status().message());
-      return;
-    }
-    for (const auto& v : page->volumes) {
-      v1::ListVolumesResponse::Entry e;
-      Fill(v, e.mutable_volume(), e.mutable_status()->mutable_volume_condition());
-      std::string id = e.volume().volume_id();
-      all->emplace_back(std::move(id), std::move(e));
-      for (const auto& node : v.replicas) copies->emplace(node, v.name);
-    }
-    after = page->next;
-  } while (!after.empty());
+  auto every = All();
+  if (!every.ok()) {
+    spdlog::warn("[{}] ListVolumes skips the replicated volumes: {}", csi::CurrentRequestId(),
+                 every.status().message());
+    return;
+  }
+  for (const auto& v : *every) {
+    v1::ListVolumesResponse::Entry e;
+    Fill(v, e.mutable_volume(), e.mutable_status()->mutable_volume_condition());
+    std::string id = e.volume().volume_id();
+    all->emplace_back(std::move(id), std::move(e));
+    for (const auto& node : v.replicas) copies->emplace(node, v.name);
+  }
 }
 
 Status ReplicatedVolumes::CreateSnapshot(const std::string& id, const std::string& snap_name,
@@ -540,11 +548,17 @@ Status ReplicatedVolumes::RefuseCopy(const std::string& node, const std::string&
 
 std::map<std::pair<std::string, std::string>, std::string> ReplicatedVolumes::CopyIds() {
   std::map<std::pair<std::string, std::string>, std::string> ids;
-  std::vector<std::pair<std::string, v1::ListVolumesResponse::Entry>> all;
-  std::set<std::pair<std::string, std::string>> copies;
-  List(&all, &copies);
-  for (const auto& [node, name] : copies) {
-    if (auto id = csi::FormatReplicatedVolumeId(name); id.ok()) ids[{node, name}] = *id;
+  if (!store_) return ids;
+  auto every = All();
+  if (!every.ok()) {
+    spdlog::warn("[{}] the replicated volumes' catalogue cannot be read: {}",
+                 csi::CurrentRequestId(), every.status().message());
+    return ids;
+  }
+  for (const auto& v : *every) {
+    auto id = csi::FormatReplicatedVolumeId(v.name);
+    if (!id.ok()) continue;
+    for (const auto& node : v.replicas) ids[{node, v.name}] = *id;
   }
   return ids;
 }

@@ -107,6 +107,9 @@ class ReplicatedVolumes {
   StatusOr<uint64_t> Expand(const std::string& id, uint64_t size_bytes);
   // The QoS patch on every replica's copy (each applies it to the writes it receives).
   Status SetQos(const std::string& id, const dpv1::QosPatch& patch);
+  // Every entry of the catalogue, all its pages read (for listings); the store's error when one
+  // cannot be read. Needs the catalogue (enabled()).
+  StatusOr<std::vector<cluster::VolumeState>> All();
   // Every replicated volume, for ListVolumes: (id, entry) pairs, and the (node, pool name) of
   // each replica's copy, which the caller leaves out of the nodes' own volumes. An unreachable
   // catalogue is logged and lists nothing, as a node that does not answer does.
