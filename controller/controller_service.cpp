@@ -14,7 +14,10 @@ namespace nbdcsi::controller {
 namespace v1 = ::csi::v1;
 
 ControllerImpl::ControllerImpl(NodeRegistry& registry, ControllerOptions opts)
-    : nodes_(registry), opts_(opts), replicated_(opts_.cluster, nodes_, ledger_) {}
+    : nodes_(registry),
+      opts_(opts),
+      replicated_(opts_.cluster, nodes_, ledger_),
+      backups_(nodes_, opts_.backup) {}
 
 namespace {
 

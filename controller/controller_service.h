@@ -40,6 +40,8 @@
 // - ControllerModifyVolume: mutable_parameters are a QoS patch (a key set to 0 removes that
 //   limit); other keys keep their values.
 // - Replicated volumes (StorageClass replicas >= 2, ids "r1:<name>"): controller/replicated.h.
+// - Backup snapshots (VolumeSnapshotClass backupTarget, ids "b1:<target>#<name>") and restores
+//   from them: controller/backups.h.
 #pragma once
 
 #include <cstdint>
@@ -48,6 +50,7 @@
 
 #include "common/cluster/cluster_store.h"
 #include "common/status.h"
+#include "controller/backups.h"
 #include "controller/last_listings.h"
 #include "controller/nodes.h"
 #include "controller/placement.h"
@@ -68,6 +71,8 @@ struct ControllerOptions {
   // The cluster state of replicated volumes (--cluster-etcd), or null: CreateVolume with
   // replicas >= 2 is then INVALID_ARGUMENT. Must outlive the ControllerImpl.
   cluster::ClusterStore* cluster = nullptr;
+  // Backup snapshots and restores (controller/backups.h): how long a call waits for its job.
+  BackupOptions backup = {};
 };
 
 // One method per CSI Controller RPC (where each lives: docs/design.md, "controller/").
@@ -102,6 +107,11 @@ class ControllerImpl {
   PlacementLedger ledger_;
   ReplicatedVolumes replicated_;  // r1 ids and replicas >= 2
   LastListings last_listings_;    // what each node listed last (ListVolumes of a silent node)
+  Backups backups_;               // b1 snapshots: VolumeSnapshotClass backupTarget, restores
+
+  // CreateSnapshot's local part: the snapshot cut on the source's node (or a replica's).
+  Status CutSnapshot(const ::csi::v1::CreateSnapshotRequest& req, const std::string& snap_name,
+                     ::csi::v1::Snapshot* out);
 };
 
 // The gRPC Controller service: per-id ABORTED guards around a ControllerImpl over `registry`

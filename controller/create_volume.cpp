@@ -39,13 +39,22 @@ struct ContentSource {
 class CreateVolumeCall {
  public:
   CreateVolumeCall(const v1::CreateVolumeRequest& req, Nodes& nodes, PlacementLedger& ledger,
-                   ReplicatedVolumes& replicated, const ControllerOptions& opts)
-      : req_(req), nodes_(nodes), ledger_(ledger), replicated_(replicated), opts_(opts) {
+                   ReplicatedVolumes& replicated, Backups& backups, const ControllerOptions& opts)
+      : req_(req),
+        nodes_(nodes),
+        ledger_(ledger),
+        replicated_(replicated),
+        backups_(backups),
+        opts_(opts) {
     if (req.has_capacity_range()) range_ = &req.capacity_range();
   }
 
   Status Run(v1::CreateVolumeResponse* resp) {
     if (Status s = CheckRequest(); !s.ok()) return s;
+    if (req_.volume_content_source().has_snapshot() &&
+        csi::IsBackupSnapshotId(req_.volume_content_source().snapshot().snapshot_id())) {
+      return RunRestore(resp);
+    }
     if (replicas_ > 1) return RunReplicated(resp);
     if (Status s = FindCandidates(); !s.ok()) return s;
     if (Status s = ResolveSource(); !s.ok()) return s;
@@ -117,6 +126,101 @@ class CreateVolumeCall {
       opts_.on_placement_refused(ControllerOptions::Refusal::kNoRoom);
     }
     return s;
+  }
+
+  // A backup snapshot (b1 id, controller/backups.h): restored into a new volume on any allowed
+  // node with room. The restore is a job in that node's datapath; until it ends the answer is
+  // ABORTED (the provisioner retries), and a retry finds the volume by name as usual.
+  Status RunRestore(v1::CreateVolumeResponse* resp) {
+    const std::string& id = req_.volume_content_source().snapshot().snapshot_id();
+    auto ref = csi::ParseBackupSnapshotId(id);
+    if (!ref.ok()) return Err(ENOENT, "source snapshot: {}", ref.status().message());
+    if (replicas_ > 1) {
+      return Err(EINVAL,
+                 "restoring a backup (source snapshot {}) into a replicated volume (replicas={}) "
+                 "is not supported yet: restore into a single-node volume",
+                 id, replicas_);
+    }
+    auto target = TargetFromSecrets(ref->url, req_.secrets(), "provisioner");
+    if (!target.ok()) return target.status();
+    if (Status s = FindCandidates(); !s.ok()) return s;
+    if (Status s = CheckRange(); !s.ok()) return s;
+    auto found =
+        FanOut(live_, [&](const NodeInfo& n) { return nodes_.GetVolume(n.node_id, pool_name_); });
+    auto holder = FirstHolder(found);
+    if (!holder.ok()) return holder.status();
+    if (*holder) return FinishRestore(live_[**holder].node_id, *found[**holder], resp);
+    auto backup = backups_.Inspect(*target, ref->name);
+    if (!backup.ok()) {
+      return Err(backup.status().code(), "source snapshot {}: {}", id, backup.status().message());
+    }
+    auto size = VolumeSizeFor(range_, backup->volume_size(), backup->volume_size());
+    if (!size.ok()) return CallError(size.status().code(), size.status().message());
+    bool missing = false;
+    std::vector<std::string> why_not;
+    for (const auto& node : candidates_.order) {
+      auto info = nodes_.Get(node);
+      if (!info) {
+        missing = true;
+        why_not.push_back(node + ": not registered");
+        continue;
+      }
+      if (info->provisionable_bytes < *size) {
+        why_not.push_back(
+            fmt::format("{}: {} bytes provisionable", node, info->provisionable_bytes));
+        continue;
+      }
+      auto job = backups_.StartRestore(node, *target, ref->name, pool_name_);
+      if (!job.ok() && job.status().code() == ENOSPC) {
+        why_not.push_back(job.status().message());
+        continue;
+      }
+      if (!job.ok()) return job.status();
+      ledger_.Add(*info, *size);
+      if (job->state() == "failed") {
+        return Backups::JobError(*job, fmt::format("restore of {} on node {}", id, node));
+      }
+      if (job->state() == "running") return Backups::RestoreRunning(*job, node);
+      auto vol = nodes_.GetVolume(node, pool_name_);
+      if (!vol.ok()) return vol.status();
+      return FinishRestore(node, *vol, resp);
+    }
+    return NoPlace(*size, missing, why_not);
+  }
+
+  // A restored volume (found by name): ABORTED while its restore runs, the restore's error if it
+  // failed, else grown to the requested size, given the class's QoS, and returned.
+  Status FinishRestore(const std::string& node, dpv1::Volume dv, v1::CreateVolumeResponse* resp) {
+    auto job = backups_.RestoreJobOf(node, pool_name_);
+    if (!job.ok()) return job.status();
+    if (*job && (*job)->state() == "running") return Backups::RestoreRunning(**job, node);
+    if (*job && (*job)->state() == "failed") {
+      return Backups::JobError(**job, fmt::format("restore on node {}", node));
+    }
+    if (!candidates_.Allows(node)) {
+      return Err(EEXIST,
+                 "volume \"{}\" exists on node {}, which accessibility_requirements exclude",
+                 req_.name(), node);
+    }
+    auto want = VolumeSizeFor(range_, dv.size_bytes(), dv.size_bytes());
+    if (!want.ok()) return CallError(want.status().code(), want.status().message());
+    if (*want > dv.size_bytes()) {
+      auto grown = nodes_.On(node, [&](NodeDatapath& d) { return d.ResizeVolume(pool_name_, *want); });
+      if (!grown.ok()) return grown.status();
+      dv = std::move(*grown);
+    }
+    if (!google::protobuf::util::MessageDifferencer::Equals(dv.qos(), qos_)) {
+      auto set =
+          nodes_.On(node, [&](NodeDatapath& d) { return d.SetQos(pool_name_, QosPatchOf(qos_)); });
+      if (!set.ok()) return set.status();
+      dv = std::move(*set);
+    }
+    FillVolume(node, dv, resp->mutable_volume());
+    *resp->mutable_volume()->mutable_content_source() = req_.volume_content_source();
+    spdlog::info("[{}] volume {} ({} bytes) restored from {} on node {}", csi::CurrentRequestId(),
+                 resp->volume().volume_id(), dv.size_bytes(),
+                 req_.volume_content_source().snapshot().snapshot_id(), node);
+    return Status::Ok();
   }
 
   // Restores and clones are local (reflink or local copy): the source pins the node (a
@@ -293,6 +397,7 @@ class CreateVolumeCall {
   Nodes& nodes_;
   PlacementLedger& ledger_;
   ReplicatedVolumes& replicated_;
+  Backups& backups_;
   const ControllerOptions& opts_;
   int replicas_ = 1;
   const v1::CapacityRange* range_ = nullptr;
@@ -307,7 +412,7 @@ class CreateVolumeCall {
 
 Status ControllerImpl::CreateVolume(const v1::CreateVolumeRequest& req,
                                     v1::CreateVolumeResponse* resp) {
-  return CreateVolumeCall(req, nodes_, ledger_, replicated_, opts_).Run(resp);
+  return CreateVolumeCall(req, nodes_, ledger_, replicated_, backups_, opts_).Run(resp);
 }
 
 }  // namespace nbdcsi::controller

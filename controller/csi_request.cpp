@@ -117,6 +117,14 @@ uint64_t RoundUp(uint64_t v) {
   return p;
 }
 
+::nbdcsi::datapath::v1::QosPatch QosPatchOf(const ::nbdcsi::datapath::v1::QosLimits& l) {
+  ::nbdcsi::datapath::v1::QosPatch p;
+#define NBDCSI_QOS_SET_ALL(f, key, flag, kind, help) p.set_##f(l.f());
+  NBDCSI_QOS_FIELDS(NBDCSI_QOS_SET_ALL)
+#undef NBDCSI_QOS_SET_ALL
+  return p;
+}
+
 StatusOr<std::string> NodeOfTopology(const v1::Topology& t) {
   std::string node;
   for (const auto& [k, v] : t.segments()) {

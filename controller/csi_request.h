@@ -44,6 +44,8 @@ StatusOr<csi::QosParameters> ParseQos(const google::protobuf::Map<std::string, s
                                               const csi::QosParameters& attributes_class);
 // Only the keys given change; a key set to 0 removes that limit.
 ::nbdcsi::datapath::v1::QosPatch QosPatchOf(const csi::QosParameters& q);
+// Every field set to `l`'s (0 removes that limit): a volume gets exactly these limits.
+::nbdcsi::datapath::v1::QosPatch QosPatchOf(const ::nbdcsi::datapath::v1::QosLimits& l);
 
 // The node a Topology names (its only key is csi::kTopologyKey).
 StatusOr<std::string> NodeOfTopology(const ::csi::v1::Topology& t);

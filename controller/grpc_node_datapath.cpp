@@ -9,6 +9,7 @@
 #include "common/grpc_reconnect.h"
 #include "common/grpc_status.h"
 #include "controller/node_datapath.h"
+#include "datapath/api/backup.grpc.pb.h"
 #include "datapath/api/datapath.grpc.pb.h"
 #include "datapath/api/target.grpc.pb.h"
 
@@ -22,6 +23,7 @@ class GrpcNodeDatapath final : public NodeDatapath {
       : node_(std::move(node_id)),
         stub_(dpv1::Datapath::NewStub(channel)),
         freeze_stub_(dpv1::TargetFreeze::NewStub(channel)),
+        backup_stub_(dpv1::Backups::NewStub(channel)),
         timeout_(timeout) {}
 
   StatusOr<dpv1::Volume> CreateVolume(const dpv1::CreateVolumeRequest& req) override {
@@ -128,6 +130,50 @@ class GrpcNodeDatapath final : public NodeDatapath {
         [&] { return resp.thawed(); });
   }
 
+  StatusOr<dpv1::BackupJob> CreateBackup(const dpv1::CreateBackupRequest& req) override {
+    dpv1::BackupJobResponse resp;
+    return Then(
+        Call("CreateBackup", [&](auto* c) { return backup_stub_->CreateBackup(c, req, &resp); }),
+        [&] { return resp.job(); });
+  }
+
+  StatusOr<dpv1::BackupJob> RestoreBackup(const dpv1::RestoreBackupRequest& req) override {
+    dpv1::BackupJobResponse resp;
+    return Then(
+        Call("RestoreBackup", [&](auto* c) { return backup_stub_->RestoreBackup(c, req, &resp); }),
+        [&] { return resp.job(); });
+  }
+
+  StatusOr<dpv1::BackupJob> GetBackupJob(const std::string& id) override {
+    dpv1::GetBackupJobRequest req;
+    req.set_id(id);
+    dpv1::BackupJobResponse resp;
+    return Then(
+        Call("GetBackupJob", [&](auto* c) { return backup_stub_->GetBackupJob(c, req, &resp); }),
+        [&] { return resp.job(); });
+  }
+
+  StatusOr<std::vector<dpv1::BackupJob>> ListBackupJobs() override {
+    dpv1::ListBackupJobsRequest req;
+    dpv1::ListBackupJobsResponse resp;
+    return Then(Call("ListBackupJobs",
+                     [&](auto* c) { return backup_stub_->ListBackupJobs(c, req, &resp); }),
+                [&] { return std::vector<dpv1::BackupJob>(resp.jobs().begin(), resp.jobs().end()); });
+  }
+
+  StatusOr<dpv1::GetBackupResponse> GetBackup(const dpv1::GetBackupRequest& req) override {
+    dpv1::GetBackupResponse resp;
+    return Then(Call("GetBackup", [&](auto* c) { return backup_stub_->GetBackup(c, req, &resp); }),
+                [&] { return resp; });
+  }
+
+  StatusOr<dpv1::DeleteBackupResponse> DeleteBackup(const dpv1::DeleteBackupRequest& req) override {
+    dpv1::DeleteBackupResponse resp;
+    return Then(
+        Call("DeleteBackup", [&](auto* c) { return backup_stub_->DeleteBackup(c, req, &resp); }),
+        [&] { return resp; });
+  }
+
  private:
   // The value `get` reads from the response once the call succeeded.
   template <typename G>
@@ -151,6 +197,7 @@ class GrpcNodeDatapath final : public NodeDatapath {
   const std::string node_;
   const std::unique_ptr<dpv1::Datapath::Stub> stub_;
   const std::unique_ptr<dpv1::TargetFreeze::Stub> freeze_stub_;
+  const std::unique_ptr<dpv1::Backups::Stub> backup_stub_;
   const std::chrono::milliseconds timeout_;
 };
 

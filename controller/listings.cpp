@@ -188,7 +188,22 @@ Status ControllerImpl::ListSnapshots(const v1::ListSnapshotsRequest& req,
                                      v1::ListSnapshotsResponse* resp) {
   if (Status s = CheckPageToken(req.starting_token()); !s.ok()) return s;
   SnapshotEntries all;
-  if (Status s = CollectSnapshots(nodes_, replicated_, req, &all); !s.ok()) return s;
+  if (csi::IsBackupSnapshotId(req.snapshot_id())) {
+    // One backup snapshot (the snapshotter checks a pre-provisioned one this way). A malformed
+    // id, or one asked for with a source volume (a backup keeps its source's pool name only),
+    // names nothing here.
+    auto ref = csi::ParseBackupSnapshotId(req.snapshot_id());
+    if (!ref.ok() || !req.source_volume_id().empty()) return Status::Ok();
+    auto got = backups_.Get(*ref, req.secrets());
+    if (!got.ok()) return got.status();
+    if (*got) {
+      v1::ListSnapshotsResponse::Entry e;
+      *e.mutable_snapshot() = std::move(**got);
+      all.emplace_back(req.snapshot_id(), std::move(e));
+    }
+  } else if (Status s = CollectSnapshots(nodes_, replicated_, req, &all); !s.ok()) {
+    return s;
+  }
   return Paginate(std::move(all), req.max_entries(), req.starting_token(), resp->mutable_entries(),
                   resp->mutable_next_token());
 }

@@ -1,5 +1,5 @@
-// What the controller asks of one node's nbd-datapathd (datapath/api/datapath.proto, and
-// TargetFreeze of target.proto; gRPC over mutual TLS): one method per RPC the controller uses. An interface, as the node plugin's
+// What the controller asks of one node's nbd-datapathd (datapath/api/datapath.proto,
+// TargetFreeze of target.proto, and Backups of backup.proto; gRPC over mutual TLS): one method per RPC the controller uses. An interface, as the node plugin's
 // node/datapath_client.h is, so that placement, idempotency and error mapping are unit-tested
 // against in-process fakes (test/controller/fake_datapath.h); MakeGrpcDatapathFactory makes the
 // real clients, and NodeRegistry hands them out per registered node.
@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "datapath/api/backup.pb.h"
 #include "datapath/api/datapath.pb.h"
 #include "datapath/api/target.pb.h"
 
@@ -59,6 +60,19 @@ class NodeDatapath {
       const std::string& volume, std::chrono::milliseconds lift_after) = 0;
   // Idempotent: false when freeze `freeze_id` was not held any more (thawed, or lifted itself).
   virtual StatusOr<bool> ThawTarget(const std::string& volume, uint64_t freeze_id) = 0;
+
+  // The Backups service (datapath/api/backup.proto): jobs that run in the daemon, and backups in
+  // object storage that any node can reach. The requests carry credentials: never log them.
+  // CreateBackup of a name and source already running returns that job; of a finished backup of
+  // the same source, a job that ends at once (succeeded, nothing uploaded).
+  virtual StatusOr<dpv1::BackupJob> CreateBackup(const dpv1::CreateBackupRequest& req) = 0;
+  // EEXIST when the volume exists; ENOENT when the backup does not.
+  virtual StatusOr<dpv1::BackupJob> RestoreBackup(const dpv1::RestoreBackupRequest& req) = 0;
+  virtual StatusOr<dpv1::BackupJob> GetBackupJob(const std::string& id) = 0;
+  virtual StatusOr<std::vector<dpv1::BackupJob>> ListBackupJobs() = 0;
+  // ENOENT when neither the backup nor a job making it (in this daemon) exists.
+  virtual StatusOr<dpv1::GetBackupResponse> GetBackup(const dpv1::GetBackupRequest& req) = 0;
+  virtual StatusOr<dpv1::DeleteBackupResponse> DeleteBackup(const dpv1::DeleteBackupRequest& req) = 0;
 };
 
 // Makes the client of node `node_id`, whose datapath API listens on `address` (host:port).

@@ -123,6 +123,60 @@ StatusOr<std::string> ParseReplicatedVolumeId(std::string_view id) {
   return std::string(name);
 }
 
+bool IsBackupSnapshotId(std::string_view id) { return id.starts_with("b1:"); }
+
+namespace {
+
+// "s3://bucket[/prefix]": the bucket's own rules are the store's to check; here only what keeps
+// the id parseable and routable.
+Status ValidateBackupUrl(std::string_view url) {
+  if (!url.starts_with("s3://") || url.size() == 5 || url[5] == '/') {
+    return Error(EINVAL, "backup target {} is not \"s3://BUCKET[/PREFIX]\"", Quote(url));
+  }
+  for (unsigned char c : url) {
+    if (c == '#' || c <= 0x20 || c == 0x7f) {
+      return Error(EINVAL, "backup target {} contains {} (not allowed in a snapshot id)",
+                   Quote(url), Quote(std::string_view(reinterpret_cast<const char*>(&c), 1)));
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+StatusOr<std::string> FormatBackupSnapshotId(std::string_view url, std::string_view name) {
+  if (Status s = ValidateBackupUrl(url); !s.ok()) return s;
+  if (Status s = ValidatePoolName("backup", name); !s.ok()) return s;
+  std::string id = fmt::format("b1:{}#{}", url, name);
+  if (id.size() > kMaxIdLen) {
+    return Error(EINVAL,
+                 "backup target {} is too long: the snapshot id \"b1:<target>#{}\" would be {} "
+                 "bytes, CSI allows {}",
+                 Quote(url), name, id.size(), kMaxIdLen);
+  }
+  return id;
+}
+
+StatusOr<BackupRef> ParseBackupSnapshotId(std::string_view id) {
+  if (!IsBackupSnapshotId(id)) {
+    return Error(EINVAL, "snapshot id {} is not an nbd.csi.io backup id (expected "
+                 "\"b1:s3://<bucket>/<prefix>#<name>\")", Quote(id));
+  }
+  std::string_view rest = id.substr(3);
+  size_t hash = rest.rfind('#');
+  if (hash == std::string_view::npos) {
+    return Error(EINVAL, "snapshot id {}: missing '#' between target and name", Quote(id));
+  }
+  BackupRef ref{std::string(rest.substr(0, hash)), std::string(rest.substr(hash + 1))};
+  if (Status s = ValidateBackupUrl(ref.url); !s.ok()) {
+    return Error(EINVAL, "snapshot id {}: {}", Quote(id), s.message());
+  }
+  if (Status s = ValidatePoolName("backup", ref.name); !s.ok()) {
+    return Error(EINVAL, "snapshot id {}: {}", Quote(id), s.message());
+  }
+  return ref;
+}
+
 StatusOr<std::string> PoolNameForCsiName(std::string_view csi_name) {
   if (csi_name.empty()) return Error(EINVAL, "name must not be empty");
   if (ValidatePoolName("volume", csi_name).ok()) return std::string(csi_name);

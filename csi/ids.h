@@ -3,6 +3,7 @@
 //   volume id            = "v1:<node-id>:<pool-volume-name>"
 //   replicated volume id = "r1:<pool-volume-name>"   (issue 16: StorageClass replicas >= 2)
 //   snapshot id          = "s1:<node-id>:<pool-snapshot-name>"
+//   backup snapshot id   = "b1:s3://<bucket>/<prefix>#<backup-name>"   (issue 18)
 //
 // A v1 or s1 id alone says which node's pool holds the object, so the stateless controller can
 // route every call without a lookup table. An r1 volume lives on several nodes, which the
@@ -58,6 +59,23 @@ StatusOr<std::string> ParseReplicatedVolumeId(std::string_view id);
 // True when `id` starts with "r1:" (whether the rest is valid is ParseReplicatedVolumeId's call).
 bool IsReplicatedVolumeId(std::string_view id);
 StatusOr<SnapshotRef> ParseSnapshotId(std::string_view id);
+
+// A snapshot kept in object storage (a VolumeSnapshotClass with backupTarget): the target's URL
+// and the backup's name there. It names no node, so any cluster that reaches the bucket can use
+// it (a pre-provisioned VolumeSnapshotContent's snapshotHandle); endpoint, region and
+// credentials come with each call's secrets.
+struct BackupRef {
+  std::string url;   // "s3://bucket/prefix"
+  std::string name;  // a pool name (the backup's manifest is PREFIX/manifests/NAME.json)
+  bool operator==(const BackupRef&) const = default;
+};
+// CSI's size limit for ids (and every string field): the whole id must fit.
+inline constexpr size_t kMaxIdLen = 128;
+bool IsBackupSnapshotId(std::string_view id);  // starts with "b1:"
+// EINVAL: a url that is not "s3://" + a bucket (+ optional prefix) without '#', an invalid name,
+// or an id longer than kMaxIdLen (the message says how long and why).
+StatusOr<std::string> FormatBackupSnapshotId(std::string_view url, std::string_view name);
+StatusOr<BackupRef> ParseBackupSnapshotId(std::string_view id);
 
 // The pool name for a CSI CreateVolume / CreateSnapshot name: the name itself when it is a valid
 // pool name of at most kMaxPoolNameLen bytes ("pvc-<uuid>", "snapshot-<uuid>"), otherwise

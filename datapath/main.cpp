@@ -146,13 +146,14 @@ struct Api {
         freeze_remote(MakeTargetFreezeService(agent)),
         backup_jobs(pool),
         backup(MakeBackupService(backup_jobs)),
+        backup_remote(MakeBackupService(backup_jobs)),
         logging(MakeLoggingService(ProcessLogLevel())) {}
 
   Status Start(Pool& pool, const std::vector<ApiListen>& listens) {
     auto s = StartApiServer(pool, listens,
                             {attach.get(), backup.get(), target.get(), logging.get(),
                              freeze_local.get()},
-                            {freeze_remote.get()});
+                            {freeze_remote.get(), backup_remote.get()});
     if (!s.ok()) {
       return Error(s.status().code(), "cannot start the management API: {}",
                    s.status().message());
@@ -164,9 +165,10 @@ struct Api {
   std::unique_ptr<grpc::Service> attach, target;
   // Snapshots of replicated volumes: the controller freezes a target over TCP, nbdctl over unix.
   std::unique_ptr<grpc::Service> freeze_local, freeze_remote;
-  // Backups to object storage (datapath/backup).
+  // Backups to object storage (datapath/backup): nbdctl over unix, the controller over TCP
+  // (VolumeSnapshotClass backupTarget, restores in CreateVolume).
   backup::BackupJobs backup_jobs;
-  std::unique_ptr<grpc::Service> backup, logging;
+  std::unique_ptr<grpc::Service> backup, backup_remote, logging;
   std::unique_ptr<ApiServer> server;
 };
 

@@ -42,6 +42,7 @@ void Fill(const JobInfo& j, v1::BackupJob* out) {
   out->set_volume(j.volume);
   out->set_state(j.state);
   out->set_error(j.error);
+  out->set_error_errno(j.error_code);
   out->set_total_bytes(j.total_bytes);
   out->set_done_bytes(j.done_bytes);
   if (j.data_total_bytes) out->set_data_total_bytes(*j.data_total_bytes);

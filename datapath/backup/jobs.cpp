@@ -175,6 +175,7 @@ void BackupJobs::Finish(Job& job, const Status& s) {
     job.info.finished_unix_ns = NowNs();
     job.info.state = s.ok() ? "succeeded" : "failed";
     job.info.error = s.ok() ? "" : s.message();
+    job.info.error_code = s.ok() ? 0 : s.code();
   }
   job.done = true;
   JobInfo i = Snapshot(job);

@@ -48,6 +48,7 @@ struct JobInfo {
   std::string snapshot, volume;
   std::string state;  // "running", "succeeded", "failed"
   std::string error;
+  int error_code = 0;  // the failure's errno (0 while running or after success)
   uint64_t total_bytes = 0, done_bytes = 0, transferred_bytes = 0;
   std::optional<uint64_t> data_total_bytes;  // allocated data; unset until mapped
   uint64_t data_done_bytes = 0;

@@ -24,12 +24,17 @@ if(TARGET nbdcsi_controller)
   nbdcsi_add_gtest(controller_replicated_test
                    ${CMAKE_CURRENT_LIST_DIR}/replicated_test.cpp
                    nbdcsi_controller_fakes nbdcsi_controller_test_requests)
+  # Backup snapshots and restores (issue 18): the controller's decisions over a fake bucket.
+  nbdcsi_add_gtest(controller_backups_test
+                   ${CMAKE_CURRENT_LIST_DIR}/backups_test.cpp
+                   nbdcsi_controller_fakes nbdcsi_controller_test_requests)
   # `nbdctl cluster`'s ClusterView service over fakes: all nodes answer, one down or expired,
   # replicated volumes from the catalogue.
   nbdcsi_add_gtest(controller_cluster_view_test
                    ${CMAKE_CURRENT_LIST_DIR}/cluster_view_test.cpp nbdcsi_controller_fakes)
   set_property(TEST unit.controller_unit_test unit.controller_decisions_test
                unit.controller_replicated_test unit.controller_cluster_view_test
+               unit.controller_backups_test
                APPEND PROPERTY LABELS controller)
 endif()
 

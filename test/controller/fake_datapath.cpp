@@ -2,6 +2,7 @@
 
 #include <stdexcept>
 
+#include <fmt/format.h>
 #include <google/protobuf/util/message_differencer.h>
 
 #include "datapath/api/registry.pb.h"
@@ -279,17 +280,170 @@ FakeCluster::FakeCluster(cluster::ClusterStore* store)
             return fakes_.at(node);
           },
           kTtl, kInterval, [this] { return Now(); }),
-      service_(MakeControllerService(registry_, {.cluster = store})) {}
+      service_(MakeControllerService(
+          registry_, {.cluster = store, .backup = {.wait = std::chrono::milliseconds(0)}})) {}
 
 std::chrono::steady_clock::time_point FakeCluster::Now() {
   std::lock_guard lock(mu_);
   return now_;
 }
 
+Status FakeDatapath::CheckCredentials(const dpv1::BackupTarget& t) const {
+  if (t.access_key_id() == FakeBucket::kGoodKey) return Status::Ok();
+  return Error(EACCES, "node {}: the store refused the credentials for {}", node_, t.url());
+}
+
+void FakeDatapath::EndBackupLocked(dpv1::BackupJob& job, const Status& err) {
+  const dpv1::BackupTarget& t = job_targets_[job.id()];
+  Status s = err;
+  if (s.ok() && bucket_->Missing(t.url())) {
+    s = Error(ENOENT, "bucket of {} does not exist", t.url());
+  }
+  job.set_finished_unix_ns(++clock_ns_);
+  if (!s.ok()) {
+    job.set_state("failed");
+    job.set_error(s.message());
+    job.set_error_errno(s.code());
+    return;
+  }
+  job.set_state("succeeded");
+  if (job.kind() != "backup") return;
+  const dpv1::Snapshot& snap = snapshots_[job.snapshot()];
+  dpv1::BackupInfo b;
+  b.set_name(job.backup());
+  b.set_source_volume(snap.source_volume());
+  b.set_source_snapshot(snap.name());
+  b.set_created_unix_ns(snap.created_unix_ns());
+  b.set_volume_size(snap.size_bytes());
+  std::lock_guard lock(bucket_->mu);
+  bucket_->backups[t.url() + "#" + job.backup()] = b;
+}
+
+void FakeDatapath::FinishJobs(Status err) {
+  std::lock_guard lock(mu_);
+  for (auto& [id, job] : jobs_) {
+    if (job.state() != "running") continue;
+    EndBackupLocked(job, err);
+    if (job.kind() == "restore" && job.state() == "failed") volumes_.erase(job.volume());
+  }
+}
+
+StatusOr<dpv1::BackupJob> FakeDatapath::CreateBackup(const dpv1::CreateBackupRequest& req) {
+  if (Status s = Enter("CreateBackup", req.name()); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  for (const auto& [id, j] : jobs_) {
+    if (j.kind() == "backup" && j.state() == "running" && j.backup() == req.name() &&
+        j.target() == req.target().url()) {
+      return j;
+    }
+  }
+  if (snapshots_.count(req.snapshot()) == 0) {
+    return Error(ENOENT, "snapshot {} does not exist", req.snapshot());
+  }
+  dpv1::BackupJob job;
+  job.set_id(fmt::format("{}-{}", node_, next_job_++));
+  job.set_kind("backup");
+  job.set_backup(req.name());
+  job.set_target(req.target().url());
+  job.set_snapshot(req.snapshot());
+  job.set_state("running");
+  job.set_started_unix_ns(++clock_ns_);
+  job_targets_[job.id()] = req.target();
+  // The store refuses bad credentials within the job, as the real one does.
+  if (!hold_jobs_) EndBackupLocked(job, CheckCredentials(req.target()));
+  jobs_[job.id()] = job;
+  return job;
+}
+
+StatusOr<dpv1::BackupJob> FakeDatapath::RestoreBackup(const dpv1::RestoreBackupRequest& req) {
+  if (Status s = Enter("RestoreBackup", req.volume()); !s.ok()) return s;
+  if (Status s = CheckCredentials(req.target()); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  if (volumes_.count(req.volume())) return Error(EEXIST, "volume {} exists", req.volume());
+  dpv1::BackupInfo b;
+  {
+    std::lock_guard bl(bucket_->mu);
+    auto it = bucket_->backups.find(req.target().url() + "#" + req.name());
+    if (it == bucket_->backups.end()) {
+      return Error(ENOENT, "backup \"{}\" not found in {}", req.name(), req.target().url());
+    }
+    b = it->second;
+  }
+  if (ProvisionedLocked() + b.volume_size() > room_) {
+    return Error(ENOSPC, "node {}: RestoreBackup: pool full", node_);
+  }
+  dpv1::Volume v;
+  v.set_name(req.volume());
+  v.set_size_bytes(b.volume_size());
+  v.set_ready(true);
+  v.set_created_unix_ns(++clock_ns_);
+  volumes_[v.name()] = v;
+  dpv1::BackupJob job;
+  job.set_id(fmt::format("{}-{}", node_, next_job_++));
+  job.set_kind("restore");
+  job.set_backup(req.name());
+  job.set_target(req.target().url());
+  job.set_volume(req.volume());
+  job.set_state("running");
+  job.set_started_unix_ns(++clock_ns_);
+  job_targets_[job.id()] = req.target();
+  if (!hold_jobs_) EndBackupLocked(job, Status::Ok());
+  jobs_[job.id()] = job;
+  return job;
+}
+
+StatusOr<dpv1::BackupJob> FakeDatapath::GetBackupJob(const std::string& id) {
+  if (Status s = Enter("GetBackupJob", id); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  return Find(jobs_, "job", id);
+}
+
+StatusOr<std::vector<dpv1::BackupJob>> FakeDatapath::ListBackupJobs() {
+  if (Status s = Enter("ListBackupJobs", ""); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  std::vector<dpv1::BackupJob> out;
+  for (const auto& [id, j] : jobs_) out.push_back(j);
+  return out;
+}
+
+StatusOr<dpv1::GetBackupResponse> FakeDatapath::GetBackup(const dpv1::GetBackupRequest& req) {
+  if (Status s = Enter("GetBackup", req.name()); !s.ok()) return s;
+  if (Status s = CheckCredentials(req.target()); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  dpv1::GetBackupResponse r;
+  for (const auto& [id, j] : jobs_) {
+    if (j.kind() == "backup" && j.state() == "running" && j.backup() == req.name() &&
+        j.target() == req.target().url()) {
+      *r.mutable_job() = j;
+    }
+  }
+  std::lock_guard bl(bucket_->mu);
+  auto it = bucket_->backups.find(req.target().url() + "#" + req.name());
+  if (it != bucket_->backups.end()) *r.mutable_backup() = it->second;
+  if (!r.has_backup() && !r.has_job()) {
+    return Error(ENOENT, "backup \"{}\" not found in {}", req.name(), req.target().url());
+  }
+  return r;
+}
+
+StatusOr<dpv1::DeleteBackupResponse> FakeDatapath::DeleteBackup(
+    const dpv1::DeleteBackupRequest& req) {
+  if (Status s = Enter("DeleteBackup", req.name()); !s.ok()) return s;
+  if (Status s = CheckCredentials(req.target()); !s.ok()) return s;
+  std::lock_guard bl(bucket_->mu);
+  if (bucket_->backups.erase(req.target().url() + "#" + req.name()) == 0) {
+    return Error(ENOENT, "backup \"{}\" not found in {}", req.name(), req.target().url());
+  }
+  return dpv1::DeleteBackupResponse();
+}
+
 FakeDatapath& FakeCluster::Node(const std::string& id) {
   std::lock_guard lock(mu_);
   auto& f = fakes_[id];
-  if (!f) f = std::make_shared<FakeDatapath>(id);
+  if (!f) {
+    f = std::make_shared<FakeDatapath>(id);
+    f->SetBucket(bucket_);
+  }
   return *f;
 }
 

@@ -25,6 +25,16 @@
 
 namespace nbdcsi::controller::testing {
 
+// The object store behind the Backups calls, shared by every node of a FakeCluster (as a bucket
+// is): backups by "URL#NAME". Credentials other than kGoodKey are refused (EACCES), as a store
+// does; a target in a bucket named "missing" has no bucket (its backups' jobs fail with ENOENT).
+struct FakeBucket {
+  static constexpr char kGoodKey[] = "good-key";
+  std::mutex mu;
+  std::map<std::string, dpv1::BackupInfo> backups;  // guarded by mu
+  bool Missing(const std::string& url) const { return url.starts_with("s3://missing"); }
+};
+
 class FakeDatapath : public NodeDatapath {
  public:
   explicit FakeDatapath(std::string node) : node_(std::move(node)) {}
@@ -52,6 +62,16 @@ class FakeDatapath : public NodeDatapath {
   // New restores and clones start unfilled (ready=false), as a background copy leaves them.
   void SetCopiesStartUnfilled(bool v) {
     Locked([&] { unfilled_copies_ = v; });
+  }
+
+  // Backup and restore jobs stay "running" until FinishJobs (otherwise they end within the call).
+  void HoldJobs(bool v) {
+    Locked([&] { hold_jobs_ = v; });
+  }
+  // Ends every running job: succeeded (a backup writes its manifest), or failed with `err`.
+  void FinishJobs(Status err = Status::Ok());
+  void SetBucket(std::shared_ptr<FakeBucket> b) {
+    Locked([&] { bucket_ = std::move(b); });
   }
 
   void PutVolume(dpv1::Volume v) {
@@ -92,6 +112,12 @@ class FakeDatapath : public NodeDatapath {
   StatusOr<dpv1::FreezeTargetResponse> FreezeTarget(const std::string& volume,
                                                     std::chrono::milliseconds lift_after) override;
   StatusOr<bool> ThawTarget(const std::string& volume, uint64_t freeze_id) override;
+  StatusOr<dpv1::BackupJob> CreateBackup(const dpv1::CreateBackupRequest& req) override;
+  StatusOr<dpv1::BackupJob> RestoreBackup(const dpv1::RestoreBackupRequest& req) override;
+  StatusOr<dpv1::BackupJob> GetBackupJob(const std::string& id) override;
+  StatusOr<std::vector<dpv1::BackupJob>> ListBackupJobs() override;
+  StatusOr<dpv1::GetBackupResponse> GetBackup(const dpv1::GetBackupRequest& req) override;
+  StatusOr<dpv1::DeleteBackupResponse> DeleteBackup(const dpv1::DeleteBackupRequest& req) override;
 
  private:
   struct FakeTarget {
@@ -108,12 +134,21 @@ class FakeDatapath : public NodeDatapath {
   Status Enter(const std::string& method, const std::string& what);
   uint64_t ProvisionedLocked() const;
   StatusOr<uint64_t> SourceSizeLocked(const dpv1::VolumeContentSource& src) const;
+  // EACCES unless the target carries FakeBucket::kGoodKey.
+  Status CheckCredentials(const dpv1::BackupTarget& t) const;
+  // A backup job's end: its manifest in the bucket (or ENOENT for a missing bucket).
+  void EndBackupLocked(dpv1::BackupJob& job, const Status& err);
 
   const std::string node_;
   mutable std::mutex mu_;
   std::map<std::string, dpv1::Volume> volumes_;
   std::map<std::string, dpv1::Snapshot> snapshots_;
   std::map<std::string, FakeTarget> targets_;
+  std::shared_ptr<FakeBucket> bucket_ = std::make_shared<FakeBucket>();
+  std::map<std::string, dpv1::BackupJob> jobs_;
+  std::map<std::string, dpv1::BackupTarget> job_targets_;
+  bool hold_jobs_ = false;
+  int next_job_ = 1;
   uint64_t last_freeze_id_ = 0;
   std::chrono::milliseconds last_lift_after_{0};
   uint64_t room_ = uint64_t{1} << 50;
@@ -168,6 +203,7 @@ class FakeCluster {
   std::mutex mu_;
   std::chrono::steady_clock::time_point now_;                   // guarded by mu_
   std::map<std::string, std::shared_ptr<FakeDatapath>> fakes_;  // guarded by mu_
+  std::shared_ptr<FakeBucket> bucket_ = std::make_shared<FakeBucket>();
   NodeRegistry registry_;
   std::unique_ptr<::csi::v1::Controller::Service> service_;
 };

@@ -151,5 +151,34 @@ TEST(CsiIds, ReplicatedVolumeIds) {
   EXPECT_EQ(FormatReplicatedVolumeId("a/b").status().code(), EINVAL);
 }
 
+TEST(CsiIds, BackupSnapshotIds) {
+  auto id = FormatBackupSnapshotId("s3://backups/cluster-a", "snapshot-1");
+  ASSERT_TRUE(id.ok()) << id.status().message();
+  EXPECT_EQ(*id, "b1:s3://backups/cluster-a#snapshot-1");
+  EXPECT_TRUE(IsBackupSnapshotId(*id));
+  EXPECT_EQ(ParseBackupSnapshotId(*id).value(),
+            (BackupRef{"s3://backups/cluster-a", "snapshot-1"}));
+  // A bucket alone, and a prefix with several levels.
+  EXPECT_EQ(ParseBackupSnapshotId("b1:s3://b#n").value(), (BackupRef{"s3://b", "n"}));
+  EXPECT_EQ(ParseBackupSnapshotId("b1:s3://b/x/y/z#n").value(), (BackupRef{"s3://b/x/y/z", "n"}));
+  // The other kinds' parsers refuse it, and it refuses theirs.
+  EXPECT_EQ(ParseSnapshotId(*id).status().code(), EINVAL);
+  EXPECT_EQ(ParseBackupSnapshotId("s1:node:snap").status().code(), EINVAL);
+  for (const char* bad : {"b1:", "b1:s3://b", "b1:s3://#n", "b1:s3:///x#n", "b1:http://b#n",
+                          "b1:s3://b#", "b1:s3://b#.n", "b1:s3://b#a/b", "b1:s3://b c#n"}) {
+    EXPECT_EQ(ParseBackupSnapshotId(bad).status().code(), EINVAL) << bad;
+  }
+  EXPECT_EQ(FormatBackupSnapshotId("s3://b#c", "n").status().code(), EINVAL);
+  EXPECT_EQ(FormatBackupSnapshotId("gs://b", "n").status().code(), EINVAL);
+  // CSI's 128-byte limit: a target that makes the id longer is refused, saying why.
+  auto long_id = FormatBackupSnapshotId("s3://b/" + std::string(120, 'p'), "snapshot-1");
+  EXPECT_EQ(long_id.status().code(), EINVAL);
+  EXPECT_NE(long_id.status().message().find("CSI allows 128"), std::string::npos)
+      << long_id.status().message();
+  std::string fits = "s3://b/" + std::string(128 - 3 - 7 - 1 - 1, 'p');
+  EXPECT_TRUE(FormatBackupSnapshotId(fits, "n").ok());
+  EXPECT_EQ(FormatBackupSnapshotId(fits + "p", "n").status().code(), EINVAL);
+}
+
 }  // namespace
 }  // namespace nbdcsi::csi
