@@ -178,6 +178,12 @@ Status Backups::Start(const BackupClass& c, const std::string& name, const std::
                       v1::Snapshot* out) {
   auto id = csi::FormatBackupSnapshotId(c.target.url(), name);
   if (!id.ok()) return id.status();
+  if (!out->ready_to_use()) {
+    // The local snapshot's own copy still runs (no reflink here): the backup starts once it is
+    // ready, at one of the snapshotter's next calls.
+    out->set_snapshot_id(*id);
+    return Status::Ok();
+  }
   dpv1::CreateBackupRequest req;
   *req.mutable_target() = c.target;
   req.set_name(name);

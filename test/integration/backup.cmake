@@ -4,3 +4,9 @@
 nbdcsi_add_test(NAME integration.backup_s3
   COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/backup_s3.sh
   TIMEOUT 480 LABELS integration backup)
+# Backup snapshots through the CSI Controller (VolumeSnapshotClass backupTarget): two controllers
+# with a datapath each ("two clusters") and one s3rver; backup, restore in the other cluster,
+# incremental upload, delete, kill -9 mid-backup, error codes.
+nbdcsi_add_test(NAME integration.backup_csi
+  COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/backup_csi.sh
+  TIMEOUT 300 LABELS integration backup controller)

@@ -2,6 +2,7 @@
 
 #include <cctype>
 #include <cstdlib>
+#include <fstream>
 #include <map>
 #include <vector>
 
@@ -52,6 +53,24 @@ void PutPairs(const char* flag, const std::vector<std::string>& pairs, ProtoMap*
   for (const auto& [k, v] : ParsePairs(flag, pairs)) (*m)[k] = v;
 }
 
+// --secret-file FILE: KEY=VALUE lines (blank lines and '#' comments skipped), what a Kubernetes
+// Secret holds, into a request's secrets. Read from a file so that they stay out of `ps`.
+template <typename ProtoMap>
+void PutSecrets(const std::string& file, ProtoMap* m) {
+  if (file.empty()) return;
+  std::ifstream in(file);
+  if (!in) throw UsageError{fmt::format("--secret-file {}: cannot read it", file)};
+  std::string line;
+  for (int n = 1; std::getline(in, line); ++n) {
+    if (line.empty() || line[0] == '#') continue;
+    size_t eq = line.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      throw UsageError{fmt::format("--secret-file {}: line {} is not KEY=VALUE", file, n)};
+    }
+    (*m)[line.substr(0, eq)] = line.substr(eq + 1);
+  }
+}
+
 int64_t ParseSize(const std::string& flag, const std::string& value) {
   auto r = ParseQuantity(value);
   if (!r.ok()) throw UsageError{fmt::format("{}: {}", flag, r.status().message())};
@@ -74,7 +93,7 @@ struct CsiCommands::Impl {
   // Flags; each command binds the ones it takes.
   std::string id, name, size, fs_type, access_mode = "single-node-writer", from_snapshot,
                                        from_volume, source, snap_id, token, staging_path,
-                                       target_path, volume_path;
+                                       target_path, volume_path, secret_file;
   std::vector<std::string> params, topology, mount_flags;
   bool block = false, readonly = false;
   int32_t max_entries = 0;
@@ -230,6 +249,7 @@ int CsiCommands::Impl::CreateVolume() {
   req.set_name(name);
   if (!size.empty()) req.mutable_capacity_range()->set_required_bytes(ParseSize("--size", size));
   PutPairs("--param", params, req.mutable_parameters());
+  PutSecrets(secret_file, req.mutable_secrets());
   auto topo = ParsePairs("--topology", topology);
   if (!topo.empty()) {
     // The external-provisioner sends the chosen node as both requisite and preferred.
@@ -322,6 +342,7 @@ int CsiCommands::Impl::SnapshotCreate() {
   req.set_name(name);
   req.set_source_volume_id(source);
   PutPairs("--param", params, req.mutable_parameters());
+  PutSecrets(secret_file, req.mutable_secrets());
   csi::CreateSnapshotResponse r;
   if (int rc = conn->Call(fmt::format("create snapshot \"{}\"", name),
                           [&](auto* ctx) { return ctl->CreateSnapshot(ctx, req, &r); })) {
@@ -334,6 +355,7 @@ int CsiCommands::Impl::SnapshotDelete() {
   auto ctl = ControllerStub();
   csi::DeleteSnapshotRequest req;
   req.set_snapshot_id(id);
+  PutSecrets(secret_file, req.mutable_secrets());
   csi::DeleteSnapshotResponse r;
   if (int rc = conn->Call(fmt::format("delete snapshot {}", id),
                           [&](auto* ctx) { return ctl->DeleteSnapshot(ctx, req, &r); })) {
@@ -349,6 +371,7 @@ int CsiCommands::Impl::SnapshotList() {
   req.set_starting_token(token);
   req.set_source_volume_id(source);
   req.set_snapshot_id(snap_id);
+  PutSecrets(secret_file, req.mutable_secrets());
   csi::ListSnapshotsResponse r;
   if (int rc = conn->Call("list snapshots",
                           [&](auto* ctx) { return ctl->ListSnapshots(ctx, req, &r); })) {
@@ -505,6 +528,8 @@ void CsiCommands::Impl::RegisterController(CommandTree& tree) {
         c.add_option("--topology", topology,
                      "Required topology segment KEY=VALUE (repeatable), e.g. "
                      "topology.nbd.csi.io/node=node-1");
+        c.add_option("--secret-file", secret_file,
+                     "The call's secrets: a file of KEY=VALUE lines (a backup's credentials)");
         auto* fs = c.add_option("--from-snapshot", from_snapshot, "Restore this snapshot id");
         auto* fv = c.add_option("--from-volume", from_volume, "Clone this volume id");
         fs->excludes(fv);
@@ -559,15 +584,24 @@ void CsiCommands::Impl::RegisterControllerSnapshot(CommandTree& tree) {
         c.add_option("NAME", name, "CSI snapshot name")->required();
         c.add_option("--source", source, "Source volume id")->required();
         c.add_option("--param", params, "VolumeSnapshotClass parameter KEY=VALUE");
+        c.add_option("--secret-file", secret_file,
+                     "The call's secrets: a file of KEY=VALUE lines (backupTarget's credentials)");
       },
       &Impl::SnapshotCreate));
   tree.Add(Cmd({"controller", "snapshot", "delete"}, "DeleteSnapshot (idempotent)",
-               WithId("SNAPSHOT_ID", "Snapshot id"), &Impl::SnapshotDelete));
+               WithId("SNAPSHOT_ID", "Snapshot id",
+                      [this](CLI::App& c) {
+                        c.add_option("--secret-file", secret_file,
+                                     "The call's secrets: a file of KEY=VALUE lines");
+                      }),
+               &Impl::SnapshotDelete));
   tree.Add(Cmd(
       {"controller", "snapshot", "list"}, "ListSnapshots",
       [this](CLI::App& c) {
         c.add_option("--source", source, "Only snapshots of this volume id");
         c.add_option("--id", snap_id, "Only this snapshot id");
+        c.add_option("--secret-file", secret_file,
+                     "The call's secrets: a file of KEY=VALUE lines (to list a backup snapshot)");
         c.add_option("--max", max_entries, "At most this many entries (0: all)")
             ->check(CLI::NonNegativeNumber);
         c.add_option("--token", token, "Continue from a previous NEXT TOKEN");
