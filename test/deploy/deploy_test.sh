@@ -56,6 +56,7 @@ value_sets() {
   echo "cluster-etcd-insecure|--set tls.existingSecret.controller=nbd-csi-controller-tls $cluster --set cluster.etcd.insecure=true"
   echo "cluster-external|--set tls.existingSecret.controller=nbd-csi-controller-tls $cluster --set cluster.etcd.external.endpoints[0]=etcd-a.example:2379 --set cluster.etcd.external.endpoints[1]=10.0.0.7:2379 --set cluster.etcd.external.tlsSecret=etcd-client"
   echo "health-monitor|$secrets --set controller.healthMonitor.enabled=true --set controller.healthMonitor.interval=30s"
+  echo "backup|$secrets $snap_api --set backup.enabled=true --set backup.target=s3://backups/cluster-a --set backup.bandwidth=50Mi --set backup.secretNamespace=storage"
   echo "host-network|$secrets --set controller.hostNetwork=true --set controller.replicas=1 --set node.hostNetwork=true --set controller.apiServerAddress=127.0.0.1:6443 --set datapath.hostAliases[0].ip=127.0.0.1 --set datapath.hostAliases[0].hostnames[0]=nbd-csi-controller.nbd-csi.svc"
 }
 
@@ -163,8 +164,27 @@ if name == "per-node-certs":
                for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == "nbd-csi-controller")
     assert not any(a.startswith("--datapath-server-name") for a in ctl["args"]), ctl["args"]
 # The VolumeSnapshotClass (create: auto) only where the cluster serves its API.
-assert len(kinds.get("VolumeSnapshotClass", [])) == (1 if name in ("vac", "kube-1.20") else 0), kinds
+assert len(kinds.get("VolumeSnapshotClass", [])) == {"vac": 1, "kube-1.20": 1, "backup": 2}.get(name, 0), kinds
 by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+# backup.enabled: the backup VolumeSnapshotClass with its target and the secret for create,
+# delete and list; the restore StorageClass with the provisioner secret; Secrets readable by the
+# provisioner and the snapshotter then, and only then.
+secret_rules = {d["metadata"]["name"]: r["verbs"] for d in docs if d["kind"] == "ClusterRole"
+                for r in d["rules"] if "secrets" in r["resources"]}
+if name == "backup":
+    vsc = by[("VolumeSnapshotClass", "nbd-csi-backup")]
+    p = vsc["parameters"]
+    assert p["backupTarget"] == "s3://backups/cluster-a" and p["backupBandwidth"] == "50Mi", p
+    for use in ("snapshotter", "snapshotter-list"):
+        assert p[f"csi.storage.k8s.io/{use}-secret-name"] == "nbd-csi-backup", p
+        assert p[f"csi.storage.k8s.io/{use}-secret-namespace"] == "storage", p
+    sc = by[("StorageClass", "nbd-csi-backup-restore")]
+    assert sc["volumeBindingMode"] == "Immediate", sc
+    assert sc["parameters"]["csi.storage.k8s.io/provisioner-secret-name"] == "nbd-csi-backup", sc
+    assert sc["parameters"]["csi.storage.k8s.io/provisioner-secret-namespace"] == "storage", sc
+    assert sorted(secret_rules) == ["t-nbd-csi-provisioner", "t-nbd-csi-snapshotter"], secret_rules
+else:
+    assert not secret_rules, (name, secret_rules)
 drv = next(d for d in docs if d["kind"] == "CSIDriver")
 prov = next(c for d in docs if d["kind"] == "Deployment"
             for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == "csi-provisioner")
@@ -389,6 +409,16 @@ PY
     # What the cluster does not serve is refused when asked for explicitly.
     # shellcheck disable=SC2086
     refuse "does not serve snapshot.storage.k8s.io/v1" $secrets --set volumeSnapshotClass.create=true
+    # Backups: a target is required and must be s3://; the bandwidth a quantity.
+    # shellcheck disable=SC2086
+    refuse "backup.enabled needs backup.target" $secrets --api-versions snapshot.storage.k8s.io/v1 \
+      --set backup.enabled=true
+    # shellcheck disable=SC2086
+    refuse "backup.target: Does not match pattern" $secrets --set backup.enabled=true \
+      --set backup.target=gs://bucket
+    # shellcheck disable=SC2086
+    refuse "backup.bandwidth: Does not match pattern" $secrets --set backup.enabled=true \
+      --set backup.target=s3://b --set backup.bandwidth=fast
     # shellcheck disable=SC2086
     refuse "does not serve storage.k8s.io/v1beta1/VolumeAttributesClass" $secrets \
       --set volumeAttributesClasses.enabled=true
