@@ -1007,21 +1007,25 @@ def check_certs(ck, ctl_secret, dp_secret, controller_host):
                 ck.err(where, "tls.key does not match tls.crt")
 
 
-def check_examples(ck, docs, examples_dir):
+def check_examples(ck, docs, examples_dirs):
     classes = {d["metadata"]["name"] for d in docs if d.get("kind") == "StorageClass"}
     snap_classes = {d["metadata"]["name"] for d in docs if d.get("kind") == "VolumeSnapshotClass"}
     vacs = {d["metadata"]["name"] for d in docs if d.get("kind") == "VolumeAttributesClass"}
     ex = []
-    files = sorted(f for f in os.listdir(examples_dir) if f.endswith(".yaml"))
-    if not files:
-        ck.err(examples_dir, "no examples")
-    for f in files:
-        with open(os.path.join(examples_dir, f), encoding="utf-8") as fh:
-            for d in yaml.safe_load_all(fh):
-                if d:
-                    ex.append((f, d))
+    # Several directories are one set of examples (examples/backup uses examples/pvc.yaml's claim).
+    for examples_dir in examples_dirs:
+        files = sorted(f for f in os.listdir(examples_dir) if f.endswith(".yaml"))
+        if not files:
+            ck.err(examples_dir, "no examples")
+        rel = os.path.basename(os.path.normpath(examples_dir))
+        for f in files:
+            with open(os.path.join(examples_dir, f), encoding="utf-8") as fh:
+                for d in yaml.safe_load_all(fh):
+                    if d:
+                        ex.append((f if rel == "examples" else f"{rel}/{f}", d))
     pvcs = {d["metadata"]["name"]: d for _, d in ex if d["kind"] == "PersistentVolumeClaim"}
     snaps = {d["metadata"]["name"] for _, d in ex if d["kind"] == "VolumeSnapshot"}
+    contents = {d["metadata"]["name"]: d for _, d in ex if d["kind"] == "VolumeSnapshotContent"}
     for f, d in ex:
         where = f"examples/{f} {d['kind']}/{d['metadata']['name']}"
         spec = d.get("spec", {})
@@ -1046,8 +1050,26 @@ def check_examples(ck, docs, examples_dir):
             if spec.get("volumeSnapshotClassName") not in snap_classes:
                 ck.err(where, f"volumeSnapshotClassName {spec.get('volumeSnapshotClassName')!r} "
                               "is not in the chart")
-            if spec.get("source", {}).get("persistentVolumeClaimName") not in pvcs:
+            pre = spec.get("source", {}).get("volumeSnapshotContentName")
+            if pre is not None:
+                if pre not in contents:
+                    ck.err(where, f"binds VolumeSnapshotContent {pre!r}, which no example creates")
+            elif spec.get("source", {}).get("persistentVolumeClaimName") not in pvcs:
                 ck.err(where, "snapshots a PVC that no example creates")
+        elif d["kind"] == "VolumeSnapshotContent":
+            # A pre-provisioned snapshot: ours, a backup's handle (the only kind another cluster
+            # can use), a class the chart makes, and bound to an example's VolumeSnapshot.
+            if spec.get("driver") != DRIVER:
+                ck.err(where, f"driver {spec.get('driver')!r} is not {DRIVER}")
+            if not spec.get("source", {}).get("snapshotHandle", "").startswith("b1:s3://"):
+                ck.err(where, "snapshotHandle is not a backup's (b1:s3://BUCKET/PREFIX#NAME)")
+            if spec.get("volumeSnapshotClassName") not in snap_classes:
+                ck.err(where, f"volumeSnapshotClassName {spec.get('volumeSnapshotClassName')!r} "
+                              "is not in the chart")
+            if spec.get("volumeSnapshotRef", {}).get("name") not in snaps:
+                ck.err(where, "is bound to a VolumeSnapshot that no example creates")
+        elif d["kind"] == "Secret":
+            pass
         elif d["kind"] == "Pod":
             for v in spec.get("volumes", []):
                 claim = (v.get("persistentVolumeClaim") or {}).get("claimName")
@@ -1183,7 +1205,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin-dir", required=True)
     ap.add_argument("--src", required=True)
-    ap.add_argument("--examples")
+    ap.add_argument("--examples", action="append", help="an examples directory (repeatable)")
     ap.add_argument("--expect-secrets", action="store_true",
                     help="the rendering holds the generated TLS secrets: verify the certificates")
     ap.add_argument("--self-test", action="store_true",

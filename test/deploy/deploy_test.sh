@@ -56,7 +56,7 @@ value_sets() {
   echo "cluster-etcd-insecure|--set tls.existingSecret.controller=nbd-csi-controller-tls $cluster --set cluster.etcd.insecure=true"
   echo "cluster-external|--set tls.existingSecret.controller=nbd-csi-controller-tls $cluster --set cluster.etcd.external.endpoints[0]=etcd-a.example:2379 --set cluster.etcd.external.endpoints[1]=10.0.0.7:2379 --set cluster.etcd.external.tlsSecret=etcd-client"
   echo "health-monitor|$secrets --set controller.healthMonitor.enabled=true --set controller.healthMonitor.interval=30s"
-  echo "backup|$secrets $snap_api --set backup.enabled=true --set backup.target=s3://backups/cluster-a --set backup.bandwidth=50Mi --set backup.secretNamespace=storage"
+  echo "backup|$secrets $snap_api $vac_api --set volumeAttributesClasses.enabled=true --set backup.enabled=true --set backup.target=s3://backups/cluster-a --set backup.bandwidth=50Mi --set backup.secretNamespace=storage"
   echo "host-network|$secrets --set controller.hostNetwork=true --set controller.replicas=1 --set node.hostNetwork=true --set controller.apiServerAddress=127.0.0.1:6443 --set datapath.hostAliases[0].ip=127.0.0.1 --set datapath.hostAliases[0].hostnames[0]=nbd-csi-controller.nbd-csi.svc"
 }
 
@@ -511,6 +511,7 @@ for d in yaml.safe_load_all(sys.stdin):
       case $name in
         defaults) extra=(--expect-secrets --self-test) ;;
         vac) extra=(--examples "$src/examples") ;;
+        backup) extra=(--examples "$src/examples" --examples "$src/examples/backup") ;;
         cluster-etcd-3|cluster-etcd-insecure) extra=(--self-test) ;;
       esac
       # shellcheck disable=SC2086
