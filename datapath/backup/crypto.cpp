@@ -35,7 +35,7 @@ std::string Hex(std::string_view s) {
   return Hex(reinterpret_cast<const unsigned char*>(s.data()), s.size());
 }
 
-// Lower-case hex of exactly `bytes` bytes, else nullopt-like empty + false.
+// Lower-case hex of exactly `bytes` bytes into *out; false for anything else.
 bool Unhex(std::string_view h, size_t bytes, std::string* out) {
   if (h.size() != 2 * bytes) return false;
   auto nib = [](char c) -> int {
