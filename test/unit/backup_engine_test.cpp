@@ -808,6 +808,30 @@ TEST_F(EncryptedBackupTest, PlainBackupRacingAnEncryptedFirstBackupWithdraws) {
   EXPECT_EQ(Repo("")->ListNames().status().code(), EINVAL);
 }
 
+// Rule 3: a plain backup committed between the encrypted one's "no manifest" check and its
+// config: the encrypted one removes its config again and fails; the target stays plain.
+TEST_F(EncryptedBackupTest, EncryptedFirstBackupSeeingAPlainOneRemovesItsConfig) {
+  const uint64_t size = 2 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(size, 17));
+  Manifest plain;
+  plain.name = "p";
+  plain.volume_size = size;
+  plain.chunk_size = kChunk;
+  store_.after_put = [&](const std::string& key) {
+    if (key != "cluster-a/backups/config.json") return;
+    store_.after_put = nullptr;
+    ASSERT_TRUE(store_.Put(repo_.ManifestKey("p"), ManifestToJson(plain)).ok());
+  };
+  auto r = RunBackup(*Repo(), Spec("e", src, size), nullptr);
+  ASSERT_EQ(r.status().code(), EAGAIN) << r.status().message();
+  EXPECT_NE(r.status().message().find("stays unencrypted"), std::string::npos);
+  EXPECT_TRUE(Config().empty());
+  EXPECT_EQ(Chunks(), 0u);
+  EXPECT_EQ(repo_.ListNames().value(), std::vector<std::string>{"p"});
+  EXPECT_EQ(Repo()->ListNames().status().code(), EINVAL);  // a key is refused from now on
+}
+
 TEST(RateLimiter, PacesToTheRate) {
   RateLimiter limiter(4 << 20);  // 4 MiB/s
   const auto start = std::chrono::steady_clock::now();
