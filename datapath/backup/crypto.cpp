@@ -96,9 +96,9 @@ constexpr std::string_view kInfoCheck = "nbd-csi backup key-check v1";
 }  // namespace
 
 std::string EncryptionConfigToJson(const EncryptionConfig& c) {
-  return json{{"format", c.format},       {"cipher", c.cipher},     {"kdf", c.kdf},
-              {"salt", Hex(c.salt)},       {"scrypt_n", c.scrypt_n}, {"scrypt_r", c.scrypt_r},
-              {"scrypt_p", c.scrypt_p},    {"key_check", Hex(c.key_check)}}
+  return json{{"format", c.format},     {"cipher", c.cipher},           {"kdf", c.kdf},
+              {"salt", Hex(c.salt)},    {"scrypt_n", c.scrypt_n},       {"scrypt_r", c.scrypt_r},
+              {"scrypt_p", c.scrypt_p}, {"key_check", Hex(c.key_check)}}
       .dump();
 }
 
@@ -173,8 +173,8 @@ Status TargetKeys::Derive(const EncryptionConfig& c, std::string_view passphrase
   if (Status s = Scrypt(c, passphrase, &d); !s.ok()) return s;
   unsigned char check[kKeyBytes];
   Hkdf(d.master, kKeyBytes, kInfoCheck, check, kKeyBytes);
-  const bool match = c.key_check.size() == kKeyBytes &&
-                     CRYPTO_memcmp(check, c.key_check.data(), kKeyBytes) == 0;
+  const bool match =
+      c.key_check.size() == kKeyBytes && CRYPTO_memcmp(check, c.key_check.data(), kKeyBytes) == 0;
   OPENSSL_cleanse(check, sizeof(check));
   if (!match) return Error(EACCES, "wrong encryption key");
   Hkdf(d.master, kKeyBytes, kInfoId, id_key_, kKeyBytes);

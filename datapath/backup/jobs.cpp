@@ -124,8 +124,8 @@ StatusOr<BackupJobs::Opened> BackupJobs::Open(const Target& t, bool create) {
   if (!store.ok()) return store.status();
   Opened o;
   o.store = std::move(*store);
-  o.repo = std::make_unique<Repository>(*o.store, url->prefix, lease_times_, t.encryption_key,
-                                        t.url);
+  o.repo =
+      std::make_unique<Repository>(*o.store, url->prefix, lease_times_, t.encryption_key, t.url);
   if (Status s = o.repo->Open(create); !s.ok()) return s;
   return o;
 }

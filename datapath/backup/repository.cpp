@@ -283,17 +283,18 @@ Status Repository::Commit(const Manifest& m) {
   std::string conflict;
   if (state_ == State::kEncrypted) {
     if (!cfg.ok() && cfg.status().code() != ENOENT) {
-      conflict = fmt::format("its encryption config could not be read back: {}",
-                             cfg.status().message());
+      conflict =
+          fmt::format("its encryption config could not be read back: {}", cfg.status().message());
     } else if (!cfg.ok() || *cfg != config_text_) {
-      conflict = "its encryption config was replaced or removed meanwhile (another first backup "
-                 "raced this one)";
+      conflict =
+          "its encryption config was replaced or removed meanwhile (another first backup "
+          "raced this one)";
     }
   } else if (cfg.ok()) {
     conflict = "it became an encrypted target meanwhile";
   } else if (cfg.status().code() != ENOENT) {
-    conflict = fmt::format("its encryption config could not be checked: {}",
-                           cfg.status().message());
+    conflict =
+        fmt::format("its encryption config could not be checked: {}", cfg.status().message());
   }
   if (conflict.empty()) return Status::Ok();
   Status d = store_.Delete(ManifestKey(m.name));

@@ -560,8 +560,7 @@ class EncryptedBackupTest : public BackupTest {
  protected:
   // A fresh Repository per call, as each daemon call makes one: every one opens the target.
   std::unique_ptr<Repository> Repo(std::string key = kKey) {
-    return std::make_unique<Repository>(store_, "cluster-a/backups", Times(), std::move(key),
-                                        kUrl);
+    return std::make_unique<Repository>(store_, "cluster-a/backups", Times(), std::move(key), kUrl);
   }
   std::string Config() {
     auto c = store_.Get("cluster-a/backups/config.json");
@@ -635,7 +634,8 @@ TEST_F(EncryptedBackupTest, SecondBackupUploadsOnlyChangedChunks) {
   EXPECT_LT(store_.bytes_put() - before, 2 * kChunk);
   File dst(dir_ / "dst", size);
   auto reader = Repo();
-  ASSERT_TRUE(RunRestore(*reader, reader->Read("b2").value(), {dst.fd(), 4, nullptr}, nullptr).ok());
+  ASSERT_TRUE(
+      RunRestore(*reader, reader->Read("b2").value(), {dst.fd(), 4, nullptr}, nullptr).ok());
   EXPECT_EQ(dst.Read(0, size), src.Read(0, size));
 }
 
@@ -727,7 +727,8 @@ TEST_F(EncryptedBackupTest, CollectionWithTheKeyKeepsReferencedChunks) {
   EXPECT_EQ(Chunks(), 8u);
   File dst(dir_ / "dst", size);
   auto reader = Repo();
-  ASSERT_TRUE(RunRestore(*reader, reader->Read("b2").value(), {dst.fd(), 4, nullptr}, nullptr).ok());
+  ASSERT_TRUE(
+      RunRestore(*reader, reader->Read("b2").value(), {dst.fd(), 4, nullptr}, nullptr).ok());
   EXPECT_EQ(dst.Read(0, size), src.Read(0, size));
   ASSERT_TRUE(Repo()->Delete("b2").ok());
   EXPECT_EQ(Chunks(), 0u);

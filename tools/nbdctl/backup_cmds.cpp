@@ -95,7 +95,8 @@ struct BackupCommands::Impl {
     if (!key.empty() && key.back() == '\n') key.pop_back();
     if (!key.empty() && key.back() == '\r') key.pop_back();
     if (key.empty()) {
-      throw UsageError{fmt::format("--encryption-key-file {}: the file is empty", encryption_key_file)};
+      throw UsageError{
+          fmt::format("--encryption-key-file {}: the file is empty", encryption_key_file)};
     }
     return key;
   }
