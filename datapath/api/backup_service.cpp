@@ -17,7 +17,8 @@ using backup::Manifest;
 using backup::Target;
 
 grpc::Status Fail(const char* rpc, const Status& s) {
-  // Messages come from our own code and name keys, buckets and endpoints, never credentials.
+  // Messages come from our own code and name keys, buckets and endpoints, never credentials or
+  // the encryption key.
   spdlog::warn("api {}: {} (errno {}: {})", rpc, s.message(), s.code(), std::strerror(s.code()));
   return ToGrpc(s);
 }
@@ -30,6 +31,7 @@ Target FromProto(const v1::BackupTarget& t) {
   out.credentials.access_key_id = t.access_key_id();
   out.credentials.secret_access_key = t.secret_access_key();
   out.credentials.session_token = t.session_token();
+  out.encryption_key = t.encryption_key();
   return out;
 }
 
@@ -68,6 +70,7 @@ void Fill(const Manifest& m, v1::BackupInfo* out) {
   out->set_data_bytes(m.data_bytes);
   out->set_stored_bytes(m.stored_bytes);
   out->set_uploaded_bytes(m.uploaded_bytes);
+  out->set_encrypted(m.encrypted);
 }
 
 class BackupService final : public v1::Backups::Service {

@@ -65,4 +65,13 @@ StatusOr<std::string> Decompress(std::string_view frame, uint64_t expected_size)
   return out;
 }
 
+StatusOr<std::string> DecompressUpTo(std::string_view frame, uint64_t max_size) {
+  unsigned long long content = ZSTD_getFrameContentSize(frame.data(), frame.size());
+  if (content == ZSTD_CONTENTSIZE_ERROR) return Error(EINVAL, "not a zstd frame");
+  if (content == ZSTD_CONTENTSIZE_UNKNOWN || content > max_size) {
+    return Error(EINVAL, "zstd frame of an unknown size or more than {} bytes", max_size);
+  }
+  return Decompress(frame, content);
+}
+
 }  // namespace nbdcsi::datapath::backup

@@ -25,5 +25,8 @@ std::string Compress(std::string_view data, int level = 1);
 // whose content is `expected_size` bytes. The size is checked before anything is allocated, so
 // a hostile object cannot make us allocate more than a chunk.
 StatusOr<std::string> Decompress(std::string_view frame, uint64_t expected_size);
+// A frame whose size is its own business (an encrypted manifest: authenticated before it gets
+// here), up to `max_size` bytes.
+StatusOr<std::string> DecompressUpTo(std::string_view frame, uint64_t max_size);
 
 }  // namespace nbdcsi::datapath::backup

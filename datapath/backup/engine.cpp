@@ -203,7 +203,7 @@ class ChunkUploader {
         return Error(s.code(), "backup \"{}\": {}", spec_.name, s.message());
       }
       if (!AllZero(data)) {
-        ChunkRef ref{off, Sha256Hex(data), 0};
+        ChunkRef ref{off, repo_.ChunkName(data), 0};
         if (Status s = Upload(data, ref); !s.ok()) return s;
         refs_[i] = std::move(ref);
       }
@@ -254,7 +254,7 @@ class ChunkUploader {
       if (progress_) ++progress_->chunks_reused;
       return Status::Ok();
     }
-    std::string frame = Compress(data);
+    std::string frame = repo_.EncodeChunk(ref.sha256, data);
     ref.stored_size = frame.size();
     if (Status s = CheckLease(); !s.ok()) return s;
     if (!limiter_.Consume(frame.size(), spec_.cancel)) {
@@ -296,6 +296,9 @@ StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress*
     return Error(EINVAL, "backup \"{}\": invalid source (fd {}, size {}, chunk size {})", spec.name,
                  spec.fd, spec.size, spec.chunk_size);
   }
+  // Plain or encrypted: settled (and an encrypted target's config written if this is its first
+  // backup) before anything else.
+  if (Status s = repo.Open(/*create=*/true); !s.ok()) return s;
   auto existing = FindExisting(repo, spec);
   if (!existing.ok()) return existing.status();
   if (*existing) return std::move(**existing);
@@ -316,13 +319,14 @@ StatusOr<Manifest> RunBackup(Repository& repo, const BackupSpec& spec, Progress*
   // The commit point, under a lease that is still live: every chunk it names is in the store and
   // no collection can have removed a reused one meanwhile (repository.h).
   if (Status s = up.CheckLease(); !s.ok()) return s;
-  if (Status s = repo.Write(m); !s.ok()) return s;
+  if (Status s = repo.Commit(m); !s.ok()) return s;
   return m;
 }
 
 Status RunRestore(Repository& repo, const Manifest& m, const RestoreSpec& spec,
                   Progress* progress) {
   if (spec.fd < 0) return Error(EINVAL, "restore of \"{}\": no destination", m.name);
+  if (Status s = repo.Open(/*create=*/false); !s.ok()) return s;
   if (progress) {
     progress->total_bytes = m.volume_size;
     progress->data_total_bytes = m.data_bytes;
@@ -342,17 +346,12 @@ Status RunRestore(Repository& repo, const Manifest& m, const RestoreSpec& spec,
                    frame.status().message());
     }
     const uint64_t len = m.ChunkLength(ref.offset);
-    auto data = Decompress(*frame, len);
+    // Decrypted and authenticated (encrypted target), decompressed to exactly its length, and
+    // its name (SHA-256 or HMAC) recomputed from the bytes.
+    auto data = repo.DecodeChunk(ref.sha256, *frame, len);
     if (!data.ok()) {
       return Error(EIO, "restore of \"{}\": chunk at offset {} ({}) is corrupt: {}", m.name,
                    ref.offset, key, data.status().message());
-    }
-    std::string got = Sha256Hex(*data);
-    if (got != ref.sha256) {
-      return Error(EIO,
-                   "restore of \"{}\": chunk at offset {} ({}) is corrupt: its content hashes to "
-                   "{}",
-                   m.name, ref.offset, key, got);
     }
     if (Status s = WriteNonZero(spec.fd, *data, ref.offset); !s.ok()) {
       return Error(s.code(), "restore of \"{}\": {}", m.name, s.message());

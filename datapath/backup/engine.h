@@ -4,14 +4,16 @@
 //
 // Backup: the source is cut into fixed chunks (Manifest::chunk_size). A chunk with no data
 // (SEEK_DATA finds none in it: never written) or with only zeros is skipped and restores as a
-// hole. Every other chunk is hashed (SHA-256 of its bytes), and uploaded zstd-compressed under
-// that hash unless the target already holds it (one listing of the chunks at the start, taken
+// hole. Every other chunk is hashed (SHA-256 of its bytes; in an encrypted target its HMAC, and
+// the stored form sealed, Repository::ChunkName/EncodeChunk), and uploaded zstd-compressed under
+// that name unless the target already holds it (one listing of the chunks at the start, taken
 // under the backup lease, so no collection can remove what it lists). The manifest is written
 // last: a backup that dies before it leaves chunks only, which no listing shows and the next
 // collection removes. A few threads read, hash, compress and upload in parallel; the optional
 // bandwidth limit paces the compressed bytes sent.
 //
-// Restore: every chunk is fetched, decompressed to exactly its length and its SHA-256 checked
+// Restore: every chunk is fetched, authenticated (AES-256-GCM tag, encrypted targets),
+// decompressed to exactly its length and its name (SHA-256 or HMAC) recomputed and checked
 // against the manifest before it is written; a chunk that fails is an EIO naming the offset and
 // the key, and the restore stops. Ranges without a chunk, and zero blocks inside a chunk, are
 // not written (holes stay holes).

@@ -117,14 +117,16 @@ BackupJobs::~BackupJobs() {
   }
 }
 
-StatusOr<BackupJobs::Opened> BackupJobs::Open(const Target& t) {
+StatusOr<BackupJobs::Opened> BackupJobs::Open(const Target& t, bool create) {
   auto url = ParseS3Url(t.url);
   if (!url.ok()) return url.status();
   auto store = factory_(t);
   if (!store.ok()) return store.status();
   Opened o;
   o.store = std::move(*store);
-  o.repo = std::make_unique<Repository>(*o.store, url->prefix, lease_times_);
+  o.repo =
+      std::make_unique<Repository>(*o.store, url->prefix, lease_times_, t.encryption_key, t.url);
+  if (Status s = o.repo->Open(create); !s.ok()) return s;
   return o;
 }
 
@@ -215,7 +217,7 @@ StatusOr<JobInfo> BackupJobs::StartBackup(const BackupRequest& req) {
     return Error(EEXIST, "backup \"{}\" of another source is already running in {} ({})", req.name,
                  req.target.url, running->id);
   }
-  auto opened = Open(req.target);
+  auto opened = Open(req.target, /*create=*/true);
   if (!opened.ok()) return opened.status();
   std::lock_guard lk(mu_);
   if (stopping_) return Error(ESHUTDOWN, "the daemon is stopping");

@@ -13,7 +13,9 @@
 // Jobs live in memory: a daemon restart forgets them. A backup that dies leaves no manifest
 // (engine.h); a restore that dies leaves a marker in POOL/backup-restores/, and the next start
 // deletes the half-restored volume.
-// Credentials are held only by the job's store and never logged.
+// Credentials and the encryption key are held only by the job's store and repository and never
+// logged. Every call that opens a target settles its encryption first (Repository::Open): a
+// missing, unexpected or wrong key fails the call itself, before a job starts.
 #pragma once
 
 #include <atomic>
@@ -38,6 +40,7 @@ struct Target {
   std::string endpoint;  // http(s)://host[:port]
   std::string region;
   S3Credentials credentials;
+  std::string encryption_key;  // the target's passphrase; empty for a plain target
 };
 
 struct JobInfo {
@@ -104,7 +107,8 @@ class BackupJobs {
     std::unique_ptr<ObjectStore> store;
     std::unique_ptr<Repository> repo;
   };
-  StatusOr<Opened> Open(const Target& t);
+  // `create`: for a backup, which may set up encryption in an empty prefix.
+  StatusOr<Opened> Open(const Target& t, bool create = false);
   std::shared_ptr<Job> Add(std::shared_ptr<Job> job);
   void RunBackup(std::shared_ptr<Job> job, BackupRequest req, Opened opened);
   void RunRestore(std::shared_ptr<Job> job, RestoreRequest req, Opened opened, Manifest m,

@@ -43,6 +43,9 @@ struct Manifest {
   uint64_t data_bytes = 0;      // uncompressed bytes of all chunks
   uint64_t stored_bytes = 0;    // compressed bytes of all chunks (shared ones included)
   uint64_t uploaded_bytes = 0;  // compressed bytes this backup uploaded (new chunks only)
+  // Not in the JSON: set by Repository::Read when the target is encrypted (then each chunk's
+  // "sha256" is its HMAC-SHA256 under the target's id key, crypto.h).
+  bool encrypted = false;
 
   // Bytes of the chunk at `offset` before compression.
   uint64_t ChunkLength(uint64_t offset) const { return std::min(chunk_size, volume_size - offset); }

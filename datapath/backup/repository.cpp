@@ -1,5 +1,6 @@
 #include "datapath/backup/repository.h"
 
+#include <openssl/crypto.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
@@ -19,6 +20,12 @@ namespace {
 
 constexpr std::string_view kManifestSuffix = ".json";
 constexpr size_t kSweepThreads = 4;
+// An encrypted manifest is decompressed after it was authenticated; this only bounds memory
+// (a 1 TiB volume in 4 MiB chunks makes about 30 MB of manifest).
+constexpr uint64_t kMaxManifestBytes = uint64_t{256} << 20;
+
+std::string ChunkAad(const std::string& name) { return "chunk:" + name; }
+std::string ManifestAad(const std::string& name) { return "manifest:" + name; }
 
 std::string Nonce() {
   std::random_device rd;
@@ -69,11 +76,128 @@ Status Lease::Check() {
 
 // ---- Repository ----
 
-Repository::Repository(ObjectStore& store, std::string prefix, LeaseTimes times)
-    : store_(store), prefix_(std::move(prefix)), times_(times) {}
+Repository::Repository(ObjectStore& store, std::string prefix, LeaseTimes times,
+                       std::string encryption_key, std::string url)
+    : store_(store),
+      prefix_(std::move(prefix)),
+      times_(times),
+      key_(std::move(encryption_key)),
+      url_(std::move(url)) {}
+
+Repository::~Repository() {
+  if (!key_.empty()) OPENSSL_cleanse(key_.data(), key_.size());
+}
 
 std::string Repository::Key(const std::string& rest) const {
   return prefix_.empty() ? rest : prefix_ + "/" + rest;
+}
+
+std::string Repository::Url() const {
+  return url_.empty() ? fmt::format("target prefix \"{}\"", prefix_) : url_;
+}
+
+// ---- Encryption (the rule is in repository.h) ----
+
+Status Repository::UseConfig(const std::string& text, bool just_written) {
+  auto c = ParseEncryptionConfig(text);
+  if (!c.ok()) return Error(EINVAL, "{}: {}: {}", Url(), ConfigKey(), c.status().message());
+  Status s = keys_.Derive(*c, key_);
+  if (s.code() == EACCES) {
+    return Error(EACCES, "wrong encryption key for {}{}", Url(),
+                 just_written ? " (another backup set up its encryption at the same moment, "
+                                "with another key)"
+                              : "");
+  }
+  if (!s.ok()) return Error(s.code(), "{}: {}", Url(), s.message());
+  config_text_ = text;
+  state_ = State::kEncrypted;
+  return Status::Ok();
+}
+
+Status Repository::Open(bool create) {
+  if (state_ == State::kPlain || state_ == State::kEncrypted) return Status::Ok();
+  auto cfg = store_.Get(ConfigKey());
+  if (cfg.ok()) {
+    if (key_.empty()) {
+      return Error(EINVAL, "{} is encrypted: give its encryption key", Url());
+    }
+    return UseConfig(*cfg, false);
+  }
+  if (cfg.status().code() != ENOENT) return cfg.status();
+  // No config: a plain target, or an empty one.
+  if (key_.empty()) {
+    state_ = State::kPlain;
+    return Status::Ok();
+  }
+  auto names = ListManifests();  // a missing bucket fails here, clearly
+  if (!names.ok()) return names.status();
+  if (!names->empty()) {
+    return Error(EINVAL,
+                 "{} holds unencrypted backups (\"{}\"): it takes no encryption key; use "
+                 "another prefix for encrypted backups",
+                 Url(), names->front());
+  }
+  if (!create) {
+    state_ = State::kKeyedEmpty;  // nothing to decrypt yet, and nothing is written
+    return Status::Ok();
+  }
+  // The first encrypted backup: write the config, then read it back and use what is there.
+  auto fresh = TargetKeys::NewConfig(key_);
+  if (!fresh.ok()) return Error(fresh.status().code(), "{}: {}", Url(), fresh.status().message());
+  const std::string mine = EncryptionConfigToJson(*fresh);
+  if (Status s = store_.Put(ConfigKey(), mine); !s.ok()) return s;
+  auto back = store_.Get(ConfigKey());
+  if (!back.ok()) return back.status();
+  if (Status s = UseConfig(*back, *back != mine); !s.ok()) return s;
+  // A plain first backup may have committed between the listing above and the put: it finds
+  // the config at its own commit check and withdraws, unless its check came first. Then its
+  // manifest is listed now, and the config (if it is still ours) goes again.
+  names = ListManifests();
+  if (!names.ok()) return names.status();
+  for (const std::string& name : *names) {
+    auto body = store_.Get(ManifestKey(name));
+    if (body.ok() && ParseManifest(*body).ok()) {
+      state_ = State::kUnopened;
+      auto now = store_.Get(ConfigKey());
+      if (now.ok() && *now == mine) (void)store_.Delete(ConfigKey());
+      return Error(EAGAIN,
+                   "{}: an unencrypted backup (\"{}\") was made while its encryption was being "
+                   "set up; the target stays unencrypted",
+                   Url(), name);
+    }
+  }
+  spdlog::info("backup: {} is now an encrypted target ({})", Url(), ConfigKey());
+  return Status::Ok();
+}
+
+std::string Repository::ChunkName(std::string_view data) const {
+  return state_ == State::kEncrypted ? keys_.ChunkId(data) : Sha256Hex(data);
+}
+
+std::string Repository::EncodeChunk(const std::string& name, std::string_view data) const {
+  std::string frame = Compress(data);
+  return state_ == State::kEncrypted ? keys_.Seal(frame, ChunkAad(name)) : frame;
+}
+
+StatusOr<std::string> Repository::DecodeChunk(const std::string& name, std::string_view stored,
+                                              uint64_t len) const {
+  std::string plain_frame;
+  if (state_ == State::kEncrypted) {
+    auto u = keys_.Unseal(stored, ChunkAad(name));
+    if (!u.ok()) return Error(EINVAL, "decryption: {}", u.status().message());
+    plain_frame = std::move(*u);
+    stored = plain_frame;
+  } else if (state_ != State::kPlain) {
+    return Error(EINVAL, "{} was not opened", Url());
+  }
+  auto data = Decompress(stored, len);
+  if (!data.ok()) return data.status();
+  std::string got = ChunkName(*data);
+  if (got != name) {
+    return Error(EINVAL, "its content {} to {}",
+                 state_ == State::kEncrypted ? "has the HMAC" : "hashes", got);
+  }
+  return data;
 }
 
 std::string Repository::ChunkKey(const std::string& sha256) const {
@@ -85,6 +209,11 @@ std::string Repository::ManifestKey(const std::string& name) const {
 }
 
 StatusOr<std::vector<std::string>> Repository::ListNames() {
+  if (Status s = Ensure(); !s.ok()) return s;
+  return ListManifests();
+}
+
+StatusOr<std::vector<std::string>> Repository::ListManifests() {
   const std::string prefix = ManifestPrefix();
   auto objects = store_.List(prefix);
   if (!objects.ok()) return objects.status();
@@ -104,6 +233,7 @@ StatusOr<std::vector<std::string>> Repository::ListNames() {
 
 StatusOr<Manifest> Repository::Read(const std::string& name) {
   if (Status s = ValidateBackupName(name); !s.ok()) return s;
+  if (Status s = Ensure(); !s.ok()) return s;
   auto body = store_.Get(ManifestKey(name));
   if (!body.ok()) {
     if (body.status().code() != ENOENT) return body.status();
@@ -111,19 +241,69 @@ StatusOr<Manifest> Repository::Read(const std::string& name) {
     if (auto names = ListNames(); !names.ok()) return names.status();
     return Error(ENOENT, "backup \"{}\" does not exist", name);
   }
-  auto m = ParseManifest(*body);
+  std::string text;
+  if (state_ == State::kKeyedEmpty) {
+    return Error(EAGAIN, "{}: backup \"{}\" appeared while the target was opened; retry", Url(),
+                 name);
+  } else if (state_ == State::kEncrypted) {
+    auto u = keys_.Unseal(*body, ManifestAad(name));
+    if (!u.ok()) {
+      return Error(EINVAL, "backup \"{}\": its manifest cannot be decrypted: {}", name,
+                   u.status().message());
+    }
+    auto t = DecompressUpTo(*u, kMaxManifestBytes);
+    if (!t.ok()) return Error(EINVAL, "backup \"{}\": {}", name, t.status().message());
+    text = std::move(*t);
+  } else {
+    text = std::move(*body);
+  }
+  auto m = ParseManifest(text);
   if (!m.ok()) return Error(EINVAL, "backup \"{}\": {}", name, m.status().message());
   if (m->name != name) {
     return Error(EINVAL, "backup \"{}\": its manifest names \"{}\"", name, m->name);
   }
+  m->encrypted = state_ == State::kEncrypted;
   return m;
 }
 
 Status Repository::Write(const Manifest& m) {
-  return store_.Put(ManifestKey(m.name), ManifestToJson(m));
+  if (Status s = Ensure(); !s.ok()) return s;
+  if (state_ == State::kKeyedEmpty) return Error(EINVAL, "{} was not opened for a backup", Url());
+  const std::string json = ManifestToJson(m);
+  if (state_ == State::kEncrypted) {
+    return store_.Put(ManifestKey(m.name), keys_.Seal(Compress(json), ManifestAad(m.name)));
+  }
+  return store_.Put(ManifestKey(m.name), json);
+}
+
+Status Repository::Commit(const Manifest& m) {
+  if (Status s = Write(m); !s.ok()) return s;
+  // Written, then read (the rule in repository.h).
+  auto cfg = store_.Get(ConfigKey());
+  std::string conflict;
+  if (state_ == State::kEncrypted) {
+    if (!cfg.ok() && cfg.status().code() != ENOENT) {
+      conflict =
+          fmt::format("its encryption config could not be read back: {}", cfg.status().message());
+    } else if (!cfg.ok() || *cfg != config_text_) {
+      conflict =
+          "its encryption config was replaced or removed meanwhile (another first backup "
+          "raced this one)";
+    }
+  } else if (cfg.ok()) {
+    conflict = "it became an encrypted target meanwhile";
+  } else if (cfg.status().code() != ENOENT) {
+    conflict =
+        fmt::format("its encryption config could not be checked: {}", cfg.status().message());
+  }
+  if (conflict.empty()) return Status::Ok();
+  Status d = store_.Delete(ManifestKey(m.name));
+  return Error(EAGAIN, "backup \"{}\" in {}: {}; the backup was {}withdrawn: retry", m.name, Url(),
+               conflict, d.ok() ? "" : "NOT (" + d.message() + ") ");
 }
 
 StatusOr<std::map<std::string, uint64_t>> Repository::ChunkSizes() {
+  if (Status s = Ensure(); !s.ok()) return s;
   auto objects = store_.List(ChunkPrefix());
   if (!objects.ok()) return objects.status();
   std::map<std::string, uint64_t> out;
@@ -185,6 +365,8 @@ StatusOr<std::unique_ptr<Lease>> Repository::AcquireBackupLease(const std::strin
 
 StatusOr<GcResult> Repository::Delete(const std::string& name) {
   if (Status s = ValidateBackupName(name); !s.ok()) return s;
+  // The key is needed before anything is removed: the collection reads every manifest.
+  if (Status s = Ensure(); !s.ok()) return s;
   auto head = store_.Head(ManifestKey(name));
   if (!head.ok()) {
     if (head.status().code() == ENOENT) {
@@ -200,6 +382,7 @@ StatusOr<GcResult> Repository::Delete(const std::string& name) {
 }
 
 StatusOr<GcResult> Repository::Collect() {
+  if (Status s = Ensure(); !s.ok()) return s;
   GcResult result;
   auto gc = AcquireLease(LeasePrefix() + "gc-" + Nonce());
   if (!gc.ok()) return gc.status();

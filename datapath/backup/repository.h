@@ -8,6 +8,21 @@
 //                                     the commit point
 //   PREFIX/leases/backup-NAME-NONCE   a backup in progress
 //   PREFIX/leases/gc-NONCE            a garbage collection in progress
+//   PREFIX/config.json                only in an encrypted target (crypto.h): KDF, salt, key check.
+//                                     Outside chunks/, manifests/ and leases/: no listing of
+//                                     those, and so no collection, ever sees it.
+//
+// Encryption. A target is plain or encrypted, never both: Open settles which before anything
+// else is read or written. A plain target (no config.json) refuses an encryption key once it
+// holds a backup; an encrypted one refuses a request without its key (EINVAL) or with another
+// key (EACCES "wrong encryption key for URL"). The first encrypted backup into an empty prefix
+// writes config.json, reads it back and uses what it reads (two first backups racing end up on
+// the one config written last; the other one's key check fails if its key differs). Because S3
+// has no portable create-if-absent, every backup checks again after writing its manifest (write,
+// then read, as for leases): an encrypted backup that finds config.json gone or changed, or a
+// plain one that finds one, withdraws its manifest and fails with EAGAIN. In an encrypted target
+// chunks are named by HMAC-SHA256(id key, content) and chunks and manifests are stored sealed
+// (AES-256-GCM, crypto.h); the manifest's "sha256" fields then hold those HMACs.
 //
 // The GC safety rule. A backup reuses chunks that already exist, so a collection must never
 // delete a chunk between a backup's decision to reuse it and that backup's manifest. Backups
@@ -35,6 +50,7 @@
 #include <string>
 #include <vector>
 
+#include "datapath/backup/crypto.h"
 #include "datapath/backup/manifest.h"
 #include "datapath/backup/object_store.h"
 
@@ -85,14 +101,36 @@ struct GcResult {
 
 class Repository {
  public:
-  // `prefix` without leading or trailing '/' ("" for the bucket's root).
-  Repository(ObjectStore& store, std::string prefix, LeaseTimes times = {});
+  // `prefix` without leading or trailing '/' ("" for the bucket's root). `encryption_key`: the
+  // target's passphrase, empty for a plain target; it is never logged. `url` names the target in
+  // messages (s3://BUCKET/PREFIX).
+  Repository(ObjectStore& store, std::string prefix, LeaseTimes times = {},
+             std::string encryption_key = {}, std::string url = {});
+  ~Repository();
+
+  // Settles whether the target is encrypted and derives its keys (one scrypt); the calls below
+  // do it themselves when it has not been done. `create`: a backup, which may set up encryption
+  // in a prefix that holds no backup yet. Errors, none of which writes anything:
+  //   EINVAL  an encrypted target without a key; a key for a target that holds plain backups;
+  //           an unreadable config.json
+  //   EACCES  "wrong encryption key for URL"
+  Status Open(bool create);
+  bool encrypted() const { return state_ == State::kEncrypted || state_ == State::kKeyedEmpty; }
+
+  // A chunk's name: the SHA-256 of its content, or in an encrypted target its HMAC.
+  std::string ChunkName(std::string_view data) const;
+  // The stored form of a chunk: zstd, sealed in an encrypted target.
+  std::string EncodeChunk(const std::string& name, std::string_view data) const;
+  // The content back, exactly `len` bytes, its name checked; EINVAL saying what is wrong.
+  StatusOr<std::string> DecodeChunk(const std::string& name, std::string_view stored,
+                                    uint64_t len) const;
 
   std::string ChunkKey(const std::string& sha256) const;
   std::string ManifestKey(const std::string& name) const;
   std::string ChunkPrefix() const { return Key("chunks/"); }
   std::string ManifestPrefix() const { return Key("manifests/"); }
   std::string LeasePrefix() const { return Key("leases/"); }
+  std::string ConfigKey() const { return Key("config.json"); }
   ObjectStore& store() { return store_; }
 
   // Names of the backups (manifests) in this target, sorted. Also the first call of every
@@ -101,6 +139,9 @@ class Repository {
   // ENOENT "backup NAME does not exist" when it has no manifest; EINVAL for a corrupt one.
   StatusOr<Manifest> Read(const std::string& name);
   Status Write(const Manifest& m);
+  // A backup's commit point: Write, then the encryption check of the rule above; on a conflict
+  // the manifest is deleted again and the result is EAGAIN.
+  Status Commit(const Manifest& m);
 
   // Every chunk present: its hash and its stored (compressed) size, from one listing.
   StatusOr<std::map<std::string, uint64_t>> ChunkSizes();
@@ -120,7 +161,12 @@ class Repository {
   std::function<void()> on_gc_marking;
 
  private:
+  enum class State { kUnopened, kPlain, kEncrypted, kKeyedEmpty };
   std::string Key(const std::string& rest) const;
+  std::string Url() const;
+  Status Ensure() { return state_ == State::kUnopened ? Open(false) : Status::Ok(); }
+  StatusOr<std::vector<std::string>> ListManifests();
+  Status UseConfig(const std::string& text, bool just_written);
   StatusOr<std::unique_ptr<Lease>> AcquireLease(const std::string& key);
   // Live leases whose key starts with PREFIX/leases/<kind>, other than `own`, judged against
   // the server time `now_s`. Expired ones are added to *expired.
@@ -134,6 +180,11 @@ class Repository {
   ObjectStore& store_;
   std::string prefix_;
   LeaseTimes times_;
+  std::string key_;  // the passphrase; wiped by the destructor
+  std::string url_;
+  State state_ = State::kUnopened;
+  std::string config_text_;  // config.json as read when opened (encrypted targets)
+  TargetKeys keys_;
 };
 
 }  // namespace nbdcsi::datapath::backup

@@ -11,10 +11,16 @@
 //    with a 64-hex-digit SHA-256; every chunk's length is in 1..chunk_size;
 //  - ManifestToJson of it parses back to the same manifest, and prints the same text again;
 //  - that text cut short before its closing brace is refused (a torn upload is never a backup).
+// The same bytes also go to the other parsers of what a target holds:
+//  - ParseEncryptionConfig (PREFIX/config.json, crypto.h): EINVAL or a config within bounds
+//    (cipher, kdf, 16-byte salt, 32-byte key check, scrypt parameters that cannot make the
+//    daemon allocate more than 256 MiB) that prints and parses back to itself;
+//  - DecompressUpTo (an encrypted manifest after authentication): EINVAL or at most the bound.
 #include <cerrno>
 #include <string>
 
 #include "datapath/backup/chunk.h"
+#include "datapath/backup/crypto.h"
 #include "datapath/backup/manifest.h"
 #include "test/fuzz/fuzz_check.h"
 
@@ -37,10 +43,41 @@ bool Same(const bk::Manifest& a, const bk::Manifest& b) {
          a.uploaded_bytes == b.uploaded_bytes;
 }
 
+void CheckConfig(std::string_view text) {
+  auto c = bk::ParseEncryptionConfig(text);
+  if (!c.ok()) {
+    FUZZ_CHECK_MSG(c.status().code() == EINVAL, c.status().message());
+    FUZZ_CHECK(!c.status().message().empty());
+    return;
+  }
+  FUZZ_CHECK(c->format == bk::kEncryptionFormat);
+  FUZZ_CHECK(c->cipher == "aes-256-gcm" && c->kdf == "scrypt");
+  FUZZ_CHECK(c->salt.size() == 16 && c->key_check.size() == 32);
+  const uint64_t n = c->scrypt_n, r = c->scrypt_r, p = c->scrypt_p;
+  FUZZ_CHECK(n >= 1024 && n <= (1u << 20) && (n & (n - 1)) == 0);
+  FUZZ_CHECK(r >= 1 && r <= 32 && p >= 1 && p <= 16 && 128 * n * r <= (uint64_t{256} << 20));
+  const std::string out = bk::EncryptionConfigToJson(*c);
+  auto again = bk::ParseEncryptionConfig(out);
+  FUZZ_CHECK_MSG(again.ok(), again.status().message() + "\n" + out);
+  FUZZ_CHECK(bk::EncryptionConfigToJson(*again) == out);
+}
+
+void CheckDecompress(std::string_view frame) {
+  constexpr uint64_t kBound = 1 << 20;
+  auto d = bk::DecompressUpTo(frame, kBound);
+  if (!d.ok()) {
+    FUZZ_CHECK_MSG(d.status().code() == EINVAL, d.status().message());
+    return;
+  }
+  FUZZ_CHECK(d->size() <= kBound);
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string_view text(reinterpret_cast<const char*>(data), size);
+  CheckConfig(text);
+  CheckDecompress(text);
   auto r = bk::ParseManifest(text);
   if (!r.ok()) {
     FUZZ_CHECK_MSG(r.status().code() == EINVAL, r.status().message());

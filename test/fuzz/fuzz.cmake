@@ -41,7 +41,8 @@ if(NBDCSI_FUZZ_TARGETS)
   nbdcsi_fuzz_target(backup_manifest nbdcsi_common nlohmann_json::nlohmann_json OpenSSL::Crypto
                      PkgConfig::ZSTD)
   target_sources(fuzz_backup_manifest PRIVATE ${CMAKE_SOURCE_DIR}/datapath/backup/manifest.cpp
-                                              ${CMAKE_SOURCE_DIR}/datapath/backup/chunk.cpp)
+                                              ${CMAKE_SOURCE_DIR}/datapath/backup/chunk.cpp
+                                              ${CMAKE_SOURCE_DIR}/datapath/backup/crypto.cpp)
   # The controller's StorageClass / VolumeAttributesClass layer, without the rest of the
   # controller (its library pulls in the whole service).
   target_sources(fuzz_qos_params PRIVATE ${CMAKE_SOURCE_DIR}/controller/csi_request.cpp

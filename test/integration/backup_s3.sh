@@ -7,8 +7,9 @@
 # backup deleted with the shared chunks kept, a corrupt chunk on the server refused at restore,
 # a bandwidth limit obeyed, a backup of a live volume, listings longer than one page (1005 stray
 # objects collected), kill -9 of the daemon mid-backup (no backup listed, the retry works) and
-# mid-restore (the half volume is removed at the restart), and clear errors for bad credentials,
-# a missing bucket and a dead endpoint. Exits 77 when s3rver (or node) is missing.
+# mid-restore (the half volume is removed at the restart), client-side encryption (no known
+# plaintext on the server, bit-exact restore, wrong/missing/unexpected keys refused), and clear
+# errors for bad credentials, a missing bucket and a dead endpoint. Exits 77 when s3rver (or node) is missing.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -238,6 +239,76 @@ nbdctl backup restore b6 "${T[@]}" --volume r7 --wait >/dev/null 2>"$W/err" ||
   { cat "$W/err" >&2; die "the retried restore of b6 failed"; }
 [ "$(vol_sha r7)" = "$sha_big" ] || die "r7 differs from big"
 step "kill -9 mid-restore: the half volume was removed at restart, the retry is whole"
+
+# ---- client-side encryption: another prefix, the key from a file (and from the environment);
+# the objects on the server hold no known plaintext, while a plain backup of the same data does ----
+EP=$PREFIX-encrypted
+ET=(--target "s3://$BUCKET/$EP" --endpoint "$ENDPOINT" --region us-east-1)
+KEY="it passphrase $(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+printf '%s\n' "$KEY" >"$W/enc.key"
+printf 'not the key\n' >"$W/wrong.key"
+MARKER=NBDCSI-KNOWN-PLAINTEXT-7f3a9c
+# 12 MiB of random data with the marker at the start of every 4 KiB: zstd cannot shrink the
+# random bytes around it, so a plain chunk stores the marker verbatim (Huffman-coded text would
+# hide it and prove nothing).
+$PY - "$W/marked" "$MARKER" <<'PY'
+import os, sys
+marker = sys.argv[2].encode()
+with open(sys.argv[1], "wb") as f:
+    for _ in range((12 << 20) // 4096):
+        f.write(marker + os.urandom(4096 - len(marker)))
+PY
+vol_create esrc 32Mi
+nbd_pwrite esrc 0 "$W/marked"
+nbdctl snapshot create es1 --volume esrc --wait >/dev/null
+sha_es1=$(vol_sha esrc)
+nbdctl -o json backup create e1 "${ET[@]}" --snapshot es1 --encryption-key-file "$W/enc.key" \
+  --wait >"$W/job.e1.json" 2>"$W/err" || { cat "$W/err" >&2; die "encrypted backup e1 failed"; }
+jqx '.state == "succeeded" and .chunks_uploaded == 3' <"$W/job.e1.json"
+[ -f "$W/s3/$BUCKET/$EP/config.json._S3rver_object" ] || die "no config.json in the encrypted prefix"
+! grep -rqF "$MARKER" "$W/s3/$BUCKET/$EP" || die "the encrypted prefix holds the plaintext marker"
+! grep -rqF "es1" "$W/s3/$BUCKET/$EP/manifests" || die "the encrypted manifest names its snapshot"
+# Chunk names are not the SHA-256 of the content.
+first=$(head -c $CHUNK "$W/marked" | sha256sum | cut -d' ' -f1)
+[ -z "$(find "$W/s3/$BUCKET/$EP/chunks" -name "$first*")" ] || die "a chunk is named by its SHA-256"
+# The control: the same snapshot backed up without a key shows both, so the checks above can fail.
+backup eplain --snapshot es1
+grep -rqF "$MARKER" "$W/s3/$BUCKET/$PREFIX/chunks" || die "the control: no marker in plain chunks"
+[ -n "$(find "$W/s3/$BUCKET/$PREFIX/chunks" -name "$first*")" ] || die "the control: no SHA-256 name"
+nbdctl backup delete eplain "${T[@]}" >/dev/null
+NBDCSI_BACKUP_ENCRYPTION_KEY=$KEY nbdctl -o json backup list "${ET[@]}" |
+  jqx '.backups | length == 1 and .[0].name == "e1" and .[0].encrypted == true and .[0].source_snapshot == "es1"'
+nbdctl -o json backup list "${T[@]}" | jqx '.backups | all(.encrypted == false)'
+nbdctl backup inspect e1 "${ET[@]}" --encryption-key-file "$W/enc.key" | grep -q 'Encrypted.*yes' ||
+  die "inspect does not say e1 is encrypted"
+# Clear errors, and nothing is written by a refused call.
+before=$(find "$W/s3/$BUCKET/$EP" -type f | sort | xargs sha256sum | sha256sum)
+expect_fail -i 1 "wrong encryption key for s3://$BUCKET/$EP" nbdctl backup restore e1 "${ET[@]}" \
+  --encryption-key-file "$W/wrong.key" --volume er0 --wait
+expect_fail -i 1 "(permission denied)" nbdctl backup list "${ET[@]}" --encryption-key-file "$W/wrong.key"
+expect_fail -i 1 "is encrypted: give its encryption key (invalid argument)" nbdctl backup create e2 \
+  "${ET[@]}" --snapshot es1
+expect_fail -i 1 "is encrypted: give its encryption key" nbdctl backup delete e1 "${ET[@]}"
+expect_fail -i 1 "holds unencrypted backups" nbdctl backup list "${T[@]}" --encryption-key-file "$W/enc.key"
+[ "$(find "$W/s3/$BUCKET/$EP" -type f | sort | xargs sha256sum | sha256sum)" = "$before" ] ||
+  die "a refused call changed the encrypted prefix"
+nbdctl -o json volume list | jqx '[.volumes[].name] | index("er0") == null'
+nbdctl backup restore e1 "${ET[@]}" --encryption-key-file "$W/enc.key" --volume er1 --wait \
+  >/dev/null 2>"$W/err" || { cat "$W/err" >&2; die "restore of e1 failed"; }
+[ "$(vol_sha er1)" = "$sha_es1" ] || die "er1 differs from es1"
+# A flipped byte in a stored chunk: the restore fails naming the chunk's key.
+victim=$(find "$W/s3/$BUCKET/$EP/chunks" -name '*._S3rver_object' | sort | head -n 1)
+victim_key=$(basename "$victim" ._S3rver_object)
+cp "$victim" "$W/victim.bak"
+$PY -c 'import sys; p=sys.argv[1]; b=bytearray(open(p,"rb").read()); b[len(b)//2]^=1; open(p,"wb").write(b)' "$victim"
+expect_fail -i 1 "$victim_key" nbdctl backup restore e1 "${ET[@]}" --encryption-key-file "$W/enc.key" \
+  --volume er2 --wait
+grep -qF "corrupt" "$W/err" || die "the tampered chunk was not called corrupt: $(cat "$W/err")"
+cp "$W/victim.bak" "$victim"
+nbdctl -o json backup delete e1 "${ET[@]}" --encryption-key-file "$W/enc.key" |
+  jqx '.gc_deferred == false and .chunks_deleted == 3'
+! grep -qF "$KEY" "$W/datapathd.log" || die "the encryption key is in the daemon's log"
+step "encrypted backup: no plaintext marker or SHA-256 names on the server, restored bit-exact; wrong, missing and unexpected keys refused writing nothing; a flipped byte refused"
 
 # ---- clear errors, never a hang ----
 expect_fail -i 1 "credentials were refused" env AWS_ACCESS_KEY_ID=nobody \

@@ -1,15 +1,19 @@
 // The backup engine against an in-memory store: chunk codec, manifest parser, sparse backup and
 // restore, incremental uploads, a killed backup, corrupt chunks, garbage collection and its race
-// with a running backup.
+// with a running backup; client-side encryption (its config, keys, refusals, tampering, the
+// races of first backups).
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstring>
+#include <functional>
+#include <optional>
 #include <random>
 
 #include "datapath/backup/chunk.h"
+#include "datapath/backup/crypto.h"
 #include "datapath/backup/engine.h"
 #include "datapath/backup/manifest.h"
 #include "datapath/backup/repository.h"
@@ -447,6 +451,386 @@ TEST_F(BackupTest, CollectionStopsOnAManifestItCannotRead) {
   ASSERT_FALSE(gc.ok());
   EXPECT_NE(gc.status().message().find("before deleting anything"), std::string::npos);
   EXPECT_EQ(Chunks(), 4u);
+}
+
+// ---- Client-side encryption (crypto.h; repository.h, "Encryption") ----
+
+constexpr char kKey[] = "correct horse battery staple";
+constexpr char kUrl[] = "s3://bkt/cluster-a/backups";
+// A pattern no random byte stream holds: its presence in the store is plaintext leaking.
+constexpr char kMarker[] = "NBDCSI-PLAINTEXT-MARKER-0123456789";
+
+// `len` bytes of the marker repeated, with a random block between repetitions (compressible,
+// so zstd keeps the marker as a literal once per frame: a plain target shows it).
+std::string Marked(uint64_t len, uint32_t seed) {
+  std::string s = Pattern(len, seed);
+  for (uint64_t off = 0; off + sizeof(kMarker) < len; off += 8192) {
+    std::memcpy(s.data() + off, kMarker, sizeof(kMarker) - 1);
+  }
+  return s;
+}
+
+bool StoreHolds(MemoryStore& store, std::string_view needle) {
+  for (const auto& [key, data] : store.All()) {
+    if (data.find(needle) != std::string::npos) return true;
+  }
+  return false;
+}
+
+TEST(EncryptionConfig, RoundTripAndRefusals) {
+  auto c = TargetKeys::NewConfig("pass");
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  auto back = ParseEncryptionConfig(EncryptionConfigToJson(*c));
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_EQ(back->salt, c->salt);
+  EXPECT_EQ(back->key_check, c->key_check);
+  EXPECT_EQ(back->scrypt_n, uint64_t{1} << 15);
+  TargetKeys k;
+  EXPECT_TRUE(k.Derive(*back, "pass").ok());
+  EXPECT_EQ(k.Derive(*back, "Pass").code(), EACCES);
+  EXPECT_EQ(k.Derive(*back, "").code(), EINVAL);
+  // A second config for the same passphrase has another salt, so other keys.
+  auto c2 = TargetKeys::NewConfig("pass");
+  ASSERT_TRUE(c2.ok());
+  EXPECT_NE(c2->salt, c->salt);
+
+  auto refused = [&](EncryptionConfig bad, const char* why) {
+    auto r = ParseEncryptionConfig(EncryptionConfigToJson(bad));
+    EXPECT_FALSE(r.ok()) << why;
+    if (!r.ok()) {
+      EXPECT_EQ(r.status().code(), EINVAL) << why;
+    }
+  };
+  EncryptionConfig bad = *c;
+  bad.format = 2;
+  refused(bad, "format");
+  bad = *c;
+  bad.cipher = "aes-128-cbc";
+  refused(bad, "cipher");
+  bad = *c;
+  bad.kdf = "md5";
+  refused(bad, "kdf");
+  bad = *c;
+  bad.scrypt_n = (uint64_t{1} << 15) + 1;
+  refused(bad, "N not a power of two");
+  bad = *c;
+  bad.scrypt_n = uint64_t{1} << 30;
+  refused(bad, "N too large: memory");
+  bad = *c;
+  bad.scrypt_r = 0;
+  refused(bad, "r");
+  bad = *c;
+  bad.salt = "short";
+  refused(bad, "salt");
+  EXPECT_FALSE(ParseEncryptionConfig("{\"format\": 1}").ok());
+  EXPECT_FALSE(ParseEncryptionConfig("not json").ok());
+}
+
+TEST(TargetKeys, SealAuthenticatesAndChunkIdsHideHashes) {
+  auto c = TargetKeys::NewConfig("pass");
+  ASSERT_TRUE(c.ok());
+  TargetKeys k;
+  ASSERT_TRUE(k.Derive(*c, "pass").ok());
+  const std::string plain = Pattern(1000, 1);
+  const std::string sealed = k.Seal(plain, "chunk:a");
+  EXPECT_EQ(sealed.size(), plain.size() + kNonceBytes + kTagBytes);
+  EXPECT_NE(k.Seal(plain, "chunk:a"), sealed);  // a fresh nonce every time
+  auto back = k.Unseal(sealed, "chunk:a");
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_EQ(*back, plain);
+  EXPECT_EQ(k.Unseal(sealed, "chunk:b").status().code(), EBADMSG);  // moved to another name
+  for (size_t at : {size_t{0}, kNonceBytes + 5, sealed.size() - 1}) {
+    std::string flipped = sealed;
+    flipped[at] ^= 0x01;
+    EXPECT_EQ(k.Unseal(flipped, "chunk:a").status().code(), EBADMSG) << "byte " << at;
+  }
+  EXPECT_EQ(k.Unseal(sealed.substr(0, 20), "chunk:a").status().code(), EBADMSG);
+  // Chunk ids: deterministic (dedup), 64 hex digits, not the SHA-256, and key-dependent.
+  EXPECT_EQ(k.ChunkId(plain), k.ChunkId(plain));
+  EXPECT_TRUE(IsSha256Hex(k.ChunkId(plain)));
+  EXPECT_NE(k.ChunkId(plain), Sha256Hex(plain));
+  TargetKeys other;
+  auto c2 = TargetKeys::NewConfig("pass");
+  ASSERT_TRUE(c2.ok() && other.Derive(*c2, "pass").ok());
+  EXPECT_NE(other.ChunkId(plain), k.ChunkId(plain));
+  EXPECT_EQ(other.Unseal(sealed, "chunk:a").status().code(), EBADMSG);
+}
+
+class EncryptedBackupTest : public BackupTest {
+ protected:
+  // A fresh Repository per call, as each daemon call makes one: every one opens the target.
+  std::unique_ptr<Repository> Repo(std::string key = kKey) {
+    return std::make_unique<Repository>(store_, "cluster-a/backups", Times(), std::move(key), kUrl);
+  }
+  std::string Config() {
+    auto c = store_.Get("cluster-a/backups/config.json");
+    return c.ok() ? *c : "";
+  }
+};
+
+TEST_F(EncryptedBackupTest, RoundTripBitExactWithNothingInTheClear) {
+  const uint64_t size = 16 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Marked(3 * kChunk, 1));
+  src.Write(9 * kChunk + 7, Marked(kChunk / 2, 2));
+  Progress p;
+  auto enc = Repo();
+  auto m = RunBackup(*enc, Spec("b1", src, size), &p);
+  ASSERT_TRUE(m.ok()) << m.status().message();
+  ASSERT_EQ(m->chunks.size(), 4u);  // 0, 1, 2 and 9
+  EXPECT_TRUE(enc->encrypted());
+  EXPECT_FALSE(Config().empty());
+  // config.json holds no secret: salt, parameters, key check.
+  EXPECT_EQ(Config().find(kKey), std::string::npos);
+
+  // Chunk names are not the content's SHA-256.
+  for (const ChunkRef& c : m->chunks) {
+    const std::string plain_hash = Sha256Hex(src.Read(c.offset, m->ChunkLength(c.offset)));
+    EXPECT_NE(c.sha256, plain_hash);
+    EXPECT_FALSE(store_.Head(repo_.ChunkKey(plain_hash)).ok());
+    EXPECT_TRUE(store_.Head(repo_.ChunkKey(c.sha256)).ok());
+  }
+  // Nothing of the data or the manifest in the clear: no marker, no source names, no JSON.
+  EXPECT_FALSE(StoreHolds(store_, kMarker));
+  EXPECT_FALSE(StoreHolds(store_, "b1-snap"));
+  EXPECT_FALSE(StoreHolds(store_, "source_volume"));
+  const std::string manifest = store_.Get(repo_.ManifestKey("b1")).value();
+  EXPECT_FALSE(ParseManifest(manifest).ok());
+  EXPECT_NE(manifest.front(), '{');
+
+  // Another process (a new Repository) with the key reads and restores it bit-exact.
+  auto reader = Repo();
+  EXPECT_EQ(reader->ListNames().value(), std::vector<std::string>{"b1"});
+  auto read = reader->Read("b1");
+  ASSERT_TRUE(read.ok()) << read.status().message();
+  EXPECT_TRUE(read->encrypted);
+  EXPECT_EQ(read->source_snapshot, "b1-snap");
+  File dst(dir_ / "dst", size);
+  ASSERT_TRUE(RunRestore(*reader, *read, {dst.fd(), 4, nullptr}, nullptr).ok());
+  EXPECT_EQ(dst.Read(0, size), src.Read(0, size));
+  EXPECT_FALSE(dst.HasDataIn(3 * kChunk, 9 * kChunk));  // holes stay holes
+
+  // The control: the same data in a plain target shows the marker, so the check above can fail.
+  Repository plain(store_, "plain", Times());
+  ASSERT_TRUE(RunBackup(plain, Spec("p1", src, size), nullptr).ok());
+  EXPECT_TRUE(StoreHolds(store_, kMarker));
+  EXPECT_FALSE(plain.Read("p1")->encrypted);
+}
+
+TEST_F(EncryptedBackupTest, SecondBackupUploadsOnlyChangedChunks) {
+  const uint64_t size = 32 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(20 * kChunk, 3));
+  ASSERT_TRUE(RunBackup(*Repo(), Spec("b1", src, size), nullptr).ok());
+  EXPECT_EQ(Chunks(), 20u);
+  src.Write(5 * kChunk + 3, "changed");
+  const uint64_t before = store_.bytes_put();
+  Progress p;
+  auto m2 = RunBackup(*Repo(), Spec("b2", src, size), &p);  // another process, same key
+  ASSERT_TRUE(m2.ok()) << m2.status().message();
+  EXPECT_EQ(p.chunks_uploaded.load(), 1u);
+  EXPECT_EQ(p.chunks_reused.load(), 19u);
+  EXPECT_EQ(Chunks(), 21u);
+  EXPECT_LT(store_.bytes_put() - before, 2 * kChunk);
+  File dst(dir_ / "dst", size);
+  auto reader = Repo();
+  ASSERT_TRUE(
+      RunRestore(*reader, reader->Read("b2").value(), {dst.fd(), 4, nullptr}, nullptr).ok());
+  EXPECT_EQ(dst.Read(0, size), src.Read(0, size));
+}
+
+TEST_F(EncryptedBackupTest, WrongMissingOrUnexpectedKeysAreRefusedAndWriteNothing) {
+  const uint64_t size = 4 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(size, 4));
+  ASSERT_TRUE(RunBackup(*Repo(), Spec("b1", src, size), nullptr).ok());
+  // A plain target next to it, with a backup.
+  Repository plain(store_, "plain", Times(), "", "s3://bkt/plain");
+  ASSERT_TRUE(RunBackup(plain, Spec("p1", src, size), nullptr).ok());
+  const auto before = store_.All();
+
+  auto expect = [&](Status s, int code, const std::string& text, const char* what) {
+    EXPECT_EQ(s.code(), code) << what << ": " << s.message();
+    EXPECT_NE(s.message().find(text), std::string::npos) << what << ": " << s.message();
+  };
+  auto all_ops = [&](const std::function<std::unique_ptr<Repository>()>& make, int code,
+                     const std::string& text) {
+    expect(RunBackup(*make(), Spec("b2", src, size), nullptr).status(), code, text, "backup");
+    expect(make()->ListNames().status(), code, text, "list");
+    expect(make()->Read("b1").status(), code, text, "inspect");
+    expect(make()->Delete("b1").status(), code, text, "delete");
+    expect(make()->Collect().status(), code, text, "collect");
+  };
+  all_ops([&] { return Repo("wrong key"); }, EACCES,
+          "wrong encryption key for s3://bkt/cluster-a/backups");
+  all_ops([&] { return Repo(""); }, EINVAL,
+          "s3://bkt/cluster-a/backups is encrypted: give its encryption key");
+  all_ops(
+      [&] {
+        return std::make_unique<Repository>(store_, "plain", Times(), kKey, "s3://bkt/plain");
+      },
+      EINVAL, "s3://bkt/plain holds unencrypted backups");
+  EXPECT_EQ(store_.All(), before);  // nothing written, nothing deleted
+  // A restore with a repository that cannot be opened stops before any chunk is read.
+  File dst(dir_ / "dst", size);
+  auto m = Repo()->Read("b1");
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(RunRestore(*Repo("wrong key"), *m, {dst.fd(), 1, nullptr}, nullptr).code(), EACCES);
+  EXPECT_FALSE(dst.HasDataIn(0, size));
+}
+
+TEST_F(EncryptedBackupTest, TamperedChunkOrManifestIsRefused) {
+  const uint64_t size = 4 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(size, 5));
+  auto m = RunBackup(*Repo(), Spec("b1", src, size), nullptr);
+  ASSERT_TRUE(m.ok());
+  const std::string key = repo_.ChunkKey(m->chunks[2].sha256);
+  std::string stored = store_.Get(key).value();
+  stored[stored.size() / 2] ^= 0x20;
+  store_.Corrupt(key, stored);
+  File dst(dir_ / "dst", size);
+  auto reader = Repo();
+  Status s = RunRestore(*reader, reader->Read("b1").value(), {dst.fd(), 1, nullptr}, nullptr);
+  ASSERT_EQ(s.code(), EIO) << s.message();
+  EXPECT_NE(s.message().find("corrupt"), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find(key), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find(std::to_string(2 * kChunk)), std::string::npos) << s.message();
+  EXPECT_FALSE(dst.HasDataIn(2 * kChunk, 3 * kChunk));
+
+  // Another chunk's valid object under this name: authenticated for another name, refused.
+  store_.Corrupt(key, store_.Get(repo_.ChunkKey(m->chunks[1].sha256)).value());
+  s = RunRestore(*reader, *m, {dst.fd(), 1, nullptr}, nullptr);
+  EXPECT_EQ(s.code(), EIO) << s.message();
+
+  std::string manifest = store_.Get(repo_.ManifestKey("b1")).value();
+  manifest[manifest.size() - 3] ^= 0x01;
+  store_.Corrupt(repo_.ManifestKey("b1"), manifest);
+  auto r = Repo()->Read("b1");
+  EXPECT_EQ(r.status().code(), EINVAL);
+  EXPECT_NE(r.status().message().find("cannot be decrypted"), std::string::npos);
+}
+
+TEST_F(EncryptedBackupTest, CollectionWithTheKeyKeepsReferencedChunks) {
+  const uint64_t size = 8 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(size, 8));
+  ASSERT_TRUE(RunBackup(*Repo(), Spec("b1", src, size), nullptr).ok());
+  src.Write(2 * kChunk, Pattern(kChunk, 9));
+  ASSERT_TRUE(RunBackup(*Repo(), Spec("b2", src, size), nullptr).ok());
+  EXPECT_EQ(Chunks(), 9u);
+  auto gc = Repo()->Delete("b1");
+  ASSERT_TRUE(gc.ok()) << gc.status().message();
+  EXPECT_FALSE(gc->deferred);
+  EXPECT_EQ(gc->chunks_deleted, 1u);
+  EXPECT_EQ(gc->chunks_kept, 8u);
+  EXPECT_EQ(Chunks(), 8u);
+  File dst(dir_ / "dst", size);
+  auto reader = Repo();
+  ASSERT_TRUE(
+      RunRestore(*reader, reader->Read("b2").value(), {dst.fd(), 4, nullptr}, nullptr).ok());
+  EXPECT_EQ(dst.Read(0, size), src.Read(0, size));
+  ASSERT_TRUE(Repo()->Delete("b2").ok());
+  EXPECT_EQ(Chunks(), 0u);
+  EXPECT_FALSE(Config().empty());  // config.json is outside what a collection touches
+}
+
+// Two first backups into an empty prefix. B's config lands between A's put and A's read-back:
+// A uses what it reads, and with another key A is refused, writing nothing more.
+TEST_F(EncryptedBackupTest, RacingFirstBackupUsesTheConfigItReadsBack) {
+  const uint64_t size = 2 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(size, 14));
+  auto theirs = TargetKeys::NewConfig("their key");
+  ASSERT_TRUE(theirs.ok());
+  const std::string theirs_json = EncryptionConfigToJson(*theirs);
+  store_.after_put = [&](const std::string& key) {
+    if (key != "cluster-a/backups/config.json") return;
+    store_.after_put = nullptr;
+    ASSERT_TRUE(store_.Put(key, theirs_json).ok());
+  };
+  auto r = RunBackup(*Repo(), Spec("a", src, size), nullptr);
+  ASSERT_EQ(r.status().code(), EACCES) << r.status().message();
+  EXPECT_NE(r.status().message().find("at the same moment"), std::string::npos);
+  EXPECT_EQ(Config(), theirs_json);
+  EXPECT_EQ(Chunks(), 0u);
+  EXPECT_EQ(store_.Count("cluster-a/backups/manifests/"), 0u);
+  // With their key the target works.
+  EXPECT_TRUE(RunBackup(*Repo("their key"), Spec("b", src, size), nullptr).ok());
+}
+
+// The other order: A has read its config back and is backing up when B (which had found no
+// config before A wrote one) overwrites it. A's check after its manifest sees the change and
+// withdraws: never a committed backup under a config that is not the target's.
+TEST_F(EncryptedBackupTest, BackupWhoseConfigWasReplacedWithdrawsItsManifest) {
+  const uint64_t size = 4 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(size, 15));
+  auto theirs = TargetKeys::NewConfig(kKey);  // even the same key: another salt, other keys
+  ASSERT_TRUE(theirs.ok());
+  BackupSpec spec = Spec("a", src, size);
+  spec.threads = 1;
+  spec.after_chunk = [&](uint64_t off) {
+    if (off == 0) {
+      ASSERT_TRUE(
+          store_.Put("cluster-a/backups/config.json", EncryptionConfigToJson(*theirs)).ok());
+    }
+  };
+  auto r = RunBackup(*Repo(), spec, nullptr);
+  ASSERT_EQ(r.status().code(), EAGAIN) << r.status().message();
+  EXPECT_NE(r.status().message().find("withdrawn"), std::string::npos) << r.status().message();
+  EXPECT_EQ(store_.Count("cluster-a/backups/manifests/"), 0u);
+  // The retry works under the config that is there.
+  auto again = RunBackup(*Repo(), Spec("a", src, size), nullptr);
+  ASSERT_TRUE(again.ok()) << again.status().message();
+  File dst(dir_ / "dst", size);
+  auto reader = Repo();
+  ASSERT_TRUE(RunRestore(*reader, reader->Read("a").value(), {dst.fd(), 2, nullptr}, nullptr).ok());
+  EXPECT_EQ(dst.Read(0, size), src.Read(0, size));
+}
+
+// A plain first backup and an encrypted one racing: the plain one, still running when the
+// config appears, withdraws its manifest at its commit check.
+TEST_F(EncryptedBackupTest, PlainBackupRacingAnEncryptedFirstBackupWithdraws) {
+  const uint64_t size = 4 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(size, 16));
+  BackupSpec spec = Spec("p", src, size);
+  spec.threads = 1;
+  std::optional<StatusOr<Manifest>> enc;
+  spec.after_chunk = [&](uint64_t off) {
+    if (off == 0) enc = RunBackup(*Repo(), Spec("e", src, size), nullptr);
+  };
+  auto r = RunBackup(repo_, spec, nullptr);  // repo_: no key
+  ASSERT_TRUE(enc.has_value() && enc->ok()) << enc->status().message();
+  ASSERT_EQ(r.status().code(), EAGAIN) << r.status().message();
+  EXPECT_NE(r.status().message().find("became an encrypted target"), std::string::npos);
+  EXPECT_EQ(Repo()->ListNames().value(), std::vector<std::string>{"e"});
+  EXPECT_EQ(Repo("")->ListNames().status().code(), EINVAL);
+}
+
+// Rule 3: a plain backup committed between the encrypted one's "no manifest" check and its
+// config: the encrypted one removes its config again and fails; the target stays plain.
+TEST_F(EncryptedBackupTest, EncryptedFirstBackupSeeingAPlainOneRemovesItsConfig) {
+  const uint64_t size = 2 * kChunk;
+  File src(dir_ / "src", size);
+  src.Write(0, Pattern(size, 17));
+  Manifest plain;
+  plain.name = "p";
+  plain.volume_size = size;
+  plain.chunk_size = kChunk;
+  store_.after_put = [&](const std::string& key) {
+    if (key != "cluster-a/backups/config.json") return;
+    store_.after_put = nullptr;
+    ASSERT_TRUE(store_.Put(repo_.ManifestKey("p"), ManifestToJson(plain)).ok());
+  };
+  auto r = RunBackup(*Repo(), Spec("e", src, size), nullptr);
+  ASSERT_EQ(r.status().code(), EAGAIN) << r.status().message();
+  EXPECT_NE(r.status().message().find("stays unencrypted"), std::string::npos);
+  EXPECT_TRUE(Config().empty());
+  EXPECT_EQ(Chunks(), 0u);
+  EXPECT_EQ(repo_.ListNames().value(), std::vector<std::string>{"p"});
+  EXPECT_EQ(Repo()->ListNames().status().code(), EINVAL);  // a key is refused from now on
 }
 
 TEST(RateLimiter, PacesToTheRate) {

@@ -1,7 +1,8 @@
 // BackupJobs over a real pool in a temp dir and an in-memory store: backup of a snapshot and of
 // a live volume (its temporary snapshot removed), restore into a new volume, the refusals that
 // come back from the call itself, a corrupt chunk that makes a restore remove its volume, and
-// shutdown cancelling a running backup without leaving a manifest.
+// shutdown cancelling a running backup without leaving a manifest; an encrypted target's key
+// refusals coming back from every call.
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -226,6 +227,49 @@ TEST_F(BackupJobsTest, ARestoreTheDaemonDiedInIsRemovedAtTheNextStart) {
   EXPECT_EQ(pool_->Inspect("half").status().code(), ENOENT);
   EXPECT_NE(::access((markers + "/half").c_str(), F_OK), 0);
   EXPECT_TRUE(pool_->Inspect("r1").ok());  // a finished restore is left alone
+}
+
+TEST_F(BackupJobsTest, EncryptedTargetNeedsItsKeyInEveryCall) {
+  ASSERT_TRUE(pool_->Create("src", 16 * kMiB, {}).ok());
+  WriteVolume("src", kMiB, Random(6 * kMiB, 7));
+  Snapshot("s1", "src");
+  Target enc = target_;
+  enc.encryption_key = "jobs test passphrase";
+  auto job = jobs_->StartBackup({enc, "b1", "s1", "", 0});
+  ASSERT_TRUE(job.ok()) << job.status().message();
+  ASSERT_EQ(WaitDone(job->id).state, "succeeded");
+  auto list = jobs_->ListBackups(enc);
+  ASSERT_TRUE(list.ok()) << list.status().message();
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_TRUE(list->front().encrypted);
+
+  // Refusals come back from the calls themselves; no job starts, nothing is written.
+  const auto before = store_.All();
+  Target wrong = enc;
+  wrong.encryption_key = "another passphrase";
+  Target none = target_;
+  auto backup = jobs_->StartBackup({wrong, "b2", "s1", "", 0});
+  EXPECT_EQ(backup.status().code(), EACCES);
+  EXPECT_NE(backup.status().message().find("wrong encryption key for s3://bucket/prefix"),
+            std::string::npos)
+      << backup.status().message();
+  EXPECT_EQ(jobs_->StartBackup({none, "b2", "s1", "", 0}).status().code(), EINVAL);
+  EXPECT_EQ(jobs_->StartRestore({wrong, "b1", "r1"}).status().code(), EACCES);
+  EXPECT_EQ(jobs_->StartRestore({none, "b1", "r1"}).status().code(), EINVAL);
+  EXPECT_EQ(jobs_->ListBackups(wrong).status().code(), EACCES);
+  EXPECT_EQ(jobs_->Inspect(none, "b1").status().code(), EINVAL);
+  EXPECT_EQ(jobs_->Delete(wrong, "b1").status().code(), EACCES);
+  EXPECT_EQ(jobs_->List().size(), 1u);
+  EXPECT_FALSE(pool_->Inspect("r1").ok());
+  EXPECT_EQ(store_.All(), before);
+
+  auto r = jobs_->StartRestore({enc, "b1", "r1"});
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  ASSERT_EQ(WaitDone(r->id).state, "succeeded");
+  EXPECT_EQ(ReadFile(pool_->Inspect("r1")->path), ReadFile(pool_->Inspect("src")->path));
+  auto gc = jobs_->Delete(enc, "b1");
+  ASSERT_TRUE(gc.ok()) << gc.status().message();
+  EXPECT_EQ(gc->chunks_deleted, 2u);
 }
 
 }  // namespace

@@ -14,13 +14,16 @@ namespace nbdcsi::datapath::backup {
 class MemoryStore final : public ObjectStore {
  public:
   Status Put(const std::string& key, std::string_view data) override {
-    std::lock_guard lk(mu_);
-    if (fail_puts_after >= 0 && puts_ >= static_cast<uint64_t>(fail_puts_after)) {
-      return Error(EIO, "injected failure of PUT {}", key);
+    {
+      std::lock_guard lk(mu_);
+      if (fail_puts_after >= 0 && puts_ >= static_cast<uint64_t>(fail_puts_after)) {
+        return Error(EIO, "injected failure of PUT {}", key);
+      }
+      ++puts_;
+      bytes_put_ += data.size();
+      objects_[key] = {std::string(data), now_s.load()};
     }
-    ++puts_;
-    bytes_put_ += data.size();
-    objects_[key] = {std::string(data), now_s.load()};
+    if (after_put) after_put(key);
     return Status::Ok();
   }
   StatusOr<std::string> Get(const std::string& key) override {
@@ -55,6 +58,13 @@ class MemoryStore final : public ObjectStore {
     std::lock_guard lk(mu_);
     objects_.at(key).data = std::move(data);
   }
+  // Every object, key and bytes (what an attacker with the bucket sees).
+  std::map<std::string, std::string> All() {
+    std::lock_guard lk(mu_);
+    std::map<std::string, std::string> out;
+    for (const auto& [k, o] : objects_) out[k] = o.data;
+    return out;
+  }
   size_t Count(const std::string& prefix) {
     auto l = List(prefix);
     return l->size();
@@ -70,6 +80,8 @@ class MemoryStore final : public ObjectStore {
 
   std::atomic<int64_t> now_s{1'800'000'000};  // the server's clock, seconds
   int64_t fail_puts_after = -1;               // >= 0: every PUT after that many fails
+  // Called after each successful PUT, outside the lock (a test's racer acts there).
+  std::function<void(const std::string& key)> after_put;
 
  private:
   struct Obj {

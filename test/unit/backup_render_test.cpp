@@ -98,6 +98,7 @@ TEST(BackupRender, ListTable) {
   b->set_source_snapshot("s");
   b->set_volume_size(uint64_t{1} << 30);
   b->set_chunks(3);
+  b->set_encrypted(true);
   auto* c = l.add_backups();
   c->set_name("b2");
   c->set_source_volume("v");
@@ -106,6 +107,10 @@ TEST(BackupRender, ListTable) {
   EXPECT_NE(t.find("volume/v"), std::string::npos) << t;
   EXPECT_NE(t.find("1Gi"), std::string::npos) << t;
   EXPECT_EQ(BackupJson(*b)["volume_size_bytes"], uint64_t{1} << 30);
+  EXPECT_EQ(BackupJson(*b)["encrypted"], true);
+  EXPECT_EQ(BackupJson(*c)["encrypted"], false);
+  EXPECT_NE(t.find("ENCRYPTED"), std::string::npos) << t;
+  EXPECT_NE(BackupDetails(*b).find("Encrypted"), std::string::npos);
 }
 
 }  // namespace

@@ -34,7 +34,7 @@ struct BackupCommands::Impl {
 
   const GlobalOptions& global;
   std::string name, target, endpoint, region, credentials_file, profile, snapshot, volume,
-      bandwidth, job_id;
+      bandwidth, job_id, encryption_key_file;
   bool wait = false;
 
   std::unique_ptr<Connection> conn;
@@ -76,7 +76,29 @@ struct BackupCommands::Impl {
           "backup: no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give "
           "--credentials-file"};
     }
+    t.set_encryption_key(EncryptionKey());
     return t;
+  }
+
+  // --encryption-key-file (its content, one trailing newline dropped, so `echo KEY >FILE`
+  // works), else $NBDCSI_BACKUP_ENCRYPTION_KEY, else none (a plain target).
+  std::string EncryptionKey() const {
+    if (encryption_key_file.empty()) return Env("NBDCSI_BACKUP_ENCRYPTION_KEY");
+    std::ifstream in(encryption_key_file, std::ios::binary);
+    if (!in) {
+      throw UsageError{
+          fmt::format("--encryption-key-file {}: cannot read it", encryption_key_file)};
+    }
+    std::stringstream ss;
+    ss << in.rdbuf();
+    std::string key = ss.str();
+    if (!key.empty() && key.back() == '\n') key.pop_back();
+    if (!key.empty() && key.back() == '\r') key.pop_back();
+    if (key.empty()) {
+      throw UsageError{
+          fmt::format("--encryption-key-file {}: the file is empty", encryption_key_file)};
+    }
+    return key;
   }
 
   int Show(const json& j, const std::string& text) const {
@@ -283,6 +305,11 @@ struct BackupCommands::Impl {
       c.add_option("--profile", profile,
                    "Profile in --credentials-file (default: $AWS_PROFILE, "
                    "else default)");
+      c.add_option("--encryption-key-file", encryption_key_file,
+                   "File holding the target's encryption key (default: "
+                   "$NBDCSI_BACKUP_ENCRYPTION_KEY, else none: an unencrypted target). The first "
+                   "backup with a key into an empty prefix makes it an encrypted target; a lost "
+                   "key cannot be recovered");
       if (more) more(c);
     };
   }

@@ -57,7 +57,8 @@ json BackupJson(const bv1::BackupInfo& b) {
           {"chunks", b.chunks()},
           {"data_bytes", b.data_bytes()},
           {"stored_bytes", b.stored_bytes()},
-          {"uploaded_bytes", b.uploaded_bytes()}};
+          {"uploaded_bytes", b.uploaded_bytes()},
+          {"encrypted", b.encrypted()}};
 }
 
 json BackupJobJson(const bv1::BackupJob& j) {
@@ -85,13 +86,13 @@ json BackupJobJson(const bv1::BackupJob& j) {
 }
 
 std::string BackupListTable(const bv1::ListBackupsResponse& list) {
-  Table t{{"NAME", "SOURCE", "CREATED", "SIZE", "DATA", "STORED", "CHUNKS"}, {}};
+  Table t{{"NAME", "SOURCE", "CREATED", "SIZE", "DATA", "STORED", "CHUNKS", "ENCRYPTED"}, {}};
   for (const auto& b : list.backups()) {
     std::string source = b.source_snapshot().empty() ? "volume/" + b.source_volume()
                                                      : "snapshot/" + b.source_snapshot();
     t.rows.push_back({b.name(), source, FormatTime(b.created_unix_ns()),
                       FormatQuantity(b.volume_size()), Mib(b.data_bytes()), Mib(b.stored_bytes()),
-                      std::to_string(b.chunks())});
+                      std::to_string(b.chunks()), b.encrypted() ? "yes" : "no"});
   }
   return t.Render();
 }
@@ -108,7 +109,8 @@ std::string BackupDetails(const bv1::BackupInfo& b) {
        {"Data", fmt::format("{} bytes ({})", b.data_bytes(), Mib(b.data_bytes()))},
        {"Stored", fmt::format("{} bytes compressed ({})", b.stored_bytes(), Mib(b.stored_bytes()))},
        {"Uploaded",
-        fmt::format("{} bytes by this backup ({})", b.uploaded_bytes(), Mib(b.uploaded_bytes()))}});
+        fmt::format("{} bytes by this backup ({})", b.uploaded_bytes(), Mib(b.uploaded_bytes()))},
+       {"Encrypted", b.encrypted() ? "yes (aes-256-gcm, client-side)" : "no"}});
 }
 
 std::string ProgressLine(const bv1::BackupJob& j) {
