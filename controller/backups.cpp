@@ -51,6 +51,7 @@ StatusOr<dpv1::BackupTarget> TargetFromSecrets(const std::string& url, const Sec
   t.set_session_token(SecretValue(secrets, kSecretSessionToken));
   t.set_endpoint(SecretValue(secrets, kSecretEndpoint));
   t.set_region(SecretValue(secrets, kSecretRegion));
+  t.set_encryption_key(SecretValue(secrets, kSecretEncryptionKey));
   return t;
 }
 

@@ -36,6 +36,9 @@ inline constexpr char kSecretSecretAccessKey[] = "AWS_SECRET_ACCESS_KEY";
 inline constexpr char kSecretSessionToken[] = "AWS_SESSION_TOKEN";  // optional
 inline constexpr char kSecretEndpoint[] = "AWS_ENDPOINT_URL";       // optional: AWS itself
 inline constexpr char kSecretRegion[] = "AWS_REGION";               // optional: us-east-1
+// Optional: client-side encryption (datapath/backup/crypto.h); a target is encrypted or not
+// from its first backup on, and then every call needs the key.
+inline constexpr char kSecretEncryptionKey[] = "NBDCSI_BACKUP_ENCRYPTION_KEY";
 
 // VolumeSnapshotClass parameters.
 inline constexpr char kBackupTargetKey[] = "backupTarget";        // s3://BUCKET[/PREFIX]

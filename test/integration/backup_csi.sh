@@ -14,6 +14,8 @@
 #   - B deletes the first backup snapshot: its manifest goes, the second stays restorable.
 #   - kill -9 of n1 while a bandwidth-limited backup runs: no manifest; after the restart the
 #     snapshotter's retry backs up again, and the restore is bit-exact.
+#   - An encrypted target (the key in the secret): manifest not in clear, B restores with the key;
+#     without it INVALID_ARGUMENT, with a wrong one PERMISSION_DENIED.
 #   - Errors, each a clear CSI code within seconds (a missing bucket once the local snapshot is
 #     ready, as its job fails): refused credentials PERMISSION_DENIED (nothing cut), a missing
 #     bucket FAILED_PRECONDITION, a dead endpoint UNAVAILABLE, no secret INVALID_ARGUMENT, an
@@ -108,11 +110,11 @@ snap_until_ready() {
 # restore CLUSTER NAME SNAPSHOT_ID: CreateVolume until it succeeds (ABORTED while the restore
 # runs, as the provisioner retries); prints the volume's JSON; ABORTED_SEEN counts the retries.
 ABORTED_SEEN=0
-restore() {
-  local c=$1 name=$2 id=$3 deadline=$((SECONDS + 90)) out
+restore() {  # restore CLUSTER NAME SNAPSHOT_ID [SECRET_FILE]
+  local c=$1 name=$2 id=$3 secret=${4:-$W/secret} deadline=$((SECONDS + 90)) out
   while :; do
     if out=$(csi "$c" controller create-volume "$name" --from-snapshot "$id" \
-      --secret-file "$W/secret" 2>&1); then
+      --secret-file "$secret" 2>&1); then
       echo "$out"
       return
     fi
@@ -121,6 +123,21 @@ restore() {
     [ $SECONDS -lt $deadline ] || die "restore of $id never finished: $out"
     sleep 0.5  # pacing: the provisioner's retry
   done
+}
+
+# expect_code CODE TEXT CMD...: CMD fails with CODE and TEXT in its message within 20 s, retried
+# as the sidecars retry while it answers "not ready yet" (a snapshot whose local copy still runs).
+expect_code() {
+  local code=$1 text=$2 t0=$SECONDS out; shift 2
+  while out=$("$@" 2>&1); do
+    jq -e '.ready_to_use == false' >/dev/null <<<"$out" || die "succeeded, expected $code: $*: $out"
+    [ $((SECONDS - t0)) -le 20 ] || die "still not failed after 20 s, expected $code: $*"
+    sleep 0.5  # pacing: the sidecar's retry
+  done
+  grep -q "$code" <<<"$out" || die "expected $code, got: $out"
+  grep -qi "$text" <<<"$out" || die "expected \"$text\" in: $out"
+  [ $((SECONDS - t0)) -le 20 ] || die "took $((SECONDS - t0)) s: $out"
+  echo "  $code: $(tail -1 <<<"$out")"
 }
 
 step "s3rver, cluster A (controller + n1) and cluster B (controller + n2), nothing shared"
@@ -202,21 +219,31 @@ snap_until_ready a snap-k "$SRC" >"$W/k2.json"
 restore b pvc-restored-k "$(jq -r .snapshot_id <"$W/k2.json")" >/dev/null
 [ "$(vol_sha n2 pvc-restored-k)" = "$SHA2" ] || die "the retried backup restores different bytes"
 
+step "an encrypted target: the key in the secret; B restores with it, and refuses without it"
+cp "$W/secret" "$W/secret-enc"
+echo "NBDCSI_BACKUP_ENCRYPTION_KEY=correct horse battery staple" >>"$W/secret-enc"
+ENC=s3://$BUCKET/encrypted
+out=""
+for _ in $(seq 60); do
+  out=$(csi a controller snapshot create snap-enc --source "$SRC" --param "backupTarget=$ENC" \
+    --secret-file "$W/secret-enc") || die "encrypted CreateSnapshot failed: $out"
+  jq -e '.ready_to_use' >/dev/null <<<"$out" && break
+  sleep 0.5  # pacing: the snapshotter's retry
+done
+jq -e '.ready_to_use' >/dev/null <<<"$out" || die "encrypted backup never ready: $out"
+[ -e "$W/s3/$BUCKET/encrypted/config.json._S3rver_object" ] || die "no config.json in the encrypted target"
+if grep -rqF "snap-enc" "$W/s3/$BUCKET/encrypted/manifests/"*._S3rver_object; then
+  die "the encrypted manifest names its snapshot in clear"
+fi
+restore b pvc-enc "b1:$ENC#snap-enc" "$W/secret-enc" >/dev/null
+[ "$(vol_sha n2 pvc-enc)" = "$SHA2" ] || die "the encrypted backup restores different bytes"
+expect_code INVALID_ARGUMENT "encrypt" csi b controller create-volume pvc-enc-nokey \
+  --from-snapshot "b1:$ENC#snap-enc" --secret-file "$W/secret"
+sed 's/^NBDCSI_BACKUP_ENCRYPTION_KEY=.*/NBDCSI_BACKUP_ENCRYPTION_KEY=wrong/' "$W/secret-enc" >"$W/secret-wrong"
+expect_code PERMISSION_DENIED "wrong encryption key" csi b controller create-volume pvc-enc-wrong \
+  --from-snapshot "b1:$ENC#snap-enc" --secret-file "$W/secret-wrong"
+
 step "errors: each a clear code within seconds"
-# expect_code CODE TEXT CMD...: CMD fails with CODE and TEXT in its message within 20 s, retried
-# as the sidecars retry while it answers "not ready yet" (a snapshot whose local copy still runs).
-expect_code() {
-  local code=$1 text=$2 t0=$SECONDS out; shift 2
-  while out=$("$@" 2>&1); do
-    jq -e '.ready_to_use == false' >/dev/null <<<"$out" || die "succeeded, expected $code: $*: $out"
-    [ $((SECONDS - t0)) -le 20 ] || die "still not failed after 20 s, expected $code: $*"
-    sleep 0.5  # pacing: the sidecar's retry
-  done
-  grep -q "$code" <<<"$out" || die "expected $code, got: $out"
-  grep -qi "$text" <<<"$out" || die "expected \"$text\" in: $out"
-  [ $((SECONDS - t0)) -le 20 ] || die "took $((SECONDS - t0)) s: $out"
-  echo "  $code: $(tail -1 <<<"$out")"
-}
 sed 's/^AWS_SECRET_ACCESS_KEY=.*/AWS_SECRET_ACCESS_KEY=wrong/' "$W/secret" >"$W/bad-secret"
 # s3rver checks no signature: a refused key is simulated with an unknown access key id.
 sed -i 's/^AWS_ACCESS_KEY_ID=.*/AWS_ACCESS_KEY_ID=NOBODY/' "$W/bad-secret"
