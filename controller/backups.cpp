@@ -195,6 +195,14 @@ Status Backups::Start(const BackupClass& c, const std::string& name, const std::
   auto seen = Wait(node, std::move(*job));
   if (!seen.ok()) return seen.status();
   if (seen->state() == "failed") {
+    // The call fails, so no snapshot exists in the CO's eyes, and nothing would ever delete the
+    // local one (a content without a handle gets no DeleteSnapshot): it goes now, and a retry
+    // cuts a new point in time.
+    Status d = nodes_.On(node, [&](NodeDatapath& dp) { return dp.DeleteSnapshot(name); });
+    if (!d.ok() && d.code() != ENOENT) {
+      spdlog::warn("[{}] backup of {} failed; its local snapshot stays: {}",
+                   csi::CurrentRequestId(), name, d.message());
+    }
     return JobError(*seen, fmt::format("backup of snapshot \"{}\" to {} (node {}, job {})", name,
                                        c.target.url(), node, seen->id()));
   }

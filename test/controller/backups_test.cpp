@@ -158,6 +158,9 @@ TEST_F(Backups_, AMissingBucketOrRefusedCredentialsFailTheSnapshotClearly) {
   grpc::Status st = Snap(SnapReq("snap-1", "s3://missing-bucket/x"));
   EXPECT_EQ(st.error_code(), StatusCode::FAILED_PRECONDITION) << Describe(st);
   EXPECT_NE(st.error_message().find("does not exist"), std::string::npos) << Describe(st);
+  // The failed call leaves no local snapshot behind (no DeleteSnapshot would ever come for it).
+  EXPECT_EQ(Node("n1").Count("CreateSnapshot"), 1);
+  EXPECT_FALSE(Node("n1").GetSnapshot("snap-1").ok());
   // Refused credentials: refused before anything is cut.
   auto bad = SnapReq("snap-2");
   (*bad.mutable_secrets())["AWS_ACCESS_KEY_ID"] = "wrong";

@@ -69,6 +69,7 @@ done
 
 started_cluster=
 snapctl_pid=
+s3_pid=
 cleanup() {
   local rc=$?
   set +e
@@ -79,6 +80,7 @@ cleanup() {
     timeout 120 kubectl delete namespace "$NS" --ignore-not-found --wait=true >/dev/null 2>&1
   fi
   if [ -n "$snapctl_pid" ]; then kill "$snapctl_pid" 2>/dev/null; rm -f "$K8S_TOP/run/pids/e2e-snapshot-controller.pid"; fi
+  [ -n "$s3_pid" ] && kill "$s3_pid" 2>/dev/null
   if [ -n "$started_cluster" ] && [ "${E2E_KEEP:-}" != 1 ]; then
     if WIPE=1 "$k8s/stop-cluster.sh" >"$work/stop-cluster.log" 2>&1; then
       rm -f "$marker"
@@ -203,6 +205,29 @@ result() { printf '%s\n' "$*" >"$state/.result"; }
 not_applicable() { result "$*"; exit 3; }
 fail() { echo "e2e: $*" >&2; exit 1; }
 
+# S3 for the backup step: s3rver on the host's loopback, which the datapath pods reach (they use
+# the host's network on the bundled cluster). Elsewhere: E2E_S3_ENDPOINT (with E2E_S3_TARGET and
+# the credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), or the backup step is skipped.
+s3_dir=
+start_s3() {
+  s3_endpoint=${E2E_S3_ENDPOINT:-} s3_target=${E2E_S3_TARGET:-s3://e2e/backups}
+  s3_key=${AWS_ACCESS_KEY_ID:-S3RVER} s3_secret=${AWS_SECRET_ACCESS_KEY:-S3RVER}
+  [ -n "$s3_endpoint" ] && return 0
+  [ $mode = bundled ] || return 0
+  local s3bin port
+  s3bin=$("$src/scripts/get-s3rver.sh" --check 2>/dev/null) || { log "no s3rver: the backup step is skipped"; return 0; }
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  rm -rf "$work/s3" && mkdir -p "$work/s3"
+  # s3rver's listing tokens need OpenSSL 3's legacy provider (test/integration/backup_s3.sh).
+  NODE_OPTIONS=--openssl-legacy-provider nohup "$s3bin" -d "$work/s3" -a 127.0.0.1 -p "$port" -s \
+    --configure-bucket e2e >"$work/s3rver.log" 2>&1 &
+  s3_pid=$!
+  poll "s3rver listening on $port" 30 python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)" ||
+    die "s3rver did not start: $(tail -5 "$work/s3rver.log")"
+  s3_endpoint=http://127.0.0.1:$port s3_dir=$work/s3/e2e/backups
+  log "s3rver on $s3_endpoint (backups to $s3_target)"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Images
 version=$(sed -n 's/^project(nbd-csi VERSION \([0-9.]*\).*/\1/p' "$src/CMakeLists.txt")
@@ -316,6 +341,15 @@ install_chart() {
     done <"$state/sidecars.img"
   fi
   [ -n "$has_vac" ] && args+=(--set volumeAttributesClasses.enabled=true --set "volumeAttributesClasses.apiVersion=storage.k8s.io/$has_vac")
+  if [ -n "${s3_endpoint:-}" ] && [ -n "$(get snapshots 2>/dev/null)" ]; then
+    # The Secret the backup classes name (examples/backup/secret.yaml), then the classes.
+    kubectl -n "$NS" create secret generic nbd-csi-backup --from-literal=AWS_ACCESS_KEY_ID="$s3_key" \
+      --from-literal=AWS_SECRET_ACCESS_KEY="$s3_secret" --from-literal=AWS_ENDPOINT_URL="$s3_endpoint" \
+      --from-literal=AWS_REGION=us-east-1 >/dev/null
+    # 8 MiB/s: the 32 MiB the walk writes take seconds, so the snapshotter sees "not ready" first.
+    args+=(--set backup.enabled=true --set "backup.target=$s3_target" --set backup.bandwidth=8Mi)
+    put backup 1
+  fi
   [ -n "${E2E_VALUES:-}" ] && args+=(-f "$E2E_VALUES")
   "$helm" install "$RELEASE" "$src/charts/nbd-csi" -n "$NS" "${args[@]}" >"$work/helm-install.txt" 2>&1 ||
     { cat "$work/helm-install.txt"; fail "helm install failed"; }
@@ -525,6 +559,112 @@ walk_restore() {
   [ "$sum" = "$(get sum1)" ] || fail "the restored volume does not hold the snapshot's data"
   x reader 'sha256sum -c /data/blob.sha256 >/dev/null'
   result "ok (original data)"
+}
+
+# A VolumeSnapshot of the backup class: ready once the data is in the bucket, its local snapshot
+# gone from the pool; then what another cluster does with its handle (a pre-provisioned
+# VolumeSnapshotContent and a claim from it, examples/backup/import-backup.yaml); then the import
+# deleted (Retain: the backup stays) and the backup deleted with its VolumeSnapshot.
+walk_backup() {
+  [ -n "$(get backup 2>/dev/null)" ] || not_applicable "NOT EXERCISED: no S3 server (s3rver, or E2E_S3_ENDPOINT)"
+  local sum t0=$SECONDS node
+  node=$(get node)
+  sum=$(x writer 'sync && sha256sum /data/blob | cut -d" " -f1')
+  kubectl apply -f - >/dev/null <<EOF
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: backup, namespace: $APPS}
+spec:
+  volumeSnapshotClassName: nbd-csi-backup
+  source: {persistentVolumeClaimName: data}
+EOF
+  poll "VolumeSnapshot backup readyToUse" 180 sh -c \
+    "kubectl -n $APPS get volumesnapshot backup -o jsonpath='{.status.readyToUse}' | grep -qx true" ||
+    fail "backup not ready: $(kubectl -n "$APPS" get volumesnapshot backup -o jsonpath='{.status.error.message}')"
+  local content handle name
+  content=$(kubectl -n "$APPS" get volumesnapshot backup -o jsonpath='{.status.boundVolumeSnapshotContentName}')
+  handle=$(kubectl get volumesnapshotcontent "$content" -o jsonpath='{.status.snapshotHandle}')
+  name=${handle##*#}
+  echo "VolumeSnapshot backup ready in $((SECONDS - t0)) s: $handle"
+  # The snapshotter was told "not ready" while the upload ran (8 MiB/s), and asked again.
+  local waits
+  waits=$(kubectl -n "$NS" logs "$(kubectl -n "$NS" get pods -l app.kubernetes.io/component=controller -o jsonpath='{.items[0].metadata.name}')" \
+    -c nbd-csi-controller | grep -c "backup $handle running on node" || true)
+  echo "CreateSnapshot answered ready_to_use=false $waits time(s) before ready"
+  [ "$waits" -ge 1 ] || fail "the backup was never reported not ready: was it throttled (backup.bandwidth)?"
+  case $handle in "b1:$s3_target#"*) ;; *) fail "handle $handle is not a backup in $s3_target" ;; esac
+  if [ -n "$s3_dir" ]; then
+    [ -e "$s3_dir/manifests/$name.json._S3rver_object" ] || fail "no manifest $name on the server"
+    echo "on the server: manifest $name, $(find "$s3_dir/chunks" -name '*._S3rver_object' | wc -l) chunks"
+  fi
+  if nbdctl "$node" snapshot list | json '"\n".join(s["name"] for s in d["snapshots"])' | grep -qx "$name"; then
+    fail "the local snapshot $name stayed in the pool"
+  fi
+  # Another cluster would start here: the handle alone, the same classes and Secret.
+  kubectl apply -f - >/dev/null <<EOF
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotContent
+metadata: {name: e2e-imported-backup}
+spec:
+  deletionPolicy: Retain
+  driver: $DRIVER
+  volumeSnapshotClassName: nbd-csi-backup
+  source: {snapshotHandle: "$handle"}
+  volumeSnapshotRef: {name: imported, namespace: $APPS}
+---
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: imported, namespace: $APPS}
+spec:
+  volumeSnapshotClassName: nbd-csi-backup
+  source: {volumeSnapshotContentName: e2e-imported-backup}
+EOF
+  poll "imported VolumeSnapshot readyToUse" 120 sh -c \
+    "kubectl -n $APPS get volumesnapshot imported -o jsonpath='{.status.readyToUse}' | grep -qx true" ||
+    fail "imported snapshot not ready: $(kubectl -n "$APPS" get volumesnapshot imported -o jsonpath='{.status.error.message}')"
+  local got
+  got=$(sum_of_copy frombackup backupreader VolumeSnapshot/imported nbd-csi-backup-restore)
+  echo "restored from the bucket: sha256 ${got:0:16}... (at the backup: ${sum:0:16}...), $((SECONDS - t0)) s in all"
+  [ "$got" = "$sum" ] || fail "the volume restored from the backup does not hold the backed-up data"
+  # Retain: the import goes, the backup stays; then the backup's own VolumeSnapshot (Delete).
+  kubectl -n "$APPS" delete volumesnapshot imported --wait=true --timeout=60s >/dev/null
+  kubectl delete volumesnapshotcontent e2e-imported-backup --wait=true --timeout=60s >/dev/null
+  [ -z "$s3_dir" ] || [ -e "$s3_dir/manifests/$name.json._S3rver_object" ] ||
+    fail "deleting a Retain import deleted the backup"
+  kubectl -n "$APPS" delete volumesnapshot backup --wait=true --timeout=120s >/dev/null
+  poll "VolumeSnapshotContent $content deleted" 120 sh -c "! kubectl get volumesnapshotcontent $content >/dev/null 2>&1" ||
+    fail "the backup's VolumeSnapshotContent stayed"
+  if [ -n "$s3_dir" ]; then
+    [ ! -e "$s3_dir/manifests/$name.json._S3rver_object" ] || fail "the backup's manifest stayed after its delete"
+  fi
+  # A class whose bucket does not exist: the VolumeSnapshot's status carries the cause.
+  kubectl apply -f - >/dev/null <<EOF
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotClass
+metadata: {name: e2e-backup-nobucket}
+driver: $DRIVER
+deletionPolicy: Delete
+parameters:
+  backupTarget: s3://no-such-bucket/x
+  csi.storage.k8s.io/snapshotter-secret-name: nbd-csi-backup
+  csi.storage.k8s.io/snapshotter-secret-namespace: $NS
+---
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: nobucket, namespace: $APPS}
+spec:
+  volumeSnapshotClassName: e2e-backup-nobucket
+  source: {persistentVolumeClaimName: data}
+EOF
+  poll "VolumeSnapshot nobucket shows the error" 90 sh -c \
+    "kubectl -n $APPS get volumesnapshot nobucket -o jsonpath='{.status.error.message}' | grep -q 'does not exist'" ||
+    fail "no error on VolumeSnapshot nobucket: $(kubectl -n "$APPS" get volumesnapshot nobucket -o jsonpath='{.status}')"
+  echo "a missing bucket: VolumeSnapshot error \"$(kubectl -n "$APPS" get volumesnapshot nobucket -o jsonpath='{.status.error.message}' | cut -c1-160)\""
+  [ "$(kubectl -n "$APPS" get volumesnapshot nobucket -o jsonpath='{.status.readyToUse}')" != true ] ||
+    fail "a backup to a missing bucket is ready"
+  kubectl -n "$APPS" delete volumesnapshot nobucket --wait=true --timeout=60s >/dev/null
+  kubectl delete volumesnapshotclass e2e-backup-nobucket >/dev/null
+  result "ok (in the bucket after $waits not-ready answer(s), imported by handle and restored bit-exact, deleted; a missing bucket in the snapshot's status)"
 }
 
 walk_clone() {
@@ -807,6 +947,7 @@ walk_uninstall() {
 step "Images: nbd-csi, workload$([ $mode = bundled ] && echo ', sidecars') (load into the cluster)" images
 step "Snapshot CRDs" snapshot_support
 start_snapshot_controller
+start_s3
 step "helm install (namespace with the privileged Pod Security label)" install_chart
 if [ $failed = 0 ]; then
   step "PVC of nbd-csi-qos (WaitForFirstConsumer), pod writes data + checksum" walk_qos_write
@@ -816,6 +957,7 @@ if [ $failed = 0 ]; then
   step "VolumeSnapshot, then the source overwritten" walk_snapshot
   step "PVC restored from the snapshot (Immediate-binding class) holds the original data" walk_restore
   step "PVC cloned from a PVC" walk_clone
+  step "Backup VolumeSnapshot to S3, imported by handle in a pre-provisioned content, restored, deleted" walk_backup
   step "Raw block PVC" walk_block
   step "Online expansion seen by df in the running pod" walk_expand_check
   step "Node plugin pod deleted and recreated under fio verify" walk_node_restart
