@@ -156,36 +156,27 @@ class CreateVolumeCall {
     }
     auto size = VolumeSizeFor(range_, backup->volume_size(), backup->volume_size());
     if (!size.ok()) return CallError(size.status().code(), size.status().message());
-    bool missing = false;
-    std::vector<std::string> why_not;
-    for (const auto& node : candidates_.order) {
-      auto info = nodes_.Get(node);
-      if (!info) {
-        missing = true;
-        why_not.push_back(node + ": not registered");
-        continue;
-      }
-      if (info->provisionable_bytes < *size) {
-        why_not.push_back(
-            fmt::format("{}: {} bytes provisionable", node, info->provisionable_bytes));
-        continue;
-      }
-      auto job = backups_.StartRestore(node, *target, ref->name, pool_name_);
-      if (!job.ok() && job.status().code() == ENOSPC) {
-        why_not.push_back(job.status().message());
-        continue;
-      }
-      if (!job.ok()) return job.status();
-      ledger_.Add(*info, *size);
-      if (job->state() == "failed") {
-        return Backups::JobError(*job, fmt::format("restore of {} on node {}", id, node));
-      }
-      if (job->state() == "running") return Backups::RestoreRunning(*job, node);
-      auto vol = nodes_.GetVolume(node, pool_name_);
-      if (!vol.ok()) return vol.status();
-      return FinishRestore(node, *vol, resp);
+    // Only the start may move on to another node (its ENOSPC): once a node took the volume,
+    // whatever follows is this call's answer.
+    std::string node;
+    dpv1::BackupJob job;
+    Status placed =
+        OnFirstWithRoom(*size, [&](const std::string& n, const NodeInfo& info) -> Status {
+          auto started = backups_.StartRestore(n, *target, ref->name, pool_name_);
+          if (!started.ok()) return started.status();
+          ledger_.Add(info, *size);
+          node = n;
+          job = std::move(*started);
+          return Status::Ok();
+        });
+    if (!placed.ok()) return placed;
+    if (job.state() == "failed") {
+      return Backups::JobError(job, fmt::format("restore of {} on node {}", id, node));
     }
-    return NoPlace(*size, missing, why_not);
+    if (job.state() == "running") return Backups::RestoreRunning(job, node);
+    auto vol = nodes_.GetVolume(node, pool_name_);
+    if (!vol.ok()) return vol.status();
+    return FinishRestore(node, *vol, resp);
   }
 
   // A restored volume (found by name): ABORTED while its restore runs, the restore's error if it
@@ -205,7 +196,8 @@ class CreateVolumeCall {
     auto want = VolumeSizeFor(range_, dv.size_bytes(), dv.size_bytes());
     if (!want.ok()) return CallError(want.status().code(), want.status().message());
     if (*want > dv.size_bytes()) {
-      auto grown = nodes_.On(node, [&](NodeDatapath& d) { return d.ResizeVolume(pool_name_, *want); });
+      auto grown =
+          nodes_.On(node, [&](NodeDatapath& d) { return d.ResizeVolume(pool_name_, *want); });
       if (!grown.ok()) return grown.status();
       dv = std::move(*grown);
     }
@@ -326,9 +318,11 @@ class CreateVolumeCall {
     return size;
   }
 
-  // The first candidate that is registered and has room. The datapath checks again (the
-  // heartbeat's figure may be a few seconds old): ENOSPC there moves on to the next one.
-  Status Place(uint64_t size, v1::CreateVolumeResponse* resp) {
+  // `make(node, info)` on the first candidate that is registered and has room for `size`. The
+  // datapath checks again (the heartbeat's figure may be a few seconds old): ENOSPC from `make`
+  // moves on to the next one; any other answer is the call's.
+  template <typename F>
+  Status OnFirstWithRoom(uint64_t size, F&& make) {
     bool missing = false;
     std::vector<std::string> why_not;  // per node, for the error an operator reads
     for (const auto& node : candidates_.order) {
@@ -343,16 +337,20 @@ class CreateVolumeCall {
             fmt::format("{}: {} bytes provisionable", node, info->provisionable_bytes));
         continue;
       }
+      Status s = make(node, *info);
+      if (s.code() != ENOSPC) return s;
+      why_not.push_back(s.message());
+      spdlog::info("[{}] {}; trying the next node", csi::CurrentRequestId(), s.message());
+    }
+    return NoPlace(size, missing, why_not);
+  }
+
+  Status Place(uint64_t size, v1::CreateVolumeResponse* resp) {
+    return OnFirstWithRoom(size, [&](const std::string& node, const NodeInfo& info) -> Status {
       auto created =
           nodes_.On(node, [&](NodeDatapath& d) { return d.CreateVolume(Request(size)); });
-      if (!created.ok() && created.status().code() == ENOSPC) {
-        why_not.push_back(created.status().message());
-        spdlog::info("[{}] {}; trying the next node", csi::CurrentRequestId(),
-                     created.status().message());
-        continue;
-      }
       if (!created.ok()) return created.status();
-      ledger_.Add(*info, size);
+      ledger_.Add(info, size);
       FillVolume(node, *created, resp->mutable_volume());
       if (source_.present()) {
         *resp->mutable_volume()->mutable_content_source() = req_.volume_content_source();
@@ -360,8 +358,7 @@ class CreateVolumeCall {
       spdlog::info("[{}] volume {} ({} bytes) created on node {}", csi::CurrentRequestId(),
                    resp->volume().volume_id(), size, node);
       return Status::Ok();
-    }
-    return NoPlace(size, missing, why_not);
+    });
   }
 
   dpv1::CreateVolumeRequest Request(uint64_t size) const {
