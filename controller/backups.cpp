@@ -28,9 +28,8 @@ void SetTime(int64_t unix_ns, v1::Snapshot* out) {
 
 std::string Percent(const dpv1::BackupJob& j) {
   if (!j.has_data_total_bytes() || j.data_total_bytes() == 0) return "starting";
-  return fmt::format("{:.0f}% of {} bytes of data", 100.0 * j.data_done_bytes() /
-                                                        j.data_total_bytes(),
-                     j.data_total_bytes());
+  return fmt::format("{:.0f}% of {} bytes of data",
+                     100.0 * j.data_done_bytes() / j.data_total_bytes(), j.data_total_bytes());
 }
 
 }  // namespace
@@ -42,11 +41,12 @@ StatusOr<dpv1::BackupTarget> TargetFromSecrets(const std::string& url, const Sec
   t.set_access_key_id(SecretValue(secrets, kSecretAccessKeyId));
   t.set_secret_access_key(SecretValue(secrets, kSecretSecretAccessKey));
   if (t.access_key_id().empty() || t.secret_access_key().empty()) {
-    return Err(EINVAL,
-               "backup target {} needs credentials: the {} secret (csi.storage.k8s.io/{}-secret-name "
-               "and -namespace) must hold {} and {}{}",
-               url, which, which, kSecretAccessKeyId, kSecretSecretAccessKey,
-               secrets.empty() ? "; the call carried no secret" : "");
+    return Err(
+        EINVAL,
+        "backup target {} needs credentials: the {} secret (csi.storage.k8s.io/{}-secret-name "
+        "and -namespace) must hold {} and {}{}",
+        url, which, which, kSecretAccessKeyId, kSecretSecretAccessKey,
+        secrets.empty() ? "; the call carried no secret" : "");
   }
   t.set_session_token(SecretValue(secrets, kSecretSessionToken));
   t.set_endpoint(SecretValue(secrets, kSecretEndpoint));
@@ -71,12 +71,14 @@ StatusOr<std::optional<BackupClass>> ParseSnapshotClass(
       }
       bandwidth = *q;
     } else {
-      return Err(EINVAL, "unknown snapshot parameter \"{}\" (VolumeSnapshotClass parameters: {}, {})",
-                 k, kBackupTargetKey, kBackupBandwidthKey);
+      return Err(EINVAL,
+                 "unknown snapshot parameter \"{}\" (VolumeSnapshotClass parameters: {}, {})", k,
+                 kBackupTargetKey, kBackupBandwidthKey);
     }
   }
   if (!url) {
-    if (bandwidth) return Err(EINVAL, "parameter {} needs {}", kBackupBandwidthKey, kBackupTargetKey);
+    if (bandwidth)
+      return Err(EINVAL, "parameter {} needs {}", kBackupBandwidthKey, kBackupTargetKey);
     return std::optional<BackupClass>();
   }
   // The id format checks the URL (and that an id made from it fits CSI's limit).
@@ -170,7 +172,8 @@ Status Backups::JobError(const dpv1::BackupJob& job, std::string_view what) {
 }
 
 Status Backups::RestoreRunning(const dpv1::BackupJob& job, const std::string& node) {
-  return Err(EALREADY, "restore of backup \"{}\" into volume \"{}\" is running on node {} ({}); "
+  return Err(EALREADY,
+             "restore of backup \"{}\" into volume \"{}\" is running on node {} ({}); "
              "the volume is ready when it ends",
              job.backup(), job.volume(), node, Percent(job));
 }
@@ -239,7 +242,8 @@ Status Backups::Delete(const csi::BackupRef& ref, const SecretMap& secrets) {
     for (const auto& j : *jobs[i]) {
       if (j.kind() == "backup" && j.state() == "running" && j.backup() == ref.name &&
           j.target() == ref.url) {
-        return Err(EALREADY, "backup \"{}\" in {} is still being made on node {} (job {}, {}); "
+        return Err(EALREADY,
+                   "backup \"{}\" in {} is still being made on node {} (job {}, {}); "
                    "delete it once it ends",
                    ref.name, ref.url, live[i].node_id, j.id(), Percent(j));
       }
@@ -251,11 +255,11 @@ Status Backups::Delete(const csi::BackupRef& ref, const SecretMap& secrets) {
   auto gc = nodes_.On(live.front().node_id, [&](NodeDatapath& d) { return d.DeleteBackup(req); });
   if (!gc.ok() && gc.status().code() != ENOENT) return gc.status();
   if (gc.ok()) {
-    spdlog::info("[{}] backup \"{}\" in {} deleted; {}", csi::CurrentRequestId(), ref.name, ref.url,
-                 gc->gc_deferred()
-                     ? std::string("its chunks wait for the next collection (a backup runs)")
-                     : fmt::format("{} chunks ({} bytes) freed", gc->chunks_deleted(),
-                                   gc->bytes_freed()));
+    spdlog::info(
+        "[{}] backup \"{}\" in {} deleted; {}", csi::CurrentRequestId(), ref.name, ref.url,
+        gc->gc_deferred()
+            ? std::string("its chunks wait for the next collection (a backup runs)")
+            : fmt::format("{} chunks ({} bytes) freed", gc->chunks_deleted(), gc->bytes_freed()));
   }
   // The local snapshot of a backup that never completed.
   auto local = FanOut(live, [&](const NodeInfo& n) {

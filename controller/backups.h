@@ -90,7 +90,7 @@ class Backups {
   Status Delete(const csi::BackupRef& ref, const SecretMap& secrets);
   // ListSnapshots of one b1 id: nothing when the backup does not exist.
   StatusOr<std::optional<::csi::v1::Snapshot>> Get(const csi::BackupRef& ref,
-                                                  const SecretMap& secrets);
+                                                   const SecretMap& secrets);
 
   // CreateVolume: the backup's manifest, read through any live node (ENOENT: no such backup).
   StatusOr<dpv1::BackupInfo> Inspect(const dpv1::BackupTarget& t, const std::string& name);

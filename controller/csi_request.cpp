@@ -17,8 +17,10 @@ namespace v1 = ::csi::v1;
 
 StatusOr<csi::VolumeRef> NamedVolume(const std::string& id, std::string_view what) {
   if (csi::IsReplicatedVolumeId(id)) {
-    return Err(EINVAL, "{} \"{}\" is a replicated volume: clones of replicated volumes are not "
-               "supported yet (take a snapshot of it and restore that)", what, id);
+    return Err(EINVAL,
+               "{} \"{}\" is a replicated volume: clones of replicated volumes are not "
+               "supported yet (take a snapshot of it and restore that)",
+               what, id);
   }
   auto r = csi::ParseVolumeId(id);
   if (!r.ok()) return Err(ENOENT, "{} \"{}\" does not exist: {}", what, id, r.status().message());

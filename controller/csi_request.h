@@ -20,8 +20,8 @@ namespace nbdcsi::controller {
 
 // The volume or snapshot an id names. ENOENT (NOT_FOUND) for an id that is not one of ours: it
 // names nothing, so "does not exist" is the truth. NamedVolume is for single-node volumes: an r1
-// id (a replicated volume, controller/replicated.h) is EINVAL, naming what is not supported. `what` starts the message ("volume",
-// "source volume", ...).
+// id (a replicated volume, controller/replicated.h) is EINVAL, naming what is not supported. `what`
+// starts the message ("volume", "source volume", ...).
 StatusOr<csi::VolumeRef> NamedVolume(const std::string& id, std::string_view what = "volume");
 StatusOr<csi::SnapshotRef> NamedSnapshot(const std::string& id, std::string_view what = "snapshot");
 

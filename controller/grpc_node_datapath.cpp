@@ -156,9 +156,10 @@ class GrpcNodeDatapath final : public NodeDatapath {
   StatusOr<std::vector<dpv1::BackupJob>> ListBackupJobs() override {
     dpv1::ListBackupJobsRequest req;
     dpv1::ListBackupJobsResponse resp;
-    return Then(Call("ListBackupJobs",
-                     [&](auto* c) { return backup_stub_->ListBackupJobs(c, req, &resp); }),
-                [&] { return std::vector<dpv1::BackupJob>(resp.jobs().begin(), resp.jobs().end()); });
+    return Then(
+        Call("ListBackupJobs",
+             [&](auto* c) { return backup_stub_->ListBackupJobs(c, req, &resp); }),
+        [&] { return std::vector<dpv1::BackupJob>(resp.jobs().begin(), resp.jobs().end()); });
   }
 
   StatusOr<dpv1::GetBackupResponse> GetBackup(const dpv1::GetBackupRequest& req) override {

@@ -56,7 +56,8 @@ Status OneSnapshot(Nodes& nodes, ReplicatedVolumes& replicated, const std::strin
   // entry" for a snapshot that is gone.
   if (!ds.ok()) return ds.status().code() == ENOENT ? Status::Ok() : ds.status();
   const std::string r1 = replicated.ReplicatedSource(ref->node_id, ds->source_volume());
-  const bool from_src = src ? ds->source_volume() == src->pool_name : r1_src.empty() || r1 == r1_src;
+  const bool from_src =
+      src ? ds->source_volume() == src->pool_name : r1_src.empty() || r1 == r1_src;
   if (from_src) AddSnapshot(ref->node_id, *ds, all, r1);
   return Status::Ok();
 }
@@ -164,10 +165,10 @@ Status ControllerImpl::ListVolumes(const v1::ListVolumesRequest& req,
       continue;
     }
     auto last = last_listings_.Of(node);
-    spdlog::warn("[{}] ListVolumes: node {} did not answer ({}); {} of its volumes listed as "
-                 "abnormal from its last listing",
-                 csi::CurrentRequestId(), node, answers[i].status().message(),
-                 last ? last->size() : 0);
+    spdlog::warn(
+        "[{}] ListVolumes: node {} did not answer ({}); {} of its volumes listed as "
+        "abnormal from its last listing",
+        csi::CurrentRequestId(), node, answers[i].status().message(), last ? last->size() : 0);
     if (last) {
       add(node, *last,
           NodeDownMessage(node, answers[i].status(),

@@ -1,8 +1,9 @@
 // What the controller asks of one node's nbd-datapathd (datapath/api/datapath.proto,
-// TargetFreeze of target.proto, and Backups of backup.proto; gRPC over mutual TLS): one method per RPC the controller uses. An interface, as the node plugin's
-// node/datapath_client.h is, so that placement, idempotency and error mapping are unit-tested
-// against in-process fakes (test/controller/fake_datapath.h); MakeGrpcDatapathFactory makes the
-// real clients, and NodeRegistry hands them out per registered node.
+// TargetFreeze of target.proto, and Backups of backup.proto; gRPC over mutual TLS): one method per
+// RPC the controller uses. An interface, as the node plugin's node/datapath_client.h is, so that
+// placement, idempotency and error mapping are unit-tested against in-process fakes
+// (test/controller/fake_datapath.h); MakeGrpcDatapathFactory makes the real clients, and
+// NodeRegistry hands them out per registered node.
 //
 // Errors are errno-style (common/status.h): the datapath's gRPC code through GrpcCodeToErrno, once
 // (NOT_FOUND ENOENT, ALREADY_EXISTS EEXIST, RESOURCE_EXHAUSTED ENOSPC, UNAVAILABLE EAGAIN,
@@ -72,7 +73,8 @@ class NodeDatapath {
   virtual StatusOr<std::vector<dpv1::BackupJob>> ListBackupJobs() = 0;
   // ENOENT when neither the backup nor a job making it (in this daemon) exists.
   virtual StatusOr<dpv1::GetBackupResponse> GetBackup(const dpv1::GetBackupRequest& req) = 0;
-  virtual StatusOr<dpv1::DeleteBackupResponse> DeleteBackup(const dpv1::DeleteBackupRequest& req) = 0;
+  virtual StatusOr<dpv1::DeleteBackupResponse> DeleteBackup(
+      const dpv1::DeleteBackupRequest& req) = 0;
 };
 
 // Makes the client of node `node_id`, whose datapath API listens on `address` (host:port).

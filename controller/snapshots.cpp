@@ -38,8 +38,7 @@ Status ControllerImpl::CreateSnapshot(const v1::CreateSnapshotRequest& req,
     src_node = src->node_id;
     src_pool = src->pool_name;
   }
-  auto done =
-      backups_.Finished(**backup, *snap_name, src_pool, src_node, resp->mutable_snapshot());
+  auto done = backups_.Finished(**backup, *snap_name, src_pool, src_node, resp->mutable_snapshot());
   if (!done.ok()) return done.status();
   if (*done) {
     resp->mutable_snapshot()->set_source_volume_id(req.source_volume_id());

@@ -38,8 +38,8 @@ StatusOr<Ref> ParseId(std::string_view id, std::string_view prefix, std::string_
   const std::string what = fmt::format("{} id {}", kind, Quote(id));
   if (id.empty()) return Error(EINVAL, "{} id must not be empty", kind);
   if (id.substr(0, prefix.size()) != prefix) {
-    return Error(EINVAL, "{} is not an nbd.csi.io {} id (expected \"{}<node>:<name>\")", what,
-                 kind, prefix);
+    return Error(EINVAL, "{} is not an nbd.csi.io {} id (expected \"{}<node>:<name>\")", what, kind,
+                 prefix);
   }
   std::string_view rest = id.substr(prefix.size());
   size_t colon = rest.find(':');
@@ -83,8 +83,8 @@ Status ValidatePoolName(std::string_view kind, std::string_view name) {
     bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
               c == '.' || c == '_' || c == '-';
     if (!ok) {
-      return Error(EINVAL, "{} name {} contains {} (allowed: A-Z a-z 0-9 . _ -)", kind,
-                   Quote(name), Quote(std::string_view(&c, 1)));
+      return Error(EINVAL, "{} name {} contains {} (allowed: A-Z a-z 0-9 . _ -)", kind, Quote(name),
+                   Quote(std::string_view(&c, 1)));
     }
   }
   return Status::Ok();
@@ -113,8 +113,10 @@ bool IsReplicatedVolumeId(std::string_view id) { return id.starts_with("r1:"); }
 
 StatusOr<std::string> ParseReplicatedVolumeId(std::string_view id) {
   if (!IsReplicatedVolumeId(id)) {
-    return Error(EINVAL, "volume id {} is not an nbd.csi.io replicated volume id (expected "
-                 "\"r1:<name>\")", Quote(id));
+    return Error(EINVAL,
+                 "volume id {} is not an nbd.csi.io replicated volume id (expected "
+                 "\"r1:<name>\")",
+                 Quote(id));
   }
   std::string_view name = id.substr(3);
   if (Status s = ValidatePoolName("volume", name); !s.ok()) {
@@ -159,8 +161,10 @@ StatusOr<std::string> FormatBackupSnapshotId(std::string_view url, std::string_v
 
 StatusOr<BackupRef> ParseBackupSnapshotId(std::string_view id) {
   if (!IsBackupSnapshotId(id)) {
-    return Error(EINVAL, "snapshot id {} is not an nbd.csi.io backup id (expected "
-                 "\"b1:s3://<bucket>/<prefix>#<name>\")", Quote(id));
+    return Error(EINVAL,
+                 "snapshot id {} is not an nbd.csi.io backup id (expected "
+                 "\"b1:s3://<bucket>/<prefix>#<name>\")",
+                 Quote(id));
   }
   std::string_view rest = id.substr(3);
   size_t hash = rest.rfind('#');

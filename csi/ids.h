@@ -8,8 +8,8 @@
 // A v1 or s1 id alone says which node's pool holds the object, so the stateless controller can
 // route every call without a lookup table. An r1 volume lives on several nodes, which the
 // cluster state in etcd names (common/cluster/cluster_store.h); every replica keeps it under the
-// same pool name, and any node may stage it (through a target, datapath/replica/target.h). The "v1"/"s1" prefix versions the format: a later layout
-// gets a new prefix and old ids keep parsing.
+// same pool name, and any node may stage it (through a target, datapath/replica/target.h). The
+// "v1"/"s1" prefix versions the format: a later layout gets a new prefix and old ids keep parsing.
 #pragma once
 
 #include <cstddef>

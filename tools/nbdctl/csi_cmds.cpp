@@ -6,9 +6,9 @@
 #include <map>
 #include <vector>
 
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <grpcpp/grpcpp.h>
+#include <CLI/CLI.hpp>
 
 #include "common/quantity.h"
 #include "csi/csi.grpc.pb.h"
