@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <random>
@@ -45,6 +46,8 @@ inline bool RecvAll(int fd, void* p, size_t n) {
   auto* c = static_cast<uint8_t*>(p);
   while (n) {
     ssize_t r = recv(fd, c, n, 0);
+    // A signal to this process (a test's threads share it) is not the peer's doing: go on.
+    if (r < 0 && errno == EINTR) continue;
     if (r <= 0) return false;
     c += r;
     n -= static_cast<size_t>(r);

@@ -96,6 +96,7 @@ class Client {
     auto* c = static_cast<const uint8_t*>(p);
     while (n) {
       ssize_t r = send(fd_, c, n, MSG_NOSIGNAL);
+      if (r < 0 && errno == EINTR) continue;  // a signal to the test process, not the peer
       ASSERT_GT(r, 0) << "send: " << strerror(errno);
       c += r;
       n -= static_cast<size_t>(r);
