@@ -294,8 +294,8 @@ namespace {
 // The error of a non-2xx answer, from the status and S3's <Error><Code>.
 Status HttpError(const std::string& what, const std::string& bucket, long http,
                  const std::string& body) {
-  std::string code(XmlField(body, "Code"));
-  std::string message(XmlField(body, "Message"));
+  std::string code = XmlUnescape(XmlField(body, "Code"));
+  std::string message = XmlUnescape(XmlField(body, "Message"));
   std::string detail = code.empty() ? std::string() : fmt::format(" ({}: {})", code, message);
   if (code == "NoSuchBucket") {
     return Error(ENOENT, "S3 {}: bucket \"{}\" does not exist", what, bucket);
