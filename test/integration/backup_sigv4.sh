@@ -134,8 +134,12 @@ run /dev/null nbdctl backup restore b2 "${T[@]}" --volume r2 --wait
 [ "$(vol_sha r2)" = "$sha_s2" ] || die "r2 differs from s2"
 grep -q '^OK HEAD ' "$LOG" || die "no HEAD went through the verifier"
 grep -q '^OK GET .*/chunks/' "$LOG" || die "no chunk GET went through the verifier"
+# S3's error answers come back through the proxy: a missing backup, a missing bucket.
+expect_fail -i 1 "does not exist" nbdctl backup restore nope "${T[@]}" --volume r0 --wait
+expect_fail -i 1 "bucket \"nosuchbucket\" does not exist" nbdctl backup list \
+  --target s3://nosuchbucket/x --endpoint "$ENDPOINT" --region "$REGION"
 no_denials "list, inspect, restore"
-step "list, inspect, b1 and b2 restored bit-exact"
+step "list, inspect, b1 and b2 restored bit-exact; a missing backup and bucket reported as such"
 
 # ---- listings of more than 1000 keys: 1005 stray objects put straight into s3rver; the
 # continuation tokens go back in signed queries; delete + GC collects them (1005 DELETEs) ----
