@@ -73,6 +73,9 @@ no_denials() {  # no_denials WHAT: the verifier refused nothing so far
   local d
   d=$(denials "$LOG")
   [ "$d" = 0 ] || { grep '^DENY ' "$LOG" | head -n 5 >&2; die "$1: the verifier refused $d request(s)"; }
+  # ... and every target went out in canonical form (the same to any server's reading).
+  d=$(grep -c ' noncanonical-target$' "$LOG" || true)
+  [ "$d" = 0 ] || { grep -m5 ' noncanonical-target$' "$LOG" >&2; die "$1: $d request(s) not in canonical form"; }
 }
 nbd_pwrite() {  # nbd_pwrite VOLUME OFFSET FILE
   $PY - "$(nbd_uri "$1")" "$2" "$3" <<'PY' || die "NBD write to $1 failed"
@@ -190,7 +193,7 @@ TU=(--target "s3://$BUCKET/$PREFIX" --endpoint "http://127.0.0.1:$pport_us" --re
 nbdctl -o json backup list "${TU[@]}" | jqx '.backups | map(.name) == ["b2"]'
 run /dev/null nbdctl backup restore b2 "${TU[@]}" --volume r4 --wait
 [ "$(vol_sha r4)" = "$sha_s2" ] || die "r4 differs from s2"
-[ "$(denials "$LOG_US")" = 0 ] && [ "$(oks "$LOG_US")" -ge 12 ] || die "us-east-1 verdicts: $(sort "$LOG_US" | cut -d' ' -f1-2 | uniq -c)"
+{ [ "$(denials "$LOG_US")" = 0 ] && [ "$(oks "$LOG_US")" -ge 12 ] && ! grep -q noncanonical "$LOG_US"; } || die "us-east-1 verdicts: $(sort "$LOG_US" | cut -d' ' -f1-2 | uniq -c)"
 step "us-east-1: list and restore verified"
 
 # ---- all of it verified: not one refusal ----

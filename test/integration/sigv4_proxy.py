@@ -12,7 +12,9 @@ header and host signed, x-amz-content-sha256 present and equal to the body's SHA
 UNSIGNED-PAYLOAD). A refusal is a 403 (400 for a bad payload hash) with S3's XML error body
 (SignatureDoesNotMatch, InvalidAccessKeyId, RequestTimeTooSkewed, AuthorizationHeaderMalformed,
 XAmzContentSHA256Mismatch, ...). One line per request goes to the log file:
-    OK <METHOD> <raw target> key=<KEYID> signed=<SignedHeaders>
+    OK <METHOD> <raw target> key=<KEYID> signed=<SignedHeaders> [noncanonical-target]
+(noncanonical-target: the path or query was not sent in SigV4's canonical encoding and order;
+the signature matched the canonical form, which a server that signs the raw target would not.)
     DENY <Code> <METHOD> <raw target> <detail>
 
 Usage:
@@ -84,7 +86,8 @@ def server_query_params(query):
 
 
 def verify(method, target, headers, body, credentials, region, now=None):
-    """Checks one request; returns (access key id, signed header names), raises Refused.
+    """Checks one request; returns (access key id, signed header names, whether the target was
+    sent in canonical form), raises Refused.
 
     target: the request-target exactly as sent (path?query); headers: list of (name, value) as
     received; body: bytes; credentials: {key id: secret}."""
@@ -145,11 +148,14 @@ def verify(method, target, headers, body, credentials, region, now=None):
         raise Refused("SignatureDoesNotMatch",
                       f"SignedHeaders {';'.join(signed)} != {signer.signed_headers(headers_to_sign)}")
     canonical = signer.canonical_request(req)
+    # Sent exactly in canonical form (path and query), the request means the same to a server
+    # that signs the raw target and to one that re-encodes what it decoded.
+    as_sent = raw_path == canonical_path and raw_query == signer.canonical_query_string(req)
     expected = signer.signature(signer.string_to_sign(req, canonical), req)
     if expected != signature:
         raise Refused("SignatureDoesNotMatch",
                       "canonical request " + repr(canonical) + f" gives {expected}, got {signature}")
-    return key_id, signed
+    return key_id, signed, as_sent
 
 
 class Proxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -197,7 +203,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def handle_any(self):
         body = self.read_body()
         try:
-            key_id, signed = verify(self.command, self.path, self.headers.items(), body,
+            key_id, signed, as_sent = verify(self.command, self.path, self.headers.items(), body,
                                     self.server.credentials, self.server.region)
         except Refused as r:
             self.verdict(f"DENY {r.code} {self.command} {self.path} {r.detail!r}")
@@ -207,7 +213,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.verdict(f"DENY InternalError {self.command} {self.path} {e!r}")
             self.refuse(Refused("InternalError", repr(e), 500))
             return
-        self.verdict(f"OK {self.command} {self.path} key={key_id} signed={';'.join(signed)}")
+        self.verdict(f"OK {self.command} {self.path} key={key_id} signed={';'.join(signed)}"
+                     + ("" if as_sent else " noncanonical-target"))
         up = http.client.HTTPConnection(self.server.upstream_host, self.server.upstream_port,
                                          timeout=120)
         try:
@@ -267,7 +274,7 @@ def _signed(method, url, body=b"", key="AKIDEXAMPLE", secret="secret/key+1", reg
         req.headers[k] = v
     S3SigV4Auth(Credentials(key, secret, token), service, region).add_auth(req)
     query = "&".join(f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
-                     for k, v in params)
+                     for k, v in sorted(params))
     target = path + ("?" + query if query else "")
     return target, list(req.headers.items())
 
@@ -279,8 +286,7 @@ def self_test():
 
     def expect(name, want, method, target, headers, body=b"", now=None):
         try:
-            verify(method, target, headers, body, creds, region, now)
-            got = "OK"
+            got = "OK" if verify(method, target, headers, body, creds, region, now)[2] else "OK-noncanonical"
         except Refused as r:
             got = r.code
         ok = got == want
@@ -297,7 +303,7 @@ def self_test():
     expect("botocore-signed listing with '+/= ' in the query", "OK", "GET", t, h)
     # The same parameters in another order and with other (equivalent) percent-encodings.
     t2 = "/bkt?prefix=a%2fb%20c&list-type=2&continuation-token=" + urllib.parse.quote(token, safe="")
-    expect("same query reordered, lower-case hex", "OK", "GET", t2, h)
+    expect("same query reordered, lower-case hex", "OK-noncanonical", "GET", t2, h)
     expect("a query parameter changed", "SignatureDoesNotMatch", "GET", t.replace("prefix=a", "prefix=z"), h)
     expect("a query parameter added", "SignatureDoesNotMatch", "GET", t + "&max-keys=5", h)
     expect("a '+' sent raw in the token (a space to the server)", "SignatureDoesNotMatch", "GET",
@@ -335,6 +341,7 @@ def self_test():
     t, h = _signed("GET", "http://127.0.0.1:9000/bkt/k", service="ec2")
     expect("another service", "AuthorizationHeaderMalformed", "GET", t, h)
     t, h = _signed("GET", "http://127.0.0.1:9000/bkt/k")
+    expect("the same path with a letter percent-encoded", "OK-noncanonical", "GET", "/bkt/%6B", h)
     later = datetime.datetime.utcnow() + datetime.timedelta(minutes=16)
     expect("x-amz-date 16 minutes old", "RequestTimeTooSkewed", "GET", t, h, now=later)
     expect("x-amz-date 14 minutes old", "OK", "GET", t, h,
