@@ -219,7 +219,7 @@ expect_fail -i 1 "(permission denied)" env AWS_SECRET_ACCESS_KEY=wrong \
 nbdctl -o json backup list "${T[@]}" | jqx '.backups | map(.name) == ["b2"]'
 unexpected=$(grep '^DENY ' "$LOG" | grep -cvE '^DENY (SignatureDoesNotMatch|InvalidAccessKeyId|AuthorizationHeaderMalformed) ' || true)
 [ "$unexpected" = 0 ] || die "unexpected refusals: $(grep '^DENY ' "$LOG" | cut -c1-200)"
-step "wrong region, wrong secret and unknown key: PERMISSION_DENIED; the verifier logged $(denials "$LOG") refusal(s): $(grep '^DENY' "$LOG" | cut -d' ' -f2 | sort | uniq -c | tr -s ' \n' ' ')"
+step "wrong region refused (AuthorizationHeaderMalformed); wrong secret and unknown key: PERMISSION_DENIED; the verifier logged $(denials "$LOG") refusal(s): $(grep '^DENY' "$LOG" | cut -d' ' -f2 | sort | uniq -c | tr -s ' \n' ' ')"
 
 daemon_stop
 step "done"
