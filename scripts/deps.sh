@@ -26,6 +26,9 @@ TEST_PKGS=(
   # test/fuzz (libFuzzer): the scripts call clang++-14 by name; the runtime is libclang-rt-14-dev.
   clang-14 libclang-rt-14-dev
   python3 python3-yaml procps psmisc jq unzip openssl
+  # test/integration/backup_sigv4.sh: botocore's SigV4 signer verifies the backup client's
+  # signatures (sigv4_proxy.py).
+  python3-botocore
   # test/integration/metrics_prometheus.sh: a real Prometheus server scrapes the datapath, and
   # promtool checks the exposition.
   prometheus

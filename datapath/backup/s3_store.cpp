@@ -33,29 +33,6 @@ std::string UriEncode(std::string_view s, bool keep_slash) {
   return out;
 }
 
-std::string XmlUnescape(std::string_view s) {
-  std::string out;
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] != '&') {
-      out += s[i];
-      continue;
-    }
-    static constexpr std::pair<std::string_view, char> kEntities[] = {
-        {"&amp;", '&'}, {"&lt;", '<'}, {"&gt;", '>'}, {"&quot;", '"'}, {"&apos;", '\''}};
-    bool done = false;
-    for (const auto& [ent, ch] : kEntities) {
-      if (s.substr(i, ent.size()) == ent) {
-        out += ch;
-        i += ent.size() - 1;
-        done = true;
-        break;
-      }
-    }
-    if (!done) out += '&';
-  }
-  return out;
-}
-
 // The text of the first <tag>...</tag> in `xml` at or after `from`; npos-safe.
 std::string_view XmlField(std::string_view xml, std::string_view tag, size_t from = 0) {
   std::string open = "<" + std::string(tag) + ">";
@@ -84,6 +61,69 @@ size_t Collect(char* ptr, size_t size, size_t nmemb, void* userdata) {
 std::once_flag g_curl_init;
 
 }  // namespace
+
+std::string XmlUnescape(std::string_view s) {
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] != '&') {
+      out += s[i];
+      continue;
+    }
+    static constexpr std::pair<std::string_view, char> kEntities[] = {
+        {"&amp;", '&'}, {"&lt;", '<'}, {"&gt;", '>'}, {"&quot;", '"'}, {"&apos;", '\''}};
+    bool done = false;
+    for (const auto& [ent, ch] : kEntities) {
+      if (s.substr(i, ent.size()) == ent) {
+        out += ch;
+        i += ent.size() - 1;
+        done = true;
+        break;
+      }
+    }
+    // Character references, &#39; or &#x27;: s3rver writes a key's ' as &#x27;, and S3 writes
+    // control characters that way. Up to U+10FFFF, out as UTF-8.
+    if (!done && s.substr(i, 2) == "&#") {
+      const bool hex = s.substr(i + 2, 1) == "x" || s.substr(i + 2, 1) == "X";
+      size_t j = i + (hex ? 3 : 2);
+      uint32_t cp = 0;
+      size_t digits = 0;
+      for (; j < s.size() && digits <= 8; ++j, ++digits) {
+        const char c = s[j];
+        int d = -1;
+        if (c >= '0' && c <= '9')
+          d = c - '0';
+        else if (hex && c >= 'a' && c <= 'f')
+          d = c - 'a' + 10;
+        else if (hex && c >= 'A' && c <= 'F')
+          d = c - 'A' + 10;
+        if (d < 0) break;
+        cp = cp * (hex ? 16 : 10) + static_cast<uint32_t>(d);
+      }
+      if (digits > 0 && digits <= 8 && j < s.size() && s[j] == ';' && cp > 0 && cp <= 0x10FFFF &&
+          (cp < 0xD800 || cp > 0xDFFF)) {
+        if (cp < 0x80) {
+          out += static_cast<char>(cp);
+        } else if (cp < 0x800) {
+          out += static_cast<char>(0xC0 | (cp >> 6));
+          out += static_cast<char>(0x80 | (cp & 0x3F));
+        } else if (cp < 0x10000) {
+          out += static_cast<char>(0xE0 | (cp >> 12));
+          out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+          out += static_cast<char>(0x80 | (cp & 0x3F));
+        } else {
+          out += static_cast<char>(0xF0 | (cp >> 18));
+          out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
+          out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+          out += static_cast<char>(0x80 | (cp & 0x3F));
+        }
+        i = j;
+        done = true;
+      }
+    }
+    if (!done) out += '&';
+  }
+  return out;
+}
 
 StatusOr<S3Url> ParseS3Url(const std::string& url) {
   constexpr std::string_view kScheme = "s3://";
@@ -254,8 +294,8 @@ namespace {
 // The error of a non-2xx answer, from the status and S3's <Error><Code>.
 Status HttpError(const std::string& what, const std::string& bucket, long http,
                  const std::string& body) {
-  std::string code(XmlField(body, "Code"));
-  std::string message(XmlField(body, "Message"));
+  std::string code = XmlUnescape(XmlField(body, "Code"));
+  std::string message = XmlUnescape(XmlField(body, "Message"));
   std::string detail = code.empty() ? std::string() : fmt::format(" ({}: {})", code, message);
   if (code == "NoSuchBucket") {
     return Error(ENOENT, "S3 {}: bucket \"{}\" does not exist", what, bucket);

@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "datapath/backup/object_store.h"
@@ -45,6 +46,10 @@ struct S3Url {
   std::string prefix;
 };
 StatusOr<S3Url> ParseS3Url(const std::string& url);
+
+// XML text -> characters: the five named entities and character references (&#39;, &#x27;,
+// out as UTF-8); anything else is kept as it is. Listings' keys and tokens go through it.
+std::string XmlUnescape(std::string_view s);
 
 class S3Store final : public ObjectStore {
  public:

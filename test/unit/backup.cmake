@@ -6,3 +6,5 @@ nbdcsi_add_gtest(backup_jobs_test ${CMAKE_CURRENT_LIST_DIR}/backup_jobs_test.cpp
 # nbdctl backup's pure helpers (credentials file, JSON and tables).
 nbdcsi_add_gtest(backup_render_test ${CMAKE_CURRENT_LIST_DIR}/backup_render_test.cpp
                  nbdctl_render)
+# The S3 client's pure helpers: the s3:// URL, XML text of listings (character references).
+nbdcsi_add_gtest(backup_s3_test ${CMAKE_CURRENT_LIST_DIR}/backup_s3_test.cpp nbd_backup)
