@@ -4,13 +4,13 @@
 # bucket: cluster A = nbd-csi-controller A + nbd-datapathd n1 (its own pool), cluster B =
 # controller B + nbd-datapathd n2 (another pool). nbdctl csi speaks CSI to each controller, as the
 # sidecars do, with the secrets in a file (as the sidecars pass a Secret).
-#   - A: a volume with 20 MiB of random data among holes; CreateSnapshot with backupTarget answers
-#     ready_to_use=false, then true once backed up (polled like the snapshotter); id b1:...; the
-#     local snapshot is gone from n1's pool; the manifest is on the server.
+#   - A: a 1 GiB volume with 300 MiB of random data among holes; CreateSnapshot with backupTarget
+#     answers ready_to_use=false, then true once backed up (polled like the snapshotter); id
+#     b1:...; the local snapshot is gone from n1's pool; the manifest and 75 chunks on the server.
 #   - B: ListSnapshots of the b1 id (ready, size); CreateVolume from it is ABORTED while the
 #     restore runs, then a volume on n2 whose bytes equal the source's (sha256 over NBD).
-#   - A: 1 MiB changed, a second backup snapshot: the server gained one chunk (counted in its
-#     data directory); B restores it bit-exact too.
+#   - A: 10 MiB changed, a second backup snapshot: the server gained the 3 chunks the change
+#     touched, about 12 MiB (counted in its data directory); B restores it bit-exact too.
 #   - B deletes the first backup snapshot: its manifest goes, the second stays restorable.
 #   - kill -9 of n1 while a bandwidth-limited backup runs: no manifest; after the restart the
 #     snapshotter's retry backs up again, and the restore is bit-exact.
@@ -54,6 +54,10 @@ EOF
 server_chunks() {  # how many chunk objects the server holds
   find "$W/s3/$BUCKET/clusters/chunks" -name '*._S3rver_object' 2>/dev/null | wc -l
 }
+server_chunk_bytes() {  # and their bytes
+  find "$W/s3/$BUCKET/clusters/chunks" -name '*._S3rver_object' -printf '%s\n' 2>/dev/null |
+    awk '{ b += $1 } END { print b + 0 }'
+}
 manifest_exists() { [ -e "$W/s3/$BUCKET/clusters/manifests/$1.json._S3rver_object" ]; }
 
 C=$W/certs
@@ -70,7 +74,7 @@ declare -A DP_PID
 start_dp() {  # start_dp NODE IP API_PORT REGISTRY_PORT
   local n=$1 ip=$2 port=$3 reg=$4
   mkdir -p "$W/pool-$n"
-  bg "$NBDCSI_BIN/nbd-datapathd" --pool "$W/pool-$n" --capacity 1Gi \
+  bg "$NBDCSI_BIN/nbd-datapathd" --pool "$W/pool-$n" --capacity 8Gi \
     --api "unix://$W/api-$n.sock" --nbd-listen "unix://$W/nbd-$n.sock" \
     --node-id "$n" --advertise "$ip:$port" --controller "127.0.0.1:$reg" \
     --tls-cert "$C/node-$n.crt" --tls-key "$C/node-$n.key" --tls-ca "$C/ca.crt" \
@@ -148,50 +152,55 @@ start_dp n2 127.0.0.3 "$API2" "$REGB"
 wait_for 15 registered a || die "n1 never registered with controller A"
 wait_for 15 registered b || die "n2 never registered with controller B"
 
-step "A: a 64 MiB volume with 20 MiB of random data among holes"
-csi a controller create-volume pvc-src --size 64Mi >"$W/src.json" || die "create pvc-src"
+step "A: a 1 GiB volume with 300 MiB of random data among holes"
+csi a controller create-volume pvc-src --size 1Gi >"$W/src.json" || die "create pvc-src"
 SRC=$(jq -r .volume_id <"$W/src.json")
 [ "$SRC" = v1:n1:pvc-src ] || die "source id $SRC"
-truncate -s 64M "$W/image"
-head -c $((20 * MiB)) /dev/urandom | dd of="$W/image" bs=1M seek=8 conv=notrunc status=none
+truncate -s 1G "$W/image"
+head -c $((300 * MiB)) /dev/urandom | dd of="$W/image" bs=1M seek=100 conv=notrunc status=none
 nbdcopy "$W/image" "nbd+unix:///pvc-src?socket=$W/nbd-n1.sock" || die "write pvc-src"
 SHA1=$(sha256sum <"$W/image" | cut -d' ' -f1)
 [ "$(vol_sha n1 pvc-src)" = "$SHA1" ] || die "pvc-src does not read back what was written"
 
-step "A: CreateSnapshot with backupTarget: not ready while it backs up (4 MiB/s), then ready"
+step "A: CreateSnapshot with backupTarget: not ready while 300 MiB go up, then ready"
 NOT_READY_SEEN=0
-snap_until_ready a snap-1 "$SRC" --param backupBandwidth=4Mi >"$W/snap1.json"
+t0=$SECONDS
+snap_until_ready a snap-1 "$SRC" >"$W/snap1.json"
 cat "$W/snap1.json"
 ID1=$(jq -r .snapshot_id <"$W/snap1.json")
 [ "$ID1" = "b1:$TARGET#snap-1" ] || die "snapshot id $ID1"
-jqx ".source_volume_id == \"$SRC\" and .size_bytes == $((64 * MiB))" <"$W/snap1.json"
-[ "$NOT_READY_SEEN" -ge 1 ] || die "20 MiB at 4 MiB/s was ready at the first answer"
+jqx ".source_volume_id == \"$SRC\" and .size_bytes == $((1024 * MiB))" <"$W/snap1.json"
+[ "$NOT_READY_SEEN" -ge 1 ] || die "300 MiB were backed up within the first answer"
 manifest_exists snap-1 || die "no manifest of snap-1 on the server"
-CHUNKS1=$(server_chunks)
-[ "$CHUNKS1" -eq 5 ] || die "expected 5 chunks (20 MiB from 8 MiB on, in 4 MiB chunks), server has $CHUNKS1"
+CHUNKS1=$(server_chunks) BYTES1=$(server_chunk_bytes)
+[ "$CHUNKS1" -eq 75 ] || die "expected 75 chunks (300 MiB from 100 MiB on, in 4 MiB chunks), server has $CHUNKS1"
 dp n1 -o json snapshot list | jq -e '.snapshots | length == 0' >/dev/null ||
   die "the local snapshot stayed on n1: $(dp n1 snapshot list)"
-echo "  not ready $NOT_READY_SEEN time(s), then ready; $CHUNKS1 chunks on the server"
+echo "  not ready $NOT_READY_SEEN time(s), then ready after $((SECONDS - t0)) s; $CHUNKS1 chunks, $((BYTES1 / MiB)) MiB on the server"
 
 step "B (another cluster): ListSnapshots of the b1 id, then CreateVolume from it"
 csi b controller snapshot list --id "$ID1" --secret-file "$W/secret" >"$W/list.json" ||
   die "ListSnapshots in B failed"
 jqx ".snapshots | length == 1" <"$W/list.json"
-jqx ".snapshots[0].ready_to_use and .snapshots[0].size_bytes == $((64 * MiB))" <"$W/list.json"
+jqx ".snapshots[0].ready_to_use and .snapshots[0].size_bytes == $((1024 * MiB))" <"$W/list.json"
 ABORTED_SEEN=0
 restore b pvc-restored "$ID1" >"$W/r1.json"
 jqx '.volume_id == "v1:n2:pvc-restored"' <"$W/r1.json"
 [ "$(vol_sha n2 pvc-restored)" = "$SHA1" ] || die "restored volume differs from the source"
 echo "  restored bit-exact on n2 (ABORTED $ABORTED_SEEN time(s) first)"
 
-step "A: 1 MiB changed, a second backup snapshot uploads one chunk"
-head -c $MiB /dev/urandom | dd of="$W/image" bs=1M seek=12 conv=notrunc status=none
+step "A: 10 MiB changed, a second backup snapshot uploads the 3 chunks it touched"
+head -c $((10 * MiB)) /dev/urandom | dd of="$W/image" bs=1M seek=200 conv=notrunc status=none
 nbdcopy "$W/image" "nbd+unix:///pvc-src?socket=$W/nbd-n1.sock" || die "rewrite pvc-src"
 SHA2=$(sha256sum <"$W/image" | cut -d' ' -f1)
 snap_until_ready a snap-2 "$SRC" >"$W/snap2.json"
 ID2=$(jq -r .snapshot_id <"$W/snap2.json")
-CHUNKS2=$(server_chunks)
-[ "$CHUNKS2" -eq $((CHUNKS1 + 1)) ] || die "incremental: $CHUNKS1 -> $CHUNKS2 chunks (expected +1)"
+CHUNKS2=$(server_chunks) BYTES2=$(server_chunk_bytes)
+[ "$CHUNKS2" -eq $((CHUNKS1 + 3)) ] || die "incremental: $CHUNKS1 -> $CHUNKS2 chunks (expected +3)"
+up=$((BYTES2 - BYTES1))
+[ "$up" -ge $((10 * MiB)) ] && [ "$up" -le $((13 * MiB)) ] ||
+  die "incremental: $up bytes uploaded for a 10 MiB change (expected 10-13 MiB: 3 chunks)"
+echo "  incremental: +3 chunks, $((up / 1024)) KiB uploaded for the 10 MiB change"
 restore b pvc-restored-2 "$ID2" >/dev/null
 [ "$(vol_sha n2 pvc-restored-2)" = "$SHA2" ] || die "second restore differs from the source"
 
@@ -206,10 +215,14 @@ restore b pvc-restored-3 "$ID2" >/dev/null
 csi b controller snapshot delete "$ID1" --secret-file "$W/secret" >/dev/null || die "delete is not idempotent"
 
 step "kill -9 of n1 during a backup (2 MiB/s): no manifest; the retry after the restart backs up"
+# 12 MiB of new data: what goes up at 2 MiB/s (the rest is already on the server).
+head -c $((12 * MiB)) /dev/urandom | dd of="$W/image" bs=1M seek=400 conv=notrunc status=none
+nbdcopy "$W/image" "nbd+unix:///pvc-src?socket=$W/nbd-n1.sock" || die "rewrite pvc-src"
+SHA3=$(sha256sum <"$W/image" | cut -d' ' -f1)
 csi a controller snapshot create snap-k --source "$SRC" --param "backupTarget=$TARGET" \
   --param backupBandwidth=2Mi --secret-file "$W/secret" >"$W/k.json" || die "CreateSnapshot snap-k"
 jqx '.ready_to_use == false' <"$W/k.json"
-sleep 2  # a window: part of the 21 MiB has gone up at 2 MiB/s
+sleep 2  # a window: part of the 12 MiB has gone up at 2 MiB/s
 kill -9 "${DP_PID[n1]}"
 wait "${DP_PID[n1]}" 2>/dev/null || true
 ! manifest_exists snap-k || die "a killed backup left a manifest"
@@ -217,7 +230,7 @@ start_dp n1 127.0.0.2 "$API1" "$REGA"
 wait_for 15 registered a || die "n1 never came back"
 snap_until_ready a snap-k "$SRC" >"$W/k2.json"
 restore b pvc-restored-k "$(jq -r .snapshot_id <"$W/k2.json")" >/dev/null
-[ "$(vol_sha n2 pvc-restored-k)" = "$SHA2" ] || die "the retried backup restores different bytes"
+[ "$(vol_sha n2 pvc-restored-k)" = "$SHA3" ] || die "the retried backup restores different bytes"
 
 step "an encrypted target: the key in the secret; B restores with it, and refuses without it"
 cp "$W/secret" "$W/secret-enc"
@@ -236,7 +249,7 @@ if grep -rqF "snap-enc" "$W/s3/$BUCKET/encrypted/manifests/"*._S3rver_object; th
   die "the encrypted manifest names its snapshot in clear"
 fi
 restore b pvc-enc "b1:$ENC#snap-enc" "$W/secret-enc" >/dev/null
-[ "$(vol_sha n2 pvc-enc)" = "$SHA2" ] || die "the encrypted backup restores different bytes"
+[ "$(vol_sha n2 pvc-enc)" = "$SHA3" ] || die "the encrypted backup restores different bytes"
 expect_code INVALID_ARGUMENT "encrypt" csi b controller create-volume pvc-enc-nokey \
   --from-snapshot "b1:$ENC#snap-enc" --secret-file "$W/secret"
 sed 's/^NBDCSI_BACKUP_ENCRYPTION_KEY=.*/NBDCSI_BACKUP_ENCRYPTION_KEY=wrong/' "$W/secret-enc" >"$W/secret-wrong"
