@@ -35,6 +35,7 @@
 #include "datapath/engine/frontend.h"
 #include "datapath/metrics/collector.h"
 #include "datapath/pool/pool.h"
+#include "datapath/schedule/runner.h"
 
 using namespace nbdcsi;
 using namespace nbdcsi::datapath;
@@ -240,6 +241,19 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
   Api api(**pool, (*attach)->manager(), agent);
   if (Status st = api.Start(**pool, c.api_listens); !st.ok()) return Fail(st);
   up.api_up = true;
+  // Recurring snapshots and backups of this pool's volumes; its first pass catches up once on
+  // what was missed while the daemon was down.
+  schedule::ScheduleRunner schedules(**pool, &api.backup_jobs,
+                                     {info.dir, c.backup_secret_dir, nullptr});
+  schedules.Load();
+  api.server->SetScheduleStatus(
+      [&schedules](const std::string& volume) { return schedules.Status(volume); });
+  // Whichever way Serve ends, the API stops reading the runner before it is destroyed.
+  struct UnsetStatus {
+    ApiServer& server;
+    ~UnsetStatus() { server.SetScheduleStatus(nullptr); }
+  } unset_status{*api.server};
+  schedules.Start();
   // Only once the API serves: the controller may call it as soon as it hears from us.
   std::unique_ptr<HeartbeatSender> heartbeat;
   if (!c.cluster.controller.empty()) {
@@ -256,6 +270,7 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
   // an API that is going away.
   if (heartbeat) heartbeat->Stop();
   api.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  schedules.Stop();
   // No SetLogLevel can come in any more: a pending timed change is dropped with its timer.
   ProcessLogLevel().Shutdown();
   // Before the sockets close; attached devices stay attached (AttachRuntime::Stop says why).
