@@ -247,7 +247,9 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
                                      {info.dir, c.backup_secret_dir, nullptr});
   schedules.Load();
   api.server->SetScheduleStatus(
-      [&schedules](const std::string& volume) { return schedules.Status(volume); });
+      [&schedules](const std::string& volume, const VolumeSchedule& schedule) {
+        return schedules.Status(volume, schedule);
+      });
   // Whichever way Serve ends, the API stops reading the runner before it is destroyed.
   struct UnsetStatus {
     ApiServer& server;

@@ -339,7 +339,7 @@ class DatapathService final : public v1::Datapath::Service {
         status = schedule_status_;
       }
       if (status) {
-        for (const ScheduleRunStatus& r : status(info.name)) {
+        for (const ScheduleRunStatus& r : status(info.name, info.schedule)) {
           auto* p = out->add_schedule_runs();
           p->set_kind(r.kind);
           p->set_cron(r.cron);

@@ -420,13 +420,19 @@ std::string ScheduleRunner::PruneBackups(const std::string& volume, const backup
 }
 
 std::vector<ScheduleRunStatus> ScheduleRunner::Status(const std::string& volume) {
-  std::vector<ScheduleRunStatus> out;
   auto v = pool_.Inspect(volume);
-  if (!v.ok() || v->schedule.empty()) return out;
+  if (!v.ok()) return {};
+  return Status(volume, v->schedule);
+}
+
+std::vector<ScheduleRunStatus> ScheduleRunner::Status(const std::string& volume,
+                                                      const VolumeSchedule& schedule) {
+  std::vector<ScheduleRunStatus> out;
+  if (schedule.empty()) return out;
   std::lock_guard lock(mu_);
   auto it = state_.find(volume);
   for (bool b : {false, true}) {
-    const std::string& cron = b ? v->schedule.backup_cron : v->schedule.snapshot_cron;
+    const std::string& cron = b ? schedule.backup_cron : schedule.snapshot_cron;
     if (cron.empty()) continue;
     ScheduleRunStatus r;
     r.kind = KindName(b);

@@ -21,7 +21,7 @@
 // same way into backup_target, with credentials read at fire time from the secret directory
 // (files AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional AWS_SESSION_TOKEN,
 // AWS_ENDPOINT_URL, AWS_REGION); never logged. A fire while the previous backup still runs is
-// skipped (recorded as an error, retried at the next fire time).
+// skipped (logged, not queued): the next fire time tries again.
 // Names: the volume's name when it is at most kMaxNameVolumePart bytes, else a prefix of it and
 // a 16-hex-digit hash; so names are unique per volume and minute, sort by time within a volume,
 // and "backup-" + name (the job's temporary snapshot) stays within the pool's 128 bytes.
@@ -94,7 +94,9 @@ class ScheduleRunner {
   // One pass at the clock's now (see the top). Thread-safe; passes do not overlap.
   void RunDue();
 
-  // The runs of `volume`'s schedule, one per kind it has now.
+  // The runs of `volume`'s schedule, one per kind `schedule` (the volume's now) has. Without
+  // `schedule` the pool is asked for it.
+  std::vector<ScheduleRunStatus> Status(const std::string& volume, const VolumeSchedule& schedule);
   std::vector<ScheduleRunStatus> Status(const std::string& volume);
 
  private:

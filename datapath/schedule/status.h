@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "common/volume_schedule.h"
+
 namespace nbdcsi::datapath {
 
 struct ScheduleRunStatus {
@@ -22,7 +24,8 @@ struct ScheduleRunStatus {
   std::string job_id;            // a running backup's job
 };
 
-// The runs of a volume's schedule (one per kind it has; none without a schedule).
-using ScheduleStatusFn = std::function<std::vector<ScheduleRunStatus>(const std::string& volume)>;
+// The runs of a volume's schedule (one per kind `schedule`, the volume's, has; none without).
+using ScheduleStatusFn = std::function<std::vector<ScheduleRunStatus>(
+    const std::string& volume, const VolumeSchedule& schedule)>;
 
 }  // namespace nbdcsi::datapath
