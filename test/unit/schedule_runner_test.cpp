@@ -394,6 +394,23 @@ TEST_F(ScheduleRunnerTest, BackupWithoutCredentialsFailsClearly) {
   EXPECT_EQ(Run("vol", "backup").result, "ok") << Run("vol", "backup").error;
 }
 
+// The daemon's thread: a pass at once when it starts (the catch-up), then it waits for the next
+// minute boundary, and Stop() does not wait for that.
+TEST_F(ScheduleRunnerTest, TheThreadRunsAPassAtStartAndStopsPromptly) {
+  CreateWithSchedule("vol", SnapSched("*/15 * * * *", 3));
+  NewRunner();
+  At(T(2026, 12, 7, 5, 50));
+  clock_.now = T(2026, 12, 7, 6, 0);
+  runner_->Start();
+  ASSERT_TRUE(test::WaitUntil([&] { return Run("vol", "snapshot").result == "ok"; },
+                              std::chrono::seconds(20)));
+  EXPECT_EQ(Snapshots(), std::vector<std::string>{"auto-20261207T0600-vol"});
+  const auto t0 = std::chrono::steady_clock::now();
+  runner_->Stop();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2));
+  runner_->Stop();  // idempotent
+}
+
 TEST_F(ScheduleRunnerTest, PoolKeepsTheScheduleAndComparesItOnCreate) {
   VolumeSchedule s = SnapSched("@daily", 3);
   CreateWithSchedule("vol", s);
