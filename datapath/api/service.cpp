@@ -333,24 +333,24 @@ class DatapathService final : public v1::Datapath::Service {
     out->set_fence_epoch(info.fence_epoch);
     if (!info.schedule.empty()) {
       ToProto(info.schedule, out->mutable_schedule());
-      ScheduleStatusFn status;
+      // Called under the lock, so that once SetScheduleStatus(nullptr) returns no call is still
+      // reading the runner (the daemon destroys it next). It takes the runner's lock briefly.
+      std::vector<ScheduleRunStatus> runs;
       {
         std::lock_guard lock(status_mu_);
-        status = schedule_status_;
+        if (schedule_status_) runs = schedule_status_(info.name, info.schedule);
       }
-      if (status) {
-        for (const ScheduleRunStatus& r : status(info.name, info.schedule)) {
-          auto* p = out->add_schedule_runs();
-          p->set_kind(r.kind);
-          p->set_cron(r.cron);
-          p->set_last_run_unix_ns(r.last_run_unix_ns);
-          p->set_result(r.result);
-          p->set_error(r.error);
-          p->set_made(r.made);
-          p->set_pruned(r.pruned);
-          p->set_next_fire_unix_ns(r.next_fire_unix_ns);
-          p->set_job_id(r.job_id);
-        }
+      for (const ScheduleRunStatus& r : runs) {
+        auto* p = out->add_schedule_runs();
+        p->set_kind(r.kind);
+        p->set_cron(r.cron);
+        p->set_last_run_unix_ns(r.last_run_unix_ns);
+        p->set_result(r.result);
+        p->set_error(r.error);
+        p->set_made(r.made);
+        p->set_pruned(r.pruned);
+        p->set_next_fire_unix_ns(r.next_fire_unix_ns);
+        p->set_job_id(r.job_id);
       }
     }
     if (auto vol = pool_.Acquire(info.name)) {
