@@ -90,8 +90,8 @@ Status ParseField(std::string_view text, int index, std::vector<bool>& bits, boo
   size_t start = 0;
   while (true) {
     size_t comma = text.find(',', start);
-    std::string_view item =
-        text.substr(start, comma == std::string_view::npos ? std::string_view::npos : comma - start);
+    std::string_view item = text.substr(
+        start, comma == std::string_view::npos ? std::string_view::npos : comma - start);
     if (item.empty()) return err(fmt::format("empty list item in \"{}\"", text));
     int step = 1;
     bool has_step = false;
@@ -187,8 +187,10 @@ StatusOr<CronSpec> ParseCron(const std::string& expr_in) {
       }
     }
     if (!found) {
-      return Error(EINVAL, "unknown macro \"{}\" (known: @yearly @monthly @weekly @daily "
-                           "@hourly)", expr);
+      return Error(EINVAL,
+                   "unknown macro \"{}\" (known: @yearly @monthly @weekly @daily "
+                   "@hourly)",
+                   expr);
     }
   }
   std::vector<std::string_view> fields;
@@ -202,13 +204,14 @@ StatusOr<CronSpec> ParseCron(const std::string& expr_in) {
     rest = e == std::string_view::npos ? std::string_view() : rest.substr(e);
   }
   if (fields.size() != 5) {
-    return Error(EINVAL, "\"{}\" has {} fields; a cron expression has 5 (minute hour "
-                         "day-of-month month day-of-week, UTC)", expr_in, fields.size());
+    return Error(EINVAL,
+                 "\"{}\" has {} fields; a cron expression has 5 (minute hour "
+                 "day-of-month month day-of-week, UTC)",
+                 expr_in, fields.size());
   }
   CronSpec c;
-  std::vector<bool> bits[5] = {std::vector<bool>(60), std::vector<bool>(24),
-                               std::vector<bool>(32), std::vector<bool>(13),
-                               std::vector<bool>(8)};
+  std::vector<bool> bits[5] = {std::vector<bool>(60), std::vector<bool>(24), std::vector<bool>(32),
+                               std::vector<bool>(13), std::vector<bool>(8)};
   bool star[5] = {};
   for (int i = 0; i < 5; ++i) {
     if (Status s = ParseField(fields[static_cast<size_t>(i)], i, bits[i], star[i]); !s.ok())

@@ -18,13 +18,19 @@ inline constexpr uint32_t kMaxScheduleRetain = 1000;
 struct VolumeSchedule {
   std::string snapshot_cron;  // "": no recurring snapshots
   uint32_t snapshot_retain = kDefaultScheduleRetain;
-  std::string backup_cron;    // "": no recurring backups
+  std::string backup_cron;  // "": no recurring backups
   uint32_t backup_retain = kDefaultScheduleRetain;
   std::string backup_target;  // s3://bucket[/prefix]; required with backup_cron
 
   bool empty() const { return snapshot_cron.empty() && backup_cron.empty(); }
   bool operator==(const VolumeSchedule&) const = default;
 };
+
+// One spelling of "no schedule": an empty() schedule whatever its retains say, so that what is
+// stored and compared does not depend on fields that mean nothing without a cron expression.
+inline VolumeSchedule Normalized(const VolumeSchedule& s) {
+  return s.empty() ? VolumeSchedule{} : s;
+}
 
 // EINVAL naming the field and the problem: a cron expression ParseCron refuses, a retain count
 // outside 1..kMaxScheduleRetain, a backup schedule without a target, a target that is not

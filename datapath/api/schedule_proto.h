@@ -14,7 +14,7 @@ inline VolumeSchedule FromProto(const v1::VolumeSchedule& p) {
   s.backup_cron = p.backup_cron();
   s.backup_retain = p.backup_retain() ? p.backup_retain() : kDefaultScheduleRetain;
   s.backup_target = p.backup_target();
-  return s;
+  return Normalized(s);
 }
 
 inline void ToProto(const VolumeSchedule& s, v1::VolumeSchedule* p) {

@@ -65,7 +65,7 @@ Status SameAsExisting(const VolumeMeta& m, const CreateSpec& spec, const std::st
   if (!(m.qos == spec.qos)) {
     return Error(EEXIST, "volume {} already exists with different QoS limits", m.name);
   }
-  if (!(m.schedule == spec.schedule)) {
+  if (!(Normalized(m.schedule) == Normalized(spec.schedule))) {
     return Error(EEXIST, "volume {} already exists with another schedule ({}; requested {})",
                  m.name, DescribeSchedule(m.schedule), DescribeSchedule(spec.schedule));
   }
@@ -241,7 +241,7 @@ StatusOr<VolumeInfo> Pool::Impl::CreateBlank(const CreateSpec& spec) {
   if (Status s = SizeDurably(fd, spec.size, data, vol_dir); !s.ok()) return fail(s);
   FaultPoint("create.data");
   const VolumeMeta m{name,    spec.size, RealtimeNs(), spec.read_only, spec.qos, "", "ready", "",
-                     /*fence_epoch=*/0, spec.schedule};
+                     /*fence_epoch=*/0, Normalized(spec.schedule)};
   // Open the descriptors before the commit, so nothing that can fail comes after it.
   auto vol = OpenVolume(m, fd);
   fd = -1;  // owned by the volume (or closed by its destructor) from here
@@ -442,7 +442,7 @@ StatusOr<VolumeInfo> Pool::SetSchedule(const std::string& name, const VolumeSche
     old_meta = it->second.meta;
   }
   VolumeMeta m = old_meta;
-  m.schedule = schedule;
+  m.schedule = Normalized(schedule);
   const bool changed = !(m.schedule == old_meta.schedule);
   if (changed) {
     if (Status s = I.CommitMetaOrRestore(m, old_meta, "schedule.meta_tmp",

@@ -5,8 +5,8 @@
 #include <filesystem>
 
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
 
 #include "common/cron.h"
 #include "common/fs_util.h"
@@ -82,8 +82,9 @@ bool IsAutoName(const std::string& name, const std::string& volume) {
 
 StatusOr<backup::Target> ReadBackupTarget(const std::string& secret_dir, const std::string& url) {
   if (secret_dir.empty()) {
-    return Error(EINVAL, "no credentials for scheduled backups: nbd-datapathd runs without "
-                         "--backup-secret-dir");
+    return Error(EINVAL,
+                 "no credentials for scheduled backups: nbd-datapathd runs without "
+                 "--backup-secret-dir");
   }
   backup::Target t;
   t.url = url;
@@ -92,11 +93,11 @@ StatusOr<backup::Target> ReadBackupTarget(const std::string& secret_dir, const s
     bool required;
     std::string* out;
   };
-  for (const Want& w : {Want{"AWS_ACCESS_KEY_ID", true, &t.credentials.access_key_id},
-                        Want{"AWS_SECRET_ACCESS_KEY", true, &t.credentials.secret_access_key},
-                        Want{"AWS_SESSION_TOKEN", false, &t.credentials.session_token},
-                        Want{"AWS_ENDPOINT_URL", false, &t.endpoint},
-                        Want{"AWS_REGION", false, &t.region}}) {
+  for (const Want& w :
+       {Want{"AWS_ACCESS_KEY_ID", true, &t.credentials.access_key_id},
+        Want{"AWS_SECRET_ACCESS_KEY", true, &t.credentials.secret_access_key},
+        Want{"AWS_SESSION_TOKEN", false, &t.credentials.session_token},
+        Want{"AWS_ENDPOINT_URL", false, &t.endpoint}, Want{"AWS_REGION", false, &t.region}}) {
     auto v = ReadKey(secret_dir, w.key, w.required);
     if (!v.ok()) return v.status();
     *w.out = std::move(*v);
@@ -167,10 +168,14 @@ void ScheduleRunner::Save() {
     for (bool b : {false, true}) {
       const KindState& k = b ? vs.backup : vs.snapshot;
       if (k.cron.empty()) continue;
-      o[KindName(b)] = {{"cron", k.cron},       {"baseline_unix_s", k.baseline_s},
-                        {"last_run_unix_s", k.last_run_s}, {"result", k.result},
-                        {"error", k.error},     {"made", k.made},
-                        {"pruned", k.pruned},   {"target", k.target}};
+      o[KindName(b)] = {{"cron", k.cron},
+                        {"baseline_unix_s", k.baseline_s},
+                        {"last_run_unix_s", k.last_run_s},
+                        {"result", k.result},
+                        {"error", k.error},
+                        {"made", k.made},
+                        {"pruned", k.pruned},
+                        {"target", k.target}};
     }
     if (!o.empty()) vols[vol] = o;
   }
@@ -191,7 +196,8 @@ void ScheduleRunner::Start() {
       for (const auto& [v, vs] : state_) running = running || vs.backup.result == "running";
       // The next minute boundary of the system clock (plus a little, so the pass sees the new
       // minute), or a few seconds while a backup job runs.
-      auto now = std::chrono::time_point_cast<std::chrono::milliseconds>(std::chrono::system_clock::now());
+      auto now =
+          std::chrono::time_point_cast<std::chrono::milliseconds>(std::chrono::system_clock::now());
       auto minute = std::chrono::floor<std::chrono::minutes>(now) + std::chrono::minutes(1) +
                     std::chrono::milliseconds(200);
       auto until = running ? std::min(minute, now + std::chrono::seconds(5)) : minute;
@@ -256,8 +262,10 @@ void ScheduleRunner::RunDue() {
       if (!next || *next > now) continue;
       k.baseline_s = now;
       changed = true;
-      if (b) RunBackup(v.name, v.schedule, now, k);
-      else RunSnapshot(v.name, v.schedule, now, k);
+      if (b)
+        RunBackup(v.name, v.schedule, now, k);
+      else
+        RunSnapshot(v.name, v.schedule, now, k);
     }
   }
   std::lock_guard lock(mu_);
@@ -280,16 +288,18 @@ void ScheduleRunner::RunSnapshot(const std::string& volume, const VolumeSchedule
   if (!snap.ok()) {
     st.result = "error";
     st.error = fmt::format("snapshot {}: {}", name, snap.status().message());
-    spdlog::warn("schedules: volume {}: scheduled snapshot failed: {}; next try at the next "
-                 "fire time", volume, st.error);
+    spdlog::warn(
+        "schedules: volume {}: scheduled snapshot failed: {}; next try at the next "
+        "fire time",
+        volume, st.error);
     return;
   }
   st.made = name;
   std::string prune_error = PruneSnapshots(volume, s.snapshot_retain, st.pruned);
   st.result = prune_error.empty() ? "ok" : "error";
   st.error = prune_error;
-  spdlog::info("schedules: volume {}: snapshot {} made, {} older pruned{}", volume, name,
-               st.pruned, prune_error.empty() ? "" : "; " + prune_error);
+  spdlog::info("schedules: volume {}: snapshot {} made, {} older pruned{}", volume, name, st.pruned,
+               prune_error.empty() ? "" : "; " + prune_error);
 }
 
 std::string ScheduleRunner::PruneSnapshots(const std::string& volume, uint32_t retain,
@@ -316,8 +326,8 @@ void ScheduleRunner::RunBackup(const std::string& volume, const VolumeSchedule& 
                                KindState& st) {
   if (st.result == "running") {
     // Still running from an earlier fire: this fire is skipped, not queued.
-    spdlog::warn("schedules: volume {}: backup {} still runs; this fire time is skipped",
-                 volume, st.made);
+    spdlog::warn("schedules: volume {}: backup {} still runs; this fire time is skipped", volume,
+                 st.made);
     return;
   }
   st.last_run_s = now;
@@ -329,8 +339,10 @@ void ScheduleRunner::RunBackup(const std::string& volume, const VolumeSchedule& 
   auto fail = [&](const std::string& why) {
     st.result = "error";
     st.error = why;
-    spdlog::warn("schedules: volume {}: scheduled backup failed: {}; next try at the next fire "
-                 "time", volume, why);
+    spdlog::warn(
+        "schedules: volume {}: scheduled backup failed: {}; next try at the next fire "
+        "time",
+        volume, why);
   };
   if (!jobs_) return fail("backups are not available in this daemon");
   auto target = ReadBackupTarget(opts_.secret_dir, s.backup_target);
@@ -364,8 +376,8 @@ void ScheduleRunner::FinishBackups() {
     if (job.ok() && job->state == "running") continue;
     if (!job.ok()) {
       k.result = "error";
-      k.error = fmt::format("backup {}: job {} is gone: {}", k.made, k.job_id,
-                            job.status().message());
+      k.error =
+          fmt::format("backup {}: job {} is gone: {}", k.made, k.job_id, job.status().message());
     } else if (job->state != "succeeded") {
       k.result = "error";
       k.error = fmt::format("backup {}: {}", k.made, job->error);

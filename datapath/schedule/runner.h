@@ -112,8 +112,7 @@ class ScheduleRunner {
   };
 
   void FinishBackups();
-  void RunSnapshot(const std::string& volume, const VolumeSchedule& s, int64_t now,
-                   KindState& st);
+  void RunSnapshot(const std::string& volume, const VolumeSchedule& s, int64_t now, KindState& st);
   void RunBackup(const std::string& volume, const VolumeSchedule& s, int64_t now, KindState& st);
   std::string PruneSnapshots(const std::string& volume, uint32_t retain, uint32_t& pruned);
   std::string PruneBackups(const std::string& volume, const backup::Target& t, uint32_t retain,

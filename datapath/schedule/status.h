@@ -13,15 +13,15 @@
 namespace nbdcsi::datapath {
 
 struct ScheduleRunStatus {
-  std::string kind;              // "snapshot" or "backup"
+  std::string kind;  // "snapshot" or "backup"
   std::string cron;
   int64_t last_run_unix_ns = 0;  // 0: never ran
   std::string result;            // "", "ok", "error", "running"
   std::string error;
-  std::string made;              // the snapshot or backup the last run made
+  std::string made;  // the snapshot or backup the last run made
   uint32_t pruned = 0;
   int64_t next_fire_unix_ns = 0;
-  std::string job_id;            // a running backup's job
+  std::string job_id;  // a running backup's job
 };
 
 // The runs of a volume's schedule (one per kind `schedule`, the volume's, has; none without).

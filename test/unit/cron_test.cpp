@@ -25,17 +25,32 @@ TEST(Cron, CivilConversions) {
   EXPECT_EQ(IsoUtc(T(2026, 12, 7, 5, 45) + 17), "2026-12-07T05:45:17Z");
   EXPECT_EQ(CompactUtc(T(2028, 2, 29, 23, 59)), "20280229T2359");
   CivilTime c = ToCivil(T(2026, 12, 7, 5, 45));
-  EXPECT_EQ(c.weekday, 1);  // a Monday
-  EXPECT_EQ(ToCivil(T(2032, 2, 29)).weekday, 0);  // a Sunday
+  EXPECT_EQ(c.weekday, 1);                                 // a Monday
+  EXPECT_EQ(ToCivil(T(2032, 2, 29)).weekday, 0);           // a Sunday
   EXPECT_EQ(ToCivil(T(1969, 12, 31, 23, 59)).year, 1969);  // negative times floor
 }
 
 TEST(Cron, ValidExpressions) {
-  for (const char* e :
-       {"* * * * *", "*/15 * * * *", "0 3 * * *", "0,30 8-18 * * mon-fri", "5 4 1 jan,JUL *",
-        "0 0 29 2 *", "0 0 * * 7", "0 0 * * 0-7", "1-59/2 */3 1-31/10 * *", "10/20 * * * *",
-        "@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually",
-        "  0   1  *  *  *  ", "0 0 31 * *", "0 0 31 2 mon"}) {
+  for (const char* e : {"* * * * *",
+                        "*/15 * * * *",
+                        "0 3 * * *",
+                        "0,30 8-18 * * mon-fri",
+                        "5 4 1 jan,JUL *",
+                        "0 0 29 2 *",
+                        "0 0 * * 7",
+                        "0 0 * * 0-7",
+                        "1-59/2 */3 1-31/10 * *",
+                        "10/20 * * * *",
+                        "@hourly",
+                        "@daily",
+                        "@midnight",
+                        "@weekly",
+                        "@monthly",
+                        "@yearly",
+                        "@annually",
+                        "  0   1  *  *  *  ",
+                        "0 0 31 * *",
+                        "0 0 31 2 mon"}) {
     auto c = ParseCron(e);
     EXPECT_TRUE(c.ok()) << e << ": " << c.status().message();
   }
@@ -84,7 +99,7 @@ TEST(Cron, InvalidExpressionsSayWhy) {
 }
 
 TEST(Cron, NextFire) {
-  const int64_t mon = T(2026, 12, 7, 5, 45);  // Monday 2026-12-07 05:45:00
+  const int64_t mon = T(2026, 12, 7, 5, 45);                     // Monday 2026-12-07 05:45:00
   EXPECT_EQ(NextIso("* * * * *", mon), "2026-12-07T05:46:00Z");  // strictly after
   EXPECT_EQ(NextIso("* * * * *", mon + 59), "2026-12-07T05:46:00Z");
   EXPECT_EQ(NextIso("*/15 * * * *", mon), "2026-12-07T06:00:00Z");

@@ -60,8 +60,7 @@ class ScheduleRunnerTest : public ::testing::Test {
     t.gc_wait = std::chrono::seconds(0);
     jobs_ = std::make_unique<backup::BackupJobs>(
         *pool_,
-        [this](const backup::Target& target)
-            -> StatusOr<std::unique_ptr<backup::ObjectStore>> {
+        [this](const backup::Target& target) -> StatusOr<std::unique_ptr<backup::ObjectStore>> {
           seen_endpoint_ = target.endpoint;
           if (target.credentials.access_key_id != "key" ||
               target.credentials.secret_access_key != "secret") {
@@ -211,8 +210,8 @@ TEST_F(ScheduleRunnerTest, FiresAtTheRightMinute) {
   At(T(2026, 12, 7, 6, 14));
   EXPECT_EQ(Snapshots().size(), 1u);
   At(T(2026, 12, 7, 6, 15, 1));
-  EXPECT_EQ(Snapshots(), (std::vector<std::string>{"auto-20261207T0600-vol",
-                                                   "auto-20261207T0615-vol"}));
+  EXPECT_EQ(Snapshots(),
+            (std::vector<std::string>{"auto-20261207T0600-vol", "auto-20261207T0615-vol"}));
   auto snap = pool_->InspectSnapshot("auto-20261207T0615-vol");
   ASSERT_TRUE(snap.ok());
   EXPECT_EQ(snap->source_volume, "vol");
@@ -228,9 +227,9 @@ TEST_F(ScheduleRunnerTest, PrunesOnlyItsOwnOldestBeyondRetention) {
   NewRunner();
   At(T(2026, 12, 7, 5, 50));
   for (int h = 6; h <= 10; ++h) At(T(2026, 12, 7, h, 0));
-  EXPECT_EQ(Snapshots("vol"), (std::vector<std::string>{"auto-20261207T0800-vol",
-                                                        "auto-20261207T0900-vol",
-                                                        "auto-20261207T1000-vol", "manual"}));
+  EXPECT_EQ(Snapshots("vol"),
+            (std::vector<std::string>{"auto-20261207T0800-vol", "auto-20261207T0900-vol",
+                                      "auto-20261207T1000-vol", "manual"}));
   EXPECT_EQ(Snapshots("other"), std::vector<std::string>{"auto-20260101T0000-other"});
   EXPECT_EQ(Run("vol", "snapshot").pruned, 1u);
   EXPECT_EQ(Run("vol", "snapshot").result, "ok");
@@ -251,8 +250,8 @@ TEST_F(ScheduleRunnerTest, CatchesUpOnceAfterAGap) {
   clock_.now = T(2026, 12, 7, 9, 7);
   NewRunner();
   runner_->RunDue();
-  EXPECT_EQ(Snapshots(), (std::vector<std::string>{"auto-20261207T0600-vol",
-                                                   "auto-20261207T0907-vol"}));
+  EXPECT_EQ(Snapshots(),
+            (std::vector<std::string>{"auto-20261207T0600-vol", "auto-20261207T0907-vol"}));
   EXPECT_EQ(Run("vol", "snapshot").next_fire_unix_ns, T(2026, 12, 7, 9, 15) * 1000000000);
   At(T(2026, 12, 7, 9, 8));
   At(T(2026, 12, 7, 9, 14));
@@ -353,8 +352,8 @@ TEST_F(ScheduleRunnerTest, BackupsArePrunedBeyondRetention) {
     EXPECT_EQ(r.made, AutoName(T(2026, 12, 7, h, 0), "vol"));
   }
   EXPECT_EQ(seen_endpoint_, "http://127.0.0.1:9");
-  EXPECT_EQ(Backups(), (std::vector<std::string>{"auto-20261207T0700-vol",
-                                                 "auto-20261207T0800-vol", "keep-me"}));
+  EXPECT_EQ(Backups(), (std::vector<std::string>{"auto-20261207T0700-vol", "auto-20261207T0800-vol",
+                                                 "keep-me"}));
   EXPECT_EQ(Run("vol", "backup").pruned, 1u);
   // The jobs' temporary snapshots are gone; no schedule snapshot was made for backups.
   EXPECT_TRUE(Snapshots().empty());
@@ -424,6 +423,13 @@ TEST_F(ScheduleRunnerTest, PoolKeepsTheScheduleAndComparesItOnCreate) {
   EXPECT_EQ(r.status().code(), EEXIST);
   EXPECT_NE(r.status().message().find("another schedule"), std::string::npos)
       << r.status().message();
+  // "No schedule" has one spelling: retains without a cron expression mean nothing and are not
+  // kept, so a retried create without them is the same volume.
+  CreateSpec none = CreateSpec::Blank("none", 8 * kMiB);
+  none.schedule.snapshot_retain = 5;
+  ASSERT_TRUE(pool_->Create(none).ok());
+  EXPECT_EQ(pool_->Inspect("none")->schedule, VolumeSchedule{});
+  EXPECT_TRUE(pool_->Create(CreateSpec::Blank("none", 8 * kMiB)).ok());
   // Invalid schedules are refused before anything is made.
   CreateSpec bad = CreateSpec::Blank("bad", 8 * kMiB);
   bad.schedule.backup_cron = "@daily";  // no target
