@@ -11,7 +11,8 @@
 //   load.cpp           Pool::Open: lock, load, orphans, broken objects, recovery of copies
 //   watch.cpp          data files removed under the running daemon: the volume is fenced
 //   copy.cpp           reflink (CloneWhole) and background-copy (CopyJob) orchestration
-//   volumes.cpp        Create (every source), Delete, Resize, QoS, Inspect, List, Acquire
+//   volumes.cpp        Create (every source), Delete, Resize, QoS, schedule, Inspect, List,
+//                      Acquire
 //   fill.cpp           restores and clones: source resolution and filling the new volume
 //   snapshots.cpp      snapshot create, delete, list, inspect
 //   copy_job, write_gate, qos, stats: the copy engine, the write pause, throttling, counters
