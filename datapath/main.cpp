@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <mutex>
 
 #include <CLI/CLI.hpp>
 #include <grpcpp/server.h>
@@ -57,6 +58,10 @@ struct Progress {
   std::atomic<bool> workers_up{false}, nbd_up{false}, api_up{false}, stopping{false};
   std::atomic<AttachmentManager*> attachments{nullptr};
   std::atomic<replica::ClusterAgent*> agent{nullptr};  // with --cluster-etcd, once it runs
+  // The schedule runner once it runs; cleared (under the lock, so no scrape is still reading
+  // it) before it is destroyed.
+  std::mutex schedules_mu;
+  schedule::ScheduleRunner* schedules = nullptr;  // guarded by schedules_mu
 };
 
 // The /metrics, /healthz and /readyz server. It starts before the NBD listeners and the API, so
@@ -89,6 +94,11 @@ StatusOr<std::unique_ptr<MetricsServer>> StartMetrics(const Config& c, Pool& poo
   collector->SetTargets([&up]() {
     replica::ClusterAgent* a = up.agent.load();
     return a ? TargetSamples(*a) : std::vector<TargetSample>{};
+  });
+  collector->SetSchedules([&up] {
+    std::lock_guard lock(up.schedules_mu);
+    return up.schedules ? up.schedules->All()
+                        : std::vector<std::pair<std::string, ScheduleRunStatus>>{};
   });
   auto server = MetricsServer::Start(c.metrics_listen, collector, std::move(health));
   if (!server.ok()) return Error(EINVAL, "--metrics-listen: {}", server.status().message());
@@ -250,11 +260,21 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
       [&schedules](const std::string& volume, const VolumeSchedule& schedule) {
         return schedules.Status(volume, schedule);
       });
-  // Whichever way Serve ends, the API stops reading the runner before it is destroyed.
+  {
+    std::lock_guard lock(up.schedules_mu);
+    up.schedules = &schedules;
+  }
+  // Whichever way Serve ends, the API and the metrics stop reading the runner before it is
+  // destroyed.
   struct UnsetStatus {
     ApiServer& server;
-    ~UnsetStatus() { server.SetScheduleStatus(nullptr); }
-  } unset_status{*api.server};
+    Progress& up;
+    ~UnsetStatus() {
+      server.SetScheduleStatus(nullptr);
+      std::lock_guard lock(up.schedules_mu);
+      up.schedules = nullptr;
+    }
+  } unset_status{*api.server, up};
   schedules.Start();
   // Only once the API serves: the controller may call it as soon as it hears from us.
   std::unique_ptr<HeartbeatSender> heartbeat;

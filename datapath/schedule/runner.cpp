@@ -431,6 +431,15 @@ std::string ScheduleRunner::PruneBackups(const std::string& volume, const backup
   return err;
 }
 
+std::vector<std::pair<std::string, ScheduleRunStatus>> ScheduleRunner::All() {
+  std::vector<std::pair<std::string, ScheduleRunStatus>> out;
+  for (const VolumeInfo& v : pool_.List()) {
+    if (v.schedule.empty()) continue;
+    for (ScheduleRunStatus& r : Status(v.name, v.schedule)) out.emplace_back(v.name, std::move(r));
+  }
+  return out;
+}
+
 std::vector<ScheduleRunStatus> ScheduleRunner::Status(const std::string& volume) {
   auto v = pool_.Inspect(volume);
   if (!v.ok()) return {};

@@ -98,6 +98,8 @@ class ScheduleRunner {
   // `schedule` the pool is asked for it.
   std::vector<ScheduleRunStatus> Status(const std::string& volume, const VolumeSchedule& schedule);
   std::vector<ScheduleRunStatus> Status(const std::string& volume);
+  // Every scheduled volume's runs (metrics).
+  std::vector<std::pair<std::string, ScheduleRunStatus>> All();
 
  private:
   struct KindState {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/volume_schedule.h"
@@ -23,6 +24,10 @@ struct ScheduleRunStatus {
   int64_t next_fire_unix_ns = 0;
   std::string job_id;  // a running backup's job
 };
+
+// Every volume's runs (metrics): (volume, run) pairs.
+using ScheduleRunsFn =
+    std::function<std::vector<std::pair<std::string, ScheduleRunStatus>>()>;
 
 // The runs of a volume's schedule (one per kind `schedule`, the volume's, has; none without).
 using ScheduleStatusFn = std::function<std::vector<ScheduleRunStatus>(

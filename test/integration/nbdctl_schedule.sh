@@ -10,7 +10,7 @@
 #     beyond the retention, records the run (shown by nbdctl, kept across another restart).
 #   - A backup schedule without --backup-secret-dir records a clear error at that catch-up.
 . "$(dirname "$0")/lib.sh"
-need jq
+need jq curl
 is_datapathd || skip "schedules are nbd-datapathd's feature"
 lib_init
 
@@ -61,7 +61,8 @@ cat >"$STATE" <<EOF
   "backup": {"cron": "$YEARLY", "baseline_unix_s": $past, "last_run_unix_s": 0, "result": "",
              "error": "", "made": "", "pruned": 0, "target": "s3://bucket/prefix"}}}}
 EOF
-daemon_start
+MPORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+daemon_start -- --metrics-listen "127.0.0.1:$MPORT"
 snap_ran() { nbdctl -o json volume schedule v1 | jq -e '.schedule.runs[0].result == "ok"' >/dev/null; }
 wait_for 20 snap_ran || die "no catch-up run: $(nbdctl volume schedule v1)"
 
@@ -84,6 +85,15 @@ step "the backup without --backup-secret-dir recorded a clear error"
 nbdctl -o json volume schedule v1 | jqx '.schedule.runs[1].kind == "backup" and
   .schedule.runs[1].result == "error" and (.schedule.runs[1].error | contains("--backup-secret-dir"))'
 nbdctl volume schedule v1 | grep -qF "backup error: " || die "the table does not show the error"
+
+step "the runs in /metrics"
+curl -fsS "http://127.0.0.1:$MPORT/metrics" >"$W/metrics.txt" || die "no /metrics"
+grep -qE '^nbdcsi_schedule_last_run_success\{(kind="snapshot",volume="v1"|volume="v1",kind="snapshot")\} 1$' \
+  "$W/metrics.txt" || die "snapshot success: $(grep nbdcsi_schedule "$W/metrics.txt")"
+grep -qE '^nbdcsi_schedule_last_run_success\{(kind="backup",volume="v1"|volume="v1",kind="backup")\} 0$' \
+  "$W/metrics.txt" || die "backup failure: $(grep nbdcsi_schedule "$W/metrics.txt")"
+grep -qE '^nbdcsi_schedule_next_run_timestamp_seconds\{.*kind="snapshot".*\} ' "$W/metrics.txt" ||
+  die "next run: $(grep nbdcsi_schedule "$W/metrics.txt")"
 
 step "another restart: the record is kept, nothing runs again"
 daemon_stop
