@@ -402,12 +402,16 @@ void ScheduleRunner::FinishBackups() {
     }
   }
   std::lock_guard lock(mu_);
+  bool changed = false;
   for (auto& [volume, k] : running) {
     auto it = state_.find(volume);
     if (it == state_.end() || it->second.backup.made != k.made) continue;
-    if (k.result != "running") it->second.backup = k;
+    if (k.result != "running") {
+      it->second.backup = k;
+      changed = true;
+    }
   }
-  Save();
+  if (changed) Save();  // not every few seconds while a job runs
 }
 
 std::string ScheduleRunner::PruneBackups(const std::string& volume, const backup::Target& t,
