@@ -192,10 +192,10 @@ void ScheduleRunner::Start() {
       lock.unlock();
       RunDue();
       lock.lock();
-      bool running = false;
+      bool running = deferred_;
       for (const auto& [v, vs] : state_) running = running || vs.backup.result == "running";
       // The next minute boundary of the system clock (plus a little, so the pass sees the new
-      // minute), or a few seconds while a backup job runs.
+      // minute), or a few seconds while a backup job runs or waits for a copy.
       auto now =
           std::chrono::time_point_cast<std::chrono::milliseconds>(std::chrono::system_clock::now());
       auto minute = std::chrono::floor<std::chrono::minutes>(now) + std::chrono::minutes(1) +
@@ -220,7 +220,7 @@ void ScheduleRunner::RunDue() {
   FinishBackups();
   const int64_t now = Now();
   std::vector<VolumeInfo> vols = pool_.List();
-  bool changed = false;
+  bool changed = false, deferred = false;
   std::map<std::string, VolState> work;
   {
     std::lock_guard lock(mu_);
@@ -260,6 +260,13 @@ void ScheduleRunner::RunDue() {
       if (!spec.ok()) continue;  // the pool validated it; cannot happen
       auto next = spec->Next(k.baseline_s);
       if (!next || *next > now) continue;
+      // A pool without reflink copies one snapshot of a volume at a time, and the backup job
+      // starts with one: while another copy runs (the snapshot this pass just took, a restore's
+      // or a user's), the backup waits, still due, and the next pass (a few seconds on) tries.
+      if (b && CopyRunning(v.name)) {
+        deferred = true;
+        continue;
+      }
       k.baseline_s = now;
       changed = true;
       if (b)
@@ -269,11 +276,21 @@ void ScheduleRunner::RunDue() {
     }
   }
   std::lock_guard lock(mu_);
+  deferred_ = deferred;
   if (!changed) return;
   // Backup jobs finished meanwhile were recorded into state_ by FinishBackups (it runs only in a
   // pass, under run_mu_, so nothing else wrote state_ since the copy): the copy is current.
   state_ = std::move(work);
   Save();
+}
+
+bool ScheduleRunner::CopyRunning(const std::string& volume) {
+  auto snaps = pool_.ListSnapshots(volume);
+  if (!snaps.ok()) return false;
+  for (const auto& s : *snaps) {
+    if (!s.ready && s.error.empty()) return true;
+  }
+  return false;
 }
 
 void ScheduleRunner::RunSnapshot(const std::string& volume, const VolumeSchedule& s, int64_t now,

@@ -82,6 +82,10 @@ grep -qF "schedules: volume v1: snapshot $made made, 1 older pruned" "$W/datapat
   die "the run is not logged"
 
 step "the backup without --backup-secret-dir recorded a clear error"
+# Due at the same pass as the snapshot, it waits for the snapshot's copy (no reflink here), then
+# runs at a later pass (every 5 s while it waits).
+backup_ran() { nbdctl -o json volume schedule v1 | jq -e '.schedule.runs[1].result != ""' >/dev/null; }
+wait_for 30 backup_ran || die "the backup never ran: $(nbdctl volume schedule v1)"
 nbdctl -o json volume schedule v1 | jqx '.schedule.runs[1].kind == "backup" and
   .schedule.runs[1].result == "error" and (.schedule.runs[1].error | contains("--backup-secret-dir"))'
 nbdctl volume schedule v1 | grep -qF "backup error: " || die "the table does not show the error"

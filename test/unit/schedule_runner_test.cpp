@@ -359,6 +359,52 @@ TEST_F(ScheduleRunnerTest, BackupsArePrunedBeyondRetention) {
   EXPECT_TRUE(Snapshots().empty());
 }
 
+// Both kinds due in the same minute on a pool without reflink: the snapshot's copy is running
+// when the backup comes due, and the backup job would start with a snapshot of its own (one copy
+// per volume at a time): it waits for the copy instead of failing with EAGAIN.
+TEST_F(ScheduleRunnerTest, ABackupDueWithTheSnapshotWaitsForItsCopy) {
+  WriteSecret("AWS_ACCESS_KEY_ID", "key");
+  WriteSecret("AWS_SECRET_ACCESS_KEY", "secret");
+  VolumeSchedule s = SnapSched("0 * * * *", 3);
+  s.backup_cron = "0 * * * *";
+  s.backup_target = "s3://bucket/prefix";
+  CreateWithSchedule("vol", s);
+  {  // 24 MiB of data: the snapshot's copy takes a moment
+    auto v = pool_->Inspect("vol");
+    int fd = ::open(v->path.c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0);
+    std::string data(kMiB, 'y');
+    for (uint64_t off = 0; off < 24 * kMiB; off += kMiB) {
+      data[0] = static_cast<char>(off >> 20);
+      ASSERT_EQ(::pwrite(fd, data.data(), data.size(), static_cast<off_t>(off)),
+                static_cast<ssize_t>(data.size()));
+    }
+    ::close(fd);
+  }
+  NewRunner(secret_dir_);
+  At(T(2026, 12, 7, 5, 50));
+  for (int h = 6; h <= 7; ++h) {
+    clock_.now = T(2026, 12, 7, h, 0);
+    ASSERT_TRUE(test::WaitUntil(
+        [&] {
+          runner_->RunDue();
+          const ScheduleRunStatus r = Run("vol", "backup");
+          return r.last_run_unix_ns == clock_.now * 1000000000 &&
+                 (r.result == "ok" || r.result == "error");
+        },
+        std::chrono::seconds(60)));
+    ScheduleRunStatus b = Run("vol", "backup");
+    EXPECT_EQ(b.result, "ok") << b.error;
+    EXPECT_EQ(b.made, AutoName(T(2026, 12, 7, h, 0), "vol"));
+    EXPECT_EQ(Run("vol", "snapshot").result, "ok") << Run("vol", "snapshot").error;
+    WaitCopies();
+  }
+  EXPECT_EQ(Snapshots(), (std::vector<std::string>{"auto-20261207T0600-vol",
+                                                   "auto-20261207T0700-vol"}));
+  EXPECT_EQ(Backups(), (std::vector<std::string>{"auto-20261207T0600-vol",
+                                                 "auto-20261207T0700-vol"}));
+}
+
 TEST_F(ScheduleRunnerTest, BackupWithoutCredentialsFailsClearly) {
   VolumeSchedule s;
   s.backup_cron = "*/30 * * * *";
