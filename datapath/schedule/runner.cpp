@@ -260,10 +260,11 @@ void ScheduleRunner::RunDue() {
       if (!spec.ok()) continue;  // the pool validated it; cannot happen
       auto next = spec->Next(k.baseline_s);
       if (!next || *next > now) continue;
-      // A pool without reflink copies one snapshot of a volume at a time, and the backup job
-      // starts with one: while another copy runs (the snapshot this pass just took, a restore's
-      // or a user's), the backup waits, still due, and the next pass (a few seconds on) tries.
-      if (b && CopyRunning(v.name)) {
+      // A pool without reflink copies one snapshot of a volume at a time, and a backup job
+      // starts with one too: while another copy runs (the snapshot this pass just took, an
+      // earlier one still copying, a user's), the run waits, still due, and a later pass (a few
+      // seconds on) starts it, rather than failing with EAGAIN.
+      if (CopyRunning(v.name)) {
         deferred = true;
         continue;
       }

@@ -21,10 +21,10 @@
 // same way into backup_target, with credentials read at fire time from the secret directory
 // (files AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional AWS_SESSION_TOKEN,
 // AWS_ENDPOINT_URL, AWS_REGION); never logged. A fire while the previous backup still runs is
-// skipped (logged, not queued): the next fire time tries again. A due backup whose volume has a
-// snapshot still being copied (a pool without reflink copies one at a time, and the job starts
-// with a snapshot), such as the one the snapshot schedule took in the same pass, waits for it:
-// it stays due, and the passes every few seconds start it once the copy is done.
+// skipped (logged, not queued): the next fire time tries again. A due run whose volume has a
+// snapshot still being copied (a pool without reflink copies one at a time, and a backup job
+// starts with a snapshot), such as the one the snapshot schedule took in the same pass, waits
+// for it: it stays due, and the passes every few seconds start it once the copy is done.
 // Names: the volume's name when it is at most kMaxNameVolumePart bytes, else a prefix of it and
 // a 16-hex-digit hash; so names are unique per volume and minute, sort by time within a volume,
 // and "backup-" + name (the job's temporary snapshot) stays within the pool's 128 bytes.
@@ -137,7 +137,7 @@ class ScheduleRunner {
   std::map<std::string, VolState> state_;  // guarded by mu_
   std::condition_variable cv_;
   bool stop_ = false;      // guarded by mu_
-  bool deferred_ = false;  // a due backup waits for a copy; guarded by mu_
+  bool deferred_ = false;  // a due run waits for a copy; guarded by mu_
   std::thread thread_;
 };
 

@@ -405,6 +405,40 @@ TEST_F(ScheduleRunnerTest, ABackupDueWithTheSnapshotWaitsForItsCopy) {
                                                  "auto-20261207T0700-vol"}));
 }
 
+// A snapshot fire while the previous snapshot's copy still runs waits for it (it stays due and
+// is taken by a later pass) rather than failing.
+TEST_F(ScheduleRunnerTest, ASnapshotDueDuringACopyWaitsForIt) {
+  CreateWithSchedule("vol", SnapSched("*/15 * * * *", 5));
+  {
+    auto v = pool_->Inspect("vol");
+    int fd = ::open(v->path.c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0);
+    std::string data(kMiB, 'z');
+    for (uint64_t off = 0; off < 8 * kMiB; off += kMiB) {
+      ASSERT_EQ(::pwrite(fd, data.data(), data.size(), static_cast<off_t>(off)),
+                static_cast<ssize_t>(data.size()));
+    }
+    ::close(fd);
+  }
+  NewRunner();
+  At(T(2026, 12, 7, 5, 50));
+  clock_.now = T(2026, 12, 7, 6, 0);
+  runner_->RunDue();  // the 06:00 copy starts
+  clock_.now = T(2026, 12, 7, 6, 15);
+  ASSERT_TRUE(test::WaitUntil(
+      [&] {
+        runner_->RunDue();  // at once: the 06:00 copy may still run
+        return Run("vol", "snapshot").last_run_unix_ns == clock_.now * 1000000000;
+      },
+      std::chrono::seconds(60)));
+  ScheduleRunStatus r = Run("vol", "snapshot");
+  EXPECT_EQ(r.result, "ok") << r.error;
+  EXPECT_EQ(r.made, "auto-20261207T0615-vol");
+  WaitCopies();
+  EXPECT_EQ(Snapshots(), (std::vector<std::string>{"auto-20261207T0600-vol",
+                                                   "auto-20261207T0615-vol"}));
+}
+
 TEST_F(ScheduleRunnerTest, BackupWithoutCredentialsFailsClearly) {
   VolumeSchedule s;
   s.backup_cron = "*/30 * * * *";
