@@ -24,6 +24,8 @@ const std::vector<std::string> kKnownPoints = {
     "resize.meta_renamed",
     "qos.meta_tmp",
     "qos.meta_renamed",
+    "schedule.meta_tmp",    // a volume's new schedule in the temp file; the old one in force
+    "schedule.meta_renamed",
     "fence.meta_tmp",       // fence epoch in the temp file; the volume still at its old epoch
     "fence.meta_renamed",
     // Snapshots, reflink path.

@@ -15,6 +15,7 @@
 #include "controller/csi_response.h"
 #include "controller/csi_status.h"
 #include "csi/logging.h"
+#include "datapath/api/schedule_proto.h"
 
 namespace nbdcsi::controller {
 namespace {
@@ -79,6 +80,9 @@ class CreateVolumeCall {
     if (!vac.ok()) return vac.status();
     qos_ = QosLimitsOf(sc->qos, *vac);
     replicas_ = sc->replicas;
+    // Recurring snapshots/backups: validated by the parameters' parser (replicated volumes
+    // refused there), run by the node's datapath, which stores the schedule with the volume.
+    schedule_ = sc->schedule;
     auto pool_name = csi::PoolNameForCsiName(req_.name());
     if (!pool_name.ok()) return Err(EINVAL, "name: {}", pool_name.status().message());
     pool_name_ = *pool_name;
@@ -291,6 +295,12 @@ class CreateVolumeCall {
       return Err(EEXIST, "volume \"{}\" exists on node {} with other QoS parameters ({})",
                  req_.name(), node, existing.qos().ShortDebugString());
     }
+    const VolumeSchedule have_schedule =
+        existing.has_schedule() ? datapath::FromProto(existing.schedule()) : VolumeSchedule{};
+    if (!(have_schedule == schedule_) && !(have_schedule.empty() && schedule_.empty())) {
+      return Err(EEXIST, "volume \"{}\" exists on node {} with another schedule ({})",
+                 req_.name(), node, DescribeSchedule(have_schedule));
+    }
     if (!candidates_.Allows(node)) {
       return Err(EEXIST,
                  "volume \"{}\" exists on node {}, which accessibility_requirements exclude",
@@ -367,6 +377,7 @@ class CreateVolumeCall {
     r.set_size_bytes(size);
     *r.mutable_qos() = qos_;
     if (source_.present()) *r.mutable_source() = source_.dp;
+    if (!schedule_.empty()) datapath::ToProto(schedule_, r.mutable_schedule());
     return r;
   }
 
@@ -400,6 +411,7 @@ class CreateVolumeCall {
   const v1::CapacityRange* range_ = nullptr;
   std::string pool_name_;
   dpv1::QosLimits qos_;
+  VolumeSchedule schedule_;
   std::vector<NodeInfo> live_;  // one registry snapshot for the whole call
   Candidates candidates_;
   ContentSource source_;

@@ -2,9 +2,11 @@
 
 #include <charconv>
 #include <limits>
+#include <tuple>
 
 #include <fmt/format.h>
 
+#include "common/cron.h"
 #include "common/quantity.h"
 
 namespace nbdcsi::csi {
@@ -40,6 +42,70 @@ StatusOr<uint64_t> ParseDecimal(const std::string& v) {
 StatusOr<QosParameters> ParseQosKeys(const std::map<std::string, std::string>& params,
                                      bool storage_class);
 
+const std::vector<std::string_view>& ScheduleKeys() {
+  static const std::vector<std::string_view> keys = {kSnapshotScheduleKey, kSnapshotRetainKey,
+                                                     kBackupScheduleKey, kBackupRetainKey,
+                                                     kBackupTargetKey};
+  return keys;
+}
+
+bool IsStorageClassOnlyKey(const std::string& name) {
+  if (name == kReplicasKey) return true;
+  for (auto k : ScheduleKeys()) {
+    if (name == k) return true;
+  }
+  return false;
+}
+
+// The schedule keys into `out`; each error names its key. The combinations are checked here
+// too, with the keys' names, before common/volume_schedule.h's validator (which names fields)
+// has anything left to refuse.
+Status ParseSchedule(const std::map<std::string, std::string>& params, VolumeSchedule& out) {
+  auto get = [&](std::string_view key) -> const std::string* {
+    auto it = params.find(std::string(key));
+    return it == params.end() ? nullptr : &it->second;
+  };
+  for (auto [key, cron] : {std::pair{kSnapshotScheduleKey, &out.snapshot_cron},
+                           std::pair{kBackupScheduleKey, &out.backup_cron}}) {
+    const std::string* v = get(key);
+    if (!v) continue;
+    if (auto c = ParseCron(*v); !c.ok()) {
+      return Error(EINVAL, "parameter {}: bad value \"{}\": {}", key, *v, c.status().message());
+    }
+    *cron = *v;
+  }
+  for (auto [key, sched, retain] :
+       {std::tuple{kSnapshotRetainKey, kSnapshotScheduleKey, &out.snapshot_retain},
+        std::tuple{kBackupRetainKey, kBackupScheduleKey, &out.backup_retain}}) {
+    const std::string* v = get(key);
+    if (!v) continue;
+    auto n = ParseDecimal(*v);
+    if (!n.ok() || *n < 1 || *n > kMaxScheduleRetain) {
+      return Error(EINVAL, "parameter {}: bad value \"{}\": a whole number from 1 to {}", key,
+                   *v, kMaxScheduleRetain);
+    }
+    if (!get(sched)) return Error(EINVAL, "parameter {} is set without {}", key, sched);
+    *retain = static_cast<uint32_t>(*n);
+  }
+  const std::string* target = get(kBackupTargetKey);
+  if (target) {
+    if (Status s = ValidateS3Target(*target); !s.ok()) {
+      return Error(EINVAL, "parameter {}: bad value \"{}\": {}", kBackupTargetKey, *target,
+                   s.message());
+    }
+    if (out.backup_cron.empty()) {
+      return Error(EINVAL, "parameter {} is set without {}", kBackupTargetKey,
+                   kBackupScheduleKey);
+    }
+    out.backup_target = *target;
+  } else if (!out.backup_cron.empty()) {
+    return Error(EINVAL, "parameter {} needs {} (s3://BUCKET[/PREFIX]: where the backups go)",
+                 kBackupScheduleKey, kBackupTargetKey);
+  }
+  if (Status s = ValidateSchedule(out); !s.ok()) return Error(EINVAL, "parameters: {}", s.message());
+  return Status::Ok();
+}
+
 }  // namespace
 
 bool QosParameters::empty() const { return *this == QosParameters{}; }
@@ -64,13 +130,20 @@ StatusOr<StorageClassParameters> ParseStorageClassParameters(
   if (!qos.ok()) return qos.status();
   out.qos = std::move(*qos);
   auto it = params.find(std::string(kReplicasKey));
-  if (it == params.end()) return out;
-  auto n = ParseDecimal(it->second);
-  if (!n.ok() || *n < 1 || *n > kMaxReplicas) {
-    return Error(EINVAL, "parameter {}: bad value \"{}\": a whole number from 1 to {}",
-                 kReplicasKey, it->second, kMaxReplicas);
+  if (it != params.end()) {
+    auto n = ParseDecimal(it->second);
+    if (!n.ok() || *n < 1 || *n > kMaxReplicas) {
+      return Error(EINVAL, "parameter {}: bad value \"{}\": a whole number from 1 to {}",
+                   kReplicasKey, it->second, kMaxReplicas);
+    }
+    out.replicas = static_cast<int>(*n);
   }
-  out.replicas = static_cast<int>(*n);
+  if (Status s = ParseSchedule(params, out.schedule); !s.ok()) return s;
+  if (!out.schedule.empty() && out.replicas > 1) {
+    return Error(EINVAL, "parameters {}/{}: schedules are not supported for replicated volumes "
+                 "yet ({}={})", kSnapshotScheduleKey, kBackupScheduleKey, kReplicasKey,
+                 out.replicas);
+  }
   return out;
 }
 
@@ -89,11 +162,13 @@ StatusOr<QosParameters> ParseQosKeys(const std::map<std::string, std::string>& p
     for (const QosField& f : kQosFields) {
       if (name == f.csi_key) key = &f;
     }
-    if (storage_class && name == kReplicasKey) continue;
+    if (storage_class && IsStorageClassOnlyKey(name)) continue;
     if (!key) {
       return Error(EINVAL, "unknown parameter \"{}\"; known: {}{}", name,
                    fmt::join(QosParameterKeys(), ", "),
-                   storage_class ? fmt::format(", {}", kReplicasKey) : "");
+                   storage_class ? fmt::format(", {}, {}", kReplicasKey,
+                                               fmt::join(ScheduleKeys(), ", "))
+                                 : "");
     }
     auto bad = [&](const Status& s) {
       return Error(s.code(), "parameter {}: bad value \"{}\": {}", name, value, s.message());

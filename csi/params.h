@@ -11,6 +11,7 @@
 
 #include "common/qos_fields.h"
 #include "common/status.h"
+#include "common/volume_schedule.h"
 
 namespace nbdcsi::csi {
 
@@ -38,12 +39,26 @@ StatusOr<QosParameters> ParseQosParameters(const std::map<std::string, std::stri
 inline constexpr std::string_view kReplicasKey = "replicas";
 inline constexpr int kMaxReplicas = 3;
 
-// CreateVolume.parameters: the QoS keys above and `replicas` (a decimal 1..kMaxReplicas, default
-// 1; 1 is the local single-node volume). Not mutable: ControllerModifyVolume's
-// mutable_parameters go through ParseQosParameters, which does not know it. EINVAL as above.
+// Recurring snapshots and backups (issue 18), run by the node's nbd-datapathd:
+//   snapshotSchedule  5-field cron, UTC (common/cron.h)   snapshotRetain  1..1000, default 7
+//   backupSchedule    5-field cron, UTC                    backupRetain    1..1000, default 7
+//   backupTarget      s3://BUCKET[/PREFIX]: required with backupSchedule, refused without it
+// A retain key without its schedule is refused (it would do nothing). Schedules on replicated
+// volumes (replicas >= 2) are refused: not supported yet.
+inline constexpr std::string_view kSnapshotScheduleKey = "snapshotSchedule";
+inline constexpr std::string_view kSnapshotRetainKey = "snapshotRetain";
+inline constexpr std::string_view kBackupScheduleKey = "backupSchedule";
+inline constexpr std::string_view kBackupRetainKey = "backupRetain";
+inline constexpr std::string_view kBackupTargetKey = "backupTarget";
+
+// CreateVolume.parameters: the QoS keys above, `replicas` (a decimal 1..kMaxReplicas, default
+// 1; 1 is the local single-node volume) and the schedule keys. Not mutable: ControllerModifyVolume's
+// mutable_parameters go through ParseQosParameters, which does not know them. EINVAL as above,
+// naming the key and the problem.
 struct StorageClassParameters {
   QosParameters qos;
   int replicas = 1;
+  VolumeSchedule schedule;  // empty() when no schedule key was given
 };
 StatusOr<StorageClassParameters> ParseStorageClassParameters(
     const std::map<std::string, std::string>& params);

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <mutex>
 
 #include <CLI/CLI.hpp>
 #include <grpcpp/server.h>
@@ -35,6 +36,7 @@
 #include "datapath/engine/frontend.h"
 #include "datapath/metrics/collector.h"
 #include "datapath/pool/pool.h"
+#include "datapath/schedule/runner.h"
 
 using namespace nbdcsi;
 using namespace nbdcsi::datapath;
@@ -56,6 +58,10 @@ struct Progress {
   std::atomic<bool> workers_up{false}, nbd_up{false}, api_up{false}, stopping{false};
   std::atomic<AttachmentManager*> attachments{nullptr};
   std::atomic<replica::ClusterAgent*> agent{nullptr};  // with --cluster-etcd, once it runs
+  // The schedule runner once it runs; cleared (under the lock, so no scrape is still reading
+  // it) before it is destroyed.
+  std::mutex schedules_mu;
+  schedule::ScheduleRunner* schedules = nullptr;  // guarded by schedules_mu
 };
 
 // The /metrics, /healthz and /readyz server. It starts before the NBD listeners and the API, so
@@ -88,6 +94,11 @@ StatusOr<std::unique_ptr<MetricsServer>> StartMetrics(const Config& c, Pool& poo
   collector->SetTargets([&up]() {
     replica::ClusterAgent* a = up.agent.load();
     return a ? TargetSamples(*a) : std::vector<TargetSample>{};
+  });
+  collector->SetSchedules([&up] {
+    std::lock_guard lock(up.schedules_mu);
+    return up.schedules ? up.schedules->All()
+                        : std::vector<std::pair<std::string, ScheduleRunStatus>>{};
   });
   auto server = MetricsServer::Start(c.metrics_listen, collector, std::move(health));
   if (!server.ok()) return Error(EINVAL, "--metrics-listen: {}", server.status().message());
@@ -242,6 +253,31 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
   Api api(**pool, (*attach)->manager(), agent);
   if (Status st = api.Start(**pool, c.api_listens); !st.ok()) return Fail(st);
   up.api_up = true;
+  // Recurring snapshots and backups of this pool's volumes; its first pass catches up once on
+  // what was missed while the daemon was down.
+  schedule::ScheduleRunner schedules(**pool, &api.backup_jobs,
+                                     {info.dir, c.backup_secret_dir, nullptr});
+  schedules.Load();
+  api.server->SetScheduleStatus(
+      [&schedules](const std::string& volume, const VolumeSchedule& schedule) {
+        return schedules.Status(volume, schedule);
+      });
+  {
+    std::lock_guard lock(up.schedules_mu);
+    up.schedules = &schedules;
+  }
+  // Whichever way Serve ends, the API and the metrics stop reading the runner before it is
+  // destroyed.
+  struct UnsetStatus {
+    ApiServer& server;
+    Progress& up;
+    ~UnsetStatus() {
+      server.SetScheduleStatus(nullptr);
+      std::lock_guard lock(up.schedules_mu);
+      up.schedules = nullptr;
+    }
+  } unset_status{*api.server, up};
+  schedules.Start();
   // Only once the API serves: the controller may call it as soon as it hears from us.
   std::unique_ptr<HeartbeatSender> heartbeat;
   if (!c.cluster.controller.empty()) {
@@ -258,6 +294,7 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
   // an API that is going away.
   if (heartbeat) heartbeat->Stop();
   api.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  schedules.Stop();
   // No SetLogLevel can come in any more: a pending timed change is dropped with its timer.
   ProcessLogLevel().Shutdown();
   // Before the sockets close; attached devices stay attached (AttachRuntime::Stop says why).

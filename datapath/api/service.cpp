@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <string_view>
 #include <utility>
 
@@ -16,6 +17,7 @@
 #include "common/grpc_status.h"
 #include "datapath/api/datapath.grpc.pb.h"
 #include "datapath/api/qos_proto.h"
+#include "datapath/api/schedule_proto.h"
 
 namespace nbdcsi::datapath {
 
@@ -32,6 +34,7 @@ StatusOr<CreateSpec> ToSpec(const v1::CreateVolumeRequest& req) {
   spec.size = req.size_bytes();
   spec.qos = FromProto(req.qos());
   spec.read_only = req.read_only();
+  if (req.has_schedule()) spec.schedule = FromProto(req.schedule());
   if (!req.has_source()) return spec;
   switch (req.source().kind_case()) {
     case v1::VolumeContentSource::kSnapshot:
@@ -133,6 +136,24 @@ class DatapathService final : public v1::Datapath::Service {
     spdlog::info("api SetQos: volume \"{}\" limits changed", name);
     Fill(*r, resp->mutable_volume());
     return grpc::Status::OK;
+  }
+
+  grpc::Status SetSchedule(grpc::ServerContext*, const v1::SetScheduleRequest* req,
+                           v1::SetScheduleResponse* resp) override {
+    const std::string& name = req->name();
+    auto guard = Mark("volume", name);
+    if (!guard.ok()) return Fail("SetSchedule", guard.status());
+    const VolumeSchedule s = req->has_schedule() ? FromProto(req->schedule()) : VolumeSchedule{};
+    auto r = pool_.SetSchedule(name, s);
+    if (!r.ok()) return Fail("SetSchedule", r.status());
+    spdlog::info("api SetSchedule: volume \"{}\": {}", name, DescribeSchedule(r->schedule));
+    Fill(*r, resp->mutable_volume());
+    return grpc::Status::OK;
+  }
+
+  void SetScheduleStatus(ScheduleStatusFn fn) {
+    std::lock_guard lock(status_mu_);
+    schedule_status_ = std::move(fn);
   }
 
   // No in-flight mark: a fence is not a CSI call to be retried on ABORTED; the pool's name
@@ -310,6 +331,28 @@ class DatapathService final : public v1::Datapath::Service {
     out->set_copy_data_done_bytes(info.copy_data_done);
     if (info.copy_data_total) out->set_copy_data_total_bytes(*info.copy_data_total);
     out->set_fence_epoch(info.fence_epoch);
+    if (!info.schedule.empty()) {
+      ToProto(info.schedule, out->mutable_schedule());
+      // Called under the lock, so that once SetScheduleStatus(nullptr) returns no call is still
+      // reading the runner (the daemon destroys it next). It takes the runner's lock briefly.
+      std::vector<ScheduleRunStatus> runs;
+      {
+        std::lock_guard lock(status_mu_);
+        if (schedule_status_) runs = schedule_status_(info.name, info.schedule);
+      }
+      for (const ScheduleRunStatus& r : runs) {
+        auto* p = out->add_schedule_runs();
+        p->set_kind(r.kind);
+        p->set_cron(r.cron);
+        p->set_last_run_unix_ns(r.last_run_unix_ns);
+        p->set_result(r.result);
+        p->set_error(r.error);
+        p->set_made(r.made);
+        p->set_pruned(r.pruned);
+        p->set_next_fire_unix_ns(r.next_fire_unix_ns);
+        p->set_job_id(r.job_id);
+      }
+    }
     if (auto vol = pool_.Acquire(info.name)) {
       out->set_open_connections(vol->stats().connections());
     }
@@ -333,7 +376,14 @@ class DatapathService final : public v1::Datapath::Service {
 
   Pool& pool_;
   std::shared_ptr<NameLocks> in_flight_;
+  std::mutex status_mu_;
+  ScheduleStatusFn schedule_status_;  // guarded by status_mu_
 };
+
+void ApiServer::SetScheduleStatus(ScheduleStatusFn fn) {
+  local_service_->SetScheduleStatus(fn);
+  remote_service_->SetScheduleStatus(std::move(fn));
+}
 
 std::unique_ptr<grpc::Service> MakeDatapathService(Pool& pool) {
   return std::make_unique<DatapathService>(pool, std::make_shared<NameLocks>());

@@ -15,6 +15,7 @@
 #include "common/status.h"
 #include "common/unix_listener.h"
 #include "datapath/pool/pool.h"
+#include "datapath/schedule/status.h"
 
 namespace nbdcsi::datapath {
 
@@ -57,6 +58,9 @@ class ApiServer {
   const std::vector<int>& ports() const { return ports_; }
   // The server holding the unix listeners (null when there are none).
   grpc::Server* grpc_server() { return local_.get(); }
+  // Where GetVolume and ListVolumes read each volume's schedule runs (Volume.schedule_runs); the
+  // schedule runner starts after the server, so it is set then. Thread-safe.
+  void SetScheduleStatus(ScheduleStatusFn fn);
 
  private:
   friend StatusOr<std::unique_ptr<ApiServer>> StartApiServer(Pool&, std::vector<ApiListen>,

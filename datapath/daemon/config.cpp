@@ -135,6 +135,10 @@ void AddPoolFlags(CLI::App& app, Flags& f) {
       ->capture_default_str();
   app.add_option("--capacity", f.capacity,
                  "Pool capacity (e.g. 100Gi); default: the file system's size");
+  app.add_option("--backup-secret-dir", f.backup_secret_dir,
+                 "Directory (a mounted Secret) with the S3 credentials of scheduled backups, one "
+                 "file per key: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional "
+                 "AWS_SESSION_TOKEN, AWS_ENDPOINT_URL, AWS_REGION; read at each backup");
 }
 
 void AddNbdFlags(CLI::App& app, Flags& f) {
@@ -403,6 +407,7 @@ StatusOr<Config> Resolve(const Flags& f) {
   c.attach = f.attach;
   if (f.require_kernel_nbd) c.attach.fuse_fallback = false;
   c.metrics_listen = f.metrics_listen;
+  c.backup_secret_dir = f.backup_secret_dir;
   return c;
 }
 

@@ -69,6 +69,7 @@ struct Flags {
   std::string metrics_listen;
   std::string log_level = "info";
   std::string log_format = "text";
+  std::string backup_secret_dir;
 };
 
 // What the flags resolve to, every file they name read and checked: what the daemon runs with.
@@ -87,6 +88,8 @@ struct Config {
   std::optional<etcd::EtcdOptions> etcd;
   std::string cluster_prefix;
   replica::ClusterAgentOptions agent;
+  // Scheduled backups read their credentials here at fire time (datapath/schedule/runner.h).
+  std::string backup_secret_dir;
 };
 
 // Registers every flag of nbd-datapathd on `app`, writing into `f`.

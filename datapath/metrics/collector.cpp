@@ -252,6 +252,7 @@ std::vector<MetricFamily> DatapathCollector::Collect() const {
   if (engine_) CollectEngine(engine_(), out);
   if (attachments_) CollectAttachments(attachments_(), out);
   CollectTargets(out);
+  CollectSchedules(out);
   return out;
 }
 
@@ -308,6 +309,43 @@ void DatapathCollector::CollectTargets(std::vector<MetricFamily>& out) const {
   for (MetricFamily* f : {&epoch, &degraded, &stopped, &degraded_writes, &in_sync, &to_resync,
                           &errors})
     out.push_back(std::move(*f));
+}
+
+void DatapathCollector::SetSchedules(ScheduleRunsFn runs) {
+  std::lock_guard<std::mutex> lock(schedules_mu_);
+  schedules_ = std::move(runs);
+}
+
+// ---- recurring snapshots and backups (issue 18) ---------------------------------------------------
+void DatapathCollector::CollectSchedules(std::vector<MetricFamily>& out) const {
+  std::vector<std::pair<std::string, ScheduleRunStatus>> runs;
+  {
+    // Under the lock: once SetSchedules(nullptr) returns, no scrape still reads the runner.
+    std::lock_guard<std::mutex> lock(schedules_mu_);
+    if (!schedules_) return;
+    runs = schedules_();
+  }
+  MetricFamily last = Family("nbdcsi_schedule_last_run_timestamp_seconds",
+                             "When the volume's schedule of this kind last ran (Unix time).",
+                             T::Gauge);
+  MetricFamily ok = Family("nbdcsi_schedule_last_run_success",
+                           "1 when the last run succeeded, 0 when it failed (a backup still "
+                           "running has no sample).",
+                           T::Gauge);
+  MetricFamily next = Family("nbdcsi_schedule_next_run_timestamp_seconds",
+                             "The next fire time of the volume's schedule of this kind (Unix "
+                             "time).",
+                             T::Gauge);
+  for (const auto& [volume, r] : runs) {
+    Labels l = {{"volume", volume}, {"kind", r.kind}};
+    if (r.last_run_unix_ns) Add(last, l, static_cast<double>(r.last_run_unix_ns / 1000000000));
+    if (r.result == "ok" || r.result == "error") Add(ok, l, r.result == "ok" ? 1 : 0);
+    if (r.next_fire_unix_ns) Add(next, l, static_cast<double>(r.next_fire_unix_ns / 1000000000));
+  }
+  // Only families with samples: a node without schedules adds nothing to the scrape.
+  for (MetricFamily* f : {&last, &ok, &next}) {
+    if (!f->metric.empty()) out.push_back(std::move(*f));
+  }
 }
 
 }  // namespace nbdcsi::datapath

@@ -17,6 +17,7 @@
 #include "datapath/attach/record.h"
 #include "datapath/engine/worker.h"
 #include "datapath/pool/pool.h"
+#include "datapath/schedule/status.h"
 
 namespace nbdcsi::datapath {
 
@@ -52,9 +53,13 @@ class DatapathCollector : public prometheus::Collectable {
   // The replicated targets open here; set once the cluster agent runs (any thread, also while
   // scrapes run).
   void SetTargets(std::function<std::vector<TargetSample>()> targets);
+  // The schedule runner's last runs (datapath/schedule): per volume and kind, the last run's time
+  // and success and the next fire time. Called at scrape time, under the collector's lock.
+  void SetSchedules(ScheduleRunsFn runs);
 
  private:
   void CollectTargets(std::vector<prometheus::MetricFamily>& out) const;
+  void CollectSchedules(std::vector<prometheus::MetricFamily>& out) const;
 
   Pool& pool_;
   std::function<EngineCounters()> engine_;
@@ -62,6 +67,8 @@ class DatapathCollector : public prometheus::Collectable {
   std::string version_;
   mutable std::mutex targets_mu_;
   std::function<std::vector<TargetSample>()> targets_;
+  mutable std::mutex schedules_mu_;
+  ScheduleRunsFn schedules_;  // guarded by schedules_mu_
 };
 
 }  // namespace nbdcsi::datapath

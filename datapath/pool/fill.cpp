@@ -133,7 +133,7 @@ StatusOr<VolumeInfo> Pool::Impl::FillNewVolume(const CreateSpec& spec, uint64_t 
   const VolumeMeta m{name,     size,      RealtimeNs(),
                      spec.read_only, spec.qos, src.label,
                      reflink ? "ready" : "copying", "",
-                     /*fence_epoch=*/0};  // a clone or restore is a new volume: never fenced
+                     /*fence_epoch=*/0, Normalized(spec.schedule)};  // a clone or restore is a new volume: never fenced
   const std::string data = DataPath(name), tmp = DataTmpPath(name);
   const std::string& first = reflink ? tmp : data;
   int fd = open(first.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);

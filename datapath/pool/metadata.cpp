@@ -108,6 +108,28 @@ Status ParseQos(const json& j, uint64_t size, QosLimits& q) {
   return Status::Ok();
 }
 
+Status ParseScheduleField(const json& j, VolumeSchedule& s) {
+  auto it = j.find("schedule");
+  if (it == j.end()) return Status::Ok();
+  if (!it->is_object()) return Error(EINVAL, "metadata \"schedule\" is not an object");
+  const json& o = *it;
+  const Need opt = Need::kOptional;
+  // Retain counts are read as uint64 and clamped, so a huge value still breaks the rule below.
+  uint64_t snap_retain = s.snapshot_retain, backup_retain = s.backup_retain;
+  for (Status st : {Field(o, "schedule.", "snapshot_cron", s.snapshot_cron, opt),
+                    Field(o, "schedule.", "snapshot_retain", snap_retain, opt),
+                    Field(o, "schedule.", "backup_cron", s.backup_cron, opt),
+                    Field(o, "schedule.", "backup_retain", backup_retain, opt),
+                    Field(o, "schedule.", "backup_target", s.backup_target, opt)}) {
+    if (!st.ok()) return st;
+  }
+  s.snapshot_retain = static_cast<uint32_t>(std::min<uint64_t>(snap_retain, UINT32_MAX));
+  s.backup_retain = static_cast<uint32_t>(std::min<uint64_t>(backup_retain, UINT32_MAX));
+  if (Status st = ValidateSchedule(s); !st.ok())
+    return Error(EINVAL, "metadata \"schedule\": {}", st.message());
+  return Status::Ok();
+}
+
 }  // namespace
 
 std::string ToJson(const VolumeMeta& m) {
@@ -126,6 +148,14 @@ std::string ToJson(const VolumeMeta& m) {
             {"state", m.state}};
   if (!m.error.empty()) j["error"] = m.error;
   if (m.fence_epoch) j["fence_epoch"] = m.fence_epoch;
+  if (!m.schedule.empty()) {
+    const VolumeSchedule& s = m.schedule;
+    j["schedule"] = {{"snapshot_cron", s.snapshot_cron},
+                     {"snapshot_retain", s.snapshot_retain},
+                     {"backup_cron", s.backup_cron},
+                     {"backup_retain", s.backup_retain},
+                     {"backup_target", s.backup_target}};
+  }
   return j.dump(2) + "\n";
 }
 
@@ -160,7 +190,8 @@ StatusOr<VolumeMeta> ParseVolumeMetadata(std::string_view text, std::string_view
       return Error(EINVAL, "metadata \"fence_epoch\": {}", s.message());
   }
   for (Status s : {CheckName("volume", m.name, expected_name), CheckSize(m.size),
-                   ParseQos(j, m.size, m.qos), CheckSourceLabel(m.source), CheckState(m.state)}) {
+                   ParseQos(j, m.size, m.qos), CheckSourceLabel(m.source), CheckState(m.state),
+                   ParseScheduleField(j, m.schedule)}) {
     if (!s.ok()) return s;
   }
   return m;

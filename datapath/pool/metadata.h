@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "common/status.h"
+#include "common/volume_schedule.h"
 #include "datapath/pool/qos.h"
 
 namespace nbdcsi::datapath {
@@ -31,6 +32,9 @@ struct VolumeMeta {
   // Written only when not 0, so files of volumes that never saw an epoch are unchanged. Not
   // carried into snapshots or clones: a new volume starts at 0.
   uint64_t fence_epoch = 0;
+  // Recurring snapshots and backups (issue 18; nbd-datapathd's schedule runner). Written only
+  // when not empty, so files of volumes without one are unchanged and older files load.
+  VolumeSchedule schedule;
 };
 
 // What NAME.json of a snapshot holds.

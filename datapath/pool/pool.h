@@ -11,7 +11,8 @@
 //   load.cpp           Pool::Open: lock, load, orphans, broken objects, recovery of copies
 //   watch.cpp          data files removed under the running daemon: the volume is fenced
 //   copy.cpp           reflink (CloneWhole) and background-copy (CopyJob) orchestration
-//   volumes.cpp        Create (every source), Delete, Resize, QoS, Inspect, List, Acquire
+//   volumes.cpp        Create (every source), Delete, Resize, QoS, schedule, Inspect, List,
+//                      Acquire
 //   fill.cpp           restores and clones: source resolution and filling the new volume
 //   snapshots.cpp      snapshot create, delete, list, inspect
 //   copy_job, write_gate, qos, stats: the copy engine, the write pause, throttling, counters
@@ -90,6 +91,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "common/volume_schedule.h"
 #include "datapath/pool/qos.h"
 #include "datapath/pool/rules.h"
 #include "datapath/pool/stats.h"
@@ -141,19 +143,24 @@ struct CreateSpec {
   QosLimits qos;
   bool read_only = false;
   VolumeSource source;
+  // Recurring snapshots and backups (common/volume_schedule.h), stored with the volume; part of
+  // the idempotency check like the QoS limits.
+  VolumeSchedule schedule = {};
 
   // The three kinds in one expression (tools and tests).
   static CreateSpec Blank(std::string name, uint64_t size, QosLimits qos = {},
                           bool read_only = false) {
-    return {std::move(name), size, qos, read_only, {}};
+    return {std::move(name), size, qos, read_only, {}, {}};
   }
   static CreateSpec Restore(std::string name, std::string snapshot, uint64_t size = 0,
                             QosLimits qos = {}, bool read_only = false) {
-    return {std::move(name), size, qos, read_only, VolumeSource::FromSnapshot(std::move(snapshot))};
+    return {std::move(name), size, qos, read_only, VolumeSource::FromSnapshot(std::move(snapshot)),
+            {}};
   }
   static CreateSpec Clone(std::string name, std::string volume, uint64_t size = 0,
                           QosLimits qos = {}, bool read_only = false) {
-    return {std::move(name), size, qos, read_only, VolumeSource::FromVolume(std::move(volume))};
+    return {std::move(name), size, qos, read_only, VolumeSource::FromVolume(std::move(volume)),
+            {}};
   }
 };
 
@@ -176,6 +183,7 @@ struct VolumeInfo {
   std::optional<uint64_t> copy_data_total;
   // The epoch the volume is fenced at (Pool::FenceVolume); 0 = never fenced.
   uint64_t fence_epoch = 0;
+  VolumeSchedule schedule;  // empty(): none
 };
 
 // Snapshots live in DIR/snapshots/NAME.img + NAME.json, with the same crash-safety rules and
@@ -305,6 +313,10 @@ class Pool {
   Status SetQos(const std::string& name, const QosLimits& qos) {
     return UpdateQos(name, QosPatch::All(qos)).status();
   }
+  // Replaces the volume's recurring snapshot/backup schedule (an empty one removes it) and
+  // persists it; the schedule runner (datapath/schedule) reads it at its next tick. EINVAL:
+  // ValidateSchedule's rules; ENOENT; EAGAIN while a background copy fills the volume.
+  StatusOr<VolumeInfo> SetSchedule(const std::string& name, const VolumeSchedule& schedule);
   StatusOr<VolumeInfo> Inspect(const std::string& name);
   std::vector<VolumeInfo> List();
 

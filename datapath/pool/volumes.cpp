@@ -37,6 +37,7 @@ Status ValidateCreateSpec(const CreateSpec& spec) {
     if (Status s = ValidateVolumeSize(spec.size); !s.ok()) return InVolume(spec.name, s);
   }
   if (Status s = ValidateQos(spec.qos, spec.size); !s.ok()) return InVolume(spec.name, s);
+  if (Status s = ValidateSchedule(spec.schedule); !s.ok()) return InVolume(spec.name, s);
   return Status::Ok();
 }
 
@@ -63,6 +64,10 @@ Status SameAsExisting(const VolumeMeta& m, const CreateSpec& spec, const std::st
   }
   if (!(m.qos == spec.qos)) {
     return Error(EEXIST, "volume {} already exists with different QoS limits", m.name);
+  }
+  if (!(Normalized(m.schedule) == Normalized(spec.schedule))) {
+    return Error(EEXIST, "volume {} already exists with another schedule ({}; requested {})",
+                 m.name, DescribeSchedule(m.schedule), DescribeSchedule(spec.schedule));
   }
   return Status::Ok();
 }
@@ -127,6 +132,7 @@ VolumeInfo Pool::Impl::MakeInfo(const Entry& e) const {
   info.source = e.meta.source;
   info.ready = e.meta.state == "ready";
   info.fence_epoch = e.meta.fence_epoch;
+  info.schedule = e.meta.schedule;
   struct stat st{};
   if (fstat(e.vol->buffered_fd(), &st) == 0) {
     info.allocated = static_cast<uint64_t>(st.st_blocks) * 512;
@@ -234,8 +240,8 @@ StatusOr<VolumeInfo> Pool::Impl::CreateBlank(const CreateSpec& spec) {
   };
   if (Status s = SizeDurably(fd, spec.size, data, vol_dir); !s.ok()) return fail(s);
   FaultPoint("create.data");
-  const VolumeMeta m{name, spec.size, RealtimeNs(), spec.read_only, spec.qos, "", "ready", "",
-                     /*fence_epoch=*/0};
+  const VolumeMeta m{name,    spec.size, RealtimeNs(), spec.read_only, spec.qos, "", "ready", "",
+                     /*fence_epoch=*/0, Normalized(spec.schedule)};
   // Open the descriptors before the commit, so nothing that can fail comes after it.
   auto vol = OpenVolume(m, fd);
   fd = -1;  // owned by the volume (or closed by its destructor) from here
@@ -418,6 +424,36 @@ StatusOr<VolumeInfo> Pool::UpdateQos(const std::string& name, const QosPatch& pa
     it->second.meta = m;
     it->second.vol->throttle_.SetLimits(m.qos, m.size, MonotonicNowNs());
   }
+  return I.MakeInfo(it->second);
+}
+
+StatusOr<VolumeInfo> Pool::SetSchedule(const std::string& name, const VolumeSchedule& schedule) {
+  if (Status s = ValidateVolumeName(name); !s.ok()) return s;
+  if (Status s = ValidateSchedule(schedule); !s.ok()) return InVolume(name, s);
+  Impl& I = *impl_;
+  Impl::NameGuard guard(I, {VolKey(name)});
+  VolumeMeta old_meta;
+  {
+    std::lock_guard lock(I.mu);
+    auto it = I.vols.find(name);
+    if (it == I.vols.end()) return Impl::NotFound("volume", I.broken, name);
+    // The copy commits "ready" with the metadata it started with, as for QoS.
+    if (Status s = I.CheckNotFillingLocked(name, "change its schedule"); !s.ok()) return s;
+    old_meta = it->second.meta;
+  }
+  VolumeMeta m = old_meta;
+  m.schedule = Normalized(schedule);
+  const bool changed = !(m.schedule == old_meta.schedule);
+  if (changed) {
+    if (Status s = I.CommitMetaOrRestore(m, old_meta, "schedule.meta_tmp",
+                                         "schedule.meta_renamed");
+        !s.ok()) {
+      return Error(s.code(), "set the schedule of volume {}: {}", name, s.message());
+    }
+  }
+  std::lock_guard lock(I.mu);
+  auto it = I.vols.find(name);  // still there: the name guard excludes Delete
+  if (changed) it->second.meta.schedule = m.schedule;
   return I.MakeInfo(it->second);
 }
 

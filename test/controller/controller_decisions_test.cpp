@@ -369,6 +369,57 @@ TEST_F(Decisions, IdempotencyFindsAnEarlierAttemptOnAnyNode) {
   EXPECT_EQ(Calls("CreateVolume", {"node-a", "node-b"}), 1);
 }
 
+// Schedules (issue 18): the parsed StorageClass keys reach the datapath's CreateVolumeRequest,
+// and a retry with another schedule is ALREADY_EXISTS; bad keys never reach a node.
+TEST_F(Decisions, CreateVolumePassesTheSchedule) {
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  auto req = VolumeRequest("pvc-sched", static_cast<int64_t>(kMiB));
+  (*req.mutable_parameters())["snapshotSchedule"] = "*/30 * * * *";
+  (*req.mutable_parameters())["snapshotRetain"] = "3";
+  (*req.mutable_parameters())["backupSchedule"] = "0 2 * * *";
+  (*req.mutable_parameters())["backupTarget"] = "s3://bucket/nightly";
+  v1::Volume first = MustCreate(req);
+  const std::string id = first.volume_id();
+  const std::string pool_name = id.substr(id.rfind(':') + 1);
+  auto stored = Node("node-a").Volume(pool_name);
+  ASSERT_TRUE(stored.has_value()) << id;
+  EXPECT_EQ(stored->schedule().snapshot_cron(), "*/30 * * * *");
+  EXPECT_EQ(stored->schedule().snapshot_retain(), 3u);
+  EXPECT_EQ(stored->schedule().backup_cron(), "0 2 * * *");
+  EXPECT_EQ(stored->schedule().backup_retain(), 7u);  // the default, spelled out
+  EXPECT_EQ(stored->schedule().backup_target(), "s3://bucket/nightly");
+  EXPECT_EQ(MustCreate(req).volume_id(), id);  // the same request again: the same volume
+  v1::CreateVolumeResponse resp;
+  auto other = req;
+  (*other.mutable_parameters())["snapshotRetain"] = "4";
+  grpc::Status s = Create(other, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::ALREADY_EXISTS) << s.error_message();
+  EXPECT_NE(s.error_message().find("another schedule"), std::string::npos) << s.error_message();
+  auto none = req;
+  none.mutable_parameters()->clear();
+  EXPECT_EQ(Create(none, &resp).error_code(), StatusCode::ALREADY_EXISTS);
+  // A plain volume carries no schedule.
+  v1::Volume plain = MustCreate(VolumeRequest("pvc-plain", static_cast<int64_t>(kMiB)));
+  const std::string plain_id = plain.volume_id();
+  auto plain_stored = Node("node-a").Volume(plain_id.substr(plain_id.rfind(':') + 1));
+  ASSERT_TRUE(plain_stored.has_value());
+  EXPECT_FALSE(plain_stored->has_schedule());
+  // Refused by the parameters' rules, before any node is asked.
+  const int creates = Calls("CreateVolume", {"node-a"});
+  auto bad = VolumeRequest("pvc-bad", static_cast<int64_t>(kMiB));
+  (*bad.mutable_parameters())["backupSchedule"] = "@daily";
+  s = Create(bad, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("backupTarget"), std::string::npos) << s.error_message();
+  (*bad.mutable_parameters())["backupTarget"] = "s3://b";
+  (*bad.mutable_parameters())["replicas"] = "2";
+  s = Create(bad, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("not supported for replicated volumes"), std::string::npos)
+      << s.error_message();
+  EXPECT_EQ(Calls("CreateVolume", {"node-a"}), creates);
+}
+
 TEST_F(Decisions, IdempotencyAsksEveryLiveNodeAtOnce) {
   const std::vector<std::string> nodes = {"node-a", "node-b", "node-c"};
   Rendezvous all(static_cast<int>(nodes.size()));

@@ -105,7 +105,8 @@ StatusOr<dpv1::Volume> FakeDatapath::CreateVolume(const dpv1::CreateVolumeReques
   if (auto it = volumes_.find(req.name()); it != volumes_.end()) {
     const dpv1::Volume& v = it->second;
     if (v.size_bytes() != size || v.source() != SourceText(req.source()) ||
-        !google::protobuf::util::MessageDifferencer::Equals(v.qos(), req.qos())) {
+        !google::protobuf::util::MessageDifferencer::Equals(v.qos(), req.qos()) ||
+        !google::protobuf::util::MessageDifferencer::Equals(v.schedule(), req.schedule())) {
       return Error(EEXIST, "volume {} exists with other properties", req.name());
     }
     return v;
@@ -117,6 +118,7 @@ StatusOr<dpv1::Volume> FakeDatapath::CreateVolume(const dpv1::CreateVolumeReques
   v.set_name(req.name());
   v.set_size_bytes(size);
   *v.mutable_qos() = req.qos();
+  if (req.has_schedule()) *v.mutable_schedule() = req.schedule();
   v.set_source(SourceText(req.source()));
   v.set_ready(!(req.has_source() && unfilled_copies_));
   v.set_created_unix_ns(++clock_ns_);

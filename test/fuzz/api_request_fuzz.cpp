@@ -33,6 +33,7 @@
 
 #include "datapath/api/datapath.grpc.pb.h"
 #include "datapath/api/qos_proto.h"
+#include "datapath/api/schedule_proto.h"
 #include "datapath/api/service.h"
 #include "datapath/pool/pool.h"
 #include "datapath/pool/rules.h"
@@ -214,8 +215,18 @@ void CreateVolume(std::string_view b) {
   if (dp::FromProto(req.qos()).burst_ms > dp::kMaxBurstMs) {
     return CheckRefused(s, "CreateVolume", "burst_ms too large");
   }
+  if (req.has_schedule() && !nbdcsi::ValidateSchedule(dp::FromProto(req.schedule())).ok()) {
+    return CheckRefused(s, "CreateVolume", "bad schedule");
+  }
   if (!s.ok()) return;
   const v1::Volume& v = resp.volume();
+  {
+    const nbdcsi::VolumeSchedule want =
+        req.has_schedule() ? dp::FromProto(req.schedule()) : nbdcsi::VolumeSchedule{};
+    const nbdcsi::VolumeSchedule got =
+        v.has_schedule() ? dp::FromProto(v.schedule()) : nbdcsi::VolumeSchedule{};
+    FUZZ_CHECK(got == want || (got.empty() && want.empty()));
+  }
   CheckVolume(v);
   FUZZ_CHECK(v.name() == req.name());
   if (blank || req.size_bytes() != 0) FUZZ_CHECK(v.size_bytes() == req.size_bytes());

@@ -11,3 +11,9 @@ nbdcsi_add_test(NAME integration.nbdctl_snapshot
 nbdcsi_add_test(NAME integration.nbdctl_progress
   COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/nbdctl_progress.sh
   TIMEOUT 180 LABELS integration)
+# Schedules through a real nbd-datapathd: `nbdctl volume schedule` set/show/clear, persistence,
+# and the catch-up run at start driven by the daemon's own state file (a few seconds, no waiting
+# for a fire time).
+nbdcsi_add_test(NAME integration.nbdctl_schedule
+  COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/nbdctl_schedule.sh
+  TIMEOUT 120 LABELS integration)

@@ -70,6 +70,54 @@ TEST(Json, VolumeKeysAreStable) {
   }
 }
 
+TEST(Schedule, JsonAndText) {
+  v1::Volume v;
+  v.set_name("data");
+  EXPECT_TRUE(VolumeJson(v)["schedule"].is_null());
+  EXPECT_EQ(ScheduleText(v), "volume \"data\" has no schedule\n");
+  auto* s = v.mutable_schedule();
+  s->set_snapshot_cron("0 */6 * * *");
+  s->set_snapshot_retain(4);
+  s->set_backup_cron("30 2 * * *");
+  s->set_backup_retain(14);
+  s->set_backup_target("s3://b/p");
+  auto* r = v.add_schedule_runs();
+  r->set_kind("snapshot");
+  r->set_cron("0 */6 * * *");
+  r->set_last_run_unix_ns(1'700'000'000'000'000'000);
+  r->set_result("ok");
+  r->set_made("auto-20231114T2213-data");
+  r->set_pruned(1);
+  r->set_next_fire_unix_ns(1'700'000'000'000'000'000 + 3600'000'000'000);
+  auto* b = v.add_schedule_runs();
+  b->set_kind("backup");
+  b->set_cron("30 2 * * *");
+  b->set_result("error");
+  b->set_error("no credentials for scheduled backups");
+  auto j = VolumeJson(v)["schedule"];
+  EXPECT_EQ(j["snapshot_cron"], "0 */6 * * *");
+  EXPECT_EQ(j["backup_retain"], 14);
+  EXPECT_EQ(j["backup_target"], "s3://b/p");
+  ASSERT_EQ(j["runs"].size(), 2u);
+  EXPECT_EQ(j["runs"][0]["last_run"], "2023-11-14T22:13:20Z");
+  EXPECT_EQ(j["runs"][0]["next_fire"], "2023-11-14T23:13:20Z");
+  EXPECT_EQ(j["runs"][0]["made"], "auto-20231114T2213-data");
+  EXPECT_EQ(j["runs"][0]["pruned"], 1);
+  EXPECT_EQ(j["runs"][1]["last_run"], "");
+  EXPECT_EQ(j["runs"][1]["error"], "no credentials for scheduled backups");
+  const std::string text = ScheduleText(v);
+  EXPECT_NE(text.find("Snapshots:  \"0 */6 * * *\" (UTC), keep 4"), std::string::npos) << text;
+  EXPECT_NE(text.find("Backups:    \"30 2 * * *\" (UTC), keep 14, to s3://b/p"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("snapshot  2023-11-14T22:13:20Z  ok      auto-20231114T2213-data  1"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("backup error: no credentials for scheduled backups\n"), std::string::npos)
+      << text;
+  EXPECT_NE(VolumeDetails(v).find("Snapshots:"), std::string::npos);
+}
+
 TEST(Json, StatsHavePercentilesAndBuckets) {
   v1::GetVolumeStatsResponse s;
   s.set_name("v");

@@ -454,6 +454,81 @@ TEST_F(ApiTest, SetQosIsLiveAndPatchKeepsOtherLimits) {
   EXPECT_EQ(v.effective_qos().iops(), 10u) << "a rejected change leaves the limits alone";
 }
 
+// Schedules (issue 18): CreateVolume and SetSchedule store them, GetVolume and ListVolumes show
+// them with the runs the daemon's runner reports (here a stand-in), bad ones are
+// INVALID_ARGUMENT naming the field, a retain of 0 means the default.
+TEST_F(ApiTest, SchedulesAreStoredAndShownWithTheirRuns) {
+  server_->SetScheduleStatus([](const std::string& volume, const VolumeSchedule& s) {
+    ScheduleRunStatus r;
+    r.kind = "snapshot";
+    r.cron = s.snapshot_cron;
+    r.result = "ok";
+    r.made = "auto-20261207T0600-" + volume;
+    r.next_fire_unix_ns = 42;
+    return std::vector<ScheduleRunStatus>{r};
+  });
+  v1::CreateVolumeRequest creq;
+  creq.set_name("s");
+  creq.set_size_bytes(kMiB);
+  creq.mutable_schedule()->set_snapshot_cron("*/15 * * * *");
+  v1::CreateVolumeResponse cresp;
+  ASSERT_TRUE(stub_->CreateVolume(Ctx().get(), creq, &cresp).ok());
+  EXPECT_EQ(cresp.volume().schedule().snapshot_cron(), "*/15 * * * *");
+  EXPECT_EQ(cresp.volume().schedule().snapshot_retain(), 7u) << "0 is the default";
+  ASSERT_EQ(cresp.volume().schedule_runs_size(), 1);
+  EXPECT_EQ(cresp.volume().schedule_runs(0).made(), "auto-20261207T0600-s");
+  EXPECT_EQ(cresp.volume().schedule_runs(0).next_fire_unix_ns(), 42);
+  // Another schedule for the same name: ALREADY_EXISTS.
+  creq.mutable_schedule()->set_snapshot_retain(3);
+  EXPECT_EQ(stub_->CreateVolume(Ctx().get(), creq, &cresp).error_code(),
+            grpc::StatusCode::ALREADY_EXISTS);
+
+  v1::SetScheduleRequest req;
+  req.set_name("s");
+  req.mutable_schedule()->set_backup_cron("0 3 * * *");
+  req.mutable_schedule()->set_backup_target("s3://b/p");
+  req.mutable_schedule()->set_backup_retain(2);
+  v1::SetScheduleResponse resp;
+  auto st = stub_->SetSchedule(Ctx().get(), req, &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  v1::Volume v;
+  ASSERT_TRUE(Get("s", &v).ok());
+  EXPECT_EQ(v.schedule().snapshot_cron(), "") << "SetSchedule replaces the whole schedule";
+  EXPECT_EQ(v.schedule().backup_cron(), "0 3 * * *");
+  EXPECT_EQ(v.schedule().backup_retain(), 2u);
+  ASSERT_TRUE(Create("plain", kMiB).ok());
+  ASSERT_TRUE(Get("plain", &v).ok());
+  EXPECT_FALSE(v.has_schedule());
+  EXPECT_EQ(v.schedule_runs_size(), 0);
+  v1::ListVolumesResponse list;
+  ASSERT_TRUE(stub_->ListVolumes(Ctx().get(), {}, &list).ok());
+  ASSERT_EQ(list.volumes_size(), 2);
+  EXPECT_FALSE(list.volumes(0).has_schedule());  // "plain"
+  EXPECT_EQ(list.volumes(1).schedule().backup_target(), "s3://b/p");
+
+  req.mutable_schedule()->set_backup_target("");
+  st = stub_->SetSchedule(Ctx().get(), req, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("needs a backup target"), std::string::npos)
+      << st.error_message();
+  req.mutable_schedule()->set_backup_target("s3://b/p");
+  req.mutable_schedule()->set_backup_cron("0 3 * * 9");
+  st = stub_->SetSchedule(Ctx().get(), req, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("field 5 (day of week)"), std::string::npos)
+      << st.error_message();
+  req.mutable_schedule()->set_backup_cron("0 3 * * 6");
+  req.set_name("missing");
+  EXPECT_EQ(stub_->SetSchedule(Ctx().get(), req, &resp).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  // An unset schedule removes it.
+  v1::SetScheduleRequest clear;
+  clear.set_name("s");
+  ASSERT_TRUE(stub_->SetSchedule(Ctx().get(), clear, &resp).ok());
+  EXPECT_FALSE(resp.volume().has_schedule());
+  server_->SetScheduleStatus(nullptr);
+}
+
 TEST_F(ApiTest, StatsReflectRecordedOps) {
   ASSERT_TRUE(Create("s", 16 * kMiB).ok());
   {

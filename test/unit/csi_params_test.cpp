@@ -152,5 +152,81 @@ TEST(CsiParams, StorageClassReplicas) {
   EXPECT_EQ(ParseQosParameters({{"replicas", "2"}}).status().code(), EINVAL);
 }
 
+TEST(CsiParams, StorageClassSchedules) {
+  auto none = ParseStorageClassParameters({});
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->schedule.empty());
+
+  auto full = ParseStorageClassParameters({{"snapshotSchedule", "*/15 * * * *"},
+                                           {"snapshotRetain", "4"},
+                                           {"backupSchedule", "0 3 * * sun"},
+                                           {"backupRetain", "1000"},
+                                           {"backupTarget", "s3://bucket/nightly"},
+                                           {"maxIops", "100"}});
+  ASSERT_TRUE(full.ok()) << full.status().message();
+  EXPECT_EQ(full->schedule.snapshot_cron, "*/15 * * * *");
+  EXPECT_EQ(full->schedule.snapshot_retain, 4u);
+  EXPECT_EQ(full->schedule.backup_cron, "0 3 * * sun");
+  EXPECT_EQ(full->schedule.backup_retain, 1000u);
+  EXPECT_EQ(full->schedule.backup_target, "s3://bucket/nightly");
+  EXPECT_EQ(full->qos.max_iops, 100u);
+
+  auto defaults = ParseStorageClassParameters({{"snapshotSchedule", "@daily"}});
+  ASSERT_TRUE(defaults.ok()) << defaults.status().message();
+  EXPECT_EQ(defaults->schedule.snapshot_retain, 7u);
+  EXPECT_EQ(defaults->schedule.backup_retain, 7u);
+  EXPECT_TRUE(defaults->schedule.backup_cron.empty());
+  EXPECT_FALSE(defaults->schedule.empty());
+}
+
+TEST(CsiParams, StorageClassScheduleErrorsNameTheKey) {
+  struct Case {
+    std::map<std::string, std::string> params;
+    std::string want;  // a substring of the message
+  };
+  const std::vector<Case> cases = {
+      {{{"snapshotSchedule", "* * *"}}, "parameter snapshotSchedule: bad value \"* * *\""},
+      {{{"snapshotSchedule", "60 * * * *"}}, "parameter snapshotSchedule: bad value"},
+      {{{"snapshotSchedule", "0 0 31 2 *"}}, "never fires"},
+      {{{"snapshotSchedule", "@daily"}, {"snapshotRetain", "0"}},
+       "parameter snapshotRetain: bad value \"0\": a whole number from 1 to 1000"},
+      {{{"snapshotSchedule", "@daily"}, {"snapshotRetain", "1001"}}, "parameter snapshotRetain"},
+      {{{"snapshotSchedule", "@daily"}, {"snapshotRetain", "x"}}, "parameter snapshotRetain"},
+      {{{"snapshotRetain", "3"}}, "parameter snapshotRetain is set without snapshotSchedule"},
+      {{{"backupSchedule", "@daily"}}, "parameter backupSchedule needs backupTarget"},
+      {{{"backupSchedule", "0 0 * * 8"}, {"backupTarget", "s3://b"}},
+       "parameter backupSchedule: bad value"},
+      {{{"backupTarget", "s3://b/p"}}, "parameter backupTarget is set without backupSchedule"},
+      {{{"backupSchedule", "@daily"}, {"backupTarget", "http://b/p"}},
+       "parameter backupTarget: bad value \"http://b/p\""},
+      {{{"backupSchedule", "@daily"}, {"backupTarget", "s3:///p"}}, "parameter backupTarget"},
+      {{{"backupSchedule", "@daily"}, {"backupTarget", "s3://b/p/"}}, "parameter backupTarget"},
+      {{{"backupSchedule", "@daily"}, {"backupTarget", "s3://b"}, {"backupRetain", "-1"}},
+       "parameter backupRetain"},
+      {{{"backupRetain", "2"}}, "parameter backupRetain is set without backupSchedule"},
+      {{{"snapshotSchedule", "@daily"}, {"replicas", "2"}},
+       "schedules are not supported for replicated volumes yet"},
+      {{{"backupSchedule", "@daily"}, {"backupTarget", "s3://b"}, {"replicas", "3"}},
+       "schedules are not supported for replicated volumes yet"},
+      {{{"snapshotschedule", "@daily"}}, "unknown parameter \"snapshotschedule\""},
+  };
+  for (const auto& c : cases) {
+    auto r = ParseStorageClassParameters(c.params);
+    ASSERT_FALSE(r.ok()) << c.want;
+    EXPECT_EQ(r.status().code(), EINVAL) << r.status().message();
+    EXPECT_NE(r.status().message().find(c.want), std::string::npos)
+        << "got: " << r.status().message() << "\nwant: " << c.want;
+  }
+  // The unknown-key message lists the schedule keys among the known ones.
+  auto unknown = ParseStorageClassParameters({{"schedule", "x"}});
+  EXPECT_NE(unknown.status().message().find(
+                "replicas, snapshotSchedule, snapshotRetain, backupSchedule, backupRetain, "
+                "backupTarget"),
+            std::string::npos)
+      << unknown.status().message();
+  // Not mutable: the VolumeAttributesClass parser does not know them.
+  EXPECT_EQ(ParseQosParameters({{"snapshotSchedule", "@daily"}}).status().code(), EINVAL);
+}
+
 }  // namespace
 }  // namespace nbdcsi::csi

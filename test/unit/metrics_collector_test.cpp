@@ -261,6 +261,41 @@ TEST_F(CollectorTest, TargetsAppearOnceSet) {
             5);
 }
 
+// Schedules (issue 18): absent until the runner is set, then per volume and kind the last run's
+// time and success and the next fire time; a backup still running has no success sample.
+TEST_F(CollectorTest, SchedulesAppearOnceSet) {
+  DatapathCollector c(*pool_, nullptr, nullptr, "t");
+  for (const auto& f : c.Collect()) EXPECT_FALSE(f.name.starts_with("nbdcsi_schedule_")) << f.name;
+  ScheduleRunStatus snap;
+  snap.kind = "snapshot";
+  snap.last_run_unix_ns = 1'800'000'000'000'000'000;
+  snap.result = "error";
+  snap.next_fire_unix_ns = 1'800'000'900'000'000'000;
+  ScheduleRunStatus backup;
+  backup.kind = "backup";
+  backup.last_run_unix_ns = 1'800'000'000'000'000'000;
+  backup.result = "running";
+  backup.next_fire_unix_ns = 1'800'086'400'000'000'000;
+  c.SetSchedules([=] {
+    return std::vector<std::pair<std::string, ScheduleRunStatus>>{{"v", snap}, {"v", backup}};
+  });
+  auto fams = c.Collect();
+  EXPECT_EQ(Gauge(fams, "nbdcsi_schedule_last_run_timestamp_seconds",
+                  {{"volume", "v"}, {"kind", "snapshot"}}),
+            1.8e9);
+  EXPECT_EQ(Gauge(fams, "nbdcsi_schedule_last_run_success", {{"volume", "v"}, {"kind", "snapshot"}}),
+            0);
+  EXPECT_EQ(Gauge(fams, "nbdcsi_schedule_next_run_timestamp_seconds",
+                  {{"volume", "v"}, {"kind", "backup"}}),
+            1800086400.0);
+  for (const auto& f : fams) {
+    if (f.name != "nbdcsi_schedule_last_run_success") continue;
+    EXPECT_EQ(f.metric.size(), 1u) << "the running backup has no success sample";
+  }
+  c.SetSchedules(nullptr);
+  for (const auto& f : c.Collect()) EXPECT_FALSE(f.name.starts_with("nbdcsi_schedule_")) << f.name;
+}
+
 // ---- the HTTP endpoint ----------------------------------------------------------------------
 
 std::pair<int, std::string> Get(int port, const std::string& path) {

@@ -36,6 +36,7 @@ struct Observed {
   uint64_t size = 0;
   QosLimits qos;
   uint64_t fence_epoch = 0;
+  VolumeSchedule schedule = {};
   bool operator==(const Observed&) const = default;
 };
 
@@ -78,6 +79,13 @@ void WaitReady(Pool& p) {
   if (!test::WaitUntil([&] { return CopiesDone(p); })) ADD_FAILURE() << "copy did not finish";
 }
 
+VolumeSchedule NewSchedule() {
+  VolumeSchedule s;
+  s.snapshot_cron = "*/10 * * * *";
+  s.snapshot_retain = 3;
+  return s;
+}
+
 QosLimits NewQos() {
   QosLimits q;
   q.max_iops = 500;
@@ -110,6 +118,11 @@ std::optional<Scenario> ScenarioFor(const std::string& point) {
     s.op = [](Pool& p) { return p.SetQos("v", NewQos()); };
     s.before = {true, kMiB, {}};
     s.after = {true, kMiB, NewQos()};
+  } else if (prefix == "schedule") {
+    s.setup = [](Pool& p) { ASSERT_TRUE(p.Create("v", kMiB, {}).ok()); };
+    s.op = [](Pool& p) { return p.SetSchedule("v", NewSchedule()).status(); };
+    s.before = {true, kMiB, {}};
+    s.after = {true, kMiB, {}, 0, NewSchedule()};
   } else if (prefix == "fence") {
     // The epoch is on disk before any connection of it is let in, or not at all: a crash
     // leaves the volume at epoch 3 or 7, and the engine's view agrees (Observe).
@@ -208,6 +221,8 @@ const std::map<std::string, Expectation>& Expected() {
       {"resize.meta_renamed", {Outcome::kNew, {}}},
       {"qos.meta_tmp", {Outcome::kOld, {"volumes/.v.json.tmp"}}},
       {"qos.meta_renamed", {Outcome::kNew, {}}},
+      {"schedule.meta_tmp", {Outcome::kOld, {"volumes/.v.json.tmp"}}},
+      {"schedule.meta_renamed", {Outcome::kNew, {}}},
       {"fence.meta_tmp", {Outcome::kOld, {"volumes/.v.json.tmp"}}},
       {"fence.meta_renamed", {Outcome::kNew, {}}},
       {"snapshot.cloned", {Outcome::kOld, {"snapshots/.s.img.tmp"}}},
@@ -300,7 +315,7 @@ class PoolCrashTest : public ::testing::TestWithParam<std::string> {
       ExpectContent(info->path, 3 * kMiB, kSrcByte);
       ExpectContent(info->path, 6 * kMiB, '\0');  // grown past the source: zeros
     }
-    return {true, info->size, info->qos, info->fence_epoch};
+    return {true, info->size, info->qos, info->fence_epoch, info->schedule};
   }
 
   test::TempDir tmp_;

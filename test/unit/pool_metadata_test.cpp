@@ -103,6 +103,39 @@ TEST(PoolMetadata, OldVolumeRecordIsABlankReadyVolume) {
   EXPECT_TRUE(m->qos.unlimited());
 }
 
+// Schedules (issue 18): written only when set, read back as written, checked by the pool's
+// rules; a record without one (every file written before schedules) has none.
+TEST(PoolMetadata, ScheduleRoundTripAndRules) {
+  VolumeMeta m = SampleVolume();
+  EXPECT_EQ(ToJson(m).find("schedule"), std::string::npos);
+  auto none = ParseVolumeMetadata(ToJson(m), m.name);
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->schedule.empty());
+  m.schedule.snapshot_cron = "*/15 * * * *";
+  m.schedule.snapshot_retain = 4;
+  m.schedule.backup_cron = "0 3 * * sun";
+  m.schedule.backup_retain = 30;
+  m.schedule.backup_target = "s3://b/p";
+  auto back = ParseVolumeMetadata(ToJson(m), m.name);
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_EQ(back->schedule, m.schedule);
+  for (const auto& [value, want] : std::vector<std::pair<std::string, std::string>>{
+           {R"("daily")", "\"schedule\" is not an object"},
+           {R"({"snapshot_cron": 5})", "\"schedule.snapshot_cron\" is not a string"},
+           {R"({"snapshot_cron": "61 * * * *"})", "snapshot schedule: field 1 (minute)"},
+           {R"({"snapshot_cron": "@daily", "snapshot_retain": 0})", "snapshot retain"},
+           {R"({"snapshot_cron": "@daily", "snapshot_retain": 99999999999})", "snapshot retain"},
+           {R"({"snapshot_cron": "@daily", "snapshot_retain": -1})", "unsigned integer"},
+           {R"({"backup_cron": "@daily"})", "needs a backup target"},
+       }) {
+    std::string text = VolumeWith("state", R"("ready", "schedule": )" + value);
+    auto r = ParseVolumeMetadata(text, "v");
+    ASSERT_FALSE(r.ok()) << text;
+    EXPECT_EQ(r.status().code(), EINVAL);
+    EXPECT_THAT(r.status().message(), HasSubstr(want)) << text;
+  }
+}
+
 struct Corrupt {
   std::string what;
   std::string text;

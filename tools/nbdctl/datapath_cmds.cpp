@@ -13,6 +13,7 @@
 
 #include "common/qos_fields.h"
 #include "common/quantity.h"
+#include "common/volume_schedule.h"
 #include "datapath/api/attach.grpc.pb.h"
 #include "datapath/api/datapath.grpc.pb.h"
 #include "tools/nbdctl/attach_render.h"
@@ -101,6 +102,9 @@ struct DatapathCommands::Impl {
   bool read_only = false, clear = false, wait = false, attach_target = false;
   unsigned connections = 0;
   uint64_t epoch = 0;
+  // volume schedule
+  std::optional<std::string> sched_snapshot, sched_backup, sched_target;
+  std::optional<uint32_t> sched_snapshot_retain, sched_backup_retain;
 
   std::unique_ptr<Connection> conn;
   std::unique_ptr<v1::Datapath::Stub> stub;
@@ -170,6 +174,7 @@ struct DatapathCommands::Impl {
   int VolumeDelete();
   int VolumeQos();
   int VolumeFence();
+  int VolumeSchedule();
   int SnapshotCreate();
   int SnapshotList();
   int SnapshotInspect();
@@ -321,6 +326,43 @@ int DatapathCommands::Impl::VolumeFence() {
   if (int rc = Call(&Stub::FenceVolume, req, &resp, "fence volume")) return rc;
   return Show({{"name", name}, {"fence_epoch", resp.epoch()}},
               fmt::format("volume \"{}\" is fenced at epoch {}\n", name, resp.epoch()));
+}
+
+// No options: show the schedule and its last runs. Otherwise the given options are the whole
+// new schedule (what is not given is removed); --clear removes it.
+int DatapathCommands::Impl::VolumeSchedule() {
+  const bool any = sched_snapshot || sched_backup || sched_target || sched_snapshot_retain ||
+                   sched_backup_retain;
+  if (clear && any) throw UsageError{"volume schedule: --clear takes no other option"};
+  if (sched_snapshot_retain && !sched_snapshot)
+    throw UsageError{"volume schedule: --snapshot-retain needs --snapshot"};
+  if ((sched_backup_retain || sched_target) && !sched_backup)
+    throw UsageError{"volume schedule: --backup-retain and --target need --backup"};
+  if (sched_backup && !sched_target)
+    throw UsageError{"volume schedule: --backup needs --target s3://BUCKET[/PREFIX]"};
+  Connect();
+  if (!clear && !any) {
+    v1::GetVolumeResponse resp;
+    if (int rc = Call(&Stub::GetVolume, Named<v1::GetVolumeRequest>(), &resp, "inspect volume")) {
+      return rc;
+    }
+    return Show({{"name", name}, {"schedule", ScheduleJson(resp.volume())}},
+                ScheduleText(resp.volume()));
+  }
+  v1::SetScheduleRequest req;
+  req.set_name(name);
+  if (!clear) {
+    auto* s = req.mutable_schedule();
+    if (sched_snapshot) s->set_snapshot_cron(*sched_snapshot);
+    if (sched_snapshot_retain) s->set_snapshot_retain(*sched_snapshot_retain);
+    if (sched_backup) s->set_backup_cron(*sched_backup);
+    if (sched_backup_retain) s->set_backup_retain(*sched_backup_retain);
+    if (sched_target) s->set_backup_target(*sched_target);
+  }
+  v1::SetScheduleResponse resp;
+  if (int rc = Call(&Stub::SetSchedule, req, &resp, "set the schedule of volume")) return rc;
+  return Show({{"name", name}, {"schedule", ScheduleJson(resp.volume())}},
+              ScheduleText(resp.volume()));
 }
 
 int DatapathCommands::Impl::VolumeDelete() {
@@ -504,6 +546,29 @@ void DatapathCommands::Impl::RegisterVolume(CommandTree& tree) {
                                   "Remove all limits (then apply any flags given)");
                      }),
                &Impl::VolumeQos));
+  tree.Add(Cmd({"volume", "schedule"},
+               "Show a volume's recurring snapshot/backup schedule and its last runs, or set it "
+               "(the options given are the whole new schedule; cron in UTC), or --clear it",
+               Named("NAME", "Volume name",
+                     [this](CLI::App& c) {
+                       c.add_option("--snapshot", sched_snapshot,
+                                    "Snapshot schedule, 5-field cron in UTC (\"0 */6 * * *\", "
+                                    "@daily)");
+                       c.add_option("--snapshot-retain", sched_snapshot_retain,
+                                    "Schedule-made snapshots kept, 1..1000 (default 7)")
+                           ->check(CLI::Range(1u, kMaxScheduleRetain));
+                       c.add_option("--backup", sched_backup,
+                                    "Backup schedule, 5-field cron in UTC");
+                       c.add_option("--backup-retain", sched_backup_retain,
+                                    "Schedule-made backups kept in the target, 1..1000 "
+                                    "(default 7)")
+                           ->check(CLI::Range(1u, kMaxScheduleRetain));
+                       c.add_option("--target", sched_target,
+                                    "Backup target s3://BUCKET[/PREFIX]; the daemon's "
+                                    "--backup-secret-dir holds its credentials");
+                       c.add_flag("--clear", clear, "Remove the schedule");
+                     }),
+               &Impl::VolumeSchedule));
   tree.Add(Cmd({"volume", "fence"},
                "Fence a volume at an epoch: NBD clients of older epochs (and those naming none) "
                "are stopped and refused from now on; the same epoch again is a no-op",

@@ -196,7 +196,57 @@ nlohmann::json VolumeJson(const v1::Volume& v) {
           {"copy_data_total_bytes", OptionalTotal(v)},
           {"fence_epoch", v.fence_epoch()},
           {"qos", QosJson(v.qos())},
-          {"effective_qos", EffectiveJson(v.effective_qos())}};
+          {"effective_qos", EffectiveJson(v.effective_qos())},
+          {"schedule", ScheduleJson(v)}};
+}
+
+nlohmann::json ScheduleJson(const v1::Volume& v) {
+  if (!v.has_schedule()) return nullptr;
+  const auto& s = v.schedule();
+  json runs = json::array();
+  for (const auto& r : v.schedule_runs()) {
+    runs.push_back({{"kind", r.kind()},
+                    {"cron", r.cron()},
+                    {"last_run", r.last_run_unix_ns() ? FormatTime(r.last_run_unix_ns()) : ""},
+                    {"last_run_unix_ns", r.last_run_unix_ns()},
+                    {"result", r.result()},
+                    {"error", r.error()},
+                    {"made", r.made()},
+                    {"pruned", r.pruned()},
+                    {"next_fire", r.next_fire_unix_ns() ? FormatTime(r.next_fire_unix_ns()) : ""},
+                    {"next_fire_unix_ns", r.next_fire_unix_ns()},
+                    {"job_id", r.job_id()}});
+  }
+  return {{"snapshot_cron", s.snapshot_cron()}, {"snapshot_retain", s.snapshot_retain()},
+          {"backup_cron", s.backup_cron()},     {"backup_retain", s.backup_retain()},
+          {"backup_target", s.backup_target()}, {"runs", runs}};
+}
+
+std::string ScheduleText(const v1::Volume& v) {
+  if (!v.has_schedule() ||
+      (v.schedule().snapshot_cron().empty() && v.schedule().backup_cron().empty())) {
+    return fmt::format("volume \"{}\" has no schedule\n", v.name());
+  }
+  const auto& s = v.schedule();
+  std::vector<std::pair<std::string, std::string>> kv = {{"Volume", v.name()}};
+  if (!s.snapshot_cron().empty()) {
+    kv.push_back({"Snapshots", fmt::format("\"{}\" (UTC), keep {}", s.snapshot_cron(),
+                                           s.snapshot_retain())});
+  }
+  if (!s.backup_cron().empty()) {
+    kv.push_back({"Backups", fmt::format("\"{}\" (UTC), keep {}, to {}", s.backup_cron(),
+                                         s.backup_retain(), s.backup_target())});
+  }
+  Table runs{{"KIND", "LAST RUN", "RESULT", "MADE", "PRUNED", "NEXT"}, {}};
+  std::string errors;
+  for (const auto& r : v.schedule_runs()) {
+    runs.rows.push_back({r.kind(), r.last_run_unix_ns() ? FormatTime(r.last_run_unix_ns()) : "-",
+                         r.result().empty() ? "-" : r.result(), r.made().empty() ? "-" : r.made(),
+                         std::to_string(r.pruned()),
+                         r.next_fire_unix_ns() ? FormatTime(r.next_fire_unix_ns()) : "-"});
+    if (!r.error().empty()) errors += fmt::format("{} error: {}\n", r.kind(), r.error());
+  }
+  return RenderKeyValues(kv) + "\n" + runs.Render() + errors;
 }
 
 nlohmann::json StatsJson(const v1::GetVolumeStatsResponse& s) {
@@ -311,7 +361,9 @@ std::string VolumeDetails(const v1::Volume& v) {
   std::string burst = q.burst_ms() ? fmt::format("{}ms", q.burst_ms())
                                    : fmt::format("{}ms (default)", e.burst_ms());
   kv.push_back({"Burst", burst});
-  return RenderKeyValues(kv) + "\n" + limits.Render();
+  std::string out = RenderKeyValues(kv) + "\n" + limits.Render();
+  if (v.has_schedule()) out += "\n" + ScheduleText(v);
+  return out;
 }
 
 std::string StatsText(const v1::GetVolumeStatsResponse& s) {

@@ -49,6 +49,10 @@ std::string ReadyText(bool ready, uint64_t done, uint64_t total, const std::stri
 
 std::string VolumeListTable(const v1::ListVolumesResponse& list);
 std::string VolumeDetails(const v1::Volume& v);
+// A volume's recurring snapshot/backup schedule and its last runs: the "schedule" member of
+// VolumeJson (null without one), and the text of `nbdctl volume schedule VOL`.
+nlohmann::json ScheduleJson(const v1::Volume& v);
+std::string ScheduleText(const v1::Volume& v);
 std::string StatsText(const v1::GetVolumeStatsResponse& s);
 std::string PoolText(const v1::GetPoolInfoResponse& p);
 std::string SnapshotListTable(const v1::ListSnapshotsResponse& list);
