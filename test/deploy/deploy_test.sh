@@ -57,6 +57,7 @@ value_sets() {
   echo "cluster-external|--set tls.existingSecret.controller=nbd-csi-controller-tls $cluster --set cluster.etcd.external.endpoints[0]=etcd-a.example:2379 --set cluster.etcd.external.endpoints[1]=10.0.0.7:2379 --set cluster.etcd.external.tlsSecret=etcd-client"
   echo "health-monitor|$secrets --set controller.healthMonitor.enabled=true --set controller.healthMonitor.interval=30s"
   echo "backup|$secrets $snap_api $vac_api --set volumeAttributesClasses.enabled=true --set backup.enabled=true --set backup.target=s3://backups/cluster-a --set backup.bandwidth=50Mi --set backup.secretNamespace=storage"
+  echo "backup-schedules|$secrets --set backup.enabled=true --set backup.target=s3://backups/x"
   echo "host-network|$secrets --set controller.hostNetwork=true --set controller.replicas=1 --set node.hostNetwork=true --set controller.apiServerAddress=127.0.0.1:6443 --set datapath.hostAliases[0].ip=127.0.0.1 --set datapath.hostAliases[0].hostnames[0]=nbd-csi-controller.nbd-csi.svc"
 }
 
@@ -183,6 +184,19 @@ if name == "backup":
     assert sc["parameters"]["csi.storage.k8s.io/provisioner-secret-name"] == "nbd-csi-backup", sc
     assert sc["parameters"]["csi.storage.k8s.io/provisioner-secret-namespace"] == "storage", sc
     assert sorted(secret_rules) == ["t-nbd-csi-provisioner", "t-nbd-csi-snapshotter"], secret_rules
+    # Scheduled backups: the Secret is in another namespace here, so it cannot be mounted.
+    dpc_args = next(c for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"].endswith("-datapath")
+                    for c in d["spec"]["template"]["spec"]["containers"])["args"]
+    assert not any(a.startswith("--backup-secret-dir") for a in dpc_args), dpc_args
+elif name == "backup-schedules":
+    assert sorted(secret_rules) == ["t-nbd-csi-provisioner", "t-nbd-csi-snapshotter"], secret_rules
+    dp = next(d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"].endswith("-datapath"))
+    pod = dp["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert "--backup-secret-dir=/etc/nbd-csi/backup-secret" in c["args"], c["args"]
+    assert {"name": "backup-secret", "mountPath": "/etc/nbd-csi/backup-secret", "readOnly": True} in c["volumeMounts"], c["volumeMounts"]
+    vol = next(v for v in pod["volumes"] if v["name"] == "backup-secret")
+    assert vol["secret"] == {"secretName": "nbd-csi-backup", "defaultMode": 0o400, "optional": True}, vol
 else:
     assert not secret_rules, (name, secret_rules)
 drv = next(d for d in docs if d["kind"] == "CSIDriver")

@@ -243,3 +243,11 @@ securityContext:
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{- /* The backup Secret is mounted into the datapath pods (for scheduled backups) when backups are
+  enabled and the Secret is in the release's namespace: a pod cannot mount another namespace's. */}}
+{{- define "nbd-csi.backupSecretMounted" -}}
+{{- if and .Values.backup.enabled (or (not .Values.backup.secretNamespace) (eq .Values.backup.secretNamespace .Release.Namespace)) -}}
+true
+{{- end -}}
+{{- end -}}
