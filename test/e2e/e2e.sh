@@ -667,6 +667,53 @@ EOF
   result "ok (in the bucket after $waits not-ready answer(s), imported by handle and restored bit-exact, deleted; a missing bucket in the snapshot's status)"
 }
 
+# Schedules from a StorageClass reach the node's datapath (which runs them: their firing is
+# tested with an injected clock in schedule_runner_test, not by waiting here); a bad cron
+# expression is refused at provisioning, naming the key.
+walk_schedule() {
+  local target=${s3_target:-s3://e2e/backups}
+  kubectl apply -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: e2e-scheduled}
+provisioner: $DRIVER
+volumeBindingMode: Immediate
+parameters:
+  snapshotSchedule: "0 3 * * *"
+  snapshotRetain: "4"
+  backupSchedule: "30 3 * * 0"
+  backupRetain: "2"
+  backupTarget: "$target"
+---
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: e2e-badschedule}
+provisioner: $DRIVER
+volumeBindingMode: Immediate
+parameters:
+  snapshotSchedule: "0 25 * * *"
+EOF
+  pvc scheduled e2e-scheduled 64Mi
+  pvc badschedule e2e-badschedule 64Mi
+  poll "claim scheduled bound" 60 sh -c "[ \"\$(kubectl -n $APPS get pvc scheduled -o jsonpath='{.status.phase}')\" = Bound ]" ||
+    fail "claim scheduled not bound"
+  local node vol sched
+  node=$(get node)
+  vol=$(pool_volume scheduled)
+  sched=$(nbdctl "$node" volume schedule "$vol")
+  echo "$vol on $node: $(json '"snapshots %s keep %s, backups %s keep %s to %s" % (d["schedule"]["snapshot_cron"], d["schedule"]["snapshot_retain"], d["schedule"]["backup_cron"], d["schedule"]["backup_retain"], d["schedule"]["backup_target"])' <<<"$sched")"
+  json 'd["schedule"]["snapshot_cron"] == "0 3 * * *" and d["schedule"]["snapshot_retain"] == 4 and d["schedule"]["backup_cron"] == "30 3 * * 0" and d["schedule"]["backup_retain"] == 2 and len(d["schedule"]["runs"]) == 2 and all(r["next_fire"] for r in d["schedule"]["runs"])' <<<"$sched" |
+    grep -qx True || fail "the schedule on the node differs from the StorageClass: $sched"
+  poll "claim badschedule refused with the cause" 60 sh -c \
+    "kubectl -n $APPS get events --field-selector involvedObject.name=badschedule -o jsonpath='{.items[*].message}' | grep -q snapshotSchedule" ||
+    fail "no ProvisioningFailed naming snapshotSchedule for claim badschedule"
+  echo "claim badschedule: $(kubectl -n "$APPS" get events --field-selector involvedObject.name=badschedule -o jsonpath='{.items[-1:].message}' | grep -o 'snapshotSchedule[^"]*' | head -1 | cut -c1-140)"
+  [ "$(kubectl -n "$APPS" get pvc badschedule -o jsonpath='{.status.phase}')" = Pending ] || fail "claim badschedule is not Pending"
+  kubectl -n "$APPS" delete pvc scheduled badschedule --wait=true --timeout=60s >/dev/null
+  kubectl delete storageclass e2e-scheduled e2e-badschedule >/dev/null
+  result "ok (StorageClass schedule on the node's volume; a bad cron refused naming the key)"
+}
+
 walk_clone() {
   local sum_src
   sum_src=$(x writer 'sync && sha256sum /data/blob | cut -d" " -f1')
@@ -958,6 +1005,7 @@ if [ $failed = 0 ]; then
   step "PVC restored from the snapshot (Immediate-binding class) holds the original data" walk_restore
   step "PVC cloned from a PVC" walk_clone
   step "Backup VolumeSnapshot to S3, imported by handle in a pre-provisioned content, restored, deleted" walk_backup
+  step "Snapshot and backup schedules from a StorageClass, on the node's volume" walk_schedule
   step "Raw block PVC" walk_block
   step "Online expansion seen by df in the running pod" walk_expand_check
   step "Node plugin pod deleted and recreated under fio verify" walk_node_restart
