@@ -29,6 +29,8 @@ TEST_PKGS=(
   # test/integration/backup_sigv4.sh: botocore's SigV4 signer verifies the backup client's
   # signatures (sigv4_proxy.py).
   python3-botocore
+  # test/integration/backup_csi.sh: a real S3 client counts what the backups stored.
+  s3cmd
   # test/integration/metrics_prometheus.sh: a real Prometheus server scrapes the datapath, and
   # promtool checks the exposition.
   prometheus

@@ -707,7 +707,7 @@ EOF
   poll "claim badschedule refused with the cause" 60 sh -c \
     "kubectl -n $APPS get events --field-selector involvedObject.name=badschedule -o jsonpath='{.items[*].message}' | grep -q snapshotSchedule" ||
     fail "no ProvisioningFailed naming snapshotSchedule for claim badschedule"
-  echo "claim badschedule: $(kubectl -n "$APPS" get events --field-selector involvedObject.name=badschedule -o jsonpath='{.items[-1:].message}' | grep -o 'snapshotSchedule[^"]*' | head -1 | cut -c1-140)"
+  echo "claim badschedule: $(kubectl -n "$APPS" get events --field-selector involvedObject.name=badschedule -o jsonpath='{.items[-1:].message}' | grep -o 'snapshotSchedule.*' | head -1 | cut -c1-140)"
   [ "$(kubectl -n "$APPS" get pvc badschedule -o jsonpath='{.status.phase}')" = Pending ] || fail "claim badschedule is not Pending"
   kubectl -n "$APPS" delete pvc scheduled badschedule --wait=true --timeout=60s >/dev/null
   kubectl delete storageclass e2e-scheduled e2e-badschedule >/dev/null

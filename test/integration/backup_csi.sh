@@ -28,7 +28,7 @@ PY=/usr/bin/python3
 S3RVER_BIN=$("$NBDCSI_SRC/scripts/get-s3rver.sh" --check 2>/dev/null) ||
   skip "s3rver is not installed (scripts/deps.sh test installs it)"
 [ -x "$NBDCSI_BIN/nbd-csi-controller" ] || skip "needs nbd-csi-controller in $NBDCSI_BIN"
-need node jq nbdcopy sha256sum openssl
+need node jq nbdcopy sha256sum openssl s3cmd
 lib_init
 
 MiB=$((1 << 20))
@@ -51,14 +51,18 @@ AWS_SECRET_ACCESS_KEY=S3RVER
 AWS_ENDPOINT_URL=http://127.0.0.1:$S3
 AWS_REGION=us-east-1
 EOF
+# What the bucket holds, asked from outside with a real S3 client (s3cmd), not through nbd-csi.
+s3c() {
+  s3cmd --no-ssl --host="127.0.0.1:$S3" --host-bucket= --access_key=S3RVER --secret_key=S3RVER \
+    --region=us-east-1 --no-check-md5 "$@"
+}
 server_chunks() {  # how many chunk objects the server holds
-  find "$W/s3/$BUCKET/clusters/chunks" -name '*._S3rver_object' 2>/dev/null | wc -l
+  s3c ls -r "s3://$BUCKET/clusters/chunks/" | grep -c ' s3://' || true
 }
 server_chunk_bytes() {  # and their bytes
-  find "$W/s3/$BUCKET/clusters/chunks" -name '*._S3rver_object' -printf '%s\n' 2>/dev/null |
-    awk '{ b += $1 } END { print b + 0 }'
+  s3c ls -r "s3://$BUCKET/clusters/chunks/" | awk '/ s3:\/\// { b += $3 } END { print b + 0 }'
 }
-manifest_exists() { [ -e "$W/s3/$BUCKET/clusters/manifests/$1.json._S3rver_object" ]; }
+manifest_exists() { s3c ls "s3://$BUCKET/clusters/manifests/$1.json" | grep -q ' s3://'; }
 
 C=$W/certs
 bash "$NBDCSI_SRC/test/tls/make-certs.sh" "$C" n1 n2 >"$W/make-certs.log" 2>&1 ||
@@ -244,7 +248,7 @@ for _ in $(seq 60); do
   sleep 0.5  # pacing: the snapshotter's retry
 done
 jq -e '.ready_to_use' >/dev/null <<<"$out" || die "encrypted backup never ready: $out"
-[ -e "$W/s3/$BUCKET/encrypted/config.json._S3rver_object" ] || die "no config.json in the encrypted target"
+s3c ls "s3://$BUCKET/encrypted/config.json" | grep -q ' s3://' || die "no config.json in the encrypted target"
 if grep -rqF "snap-enc" "$W/s3/$BUCKET/encrypted/manifests/"*._S3rver_object; then
   die "the encrypted manifest names its snapshot in clear"
 fi
