@@ -6,7 +6,8 @@
 //  - a parsed id formats back to exactly the same bytes, and its parts pass the validators;
 //  - the pool name in an accepted id, and every name PoolNameForCsiName makes, is one the pool
 //    itself accepts (datapath/pool/rules.h) and whose files stay inside the pool directory;
-//  - a volume id is never a snapshot id and the other way round;
+//  - a volume id is never a snapshot id and the other way round; a backup snapshot id
+//    ("b1:s3://...#NAME") parses to a URL and a pool-safe name and formats back (within 128 bytes);
 //  - formatting succeeds exactly when both parts are valid, and parses back to them;
 //  - PoolNameForCsiName is deterministic, keeps valid names and hashes the others to "h-<32 hex>";
 //  - refusals are EINVAL and their messages carry no control bytes (they quote untrusted input
@@ -88,6 +89,30 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   } else {
     CheckMessage(vid.status());
     CheckMessage(sid.status());
+  }
+
+  // Backup snapshot ids (issue 18; a pre-provisioned VolumeSnapshotContent's handle is the CO's
+  // input): "b1:s3://BUCKET[/PREFIX]#NAME". An accepted one has a name the pool accepts (it
+  // becomes a local snapshot's name) and a URL without '#', spaces or control bytes; it formats
+  // back to the same bytes when it fits CSI's 128, and is none of the other kinds.
+  auto bk = csi::ParseBackupSnapshotId(s);
+  if (bk.ok()) {
+    FUZZ_CHECK(csi::IsBackupSnapshotId(s));
+    FUZZ_CHECK(!vol.ok() && !snap.ok() && !csi::ParseReplicatedVolumeId(s).ok());
+    FUZZ_CHECK(bk->url.starts_with("s3://") && bk->url.size() > 5 && bk->url[5] != '/');
+    for (unsigned char c : bk->url) FUZZ_CHECK(c > 0x20 && c != 0x7f && c != '#');
+    FUZZ_CHECK(csi::ValidatePoolName("backup", bk->name).ok());
+    CheckInsidePool(bk->name);
+    auto again = csi::FormatBackupSnapshotId(bk->url, bk->name);
+    if (s.size() <= csi::kMaxIdLen) {
+      FUZZ_CHECK(again.ok());
+      FUZZ_CHECK_MSG(*again == s, *again);
+    } else {
+      FUZZ_CHECK(!again.ok());
+      CheckMessage(again.status());
+    }
+  } else {
+    CheckMessage(bk.status());
   }
 
   // A CSI name as CreateVolume / CreateSnapshot get it.
