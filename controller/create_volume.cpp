@@ -76,13 +76,18 @@ class CreateVolumeCall {
     if (Status s = CheckCapabilities(req_.volume_capabilities()); !s.ok()) return s;
     auto sc = ParseStorageClass(req_.parameters());
     if (!sc.ok()) return sc.status();
-    auto vac = ParseQos(req_.mutable_parameters(), "mutable_parameters");
+    auto vac = ParseAttributes(req_.mutable_parameters(), "mutable_parameters");
     if (!vac.ok()) return vac.status();
-    qos_ = QosLimitsOf(sc->qos, *vac);
+    qos_ = QosLimitsOf(sc->qos, vac->qos);
     replicas_ = sc->replicas;
     // Recurring snapshots/backups: validated by the parameters' parser (replicated volumes
-    // refused there), run by the node's datapath, which stores the schedule with the volume.
-    schedule_ = sc->schedule;
+    // refused there), run by the node's datapath, which stores the schedule with the volume. A
+    // VolumeAttributesClass's schedule replaces the StorageClass's.
+    schedule_ = vac->schedule ? *vac->schedule : sc->schedule;
+    if (!schedule_.empty() && replicas_ > 1) {
+      return Err(EINVAL, "mutable_parameters: schedules are not supported for replicated volumes "
+                 "yet (replicas={})", replicas_);
+    }
     auto pool_name = csi::PoolNameForCsiName(req_.name());
     if (!pool_name.ok()) return Err(EINVAL, "name: {}", pool_name.status().message());
     pool_name_ = *pool_name;
@@ -208,6 +213,14 @@ class CreateVolumeCall {
     if (!google::protobuf::util::MessageDifferencer::Equals(dv.qos(), qos_)) {
       auto set =
           nodes_.On(node, [&](NodeDatapath& d) { return d.SetQos(pool_name_, QosPatchOf(qos_)); });
+      if (!set.ok()) return set.status();
+      dv = std::move(*set);
+    }
+    const VolumeSchedule have =
+        dv.has_schedule() ? datapath::FromProto(dv.schedule()) : VolumeSchedule{};
+    if (!(have == schedule_)) {
+      auto set =
+          nodes_.On(node, [&](NodeDatapath& d) { return d.SetSchedule(pool_name_, schedule_); });
       if (!set.ok()) return set.status();
       dv = std::move(*set);
     }

@@ -80,10 +80,10 @@ StatusOr<csi::StorageClassParameters> ParseStorageClass(
   return p;
 }
 
-StatusOr<csi::QosParameters> ParseQos(const google::protobuf::Map<std::string, std::string>& params,
-                                      std::string_view field) {
+StatusOr<csi::AttributesClassParameters> ParseAttributes(
+    const google::protobuf::Map<std::string, std::string>& params, std::string_view field) {
   std::map<std::string, std::string> m(params.begin(), params.end());
-  auto q = csi::ParseQosParameters(m);
+  auto q = csi::ParseAttributesClassParameters(m);
   if (!q.ok()) return Err(EINVAL, "{}: {}", field, q.status().message());
   return q;
 }

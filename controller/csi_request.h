@@ -36,9 +36,10 @@ Status CheckCapabilities(
 // and replicas. EINVAL names "parameters" and the bad key or value.
 StatusOr<csi::StorageClassParameters> ParseStorageClass(
     const google::protobuf::Map<std::string, std::string>& params);
-// The QoS keys of a parameters map; EINVAL names `field` and the bad key or value.
-StatusOr<csi::QosParameters> ParseQos(const google::protobuf::Map<std::string, std::string>& params,
-                                      std::string_view field);
+// VolumeAttributesClass parameters (QoS keys, a schedule); EINVAL names `field` and the bad key
+// or value.
+StatusOr<csi::AttributesClassParameters> ParseAttributes(
+    const google::protobuf::Map<std::string, std::string>& params, std::string_view field);
 // StorageClass parameters, then the VolumeAttributesClass's on top (they are the newer word).
 ::nbdcsi::datapath::v1::QosLimits QosLimitsOf(const csi::QosParameters& storage_class,
                                               const csi::QosParameters& attributes_class);

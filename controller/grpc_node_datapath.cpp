@@ -11,6 +11,7 @@
 #include "controller/node_datapath.h"
 #include "datapath/api/backup.grpc.pb.h"
 #include "datapath/api/datapath.grpc.pb.h"
+#include "datapath/api/schedule_proto.h"
 #include "datapath/api/target.grpc.pb.h"
 
 namespace nbdcsi::controller {
@@ -71,6 +72,17 @@ class GrpcNodeDatapath final : public NodeDatapath {
     dpv1::SetQosResponse resp;
     return Then(Call("SetQos", [&](auto* c) { return stub_->SetQos(c, req, &resp); }),
                 [&] { return resp.volume(); });
+  }
+
+  StatusOr<dpv1::Volume> SetSchedule(const std::string& name,
+                                     const VolumeSchedule& schedule) override {
+    dpv1::SetScheduleRequest req;
+    req.set_name(name);
+    if (!schedule.empty()) datapath::ToProto(schedule, req.mutable_schedule());
+    dpv1::SetScheduleResponse resp;
+    return Then(
+        Call("SetSchedule", [&](auto* c) { return stub_->SetSchedule(c, req, &resp); }),
+        [&] { return resp.volume(); });
   }
 
   StatusOr<dpv1::Snapshot> CreateSnapshot(const std::string& name,

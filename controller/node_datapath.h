@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "common/volume_schedule.h"
 #include "datapath/api/backup.pb.h"
 #include "datapath/api/datapath.pb.h"
 #include "datapath/api/target.pb.h"
@@ -44,6 +45,10 @@ class NodeDatapath {
   virtual StatusOr<std::vector<dpv1::Volume>> ListVolumes() = 0;  // sorted by name
   // The volume with the limits now in force.
   virtual StatusOr<dpv1::Volume> SetQos(const std::string& name, const dpv1::QosPatch& patch) = 0;
+  // The whole new schedule (an empty one removes it); EINVAL for a bad one, EAGAIN while a copy
+  // fills the volume.
+  virtual StatusOr<dpv1::Volume> SetSchedule(const std::string& name,
+                                             const VolumeSchedule& schedule) = 0;
 
   // Idempotent: the same name and source return the existing snapshot; another source is EEXIST.
   virtual StatusOr<dpv1::Snapshot> CreateSnapshot(const std::string& name,

@@ -55,7 +55,7 @@ Status ControllerImpl::ValidateVolumeCapabilities(const v1::ValidateVolumeCapabi
     }
   }
   auto sc = ParseStorageClass(req.parameters());
-  auto vac = ParseQos(req.mutable_parameters(), "mutable_parameters");
+  auto vac = ParseAttributes(req.mutable_parameters(), "mutable_parameters");
   if (!sc.ok() || !vac.ok()) {
     resp->set_message(!sc.ok() ? sc.status().message() : vac.status().message());
     return Status::Ok();
@@ -162,9 +162,14 @@ Status ControllerImpl::GetVolume(const v1::ControllerGetVolumeRequest& req,
 
 Status ControllerImpl::ModifyVolume(const v1::ControllerModifyVolumeRequest& req) {
   if (req.volume_id().empty()) return Err(EINVAL, "volume_id is required");
-  auto q = ParseQos(req.mutable_parameters(), "mutable_parameters");
-  if (!q.ok()) return q.status();
+  auto attrs = ParseAttributes(req.mutable_parameters(), "mutable_parameters");
+  if (!attrs.ok()) return attrs.status();
+  const csi::QosParameters* q = &attrs->qos;
   if (csi::IsReplicatedVolumeId(req.volume_id())) {
+    if (attrs->schedule) {
+      return Err(EINVAL, "mutable_parameters: schedules are not supported for replicated volumes "
+                 "yet ({})", req.volume_id());
+    }
     if (q->empty()) return replicated_.Get(req.volume_id()).status();
     if (Status s = replicated_.SetQos(req.volume_id(), QosPatchOf(*q)); !s.ok()) return s;
     spdlog::info("[{}] volume {}: QoS patch {} on every replica", csi::CurrentRequestId(),
@@ -174,9 +179,18 @@ Status ControllerImpl::ModifyVolume(const v1::ControllerModifyVolumeRequest& req
   auto ref = NamedVolume(req.volume_id());
   if (!ref.ok()) return ref.status();
   // Nothing to change: the answer is only whether the volume exists.
-  if (q->empty()) return nodes_.GetVolume(ref->node_id, ref->pool_name).status();
+  if (q->empty() && !attrs->schedule) return nodes_.GetVolume(ref->node_id, ref->pool_name).status();
   if (Status c = replicated_.RefuseCopy(ref->node_id, ref->pool_name, req.volume_id()); !c.ok())
     return c;
+  if (attrs->schedule) {
+    auto set = nodes_.On(ref->node_id, [&](NodeDatapath& d) {
+      return d.SetSchedule(ref->pool_name, *attrs->schedule);
+    });
+    if (!set.ok()) return set.status();
+    spdlog::info("[{}] volume {}: schedule now {}", csi::CurrentRequestId(), req.volume_id(),
+                 DescribeSchedule(*attrs->schedule));
+    if (q->empty()) return Status::Ok();
+  }
   auto changed = nodes_.On(
       ref->node_id, [&](NodeDatapath& d) { return d.SetQos(ref->pool_name, QosPatchOf(*q)); });
   if (!changed.ok()) return changed.status();

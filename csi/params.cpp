@@ -147,6 +147,31 @@ StatusOr<StorageClassParameters> ParseStorageClassParameters(
   return out;
 }
 
+StatusOr<AttributesClassParameters> ParseAttributesClassParameters(
+    const std::map<std::string, std::string>& params) {
+  AttributesClassParameters out;
+  std::map<std::string, std::string> qos_keys;
+  bool schedule = false;
+  for (const auto& kv : params) {
+    bool is_schedule = false;
+    for (auto k : ScheduleKeys()) is_schedule = is_schedule || kv.first == k;
+    if (is_schedule) {
+      schedule = true;
+    } else {
+      qos_keys.insert(kv);
+    }
+  }
+  auto qos = ParseQosKeys(qos_keys, false);
+  if (!qos.ok()) return qos.status();
+  out.qos = std::move(*qos);
+  if (schedule) {
+    VolumeSchedule s;
+    if (Status st = ParseSchedule(params, s); !st.ok()) return st;
+    out.schedule = s;
+  }
+  return out;
+}
+
 namespace {
 
 StatusOr<QosParameters> ParseQosKeys(const std::map<std::string, std::string>& params,

@@ -63,4 +63,16 @@ struct StorageClassParameters {
 StatusOr<StorageClassParameters> ParseStorageClassParameters(
     const std::map<std::string, std::string>& params);
 
+// VolumeAttributesClass parameters (the mutable_parameters of CreateVolume and
+// ControllerModifyVolume): the QoS keys, and the schedule keys. A class that gives any schedule
+// key gives the volume's whole new schedule (the same rules as in a StorageClass: a retain without
+// its schedule, a backupSchedule without backupTarget are refused); one that gives none leaves
+// the schedule as it is. EINVAL as above.
+struct AttributesClassParameters {
+  QosParameters qos;
+  std::optional<VolumeSchedule> schedule;
+};
+StatusOr<AttributesClassParameters> ParseAttributesClassParameters(
+    const std::map<std::string, std::string>& params);
+
 }  // namespace nbdcsi::csi

@@ -212,6 +212,14 @@ TEST_F(Backups_, RestoreMakesANewVolumeWithTheBackupsSizeAndTheClassQos) {
   ASSERT_TRUE(dv.has_value());
   EXPECT_EQ(dv->size_bytes(), 128 * kMiB);
   EXPECT_EQ(dv->qos().max_iops(), 500u);
+  // The class's schedule reaches the restored volume too.
+  auto sched = RestoreReq("pvc-restored-sched", id);
+  (*sched.mutable_parameters())["snapshotSchedule"] = "@daily";
+  v1::Volume sv;
+  ASSERT_TRUE(Restore(sched, &sv).ok());
+  auto sdv = Node(sv.volume_id().substr(3, 2)).Volume("pvc-restored-sched");
+  ASSERT_TRUE(sdv.has_value());
+  EXPECT_EQ(sdv->schedule().snapshot_cron(), "@daily");
   // A retry returns the same volume; it does not restore again.
   v1::Volume again;
   ASSERT_TRUE(Restore(req, &again).ok());

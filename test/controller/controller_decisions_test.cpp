@@ -420,6 +420,53 @@ TEST_F(Decisions, CreateVolumePassesTheSchedule) {
   EXPECT_EQ(Calls("CreateVolume", {"node-a"}), creates);
 }
 
+// A VolumeAttributesClass sets the schedule too: at creation over the StorageClass's, and later
+// through ControllerModifyVolume (SetSchedule on the volume's node); a class without schedule
+// keys leaves it alone; replicated volumes refuse it.
+TEST_F(Decisions, AttributesClassSchedules) {
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  auto req = VolumeRequest("pvc-vac", static_cast<int64_t>(kMiB));
+  (*req.mutable_parameters())["snapshotSchedule"] = "@daily";
+  (*req.mutable_mutable_parameters())["snapshotSchedule"] = "@hourly";
+  (*req.mutable_mutable_parameters())["snapshotRetain"] = "24";
+  const std::string id = MustCreate(req).volume_id();
+  const std::string pool_name = id.substr(id.rfind(':') + 1);
+  EXPECT_EQ(Node("node-a").Volume(pool_name)->schedule().snapshot_cron(), "@hourly");
+  EXPECT_EQ(Node("node-a").Volume(pool_name)->schedule().snapshot_retain(), 24u);
+
+  v1::ControllerModifyVolumeRequest m;
+  m.set_volume_id(id);
+  (*m.mutable_mutable_parameters())["backupSchedule"] = "0 1 * * *";
+  (*m.mutable_mutable_parameters())["backupTarget"] = "s3://bucket/x";
+  v1::ControllerModifyVolumeResponse mr;
+  grpc::Status s = C().ControllerModifyVolume(nullptr, &m, &mr);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  auto stored = Node("node-a").Volume(pool_name);
+  EXPECT_EQ(stored->schedule().backup_cron(), "0 1 * * *");
+  EXPECT_EQ(stored->schedule().snapshot_cron(), "");  // the class's schedule is the whole one
+  // QoS only: the schedule stays.
+  m.mutable_mutable_parameters()->clear();
+  (*m.mutable_mutable_parameters())["maxIops"] = "300";
+  ASSERT_TRUE(C().ControllerModifyVolume(nullptr, &m, &mr).ok());
+  stored = Node("node-a").Volume(pool_name);
+  EXPECT_EQ(stored->schedule().backup_cron(), "0 1 * * *");
+  EXPECT_EQ(stored->qos().max_iops(), 300u);
+  // A bad one reaches no node.
+  const int sets = Calls("SetSchedule", {"node-a"});
+  m.mutable_mutable_parameters()->clear();
+  (*m.mutable_mutable_parameters())["backupSchedule"] = "@daily";
+  s = C().ControllerModifyVolume(nullptr, &m, &mr);
+  EXPECT_EQ(s.error_code(), StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_NE(s.error_message().find("backupTarget"), std::string::npos) << s.error_message();
+  EXPECT_EQ(Calls("SetSchedule", {"node-a"}), sets);
+  // Replicated volumes: not yet.
+  m.set_volume_id("r1:pvc-x");
+  m.mutable_mutable_parameters()->clear();
+  (*m.mutable_mutable_parameters())["snapshotSchedule"] = "@daily";
+  s = C().ControllerModifyVolume(nullptr, &m, &mr);
+  EXPECT_EQ(s.error_code(), StatusCode::INVALID_ARGUMENT) << s.error_message();
+}
+
 TEST_F(Decisions, IdempotencyAsksEveryLiveNodeAtOnce) {
   const std::vector<std::string> nodes = {"node-a", "node-b", "node-c"};
   Rendezvous all(static_cast<int>(nodes.size()));

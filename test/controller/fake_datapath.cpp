@@ -6,6 +6,7 @@
 #include <google/protobuf/util/message_differencer.h>
 
 #include "datapath/api/registry.pb.h"
+#include "datapath/api/schedule_proto.h"
 
 namespace nbdcsi::controller::testing {
 
@@ -174,6 +175,18 @@ StatusOr<dpv1::Volume> FakeDatapath::SetQos(const std::string& name, const dpv1:
   if (p.has_iops_per_gib()) q->set_iops_per_gib(p.iops_per_gib());
   if (p.has_bps_per_gib()) q->set_bps_per_gib(p.bps_per_gib());
   if (p.has_burst_ms()) q->set_burst_ms(p.burst_ms());
+  return it->second;
+}
+
+StatusOr<dpv1::Volume> FakeDatapath::SetSchedule(const std::string& name,
+                                                  const VolumeSchedule& schedule) {
+  if (Status s = Enter("SetSchedule", name); !s.ok()) return s;
+  if (Status s = ValidateSchedule(schedule); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  auto it = volumes_.find(name);
+  if (it == volumes_.end()) return Error(ENOENT, "volume {} does not exist", name);
+  it->second.clear_schedule();
+  if (!schedule.empty()) datapath::ToProto(schedule, it->second.mutable_schedule());
   return it->second;
 }
 

@@ -104,6 +104,8 @@ class FakeDatapath : public NodeDatapath {
   StatusOr<dpv1::Volume> GetVolume(const std::string& name) override;
   StatusOr<std::vector<dpv1::Volume>> ListVolumes() override;
   StatusOr<dpv1::Volume> SetQos(const std::string& name, const dpv1::QosPatch& patch) override;
+  StatusOr<dpv1::Volume> SetSchedule(const std::string& name,
+                                     const VolumeSchedule& schedule) override;
   StatusOr<dpv1::Snapshot> CreateSnapshot(const std::string& name,
                                           const std::string& source_volume) override;
   Status DeleteSnapshot(const std::string& name) override;

@@ -9,7 +9,7 @@ What a YAML linter cannot see, and what breaks a cluster in ways that only show 
     plugin's socket is where node-driver-registrar tells the kubelet to dial; the node plugin
     dials the datapath's API socket on the same host path;
   - the driver name is nbd.csi.io everywhere it appears;
-  - StorageClass and VolumeAttributesClass parameter keys are known QoS keys;
+  - StorageClass and VolumeAttributesClass parameter keys are known QoS or schedule keys;
   - the datapath runs in its own DaemonSet, never inside the node plugin pod;
   - ports, probes, the controller Service and the datapath's --controller agree;
   - the controller pod runs as a non-root user, our containers and the node plugin's registrar
@@ -47,6 +47,9 @@ DRIVER = "nbd.csi.io"
 QOS_KEYS = ["maxIops", "maxReadIops", "maxWriteIops", "maxBps", "maxReadBps", "maxWriteBps",
             "iopsPerGiB", "bpsPerGiB", "burstMs"]
 RESERVED_PREFIX = "csi.storage.k8s.io/"
+# csi/params.h: schedules (issue 18), in a StorageClass and in a VolumeAttributesClass.
+SCHEDULE_KEYS = ["snapshotSchedule", "snapshotRetain", "backupSchedule", "backupRetain",
+                 "backupTarget"]
 OUR_BINARIES = ("nbd-csi-controller", "nbd-csi-node", "nbd-datapathd")
 PROVISIONER_ARGS = ["--feature-gates", "--strict-topology", "--immediate-topology=false",
                     "--extra-create-metadata", "--leader-election", "--default-fstype=ext4"]
@@ -393,8 +396,8 @@ def check(ck, docs, expect_secrets, quiet=False):
                 # Replicated volumes (issue 16) expand online like the others.
                 if v not in ("1", "2", "3"):
                     ck.err(where, f"replicas {v!r}: \"1\", \"2\" or \"3\"")
-            elif k not in QOS_KEYS:
-                ck.err(where, f"unknown parameter {k!r}; known: {', '.join(QOS_KEYS)}, replicas")
+            elif k not in QOS_KEYS + SCHEDULE_KEYS:
+                ck.err(where, f"unknown parameter {k!r}; known: {', '.join(QOS_KEYS + SCHEDULE_KEYS)}, replicas")
             if not isinstance(v, str):
                 ck.err(where, f"parameter {k} must be a string, got {v!r}")
     for vsc in by_kind.get("VolumeSnapshotClass", []):
@@ -408,8 +411,8 @@ def check(ck, docs, expect_secrets, quiet=False):
         if not vac.get("parameters"):
             ck.err(where, "no parameters: ControllerModifyVolume would have nothing to change")
         for k in (vac.get("parameters") or {}):
-            if k not in QOS_KEYS:
-                ck.err(where, f"unknown parameter {k!r}; known: {', '.join(QOS_KEYS)}")
+            if k not in QOS_KEYS + SCHEDULE_KEYS:
+                ck.err(where, f"unknown parameter {k!r}; known: {', '.join(QOS_KEYS + SCHEDULE_KEYS)}")
 
     # ---- field names ----------------------------------------------------------------------
     for where, wl, _ in pods_of(docs):

@@ -14,6 +14,7 @@
 #   - B deletes the first backup snapshot: its manifest goes, the second stays restorable.
 #   - kill -9 of n1 while a bandwidth-limited backup runs: no manifest; after the restart the
 #     snapshotter's retry backs up again, and the restore is bit-exact.
+#   - A VolumeAttributesClass's schedule keys through ControllerModifyVolume land on the volume.
 #   - An encrypted target (the key in the secret): manifest not in clear, B restores with the key;
 #     without it INVALID_ARGUMENT, with a wrong one PERMISSION_DENIED.
 #   - Errors, each a clear CSI code within seconds (a missing bucket once the local snapshot is
@@ -259,6 +260,15 @@ expect_code INVALID_ARGUMENT "encrypt" csi b controller create-volume pvc-enc-no
 sed 's/^NBDCSI_BACKUP_ENCRYPTION_KEY=.*/NBDCSI_BACKUP_ENCRYPTION_KEY=wrong/' "$W/secret-enc" >"$W/secret-wrong"
 expect_code PERMISSION_DENIED "wrong encryption key" csi b controller create-volume pvc-enc-wrong \
   --from-snapshot "b1:$ENC#snap-enc" --secret-file "$W/secret-wrong"
+
+step "a VolumeAttributesClass's schedule (ControllerModifyVolume) reaches the volume's node"
+csi a controller modify "$SRC" --param snapshotSchedule=@daily --param snapshotRetain=3 \
+  --param backupSchedule="0 4 * * 0" --param backupTarget="$TARGET" >/dev/null ||
+  die "ControllerModifyVolume with a schedule failed"
+dp n1 -o json volume schedule pvc-src | jqx ".schedule.snapshot_cron == \"@daily\" and
+  .schedule.snapshot_retain == 3 and .schedule.backup_cron == \"0 4 * * 0\" and
+  .schedule.backup_target == \"$TARGET\""
+expect_code INVALID_ARGUMENT "backupTarget" csi a controller modify "$SRC" --param backupSchedule=@daily
 
 step "errors: each a clear code within seconds"
 sed 's/^AWS_SECRET_ACCESS_KEY=.*/AWS_SECRET_ACCESS_KEY=wrong/' "$W/secret" >"$W/bad-secret"

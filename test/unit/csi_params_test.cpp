@@ -179,6 +179,30 @@ TEST(CsiParams, StorageClassSchedules) {
   EXPECT_FALSE(defaults->schedule.empty());
 }
 
+// A VolumeAttributesClass may carry a schedule: any schedule key makes it the whole new one;
+// without one the schedule stays unset (left alone); the StorageClass-only `replicas` is refused.
+TEST(CsiParams, AttributesClassSchedules) {
+  auto qos_only = ParseAttributesClassParameters({{"maxIops", "100"}});
+  ASSERT_TRUE(qos_only.ok()) << qos_only.status().message();
+  EXPECT_EQ(qos_only->qos.max_iops, 100u);
+  EXPECT_FALSE(qos_only->schedule.has_value());
+  auto both = ParseAttributesClassParameters(
+      {{"maxIops", "100"}, {"snapshotSchedule", "@hourly"}, {"snapshotRetain", "24"}});
+  ASSERT_TRUE(both.ok()) << both.status().message();
+  ASSERT_TRUE(both->schedule.has_value());
+  EXPECT_EQ(both->schedule->snapshot_cron, "@hourly");
+  EXPECT_EQ(both->schedule->snapshot_retain, 24u);
+  EXPECT_TRUE(both->schedule->backup_cron.empty());
+  EXPECT_EQ(both->qos.max_iops, 100u);
+  // The StorageClass's rules apply: a backup schedule needs its target.
+  auto bad = ParseAttributesClassParameters({{"backupSchedule", "@daily"}});
+  EXPECT_EQ(bad.status().code(), EINVAL);
+  EXPECT_NE(bad.status().message().find("backupTarget"), std::string::npos);
+  EXPECT_EQ(ParseAttributesClassParameters({{"replicas", "2"}}).status().code(), EINVAL);
+  EXPECT_EQ(ParseAttributesClassParameters({{"snapshotSchedule", "61 * * * *"}}).status().code(),
+            EINVAL);
+}
+
 TEST(CsiParams, StorageClassScheduleErrorsNameTheKey) {
   struct Case {
     std::map<std::string, std::string> params;
