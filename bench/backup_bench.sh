@@ -2,8 +2,9 @@
 # Backup and restore throughput to a local S3 server (s3rver on the loopback, as in
 # test/integration/backup_s3.sh): a 1 GiB volume with 300 MiB of random data written over NBD,
 # full backup, 10 MiB changed, incremental backup (bytes counted on the server), restores of
-# both, and `aws s3 cp` of the same 300 MiB as a file to the same server for comparison (when
-# the aws CLI is installed). Prints one table; nothing is asserted.
+# both, the full backup and its restore again into an encrypted target (client-side AES-256-GCM),
+# and `aws s3 cp` of the same 300 MiB as a file to the same server for comparison (when the aws
+# CLI is installed). Prints one table; nothing is asserted.
 #   bench/backup_bench.sh          (NBDCSI_BIN: built binaries, default build/bin)
 set -euo pipefail
 NBDCSI_SRC=${NBDCSI_SRC:-$(cd "$(dirname "$0")/.." && pwd)}
@@ -62,6 +63,13 @@ t4=$(now); nbdctl backup restore full "${T[@]}" --volume r1 --wait >/dev/null 2>
 t6=$(now); nbdctl backup restore inc "${T[@]}" --volume r2 --wait >/dev/null 2>&1; t7=$(now)
 cmp <(nbdcopy "$(nbd_uri r1)" - | sha256sum) <(sha256sum <"$DAEMON_POOL/snapshots/s1.img") >/dev/null ||
   die "restore of the full backup differs"
+# The same full backup into an encrypted target (a fresh prefix: nothing to deduplicate against).
+head -c 32 /dev/urandom | base64 >"$W/key"
+E=(--target "s3://$BUCKET/enc" --endpoint "$ENDPOINT" --encryption-key-file "$W/key")
+t10=$(now); nbdctl backup create full "${E[@]}" --snapshot s1 --wait >/dev/null 2>&1; t11=$(now)
+t12=$(now); nbdctl backup restore full "${E[@]}" --volume r3 --wait >/dev/null 2>&1; t13=$(now)
+cmp <(nbdcopy "$(nbd_uri r3)" - | sha256sum) <(sha256sum <"$DAEMON_POOL/snapshots/s1.img") >/dev/null ||
+  die "restore of the encrypted backup differs"
 aws_line="| aws s3 cp of the 300 MiB (file) | - | - | (aws CLI not installed) |"
 if command -v aws >/dev/null 2>&1; then
   head -c $((300 * MiB)) /dev/urandom >"$W/flat"
@@ -80,4 +88,6 @@ echo "| full backup (1 GiB volume, 300 MiB written) | $(secs "$t0" "$t1") | $(ra
 echo "| incremental backup after 10 MiB changed | $(secs "$t2" "$t3") | - | $inc_bytes |"
 echo "| restore of the full backup | $(secs "$t4" "$t5") | $(rate $((300 * MiB)) "$t4" "$t5") | - |"
 echo "| restore of the incremental backup | $(secs "$t6" "$t7") | $(rate $((300 * MiB)) "$t6" "$t7") | - |"
+echo "| full backup into an encrypted target | $(secs "$t10" "$t11") | $(rate $((300 * MiB)) "$t10" "$t11") | - |"
+echo "| restore of the encrypted backup | $(secs "$t12" "$t13") | $(rate $((300 * MiB)) "$t12" "$t13") | - |"
 echo "$aws_line"
