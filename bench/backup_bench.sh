@@ -51,11 +51,7 @@ nbdctl snapshot create s1 --volume v --wait >/dev/null
 t0=$(now); nbdctl backup create full "${T[@]}" --snapshot s1 --wait >/dev/null 2>&1; t1=$(now)
 full_bytes=$(stored)
 dd if=/dev/urandom of="$W/change" bs=1M count=10 status=none
-$PY - "$(nbd_uri v)" "$W/change" <<'PY'
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
-h.pwrite(open(sys.argv[2], "rb").read(), 5 * 1024 * 1024); h.flush(); h.shutdown()
-PY
+nbd_pwrite v $((5 * MiB)) "$W/change"
 nbdctl snapshot create s2 --volume v --wait >/dev/null
 t2=$(now); nbdctl backup create inc "${T[@]}" --snapshot s2 --wait >/dev/null 2>&1; t3=$(now)
 inc_bytes=$(( $(stored) - full_bytes ))

@@ -240,6 +240,16 @@ struct Pool::Impl {
                         const Status& s);
   Status StopCopiesOf(const char* kind, const std::string& name);
   Status CheckNotFillingLocked(const std::string& name, const char* what) const;
+  // A change of volume `name`'s metadata alone (QoS, schedule), in volumes.cpp: refused while a
+  // background copy fills the volume (the copy commits "ready" with the metadata it started
+  // with; `what` ends that message). `change(meta)` edits a copy and says whether anything
+  // changed; only then is the new metadata committed durably (fault points `fault_tmp`,
+  // `fault_renamed`; a failure is "`label` of volume NAME: cause") and `apply(entry, meta)` runs
+  // under mu. The volume's info either way.
+  template <typename Change, typename Apply>
+  StatusOr<VolumeInfo> ChangeVolumeMeta(const std::string& name, const char* what,
+                                        const char* label, const char* fault_tmp,
+                                        const char* fault_renamed, Change&& change, Apply&& apply);
   Status GrowData(Volume& vol, uint64_t old_size, uint64_t new_size);
   void ShrinkBack(Volume& vol, uint64_t old_size);
 

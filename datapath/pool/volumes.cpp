@@ -396,65 +396,62 @@ StatusOr<VolumeInfo> Pool::Resize(const std::string& name, uint64_t new_size) {
   return I.MakeInfo(it->second);
 }
 
-StatusOr<VolumeInfo> Pool::UpdateQos(const std::string& name, const QosPatch& patch) {
-  if (Status s = ValidateVolumeName(name); !s.ok()) return s;
-  Impl& I = *impl_;
-  Impl::NameGuard guard(I, {VolKey(name)});
+template <typename Change, typename Apply>
+StatusOr<VolumeInfo> Pool::Impl::ChangeVolumeMeta(const std::string& name, const char* what,
+                                                  const char* label, const char* fault_tmp,
+                                                  const char* fault_renamed, Change&& change,
+                                                  Apply&& apply) {
+  NameGuard guard(*this, {VolKey(name)});
   VolumeMeta old_meta;
   {
-    std::lock_guard lock(I.mu);
-    auto it = I.vols.find(name);
-    if (it == I.vols.end()) return Impl::NotFound("volume", I.broken, name);
-    if (Status s = I.CheckNotFillingLocked(name, "change its QoS"); !s.ok()) return s;
+    std::lock_guard lock(mu);
+    auto it = vols.find(name);
+    if (it == vols.end()) return NotFound("volume", broken, name);
+    if (Status s = CheckNotFillingLocked(name, what); !s.ok()) return s;
     old_meta = it->second.meta;
   }
   VolumeMeta m = old_meta;
-  m.qos = patch.ApplyTo(old_meta.qos);
-  if (Status s = ValidateQos(m.qos, m.size); !s.ok()) return InVolume(name, s);
-  const bool changed = !(m.qos == old_meta.qos);
-  if (changed) {
-    if (Status s = I.CommitMetaOrRestore(m, old_meta, "qos.meta_tmp", "qos.meta_renamed");
-        !s.ok()) {
-      return Error(s.code(), "set QoS of volume {}: {}", name, s.message());
+  StatusOr<bool> changed = change(m);
+  if (!changed.ok()) return changed.status();
+  if (*changed) {
+    if (Status s = CommitMetaOrRestore(m, old_meta, fault_tmp, fault_renamed); !s.ok()) {
+      return Error(s.code(), "{} of volume {}: {}", label, name, s.message());
     }
   }
-  std::lock_guard lock(I.mu);
-  auto it = I.vols.find(name);  // still there: the name guard excludes Delete
-  if (changed) {
-    it->second.meta = m;
-    it->second.vol->throttle_.SetLimits(m.qos, m.size, MonotonicNowNs());
-  }
-  return I.MakeInfo(it->second);
+  std::lock_guard lock(mu);
+  auto it = vols.find(name);  // still there: the name guard excludes Delete
+  if (*changed) apply(it->second, m);
+  return MakeInfo(it->second);
+}
+
+StatusOr<VolumeInfo> Pool::UpdateQos(const std::string& name, const QosPatch& patch) {
+  if (Status s = ValidateVolumeName(name); !s.ok()) return s;
+  return impl_->ChangeVolumeMeta(
+      name, "change its QoS", "set QoS", "qos.meta_tmp", "qos.meta_renamed",
+      [&](VolumeMeta& m) -> StatusOr<bool> {
+        const QosLimits old = m.qos;
+        m.qos = patch.ApplyTo(old);
+        if (Status s = ValidateQos(m.qos, m.size); !s.ok()) return InVolume(name, s);
+        return !(m.qos == old);
+      },
+      [](Impl::Entry& e, const VolumeMeta& m) {
+        e.meta = m;
+        e.vol->throttle_.SetLimits(m.qos, m.size, MonotonicNowNs());
+      });
 }
 
 StatusOr<VolumeInfo> Pool::SetSchedule(const std::string& name, const VolumeSchedule& schedule) {
   if (Status s = ValidateVolumeName(name); !s.ok()) return s;
   if (Status s = ValidateSchedule(schedule); !s.ok()) return InVolume(name, s);
-  Impl& I = *impl_;
-  Impl::NameGuard guard(I, {VolKey(name)});
-  VolumeMeta old_meta;
-  {
-    std::lock_guard lock(I.mu);
-    auto it = I.vols.find(name);
-    if (it == I.vols.end()) return Impl::NotFound("volume", I.broken, name);
-    // The copy commits "ready" with the metadata it started with, as for QoS.
-    if (Status s = I.CheckNotFillingLocked(name, "change its schedule"); !s.ok()) return s;
-    old_meta = it->second.meta;
-  }
-  VolumeMeta m = old_meta;
-  m.schedule = Normalized(schedule);
-  const bool changed = !(m.schedule == old_meta.schedule);
-  if (changed) {
-    if (Status s = I.CommitMetaOrRestore(m, old_meta, "schedule.meta_tmp",
-                                         "schedule.meta_renamed");
-        !s.ok()) {
-      return Error(s.code(), "set the schedule of volume {}: {}", name, s.message());
-    }
-  }
-  std::lock_guard lock(I.mu);
-  auto it = I.vols.find(name);  // still there: the name guard excludes Delete
-  if (changed) it->second.meta.schedule = m.schedule;
-  return I.MakeInfo(it->second);
+  return impl_->ChangeVolumeMeta(
+      name, "change its schedule", "set the schedule", "schedule.meta_tmp",
+      "schedule.meta_renamed",
+      [&](VolumeMeta& m) -> StatusOr<bool> {
+        const VolumeSchedule old = m.schedule;
+        m.schedule = Normalized(schedule);
+        return !(m.schedule == old);
+      },
+      [](Impl::Entry& e, const VolumeMeta& m) { e.meta.schedule = m.schedule; });
 }
 
 StatusOr<uint64_t> Pool::FenceVolume(const std::string& name, uint64_t epoch) {

@@ -154,13 +154,20 @@ nbdcsi::StatusOr<ncsi::QosParameters> ParseBoth(const Params& m) {
   auto unprefixed = ncsi::ParseQosParameters(WithoutProvisionerKeys(m));
   FUZZ_CHECK(unprefixed.ok() == r.ok());
   if (r.ok()) FUZZ_CHECK(*unprefixed == *r);
-  auto c = ctl::ParseQos(ToProtoMap(m), "parameters");
-  FUZZ_CHECK(c.ok() == r.ok());
-  if (r.ok()) {
-    FUZZ_CHECK(*c == *r);
+  // A VolumeAttributesClass's parameters (the controller's wrapper, as ModifyVolume sees them):
+  // the same answer as the csi parser, and without schedule keys the same QoS as above.
+  auto a = ncsi::ParseAttributesClassParameters(m);
+  auto c = ctl::ParseAttributes(ToProtoMap(m), "parameters");
+  FUZZ_CHECK(c.ok() == a.ok());
+  if (a.ok()) {
+    FUZZ_CHECK(c->qos == a->qos && c->schedule == a->schedule);
   } else {
     FUZZ_CHECK(c.status().code() == EINVAL);
-    FUZZ_CHECK(c.status().message().find(r.status().message()) != std::string::npos);
+    FUZZ_CHECK(c.status().message().find(a.status().message()) != std::string::npos);
+  }
+  if (!a.ok() || !a->schedule) {
+    FUZZ_CHECK(a.ok() == r.ok());
+    if (r.ok()) FUZZ_CHECK(a->qos == *r);
   }
   return r;
 }

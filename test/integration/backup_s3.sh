@@ -43,18 +43,6 @@ server_chunks() {
   find "$W/s3/$BUCKET/$PREFIX/chunks" -name '*._S3rver_object' -printf '%s\n' 2>/dev/null |
     awk '{ n++; b += $1 } END { printf "%d %d\n", n, b }'
 }
-nbd_pwrite() {  # nbd_pwrite VOLUME OFFSET FILE
-  $PY - "$(nbd_uri "$1")" "$2" "$3" <<'PY' || die "NBD write to $1 failed"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
-with open(sys.argv[3], "rb") as f:
-    data = f.read()
-h.pwrite(data, int(sys.argv[2]))
-h.flush()
-h.shutdown()
-PY
-}
 vol_sha() {  # the sha256 of a volume's whole content, read over NBD
   nbdcopy "$(nbd_uri "$1")" "$W/read.$1" || die "nbdcopy from $1 failed"
   sha256sum <"$W/read.$1" | cut -d' ' -f1

@@ -77,18 +77,6 @@ no_denials() {  # no_denials WHAT: the verifier refused nothing so far
   d=$(grep -c ' noncanonical-target$' "$LOG" || true)
   [ "$d" = 0 ] || { grep -m5 ' noncanonical-target$' "$LOG" >&2; die "$1: $d request(s) not in canonical form"; }
 }
-nbd_pwrite() {  # nbd_pwrite VOLUME OFFSET FILE
-  $PY - "$(nbd_uri "$1")" "$2" "$3" <<'PY' || die "NBD write to $1 failed"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
-with open(sys.argv[3], "rb") as f:
-    data = f.read()
-h.pwrite(data, int(sys.argv[2]))
-h.flush()
-h.shutdown()
-PY
-}
 vol_sha() {
   nbdcopy "$(nbd_uri "$1")" "$W/read.$1" || die "nbdcopy from $1 failed"
   sha256sum <"$W/read.$1" | cut -d' ' -f1

@@ -287,3 +287,17 @@ nbd_conn_count() {
 random_file() {
   head -c "$2" /dev/urandom >"$1"
 }
+
+# FILE's bytes written at OFFSET of VOLUME over NBD (libnbd's Python binding), then flushed.
+nbd_pwrite() {  # nbd_pwrite VOLUME OFFSET FILE
+  /usr/bin/python3 - "$(nbd_uri "$1")" "$2" "$3" <<'PY' || die "NBD write to $1 failed"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+with open(sys.argv[3], "rb") as f:
+    data = f.read()
+h.pwrite(data, int(sys.argv[2]))
+h.flush()
+h.shutdown()
+PY
+}
