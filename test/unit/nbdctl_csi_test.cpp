@@ -218,10 +218,10 @@ TEST_F(NbdctlCsiTest, IdentityInfo) {
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.out, "Name:     nbd.csi.io\nVersion:  " + DriverVersion() + "\n");
   // -o as a global option before `csi`, and after the command.
-  for (auto args : {std::vector<std::string>{"-o", "json", "csi", "--endpoint", endpoint_,
-                                             "identity", "info"},
-                    std::vector<std::string>{"csi", "identity", "info", "--endpoint", endpoint_,
-                                             "-o", "json"}}) {
+  for (auto args :
+       {std::vector<std::string>{"-o", "json", "csi", "--endpoint", endpoint_, "identity", "info"},
+        std::vector<std::string>{"csi", "identity", "info", "--endpoint", endpoint_, "-o",
+                                 "json"}}) {
     r = Run(args);
     ASSERT_EQ(r.code, 0) << r.err;
     json j = Json(r);
@@ -242,19 +242,17 @@ TEST_F(NbdctlCsiTest, ProbeAndCapabilities) {
 
   r = Csi({"identity", "capabilities", "-o", "json"});
   ASSERT_EQ(r.code, 0) << r.err;
-  EXPECT_EQ(Json(r)["capabilities"],
-            json({"CONTROLLER_SERVICE", "VOLUME_ACCESSIBILITY_CONSTRAINTS",
-                  "VOLUME_EXPANSION_ONLINE"}));
+  EXPECT_EQ(Json(r)["capabilities"], json({"CONTROLLER_SERVICE", "VOLUME_ACCESSIBILITY_CONSTRAINTS",
+                                           "VOLUME_EXPANSION_ONLINE"}));
   r = Csi({"controller", "capabilities"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.out, "CAPABILITY\nCREATE_DELETE_VOLUME\nMODIFY_VOLUME\n");
 }
 
 TEST_F(NbdctlCsiTest, CreateVolume) {
-  Result r = Csi({"controller", "create-volume", "pvc-1", "--size", "1Gi", "--param",
-                  "maxIops=100", "--param", "maxBps=10Mi", "--topology",
-                  "topology.nbd.csi.io/node=n1", "--fs-type", "xfs", "--mount-flag", "noatime",
-                  "-o", "json"});
+  Result r = Csi({"controller", "create-volume", "pvc-1", "--size", "1Gi", "--param", "maxIops=100",
+                  "--param", "maxBps=10Mi", "--topology", "topology.nbd.csi.io/node=n1",
+                  "--fs-type", "xfs", "--mount-flag", "noatime", "-o", "json"});
   ASSERT_EQ(r.code, 0) << r.err;
   json j = Json(r);
   EXPECT_EQ(j["volume_id"], "v1:n1:pvc-1");
@@ -329,8 +327,7 @@ TEST_F(NbdctlCsiTest, SnapshotsAndModify) {
                                      {"size_bytes", 1 << 30},
                                      {"ready_to_use", true},
                                      {"creation_time", "2023-11-14T22:13:20Z"}}));
-  r = Csi({"controller", "modify", "v1:n1:a", "--param", "maxIops=500", "--param",
-           "burstMs=10"});
+  r = Csi({"controller", "modify", "v1:n1:a", "--param", "maxIops=500", "--param", "burstMs=10"});
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(r.out, "volume v1:n1:a modified\n");
   std::lock_guard lock(controller_.mu);
@@ -367,8 +364,8 @@ TEST_F(NbdctlCsiTest, Node) {
   r = Csi({"node", "stats", "v1:n1:a", "--volume-path", "/target/a", "-o", "json"});
   ASSERT_EQ(r.code, 0) << r.err;
   json j = Json(r);
-  EXPECT_EQ(j["usage"][1], json({{"unit", "INODES"}, {"total", 65536}, {"used", 11},
-                                 {"available", 65525}}));
+  EXPECT_EQ(j["usage"][1],
+            json({{"unit", "INODES"}, {"total", 65536}, {"used", 11}, {"available", 65525}}));
   EXPECT_TRUE(j["volume_condition"].is_null());
 }
 
@@ -403,6 +400,17 @@ TEST_F(NbdctlCsiTest, UsageErrorsExitTwo) {
     Result r = Csi(args);
     EXPECT_EQ(r.code, 2) << args[1] << ": " << r.out << r.err;
     EXPECT_NE(r.err, "") << args[1];
+  }
+  // --secret-file: an unreadable file or a line that is not KEY=VALUE is a usage error naming it.
+  std::ofstream(dir_ + "/bad-secret") << "AWS_ACCESS_KEY_ID=x\n# a comment\nno equals sign\n";
+  for (const std::string& file : {dir_ + "/bad-secret", dir_ + "/missing-secret"}) {
+    Result r = Csi(
+        {"controller", "snapshot", "create", "s", "--source", "v1:n1:a", "--secret-file", file});
+    EXPECT_EQ(r.code, 2) << file << ": " << r.out << r.err;
+    EXPECT_NE(
+        r.err.find(file == dir_ + "/bad-secret" ? "line 3 is not KEY=VALUE" : "cannot read it"),
+        std::string::npos)
+        << r.err;
   }
   Result r = Run({"csi", "identity", "info"});
   EXPECT_EQ(r.code, 2);
