@@ -17,7 +17,8 @@ runs="${FUZZ_RUNS:-10000000}"
 max_secs="${FUZZ_MAX_SECONDS:-0}"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(nbd_codec nbd_negotiate api_request qos_params csi_ids pool_metadata pool_load)
+  targets=(nbd_codec nbd_negotiate api_request qos_params csi_ids pool_metadata pool_load
+    backup_manifest)
 fi
 
 FUZZ_BUILD_DIR="$out" "$src/test/fuzz/build.sh"
