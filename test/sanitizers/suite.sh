@@ -3,22 +3,23 @@
 # <label> of a sanitizer tree with a nested CTest, so that one CTest summary covers all three
 # builds and a failure there fails the outer run.
 #   suite.sh <kind> <tree> <label>
-# Runs when scripts/test.sh built that tree for this run (NBDCSI_ASAN=1 / NBDCSI_TSAN=1: TSan
-# with CI=true or NBDCSI_SANITIZERS=1, ASan with NBDCSI_SANITIZERS=1); otherwise skips (77), so a
-# local `ctest` in build/ does not start a long run against a stale sanitizer tree. Under CI=true
-# the TSan suite is never skipped and a tree that was asked for but is missing is a failure.
+# Runs when scripts/test.sh built that tree for this run (NBDCSI_ASAN=1 / NBDCSI_TSAN=1: both
+# with CI=true or NBDCSI_SANITIZERS=1); otherwise skips (77), so a local `ctest` in build/ does
+# not start a long run against a stale sanitizer tree. The ASan tree runs NBDCSI_ASAN_LABEL when
+# set (CI=true alone: asan-ci, CI's share) instead of <label>. Under CI=true neither suite is ever
+# skipped and a tree that was asked for but is missing is a failure.
 set -uo pipefail
 kind=$1 tree=$2 label=$3
 want=0
-[ "$kind" = asan ] && want=${NBDCSI_ASAN:-0}
+[ "$kind" = asan ] && want=${NBDCSI_ASAN:-0} label=${NBDCSI_ASAN_LABEL:-$label}
 [ "$kind" = tsan ] && want=${NBDCSI_TSAN:-0}
 [ "${NBDCSI_SANITIZERS:-}" = 1 ] && want=1
 if [ "$want" != 1 ]; then
-  if [ "${CI:-}" = true ] && [ "$kind" = tsan ]; then
-    echo "$kind.suite: CI=true but the TSan tree was not built for this run (use scripts/test.sh)" >&2
+  if [ "${CI:-}" = true ]; then
+    echo "$kind.suite: CI=true but the $kind tree was not built for this run (use scripts/test.sh)" >&2
     exit 1
   fi
-  echo "$kind.suite: skipped (scripts/test.sh builds and runs it: TSan with CI=true or NBDCSI_SANITIZERS=1, ASan with NBDCSI_SANITIZERS=1)"
+  echo "$kind.suite: skipped (scripts/test.sh builds and runs it with CI=true or NBDCSI_SANITIZERS=1)"
   exit 77
 fi
 if [ ! -f "$tree/CTestTestfile.cmake" ] || [ ! -f "$tree/.built" ]; then
