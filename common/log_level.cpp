@@ -44,8 +44,9 @@ Status CheckLogLevelDuration(std::chrono::milliseconds d) {
   return Status::Ok();
 }
 
-LogLevelControl::LogLevelControl(LogLevel initial, std::function<void(LogLevel)> apply)
-    : apply_(std::move(apply)) {
+LogLevelControl::LogLevelControl(LogLevel initial, std::function<void(LogLevel)> apply,
+                                 std::function<Clock::time_point()> now)
+    : apply_(std::move(apply)), now_(now ? std::move(now) : [] { return Clock::now(); }) {
   state_.level = initial;
 }
 
@@ -90,7 +91,7 @@ StatusOr<LogLevelControl::Change> LogLevelControl::Set(LogLevel level,
     ApplyLocked(level, who);
   } else {
     if (!state_.revert_to) state_.revert_to = state_.level;
-    state_.revert_at = Clock::now() + duration;
+    state_.revert_at = now_() + duration;
     if (!timer_.joinable()) timer_ = std::thread([this] { TimerLoop(); });
     ApplyLocked(level, fmt::format("{}; for {}, then back to {}", who, FormatDuration(duration),
                                    LogLevelName(*state_.revert_to)));
@@ -117,16 +118,28 @@ LogLevelControl::Change LogLevelControl::Step(bool more_verbose, std::string_vie
 void LogLevelControl::TimerLoop() {
   std::unique_lock lk(mu_);
   while (!stopping_) {
-    if (!state_.revert_to) {
-      cv_.wait(lk);
-    } else if (Clock::now() < state_.revert_at) {
-      cv_.wait_until(lk, state_.revert_at);
-    } else {
+    if (state_.revert_to && now_() >= state_.revert_at) {
       const LogLevel back = *state_.revert_to;
       state_.revert_to.reset();
       ApplyLocked(back, "the timed change is over");
     }
+    ++timer_passes_;
+    if (!state_.revert_to) {
+      cv_.wait(lk);
+    } else {
+      cv_.wait_for(lk, state_.revert_at - now_());
+    }
   }
+}
+
+void LogLevelControl::Wake() {
+  std::lock_guard lk(mu_);
+  cv_.notify_all();
+}
+
+uint64_t LogLevelControl::TimerPasses() const {
+  std::lock_guard lk(mu_);
+  return timer_passes_;
 }
 
 void LogLevelControl::Shutdown() {

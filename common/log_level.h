@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <functional>
 #include <mutex>
 #include <optional>
@@ -57,7 +58,11 @@ class LogLevelControl {
 
   // `apply` makes a level take effect (spdlog's default logger for ProcessLogLevel(); tests
   // record it). It is called with the control's lock held, in the order the changes happen.
-  LogLevelControl(LogLevel initial, std::function<void(LogLevel)> apply);
+  // `now` is the time timed changes are measured on: the steady clock unless a test gives its
+  // own (the timer thread then waits, in real time, for what `now` says is left, and looks at
+  // `now` again at each Wake()).
+  LogLevelControl(LogLevel initial, std::function<void(LogLevel)> apply,
+                  std::function<Clock::time_point()> now = nullptr);
   ~LogLevelControl();  // Shutdown()
   LogLevelControl(const LogLevelControl&) = delete;
   LogLevelControl& operator=(const LogLevelControl&) = delete;
@@ -77,15 +82,23 @@ class LogLevelControl {
   // Cancels a pending revert (the level stays as it is) and stops the timer thread. Idempotent.
   void Shutdown();
 
+  // For a test's own clock: it moved, the timer thread looks at it again.
+  void Wake();
+  // How many times the timer thread has looked at the state and the clock (and reverted when
+  // due): a test that moved its clock and called Wake() waits for this to grow.
+  uint64_t TimerPasses() const;
+
  private:
   void ApplyLocked(LogLevel level, std::string_view why);
   void TimerLoop();
 
   std::function<void(LogLevel)> apply_;
+  std::function<Clock::time_point()> now_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   State state_;
   bool stopping_ = false;
+  uint64_t timer_passes_ = 0;
   std::thread timer_;  // started by the first timed Set
 };
 

@@ -141,6 +141,13 @@ void ExitProcess(int code) {
   _exit(code);
 }
 
+void DaemonMain(int argc, char** argv, int (*run)(int argc, char** argv)) {
+  BlockTerminationSignals();
+  UseReleaseMutexes();
+  InstallCrashReporter();
+  ExitProcess(run(argc, argv));
+}
+
 void UseReleaseMutexes() { absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore); }
 
 }  // namespace nbdcsi

@@ -34,4 +34,9 @@ void InstallCrashReporter();
 // shutdown).
 [[noreturn]] void ExitProcess(int code);
 
+// The whole main() of a daemon: the three calls above that must come before any thread exists
+// (every thread inherits the signal mask, so SIGTERM during start-up waits for the daemon to be up
+// and then stops it cleanly), then `run`, then out through ExitProcess with its exit status.
+[[noreturn]] void DaemonMain(int argc, char** argv, int (*run)(int argc, char** argv));
+
 }  // namespace nbdcsi

@@ -129,6 +129,8 @@ Status ControllerImpl::ListVolumes(const v1::ListVolumesRequest& req,
                                    v1::ListVolumesResponse* resp) {
   if (Status s = CheckPageToken(req.starting_token()); !s.ok()) return s;
   std::vector<NodeInfo> live = nodes_.List();
+  // Before asking: a volume deleted while the answers are on their way is not published.
+  const LastListings::Ticket ticket = last_listings_.Begin();
   auto answers = FanOut(live, [&](const NodeInfo& n) {
     return nodes_.On(n.node_id, [](NodeDatapath& d) { return d.ListVolumes(); });
   });
@@ -160,7 +162,7 @@ Status ControllerImpl::ListVolumes(const v1::ListVolumesRequest& req,
     const std::string& node = live[i].node_id;
     asked.insert(node);
     if (answers[i].ok()) {
-      last_listings_.Put(node, *answers[i]);
+      last_listings_.Put(ticket, node, *answers[i]);
       add(node, *answers[i], "");
       continue;
     }

@@ -128,6 +128,8 @@ Status ControllerImpl::GetVolume(const v1::ControllerGetVolumeRequest& req,
   }
   auto ref = NamedVolume(req.volume_id());
   if (!ref.ok()) return ref.status();
+  // Before asking: a volume deleted while the answer is on its way is not put back.
+  const LastListings::Ticket ticket = last_listings_.Begin();
   // A node whose heartbeats stopped is not asked: the cause in words that stay the same from one
   // call to the next (the health monitor's events fold when they repeat).
   auto dv = nodes_.Get(ref->node_id)
@@ -154,7 +156,7 @@ Status ControllerImpl::GetVolume(const v1::ControllerGetVolumeRequest& req,
     cond->set_message(NodeDownMessage(ref->node_id, dv.status()));
     return Status::Ok();
   }
-  last_listings_.PutVolume(ref->node_id, *dv);
+  last_listings_.PutVolume(ticket, ref->node_id, *dv);
   FillVolume(ref->node_id, *dv, resp->mutable_volume());
   FillCondition(*dv, cond);
   return Status::Ok();

@@ -326,11 +326,4 @@ int Run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  // Before any thread: every thread inherits the mask, and SIGTERM during start-up waits for the
-  // daemon to be up and then stops it cleanly.
-  nbdcsi::BlockTerminationSignals();
-  nbdcsi::UseReleaseMutexes();
-  nbdcsi::InstallCrashReporter();
-  nbdcsi::ExitProcess(Run(argc, argv));
-}
+int main(int argc, char** argv) { nbdcsi::DaemonMain(argc, argv, Run); }

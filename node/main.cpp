@@ -198,10 +198,4 @@ int Run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  // Before any thread: every thread inherits the mask (see common/process.h).
-  nbdcsi::BlockTerminationSignals();
-  nbdcsi::UseReleaseMutexes();
-  nbdcsi::InstallCrashReporter();
-  nbdcsi::ExitProcess(Run(argc, argv));
-}
+int main(int argc, char** argv) { nbdcsi::DaemonMain(argc, argv, Run); }

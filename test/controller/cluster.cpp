@@ -95,7 +95,7 @@ int Process::Wait(std::chrono::milliseconds timeout) {
   int st = 0;
   while (waitpid(pid_, &st, WNOHANG) != pid_) {
     if (std::chrono::steady_clock::now() > deadline) return -1;
-    std::this_thread::sleep_for(10ms);
+    std::this_thread::sleep_for(10ms);  // the poll of a bounded wait (waitpid)
   }
   pid_ = -1;
   return st;

@@ -13,6 +13,7 @@
 #include <iterator>
 #include <map>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -832,6 +833,27 @@ bool AllThreadsStopped(pid_t pid) {
   return !ec && threads > 0;
 }
 
+// Bytes waiting unread on the established TCP connections whose local port is `port` (the
+// rx_queue column of /proc/net/tcp and tcp6): what a stopped process has been sent there.
+uint64_t UnreadBytesAt(int port) {
+  uint64_t total = 0;
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream in(table);
+    std::string line;
+    std::getline(in, line);  // the header
+    while (std::getline(in, line)) {
+      std::istringstream fields(line);
+      std::string slot, local, remote, state, queues;
+      if (!(fields >> slot >> local >> remote >> state >> queues)) continue;
+      const size_t colon = local.rfind(':'), sep = queues.find(':');
+      if (colon == std::string::npos || sep == std::string::npos || state != "01") continue;
+      if (std::stoi(local.substr(colon + 1), nullptr, 16) != port) continue;
+      total += std::stoull(queues.substr(sep + 1), nullptr, 16);
+    }
+  }
+  return total;
+}
+
 TEST_F(ControllerTest, ConcurrentCallOnSameVolumeIsAborted) {
   auto req = VolumeRequest("busy-1", kMiB);
   *req.mutable_accessibility_requirements()->add_requisite() = NodeTopology("node-b");
@@ -843,6 +865,10 @@ TEST_F(ControllerTest, ConcurrentCallOnSameVolumeIsAborted) {
   // kill() returns before every thread has stopped: one already running may still answer a call
   // (CI saw an expand answered 2 ms after the SIGSTOP). Wait until each thread is stopped.
   ASSERT_TRUE(WaitUntil([&] { return AllThreadsStopped(dp); }, 5s)) << "node-b did not stop";
+  // Nothing else talks to node-b's API (the controller does not poll, and heartbeats go the other
+  // way): what arrives there from now on is the first call's request.
+  const int api_port = cluster_->api_port(1);
+  const uint64_t unread_before = UnreadBytesAt(api_port);
   std::atomic<bool> done{false};
   grpc::Status first;
   std::thread t([&] {
@@ -853,10 +879,9 @@ TEST_F(ControllerTest, ConcurrentCallOnSameVolumeIsAborted) {
     first = C().ControllerExpandVolume(Ctx().get(), r, &resp);
     done = true;
   });
-  // The first call is in flight on the controller, which shows nothing while it waits on the
-  // frozen node: this sleep gives it time to take the volume's lock (not a condition a test can
-  // observe from outside the process).
-  std::this_thread::sleep_for(300ms);
+  // The controller takes the volume's lock before it asks the node: once its request waits unread
+  // in the frozen node's socket, the first call holds the lock.
+  const bool asked = WaitUntil([&] { return UnreadBytesAt(api_port) > unread_before; }, 10s);
   grpc::Status second = DeleteVolume(v.volume_id());
   v1::ControllerModifyVolumeRequest mr;
   mr.set_volume_id(v.volume_id());
@@ -869,6 +894,7 @@ TEST_F(ControllerTest, ConcurrentCallOnSameVolumeIsAborted) {
   bool first_done_early = done.load();
   kill(dp, SIGCONT);
   t.join();
+  ASSERT_TRUE(asked) << "the first call's request never reached node-b";
   EXPECT_FALSE(first_done_early);
   EXPECT_EQ(second.error_code(), StatusCode::ABORTED) << second.error_message();
   EXPECT_NE(second.error_message().find("already in progress"), std::string::npos);

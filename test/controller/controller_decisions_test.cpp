@@ -793,6 +793,70 @@ TEST_F(Decisions, ListedFromTheLastListingPagesTheSameAndForgetsDeletedVolumes) 
   EXPECT_TRUE(rest.entries(0).status().volume_condition().abnormal());
 }
 
+// The race of issue 13: the node answered (with the volume) before DeleteVolume, the controller
+// keeps that answer after it. Without the deletion's tombstone the kept listing has the deleted
+// volume again, and lists it (abnormal) once the node stops answering.
+TEST_F(Decisions, AVolumeDeletedWhileAListingIsInFlightIsNotKeptFromThatListing) {
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  Node("node-a").PutVolume(PoolVolume("keep", kMiB));
+  Node("node-a").PutVolume(PoolVolume("gone", kMiB));
+  Gate gate;
+  gate.Close();
+  Node("node-a").SetAnsweredHook([&gate](const std::string& method) {
+    if (method == "ListVolumes") gate.Pass();
+  });
+  grpc::Status listed;
+  v1::ListVolumesResponse in_flight;
+  std::thread t([&] { listed = ListVolumes(0, "", &in_flight); });
+  const bool parked = gate.WaitForCaller();  // node-a has answered; nothing is kept yet
+  const grpc::Status deleted = parked ? DeleteVolume("v1:node-a:gone") : grpc::Status::OK;
+  gate.Open();
+  t.join();
+  ASSERT_TRUE(parked) << "the listing never reached node-a";
+  ASSERT_TRUE(deleted.ok()) << deleted.error_message();
+  ASSERT_TRUE(listed.ok()) << listed.error_message();
+  EXPECT_EQ(in_flight.entries_size(), 2) << "the listing answers what the node said";
+  Node("node-a").SetAnsweredHook(nullptr);
+  Node("node-a").SetDown(Error(EAGAIN, "connection refused"));
+  v1::ListVolumesResponse vr;
+  ASSERT_TRUE(ListVolumes(0, "", &vr).ok());
+  ASSERT_EQ(vr.entries_size(), 1) << vr.DebugString();
+  EXPECT_EQ(vr.entries(0).volume().volume_id(), "v1:node-a:keep");
+  EXPECT_TRUE(vr.entries(0).status().volume_condition().abnormal());
+}
+
+// The same race through ControllerGetVolume, which refreshes one volume of the kept listing.
+TEST_F(Decisions, AVolumeDeletedWhileControllerGetVolumeIsInFlightIsNotKept) {
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  Node("node-a").PutVolume(PoolVolume("keep", kMiB));
+  v1::ListVolumesResponse vr;
+  ASSERT_TRUE(ListVolumes(0, "", &vr).ok());           // node-a listed: single answers are kept now
+  Node("node-a").PutVolume(PoolVolume("gone", kMiB));  // created after that listing
+  Gate gate;
+  gate.Close();
+  Node("node-a").SetAnsweredHook([&gate](const std::string& method) {
+    if (method == "GetVolume") gate.Pass();
+  });
+  grpc::Status got;
+  std::thread t([&] {
+    v1::ControllerGetVolumeResponse resp;
+    got = GetVolume("v1:node-a:gone", &resp);
+  });
+  const bool parked = gate.WaitForCaller();
+  const grpc::Status deleted = parked ? DeleteVolume("v1:node-a:gone") : grpc::Status::OK;
+  gate.Open();
+  t.join();
+  ASSERT_TRUE(parked) << "ControllerGetVolume never reached node-a";
+  ASSERT_TRUE(deleted.ok()) << deleted.error_message();
+  ASSERT_TRUE(got.ok()) << got.error_message();
+  Node("node-a").SetAnsweredHook(nullptr);
+  Node("node-a").SetDown(Error(EAGAIN, "connection refused"));
+  vr.Clear();
+  ASSERT_TRUE(ListVolumes(0, "", &vr).ok());
+  ASSERT_EQ(vr.entries_size(), 1) << vr.DebugString();
+  EXPECT_EQ(vr.entries(0).volume().volume_id(), "v1:node-a:keep");
+}
+
 TEST_F(Decisions, ANodeThatDoesNotAnswerFailsAListingFilteredToIt) {
   cluster_.Heartbeat("node-b", 10 * kGiB);
   Node("node-b").SetDown(Error(EAGAIN, "connection refused"));

@@ -2,6 +2,7 @@
 // (table-driven), and the gRPC NodeDatapath against an in-process Datapath server (codes to errno,
 // deadline, unreachable node). The decisions built on them: controller_decisions_test.cpp.
 #include <atomic>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -11,6 +12,7 @@
 #include "common/grpc_status.h"
 #include "common/volume_rules.h"
 #include "controller/csi_request.h"
+#include "controller/last_listings.h"
 #include "controller/node_datapath.h"
 #include "controller/paging.h"
 #include "datapath/api/datapath.grpc.pb.h"
@@ -70,6 +72,50 @@ TEST(VolumeSizeFor, Table) {
       EXPECT_EQ(*got % kVolumeSizeAlignment, 0u);
     }
   }
+}
+
+std::vector<std::string> Names(const std::optional<std::vector<dpv1::Volume>>& vs) {
+  std::vector<std::string> out;
+  for (const auto& v : vs.value_or(std::vector<dpv1::Volume>{})) out.push_back(v.name());
+  return out;
+}
+
+dpv1::Volume Named(const std::string& name) {
+  dpv1::Volume v;
+  v.set_name(name);
+  return v;
+}
+
+// A deletion between a question and the publishing of its answer wins; the tombstone it leaves
+// lives only as long as an older question is in flight.
+TEST(LastListings, AnAnswerAskedBeforeADeletionDoesNotBringTheVolumeBack) {
+  LastListings l;
+  l.Put(l.Begin(), "n", {Named("a"), Named("b")});
+  l.Forget("n", "b");
+  EXPECT_EQ(l.Tombstones(), 0u) << "no question in flight: nothing to keep";
+  {
+    const LastListings::Ticket before = l.Begin();
+    l.Forget("n", "a");
+    EXPECT_EQ(l.Tombstones(), 1u);
+    {
+      const LastListings::Ticket after = l.Begin();  // asked after the deletion: "a" is new
+      l.PutVolume(after, "n", Named("a"));
+      EXPECT_EQ(Names(l.Of("n")), (std::vector<std::string>{"a"}));
+    }
+    EXPECT_EQ(l.Tombstones(), 1u) << "an older question is still in flight";
+    l.Forget("n", "a");
+    l.Put(before, "n", {Named("a"), Named("c")});
+    EXPECT_EQ(Names(l.Of("n")), (std::vector<std::string>{"c"}));
+    l.PutVolume(before, "n", Named("a"));
+    EXPECT_FALSE(l.Volume("n", "a"));
+    // A node never listed before gets its first listing without what was deleted meanwhile.
+    l.Forget("m", "x");
+    l.Put(before, "m", {Named("x"), Named("y")});
+    EXPECT_EQ(Names(l.Of("m")), (std::vector<std::string>{"y"}));
+  }
+  EXPECT_EQ(l.Tombstones(), 0u) << "no question in flight any more";
+  l.Put(l.Begin(), "n", {Named("a")});
+  EXPECT_EQ(Names(l.Of("n")), (std::vector<std::string>{"a"}));
 }
 
 TEST(PageToken, RoundTripsAndRejectsForeignTokens) {

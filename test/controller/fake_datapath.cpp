@@ -148,16 +148,21 @@ StatusOr<dpv1::Volume> FakeDatapath::ResizeVolume(const std::string& name, uint6
 
 StatusOr<dpv1::Volume> FakeDatapath::GetVolume(const std::string& name) {
   if (Status s = Enter("GetVolume", name); !s.ok()) return s;
-  std::lock_guard lock(mu_);
-  return Find(volumes_, "volume", name);
+  StatusOr<dpv1::Volume> answer = [&] {
+    std::lock_guard lock(mu_);
+    return Find(volumes_, "volume", name);
+  }();
+  return Answered("GetVolume", std::move(answer));
 }
 
 StatusOr<std::vector<dpv1::Volume>> FakeDatapath::ListVolumes() {
   if (Status s = Enter("ListVolumes", ""); !s.ok()) return s;
-  std::lock_guard lock(mu_);
   std::vector<dpv1::Volume> out;
-  for (const auto& [name, v] : volumes_) out.push_back(v);
-  return out;
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& [name, v] : volumes_) out.push_back(v);
+  }
+  return Answered("ListVolumes", std::move(out));
 }
 
 StatusOr<dpv1::Volume> FakeDatapath::SetQos(const std::string& name, const dpv1::QosPatch& p) {

@@ -59,6 +59,11 @@ class FakeDatapath : public NodeDatapath {
   void SetHook(std::function<void(const std::string& method)> hook) {
     Locked([&] { hook_ = std::move(hook); });
   }
+  // Runs when a GetVolume or ListVolumes has its answer, just before it returns it (outside the
+  // fake's lock), with the method name: lets a test park an answer already given.
+  void SetAnsweredHook(std::function<void(const std::string& method)> hook) {
+    Locked([&] { answered_hook_ = std::move(hook); });
+  }
   // New restores and clones start unfilled (ready=false), as a background copy leaves them.
   void SetCopiesStartUnfilled(bool v) {
     Locked([&] { unfilled_copies_ = v; });
@@ -134,6 +139,14 @@ class FakeDatapath : public NodeDatapath {
   }
   // Records the call, runs the hook, and says whether it fails before doing anything.
   Status Enter(const std::string& method, const std::string& what);
+  // Runs the answered hook (when set) and hands `answer` back.
+  template <typename T>
+  T Answered(const std::string& method, T answer) {
+    std::function<void(const std::string&)> hook;
+    Locked([&] { hook = answered_hook_; });
+    if (hook) hook(method);
+    return answer;
+  }
   uint64_t ProvisionedLocked() const;
   StatusOr<uint64_t> SourceSizeLocked(const dpv1::VolumeContentSource& src) const;
   // EACCES unless the target carries FakeBucket::kGoodKey.
@@ -157,6 +170,7 @@ class FakeDatapath : public NodeDatapath {
   Status down_;
   std::map<std::string, Status> fail_next_;
   std::function<void(const std::string&)> hook_;
+  std::function<void(const std::string&)> answered_hook_;
   bool unfilled_copies_ = false;
   std::vector<std::string> calls_;
   int64_t clock_ns_ = 1'700'000'000'000'000'000;

@@ -148,7 +148,7 @@ TEST_F(NodeIdentityTest, ControllerRefusesADatapathAtNodeBsAddressWithNodeAsCert
                           rogue_dir + "/rogue.log"));
   for (int i = 0; i < 500 && !fs::exists(rogue_dir + "/api.sock"); ++i) {
     ASSERT_TRUE(rogue.Running()) << ReadWholeFile(rogue_dir + "/rogue.log");
-    std::this_thread::sleep_for(20ms);
+    std::this_thread::sleep_for(20ms);  // the poll of a bounded wait
   }
   // The rogue is really there and serving: a controller-like client dialling it by address
   // gets an answer (host name verification passes: the certificate carries IP:127.0.0.1).
@@ -180,7 +180,7 @@ TEST_F(NodeIdentityTest, ControllerRefusesADatapathAtNodeBsAddressWithNodeAsCert
   for (int i = 0; i < 40; ++i) {
     again = CreateOn(c, "node-b", "after");
     if (again.ok()) break;
-    std::this_thread::sleep_for(250ms);
+    std::this_thread::sleep_for(250ms);  // bounded retry while the channel reconnects
   }
   EXPECT_TRUE(again.ok()) << again.error_message() << c.LogTail("controller");
 }

@@ -50,7 +50,7 @@ bool Eventually(F ok, std::chrono::milliseconds timeout) {
   auto end = std::chrono::steady_clock::now() + timeout;
   while (std::chrono::steady_clock::now() < end) {
     if (ok()) return true;
-    std::this_thread::sleep_for(100ms);
+    std::this_thread::sleep_for(100ms);  // the poll of a bounded wait
   }
   return ok();
 }
@@ -76,7 +76,7 @@ class Hammer {
               std::lock_guard lock(mu_);
               last_error_ = st.error_message();
             }
-            std::this_thread::sleep_for(50ms);
+            std::this_thread::sleep_for(50ms);  // pacing: a steady caller
           }
         }) {}
   ~Hammer() { Stop(); }
@@ -198,7 +198,7 @@ TEST(TlsRotation, NewCaMidRunKeepsLiveIoAndCallsAndRefusesTheOldCa) {
     v1::CreateVolumeResponse resp;
     st = c.controller().CreateVolume(Ctx().get(), req, &resp);
     if (st.ok()) break;
-    std::this_thread::sleep_for(250ms);
+    std::this_thread::sleep_for(250ms);  // bounded retry while the channel reconnects
   }
   EXPECT_TRUE(st.ok()) << st.error_message() << c.LogTail("controller");
 }

@@ -169,7 +169,7 @@ void Reset() {
     if (snaps->empty() && vols.empty()) return;
     for (const auto& s : *snaps) (void)w.pool->DeleteSnapshot(s.name);
     for (const auto& v : vols) (void)w.pool->Delete(v.name);
-    if (attempt > 0) usleep(1000);
+    if (attempt > 0) usleep(1000);  // the poll of a bounded wait for background copies
   }
   FUZZ_CHECK_MSG(false, "the pool cannot be emptied");
 }

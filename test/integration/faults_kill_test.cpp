@@ -430,7 +430,7 @@ class FaultsKill : public ::testing::Test {
                       << " after 60 s: " << st.error_message();
         return st;
       }
-      std::this_thread::sleep_for(backoff);
+      std::this_thread::sleep_for(backoff);  // bounded retry, as a sidecar's
       backoff = std::min<std::chrono::milliseconds>(backoff * 2, 500ms);
       st = call();
     }
@@ -472,7 +472,7 @@ class FaultsKill : public ::testing::Test {
       info.Clear();
       st = d.GetPoolInfo(CallCtx().get(), dp::GetPoolInfoRequest(), &info);
       if (st.error_code() != grpc::StatusCode::UNAVAILABLE || Clock::now() > deadline) break;
-      std::this_thread::sleep_for(50ms);
+      std::this_thread::sleep_for(50ms);  // the poll of a bounded wait
     }
     ASSERT_TRUE(st.ok()) << st.error_message();
     EXPECT_EQ(info.broken_volumes_size(), 0) << node << ": " << info.DebugString();
@@ -496,7 +496,7 @@ class FaultsKill : public ::testing::Test {
         return b.find(".tmp (not a listed object)") != std::string::npos;
       });
       if (bad.empty() || !only_commits || Clock::now() > deadline) break;
-      std::this_thread::sleep_for(20ms);
+      std::this_thread::sleep_for(20ms);  // the poll of a bounded wait
     }
     for (const auto& b : bad) ADD_FAILURE() << node << " after restart: " << b;
   }
@@ -516,7 +516,7 @@ class FaultsKill : public ::testing::Test {
     bool ok = true;
     while (Clock::now() < deadline) {
       if (PoolVolume(node, name, &ok).open_connections() == 0 || !ok) return;
-      std::this_thread::sleep_for(5ms);
+      std::this_thread::sleep_for(5ms);  // the poll of a bounded wait
     }
     ADD_FAILURE() << name << " on " << node << " still has NBD connections 10 s after they closed";
   }
@@ -527,7 +527,7 @@ class FaultsKill : public ::testing::Test {
       bool ok;
       dp::Volume v = PoolVolume(node, name, &ok);
       if (ok && v.ready()) return true;
-      std::this_thread::sleep_for(20ms);
+      std::this_thread::sleep_for(20ms);  // the poll of a bounded wait
     }
     return false;
   }
@@ -661,7 +661,7 @@ class FaultsKill : public ::testing::Test {
       }
       if (s.ready_to_use()) break;
       ASSERT_LT(Clock::now(), deadline) << "snapshot " << name << " not ready after 60 s";
-      std::this_thread::sleep_for(20ms);
+      std::this_thread::sleep_for(20ms);  // the poll of a bounded wait
     }
     if (recut) ++fig_.recut_snapshots;
   }
@@ -927,7 +927,7 @@ TEST_F(FaultsKill, NodePluginBlockVolumes) {
     while (!fs::exists(csi_sock)) {
       ASSERT_TRUE(plugin.Running()) << ReadText(dir + "/node-plugin.log");
       ASSERT_LT(Clock::now(), deadline) << "nbd-csi-node did not create its socket";
-      std::this_thread::sleep_for(10ms);
+      std::this_thread::sleep_for(10ms);  // the poll of a bounded wait
     }
     ch = grpc::CreateChannel("unix://" + csi_sock, grpc::InsecureChannelCredentials());
     ASSERT_TRUE(ch->WaitForConnected(std::chrono::system_clock::now() + 20s));

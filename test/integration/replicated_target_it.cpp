@@ -89,6 +89,7 @@ namespace {
 using namespace std::chrono_literals;
 using datapath::BackendRequest;
 namespace fs = std::filesystem;
+namespace v1 = ::csi::v1;
 
 constexpr uint64_t kSize = 64ull << 20;
 constexpr uint32_t kBlock = 4096;
@@ -208,6 +209,11 @@ struct Model {
   std::map<uint64_t, std::vector<uint8_t>> blocks;
 };
 
+// fio, built with its nbd engine (ioengine=nbd).
+bool HaveFioNbd() {
+  return Have("fio") && std::system("fio --enghelp 2>/dev/null | grep -qw nbd") == 0;
+}
+
 class ReplicatedTarget : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -244,6 +250,15 @@ class ReplicatedTarget : public ::testing::Test {
     v.size_bytes = kSize;
     v.replicas = v.in_sync = {"node-a", "node-b"};
     ASSERT_TRUE(store_->CreateVolume(v).ok());
+  }
+
+  // node-b restarted behind `proxy` (started here, on node-b's address): the NBD endpoint it
+  // registers, which other nodes dial, is the proxy's.
+  void RestartBBehind(test::TcpProxy& proxy) {
+    ASSERT_TRUE(proxy.Start(b_.ip(), 0, b_.ip(), b_.port()));
+    b_.Kill9();
+    b_.Start(etcd_.endpoint(), {"--cluster-nbd-endpoint",
+                                fmt::format("tcp://{}:{}", b_.ip(), proxy.port())});
   }
 
   TargetOptions Options(const std::string& node, cluster::LeaseId lease) {
@@ -604,8 +619,7 @@ TEST_F(ReplicatedTarget, AReplicaOutSinceAnEarlierTargetGetsAFullCopy) {
 }
 
 TEST_F(ReplicatedTarget, TheDaemonsTargetKeepsFioRunningWhenAReplicaDies) {
-  if (!Have("fio") || std::system("fio --enghelp 2>/dev/null | grep -qw nbd") != 0)
-    GTEST_SKIP() << "needs fio with its nbd engine";
+  if (!HaveFioNbd()) GTEST_SKIP() << "needs fio with its nbd engine";
   Node t{"node-t", "127.0.0.13", certs_};
   const int metrics_port = test::FreeLoopbackPort();
   t.Start(etcd_.endpoint(), {"--metrics-listen", fmt::format("127.0.0.1:{}", metrics_port)});
@@ -665,8 +679,7 @@ TEST_F(ReplicatedTarget, TheDaemonsTargetKeepsFioRunningWhenAReplicaDies) {
 // writes. The target drops node-b as it would a dead replica: fio sees no error and verifies
 // everything, the volume is degraded, and what the target serves is node-a's copy.
 TEST_F(ReplicatedTarget, AReplicaWhoseDiskFillsUpIsDroppedAndFioSeesNoError) {
-  if (!Have("fio") || std::system("fio --enghelp 2>/dev/null | grep -qw nbd") != 0)
-    GTEST_SKIP() << "needs fio with its nbd engine";
+  if (!HaveFioNbd()) GTEST_SKIP() << "needs fio with its nbd engine";
   const std::string pool = b_.dir() + "/pool", saved = b_.dir() + "/pool-saved";
   b_.Kill9();
   fs::rename(pool, saved);
@@ -821,7 +834,6 @@ class CsiCluster {
 };
 
 TEST_F(ReplicatedTarget, TheControllerCreatesServesAndDeletesAReplicatedVolumeThroughCsi) {
-  namespace v1 = ::csi::v1;
   CsiCluster csi;
   ASSERT_NO_FATAL_FAILURE(csi.Start(a_, b_, certs_, etcd_.endpoint(), *store_));
   auto call = [&](auto method, const auto& req, auto* resp) { return csi.Call(method, req, resp); };
@@ -925,16 +937,41 @@ bool RawWriteAt(const std::string& uri, uint64_t offset) {
   return std::system(cmd.c_str()) == 0;
 }
 
+// "rv" created through CSI and served (CsiCluster::StartAndServe) before each test.
+class ServedThroughCsi : public ReplicatedTarget {
+ protected:
+  void SetUp() override {
+    ASSERT_NO_FATAL_FAILURE(ReplicatedTarget::SetUp());
+    if (IsSkipped()) return;
+    ASSERT_NO_FATAL_FAILURE(
+        csi.StartAndServe(a_, b_, certs_, etcd_.endpoint(), *store_, &state, &stager));
+  }
+
+  // CreateSnapshot of "r1:rv" named `name`.
+  static v1::CreateSnapshotRequest SnapshotOfRv(const std::string& name) {
+    v1::CreateSnapshotRequest snap;
+    snap.set_name(name);
+    snap.set_source_volume_id("r1:rv");
+    return snap;
+  }
+  void MustSnapshot(const v1::CreateSnapshotRequest& snap, v1::CreateSnapshotResponse* made) {
+    const grpc::Status st = csi.Call(&v1::Controller::Stub::CreateSnapshot, snap, made);
+    ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(csi.log());
+  }
+  // The node a snapshot id (s1:NODE:NAME) names: the replica that holds the snapshot.
+  static std::string HolderOf(const std::string& snap_id) {
+    return snap_id.substr(3, snap_id.rfind(':') - 3);
+  }
+
+  CsiCluster csi;
+  cluster::VolumeState state;  // at creation
+  Node* stager = nullptr;      // the node that serves the target and holds no copy
+};
+
 // Online expansion of a served replicated volume: ControllerExpandVolume grows both copies and
 // the catalogue entry, the target (open on the node with no copy) learns the size through
 // GrowTarget, and a write past the old end, refused before, lands on both copies.
-TEST_F(ReplicatedTarget, AServedReplicatedVolumeIsExpandedOnlineThroughCsi) {
-  namespace v1 = ::csi::v1;
-  CsiCluster csi;
-  cluster::VolumeState state;
-  Node* stager = nullptr;
-  ASSERT_NO_FATAL_FAILURE(
-      csi.StartAndServe(a_, b_, certs_, etcd_.endpoint(), *store_, &state, &stager));
+TEST_F(ServedThroughCsi, AServedReplicatedVolumeIsExpandedOnlineThroughCsi) {
   Node& s = *stager;
   grpc::Status st;
   const std::string first = s.dir() + "/first.raw", whole = s.dir() + "/whole.raw";
@@ -999,13 +1036,7 @@ TEST_F(ReplicatedTarget, AServedReplicatedVolumeIsExpandedOnlineThroughCsi) {
 // written over all of it; the snapshot restored as a single-node volume reads A byte for byte,
 // the live volume B. Then the freeze itself, on the target's node: reads go on while it holds,
 // writes wait, and one nobody thaws lifts itself after lift_after_ms.
-TEST_F(ReplicatedTarget, ASnapshotThroughCsiIsTheImageAtOneWriteBoundary) {
-  namespace v1 = ::csi::v1;
-  CsiCluster csi;
-  cluster::VolumeState state;
-  Node* stager = nullptr;
-  ASSERT_NO_FATAL_FAILURE(
-      csi.StartAndServe(a_, b_, certs_, etcd_.endpoint(), *store_, &state, &stager));
+TEST_F(ServedThroughCsi, ASnapshotThroughCsiIsTheImageAtOneWriteBoundary) {
   Node& s = *stager;
   grpc::Status st;
   const std::string pattern_a = s.dir() + "/a.raw", pattern_b = s.dir() + "/b.raw";
@@ -1013,16 +1044,13 @@ TEST_F(ReplicatedTarget, ASnapshotThroughCsiIsTheImageAtOneWriteBoundary) {
   ASSERT_NO_FATAL_FAILURE(RandomFile(pattern_b, kSize));
   ASSERT_TRUE(Nbdcopy(pattern_a, s.TargetUri()));
 
-  v1::CreateSnapshotRequest snap;
-  snap.set_name("snap-a");
-  snap.set_source_volume_id("r1:rv");
+  const v1::CreateSnapshotRequest snap = SnapshotOfRv("snap-a");
   v1::CreateSnapshotResponse made;
-  st = csi.Call(&v1::Controller::Stub::CreateSnapshot, snap, &made);
-  ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(csi.log());
+  ASSERT_NO_FATAL_FAILURE(MustSnapshot(snap, &made));
   const std::string snap_id = made.snapshot().snapshot_id();
   EXPECT_EQ(made.snapshot().source_volume_id(), "r1:rv");
   EXPECT_EQ(made.snapshot().size_bytes(), static_cast<int64_t>(kSize));
-  const std::string holder = snap_id.substr(3, snap_id.rfind(':') - 3);
+  const std::string holder = HolderOf(snap_id);
   EXPECT_NE(std::find(state.replicas.begin(), state.replicas.end(), holder),
             state.replicas.end())
       << snap_id << " is not on a replica node";
@@ -1119,13 +1147,7 @@ TEST_F(ReplicatedTarget, ASnapshotThroughCsiIsTheImageAtOneWriteBoundary) {
 // A snapshot of a replicated volume restored into another replicated volume through CSI: the
 // first copy is restored on the snapshot's node, the other starts blank and out of sync; the
 // first target copies the data to it, and then both copies are the snapshot's image.
-TEST_F(ReplicatedTarget, ASnapshotRestoredIntoAReplicatedVolumeReachesEveryCopy) {
-  namespace v1 = ::csi::v1;
-  CsiCluster csi;
-  cluster::VolumeState state;
-  Node* stager = nullptr;
-  ASSERT_NO_FATAL_FAILURE(
-      csi.StartAndServe(a_, b_, certs_, etcd_.endpoint(), *store_, &state, &stager));
+TEST_F(ServedThroughCsi, ASnapshotRestoredIntoAReplicatedVolumeReachesEveryCopy) {
   Node& s = *stager;
   grpc::Status st;
   // Half the volume written, half left a hole: the copy to the blank replica skips holes.
@@ -1133,14 +1155,11 @@ TEST_F(ReplicatedTarget, ASnapshotRestoredIntoAReplicatedVolumeReachesEveryCopy)
   ASSERT_NO_FATAL_FAILURE(RandomFile(image, kSize / 2));
   ASSERT_EQ(truncate(image.c_str(), static_cast<off_t>(kSize)), 0);
   ASSERT_TRUE(Nbdcopy(image, s.TargetUri()));
-  v1::CreateSnapshotRequest snap;
-  snap.set_name("snap-r");
-  snap.set_source_volume_id("r1:rv");
+  const v1::CreateSnapshotRequest snap = SnapshotOfRv("snap-r");
   v1::CreateSnapshotResponse made;
-  st = csi.Call(&v1::Controller::Stub::CreateSnapshot, snap, &made);
-  ASSERT_TRUE(st.ok()) << st.error_message() << ReadFile(csi.log());
+  ASSERT_NO_FATAL_FAILURE(MustSnapshot(snap, &made));
   const std::string snap_id = made.snapshot().snapshot_id();
-  const std::string holder = snap_id.substr(3, snap_id.rfind(':') - 3);
+  const std::string holder = HolderOf(snap_id);
   ASSERT_EQ(s.Nbdctl(fmt::format("target close {}", kVolume)), 0);
 
   auto restore = test::VolumeRequest("rv2", 0);
@@ -1238,8 +1257,7 @@ int Fio(const std::string& dir, const std::string& name, const std::string& uri,
 }
 
 TEST_F(ReplicatedTarget, AReturningReplicaCopiesOnlyWhatItMissed) {
-  if (!Have("fio") || std::system("fio --enghelp 2>/dev/null | grep -qw nbd") != 0)
-    GTEST_SKIP() << "needs fio with its nbd engine";
+  if (!HaveFioNbd()) GTEST_SKIP() << "needs fio with its nbd engine";
   Node t{"node-t", "127.0.0.13", certs_};
   t.Start(etcd_.endpoint(), {"--replica-resync-interval", "0"});  // by nbdctl only, here
   ASSERT_EQ(t.Nbdctl(fmt::format("target open {}", kVolume)), 0);
@@ -1272,7 +1290,19 @@ TEST_F(ReplicatedTarget, AReturningReplicaCopiesOnlyWhatItMissed) {
   ASSERT_TRUE(live.Start({"fio", "--output-format=json", "--output=" + t.dir() + "/live.json",
                           live_job},
                          t.dir() + "/live.log"));
-  std::this_thread::sleep_for(1s);
+  // The writer has begun once node-b (still out, resync by nbdctl only) misses more than the
+  // 8 MiB it missed before.
+  ASSERT_TRUE(test::WaitUntil(
+      [&] {
+        std::string j;
+        if (t.TryNbdctl(fmt::format("target inspect {} -o json", kVolume), &j, "begun") != 0)
+          return false;
+        auto state = nlohmann::json::parse(j, nullptr, false);
+        return !state.is_discarded() &&
+               state["replicas"][1]["out_of_sync_bytes"].get<uint64_t>() > (8ull << 20);
+      },
+      30s, 50ms))
+      << ReadFile(t.dir() + "/live.log");
   // While it runs (paced at 8 MiB/s), inspect shows its progress.
   std::atomic<bool> resync_done{false};
   double seen_percent = -1;
@@ -1287,7 +1317,7 @@ TEST_F(ReplicatedTarget, AReturningReplicaCopiesOnlyWhatItMissed) {
           seen_percent = std::max(seen_percent, j["resync"]["percent"].get<double>());
         }
       }
-      std::this_thread::sleep_for(100ms);
+      std::this_thread::sleep_for(100ms);  // pacing: an inspect every 100 ms
     }
   });
   const int rc =
@@ -1335,8 +1365,7 @@ TEST_F(ReplicatedTarget, AReturningReplicaCopiesOnlyWhatItMissed) {
 }
 
 TEST_F(ReplicatedTarget, AReplicaThatComesBackIsResyncedAutomatically) {
-  if (!Have("fio") || std::system("fio --enghelp 2>/dev/null | grep -qw nbd") != 0)
-    GTEST_SKIP() << "needs fio with its nbd engine";
+  if (!HaveFioNbd()) GTEST_SKIP() << "needs fio with its nbd engine";
   Node t{"node-t", "127.0.0.13", certs_};
   t.Start(etcd_.endpoint(), {"--replica-resync-interval", "1"});
   ASSERT_EQ(t.Nbdctl(fmt::format("target open {}", kVolume)), 0);
@@ -1406,8 +1435,7 @@ TEST_F(ReplicatedTarget, AnOpenTargetIsReopenedAfterItsDatapathIsKilled) {
 // inspect follows it until the replica is in sync, with no error left; asked again for an
 // in-sync replica it is refused, naming why.
 TEST_F(ReplicatedTarget, ResyncStartsInTheBackgroundAndInspectFollowsIt) {
-  if (!Have("fio") || std::system("fio --enghelp 2>/dev/null | grep -qw nbd") != 0)
-    GTEST_SKIP() << "needs fio with its nbd engine";
+  if (!HaveFioNbd()) GTEST_SKIP() << "needs fio with its nbd engine";
   Node t{"node-t", "127.0.0.13", certs_};
   t.Start(etcd_.endpoint(), {"--replica-resync-interval", "0"});  // by nbdctl only, here
   ASSERT_EQ(t.Nbdctl(fmt::format("target open {}", kVolume)), 0);
@@ -1596,14 +1624,10 @@ TEST_F(ReplicatedTarget, TheTargetsNodeDiesAndAnotherNodeTakesOverWithEveryAcked
 }
 
 TEST_F(ReplicatedTarget, AnIsolatedReplicaIsDroppedWithinTheTimeoutAndComesBack) {
-  if (!Have("fio") || std::system("fio --enghelp 2>/dev/null | grep -qw nbd") != 0)
-    GTEST_SKIP() << "needs fio with its nbd engine";
+  if (!HaveFioNbd()) GTEST_SKIP() << "needs fio with its nbd engine";
   // node-b is reached through a proxy of the test's: other nodes dial the endpoint it registers.
   test::TcpProxy proxy;
-  ASSERT_TRUE(proxy.Start(b_.ip(), 0, b_.ip(), b_.port()));
-  b_.Kill9();
-  b_.Start(etcd_.endpoint(), {"--cluster-nbd-endpoint",
-                              fmt::format("tcp://{}:{}", b_.ip(), proxy.port())});
+  ASSERT_NO_FATAL_FAILURE(RestartBBehind(proxy));
   Node t{"node-t", "127.0.0.13", certs_};
   t.Start(etcd_.endpoint(), {"--replica-timeout", "2", "--replica-resync-interval", "1"});
   ASSERT_EQ(t.Nbdctl(fmt::format("target open {}", kVolume)), 0);
@@ -1616,6 +1640,8 @@ TEST_F(ReplicatedTarget, AnIsolatedReplicaIsDroppedWithinTheTimeoutAndComesBack)
       uri);
   ASSERT_TRUE(fio.Start({"fio", "--output-format=json", "--output=" + t.dir() + "/iso.json", job},
                         t.dir() + "/iso.log"));
+  // Pacing: a second of steady writes (500/s) before the partition, so that writes are in
+  // flight to node-b when it comes, as on a busy volume.
   std::this_thread::sleep_for(2s);
   // The partition: node-b's packets stop both ways; it stays alive and registered.
   proxy.SetMode(test::TcpProxy::Mode::kSilent);
@@ -1627,6 +1653,8 @@ TEST_F(ReplicatedTarget, AnIsolatedReplicaIsDroppedWithinTheTimeoutAndComesBack)
       [&] { return store_->GetVolume(kVolume)->in_sync == std::vector<std::string>{"node-a"}; },
       10s, 50ms))
       << fmt::format("{}", fmt::join(store_->GetVolume(kVolume)->in_sync, ","));
+  // A window: the partition lasts 2 s more while fio writes (node-b misses them, the resync then
+  // has something to copy).
   std::this_thread::sleep_for(2s);
   // Healed: the automatic resync brings it back.
   proxy.SetMode(test::TcpProxy::Mode::kPass);
@@ -1678,6 +1706,7 @@ TEST_F(ReplicatedTarget, ATargetCutOffFromEtcdStopsAndAnotherNodeTakesOver) {
   {
     LoggingWriter late(t.nbd_sock());
     late.Run(1);
+    // A window for a wrong outcome: nothing signals that a write was not acknowledged.
     std::this_thread::sleep_for(500ms);
     late.Stop();
     EXPECT_EQ(late.acks(), 0u) << "the old target acknowledged a write after the takeover";
@@ -1707,10 +1736,7 @@ TEST_F(ReplicatedTarget, WritesInFlightWhenTheTargetDiesAreReconciledByTheNextTa
   // node-b is reached through a proxy of the test's, which the test silences: the target's
   // writes reach node-a and wait for node-b, whose long timeout keeps it in sync.
   test::TcpProxy proxy;
-  ASSERT_TRUE(proxy.Start(b_.ip(), 0, b_.ip(), b_.port()));
-  b_.Kill9();
-  b_.Start(etcd_.endpoint(), {"--cluster-nbd-endpoint",
-                              fmt::format("tcp://{}:{}", b_.ip(), proxy.port())});
+  ASSERT_NO_FATAL_FAILURE(RestartBBehind(proxy));
   Node t{"node-t", "127.0.0.13", certs_};
   Node u{"node-u", "127.0.0.14", certs_};
   t.Start(etcd_.endpoint(), {"--replica-timeout", "120"});
@@ -1719,13 +1745,20 @@ TEST_F(ReplicatedTarget, WritesInFlightWhenTheTargetDiesAreReconciledByTheNextTa
   LoggingWriter w(t.nbd_sock());
   w.Run(16);
   ASSERT_TRUE(test::WaitUntil([&] { return w.acks() >= 500; }, 30s));
-  proxy.SetMode(test::TcpProxy::Mode::kSilent);
+  proxy.SetMode(test::TcpProxy::Mode::kSilent);  // returns once the proxy forwards nothing
   // What w had in flight may have reached node-b already; a second writer's writes (on the next
-  // 8 MiB) start after the silence: node-a applies them, node-b hears nothing.
-  std::this_thread::sleep_for(200ms);
+  // 8 MiB, blank until now) start after the silence: node-a applies them, node-b hears nothing.
   LoggingWriter late(t.nbd_sock(), 2048);
   late.Run(16);
-  std::this_thread::sleep_for(1s);
+  // The target dies once node-a holds one of them (read at the live target's epoch).
+  ASSERT_TRUE(test::WaitUntil(
+      [&] {
+        const std::string disk = a_.Nbdcopy(1);
+        const size_t first = disk.find_first_not_of('\0', 2048 * kBlock);
+        return first != std::string::npos && first < 4096 * kBlock;
+      },
+      30s, 50ms))
+      << "no write of the second writer reached node-a";
   t.Kill9();
   w.Stop();
   late.Stop();

@@ -49,24 +49,26 @@ class TcpProxy {
     return true;
   }
   int port() const { return port_; }
-  void SetMode(Mode m) { mode_ = m; }
+  // Returns once the proxy's loop has finished any round it began under the old mode: after
+  // SetMode(kSilent) returns, not one more byte moves either way (bounded: a round polls 20 ms).
+  void SetMode(Mode m) {
+    mode_ = m;
+    const uint64_t round = rounds_.load();
+    for (int i = 0; i < 5000 && rounds_.load() <= round && !stop_; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // the poll of a bounded wait
+  }
   // Closes every connection (and those accepted while silent) without forwarding what either
   // side sent and the proxy has not delivered yet: the bytes a partition held are lost, as when
   // the sender dies before its retransmission got through. Returns once done.
   void DropConnections() {
     drop_ = true;
+    // The poll of a wait on the loop's thread, which takes at most a round (20 ms) to see drop_.
     while (drop_ && !stop_) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   void Stop() {
     if (stop_.exchange(true)) return;
     if (thread_.joinable()) thread_.join();
-    for (auto& p : pairs_) {
-      close(p.a);
-      close(p.b);
-    }
-    pairs_.clear();
-    for (int fd : waiting_) close(fd);
-    waiting_.clear();
+    CloseConnections();
     if (lfd_ >= 0) close(lfd_);
   }
 
@@ -104,14 +106,9 @@ class TcpProxy {
 
   void Loop() {
     while (!stop_) {
+      ++rounds_;  // before mode_ is read: a round counted after a SetMode sees its mode
       if (drop_) {
-        for (auto& p : pairs_) {
-          close(p.a);
-          close(p.b);
-        }
-        pairs_.clear();
-        for (int fd : waiting_) close(fd);
-        waiting_.clear();
+        CloseConnections();
         drop_ = false;
       }
       const bool pass = mode_ == Mode::kPass;
@@ -154,6 +151,17 @@ class TcpProxy {
     }
   }
 
+  // Every forwarded connection and every one accepted while silent.
+  void CloseConnections() {
+    for (auto& p : pairs_) {
+      close(p.a);
+      close(p.b);
+    }
+    pairs_.clear();
+    for (int fd : waiting_) close(fd);
+    waiting_.clear();
+  }
+
   void Connect(int c) {
     int u = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (connect(u, reinterpret_cast<const sockaddr*>(&to_), sizeof to_) != 0) {
@@ -171,6 +179,7 @@ class TcpProxy {
   std::atomic<Mode> mode_{Mode::kPass};
   std::atomic<bool> stop_{false};
   std::atomic<bool> drop_{false};
+  std::atomic<uint64_t> rounds_{0};  // rounds the loop began
   std::vector<Pair> pairs_;   // the loop's thread only (and Stop after the join)
   std::vector<int> waiting_;  // accepted while silent
   std::thread thread_;

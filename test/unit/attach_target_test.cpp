@@ -5,8 +5,10 @@
 // reopen of the target when a restarted daemon recovers its devices.
 #include <filesystem>
 #include <fstream>
+#include <initializer_list>
 #include <sstream>
 #include <string>
+#include <string_view>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -33,6 +35,16 @@ class AttachTargetTest : public AttachFixture {
     server_.volumes["vol-a"] = {64 << 20, false};
     targets_.Open("rv", kTargetSize);
     opts_.targets = &targets_;
+  }
+
+  // The attachment of "rv" is reported with its link down, for a reason that says each of `why`.
+  static void ExpectLinkDown(const AttachmentManager& m,
+                             std::initializer_list<std::string_view> why) {
+    auto a = m.Get("rv");
+    ASSERT_TRUE(a);
+    EXPECT_FALSE(a->link_ok);
+    for (std::string_view w : why)
+      EXPECT_NE(a->link_error.find(w), std::string::npos) << a->link_error;
   }
 
   FakeTargets targets_{server_};
@@ -218,10 +230,7 @@ TEST_F(AttachTargetTest, ALostSocketIsReplacedFromTheTarget) {
   server_.target_exports.clear();
   EXPECT_EQ(m->OnLinkDead(0).code(), ENOENT);
   EXPECT_TRUE(targets_.reopens.empty());
-  auto a = m->Get("rv");
-  ASSERT_TRUE(a);
-  EXPECT_FALSE(a->link_ok);
-  EXPECT_NE(a->link_error.find("no target of volume rv"), std::string::npos) << a->link_error;
+  ASSERT_NO_FATAL_FAILURE(ExpectLinkDown(*m, {"no target of volume rv"}));
   ExpectAllClientFdsClosed();
 }
 
@@ -266,11 +275,7 @@ TEST_F(AttachTargetTest, RecoverKeepsTheDeviceDownWithTheReasonWhenTheTargetCann
   EXPECT_TRUE(kernel_.reconfigures.empty());
   EXPECT_TRUE(fs::exists(dir_ + "/rv.json"));
   EXPECT_EQ(kernel_.Backend(0).rfind("nbd-csi:rv:", 0), 0u) << "the device must be kept";
-  auto a = m->Get("rv");
-  ASSERT_TRUE(a);
-  EXPECT_FALSE(a->link_ok);
-  EXPECT_NE(a->link_error.find("node-x holds a live claim"), std::string::npos) << a->link_error;
-  EXPECT_NE(a->link_error.find("target"), std::string::npos) << a->link_error;
+  ASSERT_NO_FATAL_FAILURE(ExpectLinkDown(*m, {"node-x holds a live claim", "target"}));
   // It can still be detached, which is how the node plugin's unstage cleans it up.
   EXPECT_TRUE(m->Detach("rv").ok());
   EXPECT_FALSE(fs::exists(dir_ + "/rv.json"));
@@ -287,10 +292,7 @@ TEST_F(AttachTargetTest, RecoverWithoutTheClusterReportsWhy) {
   RecoverReport rep = m->Recover();
   ASSERT_EQ(rep.failed.size(), 1u);
   EXPECT_TRUE(kernel_.reconfigures.empty());
-  auto a = m->Get("rv");
-  ASSERT_TRUE(a);
-  EXPECT_FALSE(a->link_ok);
-  EXPECT_NE(a->link_error.find("--cluster-etcd"), std::string::npos) << a->link_error;
+  ASSERT_NO_FATAL_FAILURE(ExpectLinkDown(*m, {"--cluster-etcd"}));
 }
 
 TEST_F(AttachTargetTest, RecoverRefusesATargetReopenedAtAnotherSize) {
@@ -304,10 +306,7 @@ TEST_F(AttachTargetTest, RecoverRefusesATargetReopenedAtAnotherSize) {
   RecoverReport rep = m->Recover();
   ASSERT_EQ(rep.failed.size(), 1u);
   EXPECT_TRUE(kernel_.reconfigures.empty());
-  auto a = m->Get("rv");
-  ASSERT_TRUE(a);
-  EXPECT_FALSE(a->link_ok);
-  EXPECT_NE(a->link_error.find("reopened with"), std::string::npos) << a->link_error;
+  ASSERT_NO_FATAL_FAILURE(ExpectLinkDown(*m, {"reopened with"}));
   ExpectAllClientFdsClosed();
 }
 

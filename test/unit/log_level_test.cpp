@@ -8,6 +8,7 @@
 #include <spdlog/sinks/ringbuffer_sink.h>
 #include <spdlog/spdlog.h>
 
+#include <atomic>
 #include <chrono>
 #include <mutex>
 #include <thread>
@@ -185,14 +186,20 @@ TEST_F(LogLevelTest, TimedSetRevertsByItself) {
 }
 
 TEST_F(LogLevelTest, LaterUntimedSetCancelsTheRevert) {
-  LogLevelControl c(info, Recorder());
+  // On a clock of the test's: the cancelled revert's time comes when the test moves it, and the
+  // timer's passes say when it has looked (no window of real time for a wrong outcome).
+  const auto t0 = LogLevelControl::Clock::now();
+  std::atomic<int64_t> elapsed_ms{0};
+  LogLevelControl c(info, Recorder(),
+                    [&] { return t0 + std::chrono::milliseconds(elapsed_ms.load()); });
   ASSERT_TRUE(c.Set(debug, 100ms, "test").ok());
   auto ch = c.Set(trace, 0ms, "test");
   ASSERT_TRUE(ch.ok());
   EXPECT_FALSE(ch->now.revert_to);
-  // A window for a wrong outcome: the cancelled revert must not fire (the timer thread reads the
-  // real clock; nothing signals that it did not).
-  std::this_thread::sleep_for(400ms);  // well past the first change's end
+  elapsed_ms = 400;  // well past the first change's end
+  const uint64_t passes = c.TimerPasses();
+  c.Wake();
+  ASSERT_TRUE(Within5s([&] { return c.TimerPasses() > passes; })) << "the timer never looked";
   EXPECT_EQ(c.Get().level, trace);
   EXPECT_EQ(Applied(), (std::vector<LogLevel>{debug, trace}));
 }

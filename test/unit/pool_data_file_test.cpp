@@ -118,7 +118,7 @@ TEST_F(PoolDataFileTest,
       std::chrono::steady_clock::now() + std::chrono::seconds(3);
   while (BrokenReason("lost").empty() &&
          std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the poll of a bounded wait
   EXPECT_THAT(BrokenReason("lost"),
               HasSubstr("lost.img was removed while the volume was in use"));
   EXPECT_TRUE(held->data_lost());

@@ -84,6 +84,7 @@ TEST(Process, UserSignalsStepTheLogLevelAndDoNotEndTheWait) {
     std::thread t([] {
       auto send = [](int sig, spdlog::level::level_enum want) {
         kill(getpid(), sig);
+        // The poll of a bounded wait.
         for (int i = 0; i < 5000 && spdlog::get_level() != want; ++i) usleep(1000);
         if (spdlog::get_level() != want) _exit(110 + sig);
       };

@@ -152,6 +152,7 @@ class FakeDisk : public BlockChannel {
       ops_.pop_front();
       running_ = 1;
       lk.unlock();
+      // The stimulus: the op's configured delay.
       if (delay.count() > 0) std::this_thread::sleep_for(delay);
       Status s = op.run();
       lk.lock();

@@ -80,7 +80,7 @@ class CheckTest : public ::testing::Test {
       auto s = pool_->InspectSnapshot(name);
       ASSERT_TRUE(s.ok());
       if (s->ready) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));  // the poll of a bounded wait
     }
     FAIL() << "snapshot " << name << " never ready";
   }

@@ -214,6 +214,7 @@ class Worker {
       Lap(kCheck);
       int rc = 0;
       for (int i = 0; i < 100 && (rc = umount2(spec_.mnt.c_str(), 0)) != 0 && errno == EBUSY; ++i) {
+        // Bounded retry: nothing signals the mount is idle.
         std::this_thread::sleep_for(std::chrono::milliseconds(20));
       }
       if (rc != 0) return Error(errno, "umount {}: {}", spec_.mnt, std::strerror(errno));

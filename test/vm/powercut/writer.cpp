@@ -128,6 +128,7 @@ int main(int argc, char** argv) {
       Die(s.message());
     }
     if (last) break;
+    // Pacing, as asked (--pause-ms).
     if (pause_ms) std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms));
   }
   if (std::fclose(journal) != 0) DieErrno("close " + journal_path);
