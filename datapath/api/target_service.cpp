@@ -153,6 +153,20 @@ class TargetService final : public v1::Targets::Service {
     Fill(*t, agent_->node_id(), resp->mutable_target());
     return grpc::Status::OK;
   }
+  grpc::Status AddReplica(grpc::ServerContext*, const v1::AddReplicaRequest* req,
+                          v1::TargetResponse* resp) override {
+    if (Status s = ValidateNodeId(req->node()); agent_ && !s.ok()) return Fail("AddReplica", s);
+    return AnswerTarget("AddReplica", req->volume(), resp, [&] {
+      return agent_->AddReplica(req->volume(), req->node(), req->rate_bytes_per_second());
+    });
+  }
+  grpc::Status RemoveReplica(grpc::ServerContext*, const v1::RemoveReplicaRequest* req,
+                             v1::TargetResponse* resp) override {
+    if (Status s = ValidateNodeId(req->node()); agent_ && !s.ok())
+      return Fail("RemoveReplica", s);
+    return AnswerTarget("RemoveReplica", req->volume(), resp,
+                        [&] { return agent_->RemoveReplica(req->volume(), req->node()); });
+  }
   grpc::Status ListTargets(grpc::ServerContext*, const v1::ListTargetsRequest*,
                            v1::ListTargetsResponse* resp) override {
     if (!agent_) return NoCluster();
