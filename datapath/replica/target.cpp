@@ -381,7 +381,8 @@ StatusOr<cluster::VolumeState> Target::AddReplica(const std::string& node) {
   auto v = store_.GetVolume(opts_.volume);
   if (!v.ok()) return v.status();
   if (v->epoch != epoch_ || v->target != opts_.node)
-    return Error(ESTALE, "target of {}: the volume is at epoch {} (target \"{}\"), this target at {}",
+    return Error(ESTALE,
+                 "target of {}: the volume is at epoch {} (target \"{}\"), this target at {}",
                  opts_.volume, v->epoch, v->target, epoch_);
   if (Contains(v->replicas, node))
     return Error(EEXIST, "volume {}: node {} holds a replica already", opts_.volume, node);

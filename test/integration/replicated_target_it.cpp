@@ -731,7 +731,7 @@ class CsiCluster {
              cluster::ClusterStore& store) {
     for (Node* n : {&a, &b}) ASSERT_EQ(n->Nbdctl(fmt::format("volume delete {}", kVolume)), 0);
     ASSERT_TRUE(store.DeleteVolume(kVolume).ok());
-    const int registry_port = test::FreeLoopbackPort();
+    const int registry_port = registry_port_ = test::FreeLoopbackPort();
     const std::string csi_sock = dir_ / "csi.sock";
     ASSERT_TRUE(controller_.Start(
         {Bin("nbd-csi-controller"), "--csi-endpoint", "unix://" + csi_sock, "--registry-listen",
@@ -806,6 +806,20 @@ class CsiCluster {
   }
   Node& ById(const std::string& id) { return *by_id_.at(id); }
   Node& t() { return *t_; }
+  // Another node heartbeating to the controller (and in etcd), known by ById afterwards.
+  void StartNode(Node& n, const std::string& etcd) {
+    n.Start(etcd, {"--controller", fmt::format("127.0.0.1:{}", registry_port_), "--advertise",
+                   fmt::format("{}:{}", n.ip(), test::FreeLoopbackPort(n.ip().c_str())),
+                   "--insecure", "--heartbeat-interval", "300"});
+    by_id_[n.id()] = &n;
+  }
+  // `nbdctl cluster ARGS` against the controller (plaintext, as it runs here) through `n`'s
+  // nbdctl; its stdout and stderr in *out.
+  int Cluster(Node& n, const std::string& args, std::string* out) {
+    return n.TryNbdctl(
+        fmt::format("cluster --controller 127.0.0.1:{} --insecure {}", registry_port_, args), out,
+        "cluster");
+  }
   std::string log() const { return dir_ / "controller.log"; }
   void Stop() {
     t_->Kill9();
@@ -815,6 +829,7 @@ class CsiCluster {
  private:
   test::TempDir dir_;
   test::Proc controller_;
+  int registry_port_ = 0;
   std::unique_ptr<Node> t_;
   std::unique_ptr<::csi::v1::Controller::Stub> stub_;
   std::map<std::string, Node*> by_id_;
@@ -1839,7 +1854,8 @@ TEST_F(ReplicatedTarget, AReplicaMovesToANewNodeUnderFioWithNoErrorAndNoDowntime
          "ms (%.0f MiB/s of volume); %s\n",
          static_cast<unsigned long long>(moved["took_ms"].get<uint64_t>()),
          static_cast<unsigned long long>(moved["copy_ms"].get<uint64_t>()),
-         256.0 * 1000.0 / static_cast<double>(std::max<uint64_t>(moved["copy_ms"].get<uint64_t>(), 1)),
+         256.0 * 1000.0 /
+             static_cast<double>(std::max<uint64_t>(moved["copy_ms"].get<uint64_t>(), 1)),
          tlog.substr(at, tlog.find('\n', at) - at).c_str());
   auto after = store_->GetVolume(kMv);
   ASSERT_TRUE(after.ok());
@@ -1964,6 +1980,112 @@ TEST_F(ReplicatedTarget, ReplicaChangesRefuseBadInputAndADeadNewNodeLosesNothing
   EXPECT_TRUE(ReadFile(served).compare(0, 1 << 20, ReadFile(more)) == 0);
   EXPECT_TRUE(ReadFile(served).compare(1 << 20, (48 << 20) - (1 << 20), ReadFile(data), 1 << 20,
                                        (48 << 20) - (1 << 20)) == 0);
+}
+
+// `nbdctl cluster volume move` through nbd-csi-controller: "rv" made over CSI on two nodes and
+// served by the third; node-u joins; the controller makes node-u's blank copy, has the target
+// add and copy it (fio with verify writing meanwhile), then remove the old replica, and deletes
+// the old copy. Then the controller's refusals, and its changes with no target: a move is
+// refused, an add is recorded out of sync (the next target copies it), the last in-sync replica
+// is never removed.
+TEST_F(ReplicatedTarget, TheControllerMovesAReplicaAndDeletesTheOldCopy) {
+  if (!Have("fio") || std::system("fio --enghelp 2>/dev/null | grep -qw nbd") != 0)
+    GTEST_SKIP() << "needs fio with its nbd engine";
+  CsiCluster csi;
+  cluster::VolumeState state;
+  Node* s = nullptr;
+  ASSERT_NO_FATAL_FAILURE(
+      csi.StartAndServe(a_, b_, certs_, etcd_.endpoint(), *store_, &state, &s));
+  Node u{"node-u", "127.0.0.14", certs_};
+  csi.StartNode(u, etcd_.endpoint());
+  std::string out;
+  ASSERT_TRUE(test::WaitUntil(
+      [&] {
+        return csi.Cluster(u, "nodes -o json", &out) == 0 &&
+               out.find("\"node-u\"") != std::string::npos;
+      },
+      20s, 200ms))
+      << out;
+  const std::string from = state.replicas[1], kept = state.replicas[0];
+  const std::string data = s->dir() + "/data.raw";
+  ASSERT_EQ(std::system(fmt::format("head -c 32M /dev/urandom > {}", data).c_str()), 0);
+  ASSERT_EQ(std::system(fmt::format("timeout 60 nbdcopy {} '{}'", data, s->TargetUri()).c_str()),
+            0);
+  test::Proc live;
+  const std::string job = s->dir() + "/live.fio";
+  std::ofstream(job) << fmt::format(
+      "[global]\nioengine=nbd\nuri={}\nbs=4k\niodepth=8\noffset=40M\nsize=8M\n"
+      "verify=crc32c\nverify_fatal=1\nverify_backlog=64\nrate_iops=,1000\n[w]\nrw=randwrite\n",
+      s->TargetUri());
+  ASSERT_TRUE(live.Start({"fio", "--output-format=json", "--output=" + s->dir() + "/live.json",
+                          job},
+                         s->dir() + "/live.log"));
+  std::this_thread::sleep_for(300ms);
+  ASSERT_EQ(csi.Cluster(u, fmt::format("volume move r1:rv --from {} --to node-u -o json", from),
+                        &out),
+            0)
+      << out << ReadFile(csi.log());
+  auto moved = nlohmann::json::parse(out, nullptr, false);
+  ASSERT_FALSE(moved.is_discarded()) << out;
+  const auto want = cluster::SortedUnique(std::vector<std::string>{kept, "node-u"});
+  EXPECT_EQ(moved["replicas"], nlohmann::json(want)) << out;
+  EXPECT_EQ(moved["in_sync"], nlohmann::json(want)) << out;
+  EXPECT_EQ(moved["copy_left"], "") << out;
+  EXPECT_EQ(moved["target"], s->id()) << out;
+  printf("FIGURE controller move of a 64 MiB volume (32 MiB data) under fio: %llu ms, copy "
+         "%llu ms\n",
+         static_cast<unsigned long long>(moved["took_ms"].get<uint64_t>()),
+         static_cast<unsigned long long>(moved["copy_ms"].get<uint64_t>()));
+  auto after = store_->GetVolume(kVolume);
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ(after->replicas, want);
+  EXPECT_EQ(after->in_sync, want);
+  EXPECT_EQ(after->epoch, state.epoch + 1) << "the stage's claim only";
+  EXPECT_NE(csi.ById(from).TryNbdctl("volume inspect rv", &out), 0)
+      << "the old copy is still in " << from << "'s pool: " << out;
+  ASSERT_TRUE(test::WaitUntil([&] { return !live.Alive(); }, 120s));
+  auto report = nlohmann::json::parse(ReadFile(s->dir() + "/live.json"), nullptr, false);
+  ASSERT_FALSE(report.is_discarded()) << ReadFile(s->dir() + "/live.log");
+  EXPECT_EQ(report["jobs"][0]["error"], 0) << ReadFile(s->dir() + "/live.log");
+  const std::string served = s->dir() + "/served.raw";
+  ASSERT_TRUE(s->CopyTarget(served));
+
+  // Refusals, nothing changed.
+  auto refused = [&](const std::string& args, const std::string& says) {
+    EXPECT_EQ(csi.Cluster(u, args, &out), 1 << 8) << args << ": " << out;
+    EXPECT_NE(out.find(says), std::string::npos) << args << ": " << out;
+    EXPECT_EQ(store_->GetVolume(kVolume)->replicas, want) << args;
+  };
+  refused(fmt::format("volume move r1:rv --from {} --to node-u", kept), "holds a replica");
+  refused("volume move r1:rv --from node-zz --to node-a", "holds no replica");
+  refused(fmt::format("volume replica add r1:rv node-zz"), "not registered");
+  refused("volume replica add r1:nope node-u", "does not exist");
+  // With no target: a move is refused; an add is recorded out of sync; the last in-sync replica
+  // stays.
+  ASSERT_EQ(s->Nbdctl(fmt::format("target close {}", kVolume)), 0);
+  EXPECT_TRUE(csi.ById(kept).Nbdcopy(after->epoch, kVolume) == ReadFile(served));
+  EXPECT_TRUE(u.Nbdcopy(after->epoch, kVolume) == ReadFile(served))
+      << "node-u does not hold what the target served";
+  refused(fmt::format("volume move r1:rv --from {} --to {}", kept, from), "no node serves it");
+  ASSERT_EQ(csi.Cluster(u, fmt::format("volume replica add rv {} -o json", from), &out), 0) << out;
+  EXPECT_NE(out.find("the next target copies it"), std::string::npos) << out;
+  EXPECT_EQ(store_->GetVolume(kVolume)->replicas,
+            cluster::SortedUnique(std::vector<std::string>{kept, from, "node-u"}));
+  EXPECT_EQ(store_->GetVolume(kVolume)->in_sync, want);
+  ASSERT_EQ(csi.Cluster(u, fmt::format("volume replica remove rv {} -o json", kept), &out), 0)
+      << out;
+  EXPECT_NE(csi.ById(kept).TryNbdctl("volume inspect rv", &out), 0) << out;
+  EXPECT_EQ(csi.Cluster(u, "volume replica remove rv node-u", &out), 1 << 8) << out;
+  EXPECT_NE(out.find("last one in sync"), std::string::npos) << out;
+  // The next target copies the out-of-sync replica; then it holds the volume too.
+  ASSERT_EQ(s->Nbdctl(fmt::format("target open {}", kVolume)), 0);
+  ASSERT_EQ(s->Nbdctl(fmt::format("target resync {} {} --wait --timeout 60", kVolume, from)), 0);
+  ASSERT_EQ(s->Nbdctl(fmt::format("target close {}", kVolume)), 0);
+  const uint64_t epoch = store_->GetVolume(kVolume)->epoch;
+  EXPECT_EQ(store_->GetVolume(kVolume)->in_sync,
+            cluster::SortedUnique(std::vector<std::string>{from, "node-u"}));
+  EXPECT_TRUE(csi.ById(from).Nbdcopy(epoch, kVolume) == ReadFile(served));
+  csi.Stop();
 }
 
 }  // namespace

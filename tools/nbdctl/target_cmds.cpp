@@ -253,7 +253,8 @@ struct TargetCommands::Impl {
         if (mode == ProgressSink::Mode::kTerminal) {
           std::cerr << "\r" << line << "\x1b[K" << std::flush;
           open = true;
-        } else if (mode == ProgressSink::Mode::kPlain && now - printed >= ProgressSink::kPlainEvery) {
+        } else if (mode == ProgressSink::Mode::kPlain &&
+                   now - printed >= ProgressSink::kPlainEvery) {
           std::cerr << line << "\n" << std::flush;
           printed = now;
         }
