@@ -41,6 +41,11 @@
 //   - A target opened by `nbdctl target open` alone, its daemon killed with SIGKILL and started
 //     again: the target is reopened at the next epoch and serves what was written before; once
 //     closed by request, the next start leaves it closed.
+//   - Replica moves: `nbdctl target move` of a 256 MiB volume from node-b to node-u (127.0.0.14)
+//     under fio with verify (no error; node-u's copy byte-identical; the next epoch fences the
+//     old one); bad input refused with nothing changed, the last in-sync replica kept, node-u
+//     killed during its copy (the move fails saying so, the volume keeps serving); and
+//     `nbdctl cluster volume move` through the controller, which makes and deletes the copies.
 //
 // Exits 77 without etcd, nbdcopy or the daemons, unless CI=true.
 #include <gtest/gtest.h>
