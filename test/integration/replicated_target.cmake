@@ -13,5 +13,5 @@ if(TARGET nbd-datapathd AND TARGET nbdctl AND TARGET nbd-csi-controller)
                         ${CMAKE_BINARY_DIR}/test-bin)
   add_dependencies(replicated_target_it nbd-datapathd nbdctl nbd-csi-controller)
   nbdcsi_add_test(NAME integration.replicated_target COMMAND replicated_target_it
-    TIMEOUT 420 LABELS integration cluster tls)
+    TIMEOUT 600 LABELS integration cluster tls)
 endif()
