@@ -24,6 +24,7 @@ class GrpcNodeDatapath final : public NodeDatapath {
       : node_(std::move(node_id)),
         stub_(dpv1::Datapath::NewStub(channel)),
         freeze_stub_(dpv1::TargetFreeze::NewStub(channel)),
+        replicas_stub_(dpv1::TargetReplicas::NewStub(channel)),
         backup_stub_(dpv1::Backups::NewStub(channel)),
         timeout_(timeout) {}
 
@@ -142,6 +143,38 @@ class GrpcNodeDatapath final : public NodeDatapath {
         [&] { return resp.thawed(); });
   }
 
+  StatusOr<dpv1::Target> GetTarget(const std::string& volume) override {
+    dpv1::GetTargetRequest req;
+    req.set_volume(volume);
+    dpv1::TargetResponse resp;
+    return Then(
+        Call("GetTarget", [&](auto* c) { return replicas_stub_->GetTarget(c, req, &resp); }),
+        [&] { return resp.target(); });
+  }
+
+  StatusOr<dpv1::Target> AddTargetReplica(const std::string& volume, const std::string& node,
+                                          uint64_t rate) override {
+    dpv1::AddReplicaRequest req;
+    req.set_volume(volume);
+    req.set_node(node);
+    req.set_rate_bytes_per_second(rate);
+    dpv1::TargetResponse resp;
+    return Then(
+        Call("AddReplica", [&](auto* c) { return replicas_stub_->AddReplica(c, req, &resp); }),
+        [&] { return resp.target(); });
+  }
+
+  StatusOr<dpv1::Target> RemoveTargetReplica(const std::string& volume,
+                                             const std::string& node) override {
+    dpv1::RemoveReplicaRequest req;
+    req.set_volume(volume);
+    req.set_node(node);
+    dpv1::TargetResponse resp;
+    return Then(Call("RemoveReplica",
+                     [&](auto* c) { return replicas_stub_->RemoveReplica(c, req, &resp); }),
+                [&] { return resp.target(); });
+  }
+
   StatusOr<dpv1::BackupJob> CreateBackup(const dpv1::CreateBackupRequest& req) override {
     dpv1::BackupJobResponse resp;
     return Then(
@@ -210,6 +243,7 @@ class GrpcNodeDatapath final : public NodeDatapath {
   const std::string node_;
   const std::unique_ptr<dpv1::Datapath::Stub> stub_;
   const std::unique_ptr<dpv1::TargetFreeze::Stub> freeze_stub_;
+  const std::unique_ptr<dpv1::TargetReplicas::Stub> replicas_stub_;
   const std::unique_ptr<dpv1::Backups::Stub> backup_stub_;
   const std::chrono::milliseconds timeout_;
 };

@@ -30,6 +30,7 @@
 #include "controller/metrics.h"
 #include "controller/node_datapath.h"
 #include "controller/cluster_view.h"
+#include "controller/replica_changes.h"
 #include "controller/registry.h"
 #include "csi/driver.h"
 #include "csi/identity.h"
@@ -308,11 +309,16 @@ int Run(int argc, char** argv) {
   controller::ClusterView cluster_view(registry, cluster_store.get());
   auto cluster_view_service = controller::MakeClusterViewService(
       cluster_view, {.refuse_node_certificates = bind_nodes});
+  // `nbdctl cluster volume move|replica`: replica changes, on the same listener and terms.
+  controller::ReplicaChanges replica_changes(cluster_store.get(), registry);
+  auto replica_changes_service = controller::MakeReplicaChangesService(
+      replica_changes, {.refuse_node_certificates = bind_nodes});
   int registry_port = 0;
   CallTracker registry_calls;
-  auto registry_server =
-      StartRegistryServer(f, server_creds, {registry_service.get(), cluster_view_service.get()},
-                          registry_calls, &registry_port);
+  auto registry_server = StartRegistryServer(
+      f, server_creds,
+      {registry_service.get(), cluster_view_service.get(), replica_changes_service.get()},
+      registry_calls, &registry_port);
   if (!registry_server) return 1;
   registry_serving = true;
   int rc =

@@ -67,6 +67,22 @@ class NodeDatapath {
   // Idempotent: false when freeze `freeze_id` was not held any more (thawed, or lifted itself).
   virtual StatusOr<bool> ThawTarget(const std::string& volume, uint64_t freeze_id) = 0;
 
+  // The TargetReplicas service (datapath/api/target.proto), on the node that serves a
+  // replicated volume's target: its state, a replica added (recorded out of sync, copied in the
+  // background) or removed. ENOENT: no target of the volume is open there. Not pure: fakes that
+  // do not serve targets answer ENOTSUP.
+  virtual StatusOr<dpv1::Target> GetTarget(const std::string& volume) {
+    return Error(ENOTSUP, "GetTarget of {}: not served here", volume);
+  }
+  virtual StatusOr<dpv1::Target> AddTargetReplica(const std::string& volume,
+                                                  const std::string& node, uint64_t rate) {
+    return Error(ENOTSUP, "AddReplica {} of {} at {} B/s: not served here", node, volume, rate);
+  }
+  virtual StatusOr<dpv1::Target> RemoveTargetReplica(const std::string& volume,
+                                                     const std::string& node) {
+    return Error(ENOTSUP, "RemoveReplica {} of {}: not served here", node, volume);
+  }
+
   // The Backups service (datapath/api/backup.proto): jobs that run in the daemon, and backups in
   // object storage that any node can reach. The requests carry credentials: never log them.
   // CreateBackup of a name and source already running returns that job; of a finished backup of

@@ -155,6 +155,8 @@ struct Api {
         target(MakeTargetService(agent, &attachments)),
         freeze_local(MakeTargetFreezeService(agent)),
         freeze_remote(MakeTargetFreezeService(agent)),
+        replicas_local(MakeTargetReplicasService(agent)),
+        replicas_remote(MakeTargetReplicasService(agent)),
         backup_jobs(pool),
         backup(MakeBackupService(backup_jobs)),
         backup_remote(MakeBackupService(backup_jobs)),
@@ -163,8 +165,8 @@ struct Api {
   Status Start(Pool& pool, const std::vector<ApiListen>& listens) {
     auto s = StartApiServer(pool, listens,
                             {attach.get(), backup.get(), target.get(), logging.get(),
-                             freeze_local.get()},
-                            {freeze_remote.get(), backup_remote.get()});
+                             freeze_local.get(), replicas_local.get()},
+                            {freeze_remote.get(), backup_remote.get(), replicas_remote.get()});
     if (!s.ok()) {
       return Error(s.status().code(), "cannot start the management API: {}",
                    s.status().message());
@@ -176,6 +178,8 @@ struct Api {
   std::unique_ptr<grpc::Service> attach, target;
   // Snapshots of replicated volumes: the controller freezes a target over TCP, nbdctl over unix.
   std::unique_ptr<grpc::Service> freeze_local, freeze_remote;
+  // Replica changes of a served volume (move): the controller over TCP, nbdctl over unix.
+  std::unique_ptr<grpc::Service> replicas_local, replicas_remote;
   // Backups to object storage (datapath/backup): nbdctl over unix, the controller over TCP
   // (VolumeSnapshotClass backupTarget, restores in CreateVolume).
   backup::BackupJobs backup_jobs;

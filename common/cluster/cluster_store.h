@@ -60,11 +60,17 @@ class ClusterStore {
   virtual StatusOr<VolumeState> GetVolume(const std::string& name) = 0;
   // Volumes after `start_after` in name order, at most `limit` (1..1000) of them.
   virtual StatusOr<VolumePage> ListVolumes(const std::string& start_after, int64_t limit) = 0;
-  // Sets the replica set (sorted and deduplicated here); in_sync keeps only nodes still in it.
-  // The controller's call: it does not need the claim, and it cannot race a target's SetInSync
-  // unnoticed (both compare the volume's revision). ENOENT when there is no such volume.
+  // Sets the replica set (sorted and deduplicated here); in_sync keeps only nodes still in it
+  // (a node added is out of sync). Who may: with `target_node` empty, the controller, and only
+  // while no live claim exists (EBUSY naming the holder: a served volume's replica set is changed
+  // by its target, which must connect to an added replica and stop writing to a removed one);
+  // with `target_node`, only the live claim's holder at `epoch` (ESTALE otherwise). Either
+  // compares the volume's revision, so it cannot race a target's SetInSync unnoticed. EBUSY when
+  // the new set would drop every in-sync replica; ENOENT when there is no such volume.
   virtual StatusOr<VolumeState> SetReplicas(const std::string& name,
-                                            std::vector<std::string> replicas) = 0;
+                                            std::vector<std::string> replicas,
+                                            const std::string& target_node = "",
+                                            uint64_t epoch = 0) = 0;
   // Raises size_bytes to `size_bytes` (expansion; the controller's call, after every replica's
   // copy grew). Never shrinks: a smaller or equal size returns the stored state unchanged.
   // Compares the volume's revision like SetReplicas. ENOENT when there is no such volume, EINVAL

@@ -202,11 +202,29 @@ StatusOr<VolumeState> EtcdClusterStore::Modify(const std::string& name, const st
 }
 
 StatusOr<VolumeState> EtcdClusterStore::SetReplicas(const std::string& name,
-                                                    std::vector<std::string> replicas) {
+                                                    std::vector<std::string> replicas,
+                                                    const std::string& target_node,
+                                                    uint64_t epoch) {
   replicas = SortedUnique(std::move(replicas));
-  const std::string what = fmt::format("set replicas of volume {}", name);
+  const std::string what =
+      target_node.empty()
+          ? fmt::format("set replicas of volume {}", name)
+          : fmt::format("set replicas of volume {} by node {} at epoch {}", name, target_node,
+                        epoch);
   if (replicas.empty()) return Error(EINVAL, "{}: needs at least one replica", what);
   return Modify(name, what, [&](const Snapshot& snap) -> Decision {
+    if (target_node.empty() && snap.claim) {
+      return Error(EBUSY, "{}: node {} is its target at epoch {} (the target changes it)", what,
+                   snap.claim->node, snap.claim->epoch);
+    }
+    if (!target_node.empty() &&
+        (!snap.claim || snap.claim->node != target_node || snap.claim->epoch != epoch ||
+         snap.stored.epoch != epoch)) {
+      return snap.claim ? Error(ESTALE, "{}: node {} holds it at epoch {}", what,
+                                snap.claim->node, snap.claim->epoch)
+                        : Error(ESTALE, "{}: no live claim (the volume is at epoch {})", what,
+                                snap.stored.epoch);
+    }
     VolumeState next = snap.stored;
     next.replicas = replicas;
     next.in_sync = Intersect(next.in_sync, replicas);
@@ -219,6 +237,12 @@ StatusOr<VolumeState> EtcdClusterStore::SetReplicas(const std::string& name,
     if (next == snap.stored) return NoWrite();
     Write w;
     *w.txn.add_compare() = etcd::ModRevisionIs(keys_.Volume(name), snap.volume_kv->mod_revision);
+    // The claim as read: absent for the controller (a claim made since fails the compare), the
+    // holder's own for a target (one that lapsed since fails it too).
+    if (snap.claim_kv)
+      *w.txn.add_compare() = etcd::ModRevisionIs(keys_.Target(name), snap.claim_kv->mod_revision);
+    else
+      *w.txn.add_compare() = etcd::KeyAbsent(keys_.Target(name));
     *w.txn.add_success() = etcd::PutOp(keys_.Volume(name), EncodeVolumeState(next));
     w.result = WithLiveTarget(next, snap.claim);
     return Commit(std::move(w));

@@ -46,8 +46,9 @@ class EtcdClusterStore : public ClusterStore {
   StatusOr<VolumeState> CreateVolume(const VolumeState& v) override;
   StatusOr<VolumeState> GetVolume(const std::string& name) override;
   StatusOr<VolumePage> ListVolumes(const std::string& start_after, int64_t limit) override;
-  StatusOr<VolumeState> SetReplicas(const std::string& name,
-                                    std::vector<std::string> replicas) override;
+  StatusOr<VolumeState> SetReplicas(const std::string& name, std::vector<std::string> replicas,
+                                    const std::string& target_node = "",
+                                    uint64_t epoch = 0) override;
   StatusOr<VolumeState> GrowVolume(const std::string& name, uint64_t size_bytes) override;
   Status DeleteVolume(const std::string& name) override;
 

@@ -91,6 +91,53 @@ grpc::Status Check(const char* rpc, ClusterAgent* agent, const std::string& volu
   return grpc::Status::OK;
 }
 
+// The target as the agent answers `get()`, after the volume's check.
+template <typename Get>
+grpc::Status AnswerTargetCall(const char* rpc, ClusterAgent* agent, const std::string& volume,
+                              v1::TargetResponse* resp, Get get) {
+  if (auto s = Check(rpc, agent, volume); !s.ok()) return s;
+  auto t = get();
+  if (!t.ok()) return Fail(rpc, t.status());
+  Fill(*t, agent->node_id(), resp->mutable_target());
+  return grpc::Status::OK;
+}
+
+grpc::Status AddReplicaCall(ClusterAgent* agent, const v1::AddReplicaRequest& req,
+                            v1::TargetResponse* resp) {
+  if (Status s = ValidateNodeId(req.node()); agent && !s.ok()) return Fail("AddReplica", s);
+  return AnswerTargetCall("AddReplica", agent, req.volume(), resp, [&] {
+    return agent->AddReplica(req.volume(), req.node(), req.rate_bytes_per_second());
+  });
+}
+
+grpc::Status RemoveReplicaCall(ClusterAgent* agent, const v1::RemoveReplicaRequest& req,
+                               v1::TargetResponse* resp) {
+  if (Status s = ValidateNodeId(req.node()); agent && !s.ok()) return Fail("RemoveReplica", s);
+  return AnswerTargetCall("RemoveReplica", agent, req.volume(), resp,
+                          [&] { return agent->RemoveReplica(req.volume(), req.node()); });
+}
+
+class TargetReplicasService final : public v1::TargetReplicas::Service {
+ public:
+  explicit TargetReplicasService(ClusterAgent* agent) : agent_(agent) {}
+  grpc::Status GetTarget(grpc::ServerContext*, const v1::GetTargetRequest* req,
+                         v1::TargetResponse* resp) override {
+    return AnswerTargetCall("GetTarget", agent_, req->volume(), resp,
+                            [&] { return agent_->GetTarget(req->volume()); });
+  }
+  grpc::Status AddReplica(grpc::ServerContext*, const v1::AddReplicaRequest* req,
+                          v1::TargetResponse* resp) override {
+    return AddReplicaCall(agent_, *req, resp);
+  }
+  grpc::Status RemoveReplica(grpc::ServerContext*, const v1::RemoveReplicaRequest* req,
+                             v1::TargetResponse* resp) override {
+    return RemoveReplicaCall(agent_, *req, resp);
+  }
+
+ private:
+  ClusterAgent* agent_;
+};
+
 class TargetService final : public v1::Targets::Service {
  public:
   TargetService(ClusterAgent* agent, AttachmentManager* attachments)
@@ -153,6 +200,14 @@ class TargetService final : public v1::Targets::Service {
     Fill(*t, agent_->node_id(), resp->mutable_target());
     return grpc::Status::OK;
   }
+  grpc::Status AddReplica(grpc::ServerContext*, const v1::AddReplicaRequest* req,
+                          v1::TargetResponse* resp) override {
+    return AddReplicaCall(agent_, *req, resp);
+  }
+  grpc::Status RemoveReplica(grpc::ServerContext*, const v1::RemoveReplicaRequest* req,
+                             v1::TargetResponse* resp) override {
+    return RemoveReplicaCall(agent_, *req, resp);
+  }
   grpc::Status ListTargets(grpc::ServerContext*, const v1::ListTargetsRequest*,
                            v1::ListTargetsResponse* resp) override {
     if (!agent_) return NoCluster();
@@ -210,6 +265,10 @@ class TargetFreezeService final : public v1::TargetFreeze::Service {
 };
 
 }  // namespace
+
+std::unique_ptr<grpc::Service> MakeTargetReplicasService(replica::ClusterAgent* agent) {
+  return std::make_unique<TargetReplicasService>(agent);
+}
 
 std::unique_ptr<grpc::Service> MakeTargetFreezeService(replica::ClusterAgent* agent) {
   return std::make_unique<TargetFreezeService>(agent);

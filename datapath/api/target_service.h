@@ -25,4 +25,8 @@ std::unique_ptr<grpc::Service> MakeTargetService(replica::ClusterAgent* agent,
 // a gRPC service object serves one server, so the daemon makes one per server. `agent` as above.
 std::unique_ptr<grpc::Service> MakeTargetFreezeService(replica::ClusterAgent* agent);
 
+// The TargetReplicas service (the controller's replica changes: GetTarget, AddReplica,
+// RemoveReplica), for the unix and the TCP API alike, one object per server. `agent` as above.
+std::unique_ptr<grpc::Service> MakeTargetReplicasService(replica::ClusterAgent* agent);
+
 }  // namespace nbdcsi::datapath

@@ -305,6 +305,37 @@ StatusOr<uint64_t> ClusterAgent::GrowTarget(const std::string& volume) {
   return (*t)->Grow();
 }
 
+StatusOr<TargetInfo> ClusterAgent::AddReplica(const std::string& volume, const std::string& node,
+                                              uint64_t rate_bytes_per_second) {
+  {
+    std::lock_guard<std::mutex> ops(ops_mu_);  // not closed, nor resynced, while it changes
+    auto t = FindTarget(volume);
+    if (!t.ok()) return t.status();
+    auto added = (*t)->AddReplica(node);
+    if (!added.ok()) return added.status();
+  }
+  if (Status s = StartResync(volume, node, rate_bytes_per_second); !s.ok()) {
+    // Recorded out of sync already: the automatic resync (or the next target) copies it.
+    spdlog::warn("target {}: replica on {} added, but its copy did not start: {}", volume, node,
+                 s.message());
+  }
+  return GetTarget(volume);
+}
+
+StatusOr<TargetInfo> ClusterAgent::RemoveReplica(const std::string& volume,
+                                                 const std::string& node) {
+  std::lock_guard<std::mutex> ops(ops_mu_);
+  auto t = FindTarget(volume);
+  if (!t.ok()) return t.status();
+  auto removed = (*t)->RemoveReplica(node);
+  if (!removed.ok()) return removed.status();
+  std::lock_guard<std::mutex> lock(mu_);
+  resync_errors_.erase(volume + "/" + node);
+  auto it = targets_.find(volume);
+  if (it == targets_.end()) return Error(ENOENT, "target {} closed meanwhile", volume);
+  return InfoLocked(*it->second);
+}
+
 std::vector<TargetInfo> ClusterAgent::ListTargets() {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<TargetInfo> out;

@@ -111,6 +111,14 @@ class ClusterAgent {
   // GetTarget (resync, resync_pending, resync_errors, the replica's state).
   Status StartResync(const std::string& volume, const std::string& node,
                      uint64_t rate_bytes_per_second);
+  // Target::AddReplica on the target of `volume` open here (ENOENT otherwise), then its full
+  // copy in the background as StartResync (at `rate_bytes_per_second`, 0: unlimited): the
+  // replica joins the in-sync set when it is done; GetTarget follows it. Returns the target then.
+  StatusOr<TargetInfo> AddReplica(const std::string& volume, const std::string& node,
+                                  uint64_t rate_bytes_per_second);
+  // Target::RemoveReplica on the target of `volume` open here (ENOENT otherwise); waits for a
+  // resync running here to end first. Returns the target after.
+  StatusOr<TargetInfo> RemoveReplica(const std::string& volume, const std::string& node);
   std::vector<TargetInfo> ListTargets();
   // Target::FreezeForSnapshot / ThawSnapshot on the target of `volume` open here. Freeze: ENOENT
   // when none is open here. Thaw is idempotent: false when nothing was held (no target here, or

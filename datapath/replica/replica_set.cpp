@@ -91,8 +91,14 @@ struct ReplicaSet::Impl {
   std::atomic<uint64_t> size{0};
   Membership& membership;
   OutOfSyncLog* log;
-  std::vector<Member> members;  // the list is fixed after Create; its fields under mu
+  // Slots [0, N()): a slot is filled (node set) before the count grows past it (AddMember), and
+  // never emptied, so its node may be read without the lock; its other fields under mu. A
+  // removed member (RemoveMember) keeps its slot, out of `all` and in `removed`.
+  std::array<Member, ReplicaSet::kMaxMembers> members;
+  std::atomic<size_t> count{0};
+  size_t N() const { return count.load(std::memory_order_acquire); }
   Mask all = 0;
+  Mask removed = 0;
 
   // Held around every change of the in-sync set in the cluster state (the membership thread's
   // drops, Readmit), so that two of them never compute from the same old set.
@@ -130,7 +136,7 @@ struct ReplicaSet::Impl {
 
   std::vector<std::string> Nodes(Mask m) const {
     std::vector<std::string> v;
-    for (size_t i = 0; i < members.size(); ++i)
+    for (size_t i = 0; i < N(); ++i)
       if (m & Bit(i)) v.push_back(members[i].node);
     return v;
   }
@@ -138,7 +144,7 @@ struct ReplicaSet::Impl {
   // The member a read goes to: the preferred node when it is in sync and not tried yet.
   int PickReader(Mask candidates) const {
     if (!candidates) return -1;
-    for (size_t i = 0; i < members.size(); ++i)
+    for (size_t i = 0; i < N(); ++i)
       if ((candidates & Bit(i)) && members[i].node == opts.preferred_node)
         return static_cast<int>(i);
     return std::countr_zero(candidates);
@@ -178,7 +184,7 @@ struct ReplicaSet::Impl {
 
   // Every member that failed `op` leaves service (the first failure names why).
   void EnterFailingLocked(const Op& op) {
-    for (size_t i = 0; i < members.size(); ++i)
+    for (size_t i = 0; i < N(); ++i)
       if (op.failed & Bit(i))
         EnterFailingLocked(i, fmt::format("{}: {}", OpName(op.req.op), op.first_error));
   }
@@ -314,7 +320,7 @@ struct ReplicaSet::Impl {
         why = "cannot record it as missing on an out-of-sync replica: " + op->mark_error;
       } else {
         EnterFailingLocked(*op);
-        Waiter w{op, all & ~op->ok & ~out, Modifies(op->req.op) ? op->failed : 0};
+        Waiter w{op, all & ~op->ok & ~out, Modifies(op->req.op) ? op->failed & all : 0};
         if (!w.need_out && !w.mark) {
           ack = true;
           if (op->ok != all) ++acked_degraded;
@@ -346,11 +352,13 @@ struct ReplicaSet::Impl {
         if (quit) return;
         batch = std::move(waiters);
         waiters.clear();
+        // A member removed since its write failed needs no record of what it misses.
+        for (auto& w : batch) w.mark &= all;
       }
       std::vector<int> mark_error(batch.size(), 0);
       if (log) {
         for (size_t w = 0; w < batch.size(); ++w) {
-          for (size_t i = 0; i < members.size() && !mark_error[w]; ++i) {
+          for (size_t i = 0; i < N() && !mark_error[w]; ++i) {
             if (!(batch[w].mark & Bit(i))) continue;
             const BackendRequest& r = batch[w].op->req;
             Status s = MarkSync(members[i].node, r.offset, r.length);
@@ -380,7 +388,7 @@ struct ReplicaSet::Impl {
           if (recorded.ok()) {
             out |= dropping;
             failing &= ~dropping;
-            for (size_t i = 0; i < members.size(); ++i)
+            for (size_t i = 0; i < N(); ++i)
               if (dropping & Bit(i)) members[i].state = MemberState::kOut;
             recorded_in_sync = in_sync;
             spdlog::warn("replica set {}: in-sync set is now [{}]", opts.volume,
@@ -460,14 +468,16 @@ StatusOr<std::unique_ptr<ReplicaSet>> ReplicaSet::Create(ReplicaSetOptions optio
     if (!m.in_sync) {
       member.state = MemberState::kOut;
       member.why = "out of sync when the target opened";
-      impl->out |= Bit(impl->members.size());
+      impl->out |= Bit(impl->N());
     }
-    impl->members.push_back(std::move(member));
-    impl->all |= Bit(impl->members.size() - 1);
+    const size_t i = impl->N();
+    impl->members[i] = std::move(member);
+    impl->all |= Bit(i);
+    impl->count.store(i + 1, std::memory_order_release);
   }
   impl->recorded_in_sync = impl->Nodes(impl->all & ~impl->out);
   if (!impl->opts.reconcile_from.empty()) {
-    for (size_t i = 0; i < impl->members.size(); ++i)
+    for (size_t i = 0; i < impl->N(); ++i)
       if (impl->members[i].node == impl->opts.reconcile_from &&
           impl->members[i].state == MemberState::kInSync)
         impl->source = static_cast<int>(i);
@@ -497,12 +507,13 @@ Status ReplicaSet::Grow(uint64_t size) {
     std::lock_guard<std::mutex> lock(s.mu);
     if (s.stopped) return Error(EIO, "replica set {} is stopped: {}", s.opts.volume, s.stop_reason);
     if (size <= s.size.load()) return Status::Ok();
-    if ((s.failing | s.out) != 0) {
+    if (((s.failing | s.out) & s.all) != 0) {
       return Error(EAGAIN, "replica set {}: cannot grow to {} bytes while replicas are out of "
                    "sync ([{}]); resync them first", s.opts.volume, size,
-                   fmt::join(s.Nodes(s.failing | s.out), ", "));
+                   fmt::join(s.Nodes((s.failing | s.out) & s.all), ", "));
     }
-    for (const auto& m : s.members) chans.emplace_back(m.node, m.ch);
+    for (size_t i = 0; i < s.N(); ++i)
+      if (s.all & Bit(i)) chans.emplace_back(s.members[i].node, s.members[i].ch);
   }
   for (const auto& [node, ch] : chans) {
     if (Status g = ch->Grow(size); !g.ok()) {
@@ -550,7 +561,7 @@ void ReplicaSet::Dispatch(const BackendRequest& request, BackendDone done, bool 
         targets = in_sync;
         missing = s.all & ~in_sync;
       }
-      for (size_t i = 0; i < s.members.size(); ++i)
+      for (size_t i = 0; i < s.N(); ++i)
         if (targets & Bit(i)) op->ch[i] = s.members[i].ch;
       if (change && targets) ++s.changes_in_flight;
       if (Modifies(request.op) && targets && s.reconciling) {
@@ -576,7 +587,7 @@ void ReplicaSet::Dispatch(const BackendRequest& request, BackendDone done, bool 
   // While a replica is out of sync, what it misses is recorded (durably) before the ack; the
   // log answers at once when the region is recorded already.
   if (s.log && missing && Modifies(request.op)) {
-    for (size_t i = 0; i < s.members.size(); ++i) {
+    for (size_t i = 0; i < s.N(); ++i) {
       if (!(missing & Bit(i))) continue;
       {
         std::lock_guard<std::mutex> lock(op->mu);
@@ -592,7 +603,7 @@ void ReplicaSet::Dispatch(const BackendRequest& request, BackendDone done, bool 
                            });
     }
   }
-  for (size_t i = 0; i < s.members.size(); ++i)
+  for (size_t i = 0; i < s.N(); ++i)
     if (targets & Bit(i)) s.Send(op, i);
   s.Release(op);
 }
@@ -663,8 +674,8 @@ Status ReplicaSet::Readmit(const std::string& node, std::unique_ptr<ReplicaChann
     std::lock_guard<std::mutex> lock(s.mu);
     if (s.freezes == 0) return Error(EINVAL, "replica set {}: readmit {} needs a frozen set", s.opts.volume, node);
     if (s.stopped) return Error(EIO, "replica set {} is stopped: {}", s.opts.volume, s.stop_reason);
-    while (i < s.members.size() && s.members[i].node != node) ++i;
-    if (i == s.members.size())
+    while (i < s.N() && (s.members[i].node != node || (s.removed & Bit(i)))) ++i;
+    if (i == s.N())
       return Error(ENOENT, "replica set {}: no replica on {}", s.opts.volume, node);
     if (s.members[i].state != MemberState::kOut)
       return Error(EINVAL, "replica set {}: the replica on {} is {}, not out of sync",
@@ -683,6 +694,79 @@ Status ReplicaSet::Readmit(const std::string& node, std::unique_ptr<ReplicaChann
   s.recorded_in_sync = in_sync;
   spdlog::info("replica set {}: the replica on {} is back in sync; in-sync set [{}]",
                s.opts.volume, node, fmt::join(in_sync, ", "));
+  return Status::Ok();
+}
+
+Status ReplicaSet::AddMember(const std::string& node) {
+  Impl& s = *impl_;
+  std::lock_guard<std::mutex> serial(s.membership_mu);
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (s.stopped || s.closing)
+    return Error(EIO, "replica set {} is stopped: {}", s.opts.volume, s.stop_reason);
+  if (node.empty()) return Error(EINVAL, "replica set {}: a replica needs a node", s.opts.volume);
+  for (size_t i = 0; i < s.N(); ++i)
+    if (s.members[i].node == node && (s.all & Bit(i)))
+      return Error(EEXIST, "replica set {}: node {} holds a replica already", s.opts.volume, node);
+  const size_t i = s.N();
+  if (i == kMaxMembers)
+    return Error(ENOSPC,
+                 "replica set {}: this target has used all its {} replica slots (removed "
+                 "replicas keep theirs); close and reopen the target to add more",
+                 s.opts.volume, kMaxMembers);
+  Impl::Member m;
+  m.node = node;
+  m.state = MemberState::kOut;
+  m.why = "added: not copied yet";
+  s.members[i] = std::move(m);
+  s.out |= Bit(i);
+  s.all |= Bit(i);
+  s.count.store(i + 1, std::memory_order_release);
+  spdlog::info("replica set {}: replica on {} added, out of sync until it is copied",
+               s.opts.volume, node);
+  return Status::Ok();
+}
+
+Status ReplicaSet::RemoveMember(const std::string& node, const std::function<Status()>& record) {
+  Impl& s = *impl_;
+  std::shared_ptr<ReplicaChannel> ch;
+  {
+    // No drop nor readmit computes the in-sync set from the members meanwhile.
+    std::lock_guard<std::mutex> serial(s.membership_mu);
+    size_t i = 0;
+    {
+      std::lock_guard<std::mutex> lock(s.mu);
+      if (s.stopped || s.closing)
+        return Error(EIO, "replica set {} is stopped: {}", s.opts.volume, s.stop_reason);
+      while (i < s.N() && (s.members[i].node != node || !(s.all & Bit(i)))) ++i;
+      if (i == s.N())
+        return Error(ENOENT, "replica set {}: no replica on {}", s.opts.volume, node);
+      if (s.reconciling)
+        return Error(EAGAIN,
+                     "replica set {}: the in-sync replicas are being reconciled after an "
+                     "unclean takeover; remove a replica once that ended",
+                     s.opts.volume);
+      if (!(s.InSyncLocked() & ~Bit(i)))
+        return Error(EBUSY,
+                     "replica set {}: the replica on {} is the last one in sync; removing it "
+                     "would lose the volume's data (add and resync another first)",
+                     s.opts.volume, node);
+    }
+    if (Status r = record(); !r.ok()) return r;
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.all &= ~Bit(i);
+    s.failing &= ~Bit(i);
+    s.out |= Bit(i);
+    s.removed |= Bit(i);
+    s.members[i].state = MemberState::kOut;
+    s.members[i].why = "removed";
+    ch = std::move(s.members[i].ch);
+    s.recorded_in_sync = s.Nodes(s.InSyncLocked());
+    // Waiters that needed it out of the in-sync set need nothing more.
+    s.cv.notify_all();
+  }
+  spdlog::info("replica set {}: replica on {} removed", s.opts.volume, node);
+  // Outside the locks: what is still in flight to it ends (ESHUTDOWN) and resolves without it.
+  if (ch) ch->Close();
   return Status::Ok();
 }
 
@@ -716,7 +800,7 @@ void ReplicaSet::Close() {
   std::deque<std::pair<BackendRequest, BackendDone>> held;
   {
     std::lock_guard<std::mutex> lock(s.mu);
-    for (auto& m : s.members) chans.push_back(m.ch);
+    for (size_t i = 0; i < s.N(); ++i) chans.push_back(s.members[i].ch);
     held.swap(s.held);
     for (auto& h : s.range_held) held.push_back(std::move(h));
     s.range_held.clear();
@@ -749,18 +833,20 @@ ReplicaSetHealth ReplicaSet::health() const {
   ReplicaSetHealth h;
   // The channels' counters first, outside the set's lock: a channel may hold its own lock while
   // it calls back into the set.
-  std::vector<std::shared_ptr<ReplicaChannel>> chans;
+  // Removed members are left out.
+  std::vector<std::pair<size_t, std::shared_ptr<ReplicaChannel>>> chans;
   {
     std::lock_guard<std::mutex> lock(s.mu);
-    for (const auto& m : s.members) chans.push_back(m.ch);
+    for (size_t i = 0; i < s.N(); ++i)
+      if (!(s.removed & Bit(i))) chans.emplace_back(i, s.members[i].ch);
   }
-  for (size_t i = 0; i < chans.size(); ++i)
-    h.members.push_back(MemberHealth{s.members[i].node, {}, {},
-                                     chans[i] ? chans[i]->counters() : ClientCounters{}});
+  for (const auto& [i, ch] : chans)
+    h.members.push_back(
+        MemberHealth{s.members[i].node, {}, {}, ch ? ch->counters() : ClientCounters{}});
   std::lock_guard<std::mutex> lock(s.mu);
-  for (size_t i = 0; i < s.members.size(); ++i) {
-    h.members[i].state = s.members[i].state;
-    h.members[i].why = s.members[i].why;
+  for (size_t k = 0; k < chans.size(); ++k) {
+    h.members[k].state = s.members[chans[k].first].state;
+    h.members[k].why = s.members[chans[k].first].why;
   }
   h.in_sync = s.recorded_in_sync;
   h.degraded = s.InSyncLocked() != s.all;

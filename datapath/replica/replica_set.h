@@ -212,6 +212,18 @@ class ReplicaSet final : public datapath::ExportBackend {
   // through `channel` (connected at the set's epoch). EINVAL when not frozen or the member is
   // not out of sync, ENOENT for a node not in the set; the membership error as it is.
   Status Readmit(const std::string& node, std::unique_ptr<ReplicaChannel> channel);
+  // A replica added to the volume (its copy blank or stale): a member out of sync with no
+  // channel, so that every later change it misses is recorded in the log, until a resync
+  // readmits it. EEXIST when the node is a member already; ENOSPC when the set has used its
+  // kMaxMembers slots (a removed member keeps its slot); EIO when stopped.
+  Status AddMember(const std::string& node);
+  // Takes the replica on `node` out of the set: `record` (the cluster state's change, which
+  // runs while no in-sync change can interleave) first; on its success no later request goes
+  // to it, none waits for it, and its channel is closed (what it had in flight ends with
+  // ESHUTDOWN and resolves without it). EBUSY when it is the last member in sync (its data
+  // would be lost), EAGAIN while reconciling, ENOENT for a node not in the set, EIO when
+  // stopped; `record`'s error as it is (nothing changed).
+  Status RemoveMember(const std::string& node, const std::function<Status()>& record);
   // Stop, close every channel (what is in flight fails with ESHUTDOWN), join the thread.
   void Close();
 

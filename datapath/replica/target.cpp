@@ -370,6 +370,100 @@ StatusOr<ResyncReport> Target::ResyncReplica(const std::string& node, ResyncOpti
   return report;
 }
 
+StatusOr<cluster::VolumeState> Target::AddReplica(const std::string& node) {
+  if (!log_)
+    return Error(ENOTSUP, "target {}: adding a replica needs the target's state directory",
+                 opts_.volume);
+  for (const auto& m : set_->health().members)
+    if (m.node == node)
+      return Error(EEXIST, "volume {}: node {} holds a replica already ({})", opts_.volume, node,
+                   MemberStateName(m.state));
+  auto v = store_.GetVolume(opts_.volume);
+  if (!v.ok()) return v.status();
+  if (v->epoch != epoch_ || v->target != opts_.node)
+    return Error(ESTALE,
+                 "target of {}: the volume is at epoch {} (target \"{}\"), this target at {}",
+                 opts_.volume, v->epoch, v->target, epoch_);
+  if (Contains(v->replicas, node))
+    return Error(EEXIST, "volume {}: node {} holds a replica already", opts_.volume, node);
+  // The node and its copy answer now, at this epoch (a copy that is missing or too small is a
+  // clear error here, not a resync failing later).
+  {
+    auto probe = ConnectReplica(store_, opts_, node, epoch_);
+    if (!probe.ok())
+      return Error(probe.status().code(), "volume {}: the new replica on {} does not answer: {}",
+                   opts_.volume, node, probe.status().message());
+    const uint64_t size = (*probe)->size();
+    (*probe)->Close();
+    if (size < set_->size())
+      return Error(ENOSPC, "volume {}: the copy on {} has {} bytes, the volume {}", opts_.volume,
+                   node, size, set_->size());
+  }
+  // Everything is missing there: the bitmap says so before the cluster state lists the replica.
+  auto bm = log_->Get(node);
+  Status marked = bm.ok() ? (*bm)->MarkAllDurable() : bm.status();
+  if (!marked.ok()) return marked;
+  {
+    std::lock_guard<std::mutex> lock(resync_mu_);
+    full_resync_.insert(node);
+  }
+  auto undo = [&](Status why) -> Status {
+    {
+      std::lock_guard<std::mutex> lock(resync_mu_);
+      full_resync_.erase(node);
+    }
+    (void)log_->Forget(node);
+    return why;
+  };
+  std::vector<std::string> replicas = v->replicas;
+  replicas.push_back(node);
+  auto r = store_.SetReplicas(opts_.volume, replicas, opts_.node, epoch_);
+  if (!r.ok()) return undo(r.status());
+  // Writes the copy misses from here on are logged (they already count as missing).
+  if (Status a = set_->AddMember(node); !a.ok()) {
+    // The cluster state lists it out of sync, which is safe: the next target copies it whole.
+    spdlog::warn("target {}: replica on {} recorded, but not added here: {}", opts_.volume, node,
+                 a.message());
+    return a;
+  }
+  spdlog::info("target {}: replica on {} added out of sync; replicas [{}]", opts_.volume, node,
+               fmt::join(r->replicas, ", "));
+  return *r;
+}
+
+StatusOr<cluster::VolumeState> Target::RemoveReplica(const std::string& node) {
+  {
+    std::lock_guard<std::mutex> lock(resync_mu_);
+    if (resync_)
+      return Error(EBUSY, "target {}: a resync of the replica on {} runs; retry when it ended",
+                   opts_.volume, resync_->node);
+  }
+  cluster::VolumeState after;
+  Status s = set_->RemoveMember(node, [&]() -> Status {
+    auto v = store_.GetVolume(opts_.volume);
+    if (!v.ok()) return v.status();
+    std::vector<std::string> replicas;
+    for (const auto& n : v->replicas)
+      if (n != node) replicas.push_back(n);
+    if (replicas.empty())
+      return Error(EBUSY, "volume {}: the replica on {} is its last one", opts_.volume, node);
+    auto r = store_.SetReplicas(opts_.volume, replicas, opts_.node, epoch_);
+    if (!r.ok()) return r.status();
+    after = *r;
+    return Status::Ok();
+  });
+  if (!s.ok()) return s;
+  {
+    std::lock_guard<std::mutex> lock(resync_mu_);
+    full_resync_.erase(node);
+  }
+  if (Status f = log_ ? log_->Forget(node) : Status::Ok(); !f.ok())
+    spdlog::warn("target {}: {}", opts_.volume, f.message());
+  spdlog::info("target {}: replica on {} removed; replicas [{}], in sync [{}]", opts_.volume, node,
+               fmt::join(after.replicas, ", "), fmt::join(after.in_sync, ", "));
+  return after;
+}
+
 StatusOr<SnapshotFreeze> Target::FreezeForSnapshot(std::chrono::milliseconds lift_after) {
   using Clock = std::chrono::steady_clock;
   if (lift_after.count() < 1 || lift_after > kMaxSnapshotFreeze)

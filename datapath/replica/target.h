@@ -130,6 +130,22 @@ class Target {
   // EINVAL when the replica is not out of sync; the copy's or the cluster's error otherwise
   // (the replica then stays out of sync, and the log keeps what it misses).
   StatusOr<ResyncReport> ResyncReplica(const std::string& node, ResyncOptions options = {});
+  // A new replica on `node` (issue 16, volume move): its copy must exist in that node's pool,
+  // blank or stale, at least the volume's size. Checks that the node is registered and its copy
+  // answers at this epoch, marks the whole volume as missing there (its resync is a full copy,
+  // holes skipped), records it in the cluster state as a replica OUT OF SYNC (SetReplicas as
+  // this target), and makes it a member of the set, out of sync: every later write it misses is
+  // logged. The copy itself is ResyncReplica's (ClusterAgent::AddReplica starts it in the
+  // background). Returns the cluster state after. EEXIST when the node holds a replica already;
+  // ENOENT when it is not registered; the connection's error when its copy does not answer
+  // (nothing changed); ENOTSUP without a state directory; ESTALE when the claim is gone.
+  StatusOr<cluster::VolumeState> AddReplica(const std::string& node);
+  // Takes the replica on `node` out of the volume: removed from the cluster state's replica set
+  // (SetReplicas as this target) while no in-sync change interleaves, then no request goes to it
+  // and its connection closes (ReplicaSet::RemoveMember); its out-of-sync bitmap is forgotten.
+  // Its pool copy stays for the caller to delete. EBUSY when it is the last in-sync replica or
+  // a resync runs; ENOENT when it holds no replica; EAGAIN while reconciling.
+  StatusOr<cluster::VolumeState> RemoveReplica(const std::string& node);
   // For a snapshot taken on one replica's pool: holds every later change (reads go on), waits
   // until those in flight are acknowledged by every in-sync replica, flushes every in-sync
   // replica, and returns the replicas whose copies are now complete and durable. The freeze lifts

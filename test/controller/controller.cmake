@@ -32,8 +32,13 @@ if(TARGET nbdcsi_controller)
   # replicated volumes from the catalogue.
   nbdcsi_add_gtest(controller_cluster_view_test
                    ${CMAKE_CURRENT_LIST_DIR}/cluster_view_test.cpp nbdcsi_controller_fakes)
+  # `nbdctl cluster volume move|replica`'s orchestration (controller/replica_changes.h) over fakes
+  # and the memory catalogue: refusals, and the changes made with no target.
+  nbdcsi_add_gtest(controller_replica_changes_test
+                   ${CMAKE_CURRENT_LIST_DIR}/replica_changes_test.cpp nbdcsi_controller_fakes)
   set_property(TEST unit.controller_unit_test unit.controller_decisions_test
                unit.controller_replicated_test unit.controller_cluster_view_test
+               unit.controller_replica_changes_test
                unit.controller_backups_test
                APPEND PROPERTY LABELS controller)
 endif()

@@ -236,6 +236,35 @@ TYPED_TEST_P(ClusterStoreContract, SetReplicasTrimsInSyncAndKeepsOneCurrentCopy)
   EXPECT_EQ(this->store_->GetVolume("v1")->replicas, (std::vector<std::string>{"n1", "n3"}));
 }
 
+// A served volume's replica set is its target's to change (it connects to an added replica and
+// stops writing to a removed one): the controller's call is refused while a claim lives, a
+// stale or foreign target's is ESTALE, and the holder's keeps the claim, epoch and in-sync set.
+TYPED_TEST_P(ClusterStoreContract, SetReplicasOfAServedVolumeOnlyByItsTarget) {
+  cluster::LeaseId lease =
+      this->CreateAndClaim(this->Vol("v1", {"n1", "n2"}, {"n1", "n2"}), "n1");
+  EXPECT_EQ(this->store_->SetReplicas("v1", {"n1", "n2", "n3"}).status().code(), EBUSY);
+  EXPECT_EQ(this->store_->SetReplicas("v1", {"n1", "n2", "n3"}, "n2", 1).status().code(), ESTALE);
+  EXPECT_EQ(this->store_->SetReplicas("v1", {"n1", "n2", "n3"}, "n1", 2).status().code(), ESTALE);
+  auto added = this->store_->SetReplicas("v1", {"n3", "n1", "n2"}, "n1", 1);
+  ASSERT_TRUE(added.ok()) << added.status().message();
+  EXPECT_EQ(added->replicas, (std::vector<std::string>{"n1", "n2", "n3"}));
+  EXPECT_EQ(added->in_sync, (std::vector<std::string>{"n1", "n2"}));  // n3 joins out of sync
+  EXPECT_EQ(added->target, "n1");
+  EXPECT_EQ(added->epoch, 1u);
+  // The new replica may join the in-sync set (the target's SetInSync), then n1 may leave.
+  ASSERT_TRUE(this->store_->SetInSync("v1", "n1", 1, {"n1", "n2", "n3"}).ok());
+  auto removed = this->store_->SetReplicas("v1", {"n2", "n3"}, "n1", 1);
+  ASSERT_TRUE(removed.ok()) << removed.status().message();
+  EXPECT_EQ(removed->in_sync, (std::vector<std::string>{"n2", "n3"}));
+  EXPECT_EQ(this->store_->GetVolume("v1")->replicas, (std::vector<std::string>{"n2", "n3"}));
+  // Its claim gone, the target may not; the controller may again.
+  TypeParam::Expire(*this->store_, lease);
+  EXPECT_EQ(this->store_->SetReplicas("v1", {"n2"}, "n1", 1).status().code(), ESTALE);
+  auto ctl = this->store_->SetReplicas("v1", {"n2"});
+  ASSERT_TRUE(ctl.ok()) << ctl.status().message();
+  EXPECT_EQ(ctl->in_sync, (std::vector<std::string>{"n2"}));
+}
+
 TYPED_TEST_P(ClusterStoreContract, GrowVolumeOnlyGrowsAndKeepsTheRest) {
   this->CreateAndClaim(this->Vol("v1", {"n1", "n2"}), "n1");
   auto before = this->store_->GetVolume("v1");
@@ -349,6 +378,7 @@ REGISTER_TYPED_TEST_SUITE_P(ClusterStoreContract, CreateNormalisesAndGetReturnsI
                             ReclaimWithANewLeaseMovesTheClaim,
                             SetInSyncOnlyByTheTargetAndOnlyReplicas,
                             SetReplicasTrimsInSyncAndKeepsOneCurrentCopy,
+                            SetReplicasOfAServedVolumeOnlyByItsTarget,
                             GrowVolumeOnlyGrowsAndKeepsTheRest,
                             DeleteWaitsForTheTargetToGo, ListPagesInNameOrderWithLiveTargets,
                             NodeLivenessFollowsItsLease, RacingClaimsHaveExactlyOneWinner);

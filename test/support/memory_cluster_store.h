@@ -90,13 +90,22 @@ class MemoryClusterStore : public cluster::ClusterStore {
     return page;
   }
 
-  StatusOr<VolumeState> SetReplicas(const std::string& name,
-                                    std::vector<std::string> replicas) override {
+  StatusOr<VolumeState> SetReplicas(const std::string& name, std::vector<std::string> replicas,
+                                    const std::string& target_node = "",
+                                    uint64_t epoch = 0) override {
     replicas = cluster::SortedUnique(std::move(replicas));
     if (replicas.empty()) return Error(EINVAL, "volume {}: needs at least one replica", name);
     std::lock_guard<std::mutex> lock(mu_);
     auto it = volumes_.find(name);
     if (it == volumes_.end()) return Error(ENOENT, "volume {} does not exist", name);
+    auto claim = claims_.find(name);
+    if (target_node.empty() && claim != claims_.end())
+      return Error(EBUSY, "volume {}: node {} is its target", name, claim->second.node);
+    if (!target_node.empty() &&
+        (claim == claims_.end() || claim->second.node != target_node ||
+         claim->second.epoch != epoch || it->second.epoch != epoch))
+      return Error(ESTALE, "volume {}: node {} holds no claim at epoch {}", name, target_node,
+                   epoch);
     VolumeState next = it->second;
     next.replicas = replicas;
     next.in_sync.clear();

@@ -784,6 +784,73 @@ TEST(ReplicaSetOutAtOpen, IsAMemberOutOfSyncUntilReadmitted) {
             EINVAL);
 }
 
+// A replica added to a live set (volume move): out of sync with no channel, its misses logged,
+// readmitted by a resync like any other; an old one removed while a write to it is in flight:
+// the write is acknowledged without it, nothing goes to it after, and the in-sync set shrinks.
+TEST_F(ReplicaSetTest, AReplicaIsAddedThenAnotherRemovedUnderWrites) {
+  Make(2, "a", /*with_log=*/true);
+  EXPECT_EQ(set_->AddMember("b").code(), EEXIST);
+  ASSERT_TRUE(set_->AddMember("c").ok());
+  EXPECT_EQ(StateOf("c"), MemberState::kOut);
+  EXPECT_TRUE(set_->health().degraded);
+  std::vector<uint8_t> w(512, 21);
+  Result r1;
+  set_->Submit(Write(8192, w), r1.Done());
+  ASSERT_EQ(r1.Wait(), 0);
+  EXPECT_EQ(log_.Marks(), (std::vector<FakeLog::Mark>{{"c", 8192, 512}}));
+  auto fc = std::make_unique<FakeChannel>();
+  FakeChannel* pc = fc.get();
+  set_->Freeze();
+  ASSERT_TRUE(set_->Readmit("c", std::move(fc)).ok());
+  set_->Thaw();
+  EXPECT_EQ(membership_.calls().back(), (std::vector<std::string>{"a", "b", "c"}));
+
+  // The last in-sync replica is refused; so is a node not in the set, and a failing record.
+  int recorded = 0;
+  auto record = [&] {
+    ++recorded;
+    return Status::Ok();
+  };
+  EXPECT_EQ(set_->RemoveMember("z", record).code(), ENOENT);
+  EXPECT_EQ(set_->RemoveMember("b", [] { return Error(ESTALE, "claim gone"); }).code(), ESTALE);
+  EXPECT_EQ(StateOf("b"), MemberState::kInSync) << "a refused record changes nothing";
+
+  // A write in flight to b (held there) when b is removed: acknowledged once a and c have it.
+  ch_[1]->Hold(true);
+  Result r2;
+  set_->Submit(Write(0, w), r2.Done());
+  ASSERT_TRUE(WaitUntil([&] { return ch_[1]->held() == 1; }));
+  EXPECT_FALSE(r2.Called());
+  ASSERT_TRUE(set_->RemoveMember("b", record).ok());
+  EXPECT_EQ(recorded, 1);
+  ASSERT_EQ(r2.Wait(), 0);
+  auto h = set_->health();
+  ASSERT_EQ(h.members.size(), 2u);
+  EXPECT_EQ(h.members[0].node, "a");
+  EXPECT_EQ(h.members[1].node, "c");
+  EXPECT_EQ(h.in_sync, (std::vector<std::string>{"a", "c"}));
+  EXPECT_FALSE(h.degraded);
+  const uint64_t b_requests = ch_[1]->requests();
+  Result r3;
+  set_->Submit(Write(4096, w), r3.Done());
+  ASSERT_EQ(r3.Wait(), 0);
+  EXPECT_EQ(ch_[1]->requests(), b_requests) << "nothing goes to a removed replica";
+  EXPECT_EQ(pc->Bytes(4096, 512), w);
+  EXPECT_EQ(log_.Marks().size(), 1u) << "a removed replica's misses are not logged";
+  EXPECT_EQ(set_->RemoveMember("b", record).code(), ENOENT);
+  // Grow ignores a removed member; a re-added one is a new member, out of sync.
+  EXPECT_TRUE(set_->Grow(kSize).ok());
+  ASSERT_TRUE(set_->AddMember("b").ok());
+  EXPECT_EQ(StateOf("b"), MemberState::kOut);
+  // With c failing, a is the last in sync: c fails the next write and is dropped, then a stays.
+  pc->fail = [](BackendRequest::Op, uint64_t) { return EIO; };
+  Result r4;
+  set_->Submit(Write(0, w), r4.Done());
+  ASSERT_EQ(r4.Wait(), 0);
+  EXPECT_EQ(set_->RemoveMember("a", record).code(), EBUSY);
+  EXPECT_EQ(recorded, 1);
+}
+
 TEST_F(ReplicaSetTest, CloseFailsWhatIsInFlightWithShutdown) {
   Make(2);
   for (auto* c : ch_) c->Hold(true);

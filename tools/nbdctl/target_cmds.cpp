@@ -22,7 +22,7 @@ struct TargetCommands::Impl {
   explicit Impl(const GlobalOptions& g) : global(g) {}
 
   const GlobalOptions& global;
-  std::string volume, node, rate;
+  std::string volume, node, rate, from, to;
   bool wait = false;
   std::unique_ptr<Connection> conn;
   std::unique_ptr<tv1::Targets::Stub> stub;
@@ -182,6 +182,177 @@ struct TargetCommands::Impl {
     std::thread thread_;
   };
 
+  uint64_t Rate() const {
+    if (rate.empty()) return 0;
+    auto r = ParseQuantity(rate);
+    if (!r.ok() || *r == 0)
+      throw UsageError{
+          fmt::format("--rate: {}", r.ok() ? "must be greater than 0" : r.status().message())};
+    return *r;
+  }
+  // AddReplica of `add` (the copy starts in the background); the target after, or the exit code.
+  int Add(const std::string& add, tv1::TargetResponse* resp) {
+    tv1::AddReplicaRequest req;
+    req.set_volume(volume);
+    req.set_node(add);
+    req.set_rate_bytes_per_second(Rate());
+    return conn->Call(*stub, &tv1::Targets::Stub::AddReplica, req, resp,
+                      fmt::format("add a replica on {} to \"{}\"", add, volume));
+  }
+  int Remove(const std::string& drop, tv1::TargetResponse* resp) {
+    tv1::RemoveReplicaRequest req;
+    req.set_volume(volume);
+    req.set_node(drop);
+    return conn->Call(*stub, &tv1::Targets::Stub::RemoveReplica, req, resp,
+                      fmt::format("remove the replica on {} from \"{}\"", drop, volume));
+  }
+  static const tv1::TargetReplica* Replica(const tv1::Target& t, const std::string& n) {
+    for (const auto& r : t.replicas())
+      if (r.node() == n) return &r;
+    return nullptr;
+  }
+  // Follows the copy to `n` (GetTarget every 250 ms, progress on stderr as resync --wait) until
+  // it is in sync (kExitOk, `last` the target then, `copied` the bytes the resync reported last),
+  // or its resync failed (kExitError, saying so; it stays out of sync and the volume serves).
+  int WaitInSync(const std::string& n, tv1::Target* last, uint64_t* copied) {
+    const auto mode = ProgressSink::ModeFor(global.output, STDERR_FILENO);
+    auto printed = std::chrono::steady_clock::now();
+    bool open = false;
+    for (;;) {
+      tv1::GetTargetRequest req;
+      req.set_volume(volume);
+      tv1::TargetResponse resp;
+      if (int rc = conn->Call(*stub, &tv1::Targets::Stub::GetTarget, req, &resp,
+                              fmt::format("inspect target of \"{}\"", volume)))
+        return rc;
+      *last = resp.target();
+      const tv1::TargetReplica* r = Replica(*last, n);
+      if (r && r->state() == "in-sync") break;
+      if (open && mode == ProgressSink::Mode::kTerminal) std::cerr << "\r\x1b[K";
+      if (!r || last->stopped() || (!r->resync_error().empty() && !r->resync_pending())) {
+        if (open) std::cerr << "\n";
+        std::string why = !r ? "it is no replica of the volume any more"
+                          : last->stopped() ? "the target stopped: " + last->stop_reason()
+                                            : "its copy failed: " + r->resync_error();
+        std::cerr << fmt::format(
+            "nbdctl: the replica on {} of \"{}\" is not in sync: {}. It stays out of sync and "
+            "the volume keeps serving from [{}]; the automatic resync retries once {} answers "
+            "(or: nbdctl target resync {} {})\n",
+            n, volume, why, fmt::join(last->in_sync(), ", "), n, volume, n);
+        return kExitServer;
+      }
+      if (last->has_resync() && last->resync().node() == n) {
+        const auto& rs = last->resync();
+        *copied = std::max<uint64_t>(*copied, rs.copied_bytes());
+        const std::string line = fmt::format(
+            "copy to {} of {}: pass {}, {:.0f}% ({} of {}){}, {} copied", n, volume, rs.pass(),
+            rs.percent(), FormatHuman(rs.pass_done_bytes()), FormatHuman(rs.pass_total_bytes()),
+            rs.eta_seconds() < 0 ? "" : fmt::format(", ETA {} s", rs.eta_seconds()),
+            FormatHuman(rs.copied_bytes()));
+        const auto now = std::chrono::steady_clock::now();
+        if (mode == ProgressSink::Mode::kTerminal) {
+          std::cerr << "\r" << line << "\x1b[K" << std::flush;
+          open = true;
+        } else if (mode == ProgressSink::Mode::kPlain &&
+                   now - printed >= ProgressSink::kPlainEvery) {
+          std::cerr << line << "\n" << std::flush;
+          printed = now;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    }
+    if (open) std::cerr << "\r\x1b[K" << std::flush;
+    return kExitOk;
+  }
+  int ReplicaAdd() {
+    Connect();
+    tv1::TargetResponse resp;
+    const auto start = std::chrono::steady_clock::now();
+    if (int rc = Add(node, &resp)) return rc;
+    tv1::Target t = resp.target();
+    uint64_t copied = 0;
+    if (wait) {
+      if (int rc = WaitInSync(node, &t, &copied)) return rc;
+    }
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                        std::chrono::steady_clock::now() - start)
+                        .count();
+    Print(global.output,
+          {{"volume", volume}, {"node", node}, {"in_sync", wait}, {"took_ms", ms},
+           {"target", TargetJson(t)}},
+          wait ? fmt::format("replica on {} of \"{}\" added and in sync ({} ms)\n", node, volume,
+                             ms)
+               : fmt::format("replica on {} of \"{}\" added out of sync; its copy runs in the "
+                             "background (nbdctl target inspect {})\n",
+                             node, volume, volume));
+    return kExitOk;
+  }
+  int ReplicaRemove() {
+    Connect();
+    tv1::TargetResponse resp;
+    if (int rc = Remove(node, &resp)) return rc;
+    Print(global.output, {{"volume", volume}, {"node", node}, {"removed", true},
+                          {"target", TargetJson(resp.target())}},
+          fmt::format("replica on {} removed from \"{}\"; in sync: [{}]. Its copy stays in {}'s "
+                      "pool: delete it there (nbdctl volume delete {})\n",
+                      node, volume, fmt::join(resp.target().in_sync(), ", "), node, volume));
+    return kExitOk;
+  }
+  // Add --to, wait until it is in sync, remove --from: the volume is served throughout.
+  int Move() {
+    if (from == to) throw UsageError{"--from and --to name the same node"};
+    Connect();
+    const auto start = std::chrono::steady_clock::now();
+    tv1::TargetResponse resp;
+    {
+      // --from must be a replica before anything is added.
+      tv1::GetTargetRequest req;
+      req.set_volume(volume);
+      if (int rc = conn->Call(*stub, &tv1::Targets::Stub::GetTarget, req, &resp,
+                              fmt::format("inspect target of \"{}\"", volume)))
+        return rc;
+      if (!Replica(resp.target(), from)) {
+        std::cerr << fmt::format("nbdctl: --from {}: not a replica of \"{}\" (replicas: {})\n",
+                                 from, volume, TargetReplicaNodes(resp.target()));
+        return kExitServer;
+      }
+    }
+    if (int rc = Add(to, &resp)) return rc;
+    tv1::Target t = resp.target();
+    uint64_t copied = 0;
+    if (int rc = WaitInSync(to, &t, &copied)) return rc;
+    const auto synced = std::chrono::steady_clock::now();
+    if (int rc = Remove(from, &resp)) {
+      std::cerr << fmt::format("nbdctl: the replica on {} is in sync; {} is still a replica of "
+                               "\"{}\" (nbdctl target replica remove {} {})\n",
+                               to, from, volume, volume, from);
+      return rc;
+    }
+    const auto end = std::chrono::steady_clock::now();
+    auto ms = [](auto d) {
+      return std::chrono::duration_cast<std::chrono::milliseconds>(d).count();
+    };
+    Print(global.output,
+          {{"volume", volume},
+           {"from", from},
+           {"to", to},
+           {"took_ms", ms(end - start)},
+           {"copy_ms", ms(synced - start)},
+           {"copied_bytes", copied},
+           {"target", TargetJson(resp.target())}},
+          fmt::format("replica of \"{}\" moved from {} to {} in {} ms (copy {} ms); in sync: "
+                      "[{}]. The copy stays in {}'s pool: delete it there (nbdctl volume delete "
+                      "{})\n",
+                      volume, from, to, ms(end - start), ms(synced - start),
+                      fmt::join(resp.target().in_sync(), ", "), from, volume));
+    return kExitOk;
+  }
+  static std::string TargetReplicaNodes(const tv1::Target& t) {
+    std::string out;
+    for (const auto& r : t.replicas()) out += (out.empty() ? "" : ", ") + r.node();
+    return out;
+  }
+
   int List() {
     Connect();
     tv1::ListTargetsResponse resp;
@@ -225,6 +396,42 @@ struct TargetCommands::Impl {
                                          "stderr, and print the resync's report");
                             }),
                  &Impl::Resync));
+    tree.Add(Group{{"target", "replica"},
+                   "Add or remove a replica of a volume served here (the volume stays in use)",
+                   "target replica", nullptr});
+    tree.Add(Cmd({"target", "replica", "add"},
+                 "Add a replica on NODE, whose pool holds a copy of the volume (blank: nbdctl "
+                 "volume create VOLUME --size S there): recorded out of sync, then copied whole "
+                 "in the background (holes skipped); it joins the in-sync set when done",
+                 Positional("VOLUME", &volume, "Replicated volume",
+                            [this](CLI::App& c) {
+                              c.add_option("NODE", node, "The new replica's node")->required();
+                              c.add_option("--rate", rate, "Copy limit in bytes/s (50Mi)");
+                              c.add_flag("--wait", wait,
+                                         "Wait until the replica is in sync, with progress on "
+                                         "stderr");
+                            }),
+                 &Impl::ReplicaAdd));
+    tree.Add(Cmd({"target", "replica", "remove"},
+                 "Remove the replica on NODE (never the last in-sync one): out of the cluster "
+                 "state, then its connection closes; its pool copy stays for you to delete",
+                 Positional("VOLUME", &volume, "Replicated volume",
+                            [this](CLI::App& c) {
+                              c.add_option("NODE", node, "The replica's node")->required();
+                              c.alias("rm");
+                            }),
+                 &Impl::ReplicaRemove));
+    tree.Add(Cmd({"target", "move"},
+                 "Move a replica from one node to another with the volume in use: add --to "
+                 "(its pool holds a blank copy), copy it with progress until in sync, remove "
+                 "--from",
+                 Positional("VOLUME", &volume, "Replicated volume",
+                            [this](CLI::App& c) {
+                              c.add_option("--from", from, "The replica's node now")->required();
+                              c.add_option("--to", to, "The new replica's node")->required();
+                              c.add_option("--rate", rate, "Copy limit in bytes/s (50Mi)");
+                            }),
+                 &Impl::Move));
     tree.Add(Cmd({"target", "list"}, "List the targets open on this datapath",
                  [](CLI::App& c) { c.alias("ls"); }, &Impl::List));
   }
