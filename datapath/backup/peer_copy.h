@@ -1,0 +1,52 @@
+// A volume copied from another node (issue 16, "Restore and clone work across nodes"): the
+// source is a volume on the peer's nbd-datapathd, read over NBD (TCP, mutual TLS with this
+// node's certificate) by the replica client; the destination is a new local volume's data file.
+// The copy is Resync::RunFull (datapath/replica/resync.h): the source's BLOCK_STATUS holes are
+// skipped (the new volume is blank and thin, so they read zeroes already), everything else is
+// read and written, and nothing counts as done before an fdatasync of the data file.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+
+#include "common/status.h"
+#include "datapath/replica/client.h"
+#include "datapath/replica/resync.h"
+
+namespace nbdcsi::datapath::backup {
+
+// A local data file as the destination of a Resync: pwrite and fdatasync on the caller's
+// thread, callbacks inline (the BlockChannel contract allows a callback before the call
+// returns). `size` is what Resync compares with the source: the source's size, which may be less
+// than the file's (a copy into a larger volume; the tail stays a hole). Writes fail with
+// ECANCELED once `cancel` is set.
+class FileBlockChannel : public replica::BlockChannel {
+ public:
+  FileBlockChannel(int fd, uint64_t size, const std::atomic<bool>* cancel);
+  const replica::ExportProperties& props() const override { return props_; }
+  Status Read(uint64_t offset, std::span<uint8_t> buf, replica::Callback cb) override;
+  Status Write(uint64_t offset, std::span<const uint8_t> data, replica::Callback cb) override;
+  Status WriteZeroes(uint64_t offset, uint32_t length, replica::Callback cb) override;
+  Status Flush(replica::Callback cb) override;
+  Status BlockStatus(uint64_t offset, uint32_t length, replica::BlockStatusCallback cb) override;
+
+ private:
+  int fd_;
+  const std::atomic<bool>* cancel_;
+  replica::ExportProperties props_;
+};
+
+struct PeerCopyProgress {
+  uint64_t total_bytes = 0;   // the source's size
+  uint64_t done_bytes = 0;    // copied (flushed) plus holes skipped
+  uint64_t copied_bytes = 0;  // data read from the peer and made durable here
+};
+
+// Copies all of `source` (connected with base_allocation) into `fd`, then fdatasync. `on_progress`
+// runs on the calling thread after each flush. The first error (the peer's, a lost connection,
+// a local write) is returned with the step and range in its message.
+Status CopyFromPeer(replica::ReplicaClient& source, int fd, const std::atomic<bool>* cancel,
+                    const std::function<void(const PeerCopyProgress&)>& on_progress);
+
+}  // namespace nbdcsi::datapath::backup
