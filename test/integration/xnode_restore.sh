@@ -10,6 +10,8 @@
 #   - a clone of a sparse volume of n1 onto n2, larger than its source: identical data, holes
 #     stay holes (allocated bytes on n2 about the data, not the size), the tail reads zeroes;
 #   - idempotency: the same CreateVolume again answers the same volume and copies nothing;
+#   - n2 killed mid-copy (the source held with SIGSTOP): its restart deletes the half-copied
+#     volume (the copy's marker), and the provisioner's retry copies again, byte-identical;
 #   - n1 killed: a restore from its snapshot onto n2 is UNAVAILABLE and leaves nothing on n2.
 . "$(dirname "$0")/lib.sh"
 need jq openssl python3 nbdcopy cmp
@@ -36,6 +38,7 @@ declare -A DP_PID
 start_dp() {  # start_dp NODE IP API_PORT NBD_PORT
   local n=$1 ip=$2 port=$3 nbd=$4
   mkdir -p "$W/pool-$n"
+  rm -f "$W/api-$n.sock"  # a killed one's: wait for the new one
   bg "$NBDCSI_BIN/nbd-datapathd" --pool "$W/pool-$n" --capacity 4Gi \
     --api "unix://$W/api-$n.sock" --nbd-listen "unix://$W/nbd-$n.sock" \
     --nbd-listen "tcp://$ip:$nbd" --nbd-tls-cert "$C/node-$n.crt" --nbd-tls-key "$C/node-$n.key" \
@@ -170,6 +173,35 @@ same n2 pvc-clone "$W/sparse.img"
 alloc=$(dp n2 -o json volume inspect pvc-clone | jq .allocated_bytes)
 echo "  clone: 96 MiB volume, 4 MiB of data, $((alloc / 1024)) KiB allocated on n2"
 [ "$alloc" -le $((12 * MiB)) ] || die "the clone's holes were written: $alloc bytes allocated"
+no_leftovers
+
+step "n2 killed mid-copy: its restart deletes the half-copied volume; the retry copies again"
+# The source held (SIGSTOP) once the copy runs, so n2 certainly dies in it.
+deadline=$((SECONDS + 60))
+while :; do
+  if out=$(csi controller create-volume pvc-r2 --from-snapshot "$SNAP" --topology "$TOPO=n2" 2>&1); then
+    die "the copy ended before it could be interrupted: $out"
+  fi
+  grep -q "being copied from node n1 to node n2" <<<"$out" && break
+  grep -q ABORTED <<<"$out" || die "CreateVolume pvc-r2 failed: $out"
+  [ $SECONDS -lt $deadline ] || die "the copy never started: $out"
+  sleep 0.1
+done
+kill -STOP "${DP_PID[n1]}"
+kill -9 "${DP_PID[n2]}"
+wait "${DP_PID[n2]}" 2>/dev/null || true
+[ -e "$W/pool-n2/backup-restores/pvc-r2" ] || die "no copy marker for pvc-r2 on n2"
+start_dp n2 127.0.0.3 "$API2" "$NBD2"
+kill -CONT "${DP_PID[n1]}"
+wait_for 15 grep -q 'volume "pvc-r2" was being restored when the daemon stopped; the half-restored volume was deleted' \
+  "$W/datapathd-n2.log" || die "n2's restart did not delete the half-copied volume"
+dp n2 -o json volume list | jq -e '[.volumes[]?.name] | index("pvc-r2") == null' >/dev/null ||
+  die "pvc-r2 survived n2's restart"
+[ -z "$(ls -A "$W/pool-n2/backup-restores")" ] || die "the marker stays after the restart"
+wait_for 15 registered || die "n2 never registered again"
+create pvc-r2 --from-snapshot "$SNAP" --topology "$TOPO=n2"
+jqx '.volume_id == "v1:n2:pvc-r2"' <"$W/pvc-r2.json"
+same n2 pvc-r2 "$W/expected.img"
 no_leftovers
 
 step "n1 killed: a restore of its snapshot onto n2 is UNAVAILABLE and leaves nothing"
