@@ -61,12 +61,22 @@ Status FileBlockChannel::WriteZeroes(uint64_t offset, uint32_t length, replica::
   return Status::Ok();
 }
 
+FileBlockChannel::~FileBlockChannel() {
+  for (auto& t : flushes_) t.join();
+}
+
 Status FileBlockChannel::Flush(replica::Callback cb) {
-  if (::fdatasync(fd_) != 0) {
-    cb(Error(errno, "fdatasync: {}", std::strerror(errno)));
-  } else {
-    cb(Status::Ok());
-  }
+  // Resync has at most one FLUSH in flight and calls from its one thread: no lock needed here,
+  // and the previous flush's thread has called back already (it is ending: joined at once).
+  for (auto& t : flushes_) t.join();
+  flushes_.clear();
+  flushes_.emplace_back([fd = fd_, cb = std::move(cb)] {
+    if (::fdatasync(fd) != 0) {
+      cb(Error(errno, "fdatasync: {}", std::strerror(errno)));
+    } else {
+      cb(Status::Ok());
+    }
+  });
   return Status::Ok();
 }
 

@@ -9,6 +9,8 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <thread>
+#include <vector>
 
 #include "common/status.h"
 #include "datapath/replica/client.h"
@@ -16,14 +18,16 @@
 
 namespace nbdcsi::datapath::backup {
 
-// A local data file as the destination of a Resync: pwrite and fdatasync on the caller's
-// thread, callbacks inline (the BlockChannel contract allows a callback before the call
-// returns). `size` is what Resync compares with the source: the source's size, which may be less
+// A local data file as the destination of a Resync: pwrite on the caller's thread, callback
+// inline (the BlockChannel contract allows a callback before the call returns); fdatasync on a
+// thread of its own, so the reads and writes after it keep flowing while the disk catches up
+// (the destructor joins those threads). `size` is what Resync compares with the source: the source's size, which may be less
 // than the file's (a copy into a larger volume; the tail stays a hole). Writes fail with
 // ECANCELED once `cancel` is set.
 class FileBlockChannel : public replica::BlockChannel {
  public:
   FileBlockChannel(int fd, uint64_t size, const std::atomic<bool>* cancel);
+  ~FileBlockChannel() override;
   const replica::ExportProperties& props() const override { return props_; }
   Status Read(uint64_t offset, std::span<uint8_t> buf, replica::Callback cb) override;
   Status Write(uint64_t offset, std::span<const uint8_t> data, replica::Callback cb) override;
@@ -32,6 +36,7 @@ class FileBlockChannel : public replica::BlockChannel {
   Status BlockStatus(uint64_t offset, uint32_t length, replica::BlockStatusCallback cb) override;
 
  private:
+  std::vector<std::thread> flushes_;
   int fd_;
   const std::atomic<bool>* cancel_;
   replica::ExportProperties props_;
