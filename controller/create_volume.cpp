@@ -258,7 +258,9 @@ class CreateVolumeCall {
   // is the answer.
 
   // Whether the source's node cannot hold the new volume: the topology excludes it, or its last
-  // heartbeat leaves no room for it while another allowed node might have some.
+  // heartbeat leaves no room for it while another allowed node might have some. (The temporary
+  // clone still needs the source's size there: this helps a volume asked larger than its
+  // source; otherwise the clone's ENOSPC is the answer, RESOURCE_EXHAUSTED as on the fast path.)
   StatusOr<bool> NeedsCopy() {
     if (!candidates_.Allows(source_.node)) return true;
     auto info = nodes_.Get(source_.node);

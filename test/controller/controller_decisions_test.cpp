@@ -402,15 +402,22 @@ TEST_F(Decisions, CrossNodeCloneOfAVolumeGrowsToTheRequestedSize) {
   EXPECT_EQ(Node("node-b").Volume("xfer-pvc-c"), std::nullopt);
 }
 
+// The temporary clone takes the source's size on its node, so this helps a restore or clone
+// asked larger than its source: room for the clone there, not for the new volume.
 TEST_F(Decisions, ASourceNodeWithoutRoomIsCopiedFromToAnAllowedNodeWithRoom) {
   cluster_.Heartbeat("node-a", 10 * kGiB);
-  cluster_.Heartbeat("node-b", kMiB, kEndpointB);
+  cluster_.Heartbeat("node-b", 6 * kMiB, kEndpointB);
+  Node("node-b").SetRoom(10 * kMiB);  // src and the 4 MiB clone fit, not an 8 MiB volume
   Node("node-b").PutVolume(PoolVolume("src", 4 * kMiB));
   Node("node-b").PutSnapshot(PoolSnapshot("snap", "src", 4 * kMiB));
-  auto req = WithTopology(FromSnapshot(VolumeRequest("pvc-room", 0), "s1:node-b:snap"),
-                          {"node-b", "node-a"}, {"node-b"});
+  auto req = WithTopology(
+      FromSnapshot(VolumeRequest("pvc-room", static_cast<int64_t>(8 * kMiB)), "s1:node-b:snap"),
+      {"node-b", "node-a"}, {"node-b"});
   EXPECT_EQ(NodeOf(MustCreate(req)), "node-a");
   EXPECT_EQ(Node("node-a").Count("CopyVolume"), 1);
+  EXPECT_EQ(Node("node-a").LastCopy()->size_bytes(), 8 * kMiB);
+  EXPECT_FALSE(Node("node-b").Volume("xfer-pvc-room").has_value());
+  Node("node-b").SetRoom(uint64_t{1} << 40);
   // Room on the source's node again: the fast path, no copy.
   cluster_.Heartbeat("node-b", 10 * kGiB, kEndpointB);
   req.set_name("pvc-room-2");
