@@ -457,7 +457,7 @@ StatusOr<JobInfo> BackupJobs::StartCopy(const CopyRequest& req) {
 void BackupJobs::RunCopy(std::shared_ptr<Job> job, CopyRequest req,
                          std::shared_ptr<replica::ReplicaClient> source,
                          std::shared_ptr<Volume> vol) {
-  Status s = CopyFromPeer(*source, vol->buffered_fd(), &job->cancel,
+  Status s = CopyFromPeer(*source, vol->direct_fd(), vol->buffered_fd(), &job->cancel,
                           [&](const PeerCopyProgress& p) {
                             job->progress.done_bytes = p.done_bytes;
                             job->progress.data_done_bytes = p.copied_bytes;
