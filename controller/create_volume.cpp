@@ -319,9 +319,11 @@ class CreateVolumeCall {
                  source_.node);
     }
     if (Status s = ReportFailedAttempt(); !s.ok()) return s;
-    // The source's point in time, served by its node until the copy is done.
+    // The source's point in time, served by its node until the copy is done; read-only, as
+    // nothing but the copy may see it.
     dpv1::CreateVolumeRequest tr;
     tr.set_name(TempName());
+    tr.set_read_only(true);
     *tr.mutable_source() = source_.dp;
     auto temp = nodes_.On(source_.node, [&](NodeDatapath& d) { return d.CreateVolume(tr); });
     if (!temp.ok()) {

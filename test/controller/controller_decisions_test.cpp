@@ -364,6 +364,7 @@ TEST_F(Decisions, CrossNodeRestoreCopiesFromATemporaryCloneAndIsAbortedUntilTheC
   auto temp = Node("node-b").Volume("xfer-pvc-x");
   ASSERT_TRUE(temp.has_value());
   EXPECT_EQ(temp->source(), "snapshot/snap");
+  EXPECT_TRUE(temp->read_only());
   auto copy = Node("node-a").LastCopy();
   ASSERT_TRUE(copy.has_value());
   EXPECT_EQ(copy->volume(), "pvc-x");

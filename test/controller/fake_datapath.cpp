@@ -121,6 +121,7 @@ StatusOr<dpv1::Volume> FakeDatapath::CreateVolume(const dpv1::CreateVolumeReques
   *v.mutable_qos() = req.qos();
   if (req.has_schedule()) *v.mutable_schedule() = req.schedule();
   v.set_source(SourceText(req.source()));
+  v.set_read_only(req.read_only());
   v.set_ready(!(req.has_source() && unfilled_copies_));
   v.set_created_unix_ns(++clock_ns_);
   volumes_[req.name()] = v;
