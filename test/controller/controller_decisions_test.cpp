@@ -476,6 +476,17 @@ TEST_F(Decisions, ACrossNodeCopyWhoseSourceNodeIsUnreachableIsUnavailableAndMake
   EXPECT_EQ(Node("node-a").VolumeCount(), 0u);
 }
 
+TEST_F(Decisions, ACrossNodeRestoreOfAMissingSnapshotIsNotFoundAndMakesNothing) {
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  cluster_.Heartbeat("node-b", 10 * kGiB, kEndpointB);
+  auto req = WithTopology(FromSnapshot(VolumeRequest("pvc-m", 0), "s1:node-b:gone"), {"node-a"});
+  v1::CreateVolumeResponse resp;
+  grpc::Status s = Create(req, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::NOT_FOUND) << s.error_message();
+  EXPECT_EQ(Calls("CreateVolume", {"node-a", "node-b"}), 0);
+  EXPECT_EQ(Node("node-a").Count("CopyVolume"), 0);
+}
+
 TEST_F(Decisions, ACrossNodeCopyWithNoRoomOnAnyAllowedNodeIsResourceExhausted) {
   cluster_.Heartbeat("node-a", kMiB);
   cluster_.Heartbeat("node-b", 10 * kGiB, kEndpointB);
