@@ -122,7 +122,6 @@ class CreateVolumeCall {
     candidates_ = EveryNodeAfter(std::move(candidates_), live_, ledger_);
     // A restore or clone: its node holds the first replica (ReplicatedVolumes::Create).
     if (Status s = ResolveSource(); !s.ok()) return s;
-
     ReplicatedVolumes::CreateArgs a;
     a.csi_name = req_.name();
     a.pool_name = pool_name_;
@@ -248,9 +247,10 @@ class CreateVolumeCall {
 
   // ---- Restores and clones across nodes (issue 16) ----
   //
-  // The source node serves a temporary clone of the snapshot or volume (the pool's instant
-  // clone, named TempName(): a pure function of the new volume's name, so every retry finds the
-  // same one) over NBD; a node the topology allows runs a "copy" job in its datapath that makes
+  // The source node serves a temporary clone of the snapshot or volume (the pool's clone:
+  // instant with reflink, else a background copy the call waits for with ABORTED; named
+  // TempName(), a pure function of the new volume's name, so every retry finds the same one)
+  // over NBD; a node the topology allows runs a "copy" job in its datapath that makes
   // the new volume and fills it from there (datapath/backup/jobs.h). Until the job ends the
   // answer is ABORTED with its progress (the provisioner retries); a retry finds the volume by
   // name and asks its node for the job. When the job succeeded, the temporary clone goes; when
