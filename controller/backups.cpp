@@ -288,13 +288,14 @@ StatusOr<std::optional<v1::Snapshot>> Backups::Get(const csi::BackupRef& ref,
   return std::optional<v1::Snapshot>(std::move(s));
 }
 
-StatusOr<std::optional<dpv1::BackupJob>> Backups::RestoreJobOf(const std::string& node,
-                                                               const std::string& volume) {
+StatusOr<std::optional<dpv1::BackupJob>> Backups::JobOf(const std::string& node,
+                                                        const std::string& volume,
+                                                        std::string_view kind) {
   auto jobs = nodes_.On(node, [](NodeDatapath& d) { return d.ListBackupJobs(); });
   if (!jobs.ok()) return jobs.status();
   std::optional<dpv1::BackupJob> newest;
   for (auto& j : *jobs) {
-    if (j.kind() != "restore" || j.volume() != volume) continue;
+    if (j.kind() != kind || j.volume() != volume) continue;
     if (!newest || j.started_unix_ns() >= newest->started_unix_ns()) newest = std::move(j);
   }
   return newest;

@@ -96,7 +96,15 @@ class Backups {
   StatusOr<dpv1::BackupInfo> Inspect(const dpv1::BackupTarget& t, const std::string& name);
   // The newest restore job into `volume` on `node`, if it has one.
   StatusOr<std::optional<dpv1::BackupJob>> RestoreJobOf(const std::string& node,
-                                                        const std::string& volume);
+                                                        const std::string& volume) {
+    return JobOf(node, volume, "restore");
+  }
+  // The newest job of `kind` ("restore", "copy") into `volume` on `node`, if it has one.
+  StatusOr<std::optional<dpv1::BackupJob>> JobOf(const std::string& node,
+                                                 const std::string& volume,
+                                                 std::string_view kind);
+  // Polls the job until it ends or opts_.wait passes.
+  StatusOr<dpv1::BackupJob> Wait(const std::string& node, dpv1::BackupJob job);
   // Starts the restore on `node` and waits a little: the job as last seen (running, succeeded
   // or failed). ENOSPC from the datapath when the pool has no room.
   StatusOr<dpv1::BackupJob> StartRestore(const std::string& node, const dpv1::BackupTarget& t,
@@ -109,8 +117,6 @@ class Backups {
   static Status RestoreRunning(const dpv1::BackupJob& job, const std::string& node);
 
  private:
-  // Polls the job until it ends or opts_.wait passes.
-  StatusOr<dpv1::BackupJob> Wait(const std::string& node, dpv1::BackupJob job);
   // A live node to read the bucket through: `preferred` when live, else the first.
   StatusOr<std::string> Reader(const std::string& preferred);
 

@@ -67,8 +67,10 @@ std::vector<StatusOr<T>> AskAll(Nodes& nodes, const std::vector<NodeInfo>& live,
     if (a->got[i]) {
       out.push_back(*a->got[i]);
     } else {
-      out.push_back(Error(ETIMEDOUT, "node {}: no answer within {} ms", live[i].node_id,
-                          wait.count()));
+      // Made in place: GCC 12 warns (maybe-uninitialized, a false positive) about moving a
+      // temporary StatusOr<vector> in here.
+      out.emplace_back(Error(ETIMEDOUT, "node {}: no answer within {} ms", live[i].node_id,
+                             wait.count()));
     }
   }
   return out;

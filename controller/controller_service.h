@@ -18,7 +18,11 @@
 //   OUT_OF_RANGE when no aligned size fits the range. Placement: preferred in order, then
 //   requisite in order; with no requirement, any node, most room first (room = the last
 //   heartbeat's provisionable bytes minus what this controller placed there since). A content
-//   source pins the node; a source outside the allowed topology is INVALID_ARGUMENT. Idempotency
+//   source pins the node, unless the allowed topology excludes it or it has no room: then the
+//   data is copied over NBD from a temporary clone on the source's node to an allowed node (a
+//   "copy" job there; ABORTED with its progress until it ends, a failed copy's error once, the
+//   clone removed either way; create_volume.cpp RunCopy). A source node that advertises no NBD
+//   endpoint: INVALID_ARGUMENT; one that cannot be reached: UNAVAILABLE. Idempotency
 //   asks every live node for the pool name (in parallel); a node that cannot answer
 //   fails the call (UNAVAILABLE) rather than risk a second copy. No room anywhere allowed:
 //   RESOURCE_EXHAUSTED, unless an allowed node is not registered: UNAVAILABLE.

@@ -1,6 +1,7 @@
 // CreateVolume in named steps: check the request, the candidate nodes (topology), the content
-// source (which pins the node), the idempotency search (every live node at once), the size, then
-// placement and the create call on the first node that takes it.
+// source (which pins the node, unless the topology excludes it or it has no room: then the data
+// is copied to another node, RunCopy), the idempotency search (every live node at once), the
+// size, then placement and the create call on the first node that takes it.
 #include <optional>
 #include <string>
 #include <vector>
@@ -59,7 +60,12 @@ class CreateVolumeCall {
     if (replicas_ > 1) return RunReplicated(resp);
     if (Status s = FindCandidates(); !s.ok()) return s;
     if (Status s = ResolveSource(); !s.ok()) return s;
-    if (source_.present()) candidates_.order = {source_.node};
+    if (source_.present()) {
+      auto copy = NeedsCopy();
+      if (!copy.ok()) return copy.status();
+      if (*copy) return RunCopy(resp);
+      candidates_.order = {source_.node};
+    }
     if (Status s = CheckRange(); !s.ok()) return s;
     auto found = FindExisting(resp->mutable_volume());
     if (!found.ok()) return found.status();
@@ -197,6 +203,16 @@ class CreateVolumeCall {
     if (*job && (*job)->state() == "failed") {
       return Backups::JobError(**job, fmt::format("restore on node {}", node));
     }
+    if (Status s = Complete(node, dv, resp); !s.ok()) return s;
+    spdlog::info("[{}] volume {} ({} bytes) restored from {} on node {}", csi::CurrentRequestId(),
+                 resp->volume().volume_id(), resp->volume().capacity_bytes(),
+                 req_.volume_content_source().snapshot().snapshot_id(), node);
+    return Status::Ok();
+  }
+
+  // A restored or copied volume, its data in place: in the allowed topology, grown to the
+  // requested size, given the class's QoS and schedule, and returned with its content source.
+  Status Complete(const std::string& node, dpv1::Volume dv, v1::CreateVolumeResponse* resp) {
     if (!candidates_.Allows(node)) {
       return Err(EEXIST,
                  "volume \"{}\" exists on node {}, which accessibility_requirements exclude",
@@ -226,14 +242,220 @@ class CreateVolumeCall {
     }
     FillVolume(node, dv, resp->mutable_volume());
     *resp->mutable_volume()->mutable_content_source() = req_.volume_content_source();
-    spdlog::info("[{}] volume {} ({} bytes) restored from {} on node {}", csi::CurrentRequestId(),
-                 resp->volume().volume_id(), dv.size_bytes(),
-                 req_.volume_content_source().snapshot().snapshot_id(), node);
     return Status::Ok();
   }
 
-  // Restores and clones are local (reflink or local copy): the source pins the node (a
-  // replicated volume's first replica). Only parsed here; its size is asked for after the
+  // ---- Restores and clones across nodes (issue 16) ----
+  //
+  // The source node serves a temporary clone of the snapshot or volume (the pool's clone:
+  // instant with reflink, else a background copy the call waits for with ABORTED; named
+  // TempName(), a pure function of the new volume's name, so every retry finds the same one)
+  // over NBD; a node the topology allows runs a "copy" job in its datapath that makes
+  // the new volume and fills it from there (datapath/backup/jobs.h). Until the job ends the
+  // answer is ABORTED with its progress (the provisioner retries); a retry finds the volume by
+  // name and asks its node for the job. When the job succeeded, the temporary clone goes; when
+  // it failed, the datapath has removed the new volume, the clone goes too, and the job's error
+  // is the answer.
+
+  // Whether the source's node cannot hold the new volume: the topology excludes it, or its last
+  // heartbeat leaves no room for it while another allowed node might have some. (The temporary
+  // clone still needs the source's size there: this helps a volume asked larger than its
+  // source; otherwise the clone's ENOSPC is the answer, RESOURCE_EXHAUSTED as on the fast path.)
+  StatusOr<bool> NeedsCopy() {
+    if (!candidates_.Allows(source_.node)) return true;
+    auto info = nodes_.Get(source_.node);
+    if (!info) return false;  // the fast path's own error (UNAVAILABLE) says it
+    // Any error here is the fast path's to report (after its idempotency search: a retry of a
+    // restore whose snapshot has been deleted since still finds its volume).
+    auto size = SizeToProvision();
+    if (!size.ok()) return false;
+    if (info->provisionable_bytes >= *size) return false;
+    // Only worth it when the copy would land: the fast path's ENOSPC is the clearer answer.
+    for (const auto& n : candidates_.order) {
+      if (n == source_.node) continue;
+      auto other = nodes_.Get(n);
+      if (other && other->provisionable_bytes >= *size) {
+        // An earlier attempt may have made it on the source node after all (room changes).
+        auto there = nodes_.GetVolume(source_.node, pool_name_);
+        if (there.ok()) return false;
+        if (there.status().code() != ENOENT) return there.status();
+        return true;
+      }
+    }
+    return false;
+  }
+
+  std::string TempName() const { return "xfer-" + pool_name_; }
+
+  Status RunCopy(v1::CreateVolumeResponse* resp) {
+    if (Status s = CheckRange(); !s.ok()) return s;
+    auto found =
+        FanOut(live_, [&](const NodeInfo& n) { return nodes_.GetVolume(n.node_id, pool_name_); });
+    auto holder = FirstHolder(found);
+    if (!holder.ok()) return holder.status();
+    if (*holder) {
+      const std::string& node = live_[**holder].node_id;
+      if (node == source_.node) {
+        // Made on the source's node by an earlier attempt (its fast path).
+        if (Status s = MatchesRequest(node, *found[**holder]); !s.ok()) return s;
+        FillVolume(node, *found[**holder], resp->mutable_volume());
+        *resp->mutable_volume()->mutable_content_source() = req_.volume_content_source();
+        return Status::Ok();
+      }
+      return FinishCopy(node, *found[**holder], resp);
+    }
+    auto size = SizeToProvision();
+    if (!size.ok()) return size.status();
+    auto src = nodes_.Get(source_.node);
+    if (!src) {
+      return Err(EAGAIN, "the content source's node {} is not registered now ({}); retry once it "
+                 "heartbeats", source_.node, nodes_.WhyAbsent());
+    }
+    if (src->nbd_endpoint.empty()) {
+      return Err(EINVAL,
+                 "the content source lives on node {}, which accessibility_requirements exclude "
+                 "or which has no room, and that node's datapath advertises no NBD TCP endpoint "
+                 "to copy it from (start it with a tcp:// --nbd-listen)",
+                 source_.node);
+    }
+    if (Status s = ReportFailedAttempt(); !s.ok()) return s;
+    // The source's point in time, served by its node until the copy is done; read-only, as
+    // nothing but the copy may see it.
+    dpv1::CreateVolumeRequest tr;
+    tr.set_name(TempName());
+    tr.set_read_only(true);
+    *tr.mutable_source() = source_.dp;
+    auto temp = nodes_.On(source_.node, [&](NodeDatapath& d) { return d.CreateVolume(tr); });
+    if (!temp.ok()) {
+      return Err(temp.status().code(), "temporary copy of the content source on node {}: {}",
+                 source_.node, temp.status().message());
+    }
+    if (!temp->ready()) {
+      return Err(EALREADY,
+                 "the content source is being copied on node {} before it is sent to another "
+                 "node; retry",
+                 source_.node);
+    }
+    std::string node;
+    dpv1::BackupJob job;
+    Status placed = OnFirstWithRoom(*size, [&](const std::string& n, const NodeInfo& info) -> Status {
+      if (n == source_.node) return Err(ENOSPC, "{}: holds the source, no room", n);
+      dpv1::CopyVolumeRequest cr;
+      cr.set_volume(pool_name_);
+      cr.set_size_bytes(*size);
+      cr.set_endpoint(src->nbd_endpoint);
+      cr.set_export_name(TempName());
+      cr.set_source_node(source_.node);
+      auto started = nodes_.On(n, [&](NodeDatapath& d) { return d.CopyVolume(cr); });
+      if (!started.ok()) return started.status();
+      ledger_.Add(info, *size);
+      node = n;
+      job = std::move(*started);
+      return Status::Ok();
+    });
+    if (!placed.ok()) {
+      RemoveTemp();
+      return placed;
+    }
+    spdlog::info("[{}] volume {}: copying {} from node {} ({}) to node {} (job {})",
+                 csi::CurrentRequestId(), pool_name_, source_.Text(), source_.node,
+                 src->nbd_endpoint, node, job.id());
+    auto seen = backups_.Wait(node, std::move(job));
+    if (!seen.ok()) return seen.status();
+    if (seen->state() == "running") return CopyRunning(*seen, node);
+    if (seen->state() == "failed") return CopyFailed(*seen, node);
+    auto vol = nodes_.GetVolume(node, pool_name_);
+    if (!vol.ok()) return vol.status();
+    return FinishCopy(node, *vol, resp);
+  }
+
+  // A copy job that failed between two calls has removed its volume, so nothing above found it;
+  // its temporary clone is the sign that an attempt was made and not reported yet. Its failure
+  // is this call's answer (the clone goes with it), and the next retry starts over.
+  Status ReportFailedAttempt() {
+    auto temp = nodes_.GetVolume(source_.node, TempName());
+    if (!temp.ok()) return temp.status().code() == ENOENT ? Status::Ok() : temp.status();
+    for (const auto& n : candidates_.order) {
+      if (n == source_.node || !nodes_.Get(n)) continue;
+      auto job = backups_.JobOf(n, pool_name_, "copy");
+      if (!job.ok()) return job.status();
+      if (*job && (*job)->state() == "failed" && (*job)->backup() == TempName()) {
+        return CopyFailed(**job, n);
+      }
+    }
+    return Status::Ok();
+  }
+
+  // The volume found on `node`, not the source's: ABORTED while its copy runs, the copy's error
+  // if it failed, else done: the temporary clone goes and the volume is completed.
+  Status FinishCopy(const std::string& node, dpv1::Volume dv, v1::CreateVolumeResponse* resp) {
+    auto job = backups_.JobOf(node, pool_name_, "copy");
+    if (!job.ok()) return job.status();
+    if (*job && (*job)->backup() != TempName()) {
+      return Err(EEXIST, "volume \"{}\" on node {} was copied from \"{}\", not from {}",
+                 req_.name(), node, (*job)->backup(), source_.Text());
+    }
+    if (*job && (*job)->state() == "running") return CopyRunning(**job, node);
+    if (*job && (*job)->state() == "failed") return CopyFailed(**job, node);
+    // No job: it ended before the datapath restarted (one that was interrupted has deleted its
+    // volume at the start), so the data is whole. A blank volume has no other way to be here
+    // with this name and no source.
+    if (!dv.source().empty()) {
+      return Err(EEXIST, "volume \"{}\" exists on node {} with content source \"{}\", not \"{}\"",
+                 req_.name(), node, dv.source(), source_.Text());
+    }
+    if (Status s = Complete(node, dv, resp); !s.ok()) return s;
+    RemoveTemp();
+    spdlog::info("[{}] volume {} ({} bytes) on node {}: copied from {} on node {}",
+                 csi::CurrentRequestId(), resp->volume().volume_id(),
+                 resp->volume().capacity_bytes(), node, source_.Text(), source_.node);
+    return Status::Ok();
+  }
+
+  static std::string Progress(const dpv1::BackupJob& j) {
+    if (j.total_bytes() == 0) return "starting";
+    return fmt::format("{:.0f}% of {} bytes, {:.1f} MiB/s",
+                       100.0 * j.done_bytes() / j.total_bytes(), j.total_bytes(),
+                       j.rate_bytes_per_s() / 1048576.0);
+  }
+
+  Status CopyRunning(const dpv1::BackupJob& j, const std::string& node) const {
+    return Err(EALREADY,
+               "volume \"{}\" is being copied from node {} to node {} (job {}, {}); it is ready "
+               "when the copy ends",
+               req_.name(), source_.node, node, j.id(), Progress(j));
+  }
+
+  // The datapath removed the half-copied volume; the temporary clone goes too, so a retry starts
+  // over. A lost connection or an unreachable peer is UNAVAILABLE (retry), a full pool
+  // RESOURCE_EXHAUSTED, anything else the job's errno.
+  Status CopyFailed(const dpv1::BackupJob& j, const std::string& node) {
+    RemoveTemp();
+    int code = j.error_errno() ? j.error_errno() : EIO;
+    switch (code) {
+      case ECONNRESET: case ECONNREFUSED: case EPIPE: case ETIMEDOUT: case ESHUTDOWN:
+      case EPROTO: case EHOSTUNREACH: case ENETUNREACH: case ENOENT:
+        code = EAGAIN;
+        break;
+      default:
+        break;
+    }
+    return Err(code, "copy of {} from node {} to node {} failed (job {}): {}", source_.Text(),
+               source_.node, node, j.id(), j.error());
+  }
+
+  // Best effort: a temporary clone left behind (its node unreachable now) is named xfer-VOLUME
+  // and is removed by the next CreateVolume retry of the same name, or by hand.
+  void RemoveTemp() {
+    Status s = nodes_.On(source_.node, [&](NodeDatapath& d) { return d.DeleteVolume(TempName()); });
+    if (!s.ok() && s.code() != ENOENT) {
+      spdlog::warn("[{}] temporary clone {} on node {} stays: {}", csi::CurrentRequestId(),
+                   TempName(), source_.node, s.message());
+    }
+  }
+
+  // Restores and clones are local (reflink or local copy) when they can be: the source pins the
+  // node (a replicated volume's first replica); otherwise RunCopy. Only parsed here; its size is asked for after the
   // idempotency search, so a retry still finds a restored volume whose snapshot was deleted
   // meanwhile.
   Status ResolveSource() {
@@ -251,12 +473,6 @@ class CreateVolumeCall {
       source_.dp.set_volume(ref->pool_name);
     } else {
       return Err(EINVAL, "volume_content_source names neither a snapshot nor a volume");
-    }
-    if (!candidates_.Allows(source_.node)) {
-      return Err(EINVAL,
-                 "the content source lives on node {}, which accessibility_requirements exclude; "
-                 "restoring or cloning to another node is not supported",
-                 source_.node);
     }
     return Status::Ok();
   }

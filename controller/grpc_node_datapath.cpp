@@ -189,6 +189,13 @@ class GrpcNodeDatapath final : public NodeDatapath {
         [&] { return resp.job(); });
   }
 
+  StatusOr<dpv1::BackupJob> CopyVolume(const dpv1::CopyVolumeRequest& req) override {
+    dpv1::BackupJobResponse resp;
+    return Then(
+        Call("CopyVolume", [&](auto* c) { return backup_stub_->CopyVolume(c, req, &resp); }),
+        [&] { return resp.job(); });
+  }
+
   StatusOr<dpv1::BackupJob> GetBackupJob(const std::string& id) override {
     dpv1::GetBackupJobRequest req;
     req.set_id(id);

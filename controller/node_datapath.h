@@ -90,6 +90,10 @@ class NodeDatapath {
   virtual StatusOr<dpv1::BackupJob> CreateBackup(const dpv1::CreateBackupRequest& req) = 0;
   // EEXIST when the volume exists; ENOENT when the backup does not.
   virtual StatusOr<dpv1::BackupJob> RestoreBackup(const dpv1::RestoreBackupRequest& req) = 0;
+  // A copy of the volume `export_name` of another node (read over NBD at `endpoint`) into a new
+  // volume here (restores and clones across nodes). EAGAIN when the peer cannot be reached,
+  // ENOENT when it has no such export, EEXIST when the volume exists, ENOSPC: no room.
+  virtual StatusOr<dpv1::BackupJob> CopyVolume(const dpv1::CopyVolumeRequest& req) = 0;
   virtual StatusOr<dpv1::BackupJob> GetBackupJob(const std::string& id) = 0;
   virtual StatusOr<std::vector<dpv1::BackupJob>> ListBackupJobs() = 0;
   // ENOENT when neither the backup nor a job making it (in this daemon) exists.

@@ -59,6 +59,7 @@ Status NodeRegistry::Heartbeat(const v1::HeartbeatRequest& req) {
   n.volumes = req.volumes();
   n.reflink = req.reflink();
   n.nbd_devices = req.nbd_devices();
+  n.nbd_endpoint = req.nbd_endpoint();
   n.version = req.version();
   n.started_unix_ns = req.started_unix_ns();
   n.last_seen = now;

@@ -29,6 +29,7 @@ struct NodeInfo {
   uint64_t volumes = 0;
   bool reflink = false;
   uint32_t nbd_devices = 0;
+  std::string nbd_endpoint;  // tcp://HOST:PORT peers copy this node's volumes from; "": none
   std::string version;
   int64_t started_unix_ns = 0;  // the datapath's start time; a change means it restarted
   std::chrono::steady_clock::time_point first_seen;  // of this registration (reset on expiry)

@@ -112,6 +112,7 @@ StatusOr<std::unique_ptr<HeartbeatSender>> StartHeartbeat(const Config& c, Pool&
   HeartbeatOptions h;
   h.node_id = c.cluster.node_id;
   h.advertise = c.cluster.advertise;
+  h.nbd_endpoint = c.peer_nbd_endpoint;
   h.controller = c.cluster.controller;
   h.creds = c.channel_creds;
   h.interval = c.cluster.heartbeat_interval;
@@ -255,6 +256,7 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
 
   if (Status st = EnsureSocketDir(c.api_ep); !st.ok()) return Fail(st);
   Api api(**pool, (*attach)->manager(), agent);
+  api.backup_jobs.SetPeerTls(c.peer_tls);
   if (Status st = api.Start(**pool, c.api_listens); !st.ok()) return Fail(st);
   up.api_up = true;
   // Recurring snapshots and backups of this pool's volumes; its first pass catches up once on

@@ -25,7 +25,8 @@ set(NBDCSI_ASAN_VM vm.attach_restart)
 # TSan: the tests that run the engine's workers, the pool's locks and copy jobs, NBD TLS's
 # terminator thread, and the datapath's gRPC service (its handlers on gRPC's threads, the pool and
 # engine behind them), the log level's revert timer thread, and the schedule runner (its thread,
-# the backup jobs' threads and the pool's copies; it builds datapath/backup under TSan too). The CSI-side gRPC tests
+# the backup jobs' threads and the pool's copies; it builds datapath/backup under TSan too), and
+# peer_copy_test (a copy job's thread, the replica client's io thread and the flush thread). The CSI-side gRPC tests
 # (csi_server, node_service, registry) are left out for the budget: they need the CSI protos and
 # nbd-datapathd built a third time, and their handlers share nothing the datapath service test
 # does not already cover under TSan.
@@ -40,7 +41,7 @@ set(NBDCSI_TSAN_TESTS
   cluster_agent_test
   region_bitmap_test resync_test
   api_service_test log_level_test
-  schedule_runner_test)
+  schedule_runner_test peer_copy_test)
 
 # CI's ASan share (label asan-ci; CI=true builds build-asan for these targets only, README
 # "Sanitizers"): the TSan list, the other pool, backup, attach, TLS and parser unit tests, the

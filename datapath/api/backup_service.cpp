@@ -99,6 +99,20 @@ class BackupService final : public v1::Backups::Service {
     return grpc::Status::OK;
   }
 
+  grpc::Status CopyVolume(grpc::ServerContext*, const v1::CopyVolumeRequest* req,
+                          v1::BackupJobResponse* resp) override {
+    backup::CopyRequest r;
+    r.volume = req->volume();
+    r.size = req->size_bytes();
+    r.endpoint = req->endpoint();
+    r.export_name = req->export_name();
+    r.source_node = req->source_node();
+    auto j = jobs_.StartCopy(r);
+    if (!j.ok()) return Fail("CopyVolume", j.status());
+    Fill(*j, resp->mutable_job());
+    return grpc::Status::OK;
+  }
+
   grpc::Status GetBackupJob(grpc::ServerContext*, const v1::GetBackupJobRequest* req,
                             v1::BackupJobResponse* resp) override {
     auto j = jobs_.Get(req->id());

@@ -91,6 +91,7 @@ v1::HeartbeatRequest MakeHeartbeatRequest(const HeartbeatOptions& opts, const Po
   req.set_version(opts.version);
   req.set_started_unix_ns(opts.started_unix_ns);
   req.set_nbd_devices(nbd_devices);
+  req.set_nbd_endpoint(opts.nbd_endpoint);
   return req;
 }
 

@@ -47,6 +47,7 @@ class HeartbeatClock {
 struct HeartbeatOptions {
   std::string node_id;     // Kubernetes node name (common/node_id.h rules)
   std::string advertise;   // host:port of our TCP Datapath API, as the controller should dial it
+  std::string nbd_endpoint;  // tcp://HOST:PORT other nodes read our volumes at ("": none)
   std::string controller;  // host:port of the controller's Registry service
   std::shared_ptr<grpc::ChannelCredentials> creds;  // mutual TLS, or insecure for tests
   std::chrono::milliseconds interval{2000};

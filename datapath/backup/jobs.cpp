@@ -9,7 +9,9 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
+#include "common/endpoint.h"
 #include "common/fs_util.h"
+#include "datapath/backup/peer_copy.h"
 
 namespace nbdcsi::datapath::backup {
 
@@ -305,6 +307,55 @@ void BackupJobs::RunBackup(std::shared_ptr<Job> job, BackupRequest req, Opened o
   Finish(*job, s);
 }
 
+StatusOr<std::shared_ptr<Volume>> BackupJobs::CreateMarked(const std::string& volume,
+                                                           uint64_t size,
+                                                           const std::string& backup,
+                                                           const std::string& target) {
+  {
+    std::lock_guard lk(mu_);
+    if (restoring_.count(volume) || pool_.Inspect(volume).ok()) {
+      return Error(EEXIST, "volume \"{}\" already exists; a restore makes a new volume", volume);
+    }
+    restoring_.insert(volume);
+  }
+  // Durable before the volume exists: a daemon that dies from here on removes the volume at its
+  // next start instead of serving half a backup as if it were whole.
+  if (Status s = WriteMarker(volume, backup, target); !s.ok()) {
+    std::lock_guard lk(mu_);
+    restoring_.erase(volume);
+    return s;
+  }
+  auto created = pool_.Create(CreateSpec::Blank(volume, size));
+  std::shared_ptr<Volume> vol = created.ok() ? pool_.Acquire(volume) : nullptr;
+  if (created.ok() && !vol) (void)pool_.Delete(volume);
+  if (!created.ok() || !vol) {
+    RemoveMarker(volume);
+    std::lock_guard lk(mu_);
+    restoring_.erase(volume);
+    if (!created.ok()) return created.status();
+    return Error(EIO, "volume \"{}\" vanished right after it was created", volume);
+  }
+  return vol;
+}
+
+void BackupJobs::EndMarked(Job& job, const std::string& volume, const Status& s) {
+  bool remove_marker = true;
+  if (!s.ok()) {
+    // Nothing half-restored stays behind looking like a volume.
+    if (Status d = pool_.Delete(volume); !d.ok() && d.code() != ENOENT) {
+      spdlog::warn(
+          "{} {}: removing the unfinished volume \"{}\": {} (the next start "
+          "tries again)",
+          job.info.kind, job.info.id, volume, d.message());
+      remove_marker = false;
+    }
+  }
+  // On success only after the job's fsync: the data is durable before the marker goes.
+  if (remove_marker) RemoveMarker(volume);
+  std::lock_guard lk(mu_);
+  restoring_.erase(volume);
+}
+
 StatusOr<JobInfo> BackupJobs::StartRestore(const RestoreRequest& req) {
   if (Status s = ValidateBackupName(req.name); !s.ok()) return s;
   if (Status s = ValidateVolumeName(req.volume); !s.ok()) return s;
@@ -312,31 +363,9 @@ StatusOr<JobInfo> BackupJobs::StartRestore(const RestoreRequest& req) {
   if (!opened.ok()) return opened.status();
   auto m = opened->repo->Read(req.name);
   if (!m.ok()) return m.status();
-  {
-    std::lock_guard lk(mu_);
-    if (restoring_.count(req.volume) || pool_.Inspect(req.volume).ok()) {
-      return Error(EEXIST, "volume \"{}\" already exists; a restore makes a new volume",
-                   req.volume);
-    }
-    restoring_.insert(req.volume);
-  }
-  // Durable before the volume exists: a daemon that dies from here on removes the volume at its
-  // next start instead of serving half a backup as if it were whole.
-  if (Status s = WriteMarker(req.volume, req.name, req.target.url); !s.ok()) {
-    std::lock_guard lk(mu_);
-    restoring_.erase(req.volume);
-    return s;
-  }
-  auto created = pool_.Create(CreateSpec::Blank(req.volume, m->volume_size));
-  std::shared_ptr<Volume> vol = created.ok() ? pool_.Acquire(req.volume) : nullptr;
-  if (created.ok() && !vol) (void)pool_.Delete(req.volume);
+  auto vol = CreateMarked(req.volume, m->volume_size, req.name, req.target.url);
+  if (!vol.ok()) return vol.status();
   std::lock_guard lk(mu_);
-  if (!created.ok() || !vol) {
-    RemoveMarker(req.volume);
-    restoring_.erase(req.volume);
-    if (!created.ok()) return created.status();
-    return Error(EIO, "volume \"{}\" vanished right after it was created", req.volume);
-  }
   auto job = std::make_shared<Job>();
   job->info.kind = "restore";
   job->info.backup = req.name;
@@ -345,7 +374,8 @@ StatusOr<JobInfo> BackupJobs::StartRestore(const RestoreRequest& req) {
   Add(job);
   spdlog::info("restore {}: \"{}\" from {} into new volume \"{}\" ({} chunks) started",
                job->info.id, req.name, req.target.url, req.volume, m->chunks.size());
-  job->thread = std::thread(&BackupJobs::RunRestore, this, job, req, std::move(*opened), *m, vol);
+  job->thread =
+      std::thread(&BackupJobs::RunRestore, this, job, req, std::move(*opened), *m, *vol);
   return Snapshot(*job);
 }
 
@@ -360,23 +390,99 @@ void BackupJobs::RunRestore(std::shared_ptr<Job> job, RestoreRequest req, Opened
               req.volume);
   }
   vol.reset();
-  bool remove_marker = true;
-  if (!s.ok()) {
-    // Nothing half-restored stays behind looking like a volume.
-    if (Status d = pool_.Delete(req.volume); !d.ok() && d.code() != ENOENT) {
-      spdlog::warn(
-          "restore {}: removing the unfinished volume \"{}\": {} (the next start "
-          "tries again)",
-          job->info.id, req.volume, d.message());
-      remove_marker = false;
-    }
-  }
-  // On success only after RunRestore's fsync: the data is durable before the marker goes.
-  if (remove_marker) RemoveMarker(req.volume);
+  EndMarked(*job, req.volume, s);
+  Finish(*job, s);
+}
+
+StatusOr<JobInfo> BackupJobs::StartCopy(const CopyRequest& req) {
+  if (Status s = ValidateVolumeName(req.volume); !s.ok()) return s;
+  auto ep = ParseEndpoint(req.endpoint);
+  if (!ep.ok()) return Error(EINVAL, "copy into \"{}\": source endpoint: {}", req.volume,
+                             ep.status().message());
+  if (req.export_name.empty()) return Error(EINVAL, "copy into \"{}\": no source export", req.volume);
   {
     std::lock_guard lk(mu_);
-    restoring_.erase(req.volume);
+    for (auto& [id, j] : jobs_) {
+      if (j->done || j->info.kind != "copy" || j->info.volume != req.volume) continue;
+      if (j->info.target == req.endpoint && j->info.backup == req.export_name) return Snapshot(*j);
+      return Error(EEXIST, "volume \"{}\" is being copied from {} at {} ({})", req.volume,
+                   j->info.backup, j->info.target, j->info.id);
+    }
   }
+  replica::ClientOptions o;
+  o.endpoint = *ep;
+  o.export_name = req.export_name;
+  o.tls = peer_tls_;
+  if (o.tls.enabled()) o.tls.server_node = req.source_node;
+  o.connections = 2;
+  o.read_only = true;
+  o.base_allocation = true;
+  o.handshake_timeout = std::chrono::seconds(5);
+  o.request_timeout = std::chrono::seconds(30);
+  o.name = fmt::format("{} at {}", req.export_name, req.endpoint);
+  auto client = replica::ReplicaClient::Connect(o);
+  if (!client.ok()) {
+    int code = client.status().code();
+    // The peer is down or out of reach: a retry may find it (UNAVAILABLE), not "no such thing".
+    if (code == ECONNREFUSED || code == ETIMEDOUT || code == ECONNRESET ||
+        code == EHOSTUNREACH || code == ENETUNREACH || code == EPIPE) {
+      code = EAGAIN;
+    }
+    return Error(code, "copy into \"{}\": cannot read {} at {}: {}", req.volume, req.export_name,
+                 req.endpoint, client.status().message());
+  }
+  const uint64_t source_size = (*client)->export_properties().size;
+  if (req.size < source_size) {
+    return Error(EINVAL, "copy into \"{}\": {} bytes asked, the source holds {}", req.volume,
+                 req.size, source_size);
+  }
+  auto vol = CreateMarked(req.volume, req.size, req.export_name, req.endpoint);
+  if (!vol.ok()) return vol.status();
+  std::lock_guard lk(mu_);
+  auto job = std::make_shared<Job>();
+  job->info.kind = "copy";
+  job->info.backup = req.export_name;
+  job->info.target = req.endpoint;
+  job->info.volume = req.volume;
+  job->progress.total_bytes = source_size;
+  Add(job);
+  spdlog::info("copy {}: \"{}\" at {} (node {}) into new volume \"{}\" ({} bytes) started",
+               job->info.id, req.export_name, req.endpoint,
+               req.source_node.empty() ? "-" : req.source_node, req.volume, req.size);
+  std::shared_ptr<replica::ReplicaClient> source(std::move(*client));
+  job->thread = std::thread(&BackupJobs::RunCopy, this, job, req, std::move(source), *vol);
+  return Snapshot(*job);
+}
+
+void BackupJobs::RunCopy(std::shared_ptr<Job> job, CopyRequest req,
+                         std::shared_ptr<replica::ReplicaClient> source,
+                         std::shared_ptr<Volume> vol) {
+  Status s = CopyFromPeer(*source, vol->direct_fd(), vol->buffered_fd(), &job->cancel,
+                          [&](const PeerCopyProgress& p) {
+                            job->progress.done_bytes = p.done_bytes;
+                            job->progress.data_done_bytes = p.copied_bytes;
+                            job->progress.transferred_bytes = p.copied_bytes;
+                            const int64_t now = NowNs();
+                            if (now - job->last_log_ns.load() <
+                                std::chrono::nanoseconds(kLogEvery).count()) {
+                              return;
+                            }
+                            job->last_log_ns = now;
+                            JobInfo i = Snapshot(*job);
+                            spdlog::info("copy {} into \"{}\": {:.0f}% ({} of {}), {} at {}/s",
+                                         i.id, i.volume,
+                                         i.total_bytes ? 100.0 * i.done_bytes / i.total_bytes : 0.0,
+                                         Mib(i.done_bytes), Mib(i.total_bytes),
+                                         Mib(i.transferred_bytes),
+                                         Mib(static_cast<uint64_t>(i.rate_bytes_per_s)));
+                          });
+  source->Close();
+  if (s.ok() && !vol->CheckDataFile()) {
+    s = Error(EIO, "copy into \"{}\": the volume was deleted while it was being filled",
+              req.volume);
+  }
+  vol.reset();
+  EndMarked(*job, req.volume, s);
   Finish(*job, s);
 }
 

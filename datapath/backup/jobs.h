@@ -10,6 +10,10 @@
 // size and filled through its data file; until the job has succeeded the volume must not be
 // used (known limit: the pool has no "not ready" state for it, nbdctl says so). A failed or
 // cancelled restore deletes the volume it created.
+// Copies from a peer (issue 16, restores and clones across nodes; peer_copy.h) are the third
+// kind: "create volume NAME of SIZE from the export X of the node at ENDPOINT", read over NBD
+// with this node's certificate; they follow the restore's rules (a new volume, a marker while it
+// is filled, deleted when the copy fails or the daemon dies in it).
 // Jobs live in memory: a daemon restart forgets them. A backup that dies leaves no manifest
 // (engine.h); a restore that dies leaves a marker in POOL/backup-restores/, and the next start
 // deletes the half-restored volume.
@@ -32,6 +36,7 @@
 #include "datapath/backup/engine.h"
 #include "datapath/backup/s3_store.h"
 #include "datapath/pool/pool.h"
+#include "datapath/replica/client.h"
 
 namespace nbdcsi::datapath::backup {
 
@@ -45,7 +50,7 @@ struct Target {
 
 struct JobInfo {
   std::string id;
-  std::string kind;  // "backup" or "restore"
+  std::string kind;  // "backup", "restore" or "copy"
   std::string backup;
   std::string target;  // url
   std::string snapshot, volume;
@@ -75,6 +80,14 @@ struct RestoreRequest {
   std::string volume;  // the new volume
 };
 
+struct CopyRequest {
+  std::string volume;       // the new volume
+  uint64_t size = 0;        // its size: at least the source's
+  std::string endpoint;     // tcp://HOST:PORT (or unix://PATH) of the source node's NBD listener
+  std::string export_name;  // the volume to read there
+  std::string source_node;  // the node whose certificate the source must present ("": the host)
+};
+
 class BackupJobs {
  public:
   // The seam in front of the object store: S3 in the daemon, an in-memory store in tests.
@@ -92,6 +105,14 @@ class BackupJobs {
   // EEXIST when the volume exists, ENOENT when the backup does not; the manifest is read before
   // the job starts so these come back from this call.
   StatusOr<JobInfo> StartRestore(const RestoreRequest& req);
+  // A copy from a peer. The source is connected (and its size checked) before the job starts, so
+  // an unreachable peer (EAGAIN), a refused certificate (EACCES) or a missing export (ENOENT)
+  // come back from this call and nothing is created. EEXIST when the volume exists and no copy
+  // of the same source into it is running (that one is returned as is: a retried call).
+  StatusOr<JobInfo> StartCopy(const CopyRequest& req);
+  // The client side of copies: this node's NBD certificate, key and CA (all empty: plaintext,
+  // tests over Unix sockets). Set before the API serves.
+  void SetPeerTls(replica::TlsClientFiles tls) { peer_tls_ = std::move(tls); }
   StatusOr<JobInfo> Get(const std::string& id);
   std::vector<JobInfo> List();
   // The running job of backup `name` in `target_url`, if any (inspect of a backup in progress).
@@ -113,6 +134,15 @@ class BackupJobs {
   void RunBackup(std::shared_ptr<Job> job, BackupRequest req, Opened opened);
   void RunRestore(std::shared_ptr<Job> job, RestoreRequest req, Opened opened, Manifest m,
                   std::shared_ptr<Volume> vol);
+  void RunCopy(std::shared_ptr<Job> job, CopyRequest req,
+               std::shared_ptr<replica::ReplicaClient> source, std::shared_ptr<Volume> vol);
+  // A new volume `volume` of `size` bytes for a restore or copy, its marker written first;
+  // `restoring_` holds the name from here until the job ends.
+  StatusOr<std::shared_ptr<Volume>> CreateMarked(const std::string& volume, uint64_t size,
+                                                 const std::string& backup,
+                                                 const std::string& target);
+  // After a restore or copy: the volume deleted unless `s` is OK, then the marker removed.
+  void EndMarked(Job& job, const std::string& volume, const Status& s);
   void Finish(Job& job, const Status& s);
   // POOL/backup-restores/VOLUME marks a restore in progress (written before the volume is
   // created, removed once its data is durable). Markers found at start are restores the daemon
@@ -133,6 +163,7 @@ class BackupJobs {
   std::vector<std::thread> threads_;                  // guarded by mu_
   std::atomic<bool> stopping_{false};
   std::string marker_dir_;
+  replica::TlsClientFiles peer_tls_;
 };
 
 }  // namespace nbdcsi::datapath::backup

@@ -404,6 +404,14 @@ StatusOr<Config> Resolve(const Flags& f) {
       return Error(EINVAL, "--metrics-listen: {}", m.status().message());
     }
   }
+  c.peer_tls = {f.nbd_tls.cert, f.nbd_tls.key, f.nbd_tls.ca, ""};
+  c.peer_nbd_endpoint = c.agent.nbd_endpoint;
+  for (const auto& ep : c.nbd_eps) {
+    if (!c.peer_nbd_endpoint.empty()) break;
+    if (ep.kind == Endpoint::Kind::kTcp && ep.host != "0.0.0.0" && ep.host != "::") {
+      c.peer_nbd_endpoint = ep.ToString();
+    }
+  }
   c.attach = f.attach;
   if (f.require_kernel_nbd) c.attach.fuse_fallback = false;
   c.metrics_listen = f.metrics_listen;

@@ -88,6 +88,12 @@ struct Config {
   std::optional<etcd::EtcdOptions> etcd;
   std::string cluster_prefix;
   replica::ClusterAgentOptions agent;
+  // Restores and clones across nodes (issue 16): where other nodes read this node's volumes
+  // (heartbeated to the controller; --cluster-nbd-endpoint, else the first non-wildcard tcp://
+  // --nbd-listen; "" without one), and the client side of the copies (this node's NBD
+  // certificate).
+  std::string peer_nbd_endpoint;
+  replica::TlsClientFiles peer_tls;
   // Scheduled backups read their credentials here at fire time (datapath/schedule/runner.h).
   std::string backup_secret_dir;
 };

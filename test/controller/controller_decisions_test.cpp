@@ -328,7 +328,9 @@ TEST_F(Decisions, ContentSourcePinsTheNode) {
   EXPECT_EQ(Node("node-a").Count("CreateVolume"), 0);
 }
 
-TEST_F(Decisions, ContentSourceOutsideTheAllowedTopologyIsInvalidArgument) {
+// A source node that advertises no NBD endpoint cannot be copied from: the request cannot be
+// met as asked (INVALID_ARGUMENT), and nothing is made anywhere.
+TEST_F(Decisions, ContentSourceOutsideTheAllowedTopologyWithoutAnNbdEndpointIsInvalidArgument) {
   cluster_.Heartbeat("node-a", 10 * kGiB);
   cluster_.Heartbeat("node-b", 10 * kGiB);
   Node("node-b").PutVolume(PoolVolume("src", 4 * kMiB));
@@ -339,6 +341,163 @@ TEST_F(Decisions, ContentSourceOutsideTheAllowedTopologyIsInvalidArgument) {
   grpc::Status s = Create(req, &resp);
   EXPECT_EQ(s.error_code(), StatusCode::INVALID_ARGUMENT) << s.error_message();
   EXPECT_EQ(Calls("CreateVolume", {"node-a", "node-b"}), 0);
+}
+
+// ---- CreateVolume: restores and clones across nodes (issue 16) ----
+
+constexpr char kEndpointB[] = "tcp://127.0.0.3:10809";
+
+TEST_F(Decisions, CrossNodeRestoreCopiesFromATemporaryCloneAndIsAbortedUntilTheCopyEnds) {
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  cluster_.Heartbeat("node-b", 10 * kGiB, kEndpointB);
+  Node("node-b").PutVolume(PoolVolume("src", 4 * kMiB));
+  Node("node-b").PutSnapshot(PoolSnapshot("snap", "src", 4 * kMiB));
+  Node("node-a").HoldJobs(true);
+  auto req = WithTopology(FromSnapshot(VolumeRequest("pvc-x", 0), "s1:node-b:snap"), {"node-a"});
+  v1::CreateVolumeResponse resp;
+  grpc::Status s = Create(req, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::ABORTED) << s.error_message();
+  EXPECT_NE(s.error_message().find("being copied from node node-b to node node-a"),
+            std::string::npos)
+      << s.error_message();
+  // The temporary clone on the source's node, and the copy job reading it.
+  auto temp = Node("node-b").Volume("xfer-pvc-x");
+  ASSERT_TRUE(temp.has_value());
+  EXPECT_EQ(temp->source(), "snapshot/snap");
+  EXPECT_TRUE(temp->read_only());
+  auto copy = Node("node-a").LastCopy();
+  ASSERT_TRUE(copy.has_value());
+  EXPECT_EQ(copy->volume(), "pvc-x");
+  EXPECT_EQ(copy->size_bytes(), 4 * kMiB);
+  EXPECT_EQ(copy->endpoint(), kEndpointB);
+  EXPECT_EQ(copy->export_name(), "xfer-pvc-x");
+  EXPECT_EQ(copy->source_node(), "node-b");
+  EXPECT_FALSE(Node("node-b").Volume("pvc-x").has_value());
+  // A retry while it runs: the same answer, no second copy.
+  EXPECT_EQ(Create(req, &resp).error_code(), StatusCode::ABORTED);
+  EXPECT_EQ(Node("node-a").Count("CopyVolume"), 1);
+  Node("node-a").FinishJobs();
+  v1::Volume v = MustCreate(req);
+  EXPECT_EQ(NodeOf(v), "node-a");
+  EXPECT_EQ(v.volume_id(), "v1:node-a:pvc-x");
+  EXPECT_EQ(v.capacity_bytes(), static_cast<int64_t>(4 * kMiB));
+  EXPECT_EQ(v.content_source().snapshot().snapshot_id(), "s1:node-b:snap");
+  EXPECT_FALSE(Node("node-b").Volume("xfer-pvc-x").has_value()) << "the temporary clone stays";
+  // Idempotent once done (the clone already gone is no error).
+  EXPECT_EQ(MustCreate(req).volume_id(), "v1:node-a:pvc-x");
+  EXPECT_EQ(Node("node-a").Count("CopyVolume"), 1);
+  EXPECT_EQ(Node("node-b").VolumeCount(), 1u);  // src only
+}
+
+TEST_F(Decisions, CrossNodeCloneOfAVolumeGrowsToTheRequestedSize) {
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  cluster_.Heartbeat("node-b", 10 * kGiB, kEndpointB);
+  Node("node-b").PutVolume(PoolVolume("src", 4 * kMiB));
+  auto req = WithTopology(VolumeRequest("pvc-c", static_cast<int64_t>(8 * kMiB)), {"node-a"});
+  req.mutable_volume_content_source()->mutable_volume()->set_volume_id("v1:node-b:src");
+  v1::Volume v = MustCreate(req);  // jobs end within the call
+  EXPECT_EQ(NodeOf(v), "node-a");
+  EXPECT_EQ(v.capacity_bytes(), static_cast<int64_t>(8 * kMiB));
+  EXPECT_EQ(v.content_source().volume().volume_id(), "v1:node-b:src");
+  EXPECT_EQ(Node("node-a").LastCopy()->size_bytes(), 8 * kMiB);
+  EXPECT_EQ(Node("node-b").Volume("xfer-pvc-c"), std::nullopt);
+}
+
+// The temporary clone takes the source's size on its node, so this helps a restore or clone
+// asked larger than its source: room for the clone there, not for the new volume.
+TEST_F(Decisions, ASourceNodeWithoutRoomIsCopiedFromToAnAllowedNodeWithRoom) {
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  cluster_.Heartbeat("node-b", 6 * kMiB, kEndpointB);
+  Node("node-b").SetRoom(10 * kMiB);  // src and the 4 MiB clone fit, not an 8 MiB volume
+  Node("node-b").PutVolume(PoolVolume("src", 4 * kMiB));
+  Node("node-b").PutSnapshot(PoolSnapshot("snap", "src", 4 * kMiB));
+  auto req = WithTopology(
+      FromSnapshot(VolumeRequest("pvc-room", static_cast<int64_t>(8 * kMiB)), "s1:node-b:snap"),
+      {"node-b", "node-a"}, {"node-b"});
+  EXPECT_EQ(NodeOf(MustCreate(req)), "node-a");
+  EXPECT_EQ(Node("node-a").Count("CopyVolume"), 1);
+  EXPECT_EQ(Node("node-a").LastCopy()->size_bytes(), 8 * kMiB);
+  EXPECT_FALSE(Node("node-b").Volume("xfer-pvc-room").has_value());
+  Node("node-b").SetRoom(uint64_t{1} << 40);
+  // Room on the source's node again: the fast path, no copy.
+  cluster_.Heartbeat("node-b", 10 * kGiB, kEndpointB);
+  req.set_name("pvc-room-2");
+  EXPECT_EQ(NodeOf(MustCreate(req)), "node-b");
+  EXPECT_EQ(Node("node-a").Count("CopyVolume"), 1);
+  EXPECT_EQ(Node("node-b").Volume("pvc-room-2")->source(), "snapshot/snap");
+}
+
+TEST_F(Decisions, AFailedCrossNodeCopyIsReportedOnceAndLeavesNothingBehind) {
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  cluster_.Heartbeat("node-b", 10 * kGiB, kEndpointB);
+  Node("node-b").PutVolume(PoolVolume("src", 4 * kMiB));
+  Node("node-b").PutSnapshot(PoolSnapshot("snap", "src", 4 * kMiB));
+  Node("node-a").HoldJobs(true);
+  auto req = WithTopology(FromSnapshot(VolumeRequest("pvc-f", 0), "s1:node-b:snap"), {"node-a"});
+  v1::CreateVolumeResponse resp;
+  EXPECT_EQ(Create(req, &resp).error_code(), StatusCode::ABORTED);
+  // The connection to the source drops mid-copy: the datapath removes the half-copied volume.
+  Node("node-a").FinishJobs(Error(ECONNRESET, "connection reset by peer"));
+  grpc::Status s = Create(req, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::UNAVAILABLE) << s.error_message();
+  EXPECT_NE(s.error_message().find("connection reset"), std::string::npos) << s.error_message();
+  EXPECT_FALSE(Node("node-a").Volume("pvc-f").has_value());
+  EXPECT_FALSE(Node("node-b").Volume("xfer-pvc-f").has_value());
+  // The provisioner's next retry starts over.
+  EXPECT_EQ(Create(req, &resp).error_code(), StatusCode::ABORTED);
+  EXPECT_EQ(Node("node-a").Count("CopyVolume"), 2);
+  // A local failure (a full disk) keeps its code.
+  Node("node-a").FinishJobs(Error(ENOSPC, "no space left on device"));
+  EXPECT_EQ(Create(req, &resp).error_code(), StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_FALSE(Node("node-b").Volume("xfer-pvc-f").has_value());
+}
+
+TEST_F(Decisions, ACrossNodeCopyWhoseSourceNodeIsUnreachableIsUnavailableAndMakesNothing) {
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  cluster_.Heartbeat("node-b", 10 * kGiB, kEndpointB);
+  Node("node-b").PutVolume(PoolVolume("src", 4 * kMiB));
+  Node("node-b").PutSnapshot(PoolSnapshot("snap", "src", 4 * kMiB));
+  auto req = WithTopology(FromSnapshot(VolumeRequest("pvc-u", 0), "s1:node-b:snap"), {"node-a"});
+  Node("node-b").SetDown(Error(EAGAIN, "connection refused"));
+  v1::CreateVolumeResponse resp;
+  EXPECT_EQ(Create(req, &resp).error_code(), StatusCode::UNAVAILABLE);
+  // The copy job cannot reach the peer's NBD listener: refused at its start, the clone removed.
+  Node("node-b").SetDown(Status::Ok());
+  Node("node-a").FailNext("CopyVolume", Error(EAGAIN, "cannot read xfer-pvc-u: refused"));
+  grpc::Status s = Create(req, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::UNAVAILABLE) << s.error_message();
+  EXPECT_EQ(Node("node-a").VolumeCount(), 0u);
+  EXPECT_FALSE(Node("node-b").Volume("xfer-pvc-u").has_value());
+  // Its heartbeats stopped: UNAVAILABLE too, naming the node.
+  cluster_.Advance(FakeCluster::kTtl + std::chrono::seconds(1));
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  s = Create(req, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::UNAVAILABLE) << s.error_message();
+  EXPECT_EQ(Node("node-a").VolumeCount(), 0u);
+}
+
+TEST_F(Decisions, ACrossNodeRestoreOfAMissingSnapshotIsNotFoundAndMakesNothing) {
+  cluster_.Heartbeat("node-a", 10 * kGiB);
+  cluster_.Heartbeat("node-b", 10 * kGiB, kEndpointB);
+  auto req = WithTopology(FromSnapshot(VolumeRequest("pvc-m", 0), "s1:node-b:gone"), {"node-a"});
+  v1::CreateVolumeResponse resp;
+  grpc::Status s = Create(req, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::NOT_FOUND) << s.error_message();
+  EXPECT_EQ(Calls("CreateVolume", {"node-a", "node-b"}), 0);
+  EXPECT_EQ(Node("node-a").Count("CopyVolume"), 0);
+}
+
+TEST_F(Decisions, ACrossNodeCopyWithNoRoomOnAnyAllowedNodeIsResourceExhausted) {
+  cluster_.Heartbeat("node-a", kMiB);
+  cluster_.Heartbeat("node-b", 10 * kGiB, kEndpointB);
+  Node("node-b").PutVolume(PoolVolume("src", 4 * kMiB));
+  Node("node-b").PutSnapshot(PoolSnapshot("snap", "src", 4 * kMiB));
+  auto req = WithTopology(FromSnapshot(VolumeRequest("pvc-n", 0), "s1:node-b:snap"), {"node-a"});
+  v1::CreateVolumeResponse resp;
+  grpc::Status s = Create(req, &resp);
+  EXPECT_EQ(s.error_code(), StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  EXPECT_FALSE(Node("node-b").Volume("xfer-pvc-n").has_value());
+  EXPECT_EQ(Node("node-a").Count("CopyVolume"), 0);
 }
 
 // ---- CreateVolume: idempotency ----

@@ -121,6 +121,7 @@ StatusOr<dpv1::Volume> FakeDatapath::CreateVolume(const dpv1::CreateVolumeReques
   *v.mutable_qos() = req.qos();
   if (req.has_schedule()) *v.mutable_schedule() = req.schedule();
   v.set_source(SourceText(req.source()));
+  v.set_read_only(req.read_only());
   v.set_ready(!(req.has_source() && unfilled_copies_));
   v.set_created_unix_ns(++clock_ns_);
   volumes_[req.name()] = v;
@@ -344,7 +345,9 @@ void FakeDatapath::FinishJobs(Status err) {
   for (auto& [id, job] : jobs_) {
     if (job.state() != "running") continue;
     EndBackupLocked(job, err);
-    if (job.kind() == "restore" && job.state() == "failed") volumes_.erase(job.volume());
+    if ((job.kind() == "restore" || job.kind() == "copy") && job.state() == "failed") {
+      volumes_.erase(job.volume());
+    }
   }
 }
 
@@ -412,6 +415,42 @@ StatusOr<dpv1::BackupJob> FakeDatapath::RestoreBackup(const dpv1::RestoreBackupR
   return job;
 }
 
+std::optional<dpv1::CopyVolumeRequest> FakeDatapath::LastCopy() const {
+  std::lock_guard lock(mu_);
+  return last_copy_;
+}
+
+StatusOr<dpv1::BackupJob> FakeDatapath::CopyVolume(const dpv1::CopyVolumeRequest& req) {
+  if (Status s = Enter("CopyVolume", req.volume()); !s.ok()) return s;
+  std::lock_guard lock(mu_);
+  last_copy_ = req;
+  for (const auto& [id, j] : jobs_) {
+    if (j.kind() == "copy" && j.state() == "running" && j.volume() == req.volume()) return j;
+  }
+  if (volumes_.count(req.volume())) return Error(EEXIST, "volume {} exists", req.volume());
+  if (ProvisionedLocked() + req.size_bytes() > room_) {
+    return Error(ENOSPC, "node {}: CopyVolume: pool full", node_);
+  }
+  dpv1::Volume v;
+  v.set_name(req.volume());
+  v.set_size_bytes(req.size_bytes());
+  v.set_ready(true);
+  v.set_created_unix_ns(++clock_ns_);
+  volumes_[v.name()] = v;
+  dpv1::BackupJob job;
+  job.set_id(fmt::format("{}-{}", node_, next_job_++));
+  job.set_kind("copy");
+  job.set_backup(req.export_name());
+  job.set_target(req.endpoint());
+  job.set_volume(req.volume());
+  job.set_state("running");
+  job.set_total_bytes(req.size_bytes());
+  job.set_started_unix_ns(++clock_ns_);
+  if (!hold_jobs_) EndBackupLocked(job, Status::Ok());
+  jobs_[job.id()] = job;
+  return job;
+}
+
 StatusOr<dpv1::BackupJob> FakeDatapath::GetBackupJob(const std::string& id) {
   if (Status s = Enter("GetBackupJob", id); !s.ok()) return s;
   std::lock_guard lock(mu_);
@@ -467,7 +506,8 @@ FakeDatapath& FakeCluster::Node(const std::string& id) {
   return *f;
 }
 
-void FakeCluster::Heartbeat(const std::string& id, uint64_t provisionable) {
+void FakeCluster::Heartbeat(const std::string& id, uint64_t provisionable,
+                            const std::string& nbd_endpoint) {
   Node(id);
   ::nbdcsi::datapath::v1::HeartbeatRequest hb;
   hb.set_node_id(id);
@@ -475,6 +515,7 @@ void FakeCluster::Heartbeat(const std::string& id, uint64_t provisionable) {
   hb.set_capacity_bytes(provisionable);
   hb.set_provisionable_bytes(provisionable);
   hb.set_version("test");
+  hb.set_nbd_endpoint(nbd_endpoint);
   Status s = registry_.Heartbeat(hb);
   if (!s.ok()) throw std::runtime_error("heartbeat refused: " + s.message());
 }

@@ -69,7 +69,9 @@ class FakeDatapath : public NodeDatapath {
     Locked([&] { unfilled_copies_ = v; });
   }
 
-  // Backup and restore jobs stay "running" until FinishJobs (otherwise they end within the call).
+  // The last CopyVolume request (what a test checks the source endpoint and export against).
+  std::optional<dpv1::CopyVolumeRequest> LastCopy() const;
+  // Backup, restore and copy jobs stay "running" until FinishJobs (otherwise they end within the call).
   void HoldJobs(bool v) {
     Locked([&] { hold_jobs_ = v; });
   }
@@ -121,6 +123,7 @@ class FakeDatapath : public NodeDatapath {
   StatusOr<bool> ThawTarget(const std::string& volume, uint64_t freeze_id) override;
   StatusOr<dpv1::BackupJob> CreateBackup(const dpv1::CreateBackupRequest& req) override;
   StatusOr<dpv1::BackupJob> RestoreBackup(const dpv1::RestoreBackupRequest& req) override;
+  StatusOr<dpv1::BackupJob> CopyVolume(const dpv1::CopyVolumeRequest& req) override;
   StatusOr<dpv1::BackupJob> GetBackupJob(const std::string& id) override;
   StatusOr<std::vector<dpv1::BackupJob>> ListBackupJobs() override;
   StatusOr<dpv1::GetBackupResponse> GetBackup(const dpv1::GetBackupRequest& req) override;
@@ -163,6 +166,7 @@ class FakeDatapath : public NodeDatapath {
   std::map<std::string, dpv1::BackupJob> jobs_;
   std::map<std::string, dpv1::BackupTarget> job_targets_;
   bool hold_jobs_ = false;
+  std::optional<dpv1::CopyVolumeRequest> last_copy_;
   int next_job_ = 1;
   uint64_t last_freeze_id_ = 0;
   std::chrono::milliseconds last_lift_after_{0};
@@ -207,7 +211,9 @@ class FakeCluster {
   // The node's fake (made on first use; it answers only once the node heartbeats).
   FakeDatapath& Node(const std::string& id);
   // A heartbeat from `id` saying it can take `provisionable` more bytes.
-  void Heartbeat(const std::string& id, uint64_t provisionable);
+  // `nbd_endpoint`: what the node advertises for copies across nodes ("" : none).
+  void Heartbeat(const std::string& id, uint64_t provisionable,
+                 const std::string& nbd_endpoint = "");
   void Advance(std::chrono::milliseconds d);
 
   NodeRegistry& registry() { return registry_; }

@@ -8,3 +8,6 @@ nbdcsi_add_gtest(backup_render_test ${CMAKE_CURRENT_LIST_DIR}/backup_render_test
                  nbdctl_render)
 # The S3 client's pure helpers: the s3:// URL, XML text of listings (character references).
 nbdcsi_add_gtest(backup_s3_test ${CMAKE_CURRENT_LIST_DIR}/backup_s3_test.cpp nbd_backup)
+# Copies from a peer (restores and clones across nodes, issue 16): a source pool served by the
+# real NBD engine on a Unix socket, BackupJobs on a destination pool.
+nbdcsi_add_gtest(peer_copy_test ${CMAKE_CURRENT_LIST_DIR}/peer_copy_test.cpp nbd_backup nbd_engine)

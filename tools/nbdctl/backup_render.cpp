@@ -117,7 +117,7 @@ std::string ProgressLine(const bv1::BackupJob& j) {
   const JobProgress p = ProgressOf(j);
   return fmt::format("{} {} \"{}\": {} {:.0f}% ({} of {}{}), {} {} at {}/s", j.kind(), j.id(),
                      j.backup(), j.state(), PercentOf(j), Mib(p.done), Mib(p.total), p.unit,
-                     Mib(j.transferred_bytes()), j.kind() == "restore" ? "downloaded" : "uploaded",
+                     Mib(j.transferred_bytes()), j.kind() == "backup" ? "uploaded" : "downloaded",
                      Mib(static_cast<uint64_t>(j.rate_bytes_per_s())));
 }
 
