@@ -79,6 +79,8 @@ declare -A DP_PID
 start_dp() {  # start_dp NODE IP API_PORT REGISTRY_PORT
   local n=$1 ip=$2 port=$3 reg=$4
   mkdir -p "$W/pool-$n"
+  # A killed daemon leaves its socket behind: waiting for it would pass before the new one listens.
+  rm -f "$W/api-$n.sock" "$W/nbd-$n.sock"
   bg "$NBDCSI_BIN/nbd-datapathd" --pool "$W/pool-$n" --capacity 8Gi \
     --api "unix://$W/api-$n.sock" --nbd-listen "unix://$W/nbd-$n.sock" \
     --node-id "$n" --advertise "$ip:$port" --controller "127.0.0.1:$reg" \
