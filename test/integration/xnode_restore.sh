@@ -64,18 +64,8 @@ registered() {
 }
 wait_for 15 registered || die "nodes never registered: $(tail "$W/controller.log")"
 
-# pwrite NODE VOLUME OFFSET FILE: FILE's bytes at OFFSET over NBD (Unix socket), flushed.
-pwrite() {
-  /usr/bin/python3 - "nbd+unix:///$2?socket=$W/nbd-$1.sock" "$3" "$4" <<'PY' || die "write to $2 on $1 failed"
-import nbd, sys
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
-with open(sys.argv[3], "rb") as f:
-    data = f.read()
-h.pwrite(data, int(sys.argv[2]))
-h.flush()
-PY
-}
+# pwrite NODE VOLUME OFFSET FILE: FILE's bytes at OFFSET over NBD on NODE's socket, flushed.
+pwrite() { NBD_SOCK="$W/nbd-$1.sock" nbd_pwrite "$2" "$3" "$4"; }
 # same NODE VOLUME FILE: the volume's bytes over NBD are FILE's.
 same() {
   rm -f "$W/read.img"
