@@ -43,16 +43,12 @@ void Fill(const cluster::VolumeState& v, dpv1::ChangeReplicasProgress* p) {
 
 }  // namespace
 
-Status ReplicaChanges::Change(const Request& r, const Report& report_in) {
+StatusOr<cluster::VolumeState> ReplicaChanges::Check(const Request& r, std::string* name_out) {
   if (!store_)
     return Error(EINVAL, "replica changes need the cluster catalogue: nbd-csi-controller runs "
                          "without --cluster-etcd");
-  const auto began = Clock::now();
-  auto report = [&](dpv1::ChangeReplicasProgress p) {
-    p.set_took_ms(Ms(Clock::now() - began));
-    report_in(p);
-  };
-  std::string name = r.volume;
+  std::string& name = *name_out;
+  name = r.volume;
   if (csi::IsReplicatedVolumeId(name)) {
     auto n = csi::ParseReplicatedVolumeId(name);
     if (!n.ok()) return n.status();
@@ -89,6 +85,45 @@ Status ReplicaChanges::Change(const Request& r, const Report& report_in) {
                  "open one (nbdctl target open {} on any node) and move again, or add the "
                  "replica alone (the next target copies it) and remove {} once it is in sync",
                  name, name, r.remove);
+  return v;
+}
+
+namespace {
+
+// The log line and the final report's message of a change that succeeded.
+std::string DoneMessage(const ReplicaChanges::Request& r, const std::string& name,
+                        const cluster::VolumeState& after, const std::string& copy_left) {
+  const bool move = !r.add.empty() && !r.remove.empty();
+  std::string what =
+      move ? fmt::format("replica of {} moved from {} to {}", name, r.remove, r.add)
+      : !r.add.empty()
+          ? fmt::format("replica of {} added on {}{}", name, r.add,
+                        Contains(after.in_sync, r.add)
+                            ? " and in sync"
+                            : after.target.empty()
+                                  ? ", out of sync: no node serves the volume; the next target "
+                                    "copies it"
+                                  : ", out of sync: its copy runs in the background")
+          : fmt::format("replica of {} on {} removed", name, r.remove);
+  if (!copy_left.empty())
+    what += fmt::format("; its copy stays in {}'s pool (that node did not answer): delete it "
+                        "there (nbdctl volume delete {})",
+                        copy_left, name);
+  return what;
+}
+
+}  // namespace
+
+Status ReplicaChanges::Change(const Request& r, const Report& report_in) {
+  const auto began = Clock::now();
+  auto report = [&](dpv1::ChangeReplicasProgress p) {
+    p.set_took_ms(Ms(Clock::now() - began));
+    report_in(p);
+  };
+  std::string name;
+  auto v = Check(r, &name);
+  if (!v.ok()) return v.status();
+  const bool move = !r.add.empty() && !r.remove.empty();
   dpv1::ChangeReplicasProgress done;
   Clock::time_point added_at;
   if (!r.add.empty()) {
@@ -113,21 +148,7 @@ Status ReplicaChanges::Change(const Request& r, const Report& report_in) {
   Fill(*after, &done);
   done.set_phase("done");
   done.set_copy_left(copy_left);
-  std::string what =
-      move ? fmt::format("replica of {} moved from {} to {}", name, r.remove, r.add)
-      : !r.add.empty()
-          ? fmt::format("replica of {} added on {}{}", name, r.add,
-                        Contains(after->in_sync, r.add)
-                            ? " and in sync"
-                            : after->target.empty()
-                                  ? ", out of sync: no node serves the volume; the next target "
-                                    "copies it"
-                                  : ", out of sync: its copy runs in the background")
-          : fmt::format("replica of {} on {} removed", name, r.remove);
-  if (!copy_left.empty())
-    what += fmt::format("; its copy stays in {}'s pool (that node did not answer): delete it "
-                        "there (nbdctl volume delete {})",
-                        copy_left, name);
+  const std::string what = DoneMessage(r, name, *after, copy_left);
   done.set_message(what);
   spdlog::info("cluster: {}; replicas [{}], in sync [{}]", what, fmt::join(after->replicas, ","),
                fmt::join(after->in_sync, ","));

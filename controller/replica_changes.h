@@ -57,6 +57,9 @@ class ReplicaChanges {
   Status Change(const Request& r, const Report& report);
 
  private:
+  // The request's checks (names, the volume, the nodes, a move needs a target): the volume's
+  // state, and its catalogue name in *name.
+  StatusOr<cluster::VolumeState> Check(const Request& r, std::string* name);
   Status Add(const std::string& name, const Request& r, const Report& report);
   Status WaitInSync(const std::string& name, const Request& r, const Report& report);
   Status Remove(const std::string& name, const Request& r, std::string* copy_left);

@@ -188,6 +188,32 @@ struct Api {
   std::unique_ptr<ApiServer> server;
 };
 
+// Recurring snapshots and backups of this pool's volumes (the runner's first pass catches up once
+// on what was missed while the daemon was down), shown by the API and the metrics while it lives:
+// whichever way Serve ends, both stop reading the runner before it is destroyed.
+struct ServedSchedules {
+  ServedSchedules(Pool& pool, Api& api, Progress& up, schedule::RunnerOptions opts)
+      : runner(pool, &api.backup_jobs, std::move(opts)), server(*api.server), up(up) {
+    runner.Load();
+    server.SetScheduleStatus([this](const std::string& volume, const VolumeSchedule& schedule) {
+      return runner.Status(volume, schedule);
+    });
+    std::lock_guard lock(up.schedules_mu);
+    up.schedules = &runner;
+  }
+  ~ServedSchedules() {
+    server.SetScheduleStatus(nullptr);
+    std::lock_guard lock(up.schedules_mu);
+    up.schedules = nullptr;
+  }
+  ServedSchedules(const ServedSchedules&) = delete;
+  ServedSchedules& operator=(const ServedSchedules&) = delete;
+
+  schedule::ScheduleRunner runner;
+  ApiServer& server;
+  Progress& up;
+};
+
 // Whichever way Serve ends, the metrics server (whose collector reads the agent's targets and
 // the attachments) stops before what it reads is destroyed.
 struct StopAgent {
@@ -259,31 +285,8 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
   api.backup_jobs.SetPeerTls(c.peer_tls);
   if (Status st = api.Start(**pool, c.api_listens); !st.ok()) return Fail(st);
   up.api_up = true;
-  // Recurring snapshots and backups of this pool's volumes; its first pass catches up once on
-  // what was missed while the daemon was down.
-  schedule::ScheduleRunner schedules(**pool, &api.backup_jobs,
-                                     {info.dir, c.backup_secret_dir, nullptr});
-  schedules.Load();
-  api.server->SetScheduleStatus(
-      [&schedules](const std::string& volume, const VolumeSchedule& schedule) {
-        return schedules.Status(volume, schedule);
-      });
-  {
-    std::lock_guard lock(up.schedules_mu);
-    up.schedules = &schedules;
-  }
-  // Whichever way Serve ends, the API and the metrics stop reading the runner before it is
-  // destroyed.
-  struct UnsetStatus {
-    ApiServer& server;
-    Progress& up;
-    ~UnsetStatus() {
-      server.SetScheduleStatus(nullptr);
-      std::lock_guard lock(up.schedules_mu);
-      up.schedules = nullptr;
-    }
-  } unset_status{*api.server, up};
-  schedules.Start();
+  ServedSchedules schedules(**pool, api, up, {info.dir, c.backup_secret_dir, nullptr});
+  schedules.runner.Start();
   // Only once the API serves: the controller may call it as soon as it hears from us.
   std::unique_ptr<HeartbeatSender> heartbeat;
   if (!c.cluster.controller.empty()) {
@@ -300,7 +303,7 @@ int Serve(const Config& c, std::chrono::system_clock::time_point started) {
   // an API that is going away.
   if (heartbeat) heartbeat->Stop();
   api.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  schedules.Stop();
+  schedules.runner.Stop();
   // No SetLogLevel can come in any more: a pending timed change is dropped with its timer.
   ProcessLogLevel().Shutdown();
   // Before the sockets close; attached devices stay attached (AttachRuntime::Stop says why).
