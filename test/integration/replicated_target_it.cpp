@@ -219,6 +219,27 @@ bool HaveFioNbd() {
   return Have("fio") && std::system("fio --enghelp 2>/dev/null | grep -qw nbd") == 0;
 }
 
+// A 4 KiB random writer with crc32c verify through NBD at `uri`, started in `fio`:
+// DIR/NAME.fio, its JSON result in DIR/NAME.json, its output in DIR/NAME.log.
+struct VerifyWriter {
+  int iodepth;
+  std::string offset;  // "" for none
+  std::string size;
+  int verify_backlog;
+  int rate_iops;
+};
+bool StartVerifyWriter(test::Proc& fio, const std::string& dir, const std::string& name,
+                       const std::string& uri, const VerifyWriter& w) {
+  const std::string job = dir + "/" + name + ".fio";
+  std::ofstream(job) << fmt::format(
+      "[global]\nioengine=nbd\nuri={}\nbs=4k\niodepth={}\n{}size={}\nverify=crc32c\n"
+      "verify_fatal=1\nverify_backlog={}\nrate_iops=,{}\n[w]\nrw=randwrite\n",
+      uri, w.iodepth, w.offset.empty() ? "" : "offset=" + w.offset + "\n", w.size,
+      w.verify_backlog, w.rate_iops);
+  return fio.Start({"fio", "--output-format=json", "--output=" + dir + "/" + name + ".json", job},
+                   dir + "/" + name + ".log");
+}
+
 class ReplicatedTarget : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -635,16 +656,9 @@ TEST_F(ReplicatedTarget, TheDaemonsTargetKeepsFioRunningWhenAReplicaDies) {
   EXPECT_EQ(opened["export_name"], "rv@target");
   EXPECT_EQ(opened["health"], "ok");
 
-  const std::string job = t.dir() + "/job.fio";
-  std::ofstream(job) << fmt::format(
-      "[global]\nioengine=nbd\nuri={}\nbs=4k\niodepth=16\n"
-      "size=48M\nverify=crc32c\nverify_fatal=1\nverify_backlog=256\nrate_iops=,1500\n"
-      "[w]\nrw=randwrite\n",
-      t.TargetUri());
   test::Proc fio;
   const std::string fio_json = t.dir() + "/fio.json";
-  ASSERT_TRUE(fio.Start({"fio", "--output-format=json", "--output=" + fio_json, job},
-                        t.dir() + "/fio.log"));
+  ASSERT_TRUE(StartVerifyWriter(fio, t.dir(), "fio", t.TargetUri(), {16, "", "48M", 256, 1500}));
   // 12,288 writes at 1,500/s: the kill lands in the middle of the write phase.
   std::this_thread::sleep_for(3s);
   ASSERT_TRUE(fio.Alive()) << "fio ended before the kill: " << ReadFile(t.dir() + "/fio.log");
@@ -1301,15 +1315,7 @@ TEST_F(ReplicatedTarget, AReturningReplicaCopiesOnlyWhatItMissed) {
   // node-b comes back (same pool), and is resynced while fio writes elsewhere on the volume.
   b_.Start(etcd_.endpoint());
   test::Proc live;
-  const std::string live_job = t.dir() + "/live.fio";
-  std::ofstream(live_job) << fmt::format(
-      "[global]\nioengine=nbd\nuri={}\nbs=4k\niodepth=4\noffset=48M\nsize=8M\n"
-      "verify=crc32c\nverify_fatal=1\nverify_backlog=64\nrate_iops=,400\n[w]\n"
-      "rw=randwrite\n",
-      uri);
-  ASSERT_TRUE(live.Start({"fio", "--output-format=json", "--output=" + t.dir() + "/live.json",
-                          live_job},
-                         t.dir() + "/live.log"));
+  ASSERT_TRUE(StartVerifyWriter(live, t.dir(), "live", uri, {4, "48M", "8M", 64, 400}));
   // The writer has begun once node-b (still out, resync by nbdctl only) misses more than the
   // 8 MiB it missed before.
   ASSERT_TRUE(test::WaitUntil(
@@ -1653,13 +1659,7 @@ TEST_F(ReplicatedTarget, AnIsolatedReplicaIsDroppedWithinTheTimeoutAndComesBack)
   ASSERT_EQ(t.Nbdctl(fmt::format("target open {}", kVolume)), 0);
   const std::string uri = t.TargetUri();
   test::Proc fio;
-  const std::string job = t.dir() + "/iso.fio";
-  std::ofstream(job) << fmt::format(
-      "[global]\nioengine=nbd\nuri={}\nbs=4k\niodepth=8\nsize=16M\nverify=crc32c\n"
-      "verify_fatal=1\nverify_backlog=128\nrate_iops=,500\n[w]\nrw=randwrite\n",
-      uri);
-  ASSERT_TRUE(fio.Start({"fio", "--output-format=json", "--output=" + t.dir() + "/iso.json", job},
-                        t.dir() + "/iso.log"));
+  ASSERT_TRUE(StartVerifyWriter(fio, t.dir(), "iso", uri, {8, "", "16M", 128, 500}));
   // Pacing: a second of steady writes (500/s) before the partition, so that writes are in
   // flight to node-b when it comes, as on a busy volume.
   std::this_thread::sleep_for(2s);
@@ -1866,14 +1866,7 @@ TEST_F(ReplicatedTarget, AReplicaMovesToANewNodeUnderFioWithNoErrorAndNoDowntime
 
   // fio with verify through the target for the whole move (16 MiB at 1000 writes/s: ~4 s).
   test::Proc live;
-  const std::string job = t.dir() + "/live.fio";
-  std::ofstream(job) << fmt::format(
-      "[global]\nioengine=nbd\nuri={}\nbs=4k\niodepth=8\noffset=160M\nsize=16M\n"
-      "verify=crc32c\nverify_fatal=1\nverify_backlog=64\nrate_iops=,1000\n[w]\nrw=randwrite\n",
-      uri);
-  ASSERT_TRUE(live.Start({"fio", "--output-format=json", "--output=" + t.dir() + "/live.json",
-                          job},
-                         t.dir() + "/live.log"));
+  ASSERT_TRUE(StartVerifyWriter(live, t.dir(), "live", uri, {8, "160M", "16M", 64, 1000}));
   std::this_thread::sleep_for(500ms);
   std::string out;
   ASSERT_EQ(t.Nbdctl("target move mv --from node-b --to node-u -o json --timeout 120", &out), 0);
@@ -2050,14 +2043,8 @@ TEST_F(ReplicatedTarget, TheControllerMovesAReplicaAndDeletesTheOldCopy) {
   ASSERT_EQ(std::system(fmt::format("timeout 60 nbdcopy {} '{}'", data, s->TargetUri()).c_str()),
             0);
   test::Proc live;
-  const std::string job = s->dir() + "/live.fio";
-  std::ofstream(job) << fmt::format(
-      "[global]\nioengine=nbd\nuri={}\nbs=4k\niodepth=8\noffset=40M\nsize=8M\n"
-      "verify=crc32c\nverify_fatal=1\nverify_backlog=64\nrate_iops=,1000\n[w]\nrw=randwrite\n",
-      s->TargetUri());
-  ASSERT_TRUE(live.Start({"fio", "--output-format=json", "--output=" + s->dir() + "/live.json",
-                          job},
-                         s->dir() + "/live.log"));
+  ASSERT_TRUE(
+      StartVerifyWriter(live, s->dir(), "live", s->TargetUri(), {8, "40M", "8M", 64, 1000}));
   std::this_thread::sleep_for(300ms);
   ASSERT_EQ(csi.Cluster(u, fmt::format("volume move r1:rv --from {} --to node-u -o json", from),
                         &out),
